@@ -1,0 +1,170 @@
+//! The `BlockDevice` boundary: the one interface every Celer front end
+//! (vhost-user-blk, NBD) drives, and every back end (the distributed client,
+//! the local engine, a null device for benchmarks) implements.
+//!
+//! Model: a device hands out per-queue handles. A `DeviceQueue` is owned by
+//! exactly one thread (it is `Send`, never shared): that thread submits
+//! requests and polls their completions, so a completion comes back on the
+//! thread that submitted it and no lock is shared between queues.
+//!
+//! Buffers are raw segments (typically guest memory mapped by the vhost
+//! front end): the back end reads or writes them in place (zero copy). The
+//! caller guarantees they stay valid until the request completes; this is
+//! why `submit` is `unsafe`.
+
+use std::os::fd::RawFd;
+
+/// Size of a virtio/NBD sector; offsets at the boundary are bytes.
+pub const SECTOR_SIZE_BYTES: u64 = 512;
+
+/// What a request asks the device to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoOp {
+    Read,
+    Write,
+    Flush,
+    Discard,
+    WriteZeroes,
+}
+
+/// One contiguous piece of caller memory, valid until the request completes.
+#[derive(Clone, Copy, Debug)]
+pub struct IoSegment {
+    pub addr: *mut u8,
+    pub len: usize,
+}
+
+// SAFETY: an IoSegment is only an address range; the submit contract makes the
+// caller responsible for keeping the memory valid while a request owns it.
+unsafe impl Send for IoSegment {}
+
+/// A request at the boundary. For `Read`/`Write` the length is the sum of the
+/// segment lengths; for `Discard`/`WriteZeroes` it is `len_bytes` and there are
+/// no segments; `Flush` has neither.
+#[derive(Clone, Copy, Debug)]
+pub struct IoRequest<'a> {
+    pub op: IoOp,
+    pub offset_bytes: u64,
+    pub len_bytes: u64,
+    pub segments: &'a [IoSegment],
+    /// Opaque to the device; returned in the completion.
+    pub tag: u64,
+}
+
+/// The outcome of one request.
+#[derive(Debug)]
+pub struct IoCompletion {
+    pub tag: u64,
+    pub result: Result<(), IoError>,
+}
+
+/// Typed errors at the boundary. Front ends map them to their protocol's
+/// status (virtio IOERR/UNSUPP, NBD errno).
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum IoError {
+    #[error("request [{offset_bytes}, +{len_bytes}) is outside the device ({size_bytes} bytes)")]
+    OutOfRange {
+        offset_bytes: u64,
+        len_bytes: u64,
+        size_bytes: u64,
+    },
+    #[error("request offset {offset_bytes} or length {len_bytes} is not a multiple of {align_bytes} bytes")]
+    Misaligned {
+        offset_bytes: u64,
+        len_bytes: u64,
+        align_bytes: u64,
+    },
+    #[error("device is read-only")]
+    ReadOnly,
+    #[error("operation {0:?} is not supported by this device")]
+    Unsupported(IoOp),
+    #[error("checksum mismatch at offset {offset_bytes}: data not returned")]
+    Checksum { offset_bytes: u64 },
+    #[error("queue is full ({inflight_max} requests in flight): poll completions and retry")]
+    QueueFull { inflight_max: usize },
+    #[error("I/O error: {0}")]
+    Io(String),
+}
+
+/// What a front end needs to describe the device to its peer.
+#[derive(Clone, Debug)]
+pub struct DeviceInfo {
+    pub size_bytes: u64,
+    /// Preferred I/O granularity (virtio blk_size); 512 or 4096.
+    pub block_size_bytes: u32,
+    pub read_only: bool,
+    pub supports_discard: bool,
+    pub supports_write_zeroes: bool,
+    /// Largest single request the device accepts.
+    pub max_request_bytes: u64,
+    /// Up to 20 bytes, reported by virtio GET_ID.
+    pub serial: String,
+}
+
+/// A block device: hands out per-queue handles.
+pub trait BlockDevice: Send + Sync {
+    fn info(&self) -> DeviceInfo;
+    /// Opens queue `index`. Each queue is then owned by one thread.
+    fn open_queue(&self, index: usize) -> Result<Box<dyn DeviceQueue>, IoError>;
+}
+
+/// One queue of a device, owned by one thread.
+pub trait DeviceQueue: Send {
+    /// Submits a request. An `Err` means it was rejected at once and no
+    /// completion will follow; `Ok` means exactly one completion will.
+    ///
+    /// # Safety
+    /// Every segment must point to memory valid for reads (Write) or writes
+    /// (Read) of its length until the completion for `req.tag` is returned.
+    unsafe fn submit(&mut self, req: &IoRequest<'_>) -> Result<(), IoError>;
+
+    /// Hands every available completion to `done` without blocking; returns
+    /// how many it handed over.
+    fn poll(&mut self, done: &mut dyn FnMut(IoCompletion)) -> usize;
+
+    /// Requests submitted and not yet completed.
+    fn inflight(&self) -> usize;
+
+    /// The most requests this queue accepts in flight.
+    fn inflight_max(&self) -> usize;
+
+    /// A file descriptor that becomes readable when completions may be
+    /// available, so the owner can sleep in epoll. `None`: completions are
+    /// immediate (visible on the next `poll` after `submit`).
+    fn completion_fd(&self) -> Option<RawFd>;
+}
+
+/// Checks a request against the device geometry; shared by every back end so
+/// that all of them reject bad requests with the same errors.
+pub fn check_request(info: &DeviceInfo, req: &IoRequest<'_>) -> Result<(), IoError> {
+    let len_bytes = match req.op {
+        IoOp::Read | IoOp::Write => req.segments.iter().map(|s| s.len as u64).sum(),
+        IoOp::Discard | IoOp::WriteZeroes => req.len_bytes,
+        IoOp::Flush => return Ok(()),
+    };
+    if info.read_only && req.op != IoOp::Read {
+        return Err(IoError::ReadOnly);
+    }
+    if (req.op == IoOp::Discard && !info.supports_discard)
+        || (req.op == IoOp::WriteZeroes && !info.supports_write_zeroes)
+    {
+        return Err(IoError::Unsupported(req.op));
+    }
+    let align_bytes = SECTOR_SIZE_BYTES;
+    if req.offset_bytes % align_bytes != 0 || len_bytes % align_bytes != 0 {
+        return Err(IoError::Misaligned {
+            offset_bytes: req.offset_bytes,
+            len_bytes,
+            align_bytes,
+        });
+    }
+    let end = req.offset_bytes.checked_add(len_bytes);
+    if end.is_none_or(|end| end > info.size_bytes) {
+        return Err(IoError::OutOfRange {
+            offset_bytes: req.offset_bytes,
+            len_bytes,
+            size_bytes: info.size_bytes,
+        });
+    }
+    Ok(())
+}
