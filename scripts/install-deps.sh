@@ -3,7 +3,7 @@
 # apt packages (only the missing ones), the Rust toolchain if absent, cargo-nextest.
 set -euo pipefail
 
-apt_packages=(build-essential pkg-config fio qemu-utils qemu-system-x86 qemu-system-data
+apt_packages=(build-essential pkg-config fio qemu-utils
   protobuf-compiler libprotobuf-dev etcd-server busybox-static cpio kmod jq xz-utils curl
   e2fsprogs iproute2 nftables)
 

@@ -14,6 +14,12 @@
 
 use std::os::fd::RawFd;
 
+pub mod file;
+pub mod null;
+
+pub use file::{FileDevice, FileDeviceConfig, FileDeviceError};
+pub use null::NullDevice;
+
 /// Size of a virtio/NBD sector; offsets at the boundary are bytes.
 pub const SECTOR_SIZE_BYTES: u64 = 512;
 
@@ -151,7 +157,7 @@ pub fn check_request(info: &DeviceInfo, req: &IoRequest<'_>) -> Result<(), IoErr
         return Err(IoError::Unsupported(req.op));
     }
     let align_bytes = SECTOR_SIZE_BYTES;
-    if req.offset_bytes % align_bytes != 0 || len_bytes % align_bytes != 0 {
+    if !req.offset_bytes.is_multiple_of(align_bytes) || !len_bytes.is_multiple_of(align_bytes) {
         return Err(IoError::Misaligned {
             offset_bytes: req.offset_bytes,
             len_bytes,

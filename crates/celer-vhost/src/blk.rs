@@ -1,0 +1,322 @@
+//! The vhost-user-blk back end: what it offers (features, config space),
+//! and how vhost-user events reach the per-queue workers.
+//!
+//! One worker thread per virtqueue (`queues_per_thread` = one bit each).
+//! Each worker's state sits behind its own mutex, taken by that worker's
+//! thread on every wake-up and by the control thread only for control
+//! messages (memory table, ring stop): no lock is shared between queues.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use celer_device::{BlockDevice, DeviceInfo, IoError};
+use tracing::{debug, info, warn};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::request::SEG_MAX;
+use crate::worker::{GuestMemAtomic, Vring, Wake, Worker};
+use crate::VhostConfig;
+
+/// Bytes of the virtio-blk config space we fill (up to write_zeroes_may_unmap).
+pub const CONFIG_SPACE_BYTES: usize = 60;
+/// Largest virtqueue we accept.
+pub const QUEUE_SIZE_MAX: usize = 1024;
+/// Largest single data segment, advertised as `size_max`.
+pub const SEGMENT_MAX_BYTES: u32 = 1 << 20;
+/// Largest discard / write-zeroes range, in sectors (1 GiB).
+pub const RANGE_MAX_SECTORS: u32 = 1 << 21;
+
+/// Errors of the vhost-user-blk back end.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("num_queues must be between 1 and 64, got {0}")]
+    QueueCount(usize),
+    #[error("cannot open device queue {index}: {source}")]
+    OpenQueue { index: usize, source: IoError },
+    #[error("cannot create worker {index}: {source}")]
+    Worker {
+        index: usize,
+        source: std::io::Error,
+    },
+    #[error("cannot create the vhost-user daemon: {0}")]
+    Daemon(String),
+    #[error("cannot register fd of worker {index} with its epoll loop: {source}")]
+    RegisterFd {
+        index: usize,
+        source: std::io::Error,
+    },
+    #[error("serving {socket} failed: {reason}")]
+    Serve { socket: String, reason: String },
+}
+
+/// The back end shared (behind `Arc`) by the vhost-user handler threads.
+pub struct VhostUserBlk {
+    info: DeviceInfo,
+    num_queues: usize,
+    features: u64,
+    config_space: [u8; CONFIG_SPACE_BYTES],
+    acked_features: AtomicU64,
+    workers: Vec<Mutex<Worker>>,
+}
+
+impl VhostUserBlk {
+    pub fn new(config: &VhostConfig, device: &dyn BlockDevice) -> Result<Self, Error> {
+        if config.num_queues == 0 || config.num_queues > 64 {
+            return Err(Error::QueueCount(config.num_queues));
+        }
+        let info = device.info();
+        let mut workers = Vec::with_capacity(config.num_queues);
+        for index in 0..config.num_queues {
+            let queue = device
+                .open_queue(index)
+                .map_err(|source| Error::OpenQueue { index, source })?;
+            let cpu = (!config.cpus.is_empty()).then(|| config.cpus[index % config.cpus.len()]);
+            let w = Worker::new(
+                index,
+                queue,
+                info.clone(),
+                config.queue_size_max as usize,
+                Duration::from_micros(config.poll_us),
+                cpu,
+            )
+            .map_err(|source| Error::Worker { index, source })?;
+            workers.push(Mutex::new(w));
+        }
+        let mut features = (1u64 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1 << VIRTIO_BLK_F_SIZE_MAX)
+            | (1 << VIRTIO_BLK_F_SEG_MAX)
+            | (1 << VIRTIO_BLK_F_BLK_SIZE)
+            | (1 << VIRTIO_BLK_F_FLUSH)
+            | (1 << VIRTIO_BLK_F_MQ)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if info.read_only {
+            features |= 1 << VIRTIO_BLK_F_RO;
+        } else {
+            if info.supports_discard {
+                features |= 1 << VIRTIO_BLK_F_DISCARD;
+            }
+            if info.supports_write_zeroes {
+                features |= 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+            }
+        }
+        let config_space = config_space(&info, config.num_queues as u16);
+        info!(
+            size_bytes = info.size_bytes,
+            read_only = info.read_only,
+            queues = config.num_queues,
+            poll_us = config.poll_us,
+            "vhost-user-blk back end ready"
+        );
+        Ok(VhostUserBlk {
+            info,
+            num_queues: config.num_queues,
+            features,
+            config_space,
+            acked_features: AtomicU64::new(0),
+            workers,
+        })
+    }
+
+    fn worker(&self, index: usize) -> MutexGuard<'_, Worker> {
+        // A worker that panicked leaves its state consistent enough to drain.
+        self.workers[index]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Event id of worker `index`'s device completion fd in its epoll loop.
+    fn completion_event(&self, index: usize) -> u64 {
+        (self.num_queues + 1 + 2 * index) as u64
+    }
+
+    fn resume_event(&self, index: usize) -> u64 {
+        self.completion_event(index) + 1
+    }
+
+    /// Registers each worker's completion and resume fds with its epoll
+    /// loop. Called once per connection (each connection has new loops).
+    pub(crate) fn register_worker_fds(
+        &self,
+        handlers: &[Arc<VringEpollHandler<Arc<VhostUserBlk>>>],
+    ) -> Result<(), Error> {
+        for (index, handler) in handlers.iter().enumerate() {
+            let w = self.worker(index);
+            if let Some(fd) = w.completion_fd() {
+                handler
+                    .register_listener(fd, EventSet::IN, self.completion_event(index))
+                    .map_err(|source| Error::RegisterFd { index, source })?;
+            }
+            handler
+                .register_listener(w.resume_fd(), EventSet::IN, self.resume_event(index))
+                .map_err(|source| Error::RegisterFd { index, source })?;
+        }
+        Ok(())
+    }
+
+    /// The front end went away: finish what is in flight, forget the rings.
+    pub(crate) fn disconnect(&self) {
+        for i in 0..self.num_queues {
+            self.worker(i).detach();
+        }
+    }
+
+    /// Per-queue counters, for tests and benchmarks.
+    pub fn stats(&self) -> Vec<crate::worker::WorkerStats> {
+        (0..self.num_queues).map(|i| self.worker(i).stats).collect()
+    }
+
+    pub fn device_info(&self) -> &DeviceInfo {
+        &self.info
+    }
+}
+
+/// The virtio-blk config space (VIRTIO 1.2 §5.2.4), little endian.
+fn config_space(info: &DeviceInfo, num_queues: u16) -> [u8; CONFIG_SPACE_BYTES] {
+    let mut c = [0u8; CONFIG_SPACE_BYTES];
+    let mut put = |off: usize, bytes: &[u8]| c[off..off + bytes.len()].copy_from_slice(bytes);
+    let sector_bytes = celer_device::SECTOR_SIZE_BYTES;
+    put(0, &(info.size_bytes / sector_bytes).to_le_bytes()); // capacity
+    put(8, &SEGMENT_MAX_BYTES.to_le_bytes()); // size_max
+    put(12, &(SEG_MAX as u32).to_le_bytes()); // seg_max
+    put(20, &info.block_size_bytes.to_le_bytes()); // blk_size
+    put(34, &num_queues.to_le_bytes()); // num_queues
+    let align_sectors = (info.block_size_bytes as u64 / sector_bytes).max(1) as u32;
+    if info.supports_discard {
+        put(36, &RANGE_MAX_SECTORS.to_le_bytes()); // max_discard_sectors
+        put(40, &1u32.to_le_bytes()); // max_discard_seg
+        put(44, &align_sectors.to_le_bytes()); // discard_sector_alignment
+    }
+    if info.supports_write_zeroes {
+        put(48, &RANGE_MAX_SECTORS.to_le_bytes()); // max_write_zeroes_sectors
+        put(52, &1u32.to_le_bytes()); // max_write_zeroes_seg
+        put(56, &[0]); // write_zeroes_may_unmap
+    }
+    c
+}
+
+impl VhostUserBackend for VhostUserBlk {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        self.num_queues
+    }
+
+    fn max_queue_size(&self) -> usize {
+        QUEUE_SIZE_MAX
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.acked_features.store(features, Ordering::Relaxed);
+        debug!(features = format_args!("{features:#x}"), "features acked");
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn set_event_idx(&self, _enabled: bool) {
+        // The vrings carry the flag themselves (set by the handler).
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        // The front end asks for its own idea of the struct's size (newer
+        // QEMUs know more fields); answer exactly `size` bytes, zero past ours.
+        let mut out = vec![0u8; size as usize];
+        let start = offset as usize;
+        if start < CONFIG_SPACE_BYTES {
+            let n = (CONFIG_SPACE_BYTES - start).min(out.len());
+            out[..n].copy_from_slice(&self.config_space[start..start + n]);
+        }
+        out
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> std::io::Result<()> {
+        // Only `wce` (offset 32) is writable in virtio-blk; we do not offer
+        // CONFIG_WCE, so every write is refused.
+        warn!(
+            offset,
+            len = buf.len(),
+            "front end tried to write the config space"
+        );
+        Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "virtio-blk config space is read-only",
+        ))
+    }
+
+    fn update_memory(&self, mem: GuestMemAtomic) -> std::io::Result<()> {
+        for i in 0..self.num_queues {
+            self.worker(i).set_memory(mem.clone());
+        }
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.num_queues).map(|i| 1u64 << i).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {
+        if let Some(w) = self.workers.get(queue_index as usize) {
+            let mut w = w.lock().unwrap_or_else(|p| p.into_inner());
+            w.drain(Duration::from_secs(5));
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> std::io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("unexpected epoll event set {evset:?} on worker {thread_id}"),
+            ));
+        }
+        let Some(vring) = vrings.first() else {
+            return Ok(());
+        };
+        let event = u64::from(device_event);
+        let wake = if event == 0 {
+            Wake::Kick
+        } else if event == self.completion_event(thread_id) {
+            Wake::Completion
+        } else if event == self.resume_event(thread_id) {
+            Wake::Resume
+        } else {
+            warn!(thread_id, device_event, "unknown event");
+            return Ok(());
+        };
+        let mut w = self.worker(thread_id);
+        w.wake(vring, wake);
+        Ok(())
+    }
+}

@@ -1,0 +1,608 @@
+//! A user-space virtio-blk driver on the front-end side of vhost-user: it
+//! plays QEMU and the guest at once. Guest memory is a shared memfd mapped in
+//! this process; split virtqueues live in it; requests are posted on the
+//! avail ring, kicks go through eventfds (only when the back end asks for
+//! them, with EVENT_IDX), and completions are polled on the used ring.
+//!
+//! Used by the integration tests (any chain, including malformed ones) and by
+//! the benchmark (`bench`), against Celer or any other vhost-user-blk back end
+//! such as qemu-storage-daemon.
+//!
+//! Invariants: every ring and buffer address handed to the back end lies in
+//! the memfd region; each queue is driven by one thread; slot `s` of a queue
+//! owns descriptors `3s..3s+3` and its own header, data and status bytes.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+use std::sync::atomic::{fence, AtomicU16, Ordering};
+
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
+use vhost::vhost_user::{Frontend as VuFrontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Descriptor flag: chain continues.
+pub const DESC_F_NEXT: u16 = 1;
+/// Descriptor flag: device writes this buffer.
+pub const DESC_F_WRITE: u16 = 2;
+/// Descriptor flag: buffer is an indirect table.
+pub const DESC_F_INDIRECT: u16 = 4;
+/// Guest-physical address where the driver's memory starts.
+pub const GUEST_BASE: u64 = 0x1_0000_0000;
+
+/// Errors of the driver.
+#[derive(Debug, thiserror::Error)]
+pub enum FrontendError {
+    #[error("vhost-user: {0}")]
+    VhostUser(#[from] vhost::Error),
+    #[error("system call failed: {0}")]
+    Sys(#[from] std::io::Error),
+    #[error("{0}")]
+    Protocol(String),
+}
+
+/// Shared memory standing in for guest RAM.
+pub struct SharedMem {
+    ptr: *mut u8,
+    len: usize,
+    fd: OwnedFd,
+}
+
+// SAFETY: the mapping is plain shared memory; concurrent access is arbitrated
+// by the virtqueue protocol (each queue's areas are touched by one thread).
+unsafe impl Send for SharedMem {}
+// SAFETY: as above.
+unsafe impl Sync for SharedMem {}
+
+impl SharedMem {
+    pub fn new(len: usize) -> Result<Self, FrontendError> {
+        // SAFETY: memfd_create takes a NUL-terminated name and flags only.
+        let fd = unsafe { libc::memfd_create(c"celer-frontend".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        // SAFETY: fd is a fresh descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: ftruncate on our own memfd.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        // SAFETY: maps `len` bytes of our memfd; checked for MAP_FAILED below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        Ok(SharedMem {
+            ptr: ptr.cast(),
+            len,
+            fd,
+        })
+    }
+
+    /// Guest-physical address of byte `off`.
+    pub fn gpa(&self, off: usize) -> u64 {
+        GUEST_BASE + off as u64
+    }
+
+    fn host(&self, off: usize, len: usize) -> *mut u8 {
+        assert!(off.checked_add(len).is_some_and(|end| end <= self.len));
+        // SAFETY: bounds checked above.
+        unsafe { self.ptr.add(off) }
+    }
+
+    pub fn write(&self, off: usize, data: &[u8]) {
+        let p = self.host(off, data.len());
+        // SAFETY: `p..p+len` is inside the mapping (checked by `host`).
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
+    }
+
+    pub fn read(&self, off: usize, out: &mut [u8]) {
+        let p = self.host(off, out.len());
+        // SAFETY: as in `write`.
+        unsafe { std::ptr::copy_nonoverlapping(p, out.as_mut_ptr(), out.len()) };
+    }
+
+    fn u16_at(&self, off: usize) -> &AtomicU16 {
+        assert!(off.is_multiple_of(2));
+        let p = self.host(off, 2);
+        // SAFETY: aligned, inside the mapping, and the mapping outlives `self`.
+        unsafe { &*(p as *const AtomicU16) }
+    }
+
+    fn put_u16(&self, off: usize, v: u16) {
+        self.write(off, &v.to_le_bytes());
+    }
+
+    fn get_u32(&self, off: usize) -> u32 {
+        let mut b = [0u8; 4];
+        self.read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for SharedMem {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping created in `new`.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// One raw descriptor, as the tests write them.
+#[derive(Clone, Copy, Debug)]
+pub struct RawDesc {
+    pub addr: u64,
+    pub len: u32,
+    pub flags: u16,
+    pub next: u16,
+}
+
+/// virtio-blk request types (virtio_blk_outhdr.type).
+pub mod req_type {
+    pub const IN: u32 = 0;
+    pub const OUT: u32 = 1;
+    pub const FLUSH: u32 = 4;
+    pub const GET_ID: u32 = 8;
+    pub const DISCARD: u32 = 11;
+    pub const WRITE_ZEROES: u32 = 13;
+}
+
+/// Layout of one queue in shared memory.
+#[derive(Clone, Copy, Debug)]
+struct Layout {
+    size: u16,
+    desc: usize,
+    avail: usize,
+    used: usize,
+    slots: usize,
+    slot_base: usize,
+    slot_bytes: usize,
+    buf_bytes: usize,
+}
+
+const SLOT_HEADER_BYTES: usize = 64;
+
+/// A driver-side virtqueue; owned by one thread.
+pub struct DriverQueue<'m> {
+    mem: &'m SharedMem,
+    l: Layout,
+    index: usize,
+    kick: EventFd,
+    call: EventFd,
+    event_idx: bool,
+    next_avail: u16,
+    kicked_at: u16,
+    last_used: u16,
+    pub kicks: u64,
+}
+
+impl<'m> DriverQueue<'m> {
+    pub fn size(&self) -> u16 {
+        self.l.size
+    }
+
+    /// Slots available (each carries one request of up to `buf_bytes`).
+    pub fn slots(&self) -> usize {
+        self.l.slots
+    }
+
+    pub fn buf_bytes(&self) -> usize {
+        self.l.buf_bytes
+    }
+
+    fn slot_off(&self, slot: usize) -> usize {
+        assert!(slot < self.l.slots);
+        self.l.slot_base + slot * self.l.slot_bytes
+    }
+
+    /// Offset (in shared memory) of slot `slot`'s data buffer.
+    pub fn data_off(&self, slot: usize) -> usize {
+        self.slot_off(slot) + SLOT_HEADER_BYTES.max(4096)
+    }
+
+    fn hdr_off(&self, slot: usize) -> usize {
+        self.slot_off(slot)
+    }
+
+    fn status_off(&self, slot: usize) -> usize {
+        self.slot_off(slot) + 16
+    }
+
+    /// Status byte the back end wrote for `slot`.
+    pub fn status(&self, slot: usize) -> u8 {
+        let mut b = [0u8];
+        self.mem.read(self.status_off(slot), &mut b);
+        b[0]
+    }
+
+    pub fn mem(&self) -> &'m SharedMem {
+        self.mem
+    }
+
+    /// Writes descriptor `i`.
+    pub fn write_desc(&self, i: u16, d: RawDesc) {
+        let off = self.l.desc + 16 * (i as usize % self.l.size as usize);
+        let mut b = [0u8; 16];
+        b[0..8].copy_from_slice(&d.addr.to_le_bytes());
+        b[8..12].copy_from_slice(&d.len.to_le_bytes());
+        b[12..14].copy_from_slice(&d.flags.to_le_bytes());
+        b[14..16].copy_from_slice(&d.next.to_le_bytes());
+        self.mem.write(off, &b);
+    }
+
+    /// Builds the usual header / data / status chain for `slot` (descriptors
+    /// 3·slot..), writes the header, and returns the head. `data_len` 0: no
+    /// data descriptor.
+    pub fn prepare(&self, slot: usize, kind: u32, sector: u64, data_len: u32) -> u16 {
+        assert!(data_len as usize <= self.l.buf_bytes);
+        let head = (3 * slot) as u16;
+        let mut hdr = [0u8; 16];
+        hdr[0..4].copy_from_slice(&kind.to_le_bytes());
+        hdr[8..16].copy_from_slice(&sector.to_le_bytes());
+        self.mem.write(self.hdr_off(slot), &hdr);
+        self.mem.write(self.status_off(slot), &[0xff]);
+        let data_write = matches!(kind, req_type::IN | req_type::GET_ID);
+        self.write_desc(
+            head,
+            RawDesc {
+                addr: self.mem.gpa(self.hdr_off(slot)),
+                len: 16,
+                flags: DESC_F_NEXT,
+                next: head + 1,
+            },
+        );
+        let status_idx = if data_len > 0 {
+            self.write_desc(
+                head + 1,
+                RawDesc {
+                    addr: self.mem.gpa(self.data_off(slot)),
+                    len: data_len,
+                    flags: DESC_F_NEXT | if data_write { DESC_F_WRITE } else { 0 },
+                    next: head + 2,
+                },
+            );
+            head + 2
+        } else {
+            self.write_desc(
+                head,
+                RawDesc {
+                    addr: self.mem.gpa(self.hdr_off(slot)),
+                    len: 16,
+                    flags: DESC_F_NEXT,
+                    next: head + 2,
+                },
+            );
+            head + 2
+        };
+        self.write_desc(
+            status_idx,
+            RawDesc {
+                addr: self.mem.gpa(self.status_off(slot)),
+                len: 1,
+                flags: DESC_F_WRITE,
+                next: 0,
+            },
+        );
+        head
+    }
+
+    /// Puts `head` on the avail ring (no kick).
+    pub fn publish(&mut self, head: u16) {
+        let size = self.l.size as usize;
+        let ring_off = self.l.avail + 4 + 2 * (self.next_avail as usize % size);
+        self.mem.put_u16(ring_off, head);
+        self.next_avail = self.next_avail.wrapping_add(1);
+        fence(Ordering::Release);
+        self.mem
+            .u16_at(self.l.avail + 2)
+            .store(self.next_avail, Ordering::Release);
+    }
+
+    /// Kicks the back end if it asked for it (EVENT_IDX) since the last kick.
+    pub fn kick_if_needed(&mut self) -> Result<(), FrontendError> {
+        fence(Ordering::SeqCst);
+        let need = if self.event_idx {
+            let avail_event = self
+                .mem
+                .u16_at(self.l.used + 4 + 8 * self.l.size as usize)
+                .load(Ordering::Acquire);
+            let new = self.next_avail;
+            let old = self.kicked_at;
+            new.wrapping_sub(avail_event).wrapping_sub(1) < new.wrapping_sub(old)
+        } else {
+            let flags = self.mem.u16_at(self.l.used).load(Ordering::Acquire);
+            flags & 1 == 0
+        };
+        if need {
+            self.kick.write(1)?;
+            self.kicks += 1;
+        }
+        self.kicked_at = self.next_avail;
+        Ok(())
+    }
+
+    /// Hands each new used element (id, len) to `f`; returns how many.
+    pub fn poll_used(&mut self, mut f: impl FnMut(u16, u32)) -> usize {
+        let used_idx = self.mem.u16_at(self.l.used + 2).load(Ordering::Acquire);
+        let mut n = 0;
+        while self.last_used != used_idx {
+            let e = self.l.used + 4 + 8 * (self.last_used as usize % self.l.size as usize);
+            let id = self.mem.get_u32(e);
+            let len = self.mem.get_u32(e + 4);
+            self.last_used = self.last_used.wrapping_add(1);
+            f(id as u16, len);
+            n += 1;
+        }
+        if n > 0 && self.event_idx {
+            // Ask for no interrupt: we poll. (used_event lives after the avail ring.)
+            let off = self.l.avail + 4 + 2 * self.l.size as usize;
+            self.mem.put_u16(off, self.last_used.wrapping_sub(1));
+        }
+        n
+    }
+
+    /// Polls until `count` completions arrived or `timeout` passed.
+    pub fn wait_used(&mut self, count: usize, timeout: std::time::Duration) -> Vec<(u16, u32)> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut out = Vec::new();
+        while out.len() < count && std::time::Instant::now() < deadline {
+            if self.poll_used(|id, len| out.push((id, len))) == 0 {
+                std::thread::sleep(std::time::Duration::from_micros(20));
+            }
+        }
+        out
+    }
+
+    /// Submits and waits for one request in `slot`; returns (status, used len).
+    pub fn request(
+        &mut self,
+        slot: usize,
+        kind: u32,
+        sector: u64,
+        data_len: u32,
+    ) -> Result<(u8, u32), FrontendError> {
+        let head = self.prepare(slot, kind, sector, data_len);
+        self.submit_head(head)
+    }
+
+    /// Publishes `head`, kicks, waits for its completion.
+    pub fn submit_head(&mut self, head: u16) -> Result<(u8, u32), FrontendError> {
+        self.publish(head);
+        self.kick.write(1)?;
+        self.kicks += 1;
+        self.kicked_at = self.next_avail;
+        let used = self.wait_used(1, std::time::Duration::from_secs(10));
+        let Some(&(id, len)) = used.first() else {
+            return Err(FrontendError::Protocol(format!(
+                "queue {}: no completion for head {head} within 10 s",
+                self.index
+            )));
+        };
+        if id != head {
+            return Err(FrontendError::Protocol(format!(
+                "queue {}: completion for head {id}, expected {head}",
+                self.index
+            )));
+        }
+        Ok((self.status((head / 3) as usize), len))
+    }
+
+    pub fn call_fd(&self) -> &EventFd {
+        &self.call
+    }
+}
+
+/// What to negotiate and how to lay out memory.
+#[derive(Clone, Debug)]
+pub struct FrontendConfig {
+    pub queues: usize,
+    pub queue_size: u16,
+    /// Slots per queue (requests in flight at most); ≤ queue_size / 3.
+    pub slots: usize,
+    /// Data buffer per slot.
+    pub buf_bytes: usize,
+    pub event_idx: bool,
+}
+
+/// A connected, negotiated vhost-user-blk front end.
+pub struct Frontend {
+    vu: VuFrontend,
+    pub mem: SharedMem,
+    layouts: Vec<Layout>,
+    kicks: Vec<EventFd>,
+    calls: Vec<EventFd>,
+    pub features: u64,
+    pub protocol_features: VhostUserProtocolFeatures,
+    pub backend_queues: u64,
+    pub config_space: Vec<u8>,
+    event_idx: bool,
+}
+
+impl Frontend {
+    /// Connects to `socket` and sets up `cfg.queues` queues.
+    pub fn connect(socket: &Path, cfg: &FrontendConfig) -> Result<Self, FrontendError> {
+        let mut vu = VuFrontend::connect(socket, cfg.queues as u64)?;
+        vu.set_owner()?;
+        let offered = vu.get_features()?;
+        let mut want = offered & !(1u64 << VIRTIO_RING_F_INDIRECT_DESC);
+        if !cfg.event_idx {
+            want &= !(1u64 << VIRTIO_RING_F_EVENT_IDX);
+        }
+        vu.set_features(want)?;
+        let mut protocol_features = VhostUserProtocolFeatures::empty();
+        if offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
+            let pf = vu.get_protocol_features()?;
+            protocol_features = pf
+                & (VhostUserProtocolFeatures::CONFIG
+                    | VhostUserProtocolFeatures::MQ
+                    | VhostUserProtocolFeatures::REPLY_ACK);
+            vu.set_protocol_features(protocol_features)?;
+        }
+        let backend_queues = if protocol_features.contains(VhostUserProtocolFeatures::MQ) {
+            vu.get_queue_num()?
+        } else {
+            1
+        };
+        if (cfg.queues as u64) > backend_queues {
+            return Err(FrontendError::Protocol(format!(
+                "back end offers {backend_queues} queues, {} wanted",
+                cfg.queues
+            )));
+        }
+        let mut config_space = Vec::new();
+        if protocol_features.contains(VhostUserProtocolFeatures::CONFIG) {
+            let size = 60u32;
+            let (_, payload) =
+                vu.get_config(0, size, VhostUserConfigFlags::WRITABLE, &[0u8; 60])?;
+            config_space = payload.to_vec();
+        }
+        let event_idx = want & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+
+        // Lay out rings then slots, page aligned.
+        let qs = cfg.queue_size as usize;
+        assert!(
+            cfg.slots * 3 <= qs,
+            "slots must fit in the ring (3 descriptors each)"
+        );
+        let page = 4096;
+        let ring_bytes =
+            (16 * qs + 6 + 2 * qs).next_multiple_of(page) + (6 + 8 * qs).next_multiple_of(page);
+        let slot_bytes = 4096 + cfg.buf_bytes.next_multiple_of(page);
+        let per_queue = ring_bytes + cfg.slots * slot_bytes;
+        let total = (per_queue * cfg.queues).next_multiple_of(2 << 20);
+        let mem = SharedMem::new(total)?;
+        let mut layouts = Vec::new();
+        for q in 0..cfg.queues {
+            let base = q * per_queue;
+            let desc = base;
+            let avail = desc + 16 * qs;
+            let used = (avail + 6 + 2 * qs).next_multiple_of(page);
+            layouts.push(Layout {
+                size: cfg.queue_size,
+                desc,
+                avail,
+                used,
+                slots: cfg.slots,
+                slot_base: base + ring_bytes,
+                slot_bytes,
+                buf_bytes: cfg.buf_bytes,
+            });
+        }
+        let region = VhostUserMemoryRegionInfo {
+            guest_phys_addr: GUEST_BASE,
+            memory_size: total as u64,
+            userspace_addr: mem.ptr as u64,
+            mmap_offset: 0,
+            mmap_handle: mem.fd.as_raw_fd(),
+        };
+        vu.set_mem_table(&[region])?;
+        let mut kicks = Vec::new();
+        let mut calls = Vec::new();
+        for (q, l) in layouts.iter().enumerate() {
+            vu.set_vring_num(q, l.size)?;
+            vu.set_vring_addr(
+                q,
+                &VringConfigData {
+                    queue_max_size: l.size,
+                    queue_size: l.size,
+                    flags: 0,
+                    desc_table_addr: mem.ptr as u64 + l.desc as u64,
+                    used_ring_addr: mem.ptr as u64 + l.used as u64,
+                    avail_ring_addr: mem.ptr as u64 + l.avail as u64,
+                    log_addr: None,
+                },
+            )?;
+            vu.set_vring_base(q, 0)?;
+            let call = EventFd::new(libc::EFD_NONBLOCK)?;
+            let kick = EventFd::new(libc::EFD_NONBLOCK)?;
+            vu.set_vring_call(q, &call)?;
+            vu.set_vring_kick(q, &kick)?;
+            if protocol_features.contains(VhostUserProtocolFeatures::MQ)
+                || offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
+            {
+                vu.set_vring_enable(q, true)?;
+            }
+            kicks.push(kick);
+            calls.push(call);
+        }
+        Ok(Frontend {
+            vu,
+            mem,
+            layouts,
+            kicks,
+            calls,
+            features: want,
+            protocol_features,
+            backend_queues,
+            config_space,
+            event_idx,
+        })
+    }
+
+    /// Driver handles for every queue (each to be used by one thread).
+    pub fn queues(&self) -> Result<Vec<DriverQueue<'_>>, FrontendError> {
+        let mut out = Vec::new();
+        for (i, l) in self.layouts.iter().enumerate() {
+            out.push(DriverQueue {
+                mem: &self.mem,
+                l: *l,
+                index: i,
+                kick: self.kicks[i].try_clone()?,
+                call: self.calls[i].try_clone()?,
+                event_idx: self.event_idx,
+                next_avail: 0,
+                kicked_at: 0,
+                last_used: 0,
+                kicks: 0,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Stops queue `q` and returns the back end's next avail index.
+    pub fn stop_queue(&mut self, q: usize) -> Result<u32, FrontendError> {
+        Ok(self.vu.get_vring_base(q)?)
+    }
+
+    /// The raw vhost-user front end, for protocol-level tests.
+    pub fn vhost_user(&mut self) -> &mut VuFrontend {
+        &mut self.vu
+    }
+
+    /// Capacity from the config space, in 512-byte sectors.
+    pub fn capacity_sectors(&self) -> Option<u64> {
+        let b = self.config_space.get(0..8)?;
+        Some(u64::from_le_bytes(b.try_into().ok()?))
+    }
+
+    /// A u32 field of the config space at byte `off`.
+    pub fn config_u32(&self, off: usize) -> Option<u32> {
+        let b = self.config_space.get(off..off + 4)?;
+        Some(u32::from_le_bytes(b.try_into().ok()?))
+    }
+
+    /// A u16 field of the config space at byte `off`.
+    pub fn config_u16(&self, off: usize) -> Option<u16> {
+        let b = self.config_space.get(off..off + 2)?;
+        Some(u16::from_le_bytes(b.try_into().ok()?))
+    }
+}

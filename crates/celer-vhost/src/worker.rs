@@ -1,0 +1,491 @@
+//! The per-queue worker: takes requests off one virtqueue, submits them to
+//! its own `DeviceQueue`, and puts completions on the used ring, all on one
+//! thread (run to completion, no hop).
+//!
+//! Poll loop: after a wake-up (kick, device completion, or a self-resume) the
+//! worker keeps passing over its avail ring and its device queue for as long
+//! as work shows up within `poll_window`; guest notifications stay
+//! suppressed meanwhile (with EVENT_IDX the avail event is not advanced).
+//! When a window passes without work it re-enables notifications, checks the
+//! ring once more (closing the race with a guest that added a request just
+//! before), and returns to epoll. Idle, it costs no CPU.
+//!
+//! Invariants: a slot is owned by at most one request; its host segments
+//! point into the guest-memory snapshot `mem`, which is only replaced when no
+//! request is in flight, so every pointer a device holds stays mapped until
+//! its completion. Nothing on the request path allocates.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use celer_device::{DeviceInfo, DeviceQueue, IoCompletion, IoError, IoOp, IoRequest, IoSegment};
+use tracing::{debug, warn};
+use vhost_user_backend::{VringMutex, VringState, VringT};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::request::{self, RequestType, HOST_SEGMENTS_MAX, ID_BYTES};
+
+pub(crate) type GuestMem = GuestMemoryMmap<()>;
+pub(crate) type GuestMemAtomic = GuestMemoryAtomic<GuestMem>;
+pub(crate) type Vring = VringMutex<GuestMemAtomic>;
+
+/// Longest time one wake-up may keep the worker busy before it yields to
+/// epoll (so vhost-user control messages and exit events get through).
+const WAKE_BUDGET: Duration = Duration::from_millis(20);
+/// Bad requests logged per worker before logging only every 1024th.
+const BAD_REQUEST_LOG_MAX: u64 = 16;
+
+#[derive(Clone, Copy, Default)]
+struct Slot {
+    head: u16,
+    status: u64,
+    used_len: u32,
+}
+
+/// Counters a worker keeps (read by tests and the bench).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WorkerStats {
+    pub requests: u64,
+    pub bad_requests: u64,
+    pub io_errors: u64,
+    pub wakeups: u64,
+}
+
+pub(crate) struct Worker {
+    pub(crate) index: usize,
+    device: Box<dyn DeviceQueue>,
+    info: DeviceInfo,
+    serial: [u8; ID_BYTES],
+    mem_atomic: Option<GuestMemAtomic>,
+    /// The snapshot every in-flight request's segments point into.
+    mem: Option<Arc<GuestMem>>,
+    vring: Option<Vring>,
+    slots: Vec<Slot>,
+    segments: Vec<IoSegment>,
+    free: Vec<u16>,
+    poll_window: Duration,
+    cpu: Option<usize>,
+    pinned: bool,
+    resume: (EventConsumer, EventNotifier),
+    pub(crate) stats: WorkerStats,
+}
+
+// SAFETY: `segments` holds raw pointers into guest memory that is kept mapped
+// by `mem`; the worker is used by one thread at a time (behind its own mutex).
+unsafe impl Send for Worker {}
+
+impl Worker {
+    pub(crate) fn new(
+        index: usize,
+        device: Box<dyn DeviceQueue>,
+        info: DeviceInfo,
+        slots_max: usize,
+        poll_window: Duration,
+        cpu: Option<usize>,
+    ) -> std::io::Result<Self> {
+        let nslots = slots_max
+            .min(device.inflight_max())
+            .clamp(1, u16::MAX as usize);
+        let mut serial = [0u8; ID_BYTES];
+        let s = info.serial.as_bytes();
+        let n = s.len().min(ID_BYTES);
+        serial[..n].copy_from_slice(&s[..n]);
+        Ok(Worker {
+            index,
+            device,
+            info,
+            serial,
+            mem_atomic: None,
+            mem: None,
+            vring: None,
+            slots: vec![Slot::default(); nslots],
+            segments: vec![
+                IoSegment {
+                    addr: std::ptr::null_mut(),
+                    len: 0
+                };
+                nslots * HOST_SEGMENTS_MAX
+            ],
+            free: (0..nslots as u16).rev().collect(),
+            poll_window,
+            cpu,
+            pinned: false,
+            resume: new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?,
+            stats: WorkerStats::default(),
+        })
+    }
+
+    pub(crate) fn completion_fd(&self) -> Option<i32> {
+        self.device.completion_fd()
+    }
+
+    pub(crate) fn resume_fd(&self) -> i32 {
+        use std::os::fd::AsRawFd;
+        self.resume.0.as_raw_fd()
+    }
+
+    pub(crate) fn set_memory(&mut self, mem: GuestMemAtomic) {
+        self.mem_atomic = Some(mem);
+        if self.inflight() == 0 {
+            self.mem = None;
+        }
+    }
+
+    pub(crate) fn inflight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    fn pin(&mut self) {
+        if self.pinned {
+            return;
+        }
+        self.pinned = true;
+        let Some(cpu) = self.cpu else { return };
+        // SAFETY: cpu_set_t is plain data; CPU_SET writes inside it and
+        // sched_setaffinity(0, ..) only reads it for the calling thread.
+        let rc = unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+        };
+        if rc != 0 {
+            warn!(
+                queue = self.index,
+                cpu,
+                error = %std::io::Error::last_os_error(),
+                "cannot pin worker to its CPU; running unpinned"
+            );
+        } else {
+            debug!(queue = self.index, cpu, "worker pinned");
+        }
+    }
+
+    fn drain_fd(fd: i32) {
+        let mut v = 0u64;
+        // SAFETY: reads 8 bytes into `v`; the fd is a non-blocking eventfd we own
+        // or that the device owns for its lifetime.
+        unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
+    }
+
+    /// Handles one wake-up: `event` says what woke the worker.
+    pub(crate) fn wake(&mut self, vring: &Vring, event: Wake) {
+        self.pin();
+        self.stats.wakeups += 1;
+        match event {
+            Wake::Completion => {
+                if let Some(fd) = self.device.completion_fd() {
+                    Self::drain_fd(fd);
+                }
+            }
+            Wake::Resume => Self::drain_fd(self.resume_fd()),
+            Wake::Kick => {}
+        }
+        if self.vring.is_none() {
+            self.vring = Some(vring.clone());
+        }
+        if self.mem.is_none() || self.inflight() == 0 {
+            let Some(atomic) = &self.mem_atomic else {
+                return;
+            };
+            self.mem = Some(atomic.memory().into_inner());
+        }
+        let start = Instant::now();
+        let mut last_work = start;
+        let _ = vring.disable_notification();
+        loop {
+            let work = self.pass(vring);
+            let now = Instant::now();
+            if work > 0 {
+                last_work = now;
+            } else if now.duration_since(last_work) >= self.poll_window {
+                match vring.enable_notification() {
+                    Ok(true) => {
+                        // The guest added requests while notifications were off.
+                        let _ = vring.disable_notification();
+                        last_work = now;
+                        continue;
+                    }
+                    Ok(false) => {}
+                    Err(e) => warn!(queue = self.index, error = %e, "cannot enable notifications"),
+                }
+                // Completions of a device without a completion fd are visible
+                // on the next poll: keep going until they are out.
+                if self.device.completion_fd().is_none() && self.device.inflight() > 0 {
+                    continue;
+                }
+                return;
+            }
+            if now.duration_since(start) >= WAKE_BUDGET {
+                // Come back right after epoll has had a look at other events.
+                let _ = self.resume.1.notify();
+                return;
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    /// One pass: take what the avail ring has (as far as slots allow), submit
+    /// it, then hand device completions to the used ring. Returns work done.
+    fn pass(&mut self, vring: &Vring) -> usize {
+        let Some(mem) = self.mem.clone() else {
+            return 0;
+        };
+        let mut guard = vring.get_mut();
+        let state: &mut VringState<GuestMemAtomic> = &mut guard;
+        if !state.get_queue().ready() {
+            return 0;
+        }
+        let mut work = 0;
+        let mut used = 0;
+        while let Some(&slot) = self.free.last() {
+            let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*mem) else {
+                break;
+            };
+            work += 1;
+            self.stats.requests += 1;
+            let head = chain.head_index();
+            let seg_base = slot as usize * HOST_SEGMENTS_MAX;
+            let segs = &mut self.segments[seg_base..seg_base + HOST_SEGMENTS_MAX];
+            let used_len = match request::parse(&*mem, chain, segs) {
+                Err(bad) => {
+                    self.stats.bad_requests += 1;
+                    if self.stats.bad_requests <= BAD_REQUEST_LOG_MAX
+                        || self.stats.bad_requests.is_multiple_of(1024)
+                    {
+                        warn!(queue = self.index, head, error = %bad.error,
+                            bad_requests = self.stats.bad_requests, "bad request from the guest");
+                    }
+                    let status = if bad.error.is_unsupported() {
+                        VIRTIO_BLK_S_UNSUPP
+                    } else {
+                        VIRTIO_BLK_S_IOERR
+                    };
+                    match bad.status_addr {
+                        Some(addr) => {
+                            let _ = mem.write_obj(status as u8, addr);
+                            1
+                        }
+                        None => 0,
+                    }
+                }
+                Ok(req) => match self.submit(slot, head, &req) {
+                    Ok(()) => continue,
+                    Err(status) => {
+                        let _ = mem.write_obj(status, req.status_addr);
+                        if req.kind == RequestType::GetId && status == VIRTIO_BLK_S_OK as u8 {
+                            req.data_bytes.min(ID_BYTES as u32) + 1
+                        } else {
+                            1
+                        }
+                    }
+                },
+            };
+            if let Err(e) = state.add_used(head, used_len) {
+                warn!(queue = self.index, head, error = %e, "cannot add to the used ring");
+            }
+            used += 1;
+        }
+        // Submitted requests go to the kernel inside poll (one syscall per pass).
+        let slots = &mut self.slots;
+        let free = &mut self.free;
+        let stats = &mut self.stats;
+        let index = self.index;
+        work += self.device.poll(&mut |c: IoCompletion| {
+            let Some(slot) = u16::try_from(c.tag)
+                .ok()
+                .filter(|&s| (s as usize) < slots.len())
+            else {
+                warn!(
+                    queue = index,
+                    tag = c.tag,
+                    "device completed an unknown tag"
+                );
+                return;
+            };
+            let s = slots[slot as usize];
+            let (status, used_len) = match &c.result {
+                Ok(()) => (VIRTIO_BLK_S_OK, s.used_len),
+                Err(e) => {
+                    stats.io_errors += 1;
+                    if stats.io_errors <= BAD_REQUEST_LOG_MAX
+                        || stats.io_errors.is_multiple_of(1024)
+                    {
+                        warn!(queue = index, error = %e, "request failed");
+                    }
+                    (status_for(e), 1)
+                }
+            };
+            let _ = mem.write_obj(status as u8, GuestAddress(s.status));
+            if let Err(e) = state.add_used(s.head, used_len) {
+                warn!(queue = index, error = %e, "cannot add to the used ring");
+            }
+            free.push(slot);
+            used += 1;
+        });
+        if used > 0 {
+            match state.needs_notification() {
+                Ok(true) | Err(_) => {
+                    if let Err(e) = state.signal_used_queue() {
+                        debug!(queue = self.index, error = %e, "cannot signal the guest");
+                    }
+                }
+                Ok(false) => {}
+            }
+        }
+        work
+    }
+
+    /// Submits a parsed request in `slot`. `Ok`: in flight. `Err(status)`:
+    /// finished at once with that status.
+    fn submit(&mut self, slot: u16, head: u16, req: &request::Request) -> Result<(), u8> {
+        let op = match req.kind {
+            RequestType::In => IoOp::Read,
+            RequestType::Out => IoOp::Write,
+            RequestType::Flush => IoOp::Flush,
+            RequestType::Discard => IoOp::Discard,
+            RequestType::WriteZeroes => IoOp::WriteZeroes,
+            RequestType::GetId => {
+                let seg_base = slot as usize * HOST_SEGMENTS_MAX;
+                let mut left = &self.serial[..];
+                for s in &self.segments[seg_base..seg_base + req.segments] {
+                    let n = s.len.min(left.len());
+                    // SAFETY: the parser produced `s` from a device-writable
+                    // descriptor inside guest memory, which `mem` keeps mapped.
+                    unsafe { std::ptr::copy_nonoverlapping(left.as_ptr(), s.addr, n) };
+                    left = &left[n..];
+                }
+                return Err(VIRTIO_BLK_S_OK as u8);
+            }
+        };
+        let Some(offset_bytes) = req.sector.checked_mul(celer_device::SECTOR_SIZE_BYTES) else {
+            self.log_reject(
+                head,
+                &IoError::OutOfRange {
+                    offset_bytes: u64::MAX,
+                    len_bytes: u64::from(req.data_bytes),
+                    size_bytes: self.info.size_bytes,
+                },
+            );
+            return Err(VIRTIO_BLK_S_IOERR as u8);
+        };
+        let seg_base = slot as usize * HOST_SEGMENTS_MAX;
+        let io = IoRequest {
+            op,
+            offset_bytes,
+            len_bytes: u64::from(req.range_sectors) * celer_device::SECTOR_SIZE_BYTES,
+            segments: &self.segments[seg_base..seg_base + req.segments],
+            tag: u64::from(slot),
+        };
+        // SAFETY: the segments point into guest memory held mapped by
+        // `self.mem`, which is not replaced while this request is in flight
+        // (see `wake`); their direction was checked by the parser.
+        match unsafe { self.device.submit(&io) } {
+            Ok(()) => {
+                self.slots[slot as usize] = Slot {
+                    head,
+                    status: req.status_addr.0,
+                    used_len: if req.kind == RequestType::In {
+                        req.data_bytes + 1
+                    } else {
+                        1
+                    },
+                };
+                self.free.pop();
+                Ok(())
+            }
+            Err(e) => {
+                self.log_reject(head, &e);
+                Err(status_for(&e) as u8)
+            }
+        }
+    }
+
+    fn log_reject(&mut self, head: u16, e: &IoError) {
+        self.stats.bad_requests += 1;
+        if self.stats.bad_requests <= BAD_REQUEST_LOG_MAX
+            || self.stats.bad_requests.is_multiple_of(1024)
+        {
+            warn!(queue = self.index, head, error = %e, "request rejected");
+        }
+    }
+
+    /// Waits (bounded) for every in-flight request and puts it on the used
+    /// ring; called when the front end stops the ring or goes away.
+    pub(crate) fn drain(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let Some(vring) = self.vring.clone() else {
+            return;
+        };
+        while self.inflight() > 0 && Instant::now() < deadline {
+            if self.pass_completions_only(&vring) == 0 {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+        if self.inflight() > 0 {
+            warn!(
+                queue = self.index,
+                inflight = self.inflight(),
+                "device did not complete in-flight requests in time"
+            );
+        }
+    }
+
+    fn pass_completions_only(&mut self, vring: &Vring) -> usize {
+        let Some(mem) = self.mem.clone() else {
+            return 0;
+        };
+        let slots = &mut self.slots;
+        let free = &mut self.free;
+        let mut n = 0;
+        self.device.poll(&mut |c| {
+            let Some(slot) = u16::try_from(c.tag)
+                .ok()
+                .filter(|&s| (s as usize) < slots.len())
+            else {
+                return;
+            };
+            let s = slots[slot as usize];
+            let status = match &c.result {
+                Ok(()) => VIRTIO_BLK_S_OK,
+                Err(e) => status_for(e),
+            };
+            let _ = mem.write_obj(status as u8, GuestAddress(s.status));
+            let _ = vring.add_used(s.head, s.used_len);
+            free.push(slot);
+            n += 1;
+        });
+        if n > 0 {
+            let _ = vring.signal_used_queue();
+        }
+        n
+    }
+
+    /// Forgets the ring (front end gone); in-flight requests must be drained.
+    pub(crate) fn detach(&mut self) {
+        self.drain(Duration::from_secs(5));
+        self.vring = None;
+        if self.inflight() == 0 {
+            self.mem = None;
+        }
+    }
+}
+
+/// What woke a worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Wake {
+    Kick,
+    Completion,
+    Resume,
+}
+
+fn status_for(e: &IoError) -> u32 {
+    match e {
+        IoError::Unsupported(_) => VIRTIO_BLK_S_UNSUPP,
+        _ => VIRTIO_BLK_S_IOERR,
+    }
+}
