@@ -371,3 +371,348 @@ where
         segments,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestMemoryMmap;
+
+    const W: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
+    const HDR: u64 = 0x10_0000;
+    const DATA: u64 = 0x20_0000;
+    const STATUS: u64 = 0x30_0000;
+    const MEM_END: u64 = 0x100_0000;
+
+    fn mem() -> GuestMemoryMmap<()> {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_END as usize)]).unwrap()
+    }
+
+    fn d(addr: u64, len: u32, flags: u16) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0))
+    }
+
+    fn header(m: &GuestMemoryMmap<()>, at: u64, kind: u32, sector: u64) {
+        m.write_obj(kind.to_le(), GuestAddress(at)).unwrap();
+        m.write_obj(0u32, GuestAddress(at + 4)).unwrap();
+        m.write_obj(sector.to_le(), GuestAddress(at + 8)).unwrap();
+    }
+
+    fn range(m: &GuestMemoryMmap<()>, at: u64, sector: u64, sectors: u32, flags: u32) {
+        m.write_obj(sector.to_le(), GuestAddress(at)).unwrap();
+        m.write_obj(sectors.to_le(), GuestAddress(at + 8)).unwrap();
+        m.write_obj(flags.to_le(), GuestAddress(at + 12)).unwrap();
+    }
+
+    fn run(m: &GuestMemoryMmap<()>, descs: &[RawDescriptor]) -> Result<Request, BadRequest> {
+        let q = MockSplitQueue::new(m, 256);
+        let chain = q.build_desc_chain(descs).unwrap();
+        let mut out = [IoSegment {
+            addr: std::ptr::null_mut(),
+            len: 0,
+        }; HOST_SEGMENTS_MAX];
+        parse(m, chain, &mut out)
+    }
+
+    fn err(r: Result<Request, BadRequest>) -> BadRequest {
+        r.expect_err("chain must be rejected")
+    }
+
+    #[test]
+    fn read_request() {
+        let m = mem();
+        header(&m, HDR, VIRTIO_BLK_T_IN, 8);
+        let r = run(&m, &[d(HDR, 16, 0), d(DATA, 4096, W), d(STATUS, 1, W)]).unwrap();
+        assert_eq!(r.kind, RequestType::In);
+        assert_eq!(r.sector, 8);
+        assert_eq!(r.data_bytes, 4096);
+        assert_eq!(r.segments, 1);
+        assert_eq!(r.status_addr, GuestAddress(STATUS));
+    }
+
+    #[test]
+    fn write_request_with_several_segments() {
+        let m = mem();
+        header(&m, HDR, VIRTIO_BLK_T_OUT, 16);
+        let r = run(
+            &m,
+            &[
+                d(HDR, 16, 0),
+                d(DATA, 512, 0),
+                d(DATA + 4096, 3584, 0),
+                d(STATUS, 1, W),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            (r.kind, r.data_bytes, r.segments),
+            (RequestType::Out, 4096, 2)
+        );
+    }
+
+    #[test]
+    fn flush_get_id_discard_write_zeroes() {
+        let m = mem();
+        header(&m, HDR, VIRTIO_BLK_T_FLUSH, 0);
+        let r = run(&m, &[d(HDR, 16, 0), d(STATUS, 1, W)]).unwrap();
+        assert_eq!((r.kind, r.data_bytes), (RequestType::Flush, 0));
+
+        header(&m, HDR, VIRTIO_BLK_T_GET_ID, 0);
+        let r = run(&m, &[d(HDR, 16, 0), d(DATA, 20, W), d(STATUS, 1, W)]).unwrap();
+        assert_eq!(
+            (r.kind, r.data_bytes, r.segments),
+            (RequestType::GetId, 20, 1)
+        );
+
+        header(&m, HDR, VIRTIO_BLK_T_DISCARD, 0);
+        range(&m, DATA, 64, 128, 0);
+        let r = run(&m, &[d(HDR, 16, 0), d(DATA, 16, 0), d(STATUS, 1, W)]).unwrap();
+        assert_eq!(
+            (r.kind, r.sector, r.range_sectors),
+            (RequestType::Discard, 64, 128)
+        );
+
+        header(&m, HDR, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        range(&m, DATA, 8, 16, WRITE_ZEROES_FLAG_UNMAP);
+        let r = run(&m, &[d(HDR, 16, 0), d(DATA, 16, 0), d(STATUS, 1, W)]).unwrap();
+        assert_eq!(
+            (r.kind, r.sector, r.range_sectors),
+            (RequestType::WriteZeroes, 8, 16)
+        );
+    }
+
+    #[test]
+    fn any_layout_header_split_and_status_merged_with_data() {
+        let m = mem();
+        header(&m, HDR, VIRTIO_BLK_T_IN, 3);
+        // Header in two pieces, data and status in one writable descriptor.
+        let r = run(&m, &[d(HDR, 8, 0), d(HDR + 8, 8, 0), d(DATA, 4097, W)]).unwrap();
+        assert_eq!((r.kind, r.sector, r.data_bytes), (RequestType::In, 3, 4096));
+        assert_eq!(r.status_addr, GuestAddress(DATA + 4096));
+    }
+
+    #[test]
+    fn unknown_type_is_unsupported_with_status() {
+        let m = mem();
+        header(&m, HDR, 0x1234, 0);
+        let e = err(run(&m, &[d(HDR, 16, 0), d(STATUS, 1, W)]));
+        assert_eq!(e.error, ParseError::UnknownType(0x1234));
+        assert!(e.error.is_unsupported());
+        assert_eq!(e.status_addr, Some(GuestAddress(STATUS)));
+    }
+
+    #[test]
+    fn too_short_chain() {
+        let m = mem();
+        header(&m, HDR, VIRTIO_BLK_T_IN, 0);
+        let e = err(run(&m, &[d(HDR, 8, 0), d(STATUS, 1, W)]));
+        assert_eq!(e.error, ParseError::TooShort { total_bytes: 9 });
+        assert!(!e.error.is_unsupported());
+        assert_eq!(e.status_addr, Some(GuestAddress(STATUS)));
+    }
+
+    #[test]
+    fn too_long_chain() {
+        let m = mem();
+        header(&m, HDR, VIRTIO_BLK_T_OUT, 0);
+        let mut descs = vec![d(HDR, 16, 0)];
+        for i in 0..CHAIN_DESCRIPTORS_MAX as u64 {
+            descs.push(d(DATA + 512 * i, 512, 0));
+        }
+        descs.push(d(STATUS, 1, W));
+        let e = err(run(&m, &descs));
+        assert_eq!(e.error, ParseError::TooLong);
+        assert_eq!(e.status_addr, Some(GuestAddress(STATUS)));
+    }
+
+    #[test]
+    fn status_not_writable_or_outside_memory() {
+        let m = mem();
+        header(&m, HDR, VIRTIO_BLK_T_IN, 0);
+        let e = err(run(&m, &[d(HDR, 16, 0), d(DATA, 512, W), d(STATUS, 1, 0)]));
+        assert_eq!(e.error, ParseError::StatusNotWritable);
+        assert_eq!(e.status_addr, None);
+
+        let e = err(run(
+            &m,
+            &[d(HDR, 16, 0), d(DATA, 512, W), d(MEM_END + 8, 1, W)],
+        ));
+        assert_eq!(
+            e.error,
+            ParseError::StatusOutsideMemory { addr: MEM_END + 8 }
+        );
+        assert_eq!(e.status_addr, None);
+
+        let e = err(run(&m, &[d(HDR, 16, 0), d(u64::MAX, 2, W)]));
+        assert!(matches!(e.error, ParseError::StatusOutsideMemory { .. }));
+    }
+
+    #[test]
+    fn header_in_wrong_direction_or_outside_memory() {
+        let m = mem();
+        let e = err(run(&m, &[d(HDR, 16, W), d(STATUS, 1, W)]));
+        assert_eq!(e.error, ParseError::HeaderNotReadable);
+        let e = err(run(&m, &[d(MEM_END - 8, 16, 0), d(STATUS, 1, W)]));
+        assert_eq!(
+            e.error,
+            ParseError::HeaderOutsideMemory { addr: MEM_END - 8 }
+        );
+    }
+
+    #[test]
+    fn data_in_wrong_direction() {
+        let m = mem();
+        header(&m, HDR, VIRTIO_BLK_T_IN, 0);
+        let e = err(run(&m, &[d(HDR, 16, 0), d(DATA, 512, 0), d(STATUS, 1, W)]));
+        assert_eq!(
+            e.error,
+            ParseError::DataDirection {
+                kind: RequestType::In,
+                addr: DATA
+            }
+        );
+        header(&m, HDR, VIRTIO_BLK_T_OUT, 0);
+        let e = err(run(&m, &[d(HDR, 16, 0), d(DATA, 512, W), d(STATUS, 1, W)]));
+        assert!(matches!(e.error, ParseError::DataDirection { .. }));
+    }
+
+    #[test]
+    fn data_outside_guest_memory() {
+        let m = mem();
+        for kind in [VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT] {
+            header(&m, HDR, kind, 0);
+            let flags = if kind == VIRTIO_BLK_T_IN { W } else { 0 };
+            let e = err(run(
+                &m,
+                &[
+                    d(HDR, 16, 0),
+                    d(MEM_END - 512, 4096, flags),
+                    d(STATUS, 1, W),
+                ],
+            ));
+            assert!(
+                matches!(e.error, ParseError::DataOutsideMemory { .. }),
+                "{e:?}"
+            );
+            let e = err(run(
+                &m,
+                &[
+                    d(HDR, 16, 0),
+                    d(u64::MAX - 100, 512, flags),
+                    d(STATUS, 1, W),
+                ],
+            ));
+            assert!(
+                matches!(e.error, ParseError::DataOutsideMemory { .. }),
+                "{e:?}"
+            );
+        }
+        header(&m, HDR, VIRTIO_BLK_T_DISCARD, 0);
+        let e = err(run(
+            &m,
+            &[d(HDR, 16, 0), d(MEM_END - 8, 16, 0), d(STATUS, 1, W)],
+        ));
+        assert!(
+            matches!(e.error, ParseError::DataOutsideMemory { .. }),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn wrong_data_lengths() {
+        let m = mem();
+        header(&m, HDR, VIRTIO_BLK_T_IN, 0);
+        let e = err(run(&m, &[d(HDR, 16, 0), d(STATUS, 1, W)]));
+        assert!(matches!(e.error, ParseError::DataLength { got: 0, .. }));
+        header(&m, HDR, VIRTIO_BLK_T_FLUSH, 0);
+        let e = err(run(&m, &[d(HDR, 16, 0), d(DATA, 512, 0), d(STATUS, 1, W)]));
+        assert!(matches!(e.error, ParseError::DataLength { got: 512, .. }));
+        header(&m, HDR, VIRTIO_BLK_T_DISCARD, 0);
+        let e = err(run(&m, &[d(HDR, 16, 0), d(DATA, 32, 0), d(STATUS, 1, W)]));
+        assert!(matches!(e.error, ParseError::DataLength { got: 32, .. }));
+    }
+
+    #[test]
+    fn range_flags() {
+        let m = mem();
+        header(&m, HDR, VIRTIO_BLK_T_DISCARD, 0);
+        range(&m, DATA, 0, 8, WRITE_ZEROES_FLAG_UNMAP);
+        let e = err(run(&m, &[d(HDR, 16, 0), d(DATA, 16, 0), d(STATUS, 1, W)]));
+        assert!(e.error.is_unsupported());
+        header(&m, HDR, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        range(&m, DATA, 0, 8, 0x80);
+        let e = err(run(&m, &[d(HDR, 16, 0), d(DATA, 16, 0), d(STATUS, 1, W)]));
+        assert_eq!(
+            e.error,
+            ParseError::RangeFlags {
+                kind: RequestType::WriteZeroes,
+                flags: 0x80
+            }
+        );
+    }
+
+    #[test]
+    fn data_across_two_regions_is_split() {
+        let half = MEM_END / 2;
+        let m: GuestMemoryMmap<()> = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), half as usize),
+            (GuestAddress(half), half as usize),
+        ])
+        .unwrap();
+        header(&m, HDR, VIRTIO_BLK_T_OUT, 0);
+        let r = run(
+            &m,
+            &[d(HDR, 16, 0), d(half - 512, 4096, 0), d(STATUS, 1, W)],
+        )
+        .unwrap();
+        assert_eq!((r.segments, r.data_bytes), (2, 4096));
+    }
+
+    #[test]
+    fn segment_slice_overflow() {
+        let m = mem();
+        header(&m, HDR, VIRTIO_BLK_T_OUT, 0);
+        let q = MockSplitQueue::new(&m, 256);
+        let chain = q
+            .build_desc_chain(&[
+                d(HDR, 16, 0),
+                d(DATA, 512, 0),
+                d(DATA + 4096, 512, 0),
+                d(STATUS, 1, W),
+            ])
+            .unwrap();
+        let mut out = [IoSegment {
+            addr: std::ptr::null_mut(),
+            len: 0,
+        }; 1];
+        let e = parse(&m, chain, &mut out).unwrap_err();
+        assert_eq!(e.error, ParseError::TooManySegments);
+    }
+
+    #[test]
+    fn indirect_chain_is_followed() {
+        let m = mem();
+        header(&m, HDR, VIRTIO_BLK_T_IN, 5);
+        let q = MockSplitQueue::new(&m, 16);
+        // Indirect table at 0x40_0000 with header/data/status.
+        let table = 0x40_0000u64;
+        let entries = [
+            SplitDescriptor::new(HDR, 16, 1, 1),
+            SplitDescriptor::new(DATA, 4096, W | 1, 2),
+            SplitDescriptor::new(STATUS, 1, W, 0),
+        ];
+        for (i, e) in entries.iter().enumerate() {
+            m.write_obj(RawDescriptor::from(*e), GuestAddress(table + 16 * i as u64))
+                .unwrap();
+        }
+        let indirect = virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16;
+        let chain = q.build_desc_chain(&[d(table, 48, indirect)]).unwrap();
+        let mut out = [IoSegment {
+            addr: std::ptr::null_mut(),
+            len: 0,
+        }; HOST_SEGMENTS_MAX];
+        let r = parse(&m, chain, &mut out).unwrap();
+        assert_eq!((r.kind, r.sector, r.data_bytes), (RequestType::In, 5, 4096));
+    }
+}
