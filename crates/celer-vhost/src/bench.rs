@@ -200,7 +200,7 @@ fn spawn_backend(
         }
         "qsd-null" | "qsd-file" => {
             let blockdev = if name == "qsd-null" {
-                "driver=null-co,node-name=disk,size=1G,read-zeroes=off".to_string()
+                "driver=null-co,node-name=disk,size=1073741824,read-zeroes=off".to_string()
             } else {
                 format!("driver=file,node-name=disk,filename={file},cache.direct=on,aio=io_uring")
             };
@@ -294,7 +294,8 @@ fn drive(
             if Instant::now() > hard_stop {
                 bail!("back end stopped answering ({outstanding} requests outstanding)");
             }
-            std::hint::spin_loop();
+            // Give the CPU to the back end if it shares ours.
+            std::thread::yield_now();
             continue;
         }
         let now = Instant::now();

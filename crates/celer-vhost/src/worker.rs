@@ -225,7 +225,12 @@ impl Worker {
                 let _ = self.resume.1.notify();
                 return;
             }
-            std::hint::spin_loop();
+            if work == 0 {
+                // Polling with nothing to do: let a thread that shares this
+                // CPU (the guest's vCPU, another queue) run; returns at once
+                // when the CPU is ours alone.
+                std::thread::yield_now();
+            }
         }
     }
 
