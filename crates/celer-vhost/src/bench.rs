@@ -31,7 +31,7 @@ pub struct BenchArgs {
     /// Measure only this already-running vhost-user-blk socket.
     #[arg(long)]
     pub socket: Option<PathBuf>,
-    /// File for the file-device runs (created, 1 GiB, if missing).
+    /// File for the file-device runs (created and filled, 1 GiB, if missing).
     #[arg(long, default_value = "/tmp/celer-bench/disk.img")]
     pub file: PathBuf,
     /// Seconds per measurement.
@@ -445,25 +445,31 @@ fn fio_file(
     Ok((iops, mean_us, p99_us))
 }
 
+/// Bytes of the benchmark file.
+const BENCH_FILE_BYTES: u64 = 1 << 30;
+
+/// Creates the benchmark file filled with data (not holes or unwritten
+/// extents, which the file system would answer without touching the disk),
+/// so every back end and fio read real blocks whatever ran before.
 fn ensure_file(path: &Path) -> anyhow::Result<()> {
-    if path.exists() {
+    if std::fs::metadata(path).is_ok_and(|m| m.len() == BENCH_FILE_BYTES) {
         return Ok(());
     }
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let f = std::fs::File::create(path)?;
-    f.set_len(1 << 30)?;
-    // Allocate for real so reads hit the disk rather than holes.
-    // SAFETY: fallocate on a file we own, no memory arguments.
-    let rc = unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, 1 << 30) };
-    if rc != 0 {
-        bail!(
-            "fallocate {}: {}",
-            path.display(),
-            std::io::Error::last_os_error()
-        );
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut rng = Rng(0x5eed);
+    for _ in 0..BENCH_FILE_BYTES / chunk.len() as u64 {
+        for w in chunk.chunks_exact_mut(8) {
+            w.copy_from_slice(&rng.next().to_le_bytes());
+        }
+        std::io::Write::write_all(&mut f, &chunk)?;
     }
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
     Ok(())
 }
 

@@ -295,11 +295,15 @@ impl VhostUserBackend for VhostUserBlk {
         vrings: &[Vring],
         thread_id: usize,
     ) -> std::io::Result<()> {
+        // An error here would end the worker's epoll loop for good; an odd
+        // event set (HUP/ERR on an eventfd) is logged and handled as a wake-up.
         if evset != EventSet::IN {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("unexpected epoll event set {evset:?} on worker {thread_id}"),
-            ));
+            debug!(
+                thread_id,
+                device_event,
+                ?evset,
+                "unexpected epoll event set"
+            );
         }
         let Some(vring) = vrings.first() else {
             return Ok(());

@@ -17,7 +17,7 @@ use std::path::Path;
 use std::sync::atomic::{fence, AtomicU16, Ordering};
 
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend as VuFrontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -456,6 +456,10 @@ impl Frontend {
                     | VhostUserProtocolFeatures::MQ
                     | VhostUserProtocolFeatures::REPLY_ACK);
             vu.set_protocol_features(protocol_features)?;
+            if protocol_features.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+                // Like QEMU: every request waits for the back end's verdict.
+                vu.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+            }
         }
         let backend_queues = if protocol_features.contains(VhostUserProtocolFeatures::MQ) {
             vu.get_queue_num()?

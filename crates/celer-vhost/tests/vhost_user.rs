@@ -3,11 +3,14 @@
 //! space, every request type, multi-queue, bad input, reconnect, idle CPU.
 
 use std::io::Write;
+
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use vhost::vhost_user::VhostUserFrontend;
+use vhost::VhostBackend;
 
 use celer_device::{BlockDevice, FileDevice, FileDeviceConfig, NullDevice};
 use celer_vhost::frontend::{
@@ -457,6 +460,36 @@ fn reconnects_after_disconnect_and_survives_garbage_messages() {
         for slot in 0..4 {
             assert_eq!(qs[0].request(slot, req_type::OUT, 8, 4096).unwrap().0, S_OK);
         }
+    }
+    server.join();
+}
+
+#[test]
+fn bogus_vring_messages_are_refused_without_harm() {
+    let server = Server::start(Arc::new(NullDevice::new(1 << 20, false, false)), 1, 2);
+    {
+        let mut fe = server.connect(1);
+        let vu = fe.vhost_user();
+        // Queue index past the queues the back end has.
+        assert!(vu.set_vring_num(7, 256).is_err());
+        assert!(vu.set_vring_enable(9, true).is_err());
+    }
+    {
+        let mut fe = server.connect(1);
+        // Ring addresses outside every memory region.
+        let r = fe.vhost_user().set_vring_addr(
+            0,
+            &vhost::VringConfigData {
+                queue_max_size: 256,
+                queue_size: 256,
+                flags: 0,
+                desc_table_addr: 0xdead_0000_0000,
+                used_ring_addr: 0xdead_0001_0000,
+                avail_ring_addr: 0xdead_0002_0000,
+                log_addr: None,
+            },
+        );
+        assert!(r.is_err(), "ring outside guest memory must be refused");
     }
     server.join();
 }
