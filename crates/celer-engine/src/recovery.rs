@@ -1,0 +1,621 @@
+//! Format, open (recover) and rebuild. All synchronous, before any shard
+//! runs: read the superblock, learn which slots are allocated (from the
+//! index, or from the slot headers when rebuilding), load each slot's newest
+//! valid map copy, replay the journal, and write a checkpoint so the next
+//! start has nothing to replay.
+
+use std::fs::{File, OpenOptions as FsOpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::aligned::AlignedBuf;
+use crate::layout::{
+    self, BlockEntry, BlockKind, Geometry, IndexHeader, MapHeader, Record, SlotOwner,
+    SuperblockState, BLOCK_SIZE, BLOCK_SIZE_U64,
+};
+use crate::shard::{Shard, ShardInit, ShardStats, SlotState};
+use crate::EngineError;
+
+/// Geometry choices for `Engine::format`.
+#[derive(Clone, Debug)]
+pub struct FormatOptions {
+    /// 4 KiB blocks per chunk (power of two); 256 = 1 MiB chunks.
+    pub chunk_blocks: u32,
+    /// Spare physical blocks per slot for redirect-on-write.
+    pub spare_blocks: u32,
+    pub shard_count: u32,
+    /// Journal ring per shard, in 4 KiB blocks.
+    pub journal_blocks: u32,
+    /// Create (or grow) a regular file of this size first.
+    pub create_size_bytes: Option<u64>,
+}
+
+impl Default for FormatOptions {
+    fn default() -> Self {
+        FormatOptions {
+            chunk_blocks: 256,
+            spare_blocks: 64,
+            shard_count: 1,
+            journal_blocks: 4096,
+            create_size_bytes: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct OpenOptions {
+    /// Requests in flight per shard.
+    pub inflight_max: usize,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            inflight_max: crate::shard::INFLIGHT_MAX,
+        }
+    }
+}
+
+/// What a rebuild found.
+#[derive(Clone, Debug, Default)]
+pub struct RebuildReport {
+    pub slots_scanned: u64,
+    pub chunks_found: u64,
+    pub maps_loaded: u64,
+    pub journal_records_replayed: u64,
+    pub journal_records_dropped: u64,
+}
+
+/// Totals over all shards.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EngineStats {
+    pub shards: ShardStats,
+}
+
+/// An opened engine: its geometry and its shards, ready to be moved to
+/// their threads with `into_shards`.
+pub struct Engine {
+    geometry: Geometry,
+    shards: Vec<Shard>,
+    report: RebuildReport,
+}
+
+fn os_err(path: &Path, what: &'static str, e: std::io::Error) -> EngineError {
+    EngineError::Os {
+        path: path.display().to_string(),
+        what,
+        errno_text: e.to_string(),
+    }
+}
+
+fn open_disk(path: &Path, create: bool) -> Result<File, EngineError> {
+    let mut o = FsOpenOptions::new();
+    o.read(true).write(true).custom_flags(libc::O_DIRECT);
+    if create {
+        o.create(true);
+    }
+    o.open(path)
+        .map_err(|e| os_err(path, "open with O_DIRECT", e))
+}
+
+fn disk_size(path: &Path, f: &File) -> Result<u64, EngineError> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = f;
+    f.seek(SeekFrom::End(0))
+        .map_err(|e| os_err(path, "seek to end", e))
+}
+
+fn read_at(path: &Path, f: &File, buf: &mut AlignedBuf, offset: u64) -> Result<(), EngineError> {
+    f.read_exact_at(buf, offset)
+        .map_err(|e| os_err(path, "read", e))
+}
+
+fn write_at(path: &Path, f: &File, buf: &AlignedBuf, offset: u64) -> Result<(), EngineError> {
+    f.write_all_at(buf, offset)
+        .map_err(|e| os_err(path, "write", e))
+}
+
+fn read_geometry(path: &Path, f: &File) -> Result<Geometry, EngineError> {
+    let size = disk_size(path, f)?;
+    if size < 2 * BLOCK_SIZE_U64 {
+        return Err(EngineError::NotCeler {
+            path: path.display().to_string(),
+        });
+    }
+    let mut buf = AlignedBuf::new(2);
+    read_at(path, f, &mut buf, 0)?;
+    let mut corrupt = false;
+    for copy in 0..2 {
+        match layout::decode_superblock(&buf[copy * BLOCK_SIZE..(copy + 1) * BLOCK_SIZE]) {
+            SuperblockState::Valid(g) => {
+                if g.total_bytes() > size {
+                    return Err(EngineError::Truncated {
+                        path: path.display().to_string(),
+                        actual_bytes: size,
+                        expected_bytes: g.total_bytes(),
+                    });
+                }
+                return Ok(g);
+            }
+            SuperblockState::WrongVersion(found) => {
+                return Err(EngineError::WrongFormatVersion {
+                    path: path.display().to_string(),
+                    found,
+                    supported: layout::FORMAT_VERSION,
+                })
+            }
+            SuperblockState::Corrupt => corrupt = true,
+            SuperblockState::Foreign => {}
+        }
+    }
+    if corrupt {
+        Err(EngineError::CorruptSuperblock {
+            path: path.display().to_string(),
+        })
+    } else {
+        Err(EngineError::NotCeler {
+            path: path.display().to_string(),
+        })
+    }
+}
+
+/// A slot's alloc seq and owner, if allocated.
+type SlotEntry = Option<(u64, SlotOwner)>;
+
+/// Where one shard's recovery starts from.
+struct ShardStart {
+    /// Per local slot: alloc seq and owner, if allocated.
+    owners: Vec<Option<(u64, SlotOwner)>>,
+    /// Per local slot: records at or below this seq are already reflected.
+    base: Vec<u64>,
+    index_generation: u64,
+}
+
+impl Engine {
+    /// Writes a fresh engine onto `path`. Existing data is forgotten.
+    pub fn format(path: &Path, opts: &FormatOptions) -> Result<Geometry, EngineError> {
+        if let Some(size) = opts.create_size_bytes {
+            let f = FsOpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)
+                .map_err(|e| os_err(path, "create", e))?;
+            let cur = f.metadata().map_err(|e| os_err(path, "stat", e))?.len();
+            if cur < size {
+                f.set_len(size).map_err(|e| os_err(path, "set length", e))?;
+            }
+        }
+        let f = open_disk(path, false)?;
+        let size = disk_size(path, &f)?;
+        let uuid = random_u64();
+        let g = Geometry::for_disk(
+            uuid,
+            size,
+            opts.chunk_blocks,
+            opts.spare_blocks,
+            opts.shard_count,
+            opts.journal_blocks,
+        )?;
+        // Journal: zeroed, so nothing of an earlier format is ever replayed
+        // (the uuid check would reject it anyway).
+        let zero = AlignedBuf::new(256);
+        let journal_bytes = g.shard_count as u64 * g.journal_blocks as u64 * BLOCK_SIZE_U64;
+        let mut at = 0;
+        while at < journal_bytes {
+            let n = (journal_bytes - at).min(zero.len() as u64) as usize;
+            f.write_all_at(&zero[..n], g.journal_start() * BLOCK_SIZE_U64 + at)
+                .map_err(|e| os_err(path, "write journal", e))?;
+            at += n as u64;
+        }
+        let mut index = AlignedBuf::new(g.index_blocks() as usize);
+        let entries = vec![None; g.slots_per_shard() as usize];
+        for shard in 0..g.shard_count {
+            layout::encode_index(
+                uuid,
+                shard,
+                &IndexHeader {
+                    generation: 1,
+                    journal_tail: 1,
+                },
+                &entries,
+                &mut index,
+            );
+            write_at(path, &f, &index, g.index_offset(shard, 1))?;
+            // Copy 0 is left invalid: generation 1 lives in copy 1.
+            let blank = AlignedBuf::new(g.index_blocks() as usize);
+            write_at(path, &f, &blank, g.index_offset(shard, 0))?;
+        }
+        let mut sb = AlignedBuf::new(2);
+        layout::encode_superblock(&g, &mut sb[..BLOCK_SIZE]);
+        let (a, b) = sb.split_at_mut(BLOCK_SIZE);
+        b.copy_from_slice(a);
+        write_at(path, &f, &sb, 0)?;
+        f.sync_all().map_err(|e| os_err(path, "fsync", e))?;
+        Ok(g)
+    }
+
+    /// Opens an engine: loads the index and maps, replays the journal.
+    pub fn open(path: &Path, opts: &OpenOptions) -> Result<Engine, EngineError> {
+        let f = open_disk(path, false)?;
+        let g = read_geometry(path, &f)?;
+        let mut starts = Vec::new();
+        for shard in 0..g.shard_count {
+            starts.push(read_index(path, &f, &g, shard)?);
+        }
+        Engine::recover(path, f, g, starts, opts)
+    }
+
+    /// Rebuilds the index from the chunk slot headers alone (for a damaged
+    /// or lost metadata area), then recovers as `open` does, and writes a
+    /// fresh index. The journal is replayed where it is still valid.
+    pub fn rebuild(path: &Path) -> Result<RebuildReport, EngineError> {
+        let f = open_disk(path, false)?;
+        let g = read_geometry(path, &f)?;
+        let per = g.slots_per_shard() as usize;
+        let mut starts: Vec<ShardStart> = (0..g.shard_count)
+            .map(|_| ShardStart {
+                owners: vec![None; per],
+                base: vec![0; per],
+                index_generation: 0,
+            })
+            .collect();
+        let mut hdr = AlignedBuf::new(1);
+        let mut scanned = 0;
+        for slot in 0..g.slot_count {
+            scanned += 1;
+            let mut best: Option<(u64, Option<SlotOwner>)> = None;
+            for copy in 0..2 {
+                read_at(path, &f, &mut hdr, g.header_offset(slot, copy))?;
+                if let Some(h) = layout::decode_slot_header(g.disk_uuid, slot, &hdr) {
+                    if best.is_none_or(|b| h.0 > b.0) {
+                        best = Some(h);
+                    }
+                }
+            }
+            let st = &mut starts[g.shard_of_slot(slot) as usize];
+            let local = (slot / g.shard_count as u64) as usize;
+            match best {
+                Some((seq, Some(owner))) => {
+                    st.owners[local] = Some((seq, owner));
+                    st.base[local] = seq - 1;
+                }
+                Some((seq, None)) => st.base[local] = seq,
+                None => {}
+            }
+        }
+        // Both index copies are rewritten by the recovery checkpoint; start
+        // from a generation above anything a damaged copy might hold.
+        for s in starts.iter_mut() {
+            s.index_generation = u64::MAX / 4;
+        }
+        let engine = Engine::recover(path, f, g, starts, &OpenOptions { inflight_max: 1 })?;
+        let mut report = engine.report.clone();
+        report.slots_scanned = scanned;
+        for s in engine.shards {
+            s.close()?;
+        }
+        Ok(report)
+    }
+
+    fn recover(
+        path: &Path,
+        f: File,
+        g: Geometry,
+        starts: Vec<ShardStart>,
+        opts: &OpenOptions,
+    ) -> Result<Engine, EngineError> {
+        let f = Arc::new(f);
+        let mut shards = Vec::new();
+        let mut report = RebuildReport::default();
+        for (shard, start) in starts.into_iter().enumerate() {
+            let init = recover_shard(path, &f, &g, shard as u32, start, opts, &mut report)?;
+            shards.push(Shard::new(init)?);
+        }
+        f.sync_all().map_err(|e| os_err(path, "fsync", e))?;
+        Ok(Engine {
+            geometry: g,
+            shards,
+            report,
+        })
+    }
+
+    pub fn geometry(&self) -> &Geometry {
+        &self.geometry
+    }
+    /// The shard that owns (volume, chunk).
+    pub fn shard_for(&self, volume: u64, chunk: u64) -> u32 {
+        crate::shard::shard_for(&self.geometry, volume, chunk)
+    }
+    pub fn shards_mut(&mut self) -> &mut [Shard] {
+        &mut self.shards
+    }
+    pub fn into_shards(self) -> Vec<Shard> {
+        self.shards
+    }
+    /// What recovery did at open.
+    pub fn recovery_report(&self) -> &RebuildReport {
+        &self.report
+    }
+    /// Closes every shard (drain, checkpoint).
+    pub fn close(self) -> Result<(), EngineError> {
+        for s in self.shards {
+            s.close()?;
+        }
+        Ok(())
+    }
+}
+
+fn read_index(path: &Path, f: &File, g: &Geometry, shard: u32) -> Result<ShardStart, EngineError> {
+    let per = g.slots_per_shard() as usize;
+    let mut buf = AlignedBuf::new(g.index_blocks() as usize);
+    let mut best: Option<(IndexHeader, Vec<SlotEntry>)> = None;
+    for copy in 0..2 {
+        read_at(path, f, &mut buf, g.index_offset(shard, copy))?;
+        let mut owners = vec![None; per];
+        if let Some(h) = layout::decode_index(g.disk_uuid, shard, &buf, &mut owners) {
+            if h.generation % 2 == copy
+                && best.as_ref().is_none_or(|b| h.generation > b.0.generation)
+            {
+                best = Some((h, owners));
+            }
+        }
+    }
+    let Some((h, owners)) = best else {
+        return Err(EngineError::MetadataDamaged { shard });
+    };
+    let tail = h.journal_tail;
+    let base = owners
+        .iter()
+        .map(|o| {
+            o.map(|(seq, _)| (seq - 1).max(tail - 1))
+                .unwrap_or(tail - 1)
+        })
+        .collect();
+    Ok(ShardStart {
+        owners,
+        base,
+        index_generation: h.generation,
+    })
+}
+
+fn recover_shard(
+    path: &Path,
+    f: &Arc<File>,
+    g: &Geometry,
+    shard: u32,
+    start: ShardStart,
+    opts: &OpenOptions,
+    report: &mut RebuildReport,
+) -> Result<ShardInit, EngineError> {
+    let per = g.slots_per_shard() as usize;
+    let ShardStart {
+        owners,
+        mut base,
+        index_generation,
+    } = start;
+    let mut slots: Vec<Option<SlotState>> = (0..per).map(|_| None).collect();
+    let mut maps = AlignedBuf::new(2 * g.map_blocks() as usize);
+    let map_bytes = g.map_blocks() as usize * BLOCK_SIZE;
+    for (local, o) in owners.iter().enumerate() {
+        let Some((alloc_seq, owner)) = *o else {
+            continue;
+        };
+        let slot_index = g.slot_of(shard, local as u64);
+        read_at(path, f, &mut maps, g.map_offset(slot_index, 0))?;
+        let mut entries = vec![BlockEntry::UNWRITTEN; g.chunk_blocks as usize];
+        let mut scratch = entries.clone();
+        let mut gen = 0;
+        let mut best_seq = None;
+        for copy in 0..2 {
+            let b = &maps[copy * map_bytes..(copy + 1) * map_bytes];
+            if let Some(h) =
+                layout::decode_map(g.disk_uuid, slot_index, g.chunk_blocks, b, &mut scratch)
+            {
+                let fits = h.journal_seq >= alloc_seq
+                    && h.volume == owner.volume
+                    && h.chunk == owner.chunk;
+                if fits && h.generation >= gen && h.generation % 2 == copy as u64 {
+                    gen = h.generation;
+                    best_seq = Some(h.journal_seq);
+                    entries.copy_from_slice(&scratch);
+                }
+            }
+        }
+        if let Some(seq) = best_seq {
+            report.maps_loaded += 1;
+            base[local] = base[local].max(seq);
+        }
+        slots[local] = Some(SlotState::new(g, owner, alloc_seq, entries, gen));
+        report.chunks_found += 1;
+    }
+
+    // Journal: read the whole ring, keep valid blocks, replay in order.
+    let mut ring = AlignedBuf::new(g.journal_blocks as usize);
+    read_at(path, f, &mut ring, g.journal_block_offset(shard, 0))?;
+    let mut blocks = Vec::new();
+    let mut watermark = 0;
+    for i in 0..g.journal_blocks as usize {
+        let b = &ring[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE];
+        if let Some(h) = layout::decode_journal_block(g.disk_uuid, shard, b) {
+            if h.seq % g.journal_blocks as u64 == i as u64 {
+                watermark = watermark.max(h.acked_through);
+                blocks.push((h.seq, i, h.count));
+            }
+        }
+    }
+    blocks.sort_unstable();
+    let min_base = base.iter().copied().min().unwrap_or(0);
+    let mut max_seq = base.iter().copied().max().unwrap_or(0);
+    let mut data = AlignedBuf::new(1);
+    let mut replayed_any = false;
+    for &(seq, i, count) in blocks.iter() {
+        max_seq = max_seq.max(seq);
+        if seq <= min_base {
+            continue;
+        }
+        let b = &ring[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE];
+        for r in 0..count {
+            let Some(rec) = layout::decode_record(layout::journal_record(b, r)) else {
+                continue;
+            };
+            let local = match rec {
+                Record::Write { slot, .. }
+                | Record::Zero { slot, .. }
+                | Record::Alloc { slot, .. }
+                | Record::Free { slot } => slot as usize,
+            };
+            if local >= per || g.slot_of(shard, local as u64) >= g.slot_count || seq <= base[local]
+            {
+                continue;
+            }
+            replayed_any = true;
+            report.journal_records_replayed += 1;
+            match rec {
+                Record::Alloc { owner, .. } => {
+                    let entries = vec![BlockEntry::UNWRITTEN; g.chunk_blocks as usize];
+                    let gen = slots[local].as_ref().map(|s| s.map_generation).unwrap_or(0);
+                    slots[local] = Some(SlotState::new(g, owner, seq, entries, gen));
+                }
+                Record::Free { .. } => slots[local] = None,
+                Record::Write {
+                    logical,
+                    phys,
+                    crc,
+                    version,
+                    ..
+                } => {
+                    let Some(s) = slots[local].as_mut() else {
+                        continue;
+                    };
+                    if logical as u32 >= g.chunk_blocks || phys as u32 >= g.phys_blocks() {
+                        continue;
+                    }
+                    if version <= s.entries[logical as usize].version {
+                        continue;
+                    }
+                    if seq > watermark {
+                        // Its data write may not have reached the disk.
+                        let slot_index = g.slot_of(shard, local as u64);
+                        read_at(path, f, &mut data, g.phys_offset(slot_index, phys))?;
+                        if crc32c::crc32c(&data) != crc {
+                            report.journal_records_dropped += 1;
+                            continue;
+                        }
+                    }
+                    s.entries[logical as usize] = BlockEntry {
+                        phys,
+                        kind: BlockKind::Data,
+                        crc,
+                        version,
+                    };
+                    s.dirty = true;
+                }
+                Record::Zero {
+                    logical, version, ..
+                } => {
+                    let Some(s) = slots[local].as_mut() else {
+                        continue;
+                    };
+                    if logical as u32 >= g.chunk_blocks
+                        || version <= s.entries[logical as usize].version
+                    {
+                        continue;
+                    }
+                    s.entries[logical as usize] = BlockEntry::zeroed(version);
+                    s.dirty = true;
+                }
+            }
+        }
+    }
+    // Rebuild the free-block bitmaps from the final maps.
+    for s in slots.iter_mut() {
+        if let Some(st) = s.take() {
+            let owner = st.owner;
+            let mut n = SlotState::new(g, owner, st.alloc_seq, st.entries, st.map_generation);
+            n.dirty = st.dirty || replayed_any;
+            *s = Some(n);
+        }
+    }
+    let next_seq = max_seq + 1;
+    let mut init = ShardInit {
+        id: shard,
+        g: *g,
+        file: f.clone(),
+        slots,
+        next_seq,
+        tail: next_seq,
+        acked_through: next_seq - 1,
+        index_generation,
+        inflight_max: opts.inflight_max,
+    };
+    // Checkpoint now: the journal's records are all reflected in the maps
+    // and index, so the next open never replays (or trusts) them again.
+    checkpoint_sync(path, f, g, &mut init)?;
+    Ok(init)
+}
+
+fn checkpoint_sync(
+    path: &Path,
+    f: &File,
+    g: &Geometry,
+    init: &mut ShardInit,
+) -> Result<(), EngineError> {
+    let cut = init.next_seq - 1;
+    let mut buf = AlignedBuf::new(g.map_blocks() as usize);
+    let mut entries = vec![None; g.slots_per_shard() as usize];
+    for (local, s) in init.slots.iter_mut().enumerate() {
+        let Some(s) = s else { continue };
+        entries[local] = Some((s.alloc_seq, s.owner));
+        let slot_index = g.slot_of(init.id, local as u64);
+        if s.dirty {
+            s.map_generation += 1;
+            let h = MapHeader {
+                generation: s.map_generation,
+                journal_seq: cut,
+                volume: s.owner.volume,
+                chunk: s.owner.chunk,
+            };
+            layout::encode_map(g.disk_uuid, slot_index, &h, &s.entries, &mut buf);
+            write_at(
+                path,
+                f,
+                &buf,
+                g.map_offset(slot_index, s.map_generation % 2),
+            )?;
+            s.dirty = false;
+        }
+    }
+    f.sync_data().map_err(|e| os_err(path, "fdatasync", e))?;
+    init.index_generation += 1;
+    let mut index = AlignedBuf::new(g.index_blocks() as usize);
+    let h = IndexHeader {
+        generation: init.index_generation,
+        journal_tail: cut + 1,
+    };
+    layout::encode_index(g.disk_uuid, init.id, &h, &entries, &mut index);
+    write_at(
+        path,
+        f,
+        &index,
+        g.index_offset(init.id, init.index_generation % 2),
+    )?;
+    f.sync_data().map_err(|e| os_err(path, "fdatasync", e))?;
+    Ok(())
+}
+
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    if let Ok(f) = File::open("/dev/urandom") {
+        let _ = f.read_exact_at(&mut b, 0).or_else(|_| {
+            use std::io::Read;
+            (&f).read_exact(&mut b)
+        });
+    }
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    u64::from_le_bytes(b) ^ t ^ (std::process::id() as u64) << 32
+}

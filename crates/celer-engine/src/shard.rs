@@ -1,0 +1,1553 @@
+//! One shard: the slots it owns, its journal ring, its io_uring, and the
+//! state machine that turns requests into disk I/O. Driven by one thread.
+//!
+//! A write request runs in phases. A phase picks, for each block whose
+//! version is newer than the stored one, a free physical block of the slot,
+//! appends a journal record (logical → physical, version, crc32c) to the
+//! open journal block, and submits the data write. The op completes when its
+//! data writes and the journal blocks holding its records are durable; only
+//! then does the in-memory map point at the new blocks and the old physical
+//! blocks become free. A phase is as large as the free physical blocks
+//! allow; a request larger than the spare space runs in several phases.
+//!
+//! Per request: one data write per contiguous physical run and a share of one
+//! journal block write (group commit: every record appended between two
+//! `poll` calls goes into the same journal block), submitted together with
+//! RWF_DSYNC: one disk round trip.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use io_uring::{opcode, types, IoUring};
+
+use crate::aligned::AlignedBuf;
+use crate::layout::{
+    self, BlockEntry, BlockKind, Geometry, IndexHeader, MapHeader, Record, SlotOwner, BLOCK_SIZE,
+    BLOCK_SIZE_U64, PHYS_NONE, RECORDS_PER_JOURNAL_BLOCK, RECORD_BYTES,
+};
+use crate::{errno_text, EngineError};
+
+/// Most segments one request may carry.
+pub const SEGMENTS_MAX: usize = 256;
+/// Journal blocks that may be open or in flight at once, per shard.
+const JOURNAL_BUFS: usize = 16;
+/// Most data writes one phase of a request submits.
+const RUNS_PER_PHASE_MAX: u32 = 32;
+/// Most requests in flight per shard.
+pub const INFLIGHT_MAX: usize = 256;
+/// Completion queue entries: bounds the SQEs in flight so the CQ never overflows.
+const CQ_ENTRIES: u32 = 16384;
+
+/// A piece of caller memory. The caller keeps it valid until completion.
+#[derive(Clone, Copy, Debug)]
+pub struct Segment {
+    pub addr: *mut u8,
+    pub len: usize,
+}
+
+// SAFETY: an address range; `Shard::submit`'s contract keeps it valid.
+unsafe impl Send for Segment {}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EngineOp {
+    Read,
+    Write,
+    WriteZeroes,
+    Discard,
+}
+
+/// A request to a shard. It must lie within one chunk.
+#[derive(Clone, Copy, Debug)]
+pub struct EngineRequest<'a> {
+    pub op: EngineOp,
+    pub volume: u64,
+    pub offset_bytes: u64,
+    /// For WriteZeroes/Discard; for Read/Write the segments' total length.
+    pub len_bytes: u64,
+    pub segments: &'a [Segment],
+    /// Writes, zeroes and discards apply only where this is newer than the
+    /// stored version of a block.
+    pub version: u64,
+    /// Route epoch, recorded in the chunk header when the chunk is allocated.
+    pub epoch: u64,
+    pub tag: u64,
+}
+
+#[derive(Debug)]
+pub struct Completion {
+    pub tag: u64,
+    /// Blocks applied (writes) or read; a write whose version was not newer
+    /// than the stored one completes with `Ok(0)`.
+    pub result: Result<u32, EngineError>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Action {
+    Skip,
+    Write,
+    Zero,
+    ReadData,
+    ReadZero,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Planned {
+    logical: u16,
+    phys: u16,
+    crc: u32,
+    action: Action,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Stage {
+    Idle,
+    /// Waiting for I/O of the current phase.
+    Running,
+    /// Waiting for resources (free physical blocks, journal space, header).
+    Deferred,
+    /// Releasing the slot after a whole-chunk discard.
+    Freeing,
+}
+
+struct Op {
+    tag: u64,
+    op: EngineOp,
+    volume: u64,
+    chunk: u64,
+    local_slot: u32,
+    /// First logical block in the chunk and block count of the request.
+    first: u16,
+    count: u16,
+    /// Next block (relative to `first`) not yet planned.
+    cursor: u16,
+    version: u64,
+    epoch: u64,
+    segs: Vec<Segment>,
+    iov: Vec<libc::iovec>,
+    plan: Vec<Planned>,
+    /// Journal buffers this op waits on or is counted in.
+    jbufs: Vec<usize>,
+    pending: u32,
+    applied: u32,
+    error: Option<EngineError>,
+    allocated_slot: bool,
+    stage: Stage,
+    meta: AlignedBuf,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum JbState {
+    Free,
+    Open,
+    Writing,
+    Written,
+}
+
+struct JournalBuf {
+    buf: AlignedBuf,
+    state: JbState,
+    seq: u64,
+    count: usize,
+    waiters: Vec<u32>,
+    unfinished_ops: u32,
+}
+
+/// In-memory state of an allocated slot.
+pub(crate) struct SlotState {
+    pub(crate) owner: SlotOwner,
+    pub(crate) alloc_seq: u64,
+    pub(crate) entries: Vec<BlockEntry>,
+    /// Per block, the highest version planned (journaled) so far. A request
+    /// applies only above it, so per block the journal order is the version
+    /// order and replay reaches the state the in-memory commits reach.
+    planned_version: Vec<u64>,
+    pub(crate) map_generation: u64,
+    pub(crate) dirty: bool,
+    free_phys: Vec<u64>,
+    pending_free: Vec<u16>,
+    reads_inflight: u32,
+    ops_inflight: u32,
+    /// Op writing the slot header; others wait for it.
+    header_op: Option<u32>,
+    freeing: bool,
+}
+
+impl SlotState {
+    pub(crate) fn new(
+        g: &Geometry,
+        owner: SlotOwner,
+        alloc_seq: u64,
+        entries: Vec<BlockEntry>,
+        gen: u64,
+    ) -> Self {
+        let phys = g.phys_blocks() as usize;
+        let mut free_phys = vec![0u64; phys.div_ceil(64)];
+        for p in 0..phys {
+            free_phys[p / 64] |= 1 << (p % 64);
+        }
+        let planned_version = entries.iter().map(|e| e.version).collect();
+        let mut s = SlotState {
+            owner,
+            alloc_seq,
+            entries,
+            planned_version,
+            map_generation: gen,
+            dirty: false,
+            free_phys,
+            pending_free: Vec::with_capacity(phys),
+            reads_inflight: 0,
+            ops_inflight: 0,
+            header_op: None,
+            freeing: false,
+        };
+        for i in 0..s.entries.len() {
+            let e = s.entries[i];
+            if e.kind == BlockKind::Data {
+                s.take_phys(e.phys);
+            }
+        }
+        s
+    }
+    fn take_phys(&mut self, p: u16) {
+        let p = p as usize;
+        self.free_phys[p / 64] &= !(1 << (p % 64));
+    }
+    fn is_free(&self, p: usize) -> bool {
+        p / 64 < self.free_phys.len() && self.free_phys[p / 64] & (1 << (p % 64)) != 0
+    }
+    fn find_free(&self) -> Option<u16> {
+        for (w, bits) in self.free_phys.iter().enumerate() {
+            if *bits != 0 {
+                return Some((w * 64 + bits.trailing_zeros() as usize) as u16);
+            }
+        }
+        None
+    }
+    fn release_phys(&mut self, p: u16) {
+        if self.reads_inflight > 0 {
+            self.pending_free.push(p);
+        } else {
+            let p = p as usize;
+            self.free_phys[p / 64] |= 1 << (p % 64);
+        }
+    }
+}
+
+/// Counters for benchmarks and write-amplification accounting.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ShardStats {
+    pub ops: u64,
+    pub user_bytes_written: u64,
+    pub data_bytes_written: u64,
+    pub journal_bytes_written: u64,
+    pub meta_bytes_written: u64,
+    pub checkpoints: u64,
+}
+
+struct Checkpoint {
+    cut: u64,
+    pending: u32,
+    bufs: Vec<AlignedBuf>,
+    targets: Vec<u64>,
+    next: usize,
+    index: AlignedBuf,
+    index_written: bool,
+}
+
+// user_data: kind in the top byte, id below.
+const UD_DATA: u64 = 1 << 56;
+const UD_JOURNAL: u64 = 2 << 56;
+const UD_META: u64 = 3 << 56;
+const UD_CKPT: u64 = 4 << 56;
+const UD_KIND: u64 = 0xff << 56;
+
+/// One shard of an engine, driven by exactly one thread.
+pub struct Shard {
+    id: u32,
+    g: Geometry,
+    _file: Arc<File>,
+    fd: i32,
+    ring: IoUring,
+    slots: Vec<Option<SlotState>>,
+    by_chunk: HashMap<(u64, u64), u32>,
+    free_slots: Vec<u32>,
+    ops: Vec<Op>,
+    free_ops: Vec<u32>,
+    deferred: VecDeque<u32>,
+    done: VecDeque<Completion>,
+    jbufs: Vec<JournalBuf>,
+    /// Buffers in sequence order, from the oldest not yet acknowledged.
+    jorder: VecDeque<usize>,
+    open_jb: Option<usize>,
+    next_seq: u64,
+    tail: u64,
+    acked_through: u64,
+    index_generation: u64,
+    ckpt: Option<Checkpoint>,
+    failed: Option<String>,
+    unsubmitted: u32,
+    inflight_sqes: u32,
+    cq_budget: u32,
+    max_request_blocks: u16,
+    stats: ShardStats,
+}
+
+pub(crate) struct ShardInit {
+    pub(crate) id: u32,
+    pub(crate) g: Geometry,
+    pub(crate) file: Arc<File>,
+    pub(crate) slots: Vec<Option<SlotState>>,
+    pub(crate) next_seq: u64,
+    pub(crate) tail: u64,
+    pub(crate) acked_through: u64,
+    pub(crate) index_generation: u64,
+    pub(crate) inflight_max: usize,
+}
+
+impl Shard {
+    pub(crate) fn new(init: ShardInit) -> Result<Shard, EngineError> {
+        let g = init.g;
+        let inflight_max = init.inflight_max.clamp(1, INFLIGHT_MAX);
+        let max_request_blocks = g.chunk_blocks.min(256) as u16;
+        let ring = IoUring::builder()
+            .setup_cqsize(CQ_ENTRIES)
+            .build(512)
+            .map_err(|e| EngineError::Os {
+                path: "io_uring".into(),
+                what: "io_uring_setup",
+                errno_text: e.to_string(),
+            })?;
+        let mut by_chunk = HashMap::with_capacity(init.slots.len());
+        let mut free_slots = Vec::with_capacity(init.slots.len());
+        for (local, s) in init.slots.iter().enumerate().rev() {
+            match s {
+                Some(s) => {
+                    by_chunk.insert((s.owner.volume, s.owner.chunk), local as u32);
+                }
+                None if g.slot_of(init.id, local as u64) < g.slot_count => {
+                    free_slots.push(local as u32)
+                }
+                None => {}
+            }
+        }
+        let ops = (0..inflight_max)
+            .map(|_| Op {
+                tag: 0,
+                op: EngineOp::Read,
+                volume: 0,
+                chunk: 0,
+                local_slot: 0,
+                first: 0,
+                count: 0,
+                cursor: 0,
+                version: 0,
+                epoch: 0,
+                segs: Vec::with_capacity(SEGMENTS_MAX),
+                iov: Vec::with_capacity(SEGMENTS_MAX + max_request_blocks as usize),
+                plan: Vec::with_capacity(max_request_blocks as usize),
+                jbufs: Vec::with_capacity(JOURNAL_BUFS),
+                pending: 0,
+                applied: 0,
+                error: None,
+                allocated_slot: false,
+                stage: Stage::Idle,
+                meta: AlignedBuf::new(1),
+            })
+            .collect();
+        let jbufs = (0..JOURNAL_BUFS)
+            .map(|_| JournalBuf {
+                buf: AlignedBuf::new(1),
+                state: JbState::Free,
+                seq: 0,
+                count: 0,
+                waiters: Vec::with_capacity(RECORDS_PER_JOURNAL_BLOCK),
+                unfinished_ops: 0,
+            })
+            .collect();
+        Ok(Shard {
+            id: init.id,
+            g,
+            fd: init.file.as_raw_fd(),
+            _file: init.file,
+            ring,
+            slots: init.slots,
+            by_chunk,
+            free_slots,
+            ops,
+            free_ops: (0..inflight_max as u32).rev().collect(),
+            deferred: VecDeque::with_capacity(inflight_max),
+            done: VecDeque::with_capacity(inflight_max),
+            jbufs,
+            jorder: VecDeque::with_capacity(JOURNAL_BUFS),
+            open_jb: None,
+            next_seq: init.next_seq,
+            tail: init.tail,
+            acked_through: init.acked_through,
+            index_generation: init.index_generation,
+            ckpt: None,
+            failed: None,
+            unsubmitted: 0,
+            inflight_sqes: 0,
+            cq_budget: CQ_ENTRIES - 64,
+            max_request_blocks,
+            stats: ShardStats::default(),
+        })
+    }
+
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+    pub fn geometry(&self) -> &Geometry {
+        &self.g
+    }
+    pub fn stats(&self) -> ShardStats {
+        self.stats
+    }
+    pub fn inflight(&self) -> usize {
+        self.ops.len() - self.free_ops.len()
+    }
+    pub fn inflight_max(&self) -> usize {
+        self.ops.len()
+    }
+    /// Largest Read/Write request, in bytes.
+    pub fn max_request_bytes(&self) -> u64 {
+        self.max_request_blocks as u64 * BLOCK_SIZE_U64
+    }
+    /// One line of internal state, for diagnostics.
+    pub fn describe(&self) -> String {
+        let jb: Vec<String> = self
+            .jorder
+            .iter()
+            .map(|&b| {
+                format!(
+                    "{}:{:?}/{}",
+                    self.jbufs[b].seq, self.jbufs[b].state, self.jbufs[b].unfinished_ops
+                )
+            })
+            .collect();
+        let deferred: Vec<String> = self
+            .deferred
+            .iter()
+            .map(|&id| {
+                let op = &self.ops[id as usize];
+                format!(
+                    "{:?} v{} c{} cur{}/{} pend{}",
+                    op.op, op.volume, op.chunk, op.cursor, op.count, op.pending
+                )
+            })
+            .collect();
+        format!(
+            "shard {} inflight {} sqes {} next_seq {} tail {} acked {} ckpt {} jorder [{}] deferred [{}] failed {:?}",
+            self.id,
+            self.inflight(),
+            self.inflight_sqes,
+            self.next_seq,
+            self.tail,
+            self.acked_through,
+            self.ckpt.is_some(),
+            jb.join(" "),
+            deferred.join("; "),
+            self.failed
+        )
+    }
+
+    /// Chunks currently allocated in this shard.
+    pub fn allocated_chunks(&self) -> usize {
+        self.by_chunk.len()
+    }
+    pub fn free_slot_count(&self) -> usize {
+        self.free_slots.len()
+    }
+
+    /// Submits a request; its completion comes from `poll`/`wait`.
+    ///
+    /// # Safety
+    /// Every segment must be valid for reads (Write) or writes (Read) of its
+    /// length until the completion carrying `req.tag` has been returned.
+    pub unsafe fn submit(&mut self, req: &EngineRequest<'_>) -> Result<(), EngineError> {
+        let chunk_bytes = self.g.chunk_bytes();
+        let len_bytes = match req.op {
+            EngineOp::Read | EngineOp::Write => {
+                if req.segments.len() > SEGMENTS_MAX {
+                    return Err(EngineError::TooManySegments {
+                        count: req.segments.len(),
+                        max: SEGMENTS_MAX,
+                    });
+                }
+                if req
+                    .segments
+                    .iter()
+                    .any(|s| !(s.addr as usize).is_multiple_of(512) || s.len % 512 != 0)
+                {
+                    let len_bytes = req.segments.iter().map(|s| s.len as u64).sum();
+                    return Err(EngineError::Misaligned {
+                        offset_bytes: req.offset_bytes,
+                        len_bytes,
+                    });
+                }
+                req.segments.iter().map(|s| s.len as u64).sum()
+            }
+            EngineOp::WriteZeroes | EngineOp::Discard => req.len_bytes,
+        };
+        if !req.offset_bytes.is_multiple_of(BLOCK_SIZE_U64)
+            || len_bytes % BLOCK_SIZE_U64 != 0
+            || len_bytes == 0
+        {
+            return Err(EngineError::Misaligned {
+                offset_bytes: req.offset_bytes,
+                len_bytes,
+            });
+        }
+        let max_bytes = match req.op {
+            EngineOp::Read | EngineOp::Write => self.max_request_bytes(),
+            _ => chunk_bytes,
+        };
+        let chunk = req.offset_bytes / chunk_bytes;
+        let in_chunk = req.offset_bytes % chunk_bytes;
+        if len_bytes > max_bytes || in_chunk + len_bytes > chunk_bytes {
+            return Err(EngineError::BadRange {
+                offset_bytes: req.offset_bytes,
+                len_bytes,
+                max_bytes,
+            });
+        }
+        let owner = shard_for(&self.g, req.volume, chunk);
+        if owner != self.id {
+            return Err(EngineError::WrongShard {
+                volume: req.volume,
+                chunk,
+                owner,
+                shard: self.id,
+            });
+        }
+        if let Some(e) = &self.failed {
+            return Err(EngineError::Io {
+                volume: req.volume,
+                offset_bytes: req.offset_bytes,
+                errno_text: e.clone(),
+            });
+        }
+        let Some(id) = self.free_ops.pop() else {
+            return Err(EngineError::QueueFull {
+                inflight_max: self.ops.len(),
+            });
+        };
+        let op = &mut self.ops[id as usize];
+        op.tag = req.tag;
+        op.op = req.op;
+        op.volume = req.volume;
+        op.chunk = chunk;
+        op.first = (in_chunk / BLOCK_SIZE_U64) as u16;
+        op.count = (len_bytes / BLOCK_SIZE_U64) as u16;
+        op.cursor = 0;
+        op.version = req.version;
+        op.epoch = req.epoch;
+        op.segs.clear();
+        op.segs.extend_from_slice(req.segments);
+        op.pending = 0;
+        op.applied = 0;
+        op.error = None;
+        op.allocated_slot = false;
+        op.jbufs.clear();
+        op.local_slot = u32::MAX;
+        op.stage = Stage::Idle;
+        self.stats.ops += 1;
+        self.start(id);
+        Ok(())
+    }
+
+    /// Submits queued I/O and hands over every finished request without
+    /// blocking. Returns the number handed over.
+    pub fn poll(&mut self, done: &mut dyn FnMut(Completion)) -> usize {
+        self.flush_journal();
+        self.maybe_checkpoint();
+        self.submit_ring(0);
+        self.reap();
+        let mut n = 0;
+        while let Some(c) = self.done.pop_front() {
+            done(c);
+            n += 1;
+        }
+        n
+    }
+
+    /// Like `poll`, but blocks until at least one request finished, if any
+    /// is in flight.
+    pub fn wait(&mut self, done: &mut dyn FnMut(Completion)) -> usize {
+        loop {
+            let n = self.poll(done);
+            if n > 0 || (self.inflight() == 0 && self.ckpt.is_none()) {
+                return n;
+            }
+            self.flush_journal();
+            if self.inflight_sqes > 0 || self.unsubmitted > 0 {
+                self.submit_ring(1);
+            }
+        }
+    }
+
+    /// Drives every request to completion, then checkpoints the shard so the
+    /// next open has no journal to replay.
+    pub fn close(mut self) -> Result<(), EngineError> {
+        let mut sink = |_c: Completion| {};
+        while self.inflight() > 0 || self.ckpt.is_some() {
+            self.wait(&mut sink);
+        }
+        if self.failed.is_none() && self.next_seq > self.tail {
+            self.start_checkpoint();
+            while self.ckpt.is_some() {
+                self.wait(&mut sink);
+            }
+        }
+        match self.failed {
+            Some(e) => Err(EngineError::Os {
+                path: "engine".into(),
+                what: "close",
+                errno_text: e,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn submit_ring(&mut self, want: usize) {
+        if self.unsubmitted == 0 && want == 0 {
+            return;
+        }
+        loop {
+            match self.ring.submit_and_wait(want) {
+                Ok(_) => break,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    // Completion queue full: reap and retry.
+                    self.reap();
+                    continue;
+                }
+                Err(e) => {
+                    self.fail(format!("io_uring_enter: {e}"));
+                    break;
+                }
+            }
+        }
+        self.unsubmitted = 0;
+    }
+
+    fn reap(&mut self) {
+        loop {
+            let cqe = match self.ring.completion().next() {
+                Some(c) => c,
+                None => break,
+            };
+            self.inflight_sqes -= 1;
+            let ud = cqe.user_data();
+            let res = cqe.result();
+            let id = ud & !UD_KIND;
+            match ud & UD_KIND {
+                UD_DATA | UD_META => self.op_io_done(id as u32, res),
+                UD_JOURNAL => self.journal_done(id as usize, res),
+                UD_CKPT => self.checkpoint_io_done(res),
+                _ => unreachable!("unknown user_data {ud:#x}"),
+            }
+        }
+        if !self.deferred.is_empty() {
+            self.retry_deferred();
+        }
+    }
+
+    fn fail(&mut self, why: String) {
+        if self.failed.is_none() {
+            tracing::error!(
+                shard = self.id,
+                "engine shard failed: {why}; refusing new requests"
+            );
+            self.failed = Some(why);
+        }
+    }
+
+    fn retry_deferred(&mut self) {
+        for _ in 0..self.deferred.len() {
+            let Some(id) = self.deferred.pop_front() else {
+                break;
+            };
+            self.ops[id as usize].stage = Stage::Idle;
+            self.start(id);
+        }
+    }
+
+    /// Starts (or continues) an op: plans its next phase and submits it.
+    fn start(&mut self, id: u32) {
+        match self.ops[id as usize].op {
+            EngineOp::Read => self.start_read(id),
+            EngineOp::Write | EngineOp::WriteZeroes | EngineOp::Discard => self.start_mutation(id),
+        }
+    }
+
+    fn defer(&mut self, id: u32) {
+        self.ops[id as usize].stage = Stage::Deferred;
+        self.deferred.push_back(id);
+    }
+
+    /// Binds an op to its slot once; `finish` unbinds it.
+    fn bind_slot(&mut self, id: u32, local: u32) {
+        let op = &mut self.ops[id as usize];
+        if op.local_slot == u32::MAX {
+            op.local_slot = local;
+            self.slots[local as usize]
+                .as_mut()
+                .expect("bound slot exists")
+                .ops_inflight += 1;
+        }
+    }
+
+    /// Whether `sqes` more SQEs keep every in-flight request within the
+    /// completion queue, so completions never overflow it.
+    fn sqe_room(&self, sqes: u32) -> bool {
+        self.inflight_sqes + sqes <= self.cq_budget
+    }
+
+    fn start_read(&mut self, id: u32) {
+        let (volume, chunk) = (self.ops[id as usize].volume, self.ops[id as usize].chunk);
+        let Some(local) = self.by_chunk.get(&(volume, chunk)).copied() else {
+            // Never written (or released): zeroes.
+            let op = &mut self.ops[id as usize];
+            zero_fill(op, 0, op.count as usize * BLOCK_SIZE);
+            op.applied = op.count as u32;
+            return self.finish(id);
+        };
+        if !self.sqe_room(self.ops[id as usize].count as u32) {
+            return self.defer(id);
+        }
+        let slot_index = self.g.slot_of(self.id, local as u64);
+        let slot = self.slots[local as usize]
+            .as_mut()
+            .expect("indexed slot exists");
+        let op = &mut self.ops[id as usize];
+        op.plan.clear();
+        op.iov.clear();
+        for i in 0..op.count {
+            let e = slot.entries[(op.first + i) as usize];
+            let action = if e.kind == BlockKind::Data {
+                Action::ReadData
+            } else {
+                Action::ReadZero
+            };
+            op.plan.push(Planned {
+                logical: op.first + i,
+                phys: e.phys,
+                crc: e.crc,
+                action,
+            });
+        }
+        let mut i = 0;
+        while i < op.plan.len() {
+            let p = op.plan[i];
+            if p.action == Action::ReadZero {
+                zero_fill(op, i * BLOCK_SIZE, BLOCK_SIZE);
+                i += 1;
+                continue;
+            }
+            let j = run_end(&op.plan, i, Action::ReadData);
+            let iov_at = op.iov.len();
+            slice_segments(&op.segs, i * BLOCK_SIZE, (j - i) * BLOCK_SIZE, &mut op.iov);
+            let sqe = opcode::Readv::new(
+                types::Fd(self.fd),
+                op.iov[iov_at..].as_ptr(),
+                (op.iov.len() - iov_at) as u32,
+            )
+            .offset(self.g.phys_offset(slot_index, p.phys))
+            .build()
+            .user_data(UD_DATA | id as u64);
+            op.pending += 1;
+            push_sqe(
+                &mut self.ring,
+                &mut self.unsubmitted,
+                &mut self.inflight_sqes,
+                &sqe,
+            );
+            i = j;
+        }
+        if op.pending == 0 {
+            op.applied = op.count as u32;
+            return self.finish(id);
+        }
+        slot.reads_inflight += 1;
+        op.stage = Stage::Running;
+        self.bind_slot(id, local);
+    }
+
+    fn start_mutation(&mut self, id: u32) {
+        let (volume, chunk, epoch, kind) = {
+            let op = &self.ops[id as usize];
+            (op.volume, op.chunk, op.epoch, op.op)
+        };
+        let local = match self.by_chunk.get(&(volume, chunk)).copied() {
+            Some(local) => {
+                let slot = self.slots[local as usize]
+                    .as_ref()
+                    .expect("indexed slot exists");
+                if slot.freeing || slot.header_op.is_some_and(|h| h != id) {
+                    return self.defer(id);
+                }
+                local
+            }
+            None if kind != EngineOp::Write => {
+                // Nothing stored: already zero. Versions of chunks that hold
+                // no slot are not kept (see docs/architecture.md).
+                return self.finish(id);
+            }
+            None => {
+                if !self.journal_room(1 + self.g.spare_blocks as usize + 1) || !self.sqe_room(2) {
+                    return self.defer(id);
+                }
+                let Some(local) = self.free_slots.pop() else {
+                    self.ops[id as usize].error = Some(EngineError::NoSpace { shard: self.id });
+                    return self.finish(id);
+                };
+                let owner = SlotOwner {
+                    volume,
+                    chunk,
+                    epoch,
+                };
+                let seq = self.append_record(id, &Record::Alloc { slot: local, owner });
+                let mut state = SlotState::new(
+                    &self.g,
+                    owner,
+                    seq,
+                    vec![BlockEntry::UNWRITTEN; self.g.chunk_blocks as usize],
+                    0,
+                );
+                state.header_op = Some(id);
+                state.dirty = true;
+                self.slots[local as usize] = Some(state);
+                self.by_chunk.insert((volume, chunk), local);
+                self.ops[id as usize].allocated_slot = true;
+                self.write_slot_headers(id, local, seq, Some(owner));
+                local
+            }
+        };
+        self.bind_slot(id, local);
+        self.plan_phase(id, local);
+    }
+
+    /// Plans and submits the next phase of a write/zero/discard.
+    fn plan_phase(&mut self, id: u32, local: u32) {
+        let slot_index = self.g.slot_of(self.id, local as u64);
+        // Journal room for the worst case of this phase.
+        let remaining = {
+            let op = &self.ops[id as usize];
+            (op.count - op.cursor) as usize
+        };
+        if !self.journal_room(remaining.min(self.g.spare_blocks as usize + 1) + 1)
+            || !self.sqe_room(RUNS_PER_PHASE_MAX)
+        {
+            return self.defer(id);
+        }
+        let op = &mut self.ops[id as usize];
+        let slot = self.slots[local as usize]
+            .as_mut()
+            .expect("slot of running op");
+        op.plan.clear();
+        op.iov.clear();
+        let mut last_phys: Option<u16> = None;
+        let mut runs = 0;
+        let is_write = op.op == EngineOp::Write;
+        let mut k = op.cursor;
+        while k < op.count {
+            let logical = op.first + k;
+            if op.version <= slot.planned_version[logical as usize] {
+                op.plan.push(Planned {
+                    logical,
+                    phys: PHYS_NONE,
+                    crc: 0,
+                    action: Action::Skip,
+                });
+                last_phys = None;
+                k += 1;
+                continue;
+            }
+            if !is_write {
+                last_phys = None;
+                slot.planned_version[logical as usize] = op.version;
+                op.plan.push(Planned {
+                    logical,
+                    phys: PHYS_NONE,
+                    crc: 0,
+                    action: Action::Zero,
+                });
+                k += 1;
+                continue;
+            }
+            let next = last_phys
+                .map(|p| p as usize + 1)
+                .filter(|p| slot.is_free(*p))
+                .map(|p| p as u16);
+            if next.is_none() && last_phys.is_some() {
+                runs += 1;
+                if runs >= RUNS_PER_PHASE_MAX {
+                    break;
+                }
+            }
+            let Some(phys) = next.or_else(|| slot.find_free()) else {
+                break;
+            };
+            slot.take_phys(phys);
+            last_phys = Some(phys);
+            let crc = crc_of(&op.segs, k as usize * BLOCK_SIZE);
+            slot.planned_version[logical as usize] = op.version;
+            op.plan.push(Planned {
+                logical,
+                phys,
+                crc,
+                action: Action::Write,
+            });
+            k += 1;
+            if op.plan.len() > self.g.spare_blocks as usize {
+                break;
+            }
+        }
+        if op.plan.is_empty() {
+            // No free physical block: wait for in-flight writes to release some.
+            return self.defer(id);
+        }
+        op.stage = Stage::Running;
+        let version = op.version;
+        // Journal records.
+        for i in 0..self.ops[id as usize].plan.len() {
+            let p = self.ops[id as usize].plan[i];
+            let rec = match p.action {
+                Action::Write => Record::Write {
+                    slot: local,
+                    logical: p.logical,
+                    phys: p.phys,
+                    crc: p.crc,
+                    version,
+                },
+                Action::Zero => Record::Zero {
+                    slot: local,
+                    logical: p.logical,
+                    version,
+                },
+                _ => continue,
+            };
+            self.append_record(id, &rec);
+        }
+        // Data writes, one per contiguous physical run.
+        let op = &mut self.ops[id as usize];
+        let base = op.cursor as usize;
+        let n = op.plan.len();
+        let mut i = 0;
+        while i < n {
+            let p = op.plan[i];
+            if p.action != Action::Write {
+                i += 1;
+                continue;
+            }
+            let j = run_end(&op.plan, i, Action::Write);
+            let iov_at = op.iov.len();
+            slice_segments(
+                &op.segs,
+                (base + i) * BLOCK_SIZE,
+                (j - i) * BLOCK_SIZE,
+                &mut op.iov,
+            );
+            let sqe = opcode::Writev::new(
+                types::Fd(self.fd),
+                op.iov[iov_at..].as_ptr(),
+                (op.iov.len() - iov_at) as u32,
+            )
+            .offset(self.g.phys_offset(slot_index, p.phys))
+            .rw_flags(libc::RWF_DSYNC)
+            .build()
+            .user_data(UD_DATA | id as u64);
+            op.pending += 1;
+            self.stats.data_bytes_written += ((j - i) * BLOCK_SIZE) as u64;
+            self.stats.user_bytes_written += ((j - i) * BLOCK_SIZE) as u64;
+            push_sqe(
+                &mut self.ring,
+                &mut self.unsubmitted,
+                &mut self.inflight_sqes,
+                &sqe,
+            );
+            i = j;
+        }
+        op.cursor += n as u16;
+        if op.pending == 0 {
+            // Everything skipped: no I/O to wait for.
+            self.phase_done(id);
+        }
+    }
+
+    fn write_slot_headers(&mut self, id: u32, local: u32, seq: u64, owner: Option<SlotOwner>) {
+        let slot_index = self.g.slot_of(self.id, local as u64);
+        let op = &mut self.ops[id as usize];
+        layout::encode_slot_header(self.g.disk_uuid, slot_index, seq, owner, &mut op.meta);
+        let ptr = op.meta.as_ptr();
+        for copy in 0..2 {
+            let sqe = opcode::Write::new(types::Fd(self.fd), ptr, BLOCK_SIZE as u32)
+                .offset(self.g.header_offset(slot_index, copy))
+                .rw_flags(libc::RWF_DSYNC)
+                .build()
+                .user_data(UD_META | id as u64);
+            self.ops[id as usize].pending += 1;
+            self.stats.meta_bytes_written += BLOCK_SIZE_U64;
+            push_sqe(
+                &mut self.ring,
+                &mut self.unsubmitted,
+                &mut self.inflight_sqes,
+                &sqe,
+            );
+        }
+    }
+
+    /// Whether `records` more records fit in the journal without waiting.
+    fn journal_room(&self, records: usize) -> bool {
+        let open_left = self
+            .open_jb
+            .map(|b| RECORDS_PER_JOURNAL_BLOCK - self.jbufs[b].count)
+            .unwrap_or(0);
+        let new_blocks = records
+            .saturating_sub(open_left)
+            .div_ceil(RECORDS_PER_JOURNAL_BLOCK);
+        let free_bufs = self
+            .jbufs
+            .iter()
+            .filter(|b| b.state == JbState::Free)
+            .count();
+        let ring_left =
+            (self.tail + self.g.journal_blocks as u64).saturating_sub(self.next_seq + 1);
+        new_blocks <= free_bufs && (new_blocks as u64) <= ring_left
+    }
+
+    /// Appends a record to the open journal block (opening one if needed) and
+    /// makes `id` wait for that block. Returns the block's sequence number.
+    fn append_record(&mut self, id: u32, rec: &Record) -> u64 {
+        let b = match self.open_jb {
+            Some(b) if self.jbufs[b].count < RECORDS_PER_JOURNAL_BLOCK => b,
+            _ => {
+                if self.open_jb.is_some() {
+                    self.seal_and_write_journal();
+                }
+                let b = self
+                    .jbufs
+                    .iter()
+                    .position(|b| b.state == JbState::Free)
+                    .expect("journal_room checked");
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                let jb = &mut self.jbufs[b];
+                jb.state = JbState::Open;
+                jb.seq = seq;
+                jb.count = 0;
+                jb.waiters.clear();
+                jb.unfinished_ops = 0;
+                self.jorder.push_back(b);
+                self.open_jb = Some(b);
+                b
+            }
+        };
+        let jb = &mut self.jbufs[b];
+        let at = layout::JOURNAL_HEADER_BYTES + jb.count * RECORD_BYTES;
+        layout::encode_record(rec, &mut jb.buf[at..at + RECORD_BYTES]);
+        jb.count += 1;
+        if jb.waiters.last() != Some(&id) {
+            jb.waiters.push(id);
+            jb.unfinished_ops += 1;
+            let op = &mut self.ops[id as usize];
+            op.pending += 1;
+            op.jbufs.push(b);
+        }
+        jb.seq
+    }
+
+    fn flush_journal(&mut self) {
+        if self.open_jb.is_some_and(|b| self.jbufs[b].count > 0) {
+            self.seal_and_write_journal();
+        }
+    }
+
+    fn seal_and_write_journal(&mut self) {
+        let Some(b) = self.open_jb.take() else { return };
+        let jb = &mut self.jbufs[b];
+        layout::seal_journal_block(
+            self.g.disk_uuid,
+            self.id,
+            jb.seq,
+            self.acked_through,
+            jb.count,
+            &mut jb.buf,
+        );
+        jb.state = JbState::Writing;
+        let sqe = opcode::Write::new(types::Fd(self.fd), jb.buf.as_ptr(), BLOCK_SIZE as u32)
+            .offset(self.g.journal_block_offset(self.id, jb.seq))
+            .rw_flags(libc::RWF_DSYNC)
+            .build()
+            .user_data(UD_JOURNAL | b as u64);
+        self.stats.journal_bytes_written += BLOCK_SIZE_U64;
+        push_sqe(
+            &mut self.ring,
+            &mut self.unsubmitted,
+            &mut self.inflight_sqes,
+            &sqe,
+        );
+    }
+
+    fn journal_done(&mut self, b: usize, res: i32) {
+        if res != BLOCK_SIZE as i32 {
+            let why = if res < 0 {
+                errno_text(-res)
+            } else {
+                format!("short journal write {res}")
+            };
+            self.fail(format!("journal write: {why}"));
+        }
+        self.jbufs[b].state = JbState::Written;
+        for w in 0..self.jbufs[b].waiters.len() {
+            let id = self.jbufs[b].waiters[w];
+            let op = &mut self.ops[id as usize];
+            if res != BLOCK_SIZE as i32 && op.error.is_none() {
+                op.error = Some(EngineError::Io {
+                    volume: op.volume,
+                    offset_bytes: op.chunk * self.g.chunk_bytes(),
+                    errno_text: "journal write failed".into(),
+                });
+            }
+            op.pending -= 1;
+            if op.pending == 0 && matches!(op.stage, Stage::Running | Stage::Freeing) {
+                self.phase_done(id);
+            }
+        }
+        self.advance_watermark();
+    }
+
+    fn advance_watermark(&mut self) {
+        while let Some(&b) = self.jorder.front() {
+            let jb = &mut self.jbufs[b];
+            if jb.state != JbState::Written || jb.unfinished_ops > 0 || self.failed.is_some() {
+                break;
+            }
+            self.acked_through = jb.seq;
+            jb.state = JbState::Free;
+            self.jorder.pop_front();
+        }
+    }
+
+    fn op_io_done(&mut self, id: u32, res: i32) {
+        let op = &mut self.ops[id as usize];
+        if res < 0 && op.error.is_none() {
+            let errno = errno_text(-res);
+            tracing::error!(
+                volume = op.volume,
+                chunk = op.chunk,
+                "disk I/O failed: {errno}"
+            );
+            op.error = Some(EngineError::Io {
+                volume: op.volume,
+                offset_bytes: op.chunk * self.g.chunk_bytes() + op.first as u64 * BLOCK_SIZE_U64,
+                errno_text: errno,
+            });
+        }
+        op.pending -= 1;
+        if op.pending == 0 {
+            self.phase_done(id);
+        }
+    }
+
+    /// All I/O of the op's current phase is done.
+    fn phase_done(&mut self, id: u32) {
+        let op_kind = self.ops[id as usize].op;
+        if op_kind == EngineOp::Read {
+            return self.read_done(id);
+        }
+        let local = self.ops[id as usize].local_slot;
+        if self.ops[id as usize].stage == Stage::Freeing {
+            return self.free_done(id, local);
+        }
+        let failed = self.ops[id as usize].error.is_some();
+        if failed {
+            // Disk writes that fail leave the shard unable to promise
+            // durability: stop taking writes (see fail()).
+            self.fail("data or journal write failed".into());
+        }
+        let room_to_free = self.journal_room(1) && self.sqe_room(2);
+        let op = &mut self.ops[id as usize];
+        let slot = self.slots[local as usize]
+            .as_mut()
+            .expect("slot of running op");
+        if op.allocated_slot && slot.header_op == Some(id) {
+            slot.header_op = None;
+        }
+        for p in op.plan.iter() {
+            let cur = slot.entries[p.logical as usize];
+            match p.action {
+                Action::Write if !failed && op.version > cur.version => {
+                    slot.entries[p.logical as usize] = BlockEntry {
+                        phys: p.phys,
+                        kind: BlockKind::Data,
+                        crc: p.crc,
+                        version: op.version,
+                    };
+                    if cur.kind == BlockKind::Data {
+                        slot.release_phys(cur.phys);
+                    }
+                    op.applied += 1;
+                    slot.dirty = true;
+                }
+                Action::Write => slot.release_phys(p.phys),
+                Action::Zero if !failed && op.version > cur.version => {
+                    slot.entries[p.logical as usize] = BlockEntry::zeroed(op.version);
+                    if cur.kind == BlockKind::Data {
+                        slot.release_phys(cur.phys);
+                    }
+                    op.applied += 1;
+                    slot.dirty = true;
+                }
+                _ => {}
+            }
+        }
+        // The phase is in the in-memory map now: its journal blocks no
+        // longer wait for this op (the watermark, and so checkpoints, can
+        // pass them while a later phase waits for room).
+        for &b in op.jbufs.iter() {
+            self.jbufs[b].unfinished_ops -= 1;
+        }
+        op.jbufs.clear();
+        if !failed && op.cursor < op.count {
+            op.stage = Stage::Idle;
+            self.advance_watermark();
+            return self.plan_phase(id, local);
+        }
+        // A discard of the whole chunk that leaves it empty releases the slot.
+        let whole_chunk = op.first == 0 && op.count as u32 == self.g.chunk_blocks;
+        if !failed
+            && op.op == EngineOp::Discard
+            && whole_chunk
+            && slot.ops_inflight == 1
+            && slot.reads_inflight == 0
+            && slot.entries.iter().all(|e| e.kind != BlockKind::Data)
+            && room_to_free
+        {
+            slot.freeing = true;
+            op.stage = Stage::Freeing;
+            let seq = self.append_record(id, &Record::Free { slot: local });
+            self.write_slot_headers(id, local, seq, None);
+            return;
+        }
+        self.finish(id);
+    }
+
+    fn free_done(&mut self, id: u32, local: u32) {
+        let failed = self.ops[id as usize].error.is_some();
+        let slot = self.slots[local as usize].take().expect("slot being freed");
+        self.by_chunk.remove(&(slot.owner.volume, slot.owner.chunk));
+        if failed {
+            self.fail("slot release failed".into());
+        } else {
+            self.free_slots.push(local);
+        }
+        self.ops[id as usize].local_slot = u32::MAX;
+        self.finish(id);
+    }
+
+    fn read_done(&mut self, id: u32) {
+        let local = self.ops[id as usize].local_slot;
+        let op = &mut self.ops[id as usize];
+        if op.error.is_none() {
+            for (i, p) in op.plan.iter().enumerate() {
+                if p.action == Action::ReadData && crc_of(&op.segs, i * BLOCK_SIZE) != p.crc {
+                    let offset_bytes =
+                        op.chunk * self.g.chunk_bytes() + p.logical as u64 * BLOCK_SIZE_U64;
+                    tracing::error!(
+                        volume = op.volume,
+                        offset_bytes,
+                        shard = self.id,
+                        "checksum mismatch on read: data not returned"
+                    );
+                    op.error = Some(EngineError::Checksum {
+                        volume: op.volume,
+                        offset_bytes,
+                    });
+                    break;
+                }
+            }
+        }
+        if op.error.is_none() {
+            op.applied = op.count as u32;
+        }
+        if let Some(slot) = self.slots.get_mut(local as usize).and_then(|s| s.as_mut()) {
+            slot.reads_inflight -= 1;
+            if slot.reads_inflight == 0 {
+                while let Some(p) = slot.pending_free.pop() {
+                    let p = p as usize;
+                    slot.free_phys[p / 64] |= 1 << (p % 64);
+                }
+            }
+        }
+        self.finish(id);
+    }
+
+    fn maybe_checkpoint(&mut self) {
+        if self.ckpt.is_none()
+            && self.failed.is_none()
+            && (self.next_seq - self.tail) * 2 >= self.g.journal_blocks as u64
+            && self.acked_through >= self.tail
+        {
+            self.start_checkpoint();
+        }
+        self.pump_checkpoint();
+    }
+
+    /// Starts a checkpoint at the current watermark: every record in journal
+    /// blocks up to it belongs to a finished op, so the in-memory maps hold
+    /// it. Dirty maps go to their other copy, then the index moves the
+    /// journal tail past the cut.
+    fn start_checkpoint(&mut self) {
+        let cut = self.acked_through;
+        let uuid = self.g.disk_uuid;
+        let mut bufs = Vec::new();
+        let mut targets = Vec::new();
+        let mut index_entries = vec![None; self.g.slots_per_shard() as usize];
+        for (local, s) in self.slots.iter_mut().enumerate() {
+            let Some(s) = s else { continue };
+            if s.alloc_seq > cut {
+                continue;
+            }
+            index_entries[local] = Some((s.alloc_seq, s.owner));
+            if !s.dirty {
+                continue;
+            }
+            s.dirty = false;
+            s.map_generation += 1;
+            let slot_index = self.g.slot_of(self.id, local as u64);
+            let mut buf = AlignedBuf::new(self.g.map_blocks() as usize);
+            let h = MapHeader {
+                generation: s.map_generation,
+                journal_seq: cut,
+                volume: s.owner.volume,
+                chunk: s.owner.chunk,
+            };
+            layout::encode_map(uuid, slot_index, &h, &s.entries, &mut buf);
+            targets.push(self.g.map_offset(slot_index, s.map_generation % 2));
+            bufs.push(buf);
+        }
+        let mut index = AlignedBuf::new(self.g.index_blocks() as usize);
+        let h = IndexHeader {
+            generation: self.index_generation + 1,
+            journal_tail: cut + 1,
+        };
+        layout::encode_index(uuid, self.id, &h, &index_entries, &mut index);
+        self.ckpt = Some(Checkpoint {
+            cut,
+            pending: 0,
+            bufs,
+            targets,
+            next: 0,
+            index,
+            index_written: false,
+        });
+        self.pump_checkpoint();
+    }
+
+    /// Submits checkpoint writes while the completion budget allows.
+    fn pump_checkpoint(&mut self) {
+        let Some(mut c) = self.ckpt.take() else {
+            return;
+        };
+        while c.next < c.bufs.len() && self.sqe_room(1) {
+            let buf = &c.bufs[c.next];
+            let sqe = opcode::Write::new(types::Fd(self.fd), buf.as_ptr(), buf.len() as u32)
+                .offset(c.targets[c.next])
+                .rw_flags(libc::RWF_DSYNC)
+                .build()
+                .user_data(UD_CKPT);
+            self.stats.meta_bytes_written += buf.len() as u64;
+            push_sqe(
+                &mut self.ring,
+                &mut self.unsubmitted,
+                &mut self.inflight_sqes,
+                &sqe,
+            );
+            c.pending += 1;
+            c.next += 1;
+        }
+        if c.next == c.bufs.len() && c.pending == 0 && !c.index_written {
+            c.index_written = true;
+            let copy = (self.index_generation + 1) % 2;
+            let sqe =
+                opcode::Write::new(types::Fd(self.fd), c.index.as_ptr(), c.index.len() as u32)
+                    .offset(self.g.index_offset(self.id, copy))
+                    .rw_flags(libc::RWF_DSYNC)
+                    .build()
+                    .user_data(UD_CKPT);
+            self.stats.meta_bytes_written += c.index.len() as u64;
+            push_sqe(
+                &mut self.ring,
+                &mut self.unsubmitted,
+                &mut self.inflight_sqes,
+                &sqe,
+            );
+            c.pending += 1;
+        }
+        self.ckpt = Some(c);
+    }
+
+    fn checkpoint_io_done(&mut self, res: i32) {
+        if res < 0 {
+            self.fail(format!("checkpoint write: {}", errno_text(-res)));
+        }
+        let Some(c) = self.ckpt.as_mut() else { return };
+        c.pending -= 1;
+        if c.pending > 0 {
+            return;
+        }
+        if c.index_written {
+            let cut = c.cut;
+            self.ckpt = None;
+            if self.failed.is_none() {
+                self.tail = cut + 1;
+                self.index_generation += 1;
+                self.stats.checkpoints += 1;
+            }
+        } else {
+            self.pump_checkpoint();
+        }
+    }
+
+    fn finish(&mut self, id: u32) {
+        let op = &mut self.ops[id as usize];
+        let local = op.local_slot;
+        if local != u32::MAX {
+            if let Some(slot) = self.slots.get_mut(local as usize).and_then(|s| s.as_mut()) {
+                slot.ops_inflight = slot.ops_inflight.saturating_sub(1);
+            }
+        }
+        for &b in op.jbufs.iter() {
+            self.jbufs[b].unfinished_ops -= 1;
+        }
+        op.jbufs.clear();
+        op.stage = Stage::Idle;
+        let result = match op.error.take() {
+            Some(e) => Err(e),
+            None => Ok(op.applied),
+        };
+        self.done.push_back(Completion {
+            tag: op.tag,
+            result,
+        });
+        self.free_ops.push(id);
+        self.advance_watermark();
+    }
+}
+
+/// Submits `sqe`, making room in the submission queue first if needed.
+fn push_sqe(
+    ring: &mut IoUring,
+    unsubmitted: &mut u32,
+    inflight: &mut u32,
+    sqe: &io_uring::squeue::Entry,
+) {
+    loop {
+        // SAFETY: every buffer and iovec an SQE points to lives in an op,
+        // journal buffer or checkpoint that is neither moved nor reused
+        // until its CQE has been reaped.
+        if unsafe { ring.submission().push(sqe) }.is_ok() {
+            break;
+        }
+        // Submission queue full: hand it to the kernel. The CQ budget keeps
+        // completions from overflowing, so this cannot fail with EBUSY.
+        match ring.submit() {
+            Ok(_) => *unsubmitted = 0,
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            Err(e) => panic!("io_uring_enter failed with an in-budget queue: {e}"),
+        }
+    }
+    *unsubmitted += 1;
+    *inflight += 1;
+}
+
+/// End (exclusive) of the run of `action` blocks starting at `i` whose
+/// physical blocks are consecutive.
+fn run_end(plan: &[Planned], i: usize, action: Action) -> usize {
+    let mut j = i + 1;
+    while j < plan.len()
+        && plan[j].action == action
+        && plan[j].phys as usize == plan[i].phys as usize + (j - i)
+    {
+        j += 1;
+    }
+    j
+}
+
+/// Appends iovecs covering bytes `[at, at + len)` of the request's segments.
+fn slice_segments(segs: &[Segment], mut at: usize, mut len: usize, out: &mut Vec<libc::iovec>) {
+    for s in segs {
+        if len == 0 {
+            break;
+        }
+        if at >= s.len {
+            at -= s.len;
+            continue;
+        }
+        let take = (s.len - at).min(len);
+        debug_assert!(
+            out.len() < out.capacity(),
+            "iovec capacity reserved at start-up"
+        );
+        // SAFETY: at < s.len, so the pointer stays inside the segment.
+        out.push(libc::iovec {
+            iov_base: unsafe { s.addr.add(at) } as *mut libc::c_void,
+            iov_len: take,
+        });
+        len -= take;
+        at = 0;
+    }
+}
+
+/// crc32c of the 4 KiB block at byte `at` of the request's segments.
+fn crc_of(segs: &[Segment], mut at: usize) -> u32 {
+    let mut len = BLOCK_SIZE;
+    let mut crc = 0;
+    for s in segs {
+        if len == 0 {
+            break;
+        }
+        if at >= s.len {
+            at -= s.len;
+            continue;
+        }
+        let take = (s.len - at).min(len);
+        // SAFETY: the submit contract keeps the segment valid for reads.
+        let bytes = unsafe { std::slice::from_raw_parts(s.addr.add(at), take) };
+        crc = crc32c::crc32c_append(crc, bytes);
+        len -= take;
+        at = 0;
+    }
+    crc
+}
+
+fn zero_fill(op: &mut Op, mut at: usize, mut len: usize) {
+    for s in op.segs.iter() {
+        if len == 0 {
+            break;
+        }
+        if at >= s.len {
+            at -= s.len;
+            continue;
+        }
+        let take = (s.len - at).min(len);
+        // SAFETY: the submit contract keeps the segment valid for writes.
+        unsafe { std::ptr::write_bytes(s.addr.add(at), 0, take) };
+        len -= take;
+        at = 0;
+    }
+}
+
+/// Which shard owns a chunk: a fixed hash, stable across restarts.
+pub fn shard_for(g: &Geometry, volume: u64, chunk: u64) -> u32 {
+    let mut x =
+        volume.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ chunk.wrapping_add(0x632B_E59B_D9B4_E019);
+    x ^= x >> 31;
+    x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x ^= x >> 29;
+    (x % g.shard_count as u64) as u32
+}

@@ -1,0 +1,304 @@
+//! Property test: random writes, reads, discards, write-zeroes, overwrites,
+//! stale versions, concurrent batches, clean reopen and crash reopen (drop
+//! without close), checked against an in-memory model.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+
+use celer_engine::{
+    AlignedBuf, Completion, Engine, EngineOp, EngineRequest, OpenOptions, Segment, Shard,
+};
+use common::*;
+use proptest::prelude::*;
+
+const CHUNK_BLOCKS: u64 = 16;
+const VOLUMES: u64 = 3;
+const CHUNKS: u64 = 6;
+
+#[derive(Clone, Debug)]
+enum Step {
+    /// A batch of mutations submitted together (QD > 1), completed in any order.
+    Batch(Vec<Mutation>),
+    Read {
+        volume: u64,
+        block: u64,
+        count: u64,
+    },
+    Reopen,
+    CrashReopen,
+}
+
+#[derive(Clone, Debug)]
+struct Mutation {
+    op: EngineOp,
+    volume: u64,
+    block: u64,
+    count: u64,
+    /// Version offset: negative makes a stale write.
+    stale: bool,
+    seed: u64,
+}
+
+fn mutation() -> impl Strategy<Value = Mutation> {
+    (
+        0..4u8,
+        0..VOLUMES,
+        0..CHUNKS * CHUNK_BLOCKS,
+        1..=CHUNK_BLOCKS,
+        prop::bool::weighted(0.15),
+        any::<u64>(),
+    )
+        .prop_map(|(k, volume, block, count, stale, seed)| {
+            let op = match k {
+                0 | 1 => EngineOp::Write,
+                2 => EngineOp::WriteZeroes,
+                _ => EngineOp::Discard,
+            };
+            // Keep inside one chunk.
+            let in_chunk = block % CHUNK_BLOCKS;
+            let count = if op == EngineOp::Discard && seed % 3 == 0 {
+                // Whole-chunk discards release the slot.
+                return Mutation {
+                    op,
+                    volume,
+                    block: block - in_chunk,
+                    count: CHUNK_BLOCKS,
+                    stale,
+                    seed,
+                };
+            } else {
+                count.min(CHUNK_BLOCKS - in_chunk)
+            };
+            Mutation {
+                op,
+                volume,
+                block,
+                count,
+                stale,
+                seed,
+            }
+        })
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        6 => prop::collection::vec(mutation(), 1..8).prop_map(|muts| {
+            // A whole-chunk discard shares its batch with no other op on its
+            // chunk, so whether it releases the slot is deterministic.
+            let mut kept: Vec<Mutation> = Vec::new();
+            for m in muts {
+                let whole = |x: &Mutation| x.op == EngineOp::Discard && x.count == CHUNK_BLOCKS;
+                let same = |x: &Mutation| x.volume == m.volume && x.block / CHUNK_BLOCKS == m.block / CHUNK_BLOCKS;
+                if kept.iter().any(|k| same(k) && (whole(k) || whole(&m))) {
+                    continue;
+                }
+                kept.push(m);
+            }
+            Step::Batch(kept)
+        }),
+        4 => (0..VOLUMES, 0..CHUNKS * CHUNK_BLOCKS, 1..=CHUNK_BLOCKS).prop_map(|(volume, block, count)| {
+            let count = count.min(CHUNK_BLOCKS - block % CHUNK_BLOCKS);
+            Step::Read { volume, block, count }
+        }),
+        1 => Just(Step::Reopen),
+        1 => Just(Step::CrashReopen),
+    ]
+}
+
+/// Per block: (version, seed of its content; None = zeroes).
+type Model = HashMap<(u64, u64), (u64, Option<u64>)>;
+
+fn run(steps: Vec<Step>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("disk");
+    Engine::format(&path, &small_format(1, 8 << 20)).expect("format");
+    let mut shard: Option<Shard> = Some(
+        Engine::open(&path, &OpenOptions::default())
+            .expect("open")
+            .into_shards()
+            .remove(0),
+    );
+    let mut model: Model = HashMap::new();
+    let mut allocated: HashSet<(u64, u64)> = HashSet::new();
+    // Versions are unique, as the replication layer's (HLC + client id) are:
+    // fresh ones count up from 1_000_000, stale ones from 1.
+    let mut version = 1_000_000u64;
+    let mut stale_version = 0u64;
+    let mut bufs: Vec<AlignedBuf> = Vec::new();
+    for step in steps {
+        let sh = shard.as_mut().expect("shard");
+        match step {
+            Step::Batch(muts) => {
+                bufs.clear();
+                let mut segs: Vec<[Segment; 1]> = Vec::new();
+                let mut versions = Vec::new();
+                for m in &muts {
+                    version += 10;
+                    // A stale write carries a version older than anything
+                    // written in this batch or before.
+                    stale_version += 1;
+                    let v = if m.stale { stale_version } else { version };
+                    versions.push(v);
+                    let mut b = AlignedBuf::new(m.count as usize);
+                    for i in 0..m.count {
+                        pattern(
+                            m.seed,
+                            m.block + i,
+                            &mut b[i as usize * BS..(i as usize + 1) * BS],
+                        );
+                    }
+                    bufs.push(b);
+                }
+                for b in bufs.iter_mut() {
+                    let len = b.len();
+                    segs.push([seg(b, 0, len)]);
+                }
+                for (i, m) in muts.iter().enumerate() {
+                    let req = EngineRequest {
+                        op: m.op,
+                        volume: m.volume,
+                        offset_bytes: m.block * BS as u64,
+                        len_bytes: m.count * BS as u64,
+                        segments: if m.op == EngineOp::Write {
+                            &segs[i]
+                        } else {
+                            &[]
+                        },
+                        version: versions[i],
+                        epoch: 1,
+                        tag: i as u64,
+                    };
+                    // SAFETY: bufs live until every completion is in.
+                    unsafe { sh.submit(&req) }.expect("submit");
+                }
+                let mut done = 0;
+                let mut rounds = 0;
+                while done < muts.len() {
+                    rounds += 1;
+                    assert!(rounds < 100_000, "requests stuck: {}", sh.describe());
+                    sh.wait(&mut |c: Completion| {
+                        c.result.expect("mutation");
+                        done += 1;
+                    });
+                }
+                // Model, in submission order: a write allocates the chunk's
+                // slot; a zero/discard of a chunk without a slot does
+                // nothing (no version is kept for it); per block the highest
+                // version wins whatever the completion order.
+                for (i, m) in muts.iter().enumerate() {
+                    let chunk = (m.volume, m.block / CHUNK_BLOCKS);
+                    if m.op == EngineOp::Write {
+                        allocated.insert(chunk);
+                    } else if !allocated.contains(&chunk) {
+                        continue;
+                    }
+                    for b in m.block..m.block + m.count {
+                        let e = model.entry((m.volume, b)).or_insert((0, None));
+                        if versions[i] > e.0 {
+                            *e = (
+                                versions[i],
+                                if m.op == EngineOp::Write {
+                                    Some(m.seed)
+                                } else {
+                                    None
+                                },
+                            );
+                        }
+                    }
+                }
+                // A whole-chunk discard that leaves its chunk empty releases
+                // the slot, and with it the versions (documented).
+                for m in muts
+                    .iter()
+                    .filter(|m| m.op == EngineOp::Discard && m.count == CHUNK_BLOCKS)
+                {
+                    let chunk = (m.volume, m.block / CHUNK_BLOCKS);
+                    let empty = (m.block..m.block + m.count)
+                        .all(|b| model.get(&(m.volume, b)).is_none_or(|e| e.1.is_none()));
+                    if allocated.contains(&chunk) && empty {
+                        allocated.remove(&chunk);
+                        for b in m.block..m.block + m.count {
+                            model.remove(&(m.volume, b));
+                        }
+                    }
+                }
+            }
+            Step::Read {
+                volume,
+                block,
+                count,
+            } => {
+                let got = read(sh, volume, block * BS as u64, count as usize).expect("read");
+                let mut want = vec![0u8; BS];
+                for i in 0..count {
+                    let b = block + i;
+                    match model.get(&(volume, b)) {
+                        Some((_, Some(seed))) => pattern(*seed, b, &mut want),
+                        _ => want.fill(0),
+                    }
+                    assert!(
+                        got[i as usize * BS..(i as usize + 1) * BS] == want[..],
+                        "volume {volume} block {b}: content differs from the model"
+                    );
+                }
+            }
+            Step::Reopen => {
+                shard.take().expect("shard").close().expect("close");
+                shard = Some(
+                    Engine::open(&path, &OpenOptions::default())
+                        .expect("reopen")
+                        .into_shards()
+                        .remove(0),
+                );
+            }
+            Step::CrashReopen => {
+                // Everything acknowledged must survive a drop without close.
+                drop(shard.take());
+                shard = Some(
+                    Engine::open(&path, &OpenOptions::default())
+                        .expect("reopen")
+                        .into_shards()
+                        .remove(0),
+                );
+            }
+        }
+    }
+    // Final full comparison, after a crash reopen.
+    drop(shard.take());
+    let mut sh = Engine::open(&path, &OpenOptions::default())
+        .expect("final open")
+        .into_shards()
+        .remove(0);
+    let mut want = vec![0u8; BS];
+    for volume in 0..VOLUMES {
+        for chunk in 0..CHUNKS {
+            let got = read(
+                &mut sh,
+                volume,
+                chunk * CHUNK_BLOCKS * BS as u64,
+                CHUNK_BLOCKS as usize,
+            )
+            .expect("read");
+            for i in 0..CHUNK_BLOCKS {
+                let b = chunk * CHUNK_BLOCKS + i;
+                match model.get(&(volume, b)) {
+                    Some((_, Some(seed))) => pattern(*seed, b, &mut want),
+                    _ => want.fill(0),
+                }
+                assert!(
+                    got[i as usize * BS..(i as usize + 1) * BS] == want[..],
+                    "final: volume {volume} block {b}"
+                );
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+    #[test]
+    fn engine_matches_model(steps in prop::collection::vec(step(), 1..60)) {
+        run(steps);
+    }
+}
