@@ -27,7 +27,7 @@ mod shard;
 pub use aligned::AlignedBuf;
 pub use layout::{Geometry, SlotOwner, BLOCK_SIZE};
 pub use recovery::{Engine, EngineStats, FormatOptions, OpenOptions, RebuildReport};
-pub use shard::{Completion, EngineOp, EngineRequest, Segment, Shard};
+pub use shard::{shard_for, Completion, EngineOp, EngineRequest, Segment, Shard, ShardStats};
 
 /// Errors of the engine. Operating errors only; programmer errors assert.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]

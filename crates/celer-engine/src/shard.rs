@@ -137,6 +137,12 @@ struct Op {
     meta: AlignedBuf,
 }
 
+// SAFETY: the raw pointers an op holds (segments, iovecs) point into memory
+// the submitter keeps valid until completion (`Shard::submit`'s contract),
+// not into thread-local state; a shard with its ops moves between threads
+// as a whole and is used by one thread at a time.
+unsafe impl Send for Op {}
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum JbState {
     Free,
@@ -415,6 +421,20 @@ impl Shard {
     pub fn max_request_bytes(&self) -> u64 {
         self.max_request_blocks as u64 * BLOCK_SIZE_U64
     }
+    /// Where the current data of the block at `offset_bytes` of `volume`
+    /// lives on the disk, if it has any (diagnostics, `celer engine locate`).
+    pub fn locate(&self, volume: u64, offset_bytes: u64) -> Option<u64> {
+        let chunk = offset_bytes / self.g.chunk_bytes();
+        let local = *self.by_chunk.get(&(volume, chunk))?;
+        let slot = self.slots[local as usize].as_ref()?;
+        let logical = (offset_bytes % self.g.chunk_bytes() / BLOCK_SIZE_U64) as usize;
+        let e = slot.entries[logical];
+        (e.kind == BlockKind::Data).then(|| {
+            self.g
+                .phys_offset(self.g.slot_of(self.id, local as u64), e.phys)
+        })
+    }
+
     /// One line of internal state, for diagnostics.
     pub fn describe(&self) -> String {
         let jb: Vec<String> = self

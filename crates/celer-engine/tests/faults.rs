@@ -1,0 +1,443 @@
+//! Corruption, metadata loss and rebuild, bad input, and several shards
+//! driven from their own threads.
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+
+use celer_engine::{
+    AlignedBuf, Engine, EngineError, EngineOp, EngineRequest, FormatOptions, OpenOptions, Segment,
+};
+use common::*;
+
+fn filled(seed: u64, first_block: u64, blocks: usize) -> AlignedBuf {
+    let mut b = AlignedBuf::new(blocks);
+    for i in 0..blocks {
+        pattern(seed, first_block + i as u64, &mut b[i * BS..(i + 1) * BS]);
+    }
+    b
+}
+
+fn expect_pattern(got: &[u8], seed: u64, first_block: u64) {
+    let mut want = vec![0u8; BS];
+    for (i, blk) in got.chunks(BS).enumerate() {
+        pattern(seed, first_block + i as u64, &mut want);
+        assert!(blk == &want[..], "block {} differs", first_block + i as u64);
+    }
+}
+
+#[test]
+fn flipped_bytes_on_disk_give_a_checksum_error_not_data() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("disk");
+    Engine::format(&path, &small_format(1, 8 << 20)).expect("format");
+    let mut sh = Engine::open(&path, &OpenOptions::default())
+        .expect("open")
+        .into_shards()
+        .remove(0);
+    write(&mut sh, 3, 0, &mut filled(1, 0, 8), 10).expect("write");
+    let at = sh.locate(3, 5 * BS as u64).expect("block 5 has data");
+    sh.close().expect("close");
+
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .expect("raw open");
+    let mut b = [0u8; 3];
+    f.read_exact_at(&mut b, at + 1000).expect("raw read");
+    for x in b.iter_mut() {
+        *x ^= 0x5A;
+    }
+    f.write_all_at(&b, at + 1000).expect("raw write");
+    f.sync_all().expect("sync");
+
+    let mut sh = Engine::open(&path, &OpenOptions::default())
+        .expect("reopen")
+        .into_shards()
+        .remove(0);
+    match read(&mut sh, 3, 0, 8) {
+        Err(EngineError::Checksum {
+            volume: 3,
+            offset_bytes,
+        }) => assert_eq!(offset_bytes, 5 * BS as u64),
+        other => panic!("expected a checksum error, got {:?}", other.map(|_| "data")),
+    }
+    // The intact neighbours still read.
+    expect_pattern(&read(&mut sh, 3, 0, 5).expect("blocks 0-4"), 1, 0);
+    expect_pattern(
+        &read(&mut sh, 3, 6 * BS as u64, 2).expect("blocks 6-7"),
+        1,
+        6,
+    );
+    // Rewriting the block heals it.
+    write(&mut sh, 3, 5 * BS as u64, &mut filled(2, 5, 1), 11).expect("rewrite");
+    expect_pattern(&read(&mut sh, 3, 5 * BS as u64, 1).expect("healed"), 2, 5);
+}
+
+/// Writes a mixed history: several chunks and volumes, overwrites,
+/// zeroes, a released chunk. Returns what each (volume, block) must read as.
+fn write_history(sh: &mut celer_engine::Shard) -> Vec<(u64, u64, Option<u64>)> {
+    let mut expect = Vec::new();
+    for volume in 0..2u64 {
+        for chunk in 0..5u64 {
+            let first = chunk * 16;
+            write(
+                sh,
+                volume,
+                first * BS as u64,
+                &mut filled(volume * 100 + chunk, first, 16),
+                10,
+            )
+            .expect("write");
+        }
+        // Overwrite part of chunk 1 (goes to spare blocks).
+        write(sh, volume, 18 * BS as u64, &mut filled(7, 18, 3), 20).expect("overwrite");
+        zero(sh, EngineOp::WriteZeroes, volume, 40 * BS as u64, 4, 30).expect("zeroes");
+        zero(sh, EngineOp::Discard, volume, 64 * BS as u64, 16, 40).expect("discard chunk 4");
+        for b in 0..80u64 {
+            let seed = match b {
+                18..=20 => Some(7),
+                40..=43 | 64..=79 => None,
+                _ => Some(volume * 100 + b / 16),
+            };
+            expect.push((volume, b, seed));
+        }
+    }
+    expect
+}
+
+fn check_history(sh: &mut celer_engine::Shard, expect: &[(u64, u64, Option<u64>)]) {
+    let mut want = vec![0u8; BS];
+    for &(volume, b, seed) in expect {
+        let got = read(sh, volume, b * BS as u64, 1)
+            .unwrap_or_else(|e| panic!("volume {volume} block {b}: {e}"));
+        match seed {
+            Some(s) => pattern(s, b, &mut want),
+            None => want.fill(0),
+        }
+        assert!(got[..] == want[..], "volume {volume} block {b} differs");
+    }
+}
+
+fn wipe(path: &std::path::Path, from: u64, to: u64) {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("raw open");
+    f.write_all_at(&vec![0u8; (to - from) as usize], from)
+        .expect("wipe");
+    f.sync_all().expect("sync");
+}
+
+#[test]
+fn rebuild_from_chunk_headers_after_losing_index_and_journal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("disk");
+    let g = Engine::format(&path, &small_format(2, 16 << 20)).expect("format");
+    let engine = Engine::open(&path, &OpenOptions::default()).expect("open");
+    let mut expect = Vec::new();
+    // Each chunk is written through the shard that owns it.
+    let mut shards = engine.into_shards();
+    for volume in 0..2u64 {
+        for chunk in 0..5u64 {
+            let owner = celer_engine::shard_for(&g, volume, chunk) as usize;
+            let first = chunk * 16;
+            write(
+                &mut shards[owner],
+                volume,
+                first * BS as u64,
+                &mut filled(volume * 100 + chunk, first, 16),
+                10,
+            )
+            .expect("write");
+            for b in first..first + 16 {
+                expect.push((volume, b, Some(volume * 100 + chunk)));
+            }
+        }
+    }
+    for s in shards {
+        s.close().expect("close");
+    }
+    // Lose the whole metadata area (both index copies of every shard) and
+    // the journal: only superblock and chunk slots remain.
+    wipe(&path, 2 * BS as u64, g.slots_start() * BS as u64);
+    match Engine::open(&path, &OpenOptions::default()) {
+        Err(EngineError::MetadataDamaged { .. }) => {}
+        other => panic!(
+            "open without metadata must refuse, got {:?}",
+            other.map(|_| "engine")
+        ),
+    }
+    let report = Engine::rebuild(&path).expect("rebuild");
+    assert_eq!(report.chunks_found, 10, "{report:?}");
+    let mut shards = Engine::open(&path, &OpenOptions::default())
+        .expect("open after rebuild")
+        .into_shards();
+    let mut want = vec![0u8; BS];
+    for (volume, b, seed) in expect {
+        let owner = celer_engine::shard_for(&g, volume, b / 16) as usize;
+        let got = read(&mut shards[owner], volume, b * BS as u64, 1).expect("read after rebuild");
+        pattern(seed.expect("data"), b, &mut want);
+        assert!(
+            got[..] == want[..],
+            "volume {volume} block {b} differs after rebuild"
+        );
+    }
+}
+
+#[test]
+fn rebuild_after_crash_uses_surviving_journal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("disk");
+    let g = Engine::format(&path, &small_format(1, 8 << 20)).expect("format");
+    let mut sh = Engine::open(&path, &OpenOptions::default())
+        .expect("open")
+        .into_shards()
+        .remove(0);
+    let expect = write_history(&mut sh);
+    // Crash: no close, so recent changes live only in the journal.
+    drop(sh);
+    // Lose both index copies, keep the journal.
+    wipe(&path, g.index_offset(0, 0), g.slots_start() * BS as u64);
+    Engine::rebuild(&path).expect("rebuild");
+    let mut sh = Engine::open(&path, &OpenOptions::default())
+        .expect("open")
+        .into_shards()
+        .remove(0);
+    check_history(&mut sh, &expect);
+    // And the clean path: close, wipe index and journal, rebuild.
+    sh.close().expect("close");
+    wipe(&path, 2 * BS as u64, g.slots_start() * BS as u64);
+    Engine::rebuild(&path).expect("rebuild 2");
+    let mut sh = Engine::open(&path, &OpenOptions::default())
+        .expect("open 2")
+        .into_shards()
+        .remove(0);
+    check_history(&mut sh, &expect);
+    // The released chunk's slot went back to the free list.
+    assert_eq!(sh.allocated_chunks(), 8);
+}
+
+#[test]
+fn bad_requests_get_clear_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("disk");
+    let g = Engine::format(&path, &small_format(2, 8 << 20)).expect("format");
+    let mut shards = Engine::open(&path, &OpenOptions::default())
+        .expect("open")
+        .into_shards();
+    let own = celer_engine::shard_for(&g, 1, 0) as usize;
+    let sh = &mut shards[own];
+    let mut buf = AlignedBuf::new(32);
+    let req = |op, offset_bytes, segments: &'static [Segment]| EngineRequest {
+        op,
+        volume: 1,
+        offset_bytes,
+        len_bytes: 4096,
+        segments,
+        version: 5,
+        epoch: 1,
+        tag: 1,
+    };
+    let leak = |s: Vec<Segment>| -> &'static [Segment] { Box::leak(s.into_boxed_slice()) };
+    let base = buf.as_mut_ptr();
+    let cases: Vec<(&str, EngineRequest<'static>)> = vec![
+        (
+            "offset not 4K aligned",
+            req(
+                EngineOp::Write,
+                512,
+                leak(vec![Segment {
+                    addr: base,
+                    len: 4096,
+                }]),
+            ),
+        ),
+        (
+            "length not 4K multiple",
+            req(
+                EngineOp::Write,
+                0,
+                leak(vec![Segment {
+                    addr: base,
+                    len: 1024,
+                }]),
+            ),
+        ),
+        // SAFETY (pointer arithmetic only): inside buf.
+        (
+            "buffer not 512 aligned",
+            req(
+                EngineOp::Write,
+                0,
+                leak(vec![Segment {
+                    addr: unsafe { base.add(3) },
+                    len: 4096,
+                }]),
+            ),
+        ),
+        (
+            "crosses a chunk",
+            req(
+                EngineOp::Write,
+                15 * 4096,
+                leak(vec![Segment {
+                    addr: base,
+                    len: 8192,
+                }]),
+            ),
+        ),
+        ("empty", req(EngineOp::Read, 0, leak(vec![]))),
+        (
+            "too many segments",
+            req(
+                EngineOp::Read,
+                0,
+                leak(vec![Segment { addr: base, len: 0 }; 300]),
+            ),
+        ),
+    ];
+    for (what, r) in cases {
+        // SAFETY: rejected requests never touch their buffers; valid ones
+        // would stay within buf, which outlives this loop.
+        let res = unsafe { sh.submit(&r) };
+        assert!(res.is_err(), "{what}: accepted");
+        let msg = res.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(!msg.is_empty(), "{what}: no message");
+    }
+    // A chunk owned by the other shard.
+    let other = (0..100u64)
+        .find(|c| celer_engine::shard_for(&g, 1, *c) as usize != own)
+        .expect("other chunk");
+    let r = req(
+        EngineOp::Read,
+        other * 16 * 4096,
+        leak(vec![Segment {
+            addr: base,
+            len: 4096,
+        }]),
+    );
+    // SAFETY: rejected before use.
+    assert!(matches!(
+        unsafe { sh.submit(&r) },
+        Err(EngineError::WrongShard { .. })
+    ));
+    // Chunk offsets far out in the u64 range are just chunks: thin, read zero.
+    let last_chunk = u64::MAX / (16 * 4096);
+    let far = (last_chunk - 64..=last_chunk)
+        .rev()
+        .find(|c| celer_engine::shard_for(&g, 1, *c) as usize == own)
+        .expect("far chunk of this shard");
+    let got = read(sh, 1, far * 16 * 4096 + 15 * 4096, 1).expect("far read");
+    assert!(got.iter().all(|&b| b == 0));
+    drop(buf);
+}
+
+#[test]
+fn bad_disks_get_clear_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Too small to format.
+    let small = dir.path().join("small");
+    std::fs::write(&small, vec![0u8; 64 * 1024]).expect("write");
+    let e = Engine::format(&small, &small_format(1, 0)).expect_err("too small");
+    assert!(matches!(e, EngineError::DiskTooSmall { .. }), "{e}");
+    // Foreign content.
+    let foreign = dir.path().join("foreign");
+    std::fs::write(&foreign, vec![0x42u8; 4 << 20]).expect("write");
+    let e = Engine::open(&foreign, &OpenOptions::default())
+        .err()
+        .expect("foreign");
+    assert!(matches!(e, EngineError::NotCeler { .. }), "{e}");
+    assert!(e.to_string().contains("celer engine format"), "{e}");
+    // Truncated after format.
+    let trunc = dir.path().join("trunc");
+    Engine::format(&trunc, &small_format(1, 8 << 20)).expect("format");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&trunc)
+        .expect("open")
+        .set_len(4 << 20)
+        .expect("truncate");
+    let e = Engine::open(&trunc, &OpenOptions::default())
+        .err()
+        .expect("truncated");
+    assert!(matches!(e, EngineError::Truncated { .. }), "{e}");
+    // Tiny file (shorter than a superblock).
+    let tiny = dir.path().join("tiny");
+    std::fs::write(&tiny, b"hello").expect("write");
+    assert!(Engine::open(&tiny, &OpenOptions::default()).is_err());
+    // Missing file.
+    let e = Engine::open(&dir.path().join("absent"), &OpenOptions::default())
+        .err()
+        .expect("absent");
+    assert!(e.to_string().contains("absent"), "{e}");
+    // Damaged superblock (both copies).
+    let sb = dir.path().join("sb");
+    Engine::format(&sb, &small_format(1, 8 << 20)).expect("format");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&sb)
+        .expect("open");
+    f.write_all_at(b"XX", 100).expect("w");
+    f.write_all_at(b"XX", 4096 + 100).expect("w");
+    drop(f);
+    let e = Engine::open(&sb, &OpenOptions::default())
+        .err()
+        .expect("corrupt sb");
+    assert!(matches!(e, EngineError::CorruptSuperblock { .. }), "{e}");
+    // Bad geometry.
+    let e = Engine::format(
+        &sb,
+        &FormatOptions {
+            chunk_blocks: 100,
+            ..small_format(1, 0)
+        },
+    )
+    .expect_err("geometry");
+    assert!(matches!(e, EngineError::BadConfig(_)), "{e}");
+}
+
+#[test]
+fn shards_run_on_their_own_threads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("disk");
+    let g = Engine::format(&path, &small_format(4, 64 << 20)).expect("format");
+    let shards = Engine::open(&path, &OpenOptions::default())
+        .expect("open")
+        .into_shards();
+    let handles: Vec<_> = shards
+        .into_iter()
+        .map(|mut sh| {
+            std::thread::spawn(move || {
+                let id = sh.id();
+                let mine: Vec<u64> = (0..64u64)
+                    .filter(|c| celer_engine::shard_for(&g, 9, *c) == id)
+                    .collect();
+                for round in 0..3u64 {
+                    for &c in &mine {
+                        write(
+                            &mut sh,
+                            9,
+                            c * 16 * BS as u64,
+                            &mut filled(round * 1000 + c, c * 16, 16),
+                            10 + round,
+                        )
+                        .expect("write");
+                    }
+                }
+                for &c in &mine {
+                    expect_pattern(
+                        &read(&mut sh, 9, c * 16 * BS as u64, 16).expect("read"),
+                        2000 + c,
+                        c * 16,
+                    );
+                }
+                sh.close().expect("close");
+                mine.len()
+            })
+        })
+        .collect();
+    let total: usize = handles.into_iter().map(|h| h.join().expect("thread")).sum();
+    assert_eq!(total, 64);
+}
