@@ -70,7 +70,6 @@ pub(crate) struct Worker {
     free: Vec<u16>,
     poll_window: Duration,
     cpu: Option<usize>,
-    pinned: bool,
     resume: (EventConsumer, EventNotifier),
     pub(crate) stats: WorkerStats,
 }
@@ -114,7 +113,6 @@ impl Worker {
             free: (0..nslots as u16).rev().collect(),
             poll_window,
             cpu,
-            pinned: false,
             resume: new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?,
             stats: WorkerStats::default(),
         })
@@ -141,10 +139,13 @@ impl Worker {
     }
 
     fn pin(&mut self) {
-        if self.pinned {
+        // Each connection brings new worker threads: pin each thread once.
+        thread_local! {
+            static PINNED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        }
+        if PINNED.with(|p| p.replace(true)) {
             return;
         }
-        self.pinned = true;
         let Some(cpu) = self.cpu else { return };
         // SAFETY: cpu_set_t is plain data; CPU_SET writes inside it and
         // sched_setaffinity(0, ..) only reads it for the calling thread.
