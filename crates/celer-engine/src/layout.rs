@@ -92,7 +92,7 @@ impl Geometry {
     pub fn phys_blocks(&self) -> u32 {
         self.chunk_blocks + self.spare_blocks
     }
-    /// Blocks of one map copy: a 64-byte header then 16 bytes per logical block.
+    /// Blocks of one map copy: a 64-byte header then 15 bytes per logical block.
     pub fn map_blocks(&self) -> u64 {
         (MAP_HEADER_BYTES + MAP_ENTRY_BYTES * self.chunk_blocks as usize).div_ceil(BLOCK_SIZE)
             as u64
@@ -348,7 +348,8 @@ impl BlockEntry {
 }
 
 pub const MAP_HEADER_BYTES: usize = 64;
-pub const MAP_ENTRY_BYTES: usize = 16;
+/// phys(2) kind(1) crc(4) version(8), packed: a 256-block chunk's map fits one block.
+pub const MAP_ENTRY_BYTES: usize = 15;
 // Map header: magic(8) crc(4) count(4) uuid(8) slot(8) generation(8) journal_seq(8) volume(8) chunk(8)
 const MAP_CRC: usize = 8;
 
@@ -374,8 +375,8 @@ pub fn encode_map(uuid: u64, slot: u64, h: &MapHeader, entries: &[BlockEntry], b
         let at = MAP_HEADER_BYTES + i * MAP_ENTRY_BYTES;
         put_u16(b, at, e.phys);
         b[at + 2] = e.kind as u8;
-        put_u32(b, at + 4, e.crc);
-        put_u64(b, at + 8, e.version);
+        put_u32(b, at + 3, e.crc);
+        put_u64(b, at + 7, e.version);
     }
     seal(b, MAP_CRC);
 }
@@ -405,8 +406,8 @@ pub fn decode_map(
         *e = BlockEntry {
             phys: get_u16(b, at),
             kind,
-            crc: get_u32(b, at + 4),
-            version: get_u64(b, at + 8),
+            crc: get_u32(b, at + 3),
+            version: get_u64(b, at + 7),
         };
     }
     Some(MapHeader {
@@ -636,4 +637,88 @@ pub fn decode_index(
         generation: get_u64(b, 32),
         journal_tail: get_u64(b, 40),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_round_trips_and_rejects_damage() {
+        let entries: Vec<BlockEntry> = (0..256u32)
+            .map(|i| match i % 3 {
+                0 => BlockEntry::UNWRITTEN,
+                1 => BlockEntry {
+                    phys: i as u16 + 7,
+                    kind: BlockKind::Data,
+                    crc: i.wrapping_mul(0x9E37_79B9),
+                    version: u64::MAX - i as u64,
+                },
+                _ => BlockEntry::zeroed(i as u64 * 1000),
+            })
+            .collect();
+        let mut b = vec![0u8; BLOCK_SIZE];
+        let h = MapHeader {
+            generation: 5,
+            journal_seq: 77,
+            volume: 9,
+            chunk: 11,
+        };
+        encode_map(42, 3, &h, &entries, &mut b);
+        let mut out = vec![BlockEntry::UNWRITTEN; 256];
+        let got = decode_map(42, 3, 256, &b, &mut out).expect("valid map");
+        assert_eq!(
+            (got.generation, got.journal_seq, got.volume, got.chunk),
+            (5, 77, 9, 11)
+        );
+        assert_eq!(out, entries);
+        assert!(
+            decode_map(43, 3, 256, &b, &mut out).is_none(),
+            "foreign disk uuid accepted"
+        );
+        assert!(
+            decode_map(42, 4, 256, &b, &mut out).is_none(),
+            "other slot accepted"
+        );
+        b[100] ^= 1;
+        assert!(
+            decode_map(42, 3, 256, &b, &mut out).is_none(),
+            "damaged map accepted"
+        );
+    }
+
+    #[test]
+    fn records_and_headers_round_trip() {
+        let owner = SlotOwner {
+            volume: 1,
+            chunk: u64::MAX,
+            epoch: 3,
+        };
+        for r in [
+            Record::Write {
+                slot: 9,
+                logical: 255,
+                phys: 300,
+                crc: 0xdead_beef,
+                version: 1 << 60,
+            },
+            Record::Zero {
+                slot: 1,
+                logical: 0,
+                version: 5,
+            },
+            Record::Alloc { slot: 7, owner },
+            Record::Free { slot: u32::MAX },
+        ] {
+            let mut b = [0u8; RECORD_BYTES];
+            encode_record(&r, &mut b);
+            assert_eq!(decode_record(&b), Some(r));
+        }
+        let mut b = vec![0u8; BLOCK_SIZE];
+        encode_slot_header(42, 8, 99, Some(owner), &mut b);
+        assert_eq!(decode_slot_header(42, 8, &b), Some((99, Some(owner))));
+        encode_slot_header(42, 8, 100, None, &mut b);
+        assert_eq!(decode_slot_header(42, 8, &b), Some((100, None)));
+        assert_eq!(decode_slot_header(42, 9, &b), None);
+    }
 }

@@ -1,3 +1,95 @@
+//! `celer`: the command-line front of Celer.
+
+mod bench_engine;
+mod engine_cmd;
+mod fio;
+mod size;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "celer",
+    version,
+    about = "Celer: a distributed block store for virtual machines"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Manage one disk's storage engine.
+    #[command(subcommand)]
+    Engine(engine_cmd::EngineCommand),
+    /// Benchmarks that print Celer's figures beside a peer's, measured in the same run.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// 4 KiB random write/read at QD1 and QD32: the engine vs fio on the same file.
+    Engine(BenchEngineArgs),
+}
+
+#[derive(Args)]
+struct BenchEngineArgs {
+    /// Directory for the benchmark file (on the disk to measure).
+    #[arg(long, default_value = "/var/tmp/celer-bench")]
+    dir: PathBuf,
+    /// Size of the benchmark file.
+    #[arg(long, default_value = "2G", value_parser = size::parse_size)]
+    file_size: u64,
+    /// Size of the region the random I/O covers.
+    #[arg(long, default_value = "1G", value_parser = size::parse_size)]
+    volume_size: u64,
+    /// Seconds per workload.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=3600))]
+    runtime: u32,
+    /// Skip the fio peer.
+    #[arg(long)]
+    no_fio: bool,
+}
+
 fn main() {
-    println!("Hello, world!");
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CELER_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Engine(c) => engine_cmd::run(c),
+        Command::Bench(BenchCommand::Engine(a)) => {
+            anyhow::ensure!(
+                a.volume_size >= 256 * 4096 && a.volume_size % (256 * 4096) == 0,
+                "--volume-size must be a positive multiple of 1M"
+            );
+            anyhow::ensure!(
+                a.file_size >= a.volume_size + a.volume_size / 2,
+                "--file-size must be at least 1.5x --volume-size (room for engine metadata and spare blocks)"
+            );
+            bench_engine::run(&bench_engine::BenchArgs {
+                dir: a.dir,
+                file_size_bytes: a.file_size,
+                volume_size_bytes: a.volume_size,
+                runtime_s: a.runtime,
+                with_fio: !a.no_fio,
+            })
+        }
+    }
 }
