@@ -89,6 +89,7 @@ impl VhostUserBlk {
                 info.clone(),
                 config.queue_size_max as usize,
                 Duration::from_micros(config.poll_us),
+                Duration::from_micros(config.poll_inflight_us),
                 cpu,
             )
             .map_err(|source| Error::Worker { index, source })?;
@@ -119,6 +120,7 @@ impl VhostUserBlk {
             read_only = info.read_only,
             queues = config.num_queues,
             poll_us = config.poll_us,
+            poll_inflight_us = config.poll_inflight_us,
             "vhost-user-blk back end ready"
         );
         Ok(VhostUserBlk {

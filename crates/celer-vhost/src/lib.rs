@@ -36,6 +36,9 @@ pub struct VhostConfig {
     pub cpus: Vec<usize>,
     /// How long a worker keeps polling after its last piece of work, in µs.
     pub poll_us: u64,
+    /// How long a worker keeps polling while requests are in flight on the
+    /// device (catches completions without an eventfd wake-up), in µs.
+    pub poll_inflight_us: u64,
     /// Connections to serve before returning; `None`: forever.
     pub connections_max: Option<usize>,
 }
@@ -48,6 +51,7 @@ impl VhostConfig {
             queue_size_max: 1024,
             cpus: Vec::new(),
             poll_us: 50,
+            poll_inflight_us: 1000,
             connections_max: None,
         }
     }

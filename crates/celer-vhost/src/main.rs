@@ -40,6 +40,9 @@ struct ServeArgs {
     /// Poll window after the last request, in µs (0: no polling).
     #[arg(long, default_value_t = 50)]
     poll_us: u64,
+    /// Poll window while requests are in flight on the device, in µs.
+    #[arg(long, default_value_t = 1000)]
+    poll_inflight_us: u64,
     /// Serve the volume read-only.
     #[arg(long)]
     read_only: bool,
@@ -66,6 +69,7 @@ fn main() -> anyhow::Result<()> {
             config.num_queues = a.queues;
             config.cpus = a.cpus;
             config.poll_us = a.poll_us;
+            config.poll_inflight_us = a.poll_inflight_us;
             config.connections_max = a.connections;
             celer_vhost::serve(config, device)?;
             Ok(())

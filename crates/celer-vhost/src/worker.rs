@@ -4,8 +4,10 @@
 //!
 //! Poll loop: after a wake-up (kick, device completion, or a self-resume) the
 //! worker keeps passing over its avail ring and its device queue for as long
-//! as work shows up within `poll_window`; guest notifications stay
-//! suppressed meanwhile (with EVENT_IDX the avail event is not advanced).
+//! as work shows up within `poll_window` (or, while requests are in flight
+//! on the device, within `inflight_poll_window`: a completion is then seen
+//! without an eventfd wake-up); guest notifications stay suppressed
+//! meanwhile (with EVENT_IDX the avail event is not advanced).
 //! When a window passes without work it re-enables notifications, checks the
 //! ring once more (closing the race with a guest that added a request just
 //! before), and returns to epoll. Idle, it costs no CPU.
@@ -69,6 +71,7 @@ pub(crate) struct Worker {
     segments: Vec<IoSegment>,
     free: Vec<u16>,
     poll_window: Duration,
+    inflight_poll_window: Duration,
     cpu: Option<usize>,
     resume: (EventConsumer, EventNotifier),
     pub(crate) stats: WorkerStats,
@@ -85,6 +88,7 @@ impl Worker {
         info: DeviceInfo,
         slots_max: usize,
         poll_window: Duration,
+        inflight_poll_window: Duration,
         cpu: Option<usize>,
     ) -> std::io::Result<Self> {
         let nslots = slots_max
@@ -112,6 +116,7 @@ impl Worker {
             ],
             free: (0..nslots as u16).rev().collect(),
             poll_window,
+            inflight_poll_window,
             cpu,
             resume: new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?,
             stats: WorkerStats::default(),
@@ -203,7 +208,13 @@ impl Worker {
             let now = Instant::now();
             if work > 0 {
                 last_work = now;
-            } else if now.duration_since(last_work) >= self.poll_window {
+            } else if now.duration_since(last_work)
+                >= if self.inflight() > 0 {
+                    self.inflight_poll_window.max(self.poll_window)
+                } else {
+                    self.poll_window
+                }
+            {
                 match vring.enable_notification() {
                     Ok(true) => {
                         // The guest added requests while notifications were off.
