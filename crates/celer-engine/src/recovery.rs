@@ -25,7 +25,7 @@ pub struct FormatOptions {
     /// Spare physical blocks per slot for redirect-on-write.
     pub spare_blocks: u32,
     pub shard_count: u32,
-    /// Journal ring per shard, in 4 KiB blocks.
+    /// Journal ring per shard, in 4 KiB blocks (default 64 MiB).
     pub journal_blocks: u32,
     /// Create (or grow) a regular file of this size first.
     pub create_size_bytes: Option<u64>,
@@ -37,7 +37,7 @@ impl Default for FormatOptions {
             chunk_blocks: 256,
             spare_blocks: 64,
             shard_count: 1,
-            journal_blocks: 4096,
+            journal_blocks: 16384,
             create_size_bytes: None,
         }
     }

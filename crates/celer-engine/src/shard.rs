@@ -135,6 +135,9 @@ struct Op {
     applied: u32,
     error: Option<EngineError>,
     allocated_slot: bool,
+    /// Alone in the shard: its data and journal writes carry RWF_DSYNC, so it
+    /// is durable when they complete, without waiting for a group flush.
+    solo: bool,
     stage: Stage,
     meta: AlignedBuf,
 }
@@ -163,6 +166,8 @@ struct JournalBuf {
     count: usize,
     waiters: Vec<u32>,
     unfinished_ops: u32,
+    /// Written with RWF_DSYNC: durable on completion.
+    dsync: bool,
 }
 
 /// In-memory state of an allocated slot.
@@ -258,14 +263,22 @@ pub struct ShardStats {
     pub flushes: u64,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum CkptStage {
+    Maps,
+    MapsSync,
+    Index,
+    IndexSync,
+}
+
 struct Checkpoint {
     cut: u64,
+    stage: CkptStage,
     pending: u32,
     bufs: Vec<AlignedBuf>,
     targets: Vec<u64>,
     next: usize,
     index: AlignedBuf,
-    index_written: bool,
 }
 
 // user_data: kind in the top byte, id below.
@@ -376,6 +389,7 @@ impl Shard {
                 applied: 0,
                 error: None,
                 allocated_slot: false,
+                solo: false,
                 stage: Stage::Idle,
                 meta: AlignedBuf::new(1),
             })
@@ -388,6 +402,7 @@ impl Shard {
                 count: 0,
                 waiters: Vec::with_capacity(RECORDS_PER_JOURNAL_BLOCK),
                 unfinished_ops: 0,
+                dsync: false,
             })
             .collect();
         Ok(Shard {
@@ -598,6 +613,7 @@ impl Shard {
         op.applied = 0;
         op.error = None;
         op.allocated_slot = false;
+        op.solo = false;
         op.jbufs.clear();
         op.local_slot = u32::MAX;
         op.stage = Stage::Idle;
@@ -821,13 +837,13 @@ impl Shard {
             let j = run_end(&op.plan, i, Action::ReadData);
             let iov_at = op.iov.len();
             slice_segments(&op.segs, i * BLOCK_SIZE, (j - i) * BLOCK_SIZE, &mut op.iov);
-            let sqe = opcode::Readv::new(
-                types::Fd(self.fd),
-                op.iov[iov_at..].as_ptr(),
-                (op.iov.len() - iov_at) as u32,
+            let sqe = rw_sqe(
+                false,
+                self.fd,
+                &op.iov[iov_at..],
+                self.g.phys_offset(slot_index, p.phys),
+                0,
             )
-            .offset(self.g.phys_offset(slot_index, p.phys))
-            .build()
             .user_data(UD_DATA | id as u64);
             op.pending += 1;
             push_sqe(
@@ -1003,8 +1019,24 @@ impl Shard {
             };
             self.append_record(id, &rec);
         }
+        // A request alone in the shard (QD1) writes its data and its own
+        // journal block in parallel, both with RWF_DSYNC: each is durable on
+        // completion, no fsync worker is woken, and the thread sleeps once.
+        // Everything else is served by group commit (one fdatasync a batch).
+        let solo = {
+            let op = &self.ops[id as usize];
+            !op.allocated_slot
+                && op.jbufs.len() == 1
+                && self.inflight() == 1
+                && !self.flush_inflight
+                && self.flush_waiting.is_empty()
+                && self.ckpt.is_none()
+                && self.open_jb == Some(op.jbufs[0])
+                && self.jbufs[op.jbufs[0]].waiters.len() == 1
+        };
         // Data writes, one per contiguous physical run.
         let op = &mut self.ops[id as usize];
+        op.solo = solo;
         let base = op.cursor as usize;
         let n = op.plan.len();
         let mut i = 0;
@@ -1022,13 +1054,13 @@ impl Shard {
                 (j - i) * BLOCK_SIZE,
                 &mut op.iov,
             );
-            let sqe = opcode::Writev::new(
-                types::Fd(self.fd),
-                op.iov[iov_at..].as_ptr(),
-                (op.iov.len() - iov_at) as u32,
+            let sqe = rw_sqe(
+                true,
+                self.fd,
+                &op.iov[iov_at..],
+                self.g.phys_offset(slot_index, p.phys),
+                if solo { libc::RWF_DSYNC } else { 0 },
             )
-            .offset(self.g.phys_offset(slot_index, p.phys))
-            .build()
             .user_data(UD_DATA | id as u64);
             op.pending += 1;
             self.stats.data_bytes_written += ((j - i) * BLOCK_SIZE) as u64;
@@ -1042,6 +1074,10 @@ impl Shard {
             i = j;
         }
         op.cursor += n as u16;
+        if solo {
+            self.seal_and_write_journal(true);
+        }
+        let op = &mut self.ops[id as usize];
         if op.pending == 0 {
             // Everything skipped: no I/O to wait for.
             self.phase_done(id);
@@ -1095,7 +1131,7 @@ impl Shard {
             Some(b) if self.jbufs[b].count < RECORDS_PER_JOURNAL_BLOCK => b,
             _ => {
                 if self.open_jb.is_some() {
-                    self.seal_and_write_journal();
+                    self.seal_and_write_journal(false);
                 }
                 let b = self
                     .jbufs
@@ -1131,11 +1167,13 @@ impl Shard {
 
     fn flush_journal(&mut self) {
         if self.open_jb.is_some_and(|b| self.jbufs[b].count > 0) {
-            self.seal_and_write_journal();
+            self.seal_and_write_journal(false);
         }
     }
 
-    fn seal_and_write_journal(&mut self) {
+    /// Writes the open journal block; with `dsync` it is durable when it
+    /// completes (RWF_DSYNC), otherwise it waits for the next flush.
+    fn seal_and_write_journal(&mut self, dsync: bool) {
         let Some(b) = self.open_jb.take() else { return };
         let jb = &mut self.jbufs[b];
         layout::seal_journal_block(
@@ -1147,8 +1185,10 @@ impl Shard {
             &mut jb.buf,
         );
         jb.state = JbState::Writing;
+        jb.dsync = dsync;
         let sqe = opcode::Write::new(types::Fd(self.fd), jb.buf.as_ptr(), BLOCK_SIZE as u32)
             .offset(self.g.journal_block_offset(self.id, jb.seq))
+            .rw_flags(if dsync { libc::RWF_DSYNC } else { 0 })
             .build()
             .user_data(UD_JOURNAL | b as u64);
         self.stats.journal_bytes_written += BLOCK_SIZE_U64;
@@ -1169,8 +1209,13 @@ impl Shard {
             };
             self.fail(format!("journal write: {why}"));
         }
-        self.jbufs[b].state = JbState::Unflushed;
-        self.unflushed_jbs.push(b);
+        if self.jbufs[b].dsync {
+            self.jbufs[b].state = JbState::Written;
+        } else {
+            self.jbufs[b].state = JbState::Unflushed;
+            self.unflushed_jbs.push(b);
+        }
+        let mut solo_done = None;
         for w in 0..self.jbufs[b].waiters.len() {
             let id = self.jbufs[b].waiters[w];
             let op = &mut self.ops[id as usize];
@@ -1183,9 +1228,17 @@ impl Shard {
             }
             op.pending -= 1;
             if op.pending == 0 && matches!(op.stage, Stage::Running | Stage::Freeing) {
-                self.flush_waiting.push(id);
+                if op.solo {
+                    solo_done = Some(id);
+                } else {
+                    self.flush_waiting.push(id);
+                }
             }
         }
+        if let Some(id) = solo_done {
+            self.phase_done(id);
+        }
+        self.advance_watermark();
     }
 
     /// Issues one fdatasync for every write completed since the last one.
@@ -1266,7 +1319,7 @@ impl Shard {
         }
         op.pending -= 1;
         if op.pending == 0 {
-            if op.op == EngineOp::Read {
+            if op.op == EngineOp::Read || op.solo {
                 self.phase_done(id);
             } else {
                 // Written, not yet durable: the next flush makes it so.
@@ -1460,26 +1513,69 @@ impl Shard {
         layout::encode_index(uuid, self.id, &h, &index_entries, &mut index);
         self.ckpt = Some(Checkpoint {
             cut,
+            stage: CkptStage::Maps,
             pending: 0,
             bufs,
             targets,
             next: 0,
             index,
-            index_written: false,
         });
         self.pump_checkpoint();
     }
 
-    /// Submits checkpoint writes while the completion budget allows.
+    /// Advances the checkpoint: map writes (as many as the completion
+    /// budget allows), one fdatasync, the index write, one more fdatasync.
+    /// Plain writes and two flushes, not one flush per map.
     fn pump_checkpoint(&mut self) {
         let Some(mut c) = self.ckpt.take() else {
             return;
         };
-        while c.next < c.bufs.len() && self.sqe_room(1) {
+        if c.pending == 0 {
+            match c.stage {
+                CkptStage::Maps if c.next == c.bufs.len() => {
+                    c.stage = CkptStage::MapsSync;
+                    self.push_ckpt_fsync(&mut c);
+                }
+                CkptStage::MapsSync => {
+                    c.stage = CkptStage::Index;
+                    let copy = (self.index_generation + 1) % 2;
+                    let sqe = opcode::Write::new(
+                        types::Fd(self.fd),
+                        c.index.as_ptr(),
+                        c.index.len() as u32,
+                    )
+                    .offset(self.g.index_offset(self.id, copy))
+                    .build()
+                    .user_data(UD_CKPT);
+                    self.stats.meta_bytes_written += c.index.len() as u64;
+                    push_sqe(
+                        &mut self.ring,
+                        &mut self.unsubmitted,
+                        &mut self.inflight_sqes,
+                        &sqe,
+                    );
+                    c.pending += 1;
+                }
+                CkptStage::Index => {
+                    c.stage = CkptStage::IndexSync;
+                    self.push_ckpt_fsync(&mut c);
+                }
+                CkptStage::IndexSync => {
+                    // Durable: the journal up to the cut may be reused.
+                    if self.failed.is_none() {
+                        self.tail = c.cut + 1;
+                        self.index_generation += 1;
+                        self.stats.checkpoints += 1;
+                    }
+                    return;
+                }
+                CkptStage::Maps => {}
+            }
+        }
+        while c.stage == CkptStage::Maps && c.next < c.bufs.len() && self.sqe_room(1) {
             let buf = &c.bufs[c.next];
             let sqe = opcode::Write::new(types::Fd(self.fd), buf.as_ptr(), buf.len() as u32)
                 .offset(c.targets[c.next])
-                .rw_flags(libc::RWF_DSYNC)
                 .build()
                 .user_data(UD_CKPT);
             self.stats.meta_bytes_written += buf.len() as u64;
@@ -1492,25 +1588,26 @@ impl Shard {
             c.pending += 1;
             c.next += 1;
         }
-        if c.next == c.bufs.len() && c.pending == 0 && !c.index_written {
-            c.index_written = true;
-            let copy = (self.index_generation + 1) % 2;
-            let sqe =
-                opcode::Write::new(types::Fd(self.fd), c.index.as_ptr(), c.index.len() as u32)
-                    .offset(self.g.index_offset(self.id, copy))
-                    .rw_flags(libc::RWF_DSYNC)
-                    .build()
-                    .user_data(UD_CKPT);
-            self.stats.meta_bytes_written += c.index.len() as u64;
-            push_sqe(
-                &mut self.ring,
-                &mut self.unsubmitted,
-                &mut self.inflight_sqes,
-                &sqe,
-            );
-            c.pending += 1;
+        if c.stage == CkptStage::Maps && c.next == c.bufs.len() && c.pending == 0 {
+            // No dirty map at all: go straight on.
+            self.ckpt = Some(c);
+            return self.pump_checkpoint();
         }
         self.ckpt = Some(c);
+    }
+
+    fn push_ckpt_fsync(&mut self, c: &mut Checkpoint) {
+        let sqe = opcode::Fsync::new(types::Fd(self.fd))
+            .flags(types::FsyncFlags::DATASYNC)
+            .build()
+            .user_data(UD_CKPT);
+        push_sqe(
+            &mut self.ring,
+            &mut self.unsubmitted,
+            &mut self.inflight_sqes,
+            &sqe,
+        );
+        c.pending += 1;
     }
 
     fn checkpoint_io_done(&mut self, res: i32) {
@@ -1519,18 +1616,7 @@ impl Shard {
         }
         let Some(c) = self.ckpt.as_mut() else { return };
         c.pending -= 1;
-        if c.pending > 0 {
-            return;
-        }
-        if c.index_written {
-            let cut = c.cut;
-            self.ckpt = None;
-            if self.failed.is_none() {
-                self.tail = cut + 1;
-                self.index_generation += 1;
-                self.stats.checkpoints += 1;
-            }
-        } else {
+        if c.pending == 0 {
             self.pump_checkpoint();
         }
     }
@@ -1585,6 +1671,34 @@ fn push_sqe(
     }
     *unsubmitted += 1;
     *inflight += 1;
+}
+
+/// A read or write of `iov` at `offset`: the plain opcode for one buffer
+/// (cheaper in the kernel), the vectored one otherwise.
+fn rw_sqe(
+    write: bool,
+    fd: i32,
+    iov: &[libc::iovec],
+    offset: u64,
+    rw_flags: i32,
+) -> io_uring::squeue::Entry {
+    let fd = types::Fd(fd);
+    match (write, iov) {
+        (false, [one]) => opcode::Read::new(fd, one.iov_base as *mut u8, one.iov_len as u32)
+            .offset(offset)
+            .build(),
+        (true, [one]) => opcode::Write::new(fd, one.iov_base as *const u8, one.iov_len as u32)
+            .offset(offset)
+            .rw_flags(rw_flags)
+            .build(),
+        (false, _) => opcode::Readv::new(fd, iov.as_ptr(), iov.len() as u32)
+            .offset(offset)
+            .build(),
+        (true, _) => opcode::Writev::new(fd, iov.as_ptr(), iov.len() as u32)
+            .offset(offset)
+            .rw_flags(rw_flags)
+            .build(),
+    }
 }
 
 /// End (exclusive) of the run of `action` blocks starting at `i` whose

@@ -20,6 +20,8 @@ pub struct BenchArgs {
     pub volume_size_bytes: u64,
     pub runtime_s: u32,
     pub with_fio: bool,
+    /// Run only workloads whose name (e.g. `randread-qd1`) contains this.
+    pub only: Option<String>,
 }
 
 const WORKLOADS: [(&str, EngineOp, u32); 4] = [
@@ -214,7 +216,20 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let mut eng_figs = Vec::new();
     let mut amp = Vec::new();
     let mut totals = celer_engine::ShardStats::default();
-    for (rw, op, qd) in WORKLOADS {
+    let selected: Vec<_> = WORKLOADS
+        .iter()
+        .copied()
+        .filter(|(rw, _, qd)| {
+            args.only
+                .as_ref()
+                .is_none_or(|o| format!("{rw}-qd{qd}").contains(o.as_str()))
+        })
+        .collect();
+    anyhow::ensure!(
+        !selected.is_empty(),
+        "--only matches none of randwrite-qd1, randwrite-qd32, randread-qd1, randread-qd32"
+    );
+    for &(rw, op, qd) in &selected {
         if args.with_fio {
             let f = fio::run(
                 &file,
@@ -279,7 +294,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "lat ×fio",
         "IOPS ×fio"
     );
-    for (i, (rw, _, qd)) in WORKLOADS.iter().enumerate() {
+    for (i, (rw, _, qd)) in selected.iter().enumerate() {
         let e = eng_figs[i];
         let name = format!("{rw} QD{qd}");
         let wa = if amp[i] > 0.0 {
@@ -310,6 +325,17 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         }
     }
     println!();
+    for (i, (rw, _, qd)) in selected.iter().enumerate() {
+        if let (1, Some(f)) = (*qd, fio_figs.get(i)) {
+            let e = eng_figs[i];
+            println!(
+                "{rw} QD1 time per I/O (1/IOPS, everything included): engine {:.1} µs, fio {:.1} µs, ratio {:.2}",
+                1e6 / e.iops,
+                1e6 / f.iops,
+                f.iops / e.iops
+            );
+        }
+    }
     println!(
         "engine disk writes during the measured runs: data {} MiB, journal {} MiB, checkpoints/headers {} MiB; {} checkpoints, {} flushes for {} requests",
         totals.data_bytes_written >> 20,

@@ -48,7 +48,7 @@ pub struct FormatArgs {
     #[arg(long, default_value_t = 1)]
     shards: u32,
     /// Journal size per shard.
-    #[arg(long, default_value = "16M", value_parser = parse_size)]
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
     journal_size: u64,
 }
 

@@ -38,6 +38,7 @@ pub fn run(
         .arg("--time_based=1")
         .arg("--randrepeat=0")
         .arg("--norandommap=1")
+        .arg("--lat_percentiles=1")
         .arg("--output-format=json");
     if sync_dsync {
         cmd.arg("--sync=dsync");

@@ -54,6 +54,9 @@ struct BenchEngineArgs {
     /// Skip the fio peer.
     #[arg(long)]
     no_fio: bool,
+    /// Run only the workloads whose name contains this (randwrite-qd1, randread-qd32, ...).
+    #[arg(long)]
+    only: Option<String>,
 }
 
 fn main() {
@@ -89,6 +92,7 @@ fn run(cli: Cli) -> Result<()> {
                 volume_size_bytes: a.volume_size,
                 runtime_s: a.runtime,
                 with_fio: !a.no_fio,
+                only: a.only,
             })
         }
     }
