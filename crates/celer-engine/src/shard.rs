@@ -39,6 +39,9 @@ const JOURNAL_BUFS: usize = 16;
 const RUNS_PER_PHASE_MAX: u32 = 32;
 /// Most requests in flight per shard.
 pub const INFLIGHT_MAX: usize = 256;
+/// Checkpoint map writes in flight at once: a checkpoint trickles out
+/// beside the requests instead of queueing a thousand writes ahead of them.
+const CKPT_WRITES_INFLIGHT_MAX: u32 = 4;
 /// Completion queue entries: bounds the SQEs in flight so the CQ never overflows.
 const CQ_ENTRIES: u32 = 16384;
 
@@ -1028,9 +1031,6 @@ impl Shard {
             !op.allocated_slot
                 && op.jbufs.len() == 1
                 && self.inflight() == 1
-                && !self.flush_inflight
-                && self.flush_waiting.is_empty()
-                && self.ckpt.is_none()
                 && self.open_jb == Some(op.jbufs[0])
                 && self.jbufs[op.jbufs[0]].waiters.len() == 1
         };
@@ -1572,7 +1572,11 @@ impl Shard {
                 CkptStage::Maps => {}
             }
         }
-        while c.stage == CkptStage::Maps && c.next < c.bufs.len() && self.sqe_room(1) {
+        while c.stage == CkptStage::Maps
+            && c.next < c.bufs.len()
+            && c.pending < CKPT_WRITES_INFLIGHT_MAX
+            && self.sqe_room(1)
+        {
             let buf = &c.bufs[c.next];
             let sqe = opcode::Write::new(types::Fd(self.fd), buf.as_ptr(), buf.len() as u32)
                 .offset(c.targets[c.next])
