@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use celer_device::BlockDevice;
 use tracing::{info, warn};
+use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
@@ -70,6 +71,13 @@ pub fn serve(config: VhostConfig, device: Arc<dyn BlockDevice>) -> Result<(), Er
 /// Like [`serve`], with a back end built by the caller (tests read its stats).
 pub fn serve_backend(config: &VhostConfig, backend: Arc<VhostUserBlk>) -> Result<(), Error> {
     let socket = config.socket.display().to_string();
+    // One listener for the whole life of the server: a front end that
+    // reconnects while the previous connection is being torn down waits in
+    // the backlog instead of finding no socket (or a dead one).
+    let mut listener = Listener::new(&config.socket, true).map_err(|e| Error::Serve {
+        socket: socket.clone(),
+        reason: format!("cannot listen: {e}"),
+    })?;
     let mut served = 0usize;
     loop {
         if config.connections_max.is_some_and(|max| served >= max) {
@@ -80,22 +88,24 @@ pub fn serve_backend(config: &VhostConfig, backend: Arc<VhostUserBlk>) -> Result
             .map_err(|e| Error::Daemon(e.to_string()))?;
         backend.register_worker_fds(&daemon.get_epoll_handlers())?;
         info!(socket, "waiting for a vhost-user front end");
-        let result = daemon.serve(&config.socket);
+        daemon.start(&mut listener).map_err(|e| Error::Serve {
+            socket: socket.clone(),
+            reason: e.to_string(),
+        })?;
+        info!(socket, "front end connected");
+        let result = daemon.wait();
         served += 1;
+        // Dropping the daemon stops and joins its worker threads.
         drop(daemon);
         backend.disconnect();
         match result {
             Ok(()) => info!(socket, "front end disconnected"),
+            Err(vhost_user_backend::Error::HandleRequest(
+                e @ (vhost::vhost_user::Error::Disconnected
+                | vhost::vhost_user::Error::PartialMessage),
+            )) => info!(socket, reason = %e, "front end disconnected"),
             // A front end that sends garbage only ends its own connection.
-            Err(vhost_user_backend::Error::HandleRequest(e)) => {
-                warn!(socket, error = %e, "front end connection ended with an error")
-            }
-            Err(e) => {
-                return Err(Error::Serve {
-                    socket,
-                    reason: e.to_string(),
-                })
-            }
+            Err(e) => warn!(socket, error = %e, "front end connection ended with an error"),
         }
     }
 }
