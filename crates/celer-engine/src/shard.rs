@@ -1718,8 +1718,14 @@ fn run_end(plan: &[Planned], i: usize, action: Action) -> usize {
     j
 }
 
-/// Appends iovecs covering bytes `[at, at + len)` of the request's segments.
-fn slice_segments(segs: &[Segment], mut at: usize, mut len: usize, out: &mut Vec<libc::iovec>) {
+/// Calls `f(address, length)` for each piece of the request's segments that
+/// covers bytes `[at, at + len)`, in order.
+fn for_each_piece(
+    segs: &[Segment],
+    mut at: usize,
+    mut len: usize,
+    mut f: impl FnMut(*mut u8, usize),
+) {
     for s in segs {
         if len == 0 {
             break;
@@ -1729,57 +1735,43 @@ fn slice_segments(segs: &[Segment], mut at: usize, mut len: usize, out: &mut Vec
             continue;
         }
         let take = (s.len - at).min(len);
+        // SAFETY: at < s.len, so the pointer stays inside the segment.
+        f(unsafe { s.addr.add(at) }, take);
+        len -= take;
+        at = 0;
+    }
+}
+
+/// Appends iovecs covering bytes `[at, at + len)` of the request's segments.
+fn slice_segments(segs: &[Segment], at: usize, len: usize, out: &mut Vec<libc::iovec>) {
+    for_each_piece(segs, at, len, |addr, take| {
         debug_assert!(
             out.len() < out.capacity(),
             "iovec capacity reserved at start-up"
         );
-        // SAFETY: at < s.len, so the pointer stays inside the segment.
         out.push(libc::iovec {
-            iov_base: unsafe { s.addr.add(at) } as *mut libc::c_void,
+            iov_base: addr as *mut libc::c_void,
             iov_len: take,
         });
-        len -= take;
-        at = 0;
-    }
+    });
 }
 
 /// crc32c of the 4 KiB block at byte `at` of the request's segments.
-fn crc_of(segs: &[Segment], mut at: usize) -> u32 {
-    let mut len = BLOCK_SIZE;
+fn crc_of(segs: &[Segment], at: usize) -> u32 {
     let mut crc = 0;
-    for s in segs {
-        if len == 0 {
-            break;
-        }
-        if at >= s.len {
-            at -= s.len;
-            continue;
-        }
-        let take = (s.len - at).min(len);
+    for_each_piece(segs, at, BLOCK_SIZE, |addr, take| {
         // SAFETY: the submit contract keeps the segment valid for reads.
-        let bytes = unsafe { std::slice::from_raw_parts(s.addr.add(at), take) };
+        let bytes = unsafe { std::slice::from_raw_parts(addr, take) };
         crc = crc32c::crc32c_append(crc, bytes);
-        len -= take;
-        at = 0;
-    }
+    });
     crc
 }
 
-fn zero_fill(op: &mut Op, mut at: usize, mut len: usize) {
-    for s in op.segs.iter() {
-        if len == 0 {
-            break;
-        }
-        if at >= s.len {
-            at -= s.len;
-            continue;
-        }
-        let take = (s.len - at).min(len);
+fn zero_fill(op: &mut Op, at: usize, len: usize) {
+    for_each_piece(&op.segs, at, len, |addr, take| {
         // SAFETY: the submit contract keeps the segment valid for writes.
-        unsafe { std::ptr::write_bytes(s.addr.add(at), 0, take) };
-        len -= take;
-        at = 0;
-    }
+        unsafe { std::ptr::write_bytes(addr, 0, take) };
+    });
 }
 
 /// Which shard owns a chunk: a fixed hash, stable across restarts.

@@ -5,6 +5,8 @@
 //! never older than its last acknowledged version.
 
 mod common;
+#[path = "../src/bin/engine-torture/pattern.rs"]
+mod pattern;
 
 use std::collections::{HashMap, HashSet};
 use std::process::Command;
@@ -12,22 +14,10 @@ use std::time::Duration;
 
 use celer_engine::{Engine, OpenOptions};
 use common::*;
+use pattern::pattern;
 
 const VOLUMES: u64 = 2;
 const BLOCKS_PER_VOLUME: u64 = 512;
-
-fn pattern(volume: u64, block: u64, v: u64, out: &mut [u8]) {
-    out[0..8].copy_from_slice(&volume.to_le_bytes());
-    out[8..16].copy_from_slice(&block.to_le_bytes());
-    out[16..24].copy_from_slice(&v.to_le_bytes());
-    let mut x = volume ^ block.rotate_left(17) ^ v.rotate_left(34) ^ 0xA5A5_A5A5;
-    for w in out[24..].chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        w.copy_from_slice(&x.to_le_bytes()[..w.len()]);
-    }
-}
 
 #[test]
 fn sigkill_under_load_loses_no_acknowledged_write() {
