@@ -53,6 +53,9 @@ pub struct BenchArgs {
         default_value = "celer-null,qsd-null,celer-file,qsd-file,fio-file"
     )]
     pub targets: Vec<String>,
+    /// Runs per point and target (in rotation); the median is reported.
+    #[arg(long, default_value_t = 1)]
+    pub repeat: usize,
     /// Celer's poll window in µs.
     #[arg(long, default_value_t = 50)]
     pub poll_us: u64,
@@ -542,62 +545,60 @@ pub fn collect(args: &BenchArgs, celer_serve_cmd: &[String]) -> anyhow::Result<V
     if args.targets.iter().any(|t| t.ends_with("-file")) {
         ensure_file(&args.file)?;
     }
+    // Every back end runs for the whole bench (idle ones cost nothing); each
+    // point is measured on every target back to back, `repeat` times in
+    // rotation, and the median (by IOPS) is kept: drift in the host (its
+    // disk, other processes) then hits all targets alike.
+    let mut backends = Vec::new();
     for target in &args.targets {
         if target == "fio-file" {
-            for (rw, q, d) in points() {
-                match fio_file(&args.file, q, d, rw == "randwrite", args.seconds) {
-                    Ok((iops, mean_us, p99_us)) => record(BenchResult {
+            continue;
+        }
+        match spawn_backend(target, args, celer_serve_cmd, &dir, max_queues) {
+            Ok(b) => backends.push(b),
+            Err(e) => eprintln!("skipping {target}: {e:#}"),
+        }
+    }
+    for (rw, q, d) in points() {
+        let write = rw == "randwrite";
+        for target in &args.targets {
+            let mut runs: Vec<BenchResult> = Vec::new();
+            for _ in 0..args.repeat.max(1) {
+                let r = if target == "fio-file" {
+                    fio_file(&args.file, q, d, write, args.seconds)
+                        .map(|(iops, mean_us, p99_us)| (iops, mean_us, p99_us, None, 0))
+                } else if let Some(b) = backends.iter().find(|b| &b.name == target) {
+                    let r = measure_socket(&b.socket, q, d, write, args, Some(b));
+                    // Let the back end notice the disconnect before the next run.
+                    std::thread::sleep(Duration::from_millis(100));
+                    r
+                } else {
+                    break;
+                };
+                match r {
+                    Ok((iops, mean_us, p99_us, cpu_us_per_io, errors)) => runs.push(BenchResult {
                         target: target.clone(),
                         queues: q,
                         depth: d,
-                        rw,
+                        rw: rw.clone(),
                         iops,
                         mean_us,
                         p99_us,
-                        cpu_us_per_io: None,
-                        errors: 0,
+                        cpu_us_per_io,
+                        errors,
                     }),
-                    Err(e) => eprintln!("{target}: {e:#}"),
+                    Err(e) => eprintln!("{target} q={q} qd={d} {rw}: {e:#}"),
                 }
             }
-            continue;
-        }
-        let backend = match spawn_backend(target, args, celer_serve_cmd, &dir, max_queues) {
-            Ok(b) => b,
-            Err(e) => {
-                eprintln!("skipping {target}: {e:#}");
+            if runs.is_empty() {
                 continue;
             }
-        };
-        for (rw, q, d) in points() {
-            match measure_socket(
-                &backend.socket,
-                q,
-                d,
-                rw == "randwrite",
-                args,
-                Some(&backend),
-            ) {
-                Ok((iops, mean_us, p99_us, cpu, errors)) => record(BenchResult {
-                    target: target.clone(),
-                    queues: q,
-                    depth: d,
-                    rw,
-                    iops,
-                    mean_us,
-                    p99_us,
-                    cpu_us_per_io: cpu,
-                    errors,
-                }),
-                Err(e) => eprintln!("{} q={q} qd={d} {rw}: {e:#}", backend.name),
-            }
-            // Let the back end notice the disconnect and listen again.
-            std::thread::sleep(Duration::from_millis(200));
-            if !backend.socket.exists() {
-                std::thread::sleep(Duration::from_millis(500));
-            }
+            runs.sort_by(|a, b| a.iops.total_cmp(&b.iops));
+            let median = runs.swap_remove(runs.len() / 2);
+            record(median);
         }
     }
+    drop(backends);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(results)
 }

@@ -9,6 +9,7 @@
 
 pub mod bench;
 pub mod blk;
+pub mod cli;
 pub mod frontend;
 pub mod request;
 pub mod worker;

@@ -1,0 +1,65 @@
+//! Command-line surface shared by the `celer-vhost` binary and the `celer`
+//! binary (`celer vhost serve`, `celer bench vhost`): flatten [`ServeArgs`]
+//! or [`crate::bench::BenchArgs`] into a clap command and call [`run_serve`]
+//! or [`run_bench_cli`].
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+
+use crate::VhostConfig;
+
+/// `serve`: export a device on a vhost-user-blk socket.
+#[derive(Args, Clone, Debug)]
+pub struct ServeArgs {
+    /// Unix socket to listen on.
+    #[arg(long)]
+    pub socket: PathBuf,
+    /// Device: `null:SIZE` (e.g. null:1G) or `file:PATH` (file or block device).
+    #[arg(long)]
+    pub device: String,
+    /// Virtqueues (one worker thread each).
+    #[arg(long, default_value_t = 1)]
+    pub queues: usize,
+    /// CPUs to pin workers to, comma separated (worker i → cpus[i % n]).
+    #[arg(long, value_delimiter = ',')]
+    pub cpus: Vec<usize>,
+    /// Poll window after the last request, in µs (0: no polling).
+    #[arg(long, default_value_t = 50)]
+    pub poll_us: u64,
+    /// Poll window while requests are in flight on the device, in µs.
+    #[arg(long, default_value_t = 1000)]
+    pub poll_inflight_us: u64,
+    /// Serve the volume read-only.
+    #[arg(long)]
+    pub read_only: bool,
+    /// Open file devices with O_DIRECT.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub direct: bool,
+    /// Stop after this many connections (default: serve forever).
+    #[arg(long)]
+    pub connections: Option<usize>,
+}
+
+/// Runs `serve` until its connections are used up (forever by default).
+pub fn run_serve(a: &ServeArgs) -> anyhow::Result<()> {
+    let device = crate::bench::open_device(&a.device, a.read_only, a.direct)?;
+    let mut config = VhostConfig::new(&a.socket);
+    config.num_queues = a.queues;
+    config.cpus = a.cpus.clone();
+    config.poll_us = a.poll_us;
+    config.poll_inflight_us = a.poll_inflight_us;
+    config.connections_max = a.connections;
+    crate::serve(config, device)?;
+    Ok(())
+}
+
+/// Runs the benchmark; `serve_subcommand` is how this executable is told to
+/// serve (e.g. `["vhost", "serve"]` for `celer`), followed by [`ServeArgs`].
+pub fn run_bench_cli(a: &crate::bench::BenchArgs, serve_subcommand: &[&str]) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("cannot find our own executable")?;
+    let mut cmd = vec![exe.display().to_string()];
+    cmd.extend(serve_subcommand.iter().map(|s| s.to_string()));
+    crate::bench::run_bench(a, &cmd)
+}
