@@ -26,15 +26,26 @@ enum Command {
     /// Manage one disk's storage engine.
     #[command(subcommand)]
     Engine(engine_cmd::EngineCommand),
+    /// Serve a volume to QEMU over vhost-user-blk.
+    #[command(subcommand)]
+    Vhost(VhostCommand),
     /// Benchmarks that print Celer's figures beside a peer's, measured in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
 }
 
 #[derive(Subcommand)]
+enum VhostCommand {
+    /// Listen on a Unix socket and serve a device as a virtio-blk disk.
+    Serve(celer_vhost::cli::ServeArgs),
+}
+
+#[derive(Subcommand)]
 enum BenchCommand {
     /// 4 KiB random write/read at QD1 and QD32: the engine vs fio on the same file.
     Engine(BenchEngineArgs),
+    /// A user-space virtio-blk driver against vhost-user-blk back ends: Celer vs qemu-storage-daemon.
+    Vhost(celer_vhost::bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -77,6 +88,10 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Engine(c) => engine_cmd::run(c),
+        Command::Vhost(VhostCommand::Serve(a)) => celer_vhost::cli::run_serve(&a),
+        Command::Bench(BenchCommand::Vhost(a)) => {
+            celer_vhost::cli::run_bench_cli(&a, &["vhost", "serve"])
+        }
         Command::Bench(BenchCommand::Engine(a)) => {
             anyhow::ensure!(
                 a.volume_size >= 256 * 4096 && a.volume_size % (256 * 4096) == 0,
