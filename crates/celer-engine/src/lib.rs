@@ -20,11 +20,13 @@
 //! - every acknowledged change is in a durable journal block or checkpoint.
 
 mod aligned;
+mod device;
 mod layout;
 mod recovery;
 mod shard;
 
 pub use aligned::AlignedBuf;
+pub use device::{EngineDevice, EngineDeviceConfig};
 pub use layout::{Geometry, SlotOwner, BLOCK_SIZE};
 pub use recovery::{Engine, EngineStats, FormatOptions, OpenOptions, RebuildReport};
 pub use shard::{shard_for, Completion, EngineOp, EngineRequest, Segment, Shard, ShardStats};

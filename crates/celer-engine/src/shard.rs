@@ -45,15 +45,9 @@ const CKPT_WRITES_INFLIGHT_MAX: u32 = 4;
 /// Completion queue entries: bounds the SQEs in flight so the CQ never overflows.
 const CQ_ENTRIES: u32 = 16384;
 
-/// A piece of caller memory. The caller keeps it valid until completion.
-#[derive(Clone, Copy, Debug)]
-pub struct Segment {
-    pub addr: *mut u8,
-    pub len: usize,
-}
-
-// SAFETY: an address range; `Shard::submit`'s contract keeps it valid.
-unsafe impl Send for Segment {}
+/// A piece of caller memory, kept valid by the caller until completion:
+/// the same type as at the `BlockDevice` boundary, so no conversion.
+pub type Segment = celer_device::IoSegment;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EngineOp {
@@ -474,6 +468,16 @@ impl Shard {
             self.g
                 .phys_offset(self.g.slot_of(self.id, local as u64), e.phys)
         })
+    }
+
+    /// The highest block version this shard holds (0 if none).
+    pub fn max_version(&self) -> u64 {
+        self.slots
+            .iter()
+            .flatten()
+            .flat_map(|s| s.planned_version.iter().copied())
+            .max()
+            .unwrap_or(0)
     }
 
     /// The (volume, chunk) pairs this shard holds, in no particular order.
@@ -1720,7 +1724,7 @@ fn run_end(plan: &[Planned], i: usize, action: Action) -> usize {
 
 /// Calls `f(address, length)` for each piece of the request's segments that
 /// covers bytes `[at, at + len)`, in order.
-fn for_each_piece(
+pub(crate) fn for_each_piece(
     segs: &[Segment],
     mut at: usize,
     mut len: usize,

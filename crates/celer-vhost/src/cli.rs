@@ -45,6 +45,14 @@ pub struct ServeArgs {
 /// Runs `serve` until its connections are used up (forever by default).
 pub fn run_serve(a: &ServeArgs) -> anyhow::Result<()> {
     let device = crate::bench::open_device(&a.device, a.read_only, a.direct)?;
+    run_serve_with(a, device)
+}
+
+/// Like [`run_serve`], for a device the caller opened (e.g. an engine volume).
+pub fn run_serve_with(
+    a: &ServeArgs,
+    device: std::sync::Arc<dyn celer_device::BlockDevice>,
+) -> anyhow::Result<()> {
     let mut config = VhostConfig::new(&a.socket);
     config.num_queues = a.queues;
     config.cpus = a.cpus.clone();

@@ -88,7 +88,14 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Engine(c) => engine_cmd::run(c),
-        Command::Vhost(VhostCommand::Serve(a)) => celer_vhost::cli::run_serve(&a),
+        Command::Vhost(VhostCommand::Serve(a)) => match a.device.strip_prefix("engine:") {
+            Some(spec) => {
+                let device =
+                    celer_engine::EngineDevice::open(&engine_device_config(spec, a.read_only)?)?;
+                celer_vhost::cli::run_serve_with(&a, std::sync::Arc::new(device))
+            }
+            None => celer_vhost::cli::run_serve(&a),
+        },
         Command::Bench(BenchCommand::Vhost(a)) => {
             celer_vhost::cli::run_bench_cli(&a, &["vhost", "serve"])
         }
@@ -111,4 +118,33 @@ fn run(cli: Cli) -> Result<()> {
             })
         }
     }
+}
+
+/// `PATH,volume=N,size=SIZE` (after `engine:`): a volume of a local engine.
+fn engine_device_config(spec: &str, read_only: bool) -> Result<celer_engine::EngineDeviceConfig> {
+    let mut parts = spec.split(',');
+    let path = parts.next().filter(|p| !p.is_empty());
+    let Some(path) = path else {
+        anyhow::bail!("engine device needs a path: engine:PATH,volume=N,size=SIZE");
+    };
+    let (mut volume, mut size) = (None, None);
+    for kv in parts {
+        match kv.split_once('=') {
+            Some(("volume", v)) => {
+                volume = Some(
+                    v.parse::<u64>()
+                        .map_err(|_| anyhow::anyhow!("volume={v}: not a number"))?,
+                )
+            }
+            Some(("size", v)) => size = Some(size::parse_size(v).map_err(anyhow::Error::msg)?),
+            _ => anyhow::bail!("unknown engine device option `{kv}`: use volume=N and size=SIZE"),
+        }
+    }
+    Ok(celer_engine::EngineDeviceConfig {
+        path: path.into(),
+        volume: volume.unwrap_or(1),
+        size_bytes: size
+            .ok_or_else(|| anyhow::anyhow!("engine device needs size=SIZE (e.g. size=10G)"))?,
+        read_only,
+    })
 }
