@@ -84,7 +84,7 @@ pub struct EngineDevice {
 
 impl EngineDevice {
     pub fn open(cfg: &EngineDeviceConfig) -> Result<EngineDevice, EngineError> {
-        if cfg.size_bytes == 0 || cfg.size_bytes % 4096 != 0 {
+        if cfg.size_bytes == 0 || !cfg.size_bytes.is_multiple_of(4096) {
             return Err(EngineError::BadConfig(format!(
                 "volume size {} must be a positive multiple of 4096",
                 cfg.size_bytes
@@ -326,7 +326,7 @@ impl DeviceQueue for EngineQueue {
             IoOp::Read | IoOp::Write => req.segments.iter().map(|s| s.len as u64).sum(),
             _ => req.len_bytes,
         };
-        if req.offset_bytes % 4096 != 0 || len_bytes % 4096 != 0 {
+        if !req.offset_bytes.is_multiple_of(4096) || len_bytes % 4096 != 0 {
             return Err(IoError::Misaligned {
                 offset_bytes: req.offset_bytes,
                 len_bytes,
