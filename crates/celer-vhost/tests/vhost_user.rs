@@ -35,10 +35,20 @@ struct Server {
 
 impl Server {
     fn start(device: Arc<dyn BlockDevice>, queues: usize, connections: usize) -> Server {
+        Self::start_pinned(device, queues, connections, Vec::new())
+    }
+
+    fn start_pinned(
+        device: Arc<dyn BlockDevice>,
+        queues: usize,
+        connections: usize,
+        cpus: Vec<usize>,
+    ) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("vhost.sock");
         let mut config = VhostConfig::new(&socket);
         config.num_queues = queues;
+        config.cpus = cpus;
         config.connections_max = Some(connections);
         let backend = Arc::new(VhostUserBlk::new(&config, &*device).unwrap());
         let b = backend.clone();
@@ -490,6 +500,45 @@ fn bogus_vring_messages_are_refused_without_harm() {
             },
         );
         assert!(r.is_err(), "ring outside guest memory must be refused");
+    }
+    server.join();
+}
+
+/// Worker threads (named by vhost-user-backend) and the CPUs they may use.
+fn worker_affinities() -> Vec<String> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap() {
+        let dir = task.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim() != "vring_worker" {
+            continue;
+        }
+        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+        if let Some(l) = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")) {
+            out.push(l["Cpus_allowed_list:".len()..].trim().to_string());
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Workers are pinned on every connection (each brings new threads). One
+/// test per process (nextest) keeps other tests' workers out of the count.
+#[test]
+fn workers_are_pinned_on_every_connection() {
+    let server = Server::start_pinned(
+        Arc::new(NullDevice::new(1 << 20, false, false)),
+        2,
+        2,
+        vec![0],
+    );
+    for _ in 0..2 {
+        let fe = server.connect(2);
+        let mut qs = fe.queues().unwrap();
+        for q in qs.iter_mut() {
+            assert_eq!(q.request(0, req_type::IN, 0, 4096).unwrap().0, S_OK);
+        }
+        assert_eq!(worker_affinities(), vec!["0".to_string(), "0".to_string()]);
     }
     server.join();
 }
