@@ -26,6 +26,10 @@ use vmm_sys_util::event::{
 };
 
 use crate::request::SEG_MAX;
+
+const _: () = assert!(
+    SEG_MAX as u64 * SEGMENT_MAX_BYTES as u64 <= celer_device::file::FILE_REQUEST_MAX_BYTES
+);
 use crate::worker::{GuestMemAtomic, Vring, Wake, Worker};
 use crate::VhostConfig;
 
@@ -33,8 +37,10 @@ use crate::VhostConfig;
 pub const CONFIG_SPACE_BYTES: usize = 60;
 /// Largest virtqueue we accept.
 pub const QUEUE_SIZE_MAX: usize = 1024;
-/// Largest single data segment, advertised as `size_max`.
-pub const SEGMENT_MAX_BYTES: u32 = 1 << 20;
+/// Largest single data segment, advertised as `size_max`: with `seg_max`
+/// segments a request stays within 31.5 MiB, below the devices' 32 MiB
+/// request limit, so a guest never builds a request the device must refuse.
+pub const SEGMENT_MAX_BYTES: u32 = 256 << 10;
 /// Largest discard / write-zeroes range, in sectors (1 GiB).
 pub const RANGE_MAX_SECTORS: u32 = 1 << 21;
 
