@@ -27,9 +27,6 @@ use vmm_sys_util::event::{
 
 use crate::request::SEG_MAX;
 
-const _: () = assert!(
-    SEG_MAX as u64 * SEGMENT_MAX_BYTES as u64 <= celer_device::file::FILE_REQUEST_MAX_BYTES
-);
 use crate::worker::{GuestMemAtomic, Vring, Wake, Worker};
 use crate::VhostConfig;
 
@@ -41,6 +38,9 @@ pub const QUEUE_SIZE_MAX: usize = 1024;
 /// segments a request stays within 31.5 MiB, below the devices' 32 MiB
 /// request limit, so a guest never builds a request the device must refuse.
 pub const SEGMENT_MAX_BYTES: u32 = 256 << 10;
+const _: () = assert!(
+    SEG_MAX as u64 * SEGMENT_MAX_BYTES as u64 <= celer_device::file::FILE_REQUEST_MAX_BYTES
+);
 /// Largest discard / write-zeroes range, in sectors (1 GiB).
 pub const RANGE_MAX_SECTORS: u32 = 1 << 21;
 
