@@ -1,157 +1,50 @@
 //! System test: a real QEMU (TCG) boots a real Linux guest whose disk is a
-//! Celer vhost-user-blk volume (file device, 2 queues). The guest writes and
-//! verifies data with fio (crc32c), the host kills and restarts the back end
-//! (QEMU reconnects), the guest re-verifies the data, then makes, fills,
-//! remounts and fscks an ext4 file system. Bounded to a few minutes.
-//! Skipped when CELER_SKIP_SLOW=1 (CI never sets it).
+//! Celer vhost-user-blk volume on the file device (2 queues); see
+//! support/guest_system.rs for the scenario. Skipped when CELER_SKIP_SLOW=1
+//! (CI never sets it).
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+#[path = "support/guest_system.rs"]
+mod guest_system;
 
-/// Guest run limit (QEMU is killed after it); boot + fio + mkfs under TCG
-/// take about a minute here.
-const GUEST_TIMEOUT_S: u64 = 300;
+use std::path::Path;
+use std::process::{Command, Stdio};
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_backend(socket: &Path, disk: &Path, log: &Path) -> KillOnDrop {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_celer-vhost"))
-        .args(["serve", "--socket"])
-        .arg(socket)
-        .arg("--device")
-        .arg(format!("file:{}", disk.display()))
-        .args(["--queues", "2"])
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .expect("cannot start celer-vhost");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        assert!(Instant::now() < deadline, "back end did not listen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    KillOnDrop(child)
-}
+use guest_system::{run_guest_system_test, skip_slow, wait_for_socket, KillOnDrop};
 
 #[test]
 fn linux_guest_fio_verify_ext4_and_backend_restart() {
-    if std::env::var("CELER_SKIP_SLOW").as_deref() == Ok("1") {
-        eprintln!("CELER_SKIP_SLOW=1: skipping the QEMU system test");
+    if skip_slow() {
         return;
     }
-    let root = repo_root();
-    // Installs QEMU 10 / fio / busybox and builds the guest once (cached).
-    let status = Command::new("bash")
-        .arg(root.join("scripts/vm/build-guest.sh"))
-        .status()
-        .expect("cannot run build-guest.sh");
-    assert!(status.success(), "build-guest.sh failed");
-
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.img");
     std::fs::File::create(&disk)
         .unwrap()
         .set_len(256 << 20)
         .unwrap();
-    let socket = dir.path().join("vhost.sock");
-    let backend_log = dir.path().join("backend.log");
-    let out = dir.path().join("out");
-    let mut backend = start_backend(&socket, &disk, &backend_log);
-
-    let mut guest = KillOnDrop(
-        Command::new("bash")
-            .arg(root.join("scripts/vm/run-guest.sh"))
-            .arg("--disk")
-            .arg(format!("vhost:{},queues=2", socket.display()))
-            .args(["--smp", "2", "--mem", "512", "--accel", "tcg"])
-            .arg("--cmd")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/system.sh"))
-            .arg("--out")
-            .arg(&out)
-            .args(["--timeout", &GUEST_TIMEOUT_S.to_string()])
+    let start = |socket: &Path, log: &Path| {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_celer-vhost"))
+            .args(["serve", "--socket"])
+            .arg(socket)
+            .arg("--device")
+            .arg(format!("file:{}", disk.display()))
+            .args(["--queues", "2"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
             .spawn()
-            .expect("cannot run run-guest.sh"),
-    );
-
-    // Restart the back end (kill -9) once the guest has written its data.
-    let console = out.join("console.log");
-    let deadline = Instant::now() + Duration::from_secs(GUEST_TIMEOUT_S + 60);
-    let mut restarted = false;
-    let status = loop {
-        if let Some(status) = guest.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "guest run did not end");
-        if !restarted
-            && std::fs::read_to_string(&console)
-                .map(|c| c.contains("CELER-PHASE1-DONE"))
-                .unwrap_or(false)
-        {
-            drop(backend);
-            std::thread::sleep(Duration::from_millis(500));
-            backend = start_backend(&socket, &disk, &backend_log);
-            restarted = true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
+            .expect("cannot start celer-vhost");
+        wait_for_socket(socket);
+        KillOnDrop(child)
     };
-    let console_text = std::fs::read_to_string(&console).unwrap_or_default();
-    let log_text = std::fs::read_to_string(&backend_log).unwrap_or_default();
-    let read = |name: &str| std::fs::read_to_string(out.join(name)).unwrap_or_default();
-    let context = format!(
-        "\n--- console ---\n{}\n--- back end ---\n{}\n--- fio ---\n{}{}\n--- fsck ---\n{}",
-        console_text
-            .lines()
-            .rev()
-            .take(40)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect::<Vec<_>>()
-            .join("\n"),
-        log_text,
-        read("fio-write.txt"),
-        read("fio-reverify.txt"),
-        read("fsck.txt")
+    run_guest_system_test(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."),
+        dir.path(),
+        &start,
     );
-    assert!(status.success(), "guest run failed{context}");
-    assert!(restarted, "the guest never reached phase 1{context}");
-    assert!(console_text.contains("CELER-PHASE2-DONE"), "{context}");
-    assert!(console_text.contains("CELER-SYSTEM-OK"), "{context}");
-    assert_eq!(read("hw-queues.txt").trim(), "2", "{context}");
-    // Both virtqueues raised interrupts (I/O went through both).
-    let irqs = read("interrupts.txt");
-    for q in ["req.0", "req.1"] {
-        let line = irqs
-            .lines()
-            .find(|l| l.contains(q))
-            .unwrap_or_else(|| panic!("no {q} in interrupts:\n{irqs}"));
-        let count: u64 = line
-            .split_whitespace()
-            .skip(1)
-            .take_while(|f| f.chars().all(|c| c.is_ascii_digit()))
-            .map(|f| f.parse::<u64>().unwrap())
-            .sum();
-        assert!(count > 0, "queue {q} saw no interrupts:\n{irqs}");
-    }
-    assert!(read("fio-write.txt").contains("err= 0"), "{context}");
-    assert!(read("fio-reverify.txt").contains("err= 0"), "{context}");
-    drop(backend);
 }

@@ -1,0 +1,140 @@
+//! The QEMU guest system test, shared by the back ends that run it (the
+//! file device in celer-vhost, the engine volume in celer): a real Linux
+//! guest (QEMU TCG, 2 vCPUs, 2 virtqueues) writes and verifies data with fio
+//! (crc32c); the host kills the back end with SIGKILL and restarts it (QEMU
+//! reconnects); the guest re-verifies, then makes, fills, remounts and
+//! fscks an ext4 file system. Bounded by GUEST_TIMEOUT_S.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+/// Guest run limit (QEMU is killed after it); boot + fio + mkfs under TCG
+/// take about a minute here.
+const GUEST_TIMEOUT_S: u64 = 300;
+
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits for a back end to listen on `socket`.
+pub fn wait_for_socket(socket: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "back end did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether the slow system tests are skipped (CELER_SKIP_SLOW=1; CI never sets it).
+pub fn skip_slow() -> bool {
+    if std::env::var("CELER_SKIP_SLOW").as_deref() == Ok("1") {
+        eprintln!("CELER_SKIP_SLOW=1: skipping the QEMU system test");
+        return true;
+    }
+    false
+}
+
+/// Runs the guest scenario against the back end `start_backend(socket, log)`
+/// starts (listening, 2 queues); `repo` is the repository root and `dir` a
+/// scratch directory.
+pub fn run_guest_system_test(
+    repo: &Path,
+    dir: &Path,
+    start_backend: &dyn Fn(&Path, &Path) -> KillOnDrop,
+) {
+    let root: PathBuf = repo.to_path_buf();
+    // Installs QEMU 10 / fio / busybox and builds the guest once (cached).
+    let status = Command::new("bash")
+        .arg(root.join("scripts/vm/build-guest.sh"))
+        .status()
+        .expect("cannot run build-guest.sh");
+    assert!(status.success(), "build-guest.sh failed");
+    let socket = dir.join("vhost.sock");
+    let backend_log = dir.join("backend.log");
+    let out = dir.join("out");
+    let mut backend = start_backend(&socket, &backend_log);
+    let mut guest = KillOnDrop(
+        Command::new("bash")
+            .arg(root.join("scripts/vm/run-guest.sh"))
+            .arg("--disk")
+            .arg(format!("vhost:{},queues=2", socket.display()))
+            .args(["--smp", "2", "--mem", "512", "--accel", "tcg"])
+            .arg("--cmd")
+            .arg(root.join("crates/celer-vhost/tests/guest/system.sh"))
+            .arg("--out")
+            .arg(&out)
+            .args(["--timeout", &GUEST_TIMEOUT_S.to_string()])
+            .spawn()
+            .expect("cannot run run-guest.sh"),
+    );
+
+    // Restart the back end (kill -9) once the guest has written its data.
+    let console = out.join("console.log");
+    let deadline = Instant::now() + Duration::from_secs(GUEST_TIMEOUT_S + 60);
+    let mut restarted = false;
+    let status = loop {
+        if let Some(status) = guest.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "guest run did not end");
+        if !restarted
+            && std::fs::read_to_string(&console)
+                .map(|c| c.contains("CELER-PHASE1-DONE"))
+                .unwrap_or(false)
+        {
+            drop(backend);
+            std::thread::sleep(Duration::from_millis(500));
+            backend = start_backend(&socket, &backend_log);
+            restarted = true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let console_text = std::fs::read_to_string(&console).unwrap_or_default();
+    let log_text = std::fs::read_to_string(&backend_log).unwrap_or_default();
+    let read = |name: &str| std::fs::read_to_string(out.join(name)).unwrap_or_default();
+    let context = format!(
+        "\n--- console ---\n{}\n--- back end ---\n{}\n--- fio ---\n{}{}\n--- fsck ---\n{}",
+        console_text
+            .lines()
+            .rev()
+            .take(40)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n"),
+        log_text,
+        read("fio-write.txt"),
+        read("fio-reverify.txt"),
+        read("fsck.txt")
+    );
+    assert!(status.success(), "guest run failed{context}");
+    assert!(restarted, "the guest never reached phase 1{context}");
+    assert!(console_text.contains("CELER-PHASE2-DONE"), "{context}");
+    assert!(console_text.contains("CELER-SYSTEM-OK"), "{context}");
+    assert_eq!(read("hw-queues.txt").trim(), "2", "{context}");
+    // Both virtqueues raised interrupts (I/O went through both).
+    let irqs = read("interrupts.txt");
+    for q in ["req.0", "req.1"] {
+        let line = irqs
+            .lines()
+            .find(|l| l.contains(q))
+            .unwrap_or_else(|| panic!("no {q} in interrupts:\n{irqs}"));
+        let count: u64 = line
+            .split_whitespace()
+            .skip(1)
+            .take_while(|f| f.chars().all(|c| c.is_ascii_digit()))
+            .map(|f| f.parse::<u64>().unwrap())
+            .sum();
+        assert!(count > 0, "queue {q} saw no interrupts:\n{irqs}");
+    }
+    assert!(read("fio-write.txt").contains("err= 0"), "{context}");
+    assert!(read("fio-reverify.txt").contains("err= 0"), "{context}");
+    drop(backend);
+}
