@@ -16,9 +16,11 @@ use std::os::fd::RawFd;
 
 pub mod file;
 pub mod null;
+mod size;
 
 pub use file::{FileDevice, FileDeviceConfig, FileDeviceError};
 pub use null::NullDevice;
+pub use size::parse_size;
 
 /// Size of a virtio/NBD sector; offsets at the boundary are bytes.
 pub const SECTOR_SIZE_BYTES: u64 = 512;

@@ -90,7 +90,7 @@ pub fn open_device(
 ) -> anyhow::Result<Arc<dyn BlockDevice>> {
     if let Some(size) = spec.strip_prefix("null:") {
         return Ok(Arc::new(NullDevice::new(
-            parse_size(size)?,
+            celer_device::parse_size(size).map_err(anyhow::Error::msg)?,
             read_only,
             false,
         )));
@@ -104,21 +104,6 @@ pub fn open_device(
         return Ok(Arc::new(dev));
     }
     bail!("device must be null:SIZE or file:PATH, got {spec:?}")
-}
-
-/// Parses sizes like 4096, 64M, 1G.
-pub fn parse_size(s: &str) -> anyhow::Result<u64> {
-    let s = s.trim();
-    let (num, mult) = match s.chars().last() {
-        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
-        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
-        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
-        Some('T' | 't') => (&s[..s.len() - 1], 1 << 40),
-        _ => (s, 1),
-    };
-    let n: u64 = num.parse().with_context(|| format!("bad size {s:?}"))?;
-    n.checked_mul(mult)
-        .with_context(|| format!("size {s:?} overflows"))
 }
 
 /// A back-end process we started; killed on drop.

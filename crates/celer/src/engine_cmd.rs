@@ -8,7 +8,7 @@ use celer_engine::{
 };
 use clap::{Args, Subcommand};
 
-use crate::size::parse_size;
+use celer_device::parse_size;
 
 #[derive(Subcommand)]
 pub enum EngineCommand {

@@ -3,7 +3,6 @@
 mod bench_engine;
 mod engine_cmd;
 mod fio;
-mod size;
 
 use std::path::PathBuf;
 
@@ -54,10 +53,10 @@ struct BenchEngineArgs {
     #[arg(long, default_value = "/var/tmp/celer-bench")]
     dir: PathBuf,
     /// Size of the benchmark file.
-    #[arg(long, default_value = "2G", value_parser = size::parse_size)]
+    #[arg(long, default_value = "2G", value_parser = celer_device::parse_size)]
     file_size: u64,
     /// Size of the region the random I/O covers.
-    #[arg(long, default_value = "1G", value_parser = size::parse_size)]
+    #[arg(long, default_value = "1G", value_parser = celer_device::parse_size)]
     volume_size: u64,
     /// Seconds per workload.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=3600))]
@@ -137,7 +136,9 @@ fn engine_device_config(spec: &str, read_only: bool) -> Result<celer_engine::Eng
                         .map_err(|_| anyhow::anyhow!("volume={v}: not a number"))?,
                 )
             }
-            Some(("size", v)) => size = Some(size::parse_size(v).map_err(anyhow::Error::msg)?),
+            Some(("size", v)) => {
+                size = Some(celer_device::parse_size(v).map_err(anyhow::Error::msg)?)
+            }
             _ => anyhow::bail!("unknown engine device option `{kv}`: use volume=N and size=SIZE"),
         }
     }
