@@ -1673,7 +1673,11 @@ fn push_sqe(
         // completions from overflowing, so this cannot fail with EBUSY.
         match ring.submit() {
             Ok(_) => *unsubmitted = 0,
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            // Interrupted, or the kernel is short of memory: try again.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) => {
+                std::thread::yield_now()
+            }
+            // Anything else means a bad SQE or ring: a programming error.
             Err(e) => panic!("io_uring_enter failed with an in-budget queue: {e}"),
         }
     }
