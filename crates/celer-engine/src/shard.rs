@@ -891,7 +891,11 @@ impl Shard {
                 return self.finish(id);
             }
             None => {
-                if !self.journal_room(1 + self.g.spare_blocks as usize + 1) || !self.sqe_room(2) {
+                // Room for the Alloc record and the whole first phase, so that the op
+                // does not have to wait between allocating and planning.
+                if !self.journal_room(1 + self.g.spare_blocks as usize + 2)
+                    || !self.sqe_room(2 + RUNS_PER_PHASE_MAX)
+                {
                     return self.defer(id);
                 }
                 let Some(local) = self.free_slots.pop() else {
@@ -1322,7 +1326,9 @@ impl Shard {
             });
         }
         op.pending -= 1;
-        if op.pending == 0 {
+        // A deferred op (it allocated its slot, then waited for room) has
+        // nothing to finish here: it resumes from the deferred queue.
+        if op.pending == 0 && matches!(op.stage, Stage::Running | Stage::Freeing) {
             if op.op == EngineOp::Read || op.solo {
                 self.phase_done(id);
             } else {
