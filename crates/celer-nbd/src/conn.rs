@@ -1,0 +1,525 @@
+//! One NBD connection: handshake, then the transmission loop.
+//!
+//! The loop owns the connection's device queue and a fixed set of slots
+//! (one per request in flight, each with its own buffer). It sleeps in
+//! poll(2) on the socket and the queue's completion fd; it reads a request
+//! only when a slot is free and the bytes-in-flight budget allows, submits
+//! it, and sends each reply as its completion arrives (any order).
+//!
+//! Invariants: a slot's buffer is neither read nor moved while the device
+//! owns it (from submit until its last completion); every request gets
+//! exactly one reply unless the connection dies; bytes in flight never
+//! exceed `INFLIGHT_BYTES_MAX` plus one request.
+
+use std::collections::VecDeque;
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::AsRawFd;
+
+use celer_device::{BlockDevice, DeviceQueue, IoCompletion, IoError, IoOp, IoRequest, IoSegment};
+
+use crate::handshake::{negotiate, Outcome};
+use crate::proto::*;
+use crate::Export;
+
+/// Requests one connection keeps in flight.
+pub(crate) const CONN_INFLIGHT_MAX: usize = 64;
+/// Payload bytes one connection keeps in flight (reads and writes).
+pub(crate) const INFLIGHT_BYTES_MAX: u64 = 64 << 20;
+/// A slot buffer's size at start-up; grown for a bigger request and shrunk
+/// back after it, so an idle connection holds `CONN_INFLIGHT_MAX` × this.
+pub(crate) const SLOT_BUFFER_BYTES: usize = 128 << 10;
+/// Data alignment in slot buffers (O_DIRECT devices need it).
+const BUFFER_ALIGN_BYTES: usize = 4096;
+
+/// A socket a connection runs on.
+pub(crate) trait Stream: Read + Write + AsRawFd + Send {}
+impl Stream for std::net::TcpStream {}
+impl Stream for std::os::unix::net::UnixStream {}
+
+/// Why a connection ended early.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConnError {
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    #[error("device queue: {0}")]
+    Device(#[from] IoError),
+}
+
+pub(crate) fn run<S: Stream>(
+    mut s: S,
+    peer: &str,
+    index: usize,
+    device: &dyn BlockDevice,
+    export: &Export,
+) {
+    let result = match negotiate(&mut s, export) {
+        Ok(Outcome::Transmission) => device
+            .open_queue(index)
+            .map_err(ConnError::from)
+            .and_then(|queue| Conn::new(s, queue, export).transmit()),
+        Ok(Outcome::Aborted) => Ok(()),
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(()) => tracing::info!(peer, connection = index, "NBD connection closed"),
+        Err(ConnError::Io(e)) if e.kind() == ErrorKind::UnexpectedEof => tracing::warn!(
+            peer,
+            connection = index,
+            "NBD client went away mid-message (truncated frame); connection closed"
+        ),
+        Err(e) => tracing::warn!(peer, connection = index, "NBD connection closed: {e}"),
+    }
+}
+
+/// A payload buffer whose data starts 4 KiB-aligned with room for a reply
+/// header just before it.
+struct SlotBuffer {
+    storage: Vec<u8>,
+    data_off: usize,
+    cap: usize,
+}
+
+impl SlotBuffer {
+    fn new(cap: usize) -> SlotBuffer {
+        let storage = vec![0u8; cap + 2 * BUFFER_ALIGN_BYTES];
+        let mut data_off = storage.as_ptr().align_offset(BUFFER_ALIGN_BYTES);
+        if data_off < REPLY_BYTES {
+            data_off += BUFFER_ALIGN_BYTES;
+        }
+        assert!(data_off + cap <= storage.len());
+        SlotBuffer {
+            storage,
+            data_off,
+            cap,
+        }
+    }
+    fn data(&mut self, len: usize) -> &mut [u8] {
+        &mut self.storage[self.data_off..self.data_off + len]
+    }
+    /// Reply header followed by `len` data bytes.
+    fn frame(&mut self, err: u32, handle: u64, len: usize) -> &[u8] {
+        let h = &mut self.storage[self.data_off - REPLY_BYTES..self.data_off];
+        write_reply_header(h, err, handle);
+        &self.storage[self.data_off - REPLY_BYTES..self.data_off + len]
+    }
+}
+
+fn write_reply_header(h: &mut [u8], err: u32, handle: u64) {
+    h[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+    h[4..8].copy_from_slice(&err.to_be_bytes());
+    h[8..16].copy_from_slice(&handle.to_be_bytes());
+}
+
+struct Slot {
+    buf: SlotBuffer,
+    busy: bool,
+    handle: u64,
+    op: IoOp,
+    /// Payload bytes (read reply / write data); counts in the budget.
+    len: u32,
+    /// Device requests submitted and not completed.
+    parts_left: u32,
+    /// Unsent range of a TRIM/WRITE_ZEROES cut into device-sized pieces.
+    next_offset: u64,
+    end_offset: u64,
+    /// Flush after the write completes, before replying.
+    fua: bool,
+    error: Option<u32>,
+}
+
+struct Conn<'a, S: Stream> {
+    s: S,
+    queue: Box<dyn DeviceQueue>,
+    export: &'a Export,
+    slots: Vec<Slot>,
+    free: Vec<usize>,
+    /// Slots with pieces still to submit (device queue was full).
+    pending: VecDeque<usize>,
+    inflight_bytes: u64,
+    disconnecting: bool,
+}
+
+impl<'a, S: Stream> Conn<'a, S> {
+    fn new(s: S, queue: Box<dyn DeviceQueue>, export: &'a Export) -> Self {
+        let n = CONN_INFLIGHT_MAX.min(queue.inflight_max()).max(1);
+        let slots = (0..n)
+            .map(|_| Slot {
+                buf: SlotBuffer::new(SLOT_BUFFER_BYTES),
+                busy: false,
+                handle: 0,
+                op: IoOp::Flush,
+                len: 0,
+                parts_left: 0,
+                next_offset: 0,
+                end_offset: 0,
+                fua: false,
+                error: None,
+            })
+            .collect();
+        Conn {
+            s,
+            queue,
+            export,
+            slots,
+            free: (0..n).rev().collect(),
+            pending: VecDeque::with_capacity(n),
+            inflight_bytes: 0,
+            disconnecting: false,
+        }
+    }
+
+    fn busy(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    fn transmit(mut self) -> Result<(), ConnError> {
+        let result = self.transmit_loop();
+        // Never drop buffers the device still owns: wait for what is in
+        // flight even when the socket failed.
+        while self.queue.inflight() > 0 {
+            let mut sink = |_c: IoCompletion| {};
+            if self.queue.poll(&mut sink) == 0 {
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+        }
+        result
+    }
+
+    fn transmit_loop(&mut self) -> Result<(), ConnError> {
+        loop {
+            self.reap()?;
+            if self.disconnecting && self.busy() == 0 {
+                return Ok(());
+            }
+            let accepting = !self.disconnecting
+                && !self.free.is_empty()
+                && self.inflight_bytes < INFLIGHT_BYTES_MAX;
+            let mut fds = [libc::pollfd {
+                fd: -1,
+                events: libc::POLLIN,
+                revents: 0,
+            }; 2];
+            if accepting {
+                fds[0].fd = self.s.as_raw_fd();
+            }
+            let cfd = self.queue.completion_fd();
+            if let Some(fd) = cfd {
+                fds[1].fd = fd;
+            }
+            // Completions without an fd show up on the next poll: don't sleep long.
+            let timeout_ms = match (self.busy(), cfd) {
+                (0, _) => 1000,
+                (_, Some(_)) => 100,
+                (_, None) => 1,
+            };
+            // SAFETY: `fds` is a live array of two pollfds (fd -1 is ignored).
+            let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
+            if rc < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e.into());
+            }
+            if let Some(fd) = cfd {
+                if fds[1].revents != 0 {
+                    drain_eventfd(fd);
+                }
+            }
+            if accepting && fds[0].revents != 0 {
+                self.read_request()?;
+            }
+        }
+    }
+
+    /// Reads one request (header and payload) and submits or answers it.
+    fn read_request(&mut self) -> Result<(), ConnError> {
+        let mut h = [0u8; REQUEST_BYTES];
+        let got = read_full(&mut self.s, &mut h)?;
+        if got == 0 {
+            if self.busy() > 0 {
+                tracing::warn!("NBD client closed the connection with requests in flight");
+            } else {
+                tracing::info!("NBD client closed the connection without NBD_CMD_DISC");
+            }
+            self.disconnecting = true;
+            return Ok(());
+        }
+        if got < REQUEST_BYTES {
+            return Err(ConnError::Protocol(format!(
+                "truncated request header ({got} of {REQUEST_BYTES} bytes)"
+            )));
+        }
+        let magic = u32::from_be_bytes([h[0], h[1], h[2], h[3]]);
+        let flags = u16::from_be_bytes([h[4], h[5]]);
+        let cmd = u16::from_be_bytes([h[6], h[7]]);
+        let handle = u64::from_be_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
+        let offset = u64::from_be_bytes([h[16], h[17], h[18], h[19], h[20], h[21], h[22], h[23]]);
+        let len = u32::from_be_bytes([h[24], h[25], h[26], h[27]]);
+        if magic != REQUEST_MAGIC {
+            // Framing is lost: nothing after this can be parsed.
+            return Err(ConnError::Protocol(format!(
+                "bad request magic {magic:#010x}"
+            )));
+        }
+        let e = self.export;
+        if cmd == CMD_WRITE && len > e.max_block_bytes {
+            // The payload cannot be skipped without reading it all; close.
+            return Err(ConnError::Protocol(format!(
+                "write of {len} bytes at {offset} exceeds the advertised maximum {} bytes",
+                e.max_block_bytes
+            )));
+        }
+        let Some(si) = self.free.pop() else {
+            return Err(ConnError::Protocol("no free slot (internal)".into()));
+        };
+        if cmd == CMD_WRITE {
+            let slot = &mut self.slots[si];
+            if slot.buf.cap < len as usize {
+                slot.buf = SlotBuffer::new(len as usize);
+            }
+            let got = read_full(&mut self.s, slot.buf.data(len as usize));
+            match got {
+                Ok(n) if n == len as usize => {}
+                Ok(n) => {
+                    self.free.push(si);
+                    return Err(ConnError::Protocol(format!(
+                        "truncated write payload ({n} of {len} bytes)"
+                    )));
+                }
+                Err(err) => {
+                    self.free.push(si);
+                    return Err(err.into());
+                }
+            }
+        }
+        let check = self.validate(flags, cmd, offset, len);
+        let op = match check {
+            Ok(Some(op)) => op,
+            Ok(None) => {
+                // NBD_CMD_DISC: no reply; finish what is in flight, then close.
+                self.free.push(si);
+                self.disconnecting = true;
+                return Ok(());
+            }
+            Err(errno) => {
+                self.free.push(si);
+                tracing::debug!(cmd, offset, len, errno, "NBD request refused");
+                let mut r = [0u8; REPLY_BYTES];
+                write_reply_header(&mut r, errno, handle);
+                self.s.write_all(&r)?;
+                return Ok(());
+            }
+        };
+        let data_len = if matches!(op, IoOp::Read | IoOp::Write) {
+            len
+        } else {
+            0
+        };
+        let slot = &mut self.slots[si];
+        if slot.buf.cap < data_len as usize {
+            slot.buf = SlotBuffer::new(data_len as usize);
+        }
+        slot.busy = true;
+        slot.handle = handle;
+        slot.op = op;
+        slot.len = data_len;
+        slot.parts_left = 0;
+        slot.next_offset = offset;
+        slot.end_offset = offset + u64::from(len);
+        slot.fua = op != IoOp::Read && op != IoOp::Flush && flags & CMD_FLAG_FUA != 0;
+        slot.error = None;
+        self.inflight_bytes += u64::from(data_len);
+        self.pending.push_back(si);
+        self.submit_pending()
+    }
+
+    /// Checks a request against the export. `Ok(None)` is DISC; `Err` is
+    /// the errno to reply with.
+    fn validate(&self, flags: u16, cmd: u16, offset: u64, len: u32) -> Result<Option<IoOp>, u32> {
+        let e = self.export;
+        let known = CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_DF | CMD_FLAG_FAST_ZERO;
+        if flags & !known != 0 {
+            return Err(EINVAL);
+        }
+        let op = match cmd {
+            CMD_READ => IoOp::Read,
+            CMD_WRITE => IoOp::Write,
+            CMD_DISC => return Ok(None),
+            CMD_FLUSH => return Ok(Some(IoOp::Flush)),
+            CMD_TRIM if e.transmission_flags & TF_SEND_TRIM != 0 || e.read_only => IoOp::Discard,
+            CMD_WRITE_ZEROES if e.transmission_flags & TF_SEND_WRITE_ZEROES != 0 || e.read_only => {
+                IoOp::WriteZeroes
+            }
+            _ => return Err(EINVAL),
+        };
+        if op != IoOp::Read && e.read_only {
+            return Err(EPERM);
+        }
+        if op == IoOp::Read && len > e.max_block_bytes {
+            return Err(EOVERFLOW);
+        }
+        let min = u64::from(e.min_block_bytes);
+        if len == 0 || !offset.is_multiple_of(min) || !u64::from(len).is_multiple_of(min) {
+            return Err(EINVAL);
+        }
+        if offset
+            .checked_add(u64::from(len))
+            .is_none_or(|end| end > e.size_bytes)
+        {
+            return Err(if op == IoOp::Read { EINVAL } else { ENOSPC });
+        }
+        Ok(Some(op))
+    }
+
+    /// Submits pieces of pending slots until the device queue is full.
+    fn submit_pending(&mut self) -> Result<(), ConnError> {
+        while let Some(&si) = self.pending.front() {
+            let slot = &mut self.slots[si];
+            let (offset, len) = match slot.op {
+                IoOp::Flush => (0, 0),
+                IoOp::Read | IoOp::Write => (slot.next_offset, u64::from(slot.len)),
+                IoOp::Discard | IoOp::WriteZeroes => (
+                    slot.next_offset,
+                    (slot.end_offset - slot.next_offset).min(self.export.device_piece_bytes),
+                ),
+            };
+            let has_data = matches!(slot.op, IoOp::Read | IoOp::Write);
+            let seg = [IoSegment {
+                addr: if has_data {
+                    slot.buf.data(len as usize).as_mut_ptr()
+                } else {
+                    std::ptr::null_mut()
+                },
+                len: len as usize,
+            }];
+            let segments: &[IoSegment] = if has_data { &seg } else { &[] };
+            let req = IoRequest {
+                op: slot.op,
+                offset_bytes: offset,
+                len_bytes: len,
+                segments,
+                tag: si as u64,
+            };
+            // SAFETY: the segment is the slot's buffer, which stays allocated
+            // and untouched while `parts_left > 0` (nothing reads, writes or
+            // replaces a busy slot's buffer until its last completion).
+            match unsafe { self.queue.submit(&req) } {
+                Ok(()) => {
+                    slot.parts_left += 1;
+                    slot.next_offset = offset + len;
+                }
+                Err(IoError::QueueFull { .. }) if self.queue.inflight() > 0 => break,
+                Err(err) => {
+                    tracing::debug!(offset, len, "device refused request: {err}");
+                    slot.error.get_or_insert(errno_of(&err));
+                    slot.next_offset = slot.end_offset;
+                }
+            }
+            let slot = &self.slots[si];
+            if slot.op == IoOp::Flush || slot.next_offset >= slot.end_offset {
+                self.pending.pop_front();
+                if slot.parts_left == 0 {
+                    self.finish(si)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes every completion from the device and replies to finished requests.
+    fn reap(&mut self) -> Result<(), ConnError> {
+        loop {
+            let mut done: [Option<(usize, Option<u32>)>; 64] = [None; 64];
+            let mut n = 0usize;
+            // Completions are copied out so the replies can use `self`.
+            self.queue.poll(&mut |c: IoCompletion| {
+                if n < done.len() {
+                    done[n] = Some((c.tag as usize, c.result.err().map(|e| errno_of(&e))));
+                }
+                n += 1;
+            });
+            assert!(
+                n <= done.len(),
+                "device returned more completions than asked"
+            );
+            for (si, errno) in done.iter().take(n).flatten().copied() {
+                let slot = &mut self.slots[si];
+                assert!(
+                    slot.busy && slot.parts_left > 0,
+                    "completion for an idle slot"
+                );
+                slot.parts_left -= 1;
+                if let Some(errno) = errno {
+                    slot.error.get_or_insert(errno);
+                }
+                let sent_all = slot.next_offset >= slot.end_offset || slot.op == IoOp::Flush;
+                if slot.parts_left == 0 && sent_all && !self.pending.contains(&si) {
+                    self.finish(si)?;
+                }
+            }
+            self.submit_pending()?;
+            if n == 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    /// All pieces of a slot are done: flush for FUA, or reply and free it.
+    fn finish(&mut self, si: usize) -> Result<(), ConnError> {
+        let slot = &mut self.slots[si];
+        if slot.fua && slot.error.is_none() {
+            slot.fua = false;
+            slot.op = IoOp::Flush;
+            self.pending.push_back(si);
+            return Ok(());
+        }
+        let err = slot.error.unwrap_or(0);
+        let data_len = if slot.op == IoOp::Read && err == 0 {
+            slot.len as usize
+        } else {
+            0
+        };
+        let frame = slot.buf.frame(err, slot.handle, data_len);
+        self.s.write_all(frame)?;
+        self.inflight_bytes -= u64::from(slot.len);
+        if slot.buf.cap > SLOT_BUFFER_BYTES {
+            slot.buf = SlotBuffer::new(SLOT_BUFFER_BYTES);
+        }
+        slot.busy = false;
+        self.free.push(si);
+        Ok(())
+    }
+}
+
+fn errno_of(e: &IoError) -> u32 {
+    match e {
+        IoError::OutOfRange { .. } | IoError::Misaligned { .. } => EINVAL,
+        IoError::ReadOnly => EPERM,
+        IoError::Unsupported(_) => ENOTSUP,
+        IoError::Checksum { .. } | IoError::QueueFull { .. } | IoError::Io(_) => EIO,
+    }
+}
+
+/// Reads until `buf` is full or EOF; returns the bytes read.
+fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+fn drain_eventfd(fd: i32) {
+    let mut v = 0u64;
+    // SAFETY: reads at most 8 bytes into a local u64; the fd is the queue's
+    // nonblocking eventfd, reported readable by poll.
+    unsafe { libc::read(fd, &mut v as *mut u64 as *mut libc::c_void, 8) };
+}

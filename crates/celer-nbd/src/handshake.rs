@@ -1,0 +1,154 @@
+//! Newstyle fixed handshake: greeting, client flags, the option haggling.
+//! Ends in transmission (OPT_GO, OPT_EXPORT_NAME) or in a closed connection
+//! (OPT_ABORT, EOF, protocol violation).
+
+use std::io::{Read, Write};
+
+use crate::conn::ConnError;
+use crate::proto::*;
+use crate::Export;
+
+/// Option data larger than this closes the connection (never allocated).
+pub(crate) const OPTION_DATA_MAX_BYTES: u32 = 4096;
+/// Options one connection may send before transmission.
+pub(crate) const OPTIONS_MAX: usize = 64;
+
+/// How the haggling ended.
+pub(crate) enum Outcome {
+    Transmission,
+    Aborted,
+}
+
+pub(crate) fn negotiate<S: Read + Write>(s: &mut S, export: &Export) -> Result<Outcome, ConnError> {
+    let mut hello = [0u8; 18];
+    hello[0..8].copy_from_slice(&NBDMAGIC.to_be_bytes());
+    hello[8..16].copy_from_slice(&IHAVEOPT.to_be_bytes());
+    hello[16..18].copy_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    s.write_all(&hello)?;
+    let mut cf = [0u8; 4];
+    s.read_exact(&mut cf)?;
+    let client_flags = u32::from_be_bytes(cf);
+    if client_flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
+        return Err(ConnError::Protocol(format!(
+            "unknown client flags {client_flags:#x}"
+        )));
+    }
+    let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
+    let mut data = [0u8; OPTION_DATA_MAX_BYTES as usize];
+    for _ in 0..OPTIONS_MAX {
+        let mut h = [0u8; 16];
+        s.read_exact(&mut h)?;
+        let magic = u64::from_be_bytes(h[0..8].try_into().expect("8 bytes"));
+        let opt = u32::from_be_bytes(h[8..12].try_into().expect("4 bytes"));
+        let len = u32::from_be_bytes(h[12..16].try_into().expect("4 bytes"));
+        if magic != IHAVEOPT {
+            return Err(ConnError::Protocol(format!(
+                "bad option magic {magic:#x} (expected IHAVEOPT)"
+            )));
+        }
+        if len > OPTION_DATA_MAX_BYTES {
+            return Err(ConnError::Protocol(format!(
+                "option {opt} carries {len} bytes (limit {OPTION_DATA_MAX_BYTES})"
+            )));
+        }
+        let data = &mut data[..len as usize];
+        s.read_exact(data)?;
+        match opt {
+            OPT_EXPORT_NAME => {
+                let name = String::from_utf8_lossy(data);
+                if !name_matches(&name, export) {
+                    // No error reply exists for this option: the spec says close.
+                    return Err(ConnError::Protocol(format!(
+                        "NBD_OPT_EXPORT_NAME asks for unknown export {name:?}"
+                    )));
+                }
+                let mut r = Vec::with_capacity(10 + 124);
+                r.extend_from_slice(&export.size_bytes.to_be_bytes());
+                r.extend_from_slice(&export.transmission_flags.to_be_bytes());
+                if !no_zeroes {
+                    r.extend_from_slice(&[0u8; 124]);
+                }
+                s.write_all(&r)?;
+                return Ok(Outcome::Transmission);
+            }
+            OPT_ABORT => {
+                // The client may already be gone; the ack is a courtesy.
+                let _ = reply(s, opt, REP_ACK, &[]);
+                return Ok(Outcome::Aborted);
+            }
+            OPT_LIST => {
+                if len != 0 {
+                    reply(s, opt, REP_ERR_INVALID, b"NBD_OPT_LIST carries no data")?;
+                    continue;
+                }
+                let mut d = Vec::with_capacity(4 + export.name.len());
+                d.extend_from_slice(&(export.name.len() as u32).to_be_bytes());
+                d.extend_from_slice(export.name.as_bytes());
+                reply(s, opt, REP_SERVER, &d)?;
+                reply(s, opt, REP_ACK, &[])?;
+            }
+            OPT_INFO | OPT_GO => {
+                let Some(name) = parse_info_request(data) else {
+                    reply(s, opt, REP_ERR_INVALID, b"malformed NBD_OPT_INFO/GO data")?;
+                    continue;
+                };
+                if !name_matches(&name, export) {
+                    let msg = format!("no export named {name:?}");
+                    reply(s, opt, REP_ERR_UNKNOWN, msg.as_bytes())?;
+                    continue;
+                }
+                let mut info = Vec::with_capacity(12);
+                info.extend_from_slice(&INFO_EXPORT.to_be_bytes());
+                info.extend_from_slice(&export.size_bytes.to_be_bytes());
+                info.extend_from_slice(&export.transmission_flags.to_be_bytes());
+                reply(s, opt, REP_INFO, &info)?;
+                // Sent whether asked or not (the spec allows it): clients
+                // that ignore it and send misaligned requests get EINVAL.
+                let mut bs = Vec::with_capacity(14);
+                bs.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
+                bs.extend_from_slice(&export.min_block_bytes.to_be_bytes());
+                bs.extend_from_slice(&export.preferred_block_bytes.to_be_bytes());
+                bs.extend_from_slice(&export.max_block_bytes.to_be_bytes());
+                reply(s, opt, REP_INFO, &bs)?;
+                reply(s, opt, REP_ACK, &[])?;
+                if opt == OPT_GO {
+                    return Ok(Outcome::Transmission);
+                }
+            }
+            _ => {
+                let msg = format!("option {opt} is not supported");
+                reply(s, opt, REP_ERR_UNSUP, msg.as_bytes())?;
+            }
+        }
+    }
+    Err(ConnError::Protocol(format!(
+        "more than {OPTIONS_MAX} options without starting transmission"
+    )))
+}
+
+fn name_matches(name: &str, export: &Export) -> bool {
+    name.is_empty() || name == export.name
+}
+
+/// OPT_INFO/OPT_GO data: u32 name length, name, u16 count, count × u16.
+fn parse_info_request(data: &[u8]) -> Option<String> {
+    let name_len = u32::from_be_bytes(data.get(0..4)?.try_into().ok()?) as usize;
+    let name = data.get(4..4usize.checked_add(name_len)?)?;
+    let rest = &data[4 + name_len..];
+    let count = u16::from_be_bytes(rest.get(0..2)?.try_into().ok()?) as usize;
+    if rest.len() != 2 + 2 * count {
+        return None;
+    }
+    Some(String::from_utf8_lossy(name).into_owned())
+}
+
+fn reply<S: Write>(s: &mut S, opt: u32, rep: u32, data: &[u8]) -> Result<(), ConnError> {
+    let mut r = Vec::with_capacity(20 + data.len());
+    r.extend_from_slice(&OPT_REPLY_MAGIC.to_be_bytes());
+    r.extend_from_slice(&opt.to_be_bytes());
+    r.extend_from_slice(&rep.to_be_bytes());
+    r.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    r.extend_from_slice(data);
+    s.write_all(&r)?;
+    Ok(())
+}

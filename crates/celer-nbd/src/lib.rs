@@ -1,0 +1,300 @@
+//! NBD front end: serves one [`BlockDevice`] as one NBD export over TCP
+//! and/or a Unix socket, so `qemu-img`, `qemu-io`, `qemu-nbd -c`, fio's nbd
+//! engine and any other NBD client can use a Celer volume.
+//!
+//! Protocol: newstyle fixed handshake (OPT_GO, OPT_INFO, OPT_EXPORT_NAME,
+//! OPT_ABORT, OPT_LIST; everything else gets NBD_REP_ERR_UNSUP) and simple
+//! replies. Commands READ, WRITE, FLUSH, TRIM, WRITE_ZEROES, DISC.
+//!
+//! Threads: one per connection. Each connection opens its own
+//! [`celer_device::DeviceQueue`], so connections share nothing but the
+//! device. A connection pipelines: it keeps reading requests while earlier
+//! ones are in flight on the device, and replies in completion order (each
+//! reply carries its request's handle).
+//!
+//! Buffers: NBD data crosses a socket, so there is no zero copy here; each
+//! connection preallocates one buffer per in-flight slot and the payload is
+//! read from the socket straight into it (and sent from it, with the reply
+//! header in the bytes just before the data, so a read reply is one write).
+//!
+//! Limits: requests per connection in flight, bytes per connection in flight,
+//! request size (the advertised maximum block size), option data size. A
+//! write larger than the maximum closes the connection without allocating.
+
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use celer_device::{BlockDevice, DeviceInfo, IoError};
+
+pub mod cli;
+mod conn;
+mod handshake;
+mod proto;
+
+/// Largest NBD request (read or write payload) the server accepts.
+pub const REQUEST_MAX_BYTES: u32 = 32 << 20;
+/// Preferred block size advertised to clients.
+pub const PREFERRED_BLOCK_BYTES: u32 = 4096;
+
+/// What to serve, and where.
+#[derive(Clone, Debug)]
+pub struct NbdConfig {
+    /// TCP address to listen on (e.g. 127.0.0.1:10809); port 0 picks one.
+    pub addr: Option<SocketAddr>,
+    /// Unix socket to listen on (a stale socket file there is replaced).
+    pub socket: Option<PathBuf>,
+    /// Name of the one export; clients asking for "" also get it.
+    pub export_name: String,
+    /// Serve read-only even if the device is writable.
+    pub read_only: bool,
+    /// Stop after this many connections have come and gone (None: forever).
+    pub connections_max: Option<usize>,
+}
+
+impl NbdConfig {
+    pub fn new(export_name: &str) -> Self {
+        NbdConfig {
+            addr: None,
+            socket: None,
+            export_name: export_name.to_string(),
+            read_only: false,
+            connections_max: None,
+        }
+    }
+}
+
+/// Errors starting or running the server. Errors of one connection are
+/// logged and end that connection only.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("nothing to listen on: give a TCP address (--listen) and/or a Unix socket (--socket)")]
+    NoListener,
+    #[error("cannot listen on TCP {addr}: {source}")]
+    BindTcp {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on Unix socket {path}: {source} (is another server using it?)")]
+    BindUnix {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("device size {size_bytes} is not a multiple of its block size {block_bytes}")]
+    BadDevice { size_bytes: u64, block_bytes: u32 },
+    #[error("cannot open a device queue: {0}")]
+    Queue(#[from] IoError),
+    #[error("waiting for connections failed: {0}")]
+    Accept(std::io::Error),
+    #[error("cannot start a connection thread: {0}")]
+    Spawn(std::io::Error),
+}
+
+/// The export as a client sees it; fixed for the server's life.
+#[derive(Clone, Debug)]
+pub(crate) struct Export {
+    pub name: String,
+    pub size_bytes: u64,
+    pub read_only: bool,
+    pub transmission_flags: u16,
+    pub min_block_bytes: u32,
+    pub preferred_block_bytes: u32,
+    pub max_block_bytes: u32,
+    /// Largest TRIM/WRITE_ZEROES piece handed to the device at once.
+    pub device_piece_bytes: u64,
+}
+
+impl Export {
+    pub(crate) fn new(name: &str, info: &DeviceInfo, read_only: bool) -> Result<Export, Error> {
+        use proto::*;
+        let min = info.block_size_bytes.max(512);
+        if !info.size_bytes.is_multiple_of(u64::from(min)) || !min.is_power_of_two() {
+            return Err(Error::BadDevice {
+                size_bytes: info.size_bytes,
+                block_bytes: min,
+            });
+        }
+        let read_only = read_only || info.read_only;
+        let device_max = info.max_request_bytes.min(u64::from(REQUEST_MAX_BYTES)) as u32;
+        let max = (device_max / min * min).max(min);
+        let mut flags = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA;
+        if read_only {
+            flags |= TF_READ_ONLY;
+        } else {
+            if info.supports_discard {
+                flags |= TF_SEND_TRIM;
+            }
+            if info.supports_write_zeroes {
+                flags |= TF_SEND_WRITE_ZEROES;
+            }
+        }
+        Ok(Export {
+            name: name.to_string(),
+            size_bytes: info.size_bytes,
+            read_only,
+            transmission_flags: flags,
+            min_block_bytes: min,
+            preferred_block_bytes: PREFERRED_BLOCK_BYTES.max(min).min(max),
+            max_block_bytes: max,
+            device_piece_bytes: u64::from(max),
+        })
+    }
+}
+
+/// A server with its listeners bound; [`Server::run`] serves.
+pub struct Server {
+    config: NbdConfig,
+    device: Arc<dyn BlockDevice>,
+    export: Export,
+    tcp: Option<TcpListener>,
+    unix: Option<UnixListener>,
+}
+
+impl Server {
+    /// Binds the listeners named in `config`.
+    pub fn bind(config: NbdConfig, device: Arc<dyn BlockDevice>) -> Result<Server, Error> {
+        if config.addr.is_none() && config.socket.is_none() {
+            return Err(Error::NoListener);
+        }
+        let export = Export::new(&config.export_name, &device.info(), config.read_only)?;
+        let tcp = match config.addr {
+            Some(addr) => {
+                Some(TcpListener::bind(addr).map_err(|source| Error::BindTcp { addr, source })?)
+            }
+            None => None,
+        };
+        let unix = match &config.socket {
+            Some(path) => {
+                use std::os::unix::fs::FileTypeExt;
+                if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+                    let _ = std::fs::remove_file(path);
+                }
+                Some(UnixListener::bind(path).map_err(|source| Error::BindUnix {
+                    path: path.clone(),
+                    source,
+                })?)
+            }
+            None => None,
+        };
+        Ok(Server {
+            config,
+            device,
+            export,
+            tcp,
+            unix,
+        })
+    }
+
+    /// The bound TCP address (useful with port 0).
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Accepts connections until `connections_max` have been served (then
+    /// waits for them to end), or forever.
+    pub fn run(self) -> Result<(), Error> {
+        let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        let mut accepted = 0usize;
+        let result = self.accept_loop(&mut threads, &mut accepted);
+        for t in threads {
+            if t.join().is_err() {
+                tracing::error!("an NBD connection thread panicked");
+            }
+        }
+        if let Some(path) = &self.config.socket {
+            let _ = std::fs::remove_file(path);
+        }
+        result
+    }
+
+    fn accept_loop(
+        &self,
+        threads: &mut Vec<JoinHandle<()>>,
+        accepted: &mut usize,
+    ) -> Result<(), Error> {
+        tracing::info!(
+            export = %self.export.name,
+            tcp = ?self.tcp_addr(),
+            socket = ?self.config.socket,
+            size_bytes = self.export.size_bytes,
+            read_only = self.export.read_only,
+            "NBD server listening"
+        );
+        while self.config.connections_max.is_none_or(|n| *accepted < n) {
+            let mut fds = Vec::with_capacity(2);
+            if let Some(l) = &self.tcp {
+                fds.push(libc::pollfd {
+                    fd: l.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
+            if let Some(l) = &self.unix {
+                fds.push(libc::pollfd {
+                    fd: l.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
+            // SAFETY: `fds` is a live array of `fds.len()` pollfds.
+            let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
+            if rc < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(Error::Accept(e));
+            }
+            threads.retain(|t| !t.is_finished());
+            let mut i = 0;
+            if let Some(l) = &self.tcp {
+                if fds[i].revents != 0 {
+                    match l.accept() {
+                        Ok((s, peer)) => {
+                            let _ = s.set_nodelay(true);
+                            threads.push(self.spawn(s, peer.to_string(), *accepted)?);
+                            *accepted += 1;
+                        }
+                        Err(e) => tracing::warn!("TCP accept failed: {e}"),
+                    }
+                }
+                i += 1;
+            }
+            if let Some(l) = &self.unix {
+                if fds[i].revents != 0 && self.config.connections_max.is_none_or(|n| *accepted < n)
+                {
+                    match l.accept() {
+                        Ok((s, _)) => {
+                            threads.push(self.spawn(s, "unix".to_string(), *accepted)?);
+                            *accepted += 1;
+                        }
+                        Err(e) => tracing::warn!("Unix accept failed: {e}"),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn spawn<S: conn::Stream + 'static>(
+        &self,
+        stream: S,
+        peer: String,
+        index: usize,
+    ) -> Result<JoinHandle<()>, Error> {
+        let device = self.device.clone();
+        let export = self.export.clone();
+        std::thread::Builder::new()
+            .name(format!("celer-nbd-{index}"))
+            .spawn(move || conn::run(stream, &peer, index, device.as_ref(), &export))
+            .map_err(Error::Spawn)
+    }
+}
+
+/// Serves `device` as configured; blocks (see [`Server::run`]).
+pub fn serve(config: NbdConfig, device: Arc<dyn BlockDevice>) -> Result<(), Error> {
+    Server::bind(config, device)?.run()
+}
