@@ -21,7 +21,8 @@ pub struct ServeArgs {
     /// Unix socket to listen on.
     #[arg(long)]
     pub socket: Option<PathBuf>,
-    /// Device: `null:SIZE` (e.g. null:1G) or `file:PATH` (file or block device).
+    /// Device: `null:SIZE` (e.g. null:1G) or `file:PATH` (file or block device);
+    /// `celer nbd serve` also takes `engine:PATH,volume=N,size=SIZE`.
     #[arg(long)]
     pub device: String,
     /// Export name clients ask for (the empty name also gets it).
@@ -57,7 +58,9 @@ pub fn run_serve_with(a: &ServeArgs, device: Arc<dyn BlockDevice>) -> anyhow::Re
 /// `null:SIZE` or `file:PATH` (files are opened without O_DIRECT).
 pub fn open_device(spec: &str, read_only: bool) -> anyhow::Result<Arc<dyn BlockDevice>> {
     if let Some(size) = spec.strip_prefix("null:") {
-        let size_bytes = parse_size(size).with_context(|| format!("device {spec}"))?;
+        let size_bytes = celer_device::parse_size(size)
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("device {spec}"))?;
         anyhow::ensure!(
             size_bytes > 0 && size_bytes.is_multiple_of(512),
             "null device size must be a positive multiple of 512 bytes"
@@ -73,39 +76,4 @@ pub fn open_device(spec: &str, read_only: bool) -> anyhow::Result<Arc<dyn BlockD
         return Ok(Arc::new(dev));
     }
     anyhow::bail!("unknown device `{spec}`: use null:SIZE or file:PATH")
-}
-
-/// `4096`, `512K`, `64M`, `10G`, `1T` (binary units).
-fn parse_size(text: &str) -> anyhow::Result<u64> {
-    let t = text.trim();
-    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(digits);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| anyhow::anyhow!("`{text}` is not a size (e.g. 512M, 10G)"))?;
-    let shift = match unit.to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kib" => 10,
-        "m" | "mib" => 20,
-        "g" | "gib" => 30,
-        "t" | "tib" => 40,
-        _ => anyhow::bail!("`{text}`: unknown unit (use K, M, G or T)"),
-    };
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| anyhow::anyhow!("`{text}` is too large"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_size;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("4096").ok(), Some(4096));
-        assert_eq!(parse_size("512K").ok(), Some(512 << 10));
-        assert_eq!(parse_size("64MiB").ok(), Some(64 << 20));
-        assert!(parse_size("ten").is_err());
-        assert!(parse_size("").is_err());
-        assert!(parse_size("99999999999T").is_err());
-    }
 }

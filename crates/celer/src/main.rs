@@ -28,6 +28,9 @@ enum Command {
     /// Serve a volume to QEMU over vhost-user-blk.
     #[command(subcommand)]
     Vhost(VhostCommand),
+    /// Serve a volume over NBD (qemu-img, qemu-nbd, fio's nbd engine).
+    #[command(subcommand)]
+    Nbd(NbdCommand),
     /// Benchmarks that print Celer's figures beside a peer's, measured in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -37,6 +40,12 @@ enum Command {
 enum VhostCommand {
     /// Listen on a Unix socket and serve a device as a virtio-blk disk.
     Serve(celer_vhost::cli::ServeArgs),
+}
+
+#[derive(Subcommand)]
+enum NbdCommand {
+    /// Listen on TCP and/or a Unix socket and serve a device as an NBD export.
+    Serve(celer_nbd::cli::ServeArgs),
 }
 
 #[derive(Subcommand)]
@@ -95,6 +104,14 @@ fn run(cli: Cli) -> Result<()> {
                 celer_vhost::cli::run_serve_with(&a, std::sync::Arc::new(device))
             }
             None => celer_vhost::cli::run_serve(&a),
+        },
+        Command::Nbd(NbdCommand::Serve(a)) => match a.device.strip_prefix("engine:") {
+            Some(spec) => {
+                let device =
+                    celer_engine::EngineDevice::open(&engine_device_config(spec, a.read_only)?)?;
+                celer_nbd::cli::run_serve_with(&a, std::sync::Arc::new(device))
+            }
+            None => celer_nbd::cli::run_serve(&a),
         },
         Command::Bench(BenchCommand::Vhost(a)) => {
             celer_vhost::cli::run_bench_cli(&a, &["vhost", "serve"])
