@@ -139,11 +139,14 @@ struct Conn<'a, S: Stream> {
     pending: VecDeque<usize>,
     inflight_bytes: u64,
     disconnecting: bool,
+    /// (slot, errno) of the completions of one poll; reused.
+    completed: Vec<(usize, Option<u32>)>,
 }
 
 impl<'a, S: Stream> Conn<'a, S> {
     fn new(s: S, queue: Box<dyn DeviceQueue>, export: &'a Export) -> Self {
         let n = CONN_INFLIGHT_MAX.min(queue.inflight_max()).max(1);
+        let completed_max = queue.inflight_max();
         let slots = (0..n)
             .map(|_| Slot {
                 buf: SlotBuffer::new(SLOT_BUFFER_BYTES),
@@ -167,6 +170,7 @@ impl<'a, S: Stream> Conn<'a, S> {
             pending: VecDeque::with_capacity(n),
             inflight_bytes: 0,
             disconnecting: false,
+            completed: Vec::with_capacity(completed_max),
         }
     }
 
@@ -432,20 +436,15 @@ impl<'a, S: Stream> Conn<'a, S> {
     /// Takes every completion from the device and replies to finished requests.
     fn reap(&mut self) -> Result<(), ConnError> {
         loop {
-            let mut done: [Option<(usize, Option<u32>)>; 64] = [None; 64];
-            let mut n = 0usize;
-            // Completions are copied out so the replies can use `self`.
-            self.queue.poll(&mut |c: IoCompletion| {
-                if n < done.len() {
-                    done[n] = Some((c.tag as usize, c.result.err().map(|e| errno_of(&e))));
-                }
-                n += 1;
+            // Completions are copied out (into a buffer sized at start-up)
+            // so the replies can use `self`.
+            let mut done = std::mem::take(&mut self.completed);
+            done.clear();
+            let n = self.queue.poll(&mut |c: IoCompletion| {
+                done.push((c.tag as usize, c.result.err().map(|e| errno_of(&e))));
             });
-            assert!(
-                n <= done.len(),
-                "device returned more completions than asked"
-            );
-            for (si, errno) in done.iter().take(n).flatten().copied() {
+            assert_eq!(n, done.len(), "device miscounted its completions");
+            for &(si, errno) in &done {
                 let slot = &mut self.slots[si];
                 assert!(
                     slot.busy && slot.parts_left > 0,
@@ -460,6 +459,7 @@ impl<'a, S: Stream> Conn<'a, S> {
                     self.finish(si)?;
                 }
             }
+            self.completed = done;
             self.submit_pending()?;
             if n == 0 {
                 return Ok(());

@@ -339,3 +339,49 @@ fn tcp_and_unix_clients_at_once() {
     }
     server.join().expect("server");
 }
+
+#[test]
+fn large_trim_is_cut_into_device_pieces_and_fua_flushes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // 64 KiB device requests, 256 in flight, completions held until 200
+    // are waiting: one poll returns far more completions than slots.
+    let mut d = MemDevice::new(SIZE, false);
+    d.info.max_request_bytes = 64 << 10;
+    d.inflight_max = 256;
+    d.batch = 200;
+    d.data.lock().unwrap().fill(0xee);
+    let m = Arc::new(d);
+    let (sock, _, server) = start(dir.path(), m.clone(), false, false, Some(1));
+    let mut c = Client::unix(&sock);
+    let info = c.go();
+    assert_eq!(info.block_sizes, Some((512, 4096, 64 << 10)));
+    // 16 MiB = 256 pieces of 64 KiB, with a neighbour in flight.
+    c.send(CMD_TRIM, 0, 1, 0, SIZE as u32 - 8192, &[]);
+    c.send(CMD_WRITE_ZEROES, 0, 2, SIZE - 8192, 8192, &[]);
+    let mut handles = [c.reply(), c.reply()].map(|(h, err, _)| {
+        assert_eq!(err, 0);
+        h
+    });
+    handles.sort();
+    assert_eq!(handles, [1, 2]);
+    assert!(
+        m.data.lock().unwrap().iter().all(|&b| b == 0),
+        "all trimmed"
+    );
+    let before = m.flushes.load(std::sync::atomic::Ordering::Relaxed);
+    let w = pattern(8, 4096);
+    assert_eq!(c.call(CMD_WRITE, 0, 0, 4096, &w).0, 0);
+    assert_eq!(
+        m.flushes.load(std::sync::atomic::Ordering::Relaxed),
+        before,
+        "plain write"
+    );
+    assert_eq!(c.call(CMD_WRITE, FLAG_FUA, 0, 4096, &w).0, 0);
+    assert_eq!(
+        m.flushes.load(std::sync::atomic::Ordering::Relaxed),
+        before + 1,
+        "a FUA write is followed by a device flush before its reply"
+    );
+    c.send(CMD_DISC, 0, 1, 0, 0, &[]);
+    server.join().expect("server");
+}

@@ -7,6 +7,7 @@ use std::io::{Read, Write};
 use std::os::fd::RawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use celer_device::{
@@ -22,6 +23,8 @@ pub struct MemDevice {
     pub data: Arc<Mutex<Vec<u8>>>,
     pub batch: usize,
     pub inflight_max: usize,
+    /// Flushes submitted to any queue.
+    pub flushes: Arc<AtomicU64>,
 }
 
 impl MemDevice {
@@ -39,6 +42,7 @@ impl MemDevice {
             data: Arc::new(Mutex::new(vec![0u8; size_bytes as usize])),
             batch: 4,
             inflight_max: 8,
+            flushes: Arc::new(AtomicU64::new(0)),
         }
     }
 }
@@ -55,6 +59,7 @@ impl BlockDevice for MemDevice {
             inflight_max: self.inflight_max,
             held: Vec::new(),
             idle_polls: 0,
+            flushes: self.flushes.clone(),
         }))
     }
 }
@@ -66,6 +71,7 @@ struct MemQueue {
     inflight_max: usize,
     held: Vec<IoCompletion>,
     idle_polls: u32,
+    flushes: Arc<AtomicU64>,
 }
 
 impl DeviceQueue for MemQueue {
@@ -99,7 +105,9 @@ impl DeviceQueue for MemQueue {
             IoOp::Discard | IoOp::WriteZeroes => {
                 data[off..off + req.len_bytes as usize].fill(0);
             }
-            IoOp::Flush => {}
+            IoOp::Flush => {
+                self.flushes.fetch_add(1, Ordering::Relaxed);
+            }
         }
         self.held.push(IoCompletion {
             tag: req.tag,
