@@ -49,6 +49,10 @@ die() { log "ERROR: $*"; exit 1; }
 [ "$(id -u)" = 0 ] || die "must run as root"
 export PATH=$PATH:/usr/sbin:/sbin
 mkdir -p "$CELER_VM_DIR" "$OUT"
+# Several tests may start at once on a fresh machine: one builds, the others
+# wait for it and then find everything cached.
+exec 9>"$CELER_VM_DIR/.build.lock"
+flock 9
 
 # ---------------------------------------------------------------- apt -------
 APT_OPTS=(

@@ -7,9 +7,9 @@
 mod guest_system;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use guest_system::{run_guest_system_test, skip_slow, wait_for_socket, KillOnDrop};
+use guest_system::{run_guest_system_test, skip_slow, spawn_backend};
 
 #[test]
 fn linux_guest_fio_verify_ext4_and_backend_restart() {
@@ -23,24 +23,13 @@ fn linux_guest_fio_verify_ext4_and_backend_restart() {
         .set_len(256 << 20)
         .unwrap();
     let start = |socket: &Path, log: &Path| {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_celer-vhost"))
-            .args(["serve", "--socket"])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_celer-vhost"));
+        cmd.args(["serve", "--socket"])
             .arg(socket)
             .arg("--device")
-            .arg(format!("file:{}", disk.display()))
-            .args(["--queues", "2"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("cannot start celer-vhost");
-        wait_for_socket(socket);
-        KillOnDrop(child)
+            .arg(format!("file:{}", disk.display()));
+        cmd.args(["--queues", "2"]);
+        spawn_backend(cmd, socket, log)
     };
     run_guest_system_test(
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."),

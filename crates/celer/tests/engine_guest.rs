@@ -11,9 +11,9 @@
 mod guest_system;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use guest_system::{run_guest_system_test, skip_slow, wait_for_socket, KillOnDrop};
+use guest_system::{run_guest_system_test, skip_slow, spawn_backend};
 
 #[test]
 fn linux_guest_on_an_engine_volume_survives_sigkill_of_the_back_end() {
@@ -32,22 +32,11 @@ fn linux_guest_on_an_engine_volume_survives_sigkill_of_the_back_end() {
     assert!(st.success(), "format failed");
     let device = format!("engine:{},volume=7,size=256M", disk.display());
     let start = |socket: &Path, log: &Path| {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .expect("log");
-        let child = Command::new(celer)
-            .args(["vhost", "serve", "--socket"])
+        let mut cmd = Command::new(celer);
+        cmd.args(["vhost", "serve", "--socket"])
             .arg(socket)
-            .args(["--device", &device, "--queues", "2"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("cannot start celer vhost serve");
-        wait_for_socket(socket);
-        KillOnDrop(child)
+            .args(["--device", &device, "--queues", "2"]);
+        spawn_backend(cmd, socket, log)
     };
     run_guest_system_test(
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."),

@@ -22,6 +22,24 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// Starts a back end (`cmd`, with its serving arguments) logging to `log`,
+/// and waits until it listens on `socket`.
+pub fn spawn_backend(mut cmd: Command, socket: &Path, log: &Path) -> KillOnDrop {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("back-end log");
+    let child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().expect("back-end log"))
+        .stderr(log)
+        .spawn()
+        .expect("cannot start the back end");
+    wait_for_socket(socket);
+    KillOnDrop(child)
+}
+
 /// Waits for a back end to listen on `socket`.
 pub fn wait_for_socket(socket: &Path) {
     let deadline = Instant::now() + Duration::from_secs(10);
