@@ -31,10 +31,24 @@ pub(crate) const SLOT_BUFFER_BYTES: usize = 128 << 10;
 /// Data alignment in slot buffers (O_DIRECT devices need it).
 const BUFFER_ALIGN_BYTES: usize = 4096;
 
+/// A send that makes no progress for this long ends the connection: a
+/// client that stops reading replies must not pin its thread forever.
+pub(crate) const SEND_TIMEOUT_MS: u64 = 60_000;
+
 /// A socket a connection runs on.
-pub(crate) trait Stream: Read + Write + AsRawFd + Send {}
-impl Stream for std::net::TcpStream {}
-impl Stream for std::os::unix::net::UnixStream {}
+pub(crate) trait Stream: Read + Write + AsRawFd + Send {
+    fn set_send_timeout(&self, t: std::time::Duration) -> std::io::Result<()>;
+}
+impl Stream for std::net::TcpStream {
+    fn set_send_timeout(&self, t: std::time::Duration) -> std::io::Result<()> {
+        self.set_write_timeout(Some(t))
+    }
+}
+impl Stream for std::os::unix::net::UnixStream {
+    fn set_send_timeout(&self, t: std::time::Duration) -> std::io::Result<()> {
+        self.set_write_timeout(Some(t))
+    }
+}
 
 /// Why a connection ended early.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +68,9 @@ pub(crate) fn run<S: Stream>(
     device: &dyn BlockDevice,
     export: &Export,
 ) {
+    if let Err(e) = s.set_send_timeout(std::time::Duration::from_millis(SEND_TIMEOUT_MS)) {
+        tracing::warn!(peer, connection = index, "cannot set a send timeout: {e}");
+    }
     let result = match negotiate(&mut s, export) {
         Ok(Outcome::Transmission) => device
             .open_queue(index)
@@ -309,6 +326,10 @@ impl<'a, S: Stream> Conn<'a, S> {
                 return Ok(());
             }
             Err(errno) => {
+                // A refused write may have grown the buffer: give it back.
+                if self.slots[si].buf.cap > SLOT_BUFFER_BYTES {
+                    self.slots[si].buf = SlotBuffer::new(SLOT_BUFFER_BYTES);
+                }
                 self.free.push(si);
                 tracing::debug!(cmd, offset, len, errno, "NBD request refused");
                 let mut r = [0u8; REPLY_BYTES];
