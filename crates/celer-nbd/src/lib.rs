@@ -39,6 +39,8 @@ mod proto;
 pub const REQUEST_MAX_BYTES: u32 = 32 << 20;
 /// Preferred block size advertised to clients.
 pub const PREFERRED_BLOCK_BYTES: u32 = 4096;
+/// Connections served at once; more are accepted and closed with a log line.
+pub const CONNECTIONS_OPEN_MAX: usize = 64;
 
 /// What to serve, and where.
 #[derive(Clone, Debug)]
@@ -253,11 +255,15 @@ impl Server {
             if let Some(l) = &self.tcp {
                 if fds[i].revents != 0 {
                     match l.accept() {
-                        Ok((s, peer)) => {
+                        Ok((s, peer)) if threads.len() < CONNECTIONS_OPEN_MAX => {
                             let _ = s.set_nodelay(true);
                             threads.push(self.spawn(s, peer.to_string(), *accepted)?);
                             *accepted += 1;
                         }
+                        Ok((_, peer)) => tracing::warn!(
+                            %peer,
+                            "refusing an NBD connection: {CONNECTIONS_OPEN_MAX} already open"
+                        ),
                         Err(e) => tracing::warn!("TCP accept failed: {e}"),
                     }
                 }
@@ -267,10 +273,13 @@ impl Server {
                 if fds[i].revents != 0 && self.config.connections_max.is_none_or(|n| *accepted < n)
                 {
                     match l.accept() {
-                        Ok((s, _)) => {
+                        Ok((s, _)) if threads.len() < CONNECTIONS_OPEN_MAX => {
                             threads.push(self.spawn(s, "unix".to_string(), *accepted)?);
                             *accepted += 1;
                         }
+                        Ok(_) => tracing::warn!(
+                            "refusing an NBD connection: {CONNECTIONS_OPEN_MAX} already open"
+                        ),
                         Err(e) => tracing::warn!("Unix accept failed: {e}"),
                     }
                 }
