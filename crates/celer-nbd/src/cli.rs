@@ -77,3 +77,37 @@ pub fn open_device(spec: &str, read_only: bool) -> anyhow::Result<Arc<dyn BlockD
     }
     anyhow::bail!("unknown device `{spec}`: use null:SIZE or file:PATH")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::open_device;
+
+    #[test]
+    fn device_specs() {
+        assert_eq!(
+            open_device("null:1M", false)
+                .expect("null")
+                .info()
+                .size_bytes,
+            1 << 20
+        );
+        assert!(open_device("null:1M", true).expect("null").info().read_only);
+        for bad in [
+            "null:ten",
+            "null:1000",
+            "null:0",
+            "disk:/x",
+            "file:/nonexistent/celer",
+        ] {
+            let e = open_device(bad, false).err();
+            assert!(e.is_some(), "{bad} should be refused");
+        }
+        let f = tempfile::NamedTempFile::new().expect("temp file");
+        f.as_file().set_len(4 << 20).expect("size");
+        let spec = format!("file:{}", f.path().display());
+        assert_eq!(
+            open_device(&spec, false).expect("file").info().size_bytes,
+            4 << 20
+        );
+    }
+}
