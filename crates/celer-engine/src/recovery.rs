@@ -236,6 +236,13 @@ impl Engine {
         Ok(g)
     }
 
+    /// Reads the geometry of an existing engine disk without opening it;
+    /// errors like `open` if `path` is not a (valid) Celer engine disk.
+    pub fn identify(path: &Path) -> Result<Geometry, EngineError> {
+        let f = open_disk(path, false)?;
+        read_geometry(path, &f)
+    }
+
     /// Opens an engine: loads the index and maps, replays the journal.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Engine, EngineError> {
         let f = open_disk(path, false)?;

@@ -50,6 +50,9 @@ pub struct FormatArgs {
     /// Journal size per shard.
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     journal_size: u64,
+    /// Format even if the disk holds data (a Celer engine or anything else).
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args)]
@@ -83,6 +86,9 @@ pub fn run(cmd: EngineCommand) -> Result<()> {
                     .context("--journal-size is too large")?,
                 create_size_bytes: a.size,
             };
+            if !a.force {
+                refuse_if_in_use(&a.disk)?;
+            }
             let g = Engine::format(&a.disk, &opts)?;
             println!(
                 "formatted {}: {} chunk slots of {} KiB ({} spare blocks), {} shard(s), journal {} MiB per shard, uuid {:016x}",
@@ -156,6 +162,34 @@ pub fn run(cmd: EngineCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Formatting forgets everything on the disk: refuse when its start holds
+/// anything but zeroes (a Celer engine, a file system, a partition table).
+fn refuse_if_in_use(disk: &std::path::Path) -> Result<()> {
+    use std::io::Read;
+    let Ok(mut f) = std::fs::File::open(disk) else {
+        return Ok(()); // does not exist yet: --size creates it
+    };
+    let mut head = vec![0u8; 64 << 10];
+    let n = f
+        .read(&mut head)
+        .with_context(|| format!("reading {}", disk.display()))?;
+    if head[..n].iter().all(|&b| b == 0) {
+        return Ok(());
+    }
+    match Engine::identify(disk) {
+        Ok(g) => anyhow::bail!(
+            "{} already holds a Celer engine (uuid {:016x}, {} chunk slots); formatting forgets all its volumes. Add --force to format anyway",
+            disk.display(),
+            g.disk_uuid,
+            g.slot_count
+        ),
+        Err(_) => anyhow::bail!(
+            "{} holds data (not zeroes at its start: a file system, a partition table or another engine?). Add --force to format anyway",
+            disk.display()
+        ),
+    }
 }
 
 /// Reads every allocated chunk through the engine (which verifies every
