@@ -11,16 +11,19 @@
 #   --file     host file (default /tmp/celer-vm/bench.img, 1 GiB, created)
 #   --runtime  seconds per fio job (default 5)
 #   --queues   virtqueues and vCPUs (default 1)
+#   --repeat   rounds (default 1); the order alternates (Celer first in odd
+#              rounds, qsd first in even ones) and the median ratio is shown
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
-BIN="" FILE=/tmp/celer-vm/bench.img RUNTIME=5 QUEUES=1
+BIN="" FILE=/tmp/celer-vm/bench.img RUNTIME=5 QUEUES=1 REPEAT=1
 while [ $# -gt 0 ]; do
 	case $1 in
 	--bin) BIN=$2; shift 2 ;;
 	--file) FILE=$2; shift 2 ;;
 	--runtime) RUNTIME=$2; shift 2 ;;
 	--queues) QUEUES=$2; shift 2 ;;
+	--repeat) REPEAT=$2; shift 2 ;;
 	-h | --help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
 	*) echo "unknown argument: $1" >&2; exit 2 ;;
 	esac
@@ -34,22 +37,42 @@ mkdir -p "$(dirname "$FILE")"
 [ -s "$FILE" ] || { dd if=/dev/urandom of="$FILE" bs=1M count=1024 status=none; sync; }
 OUT=$(mktemp -d /tmp/celer-guest-bench.XXXXXX)
 SOCK=$OUT/celer.sock
-"$BIN" serve --socket "$SOCK" --device "file:$FILE" --queues "$QUEUES" >"$OUT/celer.log" 2>&1 &
-CELER=$!
-trap 'kill $CELER 2>/dev/null || true; wait $CELER 2>/dev/null || true' EXIT
-for _ in $(seq 100); do [ -S "$SOCK" ] && break; sleep 0.05; done
 PRESET=qd1-randread,qd32-randread,qd1-randwrite
 COMMON=(--smp "$QUEUES" --mem 512 --runtime "$RUNTIME" --preset "$PRESET")
-"$HERE/run-guest.sh" --disk "vhost:$SOCK,queues=$QUEUES" "${COMMON[@]}" --out "$OUT/celer" >/dev/null
-kill $CELER; wait $CELER 2>/dev/null || true
-"$HERE/run-guest.sh" --disk "qsd:$FILE,queues=$QUEUES" "${COMMON[@]}" --out "$OUT/qsd" >/dev/null
-echo "in-guest fio, TCG, $QUEUES queue(s), file $FILE, ${RUNTIME}s per job"
-for t in celer qsd; do
-	echo "== $t"
-	column -t -s $'\t' "$OUT/$t/summary.tsv"
+CELER=""
+trap '[ -n "$CELER" ] && kill $CELER 2>/dev/null; wait 2>/dev/null || true' EXIT
+
+run_celer() { # OUTDIR
+	rm -f "$SOCK"
+	"$BIN" serve --socket "$SOCK" --device "file:$FILE" --queues "$QUEUES" >>"$OUT/celer.log" 2>&1 &
+	CELER=$!
+	for _ in $(seq 100); do [ -S "$SOCK" ] && break; sleep 0.05; done
+	"$HERE/run-guest.sh" --disk "vhost:$SOCK,queues=$QUEUES" "${COMMON[@]}" --out "$1" >/dev/null
+	kill $CELER; wait $CELER 2>/dev/null || true
+	CELER=""
+}
+run_qsd() { # OUTDIR
+	"$HERE/run-guest.sh" --disk "qsd:$FILE,queues=$QUEUES" "${COMMON[@]}" --out "$1" >/dev/null
+}
+
+for r in $(seq "$REPEAT"); do
+	if [ $((r % 2)) = 1 ]; then
+		run_celer "$OUT/celer.$r"; run_qsd "$OUT/qsd.$r"
+	else
+		run_qsd "$OUT/qsd.$r"; run_celer "$OUT/celer.$r"
+	fi
 done
-echo "== ratios (celer / qsd)"
-paste "$OUT/celer/summary.tsv" "$OUT/qsd/summary.tsv" | awk -F'\t' 'NR > 1 {
-	j = $1; sub(/^vda-/, "", j)
-	printf "  %-14s %-5s IOPS %.2fx  mean latency %.2fx\n", j, $2, $3 / $12, $5 / $14 }'
+echo "in-guest fio, TCG, $QUEUES queue(s), file $FILE, ${RUNTIME}s per job, $REPEAT round(s)"
+for t in celer qsd; do
+	echo "== $t (round 1)"
+	column -t -s $'\t' "$OUT/$t.1/summary.tsv"
+done
+echo "== ratios (celer / qsd): per round, then the median"
+for r in $(seq "$REPEAT"); do
+	paste "$OUT/celer.$r/summary.tsv" "$OUT/qsd.$r/summary.tsv" | awk -F'\t' -v r="$r" 'NR > 1 {
+		j = $1; sub(/^vda-/, "", j); printf "%s\t%s\t%s\t%.3f\t%.3f\n", j, $2, r, $3 / $12, $5 / $14 }'
+done | sort -k1,1 -k4,4n | awk -F'\t' '
+	{ n[$1]++; iops[$1, n[$1]] = $4; dir[$1] = $2; rounds[$1] = rounds[$1] sprintf(" %.2f", $4) }
+	END { for (j in n) { m = iops[j, int((n[j] + 1) / 2)]
+		printf "  %-14s %-5s IOPS median %.2fx  (all rounds, sorted:%s)\n", j, dir[j], m, rounds[j] } }' | sort
 rm -rf "$OUT"
