@@ -51,6 +51,16 @@ pub struct ServeArgs {
     pub connections: Option<usize>,
 }
 
+/// The idle poll window when none is given: spin only where a core is left
+/// for it (workers pinned to their own CPUs, or fewer workers than CPUs).
+fn default_poll_us(pinned: bool, queues: usize, cpus: usize) -> u64 {
+    if pinned || queues < cpus {
+        50
+    } else {
+        0
+    }
+}
+
 /// Runs `serve` until its connections are used up (forever by default).
 pub fn run_serve(a: &ServeArgs) -> anyhow::Result<()> {
     let device = crate::bench::open_device(&a.device, a.read_only, a.direct)?;
@@ -68,8 +78,9 @@ pub fn run_serve_with(
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    let spare_core = !a.cpus.is_empty() || a.queues < cpus;
-    config.poll_us = a.poll_us.unwrap_or(if spare_core { 50 } else { 0 });
+    config.poll_us = a
+        .poll_us
+        .unwrap_or_else(|| default_poll_us(!a.cpus.is_empty(), a.queues, cpus));
     config.poll_inflight_us = a.poll_inflight_us;
     config.connections_max = a.connections;
     crate::serve(config, device)?;
@@ -83,4 +94,18 @@ pub fn run_bench_cli(a: &crate::bench::BenchArgs, serve_subcommand: &[&str]) -> 
     let mut cmd = vec![exe.display().to_string()];
     cmd.extend(serve_subcommand.iter().map(|s| s.to_string()));
     crate::bench::run_bench(a, &cmd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::default_poll_us;
+
+    #[test]
+    fn polls_only_where_a_core_is_left() {
+        assert_eq!(default_poll_us(false, 1, 2), 50);
+        assert_eq!(default_poll_us(false, 2, 2), 0);
+        assert_eq!(default_poll_us(false, 4, 2), 0);
+        assert_eq!(default_poll_us(true, 2, 2), 50);
+        assert_eq!(default_poll_us(false, 1, 1), 0);
+    }
 }
