@@ -99,17 +99,13 @@ fn run(cli: Cli) -> Result<()> {
         Command::Engine(c) => engine_cmd::run(c),
         Command::Vhost(VhostCommand::Serve(a)) => match a.device.strip_prefix("engine:") {
             Some(spec) => {
-                let device =
-                    celer_engine::EngineDevice::open(&engine_device_config(spec, a.read_only)?)?;
-                celer_vhost::cli::run_serve_with(&a, std::sync::Arc::new(device))
+                celer_vhost::cli::run_serve_with(&a, open_engine_device(spec, a.read_only)?)
             }
             None => celer_vhost::cli::run_serve(&a),
         },
         Command::Nbd(NbdCommand::Serve(a)) => match a.device.strip_prefix("engine:") {
             Some(spec) => {
-                let device =
-                    celer_engine::EngineDevice::open(&engine_device_config(spec, a.read_only)?)?;
-                celer_nbd::cli::run_serve_with(&a, std::sync::Arc::new(device))
+                celer_nbd::cli::run_serve_with(&a, open_engine_device(spec, a.read_only)?)
             }
             None => celer_nbd::cli::run_serve(&a),
         },
@@ -135,6 +131,15 @@ fn run(cli: Cli) -> Result<()> {
             })
         }
     }
+}
+
+/// The engine volume an `engine:` device spec names, for any front end.
+fn open_engine_device(
+    spec: &str,
+    read_only: bool,
+) -> Result<std::sync::Arc<dyn celer_device::BlockDevice>> {
+    let device = celer_engine::EngineDevice::open(&engine_device_config(spec, read_only)?)?;
+    Ok(std::sync::Arc::new(device))
 }
 
 /// `PATH,volume=N,size=SIZE` (after `engine:`): a volume of a local engine.
