@@ -10,6 +10,17 @@ fn celer(args: &[&str]) -> Output {
         .expect("run celer")
 }
 
+/// Runs celer and asserts it succeeded; returns its stdout.
+fn succeeds(args: &[&str]) -> String {
+    let out = celer(args);
+    assert!(
+        out.status.success(),
+        "{args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn fails_with(args: &[&str], needle: &str) {
     let out = celer(args);
     let err = String::from_utf8_lossy(&out.stderr);
@@ -26,7 +37,7 @@ fn engine_commands_and_their_errors() {
     let disk = dir.path().join("d.img");
     let d = disk.to_str().expect("utf-8 path");
 
-    let out = celer(&[
+    let out = succeeds(&[
         "engine",
         "format",
         "--disk",
@@ -36,18 +47,13 @@ fn engine_commands_and_their_errors() {
         "--journal-size",
         "1M",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("formatted"));
+    assert!(out.contains("formatted"));
     // A second format must not silently destroy the engine.
     fails_with(
         &["engine", "format", "--disk", d],
         "already holds a Celer engine",
     );
-    let out = celer(&[
+    succeeds(&[
         "engine",
         "format",
         "--disk",
@@ -56,28 +62,14 @@ fn engine_commands_and_their_errors() {
         "--journal-size",
         "1M",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 
-    let out = celer(&["engine", "info", "--disk", d]);
-    assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stdout).contains("chunks allocated"));
-    let out = celer(&["engine", "check", "--disk", d]);
-    assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stdout).contains("0 bad"));
-    let out = celer(&[
+    assert!(succeeds(&["engine", "info", "--disk", d]).contains("chunks allocated"));
+    assert!(succeeds(&["engine", "check", "--disk", d]).contains("0 bad"));
+    let out = succeeds(&[
         "engine", "locate", "--disk", d, "--volume", "1", "--offset", "1M",
     ]);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("holds no data"));
-    let out = celer(&["engine", "rebuild", "--disk", d]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.contains("holds no data"));
+    succeeds(&["engine", "rebuild", "--disk", d]);
 
     // Bad arguments.
     fails_with(
