@@ -261,38 +261,29 @@ impl<'m> DriverQueue<'m> {
         self.mem.write(self.hdr_off(slot), &hdr);
         self.mem.write(self.status_off(slot), &[0xff]);
         let data_write = matches!(kind, req_type::IN | req_type::GET_ID);
+        // The status always sits in the slot's third descriptor; without data
+        // the header links straight to it.
+        let status_idx = head + 2;
         self.write_desc(
             head,
             RawDesc {
                 addr: self.mem.gpa(self.hdr_off(slot)),
                 len: 16,
                 flags: DESC_F_NEXT,
-                next: head + 1,
+                next: if data_len > 0 { head + 1 } else { status_idx },
             },
         );
-        let status_idx = if data_len > 0 {
+        if data_len > 0 {
             self.write_desc(
                 head + 1,
                 RawDesc {
                     addr: self.mem.gpa(self.data_off(slot)),
                     len: data_len,
                     flags: DESC_F_NEXT | if data_write { DESC_F_WRITE } else { 0 },
-                    next: head + 2,
+                    next: status_idx,
                 },
             );
-            head + 2
-        } else {
-            self.write_desc(
-                head,
-                RawDesc {
-                    addr: self.mem.gpa(self.hdr_off(slot)),
-                    len: 16,
-                    flags: DESC_F_NEXT,
-                    next: head + 2,
-                },
-            );
-            head + 2
-        };
+        }
         self.write_desc(
             status_idx,
             RawDesc {
