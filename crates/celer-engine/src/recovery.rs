@@ -614,11 +614,11 @@ fn checkpoint_sync(
 
 fn random_u64() -> u64 {
     let mut b = [0u8; 8];
-    if let Ok(f) = File::open("/dev/urandom") {
-        let _ = f.read_exact_at(&mut b, 0).or_else(|_| {
-            use std::io::Read;
-            (&f).read_exact(&mut b)
-        });
+    // The uuid only has to differ between formats: urandom, mixed with the
+    // clock and pid in case urandom cannot be read.
+    if let Ok(mut f) = File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut b);
     }
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -32,6 +32,7 @@ const WORKLOADS: [(&str, EngineOp, u32); 4] = [
 ];
 
 fn cpu_time() -> Duration {
+    // SAFETY: rusage is plain integers; all-zero is a valid value.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: getrusage fills the struct we own.
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
