@@ -176,3 +176,16 @@ pub fn check_request(info: &DeviceInfo, req: &IoRequest<'_>) -> Result<(), IoErr
     }
     Ok(())
 }
+
+/// The placement hash of a chunk: every layer agrees on it. The engine picks
+/// a chunk's shard as `chunk_hash % shards`, the route table its partition
+/// as `chunk_hash & (partitions - 1)`; with power-of-two counts, partition
+/// `p` then lives in engine shard `p % shards` on every node.
+pub fn chunk_hash(volume: u64, chunk: u64) -> u64 {
+    let mut x =
+        volume.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ chunk.wrapping_add(0x632B_E59B_D9B4_E019);
+    x ^= x >> 31;
+    x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x ^= x >> 29;
+    x
+}

@@ -1788,12 +1788,8 @@ fn zero_fill(op: &mut Op, at: usize, len: usize) {
     });
 }
 
-/// Which shard owns a chunk: a fixed hash, stable across restarts.
+/// Which shard owns a chunk: a fixed hash, stable across restarts (the
+/// placement hash shared with the route table, see `celer_device::chunk_hash`).
 pub fn shard_for(g: &Geometry, volume: u64, chunk: u64) -> u32 {
-    let mut x =
-        volume.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ chunk.wrapping_add(0x632B_E59B_D9B4_E019);
-    x ^= x >> 31;
-    x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x ^= x >> 29;
-    (x % g.shard_count as u64) as u32
+    (celer_device::chunk_hash(volume, chunk) % g.shard_count as u64) as u32
 }

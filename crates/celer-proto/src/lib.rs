@@ -5,7 +5,8 @@
 //! ```text
 //!  0 magic "CLR1"   4 proto version u16   6 kind u8   7 op u8
 //!  8 status u16    10 flags u16          12 payload length u32
-//! 16 request id u64  24 route epoch u64  32 volume u64  40 offset u64
+//! 16 request id u32  20 length u32       24 route epoch u64
+//! 32 volume u64      40 offset u64
 //! 48 write version u64                   56 header crc32c u32  60 payload crc32c u32
 //! ```
 //!
@@ -20,11 +21,39 @@
 //! broken; the caller owns the socket and the buffers, so payloads can be
 //! received straight into their final place and sent from the caller's
 //! buffers (writev). Every error is a reason to close the connection.
+//!
+//! # Conversation (client ↔ node, node ↔ node)
+//!
+//! - A connection is for one node *shard*: its first frame is `Hello` with
+//!   `offset` = shard index and `volume` = sender id. The shard answers `Ok`
+//!   (or `Invalid` and closes). Partition `p` lives in shard
+//!   `p % shards` (`celer_route::RouteTable::shard_of`).
+//! - Every request carries the sender's route `epoch`. The node answers
+//!   `StaleEpoch` with the encoded newer `RouteTable` as payload when the
+//!   sender's epoch is older (install it, resend), `RouteBehind` when it is
+//!   newer (the node is fetching it; resend after a short pause).
+//!   `NotReplica`: the node is not a member of the partition in that epoch.
+//! - `Read` (volume, offset, length): the response payload is the data.
+//!   Only an in-sync member serves it (`NotInSync` otherwise).
+//! - `Write` (volume, offset, length = payload bytes, version): applied where
+//!   `version` is newer than the stored block version, acknowledged when
+//!   durable (a write that was not newer is acknowledged too: retries are
+//!   idempotent). A client sends small writes as `Write` to every member.
+//! - `WritePrimary`: as `Write`, sent to the primary only, which writes it
+//!   and forwards it as `Write` to the other members; `Ok` once all have it,
+//!   `Unavailable` if a member did not answer in time.
+//! - `WriteZeroes`, `Discard` (length, version, no payload): to every member.
+//! - `Flush`: `Ok`; every acknowledged write is already durable.
+//! - `RouteTable`: asks for the node's table (epoch 0 from a new client).
+//! - A request must lie within one chunk (`RouteTable::chunk_bytes`).
+//! - Every response echoes request id, op, volume, offset, length, and
+//!   carries in `version` the highest write version the shard has seen, so
+//!   clients keep their hybrid logical clock ahead of it.
 
 /// Bytes of a frame header.
 pub const HEADER_BYTES: usize = 64;
-/// This build speaks protocol version 1.
-pub const PROTO_VERSION: u16 = 1;
+/// This build speaks protocol version 2.
+pub const PROTO_VERSION: u16 = 2;
 /// Largest payload a frame may carry.
 pub const PAYLOAD_MAX_BYTES: u32 = 4 << 20;
 
@@ -51,6 +80,15 @@ pub enum Op {
     /// Node → client: the route table, as the payload.
     RouteTable = 7,
     Ping = 8,
+    /// First frame of every connection: `offset` names the node shard the
+    /// connection is for, `volume` the sender's client id (for logs).
+    Hello = 9,
+    /// Node → node during backfill: the chunks of partition `offset` that
+    /// the node holds; payload of the response: (volume u64, chunk u64) pairs.
+    ListChunks = 10,
+    /// Node → node during backfill: one whole chunk with its per-block
+    /// versions (see `celer-node` for the payload layout).
+    BackfillRead = 11,
 }
 
 /// Outcome carried by a response.
@@ -70,6 +108,14 @@ pub enum Status {
     NoSpace = 7,
     Io = 8,
     ReadOnly = 9,
+    /// The client's epoch is newer than the node's: the node is fetching the
+    /// newer table; retry shortly.
+    RouteBehind = 10,
+    /// A replica did not answer (the primary could not forward a write):
+    /// retry once the route has changed.
+    Unavailable = 11,
+    /// Try again shortly (e.g. a backfill read waits for older writes).
+    Busy = 12,
 }
 
 impl Op {
@@ -83,6 +129,9 @@ impl Op {
             6 => Op::Flush,
             7 => Op::RouteTable,
             8 => Op::Ping,
+            9 => Op::Hello,
+            10 => Op::ListChunks,
+            11 => Op::BackfillRead,
             _ => return None,
         })
     }
@@ -101,6 +150,9 @@ impl Status {
             7 => Status::NoSpace,
             8 => Status::Io,
             9 => Status::ReadOnly,
+            10 => Status::RouteBehind,
+            11 => Status::Unavailable,
+            12 => Status::Busy,
             _ => return None,
         })
     }
@@ -114,7 +166,9 @@ pub struct Header {
     pub status: Status,
     pub flags: u16,
     pub payload_bytes: u32,
-    pub request_id: u64,
+    pub request_id: u32,
+    /// Bytes of the data range (reads, writes, zeroes, discards).
+    pub length: u32,
     pub epoch: u64,
     pub volume: u64,
     pub offset: u64,
@@ -177,7 +231,7 @@ pub fn payload_crc<'a>(pieces: impl IntoIterator<Item = &'a [u8]>) -> u32 {
 
 impl Header {
     /// A request header with everything but the op-specific fields zero.
-    pub fn request(op: Op, request_id: u64) -> Header {
+    pub fn request(op: Op, request_id: u32) -> Header {
         Header {
             kind: Kind::Request,
             op,
@@ -185,6 +239,7 @@ impl Header {
             flags: 0,
             payload_bytes: 0,
             request_id,
+            length: 0,
             epoch: 0,
             volume: 0,
             offset: 0,
@@ -223,7 +278,8 @@ impl Header {
         put_u16(&mut b, 8, self.status as u16);
         put_u16(&mut b, 10, self.flags);
         put_u32(&mut b, 12, self.payload_bytes);
-        put_u64(&mut b, 16, self.request_id);
+        put_u32(&mut b, 16, self.request_id);
+        put_u32(&mut b, 20, self.length);
         put_u64(&mut b, 24, self.epoch);
         put_u64(&mut b, 32, self.volume);
         put_u64(&mut b, 40, self.offset);
@@ -283,7 +339,8 @@ pub fn decode_header(received: &[u8]) -> Result<Option<Header>, FrameError> {
         status,
         flags: get_u16(&h, 10),
         payload_bytes,
-        request_id: get_u64(&h, 16),
+        request_id: get_u32(&h, 16),
+        length: get_u32(&h, 20),
         epoch: get_u64(&h, 24),
         volume: get_u64(&h, 32),
         offset: get_u64(&h, 40),

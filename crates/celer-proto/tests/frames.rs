@@ -14,6 +14,9 @@ fn op() -> impl Strategy<Value = Op> {
         Op::Flush,
         Op::RouteTable,
         Op::Ping,
+        Op::Hello,
+        Op::ListChunks,
+        Op::BackfillRead,
     ])
 }
 
@@ -29,15 +32,19 @@ fn status() -> impl Strategy<Value = Status> {
         Status::NoSpace,
         Status::Io,
         Status::ReadOnly,
+        Status::RouteBehind,
+        Status::Unavailable,
+        Status::Busy,
     ])
 }
 
 prop_compose! {
     fn header()(op in op(), status in status(), response in any::<bool>(), flags in any::<u16>(),
-                id in any::<u64>(), epoch in any::<u64>(), volume in any::<u64>(), offset in any::<u64>(),
+                id in any::<u32>(), length in any::<u32>(), epoch in any::<u64>(), volume in any::<u64>(), offset in any::<u64>(),
                 version in any::<u64>(), payload in prop::collection::vec(any::<u8>(), 0..3000))
         -> (Header, Vec<u8>) {
         let mut h = Header::request(op, id);
+        h.length = length;
         h.flags = flags;
         h.epoch = epoch;
         h.volume = volume;

@@ -1,0 +1,330 @@
+//! celer-route: where every chunk of every volume lives.
+//!
+//! A volume is cut into chunks of `chunk_bytes`; a chunk belongs to partition
+//! `chunk_hash(volume, chunk) & (partitions - 1)` (the hash every layer shares,
+//! `celer_device::chunk_hash`); a partition is held by `replicas` distinct
+//! nodes chosen by rendezvous hashing over the live nodes, one per failure
+//! domain where there are enough domains.
+//!
+//! A [`RouteTable`] is a numbered (epoch) snapshot of that mapping. The
+//! control service computes tables and pushes them to the storage nodes; a
+//! client learns a newer table only when a node rejects its request with
+//! `StaleEpoch` and hands it over (lazy route sync).
+//!
+//! Each partition lists its *members*: every node that must receive writes.
+//! A member is either in sync (holds every acknowledged write, may serve
+//! reads) or syncing (new to the partition, backfilling from an in-sync
+//! member). A node that is leaving (still in sync, no longer a target) stays
+//! a member until every target member is in sync, so a partition never has
+//! fewer in-sync copies during a move than before it.
+//!
+//! Partition count is a power of two. [`RouteTable::split`] doubles it:
+//! partition `p` becomes `p` and `p + P`, and `p + P` starts on `p`'s members,
+//! so nothing moves at split time; the next [`RouteTable::rebalance`] moves
+//! the new halves only (the old halves keep their rendezvous placement).
+
+mod codec;
+mod place;
+
+pub use codec::RouteDecodeError;
+pub use place::{rendezvous_score, target_members};
+
+use serde::{Deserialize, Serialize};
+
+/// A storage node's identity in the cluster (assigned by the control service).
+pub type NodeId = u32;
+
+/// The default chunk: 1 MiB, the engine's default chunk too.
+pub const CHUNK_BYTES_DEFAULT: u64 = 1 << 20;
+/// Replicas per partition.
+pub const REPLICAS_DEFAULT: u8 = 3;
+/// Most partitions a table may have (2^16).
+pub const PARTITION_BITS_MAX: u8 = 16;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub id: NodeId,
+    /// `host:port` of the data (celer-proto) listener.
+    pub data_addr: String,
+    /// `host:port` of the admin HTTP listener (routes pushed here, /metrics).
+    pub admin_addr: String,
+    /// Engine shards: partition `p` lives in shard `p % shards` (a power of two).
+    pub shards: u16,
+    /// Failure domain (host, rack...): replicas go to distinct domains.
+    pub domain: String,
+    /// Holds a live lease.
+    pub up: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub node: NodeId,
+    pub in_sync: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct PartitionRoute {
+    /// Write set, in preference order: the primary is the first in-sync one.
+    pub members: Vec<Member>,
+}
+
+impl PartitionRoute {
+    /// The node that serves reads and forwards large writes.
+    pub fn primary(&self) -> Option<NodeId> {
+        self.members.iter().find(|m| m.in_sync).map(|m| m.node)
+    }
+    pub fn member(&self, node: NodeId) -> Option<&Member> {
+        self.members.iter().find(|m| m.node == node)
+    }
+    pub fn all_in_sync(&self) -> bool {
+        self.members.iter().all(|m| m.in_sync)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteTable {
+    pub epoch: u64,
+    pub chunk_bytes: u64,
+    /// log2 of the partition count.
+    pub partition_bits: u8,
+    /// Target copies per partition.
+    pub replicas: u8,
+    /// Every known node, up or down, sorted by id.
+    pub nodes: Vec<NodeInfo>,
+    pub partitions: Vec<PartitionRoute>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    #[error("partition bits {0} out of range (0..={PARTITION_BITS_MAX})")]
+    PartitionBits(u8),
+    #[error("replicas must be 1..=8, got {0}")]
+    Replicas(u8),
+    #[error("node {id} has {shards} shards: must be a power of two and at most the partition count {partitions}")]
+    Shards { id: NodeId, shards: u16, partitions: u32 },
+    #[error("chunk size {0} must be a power of two between 64 KiB and 64 MiB")]
+    ChunkBytes(u64),
+    #[error("node id {0} appears twice")]
+    DuplicateNode(NodeId),
+    #[error("partition {partition} has no member {node}")]
+    NotMember { partition: u32, node: NodeId },
+    #[error("partition {0} out of range")]
+    Partition(u32),
+}
+
+impl RouteTable {
+    /// The first table of a cluster: every partition on its target nodes,
+    /// all in sync (there is no data yet).
+    pub fn initial(
+        nodes: Vec<NodeInfo>,
+        partition_bits: u8,
+        replicas: u8,
+        chunk_bytes: u64,
+    ) -> Result<RouteTable, RouteError> {
+        let mut t = RouteTable {
+            epoch: 1,
+            chunk_bytes,
+            partition_bits,
+            replicas,
+            nodes,
+            partitions: Vec::new(),
+        };
+        t.nodes.sort_by_key(|n| n.id);
+        t.validate()?;
+        let up: Vec<&NodeInfo> = t.nodes.iter().filter(|n| n.up).collect();
+        t.partitions = (0..t.partition_count())
+            .map(|p| PartitionRoute {
+                members: target_members(p, &up, replicas)
+                    .into_iter()
+                    .map(|node| Member {
+                        node,
+                        in_sync: true,
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(t)
+    }
+
+    pub fn validate(&self) -> Result<(), RouteError> {
+        if self.partition_bits > PARTITION_BITS_MAX {
+            return Err(RouteError::PartitionBits(self.partition_bits));
+        }
+        if self.replicas == 0 || self.replicas > 8 {
+            return Err(RouteError::Replicas(self.replicas));
+        }
+        if !self.chunk_bytes.is_power_of_two()
+            || !(64 << 10..=64 << 20).contains(&self.chunk_bytes)
+        {
+            return Err(RouteError::ChunkBytes(self.chunk_bytes));
+        }
+        for (i, n) in self.nodes.iter().enumerate() {
+            if i > 0 && self.nodes[i - 1].id == n.id {
+                return Err(RouteError::DuplicateNode(n.id));
+            }
+            if !n.shards.is_power_of_two() || n.shards as u32 > self.partition_count() {
+                return Err(RouteError::Shards {
+                    id: n.id,
+                    shards: n.shards,
+                    partitions: self.partition_count(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    pub fn partition_count(&self) -> u32 {
+        1 << self.partition_bits
+    }
+
+    /// The partition of chunk `chunk` (index, not byte offset) of `volume`.
+    pub fn partition_of(&self, volume: u64, chunk: u64) -> u32 {
+        (celer_device::chunk_hash(volume, chunk) & (self.partition_count() as u64 - 1)) as u32
+    }
+
+    /// The partition holding byte `offset` of `volume`.
+    pub fn partition_at(&self, volume: u64, offset: u64) -> u32 {
+        self.partition_of(volume, offset / self.chunk_bytes)
+    }
+
+    pub fn partition(&self, p: u32) -> Option<&PartitionRoute> {
+        self.partitions.get(p as usize)
+    }
+
+    pub fn node(&self, id: NodeId) -> Option<&NodeInfo> {
+        self.nodes
+            .binary_search_by_key(&id, |n| n.id)
+            .ok()
+            .map(|i| &self.nodes[i])
+    }
+
+    /// The shard of `node` that owns partition `p`.
+    pub fn shard_of(&self, node: &NodeInfo, p: u32) -> u16 {
+        (p % node.shards as u32) as u16
+    }
+
+    /// The next table for a changed node list (a node joined, left, went
+    /// down or came back): down nodes leave every partition at once; target
+    /// nodes that are not members join as syncing; in-sync members that are
+    /// no longer targets stay until the targets are all in sync. At most
+    /// `max_moves` partitions start a move in this epoch (bounded movement);
+    /// removing down nodes is never deferred.
+    pub fn rebalance(&self, nodes: Vec<NodeInfo>, max_moves: usize) -> RouteTable {
+        let mut t = RouteTable {
+            epoch: self.epoch + 1,
+            nodes,
+            partitions: Vec::with_capacity(self.partitions.len()),
+            ..*self
+        };
+        t.nodes.sort_by_key(|n| n.id);
+        let up: Vec<&NodeInfo> = t.nodes.iter().filter(|n| n.up).collect();
+        let is_up = |id: NodeId| up.iter().any(|n| n.id == id);
+        let mut moves = 0;
+        for (p, old) in self.partitions.iter().enumerate() {
+            let target = target_members(p as u32, &up, t.replicas);
+            let mut members: Vec<Member> = old
+                .members
+                .iter()
+                .copied()
+                .filter(|m| is_up(m.node))
+                .collect();
+            // A partition whose in-sync copies are all down keeps its members
+            // as they were: nobody may be promoted to in sync without a source.
+            if members.iter().all(|m| !m.in_sync) && old.members.iter().any(|m| m.in_sync) {
+                t.partitions.push(old.clone());
+                continue;
+            }
+            let joining: Vec<NodeId> = target
+                .iter()
+                .copied()
+                .filter(|n| members.iter().all(|m| m.node != *n))
+                .collect();
+            if !joining.is_empty() {
+                if moves >= max_moves {
+                    t.partitions.push(PartitionRoute { members });
+                    continue;
+                }
+                moves += 1;
+            }
+            for node in joining {
+                members.push(Member {
+                    node,
+                    in_sync: false,
+                });
+            }
+            t.partitions.push(PartitionRoute {
+                members: order_members(members, &target),
+            });
+        }
+        for p in 0..t.partition_count() {
+            t.drop_leavers(p);
+        }
+        t
+    }
+
+    /// Marks `node` in sync for partition `p`, in place (the caller bumps the
+    /// epoch); drops leaving members once every target member is in sync.
+    pub fn mark_in_sync(&mut self, p: u32, node: NodeId) -> Result<(), RouteError> {
+        let part = self
+            .partitions
+            .get_mut(p as usize)
+            .ok_or(RouteError::Partition(p))?;
+        let m = part
+            .members
+            .iter_mut()
+            .find(|m| m.node == node)
+            .ok_or(RouteError::NotMember { partition: p, node })?;
+        m.in_sync = true;
+        self.drop_leavers(p);
+        Ok(())
+    }
+
+    fn drop_leavers(&mut self, p: u32) {
+        let up: Vec<&NodeInfo> = self.nodes.iter().filter(|n| n.up).collect();
+        let target = target_members(p, &up, self.replicas);
+        let part = &mut self.partitions[p as usize];
+        let targets_in_sync = target
+            .iter()
+            .all(|t| part.member(*t).is_some_and(|m| m.in_sync));
+        if targets_in_sync {
+            part.members.retain(|m| target.contains(&m.node));
+        }
+    }
+
+    /// Doubles the partition count: `p + P` starts on `p`'s members, so
+    /// nothing moves now; a later `rebalance` moves the new halves.
+    pub fn split(&self) -> Result<RouteTable, RouteError> {
+        if self.partition_bits >= PARTITION_BITS_MAX {
+            return Err(RouteError::PartitionBits(self.partition_bits + 1));
+        }
+        let mut partitions = self.partitions.clone();
+        partitions.extend(self.partitions.iter().cloned());
+        Ok(RouteTable {
+            epoch: self.epoch + 1,
+            partition_bits: self.partition_bits + 1,
+            partitions,
+            nodes: self.nodes.clone(),
+            ..*self
+        })
+    }
+
+    /// Partitions where `node` is a syncing member.
+    pub fn syncing_on(&self, node: NodeId) -> impl Iterator<Item = u32> + '_ {
+        self.partitions.iter().enumerate().filter_map(move |(p, r)| {
+            r.member(node)
+                .is_some_and(|m| !m.in_sync)
+                .then_some(p as u32)
+        })
+    }
+}
+
+/// Target members first in target (rendezvous) order, then leavers.
+fn order_members(mut members: Vec<Member>, target: &[NodeId]) -> Vec<Member> {
+    members.sort_by_key(|m| {
+        target
+            .iter()
+            .position(|t| *t == m.node)
+            .unwrap_or(usize::MAX)
+    });
+    members
+}
