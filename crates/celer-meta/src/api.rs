@@ -1,0 +1,377 @@
+//! The control service's HTTP/JSON API: request and reply bodies.
+//!
+//! Every request except `GET /metrics` carries `Authorization: Bearer
+//! <token>`. Every error reply is [`ErrorBody`] (`{"error": "..."}`) with a
+//! fitting HTTP status; the message says what to do.
+//!
+//! | method and path                    | body            | reply             |
+//! |------------------------------------|-----------------|-------------------|
+//! | `POST /v1/nodes/register`          | [`RegisterNode`]| [`Registered`]    |
+//! | `POST /v1/nodes/{id}/heartbeat`    | [`Heartbeat`]   | [`HeartbeatReply`]|
+//! | `POST /v1/nodes/{id}/synced`       | [`Synced`]      | [`SyncedReply`]   |
+//! | `GET /v1/nodes`                    |                 | `Vec<`[`NodeStatus`]`>` |
+//! | `GET /v1/route`                    |                 | [`RouteTable`]    |
+//! | `POST /v1/route/split`             |                 | [`RouteTable`]    |
+//! | `POST /v1/volumes`                 | [`CreateVolume`]| [`Volume`]        |
+//! | `GET /v1/volumes`                  |                 | `Vec<`[`Volume`]`>` |
+//! | `GET /v1/volumes/{name}`           |                 | [`Volume`]        |
+//! | `POST /v1/volumes/{name}/resize`   | [`ResizeVolume`]| [`Volume`]        |
+//! | `DELETE /v1/volumes/{name}`        |                 | [`Volume`] (the deleted one) |
+//! | `GET /v1/log?since=N&limit=M`      |                 | `Vec<`[`LogEntry`]`>` (seq > N) |
+//! | `POST /v1/log/restore`             | [`RestoreLog`]  | [`Restored`]      |
+//! | `GET /v1/status`                   |                 | [`Status`]        |
+//! | `GET /metrics`                     |                 | Prometheus text   |
+
+use celer_route::{NodeId, RouteTable};
+use serde::{Deserialize, Serialize};
+
+/// Heartbeat period a node is told at registration, unless configured.
+pub const HEARTBEAT_MS_DEFAULT: u64 = 200;
+/// A node whose last heartbeat is older than this is marked down.
+pub const LEASE_MS_DEFAULT: u64 = 1000;
+/// Largest volume: 1 PiB.
+pub const VOLUME_SIZE_MAX_BYTES: u64 = 1 << 50;
+/// Volume sizes are multiples of this.
+pub const VOLUME_SIZE_ALIGN_BYTES: u64 = 4096;
+/// Most replicas a volume may ask for.
+pub const VOLUME_REPLICAS_MAX: u8 = 3;
+/// Longest volume name.
+pub const VOLUME_NAME_MAX_BYTES: usize = 63;
+/// Most log entries one `GET /v1/log` returns.
+pub const LOG_PAGE_MAX: usize = 1000;
+
+/// `{"error": "..."}`: every error reply.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+    /// With 503 from a control process that does not lead: the leader's
+    /// base URL (`http://host:port`), where to send the request instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
+}
+
+/// A storage node announcing itself (at start and after a restart).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterNode {
+    /// The id this node saved from an earlier registration; `None` the first
+    /// time (the control service assigns one).
+    #[serde(default)]
+    pub node_id: Option<NodeId>,
+    /// `host:port` of the data (celer-proto) listener.
+    pub data_addr: String,
+    /// `host:port` of the admin HTTP listener (the control service pushes
+    /// route tables to `PUT http://{admin_addr}/v1/route`).
+    pub admin_addr: String,
+    /// Engine shards (a power of two, at most the partition count).
+    pub shards: u16,
+    /// Failure domain (host, rack...): replicas go to distinct domains.
+    pub domain: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registered {
+    /// Save it: send it back as `RegisterNode::node_id` after a restart.
+    pub node_id: NodeId,
+    /// Send a heartbeat this often.
+    pub heartbeat_ms: u64,
+    /// Marked down after this long without a heartbeat.
+    pub lease_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// Epoch of the route table the node holds (0: none).
+    pub epoch: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HeartbeatReply {
+    /// The current epoch (0: no table yet).
+    pub epoch: u64,
+    /// The current table when the node's epoch is older (a missed push).
+    pub table: Option<RouteTable>,
+}
+
+/// A node reporting that it finished backfilling partitions.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Synced {
+    /// The epoch in which the node was a syncing member of `partitions`.
+    pub epoch: u64,
+    pub partitions: Vec<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncedReply {
+    /// The epoch after the change (unchanged when nothing was marked).
+    pub epoch: u64,
+    /// The partitions now marked in sync for this node; the others were
+    /// stale or unknown and were ignored.
+    pub marked: Vec<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub id: NodeId,
+    pub data_addr: String,
+    pub admin_addr: String,
+    pub shards: u16,
+    pub domain: String,
+    pub up: bool,
+    /// Milliseconds since the last heartbeat (`None`: none since the control
+    /// service started).
+    pub last_heartbeat_ms_ago: Option<u64>,
+    /// The route epoch the node reported in its last heartbeat.
+    pub epoch_acked: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateVolume {
+    /// `[a-z0-9][a-z0-9._-]{0,62}`.
+    pub name: String,
+    /// A positive multiple of 4096, at most 1 PiB.
+    pub size_bytes: u64,
+    /// 1..=3; the cluster's replica count when absent.
+    #[serde(default)]
+    pub replicas: Option<u8>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    /// Assigned by the control service from 1 up; never reused.
+    pub id: u64,
+    pub name: String,
+    pub size_bytes: u64,
+    pub replicas: u8,
+    /// Unix time in milliseconds.
+    pub created_at: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResizeVolume {
+    /// The new size: larger than the current one (grow only).
+    pub size_bytes: u64,
+}
+
+/// A node as the change log records it (its registration).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub id: NodeId,
+    pub data_addr: String,
+    pub admin_addr: String,
+    pub shards: u16,
+    pub domain: String,
+}
+
+/// What a change-log entry changed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind")]
+pub enum Change {
+    VolumeCreated {
+        volume: Volume,
+    },
+    VolumeResized {
+        id: u64,
+        name: String,
+        old_size_bytes: u64,
+        size_bytes: u64,
+    },
+    VolumeDeleted {
+        id: u64,
+        name: String,
+    },
+    /// A node registered (new) or re-registered (same id, maybe new address).
+    NodeRegistered {
+        node: NodeRecord,
+    },
+    /// Lease expired.
+    NodeDown {
+        id: NodeId,
+    },
+    /// A down node heartbeated again.
+    NodeUp {
+        id: NodeId,
+    },
+    /// A new route table.
+    RouteEpoch {
+        epoch: u64,
+        reason: String,
+    },
+    /// The partition count doubled.
+    RouteSplit {
+        partition_bits: u8,
+    },
+    /// Volumes and nodes restored to what they were after entry `seq`; the
+    /// entry carries the restored state so a replay needs nothing else.
+    Restored {
+        seq: u64,
+        volumes: Vec<Volume>,
+        nodes: Vec<NodeRecord>,
+    },
+}
+
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Change::VolumeCreated { volume: v } => write!(
+                f,
+                "volume {} created (id {}, {} bytes, {} replicas)",
+                v.name, v.id, v.size_bytes, v.replicas
+            ),
+            Change::VolumeResized {
+                name,
+                old_size_bytes,
+                size_bytes,
+                ..
+            } => write!(
+                f,
+                "volume {name} resized from {old_size_bytes} to {size_bytes} bytes"
+            ),
+            Change::VolumeDeleted { id, name } => write!(f, "volume {name} (id {id}) deleted"),
+            Change::NodeRegistered { node } => write!(
+                f,
+                "node {} registered (data {}, admin {}, domain {}, {} shards)",
+                node.id, node.data_addr, node.admin_addr, node.domain, node.shards
+            ),
+            Change::NodeDown { id } => write!(f, "node {id} down (lease expired)"),
+            Change::NodeUp { id } => write!(f, "node {id} up again"),
+            Change::RouteEpoch { epoch, reason } => write!(f, "route epoch {epoch}: {reason}"),
+            Change::RouteSplit { partition_bits } => write!(
+                f,
+                "partitions split to {} (2^{partition_bits})",
+                1u64 << partition_bits
+            ),
+            Change::Restored {
+                seq,
+                volumes,
+                nodes,
+            } => write!(
+                f,
+                "restored to entry {seq} ({} volumes, {} nodes)",
+                volumes.len(),
+                nodes.len()
+            ),
+        }
+    }
+}
+
+/// One change-log entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEntry {
+    /// 1, 2, 3... without gaps.
+    pub seq: u64,
+    /// Unix time in milliseconds.
+    pub at: u64,
+    /// The token name (operator) or `node N` or `meta` (lease expiry).
+    pub who: String,
+    pub what: Change,
+    /// The route epoch after the change (0: no table yet).
+    pub epoch: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreLog {
+    /// Restore volumes and nodes to what they were right after this entry.
+    pub seq: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Restored {
+    /// The entry that records the restore.
+    pub seq: u64,
+    pub volumes: usize,
+    pub nodes: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub nodes_up: usize,
+    pub nodes_down: usize,
+    /// Current route epoch (0: no table yet).
+    pub epoch: u64,
+    pub partitions: u32,
+    /// Every target member holds the partition and in sync.
+    pub partitions_in_sync: u32,
+    /// A member is syncing or there are fewer members than replicas.
+    pub partitions_degraded: u32,
+    pub volumes: usize,
+    /// Last change-log entry.
+    pub log_seq: u64,
+    /// This process leads (always true with the redb store).
+    pub leader: bool,
+}
+
+/// Checks a volume name: `[a-z0-9][a-z0-9._-]{0,62}`.
+pub fn validate_volume_name(name: &str) -> Result<(), String> {
+    let ok_first = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    let ok_rest = |c: u8| ok_first(c) || matches!(c, b'.' | b'_' | b'-');
+    let b = name.as_bytes();
+    if b.is_empty() || b.len() > VOLUME_NAME_MAX_BYTES {
+        return Err(format!(
+            "volume name `{name}` must be 1 to {VOLUME_NAME_MAX_BYTES} characters"
+        ));
+    }
+    if !ok_first(b[0]) || !b[1..].iter().all(|c| ok_rest(*c)) {
+        return Err(format!(
+            "volume name `{name}` is not valid: use lower-case letters, digits, '.', '_' and '-', starting with a letter or digit"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a volume size: a positive multiple of 4096, at most 1 PiB.
+pub fn validate_volume_size(size_bytes: u64) -> Result<(), String> {
+    if size_bytes == 0 || !size_bytes.is_multiple_of(VOLUME_SIZE_ALIGN_BYTES) {
+        return Err(format!(
+            "volume size {size_bytes} bytes must be a positive multiple of 4096 (e.g. 10G)"
+        ));
+    }
+    if size_bytes > VOLUME_SIZE_MAX_BYTES {
+        return Err(format!(
+            "volume size {size_bytes} bytes is larger than the 1 PiB limit"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volume_names() {
+        for ok in ["a", "0", "vm-1.disk_0", &"a".repeat(63)] {
+            assert_eq!(validate_volume_name(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", "-a", ".a", "A", "a b", "a/b", "é", &"a".repeat(64)] {
+            assert!(validate_volume_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn volume_sizes() {
+        assert!(validate_volume_size(4096).is_ok());
+        assert!(validate_volume_size(1 << 50).is_ok());
+        assert!(validate_volume_size(0).is_err());
+        assert!(validate_volume_size(4095).is_err());
+        assert!(validate_volume_size(4097).is_err());
+        assert!(validate_volume_size((1 << 50) + 4096).is_err());
+    }
+
+    #[test]
+    fn change_json_is_tagged() {
+        let e = LogEntry {
+            seq: 1,
+            at: 2,
+            who: "admin".into(),
+            what: Change::NodeDown { id: 3 },
+            epoch: 4,
+        };
+        let j = serde_json::to_value(&e).expect("json");
+        assert_eq!(j["what"]["kind"], "NodeDown");
+        assert_eq!(
+            serde_json::from_value::<LogEntry>(j).expect("back"),
+            e,
+            "round trip"
+        );
+    }
+}

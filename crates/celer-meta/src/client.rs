@@ -1,0 +1,383 @@
+//! [`MetaClient`]: the blocking client of the control service's API, for
+//! storage nodes (from a plain thread) and the `celer` CLI.
+//!
+//! The base URL may list several control processes separated by commas
+//! (`http://a:7700,http://b:7700`): a request goes to the one that answered
+//! last, then to the others when it cannot be reached; a 503 naming the
+//! leader is retried once at the leader.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use celer_route::{NodeId, RouteTable};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::api::{
+    CreateVolume, ErrorBody, Heartbeat, HeartbeatReply, LogEntry, NodeStatus, RegisterNode,
+    Registered, ResizeVolume, RestoreLog, Restored, Status, Synced, SyncedReply, Volume,
+};
+
+/// Connecting to the control service gives up after this long.
+pub const CONNECT_TIMEOUT_MS: u64 = 2000;
+/// A whole request (connect, send, receive) gives up after this long.
+pub const REQUEST_TIMEOUT_MS: u64 = 10_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetaClientError {
+    #[error("cannot reach the control service at {url}: {reason}: is `celer meta serve` running?")]
+    Unreachable { url: String, reason: String },
+    #[error("the control service at {url} answered {status}: {message}")]
+    Status {
+        url: String,
+        status: u16,
+        message: String,
+    },
+    #[error("the control service at {url} sent a reply that is not valid JSON for this request: {reason}")]
+    BadJson { url: String, reason: String },
+    #[error("control service URL `{0}` is not valid: use http://HOST:PORT")]
+    BadUrl(String),
+    #[error("the control process at {url} does not lead{}: retry in a few seconds", leader.as_ref().map(|l| format!(" and its leader {l} cannot be reached")).unwrap_or_default())]
+    NotLeader { url: String, leader: Option<String> },
+}
+
+impl MetaClientError {
+    /// The HTTP status for an error reply.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            MetaClientError::Status { status, .. } => Some(*status),
+            MetaClientError::NotLeader { .. } => Some(503),
+            _ => None,
+        }
+    }
+    /// 404: an unknown node (register again), volume, or no route table yet.
+    pub fn is_not_found(&self) -> bool {
+        self.status() == Some(404)
+    }
+    /// The control service could not be reached (worth retrying later).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, MetaClientError::Unreachable { .. })
+    }
+}
+
+/// A blocking client; cheap to share between threads (`&self` methods).
+pub struct MetaClient {
+    bases: Vec<String>,
+    /// The base that answered last.
+    current: AtomicUsize,
+    auth: String,
+    agent: ureq::Agent,
+}
+
+impl std::fmt::Debug for MetaClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the token.
+        f.debug_struct("MetaClient")
+            .field("bases", &self.bases)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MetaClient {
+    /// `base_url`: `http://host:port` (or several, comma-separated); `token`:
+    /// the cluster token.
+    pub fn new(base_url: &str, token: &str) -> MetaClient {
+        let mut bases: Vec<String> = base_url
+            .split(',')
+            .map(|b| b.trim().trim_end_matches('/').to_string())
+            .filter(|b| !b.is_empty())
+            .collect();
+        if bases.is_empty() {
+            bases.push(String::new());
+        }
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_millis(CONNECT_TIMEOUT_MS))
+            .timeout(Duration::from_millis(REQUEST_TIMEOUT_MS))
+            .redirects(0)
+            .build();
+        MetaClient {
+            bases,
+            current: AtomicUsize::new(0),
+            auth: format!("Bearer {}", token.trim()),
+            agent,
+        }
+    }
+
+    /// The base URL(s) this client talks to, as given.
+    pub fn base_url(&self) -> String {
+        self.bases.join(",")
+    }
+
+    /// `POST /v1/nodes/register`.
+    pub fn register(&self, req: &RegisterNode) -> Result<Registered, MetaClientError> {
+        self.call("POST", "/v1/nodes/register", &[], Some(req))
+    }
+
+    /// `POST /v1/nodes/{id}/heartbeat`: `epoch` is the node's table epoch
+    /// (0: none). A 404 means "register again".
+    pub fn heartbeat(&self, node: NodeId, epoch: u64) -> Result<HeartbeatReply, MetaClientError> {
+        self.call(
+            "POST",
+            &format!("/v1/nodes/{node}/heartbeat"),
+            &[],
+            Some(&Heartbeat { epoch }),
+        )
+    }
+
+    /// `POST /v1/nodes/{id}/synced`: the node finished backfilling
+    /// `partitions`, where it was a syncing member in `epoch`.
+    pub fn synced(
+        &self,
+        node: NodeId,
+        epoch: u64,
+        partitions: &[u32],
+    ) -> Result<SyncedReply, MetaClientError> {
+        self.call(
+            "POST",
+            &format!("/v1/nodes/{node}/synced"),
+            &[],
+            Some(&Synced {
+                epoch,
+                partitions: partitions.to_vec(),
+            }),
+        )
+    }
+
+    /// `GET /v1/nodes`.
+    pub fn nodes(&self) -> Result<Vec<NodeStatus>, MetaClientError> {
+        self.call::<(), _>("GET", "/v1/nodes", &[], None)
+    }
+
+    /// `GET /v1/route`: the current table (404 before there is one).
+    pub fn route(&self) -> Result<RouteTable, MetaClientError> {
+        self.call::<(), _>("GET", "/v1/route", &[], None)
+    }
+
+    /// `POST /v1/route/split`: doubles the partition count.
+    pub fn split(&self) -> Result<RouteTable, MetaClientError> {
+        self.call::<(), _>("POST", "/v1/route/split", &[], None)
+    }
+
+    /// `POST /v1/volumes`.
+    pub fn create_volume(&self, req: &CreateVolume) -> Result<Volume, MetaClientError> {
+        self.call("POST", "/v1/volumes", &[], Some(req))
+    }
+
+    /// `GET /v1/volumes`.
+    pub fn volumes(&self) -> Result<Vec<Volume>, MetaClientError> {
+        self.call::<(), _>("GET", "/v1/volumes", &[], None)
+    }
+
+    /// `GET /v1/volumes/{name}`.
+    pub fn volume(&self, name: &str) -> Result<Volume, MetaClientError> {
+        self.call::<(), _>(
+            "GET",
+            &format!("/v1/volumes/{}", path_escape(name)),
+            &[],
+            None,
+        )
+    }
+
+    /// `POST /v1/volumes/{name}/resize` (grow only).
+    pub fn resize_volume(&self, name: &str, size_bytes: u64) -> Result<Volume, MetaClientError> {
+        self.call(
+            "POST",
+            &format!("/v1/volumes/{}/resize", path_escape(name)),
+            &[],
+            Some(&ResizeVolume { size_bytes }),
+        )
+    }
+
+    /// `DELETE /v1/volumes/{name}`: returns the deleted volume.
+    pub fn delete_volume(&self, name: &str) -> Result<Volume, MetaClientError> {
+        self.call::<(), _>(
+            "DELETE",
+            &format!("/v1/volumes/{}", path_escape(name)),
+            &[],
+            None,
+        )
+    }
+
+    /// `GET /v1/log?since=N`: entries with `seq > since`, oldest first, at
+    /// most [`crate::api::LOG_PAGE_MAX`] per call.
+    pub fn log(&self, since: u64) -> Result<Vec<LogEntry>, MetaClientError> {
+        self.call::<(), _>("GET", "/v1/log", &[("since", since.to_string())], None)
+    }
+
+    /// `POST /v1/log/restore`: volumes and nodes as they were after `seq`.
+    pub fn restore_log(&self, seq: u64) -> Result<Restored, MetaClientError> {
+        self.call("POST", "/v1/log/restore", &[], Some(&RestoreLog { seq }))
+    }
+
+    /// `GET /v1/status`.
+    pub fn status(&self) -> Result<Status, MetaClientError> {
+        self.call::<(), _>("GET", "/v1/status", &[], None)
+    }
+
+    /// `GET /metrics` (Prometheus text).
+    pub fn metrics(&self) -> Result<String, MetaClientError> {
+        let base = &self.bases[self.current.load(Ordering::Relaxed) % self.bases.len()];
+        let url = format!("{base}/metrics");
+        match self.agent.get(&url).call() {
+            Ok(resp) => resp.into_string().map_err(|e| MetaClientError::BadJson {
+                url,
+                reason: e.to_string(),
+            }),
+            Err(e) => Err(error_of(&url, e)),
+        }
+    }
+
+    fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&B>,
+    ) -> Result<T, MetaClientError> {
+        let n = self.bases.len();
+        let start = self.current.load(Ordering::Relaxed) % n;
+        let mut last = None;
+        for i in 0..n {
+            let at = (start + i) % n;
+            match self.call_at(&self.bases[at], method, path, query, body) {
+                Err(e @ MetaClientError::Unreachable { .. }) => last = Some(e),
+                // A follower naming its leader: one more try there.
+                Err(MetaClientError::NotLeader {
+                    url,
+                    leader: Some(leader),
+                }) => {
+                    if let Some(k) = self.bases.iter().position(|b| *b == leader) {
+                        self.current.store(k, Ordering::Relaxed);
+                    }
+                    return match self.call_at(&leader, method, path, query, body) {
+                        Err(MetaClientError::Unreachable { .. }) => {
+                            Err(MetaClientError::NotLeader {
+                                url,
+                                leader: Some(leader),
+                            })
+                        }
+                        r => r,
+                    };
+                }
+                Err(e @ MetaClientError::NotLeader { leader: None, .. }) => last = Some(e),
+                r => {
+                    self.current.store(at, Ordering::Relaxed);
+                    return r;
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| MetaClientError::BadUrl(self.base_url())))
+    }
+
+    fn call_at<B: Serialize, T: DeserializeOwned>(
+        &self,
+        base: &str,
+        method: &str,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&B>,
+    ) -> Result<T, MetaClientError> {
+        if !base.starts_with("http://") {
+            return Err(MetaClientError::BadUrl(base.to_string()));
+        }
+        let url = format!("{base}{path}");
+        let mut req = self
+            .agent
+            .request(method, &url)
+            .set("Authorization", &self.auth);
+        for (k, v) in query {
+            req = req.query(k, v);
+        }
+        let resp = match body {
+            Some(b) => req.send_json(b),
+            None => req.call(),
+        };
+        match resp {
+            Ok(resp) => resp.into_json::<T>().map_err(|e| MetaClientError::BadJson {
+                url,
+                reason: e.to_string(),
+            }),
+            Err(e) => Err(error_of(&url, e)),
+        }
+    }
+}
+
+fn error_of(url: &str, e: ureq::Error) -> MetaClientError {
+    match e {
+        ureq::Error::Status(status, resp) => {
+            let text = resp.into_string().unwrap_or_default();
+            let message = match serde_json::from_str::<ErrorBody>(&text) {
+                Ok(ErrorBody {
+                    leader: Some(leader),
+                    ..
+                }) if status == 503 => {
+                    return MetaClientError::NotLeader {
+                        url: url.to_string(),
+                        leader: Some(leader),
+                    }
+                }
+                Ok(b) => b.error,
+                Err(_) if text.trim().is_empty() => "(no message)".to_string(),
+                Err(_) => text.chars().take(200).collect(),
+            };
+            MetaClientError::Status {
+                url: url.to_string(),
+                status,
+                message,
+            }
+        }
+        ureq::Error::Transport(t) => match t.kind() {
+            ureq::ErrorKind::InvalidUrl | ureq::ErrorKind::UnknownScheme => {
+                MetaClientError::BadUrl(url.to_string())
+            }
+            _ => MetaClientError::Unreachable {
+                url: url.to_string(),
+                reason: t
+                    .message()
+                    .map(str::to_string)
+                    .or_else(|| std::error::Error::source(&t).map(|s| s.to_string()))
+                    .unwrap_or_else(|| t.kind().to_string()),
+            },
+        },
+    }
+}
+
+/// Percent-escapes everything but `[A-Za-z0-9._-]` (volume names are
+/// validated by the server; a bad one must still reach it in one piece).
+fn path_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_paths() {
+        assert_eq!(path_escape("vm-1.d_0"), "vm-1.d_0");
+        assert_eq!(path_escape("a/b c"), "a%2Fb%20c");
+    }
+
+    #[test]
+    fn refused_connection_is_unreachable() {
+        // Port 1 on loopback: nothing listens there.
+        let c = MetaClient::new("http://127.0.0.1:1", "t");
+        let e = c.status().expect_err("nothing listens");
+        assert!(e.is_unreachable(), "{e}");
+        assert!(e.to_string().contains("celer meta serve"), "{e}");
+    }
+
+    #[test]
+    fn bad_url() {
+        let c = MetaClient::new("127.0.0.1:7700", "t");
+        assert!(matches!(c.status(), Err(MetaClientError::BadUrl(_))));
+    }
+}
