@@ -7,10 +7,17 @@
 //! HTTP/JSON ([`api`]). Route tables are pushed to the storage nodes only;
 //! clients learn them lazily from the nodes.
 //!
-//! Storage nodes and the CLI talk to it with the blocking [`MetaClient`].
+//! Storage nodes and the CLI talk to it with the blocking [`MetaClient`];
+//! tests and `celer meta serve` run it with [`MetaServer`].
 
 pub mod api;
 pub mod client;
+mod metrics;
+pub mod server;
+pub mod state;
+pub mod store;
 
 pub use celer_route;
 pub use client::{MetaClient, MetaClientError};
+pub use server::{MetaConfig, MetaError, MetaServer};
+pub use state::ClusterConfig;

@@ -1,0 +1,109 @@
+//! The control service's Prometheus metrics (`GET /metrics`, no auth).
+//! Gauges are set from the cluster state at scrape time; only the request
+//! counter is updated on the request path.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::api::Status;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpLabels {
+    method: String,
+    path: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeStateLabels {
+    state: String,
+}
+
+pub(crate) struct Metrics {
+    registry: Registry,
+    epoch: Gauge,
+    nodes: Family<NodeStateLabels, Gauge>,
+    volumes: Gauge,
+    partitions: Gauge,
+    partitions_degraded: Gauge,
+    log_seq: Gauge,
+    leader: Gauge,
+    http: Family<HttpLabels, Counter>,
+}
+
+impl Metrics {
+    pub(crate) fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("celer_meta");
+        let m = Metrics {
+            epoch: Gauge::default(),
+            nodes: Family::default(),
+            volumes: Gauge::default(),
+            partitions: Gauge::default(),
+            partitions_degraded: Gauge::default(),
+            log_seq: Gauge::default(),
+            leader: Gauge::default(),
+            http: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("route_epoch", "Current route table epoch", m.epoch.clone());
+        registry.register(
+            "nodes",
+            "Storage nodes by state (up, down)",
+            m.nodes.clone(),
+        );
+        registry.register("volumes", "Volumes", m.volumes.clone());
+        registry.register(
+            "partitions",
+            "Partitions in the route table",
+            m.partitions.clone(),
+        );
+        registry.register(
+            "partitions_degraded",
+            "Partitions with a syncing member or fewer members than replicas",
+            m.partitions_degraded.clone(),
+        );
+        registry.register("log_seq", "Last change-log entry", m.log_seq.clone());
+        registry.register("leader", "1 when this process leads", m.leader.clone());
+        registry.register("http_requests", "HTTP requests served", m.http.clone());
+        Metrics { registry, ..m }
+    }
+
+    pub(crate) fn http_request(&self, method: String, path: String, status: u16) {
+        self.http
+            .get_or_create(&HttpLabels {
+                method,
+                path,
+                status,
+            })
+            .inc();
+    }
+
+    /// The text exposition, with gauges from `status` (a leader's).
+    pub(crate) fn encode(&self, status: Option<&Status>, leader: bool) -> String {
+        self.leader.set(leader as i64);
+        if let Some(s) = status {
+            self.epoch.set(s.epoch as i64);
+            let state = |s: &str| NodeStateLabels { state: s.into() };
+            self.nodes
+                .get_or_create(&state("up"))
+                .set(s.nodes_up as i64);
+            self.nodes
+                .get_or_create(&state("down"))
+                .set(s.nodes_down as i64);
+            self.volumes.set(s.volumes as i64);
+            self.partitions.set(s.partitions as i64);
+            self.partitions_degraded.set(s.partitions_degraded as i64);
+            self.log_seq.set(s.log_seq as i64);
+        }
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}

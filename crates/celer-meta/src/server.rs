@@ -1,0 +1,890 @@
+//! The control service process: the HTTP/JSON API (axum), the lease
+//! checker, and the route pushers.
+//!
+//! Concurrency: one mutex guards the [`Cluster`]; API handlers and the lease
+//! checker take it on blocking threads (store writes fsync), never across an
+//! await. A new route table is published on a watch channel after the lock
+//! is released; one pusher task per node sends the latest table to
+//! `PUT http://{admin_addr}/v1/route`, so a slow node delays nobody and a
+//! node never receives an older table after a newer one. A failed push only
+//! logs: the node's next heartbeat reply carries the table.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{MatchedPath, Path, RawQuery, Request, State};
+use axum::http::{header, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use celer_route::{NodeId, RouteTable};
+use serde::de::DeserializeOwned;
+use tokio::sync::{oneshot, watch};
+
+use crate::api::{
+    CreateVolume, ErrorBody, Heartbeat, RegisterNode, ResizeVolume, RestoreLog, Synced,
+    LOG_PAGE_MAX,
+};
+use crate::metrics::Metrics;
+use crate::state::{Cluster, ClusterConfig, Pushed, StateError};
+use crate::store::{MetaStore, RedbStore, StoreError};
+
+/// The lease checker runs this often.
+pub const LEASE_CHECK_MS: u64 = 100;
+/// A route push to one node gives up after this long.
+pub const PUSH_TIMEOUT_MS: u64 = 1000;
+/// Default listen address.
+pub const LISTEN_DEFAULT: &str = "127.0.0.1:7700";
+/// Default partition count: 2^8.
+pub const PARTITION_BITS_DEFAULT: u8 = 8;
+/// Default bound on partitions starting a move at once.
+pub const MAX_MOVES_DEFAULT: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error("{0}")]
+    Config(String),
+    #[error("cannot listen on {addr}: {source}: is another control service running there?")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot start the control service runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("the control service stopped: {0}")]
+    Stopped(String),
+}
+
+/// A bearer token and the name the change log records for it.
+#[derive(Clone)]
+pub struct Token {
+    pub name: String,
+    pub secret: String,
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Token({})", self.name)
+    }
+}
+
+/// Parses a token file: one token per line, either `SECRET` (named
+/// `operator`) or `NAME SECRET`; blank lines and `#` comments are skipped.
+pub fn parse_tokens(text: &str) -> Result<Vec<Token>, MetaError> {
+    let mut out = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut words = line.split_whitespace();
+        let (name, secret) = match (words.next(), words.next(), words.next()) {
+            (Some(s), None, _) => ("operator", s),
+            (Some(n), Some(s), None) => (n, s),
+            _ => {
+                return Err(MetaError::Config(
+                    "token file lines must be `SECRET` or `NAME SECRET`".into(),
+                ))
+            }
+        };
+        out.push(Token {
+            name: name.to_string(),
+            secret: secret.to_string(),
+        });
+    }
+    if out.is_empty() {
+        return Err(MetaError::Config(
+            "no token: the token file is empty (put a secret in it)".into(),
+        ));
+    }
+    Ok(out)
+}
+
+/// Where the metadata lives.
+#[derive(Clone, Debug)]
+pub enum StoreConfig {
+    /// `DIR/meta.redb`.
+    Redb { dir: PathBuf },
+    /// An etcd cluster shared by several control processes.
+    #[cfg(feature = "etcd")]
+    Etcd(crate::etcd::EtcdConfig),
+}
+
+#[derive(Clone, Debug)]
+pub struct MetaConfig {
+    pub listen: SocketAddr,
+    pub store: StoreConfig,
+    pub tokens: Vec<Token>,
+    pub cluster: ClusterConfig,
+}
+
+impl MetaConfig {
+    /// Defaults: heartbeat 200 ms, lease 1000 ms, 2^8 partitions, 3
+    /// replicas, 64 moves, 1 MiB chunks, a redb store in `data_dir`.
+    pub fn new(listen: SocketAddr, data_dir: PathBuf, token: &str) -> MetaConfig {
+        MetaConfig {
+            listen,
+            store: StoreConfig::Redb { dir: data_dir },
+            tokens: vec![Token {
+                name: "operator".into(),
+                secret: token.to_string(),
+            }],
+            cluster: ClusterConfig {
+                heartbeat_ms: crate::api::HEARTBEAT_MS_DEFAULT,
+                lease_ms: crate::api::LEASE_MS_DEFAULT,
+                partition_bits: PARTITION_BITS_DEFAULT,
+                replicas: celer_route::REPLICAS_DEFAULT,
+                max_moves: MAX_MOVES_DEFAULT,
+                chunk_bytes: celer_route::CHUNK_BYTES_DEFAULT,
+            },
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), MetaError> {
+        let c = &self.cluster;
+        let bad = |m: String| Err(MetaError::Config(m));
+        if self.tokens.iter().any(|t| t.secret.is_empty()) || self.tokens.is_empty() {
+            return bad("a token is required: --token-file FILE, --token or CELER_TOKEN".into());
+        }
+        if c.heartbeat_ms == 0 || c.lease_ms < 2 * c.heartbeat_ms {
+            return bad(format!(
+                "lease {} ms must be at least twice the heartbeat {} ms (and the heartbeat > 0)",
+                c.lease_ms, c.heartbeat_ms
+            ));
+        }
+        if c.partition_bits > celer_route::PARTITION_BITS_MAX {
+            return bad(format!(
+                "--partition-bits {} is above the maximum {}",
+                c.partition_bits,
+                celer_route::PARTITION_BITS_MAX
+            ));
+        }
+        if !(1..=8).contains(&c.replicas) {
+            return bad(format!("--replicas {} must be 1 to 8", c.replicas));
+        }
+        if c.max_moves == 0 {
+            return bad("--max-moves must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// An API error reply: `{"error": ...}` with a status.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    status: StatusCode,
+    message: String,
+    leader: Option<String>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+            leader: None,
+        }
+    }
+}
+
+impl From<StateError> for ApiError {
+    fn from(e: StateError) -> ApiError {
+        let status = match &e {
+            StateError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            StateError::NotFound(_) => StatusCode::NOT_FOUND,
+            StateError::Conflict(_) => StatusCode::CONFLICT,
+            StateError::Store(StoreError::Conflict { .. }) => StatusCode::SERVICE_UNAVAILABLE,
+            StateError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let message = match &e {
+            StateError::Store(s) => {
+                tracing::error!("metadata store: {s}");
+                format!("the control service could not save the change ({s}): nothing was changed; check its log and retry")
+            }
+            e => e.to_string(),
+        };
+        ApiError::new(status, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(ErrorBody {
+                error: self.message,
+                leader: self.leader,
+            }),
+        )
+            .into_response()
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+/// Who made the request, for the change log.
+#[derive(Clone)]
+struct Who(String);
+
+/// Leadership of this process over the store.
+pub(crate) enum Role {
+    /// Serving: the state is loaded.
+    Leader(Box<Cluster>),
+    /// Not serving; the leader's base URL when known.
+    Follower(Option<String>),
+}
+
+pub(crate) struct Shared {
+    pub(crate) role: Mutex<Role>,
+    pub(crate) store: Arc<dyn MetaStore>,
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+    pub(crate) cluster_cfg: ClusterConfig,
+    tokens: Vec<Token>,
+    /// The latest table, for the pushers.
+    routes: watch::Sender<Option<Arc<RouteTable>>>,
+    /// Nodes with a pusher task.
+    pushers: Mutex<HashSet<NodeId>>,
+    push_token: String,
+    pub(crate) metrics: Metrics,
+    rt: tokio::runtime::Handle,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock leaves the state as the last committed
+    // change made it (changes are copy-then-swap): keep serving.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    /// Publishes a new table and starts pushers for nodes without one.
+    pub(crate) fn publish(self: &Arc<Self>, pushed: Pushed, nodes: &[NodeId]) {
+        if let Some(t) = pushed {
+            self.routes.send_replace(Some(Arc::new(t)));
+        }
+        let mut pushers = lock(&self.pushers);
+        for id in nodes {
+            if pushers.insert(*id) {
+                let rx = self.routes.subscribe();
+                let token = self.push_token.clone();
+                self.rt.spawn(push_worker(*id, rx, token));
+            }
+        }
+    }
+
+    /// Runs `f` on the cluster state on a blocking thread, then publishes
+    /// any new table.
+    async fn run<T, F>(self: &Arc<Self>, f: F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Cluster, &dyn MetaStore) -> Result<(T, Pushed), StateError> + Send + 'static,
+    {
+        let me = self.clone();
+        let joined = tokio::task::spawn_blocking(move || {
+            let mut role = lock(&me.role);
+            let cluster = match &mut *role {
+                Role::Leader(c) => c,
+                Role::Follower(leader) => {
+                    return Err(not_leader(leader.clone()));
+                }
+            };
+            let r = f(cluster, me.store.as_ref());
+            if let Err(StateError::Store(StoreError::Conflict { .. })) = &r {
+                // Someone else appended to the log: we no longer lead.
+                tracing::warn!("change log conflict: stepping down");
+                *role = Role::Follower(None);
+            }
+            let (v, pushed) = r?;
+            let nodes = cluster_node_ids(&role);
+            drop(role);
+            me.publish(pushed, &nodes);
+            Ok(v)
+        })
+        .await;
+        joined.map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("internal error: {e}"),
+            )
+        })?
+    }
+
+    /// Read-only access (no store write, no blocking).
+    fn read<T>(&self, f: impl FnOnce(&Cluster) -> Result<T, StateError>) -> Result<T, ApiError> {
+        match &*lock(&self.role) {
+            Role::Leader(c) => Ok(f(c)?),
+            Role::Follower(leader) => Err(not_leader(leader.clone())),
+        }
+    }
+}
+
+fn cluster_node_ids(role: &Role) -> Vec<NodeId> {
+    match role {
+        Role::Leader(c) => c.node_ids(),
+        Role::Follower(_) => Vec::new(),
+    }
+}
+
+fn not_leader(leader: Option<String>) -> ApiError {
+    ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        message: match &leader {
+            Some(l) => format!("this control process does not lead: send requests to {l}"),
+            None => "this control process does not lead and no leader is known yet: retry in a few seconds".into(),
+        },
+        leader,
+    }
+}
+
+/// Sends the latest table to node `id` whenever it changes.
+async fn push_worker(id: NodeId, mut rx: watch::Receiver<Option<Arc<RouteTable>>>, token: String) {
+    loop {
+        let table = rx.borrow_and_update().clone();
+        if let Some(t) = table {
+            let target = t.node(id).filter(|n| n.up).map(|n| n.admin_addr.clone());
+            if let Some(addr) = target {
+                let token = token.clone();
+                let epoch = t.epoch;
+                let r = tokio::task::spawn_blocking(move || push_route(&addr, &token, &t)).await;
+                match r {
+                    Ok(Ok(())) => tracing::debug!(node = id, epoch, "route pushed"),
+                    Ok(Err(e)) => tracing::info!(
+                        node = id,
+                        epoch,
+                        "route push failed (the next heartbeat reply carries it): {e}"
+                    ),
+                    Err(e) => tracing::warn!(node = id, "route push task failed: {e}"),
+                }
+            }
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+fn push_route(admin_addr: &str, token: &str, t: &RouteTable) -> Result<(), String> {
+    let url = format!("http://{admin_addr}/v1/route");
+    ureq::AgentBuilder::new()
+        .timeout(Duration::from_millis(PUSH_TIMEOUT_MS))
+        .redirects(0)
+        .build()
+        .put(&url)
+        .set("Authorization", &format!("Bearer {token}"))
+        .send_json(t)
+        .map(|_| ())
+        .map_err(|e| format!("PUT {url}: {e}"))
+}
+
+fn parse_body<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("request body is not valid JSON for this request: {e}"),
+        )
+    })
+}
+
+fn parse_node_id(s: &str) -> Result<NodeId, ApiError> {
+    s.parse().map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("`{s}` is not a node id (a number)"),
+        )
+    })
+}
+
+async fn auth(
+    State(st): State<Arc<Shared>>,
+    mut req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(presented) = presented else {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing `Authorization: Bearer TOKEN`: pass the cluster token (--token or CELER_TOKEN)",
+        ));
+    };
+    let found = st
+        .tokens
+        .iter()
+        .find(|t| constant_time_eq(t.secret.as_bytes(), presented.as_bytes()));
+    let Some(token) = found else {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "the token is not valid for this cluster: check --token or CELER_TOKEN",
+        ));
+    };
+    req.extensions_mut().insert(Who(token.name.clone()));
+    Ok(next.run(req).await)
+}
+
+/// Compares secrets without an early exit on the first differing byte.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
+}
+
+async fn count_requests(State(st): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    let method = req.method().to_string();
+    let path = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let resp = next.run(req).await;
+    st.metrics
+        .http_request(method, path, resp.status().as_u16());
+    resp
+}
+
+async fn register(State(st): State<Arc<Shared>>, body: Bytes) -> ApiResult<crate::api::Registered> {
+    let req: RegisterNode = parse_body(&body)?;
+    st.run(move |c, s| c.register(s, req)).await.map(Json)
+}
+
+async fn heartbeat(
+    State(st): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<crate::api::HeartbeatReply> {
+    let id = parse_node_id(&id)?;
+    let req: Heartbeat = parse_body(&body)?;
+    st.run(move |c, s| c.heartbeat(s, id, req.epoch))
+        .await
+        .map(Json)
+}
+
+async fn synced(
+    State(st): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<crate::api::SyncedReply> {
+    let id = parse_node_id(&id)?;
+    let req: Synced = parse_body(&body)?;
+    st.run(move |c, s| c.synced(s, id, req.epoch, &req.partitions))
+        .await
+        .map(Json)
+}
+
+async fn nodes(State(st): State<Arc<Shared>>) -> ApiResult<Vec<crate::api::NodeStatus>> {
+    st.read(|c| Ok(c.nodes(Instant::now()))).map(Json)
+}
+
+async fn route(State(st): State<Arc<Shared>>) -> ApiResult<RouteTable> {
+    st.read(|c| {
+        c.table().cloned().ok_or_else(|| {
+            StateError::NotFound(format!(
+                "no route table yet: fewer than {} nodes registered",
+                c.config().replicas
+            ))
+        })
+    })
+    .map(Json)
+}
+
+async fn split(
+    State(st): State<Arc<Shared>>,
+    Extension(who): Extension<Who>,
+) -> ApiResult<RouteTable> {
+    st.run(move |c, s| c.split(s, &who.0)).await.map(Json)
+}
+
+async fn create_volume(
+    State(st): State<Arc<Shared>>,
+    Extension(who): Extension<Who>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<crate::api::Volume>), ApiError> {
+    let req: CreateVolume = parse_body(&body)?;
+    let v = st
+        .run(move |c, s| Ok((c.create_volume(s, &who.0, req)?, None)))
+        .await?;
+    Ok((StatusCode::CREATED, Json(v)))
+}
+
+async fn volumes(State(st): State<Arc<Shared>>) -> ApiResult<Vec<crate::api::Volume>> {
+    st.read(|c| Ok(c.volumes())).map(Json)
+}
+
+async fn volume(
+    State(st): State<Arc<Shared>>,
+    Path(name): Path<String>,
+) -> ApiResult<crate::api::Volume> {
+    st.read(|c| c.volume(&name)).map(Json)
+}
+
+async fn resize_volume(
+    State(st): State<Arc<Shared>>,
+    Extension(who): Extension<Who>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<crate::api::Volume> {
+    let req: ResizeVolume = parse_body(&body)?;
+    st.run(move |c, s| Ok((c.resize_volume(s, &who.0, &name, req.size_bytes)?, None)))
+        .await
+        .map(Json)
+}
+
+async fn delete_volume(
+    State(st): State<Arc<Shared>>,
+    Extension(who): Extension<Who>,
+    Path(name): Path<String>,
+) -> ApiResult<crate::api::Volume> {
+    st.run(move |c, s| Ok((c.delete_volume(s, &who.0, &name)?, None)))
+        .await
+        .map(Json)
+}
+
+async fn log(
+    State(st): State<Arc<Shared>>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Vec<crate::api::LogEntry>> {
+    let (mut since, mut limit) = (0u64, LOG_PAGE_MAX);
+    for kv in q
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .filter(|s| !s.is_empty())
+    {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        let num = |v: &str| {
+            v.parse::<u64>().map_err(|_| {
+                ApiError::new(StatusCode::BAD_REQUEST, format!("{k}={v}: not a number"))
+            })
+        };
+        match k {
+            "since" => since = num(v)?,
+            "limit" => limit = num(v)?.min(LOG_PAGE_MAX as u64) as usize,
+            _ => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown query parameter `{k}`: use since=N and limit=N"),
+                ))
+            }
+        }
+    }
+    st.run(move |c, s| Ok((c.log(s, since, limit)?, None)))
+        .await
+        .map(Json)
+}
+
+async fn restore(
+    State(st): State<Arc<Shared>>,
+    Extension(who): Extension<Who>,
+    body: Bytes,
+) -> ApiResult<crate::api::Restored> {
+    let req: RestoreLog = parse_body(&body)?;
+    st.run(move |c, s| c.restore(s, &who.0, req.seq))
+        .await
+        .map(Json)
+}
+
+async fn status(State(st): State<Arc<Shared>>) -> ApiResult<crate::api::Status> {
+    st.read(|c| Ok(c.status())).map(Json)
+}
+
+async fn metrics(State(st): State<Arc<Shared>>) -> Response {
+    let text = {
+        let role = lock(&st.role);
+        let (status, leader) = match &*role {
+            Role::Leader(c) => (Some(c.status()), true),
+            Role::Follower(_) => (None, false),
+        };
+        st.metrics.encode(status.as_ref(), leader)
+    };
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("no such endpoint: {method} {uri} (see the API in celer_meta::api)"),
+    )
+}
+
+async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}
+
+pub(crate) fn router(st: Arc<Shared>) -> Router {
+    let v1 = Router::new()
+        .route("/v1/nodes/register", post(register))
+        .route("/v1/nodes/{id}/heartbeat", post(heartbeat))
+        .route("/v1/nodes/{id}/synced", post(synced))
+        .route("/v1/nodes", get(nodes))
+        .route("/v1/route", get(route))
+        .route("/v1/route/split", post(split))
+        .route("/v1/volumes", post(create_volume).get(volumes))
+        .route("/v1/volumes/{name}", get(volume).delete(delete_volume))
+        .route("/v1/volumes/{name}/resize", post(resize_volume))
+        .route("/v1/log", get(log))
+        .route("/v1/log/restore", post(restore))
+        .route("/v1/status", get(status))
+        .route_layer(axum::middleware::from_fn_with_state(st.clone(), auth));
+    Router::new()
+        .merge(v1)
+        .route("/metrics", get(metrics))
+        .route_layer(axum::middleware::from_fn_with_state(
+            st.clone(),
+            count_requests,
+        ))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(st)
+}
+
+/// Marks down nodes whose lease expired, every [`LEASE_CHECK_MS`].
+async fn lease_checker(st: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(LEASE_CHECK_MS));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let me = st.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            let mut role = lock(&me.role);
+            let Role::Leader(c) = &mut *role else {
+                return;
+            };
+            match c.expire_leases(me.store.as_ref(), Instant::now()) {
+                Ok(pushed) => {
+                    let nodes = c.node_ids();
+                    drop(role);
+                    me.publish(pushed, &nodes);
+                }
+                Err(StateError::Store(StoreError::Conflict { .. })) => {
+                    tracing::warn!("change log conflict: stepping down");
+                    *role = Role::Follower(None);
+                }
+                Err(e) => tracing::error!("lease check failed: {e}"),
+            }
+        })
+        .await;
+        if let Err(e) = r {
+            tracing::error!("lease check task failed: {e}");
+        }
+    }
+}
+
+/// A running control service (its own thread and runtime). Dropping it
+/// stops it.
+#[derive(Debug)]
+pub struct MetaServer {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<(), MetaError>>>,
+}
+
+impl MetaServer {
+    /// Opens the store, binds the listener and starts serving; returns once
+    /// requests can be sent (`listen` port 0 picks a free port: see
+    /// [`MetaServer::addr`]).
+    pub fn start(cfg: MetaConfig) -> Result<MetaServer, MetaError> {
+        cfg.validate()?;
+        let listener =
+            std::net::TcpListener::bind(cfg.listen).map_err(|source| MetaError::Listen {
+                addr: cfg.listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| MetaError::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| MetaError::Listen { addr, source })?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("celer-meta")
+            .enable_all()
+            .build()
+            .map_err(MetaError::Runtime)?;
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), MetaError>>();
+        let thread = std::thread::Builder::new()
+            .name("celer-meta".into())
+            .spawn(move || rt.block_on(run_server(cfg, listener, addr, stop_rx, ready_tx)))
+            .map_err(MetaError::Runtime)?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(MetaServer {
+                addr,
+                stop: Some(stop_tx),
+                thread: Some(thread),
+            }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e)
+            }
+            Err(_) => match thread.join() {
+                Ok(Err(e)) => Err(e),
+                _ => Err(MetaError::Stopped(
+                    "the server thread exited at start".into(),
+                )),
+            },
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ADDR`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops serving and waits for the server thread.
+    pub fn stop(mut self) -> Result<(), MetaError> {
+        self.stop_and_join()
+    }
+
+    fn stop_and_join(&mut self) -> Result<(), MetaError> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(MetaError::Stopped("the server thread panicked".into())),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for MetaServer {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop_and_join() {
+            tracing::warn!("control service stopped with: {e}");
+        }
+    }
+}
+
+async fn run_server(
+    cfg: MetaConfig,
+    listener: std::net::TcpListener,
+    addr: SocketAddr,
+    stop: oneshot::Receiver<()>,
+    ready: std::sync::mpsc::Sender<Result<(), MetaError>>,
+) -> Result<(), MetaError> {
+    let started = async {
+        let listener = tokio::net::TcpListener::from_std(listener)
+            .map_err(|source| MetaError::Listen { addr, source })?;
+        let (store, role): (Arc<dyn MetaStore>, Role) = match &cfg.store {
+            StoreConfig::Redb { dir } => {
+                let dir = dir.clone();
+                let cc = cfg.cluster.clone();
+                tokio::task::spawn_blocking(move || {
+                    let store = RedbStore::open_dir(&dir)?;
+                    let cluster = Cluster::load(cc, &store)?;
+                    Ok::<_, MetaError>((
+                        Arc::new(store) as Arc<dyn MetaStore>,
+                        Role::Leader(Box::new(cluster)),
+                    ))
+                })
+                .await
+                .map_err(|e| MetaError::Stopped(e.to_string()))??
+            }
+            #[cfg(feature = "etcd")]
+            StoreConfig::Etcd(e) => {
+                let store = crate::etcd::EtcdStore::connect(e).await?;
+                (Arc::new(store) as Arc<dyn MetaStore>, Role::Follower(None))
+            }
+        };
+        let push_token = cfg
+            .tokens
+            .first()
+            .map(|t| t.secret.clone())
+            .unwrap_or_default();
+        let (routes, _) = watch::channel(None);
+        let shared = Arc::new(Shared {
+            role: Mutex::new(role),
+            store,
+            cluster_cfg: cfg.cluster.clone(),
+            tokens: cfg.tokens.clone(),
+            routes,
+            pushers: Mutex::new(HashSet::new()),
+            push_token,
+            metrics: Metrics::new(),
+            rt: tokio::runtime::Handle::current(),
+        });
+        // Pushers for the nodes known at start: they get the current table.
+        let (table, nodes) = match &*lock(&shared.role) {
+            Role::Leader(c) => (c.table().cloned(), c.node_ids()),
+            Role::Follower(_) => (None, Vec::new()),
+        };
+        shared.publish(table, &nodes);
+        Ok::<_, MetaError>((listener, shared))
+    }
+    .await;
+    let (listener, shared) = match started {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = ready.send(Err(MetaError::Stopped(e.to_string())));
+            return Err(e);
+        }
+    };
+    let _ = ready.send(Ok(()));
+    tracing::info!(%addr, "control service listening");
+    let checker = tokio::spawn(lease_checker(shared.clone()));
+    #[cfg(feature = "etcd")]
+    let elector = match &cfg.store {
+        StoreConfig::Etcd(e) => Some(tokio::spawn(crate::etcd::lead(shared.clone(), e.clone()))),
+        StoreConfig::Redb { .. } => None,
+    };
+    let app = router(shared.clone());
+    let r = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = stop.await;
+        })
+        .await;
+    checker.abort();
+    #[cfg(feature = "etcd")]
+    if let Some(e) = elector {
+        e.abort();
+    }
+    r.map_err(|e| MetaError::Stopped(e.to_string()))
+}
+
+/// `celer meta serve`: serves until SIGINT or SIGTERM.
+pub fn serve(cfg: MetaConfig) -> Result<(), MetaError> {
+    let server = MetaServer::start(cfg)?;
+    tracing::info!("control service at {}", server.url());
+    wait_for_signal()?;
+    tracing::info!("stopping");
+    server.stop()
+}
+
+fn wait_for_signal() -> Result<(), MetaError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(MetaError::Runtime)?;
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(MetaError::Runtime)?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r.map_err(MetaError::Runtime),
+            _ = term.recv() => Ok(()),
+        }
+    })
+}

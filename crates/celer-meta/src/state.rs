@@ -1,0 +1,905 @@
+//! The control service's state machine: nodes, volumes, the route table and
+//! the change log, kept in memory and written through to the
+//! [`MetaStore`].
+//!
+//! Every change runs as a [`Tx`] on a copy of the persistent state: it
+//! records store ops and change-log entries; only when the store has applied
+//! them atomically does the copy replace the state. A failed store write
+//! leaves memory as it was. Liveness (last heartbeat, acknowledged epoch) is
+//! memory only: after a restart every known node gets a fresh lease.
+//!
+//! Store layout (keys): `node/{id:010}` → `NodeInfo`, `vol/{name}` →
+//! `Volume`, `route` → `StoredRoute`, `ctr/node` and `ctr/volume` → the next
+//! ids (decimal); the change log holds `LogEntry` JSON.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use celer_route::{NodeId, NodeInfo, RouteTable};
+use serde::{Deserialize, Serialize};
+
+use crate::api::{
+    validate_volume_name, validate_volume_size, Change, CreateVolume, HeartbeatReply, LogEntry,
+    NodeRecord, NodeStatus, RegisterNode, Registered, Restored, Status, SyncedReply, Volume,
+    LOG_PAGE_MAX, VOLUME_REPLICAS_MAX,
+};
+use crate::store::{MetaStore, Op, StoreError};
+
+/// Longest address or failure-domain string a node may register.
+const NODE_FIELD_MAX_BYTES: usize = 256;
+/// Log entries read per store call while replaying.
+const REPLAY_PAGE: usize = 4096;
+
+/// The cluster parameters of [`crate::server::MetaConfig`] that the state
+/// machine uses.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    pub heartbeat_ms: u64,
+    pub lease_ms: u64,
+    pub partition_bits: u8,
+    pub replicas: u8,
+    pub max_moves: usize,
+    pub chunk_bytes: u64,
+}
+
+/// An API error: HTTP status and a message saying what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+}
+
+type Result<T> = std::result::Result<T, StateError>;
+
+/// The route table and, for every syncing member, the epoch it joined in:
+/// a `synced` report counts only if it is about the current membership.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct StoredRoute {
+    table: Option<RouteTable>,
+    /// (partition, node) → the epoch the node joined as a syncing member.
+    #[serde(with = "joined_as_list")]
+    joined: BTreeMap<(u32, NodeId), u64>,
+}
+
+/// JSON maps need string keys: the map is stored as `[[p, node, epoch]...]`.
+mod joined_as_list {
+    use std::collections::BTreeMap;
+
+    use celer_route::NodeId;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(
+        m: &BTreeMap<(u32, NodeId), u64>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let v: Vec<(u32, NodeId, u64)> = m.iter().map(|(&(p, n), &e)| (p, n, e)).collect();
+        v.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<(u32, NodeId), u64>, D::Error> {
+        let v = Vec::<(u32, NodeId, u64)>::deserialize(d)?;
+        Ok(v.into_iter().map(|(p, n, e)| ((p, n), e)).collect())
+    }
+}
+
+/// What persists.
+#[derive(Clone, Debug)]
+struct Persistent {
+    nodes: BTreeMap<NodeId, NodeInfo>,
+    volumes: BTreeMap<String, Volume>,
+    route: StoredRoute,
+    next_node_id: NodeId,
+    next_volume_id: u64,
+    last_seq: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Liveness {
+    last_heartbeat: Option<Instant>,
+    /// Lease start when there was no heartbeat yet (registration or start).
+    since: Instant,
+    epoch_acked: u64,
+}
+
+impl Liveness {
+    fn fresh(now: Instant) -> Liveness {
+        Liveness {
+            last_heartbeat: None,
+            since: now,
+            epoch_acked: 0,
+        }
+    }
+    fn expired(&self, now: Instant, lease: Duration) -> bool {
+        now.duration_since(self.last_heartbeat.unwrap_or(self.since)) > lease
+    }
+}
+
+pub struct Cluster {
+    cfg: ClusterConfig,
+    p: Persistent,
+    live: HashMap<NodeId, Liveness>,
+}
+
+/// What a change did besides its reply: a new table to push.
+pub type Pushed = Option<RouteTable>;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn node_key(id: NodeId) -> String {
+    format!("node/{id:010}")
+}
+
+fn volume_key(name: &str) -> String {
+    format!("vol/{name}")
+}
+
+fn json<T: Serialize>(v: &T) -> Vec<u8> {
+    // Serializing these plain structs cannot fail.
+    serde_json::to_vec(v).expect("metadata serializes to JSON")
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(key: &[u8], v: &[u8]) -> std::result::Result<T, StoreError> {
+    serde_json::from_slice(v).map_err(|e| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: e.to_string(),
+    })
+}
+
+fn record_of(n: &NodeInfo) -> NodeRecord {
+    NodeRecord {
+        id: n.id,
+        data_addr: n.data_addr.clone(),
+        admin_addr: n.admin_addr.clone(),
+        shards: n.shards,
+        domain: n.domain.clone(),
+    }
+}
+
+/// A change in progress: a copy of the state plus what to write.
+struct Tx {
+    p: Persistent,
+    who: String,
+    ops: Vec<Op>,
+    entries: Vec<LogEntry>,
+    table_changed: bool,
+}
+
+impl Tx {
+    fn log(&mut self, what: Change) {
+        self.p.last_seq += 1;
+        let epoch = self.p.route.table.as_ref().map_or(0, |t| t.epoch);
+        self.entries.push(LogEntry {
+            seq: self.p.last_seq,
+            at: now_ms(),
+            who: self.who.clone(),
+            what,
+            epoch,
+        });
+    }
+    fn put_node(&mut self, n: NodeInfo) {
+        self.ops.push(Op::put(node_key(n.id), json(&n)));
+        self.p.nodes.insert(n.id, n);
+    }
+    fn put_volume(&mut self, v: Volume) {
+        self.ops.push(Op::put(volume_key(&v.name), json(&v)));
+        self.p.volumes.insert(v.name.clone(), v);
+    }
+    fn put_counters(&mut self) {
+        self.ops
+            .push(Op::put("ctr/node", self.p.next_node_id.to_string()));
+        self.ops
+            .push(Op::put("ctr/volume", self.p.next_volume_id.to_string()));
+    }
+    /// Installs `t` as the current table, recording which syncing members
+    /// are new in it.
+    fn set_table(&mut self, t: RouteTable, reason: &str) {
+        let old = self.p.route.table.as_ref();
+        let mut joined = BTreeMap::new();
+        for (p, part) in t.partitions.iter().enumerate() {
+            let p = p as u32;
+            // After a split, p + P continues p's membership.
+            let old_p = old.map_or(p, |o| p & (o.partition_count() - 1));
+            for m in part.members.iter().filter(|m| !m.in_sync) {
+                let was_syncing = old
+                    .and_then(|o| o.partition(old_p))
+                    .and_then(|o| o.member(m.node))
+                    .is_some_and(|o| !o.in_sync);
+                let since = match self.p.route.joined.get(&(old_p, m.node)) {
+                    Some(e) if was_syncing => *e,
+                    _ => t.epoch,
+                };
+                joined.insert((p, m.node), since);
+            }
+        }
+        let epoch = t.epoch;
+        self.p.route = StoredRoute {
+            table: Some(t),
+            joined,
+        };
+        self.ops.push(Op::put("route", json(&self.p.route)));
+        self.table_changed = true;
+        self.log(Change::RouteEpoch {
+            epoch,
+            reason: reason.to_string(),
+        });
+    }
+
+    /// The next table for the current node list: the first one once
+    /// `replicas` nodes are up, then a bounded rebalance. No new epoch when
+    /// nothing would change.
+    fn reroute(
+        &mut self,
+        cfg: &ClusterConfig,
+        reason: &str,
+    ) -> std::result::Result<(), StateError> {
+        let nodes: Vec<NodeInfo> = self.p.nodes.values().cloned().collect();
+        let next = match &self.p.route.table {
+            None => {
+                if nodes.iter().filter(|n| n.up).count() < cfg.replicas as usize {
+                    return Ok(());
+                }
+                RouteTable::initial(nodes, cfg.partition_bits, cfg.replicas, cfg.chunk_bytes)
+                    .map_err(|e| {
+                        StateError::BadRequest(format!("cannot build the route table: {e}"))
+                    })?
+            }
+            Some(t) => {
+                // Bounded concurrent movement: partitions still moving use
+                // up the budget.
+                let moving = t.partitions.iter().filter(|p| !p.all_in_sync()).count();
+                let next = t.rebalance(nodes, cfg.max_moves.saturating_sub(moving));
+                if next.nodes == t.nodes && next.partitions == t.partitions {
+                    return Ok(());
+                }
+                next
+            }
+        };
+        self.set_table(next, reason);
+        Ok(())
+    }
+}
+
+impl Cluster {
+    /// Loads the state from `store` (empty on a new store).
+    pub fn load(
+        cfg: ClusterConfig,
+        store: &dyn MetaStore,
+    ) -> std::result::Result<Cluster, StoreError> {
+        let mut nodes = BTreeMap::new();
+        for (k, v) in store.scan_prefix(b"node/")? {
+            let n: NodeInfo = parse(&k, &v)?;
+            nodes.insert(n.id, n);
+        }
+        let mut volumes = BTreeMap::new();
+        for (k, v) in store.scan_prefix(b"vol/")? {
+            let vol: Volume = parse(&k, &v)?;
+            volumes.insert(vol.name.clone(), vol);
+        }
+        let route = match store.get(b"route")? {
+            Some(v) => parse(b"route", &v)?,
+            None => StoredRoute::default(),
+        };
+        let counter = |key: &str| -> std::result::Result<u64, StoreError> {
+            match store.get(key.as_bytes())? {
+                None => Ok(1),
+                Some(v) => std::str::from_utf8(&v)
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| StoreError::Corrupt {
+                        key: key.into(),
+                        reason: "not a number".into(),
+                    }),
+            }
+        };
+        let next_node_id = counter("ctr/node")?;
+        let next_node_id = NodeId::try_from(next_node_id).map_err(|_| StoreError::Corrupt {
+            key: "ctr/node".into(),
+            reason: "out of range".into(),
+        })?;
+        let next_volume_id = counter("ctr/volume")?;
+        let last_seq = store.last_seq()?;
+        let now = Instant::now();
+        let live = nodes.keys().map(|id| (*id, Liveness::fresh(now))).collect();
+        Ok(Cluster {
+            cfg,
+            p: Persistent {
+                nodes,
+                volumes,
+                route,
+                next_node_id,
+                next_volume_id,
+                last_seq,
+            },
+            live,
+        })
+    }
+
+    pub fn config(&self) -> &ClusterConfig {
+        &self.cfg
+    }
+
+    pub fn table(&self) -> Option<&RouteTable> {
+        self.p.route.table.as_ref()
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.table().map_or(0, |t| t.epoch)
+    }
+
+    pub fn node_ids(&self) -> Vec<NodeId> {
+        self.p.nodes.keys().copied().collect()
+    }
+
+    fn begin(&self, who: &str) -> Tx {
+        Tx {
+            p: self.p.clone(),
+            who: who.to_string(),
+            ops: Vec::new(),
+            entries: Vec::new(),
+            table_changed: false,
+        }
+    }
+
+    /// Writes `tx` to the store; on success it becomes the state. Returns
+    /// the new table when it changed (to push).
+    fn commit(&mut self, store: &dyn MetaStore, tx: Tx) -> std::result::Result<Pushed, StoreError> {
+        if tx.ops.is_empty() && tx.entries.is_empty() {
+            return Ok(None);
+        }
+        let log: Vec<(u64, Vec<u8>)> = tx.entries.iter().map(|e| (e.seq, json(e))).collect();
+        store.apply(&tx.ops, &log)?;
+        for e in &tx.entries {
+            tracing::info!(seq = e.seq, who = %e.who, epoch = e.epoch, "{}", e.what);
+        }
+        self.p = tx.p;
+        Ok(if tx.table_changed {
+            self.p.route.table.clone()
+        } else {
+            None
+        })
+    }
+
+    fn known_node(&self, id: NodeId) -> Result<&NodeInfo> {
+        self.p.nodes.get(&id).ok_or_else(|| {
+            StateError::NotFound(format!(
+                "node {id} is not registered: register first (POST /v1/nodes/register)"
+            ))
+        })
+    }
+
+    pub fn register(
+        &mut self,
+        store: &dyn MetaStore,
+        req: RegisterNode,
+    ) -> Result<(Registered, Pushed)> {
+        let partitions = self
+            .table()
+            .map_or(1u32 << self.cfg.partition_bits, |t| t.partition_count());
+        for (what, v) in [
+            ("data_addr", &req.data_addr),
+            ("admin_addr", &req.admin_addr),
+        ] {
+            if v.is_empty() || v.len() > NODE_FIELD_MAX_BYTES || !v.contains(':') {
+                return Err(StateError::BadRequest(format!(
+                    "{what} `{v}` is not an address: use HOST:PORT"
+                )));
+            }
+        }
+        if req.domain.is_empty() || req.domain.len() > NODE_FIELD_MAX_BYTES {
+            return Err(StateError::BadRequest(format!(
+                "failure domain must be 1 to {NODE_FIELD_MAX_BYTES} bytes (e.g. the host name)"
+            )));
+        }
+        if !req.shards.is_power_of_two() || req.shards as u32 > partitions {
+            return Err(StateError::BadRequest(format!(
+                "{} shards: must be a power of two and at most the partition count {partitions}",
+                req.shards
+            )));
+        }
+        let mut tx = self.begin("");
+        let id = match req.node_id {
+            Some(0) => {
+                return Err(StateError::BadRequest(
+                    "node id 0 is not valid: send no node_id to get one assigned".into(),
+                ))
+            }
+            Some(id) => {
+                // An id this service does not know (a restored or rebuilt
+                // control service): take it, and never hand it out again.
+                if id >= tx.p.next_node_id {
+                    tx.p.next_node_id = id.checked_add(1).ok_or_else(|| {
+                        StateError::BadRequest(format!("node id {id} is out of range"))
+                    })?;
+                    tx.put_counters();
+                }
+                id
+            }
+            None => {
+                let id = tx.p.next_node_id;
+                tx.p.next_node_id = id
+                    .checked_add(1)
+                    .ok_or_else(|| StateError::Conflict("no node ids left".to_string()))?;
+                tx.put_counters();
+                id
+            }
+        };
+        tx.who = format!("node {id}");
+        let info = NodeInfo {
+            id,
+            data_addr: req.data_addr,
+            admin_addr: req.admin_addr,
+            shards: req.shards,
+            domain: req.domain,
+            up: true,
+        };
+        let was_down = tx.p.nodes.get(&id).is_some_and(|n| !n.up);
+        if tx.p.nodes.get(&id) != Some(&info) {
+            tx.put_node(info.clone());
+            tx.log(Change::NodeRegistered {
+                node: record_of(&info),
+            });
+            if was_down {
+                tx.log(Change::NodeUp { id });
+            }
+            tx.reroute(&self.cfg, &format!("node {id} registered"))?;
+        }
+        let pushed = self.commit(store, tx)?;
+        let now = Instant::now();
+        self.live.insert(
+            id,
+            Liveness {
+                last_heartbeat: Some(now),
+                since: now,
+                epoch_acked: 0,
+            },
+        );
+        Ok((
+            Registered {
+                node_id: id,
+                heartbeat_ms: self.cfg.heartbeat_ms,
+                lease_ms: self.cfg.lease_ms,
+            },
+            pushed,
+        ))
+    }
+
+    pub fn heartbeat(
+        &mut self,
+        store: &dyn MetaStore,
+        id: NodeId,
+        epoch: u64,
+    ) -> Result<(HeartbeatReply, Pushed)> {
+        let node = self.known_node(id)?;
+        let mut pushed = None;
+        if !node.up {
+            let mut tx = self.begin(&format!("node {id}"));
+            let mut up = node.clone();
+            up.up = true;
+            tx.put_node(up);
+            tx.log(Change::NodeUp { id });
+            tx.reroute(&self.cfg, &format!("node {id} up"))?;
+            pushed = self.commit(store, tx)?;
+        }
+        let now = Instant::now();
+        let l = self.live.entry(id).or_insert_with(|| Liveness::fresh(now));
+        l.last_heartbeat = Some(now);
+        l.epoch_acked = epoch;
+        let current = self.epoch();
+        let table = self.table().filter(|t| t.epoch > epoch).cloned();
+        Ok((
+            HeartbeatReply {
+                epoch: current,
+                table,
+            },
+            pushed,
+        ))
+    }
+
+    pub fn synced(
+        &mut self,
+        store: &dyn MetaStore,
+        id: NodeId,
+        epoch: u64,
+        partitions: &[u32],
+    ) -> Result<(SyncedReply, Pushed)> {
+        self.known_node(id)?;
+        let mut tx = self.begin(&format!("node {id}"));
+        let Some(mut t) = tx.p.route.table.clone() else {
+            return Err(StateError::Conflict(
+                "there is no route table yet, so no partition to be in sync for".into(),
+            ));
+        };
+        let mut marked = Vec::new();
+        for &p in partitions {
+            let syncing = t
+                .partition(p)
+                .and_then(|r| r.member(id))
+                .is_some_and(|m| !m.in_sync);
+            let joined = tx.p.route.joined.get(&(p, id)).copied();
+            match joined {
+                Some(since) if syncing && epoch >= since && epoch <= t.epoch => {
+                    // Checked above: p exists and `id` is a member.
+                    if t.mark_in_sync(p, id).is_ok() {
+                        marked.push(p);
+                    }
+                }
+                _ => tracing::info!(
+                    node = id,
+                    partition = p,
+                    report_epoch = epoch,
+                    joined_epoch = ?joined,
+                    "ignoring a synced report: the node is not a syncing member of this partition since that epoch"
+                ),
+            }
+        }
+        if marked.is_empty() {
+            return Ok((
+                SyncedReply {
+                    epoch: t.epoch,
+                    marked,
+                },
+                None,
+            ));
+        }
+        t.epoch += 1;
+        tx.set_table(
+            t,
+            &format!("node {id} in sync for {} partition(s)", marked.len()),
+        );
+        // Finished moves free budget for deferred ones.
+        tx.reroute(&self.cfg, "rebalance after sync")?;
+        let pushed = self.commit(store, tx)?;
+        Ok((
+            SyncedReply {
+                epoch: self.epoch(),
+                marked,
+            },
+            pushed,
+        ))
+    }
+
+    /// Marks down every up node whose lease expired.
+    pub fn expire_leases(&mut self, store: &dyn MetaStore, now: Instant) -> Result<Pushed> {
+        let lease = Duration::from_millis(self.cfg.lease_ms);
+        let expired: Vec<NodeId> = self
+            .p
+            .nodes
+            .values()
+            .filter(|n| n.up)
+            .filter(|n| self.live.get(&n.id).is_none_or(|l| l.expired(now, lease)))
+            .map(|n| n.id)
+            .collect();
+        if expired.is_empty() {
+            return Ok(None);
+        }
+        let mut tx = self.begin("meta");
+        for id in &expired {
+            if let Some(n) = tx.p.nodes.get(id) {
+                let mut down = n.clone();
+                down.up = false;
+                tx.put_node(down);
+                tx.log(Change::NodeDown { id: *id });
+            }
+        }
+        let ids: Vec<String> = expired.iter().map(|i| i.to_string()).collect();
+        tx.reroute(&self.cfg, &format!("node {} down", ids.join(", ")))?;
+        Ok(self.commit(store, tx)?)
+    }
+
+    pub fn split(&mut self, store: &dyn MetaStore, who: &str) -> Result<(RouteTable, Pushed)> {
+        let mut tx = self.begin(who);
+        let Some(old) = tx.p.route.table.clone() else {
+            return Err(StateError::Conflict(format!(
+                "no route table yet: register at least {} nodes first",
+                self.cfg.replicas
+            )));
+        };
+        let t = old
+            .split()
+            .map_err(|e| StateError::BadRequest(format!("cannot split: {e}")))?;
+        let bits = t.partition_bits;
+        tx.log(Change::RouteSplit {
+            partition_bits: bits,
+        });
+        tx.set_table(t, &format!("split to {} partitions", 1u64 << bits));
+        tx.reroute(&self.cfg, "rebalance after split: move the new halves")?;
+        let pushed = self.commit(store, tx)?;
+        let table = self
+            .table()
+            .cloned()
+            .ok_or_else(|| StateError::Conflict("route table vanished".into()))?;
+        Ok((table, pushed))
+    }
+
+    pub fn create_volume(
+        &mut self,
+        store: &dyn MetaStore,
+        who: &str,
+        req: CreateVolume,
+    ) -> Result<Volume> {
+        validate_volume_name(&req.name).map_err(StateError::BadRequest)?;
+        validate_volume_size(req.size_bytes).map_err(StateError::BadRequest)?;
+        let replicas = req
+            .replicas
+            .unwrap_or(self.cfg.replicas.min(VOLUME_REPLICAS_MAX));
+        if !(1..=VOLUME_REPLICAS_MAX).contains(&replicas) {
+            return Err(StateError::BadRequest(format!(
+                "replicas {replicas}: must be 1 to {VOLUME_REPLICAS_MAX}"
+            )));
+        }
+        if self.p.volumes.contains_key(&req.name) {
+            return Err(StateError::Conflict(format!(
+                "volume {} already exists: pick another name or delete it first",
+                req.name
+            )));
+        }
+        let mut tx = self.begin(who);
+        let id = tx.p.next_volume_id;
+        tx.p.next_volume_id += 1;
+        tx.put_counters();
+        let v = Volume {
+            id,
+            name: req.name,
+            size_bytes: req.size_bytes,
+            replicas,
+            created_at: now_ms(),
+        };
+        tx.put_volume(v.clone());
+        tx.log(Change::VolumeCreated { volume: v.clone() });
+        self.commit(store, tx)?;
+        Ok(v)
+    }
+
+    pub fn volumes(&self) -> Vec<Volume> {
+        self.p.volumes.values().cloned().collect()
+    }
+
+    pub fn volume(&self, name: &str) -> Result<Volume> {
+        self.p.volumes.get(name).cloned().ok_or_else(|| {
+            StateError::NotFound(format!(
+                "no volume named `{name}`: `celer volume list` shows the volumes"
+            ))
+        })
+    }
+
+    pub fn resize_volume(
+        &mut self,
+        store: &dyn MetaStore,
+        who: &str,
+        name: &str,
+        size_bytes: u64,
+    ) -> Result<Volume> {
+        let old = self.volume(name)?;
+        validate_volume_size(size_bytes).map_err(StateError::BadRequest)?;
+        if size_bytes < old.size_bytes {
+            return Err(StateError::BadRequest(format!(
+                "volume {name} is {} bytes: it can only grow, not shrink to {size_bytes}",
+                old.size_bytes
+            )));
+        }
+        if size_bytes == old.size_bytes {
+            return Ok(old);
+        }
+        let mut tx = self.begin(who);
+        let mut v = old.clone();
+        v.size_bytes = size_bytes;
+        tx.put_volume(v.clone());
+        tx.log(Change::VolumeResized {
+            id: v.id,
+            name: v.name.clone(),
+            old_size_bytes: old.size_bytes,
+            size_bytes,
+        });
+        self.commit(store, tx)?;
+        Ok(v)
+    }
+
+    pub fn delete_volume(
+        &mut self,
+        store: &dyn MetaStore,
+        who: &str,
+        name: &str,
+    ) -> Result<Volume> {
+        let v = self.volume(name)?;
+        let mut tx = self.begin(who);
+        tx.ops.push(Op::delete(volume_key(name)));
+        tx.p.volumes.remove(name);
+        tx.log(Change::VolumeDeleted {
+            id: v.id,
+            name: v.name.clone(),
+        });
+        self.commit(store, tx)?;
+        Ok(v)
+    }
+
+    pub fn nodes(&self, now: Instant) -> Vec<NodeStatus> {
+        self.p
+            .nodes
+            .values()
+            .map(|n| {
+                let l = self.live.get(&n.id);
+                NodeStatus {
+                    id: n.id,
+                    data_addr: n.data_addr.clone(),
+                    admin_addr: n.admin_addr.clone(),
+                    shards: n.shards,
+                    domain: n.domain.clone(),
+                    up: n.up,
+                    last_heartbeat_ms_ago: l
+                        .and_then(|l| l.last_heartbeat)
+                        .map(|h| now.duration_since(h).as_millis() as u64),
+                    epoch_acked: l.map_or(0, |l| l.epoch_acked),
+                }
+            })
+            .collect()
+    }
+
+    pub fn status(&self) -> Status {
+        let up = self.p.nodes.values().filter(|n| n.up).count();
+        let (mut in_sync, mut degraded, mut partitions) = (0, 0, 0);
+        if let Some(t) = self.table() {
+            partitions = t.partition_count();
+            for p in &t.partitions {
+                if p.all_in_sync() && p.members.len() >= t.replicas as usize {
+                    in_sync += 1;
+                } else {
+                    degraded += 1;
+                }
+            }
+        }
+        Status {
+            nodes_up: up,
+            nodes_down: self.p.nodes.len() - up,
+            epoch: self.epoch(),
+            partitions,
+            partitions_in_sync: in_sync,
+            partitions_degraded: degraded,
+            volumes: self.p.volumes.len(),
+            log_seq: self.p.last_seq,
+            leader: true,
+        }
+    }
+
+    pub fn log(&self, store: &dyn MetaStore, since: u64, limit: usize) -> Result<Vec<LogEntry>> {
+        let limit = limit.clamp(1, LOG_PAGE_MAX);
+        let mut out = Vec::new();
+        for (seq, v) in store.log_after(since, limit)? {
+            out.push(parse(format!("log/{seq}").as_bytes(), &v)?);
+        }
+        Ok(out)
+    }
+
+    /// Restores volumes and nodes to what they were right after entry `seq`
+    /// by replaying the change log from the start (`Restored` entries carry
+    /// their full state, so a replay never recurses). Ids are never reused
+    /// (the counters stay), the route epoch only moves forward: the restored
+    /// node list gets a new, rebalanced table.
+    pub fn restore(
+        &mut self,
+        store: &dyn MetaStore,
+        who: &str,
+        seq: u64,
+    ) -> Result<(Restored, Pushed)> {
+        if seq > self.p.last_seq {
+            return Err(StateError::BadRequest(format!(
+                "entry {seq} does not exist: the change log ends at {} (see `celer meta log`)",
+                self.p.last_seq
+            )));
+        }
+        let mut volumes: BTreeMap<String, Volume> = BTreeMap::new();
+        let mut nodes: BTreeMap<NodeId, NodeRecord> = BTreeMap::new();
+        let mut after = 0;
+        while after < seq {
+            let page = store.log_after(after, REPLAY_PAGE)?;
+            if page.is_empty() {
+                break;
+            }
+            for (s, v) in page {
+                if s > seq {
+                    break;
+                }
+                after = s;
+                let e: LogEntry = parse(format!("log/{s}").as_bytes(), &v)?;
+                replay(&mut volumes, &mut nodes, e.what);
+            }
+        }
+        let mut tx = self.begin(who);
+        for name in self.p.volumes.keys() {
+            if !volumes.contains_key(name) {
+                tx.ops.push(Op::delete(volume_key(name)));
+            }
+        }
+        tx.p.volumes.clear();
+        for v in volumes.values() {
+            tx.put_volume(v.clone());
+        }
+        for id in self.p.nodes.keys() {
+            if !nodes.contains_key(id) {
+                tx.ops.push(Op::delete(node_key(*id)));
+            }
+        }
+        tx.p.nodes.clear();
+        for r in nodes.values() {
+            let up = self.p.nodes.get(&r.id).is_some_and(|n| n.up);
+            tx.put_node(NodeInfo {
+                id: r.id,
+                data_addr: r.data_addr.clone(),
+                admin_addr: r.admin_addr.clone(),
+                shards: r.shards,
+                domain: r.domain.clone(),
+                up,
+            });
+        }
+        tx.log(Change::Restored {
+            seq,
+            volumes: volumes.values().cloned().collect(),
+            nodes: nodes.values().cloned().collect(),
+        });
+        tx.reroute(&self.cfg, &format!("restored to entry {seq}"))?;
+        let pushed = self.commit(store, tx)?;
+        let now = Instant::now();
+        self.live.retain(|id, _| nodes.contains_key(id));
+        for id in nodes.keys() {
+            self.live.entry(*id).or_insert_with(|| Liveness::fresh(now));
+        }
+        Ok((
+            Restored {
+                seq: self.p.last_seq,
+                volumes: volumes.len(),
+                nodes: nodes.len(),
+            },
+            pushed,
+        ))
+    }
+}
+
+/// Applies one change-log entry to the restorable metadata.
+fn replay(
+    volumes: &mut BTreeMap<String, Volume>,
+    nodes: &mut BTreeMap<NodeId, NodeRecord>,
+    what: Change,
+) {
+    match what {
+        Change::VolumeCreated { volume } => {
+            volumes.insert(volume.name.clone(), volume);
+        }
+        Change::VolumeResized {
+            name, size_bytes, ..
+        } => {
+            if let Some(v) = volumes.get_mut(&name) {
+                v.size_bytes = size_bytes;
+            }
+        }
+        Change::VolumeDeleted { name, .. } => {
+            volumes.remove(&name);
+        }
+        Change::NodeRegistered { node } => {
+            nodes.insert(node.id, node);
+        }
+        Change::Restored {
+            volumes: v,
+            nodes: n,
+            ..
+        } => {
+            *volumes = v.into_iter().map(|v| (v.name.clone(), v)).collect();
+            *nodes = n.into_iter().map(|n| (n.id, n)).collect();
+        }
+        Change::NodeDown { .. }
+        | Change::NodeUp { .. }
+        | Change::RouteEpoch { .. }
+        | Change::RouteSplit { .. } => {}
+    }
+}

@@ -1,0 +1,724 @@
+//! The control service's API against a real server on an ephemeral port
+//! with a real redb file, driven by the real `MetaClient`; fake storage
+//! nodes are tiny axum servers that record the route tables pushed to them.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use celer_meta::api::{Change, CreateVolume, RegisterNode};
+use celer_meta::celer_route::{NodeId, RouteTable};
+use celer_meta::{MetaClient, MetaClientError, MetaConfig, MetaServer};
+
+const TOKEN: &str = "test-secret";
+
+fn config(dir: &Path, tweak: impl FnOnce(&mut MetaConfig)) -> MetaConfig {
+    let mut cfg = MetaConfig::new(
+        "127.0.0.1:0".parse().expect("addr"),
+        dir.to_path_buf(),
+        TOKEN,
+    );
+    cfg.cluster.partition_bits = 6;
+    tweak(&mut cfg);
+    cfg
+}
+
+fn start(dir: &Path, tweak: impl FnOnce(&mut MetaConfig)) -> (MetaServer, MetaClient) {
+    let server = MetaServer::start(config(dir, tweak)).expect("start the control service");
+    let client = MetaClient::new(&server.url(), TOKEN);
+    (server, client)
+}
+
+fn status_of<T: std::fmt::Debug>(r: Result<T, MetaClientError>) -> (u16, String) {
+    match r {
+        Err(MetaClientError::Status {
+            status, message, ..
+        }) => (status, message),
+        other => panic!("expected an HTTP error, got {other:?}"),
+    }
+}
+
+fn vol(name: &str, size_bytes: u64) -> CreateVolume {
+    CreateVolume {
+        name: name.into(),
+        size_bytes,
+        replicas: None,
+    }
+}
+
+/// Polls `f` every 10 ms until it returns Some, or panics after `within`.
+fn wait_for<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < within,
+            "timed out after {within:?}: {what}"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A storage node's admin endpoint: records every table pushed to it.
+struct FakeNode {
+    addr: SocketAddr,
+    tables: Arc<Mutex<Vec<(Instant, RouteTable)>>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl FakeNode {
+    fn start() -> FakeNode {
+        use axum::http::{HeaderMap, StatusCode};
+        let tables: Arc<Mutex<Vec<(Instant, RouteTable)>>> = Arc::default();
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        std_listener.set_nonblocking(true).expect("nonblocking");
+        let addr = std_listener.local_addr().expect("addr");
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let t = tables.clone();
+        let thread = thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let app = axum::Router::new().route(
+                    "/v1/route",
+                    axum::routing::put(move |h: HeaderMap, body: axum::body::Bytes| {
+                        let t = t.clone();
+                        async move {
+                            let auth = h.get("authorization").and_then(|v| v.to_str().ok());
+                            if auth != Some(&format!("Bearer {TOKEN}")) {
+                                return StatusCode::UNAUTHORIZED;
+                            }
+                            match serde_json::from_slice::<RouteTable>(&body) {
+                                Ok(table) => {
+                                    t.lock().expect("lock").push((Instant::now(), table));
+                                    StatusCode::OK
+                                }
+                                Err(_) => StatusCode::BAD_REQUEST,
+                            }
+                        }
+                    }),
+                );
+                let l = tokio::net::TcpListener::from_std(std_listener).expect("listener");
+                axum::serve(l, app)
+                    .with_graceful_shutdown(async {
+                        let _ = stop_rx.await;
+                    })
+                    .await
+                    .expect("serve");
+            })
+        });
+        FakeNode {
+            addr,
+            tables,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    fn register(&self, c: &MetaClient, domain: &str) -> NodeId {
+        c.register(&RegisterNode {
+            node_id: None,
+            data_addr: "127.0.0.1:1".into(),
+            admin_addr: self.addr.to_string(),
+            shards: 2,
+            domain: domain.into(),
+        })
+        .expect("register")
+        .node_id
+    }
+
+    /// The first pushed table with `epoch >= e`, with its arrival time.
+    fn received(&self, e: u64) -> Option<(Instant, RouteTable)> {
+        self.tables
+            .lock()
+            .expect("lock")
+            .iter()
+            .find(|(_, t)| t.epoch >= e)
+            .cloned()
+    }
+}
+
+impl Drop for FakeNode {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Heartbeats `id` every `period` until stopped; keeps its epoch current
+/// from the replies, as a node does.
+struct Heartbeater {
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Heartbeater {
+    fn start(url: String, id: NodeId, period: Duration) -> Heartbeater {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let epoch = AtomicU64::new(0);
+        let thread = thread::spawn(move || {
+            let c = MetaClient::new(&url, TOKEN);
+            while !s.load(Ordering::Relaxed) {
+                if let Ok(r) = c.heartbeat(id, epoch.load(Ordering::Relaxed)) {
+                    if let Some(t) = r.table {
+                        epoch.store(t.epoch, Ordering::Relaxed);
+                    }
+                }
+                thread::sleep(period);
+            }
+        });
+        Heartbeater {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Heartbeater {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn requests_without_the_token_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, c) = start(dir.path(), |_| {});
+    let url = server.url();
+
+    for (what, client) in [
+        ("wrong token", MetaClient::new(&url, "not-the-secret")),
+        ("empty token", MetaClient::new(&url, "")),
+    ] {
+        let (status, msg) = status_of(client.volumes());
+        assert_eq!(status, 401, "{what}");
+        assert!(msg.contains("token"), "{what}: {msg}");
+        let (status, _) = status_of(client.register(&RegisterNode {
+            node_id: None,
+            data_addr: "h:1".into(),
+            admin_addr: "h:2".into(),
+            shards: 1,
+            domain: "d".into(),
+        }));
+        assert_eq!(status, 401, "{what}: register");
+    }
+    // No Authorization header at all: 401 with a JSON error body.
+    let resp = ureq::get(&format!("{url}/v1/status")).call();
+    match resp {
+        Err(ureq::Error::Status(401, r)) => {
+            let body: celer_meta::api::ErrorBody = r.into_json().expect("json error body");
+            assert!(body.error.contains("Authorization"), "{}", body.error);
+        }
+        other => panic!("expected 401, got {other:?}"),
+    }
+    // Nothing was created by the refused requests.
+    assert!(c.volumes().expect("volumes").is_empty());
+    assert_eq!(c.status().expect("status").log_seq, 0);
+    // /metrics needs no token.
+    let m = MetaClient::new(&url, "").metrics().expect("metrics");
+    assert!(m.contains("celer_meta_route_epoch"), "{m}");
+    assert!(m.contains("celer_meta_http_requests_total"), "{m}");
+}
+
+#[test]
+fn invalid_input_is_rejected_with_a_message() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, c) = start(dir.path(), |_| {});
+
+    let cases: Vec<(CreateVolume, &str)> = vec![
+        (vol("", 4096), "1 to 63"),
+        (vol("Has-Upper", 4096), "lower-case"),
+        (vol("-dash", 4096), "starting with"),
+        (vol("a/b", 4096), "not valid"),
+        (vol(&"x".repeat(64), 4096), "1 to 63"),
+        (vol("zero", 0), "positive multiple of 4096"),
+        (vol("odd", 4097), "positive multiple of 4096"),
+        (vol("huge", (1 << 50) + 4096), "1 PiB"),
+        (
+            CreateVolume {
+                replicas: Some(4),
+                ..vol("r4", 4096)
+            },
+            "replicas",
+        ),
+        (
+            CreateVolume {
+                replicas: Some(0),
+                ..vol("r0", 4096)
+            },
+            "replicas",
+        ),
+    ];
+    for (req, needle) in cases {
+        let (status, msg) = status_of(c.create_volume(&req));
+        assert_eq!(status, 400, "{req:?}: {msg}");
+        assert!(msg.contains(needle), "{req:?}: {msg:?} lacks {needle:?}");
+    }
+    assert!(c.volumes().expect("list").is_empty());
+
+    c.create_volume(&vol("a", 1 << 20)).expect("create");
+    let (status, msg) = status_of(c.create_volume(&vol("a", 1 << 20)));
+    assert_eq!(
+        (status, msg.contains("already exists")),
+        (409, true),
+        "{msg}"
+    );
+    let (status, msg) = status_of(c.resize_volume("a", 4096));
+    assert_eq!((status, msg.contains("only grow")), (400, true), "{msg}");
+    let (status, msg) = status_of(c.resize_volume("a", (1 << 20) + 1));
+    assert_eq!(status, 400, "{msg}");
+    let (status, msg) = status_of(c.volume("nope"));
+    assert_eq!(
+        (status, msg.contains("celer volume list")),
+        (404, true),
+        "{msg}"
+    );
+    let (status, _) = status_of(c.delete_volume("nope"));
+    assert_eq!(status, 404);
+    let (status, _) = status_of(c.volume("a/../b"));
+    assert_eq!(status, 404);
+
+    // Nodes: unknown id, bad shards, bad address, id 0.
+    let (status, msg) = status_of(c.heartbeat(42, 0));
+    assert_eq!(
+        (status, msg.contains("register first")),
+        (404, true),
+        "{msg}"
+    );
+    let (status, _) = status_of(c.synced(42, 1, &[0]));
+    assert_eq!(status, 404);
+    let reg = |shards, addr: &str, id| RegisterNode {
+        node_id: id,
+        data_addr: addr.into(),
+        admin_addr: "127.0.0.1:2".into(),
+        shards,
+        domain: "d".into(),
+    };
+    for (r, needle) in [
+        (reg(3, "127.0.0.1:1", None), "power of two"),
+        (
+            reg(128, "127.0.0.1:1", None),
+            "at most the partition count 64",
+        ),
+        (reg(1, "nocolon", None), "HOST:PORT"),
+        (reg(1, "127.0.0.1:1", Some(0)), "node id 0"),
+    ] {
+        let (status, msg) = status_of(c.register(&r));
+        assert_eq!(status, 400, "{r:?}");
+        assert!(msg.contains(needle), "{msg:?} lacks {needle:?}");
+    }
+    let (status, msg) = status_of(c.route());
+    assert_eq!(
+        (status, msg.contains("fewer than 3 nodes")),
+        (404, true),
+        "{msg}"
+    );
+    let (status, _) = status_of(c.restore_log(1000));
+    assert_eq!(status, 400);
+
+    // Malformed bodies and paths get JSON errors too.
+    let url = server.url();
+    let agent = ureq::agent();
+    let bad = agent
+        .post(&format!("{url}/v1/volumes"))
+        .set("Authorization", &format!("Bearer {TOKEN}"))
+        .send_string("{not json");
+    match bad {
+        Err(ureq::Error::Status(400, r)) => {
+            let b: celer_meta::api::ErrorBody = r.into_json().expect("json");
+            assert!(b.error.contains("not valid JSON"), "{}", b.error);
+        }
+        other => panic!("expected 400, got {other:?}"),
+    }
+    let bad = agent
+        .post(&format!("{url}/v1/nodes/abc/heartbeat"))
+        .set("Authorization", &format!("Bearer {TOKEN}"))
+        .send_string("{\"epoch\":0}");
+    assert!(matches!(bad, Err(ureq::Error::Status(400, _))), "{bad:?}");
+    let bad = agent
+        .get(&format!("{url}/v1/log?since=x"))
+        .set("Authorization", &format!("Bearer {TOKEN}"))
+        .call();
+    assert!(matches!(bad, Err(ureq::Error::Status(400, _))), "{bad:?}");
+    let bad = agent
+        .get(&format!("{url}/v1/nowhere"))
+        .set("Authorization", &format!("Bearer {TOKEN}"))
+        .call();
+    match bad {
+        Err(ureq::Error::Status(404, r)) => {
+            let b: celer_meta::api::ErrorBody = r.into_json().expect("json");
+            assert!(b.error.contains("no such endpoint"), "{}", b.error);
+        }
+        other => panic!("expected 404, got {other:?}"),
+    }
+}
+
+#[test]
+fn volume_lifecycle_survives_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, c) = start(dir.path(), |_| {});
+
+    let a = c.create_volume(&vol("vm-a", 10 << 30)).expect("create a");
+    assert_eq!((a.id, a.replicas, a.size_bytes), (1, 3, 10 << 30));
+    let b = c
+        .create_volume(&CreateVolume {
+            replicas: Some(2),
+            ..vol("vm-b", 4096)
+        })
+        .expect("create b");
+    assert_eq!((b.id, b.replicas), (2, 2));
+    assert_eq!(c.volume("vm-a").expect("info"), a);
+    let grown = c.resize_volume("vm-b", 8192).expect("grow");
+    assert_eq!(grown.size_bytes, 8192);
+    assert_eq!(c.delete_volume("vm-a").expect("delete").id, 1);
+    assert_eq!(status_of(c.volume("vm-a")).0, 404);
+    // Ids are never reused, even for a deleted volume's name.
+    let a2 = c.create_volume(&vol("vm-a", 4096)).expect("recreate");
+    assert_eq!(a2.id, 3);
+    let names: Vec<String> = c
+        .volumes()
+        .expect("list")
+        .into_iter()
+        .map(|v| v.name)
+        .collect();
+    assert_eq!(names, ["vm-a", "vm-b"]);
+
+    // Three nodes: a route table exists.
+    let nodes: Vec<FakeNode> = (0..3).map(|_| FakeNode::start()).collect();
+    let ids: Vec<NodeId> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| n.register(&c, &format!("host{i}")))
+        .collect();
+    assert_eq!(ids, [1, 2, 3]);
+    let table = c.route().expect("route");
+    assert_eq!((table.epoch, table.partition_count()), (1, 64));
+    let log = c.log(0).expect("log");
+    assert!(log
+        .iter()
+        .any(|e| matches!(&e.what, Change::VolumeDeleted { id: 1, .. })));
+    assert!(log.iter().any(|e| e.who == "operator"));
+    assert!(log.iter().any(|e| e.who == "node 2"));
+    let seq = c.status().expect("status").log_seq;
+    assert_eq!(seq, log.len() as u64);
+    drop(server);
+
+    let (_server, c) = start(dir.path(), |_| {});
+    let vols = c.volumes().expect("list after restart");
+    assert_eq!(vols, vec![a2.clone(), grown]);
+    assert_eq!(c.route().expect("route after restart"), table);
+    assert_eq!(c.log(0).expect("log after restart"), log);
+    assert_eq!(c.nodes().expect("nodes").len(), 3);
+    assert_eq!(c.create_volume(&vol("vm-c", 4096)).expect("create").id, 4);
+    // A node re-registering with its saved id keeps it; its address may change.
+    let r = c
+        .register(&RegisterNode {
+            node_id: Some(2),
+            data_addr: "127.0.0.1:9".into(),
+            admin_addr: nodes[1].addr.to_string(),
+            shards: 2,
+            domain: "host1".into(),
+        })
+        .expect("re-register");
+    assert_eq!(r.node_id, 2);
+    let t = c.route().expect("route");
+    assert_eq!(t.node(2).expect("node 2").data_addr, "127.0.0.1:9");
+    assert!(t.epoch > table.epoch);
+    // A new node still gets a fresh id.
+    assert_eq!(FakeNode::start().register(&c, "host3"), 4);
+}
+
+#[test]
+fn lease_expiry_marks_down_bumps_the_epoch_and_pushes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, c) = start(dir.path(), |cfg| {
+        cfg.cluster.heartbeat_ms = 50;
+        cfg.cluster.lease_ms = 400;
+        cfg.cluster.replicas = 2;
+    });
+    let nodes: Vec<FakeNode> = (0..3).map(|_| FakeNode::start()).collect();
+    let ids: Vec<NodeId> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| n.register(&c, &format!("host{i}")))
+        .collect();
+    let mut beats: Vec<Option<Heartbeater>> = ids
+        .iter()
+        .map(|id| {
+            Some(Heartbeater::start(
+                server.url(),
+                *id,
+                Duration::from_millis(50),
+            ))
+        })
+        .collect();
+    // Every node gets the current table pushed.
+    let epoch = c.route().expect("route").epoch;
+    for n in &nodes {
+        wait_for(Duration::from_secs(2), "initial push", || n.received(epoch));
+    }
+    // Healthy heartbeats for twice the lease: nobody goes down.
+    thread::sleep(Duration::from_millis(800));
+    assert_eq!(c.status().expect("status").nodes_down, 0);
+    assert_eq!(c.route().expect("route").epoch, epoch);
+
+    // Node 3 stops heartbeating.
+    let stopped = Instant::now();
+    beats[2] = None;
+    let down = wait_for(Duration::from_secs(3), "node 3 marked down", || {
+        let t = c.route().ok()?;
+        let down = t.node(ids[2]).is_some_and(|n| !n.up);
+        down.then_some(t)
+    });
+    let took = stopped.elapsed();
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_millis(1500),
+        "marked down after {took:?} with a 400 ms lease"
+    );
+    assert!(down.epoch > epoch);
+    assert!(down
+        .partitions
+        .iter()
+        .all(|p| p.members.iter().all(|m| m.node != ids[2])));
+    let s = c.status().expect("status");
+    assert_eq!((s.nodes_up, s.nodes_down), (2, 1));
+    let listed = c.nodes().expect("nodes");
+    assert!(!listed[2].up && listed[0].up);
+    assert!(listed[0].last_heartbeat_ms_ago.expect("beat") < 400);
+
+    // The live nodes receive the new table within a second; the down one not.
+    let bumped = Instant::now();
+    for n in &nodes[..2] {
+        let (at, t) = wait_for(Duration::from_secs(1), "pushed table", || {
+            n.received(down.epoch)
+        });
+        assert!(at.duration_since(bumped) < Duration::from_secs(1));
+        assert!(!t.node(ids[2]).expect("node 3 listed").up);
+    }
+    assert!(nodes[2].received(down.epoch).is_none());
+    let log = c.log(0).expect("log");
+    assert!(log
+        .iter()
+        .any(|e| e.what == Change::NodeDown { id: ids[2] } && e.who == "meta"));
+    assert!(log
+        .iter()
+        .any(|e| matches!(&e.what, Change::RouteEpoch { epoch, reason } if *epoch == down.epoch && reason.contains("down"))));
+
+    // Node 3 heartbeats again: it is up, rejoins as a syncing member and
+    // its heartbeat reply carries the newer table (the push it missed).
+    let r = c.heartbeat(ids[2], epoch).expect("heartbeat");
+    let back = r.table.expect("a newer table in the reply");
+    assert!(back.epoch > down.epoch && back.node(ids[2]).expect("node").up);
+    assert!(back.syncing_on(ids[2]).count() > 0);
+    assert!(c
+        .log(0)
+        .expect("log")
+        .iter()
+        .any(|e| e.what == Change::NodeUp { id: ids[2] }));
+    beats[2] = Some(Heartbeater::start(
+        server.url(),
+        ids[2],
+        Duration::from_millis(50),
+    ));
+    wait_for(Duration::from_secs(1), "push to node 3", || {
+        nodes[2].received(back.epoch)
+    });
+    // An up-to-date heartbeat gets no table.
+    let r = c.heartbeat(ids[0], back.epoch).expect("heartbeat");
+    assert_eq!((r.epoch, r.table.is_none()), (back.epoch, true));
+    drop(beats);
+}
+
+#[test]
+fn synced_marks_members_in_sync_and_ignores_stale_reports() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_server, c) = start(dir.path(), |cfg| {
+        cfg.cluster.replicas = 2;
+        cfg.cluster.lease_ms = 60_000;
+        cfg.cluster.max_moves = 8;
+    });
+    let nodes: Vec<FakeNode> = (0..3).map(|_| FakeNode::start()).collect();
+    // The first table (two nodes, replicas 2): everything in sync.
+    for (i, n) in nodes[..2].iter().enumerate() {
+        n.register(&c, &format!("host{i}"));
+    }
+    let t1 = c.route().expect("route");
+    assert!(t1.partitions.iter().all(|p| p.all_in_sync()));
+    let new = nodes[2].register(&c, "host2");
+    let t2 = c.route().expect("route");
+    let syncing: Vec<u32> = t2.syncing_on(new).collect();
+    // Bounded movement: at most max_moves partitions start moving at once.
+    assert!(!syncing.is_empty() && syncing.len() <= 8, "{syncing:?}");
+    assert_eq!(
+        c.status().expect("status").partitions_degraded as usize,
+        syncing.len()
+    );
+    // The node learns its syncing partitions from the pushed table.
+    let pushed = wait_for(Duration::from_secs(2), "push to the new node", || {
+        nodes[2].received(t2.epoch)
+    });
+    assert_eq!(pushed.1.syncing_on(new).collect::<Vec<_>>(), syncing);
+
+    // A report from before the node joined is stale: ignored.
+    let r = c.synced(new, t1.epoch, &syncing).expect("synced");
+    assert!(r.marked.is_empty());
+    assert_eq!(c.route().expect("route").epoch, t2.epoch);
+
+    // Half of them, plus an unknown partition and one it is not syncing.
+    let half = &syncing[..syncing.len().div_ceil(2)];
+    let not_member = (0..t2.partition_count())
+        .find(|p| t2.partition(*p).expect("p").member(new).is_none())
+        .expect("a partition without the new node");
+    let mut report = half.to_vec();
+    report.extend([9999, not_member]);
+    let r = c.synced(new, t2.epoch, &report).expect("synced");
+    assert_eq!(r.marked, half);
+    let t3 = c.route().expect("route");
+    assert!(t3.epoch > t2.epoch);
+    for p in half {
+        let part = t3.partition(*p).expect("partition");
+        assert!(part.member(new).expect("member").in_sync);
+        // The node that left is gone once the targets are in sync.
+        assert_eq!(part.members.len(), 2);
+    }
+    // The rest: more moves start as the budget frees up, until all done.
+    let mut t = t3;
+    for _ in 0..100 {
+        let todo: Vec<u32> = t.syncing_on(new).collect();
+        if todo.is_empty() {
+            break;
+        }
+        c.synced(new, t.epoch, &todo).expect("synced");
+        t = c.route().expect("route");
+    }
+    assert_eq!(t.syncing_on(new).count(), 0);
+    let s = c.status().expect("status");
+    assert_eq!((s.partitions_degraded, s.partitions_in_sync), (0, 64));
+    // Balanced enough: every node holds some partitions.
+    for id in 1..=3 {
+        let held = t
+            .partitions
+            .iter()
+            .filter(|p| p.member(id).is_some())
+            .count();
+        assert!(held > 64 * 2 / 3 / 2, "node {id} holds {held}");
+    }
+}
+
+#[test]
+fn split_doubles_partitions_and_moves_only_new_halves() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_server, c) = start(dir.path(), |cfg| {
+        cfg.cluster.replicas = 2;
+        cfg.cluster.lease_ms = 60_000;
+        cfg.cluster.max_moves = 1000;
+    });
+    let nodes: Vec<FakeNode> = (0..5).map(|_| FakeNode::start()).collect();
+    for (i, n) in nodes.iter().enumerate() {
+        n.register(&c, &format!("host{i}"));
+    }
+    // Settle any syncing left from the registrations one by one.
+    for id in 1..=5 {
+        let t = c.route().expect("route");
+        let todo: Vec<u32> = t.syncing_on(id).collect();
+        if !todo.is_empty() {
+            c.synced(id, t.epoch, &todo).expect("synced");
+        }
+    }
+    let before = c.route().expect("route");
+    assert!(before.partitions.iter().all(|p| p.all_in_sync()));
+    let after = c.split().expect("split");
+    assert_eq!(after.partition_count(), 128);
+    let count = before.partition_count();
+    let mut moved_new = 0;
+    for p in 0..count {
+        // Old halves stay exactly where they were.
+        assert_eq!(
+            after.partitions[p as usize], before.partitions[p as usize],
+            "p{p}"
+        );
+        // New halves keep p's members in sync (nothing moved yet) and may
+        // gain syncing targets.
+        let new = &after.partitions[(p + count) as usize];
+        for m in &before.partitions[p as usize].members {
+            assert!(new.member(m.node).expect("old member kept").in_sync);
+        }
+        if new.members.len() > before.partitions[p as usize].members.len() {
+            moved_new += 1;
+        }
+    }
+    assert!(moved_new > 0, "rebalance moved no new half");
+    let log = c.log(0).expect("log");
+    assert!(log
+        .iter()
+        .any(|e| e.what == Change::RouteSplit { partition_bits: 7 }));
+}
+
+#[test]
+fn log_restore_brings_back_an_earlier_volume_list() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, c) = start(dir.path(), |_| {});
+    let a = c.create_volume(&vol("a", 4096)).expect("a");
+    let b = c.create_volume(&vol("b", 8192)).expect("b");
+    let point = c.status().expect("status").log_seq;
+    let expected = c.volumes().expect("list");
+    assert_eq!(expected, vec![a.clone(), b.clone()]);
+
+    c.create_volume(&vol("c", 4096)).expect("c");
+    c.delete_volume("a").expect("delete a");
+    c.resize_volume("b", 1 << 20).expect("grow b");
+    assert_ne!(c.volumes().expect("list"), expected);
+
+    let r = c.restore_log(point).expect("restore");
+    assert_eq!((r.volumes, r.nodes), (2, 0));
+    assert_eq!(c.volumes().expect("list"), expected);
+    let last = c.log(r.seq - 1).expect("log");
+    assert!(matches!(&last[0].what, Change::Restored { seq, .. } if *seq == point));
+    // Ids are not reused after a restore.
+    assert_eq!(c.create_volume(&vol("d", 4096)).expect("d").id, 4);
+
+    // Restoring to a point after a restore replays through it.
+    let point2 = c.status().expect("status").log_seq;
+    c.delete_volume("b").expect("delete b");
+    c.restore_log(point2).expect("restore 2");
+    let names: Vec<String> = c
+        .volumes()
+        .expect("list")
+        .into_iter()
+        .map(|v| v.name)
+        .collect();
+    assert_eq!(names, ["a", "b", "d"]);
+    // And to the very start: nothing.
+    c.restore_log(0).expect("restore to 0");
+    assert!(c.volumes().expect("list").is_empty());
+    // The restored state persists.
+    drop(server);
+    let (_server, c) = start(dir.path(), |_| {});
+    assert!(c.volumes().expect("list").is_empty());
+    c.restore_log(point).expect("restore again after restart");
+    assert_eq!(c.volumes().expect("list"), expected);
+}
+
+#[test]
+fn a_second_server_on_the_same_data_dir_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_server, _c) = start(dir.path(), |_| {});
+    let e = MetaServer::start(config(dir.path(), |_| {})).expect_err("second server");
+    assert!(e.to_string().contains("already open"), "{e}");
+}
