@@ -1,0 +1,361 @@
+//! celer-client: the distributed client. A [`Client`] is a
+//! [`BlockDevice`] whose queues send every I/O straight to the storage nodes
+//! that hold its blocks (no gateway), following a route table they learn
+//! lazily from the nodes themselves.
+//!
+//! # Threading model
+//! One [`ClientQueue`](queue) per front-end worker, owned by that worker's
+//! thread: it has its own copy of the route table, its own non-blocking TCP
+//! connections (one per (node, shard) it talks to, opened lazily, each
+//! starting with `Hello`), its own epoll set (the `completion_fd`) with a
+//! timerfd for its timeouts. All work happens inside `submit` and `poll` on
+//! the owner's thread: no helper thread, no lock shared between queues on
+//! the I/O path. Queues share only the client's hybrid logical clock (one
+//! `AtomicU64`, one compare-and-swap per write request; see `hlc`) and,
+//! on a route change only, a mutex-held copy of the newest table that a
+//! queue opened later starts from.
+//!
+//! # What is allocated when
+//! - Queue open: the request slab (`INFLIGHT_MAX` = 256 slots, each with
+//!   room for 8 segments), the part slab (`PARTS_MAX` = 1024 parts, each
+//!   with room for 16 member legs), the action and completion queues, the
+//!   epoll event array.
+//! - Connection open (control path): a 64 KiB receive buffer and a send
+//!   queue of 64 frames (it grows under a backlog and keeps the room).
+//! - Route change (control path): the decoded table and the node address map.
+//! - Per I/O: nothing on the 4 KiB path. A request with more than 8
+//!   segments grows its slot's segment list once (kept for reuse); a failed
+//!   request allocates its error message.
+//!
+//! # Data path
+//! `submit` cuts a request at chunk boundaries (`RouteTable::chunk_bytes`)
+//! into parts, each bound for its partition, and queues the frames; the next
+//! `poll` writes them (`writev`: header and the caller's segments; crc32c of
+//! the payload computed over the segments once per part), reads responses
+//! (a read payload goes into the caller's segments, checked against its
+//! crc) and completes requests. Writes carry `version = (hlc << 16) |
+//! client_id`, one version per request, the same on every retry.
+//! - Write part ≤ `small_write_max`: `Write` to every member of the
+//!   partition (in sync or syncing); done when every member answered `Ok`.
+//! - Larger write part: `WritePrimary` to the primary only, which forwards.
+//! - `WriteZeroes`, `Discard`: to every member, no payload.
+//! - `Flush`: completes at once (an acknowledged write is already durable on
+//!   every member).
+//! - Read: to the primary, or with [`ReadPolicy::AnyInSync`] to the in-sync
+//!   members round-robin; `NotInSync`, `Checksum`, `Io`, a timeout or a dead
+//!   connection → the next in-sync member; every member answered with an
+//!   error → that error (`Checksum` → [`IoError::Checksum`]).
+//!
+//! # Retry rules
+//! - `StaleEpoch` carries the newer table: install it; every part whose
+//!   partition changed (or that was waiting for a route change) is sent again
+//!   to the members of the new table with the same version (writes are
+//!   idempotent by version). Parts whose partition did not change go on; a
+//!   node that rejects them with `StaleEpoch` makes them resend.
+//! - `RouteBehind`, `Busy`: the same frame again after 1 ms.
+//! - A member that does not answer within `request_timeout`, a connection
+//!   that fails (refused, reset, EOF, corrupt frame: closed with a log line),
+//!   `Unavailable` (the primary could not forward), `NotReplica`: the part
+//!   waits for a route change. Meanwhile the queue sends a `RouteTable`
+//!   request with its epoch every 50 ms to the partition's other members and
+//!   one other node in turn (a node with a newer table answers `StaleEpoch`
+//!   with it), and re-sends the part's failed legs to the same members once
+//!   per `request_timeout` (a reconnect, at most every 100 ms per
+//!   connection), so a transient fault heals without a route change.
+//! - A write is acknowledged only when every member of the route it was last
+//!   sent under answered `Ok` for that attempt.
+//! - After `op_deadline` the request fails with `IoError::Io`.
+//! - Other statuses (`NoSpace`, `ReadOnly`, `Invalid`, `OutOfRange`, `Io`
+//!   on a write) fail the request at once.
+//!
+//! # Known gaps
+//! - The protocol logic reads the clock once per `submit`/`poll` and is
+//!   driven through the `Sink` interface, but it is not yet a sans-I/O core
+//!   that a deterministic simulator could run without sockets.
+//! - The transport is TCP only; `net::Net` is the boundary an RDMA
+//!   transport would implement (no trait yet: one implementation).
+//! - A table whose `chunk_bytes` differs from the first one is refused
+//!   (parts already cut could straddle the new chunks).
+//! - Node addresses that are not IP literals are resolved with a blocking
+//!   lookup when a table is installed.
+//! - A payload that arrives in the receive buffer together with its header
+//!   is copied from there into the caller's segments (one memcpy of what
+//!   came with the header); the rest goes from the socket into the caller's
+//!   memory directly.
+//! - No per-queue metrics yet.
+
+mod hlc;
+mod net;
+mod queue;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use celer_device::{BlockDevice, DeviceInfo, DeviceQueue, IoError};
+use celer_proto::{decode_header, Header, Kind, Op, Status, HEADER_BYTES, PAYLOAD_MAX_BYTES};
+use celer_route::{RouteDecodeError, RouteTable};
+
+pub use queue::{INFLIGHT_MAX, PARTS_MAX};
+
+/// Block size the client exposes; offsets and lengths are multiples of it.
+pub const BLOCK_BYTES: u64 = 4096;
+/// Largest request (one frame's payload at most).
+pub const REQUEST_MAX_BYTES: u64 = PAYLOAD_MAX_BYTES as u64;
+/// How long `probe_route` waits for a node.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Which member serves reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ReadPolicy {
+    /// The partition's primary (its first in-sync member).
+    #[default]
+    Primary,
+    /// Any in-sync member, chosen round-robin per queue.
+    AnyInSync,
+}
+
+/// How to reach a volume.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// Data addresses (`host:port`) of storage nodes to learn the route from.
+    pub seeds: Vec<String>,
+    pub volume: u64,
+    pub size_bytes: u64,
+    /// The low 16 bits of every write version (distinct per attached client).
+    pub client_id: u16,
+    /// Writes up to this many bytes go to every member; larger ones to the primary.
+    pub small_write_max: u32,
+    /// A member that has not answered after this long is taken for dead.
+    pub request_timeout: Duration,
+    /// A request not done after this long fails.
+    pub op_deadline: Duration,
+    pub read_policy: ReadPolicy,
+}
+
+impl ClientConfig {
+    pub fn new(seeds: Vec<String>, volume: u64, size_bytes: u64, client_id: u16) -> Self {
+        ClientConfig {
+            seeds,
+            volume,
+            size_bytes,
+            client_id,
+            small_write_max: 4096,
+            request_timeout: Duration::from_millis(500),
+            op_deadline: Duration::from_secs(30),
+            read_policy: ReadPolicy::Primary,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no seed node given: pass the data address (host:port) of at least one storage node")]
+    NoSeeds,
+    #[error("volume size {0} bytes is not a positive multiple of {BLOCK_BYTES}")]
+    Size(u64),
+    #[error(
+        "request_timeout and op_deadline must be positive, and request_timeout at most op_deadline"
+    )]
+    Timeouts,
+    #[error("cannot resolve storage node address {addr}: {reason}")]
+    Resolve { addr: String, reason: String },
+    #[error("cannot talk to storage node {addr}: {source} (is the node running and reachable?)")]
+    Io {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("storage node {addr} broke the protocol: {reason}")]
+    Protocol { addr: String, reason: String },
+    #[error("storage node {addr} sent a route table that does not decode: {source}")]
+    Route {
+        addr: String,
+        source: RouteDecodeError,
+    },
+    #[error("no seed node handed out a route table: {0}")]
+    NoRoute(String),
+}
+
+/// What the queues of one client share.
+pub(crate) struct Shared {
+    pub(crate) hlc: hlc::Hlc,
+    /// The newest table any queue has seen (read when a queue opens).
+    pub(crate) table: Mutex<Arc<RouteTable>>,
+}
+
+/// A volume served by the storage nodes.
+pub struct Client {
+    cfg: ClientConfig,
+    info: DeviceInfo,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("volume", &self.cfg.volume)
+            .field("epoch", &self.route_table().epoch)
+            .finish()
+    }
+}
+
+impl Client {
+    /// Learns the first route table from the seeds (the first that answers).
+    pub fn connect(cfg: ClientConfig) -> Result<Client, ClientError> {
+        if cfg.seeds.is_empty() {
+            return Err(ClientError::NoSeeds);
+        }
+        if cfg.size_bytes == 0 || !cfg.size_bytes.is_multiple_of(BLOCK_BYTES) {
+            return Err(ClientError::Size(cfg.size_bytes));
+        }
+        if cfg.request_timeout.is_zero()
+            || cfg.op_deadline.is_zero()
+            || cfg.request_timeout > cfg.op_deadline
+        {
+            return Err(ClientError::Timeouts);
+        }
+        let mut errors = Vec::new();
+        let mut table = None;
+        for seed in &cfg.seeds {
+            match fetch_route(seed, cfg.client_id, PROBE_TIMEOUT.min(cfg.op_deadline)) {
+                Ok(t) => {
+                    table = Some(t);
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(seed, error = %e, "seed node did not hand out a route table");
+                    errors.push(format!("{seed}: {e}"));
+                }
+            }
+        }
+        let Some(table) = table else {
+            return Err(ClientError::NoRoute(errors.join("; ")));
+        };
+        tracing::info!(
+            volume = cfg.volume,
+            epoch = table.epoch,
+            nodes = table.nodes.len(),
+            partitions = table.partition_count(),
+            "client connected"
+        );
+        let serial: String = format!("celer-vol-{}", cfg.volume)
+            .chars()
+            .take(20)
+            .collect();
+        Ok(Client {
+            info: DeviceInfo {
+                size_bytes: cfg.size_bytes,
+                block_size_bytes: BLOCK_BYTES as u32,
+                read_only: false,
+                supports_discard: true,
+                supports_write_zeroes: true,
+                max_request_bytes: REQUEST_MAX_BYTES,
+                serial,
+            },
+            cfg,
+            shared: Arc::new(Shared {
+                hlc: hlc::Hlc::new(),
+                table: Mutex::new(Arc::new(table)),
+            }),
+        })
+    }
+
+    /// The newest route table a queue of this client has installed.
+    pub fn route_table(&self) -> Arc<RouteTable> {
+        self.shared
+            .table
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn config(&self) -> &ClientConfig {
+        &self.cfg
+    }
+}
+
+impl BlockDevice for Client {
+    fn info(&self) -> DeviceInfo {
+        self.info.clone()
+    }
+
+    fn open_queue(&self, index: usize) -> Result<Box<dyn DeviceQueue>, IoError> {
+        let q = queue::ClientQueue::open(index, &self.cfg, &self.info, self.shared.clone())?;
+        Ok(Box::new(q))
+    }
+}
+
+/// Fetches the route table of one node (for the CLI and tests): `Hello`,
+/// then a `RouteTable` request with epoch 0, answered with the table.
+pub fn probe_route(seed: &str) -> Result<RouteTable, ClientError> {
+    fetch_route(seed, 0, PROBE_TIMEOUT)
+}
+
+fn resolve(addr: &str) -> Result<SocketAddr, ClientError> {
+    let err = |reason: String| ClientError::Resolve {
+        addr: addr.to_string(),
+        reason,
+    };
+    addr.to_socket_addrs()
+        .map_err(|e| err(e.to_string()))?
+        .next()
+        .ok_or_else(|| err("no address".to_string()))
+}
+
+fn fetch_route(seed: &str, client_id: u16, timeout: Duration) -> Result<RouteTable, ClientError> {
+    let addr = resolve(seed)?;
+    let io = |source| ClientError::Io {
+        addr: seed.to_string(),
+        source,
+    };
+    let protocol = |reason: String| ClientError::Protocol {
+        addr: seed.to_string(),
+        reason,
+    };
+    let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(io)?;
+    s.set_read_timeout(Some(timeout)).map_err(io)?;
+    s.set_write_timeout(Some(timeout)).map_err(io)?;
+    s.set_nodelay(true).map_err(io)?;
+    let mut hello = Header::request(Op::Hello, 1);
+    hello.volume = client_id as u64;
+    let ask = Header::request(Op::RouteTable, 2);
+    let mut out = Vec::with_capacity(2 * HEADER_BYTES);
+    out.extend_from_slice(&hello.encode());
+    out.extend_from_slice(&ask.encode());
+    s.write_all(&out).map_err(io)?;
+    loop {
+        let mut hb = [0u8; HEADER_BYTES];
+        s.read_exact(&mut hb).map_err(io)?;
+        let h = decode_header(&hb)
+            .map_err(|e| protocol(format!("bad frame: {e}")))?
+            .ok_or_else(|| protocol("short header".to_string()))?;
+        let mut payload = vec![0u8; h.payload_bytes as usize];
+        s.read_exact(&mut payload).map_err(io)?;
+        h.verify_payload([payload.as_slice()])
+            .map_err(|e| protocol(e.to_string()))?;
+        if h.kind != Kind::Response {
+            return Err(protocol(format!(
+                "a request ({:?}) instead of a response",
+                h.op
+            )));
+        }
+        match (h.request_id, h.op, h.status) {
+            (1, Op::Hello, Status::Ok) => continue,
+            (1, _, status) => return Err(protocol(format!("hello refused: {status:?}"))),
+            (2, Op::RouteTable, Status::StaleEpoch | Status::Ok) if !payload.is_empty() => {
+                return RouteTable::decode(&payload).map_err(|source| ClientError::Route {
+                    addr: seed.to_string(),
+                    source,
+                });
+            }
+            (2, _, status) => {
+                return Err(protocol(format!(
+                    "route table request answered with {status:?} and {} payload bytes",
+                    payload.len()
+                )))
+            }
+            (id, _, _) => return Err(protocol(format!("answer to unknown request {id}"))),
+        }
+    }
+}
