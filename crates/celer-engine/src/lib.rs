@@ -27,7 +27,7 @@ mod shard;
 
 pub use aligned::AlignedBuf;
 pub use device::{EngineDevice, EngineDeviceConfig};
-pub use layout::{Geometry, SlotOwner, BLOCK_SIZE};
+pub use layout::{BlockKind, Geometry, SlotOwner, BLOCK_SIZE};
 pub use recovery::{Engine, EngineStats, FormatOptions, OpenOptions, RebuildReport};
 pub use shard::{shard_for, Completion, EngineOp, EngineRequest, Segment, Shard, ShardStats};
 

@@ -47,12 +47,18 @@ impl Default for FormatOptions {
 pub struct OpenOptions {
     /// Requests in flight per shard.
     pub inflight_max: usize,
+    /// Give each shard an eventfd that becomes readable when its requests
+    /// may have completed (`Shard::completion_fd`), for owners that sleep in
+    /// epoll beside other work (the storage node). Without it, completions
+    /// are found by `poll`/`wait` only.
+    pub completion_eventfd: bool,
 }
 
 impl Default for OpenOptions {
     fn default() -> Self {
         OpenOptions {
             inflight_max: crate::shard::INFLIGHT_MAX,
+            completion_eventfd: false,
         }
     }
 }
@@ -297,7 +303,16 @@ impl Engine {
         for s in starts.iter_mut() {
             s.index_generation = u64::MAX / 4;
         }
-        let engine = Engine::recover(path, f, g, starts, &OpenOptions { inflight_max: 1 })?;
+        let engine = Engine::recover(
+            path,
+            f,
+            g,
+            starts,
+            &OpenOptions {
+                inflight_max: 1,
+                completion_eventfd: false,
+            },
+        )?;
         let mut report = engine.report.clone();
         report.slots_scanned = scanned;
         for s in engine.shards {
@@ -556,6 +571,7 @@ fn recover_shard(
         acked_through: next_seq - 1,
         index_generation,
         inflight_max: opts.inflight_max,
+        completion_eventfd: opts.completion_eventfd,
     };
     // Checkpoint now: the journal's records are all reflected in the maps
     // and index, so the next open never replays (or trusts) them again.

@@ -19,7 +19,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
 use io_uring::{opcode, types, IoUring};
@@ -293,6 +293,7 @@ pub struct Shard {
     _file: Arc<File>,
     fd: i32,
     ring: IoUring,
+    completion_fd: Option<OwnedFd>,
     slots: Vec<Option<SlotState>>,
     by_chunk: HashMap<(u64, u64), u32>,
     free_slots: Vec<u32>,
@@ -335,6 +336,7 @@ pub(crate) struct ShardInit {
     pub(crate) acked_through: u64,
     pub(crate) index_generation: u64,
     pub(crate) inflight_max: usize,
+    pub(crate) completion_eventfd: bool,
 }
 
 impl Shard {
@@ -342,17 +344,42 @@ impl Shard {
         let g = init.g;
         let inflight_max = init.inflight_max.clamp(1, INFLIGHT_MAX);
         let max_request_blocks = g.chunk_blocks.min(256) as u16;
-        let ring = IoUring::builder()
-            .setup_cqsize(CQ_ENTRIES)
+        let mut builder = IoUring::builder();
+        builder.setup_cqsize(CQ_ENTRIES);
+        if !init.completion_eventfd {
             // No inter-processor interrupt per completion: the owning thread
-            // runs completion work when it enters the kernel anyway.
-            .setup_coop_taskrun()
-            .build(512)
-            .map_err(|e| EngineError::Os {
-                path: "io_uring".into(),
-                what: "io_uring_setup",
-                errno_text: e.to_string(),
-            })?;
+            // runs completion work when it enters the kernel anyway. (Not
+            // with an eventfd: an owner asleep in epoll must be woken.)
+            builder.setup_coop_taskrun();
+        }
+        let ring = builder.build(512).map_err(|e| EngineError::Os {
+            path: "io_uring".into(),
+            what: "io_uring_setup",
+            errno_text: e.to_string(),
+        })?;
+        let completion_fd = if init.completion_eventfd {
+            // SAFETY: plain syscall; the result is checked before use.
+            let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+            if fd < 0 {
+                return Err(EngineError::Os {
+                    path: "eventfd".into(),
+                    what: "eventfd",
+                    errno_text: std::io::Error::last_os_error().to_string(),
+                });
+            }
+            // SAFETY: fd is a fresh descriptor owned by nobody else.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            ring.submitter()
+                .register_eventfd(fd.as_raw_fd())
+                .map_err(|e| EngineError::Os {
+                    path: "io_uring".into(),
+                    what: "register eventfd",
+                    errno_text: e.to_string(),
+                })?;
+            Some(fd)
+        } else {
+            None
+        };
         let mut by_chunk = HashMap::with_capacity(init.slots.len());
         let mut free_slots = Vec::with_capacity(init.slots.len());
         for (local, s) in init.slots.iter().enumerate().rev() {
@@ -408,6 +435,7 @@ impl Shard {
             fd: init.file.as_raw_fd(),
             _file: init.file,
             ring,
+            completion_fd,
             slots: init.slots,
             by_chunk,
             free_slots,
@@ -468,6 +496,40 @@ impl Shard {
             self.g
                 .phys_offset(self.g.slot_of(self.id, local as u64), e.phys)
         })
+    }
+
+    /// With `OpenOptions::completion_eventfd`: a nonblocking eventfd that
+    /// becomes readable when completions may be ready. The owner drains it
+    /// (reads its counter) and then calls `poll`.
+    pub fn completion_fd(&self) -> Option<RawFd> {
+        self.completion_fd.as_ref().map(|f| f.as_raw_fd())
+    }
+
+    /// The state of `count` blocks from `offset_bytes` of `volume` (within
+    /// one chunk), as a read submitted right now would see them: per block
+    /// its kind and version. A backfill source sends these beside the data,
+    /// read in the same step, so the data is never older than the versions.
+    /// Returns false when the chunk holds no slot (never written or
+    /// released): every block is `Unwritten` at version 0.
+    pub fn block_states(
+        &self,
+        volume: u64,
+        offset_bytes: u64,
+        out: &mut [(BlockKind, u64)],
+    ) -> bool {
+        let chunk = offset_bytes / self.g.chunk_bytes();
+        let first = (offset_bytes % self.g.chunk_bytes() / BLOCK_SIZE_U64) as usize;
+        let slot = self
+            .by_chunk
+            .get(&(volume, chunk))
+            .and_then(|l| self.slots[*l as usize].as_ref());
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = match slot.and_then(|s| s.entries.get(first + i)) {
+                Some(e) => (e.kind, e.version),
+                None => (BlockKind::Unwritten, 0),
+            };
+        }
+        slot.is_some()
     }
 
     /// The highest block version this shard holds (0 if none).

@@ -1,0 +1,139 @@
+//! The node's link to the control service: registration, heartbeats (whose
+//! replies repair a missed route push), route fetches when a peer shows a
+//! newer epoch, and reports of finished backfills.
+
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use celer_meta::api::{RegisterNode, Registered};
+use celer_meta::client::MetaClient;
+use celer_route::NodeId;
+
+use crate::{AgentMsg, NodeError, NodeShared};
+
+/// Registers, retrying for up to 30 s while the control service is unreachable.
+pub(crate) fn register(
+    client: &MetaClient,
+    node_id: Option<NodeId>,
+    data_addr: &str,
+    admin_addr: &str,
+    shards: u16,
+    domain: &str,
+) -> Result<Registered, NodeError> {
+    let req = RegisterNode {
+        node_id,
+        data_addr: data_addr.to_string(),
+        admin_addr: admin_addr.to_string(),
+        shards,
+        domain: domain.to_string(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match client.register(&req) {
+            Ok(r) => return Ok(r),
+            Err(e) if e.is_unreachable() && Instant::now() < deadline => {
+                tracing::info!("control service not reachable yet ({e}); retrying");
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            Err(e) => {
+                return Err(NodeError::Meta(format!(
+                    "register with {}: {e}",
+                    client.base_url()
+                )))
+            }
+        }
+    }
+}
+
+pub(crate) fn run(
+    client: MetaClient,
+    mut reg: Registered,
+    rx: Receiver<AgentMsg>,
+    shared: Arc<NodeShared>,
+) {
+    let id = shared.id;
+    let mut next_beat = Instant::now();
+    let mut last_fetch = Instant::now() - Duration::from_secs(1);
+    let mut synced: Vec<(u32, u64)> = Vec::new();
+    loop {
+        let now = Instant::now();
+        let wait = next_beat.saturating_duration_since(now);
+        match rx.recv_timeout(wait) {
+            Ok(AgentMsg::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+            Ok(AgentMsg::NeedRoute(epoch)) => {
+                if epoch > shared.hub.epoch() && last_fetch.elapsed() >= Duration::from_millis(20) {
+                    last_fetch = Instant::now();
+                    match client.route() {
+                        Ok(t) => {
+                            shared.metrics.epoch.set(t.epoch as i64);
+                            shared.hub.install(t);
+                        }
+                        Err(e) => tracing::warn!("fetch route table: {e}"),
+                    }
+                }
+            }
+            Ok(AgentMsg::Synced { partition, epoch }) => {
+                synced.push((partition, epoch));
+                // Gather what the other shards finish at the same moment.
+                while let Ok(AgentMsg::Synced { partition, epoch }) =
+                    rx.recv_timeout(Duration::from_millis(2))
+                {
+                    synced.push((partition, epoch));
+                }
+                report_synced(&client, id, &mut synced);
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+        if Instant::now() >= next_beat {
+            next_beat = Instant::now() + Duration::from_millis(reg.heartbeat_ms.max(10));
+            match client.heartbeat(id, shared.hub.epoch()) {
+                Ok(r) => {
+                    if let Some(t) = r.table {
+                        shared.metrics.epoch.set(t.epoch as i64);
+                        shared.hub.install(t);
+                    }
+                }
+                Err(e) if e.is_not_found() => {
+                    tracing::warn!("control service forgot this node; registering again");
+                    if let Some(t) = shared.hub.table() {
+                        if let Some(n) = t.table.node(id) {
+                            if let Ok(r) = register(
+                                &client,
+                                Some(id),
+                                &n.data_addr,
+                                &n.admin_addr,
+                                shared.shards,
+                                &n.domain,
+                            ) {
+                                reg = r;
+                            }
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!("heartbeat: {e}"),
+            }
+            if !synced.is_empty() {
+                report_synced(&client, id, &mut synced);
+            }
+        }
+    }
+}
+
+/// Reports finished backfills, grouped by epoch; keeps what failed to send.
+fn report_synced(client: &MetaClient, id: NodeId, synced: &mut Vec<(u32, u64)>) {
+    synced.sort_unstable_by_key(|x| (x.1, x.0));
+    let mut keep = Vec::new();
+    for chunk in synced.chunk_by(|a, b| a.1 == b.1) {
+        let epoch = chunk[0].1;
+        let parts: Vec<u32> = chunk.iter().map(|x| x.0).collect();
+        match client.synced(id, epoch, &parts) {
+            Ok(r) => tracing::info!(epoch, marked = ?r.marked, "reported backfilled partitions"),
+            Err(e) => {
+                tracing::warn!("report synced partitions: {e}; will retry");
+                keep.extend_from_slice(chunk);
+            }
+        }
+    }
+    *synced = keep;
+}

@@ -1,0 +1,486 @@
+//! celer-node: a storage node. One engine (one disk), cut into shards; each
+//! shard runs on its own thread and owns its engine shard, its connections
+//! and the partitions `p` with `p % shards == shard` (the engine places
+//! chunks the same way, see `celer_device::chunk_hash`). Nothing on the I/O
+//! path is shared between shards.
+//!
+//! A node serves the celer-proto conversation (see celer-proto's doc):
+//! reads from in-sync members, writes applied by version, primary
+//! forwarding for large writes, route hand-out to clients with an old epoch,
+//! and backfill of partitions where it is a new (syncing) member.
+//!
+//! Around the shards: an acceptor thread hands each new connection to the
+//! shard its `Hello` names; the admin HTTP server (routes pushed by the
+//! control service, `/metrics`, `/v1/status`); the agent thread registers
+//! with the control service, heartbeats, fetches routes on demand and
+//! reports finished backfills.
+
+mod admin;
+mod agent;
+mod conn;
+mod metrics;
+mod shard;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use celer_engine::{Engine, EngineError, OpenOptions};
+use celer_proto::{decode_header, Header, Op, Status, HEADER_BYTES};
+use celer_route::{NodeId, RouteTable};
+
+pub use metrics::NodeMetrics;
+
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// The engine disk (formatted with `celer engine format`).
+    pub disk: PathBuf,
+    /// Where the node keeps its id (`node.id`).
+    pub state_dir: PathBuf,
+    /// Data (celer-proto) listener.
+    pub listen: SocketAddr,
+    /// Address others use to reach the data listener (default: `listen`).
+    pub advertise: Option<String>,
+    /// Admin HTTP listener (routes, /metrics, /v1/status).
+    pub admin_listen: SocketAddr,
+    /// Control service base URL; `None`: routes come from `route_file` or
+    /// `PUT /v1/route` only.
+    pub meta_url: Option<String>,
+    /// Cluster secret presented to and required from the control plane.
+    pub token: String,
+    /// Fixed node id (without a control service).
+    pub node_id: Option<NodeId>,
+    pub domain: String,
+    /// A JSON route table to start with.
+    pub route_file: Option<PathBuf>,
+    /// A member that does not answer a forwarded write within this is
+    /// reported `Unavailable` to the client.
+    pub forward_timeout: Duration,
+    /// After activity, keep polling sockets and disk this long before
+    /// sleeping in epoll (0: sleep at once).
+    pub busy_poll: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("bad configuration: {0}")]
+    Config(String),
+    #[error("control service: {0}")]
+    Meta(String),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NodeError {
+    let what = what.into();
+    move |source| NodeError::Io { what, source }
+}
+
+/// A route table as shards hold it, with its encoded form ready to hand out.
+pub(crate) struct Installed {
+    pub(crate) table: RouteTable,
+    pub(crate) encoded: Vec<u8>,
+}
+
+pub(crate) enum ShardMsg {
+    /// A connection whose Hello named this shard.
+    Conn(TcpStream, Header),
+    Route(Arc<Installed>),
+    Stop,
+}
+
+pub(crate) enum AgentMsg {
+    /// A peer presented this newer epoch: fetch the table now.
+    NeedRoute(u64),
+    /// Backfill of a partition finished while the node held `epoch`.
+    Synced {
+        partition: u32,
+        epoch: u64,
+    },
+    Stop,
+}
+
+/// A channel plus an eventfd that wakes the shard's epoll.
+pub(crate) struct ShardMailbox {
+    tx: Sender<ShardMsg>,
+    wake: Arc<OwnedFd>,
+}
+
+impl ShardMailbox {
+    pub(crate) fn send(&self, m: ShardMsg) {
+        if self.tx.send(m).is_ok() {
+            wake(self.wake.as_raw_fd());
+        }
+    }
+}
+
+pub(crate) fn wake(fd: RawFd) {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a local to an eventfd we own.
+    unsafe { libc::write(fd, &one as *const u64 as *const libc::c_void, 8) };
+}
+
+pub(crate) fn new_eventfd() -> Result<OwnedFd, NodeError> {
+    // SAFETY: plain syscall; checked.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(NodeError::Io {
+            what: "eventfd".into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Where route tables come in (agent, admin API, route file) and go out to
+/// the shards. Control path only.
+pub(crate) struct RouteHub {
+    current: Mutex<Option<Arc<Installed>>>,
+    epoch: AtomicU64,
+    shards: Vec<ShardMailbox>,
+}
+
+impl RouteHub {
+    /// Installs `table` if it is newer than the current one.
+    pub(crate) fn install(&self, table: RouteTable) -> bool {
+        let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if cur.as_ref().is_some_and(|c| c.table.epoch >= table.epoch) {
+            return false;
+        }
+        tracing::info!(epoch = table.epoch, "route table installed");
+        let inst = Arc::new(Installed {
+            encoded: table.encode(),
+            table,
+        });
+        self.epoch.store(inst.table.epoch, Ordering::Release);
+        *cur = Some(inst.clone());
+        for s in &self.shards {
+            s.send(ShardMsg::Route(inst.clone()));
+        }
+        true
+    }
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+    pub(crate) fn table(&self) -> Option<Arc<Installed>> {
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// Shared, read-mostly facts a node's threads need.
+pub(crate) struct NodeShared {
+    pub(crate) id: NodeId,
+    pub(crate) shards: u16,
+    pub(crate) hub: RouteHub,
+    pub(crate) agent: Mutex<Option<Sender<AgentMsg>>>,
+    pub(crate) metrics: NodeMetrics,
+    pub(crate) token: String,
+    pub(crate) stopping: AtomicBool,
+    /// Per shard: partitions being backfilled.
+    pub(crate) backfilling: Vec<std::sync::atomic::AtomicUsize>,
+}
+
+impl NodeShared {
+    pub(crate) fn tell_agent(&self, m: AgentMsg) {
+        if let Some(tx) = self
+            .agent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            let _ = tx.send(m);
+        }
+    }
+}
+
+/// A running node.
+pub struct Node {
+    shared: Arc<NodeShared>,
+    threads: Vec<JoinHandle<Result<(), NodeError>>>,
+    aux: Vec<JoinHandle<()>>,
+    data_addr: SocketAddr,
+    admin_addr: SocketAddr,
+}
+
+impl Node {
+    /// Opens the engine, binds the listeners and starts every thread.
+    pub fn start(cfg: NodeConfig) -> Result<Node, NodeError> {
+        let engine = Engine::open(
+            &cfg.disk,
+            &OpenOptions {
+                completion_eventfd: true,
+                ..OpenOptions::default()
+            },
+        )?;
+        let shards = engine.into_shards();
+        let shard_count = shards.len() as u16;
+        if !shard_count.is_power_of_two() {
+            return Err(NodeError::Config(format!(
+                "{} has {shard_count} engine shards: a node needs a power of two (format with --shards 1, 2, 4, ...)",
+                cfg.disk.display()
+            )));
+        }
+        std::fs::create_dir_all(&cfg.state_dir)
+            .map_err(io_err(format!("create {}", cfg.state_dir.display())))?;
+        let listener =
+            TcpListener::bind(cfg.listen).map_err(io_err(format!("bind {}", cfg.listen)))?;
+        let data_addr = listener.local_addr().map_err(io_err("local address"))?;
+        let admin = TcpListener::bind(cfg.admin_listen)
+            .map_err(io_err(format!("bind {}", cfg.admin_listen)))?;
+        let admin_addr = admin.local_addr().map_err(io_err("local address"))?;
+
+        let id_file = cfg.state_dir.join("node.id");
+        let saved_id = std::fs::read_to_string(&id_file)
+            .ok()
+            .and_then(|s| s.trim().parse::<NodeId>().ok());
+        let mut mailboxes = Vec::new();
+        let mut receivers = Vec::new();
+        for _ in 0..shard_count {
+            let (tx, rx) = mpsc::channel();
+            let wake = Arc::new(new_eventfd()?);
+            mailboxes.push(ShardMailbox {
+                tx,
+                wake: wake.clone(),
+            });
+            receivers.push((rx, wake));
+        }
+        let advertise = cfg
+            .advertise
+            .clone()
+            .unwrap_or_else(|| data_addr.to_string());
+        // The node id: fixed, saved, or assigned by the control service.
+        let (id, agent_setup) = match &cfg.meta_url {
+            Some(url) => {
+                let client = celer_meta::client::MetaClient::new(url, &cfg.token);
+                let reg = agent::register(
+                    &client,
+                    cfg.node_id.or(saved_id),
+                    &advertise,
+                    &admin_addr.to_string(),
+                    shard_count,
+                    &cfg.domain,
+                )?;
+                (reg.node_id, Some((client, reg)))
+            }
+            None => (
+                cfg.node_id.or(saved_id).ok_or_else(|| {
+                    NodeError::Config(
+                        "no node id: give --node-id or a control service (--meta)".into(),
+                    )
+                })?,
+                None,
+            ),
+        };
+        std::fs::write(&id_file, format!("{id}\n"))
+            .map_err(io_err(format!("write {}", id_file.display())))?;
+        let shared = Arc::new(NodeShared {
+            id,
+            shards: shard_count,
+            hub: RouteHub {
+                current: Mutex::new(None),
+                epoch: AtomicU64::new(0),
+                shards: mailboxes,
+            },
+            agent: Mutex::new(None),
+            metrics: NodeMetrics::new(shard_count),
+            token: cfg.token.clone(),
+            stopping: AtomicBool::new(false),
+            backfilling: (0..shard_count)
+                .map(|_| std::sync::atomic::AtomicUsize::new(0))
+                .collect(),
+        });
+        let mut threads = Vec::new();
+        for (engine_shard, (rx, wake)) in shards.into_iter().zip(receivers) {
+            let shared = shared.clone();
+            let cfg = shard::ShardConfig {
+                forward_timeout: cfg.forward_timeout,
+                busy_poll: cfg.busy_poll,
+            };
+            let idx = engine_shard.id();
+            let t = std::thread::Builder::new()
+                .name(format!("celer-node-{idx}"))
+                .spawn(move || shard::run(engine_shard, rx, wake, shared, cfg))
+                .map_err(io_err("spawn shard thread"))?;
+            threads.push(t);
+        }
+        if let Some(path) = &cfg.route_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(io_err(format!("read {}", path.display())))?;
+            let table: RouteTable = serde_json::from_str(&text).map_err(|e| {
+                NodeError::Config(format!("{}: not a route table: {e}", path.display()))
+            })?;
+            table
+                .validate()
+                .map_err(|e| NodeError::Config(format!("{}: {e}", path.display())))?;
+            shared.hub.install(table);
+        }
+        let mut aux = Vec::new();
+        {
+            let shared = shared.clone();
+            aux.push(
+                std::thread::Builder::new()
+                    .name("celer-node-accept".into())
+                    .spawn(move || accept_loop(listener, shared))
+                    .map_err(io_err("spawn acceptor"))?,
+            );
+        }
+        {
+            let shared = shared.clone();
+            aux.push(
+                std::thread::Builder::new()
+                    .name("celer-node-admin".into())
+                    .spawn(move || admin::serve(admin, shared))
+                    .map_err(io_err("spawn admin server"))?,
+            );
+        }
+        if let Some((client, reg)) = agent_setup {
+            let (tx, rx) = mpsc::channel();
+            *shared.agent.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+            let shared2 = shared.clone();
+            aux.push(
+                std::thread::Builder::new()
+                    .name("celer-node-agent".into())
+                    .spawn(move || agent::run(client, reg, rx, shared2))
+                    .map_err(io_err("spawn agent"))?,
+            );
+        }
+        tracing::info!(node = id, %data_addr, %admin_addr, shards = shard_count, "node started");
+        Ok(Node {
+            shared,
+            threads,
+            aux,
+            data_addr,
+            admin_addr,
+        })
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.shared.id
+    }
+    pub fn data_addr(&self) -> SocketAddr {
+        self.data_addr
+    }
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+    pub fn epoch(&self) -> u64 {
+        self.shared.hub.epoch()
+    }
+    /// Partitions this node is backfilling right now (recovery in progress).
+    pub fn backfilling(&self) -> usize {
+        self.shared
+            .backfilling
+            .iter()
+            .map(|a| a.load(Ordering::Acquire))
+            .sum()
+    }
+
+    /// Installs a route table (as `PUT /v1/route` does).
+    pub fn install_route(&self, table: RouteTable) -> bool {
+        self.shared.hub.install(table)
+    }
+
+    /// Stops every thread; shards drain and checkpoint their engine.
+    pub fn stop(self) -> Result<(), NodeError> {
+        self.shared.stopping.store(true, Ordering::Release);
+        for s in &self.shared.hub.shards {
+            s.send(ShardMsg::Stop);
+        }
+        self.shared.tell_agent(AgentMsg::Stop);
+        // Unblock the acceptor.
+        let _ = TcpStream::connect_timeout(&self.data_addr, Duration::from_millis(200));
+        let mut result = Ok(());
+        for t in self.threads {
+            match t.join() {
+                Ok(Err(e)) if result.is_ok() => result = Err(e),
+                Err(_) if result.is_ok() => {
+                    result = Err(NodeError::Config("a shard thread panicked".into()))
+                }
+                _ => {}
+            }
+        }
+        for t in self.aux {
+            let _ = t.join();
+        }
+        result
+    }
+
+    /// Blocks until the node stops (for the daemon).
+    pub fn wait(self) -> Result<(), NodeError> {
+        while !self.shared.stopping.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        self.stop()
+    }
+
+    /// A handle that can stop the node from a signal handler thread.
+    pub fn stopper(&self) -> impl Fn() + Send + 'static {
+        let shared = self.shared.clone();
+        move || shared.stopping.store(true, Ordering::Release)
+    }
+}
+
+/// Accepts connections, reads each one's Hello (1 s at most) and hands it
+/// to the shard it names.
+fn accept_loop(listener: TcpListener, shared: Arc<NodeShared>) {
+    for stream in listener.incoming() {
+        if shared.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        let mut stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("accept: {e}");
+                continue;
+            }
+        };
+        let peer = stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+        let mut b = [0u8; HEADER_BYTES];
+        if let Err(e) = stream.read_exact(&mut b) {
+            tracing::warn!(%peer, "connection closed before its Hello: {e}");
+            continue;
+        }
+        let h = match decode_header(&b) {
+            Ok(Some(h)) if h.op == Op::Hello && h.payload_bytes == 0 => h,
+            Ok(_) => {
+                tracing::warn!(%peer, "first frame is not a Hello: closing");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(%peer, "bad first frame: {e}: closing");
+                continue;
+            }
+        };
+        let shard = h.offset;
+        if shard >= shared.shards as u64 {
+            tracing::warn!(%peer, shard, shards = shared.shards, "Hello names a shard this node does not have");
+            let r = Header::response_to(&h, Status::Invalid);
+            let _ = stream.write_all(&r.encode());
+            continue;
+        }
+        if stream.set_nonblocking(true).is_err() || stream.set_nodelay(true).is_err() {
+            continue;
+        }
+        let _ = stream.set_read_timeout(None);
+        shared.hub.shards[shard as usize].send(ShardMsg::Conn(stream, h));
+    }
+}

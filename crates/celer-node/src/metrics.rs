@@ -1,0 +1,183 @@
+//! Prometheus metrics of a node. Each shard gets its own counters and
+//! histograms (atomics and a per-instance lock nobody else takes on the I/O
+//! path); the admin server encodes the registry on scrape.
+
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use celer_proto::{Op, Status};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabels {
+    shard: u16,
+    op: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpOnly {
+    shard: u16,
+    op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ShardLabel {
+    shard: u16,
+}
+
+const OPS: [&str; 7] = [
+    "read",
+    "write",
+    "write_primary",
+    "write_zeroes",
+    "discard",
+    "backfill_read",
+    "other",
+];
+
+fn op_index(op: Op) -> usize {
+    match op {
+        Op::Read => 0,
+        Op::Write => 1,
+        Op::WritePrimary => 2,
+        Op::WriteZeroes => 3,
+        Op::Discard => 4,
+        Op::BackfillRead => 5,
+        _ => 6,
+    }
+}
+
+pub struct NodeMetrics {
+    registry: Registry,
+    requests: Family<OpLabels, Counter>,
+    bytes: Family<OpOnly, Counter>,
+    latency: Family<OpOnly, Histogram>,
+    syncing: Family<ShardLabel, Gauge>,
+    backfill_bytes: Family<ShardLabel, Counter>,
+    pub(crate) epoch: Gauge<i64, AtomicI64Shim>,
+}
+
+/// prometheus-client's default gauge is i64 over AtomicI64.
+pub(crate) type AtomicI64Shim = std::sync::atomic::AtomicI64;
+
+/// The handles one shard updates.
+pub(crate) struct ShardCounters {
+    ok: Vec<Counter>,
+    err: Vec<Counter>,
+    bytes: Vec<Counter>,
+    latency: Vec<Histogram>,
+    syncing: Gauge,
+    backfill_bytes: Counter,
+}
+
+impl NodeMetrics {
+    pub(crate) fn new(_shards: u16) -> NodeMetrics {
+        let mut registry = Registry::with_prefix("celer_node");
+        let requests = Family::<OpLabels, Counter>::default();
+        let bytes = Family::<OpOnly, Counter>::default();
+        let latency = Family::<OpOnly, Histogram>::new_with_constructor(|| {
+            // 10 µs .. ~2.6 s
+            Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                10e-6, 2.0, 19,
+            ))
+        });
+        let syncing = Family::<ShardLabel, Gauge>::default();
+        let backfill_bytes = Family::<ShardLabel, Counter>::default();
+        let epoch = Gauge::<i64, AtomicI64Shim>::default();
+        registry.register(
+            "requests",
+            "Requests served, by op and result",
+            requests.clone(),
+        );
+        registry.register("bytes", "Bytes read or written, by op", bytes.clone());
+        registry.register(
+            "request_seconds",
+            "Request latency inside the node (engine and forwards), by op",
+            latency.clone(),
+        );
+        registry.register(
+            "backfill_partitions",
+            "Partitions this shard is backfilling (recovery in progress)",
+            syncing.clone(),
+        );
+        registry.register(
+            "backfill_bytes",
+            "Bytes copied by finished backfills",
+            backfill_bytes.clone(),
+        );
+        registry.register(
+            "route_epoch",
+            "Epoch of the installed route table",
+            epoch.clone(),
+        );
+        NodeMetrics {
+            registry,
+            requests,
+            bytes,
+            latency,
+            syncing,
+            backfill_bytes,
+            epoch,
+        }
+    }
+
+    pub(crate) fn shard(&self, shard: u16) -> ShardCounters {
+        let get = |op: &'static str, result: &'static str| {
+            self.requests
+                .get_or_create(&OpLabels { shard, op, result })
+                .clone()
+        };
+        ShardCounters {
+            ok: OPS.iter().map(|op| get(op, "ok")).collect(),
+            err: OPS.iter().map(|op| get(op, "error")).collect(),
+            bytes: OPS
+                .iter()
+                .map(|op| self.bytes.get_or_create(&OpOnly { shard, op }).clone())
+                .collect(),
+            latency: OPS
+                .iter()
+                .map(|op| self.latency.get_or_create(&OpOnly { shard, op }).clone())
+                .collect(),
+            syncing: self.syncing.get_or_create(&ShardLabel { shard }).clone(),
+            backfill_bytes: self
+                .backfill_bytes
+                .get_or_create(&ShardLabel { shard })
+                .clone(),
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl ShardCounters {
+    pub(crate) fn record(&self, op: Op, status: Status, bytes: u64, took: Duration) {
+        let i = op_index(op);
+        if status == Status::Ok {
+            self.ok[i].inc();
+            self.bytes[i].inc_by(bytes);
+        } else {
+            self.err[i].inc();
+        }
+        self.latency[i].observe(took.as_secs_f64());
+    }
+    pub(crate) fn set_syncing(&self, n: usize) {
+        self.syncing.set(n as i64);
+    }
+    pub(crate) fn add_backfill_bytes(&self, n: u64) {
+        self.backfill_bytes.inc_by(n);
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_send(_: &AtomicU64) {}

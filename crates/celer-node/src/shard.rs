@@ -1,0 +1,1449 @@
+//! One node shard: a thread that owns an engine shard, its connections and
+//! its partitions, and runs everything to completion in one epoll loop.
+//!
+//! Per loop turn: read every readable socket and handle whole frames
+//! (submitting engine requests and forwards), let the engine submit and
+//! reap, send responses, check forward timeouts, advance backfill, then
+//! sleep in epoll (or keep polling for `busy_poll` after activity).
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use celer_engine::{
+    AlignedBuf, BlockKind, Completion, EngineError, EngineOp, EngineRequest, Segment, Shard,
+    BLOCK_SIZE,
+};
+use celer_proto::{Header, Kind, Op, Status};
+use celer_route::{NodeId, PartitionRoute};
+
+use crate::conn::{Conn, Frame};
+use crate::metrics::ShardCounters;
+use crate::{AgentMsg, Installed, NodeError, NodeShared, ShardMsg};
+
+pub(crate) struct ShardConfig {
+    pub(crate) forward_timeout: Duration,
+    pub(crate) busy_poll: Duration,
+}
+
+const TOKEN_WAKE: u64 = u64::MAX;
+const TOKEN_ENGINE: u64 = u64::MAX - 1;
+/// Engine tags at or above this are backfill writes.
+const TAG_BACKFILL: u64 = 1 << 40;
+/// Request ids with this bit are the backfill's own requests.
+const REQ_BACKFILL: u32 = 1 << 31;
+/// Ops kept for client requests; the engine has a few more for backfill.
+const CLIENT_OPS: usize = 224;
+const BACKFILL_WRITES_MAX: usize = 16;
+/// Largest BackfillRead piece.
+const BACKFILL_PIECE_BYTES: u64 = 1 << 20;
+/// Bytes per block in a BackfillRead state table: version u64 + kind u8.
+const STATE_BYTES: usize = 9;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum OpKind {
+    Read,
+    /// Write, WriteZeroes, Discard applied locally.
+    Mutate,
+    /// WritePrimary: local write plus forwards.
+    Primary,
+    /// Serving a backfill read: state table then data.
+    BackfillServe,
+}
+
+struct NodeOp {
+    busy: bool,
+    gen: u16,
+    kind: OpKind,
+    conn: usize,
+    conn_gen: u32,
+    req: Header,
+    buf: AlignedBuf,
+    /// Bytes of `buf` the response carries.
+    len: usize,
+    /// Engine request + forwards not yet answered.
+    pending: u32,
+    status: Status,
+    /// Forwards in flight: (conn, conn gen).
+    forwards: [(usize, u32); 4],
+    nforwards: usize,
+    deadline: Option<Instant>,
+    started: Instant,
+}
+
+struct Backfill {
+    /// Tags its engine writes, so a restarted backfill ignores old ones.
+    serial: u32,
+    partition: u32,
+    epoch: u64,
+    source: NodeId,
+    conn: Option<(usize, u32)>,
+    chunks: Vec<(u64, u64)>,
+    next_chunk: usize,
+    /// Offset within the current chunk of the next piece.
+    piece: u64,
+    stage: BfStage,
+    retry_at: Option<Instant>,
+    seq: u32,
+    buf: AlignedBuf,
+    states: Vec<(BlockKind, u64)>,
+    writes_pending: usize,
+    /// Runs of the current piece still to submit: (first block, count).
+    runs: Vec<(usize, usize, BlockKind, u64)>,
+    next_run: usize,
+    started: Instant,
+    bytes: u64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum BfStage {
+    List,
+    /// Waiting for the answer to request `seq`.
+    Waiting,
+    Read,
+    Apply,
+    Done,
+}
+
+struct ShardLoop {
+    id: u16,
+    engine: Shard,
+    shared: Arc<NodeShared>,
+    cfg: ShardConfig,
+    epfd: OwnedFd,
+    conns: Vec<Option<Conn>>,
+    free_conns: Vec<usize>,
+    conn_gen: u32,
+    peers: HashMap<(NodeId, u16), usize>,
+    ops: Vec<NodeOp>,
+    free_ops: Vec<usize>,
+    route: Option<Arc<Installed>>,
+    max_version: u64,
+    /// Connections with unprocessed frames (stalled for lack of ops).
+    backlog: Vec<usize>,
+    /// Connections with output to send.
+    dirty: Vec<usize>,
+    forwards_inflight: usize,
+    backfills: Vec<Backfill>,
+    /// Dropped backfills whose engine writes are still in flight: their
+    /// buffers must outlive those writes.
+    retired: Vec<Backfill>,
+    backfill_serial: u32,
+    completions: Vec<Completion>,
+    /// Partitions whose backfill finished and was reported, with the epoch.
+    reported: HashMap<u32, u64>,
+    counters: ShardCounters,
+    stopping: bool,
+}
+
+pub(crate) fn run(
+    engine: Shard,
+    rx: Receiver<ShardMsg>,
+    wake: Arc<OwnedFd>,
+    shared: Arc<NodeShared>,
+    cfg: ShardConfig,
+) -> Result<(), NodeError> {
+    // SAFETY: plain syscall; checked.
+    let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if epfd < 0 {
+        return Err(NodeError::Io {
+            what: "epoll_create1".into(),
+            source: io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: a fresh descriptor.
+    let epfd = unsafe { OwnedFd::from_raw_fd(epfd) };
+    epoll_add(
+        epfd.as_raw_fd(),
+        wake.as_raw_fd(),
+        TOKEN_WAKE,
+        libc::EPOLLIN as u32,
+    );
+    let engine_fd = engine
+        .completion_fd()
+        .ok_or_else(|| NodeError::Config("engine opened without a completion eventfd".into()))?;
+    epoll_add(
+        epfd.as_raw_fd(),
+        engine_fd,
+        TOKEN_ENGINE,
+        libc::EPOLLIN as u32,
+    );
+    let id = engine.id() as u16;
+    let max_version = engine.max_version();
+    let ops = (0..CLIENT_OPS)
+        .map(|_| NodeOp {
+            busy: false,
+            gen: 0,
+            kind: OpKind::Read,
+            conn: 0,
+            conn_gen: 0,
+            req: Header::request(Op::Ping, 0),
+            buf: AlignedBuf::new(1),
+            len: 0,
+            pending: 0,
+            status: Status::Ok,
+            forwards: [(0, 0); 4],
+            nforwards: 0,
+            deadline: None,
+            started: Instant::now(),
+        })
+        .collect();
+    let counters = shared.metrics.shard(id);
+    let mut s = ShardLoop {
+        id,
+        engine,
+        shared,
+        cfg,
+        epfd,
+        conns: Vec::new(),
+        free_conns: Vec::new(),
+        conn_gen: 0,
+        peers: HashMap::new(),
+        ops,
+        free_ops: (0..CLIENT_OPS).rev().collect(),
+        route: None,
+        max_version,
+        backlog: Vec::new(),
+        dirty: Vec::new(),
+        forwards_inflight: 0,
+        backfills: Vec::new(),
+        retired: Vec::new(),
+        backfill_serial: 0,
+        completions: Vec::with_capacity(256),
+        reported: HashMap::new(),
+        counters,
+        stopping: false,
+    };
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
+    let mut last_activity = Instant::now();
+    let mut last_timer = Instant::now();
+    loop {
+        let mut activity = false;
+        // Messages: connections, routes, stop.
+        while let Ok(m) = rx.try_recv() {
+            activity = true;
+            match m {
+                ShardMsg::Conn(stream, hello) => s.adopt(stream, hello),
+                ShardMsg::Route(r) => s.install(r),
+                ShardMsg::Stop => s.stopping = true,
+            }
+        }
+        if s.stopping {
+            break;
+        }
+        activity |= s.engine_poll();
+        if !s.backlog.is_empty() {
+            let backlog = std::mem::take(&mut s.backlog);
+            for c in backlog {
+                s.process_frames(c);
+            }
+        }
+        s.backfill_step();
+        activity |= s.engine_poll();
+        s.flush_dirty();
+        let now = Instant::now();
+        if now.duration_since(last_timer) >= Duration::from_millis(5) {
+            last_timer = now;
+            s.check_timeouts(now);
+        }
+        if activity {
+            last_activity = now;
+        }
+        let timeout_ms = if now.duration_since(last_activity) < s.cfg.busy_poll {
+            0
+        } else if s.forwards_inflight > 0 || s.backfills.iter().any(|b| b.retry_at.is_some()) {
+            5
+        } else if !s.backfills.is_empty() {
+            20
+        } else {
+            200
+        };
+        // SAFETY: events is a valid buffer of its length.
+        let n = unsafe {
+            libc::epoll_wait(
+                s.epfd.as_raw_fd(),
+                events.as_mut_ptr(),
+                events.len() as i32,
+                timeout_ms,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(NodeError::Io {
+                what: "epoll_wait".into(),
+                source: e,
+            });
+        }
+        for ev in &events[..n as usize] {
+            let (token, bits) = (ev.u64, ev.events);
+            match token {
+                TOKEN_WAKE => drain_eventfd(wake.as_raw_fd()),
+                TOKEN_ENGINE => drain_eventfd(engine_fd),
+                c => {
+                    let c = c as usize;
+                    if bits & (libc::EPOLLIN | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0 {
+                        s.on_readable(c);
+                    }
+                    if bits & libc::EPOLLOUT as u32 != 0 {
+                        s.flush_conn(c);
+                    }
+                }
+            }
+            last_activity = Instant::now();
+        }
+    }
+    // Drain: finish what the engine has, then close it (checkpoint).
+    while s.engine.inflight() > 0 {
+        let mut sink = |_c: Completion| {};
+        s.engine.wait(&mut sink);
+    }
+    s.engine.close()?;
+    Ok(())
+}
+
+fn epoll_add(epfd: RawFd, fd: RawFd, token: u64, events: u32) {
+    let mut ev = libc::epoll_event { events, u64: token };
+    // SAFETY: valid fds and event struct.
+    unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) };
+}
+
+fn epoll_mod(epfd: RawFd, fd: RawFd, token: u64, events: u32) {
+    let mut ev = libc::epoll_event { events, u64: token };
+    // SAFETY: valid fds and event struct.
+    unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_MOD, fd, &mut ev) };
+}
+
+fn drain_eventfd(fd: RawFd) {
+    let mut v: u64 = 0;
+    // SAFETY: reads 8 bytes into a local from a nonblocking eventfd.
+    unsafe { libc::read(fd, &mut v as *mut u64 as *mut libc::c_void, 8) };
+}
+
+/// Starts a nonblocking connect; the socket becomes writable when connected.
+fn connect_nonblocking(addr: SocketAddr) -> io::Result<TcpStream> {
+    let domain = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain syscall; checked.
+    let fd = unsafe {
+        libc::socket(
+            domain,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fresh descriptor, owned from here on.
+    let stream = unsafe { TcpStream::from_raw_fd(fd) };
+    let (storage, len) = sockaddr(addr);
+    // SAFETY: storage holds a valid sockaddr of `len` bytes.
+    let r = unsafe { libc::connect(fd, &storage as *const _ as *const libc::sockaddr, len) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINPROGRESS) {
+            return Err(e);
+        }
+    }
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_in fits in sockaddr_storage.
+            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in, sin) };
+            (
+                storage,
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
+            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in6, sin6) };
+            (
+                storage,
+                std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+            )
+        }
+    }
+}
+
+fn engine_status(e: &EngineError) -> Status {
+    match e {
+        EngineError::Misaligned { .. } | EngineError::BadRange { .. } => Status::Invalid,
+        EngineError::TooManySegments { .. } | EngineError::WrongShard { .. } => Status::Invalid,
+        EngineError::QueueFull { .. } => Status::Busy,
+        EngineError::NoSpace { .. } => Status::NoSpace,
+        EngineError::Checksum { .. } => Status::Checksum,
+        _ => Status::Io,
+    }
+}
+
+impl ShardLoop {
+    fn table(&self) -> Option<&celer_route::RouteTable> {
+        self.route.as_ref().map(|r| &r.table)
+    }
+
+    fn new_conn(&mut self, stream: TcpStream, peer: Option<(NodeId, u16)>, out: bool) -> usize {
+        self.conn_gen = self.conn_gen.wrapping_add(1);
+        let conn = Conn::new(stream, self.conn_gen, peer);
+        let fd = conn.fd();
+        let idx = match self.free_conns.pop() {
+            Some(i) => {
+                self.conns[i] = Some(conn);
+                i
+            }
+            None => {
+                self.conns.push(Some(conn));
+                self.conns.len() - 1
+            }
+        };
+        let mut bits = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
+        if out {
+            bits |= libc::EPOLLOUT as u32;
+            if let Some(c) = self.conns[idx].as_mut() {
+                c.want_out = true;
+            }
+        }
+        epoll_add(self.epfd.as_raw_fd(), fd, idx as u64, bits);
+        idx
+    }
+
+    fn adopt(&mut self, stream: TcpStream, hello: Header) {
+        let idx = self.new_conn(stream, None, false);
+        let mut r = Header::response_to(&hello, Status::Ok);
+        r.version = self.max_version;
+        if let Some(c) = self.conns[idx].as_mut() {
+            c.helloed = true;
+            c.queue(r, &[]);
+        }
+        self.mark_dirty(idx);
+    }
+
+    fn mark_dirty(&mut self, c: usize) {
+        if !self.dirty.contains(&c) {
+            self.dirty.push(c);
+        }
+    }
+
+    fn close_conn(&mut self, c: usize, why: &str) {
+        let Some(conn) = self.conns[c].take() else {
+            return;
+        };
+        if let Some(peer) = conn.peer {
+            tracing::warn!(shard = self.id, peer = ?peer, "peer connection closed: {why}");
+            self.peers.retain(|_, v| *v != c);
+        } else if why != "peer closed" {
+            let addr = conn
+                .stream
+                .peer_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            tracing::warn!(shard = self.id, %addr, "closing connection: {why}");
+        }
+        // SAFETY: removing a registered fd.
+        unsafe {
+            libc::epoll_ctl(
+                self.epfd.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                conn.fd(),
+                std::ptr::null_mut(),
+            )
+        };
+        self.free_conns.push(c);
+        self.dirty.retain(|d| *d != c);
+        self.backlog.retain(|d| *d != c);
+        // Forwards waiting on this connection fail now.
+        let gen = conn.gen;
+        for id in 0..self.ops.len() {
+            let op = &self.ops[id];
+            if !op.busy || op.kind != OpKind::Primary {
+                continue;
+            }
+            if let Some(k) = op.forwards[..op.nforwards]
+                .iter()
+                .position(|f| *f == (c, gen))
+            {
+                self.forward_failed(id, k, Status::Unavailable);
+            }
+        }
+        for b in &mut self.backfills {
+            if b.conn.is_some_and(|(bc, bg)| bc == c && bg == gen) {
+                b.conn = None;
+                if b.stage == BfStage::Waiting {
+                    b.stage = if b.chunks.is_empty() && b.next_chunk == 0 {
+                        BfStage::List
+                    } else {
+                        BfStage::Read
+                    };
+                }
+                b.retry_at = Some(Instant::now() + Duration::from_millis(50));
+            }
+        }
+    }
+
+    fn on_readable(&mut self, c: usize) {
+        let Some(conn) = self.conns[c].as_mut() else {
+            return;
+        };
+        match conn.fill() {
+            Ok(true) => {}
+            Ok(false) => {
+                self.process_frames(c);
+                self.close_conn(c, "peer closed");
+                return;
+            }
+            Err(e) => {
+                self.close_conn(c, &e.to_string());
+                return;
+            }
+        }
+        self.process_frames(c);
+    }
+
+    fn process_frames(&mut self, c: usize) {
+        loop {
+            let Some(conn) = self.conns[c].as_mut() else {
+                return;
+            };
+            let frame = match conn.next_frame() {
+                Ok(Some(f)) => f,
+                Ok(None) => return,
+                Err(e) => {
+                    self.close_conn(c, &format!("corrupt frame: {e}"));
+                    return;
+                }
+            };
+            let is_peer = conn.peer.is_some();
+            if frame.header.kind == Kind::Response {
+                if is_peer {
+                    self.on_peer_response(c, &frame);
+                } else {
+                    self.close_conn(c, "a client sent a response frame");
+                    return;
+                }
+            } else if is_peer {
+                self.close_conn(c, "a peer we called sent a request");
+                return;
+            } else {
+                let needs_op = matches!(
+                    frame.header.op,
+                    Op::Read
+                        | Op::Write
+                        | Op::WritePrimary
+                        | Op::WriteZeroes
+                        | Op::Discard
+                        | Op::BackfillRead
+                );
+                if needs_op && self.free_ops.is_empty() {
+                    // Out of ops: leave the frame for later (backpressure).
+                    if !self.backlog.contains(&c) {
+                        self.backlog.push(c);
+                    }
+                    return;
+                }
+                self.on_request(c, &frame);
+            }
+            if let Some(conn) = self.conns[c].as_mut() {
+                conn.consume(&frame);
+            }
+        }
+    }
+
+    fn respond(&mut self, c: usize, req: &Header, status: Status, payload: &[&[u8]]) {
+        let mut h = Header::response_to(req, status);
+        h.version = self.max_version;
+        if let Some(conn) = self.conns[c].as_mut() {
+            conn.queue(h, payload);
+        }
+        self.mark_dirty(c);
+    }
+
+    /// Checks the sender's epoch and that this node serves the partition.
+    fn check_route(&mut self, h: &Header) -> Result<(u32, PartitionRoute), Status> {
+        let Some(t) = self.table() else {
+            self.shared.tell_agent(AgentMsg::NeedRoute(h.epoch));
+            return Err(Status::RouteBehind);
+        };
+        if h.epoch < t.epoch {
+            return Err(Status::StaleEpoch);
+        }
+        if h.epoch > t.epoch {
+            self.shared.tell_agent(AgentMsg::NeedRoute(h.epoch));
+            return Err(Status::RouteBehind);
+        }
+        let chunk_bytes = t.chunk_bytes;
+        let len = h.length as u64;
+        if len == 0 || h.offset % chunk_bytes + len > chunk_bytes {
+            return Err(Status::Invalid);
+        }
+        let p = t.partition_at(h.volume, h.offset);
+        if p % self.shared.shards as u32 != self.id as u32 {
+            return Err(Status::Invalid);
+        }
+        let part = t.partition(p).ok_or(Status::Invalid)?;
+        if part.member(self.shared.id).is_none() {
+            return Err(Status::NotReplica);
+        }
+        Ok((p, part.clone()))
+    }
+
+    fn reject(&mut self, c: usize, req: &Header, status: Status) {
+        if status == Status::StaleEpoch {
+            if let Some(r) = self.route.clone() {
+                self.respond(c, req, status, &[&r.encoded]);
+                return;
+            }
+        }
+        self.respond(c, req, status, &[]);
+    }
+
+    fn on_request(&mut self, c: usize, f: &Frame) {
+        let h = f.header;
+        match h.op {
+            Op::Hello => self.respond(c, &h, Status::Ok, &[]),
+            Op::Ping | Op::Flush => self.respond(c, &h, Status::Ok, &[]),
+            Op::RouteTable => match self.table().map(|t| t.epoch) {
+                Some(e) if h.epoch < e => self.reject(c, &h, Status::StaleEpoch),
+                Some(e) if h.epoch == e => self.respond(c, &h, Status::Ok, &[]),
+                _ => {
+                    self.shared.tell_agent(AgentMsg::NeedRoute(h.epoch));
+                    self.respond(c, &h, Status::RouteBehind, &[]);
+                }
+            },
+            Op::ListChunks => self.serve_list_chunks(c, &h),
+            Op::Read => self.start_read(c, &h, OpKind::Read),
+            Op::BackfillRead => self.start_read(c, &h, OpKind::BackfillServe),
+            Op::Write | Op::WritePrimary | Op::WriteZeroes | Op::Discard => {
+                self.start_mutation(c, f)
+            }
+        }
+    }
+
+    fn take_op(&mut self, c: usize, h: &Header, kind: OpKind, bytes: usize) -> usize {
+        let id = self.free_ops.pop().expect("caller checked free ops");
+        let conn_gen = self.conns[c].as_ref().map_or(0, |x| x.gen);
+        let op = &mut self.ops[id];
+        op.busy = true;
+        op.gen = op.gen.wrapping_add(1);
+        op.kind = kind;
+        op.conn = c;
+        op.conn_gen = conn_gen;
+        op.req = *h;
+        if op.buf.len() < bytes {
+            op.buf = AlignedBuf::new(bytes.div_ceil(BLOCK_SIZE));
+        }
+        op.len = bytes;
+        op.pending = 0;
+        op.status = Status::Ok;
+        op.nforwards = 0;
+        op.deadline = None;
+        op.started = Instant::now();
+        id
+    }
+
+    fn start_read(&mut self, c: usize, h: &Header, kind: OpKind) {
+        let (p, part) = match self.check_route(h) {
+            Ok(x) => x,
+            Err(s) => return self.reject(c, h, s),
+        };
+        if !part.member(self.shared.id).is_some_and(|m| m.in_sync) {
+            return self.reject(c, h, Status::NotInSync);
+        }
+        let len = h.length as usize;
+        let _ = p;
+        let (table_bytes, total) = match kind {
+            OpKind::BackfillServe => {
+                if h.length as u64 > BACKFILL_PIECE_BYTES {
+                    return self.reject(c, h, Status::Invalid);
+                }
+                // Writes of older epochs still in flight could land after
+                // the snapshot below without reaching the new member.
+                let epoch = h.epoch;
+                if self.ops.iter().any(|o| {
+                    o.busy
+                        && matches!(o.kind, OpKind::Mutate | OpKind::Primary)
+                        && o.req.epoch < epoch
+                }) {
+                    return self.reject(c, h, Status::Busy);
+                }
+                let tb = (len / BLOCK_SIZE * STATE_BYTES).next_multiple_of(BLOCK_SIZE);
+                (tb, tb + len)
+            }
+            _ => (0, len),
+        };
+        let id = self.take_op(c, h, kind, total);
+        if kind == OpKind::BackfillServe {
+            let blocks = len / BLOCK_SIZE;
+            let mut states = vec![(BlockKind::Unwritten, 0u64); blocks];
+            self.engine.block_states(h.volume, h.offset, &mut states);
+            let buf = &mut self.ops[id].buf;
+            buf[..table_bytes].fill(0);
+            for (i, (k, v)) in states.iter().enumerate() {
+                buf[i * STATE_BYTES..i * STATE_BYTES + 8].copy_from_slice(&v.to_le_bytes());
+                buf[i * STATE_BYTES + 8] = *k as u8;
+            }
+        }
+        let seg = Segment {
+            // SAFETY: in bounds of the op's buffer (at least `total` bytes).
+            addr: unsafe { self.ops[id].buf.as_mut_ptr().add(table_bytes) },
+            len,
+        };
+        self.ops[id].pending = 1;
+        let req = EngineRequest {
+            op: EngineOp::Read,
+            volume: h.volume,
+            offset_bytes: h.offset,
+            len_bytes: len as u64,
+            segments: &[seg],
+            version: 0,
+            epoch: h.epoch,
+            tag: id as u64,
+        };
+        // SAFETY: the op's buffer lives in the slab until the op finishes.
+        if let Err(e) = unsafe { self.engine.submit(&req) } {
+            self.ops[id].pending = 0;
+            self.ops[id].status = engine_status(&e);
+            self.finish_op(id);
+        }
+    }
+
+    fn start_mutation(&mut self, c: usize, f: &Frame) {
+        let h = f.header;
+        let has_data = matches!(h.op, Op::Write | Op::WritePrimary);
+        if has_data && h.payload_bytes != h.length {
+            return self.reject(c, &h, Status::Invalid);
+        }
+        if !has_data && h.payload_bytes != 0 {
+            return self.reject(c, &h, Status::Invalid);
+        }
+        let (_p, part) = match self.check_route(&h) {
+            Ok(x) => x,
+            Err(s) => return self.reject(c, &h, s),
+        };
+        if h.op == Op::WritePrimary && part.primary() != Some(self.shared.id) {
+            return self.reject(c, &h, Status::NotReplica);
+        }
+        if h.version == 0 {
+            return self.reject(c, &h, Status::Invalid);
+        }
+        self.max_version = self.max_version.max(h.version);
+        let kind = if h.op == Op::WritePrimary {
+            OpKind::Primary
+        } else {
+            OpKind::Mutate
+        };
+        let len = h.length as usize;
+        let id = self.take_op(c, &h, kind, if has_data { len } else { 0 });
+        if has_data {
+            let conn = self.conns[c].as_ref().expect("live connection");
+            let payload = conn.payload(f);
+            self.ops[id].buf[..len].copy_from_slice(payload);
+        }
+        let seg = Segment {
+            addr: self.ops[id].buf.as_mut_ptr(),
+            len,
+        };
+        let segs = [seg];
+        let req = EngineRequest {
+            op: match h.op {
+                Op::WriteZeroes => EngineOp::WriteZeroes,
+                Op::Discard => EngineOp::Discard,
+                _ => EngineOp::Write,
+            },
+            volume: h.volume,
+            offset_bytes: h.offset,
+            len_bytes: len as u64,
+            segments: if has_data { &segs } else { &[] },
+            version: h.version,
+            epoch: h.epoch,
+            tag: id as u64,
+        };
+        self.ops[id].pending = 1;
+        // SAFETY: the op's buffer lives in the slab until the op finishes.
+        if let Err(e) = unsafe { self.engine.submit(&req) } {
+            self.ops[id].pending = 0;
+            self.ops[id].status = engine_status(&e);
+            return self.finish_op(id);
+        }
+        if kind == OpKind::Primary {
+            self.forward(id, &part);
+        }
+    }
+
+    /// Sends a primary write to the other members.
+    fn forward(&mut self, id: usize, part: &PartitionRoute) {
+        let me = self.shared.id;
+        let p = {
+            let t = self.table().expect("route checked");
+            t.partition_at(self.ops[id].req.volume, self.ops[id].req.offset)
+        };
+        for m in part.members.iter().filter(|m| m.node != me) {
+            let Some(c) = self.peer_conn(m.node, p) else {
+                self.ops[id].status = Status::Unavailable;
+                continue;
+            };
+            let op = &mut self.ops[id];
+            let mut h = op.req;
+            h.op = Op::Write;
+            h.request_id = ((op.gen as u32) << 16) | id as u32;
+            h.flags = 0;
+            let gen = self.conns[c].as_ref().map_or(0, |x| x.gen);
+            let conn = self.conns[c].as_mut().expect("peer connection");
+            conn.queue(h, &[&op.buf[..op.len]]);
+            op.forwards[op.nforwards] = (c, gen);
+            op.nforwards += 1;
+            op.pending += 1;
+            op.deadline = Some(Instant::now() + self.cfg.forward_timeout);
+            self.forwards_inflight += 1;
+            self.mark_dirty(c);
+        }
+    }
+
+    /// The connection to `node`'s shard for partition `p`, opened if needed.
+    fn peer_conn(&mut self, node: NodeId, p: u32) -> Option<usize> {
+        let (addr, shard) = {
+            let t = self.table()?;
+            let n = t.node(node)?;
+            (n.data_addr.clone(), t.shard_of(n, p))
+        };
+        if let Some(&c) = self.peers.get(&(node, shard)) {
+            return Some(c);
+        }
+        let sa = addr.to_socket_addrs().ok()?.next()?;
+        let stream = match connect_nonblocking(sa) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(shard = self.id, node, %addr, "cannot connect to peer: {e}");
+                return None;
+            }
+        };
+        let c = self.new_conn(stream, Some((node, shard)), true);
+        let mut hello = Header::request(Op::Hello, 0);
+        hello.offset = shard as u64;
+        hello.volume = self.shared.id as u64;
+        if let Some(conn) = self.conns[c].as_mut() {
+            conn.queue(hello, &[]);
+            conn.helloed = true;
+        }
+        self.peers.insert((node, shard), c);
+        Some(c)
+    }
+
+    fn on_peer_response(&mut self, c: usize, f: &Frame) {
+        let h = f.header;
+        if h.op == Op::Hello {
+            if h.status != Status::Ok {
+                self.close_conn(c, &format!("peer refused our Hello: {:?}", h.status));
+            }
+            return;
+        }
+        self.max_version = self.max_version.max(h.version);
+        if h.request_id & REQ_BACKFILL != 0 {
+            let payload = self.conns[c]
+                .as_ref()
+                .map(|conn| conn.payload(f).to_vec())
+                .unwrap_or_default();
+            self.backfill_response(c, &h, &payload);
+            return;
+        }
+        let id = (h.request_id & 0xffff) as usize;
+        let gen = (h.request_id >> 16) as u16;
+        let conn_gen = self.conns[c].as_ref().map_or(0, |x| x.gen);
+        let Some(op) = self.ops.get(id) else { return };
+        if !op.busy || op.gen != gen || op.kind != OpKind::Primary {
+            return; // a late answer to a forward that already timed out
+        }
+        let Some(k) = op.forwards[..op.nforwards]
+            .iter()
+            .position(|x| *x == (c, conn_gen))
+        else {
+            return;
+        };
+        let status = match h.status {
+            Status::Ok => Status::Ok,
+            // The member knows a newer route than ours: we are behind.
+            Status::StaleEpoch => {
+                self.shared
+                    .tell_agent(AgentMsg::NeedRoute(self.shared.hub.epoch() + 1));
+                Status::RouteBehind
+            }
+            s => s,
+        };
+        self.forward_failed(id, k, status);
+    }
+
+    /// Removes forward `k` of op `id` with its outcome.
+    fn forward_failed(&mut self, id: usize, k: usize, status: Status) {
+        let op = &mut self.ops[id];
+        op.forwards[k] = op.forwards[op.nforwards - 1];
+        op.nforwards -= 1;
+        op.pending -= 1;
+        self.forwards_inflight -= 1;
+        if status != Status::Ok && op.status == Status::Ok {
+            op.status = status;
+        }
+        if op.nforwards == 0 {
+            op.deadline = None;
+        }
+        if op.pending == 0 {
+            self.finish_op(id);
+        }
+    }
+
+    fn check_timeouts(&mut self, now: Instant) {
+        if self.forwards_inflight > 0 {
+            for id in 0..self.ops.len() {
+                let op = &self.ops[id];
+                if op.busy && op.deadline.is_some_and(|d| d <= now) {
+                    tracing::warn!(
+                        shard = self.id,
+                        "forwarded write not answered in {:?}: Unavailable",
+                        self.cfg.forward_timeout
+                    );
+                    // Close the silent connections: late answers are dropped.
+                    let conns: Vec<usize> =
+                        op.forwards[..op.nforwards].iter().map(|f| f.0).collect();
+                    for c in conns {
+                        self.close_conn(c, "forwarded write timed out");
+                    }
+                }
+            }
+        }
+        for b in &mut self.backfills {
+            if b.retry_at.is_some_and(|t| t <= now) {
+                b.retry_at = None;
+            }
+        }
+    }
+
+    fn engine_poll(&mut self) -> bool {
+        // The closure cannot borrow self: collect into a reused vector first.
+        let mut completions = std::mem::take(&mut self.completions);
+        self.engine.poll(&mut |c| completions.push(c));
+        let n = completions.len();
+        for c in completions.drain(..) {
+            self.engine_done(c);
+        }
+        self.completions = completions;
+        n > 0
+    }
+
+    fn engine_done(&mut self, c: Completion) {
+        if c.tag >= TAG_BACKFILL {
+            return self.backfill_write_done(c);
+        }
+        let id = c.tag as usize;
+        if let Err(e) = &c.result {
+            tracing::warn!(shard = self.id, "engine: {e}");
+            let s = engine_status(e);
+            if self.ops[id].status == Status::Ok {
+                self.ops[id].status = s;
+            }
+        }
+        self.ops[id].pending -= 1;
+        if self.ops[id].pending == 0 {
+            self.finish_op(id);
+        }
+    }
+
+    fn finish_op(&mut self, id: usize) {
+        let (c, conn_gen, req, status, kind, len, started) = {
+            let op = &self.ops[id];
+            (
+                op.conn,
+                op.conn_gen,
+                op.req,
+                op.status,
+                op.kind,
+                op.len,
+                op.started,
+            )
+        };
+        self.counters
+            .record(req.op, status, req.length as u64, started.elapsed());
+        let live = self.conns[c].as_ref().is_some_and(|x| x.gen == conn_gen);
+        if live {
+            let mut h = Header::response_to(&req, status);
+            h.version = self.max_version;
+            let conn = self.conns[c].as_mut().expect("live");
+            let op = &self.ops[id];
+            if status == Status::Ok && matches!(kind, OpKind::Read | OpKind::BackfillServe) {
+                conn.queue(h, &[&op.buf[..len]]);
+            } else if status == Status::StaleEpoch {
+                let enc = self
+                    .route
+                    .as_ref()
+                    .map(|r| r.encoded.as_slice())
+                    .unwrap_or(&[]);
+                conn.queue(h, &[enc]);
+            } else {
+                conn.queue(h, &[]);
+            }
+            self.mark_dirty(c);
+        }
+        let op = &mut self.ops[id];
+        op.busy = false;
+        self.free_ops.push(id);
+    }
+
+    fn flush_conn(&mut self, c: usize) {
+        let Some(conn) = self.conns[c].as_mut() else {
+            return;
+        };
+        if let Err(e) = conn.flush() {
+            self.close_conn(c, &format!("send: {e}"));
+            return;
+        }
+        let want = conn.has_output();
+        if want != conn.want_out {
+            conn.want_out = want;
+            let mut bits = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
+            if want {
+                bits |= libc::EPOLLOUT as u32;
+            }
+            epoll_mod(self.epfd.as_raw_fd(), conn.fd(), c as u64, bits);
+        }
+    }
+
+    fn flush_dirty(&mut self) {
+        while let Some(c) = self.dirty.pop() {
+            self.flush_conn(c);
+        }
+    }
+
+    fn serve_list_chunks(&mut self, c: usize, h: &Header) {
+        let Some(t) = self.table() else {
+            return self.reject(c, h, Status::RouteBehind);
+        };
+        if h.epoch != t.epoch {
+            let s = if h.epoch < t.epoch {
+                Status::StaleEpoch
+            } else {
+                Status::RouteBehind
+            };
+            return self.reject(c, h, s);
+        }
+        let p = h.offset as u32;
+        let in_sync = t
+            .partition(p)
+            .and_then(|r| r.member(self.shared.id))
+            .is_some_and(|m| m.in_sync);
+        if !in_sync {
+            return self.reject(c, h, Status::NotInSync);
+        }
+        let mut out = Vec::new();
+        for (v, ch) in self.engine.chunks() {
+            if t.partition_of(v, ch) == p {
+                out.extend_from_slice(&v.to_le_bytes());
+                out.extend_from_slice(&ch.to_le_bytes());
+            }
+        }
+        self.respond(c, h, Status::Ok, &[&out]);
+    }
+
+    // ---- routes and backfill ----
+
+    fn install(&mut self, r: Arc<Installed>) {
+        if self
+            .route
+            .as_ref()
+            .is_some_and(|c| c.table.epoch >= r.table.epoch)
+        {
+            return;
+        }
+        let me = self.shared.id;
+        let shards = self.shared.shards as u32;
+        let t = &r.table;
+        // Backfills of partitions where we are no longer syncing stop.
+        let mut i = 0;
+        while i < self.backfills.len() {
+            let keep = t
+                .partition(self.backfills[i].partition)
+                .and_then(|p| p.member(me))
+                .is_some_and(|m| !m.in_sync);
+            if keep {
+                i += 1;
+            } else {
+                let b = self.backfills.remove(i);
+                self.retire(b);
+            }
+        }
+        self.reported.retain(|p, _| {
+            t.partition(*p)
+                .and_then(|r| r.member(me))
+                .is_some_and(|m| !m.in_sync)
+        });
+        let mut report = Vec::new();
+        let mine = self.id as u32;
+        let syncing: Vec<u32> = t.syncing_on(me).filter(|p| p % shards == mine).collect();
+        for p in syncing {
+            if let Some(&e) = self.reported.get(&p) {
+                report.push((p, e));
+                continue;
+            }
+            let source = t.partition(p).and_then(|r| r.primary());
+            match self.backfills.iter().position(|b| b.partition == p) {
+                Some(i) => {
+                    if Some(self.backfills[i].source) != source {
+                        // The source left or changed: start over from the new one.
+                        if let Some(s) = source {
+                            self.backfill_serial = self.backfill_serial.wrapping_add(1);
+                            let fresh = new_backfill(self.backfill_serial, p, t.epoch, s);
+                            let old = std::mem::replace(&mut self.backfills[i], fresh);
+                            self.retire(old);
+                        }
+                    }
+                    self.backfills[i].epoch = t.epoch;
+                }
+                None => {
+                    if let Some(s) = source {
+                        tracing::info!(
+                            shard = self.id,
+                            partition = p,
+                            source = s,
+                            "backfill starts"
+                        );
+                        self.backfill_serial = self.backfill_serial.wrapping_add(1);
+                        self.backfills
+                            .push(new_backfill(self.backfill_serial, p, t.epoch, s));
+                    }
+                }
+            }
+        }
+        self.route = Some(r);
+        for (p, e) in report {
+            self.shared.tell_agent(AgentMsg::Synced {
+                partition: p,
+                epoch: e,
+            });
+        }
+        self.set_backfilling();
+    }
+
+    fn set_backfilling(&self) {
+        let n = self.backfills.len();
+        self.counters.set_syncing(n);
+        self.shared.backfilling[self.id as usize].store(n, std::sync::atomic::Ordering::Release);
+    }
+
+    fn retire(&mut self, b: Backfill) {
+        if b.writes_pending > 0 {
+            self.retired.push(b);
+        }
+    }
+
+    fn backfill_step(&mut self) {
+        // One backfill at a time per shard, the first in the list.
+        let now = Instant::now();
+        let Some(b) = self.backfills.first() else {
+            return;
+        };
+        if b.retry_at.is_some_and(|t| t > now) {
+            return;
+        }
+        match b.stage {
+            BfStage::List => self.backfill_send(Op::ListChunks),
+            BfStage::Read => {
+                let b = &mut self.backfills[0];
+                if b.next_chunk >= b.chunks.len() {
+                    b.stage = BfStage::Done;
+                    let (p, epoch, bytes, took) =
+                        (b.partition, b.epoch, b.bytes, b.started.elapsed());
+                    tracing::info!(
+                        shard = self.id,
+                        partition = p,
+                        bytes,
+                        ?took,
+                        "backfill done"
+                    );
+                    self.reported.insert(p, epoch);
+                    self.backfills.remove(0);
+                    self.set_backfilling();
+                    self.counters.add_backfill_bytes(bytes);
+                    self.shared.tell_agent(AgentMsg::Synced {
+                        partition: p,
+                        epoch,
+                    });
+                    return;
+                }
+                self.backfill_send(Op::BackfillRead);
+            }
+            BfStage::Apply => self.backfill_submit_runs(),
+            BfStage::Waiting | BfStage::Done => {}
+        }
+    }
+
+    fn backfill_send(&mut self, op: Op) {
+        let (p, source) = (self.backfills[0].partition, self.backfills[0].source);
+        let conn = match self.backfills[0].conn {
+            Some((c, g)) if self.conns[c].as_ref().is_some_and(|x| x.gen == g) => c,
+            _ => match self.peer_conn(source, p) {
+                Some(c) => {
+                    let g = self.conns[c].as_ref().map_or(0, |x| x.gen);
+                    self.backfills[0].conn = Some((c, g));
+                    c
+                }
+                None => {
+                    self.backfills[0].retry_at = Some(Instant::now() + Duration::from_millis(100));
+                    return;
+                }
+            },
+        };
+        let epoch = self.table().map_or(0, |t| t.epoch);
+        let chunk_bytes = self.table().map_or(1 << 20, |t| t.chunk_bytes);
+        let b = &mut self.backfills[0];
+        b.seq = b.seq.wrapping_add(1) & 0x7fff_ffff;
+        let mut h = Header::request(op, REQ_BACKFILL | b.seq);
+        h.epoch = epoch;
+        if op == Op::ListChunks {
+            h.offset = p as u64;
+        } else {
+            let (v, ch) = b.chunks[b.next_chunk];
+            h.volume = v;
+            h.offset = ch * chunk_bytes + b.piece;
+            h.length = (chunk_bytes - b.piece).min(BACKFILL_PIECE_BYTES) as u32;
+        }
+        b.stage = BfStage::Waiting;
+        if let Some(conn) = self.conns[conn].as_mut() {
+            conn.queue(h, &[]);
+        }
+        self.mark_dirty(conn);
+    }
+
+    fn backfill_response(&mut self, _c: usize, h: &Header, payload: &[u8]) {
+        let chunk_bytes = self.table().map_or(1 << 20, |t| t.chunk_bytes);
+        let Some(b) = self.backfills.first_mut() else {
+            return;
+        };
+        if b.stage != BfStage::Waiting || h.request_id != REQ_BACKFILL | b.seq {
+            return;
+        }
+        let retry_stage = if h.op == Op::ListChunks {
+            BfStage::List
+        } else {
+            BfStage::Read
+        };
+        match h.status {
+            Status::Ok => {}
+            Status::StaleEpoch => {
+                // The source is ahead: fetch the route, then go on.
+                self.shared.tell_agent(AgentMsg::NeedRoute(h.epoch + 1));
+                b.stage = retry_stage;
+                b.retry_at = Some(Instant::now() + Duration::from_millis(20));
+                return;
+            }
+            s => {
+                tracing::debug!(partition = b.partition, status = ?s, "backfill request refused; retrying");
+                b.stage = retry_stage;
+                b.retry_at = Some(Instant::now() + Duration::from_millis(10));
+                return;
+            }
+        }
+        if h.op == Op::ListChunks {
+            b.chunks = payload
+                .chunks_exact(16)
+                .map(|x| {
+                    let mut v = [0u8; 8];
+                    let mut c = [0u8; 8];
+                    v.copy_from_slice(&x[..8]);
+                    c.copy_from_slice(&x[8..]);
+                    (u64::from_le_bytes(v), u64::from_le_bytes(c))
+                })
+                .collect();
+            b.chunks.sort_unstable();
+            b.next_chunk = 0;
+            b.piece = 0;
+            b.stage = BfStage::Read;
+            return;
+        }
+        // BackfillRead: state table, then data.
+        let len = h.length as usize;
+        let blocks = len / BLOCK_SIZE;
+        let tb = (blocks * STATE_BYTES).next_multiple_of(BLOCK_SIZE);
+        if payload.len() != tb + len || !len.is_multiple_of(BLOCK_SIZE) {
+            tracing::warn!(
+                partition = b.partition,
+                "backfill answer of the wrong size; retrying"
+            );
+            b.stage = BfStage::Read;
+            b.retry_at = Some(Instant::now() + Duration::from_millis(10));
+            return;
+        }
+        if b.buf.len() < len {
+            b.buf = AlignedBuf::new(blocks);
+        }
+        b.buf[..len].copy_from_slice(&payload[tb..]);
+        b.states.clear();
+        for i in 0..blocks {
+            let at = i * STATE_BYTES;
+            let mut v = [0u8; 8];
+            v.copy_from_slice(&payload[at..at + 8]);
+            let kind = match payload[at + 8] {
+                1 => BlockKind::Data,
+                2 => BlockKind::Zero,
+                _ => BlockKind::Unwritten,
+            };
+            b.states.push((kind, u64::from_le_bytes(v)));
+        }
+        // Runs of blocks with the same kind and version: one write each.
+        b.runs.clear();
+        let mut i = 0;
+        while i < blocks {
+            let (k, v) = b.states[i];
+            let mut j = i + 1;
+            while j < blocks && b.states[j] == (k, v) {
+                j += 1;
+            }
+            if k != BlockKind::Unwritten && v > 0 {
+                b.runs.push((i, j - i, k, v));
+            }
+            i = j;
+        }
+        b.next_run = 0;
+        b.stage = BfStage::Apply;
+        b.bytes += len as u64;
+        let _ = chunk_bytes;
+        self.backfill_submit_runs();
+    }
+
+    fn backfill_submit_runs(&mut self) {
+        let (epoch, chunk_bytes) = self
+            .table()
+            .map_or((0, 1 << 20), |t| (t.epoch, t.chunk_bytes));
+        let b = &mut self.backfills[0];
+        let (v, ch) = b.chunks[b.next_chunk];
+        let base = ch * chunk_bytes + b.piece;
+        while b.next_run < b.runs.len() && b.writes_pending < BACKFILL_WRITES_MAX {
+            let (first, count, kind, version) = b.runs[b.next_run];
+            let seg = Segment {
+                // SAFETY: within the backfill buffer, which outlives the write:
+                // a backfill dropped with writes pending is kept in `retired`.
+                addr: unsafe { b.buf.as_mut_ptr().add(first * BLOCK_SIZE) },
+                len: count * BLOCK_SIZE,
+            };
+            let segs = [seg];
+            let req = EngineRequest {
+                op: if kind == BlockKind::Data {
+                    EngineOp::Write
+                } else {
+                    EngineOp::WriteZeroes
+                },
+                volume: v,
+                offset_bytes: base + (first * BLOCK_SIZE) as u64,
+                len_bytes: (count * BLOCK_SIZE) as u64,
+                segments: if kind == BlockKind::Data { &segs } else { &[] },
+                version,
+                epoch,
+                tag: TAG_BACKFILL | b.serial as u64,
+            };
+            // SAFETY: see above.
+            match unsafe { self.engine.submit(&req) } {
+                Ok(()) => {
+                    b.writes_pending += 1;
+                    b.next_run += 1;
+                }
+                Err(EngineError::QueueFull { .. }) => break,
+                Err(e) => {
+                    tracing::warn!(
+                        partition = b.partition,
+                        "backfill write failed: {e}; retrying the piece"
+                    );
+                    b.stage = BfStage::Read;
+                    b.retry_at = Some(Instant::now() + Duration::from_millis(100));
+                    return;
+                }
+            }
+        }
+        if b.next_run == b.runs.len() && b.writes_pending == 0 {
+            b.piece += BACKFILL_PIECE_BYTES;
+            if b.piece >= chunk_bytes {
+                b.piece = 0;
+                b.next_chunk += 1;
+            }
+            b.stage = BfStage::Read;
+        }
+    }
+
+    fn backfill_write_done(&mut self, c: Completion) {
+        let serial = (c.tag & 0xffff_ffff) as u32;
+        if let Some(i) = self.retired.iter().position(|b| b.serial == serial) {
+            self.retired[i].writes_pending -= 1;
+            if self.retired[i].writes_pending == 0 {
+                self.retired.swap_remove(i);
+            }
+            return;
+        }
+        let Some(i) = self.backfills.iter().position(|b| b.serial == serial) else {
+            return;
+        };
+        let b = &mut self.backfills[i];
+        b.writes_pending -= 1;
+        if let Err(e) = c.result {
+            // The piece is read and applied again; versions make it idempotent.
+            tracing::warn!(
+                partition = b.partition,
+                "backfill write: {e}; redoing the piece"
+            );
+            b.next_run = b.runs.len();
+            b.piece = b.piece.saturating_sub(0);
+        }
+        if i == 0 && b.stage == BfStage::Apply {
+            self.backfill_submit_runs();
+        }
+    }
+}
+
+fn new_backfill(serial: u32, partition: u32, epoch: u64, source: NodeId) -> Backfill {
+    Backfill {
+        serial,
+        partition,
+        epoch,
+        source,
+        conn: None,
+        chunks: Vec::new(),
+        next_chunk: 0,
+        piece: 0,
+        stage: BfStage::List,
+        retry_at: None,
+        seq: 0,
+        buf: AlignedBuf::new(1),
+        states: Vec::new(),
+        writes_pending: 0,
+        runs: Vec::new(),
+        next_run: 0,
+        started: Instant::now(),
+        bytes: 0,
+    }
+}

@@ -1,0 +1,316 @@
+//! Storage nodes in one process, driven with raw celer-proto frames: the
+//! conversation rules (epochs, membership, shards, versions), primary
+//! forwarding, bad frames, and backfill of a new member.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use celer_engine::{Engine, FormatOptions};
+use celer_node::{Node, NodeConfig};
+use celer_proto::{decode_header, Header, Kind, Op, Status, HEADER_BYTES};
+use celer_route::{NodeInfo, RouteTable};
+
+const TOKEN: &str = "test-token";
+
+fn start_node(dir: &Path, id: u32) -> Node {
+    let disk = dir.join(format!("node{id}.img"));
+    if !disk.exists() {
+        Engine::format(
+            &disk,
+            &FormatOptions {
+                shard_count: 2,
+                journal_blocks: 1024,
+                create_size_bytes: Some(96 << 20),
+                ..Default::default()
+            },
+        )
+        .expect("format");
+    }
+    Node::start(NodeConfig {
+        disk,
+        state_dir: dir.join(format!("state{id}")),
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        advertise: None,
+        admin_listen: "127.0.0.1:0".parse().expect("addr"),
+        meta_url: None,
+        token: TOKEN.into(),
+        node_id: Some(id),
+        domain: format!("host{id}"),
+        route_file: None,
+        forward_timeout: Duration::from_millis(500),
+        busy_poll: Duration::ZERO,
+    })
+    .expect("node starts")
+}
+
+fn info(n: &Node, up: bool) -> NodeInfo {
+    NodeInfo {
+        id: n.id(),
+        data_addr: n.data_addr().to_string(),
+        admin_addr: n.admin_addr().to_string(),
+        shards: 2,
+        domain: format!("host{}", n.id()),
+        up,
+    }
+}
+
+/// A blocking test client for one node shard.
+struct Wire {
+    s: TcpStream,
+    next_id: u32,
+}
+
+impl Wire {
+    fn connect(n: &Node, shard: u16) -> Wire {
+        let s = TcpStream::connect(n.data_addr()).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut w = Wire { s, next_id: 1 };
+        let mut h = Header::request(Op::Hello, 0);
+        h.offset = shard as u64;
+        let (r, _) = w.call(h, &[]);
+        assert_eq!(r.status, Status::Ok, "hello");
+        w
+    }
+
+    fn call(&mut self, h: Header, payload: &[u8]) -> (Header, Vec<u8>) {
+        let h = h.with_payload([payload]);
+        self.s.write_all(&h.encode()).expect("send");
+        self.s.write_all(payload).expect("send");
+        let mut b = [0u8; HEADER_BYTES];
+        self.s.read_exact(&mut b).expect("response header");
+        let r = decode_header(&b).expect("valid").expect("whole");
+        assert_eq!(r.kind, Kind::Response);
+        assert_eq!(r.request_id, h.request_id);
+        let mut p = vec![0u8; r.payload_bytes as usize];
+        self.s.read_exact(&mut p).expect("payload");
+        r.verify_payload([&p[..]]).expect("payload crc");
+        (r, p)
+    }
+
+    fn req(&mut self, op: Op, epoch: u64, volume: u64, offset: u64, length: u32) -> Header {
+        let mut h = Header::request(op, self.next_id);
+        self.next_id += 1;
+        h.epoch = epoch;
+        h.volume = volume;
+        h.offset = offset;
+        h.length = length;
+        h
+    }
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (seed.wrapping_mul(31).wrapping_add(i as u64 * 7) >> 3) as u8)
+        .collect()
+}
+
+/// (volume offset, partition) of the first chunks of volume 1 in a partition
+/// whose members include/exclude a node, for targeted tests.
+fn chunk_where(t: &RouteTable, pred: impl Fn(u32) -> bool) -> (u64, u32) {
+    (0..10_000u64)
+        .map(|c| (c * t.chunk_bytes, t.partition_of(1, c)))
+        .find(|(_, p)| pred(*p))
+        .expect("a chunk in such a partition")
+}
+
+fn read_block(n: &Node, t: &RouteTable, offset: u64, len: u32) -> (Status, Vec<u8>) {
+    let p = t.partition_at(1, offset);
+    let shard = (p % 2) as u16;
+    let mut w = Wire::connect(n, shard);
+    let h = w.req(Op::Read, t.epoch, 1, offset, len);
+    let (r, data) = w.call(h, &[]);
+    (r.status, data)
+}
+
+#[test]
+fn replicates_forwards_and_enforces_the_route() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nodes: Vec<Node> = (1..=3).map(|i| start_node(dir.path(), i)).collect();
+    let t = RouteTable::initial(nodes.iter().map(|n| info(n, true)).collect(), 4, 3, 1 << 20)
+        .expect("table");
+    for n in &nodes {
+        assert!(n.install_route(t.clone()));
+    }
+    let (off_a, pa) = chunk_where(&t, |_| true);
+    let shard = (pa % 2) as u16;
+
+    // Small write: the client sends it to every member.
+    let data = pattern(1, 4096);
+    for n in &nodes {
+        let mut w = Wire::connect(n, shard);
+        let h = w.req(Op::Write, t.epoch, 1, off_a, 4096);
+        let mut h = h;
+        h.version = 100;
+        let (r, _) = w.call(h, &data);
+        assert_eq!(r.status, Status::Ok);
+        assert!(r.version >= 100, "responses carry the highest version seen");
+    }
+    // Large write: to the primary, which forwards.
+    let big = pattern(2, 256 << 10);
+    let primary = t.partition(pa).and_then(|p| p.primary()).expect("primary");
+    let pn = nodes
+        .iter()
+        .find(|n| n.id() == primary)
+        .expect("primary node");
+    let mut w = Wire::connect(pn, shard);
+    let mut h = w.req(Op::WritePrimary, t.epoch, 1, off_a + 8192, big.len() as u32);
+    h.version = 101;
+    let (r, _) = w.call(h, &big);
+    assert_eq!(r.status, Status::Ok);
+    // A non-primary refuses WritePrimary.
+    let other = nodes.iter().find(|n| n.id() != primary).expect("other");
+    let mut w2 = Wire::connect(other, shard);
+    let mut h = w2.req(Op::WritePrimary, t.epoch, 1, off_a, 4096);
+    h.version = 102;
+    assert_eq!(w2.call(h, &data).0.status, Status::NotReplica);
+
+    for n in &nodes {
+        let (s, got) = read_block(n, &t, off_a, 4096);
+        assert_eq!(s, Status::Ok);
+        assert_eq!(got, data, "node {} holds the small write", n.id());
+        let (s, got) = read_block(n, &t, off_a + 8192, big.len() as u32);
+        assert_eq!(s, Status::Ok);
+        assert_eq!(got, big, "node {} holds the forwarded write", n.id());
+    }
+
+    // An older version is acknowledged and not applied.
+    let mut w = Wire::connect(&nodes[0], shard);
+    let mut h = w.req(Op::Write, t.epoch, 1, off_a, 4096);
+    h.version = 50;
+    assert_eq!(w.call(h, &pattern(9, 4096)).0.status, Status::Ok);
+    assert_eq!(read_block(&nodes[0], &t, off_a, 4096).1, data);
+
+    // Old epoch: the node hands over its table.
+    let h = w.req(Op::Read, 0, 1, off_a, 4096);
+    let (r, p) = w.call(h, &[]);
+    assert_eq!(r.status, Status::StaleEpoch);
+    assert_eq!(RouteTable::decode(&p).expect("a table"), t);
+    // Newer epoch than the node's: RouteBehind.
+    let h = w.req(Op::Read, t.epoch + 5, 1, off_a, 4096);
+    assert_eq!(w.call(h, &[]).0.status, Status::RouteBehind);
+    // The partition's other shard: Invalid. Crossing a chunk: Invalid.
+    let mut wrong = Wire::connect(&nodes[0], 1 - shard);
+    let h = wrong.req(Op::Read, t.epoch, 1, off_a, 4096);
+    assert_eq!(wrong.call(h, &[]).0.status, Status::Invalid);
+    let h = w.req(Op::Read, t.epoch, 1, off_a + (1 << 20) - 4096, 8192);
+    assert_eq!(w.call(h, &[]).0.status, Status::Invalid);
+    // A write without a version, or whose payload is not its length: Invalid.
+    let h = w.req(Op::Write, t.epoch, 1, off_a, 4096);
+    assert_eq!(w.call(h, &data).0.status, Status::Invalid);
+    let mut h = w.req(Op::Write, t.epoch, 1, off_a, 8192);
+    h.version = 200;
+    assert_eq!(w.call(h, &data).0.status, Status::Invalid);
+
+    // Garbage closes that connection only; the node keeps serving.
+    let mut bad = TcpStream::connect(nodes[0].data_addr()).expect("connect");
+    bad.write_all(&[0xAB; 200]).expect("send garbage");
+    let mut hello = Header::request(Op::Hello, 1);
+    hello.offset = shard as u64;
+    let mut corrupt = hello.encode();
+    let mut c2 = TcpStream::connect(nodes[0].data_addr()).expect("connect");
+    c2.write_all(&corrupt).expect("hello");
+    corrupt[30] ^= 1;
+    c2.write_all(&corrupt).expect("corrupt frame");
+    c2.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut sink = Vec::new();
+    let _ = c2.read_to_end(&mut sink); // closed by the node after the hello answer
+    assert_eq!(sink.len(), HEADER_BYTES, "only the Hello was answered");
+    assert_eq!(read_block(&nodes[0], &t, off_a, 4096).1, data);
+
+    for n in nodes {
+        n.stop().expect("clean stop");
+    }
+}
+
+#[test]
+fn a_new_member_backfills_and_then_serves() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut nodes: Vec<Node> = (1..=3).map(|i| start_node(dir.path(), i)).collect();
+    let t = RouteTable::initial(nodes.iter().map(|n| info(n, true)).collect(), 4, 3, 1 << 20)
+        .expect("table");
+    for n in &nodes {
+        n.install_route(t.clone());
+    }
+    // Write 4 blocks (various versions) into every chunk 0..32 of volume 1.
+    let mut expect = Vec::new();
+    for c in 0..32u64 {
+        let p = t.partition_of(1, c);
+        for n in &nodes {
+            let mut w = Wire::connect(n, (p % 2) as u16);
+            for b in 0..4u64 {
+                let off = c * (1 << 20) + b * 65536;
+                let mut h = w.req(Op::Write, t.epoch, 1, off, 4096);
+                h.version = 1000 + c * 10 + b;
+                assert_eq!(w.call(h, &pattern(c * 4 + b, 4096)).0.status, Status::Ok);
+            }
+            // A zeroed block too.
+            let mut h = w.req(Op::WriteZeroes, t.epoch, 1, c * (1 << 20) + 4096, 4096);
+            h.version = 5000 + c;
+            assert_eq!(w.call(h, &[]).0.status, Status::Ok);
+        }
+        for b in 0..4u64 {
+            expect.push((c * (1 << 20) + b * 65536, pattern(c * 4 + b, 4096)));
+        }
+    }
+    // Node 4 joins: it becomes a syncing member of the partitions it wins.
+    nodes.push(start_node(dir.path(), 4));
+    let t2 = t.rebalance(nodes.iter().map(|n| info(n, true)).collect(), usize::MAX);
+    let syncing: Vec<u32> = t2.syncing_on(4).collect();
+    assert!(!syncing.is_empty(), "node 4 joins some partitions");
+    for n in &nodes {
+        n.install_route(t2.clone());
+    }
+    // Before it is in sync, node 4 refuses reads.
+    let (late_off, _) = chunk_where(&t2, |p| syncing.contains(&p));
+    assert_eq!(
+        read_block(&nodes[3], &t2, late_off, 4096).0,
+        Status::NotInSync
+    );
+    // Writes during the backfill reach it directly.
+    let p = t2.partition_at(1, late_off);
+    let late = pattern(777, 4096);
+    for m in &t2.partition(p).expect("partition").members {
+        let n = nodes.iter().find(|n| n.id() == m.node).expect("member");
+        let mut w = Wire::connect(n, (p % 2) as u16);
+        let mut h = w.req(Op::Write, t2.epoch, 1, late_off, 4096);
+        h.version = 9_000_000;
+        assert_eq!(w.call(h, &late).0.status, Status::Ok);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    std::thread::sleep(Duration::from_millis(300));
+    while nodes[3].backfilling() > 0 {
+        assert!(Instant::now() < deadline, "backfill did not finish");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // What the control service does on the node's report: mark it in sync.
+    let mut t3 = t2.clone();
+    t3.epoch += 1;
+    for p in &syncing {
+        t3.mark_in_sync(*p, 4).expect("member");
+    }
+    for n in &nodes {
+        n.install_route(t3.clone());
+    }
+    for (off, data) in &expect {
+        let p = t3.partition_at(1, *off);
+        if !syncing.contains(&p) {
+            continue;
+        }
+        let (s, got) = read_block(&nodes[3], &t3, *off, 4096);
+        assert_eq!(s, Status::Ok);
+        let want = if *off == late_off { &late } else { data };
+        assert_eq!(&got, want, "node 4 at offset {off}");
+        // The zeroed block reads as zeroes.
+        let (_, z) = read_block(&nodes[3], &t3, off - off % (1 << 20) + 4096, 4096);
+        assert!(z.iter().all(|b| *b == 0));
+    }
+    let (_, got) = read_block(&nodes[3], &t3, late_off, 4096);
+    assert_eq!(got, late, "the write made during the backfill survives it");
+    for n in nodes {
+        n.stop().expect("clean stop");
+    }
+}
