@@ -101,7 +101,11 @@ pub enum RouteError {
     #[error("replicas must be 1..=8, got {0}")]
     Replicas(u8),
     #[error("node {id} has {shards} shards: must be a power of two and at most the partition count {partitions}")]
-    Shards { id: NodeId, shards: u16, partitions: u32 },
+    Shards {
+        id: NodeId,
+        shards: u16,
+        partitions: u32,
+    },
     #[error("chunk size {0} must be a power of two between 64 KiB and 64 MiB")]
     ChunkBytes(u64),
     #[error("node id {0} appears twice")]
@@ -153,8 +157,7 @@ impl RouteTable {
         if self.replicas == 0 || self.replicas > 8 {
             return Err(RouteError::Replicas(self.replicas));
         }
-        if !self.chunk_bytes.is_power_of_two()
-            || !(64 << 10..=64 << 20).contains(&self.chunk_bytes)
+        if !self.chunk_bytes.is_power_of_two() || !(64 << 10..=64 << 20).contains(&self.chunk_bytes)
         {
             return Err(RouteError::ChunkBytes(self.chunk_bytes));
         }
@@ -310,11 +313,14 @@ impl RouteTable {
 
     /// Partitions where `node` is a syncing member.
     pub fn syncing_on(&self, node: NodeId) -> impl Iterator<Item = u32> + '_ {
-        self.partitions.iter().enumerate().filter_map(move |(p, r)| {
-            r.member(node)
-                .is_some_and(|m| !m.in_sync)
-                .then_some(p as u32)
-        })
+        self.partitions
+            .iter()
+            .enumerate()
+            .filter_map(move |(p, r)| {
+                r.member(node)
+                    .is_some_and(|m| !m.in_sync)
+                    .then_some(p as u32)
+            })
     }
 }
 

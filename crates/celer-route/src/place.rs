@@ -6,7 +6,17 @@ use crate::{NodeId, NodeInfo};
 /// weights hold the partition. Adding or removing a node changes only the
 /// partitions where it is (or was) among the winners: ≈ 1/N of them.
 pub fn rendezvous_score(p: u32, node: NodeId) -> u64 {
-    celer_device::chunk_hash(0x5eed_0000_0000 | p as u64, node as u64 ^ 0xa076_1d64_78bd_642f)
+    fmix64(fmix64(p as u64 ^ 0x5eed_0000_0000) ^ (node as u64).wrapping_mul(0xa076_1d64_78bd_642f))
+}
+
+/// MurmurHash3's 64-bit finalizer: every input bit affects every output bit.
+fn fmix64(mut x: u64) -> u64 {
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    x ^= x >> 33;
+    x
 }
 
 /// The `replicas` target nodes of partition `p` among `up` nodes, best first:

@@ -1,0 +1,255 @@
+//! Placement properties: balance, minimal movement on node add/remove,
+//! failure domains, splits that move only the new halves, and the codec.
+
+use std::collections::HashSet;
+
+use celer_route::{NodeInfo, RouteTable, CHUNK_BYTES_DEFAULT};
+use proptest::prelude::*;
+
+fn node(id: u32, domain: &str) -> NodeInfo {
+    NodeInfo {
+        id,
+        data_addr: format!("127.0.0.1:{}", 7000 + id),
+        admin_addr: format!("127.0.0.1:{}", 8000 + id),
+        shards: 2,
+        domain: domain.to_string(),
+        up: true,
+    }
+}
+
+fn nodes(n: u32) -> Vec<NodeInfo> {
+    (1..=n).map(|i| node(i, &format!("host{i}"))).collect()
+}
+
+fn member_sets(t: &RouteTable) -> Vec<HashSet<u32>> {
+    t.partitions
+        .iter()
+        .map(|p| p.members.iter().map(|m| m.node).collect())
+        .collect()
+}
+
+/// Partitions per node.
+fn loads(t: &RouteTable) -> Vec<usize> {
+    t.nodes
+        .iter()
+        .map(|n| {
+            t.partitions
+                .iter()
+                .filter(|p| p.member(n.id).is_some())
+                .count()
+        })
+        .collect()
+}
+
+#[test]
+fn balance_across_nodes_is_reported_and_bounded() {
+    for (n, bits) in [(4u32, 8u8), (8, 10), (16, 12)] {
+        let t = RouteTable::initial(nodes(n), bits, 3, CHUNK_BYTES_DEFAULT).expect("table");
+        let l = loads(&t);
+        let (max, min) = (*l.iter().max().expect("n>0"), *l.iter().min().expect("n>0"));
+        let ratio = max as f64 / min as f64;
+        println!(
+            "{n} nodes, {} partitions: load max/min = {max}/{min} = {ratio:.2}",
+            1 << bits
+        );
+        assert!(ratio < 1.35, "{n} nodes: imbalance {ratio:.2}");
+        for p in &t.partitions {
+            assert_eq!(p.members.len(), 3);
+            assert!(p.all_in_sync());
+        }
+    }
+}
+
+#[test]
+fn adding_a_node_moves_about_one_nth() {
+    let t = RouteTable::initial(nodes(8), 10, 3, CHUNK_BYTES_DEFAULT).expect("table");
+    let t2 = t.rebalance(nodes(9), usize::MAX);
+    let changed = t
+        .partitions
+        .iter()
+        .zip(&t2.partitions)
+        .filter(|(a, b)| a != b)
+        .count();
+    // Each partition has 3 of 9 slots: ≈ 3/9 of partitions gain node 9.
+    let frac = changed as f64 / t.partitions.len() as f64;
+    println!(
+        "node added: {changed} of {} partitions change ({frac:.3}; ideal 0.333)",
+        t.partitions.len()
+    );
+    assert!((0.25..0.42).contains(&frac), "{frac}");
+    // Only node 9 joins, as a syncing member; nobody leaves before it is in sync.
+    for (a, b) in t.partitions.iter().zip(&t2.partitions) {
+        if a == b {
+            continue;
+        }
+        let joined: Vec<_> = b
+            .members
+            .iter()
+            .filter(|m| a.member(m.node).is_none())
+            .collect();
+        assert_eq!(joined.len(), 1);
+        assert_eq!(joined[0].node, 9);
+        assert!(!joined[0].in_sync);
+        assert_eq!(
+            b.members.len(),
+            4,
+            "the leaver stays until the joiner is in sync"
+        );
+    }
+    // Once node 9 is in sync, the leavers go: back to 3 members.
+    let mut t3 = t2.clone();
+    for p in t2.syncing_on(9).collect::<Vec<_>>() {
+        t3.mark_in_sync(p, 9).expect("member");
+        assert_eq!(t3.partitions[p as usize].members.len(), 3);
+    }
+}
+
+#[test]
+fn removing_a_node_moves_only_its_partitions() {
+    let t = RouteTable::initial(nodes(8), 10, 3, CHUNK_BYTES_DEFAULT).expect("table");
+    let mut down = nodes(8);
+    down[4].up = false; // node 5
+    let t2 = t.rebalance(down, usize::MAX);
+    for (a, b) in t.partitions.iter().zip(&t2.partitions) {
+        if a.member(5).is_none() {
+            assert_eq!(a, b, "a partition without node 5 does not change");
+        } else {
+            assert!(b.member(5).is_none(), "a down node leaves at once");
+            assert_eq!(b.members.len(), 3);
+            assert_eq!(b.members.iter().filter(|m| m.in_sync).count(), 2);
+        }
+    }
+}
+
+#[test]
+fn replicas_go_to_distinct_failure_domains() {
+    // 6 nodes in 3 racks: every partition spans the 3 racks.
+    let ns: Vec<NodeInfo> = (1..=6)
+        .map(|i| node(i, &format!("rack{}", i % 3)))
+        .collect();
+    let t = RouteTable::initial(ns.clone(), 8, 3, CHUNK_BYTES_DEFAULT).expect("table");
+    for p in &t.partitions {
+        let domains: HashSet<_> = p
+            .members
+            .iter()
+            .map(|m| &t.node(m.node).expect("known").domain)
+            .collect();
+        assert_eq!(domains.len(), 3);
+    }
+    // 2 racks for 3 replicas: both racks used, 3 distinct nodes.
+    let ns: Vec<NodeInfo> = (1..=4)
+        .map(|i| node(i, &format!("rack{}", i % 2)))
+        .collect();
+    let t = RouteTable::initial(ns, 8, 3, CHUNK_BYTES_DEFAULT).expect("table");
+    for p in &t.partitions {
+        let ids: HashSet<_> = p.members.iter().map(|m| m.node).collect();
+        assert_eq!(ids.len(), 3);
+        let domains: HashSet<_> = p
+            .members
+            .iter()
+            .map(|m| &t.node(m.node).expect("known").domain)
+            .collect();
+        assert_eq!(domains.len(), 2);
+    }
+}
+
+#[test]
+fn split_moves_exactly_the_new_halves() {
+    let t = RouteTable::initial(nodes(6), 6, 3, CHUNK_BYTES_DEFAULT).expect("table");
+    let s = t.split().expect("split");
+    let old = t.partition_count();
+    assert_eq!(s.partition_count(), 2 * old);
+    // At split time nothing moves: p + P sits on p's members.
+    for p in 0..old as usize {
+        assert_eq!(s.partitions[p], t.partitions[p]);
+        assert_eq!(s.partitions[p + old as usize], t.partitions[p]);
+    }
+    // A chunk of partition p lands in p or p + P.
+    for c in 0..5000u64 {
+        let before = t.partition_of(7, c);
+        let after = s.partition_of(7, c);
+        assert!(after == before || after == before + old);
+    }
+    // Rebalancing moves only partitions of the new half.
+    let r = s.rebalance(nodes(6), usize::MAX);
+    let moved: Vec<usize> = (0..s.partitions.len())
+        .filter(|p| member_sets(&s)[*p] != member_sets(&r)[*p])
+        .collect();
+    assert!(!moved.is_empty());
+    assert!(
+        moved.iter().all(|p| *p >= old as usize),
+        "old halves stay: {moved:?}"
+    );
+    println!("split: {} of {} new partitions move", moved.len(), old);
+}
+
+#[test]
+fn bounded_movement_per_epoch() {
+    let t = RouteTable::initial(nodes(8), 10, 3, CHUNK_BYTES_DEFAULT).expect("table");
+    let t2 = t.rebalance(nodes(9), 10);
+    let changed = t
+        .partitions
+        .iter()
+        .zip(&t2.partitions)
+        .filter(|(a, b)| a != b)
+        .count();
+    assert_eq!(changed, 10);
+    // The next epochs continue the move.
+    let t3 = t2.rebalance(nodes(9), 10);
+    let changed = t2
+        .partitions
+        .iter()
+        .zip(&t3.partitions)
+        .filter(|(a, b)| a != b)
+        .count();
+    assert_eq!(changed, 10);
+}
+
+#[test]
+fn a_partition_whose_copies_are_all_down_keeps_its_members() {
+    let t = RouteTable::initial(nodes(3), 4, 3, CHUNK_BYTES_DEFAULT).expect("table");
+    let mut ns = nodes(4);
+    for n in ns.iter_mut().take(3) {
+        n.up = false;
+    }
+    let t2 = t.rebalance(ns, usize::MAX);
+    for (a, b) in t.partitions.iter().zip(&t2.partitions) {
+        assert_eq!(a, b, "nobody is promoted without a source to copy from");
+    }
+}
+
+proptest! {
+    #[test]
+    fn codec_round_trips(n in 1u32..12, bits in 1u8..9, down in prop::collection::vec(any::<bool>(), 12)) {
+        let mut ns = nodes(n.max(3));
+        let t = RouteTable::initial(ns.clone(), bits, 3, CHUNK_BYTES_DEFAULT).expect("table");
+        for (i, d) in down.iter().enumerate().take(ns.len()) {
+            ns[i].up = !d;
+        }
+        let t2 = t.rebalance(ns, 5);
+        for t in [t, t2] {
+            let b = t.encode();
+            prop_assert_eq!(RouteTable::decode(&b).expect("decodes"), t.clone());
+            // Any truncation or flipped byte is refused.
+            prop_assert!(RouteTable::decode(&b[..b.len() - 1]).is_err());
+            let mut c = b.clone();
+            let at = b.len() / 2;
+            c[at] ^= 0x40;
+            prop_assert!(RouteTable::decode(&c).is_err());
+        }
+    }
+
+    #[test]
+    fn rebalance_keeps_every_partition_served(n in 4u32..10, kill in 0u32..10) {
+        let t = RouteTable::initial(nodes(n), 6, 3, CHUNK_BYTES_DEFAULT).expect("table");
+        let mut ns = nodes(n);
+        ns[(kill % n) as usize].up = false;
+        let t2 = t.rebalance(ns, usize::MAX);
+        for p in &t2.partitions {
+            prop_assert!(p.primary().is_some(), "an in-sync copy remains");
+            prop_assert_eq!(p.members.len(), 3);
+            let ids: HashSet<_> = p.members.iter().map(|m| m.node).collect();
+            prop_assert_eq!(ids.len(), 3);
+        }
+    }
+}
