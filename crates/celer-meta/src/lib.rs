@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod client;
+pub mod config;
 mod metrics;
 pub mod server;
 pub mod state;

@@ -3,6 +3,7 @@
 mod bench_engine;
 mod engine_cmd;
 mod fio;
+mod meta_cmd;
 
 use std::path::PathBuf;
 
@@ -34,6 +35,14 @@ enum Command {
     /// Benchmarks that print Celer's figures beside a peer's, measured in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Run or query the control service.
+    #[command(subcommand)]
+    Meta(meta_cmd::MetaCommand),
+    /// Create, list, resize and delete volumes.
+    #[command(subcommand)]
+    Volume(meta_cmd::VolumeCommand),
+    /// The cluster at a glance: nodes, route epoch, partitions, volumes.
+    Status(meta_cmd::StatusArgs),
 }
 
 #[derive(Subcommand)]
@@ -97,6 +106,9 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Engine(c) => engine_cmd::run(c),
+        Command::Meta(c) => meta_cmd::run_meta(c),
+        Command::Volume(c) => meta_cmd::run_volume(c),
+        Command::Status(a) => meta_cmd::run_status(a),
         Command::Vhost(VhostCommand::Serve(a)) => match a.device.strip_prefix("engine:") {
             Some(spec) => {
                 celer_vhost::cli::run_serve_with(&a, open_engine_device(spec, a.read_only)?)

@@ -1,0 +1,492 @@
+//! `celer meta`, `celer volume`, `celer status`: run the control service and
+//! talk to it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use celer_meta::api::{CreateVolume, LogEntry, NodeStatus, Volume};
+use celer_meta::config::FileConfig;
+use celer_meta::{MetaClient, MetaClientError, MetaConfig};
+use clap::{Args, Subcommand};
+
+const META_URL_DEFAULT: &str = "http://127.0.0.1:7700";
+
+#[derive(Subcommand)]
+pub enum MetaCommand {
+    /// Run the control service (membership, volumes, routes, change log).
+    Serve(ServeArgs),
+    /// List the change log.
+    Log(LogArgs),
+    /// Restore volumes and nodes to what they were after change-log entry SEQ.
+    Restore(RestoreArgs),
+    /// Double the partition count (only the new halves move).
+    Split(Conn),
+    /// List the storage nodes.
+    Nodes(ListArgs),
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Address to listen on [default: 127.0.0.1:7700].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Data directory (holds meta.redb).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// File holding the cluster token (`SECRET` or `NAME SECRET` lines).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// The cluster token (or CELER_TOKEN).
+    #[arg(long)]
+    token: Option<String>,
+    /// Heartbeat period told to nodes [default: 200].
+    #[arg(long)]
+    heartbeat_ms: Option<u64>,
+    /// A node without a heartbeat for this long is marked down [default: 1000].
+    #[arg(long)]
+    lease_ms: Option<u64>,
+    /// log2 of the partition count of the first route table [default: 8].
+    #[arg(long)]
+    partition_bits: Option<u8>,
+    /// Copies of every partition [default: 3].
+    #[arg(long)]
+    replicas: Option<u8>,
+    /// Most partitions moving at once [default: 64].
+    #[arg(long)]
+    max_moves: Option<usize>,
+    /// Settings file (flags override it).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct Conn {
+    /// Control service URL(s), comma-separated (or CELER_META) [default: http://127.0.0.1:7700].
+    #[arg(long)]
+    meta: Option<String>,
+    /// The cluster token (or CELER_TOKEN).
+    #[arg(long)]
+    token: Option<String>,
+    /// File holding the cluster token.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    conn: Conn,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct LogArgs {
+    #[command(flatten)]
+    conn: Conn,
+    /// Only entries after this sequence number.
+    #[arg(long, default_value_t = 0)]
+    since: u64,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct RestoreArgs {
+    /// The change-log entry to restore to (see `celer meta log`).
+    seq: u64,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+#[derive(Subcommand)]
+pub enum VolumeCommand {
+    /// Create a volume.
+    Create {
+        name: String,
+        /// Size (e.g. 10G): a multiple of 4K.
+        #[arg(long, value_parser = celer_device::parse_size)]
+        size: u64,
+        /// Copies (1 to 3) [default: the cluster's].
+        #[arg(long)]
+        replicas: Option<u8>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// List the volumes.
+    List(ListArgs),
+    /// Show one volume.
+    Info {
+        name: String,
+        #[command(flatten)]
+        list: ListArgs,
+    },
+    /// Grow a volume.
+    Resize {
+        name: String,
+        /// The new size (larger than the current one).
+        #[arg(long, value_parser = celer_device::parse_size)]
+        size: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Delete a volume.
+    Delete {
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+fn read_token_file(path: &PathBuf) -> Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the token file {}", path.display()))?;
+    let tokens = celer_meta::server::parse_tokens(&text)
+        .with_context(|| format!("token file {}", path.display()))?;
+    Ok(tokens[0].secret.clone())
+}
+
+impl Conn {
+    fn client(&self) -> Result<MetaClient> {
+        let url = self
+            .meta
+            .clone()
+            .or_else(|| std::env::var("CELER_META").ok())
+            .unwrap_or_else(|| META_URL_DEFAULT.to_string());
+        let token = match (&self.token, &self.token_file) {
+            (Some(t), _) => t.clone(),
+            (None, Some(f)) => read_token_file(f)?,
+            (None, None) => std::env::var("CELER_TOKEN").map_err(|_| {
+                anyhow::anyhow!("no token: pass --token, --token-file or set CELER_TOKEN")
+            })?,
+        };
+        Ok(MetaClient::new(&url, &token))
+    }
+}
+
+/// The server's own message for refused requests; the full story otherwise.
+fn human(e: MetaClientError) -> anyhow::Error {
+    match e {
+        MetaClientError::Status {
+            status, message, ..
+        } if status < 500 => anyhow::anyhow!("{message}"),
+        e => anyhow::anyhow!("{e}"),
+    }
+}
+
+pub fn run_meta(cmd: MetaCommand) -> Result<()> {
+    match cmd {
+        MetaCommand::Serve(a) => serve(a),
+        MetaCommand::Log(a) => {
+            let c = a.conn.client()?;
+            let mut entries: Vec<LogEntry> = Vec::new();
+            let mut since = a.since;
+            loop {
+                let page = c.log(since).map_err(human)?;
+                let Some(last) = page.last() else { break };
+                since = last.seq;
+                entries.extend(page);
+            }
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&entries)?);
+            } else {
+                println!(
+                    "{:>6}  {:<24}  {:<10}  {:>6}  WHAT",
+                    "SEQ", "AT (UTC)", "WHO", "EPOCH"
+                );
+                for e in &entries {
+                    println!(
+                        "{:>6}  {:<24}  {:<10}  {:>6}  {}",
+                        e.seq,
+                        utc(e.at),
+                        e.who,
+                        e.epoch,
+                        e.what
+                    );
+                }
+            }
+            Ok(())
+        }
+        MetaCommand::Restore(a) => {
+            let r = a.conn.client()?.restore_log(a.seq).map_err(human)?;
+            println!(
+                "restored to entry {}: {} volumes, {} nodes (recorded as entry {})",
+                a.seq, r.volumes, r.nodes, r.seq
+            );
+            Ok(())
+        }
+        MetaCommand::Split(conn) => {
+            let t = conn.client()?.split().map_err(human)?;
+            println!(
+                "split: {} partitions, epoch {}",
+                t.partition_count(),
+                t.epoch
+            );
+            Ok(())
+        }
+        MetaCommand::Nodes(a) => {
+            let nodes = a.conn.client()?.nodes().map_err(human)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&nodes)?);
+            } else {
+                print_nodes(&nodes);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn print_nodes(nodes: &[NodeStatus]) {
+    println!(
+        "{:>4}  {:<5}  {:<22}  {:<22}  {:<12}  {:>6}  {:>9}",
+        "ID", "STATE", "DATA", "ADMIN", "DOMAIN", "EPOCH", "HEARTBEAT"
+    );
+    for n in nodes {
+        println!(
+            "{:>4}  {:<5}  {:<22}  {:<22}  {:<12}  {:>6}  {:>9}",
+            n.id,
+            if n.up { "up" } else { "down" },
+            n.data_addr,
+            n.admin_addr,
+            n.domain,
+            n.epoch_acked,
+            n.last_heartbeat_ms_ago
+                .map_or_else(|| "-".to_string(), |ms| format!("{ms} ms")),
+        );
+    }
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    let file = match &a.config {
+        Some(p) => FileConfig::load(p)?,
+        None => FileConfig::default(),
+    };
+    let listen = match (a.listen, &file.listen) {
+        (Some(l), _) => l,
+        (None, Some(l)) => l
+            .parse()
+            .with_context(|| format!("config listen `{l}` is not HOST:PORT"))?,
+        (None, None) => celer_meta::server::LISTEN_DEFAULT
+            .parse()
+            .context("default listen address")?,
+    };
+    if file.store.as_deref().is_some_and(|s| s != "redb") {
+        bail!(
+            "store `{}` is not available in this build: use redb",
+            file.store.as_deref().unwrap_or("")
+        );
+    }
+    let Some(data) = a.data.or(file.data) else {
+        bail!("--data DIR is required (the directory for meta.redb)");
+    };
+    let tokens = match (a.token, a.token_file.or(file.token_file)) {
+        (Some(t), _) => vec![celer_meta::server::Token {
+            name: "operator".into(),
+            secret: t,
+        }],
+        (None, Some(f)) => {
+            let text = std::fs::read_to_string(&f)
+                .with_context(|| format!("cannot read the token file {}", f.display()))?;
+            celer_meta::server::parse_tokens(&text)
+                .with_context(|| format!("token file {}", f.display()))?
+        }
+        (None, None) => match std::env::var("CELER_TOKEN") {
+            Ok(t) => vec![celer_meta::server::Token {
+                name: "operator".into(),
+                secret: t,
+            }],
+            Err(_) => bail!("a token is required: --token-file FILE, --token or CELER_TOKEN"),
+        },
+    };
+    let mut cfg = MetaConfig::new(listen, data, "");
+    cfg.tokens = tokens;
+    let c = &mut cfg.cluster;
+    if let Some(v) = a.heartbeat_ms.or(file.heartbeat_ms) {
+        c.heartbeat_ms = v;
+    }
+    if let Some(v) = a.lease_ms.or(file.lease_ms) {
+        c.lease_ms = v;
+    }
+    if let Some(v) = a.partition_bits.or(file.partition_bits) {
+        c.partition_bits = v;
+    }
+    if let Some(v) = a.replicas.or(file.replicas) {
+        c.replicas = v;
+    }
+    if let Some(v) = a.max_moves.or(file.max_moves) {
+        c.max_moves = v;
+    }
+    celer_meta::server::serve(cfg)?;
+    Ok(())
+}
+
+pub fn run_volume(cmd: VolumeCommand) -> Result<()> {
+    match cmd {
+        VolumeCommand::Create {
+            name,
+            size,
+            replicas,
+            conn,
+        } => {
+            let v = conn
+                .client()?
+                .create_volume(&CreateVolume {
+                    name,
+                    size_bytes: size,
+                    replicas,
+                })
+                .map_err(human)?;
+            println!(
+                "created volume {} (id {}, {}, {} replicas)",
+                v.name,
+                v.id,
+                size_text(v.size_bytes),
+                v.replicas
+            );
+        }
+        VolumeCommand::List(a) => {
+            let vols = a.conn.client()?.volumes().map_err(human)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&vols)?);
+            } else {
+                print_volumes(&vols);
+            }
+        }
+        VolumeCommand::Info { name, list } => {
+            let v = list.conn.client()?.volume(&name).map_err(human)?;
+            if list.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("name:      {}", v.name);
+                println!("id:        {}", v.id);
+                println!(
+                    "size:      {} ({} bytes)",
+                    size_text(v.size_bytes),
+                    v.size_bytes
+                );
+                println!("replicas:  {}", v.replicas);
+                println!("created:   {}", utc(v.created_at));
+            }
+        }
+        VolumeCommand::Resize { name, size, conn } => {
+            let c = conn.client()?;
+            let old = c.volume(&name).map_err(human)?;
+            let v = c.resize_volume(&name, size).map_err(human)?;
+            println!(
+                "volume {}: {} -> {}",
+                v.name,
+                size_text(old.size_bytes),
+                size_text(v.size_bytes)
+            );
+        }
+        VolumeCommand::Delete { name, conn } => {
+            let v = conn.client()?.delete_volume(&name).map_err(human)?;
+            println!("deleted volume {} (id {})", v.name, v.id);
+        }
+    }
+    Ok(())
+}
+
+fn print_volumes(vols: &[Volume]) {
+    println!(
+        "{:>6}  {:<24}  {:>10}  {:>8}  CREATED (UTC)",
+        "ID", "NAME", "SIZE", "REPLICAS"
+    );
+    for v in vols {
+        println!(
+            "{:>6}  {:<24}  {:>10}  {:>8}  {}",
+            v.id,
+            v.name,
+            size_text(v.size_bytes),
+            v.replicas,
+            utc(v.created_at)
+        );
+    }
+}
+
+#[derive(Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    list: ListArgs,
+}
+
+pub fn run_status(a: StatusArgs) -> Result<()> {
+    let c = a.list.conn.client()?;
+    let s = c.status().map_err(human)?;
+    if a.list.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(());
+    }
+    println!("control service: {}", c.base_url());
+    println!("nodes:      {} up, {} down", s.nodes_up, s.nodes_down);
+    if s.epoch == 0 {
+        println!("route:      no table yet (waiting for enough nodes)");
+    } else {
+        println!(
+            "route:      epoch {}, {} partitions: {} in sync, {} degraded",
+            s.epoch, s.partitions, s.partitions_in_sync, s.partitions_degraded
+        );
+    }
+    println!("volumes:    {}", s.volumes);
+    println!("change log: {} entries", s.log_seq);
+    Ok(())
+}
+
+/// `10 GiB`, `4 KiB`, `1536 MiB`: the largest unit that divides exactly.
+fn size_text(bytes: u64) -> String {
+    for (shift, unit) in [
+        (50, "PiB"),
+        (40, "TiB"),
+        (30, "GiB"),
+        (20, "MiB"),
+        (10, "KiB"),
+    ] {
+        if bytes >= 1 << shift && bytes.is_multiple_of(1 << shift) {
+            return format!("{} {unit}", bytes >> shift);
+        }
+    }
+    format!("{bytes} B")
+}
+
+/// Unix milliseconds as `YYYY-MM-DD HH:MM:SS.mmm`, UTC.
+fn utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}.{:03}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_times() {
+        assert_eq!(size_text(10 << 30), "10 GiB");
+        assert_eq!(size_text(1536 << 20), "1536 MiB");
+        assert_eq!(size_text(4096), "4 KiB");
+        assert_eq!(size_text(100), "100 B");
+        assert_eq!(utc(0), "1970-01-01 00:00:00.000");
+        assert_eq!(utc(951_782_400_123), "2000-02-29 00:00:00.123");
+        assert_eq!(utc(1_700_000_000_000), "2023-11-14 22:13:20.000");
+    }
+}

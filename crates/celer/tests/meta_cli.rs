@@ -1,0 +1,229 @@
+//! `celer meta serve`, `celer volume ...`, `celer meta log|restore|nodes`
+//! and `celer status` against a real control service process.
+
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const TOKEN: &str = "cli-test-secret";
+
+fn celer(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_celer"));
+    c.args(args)
+        .env_remove("CELER_TOKEN")
+        .env_remove("CELER_META");
+    for (k, v) in envs {
+        c.env(k, v);
+    }
+    c.output().expect("run celer")
+}
+
+struct Meta {
+    child: Child,
+    url: String,
+}
+
+impl Meta {
+    /// `celer meta serve` on a free loopback port; waits until it answers.
+    fn start(dir: &std::path::Path) -> Meta {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let listen = format!("127.0.0.1:{port}");
+        let token_file = dir.join("token");
+        std::fs::write(&token_file, format!("# cluster token\nalice {TOKEN}\n")).expect("token");
+        let child = Command::new(env!("CARGO_BIN_EXE_celer"))
+            .args(["meta", "serve", "--listen", &listen, "--data"])
+            .arg(dir.join("meta"))
+            .arg("--token-file")
+            .arg(&token_file)
+            .env_remove("CELER_TOKEN")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn celer meta serve");
+        let m = Meta {
+            child,
+            url: format!("http://{listen}"),
+        };
+        let start = Instant::now();
+        while !m.run(&["status"]).status.success() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "celer meta serve did not answer"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        m
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        celer(args, &[("CELER_META", &self.url), ("CELER_TOKEN", TOKEN)])
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "{args:?} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn fails_with(&self, args: &[&str], needle: &str) {
+        let out = self.run(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(
+            err.contains(needle),
+            "{args:?}: stderr lacks {needle:?}:\n{err}"
+        );
+    }
+}
+
+impl Drop for Meta {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn volume_commands_log_status_and_restore() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let m = Meta::start(dir.path());
+
+    let out = m.ok(&["volume", "create", "vm1", "--size", "10G"]);
+    assert!(
+        out.contains("created volume vm1 (id 1, 10 GiB, 3 replicas)"),
+        "{out}"
+    );
+    m.ok(&[
+        "volume",
+        "create",
+        "vm2",
+        "--size",
+        "64M",
+        "--replicas",
+        "2",
+    ]);
+    let out = m.ok(&["volume", "list"]);
+    assert!(
+        out.contains("vm1") && out.contains("10 GiB") && out.contains("64 MiB"),
+        "{out}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&m.ok(&["volume", "list", "--json"])).expect("json list");
+    assert_eq!(json.as_array().expect("array").len(), 2);
+    assert_eq!(json[1]["replicas"], 2);
+    let out = m.ok(&["volume", "info", "vm2"]);
+    assert!(out.contains("size:      64 MiB (67108864 bytes)"), "{out}");
+    let seq_before = {
+        let s: serde_json::Value =
+            serde_json::from_str(&m.ok(&["status", "--json"])).expect("status json");
+        s["log_seq"].as_u64().expect("log_seq")
+    };
+    let out = m.ok(&["volume", "resize", "vm2", "--size", "1G"]);
+    assert!(out.contains("64 MiB -> 1 GiB"), "{out}");
+    let out = m.ok(&["volume", "delete", "vm1"]);
+    assert!(out.contains("deleted volume vm1 (id 1)"), "{out}");
+
+    let out = m.ok(&["meta", "log"]);
+    assert!(out.contains("volume vm1 created"), "{out}");
+    assert!(out.contains("volume vm2 resized"), "{out}");
+    assert!(out.contains("alice"), "the token's name is recorded: {out}");
+    let out = m.ok(&["status"]);
+    assert!(
+        out.contains("0 up, 0 down") && out.contains("no table yet"),
+        "{out}"
+    );
+    assert!(out.contains("volumes:    1"), "{out}");
+    let out = m.ok(&["meta", "nodes"]);
+    assert!(out.contains("STATE"), "{out}");
+
+    // Back to before the resize and the delete.
+    let out = m.ok(&["meta", "restore", &seq_before.to_string()]);
+    assert!(out.contains("2 volumes"), "{out}");
+    let out = m.ok(&["volume", "info", "vm2"]);
+    assert!(out.contains("64 MiB"), "{out}");
+    m.ok(&["volume", "info", "vm1"]);
+
+    // Refusals carry the server's message.
+    m.fails_with(
+        &["volume", "create", "Bad_Name", "--size", "1G"],
+        "lower-case",
+    );
+    m.fails_with(
+        &["volume", "create", "x", "--size", "1000"],
+        "multiple of 4096",
+    );
+    m.fails_with(&["volume", "create", "x", "--size", "10X"], "not a size");
+    m.fails_with(&["volume", "resize", "vm2", "--size", "4K"], "only grow");
+    m.fails_with(&["volume", "info", "nope"], "no volume named `nope`");
+    m.fails_with(&["meta", "restore", "100000"], "does not exist");
+    let out = celer(&["volume", "list"], &[("CELER_META", &m.url)]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no token"));
+    let out = celer(
+        &["volume", "list", "--meta", &m.url, "--token", "wrong"],
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("token is not valid"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn errors_without_a_control_service_or_settings() {
+    let out = celer(
+        &["status", "--meta", "http://127.0.0.1:1", "--token", "t"],
+        &[],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("cannot reach the control service at http://127.0.0.1:1")
+            && err.contains("is `celer meta serve` running?"),
+        "{err}"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_str().expect("utf-8");
+    let out = celer(&["meta", "serve", "--data", d], &[]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("a token is required"));
+    let out = celer(&["meta", "serve", "--token", "t"], &[]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--data DIR is required"));
+    let cfg = dir.path().join("meta.toml");
+    std::fs::write(&cfg, "lease_ms = 100\nheartbeat_ms = 200\n").expect("write");
+    let out = celer(
+        &["meta", "serve", "--data", d, "--token", "t", "--config"],
+        &[],
+    );
+    assert!(!out.status.success());
+    let out = Command::new(env!("CARGO_BIN_EXE_celer"))
+        .args([
+            "meta",
+            "serve",
+            "--data",
+            d,
+            "--token",
+            "t",
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+        ])
+        .arg(&cfg)
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("at least twice the heartbeat"), "{err}");
+    std::fs::write(&cfg, "leese_ms = 100\n").expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_celer"))
+        .args(["meta", "serve", "--data", d, "--token", "t", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("run");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("leese_ms"));
+}
