@@ -134,6 +134,8 @@ struct Conn {
     recv: Recv,
     scratch: Vec<u8>,
     failed_at: Option<Instant>,
+    /// When the current socket was opened (connect timeout).
+    opened_at: Instant,
     /// Consecutive failures (to log the first one loudly only).
     failures: u32,
 }
@@ -330,6 +332,7 @@ impl Net {
                     recv: Recv::Header,
                     scratch: Vec::new(),
                     failed_at: None,
+                    opened_at: now,
                     failures: 0,
                 });
                 self.by_key.insert((node, shard), id);
@@ -340,6 +343,7 @@ impl Net {
             // Same key, new address (the node moved): start over.
             self.drop_socket(id);
         }
+        self.conns[id as usize].opened_at = now;
         match self.open(id, addr) {
             Ok(()) => Ok(id),
             Err(e) => {
@@ -811,6 +815,23 @@ impl Net {
             }
         }
         sink.closed(id);
+    }
+
+    /// Closes connections still connecting after `timeout` (a SYN lost to a
+    /// dead host): their frames are dropped and the next use reconnects.
+    pub(crate) fn expire_connects(&mut self, now: Instant, timeout: Duration, sink: &mut dyn Sink) {
+        for id in 0..self.conns.len() as ConnId {
+            let c = &self.conns[id as usize];
+            if c.state == State::Connecting && now.saturating_duration_since(c.opened_at) >= timeout
+            {
+                self.close(id, "connect timed out", sink);
+            }
+        }
+    }
+
+    /// Frames are queued and not yet written.
+    pub(crate) fn has_unsent(&self) -> bool {
+        !self.dirty.is_empty()
     }
 
     /// Makes sure no connection references the memory of request slot

@@ -866,13 +866,17 @@ impl Core {
                 let leg = self.parts[p as usize].legs[i];
                 match leg.state {
                     LegState::InFlight if now >= leg.at + self.request_timeout => {
-                        warn!(
-                            queue = self.index,
-                            node = leg.node,
-                            partition = self.parts[p as usize].partition,
-                            timeout_ms = self.request_timeout.as_millis() as u64,
-                            "storage node did not answer in time"
-                        );
+                        let part = &self.parts[p as usize];
+                        if part.wait_since.is_none() {
+                            warn!(
+                                queue = self.index,
+                                node = leg.node,
+                                partition = part.partition,
+                                epoch = part.epoch,
+                                timeout_ms = self.request_timeout.as_millis() as u64,
+                                "storage node did not answer in time"
+                            );
+                        }
                         self.leg_failed(p, i, "timeout");
                     }
                     LegState::InFlight => at(leg.at + self.request_timeout),
@@ -1327,7 +1331,9 @@ impl DeviceQueue for ClientQueue {
         // Frames are queued now and written by the next poll (a batch of
         // submits costs one writev per connection).
         self.run_actions();
-        if self.core.done.len() > before {
+        if self.core.done.len() > before || self.net.has_unsent() {
+            // A caller that sleeps on the completion fd right after submit
+            // must still come back to poll (once per batch: `woken`).
             self.signal();
         }
         self.arm_timer();
@@ -1370,8 +1376,14 @@ impl DeviceQueue for ClientQueue {
             }
         }
         if self.core.next_scan_at.is_some_and(|t| self.core.now >= t) {
+            self.net
+                .expire_connects(self.core.now, self.core.request_timeout, &mut self.core);
             self.core.scan(&mut self.net);
             self.settle();
+        }
+        if !self.core.actions.is_empty() || self.net.has_unsent() {
+            // Work left over from a bounded round: come back soon.
+            self.signal();
         }
         self.arm_timer();
         let mut n = 0;
