@@ -393,6 +393,10 @@ impl Core {
         let table = &self.table;
         let part = &mut self.parts[p as usize];
         part.gen = (part.gen + 1) & GEN_MASK;
+        if part.epoch != table.epoch && part.wait_since.take().is_some() {
+            // The wait is over: a new route (the pause was logged by install).
+            self.waiting_parts -= 1;
+        }
         part.epoch = table.epoch;
         part.partition = table.partition_at(self.volume, part.offset);
         part.read_tries = 0;
@@ -622,8 +626,17 @@ impl Core {
         debug_assert!(part.in_use);
         part.in_use = false;
         part.gen = (part.gen + 1) & GEN_MASK;
-        if part.wait_since.take().is_some() {
+        if let Some(since) = part.wait_since.take() {
             self.waiting_parts -= 1;
+            info!(
+                queue = self.index,
+                partition = part.partition,
+                epoch = part.epoch,
+                offset = part.offset,
+                pause_ms = self.now.saturating_duration_since(since).as_millis() as u64,
+                ok = result.is_ok(),
+                "part done after a pause, on the same route"
+            );
         }
         let slot = part.req;
         self.free_parts.push(p);

@@ -578,3 +578,120 @@ fn a_full_queue_of_writes_completes() {
         assert!(c.node(1).block(VOLUME, i as u64 * 4096).unwrap().1 == *b);
     }
 }
+
+#[test]
+fn unavailable_from_the_primary_waits_for_the_route_change() {
+    let c = Cluster::start(4, &[1, 2, 3], 1, 2, CHUNK);
+    let (client, mut q) = open(config(&c));
+    let table = client.route_table();
+    let off = 4 * CHUNK;
+    let route = table
+        .partition(table.partition_at(VOLUME, off))
+        .unwrap()
+        .clone();
+    let primary = route.primary().unwrap();
+    let other = route
+        .members
+        .iter()
+        .map(|m| m.node)
+        .find(|n| *n != primary)
+        .unwrap();
+    // The primary cannot forward to `other`: Unavailable until the route
+    // drops `other`.
+    c.node(other).script(|s| s.silent = true);
+    let up: Vec<u32> = [1, 2, 3, 4].into_iter().filter(|n| *n != other).collect();
+    let t2 = c.next_table(&c.table, &up);
+    let nodes = c.nodes.clone();
+    let up2 = up.clone();
+    let flip = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        for id in up2 {
+            nodes[id as usize - 1].set_table(&t2);
+        }
+    });
+    let mut big = pattern(12, 64 << 10);
+    write(&mut q, off, &mut big).unwrap();
+    flip.join().unwrap();
+    let wp: Vec<Logged> = up
+        .iter()
+        .flat_map(|id| data_ops(c.node(*id), Op::WritePrimary))
+        .collect();
+    assert!(wp.len() >= 2, "{wp:?}");
+    assert!(wp.iter().all(|l| l.version == wp[0].version));
+    assert!(wp.iter().any(|l| l.epoch == 2));
+    assert_eq!(client.route_table().epoch, 2);
+    for id in &up {
+        let n = c.node(*id);
+        if let Some((v, d)) = n.block(VOLUME, off) {
+            assert_eq!(v, wp[0].version);
+            assert_eq!(d, big[..4096]);
+        }
+    }
+}
+
+#[test]
+fn a_split_moves_parts_to_their_new_partitions_and_shards() {
+    let c = Cluster::start(3, &[1, 2, 3], 4, 2, CHUNK);
+    let (client, mut q) = open(config(&c));
+    let t2 = c.table.split().unwrap();
+    c.set_table(&t2, &[1, 2, 3]);
+    // Chunks whose partition changes with the split (p → p + 4) land in
+    // another shard: the fake node refuses the wrong one.
+    let offs: Vec<u64> = (0..16u64).map(|i| i * CHUNK).collect();
+    assert!(offs
+        .iter()
+        .any(|o| t2.partition_at(VOLUME, *o) != c.table.partition_at(VOLUME, *o)));
+    for (i, off) in offs.iter().enumerate() {
+        let mut d = pattern(200 + i as u64, 8192);
+        write(&mut q, *off, &mut d).unwrap();
+        assert_eq!(read(&mut q, *off, 8192).unwrap(), d);
+    }
+    assert_eq!(client.route_table().partition_count(), 8);
+}
+
+#[test]
+fn a_read_payload_with_a_bad_checksum_goes_to_the_next_member() {
+    let c = Cluster::start(3, &[1, 2, 3], 1, 2, CHUNK);
+    let (client, mut q) = open(config(&c));
+    let table = client.route_table();
+    let off = 6 * CHUNK;
+    let primary = table
+        .partition(table.partition_at(VOLUME, off))
+        .unwrap()
+        .primary()
+        .unwrap();
+    let mut d = pattern(13, 12288);
+    write(&mut q, off, &mut d).unwrap();
+    c.node(primary).script(|s| s.bad_payload_next = 1);
+    assert_eq!(read(&mut q, off, 12288).unwrap(), d);
+    let reads: usize = c.nodes.iter().map(|n| data_ops(n, Op::Read).len()).sum();
+    assert_eq!(reads, 2);
+}
+
+#[test]
+fn not_replica_makes_the_client_ask_for_routes() {
+    let c = Cluster::start(4, &[1, 2, 3], 1, 2, CHUNK);
+    let (client, mut q) = open(config(&c));
+    // Node 4 has epoch 2 where node 3 left; nodes 1..3 still have epoch 1 but
+    // node 3 already dropped the partition (NotReplica at the same epoch).
+    let t2 = c.next_table(&c.table, &[1, 2, 4]);
+    let mut t1_without_3 = c.table.clone();
+    for p in t1_without_3.partitions.iter_mut() {
+        p.members.retain(|m| m.node != 3);
+    }
+    c.node(3).set_table(&t1_without_3);
+    c.node(4).set_table(&t2);
+    let nodes = c.nodes.clone();
+    let t2b = t2.clone();
+    let flip = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        for id in [1u32, 2] {
+            nodes[id as usize - 1].set_table(&t2b);
+        }
+    });
+    let mut d = pattern(14, 4096);
+    write(&mut q, 0, &mut d).unwrap();
+    flip.join().unwrap();
+    assert_eq!(client.route_table().epoch, 2);
+    assert!(c.node(4).block(VOLUME, 0).is_some());
+}

@@ -45,6 +45,8 @@ pub struct Script {
     pub read_status: Option<(Status, u32)>,
     /// Added to the version reported in responses.
     pub version_boost: u64,
+    /// Answer the next N reads with a payload whose checksum is wrong.
+    pub bad_payload_next: u32,
     pub delay: Duration,
 }
 
@@ -334,7 +336,11 @@ fn serve(mut s: TcpStream, node: Arc<FakeNode>, conn: u32) {
             let _ = s.write_all(&bad);
             continue;
         }
-        let (mut status, body, forward) = handle(&node, &mut st, &h, &payload, shard);
+        let bad_payload = h.op == Op::Read && st.script.bad_payload_next > 0;
+        if bad_payload {
+            st.script.bad_payload_next -= 1;
+        }
+        let (mut status, mut body, forward) = handle(&node, &mut st, &h, &payload, shard);
         let version = st.max_version + st.script.version_boost;
         drop(st);
         // Forward a WritePrimary with no lock of ours held (two primaries
@@ -358,6 +364,16 @@ fn serve(mut s: TcpStream, node: Arc<FakeNode>, conn: u32) {
         }
         if !delay.is_zero() {
             std::thread::sleep(delay);
+        }
+        if bad_payload && !body.is_empty() {
+            // The checksum of the right data, the data with one bit flipped.
+            let mut rh = Header::response_to(&h, status).with_payload([body.as_slice()]);
+            rh.version = version;
+            body[100] ^= 1;
+            let mut out = rh.encode().to_vec();
+            out.extend_from_slice(&body);
+            let _ = s.write_all(&out);
+            continue;
         }
         if !respond(&mut s, &h, status, &body, version) {
             return;
