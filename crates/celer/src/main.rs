@@ -4,6 +4,7 @@ mod bench_engine;
 mod engine_cmd;
 mod fio;
 mod meta_cmd;
+mod node_cmd;
 
 use std::path::PathBuf;
 
@@ -43,6 +44,15 @@ enum Command {
     Volume(meta_cmd::VolumeCommand),
     /// The cluster at a glance: nodes, route epoch, partitions, volumes.
     Status(meta_cmd::StatusArgs),
+    /// Run a storage node.
+    #[command(subcommand)]
+    Node(NodeCommand),
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Serve one engine disk as a storage node of a cluster.
+    Serve(node_cmd::NodeServeArgs),
 }
 
 #[derive(Subcommand)]
@@ -109,6 +119,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Meta(c) => meta_cmd::run_meta(c),
         Command::Volume(c) => meta_cmd::run_volume(c),
         Command::Status(a) => meta_cmd::run_status(a),
+        Command::Node(NodeCommand::Serve(a)) => node_cmd::run(&a),
         Command::Vhost(VhostCommand::Serve(a)) => match a.device.strip_prefix("engine:") {
             Some(spec) => {
                 celer_vhost::cli::run_serve_with(&a, open_engine_device(spec, a.read_only)?)
@@ -183,4 +194,25 @@ fn engine_device_config(spec: &str, read_only: bool) -> Result<celer_engine::Eng
             .ok_or_else(|| anyhow::anyhow!("engine device needs size=SIZE (e.g. size=10G)"))?,
         read_only,
     })
+}
+
+static TERMINATED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    TERMINATED.store(true, std::sync::atomic::Ordering::Release);
+}
+
+/// Calls `f` once, from a helper thread, after SIGINT or SIGTERM.
+pub(crate) fn on_termination(f: impl FnOnce() + Send + 'static) {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic (async-signal-safe).
+        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    }
+    std::thread::spawn(move || {
+        while !TERMINATED.load(std::sync::atomic::Ordering::Acquire) {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        tracing::info!("stopping (signal)");
+        f();
+    });
 }

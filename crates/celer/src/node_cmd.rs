@@ -1,0 +1,120 @@
+//! `celer node serve`: a storage node daemon.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+#[derive(Args, Debug)]
+pub struct NodeServeArgs {
+    /// The node's engine disk (a file or a block device).
+    #[arg(long)]
+    pub disk: PathBuf,
+    /// Create and format the disk file with this size if it is not a Celer disk yet.
+    #[arg(long, value_parser = celer_device::parse_size)]
+    pub create: Option<u64>,
+    /// Engine shards when formatting (a power of two; one thread each).
+    #[arg(long, default_value_t = 2)]
+    pub shards: u32,
+    /// Where the node keeps its id (default: the disk's directory).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Data listener (celer-proto over TCP).
+    #[arg(long, default_value = "127.0.0.1:7800")]
+    pub listen: SocketAddr,
+    /// Address clients and peers use for the data listener (default: --listen).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Admin HTTP listener: route pushes, /metrics, /v1/status.
+    #[arg(long, default_value = "127.0.0.1:7900")]
+    pub admin_listen: SocketAddr,
+    /// Control service URL (`celer meta serve`).
+    #[arg(long, env = "CELER_META")]
+    pub meta: Option<String>,
+    /// Cluster token (or CELER_TOKEN).
+    #[arg(long, env = "CELER_TOKEN", hide_env_values = true)]
+    pub token: String,
+    /// Fixed node id (only without --meta).
+    #[arg(long)]
+    pub node_id: Option<u32>,
+    /// Failure domain (host, rack): replicas go to distinct domains.
+    #[arg(long, default_value = "default")]
+    pub domain: String,
+    /// Start with this JSON route table (without a control service).
+    #[arg(long)]
+    pub route: Option<PathBuf>,
+    /// A member that does not answer a forwarded write within this many ms is reported unavailable.
+    #[arg(long, default_value_t = 500)]
+    pub forward_timeout_ms: u64,
+    /// Keep polling this many µs after activity before sleeping (0 on shared cores).
+    #[arg(long, default_value_t = 0)]
+    pub busy_poll_us: u64,
+}
+
+pub fn config(a: &NodeServeArgs) -> Result<celer_node::NodeConfig> {
+    if let Some(size) = a.create {
+        let is_celer = celer_engine::Engine::identify(&a.disk).is_ok();
+        if !is_celer {
+            anyhow::ensure!(
+                a.shards.is_power_of_two(),
+                "--shards {} must be a power of two",
+                a.shards
+            );
+            if let Some(dir) = a.disk.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("create {}", dir.display()))?;
+            }
+            let exists_nonempty = std::fs::metadata(&a.disk).is_ok_and(|m| m.len() > 0);
+            anyhow::ensure!(
+                !exists_nonempty,
+                "{} exists and is not a Celer disk: refusing to format it (remove it or use `celer engine format --force`)",
+                a.disk.display()
+            );
+            celer_engine::Engine::format(
+                &a.disk,
+                &celer_engine::FormatOptions {
+                    shard_count: a.shards,
+                    create_size_bytes: Some(size),
+                    ..Default::default()
+                },
+            )
+            .with_context(|| format!("format {}", a.disk.display()))?;
+        }
+    }
+    let state_dir = match &a.state_dir {
+        Some(d) => d.clone(),
+        None => a
+            .disk
+            .parent()
+            .map(|p| p.to_path_buf())
+            .unwrap_or_else(|| PathBuf::from(".")),
+    };
+    anyhow::ensure!(
+        a.meta.is_some() || a.node_id.is_some(),
+        "give --meta URL (a control service assigns the id) or --node-id N"
+    );
+    Ok(celer_node::NodeConfig {
+        disk: a.disk.clone(),
+        state_dir,
+        listen: a.listen,
+        advertise: a.advertise.clone(),
+        admin_listen: a.admin_listen,
+        meta_url: a.meta.clone(),
+        token: a.token.clone(),
+        node_id: a.node_id,
+        domain: a.domain.clone(),
+        route_file: a.route.clone(),
+        forward_timeout: Duration::from_millis(a.forward_timeout_ms),
+        busy_poll: Duration::from_micros(a.busy_poll_us),
+    })
+}
+
+pub fn run(a: &NodeServeArgs) -> Result<()> {
+    let node = celer_node::Node::start(config(a)?)?;
+    let stop = node.stopper();
+    crate::on_termination(stop);
+    node.wait()?;
+    Ok(())
+}
