@@ -13,11 +13,20 @@ const VOLUME: u64 = 7;
 const SIZE: u64 = 64 << 20;
 const CHUNK: u64 = 64 << 10;
 
+/// A timeout long enough that a loaded machine does not fire it by mistake.
 fn config(c: &Cluster) -> ClientConfig {
     let mut cfg = ClientConfig::new(c.seeds(), VOLUME, SIZE, 9);
-    cfg.request_timeout = Duration::from_millis(150);
+    cfg.request_timeout = Duration::from_secs(1);
     cfg.op_deadline = Duration::from_secs(10);
     cfg
+}
+
+/// For the tests of timeouts and fail-over.
+fn fast_config(c: &Cluster) -> ClientConfig {
+    ClientConfig {
+        request_timeout: Duration::from_millis(150),
+        ..config(c)
+    }
 }
 
 fn open(cfg: ClientConfig) -> (Client, Box<dyn DeviceQueue>) {
@@ -172,7 +181,7 @@ fn stale_epoch_installs_the_table_and_resends_with_the_same_version() {
 #[test]
 fn silent_member_times_out_then_the_write_moves_to_the_new_members() {
     let c = Cluster::start(4, &[1, 2, 3], 1, 2, CHUNK);
-    let cfg = config(&c);
+    let cfg = fast_config(&c);
     let timeout = cfg.request_timeout;
     let (client, mut q) = open(cfg);
     c.node(3).script(|s| s.silent = true);
@@ -230,7 +239,7 @@ fn silent_member_times_out_then_the_write_moves_to_the_new_members() {
 #[test]
 fn refused_connection_waits_for_the_route_change() {
     let c = Cluster::start(4, &[1, 2, 3], 1, 2, CHUNK);
-    let (_client, mut q) = open(config(&c));
+    let (_client, mut q) = open(fast_config(&c));
     c.node(3).kill();
     std::thread::sleep(Duration::from_millis(20));
     let t2 = c.next_table(&c.table, &[1, 2, 4]);
@@ -255,7 +264,7 @@ fn refused_connection_waits_for_the_route_change() {
 #[test]
 fn corrupt_frame_or_closed_connection_is_survived() {
     let c = Cluster::start(3, &[1, 2, 3], 1, 2, CHUNK);
-    let (client, mut q) = open(config(&c));
+    let (client, mut q) = open(fast_config(&c));
     let table = client.route_table();
     let off = CHUNK;
     let primary = table
@@ -582,7 +591,7 @@ fn a_full_queue_of_writes_completes() {
 #[test]
 fn unavailable_from_the_primary_waits_for_the_route_change() {
     let c = Cluster::start(4, &[1, 2, 3], 1, 2, CHUNK);
-    let (client, mut q) = open(config(&c));
+    let (client, mut q) = open(fast_config(&c));
     let table = client.route_table();
     let off = 4 * CHUNK;
     let route = table
@@ -671,7 +680,7 @@ fn a_read_payload_with_a_bad_checksum_goes_to_the_next_member() {
 #[test]
 fn not_replica_makes_the_client_ask_for_routes() {
     let c = Cluster::start(4, &[1, 2, 3], 1, 2, CHUNK);
-    let (client, mut q) = open(config(&c));
+    let (client, mut q) = open(fast_config(&c));
     // Node 4 has epoch 2 where node 3 left; nodes 1..3 still have epoch 1 but
     // node 3 already dropped the partition (NotReplica at the same epoch).
     let t2 = c.next_table(&c.table, &[1, 2, 4]);
@@ -694,4 +703,61 @@ fn not_replica_makes_the_client_ask_for_routes() {
     flip.join().unwrap();
     assert_eq!(client.route_table().epoch, 2);
     assert!(c.node(4).block(VOLUME, 0).is_some());
+}
+
+#[test]
+fn big_requests_at_depth_round_trip() {
+    // 4 MiB chunks: each request is one 4 MiB frame, more than a socket
+    // buffer holds, so writes and reads go out and come in by pieces.
+    let c = Cluster::start(3, &[1, 2, 3], 2, 3, 4 << 20);
+    let (_client, mut q) = open(config(&c));
+    let n = 8usize;
+    let len = 4 << 20;
+    let mut bufs: Vec<Vec<u8>> = (0..n).map(|i| pattern(300 + i as u64, len)).collect();
+    let expect = bufs.clone();
+    let segs: Vec<Vec<_>> = bufs
+        .iter_mut()
+        .map(|b| {
+            let (a, rest) = b.split_at_mut(4096 * 3 + 17);
+            let (m, z) = rest.split_at_mut(1 << 20);
+            vec![seg(a), seg(m), seg(z)]
+        })
+        .collect();
+    for (i, s) in segs.iter().enumerate() {
+        let req = IoRequest {
+            op: IoOp::Write,
+            offset_bytes: i as u64 * len as u64,
+            len_bytes: 0,
+            segments: s,
+            tag: i as u64,
+        };
+        // SAFETY: `bufs` outlive the wait below.
+        unsafe { q.submit(&req).unwrap() };
+    }
+    let done = wait_n(&mut q, n, Duration::from_secs(60));
+    assert!(done.iter().all(|c| c.result.is_ok()), "{done:?}");
+    let mut back: Vec<Vec<u8>> = (0..n).map(|_| vec![0u8; len]).collect();
+    let segs: Vec<Vec<_>> = back
+        .iter_mut()
+        .map(|b| {
+            let (a, z) = b.split_at_mut(len - 4096 * 5 - 3);
+            vec![seg(a), seg(z)]
+        })
+        .collect();
+    for (i, s) in segs.iter().enumerate() {
+        let req = IoRequest {
+            op: IoOp::Read,
+            offset_bytes: i as u64 * len as u64,
+            len_bytes: 0,
+            segments: s,
+            tag: i as u64,
+        };
+        // SAFETY: `back` outlives the wait below.
+        unsafe { q.submit(&req).unwrap() };
+    }
+    let done = wait_n(&mut q, n, Duration::from_secs(60));
+    assert!(done.iter().all(|c| c.result.is_ok()), "{done:?}");
+    for i in 0..n {
+        assert!(back[i] == expect[i], "request {i} differs");
+    }
 }
