@@ -69,20 +69,28 @@
 //!   on a write) fail the request at once.
 //!
 //! # Known gaps
-//! - The protocol logic reads the clock once per `submit`/`poll` and is
-//!   driven through the `Sink` interface, but it is not yet a sans-I/O core
-//!   that a deterministic simulator could run without sockets.
-//! - The transport is TCP only; `net::Net` is the boundary an RDMA
-//!   transport would implement (no trait yet: one implementation).
+//! - The protocol logic (`queue::Core`) takes its time from the driver
+//!   (`Core::now`, set once per `submit`/`poll`) and reaches the network
+//!   only through `net::Transport` and the `net::Sink` callbacks, but no
+//!   deterministic simulator drives it yet; the write clock (`hlc`) reads
+//!   the wall clock itself.
+//! - The transport is TCP only (`net::Net`); `net::Transport` is the
+//!   boundary an RDMA transport implements, plus its own readiness driver.
 //! - A table whose `chunk_bytes` differs from the first one is refused
 //!   (parts already cut could straddle the new chunks).
 //! - Node addresses that are not IP literals are resolved with a blocking
 //!   lookup when a table is installed.
-//! - A payload that arrives in the receive buffer together with its header
-//!   is copied from there into the caller's segments (one memcpy of what
-//!   came with the header); the rest goes from the socket into the caller's
-//!   memory directly.
+//! - A read payload that arrives in the receive buffer together with its
+//!   header is copied from there into the caller's segments (for 4 KiB,
+//!   one memcpy instead of a second system call); the rest of a payload
+//!   goes from the socket into the caller's memory directly (`readv`).
+//! - A retry after `RouteBehind`/`Busy` is every 1 ms with no growth, up to
+//!   `op_deadline`.
 //! - No per-queue metrics yet.
+//!
+//! `tests/alloc.rs` checks the no-allocation claim with a counting
+//! allocator: 4 KiB writes and reads at depth 1 and 32 allocate nothing on
+//! the submitting thread once the connections are open.
 
 mod hlc;
 mod net;

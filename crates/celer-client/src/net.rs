@@ -257,6 +257,51 @@ fn token(id: ConnId, gen: u32) -> u64 {
     ((gen as u64) << 32) | id as u64
 }
 
+/// What the protocol logic needs from a transport: a connection to a node
+/// shard, and a way to queue a frame on it. TCP ([`Net`]) is the one
+/// implementation; an RDMA transport, or a simulated network, would be
+/// another (the driver side, readiness and flushing, stays per transport).
+pub(crate) trait Transport {
+    /// The open (or opening) connection to (node, shard), opened now if
+    /// there is none; it starts with `Hello`. `Err`: it failed too recently
+    /// or cannot be opened (logged).
+    fn conn(
+        &mut self,
+        node: NodeId,
+        shard: u16,
+        addr: SocketAddr,
+        now: Instant,
+        sink: &mut dyn Sink,
+    ) -> Result<ConnId, ()>;
+
+    /// Queues a request frame on an open connection. A payload pins its
+    /// request slot until the frame is written or dropped (the caller counts
+    /// the pin; the sink's `unpin` releases it).
+    fn send(&mut self, id: ConnId, h: &Header, payload: Option<Payload>);
+}
+
+impl Transport for Net {
+    fn conn(
+        &mut self,
+        node: NodeId,
+        shard: u16,
+        addr: SocketAddr,
+        now: Instant,
+        sink: &mut dyn Sink,
+    ) -> Result<ConnId, ()> {
+        self.conn_impl(node, shard, addr, now, sink)
+    }
+
+    fn send(&mut self, id: ConnId, h: &Header, payload: Option<Payload>) {
+        debug_assert!(self.conns[id as usize].state != State::Closed);
+        debug_assert_eq!(
+            h.payload_bytes as usize,
+            payload.map(|p| p.len).unwrap_or(0)
+        );
+        self.push(id, h.encode(), payload);
+    }
+}
+
 impl Net {
     pub(crate) fn new(epoll: OwnedFd, client_id: u16, queue_index: usize) -> Net {
         Net {
@@ -289,15 +334,13 @@ impl Net {
         self.epoll_ctl(libc::EPOLL_CTL_ADD, fd, libc::EPOLLIN as u32, data)
     }
 
-    /// The open (or opening) connection to (node, shard), opened now if
-    /// there is none: it starts with `Hello`. `Err`: it failed too recently
-    /// or cannot be opened (logged).
-    pub(crate) fn conn(
+    fn conn_impl(
         &mut self,
         node: NodeId,
         shard: u16,
         addr: SocketAddr,
         now: Instant,
+        sink: &mut dyn Sink,
     ) -> Result<ConnId, ()> {
         let id = match self.by_key.get(&(node, shard)) {
             Some(&id) => {
@@ -341,7 +384,7 @@ impl Net {
         };
         if self.conns[id as usize].state != State::Closed {
             // Same key, new address (the node moved): start over.
-            self.drop_socket(id);
+            self.close(id, "the node has a new address", sink);
         }
         self.conns[id as usize].opened_at = now;
         match self.open(id, addr) {
@@ -420,18 +463,6 @@ impl Net {
             c.dirty = true;
             self.dirty.push(id);
         }
-    }
-
-    /// Queues a request frame on an open connection. A payload pins its
-    /// request slot until the frame is written or dropped (the caller counts
-    /// the pin; the sink's `unpin` releases it).
-    pub(crate) fn send(&mut self, id: ConnId, h: &Header, payload: Option<Payload>) {
-        debug_assert!(self.conns[id as usize].state != State::Closed);
-        debug_assert_eq!(
-            h.payload_bytes as usize,
-            payload.map(|p| p.len).unwrap_or(0)
-        );
-        self.push(id, h.encode(), payload);
     }
 
     /// Writes what the connections queued.

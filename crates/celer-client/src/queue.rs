@@ -31,7 +31,7 @@ use celer_route::{NodeId, RouteTable};
 use tracing::{debug, info, warn};
 
 use crate::hlc::Hlc;
-use crate::net::{segments_crc, ConnId, Dest, Net, Payload, Sink};
+use crate::net::{segments_crc, ConnId, Dest, Net, Payload, Sink, Transport};
 use crate::{ClientConfig, ReadPolicy, Shared, BLOCK_BYTES};
 
 /// Requests one queue accepts in flight.
@@ -389,7 +389,7 @@ impl Core {
     }
 
     /// (Re)starts a part under the current table with a new generation.
-    fn start_part(&mut self, p: u32, net: &mut Net) {
+    fn start_part(&mut self, p: u32, net: &mut dyn Transport) {
         let table = &self.table;
         let part = &mut self.parts[p as usize];
         part.gen = (part.gen + 1) & GEN_MASK;
@@ -469,7 +469,7 @@ impl Core {
     }
 
     /// Sends leg `i` of part `p` of its current attempt.
-    fn send_leg(&mut self, p: u32, i: usize, net: &mut Net) {
+    fn send_leg(&mut self, p: u32, i: usize, net: &mut dyn Transport) {
         let now = self.now;
         let part = &self.parts[p as usize];
         let node = if part.op == Op::Read {
@@ -505,10 +505,16 @@ impl Core {
             self.leg_failed(p, i, "node unknown or without an address");
             return;
         };
-        let Ok(conn) = net.conn(node, shard, addr, now) else {
+        let gen = self.parts[p as usize].gen;
+        let Ok(conn) = net.conn(node, shard, addr, now, self) else {
             self.leg_failed(p, i, "cannot connect");
             return;
         };
+        if !self.part_current(p, gen) {
+            // Opening the connection closed an old one, and that ended this
+            // part's attempt.
+            return;
+        }
         let part = &self.parts[p as usize];
         let r = &self.reqs[part.req as usize];
         let mut h = Header::request(part.op, data_request_id(p, i, part.gen));
@@ -733,9 +739,15 @@ impl Core {
             if !part.in_use {
                 continue;
             }
+            let route = self.table.partition(part.partition);
             let changed = !same_layout
-                || old.partition(part.partition) != self.table.partition(part.partition)
-                || old.nodes != self.table.nodes;
+                || old.partition(part.partition) != route
+                || route.is_some_and(|r| {
+                    r.members.iter().any(|m| {
+                        let (a, b) = (old.node(m.node), self.table.node(m.node));
+                        a.map(|n| (&n.data_addr, n.shards)) != b.map(|n| (&n.data_addr, n.shards))
+                    })
+                });
             if let Some(since) = part.wait_since {
                 longest_pause = longest_pause.max(now.saturating_duration_since(since));
             } else if !changed {
@@ -859,7 +871,7 @@ impl Core {
     }
 
     /// Timer work: timeouts, back-offs, retries, probes, deadlines.
-    fn scan(&mut self, net: &mut Net) {
+    fn scan(&mut self, net: &mut dyn Transport) {
         let now = self.now;
         self.next_scan_at = None;
         let mut next: Option<Instant> = None;
@@ -979,7 +991,7 @@ impl Core {
 
     /// Asks a few nodes for their table: members of waiting partitions that
     /// did not fail, and one node of the table in turn.
-    fn send_probes(&mut self, net: &mut Net) {
+    fn send_probes(&mut self, net: &mut dyn Transport) {
         let mut targets: [(NodeId, u16); PROBE_TARGETS_MAX] = [(0, 0); PROBE_TARGETS_MAX];
         let mut n = 0;
         let add = |t: (NodeId, u16), targets: &mut [(NodeId, u16)], n: &mut usize| {
@@ -1030,7 +1042,8 @@ impl Core {
             let Some(addr) = self.addrs.get(&node).copied() else {
                 continue;
             };
-            let Ok(conn) = net.conn(node, shard, addr, self.now) else {
+            let now = self.now;
+            let Ok(conn) = net.conn(node, shard, addr, now, self) else {
                 continue;
             };
             self.probe_seq = self.probe_seq.wrapping_add(1);
