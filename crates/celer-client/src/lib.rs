@@ -4,7 +4,7 @@
 //! lazily from the nodes themselves.
 //!
 //! # Threading model
-//! One [`ClientQueue`](queue) per front-end worker, owned by that worker's
+//! One client queue per front-end worker, owned by that worker's
 //! thread: it has its own copy of the route table, its own non-blocking TCP
 //! connections (one per (node, shard) it talks to, opened lazily, each
 //! starting with `Hello`), its own epoll set (the `completion_fd`) with a
