@@ -1,0 +1,234 @@
+//! Multi-process cluster tests on loopback: `celer meta serve` plus 4
+//! `celer node serve` processes (3 replicas), driven through the real
+//! client library with a random read/write/verify workload while nodes are
+//! killed with SIGKILL, restarted and partitioned away. Afterwards every
+//! acknowledged write must read back, and the replicas of every chunk must
+//! agree block by block.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use celer_client::{Client, ClientConfig};
+use celer_device::BlockDevice;
+use celer_meta::api::CreateVolume;
+use support::cluster::{Cluster, ClusterOpts};
+use support::workload::{self, Report, BLOCK};
+
+const BIN: &str = env!("CARGO_BIN_EXE_celer");
+const VOLUME_BYTES: u64 = 256 << 20;
+/// The workload covers 64 MiB: 64 chunks spread over the partitions.
+const WORK_BLOCKS: u64 = (64 << 20) / BLOCK as u64;
+
+fn volume_client(c: &Cluster, name: &str, client_id: u16) -> (u64, Arc<dyn BlockDevice>) {
+    let meta = c.meta_client();
+    let vol = match meta.volume(name) {
+        Ok(v) => v,
+        Err(_) => meta
+            .create_volume(&CreateVolume {
+                name: name.into(),
+                size_bytes: VOLUME_BYTES,
+                replicas: None,
+            })
+            .expect("create volume"),
+    };
+    let mut cfg = ClientConfig::new(c.seeds(), vol.id, vol.size_bytes, client_id);
+    cfg.request_timeout = Duration::from_millis(300);
+    let client = Client::connect(cfg).expect("client connects");
+    (vol.id, Arc::new(client))
+}
+
+struct Load {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<Report>>,
+}
+
+fn start_load(dev: &Arc<dyn BlockDevice>, queues: usize, depth: usize) -> Load {
+    let stop = Arc::new(AtomicBool::new(false));
+    let per = WORK_BLOCKS / queues as u64;
+    let threads = (0..queues)
+        .map(|q| {
+            let (dev, stop) = (dev.clone(), stop.clone());
+            std::thread::spawn(move || {
+                workload::run(dev, q, q as u64 * per, per, depth, stop, 0x5eed + q as u64)
+            })
+        })
+        .collect();
+    Load { stop, threads }
+}
+
+fn stop_load(l: Load) -> Vec<Report> {
+    l.stop.store(true, Ordering::Release);
+    l.threads
+        .into_iter()
+        .map(|t| t.join().expect("workload thread"))
+        .collect()
+}
+
+/// Every acknowledged write reads back; the replicas agree.
+fn verify(c: Cluster, dev: &Arc<dyn BlockDevice>, volume: u64, reports: &[Report]) {
+    let t = c.wait_healthy(Duration::from_secs(120));
+    let mut problems = Vec::new();
+    let mut chunks = std::collections::BTreeSet::new();
+    for (q, r) in reports.iter().enumerate() {
+        println!(
+            "queue {q}: {} writes, {} reads, {} errors, longest request {:?}",
+            r.writes, r.reads, r.errors, r.max_latency
+        );
+        problems.extend(r.mismatches.iter().cloned());
+        if r.errors > 0 {
+            problems.push(format!("queue {q}: {} requests failed", r.errors));
+        }
+        problems.extend(workload::verify_all(dev.as_ref(), 8 + q, &r.model));
+        chunks.extend(r.model.keys().map(|b| b * BLOCK as u64 / t.chunk_bytes));
+    }
+    for ch in &chunks {
+        problems.extend(support::replicas::compare_chunk(&t, volume, *ch));
+    }
+    println!("compared {} chunks across their replicas", chunks.len());
+    if !problems.is_empty() {
+        let logs = c.keep_logs();
+        panic!(
+            "{} problems (logs kept in {}):\n{}",
+            problems.len(),
+            logs.display(),
+            problems[..problems.len().min(20)].join("\n")
+        );
+    }
+}
+
+#[test]
+fn kill_and_restart_nodes_under_load() {
+    let mut c = Cluster::start(std::path::Path::new(BIN), ClusterOpts::default());
+    let (volume, dev) = volume_client(&c, "vol-kill", 1);
+    let load = start_load(&dev, 2, 8);
+    std::thread::sleep(Duration::from_secs(2));
+    let mut pauses = Vec::new();
+    for round in 0..3 {
+        let victim = (round * 3 + 1) % c.nodes.len();
+        let before = c.route().epoch;
+        let t0 = Instant::now();
+        c.kill(victim);
+        // The control service takes the node out of the routes.
+        while c.route().epoch == before {
+            assert!(t0.elapsed() < Duration::from_secs(10), "no failover");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        pauses.push(t0.elapsed());
+        std::thread::sleep(Duration::from_secs(1));
+        c.restart(victim);
+        let t = c.wait_healthy(Duration::from_secs(120));
+        println!(
+            "round {round}: killed node {victim}; new epoch after {:?}; healthy again at epoch {} after {:?}",
+            pauses[round],
+            t.epoch,
+            t0.elapsed()
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let reports = stop_load(load);
+    let worst = reports
+        .iter()
+        .map(|r| r.max_latency)
+        .max()
+        .unwrap_or_default();
+    println!(
+        "route change after a kill: {pauses:?}; longest client request (the I/O pause): {worst:?}"
+    );
+    assert!(worst < Duration::from_secs(3), "I/O paused {worst:?}");
+    verify(c, &dev, volume, &reports);
+}
+
+#[test]
+fn a_partitioned_node_fails_over_and_catches_up() {
+    let c = Cluster::start(std::path::Path::new(BIN), ClusterOpts::default());
+    let (volume, dev) = volume_client(&c, "vol-part", 1);
+    let load = start_load(&dev, 1, 8);
+    std::thread::sleep(Duration::from_secs(1));
+    let victim = 2;
+    let before = c.route().epoch;
+    c.partition(victim, true);
+    let t0 = Instant::now();
+    loop {
+        let t = c.route();
+        if t.epoch > before && t.nodes.iter().any(|n| !n.up) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the node was not marked down"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!("partitioned node marked down after {:?}", t0.elapsed());
+    std::thread::sleep(Duration::from_secs(2));
+    c.partition(victim, false);
+    let t = c.wait_healthy(Duration::from_secs(120));
+    println!(
+        "healed; healthy again at epoch {} after {:?}",
+        t.epoch,
+        t0.elapsed()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let reports = stop_load(load);
+    verify(c, &dev, volume, &reports);
+}
+
+#[test]
+fn two_clients_writing_the_same_blocks_converge() {
+    let c = Cluster::start(std::path::Path::new(BIN), ClusterOpts::default());
+    let (volume, a) = volume_client(&c, "vol-shared", 1);
+    let (_, b) = volume_client(&c, "vol-shared", 2);
+    // Both clients hammer the same 2 MiB (small and large writes), racing;
+    // random delays on every connection let their writes reach the
+    // replicas in different orders.
+    for n in &c.nodes {
+        n.data_proxy.set_jitter(Duration::from_millis(2));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::new();
+    for (i, dev) in [a.clone(), b.clone()].into_iter().enumerate() {
+        let stop = stop.clone();
+        threads.push(std::thread::spawn(move || {
+            workload::run(dev, 0, 0, 512, 8, stop, 0xabc + i as u64)
+        }));
+    }
+    std::thread::sleep(Duration::from_secs(4));
+    stop.store(true, Ordering::Release);
+    let mut writes = 0;
+    for t in threads {
+        let r = t.join().expect("writer");
+        assert_eq!(r.errors, 0);
+        writes += r.writes;
+    }
+    let t = c.wait_healthy(Duration::from_secs(30));
+    let mut diffs = Vec::new();
+    for ch in 0..2 {
+        diffs.extend(support::replicas::compare_chunk(&t, volume, ch));
+    }
+    println!("{writes} racing writes; {} differing blocks", diffs.len());
+    assert!(diffs.is_empty(), "replicas diverged:\n{}", diffs.join("\n"));
+}
+
+#[test]
+fn a_client_with_an_old_route_is_corrected_by_a_node() {
+    let c = Cluster::start(std::path::Path::new(BIN), ClusterOpts::default());
+    let (volume, dev) = volume_client(&c, "vol-stale", 1);
+    let client_epoch = c.route().epoch;
+    // Split the partitions: a new epoch the client does not know.
+    let split = c.meta_client().split().expect("split");
+    assert!(split.epoch > client_epoch);
+    let load = start_load(&dev, 1, 4);
+    std::thread::sleep(Duration::from_secs(2));
+    let t = c.wait_healthy(Duration::from_secs(120));
+    let reports = stop_load(load);
+    assert!(reports[0].writes > 0);
+    println!(
+        "client started at epoch {client_epoch}; split to {} partitions; cluster at epoch {}",
+        t.partition_count(),
+        t.epoch
+    );
+    verify(c, &dev, volume, &reports);
+}

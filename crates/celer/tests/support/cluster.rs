@@ -1,0 +1,245 @@
+//! A real cluster on loopback for system tests: `celer meta serve` and N
+//! `celer node serve` child processes, each node behind fault proxies (its
+//! data port, and its link to the control service), so tests can SIGKILL,
+//! restart and partition nodes.
+
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use celer_meta::client::MetaClient;
+use celer_route::RouteTable;
+
+use super::proxy::FaultProxy;
+
+pub const TOKEN: &str = "cluster-test-token";
+
+pub fn free_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr")
+}
+
+pub struct NodeProc {
+    pub index: usize,
+    pub disk: PathBuf,
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub data_proxy: FaultProxy,
+    pub meta_proxy: FaultProxy,
+    pub child: Option<Child>,
+    pub log: PathBuf,
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub bin: PathBuf,
+    pub meta_addr: SocketAddr,
+    pub meta: Option<Child>,
+    pub nodes: Vec<NodeProc>,
+    pub lease_ms: u64,
+    pub disk_bytes: u64,
+}
+
+pub struct ClusterOpts {
+    pub nodes: usize,
+    pub partition_bits: u8,
+    pub heartbeat_ms: u64,
+    pub lease_ms: u64,
+    pub disk_bytes: u64,
+}
+
+impl Default for ClusterOpts {
+    fn default() -> Self {
+        ClusterOpts {
+            nodes: 4,
+            partition_bits: 5,
+            heartbeat_ms: 100,
+            lease_ms: 800,
+            disk_bytes: 320 << 20,
+        }
+    }
+}
+
+impl Cluster {
+    pub fn start(bin: &Path, o: ClusterOpts) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let meta_addr = free_port();
+        let mut c = Cluster {
+            dir,
+            bin: bin.to_path_buf(),
+            meta_addr,
+            meta: None,
+            nodes: Vec::new(),
+            lease_ms: o.lease_ms,
+            disk_bytes: o.disk_bytes,
+        };
+        let meta_log = c.dir.path().join("meta.log");
+        let meta = Command::new(bin)
+            .args([
+                "meta",
+                "serve",
+                "--listen",
+                &meta_addr.to_string(),
+                "--data",
+            ])
+            .arg(c.dir.path().join("meta"))
+            .args(["--token", TOKEN])
+            .args(["--heartbeat-ms", &o.heartbeat_ms.to_string()])
+            .args(["--lease-ms", &o.lease_ms.to_string()])
+            .args(["--partition-bits", &o.partition_bits.to_string()])
+            .env("CELER_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&meta_log).expect("log"))
+            .spawn()
+            .expect("spawn meta");
+        c.meta = Some(meta);
+        for i in 0..o.nodes {
+            let listen = free_port();
+            let data_proxy = FaultProxy::start(listen);
+            let meta_proxy = FaultProxy::start(meta_addr);
+            let n = NodeProc {
+                index: i,
+                disk: c.dir.path().join(format!("node{i}/disk.img")),
+                listen,
+                admin: free_port(),
+                data_proxy,
+                meta_proxy,
+                child: None,
+                log: c.dir.path().join(format!("node{i}.log")),
+            };
+            c.nodes.push(n);
+            c.spawn_node(i, o.disk_bytes);
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(t) = c.meta_client().route() {
+                if t.nodes.iter().filter(|n| n.up).count() == o.nodes {
+                    break;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cluster did not form; logs in {}",
+                c.dir.path().display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        c
+    }
+
+    pub fn meta_url(&self) -> String {
+        format!("http://{}", self.meta_addr)
+    }
+
+    pub fn meta_client(&self) -> MetaClient {
+        MetaClient::new(&self.meta_url(), TOKEN)
+    }
+
+    pub fn route(&self) -> RouteTable {
+        self.meta_client().route().expect("route table")
+    }
+
+    fn spawn_node(&mut self, i: usize, disk_bytes: u64) {
+        let n = &mut self.nodes[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&n.log)
+            .expect("node log");
+        let child = Command::new(&self.bin)
+            .args(["node", "serve", "--disk"])
+            .arg(&n.disk)
+            .args(["--create", &disk_bytes.to_string()])
+            .args(["--listen", &n.listen.to_string()])
+            .args(["--advertise", &n.data_proxy.addr().to_string()])
+            .args(["--admin-listen", &n.admin.to_string()])
+            .args(["--meta", &format!("http://{}", n.meta_proxy.addr())])
+            .args(["--token", TOKEN])
+            .args(["--domain", &format!("host{i}")])
+            .env("CELER_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn node");
+        n.child = Some(child);
+    }
+
+    /// Seeds for clients: every node's advertised data address.
+    pub fn seeds(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| n.data_proxy.addr().to_string())
+            .collect()
+    }
+
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = c.kill(); // SIGKILL
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.spawn_node(i, self.disk_bytes);
+    }
+
+    /// Cuts node `i` off from everyone (clients, peers, control service).
+    pub fn partition(&self, i: usize, on: bool) {
+        self.nodes[i].data_proxy.partition(on);
+        self.nodes[i].meta_proxy.partition(on);
+    }
+
+    /// Waits until every partition has all its members in sync and no
+    /// node is down, or panics after `limit`.
+    pub fn wait_healthy(&self, limit: Duration) -> RouteTable {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(t) = self.meta_client().route() {
+                let all_up = t.nodes.iter().all(|n| n.up);
+                let synced = t
+                    .partitions
+                    .iter()
+                    .all(|p| p.all_in_sync() && p.members.len() == t.replicas as usize);
+                if all_up && synced {
+                    return t;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cluster not healthy after {limit:?}; logs in {}",
+                self.dir.path().display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Keeps the logs when a test fails.
+    pub fn keep_logs(self) -> PathBuf {
+        let mut c = self;
+        for i in 0..c.nodes.len() {
+            c.kill(i);
+        }
+        if let Some(mut m) = c.meta.take() {
+            let _ = m.kill();
+            let _ = m.wait();
+        }
+        let d = std::mem::replace(&mut c.dir, tempfile::tempdir().expect("tempdir"));
+        d.keep()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+        if let Some(mut m) = self.meta.take() {
+            let _ = m.kill();
+            let _ = m.wait();
+        }
+    }
+}

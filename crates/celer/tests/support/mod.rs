@@ -1,0 +1,4 @@
+pub mod cluster;
+pub mod proxy;
+pub mod replicas;
+pub mod workload;
