@@ -1,6 +1,7 @@
 //! `celer`: the command-line front of Celer.
 
 mod bench_engine;
+mod cluster_dev;
 mod engine_cmd;
 mod fio;
 mod meta_cmd;
@@ -120,16 +121,12 @@ fn run(cli: Cli) -> Result<()> {
         Command::Volume(c) => meta_cmd::run_volume(c),
         Command::Status(a) => meta_cmd::run_status(a),
         Command::Node(NodeCommand::Serve(a)) => node_cmd::run(&a),
-        Command::Vhost(VhostCommand::Serve(a)) => match a.device.strip_prefix("engine:") {
-            Some(spec) => {
-                celer_vhost::cli::run_serve_with(&a, open_engine_device(spec, a.read_only)?)
-            }
+        Command::Vhost(VhostCommand::Serve(a)) => match device_spec(&a.device, a.read_only)? {
+            Some(dev) => celer_vhost::cli::run_serve_with(&a, dev),
             None => celer_vhost::cli::run_serve(&a),
         },
-        Command::Nbd(NbdCommand::Serve(a)) => match a.device.strip_prefix("engine:") {
-            Some(spec) => {
-                celer_nbd::cli::run_serve_with(&a, open_engine_device(spec, a.read_only)?)
-            }
+        Command::Nbd(NbdCommand::Serve(a)) => match device_spec(&a.device, a.read_only)? {
+            Some(dev) => celer_nbd::cli::run_serve_with(&a, dev),
             None => celer_nbd::cli::run_serve(&a),
         },
         Command::Bench(BenchCommand::Vhost(a)) => {
@@ -154,6 +151,23 @@ fn run(cli: Cli) -> Result<()> {
             })
         }
     }
+}
+
+/// The devices the `celer` binary adds to the front ends' own (`null:`,
+/// `file:`): `engine:` (a local engine volume) and `cluster:` (a replicated
+/// volume). `None`: a spec the front end opens itself.
+fn device_spec(
+    spec: &str,
+    read_only: bool,
+) -> Result<Option<std::sync::Arc<dyn celer_device::BlockDevice>>> {
+    if let Some(s) = spec.strip_prefix("engine:") {
+        return Ok(Some(open_engine_device(s, read_only)?));
+    }
+    if let Some(s) = spec.strip_prefix("cluster:") {
+        anyhow::ensure!(!read_only, "read-only cluster volumes are not supported yet");
+        return Ok(Some(cluster_dev::open_spec(s)?));
+    }
+    Ok(None)
 }
 
 /// The engine volume an `engine:` device spec names, for any front end.
