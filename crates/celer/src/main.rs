@@ -6,6 +6,7 @@ mod engine_cmd;
 mod fio;
 mod meta_cmd;
 mod node_cmd;
+mod up;
 
 use std::path::PathBuf;
 
@@ -25,6 +26,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Start a local cluster (control service, 3 storage nodes, a volume) and
+    /// serve the volume on a vhost-user-blk socket and over NBD.
+    Up(up::UpArgs),
     /// Manage one disk's storage engine.
     #[command(subcommand)]
     Engine(engine_cmd::EngineCommand),
@@ -121,6 +125,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Volume(c) => meta_cmd::run_volume(c),
         Command::Status(a) => meta_cmd::run_status(a),
         Command::Node(NodeCommand::Serve(a)) => node_cmd::run(&a),
+        Command::Up(a) => up::run(&a),
         Command::Vhost(VhostCommand::Serve(a)) => match device_spec(&a.device, a.read_only)? {
             Some(dev) => celer_vhost::cli::run_serve_with(&a, dev),
             None => celer_vhost::cli::run_serve(&a),
@@ -164,7 +169,10 @@ fn device_spec(
         return Ok(Some(open_engine_device(s, read_only)?));
     }
     if let Some(s) = spec.strip_prefix("cluster:") {
-        anyhow::ensure!(!read_only, "read-only cluster volumes are not supported yet");
+        anyhow::ensure!(
+            !read_only,
+            "read-only cluster volumes are not supported yet"
+        );
         return Ok(Some(cluster_dev::open_spec(s)?));
     }
     Ok(None)

@@ -1,0 +1,293 @@
+//! `celer up`: a whole cluster on this machine in one process, for trying
+//! Celer and for development: the control service (embedded redb), three
+//! storage nodes on loopback over data files under `--dir`, a volume, and
+//! that volume on a vhost-user-blk socket and over NBD. Ctrl-C stops it
+//! cleanly (engines checkpoint); a second `celer up` reuses the data.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use celer_meta::api::CreateVolume;
+use celer_meta::client::MetaClient;
+use clap::Args;
+
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    /// Directory for the cluster's data (node disks, metadata, sockets).
+    #[arg(long, default_value = "celer-up")]
+    pub dir: PathBuf,
+    /// Size of the volume `celer up` creates.
+    #[arg(long, default_value = "10G", value_parser = celer_device::parse_size)]
+    pub size: u64,
+    /// Name of the volume.
+    #[arg(long, default_value = "default")]
+    pub volume: String,
+    /// Storage nodes (3 replicas need at least 3).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub nodes: u16,
+    /// First port: control service on it, nodes' data ports from +101,
+    /// their admin ports from +201 (defaults 7700, 7801.., 7901..).
+    #[arg(long, default_value_t = 7700)]
+    pub base_port: u16,
+    /// NBD over TCP.
+    #[arg(long, default_value = "127.0.0.1:10809")]
+    pub nbd_listen: SocketAddr,
+    /// Virtqueues of the vhost-user-blk export.
+    #[arg(long, default_value_t = 2)]
+    pub queues: usize,
+}
+
+fn token(dir: &Path) -> Result<String> {
+    let path = dir.join("token");
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        let t = t.trim().to_string();
+        anyhow::ensure!(
+            !t.is_empty(),
+            "{} is empty: remove it to get a new token",
+            path.display()
+        );
+        return Ok(t);
+    }
+    let mut b = [0u8; 16];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open("/dev/urandom").context("open /dev/urandom")?,
+        &mut b,
+    )
+    .context("read /dev/urandom")?;
+    let t: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    std::fs::write(&path, format!("{t}\n")).with_context(|| format!("write {}", path.display()))?;
+    // SAFETY: chmod on a path we just wrote; failure only leaves it readable.
+    if let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) {
+        unsafe { libc::chmod(c.as_ptr(), 0o600) };
+    }
+    Ok(t)
+}
+
+pub fn run(a: &UpArgs) -> Result<()> {
+    anyhow::ensure!(
+        a.base_port <= 65535 - 300,
+        "--base-port {} is too high",
+        a.base_port
+    );
+    anyhow::ensure!(
+        a.size >= 1 << 20 && a.size % 4096 == 0,
+        "--size must be at least 1M and a multiple of 4K"
+    );
+    std::fs::create_dir_all(&a.dir).with_context(|| format!("create {}", a.dir.display()))?;
+    let dir = a.dir.canonicalize().context("resolve --dir")?;
+    let token = token(&dir)?;
+    let meta_addr: SocketAddr = ([127, 0, 0, 1], a.base_port).into();
+    let mut cfg = celer_meta::server::MetaConfig::new(meta_addr, dir.join("meta"), &token);
+    cfg.cluster.replicas = a.nodes.min(3) as u8;
+    let meta = celer_meta::server::MetaServer::start(cfg)
+        .with_context(|| format!("start the control service on {meta_addr}"))?;
+    let meta_url = meta.url();
+    // Every node holds a copy of everything with 3 nodes: room for the
+    // volume plus the engine's spare blocks and journals (sparse files).
+    let disk_bytes = a.size + a.size / 3 + (512 << 20);
+    let mut nodes = Vec::new();
+    for i in 0..a.nodes {
+        let node_dir = dir.join(format!("node{i}"));
+        std::fs::create_dir_all(&node_dir)?;
+        let disk = node_dir.join("disk.img");
+        if celer_engine::Engine::identify(&disk).is_err() {
+            anyhow::ensure!(
+                !std::fs::metadata(&disk).is_ok_and(|m| m.len() > 0),
+                "{} exists and is not a Celer disk: refusing to touch it",
+                disk.display()
+            );
+            celer_engine::Engine::format(
+                &disk,
+                &celer_engine::FormatOptions {
+                    shard_count: 2,
+                    create_size_bytes: Some(disk_bytes),
+                    ..Default::default()
+                },
+            )
+            .with_context(|| format!("format {}", disk.display()))?;
+        }
+        let node = celer_node::Node::start(celer_node::NodeConfig {
+            disk,
+            state_dir: node_dir,
+            listen: ([127, 0, 0, 1], a.base_port + 101 + i).into(),
+            advertise: None,
+            admin_listen: ([127, 0, 0, 1], a.base_port + 201 + i).into(),
+            meta_url: Some(meta_url.clone()),
+            token: token.clone(),
+            node_id: None,
+            domain: format!("node{i}"),
+            route_file: None,
+            forward_timeout: Duration::from_millis(500),
+            busy_poll: Duration::ZERO,
+        })
+        .with_context(|| format!("start storage node {i}"))?;
+        nodes.push(node);
+    }
+    let mc = MetaClient::new(&meta_url, &token);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match mc.route() {
+            Ok(t) if t.nodes.iter().filter(|n| n.up).count() == nodes.len() => break,
+            _ if Instant::now() > deadline => {
+                anyhow::bail!("the storage nodes did not join the cluster within 30 s")
+            }
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+    let vol = match mc.volume(&a.volume) {
+        Ok(v) => {
+            if v.size_bytes != a.size {
+                eprintln!(
+                    "note: volume `{}` exists with {} bytes; --size {} ignored (grow it with `celer volume resize`)",
+                    v.name, v.size_bytes, a.size
+                );
+            }
+            v
+        }
+        Err(e) if e.is_not_found() => mc
+            .create_volume(&CreateVolume {
+                name: a.volume.clone(),
+                size_bytes: a.size,
+                replicas: None,
+            })
+            .context("create the volume")?,
+        Err(e) => return Err(e).context("look up the volume"),
+    };
+    let dev = crate::cluster_dev::open_volume(&meta_url, &token, &a.volume)?;
+    let vhost_socket = dir.join("vhost.sock");
+    let nbd_socket = dir.join("nbd.sock");
+    let _ = std::fs::remove_file(&vhost_socket);
+    let _ = std::fs::remove_file(&nbd_socket);
+    {
+        let dev = dev.clone();
+        let args = celer_vhost::cli::ServeArgs {
+            socket: vhost_socket.clone(),
+            device: "cluster".into(),
+            queues: a.queues,
+            cpus: Vec::new(),
+            poll_us: None,
+            poll_inflight_us: 0,
+            read_only: false,
+            direct: true,
+            connections: None,
+        };
+        std::thread::Builder::new()
+            .name("celer-up-vhost".into())
+            .spawn(move || {
+                if let Err(e) = celer_vhost::cli::run_serve_with(&args, dev) {
+                    tracing::error!("vhost-user-blk export stopped: {e:#}");
+                }
+            })?;
+    }
+    {
+        let dev: Arc<dyn celer_device::BlockDevice> = dev.clone();
+        let args = celer_nbd::cli::ServeArgs {
+            listen: Some(a.nbd_listen),
+            socket: Some(nbd_socket.clone()),
+            device: "cluster".into(),
+            export_name: a.volume.clone(),
+            read_only: false,
+            connections: None,
+        };
+        std::thread::Builder::new()
+            .name("celer-up-nbd".into())
+            .spawn(move || {
+                if let Err(e) = celer_nbd::cli::run_serve_with(&args, dev) {
+                    tracing::error!("NBD export stopped: {e:#}");
+                }
+            })?;
+    }
+    // Wait for the sockets to exist before telling anyone to use them.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(vhost_socket.exists() && nbd_socket.exists()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    print_attach(
+        a,
+        &vol.name,
+        vol.size_bytes,
+        &meta_url,
+        &dir,
+        &vhost_socket,
+        &nbd_socket,
+    );
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    crate::on_termination(move || {
+        let _ = tx.send(());
+    });
+    let _ = rx.recv();
+    eprintln!("stopping: storage nodes checkpoint their engines…");
+    for n in nodes {
+        if let Err(e) = n.stop() {
+            eprintln!("a storage node stopped with an error: {e}");
+        }
+    }
+    if let Err(e) = meta.stop() {
+        eprintln!("the control service stopped with an error: {e}");
+    }
+    eprintln!(
+        "stopped; the data stays in {} for the next `celer up`",
+        dir.display()
+    );
+    Ok(())
+}
+
+fn print_attach(
+    a: &UpArgs,
+    name: &str,
+    size: u64,
+    meta_url: &str,
+    dir: &Path,
+    vhost: &Path,
+    nbd: &Path,
+) {
+    let gib = size as f64 / (1u64 << 30) as f64;
+    println!(
+        "Celer is up: {} storage nodes, volume `{name}` ({gib:.1} GiB, 3 replicas)",
+        a.nodes
+    );
+    println!();
+    println!(
+        "  control service  {meta_url}   (token in {}/token)",
+        dir.display()
+    );
+    println!("  vhost-user-blk   {}", vhost.display());
+    println!("  NBD              nbd://{}/{name}", a.nbd_listen);
+    println!(
+        "                   nbd+unix:///{name}?socket={}",
+        nbd.display()
+    );
+    println!();
+    println!("Attach it to a VM (guest memory must be shared with Celer):");
+    println!();
+    println!(
+        "  qemu-system-x86_64 -machine q35,accel=kvm -m 4G \\\n    -object memory-backend-memfd,id=mem,size=4G,share=on -numa node,memdev=mem \\\n    -chardev socket,id=celer0,path={} \\\n    -device vhost-user-blk-pci,chardev=celer0,num-queues={} \\\n    ... (your boot disk, network)",
+        vhost.display(),
+        a.queues
+    );
+    println!();
+    println!("libvirt domain XML:");
+    println!();
+    println!("  <memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>");
+    println!("  <disk type='vhostuser' device='disk'>");
+    println!("    <driver name='qemu' type='raw' queues='{}'/>", a.queues);
+    println!(
+        "    <source type='unix' path='{}'><reconnect enabled='yes' timeout='10'/></source>",
+        vhost.display()
+    );
+    println!("    <target dev='vdb' bus='virtio'/>");
+    println!("  </disk>");
+    println!();
+    println!(
+        "Or over NBD: qemu-img info 'nbd+unix:///{name}?socket={}'",
+        nbd.display()
+    );
+    println!(
+        "Cluster health: celer status --meta {meta_url} --token-file {}/token",
+        dir.display()
+    );
+    println!("Press Ctrl-C to stop.");
+}
