@@ -73,7 +73,7 @@ pub fn run(a: &UpArgs) -> Result<()> {
         a.base_port
     );
     anyhow::ensure!(
-        a.size >= 1 << 20 && a.size % 4096 == 0,
+        a.size >= 1 << 20 && a.size.is_multiple_of(4096),
         "--size must be at least 1M and a multiple of 4K"
     );
     std::fs::create_dir_all(&a.dir).with_context(|| format!("create {}", a.dir.display()))?;
