@@ -832,8 +832,14 @@ impl Net {
         if c.state == State::Closed {
             return;
         }
-        warn!(queue = self.queue_index, node = c.node, shard = c.shard, addr = %c.addr,
-            reason = why, "closing connection to storage node");
+        if c.failures == 0 {
+            warn!(queue = self.queue_index, node = c.node, shard = c.shard, addr = %c.addr,
+                reason = why, "closing connection to storage node");
+        } else {
+            // Still failing (e.g. reconnects refused while the node is down).
+            debug!(queue = self.queue_index, node = c.node, shard = c.shard, addr = %c.addr,
+                reason = why, failures = c.failures, "closing connection to storage node");
+        }
         if let Some(Dest::Segments { slot, .. }) = self.drop_socket(id) {
             sink.unpin(slot);
         }

@@ -1355,11 +1355,11 @@ impl DeviceQueue for ClientQueue {
         let before = self.core.done.len();
         self.core.submit(req)?;
         // Frames are queued now and written by the next poll (a batch of
-        // submits costs one writev per connection).
+        // submits costs one writev per connection), as the file device
+        // hands its SQEs to the kernel in the next poll.
         self.run_actions();
-        if self.core.done.len() > before || self.net.has_unsent() {
-            // A caller that sleeps on the completion fd right after submit
-            // must still come back to poll (once per batch: `woken`).
+        if self.core.done.len() > before {
+            // Completed at once (flush): make the completion fd readable.
             self.signal();
         }
         self.arm_timer();
