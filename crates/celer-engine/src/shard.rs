@@ -268,6 +268,16 @@ enum CkptStage {
     IndexSync,
 }
 
+#[derive(Default)]
+struct CheckpointSpare {
+    maps: Vec<AlignedBuf>,
+    /// The (empty) vectors themselves, to keep their capacity.
+    bufs_list: Vec<AlignedBuf>,
+    targets: Vec<u64>,
+    index: Option<AlignedBuf>,
+    index_entries: Vec<Option<(u64, SlotOwner)>>,
+}
+
 struct Checkpoint {
     cut: u64,
     stage: CkptStage,
@@ -310,6 +320,9 @@ pub struct Shard {
     acked_through: u64,
     index_generation: u64,
     ckpt: Option<Checkpoint>,
+    /// Buffers of finished checkpoints, reused by the next ones so that a
+    /// checkpoint allocates nothing once the pool has grown.
+    ckpt_spare: CheckpointSpare,
     /// Ops whose writes completed, waiting for the next flush.
     flush_waiting: Vec<u32>,
     /// Journal blocks written, waiting for the next flush.
@@ -451,6 +464,7 @@ impl Shard {
             acked_through: init.acked_through,
             index_generation: init.index_generation,
             ckpt: None,
+            ckpt_spare: CheckpointSpare::default(),
             flush_waiting: Vec::with_capacity(inflight_max),
             unflushed_jbs: Vec::with_capacity(JOURNAL_BUFS),
             flush_batch: Vec::with_capacity(inflight_max),
@@ -1551,9 +1565,11 @@ impl Shard {
     fn start_checkpoint(&mut self) {
         let cut = self.acked_through;
         let uuid = self.g.disk_uuid;
-        let mut bufs = Vec::new();
-        let mut targets = Vec::new();
-        let mut index_entries = vec![None; self.g.slots_per_shard() as usize];
+        let mut bufs = std::mem::take(&mut self.ckpt_spare.bufs_list);
+        let mut targets = std::mem::take(&mut self.ckpt_spare.targets);
+        let mut index_entries = std::mem::take(&mut self.ckpt_spare.index_entries);
+        index_entries.clear();
+        index_entries.resize(self.g.slots_per_shard() as usize, None);
         for (local, s) in self.slots.iter_mut().enumerate() {
             let Some(s) = s else { continue };
             if s.alloc_seq > cut {
@@ -1566,7 +1582,11 @@ impl Shard {
             s.dirty = false;
             s.map_generation += 1;
             let slot_index = self.g.slot_of(self.id, local as u64);
-            let mut buf = AlignedBuf::new(self.g.map_blocks() as usize);
+            let mut buf = self
+                .ckpt_spare
+                .maps
+                .pop()
+                .unwrap_or_else(|| AlignedBuf::new(self.g.map_blocks() as usize));
             let h = MapHeader {
                 generation: s.map_generation,
                 journal_seq: cut,
@@ -1577,12 +1597,17 @@ impl Shard {
             targets.push(self.g.map_offset(slot_index, s.map_generation % 2));
             bufs.push(buf);
         }
-        let mut index = AlignedBuf::new(self.g.index_blocks() as usize);
+        let mut index = self
+            .ckpt_spare
+            .index
+            .take()
+            .unwrap_or_else(|| AlignedBuf::new(self.g.index_blocks() as usize));
         let h = IndexHeader {
             generation: self.index_generation + 1,
             journal_tail: cut + 1,
         };
         layout::encode_index(uuid, self.id, &h, &index_entries, &mut index);
+        self.ckpt_spare.index_entries = index_entries;
         self.ckpt = Some(Checkpoint {
             cut,
             stage: CkptStage::Maps,
@@ -1639,6 +1664,12 @@ impl Shard {
                         self.index_generation += 1;
                         self.stats.checkpoints += 1;
                     }
+                    let spare = &mut self.ckpt_spare;
+                    spare.maps.append(&mut c.bufs);
+                    spare.bufs_list = c.bufs;
+                    c.targets.clear();
+                    spare.targets = c.targets;
+                    spare.index = Some(c.index);
                     return;
                 }
                 CkptStage::Maps => {}

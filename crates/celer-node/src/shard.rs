@@ -19,7 +19,7 @@ use celer_engine::{
     BLOCK_SIZE,
 };
 use celer_proto::{Header, Kind, Op, Status};
-use celer_route::{NodeId, PartitionRoute};
+use celer_route::NodeId;
 
 use crate::conn::{Conn, Frame};
 use crate::metrics::ShardCounters;
@@ -69,7 +69,7 @@ struct NodeOp {
     pending: u32,
     status: Status,
     /// Forwards in flight: (conn, conn gen).
-    forwards: [(usize, u32); 4],
+    forwards: [(usize, u32); 8],
     nforwards: usize,
     deadline: Option<Instant>,
     started: Instant,
@@ -186,7 +186,7 @@ pub(crate) fn run(
             len: 0,
             pending: 0,
             status: Status::Ok,
-            forwards: [(0, 0); 4],
+            forwards: [(0, 0); 8],
             nforwards: 0,
             deadline: None,
             started: Instant::now(),
@@ -591,7 +591,9 @@ impl ShardLoop {
     }
 
     /// Checks the sender's epoch and that this node serves the partition.
-    fn check_route(&mut self, h: &Header) -> Result<(u32, PartitionRoute), Status> {
+    /// On success: the partition, whether this node is an in-sync member,
+    /// and whether it is the primary. Allocates nothing.
+    fn check_route(&mut self, h: &Header) -> Result<(u32, bool, bool), Status> {
         let Some(t) = self.table() else {
             self.shared.tell_agent(AgentMsg::NeedRoute(h.epoch));
             return Err(Status::RouteBehind);
@@ -613,10 +615,10 @@ impl ShardLoop {
             return Err(Status::Invalid);
         }
         let part = t.partition(p).ok_or(Status::Invalid)?;
-        if part.member(self.shared.id).is_none() {
+        let Some(me) = part.member(self.shared.id) else {
             return Err(Status::NotReplica);
-        }
-        Ok((p, part.clone()))
+        };
+        Ok((p, me.in_sync, part.primary() == Some(self.shared.id)))
     }
 
     fn reject(&mut self, c: usize, req: &Header, status: Status) {
@@ -674,11 +676,11 @@ impl ShardLoop {
     }
 
     fn start_read(&mut self, c: usize, h: &Header, kind: OpKind) {
-        let (p, part) = match self.check_route(h) {
+        let (p, in_sync, _) = match self.check_route(h) {
             Ok(x) => x,
             Err(s) => return self.reject(c, h, s),
         };
-        if !part.member(self.shared.id).is_some_and(|m| m.in_sync) {
+        if !in_sync {
             return self.reject(c, h, Status::NotInSync);
         }
         let len = h.length as usize;
@@ -748,11 +750,11 @@ impl ShardLoop {
         if !has_data && h.payload_bytes != 0 {
             return self.reject(c, &h, Status::Invalid);
         }
-        let (_p, part) = match self.check_route(&h) {
+        let (p, _, primary) = match self.check_route(&h) {
             Ok(x) => x,
             Err(s) => return self.reject(c, &h, s),
         };
-        if h.op == Op::WritePrimary && part.primary() != Some(self.shared.id) {
+        if h.op == Op::WritePrimary && !primary {
             return self.reject(c, &h, Status::NotReplica);
         }
         if h.version == 0 {
@@ -798,19 +800,30 @@ impl ShardLoop {
             return self.finish_op(id);
         }
         if kind == OpKind::Primary {
-            self.forward(id, &part);
+            self.forward(id, p);
         }
     }
 
     /// Sends a primary write to the other members.
-    fn forward(&mut self, id: usize, part: &PartitionRoute) {
+    fn forward(&mut self, id: usize, p: u32) {
         let me = self.shared.id;
-        let p = {
-            let t = self.table().expect("route checked");
-            t.partition_at(self.ops[id].req.volume, self.ops[id].req.offset)
-        };
-        for m in part.members.iter().filter(|m| m.node != me) {
-            let Some(c) = self.peer_conn(m.node, p) else {
+        // The other members, copied to the stack (the loop needs `self`).
+        let mut others = [0 as NodeId; 8];
+        // (A partition has at most 3 targets and 3 leavers: 5 others.)
+        let mut n = 0;
+        if let Some(part) = self.table().and_then(|t| t.partition(p)) {
+            for m in part
+                .members
+                .iter()
+                .filter(|m| m.node != me)
+                .take(others.len())
+            {
+                others[n] = m.node;
+                n += 1;
+            }
+        }
+        for &node in &others[..n] {
+            let Some(c) = self.peer_conn(node, p) else {
                 self.ops[id].status = Status::Unavailable;
                 continue;
             };
@@ -833,14 +846,14 @@ impl ShardLoop {
 
     /// The connection to `node`'s shard for partition `p`, opened if needed.
     fn peer_conn(&mut self, node: NodeId, p: u32) -> Option<usize> {
-        let (addr, shard) = {
+        let shard = {
             let t = self.table()?;
-            let n = t.node(node)?;
-            (n.data_addr.clone(), t.shard_of(n, p))
+            t.shard_of(t.node(node)?, p)
         };
         if let Some(&c) = self.peers.get(&(node, shard)) {
             return Some(c);
         }
+        let addr = self.table()?.node(node)?.data_addr.clone();
         let sa = addr.to_socket_addrs().ok()?.next()?;
         let stream = match connect_nonblocking(sa) {
             Ok(s) => s,
