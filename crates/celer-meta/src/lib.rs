@@ -13,6 +13,8 @@
 pub mod api;
 pub mod client;
 pub mod config;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 mod metrics;
 pub mod server;
 pub mod state;

@@ -378,7 +378,7 @@ fn push_route(admin_addr: &str, token: &str, t: &RouteTable) -> Result<(), Strin
         .set("Authorization", &format!("Bearer {token}"))
         .send_json(t)
         .map(|_| ())
-        .map_err(|e| format!("PUT {url}: {e}"))
+        .map_err(|e| e.to_string())
 }
 
 fn parse_body<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
@@ -789,6 +789,8 @@ async fn run_server(
     let started = async {
         let listener = tokio::net::TcpListener::from_std(listener)
             .map_err(|source| MetaError::Listen { addr, source })?;
+        #[cfg(feature = "etcd")]
+        let mut etcd_store = None;
         let (store, role): (Arc<dyn MetaStore>, Role) = match &cfg.store {
             StoreConfig::Redb { dir } => {
                 let dir = dir.clone();
@@ -806,8 +808,9 @@ async fn run_server(
             }
             #[cfg(feature = "etcd")]
             StoreConfig::Etcd(e) => {
-                let store = crate::etcd::EtcdStore::connect(e).await?;
-                (Arc::new(store) as Arc<dyn MetaStore>, Role::Follower(None))
+                let store = Arc::new(crate::etcd::EtcdStore::connect(e).await?);
+                etcd_store = Some(store.clone());
+                (store as Arc<dyn MetaStore>, Role::Follower(None))
             }
         };
         let push_token = cfg
@@ -833,10 +836,12 @@ async fn run_server(
             Role::Follower(_) => (None, Vec::new()),
         };
         shared.publish(table, &nodes);
-        Ok::<_, MetaError>((listener, shared))
+        #[cfg(not(feature = "etcd"))]
+        let etcd_store: Option<()> = None;
+        Ok::<_, MetaError>((listener, shared, etcd_store))
     }
     .await;
-    let (listener, shared) = match started {
+    let (listener, shared, _etcd_store) = match started {
         Ok(v) => v,
         Err(e) => {
             let _ = ready.send(Err(MetaError::Stopped(e.to_string())));
@@ -847,9 +852,13 @@ async fn run_server(
     tracing::info!(%addr, "control service listening");
     let checker = tokio::spawn(lease_checker(shared.clone()));
     #[cfg(feature = "etcd")]
-    let elector = match &cfg.store {
-        StoreConfig::Etcd(e) => Some(tokio::spawn(crate::etcd::lead(shared.clone(), e.clone()))),
-        StoreConfig::Redb { .. } => None,
+    let elector = match (&cfg.store, _etcd_store) {
+        (StoreConfig::Etcd(e), Some(store)) => Some(tokio::spawn(crate::etcd::lead(
+            shared.clone(),
+            store,
+            e.clone(),
+        ))),
+        _ => None,
     };
     let app = router(shared.clone());
     let r = axum::serve(listener, app)

@@ -58,6 +58,16 @@ pub struct ServeArgs {
     /// Settings file (flags override it).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Metadata store: redb (one process, --data) or etcd (several processes, one leader).
+    #[arg(long)]
+    store: Option<String>,
+    /// etcd endpoints, comma-separated (with --store etcd).
+    #[arg(long, value_delimiter = ',')]
+    etcd: Option<Vec<String>>,
+    /// This process's URL for clients and the other control processes
+    /// (with --store etcd) [default: http://LISTEN].
+    #[arg(long)]
+    advertise: Option<String>,
 }
 
 #[derive(Args)]
@@ -273,14 +283,32 @@ fn serve(a: ServeArgs) -> Result<()> {
             .parse()
             .context("default listen address")?,
     };
-    if file.store.as_deref().is_some_and(|s| s != "redb") {
-        bail!(
-            "store `{}` is not available in this build: use redb",
-            file.store.as_deref().unwrap_or("")
-        );
-    }
-    let Some(data) = a.data.or(file.data) else {
-        bail!("--data DIR is required (the directory for meta.redb)");
+    let store = a.store.or(file.store).unwrap_or_else(|| "redb".into());
+    let data = a.data.or(file.data);
+    let store = match store.as_str() {
+        "redb" => {
+            let Some(dir) = data.clone() else {
+                bail!("--data DIR is required (the directory for meta.redb)");
+            };
+            celer_meta::server::StoreConfig::Redb { dir }
+        }
+        "etcd" => {
+            let endpoints = a.etcd.or(file.etcd).unwrap_or_default();
+            if endpoints.is_empty() {
+                bail!("--store etcd needs --etcd http://HOST:2379[,...]");
+            }
+            if listen.ip().is_unspecified() && a.advertise.is_none() && file.advertise.is_none() {
+                bail!("listening on {listen}: pass --advertise http://THIS-HOST:PORT so the other control processes can name this one");
+            }
+            let advertise = a
+                .advertise
+                .or(file.advertise)
+                .unwrap_or_else(|| format!("http://{listen}"));
+            celer_meta::server::StoreConfig::Etcd(celer_meta::etcd::EtcdConfig::new(
+                endpoints, advertise,
+            ))
+        }
+        other => bail!("unknown --store `{other}`: use redb or etcd"),
     };
     let tokens = match (a.token, a.token_file.or(file.token_file)) {
         (Some(t), _) => vec![celer_meta::server::Token {
@@ -301,7 +329,8 @@ fn serve(a: ServeArgs) -> Result<()> {
             Err(_) => bail!("a token is required: --token-file FILE, --token or CELER_TOKEN"),
         },
     };
-    let mut cfg = MetaConfig::new(listen, data, "");
+    let mut cfg = MetaConfig::new(listen, data.unwrap_or_default(), "");
+    cfg.store = store;
     cfg.tokens = tokens;
     let c = &mut cfg.cluster;
     if let Some(v) = a.heartbeat_ms.or(file.heartbeat_ms) {

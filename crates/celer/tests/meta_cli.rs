@@ -227,3 +227,172 @@ fn errors_without_a_control_service_or_settings() {
         .expect("run");
     assert!(String::from_utf8_lossy(&out.stderr).contains("leese_ms"));
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// The HTTP status of an authenticated `GET /v1/status` (plain TCP: the
+/// CLI would follow a follower's 503 to the leader).
+fn raw_status(port: u16) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+    write!(
+        s,
+        "GET /v1/status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).ok()?;
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+}
+
+struct Killed(Vec<Child>);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Three `celer meta serve --store etcd` processes on a 3-member etcd
+/// cluster: kill -9 the leader, a follower takes over, nothing is lost.
+#[test]
+fn meta_serve_on_etcd_survives_kill_9_of_the_leader() {
+    let Some(etcd) = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+    else {
+        eprintln!("SKIPPED: no etcd binary (apt-get install -y etcd-server)");
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let peers: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let clients: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let cluster: Vec<String> = (0..3)
+        .map(|i| format!("e{i}=http://127.0.0.1:{}", peers[i]))
+        .collect();
+    let mut etcds = Killed(Vec::new());
+    for i in 0..3 {
+        let client = format!("http://127.0.0.1:{}", clients[i]);
+        let peer = format!("http://127.0.0.1:{}", peers[i]);
+        etcds.0.push(
+            Command::new(etcd)
+                .args(["--name", &format!("e{i}"), "--data-dir"])
+                .arg(dir.path().join(format!("e{i}")))
+                .args([
+                    "--listen-client-urls",
+                    &client,
+                    "--advertise-client-urls",
+                    &client,
+                ])
+                .args([
+                    "--listen-peer-urls",
+                    &peer,
+                    "--initial-advertise-peer-urls",
+                    &peer,
+                ])
+                .args(["--initial-cluster", &cluster.join(",")])
+                .args(["--initial-cluster-state", "new"])
+                .args([
+                    "--initial-cluster-token",
+                    &format!("cli-{}", std::process::id()),
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn etcd"),
+        );
+    }
+    let endpoints: Vec<String> = clients
+        .iter()
+        .map(|c| format!("http://127.0.0.1:{c}"))
+        .collect();
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let mut metas = Killed(Vec::new());
+    for p in &ports {
+        metas.0.push(
+            Command::new(env!("CARGO_BIN_EXE_celer"))
+                .args([
+                    "meta",
+                    "serve",
+                    "--store",
+                    "etcd",
+                    "--etcd",
+                    &endpoints.join(","),
+                ])
+                .args(["--listen", &format!("127.0.0.1:{p}"), "--token", TOKEN])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn celer meta serve"),
+        );
+    }
+    let leader = |alive: &[usize], within: Duration| -> usize {
+        let start = Instant::now();
+        loop {
+            let leading: Vec<usize> = alive
+                .iter()
+                .copied()
+                .filter(|i| raw_status(ports[*i]) == Some(200))
+                .collect();
+            if leading.len() == 1 {
+                return leading[0];
+            }
+            assert!(start.elapsed() < within, "no single leader: {leading:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    // etcd forms its cluster first; the control processes retry until then.
+    let first = leader(&[0, 1, 2], Duration::from_secs(30));
+    let all: Vec<String> = ports
+        .iter()
+        .map(|p| format!("http://127.0.0.1:{p}"))
+        .collect();
+    let meta = all.join(",");
+    let env = [("CELER_META", meta.as_str()), ("CELER_TOKEN", TOKEN)];
+    let out = celer(&["volume", "create", "before", "--size", "1G"], &env);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let killed = Instant::now();
+    let _ = metas.0[first].kill();
+    let _ = metas.0[first].wait();
+    let alive: Vec<usize> = (0..3).filter(|i| *i != first).collect();
+    let second = leader(&alive, Duration::from_secs(10));
+    let took = killed.elapsed();
+    assert!(took < Duration::from_secs(6), "takeover took {took:?}");
+    eprintln!("takeover by process {second} after {took:?}");
+
+    let out = celer(&["volume", "create", "after", "--size", "1G"], &env);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = celer(&["volume", "list", "--json"], &env);
+    let vols: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let names: Vec<&str> = vols
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    assert_eq!(names, ["after", "before"]);
+    let out = celer(&["meta", "log"], &env);
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        log.contains("volume before created") && log.contains("volume after created"),
+        "{log}"
+    );
+}
