@@ -49,9 +49,7 @@ impl FileConfig {
         let text = std::fs::read_to_string(path).map_err(|e| {
             MetaError::Config(format!("cannot read config file {}: {e}", path.display()))
         })?;
-        FileConfig::parse(&text).map_err(|e| {
-            MetaError::Config(format!("{}: {e}", path.display()))
-        })
+        FileConfig::parse(&text).map_err(|e| MetaError::Config(format!("{}: {e}", path.display())))
     }
 }
 

@@ -22,8 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp,
-    TxnOpResponse,
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
 };
 
 use crate::server::{MetaError, Role, Shared};
@@ -334,8 +333,10 @@ pub(crate) async fn lead(shared: Arc<Shared>, store: Arc<EtcdStore>, cfg: EtcdCo
         store.set_fence(Some(rev));
         let loaded = {
             let st = shared.clone();
-            tokio::task::spawn_blocking(move || Cluster::load(st.cluster_cfg.clone(), st.store.as_ref()))
-                .await
+            tokio::task::spawn_blocking(move || {
+                Cluster::load(st.cluster_cfg.clone(), st.store.as_ref())
+            })
+            .await
         };
         match loaded {
             Ok(Ok(cluster)) => {

@@ -126,6 +126,8 @@ pub struct Cluster {
     cfg: ClusterConfig,
     p: Persistent,
     live: HashMap<NodeId, Liveness>,
+    /// The highest epoch a node reported (memory only).
+    epoch_floor: u64,
 }
 
 /// What a change did besides its reply: a new table to push.
@@ -171,6 +173,8 @@ fn record_of(n: &NodeInfo) -> NodeRecord {
 /// A change in progress: a copy of the state plus what to write.
 struct Tx {
     p: Persistent,
+    /// New tables get epochs above this (the highest a node reported).
+    epoch_floor: u64,
     who: String,
     ops: Vec<Op>,
     entries: Vec<LogEntry>,
@@ -251,10 +255,13 @@ impl Tx {
                 if nodes.iter().filter(|n| n.up).count() < cfg.replicas as usize {
                     return Ok(());
                 }
-                RouteTable::initial(nodes, cfg.partition_bits, cfg.replicas, cfg.chunk_bytes)
-                    .map_err(|e| {
+                let mut t =
+                    RouteTable::initial(nodes, cfg.partition_bits, cfg.replicas, cfg.chunk_bytes)
+                        .map_err(|e| {
                         StateError::BadRequest(format!("cannot build the route table: {e}"))
-                    })?
+                    })?;
+                t.epoch = t.epoch.max(self.epoch_floor + 1);
+                t
             }
             Some(t) => {
                 // Bounded concurrent movement: partitions still moving use
@@ -324,6 +331,7 @@ impl Cluster {
                 last_seq,
             },
             live,
+            epoch_floor: 0,
         })
     }
 
@@ -346,6 +354,7 @@ impl Cluster {
     fn begin(&self, who: &str) -> Tx {
         Tx {
             p: self.p.clone(),
+            epoch_floor: self.epoch_floor,
             who: who.to_string(),
             ops: Vec::new(),
             entries: Vec::new(),
@@ -492,6 +501,21 @@ impl Cluster {
             tx.log(Change::NodeUp { id });
             tx.reroute(&self.cfg, &format!("node {id} up"))?;
             pushed = self.commit(store, tx)?;
+        }
+        if epoch > self.epoch() {
+            // The nodes know a newer epoch than this control service (its
+            // metadata was restored or rebuilt): continue above it, or the
+            // nodes would ignore its tables as stale.
+            self.epoch_floor = self.epoch_floor.max(epoch);
+            if let Some(mut t) = self.table().cloned() {
+                let mut tx = self.begin(&format!("node {id}"));
+                t.epoch = epoch + 1;
+                tx.set_table(
+                    t,
+                    &format!("epoch raised above {epoch}, reported by node {id}"),
+                );
+                pushed = self.commit(store, tx)?.or(pushed);
+            }
         }
         let now = Instant::now();
         let l = self.live.entry(id).or_insert_with(|| Liveness::fresh(now));

@@ -722,3 +722,38 @@ fn a_second_server_on_the_same_data_dir_is_refused() {
     let e = MetaServer::start(config(dir.path(), |_| {})).expect_err("second server");
     assert!(e.to_string().contains("already open"), "{e}");
 }
+
+#[test]
+fn a_rebuilt_control_service_continues_above_the_nodes_epoch() {
+    // The nodes come from a cluster whose table was at epoch 41; this
+    // control service starts empty (lost or restored metadata).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_server, c) = start(dir.path(), |cfg| cfg.cluster.lease_ms = 60_000);
+    let nodes: Vec<FakeNode> = (0..3).map(|_| FakeNode::start()).collect();
+    for (i, n) in nodes.iter().enumerate() {
+        // Their saved ids: adopted, not reassigned.
+        let r = c
+            .register(&RegisterNode {
+                node_id: Some(7 + i as NodeId),
+                data_addr: "127.0.0.1:1".into(),
+                admin_addr: n.addr.to_string(),
+                shards: 2,
+                domain: format!("host{i}"),
+            })
+            .expect("register");
+        assert_eq!(r.node_id, 7 + i as NodeId);
+        if i < 2 {
+            c.heartbeat(r.node_id, 41).expect("heartbeat");
+        }
+    }
+    let t = c.route().expect("route");
+    assert_eq!(t.epoch, 42, "the first table starts above the nodes' epoch");
+    // A node reporting an even newer epoch raises it again, and gets it.
+    let r = c.heartbeat(9, 50).expect("heartbeat");
+    assert_eq!(r.epoch, 51);
+    assert_eq!(r.table.expect("table").epoch, 51);
+    wait_for(Duration::from_secs(2), "push of epoch 51", || {
+        nodes[0].received(51)
+    });
+    assert_eq!(FakeNode::start().register(&c, "host3"), 10);
+}

@@ -195,7 +195,12 @@ fn leader_failover_keeps_every_change() {
     {
         Err(ureq::Error::Status(503, r)) => {
             let b: celer_meta::api::ErrorBody = r.into_json().expect("json");
-            assert_eq!(b.leader.as_deref(), Some(urls[first].as_str()), "{}", b.error);
+            assert_eq!(
+                b.leader.as_deref(),
+                Some(urls[first].as_str()),
+                "{}",
+                b.error
+            );
         }
         other => panic!("expected 503 naming the leader, got {other:?}"),
     }
@@ -206,7 +211,12 @@ fn leader_failover_keeps_every_change() {
         .is_empty());
     // Starting at a follower: the client follows the 503 to the leader.
     let c = MetaClient::new(
-        &format!("{},{},{}", urls[follower], urls[first], urls[(first + 2) % 3]),
+        &format!(
+            "{},{},{}",
+            urls[follower],
+            urls[first],
+            urls[(first + 2) % 3]
+        ),
         TOKEN,
     );
     for i in 0..5 {
