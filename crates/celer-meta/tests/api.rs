@@ -448,8 +448,9 @@ fn volume_lifecycle_survives_a_restart() {
 fn lease_expiry_marks_down_bumps_the_epoch_and_pushes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (server, c) = start(dir.path(), |cfg| {
+        // Generous against a loaded CI machine: 20 heartbeats per lease.
         cfg.cluster.heartbeat_ms = 50;
-        cfg.cluster.lease_ms = 400;
+        cfg.cluster.lease_ms = 1000;
         cfg.cluster.replicas = 2;
     });
     let nodes: Vec<FakeNode> = (0..3).map(|_| FakeNode::start()).collect();
@@ -473,8 +474,8 @@ fn lease_expiry_marks_down_bumps_the_epoch_and_pushes() {
     for n in &nodes {
         wait_for(Duration::from_secs(2), "initial push", || n.received(epoch));
     }
-    // Healthy heartbeats for twice the lease: nobody goes down.
-    thread::sleep(Duration::from_millis(800));
+    // Healthy heartbeats for longer than the lease: nobody goes down.
+    thread::sleep(Duration::from_millis(1500));
     assert_eq!(c.status().expect("status").nodes_down, 0);
     assert_eq!(c.route().expect("route").epoch, epoch);
 
@@ -488,8 +489,8 @@ fn lease_expiry_marks_down_bumps_the_epoch_and_pushes() {
     });
     let took = stopped.elapsed();
     assert!(
-        took >= Duration::from_millis(300) && took < Duration::from_millis(1500),
-        "marked down after {took:?} with a 400 ms lease"
+        took >= Duration::from_millis(900) && took < Duration::from_millis(2500),
+        "marked down after {took:?} with a 1000 ms lease"
     );
     assert!(down.epoch > epoch);
     assert!(down
@@ -500,7 +501,7 @@ fn lease_expiry_marks_down_bumps_the_epoch_and_pushes() {
     assert_eq!((s.nodes_up, s.nodes_down), (2, 1));
     let listed = c.nodes().expect("nodes");
     assert!(!listed[2].up && listed[0].up);
-    assert!(listed[0].last_heartbeat_ms_ago.expect("beat") < 400);
+    assert!(listed[0].last_heartbeat_ms_ago.expect("beat") < 1000);
 
     // The live nodes receive the new table within a second; the down one not.
     let bumped = Instant::now();
