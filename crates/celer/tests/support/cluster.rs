@@ -193,6 +193,45 @@ impl Cluster {
         self.nodes[i].meta_proxy.partition(on);
     }
 
+    /// Cuts node `i` off with nftables: packets to or from its data port
+    /// (behind the proxy) and its control-service link are dropped in the
+    /// kernel, so TCP retransmits as in a real partition. Needs root.
+    pub fn partition_nft(&self, i: usize, on: bool) {
+        let table = format!("celer_test_{}_{}", std::process::id(), i);
+        let n = &self.nodes[i];
+        let ports = format!("{{ {}, {} }}", n.listen.port(), n.meta_proxy.addr().port());
+        let run = |args: &[&str]| {
+            let out = Command::new("nft")
+                .args(args)
+                .output()
+                .expect("run nft (needs root and the nftables package)");
+            assert!(
+                out.status.success(),
+                "nft {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        if on {
+            run(&["add", "table", "inet", &table]);
+            run(&[
+                "add",
+                "chain",
+                "inet",
+                &table,
+                "in",
+                "{ type filter hook input priority 0; }",
+            ]);
+            run(&[
+                "add", "rule", "inet", &table, "in", "tcp", "dport", &ports, "drop",
+            ]);
+            run(&[
+                "add", "rule", "inet", &table, "in", "tcp", "sport", &ports, "drop",
+            ]);
+        } else {
+            run(&["delete", "table", "inet", &table]);
+        }
+    }
+
     /// Waits until every partition has all its members in sync and no
     /// node is down, or panics after `limit`.
     pub fn wait_healthy(&self, limit: Duration) -> RouteTable {
