@@ -34,7 +34,9 @@ pub fn random_client_id() -> u16 {
 pub fn open_volume(meta: &str, token: &str, volume: &str) -> Result<Arc<dyn BlockDevice>> {
     let mc = MetaClient::new(meta, token);
     let vol = mc.volume(volume).with_context(|| {
-        format!("volume `{volume}` at the control service {meta} (list them with `celer volume list`)")
+        format!(
+            "volume `{volume}` at the control service {meta} (list them with `celer volume list`)"
+        )
     })?;
     let route = mc
         .route()
@@ -55,7 +57,9 @@ pub fn open_volume(meta: &str, token: &str, volume: &str) -> Result<Arc<dyn Bloc
 pub fn open_spec(spec: &str) -> Result<Arc<dyn BlockDevice>> {
     let mut parts = spec.split(',');
     let volume = parts.next().filter(|v| !v.is_empty()).ok_or_else(|| {
-        anyhow::anyhow!("cluster device needs a volume name: cluster:NAME[,meta=URL][,token=SECRET]")
+        anyhow::anyhow!(
+            "cluster device needs a volume name: cluster:NAME[,meta=URL][,token=SECRET]"
+        )
     })?;
     let mut meta = std::env::var("CELER_META").unwrap_or_else(|_| DEFAULT_META.into());
     let mut token = std::env::var("CELER_TOKEN").ok();
@@ -77,7 +81,9 @@ pub fn open_spec(spec: &str) -> Result<Arc<dyn BlockDevice>> {
         }
     }
     let token = token.ok_or_else(|| {
-        anyhow::anyhow!("cluster device needs the cluster token: token=SECRET, token-file=PATH or CELER_TOKEN")
+        anyhow::anyhow!(
+            "cluster device needs the cluster token: token=SECRET, token-file=PATH or CELER_TOKEN"
+        )
     })?;
     open_volume(&meta, &token, volume)
 }
