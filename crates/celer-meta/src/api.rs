@@ -90,6 +90,9 @@ pub struct HeartbeatReply {
     pub epoch: u64,
     /// The current table when the node's epoch is older (a missed push).
     pub table: Option<RouteTable>,
+    /// Deleted volumes: the node frees their chunks and refuses their I/O.
+    #[serde(default)]
+    pub deleted_volumes: Vec<u64>,
 }
 
 /// A node reporting that it finished backfilling partitions.

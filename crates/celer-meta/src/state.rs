@@ -12,7 +12,7 @@
 //! `Volume`, `route` → `StoredRoute`, `ctr/node` and `ctr/volume` → the next
 //! ids (decimal); the change log holds `LogEntry` JSON.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use celer_route::{NodeId, NodeInfo, RouteTable};
@@ -99,6 +99,10 @@ struct Persistent {
     next_node_id: NodeId,
     next_volume_id: u64,
     last_seq: u64,
+    /// Deleted volume ids (tombstones): storage nodes free their chunks and
+    /// refuse I/O to them. A restore that brings a volume back removes its
+    /// tombstone (the data the nodes already freed does not come back).
+    deleted: BTreeSet<u64>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -317,6 +321,17 @@ impl Cluster {
             reason: "out of range".into(),
         })?;
         let next_volume_id = counter("ctr/volume")?;
+        let mut deleted = BTreeSet::new();
+        for (k, _) in store.scan_prefix(b"deleted/")? {
+            let id = std::str::from_utf8(&k[8..])
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or_else(|| StoreError::Corrupt {
+                    key: String::from_utf8_lossy(&k).into_owned(),
+                    reason: "not a volume id".into(),
+                })?;
+            deleted.insert(id);
+        }
         let last_seq = store.last_seq()?;
         let now = Instant::now();
         let live = nodes.keys().map(|id| (*id, Liveness::fresh(now))).collect();
@@ -329,6 +344,7 @@ impl Cluster {
                 next_node_id,
                 next_volume_id,
                 last_seq,
+                deleted,
             },
             live,
             epoch_floor: 0,
@@ -527,6 +543,7 @@ impl Cluster {
             HeartbeatReply {
                 epoch: current,
                 table,
+                deleted_volumes: self.p.deleted.iter().copied().collect(),
             },
             pushed,
         ))
@@ -741,6 +758,9 @@ impl Cluster {
         let mut tx = self.begin(who);
         tx.ops.push(Op::delete(volume_key(name)));
         tx.p.volumes.remove(name);
+        tx.ops
+            .push(Op::put(format!("deleted/{}", v.id), now_ms().to_string()));
+        tx.p.deleted.insert(v.id);
         tx.log(Change::VolumeDeleted {
             id: v.id,
             name: v.name.clone(),
@@ -848,6 +868,10 @@ impl Cluster {
         }
         tx.p.volumes.clear();
         for v in volumes.values() {
+            if tx.p.deleted.remove(&v.id) {
+                tracing::warn!(volume = %v.name, id = v.id, "restored volume was deleted: storage nodes may have freed its data");
+                tx.ops.push(Op::delete(format!("deleted/{}", v.id)));
+            }
             tx.put_volume(v.clone());
         }
         for id in self.p.nodes.keys() {

@@ -106,7 +106,13 @@ async fn status(State(shared): State<Arc<NodeShared>>) -> Json<serde_json::Value
         ),
         None => (0, Vec::new()),
     };
+    let chunks: usize = shared
+        .chunks
+        .iter()
+        .map(|c| c.load(Ordering::Relaxed))
+        .sum();
     Json(json!({
+        "allocated_chunks": chunks,
         "node_id": shared.id,
         "shards": shared.shards,
         "epoch": epoch,

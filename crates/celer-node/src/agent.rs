@@ -56,6 +56,7 @@ pub(crate) fn run(
     let mut next_beat = Instant::now();
     let mut last_fetch = Instant::now() - Duration::from_secs(1);
     let mut synced: Vec<(u32, u64)> = Vec::new();
+    let mut last_deleted: Vec<u64> = Vec::new();
     loop {
         let now = Instant::now();
         let wait = next_beat.saturating_duration_since(now);
@@ -92,6 +93,12 @@ pub(crate) fn run(
                     if let Some(t) = r.table {
                         shared.metrics.epoch.set(t.epoch as i64);
                         shared.hub.install(t);
+                    }
+                    let mut deleted = r.deleted_volumes;
+                    deleted.sort_unstable();
+                    if deleted != last_deleted {
+                        shared.hub.set_deleted(deleted.clone());
+                        last_deleted = deleted;
                     }
                 }
                 Err(e) if e.is_not_found() => {

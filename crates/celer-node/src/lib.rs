@@ -97,6 +97,8 @@ pub(crate) enum ShardMsg {
     /// A connection whose Hello named this shard.
     Conn(TcpStream, Header),
     Route(Arc<Installed>),
+    /// Deleted volumes (sorted): free their chunks, refuse their I/O.
+    Deleted(Arc<Vec<u64>>),
     Stop,
 }
 
@@ -174,6 +176,13 @@ impl RouteHub {
     pub(crate) fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::Acquire)
     }
+    /// Tells every shard which volumes are deleted (sorted ids).
+    pub(crate) fn set_deleted(&self, ids: Vec<u64>) {
+        let ids = Arc::new(ids);
+        for s in &self.shards {
+            s.send(ShardMsg::Deleted(ids.clone()));
+        }
+    }
     pub(crate) fn table(&self) -> Option<Arc<Installed>> {
         self.current
             .lock()
@@ -193,6 +202,8 @@ pub(crate) struct NodeShared {
     pub(crate) stopping: AtomicBool,
     /// Per shard: partitions being backfilled.
     pub(crate) backfilling: Vec<std::sync::atomic::AtomicUsize>,
+    /// Per shard: allocated engine chunks (space in use), for status.
+    pub(crate) chunks: Vec<std::sync::atomic::AtomicUsize>,
 }
 
 impl NodeShared {
@@ -303,6 +314,9 @@ impl Node {
             backfilling: (0..shard_count)
                 .map(|_| std::sync::atomic::AtomicUsize::new(0))
                 .collect(),
+            chunks: (0..shard_count)
+                .map(|_| std::sync::atomic::AtomicUsize::new(0))
+                .collect(),
         });
         let mut threads = Vec::new();
         for (engine_shard, (rx, wake)) in shards.into_iter().zip(receivers) {
@@ -385,6 +399,15 @@ impl Node {
     pub fn backfilling(&self) -> usize {
         self.shared
             .backfilling
+            .iter()
+            .map(|a| a.load(Ordering::Acquire))
+            .sum()
+    }
+
+    /// Engine chunks allocated on this node (thin: space in use).
+    pub fn allocated_chunks(&self) -> usize {
+        self.shared
+            .chunks
             .iter()
             .map(|a| a.load(Ordering::Acquire))
             .sum()

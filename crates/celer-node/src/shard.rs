@@ -34,6 +34,12 @@ const TOKEN_WAKE: u64 = u64::MAX;
 const TOKEN_ENGINE: u64 = u64::MAX - 1;
 /// Engine tags at or above this are backfill writes.
 const TAG_BACKFILL: u64 = 1 << 40;
+/// Engine tags at or above this (and below TAG_BACKFILL) free deleted volumes.
+const TAG_PURGE: u64 = 1 << 39;
+/// Whole-chunk discards of deleted volumes in flight per shard: one, so
+/// each finds journal room to release its slot (the engine frees a slot
+/// only when that room is there; leftovers are rescanned).
+const PURGE_INFLIGHT_MAX: usize = 1;
 /// Request ids with this bit are the backfill's own requests.
 const REQ_BACKFILL: u32 = 1 << 31;
 /// Ops kept for client requests; the engine has a few more for backfill.
@@ -138,6 +144,14 @@ struct ShardLoop {
     reported: HashMap<u32, u64>,
     counters: ShardCounters,
     stopping: bool,
+    /// Deleted volumes (sorted): their I/O is refused.
+    deleted: Arc<Vec<u64>>,
+    /// Chunks of deleted volumes still to free, and discards in flight.
+    purge: Vec<(u64, u64)>,
+    purging: usize,
+    /// Rescans left: a whole-chunk discard frees the slot only when nothing
+    /// else holds it (the engine's rule), so leftovers are discarded again.
+    purge_rescans: u32,
 }
 
 pub(crate) fn run(
@@ -217,6 +231,10 @@ pub(crate) fn run(
         reported: HashMap::new(),
         counters,
         stopping: false,
+        deleted: Arc::new(Vec::new()),
+        purge: Vec::new(),
+        purging: 0,
+        purge_rescans: 0,
     };
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
     let mut last_activity = Instant::now();
@@ -229,6 +247,7 @@ pub(crate) fn run(
             match m {
                 ShardMsg::Conn(stream, hello) => s.adopt(stream, hello),
                 ShardMsg::Route(r) => s.install(r),
+                ShardMsg::Deleted(ids) => s.set_deleted(ids),
                 ShardMsg::Stop => s.stopping = true,
             }
         }
@@ -243,6 +262,11 @@ pub(crate) fn run(
             }
         }
         s.backfill_step();
+        s.purge_step();
+        s.shared.chunks[s.id as usize].store(
+            s.engine.allocated_chunks(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         activity |= s.engine_poll();
         s.flush_dirty();
         let now = Instant::now();
@@ -604,6 +628,9 @@ impl ShardLoop {
         if h.epoch > t.epoch {
             self.shared.tell_agent(AgentMsg::NeedRoute(h.epoch));
             return Err(Status::RouteBehind);
+        }
+        if self.deleted.binary_search(&h.volume).is_ok() {
+            return Err(Status::Invalid);
         }
         let chunk_bytes = t.chunk_bytes;
         let len = h.length as u64;
@@ -977,6 +1004,13 @@ impl ShardLoop {
         if c.tag >= TAG_BACKFILL {
             return self.backfill_write_done(c);
         }
+        if c.tag >= TAG_PURGE {
+            self.purging -= 1;
+            if let Err(e) = c.result {
+                tracing::warn!(shard = self.id, "freeing a deleted volume's chunk: {e}");
+            }
+            return;
+        }
         let id = c.tag as usize;
         if let Err(e) = &c.result {
             tracing::warn!(shard = self.id, "engine: {e}");
@@ -1084,6 +1118,67 @@ impl ShardLoop {
             }
         }
         self.respond(c, h, Status::Ok, &[&out]);
+    }
+
+    // ---- deleted volumes ----
+
+    fn set_deleted(&mut self, ids: Arc<Vec<u64>>) {
+        let newly: Vec<u64> = ids
+            .iter()
+            .copied()
+            .filter(|v| self.deleted.binary_search(v).is_err())
+            .collect();
+        self.deleted = ids;
+        if newly.is_empty() {
+            return;
+        }
+        for (v, c) in self.engine.chunks() {
+            if newly.binary_search(&v).is_ok() {
+                self.purge.push((v, c));
+            }
+        }
+        if !self.purge.is_empty() {
+            tracing::info!(shard = self.id, chunks = self.purge.len(), volumes = ?newly, "freeing deleted volumes");
+            self.purge_rescans = 5;
+        }
+    }
+
+    /// Frees chunks of deleted volumes: whole-chunk discards, which release
+    /// the chunk slots, at a version above any a client can send.
+    fn purge_step(&mut self) {
+        let chunk_bytes = self.engine.geometry().chunk_bytes();
+        if self.purge.is_empty() && self.purging == 0 && self.purge_rescans > 0 {
+            self.purge_rescans -= 1;
+            for (v, c) in self.engine.chunks() {
+                if self.deleted.binary_search(&v).is_ok() {
+                    self.purge.push((v, c));
+                }
+            }
+        }
+        while self.purging < PURGE_INFLIGHT_MAX {
+            let Some((v, c)) = self.purge.pop() else {
+                return;
+            };
+            let req = EngineRequest {
+                op: EngineOp::Discard,
+                volume: v,
+                offset_bytes: c * chunk_bytes,
+                len_bytes: chunk_bytes,
+                segments: &[],
+                version: u64::MAX,
+                epoch: 0,
+                tag: TAG_PURGE,
+            };
+            // SAFETY: a discard has no segments.
+            match unsafe { self.engine.submit(&req) } {
+                Ok(()) => self.purging += 1,
+                Err(EngineError::QueueFull { .. }) => {
+                    self.purge.push((v, c));
+                    return;
+                }
+                Err(e) => tracing::warn!(shard = self.id, volume = v, chunk = c, "free chunk: {e}"),
+            }
+        }
     }
 
     // ---- routes and backfill ----
@@ -1295,6 +1390,8 @@ impl ShardLoop {
                     (u64::from_le_bytes(v), u64::from_le_bytes(c))
                 })
                 .collect();
+            let deleted = &self.deleted;
+            b.chunks.retain(|(v, _)| deleted.binary_search(v).is_err());
             b.chunks.sort_unstable();
             b.next_chunk = 0;
             b.piece = 0;

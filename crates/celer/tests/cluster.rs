@@ -243,3 +243,132 @@ fn a_client_with_an_old_route_is_corrected_by_a_node() {
     );
     verify(c, &dev, volume, &reports);
 }
+
+/// `GET /v1/status` of a node's admin server, as JSON.
+fn node_status(admin: std::net::SocketAddr) -> serde_json::Value {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(admin).expect("admin");
+    s.write_all(b"GET /v1/status HTTP/1.0\r\nHost: x\r\n\r\n")
+        .expect("request");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("response");
+    let body = text.split("\r\n\r\n").nth(1).expect("body");
+    serde_json::from_str(body).expect("status JSON")
+}
+
+#[test]
+fn deleting_a_volume_frees_its_space_on_the_nodes() {
+    let c = Cluster::start(std::path::Path::new(BIN), ClusterOpts::default());
+    let chunks = |c: &Cluster| -> u64 {
+        c.nodes
+            .iter()
+            .map(|n| {
+                node_status(n.admin)["allocated_chunks"]
+                    .as_u64()
+                    .expect("chunks")
+            })
+            .sum()
+    };
+    let (_, dev) = volume_client(&c, "vol-gone", 1);
+    let (_, keep) = volume_client(&c, "vol-kept", 2);
+    // 16 MiB into each volume: 16 chunks × 3 replicas each.
+    for d in [&dev, &keep] {
+        let mut q = d.open_queue(1).expect("queue");
+        let mut buf = vec![0x42u8; 1 << 20];
+        for i in 0..16u64 {
+            let seg = celer_device::IoSegment {
+                addr: buf.as_mut_ptr(),
+                len: buf.len(),
+            };
+            let req = celer_device::IoRequest {
+                op: celer_device::IoOp::Write,
+                offset_bytes: i << 20,
+                len_bytes: 1 << 20,
+                segments: &[seg],
+                tag: i,
+            };
+            // SAFETY: buf outlives the request (waited for below).
+            unsafe { q.submit(&req) }.expect("submit");
+            let mut done = None;
+            while done.is_none() {
+                q.poll(&mut |c| done = Some(c.result));
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            done.expect("completion").expect("write");
+        }
+    }
+    let before = chunks(&c);
+    assert!(before >= 2 * 16 * 3, "chunks in use before: {before}");
+    c.meta_client().delete_volume("vol-gone").expect("delete");
+    let t0 = Instant::now();
+    let after = loop {
+        let n = chunks(&c);
+        if n <= before - 16 * 3 {
+            // Let the rescans finish, then read the final count.
+            std::thread::sleep(Duration::from_millis(500));
+            break chunks(&c);
+        }
+        if t0.elapsed() > Duration::from_secs(10) {
+            let logs = c.keep_logs();
+            panic!(
+                "space not freed: {n} chunks (was {before}); logs in {}",
+                logs.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    println!(
+        "chunks in use: {before} before the delete, {after} {:?} after",
+        t0.elapsed()
+    );
+    // The kept volume's 48 chunks stay. (A node that left a partition
+    // during the cluster's first rebalance may also hold a stale copy of a
+    // chunk: freeing those is not done yet, see docs/architecture.md.)
+    assert!(after >= 16 * 3, "the kept volume lost chunks: {after}");
+    // The deleted volume's I/O is refused; the other volume is intact.
+    let mut q = dev.open_queue(2).expect("queue");
+    let mut buf = vec![0u8; 4096];
+    let seg = celer_device::IoSegment {
+        addr: buf.as_mut_ptr(),
+        len: 4096,
+    };
+    let req = celer_device::IoRequest {
+        op: celer_device::IoOp::Write,
+        offset_bytes: 0,
+        len_bytes: 4096,
+        segments: &[seg],
+        tag: 0,
+    };
+    // SAFETY: buf outlives the request.
+    unsafe { q.submit(&req) }.expect("submit");
+    let mut done = None;
+    while done.is_none() {
+        q.poll(&mut |c| done = Some(c.result));
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    assert!(
+        done.expect("completion").is_err(),
+        "a write to a deleted volume must fail"
+    );
+    let mut q = keep.open_queue(3).expect("queue");
+    let seg = celer_device::IoSegment {
+        addr: buf.as_mut_ptr(),
+        len: 4096,
+    };
+    let req = celer_device::IoRequest {
+        op: celer_device::IoOp::Read,
+        offset_bytes: 5 << 20,
+        len_bytes: 4096,
+        segments: &[seg],
+        tag: 0,
+    };
+    // SAFETY: buf outlives the request.
+    unsafe { q.submit(&req) }.expect("submit");
+    let mut done = None;
+    while done.is_none() {
+        q.poll(&mut |c| done = Some(c.result));
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    done.expect("completion").expect("read the kept volume");
+    assert!(buf.iter().all(|b| *b == 0x42));
+}
