@@ -1,5 +1,6 @@
 //! `celer`: the command-line front of Celer.
 
+mod bench_cluster;
 mod bench_engine;
 mod cluster_dev;
 mod engine_cmd;
@@ -78,6 +79,8 @@ enum BenchCommand {
     Engine(BenchEngineArgs),
     /// A user-space virtio-blk driver against vhost-user-blk back ends: Celer vs qemu-storage-daemon.
     Vhost(celer_vhost::bench::BenchArgs),
+    /// 4 KiB random write/read at QD1 and QD32 on a 3-replica cluster of processes: Celer vs Ceph vs the disk's floor.
+    Cluster(bench_cluster::ClusterBenchArgs),
 }
 
 #[derive(Args)]
@@ -137,6 +140,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchCommand::Vhost(a)) => {
             celer_vhost::cli::run_bench_cli(&a, &["vhost", "serve"])
         }
+        Command::Bench(BenchCommand::Cluster(a)) => bench_cluster::run(&a),
         Command::Bench(BenchCommand::Engine(a)) => {
             anyhow::ensure!(
                 a.volume_size >= 256 * 4096 && a.volume_size % (256 * 4096) == 0,

@@ -1,0 +1,1238 @@
+//! `celer bench cluster`: 4 KiB random writes and reads at QD1 and QD32
+//! against a real 3-replica cluster on this machine (a control service and
+//! three storage-node processes, one disk file each, all on one disk),
+//! driven in-process through `celer-client`; in the same run the physical
+//! floor (fio: a durable 4K write and a 4K O_DIRECT read on the same disk,
+//! plus a loopback TCP round trip) and, with `--ceph`, the Ceph 16 peer
+//! (3 BlueStore OSDs, size 3, fio's rbd engine). Celer and Ceph take turns
+//! workload by workload, so a noisy neighbour hurts both alike.
+//!
+//! CPU per I/O counts every process of a side: for Celer the bench process
+//! (the client; getrusage) plus the control service and the nodes
+//! (/proc/PID/stat utime+stime), for Ceph fio (the librbd client) plus
+//! mon, mgr and the OSDs. Every process this starts is stopped when it
+//! returns, on error too (`Procs` guard, SIGTERM then SIGKILL; children
+//! also get SIGTERM if this process dies).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::RawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use celer_device::{DeviceQueue, IoCompletion, IoOp, IoRequest, IoSegment};
+use celer_meta::api::CreateVolume;
+use celer_meta::client::MetaClient;
+use clap::Args;
+
+use crate::fio::{self, Figures};
+
+#[derive(Args, Debug)]
+pub struct ClusterBenchArgs {
+    /// Directory for the node disks, the control service's data and the
+    /// floor's fio file (on the disk to measure). Its `meta` and `node*`
+    /// entries are wiped at start.
+    #[arg(long, default_value = "/var/tmp/celer-bench-cluster")]
+    pub dir: PathBuf,
+    /// Seconds per workload (and per floor measurement).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=3600))]
+    pub runtime: u32,
+    /// Size of the volume; the random I/O covers all of it (filled first).
+    #[arg(long, default_value = "1G", value_parser = celer_device::parse_size)]
+    pub volume_size: u64,
+    /// Also run the Ceph peer (scripts/peers/ceph/ceph-up.sh brings it up, or
+    /// a running one is reused) and print Celer/Ceph ratios.
+    #[arg(long)]
+    pub ceph: bool,
+    /// Run only the workloads whose name contains this (randwrite-qd1,
+    /// randread-qd32, randwrite-qd32-2q, ...).
+    #[arg(long)]
+    pub only: Option<String>,
+    /// Engine shards (threads) per storage node.
+    #[arg(long, default_value_t = 2)]
+    pub node_shards: u32,
+    /// Client: keep polling this many µs for completions before sleeping in
+    /// epoll (0: sleep at once; the two cores here are shared with the nodes).
+    #[arg(long, default_value_t = 0)]
+    pub poll_us: u64,
+    /// Where ceph-up.sh / ceph-down.sh live (default: scripts/peers/ceph of
+    /// this checkout).
+    #[arg(long)]
+    pub ceph_scripts: Option<PathBuf>,
+    /// The Ceph peer's directory (BASE of the scripts).
+    #[arg(long, default_value = "/var/tmp/celer-ceph")]
+    pub ceph_base: PathBuf,
+    /// Leave a Ceph peer this run started running afterwards (one that was
+    /// already running is always left running).
+    #[arg(long)]
+    pub keep_ceph: bool,
+    /// After the measurements, with the cluster still up, run this shell
+    /// command with CELER_BIN, CELER_META, CELER_TOKEN and CELER_VOLUME set
+    /// (e.g. the in-guest benchmark); its failure fails the run.
+    #[arg(long)]
+    pub exec: Option<String>,
+}
+
+/// One workload: `queues` client queues on as many threads, `qd` requests in
+/// flight in total (split evenly).
+#[derive(Clone, Copy, Debug)]
+struct Workload {
+    rw: &'static str,
+    op: IoOp,
+    qd: usize,
+    queues: usize,
+}
+
+impl Workload {
+    fn name(&self) -> String {
+        if self.queues == 1 {
+            format!("{}-qd{}", self.rw, self.qd)
+        } else {
+            format!("{}-qd{}-{}q", self.rw, self.qd, self.queues)
+        }
+    }
+    fn label(&self) -> String {
+        if self.queues == 1 {
+            format!("{} QD{}", self.rw, self.qd)
+        } else {
+            format!("{} QD{} {}q", self.rw, self.qd, self.queues)
+        }
+    }
+}
+
+const WORKLOADS: [Workload; 6] = [
+    Workload {
+        rw: "randwrite",
+        op: IoOp::Write,
+        qd: 1,
+        queues: 1,
+    },
+    Workload {
+        rw: "randwrite",
+        op: IoOp::Write,
+        qd: 32,
+        queues: 1,
+    },
+    Workload {
+        rw: "randwrite",
+        op: IoOp::Write,
+        qd: 32,
+        queues: 2,
+    },
+    Workload {
+        rw: "randread",
+        op: IoOp::Read,
+        qd: 1,
+        queues: 1,
+    },
+    Workload {
+        rw: "randread",
+        op: IoOp::Read,
+        qd: 32,
+        queues: 1,
+    },
+    Workload {
+        rw: "randread",
+        op: IoOp::Read,
+        qd: 32,
+        queues: 2,
+    },
+];
+
+const BLOCK_BYTES: u64 = 4096;
+const VOLUME_NAME: &str = "bench";
+/// Latency samples kept per queue (more I/Os are counted but not sampled).
+const SAMPLES_MAX: usize = 8_000_000;
+/// Prefill request size and depth.
+const FILL_REQUEST_BYTES: u64 = 256 * 1024;
+const FILL_DEPTH: usize = 16;
+/// How long to wait for a child to exit after SIGTERM before SIGKILL.
+const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+/// Loopback round trips timed for the floor (after `RTT_WARMUP`).
+const RTT_ROUNDS: usize = 20_000;
+const RTT_WARMUP: usize = 2_000;
+const RTT_MESSAGE_BYTES: usize = 64;
+
+// ---------------------------------------------------------------- processes
+
+/// Child processes this run started; stops them when dropped.
+struct Procs {
+    children: Vec<(String, Child)>,
+    /// The same pids, for the signal handler (Ctrl-C).
+    pids: Arc<Mutex<Vec<i32>>>,
+}
+
+impl Procs {
+    fn new() -> Procs {
+        let pids: Arc<Mutex<Vec<i32>>> = Arc::new(Mutex::new(Vec::new()));
+        let p = pids.clone();
+        crate::on_termination(move || {
+            for &pid in p.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                // SAFETY: signals a child we started and have not reaped.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+            eprintln!("celer bench cluster: interrupted, stopped the cluster's processes");
+            std::process::exit(130);
+        });
+        Procs {
+            children: Vec::new(),
+            pids,
+        }
+    }
+
+    fn spawn(&mut self, name: &str, mut cmd: Command, log: &Path) -> Result<u32> {
+        let log_file =
+            std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
+        cmd.stdout(Stdio::null()).stderr(log_file);
+        // SAFETY: prctl is async-signal-safe; it only asks the kernel to send
+        // SIGTERM to the child when this process exits (even by SIGKILL).
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().with_context(|| format!("start {name}"))?;
+        let pid = child.id();
+        self.pids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(pid as i32);
+        self.children.push((name.to_string(), child));
+        Ok(pid)
+    }
+
+    /// Fails if a child has exited (it should run until we stop it).
+    fn check_alive(&mut self, logs: &Path) -> Result<()> {
+        for (name, c) in &mut self.children {
+            if let Ok(Some(st)) = c.try_wait() {
+                bail!("{name} exited ({st}); its log is in {}", logs.display());
+            }
+        }
+        Ok(())
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        self.children.iter().map(|(_, c)| c.id()).collect()
+    }
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        // Nodes first (they checkpoint on SIGTERM), the control service last.
+        for (_, c) in self.children.iter_mut().rev() {
+            // SAFETY: signals a child we started and have not reaped.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        }
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        for (name, c) in self.children.iter_mut().rev() {
+            loop {
+                match c.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) if Instant::now() >= deadline => {
+                        eprintln!("{name} did not stop after SIGTERM: SIGKILL");
+                        let _ = c.kill();
+                        let _ = c.wait();
+                        break;
+                    }
+                    Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        }
+        self.pids.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+}
+
+fn free_port() -> Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").context("bind a free loopback port")?;
+    Ok(l.local_addr()?)
+}
+
+fn random_token() -> Result<String> {
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .context("read /dev/urandom")?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// A running cluster: control service + 3 nodes as child processes.
+struct Cluster {
+    procs: Procs,
+    meta_url: String,
+    token: String,
+}
+
+fn start_cluster(args: &ClusterBenchArgs, dir: &Path) -> Result<Cluster> {
+    for entry in ["meta", "node0", "node1", "node2"] {
+        let p = dir.join(entry);
+        if p.exists() {
+            std::fs::remove_dir_all(&p).with_context(|| format!("remove {}", p.display()))?;
+        }
+    }
+    let exe = std::env::current_exe().context("locate the celer binary")?;
+    let token = random_token()?;
+    let meta_addr = free_port()?;
+    let meta_url = format!("http://{meta_addr}");
+    let mut procs = Procs::new();
+    let mut meta = Command::new(&exe);
+    // A long lease: a benchmark on a loaded 2-core machine is no failure test,
+    // and a node marked down mid-run would measure fail-over instead.
+    meta.args([
+        "meta",
+        "serve",
+        "--listen",
+        &meta_addr.to_string(),
+        "--data",
+    ])
+    .arg(dir.join("meta"))
+    .args(["--heartbeat-ms", "500", "--lease-ms", "10000"])
+    .env("CELER_TOKEN", &token)
+    .env("CELER_LOG", "warn");
+    procs.spawn("control service", meta, &dir.join("meta.log"))?;
+    let mc = MetaClient::new(&meta_url, &token);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while mc.nodes().is_err() {
+        procs.check_alive(dir)?;
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the control service did not answer within 30 s (log: {}/meta.log)",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Each node holds a full copy (3 nodes, 3 replicas): the volume, the
+    // engine's spare blocks and journals (sparse files).
+    let disk_bytes = args.volume_size + args.volume_size / 3 + (512 << 20);
+    for i in 0..3 {
+        let mut node = Command::new(&exe);
+        node.args(["node", "serve", "--disk"])
+            .arg(dir.join(format!("node{i}/disk.img")))
+            .args(["--create", &disk_bytes.to_string()])
+            .args(["--shards", &args.node_shards.to_string()])
+            .args(["--listen", &free_port()?.to_string()])
+            .args(["--admin-listen", &free_port()?.to_string()])
+            .args(["--meta", &meta_url])
+            .args(["--domain", &format!("host{i}")])
+            .env("CELER_TOKEN", &token)
+            .env("CELER_LOG", "warn");
+        procs.spawn(
+            &format!("storage node {i}"),
+            node,
+            &dir.join(format!("node{i}.log")),
+        )?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        procs.check_alive(dir)?;
+        if let Ok(t) = mc.route() {
+            let up = t.nodes.iter().filter(|n| n.up).count();
+            let synced = t
+                .partitions
+                .iter()
+                .all(|p| p.all_in_sync() && p.members.len() == 3);
+            if up == 3 && synced && !t.partitions.is_empty() {
+                break;
+            }
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the cluster did not form within 60 s (logs in {})",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    mc.create_volume(&CreateVolume {
+        name: VOLUME_NAME.into(),
+        size_bytes: args.volume_size,
+        replicas: Some(3),
+    })
+    .context("create the benchmark volume")?;
+    Ok(Cluster {
+        procs,
+        meta_url,
+        token,
+    })
+}
+
+// ---------------------------------------------------------------- CPU time
+
+fn self_cpu_s() -> f64 {
+    rusage_s(libc::RUSAGE_SELF)
+}
+
+/// CPU of terminated, waited-for children (fio runs) so far.
+fn children_cpu_s() -> f64 {
+    rusage_s(libc::RUSAGE_CHILDREN)
+}
+
+fn rusage_s(who: libc::c_int) -> f64 {
+    // SAFETY: rusage is plain integers; all-zero is a valid value.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage fills the struct we own.
+    unsafe { libc::getrusage(who, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+fn clock_ticks_per_s() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz > 0 {
+        hz as f64
+    } else {
+        100.0
+    }
+}
+
+/// utime + stime of a live process (all its threads), in seconds.
+fn proc_cpu_s(pid: u32) -> f64 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces) start at field 3;
+    // utime and stime are fields 14 and 15.
+    let Some(rest) = s.rfind(')').map(|i| &s[i + 1..]) else {
+        return 0.0;
+    };
+    let mut f = rest.split_whitespace().skip(11);
+    let utime: f64 = f.next().and_then(|x| x.parse().ok()).unwrap_or(0.0);
+    let stime: f64 = f.next().and_then(|x| x.parse().ok()).unwrap_or(0.0);
+    (utime + stime) / clock_ticks_per_s()
+}
+
+/// (busy, total) jiffies over all CPUs (busy excludes idle and iowait).
+fn host_ticks() -> (u64, u64) {
+    let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = s.lines().find(|l| l.starts_with("cpu ")) else {
+        return (0, 0);
+    };
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+fn ncpus() -> f64 {
+    std::thread::available_parallelism()
+        .map(|n| n.get() as f64)
+        .unwrap_or(1.0)
+}
+
+/// CPU snapshot of one side: `pids` (live daemons), this process, and the
+/// children we have waited for (fio), plus the whole machine.
+struct CpuSnap {
+    daemons_s: f64,
+    self_s: f64,
+    children_s: f64,
+    host: (u64, u64),
+    at: Instant,
+}
+
+impl CpuSnap {
+    fn take(pids: &[u32]) -> CpuSnap {
+        CpuSnap {
+            daemons_s: pids.iter().map(|&p| proc_cpu_s(p)).sum(),
+            self_s: self_cpu_s(),
+            children_s: children_cpu_s(),
+            host: host_ticks(),
+            at: Instant::now(),
+        }
+    }
+}
+
+/// CPU used between two snapshots: (seconds of the side's processes,
+/// cores busy with anything else on the machine over the interval).
+fn cpu_between(a: &CpuSnap, b: &CpuSnap, include_self: bool) -> (f64, f64) {
+    let side = (b.daemons_s - a.daemons_s)
+        + (b.children_s - a.children_s)
+        + if include_self {
+            b.self_s - a.self_s
+        } else {
+            0.0
+        };
+    let wall = (b.at - a.at).as_secs_f64().max(1e-9);
+    let (busy, total) = (b.host.0 - a.host.0, b.host.1 - a.host.1);
+    let busy_cores = if total > 0 {
+        busy as f64 / total as f64 * ncpus()
+    } else {
+        0.0
+    };
+    (side, (busy_cores - side / wall).max(0.0))
+}
+
+// ---------------------------------------------------------------- Celer side
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// What one queue measured.
+struct QueueRun {
+    ios: u64,
+    lat_ns: Vec<u32>,
+    wall: Duration,
+}
+
+/// Waits until `fd` is readable or `timeout_ms` passes.
+fn wait_readable(fd: RawFd, timeout_ms: i32) {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd we own.
+    unsafe { libc::poll(&mut p, 1, timeout_ms) };
+}
+
+/// Keeps `qd` requests of `op` in flight on `q` at random 4 KiB blocks of
+/// the volume for `runtime`, timing each from submit to completion.
+fn drive_queue(
+    q: &mut dyn DeviceQueue,
+    op: IoOp,
+    qd: usize,
+    volume_blocks: u64,
+    runtime: Duration,
+    poll_us: u64,
+    seed: u64,
+) -> Result<QueueRun> {
+    let fd = q
+        .completion_fd()
+        .context("the client queue has no completion fd")?;
+    let mut bufs: Vec<Vec<u8>> = (0..qd)
+        .map(|i| vec![(i as u8) ^ 0x5c; BLOCK_BYTES as usize])
+        .collect();
+    let mut started = vec![Instant::now(); qd];
+    let mut lat_ns: Vec<u32> = Vec::with_capacity(SAMPLES_MAX);
+    let mut rng = Rng(seed | 1);
+    let mut free: Vec<usize> = (0..qd).collect();
+    let mut done_tags: Vec<usize> = Vec::with_capacity(qd);
+    let mut failure = None;
+    let mut ios = 0u64;
+    let t0 = Instant::now();
+    let mut idle_since: Option<Instant> = None;
+    loop {
+        let stop = t0.elapsed() >= runtime;
+        if !stop {
+            while let Some(i) = free.pop() {
+                let block = rng.next() % volume_blocks;
+                let seg = [IoSegment {
+                    addr: bufs[i].as_mut_ptr(),
+                    len: BLOCK_BYTES as usize,
+                }];
+                let req = IoRequest {
+                    op,
+                    offset_bytes: block * BLOCK_BYTES,
+                    len_bytes: BLOCK_BYTES,
+                    segments: &seg,
+                    tag: i as u64,
+                };
+                started[i] = Instant::now();
+                // SAFETY: bufs[i] is left alone until tag i completes (it is
+                // only pushed back to `free` by its completion).
+                unsafe { q.submit(&req) }.map_err(|e| anyhow::anyhow!("submit: {e}"))?;
+            }
+        } else if free.len() == qd {
+            break;
+        }
+        let n = q.poll(&mut |c: IoCompletion| {
+            if let Err(e) = c.result {
+                failure = Some(e);
+            }
+            done_tags.push(c.tag as usize);
+        });
+        if n == 0 {
+            let now = Instant::now();
+            let since = *idle_since.get_or_insert(now);
+            if (now - since).as_micros() as u64 >= poll_us {
+                wait_readable(fd, 100);
+            }
+            continue;
+        }
+        idle_since = None;
+        let now = Instant::now();
+        for &i in &done_tags {
+            if lat_ns.len() < SAMPLES_MAX {
+                lat_ns.push((now - started[i]).as_nanos().min(u32::MAX as u128) as u32);
+            }
+            ios += 1;
+            free.push(i);
+        }
+        done_tags.clear();
+        if let Some(e) = failure.take() {
+            bail!("a {op:?} failed during the benchmark: {e}");
+        }
+    }
+    Ok(QueueRun {
+        ios,
+        lat_ns,
+        wall: t0.elapsed(),
+    })
+}
+
+/// Writes the whole volume once with large writes, so that reads hit data
+/// and writes are overwrites.
+fn fill_volume(q: &mut dyn DeviceQueue, volume_bytes: u64) -> Result<()> {
+    let fd = q
+        .completion_fd()
+        .context("the client queue has no completion fd")?;
+    let mut buf = vec![0xA7u8; FILL_REQUEST_BYTES as usize];
+    let mut off = 0;
+    let mut inflight = 0;
+    let mut failure = None;
+    let t0 = Instant::now();
+    while off < volume_bytes || inflight > 0 {
+        while off < volume_bytes && inflight < FILL_DEPTH {
+            let len = FILL_REQUEST_BYTES.min(volume_bytes - off);
+            let seg = [IoSegment {
+                addr: buf.as_mut_ptr(),
+                len: len as usize,
+            }];
+            let req = IoRequest {
+                op: IoOp::Write,
+                offset_bytes: off,
+                len_bytes: len,
+                segments: &seg,
+                tag: off,
+            };
+            // SAFETY: every request only reads `buf`, which outlives them
+            // all (the loop drains before returning).
+            unsafe { q.submit(&req) }.map_err(|e| anyhow::anyhow!("fill: {e}"))?;
+            off += len;
+            inflight += 1;
+        }
+        let n = q.poll(&mut |c: IoCompletion| {
+            inflight -= 1;
+            if let Err(e) = c.result {
+                failure = Some(e);
+            }
+        });
+        if let Some(e) = failure.take() {
+            bail!("filling the benchmark volume: {e}");
+        }
+        if n == 0 {
+            wait_readable(fd, 100);
+        }
+    }
+    let s = t0.elapsed().as_secs_f64();
+    eprintln!(
+        "filled the volume ({} MiB) in {s:.1} s ({:.0} MiB/s of user data, ×3 on disk)",
+        volume_bytes >> 20,
+        (volume_bytes >> 20) as f64 / s
+    );
+    Ok(())
+}
+
+fn percentile_us(sorted_ns: &[u32], pct: usize) -> f64 {
+    sorted_ns
+        .get((sorted_ns.len() * pct / 100).min(sorted_ns.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or(0) as f64
+        / 1000.0
+}
+
+/// One side's figures for one workload, plus the other load on the machine.
+#[derive(Clone, Copy, Debug, Default)]
+struct Measured {
+    fig: Figures,
+    /// Cores busy with processes outside the measured side (noise).
+    other_cores: f64,
+}
+
+fn run_celer(
+    w: Workload,
+    queues: &mut [Box<dyn DeviceQueue>],
+    volume_blocks: u64,
+    runtime: Duration,
+    poll_us: u64,
+    cluster_pids: &[u32],
+) -> Result<Measured> {
+    let per_queue = w.qd / w.queues;
+    let before = CpuSnap::take(cluster_pids);
+    let runs: Vec<Result<QueueRun>> = if w.queues == 1 {
+        vec![drive_queue(
+            queues[0].as_mut(),
+            w.op,
+            per_queue,
+            volume_blocks,
+            runtime,
+            poll_us,
+            0x2545_F491_4F6C_DD1D,
+        )]
+    } else {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = queues[..w.queues]
+                .iter_mut()
+                .enumerate()
+                .map(|(i, q)| {
+                    std::thread::Builder::new()
+                        .name(format!("bench-queue-{i}"))
+                        .spawn_scoped(s, move || {
+                            drive_queue(
+                                q.as_mut(),
+                                w.op,
+                                per_queue,
+                                volume_blocks,
+                                runtime,
+                                poll_us,
+                                0x9E37_79B9_7F4A_7C15u64.wrapping_mul(i as u64 + 1),
+                            )
+                        })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| match h {
+                    Ok(h) => h
+                        .join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("a benchmark thread panicked"))),
+                    Err(e) => Err(anyhow::anyhow!("spawn a benchmark thread: {e}")),
+                })
+                .collect()
+        })
+    };
+    let after = CpuSnap::take(cluster_pids);
+    let mut lat: Vec<u32> = Vec::new();
+    let mut ios = 0u64;
+    let mut wall = Duration::ZERO;
+    for r in runs {
+        let r = r?;
+        ios += r.ios;
+        wall = wall.max(r.wall);
+        lat.extend_from_slice(&r.lat_ns);
+    }
+    lat.sort_unstable();
+    let mean_ns = lat.iter().map(|&x| x as f64).sum::<f64>() / lat.len().max(1) as f64;
+    let (cpu_s, other_cores) = cpu_between(&before, &after, true);
+    Ok(Measured {
+        fig: Figures {
+            iops: ios as f64 / wall.as_secs_f64(),
+            mean_us: mean_ns / 1000.0,
+            p99_us: percentile_us(&lat, 99),
+            cpu_us_per_io: cpu_s * 1e6 / ios.max(1) as f64,
+        },
+        other_cores,
+    })
+}
+
+// ---------------------------------------------------------------- floor
+
+struct Floor {
+    write: Figures,
+    read: Figures,
+    rtt_median_us: f64,
+    rtt_p99_us: f64,
+}
+
+/// Median (and p99) of 64-byte ping-pongs over loopback TCP between two
+/// threads of this process: the network part of one replica round trip.
+fn loopback_rtt() -> Result<(f64, f64)> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("bind loopback")?;
+    let addr = listener.local_addr()?;
+    let server = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut s, _) = listener.accept()?;
+        s.set_nodelay(true)?;
+        let mut b = [0u8; RTT_MESSAGE_BYTES];
+        loop {
+            if s.read_exact(&mut b).is_err() {
+                return Ok(());
+            }
+            s.write_all(&b)?;
+        }
+    });
+    let mut c = TcpStream::connect(addr).context("connect loopback")?;
+    c.set_nodelay(true)?;
+    let mut b = [0x42u8; RTT_MESSAGE_BYTES];
+    let mut rtt: Vec<u32> = Vec::with_capacity(RTT_ROUNDS);
+    for i in 0..RTT_WARMUP + RTT_ROUNDS {
+        let t = Instant::now();
+        c.write_all(&b)?;
+        c.read_exact(&mut b)?;
+        if i >= RTT_WARMUP {
+            rtt.push(t.elapsed().as_nanos().min(u32::MAX as u128) as u32);
+        }
+    }
+    drop(c);
+    let _ = server.join();
+    rtt.sort_unstable();
+    Ok((percentile_us(&rtt, 50), percentile_us(&rtt, 99)))
+}
+
+/// Writes `path` through once (1 MiB O_DIRECT writes) unless it already has
+/// `size` bytes, so the floor's writes are overwrites of allocated extents.
+fn lay_out(path: &Path, size: u64) -> Result<()> {
+    if std::fs::metadata(path).is_ok_and(|m| m.len() == size) {
+        return Ok(());
+    }
+    let status = Command::new("fio")
+        .arg("--name=layout")
+        .arg(format!("--filename={}", path.display()))
+        .arg(format!("--size={size}"))
+        .args(["--rw=write", "--bs=1M", "--direct=1", "--ioengine=io_uring"])
+        .args(["--iodepth=8", "--output=/dev/null"])
+        .status()
+        .context(
+            "running fio to lay out the floor's file (scripts/install-deps.sh installs fio)",
+        )?;
+    anyhow::ensure!(status.success(), "fio could not lay out {}", path.display());
+    Ok(())
+}
+
+fn measure_floor(dir: &Path, size: u64, runtime_s: u32) -> Result<Floor> {
+    let file = dir.join("floor.img");
+    lay_out(&file, size)?;
+    // Same flags as `celer bench engine`'s peer: io_uring, O_DIRECT, and for
+    // writes O_DSYNC (durable at completion, as a Celer write is).
+    let write = fio::run(&file, "randwrite", 1, runtime_s, size, true)?;
+    let read = fio::run(&file, "randread", 1, runtime_s, size, false)?;
+    let (rtt_median_us, rtt_p99_us) = loopback_rtt()?;
+    Ok(Floor {
+        write,
+        read,
+        rtt_median_us,
+        rtt_p99_us,
+    })
+}
+
+// ---------------------------------------------------------------- Ceph side
+
+struct Ceph {
+    scripts: PathBuf,
+    base: PathBuf,
+    /// Started by this run (stopped at the end unless --keep-ceph).
+    started_here: bool,
+    keep: bool,
+}
+
+impl Ceph {
+    fn conf(&self) -> PathBuf {
+        self.base.join("ceph.conf")
+    }
+
+    /// Live daemons of this peer: pid files whose process names our conf.
+    fn daemon_pids(&self) -> Vec<u32> {
+        let conf = self.conf().display().to_string();
+        let Ok(rd) = std::fs::read_dir(self.base.join("run")) else {
+            return Vec::new();
+        };
+        let mut pids = Vec::new();
+        for e in rd.flatten() {
+            if e.path().extension().is_none_or(|x| x != "pid") {
+                continue;
+            }
+            let Some(pid) = std::fs::read_to_string(e.path())
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&conf) {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+
+    fn up(args: &ClusterBenchArgs) -> Result<Ceph> {
+        let scripts = match &args.ceph_scripts {
+            Some(s) => s.clone(),
+            None => default_ceph_scripts()?,
+        };
+        let mut ceph = Ceph {
+            scripts,
+            base: args.ceph_base.clone(),
+            started_here: false,
+            keep: args.keep_ceph,
+        };
+        let running = ceph.daemon_pids().len();
+        eprintln!(
+            "Ceph peer: {} ({} daemons running before)",
+            ceph.base.display(),
+            running
+        );
+        ceph.started_here = running == 0;
+        let status = Command::new("bash")
+            .arg(ceph.scripts.join("ceph-up.sh"))
+            .env("BASE", &ceph.base)
+            .env("IMAGE_SIZE", args.volume_size.to_string())
+            .stdout(std::io::stderr())
+            .status()
+            .context("run ceph-up.sh")?;
+        anyhow::ensure!(
+            status.success(),
+            "ceph-up.sh failed (logs in {}/log)",
+            ceph.base.display()
+        );
+        Ok(ceph)
+    }
+
+    fn run_fio(&self, rw: &str, qd: usize, runtime_s: u32, size: u64) -> Result<Measured> {
+        let pids = self.daemon_pids();
+        anyhow::ensure!(
+            pids.len() >= 4,
+            "the Ceph peer's daemons are not running (found {})",
+            pids.len()
+        );
+        let before = CpuSnap::take(&pids);
+        let out = Command::new("fio")
+            .env("CEPH_CONF", self.conf())
+            .args(["--name=ceph", "--ioengine=rbd", "--clientname=admin"])
+            .args(["--pool=rbd", "--rbdname=peer", "--invalidate=0"])
+            .arg(format!("--rw={rw}"))
+            .args(["--bs=4k", "--numjobs=1"])
+            .arg(format!("--iodepth={qd}"))
+            .arg(format!("--size={size}"))
+            .arg(format!("--runtime={runtime_s}"))
+            .args(["--time_based=1", "--randrepeat=0", "--norandommap=1"])
+            .args(["--lat_percentiles=1", "--output-format=json"])
+            .output()
+            .context("running fio with the rbd engine")?;
+        let after = CpuSnap::take(&pids);
+        if !out.status.success() {
+            bail!("fio rbd failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).context("parsing fio's JSON")?;
+        let side = &v["jobs"][0][if rw.contains("write") {
+            "write"
+        } else {
+            "read"
+        }];
+        let ios = side["total_ios"].as_f64().unwrap_or(0.0);
+        anyhow::ensure!(ios > 0.0, "fio rbd did no I/O");
+        let lat = &side["lat_ns"];
+        let (cpu_s, other_cores) = cpu_between(&before, &after, false);
+        Ok(Measured {
+            fig: Figures {
+                iops: side["iops"].as_f64().unwrap_or(0.0),
+                mean_us: lat["mean"].as_f64().unwrap_or(0.0) / 1000.0,
+                p99_us: lat["percentile"]["99.000000"].as_f64().unwrap_or(0.0) / 1000.0,
+                cpu_us_per_io: cpu_s * 1e6 / ios,
+            },
+            other_cores,
+        })
+    }
+}
+
+impl Drop for Ceph {
+    fn drop(&mut self) {
+        if !self.started_here || self.keep {
+            eprintln!(
+                "Ceph peer left running (stop it with BASE={} {}/ceph-down.sh)",
+                self.base.display(),
+                self.scripts.display()
+            );
+            return;
+        }
+        eprintln!("stopping the Ceph peer this run started");
+        let _ = Command::new("bash")
+            .arg(self.scripts.join("ceph-down.sh"))
+            .env("BASE", &self.base)
+            .stdout(std::io::stderr())
+            .status();
+    }
+}
+
+fn default_ceph_scripts() -> Result<PathBuf> {
+    let candidates = [
+        PathBuf::from("scripts/peers/ceph"),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/peers/ceph"),
+    ];
+    candidates
+        .iter()
+        .find(|p| p.join("ceph-up.sh").is_file())
+        .cloned()
+        .context("scripts/peers/ceph/ceph-up.sh not found: run from the repository or pass --ceph-scripts")
+}
+
+// ---------------------------------------------------------------- report
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        0.0
+    }
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "MISSED"
+    }
+}
+
+fn print_report(
+    selected: &[Workload],
+    celer: &[Measured],
+    ceph: &[Option<Measured>],
+    floor: &Floor,
+) {
+    println!();
+    println!(
+        "physical floor, same disk, same run (fio io_uring O_DIRECT, O_DSYNC writes; loopback: 64 B ping-pong between two threads):"
+    );
+    println!(
+        "  durable 4K write QD1 {:.1} µs mean (p99 {:.0}); 4K read QD1 {:.1} µs mean (p99 {:.0}); loopback TCP round trip {:.1} µs median (p99 {:.1})",
+        floor.write.mean_us,
+        floor.write.p99_us,
+        floor.read.mean_us,
+        floor.read.p99_us,
+        floor.rtt_median_us,
+        floor.rtt_p99_us
+    );
+    println!();
+    println!(
+        "{:<20} {:>9} {:>8} {:>8} {:>9} {:>6} | {:>8} {:>8} {:>8} {:>9} {:>6} | {:>9} {:>9}",
+        "workload",
+        "IOPS",
+        "mean µs",
+        "p99 µs",
+        "CPU µs/IO",
+        "other",
+        "Ceph IOPS",
+        "mean µs",
+        "p99 µs",
+        "CPU µs/IO",
+        "other",
+        "IOPS ×Ceph",
+        "lat ÷Ceph"
+    );
+    for (i, w) in selected.iter().enumerate() {
+        let c = celer[i];
+        let left = format!(
+            "{:<20} {:>9.0} {:>8.1} {:>8.1} {:>9.1} {:>6.2}",
+            w.label(),
+            c.fig.iops,
+            c.fig.mean_us,
+            c.fig.p99_us,
+            c.fig.cpu_us_per_io,
+            c.other_cores
+        );
+        match ceph[i] {
+            Some(p) => println!(
+                "{left} | {:>9.0} {:>8.1} {:>8.1} {:>9.1} {:>6.2} | {:>10.2} {:>9.2}",
+                p.fig.iops,
+                p.fig.mean_us,
+                p.fig.p99_us,
+                p.fig.cpu_us_per_io,
+                p.other_cores,
+                ratio(c.fig.iops, p.fig.iops),
+                ratio(p.fig.mean_us, c.fig.mean_us)
+            ),
+            None => println!("{left}"),
+        }
+    }
+    println!(
+        "(mean/p99: submit to completion; CPU µs/IO: all of a side's processes; other: cores busy with anything else on the machine meanwhile; lat ÷Ceph: how many times lower Celer's mean latency is)"
+    );
+    println!();
+    println!("targets (issue 4):");
+    let find = |rw: &str, qd: usize, queues: usize| {
+        selected
+            .iter()
+            .position(|w| w.rw == rw && w.qd == qd && w.queues == queues)
+    };
+    let floor_write = floor.write.mean_us + floor.rtt_median_us;
+    if let Some(i) = find("randwrite", 1, 1) {
+        let x = ratio(celer[i].fig.mean_us, floor_write);
+        println!(
+            "  write QD1 latency <= 1.5x floor (durable write {:.1} + RTT {:.1} = {:.1} µs): {:.1} µs = {:.2}x  {}",
+            floor.write.mean_us,
+            floor.rtt_median_us,
+            floor_write,
+            celer[i].fig.mean_us,
+            x,
+            verdict(x <= 1.5)
+        );
+    }
+    let vs_ceph = |what: &str, rw: &str, qd: usize, want: f64, iops: bool| {
+        for queues in [1, 2] {
+            let Some(i) = find(rw, qd, queues) else {
+                continue;
+            };
+            let Some(p) = find(rw, qd, 1).and_then(|j| ceph[j]) else {
+                println!(
+                    "  {what} {}: no Ceph figures (run with --ceph)",
+                    qlabel(queues)
+                );
+                continue;
+            };
+            let x = if iops {
+                ratio(celer[i].fig.iops, p.fig.iops)
+            } else {
+                ratio(p.fig.mean_us, celer[i].fig.mean_us)
+            };
+            println!(
+                "  {what} {}: {x:.2}x  {}",
+                qlabel(queues),
+                verdict(x >= want)
+            );
+        }
+    };
+    vs_ceph(
+        "write QD1 latency >= 10x lower than Ceph's",
+        "randwrite",
+        1,
+        10.0,
+        false,
+    );
+    vs_ceph(
+        "read QD1 latency >= 4x lower than Ceph's",
+        "randread",
+        1,
+        4.0,
+        false,
+    );
+    vs_ceph("write QD32 IOPS >= 10x Ceph's", "randwrite", 32, 10.0, true);
+    vs_ceph("read QD32 IOPS >= 4x Ceph's", "randread", 32, 4.0, true);
+}
+
+fn qlabel(queues: usize) -> &'static str {
+    if queues == 1 {
+        "(1 queue)"
+    } else {
+        "(2 queues x 16)"
+    }
+}
+
+// ---------------------------------------------------------------- run
+
+pub fn run(args: &ClusterBenchArgs) -> Result<()> {
+    anyhow::ensure!(
+        args.volume_size >= 16 << 20 && args.volume_size.is_multiple_of(1 << 20),
+        "--volume-size must be a multiple of 1M, at least 16M"
+    );
+    anyhow::ensure!(
+        args.node_shards.is_power_of_two(),
+        "--node-shards must be a power of two"
+    );
+    let selected: Vec<Workload> = WORKLOADS
+        .iter()
+        .copied()
+        .filter(|w| {
+            args.only
+                .as_ref()
+                .is_none_or(|o| w.name().contains(o.as_str()))
+        })
+        .collect();
+    anyhow::ensure!(
+        !selected.is_empty(),
+        "--only matches none of {}",
+        WORKLOADS
+            .iter()
+            .map(|w| w.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    std::fs::create_dir_all(&args.dir).with_context(|| format!("create {}", args.dir.display()))?;
+    let dir = args.dir.canonicalize().context("resolve --dir")?;
+    let runtime = Duration::from_secs(args.runtime as u64);
+    println!(
+        "celer bench cluster: control service + 3 storage nodes ({} shards each) as processes, 3 replicas, disks in {}; volume {} MiB; {} s per workload, 4 KiB random I/O; {} CPUs",
+        args.node_shards,
+        dir.display(),
+        args.volume_size >> 20,
+        args.runtime,
+        ncpus()
+    );
+
+    // The peer first: its bring-up is the slowest part and may fail.
+    let ceph = if args.ceph {
+        Some(Ceph::up(args)?)
+    } else {
+        None
+    };
+    let cluster = start_cluster(args, &dir)?;
+    let cluster_pids = cluster.procs.pids();
+    let device = crate::cluster_dev::open_volume(&cluster.meta_url, &cluster.token, VOLUME_NAME)?;
+    let mut queues: Vec<Box<dyn DeviceQueue>> = (0..2)
+        .map(|i| device.open_queue(i))
+        .collect::<Result<_, _>>()
+        .map_err(|e| anyhow::anyhow!("open a client queue: {e}"))?;
+    fill_volume(queues[0].as_mut(), args.volume_size)?;
+    let volume_blocks = args.volume_size / BLOCK_BYTES;
+    // Open every queue's connections before anything is timed.
+    for q in queues.iter_mut() {
+        drive_queue(
+            q.as_mut(),
+            IoOp::Read,
+            8,
+            volume_blocks,
+            Duration::from_millis(500),
+            0,
+            7,
+        )?;
+    }
+
+    eprintln!("measuring the physical floor");
+    let floor = measure_floor(&dir, args.volume_size, args.runtime)?;
+
+    let mut celer = Vec::new();
+    let mut peer = Vec::new();
+    let mut ceph_runs = 0;
+    for w in &selected {
+        let with_ceph = ceph.as_ref().filter(|_| w.queues == 1);
+        // Alternate who goes first, so neither always meets a disk the
+        // other has just loaded.
+        let ceph_first = ceph_runs % 2 == 1;
+        ceph_runs += usize::from(with_ceph.is_some());
+        let mut p = None;
+        if let (Some(c), true) = (with_ceph, ceph_first) {
+            eprintln!("{}: Ceph", w.label());
+            p = Some(c.run_fio(w.rw, w.qd, args.runtime, args.volume_size)?);
+        }
+        eprintln!("{}: Celer", w.label());
+        let c = run_celer(
+            *w,
+            &mut queues,
+            volume_blocks,
+            runtime,
+            args.poll_us,
+            &cluster_pids,
+        )?;
+        celer.push(c);
+        if let (Some(c), false) = (with_ceph, ceph_first) {
+            eprintln!("{}: Ceph", w.label());
+            p = Some(c.run_fio(w.rw, w.qd, args.runtime, args.volume_size)?);
+        }
+        peer.push(p);
+    }
+    print_report(&selected, &celer, &peer, &floor);
+
+    drop(queues);
+    drop(device);
+    if let Some(cmd) = &args.exec {
+        println!();
+        println!("running --exec with the cluster up: {cmd}");
+        let exe = std::env::current_exe()?;
+        let status = Command::new("sh")
+            .args(["-c", cmd])
+            .env("CELER_BIN", exe)
+            .env("CELER_META", &cluster.meta_url)
+            .env("CELER_TOKEN", &cluster.token)
+            .env("CELER_VOLUME", VOLUME_NAME)
+            .status()
+            .context("run --exec")?;
+        anyhow::ensure!(status.success(), "--exec command failed ({status})");
+    }
+    drop(cluster);
+    drop(ceph);
+    Ok(())
+}
