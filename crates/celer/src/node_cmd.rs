@@ -35,7 +35,10 @@ pub struct NodeServeArgs {
     pub meta: Option<String>,
     /// Cluster token (or CELER_TOKEN).
     #[arg(long, env = "CELER_TOKEN", hide_env_values = true)]
-    pub token: String,
+    pub token: Option<String>,
+    /// File holding the cluster token (`SECRET` or `NAME SECRET`; the first line is used).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
     /// Fixed node id (only without --meta).
     #[arg(long)]
     pub node_id: Option<u32>,
@@ -91,6 +94,22 @@ pub fn config(a: &NodeServeArgs) -> Result<celer_node::NodeConfig> {
             .map(|p| p.to_path_buf())
             .unwrap_or_else(|| PathBuf::from(".")),
     };
+    let token = match (&a.token, &a.token_file) {
+        (Some(t), _) => t.clone(),
+        (None, Some(f)) => std::fs::read_to_string(f)
+            .with_context(|| format!("read the token file {}", f.display()))?
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty() && !l.starts_with('#'))
+            .and_then(|l| l.split_whitespace().last())
+            .map(str::to_string)
+            .ok_or_else(|| {
+                anyhow::anyhow!("{} is empty: put the cluster token in it", f.display())
+            })?,
+        (None, None) => {
+            anyhow::bail!("the cluster token is required: --token, --token-file or CELER_TOKEN")
+        }
+    };
     anyhow::ensure!(
         a.meta.is_some() || a.node_id.is_some(),
         "give --meta URL (a control service assigns the id) or --node-id N"
@@ -102,7 +121,7 @@ pub fn config(a: &NodeServeArgs) -> Result<celer_node::NodeConfig> {
         advertise: a.advertise.clone(),
         admin_listen: a.admin_listen,
         meta_url: a.meta.clone(),
-        token: a.token.clone(),
+        token,
         node_id: a.node_id,
         domain: a.domain.clone(),
         route_file: a.route.clone(),
