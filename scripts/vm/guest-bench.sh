@@ -7,7 +7,12 @@
 #
 # Usage: guest-bench.sh [--bin PATH] [--file PATH] [--runtime S] [--queues N]
 #   --bin      celer-vhost binary (default: target/release/celer-vhost,
-#              built with cargo if missing)
+#              built with cargo if missing), or the celer binary (its
+#              `vhost serve` is used)
+#   --celer-device SPEC  what Celer serves instead of file:FILE, e.g. a
+#              replicated volume cluster:NAME,meta=URL (with
+#              --bin .../celer; the token from CELER_TOKEN); qsd still
+#              serves FILE
 #   --file     host file (default /tmp/celer-vm/bench.img, 1 GiB, created)
 #   --runtime  seconds per fio job (default 5)
 #   --queues   virtqueues and vCPUs (default 1)
@@ -16,7 +21,7 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
-BIN="" FILE=/tmp/celer-vm/bench.img RUNTIME=5 QUEUES=1 REPEAT=1
+BIN="" FILE=/tmp/celer-vm/bench.img RUNTIME=5 QUEUES=1 REPEAT=1 CELER_DEVICE=""
 while [ $# -gt 0 ]; do
 	case $1 in
 	--bin) BIN=$2; shift 2 ;;
@@ -24,6 +29,7 @@ while [ $# -gt 0 ]; do
 	--runtime) RUNTIME=$2; shift 2 ;;
 	--queues) QUEUES=$2; shift 2 ;;
 	--repeat) REPEAT=$2; shift 2 ;;
+	--celer-device) CELER_DEVICE=$2; shift 2 ;;
 	-h | --help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
 	*) echo "unknown argument: $1" >&2; exit 2 ;;
 	esac
@@ -32,6 +38,9 @@ if [ -z "$BIN" ]; then
 	BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/celer-vhost
 	[ -x "$BIN" ] || (cd "$ROOT" && cargo build --release -p celer-vhost)
 fi
+CELER_DEVICE=${CELER_DEVICE:-file:$FILE}
+SERVE=("$BIN" serve)
+[ "$(basename "$BIN")" = celer ] && SERVE=("$BIN" vhost serve)
 "$HERE/build-guest.sh" >&2
 mkdir -p "$(dirname "$FILE")"
 [ -s "$FILE" ] || { dd if=/dev/urandom of="$FILE" bs=1M count=1024 status=none; sync; }
@@ -44,7 +53,7 @@ trap '[ -n "$CELER" ] && kill $CELER 2>/dev/null; wait 2>/dev/null || true' EXIT
 
 run_celer() { # OUTDIR
 	rm -f "$SOCK"
-	"$BIN" serve --socket "$SOCK" --device "file:$FILE" --queues "$QUEUES" >>"$OUT/celer.log" 2>&1 &
+	"${SERVE[@]}" --socket "$SOCK" --device "$CELER_DEVICE" --queues "$QUEUES" >>"$OUT/celer.log" 2>&1 &
 	CELER=$!
 	for _ in $(seq 100); do [ -S "$SOCK" ] && break; sleep 0.05; done
 	"$HERE/run-guest.sh" --disk "vhost:$SOCK,queues=$QUEUES" "${COMMON[@]}" --out "$1" >/dev/null
@@ -62,7 +71,7 @@ for r in $(seq "$REPEAT"); do
 		run_qsd "$OUT/qsd.$r"; run_celer "$OUT/celer.$r"
 	fi
 done
-echo "in-guest fio, TCG, $QUEUES queue(s), file $FILE, ${RUNTIME}s per job, $REPEAT round(s)"
+echo "in-guest fio, TCG, $QUEUES queue(s), Celer ${CELER_DEVICE%%,*} vs qsd file $FILE, ${RUNTIME}s per job, $REPEAT round(s)"
 for t in celer qsd; do
 	echo "== $t (round 1)"
 	column -t -s $'\t' "$OUT/$t.1/summary.tsv"
