@@ -15,6 +15,11 @@ use crate::NbdConfig;
 /// `serve`: export a device over NBD.
 #[derive(Args, Clone, Debug)]
 pub struct ServeArgs {
+    /// Settings file (TOML, keys as the flags with `_`); CELER_NBD_<FLAG>
+    /// environment variables override it, flags override both (read by the
+    /// `celer` binary before parsing).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     /// TCP address to listen on, e.g. 127.0.0.1:10809.
     #[arg(long)]
     pub listen: Option<SocketAddr>,

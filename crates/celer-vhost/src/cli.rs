@@ -13,6 +13,11 @@ use crate::VhostConfig;
 /// `serve`: export a device on a vhost-user-blk socket.
 #[derive(Args, Clone, Debug)]
 pub struct ServeArgs {
+    /// Settings file (TOML, keys as the flags with `_`); CELER_VHOST_<FLAG>
+    /// environment variables override it, flags override both (read by the
+    /// `celer` binary before parsing).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     /// Unix socket to listen on.
     #[arg(long)]
     pub socket: PathBuf,

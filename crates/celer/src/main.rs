@@ -3,11 +3,13 @@
 mod bench_cluster;
 mod bench_engine;
 mod cluster_dev;
+mod daemon_config;
 mod engine_cmd;
 mod fio;
 mod meta_cmd;
 mod node_cmd;
 mod up;
+mod volume_io;
 
 use std::path::PathBuf;
 
@@ -114,11 +116,37 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
+    let cli = match parse_cli() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(2);
+        }
+    };
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// Parses the command line after folding in daemon settings files and
+/// environment overrides (see `daemon_config`).
+fn parse_cli() -> Result<Cli> {
+    use clap::{CommandFactory, FromArgMatches};
+    fn override_self(c: clap::Command) -> clap::Command {
+        let c = c.args_override_self(true);
+        let names: Vec<String> = c
+            .get_subcommands()
+            .map(|s| s.get_name().to_string())
+            .collect();
+        names
+            .iter()
+            .fold(c, |c, n| c.mut_subcommand(n, override_self))
+    }
+    let cmd = override_self(Cli::command());
+    let argv = daemon_config::expand(&cmd, std::env::args_os().collect())?;
+    let matches = cmd.try_get_matches_from(argv).unwrap_or_else(|e| e.exit());
+    Cli::from_arg_matches(&matches).map_err(|e| e.exit())
 }
 
 fn run(cli: Cli) -> Result<()> {

@@ -9,6 +9,10 @@ use clap::Args;
 
 #[derive(Args, Debug)]
 pub struct NodeServeArgs {
+    /// Settings file (TOML, keys as the flags with `_`: `admin_listen = "…"`);
+    /// CELER_NODE_<FLAG> environment variables override it, flags override both.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     /// The node's engine disk (a file or a block device).
     #[arg(long)]
     pub disk: PathBuf,

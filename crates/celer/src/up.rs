@@ -164,6 +164,7 @@ pub fn run(a: &UpArgs) -> Result<()> {
     {
         let dev = dev.clone();
         let args = celer_vhost::cli::ServeArgs {
+            config: None,
             socket: vhost_socket.clone(),
             device: "cluster".into(),
             queues: a.queues,
@@ -185,6 +186,7 @@ pub fn run(a: &UpArgs) -> Result<()> {
     {
         let dev: Arc<dyn celer_device::BlockDevice> = dev.clone();
         let args = celer_nbd::cli::ServeArgs {
+            config: None,
             listen: Some(a.nbd_listen),
             socket: Some(nbd_socket.clone()),
             device: "cluster".into(),
