@@ -149,6 +149,11 @@ pub enum VolumeCommand {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Copy a disk image (raw, qcow2, any format qemu-img reads) into a
+    /// volume, creating the volume if it does not exist.
+    Import(crate::volume_io::ImportArgs),
+    /// Copy a volume into a disk image (raw or qcow2).
+    Export(crate::volume_io::ExportArgs),
 }
 
 fn read_token_file(path: &PathBuf) -> Result<String> {
@@ -161,6 +166,13 @@ fn read_token_file(path: &PathBuf) -> Result<String> {
 
 impl Conn {
     fn client(&self) -> Result<MetaClient> {
+        let (url, token) = self.url_and_token()?;
+        Ok(MetaClient::new(&url, &token))
+    }
+
+    /// The control service URL(s) and the token, from the flags or the
+    /// environment.
+    pub(crate) fn url_and_token(&self) -> Result<(String, String)> {
         let url = self
             .meta
             .clone()
@@ -173,12 +185,12 @@ impl Conn {
                 anyhow::anyhow!("no token: pass --token, --token-file or set CELER_TOKEN")
             })?,
         };
-        Ok(MetaClient::new(&url, &token))
+        Ok((url, token))
     }
 }
 
 /// The server's own message for refused requests; the full story otherwise.
-fn human(e: MetaClientError) -> anyhow::Error {
+pub(crate) fn human(e: MetaClientError) -> anyhow::Error {
     match e {
         MetaClientError::Status {
             status, message, ..
@@ -415,6 +427,8 @@ pub fn run_volume(cmd: VolumeCommand) -> Result<()> {
             let v = conn.client()?.delete_volume(&name).map_err(human)?;
             println!("deleted volume {} (id {})", v.name, v.id);
         }
+        VolumeCommand::Import(a) => crate::volume_io::import(&a)?,
+        VolumeCommand::Export(a) => crate::volume_io::export(&a)?,
     }
     Ok(())
 }
