@@ -104,6 +104,20 @@ struct ImageInfo {
     virtual_size_bytes: u64,
 }
 
+/// In the largest unit not above `bytes`: `2 MiB` when it divides exactly,
+/// `8.01 MiB` otherwise.
+fn bytes_text(bytes: u64) -> String {
+    for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
+        if bytes >= 1 << shift {
+            if bytes.is_multiple_of(1 << shift) {
+                return format!("{} {unit}", bytes >> shift);
+            }
+            return format!("{:.2} {unit}", bytes as f64 / (1u64 << shift) as f64);
+        }
+    }
+    format!("{bytes} B")
+}
+
 fn round_up(bytes: u64, align: u64) -> u64 {
     bytes.div_ceil(align) * align
 }
@@ -191,9 +205,9 @@ pub fn import(a: &ImportArgs) -> Result<()> {
             anyhow::ensure!(
                 s >= image_bytes,
                 "--size {} is smaller than the image {} ({}, {} bytes)",
-                HumanBytes(s),
+                bytes_text(s),
                 a.file.display(),
-                HumanBytes(image_bytes),
+                bytes_text(image_bytes),
                 image_bytes
             );
             s
@@ -210,9 +224,9 @@ pub fn import(a: &ImportArgs) -> Result<()> {
                 "volume `{}` holds {} ({} bytes), smaller than the {} ({} bytes) to import: \
                  grow it with `celer volume resize {} --size {}` or import into a new volume",
                 v.name,
-                HumanBytes(v.size_bytes),
+                bytes_text(v.size_bytes),
                 v.size_bytes,
-                HumanBytes(want_bytes),
+                bytes_text(want_bytes),
                 want_bytes,
                 v.name,
                 want_bytes
@@ -242,14 +256,15 @@ pub fn import(a: &ImportArgs) -> Result<()> {
             },
             file: &file,
             total_bytes: image_bytes,
-            file_bytes: image.virtual_size_bytes,
+            // qemu-img rounds a raw file's size up to 512 bytes.
+            file_bytes: file_len(&file)?.min(image.virtual_size_bytes),
             volume: &volume.name,
         };
         copy(dev, &job, &bar).map(|s| {
             format!(
                 "{} written, {} of zeroes {}",
-                HumanBytes(s.data_bytes),
-                HumanBytes(s.zero_bytes),
+                bytes_text(s.data_bytes),
+                bytes_text(s.zero_bytes),
                 if created { "skipped" } else { "written" }
             )
         })
@@ -288,10 +303,10 @@ pub fn import(a: &ImportArgs) -> Result<()> {
         "imported {} ({}, {}) into volume `{}` ({}, {}): {how}, {:.1} s, {}/s",
         a.file.display(),
         image.format,
-        HumanBytes(image.virtual_size_bytes),
+        bytes_text(image.virtual_size_bytes),
         volume.name,
         if created { "created" } else { "existing" },
-        HumanBytes(volume.size_bytes),
+        bytes_text(volume.size_bytes),
         secs,
         HumanBytes((image.virtual_size_bytes as f64 / secs.max(1e-3)) as u64)
     );
@@ -338,7 +353,7 @@ pub fn export(a: &ExportArgs) -> Result<()> {
     println!(
         "exported volume `{}` ({}) to {} ({}): {how}, {:.1} s, {}/s",
         volume.name,
-        HumanBytes(size),
+        bytes_text(size),
         a.file.display(),
         match a.format {
             ExportFormat::Raw => "raw",
@@ -391,8 +406,8 @@ fn export_raw(
         .with_context(|| format!("sync {}", path.display()))?;
     Ok(format!(
         "{} of data, {} of zeroes {}",
-        HumanBytes(s.data_bytes),
-        HumanBytes(s.zero_bytes),
+        bytes_text(s.data_bytes),
+        bytes_text(s.zero_bytes),
         if regular { "left as holes" } else { "written" }
     ))
 }
@@ -838,6 +853,10 @@ mod tests {
     #[test]
     fn helpers() {
         assert_eq!(round_up(1, 4096), 4096);
+        assert_eq!(bytes_text(2 << 20), "2 MiB");
+        assert_eq!(bytes_text((8 << 20) + 8192), "8.01 MiB");
+        assert_eq!(bytes_text(6152 << 10), "6.01 MiB");
+        assert_eq!(bytes_text(0), "0 B");
         assert_eq!(round_up(8192, 4096), 8192);
         assert_eq!(parse_progress("    (12.50/100%)"), Some(12.5));
         assert_eq!(parse_progress("(100.00/100%)"), Some(100.0));
