@@ -23,6 +23,10 @@ pub struct ServeArgs {
     /// TCP address to listen on, e.g. 127.0.0.1:10809.
     #[arg(long)]
     pub listen: Option<SocketAddr>,
+    /// Serve Prometheus metrics (requests, bytes, latency per op, queue
+    /// depth, route epoch) on `http://ADDR/metrics` (read by the `celer` binary).
+    #[arg(long)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Unix socket to listen on.
     #[arg(long)]
     pub socket: Option<PathBuf>,

@@ -27,11 +27,16 @@ pub(crate) fn serve(listener: TcpListener, shared: Arc<NodeShared>) {
         }
     };
     rt.block_on(async move {
-        if listener.set_nonblocking(true).is_err() {
+        if let Err(e) = listener.set_nonblocking(true) {
+            tracing::error!("admin server: {e}");
             return;
         }
-        let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
-            return;
+        let listener = match tokio::net::TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("admin server: {e}");
+                return;
+            }
         };
         let app = Router::new()
             .route("/v1/route", put(put_route))
@@ -49,6 +54,7 @@ pub(crate) fn serve(listener: TcpListener, shared: Arc<NodeShared>) {
         {
             tracing::error!("admin server: {e}");
         }
+        tracing::info!("admin server stopped");
     });
 }
 

@@ -21,6 +21,10 @@ pub struct ServeArgs {
     /// Unix socket to listen on.
     #[arg(long)]
     pub socket: PathBuf,
+    /// Serve Prometheus metrics (requests, bytes, latency per op, queue
+    /// depth, route epoch) on `http://ADDR/metrics` (read by the `celer` binary).
+    #[arg(long)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Device: `null:SIZE` (e.g. null:1G) or `file:PATH` (file or block device).
     #[arg(long)]
     pub device: String,

@@ -32,6 +32,11 @@ pub fn random_client_id() -> u16 {
 
 /// Opens `volume` through the control service at `meta`.
 pub fn open_volume(meta: &str, token: &str, volume: &str) -> Result<Arc<dyn BlockDevice>> {
+    Ok(open_client(meta, token, volume)?)
+}
+
+/// Like `open_volume`, keeping the client's type (for its route table).
+pub fn open_client(meta: &str, token: &str, volume: &str) -> Result<Arc<Client>> {
     let mc = MetaClient::new(meta, token);
     let vol = mc.volume(volume).with_context(|| {
         format!(
@@ -54,7 +59,7 @@ pub fn open_volume(meta: &str, token: &str, volume: &str) -> Result<Arc<dyn Bloc
 }
 
 /// Parses the text after `cluster:` and opens the volume.
-pub fn open_spec(spec: &str) -> Result<Arc<dyn BlockDevice>> {
+pub fn open_spec(spec: &str) -> Result<Arc<Client>> {
     let mut parts = spec.split(',');
     let volume = parts.next().filter(|v| !v.is_empty()).ok_or_else(|| {
         anyhow::anyhow!(
@@ -85,5 +90,5 @@ pub fn open_spec(spec: &str) -> Result<Arc<dyn BlockDevice>> {
             "cluster device needs the cluster token: token=SECRET, token-file=PATH or CELER_TOKEN"
         )
     })?;
-    open_volume(&meta, &token, volume)
+    open_client(&meta, &token, volume)
 }

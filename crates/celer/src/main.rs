@@ -4,6 +4,7 @@ mod bench_cluster;
 mod bench_engine;
 mod cluster_dev;
 mod daemon_config;
+mod device_metrics;
 mod engine_cmd;
 mod fio;
 mod meta_cmd;
@@ -157,14 +158,25 @@ fn run(cli: Cli) -> Result<()> {
         Command::Status(a) => meta_cmd::run_status(a),
         Command::Node(NodeCommand::Serve(a)) => node_cmd::run(&a),
         Command::Up(a) => up::run(&a),
-        Command::Vhost(VhostCommand::Serve(a)) => match device_spec(&a.device, a.read_only)? {
-            Some(dev) => celer_vhost::cli::run_serve_with(&a, dev),
-            None => celer_vhost::cli::run_serve(&a),
-        },
-        Command::Nbd(NbdCommand::Serve(a)) => match device_spec(&a.device, a.read_only)? {
-            Some(dev) => celer_nbd::cli::run_serve_with(&a, dev),
-            None => celer_nbd::cli::run_serve(&a),
-        },
+        Command::Vhost(VhostCommand::Serve(a)) => {
+            let (dev, client) = match device_spec(&a.device, a.read_only)? {
+                Some(x) => x,
+                None => (
+                    celer_vhost::bench::open_device(&a.device, a.read_only, a.direct)?,
+                    None,
+                ),
+            };
+            let dev = with_metrics(dev, client, a.metrics_listen)?;
+            celer_vhost::cli::run_serve_with(&a, dev)
+        }
+        Command::Nbd(NbdCommand::Serve(a)) => {
+            let (dev, client) = match device_spec(&a.device, a.read_only)? {
+                Some(x) => x,
+                None => (celer_nbd::cli::open_device(&a.device, a.read_only)?, None),
+            };
+            let dev = with_metrics(dev, client, a.metrics_listen)?;
+            celer_nbd::cli::run_serve_with(&a, dev)
+        }
         Command::Bench(BenchCommand::Vhost(a)) => {
             celer_vhost::cli::run_bench_cli(&a, &["vhost", "serve"])
         }
@@ -190,24 +202,47 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+type OpenedDevice = (
+    std::sync::Arc<dyn celer_device::BlockDevice>,
+    Option<std::sync::Arc<celer_client::Client>>,
+);
+
 /// The devices the `celer` binary adds to the front ends' own (`null:`,
 /// `file:`): `engine:` (a local engine volume) and `cluster:` (a replicated
-/// volume). `None`: a spec the front end opens itself.
-fn device_spec(
-    spec: &str,
-    read_only: bool,
-) -> Result<Option<std::sync::Arc<dyn celer_device::BlockDevice>>> {
+/// volume, with its client for metrics). `None`: a spec the front end opens.
+fn device_spec(spec: &str, read_only: bool) -> Result<Option<OpenedDevice>> {
     if let Some(s) = spec.strip_prefix("engine:") {
-        return Ok(Some(open_engine_device(s, read_only)?));
+        return Ok(Some((open_engine_device(s, read_only)?, None)));
     }
     if let Some(s) = spec.strip_prefix("cluster:") {
         anyhow::ensure!(
             !read_only,
             "read-only cluster volumes are not supported yet"
         );
-        return Ok(Some(cluster_dev::open_spec(s)?));
+        let client = cluster_dev::open_spec(s)?;
+        return Ok(Some((client.clone(), Some(client))));
     }
     Ok(None)
+}
+
+/// With `--metrics-listen ADDR`: the device behind a metering wrapper and
+/// `GET /metrics` served on ADDR.
+fn with_metrics(
+    dev: std::sync::Arc<dyn celer_device::BlockDevice>,
+    client: Option<std::sync::Arc<celer_client::Client>>,
+    listen: Option<std::net::SocketAddr>,
+) -> Result<std::sync::Arc<dyn celer_device::BlockDevice>> {
+    let Some(addr) = listen else {
+        return Ok(dev);
+    };
+    let metrics = device_metrics::DeviceMetrics::new();
+    let bound = metrics.serve(addr, move |m| {
+        if let Some(c) = &client {
+            m.set_route_epoch(c.route_table().epoch);
+        }
+    })?;
+    tracing::info!("metrics on http://{bound}/metrics");
+    Ok(device_metrics::MeteredDevice::wrap(dev, metrics))
 }
 
 /// The engine volume an `engine:` device spec names, for any front end.

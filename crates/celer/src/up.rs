@@ -28,8 +28,9 @@ pub struct UpArgs {
     /// Storage nodes (3 replicas need at least 3).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=16))]
     pub nodes: u16,
-    /// First port: control service on it, nodes' data ports from +101,
-    /// their admin ports from +201 (defaults 7700, 7801.., 7901..).
+    /// First port: control service on it, the volume's metrics on +1, nodes'
+    /// data ports from +101, their admin ports (and /metrics) from +201
+    /// (defaults 7700, 7701, 7801.., 7901..).
     #[arg(long, default_value_t = 7700)]
     pub base_port: u16,
     /// NBD over TCP.
@@ -156,7 +157,15 @@ pub fn run(a: &UpArgs) -> Result<()> {
             .context("create the volume")?,
         Err(e) => return Err(e).context("look up the volume"),
     };
-    let dev = crate::cluster_dev::open_volume(&meta_url, &token, &a.volume)?;
+    let client = crate::cluster_dev::open_client(&meta_url, &token, &a.volume)?;
+    let metrics = crate::device_metrics::DeviceMetrics::new();
+    let metrics_addr = {
+        let client = client.clone();
+        metrics.serve(([127, 0, 0, 1], a.base_port + 1).into(), move |m| {
+            m.set_route_epoch(client.route_table().epoch)
+        })?
+    };
+    let dev = crate::device_metrics::MeteredDevice::wrap(client, metrics);
     let vhost_socket = dir.join("vhost.sock");
     let nbd_socket = dir.join("nbd.sock");
     let _ = std::fs::remove_file(&vhost_socket);
@@ -165,6 +174,7 @@ pub fn run(a: &UpArgs) -> Result<()> {
         let dev = dev.clone();
         let args = celer_vhost::cli::ServeArgs {
             config: None,
+            metrics_listen: None,
             socket: vhost_socket.clone(),
             device: "cluster".into(),
             queues: a.queues,
@@ -187,6 +197,7 @@ pub fn run(a: &UpArgs) -> Result<()> {
         let dev: Arc<dyn celer_device::BlockDevice> = dev.clone();
         let args = celer_nbd::cli::ServeArgs {
             config: None,
+            metrics_listen: None,
             listen: Some(a.nbd_listen),
             socket: Some(nbd_socket.clone()),
             device: "cluster".into(),
@@ -216,6 +227,11 @@ pub fn run(a: &UpArgs) -> Result<()> {
         &vhost_socket,
         &nbd_socket,
     );
+    println!(
+        "Metrics: http://{metrics_addr}/metrics (volume), {meta_url}/metrics (control service), http://127.0.0.1:{}/metrics … (nodes)",
+        a.base_port + 201
+    );
+    println!("Press Ctrl-C to stop.");
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     crate::on_termination(move || {
         let _ = tx.send(());
@@ -291,5 +307,4 @@ fn print_attach(
         "Cluster health: celer status --meta {meta_url} --token-file {}/token",
         dir.display()
     );
-    println!("Press Ctrl-C to stop.");
 }
