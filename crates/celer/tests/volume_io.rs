@@ -13,21 +13,28 @@ use std::time::{Duration, Instant};
 const BIN: &str = env!("CARGO_BIN_EXE_celer");
 const MIB: u64 = 1 << 20;
 
-/// A base port with the ports `celer up` uses above it free (best effort).
+/// A base port whose ports used by `celer up` (+0, +1, +101..103,
+/// +201..203, +299) are free, below the kernel's ephemeral range (32768+),
+/// so tests that bind port 0 in parallel cannot take them.
 fn base_port() -> u16 {
-    for _ in 0..50 {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let p = l.local_addr().expect("addr").port();
-        drop(l);
-        if p < 60000
-            && [0u16, 1, 101, 102, 103, 201, 202, 203, 299]
-                .iter()
-                .all(|o| TcpListener::bind(("127.0.0.1", p + o)).is_ok())
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seed = std::process::id() as u64
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos() as u64)
+            .unwrap_or(0)
+        ^ (CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) << 32);
+    for k in 0..200u64 {
+        let p = 20000 + ((seed.wrapping_mul(2654435761).wrapping_add(k * 7919)) % 12000) as u16;
+        let offsets = [0u16, 1, 101, 102, 103, 201, 202, 203, 299];
+        if offsets
+            .iter()
+            .all(|o| TcpListener::bind(("127.0.0.1", p + o)).is_ok())
         {
             return p;
         }
     }
-    panic!("no free port range");
+    panic!("no free port range below 32768");
 }
 
 /// `celer up` in `dir`, stopped with SIGINT when dropped.
