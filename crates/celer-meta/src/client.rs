@@ -235,38 +235,55 @@ impl MetaClient {
         body: Option<&B>,
     ) -> Result<T, MetaClientError> {
         let n = self.bases.len();
-        let start = self.current.load(Ordering::Relaxed) % n;
-        let mut last = None;
-        for i in 0..n {
-            let at = (start + i) % n;
-            match self.call_at(&self.bases[at], method, path, query, body) {
-                Err(e @ MetaClientError::Unreachable { .. }) => last = Some(e),
-                // A follower naming its leader: one more try there.
-                Err(MetaClientError::NotLeader {
-                    url,
-                    leader: Some(leader),
-                }) => {
-                    if let Some(k) = self.bases.iter().position(|b| *b == leader) {
-                        self.current.store(k, Ordering::Relaxed);
-                    }
-                    return match self.call_at(&leader, method, path, query, body) {
-                        Err(MetaClientError::Unreachable { .. }) => {
-                            Err(MetaClientError::NotLeader {
-                                url,
-                                leader: Some(leader),
-                            })
+        // While an election is in progress (some process answers "not the
+        // leader"), keep trying the list for a few seconds.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(4);
+        loop {
+            let start = self.current.load(Ordering::Relaxed) % n;
+            let mut last = None;
+            let mut election = false;
+            for i in 0..n {
+                let at = (start + i) % n;
+                match self.call_at(&self.bases[at], method, path, query, body) {
+                    Err(e @ MetaClientError::Unreachable { .. }) => last = Some(e),
+                    // A follower naming its leader: try there (it may be in
+                    // the list or not), then go on with the list.
+                    Err(MetaClientError::NotLeader {
+                        url,
+                        leader: Some(leader),
+                    }) => {
+                        election = true;
+                        match self.call_at(&leader, method, path, query, body) {
+                            Err(MetaClientError::Unreachable { .. })
+                            | Err(MetaClientError::NotLeader { .. }) => {
+                                last = Some(MetaClientError::NotLeader {
+                                    url,
+                                    leader: Some(leader),
+                                })
+                            }
+                            r => {
+                                if let Some(k) = self.bases.iter().position(|b| *b == leader) {
+                                    self.current.store(k, Ordering::Relaxed);
+                                }
+                                return r;
+                            }
                         }
-                        r => r,
-                    };
-                }
-                Err(e @ MetaClientError::NotLeader { leader: None, .. }) => last = Some(e),
-                r => {
-                    self.current.store(at, Ordering::Relaxed);
-                    return r;
+                    }
+                    Err(e @ MetaClientError::NotLeader { leader: None, .. }) => {
+                        election = true;
+                        last = Some(e)
+                    }
+                    r => {
+                        self.current.store(at, Ordering::Relaxed);
+                        return r;
+                    }
                 }
             }
+            if !election || std::time::Instant::now() >= deadline {
+                return Err(last.unwrap_or_else(|| MetaClientError::BadUrl(self.base_url())));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
         }
-        Err(last.unwrap_or_else(|| MetaClientError::BadUrl(self.base_url())))
     }
 
     fn call_at<B: Serialize, T: DeserializeOwned>(

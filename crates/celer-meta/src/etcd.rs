@@ -61,10 +61,24 @@ impl EtcdConfig {
 
 pub struct EtcdStore {
     client: Client,
+    /// The store's own runtime: the etcd client's connections run here, so
+    /// a store call made (with `block_on`) by a thread holding the state
+    /// lock never waits for the server's workers, which may be blocked on
+    /// that same lock (a deadlock seen under load with 2 workers).
     rt: tokio::runtime::Handle,
+    own_rt: Option<tokio::runtime::Runtime>,
     prefix: Vec<u8>,
     /// The create revision of our `leader` key while we lead.
     fence: Mutex<Option<i64>>,
+}
+
+impl Drop for EtcdStore {
+    fn drop(&mut self) {
+        // Allowed from an async context, unlike dropping a runtime.
+        if let Some(rt) = self.own_rt.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 fn etcd_err(e: etcd_client::Error) -> StoreError {
@@ -81,8 +95,17 @@ impl EtcdStore {
         let opts = ConnectOptions::new()
             .with_connect_timeout(Duration::from_millis(ETCD_TIMEOUT_MS))
             .with_timeout(Duration::from_millis(ETCD_TIMEOUT_MS));
-        let client = Client::connect(&cfg.endpoints, Some(opts))
+        let own_rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("celer-etcd")
+            .enable_all()
+            .build()
+            .map_err(MetaError::Runtime)?;
+        let endpoints = cfg.endpoints.clone();
+        let client = own_rt
+            .spawn(async move { Client::connect(&endpoints, Some(opts)).await })
             .await
+            .map_err(|e| MetaError::Store(StoreError::Etcd(format!("etcd connect task: {e}"))))?
             .map_err(|e| {
                 MetaError::Store(StoreError::Etcd(format!(
                     "cannot connect to etcd at {}: {e}",
@@ -91,7 +114,8 @@ impl EtcdStore {
             })?;
         Ok(EtcdStore {
             client,
-            rt: tokio::runtime::Handle::current(),
+            rt: own_rt.handle().clone(),
+            own_rt: Some(own_rt),
             prefix: cfg.prefix.as_bytes().to_vec(),
             fence: Mutex::new(None),
         })

@@ -32,8 +32,12 @@ pub(crate) fn register(
     loop {
         match client.register(&req) {
             Ok(r) => return Ok(r),
-            Err(e) if e.is_unreachable() && Instant::now() < deadline => {
-                tracing::info!("control service not reachable yet ({e}); retrying");
+            // Unreachable, or no leader yet (an HA control service electing
+            // one): wait and retry.
+            Err(e)
+                if (e.is_unreachable() || e.status() == Some(503)) && Instant::now() < deadline =>
+            {
+                tracing::info!("control service not ready yet ({e}); retrying");
                 std::thread::sleep(Duration::from_millis(300));
             }
             Err(e) => {

@@ -372,3 +372,50 @@ fn deleting_a_volume_frees_its_space_on_the_nodes() {
     done.expect("completion").expect("read the kept volume");
     assert!(buf.iter().all(|b| *b == 0x42));
 }
+
+/// The control service on a real 3-member etcd cluster with 2 control
+/// processes: SIGKILL of the leader while a client writes; the other takes
+/// over, I/O never stops (nodes do not need the control service to serve),
+/// and the new leader still manages failures (a node killed afterwards is
+/// replaced).
+#[test]
+fn the_control_leader_dies_and_io_goes_on() {
+    let mut c = Cluster::start(
+        std::path::Path::new(BIN),
+        ClusterOpts {
+            etcd: true,
+            ..ClusterOpts::default()
+        },
+    );
+    let (volume, dev) = volume_client(&c, "vol-ha", 1);
+    let load = start_load(&dev, 1, 8);
+    std::thread::sleep(Duration::from_secs(1));
+    let t0 = Instant::now();
+    let old = c.kill_meta_leader();
+    let new = c.meta_leader(Duration::from_secs(15));
+    assert_ne!(old, new);
+    println!(
+        "control process {old} killed; {new} leads after {:?}",
+        t0.elapsed()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    // The volume and the table survived the takeover.
+    assert!(c.meta_client().volume("vol-ha").is_ok());
+    // The new leader handles a node failure.
+    let before = c.route().epoch;
+    let t1 = Instant::now();
+    c.kill(3);
+    while c.route().epoch == before {
+        assert!(
+            t1.elapsed() < Duration::from_secs(15),
+            "no failover under the new leader"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!("node killed; new epoch after {:?}", t1.elapsed());
+    c.restart(3);
+    let t = c.wait_healthy(Duration::from_secs(120));
+    println!("healthy again at epoch {}", t.epoch);
+    let reports = stop_load(load);
+    verify(c, &dev, volume, &reports);
+}

@@ -17,6 +17,27 @@ use super::proxy::FaultProxy;
 
 pub const TOKEN: &str = "cluster-test-token";
 
+/// Whether the control process at `addr` answers as leader (HTTP 200 to
+/// an authenticated `GET /v1/status`; followers answer 503). Plain TCP: a
+/// MetaClient would follow a follower to the leader.
+fn leads(addr: SocketAddr) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(1000)));
+    if write!(
+        s,
+        "GET /v1/status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n"
+    )
+    .is_err()
+    {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).is_ok() && &head[9..12] == b"200"
+}
+
 pub fn free_port() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     l.local_addr().expect("addr")
@@ -38,6 +59,10 @@ pub struct Cluster {
     pub bin: PathBuf,
     pub meta_addr: SocketAddr,
     pub meta: Option<Child>,
+    /// With `ClusterOpts::etcd`: every control process (address, child) and
+    /// the etcd members; `meta`/`meta_addr` are then unused.
+    pub metas: Vec<(SocketAddr, Option<Child>)>,
+    pub etcds: Vec<Child>,
     pub nodes: Vec<NodeProc>,
     pub lease_ms: u64,
     pub disk_bytes: u64,
@@ -49,6 +74,9 @@ pub struct ClusterOpts {
     pub heartbeat_ms: u64,
     pub lease_ms: u64,
     pub disk_bytes: u64,
+    /// Control service on a 3-member etcd cluster with 2 control processes
+    /// (nodes talk to both, no proxy on that link).
+    pub etcd: bool,
 }
 
 impl Default for ClusterOpts {
@@ -59,6 +87,7 @@ impl Default for ClusterOpts {
             heartbeat_ms: 100,
             lease_ms: 800,
             disk_bytes: 320 << 20,
+            etcd: false,
         }
     }
 }
@@ -72,30 +101,17 @@ impl Cluster {
             bin: bin.to_path_buf(),
             meta_addr,
             meta: None,
+            metas: Vec::new(),
+            etcds: Vec::new(),
             nodes: Vec::new(),
             lease_ms: o.lease_ms,
             disk_bytes: o.disk_bytes,
         };
-        let meta_log = c.dir.path().join("meta.log");
-        let meta = Command::new(bin)
-            .args([
-                "meta",
-                "serve",
-                "--listen",
-                &meta_addr.to_string(),
-                "--data",
-            ])
-            .arg(c.dir.path().join("meta"))
-            .args(["--token", TOKEN])
-            .args(["--heartbeat-ms", &o.heartbeat_ms.to_string()])
-            .args(["--lease-ms", &o.lease_ms.to_string()])
-            .args(["--partition-bits", &o.partition_bits.to_string()])
-            .env("CELER_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&meta_log).expect("log"))
-            .spawn()
-            .expect("spawn meta");
-        c.meta = Some(meta);
+        if o.etcd {
+            c.start_etcd_metas(&o);
+        } else {
+            c.start_meta(&o);
+        }
         for i in 0..o.nodes {
             let listen = free_port();
             let data_proxy = FaultProxy::start(listen);
@@ -120,18 +136,145 @@ impl Cluster {
                     break;
                 }
             }
-            assert!(
-                Instant::now() < deadline,
-                "cluster did not form; logs in {}",
-                c.dir.path().display()
-            );
+            if Instant::now() > deadline {
+                let logs = c.keep_logs();
+                panic!("cluster did not form; logs in {}", logs.display());
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
         c
     }
 
+    fn start_meta(&mut self, o: &ClusterOpts) {
+        let (bin, meta_addr) = (self.bin.clone(), self.meta_addr);
+        let c = self;
+        let meta_log = c.dir.path().join("meta.log");
+        let meta = Command::new(bin)
+            .args([
+                "meta",
+                "serve",
+                "--listen",
+                &meta_addr.to_string(),
+                "--data",
+            ])
+            .arg(c.dir.path().join("meta"))
+            .args(["--token", TOKEN])
+            .args(["--heartbeat-ms", &o.heartbeat_ms.to_string()])
+            .args(["--lease-ms", &o.lease_ms.to_string()])
+            .args(["--partition-bits", &o.partition_bits.to_string()])
+            .env("CELER_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&meta_log).expect("log"))
+            .spawn()
+            .expect("spawn meta");
+        c.meta = Some(meta);
+    }
+
+    /// 3 etcd members and 2 `celer meta serve --store etcd` processes.
+    fn start_etcd_metas(&mut self, o: &ClusterOpts) {
+        let etcd = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect(
+                "etcd is installed (apt-get install etcd-server; scripts/install-deps.sh does)",
+            );
+        let peers: Vec<SocketAddr> = (0..3).map(|_| free_port()).collect();
+        let clients: Vec<SocketAddr> = (0..3).map(|_| free_port()).collect();
+        let initial: Vec<String> = (0..3)
+            .map(|i| format!("e{i}=http://{}", peers[i]))
+            .collect();
+        for i in 0..3 {
+            let client = format!("http://{}", clients[i]);
+            let peer = format!("http://{}", peers[i]);
+            let child = Command::new(etcd)
+                .args(["--name", &format!("e{i}"), "--data-dir"])
+                .arg(self.dir.path().join(format!("etcd{i}")))
+                .args([
+                    "--listen-client-urls",
+                    &client,
+                    "--advertise-client-urls",
+                    &client,
+                ])
+                .args([
+                    "--listen-peer-urls",
+                    &peer,
+                    "--initial-advertise-peer-urls",
+                    &peer,
+                ])
+                .args(["--initial-cluster", &initial.join(",")])
+                .args(["--initial-cluster-state", "new"])
+                .args([
+                    "--initial-cluster-token",
+                    &format!("celer-{}", std::process::id()),
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn etcd");
+            self.etcds.push(child);
+        }
+        let endpoints: Vec<String> = clients.iter().map(|c| format!("http://{c}")).collect();
+        for k in 0..2 {
+            let addr = free_port();
+            let log = self.dir.path().join(format!("meta{k}.log"));
+            let child = Command::new(&self.bin)
+                .args([
+                    "meta",
+                    "serve",
+                    "--store",
+                    "etcd",
+                    "--etcd",
+                    &endpoints.join(","),
+                ])
+                .args(["--listen", &addr.to_string()])
+                .args(["--advertise", &format!("http://{addr}")])
+                .args(["--token", TOKEN])
+                .args(["--heartbeat-ms", &o.heartbeat_ms.to_string()])
+                .args(["--lease-ms", &o.lease_ms.to_string()])
+                .args(["--partition-bits", &o.partition_bits.to_string()])
+                .env("CELER_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).expect("log"))
+                .spawn()
+                .expect("spawn meta");
+            self.metas.push((addr, Some(child)));
+        }
+    }
+
+    /// Kills (SIGKILL) the control process that leads; returns its index.
+    pub fn kill_meta_leader(&mut self) -> usize {
+        let leader = self.meta_leader(Duration::from_secs(20));
+        if let Some(mut c) = self.metas[leader].1.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        leader
+    }
+
+    /// The index of the control process answering as leader.
+    pub fn meta_leader(&self, within: Duration) -> usize {
+        let deadline = Instant::now() + within;
+        loop {
+            for (i, (addr, child)) in self.metas.iter().enumerate() {
+                if child.is_some() && leads(*addr) {
+                    return i;
+                }
+            }
+            assert!(Instant::now() < deadline, "no control leader");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn meta_url(&self) -> String {
-        format!("http://{}", self.meta_addr)
+        if self.metas.is_empty() {
+            format!("http://{}", self.meta_addr)
+        } else {
+            self.metas
+                .iter()
+                .map(|(a, _)| format!("http://{a}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        }
     }
 
     pub fn meta_client(&self) -> MetaClient {
@@ -143,6 +286,11 @@ impl Cluster {
     }
 
     fn spawn_node(&mut self, i: usize, disk_bytes: u64) {
+        let node_meta = if self.metas.is_empty() {
+            format!("http://{}", self.nodes[i].meta_proxy.addr())
+        } else {
+            self.meta_url()
+        };
         let n = &mut self.nodes[i];
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -156,7 +304,7 @@ impl Cluster {
             .args(["--listen", &n.listen.to_string()])
             .args(["--advertise", &n.data_proxy.addr().to_string()])
             .args(["--admin-listen", &n.admin.to_string()])
-            .args(["--meta", &format!("http://{}", n.meta_proxy.addr())])
+            .args(["--meta", &node_meta])
             .args(["--token", TOKEN])
             .args(["--domain", &format!("host{i}")])
             .env("CELER_LOG", "info")
@@ -249,8 +397,7 @@ impl Cluster {
             }
             assert!(
                 Instant::now() < deadline,
-                "cluster not healthy after {limit:?}; logs in {}",
-                self.dir.path().display()
+                "cluster not healthy after {limit:?}"
             );
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -275,6 +422,23 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         for i in 0..self.nodes.len() {
             self.kill(i);
+        }
+        for (_, c) in &mut self.metas {
+            if let Some(mut c) = c.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        for c in &mut self.etcds {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            // A failed test keeps its logs.
+            if let Ok(empty) = tempfile::tempdir() {
+                let d = std::mem::replace(&mut self.dir, empty);
+                eprintln!("cluster logs kept in {}", d.keep().display());
+            }
         }
         if let Some(mut m) = self.meta.take() {
             let _ = m.kill();
