@@ -59,6 +59,10 @@ pub struct ClusterBenchArgs {
     /// epoll (0: sleep at once; the two cores here are shared with the nodes).
     #[arg(long, default_value_t = 0)]
     pub poll_us: u64,
+    /// Nodes: keep polling this many µs after activity before sleeping
+    /// (`celer node serve --busy-poll-us`).
+    #[arg(long, default_value_t = 0)]
+    pub node_busy_poll_us: u64,
     /// Where ceph-up.sh / ceph-down.sh live (default: scripts/peers/ceph of
     /// this checkout).
     #[arg(long)]
@@ -265,6 +269,8 @@ struct Cluster {
     procs: Procs,
     meta_url: String,
     token: String,
+    /// The nodes' admin listeners (`/metrics`).
+    admins: Vec<SocketAddr>,
 }
 
 fn start_cluster(args: &ClusterBenchArgs, dir: &Path) -> Result<Cluster> {
@@ -308,14 +314,18 @@ fn start_cluster(args: &ClusterBenchArgs, dir: &Path) -> Result<Cluster> {
     // Each node holds a full copy (3 nodes, 3 replicas): the volume, the
     // engine's spare blocks and journals (sparse files).
     let disk_bytes = args.volume_size + args.volume_size / 3 + (512 << 20);
+    let mut admins = Vec::new();
     for i in 0..3 {
+        let admin = free_port()?;
+        admins.push(admin);
         let mut node = Command::new(&exe);
         node.args(["node", "serve", "--disk"])
             .arg(dir.join(format!("node{i}/disk.img")))
             .args(["--create", &disk_bytes.to_string()])
             .args(["--shards", &args.node_shards.to_string()])
+            .args(["--busy-poll-us", &args.node_busy_poll_us.to_string()])
             .args(["--listen", &free_port()?.to_string()])
-            .args(["--admin-listen", &free_port()?.to_string()])
+            .args(["--admin-listen", &admin.to_string()])
             .args(["--meta", &meta_url])
             .args(["--domain", &format!("host{i}")])
             .env("CELER_TOKEN", &token)
@@ -356,6 +366,7 @@ fn start_cluster(args: &ClusterBenchArgs, dir: &Path) -> Result<Cluster> {
         procs,
         meta_url,
         token,
+        admins,
     })
 }
 
@@ -651,6 +662,52 @@ struct Measured {
     fig: Figures,
     /// Cores busy with processes outside the measured side (noise).
     other_cores: f64,
+    /// Celer only: mean time a request spent inside a node (from its frame
+    /// to its response: engine and, for forwarded writes, the forwards).
+    node_mean_us: Option<f64>,
+}
+
+/// Sum and count of `celer_node_request_seconds{op=OP}` over every node and
+/// shard (the nodes' Prometheus histograms).
+fn node_latency(admins: &[SocketAddr], op: &str) -> (f64, f64) {
+    let (mut sum, mut count) = (0.0, 0.0);
+    for a in admins {
+        let Ok(text) = http_get(*a, "/metrics") else {
+            continue;
+        };
+        let want = format!("op=\"{op}\"");
+        for line in text.lines() {
+            let Some((name, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            if !name.contains(&want) {
+                continue;
+            }
+            let v: f64 = value.parse().unwrap_or(0.0);
+            if name.starts_with("celer_node_request_seconds_sum") {
+                sum += v;
+            } else if name.starts_with("celer_node_request_seconds_count") {
+                count += v;
+            }
+        }
+    }
+    (sum, count)
+}
+
+/// A plain HTTP/1.1 GET on loopback (the body; no redirects, no TLS).
+fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default())
 }
 
 fn run_celer(
@@ -659,10 +716,13 @@ fn run_celer(
     volume_blocks: u64,
     runtime: Duration,
     poll_us: u64,
-    cluster_pids: &[u32],
+    cluster: &Cluster,
 ) -> Result<Measured> {
     let per_queue = w.qd / w.queues;
-    let before = CpuSnap::take(cluster_pids);
+    let cluster_pids = cluster.procs.pids();
+    let node_op = if w.op == IoOp::Write { "write" } else { "read" };
+    let node0 = node_latency(&cluster.admins, node_op);
+    let before = CpuSnap::take(&cluster_pids);
     let runs: Vec<Result<QueueRun>> = if w.queues == 1 {
         vec![drive_queue(
             queues[0].as_mut(),
@@ -705,7 +765,9 @@ fn run_celer(
                 .collect()
         })
     };
-    let after = CpuSnap::take(cluster_pids);
+    let after = CpuSnap::take(&cluster_pids);
+    let node1 = node_latency(&cluster.admins, node_op);
+    let node_requests = node1.1 - node0.1;
     let mut lat: Vec<u32> = Vec::new();
     let mut ios = 0u64;
     let mut wall = Duration::ZERO;
@@ -726,6 +788,7 @@ fn run_celer(
             cpu_us_per_io: cpu_s * 1e6 / ios.max(1) as f64,
         },
         other_cores,
+        node_mean_us: (node_requests > 0.0).then(|| (node1.0 - node0.0) / node_requests * 1e6),
     })
 }
 
@@ -733,6 +796,9 @@ fn run_celer(
 
 struct Floor {
     write: Figures,
+    /// Three durable QD1 writers at once (one per replica, as the three
+    /// nodes share this disk): per-write latency.
+    write3: Figures,
     read: Figures,
     rtt_median_us: f64,
     rtt_p99_us: f64,
@@ -798,13 +864,65 @@ fn measure_floor(dir: &Path, size: u64, runtime_s: u32) -> Result<Floor> {
     // Same flags as `celer bench engine`'s peer: io_uring, O_DIRECT, and for
     // writes O_DSYNC (durable at completion, as a Celer write is).
     let write = fio::run(&file, "randwrite", 1, runtime_s, size, true)?;
+    let region = size / 3 / BLOCK_BYTES * BLOCK_BYTES;
+    let mut three = Command::new("fio");
+    three
+        .arg("--name=floor3")
+        .arg(format!("--filename={}", file.display()))
+        .args(["--ioengine=io_uring", "--direct=1", "--sync=dsync"])
+        .args(["--rw=randwrite", "--bs=4k", "--iodepth=1", "--numjobs=3"])
+        .arg(format!("--size={region}"))
+        .arg(format!("--offset_increment={region}"))
+        .arg(format!("--runtime={runtime_s}"));
+    let write3 = run_fio_json(three, "randwrite", &[])?.fig;
     let read = fio::run(&file, "randread", 1, runtime_s, size, false)?;
     let (rtt_median_us, rtt_p99_us) = loopback_rtt()?;
     Ok(Floor {
         write,
+        write3,
         read,
         rtt_median_us,
         rtt_p99_us,
+    })
+}
+
+/// Runs a time-based fio job (group-reported) and returns its total
+/// latency figures; CPU per I/O counts fio itself plus `daemon_pids`.
+fn run_fio_json(mut cmd: Command, rw: &str, daemon_pids: &[u32]) -> Result<Measured> {
+    cmd.args(["--time_based=1", "--randrepeat=0", "--norandommap=1"])
+        .args(["--group_reporting=1", "--lat_percentiles=1"])
+        .arg("--output-format=json");
+    let before = CpuSnap::take(daemon_pids);
+    let out = cmd
+        .output()
+        .context("running fio (scripts/install-deps.sh installs it)")?;
+    let after = CpuSnap::take(daemon_pids);
+    if !out.status.success() {
+        bail!("fio failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("parsing fio's JSON")?;
+    let side = &v["jobs"][0][if rw.contains("write") {
+        "write"
+    } else {
+        "read"
+    }];
+    let ios = side["total_ios"].as_f64().unwrap_or(0.0);
+    anyhow::ensure!(
+        ios > 0.0,
+        "fio did no I/O: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let lat = &side["lat_ns"];
+    let (cpu_s, other_cores) = cpu_between(&before, &after, false);
+    Ok(Measured {
+        fig: Figures {
+            iops: side["iops"].as_f64().unwrap_or(0.0),
+            mean_us: lat["mean"].as_f64().unwrap_or(0.0) / 1000.0,
+            p99_us: lat["percentile"]["99.000000"].as_f64().unwrap_or(0.0) / 1000.0,
+            cpu_us_per_io: cpu_s * 1e6 / ios,
+        },
+        other_cores,
+        node_mean_us: None,
     })
 }
 
@@ -888,44 +1006,16 @@ impl Ceph {
             "the Ceph peer's daemons are not running (found {})",
             pids.len()
         );
-        let before = CpuSnap::take(&pids);
-        let out = Command::new("fio")
-            .env("CEPH_CONF", self.conf())
+        let mut cmd = Command::new("fio");
+        cmd.env("CEPH_CONF", self.conf())
             .args(["--name=ceph", "--ioengine=rbd", "--clientname=admin"])
             .args(["--pool=rbd", "--rbdname=peer", "--invalidate=0"])
             .arg(format!("--rw={rw}"))
             .args(["--bs=4k", "--numjobs=1"])
             .arg(format!("--iodepth={qd}"))
             .arg(format!("--size={size}"))
-            .arg(format!("--runtime={runtime_s}"))
-            .args(["--time_based=1", "--randrepeat=0", "--norandommap=1"])
-            .args(["--lat_percentiles=1", "--output-format=json"])
-            .output()
-            .context("running fio with the rbd engine")?;
-        let after = CpuSnap::take(&pids);
-        if !out.status.success() {
-            bail!("fio rbd failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        let v: serde_json::Value =
-            serde_json::from_slice(&out.stdout).context("parsing fio's JSON")?;
-        let side = &v["jobs"][0][if rw.contains("write") {
-            "write"
-        } else {
-            "read"
-        }];
-        let ios = side["total_ios"].as_f64().unwrap_or(0.0);
-        anyhow::ensure!(ios > 0.0, "fio rbd did no I/O");
-        let lat = &side["lat_ns"];
-        let (cpu_s, other_cores) = cpu_between(&before, &after, false);
-        Ok(Measured {
-            fig: Figures {
-                iops: side["iops"].as_f64().unwrap_or(0.0),
-                mean_us: lat["mean"].as_f64().unwrap_or(0.0) / 1000.0,
-                p99_us: lat["percentile"]["99.000000"].as_f64().unwrap_or(0.0) / 1000.0,
-                cpu_us_per_io: cpu_s * 1e6 / ios,
-            },
-            other_cores,
-        })
+            .arg(format!("--runtime={runtime_s}"));
+        run_fio_json(cmd, rw, &pids)
     }
 }
 
@@ -997,13 +1087,18 @@ fn print_report(
         floor.rtt_median_us,
         floor.rtt_p99_us
     );
+    println!(
+        "  three durable 4K writers at once (QD1 each, as three replicas on this one disk): {:.1} µs mean per write (p99 {:.0}), {:.0} writes/s in all",
+        floor.write3.mean_us, floor.write3.p99_us, floor.write3.iops
+    );
     println!();
     println!(
-        "{:<20} {:>9} {:>8} {:>8} {:>9} {:>6} | {:>8} {:>8} {:>8} {:>9} {:>6} | {:>9} {:>9}",
+        "{:<20} {:>9} {:>8} {:>8} {:>8} {:>9} {:>6} | {:>8} {:>8} {:>8} {:>9} {:>6} | {:>9} {:>9}",
         "workload",
         "IOPS",
         "mean µs",
         "p99 µs",
+        "node µs",
         "CPU µs/IO",
         "other",
         "Ceph IOPS",
@@ -1017,11 +1112,12 @@ fn print_report(
     for (i, w) in selected.iter().enumerate() {
         let c = celer[i];
         let left = format!(
-            "{:<20} {:>9.0} {:>8.1} {:>8.1} {:>9.1} {:>6.2}",
+            "{:<20} {:>9.0} {:>8.1} {:>8.1} {:>8.1} {:>9.1} {:>6.2}",
             w.label(),
             c.fig.iops,
             c.fig.mean_us,
             c.fig.p99_us,
+            c.node_mean_us.unwrap_or(0.0),
             c.fig.cpu_us_per_io,
             c.other_cores
         );
@@ -1040,7 +1136,7 @@ fn print_report(
         }
     }
     println!(
-        "(mean/p99: submit to completion; CPU µs/IO: all of a side's processes; other: cores busy with anything else on the machine meanwhile; lat ÷Ceph: how many times lower Celer's mean latency is)"
+        "(mean/p99: submit to completion; node µs: mean time inside a node, from its request frame to its response; CPU µs/IO: all of a side's processes; other: cores busy with anything else on the machine meanwhile; lat ÷Ceph: how many times lower Celer's mean latency is)"
     );
     println!();
     println!("targets (issue 4):");
@@ -1160,7 +1256,6 @@ pub fn run(args: &ClusterBenchArgs) -> Result<()> {
         None
     };
     let cluster = start_cluster(args, &dir)?;
-    let cluster_pids = cluster.procs.pids();
     let device = crate::cluster_dev::open_volume(&cluster.meta_url, &cluster.token, VOLUME_NAME)?;
     let mut queues: Vec<Box<dyn DeviceQueue>> = (0..2)
         .map(|i| device.open_queue(i))
@@ -1205,7 +1300,7 @@ pub fn run(args: &ClusterBenchArgs) -> Result<()> {
             volume_blocks,
             runtime,
             args.poll_us,
-            &cluster_pids,
+            &cluster,
         )?;
         celer.push(c);
         if let (Some(c), false) = (with_ceph, ceph_first) {
