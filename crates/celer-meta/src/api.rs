@@ -66,6 +66,11 @@ pub struct RegisterNode {
     pub shards: u16,
     /// Failure domain (host, rack...): replicas go to distinct domains.
     pub domain: String,
+    /// Identity of the node's engine disk. A known node that comes back with
+    /// another disk holds none of its data any more: it is taken out of its
+    /// partitions and rejoins them as a syncing (backfilling) member.
+    #[serde(default)]
+    pub disk_uuid: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -103,6 +103,8 @@ struct Persistent {
     /// refuse I/O to them. A restore that brings a volume back removes its
     /// tombstone (the data the nodes already freed does not come back).
     deleted: BTreeSet<u64>,
+    /// Each node's engine disk identity, as registered.
+    disks: BTreeMap<NodeId, u64>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -321,6 +323,22 @@ impl Cluster {
             reason: "out of range".into(),
         })?;
         let next_volume_id = counter("ctr/volume")?;
+        let mut disks = BTreeMap::new();
+        for (k, v) in store.scan_prefix(b"disk/")? {
+            let parsed = std::str::from_utf8(&k[5..])
+                .ok()
+                .and_then(|s| s.parse::<NodeId>().ok())
+                .zip(
+                    std::str::from_utf8(&v)
+                        .ok()
+                        .and_then(|s| s.parse::<u64>().ok()),
+                );
+            let (id, uuid) = parsed.ok_or_else(|| StoreError::Corrupt {
+                key: String::from_utf8_lossy(&k).into_owned(),
+                reason: "not a node id and disk uuid".into(),
+            })?;
+            disks.insert(id, uuid);
+        }
         let mut deleted = BTreeSet::new();
         for (k, _) in store.scan_prefix(b"deleted/")? {
             let id = std::str::from_utf8(&k[8..])
@@ -345,6 +363,7 @@ impl Cluster {
                 next_volume_id,
                 last_seq,
                 deleted,
+                disks,
             },
             live,
             epoch_floor: 0,
@@ -470,6 +489,30 @@ impl Cluster {
             domain: req.domain,
             up: true,
         };
+        if let Some(uuid) = req.disk_uuid {
+            let known = tx.p.disks.get(&id).copied();
+            if known != Some(uuid) {
+                tx.ops.push(Op::put(format!("disk/{id}"), uuid.to_string()));
+                tx.p.disks.insert(id, uuid);
+            }
+            if known.is_some_and(|k| k != uuid) && tx.p.nodes.contains_key(&id) {
+                // Another disk: the node holds none of the data the routes
+                // say it does. Take it out of every partition first; the
+                // registration below brings it back as a syncing member.
+                tracing::warn!(
+                    node = id,
+                    "node came back with a different disk: rejoining as an empty member"
+                );
+                let mut gone = info.clone();
+                gone.up = false;
+                tx.put_node(gone);
+                tx.log(Change::NodeDown { id });
+                tx.reroute(
+                    &self.cfg,
+                    &format!("node {id} came back with a different disk"),
+                )?;
+            }
+        }
         let was_down = tx.p.nodes.get(&id).is_some_and(|n| !n.up);
         if tx.p.nodes.get(&id) != Some(&info) {
             tx.put_node(info.clone());

@@ -130,6 +130,7 @@ impl FakeNode {
             admin_addr: self.addr.to_string(),
             shards: 2,
             domain: domain.into(),
+            disk_uuid: None,
         })
         .expect("register")
         .node_id
@@ -215,6 +216,7 @@ fn requests_without_the_token_are_refused() {
             admin_addr: "h:2".into(),
             shards: 1,
             domain: "d".into(),
+            disk_uuid: None,
         }));
         assert_eq!(status, 401, "{what}: register");
     }
@@ -309,6 +311,7 @@ fn invalid_input_is_rejected_with_a_message() {
         admin_addr: "127.0.0.1:2".into(),
         shards,
         domain: "d".into(),
+        disk_uuid: None,
     };
     for (r, needle) in [
         (reg(3, "127.0.0.1:1", None), "power of two"),
@@ -434,6 +437,7 @@ fn volume_lifecycle_survives_a_restart() {
             admin_addr: nodes[1].addr.to_string(),
             shards: 2,
             domain: "host1".into(),
+            disk_uuid: None,
         })
         .expect("re-register");
     assert_eq!(r.node_id, 2);
@@ -740,6 +744,7 @@ fn a_rebuilt_control_service_continues_above_the_nodes_epoch() {
                 admin_addr: n.addr.to_string(),
                 shards: 2,
                 domain: format!("host{i}"),
+                disk_uuid: None,
             })
             .expect("register");
         assert_eq!(r.node_id, 7 + i as NodeId);

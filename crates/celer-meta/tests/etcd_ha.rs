@@ -236,6 +236,7 @@ fn leader_failover_keeps_every_change() {
                 admin_addr: "127.0.0.1:1".into(),
                 shards: 1,
                 domain: format!("host{i}"),
+                disk_uuid: None,
             })
             .expect("register");
         ids.push(r.node_id);

@@ -20,6 +20,7 @@ pub(crate) fn register(
     admin_addr: &str,
     shards: u16,
     domain: &str,
+    disk_uuid: u64,
 ) -> Result<Registered, NodeError> {
     let req = RegisterNode {
         node_id,
@@ -27,6 +28,7 @@ pub(crate) fn register(
         admin_addr: admin_addr.to_string(),
         shards,
         domain: domain.to_string(),
+        disk_uuid: Some(disk_uuid),
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -116,6 +118,7 @@ pub(crate) fn run(
                                 &n.admin_addr,
                                 shared.shards,
                                 &n.domain,
+                                shared.disk_uuid,
                             ) {
                                 reg = r;
                             }

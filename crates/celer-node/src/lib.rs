@@ -195,6 +195,8 @@ impl RouteHub {
 pub(crate) struct NodeShared {
     pub(crate) id: NodeId,
     pub(crate) shards: u16,
+    /// The engine disk's identity, sent when registering.
+    pub(crate) disk_uuid: u64,
     pub(crate) hub: RouteHub,
     pub(crate) agent: Mutex<Option<Sender<AgentMsg>>>,
     pub(crate) metrics: NodeMetrics,
@@ -238,6 +240,7 @@ impl Node {
                 ..OpenOptions::default()
             },
         )?;
+        let disk_uuid = engine.geometry().disk_uuid;
         let shards = engine.into_shards();
         let shard_count = shards.len() as u16;
         if !shard_count.is_power_of_two() {
@@ -285,6 +288,7 @@ impl Node {
                     &admin_addr.to_string(),
                     shard_count,
                     &cfg.domain,
+                    disk_uuid,
                 )?;
                 (reg.node_id, Some((client, reg)))
             }
@@ -302,6 +306,7 @@ impl Node {
         let shared = Arc::new(NodeShared {
             id,
             shards: shard_count,
+            disk_uuid,
             hub: RouteHub {
                 current: Mutex::new(None),
                 epoch: AtomicU64::new(0),

@@ -419,3 +419,22 @@ fn the_control_leader_dies_and_io_goes_on() {
     let reports = stop_load(load);
     verify(c, &dev, volume, &reports);
 }
+
+/// A node restarted at once on a new, empty disk (same id, lease still
+/// valid) must not be taken for an in-sync replica: the control service
+/// sees another disk identity, takes it out of its partitions and it
+/// backfills. Every write reads back and the replicas agree afterwards.
+#[test]
+fn a_node_back_with_an_empty_disk_is_backfilled_not_trusted() {
+    let mut c = Cluster::start(std::path::Path::new(BIN), ClusterOpts::default());
+    let (volume, dev) = volume_client(&c, "vol-swap", 1);
+    let load = start_load(&dev, 1, 8);
+    std::thread::sleep(Duration::from_secs(2));
+    c.swap_disk(1);
+    std::thread::sleep(Duration::from_secs(1));
+    let t = c.wait_healthy(Duration::from_secs(120));
+    println!("healthy again at epoch {} after the disk swap", t.epoch);
+    std::thread::sleep(Duration::from_secs(1));
+    let reports = stop_load(load);
+    verify(c, &dev, volume, &reports);
+}

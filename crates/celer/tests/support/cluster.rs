@@ -335,6 +335,14 @@ impl Cluster {
         self.spawn_node(i, self.disk_bytes);
     }
 
+    /// Replaces node `i`'s disk with a new, empty one and restarts it at
+    /// once (same node id, well within its lease): a disk swap.
+    pub fn swap_disk(&mut self, i: usize) {
+        self.kill(i);
+        std::fs::remove_file(&self.nodes[i].disk).expect("remove the old disk");
+        self.spawn_node(i, self.disk_bytes);
+    }
+
     /// Cuts node `i` off from everyone (clients, peers, control service).
     pub fn partition(&self, i: usize, on: bool) {
         self.nodes[i].data_proxy.partition(on);
