@@ -1,4 +1,5 @@
-//! `cluster:VOLUME[,meta=URL][,token=SECRET]`: a replicated volume of a
+//! `cluster:VOLUME[,meta=URL]...[,token=SECRET|,token-file=PATH]` (`meta=`
+//! once per control process, or CELER_META=URL1,URL2): a replicated volume of a
 //! Celer cluster as a `BlockDevice`, for `celer vhost serve` and `celer nbd
 //! serve`. The control service names the volume's id and size and a few
 //! node addresses; from then on the client talks to the nodes only.
@@ -66,25 +67,35 @@ pub fn open_spec(spec: &str) -> Result<Arc<Client>> {
             "cluster device needs a volume name: cluster:NAME[,meta=URL][,token=SECRET]"
         )
     })?;
-    let mut meta = std::env::var("CELER_META").unwrap_or_else(|_| DEFAULT_META.into());
+    let mut metas: Vec<String> = Vec::new();
     let mut token = std::env::var("CELER_TOKEN").ok();
     for kv in parts {
         match kv.split_once('=') {
-            Some(("meta", v)) => meta = v.to_string(),
+            // Several control processes: meta= once for each.
+            Some(("meta", v)) => metas.push(v.to_string()),
             Some(("token", v)) => token = Some(v.to_string()),
             Some(("token-file", v)) => {
-                token = Some(
-                    std::fs::read_to_string(v)
-                        .with_context(|| format!("read token file {v}"))?
-                        .trim()
-                        .to_string(),
-                )
+                let text =
+                    std::fs::read_to_string(v).with_context(|| format!("read token file {v}"))?;
+                // `SECRET` or `NAME SECRET` lines: the first one's secret.
+                token = text
+                    .lines()
+                    .map(str::trim)
+                    .find(|l| !l.is_empty() && !l.starts_with('#'))
+                    .and_then(|l| l.split_whitespace().last())
+                    .map(str::to_string);
+                anyhow::ensure!(token.is_some(), "token file {v} holds no token");
             }
             _ => anyhow::bail!(
                 "unknown cluster device option `{kv}`: use meta=URL, token=SECRET or token-file=PATH"
             ),
         }
     }
+    let meta = if metas.is_empty() {
+        std::env::var("CELER_META").unwrap_or_else(|_| DEFAULT_META.into())
+    } else {
+        metas.join(",")
+    };
     let token = token.ok_or_else(|| {
         anyhow::anyhow!(
             "cluster device needs the cluster token: token=SECRET, token-file=PATH or CELER_TOKEN"

@@ -454,10 +454,51 @@ fn print_volumes(vols: &[Volume]) {
 pub struct StatusArgs {
     #[command(flatten)]
     list: ListArgs,
+    /// Follow recovery and rebalancing with a progress bar (partitions in
+    /// sync out of all) until every partition is in sync and every node up,
+    /// or until this many seconds pass (then exit 1).
+    #[arg(long, value_name = "SECONDS")]
+    wait: Option<u64>,
+}
+
+/// `celer status --wait`: a progress bar of partitions in sync.
+fn wait_healthy(c: &celer_meta::client::MetaClient, seconds: u64) -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} recovery [{bar:40}] {pos}/{len} partitions in sync {msg} ({elapsed})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    loop {
+        let s = c.status().map_err(human)?;
+        bar.set_length(s.partitions as u64);
+        bar.set_position(s.partitions_in_sync as u64);
+        bar.set_message(format!("epoch {}, {} node(s) down", s.epoch, s.nodes_down));
+        if s.epoch > 0 && s.partitions_degraded == 0 && s.nodes_down == 0 {
+            bar.finish();
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            bar.abandon();
+            anyhow::bail!(
+                "not healthy after {seconds} s: {} of {} partitions degraded, {} node(s) down (see `celer meta nodes`)",
+                s.partitions_degraded,
+                s.partitions,
+                s.nodes_down
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }
 
 pub fn run_status(a: StatusArgs) -> Result<()> {
     let c = a.list.conn.client()?;
+    if let Some(seconds) = a.wait {
+        wait_healthy(&c, seconds)?;
+    }
     let s = c.status().map_err(human)?;
     if a.list.json {
         println!("{}", serde_json::to_string_pretty(&s)?);

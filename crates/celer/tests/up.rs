@@ -192,6 +192,8 @@ fn celer_up_serves_a_replicated_volume_over_nbd() {
     let status = Command::new(BIN)
         .args([
             "status",
+            "--wait",
+            "30",
             "--json",
             "--meta",
             &format!("http://127.0.0.1:{port}"),
