@@ -91,4 +91,25 @@ for r in $(seq "$REPEAT"); do
 	ROOT=$ROOT "$BIN" "${args[@]}" 2> >(grep -v '^\[ceph-up\|^ \|^daemon\|^m[go][rn]\.\|^osd\.\|^$\|^export CEPH' >&2) |
 		tee "$OUT_DIR/round-$r.txt"
 done
+if [ "$REPEAT" -gt 1 ]; then
+	echo
+	echo "== medians over $REPEAT rounds (each column on its own; ratios are medians of the per-round ratios)"
+	python3 - "$OUT_DIR"/round-*.txt <<'PY'
+import re, statistics, sys
+rows = {}
+for f in sys.argv[1:]:
+    for line in open(f):
+        m = re.match(r"^(rand(?:write|read) QD\d+(?: 2q)?)\s+(.*)$", line.rstrip())
+        if not m:
+            continue
+        nums = [float(x) for x in re.findall(r"[\d.]+", m.group(2).replace("|", " "))]
+        rows.setdefault(m.group(1), []).append(nums)
+cols = ["IOPS", "mean", "p99", "node", "CPU/IO", "other", "Ceph IOPS", "mean", "p99", "CPU/IO", "other", "IOPS x", "lat /"]
+print("%-18s" % "workload" + "".join("%10s" % c for c in cols))
+for name, runs in rows.items():
+    n = min(len(r) for r in runs)
+    med = [statistics.median(r[i] for r in runs) for i in range(n)]
+    print("%-18s" % name + "".join("%10.1f" % x for x in med))
+PY
+fi
 log "done; results in $OUT_DIR"
