@@ -61,6 +61,26 @@ pub struct NodeServeArgs {
 }
 
 pub fn config(a: &NodeServeArgs) -> Result<celer_node::NodeConfig> {
+    let token = match (&a.token, &a.token_file) {
+        (Some(t), _) => t.clone(),
+        (None, Some(f)) => std::fs::read_to_string(f)
+            .with_context(|| format!("read the token file {}", f.display()))?
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty() && !l.starts_with('#'))
+            .and_then(|l| l.split_whitespace().last())
+            .map(str::to_string)
+            .ok_or_else(|| {
+                anyhow::anyhow!("{} is empty: put the cluster token in it", f.display())
+            })?,
+        (None, None) => {
+            anyhow::bail!("the cluster token is required: --token, --token-file or CELER_TOKEN")
+        }
+    };
+    anyhow::ensure!(
+        a.meta.is_some() || a.node_id.is_some(),
+        "give --meta URL (a control service assigns the id) or --node-id N"
+    );
     if let Some(size) = a.create {
         let is_celer = celer_engine::Engine::identify(&a.disk).is_ok();
         if !is_celer {
@@ -90,6 +110,11 @@ pub fn config(a: &NodeServeArgs) -> Result<celer_node::NodeConfig> {
             .with_context(|| format!("format {}", a.disk.display()))?;
         }
     }
+    anyhow::ensure!(
+        a.create.is_some() || a.disk.exists(),
+        "{} does not exist: give --create SIZE to make a new disk file, or point --disk at a formatted disk (`celer engine format`)",
+        a.disk.display()
+    );
     let state_dir = match &a.state_dir {
         Some(d) => d.clone(),
         None => a
@@ -98,26 +123,6 @@ pub fn config(a: &NodeServeArgs) -> Result<celer_node::NodeConfig> {
             .map(|p| p.to_path_buf())
             .unwrap_or_else(|| PathBuf::from(".")),
     };
-    let token = match (&a.token, &a.token_file) {
-        (Some(t), _) => t.clone(),
-        (None, Some(f)) => std::fs::read_to_string(f)
-            .with_context(|| format!("read the token file {}", f.display()))?
-            .lines()
-            .map(str::trim)
-            .find(|l| !l.is_empty() && !l.starts_with('#'))
-            .and_then(|l| l.split_whitespace().last())
-            .map(str::to_string)
-            .ok_or_else(|| {
-                anyhow::anyhow!("{} is empty: put the cluster token in it", f.display())
-            })?,
-        (None, None) => {
-            anyhow::bail!("the cluster token is required: --token, --token-file or CELER_TOKEN")
-        }
-    };
-    anyhow::ensure!(
-        a.meta.is_some() || a.node_id.is_some(),
-        "give --meta URL (a control service assigns the id) or --node-id N"
-    );
     Ok(celer_node::NodeConfig {
         disk: a.disk.clone(),
         state_dir,

@@ -160,3 +160,135 @@ fn serve_commands_reject_bad_devices() {
     );
     fails_with(&["bench", "engine", "--volume-size", "3K"], "--volume-size");
 }
+
+#[test]
+fn node_up_and_daemon_settings_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let disk = d.join("disk.img");
+    let disk = disk.to_str().expect("utf8");
+    // Node: token, identity and disk problems are named.
+    fails_with(
+        &["node", "serve", "--disk", disk],
+        "cluster token is required",
+    );
+    fails_with(
+        &["node", "serve", "--disk", disk, "--token", "t"],
+        "give --meta URL",
+    );
+    fails_with(
+        &[
+            "node",
+            "serve",
+            "--disk",
+            disk,
+            "--token",
+            "t",
+            "--node-id",
+            "1",
+        ],
+        "does not exist: give --create SIZE",
+    );
+    std::fs::write(d.join("junk"), b"precious data").expect("write");
+    let junk = d.join("junk");
+    let junk = junk.to_str().expect("utf8");
+    fails_with(
+        &[
+            "node",
+            "serve",
+            "--disk",
+            junk,
+            "--create",
+            "1G",
+            "--token",
+            "t",
+            "--node-id",
+            "1",
+        ],
+        "refusing to format",
+    );
+    fails_with(
+        &[
+            "node",
+            "serve",
+            "--disk",
+            disk,
+            "--create",
+            "1G",
+            "--shards",
+            "3",
+            "--token",
+            "t",
+            "--node-id",
+            "1",
+        ],
+        "power of two",
+    );
+    fails_with(
+        &[
+            "node", "serve", "--disk", disk, "--listen", "nowhere", "--token", "t",
+        ],
+        "invalid value 'nowhere'",
+    );
+    let empty = d.join("empty-token");
+    std::fs::write(&empty, "\n# nothing\n").expect("write");
+    fails_with(
+        &[
+            "node",
+            "serve",
+            "--disk",
+            disk,
+            "--token-file",
+            empty.to_str().expect("utf8"),
+            "--node-id",
+            "1",
+        ],
+        "is empty",
+    );
+    // Settings files: unknown keys, wrong types, bad TOML.
+    let cfg = d.join("node.toml");
+    let cfg_s = cfg.to_str().expect("utf8");
+    std::fs::write(&cfg, "lisen = \"127.0.0.1:1\"\n").expect("write");
+    fails_with(
+        &["node", "serve", "--config", cfg_s],
+        "unknown setting `lisen`",
+    );
+    std::fs::write(&cfg, "read_only = 7\n").expect("write");
+    fails_with(&["nbd", "serve", "--config", cfg_s], "is a switch");
+    std::fs::write(&cfg, "queues = [\n").expect("write");
+    fails_with(&["vhost", "serve", "--config", cfg_s], "not valid TOML");
+    fails_with(
+        &["vhost", "serve", "--config", "/nonexistent/x.toml"],
+        "read the settings file",
+    );
+    // celer up: sizes and ports.
+    fails_with(
+        &["up", "--dir", d.to_str().expect("utf8"), "--size", "3K"],
+        "--size",
+    );
+    fails_with(&["up", "--nodes", "0"], "--nodes");
+    fails_with(&["up", "--base-port", "65400"], "too high");
+    // cluster: devices.
+    fails_with(
+        &[
+            "nbd",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--device",
+            "cluster:",
+        ],
+        "needs a volume name",
+    );
+    fails_with(
+        &[
+            "nbd",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--device",
+            "cluster:v,color=red",
+        ],
+        "unknown cluster device option",
+    );
+}
