@@ -52,6 +52,13 @@ pub struct ClusterBenchArgs {
     /// randread-qd32, randwrite-qd32-2q, ...).
     #[arg(long)]
     pub only: Option<String>,
+    /// Format the node disk files here and write zeros into their holes
+    /// before the nodes start, so that no measured write allocates blocks in
+    /// the file system (as on a block device). Default: sparse files, as
+    /// `celer node serve --create` makes them. (Two A/B pairs on this
+    /// machine showed no difference beyond its noise.)
+    #[arg(long)]
+    pub preallocate: bool,
     /// Engine shards (threads) per storage node.
     #[arg(long, default_value_t = 2)]
     pub node_shards: u32,
@@ -312,15 +319,20 @@ fn start_cluster(args: &ClusterBenchArgs, dir: &Path) -> Result<Cluster> {
         std::thread::sleep(Duration::from_millis(50));
     }
     // Each node holds a full copy (3 nodes, 3 replicas): the volume, the
-    // engine's spare blocks and journals (sparse files).
-    let disk_bytes = args.volume_size + args.volume_size / 3 + (512 << 20);
+    // engine's spare blocks and journals.
+    let disk_bytes =
+        (args.volume_size + args.volume_size / 3 + (512 << 20)).next_multiple_of(1 << 20);
     let mut admins = Vec::new();
     for i in 0..3 {
         let admin = free_port()?;
         admins.push(admin);
+        let disk = dir.join(format!("node{i}/disk.img"));
+        if args.preallocate {
+            format_allocated(&disk, disk_bytes, args.node_shards)?;
+        }
         let mut node = Command::new(&exe);
         node.args(["node", "serve", "--disk"])
-            .arg(dir.join(format!("node{i}/disk.img")))
+            .arg(&disk)
             .args(["--create", &disk_bytes.to_string()])
             .args(["--shards", &args.node_shards.to_string()])
             .args(["--busy-poll-us", &args.node_busy_poll_us.to_string()])
@@ -368,6 +380,54 @@ fn start_cluster(args: &ClusterBenchArgs, dir: &Path) -> Result<Cluster> {
         token,
         admins,
     })
+}
+
+/// Formats `disk` as `celer node serve --create` would, then writes zeros
+/// into every hole (holes read as zeros: the content does not change), so
+/// that no write of the benchmark allocates blocks in the file system.
+fn format_allocated(disk: &Path, size: u64, shards: u32) -> Result<()> {
+    if let Some(parent) = disk.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
+    }
+    celer_engine::Engine::format(
+        disk,
+        &celer_engine::FormatOptions {
+            shard_count: shards,
+            create_size_bytes: Some(size),
+            ..Default::default()
+        },
+    )
+    .with_context(|| format!("format {}", disk.display()))?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(disk)
+        .with_context(|| format!("open {}", disk.display()))?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+    let zeros = vec![0u8; FILL_REQUEST_BYTES as usize * 4];
+    let mut off: i64 = 0;
+    let end = size as i64;
+    while off < end {
+        // SAFETY: lseek on a file descriptor we own.
+        let hole = unsafe { libc::lseek(fd, off, libc::SEEK_HOLE) };
+        if hole < 0 || hole >= end {
+            break;
+        }
+        // SAFETY: as above.
+        let data = unsafe { libc::lseek(fd, hole, libc::SEEK_DATA) };
+        let hole_end = if data < 0 { end } else { data.min(end) };
+        let mut at = hole;
+        while at < hole_end {
+            let n = (hole_end - at).min(zeros.len() as i64) as usize;
+            std::os::unix::fs::FileExt::write_all_at(&file, &zeros[..n], at as u64)
+                .with_context(|| format!("write zeros into {}", disk.display()))?;
+            at += n as i64;
+        }
+        off = hole_end;
+    }
+    file.sync_all()
+        .with_context(|| format!("sync {}", disk.display()))?;
+    Ok(())
 }
 
 // ---------------------------------------------------------------- CPU time
@@ -1241,9 +1301,10 @@ pub fn run(args: &ClusterBenchArgs) -> Result<()> {
     let dir = args.dir.canonicalize().context("resolve --dir")?;
     let runtime = Duration::from_secs(args.runtime as u64);
     println!(
-        "celer bench cluster: control service + 3 storage nodes ({} shards each) as processes, 3 replicas, disks in {}; volume {} MiB; {} s per workload, 4 KiB random I/O; {} CPUs",
+        "celer bench cluster: control service + 3 storage nodes ({} shards each) as processes, 3 replicas, disks in {} ({}); volume {} MiB; {} s per workload, 4 KiB random I/O; {} CPUs",
         args.node_shards,
         dir.display(),
+        if args.preallocate { "files fully allocated" } else { "sparse files" },
         args.volume_size >> 20,
         args.runtime,
         ncpus()
