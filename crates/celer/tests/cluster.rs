@@ -244,6 +244,34 @@ fn a_client_with_an_old_route_is_corrected_by_a_node() {
     verify(c, &dev, volume, &reports);
 }
 
+/// Submits one request on `q` over `buf` and waits for its result.
+fn one_request(
+    q: &mut dyn celer_device::DeviceQueue,
+    op: celer_device::IoOp,
+    offset_bytes: u64,
+    buf: &mut [u8],
+) -> Result<(), celer_device::IoError> {
+    let seg = celer_device::IoSegment {
+        addr: buf.as_mut_ptr(),
+        len: buf.len(),
+    };
+    let req = celer_device::IoRequest {
+        op,
+        offset_bytes,
+        len_bytes: buf.len() as u64,
+        segments: &[seg],
+        tag: 0,
+    };
+    // SAFETY: buf outlives the request: we wait for its completion here.
+    unsafe { q.submit(&req) }.expect("submit");
+    let mut done = None;
+    while done.is_none() {
+        q.poll(&mut |c| done = Some(c.result));
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    done.expect("a completion")
+}
+
 /// `GET /v1/status` of a node's admin server, as JSON.
 fn node_status(admin: std::net::SocketAddr) -> serde_json::Value {
     use std::io::{Read, Write};
@@ -276,25 +304,8 @@ fn deleting_a_volume_frees_its_space_on_the_nodes() {
         let mut q = d.open_queue(1).expect("queue");
         let mut buf = vec![0x42u8; 1 << 20];
         for i in 0..16u64 {
-            let seg = celer_device::IoSegment {
-                addr: buf.as_mut_ptr(),
-                len: buf.len(),
-            };
-            let req = celer_device::IoRequest {
-                op: celer_device::IoOp::Write,
-                offset_bytes: i << 20,
-                len_bytes: 1 << 20,
-                segments: &[seg],
-                tag: i,
-            };
-            // SAFETY: buf outlives the request (waited for below).
-            unsafe { q.submit(&req) }.expect("submit");
-            let mut done = None;
-            while done.is_none() {
-                q.poll(&mut |c| done = Some(c.result));
-                std::thread::sleep(Duration::from_micros(100));
-            }
-            done.expect("completion").expect("write");
+            let done = one_request(q.as_mut(), celer_device::IoOp::Write, i << 20, &mut buf);
+            done.expect("write");
         }
     }
     let before = chunks(&c);
@@ -328,48 +339,16 @@ fn deleting_a_volume_frees_its_space_on_the_nodes() {
     // The deleted volume's I/O is refused; the other volume is intact.
     let mut q = dev.open_queue(2).expect("queue");
     let mut buf = vec![0u8; 4096];
-    let seg = celer_device::IoSegment {
-        addr: buf.as_mut_ptr(),
-        len: 4096,
-    };
-    let req = celer_device::IoRequest {
-        op: celer_device::IoOp::Write,
-        offset_bytes: 0,
-        len_bytes: 4096,
-        segments: &[seg],
-        tag: 0,
-    };
-    // SAFETY: buf outlives the request.
-    unsafe { q.submit(&req) }.expect("submit");
-    let mut done = None;
-    while done.is_none() {
-        q.poll(&mut |c| done = Some(c.result));
-        std::thread::sleep(Duration::from_micros(100));
-    }
-    assert!(
-        done.expect("completion").is_err(),
-        "a write to a deleted volume must fail"
-    );
+    let done = one_request(q.as_mut(), celer_device::IoOp::Write, 0, &mut buf[..4096]);
+    assert!(done.is_err(), "a write to a deleted volume must fail");
     let mut q = keep.open_queue(3).expect("queue");
-    let seg = celer_device::IoSegment {
-        addr: buf.as_mut_ptr(),
-        len: 4096,
-    };
-    let req = celer_device::IoRequest {
-        op: celer_device::IoOp::Read,
-        offset_bytes: 5 << 20,
-        len_bytes: 4096,
-        segments: &[seg],
-        tag: 0,
-    };
-    // SAFETY: buf outlives the request.
-    unsafe { q.submit(&req) }.expect("submit");
-    let mut done = None;
-    while done.is_none() {
-        q.poll(&mut |c| done = Some(c.result));
-        std::thread::sleep(Duration::from_micros(100));
-    }
-    done.expect("completion").expect("read the kept volume");
+    let done = one_request(
+        q.as_mut(),
+        celer_device::IoOp::Read,
+        5 << 20,
+        &mut buf[..4096],
+    );
+    done.expect("read the kept volume");
     assert!(buf.iter().all(|b| *b == 0x42));
 }
 
