@@ -83,10 +83,23 @@ pub struct Registered {
     pub lease_ms: u64,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Heartbeat {
     /// Epoch of the route table the node holds (0: none).
     pub epoch: u64,
+    /// Bytes the node's backfills of the rebalance under way have copied
+    /// (finished ones included until it ends: the route table has no
+    /// syncing member). Volatile: kept in memory, never logged.
+    #[serde(default)]
+    pub backfill_bytes_done: u64,
+    /// Bytes those backfills copy in all (chunks listed by their sources ×
+    /// chunk size); at least `backfill_bytes_done`.
+    #[serde(default)]
+    pub backfill_bytes_total: u64,
+    /// The node's backfills whose chunk list has not come back yet (their
+    /// bytes are not in `backfill_bytes_total`).
+    #[serde(default)]
+    pub backfill_partitions_unlisted: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -130,6 +143,14 @@ pub struct NodeStatus {
     pub last_heartbeat_ms_ago: Option<u64>,
     /// The route epoch the node reported in its last heartbeat.
     pub epoch_acked: u64,
+    /// The node's backfill figures from its last heartbeat (see
+    /// [`Heartbeat`]); 0 when none since it registered.
+    #[serde(default)]
+    pub backfill_bytes_done: u64,
+    #[serde(default)]
+    pub backfill_bytes_total: u64,
+    #[serde(default)]
+    pub backfill_partitions_unlisted: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -306,6 +327,20 @@ pub struct Status {
     pub log_seq: u64,
     /// This process leads (always true with the redb store).
     pub leader: bool,
+    /// Bytes copied by the rebalance (or recovery) under way: the sum of
+    /// the up nodes' `backfill_bytes_done` from their last heartbeats. All
+    /// three `rebalance_` figures return to 0 once no partition has a
+    /// syncing member; moves deferred by the movement budget count from
+    /// when they start.
+    #[serde(default)]
+    pub rebalance_bytes_done: u64,
+    /// Bytes it copies in all, as listed so far: the sum of the up nodes'
+    /// `backfill_bytes_total`; at least `rebalance_bytes_done`.
+    #[serde(default)]
+    pub rebalance_bytes_total: u64,
+    /// Backfills whose size is not known yet (not in `rebalance_bytes_total`).
+    #[serde(default)]
+    pub rebalance_partitions_unlisted: u64,
 }
 
 /// Checks a volume name: `[a-z0-9][a-z0-9._-]{0,62}`.
@@ -363,6 +398,25 @@ mod tests {
         assert!(validate_volume_size(4095).is_err());
         assert!(validate_volume_size(4097).is_err());
         assert!(validate_volume_size((1 << 50) + 4096).is_err());
+    }
+
+    #[test]
+    fn heartbeats_and_status_from_older_releases_parse() {
+        let h: Heartbeat = serde_json::from_str(r#"{"epoch": 7}"#).expect("old heartbeat");
+        assert_eq!(
+            h,
+            Heartbeat {
+                epoch: 7,
+                ..Heartbeat::default()
+            }
+        );
+        let s: Status = serde_json::from_str(
+            r#"{"nodes_up": 3, "nodes_down": 0, "epoch": 4, "partitions": 256,
+                "partitions_in_sync": 256, "partitions_degraded": 0, "volumes": 1,
+                "log_seq": 9, "leader": true}"#,
+        )
+        .expect("old status");
+        assert_eq!((s.rebalance_bytes_done, s.rebalance_bytes_total), (0, 0));
     }
 
     #[test]

@@ -114,13 +114,28 @@ impl MetaClient {
     }
 
     /// `POST /v1/nodes/{id}/heartbeat`: `epoch` is the node's table epoch
-    /// (0: none). A 404 means "register again".
+    /// (0: none), no backfill figures. A 404 means "register again".
     pub fn heartbeat(&self, node: NodeId, epoch: u64) -> Result<HeartbeatReply, MetaClientError> {
+        self.heartbeat_with(
+            node,
+            &Heartbeat {
+                epoch,
+                ..Heartbeat::default()
+            },
+        )
+    }
+
+    /// `POST /v1/nodes/{id}/heartbeat` with the node's backfill figures.
+    pub fn heartbeat_with(
+        &self,
+        node: NodeId,
+        beat: &Heartbeat,
+    ) -> Result<HeartbeatReply, MetaClientError> {
         self.call(
             "POST",
             &format!("/v1/nodes/{node}/heartbeat"),
             &[],
-            Some(&Heartbeat { epoch }),
+            Some(beat),
         )
     }
 

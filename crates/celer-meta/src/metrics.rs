@@ -32,6 +32,9 @@ pub(crate) struct Metrics {
     partitions_degraded: Gauge,
     log_seq: Gauge,
     leader: Gauge,
+    rebalance_moved: Gauge,
+    rebalance_listed: Gauge,
+    rebalance_unlisted: Gauge,
     http: Family<HttpLabels, Counter>,
 }
 
@@ -46,6 +49,9 @@ impl Metrics {
             partitions_degraded: Gauge::default(),
             log_seq: Gauge::default(),
             leader: Gauge::default(),
+            rebalance_moved: Gauge::default(),
+            rebalance_listed: Gauge::default(),
+            rebalance_unlisted: Gauge::default(),
             http: Family::default(),
             registry: Registry::default(),
         };
@@ -68,6 +74,21 @@ impl Metrics {
         );
         registry.register("log_seq", "Last change-log entry", m.log_seq.clone());
         registry.register("leader", "1 when this process leads", m.leader.clone());
+        registry.register(
+            "rebalance_moved_bytes",
+            "Bytes copied by the rebalance under way (sum over up nodes; 0 when no partition is syncing)",
+            m.rebalance_moved.clone(),
+        );
+        registry.register(
+            "rebalance_listed_bytes",
+            "Bytes the rebalance under way copies in all, as listed so far (sum over up nodes)",
+            m.rebalance_listed.clone(),
+        );
+        registry.register(
+            "rebalance_unlisted_partitions",
+            "Backfills whose size is not known yet (not in rebalance_listed_bytes)",
+            m.rebalance_unlisted.clone(),
+        );
         registry.register("http_requests", "HTTP requests served", m.http.clone());
         Metrics { registry, ..m }
     }
@@ -98,6 +119,10 @@ impl Metrics {
             self.partitions.set(s.partitions as i64);
             self.partitions_degraded.set(s.partitions_degraded as i64);
             self.log_seq.set(s.log_seq as i64);
+            self.rebalance_moved.set(s.rebalance_bytes_done as i64);
+            self.rebalance_listed.set(s.rebalance_bytes_total as i64);
+            self.rebalance_unlisted
+                .set(s.rebalance_partitions_unlisted as i64);
         }
         let mut out = String::new();
         // Writing into a String cannot fail.

@@ -462,9 +462,7 @@ async fn heartbeat(
 ) -> ApiResult<crate::api::HeartbeatReply> {
     let id = parse_node_id(&id)?;
     let req: Heartbeat = parse_body(&body)?;
-    st.run(move |c, s| c.heartbeat(s, id, req.epoch))
-        .await
-        .map(Json)
+    st.run(move |c, s| c.heartbeat(s, id, &req)).await.map(Json)
 }
 
 async fn synced(

@@ -5,8 +5,9 @@
 //! Every change runs as a [`Tx`] on a copy of the persistent state: it
 //! records store ops and change-log entries; only when the store has applied
 //! them atomically does the copy replace the state. A failed store write
-//! leaves memory as it was. Liveness (last heartbeat, acknowledged epoch) is
-//! memory only: after a restart every known node gets a fresh lease.
+//! leaves memory as it was. Liveness (last heartbeat, acknowledged epoch) and
+//! the nodes' backfill figures are memory only: after a restart every known
+//! node gets a fresh lease, and figures come with the next heartbeats.
 //!
 //! Store layout (keys): `node/{id:010}` → `NodeInfo`, `vol/{name}` →
 //! `Volume`, `route` → `StoredRoute`, `ctr/node` and `ctr/volume` → the next
@@ -19,9 +20,9 @@ use celer_route::{NodeId, NodeInfo, RouteTable};
 use serde::{Deserialize, Serialize};
 
 use crate::api::{
-    validate_volume_name, validate_volume_size, Change, CreateVolume, HeartbeatReply, LogEntry,
-    NodeRecord, NodeStatus, RegisterNode, Registered, Restored, Status, SyncedReply, Volume,
-    LOG_PAGE_MAX, VOLUME_REPLICAS_MAX,
+    validate_volume_name, validate_volume_size, Change, CreateVolume, Heartbeat, HeartbeatReply,
+    LogEntry, NodeRecord, NodeStatus, RegisterNode, Registered, Restored, Status, SyncedReply,
+    Volume, LOG_PAGE_MAX, VOLUME_REPLICAS_MAX,
 };
 use crate::store::{MetaStore, Op, StoreError};
 
@@ -113,6 +114,16 @@ struct Liveness {
     /// Lease start when there was no heartbeat yet (registration or start).
     since: Instant,
     epoch_acked: u64,
+    /// The backfill figures of the last heartbeat (progress, not metadata).
+    backfill: Backfill,
+}
+
+/// A node's backfill figures as its last heartbeat reported them.
+#[derive(Clone, Copy, Debug, Default)]
+struct Backfill {
+    bytes_done: u64,
+    bytes_total: u64,
+    partitions_unlisted: u64,
 }
 
 impl Liveness {
@@ -121,6 +132,7 @@ impl Liveness {
             last_heartbeat: None,
             since: now,
             epoch_acked: 0,
+            backfill: Backfill::default(),
         }
     }
     fn expired(&self, now: Instant, lease: Duration) -> bool {
@@ -532,6 +544,7 @@ impl Cluster {
                 last_heartbeat: Some(now),
                 since: now,
                 epoch_acked: 0,
+                backfill: Backfill::default(),
             },
         );
         Ok((
@@ -548,8 +561,9 @@ impl Cluster {
         &mut self,
         store: &dyn MetaStore,
         id: NodeId,
-        epoch: u64,
+        beat: &Heartbeat,
     ) -> Result<(HeartbeatReply, Pushed)> {
+        let epoch = beat.epoch;
         let node = self.known_node(id)?;
         let mut pushed = None;
         if !node.up {
@@ -580,6 +594,21 @@ impl Cluster {
         let l = self.live.entry(id).or_insert_with(|| Liveness::fresh(now));
         l.last_heartbeat = Some(now);
         l.epoch_acked = epoch;
+        // Kept as reported (a node counting more done than total has a
+        // bug worth seeing in the figures), with a line in the log.
+        if beat.backfill_bytes_done > beat.backfill_bytes_total {
+            tracing::warn!(
+                node = id,
+                done = beat.backfill_bytes_done,
+                total = beat.backfill_bytes_total,
+                "heartbeat reports more backfill bytes done than in total"
+            );
+        }
+        l.backfill = Backfill {
+            bytes_done: beat.backfill_bytes_done,
+            bytes_total: beat.backfill_bytes_total,
+            partitions_unlisted: beat.backfill_partitions_unlisted,
+        };
         let current = self.epoch();
         let table = self.table().filter(|t| t.epoch > epoch).cloned();
         Ok((
@@ -829,6 +858,9 @@ impl Cluster {
                         .and_then(|l| l.last_heartbeat)
                         .map(|h| now.duration_since(h).as_millis() as u64),
                     epoch_acked: l.map_or(0, |l| l.epoch_acked),
+                    backfill_bytes_done: l.map_or(0, |l| l.backfill.bytes_done),
+                    backfill_bytes_total: l.map_or(0, |l| l.backfill.bytes_total),
+                    backfill_partitions_unlisted: l.map_or(0, |l| l.backfill.partitions_unlisted),
                 }
             })
             .collect()
@@ -847,6 +879,15 @@ impl Cluster {
                 }
             }
         }
+        // Progress of the up nodes only: a down node's figures are stale.
+        let mut moving = Backfill::default();
+        for n in self.p.nodes.values().filter(|n| n.up) {
+            if let Some(b) = self.live.get(&n.id).map(|l| l.backfill) {
+                moving.bytes_done += b.bytes_done;
+                moving.bytes_total += b.bytes_total;
+                moving.partitions_unlisted += b.partitions_unlisted;
+            }
+        }
         Status {
             nodes_up: up,
             nodes_down: self.p.nodes.len() - up,
@@ -857,6 +898,9 @@ impl Cluster {
             volumes: self.p.volumes.len(),
             log_seq: self.p.last_seq,
             leader: true,
+            rebalance_bytes_done: moving.bytes_done,
+            rebalance_bytes_total: moving.bytes_total,
+            rebalance_partitions_unlisted: moving.partitions_unlisted,
         }
     }
 

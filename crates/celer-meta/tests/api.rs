@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use celer_meta::api::{Change, CreateVolume, RegisterNode};
+use celer_meta::api::{Change, CreateVolume, Heartbeat, RegisterNode};
 use celer_meta::celer_route::{NodeId, RouteTable};
 use celer_meta::{MetaClient, MetaClientError, MetaConfig, MetaServer};
 
@@ -167,13 +167,23 @@ struct Heartbeater {
 
 impl Heartbeater {
     fn start(url: String, id: NodeId, period: Duration) -> Heartbeater {
+        Heartbeater::with_figures(url, id, period, Heartbeat::default())
+    }
+
+    /// Heartbeats that also carry backfill figures (`beat`; its epoch is
+    /// kept current).
+    fn with_figures(url: String, id: NodeId, period: Duration, beat: Heartbeat) -> Heartbeater {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let epoch = AtomicU64::new(0);
         let thread = thread::spawn(move || {
             let c = MetaClient::new(&url, TOKEN);
             while !s.load(Ordering::Relaxed) {
-                if let Ok(r) = c.heartbeat(id, epoch.load(Ordering::Relaxed)) {
+                let b = Heartbeat {
+                    epoch: epoch.load(Ordering::Relaxed),
+                    ..beat
+                };
+                if let Ok(r) = c.heartbeat_with(id, &b) {
                     if let Some(t) = r.table {
                         epoch.store(t.epoch, Ordering::Relaxed);
                     }
@@ -762,4 +772,77 @@ fn a_rebuilt_control_service_continues_above_the_nodes_epoch() {
         nodes[0].received(51)
     });
     assert_eq!(FakeNode::start().register(&c, "host3"), 10);
+}
+
+/// Nodes' backfill figures come with their heartbeats: the status sums
+/// those of up nodes, the node list shows each, /metrics has the sums, and
+/// none of it is a change (no log entry).
+#[test]
+fn backfill_figures_are_summed_over_up_nodes_and_not_logged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, c) = start(dir.path(), |cfg| {
+        cfg.cluster.heartbeat_ms = 100;
+        cfg.cluster.lease_ms = 600;
+    });
+    let nodes: Vec<FakeNode> = (0..3).map(|_| FakeNode::start()).collect();
+    let ids: Vec<NodeId> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| n.register(&c, &format!("host{i}")))
+        .collect();
+    let figures = |done: u64, total: u64, unlisted: u64| Heartbeat {
+        epoch: 0,
+        backfill_bytes_done: done,
+        backfill_bytes_total: total,
+        backfill_partitions_unlisted: unlisted,
+    };
+    let period = Duration::from_millis(50);
+    let a = Heartbeater::with_figures(server.url(), ids[0], period, figures(10 << 20, 30 << 20, 2));
+    let b = Heartbeater::with_figures(server.url(), ids[1], period, figures(5 << 20, 5 << 20, 0));
+    // The third sends heartbeats without figures, as an older node does.
+    let _c = Heartbeater::start(server.url(), ids[2], period);
+    let sums = |c: &MetaClient| {
+        let s = c.status().expect("status");
+        (
+            s.rebalance_bytes_done,
+            s.rebalance_bytes_total,
+            s.rebalance_partitions_unlisted,
+        )
+    };
+    wait_for(Duration::from_secs(2), "summed figures", || {
+        (sums(&c) == (15 << 20, 35 << 20, 2)).then_some(())
+    });
+    let listed = c.nodes().expect("nodes");
+    let of = |id| listed.iter().find(|n| n.id == id).expect("listed");
+    assert_eq!(
+        (
+            of(ids[0]).backfill_bytes_done,
+            of(ids[0]).backfill_bytes_total
+        ),
+        (10 << 20, 30 << 20)
+    );
+    assert_eq!(of(ids[0]).backfill_partitions_unlisted, 2);
+    assert_eq!(of(ids[2]).backfill_bytes_total, 0);
+    let m = MetaClient::new(&server.url(), "")
+        .metrics()
+        .expect("metrics");
+    for line in [
+        "celer_meta_rebalance_moved_bytes 15728640",
+        "celer_meta_rebalance_listed_bytes 36700160",
+        "celer_meta_rebalance_unlisted_partitions 2",
+    ] {
+        assert!(m.lines().any(|l| l == line), "{line} in\n{m}");
+    }
+    // Progress is not metadata: heartbeats with figures log nothing.
+    let seq = c.status().expect("status").log_seq;
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(c.status().expect("status").log_seq, seq);
+    // A node that goes down leaves the sums (its figures are stale).
+    drop(b);
+    wait_for(Duration::from_secs(3), "node 2 down", || {
+        let s = c.status().expect("status");
+        (s.nodes_down == 1).then_some(())
+    });
+    assert_eq!(sums(&c), (10 << 20, 30 << 20, 2));
+    drop(a);
 }
