@@ -1,5 +1,6 @@
 //! The node's admin HTTP server: `PUT /v1/route` (the control service pushes
-//! tables here; bearer token required), `GET /v1/status`, `GET /metrics`.
+//! tables here; bearer token required), `GET /v1/status` (including the
+//! backfill figures, see `BackfillProgress`), `GET /metrics`.
 
 use std::net::TcpListener;
 use std::sync::atomic::Ordering;
@@ -117,8 +118,13 @@ async fn status(State(shared): State<Arc<NodeShared>>) -> Json<serde_json::Value
         .iter()
         .map(|c| c.load(Ordering::Relaxed))
         .sum();
+    let p = shared.backfill_progress();
     Json(json!({
         "allocated_chunks": chunks,
+        "backfill_bytes_done": p.bytes_done,
+        "backfill_bytes_total": p.bytes_total,
+        "backfill_partitions_unlisted": p.partitions_unlisted,
+        "backfill_bytes_copied": p.bytes_copied,
         "node_id": shared.id,
         "shards": shared.shards,
         "epoch": epoch,

@@ -1,12 +1,13 @@
-//! The node's link to the control service: registration, heartbeats (whose
-//! replies repair a missed route push), route fetches when a peer shows a
-//! newer epoch, and reports of finished backfills.
+//! The node's link to the control service: registration, heartbeats (which
+//! carry the node's backfill figures; their replies repair a missed route
+//! push), route fetches when a peer shows a newer epoch, and reports of
+//! finished backfills.
 
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use celer_meta::api::{RegisterNode, Registered};
+use celer_meta::api::{Heartbeat, RegisterNode, Registered};
 use celer_meta::client::MetaClient;
 use celer_route::NodeId;
 
@@ -94,7 +95,14 @@ pub(crate) fn run(
         }
         if Instant::now() >= next_beat {
             next_beat = Instant::now() + Duration::from_millis(reg.heartbeat_ms.max(10));
-            match client.heartbeat(id, shared.hub.epoch()) {
+            let p = shared.backfill_progress();
+            let beat = Heartbeat {
+                epoch: shared.hub.epoch(),
+                backfill_bytes_done: p.bytes_done,
+                backfill_bytes_total: p.bytes_total,
+                backfill_partitions_unlisted: p.partitions_unlisted,
+            };
+            match client.heartbeat_with(id, &beat) {
                 Ok(r) => {
                     if let Some(t) = r.table {
                         shared.metrics.epoch.set(t.epoch as i64);

@@ -25,7 +25,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -191,6 +191,94 @@ impl RouteHub {
     }
 }
 
+/// A node's backfill figures for the rebalance under way (see
+/// [`Node::backfill_progress`]).
+///
+/// A rebalance, as a node sees it, lasts while its route table has a
+/// syncing member in any partition. The figures cover this node's backfills
+/// of that rebalance: running and queued ones, and finished ones (done =
+/// total) until it ends, so the sums over the cluster never go back while
+/// other nodes are still copying. A backfill that is dropped (the partition
+/// moved elsewhere) or restarted (its source changed) leaves both figures:
+/// nothing is counted twice. When the table has no syncing member left,
+/// both return to 0. `bytes_done <= bytes_total` in every read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackfillProgress {
+    /// Bytes applied by those backfills, counted per piece as it is written.
+    pub bytes_done: u64,
+    /// Bytes those backfills copy: listed chunks × chunk size. A backfill
+    /// counts from the moment its source's chunk list came back.
+    pub bytes_total: u64,
+    /// Backfills whose chunk list has not come back yet (not in `bytes_total`).
+    pub partitions_unlisted: u64,
+    /// Bytes ever backfilled by this process, restarted backfills included
+    /// (also the `celer_node_backfill_bytes_total` counter).
+    pub bytes_copied: u64,
+}
+
+impl std::ops::Add for BackfillProgress {
+    type Output = BackfillProgress;
+    fn add(self, o: BackfillProgress) -> BackfillProgress {
+        BackfillProgress {
+            bytes_done: self.bytes_done + o.bytes_done,
+            bytes_total: self.bytes_total + o.bytes_total,
+            partitions_unlisted: self.partitions_unlisted + o.partitions_unlisted,
+            bytes_copied: self.bytes_copied + o.bytes_copied,
+        }
+    }
+}
+
+/// One shard's [`BackfillProgress`]: written by its shard thread only, read
+/// whole by the agent and the admin server. A sequence lock: the writer
+/// never waits; a reader retries while a write is under way, so it never
+/// sees `done` of one write with `total` of another.
+#[derive(Default)]
+pub(crate) struct ProgressCell {
+    /// Odd while a write is under way.
+    seq: AtomicU64,
+    done: AtomicU64,
+    total: AtomicU64,
+    unlisted: AtomicU64,
+    copied: AtomicU64,
+}
+
+impl ProgressCell {
+    /// Single writer: the owning shard thread.
+    pub(crate) fn store(&self, p: BackfillProgress) {
+        let s = self.seq.load(Ordering::Relaxed);
+        self.seq.store(s.wrapping_add(1), Ordering::Relaxed);
+        // Keeps the field stores below after the odd sequence number.
+        fence(Ordering::Release);
+        self.done.store(p.bytes_done, Ordering::Relaxed);
+        self.total.store(p.bytes_total, Ordering::Relaxed);
+        self.unlisted
+            .store(p.partitions_unlisted, Ordering::Relaxed);
+        self.copied.store(p.bytes_copied, Ordering::Relaxed);
+        self.seq.store(s.wrapping_add(2), Ordering::Release);
+    }
+
+    pub(crate) fn load(&self) -> BackfillProgress {
+        loop {
+            let s1 = self.seq.load(Ordering::Acquire);
+            if s1 & 1 == 1 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let p = BackfillProgress {
+                bytes_done: self.done.load(Ordering::Relaxed),
+                bytes_total: self.total.load(Ordering::Relaxed),
+                partitions_unlisted: self.unlisted.load(Ordering::Relaxed),
+                bytes_copied: self.copied.load(Ordering::Relaxed),
+            };
+            // Keeps the field loads above before the second sequence load.
+            fence(Ordering::Acquire);
+            if self.seq.load(Ordering::Relaxed) == s1 {
+                return p;
+            }
+        }
+    }
+}
+
 /// Shared, read-mostly facts a node's threads need.
 pub(crate) struct NodeShared {
     pub(crate) id: NodeId,
@@ -206,6 +294,8 @@ pub(crate) struct NodeShared {
     pub(crate) backfilling: Vec<std::sync::atomic::AtomicUsize>,
     /// Per shard: allocated engine chunks (space in use), for status.
     pub(crate) chunks: Vec<std::sync::atomic::AtomicUsize>,
+    /// Per shard: backfill figures (heartbeats, status, metrics).
+    pub(crate) progress: Vec<ProgressCell>,
 }
 
 impl NodeShared {
@@ -218,6 +308,14 @@ impl NodeShared {
         {
             let _ = tx.send(m);
         }
+    }
+
+    /// The node's backfill figures: the sum of its shards'.
+    pub(crate) fn backfill_progress(&self) -> BackfillProgress {
+        self.progress
+            .iter()
+            .map(ProgressCell::load)
+            .fold(BackfillProgress::default(), |a, b| a + b)
     }
 }
 
@@ -322,6 +420,7 @@ impl Node {
             chunks: (0..shard_count)
                 .map(|_| std::sync::atomic::AtomicUsize::new(0))
                 .collect(),
+            progress: (0..shard_count).map(|_| ProgressCell::default()).collect(),
         });
         let mut threads = Vec::new();
         for (engine_shard, (rx, wake)) in shards.into_iter().zip(receivers) {
@@ -407,6 +506,12 @@ impl Node {
             .iter()
             .map(|a| a.load(Ordering::Acquire))
             .sum()
+    }
+
+    /// Bytes moved and to move by this node's backfills in the rebalance
+    /// under way (see [`BackfillProgress`]).
+    pub fn backfill_progress(&self) -> BackfillProgress {
+        self.shared.backfill_progress()
     }
 
     /// Engine chunks allocated on this node (thin: space in use).
@@ -510,5 +615,52 @@ fn accept_loop(listener: TcpListener, shared: Arc<NodeShared>) {
         }
         let _ = stream.set_read_timeout(None);
         shared.hub.shards[shard as usize].send(ShardMsg::Conn(stream, h));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reader never sees figures from two different writes, however the
+    /// writer's stores interleave with its loads.
+    #[test]
+    fn progress_cell_reads_whole_figures() {
+        let cell = Arc::new(ProgressCell::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (cell, stop) = (cell.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut reads = 0u64;
+                while !stop.load(Ordering::Acquire) {
+                    let p = cell.load();
+                    // Every write below has done <= total, unlisted =
+                    // total - done and copied = done + total.
+                    assert!(p.bytes_done <= p.bytes_total, "{p:?}");
+                    assert_eq!(p.partitions_unlisted, p.bytes_total - p.bytes_done, "{p:?}");
+                    assert_eq!(p.bytes_copied, p.bytes_done + p.bytes_total, "{p:?}");
+                    reads += 1;
+                }
+                reads
+            })
+        };
+        // Totals that rise and fall (lists, retired backfills, round ends).
+        for i in 0..500_000u64 {
+            let total = (i * 7919) % 1000;
+            let done = if total == 0 {
+                0
+            } else {
+                (i * 104_729) % (total + 1)
+            };
+            cell.store(BackfillProgress {
+                bytes_done: done,
+                bytes_total: total,
+                partitions_unlisted: total - done,
+                bytes_copied: done + total,
+            });
+        }
+        stop.store(true, Ordering::Release);
+        let reads = reader.join().expect("reader saw whole figures");
+        assert!(reads > 0);
     }
 }

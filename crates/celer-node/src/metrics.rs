@@ -60,6 +60,9 @@ pub struct NodeMetrics {
     latency: Family<OpOnly, Histogram>,
     syncing: Family<ShardLabel, Gauge>,
     backfill_bytes: Family<ShardLabel, Counter>,
+    backfill_moved: Family<ShardLabel, Gauge>,
+    backfill_listed: Family<ShardLabel, Gauge>,
+    backfill_unlisted: Family<ShardLabel, Gauge>,
     pub(crate) epoch: Gauge<i64, AtomicI64Shim>,
 }
 
@@ -74,6 +77,9 @@ pub(crate) struct ShardCounters {
     latency: Vec<Histogram>,
     syncing: Gauge,
     backfill_bytes: Counter,
+    backfill_moved: Gauge,
+    backfill_listed: Gauge,
+    backfill_unlisted: Gauge,
 }
 
 impl NodeMetrics {
@@ -89,6 +95,9 @@ impl NodeMetrics {
         });
         let syncing = Family::<ShardLabel, Gauge>::default();
         let backfill_bytes = Family::<ShardLabel, Counter>::default();
+        let backfill_moved = Family::<ShardLabel, Gauge>::default();
+        let backfill_listed = Family::<ShardLabel, Gauge>::default();
+        let backfill_unlisted = Family::<ShardLabel, Gauge>::default();
         let epoch = Gauge::<i64, AtomicI64Shim>::default();
         registry.register(
             "requests",
@@ -108,8 +117,23 @@ impl NodeMetrics {
         );
         registry.register(
             "backfill_bytes",
-            "Bytes copied by finished backfills",
+            "Bytes copied by backfills, counted per piece as it is written (restarted backfills included)",
             backfill_bytes.clone(),
+        );
+        registry.register(
+            "backfill_moved_bytes",
+            "Bytes copied by this shard's backfills of the rebalance under way (finished ones included until it ends)",
+            backfill_moved.clone(),
+        );
+        registry.register(
+            "backfill_listed_bytes",
+            "Bytes this shard's backfills of the rebalance under way copy in all, as their sources listed them",
+            backfill_listed.clone(),
+        );
+        registry.register(
+            "backfill_unlisted_partitions",
+            "Backfills of this shard whose chunk list has not come back yet (not in backfill_listed_bytes)",
+            backfill_unlisted.clone(),
         );
         registry.register(
             "route_epoch",
@@ -123,6 +147,9 @@ impl NodeMetrics {
             latency,
             syncing,
             backfill_bytes,
+            backfill_moved,
+            backfill_listed,
+            backfill_unlisted,
             epoch,
         }
     }
@@ -147,6 +174,18 @@ impl NodeMetrics {
             syncing: self.syncing.get_or_create(&ShardLabel { shard }).clone(),
             backfill_bytes: self
                 .backfill_bytes
+                .get_or_create(&ShardLabel { shard })
+                .clone(),
+            backfill_moved: self
+                .backfill_moved
+                .get_or_create(&ShardLabel { shard })
+                .clone(),
+            backfill_listed: self
+                .backfill_listed
+                .get_or_create(&ShardLabel { shard })
+                .clone(),
+            backfill_unlisted: self
+                .backfill_unlisted
                 .get_or_create(&ShardLabel { shard })
                 .clone(),
         }
@@ -176,6 +215,11 @@ impl ShardCounters {
     }
     pub(crate) fn add_backfill_bytes(&self, n: u64) {
         self.backfill_bytes.inc_by(n);
+    }
+    pub(crate) fn set_backfill_progress(&self, moved: u64, listed: u64, unlisted: u64) {
+        self.backfill_moved.set(moved as i64);
+        self.backfill_listed.set(listed as i64);
+        self.backfill_unlisted.set(unlisted as i64);
     }
 }
 

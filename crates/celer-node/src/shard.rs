@@ -23,7 +23,7 @@ use celer_route::NodeId;
 
 use crate::conn::{Conn, Frame};
 use crate::metrics::ShardCounters;
-use crate::{AgentMsg, Installed, NodeError, NodeShared, ShardMsg};
+use crate::{AgentMsg, BackfillProgress, Installed, NodeError, NodeShared, ShardMsg};
 
 pub(crate) struct ShardConfig {
     pub(crate) forward_timeout: Duration,
@@ -45,6 +45,13 @@ const REQ_BACKFILL: u32 = 1 << 31;
 /// Ops kept for client requests; the engine has a few more for backfill.
 const CLIENT_OPS: usize = 224;
 const BACKFILL_WRITES_MAX: usize = 16;
+/// ListChunks in flight per shard: every queued backfill is listed soon
+/// after a route change (so its bytes are known), without a burst of list
+/// requests on the sources.
+const BACKFILL_LISTS_MAX: usize = 4;
+/// A backfill request not answered in this long is sent again (a silent
+/// source must not hold a list slot for good).
+const BACKFILL_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest BackfillRead piece.
 const BACKFILL_PIECE_BYTES: u64 = 1 << 20;
 /// Bytes per block in a BackfillRead state table: version u64 + kind u8.
@@ -81,6 +88,9 @@ struct NodeOp {
     started: Instant,
 }
 
+/// One partition this shard backfills. Every queued backfill is listed
+/// early (`List` → `Waiting` → `Read`), then they copy one at a time, the
+/// first in `ShardLoop::backfills` (`Read` → `Waiting` → `Apply` → `Read`...).
 struct Backfill {
     /// Tags its engine writes, so a restarted backfill ignores old ones.
     serial: u32,
@@ -94,15 +104,27 @@ struct Backfill {
     piece: u64,
     stage: BfStage,
     retry_at: Option<Instant>,
+    /// The request it waits for (from the shard-wide `backfill_seq`, so a
+    /// response finds its backfill among several in flight).
     seq: u32,
+    /// When that request went out.
+    sent_at: Instant,
     buf: AlignedBuf,
     states: Vec<(BlockKind, u64)>,
     writes_pending: usize,
     /// Runs of the current piece still to submit: (first block, count).
     runs: Vec<(usize, usize, BlockKind, u64)>,
     next_run: usize,
+    /// Length of the piece being read or applied.
+    piece_len: u64,
+    /// A write of the current piece failed: read and apply it again.
+    piece_failed: bool,
     started: Instant,
-    bytes: u64,
+    /// Chunks listed × chunk bytes (less chunks of volumes deleted since);
+    /// `None` until the source's list came back.
+    bytes_total: Option<u64>,
+    /// Bytes of pieces written (all their runs done).
+    bytes_done: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -110,9 +132,9 @@ enum BfStage {
     List,
     /// Waiting for the answer to request `seq`.
     Waiting,
+    /// Listed: reads the next piece when its turn comes.
     Read,
     Apply,
-    Done,
 }
 
 struct ShardLoop {
@@ -139,6 +161,13 @@ struct ShardLoop {
     /// buffers must outlive those writes.
     retired: Vec<Backfill>,
     backfill_serial: u32,
+    /// Request ids of backfill requests (with `REQ_BACKFILL`).
+    backfill_seq: u32,
+    /// Bytes of backfills finished in the rebalance under way (until the
+    /// route table has no syncing member): they stay in the figures.
+    round_bytes: u64,
+    /// Bytes ever backfilled (every piece written).
+    copied_bytes: u64,
     completions: Vec<Completion>,
     /// Partitions whose backfill finished and was reported, with the epoch.
     reported: HashMap<u32, u64>,
@@ -227,6 +256,9 @@ pub(crate) fn run(
         backfills: Vec::new(),
         retired: Vec::new(),
         backfill_serial: 0,
+        backfill_seq: 0,
+        round_bytes: 0,
+        copied_bytes: 0,
         completions: Vec::with_capacity(256),
         reported: HashMap::new(),
         counters,
@@ -526,7 +558,7 @@ impl ShardLoop {
             if b.conn.is_some_and(|(bc, bg)| bc == c && bg == gen) {
                 b.conn = None;
                 if b.stage == BfStage::Waiting {
-                    b.stage = if b.chunks.is_empty() && b.next_chunk == 0 {
+                    b.stage = if b.bytes_total.is_none() {
                         BfStage::List
                     } else {
                         BfStage::Read
@@ -719,12 +751,7 @@ impl ShardLoop {
                 }
                 // Writes of older epochs still in flight could land after
                 // the snapshot below without reaching the new member.
-                let epoch = h.epoch;
-                if self.ops.iter().any(|o| {
-                    o.busy
-                        && matches!(o.kind, OpKind::Mutate | OpKind::Primary)
-                        && o.req.epoch < epoch
-                }) {
+                if self.older_writes_in_flight(h.epoch) {
                     return self.reject(c, h, Status::Busy);
                 }
                 let tb = (len / BLOCK_SIZE * STATE_BYTES).next_multiple_of(BLOCK_SIZE);
@@ -985,6 +1012,21 @@ impl ShardLoop {
             if b.retry_at.is_some_and(|t| t <= now) {
                 b.retry_at = None;
             }
+            if b.stage == BfStage::Waiting
+                && now.duration_since(b.sent_at) > BACKFILL_ANSWER_TIMEOUT
+            {
+                // Sent again with a new id: a late answer is ignored.
+                tracing::warn!(
+                    shard = self.id,
+                    partition = b.partition,
+                    "backfill request not answered in {BACKFILL_ANSWER_TIMEOUT:?}; sending it again"
+                );
+                b.stage = if b.bytes_total.is_none() {
+                    BfStage::List
+                } else {
+                    BfStage::Read
+                };
+            }
         }
     }
 
@@ -1090,6 +1132,13 @@ impl ShardLoop {
         }
     }
 
+    /// Whether writes of an epoch older than `epoch` are in flight here.
+    fn older_writes_in_flight(&self, epoch: u64) -> bool {
+        self.ops.iter().any(|o| {
+            o.busy && matches!(o.kind, OpKind::Mutate | OpKind::Primary) && o.req.epoch < epoch
+        })
+    }
+
     fn serve_list_chunks(&mut self, c: usize, h: &Header) {
         let Some(t) = self.table() else {
             return self.reject(c, h, Status::RouteBehind);
@@ -1109,6 +1158,12 @@ impl ShardLoop {
             .is_some_and(|m| m.in_sync);
         if !in_sync {
             return self.reject(c, h, Status::NotInSync);
+        }
+        // A chunk that a write of an older epoch still in flight creates
+        // would be missing from the list, and that write does not reach
+        // the new member. (Lists now go out right after a route change.)
+        if self.older_writes_in_flight(h.epoch) {
+            return self.reject(c, h, Status::Busy);
         }
         let mut out = Vec::new();
         for (v, ch) in self.engine.chunks() {
@@ -1251,12 +1306,21 @@ impl ShardLoop {
             }
         }
         self.route = Some(r);
+        // The rebalance is over when no partition has a syncing member:
+        // the backfills finished in it leave the figures.
+        if self
+            .table()
+            .is_some_and(|t| t.partitions.iter().all(|p| p.all_in_sync()))
+        {
+            self.round_bytes = 0;
+        }
         for (p, e) in report {
             self.shared.tell_agent(AgentMsg::Synced {
                 partition: p,
                 epoch: e,
             });
         }
+        self.publish_progress();
         self.set_backfilling();
     }
 
@@ -1266,6 +1330,40 @@ impl ShardLoop {
         self.shared.backfilling[self.id as usize].store(n, std::sync::atomic::Ordering::Release);
     }
 
+    /// Publishes this shard's backfill figures (see `BackfillProgress`):
+    /// the backfills queued or running, plus those finished in the
+    /// rebalance under way. A dropped or restarted backfill is simply no
+    /// longer in the list, so it is counted nowhere.
+    fn publish_progress(&self) {
+        let mut p = BackfillProgress {
+            bytes_done: self.round_bytes,
+            bytes_total: self.round_bytes,
+            partitions_unlisted: 0,
+            bytes_copied: self.copied_bytes,
+        };
+        for b in &self.backfills {
+            match b.bytes_total {
+                Some(total) => {
+                    debug_assert!(
+                        b.bytes_done <= total,
+                        "partition {}: {} of {total} bytes done",
+                        b.partition,
+                        b.bytes_done
+                    );
+                    p.bytes_done += b.bytes_done;
+                    p.bytes_total += total;
+                }
+                None => {
+                    debug_assert_eq!(b.bytes_done, 0, "partition {}", b.partition);
+                    p.partitions_unlisted += 1;
+                }
+            }
+        }
+        self.shared.progress[self.id as usize].store(p);
+        self.counters
+            .set_backfill_progress(p.bytes_done, p.bytes_total, p.partitions_unlisted);
+    }
+
     fn retire(&mut self, b: Backfill) {
         if b.writes_pending > 0 {
             self.retired.push(b);
@@ -1273,8 +1371,25 @@ impl ShardLoop {
     }
 
     fn backfill_step(&mut self) {
-        // One backfill at a time per shard, the first in the list.
         let now = Instant::now();
+        // Lists: every queued backfill's, a few in flight at a time.
+        let mut listing = self
+            .backfills
+            .iter()
+            .filter(|b| b.stage == BfStage::Waiting && b.bytes_total.is_none())
+            .count();
+        let mut i = 0;
+        while listing < BACKFILL_LISTS_MAX && i < self.backfills.len() {
+            let b = &self.backfills[i];
+            if b.stage == BfStage::List
+                && b.retry_at.is_none_or(|t| t <= now)
+                && self.backfill_send(i, Op::ListChunks)
+            {
+                listing += 1;
+            }
+            i += 1;
+        }
+        // Copies: one backfill at a time per shard, the first in the list.
         let Some(b) = self.backfills.first() else {
             return;
         };
@@ -1282,82 +1397,132 @@ impl ShardLoop {
             return;
         }
         match b.stage {
-            BfStage::List => self.backfill_send(Op::ListChunks),
             BfStage::Read => {
-                let b = &mut self.backfills[0];
-                if b.next_chunk >= b.chunks.len() {
-                    b.stage = BfStage::Done;
-                    let (p, epoch, bytes, took) =
-                        (b.partition, b.epoch, b.bytes, b.started.elapsed());
-                    tracing::info!(
-                        shard = self.id,
-                        partition = p,
-                        bytes,
-                        ?took,
-                        "backfill done"
-                    );
-                    self.reported.insert(p, epoch);
-                    self.backfills.remove(0);
-                    self.set_backfilling();
-                    self.counters.add_backfill_bytes(bytes);
-                    self.shared.tell_agent(AgentMsg::Synced {
-                        partition: p,
-                        epoch,
-                    });
+                // Writes of a piece that failed to submit still use the buffer.
+                if b.writes_pending > 0 {
                     return;
                 }
-                self.backfill_send(Op::BackfillRead);
+                self.backfill_skip_deleted();
+                let b = &self.backfills[0];
+                if b.next_chunk >= b.chunks.len() {
+                    self.backfill_finish();
+                    return;
+                }
+                self.backfill_send(0, Op::BackfillRead);
             }
             BfStage::Apply => self.backfill_submit_runs(),
-            BfStage::Waiting | BfStage::Done => {}
+            BfStage::List | BfStage::Waiting => {}
         }
     }
 
-    fn backfill_send(&mut self, op: Op) {
-        let (p, source) = (self.backfills[0].partition, self.backfills[0].source);
-        let conn = match self.backfills[0].conn {
+    /// Skips the first backfill's chunks of volumes deleted since its list:
+    /// the source refuses their reads, and there is nothing to keep. Their
+    /// bytes leave its total.
+    fn backfill_skip_deleted(&mut self) {
+        let chunk_bytes = self.table().map_or(1 << 20, |t| t.chunk_bytes);
+        let b = &mut self.backfills[0];
+        let mut skipped = false;
+        while b.next_chunk < b.chunks.len()
+            && self
+                .deleted
+                .binary_search(&b.chunks[b.next_chunk].0)
+                .is_ok()
+        {
+            let left = chunk_bytes - b.piece;
+            b.bytes_total = b.bytes_total.map(|t| t - left);
+            b.next_chunk += 1;
+            b.piece = 0;
+            skipped = true;
+        }
+        if skipped {
+            self.publish_progress();
+        }
+    }
+
+    /// The first backfill copied its last chunk: it leaves the queue (its
+    /// bytes stay in the figures until the rebalance ends) and the agent
+    /// reports the partition.
+    fn backfill_finish(&mut self) {
+        let b = self.backfills.remove(0);
+        debug_assert_eq!(
+            Some(b.bytes_done),
+            b.bytes_total,
+            "partition {}",
+            b.partition
+        );
+        debug_assert_eq!(b.writes_pending, 0);
+        tracing::info!(
+            shard = self.id,
+            partition = b.partition,
+            bytes = b.bytes_done,
+            took = ?b.started.elapsed(),
+            "backfill done"
+        );
+        self.reported.insert(b.partition, b.epoch);
+        self.round_bytes += b.bytes_done;
+        // Figures first: whoever sees no backfill left sees them final.
+        self.publish_progress();
+        self.set_backfilling();
+        self.shared.tell_agent(AgentMsg::Synced {
+            partition: b.partition,
+            epoch: b.epoch,
+        });
+    }
+
+    /// Sends backfill `i`'s next request: its chunk list, or its next piece.
+    /// False when there is no connection to its source yet (retried later).
+    fn backfill_send(&mut self, i: usize, op: Op) -> bool {
+        let (p, source) = (self.backfills[i].partition, self.backfills[i].source);
+        let conn = match self.backfills[i].conn {
             Some((c, g)) if self.conns[c].as_ref().is_some_and(|x| x.gen == g) => c,
             _ => match self.peer_conn(source, p) {
                 Some(c) => {
                     let g = self.conns[c].as_ref().map_or(0, |x| x.gen);
-                    self.backfills[0].conn = Some((c, g));
+                    self.backfills[i].conn = Some((c, g));
                     c
                 }
                 None => {
-                    self.backfills[0].retry_at = Some(Instant::now() + Duration::from_millis(100));
-                    return;
+                    self.backfills[i].retry_at = Some(Instant::now() + Duration::from_millis(100));
+                    return false;
                 }
             },
         };
         let epoch = self.table().map_or(0, |t| t.epoch);
         let chunk_bytes = self.table().map_or(1 << 20, |t| t.chunk_bytes);
-        let b = &mut self.backfills[0];
-        b.seq = b.seq.wrapping_add(1) & 0x7fff_ffff;
+        // Unique among this shard's backfill requests in flight.
+        self.backfill_seq = self.backfill_seq.wrapping_add(1) & !REQ_BACKFILL;
+        let b = &mut self.backfills[i];
+        b.seq = self.backfill_seq;
+        b.sent_at = Instant::now();
         let mut h = Header::request(op, REQ_BACKFILL | b.seq);
         h.epoch = epoch;
         if op == Op::ListChunks {
             h.offset = p as u64;
         } else {
             let (v, ch) = b.chunks[b.next_chunk];
+            b.piece_len = (chunk_bytes - b.piece).min(BACKFILL_PIECE_BYTES);
             h.volume = v;
             h.offset = ch * chunk_bytes + b.piece;
-            h.length = (chunk_bytes - b.piece).min(BACKFILL_PIECE_BYTES) as u32;
+            h.length = b.piece_len as u32;
         }
         b.stage = BfStage::Waiting;
         if let Some(conn) = self.conns[conn].as_mut() {
             conn.queue(h, &[]);
         }
         self.mark_dirty(conn);
+        true
     }
 
-    fn backfill_response(&mut self, _c: usize, h: &Header, payload: &[u8]) {
+    fn backfill_response(&mut self, c: usize, h: &Header, payload: &[u8]) {
         let chunk_bytes = self.table().map_or(1 << 20, |t| t.chunk_bytes);
-        let Some(b) = self.backfills.first_mut() else {
-            return;
+        let Some(i) = self.backfills.iter().position(|b| {
+            b.stage == BfStage::Waiting
+                && h.request_id == REQ_BACKFILL | b.seq
+                && b.conn.is_some_and(|(bc, _)| bc == c)
+        }) else {
+            return; // for a backfill dropped, restarted or timed out since
         };
-        if b.stage != BfStage::Waiting || h.request_id != REQ_BACKFILL | b.seq {
-            return;
-        }
+        let b = &mut self.backfills[i];
         let retry_stage = if h.op == Op::ListChunks {
             BfStage::List
         } else {
@@ -1395,14 +1560,29 @@ impl ShardLoop {
             b.chunks.sort_unstable();
             b.next_chunk = 0;
             b.piece = 0;
+            b.bytes_total = Some(b.chunks.len() as u64 * chunk_bytes);
+            b.stage = BfStage::Read;
+            tracing::debug!(
+                shard = self.id,
+                partition = b.partition,
+                chunks = b.chunks.len(),
+                "backfill listed"
+            );
+            self.publish_progress();
+            return;
+        }
+        // BackfillRead: only the first backfill copies.
+        debug_assert_eq!(i, 0, "a BackfillRead answer for a queued backfill");
+        if i != 0 {
             b.stage = BfStage::Read;
             return;
         }
-        // BackfillRead: state table, then data.
+        // State table, then data.
         let len = h.length as usize;
         let blocks = len / BLOCK_SIZE;
         let tb = (blocks * STATE_BYTES).next_multiple_of(BLOCK_SIZE);
-        if payload.len() != tb + len || !len.is_multiple_of(BLOCK_SIZE) {
+        if payload.len() != tb + len || !len.is_multiple_of(BLOCK_SIZE) || len as u64 != b.piece_len
+        {
             tracing::warn!(
                 partition = b.partition,
                 "backfill answer of the wrong size; retrying"
@@ -1442,9 +1622,8 @@ impl ShardLoop {
             i = j;
         }
         b.next_run = 0;
+        b.piece_failed = false;
         b.stage = BfStage::Apply;
-        b.bytes += len as u64;
-        let _ = chunk_bytes;
         self.backfill_submit_runs();
     }
 
@@ -1497,12 +1676,26 @@ impl ShardLoop {
             }
         }
         if b.next_run == b.runs.len() && b.writes_pending == 0 {
+            if b.piece_failed {
+                // A write of this piece failed: read and apply it again
+                // (versions make that idempotent); it does not count.
+                b.piece_failed = false;
+                b.stage = BfStage::Read;
+                b.retry_at = Some(Instant::now() + Duration::from_millis(100));
+                return;
+            }
+            // The piece is written: it counts as moved.
+            let n = b.piece_len;
+            b.bytes_done += n;
             b.piece += BACKFILL_PIECE_BYTES;
             if b.piece >= chunk_bytes {
                 b.piece = 0;
                 b.next_chunk += 1;
             }
             b.stage = BfStage::Read;
+            self.copied_bytes += n;
+            self.counters.add_backfill_bytes(n);
+            self.publish_progress();
         }
     }
 
@@ -1521,13 +1714,14 @@ impl ShardLoop {
         let b = &mut self.backfills[i];
         b.writes_pending -= 1;
         if let Err(e) = c.result {
-            // The piece is read and applied again; versions make it idempotent.
             tracing::warn!(
                 partition = b.partition,
                 "backfill write: {e}; redoing the piece"
             );
+            // Submit no more of it; when the others are back, it is read
+            // and applied again.
             b.next_run = b.runs.len();
-            b.piece = b.piece.saturating_sub(0);
+            b.piece_failed = true;
         }
         if i == 0 && b.stage == BfStage::Apply {
             self.backfill_submit_runs();
@@ -1548,12 +1742,16 @@ fn new_backfill(serial: u32, partition: u32, epoch: u64, source: NodeId) -> Back
         stage: BfStage::List,
         retry_at: None,
         seq: 0,
+        sent_at: Instant::now(),
         buf: AlignedBuf::new(1),
         states: Vec::new(),
         writes_pending: 0,
         runs: Vec::new(),
         next_run: 0,
+        piece_len: 0,
+        piece_failed: false,
         started: Instant::now(),
-        bytes: 0,
+        bytes_total: None,
+        bytes_done: 0,
     }
 }

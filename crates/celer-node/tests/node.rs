@@ -280,11 +280,62 @@ fn a_new_member_backfills_and_then_serves() {
         h.version = 9_000_000;
         assert_eq!(w.call(h, &late).0.status, Status::Ok);
     }
+    // Progress in bytes: node 4 copies every written chunk (0..32) of the
+    // partitions it joins, whole chunks; done never passes total.
+    let chunk_bytes = t2.chunk_bytes;
+    let want_total = (0..32u64)
+        .filter(|c| syncing.contains(&t2.partition_of(1, *c)))
+        .count() as u64
+        * chunk_bytes;
+    assert!(want_total > 0);
     let deadline = Instant::now() + Duration::from_secs(60);
-    std::thread::sleep(Duration::from_millis(300));
-    while nodes[3].backfilling() > 0 {
-        assert!(Instant::now() < deadline, "backfill did not finish");
-        std::thread::sleep(Duration::from_millis(50));
+    let mut samples = 0;
+    let mut seen_partial = false;
+    loop {
+        let p = nodes[3].backfill_progress();
+        samples += 1;
+        assert!(p.bytes_done <= p.bytes_total, "{p:?}");
+        assert!(p.bytes_total <= want_total, "more than was written: {p:?}");
+        assert!(p.bytes_done.is_multiple_of(4096), "{p:?}");
+        if p.partitions_unlisted == 0 && p.bytes_done < p.bytes_total {
+            // Everything listed while copying goes on: the total is whole.
+            assert_eq!(p.bytes_total, want_total, "{p:?}");
+            seen_partial = true;
+        }
+        if p.bytes_done * 2 >= want_total && p.bytes_done < want_total {
+            // Lists go out eagerly (4 per shard in flight), not one
+            // partition after another: long before half is copied, every
+            // backfill's size is known.
+            assert_eq!(p.partitions_unlisted, 0, "half copied: {p:?}");
+        }
+        if nodes[3].backfilling() == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "backfill did not finish: {p:?}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // Finished backfills stay in the figures until no partition syncs.
+    let p = nodes[3].backfill_progress();
+    assert_eq!(
+        (
+            p.bytes_done,
+            p.bytes_total,
+            p.partitions_unlisted,
+            p.bytes_copied
+        ),
+        (want_total, want_total, 0, want_total),
+        "after the backfill ({samples} samples)"
+    );
+    println!(
+        "node 4 backfilled {} MiB in {} partitions; {samples} samples, a partial one seen: {seen_partial}",
+        want_total >> 20,
+        syncing.len()
+    );
+    for n in &nodes[..3] {
+        assert_eq!(
+            n.backfill_progress(),
+            celer_node::BackfillProgress::default()
+        );
     }
     // What the control service does on the node's report: mark it in sync.
     let mut t3 = t2.clone();
@@ -310,6 +361,22 @@ fn a_new_member_backfills_and_then_serves() {
     }
     let (_, got) = read_block(&nodes[3], &t3, late_off, 4096);
     assert_eq!(got, late, "the write made during the backfill survives it");
+    // No partition syncs any more: the rebalance is over, its figures go
+    // to 0; the counter of bytes ever copied stays.
+    assert!(t3.partitions.iter().all(|p| p.all_in_sync()));
+    let over = celer_node::BackfillProgress {
+        bytes_copied: want_total,
+        ..Default::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while nodes[3].backfill_progress() != over {
+        assert!(
+            Instant::now() < deadline,
+            "figures after the rebalance: {:?}",
+            nodes[3].backfill_progress()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     for n in nodes {
         n.stop().expect("clean stop");
     }
