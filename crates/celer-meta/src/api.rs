@@ -128,6 +128,11 @@ pub struct SyncedReply {
     /// The partitions now marked in sync for this node; the others were
     /// stale or unknown and were ignored.
     pub marked: Vec<u32>,
+    /// Reported partitions the node is a syncing member of, but only since
+    /// an epoch after the report's: it left and rejoined meanwhile (it may
+    /// have missed writes, and the tables in between): backfill them again.
+    #[serde(default)]
+    pub backfill_again: Vec<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -636,6 +636,7 @@ impl Cluster {
             ));
         };
         let mut marked = Vec::new();
+        let mut backfill_again = Vec::new();
         for &p in partitions {
             let syncing = t
                 .partition(p)
@@ -648,6 +649,18 @@ impl Cluster {
                     if t.mark_in_sync(p, id).is_ok() {
                         marked.push(p);
                     }
+                }
+                Some(since) if syncing && epoch < since => {
+                    // Without this answer a node that missed the tables
+                    // where it left would report the old epoch forever.
+                    tracing::info!(
+                        node = id,
+                        partition = p,
+                        report_epoch = epoch,
+                        joined_epoch = since,
+                        "a synced report from before the node rejoined: it backfills again"
+                    );
+                    backfill_again.push(p);
                 }
                 _ => tracing::info!(
                     node = id,
@@ -663,6 +676,7 @@ impl Cluster {
                 SyncedReply {
                     epoch: t.epoch,
                     marked,
+                    backfill_again,
                 },
                 None,
             ));
@@ -679,6 +693,7 @@ impl Cluster {
             SyncedReply {
                 epoch: self.epoch(),
                 marked,
+                backfill_again,
             },
             pushed,
         ))

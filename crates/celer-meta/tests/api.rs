@@ -590,9 +590,11 @@ fn synced_marks_members_in_sync_and_ignores_stale_reports() {
     });
     assert_eq!(pushed.1.syncing_on(new).collect::<Vec<_>>(), syncing);
 
-    // A report from before the node joined is stale: ignored.
+    // A report from before the node joined is stale: ignored, and since
+    // the node is a syncing member now, it is told to backfill again.
     let r = c.synced(new, t1.epoch, &syncing).expect("synced");
     assert!(r.marked.is_empty());
+    assert_eq!(r.backfill_again, syncing);
     assert_eq!(c.route().expect("route").epoch, t2.epoch);
 
     // Half of them, plus an unknown partition and one it is not syncing.
@@ -604,6 +606,7 @@ fn synced_marks_members_in_sync_and_ignores_stale_reports() {
     report.extend([9999, not_member]);
     let r = c.synced(new, t2.epoch, &report).expect("synced");
     assert_eq!(r.marked, half);
+    assert!(r.backfill_again.is_empty(), "{:?}", r.backfill_again);
     let t3 = c.route().expect("route");
     assert!(t3.epoch > t2.epoch);
     for p in half {

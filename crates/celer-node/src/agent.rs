@@ -89,7 +89,7 @@ pub(crate) fn run(
                 {
                     synced.push((partition, epoch));
                 }
-                report_synced(&client, id, &mut synced);
+                report_synced(&client, &shared, &mut synced);
             }
             Err(RecvTimeoutError::Timeout) => {}
         }
@@ -136,21 +136,32 @@ pub(crate) fn run(
                 Err(e) => tracing::warn!("heartbeat: {e}"),
             }
             if !synced.is_empty() {
-                report_synced(&client, id, &mut synced);
+                report_synced(&client, &shared, &mut synced);
             }
         }
     }
 }
 
 /// Reports finished backfills, grouped by epoch; keeps what failed to send.
-fn report_synced(client: &MetaClient, id: NodeId, synced: &mut Vec<(u32, u64)>) {
+/// Reports from before the node rejoined a partition go back to its shard.
+fn report_synced(client: &MetaClient, shared: &NodeShared, synced: &mut Vec<(u32, u64)>) {
     synced.sort_unstable_by_key(|x| (x.1, x.0));
     let mut keep = Vec::new();
     for chunk in synced.chunk_by(|a, b| a.1 == b.1) {
         let epoch = chunk[0].1;
         let parts: Vec<u32> = chunk.iter().map(|x| x.0).collect();
-        match client.synced(id, epoch, &parts) {
-            Ok(r) => tracing::info!(epoch, marked = ?r.marked, "reported backfilled partitions"),
+        match client.synced(shared.id, epoch, &parts) {
+            Ok(r) => {
+                tracing::info!(epoch, marked = ?r.marked, "reported backfilled partitions");
+                if !r.backfill_again.is_empty() {
+                    tracing::warn!(
+                        epoch,
+                        partitions = ?r.backfill_again,
+                        "rejoined these partitions after that epoch: backfilling them again"
+                    );
+                    shared.hub.backfill_again(epoch, &r.backfill_again);
+                }
+            }
             Err(e) => {
                 tracing::warn!("report synced partitions: {e}; will retry");
                 keep.extend_from_slice(chunk);

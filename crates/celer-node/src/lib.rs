@@ -99,6 +99,10 @@ pub(crate) enum ShardMsg {
     Route(Arc<Installed>),
     /// Deleted volumes (sorted): free their chunks, refuse their I/O.
     Deleted(Arc<Vec<u64>>),
+    /// Partitions whose finished backfill was reported for this epoch, from
+    /// before the node rejoined them (the control service said so): copy
+    /// again.
+    BackfillAgain(u64, Vec<u32>),
     Stop,
 }
 
@@ -175,6 +179,20 @@ impl RouteHub {
     }
     pub(crate) fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::Acquire)
+    }
+    /// Hands partitions to backfill again to the shards that own them.
+    pub(crate) fn backfill_again(&self, epoch: u64, partitions: &[u32]) {
+        let n = self.shards.len() as u32;
+        for (s, mailbox) in self.shards.iter().enumerate() {
+            let mine: Vec<u32> = partitions
+                .iter()
+                .copied()
+                .filter(|p| p % n == s as u32)
+                .collect();
+            if !mine.is_empty() {
+                mailbox.send(ShardMsg::BackfillAgain(epoch, mine));
+            }
+        }
     }
     /// Tells every shard which volumes are deleted (sorted ids).
     pub(crate) fn set_deleted(&self, ids: Vec<u64>) {

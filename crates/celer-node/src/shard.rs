@@ -95,6 +95,8 @@ struct Backfill {
     /// Tags its engine writes, so a restarted backfill ignores old ones.
     serial: u32,
     partition: u32,
+    /// The epoch it started in (reported when done): this node has been a
+    /// syncing member since then, unless the control service knows better.
     epoch: u64,
     source: NodeId,
     conn: Option<(usize, u32)>,
@@ -169,8 +171,8 @@ struct ShardLoop {
     /// Bytes ever backfilled (every piece written).
     copied_bytes: u64,
     completions: Vec<Completion>,
-    /// Partitions whose backfill finished and was reported, with the epoch.
-    reported: HashMap<u32, u64>,
+    /// Partitions whose backfill finished and was reported: (epoch, bytes).
+    reported: HashMap<u32, (u64, u64)>,
     counters: ShardCounters,
     stopping: bool,
     /// Deleted volumes (sorted): their I/O is refused.
@@ -280,6 +282,7 @@ pub(crate) fn run(
                 ShardMsg::Conn(stream, hello) => s.adopt(stream, hello),
                 ShardMsg::Route(r) => s.install(r),
                 ShardMsg::Deleted(ids) => s.set_deleted(ids),
+                ShardMsg::BackfillAgain(epoch, ps) => s.backfill_again(epoch, &ps),
                 ShardMsg::Stop => s.stopping = true,
             }
         }
@@ -1272,7 +1275,7 @@ impl ShardLoop {
         let mine = self.id as u32;
         let syncing: Vec<u32> = t.syncing_on(me).filter(|p| p % shards == mine).collect();
         for p in syncing {
-            if let Some(&e) = self.reported.get(&p) {
+            if let Some(&(e, _)) = self.reported.get(&p) {
                 report.push((p, e));
                 continue;
             }
@@ -1288,7 +1291,10 @@ impl ShardLoop {
                             self.retire(old);
                         }
                     }
-                    self.backfills[i].epoch = t.epoch;
+                    // Its epoch stays the one it started in: the report
+                    // claims every write since then. Had we left and
+                    // rejoined in tables we never saw, the control service
+                    // refuses that claim and we copy again.
                 }
                 None => {
                     if let Some(s) = source {
@@ -1319,6 +1325,48 @@ impl ShardLoop {
                 partition: p,
                 epoch: e,
             });
+        }
+        self.publish_progress();
+        self.set_backfilling();
+    }
+
+    /// The control service ignored our report of these partitions at
+    /// `epoch`: we rejoined them after it (in tables we never saw) and may
+    /// lack writes of the time away. Forget the report and copy again.
+    fn backfill_again(&mut self, epoch: u64, partitions: &[u32]) {
+        let me = self.shared.id;
+        let Some(t) = self.route.clone() else {
+            return;
+        };
+        let t = &t.table;
+        for &p in partitions {
+            if self.backfills.iter().any(|b| b.partition == p) {
+                continue;
+            }
+            let syncing = t
+                .partition(p)
+                .and_then(|r| r.member(me))
+                .is_some_and(|m| !m.in_sync);
+            let source = t.partition(p).and_then(|r| r.primary());
+            let (Some(&(reported, bytes)), Some(source)) = (self.reported.get(&p), source) else {
+                continue;
+            };
+            // Only that report: a later one (from a copy made since) stands.
+            if reported != epoch || !syncing {
+                continue;
+            }
+            self.reported.remove(&p);
+            // That copy no longer counts: the new one will.
+            self.round_bytes = self.round_bytes.saturating_sub(bytes);
+            tracing::info!(
+                shard = self.id,
+                partition = p,
+                source,
+                "backfill starts again"
+            );
+            self.backfill_serial = self.backfill_serial.wrapping_add(1);
+            self.backfills
+                .push(new_backfill(self.backfill_serial, p, t.epoch, source));
         }
         self.publish_progress();
         self.set_backfilling();
@@ -1458,7 +1506,7 @@ impl ShardLoop {
             took = ?b.started.elapsed(),
             "backfill done"
         );
-        self.reported.insert(b.partition, b.epoch);
+        self.reported.insert(b.partition, (b.epoch, b.bytes_done));
         self.round_bytes += b.bytes_done;
         // Figures first: whoever sees no backfill left sees them final.
         self.publish_progress();

@@ -417,3 +417,82 @@ fn a_node_back_with_an_empty_disk_is_backfilled_not_trusted() {
     let reports = stop_load(load);
     verify(c, &dev, volume, &reports);
 }
+
+/// A node cut off (proxies stall its links) in the middle of its backfill
+/// misses the tables where it leaves and rejoins its partitions. Its
+/// reports (the epoch each backfill started in) are from before it
+/// rejoined: the control service refuses them and answers `backfill_again`,
+/// and the node copies those partitions again. Without that answer the
+/// node re-reported the old epoch forever and the cluster never became
+/// healthy (this test then fails after 120 s). The copy that was under way
+/// during the cut is also redone; that it would otherwise miss the writes
+/// of the cut is not caught here (the proxies delay writes, they do not
+/// drop them).
+#[test]
+fn a_node_cut_off_during_its_backfill_copies_again() {
+    let mut c = Cluster::start(std::path::Path::new(BIN), ClusterOpts::default());
+    let (volume, dev) = volume_client(&c, "vol-cut", 1);
+    {
+        let mut q = dev.open_queue(7).expect("queue");
+        let mut buf = vec![0u8; 1 << 20];
+        for ch in 128..192u64 {
+            buf.fill(ch as u8);
+            let done = one_request(q.as_mut(), celer_device::IoOp::Write, ch << 20, &mut buf);
+            done.expect("write a chunk");
+        }
+    }
+    let victim = node_status(c.nodes[1].admin)["node_id"]
+        .as_u64()
+        .expect("node id") as u32;
+    let load = start_load(&dev, 1, 8);
+    std::thread::sleep(Duration::from_secs(1));
+    c.swap_disk(1);
+    // Cut it off once it has copied a quarter to a half of what it lists.
+    let meta = c.meta_client();
+    let t0 = Instant::now();
+    let at_cut = loop {
+        let n = meta
+            .nodes()
+            .expect("nodes")
+            .into_iter()
+            .find(|n| n.id == victim)
+            .expect("listed");
+        let (done, total) = (n.backfill_bytes_done, n.backfill_bytes_total);
+        if n.backfill_partitions_unlisted == 0 && done * 4 >= total && done * 2 < total {
+            break (done, total);
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "never saw the backfill under way"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let before = c.route().epoch;
+    c.partition(1, true);
+    let t1 = Instant::now();
+    loop {
+        let t = c.route();
+        if t.epoch > before && t.node(victim).is_some_and(|n| !n.up) {
+            break;
+        }
+        if t1.elapsed() > Duration::from_secs(10) {
+            c.partition(1, false);
+            panic!("the node was not marked down");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Writes go on without it, then it comes back.
+    std::thread::sleep(Duration::from_secs(2));
+    c.partition(1, false);
+    let t = c.wait_healthy(Duration::from_secs(120));
+    println!(
+        "cut off at {} of {} MiB; healthy again at epoch {} after {:?}",
+        at_cut.0 >> 20,
+        at_cut.1 >> 20,
+        t.epoch,
+        t1.elapsed()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let reports = stop_load(load);
+    verify(c, &dev, volume, &reports);
+}
