@@ -263,12 +263,12 @@ pub fn run_meta(cmd: MetaCommand) -> Result<()> {
 
 fn print_nodes(nodes: &[NodeStatus]) {
     println!(
-        "{:>4}  {:<5}  {:<22}  {:<22}  {:<12}  {:>6}  {:>9}",
+        "{:>4}  {:<5}  {:<22}  {:<22}  {:<12}  {:>6}  {:>9}  BACKFILL",
         "ID", "STATE", "DATA", "ADMIN", "DOMAIN", "EPOCH", "HEARTBEAT"
     );
     for n in nodes {
         println!(
-            "{:>4}  {:<5}  {:<22}  {:<22}  {:<12}  {:>6}  {:>9}",
+            "{:>4}  {:<5}  {:<22}  {:<22}  {:<12}  {:>6}  {:>9}  {}",
             n.id,
             if n.up { "up" } else { "down" },
             n.data_addr,
@@ -277,8 +277,29 @@ fn print_nodes(nodes: &[NodeStatus]) {
             n.epoch_acked,
             n.last_heartbeat_ms_ago
                 .map_or_else(|| "-".to_string(), |ms| format!("{ms} ms")),
+            moved_text(
+                n.backfill_bytes_done,
+                n.backfill_bytes_total,
+                n.backfill_partitions_unlisted
+            )
+            .unwrap_or_else(|| "-".into()),
         );
     }
+}
+
+/// `1.50 MiB of 3.00 MiB moved (2 partitions not yet listed)`, or `None`
+/// when nothing is moving.
+fn moved_text(done: u64, total: u64, unlisted: u64) -> Option<String> {
+    use indicatif::HumanBytes;
+    if total == 0 && unlisted == 0 {
+        return None;
+    }
+    let mut t = format!("{} of {} moved", HumanBytes(done), HumanBytes(total));
+    if unlisted > 0 {
+        let s = if unlisted == 1 { "" } else { "s" };
+        t.push_str(&format!(" ({unlisted} partition{s} not yet listed)"));
+    }
+    Some(t)
 }
 
 fn serve(a: ServeArgs) -> Result<()> {
@@ -454,30 +475,49 @@ fn print_volumes(vols: &[Volume]) {
 pub struct StatusArgs {
     #[command(flatten)]
     list: ListArgs,
-    /// Follow recovery and rebalancing with a progress bar (partitions in
-    /// sync out of all) until every partition is in sync and every node up,
-    /// or until this many seconds pass (then exit 1).
+    /// Follow recovery and rebalancing with a progress bar (bytes moved out
+    /// of bytes to move, as listed so far) until every partition is in sync
+    /// and every node up, or until this many seconds pass (then exit 1).
     #[arg(long, value_name = "SECONDS")]
     wait: Option<u64>,
 }
 
-/// `celer status --wait`: a progress bar of partitions in sync.
+/// `celer status --wait`: a progress bar of bytes moved out of bytes to
+/// move (both as the nodes' heartbeats report them; the total grows while
+/// partitions are still being listed or deferred moves start), until every
+/// partition is in sync.
 fn wait_healthy(c: &celer_meta::client::MetaClient, seconds: u64) -> Result<()> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
-            "{spinner} recovery [{bar:40}] {pos}/{len} partitions in sync {msg} ({elapsed})",
+            "{spinner} rebalance [{bar:40}] {bytes}/{total_bytes} moved, {msg} ({elapsed})",
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
         .progress_chars("=> "),
     );
+    // The figures return to 0 shortly after the last partition is in sync;
+    // the finished bar shows the last total seen.
+    let mut last_total = 0;
     loop {
         let s = c.status().map_err(human)?;
-        bar.set_length(s.partitions as u64);
-        bar.set_position(s.partitions_in_sync as u64);
-        bar.set_message(format!("epoch {}, {} node(s) down", s.epoch, s.nodes_down));
+        if s.rebalance_bytes_total > 0 {
+            last_total = s.rebalance_bytes_total;
+        }
+        bar.set_length(s.rebalance_bytes_total);
+        bar.set_position(s.rebalance_bytes_done.min(s.rebalance_bytes_total));
+        let unlisted = match s.rebalance_partitions_unlisted {
+            0 => String::new(),
+            n => format!(", {n} not yet listed"),
+        };
+        bar.set_message(format!(
+            "{}/{} partitions in sync{unlisted}, epoch {}, {} node(s) down",
+            s.partitions_in_sync, s.partitions, s.epoch, s.nodes_down
+        ));
         if s.epoch > 0 && s.partitions_degraded == 0 && s.nodes_down == 0 {
+            if s.rebalance_bytes_total == 0 {
+                bar.set_length(last_total);
+            }
             bar.finish();
             return Ok(());
         }
@@ -513,6 +553,13 @@ pub fn run_status(a: StatusArgs) -> Result<()> {
             "route:      epoch {}, {} partitions: {} in sync, {} degraded",
             s.epoch, s.partitions, s.partitions_in_sync, s.partitions_degraded
         );
+    }
+    if let Some(t) = moved_text(
+        s.rebalance_bytes_done,
+        s.rebalance_bytes_total,
+        s.rebalance_partitions_unlisted,
+    ) {
+        println!("rebalance:  {t}");
     }
     println!("volumes:    {}", s.volumes);
     println!("change log: {} entries", s.log_seq);
@@ -572,5 +619,22 @@ mod tests {
         assert_eq!(utc(0), "1970-01-01 00:00:00.000");
         assert_eq!(utc(951_782_400_123), "2000-02-29 00:00:00.123");
         assert_eq!(utc(1_700_000_000_000), "2023-11-14 22:13:20.000");
+    }
+
+    #[test]
+    fn rebalance_progress_text() {
+        assert_eq!(moved_text(0, 0, 0), None);
+        assert_eq!(
+            moved_text(3 << 19, 3 << 20, 2).as_deref(),
+            Some("1.50 MiB of 3.00 MiB moved (2 partitions not yet listed)")
+        );
+        assert_eq!(
+            moved_text(0, 0, 1).as_deref(),
+            Some("0 B of 0 B moved (1 partition not yet listed)")
+        );
+        assert_eq!(
+            moved_text(10 << 30, 10 << 30, 0).as_deref(),
+            Some("10.00 GiB of 10.00 GiB moved")
+        );
     }
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use celer_client::{Client, ClientConfig};
 use celer_device::BlockDevice;
-use celer_meta::api::CreateVolume;
+use celer_meta::api::{Change, CreateVolume};
 use support::cluster::{Cluster, ClusterOpts};
 use support::workload::{self, Report, BLOCK};
 
@@ -399,22 +399,199 @@ fn the_control_leader_dies_and_io_goes_on() {
     verify(c, &dev, volume, &reports);
 }
 
+/// The control service's rebalance figures at one moment: the cluster's
+/// sums and one node's, each (bytes done, bytes total, partitions unlisted).
+#[derive(Clone, Copy, Debug)]
+struct Sample {
+    at: Duration,
+    cluster: (u64, u64, u64),
+    node: (u64, u64, u64),
+    degraded: u32,
+}
+
+/// Samples `celer status` figures (`GET /v1/status` and `/v1/nodes`) every
+/// 50 ms (nodes heartbeat every 100 ms) in a thread, as `celer status
+/// --wait` reads them.
+struct Watch {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<Sample>>,
+}
+
+fn watch_rebalance(c: &Cluster, node: u32) -> Watch {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (url, s) = (c.meta_url(), stop.clone());
+    let thread = std::thread::spawn(move || {
+        let meta = celer_meta::client::MetaClient::new(&url, support::cluster::TOKEN);
+        let t0 = Instant::now();
+        let mut out = Vec::new();
+        while !s.load(Ordering::Acquire) {
+            if let (Ok(st), Ok(nodes)) = (meta.status(), meta.nodes()) {
+                let n = nodes.iter().find(|n| n.id == node).map_or((0, 0, 0), |n| {
+                    (
+                        n.backfill_bytes_done,
+                        n.backfill_bytes_total,
+                        n.backfill_partitions_unlisted,
+                    )
+                });
+                out.push(Sample {
+                    at: t0.elapsed(),
+                    cluster: (
+                        st.rebalance_bytes_done,
+                        st.rebalance_bytes_total,
+                        st.rebalance_partitions_unlisted,
+                    ),
+                    node: n,
+                    degraded: st.partitions_degraded,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        out
+    });
+    Watch { stop, thread }
+}
+
+/// Chunks of the volume outside the workload's 64 MiB, written whole
+/// before the disk swap: the new disk must get every one of them back.
+const FIXED_CHUNKS: std::ops::Range<u64> = 128..160;
+
 /// A node restarted at once on a new, empty disk (same id, lease still
 /// valid) must not be taken for an in-sync replica: the control service
 /// sees another disk identity, takes it out of its partitions and it
 /// backfills. Every write reads back and the replicas agree afterwards.
+///
+/// Progress in bytes, as `celer status` reads it: in every sample done <=
+/// total (the cluster's sums and the node's own figures); the node's total
+/// is the chunks of its partitions (at least the fixed chunks written
+/// before, at most those plus every chunk the workload touched) and every
+/// byte of it was copied once (the node's counter of bytes ever copied);
+/// once all is in sync the figures go back to 0.
 #[test]
 fn a_node_back_with_an_empty_disk_is_backfilled_not_trusted() {
     let mut c = Cluster::start(std::path::Path::new(BIN), ClusterOpts::default());
     let (volume, dev) = volume_client(&c, "vol-swap", 1);
+    {
+        let mut q = dev.open_queue(7).expect("queue");
+        let mut buf = vec![0u8; 1 << 20];
+        for ch in FIXED_CHUNKS {
+            buf.fill(ch as u8);
+            let done = one_request(q.as_mut(), celer_device::IoOp::Write, ch << 20, &mut buf);
+            done.expect("write a fixed chunk");
+        }
+    }
+    let victim = node_status(c.nodes[1].admin)["node_id"]
+        .as_u64()
+        .expect("node id") as u32;
     let load = start_load(&dev, 1, 8);
     std::thread::sleep(Duration::from_secs(2));
+    let seq0 = c.meta_client().status().expect("status").log_seq;
+    let watch = watch_rebalance(&c, victim);
+    let t0 = Instant::now();
     c.swap_disk(1);
     std::thread::sleep(Duration::from_secs(1));
     let t = c.wait_healthy(Duration::from_secs(120));
+    let healthy_after = t0.elapsed();
     println!("healthy again at epoch {} after the disk swap", t.epoch);
+    // The figures return to 0 once no partition syncs (the nodes see the
+    // last table, then heartbeat).
+    let meta = c.meta_client();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let s = meta.status().expect("status");
+        let figures = (
+            s.rebalance_bytes_done,
+            s.rebalance_bytes_total,
+            s.rebalance_partitions_unlisted,
+        );
+        if figures == (0, 0, 0) && s.partitions_degraded == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rebalance figures {figures:?} 5 s after all in sync ({} degraded)",
+            s.partitions_degraded
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let idle_after = t0.elapsed();
+    std::thread::sleep(Duration::from_millis(100));
+    watch.stop.store(true, Ordering::Release);
+    let samples = watch.thread.join().expect("watcher");
+    let copied = node_status(c.nodes[1].admin)["backfill_bytes_copied"]
+        .as_u64()
+        .expect("copied bytes");
     std::thread::sleep(Duration::from_secs(1));
     let reports = stop_load(load);
+
+    // What the new disk had to get: the chunks of its partitions.
+    let chunk_bytes = t.chunk_bytes;
+    let held = |ch: &u64| {
+        t.partition(t.partition_of(volume, *ch))
+            .is_some_and(|p| p.member(victim).is_some())
+    };
+    let fixed: std::collections::BTreeSet<u64> = FIXED_CHUNKS.collect();
+    let mut touched = fixed.clone();
+    for r in &reports {
+        touched.extend(r.model.keys().map(|b| b * BLOCK as u64 / chunk_bytes));
+    }
+    let lower = fixed.iter().filter(|ch| held(ch)).count() as u64 * chunk_bytes;
+    let upper = touched.iter().filter(|ch| held(ch)).count() as u64 * chunk_bytes;
+
+    assert!(!samples.is_empty());
+    for s in &samples {
+        assert!(s.cluster.0 <= s.cluster.1, "cluster done > total: {s:?}");
+        assert!(s.node.0 <= s.node.1, "node {victim} done > total: {s:?}");
+    }
+    let total = samples.iter().map(|s| s.node.1).max().unwrap_or(0);
+    let first = samples.iter().find(|s| s.node.1 > 0);
+    let last_moving = samples.iter().rev().find(|s| s.node.1 > 0);
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    println!(
+        "node {victim}: {:.0} MiB to move (bounds {:.0}..={:.0} MiB), {:.0} MiB copied; \
+         {} samples; first total at {:?}, last non-zero sample at {:?} ({:?}), \
+         healthy at {healthy_after:?}, figures 0 at {idle_after:?}; largest cluster total {:.0} MiB",
+        mib(total),
+        mib(lower),
+        mib(upper),
+        mib(copied),
+        samples.len(),
+        first.map(|s| s.at),
+        last_moving.map(|s| s.at),
+        last_moving.map(|s| s.node),
+        mib(samples.iter().map(|s| s.cluster.1).max().unwrap_or(0)),
+    );
+    assert!(total > 0, "no bytes total seen for node {victim}");
+    assert!(
+        lower <= total && total <= upper,
+        "node {victim}: {total} bytes total, expected {lower}..={upper}"
+    );
+    assert!(lower >= 8 * chunk_bytes, "the node holds some fixed chunks");
+    // Every listed byte was copied; exactly once unless a lease expired on
+    // the way (a loaded machine): a node that left and rejoined copies a
+    // partition again, a changed source restarts a backfill.
+    let expired = meta
+        .log(seq0)
+        .expect("log")
+        .iter()
+        .filter(|e| matches!(e.what, Change::NodeDown { .. }) && e.who == "meta")
+        .count();
+    if expired == 0 {
+        assert_eq!(copied, total, "bytes copied by node {victim}");
+    } else {
+        println!("{expired} lease expiries during the rebalance: copies may repeat");
+        assert!(copied >= total, "node {victim} copied {copied} of {total}");
+    }
+    assert!(samples.iter().any(|s| s.degraded > 0 && s.node.1 > 0));
+
+    // The fixed chunks read back and their replicas agree.
+    let mut q = dev.open_queue(6).expect("queue");
+    let mut buf = vec![0u8; 1 << 20];
+    for ch in FIXED_CHUNKS {
+        one_request(q.as_mut(), celer_device::IoOp::Read, ch << 20, &mut buf).expect("read");
+        assert!(buf.iter().all(|b| *b == ch as u8), "fixed chunk {ch}");
+        let diffs = support::replicas::compare_chunk(&t, volume, ch);
+        assert!(diffs.is_empty(), "chunk {ch}: {}", diffs.join("\n"));
+    }
     verify(c, &dev, volume, &reports);
 }
 
