@@ -194,6 +194,14 @@ impl Worker {
         if self.vring.is_none() {
             self.vring = Some(vring.clone());
         }
+        if self.mem_atomic.is_none() || !vring.get_ref().get_queue().ready() {
+            // No ring to serve (no front end, or it stopped the queue): the
+            // device must still handle its own events (a node connection
+            // closing, a late completion), or its completion fd stays
+            // readable and epoll wakes this worker in a loop.
+            self.poll_device_detached();
+            return;
+        }
         if self.mem.is_none() || self.inflight() == 0 {
             let Some(atomic) = &self.mem_atomic else {
                 return;
@@ -480,6 +488,33 @@ impl Worker {
             let _ = vring.signal_used_queue();
         }
         n
+    }
+
+    /// Lets the device make progress while no ring is served. A completion
+    /// that arrives now has no ring to go to (its front end left after the
+    /// drain timed out): its slot is freed and the completion dropped.
+    fn poll_device_detached(&mut self) {
+        let slots = self.slots.len();
+        let free = &mut self.free;
+        let index = self.index;
+        self.device
+            .poll(&mut |c: IoCompletion| match u16::try_from(c.tag)
+                .ok()
+                .filter(|&s| (s as usize) < slots)
+            {
+                Some(slot) => {
+                    debug!(
+                        queue = index,
+                        slot, "completion after the front end left: dropped"
+                    );
+                    free.push(slot);
+                }
+                None => warn!(
+                    queue = index,
+                    tag = c.tag,
+                    "device completed an unknown tag"
+                ),
+            });
     }
 
     /// Forgets the ring (front end gone); in-flight requests must be drained.
