@@ -331,6 +331,7 @@ fn measure_socket(
             slots,
             buf_bytes: IO_BYTES as usize,
             event_idx: true,
+            backend_req: false,
         },
     )
     .with_context(|| format!("cannot connect to {}", socket.display()))?;

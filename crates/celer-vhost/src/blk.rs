@@ -13,6 +13,7 @@ use std::time::Duration;
 use celer_device::{BlockDevice, DeviceInfo, IoError};
 use tracing::{debug, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::Backend;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
@@ -65,6 +66,13 @@ pub enum Error {
     },
     #[error("serving {socket} failed: {reason}")]
     Serve { socket: String, reason: String },
+    #[error("cannot shrink the disk from {size_bytes} to {new_size_bytes} bytes: only growing is supported")]
+    Shrink {
+        size_bytes: u64,
+        new_size_bytes: u64,
+    },
+    #[error("new disk size {0} bytes is not a multiple of the block size")]
+    GrowUnaligned(u64),
 }
 
 /// The back end shared (behind `Arc`) by the vhost-user handler threads.
@@ -72,7 +80,13 @@ pub struct VhostUserBlk {
     info: DeviceInfo,
     num_queues: usize,
     features: u64,
+    /// The config space as built at start; `capacity` is read from
+    /// `capacity_bytes` instead (it grows online).
     config_space: [u8; CONFIG_SPACE_BYTES],
+    capacity_bytes: AtomicU64,
+    /// The back-end request channel of the current front end, if it set one
+    /// up (BACKEND_REQ): how a config change reaches it.
+    backend_req: Mutex<Option<Backend>>,
     acked_features: AtomicU64,
     workers: Vec<Mutex<Worker>>,
 }
@@ -130,10 +144,12 @@ impl VhostUserBlk {
             "vhost-user-blk back end ready"
         );
         Ok(VhostUserBlk {
+            capacity_bytes: AtomicU64::new(info.size_bytes),
             info,
             num_queues: config.num_queues,
             features,
             config_space,
+            backend_req: Mutex::new(None),
             acked_features: AtomicU64::new(0),
             workers,
         })
@@ -141,9 +157,7 @@ impl VhostUserBlk {
 
     fn worker(&self, index: usize) -> MutexGuard<'_, Worker> {
         // A worker that panicked leaves its state consistent enough to drain.
-        self.workers[index]
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.workers[index])
     }
 
     /// Event id of worker `index`'s device completion fd in its epoll loop.
@@ -179,6 +193,52 @@ impl VhostUserBlk {
     pub(crate) fn disconnect(&self) {
         for i in 0..self.num_queues {
             self.worker(i).detach();
+        }
+        *lock(&self.backend_req) = None;
+    }
+
+    /// Current capacity in bytes (grows with [`Self::grow`]).
+    pub fn capacity_bytes(&self) -> u64 {
+        self.capacity_bytes.load(Ordering::Acquire)
+    }
+
+    /// The device grew to `size_bytes` (online resize): the config space
+    /// reports the new capacity from now on, and a connected front end that
+    /// set up the back-end request channel is told with a config change
+    /// message (QEMU re-reads the config space and interrupts the guest,
+    /// whose virtio-blk driver then sees the new size). Returns whether the
+    /// front end was notified. The device itself must already accept
+    /// requests up to `size_bytes`. Must not be called from the vhost-user
+    /// handler thread (the front end answers the notification with a
+    /// GET_CONFIG on the main channel).
+    pub fn grow(&self, size_bytes: u64) -> Result<bool, Error> {
+        let old = self.capacity_bytes();
+        if size_bytes < old {
+            return Err(Error::Shrink {
+                size_bytes: old,
+                new_size_bytes: size_bytes,
+            });
+        }
+        if !size_bytes.is_multiple_of(u64::from(self.info.block_size_bytes)) {
+            return Err(Error::GrowUnaligned(size_bytes));
+        }
+        if size_bytes == old {
+            return Ok(false);
+        }
+        self.capacity_bytes.store(size_bytes, Ordering::Release);
+        info!(old, size_bytes, "disk grew");
+        // Clone the handle: sending waits for the front end's ack, and
+        // `disconnect` must not wait behind it.
+        let Some(backend) = lock(&self.backend_req).clone() else {
+            info!("no back-end request channel: the front end sees the new size when it re-reads the config");
+            return Ok(false);
+        };
+        match backend.send_config_change() {
+            Ok(_) => Ok(true),
+            Err(e) => {
+                warn!(error = %e, "config change notification failed; the front end sees the new size when it re-reads the config");
+                Ok(false)
+            }
         }
     }
 
@@ -216,6 +276,10 @@ fn config_space(info: &DeviceInfo, num_queues: u16) -> [u8; CONFIG_SPACE_BYTES] 
     c
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 impl VhostUserBackend for VhostUserBlk {
     type Bitmap = ();
     type Vring = Vring;
@@ -241,6 +305,12 @@ impl VhostUserBackend for VhostUserBlk {
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::BACKEND_REQ
+    }
+
+    fn set_backend_req_fd(&self, backend: Backend) {
+        debug!("back-end request channel set up");
+        *lock(&self.backend_req) = Some(backend);
     }
 
     fn set_event_idx(&self, _enabled: bool) {
@@ -250,11 +320,14 @@ impl VhostUserBackend for VhostUserBlk {
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         // The front end asks for its own idea of the struct's size (newer
         // QEMUs know more fields); answer exactly `size` bytes, zero past ours.
+        let mut space = self.config_space;
+        let sectors = self.capacity_bytes() / celer_device::SECTOR_SIZE_BYTES;
+        space[..8].copy_from_slice(&sectors.to_le_bytes());
         let mut out = vec![0u8; size as usize];
         let start = offset as usize;
         if start < CONFIG_SPACE_BYTES {
             let n = (CONFIG_SPACE_BYTES - start).min(out.len());
-            out[..n].copy_from_slice(&self.config_space[start..start + n]);
+            out[..n].copy_from_slice(&space[start..start + n]);
         }
         out
     }

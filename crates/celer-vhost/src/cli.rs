@@ -81,6 +81,13 @@ pub fn run_serve_with(
     a: &ServeArgs,
     device: std::sync::Arc<dyn celer_device::BlockDevice>,
 ) -> anyhow::Result<()> {
+    crate::serve(serve_config(a), device)?;
+    Ok(())
+}
+
+/// The serving configuration `a` asks for (for callers that build the back
+/// end themselves, e.g. to grow it online).
+pub fn serve_config(a: &ServeArgs) -> VhostConfig {
     let mut config = VhostConfig::new(&a.socket);
     config.num_queues = a.queues;
     config.cpus = a.cpus.clone();
@@ -92,8 +99,7 @@ pub fn run_serve_with(
         .unwrap_or_else(|| default_poll_us(!a.cpus.is_empty(), a.queues, cpus));
     config.poll_inflight_us = a.poll_inflight_us;
     config.connections_max = a.connections;
-    crate::serve(config, device)?;
-    Ok(())
+    config
 }
 
 /// Runs the benchmark; `serve_subcommand` is how this executable is told to

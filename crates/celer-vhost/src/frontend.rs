@@ -19,7 +19,10 @@ use std::sync::atomic::{fence, AtomicU16, Ordering};
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
-use vhost::vhost_user::{Frontend as VuFrontend, VhostUserFrontend};
+use vhost::vhost_user::{
+    Frontend as VuFrontend, FrontendReqHandler, HandlerResult, VhostUserFrontend,
+    VhostUserFrontendReqHandler,
+};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vmm_sys_util::eventfd::EventFd;
@@ -38,6 +41,8 @@ pub const GUEST_BASE: u64 = 0x1_0000_0000;
 pub enum FrontendError {
     #[error("vhost-user: {0}")]
     VhostUser(#[from] vhost::Error),
+    #[error("vhost-user channel: {0}")]
+    VhostUserChannel(#[from] vhost::vhost_user::Error),
     #[error("system call failed: {0}")]
     Sys(#[from] std::io::Error),
     #[error("{0}")]
@@ -402,6 +407,19 @@ impl<'m> DriverQueue<'m> {
     }
 }
 
+/// The virtio-blk config space (60 bytes), or nothing without CONFIG.
+fn read_config(
+    vu: &mut VuFrontend,
+    protocol_features: VhostUserProtocolFeatures,
+) -> Result<Vec<u8>, FrontendError> {
+    if !protocol_features.contains(VhostUserProtocolFeatures::CONFIG) {
+        return Ok(Vec::new());
+    }
+    let size = 60u32;
+    let (_, payload) = vu.get_config(0, size, VhostUserConfigFlags::WRITABLE, &[0u8; 60])?;
+    Ok(payload.to_vec())
+}
+
 /// What to negotiate and how to lay out memory.
 #[derive(Clone, Debug)]
 pub struct FrontendConfig {
@@ -412,6 +430,26 @@ pub struct FrontendConfig {
     /// Data buffer per slot.
     pub buf_bytes: usize,
     pub event_idx: bool,
+    /// Set up the back-end request channel (BACKEND_REQ) when offered, as
+    /// QEMU does, so the back end can send config change notifications.
+    pub backend_req: bool,
+}
+
+/// Counts the back end's config change notifications.
+#[derive(Default)]
+pub struct ConfigChanges(std::sync::atomic::AtomicU64);
+
+impl ConfigChanges {
+    pub fn count(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+impl VhostUserFrontendReqHandler for ConfigChanges {
+    fn handle_config_change(&self) -> HandlerResult<u64> {
+        self.0.fetch_add(1, Ordering::AcqRel);
+        Ok(0)
+    }
 }
 
 /// A connected, negotiated vhost-user-blk front end.
@@ -426,6 +464,10 @@ pub struct Frontend {
     pub backend_queues: u64,
     pub config_space: Vec<u8>,
     event_idx: bool,
+    backend_req: Option<(
+        FrontendReqHandler<ConfigChanges>,
+        std::sync::Arc<ConfigChanges>,
+    )>,
 }
 
 impl Frontend {
@@ -442,10 +484,13 @@ impl Frontend {
         let mut protocol_features = VhostUserProtocolFeatures::empty();
         if offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
             let pf = vu.get_protocol_features()?;
-            protocol_features = pf
-                & (VhostUserProtocolFeatures::CONFIG
-                    | VhostUserProtocolFeatures::MQ
-                    | VhostUserProtocolFeatures::REPLY_ACK);
+            let mut wanted = VhostUserProtocolFeatures::CONFIG
+                | VhostUserProtocolFeatures::MQ
+                | VhostUserProtocolFeatures::REPLY_ACK;
+            if cfg.backend_req {
+                wanted |= VhostUserProtocolFeatures::BACKEND_REQ;
+            }
+            protocol_features = pf & wanted;
             vu.set_protocol_features(protocol_features)?;
             if protocol_features.contains(VhostUserProtocolFeatures::REPLY_ACK) {
                 // Like QEMU: every request waits for the back end's verdict.
@@ -463,13 +508,18 @@ impl Frontend {
                 cfg.queues
             )));
         }
-        let mut config_space = Vec::new();
-        if protocol_features.contains(VhostUserProtocolFeatures::CONFIG) {
-            let size = 60u32;
-            let (_, payload) =
-                vu.get_config(0, size, VhostUserConfigFlags::WRITABLE, &[0u8; 60])?;
-            config_space = payload.to_vec();
+        let mut backend_req = None;
+        if protocol_features.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
+            let changes = std::sync::Arc::new(ConfigChanges::default());
+            let mut handler = FrontendReqHandler::new(changes.clone())?;
+            handler.set_reply_ack_flag(
+                protocol_features.contains(VhostUserProtocolFeatures::REPLY_ACK),
+            );
+            // The back end gets the other end of the handler's socket pair.
+            vu.set_backend_request_fd(&handler.get_tx_raw_fd())?;
+            backend_req = Some((handler, changes));
         }
+        let config_space = read_config(&mut vu, protocol_features)?;
         let event_idx = want & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
 
         // Lay out rings then slots, page aligned.
@@ -550,7 +600,42 @@ impl Frontend {
             backend_queues,
             config_space,
             event_idx,
+            backend_req,
         })
+    }
+
+    /// Waits up to `timeout` for one message on the back-end request
+    /// channel and handles it; returns the config changes counted so far.
+    pub fn wait_config_change(
+        &mut self,
+        timeout: std::time::Duration,
+    ) -> Result<u64, FrontendError> {
+        let Some((handler, changes)) = self.backend_req.as_mut() else {
+            return Err(FrontendError::Protocol(
+                "no back-end request channel (BACKEND_REQ not negotiated)".into(),
+            ));
+        };
+        let mut pfd = libc::pollfd {
+            fd: handler.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd.
+        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        if rc > 0 {
+            handler.handle_request()?;
+        }
+        Ok(changes.count())
+    }
+
+    /// Reads the config space again (as QEMU does after a config change).
+    pub fn refresh_config(&mut self) -> Result<(), FrontendError> {
+        self.config_space = read_config(&mut self.vu, self.protocol_features)?;
+        Ok(())
     }
 
     /// Driver handles for every queue (each to be used by one thread).

@@ -108,6 +108,7 @@ fn cfg(queues: usize) -> FrontendConfig {
         slots: 16,
         buf_bytes: 64 << 10,
         event_idx: true,
+        backend_req: true,
     }
 }
 
@@ -169,6 +170,49 @@ fn negotiates_features_and_serves_config_space() {
     assert_eq!(fe.config_u32(40), Some(1)); // max_discard_seg
     assert!(fe.config_u32(36).unwrap() > 0); // max_discard_sectors
     assert!(fe.config_u32(48).unwrap() > 0); // max_write_zeroes_sectors
+    drop(fe);
+    server.join();
+}
+
+/// Online resize at the protocol level: `grow` sends a config change on the
+/// back-end request channel, the front end re-reads the config space and
+/// finds the new capacity; shrinking and odd sizes are refused.
+#[test]
+fn growing_the_disk_notifies_the_front_end() {
+    let server = Server::start(Arc::new(NullDevice::new(64 << 20, false, false)), 1, 1);
+    let mut fe = server.connect(1);
+    assert!(fe
+        .protocol_features
+        .contains(VhostUserProtocolFeatures::BACKEND_REQ));
+    assert_eq!(fe.capacity_sectors(), Some((64 << 20) / 512));
+    let backend = server.backend.clone();
+    // The notification waits for the front end's ack: send it from another
+    // thread while this one plays the front end.
+    let grower = std::thread::spawn(move || backend.grow(96 << 20));
+    let changes = fe.wait_config_change(Duration::from_secs(10)).unwrap();
+    if changes != 1 {
+        // Closing the front end ends the back end's wait for an ack.
+        drop(fe);
+        panic!(
+            "no config change message within 10 s; grow returned {:?}",
+            grower.join()
+        );
+    }
+    assert!(
+        grower.join().unwrap().expect("grow"),
+        "front end not notified"
+    );
+    fe.refresh_config().unwrap();
+    assert_eq!(fe.capacity_sectors(), Some((96 << 20) / 512));
+    assert_eq!(server.backend.capacity_bytes(), 96 << 20);
+    // Same size: nothing to tell. Smaller or unaligned: refused, unchanged.
+    assert!(!server.backend.grow(96 << 20).unwrap());
+    let e = server.backend.grow(32 << 20).unwrap_err();
+    assert!(e.to_string().contains("cannot shrink"), "{e}");
+    let e = server.backend.grow((96 << 20) + 100).unwrap_err();
+    assert!(e.to_string().contains("not a multiple"), "{e}");
+    fe.refresh_config().unwrap();
+    assert_eq!(fe.capacity_sectors(), Some((96 << 20) / 512));
     drop(fe);
     server.join();
 }
