@@ -98,6 +98,7 @@ mod queue;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -183,11 +184,18 @@ pub enum ClientError {
     },
     #[error("no seed node handed out a route table: {0}")]
     NoRoute(String),
+    #[error("cannot shrink the volume from {size_bytes} to {new_size_bytes} bytes: only growing is supported")]
+    Shrink {
+        size_bytes: u64,
+        new_size_bytes: u64,
+    },
 }
 
 /// What the queues of one client share.
 pub(crate) struct Shared {
     pub(crate) hlc: hlc::Hlc,
+    /// The volume's size; grows online with [`Client::grow`].
+    pub(crate) size_bytes: AtomicU64,
     /// The newest table any queue has seen (read when a queue opens).
     pub(crate) table: Mutex<Arc<RouteTable>>,
 }
@@ -251,6 +259,7 @@ impl Client {
             .chars()
             .take(20)
             .collect();
+        let size_bytes = cfg.size_bytes;
         Ok(Client {
             info: DeviceInfo {
                 size_bytes: cfg.size_bytes,
@@ -264,6 +273,7 @@ impl Client {
             cfg,
             shared: Arc::new(Shared {
                 hlc: hlc::Hlc::new(),
+                size_bytes: AtomicU64::new(size_bytes),
                 table: Mutex::new(Arc::new(table)),
             }),
         })
@@ -281,11 +291,43 @@ impl Client {
     pub fn config(&self) -> &ClientConfig {
         &self.cfg
     }
+
+    /// The volume's current size.
+    pub fn size_bytes(&self) -> u64 {
+        self.shared.size_bytes.load(Ordering::Acquire)
+    }
+
+    /// The volume grew to `size_bytes` (the control service resized it):
+    /// every queue accepts requests up to the new size from its next
+    /// request on. Returns whether the size changed; shrinking is refused
+    /// (a guest may hold data there).
+    pub fn grow(&self, size_bytes: u64) -> Result<bool, ClientError> {
+        if size_bytes == 0 || !size_bytes.is_multiple_of(BLOCK_BYTES) {
+            return Err(ClientError::Size(size_bytes));
+        }
+        let old = self
+            .shared
+            .size_bytes
+            .fetch_max(size_bytes, Ordering::AcqRel);
+        if size_bytes < old {
+            return Err(ClientError::Shrink {
+                size_bytes: old,
+                new_size_bytes: size_bytes,
+            });
+        }
+        if size_bytes > old {
+            tracing::info!(volume = self.cfg.volume, old, size_bytes, "volume grew");
+        }
+        Ok(size_bytes > old)
+    }
 }
 
 impl BlockDevice for Client {
     fn info(&self) -> DeviceInfo {
-        self.info.clone()
+        DeviceInfo {
+            size_bytes: self.size_bytes(),
+            ..self.info.clone()
+        }
     }
 
     fn open_queue(&self, index: usize) -> Result<Box<dyn DeviceQueue>, IoError> {

@@ -20,6 +20,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -244,6 +245,9 @@ impl Core {
     }
 
     fn submit(&mut self, req: &IoRequest<'_>) -> Result<(), IoError> {
+        // The volume may have grown online (`Client::grow`): one shared
+        // read-mostly atomic, no lock.
+        self.info.size_bytes = self.shared.size_bytes.load(Ordering::Acquire);
         check_request(&self.info, req)?;
         let len = match req.op {
             IoOp::Read | IoOp::Write => req.segments.iter().map(|s| s.len as u64).sum(),

@@ -293,6 +293,46 @@ fn corrupt_frame_or_closed_connection_is_survived() {
     assert_eq!(read(&mut q, off, 4096).unwrap(), d2);
 }
 
+/// Online resize: a queue opened before `grow` serves the new range from
+/// its next request; the device info reports the new size; shrinking and
+/// unaligned sizes are refused and change nothing.
+#[test]
+fn grow_opens_the_new_range_to_open_queues() {
+    let c = Cluster::start(3, &[1, 2, 3], 1, 2, CHUNK);
+    let (client, mut q) = open(config(&c));
+    let mut d = pattern(5, 4096);
+    assert!(matches!(
+        write(&mut q, SIZE, &mut d),
+        Err(IoError::OutOfRange {
+            size_bytes: SIZE,
+            ..
+        })
+    ));
+    assert!(!client.grow(SIZE).unwrap(), "same size: no change");
+    assert!(client.grow(2 * SIZE).unwrap());
+    assert_eq!(client.info().size_bytes, 2 * SIZE);
+    assert_eq!(client.size_bytes(), 2 * SIZE);
+    write(&mut q, SIZE, &mut d).unwrap();
+    write(&mut q, 2 * SIZE - 4096, &mut d).unwrap();
+    assert_eq!(read(&mut q, 2 * SIZE - 4096, 4096).unwrap(), d);
+    assert!(matches!(
+        read(&mut q, 2 * SIZE, 4096),
+        Err(IoError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        client.grow(SIZE),
+        Err(ClientError::Shrink { size_bytes, new_size_bytes: SIZE }) if size_bytes == 2 * SIZE
+    ));
+    assert!(matches!(
+        client.grow(3 * SIZE + 100),
+        Err(ClientError::Size(_))
+    ));
+    assert_eq!(client.size_bytes(), 2 * SIZE);
+    // A queue opened after the growth sees it too.
+    let mut q2 = client.open_queue(1).unwrap();
+    assert_eq!(read(&mut q2, SIZE, 4096).unwrap(), d);
+}
+
 #[test]
 fn misaligned_out_of_range_and_oversized_requests_are_rejected() {
     let c = Cluster::start(3, &[1, 2, 3], 1, 2, CHUNK);
