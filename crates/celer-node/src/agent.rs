@@ -3,6 +3,7 @@
 //! push), route fetches when a peer shows a newer epoch, and reports of
 //! finished backfills.
 
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -64,10 +65,19 @@ pub(crate) fn run(
     let mut last_fetch = Instant::now() - Duration::from_secs(1);
     let mut synced: Vec<(u32, u64)> = Vec::new();
     let mut last_deleted: Vec<u64> = Vec::new();
+    // A message taken while gathering Synced reports, handled next.
+    let mut pending: Option<AgentMsg> = None;
     loop {
+        if shared.stopping.load(Ordering::Acquire) {
+            return;
+        }
         let now = Instant::now();
         let wait = next_beat.saturating_duration_since(now);
-        match rx.recv_timeout(wait) {
+        let msg = match pending.take() {
+            Some(m) => Ok(m),
+            None => rx.recv_timeout(wait),
+        };
+        match msg {
             Ok(AgentMsg::Stop) | Err(RecvTimeoutError::Disconnected) => return,
             Ok(AgentMsg::NeedRoute(epoch)) => {
                 if epoch > shared.hub.epoch() && last_fetch.elapsed() >= Duration::from_millis(20) {
@@ -84,10 +94,18 @@ pub(crate) fn run(
             Ok(AgentMsg::Synced { partition, epoch }) => {
                 synced.push((partition, epoch));
                 // Gather what the other shards finish at the same moment.
-                while let Ok(AgentMsg::Synced { partition, epoch }) =
-                    rx.recv_timeout(Duration::from_millis(2))
-                {
-                    synced.push((partition, epoch));
+                // Anything else (Stop!) is kept for the next turn, not lost.
+                loop {
+                    match rx.recv_timeout(Duration::from_millis(2)) {
+                        Ok(AgentMsg::Synced { partition, epoch }) => {
+                            synced.push((partition, epoch))
+                        }
+                        Ok(other) => {
+                            pending = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
                 }
                 report_synced(&client, &shared, &mut synced);
             }
