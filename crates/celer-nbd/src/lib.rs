@@ -295,7 +295,15 @@ impl Server {
         index: usize,
     ) -> Result<JoinHandle<()>, Error> {
         let device = self.device.clone();
-        let export = self.export.clone();
+        let mut export = self.export.clone();
+        // A volume that grew online is exported at its new size to each
+        // new connection (NBD cannot tell a connected client; it reconnects).
+        let size_bytes = device.info().size_bytes;
+        if size_bytes > export.size_bytes
+            && size_bytes.is_multiple_of(u64::from(export.min_block_bytes))
+        {
+            export.size_bytes = size_bytes;
+        }
         std::thread::Builder::new()
             .name(format!("celer-nbd-{index}"))
             .spawn(move || conn::run(stream, &peer, index, device.as_ref(), &export))

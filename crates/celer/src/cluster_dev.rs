@@ -5,6 +5,7 @@
 //! node addresses; from then on the client talks to the nodes only.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use celer_client::{Client, ClientConfig};
@@ -59,8 +60,100 @@ pub fn open_client(meta: &str, token: &str, volume: &str) -> Result<Arc<Client>>
     Ok(Arc::new(client))
 }
 
-/// Parses the text after `cluster:` and opens the volume.
-pub fn open_spec(spec: &str) -> Result<Arc<Client>> {
+/// How often an attachment asks the control service for its volume's size.
+pub const SIZE_POLL_PERIOD: Duration = Duration::from_secs(1);
+
+/// Follows a volume's size at the control service, so that an attachment
+/// sees an online resize (`celer volume resize`): the client accepts the new
+/// range, then the front end tells its peer (vhost: a config change
+/// notification to QEMU, which interrupts the guest; NBD: new connections
+/// get the new size).
+pub struct SizeWatch {
+    meta: MetaClient,
+    volume: String,
+}
+
+impl SizeWatch {
+    pub fn new(meta: &str, token: &str, volume: &str) -> SizeWatch {
+        SizeWatch {
+            meta: MetaClient::new(meta, token),
+            volume: volume.to_string(),
+        }
+    }
+
+    /// Starts a thread that asks every [`SIZE_POLL_PERIOD`]; when the volume
+    /// grew, grows `client` and then calls `grown` with the new size.
+    pub fn spawn(
+        self,
+        client: Arc<Client>,
+        grown: impl Fn(u64) + Send + 'static,
+    ) -> Result<std::thread::JoinHandle<()>> {
+        let name = format!("celer-size-{}", self.volume);
+        let handle = std::thread::Builder::new()
+            .name(name.chars().take(15).collect())
+            .spawn(move || self.run(&client, &grown))
+            .context("start the volume size watcher")?;
+        Ok(handle)
+    }
+
+    fn run(&self, client: &Client, grown: &dyn Fn(u64)) {
+        let mut failing = false;
+        loop {
+            std::thread::sleep(SIZE_POLL_PERIOD);
+            let size_bytes = match self.meta.volume(&self.volume) {
+                Ok(v) => {
+                    if failing {
+                        tracing::info!(volume = self.volume, "volume size watch works again");
+                        failing = false;
+                    }
+                    v.size_bytes
+                }
+                Err(e) => {
+                    // Logged once per outage: the control service may be
+                    // electing a leader, I/O goes on meanwhile.
+                    if !failing {
+                        tracing::warn!(volume = self.volume, "cannot read the volume's size: {e}");
+                        failing = true;
+                    }
+                    continue;
+                }
+            };
+            if size_bytes <= client.size_bytes() {
+                continue;
+            }
+            match client.grow(size_bytes) {
+                Ok(true) => grown(size_bytes),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(volume = self.volume, "cannot grow: {e}"),
+            }
+        }
+    }
+}
+
+/// Serves `dev` over vhost-user-blk as `a` asks; with `follow`, the guest is
+/// told when the volume grows.
+pub fn serve_vhost(
+    a: &celer_vhost::cli::ServeArgs,
+    dev: Arc<dyn BlockDevice>,
+    follow: Option<(SizeWatch, Arc<Client>)>,
+) -> Result<()> {
+    let config = celer_vhost::cli::serve_config(a);
+    let backend = Arc::new(celer_vhost::VhostUserBlk::new(&config, &*dev)?);
+    if let Some((watch, client)) = follow {
+        let b = backend.clone();
+        watch.spawn(client, move |size_bytes| match b.grow(size_bytes) {
+            Ok(true) => tracing::info!(size_bytes, "front end told of the new size"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!("vhost-user-blk cannot grow: {e}"),
+        })?;
+    }
+    celer_vhost::serve_backend(&config, backend)?;
+    Ok(())
+}
+
+/// Parses the text after `cluster:` and opens the volume; the watch follows
+/// its size.
+pub fn open_spec(spec: &str) -> Result<(Arc<Client>, SizeWatch)> {
     let mut parts = spec.split(',');
     let volume = parts.next().filter(|v| !v.is_empty()).ok_or_else(|| {
         anyhow::anyhow!(
@@ -101,5 +194,6 @@ pub fn open_spec(spec: &str) -> Result<Arc<Client>> {
             "cluster device needs the cluster token: token=SECRET, token-file=PATH or CELER_TOKEN"
         )
     })?;
-    open_client(&meta, &token, volume)
+    let client = open_client(&meta, &token, volume)?;
+    Ok((client, SizeWatch::new(&meta, &token, volume)))
 }

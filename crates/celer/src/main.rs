@@ -159,22 +159,36 @@ fn run(cli: Cli) -> Result<()> {
         Command::Node(NodeCommand::Serve(a)) => node_cmd::run(&a),
         Command::Up(a) => up::run(&a),
         Command::Vhost(VhostCommand::Serve(a)) => {
-            let (dev, client) = match device_spec(&a.device, a.read_only)? {
+            let (dev, cluster) = match device_spec(&a.device, a.read_only)? {
                 Some(x) => x,
                 None => (
                     celer_vhost::bench::open_device(&a.device, a.read_only, a.direct)?,
                     None,
                 ),
             };
+            let client = cluster.as_ref().map(|c| c.0.clone());
             let dev = with_metrics(dev, client, a.metrics_listen)?;
-            celer_vhost::cli::run_serve_with(&a, dev)
+            // The guest is told when the volume grows.
+            let follow = cluster.map(|(client, watch)| (watch, client));
+            cluster_dev::serve_vhost(&a, dev, follow)
         }
         Command::Nbd(NbdCommand::Serve(a)) => {
-            let (dev, client) = match device_spec(&a.device, a.read_only)? {
+            let (dev, cluster) = match device_spec(&a.device, a.read_only)? {
                 Some(x) => x,
                 None => (celer_nbd::cli::open_device(&a.device, a.read_only)?, None),
             };
+            let client = cluster.as_ref().map(|c| c.0.clone());
             let dev = with_metrics(dev, client, a.metrics_listen)?;
+            if let Some((client, watch)) = cluster {
+                // NBD cannot tell a connected client: new connections get
+                // the new size.
+                watch.spawn(client, |size_bytes| {
+                    tracing::info!(
+                        size_bytes,
+                        "volume grew: new NBD connections see the new size"
+                    )
+                })?;
+            }
             celer_nbd::cli::run_serve_with(&a, dev)
         }
         Command::Bench(BenchCommand::Vhost(a)) => {
@@ -204,12 +218,13 @@ fn run(cli: Cli) -> Result<()> {
 
 type OpenedDevice = (
     std::sync::Arc<dyn celer_device::BlockDevice>,
-    Option<std::sync::Arc<celer_client::Client>>,
+    Option<(std::sync::Arc<celer_client::Client>, cluster_dev::SizeWatch)>,
 );
 
 /// The devices the `celer` binary adds to the front ends' own (`null:`,
 /// `file:`): `engine:` (a local engine volume) and `cluster:` (a replicated
-/// volume, with its client for metrics). `None`: a spec the front end opens.
+/// volume, with its client for metrics and the watch of its size). `None`:
+/// a spec the front end opens.
 fn device_spec(spec: &str, read_only: bool) -> Result<Option<OpenedDevice>> {
     if let Some(s) = spec.strip_prefix("engine:") {
         return Ok(Some((open_engine_device(s, read_only)?, None)));
@@ -219,8 +234,8 @@ fn device_spec(spec: &str, read_only: bool) -> Result<Option<OpenedDevice>> {
             !read_only,
             "read-only cluster volumes are not supported yet"
         );
-        let client = cluster_dev::open_spec(s)?;
-        return Ok(Some((client.clone(), Some(client))));
+        let (client, watch) = cluster_dev::open_spec(s)?;
+        return Ok(Some((client.clone(), Some((client, watch)))));
     }
     Ok(None)
 }

@@ -165,7 +165,7 @@ pub fn run(a: &UpArgs) -> Result<()> {
             m.set_route_epoch(client.route_table().epoch)
         })?
     };
-    let dev = crate::device_metrics::MeteredDevice::wrap(client, metrics);
+    let dev = crate::device_metrics::MeteredDevice::wrap(client.clone(), metrics);
     let vhost_socket = dir.join("vhost.sock");
     let nbd_socket = dir.join("nbd.sock");
     let _ = std::fs::remove_file(&vhost_socket);
@@ -185,10 +185,15 @@ pub fn run(a: &UpArgs) -> Result<()> {
             direct: true,
             connections: None,
         };
+        // `celer volume resize` reaches the guest (and new NBD connections).
+        let follow = Some((
+            crate::cluster_dev::SizeWatch::new(&meta_url, &token, &a.volume),
+            client.clone(),
+        ));
         std::thread::Builder::new()
             .name("celer-up-vhost".into())
             .spawn(move || {
-                if let Err(e) = celer_vhost::cli::run_serve_with(&args, dev) {
+                if let Err(e) = crate::cluster_dev::serve_vhost(&args, dev, follow) {
                     tracing::error!("vhost-user-blk export stopped: {e:#}");
                 }
             })?;

@@ -2,74 +2,13 @@
 //! pattern over its NBD export; `celer status --json` shows 3 healthy nodes;
 //! Ctrl-C stops it cleanly; a second `celer up` finds the data again.
 
-use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+mod support;
+
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_celer");
-
-/// A base port whose ports used by `celer up` (+0, +1, +101..103,
-/// +201..203, +299) are free, below the kernel's ephemeral range (32768+),
-/// so tests that bind port 0 in parallel cannot take them.
-fn base_port() -> u16 {
-    let seed = std::process::id() as u64
-        ^ std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos() as u64)
-            .unwrap_or(0);
-    for k in 0..200u64 {
-        let p = 20000 + ((seed.wrapping_mul(2654435761).wrapping_add(k * 7919)) % 12000) as u16;
-        let offsets = [0u16, 1, 101, 102, 103, 201, 202, 203, 299];
-        if offsets
-            .iter()
-            .all(|o| TcpListener::bind(("127.0.0.1", p + o)).is_ok())
-        {
-            return p;
-        }
-    }
-    panic!("no free port range below 32768");
-}
-
-fn start(dir: &std::path::Path, port: u16) -> Child {
-    let mut child = Command::new(BIN)
-        .args(["up", "--size", "256M", "--dir"])
-        .arg(dir)
-        .args(["--base-port", &port.to_string()])
-        .args(["--nbd-listen", &format!("127.0.0.1:{}", port + 299)])
-        .env("CELER_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn celer up");
-    let out = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            println!("celer up: {line}");
-            if line.contains("Press Ctrl-C") {
-                let _ = tx.send(());
-            }
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(60))
-        .expect("celer up is ready");
-    child
-}
-
-fn stop(mut child: Child) {
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            assert!(s.success(), "celer up exited with {s}");
-            return;
-        }
-        assert!(Instant::now() < deadline, "celer up did not stop on SIGINT");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+use celer_vhost::frontend::{req_type, Frontend, FrontendConfig};
+use support::up::{base_port, Up, BIN};
 
 /// `GET http://addr/metrics`, checked as Prometheus/OpenMetrics text: every
 /// line is a `# HELP`/`# TYPE`/`# UNIT` comment, `# EOF` (last), or a
@@ -171,7 +110,7 @@ fn qemu_io(uri: &str, cmds: &[&str]) -> String {
 fn celer_up_serves_a_replicated_volume_over_nbd() {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = base_port();
-    let up = start(dir.path(), port);
+    let up = Up::start_at(dir.path(), port, "256M");
     let uri = format!(
         "nbd+unix:///default?socket={}",
         dir.path().join("nbd.sock").display()
@@ -249,10 +188,70 @@ fn celer_up_serves_a_replicated_volume_over_nbd() {
     );
     let meta = scrape(&format!("127.0.0.1:{port}"));
     assert!(!meta.is_empty());
-    stop(up);
 
-    // A second `celer up` reuses the data.
-    let up = start(dir.path(), port);
-    qemu_io(&uri, &["read -P 0xa7 4096 1M"]);
-    stop(up);
+    grow_online(&up, &uri);
+    up.stop();
+
+    // A second `celer up` reuses the data, at the new size.
+    let up = Up::start_at(dir.path(), port, "256M");
+    qemu_io(&uri, &["read -P 0xa7 4096 1M", "read -P 0x5c 300M 64k"]);
+    up.stop();
+}
+
+/// `celer volume resize` while a vhost-user front end is attached: within a
+/// few seconds the front end gets a config change message, re-reads the
+/// config space and finds the new capacity, and I/O past the old end works
+/// through it; a new NBD connection sees the new size too.
+fn grow_online(up: &Up, nbd_uri: &str) {
+    const OLD: u64 = 256 << 20;
+    const NEW: u64 = 512 << 20;
+    let cfg = FrontendConfig {
+        queues: 1,
+        queue_size: 64,
+        slots: 4,
+        buf_bytes: 64 << 10,
+        event_idx: true,
+        backend_req: true,
+    };
+    let mut fe = Frontend::connect(&up.vhost_socket(), &cfg).expect("vhost-user connect");
+    assert_eq!(fe.capacity_sectors(), Some(OLD / 512));
+    let past_old_end = (OLD + (4 << 20)) / 512;
+    up.volume_ok(&["resize", "default", "--size", "512M"]);
+    let t = Instant::now();
+    let mut changes = 0;
+    while changes == 0 && t.elapsed() < Duration::from_secs(15) {
+        changes = fe
+            .wait_config_change(Duration::from_millis(500))
+            .expect("back-end channel");
+    }
+    assert_eq!(changes, 1, "no config change within 15 s of the resize");
+    println!(
+        "config change {:.2} s after the resize",
+        t.elapsed().as_secs_f64()
+    );
+    fe.refresh_config().unwrap();
+    assert_eq!(fe.capacity_sectors(), Some(NEW / 512));
+    {
+        // (Queues are set up once per connection: their ring indices start
+        // at 0.)
+        let mut qs = fe.queues().expect("queues");
+        let (status, _) = qs[0].request(0, req_type::OUT, past_old_end, 4096).unwrap();
+        assert_eq!(status, 0, "a write past the old end works after the resize");
+        let (status, _) = qs[0].request(1, req_type::IN, NEW / 512, 4096).unwrap();
+        assert_eq!(status, 1, "a read past the new end fails");
+    }
+    drop(fe);
+    // NBD: a new connection is exported at the new size.
+    let out = Command::new("qemu-img")
+        .args(["info", "--output=json", nbd_uri])
+        .output()
+        .expect("qemu-img info");
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("qemu-img info: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(info["virtual-size"], NEW, "{info}");
+    let w = qemu_io(
+        nbd_uri,
+        &["write -P 0x5c 300M 64k", "read -P 0x5c 300M 64k"],
+    );
+    assert!(!w.contains("Pattern verification failed"), "{w}");
 }

@@ -4,140 +4,15 @@
 //! through), qcow2 images round-trip through qemu-img, and bad arguments
 //! fail with a message that says what is wrong.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+mod support;
 
-const BIN: &str = env!("CARGO_BIN_EXE_celer");
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use support::up::{Up, BIN};
+
 const MIB: u64 = 1 << 20;
-
-/// A base port whose ports used by `celer up` (+0, +1, +101..103,
-/// +201..203, +299) are free, below the kernel's ephemeral range (32768+),
-/// so tests that bind port 0 in parallel cannot take them.
-fn base_port() -> u16 {
-    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let seed = std::process::id() as u64
-        ^ std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos() as u64)
-            .unwrap_or(0)
-        ^ (CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) << 32);
-    for k in 0..200u64 {
-        let p = 20000 + ((seed.wrapping_mul(2654435761).wrapping_add(k * 7919)) % 12000) as u16;
-        let offsets = [0u16, 1, 101, 102, 103, 201, 202, 203, 299];
-        if offsets
-            .iter()
-            .all(|o| TcpListener::bind(("127.0.0.1", p + o)).is_ok())
-        {
-            return p;
-        }
-    }
-    panic!("no free port range below 32768");
-}
-
-/// `celer up` in `dir`, stopped with SIGINT when dropped.
-struct Up {
-    child: Option<Child>,
-    meta: String,
-    token_file: PathBuf,
-}
-
-impl Up {
-    fn start(dir: &Path) -> Up {
-        let port = base_port();
-        let mut child = Command::new(BIN)
-            .args(["up", "--size", "64M", "--dir"])
-            .arg(dir)
-            .args(["--base-port", &port.to_string()])
-            .args(["--nbd-listen", &format!("127.0.0.1:{}", port + 299)])
-            .env("CELER_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn celer up");
-        let out = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                println!("celer up: {line}");
-                if line.contains("Press Ctrl-C") {
-                    let _ = tx.send(());
-                }
-            }
-        });
-        rx.recv_timeout(Duration::from_secs(60))
-            .expect("celer up is ready");
-        Up {
-            child: Some(child),
-            meta: format!("http://127.0.0.1:{port}"),
-            token_file: dir.join("token"),
-        }
-    }
-
-    /// `celer volume ARGS --meta … --token-file …`.
-    fn volume(&self, args: &[&str]) -> Output {
-        let mut c = Command::new(BIN);
-        c.arg("volume").args(args);
-        c.args(["--meta", &self.meta, "--token-file"])
-            .arg(&self.token_file)
-            .env("CELER_LOG", "warn");
-        let t = Instant::now();
-        let out = c.output().expect("run celer volume");
-        println!(
-            "celer volume {} ({:.1} s): {}{}",
-            args.join(" "),
-            t.elapsed().as_secs_f64(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
-    }
-
-    /// Like `volume`, and it must succeed; returns stdout.
-    fn volume_ok(&self, args: &[&str]) -> String {
-        let out = self.volume(args);
-        assert!(
-            out.status.success(),
-            "celer volume {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn volume_size(&self, name: &str) -> u64 {
-        let v: serde_json::Value =
-            serde_json::from_str(&self.volume_ok(&["info", name, "--json"])).expect("JSON");
-        v["size_bytes"].as_u64().expect("size_bytes")
-    }
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(s) = child.try_wait().expect("wait") {
-                if !std::thread::panicking() {
-                    assert!(s.success(), "celer up exited with {s}");
-                }
-                return;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                assert!(std::thread::panicking(), "celer up did not stop on SIGINT");
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
 
 /// `len` bytes of a pattern that differs per 4K block and per `seed`.
 fn pattern(len: u64, seed: u64) -> Vec<u8> {
@@ -187,7 +62,7 @@ fn assert_fails(out: &Output, wanted: &str) {
 #[test]
 fn raw_import_export_round_trip() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let up = Up::start(&dir.path().join("up"));
+    let up = Up::start(&dir.path().join("up"), "64M");
     // 8 MiB + 5000 bytes: a 2 MiB hole, data, a tail that is not a whole
     // 4K block (the volume rounds up to 8 MiB + 8 KiB).
     let len = 8 * MIB + 5000;
@@ -248,7 +123,7 @@ fn raw_import_export_round_trip() {
 #[test]
 fn qcow2_import_export_round_trip() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let up = Up::start(&dir.path().join("up"));
+    let up = Up::start(&dir.path().join("up"), "64M");
     let mut image = pattern(16 * MIB, 3);
     image[5 * MIB as usize..9 * MIB as usize].fill(0);
     let raw = dir.path().join("disk.raw");

@@ -1,4 +1,5 @@
 pub mod cluster;
 pub mod proxy;
 pub mod replicas;
+pub mod up;
 pub mod workload;

@@ -1,3 +1,4 @@
+#![allow(dead_code)]
 //! A fault-injecting TCP proxy for tests (the kernel here has no netem):
 //! every byte between a node and the rest of the cluster passes through
 //! one, which can add delay or stall traffic both ways (a partition: the
