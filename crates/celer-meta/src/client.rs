@@ -22,6 +22,10 @@ use crate::api::{
 pub const CONNECT_TIMEOUT_MS: u64 = 2000;
 /// A whole request (connect, send, receive) gives up after this long.
 pub const REQUEST_TIMEOUT_MS: u64 = 10_000;
+/// How long a call keeps trying the list while the control processes elect
+/// a leader (every one answers "not the leader"): a takeover is ~2-3 s
+/// here, longer on a loaded machine.
+pub const ELECTION_WAIT: Duration = Duration::from_secs(8);
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetaClientError {
@@ -252,7 +256,7 @@ impl MetaClient {
         let n = self.bases.len();
         // While an election is in progress (some process answers "not the
         // leader"), keep trying the list for a few seconds.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(4);
+        let deadline = std::time::Instant::now() + ELECTION_WAIT;
         loop {
             let start = self.current.load(Ordering::Relaxed) % n;
             let mut last = None;
@@ -339,13 +343,14 @@ fn error_of(url: &str, e: ureq::Error) -> MetaClientError {
         ureq::Error::Status(status, resp) => {
             let text = resp.into_string().unwrap_or_default();
             let message = match serde_json::from_str::<ErrorBody>(&text) {
-                Ok(ErrorBody {
-                    leader: Some(leader),
-                    ..
-                }) if status == 503 => {
+                // A control process answers 503 only when it does not lead
+                // (a follower, or a leader that just stepped down): with or
+                // without a leader to name, the caller tries elsewhere and
+                // waits out the election.
+                Ok(ErrorBody { leader, .. }) if status == 503 => {
                     return MetaClientError::NotLeader {
                         url: url.to_string(),
-                        leader: Some(leader),
+                        leader,
                     }
                 }
                 Ok(b) => b.error,
@@ -391,6 +396,54 @@ fn path_escape(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Answers every request on a loopback port with `status` and `body`.
+    fn canned_http(status: &'static str, body: String) -> String {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for mut s in l.incoming().map_while(Result::ok) {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf);
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    /// A process that does not lead and knows no leader (503 without a
+    /// `leader`) sends the caller on down the list, not back with an error
+    /// (the etcd failover test's flake: a CLI call failed at once).
+    #[test]
+    fn a_503_without_a_leader_moves_on_to_the_next_process() {
+        let follower = canned_http(
+            "503 Service Unavailable",
+            r#"{"error":"this control process does not lead and no leader is known yet"}"#.into(),
+        );
+        let status = r#"{"nodes_up":3,"nodes_down":0,"epoch":7,"partitions":256,"partitions_in_sync":256,"partitions_degraded":0,"volumes":1,"log_seq":9,"leader":true}"#;
+        let leader = canned_http("200 OK", status.into());
+        let c = MetaClient::new(&format!("{follower},{leader}"), "t");
+        assert_eq!(c.status().unwrap().epoch, 7);
+        // Alone, the follower's answer is a NotLeader error (after the
+        // election wait), which says to retry.
+        let c = MetaClient::new(&follower, "t");
+        let t = std::time::Instant::now();
+        let e = c.status().unwrap_err();
+        assert!(
+            matches!(e, MetaClientError::NotLeader { leader: None, .. }),
+            "{e}"
+        );
+        assert!(
+            t.elapsed() >= ELECTION_WAIT,
+            "gave up after {:?}",
+            t.elapsed()
+        );
+    }
 
     #[test]
     fn escapes_paths() {

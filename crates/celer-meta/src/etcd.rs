@@ -19,7 +19,7 @@
 //! does not fit).
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
@@ -377,7 +377,8 @@ pub(crate) async fn lead(shared: Arc<Shared>, store: Arc<EtcdStore>, cfg: EtcdCo
             Err(e) => tracing::error!("metadata load task failed: {e}"),
         }
         if is_leader(&shared) {
-            keep_lease(&shared, &store, lease, keepalive_every).await;
+            let ttl = Duration::from_secs(cfg.lease_ttl_s.max(1) as u64);
+            keep_lease(&shared, &store, lease, ttl, keepalive_every).await;
         }
         tracing::warn!("no longer leading");
         store.set_fence(None);
@@ -389,22 +390,57 @@ pub(crate) async fn lead(shared: Arc<Shared>, store: Arc<EtcdStore>, cfg: EtcdCo
 }
 
 /// Keeps the leader lease alive until it is lost or we step down.
-async fn keep_lease(shared: &Shared, store: &EtcdStore, lease: i64, every: Duration) {
+///
+/// Leads as long as the lease is known to be valid: each keep-alive answer
+/// extends it to (time the request was sent + TTL), which is never later
+/// than etcd's own expiry. A slow answer (a loaded machine) does not end
+/// the leadership while the lease still holds; no answer before the lease
+/// runs out (minus a margin), a lost lease or a broken stream does. Writes
+/// are fenced by the leader key's revision anyway (`set_fence`): a leader
+/// that missed its expiry cannot write.
+async fn keep_lease(
+    shared: &Shared,
+    store: &EtcdStore,
+    lease: i64,
+    ttl: Duration,
+    every: Duration,
+) {
     let mut c = store.client.clone();
     let Ok((mut keeper, mut stream)) = c.lease_keep_alive(lease).await else {
         return;
     };
+    let margin = every / 2;
+    // Unknown how long the metadata load took since the grant: the first
+    // keep-alive goes out at once and its answer says.
+    let mut valid_until = Instant::now() + ttl;
     loop {
-        tokio::time::sleep(every).await;
         if !is_leader(shared) {
             return; // Stepped down after a refused write.
         }
+        let sent = Instant::now();
         if keeper.keep_alive().await.is_err() {
             return;
         }
-        match tokio::time::timeout(every * 2, stream.message()).await {
-            Ok(Ok(Some(r))) if r.ttl() > 0 => {}
-            _ => return,
+        let left = valid_until
+            .saturating_duration_since(Instant::now())
+            .saturating_sub(margin);
+        match tokio::time::timeout(left, stream.message()).await {
+            Ok(Ok(Some(r))) if r.ttl() > 0 => {
+                valid_until = sent + Duration::from_secs(r.ttl() as u64);
+            }
+            Ok(Ok(Some(_))) => {
+                tracing::warn!("leader lease expired in etcd");
+                return;
+            }
+            Ok(Ok(None)) | Ok(Err(_)) => {
+                tracing::warn!("leader lease keep-alive stream ended");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!("no keep-alive answer before the leader lease ran out");
+                return;
+            }
         }
+        tokio::time::sleep(every).await;
     }
 }
