@@ -50,6 +50,17 @@ fn vol(name: &str, size_bytes: u64) -> CreateVolume {
 }
 
 /// Polls `f` every 10 ms until it returns Some, or panics after `within`.
+/// `n` fake nodes registered on hosts `host0`.. (one failure domain each).
+fn register_nodes(c: &MetaClient, n: usize) -> (Vec<FakeNode>, Vec<NodeId>) {
+    let nodes: Vec<FakeNode> = (0..n).map(|_| FakeNode::start()).collect();
+    let ids = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, node)| node.register(c, &format!("host{i}")))
+        .collect();
+    (nodes, ids)
+}
+
 fn wait_for<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
     loop {
@@ -413,12 +424,7 @@ fn volume_lifecycle_survives_a_restart() {
     assert_eq!(names, ["vm-a", "vm-b"]);
 
     // Three nodes: a route table exists.
-    let nodes: Vec<FakeNode> = (0..3).map(|_| FakeNode::start()).collect();
-    let ids: Vec<NodeId> = nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| n.register(&c, &format!("host{i}")))
-        .collect();
+    let (nodes, ids) = register_nodes(&c, 3);
     assert_eq!(ids, [1, 2, 3]);
     let table = c.route().expect("route");
     assert_eq!((table.epoch, table.partition_count()), (1, 64));
@@ -467,12 +473,7 @@ fn lease_expiry_marks_down_bumps_the_epoch_and_pushes() {
         cfg.cluster.lease_ms = 1000;
         cfg.cluster.replicas = 2;
     });
-    let nodes: Vec<FakeNode> = (0..3).map(|_| FakeNode::start()).collect();
-    let ids: Vec<NodeId> = nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| n.register(&c, &format!("host{i}")))
-        .collect();
+    let (nodes, ids) = register_nodes(&c, 3);
     let mut beats: Vec<Option<Heartbeater>> = ids
         .iter()
         .map(|id| {
@@ -787,12 +788,7 @@ fn backfill_figures_are_summed_over_up_nodes_and_not_logged() {
         cfg.cluster.heartbeat_ms = 100;
         cfg.cluster.lease_ms = 600;
     });
-    let nodes: Vec<FakeNode> = (0..3).map(|_| FakeNode::start()).collect();
-    let ids: Vec<NodeId> = nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| n.register(&c, &format!("host{i}")))
-        .collect();
+    let (_nodes, ids) = register_nodes(&c, 3);
     let figures = |done: u64, total: u64, unlisted: u64| Heartbeat {
         epoch: 0,
         backfill_bytes_done: done,

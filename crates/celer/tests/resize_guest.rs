@@ -11,10 +11,9 @@ mod guest_system;
 mod support;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use guest_system::{skip_slow, KillOnDrop};
+use guest_system::{build_guest, skip_slow, spawn_guest};
 use support::up::Up;
 
 const GUEST_TIMEOUT_S: u64 = 240;
@@ -25,27 +24,17 @@ fn a_linux_guest_sees_the_volume_grow_online() {
         return;
     }
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let status = Command::new("bash")
-        .arg(repo.join("scripts/vm/build-guest.sh"))
-        .status()
-        .expect("cannot run build-guest.sh");
-    assert!(status.success(), "build-guest.sh failed");
+    build_guest(&repo);
     let dir = tempfile::tempdir().expect("tempdir");
     let up = Up::start(&dir.path().join("up"), "256M");
     let out = dir.path().join("out");
-    let mut guest = KillOnDrop(
-        Command::new("bash")
-            .arg(repo.join("scripts/vm/run-guest.sh"))
-            .arg("--disk")
-            .arg(format!("vhost:{},queues=1", up.vhost_socket().display()))
-            .args(["--smp", "1", "--mem", "512", "--accel", "tcg"])
-            .arg("--cmd")
-            .arg(repo.join("crates/celer/tests/guest/resize.sh"))
-            .arg("--out")
-            .arg(&out)
-            .args(["--timeout", &GUEST_TIMEOUT_S.to_string()])
-            .spawn()
-            .expect("cannot run run-guest.sh"),
+    let mut guest = spawn_guest(
+        &repo,
+        &up.vhost_socket(),
+        1,
+        &repo.join("crates/celer/tests/guest/resize.sh"),
+        &out,
+        GUEST_TIMEOUT_S,
     );
     let console = out.join("console.log");
     let deadline = Instant::now() + Duration::from_secs(GUEST_TIMEOUT_S + 60);

@@ -58,6 +58,49 @@ pub fn skip_slow() -> bool {
     false
 }
 
+/// Installs QEMU 10 / fio / busybox and builds the guest once (cached).
+pub fn build_guest(repo: &Path) {
+    let status = Command::new("bash")
+        .arg(repo.join("scripts/vm/build-guest.sh"))
+        .status()
+        .expect("cannot run build-guest.sh");
+    assert!(status.success(), "build-guest.sh failed");
+}
+
+/// Boots the test guest (TCG, 512 MiB, `queues` vCPUs and virtqueues) on the
+/// vhost-user-blk back end at `socket` and runs `script` in it; results and
+/// `console.log` land in `out`; QEMU is killed after `timeout_s`.
+pub fn spawn_guest(
+    repo: &Path,
+    socket: &Path,
+    queues: usize,
+    script: &Path,
+    out: &Path,
+    timeout_s: u64,
+) -> KillOnDrop {
+    KillOnDrop(
+        Command::new("bash")
+            .arg(repo.join("scripts/vm/run-guest.sh"))
+            .arg("--disk")
+            .arg(format!("vhost:{},queues={queues}", socket.display()))
+            .args([
+                "--smp",
+                &queues.to_string(),
+                "--mem",
+                "512",
+                "--accel",
+                "tcg",
+            ])
+            .arg("--cmd")
+            .arg(script)
+            .arg("--out")
+            .arg(out)
+            .args(["--timeout", &timeout_s.to_string()])
+            .spawn()
+            .expect("cannot run run-guest.sh"),
+    )
+}
+
 /// Runs the guest scenario against the back end `start_backend(socket, log)`
 /// starts (listening, 2 queues); `repo` is the repository root and `dir` a
 /// scratch directory.
@@ -67,29 +110,18 @@ pub fn run_guest_system_test(
     start_backend: &dyn Fn(&Path, &Path) -> KillOnDrop,
 ) {
     let root: PathBuf = repo.to_path_buf();
-    // Installs QEMU 10 / fio / busybox and builds the guest once (cached).
-    let status = Command::new("bash")
-        .arg(root.join("scripts/vm/build-guest.sh"))
-        .status()
-        .expect("cannot run build-guest.sh");
-    assert!(status.success(), "build-guest.sh failed");
+    build_guest(&root);
     let socket = dir.join("vhost.sock");
     let backend_log = dir.join("backend.log");
     let out = dir.join("out");
     let mut backend = start_backend(&socket, &backend_log);
-    let mut guest = KillOnDrop(
-        Command::new("bash")
-            .arg(root.join("scripts/vm/run-guest.sh"))
-            .arg("--disk")
-            .arg(format!("vhost:{},queues=2", socket.display()))
-            .args(["--smp", "2", "--mem", "512", "--accel", "tcg"])
-            .arg("--cmd")
-            .arg(root.join("crates/celer-vhost/tests/guest/system.sh"))
-            .arg("--out")
-            .arg(&out)
-            .args(["--timeout", &GUEST_TIMEOUT_S.to_string()])
-            .spawn()
-            .expect("cannot run run-guest.sh"),
+    let mut guest = spawn_guest(
+        &root,
+        &socket,
+        2,
+        &root.join("crates/celer-vhost/tests/guest/system.sh"),
+        &out,
+        GUEST_TIMEOUT_S,
     );
 
     // Restart the back end (kill -9) once the guest has written its data.
