@@ -170,7 +170,13 @@ fn report_synced(client: &MetaClient, shared: &NodeShared, synced: &mut Vec<(u32
         let parts: Vec<u32> = chunk.iter().map(|x| x.0).collect();
         match client.synced(shared.id, epoch, &parts) {
             Ok(r) => {
-                tracing::info!(epoch, marked = ?r.marked, "reported backfilled partitions");
+                if r.marked.is_empty() {
+                    // Already in sync there, or no longer ours: nothing to do
+                    // (repeated on every new table while the report stands).
+                    tracing::debug!(epoch, partitions = ?parts, "backfill report changed nothing");
+                } else {
+                    tracing::info!(epoch, marked = ?r.marked, "reported backfilled partitions");
+                }
                 if !r.backfill_again.is_empty() {
                     tracing::warn!(
                         epoch,
