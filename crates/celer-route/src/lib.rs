@@ -209,7 +209,8 @@ impl RouteTable {
     /// The next table for a changed node list (a node joined, left, went
     /// down or came back): down nodes leave every partition at once; target
     /// nodes that are not members join as syncing; in-sync members that are
-    /// no longer targets stay until the targets are all in sync. At most
+    /// no longer targets stay until the targets are all in sync, syncing
+    /// ones leave at once (they hold no complete copy). At most
     /// `max_moves` partitions start a move in this epoch (bounded movement);
     /// removing down nodes is never deferred.
     pub fn rebalance(&self, nodes: Vec<NodeInfo>, max_moves: usize) -> RouteTable {
@@ -286,6 +287,11 @@ impl RouteTable {
         let up: Vec<&NodeInfo> = self.nodes.iter().filter(|n| n.up).collect();
         let target = target_members(p, &up, self.replicas);
         let part = &mut self.partitions[p as usize];
+        // A syncing member that is no longer a target (a node came back, or
+        // placement moved on) holds no complete copy: it leaves at once, so
+        // its backfill stops instead of copying what will be dropped.
+        part.members
+            .retain(|m| m.in_sync || target.contains(&m.node));
         let targets_in_sync = target
             .iter()
             .all(|t| part.member(*t).is_some_and(|m| m.in_sync));
