@@ -55,6 +55,12 @@ pub enum EngineOp {
     Write,
     WriteZeroes,
     Discard,
+    /// Forgets a whole chunk: data and versions, as if never written (the
+    /// slot is freed; `version` is ignored). Ordered after the chunk's ops
+    /// already running and before those that start after it. For chunks
+    /// this disk no longer holds for the cluster (deleted volumes, copies of
+    /// partitions that moved away): a later write at any version applies.
+    Release,
 }
 
 /// A request to a shard. It must lie within one chunk.
@@ -185,6 +191,8 @@ pub(crate) struct SlotState {
     /// Op writing the slot header; others wait for it.
     header_op: Option<u32>,
     freeing: bool,
+    /// A Release op holds the slot: ops that start after it wait.
+    releasing: Option<u32>,
 }
 
 impl SlotState {
@@ -214,6 +222,7 @@ impl SlotState {
             ops_inflight: 0,
             header_op: None,
             freeing: false,
+            releasing: None,
         };
         for i in 0..s.entries.len() {
             let e = s.entries[i];
@@ -635,7 +644,7 @@ impl Shard {
                 }
                 req.segments.iter().map(|s| s.len as u64).sum()
             }
-            EngineOp::WriteZeroes | EngineOp::Discard => req.len_bytes,
+            EngineOp::WriteZeroes | EngineOp::Discard | EngineOp::Release => req.len_bytes,
         };
         if !req.offset_bytes.is_multiple_of(BLOCK_SIZE_U64)
             || len_bytes % BLOCK_SIZE_U64 != 0
@@ -652,7 +661,9 @@ impl Shard {
         };
         let chunk = req.offset_bytes / chunk_bytes;
         let in_chunk = req.offset_bytes % chunk_bytes;
-        if len_bytes > max_bytes || in_chunk + len_bytes > chunk_bytes {
+        let partial_release =
+            req.op == EngineOp::Release && (in_chunk != 0 || len_bytes != chunk_bytes);
+        if len_bytes > max_bytes || in_chunk + len_bytes > chunk_bytes || partial_release {
             return Err(EngineError::BadRange {
                 offset_bytes: req.offset_bytes,
                 len_bytes,
@@ -850,7 +861,36 @@ impl Shard {
         match self.ops[id as usize].op {
             EngineOp::Read => self.start_read(id),
             EngineOp::Write | EngineOp::WriteZeroes | EngineOp::Discard => self.start_mutation(id),
+            EngineOp::Release => self.start_release(id),
         }
+    }
+
+    /// Frees the chunk's slot once the ops that started before this one are
+    /// done; ops that start meanwhile wait (`releasing`), then find no slot.
+    fn start_release(&mut self, id: u32) {
+        let (volume, chunk) = (self.ops[id as usize].volume, self.ops[id as usize].chunk);
+        let Some(local) = self.by_chunk.get(&(volume, chunk)).copied() else {
+            return self.finish(id); // Nothing stored.
+        };
+        let room = self.journal_room(1) && self.sqe_room(2);
+        let slot = self.slots[local as usize]
+            .as_mut()
+            .expect("indexed slot exists");
+        if slot.freeing || slot.header_op.is_some() || slot.releasing.is_some_and(|r| r != id) {
+            return self.defer(id);
+        }
+        slot.releasing = Some(id);
+        self.bind_slot(id, local);
+        let slot = self.slots[local as usize]
+            .as_mut()
+            .expect("indexed slot exists");
+        if slot.ops_inflight > 1 || slot.reads_inflight > 0 || !room {
+            return self.defer(id);
+        }
+        slot.freeing = true;
+        self.ops[id as usize].stage = Stage::Freeing;
+        let seq = self.append_record(id, &Record::Free { slot: local });
+        self.write_slot_headers(id, local, seq, None);
     }
 
     fn defer(&mut self, id: u32) {
@@ -885,7 +925,11 @@ impl Shard {
             op.applied = op.count as u32;
             return self.finish(id);
         };
-        if !self.sqe_room(self.ops[id as usize].count as u32) {
+        if !self.sqe_room(self.ops[id as usize].count as u32)
+            || self.slots[local as usize]
+                .as_ref()
+                .is_some_and(|s| s.releasing.is_some())
+        {
             return self.defer(id);
         }
         let slot_index = self.g.slot_of(self.id, local as u64);
@@ -956,7 +1000,13 @@ impl Shard {
                 let slot = self.slots[local as usize]
                     .as_ref()
                     .expect("indexed slot exists");
-                if slot.freeing || slot.header_op.is_some_and(|h| h != id) {
+                // An op that already holds the slot (a later phase) goes on:
+                // the release waits for it.
+                let started = self.ops[id as usize].local_slot == local;
+                if slot.freeing
+                    || slot.header_op.is_some_and(|h| h != id)
+                    || (slot.releasing.is_some() && !started)
+                {
                     return self.defer(id);
                 }
                 local
