@@ -34,12 +34,15 @@ const TOKEN_WAKE: u64 = u64::MAX;
 const TOKEN_ENGINE: u64 = u64::MAX - 1;
 /// Engine tags at or above this are backfill writes.
 const TAG_BACKFILL: u64 = 1 << 40;
-/// Engine tags at or above this (and below TAG_BACKFILL) free deleted volumes.
+/// Engine tags at or above this (and below TAG_BACKFILL) release chunks this
+/// node no longer holds for the cluster.
 const TAG_PURGE: u64 = 1 << 39;
-/// Whole-chunk discards of deleted volumes in flight per shard: one, so
-/// each finds journal room to release its slot (the engine frees a slot
-/// only when that room is there; leftovers are rescanned).
+/// Chunk releases in flight per shard: one, so freeing space never crowds
+/// out client I/O.
 const PURGE_INFLIGHT_MAX: usize = 1;
+/// Rescans after a purge list ran out: chunks written just before the
+/// volume was deleted or the partition left (a late write) are found too.
+const PURGE_RESCANS: u32 = 5;
 /// Request ids with this bit are the backfill's own requests.
 const REQ_BACKFILL: u32 = 1 << 31;
 /// Ops kept for client requests; the engine has a few more for backfill.
@@ -177,11 +180,11 @@ struct ShardLoop {
     stopping: bool,
     /// Deleted volumes (sorted): their I/O is refused.
     deleted: Arc<Vec<u64>>,
-    /// Chunks of deleted volumes still to free, and discards in flight.
+    /// Chunks to release (deleted volumes, partitions that moved away), and
+    /// releases in flight.
     purge: Vec<(u64, u64)>,
     purging: usize,
-    /// Rescans left: a whole-chunk discard frees the slot only when nothing
-    /// else holds it (the engine's rule), so leftovers are discarded again.
+    /// Rescans left (see PURGE_RESCANS).
     purge_rescans: u32,
 }
 
@@ -1052,7 +1055,7 @@ impl ShardLoop {
         if c.tag >= TAG_PURGE {
             self.purging -= 1;
             if let Err(e) = c.result {
-                tracing::warn!(shard = self.id, "freeing a deleted volume's chunk: {e}");
+                tracing::warn!(shard = self.id, "releasing a chunk: {e}");
             }
             return;
         }
@@ -1181,60 +1184,87 @@ impl ShardLoop {
     // ---- deleted volumes ----
 
     fn set_deleted(&mut self, ids: Arc<Vec<u64>>) {
-        let newly: Vec<u64> = ids
-            .iter()
-            .copied()
-            .filter(|v| self.deleted.binary_search(v).is_err())
-            .collect();
+        let newly = ids.iter().any(|v| self.deleted.binary_search(v).is_err());
         self.deleted = ids;
-        if newly.is_empty() {
-            return;
-        }
-        for (v, c) in self.engine.chunks() {
-            if newly.binary_search(&v).is_ok() {
-                self.purge.push((v, c));
-            }
-        }
-        if !self.purge.is_empty() {
-            tracing::info!(shard = self.id, chunks = self.purge.len(), volumes = ?newly, "freeing deleted volumes");
-            self.purge_rescans = 5;
+        if newly {
+            self.queue_releases("volumes deleted");
         }
     }
 
-    /// Frees chunks of deleted volumes: whole-chunk discards, which release
-    /// the chunk slots, at a version above any a client can send.
+    /// Whether this node holds chunk (`volume`, `chunk`) for nobody: its
+    /// volume was deleted, or its partition moved away and is healthy
+    /// without us (every member in sync, as many as the replicas), so the
+    /// copy here is neither read nor a source for anyone. A partition still
+    /// moving keeps our copy (it may come back to us, and it is the last
+    /// resort of an operator while copies are short).
+    fn releasable(&self, volume: u64, chunk: u64) -> bool {
+        if self.deleted.binary_search(&volume).is_ok() {
+            return true;
+        }
+        let Some(t) = self.table() else {
+            return false;
+        };
+        left_for_good(t, t.partition_of(volume, chunk), self.shared.id)
+    }
+
+    /// Lists the chunks to release (after a new table or new deletions).
+    fn queue_releases(&mut self, why: &str) {
+        let chunks = self.engine.chunks();
+        self.purge = chunks
+            .into_iter()
+            .filter(|(v, c)| self.releasable(*v, *c))
+            .collect();
+        if !self.purge.is_empty() {
+            tracing::info!(
+                shard = self.id,
+                chunks = self.purge.len(),
+                why,
+                "releasing chunks this node no longer holds"
+            );
+            self.purge_rescans = PURGE_RESCANS;
+        }
+    }
+
+    /// Releases chunks of `purge` (data and versions forgotten, the slot
+    /// freed), one at a time; checked again at submission, since the table
+    /// may have changed since they were listed.
     fn purge_step(&mut self) {
         let chunk_bytes = self.engine.geometry().chunk_bytes();
         if self.purge.is_empty() && self.purging == 0 && self.purge_rescans > 0 {
             self.purge_rescans -= 1;
-            for (v, c) in self.engine.chunks() {
-                if self.deleted.binary_search(&v).is_ok() {
-                    self.purge.push((v, c));
-                }
-            }
+            let chunks = self.engine.chunks();
+            self.purge = chunks
+                .into_iter()
+                .filter(|(v, c)| self.releasable(*v, *c))
+                .collect();
         }
         while self.purging < PURGE_INFLIGHT_MAX {
             let Some((v, c)) = self.purge.pop() else {
                 return;
             };
+            if !self.releasable(v, c) {
+                continue;
+            }
             let req = EngineRequest {
-                op: EngineOp::Discard,
+                op: EngineOp::Release,
                 volume: v,
                 offset_bytes: c * chunk_bytes,
                 len_bytes: chunk_bytes,
                 segments: &[],
-                version: u64::MAX,
+                version: 0,
                 epoch: 0,
                 tag: TAG_PURGE,
             };
-            // SAFETY: a discard has no segments.
+            // SAFETY: a release has no segments.
             match unsafe { self.engine.submit(&req) } {
                 Ok(()) => self.purging += 1,
                 Err(EngineError::QueueFull { .. }) => {
                     self.purge.push((v, c));
                     return;
                 }
-                Err(e) => tracing::warn!(shard = self.id, volume = v, chunk = c, "free chunk: {e}"),
+                Err(e) => {
+                    tracing::warn!(shard = self.id, volume = v, chunk = c, "release chunk: {e}")
+                }
             }
         }
     }
@@ -1311,7 +1341,15 @@ impl ShardLoop {
                 }
             }
         }
+        // Scan the chunks only when a partition just became one we hold for
+        // nobody (always at the first table: leftovers of a past run).
+        let newly_left = (0..t.partition_count()).any(|p| {
+            left_for_good(t, p, me) && !self.table().is_some_and(|old| left_for_good(old, p, me))
+        });
         self.route = Some(r);
+        if newly_left {
+            self.queue_releases("partitions moved away");
+        }
         // The rebalance is over when no partition has a syncing member:
         // the backfills finished in it leave the figures.
         if self
@@ -1802,4 +1840,12 @@ fn new_backfill(serial: u32, partition: u32, epoch: u64, source: NodeId) -> Back
         bytes_total: None,
         bytes_done: 0,
     }
+}
+
+/// Partition `p` of `t` is healthy without `me`: every member in sync, as
+/// many as the replicas, `me` not among them. Our copy, if any, serves no one.
+fn left_for_good(t: &celer_route::RouteTable, p: u32, me: NodeId) -> bool {
+    t.partition(p).is_some_and(|r| {
+        r.member(me).is_none() && r.all_in_sync() && r.members.len() >= t.replicas as usize
+    })
 }

@@ -361,6 +361,40 @@ fn a_new_member_backfills_and_then_serves() {
     }
     let (_, got) = read_block(&nodes[3], &t3, late_off, 4096);
     assert_eq!(got, late, "the write made during the backfill survives it");
+    // The old members that left those partitions (healthy without them)
+    // release their copies: each keeps exactly the chunks of its partitions.
+    for n in &nodes[..3] {
+        let keep = (0..32u64)
+            .filter(|c| {
+                t3.partition(t3.partition_of(1, *c))
+                    .is_some_and(|r| r.member(n.id()).is_some())
+            })
+            .count();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while n.allocated_chunks() != keep {
+            assert!(
+                Instant::now() < deadline,
+                "node {} holds {} chunks, its partitions {keep}",
+                n.id(),
+                n.allocated_chunks()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    let released: usize = 3 * 32 - nodes[..3].iter().map(|n| n.allocated_chunks()).sum::<usize>();
+    assert!(released > 0, "some chunks moved away");
+    println!("old members released {released} chunks of partitions that moved to node 4");
+    // Their partitions still read back from every member.
+    for (off, data) in &expect {
+        let p = t3.partition_at(1, *off);
+        for m in &t3.partition(p).expect("partition").members {
+            let n = nodes.iter().find(|n| n.id() == m.node).expect("member");
+            let (s, got) = read_block(n, &t3, *off, 4096);
+            assert_eq!(s, Status::Ok);
+            let want = if *off == late_off { &late } else { data };
+            assert_eq!(&got, want, "node {} at offset {off}", n.id());
+        }
+    }
     // No partition syncs any more: the rebalance is over, its figures go
     // to 0; the counter of bytes ever copied stays.
     assert!(t3.partitions.iter().all(|p| p.all_in_sync()));
