@@ -381,7 +381,11 @@ fn a_new_member_backfills_and_then_serves() {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
-    let released: usize = 3 * 32 - nodes[..3].iter().map(|n| n.allocated_chunks()).sum::<usize>();
+    let released: usize = 3 * 32
+        - nodes[..3]
+            .iter()
+            .map(|n| n.allocated_chunks())
+            .sum::<usize>();
     assert!(released > 0, "some chunks moved away");
     println!("old members released {released} chunks of partitions that moved to node 4");
     // Their partitions still read back from every member.

@@ -69,9 +69,21 @@ fn stop_load(l: Load) -> Vec<Report> {
 
 /// Every acknowledged write reads back; the replicas agree.
 fn verify(c: Cluster, dev: &Arc<dyn BlockDevice>, volume: u64, reports: &[Report]) {
+    verify_with(c, dev, volume, reports, 0..0);
+}
+
+/// `verify`, for a test that also wrote `written` chunks of `volume`
+/// outside the workload (they count in the space check).
+fn verify_with(
+    c: Cluster,
+    dev: &Arc<dyn BlockDevice>,
+    volume: u64,
+    reports: &[Report],
+    written: impl IntoIterator<Item = u64>,
+) {
     let t = c.wait_healthy(Duration::from_secs(120));
     let mut problems = Vec::new();
-    let mut chunks = std::collections::BTreeSet::new();
+    let mut chunks: std::collections::BTreeSet<u64> = written.into_iter().collect();
     for (q, r) in reports.iter().enumerate() {
         println!(
             "queue {q}: {} writes, {} reads, {} errors, longest request {:?}",
@@ -88,6 +100,41 @@ fn verify(c: Cluster, dev: &Arc<dyn BlockDevice>, volume: u64, reports: &[Report
         problems.extend(support::replicas::compare_chunk(&t, volume, *ch));
     }
     println!("compared {} chunks across their replicas", chunks.len());
+    // Space: every chunk written (the workload only writes; one volume) has
+    // one copy per member of its partition, and no node keeps a copy of a
+    // partition it left (they release them once it is healthy without them).
+    let want: u64 = chunks
+        .iter()
+        .map(|ch| {
+            t.partition(t.partition_of(volume, *ch))
+                .map_or(0, |p| p.members.len() as u64)
+        })
+        .sum();
+    let held = || -> u64 {
+        c.nodes
+            .iter()
+            .map(|n| {
+                node_status(n.admin)["allocated_chunks"]
+                    .as_u64()
+                    .unwrap_or(0)
+            })
+            .sum()
+    };
+    let t0 = Instant::now();
+    let mut copies = held();
+    while copies != want && t0.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(100));
+        copies = held();
+    }
+    println!(
+        "chunk copies on the nodes: {copies}, members of their partitions: {want} (after {:?})",
+        t0.elapsed()
+    );
+    if copies != want {
+        problems.push(format!(
+            "the nodes hold {copies} chunk copies; the table's members {want}"
+        ));
+    }
     if !problems.is_empty() {
         let logs = c.keep_logs();
         panic!(
@@ -592,7 +639,7 @@ fn a_node_back_with_an_empty_disk_is_backfilled_not_trusted() {
         let diffs = support::replicas::compare_chunk(&t, volume, ch);
         assert!(diffs.is_empty(), "chunk {ch}: {}", diffs.join("\n"));
     }
-    verify(c, &dev, volume, &reports);
+    verify_with(c, &dev, volume, &reports, FIXED_CHUNKS);
 }
 
 /// A node cut off (proxies stall its links) in the middle of its backfill
@@ -671,5 +718,5 @@ fn a_node_cut_off_during_its_backfill_copies_again() {
     );
     std::thread::sleep(Duration::from_secs(1));
     let reports = stop_load(load);
-    verify(c, &dev, volume, &reports);
+    verify_with(c, &dev, volume, &reports, 128..192);
 }
