@@ -292,9 +292,12 @@ impl RouteTable {
         // its backfill stops instead of copying what will be dropped.
         part.members
             .retain(|m| m.in_sync || target.contains(&m.node));
-        let targets_in_sync = target
-            .iter()
-            .all(|t| part.member(*t).is_some_and(|m| m.in_sync));
+        // No target (no node up): nothing to hand over to, keep everyone
+        // (`all` of nothing would be true and drop every member).
+        let targets_in_sync = !target.is_empty()
+            && target
+                .iter()
+                .all(|t| part.member(*t).is_some_and(|m| m.in_sync));
         if targets_in_sync {
             part.members.retain(|m| target.contains(&m.node));
         }

@@ -254,6 +254,45 @@ fn stand_ins_still_syncing_leave_when_the_node_comes_back() {
     }
 }
 
+/// The whole cluster goes down one node after another (a `celer up`
+/// stopping, a power cut) and comes back: no partition may lose its in-sync
+/// members on the way (they were wiped when no node was up: the targets
+/// were none, and "all targets in sync" held for none), and once all are
+/// back every partition has a copy in sync to serve and copy from.
+#[test]
+fn the_whole_cluster_down_and_back_keeps_every_partition() {
+    let t = RouteTable::initial(nodes(3), 8, 3, CHUNK_BYTES_DEFAULT).expect("table");
+    let with_up = |up: &[u32]| {
+        let mut ns = nodes(3);
+        for n in ns.iter_mut() {
+            n.up = up.contains(&n.id);
+        }
+        ns
+    };
+    let mut tables = vec![t];
+    for up in [&[3][..], &[][..], &[1][..], &[1, 2][..], &[1, 2, 3][..]] {
+        let next = tables
+            .last()
+            .expect("table")
+            .rebalance(with_up(up), usize::MAX);
+        for (p, r) in next.partitions.iter().enumerate() {
+            assert!(
+                r.members.iter().any(|m| m.in_sync),
+                "up {up:?}: partition {p} has no copy in sync: {r:?}"
+            );
+        }
+        tables.push(next);
+    }
+    let last = tables.last().expect("table");
+    for r in &last.partitions {
+        assert!(
+            r.member(3).is_some_and(|m| m.in_sync),
+            "node 3 kept the data: {r:?}"
+        );
+        assert_eq!(r.members.len(), 3);
+    }
+}
+
 #[test]
 fn a_partition_whose_copies_are_all_down_keeps_its_members() {
     let t = RouteTable::initial(nodes(3), 4, 3, CHUNK_BYTES_DEFAULT).expect("table");
