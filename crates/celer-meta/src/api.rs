@@ -15,6 +15,7 @@
 //! | `POST /v1/volumes`                 | [`CreateVolume`]| [`Volume`]        |
 //! | `GET /v1/volumes`                  |                 | `Vec<`[`Volume`]`>` |
 //! | `GET /v1/volumes/{name}`           |                 | [`Volume`]        |
+//! | `GET /v1/volumes/{name}?size=N&wait_ms=M` | (long poll: until the size is not N, M ms at most) | [`Volume`] |
 //! | `POST /v1/volumes/{name}/resize`   | [`ResizeVolume`]| [`Volume`]        |
 //! | `DELETE /v1/volumes/{name}`        |                 | [`Volume`] (the deleted one) |
 //! | `GET /v1/log?since=N&limit=M`      |                 | `Vec<`[`LogEntry`]`>` (seq > N) |
@@ -347,6 +348,10 @@ pub struct Status {
     #[serde(default)]
     pub rebalance_partitions_unlisted: u64,
 }
+
+/// The longest a `GET /v1/volumes/{name}?size=N&wait_ms=M` long poll
+/// waits (below the client's request timeout).
+pub const VOLUME_WAIT_MS_MAX: u64 = 8_000;
 
 /// Checks a volume name: `[a-z0-9][a-z0-9._-]{0,62}`.
 pub fn validate_volume_name(name: &str) -> Result<(), String> {

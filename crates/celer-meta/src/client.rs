@@ -197,6 +197,26 @@ impl MetaClient {
         )
     }
 
+    /// `GET /v1/volumes/{name}?size=N&wait_ms=M`: the volume as soon as its
+    /// size differs from `known_size`, or after `wait` (capped at
+    /// [`crate::api::VOLUME_WAIT_MS_MAX`]) as it is.
+    pub fn volume_wait(
+        &self,
+        name: &str,
+        known_size: u64,
+        wait: Duration,
+    ) -> Result<Volume, MetaClientError> {
+        self.call::<(), _>(
+            "GET",
+            &format!("/v1/volumes/{}", path_escape(name)),
+            &[
+                ("size", known_size.to_string()),
+                ("wait_ms", wait.as_millis().to_string()),
+            ],
+            None,
+        )
+    }
+
     /// `POST /v1/volumes/{name}/resize` (grow only).
     pub fn resize_volume(&self, name: &str, size_bytes: u64) -> Result<Volume, MetaClientError> {
         self.call(

@@ -248,6 +248,10 @@ pub(crate) struct Shared {
     tokens: Vec<Token>,
     /// The latest table, for the pushers.
     routes: watch::Sender<Option<Arc<RouteTable>>>,
+    /// Bumped after every committed change: long polls wake on it.
+    changed: watch::Sender<u64>,
+    /// Set when the server starts to shut down: long polls answer at once.
+    closing: watch::Sender<bool>,
     /// Nodes with a pusher task.
     pushers: Mutex<HashSet<NodeId>>,
     push_token: String,
@@ -303,6 +307,7 @@ impl Shared {
             let nodes = cluster_node_ids(&role);
             drop(role);
             me.publish(pushed, &nodes);
+            me.changed.send_modify(|n| *n = n.wrapping_add(1));
             Ok(v)
         })
         .await;
@@ -516,11 +521,51 @@ async fn volumes(State(st): State<Arc<Shared>>) -> ApiResult<Vec<crate::api::Vol
     st.read(|c| Ok(c.volumes())).map(Json)
 }
 
+/// `GET /v1/volumes/{name}`; with `?size=N&wait_ms=M` a long poll: answers
+/// as soon as the volume's size is not N (it was resized), or after M ms
+/// (at most [`crate::api::VOLUME_WAIT_MS_MAX`]) with the volume as it is.
+/// How attachments follow an online resize without polling.
 async fn volume(
     State(st): State<Arc<Shared>>,
     Path(name): Path<String>,
+    RawQuery(q): RawQuery,
 ) -> ApiResult<crate::api::Volume> {
-    st.read(|c| c.volume(&name)).map(Json)
+    let (mut known, mut wait_ms) = (None, 0u64);
+    for kv in q
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .filter(|s| !s.is_empty())
+    {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        let num = v
+            .parse::<u64>()
+            .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, format!("{k}={v}: not a number")));
+        match k {
+            "size" => known = Some(num?),
+            "wait_ms" => wait_ms = num?.min(crate::api::VOLUME_WAIT_MS_MAX),
+            _ => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown query parameter `{k}`: use size=N and wait_ms=N"),
+                ))
+            }
+        }
+    }
+    let mut changed = st.changed.subscribe();
+    let mut closing = st.closing.subscribe();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(wait_ms);
+    loop {
+        let v = st.read(|c| c.volume(&name))?;
+        if known.is_none_or(|k| k != v.size_bytes) || wait_ms == 0 || *closing.borrow() {
+            return Ok(Json(v));
+        }
+        tokio::select! {
+            r = changed.changed() => if r.is_err() { return Ok(Json(v)) },
+            _ = closing.changed() => return Ok(Json(v)),
+            _ = tokio::time::sleep_until(deadline) => return Ok(Json(v)),
+        }
+    }
 }
 
 async fn resize_volume(
@@ -817,12 +862,16 @@ async fn run_server(
             .map(|t| t.secret.clone())
             .unwrap_or_default();
         let (routes, _) = watch::channel(None);
+        let (changed, _) = watch::channel(0);
+        let (closing, _) = watch::channel(false);
         let shared = Arc::new(Shared {
             role: Mutex::new(role),
             store,
             cluster_cfg: cfg.cluster.clone(),
             tokens: cfg.tokens.clone(),
             routes,
+            changed,
+            closing,
             pushers: Mutex::new(HashSet::new()),
             push_token,
             metrics: Metrics::new(),
@@ -859,9 +908,18 @@ async fn run_server(
         _ => None,
     };
     let app = router(shared.clone());
+    let closing = shared.clone();
+    let checker_abort = checker.abort_handle();
     let r = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             let _ = stop.await;
+            // A control service on its way out decides nothing: while the
+            // server drains, heartbeats are no longer taken, and the lease
+            // checker would mark every node down and reroute (the next
+            // start would then re-copy every partition).
+            checker_abort.abort();
+            // Long polls answer now instead of holding the drain.
+            closing.closing.send_replace(true);
         })
         .await;
     checker.abort();

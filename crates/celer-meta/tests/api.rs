@@ -393,6 +393,74 @@ fn invalid_input_is_rejected_with_a_message() {
     }
 }
 
+/// The size long poll attachments use: it answers at once when the size
+/// already differs, as soon as a resize commits, and after the wait when
+/// nothing changes; a deleted volume ends it with 404; bad parameters are
+/// refused.
+#[test]
+fn a_volume_long_poll_wakes_on_resize() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, c) = start(dir.path(), |_| {});
+    let url = server.url();
+    let other_client = || MetaClient::new(&url, TOKEN);
+    c.create_volume(&vol("grow", 1 << 30)).expect("create");
+    let wait = Duration::from_secs(5);
+    let t = Instant::now();
+    let v = c.volume_wait("grow", 4096, wait).expect("differs already");
+    assert_eq!(v.size_bytes, 1 << 30);
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    // A resize by someone else wakes the waiter.
+    let resizer = {
+        let c = other_client();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            c.resize_volume("grow", 2 << 30).expect("resize")
+        })
+    };
+    let t = Instant::now();
+    let v = c.volume_wait("grow", 1 << 30, wait).expect("woken");
+    let took = t.elapsed();
+    resizer.join().expect("resizer");
+    assert_eq!(v.size_bytes, 2 << 30);
+    assert!(took < Duration::from_secs(3), "woke after {took:?}");
+    println!("long poll woke {took:?} after it started (resize at 300 ms)");
+    // Other changes wake it too, but it answers only when the size moved:
+    // with none, after the wait.
+    let t = Instant::now();
+    let other = {
+        let c = other_client();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            c.create_volume(&vol("other", 4096)).expect("create other")
+        })
+    };
+    let v = c
+        .volume_wait("grow", 2 << 30, Duration::from_millis(1500))
+        .expect("timed out");
+    other.join().expect("other");
+    assert_eq!(v.size_bytes, 2 << 30);
+    assert!(
+        t.elapsed() >= Duration::from_millis(1400),
+        "{:?}",
+        t.elapsed()
+    );
+    // Deleted while waited on: 404.
+    let deleter = {
+        let c = other_client();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            c.delete_volume("grow").expect("delete")
+        })
+    };
+    let r = c.volume_wait("grow", 2 << 30, wait);
+    deleter.join().expect("deleter");
+    assert_eq!(status_of(r).0, 404);
+    let bad = ureq::get(&format!("{url}/v1/volumes/other?wait_ms=abc"))
+        .set("Authorization", &format!("Bearer {TOKEN}"))
+        .call();
+    assert!(matches!(bad, Err(ureq::Error::Status(400, _))), "{bad:?}");
+}
+
 #[test]
 fn volume_lifecycle_survives_a_restart() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -60,14 +60,15 @@ pub fn open_client(meta: &str, token: &str, volume: &str) -> Result<Arc<Client>>
     Ok(Arc::new(client))
 }
 
-/// How often an attachment asks the control service for its volume's size.
-pub const SIZE_POLL_PERIOD: Duration = Duration::from_secs(1);
+/// How long one long poll of an attachment's size watch waits.
+pub const SIZE_WAIT: Duration = Duration::from_secs(5);
 
 /// Follows a volume's size at the control service, so that an attachment
 /// sees an online resize (`celer volume resize`): the client accepts the new
 /// range, then the front end tells its peer (vhost: a config change
 /// notification to QEMU, which interrupts the guest; NBD: new connections
-/// get the new size).
+/// get the new size). A long poll: the control service answers as soon as
+/// the size changes, or every [`SIZE_WAIT`] with no change.
 pub struct SizeWatch {
     meta: MetaClient,
     volume: String,
@@ -81,8 +82,8 @@ impl SizeWatch {
         }
     }
 
-    /// Starts a thread that asks every [`SIZE_POLL_PERIOD`]; when the volume
-    /// grew, grows `client` and then calls `grown` with the new size.
+    /// Starts the watch thread; when the volume grew, it grows `client` and
+    /// then calls `grown` with the new size.
     pub fn spawn(
         self,
         client: Arc<Client>,
@@ -98,16 +99,13 @@ impl SizeWatch {
 
     fn run(&self, client: &Client, grown: &dyn Fn(u64)) {
         let mut failing = false;
+        // The size the control service last gave: the next poll waits for
+        // a change from it (not from the client's, which may differ after a
+        // metadata restore shrank the record: that must not spin).
+        let mut known = client.size_bytes();
         loop {
-            std::thread::sleep(SIZE_POLL_PERIOD);
-            let size_bytes = match self.meta.volume(&self.volume) {
-                Ok(v) => {
-                    if failing {
-                        tracing::info!(volume = self.volume, "volume size watch works again");
-                        failing = false;
-                    }
-                    v.size_bytes
-                }
+            let size_bytes = match self.meta.volume_wait(&self.volume, known, SIZE_WAIT) {
+                Ok(v) => v.size_bytes,
                 Err(e) => {
                     // Logged once per outage: the control service may be
                     // electing a leader, I/O goes on meanwhile.
@@ -115,10 +113,26 @@ impl SizeWatch {
                         tracing::warn!(volume = self.volume, "cannot read the volume's size: {e}");
                         failing = true;
                     }
+                    std::thread::sleep(Duration::from_secs(1));
                     continue;
                 }
             };
-            if size_bytes <= client.size_bytes() {
+            if failing {
+                tracing::info!(volume = self.volume, "volume size watch works again");
+                failing = false;
+            }
+            known = size_bytes;
+            let attached = client.size_bytes();
+            if size_bytes < attached {
+                tracing::warn!(
+                    volume = self.volume,
+                    size_bytes,
+                    attached,
+                    "the control service records a smaller size than attached (a restore?): keeping the attached size"
+                );
+                continue;
+            }
+            if size_bytes == attached {
                 continue;
             }
             match client.grow(size_bytes) {

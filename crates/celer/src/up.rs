@@ -243,13 +243,16 @@ pub fn run(a: &UpArgs) -> Result<()> {
     });
     let _ = rx.recv();
     eprintln!("stopping: storage nodes checkpoint their engines…");
+    // The control service first: it must not see the nodes' leases expire
+    // one after another and reroute (the next start would then re-copy
+    // every partition from the last node to go).
+    if let Err(e) = meta.stop() {
+        eprintln!("the control service stopped with an error: {e}");
+    }
     for n in nodes {
         if let Err(e) = n.stop() {
             eprintln!("a storage node stopped with an error: {e}");
         }
-    }
-    if let Err(e) = meta.stop() {
-        eprintln!("the control service stopped with an error: {e}");
     }
     eprintln!(
         "stopped; the data stays in {} for the next `celer up`",
