@@ -1,6 +1,8 @@
 //! `celer meta serve`, `celer volume ...`, `celer meta log|restore|nodes`
 //! and `celer status` against a real control service process.
 
+mod support;
+
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -228,11 +230,9 @@ fn errors_without_a_control_service_or_settings() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("leese_ms"));
 }
 
+/// Below the ephemeral range (see support::cluster::free_port).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
+    support::cluster::free_port().port()
 }
 
 /// The HTTP status of an authenticated `GET /v1/status` (plain TCP: the
