@@ -531,25 +531,10 @@ async fn volume(
     RawQuery(q): RawQuery,
 ) -> ApiResult<crate::api::Volume> {
     let (mut known, mut wait_ms) = (None, 0u64);
-    for kv in q
-        .as_deref()
-        .unwrap_or("")
-        .split('&')
-        .filter(|s| !s.is_empty())
-    {
-        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-        let num = v
-            .parse::<u64>()
-            .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, format!("{k}={v}: not a number")));
+    for (k, n) in numeric_query(q.as_deref(), &["size", "wait_ms"])? {
         match k {
-            "size" => known = Some(num?),
-            "wait_ms" => wait_ms = num?.min(crate::api::VOLUME_WAIT_MS_MAX),
-            _ => {
-                return Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    format!("unknown query parameter `{k}`: use size=N and wait_ms=N"),
-                ))
-            }
+            "size" => known = Some(n),
+            _ => wait_ms = n.min(crate::api::VOLUME_WAIT_MS_MAX),
         }
     }
     let mut changed = st.changed.subscribe();
@@ -590,32 +575,37 @@ async fn delete_volume(
         .map(Json)
 }
 
+/// Parses a query string of `name=N` pairs, each name one of `names`; an
+/// unknown name or a value that is not a number is a 400 that says what to
+/// use. Returns the pairs in order, names as given in `names`.
+fn numeric_query<'n>(q: Option<&str>, names: &[&'n str]) -> Result<Vec<(&'n str, u64)>, ApiError> {
+    let mut out = Vec::new();
+    for kv in q.unwrap_or("").split('&').filter(|s| !s.is_empty()) {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        let Some(name) = names.iter().find(|n| **n == k) else {
+            let usage: Vec<String> = names.iter().map(|n| format!("{n}=N")).collect();
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("unknown query parameter `{k}`: use {}", usage.join(" and ")),
+            ));
+        };
+        let n = v.parse::<u64>().map_err(|_| {
+            ApiError::new(StatusCode::BAD_REQUEST, format!("{k}={v}: not a number"))
+        })?;
+        out.push((*name, n));
+    }
+    Ok(out)
+}
+
 async fn log(
     State(st): State<Arc<Shared>>,
     RawQuery(q): RawQuery,
 ) -> ApiResult<Vec<crate::api::LogEntry>> {
     let (mut since, mut limit) = (0u64, LOG_PAGE_MAX);
-    for kv in q
-        .as_deref()
-        .unwrap_or("")
-        .split('&')
-        .filter(|s| !s.is_empty())
-    {
-        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-        let num = |v: &str| {
-            v.parse::<u64>().map_err(|_| {
-                ApiError::new(StatusCode::BAD_REQUEST, format!("{k}={v}: not a number"))
-            })
-        };
+    for (k, n) in numeric_query(q.as_deref(), &["since", "limit"])? {
         match k {
-            "since" => since = num(v)?,
-            "limit" => limit = num(v)?.min(LOG_PAGE_MAX as u64) as usize,
-            _ => {
-                return Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    format!("unknown query parameter `{k}`: use since=N and limit=N"),
-                ))
-            }
+            "since" => since = n,
+            _ => limit = n.min(LOG_PAGE_MAX as u64) as usize,
         }
     }
     st.run(move |c, s| Ok((c.log(s, since, limit)?, None)))
