@@ -21,6 +21,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
+use std::time::Instant;
 
 use io_uring::{opcode, types, IoUring};
 
@@ -44,6 +45,62 @@ pub const INFLIGHT_MAX: usize = 256;
 const CKPT_WRITES_INFLIGHT_MAX: u32 = 4;
 /// Completion queue entries: bounds the SQEs in flight so the CQ never overflows.
 const CQ_ENTRIES: u32 = 16384;
+/// How long the version of a chunk freed by a whole-chunk discard is kept
+/// (see `Discarded`): longer than a write can travel late (the client gives
+/// up on a request after its deadline, 30 s by default).
+const DISCARDED_KEEP: std::time::Duration = std::time::Duration::from_secs(120);
+/// At most this many such versions are kept (the oldest go first).
+const DISCARDED_MAX: usize = 1 << 20;
+
+/// Versions of chunks whose slot a whole-chunk discard freed, kept in
+/// memory for a while: a write that arrives late (a replica's copy of a
+/// write the client already retried, then discarded) and carries a version
+/// at or below the discard's is dropped, as it would have been had the slot
+/// stayed, instead of bringing old data back on one replica. Not journaled:
+/// a restart ends every connection, and with them any late write.
+#[derive(Default)]
+struct Discarded {
+    versions: HashMap<(u64, u64), (u64, Instant)>,
+    order: VecDeque<(Instant, (u64, u64))>,
+}
+
+impl Discarded {
+    fn insert(&mut self, chunk: (u64, u64), version: u64) {
+        let now = Instant::now();
+        while let Some(&(at, key)) = self.order.front() {
+            if now.duration_since(at) < DISCARDED_KEEP && self.order.len() < DISCARDED_MAX {
+                break;
+            }
+            self.order.pop_front();
+            if self.versions.get(&key).is_some_and(|(_, t)| *t == at) {
+                self.versions.remove(&key);
+            }
+        }
+        self.versions.insert(chunk, (version, now));
+        self.order.push_back((now, chunk));
+    }
+
+    /// The discard's version if a write at `version` must be dropped.
+    fn covers(&self, chunk: (u64, u64), version: u64) -> Option<u64> {
+        self.versions
+            .get(&chunk)
+            .filter(|(v, at)| version <= *v && at.elapsed() < DISCARDED_KEEP)
+            .map(|(v, _)| *v)
+    }
+
+    fn forget(&mut self, chunk: (u64, u64)) {
+        self.versions.remove(&chunk);
+    }
+
+    /// Removes and returns the chunk's discard version (a new slot carries
+    /// it from now on).
+    fn take(&mut self, chunk: (u64, u64)) -> Option<u64> {
+        self.versions
+            .remove(&chunk)
+            .filter(|(_, at)| at.elapsed() < DISCARDED_KEEP)
+            .map(|(v, _)| v)
+    }
+}
 
 /// A piece of caller memory, kept valid by the caller until completion:
 /// the same type as at the `BlockDevice` boundary, so no conversion.
@@ -316,6 +373,7 @@ pub struct Shard {
     slots: Vec<Option<SlotState>>,
     by_chunk: HashMap<(u64, u64), u32>,
     free_slots: Vec<u32>,
+    discarded: Discarded,
     ops: Vec<Op>,
     free_ops: Vec<u32>,
     deferred: VecDeque<u32>,
@@ -461,6 +519,7 @@ impl Shard {
             slots: init.slots,
             by_chunk,
             free_slots,
+            discarded: Discarded::default(),
             ops,
             free_ops: (0..inflight_max as u32).rev().collect(),
             deferred: VecDeque::with_capacity(inflight_max),
@@ -870,6 +929,7 @@ impl Shard {
     fn start_release(&mut self, id: u32) {
         let (volume, chunk) = (self.ops[id as usize].volume, self.ops[id as usize].chunk);
         let Some(local) = self.by_chunk.get(&(volume, chunk)).copied() else {
+            self.discarded.forget((volume, chunk));
             return self.finish(id); // Nothing stored.
         };
         let room = self.journal_room(1) && self.sqe_room(2);
@@ -1016,6 +1076,15 @@ impl Shard {
                 // no slot are not kept (see docs/architecture.md).
                 return self.finish(id);
             }
+            None if self
+                .discarded
+                .covers((volume, chunk), self.ops[id as usize].version)
+                .is_some() =>
+            {
+                // A late write older than the discard that freed the chunk:
+                // dropped, as the slot's versions would have dropped it.
+                return self.finish(id);
+            }
             None => {
                 // Room for the Alloc record and the whole first phase, so that the op
                 // does not have to wait between allocating and planning.
@@ -1043,6 +1112,11 @@ impl Shard {
                 );
                 state.header_op = Some(id);
                 state.dirty = true;
+                if let Some(v) = self.discarded.take((volume, chunk)) {
+                    // Late writes at or below the discard stay dropped on
+                    // every block of the new slot (in memory, as above).
+                    state.planned_version.fill(v);
+                }
                 self.slots[local as usize] = Some(state);
                 self.by_chunk.insert((volume, chunk), local);
                 self.ops[id as usize].allocated_slot = true;
@@ -1550,7 +1624,15 @@ impl Shard {
     fn free_done(&mut self, id: u32, local: u32) {
         let failed = self.ops[id as usize].error.is_some();
         let slot = self.slots[local as usize].take().expect("slot being freed");
-        self.by_chunk.remove(&(slot.owner.volume, slot.owner.chunk));
+        let chunk = (slot.owner.volume, slot.owner.chunk);
+        self.by_chunk.remove(&chunk);
+        if self.ops[id as usize].op == EngineOp::Discard {
+            // The versions go with the slot: keep the highest a while.
+            let version = slot.planned_version.iter().copied().max().unwrap_or(0);
+            self.discarded.insert(chunk, version);
+        } else {
+            self.discarded.forget(chunk);
+        }
         if failed {
             self.fail("slot release failed".into());
         } else {

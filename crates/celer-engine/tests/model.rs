@@ -124,6 +124,11 @@ fn run(steps: Vec<Step>) {
     );
     let mut model: Model = HashMap::new();
     let mut allocated: HashSet<(u64, u64)> = HashSet::new();
+    // Chunks a whole-chunk discard freed: their highest version, kept in
+    // memory (until a reopen): later writes at or below it are dropped.
+    let mut tomb: HashMap<(u64, u64), u64> = HashMap::new();
+    // Chunks allocated again after that: the same floor on every block.
+    let mut floor: HashMap<(u64, u64), u64> = HashMap::new();
     // Versions are unique, as the replication layer's (HLC + client id) are:
     // fresh ones count up from 1_000_000, stale ones from 1.
     let mut version = 1_000_000u64;
@@ -194,19 +199,30 @@ fn run(steps: Vec<Step>) {
                     if m.op == EngineOp::Release {
                         // Data and versions forgotten, whatever the version.
                         allocated.remove(&chunk);
+                        tomb.remove(&chunk);
+                        floor.remove(&chunk);
                         for b in m.block..m.block + m.count {
                             model.remove(&(m.volume, b));
                         }
                         continue;
                     }
                     if m.op == EngineOp::Write {
-                        allocated.insert(chunk);
+                        if !allocated.contains(&chunk) {
+                            if tomb.get(&chunk).is_some_and(|t| versions[i] <= *t) {
+                                continue; // a late write, older than the discard
+                            }
+                            allocated.insert(chunk);
+                            if let Some(t) = tomb.remove(&chunk) {
+                                floor.insert(chunk, t);
+                            }
+                        }
                     } else if !allocated.contains(&chunk) {
                         continue;
                     }
+                    let fl = floor.get(&chunk).copied().unwrap_or(0);
                     for b in m.block..m.block + m.count {
                         let e = model.entry((m.volume, b)).or_insert((0, None));
-                        if versions[i] > e.0 {
+                        if versions[i] > e.0.max(fl) {
                             *e = (
                                 versions[i],
                                 if m.op == EngineOp::Write {
@@ -219,7 +235,7 @@ fn run(steps: Vec<Step>) {
                     }
                 }
                 // A whole-chunk discard that leaves its chunk empty releases
-                // the slot, and with it the versions (documented).
+                // the slot; its highest version stays in memory (`tomb`).
                 for m in muts
                     .iter()
                     .filter(|m| m.op == EngineOp::Discard && m.count == CHUNK_BLOCKS)
@@ -228,6 +244,12 @@ fn run(steps: Vec<Step>) {
                     let empty = (m.block..m.block + m.count)
                         .all(|b| model.get(&(m.volume, b)).is_none_or(|e| e.1.is_none()));
                     if allocated.contains(&chunk) && empty {
+                        let top = (m.block..m.block + m.count)
+                            .map(|b| model.get(&(m.volume, b)).map_or(0, |e| e.0))
+                            .max()
+                            .unwrap_or(0)
+                            .max(floor.remove(&chunk).unwrap_or(0));
+                        tomb.insert(chunk, top);
                         allocated.remove(&chunk);
                         for b in m.block..m.block + m.count {
                             model.remove(&(m.volume, b));
@@ -255,6 +277,8 @@ fn run(steps: Vec<Step>) {
                 }
             }
             Step::Reopen => {
+                tomb.clear();
+                floor.clear();
                 shard.take().expect("shard").close().expect("close");
                 shard = Some(
                     Engine::open(&path, &OpenOptions::default())
@@ -264,6 +288,8 @@ fn run(steps: Vec<Step>) {
                 );
             }
             Step::CrashReopen => {
+                tomb.clear();
+                floor.clear();
                 // Everything acknowledged must survive a drop without close.
                 drop(shard.take());
                 shard = Some(
@@ -441,4 +467,71 @@ fn release_forgets_the_chunk_between_the_ops_around_it() {
         .expect("read")
         .iter()
         .all(|b| *b == 0));
+}
+
+/// A whole-chunk discard that frees the slot keeps the chunk's highest
+/// version in memory: a late write at or below it (a replica's copy of a
+/// write the client already retried, then discarded) is dropped, on the
+/// freed chunk and on every block of a slot allocated again for it, while
+/// newer writes apply. A restart forgets it (every connection, and with
+/// them any late write, is gone then).
+#[test]
+fn a_late_write_after_a_discard_freed_the_chunk_is_dropped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("disk");
+    Engine::format(&path, &small_format(1, 8 << 20)).expect("format");
+    let open = || {
+        Engine::open(&path, &OpenOptions::default())
+            .expect("open")
+            .into_shards()
+            .remove(0)
+    };
+    let mut sh = open();
+    let chunk_bytes = sh.geometry().chunk_bytes();
+    let at = 3 * chunk_bytes;
+    let block = |b: u64| at + b * BS as u64;
+    let data = |seed: u64| {
+        let mut buf = AlignedBuf::new(1);
+        pattern(seed, 0, &mut buf[..]);
+        buf
+    };
+    let write_at = |sh: &mut Shard, b: u64, seed: u64, version: u64| {
+        let mut buf = data(seed);
+        common::write(sh, 1, block(b), &mut buf, version).expect("write")
+    };
+    let read_at = |sh: &mut Shard, b: u64| read(sh, 1, block(b), 1).expect("read");
+    let before = sh.allocated_chunks();
+    assert_eq!(write_at(&mut sh, 0, 1, 100), 1);
+    let discard = EngineRequest {
+        op: EngineOp::Discard,
+        volume: 1,
+        offset_bytes: at,
+        len_bytes: chunk_bytes,
+        segments: &[],
+        version: 200,
+        epoch: 1,
+        tag: 5,
+    };
+    common::run_one(&mut sh, &discard).expect("discard");
+    assert_eq!(sh.allocated_chunks(), before, "the discard freed the slot");
+    // Late: dropped, nothing allocated, zeroes read.
+    assert_eq!(write_at(&mut sh, 3, 2, 150), 0);
+    assert_eq!(sh.allocated_chunks(), before);
+    assert!(read_at(&mut sh, 3).iter().all(|b| *b == 0));
+    // Newer: applies, in a new slot that still drops the late ones.
+    assert_eq!(write_at(&mut sh, 5, 3, 300), 1);
+    assert_eq!(
+        write_at(&mut sh, 7, 4, 180),
+        0,
+        "late write on the new slot"
+    );
+    assert!(read_at(&mut sh, 7).iter().all(|b| *b == 0));
+    assert_eq!(write_at(&mut sh, 7, 5, 310), 1);
+    assert_eq!(&read_at(&mut sh, 5)[..], &data(3)[..]);
+    assert_eq!(&read_at(&mut sh, 7)[..], &data(5)[..]);
+    // After a restart the floor is gone (in memory only).
+    drop(sh);
+    let mut sh = open();
+    assert_eq!(write_at(&mut sh, 9, 6, 50), 1);
+    assert_eq!(&read_at(&mut sh, 9)[..], &data(6)[..]);
 }
