@@ -67,6 +67,8 @@ pub(crate) fn run(
     let mut last_deleted: Vec<u64> = Vec::new();
     // A message taken while gathering Synced reports, handled next.
     let mut pending: Option<AgentMsg> = None;
+    // Heartbeats failed in a row (an outage of the control service).
+    let mut beat_failures = 0u64;
     loop {
         if shared.stopping.load(Ordering::Acquire) {
             return;
@@ -120,7 +122,25 @@ pub(crate) fn run(
                 backfill_bytes_total: p.bytes_total,
                 backfill_partitions_unlisted: p.partitions_unlisted,
             };
-            match client.heartbeat_with(id, &beat) {
+            let result = client.heartbeat_with(id, &beat);
+            match &result {
+                Err(e) if !e.is_not_found() => {
+                    if beat_failures == 0 {
+                        // Once per outage: the node serves I/O meanwhile.
+                        tracing::warn!("heartbeat: {e} (logged once until it works again)");
+                    }
+                    beat_failures += 1;
+                }
+                _ if beat_failures > 0 => {
+                    tracing::info!(
+                        failed = beat_failures,
+                        "heartbeats reach the control service again"
+                    );
+                    beat_failures = 0;
+                }
+                _ => {}
+            }
+            match result {
                 Ok(r) => {
                     if let Some(t) = r.table {
                         shared.metrics.epoch.set(t.epoch as i64);
@@ -151,7 +171,7 @@ pub(crate) fn run(
                         }
                     }
                 }
-                Err(e) => tracing::warn!("heartbeat: {e}"),
+                Err(_) => {}
             }
             if !synced.is_empty() {
                 report_synced(&client, &shared, &mut synced);
