@@ -109,7 +109,7 @@ pub(crate) fn run(
                         Err(_) => break,
                     }
                 }
-                report_synced(&client, &shared, &mut synced);
+                report_synced(&client, &shared, &mut synced, beat_failures > 0);
             }
             Err(RecvTimeoutError::Timeout) => {}
         }
@@ -174,18 +174,29 @@ pub(crate) fn run(
                 Err(_) => {}
             }
             if !synced.is_empty() {
-                report_synced(&client, &shared, &mut synced);
+                report_synced(&client, &shared, &mut synced, beat_failures > 0);
             }
         }
     }
 }
 
-/// Reports finished backfills, grouped by epoch; keeps what failed to send.
+/// Reports finished backfills, grouped by epoch; keeps what could not be
+/// sent (from the first failure on: the control service is unreachable or
+/// electing). `outage`: heartbeats already fail, the failure was logged.
 /// Reports from before the node rejoined a partition go back to its shard.
-fn report_synced(client: &MetaClient, shared: &NodeShared, synced: &mut Vec<(u32, u64)>) {
+fn report_synced(
+    client: &MetaClient,
+    shared: &NodeShared,
+    synced: &mut Vec<(u32, u64)>,
+    outage: bool,
+) {
     synced.sort_unstable_by_key(|x| (x.1, x.0));
     let mut keep = Vec::new();
     for chunk in synced.chunk_by(|a, b| a.1 == b.1) {
+        if !keep.is_empty() {
+            keep.extend_from_slice(chunk);
+            continue;
+        }
         let epoch = chunk[0].1;
         let parts: Vec<u32> = chunk.iter().map(|x| x.0).collect();
         match client.synced(shared.id, epoch, &parts) {
@@ -207,7 +218,11 @@ fn report_synced(client: &MetaClient, shared: &NodeShared, synced: &mut Vec<(u32
                 }
             }
             Err(e) => {
-                tracing::warn!("report synced partitions: {e}; will retry");
+                if outage {
+                    tracing::debug!("report synced partitions: {e}; will retry");
+                } else {
+                    tracing::warn!("report synced partitions: {e}; will retry");
+                }
                 keep.extend_from_slice(chunk);
             }
         }
