@@ -1842,10 +1842,16 @@ fn new_backfill(serial: u32, partition: u32, epoch: u64, source: NodeId) -> Back
     }
 }
 
-/// Partition `p` of `t` is healthy without `me`: every member in sync, as
-/// many as the replicas, `me` not among them. Our copy, if any, serves no one.
+/// Partition `p` of `t` is healthy without `me`: every member in sync and
+/// up, as many as the replicas, `me` not among them. Our copy, if any,
+/// serves no one. (A partition whose copies are all down keeps its members
+/// in the table: it is not healthy, and an old copy here is left alone.)
 fn left_for_good(t: &celer_route::RouteTable, p: u32, me: NodeId) -> bool {
     t.partition(p).is_some_and(|r| {
-        r.member(me).is_none() && r.all_in_sync() && r.members.len() >= t.replicas as usize
+        r.member(me).is_none()
+            && r.members.len() >= t.replicas as usize
+            && r.members
+                .iter()
+                .all(|m| m.in_sync && t.node(m.node).is_some_and(|n| n.up))
     })
 }
