@@ -194,11 +194,12 @@ impl Worker {
         if self.vring.is_none() {
             self.vring = Some(vring.clone());
         }
-        if self.mem_atomic.is_none() || !vring.get_ref().get_queue().ready() {
-            // No ring to serve (no front end, or it stopped the queue): the
-            // device must still handle its own events (a node connection
-            // closing, a late completion), or its completion fd stays
-            // readable and epoll wakes this worker in a loop.
+        if self.mem_atomic.is_none() {
+            // No front end (`detach` forgets its memory): the device must
+            // still handle its own events (a node connection closing, a
+            // late completion), or its completion fd stays readable and
+            // epoll wakes this worker in a loop. (`pass` does the same for
+            // a ring that is not ready.)
             self.poll_device_detached();
             return;
         }
@@ -263,6 +264,8 @@ impl Worker {
         let mut guard = vring.get_mut();
         let state: &mut VringState<GuestMemAtomic> = &mut guard;
         if !state.get_queue().ready() {
+            drop(guard);
+            self.poll_device_detached();
             return 0;
         }
         let mut work = 0;
@@ -521,6 +524,7 @@ impl Worker {
     pub(crate) fn detach(&mut self) {
         self.drain(Duration::from_secs(5));
         self.vring = None;
+        self.mem_atomic = None;
         if self.inflight() == 0 {
             self.mem = None;
         }
