@@ -1207,13 +1207,18 @@ impl ShardLoop {
         left_for_good(t, t.partition_of(volume, chunk), self.shared.id)
     }
 
-    /// Lists the chunks to release (after a new table or new deletions).
-    fn queue_releases(&mut self, why: &str) {
-        let chunks = self.engine.chunks();
-        self.purge = chunks
+    /// The chunks this shard holds that are `releasable`.
+    fn releasable_chunks(&self) -> Vec<(u64, u64)> {
+        self.engine
+            .chunks()
             .into_iter()
             .filter(|(v, c)| self.releasable(*v, *c))
-            .collect();
+            .collect()
+    }
+
+    /// Lists the chunks to release (after a new table or new deletions).
+    fn queue_releases(&mut self, why: &str) {
+        self.purge = self.releasable_chunks();
         if !self.purge.is_empty() {
             tracing::info!(
                 shard = self.id,
@@ -1232,11 +1237,7 @@ impl ShardLoop {
         let chunk_bytes = self.engine.geometry().chunk_bytes();
         if self.purge.is_empty() && self.purging == 0 && self.purge_rescans > 0 {
             self.purge_rescans -= 1;
-            let chunks = self.engine.chunks();
-            self.purge = chunks
-                .into_iter()
-                .filter(|(v, c)| self.releasable(*v, *c))
-                .collect();
+            self.purge = self.releasable_chunks();
         }
         while self.purging < PURGE_INFLIGHT_MAX {
             let Some((v, c)) = self.purge.pop() else {
