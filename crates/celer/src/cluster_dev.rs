@@ -144,16 +144,17 @@ impl SizeWatch {
     }
 }
 
-/// Serves `dev` over vhost-user-blk as `a` asks; with `follow`, the guest is
-/// told when the volume grows.
+/// Serves `dev` over vhost-user-blk as `a` asks; with `follow` (a cluster
+/// volume's client and the watch of its size), the guest is told when the
+/// volume grows.
 pub fn serve_vhost(
     a: &celer_vhost::cli::ServeArgs,
     dev: Arc<dyn BlockDevice>,
-    follow: Option<(SizeWatch, Arc<Client>)>,
+    follow: Option<(Arc<Client>, SizeWatch)>,
 ) -> Result<()> {
     let config = celer_vhost::cli::serve_config(a);
     let backend = Arc::new(celer_vhost::VhostUserBlk::new(&config, &*dev)?);
-    if let Some((watch, client)) = follow {
+    if let Some((client, watch)) = follow {
         let b = backend.clone();
         watch.spawn(client, move |size_bytes| match b.grow(size_bytes) {
             Ok(true) => tracing::info!(size_bytes, "front end told of the new size"),

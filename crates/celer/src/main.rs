@@ -169,8 +169,7 @@ fn run(cli: Cli) -> Result<()> {
             let client = cluster.as_ref().map(|c| c.0.clone());
             let dev = with_metrics(dev, client, a.metrics_listen)?;
             // The guest is told when the volume grows.
-            let follow = cluster.map(|(client, watch)| (watch, client));
-            cluster_dev::serve_vhost(&a, dev, follow)
+            cluster_dev::serve_vhost(&a, dev, cluster)
         }
         Command::Nbd(NbdCommand::Serve(a)) => {
             let (dev, cluster) = match device_spec(&a.device, a.read_only)? {

@@ -187,8 +187,8 @@ pub fn run(a: &UpArgs) -> Result<()> {
         };
         // `celer volume resize` reaches the guest (and new NBD connections).
         let follow = Some((
-            crate::cluster_dev::SizeWatch::new(&meta_url, &token, &a.volume),
             client.clone(),
+            crate::cluster_dev::SizeWatch::new(&meta_url, &token, &a.volume),
         ));
         std::thread::Builder::new()
             .name("celer-up-vhost".into())
