@@ -112,16 +112,25 @@ fn step() -> impl Strategy<Value = Step> {
 /// Per block: (version, seed of its content; None = zeroes).
 type Model = HashMap<(u64, u64), (u64, Option<u64>)>;
 
-fn run(steps: Vec<Step>) {
-    let dir = tempfile::tempdir().expect("tempdir");
+/// A fresh one-shard 8 MiB engine disk in `dir`.
+fn small_disk(dir: &tempfile::TempDir) -> std::path::PathBuf {
     let path = dir.path().join("disk");
     Engine::format(&path, &small_format(1, 8 << 20)).expect("format");
-    let mut shard: Option<Shard> = Some(
-        Engine::open(&path, &OpenOptions::default())
-            .expect("open")
-            .into_shards()
-            .remove(0),
-    );
+    path
+}
+
+/// Opens the disk at `path` and returns its only shard.
+fn open_shard(path: &std::path::Path) -> Shard {
+    Engine::open(path, &OpenOptions::default())
+        .expect("open")
+        .into_shards()
+        .remove(0)
+}
+
+fn run(steps: Vec<Step>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = small_disk(&dir);
+    let mut shard: Option<Shard> = Some(open_shard(&path));
     let mut model: Model = HashMap::new();
     let mut allocated: HashSet<(u64, u64)> = HashSet::new();
     // Chunks a whole-chunk discard freed: their highest version, kept in
@@ -280,33 +289,20 @@ fn run(steps: Vec<Step>) {
                 tomb.clear();
                 floor.clear();
                 shard.take().expect("shard").close().expect("close");
-                shard = Some(
-                    Engine::open(&path, &OpenOptions::default())
-                        .expect("reopen")
-                        .into_shards()
-                        .remove(0),
-                );
+                shard = Some(open_shard(&path));
             }
             Step::CrashReopen => {
                 tomb.clear();
                 floor.clear();
                 // Everything acknowledged must survive a drop without close.
                 drop(shard.take());
-                shard = Some(
-                    Engine::open(&path, &OpenOptions::default())
-                        .expect("reopen")
-                        .into_shards()
-                        .remove(0),
-                );
+                shard = Some(open_shard(&path));
             }
         }
     }
     // Final full comparison, after a crash reopen.
     drop(shard.take());
-    let mut sh = Engine::open(&path, &OpenOptions::default())
-        .expect("final open")
-        .into_shards()
-        .remove(0);
+    let mut sh = open_shard(&path);
     let mut want = vec![0u8; BS];
     for volume in 0..VOLUMES {
         for chunk in 0..CHUNKS {
@@ -348,15 +344,8 @@ proptest! {
 #[test]
 fn release_forgets_the_chunk_between_the_ops_around_it() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("disk");
-    Engine::format(&path, &small_format(1, 8 << 20)).expect("format");
-    let open = || {
-        Engine::open(&path, &OpenOptions::default())
-            .expect("open")
-            .into_shards()
-            .remove(0)
-    };
-    let mut sh = open();
+    let path = small_disk(&dir);
+    let mut sh = open_shard(&path);
     let chunk_bytes = sh.geometry().chunk_bytes();
     let (volume, chunk) = (1u64, 2u64);
     let at = chunk * chunk_bytes;
@@ -435,7 +424,7 @@ fn release_forgets_the_chunk_between_the_ops_around_it() {
     };
     check(&mut sh);
     drop(sh); // crash
-    let mut sh = open();
+    let mut sh = open_shard(&path);
     check(&mut sh);
     // Partial releases are refused; an empty chunk releases at once.
     let partial = EngineRequest {
@@ -478,15 +467,8 @@ fn release_forgets_the_chunk_between_the_ops_around_it() {
 #[test]
 fn a_late_write_after_a_discard_freed_the_chunk_is_dropped() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("disk");
-    Engine::format(&path, &small_format(1, 8 << 20)).expect("format");
-    let open = || {
-        Engine::open(&path, &OpenOptions::default())
-            .expect("open")
-            .into_shards()
-            .remove(0)
-    };
-    let mut sh = open();
+    let path = small_disk(&dir);
+    let mut sh = open_shard(&path);
     let chunk_bytes = sh.geometry().chunk_bytes();
     let at = 3 * chunk_bytes;
     let block = |b: u64| at + b * BS as u64;
@@ -531,7 +513,7 @@ fn a_late_write_after_a_discard_freed_the_chunk_is_dropped() {
     assert_eq!(&read_at(&mut sh, 7)[..], &data(5)[..]);
     // After a restart the floor is gone (in memory only).
     drop(sh);
-    let mut sh = open();
+    let mut sh = open_shard(&path);
     assert_eq!(write_at(&mut sh, 9, 6, 50), 1);
     assert_eq!(&read_at(&mut sh, 9)[..], &data(6)[..]);
 }
