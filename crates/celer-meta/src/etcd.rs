@@ -338,7 +338,6 @@ fn is_leader(shared: &Shared) -> bool {
 /// Campaigns forever: leads while the lease holds, follows otherwise.
 pub(crate) async fn lead(shared: Arc<Shared>, store: Arc<EtcdStore>, cfg: EtcdConfig) {
     let poll = Duration::from_millis(FOLLOWER_POLL_MS);
-    let keepalive_every = Duration::from_millis((cfg.lease_ttl_s.max(1) as u64 * 1000) / 4);
     loop {
         let (lease, rev) = match campaign(&store, &cfg).await {
             Ok(Campaign::Won { lease, rev }) => (lease, rev),
@@ -378,7 +377,7 @@ pub(crate) async fn lead(shared: Arc<Shared>, store: Arc<EtcdStore>, cfg: EtcdCo
         }
         if is_leader(&shared) {
             let ttl = Duration::from_secs(cfg.lease_ttl_s.max(1) as u64);
-            keep_lease(&shared, &store, lease, ttl, keepalive_every).await;
+            keep_lease(&shared, &store, lease, ttl).await;
         }
         tracing::warn!("no longer leading");
         store.set_fence(None);
@@ -398,13 +397,9 @@ pub(crate) async fn lead(shared: Arc<Shared>, store: Arc<EtcdStore>, cfg: EtcdCo
 /// runs out (minus a margin), a lost lease or a broken stream does. Writes
 /// are fenced by the leader key's revision anyway (`set_fence`): a leader
 /// that missed its expiry cannot write.
-async fn keep_lease(
-    shared: &Shared,
-    store: &EtcdStore,
-    lease: i64,
-    ttl: Duration,
-    every: Duration,
-) {
+async fn keep_lease(shared: &Shared, store: &EtcdStore, lease: i64, ttl: Duration) {
+    // Four keep-alives per TTL.
+    let every = ttl / 4;
     let mut c = store.client.clone();
     let Ok((mut keeper, mut stream)) = c.lease_keep_alive(lease).await else {
         return;
