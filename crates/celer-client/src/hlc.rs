@@ -1,6 +1,7 @@
 //! The client's hybrid logical clock: every write carries
-//! `version = (hlc << 16) | client_id`, `hlc = (ms since 2025-01-01) << 8 |
-//! logical`, 48 bits. The clock is one `AtomicU64` shared by the client's
+//! `version = (hlc << 16) | writer`, `hlc = (ms since 2025-01-01) << 8 |
+//! logical`, 48 bits, `writer` the low 16 bits of the attachment id (the
+//! layout and the version rule are in celer-proto's doc). The clock is one `AtomicU64` shared by the client's
 //! queues (one compare-and-swap per write request, uncontended in the common
 //! case), so versions of one client are unique and strictly increasing
 //! across its queues. It never runs behind a version a node reported
@@ -9,43 +10,62 @@
 //! writer's wall clock is ahead.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
+use celer_proto::{clock_limit_at, clock_of_unix_ms};
 use tracing::warn;
 
-/// 2025-01-01T00:00:00Z in ms since the Unix epoch.
-const HLC_EPOCH_UNIX_MS: u64 = 1_735_689_600_000;
-/// Bits of the logical counter below the milliseconds.
-const LOGICAL_BITS: u32 = 8;
-/// The clock is 48 bits (the low 16 bits of a version name the client).
+#[cfg(test)]
+use celer_proto::HLC_LOGICAL_BITS as LOGICAL_BITS;
+
+/// The clock is 48 bits (the low 16 bits of a version name the writer).
 pub(crate) const HLC_MAX: u64 = (1 << 48) - 1;
-/// A node's clock more than this far ahead of ours is not followed (a
-/// corrupt or hostile version must not push every later write to the end
-/// of the clock's range).
-const DRIFT_MAX: Duration = Duration::from_secs(3600);
+
+/// A remote clock value this client does not follow: more than
+/// `celer_proto::VERSION_DRIFT_MAX_MS` ahead of its own clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TooFarAhead {
+    pub(crate) remote: u64,
+    pub(crate) limit: u64,
+}
 
 #[derive(Debug, Default)]
 pub(crate) struct Hlc {
     last: AtomicU64,
+    /// Added to the wall clock (tests and simulations of a skewed host).
+    skew_ms: i64,
 }
 
 impl Hlc {
+    #[cfg(test)]
     pub(crate) fn new() -> Hlc {
         Hlc::default()
     }
 
-    /// The physical part: ms since 2025-01-01, shifted above the counter.
-    fn physical() -> u64 {
+    /// A clock whose wall clock runs `skew_ms` ahead (negative: behind).
+    pub(crate) fn with_skew(skew_ms: i64) -> Hlc {
+        Hlc {
+            last: AtomicU64::new(0),
+            skew_ms,
+        }
+    }
+
+    fn unix_ms(&self) -> u64 {
         let unix_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        (unix_ms.saturating_sub(HLC_EPOCH_UNIX_MS) << LOGICAL_BITS).min(HLC_MAX)
+        unix_ms.saturating_add_signed(self.skew_ms)
+    }
+
+    /// The physical part: ms since 2025-01-01, shifted above the counter.
+    fn physical(&self) -> u64 {
+        clock_of_unix_ms(self.unix_ms()).min(HLC_MAX)
     }
 
     /// A fresh clock value, greater than every value handed out or observed.
     pub(crate) fn tick(&self) -> u64 {
-        let physical = Self::physical();
+        let physical = self.physical();
         let mut cur = self.last.load(Ordering::Relaxed);
         loop {
             let next = (cur + 1).max(physical).min(HLC_MAX);
@@ -59,28 +79,37 @@ impl Hlc {
         }
     }
 
-    /// Keeps the clock at or past `remote` (a node's highest seen version,
-    /// shifted right by 16), unless it is implausibly far ahead.
-    pub(crate) fn observe(&self, remote: u64) {
+    /// Keeps the clock at or past `remote` (a clock value: a version
+    /// shifted right by 16), unless it is more than the drift bound ahead
+    /// of this clock (a corrupt or hostile version must not push every
+    /// later write to the end of the clock's range): then `Err`.
+    pub(crate) fn observe(&self, remote: u64) -> Result<(), TooFarAhead> {
         if remote <= self.last.load(Ordering::Relaxed) {
-            return;
+            return Ok(());
         }
-        let limit = Self::physical()
-            .saturating_add((DRIFT_MAX.as_millis() as u64) << LOGICAL_BITS)
-            .min(HLC_MAX);
+        let limit = clock_limit_at(self.unix_ms()).min(HLC_MAX);
         if remote > limit {
-            warn!(
-                remote,
-                limit, "a node reported a write version far in the future: not followed"
-            );
-            return;
+            return Err(TooFarAhead { remote, limit });
         }
         self.last.fetch_max(remote, Ordering::AcqRel);
+        Ok(())
     }
 
-    /// The version of a write issued at clock value `hlc` by `client_id`.
-    pub(crate) fn version(hlc: u64, client_id: u16) -> u64 {
-        (hlc << 16) | client_id as u64
+    /// `observe` for the versions every response carries: one too far
+    /// ahead is logged and not followed.
+    pub(crate) fn observe_reported(&self, remote: u64) {
+        if let Err(e) = self.observe(remote) {
+            warn!(
+                remote = e.remote,
+                limit = e.limit,
+                "a node reported a write version far in the future: not followed"
+            );
+        }
+    }
+
+    /// The version of a write issued at clock value `hlc` by `writer`.
+    pub(crate) fn version(hlc: u64, writer: u16) -> u64 {
+        (hlc << 16) | writer as u64
     }
 }
 
@@ -98,11 +127,18 @@ mod tests {
             last = t;
         }
         let ahead = last + (5000 << LOGICAL_BITS);
-        h.observe(ahead);
+        h.observe(ahead).expect("5 s ahead is followed");
         assert!(h.tick() > ahead);
-        // Far in the future: ignored.
-        h.observe(HLC_MAX - 1);
+        // Far in the future: refused and not followed.
+        assert!(h.observe(HLC_MAX - 1).is_err());
         assert!(h.tick() < HLC_MAX - 1);
+        // Beyond the drift bound of a clock: refused; within it: followed.
+        let skewed = Hlc::with_skew(-2 * celer_proto::VERSION_DRIFT_MAX_MS as i64);
+        assert!(skewed.observe(h.tick()).is_err());
+        let behind = Hlc::with_skew(-(celer_proto::VERSION_DRIFT_MAX_MS as i64) / 2);
+        let now = h.tick();
+        behind.observe(now).expect("within the bound");
+        assert!(behind.tick() > now);
         assert_eq!(Hlc::version(3, 7), (3 << 16) | 7);
     }
 

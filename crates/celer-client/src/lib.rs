@@ -34,7 +34,17 @@
 //! the payload computed over the segments once per part), reads responses
 //! (a read payload goes into the caller's segments, checked against its
 //! crc) and completes requests. Writes carry `version = (hlc << 16) |
-//! client_id`, one version per request, the same on every retry.
+//! writer` (`writer`: the low 16 bits of the attachment id) and the
+//! attachment id, one version per part, the same on every retry unless a
+//! member refuses it as older (see below).
+//!
+//! # Credentials
+//! Every connection starts with the node's `Challenge` and the client's
+//! `Hello` proving its [`Credential`] (a capability for the volume and its
+//! key, from the control service); the client trusts no response before
+//! the node proved it knows the key too. [`Client::renew`] installs a newer
+//! capability: every open connection gets a `Renew` frame, in order with
+//! the requests on it, so I/O does not pause.
 //! - Write part ≤ `small_write_max`: `Write` to every member of the
 //!   partition (in sync or syncing); done when every member answered `Ok`.
 //! - Larger write part: `WritePrimary` to the primary only, which forwards.
@@ -65,8 +75,15 @@
 //! - A write is acknowledged only when every member of the route it was last
 //!   sent under answered `Ok` for that attempt.
 //! - After `op_deadline` the request fails with `IoError::Io`.
+//! - `OlderVersion` on a write: a member holds a newer version of a block
+//!   (another writer, or one whose clock is ahead). The clock moves past the
+//!   stored version the response carries and the part is sent again to
+//!   every member with a new version; if that version is more than the
+//!   drift bound ahead of this client's clock, the request fails instead.
+//! - `Expired` (the capability ran out before a renewal reached that
+//!   node): the same frame again after 1 ms, until `op_deadline`.
 //! - Other statuses (`NoSpace`, `ReadOnly`, `Invalid`, `OutOfRange`, `Io`
-//!   on a write) fail the request at once.
+//!   on a write, `Unauthorized`, `VersionAhead`) fail the request at once.
 //!
 //! # Known gaps
 //! - The protocol logic (`queue::Core`) takes its time from the driver
@@ -103,8 +120,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use celer_device::{BlockDevice, DeviceInfo, DeviceQueue, IoError};
+use celer_proto::auth::{HelloProof, NONCE_BYTES};
 use celer_proto::{decode_header, Header, Kind, Op, Status, HEADER_BYTES, PAYLOAD_MAX_BYTES};
 use celer_route::{RouteDecodeError, RouteTable};
+
+pub use celer_proto::auth::{Capability, Credential};
 
 pub use queue::{INFLIGHT_MAX, PARTS_MAX};
 
@@ -132,8 +152,12 @@ pub struct ClientConfig {
     pub seeds: Vec<String>,
     pub volume: u64,
     pub size_bytes: u64,
-    /// The low 16 bits of every write version (distinct per attached client).
-    pub client_id: u16,
+    /// What the client proves to every node: a capability for `volume`
+    /// (its attachment id names the client's writes) and its key.
+    pub credential: Credential,
+    /// Added to this host's wall clock for write versions (simulating a
+    /// host whose clock is wrong; 0 in production).
+    pub clock_skew_ms: i64,
     /// Writes up to this many bytes go to every member; larger ones to the primary.
     pub small_write_max: u32,
     /// A member that has not answered after this long is taken for dead.
@@ -144,12 +168,13 @@ pub struct ClientConfig {
 }
 
 impl ClientConfig {
-    pub fn new(seeds: Vec<String>, volume: u64, size_bytes: u64, client_id: u16) -> Self {
+    pub fn new(seeds: Vec<String>, volume: u64, size_bytes: u64, credential: Credential) -> Self {
         ClientConfig {
             seeds,
             volume,
             size_bytes,
-            client_id,
+            credential,
+            clock_skew_ms: 0,
             small_write_max: 4096,
             request_timeout: Duration::from_millis(500),
             op_deadline: Duration::from_secs(30),
@@ -189,6 +214,44 @@ pub enum ClientError {
         size_bytes: u64,
         new_size_bytes: u64,
     },
+    #[error("{0}")]
+    Credential(String),
+}
+
+/// The attachment id a credential names (0 for a node credential).
+pub fn attachment_of(c: &Credential) -> u32 {
+    match c {
+        Credential::Attachment { capability, .. } => capability.attachment,
+        Credential::Node { .. } => 0,
+    }
+}
+
+/// A credential minted locally with the cluster secret, as the control
+/// service does (tests and operator tools on a node's host).
+pub fn mint_credential(
+    cluster_secret: &str,
+    volume: u64,
+    attachment: u32,
+    read_only: bool,
+    ttl: Duration,
+) -> Credential {
+    let key = celer_proto::auth::data_key_from_secret(cluster_secret);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let capability = Capability::mint(
+        &key,
+        volume,
+        attachment,
+        0,
+        read_only,
+        now + ttl.as_millis() as u64,
+    );
+    Credential::Attachment {
+        key: capability.attachment_key(&key),
+        capability,
+    }
 }
 
 /// What the queues of one client share.
@@ -198,6 +261,21 @@ pub(crate) struct Shared {
     pub(crate) size_bytes: AtomicU64,
     /// The newest table any queue has seen (read when a queue opens).
     pub(crate) table: Mutex<Arc<RouteTable>>,
+    /// The newest credential ([`Client::renew`]) and its generation, which
+    /// each queue checks once per poll.
+    pub(crate) credential: Mutex<Arc<Credential>>,
+    pub(crate) credential_gen: AtomicU64,
+}
+
+impl Shared {
+    pub(crate) fn credential(&self) -> (Arc<Credential>, u64) {
+        let c = self
+            .credential
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        (c, self.credential_gen.load(Ordering::Acquire))
+    }
 }
 
 /// A volume served by the storage nodes.
@@ -231,10 +309,18 @@ impl Client {
         {
             return Err(ClientError::Timeouts);
         }
+        if let Credential::Attachment { capability, .. } = &cfg.credential {
+            if capability.volume != cfg.volume {
+                return Err(ClientError::Credential(format!(
+                    "the capability is for volume {}, not volume {}",
+                    capability.volume, cfg.volume
+                )));
+            }
+        }
         let mut errors = Vec::new();
         let mut table = None;
         for seed in &cfg.seeds {
-            match fetch_route(seed, cfg.client_id, PROBE_TIMEOUT.min(cfg.op_deadline)) {
+            match fetch_route(seed, &cfg.credential, PROBE_TIMEOUT.min(cfg.op_deadline)) {
                 Ok(t) => {
                     table = Some(t);
                     break;
@@ -260,22 +346,25 @@ impl Client {
             .take(20)
             .collect();
         let size_bytes = cfg.size_bytes;
+        let read_only = matches!(&cfg.credential, Credential::Attachment { capability, .. } if capability.read_only);
         Ok(Client {
             info: DeviceInfo {
                 size_bytes: cfg.size_bytes,
                 block_size_bytes: BLOCK_BYTES as u32,
-                read_only: false,
+                read_only,
                 supports_discard: true,
                 supports_write_zeroes: true,
                 max_request_bytes: REQUEST_MAX_BYTES,
                 serial,
             },
-            cfg,
             shared: Arc::new(Shared {
-                hlc: hlc::Hlc::new(),
+                hlc: hlc::Hlc::with_skew(cfg.clock_skew_ms),
                 size_bytes: AtomicU64::new(size_bytes),
                 table: Mutex::new(Arc::new(table)),
+                credential: Mutex::new(Arc::new(cfg.credential.clone())),
+                credential_gen: AtomicU64::new(0),
             }),
+            cfg,
         })
     }
 
@@ -295,6 +384,42 @@ impl Client {
     /// The volume's current size.
     pub fn size_bytes(&self) -> u64 {
         self.shared.size_bytes.load(Ordering::Acquire)
+    }
+
+    /// Installs a renewed credential (the control service handed a newer
+    /// capability): every queue presents it on its open connections at its
+    /// next poll (a `Renew` frame, in order with the requests; no pause) and
+    /// on every new one. It must be for the same volume and attachment.
+    pub fn renew(&self, credential: Credential) -> Result<(), ClientError> {
+        let (cur, _) = self.shared.credential();
+        let same = match (&*cur, &credential) {
+            (
+                Credential::Attachment { capability: a, .. },
+                Credential::Attachment { capability: b, .. },
+            ) => a.volume == b.volume && a.attachment == b.attachment,
+            _ => false,
+        };
+        if !same {
+            return Err(ClientError::Credential(
+                "a renewed capability must be for the same volume and attachment".into(),
+            ));
+        }
+        *self
+            .shared
+            .credential
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Arc::new(credential);
+        self.shared.credential_gen.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// When the credential in use expires (ms since the Unix epoch; `None`
+    /// for a node credential).
+    pub fn credential_expiry(&self) -> Option<u64> {
+        match &*self.shared.credential().0 {
+            Credential::Attachment { capability, .. } => Some(capability.expires_unix_ms),
+            Credential::Node { .. } => None,
+        }
     }
 
     /// The volume grew to `size_bytes` (the control service resized it):
@@ -336,10 +461,11 @@ impl BlockDevice for Client {
     }
 }
 
-/// Fetches the route table of one node (for the CLI and tests): `Hello`,
-/// then a `RouteTable` request with epoch 0, answered with the table.
-pub fn probe_route(seed: &str) -> Result<RouteTable, ClientError> {
-    fetch_route(seed, 0, PROBE_TIMEOUT)
+/// Fetches the route table of one node (for the CLI and tests):
+/// `Challenge`, `Hello` with `credential`, then a `RouteTable` request with
+/// epoch 0, answered with the table.
+pub fn probe_route(seed: &str, credential: &Credential) -> Result<RouteTable, ClientError> {
+    fetch_route(seed, credential, PROBE_TIMEOUT)
 }
 
 fn resolve(addr: &str) -> Result<SocketAddr, ClientError> {
@@ -353,7 +479,33 @@ fn resolve(addr: &str) -> Result<SocketAddr, ClientError> {
         .ok_or_else(|| err("no address".to_string()))
 }
 
-fn fetch_route(seed: &str, client_id: u16, timeout: Duration) -> Result<RouteTable, ClientError> {
+/// Reads one whole frame (blocking, with the stream's timeouts).
+fn read_frame(s: &mut TcpStream, seed: &str) -> Result<(Header, Vec<u8>), ClientError> {
+    let io = |source| ClientError::Io {
+        addr: seed.to_string(),
+        source,
+    };
+    let protocol = |reason: String| ClientError::Protocol {
+        addr: seed.to_string(),
+        reason,
+    };
+    let mut hb = [0u8; HEADER_BYTES];
+    s.read_exact(&mut hb).map_err(io)?;
+    let h = decode_header(&hb)
+        .map_err(|e| protocol(format!("bad frame: {e}")))?
+        .ok_or_else(|| protocol("short header".to_string()))?;
+    let mut payload = vec![0u8; h.payload_bytes as usize];
+    s.read_exact(&mut payload).map_err(io)?;
+    h.verify_payload([payload.as_slice()])
+        .map_err(|e| protocol(e.to_string()))?;
+    Ok((h, payload))
+}
+
+fn fetch_route(
+    seed: &str,
+    credential: &Credential,
+    timeout: Duration,
+) -> Result<RouteTable, ClientError> {
     let addr = resolve(seed)?;
     let io = |source| ClientError::Io {
         addr: seed.to_string(),
@@ -367,23 +519,33 @@ fn fetch_route(seed: &str, client_id: u16, timeout: Duration) -> Result<RouteTab
     s.set_read_timeout(Some(timeout)).map_err(io)?;
     s.set_write_timeout(Some(timeout)).map_err(io)?;
     s.set_nodelay(true).map_err(io)?;
-    let mut hello = Header::request(Op::Hello, 1);
-    hello.volume = client_id as u64;
+    let (challenge, node_nonce) = read_frame(&mut s, seed)?;
+    if challenge.kind != Kind::Request
+        || challenge.op != Op::Challenge
+        || node_nonce.len() != NONCE_BYTES
+    {
+        return Err(protocol(format!(
+            "expected the node's Challenge, got {:?} {:?}",
+            challenge.kind, challenge.op
+        )));
+    }
+    let mut nn = [0u8; NONCE_BYTES];
+    nn.copy_from_slice(&node_nonce);
+    let mut peer_nonce = [0u8; NONCE_BYTES];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut peer_nonce);
+    let sender = attachment_of(credential) as u64;
+    let proof = HelloProof::build(credential, &nn, &peer_nonce, 0, sender, false);
+    let mut hello = Header::request(Op::Hello, 1).with_payload([proof.as_slice()]);
+    hello.volume = sender;
     let ask = Header::request(Op::RouteTable, 2);
-    let mut out = Vec::with_capacity(2 * HEADER_BYTES);
+    let mut out = Vec::with_capacity(2 * HEADER_BYTES + proof.len());
     out.extend_from_slice(&hello.encode());
+    out.extend_from_slice(&proof);
     out.extend_from_slice(&ask.encode());
     s.write_all(&out).map_err(io)?;
+    let mut proven = false;
     loop {
-        let mut hb = [0u8; HEADER_BYTES];
-        s.read_exact(&mut hb).map_err(io)?;
-        let h = decode_header(&hb)
-            .map_err(|e| protocol(format!("bad frame: {e}")))?
-            .ok_or_else(|| protocol("short header".to_string()))?;
-        let mut payload = vec![0u8; h.payload_bytes as usize];
-        s.read_exact(&mut payload).map_err(io)?;
-        h.verify_payload([payload.as_slice()])
-            .map_err(|e| protocol(e.to_string()))?;
+        let (h, payload) = read_frame(&mut s, seed)?;
         if h.kind != Kind::Response {
             return Err(protocol(format!(
                 "a request ({:?}) instead of a response",
@@ -391,8 +553,23 @@ fn fetch_route(seed: &str, client_id: u16, timeout: Duration) -> Result<RouteTab
             )));
         }
         match (h.request_id, h.op, h.status) {
-            (1, Op::Hello, Status::Ok) => continue,
+            (1, Op::Hello, Status::Ok) => {
+                if !HelloProof::check_answer(credential.answer_key(), &nn, &peer_nonce, &payload) {
+                    return Err(protocol(
+                        "the node did not prove it knows the credential's key: not a node of this cluster".into(),
+                    ));
+                }
+                proven = true;
+            }
+            (1, _, Status::Unauthorized) => {
+                return Err(ClientError::Credential(format!(
+                    "storage node {seed} refused the credential (another cluster's, expired, or forged)"
+                )))
+            }
             (1, _, status) => return Err(protocol(format!("hello refused: {status:?}"))),
+            (2, _, _) if !proven => {
+                return Err(protocol("an answer before the node's proof".into()))
+            }
             (2, Op::RouteTable, Status::StaleEpoch | Status::Ok) if !payload.is_empty() => {
                 return RouteTable::decode(&payload).map_err(|source| ClientError::Route {
                     addr: seed.to_string(),

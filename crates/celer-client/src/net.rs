@@ -16,14 +16,23 @@
 //!
 //! Memory: a connection's receive buffer and send queue are allocated when
 //! it opens; frames, headers and iovec arrays are not allocated per I/O.
+//!
+//! Handshake: a new connection sends nothing until the node's `Challenge`
+//! arrives; then its `Hello` (the credential's proof) goes first, followed
+//! by whatever requests were queued meanwhile. A response before the node
+//! proved the key in its Hello answer closes the connection. When the
+//! client's credential changes ([`crate::Client::renew`]), every verified
+//! connection gets a `Renew` frame at the next flush.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use celer_device::IoSegment;
+use celer_proto::auth::{Credential, HelloProof, Nonce, NONCE_BYTES};
 use celer_proto::{decode_header, Header, Kind, Op, Status, HEADER_BYTES};
 use celer_route::NodeId;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
@@ -45,6 +54,11 @@ const READS_PER_EVENT_MAX: usize = 16;
 const RECONNECT_PAUSE: Duration = Duration::from_millis(100);
 /// Request id of the `Hello` that opens every connection.
 pub(crate) const HELLO_REQUEST_ID: u32 = u32::MAX;
+/// Request id of a `Renew`.
+pub(crate) const RENEW_REQUEST_ID: u32 = u32::MAX - 1;
+/// Largest payload of the handshake frames a node sends (Challenge, Hello
+/// answer): they are read from the receive buffer whole.
+const HANDSHAKE_PAYLOAD_MAX: usize = 64;
 
 /// Where a response payload goes.
 pub(crate) enum Dest {
@@ -83,6 +97,9 @@ struct Outgoing {
     nsegs: usize,
     skip: usize,
     len: usize,
+    /// A payload of the connection's own (handshake frames); empty for
+    /// requests, which send from caller memory.
+    owned: Vec<u8>,
 }
 
 const NO_SLOT: u32 = u32::MAX;
@@ -102,6 +119,20 @@ enum State {
     Connecting,
     Open,
     Closed,
+}
+
+/// Where the connection's handshake stands.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Auth {
+    /// Waiting for the node's Challenge: nothing is sent.
+    AwaitChallenge,
+    /// Our Hello is queued first: waiting for the node's proof.
+    AwaitAnswer {
+        node_nonce: Nonce,
+        peer_nonce: Nonce,
+    },
+    /// The node proved the key; requests may be answered.
+    Verified { node_nonce: Nonce },
 }
 
 enum Recv {
@@ -138,11 +169,18 @@ struct Conn {
     opened_at: Instant,
     /// Consecutive failures (to log the first one loudly only).
     failures: u32,
+    auth: Auth,
+    /// The credential this connection proved (or will prove), and its
+    /// generation.
+    cred: Arc<Credential>,
+    cred_gen: u64,
 }
 
 pub(crate) struct Net {
     epoll: OwnedFd,
-    client_id: u16,
+    shared: Arc<crate::Shared>,
+    /// The credential generation every verified connection presented.
+    cred_gen: u64,
     queue_index: usize,
     conns: Vec<Conn>,
     by_key: HashMap<(NodeId, u16), ConnId>,
@@ -303,10 +341,12 @@ impl Transport for Net {
 }
 
 impl Net {
-    pub(crate) fn new(epoll: OwnedFd, client_id: u16, queue_index: usize) -> Net {
+    pub(crate) fn new(epoll: OwnedFd, shared: Arc<crate::Shared>, queue_index: usize) -> Net {
+        let cred_gen = shared.credential().1;
         Net {
             epoll,
-            client_id,
+            shared,
+            cred_gen,
             queue_index,
             conns: Vec::new(),
             by_key: HashMap::new(),
@@ -377,6 +417,9 @@ impl Net {
                     failed_at: None,
                     opened_at: now,
                     failures: 0,
+                    auth: Auth::AwaitChallenge,
+                    cred: self.shared.credential().0,
+                    cred_gen: 0,
                 });
                 self.by_key.insert((node, shard), id);
                 id
@@ -412,10 +455,14 @@ impl Net {
             Err(e) => return Err(e),
         };
         let stream: TcpStream = sock.into();
+        let (cred, cred_gen) = self.shared.credential();
         let c = &mut self.conns[id as usize];
         c.gen = c.gen.wrapping_add(1);
         c.addr = addr;
         c.state = state;
+        c.auth = Auth::AwaitChallenge;
+        c.cred = cred;
+        c.cred_gen = cred_gen;
         c.front_sent = 0;
         c.rstart = 0;
         c.rend = 0;
@@ -435,11 +482,82 @@ impl Net {
         }
         debug!(queue = self.queue_index, node = self.conns[id as usize].node,
             shard = self.conns[id as usize].shard, %addr, "connecting");
-        let mut hello = Header::request(Op::Hello, HELLO_REQUEST_ID);
-        hello.offset = self.conns[id as usize].shard as u64;
-        hello.volume = self.client_id as u64;
-        self.push(id, hello.encode(), None);
+        // The Hello goes out when the node's Challenge comes.
         Ok(())
+    }
+
+    /// Queues a handshake frame (Hello or Renew) with its own payload,
+    /// before every request queued (`first`) or after them.
+    fn push_control(&mut self, id: ConnId, h: Header, payload: Vec<u8>, first: bool) {
+        let h = h.with_payload([payload.as_slice()]);
+        let f = Outgoing {
+            header: h.encode(),
+            slot: NO_SLOT,
+            segs: std::ptr::null(),
+            nsegs: 0,
+            skip: 0,
+            len: payload.len(),
+            owned: payload,
+        };
+        let c = &mut self.conns[id as usize];
+        if first {
+            debug_assert_eq!(c.front_sent, 0, "nothing is sent before the Hello");
+            c.sendq.push_front(f);
+        } else {
+            c.sendq.push_back(f);
+        }
+        if !c.dirty {
+            c.dirty = true;
+            self.dirty.push(id);
+        }
+    }
+
+    /// The node's Challenge came: our Hello goes first.
+    fn on_challenge(&mut self, id: ConnId, node_nonce: &[u8]) -> Result<(), String> {
+        let c = &mut self.conns[id as usize];
+        if c.auth != Auth::AwaitChallenge || node_nonce.len() != NONCE_BYTES {
+            return Err("unexpected Challenge".into());
+        }
+        let mut nn = [0u8; NONCE_BYTES];
+        nn.copy_from_slice(node_nonce);
+        let mut pn = [0u8; NONCE_BYTES];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut pn);
+        let sender = crate::attachment_of(&c.cred) as u64;
+        let proof = HelloProof::build(&c.cred, &nn, &pn, c.shard, sender, false);
+        c.auth = Auth::AwaitAnswer {
+            node_nonce: nn,
+            peer_nonce: pn,
+        };
+        let mut hello = Header::request(Op::Hello, HELLO_REQUEST_ID);
+        hello.offset = c.shard as u64;
+        hello.volume = sender;
+        self.push_control(id, hello, proof, true);
+        Ok(())
+    }
+
+    /// Presents the newest credential on every verified connection whose
+    /// credential is older (a Renew, in order with its requests).
+    fn renew_all(&mut self) {
+        let (cred, gen) = self.shared.credential();
+        self.cred_gen = gen;
+        for id in 0..self.conns.len() as ConnId {
+            let c = &mut self.conns[id as usize];
+            if c.state == State::Closed || c.cred_gen == gen {
+                continue;
+            }
+            // A connection not proven yet presents the new one when it is
+            // (its generation stays old until then).
+            if let Auth::Verified { node_nonce } = c.auth {
+                let mut pn = [0u8; NONCE_BYTES];
+                rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut pn);
+                let sender = crate::attachment_of(&c.cred) as u64;
+                let proof = HelloProof::build(&cred, &node_nonce, &pn, c.shard, sender, true);
+                c.cred = cred.clone();
+                c.cred_gen = gen;
+                let h = Header::request(Op::Renew, RENEW_REQUEST_ID);
+                self.push_control(id, h, proof, false);
+            }
+        }
     }
 
     fn push(&mut self, id: ConnId, header: [u8; HEADER_BYTES], payload: Option<Payload>) {
@@ -458,6 +576,7 @@ impl Net {
             nsegs: p.nsegs,
             skip: p.skip,
             len: p.len,
+            owned: Vec::new(),
         });
         if !c.dirty {
             c.dirty = true;
@@ -467,6 +586,14 @@ impl Net {
 
     /// Writes what the connections queued.
     pub(crate) fn flush(&mut self, sink: &mut dyn Sink) {
+        if self
+            .shared
+            .credential_gen
+            .load(std::sync::atomic::Ordering::Acquire)
+            != self.cred_gen
+        {
+            self.renew_all();
+        }
         let mut i = 0;
         while i < self.dirty.len() {
             let id = self.dirty[i];
@@ -502,7 +629,7 @@ impl Net {
             if c.state != State::Open {
                 return;
             }
-            if c.sendq.is_empty() {
+            if c.sendq.is_empty() || c.auth == Auth::AwaitChallenge {
                 self.set_want_out(id, false);
                 return;
             }
@@ -520,7 +647,10 @@ impl Net {
                 } else {
                     from -= HEADER_BYTES;
                 }
-                if f.len > 0 {
+                if !f.owned.is_empty() {
+                    iov[n] = iovec(f.owned[from..].as_ptr(), f.len - from);
+                    n += 1;
+                } else if f.len > 0 {
                     // SAFETY: the slot's segments stay valid while the frame
                     // is queued (pinned; given up only through release_slot).
                     let covered = unsafe {
@@ -750,18 +880,21 @@ impl Net {
                 Ok(Some(h)) => h,
                 Err(e) => return Err(format!("bad frame: {e}")),
             };
+            let handshake = (h.kind == Kind::Request && h.op == Op::Challenge)
+                || (h.kind == Kind::Response
+                    && matches!(h.request_id, HELLO_REQUEST_ID | RENEW_REQUEST_ID));
+            if handshake {
+                if !self.handshake_frame(id, &h)? {
+                    return Ok(()); // not whole yet
+                }
+                continue;
+            }
             c.rstart += HEADER_BYTES;
             if h.kind != Kind::Response {
                 return Err(format!("the node sent a request ({:?}) to a client", h.op));
             }
-            if h.request_id == HELLO_REQUEST_ID {
-                if h.op != Op::Hello || h.status != Status::Ok {
-                    return Err(format!("hello refused: {:?}", h.status));
-                }
-                if h.payload_bytes != 0 {
-                    return Err("hello response with a payload".to_string());
-                }
-                continue;
+            if !matches!(c.auth, Auth::Verified { .. }) {
+                return Err("an answer before the node proved it knows the key".to_string());
             }
             if h.payload_bytes == 0 {
                 if h.payload_crc != 0 {
@@ -783,6 +916,65 @@ impl Net {
                 crc: 0,
             };
         }
+    }
+
+    /// A Challenge, Hello answer or Renew answer at the head of the
+    /// receive buffer: handled once whole (it is small), then consumed.
+    /// `Ok(false)`: not whole yet.
+    fn handshake_frame(&mut self, id: ConnId, h: &Header) -> Result<bool, String> {
+        let plen = h.payload_bytes as usize;
+        if plen > HANDSHAKE_PAYLOAD_MAX {
+            return Err(format!("a handshake frame with {plen} payload bytes"));
+        }
+        let c = &mut self.conns[id as usize];
+        if c.rend - c.rstart < HEADER_BYTES + plen {
+            return Ok(false);
+        }
+        let at = c.rstart + HEADER_BYTES;
+        let mut payload = [0u8; HANDSHAKE_PAYLOAD_MAX];
+        payload[..plen].copy_from_slice(&c.rbuf[at..at + plen]);
+        let payload = &payload[..plen];
+        h.verify_payload([payload])
+            .map_err(|e| format!("bad handshake frame: {e}"))?;
+        c.rstart += HEADER_BYTES + plen;
+        if h.op == Op::Challenge {
+            return self.on_challenge(id, payload).map(|()| true);
+        }
+        if h.request_id == RENEW_REQUEST_ID {
+            return match h.status {
+                Status::Ok => Ok(true),
+                s => Err(format!(
+                    "the node refused the renewed capability ({s:?}): reconnecting with it"
+                )),
+            };
+        }
+        let Auth::AwaitAnswer {
+            node_nonce,
+            peer_nonce,
+        } = c.auth
+        else {
+            return Err("a Hello answer outside the handshake".into());
+        };
+        match h.status {
+            Status::Ok => {}
+            Status::Unauthorized => return Err(
+                "the node refused this client's credential (another cluster's, expired or forged)"
+                    .into(),
+            ),
+            s => return Err(format!("hello refused: {s:?}")),
+        }
+        if !HelloProof::check_answer(c.cred.answer_key(), &node_nonce, &peer_nonce, payload) {
+            return Err(
+                "the node did not prove it knows the credential's key: not a node of this cluster"
+                    .into(),
+            );
+        }
+        c.auth = Auth::Verified { node_nonce };
+        if c.cred_gen != self.cred_gen {
+            // The credential was renewed while this one was being proven.
+            self.renew_all();
+        }
+        Ok(true)
     }
 
     fn finish_payload(&mut self, id: ConnId, sink: &mut dyn Sink) -> Result<(), String> {

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use celer_device::{
     check_request, DeviceInfo, DeviceQueue, IoCompletion, IoError, IoOp, IoRequest, IoSegment,
 };
-use celer_proto::{Header, Op, Status};
+use celer_proto::{version_clock, Header, Op, Status};
 use celer_route::{NodeId, RouteTable};
 use tracing::{debug, info, warn};
 
@@ -113,6 +113,9 @@ struct Part {
     skip: usize,
     /// crc32c of the payload (writes).
     crc: u32,
+    /// Write version of the part: the request's, or a newer one after a
+    /// member refused it as older.
+    version: u64,
     partition: u32,
     /// Epoch of the table the current attempt was sent under.
     epoch: u64,
@@ -166,7 +169,9 @@ enum Action {
 struct Core {
     index: usize,
     volume: u64,
-    client_id: u16,
+    /// The attachment id of the client's credential: its low 16 bits are
+    /// the writer bits of every write version.
+    attachment: u32,
     small_write_max: u32,
     request_timeout: Duration,
     op_deadline: Duration,
@@ -215,6 +220,13 @@ fn resolve_addrs(table: &RouteTable) -> HashMap<NodeId, SocketAddr> {
 fn status_error(s: Status, node: NodeId, volume: u64, offset: u64, len: u32) -> IoError {
     match s {
         Status::ReadOnly => IoError::ReadOnly,
+        Status::VersionAhead => IoError::Io(format!(
+            "volume {volume} [{offset}, +{len}): storage node {node} refused the write's version: this host's clock is more than {} s ahead of the node's (check NTP)",
+            celer_proto::VERSION_DRIFT_MAX_MS / 1000
+        )),
+        Status::Unauthorized => IoError::Io(format!(
+            "volume {volume} [{offset}, +{len}): storage node {node} refused the request: the client's capability does not allow it"
+        )),
         Status::Checksum => IoError::Checksum {
             offset_bytes: offset,
         },
@@ -289,7 +301,7 @@ impl Core {
         let version = if req.op == IoOp::Read {
             0
         } else {
-            Hlc::version(self.shared.hlc.tick(), self.client_id)
+            Hlc::version(self.shared.hlc.tick(), self.attachment as u16)
         };
         let r = &mut self.reqs[slot as usize];
         debug_assert!(!r.in_use && r.pinned == 0);
@@ -357,6 +369,7 @@ impl Core {
             part.len = len;
             part.skip = skip;
             part.crc = crc;
+            part.version = r.version;
             part.nlegs = 0;
             part.wait_since = None;
             let gen = part.gen;
@@ -526,7 +539,8 @@ impl Core {
         h.volume = self.volume;
         h.offset = part.offset;
         h.length = part.len;
-        h.version = r.version;
+        h.version = part.version;
+        h.attachment = self.attachment;
         let payload = if matches!(part.op, Op::Write | Op::WritePrimary) {
             h.payload_bytes = part.len;
             h.payload_crc = part.crc;
@@ -794,7 +808,9 @@ impl Core {
     }
 
     fn on_response(&mut self, conn: ConnId, node: NodeId, h: &Header, payload: &[u8]) {
-        self.shared.hlc.observe(h.version >> 16);
+        if h.status != Status::OlderVersion {
+            self.shared.hlc.observe_reported(version_clock(h.version));
+        }
         if h.request_id & CONTROL_BIT != 0 {
             if !payload.is_empty() {
                 self.offer_table(payload, node);
@@ -844,7 +860,47 @@ impl Core {
                     self.leg_failed(p, i, "stale epoch without a newer table");
                 }
             }
-            Status::RouteBehind | Status::Busy => {
+            Status::OlderVersion if part.op != Op::Read => {
+                // A member holds a newer version of a block: this write would
+                // be lost if acknowledged. Move the clock past it and send the
+                // part again, to every member, with a new version.
+                match self.shared.hlc.observe(version_clock(h.version)) {
+                    Ok(()) => {
+                        let version = Hlc::version(self.shared.hlc.tick(), self.attachment as u16);
+                        debug!(
+                            queue = self.index,
+                            node,
+                            stored = h.version,
+                            version,
+                            offset = part.offset,
+                            "write refused as older: sending it again with a newer version"
+                        );
+                        let part = &mut self.parts[p as usize];
+                        part.version = version;
+                        let gen = part.gen;
+                        self.actions.push_back(Action::Start { part: p, gen });
+                    }
+                    Err(e) => {
+                        let err = IoError::Io(format!(
+                            "volume {} [{}, +{}): storage node {node} holds version {:#x} of a block, more than {} s ahead of this host's clock: a writer's clock is wrong (check NTP on every host)",
+                            self.volume,
+                            part.offset,
+                            part.len,
+                            h.version,
+                            celer_proto::VERSION_DRIFT_MAX_MS / 1000
+                        ));
+                        warn!(
+                            queue = self.index,
+                            node,
+                            remote = e.remote,
+                            limit = e.limit,
+                            "a stored version is beyond the drift bound: the write fails"
+                        );
+                        self.part_done(p, Err(err));
+                    }
+                }
+            }
+            Status::RouteBehind | Status::Busy | Status::Expired => {
                 let at = self.now + BACKOFF;
                 let leg = &mut self.parts[p as usize].legs[i];
                 leg.state = LegState::Backoff;
@@ -1174,7 +1230,7 @@ impl ClientQueue {
             "eventfd",
             index,
         )?;
-        let net = Net::new(epoll, cfg.client_id, index);
+        let net = Net::new(epoll, shared.clone(), index);
         let reg = |fd: RawFd, tok: u64, what: &str| {
             net.register(fd, tok)
                 .map_err(|e| IoError::Io(format!("queue {index}: epoll add {what}: {e}")))
@@ -1220,6 +1276,7 @@ impl ClientQueue {
                 len: 0,
                 skip: 0,
                 crc: 0,
+                version: 0,
                 partition: 0,
                 epoch: 0,
                 legs: [idle_leg; LEGS_MAX],
@@ -1234,7 +1291,7 @@ impl ClientQueue {
         let core = Core {
             index,
             volume: cfg.volume,
-            client_id: cfg.client_id,
+            attachment: crate::attachment_of(&cfg.credential),
             small_write_max: cfg.small_write_max,
             request_timeout: cfg.request_timeout,
             op_deadline: cfg.op_deadline,

@@ -92,7 +92,8 @@ fn batch(q: &mut Box<dyn DeviceQueue>, bufs: &mut [Vec<u8>], op: IoOp, offsets: 
 #[test]
 fn the_4k_path_allocates_nothing() {
     let c = Cluster::start(3, &[1, 2, 3], 2, 4, 64 << 10);
-    let client = Client::connect(ClientConfig::new(c.seeds(), 3, 64 << 20, 5)).unwrap();
+    let client =
+        Client::connect(ClientConfig::new(c.seeds(), 3, 64 << 20, common::cred(3))).unwrap();
     let mut q = client.open_queue(0).unwrap();
     let mut bufs: Vec<Vec<u8>> = (0..32).map(|i| pattern(i, 4096)).collect();
     let offsets: Vec<u64> = (0..32u64).map(|i| i * (1 << 20) + 8192).collect();

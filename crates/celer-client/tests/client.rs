@@ -15,7 +15,7 @@ const CHUNK: u64 = 64 << 10;
 
 /// A timeout long enough that a loaded machine does not fire it by mistake.
 fn config(c: &Cluster) -> ClientConfig {
-    let mut cfg = ClientConfig::new(c.seeds(), VOLUME, SIZE, 9);
+    let mut cfg = ClientConfig::new(c.seeds(), VOLUME, SIZE, common::cred(VOLUME));
     cfg.request_timeout = Duration::from_secs(1);
     cfg.op_deadline = Duration::from_secs(10);
     cfg
@@ -391,11 +391,11 @@ fn misaligned_out_of_range_and_oversized_requests_are_rejected() {
     assert_eq!(q.inflight(), 0);
     // Configuration errors.
     assert!(matches!(
-        Client::connect(ClientConfig::new(vec![], 1, SIZE, 1)),
+        Client::connect(ClientConfig::new(vec![], 1, SIZE, common::cred(1))),
         Err(ClientError::NoSeeds)
     ));
     assert!(matches!(
-        Client::connect(ClientConfig::new(c.seeds(), 1, 1000, 1)),
+        Client::connect(ClientConfig::new(c.seeds(), 1, 1000, common::cred(1))),
         Err(ClientError::Size(1000))
     ));
     let dead = std::net::TcpListener::bind("127.0.0.1:0")
@@ -404,23 +404,38 @@ fn misaligned_out_of_range_and_oversized_requests_are_rejected() {
         .unwrap()
         .to_string();
     assert!(matches!(
-        Client::connect(ClientConfig::new(vec![dead.clone()], 1, SIZE, 1)),
+        Client::connect(ClientConfig::new(
+            vec![dead.clone()],
+            1,
+            SIZE,
+            common::cred(1)
+        )),
         Err(ClientError::NoRoute(_))
     ));
-    assert!(probe_route(&dead).is_err());
+    assert!(probe_route(&dead, &common::cred(1)).is_err());
     // A second seed that works is used when the first does not.
-    let cfg = ClientConfig::new(vec![dead, c.nodes[1].addr.clone()], 1, SIZE, 1);
+    let cfg = ClientConfig::new(
+        vec![dead, c.nodes[1].addr.clone()],
+        1,
+        SIZE,
+        common::cred(1),
+    );
     assert_eq!(Client::connect(cfg).unwrap().route_table().epoch, 1);
 }
 
 #[test]
 fn probe_route_fetches_the_nodes_table() {
     let c = Cluster::start(3, &[1, 2, 3], 2, 4, CHUNK);
-    let t = probe_route(&c.nodes[2].addr).unwrap();
+    let t = probe_route(&c.nodes[2].addr, &common::cred(1)).unwrap();
     assert_eq!(t, c.table);
     let t2 = c.next_table(&c.table, &[1, 2]);
     c.node(3).set_table(&t2);
-    assert_eq!(probe_route(&c.nodes[2].addr).unwrap().epoch, 2);
+    assert_eq!(
+        probe_route(&c.nodes[2].addr, &common::cred(1))
+            .unwrap()
+            .epoch,
+        2
+    );
 }
 
 #[test]

@@ -66,7 +66,12 @@ fn real_nodes_round_trip_and_fail_over() {
         assert!(n.install_route(t.clone()));
     }
     let seeds = vec![infos[0].data_addr.clone()];
-    let mut cfg = ClientConfig::new(seeds, 1, 32 << 20, 3);
+    let mut cfg = ClientConfig::new(
+        seeds,
+        1,
+        32 << 20,
+        celer_client::mint_credential("t", 1, 3, false, Duration::from_secs(3600)),
+    );
     cfg.request_timeout = Duration::from_millis(300);
     let client = Client::connect(cfg).unwrap();
     let mut q = client.open_queue(0).unwrap();

@@ -143,6 +143,11 @@ pub struct Completion {
     /// Blocks applied (writes) or read; a write whose version was not newer
     /// than the stored one completes with `Ok(0)`.
     pub result: Result<u32, EngineError>,
+    /// Writes, zeroes, discards: the highest version, strictly newer than
+    /// the request's, that made a block of it skip (0: every block was
+    /// applied or held the request's own version, i.e. a retry). The
+    /// caller decides what an older write means (a client's is refused).
+    pub newer_version: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -193,6 +198,8 @@ struct Op {
     jbufs: Vec<usize>,
     pending: u32,
     applied: u32,
+    /// See `Completion::newer_version`.
+    newer_version: u64,
     error: Option<EngineError>,
     allocated_slot: bool,
     /// Alone in the shard: its data and journal writes carry RWF_DSYNC, so it
@@ -491,6 +498,7 @@ impl Shard {
                 jbufs: Vec::with_capacity(JOURNAL_BUFS),
                 pending: 0,
                 applied: 0,
+                newer_version: 0,
                 error: None,
                 allocated_slot: false,
                 solo: false,
@@ -622,6 +630,17 @@ impl Shard {
             .flat_map(|s| s.planned_version.iter().copied())
             .max()
             .unwrap_or(0)
+    }
+
+    /// Per volume, the highest block version this shard holds.
+    pub fn max_versions_by_volume(&self) -> HashMap<u64, u64> {
+        let mut m: HashMap<u64, u64> = HashMap::new();
+        for s in self.slots.iter().flatten() {
+            let v = s.planned_version.iter().copied().max().unwrap_or(0);
+            let e = m.entry(s.owner.volume).or_default();
+            *e = (*e).max(v);
+        }
+        m
     }
 
     /// The (volume, chunk) pairs this shard holds, in no particular order.
@@ -764,6 +783,7 @@ impl Shard {
         op.segs.extend_from_slice(req.segments);
         op.pending = 0;
         op.applied = 0;
+        op.newer_version = 0;
         op.error = None;
         op.allocated_slot = false;
         op.solo = false;
@@ -1083,6 +1103,12 @@ impl Shard {
             {
                 // A late write older than the discard that freed the chunk:
                 // dropped, as the slot's versions would have dropped it.
+                let op = &mut self.ops[id as usize];
+                if let Some(v) = self.discarded.covers((volume, chunk), op.version) {
+                    if v > op.version {
+                        op.newer_version = v;
+                    }
+                }
                 return self.finish(id);
             }
             None => {
@@ -1154,6 +1180,10 @@ impl Shard {
         while k < op.count {
             let logical = op.first + k;
             if op.version <= slot.planned_version[logical as usize] {
+                let stored = slot.planned_version[logical as usize];
+                if stored > op.version {
+                    op.newer_version = op.newer_version.max(stored);
+                }
                 op.plan.push(Planned {
                     logical,
                     phys: PHYS_NONE,
@@ -1880,6 +1910,7 @@ impl Shard {
         self.done.push_back(Completion {
             tag: op.tag,
             result,
+            newer_version: op.newer_version,
         });
         self.free_ops.push(id);
         self.advance_watermark();

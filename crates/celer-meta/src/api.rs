@@ -181,6 +181,42 @@ pub struct Volume {
     pub created_at: u64,
 }
 
+/// `POST /v1/volumes/{name}/attachments`: attach the volume.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachVolume {
+    /// A read-only attachment: the nodes refuse its writes.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// An attachment as the control service records it: the id is assigned
+/// here, from a counter that never goes back, and never reused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachmentRecord {
+    pub id: u32,
+    pub volume_id: u64,
+    pub volume: String,
+    pub read_only: bool,
+    /// When it was created (ms since the Unix epoch).
+    pub at: u64,
+}
+
+/// What an attaching client gets: its attachment, the volume, and the
+/// credential the storage nodes require (a capability and its key, hex).
+/// The key is a secret: whoever holds it can do what the capability allows
+/// until it expires.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub attachment: AttachmentRecord,
+    pub volume: Volume,
+    /// The encoded capability (celer_proto::auth::Capability), hex.
+    pub capability: String,
+    /// The attachment key, hex.
+    pub key: String,
+    pub expires_unix_ms: u64,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResizeVolume {
     /// The new size: larger than the current one (grow only).
@@ -213,6 +249,14 @@ pub enum Change {
     VolumeDeleted {
         id: u64,
         name: String,
+    },
+    /// A client attached the volume (a capability was handed out).
+    VolumeAttached {
+        attachment: AttachmentRecord,
+    },
+    /// An attachment ended (no new capability for it).
+    VolumeDetached {
+        attachment: AttachmentRecord,
     },
     /// A node registered (new) or re-registered (same id, maybe new address).
     NodeRegistered {
@@ -262,6 +306,20 @@ impl std::fmt::Display for Change {
                 "volume {name} resized from {old_size_bytes} to {size_bytes} bytes"
             ),
             Change::VolumeDeleted { id, name } => write!(f, "volume {name} (id {id}) deleted"),
+            Change::VolumeAttached { attachment: a } => write!(
+                f,
+                "volume {} attached as attachment {} ({})",
+                a.volume,
+                a.id,
+                if a.read_only {
+                    "read-only"
+                } else {
+                    "read-write"
+                }
+            ),
+            Change::VolumeDetached { attachment: a } => {
+                write!(f, "attachment {} of volume {} detached", a.id, a.volume)
+            }
             Change::NodeRegistered { node } => write!(
                 f,
                 "node {} registered (data {}, admin {}, domain {}, {} shards)",

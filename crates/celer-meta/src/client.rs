@@ -14,8 +14,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::api::{
-    CreateVolume, ErrorBody, Heartbeat, HeartbeatReply, LogEntry, NodeStatus, RegisterNode,
-    Registered, ResizeVolume, RestoreLog, Restored, Status, Synced, SyncedReply, Volume,
+    AttachVolume, Attachment, AttachmentRecord, CreateVolume, ErrorBody, Heartbeat, HeartbeatReply,
+    LogEntry, NodeStatus, RegisterNode, Registered, ResizeVolume, RestoreLog, Restored, Status,
+    Synced, SyncedReply, Volume,
 };
 
 /// Connecting to the control service gives up after this long.
@@ -225,6 +226,32 @@ impl MetaClient {
             &[],
             Some(&ResizeVolume { size_bytes }),
         )
+    }
+
+    /// `POST /v1/volumes/{name}/attachments`: a new attachment and its
+    /// capability.
+    pub fn attach(&self, name: &str, read_only: bool) -> Result<Attachment, MetaClientError> {
+        self.call(
+            "POST",
+            &format!("/v1/volumes/{}/attachments", path_escape(name)),
+            &[],
+            Some(&AttachVolume { read_only }),
+        )
+    }
+
+    /// `POST /v1/attachments/{id}/renew`: a fresh capability for it.
+    pub fn renew_attachment(&self, id: u32) -> Result<Attachment, MetaClientError> {
+        self.call::<(), _>("POST", &format!("/v1/attachments/{id}/renew"), &[], None)
+    }
+
+    /// `GET /v1/attachments`.
+    pub fn attachments(&self) -> Result<Vec<AttachmentRecord>, MetaClientError> {
+        self.call::<(), _>("GET", "/v1/attachments", &[], None)
+    }
+
+    /// `DELETE /v1/attachments/{id}`.
+    pub fn detach(&self, id: u32) -> Result<AttachmentRecord, MetaClientError> {
+        self.call::<(), _>("DELETE", &format!("/v1/attachments/{id}"), &[], None)
     }
 
     /// `DELETE /v1/volumes/{name}`: returns the deleted volume.

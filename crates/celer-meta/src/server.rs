@@ -20,15 +20,15 @@ use axum::extract::{MatchedPath, Path, RawQuery, Request, State};
 use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Extension, Json, Router};
 use celer_route::{NodeId, RouteTable};
 use serde::de::DeserializeOwned;
 use tokio::sync::{oneshot, watch};
 
 use crate::api::{
-    CreateVolume, ErrorBody, Heartbeat, RegisterNode, ResizeVolume, RestoreLog, Synced,
-    LOG_PAGE_MAX,
+    AttachVolume, Attachment, AttachmentRecord, CreateVolume, ErrorBody, Heartbeat, RegisterNode,
+    ResizeVolume, RestoreLog, Synced, LOG_PAGE_MAX,
 };
 use crate::metrics::Metrics;
 use crate::state::{Cluster, ClusterConfig, Pushed, StateError};
@@ -44,6 +44,9 @@ pub const LISTEN_DEFAULT: &str = "127.0.0.1:7700";
 pub const PARTITION_BITS_DEFAULT: u8 = 8;
 /// Default bound on partitions starting a move at once.
 pub const MAX_MOVES_DEFAULT: usize = 64;
+/// How long a capability handed to an attaching client is valid (1 hour;
+/// clients renew it at a third of that).
+pub const CAPABILITY_TTL_MS_DEFAULT: u64 = 3_600_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
@@ -142,6 +145,7 @@ impl MetaConfig {
                 replicas: celer_route::REPLICAS_DEFAULT,
                 max_moves: MAX_MOVES_DEFAULT,
                 chunk_bytes: celer_route::CHUNK_BYTES_DEFAULT,
+                capability_ttl_ms: CAPABILITY_TTL_MS_DEFAULT,
             },
         }
     }
@@ -255,6 +259,9 @@ pub(crate) struct Shared {
     /// Nodes with a pusher task.
     pushers: Mutex<HashSet<NodeId>>,
     push_token: String,
+    /// The cluster data key (from the node token): capabilities are signed
+    /// with it.
+    data_key: celer_proto::auth::Key,
     pub(crate) metrics: Metrics,
     rt: tokio::runtime::Handle,
 }
@@ -565,6 +572,67 @@ async fn resize_volume(
         .map(Json)
 }
 
+/// A capability for `a`, valid for the configured time from now.
+fn mint(st: &Shared, v: crate::api::Volume, a: AttachmentRecord) -> Attachment {
+    let expires_unix_ms = crate::state::unix_ms() + st.cluster_cfg.capability_ttl_ms;
+    let cap = celer_proto::auth::Capability::mint(
+        &st.data_key,
+        v.id,
+        a.id,
+        0,
+        a.read_only,
+        expires_unix_ms,
+    );
+    Attachment {
+        capability: cap.to_hex(),
+        key: celer_proto::auth::to_hex(&cap.attachment_key(&st.data_key)),
+        expires_unix_ms,
+        attachment: a,
+        volume: v,
+    }
+}
+
+async fn attach_volume(
+    State(st): State<Arc<Shared>>,
+    Extension(who): Extension<Who>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Attachment> {
+    let req: AttachVolume = if body.is_empty() {
+        AttachVolume::default()
+    } else {
+        parse_body(&body)?
+    };
+    let (v, a) = st
+        .run(move |c, s| Ok((c.attach(s, &who.0, &name, req.read_only)?, None)))
+        .await?;
+    Ok(Json(mint(&st, v, a)))
+}
+
+async fn renew_attachment(
+    State(st): State<Arc<Shared>>,
+    Path(id): Path<u32>,
+) -> ApiResult<Attachment> {
+    let (v, a) = st.run(move |c, _| Ok((c.attachment(id)?, None))).await?;
+    Ok(Json(mint(&st, v, a)))
+}
+
+async fn attachments(State(st): State<Arc<Shared>>) -> ApiResult<Vec<AttachmentRecord>> {
+    st.run(move |c, _| Ok((c.attachments(), None)))
+        .await
+        .map(Json)
+}
+
+async fn detach(
+    State(st): State<Arc<Shared>>,
+    Extension(who): Extension<Who>,
+    Path(id): Path<u32>,
+) -> ApiResult<AttachmentRecord> {
+    st.run(move |c, s| Ok((c.detach(s, &who.0, id)?, None)))
+        .await
+        .map(Json)
+}
+
 async fn delete_volume(
     State(st): State<Arc<Shared>>,
     Extension(who): Extension<Who>,
@@ -672,6 +740,10 @@ pub(crate) fn router(st: Arc<Shared>) -> Router {
         .route("/v1/volumes", post(create_volume).get(volumes))
         .route("/v1/volumes/{name}", get(volume).delete(delete_volume))
         .route("/v1/volumes/{name}/resize", post(resize_volume))
+        .route("/v1/volumes/{name}/attachments", post(attach_volume))
+        .route("/v1/attachments", get(attachments))
+        .route("/v1/attachments/{id}", delete(detach))
+        .route("/v1/attachments/{id}/renew", post(renew_attachment))
         .route("/v1/log", get(log))
         .route("/v1/log/restore", post(restore))
         .route("/v1/status", get(status))
@@ -863,6 +935,7 @@ async fn run_server(
             changed,
             closing,
             pushers: Mutex::new(HashSet::new()),
+            data_key: celer_proto::auth::data_key_from_secret(&push_token),
             push_token,
             metrics: Metrics::new(),
             rt: tokio::runtime::Handle::current(),

@@ -10,8 +10,9 @@
 //! node gets a fresh lease, and figures come with the next heartbeats.
 //!
 //! Store layout (keys): `node/{id:010}` → `NodeInfo`, `vol/{name}` →
-//! `Volume`, `route` → `StoredRoute`, `ctr/node` and `ctr/volume` → the next
-//! ids (decimal); the change log holds `LogEntry` JSON.
+//! `Volume`, `route` → `StoredRoute`, `ctr/node`, `ctr/volume` and
+//! `ctr/attachment` → the next ids (decimal), `att/{id:010}` →
+//! `AttachmentRecord`; the change log holds `LogEntry` JSON.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -20,9 +21,9 @@ use celer_route::{NodeId, NodeInfo, RouteTable};
 use serde::{Deserialize, Serialize};
 
 use crate::api::{
-    validate_volume_name, validate_volume_size, Change, CreateVolume, Heartbeat, HeartbeatReply,
-    LogEntry, NodeRecord, NodeStatus, RegisterNode, Registered, Restored, Status, SyncedReply,
-    Volume, LOG_PAGE_MAX, VOLUME_REPLICAS_MAX,
+    validate_volume_name, validate_volume_size, AttachmentRecord, Change, CreateVolume, Heartbeat,
+    HeartbeatReply, LogEntry, NodeRecord, NodeStatus, RegisterNode, Registered, Restored, Status,
+    SyncedReply, Volume, LOG_PAGE_MAX, VOLUME_REPLICAS_MAX,
 };
 use crate::store::{MetaStore, Op, StoreError};
 
@@ -41,6 +42,10 @@ pub struct ClusterConfig {
     pub replicas: u8,
     pub max_moves: usize,
     pub chunk_bytes: u64,
+    /// How long a capability handed to an attaching client is valid; the
+    /// client renews it well before (and keeps working through a control
+    /// service outage shorter than what is left).
+    pub capability_ttl_ms: u64,
 }
 
 /// An API error: HTTP status and a message saying what to do.
@@ -99,6 +104,9 @@ struct Persistent {
     route: StoredRoute,
     next_node_id: NodeId,
     next_volume_id: u64,
+    /// Attachments handed out and not detached.
+    attachments: BTreeMap<u32, AttachmentRecord>,
+    next_attachment_id: u64,
     last_seq: u64,
     /// Deleted volume ids (tombstones): storage nodes free their chunks and
     /// refuse I/O to them. A restore that brings a volume back removes its
@@ -150,6 +158,10 @@ pub struct Cluster {
 
 /// What a change did besides its reply: a new table to push.
 pub type Pushed = Option<RouteTable>;
+
+pub(crate) fn unix_ms() -> u64 {
+    now_ms()
+}
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -224,6 +236,10 @@ impl Tx {
             .push(Op::put("ctr/node", self.p.next_node_id.to_string()));
         self.ops
             .push(Op::put("ctr/volume", self.p.next_volume_id.to_string()));
+        self.ops.push(Op::put(
+            "ctr/attachment",
+            self.p.next_attachment_id.to_string(),
+        ));
     }
     /// Installs `t` as the current table, recording which syncing members
     /// are new in it.
@@ -335,6 +351,12 @@ impl Cluster {
             reason: "out of range".into(),
         })?;
         let next_volume_id = counter("ctr/volume")?;
+        let next_attachment_id = counter("ctr/attachment")?;
+        let mut attachments = BTreeMap::new();
+        for (k, v) in store.scan_prefix(b"att/")? {
+            let a: AttachmentRecord = parse(&k, &v)?;
+            attachments.insert(a.id, a);
+        }
         let mut disks = BTreeMap::new();
         for (k, v) in store.scan_prefix(b"disk/")? {
             let parsed = std::str::from_utf8(&k[5..])
@@ -373,6 +395,8 @@ impl Cluster {
                 route,
                 next_node_id,
                 next_volume_id,
+                attachments,
+                next_attachment_id,
                 last_seq,
                 deleted,
                 disks,
@@ -835,6 +859,93 @@ impl Cluster {
         Ok(v)
     }
 
+    /// Records a new attachment of volume `name`: a fresh id, never used
+    /// before (ids are never reused, so two attachments never share the
+    /// writer bits of their versions until 2^16 attachments later; see
+    /// celer-proto).
+    pub fn attach(
+        &mut self,
+        store: &dyn MetaStore,
+        who: &str,
+        name: &str,
+        read_only: bool,
+    ) -> Result<(Volume, AttachmentRecord)> {
+        let v = self.volume(name)?;
+        let id = u32::try_from(self.p.next_attachment_id)
+            .ok()
+            .filter(|id| *id > 0)
+            .ok_or_else(|| {
+                StateError::Conflict("attachment ids are exhausted (2^32 handed out)".into())
+            })?;
+        let a = AttachmentRecord {
+            id,
+            volume_id: v.id,
+            volume: v.name.clone(),
+            read_only,
+            at: now_ms(),
+        };
+        let mut tx = self.begin(who);
+        tx.p.next_attachment_id += 1;
+        tx.put_counters();
+        tx.ops.push(Op::put(format!("att/{id:010}"), json(&a)));
+        tx.p.attachments.insert(id, a.clone());
+        tx.log(Change::VolumeAttached {
+            attachment: a.clone(),
+        });
+        self.commit(store, tx)?;
+        Ok((v, a))
+    }
+
+    /// Attachment `id` and its volume (for a renewal).
+    pub fn attachment(&self, id: u32) -> Result<(Volume, AttachmentRecord)> {
+        let a = self.p.attachments.get(&id).cloned().ok_or_else(|| {
+            StateError::NotFound(format!(
+                "no attachment {id}: it was detached, or never made (attach the volume again)"
+            ))
+        })?;
+        let v = self
+            .p
+            .volumes
+            .values()
+            .find(|v| v.id == a.volume_id)
+            .cloned()
+            .ok_or_else(|| {
+                StateError::NotFound(format!(
+                    "attachment {id} is of volume {} (id {}), which no longer exists",
+                    a.volume, a.volume_id
+                ))
+            })?;
+        Ok((v, a))
+    }
+
+    /// Ends attachment `id`: no capability is renewed for it any more.
+    pub fn detach(
+        &mut self,
+        store: &dyn MetaStore,
+        who: &str,
+        id: u32,
+    ) -> Result<AttachmentRecord> {
+        let a = self
+            .p
+            .attachments
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| StateError::NotFound(format!("no attachment {id}")))?;
+        let mut tx = self.begin(who);
+        tx.ops.push(Op::delete(format!("att/{id:010}")));
+        tx.p.attachments.remove(&id);
+        tx.log(Change::VolumeDetached {
+            attachment: a.clone(),
+        });
+        self.commit(store, tx)?;
+        Ok(a)
+    }
+
+    /// Attachments handed out and not detached.
+    pub fn attachments(&self) -> Vec<AttachmentRecord> {
+        self.p.attachments.values().cloned().collect()
+    }
+
     pub fn delete_volume(
         &mut self,
         store: &dyn MetaStore,
@@ -1049,6 +1160,8 @@ fn replay(
         }
         Change::NodeDown { .. }
         | Change::NodeUp { .. }
+        | Change::VolumeAttached { .. }
+        | Change::VolumeDetached { .. }
         | Change::RouteEpoch { .. }
         | Change::RouteSplit { .. } => {}
     }

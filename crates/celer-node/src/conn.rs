@@ -1,19 +1,60 @@
 //! One TCP connection of a shard: nonblocking socket, a receive buffer that
-//! frames are parsed from in place, and a send buffer.
+//! frames are parsed from in place, a send buffer, and who the peer proved
+//! to be.
 //!
 //! Buffers are per connection and reused: after warm-up a 4 KiB request
 //! allocates nothing. Payloads are copied once on each side (socket buffer →
 //! the op's aligned buffer for O_DIRECT; the op's buffer → send buffer):
 //! a 4 KiB memcpy costs ~0.1 µs against a ~10 µs loopback round trip.
+//!
+//! Memory is bounded: the receive buffer starts at [`RBUF_INITIAL`] and
+//! never grows by itself; a frame larger than it asks the shard for room
+//! ([`Next::Grow`]), which the shard grants from a budget; the room is kept
+//! for the next large frame until the budget runs short, then taken back
+//! from connections that hold no partial frame ([`Conn::shrink`]). The send buffer is bounded by
+//! the shard, which stops reading a connection whose responses are not
+//! being read ([`SEND_HIGH_BYTES`]).
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
+use std::time::Instant;
 
+use celer_proto::auth::{Capability, Nonce};
 use celer_proto::{decode_header, FrameError, Header, HEADER_BYTES};
 
-/// Receive buffer to start with; grows to the largest frame seen.
-const RBUF_INITIAL: usize = 256 << 10;
+use crate::handshake::ConnTicket;
+
+/// Receive buffer of every connection: holds many small frames; a larger
+/// frame borrows room from the shard's budget while it is received.
+pub(crate) const RBUF_INITIAL: usize = 64 << 10;
+/// Unsent response bytes above which the shard stops reading requests from
+/// the connection, until they fall below [`SEND_LOW_BYTES`].
+pub(crate) const SEND_HIGH_BYTES: usize = 4 << 20;
+pub(crate) const SEND_LOW_BYTES: usize = 1 << 20;
+
+/// Who the peer is.
+pub(crate) enum ConnAuth {
+    /// Inbound: a storage node proved the data key.
+    Node,
+    /// Inbound: a client proved the key of this capability.
+    Attachment {
+        cap: Capability,
+        /// The handshake's values, which a `Renew` proof is bound to.
+        node_nonce: Nonce,
+        shard: u16,
+        sender: u64,
+    },
+    /// Outbound to a node: waiting for its Challenge; output is held.
+    AwaitChallenge,
+    /// Outbound: our Hello is queued; waiting for the node's proof.
+    AwaitAnswer {
+        node_nonce: Nonce,
+        peer_nonce: Nonce,
+    },
+    /// Outbound: the node proved the data key.
+    Verified,
+}
 
 pub(crate) struct Conn {
     pub(crate) stream: TcpStream,
@@ -25,12 +66,26 @@ pub(crate) struct Conn {
     rend: usize,
     pub(crate) wbuf: Vec<u8>,
     wpos: usize,
-    /// The peer said Hello (inbound) / we sent Hello (outbound).
-    pub(crate) helloed: bool,
+    pub(crate) auth: ConnAuth,
     /// Outbound connection to (node, shard), for forwarding and backfill.
     pub(crate) peer: Option<(u32, u16)>,
     /// Whether EPOLLOUT is armed.
     pub(crate) want_out: bool,
+    /// Whether EPOLLIN is armed (off while reading is paused).
+    pub(crate) want_in: bool,
+    /// Reading paused: its responses are not being read.
+    pub(crate) send_blocked: bool,
+    /// Reading paused: its next frame needs room the budget lacks.
+    pub(crate) starved: bool,
+    /// Bytes of the receive buffer above RBUF_INITIAL, taken from the
+    /// shard's budget.
+    pub(crate) borrowed: usize,
+    /// Requests of this connection being served.
+    pub(crate) ops: usize,
+    /// Since when a frame's header is in but not its whole payload.
+    pub(crate) partial_since: Option<Instant>,
+    /// Its place in the node's connection counts (inbound).
+    pub(crate) _ticket: Option<ConnTicket>,
 }
 
 /// A complete frame at the head of the receive buffer.
@@ -40,8 +95,24 @@ pub(crate) struct Frame {
     pub(crate) at: usize,
 }
 
+/// What the receive buffer holds next.
+pub(crate) enum Next {
+    Frame(Frame),
+    /// Read more.
+    More,
+    /// A frame of this many bytes (header and payload) does not fit: ask
+    /// the budget for room, then call [`Conn::grow`].
+    Grow(usize),
+}
+
 impl Conn {
-    pub(crate) fn new(stream: TcpStream, gen: u32, peer: Option<(u32, u16)>) -> Conn {
+    pub(crate) fn new(
+        stream: TcpStream,
+        gen: u32,
+        peer: Option<(u32, u16)>,
+        auth: ConnAuth,
+        ticket: Option<ConnTicket>,
+    ) -> Conn {
         Conn {
             stream,
             gen,
@@ -50,9 +121,16 @@ impl Conn {
             rend: 0,
             wbuf: Vec::with_capacity(RBUF_INITIAL),
             wpos: 0,
-            helloed: false,
+            auth,
             peer,
             want_out: false,
+            want_in: true,
+            send_blocked: false,
+            starved: false,
+            borrowed: 0,
+            ops: 0,
+            partial_since: None,
+            _ticket: ticket,
         }
     }
 
@@ -60,18 +138,18 @@ impl Conn {
         self.stream.as_raw_fd()
     }
 
-    /// Reads what the socket has. Ok(false): the peer closed.
+    /// Reads what the socket has, as far as the buffer holds. Ok(false): the
+    /// peer closed.
     pub(crate) fn fill(&mut self) -> io::Result<bool> {
         loop {
             if self.rend == self.rbuf.len() {
-                if self.rstart > 0 {
-                    self.rbuf.copy_within(self.rstart..self.rend, 0);
-                    self.rend -= self.rstart;
-                    self.rstart = 0;
-                } else {
-                    let n = self.rbuf.len() * 2;
-                    self.rbuf.resize(n, 0);
+                if self.rstart == 0 {
+                    // Full: the frames in it are handled first.
+                    return Ok(true);
                 }
+                self.rbuf.copy_within(self.rstart..self.rend, 0);
+                self.rend -= self.rstart;
+                self.rstart = 0;
             }
             match self.stream.read(&mut self.rbuf[self.rend..]) {
                 Ok(0) => return Ok(false),
@@ -84,27 +162,37 @@ impl Conn {
     }
 
     /// The next complete frame, if one has arrived (payload crc checked).
-    pub(crate) fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+    pub(crate) fn next_frame(&mut self) -> Result<Next, FrameError> {
         let avail = &self.rbuf[self.rstart..self.rend];
         let Some(header) = decode_header(avail)? else {
-            return Ok(None);
+            return Ok(Next::More);
         };
         let total = HEADER_BYTES + header.payload_bytes as usize;
         if avail.len() < total {
+            if self.partial_since.is_none() {
+                self.partial_since = Some(Instant::now());
+            }
             if self.rbuf.len() - self.rstart < total {
                 // Make room for the whole frame.
                 self.rbuf.copy_within(self.rstart..self.rend, 0);
                 self.rend -= self.rstart;
                 self.rstart = 0;
                 if self.rbuf.len() < total {
-                    self.rbuf.resize(total.next_power_of_two(), 0);
+                    return Ok(Next::Grow(total));
                 }
             }
-            return Ok(None);
+            return Ok(Next::More);
         }
+        self.partial_since = None;
         let at = self.rstart + HEADER_BYTES;
         header.verify_payload([&self.rbuf[at..at + header.payload_bytes as usize]])?;
-        Ok(Some(Frame { header, at }))
+        Ok(Next::Frame(Frame { header, at }))
+    }
+
+    /// Room for a frame of `total` bytes (the shard granted it).
+    pub(crate) fn grow(&mut self, total: usize) {
+        self.rbuf.resize(total, 0);
+        self.borrowed = total.saturating_sub(RBUF_INITIAL);
     }
 
     /// Drops the frame returned by `next_frame`.
@@ -114,6 +202,22 @@ impl Conn {
             self.rstart = 0;
             self.rend = 0;
         }
+    }
+
+    /// Gives back borrowed room if what the buffer holds fits in the usual
+    /// size; returns the bytes given back. (Room is kept between large
+    /// frames, so a stream of them allocates nothing, until the budget
+    /// runs short: see the shard's `reclaim`.)
+    pub(crate) fn shrink(&mut self) -> usize {
+        if self.borrowed == 0 || self.rend - self.rstart > RBUF_INITIAL {
+            return 0;
+        }
+        self.rbuf.copy_within(self.rstart..self.rend, 0);
+        self.rend -= self.rstart;
+        self.rstart = 0;
+        self.rbuf.truncate(RBUF_INITIAL);
+        self.rbuf.shrink_to_fit();
+        std::mem::take(&mut self.borrowed)
     }
 
     pub(crate) fn payload(&self, f: &Frame) -> &[u8] {
@@ -129,12 +233,29 @@ impl Conn {
         }
     }
 
+    /// Puts a frame before everything queued (the Hello of an outbound
+    /// connection, once the node's Challenge came; nothing was sent yet).
+    pub(crate) fn queue_first(&mut self, h: Header, payload: &[u8]) {
+        let h = h.with_payload([payload]);
+        let mut first = h.encode().to_vec();
+        first.extend_from_slice(payload);
+        self.wbuf.splice(self.wpos..self.wpos, first);
+    }
+
+    /// Response bytes not sent yet.
+    pub(crate) fn unsent(&self) -> usize {
+        self.wbuf.len() - self.wpos
+    }
+
     pub(crate) fn has_output(&self) -> bool {
-        self.wpos < self.wbuf.len()
+        !matches!(self.auth, ConnAuth::AwaitChallenge) && self.wpos < self.wbuf.len()
     }
 
     /// Sends what the socket takes. Err: the connection is broken.
     pub(crate) fn flush(&mut self) -> io::Result<()> {
+        if matches!(self.auth, ConnAuth::AwaitChallenge) {
+            return Ok(());
+        }
         while self.wpos < self.wbuf.len() {
             match self.stream.write(&self.wbuf[self.wpos..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -146,6 +267,10 @@ impl Conn {
         }
         self.wbuf.clear();
         self.wpos = 0;
+        if self.wbuf.capacity() > SEND_HIGH_BYTES {
+            // A burst of large responses is over: give the room back.
+            self.wbuf.shrink_to(RBUF_INITIAL);
+        }
         Ok(())
     }
 }

@@ -9,8 +9,8 @@
 //! forwarding for large writes, route hand-out to clients with an old epoch,
 //! and backfill of partitions where it is a new (syncing) member.
 //!
-//! Around the shards: an acceptor thread hands each new connection to the
-//! shard its `Hello` names; the admin HTTP server (routes pushed by the
+//! Around the shards: an acceptor thread authenticates each new connection
+//! (see `handshake`) and hands it to the shard its `Hello` names; the admin HTTP server (routes pushed by the
 //! control service, `/metrics`, `/v1/status`); the agent thread registers
 //! with the control service, heartbeats, fetches routes on demand and
 //! reports finished backfills.
@@ -18,11 +18,11 @@
 mod admin;
 mod agent;
 mod conn;
+mod handshake;
 mod metrics;
 mod shard;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
@@ -32,7 +32,6 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use celer_engine::{Engine, EngineError, OpenOptions};
-use celer_proto::{decode_header, Header, Op, Status, HEADER_BYTES};
 use celer_route::{NodeId, RouteTable};
 
 pub use metrics::NodeMetrics;
@@ -52,7 +51,9 @@ pub struct NodeConfig {
     /// Control service base URL; `None`: routes come from `route_file` or
     /// `PUT /v1/route` only.
     pub meta_url: Option<String>,
-    /// Cluster secret presented to and required from the control plane.
+    /// Cluster secret presented to and required from the control plane;
+    /// the data key (node to node, and the capabilities clients present) is
+    /// derived from it (`celer_proto::auth::data_key_from_secret`).
     pub token: String,
     /// Fixed node id (without a control service).
     pub node_id: Option<NodeId>,
@@ -94,8 +95,8 @@ pub(crate) struct Installed {
 }
 
 pub(crate) enum ShardMsg {
-    /// A connection whose Hello named this shard.
-    Conn(TcpStream, Header),
+    /// An authenticated connection whose Hello named this shard.
+    Conn(Box<handshake::Handshaken>),
     Route(Arc<Installed>),
     /// Deleted volumes (sorted): free their chunks, refuse their I/O.
     Deleted(Arc<Vec<u64>>),
@@ -307,6 +308,11 @@ pub(crate) struct NodeShared {
     pub(crate) agent: Mutex<Option<Sender<AgentMsg>>>,
     pub(crate) metrics: NodeMetrics,
     pub(crate) token: String,
+    /// The cluster data key (see celer_proto::auth).
+    pub(crate) data_key: celer_proto::auth::Key,
+    /// Connections held (handshaking and established), and per address.
+    pub(crate) conns_open: std::sync::atomic::AtomicUsize,
+    pub(crate) limits: handshake::ConnLimits,
     pub(crate) stopping: AtomicBool,
     /// Per shard: partitions being backfilled.
     pub(crate) backfilling: Vec<std::sync::atomic::AtomicUsize>,
@@ -431,6 +437,9 @@ impl Node {
             agent: Mutex::new(None),
             metrics: NodeMetrics::new(shard_count),
             token: cfg.token.clone(),
+            data_key: celer_proto::auth::data_key_from_secret(&cfg.token),
+            conns_open: std::sync::atomic::AtomicUsize::new(0),
+            limits: handshake::ConnLimits::default(),
             stopping: AtomicBool::new(false),
             backfilling: (0..shard_count)
                 .map(|_| std::sync::atomic::AtomicUsize::new(0))
@@ -471,7 +480,7 @@ impl Node {
             aux.push(
                 std::thread::Builder::new()
                     .name("celer-node-accept".into())
-                    .spawn(move || accept_loop(listener, shared))
+                    .spawn(move || handshake::accept_loop(listener, shared))
                     .map_err(io_err("spawn acceptor"))?,
             );
         }
@@ -553,8 +562,6 @@ impl Node {
             s.send(ShardMsg::Stop);
         }
         self.shared.tell_agent(AgentMsg::Stop);
-        // Unblock the acceptor.
-        let _ = TcpStream::connect_timeout(&self.data_addr, Duration::from_millis(200));
         let mut result = Ok(());
         for t in self.threads {
             match t.join() {
@@ -586,54 +593,12 @@ impl Node {
     }
 }
 
-/// Accepts connections, reads each one's Hello (1 s at most) and hands it
-/// to the shard it names.
-fn accept_loop(listener: TcpListener, shared: Arc<NodeShared>) {
-    for stream in listener.incoming() {
-        if shared.stopping.load(Ordering::Acquire) {
-            return;
-        }
-        let mut stream = match stream {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!("accept: {e}");
-                continue;
-            }
-        };
-        let peer = stream
-            .peer_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
-        let mut b = [0u8; HEADER_BYTES];
-        if let Err(e) = stream.read_exact(&mut b) {
-            tracing::warn!(%peer, "connection closed before its Hello: {e}");
-            continue;
-        }
-        let h = match decode_header(&b) {
-            Ok(Some(h)) if h.op == Op::Hello && h.payload_bytes == 0 => h,
-            Ok(_) => {
-                tracing::warn!(%peer, "first frame is not a Hello: closing");
-                continue;
-            }
-            Err(e) => {
-                tracing::warn!(%peer, "bad first frame: {e}: closing");
-                continue;
-            }
-        };
-        let shard = h.offset;
-        if shard >= shared.shards as u64 {
-            tracing::warn!(%peer, shard, shards = shared.shards, "Hello names a shard this node does not have");
-            let r = Header::response_to(&h, Status::Invalid);
-            let _ = stream.write_all(&r.encode());
-            continue;
-        }
-        if stream.set_nonblocking(true).is_err() || stream.set_nodelay(true).is_err() {
-            continue;
-        }
-        let _ = stream.set_read_timeout(None);
-        shared.hub.shards[shard as usize].send(ShardMsg::Conn(stream, h));
-    }
+/// Wall-clock ms since the Unix epoch (capability expiry, version bounds).
+pub(crate) fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -646,8 +611,11 @@ mod tests {
     fn progress_cell_reads_whole_figures() {
         let cell = Arc::new(ProgressCell::default());
         let stop = Arc::new(AtomicBool::new(false));
+        // Reads so far: the writer goes on until the reader has run beside
+        // it (on a loaded machine the reader thread may start late).
+        let seen = Arc::new(AtomicU64::new(0));
         let reader = {
-            let (cell, stop) = (cell.clone(), stop.clone());
+            let (cell, stop, seen) = (cell.clone(), stop.clone(), seen.clone());
             std::thread::spawn(move || {
                 let mut reads = 0u64;
                 while !stop.load(Ordering::Acquire) {
@@ -658,12 +626,15 @@ mod tests {
                     assert_eq!(p.partitions_unlisted, p.bytes_total - p.bytes_done, "{p:?}");
                     assert_eq!(p.bytes_copied, p.bytes_done + p.bytes_total, "{p:?}");
                     reads += 1;
+                    seen.store(reads, Ordering::Relaxed);
                 }
                 reads
             })
         };
         // Totals that rise and fall (lists, retired backfills, round ends).
-        for i in 0..500_000u64 {
+        let mut i = 0u64;
+        while i < 500_000 || seen.load(Ordering::Relaxed) < 10_000 {
+            i += 1;
             let total = (i * 7919) % 1000;
             let done = if total == 0 {
                 0

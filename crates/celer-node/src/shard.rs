@@ -18,10 +18,12 @@ use celer_engine::{
     AlignedBuf, BlockKind, Completion, EngineError, EngineOp, EngineRequest, Segment, Shard,
     BLOCK_SIZE,
 };
-use celer_proto::{Header, Kind, Op, Status};
+use celer_proto::auth::{Credential, HelloProof, Peer, NONCE_BYTES};
+use celer_proto::{clock_limit_at, version_clock, version_writer, Header, Kind, Op, Status};
 use celer_route::NodeId;
 
-use crate::conn::{Conn, Frame};
+use crate::conn::{Conn, ConnAuth, Frame, Next, SEND_HIGH_BYTES, SEND_LOW_BYTES};
+use crate::handshake::{ConnTicket, Handshaken};
 use crate::metrics::ShardCounters;
 use crate::{AgentMsg, BackfillProgress, Installed, NodeError, NodeShared, ShardMsg};
 
@@ -59,6 +61,16 @@ const BACKFILL_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKFILL_PIECE_BYTES: u64 = 1 << 20;
 /// Bytes per block in a BackfillRead state table: version u64 + kind u8.
 const STATE_BYTES: usize = 9;
+/// Receive-buffer room a shard lends to connections receiving frames
+/// larger than `conn::RBUF_INITIAL` (large writes). A connection that needs
+/// room the budget lacks waits, not read, until some is given back.
+const RBUF_BUDGET_BYTES: usize = 64 << 20;
+/// Requests of one connection served at once: one peer cannot take every op
+/// (and its buffer) of the shard.
+const CONN_OPS_MAX: usize = 64;
+/// A frame whose header arrived must be whole within this (a peer that
+/// announces a large payload and trickles it is cut).
+const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum OpKind {
@@ -89,6 +101,9 @@ struct NodeOp {
     nforwards: usize,
     deadline: Option<Instant>,
     started: Instant,
+    /// A member (this node or a forward) holds a newer version than the
+    /// write's: the highest such (answered with `OlderVersion`).
+    newer: u64,
 }
 
 /// One partition this shard backfills. Every queued backfill is listed
@@ -155,7 +170,12 @@ struct ShardLoop {
     ops: Vec<NodeOp>,
     free_ops: Vec<usize>,
     route: Option<Arc<Installed>>,
-    max_version: u64,
+    /// Per volume, the highest write version accepted or stored here.
+    versions: HashMap<u64, u64>,
+    /// Receive-buffer room lent to connections (see RBUF_BUDGET_BYTES).
+    rbuf_lent: usize,
+    /// Connections waiting for room.
+    starved: Vec<usize>,
     /// Connections with unprocessed frames (stalled for lack of ops).
     backlog: Vec<usize>,
     /// Connections with output to send.
@@ -221,7 +241,7 @@ pub(crate) fn run(
         libc::EPOLLIN as u32,
     );
     let id = engine.id() as u16;
-    let max_version = engine.max_version();
+    let versions = engine.max_versions_by_volume();
     let ops = (0..CLIENT_OPS)
         .map(|_| NodeOp {
             busy: false,
@@ -238,6 +258,7 @@ pub(crate) fn run(
             nforwards: 0,
             deadline: None,
             started: Instant::now(),
+            newer: 0,
         })
         .collect();
     let counters = shared.metrics.shard(id);
@@ -254,7 +275,9 @@ pub(crate) fn run(
         ops,
         free_ops: (0..CLIENT_OPS).rev().collect(),
         route: None,
-        max_version,
+        versions,
+        rbuf_lent: 0,
+        starved: Vec::new(),
         backlog: Vec::new(),
         dirty: Vec::new(),
         forwards_inflight: 0,
@@ -282,7 +305,7 @@ pub(crate) fn run(
         while let Ok(m) = rx.try_recv() {
             activity = true;
             match m {
-                ShardMsg::Conn(stream, hello) => s.adopt(stream, hello),
+                ShardMsg::Conn(hs) => s.adopt(*hs),
                 ShardMsg::Route(r) => s.install(r),
                 ShardMsg::Deleted(ids) => s.set_deleted(ids),
                 ShardMsg::BackfillAgain(epoch, ps) => s.backfill_again(epoch, &ps),
@@ -477,9 +500,16 @@ impl ShardLoop {
         self.route.as_ref().map(|r| &r.table)
     }
 
-    fn new_conn(&mut self, stream: TcpStream, peer: Option<(NodeId, u16)>, out: bool) -> usize {
+    fn new_conn(
+        &mut self,
+        stream: TcpStream,
+        peer: Option<(NodeId, u16)>,
+        auth: ConnAuth,
+        ticket: Option<ConnTicket>,
+        out: bool,
+    ) -> usize {
         self.conn_gen = self.conn_gen.wrapping_add(1);
-        let conn = Conn::new(stream, self.conn_gen, peer);
+        let conn = Conn::new(stream, self.conn_gen, peer, auth, ticket);
         let fd = conn.fd();
         let idx = match self.free_conns.pop() {
             Some(i) => {
@@ -502,15 +532,87 @@ impl ShardLoop {
         idx
     }
 
-    fn adopt(&mut self, stream: TcpStream, hello: Header) {
-        let idx = self.new_conn(stream, None, false);
+    /// Takes an authenticated connection: answers its Hello with the
+    /// node's proof.
+    fn adopt(&mut self, hs: Handshaken) {
+        let hello = hs.hello;
+        let (auth, volume) = match hs.peer {
+            Peer::Node { .. } => (ConnAuth::Node, None),
+            Peer::Attachment(cap) => (
+                ConnAuth::Attachment {
+                    cap,
+                    node_nonce: hs.node_nonce,
+                    shard: hello.offset as u16,
+                    sender: hello.volume,
+                },
+                Some(cap.volume),
+            ),
+        };
+        let idx = self.new_conn(hs.stream, None, auth, Some(hs.ticket), false);
         let mut r = Header::response_to(&hello, Status::Ok);
-        r.version = self.max_version;
+        r.version = volume.map_or(0, |v| self.volume_version(v));
         if let Some(c) = self.conns[idx].as_mut() {
-            c.helloed = true;
-            c.queue(r, &[]);
+            c.queue(r, &[&hs.answer]);
         }
         self.mark_dirty(idx);
+    }
+
+    /// The highest write version this shard knows for `volume`.
+    fn volume_version(&self, volume: u64) -> u64 {
+        self.versions.get(&volume).copied().unwrap_or(0)
+    }
+
+    /// EPOLLIN unless reading is paused, EPOLLOUT while output waits.
+    fn arm(&mut self, c: usize) {
+        let Some(conn) = self.conns[c].as_mut() else {
+            return;
+        };
+        let want_in = !conn.send_blocked && !conn.starved;
+        let want_out = conn.has_output();
+        if want_in == conn.want_in && want_out == conn.want_out {
+            return;
+        }
+        conn.want_in = want_in;
+        conn.want_out = want_out;
+        let mut bits = libc::EPOLLRDHUP as u32;
+        if want_in {
+            bits |= libc::EPOLLIN as u32;
+        }
+        if want_out {
+            bits |= libc::EPOLLOUT as u32;
+        }
+        epoll_mod(self.epfd.as_raw_fd(), conn.fd(), c as u64, bits);
+    }
+
+    /// The budget runs short: takes back the room lent to connections
+    /// that hold no partial frame (all but `except`).
+    fn reclaim(&mut self, except: usize) {
+        let mut back = 0;
+        for (i, conn) in self.conns.iter_mut().enumerate() {
+            if i != except {
+                if let Some(conn) = conn.as_mut() {
+                    back += conn.shrink();
+                }
+            }
+        }
+        self.give_back(back);
+    }
+
+    /// Gives back lent receive room and lets starved connections go on.
+    fn give_back(&mut self, bytes: usize) {
+        if bytes == 0 {
+            return;
+        }
+        self.rbuf_lent -= bytes;
+        for c in std::mem::take(&mut self.starved) {
+            if let Some(conn) = self.conns[c].as_mut() {
+                conn.starved = false;
+                self.arm(c);
+                if !self.backlog.contains(&c) {
+                    self.backlog.push(c);
+                }
+            }
+        }
     }
 
     fn mark_dirty(&mut self, c: usize) {
@@ -546,6 +648,8 @@ impl ShardLoop {
         self.free_conns.push(c);
         self.dirty.retain(|d| *d != c);
         self.backlog.retain(|d| *d != c);
+        self.starved.retain(|d| *d != c);
+        self.give_back(conn.borrowed);
         // Forwards waiting on this connection fail now.
         let gen = conn.gen;
         for id in 0..self.ops.len() {
@@ -599,9 +703,35 @@ impl ShardLoop {
             let Some(conn) = self.conns[c].as_mut() else {
                 return;
             };
+            if conn.send_blocked || conn.starved {
+                return;
+            }
             let frame = match conn.next_frame() {
-                Ok(Some(f)) => f,
-                Ok(None) => return,
+                Ok(Next::Frame(f)) => f,
+                Ok(Next::More) => return,
+                Ok(Next::Grow(total)) => {
+                    let extra = total - crate::conn::RBUF_INITIAL - conn.borrowed;
+                    if self.rbuf_lent + extra > RBUF_BUDGET_BYTES {
+                        self.reclaim(c);
+                    }
+                    let Some(conn) = self.conns[c].as_mut() else {
+                        return;
+                    };
+                    if self.rbuf_lent + extra <= RBUF_BUDGET_BYTES {
+                        self.rbuf_lent += extra;
+                        conn.grow(total);
+                        // Read the rest of the frame into the room.
+                        if let Err(e) = conn.fill() {
+                            self.close_conn(c, &e.to_string());
+                            return;
+                        }
+                        continue;
+                    }
+                    conn.starved = true;
+                    self.starved.push(c);
+                    self.arm(c);
+                    return;
+                }
                 Err(e) => {
                     self.close_conn(c, &format!("corrupt frame: {e}"));
                     return;
@@ -616,8 +746,11 @@ impl ShardLoop {
                     return;
                 }
             } else if is_peer {
-                self.close_conn(c, "a peer we called sent a request");
-                return;
+                if frame.header.op != Op::Challenge {
+                    self.close_conn(c, "a peer we called sent a request");
+                    return;
+                }
+                self.on_challenge(c, &frame);
             } else {
                 let needs_op = matches!(
                     frame.header.op,
@@ -628,11 +761,18 @@ impl ShardLoop {
                         | Op::Discard
                         | Op::BackfillRead
                 );
-                if needs_op && self.free_ops.is_empty() {
+                if needs_op && (self.free_ops.is_empty() || conn.ops >= CONN_OPS_MAX) {
                     // Out of ops: leave the frame for later (backpressure).
                     if !self.backlog.contains(&c) {
                         self.backlog.push(c);
                     }
+                    return;
+                }
+                if conn.unsent() > SEND_HIGH_BYTES {
+                    // Its answers are not being read: read no more of it
+                    // until they are (flush_conn lets it go on).
+                    conn.send_blocked = true;
+                    self.arm(c);
                     return;
                 }
                 self.on_request(c, &frame);
@@ -643,9 +783,46 @@ impl ShardLoop {
         }
     }
 
+    /// The node we called sent its Challenge: our Hello goes first.
+    fn on_challenge(&mut self, c: usize, f: &Frame) {
+        let Some(conn) = self.conns[c].as_mut() else {
+            return;
+        };
+        let payload = conn.payload(f);
+        if !matches!(conn.auth, ConnAuth::AwaitChallenge) || payload.len() != NONCE_BYTES {
+            self.close_conn(c, "unexpected Challenge from a peer");
+            return;
+        }
+        let mut node_nonce = [0u8; NONCE_BYTES];
+        node_nonce.copy_from_slice(payload);
+        let mut peer_nonce = [0u8; NONCE_BYTES];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut peer_nonce);
+        let shard = conn.peer.map_or(0, |p| p.1);
+        let me = self.shared.id as u64;
+        let proof = HelloProof::build(
+            &Credential::Node {
+                key: self.shared.data_key,
+            },
+            &node_nonce,
+            &peer_nonce,
+            shard,
+            me,
+            false,
+        );
+        let mut hello = Header::request(Op::Hello, 0);
+        hello.offset = shard as u64;
+        hello.volume = me;
+        conn.queue_first(hello, &proof);
+        conn.auth = ConnAuth::AwaitAnswer {
+            node_nonce,
+            peer_nonce,
+        };
+        self.mark_dirty(c);
+    }
+
     fn respond(&mut self, c: usize, req: &Header, status: Status, payload: &[&[u8]]) {
         let mut h = Header::response_to(req, status);
-        h.version = self.max_version;
+        h.version = self.volume_version(req.volume);
         if let Some(conn) = self.conns[c].as_mut() {
             conn.queue(h, payload);
         }
@@ -696,10 +873,102 @@ impl ShardLoop {
         self.respond(c, req, status, &[]);
     }
 
+    /// What the connection's credential allows: a node, everything; a
+    /// client, its capability's volume only, writes only with a read-write
+    /// capability and a version naming its attachment, no node-only op.
+    fn authorize(&self, c: usize, h: &Header) -> Result<(), Status> {
+        let Some(conn) = self.conns[c].as_ref() else {
+            return Err(Status::Unauthorized);
+        };
+        let cap = match &conn.auth {
+            ConnAuth::Node => {
+                return match h.op {
+                    Op::Hello | Op::Challenge | Op::Renew => Err(Status::Invalid),
+                    _ => Ok(()),
+                }
+            }
+            ConnAuth::Attachment { cap, .. } => cap,
+            _ => return Err(Status::Unauthorized),
+        };
+        match h.op {
+            Op::Ping | Op::Flush | Op::RouteTable | Op::Renew => return Ok(()),
+            Op::Read | Op::Write | Op::WritePrimary | Op::WriteZeroes | Op::Discard => {}
+            Op::ListChunks | Op::BackfillRead | Op::Hello | Op::Challenge => {
+                return Err(Status::Unauthorized)
+            }
+        }
+        if h.volume != cap.volume {
+            return Err(Status::Unauthorized);
+        }
+        if crate::unix_ms() >= cap.expires_unix_ms {
+            return Err(Status::Expired);
+        }
+        if h.op != Op::Read {
+            if cap.read_only {
+                return Err(Status::ReadOnly);
+            }
+            if h.attachment != cap.attachment || version_writer(h.version) != cap.attachment as u16
+            {
+                return Err(Status::Unauthorized);
+            }
+        }
+        Ok(())
+    }
+
+    /// `Renew`: a newer capability for the connection, proven like the
+    /// Hello; the same volume and attachment only.
+    fn renew(&mut self, c: usize, f: &Frame) {
+        let h = f.header;
+        let Some(conn) = self.conns[c].as_ref() else {
+            return;
+        };
+        let ConnAuth::Attachment {
+            cap,
+            node_nonce,
+            shard,
+            sender,
+        } = &conn.auth
+        else {
+            return self.respond(c, &h, Status::Unauthorized, &[]);
+        };
+        let checked = HelloProof::check(
+            conn.payload(f),
+            &self.shared.data_key,
+            node_nonce,
+            *shard,
+            *sender,
+            true,
+            crate::unix_ms(),
+        );
+        let status = match checked {
+            Ok((Peer::Attachment(new), _))
+                if new.volume == cap.volume && new.attachment == cap.attachment =>
+            {
+                if let Some(ConnAuth::Attachment { cap, .. }) =
+                    self.conns[c].as_mut().map(|x| &mut x.auth)
+                {
+                    *cap = new;
+                }
+                Status::Ok
+            }
+            Ok(_) => Status::Unauthorized,
+            Err(celer_proto::auth::AuthError::Expired { .. }) => Status::Expired,
+            Err(e) => {
+                tracing::warn!(shard = self.id, "capability renewal refused: {e}");
+                Status::Unauthorized
+            }
+        };
+        self.respond(c, &h, status, &[]);
+    }
+
     fn on_request(&mut self, c: usize, f: &Frame) {
         let h = f.header;
+        if let Err(s) = self.authorize(c, &h) {
+            return self.respond(c, &h, s, &[]);
+        }
         match h.op {
-            Op::Hello => self.respond(c, &h, Status::Ok, &[]),
+            Op::Hello | Op::Challenge => self.respond(c, &h, Status::Invalid, &[]),
+            Op::Renew => self.renew(c, f),
             Op::Ping | Op::Flush => self.respond(c, &h, Status::Ok, &[]),
             Op::RouteTable => match self.table().map(|t| t.epoch) {
                 Some(e) if h.epoch < e => self.reject(c, &h, Status::StaleEpoch),
@@ -720,7 +989,13 @@ impl ShardLoop {
 
     fn take_op(&mut self, c: usize, h: &Header, kind: OpKind, bytes: usize) -> usize {
         let id = self.free_ops.pop().expect("caller checked free ops");
-        let conn_gen = self.conns[c].as_ref().map_or(0, |x| x.gen);
+        let conn_gen = match self.conns[c].as_mut() {
+            Some(x) => {
+                x.ops += 1;
+                x.gen
+            }
+            None => 0,
+        };
         let op = &mut self.ops[id];
         op.busy = true;
         op.gen = op.gen.wrapping_add(1);
@@ -737,6 +1012,7 @@ impl ShardLoop {
         op.nforwards = 0;
         op.deadline = None;
         op.started = Instant::now();
+        op.newer = 0;
         id
     }
 
@@ -820,7 +1096,13 @@ impl ShardLoop {
         if h.version == 0 {
             return self.reject(c, &h, Status::Invalid);
         }
-        self.max_version = self.max_version.max(h.version);
+        if version_clock(h.version) > clock_limit_at(crate::unix_ms()) {
+            // Far ahead of our clock: a wrong clock or a hostile writer. It
+            // would make every later write of the block lose.
+            return self.reject(c, &h, Status::VersionAhead);
+        }
+        let v = self.versions.entry(h.volume).or_default();
+        *v = (*v).max(h.version);
         let kind = if h.op == Op::WritePrimary {
             OpKind::Primary
         } else {
@@ -922,27 +1204,60 @@ impl ShardLoop {
                 return None;
             }
         };
-        let c = self.new_conn(stream, Some((node, shard)), true);
-        let mut hello = Header::request(Op::Hello, 0);
-        hello.offset = shard as u64;
-        hello.volume = self.shared.id as u64;
-        if let Some(conn) = self.conns[c].as_mut() {
-            conn.queue(hello, &[]);
-            conn.helloed = true;
-        }
+        // Frames queued on it wait for the node's Challenge and our Hello.
+        let c = self.new_conn(
+            stream,
+            Some((node, shard)),
+            ConnAuth::AwaitChallenge,
+            None,
+            false,
+        );
         self.peers.insert((node, shard), c);
         Some(c)
     }
 
     fn on_peer_response(&mut self, c: usize, f: &Frame) {
         let h = f.header;
+        let Some(conn) = self.conns[c].as_mut() else {
+            return;
+        };
         if h.op == Op::Hello {
-            if h.status != Status::Ok {
-                self.close_conn(c, &format!("peer refused our Hello: {:?}", h.status));
+            let proven = match conn.auth {
+                ConnAuth::AwaitAnswer {
+                    node_nonce,
+                    peer_nonce,
+                } => {
+                    h.status == Status::Ok
+                        && HelloProof::check_answer(
+                            &self.shared.data_key,
+                            &node_nonce,
+                            &peer_nonce,
+                            conn.payload(f),
+                        )
+                }
+                _ => false,
+            };
+            if proven {
+                conn.auth = ConnAuth::Verified;
+            } else {
+                self.close_conn(
+                    c,
+                    &format!(
+                        "peer refused our Hello ({:?}) or did not prove the data key",
+                        h.status
+                    ),
+                );
             }
             return;
         }
-        self.max_version = self.max_version.max(h.version);
+        if !matches!(conn.auth, ConnAuth::Verified) {
+            self.close_conn(c, "a response before the peer proved the data key");
+            return;
+        }
+        if h.status != Status::OlderVersion && h.version > 0 {
+            let v = self.versions.entry(h.volume).or_default();
+            *v = (*v).max(h.version);
+        }
         if h.request_id & REQ_BACKFILL != 0 {
             let payload = self.conns[c]
                 .as_ref()
@@ -966,6 +1281,11 @@ impl ShardLoop {
         };
         let status = match h.status {
             Status::Ok => Status::Ok,
+            Status::OlderVersion => {
+                let op = &mut self.ops[id];
+                op.newer = op.newer.max(h.version);
+                Status::OlderVersion
+            }
             // The member knows a newer route than ours: we are behind.
             Status::StaleEpoch => {
                 self.shared
@@ -996,6 +1316,18 @@ impl ShardLoop {
     }
 
     fn check_timeouts(&mut self, now: Instant) {
+        for c in 0..self.conns.len() {
+            let late = self.conns[c].as_ref().is_some_and(|x| {
+                x.partial_since
+                    .is_some_and(|t| now.duration_since(t) > FRAME_TIMEOUT)
+            });
+            if late {
+                self.close_conn(
+                    c,
+                    &format!("a frame was not received whole within {FRAME_TIMEOUT:?}"),
+                );
+            }
+        }
         if self.forwards_inflight > 0 {
             for id in 0..self.ops.len() {
                 let op = &self.ops[id];
@@ -1060,6 +1392,15 @@ impl ShardLoop {
             return;
         }
         let id = c.tag as usize;
+        if c.newer_version > 0 && matches!(self.ops[id].kind, OpKind::Mutate | OpKind::Primary) {
+            // Not applied (or not whole): the block holds a newer version.
+            // Refused, never acknowledged: the writer retries with a newer one.
+            let op = &mut self.ops[id];
+            op.newer = op.newer.max(c.newer_version);
+            if op.status == Status::Ok {
+                op.status = Status::OlderVersion;
+            }
+        }
         if let Err(e) = &c.result {
             tracing::warn!(shard = self.id, "engine: {e}");
             let s = engine_status(e);
@@ -1091,7 +1432,18 @@ impl ShardLoop {
         let live = self.conns[c].as_ref().is_some_and(|x| x.gen == conn_gen);
         if live {
             let mut h = Header::response_to(&req, status);
-            h.version = self.max_version;
+            h.version = if status == Status::OlderVersion {
+                self.ops[id].newer
+            } else {
+                self.volume_version(req.volume)
+            };
+            if let Some(conn) = self.conns[c].as_mut() {
+                conn.ops -= 1;
+                if conn.ops + 1 == CONN_OPS_MAX && !self.backlog.contains(&c) {
+                    // It may have frames waiting for an op of its own.
+                    self.backlog.push(c);
+                }
+            }
             let conn = self.conns[c].as_mut().expect("live");
             let op = &self.ops[id];
             if status == Status::Ok && matches!(kind, OpKind::Read | OpKind::BackfillServe) {
@@ -1121,15 +1473,14 @@ impl ShardLoop {
             self.close_conn(c, &format!("send: {e}"));
             return;
         }
-        let want = conn.has_output();
-        if want != conn.want_out {
-            conn.want_out = want;
-            let mut bits = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
-            if want {
-                bits |= libc::EPOLLOUT as u32;
+        if conn.send_blocked && conn.unsent() <= SEND_LOW_BYTES {
+            // Its answers are being read again: go on with its requests.
+            conn.send_blocked = false;
+            if !self.backlog.contains(&c) {
+                self.backlog.push(c);
             }
-            epoll_mod(self.epfd.as_raw_fd(), conn.fd(), c as u64, bits);
         }
+        self.arm(c);
     }
 
     fn flush_dirty(&mut self) {

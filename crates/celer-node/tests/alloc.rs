@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use celer_engine::{Engine, FormatOptions};
 use celer_node::{Node, NodeConfig};
+use celer_proto::auth::{Capability, Credential, HelloProof};
 use celer_proto::{Header, Op, Status, HEADER_BYTES};
 use celer_route::{NodeInfo, RouteTable};
 
@@ -139,25 +140,49 @@ fn serving_requests_allocates_nothing_on_shard_threads() {
     // One partition: connections to every member's shard, and its primary.
     let p = t.partition_of(1, 0);
     let shard = (p % 2) as u64;
+    const ATTACHMENT: u32 = 0x1_0007;
+    let key = celer_proto::auth::data_key_from_secret("t");
+    let cap = Capability::mint(&key, 1, ATTACHMENT, 0, false, u64::MAX);
+    let cred = Credential::Attachment {
+        capability: cap,
+        key: cap.attachment_key(&key),
+    };
     let primary = t.partition(p).and_then(|x| x.primary()).expect("primary");
     let mut conns: Vec<(u32, TcpStream)> = nodes
         .iter()
         .map(|n| {
             let mut s = TcpStream::connect(n.data_addr()).expect("connect");
             s.set_nodelay(true).expect("nodelay");
+            // The node's Challenge, then our Hello with a client's
+            // capability (the path every front end takes).
+            let mut r = [0u8; 64];
+            let mut b = [0u8; HEADER_BYTES];
+            s.read_exact(&mut b).expect("challenge");
+            let c = celer_proto::decode_header(&b)
+                .expect("valid")
+                .expect("whole");
+            assert_eq!(c.op, Op::Challenge);
+            let mut nonce = [0u8; 32];
+            s.read_exact(&mut nonce).expect("nonce");
+            let proof = HelloProof::build(&cred, &nonce, &[3; 32], shard as u16, 1, false);
             let mut h = Header::request(Op::Hello, 0);
             h.offset = shard;
-            let mut r = [0u8; 64];
-            assert_eq!(call(&mut s, h, &[], &mut r), Status::Ok);
+            h.volume = 1;
+            assert_eq!(call(&mut s, h, &proof, &mut r), Status::Ok);
             (n.id(), s)
         })
         .collect();
     let data = vec![0x5au8; 65536];
     let mut resp = vec![0u8; 65536];
-    let mut version = 1u64;
+    // Versions name the attachment (its low 16 bits) and follow the clock.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let mut version = (celer_proto::clock_of_unix_ms(now_ms) << 16) | (ATTACHMENT & 0xffff) as u64;
     let mut round = |conns: &mut Vec<(u32, TcpStream)>, i: u64| {
         let off = (i % 64) * 4096;
-        version += 1;
+        version += 1 << 16;
         for (_, s) in conns.iter_mut() {
             let mut h = Header::request(Op::Write, 1);
             h.epoch = t.epoch;
@@ -165,9 +190,10 @@ fn serving_requests_allocates_nothing_on_shard_threads() {
             h.offset = off;
             h.length = 4096;
             h.version = version;
+            h.attachment = ATTACHMENT;
             assert_eq!(call(s, h, &data[..4096], &mut resp), Status::Ok);
         }
-        version += 1;
+        version += 1 << 16;
         let s = &mut conns
             .iter_mut()
             .find(|c| c.0 == primary)
@@ -179,6 +205,7 @@ fn serving_requests_allocates_nothing_on_shard_threads() {
         h.offset = 512 << 10;
         h.length = 65536;
         h.version = version;
+        h.attachment = ATTACHMENT;
         assert_eq!(call(s, h, &data, &mut resp), Status::Ok);
         let mut h = Header::request(Op::Read, 3);
         h.epoch = t.epoch;

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use celer_engine::{Engine, FormatOptions};
 use celer_node::{Node, NodeConfig};
+use celer_proto::auth::{Credential, HelloProof};
 use celer_proto::{decode_header, Header, Kind, Op, Status, HEADER_BYTES};
 use celer_route::{NodeInfo, RouteTable};
 
@@ -63,16 +64,46 @@ struct Wire {
 }
 
 impl Wire {
+    /// A connection that proves the cluster's data key (as a node does):
+    /// every op is allowed.
     fn connect(n: &Node, shard: u16) -> Wire {
+        let key = celer_proto::auth::data_key_from_secret(TOKEN);
+        Wire::connect_as(n, shard, &Credential::Node { key }).expect("hello")
+    }
+
+    /// Connects and says Hello with `cred`: the node's status on refusal.
+    fn connect_as(n: &Node, shard: u16, cred: &Credential) -> Result<Wire, Status> {
         let s = TcpStream::connect(n.data_addr()).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(10)))
             .expect("timeout");
         let mut w = Wire { s, next_id: 1 };
+        let (c, node_nonce) = w.read_frame();
+        assert_eq!((c.kind, c.op), (Kind::Request, Op::Challenge));
+        let node_nonce: [u8; 32] = node_nonce.try_into().expect("a 32-byte nonce");
+        let peer_nonce = [7u8; 32];
+        let proof = HelloProof::build(cred, &node_nonce, &peer_nonce, shard, 99, false);
         let mut h = Header::request(Op::Hello, 0);
         h.offset = shard as u64;
-        let (r, _) = w.call(h, &[]);
-        assert_eq!(r.status, Status::Ok, "hello");
-        w
+        h.volume = 99;
+        let (r, answer) = w.call(h, &proof);
+        if r.status != Status::Ok {
+            return Err(r.status);
+        }
+        assert!(
+            HelloProof::check_answer(cred.answer_key(), &node_nonce, &peer_nonce, &answer),
+            "the node proves the key"
+        );
+        Ok(w)
+    }
+
+    fn read_frame(&mut self) -> (Header, Vec<u8>) {
+        let mut b = [0u8; HEADER_BYTES];
+        self.s.read_exact(&mut b).expect("frame header");
+        let r = decode_header(&b).expect("valid").expect("whole");
+        let mut p = vec![0u8; r.payload_bytes as usize];
+        self.s.read_exact(&mut p).expect("payload");
+        r.verify_payload([&p[..]]).expect("payload crc");
+        (r, p)
     }
 
     fn call(&mut self, h: Header, payload: &[u8]) -> (Header, Vec<u8>) {
@@ -176,11 +207,23 @@ fn replicates_forwards_and_enforces_the_route() {
         assert_eq!(got, big, "node {} holds the forwarded write", n.id());
     }
 
-    // An older version is acknowledged and not applied.
+    // The version rule: an older version is refused (never acknowledged)
+    // with the stored version; the same version is a retry (Ok); neither
+    // changes the data.
     let mut w = Wire::connect(&nodes[0], shard);
     let mut h = w.req(Op::Write, t.epoch, 1, off_a, 4096);
     h.version = 50;
-    assert_eq!(w.call(h, &pattern(9, 4096)).0.status, Status::Ok);
+    let (r, _) = w.call(h, &pattern(9, 4096));
+    assert_eq!((r.status, r.version), (Status::OlderVersion, 100));
+    let mut h = w.req(Op::Write, t.epoch, 1, off_a, 4096);
+    h.version = 100;
+    assert_eq!(w.call(h, &data).0.status, Status::Ok);
+    assert_eq!(read_block(&nodes[0], &t, off_a, 4096).1, data);
+    // A version far ahead of the node's clock is refused: it would make
+    // every later write of the block lose.
+    let mut h = w.req(Op::Write, t.epoch, 1, off_a, 4096);
+    h.version = u64::MAX;
+    assert_eq!(w.call(h, &pattern(9, 4096)).0.status, Status::VersionAhead);
     assert_eq!(read_block(&nodes[0], &t, off_a, 4096).1, data);
 
     // Old epoch: the node hands over its table.
@@ -204,21 +247,23 @@ fn replicates_forwards_and_enforces_the_route() {
     h.version = 200;
     assert_eq!(w.call(h, &data).0.status, Status::Invalid);
 
-    // Garbage closes that connection only; the node keeps serving.
+    // Garbage closes that connection only; the node keeps serving. A
+    // Hello without a credential is refused and its connection closed.
     let mut bad = TcpStream::connect(nodes[0].data_addr()).expect("connect");
     bad.write_all(&[0xAB; 200]).expect("send garbage");
     let mut hello = Header::request(Op::Hello, 1);
     hello.offset = shard as u64;
-    let mut corrupt = hello.encode();
     let mut c2 = TcpStream::connect(nodes[0].data_addr()).expect("connect");
-    c2.write_all(&corrupt).expect("hello");
-    corrupt[30] ^= 1;
-    c2.write_all(&corrupt).expect("corrupt frame");
+    c2.write_all(&hello.encode()).expect("hello");
     c2.set_read_timeout(Some(Duration::from_secs(5)))
         .expect("timeout");
     let mut sink = Vec::new();
-    let _ = c2.read_to_end(&mut sink); // closed by the node after the hello answer
-    assert_eq!(sink.len(), HEADER_BYTES, "only the Hello was answered");
+    let _ = c2.read_to_end(&mut sink); // closed by the node after its answer
+    assert_eq!(sink.len(), HEADER_BYTES + 32 + HEADER_BYTES, "{sink:?}");
+    let answer = decode_header(&sink[HEADER_BYTES + 32..])
+        .expect("valid")
+        .expect("whole");
+    assert_eq!(answer.status, Status::Unauthorized);
     assert_eq!(read_block(&nodes[0], &t, off_a, 4096).1, data);
 
     for n in nodes {

@@ -1,20 +1,33 @@
 //! celer-proto: the frames clients and storage nodes exchange over TCP.
 //!
-//! A frame is a fixed 64-byte header and an optional payload:
+//! # Protocol v3
+//!
+//! A frame is a fixed 96-byte header and an optional payload:
 //!
 //! ```text
-//!  0 magic "CLR1"   4 proto version u16   6 kind u8   7 op u8
-//!  8 status u16    10 flags u16          12 payload length u32
-//! 16 request id u32  20 length u32       24 route epoch u64
-//! 32 volume u64      40 offset u64
-//! 48 write version u64                   56 header crc32c u32  60 payload crc32c u32
+//!  0 magic "CLR1"   4 proto version u16 (3)  6 kind u8   7 op u8
+//!  8 status u16    10 flags u16             12 payload length u32
+//! 16 request id u32                         20 length u32
+//! 24 route epoch u64
+//! 32 volume u64
+//! 40 offset u64
+//! 48 write version u64
+//! 56 attachment id u32                      60 fence generation u32
+//! 64 snapshot sequence u64
+//! 72 reserved, zero (16 bytes)
+//! 88 header crc32c u32                      92 payload crc32c u32
 //! ```
 //!
-//! All little-endian. The header crc covers bytes 0..56 and the payload crc
+//! All little-endian. The header crc covers bytes 0..88 and the payload crc
 //! field, so a header is trusted only whole; the payload crc covers the
 //! payload, so a torn or corrupted payload is caught before it reaches a
 //! disk. Request ids let many requests share one connection (pipelining);
 //! responses carry the id of their request and a typed [`Status`].
+//!
+//! Magic and version come first and are checked as soon as 6 bytes are in,
+//! so a peer of another protocol version gets a clear error at once: a v2
+//! peer reading a v3 frame reports "protocol version 3 not supported", a v3
+//! peer reading a v2 frame [`FrameError::Version`] with `found: 2`.
 //!
 //! Decoding is sans-I/O: [`decode_header`] looks at bytes already received
 //! and says "need more", "here is a frame header", or why the stream is
@@ -22,11 +35,59 @@
 //! received straight into their final place and sent from the caller's
 //! buffers (writev). Every error is a reason to close the connection.
 //!
+//! # Versions
+//!
+//! A write version is `hlc << 16 | writer`: `hlc` is a hybrid logical clock,
+//! `(ms since 2025-01-01) << 8 | logical`, 48 bits; `writer` is the low 16
+//! bits of the attachment id the control service assigned (never random).
+//! The header's `attachment` field names the whole id; a node refuses a
+//! write whose version's writer bits or attachment field name another
+//! attachment than the connection's capability. The rule, in one place
+//! (enforced by the node, followed by the client):
+//!
+//! - a write whose version equals the stored one is acknowledged (a retry);
+//! - a write whose version is lower than the stored one (or than a write to
+//!   the same block already accepted) is refused with
+//!   [`Status::OlderVersion`], never acknowledged; the response's `version`
+//!   is the stored one. The client moves its clock past it and sends the
+//!   write again with a new version, unless the stored version is more than
+//!   [`VERSION_DRIFT_MAX_MS`] ahead of its clock (then the write fails);
+//! - a node refuses ([`Status::VersionAhead`]) a version more than
+//!   [`VERSION_DRIFT_MAX_MS`] ahead of its own clock, so no writer, hostile
+//!   or with a wrong clock, can push a block's version out of reach;
+//! - the highest version a node reports (in every response's `version`) is
+//!   per volume: one tenant's clock does not push another's.
+//!
+//! `fence` and `snapshot` are carried for attachment fencing and snapshots
+//! (zero until those are in use; nodes ignore them today).
+//!
+//! # Connection set-up and authentication
+//!
+//! Nothing but the handshake is served before the peer proved it holds a
+//! credential (see [`auth`]):
+//!
+//! 1. The node speaks first: a `Challenge` request with a 32-byte random
+//!    nonce as payload.
+//! 2. The peer answers with `Hello` (`offset` = node shard index, `volume` =
+//!    sender id), payload [`auth::HelloProof`]: its own nonce, its role, an
+//!    HMAC-SHA256 over both nonces keyed by its credential's key, and for a
+//!    client its capability. A node peer's key is the cluster data key; a
+//!    client's is the per-attachment key derived from its capability.
+//! 3. The node checks it and answers `Hello` `Ok` with an HMAC over the
+//!    nonces the other way round (the node proves it knows the key too), or
+//!    `Unauthorized` and closes. The peer may pipeline requests right after
+//!    its Hello; it trusts no response before the node's proof.
+//! 4. `Renew` (client only) replaces the connection's capability with a
+//!    newer one of the same volume and attachment, proven the same way, so a
+//!    capability is renewed without reconnecting or pausing I/O.
+//!
+//! The connection is authenticated, not each frame: an attacker who can
+//! inject into a TCP stream on the path can still tamper with it. Use a
+//! network the attacker cannot inject into, or TLS (not built yet).
+//!
 //! # Conversation (client ↔ node, node ↔ node)
 //!
-//! - A connection is for one node *shard*: its first frame is `Hello` with
-//!   `offset` = shard index and `volume` = sender id. The shard answers `Ok`
-//!   (or `Invalid` and closes). Partition `p` lives in shard
+//! - A connection is for one node *shard*. Partition `p` lives in shard
 //!   `p % shards` (`celer_route::RouteTable::shard_of`).
 //! - Every request carries the sender's route `epoch`. The node answers
 //!   `StaleEpoch` with the encoded newer `RouteTable` as payload when the
@@ -35,25 +96,58 @@
 //!   `NotReplica`: the node is not a member of the partition in that epoch.
 //! - `Read` (volume, offset, length): the response payload is the data.
 //!   Only an in-sync member serves it (`NotInSync` otherwise).
-//! - `Write` (volume, offset, length = payload bytes, version): applied where
-//!   `version` is newer than the stored block version, acknowledged when
-//!   durable (a write that was not newer is acknowledged too: retries are
-//!   idempotent). A client sends small writes as `Write` to every member.
+//! - `Write` (volume, offset, length = payload bytes, version, attachment):
+//!   applied by the version rule above, acknowledged when durable. A client
+//!   sends small writes as `Write` to every member.
 //! - `WritePrimary`: as `Write`, sent to the primary only, which writes it
 //!   and forwards it as `Write` to the other members; `Ok` once all have it,
 //!   `Unavailable` if a member did not answer in time.
 //! - `WriteZeroes`, `Discard` (length, version, no payload): to every member.
 //! - `Flush`: `Ok`; every acknowledged write is already durable.
 //! - `RouteTable`: asks for the node's table (epoch 0 from a new client).
+//! - `ListChunks`, `BackfillRead`: node to node only.
 //! - A request must lie within one chunk (`RouteTable::chunk_bytes`).
 //! - Every response echoes request id, op, volume, offset, length, and
-//!   carries in `version` the highest write version the shard has seen, so
-//!   clients keep their hybrid logical clock ahead of it.
+//!   carries in `version` the highest write version the node has seen for
+//!   that volume, so clients keep their hybrid logical clock ahead of it.
+
+pub mod auth;
 
 /// Bytes of a frame header.
-pub const HEADER_BYTES: usize = 64;
-/// This build speaks protocol version 2.
-pub const PROTO_VERSION: u16 = 2;
+pub const HEADER_BYTES: usize = 96;
+/// This build speaks protocol version 3.
+pub const PROTO_VERSION: u16 = 3;
+/// Where the header crc sits (it covers the bytes before it and the payload
+/// crc after it).
+const HEADER_CRC_AT: usize = 88;
+/// 2025-01-01T00:00:00Z in ms since the Unix epoch: the zero of the
+/// physical part of a write version's clock.
+pub const HLC_EPOCH_UNIX_MS: u64 = 1_735_689_600_000;
+/// Bits of the logical counter below the milliseconds in the clock.
+pub const HLC_LOGICAL_BITS: u32 = 8;
+/// How far a write version's clock may run ahead of a node's clock (and a
+/// stored version ahead of a client's) before it is refused.
+pub const VERSION_DRIFT_MAX_MS: u64 = 5 * 60 * 1000;
+
+/// The clock part of a write version (its top 48 bits).
+pub fn version_clock(version: u64) -> u64 {
+    version >> 16
+}
+
+/// The writer part of a write version: the low 16 bits of the attachment id.
+pub fn version_writer(version: u64) -> u16 {
+    version as u16
+}
+
+/// The clock value of a wall-clock time in ms since the Unix epoch.
+pub fn clock_of_unix_ms(unix_ms: u64) -> u64 {
+    unix_ms.saturating_sub(HLC_EPOCH_UNIX_MS) << HLC_LOGICAL_BITS
+}
+
+/// The highest clock value acceptable at wall-clock time `unix_ms`.
+pub fn clock_limit_at(unix_ms: u64) -> u64 {
+    clock_of_unix_ms(unix_ms.saturating_add(VERSION_DRIFT_MAX_MS))
+}
 /// Largest payload a frame may carry.
 pub const PAYLOAD_MAX_BYTES: u32 = 4 << 20;
 
@@ -89,6 +183,11 @@ pub enum Op {
     /// Node → node during backfill: one whole chunk with its per-block
     /// versions (see `celer-node` for the payload layout).
     BackfillRead = 11,
+    /// Node → peer, first frame of every connection: the node's nonce.
+    Challenge = 12,
+    /// Client → node: a newer capability for the connection (payload: an
+    /// [`auth::HelloProof`] with the new capability).
+    Renew = 13,
 }
 
 /// Outcome carried by a response.
@@ -116,6 +215,18 @@ pub enum Status {
     Unavailable = 11,
     /// Try again shortly (e.g. a backfill read waits for older writes).
     Busy = 12,
+    /// No valid credential, or the credential does not allow this request
+    /// (another volume, a write on a read-only capability, a version naming
+    /// another attachment, a node-only op).
+    Unauthorized = 13,
+    /// The connection's capability expired: renew it (`Renew`) and retry.
+    Expired = 14,
+    /// The block holds a newer version than the write's: `version` carries
+    /// it. Move the clock past it and write again with a new version.
+    OlderVersion = 15,
+    /// The write's version is more than [`VERSION_DRIFT_MAX_MS`] ahead of
+    /// the node's clock (the writer's clock is wrong, or it is hostile).
+    VersionAhead = 16,
 }
 
 impl Op {
@@ -132,6 +243,8 @@ impl Op {
             9 => Op::Hello,
             10 => Op::ListChunks,
             11 => Op::BackfillRead,
+            12 => Op::Challenge,
+            13 => Op::Renew,
             _ => return None,
         })
     }
@@ -153,6 +266,10 @@ impl Status {
             10 => Status::RouteBehind,
             11 => Status::Unavailable,
             12 => Status::Busy,
+            13 => Status::Unauthorized,
+            14 => Status::Expired,
+            15 => Status::OlderVersion,
+            16 => Status::VersionAhead,
             _ => return None,
         })
     }
@@ -173,6 +290,12 @@ pub struct Header {
     pub volume: u64,
     pub offset: u64,
     pub version: u64,
+    /// The writer's attachment id (writes; 0 from nodes and for reads).
+    pub attachment: u32,
+    /// The attachment's fence generation (0 until fencing is in use).
+    pub fence: u32,
+    /// The volume's snapshot sequence the writer knows (0: none).
+    pub snapshot: u64,
     /// crc32c of the payload (0 when there is none).
     pub payload_crc: u32,
 }
@@ -182,8 +305,10 @@ pub struct Header {
 pub enum FrameError {
     #[error("bad magic {0:02x?}: not a Celer peer, or the stream lost its framing")]
     BadMagic([u8; 4]),
-    #[error("protocol version {found} not supported (this build speaks {PROTO_VERSION})")]
+    #[error("protocol version {found} not supported (this build speaks {PROTO_VERSION}): upgrade the older side")]
     Version { found: u16 },
+    #[error("reserved header bytes are not zero: a newer peer, or a corrupt frame")]
+    Reserved,
     #[error("header checksum mismatch: corrupt frame")]
     HeaderChecksum,
     #[error("unknown frame kind {0}")]
@@ -219,9 +344,12 @@ fn get_u64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(a)
 }
 
-/// The header crc: bytes 0..56 and the payload crc field (60..64).
+/// The header crc: the bytes before it and the payload crc field after it.
 fn header_crc(b: &[u8; HEADER_BYTES]) -> u32 {
-    crc32c::crc32c_append(crc32c::crc32c(&b[..56]), &b[60..64])
+    crc32c::crc32c_append(
+        crc32c::crc32c(&b[..HEADER_CRC_AT]),
+        &b[HEADER_CRC_AT + 4..HEADER_BYTES],
+    )
 }
 
 /// crc32c of a payload given as pieces (as it will be sent with writev).
@@ -244,6 +372,9 @@ impl Header {
             volume: 0,
             offset: 0,
             version: 0,
+            attachment: 0,
+            fence: 0,
+            snapshot: 0,
             payload_crc: 0,
         }
     }
@@ -284,9 +415,12 @@ impl Header {
         put_u64(&mut b, 32, self.volume);
         put_u64(&mut b, 40, self.offset);
         put_u64(&mut b, 48, self.version);
-        put_u32(&mut b, 60, self.payload_crc);
+        put_u32(&mut b, 56, self.attachment);
+        put_u32(&mut b, 60, self.fence);
+        put_u64(&mut b, 64, self.snapshot);
+        put_u32(&mut b, HEADER_CRC_AT + 4, self.payload_crc);
         let crc = header_crc(&b);
-        put_u32(&mut b, 56, crc);
+        put_u32(&mut b, HEADER_CRC_AT, crc);
         b
     }
 
@@ -307,20 +441,30 @@ impl Header {
 /// [`HEADER_BYTES`] bytes so far, read more. The payload (if any) follows the
 /// header and is `payload_bytes` long; check it with [`Header::verify_payload`].
 pub fn decode_header(received: &[u8]) -> Result<Option<Header>, FrameError> {
+    // Magic and version first, as soon as they are in: a peer of another
+    // protocol version gets its error without waiting for a whole header.
+    let seen = received.len().min(4);
+    if received[..seen] != MAGIC[..seen] {
+        let mut m = [0u8; 4];
+        m[..seen].copy_from_slice(&received[..seen]);
+        return Err(FrameError::BadMagic(m));
+    }
+    if received.len() >= 6 {
+        let found = get_u16(received, 4);
+        if found != PROTO_VERSION {
+            return Err(FrameError::Version { found });
+        }
+    }
     let Some(b) = received.get(..HEADER_BYTES) else {
         return Ok(None);
     };
     let mut h = [0u8; HEADER_BYTES];
     h.copy_from_slice(b);
-    if h[0..4] != MAGIC {
-        return Err(FrameError::BadMagic([h[0], h[1], h[2], h[3]]));
-    }
-    let found = get_u16(&h, 4);
-    if found != PROTO_VERSION {
-        return Err(FrameError::Version { found });
-    }
-    if header_crc(&h) != get_u32(&h, 56) {
+    if header_crc(&h) != get_u32(&h, HEADER_CRC_AT) {
         return Err(FrameError::HeaderChecksum);
+    }
+    if h[72..HEADER_CRC_AT].iter().any(|&x| x != 0) {
+        return Err(FrameError::Reserved);
     }
     let kind = match h[6] {
         1 => Kind::Request,
@@ -345,6 +489,9 @@ pub fn decode_header(received: &[u8]) -> Result<Option<Header>, FrameError> {
         volume: get_u64(&h, 32),
         offset: get_u64(&h, 40),
         version: get_u64(&h, 48),
-        payload_crc: get_u32(&h, 60),
+        attachment: get_u32(&h, 56),
+        fence: get_u32(&h, 60),
+        snapshot: get_u64(&h, 64),
+        payload_crc: get_u32(&h, HEADER_CRC_AT + 4),
     }))
 }

@@ -17,6 +17,8 @@ fn op() -> impl Strategy<Value = Op> {
         Op::Hello,
         Op::ListChunks,
         Op::BackfillRead,
+        Op::Challenge,
+        Op::Renew,
     ])
 }
 
@@ -35,13 +37,18 @@ fn status() -> impl Strategy<Value = Status> {
         Status::RouteBehind,
         Status::Unavailable,
         Status::Busy,
+        Status::Unauthorized,
+        Status::Expired,
+        Status::OlderVersion,
+        Status::VersionAhead,
     ])
 }
 
 prop_compose! {
     fn header()(op in op(), status in status(), response in any::<bool>(), flags in any::<u16>(),
                 id in any::<u32>(), length in any::<u32>(), epoch in any::<u64>(), volume in any::<u64>(), offset in any::<u64>(),
-                version in any::<u64>(), payload in prop::collection::vec(any::<u8>(), 0..3000))
+                version in any::<u64>(), attachment in any::<u32>(), fence in any::<u32>(), snapshot in any::<u64>(),
+                payload in prop::collection::vec(any::<u8>(), 0..3000))
         -> (Header, Vec<u8>) {
         let mut h = Header::request(op, id);
         h.length = length;
@@ -50,6 +57,9 @@ prop_compose! {
         h.volume = volume;
         h.offset = offset;
         h.version = version;
+        h.attachment = attachment;
+        h.fence = fence;
+        h.snapshot = snapshot;
         let h = if response { Header::response_to(&h, status) } else { h };
         // The payload goes in two pieces, as writev would send it.
         let split = payload.len() / 3;
@@ -104,6 +114,21 @@ fn foreign_old_and_oversized_frames_are_refused() {
     let mut b = h.encode();
     b[4] = 9; // version 9, crc not even checked first
     assert_eq!(decode_header(&b), Err(FrameError::Version { found: 9 }));
+
+    // A protocol v2 peer's frame (64-byte header) is named as such from its
+    // first 6 bytes: nobody waits for the rest of a longer v3 header.
+    let mut v2 = [0u8; 64];
+    v2[0..4].copy_from_slice(b"CLR1");
+    v2[4..6].copy_from_slice(&2u16.to_le_bytes());
+    assert_eq!(
+        decode_header(&v2[..6]),
+        Err(FrameError::Version { found: 2 })
+    );
+    assert_eq!(decode_header(&v2), Err(FrameError::Version { found: 2 }));
+    assert!(matches!(
+        decode_header(b"CLX"),
+        Err(FrameError::BadMagic(_))
+    ));
 
     // An oversized payload with a valid crc is refused before anyone
     // allocates or reads it.

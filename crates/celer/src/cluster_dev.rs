@@ -8,43 +8,38 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use celer_client::{Client, ClientConfig};
+use celer_client::{Capability, Client, ClientConfig, Credential};
 use celer_device::BlockDevice;
+use celer_meta::api::Attachment;
 use celer_meta::client::MetaClient;
 
 pub const DEFAULT_META: &str = "http://127.0.0.1:7700";
-
-/// A client id for the write versions of this attachment: random, so two
-/// attachments of one volume (multi-attach) differ with probability
-/// 65535/65536. (The control service does not hand out ids yet.)
-pub fn random_client_id() -> u16 {
-    let mut b = [0u8; 2];
-    if std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
-        .is_err()
-    {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(1);
-        b = ((t ^ std::process::id()) as u16).to_le_bytes();
-    }
-    u16::from_le_bytes(b).max(1)
-}
 
 /// Opens `volume` through the control service at `meta`.
 pub fn open_volume(meta: &str, token: &str, volume: &str) -> Result<Arc<dyn BlockDevice>> {
     Ok(open_client(meta, token, volume)?)
 }
 
-/// Like `open_volume`, keeping the client's type (for its route table).
+/// The credential in an attachment the control service handed out.
+pub fn credential_of(a: &Attachment) -> Result<Credential> {
+    let capability = Capability::from_hex(&a.capability)
+        .with_context(|| format!("attachment {}: bad capability", a.attachment.id))?;
+    let key = celer_proto::auth::key_from_hex(&a.key)
+        .with_context(|| format!("attachment {}: bad key", a.attachment.id))?;
+    Ok(Credential::Attachment { capability, key })
+}
+
+/// Like `open_volume`, keeping the client's type (for its route table):
+/// attaches the volume (the control service assigns the attachment id and
+/// hands out a capability), connects, and keeps the capability renewed.
 pub fn open_client(meta: &str, token: &str, volume: &str) -> Result<Arc<Client>> {
     let mc = MetaClient::new(meta, token);
-    let vol = mc.volume(volume).with_context(|| {
+    let att = mc.attach(volume, false).with_context(|| {
         format!(
-            "volume `{volume}` at the control service {meta} (list them with `celer volume list`)"
+            "attach volume `{volume}` at the control service {meta} (list them with `celer volume list`)"
         )
     })?;
+    let vol = &att.volume;
     let route = mc
         .route()
         .with_context(|| format!("route table from {meta}: are the storage nodes up?"))?;
@@ -55,9 +50,98 @@ pub fn open_client(meta: &str, token: &str, volume: &str) -> Result<Arc<Client>>
         .map(|n| n.data_addr.clone())
         .collect();
     anyhow::ensure!(!seeds.is_empty(), "no storage node is up");
-    let cfg = ClientConfig::new(seeds, vol.id, vol.size_bytes, random_client_id());
+    let cfg = ClientConfig::new(seeds, vol.id, vol.size_bytes, credential_of(&att)?);
     let client = Client::connect(cfg).with_context(|| format!("connect to volume `{volume}`"))?;
-    Ok(Arc::new(client))
+    tracing::info!(
+        volume,
+        attachment = att.attachment.id,
+        "attached (capability valid for {} s)",
+        att.expires_unix_ms.saturating_sub(unix_ms()) / 1000
+    );
+    let client = Arc::new(client);
+    CapabilityKeeper {
+        meta: mc,
+        attachment: att.attachment.id,
+        client: Arc::downgrade(&client),
+    }
+    .spawn()?;
+    Ok(client)
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Renews an attachment's capability at a third of its lifetime, so that a
+/// control service outage of up to two thirds of it (40 minutes with the
+/// default hour) does not stop I/O; the client presents the new one on its
+/// open connections without a pause. Ends when the client is dropped.
+struct CapabilityKeeper {
+    meta: MetaClient,
+    attachment: u32,
+    client: std::sync::Weak<Client>,
+}
+
+impl CapabilityKeeper {
+    fn spawn(self) -> Result<()> {
+        std::thread::Builder::new()
+            .name(format!("celer-cap-{}", self.attachment))
+            .spawn(move || self.run())
+            .context("start the capability renewal thread")?;
+        Ok(())
+    }
+
+    fn run(&self) {
+        let mut failing = false;
+        loop {
+            let Some(expires) = self.client.upgrade().and_then(|c| c.credential_expiry()) else {
+                return;
+            };
+            let now = unix_ms();
+            // Renew when two thirds of what is left remain; retry every
+            // second while the control service does not answer.
+            let left = expires.saturating_sub(now);
+            let wait = if failing { 1000 } else { left / 3 };
+            let mut slept = 0;
+            while slept < wait {
+                let step = (wait - slept).min(500);
+                std::thread::sleep(Duration::from_millis(step));
+                slept += step;
+                if self.client.strong_count() == 0 {
+                    return;
+                }
+            }
+            let renewed = self
+                .meta
+                .renew_attachment(self.attachment)
+                .map_err(anyhow::Error::from)
+                .and_then(|a| credential_of(&a));
+            let Some(client) = self.client.upgrade() else {
+                return;
+            };
+            match renewed.and_then(|c| client.renew(c).map_err(anyhow::Error::from)) {
+                Ok(()) => {
+                    if failing {
+                        tracing::info!(attachment = self.attachment, "capability renewed again");
+                    }
+                    failing = false;
+                }
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!(
+                            attachment = self.attachment,
+                            left_ms = expires.saturating_sub(unix_ms()),
+                            "cannot renew the capability (I/O goes on until it expires): {e:#}"
+                        );
+                    }
+                    failing = true;
+                }
+            }
+        }
+    }
 }
 
 /// How long one long poll of an attachment's size watch waits.

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use celer_client::{Client, ClientConfig};
+use celer_client::{Capability, Client, ClientConfig, Credential};
 use celer_device::BlockDevice;
 use celer_meta::api::{Change, CreateVolume};
 use support::cluster::{Cluster, ClusterOpts};
@@ -22,7 +22,9 @@ const VOLUME_BYTES: u64 = 256 << 20;
 /// The workload covers 64 MiB: 64 chunks spread over the partitions.
 const WORK_BLOCKS: u64 = (64 << 20) / BLOCK as u64;
 
-fn volume_client(c: &Cluster, name: &str, client_id: u16) -> (u64, Arc<dyn BlockDevice>) {
+/// Attaches volume `name` (created if needed) through the control service,
+/// as a front end does: the attachment id and the capability come from it.
+fn volume_client(c: &Cluster, name: &str) -> (u64, Arc<dyn BlockDevice>) {
     let meta = c.meta_client();
     let vol = match meta.volume(name) {
         Ok(v) => v,
@@ -34,7 +36,12 @@ fn volume_client(c: &Cluster, name: &str, client_id: u16) -> (u64, Arc<dyn Block
             })
             .expect("create volume"),
     };
-    let mut cfg = ClientConfig::new(c.seeds(), vol.id, vol.size_bytes, client_id);
+    let att = meta.attach(&vol.name, false).expect("attach");
+    let credential = Credential::Attachment {
+        capability: Capability::from_hex(&att.capability).expect("capability"),
+        key: celer_proto::auth::key_from_hex(&att.key).expect("key"),
+    };
+    let mut cfg = ClientConfig::new(c.seeds(), vol.id, vol.size_bytes, credential);
     cfg.request_timeout = Duration::from_millis(300);
     let client = Client::connect(cfg).expect("client connects");
     (vol.id, Arc::new(client))
@@ -149,7 +156,7 @@ fn verify_with(
 #[test]
 fn kill_and_restart_nodes_under_load() {
     let mut c = Cluster::start(std::path::Path::new(BIN), ClusterOpts::default());
-    let (volume, dev) = volume_client(&c, "vol-kill", 1);
+    let (volume, dev) = volume_client(&c, "vol-kill");
     let load = start_load(&dev, 2, 8);
     std::thread::sleep(Duration::from_secs(2));
     let mut pauses = Vec::new();
@@ -192,7 +199,7 @@ fn kill_and_restart_nodes_under_load() {
 /// workload goes on, heals it, and checks it caught up.
 fn partition_round(cut: fn(&Cluster, usize, bool)) {
     let c = Cluster::start(std::path::Path::new(BIN), ClusterOpts::default());
-    let (volume, dev) = volume_client(&c, "vol-part", 1);
+    let (volume, dev) = volume_client(&c, "vol-part");
     let load = start_load(&dev, 1, 8);
     std::thread::sleep(Duration::from_secs(1));
     let victim = 2;
@@ -237,8 +244,8 @@ fn a_node_cut_off_by_nftables_fails_over_and_catches_up() {
 #[test]
 fn two_clients_writing_the_same_blocks_converge() {
     let c = Cluster::start(std::path::Path::new(BIN), ClusterOpts::default());
-    let (volume, a) = volume_client(&c, "vol-shared", 1);
-    let (_, b) = volume_client(&c, "vol-shared", 2);
+    let (volume, a) = volume_client(&c, "vol-shared");
+    let (_, b) = volume_client(&c, "vol-shared");
     // Both clients hammer the same 2 MiB (small and large writes), racing;
     // random delays on every connection let their writes reach the
     // replicas in different orders.
@@ -273,7 +280,7 @@ fn two_clients_writing_the_same_blocks_converge() {
 #[test]
 fn a_client_with_an_old_route_is_corrected_by_a_node() {
     let c = Cluster::start(std::path::Path::new(BIN), ClusterOpts::default());
-    let (volume, dev) = volume_client(&c, "vol-stale", 1);
+    let (volume, dev) = volume_client(&c, "vol-stale");
     let client_epoch = c.route().epoch;
     // Split the partitions: a new epoch the client does not know.
     let split = c.meta_client().split().expect("split");
@@ -344,8 +351,8 @@ fn deleting_a_volume_frees_its_space_on_the_nodes() {
             })
             .sum()
     };
-    let (_, dev) = volume_client(&c, "vol-gone", 1);
-    let (_, keep) = volume_client(&c, "vol-kept", 2);
+    let (_, dev) = volume_client(&c, "vol-gone");
+    let (_, keep) = volume_client(&c, "vol-kept");
     // 16 MiB into each volume: 16 chunks × 3 replicas each.
     for d in [&dev, &keep] {
         let mut q = d.open_queue(1).expect("queue");
@@ -413,7 +420,7 @@ fn the_control_leader_dies_and_io_goes_on() {
             ..ClusterOpts::default()
         },
     );
-    let (volume, dev) = volume_client(&c, "vol-ha", 1);
+    let (volume, dev) = volume_client(&c, "vol-ha");
     let load = start_load(&dev, 1, 8);
     std::thread::sleep(Duration::from_secs(1));
     let t0 = Instant::now();
@@ -516,7 +523,7 @@ const FIXED_CHUNKS: std::ops::Range<u64> = 128..160;
 #[test]
 fn a_node_back_with_an_empty_disk_is_backfilled_not_trusted() {
     let mut c = Cluster::start(std::path::Path::new(BIN), ClusterOpts::default());
-    let (volume, dev) = volume_client(&c, "vol-swap", 1);
+    let (volume, dev) = volume_client(&c, "vol-swap");
     {
         let mut q = dev.open_queue(7).expect("queue");
         let mut buf = vec![0u8; 1 << 20];
@@ -655,7 +662,7 @@ fn a_node_back_with_an_empty_disk_is_backfilled_not_trusted() {
 #[test]
 fn a_node_cut_off_during_its_backfill_copies_again() {
     let mut c = Cluster::start(std::path::Path::new(BIN), ClusterOpts::default());
-    let (volume, dev) = volume_client(&c, "vol-cut", 1);
+    let (volume, dev) = volume_client(&c, "vol-cut");
     {
         let mut q = dev.open_queue(7).expect("queue");
         let mut buf = vec![0u8; 1 << 20];

@@ -14,11 +14,24 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use celer_client::Credential;
 use celer_device::{DeviceQueue, IoCompletion, IoError, IoOp, IoRequest, IoSegment};
+use celer_proto::auth::{data_key_from_secret, HelloProof, Peer};
 use celer_proto::{decode_header, Header, Kind, Op, Status, HEADER_BYTES};
 use celer_route::{NodeId, NodeInfo, RouteTable};
 
 pub const BLOCK: usize = 4096;
+/// The fake cluster's secret: nodes derive the data key from it, tests mint
+/// their credentials with it.
+pub const SECRET: &str = "fake-cluster-secret";
+/// The attachment id of [`cred`]'s capabilities (the low 16 bits of every
+/// write version).
+pub const ATTACHMENT: u32 = 9;
+
+/// A credential for `volume` that the fake nodes accept.
+pub fn cred(volume: u64) -> Credential {
+    celer_client::mint_credential(SECRET, volume, ATTACHMENT, false, Duration::from_secs(3600))
+}
 
 #[derive(Clone, Debug)]
 pub struct Logged {
@@ -267,6 +280,16 @@ fn respond(s: &mut TcpStream, req: &Header, status: Status, payload: &[u8], vers
 
 fn serve(mut s: TcpStream, node: Arc<FakeNode>, conn: u32) {
     let mut shard: Option<u16> = None;
+    // The real node's handshake: a Challenge first, a Hello with a proof.
+    let mut nonce = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut nonce);
+    let challenge = Header::request(Op::Challenge, 0).with_payload([&nonce[..]]);
+    let mut out = challenge.encode().to_vec();
+    out.extend_from_slice(&nonce);
+    if s.write_all(&out).is_err() {
+        return;
+    }
+    let data_key = data_key_from_secret(SECRET);
     loop {
         let mut hb = [0u8; HEADER_BYTES];
         if s.read_exact(&mut hb).is_err() {
@@ -300,13 +323,37 @@ fn serve(mut s: TcpStream, node: Arc<FakeNode>, conn: u32) {
         let version = st.max_version + st.script.version_boost;
         if h.op == Op::Hello {
             shard = Some(h.offset as u16);
-            let status = if h.offset < node.shards as u64 {
-                Status::Ok
-            } else {
-                Status::Invalid
-            };
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as u64;
+            let checked = HelloProof::check(
+                &payload,
+                &data_key,
+                &nonce,
+                h.offset as u16,
+                h.volume,
+                false,
+                now,
+            );
             drop(st);
-            respond(&mut s, &h, status, &[], version);
+            let (peer, peer_nonce) = match checked {
+                Ok(x) if h.offset < node.shards as u64 => x,
+                Ok(_) => {
+                    respond(&mut s, &h, Status::Invalid, &[], version);
+                    continue;
+                }
+                Err(_) => {
+                    respond(&mut s, &h, Status::Unauthorized, &[], version);
+                    return;
+                }
+            };
+            let key = match peer {
+                Peer::Attachment(cap) => cap.attachment_key(&data_key),
+                Peer::Node { .. } => data_key,
+            };
+            let answer = HelloProof::answer(&key, &nonce, &peer_nonce);
+            respond(&mut s, &h, Status::Ok, &answer, version);
             continue;
         }
         if st.script.silent {
