@@ -3,23 +3,11 @@
 
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::time::Duration;
-
-use celer_proto::{decode_header, Header, Op, Status, HEADER_BYTES};
+use celer_proto::{Header, Op, Status};
 use celer_route::RouteTable;
 
-fn call(s: &mut TcpStream, h: Header) -> (Header, Vec<u8>) {
-    s.write_all(&h.encode()).expect("send");
-    let mut b = [0u8; HEADER_BYTES];
-    s.read_exact(&mut b).expect("response");
-    let r = decode_header(&b).expect("valid").expect("whole");
-    let mut p = vec![0u8; r.payload_bytes as usize];
-    s.read_exact(&mut p).expect("payload");
-    r.verify_payload([&p[..]]).expect("payload crc");
-    (r, p)
-}
+use super::cluster::TOKEN;
+use super::wire::{call, connect, node_credential};
 
 /// Reads chunk `chunk` of `volume` from every member of its partition and
 /// returns a description of every difference (empty: the replicas agree).
@@ -29,18 +17,18 @@ pub fn compare_chunk(t: &RouteTable, volume: u64, chunk: u64) -> Vec<String> {
     let mut copies = Vec::new();
     for m in &part.members {
         let n = t.node(m.node).expect("member node");
-        let mut s = TcpStream::connect(&n.data_addr).expect("connect member");
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        let mut hello = Header::request(Op::Hello, 1);
-        hello.offset = t.shard_of(n, p) as u64;
-        assert_eq!(call(&mut s, hello).0.status, Status::Ok);
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(&n.data_addr)
+            .expect("address")
+            .next()
+            .expect("an address");
+        let mut s = connect(addr, t.shard_of(n, p), &node_credential(TOKEN))
+            .expect("the node accepts the cluster credential");
         let mut h = Header::request(Op::Read, 2);
         h.epoch = t.epoch;
         h.volume = volume;
         h.offset = chunk * t.chunk_bytes;
         h.length = t.chunk_bytes as u32;
-        let (r, data) = call(&mut s, h);
+        let (r, data) = call(&mut s, h, &[]);
         assert_eq!(
             r.status,
             Status::Ok,
