@@ -209,6 +209,7 @@ pub fn run(a: &UpArgs) -> Result<()> {
             export_name: a.volume.clone(),
             read_only: false,
             connections: None,
+            limits: Default::default(),
         };
         std::thread::Builder::new()
             .name("celer-up-nbd".into())
