@@ -171,6 +171,13 @@ pub(crate) fn run<S: Stream>(
             connection = index,
             "NBD client went away mid-message (truncated frame); connection closed"
         ),
+        // SO_RCVTIMEO/SO_SNDTIMEO expired (EAGAIN) after the handshake.
+        Err(ConnError::Io(e)) if e.kind() == ErrorKind::WouldBlock => tracing::warn!(
+            peer,
+            connection = index,
+            "NBD client stopped sending a request or reading replies for {} s; connection closed",
+            RECEIVE_TIMEOUT_MS.max(SEND_TIMEOUT_MS) / 1000
+        ),
         Err(e) => tracing::warn!(peer, connection = index, "NBD connection closed: {e}"),
     }
 }
