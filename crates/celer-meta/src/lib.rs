@@ -15,6 +15,7 @@ pub mod client;
 pub mod config;
 #[cfg(feature = "etcd")]
 pub mod etcd;
+pub mod http;
 mod metrics;
 pub mod server;
 pub mod state;

@@ -30,6 +30,7 @@ use crate::api::{
     AttachVolume, Attachment, AttachmentRecord, CreateVolume, ErrorBody, Heartbeat, RegisterNode,
     ResizeVolume, RestoreLog, Synced, LOG_PAGE_MAX,
 };
+use crate::http::{constant_time_eq, HttpLimits};
 use crate::metrics::Metrics;
 use crate::state::{Cluster, ClusterConfig, Pushed, StateError};
 use crate::store::{MetaStore, RedbStore, StoreError};
@@ -47,6 +48,11 @@ pub const MAX_MOVES_DEFAULT: usize = 64;
 /// How long a capability handed to an attaching client is valid (1 hour;
 /// clients renew it at a third of that).
 pub const CAPABILITY_TTL_MS_DEFAULT: u64 = 3_600_000;
+/// Default cap on API connections open at once.
+pub const CONNECTIONS_MAX_DEFAULT: usize = 1024;
+/// Default cap on API connections open at once from one source IP (a
+/// hypervisor host holds one long poll per attached volume).
+pub const CONNECTIONS_PER_IP_MAX_DEFAULT: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
@@ -125,6 +131,8 @@ pub struct MetaConfig {
     pub store: StoreConfig,
     pub tokens: Vec<Token>,
     pub cluster: ClusterConfig,
+    /// Timeouts and connection caps of the API server.
+    pub http: HttpLimits,
 }
 
 impl MetaConfig {
@@ -147,6 +155,7 @@ impl MetaConfig {
                 chunk_bytes: celer_route::CHUNK_BYTES_DEFAULT,
                 capability_ttl_ms: CAPABILITY_TTL_MS_DEFAULT,
             },
+            http: HttpLimits::with_caps(CONNECTIONS_MAX_DEFAULT, CONNECTIONS_PER_IP_MAX_DEFAULT),
         }
     }
 
@@ -174,6 +183,13 @@ impl MetaConfig {
         }
         if c.max_moves == 0 {
             return bad("--max-moves must be at least 1".into());
+        }
+        let h = &self.http;
+        if h.connections_max == 0 || h.connections_per_ip_max == 0 {
+            return bad("the API connection caps must be at least 1".into());
+        }
+        if h.header_read_timeout.is_zero() || h.body_timeout.is_zero() {
+            return bad("the API header and body timeouts must be above 0".into());
         }
         Ok(())
     }
@@ -428,10 +444,14 @@ async fn auth(
             "missing `Authorization: Bearer TOKEN`: pass the cluster token (--token or CELER_TOKEN)",
         ));
     };
-    let found = st
-        .tokens
-        .iter()
-        .find(|t| constant_time_eq(t.secret.as_bytes(), presented.as_bytes()));
+    // Every token is compared, matching or not: the time taken does not
+    // tell which one matched or how far a guess got.
+    let mut found = None;
+    for t in &st.tokens {
+        if constant_time_eq(t.secret.as_bytes(), presented.as_bytes()) && found.is_none() {
+            found = Some(t);
+        }
+    }
     let Some(token) = found else {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -440,14 +460,6 @@ async fn auth(
     };
     req.extensions_mut().insert(Who(token.name.clone()));
     Ok(next.run(req).await)
-}
-
-/// Compares secrets without an early exit on the first differing byte.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
 }
 
 async fn count_requests(State(st): State<Arc<Shared>>, req: Request, next: Next) -> Response {
@@ -973,24 +985,23 @@ async fn run_server(
     let app = router(shared.clone());
     let closing = shared.clone();
     let checker_abort = checker.abort_handle();
-    let r = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = stop.await;
-            // A control service on its way out decides nothing: while the
-            // server drains, heartbeats are no longer taken, and the lease
-            // checker would mark every node down and reroute (the next
-            // start would then re-copy every partition).
-            checker_abort.abort();
-            // Long polls answer now instead of holding the drain.
-            closing.closing.send_replace(true);
-        })
-        .await;
+    crate::http::serve(listener, app, cfg.http.clone(), async move {
+        let _ = stop.await;
+        // A control service on its way out decides nothing: while the
+        // server drains, heartbeats are no longer taken, and the lease
+        // checker would mark every node down and reroute (the next
+        // start would then re-copy every partition).
+        checker_abort.abort();
+        // Long polls answer now instead of holding the drain.
+        closing.closing.send_replace(true);
+    })
+    .await;
     checker.abort();
     #[cfg(feature = "etcd")]
     if let Some(e) = elector {
         e.abort();
     }
-    r.map_err(|e| MetaError::Stopped(e.to_string()))
+    Ok(())
 }
 
 /// `celer meta serve`: serves until SIGINT or SIGTERM.

@@ -5,12 +5,13 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use celer_device::{BlockDevice, FileDevice, FileDeviceConfig, NullDevice};
 use clap::Args;
 
-use crate::NbdConfig;
+use crate::{ConnLimits, NbdConfig};
 
 /// `serve`: export a device over NBD.
 #[derive(Args, Clone, Debug)]
@@ -43,6 +44,71 @@ pub struct ServeArgs {
     /// Stop after this many connections (default: serve forever).
     #[arg(long)]
     pub connections: Option<usize>,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// Admission caps and timeouts (see the crate doc).
+#[derive(Args, Clone, Debug)]
+pub struct LimitArgs {
+    /// Seconds a client has for the whole handshake (greeting to OPT_GO).
+    #[arg(long, default_value_t = crate::HANDSHAKE_TIMEOUT_MS as f64 / 1000.0)]
+    pub handshake_timeout: f64,
+    /// Close a connection after this many seconds without a request while
+    /// nothing is in flight (default: never; the kernel client and qemu
+    /// stay connected and silent while the disk is idle).
+    #[arg(long)]
+    pub idle_timeout: Option<f64>,
+    /// Connections open at once; more are closed at accept.
+    #[arg(long, default_value_t = crate::CONNECTIONS_OPEN_MAX)]
+    pub max_connections: usize,
+    /// Connections open at once from one source IP.
+    #[arg(long, default_value_t = crate::CONNECTIONS_OPEN_PER_IP_MAX)]
+    pub max_connections_per_ip: usize,
+}
+
+impl Default for LimitArgs {
+    fn default() -> Self {
+        let d = crate::ConnLimits::default();
+        LimitArgs {
+            handshake_timeout: d.handshake_timeout.as_secs_f64(),
+            idle_timeout: None,
+            max_connections: d.open_max,
+            max_connections_per_ip: d.open_per_ip_max,
+        }
+    }
+}
+
+impl LimitArgs {
+    /// The limits, or what is wrong with the flags.
+    pub fn limits(&self) -> anyhow::Result<ConnLimits> {
+        let seconds = |flag: &str, v: f64| {
+            Duration::try_from_secs_f64(v)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .with_context(|| format!("--{flag} {v}: give a positive number of seconds"))
+        };
+        anyhow::ensure!(
+            self.max_connections > 0 && self.max_connections_per_ip > 0,
+            "--max-connections and --max-connections-per-ip must be at least 1"
+        );
+        let d = ConnLimits::default();
+        Ok(ConnLimits {
+            open_max: self.max_connections,
+            open_per_ip_max: self.max_connections_per_ip,
+            // The handshake caps stay below the open caps, so connections
+            // that never finish their handshake cannot take every slot.
+            handshaking_max: d.handshaking_max.min(self.max_connections.div_ceil(4)),
+            handshaking_per_ip_max: d
+                .handshaking_per_ip_max
+                .min(self.max_connections_per_ip.div_ceil(4)),
+            handshake_timeout: seconds("handshake-timeout", self.handshake_timeout)?,
+            idle_timeout: match self.idle_timeout {
+                Some(v) => Some(seconds("idle-timeout", v)?),
+                None => None,
+            },
+        })
+    }
 }
 
 /// Opens the device named by `--device` and serves it.
@@ -59,6 +125,7 @@ pub fn run_serve_with(a: &ServeArgs, device: Arc<dyn BlockDevice>) -> anyhow::Re
         export_name: a.export_name.clone(),
         read_only: a.read_only,
         connections_max: a.connections,
+        limits: a.limits.limits()?,
     };
     crate::serve(config, device)?;
     Ok(())

@@ -14,12 +14,14 @@
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
 
 use celer_device::{BlockDevice, DeviceQueue, IoCompletion, IoError, IoOp, IoRequest, IoSegment};
 
+use crate::admission::Ticket;
 use crate::handshake::{negotiate, Outcome};
 use crate::proto::*;
-use crate::Export;
+use crate::{ConnLimits, Export};
 
 /// Requests one connection keeps in flight.
 pub(crate) const CONN_INFLIGHT_MAX: usize = 64;
@@ -34,19 +36,85 @@ const BUFFER_ALIGN_BYTES: usize = 4096;
 /// A send that makes no progress for this long ends the connection: a
 /// client that stops reading replies must not pin its thread forever.
 pub(crate) const SEND_TIMEOUT_MS: u64 = 60_000;
+/// A request (header or write payload) that stops arriving mid-way for this
+/// long ends the connection, for the same reason. Reads start only when
+/// poll(2) reports data, so an idle connection never meets it.
+pub(crate) const RECEIVE_TIMEOUT_MS: u64 = 60_000;
 
 /// A socket a connection runs on.
 pub(crate) trait Stream: Read + Write + AsRawFd + Send {
-    fn set_send_timeout(&self, t: std::time::Duration) -> std::io::Result<()>;
+    fn set_send_timeout(&self, t: Duration) -> std::io::Result<()>;
+    fn set_receive_timeout(&self, t: Duration) -> std::io::Result<()>;
 }
 impl Stream for std::net::TcpStream {
-    fn set_send_timeout(&self, t: std::time::Duration) -> std::io::Result<()> {
+    fn set_send_timeout(&self, t: Duration) -> std::io::Result<()> {
         self.set_write_timeout(Some(t))
+    }
+    fn set_receive_timeout(&self, t: Duration) -> std::io::Result<()> {
+        self.set_read_timeout(Some(t))
     }
 }
 impl Stream for std::os::unix::net::UnixStream {
-    fn set_send_timeout(&self, t: std::time::Duration) -> std::io::Result<()> {
+    fn set_send_timeout(&self, t: Duration) -> std::io::Result<()> {
         self.set_write_timeout(Some(t))
+    }
+    fn set_receive_timeout(&self, t: Duration) -> std::io::Result<()> {
+        self.set_read_timeout(Some(t))
+    }
+}
+
+/// The stream during the handshake: every read and write may take only
+/// what is left of one deadline for the whole handshake, so a client that
+/// trickles bytes cannot stretch it.
+struct HandshakeDeadline<'a, S: Stream> {
+    s: &'a mut S,
+    deadline: Instant,
+    timeout: Duration,
+}
+
+impl<S: Stream> HandshakeDeadline<'_, S> {
+    fn expired(&self) -> std::io::Error {
+        std::io::Error::new(
+            ErrorKind::TimedOut,
+            format!(
+                "handshake not finished within {} ms",
+                self.timeout.as_millis()
+            ),
+        )
+    }
+    /// Time left, or the timeout error.
+    fn left(&self) -> std::io::Result<Duration> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(self.expired());
+        }
+        Ok(left)
+    }
+    /// A socket timeout (EAGAIN after SO_RCVTIMEO/SO_SNDTIMEO) is the deadline.
+    fn map<T>(&self, r: std::io::Result<T>) -> std::io::Result<T> {
+        r.map_err(|e| match e.kind() {
+            ErrorKind::WouldBlock | ErrorKind::TimedOut => self.expired(),
+            _ => e,
+        })
+    }
+}
+
+impl<S: Stream> Read for HandshakeDeadline<'_, S> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.s.set_receive_timeout(self.left()?)?;
+        let r = self.s.read(buf);
+        self.map(r)
+    }
+}
+
+impl<S: Stream> Write for HandshakeDeadline<'_, S> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.s.set_send_timeout(self.left()?)?;
+        let r = self.s.write(buf);
+        self.map(r)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.s.flush()
     }
 }
 
@@ -59,6 +127,8 @@ pub(crate) enum ConnError {
     Protocol(String),
     #[error("device queue: {0}")]
     Device(#[from] IoError),
+    #[error("idle for {} ms with no request in flight (idle timeout)", .0.as_millis())]
+    Idle(Duration),
 }
 
 pub(crate) fn run<S: Stream>(
@@ -67,24 +137,46 @@ pub(crate) fn run<S: Stream>(
     index: usize,
     device: &dyn BlockDevice,
     export: &Export,
+    limits: &ConnLimits,
+    mut ticket: Ticket,
 ) {
-    if let Err(e) = s.set_send_timeout(std::time::Duration::from_millis(SEND_TIMEOUT_MS)) {
-        tracing::warn!(peer, connection = index, "cannot set a send timeout: {e}");
+    let negotiated = negotiate(
+        &mut HandshakeDeadline {
+            s: &mut s,
+            deadline: Instant::now() + limits.handshake_timeout,
+            timeout: limits.handshake_timeout,
+        },
+        export,
+    );
+    ticket.handshake_done();
+    let timeouts = s
+        .set_send_timeout(Duration::from_millis(SEND_TIMEOUT_MS))
+        .and_then(|()| s.set_receive_timeout(Duration::from_millis(RECEIVE_TIMEOUT_MS)));
+    if let Err(e) = timeouts {
+        tracing::warn!(peer, connection = index, "cannot set socket timeouts: {e}");
     }
-    let result = match negotiate(&mut s, export) {
+    let result = match negotiated {
         Ok(Outcome::Transmission) => device
             .open_queue(index)
             .map_err(ConnError::from)
-            .and_then(|queue| Conn::new(s, queue, export).transmit()),
+            .and_then(|queue| Conn::new(s, queue, export, limits.idle_timeout).transmit()),
         Ok(Outcome::Aborted) => Ok(()),
         Err(e) => Err(e),
     };
+    drop(ticket);
     match result {
         Ok(()) => tracing::info!(peer, connection = index, "NBD connection closed"),
         Err(ConnError::Io(e)) if e.kind() == ErrorKind::UnexpectedEof => tracing::warn!(
             peer,
             connection = index,
             "NBD client went away mid-message (truncated frame); connection closed"
+        ),
+        // SO_RCVTIMEO/SO_SNDTIMEO expired (EAGAIN) after the handshake.
+        Err(ConnError::Io(e)) if e.kind() == ErrorKind::WouldBlock => tracing::warn!(
+            peer,
+            connection = index,
+            "NBD client stopped sending a request or reading replies for {} s; connection closed",
+            RECEIVE_TIMEOUT_MS.max(SEND_TIMEOUT_MS) / 1000
         ),
         Err(e) => tracing::warn!(peer, connection = index, "NBD connection closed: {e}"),
     }
@@ -158,10 +250,18 @@ struct Conn<'a, S: Stream> {
     disconnecting: bool,
     /// (slot, errno) of the completions of one poll; reused.
     completed: Vec<(usize, Option<u32>)>,
+    /// Close after this long without a request while nothing is in flight.
+    idle_timeout: Option<Duration>,
+    last_request: Instant,
 }
 
 impl<'a, S: Stream> Conn<'a, S> {
-    fn new(s: S, queue: Box<dyn DeviceQueue>, export: &'a Export) -> Self {
+    fn new(
+        s: S,
+        queue: Box<dyn DeviceQueue>,
+        export: &'a Export,
+        idle_timeout: Option<Duration>,
+    ) -> Self {
         let n = CONN_INFLIGHT_MAX.min(queue.inflight_max()).max(1);
         let completed_max = queue.inflight_max();
         let slots = (0..n)
@@ -188,6 +288,8 @@ impl<'a, S: Stream> Conn<'a, S> {
             inflight_bytes: 0,
             disconnecting: false,
             completed: Vec::with_capacity(completed_max),
+            idle_timeout,
+            last_request: Instant::now(),
         }
     }
 
@@ -214,6 +316,11 @@ impl<'a, S: Stream> Conn<'a, S> {
             if self.disconnecting && self.busy() == 0 {
                 return Ok(());
             }
+            if let Some(idle) = self.idle_timeout {
+                if self.busy() == 0 && self.last_request.elapsed() >= idle {
+                    return Err(ConnError::Idle(idle));
+                }
+            }
             let accepting = !self.disconnecting
                 && !self.free.is_empty()
                 && self.inflight_bytes < INFLIGHT_BYTES_MAX;
@@ -231,7 +338,10 @@ impl<'a, S: Stream> Conn<'a, S> {
             }
             // Completions without an fd show up on the next poll: don't sleep long.
             let timeout_ms = match (self.busy(), cfd) {
-                (0, _) => 1000,
+                (0, _) => self.idle_timeout.map_or(1000, |idle| {
+                    let left = idle.saturating_sub(self.last_request.elapsed());
+                    left.as_millis().clamp(1, 1000) as i32
+                }),
                 (_, Some(_)) => 100,
                 (_, None) => 1,
             };
@@ -259,6 +369,7 @@ impl<'a, S: Stream> Conn<'a, S> {
     fn read_request(&mut self) -> Result<(), ConnError> {
         let mut h = [0u8; REQUEST_BYTES];
         let got = read_full(&mut self.s, &mut h)?;
+        self.last_request = Instant::now();
         if got == 0 {
             if self.busy() > 0 {
                 tracing::warn!("NBD client closed the connection with requests in flight");

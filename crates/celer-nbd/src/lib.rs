@@ -20,6 +20,34 @@
 //! Limits: requests per connection in flight, bytes per connection in flight,
 //! request size (the advertised maximum block size), option data size. A
 //! write larger than the maximum closes the connection without allocating.
+//!
+//! Admission ([`ConnLimits`]): a connection costs a thread, so a few idle
+//! sockets must not lock everyone out. The whole handshake (greeting to
+//! OPT_GO) must finish within `handshake_timeout` (one deadline, not one
+//! per read: a client trickling a byte at a time is cut at it). Connections
+//! still in the handshake have their own small cap, overall and per source
+//! IP, below the cap on open connections, and each source IP may hold at
+//! most `open_per_ip_max` connections: a host opening sockets and sending
+//! nothing holds at most `handshaking_per_ip_max` slots, for at most the
+//! handshake timeout. A connection over a cap is closed at once, with a log
+//! line. An established connection with nothing in flight can be closed
+//! after `idle_timeout` (off by default: the kernel client and qemu stay
+//! connected, silent, while the disk is idle). A request that stops
+//! arriving mid-way for 60 s ends its connection.
+//! Unix socket connections have no source IP: the socket file's
+//! permissions guard them; the overall caps still apply.
+//!
+//! Authentication: none. Anyone who can reach the TCP listener can read and
+//! write the export, so listen on loopback or a private network, or use the
+//! Unix socket. Design note for adding it: the NBD protocol has no
+//! password option; the standard way is NBD_OPT_STARTTLS with TLS-PSK or
+//! client certificates (what qemu-nbd and nbdkit do, and what qemu's
+//! `tls-creds` object speaks). It would go in `handshake.rs`: refuse every
+//! option but STARTTLS/ABORT with NBD_REP_ERR_TLS_REQD until TLS is up
+//! ("FORCEDTLS" mode), then run the rest of the haggling and transmission
+//! over the TLS stream, and count the TLS handshake in the handshake
+//! deadline. Until then the admission caps above only bound the damage an
+//! unauthenticated peer can do to availability, not to the data.
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
@@ -27,9 +55,12 @@ use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
+use admission::Admission;
 use celer_device::{BlockDevice, DeviceInfo, IoError};
 
+mod admission;
 pub mod cli;
 mod conn;
 mod handshake;
@@ -41,6 +72,45 @@ pub const REQUEST_MAX_BYTES: u32 = 32 << 20;
 pub const PREFERRED_BLOCK_BYTES: u32 = 4096;
 /// Connections served at once; more are accepted and closed with a log line.
 pub const CONNECTIONS_OPEN_MAX: usize = 64;
+/// Connections from one source IP served at once.
+pub const CONNECTIONS_OPEN_PER_IP_MAX: usize = 32;
+/// Connections still in the handshake at once.
+pub const HANDSHAKING_MAX: usize = 16;
+/// Connections from one source IP still in the handshake at once.
+pub const HANDSHAKING_PER_IP_MAX: usize = 4;
+/// Time a client has for the whole handshake, greeting to OPT_GO.
+pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+
+/// Who may hold a connection, and for how long (see the crate doc).
+#[derive(Clone, Debug)]
+pub struct ConnLimits {
+    /// Open connections (handshaking or established).
+    pub open_max: usize,
+    /// Open connections from one source IP (TCP only).
+    pub open_per_ip_max: usize,
+    /// Connections still in the handshake.
+    pub handshaking_max: usize,
+    /// Connections from one source IP still in the handshake (TCP only).
+    pub handshaking_per_ip_max: usize,
+    /// The whole handshake must finish within this.
+    pub handshake_timeout: Duration,
+    /// Close an established connection with nothing in flight after this
+    /// long without a request (None: never).
+    pub idle_timeout: Option<Duration>,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        ConnLimits {
+            open_max: CONNECTIONS_OPEN_MAX,
+            open_per_ip_max: CONNECTIONS_OPEN_PER_IP_MAX,
+            handshaking_max: HANDSHAKING_MAX,
+            handshaking_per_ip_max: HANDSHAKING_PER_IP_MAX,
+            handshake_timeout: Duration::from_millis(HANDSHAKE_TIMEOUT_MS),
+            idle_timeout: None,
+        }
+    }
+}
 
 /// What to serve, and where.
 #[derive(Clone, Debug)]
@@ -55,6 +125,8 @@ pub struct NbdConfig {
     pub read_only: bool,
     /// Stop after this many connections have come and gone (None: forever).
     pub connections_max: Option<usize>,
+    /// Admission caps and timeouts.
+    pub limits: ConnLimits,
 }
 
 impl NbdConfig {
@@ -65,6 +137,7 @@ impl NbdConfig {
             export_name: export_name.to_string(),
             read_only: false,
             connections_max: None,
+            limits: ConnLimits::default(),
         }
     }
 }
@@ -217,6 +290,7 @@ impl Server {
         threads: &mut Vec<JoinHandle<()>>,
         accepted: &mut usize,
     ) -> Result<(), Error> {
+        let admission = Admission::new(self.config.limits.clone());
         tracing::info!(
             export = %self.export.name,
             tcp = ?self.tcp_addr(),
@@ -255,15 +329,17 @@ impl Server {
             if let Some(l) = &self.tcp {
                 if fds[i].revents != 0 {
                     match l.accept() {
-                        Ok((s, peer)) if threads.len() < CONNECTIONS_OPEN_MAX => {
-                            let _ = s.set_nodelay(true);
-                            threads.push(self.spawn(s, peer.to_string(), *accepted)?);
-                            *accepted += 1;
-                        }
-                        Ok((_, peer)) => tracing::warn!(
-                            %peer,
-                            "refusing an NBD connection: {CONNECTIONS_OPEN_MAX} already open"
-                        ),
+                        Ok((s, peer)) => match admission.admit(Some(peer.ip())) {
+                            Ok(ticket) => {
+                                let _ = s.set_nodelay(true);
+                                threads.push(self.spawn(s, peer.to_string(), *accepted, ticket)?);
+                                *accepted += 1;
+                            }
+                            // Dropping the stream closes it.
+                            Err(why) => {
+                                tracing::warn!(%peer, "refusing an NBD connection: {why}")
+                            }
+                        },
                         Err(e) => tracing::warn!("TCP accept failed: {e}"),
                     }
                 }
@@ -273,13 +349,20 @@ impl Server {
                 if fds[i].revents != 0 && self.config.connections_max.is_none_or(|n| *accepted < n)
                 {
                     match l.accept() {
-                        Ok((s, _)) if threads.len() < CONNECTIONS_OPEN_MAX => {
-                            threads.push(self.spawn(s, "unix".to_string(), *accepted)?);
-                            *accepted += 1;
-                        }
-                        Ok(_) => tracing::warn!(
-                            "refusing an NBD connection: {CONNECTIONS_OPEN_MAX} already open"
-                        ),
+                        Ok((s, _)) => match admission.admit(None) {
+                            Ok(ticket) => {
+                                threads.push(self.spawn(
+                                    s,
+                                    "unix".to_string(),
+                                    *accepted,
+                                    ticket,
+                                )?);
+                                *accepted += 1;
+                            }
+                            Err(why) => {
+                                tracing::warn!(peer = "unix", "refusing an NBD connection: {why}")
+                            }
+                        },
                         Err(e) => tracing::warn!("Unix accept failed: {e}"),
                     }
                 }
@@ -293,8 +376,10 @@ impl Server {
         stream: S,
         peer: String,
         index: usize,
+        ticket: admission::Ticket,
     ) -> Result<JoinHandle<()>, Error> {
         let device = self.device.clone();
+        let limits = self.config.limits.clone();
         let mut export = self.export.clone();
         // A volume that grew online is exported at its new size to each
         // new connection (NBD cannot tell a connected client; it reconnects).
@@ -306,7 +391,17 @@ impl Server {
         }
         std::thread::Builder::new()
             .name(format!("celer-nbd-{index}"))
-            .spawn(move || conn::run(stream, &peer, index, device.as_ref(), &export))
+            .spawn(move || {
+                conn::run(
+                    stream,
+                    &peer,
+                    index,
+                    device.as_ref(),
+                    &export,
+                    &limits,
+                    ticket,
+                )
+            })
             .map_err(Error::Spawn)
     }
 }

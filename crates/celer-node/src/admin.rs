@@ -1,6 +1,15 @@
 //! The node's admin HTTP server: `PUT /v1/route` (the control service pushes
 //! tables here; bearer token required), `GET /v1/status` (including the
 //! backfill figures, see `BackfillProgress`), `GET /metrics`.
+//!
+//! Served with celer-meta's limits (header and body timeouts, connection
+//! caps overall and per source IP, see `celer_meta::http`): its clients
+//! are the control service, metrics scrapers and operators.
+//!
+//! A pushed table is checked before it is installed (see [`check_offered`]):
+//! installing a table is what makes a node release chunks, so a table that
+//! is well-formed JSON but not one the control service could have made is
+//! refused with 400 and changes nothing.
 
 use std::net::TcpListener;
 use std::sync::atomic::Ordering;
@@ -15,6 +24,19 @@ use celer_route::RouteTable;
 use serde_json::json;
 
 use crate::NodeShared;
+
+/// Admin connections open at once.
+pub(crate) const CONNECTIONS_MAX: usize = 256;
+/// Admin connections open at once from one source IP.
+pub(crate) const CONNECTIONS_PER_IP_MAX: usize = 64;
+/// Most a pushed table's epoch may be ahead of the installed one. The
+/// control service moves the epoch by one per committed change (a node up
+/// or down, a partition in sync, a split): a million is years of churn, far
+/// more than a live node can fall behind, while a table far ahead (2^63)
+/// would make the node ignore every real table after it, for good. A node
+/// further behind (or without a table, in an old cluster) still gets the
+/// table from its heartbeat replies, which do not come through here.
+pub(crate) const EPOCH_AHEAD_MAX: u64 = 1_000_000;
 
 pub(crate) fn serve(listener: TcpListener, shared: Arc<NodeShared>) {
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -49,12 +71,9 @@ pub(crate) fn serve(listener: TcpListener, shared: Arc<NodeShared>) {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(stop)
-            .await
-        {
-            tracing::error!("admin server: {e}");
-        }
+        let limits =
+            celer_meta::http::HttpLimits::with_caps(CONNECTIONS_MAX, CONNECTIONS_PER_IP_MAX);
+        celer_meta::http::serve(listener, app, limits, stop).await;
         tracing::info!("admin server stopped");
     });
 }
@@ -63,8 +82,71 @@ fn authorized(shared: &NodeShared, headers: &HeaderMap) -> bool {
     let want = format!("Bearer {}", shared.token);
     headers
         .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v == want)
+        .is_some_and(|v| celer_meta::http::constant_time_eq(v.as_bytes(), want.as_bytes()))
+}
+
+/// Why `offered` must not be installed over `installed`, if it must not:
+/// [`RouteTable::validate`], then what a table made by the control service
+/// always satisfies (the lookups in a table rely on it too).
+pub(crate) fn check_offered(
+    offered: &RouteTable,
+    installed: Option<&RouteTable>,
+) -> Result<(), String> {
+    offered.validate().map_err(|e| e.to_string())?;
+    let t = offered;
+    if let Some(w) = t.nodes.windows(2).find(|w| w[0].id >= w[1].id) {
+        return Err(format!(
+            "nodes must be listed by increasing id ({} before {})",
+            w[0].id, w[1].id
+        ));
+    }
+    if t.partitions.len() != t.partition_count() as usize {
+        return Err(format!(
+            "{} partitions listed where partition_bits {} makes {}",
+            t.partitions.len(),
+            t.partition_bits,
+            t.partition_count()
+        ));
+    }
+    for (p, route) in t.partitions.iter().enumerate() {
+        for (i, m) in route.members.iter().enumerate() {
+            if t.node(m.node).is_none() {
+                return Err(format!(
+                    "partition {p} lists member {}, which is not among the table's nodes",
+                    m.node
+                ));
+            }
+            if route.members[..i].iter().any(|o| o.node == m.node) {
+                return Err(format!("partition {p} lists member {} twice", m.node));
+            }
+        }
+    }
+    let current = installed.map_or(0, |i| i.epoch);
+    if t.epoch > current.saturating_add(EPOCH_AHEAD_MAX) {
+        return Err(format!(
+            "epoch {} is more than {EPOCH_AHEAD_MAX} ahead of this node's epoch {current}: \
+             a table that far ahead would make the node ignore every real one after it",
+            t.epoch
+        ));
+    }
+    // An older table is not installed anyway (the answer says so).
+    if let Some(old) = installed.filter(|old| t.epoch > old.epoch) {
+        // Partitions only multiply, by splits: one split (a doubling) per
+        // epoch at most. Several at once are fine: a push carries only the
+        // latest table, so a node can miss the one between two splits.
+        let splits = i64::from(t.partition_bits) - i64::from(old.partition_bits);
+        if splits < 0 || splits as u64 > t.epoch - old.epoch {
+            return Err(format!(
+                "{} partitions at epoch {} after {} at epoch {}: the count only \
+                 changes by splits, each doubling it in one epoch",
+                t.partition_count(),
+                t.epoch,
+                old.partition_count(),
+                old.epoch
+            ));
+        }
+    }
+    Ok(())
 }
 
 async fn put_route(
@@ -87,10 +169,12 @@ async fn put_route(
             )
         }
     };
-    if let Err(e) = table.validate() {
+    let installed = shared.hub.table();
+    if let Err(e) = check_offered(&table, installed.as_ref().map(|i| &i.table)) {
+        tracing::warn!(offered = table.epoch, "refusing a pushed route table: {e}");
         return (
             StatusCode::BAD_REQUEST,
-            Json(json!({"error": format!("invalid route table: {e}")})),
+            Json(json!({"error": format!("route table refused, nothing changed: {e}")})),
         );
     }
     let epoch = table.epoch;

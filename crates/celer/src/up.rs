@@ -59,12 +59,39 @@ fn token(dir: &Path) -> Result<String> {
     )
     .context("read /dev/urandom")?;
     let t: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    std::fs::write(&path, format!("{t}\n")).with_context(|| format!("write {}", path.display()))?;
-    // SAFETY: chmod on a path we just wrote; failure only leaves it readable.
-    if let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) {
-        unsafe { libc::chmod(c.as_ptr(), 0o600) };
-    }
+    write_private_file(&path, &format!("{t}\n"))?;
     Ok(t)
+}
+
+/// Writes `contents` to `path`, readable by its owner only, atomically: a
+/// new temporary file beside it is created with mode 0600 (never readable
+/// by others, not even for a moment), written, synced, and renamed over
+/// `path`, so a reader sees the whole file or none.
+fn write_private_file(path: &Path, contents: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} names no file", path.display()))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".tmp.{}", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    let written = (|| {
+        // create_new: never reuse (or follow a link at) an existing path.
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(contents.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.with_context(|| format!("write {}", path.display()))
 }
 
 pub fn run(a: &UpArgs) -> Result<()> {
@@ -209,6 +236,7 @@ pub fn run(a: &UpArgs) -> Result<()> {
             export_name: a.volume.clone(),
             read_only: false,
             connections: None,
+            limits: Default::default(),
         };
         std::thread::Builder::new()
             .name("celer-up-nbd".into())
@@ -315,4 +343,40 @@ fn print_attach(
         "Cluster health: celer status --meta {meta_url} --token-file {}/token",
         dir.display()
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_token_file_is_private_from_the_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = super::token(dir.path()).expect("a new token");
+        let path = dir.path().join("token");
+        let mode = std::fs::metadata(&path)
+            .expect("token file")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "mode {mode:o}");
+        assert_eq!(
+            std::fs::read_to_string(&path).expect("read"),
+            format!("{t}\n")
+        );
+        assert_eq!(super::token(dir.path()).expect("the same token"), t);
+        // Rewriting replaces the contents, still 0600, and leaves no
+        // temporary file behind.
+        super::write_private_file(&path, "other\n").expect("rewrite");
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), "other\n");
+        let mode = std::fs::metadata(&path)
+            .expect("token file")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "mode {mode:o}");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("token")]);
+    }
 }

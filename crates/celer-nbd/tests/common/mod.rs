@@ -163,6 +163,7 @@ pub fn start(
         export_name: EXPORT.into(),
         read_only,
         connections_max,
+        limits: Default::default(),
     };
     let server = Server::bind(config, device).expect("bind");
     let addr = server.tcp_addr();
@@ -217,7 +218,7 @@ impl Client {
         ))
     }
 
-    fn greet(mut s: Box<dyn Sock>) -> Client {
+    pub fn greet(mut s: Box<dyn Sock>) -> Client {
         let mut hello = [0u8; 18];
         s.read_exact(&mut hello).expect("greeting");
         assert_eq!(&hello[0..8], b"NBDMAGIC");
