@@ -123,3 +123,134 @@ fn real_nodes_round_trip_and_fail_over() {
         n.stop().unwrap();
     }
 }
+
+/// Three real nodes and their first table.
+fn three_nodes(dir: &Path) -> (Vec<Node>, RouteTable) {
+    let nodes: Vec<Node> = (1..=3).map(|i| start_node(dir, i)).collect();
+    let t = RouteTable::initial(nodes.iter().map(|n| info(n, true)).collect(), 4, 3, 1 << 20)
+        .unwrap();
+    for n in &nodes {
+        assert!(n.install_route(t.clone()));
+    }
+    (nodes, t)
+}
+
+/// A client of volume 1 as attachment `attachment`, its clock `skew_ms`
+/// off (the nodes' secret is "t"), with a capability valid for `ttl`.
+fn attached(nodes: &[Node], attachment: u32, skew_ms: i64, ttl: Duration) -> Client {
+    let cred = celer_client::mint_credential("t", 1, attachment, false, ttl);
+    let mut cfg = ClientConfig::new(vec![nodes[0].data_addr().to_string()], 1, 32 << 20, cred);
+    cfg.clock_skew_ms = skew_ms;
+    cfg.op_deadline = Duration::from_secs(5);
+    Client::connect(cfg).unwrap()
+}
+
+/// The version rule end to end: writers whose clocks differ by more than
+/// the drift bound. Every write is either refused (an error to the front
+/// end) or acknowledged and readable until a later acknowledged write
+/// replaces it; none is acknowledged and lost.
+#[test]
+fn skewed_clocks_never_lose_an_acknowledged_write() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let (nodes, _) = three_nodes(dir.path());
+    let bound = celer_proto::VERSION_DRIFT_MAX_MS as i64;
+    let hour = Duration::from_secs(3600);
+    let ahead = attached(&nodes, 11, bound * 9 / 10, hour);
+    let behind = attached(&nodes, 12, -bound * 9 / 10, hour);
+    let right = attached(&nodes, 13, 0, hour);
+    let far = attached(&nodes, 14, 2 * 3600 * 1000, hour);
+    let (mut qa, mut qb, mut qr, mut qf) = (
+        ahead.open_queue(0).unwrap(),
+        behind.open_queue(0).unwrap(),
+        right.open_queue(0).unwrap(),
+        far.open_queue(0).unwrap(),
+    );
+    let x = 4096 * 3;
+    // The writer ahead writes X.
+    write(&mut qa, x, &mut pattern(1, 4096)).expect("acknowledged");
+    // The writer 1.8 bounds behind it cannot get past its version: refused,
+    // with the reason, never acknowledged.
+    let e = write(&mut qb, x, &mut pattern(2, 4096)).expect_err("must not be acknowledged");
+    assert!(e.to_string().contains("clock"), "{e}");
+    for q in [&mut qa, &mut qb, &mut qr] {
+        assert_eq!(read(q, x, 4096).unwrap(), pattern(1, 4096));
+    }
+    // A writer with the right clock is refused as older first, moves its
+    // clock past the stored version and writes again: acknowledged and
+    // read back everywhere.
+    write(&mut qr, x, &mut pattern(3, 4096)).expect("acknowledged after a retry");
+    for q in [&mut qa, &mut qb, &mut qr] {
+        assert_eq!(read(q, x, 4096).unwrap(), pattern(3, 4096));
+    }
+    // A host whose clock runs 2 h ahead cannot push any version out of
+    // reach: its writes are refused outright.
+    let y = 4096 * 9;
+    let e = write(&mut qf, y, &mut pattern(4, 4096)).expect_err("far ahead");
+    assert!(e.to_string().contains("clock"), "{e}");
+    assert_eq!(read(&mut qr, y, 4096).unwrap(), vec![0u8; 4096]);
+    // The writer behind is fine where nobody ahead wrote; the others
+    // write after it and win.
+    let z = 4096 * 20;
+    write(&mut qb, z, &mut pattern(5, 4096)).expect("acknowledged");
+    assert_eq!(read(&mut qr, z, 4096).unwrap(), pattern(5, 4096));
+    write(&mut qr, z, &mut pattern(6, 4096)).expect("acknowledged");
+    write(&mut qa, z, &mut pattern(7, 4096)).expect("acknowledged");
+    assert_eq!(read(&mut qb, z, 4096).unwrap(), pattern(7, 4096));
+    drop((qa, qb, qr, qf));
+    for n in nodes {
+        n.stop().unwrap();
+    }
+}
+
+/// A capability renewed before it expires: I/O goes on through many
+/// expiries of the short-lived capabilities without an error or a pause.
+#[test]
+fn capabilities_are_renewed_without_an_io_pause() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let (nodes, _) = three_nodes(dir.path());
+    let ttl = Duration::from_millis(1500);
+    let client = std::sync::Arc::new(attached(&nodes, 21, 0, ttl));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let renewer = {
+        let (client, stop) = (client.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut renewals = 0;
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                std::thread::sleep(ttl / 3);
+                let cred = celer_client::mint_credential("t", 1, 21, false, ttl);
+                client.renew(cred).expect("same volume and attachment");
+                renewals += 1;
+            }
+            renewals
+        })
+    };
+    let mut q = client.open_queue(0).unwrap();
+    let start = Instant::now();
+    let mut longest = Duration::ZERO;
+    let mut ops = 0u64;
+    while start.elapsed() < ttl * 4 {
+        let t = Instant::now();
+        let off = (ops % 64) * 4096 + (ops % 8) * (1 << 20);
+        write(&mut q, off, &mut pattern(ops, 4096)).expect("write across renewals");
+        assert_eq!(read(&mut q, off, 4096).unwrap(), pattern(ops, 4096));
+        longest = longest.max(t.elapsed());
+        ops += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let renewals = renewer.join().unwrap();
+    println!(
+        "{ops} write+read pairs over {:?} ({renewals} renewals of a {ttl:?} capability): longest pair {longest:?}",
+        start.elapsed()
+    );
+    assert!(renewals >= 8, "{renewals}");
+    assert!(longest < Duration::from_millis(200), "a pause: {longest:?}");
+    // Renewing with another attachment's capability is refused.
+    let other = celer_client::mint_credential("t", 1, 22, false, ttl);
+    assert!(client.renew(other).is_err());
+    drop(q);
+    for n in nodes {
+        n.stop().unwrap();
+    }
+}
