@@ -482,7 +482,7 @@ impl Cluster {
         if let Some(owner) = owner {
             if let Some(age) = self.lease_held(owner, now) {
                 return Err(StateError::Conflict(format!(
-                    "disk {} is node {owner}'s, and node {owner} is running (last heard from {age} ms ago, lease {lease_ms} ms); this registration {} from the same disk. Two processes must not serve one disk (or this is a copied disk image: format the copy with `celer engine format`). Stop the other process first.",
+                    "disk {} is node {owner}'s, and node {owner} is running (last heard from {age} ms ago, lease {lease_ms} ms); this registration {} from the same disk. Two processes must not serve one disk (or this is a copied disk image: format the copy with `celer engine format`). Stop the other process first; if it has just stopped, start this one again once its lease has expired.",
                     disk_name(disk),
                     req.node_id.map_or("asks for a new node id".to_string(), |id| format!("claims node {id}")),
                 )));

@@ -83,10 +83,16 @@ pub(crate) fn run(
     let mut pending: Option<AgentMsg> = None;
     // Heartbeats failed in a row (an outage of the control service).
     let mut beat_failures = 0u64;
-    // After a failed heartbeat the next one comes after this backoff (50
-    // ms doubling to 2 s), not the period: a single 5xx costs ~50 ms, an
-    // outage is not hammered.
-    let mut beat_backoff = Backoff::for_control_service();
+    // After a failed heartbeat the next one comes after this backoff, 50
+    // ms doubling up to the heartbeat period: a single 5xx costs ~50 ms,
+    // not a period. Capped at the period, not at 2 s: after an outage (a
+    // control leader takeover) every node must heartbeat again within its
+    // fresh lease, or they are all marked down at once.
+    let beat_period = |reg: &Registered| Duration::from_millis(reg.heartbeat_ms.max(10));
+    let mut beat_backoff = Backoff::new(
+        Duration::from_millis(50).min(beat_period(&reg)),
+        beat_period(&reg),
+    );
     loop {
         if shared.stopping.load(Ordering::Acquire) {
             return;
@@ -132,7 +138,7 @@ pub(crate) fn run(
             Err(RecvTimeoutError::Timeout) => {}
         }
         if Instant::now() >= next_beat {
-            let period = Duration::from_millis(reg.heartbeat_ms.max(10));
+            let period = beat_period(&reg);
             let p = shared.backfill_progress();
             let beat = Heartbeat {
                 epoch: shared.hub.epoch(),
