@@ -30,12 +30,12 @@ fn nodes_whose_disks_share_a_directory_keep_their_own_ids() {
     let ids: Vec<u32> = (0..3).map(|i| c.node_id(i)).collect();
     println!("node ids {ids:?}");
     let epoch = c.route().epoch;
-    for i in 0..3 {
+    for (i, want) in ids.iter().enumerate() {
         c.restart(i);
         let t0 = Instant::now();
         let id = c.node_id(i);
         println!("node {i} back as {id} after {:?}", t0.elapsed());
-        assert_eq!(id, ids[i], "node {i} took another node's id");
+        assert_eq!(id, *want, "node {i} took another node's id");
     }
     let t = c.wait_healthy(Duration::from_secs(60));
     assert_eq!(t.nodes.len(), 3, "{:?}", t.nodes);
