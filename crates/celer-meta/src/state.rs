@@ -501,6 +501,11 @@ impl Cluster {
     /// runs with another disk, and without the operator's replace flag.
     fn check_claim(&self, id: NodeId, disk: u64, replace_disk: bool, now: Instant) -> Result<()> {
         let lease_ms = self.cfg.lease_ms;
+        if replace_disk && !self.p.nodes.contains_key(&id) {
+            return Err(StateError::Conflict(format!(
+                "node {id} is not registered here, so it has no disk to replace (is {id} the right id? `celer meta nodes` lists them): start without --replace-disk to join as a new node"
+            )));
+        }
         let Some(known) = self.p.disks.get(&id).copied() else {
             // A node registered before disks were recorded, or one this
             // service does not know (restored metadata): take its disk.

@@ -1000,10 +1000,14 @@ fn a_registration_claiming_a_running_nodes_id_from_another_disk_is_refused() {
             && msg.contains("Two processes"),
         "{msg}"
     );
-    // A flag without an id is a bad request.
+    // A flag without an id is a bad request; for an unknown id, a refusal.
     let mut bad = node_registration(nodes[1].addr, "host1", None, 0x77);
     bad.replace_disk = true;
     assert_eq!(status_of(c.register(&bad)).0, 400);
+    bad.node_id = Some(99);
+    let (status, msg) = status_of(c.register(&bad));
+    assert_eq!(status, 409, "{msg}");
+    assert!(msg.contains("node 99 is not registered"), "{msg}");
 
     // Nothing changed: same table, no log entry.
     assert_eq!(c.route().expect("route"), table);
