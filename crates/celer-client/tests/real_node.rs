@@ -127,8 +127,8 @@ fn real_nodes_round_trip_and_fail_over() {
 /// Three real nodes and their first table.
 fn three_nodes(dir: &Path) -> (Vec<Node>, RouteTable) {
     let nodes: Vec<Node> = (1..=3).map(|i| start_node(dir, i)).collect();
-    let t = RouteTable::initial(nodes.iter().map(|n| info(n, true)).collect(), 4, 3, 1 << 20)
-        .unwrap();
+    let t =
+        RouteTable::initial(nodes.iter().map(|n| info(n, true)).collect(), 4, 3, 1 << 20).unwrap();
     for n in &nodes {
         assert!(n.install_route(t.clone()));
     }

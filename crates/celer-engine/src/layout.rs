@@ -214,10 +214,24 @@ impl Geometry {
 }
 
 // Superblock: magic(8) version(4) crc(4) uuid(8) chunk_blocks(4) spare(4)
-// shards(4) journal_blocks(4) slot_count(8) = 48 bytes, rest zero.
+// shards(4) journal_blocks(4) slot_count(8) node_id_set(4) pad(4) node_id(8)
+// = 64 bytes, rest zero. `node_id_set` and `node_id` came later in format
+// version 1: a disk formatted before has zeroes there (and its crc covers
+// them), so it reads as "no node id"; older builds ignore the two fields.
 const SB_CRC: usize = 12;
+const SB_NODE_ID_SET: usize = 48;
+const SB_NODE_ID: usize = 56;
 
-pub fn encode_superblock(g: &Geometry, b: &mut [u8]) {
+/// What the superblock records: the geometry, and the storage node this
+/// disk belongs to (once a node has taken it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Superblock {
+    pub geometry: Geometry,
+    pub node_id: Option<u64>,
+}
+
+pub fn encode_superblock(sb: &Superblock, b: &mut [u8]) {
+    let g = &sb.geometry;
     b.fill(0);
     b[0..8].copy_from_slice(SUPERBLOCK_MAGIC);
     put_u32(b, 8, FORMAT_VERSION);
@@ -227,11 +241,15 @@ pub fn encode_superblock(g: &Geometry, b: &mut [u8]) {
     put_u32(b, 32, g.shard_count);
     put_u32(b, 36, g.journal_blocks);
     put_u64(b, 40, g.slot_count);
+    if let Some(id) = sb.node_id {
+        put_u32(b, SB_NODE_ID_SET, 1);
+        put_u64(b, SB_NODE_ID, id);
+    }
     seal(&mut b[..BLOCK_SIZE], SB_CRC);
 }
 
 pub enum SuperblockState {
-    Valid(Geometry),
+    Valid(Superblock),
     /// Our magic, but a format version we do not understand.
     WrongVersion(u32),
     /// Our magic, bad crc.
@@ -251,13 +269,16 @@ pub fn decode_superblock(b: &[u8]) -> SuperblockState {
     if version != FORMAT_VERSION {
         return SuperblockState::WrongVersion(version);
     }
-    SuperblockState::Valid(Geometry {
-        disk_uuid: get_u64(b, 16),
-        chunk_blocks: get_u32(b, 24),
-        spare_blocks: get_u32(b, 28),
-        shard_count: get_u32(b, 32),
-        journal_blocks: get_u32(b, 36),
-        slot_count: get_u64(b, 40),
+    SuperblockState::Valid(Superblock {
+        geometry: Geometry {
+            disk_uuid: get_u64(b, 16),
+            chunk_blocks: get_u32(b, 24),
+            spare_blocks: get_u32(b, 28),
+            shard_count: get_u32(b, 32),
+            journal_blocks: get_u32(b, 36),
+            slot_count: get_u64(b, 40),
+        },
+        node_id: (get_u32(b, SB_NODE_ID_SET) != 0).then(|| get_u64(b, SB_NODE_ID)),
     })
 }
 
@@ -720,5 +741,75 @@ mod tests {
         encode_slot_header(42, 8, 100, None, &mut b);
         assert_eq!(decode_slot_header(42, 8, &b), Some((100, None)));
         assert_eq!(decode_slot_header(42, 9, &b), None);
+    }
+
+    fn geometry() -> Geometry {
+        Geometry::for_disk(0x1234_5678_9abc_def0, 64 << 20, 256, 64, 2, 16).expect("geometry")
+    }
+
+    #[test]
+    fn superblock_node_id_round_trips() {
+        let g = geometry();
+        let mut b = vec![0u8; BLOCK_SIZE];
+        for node_id in [None, Some(0), Some(7), Some(u64::MAX)] {
+            encode_superblock(
+                &Superblock {
+                    geometry: g,
+                    node_id,
+                },
+                &mut b,
+            );
+            match decode_superblock(&b) {
+                SuperblockState::Valid(sb) => assert_eq!(
+                    sb,
+                    Superblock {
+                        geometry: g,
+                        node_id
+                    }
+                ),
+                _ => panic!("superblock with node id {node_id:?} does not decode"),
+            }
+        }
+        b[SB_NODE_ID] ^= 1;
+        assert!(matches!(decode_superblock(&b), SuperblockState::Corrupt));
+    }
+
+    /// A superblock as the encoder wrote it before the node id existed:
+    /// the 48 bytes of geometry, zeroes after, sealed. It still decodes,
+    /// with no node id; and a superblock without a node id is exactly that.
+    #[test]
+    fn superblock_from_before_the_node_id_reads_as_none() {
+        let g = geometry();
+        let mut old = vec![0u8; BLOCK_SIZE];
+        old[0..8].copy_from_slice(SUPERBLOCK_MAGIC);
+        put_u32(&mut old, 8, 1);
+        put_u64(&mut old, 16, g.disk_uuid);
+        put_u32(&mut old, 24, g.chunk_blocks);
+        put_u32(&mut old, 28, g.spare_blocks);
+        put_u32(&mut old, 32, g.shard_count);
+        put_u32(&mut old, 36, g.journal_blocks);
+        put_u64(&mut old, 40, g.slot_count);
+        seal(&mut old, SB_CRC);
+        match decode_superblock(&old) {
+            SuperblockState::Valid(sb) => {
+                assert_eq!(
+                    sb,
+                    Superblock {
+                        geometry: g,
+                        node_id: None
+                    }
+                )
+            }
+            _ => panic!("an old superblock does not decode"),
+        }
+        let mut new = vec![0u8; BLOCK_SIZE];
+        encode_superblock(
+            &Superblock {
+                geometry: g,
+                node_id: None,
+            },
+            &mut new,
+        );
+        assert_eq!(new, old, "no node id must encode as the old format did");
     }
 }

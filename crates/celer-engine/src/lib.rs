@@ -27,7 +27,7 @@ mod shard;
 
 pub use aligned::AlignedBuf;
 pub use device::{EngineDevice, EngineDeviceConfig};
-pub use layout::{BlockKind, Geometry, SlotOwner, BLOCK_SIZE};
+pub use layout::{BlockKind, Geometry, SlotOwner, Superblock, BLOCK_SIZE};
 pub use recovery::{Engine, EngineStats, FormatOptions, OpenOptions, RebuildReport};
 pub use shard::{shard_for, Completion, EngineOp, EngineRequest, Segment, Shard, ShardStats};
 
@@ -85,6 +85,12 @@ pub enum EngineError {
     NoSpace { shard: u32 },
     #[error("checksum mismatch reading volume {volume} offset {offset_bytes}: data not returned")]
     Checksum { volume: u64, offset_bytes: u64 },
+    #[error("{path} belongs to storage node {recorded} (its superblock says so), not to node {requested}: a disk keeps the id of the node that took it first; format it (`celer engine format`) to give it to another node")]
+    DiskOfAnotherNode {
+        path: String,
+        recorded: u64,
+        requested: u64,
+    },
     #[error("disk I/O error on volume {volume} offset {offset_bytes}: {errno_text}")]
     Io {
         volume: u64,

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use crate::aligned::AlignedBuf;
 use crate::layout::{
-    self, BlockEntry, BlockKind, Geometry, IndexHeader, MapHeader, Record, SlotOwner,
+    self, BlockEntry, BlockKind, Geometry, IndexHeader, MapHeader, Record, SlotOwner, Superblock,
     SuperblockState, BLOCK_SIZE, BLOCK_SIZE_U64,
 };
 use crate::shard::{Shard, ShardInit, ShardStats, SlotState};
@@ -83,6 +83,8 @@ pub struct EngineStats {
 /// their threads with `into_shards`.
 pub struct Engine {
     geometry: Geometry,
+    /// The storage node this disk belongs to, as its superblock said at open.
+    node_id: Option<u64>,
     shards: Vec<Shard>,
     report: RebuildReport,
 }
@@ -122,7 +124,7 @@ fn write_at(path: &Path, f: &File, buf: &AlignedBuf, offset: u64) -> Result<(), 
         .map_err(|e| os_err(path, "write", e))
 }
 
-fn read_geometry(path: &Path, f: &File) -> Result<Geometry, EngineError> {
+fn read_superblock(path: &Path, f: &File) -> Result<Superblock, EngineError> {
     let size = disk_size(path, f)?;
     if size < 2 * BLOCK_SIZE_U64 {
         return Err(EngineError::NotCeler {
@@ -134,7 +136,8 @@ fn read_geometry(path: &Path, f: &File) -> Result<Geometry, EngineError> {
     let mut corrupt = false;
     for copy in 0..2 {
         match layout::decode_superblock(&buf[copy * BLOCK_SIZE..(copy + 1) * BLOCK_SIZE]) {
-            SuperblockState::Valid(g) => {
+            SuperblockState::Valid(sb) => {
+                let g = &sb.geometry;
                 if g.total_bytes() > size {
                     return Err(EngineError::Truncated {
                         path: path.display().to_string(),
@@ -142,7 +145,7 @@ fn read_geometry(path: &Path, f: &File) -> Result<Geometry, EngineError> {
                         expected_bytes: g.total_bytes(),
                     });
                 }
-                return Ok(g);
+                return Ok(sb);
             }
             SuperblockState::WrongVersion(found) => {
                 return Err(EngineError::WrongFormatVersion {
@@ -234,7 +237,13 @@ impl Engine {
             write_at(path, &f, &blank, g.index_offset(shard, 0))?;
         }
         let mut sb = AlignedBuf::new(2);
-        layout::encode_superblock(&g, &mut sb[..BLOCK_SIZE]);
+        layout::encode_superblock(
+            &Superblock {
+                geometry: g,
+                node_id: None,
+            },
+            &mut sb[..BLOCK_SIZE],
+        );
         let (a, b) = sb.split_at_mut(BLOCK_SIZE);
         b.copy_from_slice(a);
         write_at(path, &f, &sb, 0)?;
@@ -246,18 +255,59 @@ impl Engine {
     /// errors like `open` if `path` is not a (valid) Celer engine disk.
     pub fn identify(path: &Path) -> Result<Geometry, EngineError> {
         let f = open_disk(path, false)?;
-        read_geometry(path, &f)
+        Ok(read_superblock(path, &f)?.geometry)
+    }
+
+    /// The storage node `path` belongs to (`None`: no node took it yet, or
+    /// it was formatted before disks recorded their node), without opening
+    /// the engine.
+    pub fn node_id_of(path: &Path) -> Result<Option<u64>, EngineError> {
+        let f = open_disk(path, false)?;
+        Ok(read_superblock(path, &f)?.node_id)
+    }
+
+    /// Records in the superblock of `path` that it belongs to storage node
+    /// `node_id`, durably: copy 0 is written and synced before copy 1, so a
+    /// crash in between leaves one valid copy (the new or the old one).
+    /// Safe while the engine is open (shards never write the superblock).
+    /// Nothing is written when the disk already names `node_id`; a disk
+    /// that names another node is refused (`DiskOfAnotherNode`).
+    pub fn record_node_id(path: &Path, node_id: u64) -> Result<(), EngineError> {
+        let f = open_disk(path, false)?;
+        let mut sb = read_superblock(path, &f)?;
+        match sb.node_id {
+            Some(id) if id == node_id => return Ok(()),
+            Some(recorded) => {
+                return Err(EngineError::DiskOfAnotherNode {
+                    path: path.display().to_string(),
+                    recorded,
+                    requested: node_id,
+                })
+            }
+            None => {}
+        }
+        sb.node_id = Some(node_id);
+        let mut block = AlignedBuf::new(1);
+        layout::encode_superblock(&sb, &mut block[..BLOCK_SIZE]);
+        for copy in 0..2u64 {
+            write_at(path, &f, &block, copy * BLOCK_SIZE_U64)?;
+            f.sync_data().map_err(|e| os_err(path, "fsync", e))?;
+        }
+        Ok(())
     }
 
     /// Opens an engine: loads the index and maps, replays the journal.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Engine, EngineError> {
         let f = open_disk(path, false)?;
-        let g = read_geometry(path, &f)?;
+        let sb = read_superblock(path, &f)?;
+        let g = sb.geometry;
         let mut starts = Vec::new();
         for shard in 0..g.shard_count {
             starts.push(read_index(path, &f, &g, shard)?);
         }
-        Engine::recover(path, f, g, starts, opts)
+        let mut engine = Engine::recover(path, f, g, starts, opts)?;
+        engine.node_id = sb.node_id;
+        Ok(engine)
     }
 
     /// Rebuilds the index from the chunk slot headers alone (for a damaged
@@ -265,7 +315,7 @@ impl Engine {
     /// fresh index. The journal is replayed where it is still valid.
     pub fn rebuild(path: &Path) -> Result<RebuildReport, EngineError> {
         let f = open_disk(path, false)?;
-        let g = read_geometry(path, &f)?;
+        let g = read_superblock(path, &f)?.geometry;
         let per = g.slots_per_shard() as usize;
         let mut starts: Vec<ShardStart> = (0..g.shard_count)
             .map(|_| ShardStart {
@@ -338,6 +388,7 @@ impl Engine {
         f.sync_all().map_err(|e| os_err(path, "fsync", e))?;
         Ok(Engine {
             geometry: g,
+            node_id: None,
             shards,
             report,
         })
@@ -345,6 +396,11 @@ impl Engine {
 
     pub fn geometry(&self) -> &Geometry {
         &self.geometry
+    }
+    /// The storage node this disk belongs to, as its superblock said at
+    /// open (`None`: none yet; see [`Engine::record_node_id`]).
+    pub fn node_id(&self) -> Option<u64> {
+        self.node_id
     }
     /// The shard that owns (volume, chunk).
     pub fn shard_for(&self, volume: u64, chunk: u64) -> u32 {

@@ -67,11 +67,18 @@ pub struct RegisterNode {
     pub shards: u16,
     /// Failure domain (host, rack...): replicas go to distinct domains.
     pub domain: String,
-    /// Identity of the node's engine disk. A known node that comes back with
-    /// another disk holds none of its data any more: it is taken out of its
-    /// partitions and rejoins them as a syncing (backfilling) member.
+    /// Identity of the node's engine disk. A registration that claims a
+    /// known node's id from another disk is refused (409), unless
+    /// `replace_disk` is set and that node's lease has expired: then the
+    /// node holds none of its data any more, is taken out of its partitions
+    /// and rejoins them as a syncing (backfilling) member. `None` (nodes of
+    /// older releases): no identity checks.
     #[serde(default)]
     pub disk_uuid: Option<u64>,
+    /// Set by an operator (`celer node serve --replace-disk ID`): this disk
+    /// replaces the disk of node `node_id`, which was lost or swapped.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replace_disk: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

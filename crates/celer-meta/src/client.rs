@@ -63,6 +63,70 @@ impl MetaClientError {
     pub fn is_unreachable(&self) -> bool {
         matches!(self, MetaClientError::Unreachable { .. })
     }
+    /// Worth retrying: no control process could be reached (refused,
+    /// timed out), none leads yet, or one failed inside (5xx: its store,
+    /// e.g. an etcd endpoint not up yet). A 4xx is the service's answer to
+    /// this request (bad token, refused registration): retrying cannot
+    /// change it. A reply that is not the JSON expected is not retried
+    /// either (a different program or version answers).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            MetaClientError::Unreachable { .. } | MetaClientError::NotLeader { .. } => true,
+            MetaClientError::Status { status, .. } => *status >= 500,
+            MetaClientError::BadJson { .. } | MetaClientError::BadUrl(_) => false,
+        }
+    }
+}
+
+/// Delays between retries of a transient failure: exponential, from
+/// `first` doubling up to `max`, each one drawn between half the step and
+/// the whole step (jitter: nodes that failed together do not retry
+/// together).
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    first: Duration,
+    max: Duration,
+    step: Duration,
+    rng: u64,
+}
+
+impl Backoff {
+    /// 50 ms doubling to 2 s: what nodes use for registration and heartbeats.
+    pub fn for_control_service() -> Backoff {
+        Backoff::new(Duration::from_millis(50), Duration::from_secs(2))
+    }
+
+    pub fn new(first: Duration, max: Duration) -> Backoff {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+            ^ (std::process::id() as u64).rotate_left(32);
+        Backoff {
+            first,
+            max: max.max(first),
+            step: first,
+            rng: seed | 1,
+        }
+    }
+
+    /// The next delay; the step doubles (up to `max`) for the one after.
+    pub fn next_delay(&mut self) -> Duration {
+        // xorshift64: jitter needs no quality, only spread.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let step = self.step;
+        self.step = (self.step * 2).min(self.max);
+        let half = step / 2;
+        let span = (step - half).as_nanos().max(1) as u64;
+        half + Duration::from_nanos(self.rng % span)
+    }
+
+    /// Back to `first` (after a success).
+    pub fn reset(&mut self) {
+        self.step = self.first;
+    }
 }
 
 /// A blocking client; cheap to share between threads (`&self` methods).
@@ -106,6 +170,15 @@ impl MetaClient {
             auth: format!("Bearer {}", token.trim()),
             agent,
         }
+    }
+
+    /// After a failure at the control process that answered last, start
+    /// the next call at the next one of the list (a retry then goes round
+    /// every URL given).
+    pub fn try_next_process(&self) {
+        let n = self.bases.len();
+        let cur = self.current.load(Ordering::Relaxed);
+        self.current.store((cur + 1) % n, Ordering::Relaxed);
     }
 
     /// The base URL(s) this client talks to, as given.
@@ -490,6 +563,55 @@ mod tests {
             "gave up after {:?}",
             t.elapsed()
         );
+    }
+
+    #[test]
+    fn backoff_doubles_to_its_cap_with_jitter_and_resets() {
+        let mut b = Backoff::for_control_service();
+        let steps_ms = [50u64, 100, 200, 400, 800, 1600, 2000, 2000, 2000];
+        let mut delays = Vec::new();
+        for step in steps_ms {
+            let d = b.next_delay();
+            let step = Duration::from_millis(step);
+            assert!(
+                d >= step / 2 && d <= step,
+                "{d:?} outside [{:?}, {step:?}]",
+                step / 2
+            );
+            delays.push(d);
+        }
+        // Jitter: not every capped delay is the same.
+        let mut b2 = Backoff::new(Duration::from_secs(2), Duration::from_secs(2));
+        let spread: std::collections::BTreeSet<Duration> =
+            (0..16).map(|_| b2.next_delay()).collect();
+        assert!(spread.len() > 1, "no jitter: {spread:?}");
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(50));
+    }
+
+    #[test]
+    fn transient_errors_are_unreachable_no_leader_and_5xx() {
+        let status = |status| MetaClientError::Status {
+            url: "u".into(),
+            status,
+            message: "m".into(),
+        };
+        assert!(status(500).is_transient());
+        assert!(status(502).is_transient());
+        assert!(MetaClientError::NotLeader {
+            url: "u".into(),
+            leader: None
+        }
+        .is_transient());
+        assert!(MetaClientError::Unreachable {
+            url: "u".into(),
+            reason: "refused".into()
+        }
+        .is_transient());
+        for permanent in [400, 401, 404, 409] {
+            assert!(!status(permanent).is_transient(), "{permanent}");
+        }
+        assert!(!MetaClientError::BadUrl("x".into()).is_transient());
     }
 
     #[test]

@@ -170,6 +170,12 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// A disk identity as messages and logs show it (`celer engine` prints
+/// the same form).
+fn disk_name(uuid: u64) -> String {
+    format!("{uuid:016x}")
+}
+
 fn node_key(id: NodeId) -> String {
     format!("node/{id:010}")
 }
@@ -460,6 +466,95 @@ impl Cluster {
         })
     }
 
+    /// How long ago node `id` last showed life (a heartbeat, its
+    /// registration, or this service's start), if it still holds its
+    /// lease: marked up and heard from within `lease_ms`.
+    fn lease_held(&self, id: NodeId, now: Instant) -> Option<u64> {
+        let lease = Duration::from_millis(self.cfg.lease_ms);
+        let up = self.p.nodes.get(&id).is_some_and(|n| n.up);
+        let l = self.live.get(&id)?;
+        let age = now.duration_since(l.last_heartbeat.unwrap_or(l.since));
+        (up && age <= lease).then_some(age.as_millis() as u64)
+    }
+
+    /// The identity checks of a registration: one node per id and per disk.
+    /// Returns the id to register (the claimed one, or for a node that
+    /// claims none the one its disk was registered with). Without a disk
+    /// identity (nodes of older releases) nothing is checked.
+    fn check_identity(&self, req: &RegisterNode, now: Instant) -> Result<Option<NodeId>> {
+        let lease_ms = self.cfg.lease_ms;
+        if req.replace_disk && req.node_id.is_none() {
+            return Err(StateError::BadRequest(
+                "replace_disk needs the node_id of the node whose disk this one replaces".into(),
+            ));
+        }
+        let Some(disk) = req.disk_uuid else {
+            return Ok(req.node_id);
+        };
+        if let Some(id) = req.node_id {
+            self.check_claim(id, disk, req.replace_disk, now)?;
+        }
+        // The node this disk was registered with, if another than claimed.
+        let owner = self
+            .p
+            .disks
+            .iter()
+            .find(|(id, d)| {
+                **d == disk && Some(**id) != req.node_id && self.p.nodes.contains_key(id)
+            })
+            .map(|(id, _)| *id);
+        if let Some(owner) = owner {
+            if let Some(age) = self.lease_held(owner, now) {
+                return Err(StateError::Conflict(format!(
+                    "disk {} is node {owner}'s, and node {owner} is running (last heard from {age} ms ago, lease {lease_ms} ms); this registration {} from the same disk. Two processes must not serve one disk (or this is a copied disk image: format the copy with `celer engine format`). Stop the other process first; if it has just stopped, start this one again once its lease has expired.",
+                    disk_name(disk),
+                    req.node_id.map_or("asks for a new node id".to_string(), |id| format!("claims node {id}")),
+                )));
+            }
+            if req.node_id.is_none() {
+                // The disk's own node, back without knowing its id (an old
+                // disk whose node.id file was lost): give it back its id.
+                tracing::info!(node = owner, disk = %disk_name(disk), "a node with no id registers with node {owner}'s disk: it is node {owner}");
+                return Ok(Some(owner));
+            }
+        }
+        Ok(req.node_id)
+    }
+
+    /// A registration claiming node `id` from `disk`: refused while `id`
+    /// runs with another disk, and without the operator's replace flag.
+    fn check_claim(&self, id: NodeId, disk: u64, replace_disk: bool, now: Instant) -> Result<()> {
+        let lease_ms = self.cfg.lease_ms;
+        if replace_disk && !self.p.nodes.contains_key(&id) {
+            return Err(StateError::Conflict(format!(
+                "node {id} is not registered here, so it has no disk to replace (is {id} the right id? `celer meta nodes` lists them): start without --replace-disk to join as a new node"
+            )));
+        }
+        let Some(known) = self.p.disks.get(&id).copied() else {
+            // A node registered before disks were recorded, or one this
+            // service does not know (restored metadata): take its disk.
+            return Ok(());
+        };
+        if known == disk || !self.p.nodes.contains_key(&id) {
+            return Ok(());
+        }
+        if let Some(age) = self.lease_held(id, now) {
+            return Err(StateError::Conflict(format!(
+                "node {id} is running with disk {} (last heard from {age} ms ago, lease {lease_ms} ms), and this registration claims node {id} from disk {}. Two nodes cannot share an id: this node probably read another node's id (a node.id file in a state directory shared by two disks, or --node-id). Give each node a state directory of its own (--state-dir) and do not pass --node-id. If this disk really replaces node {id}'s, stop node {id}, wait for its lease to expire and start this one with --replace-disk {id}.",
+                disk_name(known),
+                disk_name(disk),
+            )));
+        }
+        if !replace_disk {
+            return Err(StateError::Conflict(format!(
+                "node {id} was registered with disk {}, and this registration claims node {id} from disk {}: refused, the new disk holds none of node {id}'s data. If node {id}'s disk was replaced, start it with --replace-disk {id} (it rejoins its partitions empty and copies their data back). Otherwise this is not node {id}: give it a state directory of its own (--state-dir) and do not pass --node-id.",
+                disk_name(known),
+                disk_name(disk),
+            )));
+        }
+        Ok(())
+    }
+
     pub fn register(
         &mut self,
         store: &dyn MetaStore,
@@ -489,8 +584,10 @@ impl Cluster {
                 req.shards
             )));
         }
+        let now = Instant::now();
+        let claimed = self.check_identity(&req, now)?;
         let mut tx = self.begin("");
-        let id = match req.node_id {
+        let id = match claimed {
             Some(0) => {
                 return Err(StateError::BadRequest(
                     "node id 0 is not valid: send no node_id to get one assigned".into(),
@@ -530,23 +627,35 @@ impl Cluster {
             if known != Some(uuid) {
                 tx.ops.push(Op::put(format!("disk/{id}"), uuid.to_string()));
                 tx.p.disks.insert(id, uuid);
+                // One node per disk: a down node whose disk this was (a
+                // reused disk, checked above) no longer has it.
+                let others: Vec<NodeId> =
+                    tx.p.disks
+                        .iter()
+                        .filter(|(o, d)| **d == uuid && **o != id)
+                        .map(|(o, _)| *o)
+                        .collect();
+                for o in others {
+                    tx.ops.push(Op::delete(format!("disk/{o}")));
+                    tx.p.disks.remove(&o);
+                }
             }
             if known.is_some_and(|k| k != uuid) && tx.p.nodes.contains_key(&id) {
-                // Another disk: the node holds none of the data the routes
-                // say it does. Take it out of every partition first; the
+                // Checked above: an operator replaced the disk of a node
+                // whose lease expired. It holds none of the data the routes
+                // say it does: take it out of every partition first; the
                 // registration below brings it back as a syncing member.
                 tracing::warn!(
                     node = id,
-                    "node came back with a different disk: rejoining as an empty member"
+                    old_disk = %disk_name(known.unwrap_or(0)),
+                    new_disk = %disk_name(uuid),
+                    "disk replaced by the operator: the node rejoins as an empty member"
                 );
                 let mut gone = info.clone();
                 gone.up = false;
                 tx.put_node(gone);
                 tx.log(Change::NodeDown { id });
-                tx.reroute(
-                    &self.cfg,
-                    &format!("node {id} came back with a different disk"),
-                )?;
+                tx.reroute(&self.cfg, &format!("node {id}'s disk was replaced"))?;
             }
         }
         let was_down = tx.p.nodes.get(&id).is_some_and(|n| !n.up);
@@ -561,7 +670,6 @@ impl Cluster {
             tx.reroute(&self.cfg, &format!("node {id} registered"))?;
         }
         let pushed = self.commit(store, tx)?;
-        let now = Instant::now();
         self.live.insert(
             id,
             Liveness {

@@ -142,6 +142,7 @@ impl FakeNode {
             shards: 2,
             domain: domain.into(),
             disk_uuid: None,
+            replace_disk: false,
         })
         .expect("register")
         .node_id
@@ -238,6 +239,7 @@ fn requests_without_the_token_are_refused() {
             shards: 1,
             domain: "d".into(),
             disk_uuid: None,
+            replace_disk: false,
         }));
         assert_eq!(status, 401, "{what}: register");
     }
@@ -333,6 +335,7 @@ fn invalid_input_is_rejected_with_a_message() {
         shards,
         domain: "d".into(),
         disk_uuid: None,
+        replace_disk: false,
     };
     for (r, needle) in [
         (reg(3, "127.0.0.1:1", None), "power of two"),
@@ -522,6 +525,7 @@ fn volume_lifecycle_survives_a_restart() {
             shards: 2,
             domain: "host1".into(),
             disk_uuid: None,
+            replace_disk: false,
         })
         .expect("re-register");
     assert_eq!(r.node_id, 2);
@@ -827,6 +831,7 @@ fn a_rebuilt_control_service_continues_above_the_nodes_epoch() {
                 shards: 2,
                 domain: format!("host{i}"),
                 disk_uuid: None,
+                replace_disk: false,
             })
             .expect("register");
         assert_eq!(r.node_id, 7 + i as NodeId);
@@ -912,4 +917,215 @@ fn backfill_figures_are_summed_over_up_nodes_and_not_logged() {
     });
     assert_eq!(sums(&c), (10 << 20, 30 << 20, 2));
     drop(a);
+}
+
+/// A registration as a storage node sends it: its disk identity, the id
+/// it claims (if any), and the operator's replace flag.
+fn node_registration(
+    admin: SocketAddr,
+    domain: &str,
+    id: Option<NodeId>,
+    disk: u64,
+) -> RegisterNode {
+    RegisterNode {
+        node_id: id,
+        data_addr: "127.0.0.1:1".into(),
+        admin_addr: admin.to_string(),
+        shards: 2,
+        domain: domain.into(),
+        disk_uuid: Some(disk),
+        replace_disk: false,
+    }
+}
+
+/// The bug this guards against: two nodes whose disks sat in one
+/// directory shared a `node.id`; one restarted, claimed the other's id
+/// with its own disk, was accepted ("came back with a different disk") and
+/// the running node's partitions moved. Now: 409 naming the node, both
+/// disks and what to do, with or without the replace flag, and nothing
+/// changes. The node itself (same disk) re-registers fine while running.
+#[test]
+fn a_registration_claiming_a_running_nodes_id_from_another_disk_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, c) = start(dir.path(), |cfg| {
+        cfg.cluster.heartbeat_ms = 50;
+        cfg.cluster.lease_ms = 1000;
+        cfg.cluster.replicas = 2;
+    });
+    let nodes: Vec<FakeNode> = (0..2).map(|_| FakeNode::start()).collect();
+    let disks = [0xd15c_0000_0000_00a1u64, 0xd15c_0000_0000_00b2];
+    let ids: Vec<NodeId> = (0..2)
+        .map(|i| {
+            c.register(&node_registration(
+                nodes[i].addr,
+                &format!("host{i}"),
+                None,
+                disks[i],
+            ))
+            .expect("register")
+            .node_id
+        })
+        .collect();
+    let _beats: Vec<Heartbeater> = ids
+        .iter()
+        .map(|id| Heartbeater::start(server.url(), *id, Duration::from_millis(50)))
+        .collect();
+    let table = c.route().expect("route");
+    let seq = c.status().expect("status").log_seq;
+
+    // Node 1's disk claims node 0's id (the shared node.id).
+    let mut claim = node_registration(nodes[1].addr, "host1", Some(ids[0]), disks[1]);
+    let (status, msg) = status_of(c.register(&claim));
+    assert_eq!(status, 409, "{msg}");
+    for needle in [
+        format!("node {} is running", ids[0]),
+        "d15c0000000000a1".to_string(),
+        "d15c0000000000b2".to_string(),
+        "--state-dir".to_string(),
+        format!("--replace-disk {}", ids[0]),
+    ] {
+        assert!(msg.contains(&needle), "`{needle}` not in: {msg}");
+    }
+    // The replace flag does not take a running node's id either.
+    claim.replace_disk = true;
+    let (status, msg) = status_of(c.register(&claim));
+    assert_eq!(status, 409, "{msg}");
+    assert!(msg.contains("is running"), "{msg}");
+    // A second process on node 0's disk asking for a new id: refused.
+    let (status, msg) =
+        status_of(c.register(&node_registration(nodes[1].addr, "host1", None, disks[0])));
+    assert_eq!(status, 409, "{msg}");
+    assert!(
+        msg.contains(&format!("disk d15c0000000000a1 is node {}'s", ids[0]))
+            && msg.contains("Two processes"),
+        "{msg}"
+    );
+    // A flag without an id is a bad request; for an unknown id, a refusal.
+    let mut bad = node_registration(nodes[1].addr, "host1", None, 0x77);
+    bad.replace_disk = true;
+    assert_eq!(status_of(c.register(&bad)).0, 400);
+    bad.node_id = Some(99);
+    let (status, msg) = status_of(c.register(&bad));
+    assert_eq!(status, 409, "{msg}");
+    assert!(msg.contains("node 99 is not registered"), "{msg}");
+
+    // Nothing changed: same table, no log entry.
+    assert_eq!(c.route().expect("route"), table);
+    assert_eq!(c.status().expect("status").log_seq, seq);
+    // Node 0 itself (its disk) re-registers while running, as after a
+    // quick restart: accepted, same id, still in sync everywhere.
+    let r = c
+        .register(&node_registration(
+            nodes[0].addr,
+            "host0",
+            Some(ids[0]),
+            disks[0],
+        ))
+        .expect("the node itself re-registers");
+    assert_eq!(r.node_id, ids[0]);
+    let t = c.route().expect("route");
+    assert!(t.node(ids[0]).expect("node 0").up);
+    assert_eq!(t.partitions, table.partitions);
+}
+
+/// A node whose disk was replaced (its lease expired) is refused without
+/// the operator's flag, and accepted with it: it rejoins its partitions
+/// as a syncing member only. Afterwards the new disk is its disk.
+#[test]
+fn a_replaced_disk_is_refused_without_the_flag_and_accepted_with_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, c) = start(dir.path(), |cfg| {
+        cfg.cluster.heartbeat_ms = 50;
+        cfg.cluster.lease_ms = 600;
+        cfg.cluster.replicas = 2;
+        cfg.cluster.max_moves = 64;
+    });
+    let nodes: Vec<FakeNode> = (0..3).map(|_| FakeNode::start()).collect();
+    let ids: Vec<NodeId> = (0..3)
+        .map(|i| {
+            c.register(&node_registration(
+                nodes[i].addr,
+                &format!("host{i}"),
+                None,
+                0x100 + i as u64,
+            ))
+            .expect("register")
+            .node_id
+        })
+        .collect();
+    let mut beats: Vec<Option<Heartbeater>> = ids
+        .iter()
+        .map(|id| {
+            Some(Heartbeater::start(
+                server.url(),
+                *id,
+                Duration::from_millis(50),
+            ))
+        })
+        .collect();
+    let victim = ids[2];
+    // Its disk dies: no more heartbeats; the lease expires.
+    beats[2] = None;
+    wait_for(Duration::from_secs(5), "victim marked down", || {
+        c.route()
+            .ok()?
+            .node(victim)
+            .is_some_and(|n| !n.up)
+            .then_some(())
+    });
+
+    let new_disk = 0x2222_0000_0000_0001u64;
+    let mut req = node_registration(nodes[2].addr, "host2", Some(victim), new_disk);
+    let (status, msg) = status_of(c.register(&req));
+    assert_eq!(status, 409, "{msg}");
+    for needle in [
+        format!("node {victim} was registered with disk 0000000000000102"),
+        "2222000000000001".to_string(),
+        format!("--replace-disk {victim}"),
+    ] {
+        assert!(msg.contains(&needle), "`{needle}` not in: {msg}");
+    }
+    assert!(!c.route().expect("route").node(victim).expect("listed").up);
+
+    req.replace_disk = true;
+    let r = c.register(&req).expect("replace accepted");
+    assert_eq!(r.node_id, victim);
+    let t = c.route().expect("route");
+    assert!(t.node(victim).expect("victim").up);
+    assert!(
+        t.partitions
+            .iter()
+            .filter_map(|p| p.member(victim))
+            .all(|m| !m.in_sync),
+        "a new disk must not be an in-sync member"
+    );
+    assert!(c.log(0).expect("log").iter().any(|e| matches!(
+        &e.what,
+        Change::NodeRegistered { node } if node.id == victim && node.domain == "host2"
+    ) && e.who == format!("node {victim}")));
+    // The new disk is its disk now: a plain restart needs no flag.
+    req.replace_disk = false;
+    assert_eq!(c.register(&req).expect("restart").node_id, victim);
+}
+
+/// A node that lost its id (an old disk without one, its node.id file
+/// gone) but whose disk the service knows gets its id back, not a new one.
+#[test]
+fn a_known_disk_without_an_id_gets_its_node_id_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_server, c) = start(dir.path(), |cfg| {
+        cfg.cluster.heartbeat_ms = 50;
+        cfg.cluster.lease_ms = 300;
+    });
+    let node = FakeNode::start();
+    let req = node_registration(node.addr, "host0", None, 0xc0ffee);
+    let id = c.register(&req).expect("register").node_id;
+    // While its lease runs, the same disk without an id is a second process.
+    assert_eq!(status_of(c.register(&req)).0, 409);
+    wait_for(Duration::from_secs(5), "lease expired", || {
+        let n = c.nodes().ok()?;
+        n.iter().any(|n| n.id == id && !n.up).then_some(())
+    });
+    assert_eq!(c.register(&req).expect("register again").node_id, id);
+    assert_eq!(c.nodes().expect("nodes").len(), 1);
 }

@@ -237,6 +237,7 @@ fn leader_failover_keeps_every_change() {
                 shards: 1,
                 domain: format!("host{i}"),
                 disk_uuid: None,
+                replace_disk: false,
             })
             .expect("register");
         ids.push(r.node_id);

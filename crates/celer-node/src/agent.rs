@@ -9,46 +9,60 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use celer_meta::api::{Heartbeat, RegisterNode, Registered};
-use celer_meta::client::MetaClient;
-use celer_route::NodeId;
+use celer_meta::client::{Backoff, MetaClient};
 
 use crate::{AgentMsg, NodeError, NodeShared};
 
-/// Registers, retrying for up to 30 s while the control service is unreachable.
+/// Registers, retrying transient failures (control service unreachable or
+/// timing out, no leader yet, a 5xx) with exponential backoff, round every
+/// control process URL given, for `within` at most. A refusal (4xx: the
+/// 409 of an identity conflict, a 401 for a wrong token) fails at once.
 pub(crate) fn register(
     client: &MetaClient,
-    node_id: Option<NodeId>,
-    data_addr: &str,
-    admin_addr: &str,
-    shards: u16,
-    domain: &str,
-    disk_uuid: u64,
+    req: &RegisterNode,
+    within: Duration,
 ) -> Result<Registered, NodeError> {
-    let req = RegisterNode {
-        node_id,
-        data_addr: data_addr.to_string(),
-        admin_addr: admin_addr.to_string(),
-        shards,
-        domain: domain.to_string(),
-        disk_uuid: Some(disk_uuid),
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let start = Instant::now();
+    let mut backoff = Backoff::for_control_service();
+    let mut attempts = 0u32;
     loop {
-        match client.register(&req) {
-            Ok(r) => return Ok(r),
-            // Unreachable, or no leader yet (an HA control service electing
-            // one): wait and retry.
-            Err(e)
-                if (e.is_unreachable() || e.status() == Some(503)) && Instant::now() < deadline =>
-            {
-                tracing::info!("control service not ready yet ({e}); retrying");
-                std::thread::sleep(Duration::from_millis(300));
+        attempts += 1;
+        match client.register(req) {
+            Ok(r) => {
+                if attempts > 1 {
+                    tracing::info!(
+                        attempts,
+                        after_ms = start.elapsed().as_millis() as u64,
+                        "registered with the control service"
+                    );
+                }
+                return Ok(r);
+            }
+            Err(e) if e.is_transient() => {
+                let delay = backoff.next_delay();
+                if start.elapsed() + delay > within {
+                    return Err(NodeError::Meta(format!(
+                        "register with {}: gave up after {attempts} attempts in {:.1} s (--register-timeout-ms {}): {e}",
+                        client.base_url(),
+                        start.elapsed().as_secs_f64(),
+                        within.as_millis()
+                    )));
+                }
+                tracing::info!(
+                    attempt = attempts,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "control service not ready ({e}); retrying"
+                );
+                client.try_next_process();
+                std::thread::sleep(delay);
             }
             Err(e) => {
+                let claim = req
+                    .node_id
+                    .map_or("a new node".to_string(), |id| format!("node {id}"));
                 return Err(NodeError::Meta(format!(
-                    "register with {}: {e}",
-                    client.base_url()
-                )))
+                    "registration as {claim} refused (not retried): {e}"
+                )));
             }
         }
     }
@@ -69,6 +83,16 @@ pub(crate) fn run(
     let mut pending: Option<AgentMsg> = None;
     // Heartbeats failed in a row (an outage of the control service).
     let mut beat_failures = 0u64;
+    // After a failed heartbeat the next one comes after this backoff, 50
+    // ms doubling up to the heartbeat period: a single 5xx costs ~50 ms,
+    // not a period. Capped at the period, not at 2 s: after an outage (a
+    // control leader takeover) every node must heartbeat again within its
+    // fresh lease, or they are all marked down at once.
+    let beat_period = |reg: &Registered| Duration::from_millis(reg.heartbeat_ms.max(10));
+    let mut beat_backoff = Backoff::new(
+        Duration::from_millis(50).min(beat_period(&reg)),
+        beat_period(&reg),
+    );
     loop {
         if shared.stopping.load(Ordering::Acquire) {
             return;
@@ -114,7 +138,7 @@ pub(crate) fn run(
             Err(RecvTimeoutError::Timeout) => {}
         }
         if Instant::now() >= next_beat {
-            next_beat = Instant::now() + Duration::from_millis(reg.heartbeat_ms.max(10));
+            let period = beat_period(&reg);
             let p = shared.backfill_progress();
             let beat = Heartbeat {
                 epoch: shared.hub.epoch(),
@@ -123,6 +147,18 @@ pub(crate) fn run(
                 backfill_partitions_unlisted: p.partitions_unlisted,
             };
             let result = client.heartbeat_with(id, &beat);
+            next_beat = match &result {
+                Ok(_) => {
+                    beat_backoff.reset();
+                    Instant::now() + period
+                }
+                Err(e) => {
+                    if e.is_transient() {
+                        client.try_next_process();
+                    }
+                    Instant::now() + beat_backoff.next_delay()
+                }
+            };
             match &result {
                 Err(e) if !e.is_not_found() => {
                     if beat_failures == 0 {
@@ -157,16 +193,20 @@ pub(crate) fn run(
                     tracing::warn!("control service forgot this node; registering again");
                     if let Some(t) = shared.hub.table() {
                         if let Some(n) = t.table.node(id) {
-                            if let Ok(r) = register(
-                                &client,
-                                Some(id),
-                                &n.data_addr,
-                                &n.admin_addr,
-                                shared.shards,
-                                &n.domain,
-                                shared.disk_uuid,
-                            ) {
-                                reg = r;
+                            let req = RegisterNode {
+                                node_id: Some(id),
+                                data_addr: n.data_addr.clone(),
+                                admin_addr: n.admin_addr.clone(),
+                                shards: shared.shards,
+                                domain: n.domain.clone(),
+                                disk_uuid: Some(shared.disk_uuid),
+                                replace_disk: false,
+                            };
+                            // Short: heartbeats wait meanwhile; the next
+                            // 404 tries again.
+                            match register(&client, &req, Duration::from_secs(5)) {
+                                Ok(r) => reg = r,
+                                Err(e) => tracing::error!("{e}"),
                             }
                         }
                     }

@@ -19,6 +19,7 @@ mod admin;
 mod agent;
 mod conn;
 mod handshake;
+mod identity;
 mod metrics;
 mod shard;
 
@@ -34,13 +35,15 @@ use std::time::Duration;
 use celer_engine::{Engine, EngineError, OpenOptions};
 use celer_route::{NodeId, RouteTable};
 
+pub use identity::{JoinOptions, REGISTER_TIMEOUT_DEFAULT};
 pub use metrics::NodeMetrics;
 
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
     /// The engine disk (formatted with `celer engine format`).
     pub disk: PathBuf,
-    /// Where the node keeps its id (`node.id`).
+    /// Where releases before disks recorded their node kept its id
+    /// (`node.id`): read for such a disk only, never written.
     pub state_dir: PathBuf,
     /// Data (celer-proto) listener.
     pub listen: SocketAddr,
@@ -355,6 +358,11 @@ pub struct Node {
 impl Node {
     /// Opens the engine, binds the listeners and starts every thread.
     pub fn start(cfg: NodeConfig) -> Result<Node, NodeError> {
+        Node::start_with(cfg, JoinOptions::default())
+    }
+
+    /// [`Node::start`], with how the node joins its cluster.
+    pub fn start_with(cfg: NodeConfig, join: JoinOptions) -> Result<Node, NodeError> {
         let engine = Engine::open(
             &cfg.disk,
             &OpenOptions {
@@ -363,6 +371,7 @@ impl Node {
             },
         )?;
         let disk_uuid = engine.geometry().disk_uuid;
+        let disk_node = identity::disk_node_id(&cfg.disk, engine.node_id())?;
         let shards = engine.into_shards();
         let shard_count = shards.len() as u16;
         if !shard_count.is_power_of_two() {
@@ -380,10 +389,7 @@ impl Node {
             .map_err(io_err(format!("bind {}", cfg.admin_listen)))?;
         let admin_addr = admin.local_addr().map_err(io_err("local address"))?;
 
-        let id_file = cfg.state_dir.join("node.id");
-        let saved_id = std::fs::read_to_string(&id_file)
-            .ok()
-            .and_then(|s| s.trim().parse::<NodeId>().ok());
+        let claim = identity::claim(&cfg, &join, disk_node)?;
         let mut mailboxes = Vec::new();
         let mut receivers = Vec::new();
         for _ in 0..shard_count {
@@ -399,23 +405,29 @@ impl Node {
             .advertise
             .clone()
             .unwrap_or_else(|| data_addr.to_string());
-        // The node id: fixed, saved, or assigned by the control service.
+        // The node id: the disk's (see `identity`), or assigned by the
+        // control service; then recorded on the disk.
         let (id, agent_setup) = match &cfg.meta_url {
             Some(url) => {
                 let client = celer_meta::client::MetaClient::new(url, &cfg.token);
-                let reg = agent::register(
-                    &client,
-                    cfg.node_id.or(saved_id),
-                    &advertise,
-                    &admin_addr.to_string(),
-                    shard_count,
-                    &cfg.domain,
-                    disk_uuid,
-                )?;
+                let req = celer_meta::api::RegisterNode {
+                    node_id: claim.id,
+                    data_addr: advertise.clone(),
+                    admin_addr: admin_addr.to_string(),
+                    shards: shard_count,
+                    domain: cfg.domain.clone(),
+                    disk_uuid: Some(disk_uuid),
+                    replace_disk: claim.replace_disk,
+                };
+                let reg =
+                    agent::register(&client, &req, join.register_timeout).map_err(|e| match e {
+                        NodeError::Meta(m) => NodeError::Meta(format!("{m} ({})", claim.why)),
+                        e => e,
+                    })?;
                 (reg.node_id, Some((client, reg)))
             }
             None => (
-                cfg.node_id.or(saved_id).ok_or_else(|| {
+                claim.id.ok_or_else(|| {
                     NodeError::Config(
                         "no node id: give --node-id or a control service (--meta)".into(),
                     )
@@ -423,8 +435,7 @@ impl Node {
                 None,
             ),
         };
-        std::fs::write(&id_file, format!("{id}\n"))
-            .map_err(io_err(format!("write {}", id_file.display())))?;
+        identity::record(&cfg.disk, disk_node, id)?;
         let shared = Arc::new(NodeShared {
             id,
             shards: shard_count,

@@ -410,7 +410,11 @@ fn slow_and_greedy_connections_are_cut_and_others_are_served() {
     // The idle ones are closed at the deadline too.
     for mut c in idle {
         let got = drain(&mut c);
-        assert!(got.len() <= HEADER_BYTES + 32, "idle socket got {} bytes", got.len());
+        assert!(
+            got.len() <= HEADER_BYTES + 32,
+            "idle socket got {} bytes",
+            got.len()
+        );
     }
     // The greedy ones are cut when their frame does not complete in 10 s.
     let t = Instant::now();

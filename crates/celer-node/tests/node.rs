@@ -8,8 +8,8 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use celer_proto::{decode_header, Header, Op, Status, HEADER_BYTES};
 use celer_node::Node;
+use celer_proto::{decode_header, Header, Op, Status, HEADER_BYTES};
 use celer_route::RouteTable;
 use common::*;
 

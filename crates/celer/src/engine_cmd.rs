@@ -105,7 +105,14 @@ pub fn run(cmd: EngineCommand) -> Result<()> {
             let engine = Engine::open(&a.disk, &OpenOptions::default())?;
             let g = *engine.geometry();
             let r = engine.recovery_report().clone();
-            println!("disk {}  uuid {:016x}", a.disk.display(), g.disk_uuid);
+            let node = engine
+                .node_id()
+                .map_or("none yet".to_string(), |id| id.to_string());
+            println!(
+                "disk {}  uuid {:016x}  node {node}",
+                a.disk.display(),
+                g.disk_uuid
+            );
             println!(
                 "chunk {} KiB, spare {} blocks, {} slots, {} shard(s), journal {} blocks per shard",
                 g.chunk_bytes() >> 10,

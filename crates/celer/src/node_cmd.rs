@@ -22,7 +22,8 @@ pub struct NodeServeArgs {
     /// Engine shards when formatting (a power of two; one thread each).
     #[arg(long, default_value_t = 2)]
     pub shards: u32,
-    /// Where the node keeps its id (default: the disk's directory).
+    /// Where older releases kept the node id (`node.id`, default: the disk's
+    /// directory); read only for a disk that does not record its node yet.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
     /// Data listener (celer-proto over TCP).
@@ -46,6 +47,15 @@ pub struct NodeServeArgs {
     /// Fixed node id (only without --meta).
     #[arg(long)]
     pub node_id: Option<u32>,
+    /// This new disk replaces the lost or swapped disk of node ID: the node
+    /// registers as ID and rejoins its partitions empty, copying their data
+    /// back. Accepted once node ID's lease has expired (stop it first).
+    #[arg(long, value_name = "ID")]
+    pub replace_disk: Option<u32>,
+    /// Keep retrying the registration this long while the control service
+    /// is unreachable or failing (5xx); a refusal (4xx) stops at once.
+    #[arg(long, default_value_t = celer_node::REGISTER_TIMEOUT_DEFAULT.as_millis() as u64)]
+    pub register_timeout_ms: u64,
     /// Failure domain (host, rack): replicas go to distinct domains.
     #[arg(long, default_value = "default")]
     pub domain: String,
@@ -139,8 +149,16 @@ pub fn config(a: &NodeServeArgs) -> Result<celer_node::NodeConfig> {
     })
 }
 
+/// How the node joins its cluster (`--replace-disk`, `--register-timeout-ms`).
+pub fn join_options(a: &NodeServeArgs) -> celer_node::JoinOptions {
+    celer_node::JoinOptions {
+        replace_disk: a.replace_disk,
+        register_timeout: Duration::from_millis(a.register_timeout_ms),
+    }
+}
+
 pub fn run(a: &NodeServeArgs) -> Result<()> {
-    let node = celer_node::Node::start(config(a)?)?;
+    let node = celer_node::Node::start_with(config(a)?, join_options(a))?;
     let stop = node.stopper();
     crate::on_termination(stop);
     node.wait()?;

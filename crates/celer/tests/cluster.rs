@@ -509,10 +509,11 @@ fn watch_rebalance(c: &Cluster, node: u32) -> Watch {
 /// before the disk swap: the new disk must get every one of them back.
 const FIXED_CHUNKS: std::ops::Range<u64> = 128..160;
 
-/// A node restarted at once on a new, empty disk (same id, lease still
-/// valid) must not be taken for an in-sync replica: the control service
-/// sees another disk identity, takes it out of its partitions and it
-/// backfills. Every write reads back and the replicas agree afterwards.
+/// A node restarted on a new, empty disk (same id, given with
+/// `--replace-disk` once its lease expired: the control service refuses
+/// another disk before) must not be taken for an in-sync replica: the
+/// control service takes it out of its partitions and it backfills. Every
+/// write reads back and the replicas agree afterwards.
 ///
 /// Progress in bytes, as `celer status` reads it: in every sample done <=
 /// total (the cluster's sums and the node's own figures); the node's total
@@ -623,9 +624,15 @@ fn a_node_back_with_an_empty_disk_is_backfilled_not_trusted() {
     // Every listed byte was copied; exactly once unless a lease expired on
     // the way (a loaded machine): a node that left and rejoined copies a
     // partition again, a changed source restarts a backfill.
-    let expired = meta
-        .log(seq0)
-        .expect("log")
+    // The victim's own lease expiry, which the swap waits for before it
+    // starts the node on the new disk, comes before its backfill: counted
+    // are those after it registered again.
+    let log = meta.log(seq0).expect("log");
+    let back = log
+        .iter()
+        .position(|e| matches!(&e.what, Change::NodeRegistered { node } if node.id == victim))
+        .expect("the victim registered again");
+    let expired = log[back..]
         .iter()
         .filter(|e| matches!(e.what, Change::NodeDown { .. }) && e.who == "meta")
         .count();

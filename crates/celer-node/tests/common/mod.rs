@@ -163,4 +163,3 @@ pub fn read_block(n: &Node, t: &RouteTable, offset: u64, len: u32) -> (Status, V
     let (r, data) = w.call(h, &[]);
     (r.status, data)
 }
-

@@ -93,6 +93,9 @@ pub struct ClusterOpts {
     /// Control service on a 3-member etcd cluster with 2 control processes
     /// (nodes talk to both, no proxy on that link).
     pub etcd: bool,
+    /// Every node's disk in one directory (`disks/node{i}.img`), which is
+    /// then every node's default state directory too.
+    pub disks_in_one_dir: bool,
 }
 
 impl Default for ClusterOpts {
@@ -104,6 +107,7 @@ impl Default for ClusterOpts {
             lease_ms: 800,
             disk_bytes: 320 << 20,
             etcd: false,
+            disks_in_one_dir: false,
         }
     }
 }
@@ -134,7 +138,11 @@ impl Cluster {
             let meta_proxy = FaultProxy::start(meta_addr);
             let n = NodeProc {
                 index: i,
-                disk: c.dir.path().join(format!("node{i}/disk.img")),
+                disk: if o.disks_in_one_dir {
+                    c.dir.path().join(format!("disks/node{i}.img"))
+                } else {
+                    c.dir.path().join(format!("node{i}/disk.img"))
+                },
                 listen,
                 admin: free_port(),
                 data_proxy,
@@ -302,6 +310,11 @@ impl Cluster {
     }
 
     fn spawn_node(&mut self, i: usize, disk_bytes: u64) {
+        self.spawn_node_with(i, disk_bytes, &[]);
+    }
+
+    /// Starts node `i`'s process with `extra` flags after the usual ones.
+    pub fn spawn_node_with(&mut self, i: usize, disk_bytes: u64, extra: &[String]) {
         let node_meta = if self.metas.is_empty() {
             format!("http://{}", self.nodes[i].meta_proxy.addr())
         } else {
@@ -323,12 +336,102 @@ impl Cluster {
             .args(["--meta", &node_meta])
             .args(["--token", TOKEN])
             .args(["--domain", &format!("host{i}")])
+            .args(extra)
             .env("CELER_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("spawn node");
         n.child = Some(child);
+    }
+
+    /// Node `i`'s id, from its admin server's `/v1/status`; waits up to
+    /// 30 s for the node to answer (a node just started).
+    pub fn node_id(&self, i: usize) -> u32 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(id) = self.try_node_id(i) {
+                return id;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {i}'s admin server does not answer"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn try_node_id(&self, i: usize) -> Option<u32> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(self.nodes[i].admin).ok()?;
+        s.write_all(b"GET /v1/status HTTP/1.0\r\nHost: x\r\n\r\n")
+            .ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        let body = text.split("\r\n\r\n").nth(1)?;
+        let v: serde_json::Value = serde_json::from_str(body).ok()?;
+        v["node_id"].as_u64().map(|id| id as u32)
+    }
+
+    /// Waits until the control service marks `id` down (its lease expired).
+    pub fn wait_down(&self, id: u32, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(t) = self.meta_client().route() {
+                if t.node(id).is_some_and(|n| !n.up) {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {id} not marked down after {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs one more `celer node serve` (disk `name`.img in the cluster's
+    /// directory, created if need be, fresh ports, its own state directory)
+    /// with `extra` flags, straight to the control service. Returns its
+    /// exit code if it exited within `within` (else it is killed: `None`),
+    /// and its log.
+    pub fn run_node_once(
+        &self,
+        name: &str,
+        extra: &[String],
+        within: Duration,
+    ) -> (Option<i32>, String) {
+        let dir = self.dir.path().join(name);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let log = dir.join("node.log");
+        let mut child = Command::new(&self.bin)
+            .args(["node", "serve", "--disk"])
+            .arg(dir.join("disk.img"))
+            .args(["--create", &self.disk_bytes.to_string()])
+            .args(["--listen", &free_port().to_string()])
+            .args(["--admin-listen", &free_port().to_string()])
+            .args(["--meta", &self.meta_url()])
+            .args(["--token", TOKEN])
+            .args(["--domain", name])
+            .args(extra)
+            .env("CELER_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("spawn node");
+        let deadline = Instant::now() + within;
+        let code = loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                break st.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        (code, std::fs::read_to_string(&log).unwrap_or_default())
     }
 
     /// Seeds for clients: every node's advertised data address.
@@ -351,12 +454,20 @@ impl Cluster {
         self.spawn_node(i, self.disk_bytes);
     }
 
-    /// Replaces node `i`'s disk with a new, empty one and restarts it at
-    /// once (same node id, well within its lease): a disk swap.
+    /// Replaces node `i`'s disk with a new, empty one, as an operator
+    /// does: the node stops, its lease expires, it is started on the new
+    /// disk with `--replace-disk ID` (the control service refuses another
+    /// disk for a node while its lease runs, or without the flag).
     pub fn swap_disk(&mut self, i: usize) {
+        let id = self.node_id(i);
         self.kill(i);
         std::fs::remove_file(&self.nodes[i].disk).expect("remove the old disk");
-        self.spawn_node(i, self.disk_bytes);
+        self.wait_down(id, Duration::from_secs(10));
+        self.spawn_node_with(
+            i,
+            self.disk_bytes,
+            &["--replace-disk".into(), id.to_string()],
+        );
     }
 
     /// Cuts node `i` off from everyone (clients, peers, control service).
