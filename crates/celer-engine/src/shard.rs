@@ -369,6 +369,33 @@ const UD_CKPT: u64 = 4 << 56;
 const UD_FLUSH: u64 = 5 << 56;
 const UD_KIND: u64 = 0xff << 56;
 
+/// user_data of an I/O: its kind, the op or buffer it belongs to (low 32
+/// bits), and the bytes it must transfer in 512-byte units (bits 32..56):
+/// a short transfer is an error, never a success.
+fn io_ud(kind: u64, id: u64, bytes: usize) -> u64 {
+    debug_assert!(
+        bytes.is_multiple_of(512) && bytes / 512 < 1 << 24,
+        "{bytes}"
+    );
+    kind | ((bytes as u64 / 512) << 32) | (id & 0xffff_ffff)
+}
+
+/// The completion result of an I/O that had to transfer `expected` bytes:
+/// a short transfer becomes EIO (with a log line), so it fails like any
+/// device error.
+fn checked_result(res: i32, expected: i32, what: u64) -> i32 {
+    if res < 0 || res == expected {
+        return res;
+    }
+    tracing::error!(
+        res,
+        expected,
+        kind = what >> 56,
+        "short device transfer: {res} of {expected} bytes; failing it with EIO"
+    );
+    -libc::EIO
+}
+
 /// One shard of an engine, driven by exactly one thread.
 pub struct Shard {
     id: u32,
@@ -900,8 +927,9 @@ impl Shard {
             };
             self.inflight_sqes -= 1;
             let ud = cqe.user_data();
-            let res = cqe.result();
-            let id = ud & !UD_KIND;
+            let expected = ((ud >> 32) & 0xff_ffff) as i32 * 512;
+            let res = checked_result(cqe.result(), expected, ud & UD_KIND);
+            let id = ud & 0xffff_ffff;
             match ud & UD_KIND {
                 UD_DATA | UD_META => self.op_io_done(id as u32, res),
                 UD_JOURNAL => self.journal_done(id as usize, res),
@@ -1051,7 +1079,7 @@ impl Shard {
                 self.g.phys_offset(slot_index, p.phys),
                 0,
             )
-            .user_data(UD_DATA | id as u64);
+            .user_data(io_ud(UD_DATA, id as u64, (j - i) * BLOCK_SIZE));
             op.pending += 1;
             push_sqe(
                 &mut self.ring,
@@ -1299,7 +1327,7 @@ impl Shard {
                 self.g.phys_offset(slot_index, p.phys),
                 if solo { libc::RWF_DSYNC } else { 0 },
             )
-            .user_data(UD_DATA | id as u64);
+            .user_data(io_ud(UD_DATA, id as u64, (j - i) * BLOCK_SIZE));
             op.pending += 1;
             self.stats.data_bytes_written += ((j - i) * BLOCK_SIZE) as u64;
             self.stats.user_bytes_written += ((j - i) * BLOCK_SIZE) as u64;
@@ -1331,7 +1359,7 @@ impl Shard {
             let sqe = opcode::Write::new(types::Fd(self.fd), ptr, BLOCK_SIZE as u32)
                 .offset(self.g.header_offset(slot_index, copy))
                 .build()
-                .user_data(UD_META | id as u64);
+                .user_data(io_ud(UD_META, id as u64, BLOCK_SIZE));
             self.ops[id as usize].pending += 1;
             self.stats.meta_bytes_written += BLOCK_SIZE_U64;
             push_sqe(
@@ -1428,7 +1456,7 @@ impl Shard {
             .offset(self.g.journal_block_offset(self.id, jb.seq))
             .rw_flags(if dsync { libc::RWF_DSYNC } else { 0 })
             .build()
-            .user_data(UD_JOURNAL | b as u64);
+            .user_data(io_ud(UD_JOURNAL, b as u64, BLOCK_SIZE));
         self.stats.journal_bytes_written += BLOCK_SIZE_U64;
         push_sqe(
             &mut self.ring,
@@ -1805,7 +1833,7 @@ impl Shard {
                     )
                     .offset(self.g.index_offset(self.id, copy))
                     .build()
-                    .user_data(UD_CKPT);
+                    .user_data(io_ud(UD_CKPT, 0, c.index.len()));
                     self.stats.meta_bytes_written += c.index.len() as u64;
                     push_sqe(
                         &mut self.ring,
@@ -1846,7 +1874,7 @@ impl Shard {
             let sqe = opcode::Write::new(types::Fd(self.fd), buf.as_ptr(), buf.len() as u32)
                 .offset(c.targets[c.next])
                 .build()
-                .user_data(UD_CKPT);
+                .user_data(io_ud(UD_CKPT, 0, buf.len()));
             self.stats.meta_bytes_written += buf.len() as u64;
             push_sqe(
                 &mut self.ring,
@@ -2048,4 +2076,30 @@ fn zero_fill(op: &mut Op, at: usize, len: usize) {
 /// placement hash shared with the route table, see `celer_device::chunk_hash`).
 pub fn shard_for(g: &Geometry, volume: u64, chunk: u64) -> u32 {
     (celer_device::chunk_hash(volume, chunk) % g.shard_count as u64) as u32
+}
+
+#[cfg(test)]
+mod transfer_tests {
+    use super::*;
+
+    #[test]
+    fn a_short_transfer_is_an_error_never_a_success() {
+        let ud = io_ud(UD_DATA, 7, 3 * BLOCK_SIZE);
+        assert_eq!(ud & 0xffff_ffff, 7);
+        assert_eq!(ud & UD_KIND, UD_DATA);
+        let expected = ((ud >> 32) & 0xff_ffff) as i32 * 512;
+        assert_eq!(expected, 3 * BLOCK_SIZE as i32);
+        assert_eq!(checked_result(expected, expected, UD_DATA), expected);
+        assert_eq!(
+            checked_result(expected - 4096, expected, UD_DATA),
+            -libc::EIO
+        );
+        assert_eq!(checked_result(0, expected, UD_DATA), -libc::EIO);
+        assert_eq!(
+            checked_result(-libc::ENOSPC, expected, UD_DATA),
+            -libc::ENOSPC
+        );
+        // An fsync transfers nothing: 0 is its success.
+        assert_eq!(checked_result(0, 0, UD_FLUSH), 0);
+    }
 }

@@ -91,7 +91,7 @@ pub struct Registered {
     pub lease_ms: u64,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Heartbeat {
     /// Epoch of the route table the node holds (0: none).
     pub epoch: u64,
@@ -108,6 +108,12 @@ pub struct Heartbeat {
     /// bytes are not in `backfill_bytes_total`).
     #[serde(default)]
     pub backfill_partitions_unlisted: u64,
+    /// Why the node cannot serve (an engine shard failed: a device error
+    /// such as EIO or ENOSPC, a panic). The control service then treats it
+    /// as it treats a dead node: no lease renewal, so it is marked down
+    /// and its partitions move.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -164,6 +170,9 @@ pub struct NodeStatus {
     pub backfill_bytes_total: u64,
     #[serde(default)]
     pub backfill_partitions_unlisted: u64,
+    /// The failure the node reported (see [`Heartbeat::failure`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -116,7 +116,7 @@ struct Persistent {
     disks: BTreeMap<NodeId, u64>,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Liveness {
     last_heartbeat: Option<Instant>,
     /// Lease start when there was no heartbeat yet (registration or start).
@@ -124,6 +124,8 @@ struct Liveness {
     epoch_acked: u64,
     /// The backfill figures of the last heartbeat (progress, not metadata).
     backfill: Backfill,
+    /// The failure the node's last heartbeat reported.
+    failure: Option<String>,
 }
 
 /// A node's backfill figures as its last heartbeat reported them.
@@ -141,6 +143,7 @@ impl Liveness {
             since: now,
             epoch_acked: 0,
             backfill: Backfill::default(),
+            failure: None,
         }
     }
     fn expired(&self, now: Instant, lease: Duration) -> bool {
@@ -677,6 +680,7 @@ impl Cluster {
                 since: now,
                 epoch_acked: 0,
                 backfill: Backfill::default(),
+                failure: None,
             },
         );
         Ok((
@@ -698,6 +702,30 @@ impl Cluster {
         let epoch = beat.epoch;
         let node = self.known_node(id)?;
         let mut pushed = None;
+        if let Some(why) = &beat.failure {
+            // A node that cannot serve is treated as a dead one: its lease
+            // is not renewed, so it is marked down and its partitions move
+            // (expire_leases); the reason shows in the node list.
+            let l = self
+                .live
+                .entry(id)
+                .or_insert_with(|| Liveness::fresh(Instant::now()));
+            if l.failure.as_deref() != Some(why.as_str()) {
+                tracing::warn!(node = id, "node reports it cannot serve: {why}");
+            }
+            l.failure = Some(why.clone());
+            l.epoch_acked = epoch;
+            let current = self.epoch();
+            let table = self.table().filter(|t| t.epoch > epoch).cloned();
+            return Ok((
+                HeartbeatReply {
+                    epoch: current,
+                    table,
+                    deleted_volumes: self.p.deleted.iter().copied().collect(),
+                },
+                None,
+            ));
+        }
         if !node.up {
             let mut tx = self.begin(&format!("node {id}"));
             let mut up = node.clone();
@@ -725,6 +753,7 @@ impl Cluster {
         let now = Instant::now();
         let l = self.live.entry(id).or_insert_with(|| Liveness::fresh(now));
         l.last_heartbeat = Some(now);
+        l.failure = None;
         l.epoch_acked = epoch;
         // Kept as reported (a node counting more done than total has a
         // bug worth seeing in the figures), with a line in the log.
@@ -1095,6 +1124,7 @@ impl Cluster {
                     backfill_bytes_done: l.map_or(0, |l| l.backfill.bytes_done),
                     backfill_bytes_total: l.map_or(0, |l| l.backfill.bytes_total),
                     backfill_partitions_unlisted: l.map_or(0, |l| l.backfill.partitions_unlisted),
+                    failure: l.and_then(|l| l.failure.clone()),
                 }
             })
             .collect()

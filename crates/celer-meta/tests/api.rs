@@ -193,7 +193,7 @@ impl Heartbeater {
             while !s.load(Ordering::Relaxed) {
                 let b = Heartbeat {
                     epoch: epoch.load(Ordering::Relaxed),
-                    ..beat
+                    ..beat.clone()
                 };
                 if let Ok(r) = c.heartbeat_with(id, &b) {
                     if let Some(t) = r.table {
@@ -867,6 +867,7 @@ fn backfill_figures_are_summed_over_up_nodes_and_not_logged() {
         backfill_bytes_done: done,
         backfill_bytes_total: total,
         backfill_partitions_unlisted: unlisted,
+        failure: None,
     };
     let period = Duration::from_millis(50);
     let a = Heartbeater::with_figures(server.url(), ids[0], period, figures(10 << 20, 30 << 20, 2));

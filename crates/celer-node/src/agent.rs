@@ -145,6 +145,7 @@ pub(crate) fn run(
                 backfill_bytes_done: p.bytes_done,
                 backfill_bytes_total: p.bytes_total,
                 backfill_partitions_unlisted: p.partitions_unlisted,
+                failure: shared.failure(),
             };
             let result = client.heartbeat_with(id, &beat);
             next_beat = match &result {

@@ -30,8 +30,8 @@ use crate::handshake::ConnTicket;
 pub(crate) const RBUF_INITIAL: usize = 64 << 10;
 /// Unsent response bytes above which the shard stops reading requests from
 /// the connection, until they fall below [`SEND_LOW_BYTES`].
-pub(crate) const SEND_HIGH_BYTES: usize = 4 << 20;
-pub(crate) const SEND_LOW_BYTES: usize = 1 << 20;
+pub(crate) const SEND_HIGH_BYTES: usize = 1 << 20;
+pub(crate) const SEND_LOW_BYTES: usize = 256 << 10;
 
 /// Who the peer is.
 pub(crate) enum ConnAuth {

@@ -22,7 +22,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use celer_proto::auth::{HelloProof, MacBytes, Nonce, Peer, NONCE_BYTES};
+use celer_proto::auth::{Capability, HelloProof, Key, MacBytes, Nonce, Peer, NONCE_BYTES};
 use celer_proto::{decode_header, Header, Kind, Op, Status, HEADER_BYTES};
 
 use crate::{NodeShared, ShardMsg};
@@ -379,7 +379,7 @@ impl Door {
             return;
         };
         let checked = self.check(&p, &h);
-        let (peer, peer_nonce) = match checked {
+        let (peer, answer_key, peer_nonce) = match checked {
             Ok(x) => x,
             Err((why, status)) => {
                 let _ = p.stream.write(&Header::response_to(&h, status).encode());
@@ -388,7 +388,7 @@ impl Door {
             }
         };
         let shard = h.offset as usize;
-        let answer = HelloProof::answer(&peer.key(&self.shared.data_key), &p.nonce, &peer_nonce);
+        let answer = HelloProof::answer(&answer_key, &p.nonce, &peer_nonce);
         self.shared.hub.shards[shard].send(ShardMsg::Conn(Box::new(Handshaken {
             stream: p.stream,
             hello: h,
@@ -399,8 +399,9 @@ impl Door {
         })));
     }
 
-    /// Checks a whole Hello: who the peer is and its nonce, or why not.
-    fn check(&self, p: &Pending, h: &Header) -> Result<(Peer, Nonce), (String, Status)> {
+    /// Checks a whole Hello: who the peer is, the key the node answers
+    /// with, and the peer's nonce; or why not.
+    fn check(&self, p: &Pending, h: &Header) -> Result<(Peer, Key, Nonce), (String, Status)> {
         let payload = &p.buf[HEADER_BYTES..p.need];
         if h.verify_payload([payload]).is_err() {
             return Err(("corrupt Hello".into(), Status::Invalid));
@@ -414,7 +415,23 @@ impl Door {
                 Status::Invalid,
             ));
         }
-        HelloProof::check(
+        if self.shared.insecure_no_auth {
+            // Benchmarks of the authentication's cost only: the proof is
+            // not checked and the peer may do anything; the node still
+            // answers with the key the peer expects.
+            let mut nonce = [0u8; NONCE_BYTES];
+            if let Some(n) = payload.get(..NONCE_BYTES) {
+                nonce.copy_from_slice(n);
+            }
+            let key = payload
+                .get(HelloProof::NODE_BYTES..)
+                .and_then(|c| Capability::decode(c).ok())
+                .map_or(self.shared.data_key, |c| {
+                    c.attachment_key(&self.shared.data_key)
+                });
+            return Ok((Peer::Node { id: h.volume }, key, nonce));
+        }
+        let (peer, nonce) = HelloProof::check(
             payload,
             &self.shared.data_key,
             &p.nonce,
@@ -423,7 +440,8 @@ impl Door {
             false,
             crate::unix_ms(),
         )
-        .map_err(|e| (format!("credential refused: {e}"), Status::Unauthorized))
+        .map_err(|e| (format!("credential refused: {e}"), Status::Unauthorized))?;
+        Ok((peer, peer.key(&self.shared.data_key), nonce))
     }
 
     fn expire(&mut self, ep: &OwnedFd) {

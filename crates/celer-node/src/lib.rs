@@ -69,6 +69,10 @@ pub struct NodeConfig {
     /// After activity, keep polling sockets and disk this long before
     /// sleeping in epoll (0: sleep at once).
     pub busy_poll: Duration,
+    /// Accept every peer of the data port without checking its proof or
+    /// capability (it may do anything): only to measure what
+    /// authentication costs; refused unless `listen` is a loopback address.
+    pub insecure_no_auth: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -313,6 +317,11 @@ pub(crate) struct NodeShared {
     pub(crate) token: String,
     /// The cluster data key (see celer_proto::auth).
     pub(crate) data_key: celer_proto::auth::Key,
+    /// See NodeConfig::insecure_no_auth.
+    pub(crate) insecure_no_auth: bool,
+    /// Why the node cannot serve (a failed engine shard); heartbeats carry
+    /// it and the control service moves the node's partitions away.
+    failure: Mutex<Option<String>>,
     /// Connections held (handshaking and established), and per address.
     pub(crate) conns_open: std::sync::atomic::AtomicUsize,
     pub(crate) limits: handshake::ConnLimits,
@@ -326,6 +335,22 @@ pub(crate) struct NodeShared {
 }
 
 impl NodeShared {
+    /// Records that the node cannot serve (the first reason is kept).
+    pub(crate) fn report_failure(&self, why: String) {
+        let mut f = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+        if f.is_none() {
+            tracing::error!("the node cannot serve: {why}; the control service is told, its partitions move away");
+            *f = Some(why);
+        }
+    }
+
+    pub(crate) fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     pub(crate) fn tell_agent(&self, m: AgentMsg) {
         if let Some(tx) = self
             .agent
@@ -363,6 +388,15 @@ impl Node {
 
     /// [`Node::start`], with how the node joins its cluster.
     pub fn start_with(cfg: NodeConfig, join: JoinOptions) -> Result<Node, NodeError> {
+        if cfg.insecure_no_auth && !cfg.listen.ip().is_loopback() {
+            return Err(NodeError::Config(format!(
+                "--insecure-no-auth lets anyone read and write every volume: refused on {}, only a loopback address may serve without authentication",
+                cfg.listen
+            )));
+        }
+        if cfg.insecure_no_auth {
+            tracing::warn!(listen = %cfg.listen, "the data port checks no credential (--insecure-no-auth): for benchmarks only");
+        }
         let engine = Engine::open(
             &cfg.disk,
             &OpenOptions {
@@ -449,6 +483,8 @@ impl Node {
             metrics: NodeMetrics::new(shard_count),
             token: cfg.token.clone(),
             data_key: celer_proto::auth::data_key_from_secret(&cfg.token),
+            insecure_no_auth: cfg.insecure_no_auth,
+            failure: Mutex::new(None),
             conns_open: std::sync::atomic::AtomicUsize::new(0),
             limits: handshake::ConnLimits::default(),
             stopping: AtomicBool::new(false),
@@ -470,7 +506,29 @@ impl Node {
             let idx = engine_shard.id();
             let t = std::thread::Builder::new()
                 .name(format!("celer-node-{idx}"))
-                .spawn(move || shard::run(engine_shard, rx, wake, shared, cfg))
+                .spawn(move || {
+                    // A shard that stops (an epoll error, a panic) while the
+                    // node runs leaves its partitions unserved: reported, so
+                    // they move.
+                    let run = std::panic::AssertUnwindSafe(|| {
+                        shard::run(engine_shard, rx, wake, shared.clone(), cfg)
+                    });
+                    let r = std::panic::catch_unwind(run);
+                    let stopping = shared.stopping.load(Ordering::Acquire);
+                    match r {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(e)) => {
+                            shared.report_failure(format!("shard {idx} stopped: {e}"));
+                            Err(e)
+                        }
+                        Err(_) => {
+                            if !stopping {
+                                shared.report_failure(format!("shard {idx} panicked"));
+                            }
+                            Err(NodeError::Config(format!("shard {idx} panicked")))
+                        }
+                    }
+                })
                 .map_err(io_err("spawn shard thread"))?;
             threads.push(t);
         }

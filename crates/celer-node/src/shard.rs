@@ -68,6 +68,14 @@ const RBUF_BUDGET_BYTES: usize = 64 << 20;
 /// Requests of one connection served at once: one peer cannot take every op
 /// (and its buffer) of the shard.
 const CONN_OPS_MAX: usize = 64;
+/// Requests whose buffer is larger than this are large: their buffers
+/// count against `OP_LARGE_BUDGET_BYTES`.
+const OP_LARGE_BYTES: usize = 256 << 10;
+/// Bytes of large requests a shard serves at once (a large request that
+/// does not fit waits), and of large op buffers it keeps between requests
+/// (above it, a finished op gives its buffer back). So a peer asking for
+/// 4 MiB reads it never takes cannot make the shard hold 224 × 4 MiB.
+const OP_LARGE_BUDGET_BYTES: usize = 32 << 20;
 /// A frame whose header arrived must be whole within this (a peer that
 /// announces a large payload and trickles it is cut).
 const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
@@ -176,6 +184,10 @@ struct ShardLoop {
     rbuf_lent: usize,
     /// Connections waiting for room.
     starved: Vec<usize>,
+    /// Bytes of large requests being served (see OP_LARGE_BUDGET_BYTES).
+    large_inflight: usize,
+    /// Bytes of large op buffers allocated (busy or idle).
+    large_kept: usize,
     /// Connections with unprocessed frames (stalled for lack of ops).
     backlog: Vec<usize>,
     /// Connections with output to send.
@@ -278,6 +290,8 @@ pub(crate) fn run(
         versions,
         rbuf_lent: 0,
         starved: Vec::new(),
+        large_inflight: 0,
+        large_kept: 0,
         backlog: Vec::new(),
         dirty: Vec::new(),
         forwards_inflight: 0,
@@ -481,6 +495,21 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
                 std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
             )
         }
+    }
+}
+
+/// The op buffer a request needs if it is large (see OP_LARGE_BYTES), else 0.
+fn large_bytes(h: &Header) -> usize {
+    let bytes = match h.op {
+        Op::Read | Op::Write | Op::WritePrimary => h.length as usize,
+        // State table and data.
+        Op::BackfillRead => h.length as usize + h.length as usize / BLOCK_SIZE * STATE_BYTES,
+        _ => 0,
+    };
+    if bytes > OP_LARGE_BYTES {
+        bytes
+    } else {
+        0
     }
 }
 
@@ -761,7 +790,14 @@ impl ShardLoop {
                         | Op::Discard
                         | Op::BackfillRead
                 );
-                if needs_op && (self.free_ops.is_empty() || conn.ops >= CONN_OPS_MAX) {
+                let large = large_bytes(&frame.header);
+                if needs_op
+                    && (self.free_ops.is_empty()
+                        || conn.ops >= CONN_OPS_MAX
+                        || (large > 0
+                            && self.large_inflight > 0
+                            && self.large_inflight + large > OP_LARGE_BUDGET_BYTES))
+                {
                     // Out of ops: leave the frame for later (backpressure).
                     if !self.backlog.contains(&c) {
                         self.backlog.push(c);
@@ -1004,7 +1040,16 @@ impl ShardLoop {
         op.conn_gen = conn_gen;
         op.req = *h;
         if op.buf.len() < bytes {
+            if op.buf.len() > OP_LARGE_BYTES {
+                self.large_kept -= op.buf.len();
+            }
             op.buf = AlignedBuf::new(bytes.div_ceil(BLOCK_SIZE));
+            if op.buf.len() > OP_LARGE_BYTES {
+                self.large_kept += op.buf.len();
+            }
+        }
+        if bytes > OP_LARGE_BYTES {
+            self.large_inflight += bytes;
         }
         op.len = bytes;
         op.pending = 0;
@@ -1139,6 +1184,12 @@ impl ShardLoop {
         if let Err(e) = unsafe { self.engine.submit(&req) } {
             self.ops[id].pending = 0;
             self.ops[id].status = engine_status(&e);
+            if matches!(e, EngineError::Io { .. }) {
+                // The engine shard failed earlier (see engine_done).
+                self.shared
+                    .report_failure(format!("engine shard {}: {e}", self.id));
+                self.ops[id].status = Status::Unavailable;
+            }
             return self.finish_op(id);
         }
         if kind == OpKind::Primary {
@@ -1392,6 +1443,19 @@ impl ShardLoop {
             return;
         }
         let id = c.tag as usize;
+        if let Err(e @ EngineError::Io { .. }) = &c.result {
+            // The device failed (EIO, ENOSPC, a short transfer): this node
+            // cannot keep its copies; its partitions must move. A write is
+            // answered Unavailable, so the client waits for the new route
+            // instead of failing; a read goes to the next member anyway.
+            self.shared
+                .report_failure(format!("engine shard {}: {e}", self.id));
+            if matches!(self.ops[id].kind, OpKind::Mutate | OpKind::Primary)
+                && self.ops[id].status == Status::Ok
+            {
+                self.ops[id].status = Status::Unavailable;
+            }
+        }
         if c.newer_version > 0 && matches!(self.ops[id].kind, OpKind::Mutate | OpKind::Primary) {
             // Not applied (or not whole): the block holds a newer version.
             // Refused, never acknowledged: the writer retries with a newer one.
@@ -1462,6 +1526,13 @@ impl ShardLoop {
         }
         let op = &mut self.ops[id];
         op.busy = false;
+        if op.len > OP_LARGE_BYTES {
+            self.large_inflight -= op.len;
+        }
+        if op.buf.len() > OP_LARGE_BYTES && self.large_kept > OP_LARGE_BUDGET_BYTES {
+            self.large_kept -= op.buf.len();
+            op.buf = AlignedBuf::new(1);
+        }
         self.free_ops.push(id);
     }
 

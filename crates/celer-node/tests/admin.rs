@@ -35,6 +35,7 @@ fn start_node(disk: &Path, state: &Path) -> Node {
         route_file: None,
         forward_timeout: Duration::from_millis(500),
         busy_poll: Duration::ZERO,
+        insecure_no_auth: false,
     })
     .expect("node starts")
 }

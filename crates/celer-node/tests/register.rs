@@ -44,6 +44,7 @@ fn config(disk: PathBuf, state_dir: PathBuf, meta_url: &str) -> NodeConfig {
         route_file: None,
         forward_timeout: Duration::from_millis(500),
         busy_poll: Duration::ZERO,
+        insecure_no_auth: false,
     }
 }
 

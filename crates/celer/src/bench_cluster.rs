@@ -86,6 +86,12 @@ pub struct ClusterBenchArgs {
     /// (e.g. the in-guest benchmark); its failure fails the run.
     #[arg(long)]
     pub exec: Option<String>,
+    /// Rounds of the authentication-cost comparison: QD1 4 KiB writes and
+    /// reads on this cluster and on a second one whose nodes check no
+    /// credential (`--insecure-no-auth`, loopback only), taking turns
+    /// (0: skip it).
+    #[arg(long, default_value_t = 5)]
+    pub auth_rounds: u32,
 }
 
 /// One workload: `queues` client queues on as many threads, `qd` requests in
@@ -280,7 +286,8 @@ struct Cluster {
     admins: Vec<SocketAddr>,
 }
 
-fn start_cluster(args: &ClusterBenchArgs, dir: &Path) -> Result<Cluster> {
+fn start_cluster(args: &ClusterBenchArgs, dir: &Path, no_auth: bool) -> Result<Cluster> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     for entry in ["meta", "node0", "node1", "node2"] {
         let p = dir.join(entry);
         if p.exists() {
@@ -340,6 +347,7 @@ fn start_cluster(args: &ClusterBenchArgs, dir: &Path) -> Result<Cluster> {
             .args(["--admin-listen", &admin.to_string()])
             .args(["--meta", &meta_url])
             .args(["--domain", &format!("host{i}")])
+            .args(no_auth.then_some("--insecure-no-auth"))
             .env("CELER_TOKEN", &token)
             .env("CELER_LOG", "warn");
         procs.spawn(
@@ -852,6 +860,79 @@ fn run_celer(
     })
 }
 
+// ---------------------------------------------------------------- auth
+
+/// QD1 4 KiB latency with authentication on and off: two fresh clusters
+/// with the same history (filled, then the same rounds), one whose nodes
+/// check no credential (`--insecure-no-auth`), `auth_rounds` alternating
+/// rounds each (who goes first alternates too); medians, spread and the
+/// cost printed. What authentication adds per request is a few comparisons
+/// on the node (the capability's volume, mode, attachment and expiry); the
+/// challenge-response runs once per connection, before anything is timed.
+fn auth_cost(args: &ClusterBenchArgs, dir: &Path) -> Result<()> {
+    eprintln!("authentication cost: two fresh clusters, with and without authentication");
+    let mut sides = Vec::new();
+    for (name, no_auth) in [("auth-on", false), ("auth-off", true)] {
+        let cluster = start_cluster(args, &dir.join(name), no_auth)?;
+        let device =
+            crate::cluster_dev::open_volume(&cluster.meta_url, &cluster.token, VOLUME_NAME)?;
+        let mut queues: Vec<Box<dyn DeviceQueue>> = vec![device
+            .open_queue(0)
+            .map_err(|e| anyhow::anyhow!("open a client queue: {e}"))?];
+        fill_volume(queues[0].as_mut(), args.volume_size)?;
+        sides.push((cluster, device, queues));
+    }
+    let volume_blocks = args.volume_size / BLOCK_BYTES;
+    let runtime = Duration::from_secs(args.runtime as u64);
+    let mut figures: Vec<[Vec<f64>; 2]> = vec![[Vec::new(), Vec::new()], [Vec::new(), Vec::new()]];
+    for (k, w) in WORKLOADS
+        .iter()
+        .filter(|w| w.qd == 1 && w.queues == 1)
+        .enumerate()
+    {
+        for round in 0..args.auth_rounds as usize {
+            for side in [round % 2, 1 - round % 2] {
+                let (c, _, q) = &mut sides[side];
+                let m = run_celer(*w, q, volume_blocks, runtime, args.poll_us, c)?;
+                figures[k][side].push(m.fig.mean_us);
+            }
+        }
+    }
+    println!();
+    println!(
+        "authentication cost, QD1 4 KiB, mean latency per round ({} rounds of {} s each, alternating):",
+        args.auth_rounds,
+        runtime.as_secs()
+    );
+    for (k, w) in WORKLOADS
+        .iter()
+        .filter(|w| w.qd == 1 && w.queues == 1)
+        .enumerate()
+    {
+        let median = |v: &[f64]| {
+            let mut s = v.to_vec();
+            s.sort_by(f64::total_cmp);
+            s[s.len() / 2]
+        };
+        let spread = |v: &[f64]| {
+            let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = v.iter().copied().fold(0.0, f64::max);
+            format!("{lo:.1}-{hi:.1}")
+        };
+        let (on, off) = (&figures[k][0], &figures[k][1]);
+        let (mon, moff) = (median(on), median(off));
+        println!(
+            "  {:<14} auth on: median {mon:.1} µs (spread {} µs)   auth off: median {moff:.1} µs (spread {} µs)   cost {:+.1} %",
+            w.name(),
+            spread(on),
+            spread(off),
+            (mon - moff) / moff * 100.0
+        );
+    }
+    drop(sides);
+    Ok(())
+}
+
 // ---------------------------------------------------------------- floor
 
 struct Floor {
@@ -1316,7 +1397,7 @@ pub fn run(args: &ClusterBenchArgs) -> Result<()> {
     } else {
         None
     };
-    let cluster = start_cluster(args, &dir)?;
+    let cluster = start_cluster(args, &dir, false)?;
     let device = crate::cluster_dev::open_volume(&cluster.meta_url, &cluster.token, VOLUME_NAME)?;
     let mut queues: Vec<Box<dyn DeviceQueue>> = (0..2)
         .map(|i| device.open_queue(i))
@@ -1371,6 +1452,9 @@ pub fn run(args: &ClusterBenchArgs) -> Result<()> {
         peer.push(p);
     }
     print_report(&selected, &celer, &peer, &floor);
+    if args.auth_rounds > 0 {
+        auth_cost(args, &dir)?;
+    }
 
     drop(queues);
     drop(device);

@@ -284,6 +284,9 @@ fn print_nodes(nodes: &[NodeStatus]) {
             )
             .unwrap_or_else(|| "-".into()),
         );
+        if let Some(f) = &n.failure {
+            println!("      node {} cannot serve: {f}", n.id);
+        }
     }
 }
 
@@ -563,6 +566,17 @@ pub fn run_status(a: StatusArgs) -> Result<()> {
     }
     println!("volumes:    {}", s.volumes);
     println!("change log: {} entries", s.log_seq);
+    // Nodes that said why they cannot serve (a full or failed disk).
+    if let Ok(nodes) = c.nodes() {
+        for n in nodes.iter().filter(|n| n.failure.is_some()) {
+            println!(
+                "failed:     node {} ({}): {}",
+                n.id,
+                n.data_addr,
+                n.failure.as_deref().unwrap_or_default()
+            );
+        }
+    }
     Ok(())
 }
 

@@ -68,6 +68,11 @@ pub struct NodeServeArgs {
     /// Keep polling this many µs after activity before sleeping (0 on shared cores).
     #[arg(long, default_value_t = 0)]
     pub busy_poll_us: u64,
+    /// Serve the data port without checking credentials (any peer may read
+    /// and write any volume). Only for measuring what authentication costs
+    /// (`celer bench cluster`); refused unless --listen is a loopback address.
+    #[arg(long)]
+    pub insecure_no_auth: bool,
 }
 
 pub fn config(a: &NodeServeArgs) -> Result<celer_node::NodeConfig> {
@@ -146,6 +151,7 @@ pub fn config(a: &NodeServeArgs) -> Result<celer_node::NodeConfig> {
         route_file: a.route.clone(),
         forward_timeout: Duration::from_millis(a.forward_timeout_ms),
         busy_poll: Duration::from_micros(a.busy_poll_us),
+        insecure_no_auth: a.insecure_no_auth,
     })
 }
 

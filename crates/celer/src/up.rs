@@ -150,6 +150,7 @@ pub fn run(a: &UpArgs) -> Result<()> {
             route_file: None,
             forward_timeout: Duration::from_millis(500),
             busy_poll: Duration::ZERO,
+            insecure_no_auth: false,
         })
         .with_context(|| format!("start storage node {i}"))?;
         nodes.push(node);

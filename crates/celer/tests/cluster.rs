@@ -734,3 +734,138 @@ fn a_node_cut_off_during_its_backfill_copies_again() {
     let reports = stop_load(load);
     verify_with(c, &dev, volume, &reports, 128..192);
 }
+
+/// Node `i`'s directory on a small ext4 file system of its own (a loop
+/// device), unmounted when dropped.
+struct SmallFs {
+    mount: std::path::PathBuf,
+}
+
+impl SmallFs {
+    fn mount(dir: &std::path::Path, mount: &std::path::Path, bytes: u64) -> SmallFs {
+        let image = dir.join("small-fs.img");
+        let f = std::fs::File::create(&image).expect("fs image");
+        f.set_len(bytes).expect("size the fs image");
+        let run = |cmd: &mut std::process::Command| {
+            let out = cmd.output().expect("run a file system command");
+            assert!(
+                out.status.success(),
+                "{cmd:?}: {} (this test needs root: mkfs.ext4 and a loop mount)",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-m", "0"])
+            .arg(&image));
+        std::fs::create_dir_all(mount).expect("mount point");
+        run(std::process::Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&image)
+            .arg(mount));
+        SmallFs {
+            mount: mount.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.mount)
+            .status();
+    }
+}
+
+/// A node whose disk file lives on a file system that fills up under a
+/// verifying write load: its engine fails with ENOSPC, it says so in its
+/// heartbeats, the control service takes it out of its partitions as it
+/// does a dead node, writes move to the other nodes, no acknowledged write
+/// is lost, and the node list names the full node and why.
+#[test]
+fn a_node_whose_disk_fills_up_is_taken_out_and_no_write_is_lost() {
+    let mut c = Cluster::start(std::path::Path::new(BIN), ClusterOpts::default());
+    let (volume, dev) = volume_client(&c, "vol-full");
+    // Node 3's disk moves to a 48 MiB file system: the engine's sparse
+    // 320 MiB file fills it up once ~40 MiB of it is written.
+    let victim = node_status(c.nodes[3].admin)["node_id"]
+        .as_u64()
+        .expect("node id") as u32;
+    c.kill(3);
+    let node_dir = c.nodes[3].disk.parent().expect("node dir").to_path_buf();
+    let moved = c.dir.path().join("disk3-moved.img");
+    std::fs::rename(&c.nodes[3].disk, &moved).expect("move the disk out");
+    let fs = SmallFs::mount(c.dir.path(), &node_dir, 48 << 20);
+    let copied = std::process::Command::new("cp")
+        .arg("--sparse=always")
+        .arg(&moved)
+        .arg(&c.nodes[3].disk)
+        .status()
+        .expect("cp");
+    assert!(copied.success());
+    c.restart(3);
+    let load = start_load(&dev, 2, 8);
+    let meta = c.meta_client();
+    let t0 = Instant::now();
+    let failure = loop {
+        let nodes = meta.nodes().expect("nodes");
+        let n = nodes.iter().find(|n| n.id == victim).expect("victim");
+        if let (Some(f), false) = (&n.failure, n.up) {
+            break f.clone();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "node {victim} never reported its full disk: {n:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    println!(
+        "node {victim} taken out {:?} after the load started: {failure}",
+        t0.elapsed()
+    );
+    assert!(
+        failure.contains("No space") || failure.contains("os error 28"),
+        "{failure}"
+    );
+    // Writes go on on the other nodes.
+    std::thread::sleep(Duration::from_secs(3));
+    let reports = stop_load(load);
+    c.kill(3);
+    drop(fs);
+    // Healthy without it: every partition has its 3 members in sync on
+    // the other nodes.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let t = loop {
+        let t = meta.route().expect("route");
+        if t.partitions
+            .iter()
+            .all(|p| p.all_in_sync() && p.members.len() == 3 && p.member(victim).is_none())
+        {
+            break t;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not healthy without node {victim}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut problems = Vec::new();
+    let mut chunks = std::collections::BTreeSet::new();
+    for (q, r) in reports.iter().enumerate() {
+        println!(
+            "queue {q}: {} writes, {} reads, {} errors, longest request {:?}",
+            r.writes, r.reads, r.errors, r.max_latency
+        );
+        assert!(r.writes > 100, "the load ran");
+        problems.extend(r.mismatches.iter().cloned());
+        if r.errors > 0 {
+            problems.push(format!("queue {q}: {} requests failed", r.errors));
+        }
+        problems.extend(workload::verify_all(dev.as_ref(), 8 + q, &r.model));
+        chunks.extend(r.model.keys().map(|b| b * BLOCK as u64 / t.chunk_bytes));
+    }
+    for ch in &chunks {
+        problems.extend(support::replicas::compare_chunk(&t, volume, *ch));
+    }
+    assert!(problems.is_empty(), "{problems:#?}");
+}

@@ -43,6 +43,7 @@ pub fn start_node(dir: &Path, id: u32) -> Node {
         route_file: None,
         forward_timeout: Duration::from_millis(500),
         busy_poll: Duration::ZERO,
+        insecure_no_auth: false,
     })
     .expect("node starts")
 }
