@@ -76,6 +76,7 @@ pub enum MetaError {
 pub struct Token {
     pub name: String,
     pub secret: String,
+    pub role: TokenRole,
 }
 
 impl std::fmt::Debug for Token {
@@ -84,27 +85,88 @@ impl std::fmt::Debug for Token {
     }
 }
 
-/// Parses a token file: one token per line, either `SECRET` (named
-/// `operator`) or `NAME SECRET`; blank lines and `#` comments are skipped.
+/// What a token may do at the control service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenRole {
+    /// Everything.
+    Operator,
+    /// What a storage node needs: register, heartbeat, report synced
+    /// partitions, read the route. The first node token (or, without one,
+    /// the first token) is also what the nodes are given: the cluster data
+    /// key derives from it and route pushes carry it.
+    Node,
+    /// What a front end needs: read a volume and the route, attach, renew
+    /// its attachment's capability.
+    Attach,
+}
+
+impl TokenRole {
+    fn parse(s: &str) -> Option<TokenRole> {
+        match s {
+            "operator" => Some(TokenRole::Operator),
+            "node" => Some(TokenRole::Node),
+            "attach" => Some(TokenRole::Attach),
+            _ => None,
+        }
+    }
+
+    /// Whether this role may call `method path` (`path` as routed, e.g.
+    /// `/v1/volumes/{name}`).
+    pub fn allows(self, method: &Method, path: &str) -> bool {
+        let get = method == Method::GET;
+        let post = method == Method::POST;
+        match self {
+            TokenRole::Operator => true,
+            TokenRole::Node => matches!(
+                (post, get, path),
+                (true, _, "/v1/nodes/register")
+                    | (true, _, "/v1/nodes/{id}/heartbeat")
+                    | (true, _, "/v1/nodes/{id}/synced")
+                    | (_, true, "/v1/route")
+            ),
+            TokenRole::Attach => matches!(
+                (post, get, path),
+                (_, true, "/v1/volumes/{name}")
+                    | (_, true, "/v1/route")
+                    | (true, _, "/v1/volumes/{name}/attachments")
+                    | (true, _, "/v1/attachments/{id}/renew")
+            ),
+        }
+    }
+}
+
+/// Parses a token file: one token per line, `SECRET` (named `operator`),
+/// `NAME SECRET` (an operator) or `NAME SECRET ROLE` with ROLE one of
+/// `operator`, `node`, `attach`; blank lines and `#` comments are skipped.
 pub fn parse_tokens(text: &str) -> Result<Vec<Token>, MetaError> {
     let mut out = Vec::new();
     for line in text.lines().map(str::trim) {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let mut words = line.split_whitespace();
-        let (name, secret) = match (words.next(), words.next(), words.next()) {
-            (Some(s), None, _) => ("operator", s),
-            (Some(n), Some(s), None) => (n, s),
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let (name, secret, role) = match words[..] {
+            [s] => ("operator", s, TokenRole::Operator),
+            [n, s] => (n, s, TokenRole::Operator),
+            [n, s, r] => (
+                n,
+                s,
+                TokenRole::parse(r).ok_or_else(|| {
+                    MetaError::Config(format!(
+                        "token `{n}`: unknown role `{r}` (operator, node or attach)"
+                    ))
+                })?,
+            ),
             _ => {
                 return Err(MetaError::Config(
-                    "token file lines must be `SECRET` or `NAME SECRET`".into(),
+                    "token file lines must be `SECRET`, `NAME SECRET` or `NAME SECRET ROLE`".into(),
                 ))
             }
         };
         out.push(Token {
             name: name.to_string(),
             secret: secret.to_string(),
+            role,
         });
     }
     if out.is_empty() {
@@ -145,6 +207,7 @@ impl MetaConfig {
             tokens: vec![Token {
                 name: "operator".into(),
                 secret: token.to_string(),
+                role: TokenRole::Operator,
             }],
             cluster: ClusterConfig {
                 heartbeat_ms: crate::api::HEARTBEAT_MS_DEFAULT,
@@ -458,6 +521,21 @@ async fn auth(
             "the token is not valid for this cluster: check --token or CELER_TOKEN",
         ));
     };
+    let path = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("", |p| p.as_str());
+    if !token.role.allows(req.method(), path) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "token `{}` ({:?}) may not {} {path}: use an operator token",
+                token.name,
+                token.role,
+                req.method()
+            ),
+        ));
+    }
     req.extensions_mut().insert(Who(token.name.clone()));
     Ok(next.run(req).await)
 }
@@ -930,9 +1008,12 @@ async fn run_server(
                 (store as Arc<dyn MetaStore>, Role::Follower(None))
             }
         };
+        // What the nodes are given: the first node token, else the first.
         let push_token = cfg
             .tokens
-            .first()
+            .iter()
+            .find(|t| t.role == TokenRole::Node)
+            .or(cfg.tokens.first())
             .map(|t| t.secret.clone())
             .unwrap_or_default();
         let (routes, _) = watch::channel(None);

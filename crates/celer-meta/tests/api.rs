@@ -1130,3 +1130,61 @@ fn a_known_disk_without_an_id_gets_its_node_id_back() {
     assert_eq!(c.register(&req).expect("register again").node_id, id);
     assert_eq!(c.nodes().expect("nodes").len(), 1);
 }
+
+/// Roles: a node token registers and heartbeats but manages nothing; an
+/// attach token reads a volume, attaches and renews, nothing else; the
+/// operator does everything. A capability is signed with the key derived
+/// from the node token (the one the nodes hold), not the operator's.
+#[test]
+fn tokens_have_roles_and_capabilities_follow_the_node_token() {
+    use celer_meta::server::parse_tokens;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tokens =
+        parse_tokens("ops test-secret\nnodes node-secret node\nfront attach-secret attach\n")
+            .expect("token file");
+    let (server, operator) = start(dir.path(), |cfg| cfg.tokens = tokens);
+    let node = MetaClient::new(&server.url(), "node-secret");
+    let front = MetaClient::new(&server.url(), "attach-secret");
+    // A node token: register and heartbeat yes; volumes, nodes list, split no.
+    let fake = FakeNode::start();
+    let id = fake.register(&node, "host0");
+    node.heartbeat(id, 0).expect("heartbeat");
+    for (what, r) in [
+        (
+            "create a volume",
+            status_of(node.create_volume(&vol("a", 1 << 30))).0,
+        ),
+        ("list nodes", status_of(node.nodes()).0),
+        ("split", status_of(node.split()).0),
+        ("attach", status_of(node.attach("a", false)).0),
+    ] {
+        assert_eq!(r, 403, "a node token may not {what}");
+    }
+    operator
+        .create_volume(&vol("a", 1 << 30))
+        .expect("operator creates");
+    // An attach token: read the volume, attach, renew; nothing else.
+    let att = front.attach("a", false).expect("attach");
+    front.renew_attachment(att.attachment.id).expect("renew");
+    front.volume("a").expect("read the volume");
+    let (code, msg) = status_of(front.delete_volume("a"));
+    assert_eq!(code, 403, "{msg}");
+    assert!(msg.contains("front"), "the refusal names the token: {msg}");
+    assert_eq!(status_of(front.resize_volume("a", 2 << 30)).0, 403);
+    assert_eq!(status_of(front.detach(att.attachment.id)).0, 403);
+    assert_eq!(status_of(front.log(0)).0, 403);
+    // The capability verifies with the node token's data key only.
+    let cap = celer_proto::auth::Capability::from_hex(&att.capability).expect("capability");
+    let now = 0;
+    cap.verify(&celer_proto::auth::data_key_from_secret("node-secret"), now)
+        .expect("signed with the node token's key");
+    assert!(cap
+        .verify(&celer_proto::auth::data_key_from_secret("test-secret"), now)
+        .is_err());
+    // Unknown roles are a configuration error that names them.
+    let e = parse_tokens("x secret admin\n").expect_err("unknown role");
+    assert!(e.to_string().contains("admin"), "{e}");
+    operator
+        .detach(att.attachment.id)
+        .expect("the operator detaches");
+}

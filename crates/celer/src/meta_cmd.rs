@@ -350,6 +350,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         (Some(t), _) => vec![celer_meta::server::Token {
             name: "operator".into(),
             secret: t,
+            role: celer_meta::server::TokenRole::Operator,
         }],
         (None, Some(f)) => {
             let text = std::fs::read_to_string(&f)
@@ -361,6 +362,7 @@ fn serve(a: ServeArgs) -> Result<()> {
             Ok(t) => vec![celer_meta::server::Token {
                 name: "operator".into(),
                 secret: t,
+                role: celer_meta::server::TokenRole::Operator,
             }],
             Err(_) => bail!("a token is required: --token-file FILE, --token or CELER_TOKEN"),
         },
