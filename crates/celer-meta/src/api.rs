@@ -114,6 +114,10 @@ pub struct Heartbeat {
     /// and its partitions move.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
+    /// A condition the operator should act on before it fails writes (the
+    /// host file system under a disk file is short of room).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -173,6 +177,9 @@ pub struct NodeStatus {
     /// The failure the node reported (see [`Heartbeat::failure`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
+    /// The warning of its last heartbeat (see [`Heartbeat::warning`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -126,6 +126,8 @@ struct Liveness {
     backfill: Backfill,
     /// The failure the node's last heartbeat reported.
     failure: Option<String>,
+    /// The warning the node's last heartbeat reported.
+    warning: Option<String>,
 }
 
 /// A node's backfill figures as its last heartbeat reported them.
@@ -144,6 +146,7 @@ impl Liveness {
             epoch_acked: 0,
             backfill: Backfill::default(),
             failure: None,
+            warning: None,
         }
     }
     fn expired(&self, now: Instant, lease: Duration) -> bool {
@@ -681,6 +684,7 @@ impl Cluster {
                 epoch_acked: 0,
                 backfill: Backfill::default(),
                 failure: None,
+                warning: None,
             },
         );
         Ok((
@@ -754,6 +758,12 @@ impl Cluster {
         let l = self.live.entry(id).or_insert_with(|| Liveness::fresh(now));
         l.last_heartbeat = Some(now);
         l.failure = None;
+        if l.warning != beat.warning {
+            if let Some(w) = &beat.warning {
+                tracing::warn!(node = id, "node warns: {w}");
+            }
+            l.warning = beat.warning.clone();
+        }
         l.epoch_acked = epoch;
         // Kept as reported (a node counting more done than total has a
         // bug worth seeing in the figures), with a line in the log.
@@ -1125,6 +1135,7 @@ impl Cluster {
                     backfill_bytes_total: l.map_or(0, |l| l.backfill.bytes_total),
                     backfill_partitions_unlisted: l.map_or(0, |l| l.backfill.partitions_unlisted),
                     failure: l.and_then(|l| l.failure.clone()),
+                    warning: l.and_then(|l| l.warning.clone()),
                 }
             })
             .collect()

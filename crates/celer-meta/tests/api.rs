@@ -868,6 +868,7 @@ fn backfill_figures_are_summed_over_up_nodes_and_not_logged() {
         backfill_bytes_total: total,
         backfill_partitions_unlisted: unlisted,
         failure: None,
+        warning: None,
     };
     let period = Duration::from_millis(50);
     let a = Heartbeater::with_figures(server.url(), ids[0], period, figures(10 << 20, 30 << 20, 2));
@@ -1187,4 +1188,72 @@ fn tokens_have_roles_and_capabilities_follow_the_node_token() {
     operator
         .detach(att.attachment.id)
         .expect("the operator detaches");
+}
+
+/// A node that reports a failure is treated as a dead one (marked down
+/// within the lease, its partitions move) and the node list says why; a
+/// warning is shown as long as heartbeats carry it.
+#[test]
+fn a_node_that_reports_a_failure_is_taken_out_and_warnings_show() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_server, c) = start(dir.path(), |cfg| {
+        cfg.cluster.heartbeat_ms = 50;
+        cfg.cluster.lease_ms = 400;
+    });
+    let (_nodes, ids) = register_nodes(&c, 4);
+    let beat = |id: NodeId, failure: Option<&str>, warning: Option<&str>| {
+        c.heartbeat_with(
+            id,
+            &Heartbeat {
+                epoch: 0,
+                failure: failure.map(str::to_string),
+                warning: warning.map(str::to_string),
+                ..Heartbeat::default()
+            },
+        )
+        .expect("heartbeat")
+    };
+    let t0 = Instant::now();
+    let sick = ids[3];
+    wait_for(Duration::from_secs(10), "node taken out", || {
+        for &id in &ids[..3] {
+            beat(
+                id,
+                None,
+                (id == ids[0]).then_some("file system short of room"),
+            );
+        }
+        beat(sick, Some("engine shard 0: No space left on device"), None);
+        let nodes = c.nodes().expect("nodes");
+        let n = nodes.iter().find(|n| n.id == sick).expect("sick node");
+        let t = c.route().ok()?;
+        let out = !n.up
+            && t.partitions
+                .iter()
+                .all(|p| p.member(sick).is_none_or(|m| !m.in_sync));
+        out.then_some(())
+    });
+    println!(
+        "taken out {:?} after its first failure report",
+        t0.elapsed()
+    );
+    let nodes = c.nodes().expect("nodes");
+    let n = nodes.iter().find(|n| n.id == sick).expect("sick node");
+    assert_eq!(
+        n.failure.as_deref(),
+        Some("engine shard 0: No space left on device")
+    );
+    let w = nodes.iter().find(|n| n.id == ids[0]).expect("warned node");
+    assert_eq!(w.warning.as_deref(), Some("file system short of room"));
+    assert!(w.up, "a warning does not take a node out");
+    // The warning goes when heartbeats stop carrying it.
+    beat(ids[0], None, None);
+    let nodes = c.nodes().expect("nodes");
+    assert_eq!(
+        nodes
+            .iter()
+            .find(|n| n.id == ids[0])
+            .and_then(|n| n.warning.clone()),
+        None
+    );
 }

@@ -83,6 +83,8 @@ pub(crate) fn run(
     let mut pending: Option<AgentMsg> = None;
     // Heartbeats failed in a row (an outage of the control service).
     let mut beat_failures = 0u64;
+    // Whether the disk file's file system is short of room (logged on change).
+    let mut space_warned = false;
     // After a failed heartbeat the next one comes after this backoff, 50
     // ms doubling up to the heartbeat period: a single 5xx costs ~50 ms,
     // not a period. Capped at the period, not at 2 s: after an outage (a
@@ -146,7 +148,15 @@ pub(crate) fn run(
                 backfill_bytes_total: p.bytes_total,
                 backfill_partitions_unlisted: p.partitions_unlisted,
                 failure: shared.failure(),
+                warning: crate::space::warning(&shared.disk),
             };
+            if beat.warning.is_some() != space_warned {
+                space_warned = beat.warning.is_some();
+                match &beat.warning {
+                    Some(w) => tracing::warn!("{w}"),
+                    None => tracing::info!("the disk file's file system has room again"),
+                }
+            }
             let result = client.heartbeat_with(id, &beat);
             next_beat = match &result {
                 Ok(_) => {

@@ -22,6 +22,7 @@ mod handshake;
 mod identity;
 mod metrics;
 mod shard;
+mod space;
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -311,6 +312,8 @@ pub(crate) struct NodeShared {
     pub(crate) shards: u16,
     /// The engine disk's identity, sent when registering.
     pub(crate) disk_uuid: u64,
+    /// The engine disk (its file system's room is checked).
+    pub(crate) disk: PathBuf,
     pub(crate) hub: RouteHub,
     pub(crate) agent: Mutex<Option<Sender<AgentMsg>>>,
     pub(crate) metrics: NodeMetrics,
@@ -485,6 +488,7 @@ impl Node {
             data_key: celer_proto::auth::data_key_from_secret(&cfg.token),
             insecure_no_auth: cfg.insecure_no_auth,
             failure: Mutex::new(None),
+            disk: cfg.disk.clone(),
             conns_open: std::sync::atomic::AtomicUsize::new(0),
             limits: handshake::ConnLimits::default(),
             stopping: AtomicBool::new(false),

@@ -287,6 +287,9 @@ fn print_nodes(nodes: &[NodeStatus]) {
         if let Some(f) = &n.failure {
             println!("      node {} cannot serve: {f}", n.id);
         }
+        if let Some(w) = &n.warning {
+            println!("      node {} warns: {w}", n.id);
+        }
     }
 }
 
@@ -576,6 +579,14 @@ pub fn run_status(a: StatusArgs) -> Result<()> {
                 n.id,
                 n.data_addr,
                 n.failure.as_deref().unwrap_or_default()
+            );
+        }
+        for n in nodes.iter().filter(|n| n.warning.is_some()) {
+            println!(
+                "warning:    node {} ({}): {}",
+                n.id,
+                n.data_addr,
+                n.warning.as_deref().unwrap_or_default()
             );
         }
     }

@@ -807,9 +807,15 @@ fn a_node_whose_disk_fills_up_is_taken_out_and_no_write_is_lost() {
     let load = start_load(&dev, 2, 8);
     let meta = c.meta_client();
     let t0 = Instant::now();
+    // The node warns that its file system is short of room before any
+    // write fails.
+    let mut warned = None;
     let failure = loop {
         let nodes = meta.nodes().expect("nodes");
         let n = nodes.iter().find(|n| n.id == victim).expect("victim");
+        if warned.is_none() && n.failure.is_none() {
+            warned = n.warning.clone();
+        }
         if let (Some(f), false) = (&n.failure, n.up) {
             break f.clone();
         }
@@ -827,6 +833,9 @@ fn a_node_whose_disk_fills_up_is_taken_out_and_no_write_is_lost() {
         failure.contains("No space") || failure.contains("os error 28"),
         "{failure}"
     );
+    let warned = warned.expect("a warning before the failure");
+    println!("warned before: {warned}");
+    assert!(warned.contains("ENOSPC"), "{warned}");
     // Writes go on on the other nodes.
     std::thread::sleep(Duration::from_secs(3));
     let reports = stop_load(load);
