@@ -1467,13 +1467,17 @@ impl Shard {
     }
 
     fn journal_done(&mut self, b: usize, res: i32) {
-        if res != BLOCK_SIZE as i32 {
+        // The reason, for the shard and for every op waiting on the block.
+        let why = (res != BLOCK_SIZE as i32).then(|| {
             let why = if res < 0 {
                 errno_text(-res)
             } else {
                 format!("short journal write {res}")
             };
-            self.fail(format!("journal write: {why}"));
+            format!("journal write: {why}")
+        });
+        if let Some(why) = &why {
+            self.fail(why.clone());
         }
         if self.jbufs[b].dsync {
             self.jbufs[b].state = JbState::Written;
@@ -1489,7 +1493,7 @@ impl Shard {
                 op.error = Some(EngineError::Io {
                     volume: op.volume,
                     offset_bytes: op.chunk * self.g.chunk_bytes(),
-                    errno_text: "journal write failed".into(),
+                    errno_text: why.clone().unwrap_or_default(),
                 });
             }
             op.pending -= 1;
@@ -1607,10 +1611,14 @@ impl Shard {
             return self.free_done(id, local);
         }
         let failed = self.ops[id as usize].error.is_some();
-        if failed {
+        if let Some(e) = &self.ops[id as usize].error {
             // Disk writes that fail leave the shard unable to promise
-            // durability: stop taking writes (see fail()).
-            self.fail("data or journal write failed".into());
+            // durability: stop taking writes (see fail()), with the reason.
+            let why = match e {
+                EngineError::Io { errno_text, .. } => format!("a write failed: {errno_text}"),
+                e => format!("a write failed: {e}"),
+            };
+            self.fail(why);
         }
         let room_to_free = self.journal_room(1) && self.sqe_room(2);
         let op = &mut self.ops[id as usize];
