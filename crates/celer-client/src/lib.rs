@@ -81,7 +81,7 @@
 //!   every member with a new version; if that version is more than the
 //!   drift bound ahead of this client's clock, the request fails instead.
 //! - `Expired` (the capability ran out before a renewal reached that
-//!   node): the same frame again after 1 ms, until `op_deadline`.
+//!   node): the same frame again after 50 ms, until `op_deadline`.
 //! - Other statuses (`NoSpace`, `ReadOnly`, `Invalid`, `OutOfRange`, `Io`
 //!   on a write, `Unauthorized`, `VersionAhead`) fail the request at once.
 //!

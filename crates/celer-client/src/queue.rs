@@ -47,6 +47,10 @@ const SEGMENTS_PREALLOC: usize = 8;
 const SEGMENTS_MAX: usize = 1024;
 /// Pause before re-sending after `RouteBehind` or `Busy`.
 const BACKOFF: Duration = Duration::from_millis(1);
+/// Pause before re-sending after `Expired`: a renewed capability is on its
+/// way (or the control service is down and it will not come soon); no
+/// point asking every millisecond.
+const EXPIRED_BACKOFF: Duration = Duration::from_millis(50);
 /// How often a queue with parts waiting for a route change asks for tables.
 const ROUTE_PROBE_INTERVAL: Duration = Duration::from_millis(50);
 /// Nodes asked per probe round.
@@ -901,7 +905,12 @@ impl Core {
                 }
             }
             Status::RouteBehind | Status::Busy | Status::Expired => {
-                let at = self.now + BACKOFF;
+                let pause = if h.status == Status::Expired {
+                    EXPIRED_BACKOFF
+                } else {
+                    BACKOFF
+                };
+                let at = self.now + pause;
                 let leg = &mut self.parts[p as usize].legs[i];
                 leg.state = LegState::Backoff;
                 leg.at = at;

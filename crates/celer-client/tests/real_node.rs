@@ -255,3 +255,36 @@ fn capabilities_are_renewed_without_an_io_pause() {
         n.stop().unwrap();
     }
 }
+
+/// A capability that expires before its renewal arrives: requests wait
+/// (`Expired`, retried) instead of failing, and go on once it comes.
+#[test]
+fn a_late_renewal_pauses_io_without_an_error() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let (nodes, _) = three_nodes(dir.path());
+    let client = std::sync::Arc::new(attached(&nodes, 31, 0, Duration::from_millis(800)));
+    let mut q = client.open_queue(0).unwrap();
+    write(&mut q, 0, &mut pattern(1, 4096)).expect("before expiry");
+    std::thread::sleep(Duration::from_millis(1000));
+    // Expired now; the renewal comes 500 ms later.
+    let renewer = {
+        let client = client.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(500));
+            let cred = celer_client::mint_credential("t", 1, 31, false, Duration::from_secs(60));
+            client.renew(cred).expect("renew");
+        })
+    };
+    let t = Instant::now();
+    write(&mut q, 4096, &mut pattern(2, 4096)).expect("waits for the renewal");
+    let waited = t.elapsed();
+    renewer.join().unwrap();
+    println!("a write on an expired capability completed {waited:?} later, after the renewal");
+    assert!(waited >= Duration::from_millis(400), "{waited:?}");
+    assert_eq!(read(&mut q, 4096, 4096).unwrap(), pattern(2, 4096));
+    drop(q);
+    for n in nodes {
+        n.stop().unwrap();
+    }
+}
