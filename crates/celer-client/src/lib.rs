@@ -479,16 +479,25 @@ fn resolve(addr: &str) -> Result<SocketAddr, ClientError> {
         .ok_or_else(|| err("no address".to_string()))
 }
 
-/// Reads one whole frame (blocking, with the stream's timeouts).
-fn read_frame(s: &mut TcpStream, seed: &str) -> Result<(Header, Vec<u8>), ClientError> {
-    let io = |source| ClientError::Io {
+/// `ClientError::Io` of talking to `seed`.
+fn io_error(seed: &str) -> impl Fn(std::io::Error) -> ClientError + Copy + '_ {
+    move |source| ClientError::Io {
         addr: seed.to_string(),
         source,
-    };
-    let protocol = |reason: String| ClientError::Protocol {
+    }
+}
+
+/// `ClientError::Protocol` of `seed`'s answers.
+fn protocol_error(seed: &str) -> impl Fn(String) -> ClientError + Copy + '_ {
+    move |reason| ClientError::Protocol {
         addr: seed.to_string(),
         reason,
-    };
+    }
+}
+
+/// Reads one whole frame (blocking, with the stream's timeouts).
+fn read_frame(s: &mut TcpStream, seed: &str) -> Result<(Header, Vec<u8>), ClientError> {
+    let (io, protocol) = (io_error(seed), protocol_error(seed));
     let mut hb = [0u8; HEADER_BYTES];
     s.read_exact(&mut hb).map_err(io)?;
     let h = decode_header(&hb)
@@ -507,14 +516,7 @@ fn fetch_route(
     timeout: Duration,
 ) -> Result<RouteTable, ClientError> {
     let addr = resolve(seed)?;
-    let io = |source| ClientError::Io {
-        addr: seed.to_string(),
-        source,
-    };
-    let protocol = |reason: String| ClientError::Protocol {
-        addr: seed.to_string(),
-        reason,
-    };
+    let (io, protocol) = (io_error(seed), protocol_error(seed));
     let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(io)?;
     s.set_read_timeout(Some(timeout)).map_err(io)?;
     s.set_write_timeout(Some(timeout)).map_err(io)?;

@@ -2,18 +2,19 @@
 //! 4 KiB write, a forwarded 64 KiB primary write and a 4 KiB read allocates
 //! nothing on the node's shard threads.
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
-use celer_engine::{Engine, FormatOptions};
-use celer_node::{Node, NodeConfig};
+use celer_node::Node;
 use celer_proto::auth::{Capability, Credential, HelloProof};
 use celer_proto::{Header, Op, Status, HEADER_BYTES};
-use celer_route::{NodeInfo, RouteTable};
+use celer_route::RouteTable;
+use common::{info, start_node};
 
 static SHARD_ALLOCS: AtomicU64 = AtomicU64::new(0);
 
@@ -74,36 +75,6 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-fn start_node(dir: &std::path::Path, id: u32) -> Node {
-    let disk = dir.join(format!("n{id}.img"));
-    Engine::format(
-        &disk,
-        &FormatOptions {
-            shard_count: 2,
-            journal_blocks: 1024,
-            create_size_bytes: Some(96 << 20),
-            ..Default::default()
-        },
-    )
-    .expect("format");
-    Node::start(NodeConfig {
-        disk,
-        state_dir: dir.join(format!("s{id}")),
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        advertise: None,
-        admin_listen: "127.0.0.1:0".parse().expect("addr"),
-        meta_url: None,
-        token: "t".into(),
-        node_id: Some(id),
-        domain: format!("h{id}"),
-        route_file: None,
-        forward_timeout: Duration::from_millis(500),
-        busy_poll: Duration::ZERO,
-        insecure_no_auth: false,
-    })
-    .expect("node")
-}
-
 /// Sends one frame and reads the answer into `resp` without allocating.
 fn call(s: &mut TcpStream, h: Header, payload: &[u8], resp: &mut [u8]) -> Status {
     let h = h.with_payload([payload]);
@@ -123,17 +94,7 @@ fn call(s: &mut TcpStream, h: Header, payload: &[u8], resp: &mut [u8]) -> Status
 fn serving_requests_allocates_nothing_on_shard_threads() {
     let dir = tempfile::tempdir().expect("tempdir");
     let nodes: Vec<Node> = (1..=3).map(|i| start_node(dir.path(), i)).collect();
-    let infos = nodes
-        .iter()
-        .map(|n| NodeInfo {
-            id: n.id(),
-            data_addr: n.data_addr().to_string(),
-            admin_addr: n.admin_addr().to_string(),
-            shards: 2,
-            domain: format!("h{}", n.id()),
-            up: true,
-        })
-        .collect();
+    let infos = nodes.iter().map(|n| info(n, true)).collect();
     let t = RouteTable::initial(infos, 4, 3, 1 << 20).expect("table");
     for n in &nodes {
         n.install_route(t.clone());
@@ -142,7 +103,7 @@ fn serving_requests_allocates_nothing_on_shard_threads() {
     let p = t.partition_of(1, 0);
     let shard = (p % 2) as u64;
     const ATTACHMENT: u32 = 0x1_0007;
-    let key = celer_proto::auth::data_key_from_secret("t");
+    let key = celer_proto::auth::data_key_from_secret(common::TOKEN);
     let cap = Capability::mint(&key, 1, ATTACHMENT, 0, false, u64::MAX);
     let cred = Credential::Attachment {
         capability: cap,

@@ -74,6 +74,37 @@ fn stop_load(l: Load) -> Vec<Report> {
         .collect()
 }
 
+/// The problems in the workload's reports: mismatches, failed requests,
+/// acknowledged writes that do not read back, and chunks whose replicas
+/// differ in table `t` (the chunks the workload wrote are added to
+/// `chunks`, and every one of them is compared).
+fn check_reports(
+    dev: &Arc<dyn BlockDevice>,
+    volume: u64,
+    t: &celer_route::RouteTable,
+    reports: &[Report],
+    chunks: &mut std::collections::BTreeSet<u64>,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (q, r) in reports.iter().enumerate() {
+        println!(
+            "queue {q}: {} writes, {} reads, {} errors, longest request {:?}",
+            r.writes, r.reads, r.errors, r.max_latency
+        );
+        problems.extend(r.mismatches.iter().cloned());
+        if r.errors > 0 {
+            problems.push(format!("queue {q}: {} requests failed", r.errors));
+        }
+        problems.extend(workload::verify_all(dev.as_ref(), 8 + q, &r.model));
+        chunks.extend(r.model.keys().map(|b| b * BLOCK as u64 / t.chunk_bytes));
+    }
+    for ch in chunks.iter() {
+        problems.extend(support::replicas::compare_chunk(t, volume, *ch));
+    }
+    println!("compared {} chunks across their replicas", chunks.len());
+    problems
+}
+
 /// Every acknowledged write reads back; the replicas agree.
 fn verify(c: Cluster, dev: &Arc<dyn BlockDevice>, volume: u64, reports: &[Report]) {
     verify_with(c, dev, volume, reports, 0..0);
@@ -89,24 +120,8 @@ fn verify_with(
     written: impl IntoIterator<Item = u64>,
 ) {
     let t = c.wait_healthy(Duration::from_secs(120));
-    let mut problems = Vec::new();
     let mut chunks: std::collections::BTreeSet<u64> = written.into_iter().collect();
-    for (q, r) in reports.iter().enumerate() {
-        println!(
-            "queue {q}: {} writes, {} reads, {} errors, longest request {:?}",
-            r.writes, r.reads, r.errors, r.max_latency
-        );
-        problems.extend(r.mismatches.iter().cloned());
-        if r.errors > 0 {
-            problems.push(format!("queue {q}: {} requests failed", r.errors));
-        }
-        problems.extend(workload::verify_all(dev.as_ref(), 8 + q, &r.model));
-        chunks.extend(r.model.keys().map(|b| b * BLOCK as u64 / t.chunk_bytes));
-    }
-    for ch in &chunks {
-        problems.extend(support::replicas::compare_chunk(&t, volume, *ch));
-    }
-    println!("compared {} chunks across their replicas", chunks.len());
+    let mut problems = check_reports(dev, volume, &t, reports, &mut chunks);
     // Space: every chunk written (the workload only writes; one volume) has
     // one copy per member of its partition, and no node keeps a copy of a
     // partition it left (they release them once it is healthy without them).
@@ -858,23 +873,9 @@ fn a_node_whose_disk_fills_up_is_taken_out_and_no_write_is_lost() {
         );
         std::thread::sleep(Duration::from_millis(100));
     };
-    let mut problems = Vec::new();
-    let mut chunks = std::collections::BTreeSet::new();
-    for (q, r) in reports.iter().enumerate() {
-        println!(
-            "queue {q}: {} writes, {} reads, {} errors, longest request {:?}",
-            r.writes, r.reads, r.errors, r.max_latency
-        );
+    for r in &reports {
         assert!(r.writes > 100, "the load ran");
-        problems.extend(r.mismatches.iter().cloned());
-        if r.errors > 0 {
-            problems.push(format!("queue {q}: {} requests failed", r.errors));
-        }
-        problems.extend(workload::verify_all(dev.as_ref(), 8 + q, &r.model));
-        chunks.extend(r.model.keys().map(|b| b * BLOCK as u64 / t.chunk_bytes));
     }
-    for ch in &chunks {
-        problems.extend(support::replicas::compare_chunk(&t, volume, *ch));
-    }
+    let problems = check_reports(&dev, volume, &t, &reports, &mut Default::default());
     assert!(problems.is_empty(), "{problems:#?}");
 }
