@@ -238,6 +238,7 @@ pub fn run(a: &UpArgs) -> Result<()> {
             read_only: false,
             connections: None,
             limits: Default::default(),
+            tls: Default::default(),
         };
         std::thread::Builder::new()
             .name("celer-up-nbd".into())
