@@ -20,8 +20,8 @@ use celer_device::{BlockDevice, DeviceQueue, IoCompletion, IoError, IoOp, IoRequ
 
 use crate::admission::Ticket;
 use crate::handshake::{negotiate, Outcome, Phase, OPTIONS_MAX};
-use crate::tls::TlsServer;
 use crate::proto::*;
+use crate::tls::TlsServer;
 use crate::{ConnLimits, Export};
 
 /// Requests one connection keeps in flight.
@@ -270,9 +270,7 @@ fn serve<S: Stream>(
             Conn::new(s, queue, cx.export, cx.limits.idle_timeout).transmit()
         }
         Outcome::Aborted => Ok(()),
-        Outcome::StartTls => Err(ConnError::Protocol(
-            "STARTTLS over TLS (internal)".into(),
-        )),
+        Outcome::StartTls => Err(ConnError::Protocol("STARTTLS over TLS (internal)".into())),
     }
 }
 

@@ -89,7 +89,10 @@ pub(crate) fn negotiate<S: Read + Write>(
             reply(s, opt, REP_ERR_TLS_REQD, msg.as_bytes())?;
             if !warned {
                 warned = true;
-                tracing::warn!(opt, "refusing NBD option {opt} before STARTTLS: this server requires TLS");
+                tracing::warn!(
+                    opt,
+                    "refusing NBD option {opt} before STARTTLS: this server requires TLS"
+                );
             }
             continue;
         }

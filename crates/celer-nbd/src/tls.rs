@@ -109,7 +109,8 @@ impl TlsServer {
                     reason: e.to_string(),
                 })?;
             }
-            let mut verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+            let mut verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
             let crl_path = dir.join("ca-crl.pem");
             if crl_path.exists() {
                 let crls: Vec<CertificateRevocationListDer<'static>> =

@@ -215,7 +215,10 @@ mod tests {
             der(0x30, subject),
         ]
         .concat();
-        der(0x30, &[der(0x30, &tbs), der(0x30, &[]), der(0x03, &[0])].concat())
+        der(
+            0x30,
+            &[der(0x30, &tbs), der(0x30, &[]), der(0x03, &[0])].concat(),
+        )
     }
 
     #[test]

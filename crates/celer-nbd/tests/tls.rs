@@ -75,11 +75,41 @@ impl Log {
     }
 }
 
+/// Runs a tool to its end, killed after 60 s (a server that stalls a
+/// client must fail the test, not hang it).
 fn run(name: &str, args: &[&str]) -> Output {
-    Command::new(name)
+    let out = tempfile::tempfile().expect("stdout file");
+    let err = tempfile::tempfile().expect("stderr file");
+    let mut child = Command::new(name)
         .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {name} (install qemu-utils and openssl): {e}"))
+        .stdout(out.try_clone().expect("clone"))
+        .stderr(err.try_clone().expect("clone"))
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {name} (install qemu-utils and openssl): {e}"));
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{name} {args:?} did not finish within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let read = |mut f: std::fs::File| {
+        use std::io::Seek;
+        let mut v = Vec::new();
+        f.seek(std::io::SeekFrom::Start(0)).expect("seek");
+        f.read_to_end(&mut v).expect("read output");
+        v
+    };
+    Output {
+        status,
+        stdout: read(out),
+        stderr: read(err),
+    }
 }
 
 fn text(o: &Output) -> String {
@@ -199,7 +229,13 @@ fn make_pki(root: &Path) -> Pki {
     let ca = make_ca(&root.join("ca"), "Celer test CA");
     let other = make_ca(&root.join("other-ca"), "Celer test CA");
     let server = root.join("server");
-    issue(&ca, &server, "server", "/CN=localhost/O=Celer test", SERVER_EXT);
+    issue(
+        &ca,
+        &server,
+        "server",
+        "/CN=localhost/O=Celer test",
+        SERVER_EXT,
+    );
     let client_dir = |name: &str, signer: &Ca, subject: Option<&str>| {
         let d = root.join(name);
         std::fs::create_dir_all(&d).expect("client dir");
@@ -211,7 +247,11 @@ fn make_pki(root: &Path) -> Pki {
         d
     };
     std::fs::copy(&ca.cert, server.join("ca-cert.pem")).expect("ca copy");
-    let other_ca = client_dir("other-ca-client", &other, Some("/O=Celer test/CN=vm-host-1"));
+    let other_ca = client_dir(
+        "other-ca-client",
+        &other,
+        Some("/O=Celer test/CN=vm-host-1"),
+    );
     // qemu checks its own certificate against its CA file before it
     // connects: this client trusts both CAs, the server only its own.
     let both = [
@@ -488,7 +528,10 @@ fn clients_without_the_right_certificate_are_refused_and_change_nothing() {
     }
     // A plain client: qemu's own message says TLS is required.
     let plain = format!("nbd://127.0.0.1:{}/{EXPORT}", server.addr.port());
-    let o = run("qemu-io", &["-f", "raw", "-c", "write -P 0x66 0 1M", &plain]);
+    let o = run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x66 0 1M", &plain],
+    );
     assert!(
         !o.status.success() && text(&o).contains("TLS"),
         "a plain client must be refused:\n{}",
@@ -551,7 +594,11 @@ fn start_tls(s: &mut TcpStream) {
     s.write_all(&opt).expect("STARTTLS");
     let mut r = [0u8; 20];
     s.read_exact(&mut r).expect("STARTTLS reply");
-    assert_eq!(u32::from_be_bytes(r[12..16].try_into().expect("4")), 1, "ACK");
+    assert_eq!(
+        u32::from_be_bytes(r[12..16].try_into().expect("4")),
+        1,
+        "ACK"
+    );
 }
 
 /// Reads until the server closes the socket; seconds since `t0`.

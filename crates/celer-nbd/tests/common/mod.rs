@@ -394,4 +394,3 @@ pub fn connect_from(from: std::net::Ipv4Addr, to: std::net::SocketAddr) -> std::
         stream
     }
 }
-
