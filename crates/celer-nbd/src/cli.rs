@@ -55,7 +55,7 @@ pub struct ServeArgs {
 pub struct TlsArgs {
     /// Serve NBD over TLS with the X.509 credentials in this directory, in
     /// qemu's tls-creds-x509 layout: ca-cert.pem, server-cert.pem,
-    /// server-key.pem (and ca-crl.pem if present). TCP clients must start
+    /// server-key.pem (and ca-crl.pem if present). Clients must start
     /// TLS (NBD_OPT_STARTTLS) and present a certificate signed by the CA.
     #[arg(long, value_name = "DIR")]
     pub tls_creds: Option<PathBuf>,

@@ -173,7 +173,7 @@ pub enum Error {
     Accept(std::io::Error),
     #[error("cannot start a connection thread: {0}")]
     Spawn(std::io::Error),
-    #[error("TLS credentials: {0}")]
+    #[error(transparent)]
     Tls(#[from] TlsError),
 }
 
@@ -433,6 +433,11 @@ impl Server {
             })
             .map_err(Error::Spawn)
     }
+}
+
+/// Loads TLS credentials as a server would, to report a mistake early.
+pub fn check_tls(config: &TlsConfig) -> Result<(), TlsError> {
+    tls::TlsServer::load(config).map(drop)
 }
 
 /// Serves `device` as configured; blocks (see [`Server::run`]).

@@ -722,3 +722,102 @@ fn hostile_bytes_before_and_inside_tls_do_not_stall_others() {
     );
     println!("honest client under attack: write+read in {honest_s:.3} s");
 }
+
+/// The flags of `celer nbd serve`: --tls-creds with --tls-allowed-clients
+/// and --tls-allow-plain-unix, and --tls-no-verify-peer (encryption only).
+#[test]
+fn serve_flags_turn_tls_and_its_options_on() {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: celer_nbd::cli::ServeArgs,
+    }
+    let _log = Log::install();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = make_pki(&dir.path().join("pki"));
+    let disk = dir.path().join("disk.raw");
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(8 << 20))
+        .expect("disk");
+    let serve = |name: &str, extra: &[&str]| -> (SocketAddr, PathBuf) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let sock = dir.path().join(format!("{name}.sock"));
+        let device = format!("file:{}", disk.display());
+        let listen = addr.to_string();
+        let mut argv = vec![
+            "serve",
+            "--device",
+            &device,
+            "--listen",
+            &listen,
+            "--socket",
+            sock.to_str().expect("utf-8"),
+            "--tls-creds",
+            pki.server.to_str().expect("utf-8"),
+        ];
+        argv.extend_from_slice(extra);
+        let cli = Cli::try_parse_from(argv).expect("flags parse");
+        std::thread::spawn(move || celer_nbd::cli::run_serve(&cli.serve).expect("serve"));
+        let t0 = Instant::now();
+        while !sock.exists() {
+            assert!(t0.elapsed() < Duration::from_secs(10), "server not up");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        (addr, sock)
+    };
+    let list = pki.allow_list.to_str().expect("utf-8").to_string();
+    let (addr, sock) = serve(
+        "listed",
+        &["--tls-allowed-clients", &list, "--tls-allow-plain-unix"],
+    );
+    let opts = tls_opts(addr);
+    assert_io_ok(
+        &qemu_io_tls(&pki.good, &opts, "write -P 0x77 0 64k"),
+        "wrote 65536/65536",
+    );
+    let o = qemu_io_tls(&pki.not_listed, &opts, "read 0 4k");
+    assert!(!o.status.success(), "not listed:\n{}", text(&o));
+    let plain_tcp = format!("nbd://127.0.0.1:{}/{EXPORT}", addr.port());
+    let o = run("qemu-io", &["-f", "raw", "-c", "read 0 4k", &plain_tcp]);
+    assert!(!o.status.success(), "plain TCP:\n{}", text(&o));
+    // --tls-allow-plain-unix: the Unix socket serves plain NBD.
+    let plain_unix = format!("nbd+unix:///{EXPORT}?socket={}", sock.display());
+    let o = run(
+        "qemu-io",
+        &["-f", "raw", "-c", "read -P 0x77 0 64k", &plain_unix],
+    );
+    assert_io_ok(&o, "read 65536/65536");
+
+    // --tls-no-verify-peer: encrypted, but any client, with or without a
+    // certificate.
+    let (addr, _) = serve("anyone", &["--tls-no-verify-peer"]);
+    let opts = tls_opts(addr);
+    assert_io_ok(
+        &qemu_io_tls(&pki.no_cert, &opts, "read -P 0x77 0 64k"),
+        "read 65536/65536",
+    );
+    let plain_tcp = format!("nbd://127.0.0.1:{}/{EXPORT}", addr.port());
+    let o = run("qemu-io", &["-f", "raw", "-c", "read 0 4k", &plain_tcp]);
+    assert!(!o.status.success(), "plain TCP:\n{}", text(&o));
+    // An allow-list needs client certificates.
+    let cli = Cli::try_parse_from([
+        "serve",
+        "--device",
+        "null:1M",
+        "--listen",
+        "127.0.0.1:0",
+        "--tls-creds",
+        pki.server.to_str().expect("utf-8"),
+        "--tls-no-verify-peer",
+        "--tls-allowed-clients",
+        &list,
+    ])
+    .expect("flags parse");
+    let e = celer_nbd::cli::run_serve(&cli.serve).expect_err("refused");
+    assert!(format!("{e:#}").contains("needs verify-peer"), "{e:#}");
+}

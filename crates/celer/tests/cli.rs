@@ -111,6 +111,19 @@ fn serve_commands_reject_bad_devices() {
     let sock = dir.path().join("s.sock");
     let s = sock.to_str().expect("utf-8");
     fails_with(
+        &[
+            "nbd",
+            "serve",
+            "--socket",
+            s,
+            "--device",
+            "null:1M",
+            "--tls-creds",
+            "/nonexistent/creds",
+        ],
+        "cannot read /nonexistent/creds/server-cert.pem",
+    );
+    fails_with(
         &["vhost", "serve", "--socket", s, "--device", "engine:"],
         "needs a path",
     );
