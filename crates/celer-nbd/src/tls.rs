@@ -195,7 +195,7 @@ impl TlsServer {
             })?;
             if let Some(path) = &self.settings.allowed_clients {
                 identity.denied = match allowed_subjects(path) {
-                    Ok(allowed) if allowed.iter().any(|a| *a == subject) => None,
+                    Ok(allowed) if allowed.contains(&subject) => None,
                     Ok(_) => Some(format!(
                         "client certificate subject {subject:?} is not in {}",
                         path.display()
