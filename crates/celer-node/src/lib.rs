@@ -74,7 +74,16 @@ pub struct NodeConfig {
     /// capability (it may do anything): only to measure what
     /// authentication costs; refused unless `listen` is a loopback address.
     pub insecure_no_auth: bool,
+    /// Close a client's (attachment's) data connection that sent nothing
+    /// for this long while none of its requests is in flight (None:
+    /// never). Clients ping quiet connections every
+    /// `celer_client::KEEPALIVE_DEFAULT` (60 s), so a quiet attachment
+    /// keeps its connections; one whose host vanished loses them.
+    pub idle_timeout: Option<Duration>,
 }
+
+/// Default of [`NodeConfig::idle_timeout`].
+pub const IDLE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -506,6 +515,7 @@ impl Node {
             let cfg = shard::ShardConfig {
                 forward_timeout: cfg.forward_timeout,
                 busy_poll: cfg.busy_poll,
+                idle_timeout: cfg.idle_timeout,
             };
             let idx = engine_shard.id();
             let t = std::thread::Builder::new()

@@ -63,6 +63,8 @@ pub struct NodeMetrics {
     backfill_moved: Family<ShardLabel, Gauge>,
     backfill_listed: Family<ShardLabel, Gauge>,
     backfill_unlisted: Family<ShardLabel, Gauge>,
+    client_conns: Family<ShardLabel, Counter>,
+    idle_closed: Family<ShardLabel, Counter>,
     pub(crate) epoch: Gauge<i64, AtomicI64Shim>,
 }
 
@@ -80,6 +82,8 @@ pub(crate) struct ShardCounters {
     backfill_moved: Gauge,
     backfill_listed: Gauge,
     backfill_unlisted: Gauge,
+    client_conns: Counter,
+    idle_closed: Counter,
 }
 
 impl NodeMetrics {
@@ -98,6 +102,8 @@ impl NodeMetrics {
         let backfill_moved = Family::<ShardLabel, Gauge>::default();
         let backfill_listed = Family::<ShardLabel, Gauge>::default();
         let backfill_unlisted = Family::<ShardLabel, Gauge>::default();
+        let client_conns = Family::<ShardLabel, Counter>::default();
+        let idle_closed = Family::<ShardLabel, Counter>::default();
         let epoch = Gauge::<i64, AtomicI64Shim>::default();
         registry.register(
             "requests",
@@ -136,6 +142,16 @@ impl NodeMetrics {
             backfill_unlisted.clone(),
         );
         registry.register(
+            "client_connections",
+            "Client (attachment) connections this shard took over after their Hello (a client reconnecting counts again)",
+            client_conns.clone(),
+        );
+        registry.register(
+            "idle_closed_connections",
+            "Client connections this shard closed because they sent nothing for the idle timeout",
+            idle_closed.clone(),
+        );
+        registry.register(
             "route_epoch",
             "Epoch of the installed route table",
             epoch.clone(),
@@ -150,6 +166,8 @@ impl NodeMetrics {
             backfill_moved,
             backfill_listed,
             backfill_unlisted,
+            client_conns,
+            idle_closed,
             epoch,
         }
     }
@@ -188,6 +206,14 @@ impl NodeMetrics {
                 .backfill_unlisted
                 .get_or_create(&ShardLabel { shard })
                 .clone(),
+            client_conns: self
+                .client_conns
+                .get_or_create(&ShardLabel { shard })
+                .clone(),
+            idle_closed: self
+                .idle_closed
+                .get_or_create(&ShardLabel { shard })
+                .clone(),
         }
     }
 
@@ -215,6 +241,12 @@ impl ShardCounters {
     }
     pub(crate) fn add_backfill_bytes(&self, n: u64) {
         self.backfill_bytes.inc_by(n);
+    }
+    pub(crate) fn client_connected(&self) {
+        self.client_conns.inc();
+    }
+    pub(crate) fn idle_closed(&self) {
+        self.idle_closed.inc();
     }
     pub(crate) fn set_backfill_progress(&self, moved: u64, listed: u64, unlisted: u64) {
         self.backfill_moved.set(moved as i64);

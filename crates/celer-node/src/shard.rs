@@ -30,6 +30,7 @@ use crate::{AgentMsg, BackfillProgress, Installed, NodeError, NodeShared, ShardM
 pub(crate) struct ShardConfig {
     pub(crate) forward_timeout: Duration,
     pub(crate) busy_poll: Duration,
+    pub(crate) idle_timeout: Option<Duration>,
 }
 
 const TOKEN_WAKE: u64 = u64::MAX;
@@ -193,6 +194,10 @@ struct ShardLoop {
     /// Connections with output to send.
     dirty: Vec<usize>,
     forwards_inflight: usize,
+    /// When epoll_wait last returned: the input time of the connections it
+    /// reported (the idle timeout), one clock read per wake-up rather than
+    /// one per readable connection.
+    woke_at: Instant,
     backfills: Vec<Backfill>,
     /// Dropped backfills whose engine writes are still in flight: their
     /// buffers must outlive those writes.
@@ -297,6 +302,7 @@ pub(crate) fn run(
         forwards_inflight: 0,
         backfills: Vec::new(),
         retired: Vec::new(),
+        woke_at: Instant::now(),
         backfill_serial: 0,
         backfill_seq: 0,
         round_bytes: 0,
@@ -379,6 +385,9 @@ pub(crate) fn run(
                 what: "epoll_wait".into(),
                 source: e,
             });
+        }
+        if n > 0 {
+            s.woke_at = Instant::now();
         }
         for ev in &events[..n as usize] {
             let (token, bits) = (ev.u64, ev.events);
@@ -567,15 +576,18 @@ impl ShardLoop {
         let hello = hs.hello;
         let (auth, volume) = match hs.peer {
             Peer::Node { .. } => (ConnAuth::Node, None),
-            Peer::Attachment(cap) => (
-                ConnAuth::Attachment {
-                    cap,
-                    node_nonce: hs.node_nonce,
-                    shard: hello.offset as u16,
-                    sender: hello.volume,
-                },
-                Some(cap.volume),
-            ),
+            Peer::Attachment(cap) => {
+                self.counters.client_connected();
+                (
+                    ConnAuth::Attachment {
+                        cap,
+                        node_nonce: hs.node_nonce,
+                        shard: hello.offset as u16,
+                        sender: hello.volume,
+                    },
+                    Some(cap.volume),
+                )
+            }
         };
         let idx = self.new_conn(hs.stream, None, auth, Some(hs.ticket), false);
         let mut r = Header::response_to(&hello, Status::Ok);
@@ -712,6 +724,7 @@ impl ShardLoop {
         let Some(conn) = self.conns[c].as_mut() else {
             return;
         };
+        conn.last_input = self.woke_at;
         match conn.fill() {
             Ok(true) => {}
             Ok(false) => {
@@ -1377,6 +1390,23 @@ impl ShardLoop {
                     c,
                     &format!("a frame was not received whole within {FRAME_TIMEOUT:?}"),
                 );
+            }
+            // Attachments only: node connections are few and their ends
+            // reconnect on their own. A connection we stopped reading
+            // (blocked sending, starved of buffer room) is not idle.
+            let idle = self.cfg.idle_timeout.filter(|&idle| {
+                self.conns[c].as_ref().is_some_and(|x| {
+                    matches!(x.auth, ConnAuth::Attachment { .. })
+                        && x.ops == 0
+                        && x.unsent() == 0
+                        && !x.send_blocked
+                        && !x.starved
+                        && now.duration_since(x.last_input) > idle
+                })
+            });
+            if let Some(idle) = idle {
+                self.counters.idle_closed();
+                self.close_conn(c, &format!("sent nothing for {idle:?} (idle timeout)"));
             }
         }
         if self.forwards_inflight > 0 {

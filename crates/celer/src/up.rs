@@ -161,6 +161,7 @@ pub fn run(a: &UpArgs) -> Result<()> {
             forward_timeout: Duration::from_millis(500),
             busy_poll: Duration::ZERO,
             insecure_no_auth: false,
+            idle_timeout: Some(celer_node::IDLE_TIMEOUT_DEFAULT),
         })
         .with_context(|| format!("start storage node {i}"))?;
         nodes.push(node);

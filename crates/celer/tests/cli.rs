@@ -243,6 +243,26 @@ fn node_up_and_daemon_settings_errors() {
         ],
         "invalid value 'nowhere'",
     );
+    // The idle timeout must leave room for the clients' keep-alive (60 s);
+    // refused before any disk is made.
+    fails_with(
+        &[
+            "node",
+            "serve",
+            "--disk",
+            disk,
+            "--create",
+            "1G",
+            "--token",
+            "t",
+            "--node-id",
+            "1",
+            "--idle-timeout-s",
+            "30",
+        ],
+        "--idle-timeout-s 30: give 0 (never) or at least 180",
+    );
+    assert!(!d.join("disk.img").exists(), "no disk made");
     let empty = d.join("empty-token");
     std::fs::write(&empty, "\n# nothing\n").expect("write");
     fails_with(
