@@ -218,6 +218,14 @@ pub enum ClientError {
     Credential(String),
 }
 
+/// The fence generation a credential carries (0 for a node credential).
+pub fn fence_of(c: &Credential) -> u32 {
+    match c {
+        Credential::Attachment { capability, .. } => capability.fence,
+        Credential::Node { .. } => 0,
+    }
+}
+
 /// The attachment id a credential names (0 for a node credential).
 pub fn attachment_of(c: &Credential) -> u32 {
     match c {
@@ -396,12 +404,12 @@ impl Client {
             (
                 Credential::Attachment { capability: a, .. },
                 Credential::Attachment { capability: b, .. },
-            ) => a.volume == b.volume && a.attachment == b.attachment,
+            ) => a.volume == b.volume && a.attachment == b.attachment && a.fence == b.fence,
             _ => false,
         };
         if !same {
             return Err(ClientError::Credential(
-                "a renewed capability must be for the same volume and attachment".into(),
+                "a renewed capability must be for the same volume, attachment and fence generation".into(),
             ));
         }
         *self

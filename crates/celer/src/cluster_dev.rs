@@ -1,23 +1,177 @@
-//! `cluster:VOLUME[,meta=URL]...[,token=SECRET|,token-file=PATH]` (`meta=`
-//! once per control process, or CELER_META=URL1,URL2): a replicated volume of a
-//! Celer cluster as a `BlockDevice`, for `celer vhost serve` and `celer nbd
-//! serve`. The control service names the volume's id and size and a few
-//! node addresses; from then on the client talks to the nodes only.
+//! `cluster:VOLUME[,meta=URL]...[,token=SECRET|,token-file=PATH][,mode=exclusive|shared][,force][,attachment-file=PATH]`
+//! (`meta=` once per control process, or CELER_META=URL1,URL2): a
+//! replicated volume of a Celer cluster as a `BlockDevice`, for `celer
+//! vhost serve` and `celer nbd serve`. The control service attaches the
+//! volume (exclusive by default: a second writer is refused unless it
+//! takes over with `force`, which fences the first) and names the volume's
+//! id and size and a few node addresses; from then on the client talks to
+//! the nodes only.
+//!
+//! With `attachment-file`, the attachment (its capability and key, 0600)
+//! is kept there and renewed: a front end restarted on the same host
+//! resumes it instead of attaching again, also while the control service
+//! is down (until the capability expires).
 
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use celer_client::{Capability, Client, ClientConfig, Credential};
 use celer_device::BlockDevice;
-use celer_meta::api::Attachment;
+use celer_meta::api::{AttachMode, AttachVolume, Attachment};
 use celer_meta::client::MetaClient;
 
 pub const DEFAULT_META: &str = "http://127.0.0.1:7700";
 
-/// Opens `volume` through the control service at `meta`.
-pub fn open_volume(meta: &str, token: &str, volume: &str) -> Result<Arc<dyn BlockDevice>> {
-    Ok(open_client(meta, token, volume)?)
+/// How a front end attaches its volume.
+#[derive(Clone, Debug, Default)]
+pub struct AttachOptions {
+    pub read_only: bool,
+    pub mode: AttachMode,
+    /// Take the volume over from a conflicting holder (fencing it).
+    pub force: bool,
+    /// Keep the attachment here, and resume it from here.
+    pub state_file: Option<PathBuf>,
+    /// What attaches, for `celer volume info` (host and pid are added).
+    pub purpose: String,
+}
+
+impl AttachOptions {
+    /// An exclusive read-write attachment for `purpose`.
+    pub fn exclusive(purpose: &str) -> AttachOptions {
+        AttachOptions {
+            purpose: purpose.to_string(),
+            ..AttachOptions::default()
+        }
+    }
+}
+
+/// An open attachment: end it with [`Detach::detach`] when done (a one-shot
+/// job); a long-running front end keeps it (see `attachment-file`).
+pub struct Detach {
+    meta: MetaClient,
+    attachment: u32,
+    state_file: Option<PathBuf>,
+}
+
+impl Detach {
+    /// Ends the attachment at the control service and removes its file.
+    pub fn detach(self) -> Result<()> {
+        if let Some(f) = &self.state_file {
+            let _ = std::fs::remove_file(f);
+        }
+        self.meta
+            .detach(self.attachment)
+            .with_context(|| format!("detach attachment {}", self.attachment))?;
+        Ok(())
+    }
+}
+
+/// Opens `volume` through the control service at `meta`, for a job that
+/// detaches when done.
+pub fn open_volume(
+    meta: &str,
+    token: &str,
+    volume: &str,
+    opts: &AttachOptions,
+) -> Result<(Arc<dyn BlockDevice>, Detach)> {
+    let (client, detach) = open_client(meta, token, volume, opts)?;
+    Ok((client, detach))
+}
+
+/// Who this process is, for the attachment record: host, pid, purpose.
+fn holder(purpose: &str) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "?".into());
+    let mut h = format!("{host} pid {} {purpose}", std::process::id());
+    h.truncate(celer_meta::api::HOLDER_MAX_BYTES);
+    h
+}
+
+/// An attachment file: the attachment and the data addresses of storage
+/// nodes to start from when the control service is down.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedAttachment {
+    attachment: Attachment,
+    seeds: Vec<String>,
+}
+
+/// Writes `a` to `path`, 0600, atomically (a temporary file renamed).
+fn save_attachment(path: &Path, a: &Attachment, seeds: &[String]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let text = serde_json::to_vec_pretty(&SavedAttachment {
+        attachment: a.clone(),
+        seeds: seeds.to_vec(),
+    })?;
+    let write = || -> std::io::Result<()> {
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(&text)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().with_context(|| format!("write the attachment file {}", path.display()))
+}
+
+/// The attachment kept in `path`, if there is one: used as it is while
+/// its capability is valid for a while (the control service is asked
+/// first, briefly, whether it still exists: a taken-over attachment is
+/// not resumed), renewed otherwise.
+fn resume(mc: &MetaClient, path: &Path, volume: &str) -> Result<Option<SavedAttachment>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
+    };
+    let saved: SavedAttachment = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} is not an attachment file (remove it to attach anew)",
+            path.display()
+        )
+    })?;
+    let att = &saved.attachment;
+    anyhow::ensure!(
+        att.volume.name == volume,
+        "{} holds an attachment of volume `{}`, not `{volume}`: use another attachment-file",
+        path.display(),
+        att.volume.name
+    );
+    let id = att.attachment.id;
+    match mc.renew_attachment(id) {
+        Ok(a) => {
+            save_attachment(path, &a, &saved.seeds)?;
+            Ok(Some(SavedAttachment {
+                attachment: a,
+                seeds: saved.seeds,
+            }))
+        }
+        Err(e) if e.is_not_found() => anyhow::bail!(
+            "attachment {id} of volume `{volume}` (in {}) was ended: taken over by another attachment or detached; its writes are fenced. Remove the file to attach again (with force to take the volume back)",
+            path.display()
+        ),
+        Err(e) if att.expires_unix_ms > unix_ms() + 5_000 => {
+            tracing::warn!(
+                attachment = id,
+                "control service unreachable ({e}): resuming attachment {id} with its capability, valid {} s more",
+                att.expires_unix_ms.saturating_sub(unix_ms()) / 1000
+            );
+            Ok(Some(saved))
+        }
+        Err(e) => Err(e).with_context(|| {
+            format!(
+                "attachment {id} in {}: its capability expired and cannot be renewed",
+                path.display()
+            )
+        }),
+    }
 }
 
 /// The credential in an attachment the control service handed out.
@@ -32,25 +186,65 @@ pub fn credential_of(a: &Attachment) -> Result<Credential> {
 /// Like `open_volume`, keeping the client's type (for its route table):
 /// attaches the volume (the control service assigns the attachment id and
 /// hands out a capability), connects, and keeps the capability renewed.
-pub fn open_client(meta: &str, token: &str, volume: &str) -> Result<Arc<Client>> {
+pub fn open_client(
+    meta: &str,
+    token: &str,
+    volume: &str,
+    opts: &AttachOptions,
+) -> Result<(Arc<Client>, Detach)> {
     let mc = MetaClient::new(meta, token);
-    let att = mc.attach(volume, false).with_context(|| {
-        format!(
-            "attach volume `{volume}` at the control service {meta} (list them with `celer volume list`)"
-        )
-    })?;
+    let resumed = match &opts.state_file {
+        Some(path) => resume(&mc, path, volume)?,
+        None => None,
+    };
+    let mut saved_seeds = Vec::new();
+    let att = match resumed {
+        Some(s) => {
+            tracing::info!(
+                volume,
+                attachment = s.attachment.attachment.id,
+                "resumed the attachment"
+            );
+            saved_seeds = s.seeds;
+            s.attachment
+        }
+        None => {
+            let req = AttachVolume {
+                read_only: opts.read_only,
+                mode: opts.mode,
+                force: opts.force,
+                holder: holder(&opts.purpose),
+            };
+            let a = mc.attach_with(volume, &req).with_context(|| {
+                format!("attach volume `{volume}` at the control service {meta}")
+            })?;
+            a
+        }
+    };
     let vol = &att.volume;
-    let route = mc
-        .route()
-        .with_context(|| format!("route table from {meta}: are the storage nodes up?"))?;
-    let seeds: Vec<String> = route
-        .nodes
-        .iter()
-        .filter(|n| n.up)
-        .map(|n| n.data_addr.clone())
-        .collect();
+    // Seeds: the nodes the control service lists as up; for a resumed
+    // attachment while it is down, the ones saved with the attachment.
+    let seeds: Vec<String> = match mc.route() {
+        Ok(route) => route
+            .nodes
+            .iter()
+            .filter(|n| n.up)
+            .map(|n| n.data_addr.clone())
+            .collect(),
+        Err(e) if !saved_seeds.is_empty() => {
+            tracing::warn!("route table from {meta}: {e}; starting from the saved node addresses");
+            saved_seeds
+        }
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("route table from {meta}: are the storage nodes up?"))
+        }
+    };
     anyhow::ensure!(!seeds.is_empty(), "no storage node is up");
-    let cfg = ClientConfig::new(seeds, vol.id, vol.size_bytes, credential_of(&att)?);
+    if let Some(path) = &opts.state_file {
+        save_attachment(path, &att, &seeds)?;
+    }
+    let cfg = ClientConfig::new(seeds.clone(), vol.id, vol.size_bytes, credential_of(&att)?);
     let client = Client::connect(cfg).with_context(|| format!("connect to volume `{volume}`"))?;
     tracing::info!(
         volume,
@@ -63,9 +257,16 @@ pub fn open_client(meta: &str, token: &str, volume: &str) -> Result<Arc<Client>>
         meta: mc,
         attachment: att.attachment.id,
         client: Arc::downgrade(&client),
+        state_file: opts.state_file.clone(),
+        seeds,
     }
     .spawn()?;
-    Ok(client)
+    let detach = Detach {
+        meta: MetaClient::new(meta, token),
+        attachment: att.attachment.id,
+        state_file: opts.state_file.clone(),
+    };
+    Ok((client, detach))
 }
 
 fn unix_ms() -> u64 {
@@ -83,6 +284,9 @@ struct CapabilityKeeper {
     meta: MetaClient,
     attachment: u32,
     client: std::sync::Weak<Client>,
+    /// The attachment file, rewritten with every renewal.
+    state_file: Option<PathBuf>,
+    seeds: Vec<String>,
 }
 
 impl CapabilityKeeper {
@@ -118,7 +322,12 @@ impl CapabilityKeeper {
                 .meta
                 .renew_attachment(self.attachment)
                 .map_err(anyhow::Error::from)
-                .and_then(|a| credential_of(&a));
+                .and_then(|a| {
+                    if let Some(path) = &self.state_file {
+                        save_attachment(path, &a, &self.seeds)?;
+                    }
+                    credential_of(&a)
+                });
             let Some(client) = self.client.upgrade() else {
                 return;
             };
@@ -252,7 +461,7 @@ pub fn serve_vhost(
 
 /// Parses the text after `cluster:` and opens the volume; the watch follows
 /// its size.
-pub fn open_spec(spec: &str) -> Result<(Arc<Client>, SizeWatch)> {
+pub fn open_spec(spec: &str, purpose: &str) -> Result<(Arc<Client>, SizeWatch)> {
     let mut parts = spec.split(',');
     let volume = parts.next().filter(|v| !v.is_empty()).ok_or_else(|| {
         anyhow::anyhow!(
@@ -261,8 +470,15 @@ pub fn open_spec(spec: &str) -> Result<(Arc<Client>, SizeWatch)> {
     })?;
     let mut metas: Vec<String> = Vec::new();
     let mut token = std::env::var("CELER_TOKEN").ok();
+    let mut opts = AttachOptions::exclusive(purpose);
     for kv in parts {
+        if kv == "force" {
+            opts.force = true;
+            continue;
+        }
         match kv.split_once('=') {
+            Some(("mode", m)) => opts.mode = m.parse().map_err(anyhow::Error::msg)?,
+            Some(("attachment-file", f)) => opts.state_file = Some(PathBuf::from(f)),
             // Several control processes: meta= once for each.
             Some(("meta", v)) => metas.push(v.to_string()),
             Some(("token", v)) => token = Some(v.to_string()),
@@ -279,7 +495,7 @@ pub fn open_spec(spec: &str) -> Result<(Arc<Client>, SizeWatch)> {
                 anyhow::ensure!(token.is_some(), "token file {v} holds no token");
             }
             _ => anyhow::bail!(
-                "unknown cluster device option `{kv}`: use meta=URL, token=SECRET or token-file=PATH"
+                "unknown cluster device option `{kv}`: use meta=URL, token=SECRET, token-file=PATH, mode=exclusive|shared, force or attachment-file=PATH"
             ),
         }
     }
@@ -293,6 +509,8 @@ pub fn open_spec(spec: &str) -> Result<(Arc<Client>, SizeWatch)> {
             "cluster device needs the cluster token: token=SECRET, token-file=PATH or CELER_TOKEN"
         )
     })?;
-    let client = open_client(&meta, &token, volume)?;
+    // A long-running front end keeps its attachment (resumed from its file
+    // after a restart, or ended with `celer volume detach`).
+    let (client, _keep) = open_client(&meta, &token, volume, &opts)?;
     Ok((client, SizeWatch::new(&meta, &token, volume)))
 }

@@ -159,7 +159,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Node(NodeCommand::Serve(a)) => node_cmd::run(&a),
         Command::Up(a) => up::run(&a),
         Command::Vhost(VhostCommand::Serve(a)) => {
-            let (dev, cluster) = match device_spec(&a.device, a.read_only)? {
+            let purpose = format!("vhost {}", a.socket.display());
+            let (dev, cluster) = match device_spec(&a.device, a.read_only, &purpose)? {
                 Some(x) => x,
                 None => (
                     celer_vhost::bench::open_device(&a.device, a.read_only, a.direct)?,
@@ -172,7 +173,7 @@ fn run(cli: Cli) -> Result<()> {
             cluster_dev::serve_vhost(&a, dev, cluster)
         }
         Command::Nbd(NbdCommand::Serve(a)) => {
-            let (dev, cluster) = match device_spec(&a.device, a.read_only)? {
+            let (dev, cluster) = match device_spec(&a.device, a.read_only, "nbd")? {
                 Some(x) => x,
                 None => (celer_nbd::cli::open_device(&a.device, a.read_only)?, None),
             };
@@ -224,7 +225,7 @@ type OpenedDevice = (
 /// `file:`): `engine:` (a local engine volume) and `cluster:` (a replicated
 /// volume, with its client for metrics and the watch of its size). `None`:
 /// a spec the front end opens.
-fn device_spec(spec: &str, read_only: bool) -> Result<Option<OpenedDevice>> {
+fn device_spec(spec: &str, read_only: bool, purpose: &str) -> Result<Option<OpenedDevice>> {
     if let Some(s) = spec.strip_prefix("engine:") {
         return Ok(Some((open_engine_device(s, read_only)?, None)));
     }
@@ -233,7 +234,7 @@ fn device_spec(spec: &str, read_only: bool) -> Result<Option<OpenedDevice>> {
             !read_only,
             "read-only cluster volumes are not supported yet"
         );
-        let (client, watch) = cluster_dev::open_spec(s)?;
+        let (client, watch) = cluster_dev::open_spec(s, purpose)?;
         return Ok(Some((client.clone(), Some((client, watch)))));
     }
     Ok(None)

@@ -185,7 +185,17 @@ pub fn run(a: &UpArgs) -> Result<()> {
             .context("create the volume")?,
         Err(e) => return Err(e).context("look up the volume"),
     };
-    let client = crate::cluster_dev::open_client(&meta_url, &token, &a.volume)?;
+    // The attachment is kept in the cluster directory: `celer up` run
+    // again on it resumes it instead of being refused as a second writer.
+    let (client, _attached) = crate::cluster_dev::open_client(
+        &meta_url,
+        &token,
+        &a.volume,
+        &crate::cluster_dev::AttachOptions {
+            state_file: Some(dir.join("attachment.json")),
+            ..crate::cluster_dev::AttachOptions::exclusive("celer up")
+        },
+    )?;
     let metrics = crate::device_metrics::DeviceMetrics::new();
     let metrics_addr = {
         let client = client.clone();
