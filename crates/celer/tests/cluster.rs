@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use celer_client::{Capability, Client, ClientConfig, Credential};
 use celer_device::BlockDevice;
-use celer_meta::api::{Change, CreateVolume};
+use celer_meta::api::{AttachMode, AttachVolume, Change, CreateVolume};
 use support::cluster::{Cluster, ClusterOpts};
 use support::workload::{self, Report, BLOCK};
 
@@ -25,6 +25,11 @@ const WORK_BLOCKS: u64 = (64 << 20) / BLOCK as u64;
 /// Attaches volume `name` (created if needed) through the control service,
 /// as a front end does: the attachment id and the capability come from it.
 fn volume_client(c: &Cluster, name: &str) -> (u64, Arc<dyn BlockDevice>) {
+    volume_client_as(c, name, &AttachVolume::default())
+}
+
+/// [`volume_client`] with the attach request given (mode, force).
+fn volume_client_as(c: &Cluster, name: &str, how: &AttachVolume) -> (u64, Arc<dyn BlockDevice>) {
     let meta = c.meta_client();
     let vol = match meta.volume(name) {
         Ok(v) => v,
@@ -36,7 +41,7 @@ fn volume_client(c: &Cluster, name: &str) -> (u64, Arc<dyn BlockDevice>) {
             })
             .expect("create volume"),
     };
-    let att = meta.attach(&vol.name, false).expect("attach");
+    let att = meta.attach_with(&vol.name, how).expect("attach");
     let credential = Credential::Attachment {
         capability: Capability::from_hex(&att.capability).expect("capability"),
         key: celer_proto::auth::key_from_hex(&att.key).expect("key"),
@@ -259,8 +264,12 @@ fn a_node_cut_off_by_nftables_fails_over_and_catches_up() {
 #[test]
 fn two_clients_writing_the_same_blocks_converge() {
     let c = Cluster::start(std::path::Path::new(BIN), ClusterOpts::default());
-    let (volume, a) = volume_client(&c, "vol-shared");
-    let (_, b) = volume_client(&c, "vol-shared");
+    let shared = AttachVolume {
+        mode: AttachMode::Shared,
+        ..AttachVolume::default()
+    };
+    let (volume, a) = volume_client_as(&c, "vol-shared", &shared);
+    let (_, b) = volume_client_as(&c, "vol-shared", &shared);
     // Both clients hammer the same 2 MiB (small and large writes), racing;
     // random delays on every connection let their writes reach the
     // replicas in different orders.
@@ -878,4 +887,132 @@ fn a_node_whose_disk_fills_up_is_taken_out_and_no_write_is_lost() {
     }
     let problems = check_reports(&dev, volume, &t, &reports, &mut Default::default());
     assert!(problems.is_empty(), "{problems:#?}");
+}
+
+/// A forced take-over fences the old holder while it keeps writing: once the
+/// take-over returned, none of its writes is acknowledged (it gets errors
+/// naming the fence), the new holder's data is what every block reads back,
+/// and the replicas agree block by block.
+#[test]
+fn a_forced_take_over_fences_the_old_holder_while_it_writes() {
+    const BLOCKS: u64 = 256;
+    let c = Cluster::start(std::path::Path::new(BIN), ClusterOpts::default());
+    let (volume, old) = volume_client(&c, "vol-fenced");
+    // A second exclusive attach is refused while the first holds it.
+    let (code, msg) = match c.meta_client().attach("vol-fenced", false) {
+        Err(celer_meta::MetaClientError::Status {
+            status, message, ..
+        }) => (status, message),
+        other => panic!("a second writer must be refused, got {other:?}"),
+    };
+    assert_eq!(code, 409, "{msg}");
+    // The old holder writes block after block (2 queues, QD1 each),
+    // recording when each write was issued and whether it was acknowledged.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..2u64)
+        .map(|q| {
+            let (dev, stop) = (old.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut queue = dev.open_queue(q as usize).expect("queue");
+                let mut buf = vec![0u8; BLOCK];
+                let mut log = Vec::new();
+                let mut i = 0u64;
+                while !stop.load(Ordering::Acquire) {
+                    let block = q * BLOCKS / 2 + i % (BLOCKS / 2);
+                    workload::fill(&mut buf, block, 0x01d);
+                    let issued = Instant::now();
+                    let r = one_request(
+                        queue.as_mut(),
+                        celer_device::IoOp::Write,
+                        block * BLOCK as u64,
+                        &mut buf,
+                    );
+                    log.push((issued, Instant::now(), r.map_err(|e| e.to_string())));
+                    i += 1;
+                }
+                log
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let asked = Instant::now();
+    let (_, new) = volume_client_as(
+        &c,
+        "vol-fenced",
+        &AttachVolume {
+            force: true,
+            ..AttachVolume::default()
+        },
+    );
+    let taken = Instant::now();
+    println!(
+        "take-over answered in {:.1} ms",
+        (taken - asked).as_secs_f64() * 1e3
+    );
+    // The new holder writes every block while the old one goes on trying.
+    let mut q = new.open_queue(0).expect("queue");
+    let mut buf = vec![0u8; BLOCK];
+    for block in 0..BLOCKS {
+        workload::fill(&mut buf, block, 0x2e3);
+        one_request(
+            q.as_mut(),
+            celer_device::IoOp::Write,
+            block * BLOCK as u64,
+            &mut buf,
+        )
+        .expect("the new holder writes");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Release);
+    let logs: Vec<_> = writers
+        .into_iter()
+        .flat_map(|t| t.join().expect("writer"))
+        .collect();
+    let before = logs.iter().filter(|(i, _, r)| *i < asked && r.is_ok()).count();
+    let late_acks: Vec<_> = logs
+        .iter()
+        .filter(|(issued, _, r)| *issued >= taken && r.is_ok())
+        .collect();
+    let refused: Vec<&String> = logs
+        .iter()
+        .filter(|(issued, _, _)| *issued >= taken)
+        .filter_map(|(_, _, r)| r.as_ref().err())
+        .collect();
+    println!(
+        "old holder: {before} writes acknowledged before the take-over, {} after it, {} refused after it",
+        late_acks.len(),
+        refused.len()
+    );
+    assert!(before > 0, "the old holder wrote before the take-over");
+    assert!(
+        late_acks.is_empty(),
+        "{} writes of the fenced holder issued after the take-over were acknowledged",
+        late_acks.len()
+    );
+    assert!(!refused.is_empty(), "the old holder kept trying and was refused");
+    assert!(
+        refused.iter().all(|e| e.contains("fenced")),
+        "refusals name the fence: {:?}",
+        refused.first()
+    );
+    // Every block reads back the new holder's data, from every replica.
+    for block in 0..BLOCKS {
+        one_request(
+            q.as_mut(),
+            celer_device::IoOp::Read,
+            block * BLOCK as u64,
+            &mut buf,
+        )
+        .expect("read");
+        let mut want = vec![0u8; BLOCK];
+        workload::fill(&mut want, block, 0x2e3);
+        assert!(buf == want, "block {block} does not hold the new holder's data");
+    }
+    let t = c.wait_healthy(Duration::from_secs(30));
+    let chunks = (BLOCKS * BLOCK as u64).div_ceil(t.chunk_bytes);
+    let mut diffs = Vec::new();
+    for ch in 0..chunks {
+        diffs.extend(support::replicas::compare_chunk(&t, volume, ch));
+    }
+    assert!(diffs.is_empty(), "replicas differ:\n{}", diffs.join("\n"));
 }
