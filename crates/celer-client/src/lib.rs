@@ -409,7 +409,8 @@ impl Client {
         };
         if !same {
             return Err(ClientError::Credential(
-                "a renewed capability must be for the same volume, attachment and fence generation".into(),
+                "a renewed capability must be for the same volume, attachment and fence generation"
+                    .into(),
             ));
         }
         *self

@@ -251,9 +251,7 @@ impl std::str::FromStr for AttachMode {
         match s {
             "exclusive" => Ok(AttachMode::Exclusive),
             "shared" => Ok(AttachMode::Shared),
-            _ => Err(format!(
-                "unknown attach mode `{s}`: exclusive or shared"
-            )),
+            _ => Err(format!("unknown attach mode `{s}`: exclusive or shared")),
         }
     }
 }

@@ -317,7 +317,11 @@ impl MetaClient {
     /// `POST /v1/volumes/{name}/attachments`: an attachment, its capability
     /// and key. A take-over (`force`) answers once every live node fences
     /// the attachments it ended.
-    pub fn attach_with(&self, name: &str, req: &AttachVolume) -> Result<Attachment, MetaClientError> {
+    pub fn attach_with(
+        &self,
+        name: &str,
+        req: &AttachVolume,
+    ) -> Result<Attachment, MetaClientError> {
         self.call(
             "POST",
             &format!("/v1/volumes/{}/attachments", path_escape(name)),

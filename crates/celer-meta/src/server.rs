@@ -28,8 +28,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::api::{
     AttachVolume, Attachment, AttachmentRecord, CreateVolume, ErrorBody, Heartbeat, RegisterNode,
-    VolumeFence,
-    ResizeVolume, RestoreLog, Synced, LOG_PAGE_MAX,
+    ResizeVolume, RestoreLog, Synced, VolumeFence, LOG_PAGE_MAX,
 };
 use crate::http::{constant_time_eq, HttpLimits};
 use crate::metrics::Metrics;

@@ -89,7 +89,10 @@ pub fn describe(a: &AttachmentRecord) -> String {
         format!(", holder {}", a.holder)
     };
     let age_s = now_ms().saturating_sub(a.at) / 1000;
-    format!("attachment {} ({mode}{holder}, attached {age_s} s ago)", a.id)
+    format!(
+        "attachment {} ({mode}{holder}, attached {age_s} s ago)",
+        a.id
+    )
 }
 
 /// The route table and, for every syncing member, the epoch it joined in:

@@ -104,43 +104,45 @@ impl FakeNode {
                 .build()
                 .expect("runtime");
             rt.block_on(async move {
-                let app = axum::Router::new().route(
-                    "/v1/route",
-                    axum::routing::put(move |h: HeaderMap, body: axum::body::Bytes| {
-                        let t = t.clone();
-                        async move {
-                            let auth = h.get("authorization").and_then(|v| v.to_str().ok());
-                            if auth != Some(&format!("Bearer {TOKEN}")) {
-                                return StatusCode::UNAUTHORIZED;
-                            }
-                            match serde_json::from_slice::<RouteTable>(&body) {
-                                Ok(table) => {
-                                    t.lock().expect("lock").push((Instant::now(), table));
-                                    StatusCode::OK
+                let app = axum::Router::new()
+                    .route(
+                        "/v1/route",
+                        axum::routing::put(move |h: HeaderMap, body: axum::body::Bytes| {
+                            let t = t.clone();
+                            async move {
+                                let auth = h.get("authorization").and_then(|v| v.to_str().ok());
+                                if auth != Some(&format!("Bearer {TOKEN}")) {
+                                    return StatusCode::UNAUTHORIZED;
                                 }
-                                Err(_) => StatusCode::BAD_REQUEST,
-                            }
-                        }
-                    }),
-                ).route(
-                    "/v1/fences",
-                    axum::routing::put(move |h: HeaderMap, body: axum::body::Bytes| {
-                        let f = f.clone();
-                        async move {
-                            let auth = h.get("authorization").and_then(|v| v.to_str().ok());
-                            if auth != Some(&format!("Bearer {TOKEN}")) {
-                                return StatusCode::UNAUTHORIZED;
-                            }
-                            match serde_json::from_slice::<Vec<VolumeFence>>(&body) {
-                                Ok(list) => {
-                                    f.lock().expect("lock").extend(list);
-                                    StatusCode::OK
+                                match serde_json::from_slice::<RouteTable>(&body) {
+                                    Ok(table) => {
+                                        t.lock().expect("lock").push((Instant::now(), table));
+                                        StatusCode::OK
+                                    }
+                                    Err(_) => StatusCode::BAD_REQUEST,
                                 }
-                                Err(_) => StatusCode::BAD_REQUEST,
                             }
-                        }
-                    }),
-                );
+                        }),
+                    )
+                    .route(
+                        "/v1/fences",
+                        axum::routing::put(move |h: HeaderMap, body: axum::body::Bytes| {
+                            let f = f.clone();
+                            async move {
+                                let auth = h.get("authorization").and_then(|v| v.to_str().ok());
+                                if auth != Some(&format!("Bearer {TOKEN}")) {
+                                    return StatusCode::UNAUTHORIZED;
+                                }
+                                match serde_json::from_slice::<Vec<VolumeFence>>(&body) {
+                                    Ok(list) => {
+                                        f.lock().expect("lock").extend(list);
+                                        StatusCode::OK
+                                    }
+                                    Err(_) => StatusCode::BAD_REQUEST,
+                                }
+                            }
+                        }),
+                    );
                 let l = tokio::net::TcpListener::from_std(std_listener).expect("listener");
                 axum::serve(l, app)
                     .with_graceful_shutdown(async {
@@ -1315,7 +1317,10 @@ fn attach_modes_refuse_second_writers_and_take_overs_fence_on_every_live_node() 
         )
         .expect("first attach");
     assert_eq!(first.attachment.mode, AttachMode::Exclusive);
-    assert_eq!(first.attachment.fence, 1, "an exclusive attach starts a generation");
+    assert_eq!(
+        first.attachment.fence, 1,
+        "an exclusive attach starts a generation"
+    );
     assert_eq!(first.volume.fence, 1);
     for f in &fakes {
         assert_eq!(
@@ -1390,13 +1395,22 @@ fn attach_modes_refuse_second_writers_and_take_overs_fence_on_every_live_node() 
     c.detach(second.attachment.id).expect("detach");
     let s1 = c.attach_with("vm", &shared).expect("shared 1");
     let s2 = c.attach_with("vm", &shared).expect("shared 2");
-    assert_eq!(s1.attachment.fence, 3, "the first shared writer starts a generation");
+    assert_eq!(
+        s1.attachment.fence, 3,
+        "the first shared writer starts a generation"
+    );
     assert_eq!(s2.attachment.fence, 3, "the next ones join it");
     assert_ne!(s1.attachment.id, s2.attachment.id);
     let (code, msg) = status_of(c.attach("vm", false));
     assert_eq!(code, 409, "{msg}");
-    assert!(msg.contains(&format!("attachment {}", s1.attachment.id)), "{msg}");
-    assert!(msg.contains(&format!("attachment {}", s2.attachment.id)), "{msg}");
+    assert!(
+        msg.contains(&format!("attachment {}", s1.attachment.id)),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&format!("attachment {}", s2.attachment.id)),
+        "{msg}"
+    );
     let third = c
         .attach_with(
             "vm",

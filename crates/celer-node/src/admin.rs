@@ -221,7 +221,9 @@ async fn put_fences(
     if fences.len() > FENCES_PUSH_MAX {
         return (
             StatusCode::BAD_REQUEST,
-            Json(json!({"error": format!("{} fences in one push, at most {FENCES_PUSH_MAX}", fences.len())})),
+            Json(
+                json!({"error": format!("{} fences in one push, at most {FENCES_PUSH_MAX}", fences.len())}),
+            ),
         );
     }
     let list: Vec<(u64, u32)> = fences.iter().map(|f| (f.volume, f.fence)).collect();

@@ -121,10 +121,15 @@ fn save_attachment(path: &Path, a: &Attachment, seeds: &[String]) -> Result<()> 
     write().with_context(|| format!("write the attachment file {}", path.display()))
 }
 
-/// The attachment kept in `path`, if there is one: used as it is while
-/// its capability is valid for a while (the control service is asked
-/// first, briefly, whether it still exists: a taken-over attachment is
-/// not resumed), renewed otherwise.
+/// A capability valid at least this much longer is resumed without asking
+/// the control service (renewed right after, in the background): a restart
+/// does not wait for a control service that is down or slow.
+const RESUME_AS_IS_MS: u64 = 60_000;
+
+/// The attachment kept in `path`, if there is one: used as it is while its
+/// capability stays valid for a while (an attachment taken over meanwhile
+/// finds its writes fenced, and its background renewal says why), renewed
+/// first otherwise.
 fn resume(mc: &MetaClient, path: &Path, volume: &str) -> Result<Option<SavedAttachment>> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
@@ -145,6 +150,9 @@ fn resume(mc: &MetaClient, path: &Path, volume: &str) -> Result<Option<SavedAtta
         att.volume.name
     );
     let id = att.attachment.id;
+    if att.expires_unix_ms > unix_ms() + RESUME_AS_IS_MS && !saved.seeds.is_empty() {
+        return Ok(Some(saved));
+    }
     match mc.renew_attachment(id) {
         Ok(a) => {
             save_attachment(path, &a, &saved.seeds)?;
@@ -198,6 +206,7 @@ pub fn open_client(
         None => None,
     };
     let mut saved_seeds = Vec::new();
+    let renew_now = resumed.is_some();
     let att = match resumed {
         Some(s) => {
             tracing::info!(
@@ -222,23 +231,19 @@ pub fn open_client(
         }
     };
     let vol = &att.volume;
-    // Seeds: the nodes the control service lists as up; for a resumed
-    // attachment while it is down, the ones saved with the attachment.
-    let seeds: Vec<String> = match mc.route() {
-        Ok(route) => route
+    // Seeds: for a resumed attachment the nodes saved with it (they
+    // correct the client's route: a restart does not wait for the control
+    // service), otherwise the nodes the control service lists as up.
+    let seeds: Vec<String> = if !saved_seeds.is_empty() {
+        saved_seeds
+    } else {
+        mc.route()
+            .with_context(|| format!("route table from {meta}: are the storage nodes up?"))?
             .nodes
             .iter()
             .filter(|n| n.up)
             .map(|n| n.data_addr.clone())
-            .collect(),
-        Err(e) if !saved_seeds.is_empty() => {
-            tracing::warn!("route table from {meta}: {e}; starting from the saved node addresses");
-            saved_seeds
-        }
-        Err(e) => {
-            return Err(e)
-                .with_context(|| format!("route table from {meta}: are the storage nodes up?"))
-        }
+            .collect()
     };
     anyhow::ensure!(!seeds.is_empty(), "no storage node is up");
     if let Some(path) = &opts.state_file {
@@ -259,6 +264,7 @@ pub fn open_client(
         client: Arc::downgrade(&client),
         state_file: opts.state_file.clone(),
         seeds,
+        renew_now,
     }
     .spawn()?;
     let detach = Detach {
@@ -287,6 +293,8 @@ struct CapabilityKeeper {
     /// The attachment file, rewritten with every renewal.
     state_file: Option<PathBuf>,
     seeds: Vec<String>,
+    /// Renew at once (a resumed attachment: also learns whether it ended).
+    renew_now: bool,
 }
 
 impl CapabilityKeeper {
@@ -300,6 +308,7 @@ impl CapabilityKeeper {
 
     fn run(&self) {
         let mut failing = false;
+        let mut first = self.renew_now;
         loop {
             let Some(expires) = self.client.upgrade().and_then(|c| c.credential_expiry()) else {
                 return;
@@ -308,7 +317,14 @@ impl CapabilityKeeper {
             // Renew when two thirds of what is left remain; retry every
             // second while the control service does not answer.
             let left = expires.saturating_sub(now);
-            let wait = if failing { 1000 } else { left / 3 };
+            let wait = if first {
+                0
+            } else if failing {
+                1000
+            } else {
+                left / 3
+            };
+            first = false;
             let mut slept = 0;
             while slept < wait {
                 let step = (wait - slept).min(500);
@@ -337,6 +353,20 @@ impl CapabilityKeeper {
                         tracing::info!(attachment = self.attachment, "capability renewed again");
                     }
                     failing = false;
+                }
+                Err(e)
+                    if e.downcast_ref::<celer_meta::MetaClientError>()
+                        .is_some_and(|m| m.is_not_found()) =>
+                {
+                    tracing::error!(
+                        attachment = self.attachment,
+                        "the attachment was ended (taken over by another attachment, or detached): its writes are fenced; stop this front end{}",
+                        self.state_file
+                            .as_ref()
+                            .map(|f| format!(" and remove {}", f.display()))
+                            .unwrap_or_default()
+                    );
+                    return;
                 }
                 Err(e) => {
                     if !failing {

@@ -968,7 +968,10 @@ fn a_forced_take_over_fences_the_old_holder_while_it_writes() {
         .into_iter()
         .flat_map(|t| t.join().expect("writer"))
         .collect();
-    let before = logs.iter().filter(|(i, _, r)| *i < asked && r.is_ok()).count();
+    let before = logs
+        .iter()
+        .filter(|(i, _, r)| *i < asked && r.is_ok())
+        .count();
     let late_acks: Vec<_> = logs
         .iter()
         .filter(|(issued, _, r)| *issued >= taken && r.is_ok())
@@ -989,7 +992,10 @@ fn a_forced_take_over_fences_the_old_holder_while_it_writes() {
         "{} writes of the fenced holder issued after the take-over were acknowledged",
         late_acks.len()
     );
-    assert!(!refused.is_empty(), "the old holder kept trying and was refused");
+    assert!(
+        !refused.is_empty(),
+        "the old holder kept trying and was refused"
+    );
     assert!(
         refused.iter().all(|e| e.contains("fenced")),
         "refusals name the fence: {:?}",
@@ -1006,7 +1012,10 @@ fn a_forced_take_over_fences_the_old_holder_while_it_writes() {
         .expect("read");
         let mut want = vec![0u8; BLOCK];
         workload::fill(&mut want, block, 0x2e3);
-        assert!(buf == want, "block {block} does not hold the new holder's data");
+        assert!(
+            buf == want,
+            "block {block} does not hold the new holder's data"
+        );
     }
     let t = c.wait_healthy(Duration::from_secs(30));
     let chunks = (BLOCKS * BLOCK as u64).div_ceil(t.chunk_bytes);
@@ -1015,4 +1024,143 @@ fn a_forced_take_over_fences_the_old_holder_while_it_writes() {
         diffs.extend(support::replicas::compare_chunk(&t, volume, ch));
     }
     assert!(diffs.is_empty(), "replicas differ:\n{}", diffs.join("\n"));
+}
+
+/// Spawns `celer nbd serve` of a cluster volume on `sock`, keeping its
+/// attachment in `file`; waits until qemu-io can read through it and
+/// returns the process and how long that took.
+fn spawn_front_end(
+    spec: &str,
+    sock: &std::path::Path,
+    log: &std::path::Path,
+) -> (std::process::Child, Duration) {
+    let _ = std::fs::remove_file(sock);
+    let started = Instant::now();
+    let child = std::process::Command::new(BIN)
+        .args(["nbd", "serve", "--device", spec, "--socket"])
+        .arg(sock)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).expect("log"))
+        .spawn()
+        .expect("spawn celer nbd serve");
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    loop {
+        let ok = sock.exists()
+            && std::process::Command::new("qemu-io")
+                .args(["-f", "raw", "-c", "read 0 4k", &uri])
+                .output()
+                .is_ok_and(|o| o.status.success());
+        if ok {
+            return (child, started.elapsed());
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the front end did not serve: {}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn qemu_io(sock: &std::path::Path, cmd: &str) -> String {
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let o = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", cmd, &uri])
+        .output()
+        .expect("qemu-io");
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        o.status.success() && !out.contains("Pattern verification failed"),
+        "qemu-io {cmd}: {out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out
+}
+
+/// A front end killed with SIGKILL and started again resumes its
+/// attachment from its file (one attachment, no conflict with itself),
+/// also while the control service is down; a stranger's exclusive attach
+/// is refused meanwhile.
+#[test]
+fn a_restarted_front_end_resumes_its_attachment_even_without_the_control_service() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut c = Cluster::start(std::path::Path::new(BIN), ClusterOpts::default());
+    let meta = c.meta_client();
+    let vol = meta
+        .create_volume(&CreateVolume {
+            name: "vol-resume".into(),
+            size_bytes: VOLUME_BYTES,
+            replicas: None,
+        })
+        .expect("create");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("attachment.json");
+    let sock = dir.path().join("nbd.sock");
+    let log = dir.path().join("nbd.log");
+    let spec = format!(
+        "cluster:vol-resume,meta={},token={},attachment-file={}",
+        c.meta_url(),
+        support::cluster::TOKEN,
+        file.display()
+    );
+    let (mut fe, took) = spawn_front_end(&spec, &sock, &log);
+    println!("first start: serving after {} ms", took.as_millis());
+    qemu_io(&sock, "write -P 0x5a 0 64k");
+    let mode = std::fs::metadata(&file)
+        .expect("attachment file")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the attachment file holds a key");
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).expect("read")).expect("json");
+    let id = saved["attachment"]["attachment"]["id"]
+        .as_u64()
+        .expect("id") as u32;
+    let _ = fe.kill();
+    let _ = fe.wait();
+    match meta.attach("vol-resume", false) {
+        Err(celer_meta::MetaClientError::Status {
+            status: 409,
+            message,
+            ..
+        }) => {
+            assert!(message.contains(&format!("attachment {id}")), "{message}")
+        }
+        other => panic!("a stranger must be refused while the attachment lives: {other:?}"),
+    }
+    let (mut fe, took) = spawn_front_end(&spec, &sock, &log);
+    println!("restart: serving after {} ms", took.as_millis());
+    qemu_io(&sock, "read -P 0x5a 0 64k");
+    qemu_io(&sock, "write -P 0x6b 64k 64k");
+    let ids: Vec<u32> = meta
+        .attachments()
+        .expect("attachments")
+        .iter()
+        .filter(|a| a.volume_id == vol.id)
+        .map(|a| a.id)
+        .collect();
+    assert_eq!(ids, vec![id], "resumed, not attached again");
+    // The control service goes away; the front end restarts without it.
+    if let Some(mut m) = c.meta.take() {
+        let _ = m.kill();
+        let _ = m.wait();
+    }
+    let _ = fe.kill();
+    let _ = fe.wait();
+    let (mut fe, took) = spawn_front_end(&spec, &sock, &log);
+    println!(
+        "restart with the control service down: serving after {} ms",
+        took.as_millis()
+    );
+    assert!(
+        took < Duration::from_secs(1),
+        "a restarted front end serves within 1 s ({} ms)",
+        took.as_millis()
+    );
+    qemu_io(&sock, "read -P 0x5a 0 64k");
+    qemu_io(&sock, "read -P 0x6b 64k 64k");
+    qemu_io(&sock, "write -P 0x7c 128k 64k");
+    qemu_io(&sock, "read -P 0x7c 128k 64k");
+    let _ = fe.kill();
+    let _ = fe.wait();
 }
