@@ -1036,7 +1036,7 @@ fn spawn_front_end(
 ) -> (std::process::Child, Duration) {
     let _ = std::fs::remove_file(sock);
     let started = Instant::now();
-    let child = std::process::Command::new(BIN)
+    let mut child = std::process::Command::new(BIN)
         .args(["nbd", "serve", "--device", spec, "--socket"])
         .arg(sock)
         .stdout(std::process::Stdio::null())
@@ -1053,11 +1053,14 @@ fn spawn_front_end(
         if ok {
             return (child, started.elapsed());
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "the front end did not serve: {}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
+        if started.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "the front end did not serve: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
 }
