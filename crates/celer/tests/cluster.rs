@@ -1028,7 +1028,9 @@ fn a_forced_take_over_fences_the_old_holder_while_it_writes() {
 
 /// Spawns `celer nbd serve` of a cluster volume on `sock`, keeping its
 /// attachment in `file`; waits until qemu-io can read through it and
-/// returns the process and how long that took.
+/// returns the process (the caller kills and waits for it) and how long
+/// that took.
+#[allow(clippy::zombie_processes)]
 fn spawn_front_end(
     spec: &str,
     sock: &std::path::Path,
