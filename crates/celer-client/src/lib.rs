@@ -349,22 +349,10 @@ impl Client {
             partitions = table.partition_count(),
             "client connected"
         );
-        let serial: String = format!("celer-vol-{}", cfg.volume)
-            .chars()
-            .take(20)
-            .collect();
         let size_bytes = cfg.size_bytes;
         let read_only = matches!(&cfg.credential, Credential::Attachment { capability, .. } if capability.read_only);
         Ok(Client {
-            info: DeviceInfo {
-                size_bytes: cfg.size_bytes,
-                block_size_bytes: BLOCK_BYTES as u32,
-                read_only,
-                supports_discard: true,
-                supports_write_zeroes: true,
-                max_request_bytes: REQUEST_MAX_BYTES,
-                serial,
-            },
+            info: volume_info(cfg.volume, cfg.size_bytes, read_only),
             shared: Arc::new(Shared {
                 hlc: hlc::Hlc::with_skew(cfg.clock_skew_ms),
                 size_bytes: AtomicU64::new(size_bytes),
@@ -467,6 +455,20 @@ impl BlockDevice for Client {
     fn open_queue(&self, index: usize) -> Result<Box<dyn DeviceQueue>, IoError> {
         let q = queue::ClientQueue::open(index, &self.cfg, &self.info, self.shared.clone())?;
         Ok(Box::new(q))
+    }
+}
+
+/// What a client of `volume` shows its front end (the same before it
+/// connects: a migration destination shows it before it takes over).
+pub fn volume_info(volume: u64, size_bytes: u64, read_only: bool) -> DeviceInfo {
+    DeviceInfo {
+        size_bytes,
+        block_size_bytes: BLOCK_BYTES as u32,
+        read_only,
+        supports_discard: true,
+        supports_write_zeroes: true,
+        max_request_bytes: REQUEST_MAX_BYTES,
+        serial: format!("celer-vol-{volume}").chars().take(20).collect(),
     }
 }
 

@@ -491,7 +491,7 @@ pub fn serve_vhost(
 
 /// Parses the text after `cluster:` and opens the volume; the watch follows
 /// its size.
-pub fn open_spec(spec: &str, purpose: &str) -> Result<(Arc<Client>, SizeWatch)> {
+pub fn open_spec(spec: &str, purpose: &str) -> Result<Opened> {
     let mut parts = spec.split(',');
     let volume = parts.next().filter(|v| !v.is_empty()).ok_or_else(|| {
         anyhow::anyhow!(
@@ -501,9 +501,14 @@ pub fn open_spec(spec: &str, purpose: &str) -> Result<(Arc<Client>, SizeWatch)> 
     let mut metas: Vec<String> = Vec::new();
     let mut token = std::env::var("CELER_TOKEN").ok();
     let mut opts = AttachOptions::exclusive(purpose);
+    let mut handoff = false;
     for kv in parts {
         if kv == "force" {
             opts.force = true;
+            continue;
+        }
+        if kv == "handoff" {
+            handoff = true;
             continue;
         }
         match kv.split_once('=') {
@@ -525,7 +530,7 @@ pub fn open_spec(spec: &str, purpose: &str) -> Result<(Arc<Client>, SizeWatch)> 
                 anyhow::ensure!(token.is_some(), "token file {v} holds no token");
             }
             _ => anyhow::bail!(
-                "unknown cluster device option `{kv}`: use meta=URL, token=SECRET, token-file=PATH, mode=exclusive|shared, force or attachment-file=PATH"
+                "unknown cluster device option `{kv}`: use meta=URL, token=SECRET, token-file=PATH, mode=exclusive|shared, force, handoff or attachment-file=PATH"
             ),
         }
     }
@@ -539,8 +544,197 @@ pub fn open_spec(spec: &str, purpose: &str) -> Result<(Arc<Client>, SizeWatch)> 
             "cluster device needs the cluster token: token=SECRET, token-file=PATH or CELER_TOKEN"
         )
     })?;
+    if handoff {
+        return Ok(Opened::Handoff(HandoffState::new(
+            &meta, &token, volume, opts,
+        )?));
+    }
     // A long-running front end keeps its attachment (resumed from its file
     // after a restart, or ended with `celer volume detach`).
     let (client, _keep) = open_client(&meta, &token, volume, &opts)?;
-    Ok((client, SizeWatch::new(&meta, &token, volume)))
+    Ok(Opened::Attached(
+        client,
+        SizeWatch::new(&meta, &token, volume),
+    ))
+}
+
+/// A cluster device as `open_spec` opened it.
+pub enum Opened {
+    /// Attached and connected; the watch follows the volume's size.
+    Attached(Arc<Client>, SizeWatch),
+    /// A migration destination, attaching at its first I/O.
+    Handoff(HandoffDevice),
+}
+
+/// `cluster:VOLUME,...,handoff`: the device of a live migration's
+/// destination. It shows the volume as the source's does (size, serial)
+/// from the start, so QEMU can set up the incoming VM, but attaches only
+/// at its first I/O, with `force`: the source's attachment is ended and
+/// fenced right then (the control service answers once every live node
+/// refuses its writes), so ownership passes at the switch-over and never
+/// both can write. QEMU stops the source's rings (and the source back end
+/// finishes their requests) before the destination's guest runs, so the
+/// first I/O comes after the source's last.
+///
+/// The take-over runs on the first queue that submits (a few ms; up to
+/// the control service's fence deadline if a node does not confirm); the
+/// other queues then open on the same client.
+pub struct HandoffState {
+    info: celer_device::DeviceInfo,
+    meta: String,
+    token: String,
+    volume: String,
+    opts: AttachOptions,
+    /// Set at the first I/O. Locked only when a queue opens its client
+    /// queue (once per queue), never per I/O.
+    client: std::sync::Mutex<Option<Arc<Client>>>,
+}
+
+impl HandoffState {
+    fn new(
+        meta: &str,
+        token: &str,
+        volume: &str,
+        mut opts: AttachOptions,
+    ) -> Result<HandoffDevice> {
+        let v = MetaClient::new(meta, token)
+            .volume(volume)
+            .with_context(|| format!("volume `{volume}` at the control service {meta}"))?;
+        opts.force = true;
+        opts.mode = AttachMode::Exclusive;
+        tracing::info!(
+            volume,
+            "migration destination: the volume is taken over at the first I/O"
+        );
+        Ok(HandoffDevice(Arc::new(HandoffState {
+            info: celer_client::volume_info(v.id, v.size_bytes, opts.read_only),
+            meta: meta.to_string(),
+            token: token.to_string(),
+            volume: volume.to_string(),
+            opts,
+            client: std::sync::Mutex::new(None),
+        })))
+    }
+
+    /// The client, attaching (taking over) on the first call.
+    fn client(&self) -> Result<Arc<Client>> {
+        let mut c = self.client.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = c.as_ref() {
+            return Ok(c.clone());
+        }
+        let started = std::time::Instant::now();
+        let (client, _keep) = open_client(&self.meta, &self.token, &self.volume, &self.opts)?;
+        tracing::info!(
+            volume = self.volume,
+            took_ms = started.elapsed().as_millis() as u64,
+            "took the volume over at the first I/O"
+        );
+        *c = Some(client.clone());
+        Ok(client)
+    }
+}
+
+/// The block device of a [`HandoffState`]: queues that attach at their
+/// first I/O.
+pub struct HandoffDevice(Arc<HandoffState>);
+
+impl BlockDevice for HandoffDevice {
+    fn info(&self) -> celer_device::DeviceInfo {
+        self.0.info.clone()
+    }
+
+    fn open_queue(
+        &self,
+        index: usize,
+    ) -> Result<Box<dyn celer_device::DeviceQueue>, celer_device::IoError> {
+        // SAFETY: plain syscall; checked.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(celer_device::IoError::Io(format!(
+                "epoll_create1: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        // SAFETY: a fresh descriptor nobody else owns.
+        let epfd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        Ok(Box::new(HandoffQueue {
+            dev: self.0.clone(),
+            index,
+            inner: None,
+            epfd,
+        }))
+    }
+}
+
+/// A queue of a [`HandoffDevice`]: empty until its first request, then the
+/// client's queue. Its completion fd is an epoll set that holds the client
+/// queue's once there is one, so the front end's wait works before and
+/// after.
+struct HandoffQueue {
+    dev: Arc<HandoffState>,
+    index: usize,
+    inner: Option<Box<dyn celer_device::DeviceQueue>>,
+    epfd: std::os::fd::OwnedFd,
+}
+
+impl HandoffQueue {
+    fn open_inner(
+        &mut self,
+    ) -> Result<&mut Box<dyn celer_device::DeviceQueue>, celer_device::IoError> {
+        use std::os::fd::AsRawFd;
+        if self.inner.is_none() {
+            let client = self.dev.client().map_err(|e| {
+                celer_device::IoError::Io(format!("take-over at the first I/O: {e:#}"))
+            })?;
+            let q = client.open_queue(self.index)?;
+            if let Some(fd) = q.completion_fd() {
+                let mut ev = libc::epoll_event {
+                    events: libc::EPOLLIN as u32,
+                    u64: 0,
+                };
+                // SAFETY: both descriptors are open; `ev` is a local.
+                let r = unsafe {
+                    libc::epoll_ctl(self.epfd.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev)
+                };
+                if r < 0 {
+                    return Err(celer_device::IoError::Io(format!(
+                        "epoll_ctl: {}",
+                        std::io::Error::last_os_error()
+                    )));
+                }
+            }
+            self.inner = Some(q);
+        }
+        self.inner
+            .as_mut()
+            .ok_or_else(|| celer_device::IoError::Io("no client queue".into()))
+    }
+}
+
+impl celer_device::DeviceQueue for HandoffQueue {
+    unsafe fn submit(
+        &mut self,
+        req: &celer_device::IoRequest<'_>,
+    ) -> Result<(), celer_device::IoError> {
+        let q = self.open_inner()?;
+        // SAFETY: the caller's guarantee, passed on.
+        unsafe { q.submit(req) }
+    }
+
+    fn poll(&mut self, done: &mut dyn FnMut(celer_device::IoCompletion)) -> usize {
+        self.inner.as_mut().map_or(0, |q| q.poll(done))
+    }
+
+    fn inflight(&self) -> usize {
+        self.inner.as_ref().map_or(0, |q| q.inflight())
+    }
+
+    fn inflight_max(&self) -> usize {
+        celer_client::INFLIGHT_MAX
+    }
+
+    fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        Some(self.epfd.as_raw_fd())
+    }
 }

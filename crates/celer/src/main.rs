@@ -234,8 +234,10 @@ fn device_spec(spec: &str, read_only: bool, purpose: &str) -> Result<Option<Open
             !read_only,
             "read-only cluster volumes are not supported yet"
         );
-        let (client, watch) = cluster_dev::open_spec(s, purpose)?;
-        return Ok(Some((client.clone(), Some((client, watch)))));
+        return Ok(Some(match cluster_dev::open_spec(s, purpose)? {
+            cluster_dev::Opened::Attached(client, watch) => (client.clone(), Some((client, watch))),
+            cluster_dev::Opened::Handoff(dev) => (std::sync::Arc::new(dev), None),
+        }));
     }
     Ok(None)
 }

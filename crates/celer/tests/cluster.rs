@@ -1169,3 +1169,103 @@ fn a_restarted_front_end_resumes_its_attachment_even_without_the_control_service
     let _ = fe.kill();
     let _ = fe.wait();
 }
+
+/// A migration destination (`handoff`) shows the volume from the start but
+/// takes it over only at its first I/O: until then the source attachment
+/// is the only one and keeps writing; from then on the source's writes are
+/// refused (fenced) and the destination sees everything the source wrote.
+#[test]
+fn a_handoff_destination_takes_the_volume_over_at_its_first_io() {
+    let c = Cluster::start(std::path::Path::new(BIN), ClusterOpts::default());
+    let meta = c.meta_client();
+    let vol = meta
+        .create_volume(&CreateVolume {
+            name: "vol-migrate".into(),
+            size_bytes: VOLUME_BYTES,
+            replicas: None,
+        })
+        .expect("create");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = format!(
+        "cluster:vol-migrate,meta={},token={}",
+        c.meta_url(),
+        support::cluster::TOKEN
+    );
+    let src_sock = dir.path().join("src.sock");
+    let (mut src, _) = spawn_front_end(&spec, &src_sock, &dir.path().join("src.log"));
+    qemu_io(&src_sock, "write -P 0x11 0 64k");
+    // The destination starts while the source serves: nothing changes.
+    let dst_sock = dir.path().join("dst.sock");
+    let dst_log = dir.path().join("dst.log");
+    let _ = std::fs::remove_file(&dst_sock);
+    let mut dst = std::process::Command::new(BIN)
+        .args([
+            "nbd",
+            "serve",
+            "--device",
+            &format!("{spec},handoff"),
+            "--socket",
+        ])
+        .arg(&dst_sock)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&dst_log).expect("log"))
+        .spawn()
+        .expect("spawn the destination");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&dst_sock).is_err() {
+        if Instant::now() > deadline {
+            let _ = dst.kill();
+            let _ = dst.wait();
+            panic!(
+                "destination not listening: {}",
+                std::fs::read_to_string(&dst_log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let attached = |meta: &celer_meta::MetaClient| -> Vec<u32> {
+        meta.attachments()
+            .expect("attachments")
+            .iter()
+            .filter(|a| a.volume_id == vol.id)
+            .map(|a| a.id)
+            .collect()
+    };
+    let before = attached(&meta);
+    assert_eq!(before.len(), 1, "only the source is attached: {before:?}");
+    qemu_io(&src_sock, "write -P 0x22 64k 64k");
+    // The destination's first I/O takes over.
+    let first = Instant::now();
+    qemu_io(&dst_sock, "read -P 0x11 0 64k");
+    println!(
+        "destination's first read, take-over included: {} ms",
+        first.elapsed().as_millis()
+    );
+    qemu_io(&dst_sock, "read -P 0x22 64k 64k");
+    let after = attached(&meta);
+    assert_eq!(after.len(), 1, "one attachment: {after:?}");
+    assert_ne!(after, before, "the destination's replaced the source's");
+    // The source can no longer write; the destination can.
+    let uri = format!("nbd+unix:///?socket={}", src_sock.display());
+    let o = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x33 0 4k", &uri])
+        .output()
+        .expect("qemu-io");
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    println!("the source's write after the take-over: {}", out.trim());
+    assert!(
+        out.contains("write failed"),
+        "the fenced source's write must fail: {out}"
+    );
+    qemu_io(&dst_sock, "read -P 0x11 0 4k");
+    qemu_io(&dst_sock, "write -P 0x44 0 4k");
+    qemu_io(&dst_sock, "read -P 0x44 0 4k");
+    for p in [&mut src, &mut dst] {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
+}
