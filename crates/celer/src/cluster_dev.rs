@@ -545,7 +545,7 @@ pub fn open_spec(spec: &str, purpose: &str) -> Result<Opened> {
         )
     })?;
     if handoff {
-        return Ok(Opened::Handoff(HandoffState::new(
+        return Ok(Opened::Handoff(HandoffState::open(
             &meta, &token, volume, opts,
         )?));
     }
@@ -591,7 +591,8 @@ pub struct HandoffState {
 }
 
 impl HandoffState {
-    fn new(
+    /// Reads the volume's record (no attachment yet).
+    fn open(
         meta: &str,
         token: &str,
         volume: &str,
