@@ -7,6 +7,7 @@ mod daemon_config;
 mod device_metrics;
 mod engine_cmd;
 mod fio;
+mod libvirt;
 mod meta_cmd;
 mod node_cmd;
 mod up;
@@ -68,6 +69,31 @@ enum NodeCommand {
 enum VhostCommand {
     /// Listen on a Unix socket and serve a device as a virtio-blk disk.
     Serve(celer_vhost::cli::ServeArgs),
+    /// Print libvirt domain XML for a disk on a vhost-user-blk socket.
+    LibvirtXml(LibvirtXmlArgs),
+}
+
+#[derive(clap::Args)]
+struct LibvirtXmlArgs {
+    /// The socket `celer vhost serve` listens on.
+    #[arg(long)]
+    socket: std::path::PathBuf,
+    /// Queues (as `celer vhost serve --queues`).
+    #[arg(long, default_value_t = 1)]
+    queues: usize,
+    /// The guest's device name.
+    #[arg(long, default_value = "vdb")]
+    target: String,
+    /// Print a whole domain with this name (else the disk and memoryBacking
+    /// elements to add to one).
+    #[arg(long)]
+    domain: Option<String>,
+    /// Guest memory of the whole domain, MiB.
+    #[arg(long, default_value_t = 1024)]
+    memory_mib: u64,
+    /// vCPUs of the whole domain.
+    #[arg(long, default_value_t = 2)]
+    vcpus: u32,
 }
 
 #[derive(Subcommand)]
@@ -171,6 +197,32 @@ fn run(cli: Cli) -> Result<()> {
             let dev = with_metrics(dev, client, a.metrics_listen)?;
             // The guest is told when the volume grows.
             cluster_dev::serve_vhost(&a, dev, cluster)
+        }
+        Command::Vhost(VhostCommand::LibvirtXml(a)) => {
+            anyhow::ensure!(
+                (1..=64).contains(&a.queues),
+                "--queues {}: 1 to 64",
+                a.queues
+            );
+            match &a.domain {
+                Some(name) => print!(
+                    "{}",
+                    libvirt::domain_xml(
+                        name,
+                        a.memory_mib,
+                        a.vcpus,
+                        &a.socket,
+                        a.queues,
+                        &a.target
+                    )
+                ),
+                None => print!(
+                    "{}{}",
+                    libvirt::MEMORY_BACKING,
+                    libvirt::disk_xml(&a.socket, a.queues, &a.target, "")
+                ),
+            }
+            Ok(())
         }
         Command::Nbd(NbdCommand::Serve(a)) => {
             let (dev, cluster) = match device_spec(&a.device, a.read_only, "nbd")? {

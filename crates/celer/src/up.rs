@@ -336,15 +336,15 @@ fn print_attach(
     println!();
     println!("libvirt domain XML:");
     println!();
-    println!("  <memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>");
-    println!("  <disk type='vhostuser' device='disk'>");
-    println!("    <driver name='qemu' type='raw' queues='{}'/>", a.queues);
+    for l in crate::libvirt::MEMORY_BACKING.lines() {
+        println!("  {l}");
+    }
+    print!("{}", crate::libvirt::disk_xml(vhost, a.queues, "vdb", "  "));
     println!(
-        "    <source type='unix' path='{}'><reconnect enabled='yes' timeout='10'/></source>",
-        vhost.display()
+        "  (a whole domain: celer vhost libvirt-xml --socket {} --queues {} --domain NAME)",
+        vhost.display(),
+        a.queues
     );
-    println!("    <target dev='vdb' bus='virtio'/>");
-    println!("  </disk>");
     println!();
     println!(
         "Or over NBD: qemu-img info 'nbd+unix:///{name}?socket={}'",
