@@ -438,6 +438,34 @@ fn shards_run_on_their_own_threads() {
             })
         })
         .collect();
-    let total: usize = handles.into_iter().map(|h| h.join().expect("thread")).sum();
-    assert_eq!(total, 64);
+    let per_shard: Vec<usize> = handles
+        .into_iter()
+        .map(|h| h.join().expect("thread"))
+        .collect();
+    // Every shard had chunks of its own to write on its thread.
+    assert!(
+        per_shard.iter().all(|&n| n > 0),
+        "chunks per shard: {per_shard:?}"
+    );
+    // What each thread wrote through its shard is on disk where the shard
+    // map says: reopened, every chunk reads back from the shard that owns
+    // it, all on this one thread now.
+    let mut shards = Engine::open(&path, &OpenOptions::default())
+        .expect("reopen")
+        .into_shards();
+    for c in 0..64u64 {
+        let id = celer_engine::shard_for(&g, 9, c);
+        let sh = shards
+            .iter_mut()
+            .find(|s| s.id() == id)
+            .expect("the owning shard");
+        expect_pattern(
+            &read(sh, 9, c * 16 * BS as u64, 16).expect("read after reopen"),
+            2000 + c,
+            c * 16,
+        );
+    }
+    for sh in shards {
+        sh.close().expect("close");
+    }
 }

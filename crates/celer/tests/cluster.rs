@@ -58,13 +58,24 @@ struct Load {
 }
 
 fn start_load(dev: &Arc<dyn BlockDevice>, queues: usize, depth: usize) -> Load {
+    start_load_at(dev, 0, queues, depth)
+}
+
+/// [`start_load`] over the `WORK_BLOCKS` blocks from `first_block`.
+fn start_load_at(
+    dev: &Arc<dyn BlockDevice>,
+    first_block: u64,
+    queues: usize,
+    depth: usize,
+) -> Load {
     let stop = Arc::new(AtomicBool::new(false));
     let per = WORK_BLOCKS / queues as u64;
     let threads = (0..queues)
         .map(|q| {
             let (dev, stop) = (dev.clone(), stop.clone());
             std::thread::spawn(move || {
-                workload::run(dev, q, q as u64 * per, per, depth, stop, 0x5eed + q as u64)
+                let first = first_block + q as u64 * per;
+                workload::run(dev, q, first, per, depth, stop, 0x5eed + first)
             })
         })
         .collect();
@@ -173,6 +184,24 @@ fn verify_with(
     }
 }
 
+/// The fail-over goal: no client request waits longer than this while a
+/// node dies or is cut off (docs/architecture.md, "Failures, measured").
+const PAUSE_MAX: Duration = Duration::from_secs(2);
+
+/// "No stall": the longest request while something the data path does not
+/// depend on fails (the control leader). A node fail-over pause is 0.8-1 s
+/// here; ordinary requests take milliseconds.
+const STALL_MAX: Duration = Duration::from_millis(500);
+
+/// The longest request of any queue.
+fn longest(reports: &[Report]) -> Duration {
+    reports
+        .iter()
+        .map(|r| r.max_latency)
+        .max()
+        .unwrap_or_default()
+}
+
 #[test]
 fn kill_and_restart_nodes_under_load() {
     let mut c = Cluster::start(std::path::Path::new(BIN), ClusterOpts::default());
@@ -211,7 +240,12 @@ fn kill_and_restart_nodes_under_load() {
     println!(
         "route change after a kill: {pauses:?}; longest client request (the I/O pause): {worst:?}"
     );
-    assert!(worst < Duration::from_secs(3), "I/O paused {worst:?}");
+    // docs/architecture.md "Failures, measured": the pause stays under the
+    // 2 s fail-over goal.
+    assert!(
+        worst < PAUSE_MAX,
+        "I/O paused {worst:?} (goal {PAUSE_MAX:?})"
+    );
     verify(c, &dev, volume, &reports);
 }
 
@@ -248,6 +282,12 @@ fn partition_round(cut: fn(&Cluster, usize, bool)) {
     );
     std::thread::sleep(Duration::from_secs(1));
     let reports = stop_load(load);
+    let worst = longest(&reports);
+    println!("longest client request (the I/O pause): {worst:?}");
+    assert!(
+        worst < PAUSE_MAX,
+        "I/O paused {worst:?} (goal {PAUSE_MAX:?})"
+    );
     verify(c, &dev, volume, &reports);
 }
 
@@ -456,6 +496,18 @@ fn the_control_leader_dies_and_io_goes_on() {
         t0.elapsed()
     );
     std::thread::sleep(Duration::from_secs(1));
+    // No I/O stall: the data path does not need the control service, so
+    // its takeover shows in no request (a request that waited for a
+    // fail-over would take most of a second).
+    let during = stop_load(load);
+    let worst = longest(&during);
+    println!("longest client request during the takeover: {worst:?}");
+    assert!(
+        worst < STALL_MAX,
+        "a request waited {worst:?} while the control leader changed"
+    );
+    // A second load, on other blocks (its model starts empty).
+    let load = start_load_at(&dev, WORK_BLOCKS, 1, 8);
     // The volume and the table survived the takeover.
     assert!(c.meta_client().volume("vol-ha").is_ok());
     // The new leader handles a node failure.
@@ -474,7 +526,16 @@ fn the_control_leader_dies_and_io_goes_on() {
     let t = c.wait_healthy(Duration::from_secs(120));
     println!("healthy again at epoch {}", t.epoch);
     let reports = stop_load(load);
-    verify(c, &dev, volume, &reports);
+    let worst = longest(&reports);
+    println!("longest client request across the node's fail-over: {worst:?}");
+    assert!(
+        worst < PAUSE_MAX,
+        "I/O paused {worst:?} (goal {PAUSE_MAX:?})"
+    );
+    // Every acknowledged write of both loads reads back.
+    let mut all = during;
+    all.extend(reports);
+    verify(c, &dev, volume, &all);
 }
 
 /// The control service's rebalance figures at one moment: the cluster's
