@@ -352,3 +352,56 @@ fn libvirt_domain_xml_validates_against_the_schema() {
         "--queues 0",
     );
 }
+
+/// One process per disk, from the command line: while `celer nbd serve`
+/// holds an engine disk, `celer engine check`, `format` and `rebuild` of it
+/// are refused with a message that says why; once it stops, check works.
+#[test]
+fn engine_commands_refuse_a_disk_in_use() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = dir.path().join("d.img");
+    let d = disk.to_str().expect("utf-8 path");
+    succeeds(&["engine", "format", "--disk", d, "--size", "256M"]);
+    let sock = dir.path().join("nbd.sock");
+    let mut server = Command::new(env!("CARGO_BIN_EXE_celer"))
+        .args([
+            "nbd",
+            "serve",
+            "--device",
+            &format!("engine:{d},volume=1,size=64M"),
+            "--socket",
+        ])
+        .arg(&sock)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn celer nbd serve");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !sock.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let held = sock.exists();
+    let results: Vec<(String, Output)> = [
+        vec!["engine", "check", "--disk", d],
+        vec!["engine", "rebuild", "--disk", d],
+        vec!["engine", "format", "--disk", d, "--size", "256M", "--force"],
+    ]
+    .into_iter()
+    .map(|args| (args.join(" "), celer(&args)))
+    .collect();
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(held, "the server did not start");
+    for (what, out) in results {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "`celer {what}` of a disk in use succeeded"
+        );
+        assert!(
+            err.contains("in use by another process"),
+            "`celer {what}`: {err}"
+        );
+    }
+    succeeds(&["engine", "check", "--disk", d]);
+}
