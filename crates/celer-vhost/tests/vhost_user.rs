@@ -166,6 +166,13 @@ fn negotiates_features_and_serves_config_space() {
         Some(celer_vhost::request::SEG_MAX as u32)
     );
     assert_eq!(fe.config_u32(20), Some(512)); // blk_size
+    // Topology: 4 KiB physical blocks (2^3 logical ones), min I/O 4 KiB,
+    // optimal 128 KiB, discards aligned to physical blocks.
+    assert!(fe.features & (1 << VIRTIO_BLK_F_TOPOLOGY) != 0);
+    assert_eq!(fe.config_u16(24).map(|v| v & 0xff), Some(3)); // physical_block_exp
+    assert_eq!(fe.config_u16(26), Some(8)); // min_io_size
+    assert_eq!(fe.config_u32(28), Some(256)); // opt_io_size
+    assert_eq!(fe.config_u32(44), Some(8)); // discard_sector_alignment
     assert_eq!(fe.config_u16(34), Some(2)); // num_queues
     assert_eq!(fe.config_u32(40), Some(1)); // max_discard_seg
     assert!(fe.config_u32(36).unwrap() > 0); // max_discard_sectors

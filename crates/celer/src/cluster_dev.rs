@@ -50,7 +50,8 @@ pub fn open_client(meta: &str, token: &str, volume: &str) -> Result<Arc<Client>>
         .map(|n| n.data_addr.clone())
         .collect();
     anyhow::ensure!(!seeds.is_empty(), "no storage node is up");
-    let cfg = ClientConfig::new(seeds, vol.id, vol.size_bytes, credential_of(&att)?);
+    let mut cfg = ClientConfig::new(seeds, vol.id, vol.size_bytes, credential_of(&att)?);
+    cfg.sector_bytes = vol.sector_size_bytes;
     let client = Client::connect(cfg).with_context(|| format!("connect to volume `{volume}`"))?;
     tracing::info!(
         volume,

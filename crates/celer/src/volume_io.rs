@@ -239,6 +239,7 @@ pub fn import(a: &ImportArgs) -> Result<()> {
                     name: a.name.clone(),
                     size_bytes: want_bytes,
                     replicas: None,
+                    sector_size_bytes: None,
                 })
                 .map_err(human)
                 .with_context(|| format!("create volume `{}`", a.name))?;

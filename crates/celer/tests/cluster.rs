@@ -33,6 +33,7 @@ fn volume_client(c: &Cluster, name: &str) -> (u64, Arc<dyn BlockDevice>) {
                 name: name.into(),
                 size_bytes: VOLUME_BYTES,
                 replicas: None,
+                sector_size_bytes: None,
             })
             .expect("create volume"),
     };
