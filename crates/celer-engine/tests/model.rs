@@ -208,9 +208,7 @@ fn run(steps: Vec<Step>) {
                 for (b, m) in bufs.iter_mut().zip(&muts) {
                     let len = b.len();
                     segs.push([match m.sectors {
-                        Some((first, n)) => {
-                            seg(b, first as usize * SECTOR, n as usize * SECTOR)
-                        }
+                        Some((first, n)) => seg(b, first as usize * SECTOR, n as usize * SECTOR),
                         None => seg(b, 0, len),
                     }]);
                 }

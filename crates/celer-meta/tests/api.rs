@@ -479,7 +479,10 @@ fn volume_lifecycle_survives_a_restart() {
 
     let a = c.create_volume(&vol("vm-a", 10 << 30)).expect("create a");
     assert_eq!((a.id, a.replicas, a.size_bytes), (1, 3, 10 << 30));
-    assert_eq!(a.sector_size_bytes, 512, "new volumes default to 512-byte sectors");
+    assert_eq!(
+        a.sector_size_bytes, 512,
+        "new volumes default to 512-byte sectors"
+    );
     let b = c
         .create_volume(&CreateVolume {
             replicas: Some(2),

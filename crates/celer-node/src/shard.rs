@@ -509,7 +509,9 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
 fn large_bytes(h: &Header) -> usize {
     let bytes = match h.op {
         // A read of sectors reads the whole blocks around them.
-        Op::Read => (h.offset as usize % BLOCK_SIZE + h.length as usize).next_multiple_of(BLOCK_SIZE),
+        Op::Read => {
+            (h.offset as usize % BLOCK_SIZE + h.length as usize).next_multiple_of(BLOCK_SIZE)
+        }
         Op::Write | Op::WritePrimary => h.length as usize,
         // State table and data.
         Op::BackfillRead => h.length as usize + h.length as usize / BLOCK_SIZE * STATE_BYTES,
@@ -1084,7 +1086,8 @@ impl ShardLoop {
         // blocks around them and the response carries the range.
         let at = (h.offset % BLOCK_SIZE as u64) as usize;
         if kind == OpKind::Read
-            && (!h.offset.is_multiple_of(SECTOR_BYTES) || !(len as u64).is_multiple_of(SECTOR_BYTES))
+            && (!h.offset.is_multiple_of(SECTOR_BYTES)
+                || !(len as u64).is_multiple_of(SECTOR_BYTES))
         {
             return self.reject(c, h, Status::Invalid);
         }

@@ -270,10 +270,10 @@ fn config_space(info: &DeviceInfo, num_queues: u16) -> [u8; CONFIG_SPACE_BYTES] 
     put(8, &SEGMENT_MAX_BYTES.to_le_bytes()); // size_max
     put(12, &(SEG_MAX as u32).to_le_bytes()); // seg_max
     put(20, &info.block_size_bytes.to_le_bytes()); // blk_size
-    // Topology: physical blocks of PHYSICAL_BLOCK_BYTES (what the storage
-    // versions and stores; smaller writes are merged on the nodes), so the
-    // guest aligns its file systems and I/O to them. Counts are in logical
-    // blocks (blk_size).
+                                                   // Topology: physical blocks of PHYSICAL_BLOCK_BYTES (what the storage
+                                                   // versions and stores; smaller writes are merged on the nodes), so the
+                                                   // guest aligns its file systems and I/O to them. Counts are in logical
+                                                   // blocks (blk_size).
     let blk = info.block_size_bytes.max(512);
     let per_physical = (PHYSICAL_BLOCK_BYTES / blk).max(1);
     put(24, &[per_physical.trailing_zeros() as u8]); // physical_block_exp
@@ -281,8 +281,9 @@ fn config_space(info: &DeviceInfo, num_queues: u16) -> [u8; CONFIG_SPACE_BYTES] 
     put(26, &(per_physical as u16).to_le_bytes()); // min_io_size
     put(28, &(OPT_IO_BYTES / blk).to_le_bytes()); // opt_io_size
     put(34, &num_queues.to_le_bytes()); // num_queues
-    // Discards of whole physical blocks: a partial one costs a merge.
-    let align_sectors = (info.block_size_bytes.max(PHYSICAL_BLOCK_BYTES) as u64 / sector_bytes) as u32;
+                                        // Discards of whole physical blocks: a partial one costs a merge.
+    let align_sectors =
+        (info.block_size_bytes.max(PHYSICAL_BLOCK_BYTES) as u64 / sector_bytes) as u32;
     if info.supports_discard {
         put(36, &RANGE_MAX_SECTORS.to_le_bytes()); // max_discard_sectors
         put(40, &1u32.to_le_bytes()); // max_discard_seg

@@ -166,8 +166,8 @@ fn negotiates_features_and_serves_config_space() {
         Some(celer_vhost::request::SEG_MAX as u32)
     );
     assert_eq!(fe.config_u32(20), Some(512)); // blk_size
-    // Topology: 4 KiB physical blocks (2^3 logical ones), min I/O 4 KiB,
-    // optimal 128 KiB, discards aligned to physical blocks.
+                                              // Topology: 4 KiB physical blocks (2^3 logical ones), min I/O 4 KiB,
+                                              // optimal 128 KiB, discards aligned to physical blocks.
     assert!(fe.features & (1 << VIRTIO_BLK_F_TOPOLOGY) != 0);
     assert_eq!(fe.config_u16(24).map(|v| v & 0xff), Some(3)); // physical_block_exp
     assert_eq!(fe.config_u16(26), Some(8)); // min_io_size
