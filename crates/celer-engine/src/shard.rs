@@ -230,6 +230,8 @@ struct Op {
     merge_crc: u32,
     /// The block a sector write is merged into (one per op, from start-up).
     merge_buf: AlignedBuf,
+    /// Submission order (a shard-wide counter).
+    seq: u64,
 }
 
 // SAFETY: the raw pointers an op holds (segments, iovecs) point into memory
@@ -477,6 +479,8 @@ pub struct Shard {
     cq_budget: u32,
     max_request_blocks: u16,
     stats: ShardStats,
+    /// Ops submitted so far (`Op::seq`).
+    submitted: u64,
 }
 
 pub(crate) struct ShardInit {
@@ -576,6 +580,7 @@ impl Shard {
                 merged: false,
                 merge_crc: 0,
                 merge_buf: AlignedBuf::new(1),
+                seq: 0,
             })
             .collect();
         let jbufs = (0..JOURNAL_BUFS)
@@ -624,6 +629,7 @@ impl Shard {
             cq_budget: CQ_ENTRIES - 64,
             max_request_blocks,
             stats: ShardStats::default(),
+            submitted: 0,
         })
     }
 
@@ -862,6 +868,8 @@ impl Shard {
         op.sub_len = if sectors { len_bytes as u16 } else { 0 };
         op.holding = false;
         op.merged = false;
+        self.submitted += 1;
+        op.seq = self.submitted;
         op.cursor = 0;
         op.version = req.version;
         op.epoch = req.epoch;
@@ -1260,7 +1268,7 @@ impl Shard {
             // block: plan_phase writes it, or skips it as any write.
             return self.plan_phase(id, local);
         }
-        if slot.is_held(b) || !self.sqe_room(1) || self.block_busy(id, local, b) {
+        if slot.is_held(b) || !self.sqe_room(1) || self.block_busy(id, b) {
             return self.defer(id);
         }
         let slot_index = self.g.slot_of(self.id, local as u64);
@@ -1296,24 +1304,32 @@ impl Shard {
         );
     }
 
-    /// Whether another op has a mutation of block `b` of slot `local`
-    /// planned and not yet committed.
-    fn block_busy(&self, id: u32, local: u32, b: u16) -> bool {
-        let slot = self.slots[local as usize]
-            .as_ref()
-            .expect("slot of running op");
-        if slot.ops_inflight <= 1 {
+    /// Whether the sector write `id` must wait before it reads block `b`:
+    /// an op submitted before it will write the block (running or waiting),
+    /// or one submitted after it has planned a write of the block and not
+    /// committed it yet. So a sector write merges into the committed content,
+    /// after the writes submitted before it (for one writer, its version
+    /// order: an older write of it is not refused as older because a newer
+    /// one went first), and its journal record follows theirs.
+    fn block_busy(&self, id: u32, b: u16) -> bool {
+        if self.inflight() <= 1 {
             return false;
         }
+        let me = &self.ops[id as usize];
         self.ops.iter().enumerate().any(|(j, o)| {
             j as u32 != id
-                && o.local_slot == local
-                && o.stage == Stage::Running
+                && o.stage != Stage::Idle
+                && o.volume == me.volume
+                && o.chunk == me.chunk
                 && matches!(
                     o.op,
                     EngineOp::Write | EngineOp::WriteZeroes | EngineOp::Discard
                 )
-                && (o.first..o.first + o.cursor).contains(&b)
+                && if o.seq < me.seq {
+                    (o.first..o.first + o.count).contains(&b)
+                } else {
+                    o.stage == Stage::Running && (o.first..o.first + o.cursor).contains(&b)
+                }
         })
     }
 
