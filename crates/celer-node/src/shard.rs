@@ -19,7 +19,10 @@ use celer_engine::{
     BLOCK_SIZE,
 };
 use celer_proto::auth::{Credential, HelloProof, Peer, NONCE_BYTES};
-use celer_proto::{clock_limit_at, version_clock, version_writer, Header, Kind, Op, Status};
+use celer_proto::{
+    clock_limit_at, version_clock, version_writer, Header, Kind, Op, Status, FLAG_SECTORS,
+    SECTOR_BYTES,
+};
 use celer_route::NodeId;
 
 use crate::conn::{Conn, ConnAuth, Frame, Next, SEND_HIGH_BYTES, SEND_LOW_BYTES};
@@ -101,6 +104,9 @@ struct NodeOp {
     buf: AlignedBuf,
     /// Bytes of `buf` the response carries.
     len: usize,
+    /// A read of sectors: where in `buf` (whole blocks) the requested range
+    /// starts.
+    at: usize,
     /// Engine request + forwards not yet answered.
     pending: u32,
     status: Status,
@@ -273,6 +279,7 @@ pub(crate) fn run(
             req: Header::request(Op::Ping, 0),
             buf: AlignedBuf::new(1),
             len: 0,
+            at: 0,
             pending: 0,
             status: Status::Ok,
             forwards: [(0, 0); 8],
@@ -513,7 +520,11 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
 /// The op buffer a request needs if it is large (see OP_LARGE_BYTES), else 0.
 fn large_bytes(h: &Header) -> usize {
     let bytes = match h.op {
-        Op::Read | Op::Write | Op::WritePrimary => h.length as usize,
+        // A read of sectors reads the whole blocks around them.
+        Op::Read => {
+            (h.offset as usize % BLOCK_SIZE + h.length as usize).next_multiple_of(BLOCK_SIZE)
+        }
+        Op::Write | Op::WritePrimary => h.length as usize,
         // State table and data.
         Op::BackfillRead => h.length as usize + h.length as usize / BLOCK_SIZE * STATE_BYTES,
         _ => 0,
@@ -1124,6 +1135,15 @@ impl ShardLoop {
         }
         let len = h.length as usize;
         let _ = p;
+        // Reads may address 512-byte sectors: the engine reads the whole
+        // blocks around them and the response carries the range.
+        let at = (h.offset % BLOCK_SIZE as u64) as usize;
+        if kind == OpKind::Read
+            && (!h.offset.is_multiple_of(SECTOR_BYTES)
+                || !(len as u64).is_multiple_of(SECTOR_BYTES))
+        {
+            return self.reject(c, h, Status::Invalid);
+        }
         let (table_bytes, total) = match kind {
             OpKind::BackfillServe => {
                 if h.length as u64 > BACKFILL_PIECE_BYTES {
@@ -1137,9 +1157,15 @@ impl ShardLoop {
                 let tb = (len / BLOCK_SIZE * STATE_BYTES).next_multiple_of(BLOCK_SIZE);
                 (tb, tb + len)
             }
-            _ => (0, len),
+            _ => (0, (at + len).next_multiple_of(BLOCK_SIZE)),
         };
         let id = self.take_op(c, h, kind, total);
+        let (at, len) = if kind == OpKind::Read {
+            (at, total)
+        } else {
+            (0, len)
+        };
+        self.ops[id].at = at;
         if kind == OpKind::BackfillServe {
             let blocks = len / BLOCK_SIZE;
             let mut states = vec![(BlockKind::Unwritten, 0u64); blocks];
@@ -1160,7 +1186,7 @@ impl ShardLoop {
         let req = EngineRequest {
             op: EngineOp::Read,
             volume: h.volume,
-            offset_bytes: h.offset,
+            offset_bytes: h.offset - at as u64,
             len_bytes: len as u64,
             segments: &[seg],
             version: 0,
@@ -1182,6 +1208,23 @@ impl ShardLoop {
             return self.reject(c, &h, Status::Invalid);
         }
         if !has_data && h.payload_bytes != 0 {
+            return self.reject(c, &h, Status::Invalid);
+        }
+        // Whole blocks, or a sector write (merged by the engine).
+        let (offset, len) = (h.offset, h.length as u64);
+        let block = BLOCK_SIZE as u64;
+        let aligned = offset.is_multiple_of(block) && len.is_multiple_of(block);
+        let sectors_ok = h.op == Op::Write
+            && !aligned
+            && offset.is_multiple_of(SECTOR_BYTES)
+            && len.is_multiple_of(SECTOR_BYTES)
+            && offset % block + len <= block;
+        let valid = match h.flags {
+            0 => aligned,
+            FLAG_SECTORS => sectors_ok,
+            _ => false,
+        };
+        if !valid {
             return self.reject(c, &h, Status::Invalid);
         }
         let (p, _, primary) = match self.check_route(&h) {
@@ -1287,6 +1330,7 @@ impl ShardLoop {
             let mut h = op.req;
             h.op = Op::Write;
             h.request_id = ((op.gen as u32) << 16) | id as u32;
+            // (Clients send sector writes as Write, never here.)
             h.flags = 0;
             let gen = self.conns[c].as_ref().map_or(0, |x| x.gen);
             let conn = self.conns[c].as_mut().expect("peer connection");
@@ -1573,7 +1617,9 @@ impl ShardLoop {
             }
             let conn = self.conns[c].as_mut().expect("live");
             let op = &self.ops[id];
-            if status == Status::Ok && matches!(kind, OpKind::Read | OpKind::BackfillServe) {
+            if status == Status::Ok && kind == OpKind::Read {
+                conn.queue(h, &[&op.buf[op.at..op.at + req.length as usize]]);
+            } else if status == Status::Ok && kind == OpKind::BackfillServe {
                 conn.queue(h, &[&op.buf[..len]]);
             } else if status == Status::StaleEpoch {
                 let enc = self
