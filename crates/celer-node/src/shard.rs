@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::mpsc::Receiver;
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,7 +19,10 @@ use celer_engine::{
     BLOCK_SIZE,
 };
 use celer_proto::auth::{Credential, HelloProof, Peer, NONCE_BYTES};
-use celer_proto::{clock_limit_at, version_clock, version_writer, Header, Kind, Op, Status};
+use celer_proto::{
+    clock_limit_at, version_clock, version_writer, Header, Kind, Op, Status, FLAG_SECTORS,
+    SECTOR_BYTES,
+};
 use celer_route::NodeId;
 
 use crate::conn::{Conn, ConnAuth, Frame, Next, SEND_HIGH_BYTES, SEND_LOW_BYTES};
@@ -102,6 +105,9 @@ struct NodeOp {
     buf: AlignedBuf,
     /// Bytes of `buf` the response carries.
     len: usize,
+    /// A read of sectors: where in `buf` (whole blocks) the requested range
+    /// starts.
+    at: usize,
     /// Engine request + forwards not yet answered.
     pending: u32,
     status: Status,
@@ -166,6 +172,10 @@ enum BfStage {
     Apply,
 }
 
+/// A fence install (volume, generation pairs) and where to answer once
+/// the older generations' mutations are done.
+type FenceWait = (Arc<Vec<(u64, u32)>>, Sender<u16>);
+
 struct ShardLoop {
     id: u16,
     engine: Shard,
@@ -181,6 +191,11 @@ struct ShardLoop {
     route: Option<Arc<Installed>>,
     /// Per volume, the highest write version accepted or stored here.
     versions: HashMap<u64, u64>,
+    /// Per volume, the fence generation: mutations of older ones are
+    /// refused (`Fenced`). Raised, never lowered (see `set_fences`).
+    fences: HashMap<u64, u32>,
+    /// Fence installs that wait for older-generation mutations in flight.
+    fence_waits: Vec<FenceWait>,
     /// Receive-buffer room lent to connections (see RBUF_BUDGET_BYTES).
     rbuf_lent: usize,
     /// Connections waiting for room.
@@ -269,6 +284,7 @@ pub(crate) fn run(
             req: Header::request(Op::Ping, 0),
             buf: AlignedBuf::new(1),
             len: 0,
+            at: 0,
             pending: 0,
             status: Status::Ok,
             forwards: [(0, 0); 8],
@@ -293,6 +309,8 @@ pub(crate) fn run(
         free_ops: (0..CLIENT_OPS).rev().collect(),
         route: None,
         versions,
+        fences: HashMap::new(),
+        fence_waits: Vec::new(),
         rbuf_lent: 0,
         starved: Vec::new(),
         large_inflight: 0,
@@ -329,6 +347,7 @@ pub(crate) fn run(
                 ShardMsg::Route(r) => s.install(r),
                 ShardMsg::Deleted(ids) => s.set_deleted(ids),
                 ShardMsg::BackfillAgain(epoch, ps) => s.backfill_again(epoch, &ps),
+                ShardMsg::Fences(f, reply) => s.set_fences(f, reply),
                 ShardMsg::Stop => s.stopping = true,
             }
         }
@@ -510,7 +529,11 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
 /// The op buffer a request needs if it is large (see OP_LARGE_BYTES), else 0.
 fn large_bytes(h: &Header) -> usize {
     let bytes = match h.op {
-        Op::Read | Op::Write | Op::WritePrimary => h.length as usize,
+        // A read of sectors reads the whole blocks around them.
+        Op::Read => {
+            (h.offset as usize % BLOCK_SIZE + h.length as usize).next_multiple_of(BLOCK_SIZE)
+        }
+        Op::Write | Op::WritePrimary => h.length as usize,
         // State table and data.
         Op::BackfillRead => h.length as usize + h.length as usize / BLOCK_SIZE * STATE_BYTES,
         _ => 0,
@@ -599,6 +622,45 @@ impl ShardLoop {
     }
 
     /// The highest write version this shard knows for `volume`.
+    fn fence_of(&self, volume: u64) -> u32 {
+        self.fences.get(&volume).copied().unwrap_or(0)
+    }
+
+    /// Raises fence generations (see `ShardMsg::Fences`); with `reply`,
+    /// answers once no accepted mutation of an older one is in flight.
+    fn set_fences(&mut self, fences: Arc<Vec<(u64, u32)>>, reply: Option<Sender<u16>>) {
+        for &(volume, fence) in fences.iter() {
+            if fence > self.fence_of(volume) {
+                tracing::info!(shard = self.id, volume, fence, "fence generation raised");
+                self.fences.insert(volume, fence);
+            }
+        }
+        if let Some(reply) = reply {
+            self.fence_waits.push((fences, reply));
+            self.answer_fence_waits();
+        }
+    }
+
+    /// Answers the fence installs whose older-generation mutations are all
+    /// done. A few entries at most, and only while a take-over is under way.
+    fn answer_fence_waits(&mut self) {
+        let ops = &self.ops;
+        let id = self.id;
+        self.fence_waits.retain(|(fences, reply)| {
+            let busy = ops.iter().any(|op| {
+                op.busy
+                    && matches!(op.kind, OpKind::Mutate | OpKind::Primary)
+                    && fences
+                        .iter()
+                        .any(|&(v, f)| op.req.volume == v && op.req.fence < f)
+            });
+            if !busy {
+                let _ = reply.send(id);
+            }
+            busy
+        });
+    }
+
     fn volume_version(&self, volume: u64) -> u64 {
         self.versions.get(&volume).copied().unwrap_or(0)
     }
@@ -956,7 +1018,9 @@ impl ShardLoop {
             if cap.read_only {
                 return Err(Status::ReadOnly);
             }
-            if h.attachment != cap.attachment || version_writer(h.version) != cap.attachment as u16
+            if h.attachment != cap.attachment
+                || version_writer(h.version) != cap.attachment as u16
+                || h.fence != cap.fence
             {
                 return Err(Status::Unauthorized);
             }
@@ -1084,6 +1148,15 @@ impl ShardLoop {
         }
         let len = h.length as usize;
         let _ = p;
+        // Reads may address 512-byte sectors: the engine reads the whole
+        // blocks around them and the response carries the range.
+        let at = (h.offset % BLOCK_SIZE as u64) as usize;
+        if kind == OpKind::Read
+            && (!h.offset.is_multiple_of(SECTOR_BYTES)
+                || !(len as u64).is_multiple_of(SECTOR_BYTES))
+        {
+            return self.reject(c, h, Status::Invalid);
+        }
         let (table_bytes, total) = match kind {
             OpKind::BackfillServe => {
                 if h.length as u64 > BACKFILL_PIECE_BYTES {
@@ -1097,9 +1170,15 @@ impl ShardLoop {
                 let tb = (len / BLOCK_SIZE * STATE_BYTES).next_multiple_of(BLOCK_SIZE);
                 (tb, tb + len)
             }
-            _ => (0, len),
+            _ => (0, (at + len).next_multiple_of(BLOCK_SIZE)),
         };
         let id = self.take_op(c, h, kind, total);
+        let (at, len) = if kind == OpKind::Read {
+            (at, total)
+        } else {
+            (0, len)
+        };
+        self.ops[id].at = at;
         if kind == OpKind::BackfillServe {
             let blocks = len / BLOCK_SIZE;
             let mut states = vec![(BlockKind::Unwritten, 0u64); blocks];
@@ -1120,7 +1199,7 @@ impl ShardLoop {
         let req = EngineRequest {
             op: EngineOp::Read,
             volume: h.volume,
-            offset_bytes: h.offset,
+            offset_bytes: h.offset - at as u64,
             len_bytes: len as u64,
             segments: &[seg],
             version: 0,
@@ -1144,12 +1223,39 @@ impl ShardLoop {
         if !has_data && h.payload_bytes != 0 {
             return self.reject(c, &h, Status::Invalid);
         }
+        // Whole blocks, or a sector write (merged by the engine).
+        let (offset, len) = (h.offset, h.length as u64);
+        let block = BLOCK_SIZE as u64;
+        let aligned = offset.is_multiple_of(block) && len.is_multiple_of(block);
+        let sectors_ok = h.op == Op::Write
+            && !aligned
+            && offset.is_multiple_of(SECTOR_BYTES)
+            && len.is_multiple_of(SECTOR_BYTES)
+            && offset % block + len <= block;
+        let valid = match h.flags {
+            0 => aligned,
+            FLAG_SECTORS => sectors_ok,
+            _ => false,
+        };
+        if !valid {
+            return self.reject(c, &h, Status::Invalid);
+        }
         let (p, _, primary) = match self.check_route(&h) {
             Ok(x) => x,
             Err(s) => return self.reject(c, &h, s),
         };
         if h.op == Op::WritePrimary && !primary {
             return self.reject(c, &h, Status::NotReplica);
+        }
+        // The header's generation is the capability's (checked in
+        // `authorize`; a node forwards the writer's): a newer one than ours
+        // means the volume was taken over and the push has not come yet.
+        let fence = self.fence_of(h.volume);
+        if h.fence < fence {
+            return self.reject(c, &h, Status::Fenced);
+        }
+        if h.fence > fence {
+            self.fences.insert(h.volume, h.fence);
         }
         if h.version == 0 {
             return self.reject(c, &h, Status::Invalid);
@@ -1237,6 +1343,7 @@ impl ShardLoop {
             let mut h = op.req;
             h.op = Op::Write;
             h.request_id = ((op.gen as u32) << 16) | id as u32;
+            // (Clients send sector writes as Write, never here.)
             h.flags = 0;
             let gen = self.conns[c].as_ref().map_or(0, |x| x.gen);
             let conn = self.conns[c].as_mut().expect("peer connection");
@@ -1540,7 +1647,9 @@ impl ShardLoop {
             }
             let conn = self.conns[c].as_mut().expect("live");
             let op = &self.ops[id];
-            if status == Status::Ok && matches!(kind, OpKind::Read | OpKind::BackfillServe) {
+            if status == Status::Ok && kind == OpKind::Read {
+                conn.queue(h, &[&op.buf[op.at..op.at + req.length as usize]]);
+            } else if status == Status::Ok && kind == OpKind::BackfillServe {
                 conn.queue(h, &[&op.buf[..len]]);
             } else if status == Status::StaleEpoch {
                 let enc = self
@@ -1564,6 +1673,9 @@ impl ShardLoop {
             op.buf = AlignedBuf::new(1);
         }
         self.free_ops.push(id);
+        if !self.fence_waits.is_empty() {
+            self.answer_fence_waits();
+        }
     }
 
     fn flush_conn(&mut self, c: usize) {

@@ -166,6 +166,13 @@ fn negotiates_features_and_serves_config_space() {
         Some(celer_vhost::request::SEG_MAX as u32)
     );
     assert_eq!(fe.config_u32(20), Some(512)); // blk_size
+                                              // Topology: 4 KiB physical blocks (2^3 logical ones), min I/O 4 KiB,
+                                              // optimal 128 KiB, discards aligned to physical blocks.
+    assert!(fe.features & (1 << VIRTIO_BLK_F_TOPOLOGY) != 0);
+    assert_eq!(fe.config_u16(24).map(|v| v & 0xff), Some(3)); // physical_block_exp
+    assert_eq!(fe.config_u16(26), Some(8)); // min_io_size
+    assert_eq!(fe.config_u32(28), Some(256)); // opt_io_size
+    assert_eq!(fe.config_u32(44), Some(8)); // discard_sector_alignment
     assert_eq!(fe.config_u16(34), Some(2)); // num_queues
     assert_eq!(fe.config_u32(40), Some(1)); // max_discard_seg
     assert!(fe.config_u32(36).unwrap() > 0); // max_discard_sectors
@@ -619,6 +626,60 @@ fn idle_workers_use_no_cpu() {
         used < Duration::from_millis(50),
         "idle back end used {used:?} of CPU in 1 s"
     );
+    drop(qs);
+    drop(fe);
+    server.join();
+}
+
+/// A device with 4096-byte logical blocks (a Celer volume created with
+/// `--sector-size 4096`): NullDevice itself accepts any 512-byte multiple.
+struct Blocks4k(NullDevice);
+
+impl BlockDevice for Blocks4k {
+    fn info(&self) -> celer_device::DeviceInfo {
+        celer_device::DeviceInfo {
+            block_size_bytes: 4096,
+            ..self.0.info()
+        }
+    }
+    fn open_queue(
+        &self,
+        index: usize,
+    ) -> Result<Box<dyn celer_device::DeviceQueue>, celer_device::IoError> {
+        self.0.open_queue(index)
+    }
+}
+
+/// The logical block is the unit of every request: with 4096-byte blocks
+/// the config space says so (one logical block per physical one) and the
+/// back end refuses a request not aligned to it, whatever the device would
+/// take; aligned ones are served.
+#[test]
+fn requests_are_checked_against_the_logical_block_size() {
+    let server = Server::start(
+        Arc::new(Blocks4k(NullDevice::new(64 << 20, false, false))),
+        1,
+        1,
+    );
+    let fe = server.connect(1);
+    assert_eq!(fe.config_u32(20), Some(4096)); // blk_size
+    assert_eq!(fe.config_u16(24).map(|v| v & 0xff), Some(0)); // physical_block_exp
+    assert_eq!(fe.config_u16(26), Some(1)); // min_io_size
+    assert_eq!(fe.config_u32(28), Some(32)); // opt_io_size
+    let mut qs = fe.queues().unwrap();
+    let q = &mut qs[0];
+    assert_eq!(q.request(0, req_type::IN, 8, 4096).unwrap().0, S_OK);
+    assert_eq!(q.request(1, req_type::IN, 1, 4096).unwrap().0, S_IOERR);
+    assert_eq!(q.request(2, req_type::OUT, 8, 512).unwrap().0, S_IOERR);
+    let mut range = [0u8; 16];
+    range[0..8].copy_from_slice(&4u64.to_le_bytes());
+    range[8..12].copy_from_slice(&8u32.to_le_bytes());
+    q.mem().write(q.data_off(3), &range);
+    assert_eq!(
+        q.request(3, req_type::WRITE_ZEROES, 0, 16).unwrap().0,
+        S_IOERR
+    );
+    assert_eq!(q.request(4, req_type::OUT, 16, 8192).unwrap().0, S_OK);
     drop(qs);
     drop(fe);
     server.join();

@@ -123,6 +123,10 @@ pub enum VolumeCommand {
         /// Copies (1 to 3) [default: the cluster's].
         #[arg(long)]
         replicas: Option<u8>,
+        /// Logical sector size guests see: 512 (disk images, cloud images)
+        /// or 4096. Physical blocks are 4096 either way.
+        #[arg(long, default_value_t = 512)]
+        sector_size: u32,
         #[command(flatten)]
         conn: Conn,
     },
@@ -140,6 +144,16 @@ pub enum VolumeCommand {
         /// The new size (larger than the current one).
         #[arg(long, value_parser = celer_device::parse_size)]
         size: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// End a volume's attachments (all, or the one given): no capability
+    /// is renewed for them any more. The next exclusive attach fences them.
+    Detach {
+        name: String,
+        /// Only this attachment (see `celer volume info`).
+        #[arg(long)]
+        attachment: Option<u32>,
         #[command(flatten)]
         conn: Conn,
     },
@@ -399,22 +413,26 @@ pub fn run_volume(cmd: VolumeCommand) -> Result<()> {
             name,
             size,
             replicas,
+            sector_size,
             conn,
         } => {
+            celer_meta::api::validate_sector_size(sector_size).map_err(anyhow::Error::msg)?;
             let v = conn
                 .client()?
                 .create_volume(&CreateVolume {
                     name,
                     size_bytes: size,
                     replicas,
+                    sector_size_bytes: Some(sector_size),
                 })
                 .map_err(human)?;
             println!(
-                "created volume {} (id {}, {}, {} replicas)",
+                "created volume {} (id {}, {}, {} replicas, {}-byte sectors)",
                 v.name,
                 v.id,
                 size_text(v.size_bytes),
-                v.replicas
+                v.replicas,
+                v.sector_size_bytes
             );
         }
         VolumeCommand::List(a) => {
@@ -426,9 +444,14 @@ pub fn run_volume(cmd: VolumeCommand) -> Result<()> {
             }
         }
         VolumeCommand::Info { name, list } => {
-            let v = list.conn.client()?.volume(&name).map_err(human)?;
+            let c = list.conn.client()?;
+            let v = c.volume(&name).map_err(human)?;
+            let mut atts = c.attachments().map_err(human)?;
+            atts.retain(|a| a.volume_id == v.id);
             if list.json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                let mut j = serde_json::to_value(&v)?;
+                j["attachments"] = serde_json::to_value(&atts)?;
+                println!("{}", serde_json::to_string_pretty(&j)?);
             } else {
                 println!("name:      {}", v.name);
                 println!("id:        {}", v.id);
@@ -438,7 +461,50 @@ pub fn run_volume(cmd: VolumeCommand) -> Result<()> {
                     v.size_bytes
                 );
                 println!("replicas:  {}", v.replicas);
+                println!(
+                    "sectors:   {} bytes logical, 4096 physical",
+                    v.sector_size_bytes
+                );
                 println!("created:   {}", utc(v.created_at));
+                println!("fence:     {}", v.fence);
+                if atts.is_empty() {
+                    println!("attached:  no");
+                }
+                for a in &atts {
+                    println!(
+                        "attached:  {} (fence {}, since {} UTC)",
+                        celer_meta::state::describe(a),
+                        a.fence,
+                        utc(a.at)
+                    );
+                }
+            }
+        }
+        VolumeCommand::Detach {
+            name,
+            attachment,
+            conn,
+        } => {
+            let c = conn.client()?;
+            let v = c.volume(&name).map_err(human)?;
+            let atts: Vec<_> = c
+                .attachments()
+                .map_err(human)?
+                .into_iter()
+                .filter(|a| a.volume_id == v.id && attachment.is_none_or(|id| id == a.id))
+                .collect();
+            if let Some(id) = attachment {
+                anyhow::ensure!(
+                    !atts.is_empty(),
+                    "volume `{name}` has no attachment {id} (see `celer volume info {name}`)"
+                );
+            }
+            if atts.is_empty() {
+                println!("volume {name} is not attached");
+            }
+            for a in atts {
+                c.detach(a.id).map_err(human)?;
+                println!("detached attachment {} of volume {name}", a.id);
             }
         }
         VolumeCommand::Resize { name, size, conn } => {
@@ -464,16 +530,17 @@ pub fn run_volume(cmd: VolumeCommand) -> Result<()> {
 
 fn print_volumes(vols: &[Volume]) {
     println!(
-        "{:>6}  {:<24}  {:>10}  {:>8}  CREATED (UTC)",
-        "ID", "NAME", "SIZE", "REPLICAS"
+        "{:>6}  {:<24}  {:>10}  {:>8}  {:>6}  CREATED (UTC)",
+        "ID", "NAME", "SIZE", "REPLICAS", "SECTOR"
     );
     for v in vols {
         println!(
-            "{:>6}  {:<24}  {:>10}  {:>8}  {}",
+            "{:>6}  {:<24}  {:>10}  {:>8}  {:>6}  {}",
             v.id,
             v.name,
             size_text(v.size_bytes),
             v.replicas,
+            v.sector_size_bytes,
             utc(v.created_at)
         );
     }

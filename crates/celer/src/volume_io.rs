@@ -80,6 +80,10 @@ pub struct ImportArgs {
     /// rounded up to 4K]; at least the image's size.
     #[arg(long, value_parser = celer_device::parse_size)]
     size: Option<u64>,
+    /// Logical sector size of a volume the import creates: 512 (what disk
+    /// and cloud images are laid out in) or 4096.
+    #[arg(long, default_value_t = 512)]
+    sector_size: u32,
     #[command(flatten)]
     conn: Conn,
 }
@@ -178,6 +182,7 @@ fn file_len(file: &File) -> Result<u64> {
 }
 
 pub fn import(a: &ImportArgs) -> Result<()> {
+    celer_meta::api::validate_sector_size(a.sector_size).map_err(anyhow::Error::msg)?;
     let file = File::open(&a.file)
         .with_context(|| format!("cannot read the image {}", a.file.display()))?;
     anyhow::ensure!(
@@ -239,6 +244,7 @@ pub fn import(a: &ImportArgs) -> Result<()> {
                     name: a.name.clone(),
                     size_bytes: want_bytes,
                     replicas: None,
+                    sector_size_bytes: Some(a.sector_size),
                 })
                 .map_err(human)
                 .with_context(|| format!("create volume `{}`", a.name))?;
@@ -246,7 +252,12 @@ pub fn import(a: &ImportArgs) -> Result<()> {
         }
         Err(e) => return Err(human(e)),
     };
-    let dev = crate::cluster_dev::open_volume(&url, &token, &volume.name)?;
+    let (dev, attached) = crate::cluster_dev::open_volume(
+        &url,
+        &token,
+        &volume.name,
+        &crate::cluster_dev::AttachOptions::exclusive("volume import"),
+    )?;
     let bar = progress_bar(image.virtual_size_bytes, "import");
     let started = Instant::now();
     let result = if image.format == "raw" {
@@ -284,6 +295,9 @@ pub fn import(a: &ImportArgs) -> Result<()> {
             .map(|()| "through qemu-img".to_string())
     };
     bar.finish_and_clear();
+    if let Err(e) = attached.detach() {
+        tracing::warn!("{e:#}");
+    }
     let how = result.with_context(|| {
         if created {
             format!(
@@ -326,7 +340,15 @@ pub fn export(a: &ExportArgs) -> Result<()> {
             human(e)
         }
     })?;
-    let dev = crate::cluster_dev::open_volume(&url, &token, &volume.name)?;
+    let (dev, attached) = crate::cluster_dev::open_volume(
+        &url,
+        &token,
+        &volume.name,
+        &crate::cluster_dev::AttachOptions {
+            read_only: true,
+            ..crate::cluster_dev::AttachOptions::exclusive("volume export")
+        },
+    )?;
     let size = volume.size_bytes;
     let bar = progress_bar(size, "export");
     let started = Instant::now();
@@ -342,6 +364,9 @@ pub fn export(a: &ExportArgs) -> Result<()> {
         }
     };
     bar.finish_and_clear();
+    if let Err(e) = attached.detach() {
+        tracing::warn!("{e:#}");
+    }
     let how = result.with_context(|| {
         format!(
             "export of volume `{}` to {} failed",
