@@ -460,7 +460,9 @@ fn closed_within(mut s: TcpStream, limit: Duration) -> Option<Duration> {
 }
 
 /// The idle timeout: a client connection that sends nothing is closed once
-/// it has been silent that long; one that pings stays, and so does a node's
+/// it has been silent that long; one that pings stays (also once its
+/// capability expired: a Ping needs no valid capability, so a renewal that
+/// comes late does not cost the connection), and so does a node's
 /// connection (node connections are not timed out).
 #[test]
 fn silent_client_connections_are_closed_at_the_idle_timeout_and_others_stay() {
@@ -469,7 +471,8 @@ fn silent_client_connections_are_closed_at_the_idle_timeout_and_others_stay() {
     let n = start_node_idle(dir.path(), 1, Some(idle));
     let owner = cap(1, 5, false, u64::MAX);
     let silent = Wire::connect_as(&n, 0, &owner).expect("hello");
-    let mut pinging = Wire::connect_as(&n, 0, &owner).expect("hello");
+    let expires = now_ms() + 1000;
+    let mut pinging = Wire::connect_as(&n, 0, &cap(1, 5, false, expires)).expect("hello");
     let mut node = Wire::connect(&n, 1);
     let closed = std::thread::spawn(move || closed_within(silent.s, Duration::from_secs(5)));
     let t0 = Instant::now();
@@ -482,6 +485,10 @@ fn silent_client_connections_are_closed_at_the_idle_timeout_and_others_stay() {
         pings += 1;
         std::thread::sleep(Duration::from_millis(300));
     }
+    assert!(now_ms() > expires + 1000, "pinged past the expiry");
+    let h = pinging.req(Op::Read, 0, 1, 0, 4096);
+    let (r, _) = pinging.call(h, &[]);
+    assert_eq!(r.status, Status::Expired, "a read needs a valid capability");
     let after = closed
         .join()
         .expect("silent")
