@@ -44,6 +44,8 @@ fn run_node(dir: &Path, id: u32) -> Node {
         forward_timeout: Duration::from_millis(500),
         busy_poll: Duration::ZERO,
         insecure_no_auth: false,
+        scrub_bytes_per_sec: celer_node::SCRUB_RATE_DEFAULT,
+        scrub_interval: celer_node::SCRUB_INTERVAL_DEFAULT,
     })
     .expect("node starts")
 }
@@ -540,6 +542,113 @@ fn a_corrupt_copy_is_read_from_another_member_and_repaired() {
             "node {id}"
         );
     }
+}
+
+/// POSTs `/v1/scrub/{action}` to node `n`'s admin port with the token.
+fn scrub(n: &Node, action: &str) {
+    let text = scrub_as(n, action, "t");
+    assert!(text.starts_with("HTTP/1.0 200"), "scrub {action}: {text}");
+}
+
+fn scrub_as(n: &Node, action: &str, token: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(n.admin_addr()).expect("admin port");
+    write!(
+        s,
+        "POST /v1/scrub/{action} HTTP/1.0\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\n\r\n"
+    )
+    .expect("request");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("answer");
+    text
+}
+
+/// The scrub finds a damaged copy nobody reads and repairs it: a block is
+/// flipped on a non-primary member (reads go to the primary, so only the
+/// scrub can see it); a pass started on that node reads every data block
+/// the node holds, counts one damaged block and one repair, and the disk
+/// holds the right data after. The other nodes' passes find nothing.
+#[test]
+fn the_scrub_finds_and_repairs_a_copy_nobody_reads() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut nodes, mut t) = three_nodes(dir.path());
+    let client = attached(&nodes, 1, 0, Duration::from_secs(3600));
+    let mut q = client.open_queue(0).unwrap();
+    // 4 MiB in 64 KiB writes (every chunk of the volume's first 4 MiB).
+    for i in 0..64u64 {
+        write(&mut q, i * (64 << 10), &mut pattern(100 + i, 64 << 10)).unwrap();
+    }
+    drop(q);
+    drop(client);
+    let off = (2 << 20) + 5 * 4096;
+    let part = t
+        .partition(t.partition_at(1, off))
+        .expect("partition")
+        .clone();
+    let victim = part
+        .members
+        .iter()
+        .map(|m| m.node)
+        .find(|&n| Some(n) != part.primary())
+        .expect("a non-primary member");
+    corrupt_copies(dir.path(), &mut nodes, &mut t, &[victim], off);
+    let v = nodes.iter().position(|n| n.id() == victim).unwrap();
+    // Only the cluster token controls it; an unknown action is refused.
+    assert!(scrub_as(&nodes[v], "start", "wrong").starts_with("HTTP/1.0 401"));
+    assert!(scrub_as(&nodes[v], "explode", "t").starts_with("HTTP/1.0 404"));
+    let t0 = Instant::now();
+    for n in &nodes {
+        scrub(n, "start");
+    }
+    let passes = |n: &Node| metric(n, "celer_node_scrub_bytes_total", &[]);
+    while repairs(&nodes[v], "repaired") == 0 && t0.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!(
+        "victim node {victim}: repaired after {:?}, {} bytes scrubbed",
+        t0.elapsed(),
+        passes(&nodes[v])
+    );
+    assert_eq!(
+        metric(&nodes[v], "celer_node_scrub_damaged_blocks_total", &[]),
+        1,
+        "the scrub found the damaged block"
+    );
+    assert_eq!(repairs(&nodes[v], "repaired"), 1, "and repaired it");
+    // Every node's pass reads all it holds: 4 MiB of data each (3 replicas).
+    let t1 = Instant::now();
+    while nodes.iter().any(|n| passes(n) < (4 << 20) - 4096)
+        && t1.elapsed() < Duration::from_secs(30)
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let took = t0.elapsed();
+    println!("every node scrubbed its 4 MiB in {took:?}");
+    // Each node reads 4 MiB at its default 8 MiB/s: not faster than 0.5 s
+    // (the bucket starts empty at the pass's start).
+    assert!(
+        took >= Duration::from_millis(450),
+        "4 MiB per node scrubbed in {took:?}: faster than the rate allows"
+    );
+    for n in &nodes {
+        assert!(
+            passes(n) >= (4 << 20) - 4096,
+            "node {} scrubbed {} bytes",
+            n.id(),
+            passes(n)
+        );
+        if n.id() != victim {
+            assert_eq!(metric(n, "celer_node_scrub_damaged_blocks_total", &[]), 0);
+        }
+    }
+    for n in nodes {
+        n.stop().unwrap();
+    }
+    assert_eq!(
+        stored_block(dir.path(), victim, off).expect("the victim's copy reads"),
+        pattern(100 + off / (64 << 10), 64 << 10)[(off % (64 << 10)) as usize..][..4096].to_vec()
+    );
 }
 
 /// A block damaged on every member: the read fails with a checksum error

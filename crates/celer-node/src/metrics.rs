@@ -75,6 +75,8 @@ pub struct NodeMetrics {
     backfill_listed: Family<ShardLabel, Gauge>,
     backfill_unlisted: Family<ShardLabel, Gauge>,
     repairs: Family<RepairLabels, Counter>,
+    scrub_bytes: Family<ShardLabel, Counter>,
+    scrub_damaged: Family<ShardLabel, Counter>,
     pub(crate) epoch: Gauge<i64, AtomicI64Shim>,
 }
 
@@ -94,6 +96,8 @@ pub(crate) struct ShardCounters {
     backfill_unlisted: Gauge,
     /// By `RepairResult` (in its order).
     repairs: [Counter; 4],
+    scrub_bytes: Counter,
+    scrub_damaged: Counter,
 }
 
 impl NodeMetrics {
@@ -113,6 +117,18 @@ impl NodeMetrics {
         let backfill_listed = Family::<ShardLabel, Gauge>::default();
         let backfill_unlisted = Family::<ShardLabel, Gauge>::default();
         let repairs = Family::<RepairLabels, Counter>::default();
+        let scrub_bytes = Family::<ShardLabel, Counter>::default();
+        let scrub_damaged = Family::<ShardLabel, Counter>::default();
+        registry.register(
+            "scrub_bytes",
+            "Data bytes read and crc-checked by the scrub",
+            scrub_bytes.clone(),
+        );
+        registry.register(
+            "scrub_damaged_blocks",
+            "Blocks the scrub found damaged (each queued for repair)",
+            scrub_damaged.clone(),
+        );
         let epoch = Gauge::<i64, AtomicI64Shim>::default();
         registry.register(
             "repairs",
@@ -171,6 +187,8 @@ impl NodeMetrics {
             backfill_listed,
             backfill_unlisted,
             repairs,
+            scrub_bytes,
+            scrub_damaged,
             epoch,
         }
     }
@@ -214,6 +232,14 @@ impl NodeMetrics {
                     .get_or_create(&RepairLabels { shard, result })
                     .clone()
             }),
+            scrub_bytes: self
+                .scrub_bytes
+                .get_or_create(&ShardLabel { shard })
+                .clone(),
+            scrub_damaged: self
+                .scrub_damaged
+                .get_or_create(&ShardLabel { shard })
+                .clone(),
         }
     }
 
@@ -241,6 +267,12 @@ impl ShardCounters {
     }
     pub(crate) fn add_backfill_bytes(&self, n: u64) {
         self.backfill_bytes.inc_by(n);
+    }
+    pub(crate) fn add_scrub_bytes(&self, n: u64) {
+        self.scrub_bytes.inc_by(n);
+    }
+    pub(crate) fn add_scrub_damaged(&self) {
+        self.scrub_damaged.inc();
     }
     pub(crate) fn repair(&self, result: RepairResult) {
         self.repairs[result as usize].inc();

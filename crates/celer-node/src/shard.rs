@@ -28,6 +28,9 @@ use celer_proto::{
 use celer_route::NodeId;
 pub(crate) use repair::RepairResult;
 use repair::{Repair, REQ_REPAIR, TAG_REPAIR};
+mod scrub;
+use scrub::{Scrub, TAG_SCRUB};
+pub(crate) use scrub::{ScrubCell, ScrubShared};
 
 use crate::conn::{Conn, ConnAuth, Frame, Next, SEND_HIGH_BYTES, SEND_LOW_BYTES};
 use crate::handshake::{ConnTicket, Handshaken};
@@ -37,6 +40,9 @@ use crate::{AgentMsg, BackfillProgress, Installed, NodeError, NodeShared, ShardM
 pub(crate) struct ShardConfig {
     pub(crate) forward_timeout: Duration,
     pub(crate) busy_poll: Duration,
+    /// This shard's share of the node's scrub rate (0: off).
+    pub(crate) scrub_bytes_per_sec: u64,
+    pub(crate) scrub_interval: Duration,
 }
 
 const TOKEN_WAKE: u64 = u64::MAX;
@@ -247,6 +253,7 @@ struct ShardLoop {
     unrepairable: Vec<(u64, u64, Instant)>,
     repair_serial: u32,
     repair_seq: u32,
+    scrub: Scrub,
 }
 
 pub(crate) fn run(
@@ -304,6 +311,7 @@ pub(crate) fn run(
         })
         .collect();
     let counters = shared.metrics.shard(id);
+    let scrub = Scrub::new(cfg.scrub_bytes_per_sec, cfg.scrub_interval);
     let mut s = ShardLoop {
         id,
         engine,
@@ -345,6 +353,7 @@ pub(crate) fn run(
         unrepairable: Vec::new(),
         repair_serial: 0,
         repair_seq: 0,
+        scrub,
     };
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
     let mut last_activity = Instant::now();
@@ -375,6 +384,7 @@ pub(crate) fn run(
         }
         s.backfill_step();
         s.repair_step();
+        s.scrub_step();
         s.purge_step();
         s.shared.chunks[s.id as usize].store(
             s.engine.allocated_chunks(),
@@ -401,6 +411,11 @@ pub(crate) fn run(
             20
         } else {
             200
+        };
+        // A scrub waiting for its rate wakes up when it may read again.
+        let timeout_ms = match s.scrub.wait_hint() {
+            Some(d) if timeout_ms > 0 => timeout_ms.min(d.as_millis().max(1) as i32),
+            _ => timeout_ms,
         };
         // SAFETY: events is a valid buffer of its length.
         let n = unsafe {
@@ -1577,6 +1592,9 @@ impl ShardLoop {
                 tracing::warn!(shard = self.id, "releasing a chunk: {e}");
             }
             return;
+        }
+        if c.tag >= TAG_SCRUB {
+            return self.scrub_done(c);
         }
         let id = c.tag as usize;
         if let Err(e @ EngineError::Io { .. }) = &c.result {

@@ -151,6 +151,8 @@ pub fn run(a: &UpArgs) -> Result<()> {
             forward_timeout: Duration::from_millis(500),
             busy_poll: Duration::ZERO,
             insecure_no_auth: false,
+            scrub_bytes_per_sec: celer_node::SCRUB_RATE_DEFAULT,
+            scrub_interval: celer_node::SCRUB_INTERVAL_DEFAULT,
         })
         .with_context(|| format!("start storage node {i}"))?;
         nodes.push(node);

@@ -44,6 +44,8 @@ pub fn start_node(dir: &Path, id: u32) -> Node {
         forward_timeout: Duration::from_millis(500),
         busy_poll: Duration::ZERO,
         insecure_no_auth: false,
+        scrub_bytes_per_sec: celer_node::SCRUB_RATE_DEFAULT,
+        scrub_interval: celer_node::SCRUB_INTERVAL_DEFAULT,
     })
     .expect("node starts")
 }
