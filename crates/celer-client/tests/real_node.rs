@@ -53,6 +53,8 @@ fn run_node_idle(dir: &Path, id: u32, idle: Option<Duration>) -> Node {
         busy_poll: Duration::ZERO,
         insecure_no_auth: false,
         idle_timeout: idle,
+        scrub_bytes_per_sec: celer_node::SCRUB_RATE_DEFAULT,
+        scrub_interval: celer_node::SCRUB_INTERVAL_DEFAULT,
     })
     .expect("node starts")
 }
@@ -304,38 +306,19 @@ fn a_late_renewal_pauses_io_without_an_error() {
     }
 }
 
-/// Node `n`'s admin `/metrics` text (read over plain HTTP/1.0).
-fn metrics_text(n: &Node) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(n.admin_addr()).expect("admin port");
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
-        .expect("request");
-    let mut text = String::new();
-    s.read_to_string(&mut text).expect("metrics");
-    text
-}
-
-/// `celer_node_requests` of `op` answered `ok` by node `n`, all shards.
+/// `celer_node_requests` of `op` answered `ok` by node `n`, all shards
+/// (its admin `/metrics`, read over plain HTTP/1.0).
 fn served(n: &Node, op: &str) -> u64 {
-    let want = format!("op=\"{op}\"");
-    metrics_text(n)
-        .lines()
-        .filter(|l| l.starts_with("celer_node_requests") && l.contains(&want))
-        .filter(|l| l.contains("result=\"ok\""))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
+    metric(
+        n,
+        "celer_node_requests",
+        &[&format!("op=\"{op}\""), "result=\"ok\""],
+    )
 }
 
 /// The sum over shards of node `n`'s counter `name`.
 fn node_counter(n: &Node, name: &str) -> u64 {
-    let want = format!("{name}{{");
-    metrics_text(n)
-        .lines()
-        .filter(|l| l.starts_with(&want))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
+    metric(n, &format!("{name}{{"), &[])
 }
 
 /// Routing on real nodes: a 4 KiB write goes from the client to every
@@ -393,98 +376,351 @@ fn small_writes_go_to_every_member_large_ones_through_the_primary() {
     }
 }
 
-/// Checksum fail-over on real nodes: one byte of the primary's copy of a
-/// block is flipped on its disk; a read of the block gets `Checksum` from
-/// the primary and the right data from another member, with no error.
+/// Sum of node `n`'s metric lines that start with `name` and contain every
+/// one of `labels` (its admin `/metrics`, read over plain HTTP/1.0).
+fn metric(n: &Node, name: &str, labels: &[&str]) -> u64 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(n.admin_addr()).expect("admin port");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+        .expect("request");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("metrics");
+    text.lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Reads of node `n` that it refused (a checksum error on its copy, here).
+fn refused_reads(n: &Node) -> u64 {
+    metric(
+        n,
+        "celer_node_requests",
+        &["op=\"read\"", "result=\"error\""],
+    )
+}
+
+fn repairs(n: &Node, result: &str) -> u64 {
+    metric(
+        n,
+        "celer_node_repairs_total",
+        &[&format!("result=\"{result}\"")],
+    )
+}
+
+/// Stops nodes `ids`, flips one byte of their copy of (volume 1, `off`)
+/// where their engine says the block lives, starts them again on the same
+/// disks and installs a table with their new addresses (same members) on
+/// every node.
+fn corrupt_copies(dir: &Path, nodes: &mut Vec<Node>, t: &mut RouteTable, ids: &[u32], off: u64) {
+    for &id in ids {
+        let i = nodes
+            .iter()
+            .position(|n| n.id() == id)
+            .expect("node to corrupt");
+        nodes.remove(i).stop().unwrap();
+        let disk = dir.join(format!("node{id}.img"));
+        let at = Engine::open(&disk, &Default::default())
+            .unwrap()
+            .into_shards()
+            .iter()
+            .find_map(|s| s.locate(1, off))
+            .expect("the node holds the block");
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&disk)
+                .unwrap();
+            let mut b = [0u8; 1];
+            f.read_exact_at(&mut b, at + 100).unwrap();
+            b[0] ^= 0x40;
+            f.write_all_at(&b, at + 100).unwrap();
+            f.sync_all().unwrap();
+        }
+        let restarted = run_node(dir, id);
+        nodes.insert(i, restarted);
+    }
+    t.epoch += 1;
+    for slot in t.nodes.iter_mut() {
+        if let Some(n) = nodes.iter().find(|n| n.id() == slot.id) {
+            *slot = info(n, true);
+        }
+    }
+    for n in nodes.iter() {
+        assert!(n.install_route(t.clone()));
+    }
+}
+
+/// What node `id`'s disk holds at (volume 1, `off`), one block (the node
+/// stopped): `Err` with the engine's error if the copy is bad.
+fn stored_block(dir: &Path, id: u32, off: u64) -> Result<Vec<u8>, celer_engine::EngineError> {
+    let mut shards = Engine::open(&dir.join(format!("node{id}.img")), &Default::default())
+        .expect("open the stopped node's disk")
+        .into_shards();
+    let g = *shards[0].geometry();
+    let sh = &mut shards[celer_engine::shard_for(&g, 1, off / g.chunk_bytes()) as usize];
+    let mut buf = celer_engine::AlignedBuf::new(1);
+    let s = [celer_engine::Segment {
+        addr: buf.as_mut_ptr(),
+        len: 4096,
+    }];
+    let req = celer_engine::EngineRequest {
+        op: celer_engine::EngineOp::Read,
+        volume: 1,
+        offset_bytes: off,
+        len_bytes: 4096,
+        segments: &s,
+        version: 0,
+        epoch: 0,
+        tag: 1,
+    };
+    // SAFETY: `buf` outlives the wait.
+    unsafe { sh.submit(&req) }?;
+    let mut result = None;
+    while result.is_none() {
+        sh.wait(&mut |c| result = Some(c.result));
+    }
+    result.expect("completion")?;
+    Ok(buf[..4096].to_vec())
+}
+
+/// Checksum fail-over and read repair on real nodes: one byte of the
+/// primary's copy of a block is flipped on its disk; a read of the block
+/// gets `Checksum` from the primary and the right data from another member,
+/// with no error, and the primary rewrites its copy from a member in the
+/// background (one repair counted): its next read of the block succeeds and
+/// its disk holds the right data.
 #[test]
-fn a_corrupt_copy_on_the_primary_is_read_from_another_member() {
+fn a_corrupt_copy_is_read_from_another_member_and_repaired() {
     init_tracing();
     let dir = tempfile::tempdir().unwrap();
-    let (mut nodes, t) = three_nodes(dir.path());
+    let (mut nodes, mut t) = three_nodes(dir.path());
     let client = attached(&nodes, 1, 0, Duration::from_secs(3600));
     let mut q = client.open_queue(0).unwrap();
     let off = 3 << 20;
     write(&mut q, off, &mut pattern(9, 4096)).unwrap();
+    // A neighbour written later, so the damaged block is not the last
+    // thing in the chunk.
+    write(&mut q, off + 8192, &mut pattern(10, 4096)).unwrap();
+    drop(q);
+    drop(client);
     let primary = t
         .partition(t.partition_at(1, off))
         .and_then(|p| p.primary())
         .expect("primary");
-    // Stop the primary, flip a byte of its copy where its engine says the
-    // block lives, start it again on the same disk.
-    let i = nodes
-        .iter()
-        .position(|n| n.id() == primary)
-        .expect("primary node");
-    nodes.remove(i).stop().unwrap();
-    let disk = dir.path().join(format!("node{primary}.img"));
-    let at = Engine::open(&disk, &Default::default())
-        .unwrap()
-        .into_shards()
-        .iter()
-        .find_map(|s| s.locate(1, off))
-        .expect("the primary holds the block");
-    {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&disk)
-            .unwrap();
-        let mut b = [0u8; 1];
-        f.read_exact_at(&mut b, at + 100).unwrap();
-        b[0] ^= 0x40;
-        f.write_all_at(&b, at + 100).unwrap();
-        f.sync_all().unwrap();
-    }
-    let restarted = run_node(dir.path(), primary);
-    nodes.insert(i, restarted);
-    // It listens on new ports: a table with its new addresses, same
-    // members.
-    let mut t = t;
-    t.epoch += 1;
-    for n in t.nodes.iter_mut() {
-        if n.id == primary {
-            *n = info(&nodes[i], true);
-        }
-    }
-    for n in &nodes {
-        assert!(n.install_route(t.clone()));
-    }
-    let checksum_errors = |n: &Node| -> u64 {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(n.admin_addr()).expect("admin port");
-        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
-            .expect("request");
-        let mut text = String::new();
-        s.read_to_string(&mut text).expect("metrics");
-        text.lines()
-            .filter(|l| l.starts_with("celer_node_requests") && l.contains("op=\"read\""))
-            .filter(|l| !l.contains("result=\"ok\""))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>() as u64
-    };
+    corrupt_copies(dir.path(), &mut nodes, &mut t, &[primary], off);
+    let p = nodes.iter().position(|n| n.id() == primary).unwrap();
     // A client that connects now (the first one's connection to the
     // primary ended with its restart, which would send the read elsewhere
     // for another reason).
-    drop(q);
-    drop(client);
     let client = attached(&nodes, 2, 0, Duration::from_secs(3600));
     let mut q = client.open_queue(0).unwrap();
-    let before = checksum_errors(&nodes[i]);
+    let before = refused_reads(&nodes[p]);
     assert_eq!(
         read(&mut q, off, 4096).expect("read fails over"),
         pattern(9, 4096),
         "the right data from another member"
     );
     assert_eq!(
-        checksum_errors(&nodes[i]) - before,
+        refused_reads(&nodes[p]) - before,
         1,
         "the primary was asked first and refused its corrupt copy"
     );
+    let t0 = Instant::now();
+    while repairs(&nodes[p], "repaired") == 0 && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(repairs(&nodes[p], "repaired"), 1, "one repair counted");
+    println!("repaired {:?} after the read", t0.elapsed());
+    // The primary now serves the block itself.
+    assert_eq!(read(&mut q, off, 4096).unwrap(), pattern(9, 4096));
+    assert_eq!(read(&mut q, off + 8192, 4096).unwrap(), pattern(10, 4096));
+    assert_eq!(
+        refused_reads(&nodes[p]) - before,
+        1,
+        "the primary's copy reads correctly after the repair"
+    );
+    // A client write after the repair applies (the repair kept the version).
+    write(&mut q, off, &mut pattern(11, 4096)).unwrap();
     drop(q);
     drop(client);
     for n in nodes {
         n.stop().unwrap();
+    }
+    for id in 1..=3 {
+        assert_eq!(
+            stored_block(dir.path(), id, off).expect("every copy reads"),
+            pattern(11, 4096),
+            "node {id}"
+        );
+    }
+}
+
+/// POSTs `/v1/scrub/{action}` to node `n`'s admin port with the token.
+fn scrub(n: &Node, action: &str) {
+    let text = scrub_as(n, action, "t");
+    assert!(text.starts_with("HTTP/1.0 200"), "scrub {action}: {text}");
+}
+
+fn scrub_as(n: &Node, action: &str, token: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(n.admin_addr()).expect("admin port");
+    write!(
+        s,
+        "POST /v1/scrub/{action} HTTP/1.0\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\n\r\n"
+    )
+    .expect("request");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("answer");
+    text
+}
+
+/// The scrub finds a damaged copy nobody reads and repairs it: a block is
+/// flipped on a non-primary member (reads go to the primary, so only the
+/// scrub can see it); a pass started on that node reads every data block
+/// the node holds, counts one damaged block and one repair, and the disk
+/// holds the right data after. The other nodes' passes find nothing.
+#[test]
+fn the_scrub_finds_and_repairs_a_copy_nobody_reads() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut nodes, mut t) = three_nodes(dir.path());
+    let client = attached(&nodes, 1, 0, Duration::from_secs(3600));
+    let mut q = client.open_queue(0).unwrap();
+    // 4 MiB in 64 KiB writes (every chunk of the volume's first 4 MiB).
+    for i in 0..64u64 {
+        write(&mut q, i * (64 << 10), &mut pattern(100 + i, 64 << 10)).unwrap();
+    }
+    drop(q);
+    drop(client);
+    let off = (2 << 20) + 5 * 4096;
+    let part = t
+        .partition(t.partition_at(1, off))
+        .expect("partition")
+        .clone();
+    let victim = part
+        .members
+        .iter()
+        .map(|m| m.node)
+        .find(|&n| Some(n) != part.primary())
+        .expect("a non-primary member");
+    corrupt_copies(dir.path(), &mut nodes, &mut t, &[victim], off);
+    let v = nodes.iter().position(|n| n.id() == victim).unwrap();
+    // Only the cluster token controls it; an unknown action is refused.
+    assert!(scrub_as(&nodes[v], "start", "wrong").starts_with("HTTP/1.0 401"));
+    assert!(scrub_as(&nodes[v], "explode", "t").starts_with("HTTP/1.0 404"));
+    let t0 = Instant::now();
+    for n in &nodes {
+        scrub(n, "start");
+    }
+    let passes = |n: &Node| metric(n, "celer_node_scrub_bytes_total", &[]);
+    while repairs(&nodes[v], "repaired") == 0 && t0.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!(
+        "victim node {victim}: repaired after {:?}, {} bytes scrubbed",
+        t0.elapsed(),
+        passes(&nodes[v])
+    );
+    assert_eq!(
+        metric(&nodes[v], "celer_node_scrub_damaged_blocks_total", &[]),
+        1,
+        "the scrub found the damaged block"
+    );
+    assert_eq!(repairs(&nodes[v], "repaired"), 1, "and repaired it");
+    // Every node's pass reads all it holds: 4 MiB of data each (3 replicas).
+    let t1 = Instant::now();
+    while nodes.iter().any(|n| passes(n) < (4 << 20) - 4096)
+        && t1.elapsed() < Duration::from_secs(30)
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let took = t0.elapsed();
+    println!("every node scrubbed its 4 MiB in {took:?}");
+    // Each node reads 4 MiB at its default 8 MiB/s: not faster than 0.5 s
+    // (the bucket starts empty at the pass's start).
+    assert!(
+        took >= Duration::from_millis(450),
+        "4 MiB per node scrubbed in {took:?}: faster than the rate allows"
+    );
+    for n in &nodes {
+        assert!(
+            passes(n) >= (4 << 20) - 4096,
+            "node {} scrubbed {} bytes",
+            n.id(),
+            passes(n)
+        );
+        if n.id() != victim {
+            assert_eq!(metric(n, "celer_node_scrub_damaged_blocks_total", &[]), 0);
+        }
+    }
+    for n in nodes {
+        n.stop().unwrap();
+    }
+    assert_eq!(
+        stored_block(dir.path(), victim, off).expect("the victim's copy reads"),
+        pattern(100 + off / (64 << 10), 64 << 10)[(off % (64 << 10)) as usize..][..4096].to_vec()
+    );
+}
+
+/// A block damaged on every member: the read fails with a checksum error
+/// naming the offset (no member returns wrong data), and each node reports
+/// it unrepairable (nothing is zeroed or rewritten).
+#[test]
+fn a_block_damaged_on_every_member_fails_its_read() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut nodes, mut t) = three_nodes(dir.path());
+    let client = attached(&nodes, 1, 0, Duration::from_secs(3600));
+    let mut q = client.open_queue(0).unwrap();
+    let off = 5 << 20;
+    write(&mut q, off, &mut pattern(3, 4096)).unwrap();
+    drop(q);
+    drop(client);
+    corrupt_copies(dir.path(), &mut nodes, &mut t, &[1, 2, 3], off);
+    let client = attached(&nodes, 2, 0, Duration::from_secs(3600));
+    let mut q = client.open_queue(0).unwrap();
+    match read(&mut q, off, 4096) {
+        Ok(_) => panic!("a block damaged on every member was read"),
+        Err(e) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("checksum") && msg.contains(&off.to_string()),
+                "the error names the checksum and the offset: {msg}"
+            );
+        }
+    }
+    let t0 = Instant::now();
+    while nodes
+        .iter()
+        .map(|n| repairs(n, "unrepairable"))
+        .sum::<u64>()
+        < 3
+        && t0.elapsed() < Duration::from_secs(15)
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for n in &nodes {
+        assert_eq!(repairs(n, "unrepairable"), 1, "node {}", n.id());
+        assert_eq!(repairs(n, "repaired"), 0, "node {}", n.id());
+    }
+    drop(q);
+    drop(client);
+    for n in nodes {
+        n.stop().unwrap();
+    }
+    for id in 1..=3 {
+        assert!(
+            matches!(
+                stored_block(dir.path(), id, off),
+                Err(celer_engine::EngineError::Checksum { .. })
+            ),
+            "node {id}: the damaged copy stays as it was (never zeroed)"
+        );
     }
 }
 

@@ -127,6 +127,13 @@ pub enum EngineOp {
     /// this disk no longer holds for the cluster (deleted volumes, copies of
     /// partitions that moved away): a later write at any version applies.
     Release,
+    /// A write of a good copy over a damaged one: as `Write`, but a block
+    /// whose planned version equals the request's is written too (a `Write`
+    /// takes an equal version for a retry and skips it). A block with a
+    /// newer version skips, as for `Write`: a client write that came first
+    /// wins. Nothing is done on a chunk without a slot. The replication
+    /// layer sends it with the version a good member holds.
+    Repair,
 }
 
 /// A request to a shard. It must lie within one chunk.
@@ -780,7 +787,7 @@ impl Shard {
     pub unsafe fn submit(&mut self, req: &EngineRequest<'_>) -> Result<(), EngineError> {
         let chunk_bytes = self.g.chunk_bytes();
         let len_bytes = match req.op {
-            EngineOp::Read | EngineOp::Write => {
+            EngineOp::Read | EngineOp::Write | EngineOp::Repair => {
                 if req.segments.len() > SEGMENTS_MAX {
                     return Err(EngineError::TooManySegments {
                         count: req.segments.len(),
@@ -818,7 +825,7 @@ impl Shard {
             });
         }
         let max_bytes = match req.op {
-            EngineOp::Read | EngineOp::Write => self.max_request_bytes(),
+            EngineOp::Read | EngineOp::Write | EngineOp::Repair => self.max_request_bytes(),
             _ => chunk_bytes,
         };
         let chunk = req.offset_bytes / chunk_bytes;
@@ -1034,7 +1041,9 @@ impl Shard {
     fn start(&mut self, id: u32) {
         match self.ops[id as usize].op {
             EngineOp::Read => self.start_read(id),
-            EngineOp::Write | EngineOp::WriteZeroes | EngineOp::Discard => self.start_mutation(id),
+            EngineOp::Write | EngineOp::Repair | EngineOp::WriteZeroes | EngineOp::Discard => {
+                self.start_mutation(id)
+            }
             EngineOp::Release => self.start_release(id),
         }
     }
@@ -1400,11 +1409,15 @@ impl Shard {
         op.iov.clear();
         let mut last_phys: Option<u16> = None;
         let mut runs = 0;
-        let is_write = op.op == EngineOp::Write;
+        let is_write = matches!(op.op, EngineOp::Write | EngineOp::Repair);
+        // A repair rewrites a block at its own version; anything else needs
+        // a newer one.
+        let equal_applies = op.op == EngineOp::Repair;
         let mut k = op.cursor;
         while k < op.count {
             let logical = op.first + k;
-            if op.version <= slot.planned_version[logical as usize] {
+            let planned = slot.planned_version[logical as usize];
+            if op.version < planned || (op.version == planned && !equal_applies) {
                 let stored = slot.planned_version[logical as usize];
                 if stored > op.version {
                     op.newer_version = op.newer_version.max(stored);
@@ -1833,10 +1846,13 @@ impl Shard {
         if op.allocated_slot && slot.header_op == Some(id) {
             slot.header_op = None;
         }
+        // A repair rewrites a block at its own version (see EngineOp::Repair).
+        let equal_applies = op.op == EngineOp::Repair;
         for p in op.plan.iter() {
             let cur = slot.entries[p.logical as usize];
+            let newer = op.version > cur.version || (equal_applies && op.version == cur.version);
             match p.action {
-                Action::Write if !failed && op.version > cur.version => {
+                Action::Write if !failed && newer => {
                     slot.entries[p.logical as usize] = BlockEntry {
                         phys: p.phys,
                         kind: BlockKind::Data,
@@ -1850,7 +1866,7 @@ impl Shard {
                     slot.dirty = true;
                 }
                 Action::Write => slot.release_phys(p.phys),
-                Action::Zero if !failed && op.version > cur.version => {
+                Action::Zero if !failed && newer => {
                     slot.entries[p.logical as usize] = BlockEntry::zeroed(op.version);
                     if cur.kind == BlockKind::Data {
                         slot.release_phys(cur.phys);

@@ -16,9 +16,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::Path;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use axum::routing::{get, put};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use celer_route::RouteTable;
 use serde_json::json;
@@ -65,6 +66,8 @@ pub(crate) fn serve(listener: TcpListener, shared: Arc<NodeShared>) {
             .route("/v1/route", put(put_route))
             .route("/v1/fences", put(put_fences))
             .route("/v1/status", get(status))
+            .route("/v1/scrub", get(scrub_status))
+            .route("/v1/scrub/{action}", post(scrub_control))
             .route("/metrics", get(metrics))
             .with_state(shared.clone());
         let stop = async move {
@@ -267,6 +270,81 @@ async fn status(State(shared): State<Arc<NodeShared>>) -> Json<serde_json::Value
         "epoch": epoch,
         "syncing_partitions": syncing,
     }))
+}
+
+/// The scrub's state and figures: paused or not, and per shard the pass
+/// under way (chunks done of listed, data bytes), passes finished, the last
+/// one's duration and bytes, blocks found damaged.
+pub(crate) fn scrub_json(shared: &NodeShared) -> serde_json::Value {
+    let r = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let shards: Vec<serde_json::Value> = shared
+        .scrub
+        .shards
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            json!({
+                "shard": i,
+                "running": r(&c.running) == 1,
+                "chunks_done": r(&c.chunks_done),
+                "chunks_total": r(&c.chunks_total),
+                "pass_bytes": r(&c.pass_bytes),
+                "passes": r(&c.passes),
+                "last_pass_ms": r(&c.last_pass_ms),
+                "last_pass_bytes": r(&c.last_pass_bytes),
+                "bytes": r(&c.bytes),
+                "damaged_blocks": r(&c.damaged),
+            })
+        })
+        .collect();
+    let sum =
+        |f: fn(&crate::shard::ScrubCell) -> u64| -> u64 { shared.scrub.shards.iter().map(f).sum() };
+    json!({
+        "node_id": shared.id,
+        "paused": shared.scrub.paused.load(Ordering::Acquire),
+        "running": sum(|c| c.running.load(Ordering::Relaxed)) > 0,
+        "passes": shared.scrub.shards.iter().map(|c| r(&c.passes)).min().unwrap_or(0),
+        "bytes": sum(|c| c.bytes.load(Ordering::Relaxed)),
+        "damaged_blocks": sum(|c| c.damaged.load(Ordering::Relaxed)),
+        "shards": shards,
+    })
+}
+
+async fn scrub_status(State(shared): State<Arc<NodeShared>>) -> Json<serde_json::Value> {
+    Json(scrub_json(&shared))
+}
+
+/// `POST /v1/scrub/start` (a pass now, on every shard not in one),
+/// `/v1/scrub/pause`, `/v1/scrub/resume`; bearer token required.
+async fn scrub_control(
+    State(shared): State<Arc<NodeShared>>,
+    Path(action): Path<String>,
+    headers: HeaderMap,
+) -> (StatusCode, Json<serde_json::Value>) {
+    if !authorized(&shared, &headers) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": "missing or wrong bearer token: present the cluster token"})),
+        );
+    }
+    match action.as_str() {
+        "start" => {
+            shared.scrub.paused.store(false, Ordering::Release);
+            shared.scrub.start_requests.fetch_add(1, Ordering::AcqRel);
+        }
+        "pause" => shared.scrub.paused.store(true, Ordering::Release),
+        "resume" => shared.scrub.paused.store(false, Ordering::Release),
+        other => {
+            return (
+                StatusCode::NOT_FOUND,
+                Json(
+                    json!({"error": format!("unknown scrub action `{other}`: start, pause or resume")}),
+                ),
+            )
+        }
+    }
+    tracing::info!(action, "scrub control");
+    (StatusCode::OK, Json(scrub_json(&shared)))
 }
 
 async fn metrics(State(shared): State<Arc<NodeShared>>) -> (StatusCode, HeaderMap, String) {

@@ -80,8 +80,19 @@ pub struct NodeConfig {
     /// `celer_client::KEEPALIVE_DEFAULT` (60 s), so a quiet attachment
     /// keeps its connections; one whose host vanished loses them.
     pub idle_timeout: Option<Duration>,
+    /// Scrub rate: data bytes read per second by the whole node (shared
+    /// by its shards; 0: no scrub). See [`SCRUB_RATE_DEFAULT`].
+    pub scrub_bytes_per_sec: u64,
+    /// A scrub pass starts this long after the previous one started (the
+    /// first a minute after the node starts; `celer scrub start` starts
+    /// one now).
+    pub scrub_interval: Duration,
 }
 
+/// Default scrub rate: a pass over 4 GiB of data takes 8.5 minutes.
+pub const SCRUB_RATE_DEFAULT: u64 = 8 << 20;
+/// Default time between scrub passes.
+pub const SCRUB_INTERVAL_DEFAULT: Duration = Duration::from_secs(24 * 3600);
 /// Default of [`NodeConfig::idle_timeout`].
 pub const IDLE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(600);
 
@@ -392,6 +403,8 @@ pub(crate) struct NodeShared {
     pub(crate) chunks: Vec<std::sync::atomic::AtomicUsize>,
     /// Per shard: backfill figures (heartbeats, status, metrics).
     pub(crate) progress: Vec<ProgressCell>,
+    /// Scrub controls and per-shard figures.
+    pub(crate) scrub: shard::ScrubShared,
 }
 
 impl NodeShared {
@@ -556,6 +569,7 @@ impl Node {
                 .map(|_| std::sync::atomic::AtomicUsize::new(0))
                 .collect(),
             progress: (0..shard_count).map(|_| ProgressCell::default()).collect(),
+            scrub: shard::ScrubShared::new(shard_count),
         });
         if let Some((_, reg)) = &agent_setup {
             // Queued before the shards start: nothing is served before.
@@ -569,6 +583,8 @@ impl Node {
                 forward_timeout: cfg.forward_timeout,
                 busy_poll: cfg.busy_poll,
                 idle_timeout: cfg.idle_timeout,
+                scrub_bytes_per_sec: cfg.scrub_bytes_per_sec / shard_count.max(1) as u64,
+                scrub_interval: cfg.scrub_interval,
             };
             let idx = engine_shard.id();
             let t = std::thread::Builder::new()

@@ -6,6 +6,8 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use celer_proto::{Op, Status};
+
+use crate::shard::RepairResult;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -41,6 +43,15 @@ const OPS: [&str; 7] = [
     "other",
 ];
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RepairLabels {
+    shard: u16,
+    result: &'static str,
+}
+
+/// Labels of `RepairResult`, in its order.
+const REPAIR_RESULTS: [&str; 4] = ["repaired", "superseded", "unrepairable", "dropped"];
+
 fn op_index(op: Op) -> usize {
     match op {
         Op::Read => 0,
@@ -65,6 +76,9 @@ pub struct NodeMetrics {
     backfill_unlisted: Family<ShardLabel, Gauge>,
     client_conns: Family<ShardLabel, Counter>,
     idle_closed: Family<ShardLabel, Counter>,
+    repairs: Family<RepairLabels, Counter>,
+    scrub_bytes: Family<ShardLabel, Counter>,
+    scrub_damaged: Family<ShardLabel, Counter>,
     pub(crate) epoch: Gauge<i64, AtomicI64Shim>,
 }
 
@@ -84,6 +98,10 @@ pub(crate) struct ShardCounters {
     backfill_unlisted: Gauge,
     client_conns: Counter,
     idle_closed: Counter,
+    /// By `RepairResult` (in its order).
+    repairs: [Counter; 4],
+    scrub_bytes: Counter,
+    scrub_damaged: Counter,
 }
 
 impl NodeMetrics {
@@ -104,7 +122,25 @@ impl NodeMetrics {
         let backfill_unlisted = Family::<ShardLabel, Gauge>::default();
         let client_conns = Family::<ShardLabel, Counter>::default();
         let idle_closed = Family::<ShardLabel, Counter>::default();
+        let repairs = Family::<RepairLabels, Counter>::default();
+        let scrub_bytes = Family::<ShardLabel, Counter>::default();
+        let scrub_damaged = Family::<ShardLabel, Counter>::default();
+        registry.register(
+            "scrub_bytes",
+            "Data bytes read and crc-checked by the scrub",
+            scrub_bytes.clone(),
+        );
+        registry.register(
+            "scrub_damaged_blocks",
+            "Blocks the scrub found damaged (each queued for repair)",
+            scrub_damaged.clone(),
+        );
         let epoch = Gauge::<i64, AtomicI64Shim>::default();
+        registry.register(
+            "repairs",
+            "Damaged blocks (crc failed here) by outcome: repaired from another member, superseded by a newer write, unrepairable (no member holds a good copy), dropped (repair queue full)",
+            repairs.clone(),
+        );
         registry.register(
             "requests",
             "Requests served, by op and result",
@@ -168,6 +204,9 @@ impl NodeMetrics {
             backfill_unlisted,
             client_conns,
             idle_closed,
+            repairs,
+            scrub_bytes,
+            scrub_damaged,
             epoch,
         }
     }
@@ -214,6 +253,19 @@ impl NodeMetrics {
                 .idle_closed
                 .get_or_create(&ShardLabel { shard })
                 .clone(),
+            repairs: REPAIR_RESULTS.map(|result| {
+                self.repairs
+                    .get_or_create(&RepairLabels { shard, result })
+                    .clone()
+            }),
+            scrub_bytes: self
+                .scrub_bytes
+                .get_or_create(&ShardLabel { shard })
+                .clone(),
+            scrub_damaged: self
+                .scrub_damaged
+                .get_or_create(&ShardLabel { shard })
+                .clone(),
         }
     }
 
@@ -247,6 +299,15 @@ impl ShardCounters {
     }
     pub(crate) fn idle_closed(&self) {
         self.idle_closed.inc();
+    }
+    pub(crate) fn add_scrub_bytes(&self, n: u64) {
+        self.scrub_bytes.inc_by(n);
+    }
+    pub(crate) fn add_scrub_damaged(&self) {
+        self.scrub_damaged.inc();
+    }
+    pub(crate) fn repair(&self, result: RepairResult) {
+        self.repairs[result as usize].inc();
     }
     pub(crate) fn set_backfill_progress(&self, moved: u64, listed: u64, unlisted: u64) {
         self.backfill_moved.set(moved as i64);

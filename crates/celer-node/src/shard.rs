@@ -18,12 +18,19 @@ use celer_engine::{
     AlignedBuf, BlockKind, Completion, EngineError, EngineOp, EngineRequest, Segment, Shard,
     BLOCK_SIZE,
 };
+
+mod repair;
 use celer_proto::auth::{Credential, HelloProof, Peer, NONCE_BYTES};
 use celer_proto::{
     clock_limit_at, version_clock, version_writer, Header, Kind, Op, Status, FLAG_SECTORS,
     SECTOR_BYTES,
 };
 use celer_route::NodeId;
+pub(crate) use repair::RepairResult;
+use repair::{Repair, REQ_REPAIR, TAG_REPAIR};
+mod scrub;
+use scrub::{Scrub, TAG_SCRUB};
+pub(crate) use scrub::{ScrubCell, ScrubShared};
 
 use crate::conn::{Conn, ConnAuth, Frame, Next, SEND_HIGH_BYTES, SEND_LOW_BYTES};
 use crate::handshake::{ConnTicket, Handshaken};
@@ -34,6 +41,9 @@ pub(crate) struct ShardConfig {
     pub(crate) forward_timeout: Duration,
     pub(crate) busy_poll: Duration,
     pub(crate) idle_timeout: Option<Duration>,
+    /// This shard's share of the node's scrub rate (0: off).
+    pub(crate) scrub_bytes_per_sec: u64,
+    pub(crate) scrub_interval: Duration,
 }
 
 const TOKEN_WAKE: u64 = u64::MAX;
@@ -51,6 +61,10 @@ const PURGE_INFLIGHT_MAX: usize = 1;
 const PURGE_RESCANS: u32 = 5;
 /// Request ids with this bit are the backfill's own requests.
 const REQ_BACKFILL: u32 = 1 << 31;
+/// Generations of an op slot wrap below this, so a forward's request id
+/// (`gen << 16 | slot`) never has the bits of backfill or repair requests
+/// (`REQ_BACKFILL`, `REQ_REPAIR`) set.
+const OP_GEN_MASK: u16 = 0x3fff;
 /// Ops kept for client requests; the engine has a few more for backfill.
 const CLIENT_OPS: usize = 224;
 const BACKFILL_WRITES_MAX: usize = 16;
@@ -238,6 +252,13 @@ struct ShardLoop {
     purging: usize,
     /// Rescans left (see PURGE_RESCANS).
     purge_rescans: u32,
+    /// Damaged blocks being repaired from another member (see `repair`).
+    repairs: Vec<Repair>,
+    /// Blocks found unrepairable lately: (volume, offset, quiet until).
+    unrepairable: Vec<(u64, u64, Instant)>,
+    repair_serial: u32,
+    repair_seq: u32,
+    scrub: Scrub,
 }
 
 pub(crate) fn run(
@@ -295,6 +316,7 @@ pub(crate) fn run(
         })
         .collect();
     let counters = shared.metrics.shard(id);
+    let scrub = Scrub::new(cfg.scrub_bytes_per_sec, cfg.scrub_interval);
     let mut s = ShardLoop {
         id,
         engine,
@@ -333,6 +355,11 @@ pub(crate) fn run(
         purge: Vec::new(),
         purging: 0,
         purge_rescans: 0,
+        repairs: Vec::new(),
+        unrepairable: Vec::new(),
+        repair_serial: 0,
+        repair_seq: 0,
+        scrub,
     };
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
     let mut last_activity = Instant::now();
@@ -362,6 +389,8 @@ pub(crate) fn run(
             }
         }
         s.backfill_step();
+        s.repair_step();
+        s.scrub_step();
         s.purge_step();
         s.shared.chunks[s.id as usize].store(
             s.engine.allocated_chunks(),
@@ -379,12 +408,20 @@ pub(crate) fn run(
         }
         let timeout_ms = if now.duration_since(last_activity) < s.cfg.busy_poll {
             0
-        } else if s.forwards_inflight > 0 || s.backfills.iter().any(|b| b.retry_at.is_some()) {
+        } else if s.forwards_inflight > 0
+            || s.backfills.iter().any(|b| b.retry_at.is_some())
+            || s.repairs_pending()
+        {
             5
         } else if !s.backfills.is_empty() {
             20
         } else {
             200
+        };
+        // A scrub waiting for its rate wakes up when it may read again.
+        let timeout_ms = match s.scrub.wait_hint() {
+            Some(d) if timeout_ms > 0 => timeout_ms.min(d.as_millis().max(1) as i32),
+            _ => timeout_ms,
         };
         // SAFETY: events is a valid buffer of its length.
         let n = unsafe {
@@ -1111,7 +1148,7 @@ impl ShardLoop {
         };
         let op = &mut self.ops[id];
         op.busy = true;
-        op.gen = op.gen.wrapping_add(1);
+        op.gen = next_op_gen(op.gen);
         op.kind = kind;
         op.conn = c;
         op.conn_gen = conn_gen;
@@ -1434,7 +1471,11 @@ impl ShardLoop {
                 .as_ref()
                 .map(|conn| conn.payload(f).to_vec())
                 .unwrap_or_default();
-            self.backfill_response(c, &h, &payload);
+            if h.request_id & REQ_REPAIR == REQ_REPAIR {
+                self.repair_response(c, &h, &payload);
+            } else {
+                self.backfill_response(c, &h, &payload);
+            }
             return;
         }
         let id = (h.request_id & 0xffff) as usize;
@@ -1569,6 +1610,9 @@ impl ShardLoop {
     }
 
     fn engine_done(&mut self, c: Completion) {
+        if c.tag >= TAG_REPAIR {
+            return self.repair_done(c);
+        }
         if c.tag >= TAG_BACKFILL {
             return self.backfill_write_done(c);
         }
@@ -1578,6 +1622,9 @@ impl ShardLoop {
                 tracing::warn!(shard = self.id, "releasing a chunk: {e}");
             }
             return;
+        }
+        if c.tag >= TAG_SCRUB {
+            return self.scrub_done(c);
         }
         let id = c.tag as usize;
         if let Err(e @ EngineError::Io { .. }) = &c.result {
@@ -1601,6 +1648,15 @@ impl ShardLoop {
             if op.status == Status::Ok {
                 op.status = Status::OlderVersion;
             }
+        }
+        if let Err(EngineError::Checksum {
+            volume,
+            offset_bytes,
+        }) = &c.result
+        {
+            // Our copy is damaged: the reader goes to another member; the
+            // block is rewritten from one in the background.
+            self.queue_repair(*volume, *offset_bytes);
         }
         if let Err(e) = &c.result {
             tracing::warn!(shard = self.id, "engine: {e}");
@@ -2141,7 +2197,7 @@ impl ShardLoop {
         let epoch = self.table().map_or(0, |t| t.epoch);
         let chunk_bytes = self.table().map_or(1 << 20, |t| t.chunk_bytes);
         // Unique among this shard's backfill requests in flight.
-        self.backfill_seq = self.backfill_seq.wrapping_add(1) & !REQ_BACKFILL;
+        self.backfill_seq = self.backfill_seq.wrapping_add(1) & !REQ_REPAIR;
         let b = &mut self.backfills[i];
         b.seq = self.backfill_seq;
         b.sent_at = Instant::now();
@@ -2380,6 +2436,11 @@ impl ShardLoop {
     }
 }
 
+/// The next generation of an op slot (see `OP_GEN_MASK`).
+fn next_op_gen(gen: u16) -> u16 {
+    gen.wrapping_add(1) & OP_GEN_MASK
+}
+
 fn new_backfill(serial: u32, partition: u32, epoch: u64, source: NodeId) -> Backfill {
     Backfill {
         serial,
@@ -2419,4 +2480,25 @@ fn left_for_good(t: &celer_route::RouteTable, p: u32, me: NodeId) -> bool {
                 .iter()
                 .all(|m| m.in_sync && t.node(m.node).is_some_and(|n| n.up))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A forward's request id never looks like a backfill's or a repair's,
+    /// whatever the op slot's generation: with plain 16-bit generations,
+    /// every answer to a forward from a slot past 32767 uses went to the
+    /// backfill code and the large write timed out.
+    #[test]
+    fn forward_request_ids_never_carry_backfill_bits() {
+        let mut gen = 0u16;
+        for _ in 0..200_000 {
+            gen = next_op_gen(gen);
+            let id = ((gen as u32) << 16) | (CLIENT_OPS as u32 - 1);
+            assert_eq!(id & REQ_BACKFILL, 0, "gen {gen}");
+            assert_eq!(id & REQ_REPAIR, 0, "gen {gen}");
+            assert_eq!((id >> 16) as u16, gen, "the gen comes back out");
+        }
+    }
 }

@@ -37,6 +37,8 @@ fn start_node(disk: &Path, state: &Path) -> Node {
         busy_poll: Duration::ZERO,
         insecure_no_auth: false,
         idle_timeout: Some(celer_node::IDLE_TIMEOUT_DEFAULT),
+        scrub_bytes_per_sec: celer_node::SCRUB_RATE_DEFAULT,
+        scrub_interval: celer_node::SCRUB_INTERVAL_DEFAULT,
     })
     .expect("node starts")
 }

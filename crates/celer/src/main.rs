@@ -10,6 +10,7 @@ mod fio;
 mod libvirt;
 mod meta_cmd;
 mod node_cmd;
+mod scrub_cmd;
 mod up;
 mod volume_io;
 
@@ -57,6 +58,9 @@ enum Command {
     /// Run a storage node.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// The storage nodes' background scrub (crc of every block, repair).
+    #[command(subcommand)]
+    Scrub(scrub_cmd::ScrubCommand),
 }
 
 #[derive(Subcommand)]
@@ -182,6 +186,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Meta(c) => meta_cmd::run_meta(c),
         Command::Volume(c) => meta_cmd::run_volume(c),
         Command::Status(a) => meta_cmd::run_status(a),
+        Command::Scrub(c) => scrub_cmd::run(c),
         Command::Node(NodeCommand::Serve(a)) => node_cmd::run(&a),
         Command::Up(a) => up::run(&a),
         Command::Vhost(VhostCommand::Serve(a)) => {

@@ -179,7 +179,7 @@ fn read_token_file(path: &PathBuf) -> Result<String> {
 }
 
 impl Conn {
-    fn client(&self) -> Result<MetaClient> {
+    pub(crate) fn client(&self) -> Result<MetaClient> {
         let (url, token) = self.url_and_token()?;
         Ok(MetaClient::new(&url, &token))
     }

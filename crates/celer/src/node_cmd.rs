@@ -78,6 +78,15 @@ pub struct NodeServeArgs {
     /// (`celer bench cluster`); refused unless --listen is a loopback address.
     #[arg(long)]
     pub insecure_no_auth: bool,
+    /// Scrub rate: data bytes per second the node reads to check every
+    /// block's crc (K/M/G suffixes; 0 turns the scrub off). The default
+    /// reads 4 GiB of data in 8.5 minutes.
+    #[arg(long, default_value = "8M", value_parser = celer_device::parse_size)]
+    pub scrub_rate: u64,
+    /// Hours between the starts of two scrub passes (the first starts a
+    /// minute after the node; `celer scrub start` starts one now).
+    #[arg(long, default_value_t = 24.0)]
+    pub scrub_interval_hours: f64,
 }
 
 pub fn config(a: &NodeServeArgs) -> Result<celer_node::NodeConfig> {
@@ -164,7 +173,17 @@ pub fn config(a: &NodeServeArgs) -> Result<celer_node::NodeConfig> {
         busy_poll: Duration::from_micros(a.busy_poll_us),
         insecure_no_auth: a.insecure_no_auth,
         idle_timeout: (a.idle_timeout_s > 0).then(|| Duration::from_secs(a.idle_timeout_s)),
+        scrub_bytes_per_sec: a.scrub_rate,
+        scrub_interval: scrub_interval(a.scrub_interval_hours)?,
     })
+}
+
+fn scrub_interval(hours: f64) -> Result<Duration> {
+    anyhow::ensure!(
+        hours.is_finite() && hours > 0.0 && hours <= 24.0 * 365.0,
+        "--scrub-interval-hours {hours}: give a number of hours above 0, at most a year"
+    );
+    Ok(Duration::from_secs_f64(hours * 3600.0))
 }
 
 /// How the node joins its cluster (`--replace-disk`, `--register-timeout-ms`).

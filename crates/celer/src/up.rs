@@ -162,6 +162,8 @@ pub fn run(a: &UpArgs) -> Result<()> {
             busy_poll: Duration::ZERO,
             insecure_no_auth: false,
             idle_timeout: Some(celer_node::IDLE_TIMEOUT_DEFAULT),
+            scrub_bytes_per_sec: celer_node::SCRUB_RATE_DEFAULT,
+            scrub_interval: celer_node::SCRUB_INTERVAL_DEFAULT,
         })
         .with_context(|| format!("start storage node {i}"))?;
         nodes.push(node);

@@ -188,6 +188,7 @@ fn celer_up_serves_a_replicated_volume_over_nbd() {
     );
     let meta = scrape(&format!("127.0.0.1:{port}"));
     assert!(!meta.is_empty());
+    scrub_every_node(port, &token_file);
 
     grow_online(&up, &uri);
     up.stop();
@@ -196,6 +197,112 @@ fn celer_up_serves_a_replicated_volume_over_nbd() {
     let up = Up::start_at(dir.path(), port, "256M");
     qemu_io(&uri, &["read -P 0xa7 4096 1M", "read -P 0x5c 300M 64k"]);
     up.stop();
+}
+
+/// `celer scrub start` on every node of the cluster, then `celer scrub
+/// status --json` until each node finished a pass that read the 1 MiB
+/// written (3 replicas: every node holds it); none finds a damaged block.
+fn scrub_every_node(port: u16, token_file: &std::path::Path) {
+    let meta = format!("http://127.0.0.1:{port}");
+    let celer = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(args)
+            .args(["--meta", &meta, "--token-file"])
+            .arg(token_file)
+            .output()
+            .expect("celer scrub");
+        assert!(
+            out.status.success(),
+            "celer {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let started = celer(&["scrub", "start"]);
+    assert_eq!(started.matches("node ").count(), 3, "{started}");
+    let t = Instant::now();
+    loop {
+        let out = celer(&["scrub", "status", "--json"]);
+        let nodes: Vec<serde_json::Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("status JSON"))
+            .collect();
+        assert_eq!(nodes.len(), 3, "{out}");
+        let done = nodes
+            .iter()
+            .all(|n| n["passes"].as_u64() >= Some(1) && n["bytes"].as_u64() >= Some(1 << 20));
+        if done {
+            for n in &nodes {
+                assert_eq!(n["damaged_blocks"], 0, "{n}");
+            }
+            println!("scrub pass on 3 nodes in {:?}", t.elapsed());
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "no scrub pass: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let text = celer(&["scrub", "status"]);
+    assert!(
+        text.contains("1 passes") || text.contains("passes"),
+        "{text}"
+    );
+    // A wrong token cannot start or pause it.
+    let bad = Command::new(BIN)
+        .args(["scrub", "pause", "--meta", &meta, "--token", "wrong"])
+        .output()
+        .expect("celer scrub pause");
+    assert!(!bad.status.success(), "a wrong token paused the scrub");
+}
+
+/// CPU time of each `vring_worker` thread of process `pid` (schedstat, ns).
+fn vring_workers_cpu(pid: u32) -> Vec<(String, Duration)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks of celer up") {
+        let dir = task.expect("task").path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim() != "vring_worker" {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(dir.join("schedstat")) else {
+            continue; // exited meanwhile
+        };
+        let ns: u64 = stat
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse().ok())
+            .expect("schedstat");
+        out.push((dir.display().to_string(), Duration::from_nanos(ns)));
+    }
+    out.sort();
+    out
+}
+
+/// A cluster volume's vhost-user queue workers sleep when the front end
+/// is connected but idle: the workers of `celer up` (and the client queues
+/// they drive) use next to no CPU over a second.
+fn idle_workers_use_no_cpu(pid: u32) {
+    std::thread::sleep(Duration::from_millis(100));
+    let before = vring_workers_cpu(pid);
+    assert!(!before.is_empty(), "celer up has no vring_worker thread");
+    std::thread::sleep(Duration::from_secs(1));
+    let after = vring_workers_cpu(pid);
+    let mut used = Duration::ZERO;
+    for (task, t) in &after {
+        if let Some((_, b)) = before.iter().find(|(k, _)| k == task) {
+            used += t.saturating_sub(*b);
+        }
+    }
+    println!(
+        "idle cluster-volume workers ({}) used {used:?} of CPU in 1 s",
+        after.len()
+    );
+    assert!(
+        used < Duration::from_millis(20),
+        "idle vhost-user workers of a cluster volume used {used:?} of CPU in 1 s"
+    );
 }
 
 /// `celer volume resize` while a vhost-user front end is attached: within a
@@ -239,6 +346,11 @@ fn grow_online(up: &Up, nbd_uri: &str) {
         assert_eq!(status, 0, "a write past the old end works after the resize");
         let (status, _) = qs[0].request(1, req_type::IN, NEW / 512, 4096).unwrap();
         assert_eq!(status, 1, "a read past the new end fails");
+        for i in 0..50 {
+            let (status, _) = qs[0].request(2, req_type::IN, i * 8, 4096).unwrap();
+            assert_eq!(status, 0);
+        }
+        idle_workers_use_no_cpu(up.pid());
     }
     drop(fe);
     // NBD: a new connection is exported at the new size.

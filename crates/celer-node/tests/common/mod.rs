@@ -50,6 +50,8 @@ pub fn start_node_idle(dir: &Path, id: u32, idle: Option<Duration>) -> Node {
         busy_poll: Duration::ZERO,
         insecure_no_auth: false,
         idle_timeout: idle,
+        scrub_bytes_per_sec: celer_node::SCRUB_RATE_DEFAULT,
+        scrub_interval: celer_node::SCRUB_INTERVAL_DEFAULT,
     })
     .expect("node starts")
 }

@@ -1,0 +1,337 @@
+//! Background scrub: each shard reads every data block it holds, at a
+//! limited rate, so the engine checks its crc; a block that fails is
+//! repaired from another member (see `repair`).
+//!
+//! A pass lists the shard's chunks, then reads them in pieces of up to
+//! `SCRUB_PIECE_BYTES`, one piece in flight per shard. Blocks never written
+//! or zeroed are skipped (the engine's block states say which hold data),
+//! and only data blocks count against the rate: a token bucket of
+//! `NodeConfig::scrub_bytes_per_sec / shards`. A piece that hits a bad
+//! block queues its repair and goes on from the next block.
+//!
+//! Passes start `SCRUB_FIRST_DELAY` after the node starts, then every
+//! `NodeConfig::scrub_interval` after the previous pass started; an
+//! operator starts one now or pauses scrubbing through the admin API
+//! (`celer scrub start|pause|resume|status`). Progress and results are
+//! published per shard in `ScrubCell` (status, metrics).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use celer_engine::{
+    AlignedBuf, BlockKind, Completion, EngineError, EngineOp, EngineRequest, Segment, BLOCK_SIZE,
+};
+
+use super::ShardLoop;
+
+/// Engine tags at or above this (and below `TAG_PURGE`) are scrub reads.
+pub(super) const TAG_SCRUB: u64 = 1 << 38;
+/// Largest scrub read.
+const SCRUB_PIECE_BYTES: usize = 64 << 10;
+/// The first pass starts this long after the node starts.
+const SCRUB_FIRST_DELAY: Duration = Duration::from_secs(60);
+
+/// Scrub controls and figures shared by the shards and the admin server.
+pub(crate) struct ScrubShared {
+    pub(crate) paused: AtomicBool,
+    /// Raised by "start now"; a shard that sees it raised starts a pass.
+    pub(crate) start_requests: AtomicU64,
+    pub(crate) shards: Vec<ScrubCell>,
+}
+
+/// One shard's scrub figures (written by the shard only).
+#[derive(Default)]
+pub(crate) struct ScrubCell {
+    /// Passes finished since the node started.
+    pub(crate) passes: AtomicU64,
+    /// The pass under way: chunks listed and done (both 0 between passes).
+    pub(crate) chunks_total: AtomicU64,
+    pub(crate) chunks_done: AtomicU64,
+    /// Data bytes read by the pass under way, and by every pass.
+    pub(crate) pass_bytes: AtomicU64,
+    pub(crate) bytes: AtomicU64,
+    /// Blocks found damaged (each queued for repair).
+    pub(crate) damaged: AtomicU64,
+    /// Milliseconds the last finished pass took, and its data bytes.
+    pub(crate) last_pass_ms: AtomicU64,
+    pub(crate) last_pass_bytes: AtomicU64,
+    /// 1 while a pass is under way.
+    pub(crate) running: AtomicU64,
+}
+
+impl ScrubShared {
+    pub(crate) fn new(shards: u16) -> ScrubShared {
+        ScrubShared {
+            paused: AtomicBool::new(false),
+            start_requests: AtomicU64::new(0),
+            shards: (0..shards).map(|_| ScrubCell::default()).collect(),
+        }
+    }
+}
+
+/// A shard's scrub.
+pub(super) struct Scrub {
+    /// Data bytes per second for this shard (0: scrub off).
+    rate: u64,
+    interval: Duration,
+    next_pass_at: Instant,
+    start_requests_seen: u64,
+    running: bool,
+    started: Instant,
+    chunks: Vec<(u64, u64)>,
+    next_chunk: usize,
+    /// Offset within the current chunk.
+    at: u64,
+    inflight: bool,
+    /// The piece in flight: volume, offset, length, data bytes in it.
+    piece: (u64, u64, u64, u64),
+    tokens: f64,
+    refilled: Instant,
+    buf: AlignedBuf,
+    states: Vec<(BlockKind, u64)>,
+}
+
+impl Scrub {
+    pub(super) fn new(rate: u64, interval: Duration) -> Scrub {
+        let now = Instant::now();
+        Scrub {
+            rate,
+            interval,
+            next_pass_at: now + SCRUB_FIRST_DELAY,
+            start_requests_seen: 0,
+            running: false,
+            started: now,
+            chunks: Vec::new(),
+            next_chunk: 0,
+            at: 0,
+            inflight: false,
+            piece: (0, 0, 0, 0),
+            tokens: 0.0,
+            refilled: now,
+            buf: AlignedBuf::new(SCRUB_PIECE_BYTES / BLOCK_SIZE),
+            states: Vec::with_capacity(SCRUB_PIECE_BYTES / BLOCK_SIZE),
+        }
+    }
+
+    /// How long the shard may sleep before the scrub has work (None: it
+    /// waits for nothing: off, paused, between passes or a read in flight).
+    pub(super) fn wait_hint(&self) -> Option<Duration> {
+        if !self.running || self.inflight || self.rate == 0 {
+            return None;
+        }
+        let missing = SCRUB_PIECE_BYTES as f64 - self.tokens;
+        Some(Duration::from_secs_f64(
+            (missing / self.rate as f64).max(0.001),
+        ))
+    }
+}
+
+impl ShardLoop {
+    fn scrub_cell(&self) -> &ScrubCell {
+        &self.shared.scrub.shards[self.id as usize]
+    }
+
+    /// Starts passes when due, refills the bucket and reads the next piece.
+    /// Called every loop pass.
+    pub(super) fn scrub_step(&mut self) {
+        if self.scrub.rate == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let requests = self.shared.scrub.start_requests.load(Ordering::Acquire);
+        let asked = requests != self.scrub.start_requests_seen;
+        if !self.scrub.running && (asked || now >= self.scrub.next_pass_at) {
+            self.scrub.start_requests_seen = requests;
+            self.scrub_begin(now);
+        } else if asked {
+            // Asked while a pass runs: that pass is the one asked for.
+            self.scrub.start_requests_seen = requests;
+        }
+        if !self.scrub.running || self.scrub.inflight {
+            return;
+        }
+        if self.shared.scrub.paused.load(Ordering::Acquire) {
+            self.scrub.refilled = now;
+            return;
+        }
+        let s = &mut self.scrub;
+        let cap = (s.rate as f64 / 5.0).max(2.0 * SCRUB_PIECE_BYTES as f64);
+        s.tokens =
+            (s.tokens + now.duration_since(s.refilled).as_secs_f64() * s.rate as f64).min(cap);
+        s.refilled = now;
+        // Pieces without data cost nothing: skip them in one go (bounded,
+        // so a huge sparse disk does not stall the loop).
+        for _ in 0..64 {
+            if self.scrub.tokens < SCRUB_PIECE_BYTES as f64 {
+                return;
+            }
+            if self.scrub_next_piece() {
+                return;
+            }
+        }
+    }
+
+    fn scrub_begin(&mut self, now: Instant) {
+        let deleted = self.deleted.clone();
+        let s = &mut self.scrub;
+        s.chunks = self.engine.chunks();
+        s.chunks.retain(|(v, _)| deleted.binary_search(v).is_err());
+        s.chunks.sort_unstable();
+        s.next_chunk = 0;
+        s.at = 0;
+        s.running = true;
+        s.started = now;
+        // The rate counts from the pass's start (no burst saved up).
+        s.tokens = 0.0;
+        s.refilled = now;
+        s.next_pass_at = now + s.interval;
+        let cell = &self.shared.scrub.shards[self.id as usize];
+        cell.chunks_total
+            .store(s.chunks.len() as u64, Ordering::Relaxed);
+        cell.chunks_done.store(0, Ordering::Relaxed);
+        cell.pass_bytes.store(0, Ordering::Relaxed);
+        cell.running.store(1, Ordering::Relaxed);
+        tracing::info!(
+            shard = self.id,
+            chunks = s.chunks.len(),
+            "scrub pass started"
+        );
+    }
+
+    fn scrub_end(&mut self) {
+        let s = &mut self.scrub;
+        s.running = false;
+        let took = s.started.elapsed();
+        let cell = &self.shared.scrub.shards[self.id as usize];
+        let bytes = cell.pass_bytes.load(Ordering::Relaxed);
+        cell.passes.fetch_add(1, Ordering::Relaxed);
+        cell.last_pass_ms
+            .store(took.as_millis() as u64, Ordering::Relaxed);
+        cell.last_pass_bytes.store(bytes, Ordering::Relaxed);
+        cell.chunks_total.store(0, Ordering::Relaxed);
+        cell.chunks_done.store(0, Ordering::Relaxed);
+        cell.running.store(0, Ordering::Relaxed);
+        tracing::info!(
+            shard = self.id,
+            bytes,
+            seconds = took.as_secs_f64(),
+            "scrub pass finished"
+        );
+    }
+
+    /// Submits the read of the next piece holding data. True when it is
+    /// done with this step (a read submitted, the pass over, or the engine
+    /// busy); false after skipping a piece without data.
+    fn scrub_next_piece(&mut self) -> bool {
+        let chunk_bytes = self.engine.geometry().chunk_bytes();
+        let s = &mut self.scrub;
+        if s.next_chunk >= s.chunks.len() {
+            self.scrub_end();
+            return true;
+        }
+        let (volume, chunk) = s.chunks[s.next_chunk];
+        let offset = chunk * chunk_bytes + s.at;
+        let len = (chunk_bytes - s.at).min(SCRUB_PIECE_BYTES as u64);
+        let blocks = (len / BLOCK_SIZE as u64) as usize;
+        s.states.clear();
+        s.states.resize(blocks, (BlockKind::Unwritten, 0));
+        self.engine.block_states(volume, offset, &mut s.states);
+        let s = &mut self.scrub;
+        // The data blocks' span: read from the first to the last.
+        let first = s.states.iter().position(|x| x.0 == BlockKind::Data);
+        let Some(first) = first else {
+            self.scrub_advance(len);
+            return false;
+        };
+        let last = s
+            .states
+            .iter()
+            .rposition(|x| x.0 == BlockKind::Data)
+            .unwrap_or(first);
+        let data =
+            s.states.iter().filter(|x| x.0 == BlockKind::Data).count() as u64 * BLOCK_SIZE as u64;
+        let skip = (first * BLOCK_SIZE) as u64;
+        let span = ((last + 1 - first) * BLOCK_SIZE) as u64;
+        let segs = [Segment {
+            addr: s.buf.as_mut_ptr(),
+            len: span as usize,
+        }];
+        let req = EngineRequest {
+            op: EngineOp::Read,
+            volume,
+            offset_bytes: offset + skip,
+            len_bytes: span,
+            segments: &segs,
+            version: 0,
+            epoch: 0,
+            tag: TAG_SCRUB,
+        };
+        // SAFETY: the scrub's buffer lives as long as the shard loop, which
+        // drains the engine before it ends.
+        match unsafe { self.engine.submit(&req) } {
+            Ok(()) => {
+                let s = &mut self.scrub;
+                s.inflight = true;
+                s.piece = (volume, offset + skip, span, data);
+                s.tokens -= data as f64;
+                // Where the piece ends, whatever the read finds.
+                s.at += skip;
+                true
+            }
+            Err(EngineError::QueueFull { .. }) => true,
+            Err(e) => {
+                tracing::warn!(shard = self.id, volume, offset, "scrub read: {e}; skipped");
+                self.scrub_advance(len);
+                false
+            }
+        }
+    }
+
+    /// Moves past `len` bytes of the current chunk.
+    fn scrub_advance(&mut self, len: u64) {
+        let chunk_bytes = self.engine.geometry().chunk_bytes();
+        let s = &mut self.scrub;
+        s.at += len;
+        if s.at >= chunk_bytes {
+            s.at = 0;
+            s.next_chunk += 1;
+            self.scrub_cell()
+                .chunks_done
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A scrub read completed.
+    pub(super) fn scrub_done(&mut self, c: Completion) {
+        self.scrub.inflight = false;
+        let (volume, offset, span, data) = self.scrub.piece;
+        match c.result {
+            Ok(_) => {
+                let cell = self.scrub_cell();
+                cell.pass_bytes.fetch_add(data, Ordering::Relaxed);
+                cell.bytes.fetch_add(data, Ordering::Relaxed);
+                self.counters.add_scrub_bytes(data);
+                self.scrub_advance(span);
+            }
+            Err(EngineError::Checksum {
+                volume: v,
+                offset_bytes,
+            }) if v == volume && offset_bytes >= offset && offset_bytes < offset + span => {
+                // Blocks before it read fine; go on after it.
+                self.scrub_cell().damaged.fetch_add(1, Ordering::Relaxed);
+                self.counters.add_scrub_damaged();
+                self.queue_repair(volume, offset_bytes);
+                let good = offset_bytes - offset;
+                let cell = self.scrub_cell();
+                cell.pass_bytes.fetch_add(good, Ordering::Relaxed);
+                cell.bytes.fetch_add(good, Ordering::Relaxed);
+                self.counters.add_scrub_bytes(good);
+                self.scrub_advance(good + BLOCK_SIZE as u64);
+            }
+            Err(e) => {
+                tracing::warn!(shard = self.id, volume, offset, "scrub read: {e}; skipped");
+                self.scrub_advance(span);
+            }
+        }
+    }
+}
