@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use celer_device::{BlockDevice, DeviceInfo, IoError};
 use tracing::{debug, info, warn};
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
 use vhost::vhost_user::Backend;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
 use virtio_bindings::virtio_blk::{
@@ -242,6 +244,27 @@ impl VhostUserBlk {
         }
     }
 
+    /// Checks a GET/SET_INFLIGHT_FD request against what we serve.
+    fn check_inflight(&self, inflight: &VhostUserInflight) -> std::io::Result<(u16, u16)> {
+        let (num_queues, queue_size) = (inflight.num_queues, inflight.queue_size);
+        if num_queues == 0 || usize::from(num_queues) > self.num_queues {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "inflight buffer for {num_queues} queues asked, we serve 1 to {}",
+                    self.num_queues
+                ),
+            ));
+        }
+        if queue_size == 0 || usize::from(queue_size) > QUEUE_SIZE_MAX {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("inflight buffer for rings of {queue_size} asked, we accept 1 to {QUEUE_SIZE_MAX}"),
+            ));
+        }
+        Ok((num_queues, queue_size))
+    }
+
     /// Per-queue counters, for tests and benchmarks.
     pub fn stats(&self) -> Vec<crate::worker::WorkerStats> {
         (0..self.num_queues).map(|i| self.worker(i).stats).collect()
@@ -306,6 +329,74 @@ impl VhostUserBackend for VhostUserBlk {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+    }
+
+    fn get_inflight_fd(
+        &self,
+        inflight: &VhostUserInflight,
+    ) -> std::io::Result<(VhostUserInflight, std::fs::File)> {
+        let (num_queues, queue_size) = self.check_inflight(inflight)?;
+        let (file, size) = crate::inflight::InflightMap::create(num_queues, queue_size)?;
+        info!(
+            num_queues,
+            queue_size,
+            bytes = size,
+            "inflight buffer created"
+        );
+        Ok((
+            VhostUserInflight::new(size, 0, num_queues, queue_size),
+            file,
+        ))
+    }
+
+    fn set_inflight_fd(
+        &self,
+        inflight: &VhostUserInflight,
+        file: std::fs::File,
+    ) -> std::io::Result<()> {
+        let (num_queues, queue_size) = self.check_inflight(inflight)?;
+        let invalid = |msg: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, msg);
+        let need = crate::inflight::queue_region_bytes(queue_size) * u64::from(num_queues);
+        let file_bytes = file.metadata()?.len();
+        if inflight.mmap_size < need
+            || inflight
+                .mmap_offset
+                .checked_add(inflight.mmap_size)
+                .is_none_or(|end| end > file_bytes)
+        {
+            return Err(invalid(format!(
+                "inflight buffer of {} bytes at offset {} (file {file_bytes} bytes) cannot hold {num_queues} queues of {queue_size} ({need} bytes)",
+                inflight.mmap_size, inflight.mmap_offset
+            )));
+        }
+        for i in 0..self.num_queues {
+            if self.worker(i).inflight() > 0 {
+                return Err(invalid(format!(
+                    "inflight buffer set while queue {i} has requests in flight"
+                )));
+            }
+        }
+        let map =
+            crate::inflight::InflightMap::map(&file, inflight.mmap_offset, inflight.mmap_size)?;
+        for i in 0..self.num_queues {
+            let view = (i < usize::from(num_queues))
+                .then(|| crate::inflight::QueueInflight::new(map.clone(), i as u16, queue_size))
+                .flatten();
+            self.worker(i).set_inflight(view);
+        }
+        info!(
+            num_queues,
+            queue_size, "tracking in-flight requests in the front end's buffer"
+        );
+        Ok(())
+    }
+
+    fn queue_started(&self, queue_index: u32, vring: &Vring) -> std::io::Result<()> {
+        if let Some(w) = self.workers.get(queue_index as usize) {
+            lock(w).start_queue(vring);
+        }
+        Ok(())
     }
 
     fn set_backend_req_fd(&self, backend: Backend) {

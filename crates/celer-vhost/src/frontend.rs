@@ -17,7 +17,8 @@ use std::path::Path;
 use std::sync::atomic::{fence, AtomicU16, Ordering};
 
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{
     Frontend as VuFrontend, FrontendReqHandler, HandlerResult, VhostUserFrontend,
@@ -405,6 +406,36 @@ impl<'m> DriverQueue<'m> {
     pub fn call_fd(&self) -> &EventFd {
         &self.call
     }
+
+    /// The driver's own ring positions: (next avail, last used seen).
+    pub fn position(&self) -> (u16, u16) {
+        (self.next_avail, self.last_used)
+    }
+
+    /// Continues from `position` (after a reconnect, on the same memory).
+    pub fn resume_at(&mut self, (next_avail, last_used): (u16, u16)) {
+        self.next_avail = next_avail;
+        self.kicked_at = next_avail;
+        self.last_used = last_used;
+    }
+
+    /// The used ring's index as the back end last wrote it.
+    pub fn used_idx(&self) -> u16 {
+        self.mem.u16_at(self.l.used + 2).load(Ordering::Acquire)
+    }
+
+    /// Writes a used element and moves the used index, as a back end does
+    /// (tests play a back end that died half way with it).
+    pub fn put_used_as_backend(&self, head: u16, len: u32) {
+        let idx = self.used_idx();
+        let e = self.l.used + 4 + 8 * (idx as usize % self.l.size as usize);
+        self.mem.write(e, &u32::from(head).to_le_bytes());
+        self.mem.write(e + 4, &len.to_le_bytes());
+        fence(Ordering::Release);
+        self.mem
+            .u16_at(self.l.used + 2)
+            .store(idx.wrapping_add(1), Ordering::Release);
+    }
 }
 
 /// The virtio-blk config space (60 bytes), or nothing without CONFIG.
@@ -468,12 +499,81 @@ pub struct Frontend {
         FrontendReqHandler<ConfigChanges>,
         std::sync::Arc<ConfigChanges>,
     )>,
+    cfg: FrontendConfig,
+    /// The inflight buffer (INFLIGHT_SHMFD), kept across reconnects as QEMU does.
+    inflight: Option<(VhostUserInflight, std::fs::File)>,
+}
+
+/// What a reconnecting front end keeps: guest memory, rings, eventfds and
+/// the inflight buffer.
+struct Kept {
+    mem: SharedMem,
+    layouts: Vec<Layout>,
+    kicks: Vec<EventFd>,
+    calls: Vec<EventFd>,
+    inflight: Option<(VhostUserInflight, std::fs::File)>,
 }
 
 impl Frontend {
     /// Connects to `socket` and sets up `cfg.queues` queues.
     pub fn connect(socket: &Path, cfg: &FrontendConfig) -> Result<Self, FrontendError> {
-        let mut vu = VuFrontend::connect(socket, cfg.queues as u64)?;
+        Self::connect_inner(socket, cfg, false, None, std::time::Duration::ZERO)
+    }
+
+    /// Like [`Self::connect`], and asks for an inflight buffer
+    /// (INFLIGHT_SHMFD, GET then SET_INFLIGHT_FD) as QEMU's vhost-user-blk does.
+    pub fn connect_with_inflight(
+        socket: &Path,
+        cfg: &FrontendConfig,
+    ) -> Result<Self, FrontendError> {
+        Self::connect_inner(socket, cfg, true, None, std::time::Duration::ZERO)
+    }
+
+    /// Connects again (to a restarted back end) with the same memory, rings
+    /// and inflight buffer, as QEMU's reconnect does after the back end died:
+    /// each ring restarts at the used index found in memory. Retries for up
+    /// to `timeout` while nothing listens on `socket` yet.
+    pub fn reconnect(
+        self,
+        socket: &Path,
+        timeout: std::time::Duration,
+    ) -> Result<Self, FrontendError> {
+        let cfg = self.cfg.clone();
+        let want_inflight = self.inflight.is_some();
+        let kept = Kept {
+            mem: self.mem,
+            layouts: self.layouts,
+            kicks: self.kicks,
+            calls: self.calls,
+            inflight: self.inflight,
+        };
+        drop(self.vu);
+        drop(self.backend_req);
+        Self::connect_inner(socket, &cfg, want_inflight, Some(kept), timeout)
+    }
+
+    /// The inflight buffer the back end gave (None without INFLIGHT_SHMFD).
+    pub fn inflight(&self) -> Option<&(VhostUserInflight, std::fs::File)> {
+        self.inflight.as_ref()
+    }
+
+    fn connect_inner(
+        socket: &Path,
+        cfg: &FrontendConfig,
+        want_inflight: bool,
+        kept: Option<Kept>,
+        timeout: std::time::Duration,
+    ) -> Result<Self, FrontendError> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut vu = loop {
+            match VuFrontend::connect(socket, cfg.queues as u64) {
+                Ok(vu) => break vu,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(5))
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         vu.set_owner()?;
         let offered = vu.get_features()?;
         let mut want = offered & !(1u64 << VIRTIO_RING_F_INDIRECT_DESC);
@@ -489,6 +589,9 @@ impl Frontend {
                 | VhostUserProtocolFeatures::REPLY_ACK;
             if cfg.backend_req {
                 wanted |= VhostUserProtocolFeatures::BACKEND_REQ;
+            }
+            if want_inflight {
+                wanted |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
             }
             protocol_features = pf & wanted;
             vu.set_protocol_features(protocol_features)?;
@@ -522,6 +625,83 @@ impl Frontend {
         let config_space = read_config(&mut vu, protocol_features)?;
         let event_idx = want & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
 
+        let kept = match kept {
+            Some(k) => k,
+            None => Self::lay_out(cfg)?,
+        };
+        let Kept {
+            mem,
+            layouts,
+            kicks,
+            calls,
+            mut inflight,
+        } = kept;
+        if protocol_features.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD) {
+            if inflight.is_none() {
+                let ask = VhostUserInflight::new(0, 0, cfg.queues as u16, cfg.queue_size);
+                inflight = Some(vu.get_inflight_fd(&ask)?);
+            }
+            if let Some((info, file)) = &inflight {
+                vu.set_inflight_fd(info, file.as_raw_fd())?;
+            }
+        } else if want_inflight {
+            return Err(FrontendError::Protocol(
+                "back end does not offer INFLIGHT_SHMFD".into(),
+            ));
+        }
+        let region = VhostUserMemoryRegionInfo {
+            guest_phys_addr: GUEST_BASE,
+            memory_size: mem.len as u64,
+            userspace_addr: mem.ptr as u64,
+            mmap_offset: 0,
+            mmap_handle: mem.fd.as_raw_fd(),
+        };
+        vu.set_mem_table(&[region])?;
+        for (q, l) in layouts.iter().enumerate() {
+            vu.set_vring_num(q, l.size)?;
+            vu.set_vring_addr(
+                q,
+                &VringConfigData {
+                    queue_max_size: l.size,
+                    queue_size: l.size,
+                    flags: 0,
+                    desc_table_addr: mem.ptr as u64 + l.desc as u64,
+                    used_ring_addr: mem.ptr as u64 + l.used as u64,
+                    avail_ring_addr: mem.ptr as u64 + l.avail as u64,
+                    log_addr: None,
+                },
+            )?;
+            // A new ring starts at 0; a kept one at its used index (what
+            // QEMU restores when the back end died without GET_VRING_BASE).
+            let base = mem.u16_at(l.used + 2).load(Ordering::Acquire);
+            vu.set_vring_base(q, base)?;
+            vu.set_vring_call(q, &calls[q])?;
+            vu.set_vring_kick(q, &kicks[q])?;
+            if protocol_features.contains(VhostUserProtocolFeatures::MQ)
+                || offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
+            {
+                vu.set_vring_enable(q, true)?;
+            }
+        }
+        Ok(Frontend {
+            vu,
+            mem,
+            layouts,
+            kicks,
+            calls,
+            features: want,
+            protocol_features,
+            backend_queues,
+            config_space,
+            event_idx,
+            backend_req,
+            cfg: cfg.clone(),
+            inflight,
+        })
+    }
+
+    /// Fresh memory, ring layout and eventfds for `cfg`.
+    fn lay_out(cfg: &FrontendConfig) -> Result<Kept, FrontendError> {
         // Lay out rings then slots, page aligned.
         let qs = cfg.queue_size as usize;
         assert!(
@@ -536,6 +716,8 @@ impl Frontend {
         let total = (per_queue * cfg.queues).next_multiple_of(2 << 20);
         let mem = SharedMem::new(total)?;
         let mut layouts = Vec::new();
+        let mut kicks = Vec::new();
+        let mut calls = Vec::new();
         for q in 0..cfg.queues {
             let base = q * per_queue;
             let desc = base;
@@ -551,56 +733,15 @@ impl Frontend {
                 slot_bytes,
                 buf_bytes: cfg.buf_bytes,
             });
+            calls.push(EventFd::new(libc::EFD_NONBLOCK)?);
+            kicks.push(EventFd::new(libc::EFD_NONBLOCK)?);
         }
-        let region = VhostUserMemoryRegionInfo {
-            guest_phys_addr: GUEST_BASE,
-            memory_size: total as u64,
-            userspace_addr: mem.ptr as u64,
-            mmap_offset: 0,
-            mmap_handle: mem.fd.as_raw_fd(),
-        };
-        vu.set_mem_table(&[region])?;
-        let mut kicks = Vec::new();
-        let mut calls = Vec::new();
-        for (q, l) in layouts.iter().enumerate() {
-            vu.set_vring_num(q, l.size)?;
-            vu.set_vring_addr(
-                q,
-                &VringConfigData {
-                    queue_max_size: l.size,
-                    queue_size: l.size,
-                    flags: 0,
-                    desc_table_addr: mem.ptr as u64 + l.desc as u64,
-                    used_ring_addr: mem.ptr as u64 + l.used as u64,
-                    avail_ring_addr: mem.ptr as u64 + l.avail as u64,
-                    log_addr: None,
-                },
-            )?;
-            vu.set_vring_base(q, 0)?;
-            let call = EventFd::new(libc::EFD_NONBLOCK)?;
-            let kick = EventFd::new(libc::EFD_NONBLOCK)?;
-            vu.set_vring_call(q, &call)?;
-            vu.set_vring_kick(q, &kick)?;
-            if protocol_features.contains(VhostUserProtocolFeatures::MQ)
-                || offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
-            {
-                vu.set_vring_enable(q, true)?;
-            }
-            kicks.push(kick);
-            calls.push(call);
-        }
-        Ok(Frontend {
-            vu,
+        Ok(Kept {
             mem,
             layouts,
             kicks,
             calls,
-            features: want,
-            protocol_features,
-            backend_queues,
-            config_space,
-            event_idx,
-            backend_req,
+            inflight: None,
         })
     }
 
