@@ -350,7 +350,7 @@ impl<M: GuestMemory + ?Sized> Iterator for ChainWalk<'_, M> {
             let desc: Descriptor = self.mem.read_obj(addr).ok()?;
             if desc.refers_to_indirect_table() {
                 // One level only, a whole number of descriptors, ≤ 65535 of them.
-                if self.indirect || desc.len() % DESC_STATE_BYTES as u32 != 0 {
+                if self.indirect || !desc.len().is_multiple_of(DESC_STATE_BYTES as u32) {
                     return None;
                 }
                 let n = u16::try_from(desc.len() / DESC_STATE_BYTES as u32).ok()?;

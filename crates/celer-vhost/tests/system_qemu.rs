@@ -71,7 +71,11 @@ fn incarnations(log: &str) -> Vec<Incarnation> {
         let queue = || field(line, "queue").and_then(|q| q.parse::<u16>().ok());
         if line.contains("resubmitting in-flight requests") {
             let q = queue().expect("queue field");
-            for hc in field(line, "heads").unwrap_or("").split(',').filter(|s| !s.is_empty()) {
+            for hc in field(line, "heads")
+                .unwrap_or("")
+                .split(',')
+                .filter(|s| !s.is_empty())
+            {
                 let (h, c) = hc.split_once(':').expect("head:counter");
                 cur.resubmitted
                     .push((q, h.parse().unwrap(), c.parse().unwrap()));
@@ -200,13 +204,21 @@ fn linux_guest_fio_survives_backend_kills_with_requests_in_flight() {
     let fio = read("fio-kills.txt");
     assert_eq!(fio.matches("err= 0").count(), 2, "fio errors{context}");
     let dmesg = read("dmesg.txt");
-    for bad in ["I/O error", "is not a head", "blk_update_request", "hung_task"] {
+    for bad in [
+        "I/O error",
+        "is not a head",
+        "blk_update_request",
+        "hung_task",
+    ] {
         assert!(
             !dmesg.lines().any(|l| l.contains(bad)),
             "guest kernel reported {bad:?}{context}"
         );
     }
-    assert_eq!(read("inflight.txt").split_whitespace().collect::<Vec<_>>(), ["0", "0"]);
+    assert_eq!(
+        read("inflight.txt").split_whitespace().collect::<Vec<_>>(),
+        ["0", "0"]
+    );
     assert!(
         restart_ms.iter().all(|&ms| ms < 1000),
         "restarts took {restart_ms:?} ms"
