@@ -91,7 +91,15 @@ pub struct VhostUserBlk {
     backend_req: Mutex<Option<Backend>>,
     acked_features: AtomicU64,
     workers: Vec<Mutex<Worker>>,
+    /// Rings started and not stopped since (bit per queue).
+    rings_running: AtomicU64,
+    /// Called when the front end has stopped every ring it started
+    /// (GET_VRING_BASE, after the drain): see [`Self::on_rings_stopped`].
+    rings_stopped_hook: Mutex<Option<RingsStoppedHook>>,
 }
+
+/// See [`VhostUserBlk::on_rings_stopped`].
+pub type RingsStoppedHook = Box<dyn Fn() + Send + Sync>;
 
 impl VhostUserBlk {
     pub fn new(config: &VhostConfig, device: &dyn BlockDevice) -> Result<Self, Error> {
@@ -125,7 +133,9 @@ impl VhostUserBlk {
             | (1 << VIRTIO_BLK_F_BLK_SIZE)
             | (1 << VIRTIO_BLK_F_FLUSH)
             | (1 << VIRTIO_BLK_F_MQ)
-            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            // Dirty logging for live migration (LOG_SHMFD): see worker.rs.
+            | VhostUserVirtioFeatures::LOG_ALL.bits();
         if info.read_only {
             features |= 1 << VIRTIO_BLK_F_RO;
         } else {
@@ -154,6 +164,8 @@ impl VhostUserBlk {
             backend_req: Mutex::new(None),
             acked_features: AtomicU64::new(0),
             workers,
+            rings_running: AtomicU64::new(0),
+            rings_stopped_hook: Mutex::new(None),
         })
     }
 
@@ -195,7 +207,9 @@ impl VhostUserBlk {
     pub(crate) fn disconnect(&self) {
         for i in 0..self.num_queues {
             self.worker(i).detach();
+            self.worker(i).set_log_dirty(false);
         }
+        self.rings_running.store(0, Ordering::Release);
         *lock(&self.backend_req) = None;
     }
 
@@ -265,6 +279,23 @@ impl VhostUserBlk {
         Ok((num_queues, queue_size))
     }
 
+    /// Calls `hook` each time the front end has stopped every ring it had
+    /// started (GET_VRING_BASE on each; QEMU does it when the VM stops, and
+    /// at the switch-over of a live migration). By then every request taken
+    /// off the rings is complete and its pages logged, and no new request is
+    /// taken until a ring starts again: from here this back end issues no
+    /// write for the guest. The place to hand the volume's attachment (and
+    /// its fence) to a migration's destination. Runs on the vhost-user
+    /// thread, before the front end gets its answer.
+    pub fn on_rings_stopped(&self, hook: RingsStoppedHook) {
+        *lock(&self.rings_stopped_hook) = Some(hook);
+    }
+
+    /// Whether any ring is started (requests may be taken off it).
+    pub fn rings_running(&self) -> bool {
+        self.rings_running.load(Ordering::Acquire) != 0
+    }
+
     /// Per-queue counters, for tests and benchmarks.
     pub fn stats(&self) -> Vec<crate::worker::WorkerStats> {
         (0..self.num_queues).map(|i| self.worker(i).stats).collect()
@@ -304,7 +335,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl VhostUserBackend for VhostUserBlk {
-    type Bitmap = ();
+    type Bitmap = vhost_user_backend::bitmap::BitmapMmapRegion;
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
@@ -321,6 +352,13 @@ impl VhostUserBackend for VhostUserBlk {
 
     fn acked_features(&self, features: u64) {
         self.acked_features.store(features, Ordering::Relaxed);
+        let log = features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
+        for i in 0..self.num_queues {
+            self.worker(i).set_log_dirty(log);
+        }
+        if log {
+            info!("dirty logging on (migration): pages the back end writes are logged");
+        }
         debug!(features = format_args!("{features:#x}"), "features acked");
     }
 
@@ -330,6 +368,7 @@ impl VhostUserBackend for VhostUserBlk {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::BACKEND_REQ
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     fn get_inflight_fd(
@@ -395,6 +434,8 @@ impl VhostUserBackend for VhostUserBlk {
     fn queue_started(&self, queue_index: u32, vring: &Vring) -> std::io::Result<()> {
         if let Some(w) = self.workers.get(queue_index as usize) {
             lock(w).start_queue(vring);
+            self.rings_running
+                .fetch_or(1 << queue_index, Ordering::AcqRel);
         }
         Ok(())
     }
@@ -456,6 +497,15 @@ impl VhostUserBackend for VhostUserBlk {
         if let Some(w) = self.workers.get(queue_index as usize) {
             let mut w = w.lock().unwrap_or_else(|p| p.into_inner());
             w.drain(Duration::from_secs(5));
+            drop(w);
+            let bit = 1u64 << queue_index;
+            let before = self.rings_running.fetch_and(!bit, Ordering::AcqRel);
+            if before == bit {
+                info!("every ring stopped: this back end takes no request until one starts again");
+                if let Some(hook) = lock(&self.rings_stopped_hook).as_ref() {
+                    hook();
+                }
+            }
         }
         Ok(())
     }

@@ -24,7 +24,7 @@ use vhost::vhost_user::{
     Frontend as VuFrontend, FrontendReqHandler, HandlerResult, VhostUserFrontend,
     VhostUserFrontendReqHandler,
 };
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -36,6 +36,18 @@ pub const DESC_F_WRITE: u16 = 2;
 pub const DESC_F_INDIRECT: u16 = 4;
 /// Guest-physical address where the driver's memory starts.
 pub const GUEST_BASE: u64 = 0x1_0000_0000;
+
+/// Page size of the vhost dirty log (VHOST_LOG_PAGE).
+pub const DIRTY_PAGE_BYTES: u64 = 4096;
+
+/// Whether the dirty log `log` (from [`Frontend::start_dirty_log`]) has the
+/// page of guest address `gpa`.
+pub fn page_dirty(log: &SharedMem, gpa: u64) -> bool {
+    let page = gpa / DIRTY_PAGE_BYTES;
+    let mut b = [0u8];
+    log.read((page / 8) as usize, &mut b);
+    b[0] & (1 << (page % 8)) != 0
+}
 
 /// Errors of the driver.
 #[derive(Debug, thiserror::Error)]
@@ -229,7 +241,8 @@ impl<'m> DriverQueue<'m> {
         self.slot_off(slot)
     }
 
-    fn status_off(&self, slot: usize) -> usize {
+    /// Offset (in shared memory) of slot `slot`'s status byte.
+    pub fn status_off(&self, slot: usize) -> usize {
         self.slot_off(slot) + 16
     }
 
@@ -419,6 +432,11 @@ impl<'m> DriverQueue<'m> {
         self.last_used = last_used;
     }
 
+    /// Offset (in shared memory) of the used ring.
+    pub fn used_off(&self) -> usize {
+        self.l.used
+    }
+
     /// The used ring's index as the back end last wrote it.
     pub fn used_idx(&self) -> u16 {
         self.mem.u16_at(self.l.used + 2).load(Ordering::Acquire)
@@ -552,6 +570,35 @@ impl Frontend {
         Self::connect_inner(socket, &cfg, want_inflight, Some(kept), timeout)
     }
 
+    /// Starts dirty logging as QEMU does when a migration starts: a log of
+    /// one bit per 4 KiB guest page from guest address 0 (SET_LOG_BASE),
+    /// then the features again with VHOST_F_LOG_ALL. Returns the log; read
+    /// it with [`page_dirty`].
+    pub fn start_dirty_log(&mut self) -> Result<SharedMem, FrontendError> {
+        if !self
+            .protocol_features
+            .contains(VhostUserProtocolFeatures::LOG_SHMFD)
+        {
+            return Err(FrontendError::Protocol(
+                "back end does not offer LOG_SHMFD".into(),
+            ));
+        }
+        let pages = (GUEST_BASE + self.mem.len as u64).div_ceil(DIRTY_PAGE_BYTES);
+        let bytes = (pages.div_ceil(8) as usize).next_multiple_of(4096);
+        let log = SharedMem::new(bytes)?;
+        self.vu.set_log_base(
+            0,
+            Some(VhostUserDirtyLogRegion {
+                mmap_size: bytes as u64,
+                mmap_offset: 0,
+                mmap_handle: log.fd.as_raw_fd(),
+            }),
+        )?;
+        self.features |= VhostUserVirtioFeatures::LOG_ALL.bits();
+        self.vu.set_features(self.features)?;
+        Ok(log)
+    }
+
     /// The inflight buffer the back end gave (None without INFLIGHT_SHMFD).
     pub fn inflight(&self) -> Option<&(VhostUserInflight, std::fs::File)> {
         self.inflight.as_ref()
@@ -576,7 +623,10 @@ impl Frontend {
         };
         vu.set_owner()?;
         let offered = vu.get_features()?;
-        let mut want = offered & !(1u64 << VIRTIO_RING_F_INDIRECT_DESC);
+        // LOG_ALL only while migrating (`start_dirty_log`), as QEMU does.
+        let mut want = offered
+            & !(1u64 << VIRTIO_RING_F_INDIRECT_DESC)
+            & !VhostUserVirtioFeatures::LOG_ALL.bits();
         if !cfg.event_idx {
             want &= !(1u64 << VIRTIO_RING_F_EVENT_IDX);
         }
@@ -593,6 +643,7 @@ impl Frontend {
             if want_inflight {
                 wanted |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
             }
+            wanted |= VhostUserProtocolFeatures::LOG_SHMFD;
             protocol_features = pf & wanted;
             vu.set_protocol_features(protocol_features)?;
             if protocol_features.contains(VhostUserProtocolFeatures::REPLY_ACK) {

@@ -27,11 +27,14 @@ use std::time::{Duration, Instant};
 
 use celer_device::{DeviceInfo, DeviceQueue, IoCompletion, IoError, IoOp, IoRequest, IoSegment};
 use tracing::{debug, info, warn};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VringMutex, VringState, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::QueueT;
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
@@ -39,7 +42,10 @@ use vmm_sys_util::event::{
 use crate::inflight::{ChainWalk, QueueInflight};
 use crate::request::{self, RequestType, HOST_SEGMENTS_MAX, ID_BYTES};
 
-pub(crate) type GuestMem = GuestMemoryMmap<()>;
+/// Guest memory with the front end's dirty log (LOG_SHMFD) behind every
+/// region: writes through vm-memory (status bytes, used ring) are logged by
+/// it; data the device writes through host pointers is logged by the worker.
+pub(crate) type GuestMem = GuestMemoryMmap<BitmapMmapRegion>;
 pub(crate) type GuestMemAtomic = GuestMemoryAtomic<GuestMem>;
 pub(crate) type Vring = VringMutex<GuestMemAtomic>;
 
@@ -56,6 +62,10 @@ struct Slot {
     used_len: u32,
     /// Taken from the inflight buffer after a restart (not the avail ring).
     resubmitted: bool,
+    /// Host segments of the request (in `segments`), and whether the device
+    /// writes guest memory through them (reads): their pages are logged.
+    nsegs: u16,
+    writes_guest: bool,
 }
 
 /// Counters a worker keeps (read by tests and the bench).
@@ -100,6 +110,8 @@ pub(crate) struct Worker {
     /// Signal the guest once after the ring starts: a back end that died
     /// after writing the used ring but before the interrupt left it waiting.
     signal_on_start: bool,
+    /// The front end asked for dirty logging (VHOST_F_LOG_ALL: migration).
+    log_dirty: bool,
     pub(crate) stats: WorkerStats,
 }
 
@@ -149,6 +161,7 @@ impl Worker {
             resubmit: Vec::with_capacity(crate::blk::QUEUE_SIZE_MAX),
             resubmit_next: 0,
             signal_on_start: false,
+            log_dirty: false,
             stats: WorkerStats::default(),
         })
     }
@@ -167,6 +180,11 @@ impl Worker {
         if self.inflight() == 0 {
             self.mem = None;
         }
+    }
+
+    /// Logs pages the device writes from now on (`VHOST_F_LOG_ALL` acked).
+    pub(crate) fn set_log_dirty(&mut self, on: bool) {
+        self.log_dirty = on;
     }
 
     /// Tracks this queue's in-flight heads in `inflight` from now on.
@@ -462,6 +480,8 @@ impl Worker {
         let stats = &mut self.stats;
         let index = self.index;
         let inflight = self.inflight.as_ref();
+        let segments = &self.segments;
+        let log_dirty = self.log_dirty;
         work += self.device.poll(&mut |c: IoCompletion| {
             let Some(slot) = u16::try_from(c.tag)
                 .ok()
@@ -475,6 +495,9 @@ impl Worker {
                 return;
             };
             let s = slots[slot as usize];
+            if log_dirty && s.writes_guest {
+                log_segments(&mem, slot_segments(segments, slot, s.nsegs));
+            }
             let (status, used_len) = match &c.result {
                 Ok(()) => (VIRTIO_BLK_S_OK, s.used_len),
                 Err(e) => {
@@ -601,6 +624,11 @@ impl Worker {
                     unsafe { std::ptr::copy_nonoverlapping(left.as_ptr(), s.addr, n) };
                     left = &left[n..];
                 }
+                if self.log_dirty {
+                    if let Some(mem) = &self.mem {
+                        log_segments(mem, &self.segments[seg_base..seg_base + req.segments]);
+                    }
+                }
                 return Err(VIRTIO_BLK_S_OK as u8);
             }
         };
@@ -637,6 +665,8 @@ impl Worker {
                         1
                     },
                     resubmitted,
+                    nsegs: req.segments as u16,
+                    writes_guest: req.kind == RequestType::In,
                 };
                 self.free.pop();
                 Ok(())
@@ -689,6 +719,8 @@ impl Worker {
         let stats = &mut self.stats;
         let index = self.index;
         let inflight = self.inflight.as_ref();
+        let segments = &self.segments;
+        let log_dirty = self.log_dirty;
         let mut n = 0;
         self.device.poll(&mut |c| {
             let Some(slot) = u16::try_from(c.tag)
@@ -698,6 +730,9 @@ impl Worker {
                 return;
             };
             let s = slots[slot as usize];
+            if log_dirty && s.writes_guest {
+                log_segments(&mem, slot_segments(segments, slot, s.nsegs));
+            }
             let status = match &c.result {
                 Ok(()) => VIRTIO_BLK_S_OK,
                 Err(e) => status_for(e),
@@ -769,6 +804,29 @@ pub(crate) enum Wake {
     Kick,
     Completion,
     Resume,
+}
+
+/// Segments of `slot` (the first `n` of its share of `segments`).
+fn slot_segments(segments: &[IoSegment], slot: u16, n: u16) -> &[IoSegment] {
+    let base = slot as usize * HOST_SEGMENTS_MAX;
+    &segments[base..base + (n as usize).min(HOST_SEGMENTS_MAX)]
+}
+
+/// Marks the guest pages under `segs` dirty in the front end's log: the
+/// device wrote them through host pointers (zero copy, io_uring or socket
+/// reads), which vm-memory's own tracking does not see. A segment never
+/// crosses a region (the parser splits there).
+fn log_segments(mem: &GuestMem, segs: &[IoSegment]) {
+    for s in segs {
+        let addr = s.addr as usize;
+        for region in mem.iter() {
+            let base = region.as_ptr() as usize;
+            if addr >= base && addr - base < region.len() as usize {
+                region.bitmap().mark_dirty(addr - base, s.len);
+                break;
+            }
+        }
+    }
 }
 
 /// Puts `head` on the used ring, with the inflight buffer's protocol around
