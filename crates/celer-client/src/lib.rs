@@ -218,6 +218,14 @@ pub enum ClientError {
     Credential(String),
 }
 
+/// The fence generation a credential carries (0 for a node credential).
+pub fn fence_of(c: &Credential) -> u32 {
+    match c {
+        Credential::Attachment { capability, .. } => capability.fence,
+        Credential::Node { .. } => 0,
+    }
+}
+
 /// The attachment id a credential names (0 for a node credential).
 pub fn attachment_of(c: &Credential) -> u32 {
     match c {
@@ -341,22 +349,10 @@ impl Client {
             partitions = table.partition_count(),
             "client connected"
         );
-        let serial: String = format!("celer-vol-{}", cfg.volume)
-            .chars()
-            .take(20)
-            .collect();
         let size_bytes = cfg.size_bytes;
         let read_only = matches!(&cfg.credential, Credential::Attachment { capability, .. } if capability.read_only);
         Ok(Client {
-            info: DeviceInfo {
-                size_bytes: cfg.size_bytes,
-                block_size_bytes: BLOCK_BYTES as u32,
-                read_only,
-                supports_discard: true,
-                supports_write_zeroes: true,
-                max_request_bytes: REQUEST_MAX_BYTES,
-                serial,
-            },
+            info: volume_info(cfg.volume, cfg.size_bytes, read_only),
             shared: Arc::new(Shared {
                 hlc: hlc::Hlc::with_skew(cfg.clock_skew_ms),
                 size_bytes: AtomicU64::new(size_bytes),
@@ -396,12 +392,13 @@ impl Client {
             (
                 Credential::Attachment { capability: a, .. },
                 Credential::Attachment { capability: b, .. },
-            ) => a.volume == b.volume && a.attachment == b.attachment,
+            ) => a.volume == b.volume && a.attachment == b.attachment && a.fence == b.fence,
             _ => false,
         };
         if !same {
             return Err(ClientError::Credential(
-                "a renewed capability must be for the same volume and attachment".into(),
+                "a renewed capability must be for the same volume, attachment and fence generation"
+                    .into(),
             ));
         }
         *self
@@ -458,6 +455,20 @@ impl BlockDevice for Client {
     fn open_queue(&self, index: usize) -> Result<Box<dyn DeviceQueue>, IoError> {
         let q = queue::ClientQueue::open(index, &self.cfg, &self.info, self.shared.clone())?;
         Ok(Box::new(q))
+    }
+}
+
+/// What a client of `volume` shows its front end (the same before it
+/// connects: a migration destination shows it before it takes over).
+pub fn volume_info(volume: u64, size_bytes: u64, read_only: bool) -> DeviceInfo {
+    DeviceInfo {
+        size_bytes,
+        block_size_bytes: BLOCK_BYTES as u32,
+        read_only,
+        supports_discard: true,
+        supports_write_zeroes: true,
+        max_request_bytes: REQUEST_MAX_BYTES,
+        serial: format!("celer-vol-{volume}").chars().take(20).collect(),
     }
 }
 

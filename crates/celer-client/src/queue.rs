@@ -176,6 +176,9 @@ struct Core {
     /// The attachment id of the client's credential: its low 16 bits are
     /// the writer bits of every write version.
     attachment: u32,
+    /// The fence generation of the client's capability: every mutation
+    /// carries it (a node refuses it once the volume was taken over).
+    fence: u32,
     small_write_max: u32,
     request_timeout: Duration,
     op_deadline: Duration,
@@ -230,6 +233,9 @@ fn status_error(s: Status, node: NodeId, volume: u64, offset: u64, len: u32) -> 
         )),
         Status::Unauthorized => IoError::Io(format!(
             "volume {volume} [{offset}, +{len}): storage node {node} refused the request: the client's capability does not allow it"
+        )),
+        Status::Fenced => IoError::Io(format!(
+            "volume {volume} [{offset}, +{len}): storage node {node} refused the write: this attachment was fenced (another attachment took the volume over); attach again"
         )),
         Status::Checksum => IoError::Checksum {
             offset_bytes: offset,
@@ -545,6 +551,7 @@ impl Core {
         h.length = part.len;
         h.version = part.version;
         h.attachment = self.attachment;
+        h.fence = self.fence;
         let payload = if matches!(part.op, Op::Write | Op::WritePrimary) {
             h.payload_bytes = part.len;
             h.payload_crc = part.crc;
@@ -1301,6 +1308,7 @@ impl ClientQueue {
             index,
             volume: cfg.volume,
             attachment: crate::attachment_of(&cfg.credential),
+            fence: crate::fence_of(&cfg.credential),
             small_write_max: cfg.small_write_max,
             request_timeout: cfg.request_timeout,
             op_deadline: cfg.op_deadline,

@@ -24,6 +24,12 @@ fn start_node(dir: &Path, id: u32) -> Node {
         },
     )
     .expect("format");
+    run_node(dir, id)
+}
+
+/// Starts node `id` on its existing disk.
+fn run_node(dir: &Path, id: u32) -> Node {
+    let disk = dir.join(format!("node{id}.img"));
     Node::start(NodeConfig {
         disk,
         state_dir: dir.join(format!("state{id}")),
@@ -284,6 +290,173 @@ fn a_late_renewal_pauses_io_without_an_error() {
     assert!(waited >= Duration::from_millis(400), "{waited:?}");
     assert_eq!(read(&mut q, 4096, 4096).unwrap(), pattern(2, 4096));
     drop(q);
+    for n in nodes {
+        n.stop().unwrap();
+    }
+}
+
+/// `celer_node_requests` of `op` answered `ok` by node `n`, all shards
+/// (its admin `/metrics`, read over plain HTTP/1.0).
+fn served(n: &Node, op: &str) -> u64 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(n.admin_addr()).expect("admin port");
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+        .expect("request");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("metrics");
+    let want = format!("op=\"{op}\"");
+    text.lines()
+        .filter(|l| l.starts_with("celer_node_requests") && l.contains(&want))
+        .filter(|l| l.contains("result=\"ok\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Routing on real nodes: a 4 KiB write goes from the client to every
+/// member as `Write`; a 64 KiB write goes to the primary only, as
+/// `WritePrimary`, and reaches the others as `Write` forwarded by it.
+#[test]
+fn small_writes_go_to_every_member_large_ones_through_the_primary() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let (nodes, t) = three_nodes(dir.path());
+    let client = attached(&nodes, 1, 0, Duration::from_secs(3600));
+    let mut q = client.open_queue(0).unwrap();
+    let counts = || -> Vec<(u64, u64)> {
+        nodes
+            .iter()
+            .map(|n| (served(n, "write"), served(n, "write_primary")))
+            .collect()
+    };
+    let before = counts();
+    write(&mut q, 0, &mut pattern(1, 4096)).unwrap();
+    let small = counts();
+    for (i, (b, a)) in before.iter().zip(&small).enumerate() {
+        assert_eq!(
+            (a.0 - b.0, a.1 - b.1),
+            (1, 0),
+            "node {}: a small write arrives once, as Write",
+            nodes[i].id()
+        );
+    }
+    let off = 5 << 20;
+    let primary = t
+        .partition(t.partition_at(1, off))
+        .and_then(|p| p.primary())
+        .expect("primary");
+    write(&mut q, off, &mut pattern(2, 64 << 10)).unwrap();
+    let large = counts();
+    for (i, (b, a)) in small.iter().zip(&large).enumerate() {
+        let want = if nodes[i].id() == primary {
+            (0, 1)
+        } else {
+            (1, 0)
+        };
+        assert_eq!(
+            (a.0 - b.0, a.1 - b.1),
+            want,
+            "node {} (primary {primary}): a large write reaches the primary as WritePrimary, the others as its Write",
+            nodes[i].id()
+        );
+    }
+    assert!(read(&mut q, off, 64 << 10).unwrap() == pattern(2, 64 << 10));
+    drop(q);
+    drop(client);
+    for n in nodes {
+        n.stop().unwrap();
+    }
+}
+
+/// Checksum fail-over on real nodes: one byte of the primary's copy of a
+/// block is flipped on its disk; a read of the block gets `Checksum` from
+/// the primary and the right data from another member, with no error.
+#[test]
+fn a_corrupt_copy_on_the_primary_is_read_from_another_member() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut nodes, t) = three_nodes(dir.path());
+    let client = attached(&nodes, 1, 0, Duration::from_secs(3600));
+    let mut q = client.open_queue(0).unwrap();
+    let off = 3 << 20;
+    write(&mut q, off, &mut pattern(9, 4096)).unwrap();
+    let primary = t
+        .partition(t.partition_at(1, off))
+        .and_then(|p| p.primary())
+        .expect("primary");
+    // Stop the primary, flip a byte of its copy where its engine says the
+    // block lives, start it again on the same disk.
+    let i = nodes
+        .iter()
+        .position(|n| n.id() == primary)
+        .expect("primary node");
+    nodes.remove(i).stop().unwrap();
+    let disk = dir.path().join(format!("node{primary}.img"));
+    let at = Engine::open(&disk, &Default::default())
+        .unwrap()
+        .into_shards()
+        .iter()
+        .find_map(|s| s.locate(1, off))
+        .expect("the primary holds the block");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&disk)
+            .unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at + 100).unwrap();
+        b[0] ^= 0x40;
+        f.write_all_at(&b, at + 100).unwrap();
+        f.sync_all().unwrap();
+    }
+    let restarted = run_node(dir.path(), primary);
+    nodes.insert(i, restarted);
+    // It listens on new ports: a table with its new addresses, same
+    // members.
+    let mut t = t;
+    t.epoch += 1;
+    for n in t.nodes.iter_mut() {
+        if n.id == primary {
+            *n = info(&nodes[i], true);
+        }
+    }
+    for n in &nodes {
+        assert!(n.install_route(t.clone()));
+    }
+    let checksum_errors = |n: &Node| -> u64 {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(n.admin_addr()).expect("admin port");
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+            .expect("request");
+        let mut text = String::new();
+        s.read_to_string(&mut text).expect("metrics");
+        text.lines()
+            .filter(|l| l.starts_with("celer_node_requests") && l.contains("op=\"read\""))
+            .filter(|l| !l.contains("result=\"ok\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    };
+    // A client that connects now (the first one's connection to the
+    // primary ended with its restart, which would send the read elsewhere
+    // for another reason).
+    drop(q);
+    drop(client);
+    let client = attached(&nodes, 2, 0, Duration::from_secs(3600));
+    let mut q = client.open_queue(0).unwrap();
+    let before = checksum_errors(&nodes[i]);
+    assert_eq!(
+        read(&mut q, off, 4096).expect("read fails over"),
+        pattern(9, 4096),
+        "the right data from another member"
+    );
+    assert_eq!(
+        checksum_errors(&nodes[i]) - before,
+        1,
+        "the primary was asked first and refused its corrupt copy"
+    );
+    drop(q);
+    drop(client);
     for n in nodes {
         n.stop().unwrap();
     }

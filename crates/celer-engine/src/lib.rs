@@ -28,7 +28,9 @@ mod shard;
 pub use aligned::AlignedBuf;
 pub use device::{EngineDevice, EngineDeviceConfig};
 pub use layout::{BlockKind, Geometry, SlotOwner, Superblock, BLOCK_SIZE};
-pub use recovery::{Engine, EngineStats, FormatOptions, OpenOptions, RebuildReport};
+pub use recovery::{
+    Engine, EngineStats, FormatOptions, OpenOptions, RebuildReport, LOCK_WAIT_DEFAULT,
+};
 pub use shard::{shard_for, Completion, EngineOp, EngineRequest, Segment, Shard, ShardStats};
 
 /// Errors of the engine. Operating errors only; programmer errors assert.
@@ -40,6 +42,8 @@ pub enum EngineError {
         what: &'static str,
         errno_text: String,
     },
+    #[error("{path} is in use by another process (a running `celer node serve`, or another engine command): one process per disk; stop it first")]
+    InUse { path: String },
     #[error("{path} is not a Celer engine disk (no Celer superblock); format it with `celer engine format`")]
     NotCeler { path: String },
     #[error("{path}: Celer superblock is damaged in both copies")]

@@ -52,13 +52,23 @@ pub struct OpenOptions {
     /// epoll beside other work (the storage node). Without it, completions
     /// are found by `poll`/`wait` only.
     pub completion_eventfd: bool,
+    /// How long to wait for the disk's lock (see `open_disk_exclusive`)
+    /// before refusing with `InUse`.
+    pub lock_wait: std::time::Duration,
 }
+
+/// How long opening a disk waits for another holder to let it go: a
+/// process killed with requests in flight keeps its disk (the kernel's
+/// io_uring teardown holds the file) until they complete, a few ms; the
+/// new opener must not recover the disk while they can still land.
+pub const LOCK_WAIT_DEFAULT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Default for OpenOptions {
     fn default() -> Self {
         OpenOptions {
             inflight_max: crate::shard::INFLIGHT_MAX,
             completion_eventfd: false,
+            lock_wait: LOCK_WAIT_DEFAULT,
         }
     }
 }
@@ -105,6 +115,50 @@ fn open_disk(path: &Path, create: bool) -> Result<File, EngineError> {
     }
     o.open(path)
         .map_err(|e| os_err(path, "open with O_DIRECT", e))
+}
+
+/// Opens `path` for one process only: a block device with O_EXCL (the
+/// kernel refuses it while another opener holds it so, or it is mounted),
+/// a file with an exclusive `flock` (released when every descriptor of
+/// this open is closed, also when the process dies). `format`, `open` and
+/// `rebuild` take it; quick peeks at the superblock (`identify`) do not.
+fn open_disk_exclusive(path: &Path, wait: std::time::Duration) -> Result<File, EngineError> {
+    use std::os::unix::fs::FileTypeExt;
+    let block_device = std::fs::metadata(path)
+        .map(|m| m.file_type().is_block_device())
+        .unwrap_or(false);
+    if block_device {
+        return FsOpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT | libc::O_EXCL)
+            .open(path)
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::EBUSY) => EngineError::InUse {
+                    path: path.display().to_string(),
+                },
+                _ => os_err(path, "open with O_DIRECT|O_EXCL", e),
+            });
+    }
+    let f = open_disk(path, false)?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        // SAFETY: flock on a descriptor we own; no memory involved.
+        if unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(f);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(os_err(path, "lock (flock)", e));
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(EngineError::InUse {
+                path: path.display().to_string(),
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }
 
 fn disk_size(path: &Path, f: &File) -> Result<u64, EngineError> {
@@ -196,7 +250,7 @@ impl Engine {
                 f.set_len(size).map_err(|e| os_err(path, "set length", e))?;
             }
         }
-        let f = open_disk(path, false)?;
+        let f = open_disk_exclusive(path, LOCK_WAIT_DEFAULT)?;
         let size = disk_size(path, &f)?;
         let uuid = random_u64();
         let g = Geometry::for_disk(
@@ -298,7 +352,7 @@ impl Engine {
 
     /// Opens an engine: loads the index and maps, replays the journal.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Engine, EngineError> {
-        let f = open_disk(path, false)?;
+        let f = open_disk_exclusive(path, opts.lock_wait)?;
         let sb = read_superblock(path, &f)?;
         let g = sb.geometry;
         let mut starts = Vec::new();
@@ -314,7 +368,7 @@ impl Engine {
     /// or lost metadata area), then recovers as `open` does, and writes a
     /// fresh index. The journal is replayed where it is still valid.
     pub fn rebuild(path: &Path) -> Result<RebuildReport, EngineError> {
-        let f = open_disk(path, false)?;
+        let f = open_disk_exclusive(path, LOCK_WAIT_DEFAULT)?;
         let g = read_superblock(path, &f)?.geometry;
         let per = g.slots_per_shard() as usize;
         let mut starts: Vec<ShardStart> = (0..g.shard_count)
@@ -360,7 +414,7 @@ impl Engine {
             starts,
             &OpenOptions {
                 inflight_max: 1,
-                completion_eventfd: false,
+                ..OpenOptions::default()
             },
         )?;
         let mut report = engine.report.clone();

@@ -438,6 +438,81 @@ fn shards_run_on_their_own_threads() {
             })
         })
         .collect();
-    let total: usize = handles.into_iter().map(|h| h.join().expect("thread")).sum();
-    assert_eq!(total, 64);
+    let per_shard: Vec<usize> = handles
+        .into_iter()
+        .map(|h| h.join().expect("thread"))
+        .collect();
+    // Every shard had chunks of its own to write on its thread.
+    assert!(
+        per_shard.iter().all(|&n| n > 0),
+        "chunks per shard: {per_shard:?}"
+    );
+    // What each thread wrote through its shard is on disk where the shard
+    // map says: reopened, every chunk reads back from the shard that owns
+    // it, all on this one thread now.
+    let mut shards = Engine::open(&path, &OpenOptions::default())
+        .expect("reopen")
+        .into_shards();
+    for c in 0..64u64 {
+        let id = celer_engine::shard_for(&g, 9, c);
+        let sh = shards
+            .iter_mut()
+            .find(|s| s.id() == id)
+            .expect("the owning shard");
+        expect_pattern(
+            &read(sh, 9, c * 16 * BS as u64, 16).expect("read after reopen"),
+            2000 + c,
+            c * 16,
+        );
+    }
+    for sh in shards {
+        sh.close().expect("close");
+    }
+}
+
+/// One process per disk: while an engine is open, a second open, a
+/// format and a rebuild of the same disk are refused (also from another
+/// process, as `celer engine check` on a running node's disk); after the
+/// engine closes (or its process dies) the disk opens again.
+#[test]
+fn a_disk_in_use_is_refused_to_a_second_opener() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("disk");
+    Engine::format(&path, &small_format(2, 64 << 20)).expect("format");
+    let engine = Engine::open(&path, &OpenOptions::default()).expect("open");
+    let in_use = |r: Result<(), EngineError>, what: &str| match r {
+        Err(EngineError::InUse { path: p }) => assert!(p.ends_with("disk"), "{p}"),
+        other => panic!("{what} of a disk in use: {other:?}"),
+    };
+    let t0 = std::time::Instant::now();
+    in_use(
+        Engine::open(&path, &OpenOptions::default()).map(|_| ()),
+        "a second open",
+    );
+    assert!(
+        t0.elapsed() >= celer_engine::LOCK_WAIT_DEFAULT,
+        "it waited for the holder first"
+    );
+    in_use(
+        Engine::format(&path, &small_format(2, 64 << 20)).map(|_| ()),
+        "a format",
+    );
+    in_use(Engine::rebuild(&path).map(|_| ()), "a rebuild");
+    // Another process: `celer engine check` would be `flock` from outside.
+    let out = std::process::Command::new("flock")
+        .args(["--nonblock", "--exclusive"])
+        .arg(&path)
+        .arg("true")
+        .output()
+        .expect("flock(1)");
+    assert!(
+        !out.status.success(),
+        "another process got the disk's lock while the engine holds it"
+    );
+    let msg = EngineError::InUse { path: "d".into() }.to_string();
+    assert!(msg.contains("another process"), "{msg}");
+    engine.close().expect("close");
+    // Released with the engine.
+    let again = Engine::open(&path, &OpenOptions::default()).expect("open after close");
+    again.close().expect("close");
 }

@@ -89,6 +89,18 @@ pub struct Registered {
     pub heartbeat_ms: u64,
     /// Marked down after this long without a heartbeat.
     pub lease_ms: u64,
+    /// Volume fence generations (volumes taken over at least once): the
+    /// node installs them before it serves.
+    #[serde(default)]
+    pub fences: Vec<VolumeFence>,
+}
+
+/// A volume's fence generation as nodes hold it: mutations carrying an
+/// older one are refused (see celer-proto, "Fencing").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeFence {
+    pub volume: u64,
+    pub fence: u32,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -129,6 +141,9 @@ pub struct HeartbeatReply {
     /// Deleted volumes: the node frees their chunks and refuses their I/O.
     #[serde(default)]
     pub deleted_volumes: Vec<u64>,
+    /// Volume fence generations (a node that missed a push, or was down).
+    #[serde(default)]
+    pub fences: Vec<VolumeFence>,
 }
 
 /// A node reporting that it finished backfilling partitions.
@@ -202,15 +217,64 @@ pub struct Volume {
     pub replicas: u8,
     /// Unix time in milliseconds.
     pub created_at: u64,
+    /// The fence generation: raised by every exclusive attach (and the
+    /// first shared one), so writers attached before can no longer write.
+    #[serde(default)]
+    pub fence: u32,
+}
+
+/// How an attachment shares its volume.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    /// The only writer: a second read-write attach is refused (naming the
+    /// holder) unless it takes over (`force`), which fences the holder.
+    #[default]
+    Exclusive,
+    /// One of several writers (a clustered file system): shared attaches
+    /// coexist, each with its own id; an exclusive holder is refused.
+    Shared,
+}
+
+impl std::fmt::Display for AttachMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AttachMode::Exclusive => "exclusive",
+            AttachMode::Shared => "shared",
+        })
+    }
+}
+
+impl std::str::FromStr for AttachMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<AttachMode, String> {
+        match s {
+            "exclusive" => Ok(AttachMode::Exclusive),
+            "shared" => Ok(AttachMode::Shared),
+            _ => Err(format!("unknown attach mode `{s}`: exclusive or shared")),
+        }
+    }
 }
 
 /// `POST /v1/volumes/{name}/attachments`: attach the volume.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AttachVolume {
-    /// A read-only attachment: the nodes refuse its writes.
+    /// A read-only attachment: the nodes refuse its writes. It conflicts
+    /// with no other attachment and fences nobody.
     #[serde(default)]
     pub read_only: bool,
+    #[serde(default)]
+    pub mode: AttachMode,
+    /// Take the volume over from the attachments it conflicts with: they
+    /// are ended and fenced (the answer comes once every live node refuses
+    /// their writes).
+    #[serde(default)]
+    pub force: bool,
+    /// Who attaches, for operators (host, process, socket); at most 256
+    /// bytes.
+    #[serde(default)]
+    pub holder: String,
 }
 
 /// An attachment as the control service records it: the id is assigned
@@ -223,7 +287,18 @@ pub struct AttachmentRecord {
     pub read_only: bool,
     /// When it was created (ms since the Unix epoch).
     pub at: u64,
+    #[serde(default)]
+    pub mode: AttachMode,
+    /// The volume's fence generation its capability carries.
+    #[serde(default)]
+    pub fence: u32,
+    /// Who attached (`AttachVolume::holder`).
+    #[serde(default)]
+    pub holder: String,
 }
+
+/// Longest `AttachVolume::holder`.
+pub const HOLDER_MAX_BYTES: usize = 256;
 
 /// What an attaching client gets: its attachment, the volume, and the
 /// credential the storage nodes require (a capability and its key, hex).
@@ -280,6 +355,13 @@ pub enum Change {
     /// An attachment ended (no new capability for it).
     VolumeDetached {
         attachment: AttachmentRecord,
+    },
+    /// An attachment took the volume over from `from` (ended): the fence
+    /// generation went up to `fence`, so their writes are refused.
+    VolumeTakenOver {
+        volume: String,
+        fence: u32,
+        from: Vec<u32>,
     },
     /// A node registered (new) or re-registered (same id, maybe new address).
     NodeRegistered {
@@ -342,6 +424,17 @@ impl std::fmt::Display for Change {
             ),
             Change::VolumeDetached { attachment: a } => {
                 write!(f, "attachment {} of volume {} detached", a.id, a.volume)
+            }
+            Change::VolumeTakenOver {
+                volume,
+                fence,
+                from,
+            } => {
+                write!(f, "volume {volume} fenced at generation {fence}")?;
+                if !from.is_empty() {
+                    write!(f, ", taken over from attachments {from:?}")?;
+                }
+                Ok(())
             }
             Change::NodeRegistered { node } => write!(
                 f,

@@ -303,12 +303,30 @@ impl MetaClient {
 
     /// `POST /v1/volumes/{name}/attachments`: a new attachment and its
     /// capability.
+    /// An exclusive attach (or a read-only one); see [`MetaClient::attach_with`].
     pub fn attach(&self, name: &str, read_only: bool) -> Result<Attachment, MetaClientError> {
+        self.attach_with(
+            name,
+            &AttachVolume {
+                read_only,
+                ..AttachVolume::default()
+            },
+        )
+    }
+
+    /// `POST /v1/volumes/{name}/attachments`: an attachment, its capability
+    /// and key. A take-over (`force`) answers once every live node fences
+    /// the attachments it ended.
+    pub fn attach_with(
+        &self,
+        name: &str,
+        req: &AttachVolume,
+    ) -> Result<Attachment, MetaClientError> {
         self.call(
             "POST",
             &format!("/v1/volumes/{}/attachments", path_escape(name)),
             &[],
-            Some(&AttachVolume { read_only }),
+            Some(req),
         )
     }
 

@@ -28,7 +28,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::api::{
     AttachVolume, Attachment, AttachmentRecord, CreateVolume, ErrorBody, Heartbeat, RegisterNode,
-    ResizeVolume, RestoreLog, Synced, LOG_PAGE_MAX,
+    ResizeVolume, RestoreLog, Synced, VolumeFence, LOG_PAGE_MAX,
 };
 use crate::http::{constant_time_eq, HttpLimits};
 use crate::metrics::Metrics;
@@ -669,7 +669,7 @@ fn mint(st: &Shared, v: crate::api::Volume, a: AttachmentRecord) -> Attachment {
         &st.data_key,
         v.id,
         a.id,
-        0,
+        a.fence,
         a.read_only,
         expires_unix_ms,
     );
@@ -693,10 +693,104 @@ async fn attach_volume(
     } else {
         parse_body(&body)?
     };
-    let (v, a) = st
-        .run(move |c, s| Ok((c.attach(s, &who.0, &name, req.read_only)?, None)))
+    let at = st
+        .run(move |c, s| Ok((c.attach(s, &who.0, &name, &req)?, None)))
         .await?;
-    Ok(Json(mint(&st, v, a)))
+    if let Some(targets) = at.fenced {
+        let fence = VolumeFence {
+            volume: at.volume.id,
+            fence: at.volume.fence,
+        };
+        if let Err(e) = push_fence(&st, fence, targets).await {
+            // Not handed out: the caller retries (raising the generation
+            // again). The generation stays raised: nobody holds it.
+            let id = at.attachment.id;
+            let who = format!("fence push of attachment {id}");
+            let _ = st.run(move |c, s| Ok((c.detach(s, &who, id)?, None))).await;
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "volume `{}`: fence generation {} not confirmed by every live node, not attached: {e}; retry",
+                    at.volume.name, fence.fence
+                ),
+            ));
+        }
+        tracing::info!(
+            volume = %at.volume.name,
+            fence = fence.fence,
+            taken_over = ?at.taken_over,
+            attachment = at.attachment.id,
+            "fence generation raised on every live node"
+        );
+    }
+    Ok(Json(mint(&st, at.volume, at.attachment)))
+}
+
+/// How long an attach waits for the live nodes to confirm a new fence
+/// generation (a node that stops answering is marked down within its
+/// lease, and then no longer waited for).
+pub const FENCE_PUSH_DEADLINE: Duration = Duration::from_secs(8);
+
+/// Installs `fence` on every node of `targets` (`PUT /v1/fences`); a node
+/// answers once it refuses older generations and its writes of them
+/// already accepted are done. Retried until [`FENCE_PUSH_DEADLINE`]; a
+/// node marked down meanwhile is skipped (it gets the generation with its
+/// registration or next heartbeat reply, before it serves again).
+async fn push_fence(
+    st: &Arc<Shared>,
+    fence: VolumeFence,
+    targets: Vec<(NodeId, String)>,
+) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + FENCE_PUSH_DEADLINE;
+    let mut tasks = tokio::task::JoinSet::new();
+    for (id, addr) in targets {
+        let st = st.clone();
+        let token = st.push_token.clone();
+        tasks.spawn(async move {
+            loop {
+                let (a, t) = (addr.clone(), token.clone());
+                let last = match tokio::task::spawn_blocking(move || put_fences(&a, &t, &[fence])).await {
+                    Ok(Ok(())) => return Ok(()),
+                    Ok(Err(e)) => e,
+                    Err(e) => e.to_string(),
+                };
+                if !st.read(|c| Ok(c.node_up(id))).unwrap_or(true) {
+                    tracing::info!(node = id, "node went down during a fence push: it gets the generation when it comes back");
+                    return Ok(());
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(format!("node {id} ({addr}): {last}"));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+    }
+    let mut failed = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failed.push(e),
+            Err(e) => failed.push(e.to_string()),
+        }
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(failed.join("; "))
+    }
+}
+
+fn put_fences(admin_addr: &str, token: &str, fences: &[VolumeFence]) -> Result<(), String> {
+    let url = format!("http://{admin_addr}/v1/fences");
+    ureq::AgentBuilder::new()
+        .timeout(Duration::from_millis(PUSH_TIMEOUT_MS * 10))
+        .redirects(0)
+        .build()
+        .put(&url)
+        .set("Authorization", &format!("Bearer {token}"))
+        .send_json(fences)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 async fn renew_attachment(

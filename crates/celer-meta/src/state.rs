@@ -21,9 +21,10 @@ use celer_route::{NodeId, NodeInfo, RouteTable};
 use serde::{Deserialize, Serialize};
 
 use crate::api::{
-    validate_volume_name, validate_volume_size, AttachmentRecord, Change, CreateVolume, Heartbeat,
-    HeartbeatReply, LogEntry, NodeRecord, NodeStatus, RegisterNode, Registered, Restored, Status,
-    SyncedReply, Volume, LOG_PAGE_MAX, VOLUME_REPLICAS_MAX,
+    validate_volume_name, validate_volume_size, AttachMode, AttachVolume, AttachmentRecord, Change,
+    CreateVolume, Heartbeat, HeartbeatReply, LogEntry, NodeRecord, NodeStatus, RegisterNode,
+    Registered, Restored, Status, SyncedReply, Volume, VolumeFence, HOLDER_MAX_BYTES, LOG_PAGE_MAX,
+    VOLUME_REPLICAS_MAX,
 };
 use crate::store::{MetaStore, Op, StoreError};
 
@@ -62,6 +63,37 @@ pub enum StateError {
 }
 
 type Result<T> = std::result::Result<T, StateError>;
+
+/// A new attachment (see [`Cluster::attach`]).
+#[derive(Debug)]
+pub struct Attached {
+    pub volume: Volume,
+    pub attachment: AttachmentRecord,
+    /// Attachments it took over (ended and fenced).
+    pub taken_over: Vec<u32>,
+    /// When the fence generation went up: the nodes that must install it
+    /// (id, admin address) before the attachment is handed out.
+    pub fenced: Option<Vec<(NodeId, String)>>,
+}
+
+/// An attachment, for an operator: id, mode, holder, age.
+pub fn describe(a: &AttachmentRecord) -> String {
+    let mode = if a.read_only {
+        "read-only".to_string()
+    } else {
+        a.mode.to_string()
+    };
+    let holder = if a.holder.is_empty() {
+        String::new()
+    } else {
+        format!(", holder {}", a.holder)
+    };
+    let age_s = now_ms().saturating_sub(a.at) / 1000;
+    format!(
+        "attachment {} ({mode}{holder}, attached {age_s} s ago)",
+        a.id
+    )
+}
 
 /// The route table and, for every syncing member, the epoch it joined in:
 /// a `synced` report counts only if it is about the current membership.
@@ -692,6 +724,7 @@ impl Cluster {
                 node_id: id,
                 heartbeat_ms: self.cfg.heartbeat_ms,
                 lease_ms: self.cfg.lease_ms,
+                fences: self.fences(),
             },
             pushed,
         ))
@@ -726,6 +759,7 @@ impl Cluster {
                     epoch: current,
                     table,
                     deleted_volumes: self.p.deleted.iter().copied().collect(),
+                    fences: self.fences(),
                 },
                 None,
             ));
@@ -787,6 +821,7 @@ impl Cluster {
                 epoch: current,
                 table,
                 deleted_volumes: self.p.deleted.iter().copied().collect(),
+                fences: self.fences(),
             },
             pushed,
         ))
@@ -955,6 +990,7 @@ impl Cluster {
             size_bytes: req.size_bytes,
             replicas,
             created_at: now_ms(),
+            fence: 0,
         };
         tx.put_volume(v.clone());
         tx.log(Change::VolumeCreated { volume: v.clone() });
@@ -1010,28 +1046,93 @@ impl Cluster {
     /// before (ids are never reused, so two attachments never share the
     /// writer bits of their versions until 2^16 attachments later; see
     /// celer-proto).
+    ///
+    /// Read-write attachments are exclusive or shared (see
+    /// [`AttachMode`]); a conflicting one is refused with the holder named,
+    /// or with `force` ended. An exclusive attach, and a shared one that is
+    /// not joining other shared writers, raises the volume's fence
+    /// generation: every capability minted before (also of attachments
+    /// detached since, which stay valid until they expire) can no longer
+    /// write once the nodes have the new generation. The caller pushes it
+    /// to the nodes when `Attached::fenced` says so, before answering.
     pub fn attach(
         &mut self,
         store: &dyn MetaStore,
         who: &str,
         name: &str,
-        read_only: bool,
-    ) -> Result<(Volume, AttachmentRecord)> {
-        let v = self.volume(name)?;
+        req: &AttachVolume,
+    ) -> Result<Attached> {
+        let mut v = self.volume(name)?;
+        if req.holder.len() > HOLDER_MAX_BYTES {
+            return Err(StateError::BadRequest(format!(
+                "holder is {} bytes, at most {HOLDER_MAX_BYTES}",
+                req.holder.len()
+            )));
+        }
         let id = u32::try_from(self.p.next_attachment_id)
             .ok()
             .filter(|id| *id > 0)
             .ok_or_else(|| {
                 StateError::Conflict("attachment ids are exhausted (2^32 handed out)".into())
             })?;
+        let writers: Vec<&AttachmentRecord> = self
+            .p
+            .attachments
+            .values()
+            .filter(|a| a.volume_id == v.id && !a.read_only)
+            .collect();
+        let conflicting: Vec<&AttachmentRecord> = if req.read_only {
+            Vec::new()
+        } else {
+            writers
+                .iter()
+                .copied()
+                .filter(|a| req.mode == AttachMode::Exclusive || a.mode == AttachMode::Exclusive)
+                .collect()
+        };
+        if !conflicting.is_empty() && !req.force {
+            let held: Vec<String> = conflicting.iter().map(|a| describe(a)).collect();
+            return Err(StateError::Conflict(format!(
+                "volume `{name}` is attached by {}: detach it (`celer volume detach {name}`), attach in shared mode if every writer is (a clustered file system), or take it over with --force (fences the holder)",
+                held.join(", ")
+            )));
+        }
+        let taken: Vec<u32> = conflicting.iter().map(|a| a.id).collect();
+        // Joining shared writers keeps their generation; anything else
+        // starts a new one.
+        let raise = !req.read_only
+            && (req.mode == AttachMode::Exclusive
+                || !writers.iter().any(|a| a.mode == AttachMode::Shared));
+        let mut tx = self.begin(who);
+        for t in &taken {
+            if let Some(a) = tx.p.attachments.remove(t) {
+                tx.ops.push(Op::delete(format!("att/{t:010}")));
+                tx.log(Change::VolumeDetached { attachment: a });
+            }
+        }
+        if raise {
+            v.fence = v.fence.checked_add(1).ok_or_else(|| {
+                StateError::Conflict(format!(
+                    "volume `{name}`: fence generations are exhausted (2^32 take-overs)"
+                ))
+            })?;
+            tx.put_volume(v.clone());
+            tx.log(Change::VolumeTakenOver {
+                volume: v.name.clone(),
+                fence: v.fence,
+                from: taken.clone(),
+            });
+        }
         let a = AttachmentRecord {
             id,
             volume_id: v.id,
             volume: v.name.clone(),
-            read_only,
+            read_only: req.read_only,
             at: now_ms(),
+            mode: req.mode,
+            fence: v.fence,
+            holder: req.holder.clone(),
         };
-        let mut tx = self.begin(who);
         tx.p.next_attachment_id += 1;
         tx.put_counters();
         tx.ops.push(Op::put(format!("att/{id:010}"), json(&a)));
@@ -1040,7 +1141,43 @@ impl Cluster {
             attachment: a.clone(),
         });
         self.commit(store, tx)?;
-        Ok((v, a))
+        let fenced = raise.then(|| self.fence_targets());
+        Ok(Attached {
+            volume: v,
+            attachment: a,
+            taken_over: taken,
+            fenced,
+        })
+    }
+
+    /// Every volume's fence generation, where it was ever raised.
+    pub fn fences(&self) -> Vec<VolumeFence> {
+        self.p
+            .volumes
+            .values()
+            .filter(|v| v.fence > 0)
+            .map(|v| VolumeFence {
+                volume: v.id,
+                fence: v.fence,
+            })
+            .collect()
+    }
+
+    /// The nodes a new fence generation must reach: every registered node
+    /// that is up (one that is down gets it when it registers or
+    /// heartbeats again, before it serves), by id and admin address.
+    pub fn fence_targets(&self) -> Vec<(NodeId, String)> {
+        self.p
+            .nodes
+            .values()
+            .filter(|n| n.up)
+            .map(|n| (n.id, n.admin_addr.clone()))
+            .collect()
+    }
+
+    /// Whether node `id` is still up (a fence push to it must succeed).
+    pub fn node_up(&self, id: NodeId) -> bool {
+        self.p.nodes.get(&id).is_some_and(|n| n.up)
     }
 
     /// Attachment `id` and its volume (for a renewal).
@@ -1229,7 +1366,12 @@ impl Cluster {
             }
         }
         tx.p.volumes.clear();
-        for v in volumes.values() {
+        for v in volumes.values_mut() {
+            // Fence generations never go back: nodes keep the highest they
+            // saw, so a lower one would fence every new attachment.
+            if let Some(now) = self.p.volumes.values().find(|c| c.id == v.id) {
+                v.fence = v.fence.max(now.fence);
+            }
             if tx.p.deleted.remove(&v.id) {
                 tracing::warn!(volume = %v.name, id = v.id, "restored volume was deleted: storage nodes may have freed its data");
                 tx.ops.push(Op::delete(format!("deleted/{}", v.id)));
@@ -1295,6 +1437,11 @@ fn replay(
         }
         Change::VolumeDeleted { name, .. } => {
             volumes.remove(&name);
+        }
+        Change::VolumeTakenOver { volume, fence, .. } => {
+            if let Some(v) = volumes.get_mut(&volume) {
+                v.fence = v.fence.max(fence);
+            }
         }
         Change::NodeRegistered { node } => {
             nodes.insert(node.id, node);

@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use celer_meta::api::{Change, CreateVolume, Heartbeat, RegisterNode};
+use celer_meta::api::{
+    AttachMode, AttachVolume, Change, CreateVolume, Heartbeat, RegisterNode, VolumeFence,
+};
 use celer_meta::celer_route::{NodeId, RouteTable};
 use celer_meta::{MetaClient, MetaClientError, MetaConfig, MetaServer};
 
@@ -79,6 +81,8 @@ fn wait_for<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -
 struct FakeNode {
     addr: SocketAddr,
     tables: Arc<Mutex<Vec<(Instant, RouteTable)>>>,
+    /// Fence generations pushed (`PUT /v1/fences`).
+    fences: Arc<Mutex<Vec<VolumeFence>>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<thread::JoinHandle<()>>,
 }
@@ -92,31 +96,53 @@ impl FakeNode {
         let addr = std_listener.local_addr().expect("addr");
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let t = tables.clone();
+        let fences: Arc<Mutex<Vec<VolumeFence>>> = Arc::default();
+        let f = fences.clone();
         let thread = thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("runtime");
             rt.block_on(async move {
-                let app = axum::Router::new().route(
-                    "/v1/route",
-                    axum::routing::put(move |h: HeaderMap, body: axum::body::Bytes| {
-                        let t = t.clone();
-                        async move {
-                            let auth = h.get("authorization").and_then(|v| v.to_str().ok());
-                            if auth != Some(&format!("Bearer {TOKEN}")) {
-                                return StatusCode::UNAUTHORIZED;
-                            }
-                            match serde_json::from_slice::<RouteTable>(&body) {
-                                Ok(table) => {
-                                    t.lock().expect("lock").push((Instant::now(), table));
-                                    StatusCode::OK
+                let app = axum::Router::new()
+                    .route(
+                        "/v1/route",
+                        axum::routing::put(move |h: HeaderMap, body: axum::body::Bytes| {
+                            let t = t.clone();
+                            async move {
+                                let auth = h.get("authorization").and_then(|v| v.to_str().ok());
+                                if auth != Some(&format!("Bearer {TOKEN}")) {
+                                    return StatusCode::UNAUTHORIZED;
                                 }
-                                Err(_) => StatusCode::BAD_REQUEST,
+                                match serde_json::from_slice::<RouteTable>(&body) {
+                                    Ok(table) => {
+                                        t.lock().expect("lock").push((Instant::now(), table));
+                                        StatusCode::OK
+                                    }
+                                    Err(_) => StatusCode::BAD_REQUEST,
+                                }
                             }
-                        }
-                    }),
-                );
+                        }),
+                    )
+                    .route(
+                        "/v1/fences",
+                        axum::routing::put(move |h: HeaderMap, body: axum::body::Bytes| {
+                            let f = f.clone();
+                            async move {
+                                let auth = h.get("authorization").and_then(|v| v.to_str().ok());
+                                if auth != Some(&format!("Bearer {TOKEN}")) {
+                                    return StatusCode::UNAUTHORIZED;
+                                }
+                                match serde_json::from_slice::<Vec<VolumeFence>>(&body) {
+                                    Ok(list) => {
+                                        f.lock().expect("lock").extend(list);
+                                        StatusCode::OK
+                                    }
+                                    Err(_) => StatusCode::BAD_REQUEST,
+                                }
+                            }
+                        }),
+                    );
                 let l = tokio::net::TcpListener::from_std(std_listener).expect("listener");
                 axum::serve(l, app)
                     .with_graceful_shutdown(async {
@@ -129,6 +155,7 @@ impl FakeNode {
         FakeNode {
             addr,
             tables,
+            fences,
             stop: Some(stop_tx),
             thread: Some(thread),
         }
@@ -1256,4 +1283,169 @@ fn a_node_that_reports_a_failure_is_taken_out_and_warnings_show() {
             .and_then(|n| n.warning.clone()),
         None
     );
+}
+
+/// Attachments are exclusive by default: a second writer is refused with
+/// the holder named; a forced take-over ends the holder and raises the
+/// volume's fence generation, which every live node has installed before
+/// the attach answers (and which registration and heartbeat replies carry);
+/// shared writers share one generation; read-only ones conflict with
+/// nobody and raise nothing.
+#[test]
+fn attach_modes_refuse_second_writers_and_take_overs_fence_on_every_live_node() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_server, c) = start(dir.path(), |_| {});
+    let fakes: Vec<FakeNode> = (0..2).map(|_| FakeNode::start()).collect();
+    let ids: Vec<NodeId> = fakes
+        .iter()
+        .enumerate()
+        .map(|(i, f)| f.register(&c, &format!("host{i}")))
+        .collect();
+    for id in &ids {
+        c.heartbeat(*id, 0).expect("heartbeat");
+    }
+    let v = c.create_volume(&vol("vm", 1 << 30)).expect("create");
+    assert_eq!(v.fence, 0);
+    let pushed = |f: &FakeNode| f.fences.lock().expect("lock").last().copied();
+    let first = c
+        .attach_with(
+            "vm",
+            &AttachVolume {
+                holder: "hostA pid 7 vhost /run/a.sock".into(),
+                ..AttachVolume::default()
+            },
+        )
+        .expect("first attach");
+    assert_eq!(first.attachment.mode, AttachMode::Exclusive);
+    assert_eq!(
+        first.attachment.fence, 1,
+        "an exclusive attach starts a generation"
+    );
+    assert_eq!(first.volume.fence, 1);
+    for f in &fakes {
+        assert_eq!(
+            pushed(f),
+            Some(VolumeFence {
+                volume: v.id,
+                fence: 1
+            }),
+            "pushed to every node before the answer"
+        );
+    }
+    let cap = celer_proto::auth::Capability::from_hex(&first.capability).expect("capability");
+    assert_eq!(cap.fence, 1, "the capability carries the generation");
+
+    // A second writer, exclusive or shared, is refused with the holder named.
+    let shared = AttachVolume {
+        mode: AttachMode::Shared,
+        ..AttachVolume::default()
+    };
+    for req in [AttachVolume::default(), shared.clone()] {
+        let (code, msg) = status_of(c.attach_with("vm", &req));
+        assert_eq!(code, 409, "{msg}");
+        assert!(
+            msg.contains(&format!("attachment {}", first.attachment.id))
+                && msg.contains("hostA pid 7 vhost /run/a.sock")
+                && msg.contains("--force"),
+            "the refusal names the holder and the way out: {msg}"
+        );
+    }
+    // Read-only: no conflict, no new generation.
+    let ro = c.attach("vm", true).expect("read-only attach");
+    assert_eq!(ro.attachment.fence, 1);
+    assert_eq!(c.volume("vm").expect("volume").fence, 1);
+
+    // A forced take-over ends the holder and fences it everywhere.
+    let second = c
+        .attach_with(
+            "vm",
+            &AttachVolume {
+                force: true,
+                holder: "hostB".into(),
+                ..AttachVolume::default()
+            },
+        )
+        .expect("take-over");
+    assert_eq!(second.attachment.fence, 2);
+    for f in &fakes {
+        assert_eq!(pushed(f).map(|p| p.fence), Some(2));
+    }
+    let (code, msg) = status_of(c.renew_attachment(first.attachment.id));
+    assert_eq!(code, 404, "the old holder cannot renew: {msg}");
+    c.renew_attachment(ro.attachment.id)
+        .expect("the read-only attachment is not taken over");
+    let reply = c.heartbeat(ids[0], 0).expect("heartbeat");
+    assert!(
+        reply.fences.contains(&VolumeFence {
+            volume: v.id,
+            fence: 2
+        }),
+        "heartbeat replies carry the generations: {:?}",
+        reply.fences
+    );
+    let log = c.log(0).expect("log");
+    assert!(
+        log.iter().any(|e| matches!(&e.what,
+            Change::VolumeTakenOver { volume, fence: 2, from } if volume == "vm" && from == &vec![first.attachment.id])),
+        "the log records the take-over"
+    );
+
+    // Shared writers join one generation; an exclusive one is refused by
+    // them and ends them all with force.
+    c.detach(second.attachment.id).expect("detach");
+    let s1 = c.attach_with("vm", &shared).expect("shared 1");
+    let s2 = c.attach_with("vm", &shared).expect("shared 2");
+    assert_eq!(
+        s1.attachment.fence, 3,
+        "the first shared writer starts a generation"
+    );
+    assert_eq!(s2.attachment.fence, 3, "the next ones join it");
+    assert_ne!(s1.attachment.id, s2.attachment.id);
+    let (code, msg) = status_of(c.attach("vm", false));
+    assert_eq!(code, 409, "{msg}");
+    assert!(
+        msg.contains(&format!("attachment {}", s1.attachment.id)),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&format!("attachment {}", s2.attachment.id)),
+        "{msg}"
+    );
+    let third = c
+        .attach_with(
+            "vm",
+            &AttachVolume {
+                force: true,
+                ..AttachVolume::default()
+            },
+        )
+        .expect("take-over from the shared writers");
+    assert_eq!(third.attachment.fence, 4);
+    let left: Vec<u32> = c
+        .attachments()
+        .expect("attachments")
+        .iter()
+        .filter(|a| a.volume_id == v.id)
+        .map(|a| a.id)
+        .collect();
+    assert_eq!(left, vec![ro.attachment.id, third.attachment.id]);
+
+    // A node that is down is not waited for, and learns the generation
+    // when it registers again.
+    drop(fakes);
+    let again = c
+        .register(&RegisterNode {
+            node_id: Some(ids[1]),
+            data_addr: "127.0.0.1:1".into(),
+            admin_addr: "127.0.0.1:1".into(),
+            shards: 2,
+            domain: "host1".into(),
+            disk_uuid: None,
+            replace_disk: false,
+        })
+        .expect("register again");
+    assert!(again.fences.contains(&VolumeFence {
+        volume: v.id,
+        fence: 4
+    }));
 }

@@ -63,6 +63,7 @@ pub(crate) fn serve(listener: TcpListener, shared: Arc<NodeShared>) {
         };
         let app = Router::new()
             .route("/v1/route", put(put_route))
+            .route("/v1/fences", put(put_fences))
             .route("/v1/status", get(status))
             .route("/metrics", get(metrics))
             .with_state(shared.clone());
@@ -188,6 +189,58 @@ async fn put_route(
         Json(json!({"epoch": shared.hub.epoch(), "installed": installed, "offered": epoch})),
     )
 }
+
+/// How long `PUT /v1/fences` waits for the shards to finish the writes of
+/// older generations they accepted (within the control service's
+/// `FENCE_PUSH_DEADLINE`, which retries).
+const FENCE_WAIT: Duration = Duration::from_secs(3);
+
+/// `PUT /v1/fences`: `[{"volume": V, "fence": F}, ...]` from the control
+/// service at a take-over. Answers 200 once every shard refuses mutations
+/// of older generations and has none of them in flight.
+async fn put_fences(
+    State(shared): State<Arc<NodeShared>>,
+    headers: HeaderMap,
+    body: String,
+) -> (StatusCode, Json<serde_json::Value>) {
+    if !authorized(&shared, &headers) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": "missing or wrong bearer token: present the cluster token"})),
+        );
+    }
+    let fences: Vec<celer_meta::api::VolumeFence> = match serde_json::from_str(&body) {
+        Ok(f) => f,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"error": format!("not a list of volume fences: {e}")})),
+            )
+        }
+    };
+    if fences.len() > FENCES_PUSH_MAX {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(
+                json!({"error": format!("{} fences in one push, at most {FENCES_PUSH_MAX}", fences.len())}),
+            ),
+        );
+    }
+    let list: Vec<(u64, u32)> = fences.iter().map(|f| (f.volume, f.fence)).collect();
+    let hub = shared.clone();
+    let r = tokio::task::spawn_blocking(move || hub.hub.set_fences(list, Some(FENCE_WAIT))).await;
+    match r {
+        Ok(Ok(())) => (StatusCode::OK, Json(json!({"fences": fences.len()}))),
+        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": e}))),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({"error": e.to_string()})),
+        ),
+    }
+}
+
+/// Most fences in one `PUT /v1/fences` (the control service sends one).
+const FENCES_PUSH_MAX: usize = 65_536;
 
 async fn status(State(shared): State<Arc<NodeShared>>) -> Json<serde_json::Value> {
     let (epoch, syncing) = match shared.hub.table() {

@@ -79,6 +79,7 @@ pub(crate) fn run(
     let mut last_fetch = Instant::now() - Duration::from_secs(1);
     let mut synced: Vec<(u32, u64)> = Vec::new();
     let mut last_deleted: Vec<u64> = Vec::new();
+    let mut last_fences: Vec<(u64, u32)> = Vec::new();
     // A message taken while gathering Synced reports, handled next.
     let mut pending: Option<AgentMsg> = None;
     // Heartbeats failed in a row (an outage of the control service).
@@ -189,6 +190,15 @@ pub(crate) fn run(
             }
             match result {
                 Ok(r) => {
+                    // Fences before the table: a node back from an outage
+                    // must refuse fenced writers before it serves again.
+                    let mut fences: Vec<(u64, u32)> =
+                        r.fences.iter().map(|f| (f.volume, f.fence)).collect();
+                    fences.sort_unstable();
+                    if fences != last_fences {
+                        shared.hub.set_fences(fences.clone(), None).ok();
+                        last_fences = fences;
+                    }
                     if let Some(t) = r.table {
                         shared.metrics.epoch.set(t.epoch as i64);
                         shared.hub.install(t);
@@ -216,7 +226,11 @@ pub(crate) fn run(
                             // Short: heartbeats wait meanwhile; the next
                             // 404 tries again.
                             match register(&client, &req, Duration::from_secs(5)) {
-                                Ok(r) => reg = r,
+                                Ok(r) => {
+                                    let f = r.fences.iter().map(|f| (f.volume, f.fence));
+                                    shared.hub.set_fences(f.collect(), None).ok();
+                                    reg = r
+                                }
                                 Err(e) => tracing::error!("{e}"),
                             }
                         }

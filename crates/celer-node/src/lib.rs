@@ -112,6 +112,11 @@ pub(crate) enum ShardMsg {
     /// before the node rejoined them (the control service said so): copy
     /// again.
     BackfillAgain(u64, Vec<u32>),
+    /// Volume fence generations (volume, generation): a shard raises its
+    /// own to them (never lowers) and refuses mutations of older ones; with
+    /// a sender, it answers its id once no mutation of an older generation
+    /// it accepted is still in flight (see `RouteHub::set_fences`).
+    Fences(Arc<Vec<(u64, u32)>>, Option<Sender<u16>>),
     Stop,
 }
 
@@ -209,6 +214,49 @@ impl RouteHub {
         for s in &self.shards {
             s.send(ShardMsg::Deleted(ids.clone()));
         }
+    }
+    /// Installs volume fence generations on every shard. With `wait`, also
+    /// waits (that long at most) until every shard has finished the
+    /// mutations of older generations it had accepted: from then on no
+    /// write of an old holder reaches this node's disk. Err: the shards
+    /// that did not answer in time.
+    pub(crate) fn set_fences(
+        &self,
+        fences: Vec<(u64, u32)>,
+        wait: Option<Duration>,
+    ) -> Result<(), String> {
+        let fences = Arc::new(fences);
+        let Some(wait) = wait else {
+            for s in &self.shards {
+                s.send(ShardMsg::Fences(fences.clone(), None));
+            }
+            return Ok(());
+        };
+        let (tx, rx) = mpsc::channel();
+        for s in &self.shards {
+            s.send(ShardMsg::Fences(fences.clone(), Some(tx.clone())));
+        }
+        drop(tx);
+        let deadline = std::time::Instant::now() + wait;
+        let mut answered = vec![false; self.shards.len()];
+        while answered.iter().any(|a| !a) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(shard) => {
+                    if let Some(a) = answered.get_mut(shard as usize) {
+                        *a = true;
+                    }
+                }
+                Err(_) => {
+                    let late: Vec<usize> = (0..answered.len()).filter(|&i| !answered[i]).collect();
+                    return Err(format!(
+                        "shards {late:?} still finish writes of an older fence generation after {} ms",
+                        wait.as_millis()
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
     pub(crate) fn table(&self) -> Option<Arc<Installed>> {
         self.current
@@ -500,6 +548,11 @@ impl Node {
                 .collect(),
             progress: (0..shard_count).map(|_| ProgressCell::default()).collect(),
         });
+        if let Some((_, reg)) = &agent_setup {
+            // Queued before the shards start: nothing is served before.
+            let fences = reg.fences.iter().map(|f| (f.volume, f.fence)).collect();
+            shared.hub.set_fences(fences, None).ok();
+        }
         let mut threads = Vec::new();
         for (engine_shard, (rx, wake)) in shards.into_iter().zip(receivers) {
             let shared = shared.clone();

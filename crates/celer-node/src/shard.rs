@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::mpsc::Receiver;
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -165,6 +165,10 @@ enum BfStage {
     Apply,
 }
 
+/// A fence install (volume, generation pairs) and where to answer once
+/// the older generations' mutations are done.
+type FenceWait = (Arc<Vec<(u64, u32)>>, Sender<u16>);
+
 struct ShardLoop {
     id: u16,
     engine: Shard,
@@ -180,6 +184,11 @@ struct ShardLoop {
     route: Option<Arc<Installed>>,
     /// Per volume, the highest write version accepted or stored here.
     versions: HashMap<u64, u64>,
+    /// Per volume, the fence generation: mutations of older ones are
+    /// refused (`Fenced`). Raised, never lowered (see `set_fences`).
+    fences: HashMap<u64, u32>,
+    /// Fence installs that wait for older-generation mutations in flight.
+    fence_waits: Vec<FenceWait>,
     /// Receive-buffer room lent to connections (see RBUF_BUDGET_BYTES).
     rbuf_lent: usize,
     /// Connections waiting for room.
@@ -288,6 +297,8 @@ pub(crate) fn run(
         free_ops: (0..CLIENT_OPS).rev().collect(),
         route: None,
         versions,
+        fences: HashMap::new(),
+        fence_waits: Vec::new(),
         rbuf_lent: 0,
         starved: Vec::new(),
         large_inflight: 0,
@@ -323,6 +334,7 @@ pub(crate) fn run(
                 ShardMsg::Route(r) => s.install(r),
                 ShardMsg::Deleted(ids) => s.set_deleted(ids),
                 ShardMsg::BackfillAgain(epoch, ps) => s.backfill_again(epoch, &ps),
+                ShardMsg::Fences(f, reply) => s.set_fences(f, reply),
                 ShardMsg::Stop => s.stopping = true,
             }
         }
@@ -587,6 +599,45 @@ impl ShardLoop {
     }
 
     /// The highest write version this shard knows for `volume`.
+    fn fence_of(&self, volume: u64) -> u32 {
+        self.fences.get(&volume).copied().unwrap_or(0)
+    }
+
+    /// Raises fence generations (see `ShardMsg::Fences`); with `reply`,
+    /// answers once no accepted mutation of an older one is in flight.
+    fn set_fences(&mut self, fences: Arc<Vec<(u64, u32)>>, reply: Option<Sender<u16>>) {
+        for &(volume, fence) in fences.iter() {
+            if fence > self.fence_of(volume) {
+                tracing::info!(shard = self.id, volume, fence, "fence generation raised");
+                self.fences.insert(volume, fence);
+            }
+        }
+        if let Some(reply) = reply {
+            self.fence_waits.push((fences, reply));
+            self.answer_fence_waits();
+        }
+    }
+
+    /// Answers the fence installs whose older-generation mutations are all
+    /// done. A few entries at most, and only while a take-over is under way.
+    fn answer_fence_waits(&mut self) {
+        let ops = &self.ops;
+        let id = self.id;
+        self.fence_waits.retain(|(fences, reply)| {
+            let busy = ops.iter().any(|op| {
+                op.busy
+                    && matches!(op.kind, OpKind::Mutate | OpKind::Primary)
+                    && fences
+                        .iter()
+                        .any(|&(v, f)| op.req.volume == v && op.req.fence < f)
+            });
+            if !busy {
+                let _ = reply.send(id);
+            }
+            busy
+        });
+    }
+
     fn volume_version(&self, volume: u64) -> u64 {
         self.versions.get(&volume).copied().unwrap_or(0)
     }
@@ -943,7 +994,9 @@ impl ShardLoop {
             if cap.read_only {
                 return Err(Status::ReadOnly);
             }
-            if h.attachment != cap.attachment || version_writer(h.version) != cap.attachment as u16
+            if h.attachment != cap.attachment
+                || version_writer(h.version) != cap.attachment as u16
+                || h.fence != cap.fence
             {
                 return Err(Status::Unauthorized);
             }
@@ -1137,6 +1190,16 @@ impl ShardLoop {
         };
         if h.op == Op::WritePrimary && !primary {
             return self.reject(c, &h, Status::NotReplica);
+        }
+        // The header's generation is the capability's (checked in
+        // `authorize`; a node forwards the writer's): a newer one than ours
+        // means the volume was taken over and the push has not come yet.
+        let fence = self.fence_of(h.volume);
+        if h.fence < fence {
+            return self.reject(c, &h, Status::Fenced);
+        }
+        if h.fence > fence {
+            self.fences.insert(h.volume, h.fence);
         }
         if h.version == 0 {
             return self.reject(c, &h, Status::Invalid);
@@ -1534,6 +1597,9 @@ impl ShardLoop {
             op.buf = AlignedBuf::new(1);
         }
         self.free_ops.push(id);
+        if !self.fence_waits.is_empty() {
+            self.answer_fence_waits();
+        }
     }
 
     fn flush_conn(&mut self, c: usize) {

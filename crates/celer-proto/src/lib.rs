@@ -58,8 +58,24 @@
 //! - the highest version a node reports (in every response's `version`) is
 //!   per volume: one tenant's clock does not push another's.
 //!
-//! `fence` and `snapshot` are carried for attachment fencing and snapshots
-//! (zero until those are in use; nodes ignore them today).
+//! # Fencing
+//!
+//! `fence` is the volume's fence generation the writer's capability was
+//! minted with (a client's header must name its capability's; a node's
+//! forward carries the original writer's). The control service raises a
+//! volume's generation when an attachment takes the volume over from
+//! another (a forced exclusive attach, a migration hand-off), pushes it to
+//! every node and answers the take-over only once all live nodes have
+//! installed it and finished every write of an older generation already
+//! accepted. From then on a node answers every mutation of an older
+//! generation [`Status::Fenced`], so the old holder can no longer change
+//! the volume, even while its process and network still work. A node
+//! learns generations from that push, from its registration and heartbeat
+//! replies (a node that was down), and from any newer capability it sees;
+//! it never lowers one. Reads are not fenced.
+//!
+//! `snapshot` is carried for snapshots (zero until those are in use; nodes
+//! ignore it today).
 //!
 //! # Connection set-up and authentication
 //!
@@ -227,6 +243,10 @@ pub enum Status {
     /// The write's version is more than [`VERSION_DRIFT_MAX_MS`] ahead of
     /// the node's clock (the writer's clock is wrong, or it is hostile).
     VersionAhead = 16,
+    /// The write's fence generation is older than the volume's: another
+    /// attachment took the volume over (an exclusive attach with `force`,
+    /// or a migration hand-off). Final for this attachment: attach again.
+    Fenced = 17,
 }
 
 impl Op {
@@ -270,6 +290,7 @@ impl Status {
             14 => Status::Expired,
             15 => Status::OlderVersion,
             16 => Status::VersionAhead,
+            17 => Status::Fenced,
             _ => return None,
         })
     }

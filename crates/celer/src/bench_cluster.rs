@@ -874,8 +874,12 @@ fn auth_cost(args: &ClusterBenchArgs, dir: &Path) -> Result<()> {
     let mut sides = Vec::new();
     for (name, no_auth) in [("auth-on", false), ("auth-off", true)] {
         let cluster = start_cluster(args, &dir.join(name), no_auth)?;
-        let device =
-            crate::cluster_dev::open_volume(&cluster.meta_url, &cluster.token, VOLUME_NAME)?;
+        let (device, _attached) = crate::cluster_dev::open_volume(
+            &cluster.meta_url,
+            &cluster.token,
+            VOLUME_NAME,
+            &crate::cluster_dev::AttachOptions::exclusive("bench"),
+        )?;
         let mut queues: Vec<Box<dyn DeviceQueue>> = vec![device
             .open_queue(0)
             .map_err(|e| anyhow::anyhow!("open a client queue: {e}"))?];
@@ -1398,7 +1402,12 @@ pub fn run(args: &ClusterBenchArgs) -> Result<()> {
         None
     };
     let cluster = start_cluster(args, &dir, false)?;
-    let device = crate::cluster_dev::open_volume(&cluster.meta_url, &cluster.token, VOLUME_NAME)?;
+    let (device, _attached) = crate::cluster_dev::open_volume(
+        &cluster.meta_url,
+        &cluster.token,
+        VOLUME_NAME,
+        &crate::cluster_dev::AttachOptions::exclusive("bench"),
+    )?;
     let mut queues: Vec<Box<dyn DeviceQueue>> = (0..2)
         .map(|i| device.open_queue(i))
         .collect::<Result<_, _>>()

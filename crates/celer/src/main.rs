@@ -7,6 +7,7 @@ mod daemon_config;
 mod device_metrics;
 mod engine_cmd;
 mod fio;
+mod libvirt;
 mod meta_cmd;
 mod node_cmd;
 mod up;
@@ -68,6 +69,31 @@ enum NodeCommand {
 enum VhostCommand {
     /// Listen on a Unix socket and serve a device as a virtio-blk disk.
     Serve(celer_vhost::cli::ServeArgs),
+    /// Print libvirt domain XML for a disk on a vhost-user-blk socket.
+    LibvirtXml(LibvirtXmlArgs),
+}
+
+#[derive(clap::Args)]
+struct LibvirtXmlArgs {
+    /// The socket `celer vhost serve` listens on.
+    #[arg(long)]
+    socket: std::path::PathBuf,
+    /// Queues (as `celer vhost serve --queues`).
+    #[arg(long, default_value_t = 1)]
+    queues: usize,
+    /// The guest's device name.
+    #[arg(long, default_value = "vdb")]
+    target: String,
+    /// Print a whole domain with this name (else the disk and memoryBacking
+    /// elements to add to one).
+    #[arg(long)]
+    domain: Option<String>,
+    /// Guest memory of the whole domain, MiB.
+    #[arg(long, default_value_t = 1024)]
+    memory_mib: u64,
+    /// vCPUs of the whole domain.
+    #[arg(long, default_value_t = 2)]
+    vcpus: u32,
 }
 
 #[derive(Subcommand)]
@@ -159,7 +185,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Node(NodeCommand::Serve(a)) => node_cmd::run(&a),
         Command::Up(a) => up::run(&a),
         Command::Vhost(VhostCommand::Serve(a)) => {
-            let (dev, cluster) = match device_spec(&a.device, a.read_only)? {
+            let purpose = format!("vhost {}", a.socket.display());
+            let (dev, cluster) = match device_spec(&a.device, a.read_only, &purpose)? {
                 Some(x) => x,
                 None => (
                     celer_vhost::bench::open_device(&a.device, a.read_only, a.direct)?,
@@ -171,8 +198,34 @@ fn run(cli: Cli) -> Result<()> {
             // The guest is told when the volume grows.
             cluster_dev::serve_vhost(&a, dev, cluster)
         }
+        Command::Vhost(VhostCommand::LibvirtXml(a)) => {
+            anyhow::ensure!(
+                (1..=64).contains(&a.queues),
+                "--queues {}: 1 to 64",
+                a.queues
+            );
+            match &a.domain {
+                Some(name) => print!(
+                    "{}",
+                    libvirt::domain_xml(
+                        name,
+                        a.memory_mib,
+                        a.vcpus,
+                        &a.socket,
+                        a.queues,
+                        &a.target
+                    )
+                ),
+                None => print!(
+                    "{}{}",
+                    libvirt::MEMORY_BACKING,
+                    libvirt::disk_xml(&a.socket, a.queues, &a.target, "")
+                ),
+            }
+            Ok(())
+        }
         Command::Nbd(NbdCommand::Serve(a)) => {
-            let (dev, cluster) = match device_spec(&a.device, a.read_only)? {
+            let (dev, cluster) = match device_spec(&a.device, a.read_only, "nbd")? {
                 Some(x) => x,
                 None => (celer_nbd::cli::open_device(&a.device, a.read_only)?, None),
             };
@@ -224,7 +277,7 @@ type OpenedDevice = (
 /// `file:`): `engine:` (a local engine volume) and `cluster:` (a replicated
 /// volume, with its client for metrics and the watch of its size). `None`:
 /// a spec the front end opens.
-fn device_spec(spec: &str, read_only: bool) -> Result<Option<OpenedDevice>> {
+fn device_spec(spec: &str, read_only: bool, purpose: &str) -> Result<Option<OpenedDevice>> {
     if let Some(s) = spec.strip_prefix("engine:") {
         return Ok(Some((open_engine_device(s, read_only)?, None)));
     }
@@ -233,8 +286,10 @@ fn device_spec(spec: &str, read_only: bool) -> Result<Option<OpenedDevice>> {
             !read_only,
             "read-only cluster volumes are not supported yet"
         );
-        let (client, watch) = cluster_dev::open_spec(s)?;
-        return Ok(Some((client.clone(), Some((client, watch)))));
+        return Ok(Some(match cluster_dev::open_spec(s, purpose)? {
+            cluster_dev::Opened::Attached(client, watch) => (client.clone(), Some((client, watch))),
+            cluster_dev::Opened::Handoff(dev) => (std::sync::Arc::new(dev), None),
+        }));
     }
     Ok(None)
 }

@@ -143,6 +143,16 @@ pub enum VolumeCommand {
         #[command(flatten)]
         conn: Conn,
     },
+    /// End a volume's attachments (all, or the one given): no capability
+    /// is renewed for them any more. The next exclusive attach fences them.
+    Detach {
+        name: String,
+        /// Only this attachment (see `celer volume info`).
+        #[arg(long)]
+        attachment: Option<u32>,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Delete a volume.
     Delete {
         name: String,
@@ -426,9 +436,14 @@ pub fn run_volume(cmd: VolumeCommand) -> Result<()> {
             }
         }
         VolumeCommand::Info { name, list } => {
-            let v = list.conn.client()?.volume(&name).map_err(human)?;
+            let c = list.conn.client()?;
+            let v = c.volume(&name).map_err(human)?;
+            let mut atts = c.attachments().map_err(human)?;
+            atts.retain(|a| a.volume_id == v.id);
             if list.json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                let mut j = serde_json::to_value(&v)?;
+                j["attachments"] = serde_json::to_value(&atts)?;
+                println!("{}", serde_json::to_string_pretty(&j)?);
             } else {
                 println!("name:      {}", v.name);
                 println!("id:        {}", v.id);
@@ -439,6 +454,45 @@ pub fn run_volume(cmd: VolumeCommand) -> Result<()> {
                 );
                 println!("replicas:  {}", v.replicas);
                 println!("created:   {}", utc(v.created_at));
+                println!("fence:     {}", v.fence);
+                if atts.is_empty() {
+                    println!("attached:  no");
+                }
+                for a in &atts {
+                    println!(
+                        "attached:  {} (fence {}, since {} UTC)",
+                        celer_meta::state::describe(a),
+                        a.fence,
+                        utc(a.at)
+                    );
+                }
+            }
+        }
+        VolumeCommand::Detach {
+            name,
+            attachment,
+            conn,
+        } => {
+            let c = conn.client()?;
+            let v = c.volume(&name).map_err(human)?;
+            let atts: Vec<_> = c
+                .attachments()
+                .map_err(human)?
+                .into_iter()
+                .filter(|a| a.volume_id == v.id && attachment.is_none_or(|id| id == a.id))
+                .collect();
+            if let Some(id) = attachment {
+                anyhow::ensure!(
+                    !atts.is_empty(),
+                    "volume `{name}` has no attachment {id} (see `celer volume info {name}`)"
+                );
+            }
+            if atts.is_empty() {
+                println!("volume {name} is not attached");
+            }
+            for a in atts {
+                c.detach(a.id).map_err(human)?;
+                println!("detached attachment {} of volume {name}", a.id);
             }
         }
         VolumeCommand::Resize { name, size, conn } => {

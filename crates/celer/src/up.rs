@@ -185,7 +185,17 @@ pub fn run(a: &UpArgs) -> Result<()> {
             .context("create the volume")?,
         Err(e) => return Err(e).context("look up the volume"),
     };
-    let client = crate::cluster_dev::open_client(&meta_url, &token, &a.volume)?;
+    // The attachment is kept in the cluster directory: `celer up` run
+    // again on it resumes it instead of being refused as a second writer.
+    let (client, _attached) = crate::cluster_dev::open_client(
+        &meta_url,
+        &token,
+        &a.volume,
+        &crate::cluster_dev::AttachOptions {
+            state_file: Some(dir.join("attachment.json")),
+            ..crate::cluster_dev::AttachOptions::exclusive("celer up")
+        },
+    )?;
     let metrics = crate::device_metrics::DeviceMetrics::new();
     let metrics_addr = {
         let client = client.clone();
@@ -326,15 +336,15 @@ fn print_attach(
     println!();
     println!("libvirt domain XML:");
     println!();
-    println!("  <memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>");
-    println!("  <disk type='vhostuser' device='disk'>");
-    println!("    <driver name='qemu' type='raw' queues='{}'/>", a.queues);
+    for l in crate::libvirt::MEMORY_BACKING.lines() {
+        println!("  {l}");
+    }
+    print!("{}", crate::libvirt::disk_xml(vhost, a.queues, "vdb", "  "));
     println!(
-        "    <source type='unix' path='{}'><reconnect enabled='yes' timeout='10'/></source>",
-        vhost.display()
+        "  (a whole domain: celer vhost libvirt-xml --socket {} --queues {} --domain NAME)",
+        vhost.display(),
+        a.queues
     );
-    println!("    <target dev='vdb' bus='virtio'/>");
-    println!("  </disk>");
     println!();
     println!(
         "Or over NBD: qemu-img info 'nbd+unix:///{name}?socket={}'",

@@ -246,7 +246,12 @@ pub fn import(a: &ImportArgs) -> Result<()> {
         }
         Err(e) => return Err(human(e)),
     };
-    let dev = crate::cluster_dev::open_volume(&url, &token, &volume.name)?;
+    let (dev, attached) = crate::cluster_dev::open_volume(
+        &url,
+        &token,
+        &volume.name,
+        &crate::cluster_dev::AttachOptions::exclusive("volume import"),
+    )?;
     let bar = progress_bar(image.virtual_size_bytes, "import");
     let started = Instant::now();
     let result = if image.format == "raw" {
@@ -284,6 +289,9 @@ pub fn import(a: &ImportArgs) -> Result<()> {
             .map(|()| "through qemu-img".to_string())
     };
     bar.finish_and_clear();
+    if let Err(e) = attached.detach() {
+        tracing::warn!("{e:#}");
+    }
     let how = result.with_context(|| {
         if created {
             format!(
@@ -326,7 +334,15 @@ pub fn export(a: &ExportArgs) -> Result<()> {
             human(e)
         }
     })?;
-    let dev = crate::cluster_dev::open_volume(&url, &token, &volume.name)?;
+    let (dev, attached) = crate::cluster_dev::open_volume(
+        &url,
+        &token,
+        &volume.name,
+        &crate::cluster_dev::AttachOptions {
+            read_only: true,
+            ..crate::cluster_dev::AttachOptions::exclusive("volume export")
+        },
+    )?;
     let size = volume.size_bytes;
     let bar = progress_bar(size, "export");
     let started = Instant::now();
@@ -342,6 +358,9 @@ pub fn export(a: &ExportArgs) -> Result<()> {
         }
     };
     bar.finish_and_clear();
+    if let Err(e) = attached.detach() {
+        tracing::warn!("{e:#}");
+    }
     let how = result.with_context(|| {
         format!(
             "export of volume `{}` to {} failed",

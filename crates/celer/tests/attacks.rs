@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use celer_client::{Capability, Client, ClientConfig, Credential};
 use celer_device::{BlockDevice, IoCompletion, IoOp, IoRequest, IoSegment};
-use celer_meta::api::CreateVolume;
+use celer_meta::api::{AttachMode, AttachVolume, CreateVolume};
 use celer_proto::{Header, Op};
 use support::cluster::{Cluster, ClusterOpts};
 
@@ -118,7 +118,12 @@ fn resource_attacks_leave_io_going_and_memory_bounded() {
             replicas: None,
         })
         .expect("volume");
-    let owner = meta.attach("attacked", false).expect("attach");
+    // Shared: the announcer below is a second writer of the volume.
+    let shared = AttachVolume {
+        mode: AttachMode::Shared,
+        ..AttachVolume::default()
+    };
+    let owner = meta.attach_with("attacked", &shared).expect("attach");
     let mut cfg = ClientConfig::new(c.seeds(), vol.id, vol.size_bytes, credential(&owner));
     cfg.request_timeout = Duration::from_millis(500);
     let dev: Arc<dyn BlockDevice> = Arc::new(Client::connect(cfg).expect("client"));
@@ -177,7 +182,7 @@ fn resource_attacks_leave_io_going_and_memory_bounded() {
     }
     // 2. Credentialed peers announcing 4 MiB writes, sending 1 KiB of them.
     let mut held = Vec::new();
-    let announcer = meta.attach("attacked", false).expect("attach");
+    let announcer = meta.attach_with("attacked", &shared).expect("attach");
     let cred = credential(&announcer);
     for i in 0..64u16 {
         if let Ok(mut s) = support::wire::connect(addr, i % shards, &cred) {

@@ -292,3 +292,116 @@ fn node_up_and_daemon_settings_errors() {
         "unknown cluster device option",
     );
 }
+
+/// The libvirt XML `celer vhost libvirt-xml` prints (the same disk element
+/// as `celer up` shows) is valid for libvirt's domain schema, with a socket
+/// path that needs escaping too; a broken one is refused by the validator.
+#[test]
+fn libvirt_domain_xml_validates_against_the_schema() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let validate = |xml: &str| -> (bool, String) {
+        let f = dir.path().join("domain.xml");
+        std::fs::write(&f, xml).expect("write");
+        let o = Command::new("virt-xml-validate")
+            .arg(&f)
+            .arg("domain")
+            .output()
+            .expect(
+                "virt-xml-validate (apt libvirt-clients libxml2-utils; scripts/install-deps.sh)",
+            );
+        (
+            o.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        )
+    };
+    for socket in ["/run/celer/vm1.sock", "/tmp/it's <odd> & long.sock"] {
+        let xml = succeeds(&[
+            "vhost",
+            "libvirt-xml",
+            "--socket",
+            socket,
+            "--queues",
+            "4",
+            "--domain",
+            "vm-1",
+        ]);
+        assert!(
+            xml.contains("type='vhostuser'") && xml.contains("queues='4'"),
+            "{xml}"
+        );
+        let (ok, out) = validate(&xml);
+        assert!(ok, "libvirt refuses the domain XML:\n{xml}\n{out}");
+        // The disk element alone is the one inside it.
+        let disk = succeeds(&["vhost", "libvirt-xml", "--socket", socket, "--queues", "4"]);
+        let element = disk
+            .split_once("</memoryBacking>\n")
+            .map(|(_, d)| d)
+            .expect("disk after memoryBacking");
+        let indented: String = element.lines().map(|l| format!("    {l}\n")).collect();
+        assert!(xml.contains(&indented), "{xml}\n{element}");
+    }
+    let xml = succeeds(&["vhost", "libvirt-xml", "--socket", "/s", "--domain", "d"]);
+    let (ok, _) = validate(&xml.replace("vhostuser", "vhostuserx"));
+    assert!(!ok, "the validator must refuse a wrong disk type");
+    fails_with(
+        &["vhost", "libvirt-xml", "--socket", "/s", "--queues", "0"],
+        "--queues 0",
+    );
+}
+
+/// One process per disk, from the command line: while `celer nbd serve`
+/// holds an engine disk, `celer engine check`, `format` and `rebuild` of it
+/// are refused with a message that says why; once it stops, check works.
+#[test]
+fn engine_commands_refuse_a_disk_in_use() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = dir.path().join("d.img");
+    let d = disk.to_str().expect("utf-8 path");
+    succeeds(&["engine", "format", "--disk", d, "--size", "256M"]);
+    let sock = dir.path().join("nbd.sock");
+    let mut server = Command::new(env!("CARGO_BIN_EXE_celer"))
+        .args([
+            "nbd",
+            "serve",
+            "--device",
+            &format!("engine:{d},volume=1,size=64M"),
+            "--socket",
+        ])
+        .arg(&sock)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn celer nbd serve");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !sock.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let held = sock.exists();
+    let results: Vec<(String, Output)> = [
+        vec!["engine", "check", "--disk", d],
+        vec!["engine", "rebuild", "--disk", d],
+        vec!["engine", "format", "--disk", d, "--size", "256M", "--force"],
+    ]
+    .into_iter()
+    .map(|args| (args.join(" "), celer(&args)))
+    .collect();
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(held, "the server did not start");
+    for (what, out) in results {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "`celer {what}` of a disk in use succeeded"
+        );
+        assert!(
+            err.contains("in use by another process"),
+            "`celer {what}`: {err}"
+        );
+    }
+    succeeds(&["engine", "check", "--disk", d]);
+}

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use celer_client::{Capability, Client, ClientConfig, Credential};
 use celer_device::BlockDevice;
-use celer_meta::api::{Change, CreateVolume};
+use celer_meta::api::{AttachMode, AttachVolume, Change, CreateVolume};
 use support::cluster::{Cluster, ClusterOpts};
 use support::workload::{self, Report, BLOCK};
 
@@ -25,6 +25,11 @@ const WORK_BLOCKS: u64 = (64 << 20) / BLOCK as u64;
 /// Attaches volume `name` (created if needed) through the control service,
 /// as a front end does: the attachment id and the capability come from it.
 fn volume_client(c: &Cluster, name: &str) -> (u64, Arc<dyn BlockDevice>) {
+    volume_client_as(c, name, &AttachVolume::default())
+}
+
+/// [`volume_client`] with the attach request given (mode, force).
+fn volume_client_as(c: &Cluster, name: &str, how: &AttachVolume) -> (u64, Arc<dyn BlockDevice>) {
     let meta = c.meta_client();
     let vol = match meta.volume(name) {
         Ok(v) => v,
@@ -36,7 +41,7 @@ fn volume_client(c: &Cluster, name: &str) -> (u64, Arc<dyn BlockDevice>) {
             })
             .expect("create volume"),
     };
-    let att = meta.attach(&vol.name, false).expect("attach");
+    let att = meta.attach_with(&vol.name, how).expect("attach");
     let credential = Credential::Attachment {
         capability: Capability::from_hex(&att.capability).expect("capability"),
         key: celer_proto::auth::key_from_hex(&att.key).expect("key"),
@@ -53,13 +58,24 @@ struct Load {
 }
 
 fn start_load(dev: &Arc<dyn BlockDevice>, queues: usize, depth: usize) -> Load {
+    start_load_at(dev, 0, queues, depth)
+}
+
+/// [`start_load`] over the `WORK_BLOCKS` blocks from `first_block`.
+fn start_load_at(
+    dev: &Arc<dyn BlockDevice>,
+    first_block: u64,
+    queues: usize,
+    depth: usize,
+) -> Load {
     let stop = Arc::new(AtomicBool::new(false));
     let per = WORK_BLOCKS / queues as u64;
     let threads = (0..queues)
         .map(|q| {
             let (dev, stop) = (dev.clone(), stop.clone());
             std::thread::spawn(move || {
-                workload::run(dev, q, q as u64 * per, per, depth, stop, 0x5eed + q as u64)
+                let first = first_block + q as u64 * per;
+                workload::run(dev, q, first, per, depth, stop, 0x5eed + first)
             })
         })
         .collect();
@@ -168,6 +184,24 @@ fn verify_with(
     }
 }
 
+/// The fail-over goal: no client request waits longer than this while a
+/// node dies or is cut off (docs/architecture.md, "Failures, measured").
+const PAUSE_MAX: Duration = Duration::from_secs(2);
+
+/// "No stall": the longest request while something the data path does not
+/// depend on fails (the control leader). A node fail-over pause is 0.8-1 s
+/// here; ordinary requests take milliseconds.
+const STALL_MAX: Duration = Duration::from_millis(500);
+
+/// The longest request of any queue.
+fn longest(reports: &[Report]) -> Duration {
+    reports
+        .iter()
+        .map(|r| r.max_latency)
+        .max()
+        .unwrap_or_default()
+}
+
 #[test]
 fn kill_and_restart_nodes_under_load() {
     let mut c = Cluster::start(std::path::Path::new(BIN), ClusterOpts::default());
@@ -206,7 +240,12 @@ fn kill_and_restart_nodes_under_load() {
     println!(
         "route change after a kill: {pauses:?}; longest client request (the I/O pause): {worst:?}"
     );
-    assert!(worst < Duration::from_secs(3), "I/O paused {worst:?}");
+    // docs/architecture.md "Failures, measured": the pause stays under the
+    // 2 s fail-over goal.
+    assert!(
+        worst < PAUSE_MAX,
+        "I/O paused {worst:?} (goal {PAUSE_MAX:?})"
+    );
     verify(c, &dev, volume, &reports);
 }
 
@@ -243,6 +282,12 @@ fn partition_round(cut: fn(&Cluster, usize, bool)) {
     );
     std::thread::sleep(Duration::from_secs(1));
     let reports = stop_load(load);
+    let worst = longest(&reports);
+    println!("longest client request (the I/O pause): {worst:?}");
+    assert!(
+        worst < PAUSE_MAX,
+        "I/O paused {worst:?} (goal {PAUSE_MAX:?})"
+    );
     verify(c, &dev, volume, &reports);
 }
 
@@ -259,8 +304,12 @@ fn a_node_cut_off_by_nftables_fails_over_and_catches_up() {
 #[test]
 fn two_clients_writing_the_same_blocks_converge() {
     let c = Cluster::start(std::path::Path::new(BIN), ClusterOpts::default());
-    let (volume, a) = volume_client(&c, "vol-shared");
-    let (_, b) = volume_client(&c, "vol-shared");
+    let shared = AttachVolume {
+        mode: AttachMode::Shared,
+        ..AttachVolume::default()
+    };
+    let (volume, a) = volume_client_as(&c, "vol-shared", &shared);
+    let (_, b) = volume_client_as(&c, "vol-shared", &shared);
     // Both clients hammer the same 2 MiB (small and large writes), racing;
     // random delays on every connection let their writes reach the
     // replicas in different orders.
@@ -447,6 +496,18 @@ fn the_control_leader_dies_and_io_goes_on() {
         t0.elapsed()
     );
     std::thread::sleep(Duration::from_secs(1));
+    // No I/O stall: the data path does not need the control service, so
+    // its takeover shows in no request (a request that waited for a
+    // fail-over would take most of a second).
+    let during = stop_load(load);
+    let worst = longest(&during);
+    println!("longest client request during the takeover: {worst:?}");
+    assert!(
+        worst < STALL_MAX,
+        "a request waited {worst:?} while the control leader changed"
+    );
+    // A second load, on other blocks (its model starts empty).
+    let load = start_load_at(&dev, WORK_BLOCKS, 1, 8);
     // The volume and the table survived the takeover.
     assert!(c.meta_client().volume("vol-ha").is_ok());
     // The new leader handles a node failure.
@@ -465,7 +526,16 @@ fn the_control_leader_dies_and_io_goes_on() {
     let t = c.wait_healthy(Duration::from_secs(120));
     println!("healthy again at epoch {}", t.epoch);
     let reports = stop_load(load);
-    verify(c, &dev, volume, &reports);
+    let worst = longest(&reports);
+    println!("longest client request across the node's fail-over: {worst:?}");
+    assert!(
+        worst < PAUSE_MAX,
+        "I/O paused {worst:?} (goal {PAUSE_MAX:?})"
+    );
+    // Every acknowledged write of both loads reads back.
+    let mut all = during;
+    all.extend(reports);
+    verify(c, &dev, volume, &all);
 }
 
 /// The control service's rebalance figures at one moment: the cluster's
@@ -878,4 +948,385 @@ fn a_node_whose_disk_fills_up_is_taken_out_and_no_write_is_lost() {
     }
     let problems = check_reports(&dev, volume, &t, &reports, &mut Default::default());
     assert!(problems.is_empty(), "{problems:#?}");
+}
+
+/// A forced take-over fences the old holder while it keeps writing: once the
+/// take-over returned, none of its writes is acknowledged (it gets errors
+/// naming the fence), the new holder's data is what every block reads back,
+/// and the replicas agree block by block.
+#[test]
+fn a_forced_take_over_fences_the_old_holder_while_it_writes() {
+    const BLOCKS: u64 = 256;
+    let c = Cluster::start(std::path::Path::new(BIN), ClusterOpts::default());
+    let (volume, old) = volume_client(&c, "vol-fenced");
+    // A second exclusive attach is refused while the first holds it.
+    let (code, msg) = match c.meta_client().attach("vol-fenced", false) {
+        Err(celer_meta::MetaClientError::Status {
+            status, message, ..
+        }) => (status, message),
+        other => panic!("a second writer must be refused, got {other:?}"),
+    };
+    assert_eq!(code, 409, "{msg}");
+    // The old holder writes block after block (2 queues, QD1 each),
+    // recording when each write was issued and whether it was acknowledged.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..2u64)
+        .map(|q| {
+            let (dev, stop) = (old.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut queue = dev.open_queue(q as usize).expect("queue");
+                let mut buf = vec![0u8; BLOCK];
+                let mut log = Vec::new();
+                let mut i = 0u64;
+                while !stop.load(Ordering::Acquire) {
+                    let block = q * BLOCKS / 2 + i % (BLOCKS / 2);
+                    workload::fill(&mut buf, block, 0x01d);
+                    let issued = Instant::now();
+                    let r = one_request(
+                        queue.as_mut(),
+                        celer_device::IoOp::Write,
+                        block * BLOCK as u64,
+                        &mut buf,
+                    );
+                    log.push((issued, Instant::now(), r.map_err(|e| e.to_string())));
+                    i += 1;
+                }
+                log
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let asked = Instant::now();
+    let (_, new) = volume_client_as(
+        &c,
+        "vol-fenced",
+        &AttachVolume {
+            force: true,
+            ..AttachVolume::default()
+        },
+    );
+    let taken = Instant::now();
+    println!(
+        "take-over answered in {:.1} ms",
+        (taken - asked).as_secs_f64() * 1e3
+    );
+    // The new holder writes every block while the old one goes on trying.
+    let mut q = new.open_queue(0).expect("queue");
+    let mut buf = vec![0u8; BLOCK];
+    for block in 0..BLOCKS {
+        workload::fill(&mut buf, block, 0x2e3);
+        one_request(
+            q.as_mut(),
+            celer_device::IoOp::Write,
+            block * BLOCK as u64,
+            &mut buf,
+        )
+        .expect("the new holder writes");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Release);
+    let logs: Vec<_> = writers
+        .into_iter()
+        .flat_map(|t| t.join().expect("writer"))
+        .collect();
+    let before = logs
+        .iter()
+        .filter(|(i, _, r)| *i < asked && r.is_ok())
+        .count();
+    let late_acks: Vec<_> = logs
+        .iter()
+        .filter(|(issued, _, r)| *issued >= taken && r.is_ok())
+        .collect();
+    let refused: Vec<&String> = logs
+        .iter()
+        .filter(|(issued, _, _)| *issued >= taken)
+        .filter_map(|(_, _, r)| r.as_ref().err())
+        .collect();
+    println!(
+        "old holder: {before} writes acknowledged before the take-over, {} after it, {} refused after it",
+        late_acks.len(),
+        refused.len()
+    );
+    assert!(before > 0, "the old holder wrote before the take-over");
+    assert!(
+        late_acks.is_empty(),
+        "{} writes of the fenced holder issued after the take-over were acknowledged",
+        late_acks.len()
+    );
+    assert!(
+        !refused.is_empty(),
+        "the old holder kept trying and was refused"
+    );
+    assert!(
+        refused.iter().all(|e| e.contains("fenced")),
+        "refusals name the fence: {:?}",
+        refused.first()
+    );
+    // Every block reads back the new holder's data, from every replica.
+    for block in 0..BLOCKS {
+        one_request(
+            q.as_mut(),
+            celer_device::IoOp::Read,
+            block * BLOCK as u64,
+            &mut buf,
+        )
+        .expect("read");
+        let mut want = vec![0u8; BLOCK];
+        workload::fill(&mut want, block, 0x2e3);
+        assert!(
+            buf == want,
+            "block {block} does not hold the new holder's data"
+        );
+    }
+    let t = c.wait_healthy(Duration::from_secs(30));
+    let chunks = (BLOCKS * BLOCK as u64).div_ceil(t.chunk_bytes);
+    let mut diffs = Vec::new();
+    for ch in 0..chunks {
+        diffs.extend(support::replicas::compare_chunk(&t, volume, ch));
+    }
+    assert!(diffs.is_empty(), "replicas differ:\n{}", diffs.join("\n"));
+}
+
+/// Spawns `celer nbd serve` of a cluster volume on `sock`, keeping its
+/// attachment in `file`; waits until qemu-io can read through it and
+/// returns the process (the caller kills and waits for it) and how long
+/// that took.
+#[allow(clippy::zombie_processes)]
+fn spawn_front_end(
+    spec: &str,
+    sock: &std::path::Path,
+    log: &std::path::Path,
+) -> (std::process::Child, Duration) {
+    let _ = std::fs::remove_file(sock);
+    let started = Instant::now();
+    let mut child = std::process::Command::new(BIN)
+        .args(["nbd", "serve", "--device", spec, "--socket"])
+        .arg(sock)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).expect("log"))
+        .spawn()
+        .expect("spawn celer nbd serve");
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    loop {
+        let ok = sock.exists()
+            && std::process::Command::new("qemu-io")
+                .args(["-f", "raw", "-c", "read 0 4k", &uri])
+                .output()
+                .is_ok_and(|o| o.status.success());
+        if ok {
+            return (child, started.elapsed());
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "the front end did not serve: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn qemu_io(sock: &std::path::Path, cmd: &str) -> String {
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let o = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", cmd, &uri])
+        .output()
+        .expect("qemu-io");
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        o.status.success() && !out.contains("Pattern verification failed"),
+        "qemu-io {cmd}: {out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out
+}
+
+/// A front end killed with SIGKILL and started again resumes its
+/// attachment from its file (one attachment, no conflict with itself),
+/// also while the control service is down; a stranger's exclusive attach
+/// is refused meanwhile.
+#[test]
+fn a_restarted_front_end_resumes_its_attachment_even_without_the_control_service() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut c = Cluster::start(std::path::Path::new(BIN), ClusterOpts::default());
+    let meta = c.meta_client();
+    let vol = meta
+        .create_volume(&CreateVolume {
+            name: "vol-resume".into(),
+            size_bytes: VOLUME_BYTES,
+            replicas: None,
+        })
+        .expect("create");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("attachment.json");
+    let sock = dir.path().join("nbd.sock");
+    let log = dir.path().join("nbd.log");
+    let spec = format!(
+        "cluster:vol-resume,meta={},token={},attachment-file={}",
+        c.meta_url(),
+        support::cluster::TOKEN,
+        file.display()
+    );
+    let (mut fe, took) = spawn_front_end(&spec, &sock, &log);
+    println!("first start: serving after {} ms", took.as_millis());
+    qemu_io(&sock, "write -P 0x5a 0 64k");
+    let mode = std::fs::metadata(&file)
+        .expect("attachment file")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the attachment file holds a key");
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).expect("read")).expect("json");
+    let id = saved["attachment"]["attachment"]["id"]
+        .as_u64()
+        .expect("id") as u32;
+    let _ = fe.kill();
+    let _ = fe.wait();
+    match meta.attach("vol-resume", false) {
+        Err(celer_meta::MetaClientError::Status {
+            status: 409,
+            message,
+            ..
+        }) => {
+            assert!(message.contains(&format!("attachment {id}")), "{message}")
+        }
+        other => panic!("a stranger must be refused while the attachment lives: {other:?}"),
+    }
+    let (mut fe, took) = spawn_front_end(&spec, &sock, &log);
+    println!("restart: serving after {} ms", took.as_millis());
+    qemu_io(&sock, "read -P 0x5a 0 64k");
+    qemu_io(&sock, "write -P 0x6b 64k 64k");
+    let ids: Vec<u32> = meta
+        .attachments()
+        .expect("attachments")
+        .iter()
+        .filter(|a| a.volume_id == vol.id)
+        .map(|a| a.id)
+        .collect();
+    assert_eq!(ids, vec![id], "resumed, not attached again");
+    // The control service goes away; the front end restarts without it.
+    if let Some(mut m) = c.meta.take() {
+        let _ = m.kill();
+        let _ = m.wait();
+    }
+    let _ = fe.kill();
+    let _ = fe.wait();
+    let (mut fe, took) = spawn_front_end(&spec, &sock, &log);
+    println!(
+        "restart with the control service down: serving after {} ms",
+        took.as_millis()
+    );
+    assert!(
+        took < Duration::from_secs(1),
+        "a restarted front end serves within 1 s ({} ms)",
+        took.as_millis()
+    );
+    qemu_io(&sock, "read -P 0x5a 0 64k");
+    qemu_io(&sock, "read -P 0x6b 64k 64k");
+    qemu_io(&sock, "write -P 0x7c 128k 64k");
+    qemu_io(&sock, "read -P 0x7c 128k 64k");
+    let _ = fe.kill();
+    let _ = fe.wait();
+}
+
+/// A migration destination (`handoff`) shows the volume from the start but
+/// takes it over only at its first I/O: until then the source attachment
+/// is the only one and keeps writing; from then on the source's writes are
+/// refused (fenced) and the destination sees everything the source wrote.
+#[test]
+fn a_handoff_destination_takes_the_volume_over_at_its_first_io() {
+    let c = Cluster::start(std::path::Path::new(BIN), ClusterOpts::default());
+    let meta = c.meta_client();
+    let vol = meta
+        .create_volume(&CreateVolume {
+            name: "vol-migrate".into(),
+            size_bytes: VOLUME_BYTES,
+            replicas: None,
+        })
+        .expect("create");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = format!(
+        "cluster:vol-migrate,meta={},token={}",
+        c.meta_url(),
+        support::cluster::TOKEN
+    );
+    let src_sock = dir.path().join("src.sock");
+    let (mut src, _) = spawn_front_end(&spec, &src_sock, &dir.path().join("src.log"));
+    qemu_io(&src_sock, "write -P 0x11 0 64k");
+    // The destination starts while the source serves: nothing changes.
+    let dst_sock = dir.path().join("dst.sock");
+    let dst_log = dir.path().join("dst.log");
+    let _ = std::fs::remove_file(&dst_sock);
+    let mut dst = std::process::Command::new(BIN)
+        .args([
+            "nbd",
+            "serve",
+            "--device",
+            &format!("{spec},handoff"),
+            "--socket",
+        ])
+        .arg(&dst_sock)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&dst_log).expect("log"))
+        .spawn()
+        .expect("spawn the destination");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&dst_sock).is_err() {
+        if Instant::now() > deadline {
+            let _ = dst.kill();
+            let _ = dst.wait();
+            panic!(
+                "destination not listening: {}",
+                std::fs::read_to_string(&dst_log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let attached = |meta: &celer_meta::MetaClient| -> Vec<u32> {
+        meta.attachments()
+            .expect("attachments")
+            .iter()
+            .filter(|a| a.volume_id == vol.id)
+            .map(|a| a.id)
+            .collect()
+    };
+    let before = attached(&meta);
+    assert_eq!(before.len(), 1, "only the source is attached: {before:?}");
+    qemu_io(&src_sock, "write -P 0x22 64k 64k");
+    // The destination's first I/O takes over.
+    let first = Instant::now();
+    qemu_io(&dst_sock, "read -P 0x11 0 64k");
+    println!(
+        "destination's first read, take-over included: {} ms",
+        first.elapsed().as_millis()
+    );
+    qemu_io(&dst_sock, "read -P 0x22 64k 64k");
+    let after = attached(&meta);
+    assert_eq!(after.len(), 1, "one attachment: {after:?}");
+    assert_ne!(after, before, "the destination's replaced the source's");
+    // The source can no longer write; the destination can.
+    let uri = format!("nbd+unix:///?socket={}", src_sock.display());
+    let o = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x33 0 4k", &uri])
+        .output()
+        .expect("qemu-io");
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    println!("the source's write after the take-over: {}", out.trim());
+    assert!(
+        out.contains("write failed"),
+        "the fenced source's write must fail: {out}"
+    );
+    qemu_io(&dst_sock, "read -P 0x11 0 4k");
+    qemu_io(&dst_sock, "write -P 0x44 0 4k");
+    qemu_io(&dst_sock, "read -P 0x44 0 4k");
+    for p in [&mut src, &mut dst] {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
 }

@@ -49,9 +49,15 @@ pub fn wait_for_socket(socket: &Path) {
     }
 }
 
-/// Whether the slow system tests are skipped (CELER_SKIP_SLOW=1; CI never sets it).
+/// Whether the slow system tests are skipped (CELER_SKIP_SLOW=1, for a
+/// developer's quick local run). Under CI (CI=true) skipping is refused: a
+/// CI run that skipped them would be green without having run them.
 pub fn skip_slow() -> bool {
     if std::env::var("CELER_SKIP_SLOW").as_deref() == Ok("1") {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CELER_SKIP_SLOW=1 with CI=true: CI runs the slow system tests"
+        );
         eprintln!("CELER_SKIP_SLOW=1: skipping the QEMU system test");
         return true;
     }
