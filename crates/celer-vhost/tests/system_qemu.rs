@@ -5,13 +5,16 @@
 
 #[path = "support/guest_system.rs"]
 mod guest_system;
+#[path = "support/migration.rs"]
+mod migration;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use guest_system::{build_guest, run_guest_system_test, skip_slow, spawn_backend, spawn_guest};
+use migration::{migrate_guest, MigrationRun};
 
 #[test]
 fn linux_guest_fio_verify_ext4_and_backend_restart() {
@@ -258,218 +261,11 @@ fn linux_guest_fio_survives_backend_kills_with_requests_in_flight() {
 /// Guest run limit for the kill test: boot (~30 s) + fio (75 s) + slack.
 const KILLS_GUEST_TIMEOUT_S: u64 = 300;
 
-/// A QMP client (one command at a time; events are skipped).
-struct Qmp {
-    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
-    writer: std::os::unix::net::UnixStream,
-}
-
-impl Qmp {
-    fn connect(path: &Path) -> Qmp {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let stream = loop {
-            match std::os::unix::net::UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) => {
-                    assert!(Instant::now() < deadline, "no QMP on {}: {e}", path.display());
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            }
-        };
-        let mut q = Qmp {
-            reader: std::io::BufReader::new(stream.try_clone().unwrap()),
-            writer: stream,
-        };
-        q.line(); // greeting
-        q.execute("qmp_capabilities", serde_json::json!({}));
-        q
-    }
-
-    fn line(&mut self) -> serde_json::Value {
-        use std::io::BufRead;
-        let mut l = String::new();
-        let n = self.reader.read_line(&mut l).unwrap();
-        assert!(n > 0, "QMP connection closed");
-        serde_json::from_str(&l).unwrap_or_else(|e| panic!("bad QMP line {l:?}: {e}"))
-    }
-
-    fn execute(&mut self, cmd: &str, args: serde_json::Value) -> serde_json::Value {
-        use std::io::Write;
-        let msg = serde_json::json!({"execute": cmd, "arguments": args});
-        writeln!(self.writer, "{msg}").unwrap();
-        loop {
-            let v = self.line();
-            if let Some(r) = v.get("return") {
-                return r.clone();
-            }
-            assert!(v.get("error").is_none(), "QMP {cmd} failed: {v}");
-        }
-    }
-}
-
-/// Which back end serves the migrating VM's disk.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum MigBackend {
-    Celer,
-    Qsd,
-}
-
-/// What a migration run measured.
-#[derive(Debug)]
-struct Migration {
-    downtime_ms: u64,
-    total_ms: u64,
-}
-
-/// Boots a guest (TCG, 2 vCPUs, 2 queues) on `kind`'s back end of `disk`,
-/// starts fio with verify in it, live-migrates it to a second QEMU (its own
-/// back end of the same disk, incoming on a Unix socket) and lets the guest
-/// finish there: fio must find no error before, during and after.
-fn migrate_guest(repo: &Path, dir: &Path, kind: MigBackend) -> Migration {
-    let disk = dir.join("disk.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(256 << 20)
-        .unwrap();
-    let script = repo.join("crates/celer-vhost/tests/guest/migrate.sh");
-    let mig_sock = dir.join("mig.sock");
-    let side = |name: &str| -> (PathBuf, PathBuf, PathBuf, PathBuf) {
-        (
-            dir.join(format!("{name}.sock")),
-            dir.join(format!("{name}.log")),
-            dir.join(format!("{name}-out")),
-            dir.join(format!("{name}.qmp")),
-        )
-    };
-    let (sock_a, log_a, out_a, qmp_a) = side("src");
-    let (sock_b, log_b, out_b, qmp_b) = side("dst");
-    let start_celer = |socket: &Path, log: &Path| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_celer-vhost"));
-        cmd.args(["serve", "--socket"])
-            .arg(socket)
-            .arg("--device")
-            .arg(format!("file:{}", disk.display()))
-            .args(["--queues", "2"])
-            .env("NO_COLOR", "1")
-            .env("RUST_LOG", "info");
-        spawn_backend(cmd, socket, log)
-    };
-    let mut backends = Vec::new();
-    let disk_spec = |socket: &Path| match kind {
-        MigBackend::Celer => format!("vhost:{},queues=2", socket.display()),
-        MigBackend::Qsd => format!(
-            "qsd:{},queues=2,locking=off,sock={}",
-            disk.display(),
-            socket.display()
-        ),
-    };
-    if kind == MigBackend::Celer {
-        backends.push(start_celer(&sock_a, &log_a));
-        backends.push(start_celer(&sock_b, &log_b));
-    }
-    let guest = |spec: String, out: &Path, qmp: &Path, incoming: Option<&Path>| {
-        let mut cmd = Command::new("bash");
-        cmd.arg(repo.join("scripts/vm/run-guest.sh"))
-            .args(["--disk", &spec, "--smp", "2", "--mem", "512", "--accel", "tcg"])
-            .arg("--cmd")
-            .arg(&script)
-            .arg("--out")
-            .arg(out)
-            .arg("--qmp")
-            .arg(qmp)
-            .args(["--timeout", &MIGRATION_GUEST_TIMEOUT_S.to_string()]);
-        if let Some(sock) = incoming {
-            cmd.arg("--incoming").arg(format!("unix:{}", sock.display()));
-        }
-        guest_system::KillOnDrop(cmd.spawn().expect("run-guest.sh"))
-    };
-    // The destination waits for the migration stream first.
-    let mut dst = guest(disk_spec(&sock_b), &out_b, &qmp_b, Some(&mig_sock));
-    let mut dst_qmp = Qmp::connect(&qmp_b);
-    let _ = dst_qmp.execute("query-status", serde_json::json!({}));
-    let mut src = guest(disk_spec(&sock_a), &out_a, &qmp_a, None);
-    let console_a = out_a.join("console.log");
-    let deadline = Instant::now() + Duration::from_secs(MIGRATION_GUEST_TIMEOUT_S);
-    while !std::fs::read_to_string(&console_a)
-        .map(|c| c.contains("CELER-MIGRATE-START"))
-        .unwrap_or(false)
-    {
-        assert!(src.0.try_wait().unwrap().is_none(), "{kind:?}: source guest ended early");
-        assert!(Instant::now() < deadline, "{kind:?}: source guest did not start fio");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    // Let fio run (and have requests in flight) before migrating.
-    std::thread::sleep(Duration::from_secs(8));
-    let mut qmp = Qmp::connect(&qmp_a);
-    qmp.execute(
-        "migrate-set-parameters",
-        serde_json::json!({"max-bandwidth": 1u64 << 30}),
-    );
-    qmp.execute(
-        "migrate",
-        serde_json::json!({"uri": format!("unix:{}", mig_sock.display())}),
-    );
-    let info = loop {
-        let r = qmp.execute("query-migrate", serde_json::json!({}));
-        match r["status"].as_str() {
-            Some("completed") => break r,
-            Some("failed") | Some("cancelled") => panic!("{kind:?}: migration failed: {r}"),
-            _ => {}
-        }
-        assert!(Instant::now() < deadline, "{kind:?}: migration did not complete: {r}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let _ = qmp.execute("quit", serde_json::json!({}));
-    drop(qmp);
-    let _ = src.0.wait();
-    let status = loop {
-        if let Some(s) = dst.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "{kind:?}: destination guest did not end");
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let read = |name: &str| std::fs::read_to_string(out_b.join(name)).unwrap_or_default();
-    let context = format!(
-        "\n--- {kind:?} destination console (end) ---\n{}\n--- fio ---\n{}{}\n--- source back end ---\n{}\n--- destination back end ---\n{}",
-        read("console.log")
-            .lines()
-            .rev()
-            .take(20)
-            .collect::<Vec<_>>()
-            .join("\n"),
-        read("fio-mig.txt"),
-        read("fio-final.txt"),
-        std::fs::read_to_string(&log_a).unwrap_or_default(),
-        std::fs::read_to_string(&log_b).unwrap_or_default(),
-    );
-    assert!(status.success(), "destination guest run failed{context}");
-    assert!(read("console.log").contains("CELER-MIGRATE-OK"), "{context}");
-    assert_eq!(read("fio-mig.txt").matches("err= 0").count(), 2, "{context}");
-    assert_eq!(read("fio-final.txt").matches("err= 0").count(), 1, "{context}");
-    assert!(
-        !read("dmesg.txt").contains("I/O error"),
-        "guest I/O errors{context}"
-    );
-    if kind == MigBackend::Celer {
-        let src_log = std::fs::read_to_string(&log_a).unwrap_or_default();
-        assert!(src_log.contains("dirty logging on"), "{context}");
-        assert!(src_log.contains("every ring stopped"), "{context}");
-    }
-    drop(backends);
-    Migration {
-        downtime_ms: info["downtime"].as_u64().expect("downtime"),
-        total_ms: info["total-time"].as_u64().expect("total-time"),
-    }
-}
-
-/// Guest run limit for a migration run: boot + 30 s fio + migration + final verify.
-const MIGRATION_GUEST_TIMEOUT_S: u64 = 300;
-
 /// Live migration of a running Linux guest between two QEMU processes, each
-/// with its own back end of the same disk, with fio verify running across it;
-/// then the same with qemu-storage-daemon on both sides. Prints the
-/// downtime QEMU reports for each (docs/operations.md).
+/// with its own `celer-vhost serve` of the same file, with fio verify
+/// running across it (support/migration.rs). The cluster-volume variant,
+/// with ownership hand-off and the qemu-storage-daemon baseline, is
+/// crates/celer/tests/migrate_guest.rs.
 #[test]
 fn linux_guest_live_migrates_with_fio_verify() {
     if skip_slow() {
@@ -477,12 +273,48 @@ fn linux_guest_live_migrates_with_fio_verify() {
     }
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     build_guest(&repo);
-    let celer_dir = tempfile::tempdir().unwrap();
-    let celer = migrate_guest(&repo, celer_dir.path(), MigBackend::Celer);
-    let qsd_dir = tempfile::tempdir().unwrap();
-    let qsd = migrate_guest(&repo, qsd_dir.path(), MigBackend::Qsd);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let disk = d.join("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(256 << 20)
+        .unwrap();
+    let start = |name: &str| {
+        let socket = d.join(format!("{name}.sock"));
+        let log = d.join(format!("{name}.log"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_celer-vhost"));
+        cmd.args(["serve", "--socket"])
+            .arg(&socket)
+            .arg("--device")
+            .arg(format!("file:{}", disk.display()))
+            .args(["--queues", "2"])
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info");
+        let backend = spawn_backend(cmd, &socket, &log);
+        (backend, socket, log)
+    };
+    let (src, src_sock, src_log) = start("src");
+    let (dst, dst_sock, dst_log) = start("dst");
+    let m = migrate_guest(
+        &repo,
+        d,
+        &MigrationRun {
+            label: "celer-vhost file device",
+            src_disk: format!("vhost:{},queues=2", src_sock.display()),
+            dst_disk: format!("vhost:{},queues=2", dst_sock.display()),
+            logs: vec![
+                ("source back end", src_log.clone()),
+                ("destination back end", dst_log),
+            ],
+        },
+    );
+    let src_text = std::fs::read_to_string(&src_log).unwrap_or_default();
+    assert!(src_text.contains("dirty logging on"), "{}", m.context);
+    assert!(src_text.contains("every ring stopped"), "{}", m.context);
+    drop((src, dst));
     eprintln!(
-        "migration downtime: celer {} ms (total {} ms), qemu-storage-daemon {} ms (total {} ms)",
-        celer.downtime_ms, celer.total_ms, qsd.downtime_ms, qsd.total_ms
+        "migration downtime (file device): {} ms (total {} ms)",
+        m.downtime_ms, m.total_ms
     );
 }

@@ -5,9 +5,12 @@
 # time while the host kills the back end with SIGKILL and restarts it, over
 # and over; QEMU reconnects each time and the back end resubmits what was
 # in flight. Any lost, repeated or corrupted request fails fio or hangs it.
+# fio runs 75 s, or celer.fio_runtime=S from the kernel command line.
 set -e
+runtime=$(sed -n 's/.*celer\.fio_runtime=\([0-9]*\).*/\1/p' /proc/cmdline)
+runtime=${runtime:-75}
 ls /sys/block/vda/mq | wc -l > hw-queues.txt
-cat > kills.fio <<'JOB'
+cat > kills.fio <<JOB
 [global]
 filename=/dev/vda
 ioengine=libaio
@@ -20,7 +23,7 @@ verify_fatal=1
 verify_backlog=512
 randrepeat=1
 time_based=1
-runtime=75
+runtime=$runtime
 size=32m
 [q0]
 offset=0
