@@ -496,8 +496,17 @@ impl VhostUserBackend for VhostUserBlk {
     fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {
         if let Some(w) = self.workers.get(queue_index as usize) {
             let mut w = w.lock().unwrap_or_else(|p| p.into_inner());
+            let inflight = w.inflight();
+            let started = std::time::Instant::now();
             w.drain(Duration::from_secs(5));
             drop(w);
+            // What the drain costs a migration's downtime (QEMU waits).
+            info!(
+                queue = queue_index,
+                inflight,
+                drain_us = started.elapsed().as_micros() as u64,
+                "ring stopped"
+            );
             let bit = 1u64 << queue_index;
             let before = self.rings_running.fetch_and(!bit, Ordering::AcqRel);
             if before == bit {

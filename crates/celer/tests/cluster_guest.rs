@@ -170,6 +170,11 @@ fn linux_guest_live_migrates_on_a_cluster_volume_and_hands_it_over() {
     let src_text = std::fs::read_to_string(&src_log).unwrap_or_default();
     assert!(src_text.contains("dirty logging on"), "{context}");
     assert!(src_text.contains("every ring stopped"), "{context}");
+    let stops: Vec<&str> = src_text
+        .lines()
+        .filter(|l| l.contains("ring stopped") && l.contains("drain_us="))
+        .collect();
+    println!("source rings stopped (the last ones at the switch-over): {stops:?}");
     let after = attachments();
     assert_eq!(after.len(), 1, "one attachment: {after:?}");
     assert_ne!(after, before, "the destination's replaced the source's");
@@ -240,8 +245,12 @@ fn linux_guest_live_migrates_on_a_cluster_volume_and_hands_it_over() {
         refused.len(),
         ms(takeover_done_ns, first_refused_ns),
     );
-    // The probe range holds what was acknowledged, nothing refused: each
-    // block's stamp is the last acknowledged write to it, or zeros.
+    // The probe range holds no write submitted after the take-over: each
+    // block's stamp is the last acknowledged write to it (or zeros), or a
+    // later write that was refused while the fence was being installed
+    // (submitted before the take-over returned): some replicas had the
+    // new generation and refused it, others not yet and took it, so like
+    // any failed write it left its range undefined.
     let export = d.join("probe-range.img");
     let o = Command::new(BIN)
         .args(["volume", "export", VOLUME])
@@ -257,20 +266,37 @@ fn linux_guest_live_migrates_on_a_cluster_volume_and_hands_it_over() {
     let image = std::fs::read(&export).expect("read the export");
     let blocks = PROBE_RANGE_BYTES / PROBE_WRITE_BYTES;
     let base = (VOLUME_BYTES - PROBE_RANGE_BYTES) as usize;
+    let mut refused_but_landed = Vec::new();
     for b in 0..blocks {
         let at = base + (b * PROBE_WRITE_BYTES) as usize;
         let stamp = u64::from_le_bytes(image[at..at + 8].try_into().expect("8 bytes"));
-        let want = acked
+        let last_acked = acked
             .iter()
             .filter(|w| w.seq % blocks == b)
             .map(|w| w.seq)
             .max()
             .unwrap_or(0);
-        assert_eq!(
-            stamp, want,
-            "probe block {b}: holds write {stamp}, the last acknowledged is {want}"
+        if stamp == last_acked {
+            continue;
+        }
+        let during_fence = refused
+            .iter()
+            .any(|w| w.seq == stamp && w.seq > last_acked && w.submit_ns < takeover_done_ns);
+        assert!(
+            during_fence,
+            "probe block {b}: holds write {stamp}, the last acknowledged is {last_acked}: {probe_text}"
         );
+        refused_but_landed.push(stamp);
     }
+    // Not asserted (a limit of fencing, reported): such a write may leave
+    // the replicas of its block different.
+    let t = c.route();
+    let diffs: Vec<String> = (base as u64 / t.chunk_bytes..VOLUME_BYTES / t.chunk_bytes)
+        .flat_map(|ch| support::replicas::compare_chunk(&t, vol.id, ch))
+        .collect();
+    println!(
+        "probe range: every block holds its last acknowledged write, except refused writes submitted during the fence install that reached some replicas: {refused_but_landed:?}; replica differences in the probe range: {diffs:?}"
+    );
 
     // Baseline: qemu-storage-daemon on a local file on both sides.
     let qsd_dir = d.join("qsd-run");
