@@ -265,7 +265,7 @@ const KILLS_GUEST_TIMEOUT_S: u64 = 300;
 /// with its own `celer-vhost serve` of the same file, with fio verify
 /// running across it (support/migration.rs). The cluster-volume variant,
 /// with ownership hand-off and the qemu-storage-daemon baseline, is
-/// crates/celer/tests/migrate_guest.rs.
+/// crates/celer/tests/cluster_guest.rs.
 #[test]
 fn linux_guest_live_migrates_with_fio_verify() {
     if skip_slow() {

@@ -1,5 +1,5 @@
 //! Test hooks of the live-migration guest test
-//! (`crates/celer/tests/migrate_guest.rs`), off unless their environment
+//! (`crates/celer/tests/cluster_guest.rs`), off unless their environment
 //! variable is set; nothing in a deployment sets them.
 //!
 //! - [`FENCE_PROBE_ENV`] (`CELER_TEST_FENCE_PROBE=PATH`), on a migration's
