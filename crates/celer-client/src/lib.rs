@@ -47,6 +47,13 @@
 //! the requests on it, so I/O does not pause.
 //! - Write part ≤ `small_write_max`: `Write` to every member of the
 //!   partition (in sync or syncing); done when every member answered `Ok`.
+//! - Volumes with 512-byte sectors (`ClientConfig::sector_bytes`): a write,
+//!   write-zeroes or discard that covers part of a 4 KiB block sends that
+//!   part as a sector write (`FLAG_SECTORS`, zeroes as payload for the
+//!   latter two) to every member, which merges it into the block; the whole
+//!   blocks between go as usual. No read-modify-write in the client, so two
+//!   attachments writing different sectors of one block both survive. Reads
+//!   of sectors go as they are (the node reads the blocks around them).
 //! - Larger write part: `WritePrimary` to the primary only, which forwards.
 //! - `WriteZeroes`, `Discard`: to every member, no payload.
 //! - `Flush`: completes at once (an acknowledged write is already durable on
@@ -160,6 +167,9 @@ pub struct ClientConfig {
     pub clock_skew_ms: i64,
     /// Writes up to this many bytes go to every member; larger ones to the primary.
     pub small_write_max: u32,
+    /// The volume's logical sector size, 512 or 4096 (`Volume::sector_size_bytes`):
+    /// the alignment the client accepts and the block size front ends show.
+    pub sector_bytes: u32,
     /// A member that has not answered after this long is taken for dead.
     pub request_timeout: Duration,
     /// A request not done after this long fails.
@@ -176,6 +186,7 @@ impl ClientConfig {
             credential,
             clock_skew_ms: 0,
             small_write_max: 4096,
+            sector_bytes: 4096,
             request_timeout: Duration::from_millis(500),
             op_deadline: Duration::from_secs(30),
             read_policy: ReadPolicy::Primary,
@@ -189,6 +200,8 @@ pub enum ClientError {
     NoSeeds,
     #[error("volume size {0} bytes is not a positive multiple of {BLOCK_BYTES}")]
     Size(u64),
+    #[error("logical sector size {0}: must be 512 or 4096")]
+    SectorSize(u32),
     #[error(
         "request_timeout and op_deadline must be positive, and request_timeout at most op_deadline"
     )]
@@ -311,6 +324,9 @@ impl Client {
         if cfg.size_bytes == 0 || !cfg.size_bytes.is_multiple_of(BLOCK_BYTES) {
             return Err(ClientError::Size(cfg.size_bytes));
         }
+        if !matches!(cfg.sector_bytes, 512 | 4096) {
+            return Err(ClientError::SectorSize(cfg.sector_bytes));
+        }
         if cfg.request_timeout.is_zero()
             || cfg.op_deadline.is_zero()
             || cfg.request_timeout > cfg.op_deadline
@@ -352,7 +368,7 @@ impl Client {
         let size_bytes = cfg.size_bytes;
         let read_only = matches!(&cfg.credential, Credential::Attachment { capability, .. } if capability.read_only);
         Ok(Client {
-            info: volume_info(cfg.volume, cfg.size_bytes, read_only),
+            info: volume_info(cfg.volume, cfg.size_bytes, cfg.sector_bytes, read_only),
             shared: Arc::new(Shared {
                 hlc: hlc::Hlc::with_skew(cfg.clock_skew_ms),
                 size_bytes: AtomicU64::new(size_bytes),
@@ -460,10 +476,10 @@ impl BlockDevice for Client {
 
 /// What a client of `volume` shows its front end (the same before it
 /// connects: a migration destination shows it before it takes over).
-pub fn volume_info(volume: u64, size_bytes: u64, read_only: bool) -> DeviceInfo {
+pub fn volume_info(volume: u64, size_bytes: u64, sector_bytes: u32, read_only: bool) -> DeviceInfo {
     DeviceInfo {
         size_bytes,
-        block_size_bytes: BLOCK_BYTES as u32,
+        block_size_bytes: sector_bytes,
         read_only,
         supports_discard: true,
         supports_write_zeroes: true,

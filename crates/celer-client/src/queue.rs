@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use celer_device::{
     check_request, DeviceInfo, DeviceQueue, IoCompletion, IoError, IoOp, IoRequest, IoSegment,
 };
-use celer_proto::{version_clock, Header, Op, Status};
+use celer_proto::{version_clock, Header, Op, Status, FLAG_SECTORS};
 use celer_route::{NodeId, RouteTable};
 use tracing::{debug, info, warn};
 
@@ -117,6 +117,11 @@ struct Part {
     skip: usize,
     /// crc32c of the payload (writes).
     crc: u32,
+    /// Header flags: `FLAG_SECTORS` for a sector write.
+    flags: u16,
+    /// The payload is zeroes (a sector write cut from a write-zeroes or
+    /// discard of a partial block), from `Core::zero_seg`.
+    zero: bool,
     /// Write version of the part: the request's, or a newer one after a
     /// member refused it as older.
     version: u64,
@@ -201,6 +206,10 @@ struct Core {
     probe_seq: u32,
     probe_rr: usize,
     read_rr: usize,
+    /// One zero block and a segment over it: the payload of sector writes
+    /// that zero part of a block. Boxed so the pointer stays put.
+    zero_block: Box<[u8]>,
+    zero_seg: Box<[IoSegment; 1]>,
 }
 
 fn resolve_addrs(table: &RouteTable) -> HashMap<NodeId, SocketAddr> {
@@ -276,11 +285,14 @@ impl Core {
             IoOp::Discard | IoOp::WriteZeroes => req.len_bytes,
             IoOp::Flush => 0,
         };
-        if !req.offset_bytes.is_multiple_of(BLOCK_BYTES) || !len.is_multiple_of(BLOCK_BYTES) {
+        // The volume's logical sector: 4096, or 512 (partial blocks then go
+        // out as sector writes, merged by the nodes).
+        let align_bytes = u64::from(self.info.block_size_bytes);
+        if !req.offset_bytes.is_multiple_of(align_bytes) || !len.is_multiple_of(align_bytes) {
             return Err(IoError::Misaligned {
                 offset_bytes: req.offset_bytes,
                 len_bytes: len,
-                align_bytes: BLOCK_BYTES,
+                align_bytes,
             });
         }
         if len > self.info.max_request_bytes {
@@ -353,17 +365,32 @@ impl Core {
             };
             let offset = r.offset + r.cut;
             let chunk_end = (offset / chunk_bytes + 1) * chunk_bytes;
-            let len = (r.len - r.cut).min(chunk_end - offset) as u32;
+            let mut len = (r.len - r.cut).min(chunk_end - offset);
             let skip = r.cut as usize;
+            // A mutation of part of a block (512-byte sector volumes): a
+            // sector write of that block alone, merged by every member;
+            // whole blocks go on as usual.
+            let in_block = offset % BLOCK_BYTES;
+            let sectors = r.op != IoOp::Read && (in_block != 0 || len < BLOCK_BYTES);
+            if sectors {
+                len = len.min(BLOCK_BYTES - in_block);
+            } else if r.op != IoOp::Read {
+                len -= len % BLOCK_BYTES;
+            }
+            let len = len as u32;
+            let zero = sectors && r.op != IoOp::Write;
             let op = match r.op {
                 IoOp::Read => Op::Read,
+                _ if sectors => Op::Write,
                 IoOp::Write if len <= self.small_write_max => Op::Write,
                 IoOp::Write => Op::WritePrimary,
                 IoOp::WriteZeroes => Op::WriteZeroes,
                 IoOp::Discard => Op::Discard,
                 IoOp::Flush => unreachable!("flushes complete at submit"),
             };
-            let crc = if r.op == IoOp::Write {
+            let crc = if zero {
+                crc32c::crc32c(&self.zero_block[..len as usize])
+            } else if r.op == IoOp::Write {
                 // SAFETY: the segments are caller memory valid for reads
                 // until completion (the submit contract).
                 unsafe { segments_crc(0, r.segs.as_ptr(), r.segs.len(), skip, len as usize) }
@@ -379,6 +406,8 @@ impl Core {
             part.len = len;
             part.skip = skip;
             part.crc = crc;
+            part.flags = if sectors { FLAG_SECTORS } else { 0 };
+            part.zero = zero;
             part.version = r.version;
             part.nlegs = 0;
             part.wait_since = None;
@@ -552,7 +581,18 @@ impl Core {
         h.version = part.version;
         h.attachment = self.attachment;
         h.fence = self.fence;
-        let payload = if matches!(part.op, Op::Write | Op::WritePrimary) {
+        h.flags = part.flags;
+        let payload = if part.zero {
+            h.payload_bytes = part.len;
+            h.payload_crc = part.crc;
+            Some(Payload {
+                slot: part.req,
+                segs: self.zero_seg.as_ptr(),
+                nsegs: 1,
+                skip: 0,
+                len: part.len as usize,
+            })
+        } else if matches!(part.op, Op::Write | Op::WritePrimary) {
             h.payload_bytes = part.len;
             h.payload_crc = part.crc;
             Some(Payload {
@@ -1282,6 +1322,11 @@ impl ClientQueue {
                 pinned: 0,
             })
             .collect();
+        let mut zero_block = vec![0u8; BLOCK_BYTES as usize].into_boxed_slice();
+        let zero_seg = Box::new([IoSegment {
+            addr: zero_block.as_mut_ptr(),
+            len: BLOCK_BYTES as usize,
+        }]);
         let parts = (0..PARTS_MAX)
             .map(|_| Part {
                 in_use: false,
@@ -1292,6 +1337,8 @@ impl ClientQueue {
                 len: 0,
                 skip: 0,
                 crc: 0,
+                flags: 0,
+                zero: false,
                 version: 0,
                 partition: 0,
                 epoch: 0,
@@ -1331,6 +1378,8 @@ impl ClientQueue {
             probe_seq: 0,
             probe_rr: index,
             read_rr: index,
+            zero_block,
+            zero_seg,
         };
         Ok(ClientQueue {
             core,

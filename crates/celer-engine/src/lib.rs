@@ -66,7 +66,7 @@ pub enum EngineError {
     MetadataDamaged { shard: u32 },
     #[error("bad configuration: {0}")]
     BadConfig(String),
-    #[error("request at offset {offset_bytes} length {len_bytes}: offset and length must be multiples of 4096 and buffers 512-byte aligned")]
+    #[error("request at offset {offset_bytes} length {len_bytes}: offset and length must be multiples of 4096 (a write may also cover 512-byte sectors within one 4096-byte block) and buffers 512-byte aligned")]
     Misaligned { offset_bytes: u64, len_bytes: u64 },
     #[error("request at offset {offset_bytes} length {len_bytes} crosses a chunk boundary or exceeds {max_bytes} bytes")]
     BadRange {

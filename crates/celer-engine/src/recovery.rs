@@ -624,7 +624,11 @@ fn recover_shard(
                     if logical as u32 >= g.chunk_blocks || phys as u32 >= g.phys_blocks() {
                         continue;
                     }
-                    if version <= s.entries[logical as usize].version {
+                    // An equal version in a later record is a repair
+                    // (`EngineOp::Repair` rewrites a damaged block at its
+                    // version; no other write journals a version it does
+                    // not raise): it replaces the entry.
+                    if version < s.entries[logical as usize].version {
                         continue;
                     }
                     if seq > watermark {

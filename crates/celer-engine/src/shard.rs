@@ -16,6 +16,15 @@
 //! `fdatasync` (group commit: one flush covers every write that completed
 //! before it was issued). On a device without FUA (virtio-blk, most files)
 //! this costs what an O_DSYNC write costs: the write, then one flush.
+//!
+//! A write of 512-byte sectors within one block (a *sector write*) is merged
+//! here, not by the caller: the op holds the block (other mutations of it
+//! wait, and it waits for those already running), reads the committed block,
+//! checks its crc, copies its sectors over it and writes the whole block as
+//! an ordinary redirect-on-write phase with a new crc and its version. Two
+//! sector writes of one block from different writers therefore both survive,
+//! in version order, and a crash leaves the old or the merged block, never a
+//! mix. Cost: one extra 4 KiB read when the block holds data.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
@@ -118,6 +127,13 @@ pub enum EngineOp {
     /// this disk no longer holds for the cluster (deleted volumes, copies of
     /// partitions that moved away): a later write at any version applies.
     Release,
+    /// A write of a good copy over a damaged one: as `Write`, but a block
+    /// whose planned version equals the request's is written too (a `Write`
+    /// takes an equal version for a retry and skips it). A block with a
+    /// newer version skips, as for `Write`: a client write that came first
+    /// wins. Nothing is done on a chunk without a slot. The replication
+    /// layer sends it with the version a good member holds.
+    Repair,
 }
 
 /// A request to a shard. It must lie within one chunk.
@@ -176,6 +192,8 @@ enum Stage {
     Deferred,
     /// Releasing the slot after a whole-chunk discard.
     Freeing,
+    /// A sector write reading the block it merges into.
+    Merging,
 }
 
 struct Op {
@@ -207,6 +225,20 @@ struct Op {
     solo: bool,
     stage: Stage,
     meta: AlignedBuf,
+    /// Sector write: byte offset in its block and bytes (0: whole blocks).
+    sub_at: u16,
+    sub_len: u16,
+    /// The sector write holds its block (see `SlotState::held`).
+    holding: bool,
+    /// The sector write's block is merged into `merge_buf`, which is now
+    /// its only segment.
+    merged: bool,
+    /// crc32c of the committed block the sector write read.
+    merge_crc: u32,
+    /// The block a sector write is merged into (one per op, from start-up).
+    merge_buf: AlignedBuf,
+    /// Submission order (a shard-wide counter).
+    seq: u64,
 }
 
 // SAFETY: the raw pointers an op holds (segments, iovecs) point into memory
@@ -257,6 +289,9 @@ pub(crate) struct SlotState {
     freeing: bool,
     /// A Release op holds the slot: ops that start after it wait.
     releasing: Option<u32>,
+    /// Blocks held by a sector write between its read and its commit: no
+    /// other mutation of them is planned meanwhile (bit per logical block).
+    held: Vec<u64>,
 }
 
 impl SlotState {
@@ -287,6 +322,7 @@ impl SlotState {
             header_op: None,
             freeing: false,
             releasing: None,
+            held: vec![0; (g.chunk_blocks as usize).div_ceil(64)],
         };
         for i in 0..s.entries.len() {
             let e = s.entries[i];
@@ -310,6 +346,18 @@ impl SlotState {
             }
         }
         None
+    }
+    fn is_held(&self, logical: u16) -> bool {
+        let l = logical as usize;
+        self.held[l / 64] & (1 << (l % 64)) != 0
+    }
+    fn set_held(&mut self, logical: u16, on: bool) {
+        let l = logical as usize;
+        if on {
+            self.held[l / 64] |= 1 << (l % 64);
+        } else {
+            self.held[l / 64] &= !(1 << (l % 64));
+        }
     }
     fn release_phys(&mut self, p: u16) {
         if self.reads_inflight > 0 {
@@ -438,6 +486,8 @@ pub struct Shard {
     cq_budget: u32,
     max_request_blocks: u16,
     stats: ShardStats,
+    /// Ops submitted so far (`Op::seq`).
+    submitted: u64,
 }
 
 pub(crate) struct ShardInit {
@@ -531,6 +581,13 @@ impl Shard {
                 solo: false,
                 stage: Stage::Idle,
                 meta: AlignedBuf::new(1),
+                sub_at: 0,
+                sub_len: 0,
+                holding: false,
+                merged: false,
+                merge_crc: 0,
+                merge_buf: AlignedBuf::new(1),
+                seq: 0,
             })
             .collect();
         let jbufs = (0..JOURNAL_BUFS)
@@ -579,6 +636,7 @@ impl Shard {
             cq_budget: CQ_ENTRIES - 64,
             max_request_blocks,
             stats: ShardStats::default(),
+            submitted: 0,
         })
     }
 
@@ -729,7 +787,7 @@ impl Shard {
     pub unsafe fn submit(&mut self, req: &EngineRequest<'_>) -> Result<(), EngineError> {
         let chunk_bytes = self.g.chunk_bytes();
         let len_bytes = match req.op {
-            EngineOp::Read | EngineOp::Write => {
+            EngineOp::Read | EngineOp::Write | EngineOp::Repair => {
                 if req.segments.len() > SEGMENTS_MAX {
                     return Err(EngineError::TooManySegments {
                         count: req.segments.len(),
@@ -751,9 +809,15 @@ impl Shard {
             }
             EngineOp::WriteZeroes | EngineOp::Discard | EngineOp::Release => req.len_bytes,
         };
-        if !req.offset_bytes.is_multiple_of(BLOCK_SIZE_U64)
-            || len_bytes % BLOCK_SIZE_U64 != 0
-            || len_bytes == 0
+        let in_block = req.offset_bytes % BLOCK_SIZE_U64;
+        // A sector write: 512-byte sectors within one block, merged here.
+        let sectors = req.op == EngineOp::Write
+            && (in_block != 0 || !len_bytes.is_multiple_of(BLOCK_SIZE_U64))
+            && in_block.is_multiple_of(512)
+            && len_bytes.is_multiple_of(512)
+            && in_block + len_bytes <= BLOCK_SIZE_U64;
+        if !sectors
+            && (in_block != 0 || !len_bytes.is_multiple_of(BLOCK_SIZE_U64) || len_bytes == 0)
         {
             return Err(EngineError::Misaligned {
                 offset_bytes: req.offset_bytes,
@@ -761,7 +825,7 @@ impl Shard {
             });
         }
         let max_bytes = match req.op {
-            EngineOp::Read | EngineOp::Write => self.max_request_bytes(),
+            EngineOp::Read | EngineOp::Write | EngineOp::Repair => self.max_request_bytes(),
             _ => chunk_bytes,
         };
         let chunk = req.offset_bytes / chunk_bytes;
@@ -802,7 +866,17 @@ impl Shard {
         op.volume = req.volume;
         op.chunk = chunk;
         op.first = (in_chunk / BLOCK_SIZE_U64) as u16;
-        op.count = (len_bytes / BLOCK_SIZE_U64) as u16;
+        op.count = if sectors {
+            1
+        } else {
+            (len_bytes / BLOCK_SIZE_U64) as u16
+        };
+        op.sub_at = if sectors { in_block as u16 } else { 0 };
+        op.sub_len = if sectors { len_bytes as u16 } else { 0 };
+        op.holding = false;
+        op.merged = false;
+        self.submitted += 1;
+        op.seq = self.submitted;
         op.cursor = 0;
         op.version = req.version;
         op.epoch = req.epoch;
@@ -967,7 +1041,9 @@ impl Shard {
     fn start(&mut self, id: u32) {
         match self.ops[id as usize].op {
             EngineOp::Read => self.start_read(id),
-            EngineOp::Write | EngineOp::WriteZeroes | EngineOp::Discard => self.start_mutation(id),
+            EngineOp::Write | EngineOp::Repair | EngineOp::WriteZeroes | EngineOp::Discard => {
+                self.start_mutation(id)
+            }
             EngineOp::Release => self.start_release(id),
         }
     }
@@ -1179,6 +1255,136 @@ impl Shard {
             }
         };
         self.bind_slot(id, local);
+        if self.ops[id as usize].sub_len > 0 {
+            self.start_merge(id, local);
+        } else {
+            self.plan_phase(id, local);
+        }
+    }
+
+    /// A sector write: hold the block, read it, merge, then write it whole
+    /// (`plan_phase`). Waits while another op holds the block or has a
+    /// mutation of it running, so it merges into the committed content and
+    /// its journal record follows theirs (journal order = version order).
+    fn start_merge(&mut self, id: u32, local: u32) {
+        let op = &self.ops[id as usize];
+        let b = op.first;
+        let slot = self.slots[local as usize]
+            .as_ref()
+            .expect("slot of running op");
+        if op.merged || op.version <= slot.planned_version[b as usize] {
+            // Merged (deferred afterwards for room), or older than the
+            // block: plan_phase writes it, or skips it as any write.
+            return self.plan_phase(id, local);
+        }
+        if slot.is_held(b) || !self.sqe_room(1) || self.block_busy(id, b) {
+            return self.defer(id);
+        }
+        let slot_index = self.g.slot_of(self.id, local as u64);
+        let slot = self.slots[local as usize]
+            .as_mut()
+            .expect("slot of running op");
+        slot.set_held(b, true);
+        let e = slot.entries[b as usize];
+        let op = &mut self.ops[id as usize];
+        op.holding = true;
+        if e.kind != BlockKind::Data {
+            // Never written or zeroed: the sectors merge into zeroes.
+            op.merge_buf.fill(0);
+            op.merge_crc = crc32c::crc32c(&op.merge_buf[..BLOCK_SIZE]);
+            return self.merge_apply(id, local);
+        }
+        op.merge_crc = e.crc;
+        op.stage = Stage::Merging;
+        op.pending += 1;
+        let sqe = opcode::Read::new(
+            types::Fd(self.fd),
+            op.merge_buf.as_mut_ptr(),
+            BLOCK_SIZE as u32,
+        )
+        .offset(self.g.phys_offset(slot_index, e.phys))
+        .build()
+        .user_data(io_ud(UD_DATA, id as u64, BLOCK_SIZE));
+        push_sqe(
+            &mut self.ring,
+            &mut self.unsubmitted,
+            &mut self.inflight_sqes,
+            &sqe,
+        );
+    }
+
+    /// Whether the sector write `id` must wait before it reads block `b`:
+    /// an op submitted before it will write the block (running or waiting),
+    /// or one submitted after it has planned a write of the block and not
+    /// committed it yet. So a sector write merges into the committed content,
+    /// after the writes submitted before it (for one writer, its version
+    /// order: an older write of it is not refused as older because a newer
+    /// one went first), and its journal record follows theirs.
+    fn block_busy(&self, id: u32, b: u16) -> bool {
+        if self.inflight() <= 1 {
+            return false;
+        }
+        let me = &self.ops[id as usize];
+        self.ops.iter().enumerate().any(|(j, o)| {
+            j as u32 != id
+                && o.stage != Stage::Idle
+                && o.volume == me.volume
+                && o.chunk == me.chunk
+                && matches!(
+                    o.op,
+                    EngineOp::Write | EngineOp::WriteZeroes | EngineOp::Discard
+                )
+                && if o.seq < me.seq {
+                    (o.first..o.first + o.count).contains(&b)
+                } else {
+                    o.stage == Stage::Running && (o.first..o.first + o.cursor).contains(&b)
+                }
+        })
+    }
+
+    /// The sector write's read is back: check the block, then merge.
+    fn merge_read_done(&mut self, id: u32) {
+        let local = self.ops[id as usize].local_slot;
+        let op = &mut self.ops[id as usize];
+        op.stage = Stage::Idle;
+        if op.error.is_none() && crc32c::crc32c(&op.merge_buf[..BLOCK_SIZE]) != op.merge_crc {
+            let offset_bytes = op.chunk * self.g.chunk_bytes() + op.first as u64 * BLOCK_SIZE_U64;
+            tracing::error!(
+                volume = op.volume,
+                offset_bytes,
+                shard = self.id,
+                "checksum mismatch on the read of a sector write: not merged"
+            );
+            op.error = Some(EngineError::Checksum {
+                volume: op.volume,
+                offset_bytes,
+            });
+        }
+        if op.error.is_some() {
+            return self.finish(id);
+        }
+        self.merge_apply(id, local);
+    }
+
+    /// Copies the request's sectors over the block read into `merge_buf`
+    /// and writes the whole block.
+    fn merge_apply(&mut self, id: u32, local: u32) {
+        let op = &mut self.ops[id as usize];
+        let (at, len) = (op.sub_at as usize, op.sub_len as usize);
+        let mut to = at;
+        let dst = op.merge_buf.as_mut_ptr();
+        for_each_piece(&op.segs, 0, len, |addr, take| {
+            // SAFETY: the submit contract keeps the segment valid for reads;
+            // `to + take <= at + len <= BLOCK_SIZE` (checked at submit).
+            unsafe { std::ptr::copy_nonoverlapping(addr, dst.add(to), take) };
+            to += take;
+        });
+        op.segs.clear();
+        op.segs.push(Segment {
+            addr: dst,
+            len: BLOCK_SIZE,
+        });
+        op.merged = true;
         self.plan_phase(id, local);
     }
 
@@ -1203,11 +1409,15 @@ impl Shard {
         op.iov.clear();
         let mut last_phys: Option<u16> = None;
         let mut runs = 0;
-        let is_write = op.op == EngineOp::Write;
+        let is_write = matches!(op.op, EngineOp::Write | EngineOp::Repair);
+        // A repair rewrites a block at its own version; anything else needs
+        // a newer one.
+        let equal_applies = op.op == EngineOp::Repair;
         let mut k = op.cursor;
         while k < op.count {
             let logical = op.first + k;
-            if op.version <= slot.planned_version[logical as usize] {
+            let planned = slot.planned_version[logical as usize];
+            if op.version < planned || (op.version == planned && !equal_applies) {
                 let stored = slot.planned_version[logical as usize];
                 if stored > op.version {
                     op.newer_version = op.newer_version.max(stored);
@@ -1221,6 +1431,10 @@ impl Shard {
                 last_phys = None;
                 k += 1;
                 continue;
+            }
+            if slot.is_held(logical) && !op.holding {
+                // A sector write is merging this block: wait for it.
+                break;
             }
             if !is_write {
                 last_phys = None;
@@ -1263,7 +1477,8 @@ impl Shard {
             }
         }
         if op.plan.is_empty() {
-            // No free physical block: wait for in-flight writes to release some.
+            // No free physical block (wait for in-flight writes to release
+            // some), or the next block is held by a sector write.
             return self.defer(id);
         }
         op.stage = Stage::Running;
@@ -1588,6 +1803,9 @@ impl Shard {
             });
         }
         op.pending -= 1;
+        if op.pending == 0 && op.stage == Stage::Merging {
+            return self.merge_read_done(id);
+        }
         // A deferred op (it allocated its slot, then waited for room) has
         // nothing to finish here: it resumes from the deferred queue.
         if op.pending == 0 && matches!(op.stage, Stage::Running | Stage::Freeing) {
@@ -1628,10 +1846,13 @@ impl Shard {
         if op.allocated_slot && slot.header_op == Some(id) {
             slot.header_op = None;
         }
+        // A repair rewrites a block at its own version (see EngineOp::Repair).
+        let equal_applies = op.op == EngineOp::Repair;
         for p in op.plan.iter() {
             let cur = slot.entries[p.logical as usize];
+            let newer = op.version > cur.version || (equal_applies && op.version == cur.version);
             match p.action {
-                Action::Write if !failed && op.version > cur.version => {
+                Action::Write if !failed && newer => {
                     slot.entries[p.logical as usize] = BlockEntry {
                         phys: p.phys,
                         kind: BlockKind::Data,
@@ -1645,7 +1866,7 @@ impl Shard {
                     slot.dirty = true;
                 }
                 Action::Write => slot.release_phys(p.phys),
-                Action::Zero if !failed && op.version > cur.version => {
+                Action::Zero if !failed && newer => {
                     slot.entries[p.logical as usize] = BlockEntry::zeroed(op.version);
                     if cur.kind == BlockKind::Data {
                         slot.release_phys(cur.phys);
@@ -1932,8 +2153,12 @@ impl Shard {
         if local != u32::MAX {
             if let Some(slot) = self.slots.get_mut(local as usize).and_then(|s| s.as_mut()) {
                 slot.ops_inflight = slot.ops_inflight.saturating_sub(1);
+                if op.holding {
+                    slot.set_held(op.first, false);
+                }
             }
         }
+        op.holding = false;
         for &b in op.jbufs.iter() {
             self.jbufs[b].unfinished_ops -= 1;
         }

@@ -206,6 +206,31 @@ pub struct CreateVolume {
     /// 1..=3; the cluster's replica count when absent.
     #[serde(default)]
     pub replicas: Option<u8>,
+    /// The logical sector size guests see, 512 or 4096; 512 when absent
+    /// (disk images and cloud images are laid out in 512-byte sectors).
+    #[serde(default)]
+    pub sector_size_bytes: Option<u32>,
+}
+
+/// Logical sector size of a new volume when the request names none.
+pub const SECTOR_SIZE_DEFAULT_BYTES: u32 = 512;
+/// Logical sector size of volumes stored before it was a volume attribute:
+/// they always showed guests 4096-byte sectors, and keep them.
+pub const SECTOR_SIZE_LEGACY_BYTES: u32 = 4096;
+
+fn sector_size_legacy() -> u32 {
+    SECTOR_SIZE_LEGACY_BYTES
+}
+
+/// A logical sector size a volume may have: 512 or 4096.
+pub fn validate_sector_size(bytes: u32) -> Result<(), String> {
+    if matches!(bytes, 512 | 4096) {
+        Ok(())
+    } else {
+        Err(format!(
+            "sector size {bytes} bytes: must be 512 (the default, what disk images use) or 4096"
+        ))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -217,6 +242,10 @@ pub struct Volume {
     pub replicas: u8,
     /// Unix time in milliseconds.
     pub created_at: u64,
+    /// Logical sector size the front ends show (512 or 4096). Volumes
+    /// stored without it were created with 4096 and keep it.
+    #[serde(default = "sector_size_legacy")]
+    pub sector_size_bytes: u32,
     /// The fence generation: raised by every exclusive attach (and the
     /// first shared one), so writers attached before can no longer write.
     #[serde(default)]
@@ -562,6 +591,19 @@ pub fn validate_volume_size(size_bytes: u64) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    /// A volume stored before the sector size was an attribute (no field)
+    /// keeps the 4096-byte sectors its guests always saw; a create request
+    /// without it gets the default (512) from the control service.
+    #[test]
+    fn volumes_stored_without_a_sector_size_keep_4096() {
+        let old = r#"{"id":3,"name":"v","size_bytes":4096,"replicas":3,"created_at":1}"#;
+        let v: super::Volume = serde_json::from_str(old).expect("old volume record");
+        assert_eq!(v.sector_size_bytes, 4096);
+        let req: super::CreateVolume =
+            serde_json::from_str(r#"{"name":"v","size_bytes":4096}"#).expect("create request");
+        assert_eq!(req.sector_size_bytes, None);
+    }
+
     use super::*;
 
     #[test]
@@ -577,6 +619,8 @@ mod tests {
     #[test]
     fn volume_sizes() {
         assert!(validate_volume_size(4096).is_ok());
+        assert!(validate_sector_size(512).is_ok() && validate_sector_size(4096).is_ok());
+        assert!(validate_sector_size(1024).is_err() && validate_sector_size(0).is_err());
         assert!(validate_volume_size(1 << 50).is_ok());
         assert!(validate_volume_size(0).is_err());
         assert!(validate_volume_size(4095).is_err());

@@ -966,6 +966,10 @@ impl Cluster {
     ) -> Result<Volume> {
         validate_volume_name(&req.name).map_err(StateError::BadRequest)?;
         validate_volume_size(req.size_bytes).map_err(StateError::BadRequest)?;
+        let sector_size_bytes = req
+            .sector_size_bytes
+            .unwrap_or(crate::api::SECTOR_SIZE_DEFAULT_BYTES);
+        crate::api::validate_sector_size(sector_size_bytes).map_err(StateError::BadRequest)?;
         let replicas = req
             .replicas
             .unwrap_or(self.cfg.replicas.min(VOLUME_REPLICAS_MAX));
@@ -991,6 +995,7 @@ impl Cluster {
             replicas,
             created_at: now_ms(),
             fence: 0,
+            sector_size_bytes,
         };
         tx.put_volume(v.clone());
         tx.log(Change::VolumeCreated { volume: v.clone() });

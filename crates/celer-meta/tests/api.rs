@@ -48,6 +48,7 @@ fn vol(name: &str, size_bytes: u64) -> CreateVolume {
         name: name.into(),
         size_bytes,
         replicas: None,
+        sector_size_bytes: None,
     }
 }
 
@@ -316,6 +317,13 @@ fn invalid_input_is_rejected_with_a_message() {
             },
             "replicas",
         ),
+        (
+            CreateVolume {
+                sector_size_bytes: Some(1024),
+                ..vol("s1k", 4096)
+            },
+            "sector size 1024",
+        ),
     ];
     for (req, needle) in cases {
         let (status, msg) = status_of(c.create_volume(&req));
@@ -498,13 +506,18 @@ fn volume_lifecycle_survives_a_restart() {
 
     let a = c.create_volume(&vol("vm-a", 10 << 30)).expect("create a");
     assert_eq!((a.id, a.replicas, a.size_bytes), (1, 3, 10 << 30));
+    assert_eq!(
+        a.sector_size_bytes, 512,
+        "new volumes default to 512-byte sectors"
+    );
     let b = c
         .create_volume(&CreateVolume {
             replicas: Some(2),
+            sector_size_bytes: Some(4096),
             ..vol("vm-b", 4096)
         })
         .expect("create b");
-    assert_eq!((b.id, b.replicas), (2, 2));
+    assert_eq!((b.id, b.replicas, b.sector_size_bytes), (2, 2, 4096));
     assert_eq!(c.volume("vm-a").expect("info"), a);
     let grown = c.resize_volume("vm-b", 8192).expect("grow");
     assert_eq!(grown.size_bytes, 8192);

@@ -229,6 +229,7 @@ fn leader_failover_keeps_every_change() {
             name: format!("vol{i}"),
             size_bytes: 1 << 30,
             replicas: None,
+            sector_size_bytes: None,
         })
         .expect("create");
     }
@@ -287,6 +288,7 @@ fn leader_failover_keeps_every_change() {
             name: "after".into(),
             size_bytes: 4096,
             replicas: None,
+            sector_size_bytes: None,
         })
         .expect("create on the new leader");
     assert_eq!(v.id, 6);

@@ -6,6 +6,8 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use celer_proto::{Op, Status};
+
+use crate::shard::RepairResult;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -41,6 +43,15 @@ const OPS: [&str; 7] = [
     "other",
 ];
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RepairLabels {
+    shard: u16,
+    result: &'static str,
+}
+
+/// Labels of `RepairResult`, in its order.
+const REPAIR_RESULTS: [&str; 4] = ["repaired", "superseded", "unrepairable", "dropped"];
+
 fn op_index(op: Op) -> usize {
     match op {
         Op::Read => 0,
@@ -63,6 +74,7 @@ pub struct NodeMetrics {
     backfill_moved: Family<ShardLabel, Gauge>,
     backfill_listed: Family<ShardLabel, Gauge>,
     backfill_unlisted: Family<ShardLabel, Gauge>,
+    repairs: Family<RepairLabels, Counter>,
     pub(crate) epoch: Gauge<i64, AtomicI64Shim>,
 }
 
@@ -80,6 +92,8 @@ pub(crate) struct ShardCounters {
     backfill_moved: Gauge,
     backfill_listed: Gauge,
     backfill_unlisted: Gauge,
+    /// By `RepairResult` (in its order).
+    repairs: [Counter; 4],
 }
 
 impl NodeMetrics {
@@ -98,7 +112,13 @@ impl NodeMetrics {
         let backfill_moved = Family::<ShardLabel, Gauge>::default();
         let backfill_listed = Family::<ShardLabel, Gauge>::default();
         let backfill_unlisted = Family::<ShardLabel, Gauge>::default();
+        let repairs = Family::<RepairLabels, Counter>::default();
         let epoch = Gauge::<i64, AtomicI64Shim>::default();
+        registry.register(
+            "repairs",
+            "Damaged blocks (crc failed here) by outcome: repaired from another member, superseded by a newer write, unrepairable (no member holds a good copy), dropped (repair queue full)",
+            repairs.clone(),
+        );
         registry.register(
             "requests",
             "Requests served, by op and result",
@@ -150,6 +170,7 @@ impl NodeMetrics {
             backfill_moved,
             backfill_listed,
             backfill_unlisted,
+            repairs,
             epoch,
         }
     }
@@ -188,6 +209,11 @@ impl NodeMetrics {
                 .backfill_unlisted
                 .get_or_create(&ShardLabel { shard })
                 .clone(),
+            repairs: REPAIR_RESULTS.map(|result| {
+                self.repairs
+                    .get_or_create(&RepairLabels { shard, result })
+                    .clone()
+            }),
         }
     }
 
@@ -215,6 +241,9 @@ impl ShardCounters {
     }
     pub(crate) fn add_backfill_bytes(&self, n: u64) {
         self.backfill_bytes.inc_by(n);
+    }
+    pub(crate) fn repair(&self, result: RepairResult) {
+        self.repairs[result as usize].inc();
     }
     pub(crate) fn set_backfill_progress(&self, moved: u64, listed: u64, unlisted: u64) {
         self.backfill_moved.set(moved as i64);

@@ -18,9 +18,16 @@ use celer_engine::{
     AlignedBuf, BlockKind, Completion, EngineError, EngineOp, EngineRequest, Segment, Shard,
     BLOCK_SIZE,
 };
+
+mod repair;
 use celer_proto::auth::{Credential, HelloProof, Peer, NONCE_BYTES};
-use celer_proto::{clock_limit_at, version_clock, version_writer, Header, Kind, Op, Status};
+use celer_proto::{
+    clock_limit_at, version_clock, version_writer, Header, Kind, Op, Status, FLAG_SECTORS,
+    SECTOR_BYTES,
+};
 use celer_route::NodeId;
+pub(crate) use repair::RepairResult;
+use repair::{Repair, REQ_REPAIR, TAG_REPAIR};
 
 use crate::conn::{Conn, ConnAuth, Frame, Next, SEND_HIGH_BYTES, SEND_LOW_BYTES};
 use crate::handshake::{ConnTicket, Handshaken};
@@ -47,6 +54,10 @@ const PURGE_INFLIGHT_MAX: usize = 1;
 const PURGE_RESCANS: u32 = 5;
 /// Request ids with this bit are the backfill's own requests.
 const REQ_BACKFILL: u32 = 1 << 31;
+/// Generations of an op slot wrap below this, so a forward's request id
+/// (`gen << 16 | slot`) never has the bits of backfill or repair requests
+/// (`REQ_BACKFILL`, `REQ_REPAIR`) set.
+const OP_GEN_MASK: u16 = 0x3fff;
 /// Ops kept for client requests; the engine has a few more for backfill.
 const CLIENT_OPS: usize = 224;
 const BACKFILL_WRITES_MAX: usize = 16;
@@ -101,6 +112,9 @@ struct NodeOp {
     buf: AlignedBuf,
     /// Bytes of `buf` the response carries.
     len: usize,
+    /// A read of sectors: where in `buf` (whole blocks) the requested range
+    /// starts.
+    at: usize,
     /// Engine request + forwards not yet answered.
     pending: u32,
     status: Status,
@@ -227,6 +241,12 @@ struct ShardLoop {
     purging: usize,
     /// Rescans left (see PURGE_RESCANS).
     purge_rescans: u32,
+    /// Damaged blocks being repaired from another member (see `repair`).
+    repairs: Vec<Repair>,
+    /// Blocks found unrepairable lately: (volume, offset, quiet until).
+    unrepairable: Vec<(u64, u64, Instant)>,
+    repair_serial: u32,
+    repair_seq: u32,
 }
 
 pub(crate) fn run(
@@ -273,6 +293,7 @@ pub(crate) fn run(
             req: Header::request(Op::Ping, 0),
             buf: AlignedBuf::new(1),
             len: 0,
+            at: 0,
             pending: 0,
             status: Status::Ok,
             forwards: [(0, 0); 8],
@@ -320,6 +341,10 @@ pub(crate) fn run(
         purge: Vec::new(),
         purging: 0,
         purge_rescans: 0,
+        repairs: Vec::new(),
+        unrepairable: Vec::new(),
+        repair_serial: 0,
+        repair_seq: 0,
     };
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
     let mut last_activity = Instant::now();
@@ -349,6 +374,7 @@ pub(crate) fn run(
             }
         }
         s.backfill_step();
+        s.repair_step();
         s.purge_step();
         s.shared.chunks[s.id as usize].store(
             s.engine.allocated_chunks(),
@@ -366,7 +392,10 @@ pub(crate) fn run(
         }
         let timeout_ms = if now.duration_since(last_activity) < s.cfg.busy_poll {
             0
-        } else if s.forwards_inflight > 0 || s.backfills.iter().any(|b| b.retry_at.is_some()) {
+        } else if s.forwards_inflight > 0
+            || s.backfills.iter().any(|b| b.retry_at.is_some())
+            || s.repairs_pending()
+        {
             5
         } else if !s.backfills.is_empty() {
             20
@@ -513,7 +542,11 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
 /// The op buffer a request needs if it is large (see OP_LARGE_BYTES), else 0.
 fn large_bytes(h: &Header) -> usize {
     let bytes = match h.op {
-        Op::Read | Op::Write | Op::WritePrimary => h.length as usize,
+        // A read of sectors reads the whole blocks around them.
+        Op::Read => {
+            (h.offset as usize % BLOCK_SIZE + h.length as usize).next_multiple_of(BLOCK_SIZE)
+        }
+        Op::Write | Op::WritePrimary => h.length as usize,
         // State table and data.
         Op::BackfillRead => h.length as usize + h.length as usize / BLOCK_SIZE * STATE_BYTES,
         _ => 0,
@@ -1087,7 +1120,7 @@ impl ShardLoop {
         };
         let op = &mut self.ops[id];
         op.busy = true;
-        op.gen = op.gen.wrapping_add(1);
+        op.gen = next_op_gen(op.gen);
         op.kind = kind;
         op.conn = c;
         op.conn_gen = conn_gen;
@@ -1124,6 +1157,15 @@ impl ShardLoop {
         }
         let len = h.length as usize;
         let _ = p;
+        // Reads may address 512-byte sectors: the engine reads the whole
+        // blocks around them and the response carries the range.
+        let at = (h.offset % BLOCK_SIZE as u64) as usize;
+        if kind == OpKind::Read
+            && (!h.offset.is_multiple_of(SECTOR_BYTES)
+                || !(len as u64).is_multiple_of(SECTOR_BYTES))
+        {
+            return self.reject(c, h, Status::Invalid);
+        }
         let (table_bytes, total) = match kind {
             OpKind::BackfillServe => {
                 if h.length as u64 > BACKFILL_PIECE_BYTES {
@@ -1137,9 +1179,15 @@ impl ShardLoop {
                 let tb = (len / BLOCK_SIZE * STATE_BYTES).next_multiple_of(BLOCK_SIZE);
                 (tb, tb + len)
             }
-            _ => (0, len),
+            _ => (0, (at + len).next_multiple_of(BLOCK_SIZE)),
         };
         let id = self.take_op(c, h, kind, total);
+        let (at, len) = if kind == OpKind::Read {
+            (at, total)
+        } else {
+            (0, len)
+        };
+        self.ops[id].at = at;
         if kind == OpKind::BackfillServe {
             let blocks = len / BLOCK_SIZE;
             let mut states = vec![(BlockKind::Unwritten, 0u64); blocks];
@@ -1160,7 +1208,7 @@ impl ShardLoop {
         let req = EngineRequest {
             op: EngineOp::Read,
             volume: h.volume,
-            offset_bytes: h.offset,
+            offset_bytes: h.offset - at as u64,
             len_bytes: len as u64,
             segments: &[seg],
             version: 0,
@@ -1182,6 +1230,23 @@ impl ShardLoop {
             return self.reject(c, &h, Status::Invalid);
         }
         if !has_data && h.payload_bytes != 0 {
+            return self.reject(c, &h, Status::Invalid);
+        }
+        // Whole blocks, or a sector write (merged by the engine).
+        let (offset, len) = (h.offset, h.length as u64);
+        let block = BLOCK_SIZE as u64;
+        let aligned = offset.is_multiple_of(block) && len.is_multiple_of(block);
+        let sectors_ok = h.op == Op::Write
+            && !aligned
+            && offset.is_multiple_of(SECTOR_BYTES)
+            && len.is_multiple_of(SECTOR_BYTES)
+            && offset % block + len <= block;
+        let valid = match h.flags {
+            0 => aligned,
+            FLAG_SECTORS => sectors_ok,
+            _ => false,
+        };
+        if !valid {
             return self.reject(c, &h, Status::Invalid);
         }
         let (p, _, primary) = match self.check_route(&h) {
@@ -1287,6 +1352,7 @@ impl ShardLoop {
             let mut h = op.req;
             h.op = Op::Write;
             h.request_id = ((op.gen as u32) << 16) | id as u32;
+            // (Clients send sector writes as Write, never here.)
             h.flags = 0;
             let gen = self.conns[c].as_ref().map_or(0, |x| x.gen);
             let conn = self.conns[c].as_mut().expect("peer connection");
@@ -1377,7 +1443,11 @@ impl ShardLoop {
                 .as_ref()
                 .map(|conn| conn.payload(f).to_vec())
                 .unwrap_or_default();
-            self.backfill_response(c, &h, &payload);
+            if h.request_id & REQ_REPAIR == REQ_REPAIR {
+                self.repair_response(c, &h, &payload);
+            } else {
+                self.backfill_response(c, &h, &payload);
+            }
             return;
         }
         let id = (h.request_id & 0xffff) as usize;
@@ -1495,6 +1565,9 @@ impl ShardLoop {
     }
 
     fn engine_done(&mut self, c: Completion) {
+        if c.tag >= TAG_REPAIR {
+            return self.repair_done(c);
+        }
         if c.tag >= TAG_BACKFILL {
             return self.backfill_write_done(c);
         }
@@ -1527,6 +1600,15 @@ impl ShardLoop {
             if op.status == Status::Ok {
                 op.status = Status::OlderVersion;
             }
+        }
+        if let Err(EngineError::Checksum {
+            volume,
+            offset_bytes,
+        }) = &c.result
+        {
+            // Our copy is damaged: the reader goes to another member; the
+            // block is rewritten from one in the background.
+            self.queue_repair(*volume, *offset_bytes);
         }
         if let Err(e) = &c.result {
             tracing::warn!(shard = self.id, "engine: {e}");
@@ -1573,7 +1655,9 @@ impl ShardLoop {
             }
             let conn = self.conns[c].as_mut().expect("live");
             let op = &self.ops[id];
-            if status == Status::Ok && matches!(kind, OpKind::Read | OpKind::BackfillServe) {
+            if status == Status::Ok && kind == OpKind::Read {
+                conn.queue(h, &[&op.buf[op.at..op.at + req.length as usize]]);
+            } else if status == Status::Ok && kind == OpKind::BackfillServe {
                 conn.queue(h, &[&op.buf[..len]]);
             } else if status == Status::StaleEpoch {
                 let enc = self
@@ -2065,7 +2149,7 @@ impl ShardLoop {
         let epoch = self.table().map_or(0, |t| t.epoch);
         let chunk_bytes = self.table().map_or(1 << 20, |t| t.chunk_bytes);
         // Unique among this shard's backfill requests in flight.
-        self.backfill_seq = self.backfill_seq.wrapping_add(1) & !REQ_BACKFILL;
+        self.backfill_seq = self.backfill_seq.wrapping_add(1) & !REQ_REPAIR;
         let b = &mut self.backfills[i];
         b.seq = self.backfill_seq;
         b.sent_at = Instant::now();
@@ -2304,6 +2388,11 @@ impl ShardLoop {
     }
 }
 
+/// The next generation of an op slot (see `OP_GEN_MASK`).
+fn next_op_gen(gen: u16) -> u16 {
+    gen.wrapping_add(1) & OP_GEN_MASK
+}
+
 fn new_backfill(serial: u32, partition: u32, epoch: u64, source: NodeId) -> Backfill {
     Backfill {
         serial,
@@ -2343,4 +2432,25 @@ fn left_for_good(t: &celer_route::RouteTable, p: u32, me: NodeId) -> bool {
                 .iter()
                 .all(|m| m.in_sync && t.node(m.node).is_some_and(|n| n.up))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A forward's request id never looks like a backfill's or a repair's,
+    /// whatever the op slot's generation: with plain 16-bit generations,
+    /// every answer to a forward from a slot past 32767 uses went to the
+    /// backfill code and the large write timed out.
+    #[test]
+    fn forward_request_ids_never_carry_backfill_bits() {
+        let mut gen = 0u16;
+        for _ in 0..200_000 {
+            gen = next_op_gen(gen);
+            let id = ((gen as u32) << 16) | (CLIENT_OPS as u32 - 1);
+            assert_eq!(id & REQ_BACKFILL, 0, "gen {gen}");
+            assert_eq!(id & REQ_REPAIR, 0, "gen {gen}");
+            assert_eq!((id >> 16) as u16, gen, "the gen comes back out");
+        }
+    }
 }

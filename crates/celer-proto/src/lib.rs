@@ -111,10 +111,31 @@
 //!   newer (the node is fetching it; resend after a short pause).
 //!   `NotReplica`: the node is not a member of the partition in that epoch.
 //! - `Read` (volume, offset, length): the response payload is the data.
-//!   Only an in-sync member serves it (`NotInSync` otherwise).
+//!   Only an in-sync member serves it (`NotInSync` otherwise). Offset and
+//!   length are multiples of 512 (volumes with 512-byte sectors read single
+//!   sectors; the node reads the whole 4 KiB blocks and sends the range).
 //! - `Write` (volume, offset, length = payload bytes, version, attachment):
 //!   applied by the version rule above, acknowledged when durable. A client
-//!   sends small writes as `Write` to every member.
+//!   sends small writes as `Write` to every member. Offset and length are
+//!   multiples of 4096, except for a *sector write*.
+//! - Sector write: a `Write` with [`FLAG_SECTORS`] in `flags` covers
+//!   512-byte sectors within one 4 KiB block (offset and length multiples
+//!   of 512, `offset % 4096 + length <= 4096`, not the whole block). The
+//!   node merges it into the stored block (read, merge, write the whole
+//!   block with the write's version and a new crc) while holding the block
+//!   against every other write of it on that node, so writes of different
+//!   sectors of one block, from any attachment, all survive. The version
+//!   rule applies per block as for any write: a sector write older than
+//!   the block is refused with `OlderVersion` and sent again with a newer
+//!   version, which merges it into the newer content; each replica applies
+//!   a block's writes in increasing version order, so replicas converge. A
+//!   client sends sector writes to every member, never as `WritePrimary`; a
+//!   write that is not 4 KiB aligned is cut into sector writes for its
+//!   partial blocks and an ordinary write for the whole ones. A node
+//!   refuses (`Invalid`) a sector write that is misaligned or covers a
+//!   whole block, an unaligned write without the flag, and any other
+//!   `flags` bit. Nodes of this protocol without the flag refused
+//!   unaligned writes (`Invalid`), so an older node never merges wrongly.
 //! - `WritePrimary`: as `Write`, sent to the primary only, which writes it
 //!   and forwards it as `Write` to the other members; `Ok` once all have it,
 //!   `Unavailable` if a member did not answer in time.
@@ -164,6 +185,13 @@ pub fn clock_of_unix_ms(unix_ms: u64) -> u64 {
 pub fn clock_limit_at(unix_ms: u64) -> u64 {
     clock_of_unix_ms(unix_ms.saturating_add(VERSION_DRIFT_MAX_MS))
 }
+/// `flags` bit of a `Write`: a sector write (see the crate doc).
+pub const FLAG_SECTORS: u16 = 1;
+/// Bytes of a sector in sector writes and reads.
+pub const SECTOR_BYTES: u64 = 512;
+/// Bytes of a block: the unit a node stores and versions.
+pub const BLOCK_BYTES: u64 = 4096;
+
 /// Largest payload a frame may carry.
 pub const PAYLOAD_MAX_BYTES: u32 = 4 << 20;
 

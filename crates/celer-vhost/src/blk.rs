@@ -19,7 +19,8 @@ use vhost::vhost_user::Backend;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
-    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_TOPOLOGY,
+    VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -46,6 +47,13 @@ const _: () = assert!(
 );
 /// Largest discard / write-zeroes range, in sectors (1 GiB).
 pub const RANGE_MAX_SECTORS: u32 = 1 << 21;
+/// The physical block the config space advertises (VIRTIO_BLK_F_TOPOLOGY):
+/// Celer stores and versions 4 KiB blocks.
+pub const PHYSICAL_BLOCK_BYTES: u32 = 4096;
+/// The optimal I/O size advertised: large enough that the client sends a
+/// request to the primary alone (writes over 4 KiB), small enough for
+/// readahead and file-system stripe hints to stay ordinary.
+const OPT_IO_BYTES: u32 = 128 << 10;
 
 /// Errors of the vhost-user-blk back end.
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +139,7 @@ impl VhostUserBlk {
             | (1 << VIRTIO_BLK_F_SIZE_MAX)
             | (1 << VIRTIO_BLK_F_SEG_MAX)
             | (1 << VIRTIO_BLK_F_BLK_SIZE)
+            | (1 << VIRTIO_BLK_F_TOPOLOGY)
             | (1 << VIRTIO_BLK_F_FLUSH)
             | (1 << VIRTIO_BLK_F_MQ)
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
@@ -315,8 +324,20 @@ fn config_space(info: &DeviceInfo, num_queues: u16) -> [u8; CONFIG_SPACE_BYTES] 
     put(8, &SEGMENT_MAX_BYTES.to_le_bytes()); // size_max
     put(12, &(SEG_MAX as u32).to_le_bytes()); // seg_max
     put(20, &info.block_size_bytes.to_le_bytes()); // blk_size
+                                                   // Topology: physical blocks of PHYSICAL_BLOCK_BYTES (what the storage
+                                                   // versions and stores; smaller writes are merged on the nodes), so the
+                                                   // guest aligns its file systems and I/O to them. Counts are in logical
+                                                   // blocks (blk_size).
+    let blk = info.block_size_bytes.max(512);
+    let per_physical = (PHYSICAL_BLOCK_BYTES / blk).max(1);
+    put(24, &[per_physical.trailing_zeros() as u8]); // physical_block_exp
+    put(25, &[0]); // alignment_offset
+    put(26, &(per_physical as u16).to_le_bytes()); // min_io_size
+    put(28, &(OPT_IO_BYTES / blk).to_le_bytes()); // opt_io_size
     put(34, &num_queues.to_le_bytes()); // num_queues
-    let align_sectors = (info.block_size_bytes as u64 / sector_bytes).max(1) as u32;
+                                        // Discards of whole physical blocks: a partial one costs a merge.
+    let align_sectors =
+        (info.block_size_bytes.max(PHYSICAL_BLOCK_BYTES) as u64 / sector_bytes) as u32;
     if info.supports_discard {
         put(36, &RANGE_MAX_SECTORS.to_le_bytes()); // max_discard_sectors
         put(40, &1u32.to_le_bytes()); // max_discard_seg

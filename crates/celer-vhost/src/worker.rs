@@ -644,10 +644,27 @@ impl Worker {
             return Err(VIRTIO_BLK_S_IOERR as u8);
         };
         let seg_base = slot as usize * HOST_SEGMENTS_MAX;
+        let len_bytes = u64::from(req.range_sectors) * celer_device::SECTOR_SIZE_BYTES;
+        // Offsets are in 512-byte units; the device's logical block (blk_size,
+        // 512 or 4096) is the unit a request must be aligned to.
+        let align_bytes = u64::from(self.info.block_size_bytes.max(512));
+        let io_bytes = match op {
+            IoOp::Read | IoOp::Write => u64::from(req.data_bytes),
+            _ => len_bytes,
+        };
+        if !offset_bytes.is_multiple_of(align_bytes) || !io_bytes.is_multiple_of(align_bytes) {
+            let e = IoError::Misaligned {
+                offset_bytes,
+                len_bytes: io_bytes,
+                align_bytes,
+            };
+            self.log_reject(head, &e);
+            return Err(VIRTIO_BLK_S_IOERR as u8);
+        }
         let io = IoRequest {
             op,
             offset_bytes,
-            len_bytes: u64::from(req.range_sectors) * celer_device::SECTOR_SIZE_BYTES,
+            len_bytes,
             segments: &self.segments[seg_base..seg_base + req.segments],
             tag: u64::from(slot),
         };

@@ -166,6 +166,13 @@ fn negotiates_features_and_serves_config_space() {
         Some(celer_vhost::request::SEG_MAX as u32)
     );
     assert_eq!(fe.config_u32(20), Some(512)); // blk_size
+                                              // Topology: 4 KiB physical blocks (2^3 logical ones), min I/O 4 KiB,
+                                              // optimal 128 KiB, discards aligned to physical blocks.
+    assert!(fe.features & (1 << VIRTIO_BLK_F_TOPOLOGY) != 0);
+    assert_eq!(fe.config_u16(24).map(|v| v & 0xff), Some(3)); // physical_block_exp
+    assert_eq!(fe.config_u16(26), Some(8)); // min_io_size
+    assert_eq!(fe.config_u32(28), Some(256)); // opt_io_size
+    assert_eq!(fe.config_u32(44), Some(8)); // discard_sector_alignment
     assert_eq!(fe.config_u16(34), Some(2)); // num_queues
     assert_eq!(fe.config_u32(40), Some(1)); // max_discard_seg
     assert!(fe.config_u32(36).unwrap() > 0); // max_discard_sectors
@@ -548,61 +555,166 @@ fn bogus_vring_messages_are_refused_without_harm() {
     server.join();
 }
 
-/// Worker threads (named by vhost-user-backend) and the CPUs they may use.
-fn worker_affinities() -> Vec<String> {
-    let mut out = Vec::new();
-    for task in std::fs::read_dir("/proc/self/task").unwrap() {
-        let dir = task.unwrap().path();
-        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        if comm.trim() != "vring_worker" {
-            continue;
-        }
-        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
-        if let Some(l) = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")) {
-            out.push(l["Cpus_allowed_list:".len()..].trim().to_string());
-        }
-    }
-    out.sort();
-    out
+/// The thread that serves a queue, as seen from inside the device: its id
+/// and the CPUs it may run on, recorded at each submit. It measures the
+/// back end's own workers, whatever else runs in the test process (other
+/// tests under `cargo test`).
+#[derive(Clone, Default, Debug, PartialEq)]
+struct Seen {
+    tid: i32,
+    cpus: Vec<usize>,
 }
 
-/// Workers are pinned on every connection (each brings new threads). One
-/// test per process (nextest) keeps other tests' workers out of the count.
+/// A NullDevice whose queues record which thread submits to them.
+struct Probe {
+    inner: NullDevice,
+    /// Per queue index, the last submitting thread.
+    seen: Arc<std::sync::Mutex<Vec<Seen>>>,
+}
+
+impl Probe {
+    fn new(queues: usize) -> Probe {
+        Probe {
+            inner: NullDevice::new(1 << 20, false, false),
+            seen: Arc::new(std::sync::Mutex::new(vec![Seen::default(); queues])),
+        }
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+struct ProbeQueue {
+    inner: Box<dyn celer_device::DeviceQueue>,
+    index: usize,
+    seen: Arc<std::sync::Mutex<Vec<Seen>>>,
+}
+
+/// The calling thread's id and allowed CPUs.
+fn this_thread() -> Seen {
+    // SAFETY: sched_getaffinity writes into the zeroed set we pass; gettid
+    // has no arguments.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        assert_eq!(
+            libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set),
+            0
+        );
+        let cpus = (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect();
+        Seen {
+            tid: libc::gettid(),
+            cpus,
+        }
+    }
+}
+
+impl BlockDevice for Probe {
+    fn info(&self) -> celer_device::DeviceInfo {
+        self.inner.info()
+    }
+    fn open_queue(
+        &self,
+        index: usize,
+    ) -> Result<Box<dyn celer_device::DeviceQueue>, celer_device::IoError> {
+        Ok(Box::new(ProbeQueue {
+            inner: self.inner.open_queue(index)?,
+            index,
+            seen: self.seen.clone(),
+        }))
+    }
+}
+
+impl celer_device::DeviceQueue for ProbeQueue {
+    unsafe fn submit(
+        &mut self,
+        req: &celer_device::IoRequest<'_>,
+    ) -> Result<(), celer_device::IoError> {
+        self.seen.lock().unwrap()[self.index] = this_thread();
+        // SAFETY: the caller's contract, passed on.
+        unsafe { self.inner.submit(req) }
+    }
+    fn poll(&mut self, done: &mut dyn FnMut(celer_device::IoCompletion)) -> usize {
+        self.inner.poll(done)
+    }
+    fn inflight(&self) -> usize {
+        self.inner.inflight()
+    }
+    fn inflight_max(&self) -> usize {
+        self.inner.inflight_max()
+    }
+    fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.inner.completion_fd()
+    }
+}
+
+/// CPUs this process may use (the pinning test needs two).
+fn allowed_cpus() -> Vec<usize> {
+    this_thread().cpus
+}
+
+/// Workers are pinned on every connection (each brings new threads), queue
+/// `i` to `cpus[i]`: each queue's requests are submitted from a thread
+/// allowed on exactly its CPU. With two CPUs the two queues get different
+/// ones, so a wrong queue-to-CPU mapping fails.
 #[test]
 fn workers_are_pinned_on_every_connection() {
-    let server = Server::start_pinned(
-        Arc::new(NullDevice::new(1 << 20, false, false)),
-        2,
-        2,
-        vec![0],
-    );
-    for _ in 0..2 {
+    let allowed = allowed_cpus();
+    // The last two allowed CPUs, in reverse order: queue 0 must not land on
+    // the first CPU by accident.
+    let cpus: Vec<usize> = allowed.iter().rev().take(2).copied().collect();
+    if cpus.len() < 2 {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI: the pinning test needs two CPUs, this process may use {allowed:?}"
+        );
+        eprintln!("only one CPU ({allowed:?}): queues mapped to it alone");
+    }
+    let probe = Arc::new(Probe::new(2));
+    let server = Server::start_pinned(probe.clone(), 2, 2, cpus.clone());
+    for round in 0..2 {
         let fe = server.connect(2);
         let mut qs = fe.queues().unwrap();
         for q in qs.iter_mut() {
             assert_eq!(q.request(0, req_type::IN, 0, 4096).unwrap().0, S_OK);
         }
-        assert_eq!(worker_affinities(), vec!["0".to_string(), "0".to_string()]);
+        let seen = probe.seen();
+        for (i, s) in seen.iter().enumerate() {
+            assert_eq!(
+                s.cpus,
+                vec![cpus[i % cpus.len()]],
+                "connection {round}: queue {i} served by thread {} allowed on {:?}, pinned to {cpus:?}",
+                s.tid,
+                s.cpus
+            );
+        }
+        println!("connection {round}: queue threads {seen:?}");
     }
     server.join();
 }
 
-fn process_cpu() -> Duration {
-    // SAFETY: getrusage writes into the zeroed struct we pass.
-    let ru = unsafe {
-        let mut ru: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
-        ru
-    };
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(ru.ru_utime) + tv(ru.ru_stime)
+/// CPU time of thread `tid` of this process (its schedstat, ns).
+fn thread_cpu(tid: i32) -> Duration {
+    let text = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat"))
+        .unwrap_or_else(|e| panic!("schedstat of thread {tid}: {e}"));
+    let ns: u64 = text
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("schedstat: time on CPU");
+    Duration::from_nanos(ns)
 }
 
-/// Measures the whole process, so it assumes one test per process (nextest,
-/// which scripts/test.sh uses); under `cargo test` run it alone.
+/// An idle back end sleeps: once the poll window after the last request
+/// has passed, its queue workers (the threads that served the requests)
+/// use no CPU while the front end stays connected. Measured per thread, so
+/// other tests in the process do not count.
 #[test]
 fn idle_workers_use_no_cpu() {
-    let server = Server::start(Arc::new(NullDevice::new(1 << 20, false, false)), 2, 1);
+    let probe = Arc::new(Probe::new(2));
+    let server = Server::start(probe.clone(), 2, 1);
     let fe = server.connect(2);
     let mut qs = fe.queues().unwrap();
     for q in qs.iter_mut() {
@@ -610,15 +722,71 @@ fn idle_workers_use_no_cpu() {
             assert_eq!(q.request(i % 8, req_type::IN, 0, 4096).unwrap().0, S_OK);
         }
     }
+    let workers: Vec<i32> = probe.seen().iter().map(|s| s.tid).collect();
     // Past the poll window the workers sleep in epoll.
     std::thread::sleep(Duration::from_millis(50));
-    let before = process_cpu();
+    let before: Duration = workers.iter().map(|&t| thread_cpu(t)).sum();
     std::thread::sleep(Duration::from_millis(1000));
-    let used = process_cpu() - before;
+    let used = workers.iter().map(|&t| thread_cpu(t)).sum::<Duration>() - before;
+    println!("idle workers {workers:?} used {used:?} of CPU in 1 s");
     assert!(
-        used < Duration::from_millis(50),
+        used < Duration::from_millis(20),
         "idle back end used {used:?} of CPU in 1 s"
     );
+    drop(qs);
+    drop(fe);
+    server.join();
+}
+
+/// A device with 4096-byte logical blocks (a Celer volume created with
+/// `--sector-size 4096`): NullDevice itself accepts any 512-byte multiple.
+struct Blocks4k(NullDevice);
+
+impl BlockDevice for Blocks4k {
+    fn info(&self) -> celer_device::DeviceInfo {
+        celer_device::DeviceInfo {
+            block_size_bytes: 4096,
+            ..self.0.info()
+        }
+    }
+    fn open_queue(
+        &self,
+        index: usize,
+    ) -> Result<Box<dyn celer_device::DeviceQueue>, celer_device::IoError> {
+        self.0.open_queue(index)
+    }
+}
+
+/// The logical block is the unit of every request: with 4096-byte blocks
+/// the config space says so (one logical block per physical one) and the
+/// back end refuses a request not aligned to it, whatever the device would
+/// take; aligned ones are served.
+#[test]
+fn requests_are_checked_against_the_logical_block_size() {
+    let server = Server::start(
+        Arc::new(Blocks4k(NullDevice::new(64 << 20, false, false))),
+        1,
+        1,
+    );
+    let fe = server.connect(1);
+    assert_eq!(fe.config_u32(20), Some(4096)); // blk_size
+    assert_eq!(fe.config_u16(24).map(|v| v & 0xff), Some(0)); // physical_block_exp
+    assert_eq!(fe.config_u16(26), Some(1)); // min_io_size
+    assert_eq!(fe.config_u32(28), Some(32)); // opt_io_size
+    let mut qs = fe.queues().unwrap();
+    let q = &mut qs[0];
+    assert_eq!(q.request(0, req_type::IN, 8, 4096).unwrap().0, S_OK);
+    assert_eq!(q.request(1, req_type::IN, 1, 4096).unwrap().0, S_IOERR);
+    assert_eq!(q.request(2, req_type::OUT, 8, 512).unwrap().0, S_IOERR);
+    let mut range = [0u8; 16];
+    range[0..8].copy_from_slice(&4u64.to_le_bytes());
+    range[8..12].copy_from_slice(&8u32.to_le_bytes());
+    q.mem().write(q.data_off(3), &range);
+    assert_eq!(
+        q.request(3, req_type::WRITE_ZEROES, 0, 16).unwrap().0,
+        S_IOERR
+    );
+    assert_eq!(q.request(4, req_type::OUT, 16, 8192).unwrap().0, S_OK);
     drop(qs);
     drop(fe);
     server.join();

@@ -380,6 +380,7 @@ fn start_cluster(args: &ClusterBenchArgs, dir: &Path, no_auth: bool) -> Result<C
         name: VOLUME_NAME.into(),
         size_bytes: args.volume_size,
         replicas: Some(3),
+        sector_size_bytes: None,
     })
     .context("create the benchmark volume")?;
     Ok(Cluster {

@@ -249,7 +249,8 @@ pub fn open_client(
     if let Some(path) = &opts.state_file {
         save_attachment(path, &att, &seeds)?;
     }
-    let cfg = ClientConfig::new(seeds.clone(), vol.id, vol.size_bytes, credential_of(&att)?);
+    let mut cfg = ClientConfig::new(seeds.clone(), vol.id, vol.size_bytes, credential_of(&att)?);
+    cfg.sector_bytes = vol.sector_size_bytes;
     let client = Client::connect(cfg).with_context(|| format!("connect to volume `{volume}`"))?;
     tracing::info!(
         volume,
@@ -612,7 +613,12 @@ impl HandoffState {
             "migration destination: the volume is taken over at the first I/O"
         );
         Ok(HandoffDevice(Arc::new(HandoffState {
-            info: celer_client::volume_info(v.id, v.size_bytes, opts.read_only),
+            info: celer_client::volume_info(
+                v.id,
+                v.size_bytes,
+                v.sector_size_bytes,
+                opts.read_only,
+            ),
             meta: meta.to_string(),
             token: token.to_string(),
             volume: volume.to_string(),

@@ -123,6 +123,10 @@ pub enum VolumeCommand {
         /// Copies (1 to 3) [default: the cluster's].
         #[arg(long)]
         replicas: Option<u8>,
+        /// Logical sector size guests see: 512 (disk images, cloud images)
+        /// or 4096. Physical blocks are 4096 either way.
+        #[arg(long, default_value_t = 512)]
+        sector_size: u32,
         #[command(flatten)]
         conn: Conn,
     },
@@ -409,22 +413,26 @@ pub fn run_volume(cmd: VolumeCommand) -> Result<()> {
             name,
             size,
             replicas,
+            sector_size,
             conn,
         } => {
+            celer_meta::api::validate_sector_size(sector_size).map_err(anyhow::Error::msg)?;
             let v = conn
                 .client()?
                 .create_volume(&CreateVolume {
                     name,
                     size_bytes: size,
                     replicas,
+                    sector_size_bytes: Some(sector_size),
                 })
                 .map_err(human)?;
             println!(
-                "created volume {} (id {}, {}, {} replicas)",
+                "created volume {} (id {}, {}, {} replicas, {}-byte sectors)",
                 v.name,
                 v.id,
                 size_text(v.size_bytes),
-                v.replicas
+                v.replicas,
+                v.sector_size_bytes
             );
         }
         VolumeCommand::List(a) => {
@@ -453,6 +461,10 @@ pub fn run_volume(cmd: VolumeCommand) -> Result<()> {
                     v.size_bytes
                 );
                 println!("replicas:  {}", v.replicas);
+                println!(
+                    "sectors:   {} bytes logical, 4096 physical",
+                    v.sector_size_bytes
+                );
                 println!("created:   {}", utc(v.created_at));
                 println!("fence:     {}", v.fence);
                 if atts.is_empty() {
@@ -518,16 +530,17 @@ pub fn run_volume(cmd: VolumeCommand) -> Result<()> {
 
 fn print_volumes(vols: &[Volume]) {
     println!(
-        "{:>6}  {:<24}  {:>10}  {:>8}  CREATED (UTC)",
-        "ID", "NAME", "SIZE", "REPLICAS"
+        "{:>6}  {:<24}  {:>10}  {:>8}  {:>6}  CREATED (UTC)",
+        "ID", "NAME", "SIZE", "REPLICAS", "SECTOR"
     );
     for v in vols {
         println!(
-            "{:>6}  {:<24}  {:>10}  {:>8}  {}",
+            "{:>6}  {:<24}  {:>10}  {:>8}  {:>6}  {}",
             v.id,
             v.name,
             size_text(v.size_bytes),
             v.replicas,
+            v.sector_size_bytes,
             utc(v.created_at)
         );
     }

@@ -181,6 +181,7 @@ pub fn run(a: &UpArgs) -> Result<()> {
                 name: a.volume.clone(),
                 size_bytes: a.size,
                 replicas: None,
+                sector_size_bytes: None,
             })
             .context("create the volume")?,
         Err(e) => return Err(e).context("look up the volume"),

@@ -80,6 +80,10 @@ pub struct ImportArgs {
     /// rounded up to 4K]; at least the image's size.
     #[arg(long, value_parser = celer_device::parse_size)]
     size: Option<u64>,
+    /// Logical sector size of a volume the import creates: 512 (what disk
+    /// and cloud images are laid out in) or 4096.
+    #[arg(long, default_value_t = 512)]
+    sector_size: u32,
     #[command(flatten)]
     conn: Conn,
 }
@@ -178,6 +182,7 @@ fn file_len(file: &File) -> Result<u64> {
 }
 
 pub fn import(a: &ImportArgs) -> Result<()> {
+    celer_meta::api::validate_sector_size(a.sector_size).map_err(anyhow::Error::msg)?;
     let file = File::open(&a.file)
         .with_context(|| format!("cannot read the image {}", a.file.display()))?;
     anyhow::ensure!(
@@ -239,6 +244,7 @@ pub fn import(a: &ImportArgs) -> Result<()> {
                     name: a.name.clone(),
                     size_bytes: want_bytes,
                     replicas: None,
+                    sector_size_bytes: Some(a.sector_size),
                 })
                 .map_err(human)
                 .with_context(|| format!("create volume `{}`", a.name))?;

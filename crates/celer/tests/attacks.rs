@@ -116,6 +116,7 @@ fn resource_attacks_leave_io_going_and_memory_bounded() {
             name: "attacked".into(),
             size_bytes: 256 << 20,
             replicas: None,
+            sector_size_bytes: None,
         })
         .expect("volume");
     // Shared: the announcer below is a second writer of the volume.

@@ -38,6 +38,7 @@ fn volume_client_as(c: &Cluster, name: &str, how: &AttachVolume) -> (u64, Arc<dy
                 name: name.into(),
                 size_bytes: VOLUME_BYTES,
                 replicas: None,
+                sector_size_bytes: None,
             })
             .expect("create volume"),
     };
@@ -1157,6 +1158,7 @@ fn a_restarted_front_end_resumes_its_attachment_even_without_the_control_service
             name: "vol-resume".into(),
             size_bytes: VOLUME_BYTES,
             replicas: None,
+            sector_size_bytes: None,
         })
         .expect("create");
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1244,6 +1246,7 @@ fn a_handoff_destination_takes_the_volume_over_at_its_first_io() {
             name: "vol-migrate".into(),
             size_bytes: VOLUME_BYTES,
             replicas: None,
+            sector_size_bytes: None,
         })
         .expect("create");
     let dir = tempfile::tempdir().expect("tempdir");

@@ -107,6 +107,7 @@ fn linux_guest_live_migrates_on_a_cluster_volume_and_hands_it_over() {
             name: VOLUME.into(),
             size_bytes: VOLUME_BYTES,
             replicas: None,
+            sector_size_bytes: None,
         })
         .expect("create the volume");
     let dir = tempfile::tempdir().expect("tempdir");
@@ -389,6 +390,7 @@ fn linux_guest_on_a_cluster_volume_survives_back_end_kills_resuming_its_attachme
             name: "vol-kills".into(),
             size_bytes: VOLUME_BYTES,
             replicas: None,
+            sector_size_bytes: None,
         })
         .expect("create the volume");
     let dir = tempfile::tempdir().expect("tempdir");

@@ -98,7 +98,7 @@ fn volume_commands_log_status_and_restore() {
 
     let out = m.ok(&["volume", "create", "vm1", "--size", "10G"]);
     assert!(
-        out.contains("created volume vm1 (id 1, 10 GiB, 3 replicas)"),
+        out.contains("created volume vm1 (id 1, 10 GiB, 3 replicas, 512-byte sectors)"),
         "{out}"
     );
     m.ok(&[

@@ -198,6 +198,54 @@ fn celer_up_serves_a_replicated_volume_over_nbd() {
     up.stop();
 }
 
+/// CPU time of each `vring_worker` thread of process `pid` (schedstat, ns).
+fn vring_workers_cpu(pid: u32) -> Vec<(String, Duration)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks of celer up") {
+        let dir = task.expect("task").path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim() != "vring_worker" {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(dir.join("schedstat")) else {
+            continue; // exited meanwhile
+        };
+        let ns: u64 = stat
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse().ok())
+            .expect("schedstat");
+        out.push((dir.display().to_string(), Duration::from_nanos(ns)));
+    }
+    out.sort();
+    out
+}
+
+/// A cluster volume's vhost-user queue workers sleep when the front end
+/// is connected but idle: the workers of `celer up` (and the client queues
+/// they drive) use next to no CPU over a second.
+fn idle_workers_use_no_cpu(pid: u32) {
+    std::thread::sleep(Duration::from_millis(100));
+    let before = vring_workers_cpu(pid);
+    assert!(!before.is_empty(), "celer up has no vring_worker thread");
+    std::thread::sleep(Duration::from_secs(1));
+    let after = vring_workers_cpu(pid);
+    let mut used = Duration::ZERO;
+    for (task, t) in &after {
+        if let Some((_, b)) = before.iter().find(|(k, _)| k == task) {
+            used += t.saturating_sub(*b);
+        }
+    }
+    println!(
+        "idle cluster-volume workers ({}) used {used:?} of CPU in 1 s",
+        after.len()
+    );
+    assert!(
+        used < Duration::from_millis(20),
+        "idle vhost-user workers of a cluster volume used {used:?} of CPU in 1 s"
+    );
+}
+
 /// `celer volume resize` while a vhost-user front end is attached: within a
 /// few seconds the front end gets a config change message, re-reads the
 /// config space and finds the new capacity, and I/O past the old end works
@@ -239,6 +287,11 @@ fn grow_online(up: &Up, nbd_uri: &str) {
         assert_eq!(status, 0, "a write past the old end works after the resize");
         let (status, _) = qs[0].request(1, req_type::IN, NEW / 512, 4096).unwrap();
         assert_eq!(status, 1, "a read past the new end fails");
+        for i in 0..50 {
+            let (status, _) = qs[0].request(2, req_type::IN, i * 8, 4096).unwrap();
+            assert_eq!(status, 0);
+        }
+        idle_workers_use_no_cpu(up.pid());
     }
     drop(fe);
     // NBD: a new connection is exported at the new size.

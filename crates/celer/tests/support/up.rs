@@ -82,6 +82,11 @@ impl Up {
         }
     }
 
+    /// Process id of `celer up`.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     pub fn vhost_socket(&self) -> PathBuf {
         self.dir.join("vhost.sock")
     }

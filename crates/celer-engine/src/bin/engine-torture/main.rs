@@ -1,9 +1,11 @@
 //! Crash-test workload: writes random blocks to an engine disk at queue
-//! depth 16 until killed. Before submitting a write it appends
-//! `S volume block version` to the log; after the write is acknowledged it
-//! appends `A volume block version`. Every block written with version v
-//! holds `pattern(volume, block, v)`, which embeds (volume, block, v), so a
-//! checker can tell whole old content, whole new content and a torn mix.
+//! depth 16 until killed; a third of the writes are sector writes (512-byte
+//! sectors within one block, merged by the engine). Before submitting a
+//! write it appends `S volume sector version` for each 512-byte sector to
+//! the log; after the write is acknowledged, `A volume sector version`.
+//! Every sector written with version v holds `pattern(volume, sector, v)`,
+//! which embeds (volume, sector, v), so a checker can tell whole old
+//! content, whole new content and a torn mix.
 //!
 //! Usage: engine-torture DISK LOG SEED
 
@@ -53,34 +55,45 @@ fn main() {
     loop {
         while let Some(i) = free.pop() {
             let volume = next() % VOLUMES;
-            let count = 1 + next() % 4;
+            let mut count = 1 + next() % 4;
+            let sector_write = next() % 3 == 0;
+            if sector_write {
+                count = 1;
+            }
             let mut block = next() % BLOCKS_PER_VOLUME;
             // Stay within a 16-block chunk.
             block = block.min(block - block % 16 + 16 - count);
+            // In 512-byte sectors: the first and how many.
+            let (first, n) = if sector_write {
+                let s0 = next() % 8;
+                (block * 8 + s0, (1 + next() % (8 - s0)).min(7))
+            } else {
+                (block * 8, count * 8)
+            };
             version += 1;
-            for k in 0..count {
+            for k in 0..n {
                 pattern(
                     volume,
-                    block + k,
+                    first + k,
                     version,
-                    &mut bufs[i][k as usize * 4096..(k as usize + 1) * 4096],
+                    &mut bufs[i][k as usize * 512..(k as usize + 1) * 512],
                 );
             }
             line.clear();
-            for k in 0..count {
-                line.push_str(&format!("S {volume} {} {version}\n", block + k));
+            for k in 0..n {
+                line.push_str(&format!("S {volume} {} {version}\n", first + k));
             }
             log.write_all(line.as_bytes()).expect("log");
-            meta[i] = (volume, block, count, version);
+            meta[i] = (volume, first, n, version);
             let seg = [Segment {
                 addr: bufs[i].as_mut_ptr(),
-                len: count as usize * 4096,
+                len: n as usize * 512,
             }];
             let req = EngineRequest {
                 op: EngineOp::Write,
                 volume,
-                offset_bytes: block * 4096,
-                len_bytes: count * 4096,
+                offset_bytes: first * 512,
+                len_bytes: n * 512,
                 segments: &seg,
                 version,
                 epoch: 1,
@@ -92,15 +105,21 @@ fn main() {
         let mut done = Vec::new();
         shard.wait(&mut |c: Completion| {
             c.result.expect("write");
-            done.push(c.tag as usize);
+            // A newer version made it skip (an earlier-submitted write that
+            // waited while a later one went ahead): not applied, so not
+            // acknowledged (a node refuses it as older).
+            done.push((c.tag as usize, c.newer_version == 0));
         });
         line.clear();
-        for i in done {
-            let (volume, block, count, v) = meta[i];
-            for k in 0..count {
-                line.push_str(&format!("A {volume} {} {v}\n", block + k));
-            }
+        for (i, applied) in done {
             free.push(i);
+            if !applied {
+                continue;
+            }
+            let (volume, first, n, v) = meta[i];
+            for k in 0..n {
+                line.push_str(&format!("A {volume} {} {v}\n", first + k));
+            }
         }
         log.write_all(line.as_bytes()).expect("log");
     }

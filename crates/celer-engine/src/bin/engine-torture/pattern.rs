@@ -1,8 +1,8 @@
 //! The crash test's block content, shared by the writer (engine-torture)
 //! and the checker (tests/crash.rs).
 
-/// Content of (volume, block) at version `v`: a 24-byte header then a
-/// stream derived from it.
+/// Content of (volume, 512-byte sector) at version `v`: a 24-byte header
+/// then a stream derived from it.
 pub fn pattern(volume: u64, block: u64, v: u64, out: &mut [u8]) {
     out[0..8].copy_from_slice(&volume.to_le_bytes());
     out[8..16].copy_from_slice(&block.to_le_bytes());
