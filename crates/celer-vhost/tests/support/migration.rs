@@ -93,6 +93,10 @@ pub struct Migration {
     /// As QEMU's `query-migrate` reports it.
     pub downtime_ms: u64,
     pub total_ms: u64,
+    /// Guest RAM sent while the VM was stopped (QEMU's `downtime-bytes`),
+    /// and the dirty-log syncs it took.
+    pub downtime_bytes: u64,
+    pub dirty_syncs: u64,
     /// The destination guest's console, fio output and the logs, for the
     /// caller's own failure messages.
     pub context: String,
@@ -225,6 +229,8 @@ pub fn migrate_guest(repo: &Path, dir: &Path, run: &MigrationRun<'_>) -> Migrati
     Migration {
         downtime_ms: info["downtime"].as_u64().expect("downtime"),
         total_ms: info["total-time"].as_u64().expect("total-time"),
+        downtime_bytes: info["ram"]["downtime-bytes"].as_u64().unwrap_or(0),
+        dirty_syncs: info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0),
         context,
     }
 }
