@@ -18,6 +18,7 @@
 #       vhost-user-blk-pci whose backend is qemu-storage-daemon exporting PATH
 #       (O_DIRECT) on a Unix socket; started and stopped by this script.
 #       cpus=LIST pins the daemon with taskset -c LIST (e.g. cpus=1).
+#       locking=off lets two daemons open PATH (a migration's two sides).
 #   vhost:SOCKET[,queues=N]
 #       vhost-user-blk-pci connected to an ALREADY RUNNING external backend
 #       listening on SOCKET (e.g. celer-vhost serve). The chardev reconnects
@@ -59,6 +60,9 @@
 #   --qemu-cpus L   pin QEMU (all its threads) with taskset -c L, e.g. 0
 #   --append 'ARGS' extra guest kernel command line
 #   --timeout S     kill QEMU after S seconds (default: derived from the jobs)
+#   --qmp PATH      QMP monitor on Unix socket PATH (e.g. to migrate the VM)
+#   --incoming URI  start as a live migration's destination (e.g.
+#                   unix:/tmp/mig.sock); same disks and --cmd as the source
 #   --out DIR       results directory (default $CELER_VM_DIR/runs/<date>-<pid>)
 #   --verbose       stream the guest console to stderr
 #
@@ -83,6 +87,7 @@ usage() { sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}";
 
 DISKS=() PRESET="" JOB="" FIO_ARGS="" CMD="" RUNTIME=10 RAMP=1 ENGINE=libaio BS=4k
 SMP=2 MEM=1024 ACCEL=auto APPEND="" TIMEOUT="" OUTDIR="" VERBOSE=0 QEMU_CPUS=""
+QMP="" INCOMING=""
 while [ $# -gt 0 ]; do
 	case $1 in
 	--disk) DISKS+=("$2"); shift 2 ;;
@@ -100,6 +105,8 @@ while [ $# -gt 0 ]; do
 	--append) APPEND=$2; shift 2 ;;
 	--qemu-cpus) QEMU_CPUS=$2; shift 2 ;;
 	--timeout) TIMEOUT=$2; shift 2 ;;
+	--qmp) QMP=$2; shift 2 ;;
+	--incoming) INCOMING=$2; shift 2 ;;
 	--out) OUTDIR=$2; shift 2 ;;
 	--verbose) VERBOSE=1; shift ;;
 	-h | --help) usage 0 ;;
@@ -221,7 +228,7 @@ for spec in "${DISKS[@]}"; do
 		qsd_cmd=()
 		[ -n "$(opt "$opts" cpus "")" ] && qsd_cmd=(taskset -c "$(opt "$opts" cpus "")")
 		qsd_cmd+=(qemu-storage-daemon
-			--blockdev "driver=file,node-name=file$i,filename=$path,cache.direct=on,aio=$aio"
+			--blockdev "driver=file,node-name=file$i,filename=$path,cache.direct=on,aio=$aio,locking=$(opt "$opts" locking auto)"
 			--export "type=vhost-user-blk,id=exp$i,node-name=file$i,addr.type=unix,addr.path=$sock,writable=on,num-queues=$q")
 		echo "${qsd_cmd[*]}" >"$OUTDIR/qsd$i.cmdline"
 		"${qsd_cmd[@]}" >"$OUTDIR/qsd$i.log" 2>&1 &
@@ -311,6 +318,8 @@ QEMU_CMD+=(qemu-system-x86_64 -name vmh-guest -nodefaults -no-user-config -displ
 	-kernel "$KERNEL" -initrd "$OUTDIR/initrd.img" -append "$CMDLINE"
 	-serial "file:$OUTDIR/console.log" -serial "file:$OUTDIR/results.raw"
 	"${DEV_ARGS[@]}")
+[ -n "$QMP" ] && QEMU_CMD+=(-qmp "unix:$QMP,server=on,wait=off")
+[ -n "$INCOMING" ] && QEMU_CMD+=(-incoming "$INCOMING")
 printf '%q ' "${QEMU_CMD[@]}" >"$OUTDIR/qemu-cmdline.txt"
 echo >>"$OUTDIR/qemu-cmdline.txt"
 if [ -z "$TIMEOUT" ]; then

@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use celer_device::{BlockDevice, DeviceInfo, IoError};
 use tracing::{debug, info, warn};
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
 use vhost::vhost_user::Backend;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
 use virtio_bindings::virtio_blk::{
@@ -97,7 +99,15 @@ pub struct VhostUserBlk {
     backend_req: Mutex<Option<Backend>>,
     acked_features: AtomicU64,
     workers: Vec<Mutex<Worker>>,
+    /// Rings started and not stopped since (bit per queue).
+    rings_running: AtomicU64,
+    /// Called when the front end has stopped every ring it started
+    /// (GET_VRING_BASE, after the drain): see [`Self::on_rings_stopped`].
+    rings_stopped_hook: Mutex<Option<RingsStoppedHook>>,
 }
+
+/// See [`VhostUserBlk::on_rings_stopped`].
+pub type RingsStoppedHook = Box<dyn Fn() + Send + Sync>;
 
 impl VhostUserBlk {
     pub fn new(config: &VhostConfig, device: &dyn BlockDevice) -> Result<Self, Error> {
@@ -132,7 +142,9 @@ impl VhostUserBlk {
             | (1 << VIRTIO_BLK_F_TOPOLOGY)
             | (1 << VIRTIO_BLK_F_FLUSH)
             | (1 << VIRTIO_BLK_F_MQ)
-            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            // Dirty logging for live migration (LOG_SHMFD): see worker.rs.
+            | VhostUserVirtioFeatures::LOG_ALL.bits();
         if info.read_only {
             features |= 1 << VIRTIO_BLK_F_RO;
         } else {
@@ -161,6 +173,8 @@ impl VhostUserBlk {
             backend_req: Mutex::new(None),
             acked_features: AtomicU64::new(0),
             workers,
+            rings_running: AtomicU64::new(0),
+            rings_stopped_hook: Mutex::new(None),
         })
     }
 
@@ -202,7 +216,9 @@ impl VhostUserBlk {
     pub(crate) fn disconnect(&self) {
         for i in 0..self.num_queues {
             self.worker(i).detach();
+            self.worker(i).set_log_dirty(false);
         }
+        self.rings_running.store(0, Ordering::Release);
         *lock(&self.backend_req) = None;
     }
 
@@ -249,6 +265,44 @@ impl VhostUserBlk {
                 Ok(false)
             }
         }
+    }
+
+    /// Checks a GET/SET_INFLIGHT_FD request against what we serve.
+    fn check_inflight(&self, inflight: &VhostUserInflight) -> std::io::Result<(u16, u16)> {
+        let (num_queues, queue_size) = (inflight.num_queues, inflight.queue_size);
+        if num_queues == 0 || usize::from(num_queues) > self.num_queues {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "inflight buffer for {num_queues} queues asked, we serve 1 to {}",
+                    self.num_queues
+                ),
+            ));
+        }
+        if queue_size == 0 || usize::from(queue_size) > QUEUE_SIZE_MAX {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("inflight buffer for rings of {queue_size} asked, we accept 1 to {QUEUE_SIZE_MAX}"),
+            ));
+        }
+        Ok((num_queues, queue_size))
+    }
+
+    /// Calls `hook` each time the front end has stopped every ring it had
+    /// started (GET_VRING_BASE on each; QEMU does it when the VM stops, and
+    /// at the switch-over of a live migration). By then every request taken
+    /// off the rings is complete and its pages logged, and no new request is
+    /// taken until a ring starts again: from here this back end issues no
+    /// write for the guest. The place to hand the volume's attachment (and
+    /// its fence) to a migration's destination. Runs on the vhost-user
+    /// thread, before the front end gets its answer.
+    pub fn on_rings_stopped(&self, hook: RingsStoppedHook) {
+        *lock(&self.rings_stopped_hook) = Some(hook);
+    }
+
+    /// Whether any ring is started (requests may be taken off it).
+    pub fn rings_running(&self) -> bool {
+        self.rings_running.load(Ordering::Acquire) != 0
     }
 
     /// Per-queue counters, for tests and benchmarks.
@@ -302,7 +356,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl VhostUserBackend for VhostUserBlk {
-    type Bitmap = ();
+    type Bitmap = vhost_user_backend::bitmap::BitmapMmapRegion;
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
@@ -319,6 +373,13 @@ impl VhostUserBackend for VhostUserBlk {
 
     fn acked_features(&self, features: u64) {
         self.acked_features.store(features, Ordering::Relaxed);
+        let log = features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
+        for i in 0..self.num_queues {
+            self.worker(i).set_log_dirty(log);
+        }
+        if log {
+            info!("dirty logging on (migration): pages the back end writes are logged");
+        }
         debug!(features = format_args!("{features:#x}"), "features acked");
     }
 
@@ -327,6 +388,77 @@ impl VhostUserBackend for VhostUserBlk {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::LOG_SHMFD
+    }
+
+    fn get_inflight_fd(
+        &self,
+        inflight: &VhostUserInflight,
+    ) -> std::io::Result<(VhostUserInflight, std::fs::File)> {
+        let (num_queues, queue_size) = self.check_inflight(inflight)?;
+        let (file, size) = crate::inflight::InflightMap::create(num_queues, queue_size)?;
+        info!(
+            num_queues,
+            queue_size,
+            bytes = size,
+            "inflight buffer created"
+        );
+        Ok((
+            VhostUserInflight::new(size, 0, num_queues, queue_size),
+            file,
+        ))
+    }
+
+    fn set_inflight_fd(
+        &self,
+        inflight: &VhostUserInflight,
+        file: std::fs::File,
+    ) -> std::io::Result<()> {
+        let (num_queues, queue_size) = self.check_inflight(inflight)?;
+        let invalid = |msg: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, msg);
+        let need = crate::inflight::queue_region_bytes(queue_size) * u64::from(num_queues);
+        let file_bytes = file.metadata()?.len();
+        if inflight.mmap_size < need
+            || inflight
+                .mmap_offset
+                .checked_add(inflight.mmap_size)
+                .is_none_or(|end| end > file_bytes)
+        {
+            return Err(invalid(format!(
+                "inflight buffer of {} bytes at offset {} (file {file_bytes} bytes) cannot hold {num_queues} queues of {queue_size} ({need} bytes)",
+                inflight.mmap_size, inflight.mmap_offset
+            )));
+        }
+        for i in 0..self.num_queues {
+            if self.worker(i).inflight() > 0 {
+                return Err(invalid(format!(
+                    "inflight buffer set while queue {i} has requests in flight"
+                )));
+            }
+        }
+        let map =
+            crate::inflight::InflightMap::map(&file, inflight.mmap_offset, inflight.mmap_size)?;
+        for i in 0..self.num_queues {
+            let view = (i < usize::from(num_queues))
+                .then(|| crate::inflight::QueueInflight::new(map.clone(), i as u16, queue_size))
+                .flatten();
+            self.worker(i).set_inflight(view);
+        }
+        info!(
+            num_queues,
+            queue_size, "tracking in-flight requests in the front end's buffer"
+        );
+        Ok(())
+    }
+
+    fn queue_started(&self, queue_index: u32, vring: &Vring) -> std::io::Result<()> {
+        if let Some(w) = self.workers.get(queue_index as usize) {
+            lock(w).start_queue(vring);
+            self.rings_running
+                .fetch_or(1 << queue_index, Ordering::AcqRel);
+        }
+        Ok(())
     }
 
     fn set_backend_req_fd(&self, backend: Backend) {
@@ -385,7 +517,25 @@ impl VhostUserBackend for VhostUserBlk {
     fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {
         if let Some(w) = self.workers.get(queue_index as usize) {
             let mut w = w.lock().unwrap_or_else(|p| p.into_inner());
+            let inflight = w.inflight();
+            let started = std::time::Instant::now();
             w.drain(Duration::from_secs(5));
+            drop(w);
+            // What the drain costs a migration's downtime (QEMU waits).
+            info!(
+                queue = queue_index,
+                inflight,
+                drain_us = started.elapsed().as_micros() as u64,
+                "ring stopped"
+            );
+            let bit = 1u64 << queue_index;
+            let before = self.rings_running.fetch_and(!bit, Ordering::AcqRel);
+            if before == bit {
+                info!("every ring stopped: this back end takes no request until one starts again");
+                if let Some(hook) = lock(&self.rings_stopped_hook).as_ref() {
+                    hook();
+                }
+            }
         }
         Ok(())
     }

@@ -17,13 +17,14 @@ use std::path::Path;
 use std::sync::atomic::{fence, AtomicU16, Ordering};
 
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{
     Frontend as VuFrontend, FrontendReqHandler, HandlerResult, VhostUserFrontend,
     VhostUserFrontendReqHandler,
 };
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -35,6 +36,18 @@ pub const DESC_F_WRITE: u16 = 2;
 pub const DESC_F_INDIRECT: u16 = 4;
 /// Guest-physical address where the driver's memory starts.
 pub const GUEST_BASE: u64 = 0x1_0000_0000;
+
+/// Page size of the vhost dirty log (VHOST_LOG_PAGE).
+pub const DIRTY_PAGE_BYTES: u64 = 4096;
+
+/// Whether the dirty log `log` (from [`Frontend::start_dirty_log`]) has the
+/// page of guest address `gpa`.
+pub fn page_dirty(log: &SharedMem, gpa: u64) -> bool {
+    let page = gpa / DIRTY_PAGE_BYTES;
+    let mut b = [0u8];
+    log.read((page / 8) as usize, &mut b);
+    b[0] & (1 << (page % 8)) != 0
+}
 
 /// Errors of the driver.
 #[derive(Debug, thiserror::Error)]
@@ -228,7 +241,8 @@ impl<'m> DriverQueue<'m> {
         self.slot_off(slot)
     }
 
-    fn status_off(&self, slot: usize) -> usize {
+    /// Offset (in shared memory) of slot `slot`'s status byte.
+    pub fn status_off(&self, slot: usize) -> usize {
         self.slot_off(slot) + 16
     }
 
@@ -405,6 +419,41 @@ impl<'m> DriverQueue<'m> {
     pub fn call_fd(&self) -> &EventFd {
         &self.call
     }
+
+    /// The driver's own ring positions: (next avail, last used seen).
+    pub fn position(&self) -> (u16, u16) {
+        (self.next_avail, self.last_used)
+    }
+
+    /// Continues from `position` (after a reconnect, on the same memory).
+    pub fn resume_at(&mut self, (next_avail, last_used): (u16, u16)) {
+        self.next_avail = next_avail;
+        self.kicked_at = next_avail;
+        self.last_used = last_used;
+    }
+
+    /// Offset (in shared memory) of the used ring.
+    pub fn used_off(&self) -> usize {
+        self.l.used
+    }
+
+    /// The used ring's index as the back end last wrote it.
+    pub fn used_idx(&self) -> u16 {
+        self.mem.u16_at(self.l.used + 2).load(Ordering::Acquire)
+    }
+
+    /// Writes a used element and moves the used index, as a back end does
+    /// (tests play a back end that died half way with it).
+    pub fn put_used_as_backend(&self, head: u16, len: u32) {
+        let idx = self.used_idx();
+        let e = self.l.used + 4 + 8 * (idx as usize % self.l.size as usize);
+        self.mem.write(e, &u32::from(head).to_le_bytes());
+        self.mem.write(e + 4, &len.to_le_bytes());
+        fence(Ordering::Release);
+        self.mem
+            .u16_at(self.l.used + 2)
+            .store(idx.wrapping_add(1), Ordering::Release);
+    }
 }
 
 /// The virtio-blk config space (60 bytes), or nothing without CONFIG.
@@ -468,15 +517,116 @@ pub struct Frontend {
         FrontendReqHandler<ConfigChanges>,
         std::sync::Arc<ConfigChanges>,
     )>,
+    cfg: FrontendConfig,
+    /// The inflight buffer (INFLIGHT_SHMFD), kept across reconnects as QEMU does.
+    inflight: Option<(VhostUserInflight, std::fs::File)>,
+}
+
+/// What a reconnecting front end keeps: guest memory, rings, eventfds and
+/// the inflight buffer.
+struct Kept {
+    mem: SharedMem,
+    layouts: Vec<Layout>,
+    kicks: Vec<EventFd>,
+    calls: Vec<EventFd>,
+    inflight: Option<(VhostUserInflight, std::fs::File)>,
 }
 
 impl Frontend {
     /// Connects to `socket` and sets up `cfg.queues` queues.
     pub fn connect(socket: &Path, cfg: &FrontendConfig) -> Result<Self, FrontendError> {
-        let mut vu = VuFrontend::connect(socket, cfg.queues as u64)?;
+        Self::connect_inner(socket, cfg, false, None, std::time::Duration::ZERO)
+    }
+
+    /// Like [`Self::connect`], and asks for an inflight buffer
+    /// (INFLIGHT_SHMFD, GET then SET_INFLIGHT_FD) as QEMU's vhost-user-blk does.
+    pub fn connect_with_inflight(
+        socket: &Path,
+        cfg: &FrontendConfig,
+    ) -> Result<Self, FrontendError> {
+        Self::connect_inner(socket, cfg, true, None, std::time::Duration::ZERO)
+    }
+
+    /// Connects again (to a restarted back end) with the same memory, rings
+    /// and inflight buffer, as QEMU's reconnect does after the back end died:
+    /// each ring restarts at the used index found in memory. Retries for up
+    /// to `timeout` while nothing listens on `socket` yet.
+    pub fn reconnect(
+        self,
+        socket: &Path,
+        timeout: std::time::Duration,
+    ) -> Result<Self, FrontendError> {
+        let cfg = self.cfg.clone();
+        let want_inflight = self.inflight.is_some();
+        let kept = Kept {
+            mem: self.mem,
+            layouts: self.layouts,
+            kicks: self.kicks,
+            calls: self.calls,
+            inflight: self.inflight,
+        };
+        drop(self.vu);
+        drop(self.backend_req);
+        Self::connect_inner(socket, &cfg, want_inflight, Some(kept), timeout)
+    }
+
+    /// Starts dirty logging as QEMU does when a migration starts: a log of
+    /// one bit per 4 KiB guest page from guest address 0 (SET_LOG_BASE),
+    /// then the features again with VHOST_F_LOG_ALL. Returns the log; read
+    /// it with [`page_dirty`].
+    pub fn start_dirty_log(&mut self) -> Result<SharedMem, FrontendError> {
+        if !self
+            .protocol_features
+            .contains(VhostUserProtocolFeatures::LOG_SHMFD)
+        {
+            return Err(FrontendError::Protocol(
+                "back end does not offer LOG_SHMFD".into(),
+            ));
+        }
+        let pages = (GUEST_BASE + self.mem.len as u64).div_ceil(DIRTY_PAGE_BYTES);
+        let bytes = (pages.div_ceil(8) as usize).next_multiple_of(4096);
+        let log = SharedMem::new(bytes)?;
+        self.vu.set_log_base(
+            0,
+            Some(VhostUserDirtyLogRegion {
+                mmap_size: bytes as u64,
+                mmap_offset: 0,
+                mmap_handle: log.fd.as_raw_fd(),
+            }),
+        )?;
+        self.features |= VhostUserVirtioFeatures::LOG_ALL.bits();
+        self.vu.set_features(self.features)?;
+        Ok(log)
+    }
+
+    /// The inflight buffer the back end gave (None without INFLIGHT_SHMFD).
+    pub fn inflight(&self) -> Option<&(VhostUserInflight, std::fs::File)> {
+        self.inflight.as_ref()
+    }
+
+    fn connect_inner(
+        socket: &Path,
+        cfg: &FrontendConfig,
+        want_inflight: bool,
+        kept: Option<Kept>,
+        timeout: std::time::Duration,
+    ) -> Result<Self, FrontendError> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut vu = loop {
+            match VuFrontend::connect(socket, cfg.queues as u64) {
+                Ok(vu) => break vu,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(5))
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         vu.set_owner()?;
         let offered = vu.get_features()?;
-        let mut want = offered & !(1u64 << VIRTIO_RING_F_INDIRECT_DESC);
+        // LOG_ALL only while migrating (`start_dirty_log`), as QEMU does.
+        let mut want = offered
+            & !(1u64 << VIRTIO_RING_F_INDIRECT_DESC)
+            & !VhostUserVirtioFeatures::LOG_ALL.bits();
         if !cfg.event_idx {
             want &= !(1u64 << VIRTIO_RING_F_EVENT_IDX);
         }
@@ -490,6 +640,10 @@ impl Frontend {
             if cfg.backend_req {
                 wanted |= VhostUserProtocolFeatures::BACKEND_REQ;
             }
+            if want_inflight {
+                wanted |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+            }
+            wanted |= VhostUserProtocolFeatures::LOG_SHMFD;
             protocol_features = pf & wanted;
             vu.set_protocol_features(protocol_features)?;
             if protocol_features.contains(VhostUserProtocolFeatures::REPLY_ACK) {
@@ -522,6 +676,83 @@ impl Frontend {
         let config_space = read_config(&mut vu, protocol_features)?;
         let event_idx = want & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
 
+        let kept = match kept {
+            Some(k) => k,
+            None => Self::lay_out(cfg)?,
+        };
+        let Kept {
+            mem,
+            layouts,
+            kicks,
+            calls,
+            mut inflight,
+        } = kept;
+        if protocol_features.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD) {
+            if inflight.is_none() {
+                let ask = VhostUserInflight::new(0, 0, cfg.queues as u16, cfg.queue_size);
+                inflight = Some(vu.get_inflight_fd(&ask)?);
+            }
+            if let Some((info, file)) = &inflight {
+                vu.set_inflight_fd(info, file.as_raw_fd())?;
+            }
+        } else if want_inflight {
+            return Err(FrontendError::Protocol(
+                "back end does not offer INFLIGHT_SHMFD".into(),
+            ));
+        }
+        let region = VhostUserMemoryRegionInfo {
+            guest_phys_addr: GUEST_BASE,
+            memory_size: mem.len as u64,
+            userspace_addr: mem.ptr as u64,
+            mmap_offset: 0,
+            mmap_handle: mem.fd.as_raw_fd(),
+        };
+        vu.set_mem_table(&[region])?;
+        for (q, l) in layouts.iter().enumerate() {
+            vu.set_vring_num(q, l.size)?;
+            vu.set_vring_addr(
+                q,
+                &VringConfigData {
+                    queue_max_size: l.size,
+                    queue_size: l.size,
+                    flags: 0,
+                    desc_table_addr: mem.ptr as u64 + l.desc as u64,
+                    used_ring_addr: mem.ptr as u64 + l.used as u64,
+                    avail_ring_addr: mem.ptr as u64 + l.avail as u64,
+                    log_addr: None,
+                },
+            )?;
+            // A new ring starts at 0; a kept one at its used index (what
+            // QEMU restores when the back end died without GET_VRING_BASE).
+            let base = mem.u16_at(l.used + 2).load(Ordering::Acquire);
+            vu.set_vring_base(q, base)?;
+            vu.set_vring_call(q, &calls[q])?;
+            vu.set_vring_kick(q, &kicks[q])?;
+            if protocol_features.contains(VhostUserProtocolFeatures::MQ)
+                || offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
+            {
+                vu.set_vring_enable(q, true)?;
+            }
+        }
+        Ok(Frontend {
+            vu,
+            mem,
+            layouts,
+            kicks,
+            calls,
+            features: want,
+            protocol_features,
+            backend_queues,
+            config_space,
+            event_idx,
+            backend_req,
+            cfg: cfg.clone(),
+            inflight,
+        })
+    }
+
+    /// Fresh memory, ring layout and eventfds for `cfg`.
+    fn lay_out(cfg: &FrontendConfig) -> Result<Kept, FrontendError> {
         // Lay out rings then slots, page aligned.
         let qs = cfg.queue_size as usize;
         assert!(
@@ -536,6 +767,8 @@ impl Frontend {
         let total = (per_queue * cfg.queues).next_multiple_of(2 << 20);
         let mem = SharedMem::new(total)?;
         let mut layouts = Vec::new();
+        let mut kicks = Vec::new();
+        let mut calls = Vec::new();
         for q in 0..cfg.queues {
             let base = q * per_queue;
             let desc = base;
@@ -551,56 +784,15 @@ impl Frontend {
                 slot_bytes,
                 buf_bytes: cfg.buf_bytes,
             });
+            calls.push(EventFd::new(libc::EFD_NONBLOCK)?);
+            kicks.push(EventFd::new(libc::EFD_NONBLOCK)?);
         }
-        let region = VhostUserMemoryRegionInfo {
-            guest_phys_addr: GUEST_BASE,
-            memory_size: total as u64,
-            userspace_addr: mem.ptr as u64,
-            mmap_offset: 0,
-            mmap_handle: mem.fd.as_raw_fd(),
-        };
-        vu.set_mem_table(&[region])?;
-        let mut kicks = Vec::new();
-        let mut calls = Vec::new();
-        for (q, l) in layouts.iter().enumerate() {
-            vu.set_vring_num(q, l.size)?;
-            vu.set_vring_addr(
-                q,
-                &VringConfigData {
-                    queue_max_size: l.size,
-                    queue_size: l.size,
-                    flags: 0,
-                    desc_table_addr: mem.ptr as u64 + l.desc as u64,
-                    used_ring_addr: mem.ptr as u64 + l.used as u64,
-                    avail_ring_addr: mem.ptr as u64 + l.avail as u64,
-                    log_addr: None,
-                },
-            )?;
-            vu.set_vring_base(q, 0)?;
-            let call = EventFd::new(libc::EFD_NONBLOCK)?;
-            let kick = EventFd::new(libc::EFD_NONBLOCK)?;
-            vu.set_vring_call(q, &call)?;
-            vu.set_vring_kick(q, &kick)?;
-            if protocol_features.contains(VhostUserProtocolFeatures::MQ)
-                || offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
-            {
-                vu.set_vring_enable(q, true)?;
-            }
-            kicks.push(kick);
-            calls.push(call);
-        }
-        Ok(Frontend {
-            vu,
+        Ok(Kept {
             mem,
             layouts,
             kicks,
             calls,
-            features: want,
-            protocol_features,
-            backend_queues,
-            config_space,
-            event_idx,
-            backend_req,
+            inflight: None,
         })
     }
 

@@ -11,6 +11,7 @@ pub mod bench;
 pub mod blk;
 pub mod cli;
 pub mod frontend;
+pub mod inflight;
 pub mod request;
 pub mod worker;
 

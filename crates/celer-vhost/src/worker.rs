@@ -12,6 +12,11 @@
 //! ring once more (closing the race with a guest that added a request just
 //! before), and returns to epoll. Idle, it costs no CPU.
 //!
+//! With an inflight buffer (INFLIGHT_SHMFD, see [`crate::inflight`]) every
+//! head is marked there when popped and cleared when it goes on the used
+//! ring; when the ring starts, heads a previous back end left marked are
+//! resubmitted before anything new is popped, oldest first.
+//!
 //! Invariants: a slot is owned by at most one request; its host segments
 //! point into the guest-memory snapshot `mem`, which is only replaced when no
 //! request is in flight, so every pointer a device holds stays mapped until
@@ -21,18 +26,26 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use celer_device::{DeviceInfo, DeviceQueue, IoCompletion, IoError, IoOp, IoRequest, IoSegment};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VringMutex, VringState, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::QueueT;
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use crate::inflight::{ChainWalk, QueueInflight};
 use crate::request::{self, RequestType, HOST_SEGMENTS_MAX, ID_BYTES};
 
-pub(crate) type GuestMem = GuestMemoryMmap<()>;
+/// Guest memory with the front end's dirty log (LOG_SHMFD) behind every
+/// region: writes through vm-memory (status bytes, used ring) are logged by
+/// it; data the device writes through host pointers is logged by the worker.
+pub(crate) type GuestMem = GuestMemoryMmap<BitmapMmapRegion>;
 pub(crate) type GuestMemAtomic = GuestMemoryAtomic<GuestMem>;
 pub(crate) type Vring = VringMutex<GuestMemAtomic>;
 
@@ -47,6 +60,12 @@ struct Slot {
     head: u16,
     status: u64,
     used_len: u32,
+    /// Taken from the inflight buffer after a restart (not the avail ring).
+    resubmitted: bool,
+    /// Host segments of the request (in `segments`), and whether the device
+    /// writes guest memory through them (reads): their pages are logged.
+    nsegs: u16,
+    writes_guest: bool,
 }
 
 /// Counters a worker keeps (read by tests and the bench).
@@ -56,6 +75,14 @@ pub struct WorkerStats {
     pub bad_requests: u64,
     pub io_errors: u64,
     pub wakeups: u64,
+    /// Heads resubmitted from the inflight buffer (a previous back end had
+    /// taken them and not completed them).
+    pub resubmitted: u64,
+    /// Resubmitted heads put on the used ring.
+    pub resubmitted_completed: u64,
+    /// Heads found on the used ring but still marked in flight (the
+    /// previous back end died between the two writes): cleared, not redone.
+    pub used_not_cleared: u64,
 }
 
 pub(crate) struct Worker {
@@ -74,6 +101,17 @@ pub(crate) struct Worker {
     inflight_poll_window: Duration,
     cpu: Option<usize>,
     resume: (EventConsumer, EventNotifier),
+    /// This queue's part of the front end's inflight buffer, if it gave one.
+    inflight: Option<QueueInflight>,
+    /// Heads (and their counters) to resubmit, oldest first; capacity fixed
+    /// at the largest ring.
+    resubmit: Vec<(u16, u64)>,
+    resubmit_next: usize,
+    /// Signal the guest once after the ring starts: a back end that died
+    /// after writing the used ring but before the interrupt left it waiting.
+    signal_on_start: bool,
+    /// The front end asked for dirty logging (VHOST_F_LOG_ALL: migration).
+    log_dirty: bool,
     pub(crate) stats: WorkerStats,
 }
 
@@ -119,6 +157,11 @@ impl Worker {
             inflight_poll_window,
             cpu,
             resume: new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?,
+            inflight: None,
+            resubmit: Vec::with_capacity(crate::blk::QUEUE_SIZE_MAX),
+            resubmit_next: 0,
+            signal_on_start: false,
+            log_dirty: false,
             stats: WorkerStats::default(),
         })
     }
@@ -137,6 +180,136 @@ impl Worker {
         if self.inflight() == 0 {
             self.mem = None;
         }
+    }
+
+    /// Logs pages the device writes from now on (`VHOST_F_LOG_ALL` acked).
+    pub(crate) fn set_log_dirty(&mut self, on: bool) {
+        self.log_dirty = on;
+    }
+
+    /// Tracks this queue's in-flight heads in `inflight` from now on.
+    pub(crate) fn set_inflight(&mut self, inflight: Option<QueueInflight>) {
+        self.inflight = inflight;
+        self.resubmit.clear();
+        self.resubmit_next = 0;
+    }
+
+    /// The front end started the ring (`vring`: size, base, addresses and
+    /// memory set; not yet ready, so nothing processes it concurrently).
+    /// With an inflight buffer: reconcile it with the used ring, queue the
+    /// heads still in flight for resubmission, and move the next avail index
+    /// past them (used idx + heads in flight: every head popped before is
+    /// either on the used ring or in flight). Then wake the worker through
+    /// the kick eventfd, which it sees once the ring is enabled.
+    pub(crate) fn start_queue(&mut self, vring: &Vring) {
+        self.vring = Some(vring.clone());
+        self.signal_on_start = true;
+        self.resubmit.clear();
+        self.resubmit_next = 0;
+        let mut guard = vring.get_mut();
+        let state: &mut VringState<GuestMemAtomic> = &mut guard;
+        let index = self.index;
+        if let (Some(mut f), Some(atomic)) = (self.inflight.take(), self.mem_atomic.clone()) {
+            if self.reconcile(state, &mut f, &atomic) {
+                self.inflight = Some(f);
+            }
+        }
+        // Wake the worker as soon as the ring is enabled, like a guest kick.
+        if let Some(kick) = state.get_kick() {
+            use std::os::fd::AsRawFd;
+            let one = 1u64;
+            // SAFETY: writes 8 bytes from `one` to the kick eventfd, which the
+            // vring owns and keeps open while we hold its lock.
+            let rc = unsafe { libc::write(kick.as_raw_fd(), (&one as *const u64).cast(), 8) };
+            if rc != 8 {
+                debug!(queue = index, "cannot kick our own ring");
+            }
+        }
+    }
+
+    /// `start_queue`'s work on the inflight buffer; returns whether to keep
+    /// tracking this queue in it.
+    fn reconcile(
+        &mut self,
+        state: &mut VringState<GuestMemAtomic>,
+        f: &mut QueueInflight,
+        atomic: &GuestMemAtomic,
+    ) -> bool {
+        let index = self.index;
+        let mem = atomic.memory();
+        let queue = state.get_queue();
+        let size = queue.size();
+        if size != f.desc_num() {
+            warn!(
+                queue = index,
+                ring_size = size,
+                inflight_size = f.desc_num(),
+                "inflight buffer is laid out for another ring size: not tracking this queue"
+            );
+            return false;
+        }
+        let base = queue.next_avail();
+        let (used, avail) = match (
+            queue.used_idx(&*mem, std::sync::atomic::Ordering::Acquire),
+            queue.avail_idx(&*mem, std::sync::atomic::Ordering::Acquire),
+        ) {
+            (Ok(u), Ok(a)) => (u.0, a.0),
+            (Err(e), _) | (_, Err(e)) => {
+                warn!(queue = index, error = %e, "cannot read the ring indexes: not tracking this queue");
+                return false;
+            }
+        };
+        let r = f.recover(used, &mut self.resubmit);
+        if let Some(head) = r.used_not_cleared {
+            self.stats.used_not_cleared += 1;
+            info!(
+                queue = index,
+                head, "head was on the used ring but still marked in flight: not resubmitted"
+            );
+        }
+        if r.fresh {
+            return true;
+        }
+        // Heads a timed-out drain left in our slots are still ours: their
+        // completion goes on this ring; they are not resubmitted.
+        let slots = &self.slots;
+        let free = &self.free;
+        let owned = |head: u16| {
+            (0..slots.len() as u16).any(|s| !free.contains(&s) && slots[s as usize].head == head)
+        };
+        self.resubmit.retain(|&(head, _)| !owned(head));
+        let inuse = self.resubmit.len() + self.inflight();
+        if inuse > usize::from(avail.wrapping_sub(used)) {
+            warn!(
+                queue = index,
+                used_idx = used,
+                avail_idx = avail,
+                inflight = inuse,
+                "inflight buffer does not match the ring (more in flight than made available): ignoring it"
+            );
+            f.clear_all();
+            self.resubmit.clear();
+            return true;
+        }
+        let next_avail = used.wrapping_add(inuse as u16);
+        state.get_queue_mut().set_next_avail(next_avail);
+        if !self.resubmit.is_empty() || next_avail != base {
+            let heads: Vec<String> = self
+                .resubmit
+                .iter()
+                .map(|(h, c)| format!("{h}:{c}"))
+                .collect();
+            info!(
+                queue = index,
+                used_idx = used,
+                next_avail,
+                front_end_base = base,
+                resubmit = self.resubmit.len(),
+                heads = heads.join(","),
+                "resubmitting in-flight requests (head:counter, oldest first)"
+            );
+        }
+        true
     }
 
     pub(crate) fn inflight(&self) -> usize {
@@ -270,59 +443,45 @@ impl Worker {
         }
         let mut work = 0;
         let mut used = 0;
-        while let Some(&slot) = self.free.last() {
+        // Heads a previous back end left in flight go first, oldest first.
+        while self.resubmit_next < self.resubmit.len() && !self.free.is_empty() {
+            let (head, counter) = self.resubmit[self.resubmit_next];
+            self.resubmit_next += 1;
+            work += 1;
+            self.stats.requests += 1;
+            self.stats.resubmitted += 1;
+            debug!(
+                queue = self.index,
+                head, counter, "resubmitting in-flight request"
+            );
+            let queue = state.get_queue();
+            let walk = ChainWalk::new(&*mem, GuestAddress(queue.desc_table()), queue.size(), head);
+            if self.take(state, &mem, head, walk, true) {
+                used += 1;
+            }
+        }
+        while !self.free.is_empty() {
             let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*mem) else {
                 break;
             };
             work += 1;
             self.stats.requests += 1;
             let head = chain.head_index();
-            let seg_base = slot as usize * HOST_SEGMENTS_MAX;
-            let segs = &mut self.segments[seg_base..seg_base + HOST_SEGMENTS_MAX];
-            let used_len = match request::parse(&*mem, chain, segs) {
-                Err(bad) => {
-                    self.stats.bad_requests += 1;
-                    if self.stats.bad_requests <= BAD_REQUEST_LOG_MAX
-                        || self.stats.bad_requests.is_multiple_of(1024)
-                    {
-                        warn!(queue = self.index, head, error = %bad.error,
-                            bad_requests = self.stats.bad_requests, "bad request from the guest");
-                    }
-                    let status = if bad.error.is_unsupported() {
-                        VIRTIO_BLK_S_UNSUPP
-                    } else {
-                        VIRTIO_BLK_S_IOERR
-                    };
-                    match bad.status_addr {
-                        Some(addr) => {
-                            let _ = mem.write_obj(status as u8, addr);
-                            1
-                        }
-                        None => 0,
-                    }
-                }
-                Ok(req) => match self.submit(slot, head, &req) {
-                    Ok(()) => continue,
-                    Err(status) => {
-                        let _ = mem.write_obj(status, req.status_addr);
-                        if req.kind == RequestType::GetId && status == VIRTIO_BLK_S_OK as u8 {
-                            req.data_bytes.min(ID_BYTES as u32) + 1
-                        } else {
-                            1
-                        }
-                    }
-                },
-            };
-            if let Err(e) = state.add_used(head, used_len) {
-                warn!(queue = self.index, head, error = %e, "cannot add to the used ring");
+            if let Some(f) = self.inflight.as_mut() {
+                f.mark(head);
             }
-            used += 1;
+            if self.take(state, &mem, head, chain, false) {
+                used += 1;
+            }
         }
         // Submitted requests go to the kernel inside poll (one syscall per pass).
         let slots = &mut self.slots;
         let free = &mut self.free;
         let stats = &mut self.stats;
         let index = self.index;
+        let inflight = self.inflight.as_ref();
+        let segments = &self.segments;
+        let log_dirty = self.log_dirty;
         work += self.device.poll(&mut |c: IoCompletion| {
             let Some(slot) = u16::try_from(c.tag)
                 .ok()
@@ -336,6 +495,9 @@ impl Worker {
                 return;
             };
             let s = slots[slot as usize];
+            if log_dirty && s.writes_guest {
+                log_segments(&mem, slot_segments(segments, slot, s.nsegs));
+            }
             let (status, used_len) = match &c.result {
                 Ok(()) => (VIRTIO_BLK_S_OK, s.used_len),
                 Err(e) => {
@@ -349,13 +511,24 @@ impl Worker {
                 }
             };
             let _ = mem.write_obj(status as u8, GuestAddress(s.status));
-            if let Err(e) = state.add_used(s.head, used_len) {
-                warn!(queue = index, error = %e, "cannot add to the used ring");
+            put_used(index, state, inflight, s.head, used_len);
+            if s.resubmitted {
+                stats.resubmitted_completed += 1;
+                info!(
+                    queue = index,
+                    head = s.head,
+                    "resubmitted request completed"
+                );
             }
             free.push(slot);
             used += 1;
         });
-        if used > 0 {
+        if self.signal_on_start && state.get_call().is_some() {
+            self.signal_on_start = false;
+            if let Err(e) = state.signal_used_queue() {
+                debug!(queue = self.index, error = %e, "cannot signal the guest");
+            }
+        } else if used > 0 {
             match state.needs_notification() {
                 Ok(true) | Err(_) => {
                     if let Err(e) = state.signal_used_queue() {
@@ -368,9 +541,73 @@ impl Worker {
         work
     }
 
+    /// Parses the chain at `head` and submits it in the next free slot
+    /// (there must be one). Returns whether it finished at once (it is then
+    /// on the used ring).
+    fn take(
+        &mut self,
+        state: &mut VringState<GuestMemAtomic>,
+        mem: &GuestMem,
+        head: u16,
+        descs: impl IntoIterator<Item = Descriptor>,
+        resubmitted: bool,
+    ) -> bool {
+        let Some(&slot) = self.free.last() else {
+            return false;
+        };
+        let seg_base = slot as usize * HOST_SEGMENTS_MAX;
+        let segs = &mut self.segments[seg_base..seg_base + HOST_SEGMENTS_MAX];
+        let used_len = match request::parse(mem, descs, segs) {
+            Err(bad) => {
+                self.stats.bad_requests += 1;
+                if self.stats.bad_requests <= BAD_REQUEST_LOG_MAX
+                    || self.stats.bad_requests.is_multiple_of(1024)
+                {
+                    warn!(queue = self.index, head, error = %bad.error,
+                        bad_requests = self.stats.bad_requests, "bad request from the guest");
+                }
+                let status = if bad.error.is_unsupported() {
+                    VIRTIO_BLK_S_UNSUPP
+                } else {
+                    VIRTIO_BLK_S_IOERR
+                };
+                match bad.status_addr {
+                    Some(addr) => {
+                        let _ = mem.write_obj(status as u8, addr);
+                        1
+                    }
+                    None => 0,
+                }
+            }
+            Ok(req) => match self.submit(slot, head, &req, resubmitted) {
+                Ok(()) => return false,
+                Err(status) => {
+                    let _ = mem.write_obj(status, req.status_addr);
+                    if req.kind == RequestType::GetId && status == VIRTIO_BLK_S_OK as u8 {
+                        req.data_bytes.min(ID_BYTES as u32) + 1
+                    } else {
+                        1
+                    }
+                }
+            },
+        };
+        put_used(self.index, state, self.inflight.as_ref(), head, used_len);
+        if resubmitted {
+            self.stats.resubmitted_completed += 1;
+            info!(queue = self.index, head, "resubmitted request completed");
+        }
+        true
+    }
+
     /// Submits a parsed request in `slot`. `Ok`: in flight. `Err(status)`:
     /// finished at once with that status.
-    fn submit(&mut self, slot: u16, head: u16, req: &request::Request) -> Result<(), u8> {
+    fn submit(
+        &mut self,
+        slot: u16,
+        head: u16,
+        req: &request::Request,
+        resubmitted: bool,
+    ) -> Result<(), u8> {
         let op = match req.kind {
             RequestType::In => IoOp::Read,
             RequestType::Out => IoOp::Write,
@@ -386,6 +623,11 @@ impl Worker {
                     // descriptor inside guest memory, which `mem` keeps mapped.
                     unsafe { std::ptr::copy_nonoverlapping(left.as_ptr(), s.addr, n) };
                     left = &left[n..];
+                }
+                if self.log_dirty {
+                    if let Some(mem) = &self.mem {
+                        log_segments(mem, &self.segments[seg_base..seg_base + req.segments]);
+                    }
                 }
                 return Err(VIRTIO_BLK_S_OK as u8);
             }
@@ -439,6 +681,9 @@ impl Worker {
                     } else {
                         1
                     },
+                    resubmitted,
+                    nsegs: req.segments as u16,
+                    writes_guest: req.kind == RequestType::In,
                 };
                 self.free.pop();
                 Ok(())
@@ -484,8 +729,15 @@ impl Worker {
         let Some(mem) = self.mem.clone() else {
             return 0;
         };
+        let mut guard = vring.get_mut();
+        let state: &mut VringState<GuestMemAtomic> = &mut guard;
         let slots = &mut self.slots;
         let free = &mut self.free;
+        let stats = &mut self.stats;
+        let index = self.index;
+        let inflight = self.inflight.as_ref();
+        let segments = &self.segments;
+        let log_dirty = self.log_dirty;
         let mut n = 0;
         self.device.poll(&mut |c| {
             let Some(slot) = u16::try_from(c.tag)
@@ -495,17 +747,28 @@ impl Worker {
                 return;
             };
             let s = slots[slot as usize];
+            if log_dirty && s.writes_guest {
+                log_segments(&mem, slot_segments(segments, slot, s.nsegs));
+            }
             let status = match &c.result {
                 Ok(()) => VIRTIO_BLK_S_OK,
                 Err(e) => status_for(e),
             };
             let _ = mem.write_obj(status as u8, GuestAddress(s.status));
-            let _ = vring.add_used(s.head, s.used_len);
+            put_used(index, state, inflight, s.head, s.used_len);
+            if s.resubmitted {
+                stats.resubmitted_completed += 1;
+                info!(
+                    queue = index,
+                    head = s.head,
+                    "resubmitted request completed"
+                );
+            }
             free.push(slot);
             n += 1;
         });
         if n > 0 {
-            let _ = vring.signal_used_queue();
+            let _ = state.signal_used_queue();
         }
         n
     }
@@ -542,6 +805,10 @@ impl Worker {
         self.drain(Duration::from_secs(5));
         self.vring = None;
         self.mem_atomic = None;
+        // The buffer belongs to the front end: the next one hands it over again.
+        self.inflight = None;
+        self.resubmit.clear();
+        self.resubmit_next = 0;
         if self.inflight() == 0 {
             self.mem = None;
         }
@@ -554,6 +821,49 @@ pub(crate) enum Wake {
     Kick,
     Completion,
     Resume,
+}
+
+/// Segments of `slot` (the first `n` of its share of `segments`).
+fn slot_segments(segments: &[IoSegment], slot: u16, n: u16) -> &[IoSegment] {
+    let base = slot as usize * HOST_SEGMENTS_MAX;
+    &segments[base..base + (n as usize).min(HOST_SEGMENTS_MAX)]
+}
+
+/// Marks the guest pages under `segs` dirty in the front end's log: the
+/// device wrote them through host pointers (zero copy, io_uring or socket
+/// reads), which vm-memory's own tracking does not see. A segment never
+/// crosses a region (the parser splits there).
+fn log_segments(mem: &GuestMem, segs: &[IoSegment]) {
+    for s in segs {
+        let addr = s.addr as usize;
+        for region in mem.iter() {
+            let base = region.as_ptr() as usize;
+            if addr >= base && addr - base < region.len() as usize {
+                region.bitmap().mark_dirty(addr - base, s.len);
+                break;
+            }
+        }
+    }
+}
+
+/// Puts `head` on the used ring, with the inflight buffer's protocol around
+/// it when there is one (see [`crate::inflight`]).
+fn put_used(
+    queue: usize,
+    state: &mut VringState<GuestMemAtomic>,
+    inflight: Option<&QueueInflight>,
+    head: u16,
+    len: u32,
+) {
+    if let Some(f) = inflight {
+        f.pre_put(head);
+    }
+    if let Err(e) = state.add_used(head, len) {
+        warn!(queue, head, error = %e, "cannot add to the used ring");
+    }
+    if let Some(f) = inflight {
+        f.post_put(head, state.get_queue().next_used());
+    }
 }
 
 fn status_for(e: &IoError) -> u32 {

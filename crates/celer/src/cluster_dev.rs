@@ -478,6 +478,7 @@ pub fn serve_vhost(
 ) -> Result<()> {
     let config = celer_vhost::cli::serve_config(a);
     let backend = Arc::new(celer_vhost::VhostUserBlk::new(&config, &*dev)?);
+    crate::migration_probe::start_fence_probe(&backend, dev.clone())?;
     if let Some((client, watch)) = follow {
         let b = backend.clone();
         watch.spawn(client, move |size_bytes| match b.grow(size_bytes) {
@@ -589,6 +590,9 @@ pub struct HandoffState {
     /// Set at the first I/O. Locked only when a queue opens its client
     /// queue (once per queue), never per I/O.
     client: std::sync::Mutex<Option<Arc<Client>>>,
+    /// The migration test's log of the take-over (a test hook, see
+    /// `migration_probe`).
+    takeover_log: Option<crate::migration_probe::TakeoverLog>,
 }
 
 impl HandoffState {
@@ -620,6 +624,7 @@ impl HandoffState {
             volume: volume.to_string(),
             opts,
             client: std::sync::Mutex::new(None),
+            takeover_log: crate::migration_probe::TakeoverLog::from_env()?,
         })))
     }
 
@@ -630,7 +635,11 @@ impl HandoffState {
             return Ok(c.clone());
         }
         let started = std::time::Instant::now();
+        let started_ns = crate::migration_probe::monotonic_ns();
         let (client, _keep) = open_client(&self.meta, &self.token, &self.volume, &self.opts)?;
+        if let Some(log) = &self.takeover_log {
+            log.takeover(started_ns, crate::migration_probe::monotonic_ns());
+        }
         tracing::info!(
             volume = self.volume,
             took_ms = started.elapsed().as_millis() as u64,
@@ -723,6 +732,10 @@ impl celer_device::DeviceQueue for HandoffQueue {
         &mut self,
         req: &celer_device::IoRequest<'_>,
     ) -> Result<(), celer_device::IoError> {
+        self.open_inner()?;
+        if let Some(log) = &self.dev.takeover_log {
+            log.submitting(req.op);
+        }
         let q = self.open_inner()?;
         // SAFETY: the caller's guarantee, passed on.
         unsafe { q.submit(req) }

@@ -9,6 +9,7 @@ mod engine_cmd;
 mod fio;
 mod libvirt;
 mod meta_cmd;
+mod migration_probe;
 mod node_cmd;
 mod scrub_cmd;
 mod up;
