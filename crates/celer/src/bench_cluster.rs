@@ -1043,7 +1043,10 @@ fn scrub_cost(
     println!(
         "  scrub throughput, all nodes: median {:.1} MiB/s (per round {:?})",
         mib(median(&rates)),
-        rates.iter().map(|r| (mib(*r) * 10.0).round() / 10.0).collect::<Vec<_>>()
+        rates
+            .iter()
+            .map(|r| (mib(*r) * 10.0).round() / 10.0)
+            .collect::<Vec<_>>()
     );
     Ok(())
 }
