@@ -42,7 +42,7 @@ pub enum EngineError {
         what: &'static str,
         errno_text: String,
     },
-    #[error("{path} is in use by another process (a running `celer node serve`, or another engine command): one process per disk; stop it first")]
+    #[error("{path} is in use by another process (a running `celer node serve`, or another engine command): one process per disk; stop it first (a running node checks its disk online: `celer scrub start`, `celer scrub status`)")]
     InUse { path: String },
     #[error("{path} is not a Celer engine disk (no Celer superblock); format it with `celer engine format`")]
     NotCeler { path: String },

@@ -92,6 +92,12 @@ pub struct ClusterBenchArgs {
     /// (0: skip it).
     #[arg(long, default_value_t = 5)]
     pub auth_rounds: u32,
+    /// Rounds of the scrub-cost comparison on this cluster: QD1 4 KiB reads
+    /// and writes with the nodes' scrub paused and running at its default
+    /// rate, taking turns; prints the latency change and the scrub's
+    /// throughput (0: skip it).
+    #[arg(long, default_value_t = 0)]
+    pub scrub_rounds: u32,
 }
 
 /// One workload: `queues` client queues on as many threads, `qd` requests in
@@ -938,6 +944,113 @@ fn auth_cost(args: &ClusterBenchArgs, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// POSTs `/v1/scrub/{action}` to every node.
+fn scrub_all(cluster: &Cluster, action: &str) -> Result<()> {
+    use std::io::{Read, Write};
+    for a in &cluster.admins {
+        let mut s = std::net::TcpStream::connect_timeout(a, Duration::from_secs(5))
+            .with_context(|| format!("node admin {a}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(
+            s,
+            "POST /v1/scrub/{action} HTTP/1.0\r\nAuthorization: Bearer {}\r\nContent-Length: 0\r\n\r\n",
+            cluster.token
+        )?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        anyhow::ensure!(
+            text.starts_with("HTTP/1.0 200"),
+            "scrub {action} on {a}: {}",
+            text.lines().last().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
+/// Data bytes the nodes' scrubs have read (their metrics).
+fn scrub_bytes(cluster: &Cluster) -> f64 {
+    let mut total = 0.0;
+    for a in &cluster.admins {
+        if let Ok(text) = http_get(*a, "/metrics") {
+            total += text
+                .lines()
+                .filter(|l| l.starts_with("celer_node_scrub_bytes_total"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>();
+        }
+    }
+    total
+}
+
+/// QD1 4 KiB latency with the scrub paused and running (default rate),
+/// alternating rounds on the filled volume; the scrub's throughput.
+fn scrub_cost(
+    args: &ClusterBenchArgs,
+    cluster: &Cluster,
+    queues: &mut [Box<dyn DeviceQueue>],
+) -> Result<()> {
+    eprintln!("scrub cost: QD1 rounds with the scrub paused and running");
+    let volume_blocks = args.volume_size / BLOCK_BYTES;
+    let runtime = Duration::from_secs(args.runtime as u64);
+    scrub_all(cluster, "start")?;
+    scrub_all(cluster, "pause")?;
+    // [workload][paused, running] mean latencies; scrub bytes/s per running round.
+    let mut figures: Vec<[Vec<f64>; 2]> = vec![[Vec::new(), Vec::new()], [Vec::new(), Vec::new()]];
+    let mut rates = Vec::new();
+    for (k, w) in WORKLOADS
+        .iter()
+        .filter(|w| w.qd == 1 && w.queues == 1)
+        .enumerate()
+    {
+        for round in 0..args.scrub_rounds as usize {
+            for side in [round % 2, 1 - round % 2] {
+                scrub_all(cluster, if side == 1 { "start" } else { "pause" })?;
+                let (b0, t0) = (scrub_bytes(cluster), Instant::now());
+                let m = run_celer(*w, queues, volume_blocks, runtime, args.poll_us, cluster)?;
+                if side == 1 {
+                    rates.push((scrub_bytes(cluster) - b0) / t0.elapsed().as_secs_f64());
+                }
+                figures[k][side].push(m.fig.mean_us);
+            }
+        }
+    }
+    scrub_all(cluster, "pause")?;
+    println!();
+    println!(
+        "scrub cost, QD1 4 KiB, mean latency per round ({} rounds of {} s each, alternating; the nodes' default scrub rate):",
+        args.scrub_rounds,
+        runtime.as_secs()
+    );
+    let median = |v: &[f64]| {
+        let mut s = v.to_vec();
+        s.sort_by(f64::total_cmp);
+        s[s.len() / 2]
+    };
+    for (k, w) in WORKLOADS
+        .iter()
+        .filter(|w| w.qd == 1 && w.queues == 1)
+        .enumerate()
+    {
+        let (off, on) = (&figures[k][0], &figures[k][1]);
+        let (moff, mon) = (median(off), median(on));
+        println!(
+            "  {:<14} scrub paused: median {moff:.1} µs   running: median {mon:.1} µs   change {:+.1} %",
+            w.name(),
+            (mon - moff) / moff * 100.0
+        );
+    }
+    let mib = |b: f64| b / (1 << 20) as f64;
+    println!(
+        "  scrub throughput, all nodes: median {:.1} MiB/s (per round {:?})",
+        mib(median(&rates)),
+        rates
+            .iter()
+            .map(|r| (mib(*r) * 10.0).round() / 10.0)
+            .collect::<Vec<_>>()
+    );
+    Ok(())
+}
+
 // ---------------------------------------------------------------- floor
 
 struct Floor {
@@ -1462,6 +1575,9 @@ pub fn run(args: &ClusterBenchArgs) -> Result<()> {
         peer.push(p);
     }
     print_report(&selected, &celer, &peer, &floor);
+    if args.scrub_rounds > 0 {
+        scrub_cost(args, &cluster, &mut queues)?;
+    }
     if args.auth_rounds > 0 {
         auth_cost(args, &dir)?;
     }
