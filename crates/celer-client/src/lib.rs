@@ -175,7 +175,16 @@ pub struct ClientConfig {
     /// A request not done after this long fails.
     pub op_deadline: Duration,
     pub read_policy: ReadPolicy,
+    /// A connection that carried no frame for a whole interval of this
+    /// gets a `Ping`, so a node's idle timeout (default 10 min) never
+    /// closes a quiet attachment's connections: keep it well below the
+    /// nodes' `--idle-timeout-s`. Zero: no keep-alive.
+    pub keepalive: Duration,
 }
+
+/// Default of [`ClientConfig::keepalive`]: a quiet connection is pinged
+/// within 2 minutes, far inside a node's default 10-minute idle timeout.
+pub const KEEPALIVE_DEFAULT: Duration = Duration::from_secs(60);
 
 impl ClientConfig {
     pub fn new(seeds: Vec<String>, volume: u64, size_bytes: u64, credential: Credential) -> Self {
@@ -190,6 +199,7 @@ impl ClientConfig {
             request_timeout: Duration::from_millis(500),
             op_deadline: Duration::from_secs(30),
             read_policy: ReadPolicy::Primary,
+            keepalive: KEEPALIVE_DEFAULT,
         }
     }
 }

@@ -56,6 +56,8 @@ const RECONNECT_PAUSE: Duration = Duration::from_millis(100);
 pub(crate) const HELLO_REQUEST_ID: u32 = u32::MAX;
 /// Request id of a `Renew`.
 pub(crate) const RENEW_REQUEST_ID: u32 = u32::MAX - 1;
+/// Request id of a keep-alive `Ping` ([`Net::keepalive`]).
+pub(crate) const PING_REQUEST_ID: u32 = u32::MAX - 2;
 /// Largest payload of the handshake frames a node sends (Challenge, Hello
 /// answer): they are read from the receive buffer whole.
 const HANDSHAKE_PAYLOAD_MAX: usize = 64;
@@ -159,6 +161,10 @@ struct Conn {
     /// EPOLLOUT is registered.
     want_out: bool,
     dirty: bool,
+    /// Frames queued on this connection (wrapping), and the count at the
+    /// last keep-alive round: equal means it carried nothing since.
+    queued: u32,
+    queued_seen: u32,
     rbuf: Box<[u8]>,
     rstart: usize,
     rend: usize,
@@ -409,6 +415,8 @@ impl Net {
                     front_sent: 0,
                     want_out: false,
                     dirty: false,
+                    queued: 0,
+                    queued_seen: 0,
                     rbuf: vec![0u8; RECV_BUFFER_BYTES].into_boxed_slice(),
                     rstart: 0,
                     rend: 0,
@@ -500,6 +508,7 @@ impl Net {
             owned: payload,
         };
         let c = &mut self.conns[id as usize];
+        c.queued = c.queued.wrapping_add(1);
         if first {
             debug_assert_eq!(c.front_sent, 0, "nothing is sent before the Hello");
             c.sendq.push_front(f);
@@ -562,6 +571,7 @@ impl Net {
 
     fn push(&mut self, id: ConnId, header: [u8; HEADER_BYTES], payload: Option<Payload>) {
         let c = &mut self.conns[id as usize];
+        c.queued = c.queued.wrapping_add(1);
         let p = payload.unwrap_or(Payload {
             slot: NO_SLOT,
             segs: std::ptr::null(),
@@ -581,6 +591,23 @@ impl Net {
         if !c.dirty {
             c.dirty = true;
             self.dirty.push(id);
+        }
+    }
+
+    /// A keep-alive round, once per keep-alive interval: every proven
+    /// connection that carried no frame since the last round gets a `Ping`,
+    /// so a node's idle timeout does not close a quiet attachment's
+    /// connections (the answer is dropped). Allocates nothing.
+    pub(crate) fn keepalive(&mut self) {
+        for id in 0..self.conns.len() as ConnId {
+            let c = &mut self.conns[id as usize];
+            let quiet = c.queued == c.queued_seen;
+            if quiet && c.state == State::Open && matches!(c.auth, Auth::Verified { .. }) {
+                let h = Header::request(Op::Ping, PING_REQUEST_ID);
+                self.push_control(id, h, Vec::new(), false);
+            }
+            let c = &mut self.conns[id as usize];
+            c.queued_seen = c.queued;
         }
     }
 
@@ -882,7 +909,10 @@ impl Net {
             };
             let handshake = (h.kind == Kind::Request && h.op == Op::Challenge)
                 || (h.kind == Kind::Response
-                    && matches!(h.request_id, HELLO_REQUEST_ID | RENEW_REQUEST_ID));
+                    && matches!(
+                        h.request_id,
+                        HELLO_REQUEST_ID | RENEW_REQUEST_ID | PING_REQUEST_ID
+                    ));
             if handshake {
                 if !self.handshake_frame(id, &h)? {
                     return Ok(()); // not whole yet
@@ -939,6 +969,9 @@ impl Net {
         c.rstart += HEADER_BYTES + plen;
         if h.op == Op::Challenge {
             return self.on_challenge(id, payload).map(|()| true);
+        }
+        if h.request_id == PING_REQUEST_ID {
+            return Ok(true);
         }
         if h.request_id == RENEW_REQUEST_ID {
             return match h.status {

@@ -1237,6 +1237,10 @@ pub(crate) struct ClientQueue {
     armed: Option<Instant>,
     /// The eventfd was signalled and not yet drained.
     woken: bool,
+    /// Keep-alive interval ([`ClientConfig::keepalive`]) and the next round
+    /// (None: keep-alive off).
+    keepalive: Duration,
+    keepalive_at: Option<Instant>,
 }
 
 // SAFETY: the raw pointers a queue holds (segments of requests in flight, in
@@ -1389,6 +1393,8 @@ impl ClientQueue {
             events: vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS_MAX].into_boxed_slice(),
             armed: None,
             woken: false,
+            keepalive: cfg.keepalive,
+            keepalive_at: (!cfg.keepalive.is_zero()).then(|| now + cfg.keepalive),
         })
     }
 
@@ -1435,8 +1441,10 @@ impl ClientQueue {
 
     /// Sets the timerfd to the next timer if it is earlier than what is set.
     fn arm_timer(&mut self) {
-        let Some(at) = self.core.next_scan_at else {
-            return;
+        let at = match (self.core.next_scan_at, self.keepalive_at) {
+            (Some(a), Some(b)) => a.min(b),
+            (Some(t), None) | (None, Some(t)) => t,
+            (None, None) => return,
         };
         if self.armed.is_some_and(|a| a <= at) {
             return;
@@ -1532,6 +1540,11 @@ impl DeviceQueue for ClientQueue {
             self.net
                 .expire_connects(self.core.now, self.core.request_timeout, &mut self.core);
             self.core.scan(&mut self.net);
+            self.settle();
+        }
+        if self.keepalive_at.is_some_and(|t| self.core.now >= t) {
+            self.keepalive_at = Some(self.core.now + self.keepalive);
+            self.net.keepalive();
             self.settle();
         }
         if !self.core.actions.is_empty() || self.net.has_unsent() {

@@ -13,6 +13,10 @@ use celer_route::{NodeInfo, RouteTable};
 use common::*;
 
 fn start_node(dir: &Path, id: u32) -> Node {
+    start_node_idle(dir, id, Some(celer_node::IDLE_TIMEOUT_DEFAULT))
+}
+
+fn start_node_idle(dir: &Path, id: u32, idle: Option<Duration>) -> Node {
     let disk = dir.join(format!("node{id}.img"));
     Engine::format(
         &disk,
@@ -24,11 +28,15 @@ fn start_node(dir: &Path, id: u32) -> Node {
         },
     )
     .expect("format");
-    run_node(dir, id)
+    run_node_idle(dir, id, idle)
 }
 
 /// Starts node `id` on its existing disk.
 fn run_node(dir: &Path, id: u32) -> Node {
+    run_node_idle(dir, id, Some(celer_node::IDLE_TIMEOUT_DEFAULT))
+}
+
+fn run_node_idle(dir: &Path, id: u32, idle: Option<Duration>) -> Node {
     let disk = dir.join(format!("node{id}.img"));
     Node::start(NodeConfig {
         disk,
@@ -44,6 +52,7 @@ fn run_node(dir: &Path, id: u32) -> Node {
         forward_timeout: Duration::from_millis(500),
         busy_poll: Duration::ZERO,
         insecure_no_auth: false,
+        idle_timeout: idle,
         scrub_bytes_per_sec: celer_node::SCRUB_RATE_DEFAULT,
         scrub_interval: celer_node::SCRUB_INTERVAL_DEFAULT,
     })
@@ -307,6 +316,11 @@ fn served(n: &Node, op: &str) -> u64 {
     )
 }
 
+/// The sum over shards of node `n`'s counter `name`.
+fn node_counter(n: &Node, name: &str) -> u64 {
+    metric(n, &format!("{name}{{"), &[])
+}
+
 /// Routing on real nodes: a 4 KiB write goes from the client to every
 /// member as `Write`; a 64 KiB write goes to the primary only, as
 /// `WritePrimary`, and reaches the others as `Write` forwarded by it.
@@ -367,6 +381,8 @@ fn small_writes_go_to_every_member_large_ones_through_the_primary() {
 fn metric(n: &Node, name: &str, labels: &[&str]) -> u64 {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(n.admin_addr()).expect("admin port");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
     s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
         .expect("request");
     let mut text = String::new();
@@ -897,4 +913,78 @@ fn two_attachments_writing_sectors_of_one_block_both_survive() {
             );
         }
     }
+}
+
+/// The node closes client connections silent for 1 s. A client whose
+/// queue pings quiet connections (every 300 ms here) keeps them through a
+/// quiet 2.5 s: the node closes none and takes no new one for the next
+/// read. Without keep-alive the node closes them and the next read
+/// reconnects (and still works).
+#[test]
+fn a_quiet_attachment_keeps_its_connections_through_the_idle_timeout() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let idle = Duration::from_secs(1);
+    let n = start_node_idle(dir.path(), 1, Some(idle));
+    let t = RouteTable::initial(vec![info(&n, true)], 4, 1, 1 << 20).unwrap();
+    assert!(n.install_route(t));
+    let opened = || node_counter(&n, "celer_node_client_connections_total");
+    let closed = || node_counter(&n, "celer_node_idle_closed_connections_total");
+    // (connections taken before the quiet time, closed by the idle
+    // timeout during it, taken by the read after it)
+    let quiet = |keepalive: Duration, seed: u64| -> (u64, u64, u64) {
+        let mut cfg = ClientConfig::new(
+            vec![n.data_addr().to_string()],
+            1,
+            32 << 20,
+            celer_client::mint_credential("t", 1, 3, false, Duration::from_secs(3600)),
+        );
+        cfg.keepalive = keepalive;
+        // (Connecting fetches the route on a connection of its own, closed
+        // at once: counted from after that.)
+        let client = Client::connect(cfg).unwrap();
+        let (opened0, closed0) = (opened(), closed());
+        let mut q = client.open_queue(0).unwrap();
+        let mut d = pattern(seed, 4096);
+        write(&mut q, 8192, &mut d).unwrap();
+        assert_eq!(read(&mut q, 8192, 4096).unwrap(), d);
+        let opened1 = opened();
+        // A front end with nothing to do: it sleeps on the completion fd
+        // and polls when woken (the keep-alive timer wakes it).
+        let fd = q.completion_fd().expect("completion fd");
+        let t0 = Instant::now();
+        while t0.elapsed() < idle * 5 / 2 {
+            let mut p = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one live pollfd.
+            unsafe { libc::poll(&mut p, 1, 100) };
+            assert_eq!(q.poll(&mut |_| {}), 0, "nothing was submitted");
+        }
+        let closed1 = closed();
+        // The volume works either way.
+        assert_eq!(read(&mut q, 8192, 4096).unwrap(), d);
+        let opened2 = opened();
+        drop(q);
+        drop(client);
+        (opened1 - opened0, closed1 - closed0, opened2 - opened1)
+    };
+    let (taken, closed_quiet, retaken) = quiet(Duration::from_millis(300), 1);
+    println!("keep-alive every 300 ms: {taken} connections, {closed_quiet} closed idle, {retaken} new for the read after 2.5 s");
+    assert!(taken > 0, "the client connected");
+    assert_eq!(
+        (closed_quiet, retaken),
+        (0, 0),
+        "keep-alive on: no connection closed idle, none taken anew"
+    );
+    let (taken, closed_quiet, retaken) = quiet(Duration::ZERO, 2);
+    println!("no keep-alive: {taken} connections, {closed_quiet} closed idle, {retaken} new for the read after 2.5 s");
+    assert_eq!(
+        closed_quiet, taken,
+        "keep-alive off: the node closed every connection after {idle:?}"
+    );
+    assert!(retaken > 0, "keep-alive off: the read reconnected");
+    n.stop().unwrap();
 }

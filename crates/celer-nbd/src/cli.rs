@@ -46,6 +46,46 @@ pub struct ServeArgs {
     pub connections: Option<usize>,
     #[command(flatten)]
     pub limits: LimitArgs,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// TLS and client authentication (see docs/security.md).
+#[derive(Args, Clone, Debug, Default)]
+pub struct TlsArgs {
+    /// Serve NBD over TLS with the X.509 credentials in this directory, in
+    /// qemu's tls-creds-x509 layout: ca-cert.pem, server-cert.pem,
+    /// server-key.pem (and ca-crl.pem if present). Clients must start
+    /// TLS (NBD_OPT_STARTTLS) and present a certificate signed by the CA.
+    #[arg(long, value_name = "DIR")]
+    pub tls_creds: Option<PathBuf>,
+    /// Do not ask clients for a certificate: encryption only, any client
+    /// may connect (qemu's verify-peer=off).
+    #[arg(long, requires = "tls_creds")]
+    pub tls_no_verify_peer: bool,
+    /// Only clients whose certificate subject is listed in this file may
+    /// connect: one subject per line as `openssl x509 -noout -subject
+    /// -nameopt RFC2253` prints it (e.g. CN=host1,O=Example), `#` comments.
+    /// Read again for every connection.
+    #[arg(long, value_name = "FILE", requires = "tls_creds")]
+    pub tls_allowed_clients: Option<PathBuf>,
+    /// Serve plain NBD on the Unix socket (--socket) as well; its file mode
+    /// guards it. By default TLS is required there too.
+    #[arg(long, requires = "tls_creds")]
+    pub tls_allow_plain_unix: bool,
+}
+
+impl TlsArgs {
+    /// The TLS settings, or None without --tls-creds.
+    pub fn config(&self) -> Option<crate::TlsConfig> {
+        let dir = self.tls_creds.clone()?;
+        Some(crate::TlsConfig {
+            dir,
+            verify_peer: !self.tls_no_verify_peer,
+            allowed_clients: self.tls_allowed_clients.clone(),
+            allow_plain_unix: self.tls_allow_plain_unix,
+        })
+    }
 }
 
 /// Admission caps and timeouts (see the crate doc).
@@ -126,6 +166,7 @@ pub fn run_serve_with(a: &ServeArgs, device: Arc<dyn BlockDevice>) -> anyhow::Re
         read_only: a.read_only,
         connections_max: a.connections,
         limits: a.limits.limits()?,
+        tls: a.tls.config(),
     };
     crate::serve(config, device)?;
     Ok(())

@@ -19,8 +19,9 @@ use std::time::{Duration, Instant};
 use celer_device::{BlockDevice, DeviceQueue, IoCompletion, IoError, IoOp, IoRequest, IoSegment};
 
 use crate::admission::Ticket;
-use crate::handshake::{negotiate, Outcome};
+use crate::handshake::{negotiate, Outcome, Phase, OPTIONS_MAX};
 use crate::proto::*;
+use crate::tls::TlsServer;
 use crate::{ConnLimits, Export};
 
 /// Requests one connection keeps in flight.
@@ -45,6 +46,11 @@ pub(crate) const RECEIVE_TIMEOUT_MS: u64 = 60_000;
 pub(crate) trait Stream: Read + Write + AsRawFd + Send {
     fn set_send_timeout(&self, t: Duration) -> std::io::Result<()>;
     fn set_receive_timeout(&self, t: Duration) -> std::io::Result<()>;
+    /// Input already taken from the socket and waiting in the stream (TLS
+    /// records decrypted ahead), which poll(2) on the socket cannot see.
+    fn has_buffered_input(&mut self) -> bool {
+        false
+    }
 }
 impl Stream for std::net::TcpStream {
     fn set_send_timeout(&self, t: Duration) -> std::io::Result<()> {
@@ -66,10 +72,10 @@ impl Stream for std::os::unix::net::UnixStream {
 /// The stream during the handshake: every read and write may take only
 /// what is left of one deadline for the whole handshake, so a client that
 /// trickles bytes cannot stretch it.
-struct HandshakeDeadline<'a, S: Stream> {
-    s: &'a mut S,
-    deadline: Instant,
-    timeout: Duration,
+pub(crate) struct HandshakeDeadline<'a, S: Stream> {
+    pub(crate) s: &'a mut S,
+    pub(crate) deadline: Instant,
+    pub(crate) timeout: Duration,
 }
 
 impl<S: Stream> HandshakeDeadline<'_, S> {
@@ -125,43 +131,97 @@ pub(crate) enum ConnError {
     Io(#[from] std::io::Error),
     #[error("protocol violation: {0}")]
     Protocol(String),
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("device queue: {0}")]
     Device(#[from] IoError),
     #[error("idle for {} ms with no request in flight (idle timeout)", .0.as_millis())]
     Idle(Duration),
 }
 
-pub(crate) fn run<S: Stream>(
-    mut s: S,
-    peer: &str,
-    index: usize,
-    device: &dyn BlockDevice,
-    export: &Export,
-    limits: &ConnLimits,
-    mut ticket: Ticket,
-) {
+/// What a connection needs besides its socket.
+pub(crate) struct ConnContext<'a> {
+    pub(crate) peer: &'a str,
+    pub(crate) index: usize,
+    pub(crate) device: &'a dyn BlockDevice,
+    pub(crate) export: &'a Export,
+    pub(crate) limits: &'a ConnLimits,
+    /// TLS credentials, if the server has them.
+    pub(crate) tls: Option<&'a TlsServer>,
+    /// Options other than STARTTLS are refused before TLS.
+    pub(crate) tls_required: bool,
+}
+
+pub(crate) fn run<S: Stream>(mut s: S, cx: &ConnContext<'_>, mut ticket: Ticket) {
+    let (peer, index) = (cx.peer, cx.index);
+    let timeout = cx.limits.handshake_timeout;
+    let deadline = Instant::now() + timeout;
+    let mut no_zeroes = false;
+    let mut options_left = OPTIONS_MAX;
+    let phase = if cx.tls_required {
+        Phase::TlsRequired
+    } else {
+        Phase::Plain {
+            tls_offered: cx.tls.is_some(),
+        }
+    };
     let negotiated = negotiate(
         &mut HandshakeDeadline {
             s: &mut s,
-            deadline: Instant::now() + limits.handshake_timeout,
-            timeout: limits.handshake_timeout,
+            deadline,
+            timeout,
         },
-        export,
+        cx.export,
+        phase,
+        &mut no_zeroes,
+        &mut options_left,
     );
-    ticket.handshake_done();
-    let timeouts = s
-        .set_send_timeout(Duration::from_millis(SEND_TIMEOUT_MS))
-        .and_then(|()| s.set_receive_timeout(Duration::from_millis(RECEIVE_TIMEOUT_MS)));
-    if let Err(e) = timeouts {
-        tracing::warn!(peer, connection = index, "cannot set socket timeouts: {e}");
-    }
-    let result = match negotiated {
-        Ok(Outcome::Transmission) => device
-            .open_queue(index)
-            .map_err(ConnError::from)
-            .and_then(|queue| Conn::new(s, queue, export, limits.idle_timeout).transmit()),
-        Ok(Outcome::Aborted) => Ok(()),
-        Err(e) => Err(e),
+    let result = match (negotiated, cx.tls) {
+        (Ok(Outcome::StartTls), Some(tls)) => match tls.accept(s, deadline, timeout) {
+            Ok((mut s, identity)) => {
+                let phase = if identity.denied.is_some() {
+                    Phase::Denied
+                } else {
+                    Phase::Tls
+                };
+                match &identity.subject {
+                    Some(subject) if phase == Phase::Tls => tracing::info!(
+                        peer,
+                        connection = index,
+                        %subject,
+                        "NBD client authenticated (TLS client certificate)"
+                    ),
+                    Some(_) => {}
+                    None => tracing::info!(
+                        peer,
+                        connection = index,
+                        "NBD connection on TLS (no client certificate asked)"
+                    ),
+                }
+                let negotiated = negotiate(
+                    &mut HandshakeDeadline {
+                        s: &mut s,
+                        deadline,
+                        timeout,
+                    },
+                    cx.export,
+                    phase,
+                    &mut no_zeroes,
+                    &mut options_left,
+                );
+                s.end_deadline();
+                match identity.denied {
+                    // Told why (NBD_REP_ERR_POLICY); never served.
+                    Some(why) => Err(ConnError::Tls(why)),
+                    None => serve(s, negotiated, cx, &mut ticket),
+                }
+            }
+            Err(e) => Err(e),
+        },
+        (Ok(Outcome::StartTls), None) => Err(ConnError::Protocol(
+            "STARTTLS acknowledged without TLS credentials (internal)".into(),
+        )),
+        (negotiated, _) => serve(s, negotiated, cx, &mut ticket),
     };
     drop(ticket);
     match result {
@@ -178,7 +238,39 @@ pub(crate) fn run<S: Stream>(
             "NBD client stopped sending a request or reading replies for {} s; connection closed",
             RECEIVE_TIMEOUT_MS.max(SEND_TIMEOUT_MS) / 1000
         ),
+        Err(ConnError::Tls(why)) => {
+            tracing::warn!(peer, connection = index, "refusing an NBD client: {why}")
+        }
         Err(e) => tracing::warn!(peer, connection = index, "NBD connection closed: {e}"),
+    }
+}
+
+/// The handshake is over: leave the handshake caps, set the transmission
+/// timeouts, and serve until the client leaves.
+fn serve<S: Stream>(
+    s: S,
+    negotiated: Result<Outcome, ConnError>,
+    cx: &ConnContext<'_>,
+    ticket: &mut Ticket,
+) -> Result<(), ConnError> {
+    ticket.handshake_done();
+    let timeouts = s
+        .set_send_timeout(Duration::from_millis(SEND_TIMEOUT_MS))
+        .and_then(|()| s.set_receive_timeout(Duration::from_millis(RECEIVE_TIMEOUT_MS)));
+    if let Err(e) = timeouts {
+        tracing::warn!(
+            peer = cx.peer,
+            connection = cx.index,
+            "cannot set socket timeouts: {e}"
+        );
+    }
+    match negotiated? {
+        Outcome::Transmission => {
+            let queue = cx.device.open_queue(cx.index)?;
+            Conn::new(s, queue, cx.export, cx.limits.idle_timeout).transmit()
+        }
+        Outcome::Aborted => Ok(()),
+        Outcome::StartTls => Err(ConnError::Protocol("STARTTLS over TLS (internal)".into())),
     }
 }
 
@@ -324,6 +416,10 @@ impl<'a, S: Stream> Conn<'a, S> {
             let accepting = !self.disconnecting
                 && !self.free.is_empty()
                 && self.inflight_bytes < INFLIGHT_BYTES_MAX;
+            if accepting && self.s.has_buffered_input() {
+                self.read_request()?;
+                continue;
+            }
             let mut fds = [libc::pollfd {
                 fd: -1,
                 events: libc::POLLIN,

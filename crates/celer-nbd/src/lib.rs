@@ -3,7 +3,7 @@
 //! engine and any other NBD client can use a Celer volume.
 //!
 //! Protocol: newstyle fixed handshake (OPT_GO, OPT_INFO, OPT_EXPORT_NAME,
-//! OPT_ABORT, OPT_LIST; everything else gets NBD_REP_ERR_UNSUP) and simple
+//! OPT_ABORT, OPT_LIST, OPT_STARTTLS; everything else gets NBD_REP_ERR_UNSUP) and simple
 //! replies. Commands READ, WRITE, FLUSH, TRIM, WRITE_ZEROES, DISC.
 //!
 //! Threads: one per connection. Each connection opens its own
@@ -37,17 +37,17 @@
 //! Unix socket connections have no source IP: the socket file's
 //! permissions guard them; the overall caps still apply.
 //!
-//! Authentication: none. Anyone who can reach the TCP listener can read and
-//! write the export, so listen on loopback or a private network, or use the
-//! Unix socket. Design note for adding it: the NBD protocol has no
-//! password option; the standard way is NBD_OPT_STARTTLS with TLS-PSK or
-//! client certificates (what qemu-nbd and nbdkit do, and what qemu's
-//! `tls-creds` object speaks). It would go in `handshake.rs`: refuse every
-//! option but STARTTLS/ABORT with NBD_REP_ERR_TLS_REQD until TLS is up
-//! ("FORCEDTLS" mode), then run the rest of the haggling and transmission
-//! over the TLS stream, and count the TLS handshake in the handshake
-//! deadline. Until then the admission caps above only bound the damage an
-//! unauthenticated peer can do to availability, not to the data.
+//! TLS and authentication ([`TlsConfig`], tls.rs): with a credentials
+//! directory in qemu's `tls-creds-x509` layout the server does
+//! NBD_OPT_STARTTLS and, on TCP, refuses every other option before it
+//! (NBD_REP_ERR_TLS_REQD; NBD_OPT_EXPORT_NAME closes the connection), then
+//! runs the rest of the haggling and the whole transmission over TLS
+//! (rustls). By default a client must present a certificate signed by the
+//! CA (qemu's `verify-peer=on`), and its subject may have to be on an
+//! allow-list file. The TLS handshake counts in the handshake deadline and
+//! the handshake caps. Without TLS there is no authentication: anyone who
+//! can reach the TCP listener can read and write the export, so listen on
+//! loopback or a private network, or use the Unix socket.
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
@@ -65,6 +65,10 @@ pub mod cli;
 mod conn;
 mod handshake;
 mod proto;
+mod tls;
+mod x509;
+
+pub use tls::{TlsConfig, TlsError};
 
 /// Largest NBD request (read or write payload) the server accepts.
 pub const REQUEST_MAX_BYTES: u32 = 32 << 20;
@@ -127,6 +131,8 @@ pub struct NbdConfig {
     pub connections_max: Option<usize>,
     /// Admission caps and timeouts.
     pub limits: ConnLimits,
+    /// TLS credentials and client authentication (None: plain NBD).
+    pub tls: Option<TlsConfig>,
 }
 
 impl NbdConfig {
@@ -138,6 +144,7 @@ impl NbdConfig {
             read_only: false,
             connections_max: None,
             limits: ConnLimits::default(),
+            tls: None,
         }
     }
 }
@@ -166,6 +173,8 @@ pub enum Error {
     Accept(std::io::Error),
     #[error("cannot start a connection thread: {0}")]
     Spawn(std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// The export as a client sees it; fixed for the server's life.
@@ -226,6 +235,7 @@ pub struct Server {
     export: Export,
     tcp: Option<TcpListener>,
     unix: Option<UnixListener>,
+    tls: Option<Arc<tls::TlsServer>>,
 }
 
 impl Server {
@@ -235,6 +245,10 @@ impl Server {
             return Err(Error::NoListener);
         }
         let export = Export::new(&config.export_name, &device.info(), config.read_only)?;
+        let tls = match &config.tls {
+            Some(t) => Some(Arc::new(tls::TlsServer::load(t)?)),
+            None => None,
+        };
         let tcp = match config.addr {
             Some(addr) => {
                 Some(TcpListener::bind(addr).map_err(|source| Error::BindTcp { addr, source })?)
@@ -260,6 +274,7 @@ impl Server {
             export,
             tcp,
             unix,
+            tls,
         })
     }
 
@@ -297,6 +312,8 @@ impl Server {
             socket = ?self.config.socket,
             size_bytes = self.export.size_bytes,
             read_only = self.export.read_only,
+            tls = ?self.config.tls.as_ref().map(|t| &t.dir),
+            client_certificates = self.config.tls.as_ref().is_some_and(|t| t.verify_peer),
             "NBD server listening"
         );
         while self.config.connections_max.is_none_or(|n| *accepted < n) {
@@ -332,7 +349,13 @@ impl Server {
                         Ok((s, peer)) => match admission.admit(Some(peer.ip())) {
                             Ok(ticket) => {
                                 let _ = s.set_nodelay(true);
-                                threads.push(self.spawn(s, peer.to_string(), *accepted, ticket)?);
+                                threads.push(self.spawn(
+                                    s,
+                                    peer.to_string(),
+                                    *accepted,
+                                    ticket,
+                                    self.tls.is_some(),
+                                )?);
                                 *accepted += 1;
                             }
                             // Dropping the stream closes it.
@@ -351,11 +374,14 @@ impl Server {
                     match l.accept() {
                         Ok((s, _)) => match admission.admit(None) {
                             Ok(ticket) => {
+                                let tls_required =
+                                    self.tls.as_ref().is_some_and(|t| !t.allows_plain_unix());
                                 threads.push(self.spawn(
                                     s,
                                     "unix".to_string(),
                                     *accepted,
                                     ticket,
+                                    tls_required,
                                 )?);
                                 *accepted += 1;
                             }
@@ -377,8 +403,10 @@ impl Server {
         peer: String,
         index: usize,
         ticket: admission::Ticket,
+        tls_required: bool,
     ) -> Result<JoinHandle<()>, Error> {
         let device = self.device.clone();
+        let tls = self.tls.clone();
         let limits = self.config.limits.clone();
         let mut export = self.export.clone();
         // A volume that grew online is exported at its new size to each
@@ -392,18 +420,24 @@ impl Server {
         std::thread::Builder::new()
             .name(format!("celer-nbd-{index}"))
             .spawn(move || {
-                conn::run(
-                    stream,
-                    &peer,
+                let cx = conn::ConnContext {
+                    peer: &peer,
                     index,
-                    device.as_ref(),
-                    &export,
-                    &limits,
-                    ticket,
-                )
+                    device: device.as_ref(),
+                    export: &export,
+                    limits: &limits,
+                    tls: tls.as_deref(),
+                    tls_required,
+                };
+                conn::run(stream, &cx, ticket)
             })
             .map_err(Error::Spawn)
     }
+}
+
+/// Loads TLS credentials as a server would, to report a mistake early.
+pub fn check_tls(config: &TlsConfig) -> Result<(), TlsError> {
+    tls::TlsServer::load(config).map(drop)
 }
 
 /// Serves `device` as configured; blocks (see [`Server::run`]).

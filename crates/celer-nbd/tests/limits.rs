@@ -11,42 +11,11 @@ mod common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::os::fd::FromRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use celer_nbd::{ConnLimits, NbdConfig, Server};
 use common::*;
-
-/// A TCP connection to `to` whose source address is `from`.
-fn connect_from(from: Ipv4Addr, to: SocketAddr) -> TcpStream {
-    let SocketAddr::V4(to) = to else {
-        panic!("IPv4 only")
-    };
-    let sockaddr = |ip: Ipv4Addr, port: u16| libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(ip).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    // SAFETY: plain socket calls on a descriptor this function owns (the
-    // TcpStream closes it), with sockaddr_in values that outlive the calls.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-        let stream = TcpStream::from_raw_fd(fd);
-        let src = sockaddr(from, 0);
-        let rc = libc::bind(fd, &src as *const _ as *const libc::sockaddr, len);
-        assert_eq!(rc, 0, "bind {from}: {}", std::io::Error::last_os_error());
-        let dst = sockaddr(*to.ip(), to.port());
-        let rc = libc::connect(fd, &dst as *const _ as *const libc::sockaddr, len);
-        assert_eq!(rc, 0, "connect {to}: {}", std::io::Error::last_os_error());
-        stream
-    }
-}
 
 /// Reads until the server closes; (bytes received, seconds since `t0`).
 fn wait_closed(mut s: TcpStream, t0: Instant, limit: Duration) -> (usize, f64) {

@@ -84,6 +84,8 @@ pub(crate) struct Conn {
     pub(crate) ops: usize,
     /// Since when a frame's header is in but not its whole payload.
     pub(crate) partial_since: Option<Instant>,
+    /// When the peer last sent anything (the idle timeout).
+    pub(crate) last_input: Instant,
     /// Its place in the node's connection counts (inbound).
     pub(crate) _ticket: Option<ConnTicket>,
 }
@@ -130,6 +132,7 @@ impl Conn {
             borrowed: 0,
             ops: 0,
             partial_since: None,
+            last_input: Instant::now(),
             _ticket: ticket,
         }
     }

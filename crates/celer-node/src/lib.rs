@@ -74,6 +74,12 @@ pub struct NodeConfig {
     /// capability (it may do anything): only to measure what
     /// authentication costs; refused unless `listen` is a loopback address.
     pub insecure_no_auth: bool,
+    /// Close a client's (attachment's) data connection that sent nothing
+    /// for this long while none of its requests is in flight (None:
+    /// never). Clients ping quiet connections every
+    /// `celer_client::KEEPALIVE_DEFAULT` (60 s), so a quiet attachment
+    /// keeps its connections; one whose host vanished loses them.
+    pub idle_timeout: Option<Duration>,
     /// Scrub rate: data bytes read per second by the whole node (shared
     /// by its shards; 0: no scrub). See [`SCRUB_RATE_DEFAULT`].
     pub scrub_bytes_per_sec: u64,
@@ -87,6 +93,8 @@ pub struct NodeConfig {
 pub const SCRUB_RATE_DEFAULT: u64 = 8 << 20;
 /// Default time between scrub passes.
 pub const SCRUB_INTERVAL_DEFAULT: Duration = Duration::from_secs(24 * 3600);
+/// Default of [`NodeConfig::idle_timeout`].
+pub const IDLE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -574,6 +582,7 @@ impl Node {
             let cfg = shard::ShardConfig {
                 forward_timeout: cfg.forward_timeout,
                 busy_poll: cfg.busy_poll,
+                idle_timeout: cfg.idle_timeout,
                 scrub_bytes_per_sec: cfg.scrub_bytes_per_sec / shard_count.max(1) as u64,
                 scrub_interval: cfg.scrub_interval,
             };

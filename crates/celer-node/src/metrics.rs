@@ -74,6 +74,8 @@ pub struct NodeMetrics {
     backfill_moved: Family<ShardLabel, Gauge>,
     backfill_listed: Family<ShardLabel, Gauge>,
     backfill_unlisted: Family<ShardLabel, Gauge>,
+    client_conns: Family<ShardLabel, Counter>,
+    idle_closed: Family<ShardLabel, Counter>,
     repairs: Family<RepairLabels, Counter>,
     scrub_bytes: Family<ShardLabel, Counter>,
     scrub_damaged: Family<ShardLabel, Counter>,
@@ -94,6 +96,8 @@ pub(crate) struct ShardCounters {
     backfill_moved: Gauge,
     backfill_listed: Gauge,
     backfill_unlisted: Gauge,
+    client_conns: Counter,
+    idle_closed: Counter,
     /// By `RepairResult` (in its order).
     repairs: [Counter; 4],
     scrub_bytes: Counter,
@@ -116,6 +120,8 @@ impl NodeMetrics {
         let backfill_moved = Family::<ShardLabel, Gauge>::default();
         let backfill_listed = Family::<ShardLabel, Gauge>::default();
         let backfill_unlisted = Family::<ShardLabel, Gauge>::default();
+        let client_conns = Family::<ShardLabel, Counter>::default();
+        let idle_closed = Family::<ShardLabel, Counter>::default();
         let repairs = Family::<RepairLabels, Counter>::default();
         let scrub_bytes = Family::<ShardLabel, Counter>::default();
         let scrub_damaged = Family::<ShardLabel, Counter>::default();
@@ -172,6 +178,16 @@ impl NodeMetrics {
             backfill_unlisted.clone(),
         );
         registry.register(
+            "client_connections",
+            "Client (attachment) connections this shard took over after their Hello (a client reconnecting counts again)",
+            client_conns.clone(),
+        );
+        registry.register(
+            "idle_closed_connections",
+            "Client connections this shard closed because they sent nothing for the idle timeout",
+            idle_closed.clone(),
+        );
+        registry.register(
             "route_epoch",
             "Epoch of the installed route table",
             epoch.clone(),
@@ -186,6 +202,8 @@ impl NodeMetrics {
             backfill_moved,
             backfill_listed,
             backfill_unlisted,
+            client_conns,
+            idle_closed,
             repairs,
             scrub_bytes,
             scrub_damaged,
@@ -225,6 +243,14 @@ impl NodeMetrics {
                 .clone(),
             backfill_unlisted: self
                 .backfill_unlisted
+                .get_or_create(&ShardLabel { shard })
+                .clone(),
+            client_conns: self
+                .client_conns
+                .get_or_create(&ShardLabel { shard })
+                .clone(),
+            idle_closed: self
+                .idle_closed
                 .get_or_create(&ShardLabel { shard })
                 .clone(),
             repairs: REPAIR_RESULTS.map(|result| {
@@ -267,6 +293,12 @@ impl ShardCounters {
     }
     pub(crate) fn add_backfill_bytes(&self, n: u64) {
         self.backfill_bytes.inc_by(n);
+    }
+    pub(crate) fn client_connected(&self) {
+        self.client_conns.inc();
+    }
+    pub(crate) fn idle_closed(&self) {
+        self.idle_closed.inc();
     }
     pub(crate) fn add_scrub_bytes(&self, n: u64) {
         self.scrub_bytes.inc_by(n);

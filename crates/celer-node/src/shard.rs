@@ -40,6 +40,7 @@ use crate::{AgentMsg, BackfillProgress, Installed, NodeError, NodeShared, ShardM
 pub(crate) struct ShardConfig {
     pub(crate) forward_timeout: Duration,
     pub(crate) busy_poll: Duration,
+    pub(crate) idle_timeout: Option<Duration>,
     /// This shard's share of the node's scrub rate (0: off).
     pub(crate) scrub_bytes_per_sec: u64,
     pub(crate) scrub_interval: Duration,
@@ -222,6 +223,10 @@ struct ShardLoop {
     /// Connections with output to send.
     dirty: Vec<usize>,
     forwards_inflight: usize,
+    /// When epoll_wait last returned: the input time of the connections it
+    /// reported (the idle timeout), one clock read per wake-up rather than
+    /// one per readable connection.
+    woke_at: Instant,
     backfills: Vec<Backfill>,
     /// Dropped backfills whose engine writes are still in flight: their
     /// buffers must outlive those writes.
@@ -337,6 +342,7 @@ pub(crate) fn run(
         forwards_inflight: 0,
         backfills: Vec::new(),
         retired: Vec::new(),
+        woke_at: Instant::now(),
         backfill_serial: 0,
         backfill_seq: 0,
         round_bytes: 0,
@@ -435,6 +441,9 @@ pub(crate) fn run(
                 what: "epoll_wait".into(),
                 source: e,
             });
+        }
+        if n > 0 {
+            s.woke_at = Instant::now();
         }
         for ev in &events[..n as usize] {
             let (token, bits) = (ev.u64, ev.events);
@@ -627,15 +636,18 @@ impl ShardLoop {
         let hello = hs.hello;
         let (auth, volume) = match hs.peer {
             Peer::Node { .. } => (ConnAuth::Node, None),
-            Peer::Attachment(cap) => (
-                ConnAuth::Attachment {
-                    cap,
-                    node_nonce: hs.node_nonce,
-                    shard: hello.offset as u16,
-                    sender: hello.volume,
-                },
-                Some(cap.volume),
-            ),
+            Peer::Attachment(cap) => {
+                self.counters.client_connected();
+                (
+                    ConnAuth::Attachment {
+                        cap,
+                        node_nonce: hs.node_nonce,
+                        shard: hello.offset as u16,
+                        sender: hello.volume,
+                    },
+                    Some(cap.volume),
+                )
+            }
         };
         let idx = self.new_conn(hs.stream, None, auth, Some(hs.ticket), false);
         let mut r = Header::response_to(&hello, Status::Ok);
@@ -811,6 +823,7 @@ impl ShardLoop {
         let Some(conn) = self.conns[c].as_mut() else {
             return;
         };
+        conn.last_input = self.woke_at;
         match conn.fill() {
             Ok(true) => {}
             Ok(false) => {
@@ -1525,6 +1538,23 @@ impl ShardLoop {
                     c,
                     &format!("a frame was not received whole within {FRAME_TIMEOUT:?}"),
                 );
+            }
+            // Attachments only: node connections are few and their ends
+            // reconnect on their own. A connection we stopped reading
+            // (blocked sending, starved of buffer room) is not idle.
+            let idle = self.cfg.idle_timeout.filter(|&idle| {
+                self.conns[c].as_ref().is_some_and(|x| {
+                    matches!(x.auth, ConnAuth::Attachment { .. })
+                        && x.ops == 0
+                        && x.unsent() == 0
+                        && !x.send_blocked
+                        && !x.starved
+                        && now.duration_since(x.last_input) > idle
+                })
+            });
+            if let Some(idle) = idle {
+                self.counters.idle_closed();
+                self.close_conn(c, &format!("sent nothing for {idle:?} (idle timeout)"));
             }
         }
         if self.forwards_inflight > 0 {

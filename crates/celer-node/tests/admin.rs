@@ -36,6 +36,7 @@ fn start_node(disk: &Path, state: &Path) -> Node {
         forward_timeout: Duration::from_millis(500),
         busy_poll: Duration::ZERO,
         insecure_no_auth: false,
+        idle_timeout: Some(celer_node::IDLE_TIMEOUT_DEFAULT),
         scrub_bytes_per_sec: celer_node::SCRUB_RATE_DEFAULT,
         scrub_interval: celer_node::SCRUB_INTERVAL_DEFAULT,
     })

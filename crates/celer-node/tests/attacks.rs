@@ -432,3 +432,97 @@ fn drain_for(s: &mut TcpStream, limit: Duration) -> Vec<u8> {
     let _ = s.read_to_end(&mut out);
     out
 }
+
+/// How long until the node closes `s` (reading and dropping what it
+/// sends), or None if it is still open after `limit`.
+fn closed_within(mut s: TcpStream, limit: Duration) -> Option<Duration> {
+    let t0 = Instant::now();
+    let mut b = [0u8; 256];
+    loop {
+        let left = limit.checked_sub(t0.elapsed())?;
+        s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .expect("timeout");
+        match s.read(&mut b) {
+            Ok(0) => return Some(t0.elapsed()),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Some(t0.elapsed()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return None
+            }
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+}
+
+/// The idle timeout: a client connection that sends nothing is closed once
+/// it has been silent that long; one that pings stays (also once its
+/// capability expired: a Ping needs no valid capability, so a renewal that
+/// comes late does not cost the connection), and so does a node's
+/// connection (node connections are not timed out).
+#[test]
+fn silent_client_connections_are_closed_at_the_idle_timeout_and_others_stay() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let idle = Duration::from_secs(1);
+    let n = start_node_idle(dir.path(), 1, Some(idle));
+    let owner = cap(1, 5, false, u64::MAX);
+    let silent = Wire::connect_as(&n, 0, &owner).expect("hello");
+    let expires = now_ms() + 1000;
+    let mut pinging = Wire::connect_as(&n, 0, &cap(1, 5, false, expires)).expect("hello");
+    let mut node = Wire::connect(&n, 1);
+    let closed = std::thread::spawn(move || closed_within(silent.s, Duration::from_secs(5)));
+    let t0 = Instant::now();
+    let mut pings = 0;
+    while t0.elapsed() < Duration::from_millis(2500) {
+        let id = pinging.next_id;
+        pinging.next_id += 1;
+        let (r, _) = pinging.call(Header::request(Op::Ping, id), &[]);
+        assert_eq!(r.status, Status::Ok, "ping {pings}");
+        pings += 1;
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(now_ms() > expires + 1000, "pinged past the expiry");
+    let h = pinging.req(Op::Read, 0, 1, 0, 4096);
+    let (r, _) = pinging.call(h, &[]);
+    assert_eq!(r.status, Status::Expired, "a read needs a valid capability");
+    let after = closed
+        .join()
+        .expect("silent")
+        .expect("the silent client connection was closed within 5 s");
+    println!(
+        "idle timeout {idle:?}: the silent client connection closed after {after:?}; {pings} pings kept the other open for {:?}",
+        t0.elapsed()
+    );
+    assert!(
+        after >= idle && after < idle + Duration::from_millis(500),
+        "closed after {after:?}, the idle timeout is {idle:?}"
+    );
+    let (r, _) = node.call(Header::request(Op::Ping, 900), &[]);
+    assert_eq!(
+        r.status,
+        Status::Ok,
+        "the node connection, silent 2.5 s, stays"
+    );
+    n.stop().expect("stop");
+}
+
+/// A half-open connection (no Hello) is bounded by the handshake deadline
+/// (3 s), not by the idle timeout: closed at 3 s with the idle timeout off.
+#[test]
+fn a_connection_without_a_hello_is_closed_at_the_handshake_deadline() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let n = start_node_idle(dir.path(), 1, None);
+    let s = TcpStream::connect(n.data_addr()).expect("connect");
+    let after = closed_within(s, Duration::from_secs(10))
+        .expect("a connection without a Hello is closed within 10 s");
+    println!("no Hello: closed after {after:?}");
+    assert!(
+        after >= Duration::from_millis(2900) && after < Duration::from_millis(3500),
+        "closed after {after:?}; the handshake deadline is 3 s"
+    );
+    n.stop().expect("stop");
+}

@@ -68,6 +68,11 @@ pub struct NodeServeArgs {
     /// Keep polling this many µs after activity before sleeping (0 on shared cores).
     #[arg(long, default_value_t = 0)]
     pub busy_poll_us: u64,
+    /// Close a client connection that sent nothing for this many seconds
+    /// while none of its requests is in flight (0: never). Clients ping a
+    /// quiet connection every 60 s, so keep it well above that.
+    #[arg(long, default_value_t = celer_node::IDLE_TIMEOUT_DEFAULT.as_secs())]
+    pub idle_timeout_s: u64,
     /// Serve the data port without checking credentials (any peer may read
     /// and write any volume). Only for measuring what authentication costs
     /// (`celer bench cluster`); refused unless --listen is a loopback address.
@@ -104,6 +109,12 @@ pub fn config(a: &NodeServeArgs) -> Result<celer_node::NodeConfig> {
     anyhow::ensure!(
         a.meta.is_some() || a.node_id.is_some(),
         "give --meta URL (a control service assigns the id) or --node-id N"
+    );
+    anyhow::ensure!(
+        a.idle_timeout_s == 0 || a.idle_timeout_s >= 180,
+        "--idle-timeout-s {}: give 0 (never) or at least 180: clients ping a quiet connection every {} s",
+        a.idle_timeout_s,
+        celer_client::KEEPALIVE_DEFAULT.as_secs()
     );
     if let Some(size) = a.create {
         let is_celer = celer_engine::Engine::identify(&a.disk).is_ok();
@@ -161,6 +172,7 @@ pub fn config(a: &NodeServeArgs) -> Result<celer_node::NodeConfig> {
         forward_timeout: Duration::from_millis(a.forward_timeout_ms),
         busy_poll: Duration::from_micros(a.busy_poll_us),
         insecure_no_auth: a.insecure_no_auth,
+        idle_timeout: (a.idle_timeout_s > 0).then(|| Duration::from_secs(a.idle_timeout_s)),
         scrub_bytes_per_sec: a.scrub_rate,
         scrub_interval: scrub_interval(a.scrub_interval_hours)?,
     })

@@ -36,6 +36,16 @@ pub struct UpArgs {
     /// NBD over TCP.
     #[arg(long, default_value = "127.0.0.1:10809")]
     pub nbd_listen: SocketAddr,
+    /// Serve NBD over TCP with TLS, credentials in this directory in
+    /// qemu's tls-creds-x509 layout (ca-cert.pem, server-cert.pem,
+    /// server-key.pem); clients need a certificate from that CA. The Unix
+    /// socket stays plain (its directory guards it).
+    #[arg(long, value_name = "DIR")]
+    pub nbd_tls_creds: Option<PathBuf>,
+    /// With --nbd-tls-creds: only these client certificate subjects, one
+    /// per line (e.g. CN=host1,O=Example); read for every connection.
+    #[arg(long, value_name = "FILE", requires = "nbd_tls_creds")]
+    pub nbd_tls_allowed_clients: Option<PathBuf>,
     /// Virtqueues of the vhost-user-blk export.
     #[arg(long, default_value_t = 2)]
     pub queues: usize,
@@ -151,6 +161,7 @@ pub fn run(a: &UpArgs) -> Result<()> {
             forward_timeout: Duration::from_millis(500),
             busy_poll: Duration::ZERO,
             insecure_no_auth: false,
+            idle_timeout: Some(celer_node::IDLE_TIMEOUT_DEFAULT),
             scrub_bytes_per_sec: celer_node::SCRUB_RATE_DEFAULT,
             scrub_interval: celer_node::SCRUB_INTERVAL_DEFAULT,
         })
@@ -251,7 +262,17 @@ pub fn run(a: &UpArgs) -> Result<()> {
             read_only: false,
             connections: None,
             limits: Default::default(),
+            tls: celer_nbd::cli::TlsArgs {
+                tls_creds: a.nbd_tls_creds.clone(),
+                tls_no_verify_peer: false,
+                tls_allowed_clients: a.nbd_tls_allowed_clients.clone(),
+                tls_allow_plain_unix: true,
+            },
         };
+        // Bad credentials stop `celer up` here, not in the NBD thread.
+        if let Some(tls) = args.tls.config() {
+            celer_nbd::check_tls(&tls).context("--nbd-tls-creds")?;
+        }
         std::thread::Builder::new()
             .name("celer-up-nbd".into())
             .spawn(move || {
@@ -323,7 +344,16 @@ fn print_attach(
         dir.display()
     );
     println!("  vhost-user-blk   {}", vhost.display());
-    println!("  NBD              nbd://{}/{name}", a.nbd_listen);
+    match &a.nbd_tls_creds {
+        None => println!("  NBD              nbd://{}/{name}", a.nbd_listen),
+        Some(creds) => {
+            println!(
+                "  NBD (TLS)        {} (credentials {}; clients need a certificate from its CA)",
+                a.nbd_listen,
+                creds.display()
+            );
+        }
+    }
     println!(
         "                   nbd+unix:///{name}?socket={}",
         nbd.display()
@@ -353,6 +383,13 @@ fn print_attach(
         "Or over NBD: qemu-img info 'nbd+unix:///{name}?socket={}'",
         nbd.display()
     );
+    if a.nbd_tls_creds.is_some() {
+        println!(
+            "Over NBD with TLS (CLIENT_DIR: ca-cert.pem, client-cert.pem, client-key.pem):\n  qemu-img info --object tls-creds-x509,id=tls0,endpoint=client,dir=CLIENT_DIR \\\n    --image-opts driver=nbd,server.type=inet,server.host={},server.port={},export={name},tls-creds=tls0",
+            a.nbd_listen.ip(),
+            a.nbd_listen.port()
+        );
+    }
     println!(
         "Cluster health: celer status --meta {meta_url} --token-file {}/token",
         dir.display()

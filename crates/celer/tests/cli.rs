@@ -111,6 +111,19 @@ fn serve_commands_reject_bad_devices() {
     let sock = dir.path().join("s.sock");
     let s = sock.to_str().expect("utf-8");
     fails_with(
+        &[
+            "nbd",
+            "serve",
+            "--socket",
+            s,
+            "--device",
+            "null:1M",
+            "--tls-creds",
+            "/nonexistent/creds",
+        ],
+        "cannot read /nonexistent/creds/server-cert.pem",
+    );
+    fails_with(
         &["vhost", "serve", "--socket", s, "--device", "engine:"],
         "needs a path",
     );
@@ -230,6 +243,26 @@ fn node_up_and_daemon_settings_errors() {
         ],
         "invalid value 'nowhere'",
     );
+    // The idle timeout must leave room for the clients' keep-alive (60 s);
+    // refused before any disk is made.
+    fails_with(
+        &[
+            "node",
+            "serve",
+            "--disk",
+            disk,
+            "--create",
+            "1G",
+            "--token",
+            "t",
+            "--node-id",
+            "1",
+            "--idle-timeout-s",
+            "30",
+        ],
+        "--idle-timeout-s 30: give 0 (never) or at least 180",
+    );
+    assert!(!d.join("disk.img").exists(), "no disk made");
     let empty = d.join("empty-token");
     std::fs::write(&empty, "\n# nothing\n").expect("write");
     fails_with(

@@ -164,6 +164,7 @@ pub fn start(
         read_only,
         connections_max,
         limits: Default::default(),
+        tls: None,
     };
     let server = Server::bind(config, device).expect("bind");
     let addr = server.tcp_addr();
@@ -362,4 +363,34 @@ pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[0] ^ seed)
         .collect()
+}
+
+/// A TCP connection to `to` whose source address is `from`.
+pub fn connect_from(from: std::net::Ipv4Addr, to: std::net::SocketAddr) -> std::net::TcpStream {
+    let std::net::SocketAddr::V4(to) = to else {
+        panic!("IPv4 only")
+    };
+    let sockaddr = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket calls on a descriptor this function owns (the
+    // TcpStream closes it), with sockaddr_in values that outlive the calls.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let stream = <std::net::TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd);
+        let src = sockaddr(from, 0);
+        let rc = libc::bind(fd, &src as *const _ as *const libc::sockaddr, len);
+        assert_eq!(rc, 0, "bind {from}: {}", std::io::Error::last_os_error());
+        let dst = sockaddr(*to.ip(), to.port());
+        let rc = libc::connect(fd, &dst as *const _ as *const libc::sockaddr, len);
+        assert_eq!(rc, 0, "connect {to}: {}", std::io::Error::last_os_error());
+        stream
+    }
 }

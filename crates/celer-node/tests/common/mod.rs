@@ -17,6 +17,11 @@ use celer_route::{NodeInfo, RouteTable};
 pub const TOKEN: &str = "test-token";
 
 pub fn start_node(dir: &Path, id: u32) -> Node {
+    start_node_idle(dir, id, Some(celer_node::IDLE_TIMEOUT_DEFAULT))
+}
+
+/// A node whose client connections close after `idle` without input.
+pub fn start_node_idle(dir: &Path, id: u32, idle: Option<Duration>) -> Node {
     let disk = dir.join(format!("node{id}.img"));
     if !disk.exists() {
         Engine::format(
@@ -44,6 +49,7 @@ pub fn start_node(dir: &Path, id: u32) -> Node {
         forward_timeout: Duration::from_millis(500),
         busy_poll: Duration::ZERO,
         insecure_no_auth: false,
+        idle_timeout: idle,
         scrub_bytes_per_sec: celer_node::SCRUB_RATE_DEFAULT,
         scrub_interval: celer_node::SCRUB_INTERVAL_DEFAULT,
     })
