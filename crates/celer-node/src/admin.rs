@@ -294,6 +294,7 @@ pub(crate) fn scrub_json(shared: &NodeShared) -> serde_json::Value {
                 "last_pass_bytes": r(&c.last_pass_bytes),
                 "bytes": r(&c.bytes),
                 "damaged_blocks": r(&c.damaged),
+                "behind_blocks": r(&c.behind),
             })
         })
         .collect();
@@ -306,6 +307,7 @@ pub(crate) fn scrub_json(shared: &NodeShared) -> serde_json::Value {
         "passes": shared.scrub.shards.iter().map(|c| r(&c.passes)).min().unwrap_or(0),
         "bytes": sum(|c| c.bytes.load(Ordering::Relaxed)),
         "damaged_blocks": sum(|c| c.damaged.load(Ordering::Relaxed)),
+        "behind_blocks": sum(|c| c.behind.load(Ordering::Relaxed)),
         "shards": shards,
     })
 }

@@ -23,13 +23,13 @@ mod repair;
 use celer_proto::auth::{Credential, HelloProof, Peer, NONCE_BYTES};
 use celer_proto::{
     clock_limit_at, version_clock, version_writer, Header, Kind, Op, Status, FLAG_SECTORS,
-    SECTOR_BYTES,
+    FLAG_STATES_ONLY, SECTOR_BYTES,
 };
 use celer_route::NodeId;
 pub(crate) use repair::RepairResult;
 use repair::{Repair, REQ_REPAIR, TAG_REPAIR};
 mod scrub;
-use scrub::{Scrub, TAG_SCRUB};
+use scrub::{Scrub, REQ_COMPARE, TAG_SCRUB};
 pub(crate) use scrub::{ScrubCell, ScrubShared};
 
 use crate::conn::{Conn, ConnAuth, Frame, Next, SEND_HIGH_BYTES, SEND_LOW_BYTES};
@@ -259,6 +259,7 @@ struct ShardLoop {
     repair_serial: u32,
     repair_seq: u32,
     scrub: Scrub,
+    compare_seq: u32,
 }
 
 pub(crate) fn run(
@@ -360,6 +361,7 @@ pub(crate) fn run(
         repair_serial: 0,
         repair_seq: 0,
         scrub,
+        compare_seq: 0,
     };
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
     let mut last_activity = Instant::now();
@@ -1204,6 +1206,9 @@ impl ShardLoop {
                 if self.older_writes_in_flight(h.epoch) {
                     return self.reject(c, h, Status::Busy);
                 }
+                if h.flags == FLAG_STATES_ONLY {
+                    return self.serve_states(c, h);
+                }
                 let tb = (len / BLOCK_SIZE * STATE_BYTES).next_multiple_of(BLOCK_SIZE);
                 (tb, tb + len)
             }
@@ -1471,7 +1476,9 @@ impl ShardLoop {
                 .as_ref()
                 .map(|conn| conn.payload(f).to_vec())
                 .unwrap_or_default();
-            if h.request_id & REQ_REPAIR == REQ_REPAIR {
+            if h.request_id & REQ_COMPARE == REQ_COMPARE {
+                self.scrub_compare_response(&h, &payload);
+            } else if h.request_id & REQ_REPAIR == REQ_REPAIR {
                 self.repair_response(c, &h, &payload);
             } else {
                 self.backfill_response(c, &h, &payload);
@@ -1763,6 +1770,26 @@ impl ShardLoop {
         self.ops.iter().any(|o| {
             o.busy && matches!(o.kind, OpKind::Mutate | OpKind::Primary) && o.req.epoch < epoch
         })
+    }
+
+    /// A `BackfillRead` with `FLAG_STATES_ONLY`: the state table of the
+    /// range (version and kind per block, `STATE_BYTES` each), no data.
+    /// Only a scrub asks (rarely, a 64 KiB piece at a time).
+    fn serve_states(&mut self, c: usize, h: &Header) {
+        if !h.offset.is_multiple_of(BLOCK_SIZE as u64)
+            || !(h.length as usize).is_multiple_of(BLOCK_SIZE)
+        {
+            return self.reject(c, h, Status::Invalid);
+        }
+        let blocks = h.length as usize / BLOCK_SIZE;
+        let mut states = vec![(BlockKind::Unwritten, 0u64); blocks];
+        self.engine.block_states(h.volume, h.offset, &mut states);
+        let mut table = vec![0u8; blocks * STATE_BYTES];
+        for (i, (k, v)) in states.iter().enumerate() {
+            table[i * STATE_BYTES..i * STATE_BYTES + 8].copy_from_slice(&v.to_le_bytes());
+            table[i * STATE_BYTES + 8] = *k as u8;
+        }
+        self.respond(c, h, Status::Ok, &[&table]);
     }
 
     fn serve_list_chunks(&mut self, c: usize, h: &Header) {

@@ -187,6 +187,9 @@ pub fn clock_limit_at(unix_ms: u64) -> u64 {
 }
 /// `flags` bit of a `Write`: a sector write (see the crate doc).
 pub const FLAG_SECTORS: u16 = 1;
+/// `flags` bit of a `BackfillRead`: answer with the block states only (the
+/// version and kind of each block, no data): a scrub comparing copies.
+pub const FLAG_STATES_ONLY: u16 = 2;
 /// Bytes of a sector in sector writes and reads.
 pub const SECTOR_BYTES: u64 = 512;
 /// Bytes of a block: the unit a node stores and versions.

@@ -70,6 +70,9 @@ pub(super) struct Repair {
     sent_at: Instant,
     /// The good copy's version.
     version: u64,
+    /// A member holds this version (or newer): a copy older than it is
+    /// not taken (0: any good copy; see `queue_catch_up`).
+    at_least: u64,
     buf: AlignedBuf,
     /// Not before this (a member was busy, or the engine queue full).
     retry_at: Option<Instant>,
@@ -91,6 +94,27 @@ pub(crate) enum RepairResult {
 impl ShardLoop {
     /// Queues the block at `offset` of `volume` for repair (once).
     pub(super) fn queue_repair(&mut self, volume: u64, offset: u64) {
+        self.queue_block(volume, offset, 0);
+    }
+
+    /// Queues the block at `offset` of `volume`, which another in-sync
+    /// member holds at `version`, newer than ours (a write this node missed:
+    /// a client that died between replicas, a write refused here by a
+    /// fence that another member took): it is fetched from a member that
+    /// holds that version or a newer one.
+    pub(super) fn queue_catch_up(&mut self, volume: u64, offset: u64, version: u64) {
+        if let Some(r) = self
+            .repairs
+            .iter_mut()
+            .find(|r| r.volume == volume && r.offset == offset)
+        {
+            r.at_least = r.at_least.max(version);
+            return;
+        }
+        self.queue_block(volume, offset, version);
+    }
+
+    fn queue_block(&mut self, volume: u64, offset: u64, at_least: u64) {
         let offset = offset - offset % BLOCK_SIZE as u64;
         let now = Instant::now();
         self.unrepairable.retain(|u| u.2 > now);
@@ -110,12 +134,22 @@ impl ShardLoop {
             return;
         }
         self.repair_serial = self.repair_serial.wrapping_add(1);
-        tracing::warn!(
-            shard = self.id,
-            volume,
-            offset,
-            "block failed its checksum here: repairing it from another member"
-        );
+        if at_least == 0 {
+            tracing::warn!(
+                shard = self.id,
+                volume,
+                offset,
+                "block failed its checksum here: repairing it from another member"
+            );
+        } else {
+            tracing::warn!(
+                shard = self.id,
+                volume,
+                offset,
+                version = at_least,
+                "another member holds a newer version of this block: copying it"
+            );
+        }
         self.repairs.push(Repair {
             serial: self.repair_serial,
             volume,
@@ -127,6 +161,7 @@ impl ShardLoop {
             seq: 0,
             sent_at: Instant::now(),
             version: 0,
+            at_least,
             buf: AlignedBuf::new(1),
             retry_at: None,
         });
@@ -201,6 +236,18 @@ impl ShardLoop {
         };
         let Some(source) = source else {
             let r = self.repairs.swap_remove(i);
+            if r.at_least > 0 {
+                // Our copy reads fine; the newer one is gone from every
+                // member asked (moved, or replaced by then).
+                tracing::info!(
+                    shard = self.id,
+                    volume = r.volume,
+                    offset = r.offset,
+                    "no member holds the newer version any more"
+                );
+                self.counters.repair(RepairResult::Superseded);
+                return Err(());
+            }
             tracing::error!(
                 shard = self.id,
                 volume = r.volume,
@@ -312,7 +359,7 @@ impl ShardLoop {
                 return;
             }
         }
-        if version == 0 {
+        if version == 0 || version < r.at_least {
             r.tried.push(r.source);
             r.stage = Stage::Fetch;
             return;

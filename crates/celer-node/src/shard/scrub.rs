@@ -2,6 +2,11 @@
 //! limited rate, so the engine checks its crc; a block that fails is
 //! repaired from another member (see `repair`).
 //!
+//! Each piece read correctly is also compared with the partition's other
+//! in-sync members: their block states (version, kind; a `BackfillRead`
+//! with `FLAG_STATES_ONLY`); a block one of them holds at a newer version
+//! is copied from it (a write this node missed).
+//!
 //! A pass lists the shard's chunks, then reads them in pieces of up to
 //! `SCRUB_PIECE_BYTES`, one piece in flight per shard. Blocks never written
 //! or zeroed are skipped (the engine's block states say which hold data),
@@ -22,7 +27,10 @@ use celer_engine::{
     AlignedBuf, BlockKind, Completion, EngineError, EngineOp, EngineRequest, Segment, BLOCK_SIZE,
 };
 
-use super::ShardLoop;
+use celer_proto::{Header, Op, Status, FLAG_STATES_ONLY};
+use celer_route::NodeId;
+
+use super::{ShardLoop, STATE_BYTES};
 
 /// Engine tags at or above this (and below `TAG_PURGE`) are scrub reads.
 pub(super) const TAG_SCRUB: u64 = 1 << 38;
@@ -52,6 +60,8 @@ pub(crate) struct ScrubCell {
     pub(crate) bytes: AtomicU64,
     /// Blocks found damaged (each queued for repair).
     pub(crate) damaged: AtomicU64,
+    /// Blocks another in-sync member holds at a newer version (each copied).
+    pub(crate) behind: AtomicU64,
     /// Milliseconds the last finished pass took, and its data bytes.
     pub(crate) last_pass_ms: AtomicU64,
     pub(crate) last_pass_bytes: AtomicU64,
@@ -312,6 +322,7 @@ impl ShardLoop {
                 cell.bytes.fetch_add(data, Ordering::Relaxed);
                 self.counters.add_scrub_bytes(data);
                 self.scrub_advance(span);
+                self.scrub_compare(volume, offset, span);
             }
             Err(EngineError::Checksum {
                 volume: v,
@@ -333,5 +344,84 @@ impl ShardLoop {
                 self.scrub_advance(span);
             }
         }
+    }
+}
+
+/// Request ids of the scrub's state comparisons (within `REQ_REPAIR`).
+pub(super) const REQ_COMPARE: u32 = super::REQ_REPAIR | 1 << 29;
+
+impl ShardLoop {
+    /// Asks the partition's other in-sync members for the states of a
+    /// piece this shard just read correctly; `scrub_compare_response`
+    /// compares. Only as an in-sync member itself.
+    fn scrub_compare(&mut self, volume: u64, offset: u64, len: u64) {
+        let me = self.shared.id;
+        let Some((p, epoch, peers)) = self.table().and_then(|t| {
+            let p = t.partition_at(volume, offset);
+            let part = t.partition(p)?;
+            if !part.member(me).is_some_and(|m| m.in_sync) {
+                return None;
+            }
+            let peers: Vec<NodeId> = part
+                .members
+                .iter()
+                .filter(|m| m.in_sync && m.node != me)
+                .map(|m| m.node)
+                .collect();
+            Some((p, t.epoch, peers))
+        }) else {
+            return;
+        };
+        for node in peers {
+            let Some(c) = self.peer_conn(node, p) else {
+                continue;
+            };
+            self.compare_seq = (self.compare_seq + 1) & 0xffff;
+            let mut h = Header::request(Op::BackfillRead, REQ_COMPARE | self.compare_seq);
+            h.epoch = epoch;
+            h.volume = volume;
+            h.offset = offset;
+            h.length = len as u32;
+            h.flags = FLAG_STATES_ONLY;
+            if let Some(conn) = self.conns[c].as_mut() {
+                conn.queue(h, &[]);
+            }
+            self.mark_dirty(c);
+        }
+    }
+
+    /// A member's block states for a piece: a block it holds at a newer
+    /// version than this node is copied from it (`queue_catch_up`). A block
+    /// newer here is the other member's to catch up (its own scrub). Blocks
+    /// written meanwhile compare at their new versions, so a write in
+    /// flight is at worst copied early (the same data, at its version).
+    pub(super) fn scrub_compare_response(&mut self, h: &Header, payload: &[u8]) {
+        if h.status != Status::Ok {
+            return; // busy, moved, behind: the next pass compares again
+        }
+        let blocks = h.length as usize / BLOCK_SIZE;
+        if blocks == 0
+            || blocks > SCRUB_PIECE_BYTES / BLOCK_SIZE
+            || payload.len() != blocks * STATE_BYTES
+        {
+            return;
+        }
+        let mut local = std::mem::take(&mut self.scrub.states);
+        local.clear();
+        local.resize(blocks, (BlockKind::Unwritten, 0));
+        self.engine.block_states(h.volume, h.offset, &mut local);
+        for (i, (kind, version)) in local.iter().enumerate() {
+            let at = i * STATE_BYTES;
+            let mut v = [0u8; 8];
+            v.copy_from_slice(&payload[at..at + 8]);
+            let theirs = u64::from_le_bytes(v);
+            let their_kind = payload[at + 8];
+            let _ = kind;
+            if their_kind != 0 && theirs > *version {
+                self.scrub_cell().behind.fetch_add(1, Ordering::Relaxed);
+                self.queue_catch_up(h.volume, h.offset + (i * BLOCK_SIZE) as u64, theirs);
+            }
+        }
+        self.scrub.states = local;
     }
 }
