@@ -142,7 +142,9 @@
 //! - `WriteZeroes`, `Discard` (length, version, no payload): to every member.
 //! - `Flush`: `Ok`; every acknowledged write is already durable.
 //! - `RouteTable`: asks for the node's table (epoch 0 from a new client).
-//! - `ListChunks`, `BackfillRead`: node to node only.
+//! - `ListChunks`, `BackfillRead`: node to node only. A `BackfillRead`
+//!   with [`FLAG_STATES_ONLY`] is answered with the block states alone
+//!   (the scrub's comparison of copies).
 //! - A request must lie within one chunk (`RouteTable::chunk_bytes`).
 //! - Every response echoes request id, op, volume, offset, length, and
 //!   carries in `version` the highest write version the node has seen for
