@@ -3,8 +3,9 @@
 //! sfdisk; the second starts at an odd sector, so the guest's 4 KiB writes
 //! there cover parts of two physical blocks) and an ext4 file system (made
 //! with mke2fs on the host) is imported with `celer volume import` into the
-//! volume `celer up` serves (512-byte logical sectors, the default), exported
-//! back unchanged, and then a real guest (QEMU TCG) must show both partitions
+//! new volume of a `celer up` cluster (512-byte logical sectors, the
+//! default), exported back unchanged, served by `celer vhost serve --device
+//! cluster:VOL`, and then a real guest (QEMU TCG) must show both partitions
 //! with 512-byte logical / 4096-byte physical blocks, mount the ext4 file
 //! system and find the host's file, write, remount and fsck it, and pass fio
 //! with block sizes from 512 B to 128 KiB and crc32c verification.
@@ -20,7 +21,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use guest_system::{build_guest, skip_slow, spawn_guest};
+use guest_system::{build_guest, skip_slow, spawn_backend, spawn_guest};
 use support::up::Up;
 
 const GUEST_TIMEOUT_S: u64 = 300;
@@ -113,20 +114,24 @@ fn a_gpt_image_shows_its_partitions_and_ext4_in_the_guest() {
     let dir = tempfile::tempdir().expect("tempdir");
     let image = dir.path().join("gpt.img");
     let md5 = make_image(dir.path(), &image);
-    let up = Up::start(&dir.path().join("up"), "256M");
-    let info = up.volume_ok(&["info", "default"]);
-    assert!(info.contains("512 bytes logical"), "{info}");
+    // `celer up` holds its own volume (`default`, attached exclusively);
+    // the image goes into a new one.
+    let up = Up::start(&dir.path().join("up"), "64M");
     let out = up.volume_ok(&[
         "import",
         image.to_str().unwrap(),
-        "default",
+        "gpt",
         "--format",
         "raw",
+        "--size",
+        "256M",
     ]);
-    assert!(out.contains("existing"), "{out}");
+    assert!(out.contains("gpt"), "{out}");
+    let info = up.volume_ok(&["info", "gpt"]);
+    assert!(info.contains("512 bytes logical"), "{info}");
     // Export: the image's bytes come back, zeroes after them.
     let back = dir.path().join("back.img");
-    up.volume_ok(&["export", "default", back.to_str().unwrap()]);
+    up.volume_ok(&["export", "gpt", back.to_str().unwrap()]);
     let (a, b) = (
         std::fs::read(&image).unwrap(),
         std::fs::read(&back).unwrap(),
@@ -139,10 +144,23 @@ fn a_gpt_image_shows_its_partitions_and_ext4_in_the_guest() {
     assert!(b[a.len()..].iter().all(|x| *x == 0));
     drop((a, b));
 
+    let socket = dir.path().join("gpt.sock");
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_celer"));
+    serve
+        .args(["vhost", "serve", "--socket"])
+        .arg(&socket)
+        .arg("--device")
+        .arg(format!(
+            "cluster:gpt,meta={},token-file={}",
+            up.meta,
+            up.token_file.display()
+        ))
+        .env("NO_COLOR", "1");
+    let _backend = spawn_backend(serve, &socket, &dir.path().join("vhost.log"));
     let out = dir.path().join("out");
     let mut guest = spawn_guest(
         &repo,
-        &up.vhost_socket(),
+        &socket,
         1,
         &repo.join("crates/celer/tests/guest/sectors.sh"),
         &out,
