@@ -404,15 +404,8 @@ fn small_writes_go_to_every_member_large_ones_through_the_primary() {
 /// Sum of node `n`'s metric lines that start with `name` and contain every
 /// one of `labels` (its admin `/metrics`, read over plain HTTP/1.0).
 fn metric(n: &Node, name: &str, labels: &[&str]) -> u64 {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(n.admin_addr()).expect("admin port");
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
-        .expect("request");
-    let mut text = String::new();
-    s.read_to_string(&mut text).expect("metrics");
-    text.lines()
+    admin_http(n, "GET /metrics HTTP/1.0\r\n\r\n")
+        .lines()
         .filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64
@@ -592,13 +585,22 @@ fn scrub(n: &Node, action: &str) {
 }
 
 fn scrub_as(n: &Node, action: &str, token: &str) -> String {
+    admin_http(
+        n,
+        &format!(
+            "POST /v1/scrub/{action} HTTP/1.0\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\n\r\n"
+        ),
+    )
+}
+
+/// Sends `request` (plain HTTP/1.0) to node `n`'s admin port and returns
+/// the whole answer, status line included (a 5 s read timeout).
+fn admin_http(n: &Node, request: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(n.admin_addr()).expect("admin port");
-    write!(
-        s,
-        "POST /v1/scrub/{action} HTTP/1.0\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\n\r\n"
-    )
-    .expect("request");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    s.write_all(request.as_bytes()).expect("request");
     let mut text = String::new();
     s.read_to_string(&mut text).expect("answer");
     text

@@ -89,6 +89,14 @@ fn authorized(shared: &NodeShared, headers: &HeaderMap) -> bool {
         .is_some_and(|v| celer_meta::http::constant_time_eq(v.as_bytes(), want.as_bytes()))
 }
 
+/// The answer to a request without the cluster token.
+fn unauthorized() -> (StatusCode, Json<serde_json::Value>) {
+    (
+        StatusCode::UNAUTHORIZED,
+        Json(json!({"error": "missing or wrong bearer token: present the cluster token"})),
+    )
+}
+
 /// Why `offered` must not be installed over `installed`, if it must not:
 /// [`RouteTable::validate`], then what a table made by the control service
 /// always satisfies (the lookups in a table rely on it too).
@@ -159,10 +167,7 @@ async fn put_route(
     body: String,
 ) -> (StatusCode, Json<serde_json::Value>) {
     if !authorized(&shared, &headers) {
-        return (
-            StatusCode::UNAUTHORIZED,
-            Json(json!({"error": "missing or wrong bearer token: present the cluster token"})),
-        );
+        return unauthorized();
     }
     let table: RouteTable = match serde_json::from_str(&body) {
         Ok(t) => t,
@@ -207,10 +212,7 @@ async fn put_fences(
     body: String,
 ) -> (StatusCode, Json<serde_json::Value>) {
     if !authorized(&shared, &headers) {
-        return (
-            StatusCode::UNAUTHORIZED,
-            Json(json!({"error": "missing or wrong bearer token: present the cluster token"})),
-        );
+        return unauthorized();
     }
     let fences: Vec<celer_meta::api::VolumeFence> = match serde_json::from_str(&body) {
         Ok(f) => f,
@@ -324,10 +326,7 @@ async fn scrub_control(
     headers: HeaderMap,
 ) -> (StatusCode, Json<serde_json::Value>) {
     if !authorized(&shared, &headers) {
-        return (
-            StatusCode::UNAUTHORIZED,
-            Json(json!({"error": "missing or wrong bearer token: present the cluster token"})),
-        );
+        return unauthorized();
     }
     match action.as_str() {
         "start" => {

@@ -1227,10 +1227,7 @@ impl ShardLoop {
             self.engine.block_states(h.volume, h.offset, &mut states);
             let buf = &mut self.ops[id].buf;
             buf[..table_bytes].fill(0);
-            for (i, (k, v)) in states.iter().enumerate() {
-                buf[i * STATE_BYTES..i * STATE_BYTES + 8].copy_from_slice(&v.to_le_bytes());
-                buf[i * STATE_BYTES + 8] = *k as u8;
-            }
+            encode_states(&states, &mut buf[..table_bytes]);
         }
         let seg = Segment {
             // SAFETY: in bounds of the op's buffer (at least `total` bytes).
@@ -1785,10 +1782,7 @@ impl ShardLoop {
         let mut states = vec![(BlockKind::Unwritten, 0u64); blocks];
         self.engine.block_states(h.volume, h.offset, &mut states);
         let mut table = vec![0u8; blocks * STATE_BYTES];
-        for (i, (k, v)) in states.iter().enumerate() {
-            table[i * STATE_BYTES..i * STATE_BYTES + 8].copy_from_slice(&v.to_le_bytes());
-            table[i * STATE_BYTES + 8] = *k as u8;
-        }
+        encode_states(&states, &mut table);
         self.respond(c, h, Status::Ok, &[&table]);
     }
 
@@ -2330,17 +2324,8 @@ impl ShardLoop {
         }
         b.buf[..len].copy_from_slice(&payload[tb..]);
         b.states.clear();
-        for i in 0..blocks {
-            let at = i * STATE_BYTES;
-            let mut v = [0u8; 8];
-            v.copy_from_slice(&payload[at..at + 8]);
-            let kind = match payload[at + 8] {
-                1 => BlockKind::Data,
-                2 => BlockKind::Zero,
-                _ => BlockKind::Unwritten,
-            };
-            b.states.push((kind, u64::from_le_bytes(v)));
-        }
+        b.states
+            .extend((0..blocks).map(|i| decode_state(payload, i)));
         // Runs of blocks with the same kind and version: one write each.
         b.runs.clear();
         let mut i = 0;
@@ -2461,6 +2446,29 @@ impl ShardLoop {
             self.backfill_submit_runs();
         }
     }
+}
+
+/// Writes a block-state table (the start of a `BackfillRead` answer): per
+/// block its version (u64 LE) and kind (u8), `STATE_BYTES` each.
+fn encode_states(states: &[(BlockKind, u64)], out: &mut [u8]) {
+    for (i, (k, v)) in states.iter().enumerate() {
+        out[i * STATE_BYTES..i * STATE_BYTES + 8].copy_from_slice(&v.to_le_bytes());
+        out[i * STATE_BYTES + 8] = *k as u8;
+    }
+}
+
+/// Block `i` of a state table written by [`encode_states`] (the caller
+/// checked its length); an unknown kind reads as unwritten.
+fn decode_state(table: &[u8], i: usize) -> (BlockKind, u64) {
+    let at = i * STATE_BYTES;
+    let mut v = [0u8; 8];
+    v.copy_from_slice(&table[at..at + 8]);
+    let kind = match table[at + 8] {
+        1 => BlockKind::Data,
+        2 => BlockKind::Zero,
+        _ => BlockKind::Unwritten,
+    };
+    (kind, u64::from_le_bytes(v))
 }
 
 /// The next generation of an op slot (see `OP_GEN_MASK`).

@@ -27,7 +27,7 @@ use celer_engine::{
 use celer_proto::{Header, Op, Status};
 use celer_route::NodeId;
 
-use super::{ShardLoop, REQ_BACKFILL, STATE_BYTES};
+use super::{decode_state, ShardLoop, REQ_BACKFILL, STATE_BYTES};
 use crate::AgentMsg;
 
 /// Request-id bits of a repair's `BackfillRead` (within `REQ_BACKFILL`).
@@ -340,14 +340,7 @@ impl ShardLoop {
             r.stage = Stage::Fetch;
             return;
         }
-        let mut v = [0u8; 8];
-        v.copy_from_slice(&payload[..8]);
-        let version = u64::from_le_bytes(v);
-        let kind = match payload[8] {
-            1 => BlockKind::Data,
-            2 => BlockKind::Zero,
-            _ => BlockKind::Unwritten,
-        };
+        let (kind, version) = decode_state(payload, 0);
         match kind {
             BlockKind::Data => r.buf[..BLOCK_SIZE].copy_from_slice(&payload[tb..]),
             // Written as a data block of zeroes at its version (the same

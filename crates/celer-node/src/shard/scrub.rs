@@ -30,7 +30,7 @@ use celer_engine::{
 use celer_proto::{Header, Op, Status, FLAG_STATES_ONLY};
 use celer_route::NodeId;
 
-use super::{ShardLoop, STATE_BYTES};
+use super::{decode_state, ShardLoop, STATE_BYTES};
 
 /// Engine tags at or above this (and below `TAG_PURGE`) are scrub reads.
 pub(super) const TAG_SCRUB: u64 = 1 << 38;
@@ -311,16 +311,21 @@ impl ShardLoop {
         }
     }
 
+    /// Counts `bytes` read and found correct (status and metrics).
+    fn scrub_checked(&self, bytes: u64) {
+        let cell = self.scrub_cell();
+        cell.pass_bytes.fetch_add(bytes, Ordering::Relaxed);
+        cell.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.counters.add_scrub_bytes(bytes);
+    }
+
     /// A scrub read completed.
     pub(super) fn scrub_done(&mut self, c: Completion) {
         self.scrub.inflight = false;
         let (volume, offset, span, data) = self.scrub.piece;
         match c.result {
             Ok(_) => {
-                let cell = self.scrub_cell();
-                cell.pass_bytes.fetch_add(data, Ordering::Relaxed);
-                cell.bytes.fetch_add(data, Ordering::Relaxed);
-                self.counters.add_scrub_bytes(data);
+                self.scrub_checked(data);
                 self.scrub_advance(span);
                 self.scrub_compare(volume, offset, span);
             }
@@ -333,10 +338,7 @@ impl ShardLoop {
                 self.counters.add_scrub_damaged();
                 self.queue_repair(volume, offset_bytes);
                 let good = offset_bytes - offset;
-                let cell = self.scrub_cell();
-                cell.pass_bytes.fetch_add(good, Ordering::Relaxed);
-                cell.bytes.fetch_add(good, Ordering::Relaxed);
-                self.counters.add_scrub_bytes(good);
+                self.scrub_checked(good);
                 self.scrub_advance(good + BLOCK_SIZE as u64);
             }
             Err(e) => {
@@ -410,14 +412,9 @@ impl ShardLoop {
         local.clear();
         local.resize(blocks, (BlockKind::Unwritten, 0));
         self.engine.block_states(h.volume, h.offset, &mut local);
-        for (i, (kind, version)) in local.iter().enumerate() {
-            let at = i * STATE_BYTES;
-            let mut v = [0u8; 8];
-            v.copy_from_slice(&payload[at..at + 8]);
-            let theirs = u64::from_le_bytes(v);
-            let their_kind = payload[at + 8];
-            let _ = kind;
-            if their_kind != 0 && theirs > *version {
+        for (i, (_, version)) in local.iter().enumerate() {
+            let (their_kind, theirs) = decode_state(payload, i);
+            if their_kind != BlockKind::Unwritten && theirs > *version {
                 self.scrub_cell().behind.fetch_add(1, Ordering::Relaxed);
                 self.queue_catch_up(h.volume, h.offset + (i * BLOCK_SIZE) as u64, theirs);
             }
