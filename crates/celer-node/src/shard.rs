@@ -1244,6 +1244,7 @@ impl ShardLoop {
             version: 0,
             epoch: h.epoch,
             tag: id as u64,
+            chain: &[],
         };
         // SAFETY: the op's buffer lives in the slab until the op finishes.
         if let Err(e) = unsafe { self.engine.submit(&req) } {
@@ -1336,6 +1337,7 @@ impl ShardLoop {
             version: h.version,
             epoch: h.epoch,
             tag: id as u64,
+            chain: &[],
         };
         self.ops[id].pending = 1;
         // SAFETY: the op's buffer lives in the slab until the op finishes.
@@ -1896,6 +1898,7 @@ impl ShardLoop {
                 version: 0,
                 epoch: 0,
                 tag: TAG_PURGE,
+                chain: &[],
             };
             // SAFETY: a release has no segments.
             match unsafe { self.engine.submit(&req) } {
@@ -2375,6 +2378,7 @@ impl ShardLoop {
                 version,
                 epoch,
                 tag: TAG_BACKFILL | b.serial as u64,
+                chain: &[],
             };
             // SAFETY: see above.
             match unsafe { self.engine.submit(&req) } {
