@@ -17,9 +17,11 @@ const BIN: &str = env!("CARGO_BIN_EXE_celer");
 const BLOCK: usize = 4096;
 const WRITERS: u64 = 8;
 const BLOCKS_PER_WRITER: u64 = 64;
-/// Blocks apart: the writers' blocks spread over 32 MiB (many chunks and
+/// Blocks apart: the writers' blocks spread over 16 MiB (many chunks and
 /// partitions).
-const STRIDE: u64 = 16;
+const STRIDE: u64 = 8;
+/// Snapshots taken during the load.
+const SNAPSHOTS: usize = 5;
 
 /// A block's stamp: which writer wrote it and its sequence number.
 fn stamp(buf: &mut [u8], writer: u64, seq: u64) {
@@ -139,6 +141,60 @@ fn state_after(log: &[Done], upto: u64) -> Vec<Option<u64>> {
     s
 }
 
+/// Checks that `cut` (a snapshot's stamps) is a consistent cut of the
+/// writers' logs taken by a command that started at `cmd_start`; returns
+/// each writer's last write in it.
+fn check_cut(
+    logs: &[Vec<Done>],
+    cut: &[Vec<Option<u64>>],
+    cmd_start: Instant,
+    what: &str,
+) -> Vec<u64> {
+    let mut latest_issue_in: Option<Instant> = None;
+    let mut upto = Vec::new();
+    for (w, log) in logs.iter().enumerate() {
+        let m = cut[w].iter().flatten().copied().max().unwrap_or(0);
+        let want = state_after(log, m);
+        assert_eq!(
+            cut[w], want,
+            "{what}: writer {w}'s blocks are not its writes up to seq {m} (a write is missing or one from after it is in)"
+        );
+        if let Some(d) = log.iter().find(|d| d.seq == m) {
+            latest_issue_in = Some(latest_issue_in.map_or(d.issued, |t| t.max(d.issued)));
+        }
+        upto.push(m);
+        let acked_before = log
+            .iter()
+            .filter(|d| d.completed < cmd_start)
+            .map(|d| d.seq)
+            .max()
+            .unwrap_or(0);
+        assert!(
+            m >= acked_before,
+            "{what}: writer {w}'s write {acked_before} was acknowledged before the command started but is not in it (cut at {m})"
+        );
+        assert!(
+            log.iter().any(|d| d.seq > m),
+            "{what}: writer {w} wrote nothing after it: the test does not test the cut"
+        );
+    }
+    if let Some(t) = latest_issue_in {
+        for (w, log) in logs.iter().enumerate() {
+            let before = log
+                .iter()
+                .filter(|d| d.completed < t)
+                .map(|d| d.seq)
+                .max()
+                .unwrap_or(0);
+            assert!(
+                upto[w] >= before,
+                "{what}: writer {w}'s write {before} completed before a write in it was issued, but is not in it"
+            );
+        }
+    }
+    upto
+}
+
 fn compare_replicas(c: &Cluster, vol: &Volume, snapshot: Option<u32>) -> Vec<String> {
     let t = c.meta_client().route().expect("route");
     let chunk_blocks = t.chunk_bytes / BLOCK as u64;
@@ -164,7 +220,12 @@ fn compare_replicas(c: &Cluster, vol: &Volume, snapshot: Option<u32>) -> Vec<Str
 /// reads the snapshot and diverges without touching it.
 #[test]
 fn a_snapshot_under_load_is_a_consistent_cut_and_rollback_and_clone_work() {
-    let mut c = Cluster::start(std::path::Path::new(BIN), ClusterOpts::default());
+    // Every snapshot's era takes a slot per chunk it was written in.
+    let opts = ClusterOpts {
+        disk_bytes: 640 << 20,
+        ..ClusterOpts::default()
+    };
+    let mut c = Cluster::start(std::path::Path::new(BIN), opts);
     let meta = c.meta_client();
     let vol = meta
         .create_volume(&CreateVolume {
@@ -208,22 +269,28 @@ fn a_snapshot_under_load_is_a_consistent_cut_and_rollback_and_clone_work() {
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(1500));
-    let cmd_start = Instant::now();
-    let snap = meta.create_snapshot("snap", "s1").expect("snapshot");
-    let create_ms = cmd_start.elapsed().as_millis();
-    std::thread::sleep(Duration::from_millis(1500));
+    // Snapshots s1..s5 while the writers write, 300 ms apart.
+    let mut taken = Vec::new();
+    std::thread::sleep(Duration::from_millis(1000));
+    for i in 1..=SNAPSHOTS {
+        let cmd_start = Instant::now();
+        let snap = meta
+            .create_snapshot("snap", &format!("s{i}"))
+            .expect("snapshot");
+        let ms = cmd_start.elapsed().as_millis();
+        assert!(ms < 2000, "snapshot create took {ms} ms");
+        taken.push((snap, cmd_start, ms));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Relaxed);
     let logs: Vec<Vec<Done>> = threads
         .into_iter()
         .map(|t| t.join().expect("writer"))
         .collect();
     let writes: usize = logs.iter().map(|l| l.len()).sum();
-    println!(
-        "snapshot s1 (era {}) taken in {create_ms} ms during {writes} writes",
-        snap.era
-    );
-    assert!(create_ms < 2000, "snapshot create took {create_ms} ms");
+    let times: Vec<u128> = taken.iter().map(|t| t.2).collect();
+    println!("{SNAPSHOTS} snapshots taken in {times:?} ms during {writes} writes");
 
     // The volume holds every writer's last writes.
     let head = read_all(&dev, "volume");
@@ -231,57 +298,24 @@ fn a_snapshot_under_load_is_a_consistent_cut_and_rollback_and_clone_work() {
         let want = state_after(log, u64::MAX);
         assert_eq!(head[w], want, "volume: writer {w}'s blocks");
     }
-    // The snapshot is a consistent cut.
     let vol = meta.volume("snap").expect("volume");
-    let (reader_att, reader) = attach(&c, &vol, Some("s1"));
-    let cut = read_all(&reader, "snapshot");
-    let mut latest_issue_in: Option<Instant> = None;
-    let mut upto = Vec::new();
-    for (w, log) in logs.iter().enumerate() {
-        let m = cut[w].iter().flatten().copied().max().unwrap_or(0);
-        let want = state_after(log, m);
-        assert_eq!(
-            cut[w], want,
-            "snapshot: writer {w}'s blocks are not its writes up to seq {m} (a write is missing or one from after it is in)"
-        );
-        if let Some(d) = log.iter().find(|d| d.seq == m) {
-            latest_issue_in = Some(latest_issue_in.map_or(d.issued, |t| t.max(d.issued)));
-        }
-        upto.push(m);
-        let acked_before = log
-            .iter()
-            .filter(|d| d.completed < cmd_start)
-            .map(|d| d.seq)
-            .max()
-            .unwrap_or(0);
-        assert!(
-            m >= acked_before,
-            "snapshot: writer {w}'s write {acked_before} was acknowledged before the command started but is not in it (cut at {m})"
-        );
-        assert!(
-            log.iter().any(|d| d.seq > m),
-            "writer {w} wrote nothing after the snapshot: the test does not test the cut"
-        );
-    }
-    if let Some(t) = latest_issue_in {
-        for (w, log) in logs.iter().enumerate() {
-            let before = log
-                .iter()
-                .filter(|d| d.completed < t)
-                .map(|d| d.seq)
-                .max()
-                .unwrap_or(0);
-            assert!(
-                upto[w] >= before,
-                "snapshot: writer {w}'s write {before} completed before a write in the snapshot was issued, but is not in it"
-            );
-        }
-    }
-    println!("cut per writer: {upto:?}");
-    let diffs = compare_replicas(&c, &vol, Some(snap.era));
-    assert!(diffs.is_empty(), "snapshot copies differ: {diffs:?}");
     let diffs = compare_replicas(&c, &vol, None);
     assert!(diffs.is_empty(), "volume copies differ: {diffs:?}");
+    // Each snapshot is a consistent cut, identical on every replica.
+    let mut cuts = Vec::new();
+    let mut readers = Vec::new();
+    for (snap, cmd_start, _) in &taken {
+        let what = format!("snapshot {}", snap.name);
+        let (reader_att, reader) = attach(&c, &vol, Some(&snap.name));
+        readers.push(reader_att);
+        let cut = read_all(&reader, &what);
+        let upto = check_cut(&logs, &cut, *cmd_start, &what);
+        println!("{what} (era {}): cut per writer {upto:?}", snap.era);
+        let diffs = compare_replicas(&c, &vol, Some(snap.era));
+        assert!(diffs.is_empty(), "{what}: copies differ: {diffs:?}");
+        cuts.push(cut);
+    }
+    let cut = cuts[0].clone();
 
     // Rollback: refused while attached (naming the attachment).
     let refused = meta
@@ -292,9 +326,10 @@ fn a_snapshot_under_load_is_a_consistent_cut_and_rollback_and_clone_work() {
         "rollback refusal: {refused}"
     );
     meta.detach(writer_att).expect("detach writer");
-    meta.detach(reader_att).expect("detach reader");
+    for a in readers {
+        meta.detach(a).expect("detach reader");
+    }
     drop(dev);
-    drop(reader);
     // A node down during the rollback, back afterwards with the rolled-back
     // blocks on its disk: they must not come back.
     let id0 = c.node_id(0);
