@@ -280,6 +280,12 @@ pub struct Volume {
     /// until `until_unix_ms` (see [`VolumeLayers::cutting`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cutting: Option<Cutting>,
+    /// Eras of deleted snapshots that volumes still read through, each
+    /// with the one era directly above it in every chain: a node frees a
+    /// chunk of such an era once the era above holds every block it
+    /// holds (see [`VolumeLayers::retired`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retired: Vec<[u32; 2]>,
 }
 
 /// See [`Volume::cutting`].
@@ -334,6 +340,7 @@ impl Volume {
                 .cutting
                 .filter(|c| now_unix_ms < c.until_unix_ms)
                 .map(|c| c.era),
+            retired: self.retired.clone(),
         }
     }
     /// Every era the volume or its snapshots read.
@@ -381,6 +388,11 @@ pub struct VolumeLayers {
     /// after the snapshot, so every replica puts it in the snapshot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cutting: Option<u32>,
+    /// `[era, above]`: a deleted snapshot's era and the era directly above
+    /// it in every chain that reads it. A chunk of `era` whose every block
+    /// `above` also holds is read by nobody: the node frees it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retired: Vec<[u32; 2]>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

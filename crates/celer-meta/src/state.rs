@@ -1045,6 +1045,7 @@ impl Cluster {
             snapshots: Vec::new(),
             parent: None,
             cutting: None,
+            retired: Vec::new(),
         };
         tx.put_volume(v.clone());
         tx.log(Change::VolumeCreated { volume: v.clone() });
@@ -1429,6 +1430,7 @@ impl Cluster {
             snapshots: Vec::new(),
             parent: Some(format!("{name}@{}", req.snapshot)),
             cutting: None,
+            retired: Vec::new(),
         };
         tx.put_volume(v.clone());
         tx.log(Change::VolumeCreated { volume: v.clone() });
@@ -1467,8 +1469,37 @@ impl Cluster {
         }
         let lineage = v.lineage();
         let before = lineage_eras(&self.p.volumes, lineage);
+        let era = v.snapshots[at].era;
         let mut tx = self.begin(who);
         v.snapshots.remove(at);
+        tx.p.volumes.insert(v.name.clone(), v.clone());
+        // Still read through (the volume or a later snapshot goes on over
+        // it)? With one era directly above it everywhere, the nodes free
+        // each of its chunks that era covers whole.
+        let mut above = BTreeSet::new();
+        for w in tx.p.volumes.values().filter(|w| w.lineage() == lineage) {
+            let chains = std::iter::once(
+                std::iter::once(w.head_era)
+                    .chain(w.under.iter().copied())
+                    .collect::<Vec<_>>(),
+            )
+            .chain(w.snapshots.iter().map(|s| {
+                std::iter::once(s.era)
+                    .chain(s.under.iter().copied())
+                    .collect::<Vec<_>>()
+            }));
+            for chain in chains {
+                if let Some(i) = chain.iter().position(|&e| e == era) {
+                    if i > 0 {
+                        above.insert(chain[i - 1]);
+                    }
+                }
+            }
+        }
+        if above.len() == 1 {
+            let t = *above.iter().next().expect("one era");
+            v.retired.push([era, t]);
+        }
         tx.put_volume(v.clone());
         tx.bury_layers(lineage, &before);
         tx.log(Change::VolumeLayersChanged {

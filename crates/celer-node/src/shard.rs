@@ -213,6 +213,9 @@ struct ShardLoop {
     fence_waits: Vec<FenceWait>,
     /// Layered volumes (snapshots, clones): see `layers.rs`.
     layers: HashMap<u64, Arc<layers::Layered>>,
+    /// Deleted snapshots' era keys still read through, and the key of the
+    /// era above each (see `layers::shadowed`).
+    trims: HashMap<u64, u64>,
     /// Layer installs that wait for writes to eras no longer accepted.
     layer_waits: Vec<(Arc<Vec<celer_meta::api::VolumeLayers>>, Sender<u16>)>,
     /// Receive-buffer room lent to connections (see RBUF_BUDGET_BYTES).
@@ -340,6 +343,7 @@ pub(crate) fn run(
         fences: HashMap::new(),
         fence_waits: Vec::new(),
         layers: HashMap::new(),
+        trims: HashMap::new(),
         layer_waits: Vec::new(),
         rbuf_lent: 0,
         starved: Vec::new(),
@@ -1881,6 +1885,11 @@ impl ShardLoop {
     fn releasable(&self, volume: u64, chunk: u64) -> bool {
         if self.deleted.binary_search(&volume).is_ok() {
             return true;
+        }
+        if let Some(&above) = self.trims.get(&volume) {
+            if self.shadowed(volume, above, chunk) {
+                return true;
+            }
         }
         let Some(t) = self.table() else {
             return false;

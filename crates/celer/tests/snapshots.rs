@@ -398,3 +398,108 @@ fn a_snapshot_under_load_is_a_consistent_cut_and_rollback_and_clone_work() {
         "delete refusal: {refused}"
     );
 }
+
+/// `GET /v1/status` of a node's admin server, as JSON.
+fn node_status(admin: std::net::SocketAddr) -> serde_json::Value {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(admin).expect("admin");
+    s.write_all(b"GET /v1/status HTTP/1.0\r\nHost: x\r\n\r\n")
+        .expect("request");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("response");
+    let body = text.split("\r\n\r\n").nth(1).expect("body");
+    serde_json::from_str(body).expect("status JSON")
+}
+
+fn allocated_chunks(c: &Cluster) -> u64 {
+    c.nodes
+        .iter()
+        .map(|n| {
+            node_status(n.admin)["allocated_chunks"]
+                .as_u64()
+                .expect("chunks")
+        })
+        .sum()
+}
+
+/// Deleting a snapshot frees, on every replica, the chunks of its layer
+/// that the layer above it covers whole (read by nobody any more), and
+/// nothing else; the volume and the later snapshot read the same before
+/// and after.
+#[test]
+fn deleting_a_snapshot_frees_the_chunks_only_it_held() {
+    const MIB: usize = 1 << 20;
+    let c = Cluster::start(std::path::Path::new(BIN), ClusterOpts::default());
+    let meta = c.meta_client();
+    let vol = meta
+        .create_volume(&CreateVolume {
+            name: "del".into(),
+            size_bytes: 64 << 20,
+            replicas: None,
+            sector_size_bytes: None,
+        })
+        .expect("create volume");
+    let (att, dev) = attach(&c, &vol, None);
+    let mut q = dev.open_queue(0).expect("queue");
+    let mut a = vec![0xAAu8; MIB];
+    for ch in 0..4u64 {
+        one_request(q.as_mut(), IoOp::Write, ch * MIB as u64, &mut a).expect("write A");
+    }
+    meta.create_snapshot("del", "a").expect("snapshot a");
+    let mut b = vec![0xBBu8; MIB];
+    for ch in 0..2u64 {
+        one_request(q.as_mut(), IoOp::Write, ch * MIB as u64, &mut b).expect("write B");
+    }
+    one_request(q.as_mut(), IoOp::Write, 2 * MIB as u64, &mut b[..MIB / 2]).expect("write half B");
+    meta.create_snapshot("del", "b").expect("snapshot b");
+    // Let the chunk counts settle (first allocations, the cluster's first rebalance).
+    std::thread::sleep(Duration::from_millis(1500));
+    let before = allocated_chunks(&c);
+    meta.delete_snapshot("del", "a").expect("delete a");
+    let t0 = Instant::now();
+    while allocated_chunks(&c) > before - 6 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "snapshot a's shadowed chunks not freed: {} chunks, {before} before",
+            allocated_chunks(&c)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    let after = allocated_chunks(&c);
+    println!(
+        "allocated chunks: {before} before deleting snapshot a, {after} after ({} ms)",
+        t0.elapsed().as_millis()
+    );
+    assert_eq!(
+        after,
+        before - 6,
+        "exactly chunks 0 and 1 of snapshot a (on 3 replicas each) are read by nobody"
+    );
+    let expect = |buf: &[u8], ch: usize| -> bool {
+        match ch {
+            0 | 1 => buf.iter().all(|&x| x == 0xBB),
+            2 => {
+                buf[..MIB / 2].iter().all(|&x| x == 0xBB)
+                    && buf[MIB / 2..].iter().all(|&x| x == 0xAA)
+            }
+            _ => buf.iter().all(|&x| x == 0xAA),
+        }
+    };
+    let mut got = vec![0u8; MIB];
+    for ch in 0..4usize {
+        one_request(q.as_mut(), IoOp::Read, (ch * MIB) as u64, &mut got).expect("read");
+        assert!(expect(&got, ch), "volume chunk {ch} changed by the delete");
+    }
+    let vol = meta.volume("del").expect("volume");
+    let (_, snap) = attach(&c, &vol, Some("b"));
+    let mut sq = snap.open_queue(0).expect("queue");
+    for ch in 0..4usize {
+        one_request(sq.as_mut(), IoOp::Read, (ch * MIB) as u64, &mut got).expect("read b");
+        assert!(
+            expect(&got, ch),
+            "snapshot b chunk {ch} changed by the delete"
+        );
+    }
+    meta.detach(att).expect("detach");
+}

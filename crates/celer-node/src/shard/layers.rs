@@ -12,6 +12,7 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
 use celer_device::layer_key;
+use celer_engine::BlockKind;
 use celer_meta::api::VolumeLayers;
 use celer_proto::{Header, Status, FLAG_SNAPSHOT_READ};
 
@@ -28,6 +29,8 @@ pub(crate) struct Layered {
     cutting: Option<(u32, u64, Vec<u64>)>,
     /// Each snapshot's era, key and the keys under it.
     snapshots: Vec<(u32, u64, Vec<u64>)>,
+    /// Keys of deleted snapshots' eras and of the era above each.
+    retired: Vec<(u64, u64)>,
 }
 
 impl Layered {
@@ -52,6 +55,11 @@ impl Layered {
             chain: keys(&v.under),
             cutting,
             snapshots,
+            retired: v
+                .retired
+                .iter()
+                .map(|[e, t]| (layer_key(v.lineage, *e), layer_key(v.lineage, *t)))
+                .collect(),
         }
     }
 }
@@ -201,6 +209,7 @@ impl ShardLoop {
                         || (v.head == cur.head
                             && (cur.cutting.is_some() != v.cutting.is_some()
                                 || cur.snapshots.len() != v.snapshots.len()
+                                || cur.retired.len() != v.retired.len()
                                 || cur.chain.len() != v.under.len()))
                 }
             };
@@ -217,10 +226,35 @@ impl ShardLoop {
                 self.layers.insert(v.volume, Arc::new(Layered::new(v)));
             }
         }
+        let trims: std::collections::HashMap<u64, u64> = self
+            .layers
+            .values()
+            .flat_map(|l| l.retired.iter().copied())
+            .collect();
+        if trims != self.trims {
+            self.trims = trims;
+            self.queue_releases("snapshots deleted");
+        }
         if let Some(reply) = reply {
             self.layer_waits.push((layers, reply));
             self.answer_layer_waits();
         }
+    }
+
+    /// Whether chunk `chunk` of a deleted snapshot's era `key` is read by
+    /// nobody: the era directly above it (`above`) holds every block it
+    /// holds (data or zeroes), so every read through both stops above.
+    pub(crate) fn shadowed(&self, key: u64, above: u64, chunk: u64) -> bool {
+        let g = self.engine.geometry();
+        let blocks = g.chunk_blocks as usize;
+        let at = chunk * g.chunk_bytes();
+        let mut mine = vec![(BlockKind::Unwritten, 0u64); blocks];
+        let mut over = vec![(BlockKind::Unwritten, 0u64); blocks];
+        self.engine.block_states(key, at, &mut mine);
+        self.engine.block_states(above, at, &mut over);
+        mine.iter()
+            .zip(&over)
+            .all(|(m, o)| m.0 == BlockKind::Unwritten || o.0 != BlockKind::Unwritten)
     }
 
     /// Answers the layer installs whose writes to eras no longer accepted
