@@ -1042,10 +1042,15 @@ impl ShardLoop {
         };
         match h.op {
             Op::Ping | Op::Flush | Op::RouteTable | Op::Renew => return Ok(()),
-            Op::Read | Op::Write | Op::WritePrimary | Op::WriteZeroes | Op::Discard => {}
-            Op::ListChunks | Op::BackfillRead | Op::Hello | Op::Challenge => {
-                return Err(Status::Unauthorized)
-            }
+            // ListChunks from a client: its own volume's chunks only (see
+            // serve_list_chunks), for the NBD front end's block status.
+            Op::Read
+            | Op::ListChunks
+            | Op::Write
+            | Op::WritePrimary
+            | Op::WriteZeroes
+            | Op::Discard => {}
+            Op::BackfillRead | Op::Hello | Op::Challenge => return Err(Status::Unauthorized),
         }
         if h.volume != cap.volume {
             return Err(Status::Unauthorized);
@@ -1053,7 +1058,7 @@ impl ShardLoop {
         if crate::unix_ms() >= cap.expires_unix_ms {
             return Err(Status::Expired);
         }
-        if h.op != Op::Read {
+        if !matches!(h.op, Op::Read | Op::ListChunks) {
             if cap.read_only {
                 return Err(Status::ReadOnly);
             }
@@ -1812,9 +1817,15 @@ impl ShardLoop {
         if self.older_writes_in_flight(h.epoch) {
             return self.reject(c, h, Status::Busy);
         }
+        // A client (authorized for `h.volume` only) sees its volume's
+        // chunks; a node, every volume's.
+        let only_volume = match self.conns[c].as_ref().map(|conn| &conn.auth) {
+            Some(ConnAuth::Node) => None,
+            _ => Some(h.volume),
+        };
         let mut out = Vec::new();
         for (v, ch) in self.engine.chunks() {
-            if t.partition_of(v, ch) == p {
+            if t.partition_of(v, ch) == p && only_volume.is_none_or(|only| v == only) {
                 out.extend_from_slice(&v.to_le_bytes());
                 out.extend_from_slice(&ch.to_le_bytes());
             }
