@@ -199,11 +199,12 @@ fn ask(
         .node(node)
         .map(|n| n.data_addr.clone())
         .ok_or_else(|| format!("node {node} not in the table"))?;
-    if !conns.contains_key(&(node, shard)) {
-        let s = open(&addr, &shared.credential().0, shard).map_err(|e| e.to_string())?;
-        conns.insert((node, shard), s);
-    }
-    let s = conns.get_mut(&(node, shard)).expect("just inserted");
+    let s = match conns.entry((node, shard)) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(e) => {
+            e.insert(open(&addr, &shared.credential().0, shard).map_err(|e| e.to_string())?)
+        }
+    };
     let mut out = Vec::with_capacity(partitions.len() * HEADER_BYTES);
     for (i, &p) in partitions.iter().enumerate() {
         let mut h = Header::request(Op::ListChunks, i as u32 + 1);

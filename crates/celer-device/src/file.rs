@@ -386,6 +386,59 @@ mod tests {
     #[repr(align(4096))]
     struct Page([u8; 4096]);
 
+    #[test]
+    fn allocation_reports_the_holes_of_a_sparse_file() {
+        use crate::{Allocation, Extent};
+        use std::os::unix::fs::FileExt;
+        let f = tempfile::NamedTempFile::new().expect("temp file");
+        f.as_file().set_len(8 << 20).expect("size");
+        f.as_file()
+            .write_all_at(&[7u8; 4096], 3 << 20)
+            .expect("write");
+        f.as_file().sync_all().expect("sync");
+        let dev = FileDevice::open(&FileDeviceConfig {
+            path: f.path().into(),
+            read_only: true,
+            direct: false,
+        })
+        .expect("open");
+        let mut out = Vec::new();
+        dev.allocation(0, 8 << 20, &mut out).expect("allocation");
+        let total: u64 = out.iter().map(|e| e.len_bytes).sum();
+        assert_eq!(total, 8 << 20, "{out:?}");
+        // The file system may allocate around the write; the written block
+        // is data, and the start and end are holes.
+        let mut at = 0;
+        let mut data_at_write = false;
+        for e in &out {
+            if e.allocation == Allocation::Data && at <= 3 << 20 && (3 << 20) < at + e.len_bytes {
+                data_at_write = true;
+            }
+            at += e.len_bytes;
+        }
+        assert!(data_at_write, "{out:?}");
+        assert_eq!(
+            out.first().map(|e| e.allocation),
+            Some(Allocation::Hole),
+            "{out:?}"
+        );
+        assert_eq!(
+            out.last().map(|e| e.allocation),
+            Some(Allocation::Hole),
+            "{out:?}"
+        );
+        // A range inside a hole.
+        out.clear();
+        dev.allocation(1 << 20, 4096, &mut out).expect("allocation");
+        assert_eq!(
+            out,
+            [Extent {
+                len_bytes: 4096,
+                allocation: Allocation::Hole
+            }]
+        );
+    }
+
     fn wait_all(q: &mut Box<dyn DeviceQueue>) -> Vec<IoCompletion> {
         let mut out = Vec::new();
         for _ in 0..10_000 {
