@@ -970,7 +970,10 @@ fn send_read_chunks<S: Write>(s: &mut S, slot: &mut Slot, start: u64) -> std::io
     let step = if len.is_multiple_of(4096) { 4096 } else { len };
     let mut data_from = 0;
     let mut at = 0;
-    while !slot.no_fragment && at < len {
+    // A read shorter than a hole chunk's minimum (a guest's 4 KiB read)
+    // is not scanned: it goes as one data chunk.
+    let look_for_holes = !slot.no_fragment && len >= READ_HOLE_MIN_BYTES;
+    while look_for_holes && at < len {
         let buf = slot.buf.data(len);
         if !is_zero(&buf[at..at + step]) {
             at += step;
