@@ -14,6 +14,10 @@
 //!
 //! Control path: calls are serialized by a mutex and may block up to the
 //! client's `op_deadline`; the I/O queues are not involved.
+//!
+//! One layer: a volume that reads through a chain of layers (a clone over
+//! a snapshot) must ask for every layer of the chain and count a chunk any
+//! of them holds as data.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::TcpStream;

@@ -237,6 +237,8 @@ fn take(m: ShardMsg, shard: &Shard, waiting: &mut VecDeque<Part>, stopping: &mut
 
 /// The data-block bitmaps of the asked chunks this shard holds a slot for
 /// (a chunk without one is a hole; so are its unwritten and zeroed blocks).
+/// One layer: a device reading through a chain of layers (snapshots,
+/// clones) must merge the chain's maps here, as its reads do.
 fn data_blocks(shard: &Shard, ask: &AllocationAsk) -> Vec<(u64, Vec<u64>)> {
     let g = *shard.geometry();
     let blocks = g.chunk_blocks as usize;
