@@ -42,6 +42,9 @@ pub(crate) const READ_HOLE_MIN_BYTES: usize = 64 << 10;
 /// Extents one BLOCK_STATUS reply describes at most (the spec asks for at
 /// most 2^20); a client asks again from where the reply ended.
 pub(crate) const STATUS_EXTENTS_MAX: usize = 1 << 16;
+/// BLOCK_STATUS buffers (the device's extents, the reply) larger than this
+/// are given back after the reply instead of kept for the next.
+const STATUS_BUFFER_KEEP_BYTES: usize = 64 << 10;
 /// Bytes of an error message in a structured error chunk at most (the
 /// spec: strings SHOULD be at most 256 bytes).
 const ERROR_MESSAGE_MAX_BYTES: usize = 256;
@@ -801,6 +804,12 @@ impl<'a, S: Stream> Conn<'a, S> {
             payload,
         );
         self.s.write_all(r)?;
+        if self.status_reply.capacity() > STATUS_BUFFER_KEEP_BYTES {
+            self.status_reply = Vec::new();
+        }
+        if self.extents.capacity() * std::mem::size_of::<Extent>() > STATUS_BUFFER_KEEP_BYTES {
+            self.extents = Vec::new();
+        }
         Ok(())
     }
 
