@@ -15,9 +15,10 @@
 //! Control path: calls are serialized by a mutex and may block up to the
 //! client's `op_deadline`; the I/O queues are not involved.
 //!
-//! One layer: a volume that reads through a chain of layers (a clone over
-//! a snapshot) must ask for every layer of the chain and count a chunk any
-//! of them holds as data.
+//! Layers (snapshots, clones): the node answers for every layer a read of
+//! the volume (or, with `FLAG_SNAPSHOT_READ`, of the snapshot) goes
+//! through, so a chunk any layer of the chain holds is data; the
+//! partitions are the volume's placement lineage's.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::TcpStream;
@@ -26,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use celer_device::{push_extent, Allocation, Extent, IoError};
 use celer_proto::auth::{HelloProof, NONCE_BYTES};
-use celer_proto::{Header, Kind, Op, Status, HEADER_BYTES};
+use celer_proto::{Header, Kind, Op, Status, FLAG_SNAPSHOT_READ, HEADER_BYTES};
 use celer_route::{NodeId, RouteTable};
 
 use crate::{attachment_of, io_error, protocol_error, read_frame, resolve, Shared};
@@ -44,10 +45,12 @@ pub(crate) struct ChunkLists {
 
 impl ChunkLists {
     /// Appends the extents of `[offset, offset + len)` of `volume` to `out`.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn allocation(
         &self,
         shared: &Arc<Shared>,
         volume: u64,
+        layers: Layers,
         offset: u64,
         len: u64,
         deadline: Duration,
@@ -67,7 +70,7 @@ impl ChunkLists {
         let give_up = Instant::now() + deadline;
         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         let held = loop {
-            match Self::list(&mut conns, shared, &table, volume, first, last) {
+            match Self::list(&mut conns, shared, &table, volume, layers, first, last) {
                 Ok(held) => break held,
                 Err(Retry::NewTable(t)) => {
                     let mut newest = shared.table.lock().unwrap_or_else(|e| e.into_inner());
@@ -115,12 +118,13 @@ impl ChunkLists {
         shared: &Arc<Shared>,
         table: &RouteTable,
         volume: u64,
+        layers: Layers,
         first: u64,
         last: u64,
     ) -> Result<HashSet<u64>, Retry> {
         let mut partitions = HashSet::new();
         for chunk in first..=last {
-            partitions.insert(table.partition_of(volume, chunk));
+            partitions.insert(table.partition_of(layers.placement, chunk));
             if partitions.len() as u32 == table.partition_count() {
                 break;
             }
@@ -150,7 +154,7 @@ impl ChunkLists {
             }
             let mut next_todo = Vec::new();
             for ((node, shard), ps) in rounds {
-                match ask(conns, shared, table, node, shard, volume, &ps) {
+                match ask(conns, shared, table, node, shard, volume, layers, &ps) {
                     Ok(Answer::Lists(chunks)) => held.extend(
                         chunks
                             .into_iter()
@@ -176,6 +180,14 @@ impl ChunkLists {
     }
 }
 
+/// Which layers a list is for: the volume's placement lineage, and the
+/// snapshot era it reads instead of the head (`ClientConfig::read_snapshot`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Layers {
+    pub(crate) placement: u64,
+    pub(crate) read_snapshot: Option<u32>,
+}
+
 enum Retry {
     NewTable(RouteTable),
     Later(String),
@@ -190,6 +202,7 @@ enum Answer {
 
 /// Sends one `ListChunks` per partition on the (node, shard) connection
 /// and reads every answer. `Err`: this member failed (try another).
+#[allow(clippy::too_many_arguments)]
 fn ask(
     conns: &mut HashMap<(NodeId, u16), TcpStream>,
     shared: &Arc<Shared>,
@@ -197,6 +210,7 @@ fn ask(
     node: NodeId,
     shard: u16,
     volume: u64,
+    layers: Layers,
     partitions: &[u32],
 ) -> Result<Answer, String> {
     let addr = table
@@ -215,6 +229,10 @@ fn ask(
         h.epoch = table.epoch;
         h.volume = volume;
         h.offset = u64::from(p);
+        if let Some(era) = layers.read_snapshot {
+            h.flags |= FLAG_SNAPSHOT_READ;
+            h.snapshot = u64::from(era);
+        }
         out.extend_from_slice(&h.encode());
     }
     std::io::Write::write_all(s, &out).map_err(|e| format!("{addr}: send: {e}"))?;
@@ -234,7 +252,9 @@ fn ask(
             Status::StaleEpoch if !payload.is_empty() => {
                 newer = RouteTable::decode(&payload).ok();
             }
-            Status::RouteBehind | Status::Busy => later = Some(format!("{addr}: {:?}", h.status)),
+            Status::RouteBehind | Status::Busy | Status::SnapshotBehind => {
+                later = Some(format!("{addr}: {:?}", h.status))
+            }
             other => return Err(format!("{addr}: ListChunks answered {other:?}")),
         }
     }

@@ -517,9 +517,18 @@ impl BlockDevice for Client {
         len_bytes: u64,
         out: &mut Vec<celer_device::Extent>,
     ) -> Result<(), IoError> {
+        let layers = allocation::Layers {
+            placement: if self.cfg.lineage == 0 {
+                self.cfg.volume
+            } else {
+                self.cfg.lineage
+            },
+            read_snapshot: self.cfg.read_snapshot,
+        };
         self.chunk_lists.allocation(
             &self.shared,
             self.cfg.volume,
+            layers,
             offset_bytes,
             len_bytes,
             self.cfg.op_deadline,

@@ -1858,14 +1858,32 @@ impl ShardLoop {
             return self.reject(c, h, Status::Busy);
         }
         // A client (authorized for `h.volume` only) sees its volume's
-        // chunks; a node, every volume's.
-        let only_volume = match self.conns[c].as_ref().map(|conn| &conn.auth) {
+        // chunks: those of every layer a read of it (or of the snapshot
+        // FLAG_SNAPSHOT_READ names) goes through, under its id. A node sees
+        // every key's.
+        let only_keys: Option<Vec<u64>> = match self.conns[c].as_ref().map(|conn| &conn.auth) {
             Some(ConnAuth::Node) => None,
-            _ => Some(h.volume),
+            _ => match self.read_target(h) {
+                Ok(target) => Some(
+                    std::iter::once(target.key)
+                        .chain(target.chain().iter().copied())
+                        .collect(),
+                ),
+                Err(s) => return self.reject(c, h, s),
+            },
         };
         let mut out = Vec::new();
+        let mut listed = std::collections::HashSet::new();
         for (v, ch) in self.engine.chunks() {
-            if t.partition_of(v, ch) == p && only_volume.is_none_or(|only| v == only) {
+            if t.partition_of(v, ch) != p {
+                continue;
+            }
+            let v = match &only_keys {
+                None => v,
+                Some(keys) if keys.contains(&v) => h.volume,
+                Some(_) => continue,
+            };
+            if only_keys.is_none() || listed.insert(ch) {
                 out.extend_from_slice(&v.to_le_bytes());
                 out.extend_from_slice(&ch.to_le_bytes());
             }

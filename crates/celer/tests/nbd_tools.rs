@@ -5,7 +5,8 @@
 //! file is byte-identical and takes time in proportion to the data (8 vs
 //! 64 MiB), far below reading all 4 GiB (`nbdcopy --no-extents`). For an
 //! engine device (block granularity) and a cluster volume of `celer up`
-//! (chunk granularity).
+//! (chunk granularity; a snapshot taken half-way, so the volume reads
+//! through two layers).
 
 mod support;
 
@@ -223,7 +224,9 @@ fn nbdcopy(sock: &Path, out: &Path, extents: bool) -> Duration {
 
 /// The whole check on an export of a 4 GiB volume: negotiation, map at
 /// `granularity`, copies of 8 and 64 MiB of data against reading it all.
-fn backup_tools_on(sock: &Path, dir: &Path, granularity: u64, what: &str) {
+/// `between` runs after the first 8 MiB are checked, before the rest is
+/// written (a snapshot, for a cluster volume).
+fn backup_tools_on(sock: &Path, dir: &Path, granularity: u64, what: &str, between: &dyn Fn()) {
     let (info, _) = run(
         Command::new(tool("nbdinfo")).arg(uri(sock)),
         Duration::from_secs(60),
@@ -261,6 +264,7 @@ fn backup_tools_on(sock: &Path, dir: &Path, granularity: u64, what: &str) {
     let t8 = nbdcopy_best_of_3(sock, &copy);
     check_file(&copy, &written);
 
+    between();
     // 56 MiB more, in 8 MiB pieces spread over the volume.
     for i in 0..7u64 {
         let o = (i * 512 + 200) * MIB;
@@ -306,7 +310,7 @@ fn backup_tools_read_only_the_data_of_an_engine_volume() {
     let sock = dir.path().join("nbd.sock");
     let spec = format!("engine:{},volume=3,size=4G", disk.display());
     let _server = Server::start(&spec, &sock, &dir.path().join("nbd.log"));
-    backup_tools_on(&sock, dir.path(), 4096, "engine volume");
+    backup_tools_on(&sock, dir.path(), 4096, "engine volume", &|| {});
 }
 
 #[test]
@@ -314,7 +318,14 @@ fn backup_tools_read_only_the_data_of_a_cluster_volume() {
     let dir = tempfile::tempdir().expect("tempdir");
     let up_dir: PathBuf = dir.path().join("up");
     let up = Up::start(&up_dir, "4G");
-    // Chunks are 1 MiB: the nodes list chunks, not blocks.
-    backup_tools_on(&up.nbd_socket(), dir.path(), MIB, "cluster volume");
+    let token = std::fs::read_to_string(&up.token_file).expect("token");
+    let meta = celer_meta::client::MetaClient::new(&up.meta, token.trim());
+    // Chunks are 1 MiB: the nodes list chunks, not blocks. A snapshot
+    // after the first 8 MiB: the rest is written in the volume's new era,
+    // over the snapshot's layer, and the map and copies hold both.
+    backup_tools_on(&up.nbd_socket(), dir.path(), MIB, "cluster volume", &|| {
+        meta.create_snapshot("default", "s1")
+            .expect("snapshot create");
+    });
     up.stop();
 }
