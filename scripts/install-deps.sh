@@ -5,7 +5,7 @@ set -euo pipefail
 
 apt_packages=(build-essential pkg-config fio qemu-utils
   protobuf-compiler libprotobuf-dev etcd-server busybox-static cpio kmod jq xz-utils curl
-  e2fsprogs fdisk iproute2 nftables libvirt-clients libxml2-utils)
+  e2fsprogs fdisk iproute2 nftables libvirt-clients libxml2-utils libnbd-bin)
 
 missing=()
 for p in "${apt_packages[@]}"; do

@@ -116,6 +116,7 @@
 //! allocator: 4 KiB writes and reads at depth 1 and 32 allocate nothing on
 //! the submitting thread once the connections are open.
 
+mod allocation;
 mod hlc;
 mod net;
 mod queue;
@@ -328,6 +329,8 @@ pub struct Client {
     cfg: ClientConfig,
     info: DeviceInfo,
     shared: Arc<Shared>,
+    /// Connections for [`BlockDevice::allocation`] (control path).
+    chunk_lists: allocation::ChunkLists,
 }
 
 impl std::fmt::Debug for Client {
@@ -403,6 +406,7 @@ impl Client {
                 era: AtomicU64::new(cfg.era as u64),
             }),
             cfg,
+            chunk_lists: allocation::ChunkLists::default(),
         })
     }
 
@@ -497,6 +501,39 @@ impl BlockDevice for Client {
     fn open_queue(&self, index: usize) -> Result<Box<dyn DeviceQueue>, IoError> {
         let q = queue::ClientQueue::open(index, &self.cfg, &self.info, self.shared.clone())?;
         Ok(Box::new(q))
+    }
+
+    /// A write is acknowledged once every member has it durably, and
+    /// reads go to in-sync members, which all have it: no queue holds
+    /// anything another cannot see, and a flush has nothing to do.
+    fn flush_is_device_wide(&self) -> bool {
+        true
+    }
+
+    /// At chunk granularity, from the nodes' chunk lists (see `allocation`).
+    fn allocation(
+        &self,
+        offset_bytes: u64,
+        len_bytes: u64,
+        out: &mut Vec<celer_device::Extent>,
+    ) -> Result<(), IoError> {
+        let layers = allocation::Layers {
+            placement: if self.cfg.lineage == 0 {
+                self.cfg.volume
+            } else {
+                self.cfg.lineage
+            },
+            read_snapshot: self.cfg.read_snapshot,
+        };
+        self.chunk_lists.allocation(
+            &self.shared,
+            self.cfg.volume,
+            layers,
+            offset_bytes,
+            len_bytes,
+            self.cfg.op_deadline,
+            out,
+        )
     }
 }
 

@@ -129,6 +129,57 @@ impl BlockDevice for FileDevice {
         self.info.clone()
     }
 
+    /// Every queue reads and writes the one open file (one page cache, or
+    /// none with O_DIRECT), and a flush is an fdatasync of that file, which
+    /// covers every write completed through it.
+    fn flush_is_device_wide(&self) -> bool {
+        true
+    }
+
+    /// Holes of a sparse file, from lseek(2) SEEK_DATA/SEEK_HOLE (a block
+    /// device, or a file system without them, reports all data).
+    fn allocation(
+        &self,
+        offset_bytes: u64,
+        len_bytes: u64,
+        out: &mut Vec<crate::Extent>,
+    ) -> Result<(), IoError> {
+        use crate::{push_extent, Allocation};
+        let end = offset_bytes + len_bytes;
+        let fd = self.file.as_raw_fd();
+        let seek = |at: u64, whence: libc::c_int| -> Result<u64, i32> {
+            // SAFETY: lseek on our open descriptor; it moves only the file
+            // position, which no queue uses (io_uring ops carry offsets).
+            let r = unsafe { libc::lseek(fd, at as libc::off_t, whence) };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+            }
+            Ok(r as u64)
+        };
+        let mut at = offset_bytes;
+        while at < end {
+            let data = match seek(at, libc::SEEK_DATA) {
+                Ok(d) => d.min(end),
+                // No data from `at` to the end of the file.
+                Err(libc::ENXIO) => end,
+                // Holes are not reported here: all data.
+                Err(_) => at,
+            };
+            if data > at {
+                push_extent(out, data - at, Allocation::Hole);
+                at = data;
+                continue;
+            }
+            let hole = match seek(at, libc::SEEK_HOLE) {
+                Ok(h) if h > at => h.min(end),
+                _ => end,
+            };
+            push_extent(out, hole - at, Allocation::Data);
+            at = hole;
+        }
+        Ok(())
+    }
+
     fn open_queue(&self, index: usize) -> Result<Box<dyn DeviceQueue>, IoError> {
         let io = |what: &str, e: std::io::Error| IoError::Io(format!("queue {index}: {what}: {e}"));
         let ring = IoUring::new(FILE_INFLIGHT_MAX as u32).map_err(|e| io("io_uring_setup", e))?;
@@ -334,6 +385,59 @@ mod tests {
 
     #[repr(align(4096))]
     struct Page([u8; 4096]);
+
+    #[test]
+    fn allocation_reports_the_holes_of_a_sparse_file() {
+        use crate::{Allocation, Extent};
+        use std::os::unix::fs::FileExt;
+        let f = tempfile::NamedTempFile::new().expect("temp file");
+        f.as_file().set_len(8 << 20).expect("size");
+        f.as_file()
+            .write_all_at(&[7u8; 4096], 3 << 20)
+            .expect("write");
+        f.as_file().sync_all().expect("sync");
+        let dev = FileDevice::open(&FileDeviceConfig {
+            path: f.path().into(),
+            read_only: true,
+            direct: false,
+        })
+        .expect("open");
+        let mut out = Vec::new();
+        dev.allocation(0, 8 << 20, &mut out).expect("allocation");
+        let total: u64 = out.iter().map(|e| e.len_bytes).sum();
+        assert_eq!(total, 8 << 20, "{out:?}");
+        // The file system may allocate around the write; the written block
+        // is data, and the start and end are holes.
+        let mut at = 0;
+        let mut data_at_write = false;
+        for e in &out {
+            if e.allocation == Allocation::Data && at <= 3 << 20 && (3 << 20) < at + e.len_bytes {
+                data_at_write = true;
+            }
+            at += e.len_bytes;
+        }
+        assert!(data_at_write, "{out:?}");
+        assert_eq!(
+            out.first().map(|e| e.allocation),
+            Some(Allocation::Hole),
+            "{out:?}"
+        );
+        assert_eq!(
+            out.last().map(|e| e.allocation),
+            Some(Allocation::Hole),
+            "{out:?}"
+        );
+        // A range inside a hole.
+        out.clear();
+        dev.allocation(1 << 20, 4096, &mut out).expect("allocation");
+        assert_eq!(
+            out,
+            [Extent {
+                len_bytes: 4096,
+                allocation: Allocation::Hole
+            }]
+        );
+    }
 
     fn wait_all(q: &mut Box<dyn DeviceQueue>) -> Vec<IoCompletion> {
         let mut out = Vec::new();

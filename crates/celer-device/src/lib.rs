@@ -109,11 +109,73 @@ pub struct DeviceInfo {
     pub serial: String,
 }
 
+/// Whether a range of a device holds stored data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Allocation {
+    /// Stored data (or the device cannot tell): read it.
+    Data,
+    /// Nothing stored (never written, discarded or zeroed): reads as
+    /// zeroes, and a copy may skip it.
+    Hole,
+}
+
+/// A run of bytes with one [`Allocation`]; a device's answer is a list of
+/// consecutive extents.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub len_bytes: u64,
+    pub allocation: Allocation,
+}
+
 /// A block device: hands out per-queue handles.
 pub trait BlockDevice: Send + Sync {
     fn info(&self) -> DeviceInfo;
     /// Opens queue `index`. Each queue is then owned by one thread.
     fn open_queue(&self, index: usize) -> Result<Box<dyn DeviceQueue>, IoError>;
+
+    /// Appends to `out` (which the caller empties first) consecutive extents covering `[offset_bytes,
+    /// offset_bytes + len_bytes)` (block aligned, inside the device) from
+    /// the device's map of what it stores, as of a moment after every
+    /// write completed before the call. A control-path call (it may block
+    /// for a round trip): backup tools ask it once per large range to skip
+    /// holes. The default, for devices that cannot tell, is "all data".
+    fn allocation(
+        &self,
+        offset_bytes: u64,
+        len_bytes: u64,
+        out: &mut Vec<Extent>,
+    ) -> Result<(), IoError> {
+        let _ = offset_bytes;
+        out.push(Extent {
+            len_bytes,
+            allocation: Allocation::Data,
+        });
+        Ok(())
+    }
+
+    /// True when the device keeps no per-queue cache: a write completed on
+    /// one queue is seen by reads on every queue, and a flush on any queue
+    /// makes durable every write completed on any queue before it. Front
+    /// ends may then let a client spread its I/O over several connections
+    /// (NBD_FLAG_CAN_MULTI_CONN). The default is false (not promised).
+    fn flush_is_device_wide(&self) -> bool {
+        false
+    }
+}
+
+/// Appends `len_bytes` of `allocation` to `out`, merged with the last
+/// extent when it has the same allocation.
+pub fn push_extent(out: &mut Vec<Extent>, len_bytes: u64, allocation: Allocation) {
+    if len_bytes == 0 {
+        return;
+    }
+    match out.last_mut() {
+        Some(last) if last.allocation == allocation => last.len_bytes += len_bytes,
+        _ => out.push(Extent {
+            len_bytes,
+            allocation,
+        }),
+    }
 }
 
 /// One queue of a device, owned by one thread.

@@ -44,6 +44,11 @@ impl BlockDevice for NullDevice {
         self.info.clone()
     }
 
+    /// Nothing is stored, so there is no cache to share either.
+    fn flush_is_device_wide(&self) -> bool {
+        true
+    }
+
     fn open_queue(&self, _index: usize) -> Result<Box<dyn DeviceQueue>, IoError> {
         Ok(Box::new(NullQueue {
             info: self.info.clone(),

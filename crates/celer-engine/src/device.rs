@@ -23,14 +23,14 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use celer_device::{
-    check_request, BlockDevice, DeviceInfo, DeviceQueue, IoCompletion, IoError, IoOp, IoRequest,
-    IoSegment,
+    check_request, push_extent, Allocation, BlockDevice, DeviceInfo, DeviceQueue, Extent,
+    IoCompletion, IoError, IoOp, IoRequest, IoSegment,
 };
 
 use crate::shard::{
     for_each_piece, shard_for, Completion, EngineOp, EngineRequest, Segment, Shard,
 };
-use crate::{Engine, EngineError, Geometry, OpenOptions};
+use crate::{BlockKind, Engine, EngineError, Geometry, OpenOptions, BLOCK_SIZE};
 
 /// Requests in flight per device queue.
 const QUEUE_INFLIGHT_MAX: usize = 256;
@@ -70,8 +70,22 @@ struct PartDone {
 
 enum ShardMsg {
     Part(Part),
+    /// Which blocks of chunks `first_chunk..=last_chunk` of `volume` hold
+    /// data, for the chunks this shard owns and holds a slot for.
+    Allocation(AllocationAsk),
     Stop,
 }
+
+struct AllocationAsk {
+    volume: u64,
+    first_chunk: u64,
+    last_chunk: u64,
+    /// Per chunk held: one bit per block, set where the block holds data.
+    reply: Sender<Vec<(u64, Vec<u64>)>>,
+}
+
+/// How long [`EngineDevice::allocation`] waits for the shards.
+const ALLOCATION_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct EngineDevice {
     info: DeviceInfo,
@@ -158,13 +172,13 @@ fn run_shard(mut shard: Shard, rx: Receiver<ShardMsg>) -> Result<(), EngineError
                 break;
             }
             match rx.recv_timeout(Duration::from_secs(1)) {
-                Ok(m) => take(m, &mut waiting, &mut stopping),
+                Ok(m) => take(m, &shard, &mut waiting, &mut stopping),
                 Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => break,
             }
         }
         while let Ok(m) = rx.try_recv() {
-            take(m, &mut waiting, &mut stopping);
+            take(m, &shard, &mut waiting, &mut stopping);
         }
         while let Some(p) = waiting.front() {
             let Some(&slot) = free.last() else { break };
@@ -210,11 +224,43 @@ fn run_shard(mut shard: Shard, rx: Receiver<ShardMsg>) -> Result<(), EngineError
     shard.close()
 }
 
-fn take(m: ShardMsg, waiting: &mut VecDeque<Part>, stopping: &mut bool) {
+fn take(m: ShardMsg, shard: &Shard, waiting: &mut VecDeque<Part>, stopping: &mut bool) {
     match m {
         ShardMsg::Part(p) => waiting.push_back(p),
+        ShardMsg::Allocation(ask) => {
+            // The map as every part taken before this message left it: a
+            // write completed before the ask is in it.
+            let _ = ask.reply.send(data_blocks(shard, &ask));
+        }
         ShardMsg::Stop => *stopping = true,
     }
+}
+
+/// The data-block bitmaps of the asked chunks this shard holds a slot for
+/// (a chunk without one is a hole; so are its unwritten and zeroed blocks).
+/// One layer: a device reading through a chain of layers (snapshots,
+/// clones) must merge the chain's maps here, as its reads do.
+fn data_blocks(shard: &Shard, ask: &AllocationAsk) -> Vec<(u64, Vec<u64>)> {
+    let g = *shard.geometry();
+    let blocks = g.chunk_blocks as usize;
+    let mut states = vec![(BlockKind::Unwritten, 0u64); blocks];
+    let mut held = Vec::new();
+    for chunk in ask.first_chunk..=ask.last_chunk {
+        if shard_for(&g, ask.volume, chunk) != shard.id() {
+            continue;
+        }
+        if !shard.block_states(ask.volume, chunk * g.chunk_bytes(), &mut states) {
+            continue;
+        }
+        let mut bits = vec![0u64; blocks.div_ceil(64)];
+        for (i, (kind, _)) in states.iter().enumerate() {
+            if *kind == BlockKind::Data {
+                bits[i / 64] |= 1 << (i % 64);
+            }
+        }
+        held.push((chunk, bits));
+    }
+    held
 }
 
 fn answer(p: &Part, result: Result<(), IoError>) {
@@ -270,6 +316,78 @@ pub struct EngineQueue {
 impl BlockDevice for EngineDevice {
     fn info(&self) -> DeviceInfo {
         self.info.clone()
+    }
+
+    /// Every acknowledged write is durable (the engine completes a write
+    /// after its journal record is on disk), queues cache nothing and a
+    /// flush has nothing left to do: one queue's flush covers them all.
+    fn flush_is_device_wide(&self) -> bool {
+        true
+    }
+
+    /// From the shards' slot maps: a chunk without a slot is a hole, and
+    /// so is a block of a slot that was never written or was zeroed or
+    /// discarded. One message to each shard thread (answered between its
+    /// I/O batches), none to the disk.
+    fn allocation(
+        &self,
+        offset_bytes: u64,
+        len_bytes: u64,
+        out: &mut Vec<Extent>,
+    ) -> Result<(), IoError> {
+        if len_bytes == 0 {
+            return Ok(());
+        }
+        let chunk_bytes = self.g.chunk_bytes();
+        let end = offset_bytes + len_bytes;
+        let (tx, rx) = mpsc::channel();
+        let mut asked = 0;
+        for shard_tx in &self.shard_txs {
+            let ask = AllocationAsk {
+                volume: self.volume,
+                first_chunk: offset_bytes / chunk_bytes,
+                last_chunk: (end - 1) / chunk_bytes,
+                reply: tx.clone(),
+            };
+            if shard_tx.send(ShardMsg::Allocation(ask)).is_err() {
+                return Err(IoError::Io("engine shard stopped".into()));
+            }
+            asked += 1;
+        }
+        drop(tx);
+        let mut held = std::collections::HashMap::new();
+        for _ in 0..asked {
+            let answer = rx.recv_timeout(ALLOCATION_TIMEOUT).map_err(|e| {
+                IoError::Io(format!(
+                    "engine shards did not report allocation within {} s: {e}",
+                    ALLOCATION_TIMEOUT.as_secs()
+                ))
+            })?;
+            held.extend(answer);
+        }
+        let block = BLOCK_SIZE as u64;
+        let mut at = offset_bytes;
+        while at < end {
+            let chunk = at / chunk_bytes;
+            let chunk_end = ((chunk + 1) * chunk_bytes).min(end);
+            let Some(bits) = held.get(&chunk) else {
+                push_extent(out, chunk_end - at, Allocation::Hole);
+                at = chunk_end;
+                continue;
+            };
+            while at < chunk_end {
+                let i = ((at % chunk_bytes) / block) as usize;
+                let allocation = if bits[i / 64] & (1 << (i % 64)) != 0 {
+                    Allocation::Data
+                } else {
+                    Allocation::Hole
+                };
+                let next = ((at / block + 1) * block).min(chunk_end);
+                push_extent(out, next - at, allocation);
+                at = next;
+            }
+        }
+        Ok(())
     }
 
     fn open_queue(&self, _index: usize) -> Result<Box<dyn DeviceQueue>, IoError> {

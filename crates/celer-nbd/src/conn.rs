@@ -16,10 +16,12 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use celer_device::{BlockDevice, DeviceQueue, IoCompletion, IoError, IoOp, IoRequest, IoSegment};
+use celer_device::{
+    Allocation, BlockDevice, DeviceQueue, Extent, IoCompletion, IoError, IoOp, IoRequest, IoSegment,
+};
 
 use crate::admission::Ticket;
-use crate::handshake::{negotiate, Outcome, Phase, OPTIONS_MAX};
+use crate::handshake::{negotiate, Negotiated, Outcome, Phase, OPTIONS_MAX};
 use crate::proto::*;
 use crate::tls::TlsServer;
 use crate::{ConnLimits, Export};
@@ -33,6 +35,19 @@ pub(crate) const INFLIGHT_BYTES_MAX: u64 = 64 << 20;
 pub(crate) const SLOT_BUFFER_BYTES: usize = 128 << 10;
 /// Data alignment in slot buffers (O_DIRECT devices need it).
 const BUFFER_ALIGN_BYTES: usize = 4096;
+/// A run of zeroes at least this long in a structured read reply goes as
+/// an OFFSET_HOLE chunk (12 bytes) instead of data; shorter runs are not
+/// worth a chunk header each.
+pub(crate) const READ_HOLE_MIN_BYTES: usize = 64 << 10;
+/// Extents one BLOCK_STATUS reply describes at most (the spec asks for at
+/// most 2^20); a client asks again from where the reply ended.
+pub(crate) const STATUS_EXTENTS_MAX: usize = 1 << 16;
+/// BLOCK_STATUS buffers (the device's extents, the reply) larger than this
+/// are given back after the reply instead of kept for the next.
+const STATUS_BUFFER_KEEP_BYTES: usize = 64 << 10;
+/// Bytes of an error message in a structured error chunk at most (the
+/// spec: strings SHOULD be at most 256 bytes).
+const ERROR_MESSAGE_MAX_BYTES: usize = 256;
 
 /// A send that makes no progress for this long ends the connection: a
 /// client that stops reading replies must not pin its thread forever.
@@ -158,6 +173,7 @@ pub(crate) fn run<S: Stream>(mut s: S, cx: &ConnContext<'_>, mut ticket: Ticket)
     let deadline = Instant::now() + timeout;
     let mut no_zeroes = false;
     let mut options_left = OPTIONS_MAX;
+    let mut negotiated = Negotiated::default();
     let phase = if cx.tls_required {
         Phase::TlsRequired
     } else {
@@ -165,7 +181,7 @@ pub(crate) fn run<S: Stream>(mut s: S, cx: &ConnContext<'_>, mut ticket: Ticket)
             tls_offered: cx.tls.is_some(),
         }
     };
-    let negotiated = negotiate(
+    let outcome = negotiate(
         &mut HandshakeDeadline {
             s: &mut s,
             deadline,
@@ -175,8 +191,9 @@ pub(crate) fn run<S: Stream>(mut s: S, cx: &ConnContext<'_>, mut ticket: Ticket)
         phase,
         &mut no_zeroes,
         &mut options_left,
+        &mut negotiated,
     );
-    let result = match (negotiated, cx.tls) {
+    let result = match (outcome, cx.tls) {
         (Ok(Outcome::StartTls), Some(tls)) => match tls.accept(s, deadline, timeout) {
             Ok((mut s, identity)) => {
                 let phase = if identity.denied.is_some() {
@@ -198,7 +215,7 @@ pub(crate) fn run<S: Stream>(mut s: S, cx: &ConnContext<'_>, mut ticket: Ticket)
                         "NBD connection on TLS (no client certificate asked)"
                     ),
                 }
-                let negotiated = negotiate(
+                let outcome = negotiate(
                     &mut HandshakeDeadline {
                         s: &mut s,
                         deadline,
@@ -208,12 +225,13 @@ pub(crate) fn run<S: Stream>(mut s: S, cx: &ConnContext<'_>, mut ticket: Ticket)
                     phase,
                     &mut no_zeroes,
                     &mut options_left,
+                    &mut negotiated,
                 );
                 s.end_deadline();
                 match identity.denied {
                     // Told why (NBD_REP_ERR_POLICY); never served.
                     Some(why) => Err(ConnError::Tls(why)),
-                    None => serve(s, negotiated, cx, &mut ticket),
+                    None => serve(s, outcome, negotiated, cx, &mut ticket),
                 }
             }
             Err(e) => Err(e),
@@ -221,7 +239,7 @@ pub(crate) fn run<S: Stream>(mut s: S, cx: &ConnContext<'_>, mut ticket: Ticket)
         (Ok(Outcome::StartTls), None) => Err(ConnError::Protocol(
             "STARTTLS acknowledged without TLS credentials (internal)".into(),
         )),
-        (negotiated, _) => serve(s, negotiated, cx, &mut ticket),
+        (outcome, _) => serve(s, outcome, negotiated, cx, &mut ticket),
     };
     drop(ticket);
     match result {
@@ -249,7 +267,8 @@ pub(crate) fn run<S: Stream>(mut s: S, cx: &ConnContext<'_>, mut ticket: Ticket)
 /// timeouts, and serve until the client leaves.
 fn serve<S: Stream>(
     s: S,
-    negotiated: Result<Outcome, ConnError>,
+    outcome: Result<Outcome, ConnError>,
+    negotiated: Negotiated,
     cx: &ConnContext<'_>,
     ticket: &mut Ticket,
 ) -> Result<(), ConnError> {
@@ -264,10 +283,18 @@ fn serve<S: Stream>(
             "cannot set socket timeouts: {e}"
         );
     }
-    match negotiated? {
+    match outcome? {
         Outcome::Transmission => {
             let queue = cx.device.open_queue(cx.index)?;
-            Conn::new(s, queue, cx.export, cx.limits.idle_timeout).transmit()
+            Conn::new(
+                s,
+                queue,
+                cx.device,
+                cx.export,
+                negotiated,
+                cx.limits.idle_timeout,
+            )
+            .transmit()
         }
         Outcome::Aborted => Ok(()),
         Outcome::StartTls => Err(ConnError::Protocol("STARTTLS over TLS (internal)".into())),
@@ -275,7 +302,7 @@ fn serve<S: Stream>(
 }
 
 /// A payload buffer whose data starts 4 KiB-aligned with room for a reply
-/// header just before it.
+/// header (simple, or a structured OFFSET_DATA chunk's) just before it.
 struct SlotBuffer {
     storage: Vec<u8>,
     data_off: usize,
@@ -286,7 +313,7 @@ impl SlotBuffer {
     fn new(cap: usize) -> SlotBuffer {
         let storage = vec![0u8; cap + 2 * BUFFER_ALIGN_BYTES];
         let mut data_off = storage.as_ptr().align_offset(BUFFER_ALIGN_BYTES);
-        if data_off < REPLY_BYTES {
+        if data_off < DATA_CHUNK_BYTES.max(REPLY_BYTES) {
             data_off += BUFFER_ALIGN_BYTES;
         }
         assert!(data_off + cap <= storage.len());
@@ -305,6 +332,33 @@ impl SlotBuffer {
         write_reply_header(h, err, handle);
         &self.storage[self.data_off - REPLY_BYTES..self.data_off + len]
     }
+    /// `header` written into the bytes just before data byte `at`,
+    /// followed by `len` data bytes. The bytes it overwrites are the
+    /// header room (`at` = 0) or the end of a zero run already sent as a
+    /// hole chunk.
+    fn chunk_frame(&mut self, at: usize, len: usize, header: &[u8; DATA_CHUNK_BYTES]) -> &[u8] {
+        let start = self.data_off + at - DATA_CHUNK_BYTES;
+        self.storage[start..start + DATA_CHUNK_BYTES].copy_from_slice(header);
+        &self.storage[start..self.data_off + at + len]
+    }
+}
+
+/// A structured reply chunk header.
+fn write_chunk_header(h: &mut [u8], flags: u16, typ: u16, handle: u64, len: u32) {
+    h[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    h[4..6].copy_from_slice(&flags.to_be_bytes());
+    h[6..8].copy_from_slice(&typ.to_be_bytes());
+    h[8..16].copy_from_slice(&handle.to_be_bytes());
+    h[16..20].copy_from_slice(&len.to_be_bytes());
+}
+
+/// Whether every byte of `b` is zero (16 bytes per step).
+fn is_zero(b: &[u8]) -> bool {
+    let mut words = b.chunks_exact(16);
+    let whole = words
+        .by_ref()
+        .all(|w| u128::from_ne_bytes(w.try_into().expect("16 bytes")) == 0);
+    whole && words.remainder().iter().all(|&x| x == 0)
 }
 
 fn write_reply_header(h: &mut [u8], err: u32, handle: u64) {
@@ -327,21 +381,33 @@ struct Slot {
     end_offset: u64,
     /// Flush after the write completes, before replying.
     fua: bool,
+    /// NBD_CMD_FLAG_DF on a read: one content chunk, holes included.
+    no_fragment: bool,
     error: Option<u32>,
+    /// Where the device said the error is (a checksum mismatch names it).
+    error_offset: Option<u64>,
+    /// The first error's text, for a structured error chunk (kept, and
+    /// its capacity reused).
+    error_text: String,
 }
 
 struct Conn<'a, S: Stream> {
     s: S,
     queue: Box<dyn DeviceQueue>,
+    device: &'a dyn BlockDevice,
     export: &'a Export,
+    negotiated: Negotiated,
+    /// A BLOCK_STATUS answer from the device, and its reply; reused.
+    extents: Vec<Extent>,
+    status_reply: Vec<u8>,
     slots: Vec<Slot>,
     free: Vec<usize>,
     /// Slots with pieces still to submit (device queue was full).
     pending: VecDeque<usize>,
     inflight_bytes: u64,
     disconnecting: bool,
-    /// (slot, errno) of the completions of one poll; reused.
-    completed: Vec<(usize, Option<u32>)>,
+    /// (slot, error) of the completions of one poll; reused.
+    completed: Vec<(usize, Option<IoError>)>,
     /// Close after this long without a request while nothing is in flight.
     idle_timeout: Option<Duration>,
     last_request: Instant,
@@ -351,7 +417,9 @@ impl<'a, S: Stream> Conn<'a, S> {
     fn new(
         s: S,
         queue: Box<dyn DeviceQueue>,
+        device: &'a dyn BlockDevice,
         export: &'a Export,
+        negotiated: Negotiated,
         idle_timeout: Option<Duration>,
     ) -> Self {
         let n = CONN_INFLIGHT_MAX.min(queue.inflight_max()).max(1);
@@ -367,13 +435,20 @@ impl<'a, S: Stream> Conn<'a, S> {
                 next_offset: 0,
                 end_offset: 0,
                 fua: false,
+                no_fragment: false,
                 error: None,
+                error_offset: None,
+                error_text: String::new(),
             })
             .collect();
         Conn {
             s,
             queue,
+            device,
             export,
+            negotiated,
+            extents: Vec::new(),
+            status_reply: Vec::new(),
             slots,
             free: (0..n).rev().collect(),
             pending: VecDeque::with_capacity(n),
@@ -500,6 +575,10 @@ impl<'a, S: Stream> Conn<'a, S> {
                 e.max_block_bytes
             )));
         }
+        if cmd == CMD_BLOCK_STATUS {
+            // Answered at once from the device's map: no slot, no payload.
+            return self.block_status(flags, handle, offset, len);
+        }
         let Some(si) = self.free.pop() else {
             return Err(ConnError::Protocol("no free slot (internal)".into()));
         };
@@ -532,17 +611,14 @@ impl<'a, S: Stream> Conn<'a, S> {
                 self.disconnecting = true;
                 return Ok(());
             }
-            Err(errno) => {
+            Err((errno, why)) => {
                 // A refused write may have grown the buffer: give it back.
                 if self.slots[si].buf.cap > SLOT_BUFFER_BYTES {
                     self.slots[si].buf = SlotBuffer::new(SLOT_BUFFER_BYTES);
                 }
                 self.free.push(si);
-                tracing::debug!(cmd, offset, len, errno, "NBD request refused");
-                let mut r = [0u8; REPLY_BYTES];
-                write_reply_header(&mut r, errno, handle);
-                self.s.write_all(&r)?;
-                return Ok(());
+                tracing::debug!(cmd, offset, len, errno, "NBD request refused: {why}");
+                return self.refuse(handle, errno, why);
             }
         };
         let data_len = if matches!(op, IoOp::Read | IoOp::Write) {
@@ -562,19 +638,41 @@ impl<'a, S: Stream> Conn<'a, S> {
         slot.next_offset = offset;
         slot.end_offset = offset + u64::from(len);
         slot.fua = op != IoOp::Read && op != IoOp::Flush && flags & CMD_FLAG_FUA != 0;
+        slot.no_fragment = flags & CMD_FLAG_DF != 0;
         slot.error = None;
+        slot.error_offset = None;
         self.inflight_bytes += u64::from(data_len);
         self.pending.push_back(si);
         self.submit_pending()
     }
 
+    /// Replies with an error to a request refused before the device saw
+    /// it: a structured error chunk (with `why`) when negotiated, else a
+    /// simple reply.
+    fn refuse(&mut self, handle: u64, errno: u32, why: &str) -> Result<(), ConnError> {
+        if self.negotiated.structured_replies {
+            return send_error_chunk(&mut self.s, handle, errno, why, None);
+        }
+        let mut r = [0u8; REPLY_BYTES];
+        write_reply_header(&mut r, errno, handle);
+        self.s.write_all(&r)?;
+        Ok(())
+    }
+
     /// Checks a request against the export. `Ok(None)` is DISC; `Err` is
-    /// the errno to reply with.
-    fn validate(&self, flags: u16, cmd: u16, offset: u64, len: u32) -> Result<Option<IoOp>, u32> {
+    /// the errno to reply with and why.
+    fn validate(
+        &self,
+        flags: u16,
+        cmd: u16,
+        offset: u64,
+        len: u32,
+    ) -> Result<Option<IoOp>, (u32, &'static str)> {
         let e = self.export;
-        let known = CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_DF | CMD_FLAG_FAST_ZERO;
-        if flags & !known != 0 {
-            return Err(EINVAL);
+        let known = CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO | CMD_FLAG_REQ_ONE;
+        if flags & !known != 0 && !(flags & CMD_FLAG_DF != 0 && self.negotiated.structured_replies)
+        {
+            return Err((EINVAL, "unknown command flags"));
         }
         let op = match cmd {
             CMD_READ => IoOp::Read,
@@ -585,25 +683,134 @@ impl<'a, S: Stream> Conn<'a, S> {
             CMD_WRITE_ZEROES if e.transmission_flags & TF_SEND_WRITE_ZEROES != 0 || e.read_only => {
                 IoOp::WriteZeroes
             }
-            _ => return Err(EINVAL),
+            _ => return Err((EINVAL, "unsupported command")),
         };
         if op != IoOp::Read && e.read_only {
-            return Err(EPERM);
+            return Err((EPERM, "the export is read-only"));
         }
         if op == IoOp::Read && len > e.max_block_bytes {
-            return Err(EOVERFLOW);
+            return Err((
+                EOVERFLOW,
+                "read longer than the advertised maximum block size",
+            ));
         }
         let min = u64::from(e.min_block_bytes);
         if len == 0 || !offset.is_multiple_of(min) || !u64::from(len).is_multiple_of(min) {
-            return Err(EINVAL);
+            return Err((
+                EINVAL,
+                "zero length, or offset or length not a multiple of the minimum block size",
+            ));
         }
         if offset
             .checked_add(u64::from(len))
             .is_none_or(|end| end > e.size_bytes)
         {
-            return Err(if op == IoOp::Read { EINVAL } else { ENOSPC });
+            let errno = if op == IoOp::Read { EINVAL } else { ENOSPC };
+            return Err((errno, "request beyond the end of the export"));
         }
         Ok(Some(op))
+    }
+
+    /// NBD_CMD_BLOCK_STATUS for `base:allocation`: the device's map of the
+    /// range (from the request's offset to its end rounded up to the
+    /// minimum block), holes as HOLE|ZERO, data as 0, in one chunk.
+    fn block_status(
+        &mut self,
+        flags: u16,
+        handle: u64,
+        offset: u64,
+        len: u32,
+    ) -> Result<(), ConnError> {
+        let e = self.export;
+        if !self.negotiated.base_allocation {
+            return self.refuse(
+                handle,
+                EINVAL,
+                "no metadata context selected: NBD_OPT_SET_META_CONTEXT base:allocation first",
+            );
+        }
+        if flags & !(CMD_FLAG_REQ_ONE | CMD_FLAG_FUA) != 0 {
+            return self.refuse(handle, EINVAL, "unknown command flags for BLOCK_STATUS");
+        }
+        let min = u64::from(e.min_block_bytes);
+        let request_end = offset.checked_add(u64::from(len));
+        if len == 0 || request_end.is_none_or(|end| end > e.size_bytes) {
+            return self.refuse(
+                handle,
+                EINVAL,
+                "BLOCK_STATUS of zero bytes or beyond the end of the export",
+            );
+        }
+        // The length is a hint: ask the device from the block holding
+        // `offset` to the block holding the last byte.
+        let start = offset / min * min;
+        let end = (offset + u64::from(len)).div_ceil(min) * min;
+        let end = end.min(e.size_bytes);
+        self.extents.clear();
+        if let Err(err) = self
+            .device
+            .allocation(start, end - start, &mut self.extents)
+        {
+            // Status 0 ("data") is always true: a copy reads it all.
+            tracing::warn!(offset, len, "block status unknown, reported as data: {err}");
+            self.extents.clear();
+        }
+        let r = &mut self.status_reply;
+        r.clear();
+        r.resize(CHUNK_BYTES, 0);
+        r.extend_from_slice(&BASE_ALLOCATION_ID.to_be_bytes());
+        let mut at = start;
+        let mut described = 0usize;
+        for x in &self.extents {
+            let x_end = (at + x.len_bytes).min(end);
+            let from = at.max(offset);
+            at = x_end;
+            if x_end <= from {
+                continue;
+            }
+            let mut piece = x_end - from;
+            if flags & CMD_FLAG_REQ_ONE != 0 {
+                piece = piece.min(u64::from(len));
+            }
+            // Every piece is below 2^32: the range is at most `len` plus
+            // one block.
+            let piece = piece.min(u64::from(u32::MAX) / min * min) as u32;
+            let state = match x.allocation {
+                Allocation::Hole => STATE_HOLE | STATE_ZERO,
+                Allocation::Data => 0,
+            };
+            r.extend_from_slice(&piece.to_be_bytes());
+            r.extend_from_slice(&state.to_be_bytes());
+            described += 1;
+            if flags & CMD_FLAG_REQ_ONE != 0
+                || described >= STATUS_EXTENTS_MAX
+                || from + u64::from(piece) >= offset + u64::from(len)
+            {
+                break;
+            }
+        }
+        if described == 0 {
+            // A device that answered nothing (or failed): one data extent.
+            let piece = (end - offset).min(u64::from(len)) as u32;
+            r.extend_from_slice(&piece.to_be_bytes());
+            r.extend_from_slice(&0u32.to_be_bytes());
+        }
+        let payload = (r.len() - CHUNK_BYTES) as u32;
+        write_chunk_header(
+            &mut r[..CHUNK_BYTES],
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_BLOCK_STATUS,
+            handle,
+            payload,
+        );
+        self.s.write_all(r)?;
+        if self.status_reply.capacity() > STATUS_BUFFER_KEEP_BYTES {
+            self.status_reply = Vec::new();
+        }
+        if self.extents.capacity() * std::mem::size_of::<Extent>() > STATUS_BUFFER_KEEP_BYTES {
+            self.extents = Vec::new();
+        }
+        Ok(())
     }
 
     /// Submits pieces of pending slots until the device queue is full.
@@ -646,7 +853,7 @@ impl<'a, S: Stream> Conn<'a, S> {
                 Err(IoError::QueueFull { .. }) if self.queue.inflight() > 0 => break,
                 Err(err) => {
                     tracing::debug!(offset, len, "device refused request: {err}");
-                    slot.error.get_or_insert(errno_of(&err));
+                    note_error(slot, &err);
                     slot.next_offset = slot.end_offset;
                 }
             }
@@ -669,18 +876,18 @@ impl<'a, S: Stream> Conn<'a, S> {
             let mut done = std::mem::take(&mut self.completed);
             done.clear();
             let n = self.queue.poll(&mut |c: IoCompletion| {
-                done.push((c.tag as usize, c.result.err().map(|e| errno_of(&e))));
+                done.push((c.tag as usize, c.result.err()));
             });
             assert_eq!(n, done.len(), "device miscounted its completions");
-            for &(si, errno) in &done {
+            for (si, err) in done.drain(..) {
                 let slot = &mut self.slots[si];
                 assert!(
                     slot.busy && slot.parts_left > 0,
                     "completion for an idle slot"
                 );
                 slot.parts_left -= 1;
-                if let Some(errno) = errno {
-                    slot.error.get_or_insert(errno);
+                if let Some(err) = err {
+                    note_error(slot, &err);
                 }
                 let sent_all = slot.next_offset >= slot.end_offset || slot.op == IoOp::Flush;
                 if slot.parts_left == 0 && sent_all && !self.pending.contains(&si) {
@@ -704,14 +911,35 @@ impl<'a, S: Stream> Conn<'a, S> {
             self.pending.push_back(si);
             return Ok(());
         }
-        let err = slot.error.unwrap_or(0);
-        let data_len = if slot.op == IoOp::Read && err == 0 {
-            slot.len as usize
-        } else {
-            0
-        };
-        let frame = slot.buf.frame(err, slot.handle, data_len);
-        self.s.write_all(frame)?;
+        let structured = self.negotiated.structured_replies;
+        match (slot.error, structured) {
+            (None, true) if slot.op == IoOp::Read => {
+                let start = slot.end_offset - u64::from(slot.len);
+                send_read_chunks(&mut self.s, slot, start)?;
+            }
+            (Some(errno), true) => {
+                // A read names where its data stops being valid: the
+                // device's offset, else the request's.
+                let offset = match slot.op {
+                    IoOp::Read => Some(
+                        slot.error_offset
+                            .unwrap_or(slot.end_offset - u64::from(slot.len)),
+                    ),
+                    _ => None,
+                };
+                send_error_chunk(&mut self.s, slot.handle, errno, &slot.error_text, offset)?;
+            }
+            (err, _) => {
+                let err = err.unwrap_or(0);
+                let data_len = if slot.op == IoOp::Read && err == 0 {
+                    slot.len as usize
+                } else {
+                    0
+                };
+                let frame = slot.buf.frame(err, slot.handle, data_len);
+                self.s.write_all(frame)?;
+            }
+        }
         self.inflight_bytes -= u64::from(slot.len);
         if slot.buf.cap > SLOT_BUFFER_BYTES {
             slot.buf = SlotBuffer::new(SLOT_BUFFER_BYTES);
@@ -720,6 +948,125 @@ impl<'a, S: Stream> Conn<'a, S> {
         self.free.push(si);
         Ok(())
     }
+}
+
+/// Keeps a slot's first error: errno, offset if the device named one,
+/// and its text.
+fn note_error(slot: &mut Slot, err: &IoError) {
+    if slot.error.is_some() {
+        return;
+    }
+    slot.error = Some(errno_of(err));
+    slot.error_offset = match err {
+        IoError::Checksum { offset_bytes } => Some(*offset_bytes),
+        _ => None,
+    };
+    slot.error_text.clear();
+    use std::fmt::Write as _;
+    let _ = write!(slot.error_text, "{err}");
+}
+
+/// A successful structured read reply: the data as OFFSET_DATA chunks and
+/// zero runs of at least [`READ_HOLE_MIN_BYTES`] as OFFSET_HOLE chunks, in
+/// order, the last with NBD_REPLY_FLAG_DONE. With DF: one data chunk.
+/// Data chunks go from the slot buffer with their header in the bytes
+/// before them: one send per chunk, no copy.
+fn send_read_chunks<S: Write>(s: &mut S, slot: &mut Slot, start: u64) -> std::io::Result<()> {
+    let len = slot.len as usize;
+    let handle = slot.handle;
+    // Zero runs are found at this granularity (a 4 KiB block, or the
+    // whole read if it is not a multiple of it).
+    let step = if len.is_multiple_of(4096) { 4096 } else { len };
+    let mut data_from = 0;
+    let mut at = 0;
+    // A read shorter than a hole chunk's minimum (a guest's 4 KiB read)
+    // is not scanned: it goes as one data chunk.
+    let look_for_holes = !slot.no_fragment && len >= READ_HOLE_MIN_BYTES;
+    while look_for_holes && at < len {
+        let buf = slot.buf.data(len);
+        if !is_zero(&buf[at..at + step]) {
+            at += step;
+            continue;
+        }
+        let zero_from = at;
+        while at < len && is_zero(&buf[at..at + step]) {
+            at += step;
+        }
+        if at - zero_from < READ_HOLE_MIN_BYTES {
+            continue;
+        }
+        if zero_from > data_from {
+            send_data_chunk(s, &mut slot.buf, handle, start, data_from, zero_from, len)?;
+        }
+        let mut h = [0u8; CHUNK_BYTES + 12];
+        let flags = if at == len { REPLY_FLAG_DONE } else { 0 };
+        write_chunk_header(&mut h, flags, REPLY_TYPE_OFFSET_HOLE, handle, 12);
+        h[CHUNK_BYTES..CHUNK_BYTES + 8].copy_from_slice(&(start + zero_from as u64).to_be_bytes());
+        h[CHUNK_BYTES + 8..].copy_from_slice(&((at - zero_from) as u32).to_be_bytes());
+        s.write_all(&h)?;
+        data_from = at;
+    }
+    if data_from < len {
+        send_data_chunk(s, &mut slot.buf, handle, start, data_from, len, len)?;
+    }
+    Ok(())
+}
+
+/// One OFFSET_DATA chunk of bytes `[from, to)` of a read of `len` bytes
+/// at `start`; the last one (`to == len`) is marked DONE.
+fn send_data_chunk<S: Write>(
+    s: &mut S,
+    buf: &mut SlotBuffer,
+    handle: u64,
+    start: u64,
+    from: usize,
+    to: usize,
+    len: usize,
+) -> std::io::Result<()> {
+    let mut h = [0u8; DATA_CHUNK_BYTES];
+    let flags = if to == len { REPLY_FLAG_DONE } else { 0 };
+    write_chunk_header(
+        &mut h,
+        flags,
+        REPLY_TYPE_OFFSET_DATA,
+        handle,
+        (8 + to - from) as u32,
+    );
+    h[CHUNK_BYTES..].copy_from_slice(&(start + from as u64).to_be_bytes());
+    s.write_all(buf.chunk_frame(from, to - from, &h))
+}
+
+/// A structured error chunk, the request's only and last one:
+/// ERROR_OFFSET when `offset` is known, else ERROR.
+fn send_error_chunk<S: Write>(
+    s: &mut S,
+    handle: u64,
+    errno: u32,
+    message: &str,
+    offset: Option<u64>,
+) -> Result<(), ConnError> {
+    let mut cut = message.len().min(ERROR_MESSAGE_MAX_BYTES);
+    while !message.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let message = &message.as_bytes()[..cut];
+    let mut c = [0u8; CHUNK_BYTES + 6 + ERROR_MESSAGE_MAX_BYTES + 8];
+    let (typ, payload) = match offset {
+        Some(_) => (REPLY_TYPE_ERROR_OFFSET, 6 + message.len() + 8),
+        None => (REPLY_TYPE_ERROR, 6 + message.len()),
+    };
+    write_chunk_header(&mut c, REPLY_FLAG_DONE, typ, handle, payload as u32);
+    let p = &mut c[CHUNK_BYTES..];
+    // The spec: an error chunk's error MUST be nonzero.
+    let errno = if errno == 0 { EIO } else { errno };
+    p[0..4].copy_from_slice(&errno.to_be_bytes());
+    p[4..6].copy_from_slice(&(message.len() as u16).to_be_bytes());
+    p[6..6 + message.len()].copy_from_slice(message);
+    if let Some(offset) = offset {
+        p[6 + message.len()..6 + message.len() + 8].copy_from_slice(&offset.to_be_bytes());
+    }
+    s.write_all(&c[..CHUNK_BYTES + payload])?;
+    Ok(())
 }
 
 fn errno_of(e: &IoError) -> u32 {

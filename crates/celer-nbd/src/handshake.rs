@@ -2,6 +2,11 @@
 //! Ends in transmission (OPT_GO, OPT_EXPORT_NAME), in TLS (OPT_STARTTLS:
 //! the caller runs the TLS handshake and the haggling again over it), or
 //! in a closed connection (OPT_ABORT, EOF, protocol violation).
+//!
+//! What the haggling turns on for the transmission ([`Negotiated`]):
+//! structured replies (OPT_STRUCTURED_REPLY), and the `base:allocation`
+//! metadata context (OPT_SET_META_CONTEXT, which needs structured replies
+//! first). STARTTLS forgets both, as the spec asks.
 
 use std::io::{Read, Write};
 
@@ -20,6 +25,27 @@ pub(crate) enum Outcome {
     Aborted,
     /// STARTTLS was acknowledged: the next bytes are a TLS ClientHello.
     StartTls,
+}
+
+/// What the client turned on for the transmission phase.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Negotiated {
+    /// NBD_OPT_STRUCTURED_REPLY was acknowledged.
+    pub(crate) structured_replies: bool,
+    /// The last NBD_OPT_SET_META_CONTEXT selected `base:allocation`.
+    pub(crate) base_allocation: bool,
+}
+
+impl Negotiated {
+    /// The transmission flags this connection sees: NBD_FLAG_SEND_DF only
+    /// with structured replies.
+    pub(crate) fn transmission_flags(&self, export: &Export) -> u16 {
+        if self.structured_replies {
+            export.transmission_flags | TF_SEND_DF
+        } else {
+            export.transmission_flags
+        }
+    }
 }
 
 /// Where the haggling runs.
@@ -48,6 +74,7 @@ pub(crate) fn negotiate<S: Read + Write>(
     phase: Phase,
     no_zeroes: &mut bool,
     options_left: &mut usize,
+    negotiated: &mut Negotiated,
 ) -> Result<Outcome, ConnError> {
     if matches!(phase, Phase::Plain { .. } | Phase::TlsRequired) {
         *no_zeroes = greet(s)?;
@@ -118,6 +145,7 @@ pub(crate) fn negotiate<S: Read + Write>(
                     continue;
                 }
                 reply(s, opt, REP_ACK, &[])?;
+                *negotiated = Negotiated::default();
                 return Ok(Outcome::StartTls);
             }
             OPT_STARTTLS if phase == Phase::Tls => {
@@ -133,7 +161,7 @@ pub(crate) fn negotiate<S: Read + Write>(
                 }
                 let mut r = Vec::with_capacity(10 + 124);
                 r.extend_from_slice(&export.size_bytes.to_be_bytes());
-                r.extend_from_slice(&export.transmission_flags.to_be_bytes());
+                r.extend_from_slice(&negotiated.transmission_flags(export).to_be_bytes());
                 if !no_zeroes {
                     r.extend_from_slice(&[0u8; 124]);
                 }
@@ -169,7 +197,7 @@ pub(crate) fn negotiate<S: Read + Write>(
                 let mut info = Vec::with_capacity(12);
                 info.extend_from_slice(&INFO_EXPORT.to_be_bytes());
                 info.extend_from_slice(&export.size_bytes.to_be_bytes());
-                info.extend_from_slice(&export.transmission_flags.to_be_bytes());
+                info.extend_from_slice(&negotiated.transmission_flags(export).to_be_bytes());
                 reply(s, opt, REP_INFO, &info)?;
                 // Sent whether asked or not (the spec allows it): clients
                 // that ignore it and send misaligned requests get EINVAL.
@@ -183,6 +211,22 @@ pub(crate) fn negotiate<S: Read + Write>(
                 if opt == OPT_GO {
                     return Ok(Outcome::Transmission);
                 }
+            }
+            OPT_STRUCTURED_REPLY => {
+                if len != 0 {
+                    reply(
+                        s,
+                        opt,
+                        REP_ERR_INVALID,
+                        b"NBD_OPT_STRUCTURED_REPLY carries no data",
+                    )?;
+                    continue;
+                }
+                negotiated.structured_replies = true;
+                reply(s, opt, REP_ACK, &[])?;
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                meta_context(s, opt, data, export, negotiated)?;
             }
             _ => {
                 let msg = format!("option {opt} is not supported");
@@ -227,6 +271,85 @@ fn parse_info_request(data: &[u8]) -> Option<String> {
         return None;
     }
     Some(String::from_utf8_lossy(name).into_owned())
+}
+
+/// NBD_OPT_LIST_META_CONTEXT and NBD_OPT_SET_META_CONTEXT: the one
+/// context is `base:allocation`. LIST answers it for no query, `base:` or
+/// `base:allocation`; SET selects it for `base:allocation` (and replaces
+/// any earlier selection, also when it fails). Queries of other
+/// namespaces are ignored, as the spec asks.
+fn meta_context<S: Write>(
+    s: &mut S,
+    opt: u32,
+    data: &[u8],
+    export: &Export,
+    negotiated: &mut Negotiated,
+) -> Result<(), ConnError> {
+    let set = opt == OPT_SET_META_CONTEXT;
+    if set {
+        negotiated.base_allocation = false;
+    }
+    if !negotiated.structured_replies {
+        let msg = "negotiate NBD_OPT_STRUCTURED_REPLY before metadata contexts";
+        return reply(s, opt, REP_ERR_INVALID, msg.as_bytes());
+    }
+    let Some((name, queries)) = parse_meta_request(data) else {
+        return reply(
+            s,
+            opt,
+            REP_ERR_INVALID,
+            b"malformed NBD_OPT_LIST/SET_META_CONTEXT data",
+        );
+    };
+    if !name_matches(&name, export) {
+        let msg = format!("no export named {name:?}");
+        return reply(s, opt, REP_ERR_UNKNOWN, msg.as_bytes());
+    }
+    let matches = |q: &[u8]| q == BASE_ALLOCATION.as_bytes() || (!set && q == b"base:".as_slice());
+    let selected = if queries.is_empty() {
+        !set
+    } else {
+        queries.iter().any(|q| matches(q))
+    };
+    if selected {
+        // LIST answers with id 0 (reserved there, the spec says).
+        let id = if set { BASE_ALLOCATION_ID } else { 0 };
+        let mut d = Vec::with_capacity(4 + BASE_ALLOCATION.len());
+        d.extend_from_slice(&id.to_be_bytes());
+        d.extend_from_slice(BASE_ALLOCATION.as_bytes());
+        reply(s, opt, REP_META_CONTEXT, &d)?;
+        negotiated.base_allocation = set;
+    }
+    reply(s, opt, REP_ACK, &[])
+}
+
+/// Meta context request data: u32 name length, name, u32 query count,
+/// then per query u32 length and the query.
+fn parse_meta_request(data: &[u8]) -> Option<(String, Vec<&[u8]>)> {
+    let u32_at = |d: &[u8], at: usize| -> Option<usize> {
+        Some(u32::from_be_bytes(d.get(at..at.checked_add(4)?)?.try_into().ok()?) as usize)
+    };
+    let name_len = u32_at(data, 0)?;
+    let name = data.get(4..4usize.checked_add(name_len)?)?;
+    let mut at = 4 + name_len;
+    let count = u32_at(data, at)?;
+    at += 4;
+    // Each query takes at least its 4-byte length: a count beyond what
+    // the data holds is malformed (and never allocated for).
+    if count > (data.len() - at) / 4 {
+        return None;
+    }
+    let mut queries = Vec::with_capacity(count);
+    for _ in 0..count {
+        let len = u32_at(data, at)?;
+        at += 4;
+        queries.push(data.get(at..at.checked_add(len)?)?);
+        at += len;
+    }
+    if at != data.len() {
+        return None;
+    }
+    Some((String::from_utf8_lossy(name).into_owned(), queries))
 }
 
 fn reply<S: Write>(s: &mut S, opt: u32, rep: u32, data: &[u8]) -> Result<(), ConnError> {

@@ -3,8 +3,14 @@
 //! engine and any other NBD client can use a Celer volume.
 //!
 //! Protocol: newstyle fixed handshake (OPT_GO, OPT_INFO, OPT_EXPORT_NAME,
-//! OPT_ABORT, OPT_LIST, OPT_STARTTLS; everything else gets NBD_REP_ERR_UNSUP) and simple
-//! replies. Commands READ, WRITE, FLUSH, TRIM, WRITE_ZEROES, DISC.
+//! OPT_ABORT, OPT_LIST, OPT_STARTTLS, OPT_STRUCTURED_REPLY,
+//! OPT_LIST/SET_META_CONTEXT with `base:allocation`; everything else gets
+//! NBD_REP_ERR_UNSUP). Simple replies, or structured ones when negotiated:
+//! reads as OFFSET_DATA/OFFSET_HOLE chunks, errors as ERROR/ERROR_OFFSET
+//! chunks with a message. Commands READ, WRITE, FLUSH, TRIM, WRITE_ZEROES,
+//! BLOCK_STATUS (from [`BlockDevice::allocation`]), DISC.
+//! NBD_FLAG_CAN_MULTI_CONN when [`BlockDevice::flush_is_device_wide`] (or
+//! read-only).
 //!
 //! Threads: one per connection. Each connection opens its own
 //! [`celer_device::DeviceQueue`], so connections share nothing but the
@@ -192,7 +198,13 @@ pub(crate) struct Export {
 }
 
 impl Export {
-    pub(crate) fn new(name: &str, info: &DeviceInfo, read_only: bool) -> Result<Export, Error> {
+    /// `flush_is_device_wide`: the device's [`BlockDevice::flush_is_device_wide`].
+    pub(crate) fn new(
+        name: &str,
+        info: &DeviceInfo,
+        read_only: bool,
+        flush_is_device_wide: bool,
+    ) -> Result<Export, Error> {
         use proto::*;
         let min = info.block_size_bytes.max(512);
         if !info.size_bytes.is_multiple_of(u64::from(min)) || !min.is_power_of_two() {
@@ -205,6 +217,14 @@ impl Export {
         let device_max = info.max_request_bytes.min(u64::from(REQUEST_MAX_BYTES)) as u32;
         let max = (device_max / min * min).max(min);
         let mut flags = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA;
+        // Multi-conn: a flush on one connection must cover writes completed
+        // on the others, and a write completed on one must be seen by
+        // reads on the others. Each connection has its own device queue
+        // and the server caches nothing, so this holds when the device
+        // says so (and trivially when nothing is written).
+        if read_only || flush_is_device_wide {
+            flags |= TF_CAN_MULTI_CONN;
+        }
         if read_only {
             flags |= TF_READ_ONLY;
         } else {
@@ -244,7 +264,12 @@ impl Server {
         if config.addr.is_none() && config.socket.is_none() {
             return Err(Error::NoListener);
         }
-        let export = Export::new(&config.export_name, &device.info(), config.read_only)?;
+        let export = Export::new(
+            &config.export_name,
+            &device.info(),
+            config.read_only,
+            device.flush_is_device_wide(),
+        )?;
         let tls = match &config.tls {
             Some(t) => Some(Arc::new(tls::TlsServer::load(t)?)),
             None => None,

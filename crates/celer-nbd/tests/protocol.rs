@@ -74,8 +74,8 @@ fn option_haggling() {
     assert_eq!(typ, 2);
     assert_eq!(&d[4..], EXPORT.as_bytes());
     assert_eq!(c.opt_reply().1, 1);
-    // Unknown options (STRUCTURED_REPLY, a made-up one) → ERR_UNSUP.
-    c.send_opt(8, &[]);
+    // Unknown options (EXTENDED_HEADERS, a made-up one) → ERR_UNSUP.
+    c.send_opt(11, &[]);
     assert_eq!(c.opt_reply().1, (1 << 31) + 1);
     c.send_opt(0xdead, b"junk");
     assert_eq!(c.opt_reply().1, (1 << 31) + 1);
@@ -295,8 +295,8 @@ fn read_only_export_refuses_writes() {
     let info = c.go();
     assert_eq!(
         info.flags,
-        1 | 2 | 4 | 8,
-        "HAS_FLAGS|READ_ONLY|SEND_FLUSH|SEND_FUA"
+        1 | 2 | 4 | 8 | 256,
+        "HAS_FLAGS|READ_ONLY|SEND_FLUSH|SEND_FUA|CAN_MULTI_CONN"
     );
     let w = pattern(5, 512);
     assert_eq!(c.call(CMD_WRITE, 0, 0, 512, &w).0, EPERM);

@@ -1055,10 +1055,15 @@ impl ShardLoop {
         };
         match h.op {
             Op::Ping | Op::Flush | Op::RouteTable | Op::Renew => return Ok(()),
-            Op::Read | Op::Write | Op::WritePrimary | Op::WriteZeroes | Op::Discard => {}
-            Op::ListChunks | Op::BackfillRead | Op::Hello | Op::Challenge => {
-                return Err(Status::Unauthorized)
-            }
+            // ListChunks from a client: its own volume's chunks only (see
+            // serve_list_chunks), for the NBD front end's block status.
+            Op::Read
+            | Op::ListChunks
+            | Op::Write
+            | Op::WritePrimary
+            | Op::WriteZeroes
+            | Op::Discard => {}
+            Op::BackfillRead | Op::Hello | Op::Challenge => return Err(Status::Unauthorized),
         }
         if h.volume != cap.volume {
             return Err(Status::Unauthorized);
@@ -1066,7 +1071,7 @@ impl ShardLoop {
         if crate::unix_ms() >= cap.expires_unix_ms {
             return Err(Status::Expired);
         }
-        if h.op != Op::Read {
+        if !matches!(h.op, Op::Read | Op::ListChunks) {
             if cap.read_only {
                 return Err(Status::ReadOnly);
             }
@@ -1856,9 +1861,33 @@ impl ShardLoop {
         if self.older_writes_in_flight(h.epoch) {
             return self.reject(c, h, Status::Busy);
         }
+        // A client (authorized for `h.volume` only) sees its volume's
+        // chunks: those of every layer a read of it (or of the snapshot
+        // FLAG_SNAPSHOT_READ names) goes through, under its id. A node sees
+        // every key's.
+        let only_keys: Option<Vec<u64>> = match self.conns[c].as_ref().map(|conn| &conn.auth) {
+            Some(ConnAuth::Node) => None,
+            _ => match self.read_target(h) {
+                Ok(target) => Some(
+                    std::iter::once(target.key)
+                        .chain(target.chain().iter().copied())
+                        .collect(),
+                ),
+                Err(s) => return self.reject(c, h, s),
+            },
+        };
         let mut out = Vec::new();
+        let mut listed = std::collections::HashSet::new();
         for (v, ch) in self.engine.chunks() {
-            if t.partition_of(v, ch) == p {
+            if t.partition_of(v, ch) != p {
+                continue;
+            }
+            let v = match &only_keys {
+                None => v,
+                Some(keys) if keys.contains(&v) => h.volume,
+                Some(_) => continue,
+            };
+            if only_keys.is_none() || listed.insert(ch) {
                 out.extend_from_slice(&v.to_le_bytes());
                 out.extend_from_slice(&ch.to_le_bytes());
             }

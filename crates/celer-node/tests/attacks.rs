@@ -211,12 +211,41 @@ fn a_capability_allows_its_volume_its_mode_and_its_attachment_only() {
     h.version = version(OWNER, 1);
     h.attachment = OWNER;
     assert_eq!(w.call(h, &a).0.status, Status::Unauthorized);
-    // Node-only ops.
-    let mut h = w.req(Op::ListChunks, s.t.epoch, 0, 0, 0);
+    // ListChunks names a volume: another's is refused.
+    let mut h = w.req(Op::ListChunks, s.t.epoch, 2, 0, 0);
     h.offset = s.t.partition_at(2, 0) as u64;
     assert_eq!(w.call(h, &[]).0.status, Status::Unauthorized);
+    // Node-only op.
     let h = w.req(Op::BackfillRead, s.t.epoch, 2, 0, 4096);
     assert_eq!(w.call(h, &[]).0.status, Status::Unauthorized);
+
+    // ListChunks of its own volume: that volume's chunks and no other's
+    // (the partition of B's chunk 0 holds it, and is asked too).
+    for chunk_of in [1u64, 2] {
+        let p = s.t.partition_at(chunk_of, 0);
+        let mut w = Wire::connect_as(n, (p % 2) as u16, &for_a).expect("hello");
+        let mut h = w.req(Op::ListChunks, s.t.epoch, 1, 0, 0);
+        h.offset = p as u64;
+        let (r, list) = w.call(h, &[]);
+        assert_eq!(r.status, Status::Ok, "ListChunks of its own volume");
+        let pairs: Vec<(u64, u64)> = list
+            .chunks_exact(16)
+            .map(|c| {
+                let u = |i: usize| u64::from_le_bytes(c[i..i + 8].try_into().expect("8"));
+                (u(0), u(8))
+            })
+            .collect();
+        assert!(
+            pairs.iter().all(|&(v, _)| v == 1),
+            "a client's chunk list names another volume: {pairs:?}"
+        );
+        if chunk_of == 1 {
+            assert!(
+                pairs.contains(&(1, 0)),
+                "its own chunk is listed: {pairs:?}"
+            );
+        }
+    }
 
     let shard_a = shard_of(&s.t, 1, 0);
     let mut w = Wire::connect_as(n, shard_a, &for_a).expect("hello");

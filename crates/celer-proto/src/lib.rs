@@ -159,7 +159,9 @@
 //! - `RouteTable`: asks for the node's table (epoch 0 from a new client).
 //! - `ListChunks`, `BackfillRead`: node to node only. A `BackfillRead`
 //!   with [`FLAG_STATES_ONLY`] is answered with the block states alone
-//!   (the scrub's comparison of copies).
+//!   (the scrub's comparison of copies). A client may send `ListChunks`
+//!   for its own volume (`volume`): the answer lists that volume's chunks
+//!   of the partition only (what the NBD front end's block status reads).
 //! - A request must lie within one chunk (`RouteTable::chunk_bytes`).
 //! - Every response echoes request id, op, volume, offset, length, and
 //!   carries in `version` the highest write version the node has seen for
@@ -245,7 +247,8 @@ pub enum Op {
     /// connection is for, `volume` the sender's client id (for logs).
     Hello = 9,
     /// Node → node during backfill: the chunks of partition `offset` that
-    /// the node holds; payload of the response: (volume u64, chunk u64) pairs.
+    /// the node holds; payload of the response: (volume u64, chunk u64)
+    /// pairs. From a client: only its `volume`'s chunks.
     ListChunks = 10,
     /// Node → node during backfill: one whole chunk with its per-block
     /// versions (see `celer-node` for the payload layout).

@@ -685,6 +685,38 @@ impl BlockDevice for HandoffDevice {
         self.0.info.clone()
     }
 
+    /// Its queues are the client's once it took over (before, they hold
+    /// nothing): as device-wide as the client's.
+    fn flush_is_device_wide(&self) -> bool {
+        true
+    }
+
+    /// The client's answer once the volume is taken over; before, "all
+    /// data" (asking must not take the volume over).
+    fn allocation(
+        &self,
+        offset_bytes: u64,
+        len_bytes: u64,
+        out: &mut Vec<celer_device::Extent>,
+    ) -> Result<(), celer_device::IoError> {
+        let client = self
+            .0
+            .client
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        match client {
+            Some(c) => c.allocation(offset_bytes, len_bytes, out),
+            None => {
+                out.push(celer_device::Extent {
+                    len_bytes,
+                    allocation: celer_device::Allocation::Data,
+                });
+                Ok(())
+            }
+        }
+    }
+
     fn open_queue(
         &self,
         index: usize,

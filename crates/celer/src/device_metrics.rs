@@ -178,6 +178,19 @@ impl BlockDevice for MeteredDevice {
         self.inner.info()
     }
 
+    fn allocation(
+        &self,
+        offset_bytes: u64,
+        len_bytes: u64,
+        out: &mut Vec<celer_device::Extent>,
+    ) -> Result<(), IoError> {
+        self.inner.allocation(offset_bytes, len_bytes, out)
+    }
+
+    fn flush_is_device_wide(&self) -> bool {
+        self.inner.flush_is_device_wide()
+    }
+
     fn open_queue(&self, index: usize) -> Result<Box<dyn DeviceQueue>, IoError> {
         let inner = self.inner.open_queue(index)?;
         let queue = index as u32;

@@ -25,6 +25,10 @@ pub struct MemDevice {
     pub inflight_max: usize,
     /// Flushes submitted to any queue.
     pub flushes: Arc<AtomicU64>,
+    /// What `flush_is_device_wide` says.
+    pub device_wide: bool,
+    /// A read covering this offset fails with a checksum error naming it.
+    pub fail_read_at: Option<u64>,
 }
 
 impl MemDevice {
@@ -43,6 +47,8 @@ impl MemDevice {
             batch: 4,
             inflight_max: 8,
             flushes: Arc::new(AtomicU64::new(0)),
+            device_wide: false,
+            fail_read_at: None,
         }
     }
 }
@@ -60,7 +66,34 @@ impl BlockDevice for MemDevice {
             held: Vec::new(),
             idle_polls: 0,
             flushes: self.flushes.clone(),
+            fail_read_at: self.fail_read_at,
         }))
+    }
+    fn flush_is_device_wide(&self) -> bool {
+        self.device_wide
+    }
+    /// 4 KiB blocks of zeroes are holes (a thin device's view).
+    fn allocation(
+        &self,
+        offset_bytes: u64,
+        len_bytes: u64,
+        out: &mut Vec<celer_device::Extent>,
+    ) -> Result<(), IoError> {
+        let data = self.data.lock().expect("lock");
+        let mut at = offset_bytes;
+        let end = offset_bytes + len_bytes;
+        while at < end {
+            let next = ((at / 4096 + 1) * 4096).min(end);
+            let zero = data[at as usize..next as usize].iter().all(|&b| b == 0);
+            let a = if zero {
+                celer_device::Allocation::Hole
+            } else {
+                celer_device::Allocation::Data
+            };
+            celer_device::push_extent(out, next - at, a);
+            at = next;
+        }
+        Ok(())
     }
 }
 
@@ -72,6 +105,7 @@ struct MemQueue {
     held: Vec<IoCompletion>,
     idle_polls: u32,
     flushes: Arc<AtomicU64>,
+    fail_read_at: Option<u64>,
 }
 
 impl DeviceQueue for MemQueue {
@@ -86,6 +120,16 @@ impl DeviceQueue for MemQueue {
             return Err(IoError::QueueFull {
                 inflight_max: self.inflight_max,
             });
+        }
+        if let Some(bad) = self.fail_read_at {
+            let len: u64 = req.segments.iter().map(|s| s.len as u64).sum();
+            if req.op == IoOp::Read && (req.offset_bytes..req.offset_bytes + len).contains(&bad) {
+                self.held.push(IoCompletion {
+                    tag: req.tag,
+                    result: Err(IoError::Checksum { offset_bytes: bad }),
+                });
+                return Ok(());
+            }
         }
         let mut data = self.data.lock().expect("lock");
         let mut off = req.offset_bytes as usize;
@@ -177,6 +221,16 @@ pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 pub const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const REPLY_MAGIC: u32 = 0x6744_6698;
+pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+pub const CMD_BLOCK_STATUS: u16 = 7;
+pub const FLAG_DF: u16 = 1 << 2;
+pub const FLAG_REQ_ONE: u16 = 1 << 3;
+pub const CHUNK_OFFSET_DATA: u16 = 1;
+pub const CHUNK_OFFSET_HOLE: u16 = 2;
+pub const CHUNK_BLOCK_STATUS: u16 = 5;
+pub const CHUNK_ERROR: u16 = (1 << 15) + 1;
+pub const CHUNK_ERROR_OFFSET: u16 = (1 << 15) + 2;
+pub const EIO: u32 = 5;
 pub const CMD_READ: u16 = 0;
 pub const CMD_WRITE: u16 = 1;
 pub const CMD_DISC: u16 = 2;
@@ -349,6 +403,76 @@ impl Client {
         let (h, err, d) = self.reply();
         assert_eq!(h, 42);
         (err, d)
+    }
+
+    /// OPT_STRUCTURED_REPLY; panics unless acknowledged.
+    pub fn structured_replies(&mut self) {
+        self.send_opt(8, &[]);
+        assert_eq!(
+            self.opt_reply(),
+            (8, 1, vec![]),
+            "STRUCTURED_REPLY acknowledged"
+        );
+    }
+
+    /// OPT_LIST_META_CONTEXT (9) or OPT_SET_META_CONTEXT (10) for the
+    /// export with `queries`: the (id, name) replies, or Err(error type).
+    pub fn meta_context(&mut self, opt: u32, queries: &[&str]) -> Result<Vec<(u32, String)>, u32> {
+        let mut d = Vec::new();
+        d.extend_from_slice(&(EXPORT.len() as u32).to_be_bytes());
+        d.extend_from_slice(EXPORT.as_bytes());
+        d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+        for q in queries {
+            d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            d.extend_from_slice(q.as_bytes());
+        }
+        self.send_opt(opt, &d);
+        let mut contexts = Vec::new();
+        loop {
+            let (o, typ, d) = self.opt_reply();
+            assert_eq!(o, opt);
+            match typ {
+                1 => return Ok(contexts),
+                4 => contexts.push((
+                    u32::from_be_bytes(d[0..4].try_into().unwrap()),
+                    String::from_utf8(d[4..].to_vec()).expect("utf-8 name"),
+                )),
+                t if t & (1 << 31) != 0 => return Err(t),
+                t => panic!("unexpected reply type {t}"),
+            }
+        }
+    }
+
+    /// One structured reply chunk: (flags, type, handle, payload).
+    pub fn chunk(&mut self) -> (u16, u16, u64, Vec<u8>) {
+        let mut h = [0u8; 20];
+        self.s.read_exact(&mut h).expect("chunk header");
+        assert_eq!(
+            u32::from_be_bytes(h[0..4].try_into().unwrap()),
+            STRUCTURED_REPLY_MAGIC,
+            "a structured reply chunk"
+        );
+        let flags = u16::from_be_bytes([h[4], h[5]]);
+        let typ = u16::from_be_bytes([h[6], h[7]]);
+        let handle = u64::from_be_bytes(h[8..16].try_into().unwrap());
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+        let mut d = vec![0u8; len as usize];
+        self.s.read_exact(&mut d).expect("chunk payload");
+        (flags, typ, handle, d)
+    }
+
+    /// Every chunk of one structured reply, up to the one marked DONE
+    /// (which must be the last, and only the last).
+    pub fn chunks(&mut self, handle: u64) -> Vec<(u16, Vec<u8>)> {
+        let mut all = Vec::new();
+        loop {
+            let (flags, typ, h, d) = self.chunk();
+            assert_eq!(h, handle, "chunk of another request");
+            all.push((typ, d));
+            if flags & 1 != 0 {
+                return all;
+            }
+        }
     }
 
     /// True when the server has closed the connection.
