@@ -192,6 +192,10 @@ pub const FLAG_SECTORS: u16 = 1;
 /// `flags` bit of a `BackfillRead`: answer with the block states only (the
 /// version and kind of each block, no data): a scrub comparing copies.
 pub const FLAG_STATES_ONLY: u16 = 2;
+/// `flags` bit of a `ListChunks` (node to node): list only the blocks
+/// written since the sender (node id in `volume`) went down, as the source
+/// recorded them; the answer says when the source did not record them all.
+pub const FLAG_CATCH_UP: u16 = 4;
 /// Bytes of a sector in sector writes and reads.
 pub const SECTOR_BYTES: u64 = 512;
 /// Bytes of a block: the unit a node stores and versions.
