@@ -37,6 +37,9 @@ use celer_route::{NodeId, RouteTable};
 
 use super::ShardLoop;
 
+/// Runs of written blocks this close (in blocks) are copied as one range.
+const MERGE_GAP_BLOCKS_MAX: usize = 8;
+
 /// Largest catch-up answer: a record that would not fit overflows (and the
 /// member copies the partition whole). Below the protocol's 4 MiB payload.
 const CATCH_UP_ANSWER_BYTES_MAX: usize = 3 << 20;
@@ -221,7 +224,10 @@ impl ShardLoop {
 }
 
 /// The ranges (volume, byte offset, bytes) to copy from a catch-up answer:
-/// runs of written blocks. `None`: the source did not record everything
+/// runs of written blocks, merged across gaps of up to
+/// `MERGE_GAP_BLOCKS_MAX` while a range holds at least as many written
+/// blocks as unwritten ones (so at most twice the written bytes are
+/// copied, in fewer requests). `None`: the source did not record everything
 /// (copy the partition whole), or the answer is malformed.
 pub(super) fn catch_up_ranges(payload: &[u8], chunk_bytes: u64) -> Option<Vec<(u64, u64, u64)>> {
     let word = |b: &[u8]| {
@@ -248,6 +254,8 @@ pub(super) fn catch_up_ranges(payload: &[u8], chunk_bytes: u64) -> Option<Vec<(u
         let (v, ch) = (word(&e[..8]), word(&e[8..16]));
         let bit = |b: usize| word(&e[16 + b / 64 * 8..24 + b / 64 * 8]) >> (b % 64) & 1 == 1;
         let base = ch.checked_mul(chunk_bytes)?;
+        // The current range: first block, end, written blocks in it.
+        let mut open: Option<(usize, usize, usize)> = None;
         let mut b = 0;
         while b < blocks_per_chunk as usize {
             if !bit(b) {
@@ -258,7 +266,24 @@ pub(super) fn catch_up_ranges(payload: &[u8], chunk_bytes: u64) -> Option<Vec<(u
             while b < blocks_per_chunk as usize && bit(b) {
                 b += 1;
             }
-            ranges.push((v, base + start as u64 * block, (b - start) as u64 * block));
+            let run = b - start;
+            open = match open {
+                // A short gap costs less than a request of its own; at
+                // most as many unwritten blocks as written ones are copied.
+                Some((first, end, written))
+                    if start - end <= MERGE_GAP_BLOCKS_MAX && b - first <= 2 * (written + run) =>
+                {
+                    Some((first, b, written + run))
+                }
+                Some((first, end, _)) => {
+                    ranges.push((v, base + first as u64 * block, (end - first) as u64 * block));
+                    Some((start, b, run))
+                }
+                None => Some((start, b, run)),
+            };
+        }
+        if let Some((first, end, _)) = open {
+            ranges.push((v, base + first as u64 * block, (end - first) as u64 * block));
         }
     }
     ranges.sort_unstable();
@@ -276,7 +301,8 @@ mod tests {
         p.extend_from_slice(&7u64.to_le_bytes());
         p.extend_from_slice(&3u64.to_le_bytes());
         let mut bits = [0u64; 4];
-        bits[0] = 0b1101; // blocks 0, 2, 3
+        bits[0] = 0b1101; // blocks 0, 2, 3: one range
+        bits[1] = 1 | 1 << 30; // blocks 64 and 94: too far apart
         bits[3] = 1 << 63; // block 255
         for w in bits {
             p.extend_from_slice(&w.to_le_bytes());
@@ -285,8 +311,9 @@ mod tests {
         assert_eq!(
             catch_up_ranges(&p, chunk_bytes),
             Some(vec![
-                (7, base, 4096),
-                (7, base + 2 * 4096, 2 * 4096),
+                (7, base, 4 * 4096),
+                (7, base + 64 * 4096, 4096),
+                (7, base + 94 * 4096, 4096),
                 (7, base + 255 * 4096, 4096),
             ])
         );
