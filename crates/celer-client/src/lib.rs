@@ -180,6 +180,14 @@ pub struct ClientConfig {
     /// closes a quiet attachment's connections: keep it well below the
     /// nodes' `--idle-timeout-s`. Zero: no keep-alive.
     pub keepalive: Duration,
+    /// The lineage whose placement the volume's chunks follow (a clone's
+    /// is its parent's; `Volume::lineage`). 0: the volume's id.
+    pub lineage: u64,
+    /// The head era the client knows at start (`Volume::head_era`); it
+    /// learns newer ones from the nodes (see celer-proto, "Snapshots").
+    pub era: u32,
+    /// Read this snapshot (by era) instead of the volume: read-only.
+    pub read_snapshot: Option<u32>,
 }
 
 /// Default of [`ClientConfig::keepalive`]: a quiet connection is pinged
@@ -200,6 +208,9 @@ impl ClientConfig {
             op_deadline: Duration::from_secs(30),
             read_policy: ReadPolicy::Primary,
             keepalive: KEEPALIVE_DEFAULT,
+            lineage: 0,
+            era: 0,
+            read_snapshot: None,
         }
     }
 }
@@ -296,6 +307,9 @@ pub(crate) struct Shared {
     /// each queue checks once per poll.
     pub(crate) credential: Mutex<Arc<Credential>>,
     pub(crate) credential_gen: AtomicU64,
+    /// The newest head era of the volume any queue has learned: writes
+    /// name it (see celer-proto, "Snapshots").
+    pub(crate) era: AtomicU64,
 }
 
 impl Shared {
@@ -376,7 +390,8 @@ impl Client {
             "client connected"
         );
         let size_bytes = cfg.size_bytes;
-        let read_only = matches!(&cfg.credential, Credential::Attachment { capability, .. } if capability.read_only);
+        let read_only = cfg.read_snapshot.is_some()
+            || matches!(&cfg.credential, Credential::Attachment { capability, .. } if capability.read_only);
         Ok(Client {
             info: volume_info(cfg.volume, cfg.size_bytes, cfg.sector_bytes, read_only),
             shared: Arc::new(Shared {
@@ -385,6 +400,7 @@ impl Client {
                 table: Mutex::new(Arc::new(table)),
                 credential: Mutex::new(Arc::new(cfg.credential.clone())),
                 credential_gen: AtomicU64::new(0),
+                era: AtomicU64::new(cfg.era as u64),
             }),
             cfg,
         })

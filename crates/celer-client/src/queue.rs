@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use celer_device::{
     check_request, DeviceInfo, DeviceQueue, IoCompletion, IoError, IoOp, IoRequest, IoSegment,
 };
-use celer_proto::{version_clock, Header, Op, Status, FLAG_SECTORS};
+use celer_proto::{version_clock, Header, Op, Status, FLAG_SECTORS, FLAG_SNAPSHOT_READ};
 use celer_route::{NodeId, RouteTable};
 use tracing::{debug, info, warn};
 
@@ -119,6 +119,10 @@ struct Part {
     crc: u32,
     /// Header flags: `FLAG_SECTORS` for a sector write.
     flags: u16,
+    /// The era every leg of this attempt names (read once per attempt, so
+    /// the replicas of one write never see two eras; see celer-proto,
+    /// "Snapshots").
+    era: u64,
     /// The payload is zeroes (a sector write cut from a write-zeroes or
     /// discard of a partial block), from `Core::zero_seg`.
     zero: bool,
@@ -178,6 +182,10 @@ enum Action {
 struct Core {
     index: usize,
     volume: u64,
+    /// The lineage the volume's chunks are placed by (`ClientConfig::lineage`).
+    placement: u64,
+    /// `ClientConfig::read_snapshot`.
+    read_snapshot: Option<u32>,
     /// The attachment id of the client's credential: its low 16 bits are
     /// the writer bits of every write version.
     attachment: u32,
@@ -454,7 +462,8 @@ impl Core {
             self.waiting_parts -= 1;
         }
         part.epoch = table.epoch;
-        part.partition = table.partition_at(self.volume, part.offset);
+        part.era = self.shared.era.load(Ordering::Relaxed);
+        part.partition = table.partition_at(self.placement, part.offset);
         part.read_tries = 0;
         part.read_err = None;
         let Some(route) = table.partition(part.partition) else {
@@ -584,6 +593,13 @@ impl Core {
         h.attachment = self.attachment;
         h.fence = self.fence;
         h.flags = part.flags;
+        match self.read_snapshot {
+            Some(era) if part.op == Op::Read => {
+                h.flags |= FLAG_SNAPSHOT_READ;
+                h.snapshot = era as u64;
+            }
+            _ => h.snapshot = part.era,
+        }
         let payload = if part.zero {
             h.payload_bytes = part.len;
             h.payload_crc = part.crc;
@@ -876,8 +892,26 @@ impl Core {
             }
             return;
         };
+        if h.snapshot > self.shared.era.load(Ordering::Relaxed) {
+            // A snapshot or rollback started a newer era: later writes name it.
+            self.shared.era.fetch_max(h.snapshot, Ordering::Relaxed);
+        }
         let part = &self.parts[p as usize];
         match h.status {
+            Status::StaleSnapshot if part.op != Op::Read => {
+                // The volume went on in a newer era (a snapshot was taken):
+                // send the part again, to every member, naming it. Members
+                // that applied it to the old era put it in the snapshot.
+                debug!(
+                    queue = self.index,
+                    node,
+                    era = h.snapshot,
+                    offset = part.offset,
+                    "write named an older era: sending it again in the new one"
+                );
+                let gen = part.gen;
+                self.actions.push_back(Action::Start { part: p, gen });
+            }
             Status::Ok if part.op == Op::Read => {
                 if h.payload_bytes == part.len && payload.is_empty() {
                     self.part_done(p, Ok(()));
@@ -953,7 +987,7 @@ impl Core {
                     }
                 }
             }
-            Status::RouteBehind | Status::Busy | Status::Expired => {
+            Status::RouteBehind | Status::Busy | Status::Expired | Status::SnapshotBehind => {
                 let pause = if h.status == Status::Expired {
                     EXPIRED_BACKOFF
                 } else {
@@ -1344,6 +1378,7 @@ impl ClientQueue {
                 skip: 0,
                 crc: 0,
                 flags: 0,
+                era: 0,
                 zero: false,
                 version: 0,
                 partition: 0,
@@ -1360,6 +1395,12 @@ impl ClientQueue {
         let core = Core {
             index,
             volume: cfg.volume,
+            placement: if cfg.lineage == 0 {
+                cfg.volume
+            } else {
+                cfg.lineage
+            },
+            read_snapshot: cfg.read_snapshot,
             attachment: crate::attachment_of(&cfg.credential),
             fence: crate::fence_of(&cfg.credential),
             small_write_max: cfg.small_write_max,

@@ -495,6 +495,7 @@ fn stored_block(dir: &Path, id: u32, off: u64) -> Result<Vec<u8>, celer_engine::
         version: 0,
         epoch: 0,
         tag: 1,
+        chain: &[],
     };
     // SAFETY: `buf` outlives the wait.
     unsafe { sh.submit(&req) }?;
@@ -888,6 +889,7 @@ fn engine_bytes(disk: &Path, len: u64) -> Vec<u8> {
             version: 0,
             epoch: 0,
             tag: 1,
+            chain: &[],
         };
         // SAFETY: `buf` outlives the wait.
         unsafe { sh.submit(&req) }.expect("engine read");

@@ -181,11 +181,45 @@ pub fn check_request(info: &DeviceInfo, req: &IoRequest<'_>) -> Result<(), IoErr
 /// a chunk's shard as `chunk_hash % shards`, the route table its partition
 /// as `chunk_hash & (partitions - 1)`; with power-of-two counts, partition
 /// `p` then lives in engine shard `p % shards` on every node.
+///
+/// The hash takes the *lineage* of a layer key (see [`layer_key`]): every
+/// layer of a volume (its snapshots' eras, its clones) places a chunk on the
+/// same partition and engine shard, so a read through a chain of layers is
+/// local to one shard.
 pub fn chunk_hash(volume: u64, chunk: u64) -> u64 {
+    let volume = lineage_of(volume);
     let mut x =
         volume.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ chunk.wrapping_add(0x632B_E59B_D9B4_E019);
     x ^= x >> 31;
     x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x ^= x >> 29;
     x
+}
+
+/// Bits of a layer key that hold the lineage (the id of the volume a chain
+/// of layers started from). Volume ids are assigned from 1 up and stay far
+/// below 2^40.
+pub const LINEAGE_BITS: u32 = 40;
+/// The largest era a layer key can hold (24 bits).
+pub const ERA_MAX: u32 = (1 << (64 - LINEAGE_BITS)) - 1;
+
+/// The key under which the engine stores one layer of a lineage: a volume
+/// that was never snapshotted or cloned is its own lineage at era 0, so its
+/// key is its id (disks written before snapshots existed read unchanged).
+/// A snapshot freezes the volume's current era and the volume goes on in a
+/// new one; a clone is a new era of its parent's lineage. Eras of one
+/// lineage never repeat.
+pub fn layer_key(lineage: u64, era: u32) -> u64 {
+    debug_assert!(lineage < 1 << LINEAGE_BITS);
+    lineage | (era as u64) << LINEAGE_BITS
+}
+
+/// The lineage of a layer key.
+pub fn lineage_of(key: u64) -> u64 {
+    key & ((1 << LINEAGE_BITS) - 1)
+}
+
+/// The era of a layer key.
+pub fn era_of(key: u64) -> u32 {
+    (key >> LINEAGE_BITS) as u32
 }

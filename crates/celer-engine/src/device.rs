@@ -177,6 +177,7 @@ fn run_shard(mut shard: Shard, rx: Receiver<ShardMsg>) -> Result<(), EngineError
                 version: p.version,
                 epoch: 0,
                 tag: slot as u64,
+                chain: &[],
             };
             // SAFETY: the part (and so its segments) stays in `parts` until
             // its completion; the memory behind it is the front end's, valid

@@ -31,7 +31,9 @@ pub use layout::{BlockKind, Geometry, SlotOwner, Superblock, BLOCK_SIZE};
 pub use recovery::{
     Engine, EngineStats, FormatOptions, OpenOptions, RebuildReport, LOCK_WAIT_DEFAULT,
 };
-pub use shard::{shard_for, Completion, EngineOp, EngineRequest, Segment, Shard, ShardStats};
+pub use shard::{
+    shard_for, Completion, EngineOp, EngineRequest, Segment, Shard, ShardStats, LAYERS_MAX,
+};
 
 /// Errors of the engine. Operating errors only; programmer errors assert.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]

@@ -43,6 +43,8 @@ use crate::{errno_text, EngineError};
 
 /// Most segments one request may carry.
 pub const SEGMENTS_MAX: usize = 256;
+/// The most layers a request may read through (`EngineRequest::chain`).
+pub const LAYERS_MAX: usize = 255;
 /// Journal blocks that may be open or in flight at once, per shard.
 const JOURNAL_BUFS: usize = 16;
 /// Most data writes one phase of a request submits.
@@ -151,6 +153,12 @@ pub struct EngineRequest<'a> {
     /// Route epoch, recorded in the chunk header when the chunk is allocated.
     pub epoch: u64,
     pub tag: u64,
+    /// The layers under `volume`, newest first (layer keys of the same
+    /// lineage, see `celer_device::layer_key`): a read takes each block
+    /// from the first layer, `volume` first, that holds it (data or zeroes),
+    /// and a sector write merges into that block. Empty for a volume with
+    /// no snapshot or parent.
+    pub chain: &'a [u64],
 }
 
 #[derive(Debug)]
@@ -181,6 +189,8 @@ struct Planned {
     phys: u16,
     crc: u32,
     action: Action,
+    /// A read through layers: which of `Op::layer_slots` holds the block.
+    layer: u8,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -239,6 +249,13 @@ struct Op {
     merge_buf: AlignedBuf,
     /// Submission order (a shard-wide counter).
     seq: u64,
+    /// See `EngineRequest::chain` (capacity kept across requests).
+    chain: Vec<u64>,
+    /// A read through layers (or a sector write merging from a lower
+    /// layer): the local slots it reads, whose `reads_inflight` and
+    /// `ops_inflight` it holds until it finishes; `u32::MAX` for a layer
+    /// with no slot for the chunk.
+    layer_slots: Vec<u32>,
 }
 
 // SAFETY: the raw pointers an op holds (segments, iovecs) point into memory
@@ -588,6 +605,8 @@ impl Shard {
                 merge_crc: 0,
                 merge_buf: AlignedBuf::new(1),
                 seq: 0,
+                chain: Vec::with_capacity(LAYERS_MAX),
+                layer_slots: Vec::with_capacity(LAYERS_MAX + 1),
             })
             .collect();
         let jbufs = (0..JOURNAL_BUFS)
@@ -809,6 +828,13 @@ impl Shard {
             }
             EngineOp::WriteZeroes | EngineOp::Discard | EngineOp::Release => req.len_bytes,
         };
+        if req.chain.len() > LAYERS_MAX {
+            return Err(EngineError::BadRange {
+                offset_bytes: req.offset_bytes,
+                len_bytes,
+                max_bytes: 0,
+            });
+        }
         let in_block = req.offset_bytes % BLOCK_SIZE_U64;
         // A sector write: 512-byte sectors within one block, merged here.
         let sectors = req.op == EngineOp::Write
@@ -882,6 +908,9 @@ impl Shard {
         op.epoch = req.epoch;
         op.segs.clear();
         op.segs.extend_from_slice(req.segments);
+        op.chain.clear();
+        op.chain.extend_from_slice(req.chain);
+        op.layer_slots.clear();
         op.pending = 0;
         op.applied = 0;
         op.newer_version = 0;
@@ -1101,6 +1130,9 @@ impl Shard {
     }
 
     fn start_read(&mut self, id: u32) {
+        if !self.ops[id as usize].chain.is_empty() {
+            return self.start_layered_read(id);
+        }
         let (volume, chunk) = (self.ops[id as usize].volume, self.ops[id as usize].chunk);
         let Some(local) = self.by_chunk.get(&(volume, chunk)).copied() else {
             // Never written (or released): zeroes.
@@ -1135,6 +1167,7 @@ impl Shard {
                 phys: e.phys,
                 crc: e.crc,
                 action,
+                layer: 0,
             });
         }
         let mut i = 0;
@@ -1174,6 +1207,137 @@ impl Shard {
         self.bind_slot(id, local);
     }
 
+    /// A read through layers (`EngineRequest::chain`): each block comes
+    /// from the first layer that holds it. Runs are contiguous physical
+    /// blocks of one slot; every slot read is held (`reads_inflight`) until
+    /// the read is done, so none of its blocks is reused under it.
+    fn start_layered_read(&mut self, id: u32) {
+        let chunk = self.ops[id as usize].chunk;
+        let layers = 1 + self.ops[id as usize].chain.len();
+        let mut slots = std::mem::take(&mut self.ops[id as usize].layer_slots);
+        slots.clear();
+        for l in 0..layers {
+            let key = if l == 0 {
+                self.ops[id as usize].volume
+            } else {
+                self.ops[id as usize].chain[l - 1]
+            };
+            slots.push(
+                self.by_chunk
+                    .get(&(key, chunk))
+                    .copied()
+                    .unwrap_or(u32::MAX),
+            );
+        }
+        let busy = slots.iter().any(|&l| {
+            l != u32::MAX
+                && self.slots[l as usize]
+                    .as_ref()
+                    .is_some_and(|s| s.releasing.is_some() || s.freeing)
+        });
+        if busy || !self.sqe_room(self.ops[id as usize].count as u32) {
+            slots.clear();
+            self.ops[id as usize].layer_slots = slots;
+            return self.defer(id);
+        }
+        let op = &mut self.ops[id as usize];
+        op.plan.clear();
+        op.iov.clear();
+        for i in 0..op.count {
+            let logical = op.first + i;
+            let mut planned = Planned {
+                logical,
+                phys: PHYS_NONE,
+                crc: 0,
+                action: Action::ReadZero,
+                layer: 0,
+            };
+            for (l, &local) in slots.iter().enumerate() {
+                let Some(slot) = self.slots.get(local as usize).and_then(|s| s.as_ref()) else {
+                    continue;
+                };
+                let e = slot.entries[logical as usize];
+                match e.kind {
+                    BlockKind::Unwritten => continue,
+                    BlockKind::Zero => {}
+                    BlockKind::Data => {
+                        planned.phys = e.phys;
+                        planned.crc = e.crc;
+                        planned.action = Action::ReadData;
+                    }
+                }
+                planned.layer = l as u8;
+                break;
+            }
+            op.plan.push(planned);
+        }
+        let mut i = 0;
+        while i < op.plan.len() {
+            let p = op.plan[i];
+            if p.action == Action::ReadZero {
+                zero_fill(op, i * BLOCK_SIZE, BLOCK_SIZE);
+                i += 1;
+                continue;
+            }
+            let j = run_end(&op.plan, i, Action::ReadData);
+            let iov_at = op.iov.len();
+            slice_segments(&op.segs, i * BLOCK_SIZE, (j - i) * BLOCK_SIZE, &mut op.iov);
+            let slot_index = self.g.slot_of(self.id, slots[p.layer as usize] as u64);
+            let sqe = rw_sqe(
+                false,
+                self.fd,
+                &op.iov[iov_at..],
+                self.g.phys_offset(slot_index, p.phys),
+                0,
+            )
+            .user_data(io_ud(UD_DATA, id as u64, (j - i) * BLOCK_SIZE));
+            op.pending += 1;
+            push_sqe(
+                &mut self.ring,
+                &mut self.unsubmitted,
+                &mut self.inflight_sqes,
+                &sqe,
+            );
+            i = j;
+        }
+        if op.pending == 0 {
+            slots.clear();
+            op.layer_slots = slots;
+            op.applied = op.count as u32;
+            return self.finish(id);
+        }
+        for &local in slots.iter() {
+            if let Some(slot) = self.slots.get_mut(local as usize).and_then(|s| s.as_mut()) {
+                slot.reads_inflight += 1;
+                slot.ops_inflight += 1;
+            }
+        }
+        let op = &mut self.ops[id as usize];
+        op.layer_slots = slots;
+        op.stage = Stage::Running;
+    }
+
+    /// Lets go of the slots a layered read (or a merge from a lower layer)
+    /// held; frees their blocks released meanwhile.
+    fn release_layer_slots(&mut self, id: u32) {
+        let slots = std::mem::take(&mut self.ops[id as usize].layer_slots);
+        for &local in slots.iter() {
+            if let Some(slot) = self.slots.get_mut(local as usize).and_then(|s| s.as_mut()) {
+                slot.reads_inflight = slot.reads_inflight.saturating_sub(1);
+                slot.ops_inflight = slot.ops_inflight.saturating_sub(1);
+                if slot.reads_inflight == 0 {
+                    while let Some(p) = slot.pending_free.pop() {
+                        let p = p as usize;
+                        slot.free_phys[p / 64] |= 1 << (p % 64);
+                    }
+                }
+            }
+        }
+        let mut slots = slots;
+        slots.clear();
+        self.ops[id as usize].layer_slots = slots;
+    }
+
     fn start_mutation(&mut self, id: u32) {
         let (volume, chunk, epoch, kind) = {
             let op = &self.ops[id as usize];
@@ -1195,9 +1359,14 @@ impl Shard {
                 }
                 local
             }
-            None if kind != EngineOp::Write => {
+            None if kind != EngineOp::Write
+                && !(celer_device::era_of(volume) > 0
+                    && matches!(kind, EngineOp::WriteZeroes | EngineOp::Discard)) =>
+            {
                 // Nothing stored: already zero. Versions of chunks that hold
-                // no slot are not kept (see docs/architecture.md).
+                // no slot are not kept (see docs/architecture.md). A layer
+                // above era 0 records its zeroes (below): they hide the
+                // layers under it.
                 return self.finish(id);
             }
             None if self
@@ -1285,7 +1454,34 @@ impl Shard {
             .as_mut()
             .expect("slot of running op");
         slot.set_held(b, true);
-        let e = slot.entries[b as usize];
+        let mut e = slot.entries[b as usize];
+        let mut slot_index = slot_index;
+        if e.kind == BlockKind::Unwritten && !self.ops[id as usize].chain.is_empty() {
+            // Not in this layer: merge into the block of the first layer
+            // under it that holds one, and hold that slot while reading.
+            let chunk = self.ops[id as usize].chunk;
+            for k in 0..self.ops[id as usize].chain.len() {
+                let key = self.ops[id as usize].chain[k];
+                let Some(lower) = self.by_chunk.get(&(key, chunk)).copied() else {
+                    continue;
+                };
+                let Some(ls) = self.slots[lower as usize].as_mut() else {
+                    continue;
+                };
+                let le = ls.entries[b as usize];
+                if le.kind == BlockKind::Unwritten {
+                    continue;
+                }
+                e = le;
+                if le.kind == BlockKind::Data {
+                    ls.reads_inflight += 1;
+                    ls.ops_inflight += 1;
+                    slot_index = self.g.slot_of(self.id, lower as u64);
+                    self.ops[id as usize].layer_slots.push(lower);
+                }
+                break;
+            }
+        }
         let op = &mut self.ops[id as usize];
         op.holding = true;
         if e.kind != BlockKind::Data {
@@ -1344,6 +1540,7 @@ impl Shard {
 
     /// The sector write's read is back: check the block, then merge.
     fn merge_read_done(&mut self, id: u32) {
+        self.release_layer_slots(id);
         let local = self.ops[id as usize].local_slot;
         let op = &mut self.ops[id as usize];
         op.stage = Stage::Idle;
@@ -1427,6 +1624,7 @@ impl Shard {
                     phys: PHYS_NONE,
                     crc: 0,
                     action: Action::Skip,
+                    layer: 0,
                 });
                 last_phys = None;
                 k += 1;
@@ -1444,6 +1642,7 @@ impl Shard {
                     phys: PHYS_NONE,
                     crc: 0,
                     action: Action::Zero,
+                    layer: 0,
                 });
                 k += 1;
                 continue;
@@ -1470,6 +1669,7 @@ impl Shard {
                 phys,
                 crc,
                 action: Action::Write,
+                layer: 0,
             });
             k += 1;
             if op.plan.len() > self.g.spare_blocks as usize {
@@ -1889,10 +2089,13 @@ impl Shard {
             self.advance_watermark();
             return self.plan_phase(id, local);
         }
-        // A discard of the whole chunk that leaves it empty releases the slot.
+        // A discard of the whole chunk that leaves it empty releases the
+        // slot, unless the slot is a layer above others: its zeroes hide
+        // theirs.
         let whole_chunk = op.first == 0 && op.count as u32 == self.g.chunk_blocks;
         if !failed
             && op.op == EngineOp::Discard
+            && celer_device::era_of(op.volume) == 0
             && whole_chunk
             && slot.ops_inflight == 1
             && slot.reads_inflight == 0
@@ -1931,20 +2134,27 @@ impl Shard {
 
     fn read_done(&mut self, id: u32) {
         let local = self.ops[id as usize].local_slot;
+        let layered = !self.ops[id as usize].layer_slots.is_empty();
         let op = &mut self.ops[id as usize];
         if op.error.is_none() {
             for (i, p) in op.plan.iter().enumerate() {
                 if p.action == Action::ReadData && crc_of(&op.segs, i * BLOCK_SIZE) != p.crc {
                     let offset_bytes =
                         op.chunk * self.g.chunk_bytes() + p.logical as u64 * BLOCK_SIZE_U64;
+                    // The layer the bad block is in (a lower one for a
+                    // read through layers).
+                    let volume = match p.layer {
+                        0 => op.volume,
+                        l => op.chain[l as usize - 1],
+                    };
                     tracing::error!(
-                        volume = op.volume,
+                        volume,
                         offset_bytes,
                         shard = self.id,
                         "checksum mismatch on read: data not returned"
                     );
                     op.error = Some(EngineError::Checksum {
-                        volume: op.volume,
+                        volume,
                         offset_bytes,
                     });
                     break;
@@ -1953,6 +2163,10 @@ impl Shard {
         }
         if op.error.is_none() {
             op.applied = op.count as u32;
+        }
+        if layered {
+            self.release_layer_slots(id);
+            return self.finish(id);
         }
         if let Some(slot) = self.slots.get_mut(local as usize).and_then(|s| s.as_mut()) {
             slot.reads_inflight -= 1;
@@ -2148,6 +2362,9 @@ impl Shard {
     }
 
     fn finish(&mut self, id: u32) {
+        if !self.ops[id as usize].layer_slots.is_empty() {
+            self.release_layer_slots(id);
+        }
         let op = &mut self.ops[id as usize];
         let local = op.local_slot;
         if local != u32::MAX {
@@ -2242,6 +2459,7 @@ fn run_end(plan: &[Planned], i: usize, action: Action) -> usize {
     let mut j = i + 1;
     while j < plan.len()
         && plan[j].action == action
+        && plan[j].layer == plan[i].layer
         && plan[j].phys as usize == plan[i].phys as usize + (j - i)
     {
         j += 1;

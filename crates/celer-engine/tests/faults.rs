@@ -111,6 +111,7 @@ fn repair(
             version,
             epoch: 1,
             tag: 7,
+            chain: &[],
         },
     )
 }
@@ -160,6 +161,7 @@ fn a_repair_rewrites_a_damaged_block_at_its_version() {
         version: 9,
         epoch: 1,
         tag: 7,
+        chain: &[],
     };
     run_one(&mut sh, &older).expect("older repair");
     assert!(matches!(
@@ -353,6 +355,7 @@ fn bad_requests_get_clear_errors() {
         version: 5,
         epoch: 1,
         tag: 1,
+        chain: &[],
     };
     let leak = |s: Vec<Segment>| -> &'static [Segment] { Box::leak(s.into_boxed_slice()) };
     let base = buf.as_mut_ptr();

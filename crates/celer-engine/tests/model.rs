@@ -230,6 +230,7 @@ fn run(steps: Vec<Step>) {
                         version: versions[i],
                         epoch: 1,
                         tag: i as u64,
+                        chain: &[],
                     };
                     // SAFETY: bufs live until every completion is in.
                     unsafe { sh.submit(&req) }.expect("submit");
@@ -414,6 +415,7 @@ fn release_forgets_the_chunk_between_the_ops_around_it() {
             version: 6_000,
             epoch: 1,
             tag: 1,
+            chain: &[],
         },
         EngineRequest {
             op: EngineOp::Release,
@@ -424,6 +426,7 @@ fn release_forgets_the_chunk_between_the_ops_around_it() {
             version: 0,
             epoch: 1,
             tag: 2,
+            chain: &[],
         },
         EngineRequest {
             op: EngineOp::Write,
@@ -434,6 +437,7 @@ fn release_forgets_the_chunk_between_the_ops_around_it() {
             version: 1, // older than anything the chunk held
             epoch: 1,
             tag: 3,
+            chain: &[],
         },
     ];
     for r in &reqs {
@@ -478,6 +482,7 @@ fn release_forgets_the_chunk_between_the_ops_around_it() {
         version: 0,
         epoch: 1,
         tag: 4,
+        chain: &[],
     };
     // SAFETY: no segments.
     assert!(unsafe { sh.submit(&partial) }.is_err());
@@ -535,6 +540,7 @@ fn a_late_write_after_a_discard_freed_the_chunk_is_dropped() {
         version: 200,
         epoch: 1,
         tag: 5,
+        chain: &[],
     };
     common::run_one(&mut sh, &discard).expect("discard");
     assert_eq!(sh.allocated_chunks(), before, "the discard freed the slot");
@@ -611,6 +617,7 @@ fn sector_writes_of_one_block_merge_and_all_survive() {
                 version: base + i as u64,
                 epoch: 1,
                 tag: i as u64,
+                chain: &[],
             });
         }
         for r in &reqs {
@@ -636,6 +643,7 @@ fn sector_writes_of_one_block_merge_and_all_survive() {
             version: base - 1,
             epoch: 1,
             tag: 99,
+            chain: &[],
         };
         // SAFETY: `old` outlives the wait.
         unsafe { sh.submit(&stale) }.expect("submit");
@@ -664,6 +672,7 @@ fn sector_writes_of_one_block_merge_and_all_survive() {
             version: base + 500,
             epoch: 1,
             tag: 1,
+            chain: &[],
         };
         let behind = EngineRequest {
             op: EngineOp::Write,
@@ -674,6 +683,7 @@ fn sector_writes_of_one_block_merge_and_all_survive() {
             version: base + 400,
             epoch: 1,
             tag: 2,
+            chain: &[],
         };
         // SAFETY: the buffers outlive the wait.
         unsafe {
@@ -720,6 +730,7 @@ fn sector_writes_of_one_block_merge_and_all_survive() {
             version: 10_000,
             epoch: 1,
             tag: 7,
+            chain: &[],
         };
         // SAFETY: refused before anything is queued.
         assert!(unsafe { sh.submit(&r) }.is_err(), "{off} +{len} refused");

@@ -93,6 +93,10 @@ pub struct Registered {
     /// node installs them before it serves.
     #[serde(default)]
     pub fences: Vec<VolumeFence>,
+    /// Layers of every layered volume: the node installs them before it
+    /// serves.
+    #[serde(default)]
+    pub layers: Vec<VolumeLayers>,
 }
 
 /// A volume's fence generation as nodes hold it: mutations carrying an
@@ -144,6 +148,9 @@ pub struct HeartbeatReply {
     /// Volume fence generations (a node that missed a push, or was down).
     #[serde(default)]
     pub fences: Vec<VolumeFence>,
+    /// Layers of every layered volume (a node that missed a push).
+    #[serde(default)]
+    pub layers: Vec<VolumeLayers>,
 }
 
 /// A node reporting that it finished backfilling partitions.
@@ -250,6 +257,158 @@ pub struct Volume {
     /// first shared one), so writers attached before can no longer write.
     #[serde(default)]
     pub fence: u32,
+    /// The lineage whose layers hold the volume's data
+    /// (`celer_device::layer_key`): a clone's is its parent's. 0 in records
+    /// stored before snapshots: the volume's id (see [`Volume::lineage`]).
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub lineage: u64,
+    /// The era writes go to (0 until the first snapshot; see celer-proto,
+    /// "Snapshots").
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub head_era: u32,
+    /// The eras under the head, newest first: a read takes each block from
+    /// the first layer that holds it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub under: Vec<u32>,
+    /// Snapshots, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<Snapshot>,
+    /// A clone: the snapshot it was cloned from (`VOLUME@SNAPSHOT`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// The snapshot being cut: nodes still apply writes naming its era
+    /// until `until_unix_ms` (see [`VolumeLayers::cutting`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cutting: Option<Cutting>,
+}
+
+/// See [`Volume::cutting`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cutting {
+    pub era: u32,
+    pub until_unix_ms: u64,
+}
+
+/// How long after a snapshot is taken nodes still apply writes that name
+/// the era it froze (writes the writer sent before it learned of the
+/// snapshot): long enough for every such write in flight, so all replicas
+/// put each of them in the snapshot, or none does.
+pub const SNAPSHOT_CUT_MS: u64 = 2000;
+
+fn is_zero_u64(v: &u64) -> bool {
+    *v == 0
+}
+fn is_zero_u32(v: &u32) -> bool {
+    *v == 0
+}
+
+impl Volume {
+    /// The lineage of the volume's layers.
+    pub fn lineage(&self) -> u64 {
+        if self.lineage == 0 {
+            self.id
+        } else {
+            self.lineage
+        }
+    }
+    /// The snapshot named `name`.
+    pub fn snapshot(&self, name: &str) -> Option<&Snapshot> {
+        self.snapshots.iter().find(|s| s.name == name)
+    }
+    /// The volume's layers as storage nodes hold them at `now_unix_ms`.
+    pub fn layers_at(&self, now_unix_ms: u64) -> VolumeLayers {
+        VolumeLayers {
+            volume: self.id,
+            lineage: self.lineage(),
+            head: self.head_era,
+            under: self.under.clone(),
+            snapshots: self
+                .snapshots
+                .iter()
+                .map(|s| SnapshotLayers {
+                    era: s.era,
+                    under: s.under.clone(),
+                })
+                .collect(),
+            cutting: self
+                .cutting
+                .filter(|c| now_unix_ms < c.until_unix_ms)
+                .map(|c| c.era),
+        }
+    }
+    /// Every era the volume or its snapshots read.
+    pub fn eras(&self) -> Vec<u32> {
+        let mut e = vec![self.head_era];
+        e.extend(self.under.iter().copied());
+        for s in &self.snapshots {
+            e.push(s.era);
+            e.extend(s.under.iter().copied());
+        }
+        e
+    }
+    /// Whether the volume has layers other than its own era 0 (nodes need
+    /// its [`VolumeLayers`]).
+    pub fn layered(&self) -> bool {
+        self.lineage() != self.id || self.head_era != 0 || !self.snapshots.is_empty()
+    }
+}
+
+/// A snapshot: the volume's content at one instant, read-only. Its data
+/// is the layer frozen when it was taken (`era`) and the layers under it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub name: String,
+    pub era: u32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub under: Vec<u32>,
+    /// Unix time in milliseconds.
+    pub created_at: u64,
+}
+
+/// A volume's layers as storage nodes hold them (see celer-proto,
+/// "Snapshots"). Volumes without any are their own lineage at era 0.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeLayers {
+    pub volume: u64,
+    pub lineage: u64,
+    pub head: u32,
+    #[serde(default)]
+    pub under: Vec<u32>,
+    #[serde(default)]
+    pub snapshots: Vec<SnapshotLayers>,
+    /// The era a snapshot being cut just froze: a write naming it is still
+    /// applied to it (and answered `StaleSnapshot`) for [`SNAPSHOT_CUT_MS`]
+    /// after the snapshot, so every replica puts it in the snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cutting: Option<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotLayers {
+    pub era: u32,
+    #[serde(default)]
+    pub under: Vec<u32>,
+}
+
+/// `POST /v1/volumes/{name}/snapshots`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateSnapshot {
+    /// Same rules as a volume name.
+    pub name: String,
+}
+
+/// `POST /v1/volumes/{name}/rollback`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rollback {
+    pub snapshot: String,
+}
+
+/// `POST /v1/volumes/{name}/clone`: a new volume `name` over snapshot
+/// `snapshot` of the volume in the path.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloneVolume {
+    pub snapshot: String,
+    pub name: String,
 }
 
 /// How an attachment shares its volume.
@@ -420,6 +579,12 @@ pub enum Change {
         volumes: Vec<Volume>,
         nodes: Vec<NodeRecord>,
     },
+    /// A volume's layers changed (a snapshot taken or deleted, a
+    /// rollback): the record after the change.
+    VolumeLayersChanged {
+        what: String,
+        volume: Volume,
+    },
 }
 
 impl std::fmt::Display for Change {
@@ -477,6 +642,14 @@ impl std::fmt::Display for Change {
                 f,
                 "partitions split to {} (2^{partition_bits})",
                 1u64 << partition_bits
+            ),
+            Change::VolumeLayersChanged { what, volume } => write!(
+                f,
+                "volume {} (id {}): {what}; head era {}, {} snapshots",
+                volume.name,
+                volume.id,
+                volume.head_era,
+                volume.snapshots.len()
             ),
             Change::Restored {
                 seq,

@@ -355,6 +355,67 @@ impl MetaClient {
         )
     }
 
+    /// `POST /v1/volumes/{name}/snapshots`: a crash-consistent snapshot,
+    /// cut on every live node before it returns.
+    pub fn create_snapshot(
+        &self,
+        name: &str,
+        snapshot: &str,
+    ) -> Result<crate::api::Snapshot, MetaClientError> {
+        self.call(
+            "POST",
+            &format!("/v1/volumes/{}/snapshots", path_escape(name)),
+            &[],
+            Some(&crate::api::CreateSnapshot {
+                name: snapshot.to_string(),
+            }),
+        )
+    }
+
+    /// `DELETE /v1/volumes/{name}/snapshots/{snapshot}`.
+    pub fn delete_snapshot(&self, name: &str, snapshot: &str) -> Result<Volume, MetaClientError> {
+        self.call::<(), _>(
+            "DELETE",
+            &format!(
+                "/v1/volumes/{}/snapshots/{}",
+                path_escape(name),
+                path_escape(snapshot)
+            ),
+            &[],
+            None,
+        )
+    }
+
+    /// `POST /v1/volumes/{name}/rollback`.
+    pub fn rollback(&self, name: &str, snapshot: &str) -> Result<Volume, MetaClientError> {
+        self.call(
+            "POST",
+            &format!("/v1/volumes/{}/rollback", path_escape(name)),
+            &[],
+            Some(&crate::api::Rollback {
+                snapshot: snapshot.to_string(),
+            }),
+        )
+    }
+
+    /// `POST /v1/volumes/{name}/clone`: volume `new_name` over `name@snapshot`.
+    pub fn clone_volume(
+        &self,
+        name: &str,
+        snapshot: &str,
+        new_name: &str,
+    ) -> Result<Volume, MetaClientError> {
+        self.call(
+            "POST",
+            &format!("/v1/volumes/{}/clone", path_escape(name)),
+            &[],
+            Some(&crate::api::CloneVolume {
+                snapshot: snapshot.to_string(),
+                name: new_name.to_string(),
+            }),
+        )
+    }
+
     /// `GET /v1/log?since=N`: entries with `seq > since`, oldest first, at
     /// most [`crate::api::LOG_PAGE_MAX`] per call.
     pub fn log(&self, since: u64) -> Result<Vec<LogEntry>, MetaClientError> {

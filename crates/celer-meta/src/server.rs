@@ -27,8 +27,9 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{oneshot, watch};
 
 use crate::api::{
-    AttachVolume, Attachment, AttachmentRecord, CreateVolume, ErrorBody, Heartbeat, RegisterNode,
-    ResizeVolume, RestoreLog, Synced, VolumeFence, LOG_PAGE_MAX,
+    AttachVolume, Attachment, AttachmentRecord, CloneVolume, CreateSnapshot, CreateVolume,
+    ErrorBody, Heartbeat, RegisterNode, ResizeVolume, RestoreLog, Rollback, Synced, VolumeFence,
+    VolumeLayers, LOG_PAGE_MAX,
 };
 use crate::http::{constant_time_eq, HttpLimits};
 use crate::metrics::Metrics;
@@ -746,21 +747,59 @@ async fn push_fence(
     fence: VolumeFence,
     targets: Vec<(NodeId, String)>,
 ) -> Result<(), String> {
+    push_to_live_nodes(st, targets, "fence generation", move |a, t| {
+        put_fences(a, t, &[fence])
+    })
+    .await
+}
+
+/// Installs volume layers on every node of `targets` (`PUT /v1/layers`),
+/// as [`push_fence`]: a node answers once it refuses writes to eras the
+/// layers no longer accept (except `cutting`) and its writes to them
+/// already accepted are done.
+async fn push_layers(
+    st: &Arc<Shared>,
+    layers: VolumeLayers,
+    targets: Vec<(NodeId, String)>,
+) -> Result<(), String> {
+    push_to_live_nodes(st, targets, "volume layers", move |a, t| {
+        put_admin(a, t, "/v1/layers", std::slice::from_ref(&layers))
+    })
+    .await
+}
+
+/// Runs `put(admin address, token)` against every node of `targets` in
+/// parallel, each retried until [`FENCE_PUSH_DEADLINE`]; a node marked
+/// down meanwhile is skipped (it gets the state with its registration or
+/// next heartbeat reply, before it serves again).
+async fn push_to_live_nodes<F>(
+    st: &Arc<Shared>,
+    targets: Vec<(NodeId, String)>,
+    what: &'static str,
+    put: F,
+) -> Result<(), String>
+where
+    F: Fn(&str, &str) -> Result<(), String> + Clone + Send + Sync + 'static,
+{
     let deadline = tokio::time::Instant::now() + FENCE_PUSH_DEADLINE;
     let mut tasks = tokio::task::JoinSet::new();
     for (id, addr) in targets {
         let st = st.clone();
         let token = st.push_token.clone();
+        let put = put.clone();
         tasks.spawn(async move {
             loop {
-                let (a, t) = (addr.clone(), token.clone());
-                let last = match tokio::task::spawn_blocking(move || put_fences(&a, &t, &[fence])).await {
+                let (a, t, put) = (addr.clone(), token.clone(), put.clone());
+                let last = match tokio::task::spawn_blocking(move || put(&a, &t)).await {
                     Ok(Ok(())) => return Ok(()),
                     Ok(Err(e)) => e,
                     Err(e) => e.to_string(),
                 };
                 if !st.read(|c| Ok(c.node_up(id))).unwrap_or(true) {
-                    tracing::info!(node = id, "node went down during a fence push: it gets the generation when it comes back");
+                    tracing::info!(
+                        node = id,
+                        "node went down during a push of {what}: it gets them when it comes back"
+                    );
                     return Ok(());
                 }
                 if tokio::time::Instant::now() >= deadline {
@@ -786,16 +825,101 @@ async fn push_fence(
 }
 
 fn put_fences(admin_addr: &str, token: &str, fences: &[VolumeFence]) -> Result<(), String> {
-    let url = format!("http://{admin_addr}/v1/fences");
+    put_admin(admin_addr, token, "/v1/fences", fences)
+}
+
+fn put_admin<T: serde::Serialize + ?Sized>(
+    admin_addr: &str,
+    token: &str,
+    path: &str,
+    body: &T,
+) -> Result<(), String> {
+    let url = format!("http://{admin_addr}{path}");
     ureq::AgentBuilder::new()
         .timeout(Duration::from_millis(PUSH_TIMEOUT_MS * 10))
         .redirects(0)
         .build()
         .put(&url)
         .set("Authorization", &format!("Bearer {token}"))
-        .send_json(fences)
+        .send_json(body)
         .map(|_| ())
         .map_err(|e| e.to_string())
+}
+
+/// Pushes a volume's changed layers to every live node. After a snapshot
+/// they name the era being cut (writes naming it still land in it, so
+/// every replica that receives one puts it in the snapshot) for
+/// `SNAPSHOT_CUT_MS`; the heartbeat replies after that seal it. Err: a live
+/// node did not confirm (the change stays recorded: nodes get it with
+/// their next heartbeat reply; the caller says so).
+async fn install_layers(st: &Arc<Shared>, v: &crate::api::Volume) -> Result<(), ApiError> {
+    let targets = st.read(|c| Ok(c.fence_targets()))?;
+    let layers = v.layers_at(crate::state::unix_ms());
+    let unconfirmed = |e: String| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "volume `{}`: the new layers are recorded but not confirmed by every live node ({e}); nodes get them with their next heartbeat",
+                v.name
+            ),
+        )
+    };
+    push_layers(st, layers, targets).await.map_err(unconfirmed)
+}
+
+async fn create_snapshot(
+    State(st): State<Arc<Shared>>,
+    Extension(who): Extension<Who>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<crate::api::Snapshot> {
+    let req: CreateSnapshot = parse_body(&body)?;
+    let (v, snap) = st
+        .run(move |c, s| Ok((c.create_snapshot(s, &who.0, &name, &req.name)?, None)))
+        .await?;
+    install_layers(&st, &v).await?;
+    tracing::info!(volume = %v.name, snapshot = %snap.name, era = snap.era, head = v.head_era, "snapshot taken");
+    Ok(Json(snap))
+}
+
+async fn delete_snapshot(
+    State(st): State<Arc<Shared>>,
+    Extension(who): Extension<Who>,
+    Path((name, snap)): Path<(String, String)>,
+) -> ApiResult<crate::api::Volume> {
+    let v = st
+        .run(move |c, s| Ok((c.delete_snapshot(s, &who.0, &name, &snap)?, None)))
+        .await?;
+    install_layers(&st, &v).await?;
+    Ok(Json(v))
+}
+
+async fn rollback_volume(
+    State(st): State<Arc<Shared>>,
+    Extension(who): Extension<Who>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<crate::api::Volume> {
+    let req: Rollback = parse_body(&body)?;
+    let v = st
+        .run(move |c, s| Ok((c.rollback(s, &who.0, &name, &req.snapshot)?, None)))
+        .await?;
+    install_layers(&st, &v).await?;
+    Ok(Json(v))
+}
+
+async fn clone_volume(
+    State(st): State<Arc<Shared>>,
+    Extension(who): Extension<Who>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<crate::api::Volume> {
+    let req: CloneVolume = parse_body(&body)?;
+    let v = st
+        .run(move |c, s| Ok((c.clone_volume(s, &who.0, &name, &req)?, None)))
+        .await?;
+    install_layers(&st, &v).await?;
+    Ok(Json(v))
 }
 
 async fn renew_attachment(
@@ -930,6 +1054,13 @@ pub(crate) fn router(st: Arc<Shared>) -> Router {
         .route("/v1/volumes/{name}", get(volume).delete(delete_volume))
         .route("/v1/volumes/{name}/resize", post(resize_volume))
         .route("/v1/volumes/{name}/attachments", post(attach_volume))
+        .route("/v1/volumes/{name}/snapshots", post(create_snapshot))
+        .route(
+            "/v1/volumes/{name}/snapshots/{snap}",
+            delete(delete_snapshot),
+        )
+        .route("/v1/volumes/{name}/rollback", post(rollback_volume))
+        .route("/v1/volumes/{name}/clone", post(clone_volume))
         .route("/v1/attachments", get(attachments))
         .route("/v1/attachments/{id}", delete(detach))
         .route("/v1/attachments/{id}/renew", post(renew_attachment))

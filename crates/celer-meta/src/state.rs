@@ -22,8 +22,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::{
     validate_volume_name, validate_volume_size, AttachMode, AttachVolume, AttachmentRecord, Change,
-    CreateVolume, Heartbeat, HeartbeatReply, LogEntry, NodeRecord, NodeStatus, RegisterNode,
-    Registered, Restored, Status, SyncedReply, Volume, VolumeFence, HOLDER_MAX_BYTES, LOG_PAGE_MAX,
+    CloneVolume, CreateVolume, Cutting, Heartbeat, HeartbeatReply, LogEntry, NodeRecord,
+    NodeStatus, RegisterNode, Registered, Restored, Snapshot, Status, SyncedReply, Volume,
+    VolumeFence, VolumeLayers, HOLDER_MAX_BYTES, LOG_PAGE_MAX, SNAPSHOT_CUT_MS,
     VOLUME_REPLICAS_MAX,
 };
 use crate::store::{MetaStore, Op, StoreError};
@@ -150,6 +151,8 @@ struct Persistent {
     deleted: BTreeSet<u64>,
     /// Each node's engine disk identity, as registered.
     disks: BTreeMap<NodeId, u64>,
+    /// The next era (layer) number: eras are never reused cluster-wide.
+    next_era: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -293,6 +296,37 @@ impl Tx {
             "ctr/attachment",
             self.p.next_attachment_id.to_string(),
         ));
+        self.ops
+            .push(Op::put("ctr/era", self.p.next_era.to_string()));
+    }
+    /// A new era, never used before.
+    fn new_era(&mut self) -> Result<u32> {
+        let era = self.p.next_era;
+        if era > celer_device::ERA_MAX {
+            return Err(StateError::Conflict(format!(
+                "every era number up to {} is used: no more snapshots, rollbacks or clones",
+                celer_device::ERA_MAX
+            )));
+        }
+        self.p.next_era += 1;
+        self.put_counters();
+        Ok(era)
+    }
+    /// Tombstones layers no volume or snapshot reads any more (their
+    /// keys: nodes free their chunks, as for a deleted volume).
+    fn bury_layers(&mut self, lineage: u64, before: &BTreeSet<u32>) {
+        let now = lineage_eras(&self.p.volumes, lineage);
+        for era in before.difference(&now) {
+            let key = celer_device::layer_key(lineage, *era);
+            if key == lineage {
+                // Era 0 of the lineage is its root volume's id: tombstoned
+                // when that volume is deleted.
+                continue;
+            }
+            self.ops
+                .push(Op::put(format!("deleted/{key}"), now_ms().to_string()));
+            self.p.deleted.insert(key);
+        }
     }
     /// Installs `t` as the current table, recording which syncing members
     /// are new in it.
@@ -406,6 +440,11 @@ impl Cluster {
         })?;
         let next_volume_id = counter("ctr/volume")?;
         let next_attachment_id = counter("ctr/attachment")?;
+        let next_era = counter("ctr/era")?;
+        let next_era = u32::try_from(next_era).map_err(|_| StoreError::Corrupt {
+            key: "ctr/era".into(),
+            reason: "out of range".into(),
+        })?;
         let mut attachments = BTreeMap::new();
         for (k, v) in store.scan_prefix(b"att/")? {
             let a: AttachmentRecord = parse(&k, &v)?;
@@ -459,6 +498,7 @@ impl Cluster {
                 last_seq,
                 deleted,
                 disks,
+                next_era,
             },
             live,
             epoch_floor: 0,
@@ -770,6 +810,7 @@ impl Cluster {
                 heartbeat_ms: self.cfg.heartbeat_ms,
                 lease_ms: self.cfg.lease_ms,
                 fences: self.fences(),
+                layers: self.layers(),
             },
             pushed,
         ))
@@ -805,6 +846,7 @@ impl Cluster {
                     table,
                     deleted_volumes: self.p.deleted.iter().copied().collect(),
                     fences: self.fences(),
+                    layers: self.layers(),
                 },
                 None,
             ));
@@ -868,6 +910,7 @@ impl Cluster {
                 table,
                 deleted_volumes: self.p.deleted.iter().copied().collect(),
                 fences: self.fences(),
+                layers: self.layers(),
             },
             pushed,
         ))
@@ -1094,6 +1137,12 @@ impl Cluster {
             created_at: now_ms(),
             fence: 0,
             sector_size_bytes,
+            lineage: 0,
+            head_era: 0,
+            under: Vec::new(),
+            snapshots: Vec::new(),
+            parent: None,
+            cutting: None,
         };
         tx.put_volume(v.clone());
         tx.log(Change::VolumeCreated { volume: v.clone() });
@@ -1333,6 +1382,201 @@ impl Cluster {
         self.p.attachments.values().cloned().collect()
     }
 
+    /// Layers of every layered volume, as nodes hold them.
+    pub fn layers(&self) -> Vec<VolumeLayers> {
+        self.p
+            .volumes
+            .values()
+            .filter(|v| v.layered())
+            .map(|v| v.layers_at(unix_ms()))
+            .collect()
+    }
+
+    /// Takes snapshot `snap` of volume `name`: the head era is frozen as
+    /// the snapshot and the volume goes on in a new era over it. No data
+    /// moves. The caller pushes the volume's layers to the nodes (with
+    /// `cutting`, then without) before answering.
+    pub fn create_snapshot(
+        &mut self,
+        store: &dyn MetaStore,
+        who: &str,
+        name: &str,
+        snap: &str,
+    ) -> Result<(Volume, Snapshot)> {
+        let mut v = self.volume(name)?;
+        validate_volume_name(snap)
+            .map_err(|e| StateError::BadRequest(e.replace("volume name", "snapshot name")))?;
+        if v.snapshot(snap).is_some() {
+            return Err(StateError::Conflict(format!(
+                "volume {name} already has a snapshot named {snap}: pick another name or delete it first"
+            )));
+        }
+        if v.under.len() + 1 >= celer_engine_layers_max() {
+            return Err(StateError::Conflict(format!(
+                "volume {name} has {} layers, the most a read goes through: delete snapshots first",
+                v.under.len() + 1
+            )));
+        }
+        let mut tx = self.begin(who);
+        let era = tx.new_era()?;
+        let s = Snapshot {
+            name: snap.to_string(),
+            era: v.head_era,
+            under: v.under.clone(),
+            created_at: now_ms(),
+        };
+        v.under.insert(0, v.head_era);
+        v.head_era = era;
+        v.snapshots.push(s.clone());
+        v.cutting = Some(Cutting {
+            era: s.era,
+            until_unix_ms: unix_ms() + SNAPSHOT_CUT_MS,
+        });
+        tx.put_volume(v.clone());
+        tx.log(Change::VolumeLayersChanged {
+            what: format!("snapshot {snap} taken"),
+            volume: v.clone(),
+        });
+        self.commit(store, tx)?;
+        Ok((v, s))
+    }
+
+    /// Rolls volume `name` back to snapshot `snap`: a new era over the
+    /// snapshot's layers, so nothing written after the snapshot is read
+    /// again (a node that was away comes back with those blocks in an era
+    /// the volume no longer reads). Refused while the volume is attached.
+    pub fn rollback(
+        &mut self,
+        store: &dyn MetaStore,
+        who: &str,
+        name: &str,
+        snap: &str,
+    ) -> Result<Volume> {
+        let mut v = self.volume(name)?;
+        let s = v.snapshot(snap).cloned().ok_or_else(|| {
+            StateError::NotFound(format!(
+                "volume {name} has no snapshot named {snap}: `celer snapshot list {name}` shows them"
+            ))
+        })?;
+        if let Some(a) = self.p.attachments.values().find(|a| a.volume_id == v.id) {
+            return Err(StateError::Conflict(format!(
+                "volume {name} is attached ({}): detach it (stop the VM or front end) before a rollback",
+                describe(a)
+            )));
+        }
+        let lineage = v.lineage();
+        let before = lineage_eras(&self.p.volumes, lineage);
+        let mut tx = self.begin(who);
+        let era = tx.new_era()?;
+        v.head_era = era;
+        v.under = std::iter::once(s.era)
+            .chain(s.under.iter().copied())
+            .collect();
+        v.cutting = None;
+        tx.put_volume(v.clone());
+        tx.bury_layers(lineage, &before);
+        tx.log(Change::VolumeLayersChanged {
+            what: format!("rolled back to snapshot {snap}"),
+            volume: v.clone(),
+        });
+        self.commit(store, tx)?;
+        Ok(v)
+    }
+
+    /// A new volume `req.name` over snapshot `req.snapshot` of volume
+    /// `name`: a new era of the same lineage, so it shares the snapshot's
+    /// blocks (on the same nodes) until it writes them. No data moves.
+    pub fn clone_volume(
+        &mut self,
+        store: &dyn MetaStore,
+        who: &str,
+        name: &str,
+        req: &CloneVolume,
+    ) -> Result<Volume> {
+        let src = self.volume(name)?;
+        let s = src.snapshot(&req.snapshot).cloned().ok_or_else(|| {
+            StateError::NotFound(format!(
+                "volume {name} has no snapshot named {}: `celer snapshot list {name}` shows them",
+                req.snapshot
+            ))
+        })?;
+        validate_volume_name(&req.name).map_err(StateError::BadRequest)?;
+        if self.p.volumes.contains_key(&req.name) {
+            return Err(StateError::Conflict(format!(
+                "volume {} already exists: pick another name or delete it first",
+                req.name
+            )));
+        }
+        let mut tx = self.begin(who);
+        let id = tx.p.next_volume_id;
+        tx.p.next_volume_id += 1;
+        let era = tx.new_era()?;
+        let v = Volume {
+            id,
+            name: req.name.clone(),
+            size_bytes: src.size_bytes,
+            replicas: src.replicas,
+            created_at: now_ms(),
+            sector_size_bytes: src.sector_size_bytes,
+            fence: 0,
+            lineage: src.lineage(),
+            head_era: era,
+            under: std::iter::once(s.era)
+                .chain(s.under.iter().copied())
+                .collect(),
+            snapshots: Vec::new(),
+            parent: Some(format!("{name}@{}", req.snapshot)),
+            cutting: None,
+        };
+        tx.put_volume(v.clone());
+        tx.log(Change::VolumeCreated { volume: v.clone() });
+        self.commit(store, tx)?;
+        Ok(v)
+    }
+
+    /// Deletes snapshot `snap` of volume `name`. Its layer is freed when no
+    /// volume or other snapshot reads it any more; otherwise (the volume
+    /// or a later snapshot still reads the blocks it holds) the layer stays
+    /// until they no longer need it. Refused while a clone reads it.
+    pub fn delete_snapshot(
+        &mut self,
+        store: &dyn MetaStore,
+        who: &str,
+        name: &str,
+        snap: &str,
+    ) -> Result<Volume> {
+        let mut v = self.volume(name)?;
+        let Some(at) = v.snapshots.iter().position(|s| s.name == snap) else {
+            return Err(StateError::NotFound(format!(
+                "volume {name} has no snapshot named {snap}: `celer snapshot list {name}` shows them"
+            )));
+        };
+        let parent = format!("{name}@{snap}");
+        if let Some(c) = self
+            .p
+            .volumes
+            .values()
+            .find(|c| c.parent.as_deref() == Some(parent.as_str()))
+        {
+            return Err(StateError::Conflict(format!(
+                "volume {} is a clone of {parent}: flatten or delete it first",
+                c.name
+            )));
+        }
+        let lineage = v.lineage();
+        let before = lineage_eras(&self.p.volumes, lineage);
+        let mut tx = self.begin(who);
+        v.snapshots.remove(at);
+        tx.put_volume(v.clone());
+        tx.bury_layers(lineage, &before);
+        tx.log(Change::VolumeLayersChanged {
+            what: format!("snapshot {snap} deleted"),
+            volume: v.clone(),
+        });
+        self.commit(store, tx)?;
+        Ok(v)
+    }
+
     pub fn delete_volume(
         &mut self,
         store: &dyn MetaStore,
@@ -1340,12 +1584,27 @@ impl Cluster {
         name: &str,
     ) -> Result<Volume> {
         let v = self.volume(name)?;
+        if let Some(c) = self.p.volumes.values().find(|c| {
+            c.id != v.id
+                && c.lineage() == v.lineage()
+                && c.under.iter().any(|e| v.eras().contains(e))
+        }) {
+            return Err(StateError::Conflict(format!(
+                "volume {} is a clone of a snapshot of {name}: flatten or delete it first",
+                c.name
+            )));
+        }
+        let lineage = v.lineage();
+        let before = lineage_eras(&self.p.volumes, lineage);
         let mut tx = self.begin(who);
         tx.ops.push(Op::delete(volume_key(name)));
         tx.p.volumes.remove(name);
         tx.ops
             .push(Op::put(format!("deleted/{}", v.id), now_ms().to_string()));
         tx.p.deleted.insert(v.id);
+        if v.layered() {
+            tx.bury_layers(lineage, &before);
+        }
         tx.log(Change::VolumeDeleted {
             id: v.id,
             name: v.name.clone(),
@@ -1544,6 +1803,20 @@ impl Cluster {
 }
 
 /// Applies one change-log entry to the restorable metadata.
+/// Every era of `lineage` a volume or a snapshot reads.
+fn lineage_eras(volumes: &BTreeMap<String, Volume>, lineage: u64) -> BTreeSet<u32> {
+    volumes
+        .values()
+        .filter(|v| v.lineage() == lineage)
+        .flat_map(|v| v.eras())
+        .collect()
+}
+
+/// The most layers a read goes through (`celer_engine::LAYERS_MAX`).
+fn celer_engine_layers_max() -> usize {
+    255
+}
+
 fn replay(
     volumes: &mut BTreeMap<String, Volume>,
     nodes: &mut BTreeMap<NodeId, NodeRecord>,
@@ -1562,6 +1835,9 @@ fn replay(
         }
         Change::VolumeDeleted { name, .. } => {
             volumes.remove(&name);
+        }
+        Change::VolumeLayersChanged { volume, .. } => {
+            volumes.insert(volume.name.clone(), volume);
         }
         Change::VolumeTakenOver { volume, fence, .. } => {
             if let Some(v) = volumes.get_mut(&volume) {

@@ -65,6 +65,7 @@ pub(crate) fn serve(listener: TcpListener, shared: Arc<NodeShared>) {
         let app = Router::new()
             .route("/v1/route", put(put_route))
             .route("/v1/fences", put(put_fences))
+            .route("/v1/layers", put(put_layers))
             .route("/v1/status", get(status))
             .route("/v1/scrub", get(scrub_status))
             .route("/v1/scrub/{action}", post(scrub_control))
@@ -242,6 +243,90 @@ async fn put_fences(
             Json(json!({"error": e.to_string()})),
         ),
     }
+}
+
+/// `PUT /v1/layers`: `[VolumeLayers, ...]` from the control service at a
+/// snapshot, rollback or clone. Answers 200 once every shard has them and
+/// no write it accepted to an era they no longer accept is in flight.
+async fn put_layers(
+    State(shared): State<Arc<NodeShared>>,
+    headers: HeaderMap,
+    body: String,
+) -> (StatusCode, Json<serde_json::Value>) {
+    if !authorized(&shared, &headers) {
+        return unauthorized();
+    }
+    let layers: Vec<celer_meta::api::VolumeLayers> = match serde_json::from_str(&body) {
+        Ok(l) => l,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"error": format!("not a list of volume layers: {e}")})),
+            )
+        }
+    };
+    if let Err(e) = check_layers(&layers) {
+        return (StatusCode::BAD_REQUEST, Json(json!({ "error": e })));
+    }
+    let n = layers.len();
+    let hub = shared.clone();
+    let r = tokio::task::spawn_blocking(move || hub.hub.set_layers(layers, Some(FENCE_WAIT))).await;
+    match r {
+        Ok(Ok(())) => (StatusCode::OK, Json(json!({ "layers": n }))),
+        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": e}))),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({"error": e.to_string()})),
+        ),
+    }
+}
+
+/// Layers a node can hold: bounded lists, eras and lineages that fit a
+/// layer key (`celer_device::layer_key`).
+pub(crate) fn check_layers(layers: &[celer_meta::api::VolumeLayers]) -> Result<(), String> {
+    if layers.len() > FENCES_PUSH_MAX {
+        return Err(format!(
+            "{} volumes in one push, at most {FENCES_PUSH_MAX}",
+            layers.len()
+        ));
+    }
+    let lineage_max = 1u64 << celer_device::LINEAGE_BITS;
+    for v in layers {
+        let eras = std::iter::once(v.head)
+            .chain(v.under.iter().copied())
+            .chain(
+                v.snapshots
+                    .iter()
+                    .flat_map(|s| std::iter::once(s.era).chain(s.under.iter().copied())),
+            );
+        if v.lineage == 0 || v.lineage >= lineage_max || v.volume == 0 || v.volume >= lineage_max {
+            return Err(format!(
+                "volume {}: lineage {} out of range",
+                v.volume, v.lineage
+            ));
+        }
+        if eras.clone().any(|e| e > celer_device::ERA_MAX) {
+            return Err(format!(
+                "volume {}: an era above {}",
+                v.volume,
+                celer_device::ERA_MAX
+            ));
+        }
+        let longest = std::iter::once(v.under.len())
+            .chain(v.snapshots.iter().map(|s| s.under.len()))
+            .max()
+            .unwrap_or(0);
+        if longest > celer_engine::LAYERS_MAX || v.snapshots.len() > 4096 {
+            return Err(format!(
+                "volume {}: {} layers under one era or {} snapshots (at most {} and 4096)",
+                v.volume,
+                longest,
+                v.snapshots.len(),
+                celer_engine::LAYERS_MAX
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Most fences in one `PUT /v1/fences` (the control service sends one).

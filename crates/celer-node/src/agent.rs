@@ -80,6 +80,7 @@ pub(crate) fn run(
     let mut synced: Vec<(u32, u64)> = Vec::new();
     let mut last_deleted: Vec<u64> = Vec::new();
     let mut last_fences: Vec<(u64, u32)> = Vec::new();
+    let mut last_layers: Vec<celer_meta::api::VolumeLayers> = Vec::new();
     // A message taken while gathering Synced reports, handled next.
     let mut pending: Option<AgentMsg> = None;
     // Heartbeats failed in a row (an outage of the control service).
@@ -199,6 +200,10 @@ pub(crate) fn run(
                         shared.hub.set_fences(fences.clone(), None).ok();
                         last_fences = fences;
                     }
+                    if r.layers != last_layers && crate::admin::check_layers(&r.layers).is_ok() {
+                        shared.hub.set_layers(r.layers.clone(), None).ok();
+                        last_layers = r.layers;
+                    }
                     if let Some(t) = r.table {
                         shared.metrics.epoch.set(t.epoch as i64);
                         shared.hub.install(t);
@@ -229,6 +234,9 @@ pub(crate) fn run(
                                 Ok(r) => {
                                     let f = r.fences.iter().map(|f| (f.volume, f.fence));
                                     shared.hub.set_fences(f.collect(), None).ok();
+                                    if crate::admin::check_layers(&r.layers).is_ok() {
+                                        shared.hub.set_layers(r.layers.clone(), None).ok();
+                                    }
                                     reg = r
                                 }
                                 Err(e) => tracing::error!("{e}"),

@@ -137,6 +137,10 @@ pub(crate) enum ShardMsg {
     /// a sender, it answers its id once no mutation of an older generation
     /// it accepted is still in flight (see `RouteHub::set_fences`).
     Fences(Arc<Vec<(u64, u32)>>, Option<Sender<u16>>),
+    /// Volume layers (snapshots, clones): a shard installs the newer ones;
+    /// with a sender, it answers its id once no accepted write to an era
+    /// they no longer accept is in flight (see `RouteHub::set_layers`).
+    Layers(Arc<Vec<celer_meta::api::VolumeLayers>>, Option<Sender<u16>>),
     Stop,
 }
 
@@ -246,15 +250,44 @@ impl RouteHub {
         wait: Option<Duration>,
     ) -> Result<(), String> {
         let fences = Arc::new(fences);
+        self.tell_shards(
+            |reply| ShardMsg::Fences(fences.clone(), reply),
+            wait,
+            "writes of an older fence generation",
+        )
+    }
+    /// Installs volume layers on every shard; with `wait`, as
+    /// [`RouteHub::set_fences`] for writes to eras no longer accepted.
+    pub(crate) fn set_layers(
+        &self,
+        layers: Vec<celer_meta::api::VolumeLayers>,
+        wait: Option<Duration>,
+    ) -> Result<(), String> {
+        let layers = Arc::new(layers);
+        self.tell_shards(
+            |reply| ShardMsg::Layers(layers.clone(), reply),
+            wait,
+            "writes to an era no longer accepted",
+        )
+    }
+    /// Sends every shard `msg`; with `wait`, waits (that long at most)
+    /// until each answered on the reply channel. Err: the shards that did
+    /// not answer in time (still finishing `what`).
+    fn tell_shards(
+        &self,
+        msg: impl Fn(Option<Sender<u16>>) -> ShardMsg,
+        wait: Option<Duration>,
+        what: &str,
+    ) -> Result<(), String> {
         let Some(wait) = wait else {
             for s in &self.shards {
-                s.send(ShardMsg::Fences(fences.clone(), None));
+                s.send(msg(None));
             }
             return Ok(());
         };
         let (tx, rx) = mpsc::channel();
         for s in &self.shards {
-            s.send(ShardMsg::Fences(fences.clone(), Some(tx.clone())));
+            s.send(msg(Some(tx.clone())));
         }
         drop(tx);
         let deadline = std::time::Instant::now() + wait;
@@ -270,7 +303,7 @@ impl RouteHub {
                 Err(_) => {
                     let late: Vec<usize> = (0..answered.len()).filter(|&i| !answered[i]).collect();
                     return Err(format!(
-                        "shards {late:?} still finish writes of an older fence generation after {} ms",
+                        "shards {late:?} still finish {what} after {} ms",
                         wait.as_millis()
                     ));
                 }
@@ -575,6 +608,9 @@ impl Node {
             // Queued before the shards start: nothing is served before.
             let fences = reg.fences.iter().map(|f| (f.volume, f.fence)).collect();
             shared.hub.set_fences(fences, None).ok();
+            if admin::check_layers(&reg.layers).is_ok() {
+                shared.hub.set_layers(reg.layers.clone(), None).ok();
+            }
         }
         let mut threads = Vec::new();
         for (engine_shard, (rx, wake)) in shards.into_iter().zip(receivers) {

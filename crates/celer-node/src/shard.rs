@@ -20,6 +20,7 @@ use celer_engine::{
 };
 
 mod catch_up;
+mod layers;
 mod repair;
 use catch_up::{catch_up_ranges, CatchUp};
 use celer_proto::auth::{Credential, HelloProof, Peer, NONCE_BYTES};
@@ -217,6 +218,10 @@ struct ShardLoop {
     fences: HashMap<u64, u32>,
     /// Fence installs that wait for older-generation mutations in flight.
     fence_waits: Vec<FenceWait>,
+    /// Layered volumes (snapshots, clones): see `layers.rs`.
+    layers: HashMap<u64, Arc<layers::Layered>>,
+    /// Layer installs that wait for writes to eras no longer accepted.
+    layer_waits: Vec<(Arc<Vec<celer_meta::api::VolumeLayers>>, Sender<u16>)>,
     /// Receive-buffer room lent to connections (see RBUF_BUDGET_BYTES).
     rbuf_lent: usize,
     /// Connections waiting for room.
@@ -343,6 +348,8 @@ pub(crate) fn run(
         versions,
         fences: HashMap::new(),
         fence_waits: Vec::new(),
+        layers: HashMap::new(),
+        layer_waits: Vec::new(),
         rbuf_lent: 0,
         starved: Vec::new(),
         large_inflight: 0,
@@ -387,6 +394,7 @@ pub(crate) fn run(
                 ShardMsg::Deleted(ids) => s.set_deleted(ids),
                 ShardMsg::BackfillAgain(epoch, ps) => s.backfill_again(epoch, &ps),
                 ShardMsg::Fences(f, reply) => s.set_fences(f, reply),
+                ShardMsg::Layers(l, reply) => s.set_layers(l, reply),
                 ShardMsg::Stop => s.stopping = true,
             }
         }
@@ -983,6 +991,7 @@ impl ShardLoop {
     fn respond(&mut self, c: usize, req: &Header, status: Status, payload: &[&[u8]]) {
         let mut h = Header::response_to(req, status);
         h.version = self.volume_version(req.volume);
+        h.snapshot = self.head_era(req.volume);
         if let Some(conn) = self.conns[c].as_mut() {
             conn.queue(h, payload);
         }
@@ -1012,7 +1021,7 @@ impl ShardLoop {
         if len == 0 || h.offset % chunk_bytes + len > chunk_bytes {
             return Err(Status::Invalid);
         }
-        let p = t.partition_at(h.volume, h.offset);
+        let p = t.partition_at(self.placement_volume(h.volume), h.offset);
         if p % self.shared.shards as u32 != self.id as u32 {
             return Err(Status::Invalid);
         }
@@ -1245,15 +1254,30 @@ impl ShardLoop {
             len,
         };
         self.ops[id].pending = 1;
+        let target = if kind == OpKind::Read {
+            self.read_target(h)
+        } else {
+            // A peer's backfill or scrub names an engine key.
+            Ok(layers::Target::plain(h.volume))
+        };
+        let target = match target {
+            Ok(t) => t,
+            Err(s) => {
+                self.ops[id].pending = 0;
+                self.ops[id].status = s;
+                return self.finish_op(id);
+            }
+        };
         let req = EngineRequest {
             op: EngineOp::Read,
-            volume: h.volume,
+            volume: target.key,
             offset_bytes: h.offset - at as u64,
             len_bytes: len as u64,
             segments: &[seg],
             version: 0,
             epoch: h.epoch,
             tag: id as u64,
+            chain: target.chain(),
         };
         // SAFETY: the op's buffer lives in the slab until the op finishes.
         if let Err(e) = unsafe { self.engine.submit(&req) } {
@@ -1309,6 +1333,12 @@ impl ShardLoop {
         if h.version == 0 {
             return self.reject(c, &h, Status::Invalid);
         }
+        // The era the write names: the head, the one a snapshot being cut
+        // froze (applied there, then answered StaleSnapshot), or refused.
+        let target = match self.write_target(&h) {
+            Ok(t) => t,
+            Err(s) => return self.reject(c, &h, s),
+        };
         if version_clock(h.version) > clock_limit_at(crate::unix_ms()) {
             // Far ahead of our clock: a wrong clock or a hostile writer. It
             // would make every later write of the block lose.
@@ -1317,7 +1347,8 @@ impl ShardLoop {
         let v = self.versions.entry(h.volume).or_default();
         *v = (*v).max(h.version);
         if !self.catch_ups.is_empty() {
-            self.catch_up_record(p, h.volume, h.offset, h.length as u64);
+            // The engine key: what a backfill lists and reads.
+            self.catch_up_record(p, target.key, h.offset, h.length as u64);
         }
         let kind = if h.op == Op::WritePrimary {
             OpKind::Primary
@@ -1342,15 +1373,21 @@ impl ShardLoop {
                 Op::Discard => EngineOp::Discard,
                 _ => EngineOp::Write,
             },
-            volume: h.volume,
+            volume: target.key,
             offset_bytes: h.offset,
             len_bytes: len as u64,
             segments: if has_data { &segs } else { &[] },
             version: h.version,
             epoch: h.epoch,
             tag: id as u64,
+            chain: target.chain(),
         };
         self.ops[id].pending = 1;
+        if target.stale {
+            // Lands in the snapshot being cut; the writer writes it again
+            // into the new head (engine errors no longer matter to it).
+            self.ops[id].status = Status::StaleSnapshot;
+        }
         // SAFETY: the op's buffer lives in the slab until the op finishes.
         if let Err(e) = unsafe { self.engine.submit(&req) } {
             self.ops[id].pending = 0;
@@ -1706,6 +1743,7 @@ impl ShardLoop {
             } else {
                 self.volume_version(req.volume)
             };
+            h.snapshot = self.head_era(req.volume);
             if let Some(conn) = self.conns[c].as_mut() {
                 conn.ops -= 1;
                 if conn.ops + 1 == CONN_OPS_MAX && !self.backlog.contains(&c) {
@@ -1743,6 +1781,9 @@ impl ShardLoop {
         self.free_ops.push(id);
         if !self.fence_waits.is_empty() {
             self.answer_fence_waits();
+        }
+        if !self.layer_waits.is_empty() {
+            self.answer_layer_waits();
         }
     }
 
@@ -1908,6 +1949,7 @@ impl ShardLoop {
                 version: 0,
                 epoch: 0,
                 tag: TAG_PURGE,
+                chain: &[],
             };
             // SAFETY: a release has no segments.
             match unsafe { self.engine.submit(&req) } {
@@ -2424,6 +2466,7 @@ impl ShardLoop {
                 version,
                 epoch,
                 tag: TAG_BACKFILL | b.serial as u64,
+                chain: &[],
             };
             // SAFETY: see above.
             match unsafe { self.engine.submit(&req) } {

@@ -74,8 +74,23 @@
 //! replies (a node that was down), and from any newer capability it sees;
 //! it never lowers one. Reads are not fenced.
 //!
-//! `snapshot` is carried for snapshots (zero until those are in use; nodes
-//! ignore it today).
+//! # Snapshots
+//!
+//! A volume's data is a chain of *layers* (eras of its lineage, see
+//! `celer_device::layer_key`): writes go to the newest, the *head*; a read
+//! takes each block from the first layer that holds it. A snapshot freezes
+//! the head and starts a new era; a rollback or a clone starts a new era
+//! over a snapshot's layers. The header's `snapshot` is the head era the
+//! writer knows (0 for a volume never snapshotted). A node refuses a write
+//! naming an older era ([`Status::StaleSnapshot`], carrying the current
+//! one) and waits for the control service when it names a newer one
+//! ([`Status::SnapshotBehind`]). While a snapshot is being cut (a couple
+//! of seconds after it was taken, `SNAPSHOT_CUT_MS` in celer-meta) a write
+//! naming the era just frozen is still applied to it and then answered
+//! `StaleSnapshot`: every replica that receives the write puts it in the
+//! snapshot, so the snapshot's copies agree; the writer writes it again
+//! into the new era. A client names one era in every leg of one attempt. A `Read`
+//! with [`FLAG_SNAPSHOT_READ`] reads the snapshot whose era is `snapshot`.
 //!
 //! # Connection set-up and authentication
 //!
@@ -192,10 +207,13 @@ pub const FLAG_SECTORS: u16 = 1;
 /// `flags` bit of a `BackfillRead`: answer with the block states only (the
 /// version and kind of each block, no data): a scrub comparing copies.
 pub const FLAG_STATES_ONLY: u16 = 2;
+/// `flags` bit of a `Read`: read the snapshot whose era is the header's
+/// `snapshot`, not the volume's current content.
+pub const FLAG_SNAPSHOT_READ: u16 = 4;
 /// `flags` bit of a `ListChunks` (node to node): list only the blocks
 /// written since the sender (node id in `volume`) went down, as the source
 /// recorded them; the answer says when the source did not record them all.
-pub const FLAG_CATCH_UP: u16 = 4;
+pub const FLAG_CATCH_UP: u16 = 8;
 /// Bytes of a sector in sector writes and reads.
 pub const SECTOR_BYTES: u64 = 512;
 /// Bytes of a block: the unit a node stores and versions.
@@ -284,6 +302,15 @@ pub enum Status {
     /// attachment took the volume over (an exclusive attach with `force`,
     /// or a migration hand-off). Final for this attachment: attach again.
     Fenced = 17,
+    /// The write names an older era of the volume than the node's (a
+    /// snapshot or a rollback started a new one): `snapshot` carries the
+    /// current era. Write again with it. A write answered so during a
+    /// snapshot's cut may have been applied to the older era (it then
+    /// belongs to the snapshot); see "Snapshots".
+    StaleSnapshot = 18,
+    /// The write names a newer era than the node knows: the node is
+    /// fetching the volume's layers; retry shortly.
+    SnapshotBehind = 19,
 }
 
 impl Op {
@@ -328,6 +355,8 @@ impl Status {
             15 => Status::OlderVersion,
             16 => Status::VersionAhead,
             17 => Status::Fenced,
+            18 => Status::StaleSnapshot,
+            19 => Status::SnapshotBehind,
             _ => return None,
         })
     }

@@ -95,6 +95,7 @@ fn drive(
                     version: *version,
                     epoch: 1,
                     tag: i as u64,
+                    chain: &[],
                 };
                 started[i] = Instant::now();
                 // SAFETY: bufs[i] is left alone until tag i completes.
@@ -158,6 +159,7 @@ fn fill_volume(shard: &mut Shard, volume_bytes: u64, version: &mut u64) -> Resul
                 version: *version,
                 epoch: 1,
                 tag: 0,
+                chain: &[],
             };
             // SAFETY: buf outlives every request (we drain before returning).
             unsafe { shard.submit(&req) }.context("fill")?;

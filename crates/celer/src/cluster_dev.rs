@@ -37,6 +37,8 @@ pub struct AttachOptions {
     pub state_file: Option<PathBuf>,
     /// What attaches, for `celer volume info` (host and pid are added).
     pub purpose: String,
+    /// Read this snapshot of the volume (read-only).
+    pub snapshot: Option<String>,
 }
 
 impl AttachOptions {
@@ -251,6 +253,16 @@ pub fn open_client(
     }
     let mut cfg = ClientConfig::new(seeds.clone(), vol.id, vol.size_bytes, credential_of(&att)?);
     cfg.sector_bytes = vol.sector_size_bytes;
+    cfg.lineage = vol.lineage();
+    cfg.era = vol.head_era;
+    if let Some(name) = &opts.snapshot {
+        let snap = vol.snapshot(name).ok_or_else(|| {
+            anyhow::anyhow!(
+                "volume `{volume}` has no snapshot `{name}`: `celer snapshot list {volume}` shows them"
+            )
+        })?;
+        cfg.read_snapshot = Some(snap.era);
+    }
     let client = Client::connect(cfg).with_context(|| format!("connect to volume `{volume}`"))?;
     tracing::info!(
         volume,
@@ -497,12 +509,26 @@ pub fn open_spec(spec: &str, purpose: &str) -> Result<Opened> {
     let mut parts = spec.split(',');
     let volume = parts.next().filter(|v| !v.is_empty()).ok_or_else(|| {
         anyhow::anyhow!(
-            "cluster device needs a volume name: cluster:NAME[,meta=URL][,token=SECRET]"
+            "cluster device needs a volume name: cluster:NAME[@SNAPSHOT][,meta=URL][,token=SECRET]"
         )
     })?;
     let mut metas: Vec<String> = Vec::new();
     let mut token = std::env::var("CELER_TOKEN").ok();
     let mut opts = AttachOptions::exclusive(purpose);
+    // VOLUME@SNAPSHOT: the snapshot, read-only (a shared read-only
+    // attachment: the volume's writer keeps writing).
+    let volume = match volume.split_once('@') {
+        Some((v, s)) => {
+            anyhow::ensure!(
+                !v.is_empty() && !s.is_empty(),
+                "cluster:{volume}: name a volume and a snapshot, VOLUME@SNAPSHOT"
+            );
+            opts.snapshot = Some(s.to_string());
+            opts.read_only = true;
+            v
+        }
+        None => volume,
+    };
     let mut handoff = false;
     for kv in parts {
         if kv == "force" {

@@ -226,6 +226,7 @@ fn check(disk: &std::path::Path) -> Result<()> {
                     version: 0,
                     epoch: 0,
                     tag: 0,
+                    chain: &[],
                 };
                 // SAFETY: buf outlives the request; we wait for it below.
                 unsafe { shard.submit(&req) }?;

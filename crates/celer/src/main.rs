@@ -12,6 +12,7 @@ mod meta_cmd;
 mod migration_probe;
 mod node_cmd;
 mod scrub_cmd;
+mod snapshot_cmd;
 mod up;
 mod volume_io;
 
@@ -62,6 +63,10 @@ enum Command {
     /// The storage nodes' background scrub (crc of every block, repair).
     #[command(subcommand)]
     Scrub(scrub_cmd::ScrubCommand),
+    /// Snapshots of volumes: create, list, info, delete (rollback and
+    /// clone are `celer volume` commands).
+    #[command(subcommand)]
+    Snapshot(snapshot_cmd::SnapshotCommand),
 }
 
 #[derive(Subcommand)]
@@ -188,6 +193,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Volume(c) => meta_cmd::run_volume(c),
         Command::Status(a) => meta_cmd::run_status(a),
         Command::Scrub(c) => scrub_cmd::run(c),
+        Command::Snapshot(c) => snapshot_cmd::run(c),
         Command::Node(NodeCommand::Serve(a)) => node_cmd::run(&a),
         Command::Up(a) => up::run(&a),
         Command::Vhost(VhostCommand::Serve(a)) => {

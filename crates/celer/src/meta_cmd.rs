@@ -92,10 +92,10 @@ pub struct Conn {
 #[derive(Args)]
 pub struct ListArgs {
     #[command(flatten)]
-    conn: Conn,
+    pub(crate) conn: Conn,
     /// Print JSON.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 #[derive(Args)]
@@ -172,8 +172,27 @@ pub enum VolumeCommand {
     /// Copy a disk image (raw, qcow2, any format qemu-img reads) into a
     /// volume, creating the volume if it does not exist.
     Import(crate::volume_io::ImportArgs),
-    /// Copy a volume into a disk image (raw or qcow2).
+    /// Copy a volume, or one of its snapshots (VOLUME@SNAPSHOT), into a
+    /// disk image (raw or qcow2).
     Export(crate::volume_io::ExportArgs),
+    /// Roll a volume back to one of its snapshots (refused while the
+    /// volume is attached).
+    Rollback {
+        /// VOLUME@SNAPSHOT.
+        spec: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Create a volume that starts as a snapshot's content and shares its
+    /// blocks until it writes them (no data is copied).
+    Clone {
+        /// VOLUME@SNAPSHOT.
+        spec: String,
+        /// The new volume's name.
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
 }
 
 fn read_token_file(path: &PathBuf) -> Result<String> {
@@ -533,6 +552,10 @@ pub fn run_volume(cmd: VolumeCommand) -> Result<()> {
         }
         VolumeCommand::Import(a) => crate::volume_io::import(&a)?,
         VolumeCommand::Export(a) => crate::volume_io::export(&a)?,
+        VolumeCommand::Rollback { spec, conn } => crate::snapshot_cmd::rollback(&spec, &conn)?,
+        VolumeCommand::Clone { spec, name, conn } => {
+            crate::snapshot_cmd::clone(&spec, &name, &conn)?
+        }
     }
     Ok(())
 }

@@ -90,7 +90,7 @@ pub struct ImportArgs {
 
 #[derive(Args)]
 pub struct ExportArgs {
-    /// The volume to read.
+    /// The volume to read, or one of its snapshots: VOLUME@SNAPSHOT.
     name: String,
     /// Where to write the image (a regular file is replaced; a block device
     /// must be at least as large as the volume).
@@ -330,11 +330,14 @@ pub fn import(a: &ImportArgs) -> Result<()> {
 pub fn export(a: &ExportArgs) -> Result<()> {
     let (url, token) = a.conn.url_and_token()?;
     let meta = celer_meta::MetaClient::new(&url, &token);
-    let volume = meta.volume(&a.name).map_err(|e| {
+    let (name, snapshot) = match a.name.split_once('@') {
+        Some((v, s)) => (v, Some(s.to_string())),
+        None => (a.name.as_str(), None),
+    };
+    let volume = meta.volume(name).map_err(|e| {
         if e.is_not_found() {
             anyhow::anyhow!(
-                "volume `{}` not found at {url} (list them with `celer volume list`)",
-                a.name
+                "volume `{name}` not found at {url} (list them with `celer volume list`)"
             )
         } else {
             human(e)
@@ -346,6 +349,7 @@ pub fn export(a: &ExportArgs) -> Result<()> {
         &volume.name,
         &crate::cluster_dev::AttachOptions {
             read_only: true,
+            snapshot,
             ..crate::cluster_dev::AttachOptions::exclusive("volume export")
         },
     )?;

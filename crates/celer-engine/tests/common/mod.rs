@@ -70,6 +70,7 @@ pub fn write(
         version,
         epoch: 1,
         tag: 7,
+        chain: &[],
     };
     run_one(shard, &req)
 }
@@ -92,6 +93,7 @@ pub fn read(
         version: 0,
         epoch: 0,
         tag: 9,
+        chain: &[],
     };
     run_one(shard, &req)?;
     Ok(buf)
@@ -114,6 +116,7 @@ pub fn zero(
         version,
         epoch: 1,
         tag: 11,
+        chain: &[],
     };
     run_one(shard, &req)
 }

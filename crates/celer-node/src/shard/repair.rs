@@ -378,6 +378,7 @@ impl ShardLoop {
             version: if op == EngineOp::Repair { r.version } else { 0 },
             epoch,
             tag: TAG_REPAIR | r.serial as u64,
+            chain: &[],
         };
         // SAFETY: the buffer belongs to the repair, which stays in
         // `self.repairs` until this request completes.

@@ -275,6 +275,7 @@ impl ShardLoop {
             version: 0,
             epoch: 0,
             tag: TAG_SCRUB,
+            chain: &[],
         };
         // SAFETY: the scrub's buffer lives as long as the shard loop, which
         // drains the engine before it ends.

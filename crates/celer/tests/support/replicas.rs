@@ -12,7 +12,19 @@ use super::wire::{call, connect, node_credential};
 /// Reads chunk `chunk` of `volume` from every member of its partition and
 /// returns a description of every difference (empty: the replicas agree).
 pub fn compare_chunk(t: &RouteTable, volume: u64, chunk: u64) -> Vec<String> {
-    let p = t.partition_of(volume, chunk);
+    compare_chunk_of(t, volume, volume, chunk, None)
+}
+
+/// [`compare_chunk`] for a volume placed by `lineage` (a clone's is its
+/// parent's), of its snapshot with era `snapshot` when given.
+pub fn compare_chunk_of(
+    t: &RouteTable,
+    volume: u64,
+    lineage: u64,
+    chunk: u64,
+    snapshot: Option<u32>,
+) -> Vec<String> {
+    let p = t.partition_of(lineage, chunk);
     let part = t.partition(p).expect("partition");
     let mut copies = Vec::new();
     for m in &part.members {
@@ -28,6 +40,10 @@ pub fn compare_chunk(t: &RouteTable, volume: u64, chunk: u64) -> Vec<String> {
         h.volume = volume;
         h.offset = chunk * t.chunk_bytes;
         h.length = t.chunk_bytes as u32;
+        if let Some(era) = snapshot {
+            h.flags = celer_proto::FLAG_SNAPSHOT_READ;
+            h.snapshot = era as u64;
+        }
         let (r, data) = call(&mut s, h, &[]);
         assert_eq!(
             r.status,

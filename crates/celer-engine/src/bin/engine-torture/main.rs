@@ -98,6 +98,7 @@ fn main() {
                 version,
                 epoch: 1,
                 tag: i as u64,
+                chain: &[],
             };
             // SAFETY: bufs[i] is not touched until tag i completes.
             unsafe { shard.submit(&req) }.expect("submit");

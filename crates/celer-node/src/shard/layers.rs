@@ -1,0 +1,247 @@
+//! Volume layers (snapshots, clones, rollback; see celer-proto,
+//! "Snapshots"): which engine key a client request of a volume reads or
+//! writes, and through which layers under it.
+//!
+//! A volume without an entry is its own lineage at era 0: its engine key is
+//! its id and it has no layer under it (every volume before its first
+//! snapshot, so the I/O path of those is unchanged). Entries come from the
+//! control service (its push at a snapshot, rollback or clone, and every
+//! registration and heartbeat reply); the head era of a volume only goes up.
+
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+
+use celer_device::layer_key;
+use celer_meta::api::VolumeLayers;
+use celer_proto::{Header, Status, FLAG_SNAPSHOT_READ};
+
+use super::{OpKind, ShardLoop};
+
+/// One volume's layers as engine keys.
+pub(crate) struct Layered {
+    pub(crate) lineage: u64,
+    pub(crate) head: u32,
+    head_key: u64,
+    chain: Vec<u64>,
+    /// The era a snapshot being cut froze, its key and the keys under it:
+    /// writes naming it still land in it (then answered `StaleSnapshot`).
+    cutting: Option<(u32, u64, Vec<u64>)>,
+    /// Each snapshot's era, key and the keys under it.
+    snapshots: Vec<(u32, u64, Vec<u64>)>,
+}
+
+impl Layered {
+    fn new(v: &VolumeLayers) -> Layered {
+        let keys =
+            |eras: &[u32]| -> Vec<u64> { eras.iter().map(|&e| layer_key(v.lineage, e)).collect() };
+        let snapshots: Vec<(u32, u64, Vec<u64>)> = v
+            .snapshots
+            .iter()
+            .map(|s| (s.era, layer_key(v.lineage, s.era), keys(&s.under)))
+            .collect();
+        let cutting = v.cutting.and_then(|era| {
+            snapshots
+                .iter()
+                .find(|s| s.0 == era)
+                .map(|s| (era, s.1, s.2.clone()))
+        });
+        Layered {
+            lineage: v.lineage,
+            head: v.head,
+            head_key: layer_key(v.lineage, v.head),
+            chain: keys(&v.under),
+            cutting,
+            snapshots,
+        }
+    }
+}
+
+/// Where a request goes: the engine key and the layers under it.
+pub(crate) struct Target {
+    pub(crate) key: u64,
+    /// Holds the chain's storage alive for the request's submission.
+    pub(crate) layers: Option<Arc<Layered>>,
+    which: Which,
+    /// A write into the era being cut: applied, then answered
+    /// `StaleSnapshot` so the writer writes it again into the new head.
+    pub(crate) stale: bool,
+}
+
+#[derive(Clone, Copy)]
+enum Which {
+    Head,
+    Cutting,
+    Snapshot(usize),
+}
+
+impl Target {
+    /// An engine key as it is, with no layer under it.
+    pub(crate) fn plain(key: u64) -> Target {
+        Target {
+            key,
+            layers: None,
+            which: Which::Head,
+            stale: false,
+        }
+    }
+    pub(crate) fn chain(&self) -> &[u64] {
+        let Some(l) = self.layers.as_deref() else {
+            return &[];
+        };
+        match self.which {
+            Which::Head => &l.chain,
+            Which::Cutting => l.cutting.as_ref().map_or(&[][..], |c| &c.2),
+            Which::Snapshot(i) => &l.snapshots[i].2,
+        }
+    }
+}
+
+impl ShardLoop {
+    /// The lineage whose placement a request's volume follows: a layer key
+    /// (node peers' backfill and scrub) is placed by its own lineage bits
+    /// (`celer_device::chunk_hash`); a clone's id by its parent's lineage.
+    pub(crate) fn placement_volume(&self, volume: u64) -> u64 {
+        self.layers.get(&volume).map_or(volume, |l| l.lineage)
+    }
+
+    /// The head era this node knows for `volume` (0: none).
+    pub(crate) fn head_era(&self, volume: u64) -> u64 {
+        self.layers.get(&volume).map_or(0, |l| l.head as u64)
+    }
+
+    /// The layer a client `Read` reads: the volume's head, or with
+    /// [`FLAG_SNAPSHOT_READ`] the snapshot whose era the header names.
+    pub(crate) fn read_target(&self, h: &Header) -> Result<Target, Status> {
+        let Some(l) = self.layers.get(&h.volume).cloned() else {
+            if h.flags & FLAG_SNAPSHOT_READ != 0 {
+                return Err(Status::SnapshotBehind);
+            }
+            return Ok(Target {
+                key: h.volume,
+                layers: None,
+                which: Which::Head,
+                stale: false,
+            });
+        };
+        if h.flags & FLAG_SNAPSHOT_READ != 0 {
+            let Some(i) = l.snapshots.iter().position(|s| s.0 as u64 == h.snapshot) else {
+                // Deleted, or this node has not heard of it yet.
+                return Err(if h.snapshot > l.head as u64 {
+                    Status::SnapshotBehind
+                } else {
+                    Status::Invalid
+                });
+            };
+            return Ok(Target {
+                key: l.snapshots[i].1,
+                layers: Some(l),
+                which: Which::Snapshot(i),
+                stale: false,
+            });
+        }
+        Ok(Target {
+            key: l.head_key,
+            layers: Some(l),
+            which: Which::Head,
+            stale: false,
+        })
+    }
+
+    /// The layer a client's mutation goes to, by the era it names.
+    pub(crate) fn write_target(&self, h: &Header) -> Result<Target, Status> {
+        let Some(l) = self.layers.get(&h.volume).cloned() else {
+            return if h.snapshot == 0 {
+                Ok(Target {
+                    key: h.volume,
+                    layers: None,
+                    which: Which::Head,
+                    stale: false,
+                })
+            } else {
+                Err(Status::SnapshotBehind)
+            };
+        };
+        if h.snapshot == l.head as u64 {
+            return Ok(Target {
+                key: l.head_key,
+                layers: Some(l),
+                which: Which::Head,
+                stale: false,
+            });
+        }
+        if h.snapshot > l.head as u64 {
+            return Err(Status::SnapshotBehind);
+        }
+        match &l.cutting {
+            Some((era, key, _)) if *era as u64 == h.snapshot => {
+                let key = *key;
+                Ok(Target {
+                    key,
+                    layers: Some(l),
+                    which: Which::Cutting,
+                    stale: true,
+                })
+            }
+            _ => Err(Status::StaleSnapshot),
+        }
+    }
+
+    /// Installs layers (see `ShardMsg::Layers`); with `reply`, answers once
+    /// no accepted write to an era they no longer accept is in flight.
+    pub(crate) fn set_layers(
+        &mut self,
+        layers: Arc<Vec<VolumeLayers>>,
+        reply: Option<Sender<u16>>,
+    ) {
+        for v in layers.iter() {
+            let newer = match self.layers.get(&v.volume) {
+                None => true,
+                Some(cur) => {
+                    v.head > cur.head
+                        || (v.head == cur.head
+                            && (cur.cutting.is_some() != v.cutting.is_some()
+                                || cur.snapshots.len() != v.snapshots.len()
+                                || cur.chain.len() != v.under.len()))
+                }
+            };
+            if newer {
+                tracing::info!(
+                    shard = self.id,
+                    volume = v.volume,
+                    lineage = v.lineage,
+                    head = v.head,
+                    cutting = ?v.cutting,
+                    snapshots = v.snapshots.len(),
+                    "volume layers installed"
+                );
+                self.layers.insert(v.volume, Arc::new(Layered::new(v)));
+            }
+        }
+        if let Some(reply) = reply {
+            self.layer_waits.push((layers, reply));
+            self.answer_layer_waits();
+        }
+    }
+
+    /// Answers the layer installs whose writes to eras no longer accepted
+    /// are all done.
+    pub(crate) fn answer_layer_waits(&mut self) {
+        let ops = &self.ops;
+        let id = self.id;
+        self.layer_waits.retain(|(layers, reply)| {
+            let busy = ops.iter().any(|op| {
+                op.busy
+                    && matches!(op.kind, OpKind::Mutate | OpKind::Primary)
+                    && layers.iter().any(|v| {
+                        op.req.volume == v.volume
+                            && op.req.snapshot != v.head as u64
+                            && v.cutting.is_none_or(|c| op.req.snapshot != c as u64)
+                    })
+            });
+            if !busy {
+                let _ = reply.send(id);
+            }
+            busy
+        });
+    }
+}

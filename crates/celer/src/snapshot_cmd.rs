@@ -1,0 +1,157 @@
+//! `celer snapshot create|list|info|delete`, `celer volume rollback` and
+//! `celer volume clone`: a volume's snapshots through the control service
+//! (see celer-proto, "Snapshots", and docs/architecture.md).
+
+use anyhow::Result;
+use clap::Subcommand;
+
+use crate::meta_cmd::{human, Conn, ListArgs};
+
+#[derive(Subcommand)]
+pub enum SnapshotCommand {
+    /// Take a crash-consistent snapshot of a volume, also while a VM writes
+    /// it: every write acknowledged before the command started is in it,
+    /// and none the writer issued after one that is not. No data is copied.
+    Create {
+        /// VOLUME@SNAPSHOT.
+        spec: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// List a volume's snapshots, oldest first.
+    List {
+        volume: String,
+        #[command(flatten)]
+        list: ListArgs,
+    },
+    /// Show one snapshot.
+    Info {
+        /// VOLUME@SNAPSHOT.
+        spec: String,
+        #[command(flatten)]
+        list: ListArgs,
+    },
+    /// Delete a snapshot (refused while a clone reads it: flatten or
+    /// delete the clone first).
+    Delete {
+        /// VOLUME@SNAPSHOT.
+        spec: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+/// `VOLUME@SNAPSHOT` in two.
+pub fn split_spec(spec: &str) -> Result<(&str, &str)> {
+    match spec.split_once('@') {
+        Some((v, s)) if !v.is_empty() && !s.is_empty() => Ok((v, s)),
+        _ => anyhow::bail!("`{spec}`: name a volume and a snapshot as VOLUME@SNAPSHOT"),
+    }
+}
+
+pub fn run(cmd: SnapshotCommand) -> Result<()> {
+    match cmd {
+        SnapshotCommand::Create { spec, conn } => {
+            let (volume, snap) = split_spec(&spec)?;
+            let started = std::time::Instant::now();
+            let s = conn
+                .client()?
+                .create_snapshot(volume, snap)
+                .map_err(human)?;
+            println!(
+                "snapshot {volume}@{} taken (era {}) in {} ms",
+                s.name,
+                s.era,
+                started.elapsed().as_millis()
+            );
+        }
+        SnapshotCommand::List { volume, list } => {
+            let v = list.conn.client()?.volume(&volume).map_err(human)?;
+            if list.json {
+                println!("{}", serde_json::to_string_pretty(&v.snapshots)?);
+            } else if v.snapshots.is_empty() {
+                println!("volume {volume} has no snapshot");
+            } else {
+                println!(
+                    "{:<24} {:>8} {:>15}",
+                    "SNAPSHOT", "ERA", "CREATED (unix ms)"
+                );
+                for s in &v.snapshots {
+                    println!("{:<24} {:>8} {:>15}", s.name, s.era, s.created_at);
+                }
+            }
+        }
+        SnapshotCommand::Info { spec, list } => {
+            let (volume, snap) = split_spec(&spec)?;
+            let c = list.conn.client()?;
+            let v = c.volume(volume).map_err(human)?;
+            let s = v.snapshot(snap).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "volume {volume} has no snapshot `{snap}`: `celer snapshot list {volume}` shows them"
+                )
+            })?;
+            let clones: Vec<String> = c
+                .volumes()
+                .map_err(human)?
+                .into_iter()
+                .filter(|c| c.parent.as_deref() == Some(spec.as_str()))
+                .map(|c| c.name)
+                .collect();
+            if list.json {
+                let j = serde_json::json!({
+                    "volume": volume,
+                    "snapshot": s,
+                    "size_bytes": v.size_bytes,
+                    "clones": clones,
+                });
+                println!("{}", serde_json::to_string_pretty(&j)?);
+            } else {
+                println!("snapshot {spec}");
+                println!("  era {} over {} layers", s.era, s.under.len());
+                println!("  created {} (unix ms)", s.created_at);
+                println!("  size {} bytes", v.size_bytes);
+                if clones.is_empty() {
+                    println!("  clones: none");
+                } else {
+                    println!("  clones: {}", clones.join(", "));
+                }
+            }
+        }
+        SnapshotCommand::Delete { spec, conn } => {
+            let (volume, snap) = split_spec(&spec)?;
+            conn.client()?
+                .delete_snapshot(volume, snap)
+                .map_err(human)?;
+            println!("deleted snapshot {spec}");
+        }
+    }
+    Ok(())
+}
+
+/// `celer volume rollback VOLUME@SNAPSHOT`.
+pub fn rollback(spec: &str, conn: &Conn) -> Result<()> {
+    let (volume, snap) = split_spec(spec)?;
+    let v = conn.client()?.rollback(volume, snap).map_err(human)?;
+    println!(
+        "volume {volume} rolled back to snapshot {snap} (new era {})",
+        v.head_era
+    );
+    Ok(())
+}
+
+/// `celer volume clone VOLUME@SNAPSHOT NEW`.
+pub fn clone(spec: &str, name: &str, conn: &Conn) -> Result<()> {
+    let (volume, snap) = split_spec(spec)?;
+    let started = std::time::Instant::now();
+    let v = conn
+        .client()?
+        .clone_volume(volume, snap, name)
+        .map_err(human)?;
+    println!(
+        "created volume {} (id {}) as a clone of {spec} in {} ms",
+        v.name,
+        v.id,
+        started.elapsed().as_millis()
+    );
+    Ok(())
+}
