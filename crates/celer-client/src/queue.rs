@@ -504,19 +504,21 @@ impl Core {
                 part.legs[0] = idle(primary);
             }
             _ => {
-                if route.members.len() > LEGS_MAX {
+                // A down member (within the control service's grace
+                // period) takes no writes: the others record them for it.
+                let writers = route.writers().count();
+                if writers > LEGS_MAX {
                     let (offset, len) = (part.offset, part.len);
                     let e = IoError::Io(format!(
-                        "volume {} [{offset}, +{len}): partition {} has {} members, at most {LEGS_MAX} supported",
+                        "volume {} [{offset}, +{len}): partition {} has {writers} members, at most {LEGS_MAX} supported",
                         self.volume,
                         part.partition,
-                        route.members.len()
                     ));
                     self.part_done(p, Err(e));
                     return;
                 }
-                part.nlegs = route.members.len();
-                for (i, m) in route.members.iter().enumerate() {
+                part.nlegs = writers;
+                for (i, m) in route.writers().enumerate() {
                     part.legs[i] = idle(m.node);
                 }
                 if part.nlegs == 0 {
@@ -1160,7 +1162,7 @@ impl Core {
             let Some(route) = self.table.partition(part.partition) else {
                 continue;
             };
-            for m in &route.members {
+            for m in route.writers() {
                 let failed = part.legs[..part.nlegs]
                     .iter()
                     .any(|l| l.node == m.node && l.state == LegState::Failed);

@@ -735,6 +735,15 @@ pub struct Status {
     /// Backfills whose size is not known yet (not in `rebalance_bytes_total`).
     #[serde(default)]
     pub rebalance_partitions_unlisted: u64,
+    /// Partitions with a member that is down within the grace period
+    /// (counted in `partitions_degraded` too): they take writes with their
+    /// other members, and the down one catches up when it returns.
+    #[serde(default)]
+    pub partitions_down_member: u32,
+    /// Down nodes still within the grace period: (node, seconds left before
+    /// their partitions move to other nodes).
+    #[serde(default)]
+    pub down_grace_left_s: Vec<(u32, u64)>,
 }
 
 /// The longest a `GET /v1/volumes/{name}?size=N&wait_ms=M` long poll

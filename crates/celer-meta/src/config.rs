@@ -10,6 +10,7 @@
 //! partition_bits = 8
 //! replicas = 3
 //! max_moves = 64
+//! down_grace_s = 300
 //! # store = "etcd"
 //! # etcd = ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
 //! # advertise = "http://10.0.0.1:7700"
@@ -32,6 +33,8 @@ pub struct FileConfig {
     pub partition_bits: Option<u8>,
     pub replicas: Option<u8>,
     pub max_moves: Option<usize>,
+    /// Seconds a down node keeps its places before its partitions move.
+    pub down_grace_s: Option<u64>,
     /// `redb` (default) or `etcd`.
     pub store: Option<String>,
     /// etcd endpoints.

@@ -30,6 +30,7 @@ pub(crate) struct Metrics {
     volumes: Gauge,
     partitions: Gauge,
     partitions_degraded: Gauge,
+    partitions_down_member: Gauge,
     log_seq: Gauge,
     leader: Gauge,
     rebalance_moved: Gauge,
@@ -47,6 +48,7 @@ impl Metrics {
             volumes: Gauge::default(),
             partitions: Gauge::default(),
             partitions_degraded: Gauge::default(),
+            partitions_down_member: Gauge::default(),
             log_seq: Gauge::default(),
             leader: Gauge::default(),
             rebalance_moved: Gauge::default(),
@@ -71,6 +73,11 @@ impl Metrics {
             "partitions_degraded",
             "Partitions with a syncing member or fewer members than replicas",
             m.partitions_degraded.clone(),
+        );
+        registry.register(
+            "partitions_down_member",
+            "Partitions with a member down within the grace period (writing with the others; it catches up when back)",
+            m.partitions_down_member.clone(),
         );
         registry.register("log_seq", "Last change-log entry", m.log_seq.clone());
         registry.register("leader", "1 when this process leads", m.leader.clone());
@@ -118,6 +125,8 @@ impl Metrics {
             self.volumes.set(s.volumes as i64);
             self.partitions.set(s.partitions as i64);
             self.partitions_degraded.set(s.partitions_degraded as i64);
+            self.partitions_down_member
+                .set(s.partitions_down_member as i64);
             self.log_seq.set(s.log_seq as i64);
             self.rebalance_moved.set(s.rebalance_bytes_done as i64);
             self.rebalance_listed.set(s.rebalance_bytes_total as i64);

@@ -49,6 +49,10 @@ pub const MAX_MOVES_DEFAULT: usize = 64;
 /// How long a capability handed to an attaching client is valid (1 hour;
 /// clients renew it at a third of that).
 pub const CAPABILITY_TTL_MS_DEFAULT: u64 = 3_600_000;
+/// How long a down node keeps its places before its partitions move
+/// (`--down-grace-s`): 5 minutes (Ceph's down-out interval is 10); a
+/// process restart or a reboot fits in it.
+pub const DOWN_GRACE_MS_DEFAULT: u64 = 300_000;
 /// Default cap on API connections open at once.
 pub const CONNECTIONS_MAX_DEFAULT: usize = 1024;
 /// Default cap on API connections open at once from one source IP (a
@@ -218,6 +222,7 @@ impl MetaConfig {
                 max_moves: MAX_MOVES_DEFAULT,
                 chunk_bytes: celer_route::CHUNK_BYTES_DEFAULT,
                 capability_ttl_ms: CAPABILITY_TTL_MS_DEFAULT,
+                down_grace_ms: DOWN_GRACE_MS_DEFAULT,
             },
             http: HttpLimits::with_caps(CONNECTIONS_MAX_DEFAULT, CONNECTIONS_PER_IP_MAX_DEFAULT),
         }

@@ -44,6 +44,10 @@ pub struct ClusterConfig {
     pub replicas: u8,
     pub max_moves: usize,
     pub chunk_bytes: u64,
+    /// A node down for less than this keeps its places in the partitions
+    /// as a down member (no stand-in; it catches up when it returns);
+    /// past it, its partitions move to other nodes. 0: at once.
+    pub down_grace_ms: u64,
     /// How long a capability handed to an attaching client is valid; the
     /// client renews it well before (and keeps working through a control
     /// service outage shorter than what is left).
@@ -195,6 +199,9 @@ pub struct Cluster {
     live: HashMap<NodeId, Liveness>,
     /// The highest epoch a node reported (memory only).
     epoch_floor: u64,
+    /// When each down node went down (memory only: a restarted control
+    /// service starts every down node's grace period again).
+    down_since: HashMap<NodeId, Instant>,
 }
 
 /// What a change did besides its reply: a new table to push.
@@ -256,6 +263,8 @@ struct Tx {
     ops: Vec<Op>,
     entries: Vec<LogEntry>,
     table_changed: bool,
+    /// Down nodes within the grace period: they keep their places.
+    held: Vec<NodeId>,
 }
 
 impl Tx {
@@ -379,7 +388,8 @@ impl Tx {
                 // Bounded concurrent movement: partitions still moving use
                 // up the budget.
                 let moving = t.partitions.iter().filter(|p| !p.all_in_sync()).count();
-                let next = t.rebalance(nodes, cfg.max_moves.saturating_sub(moving));
+                let next =
+                    t.rebalance_holding(nodes, cfg.max_moves.saturating_sub(moving), &self.held);
                 if next.nodes == t.nodes && next.partitions == t.partitions {
                     return Ok(());
                 }
@@ -470,6 +480,11 @@ impl Cluster {
         let last_seq = store.last_seq()?;
         let now = Instant::now();
         let live = nodes.keys().map(|id| (*id, Liveness::fresh(now))).collect();
+        let down_since = nodes
+            .values()
+            .filter(|n| !n.up)
+            .map(|n| (n.id, now))
+            .collect();
         Ok(Cluster {
             cfg,
             p: Persistent {
@@ -487,6 +502,7 @@ impl Cluster {
             },
             live,
             epoch_floor: 0,
+            down_since,
         })
     }
 
@@ -514,7 +530,33 @@ impl Cluster {
             ops: Vec::new(),
             entries: Vec::new(),
             table_changed: false,
+            held: self.held(Instant::now()),
         }
+    }
+
+    /// Down nodes whose grace period has not run out.
+    fn held(&self, now: Instant) -> Vec<NodeId> {
+        let grace = Duration::from_millis(self.cfg.down_grace_ms);
+        self.down_since
+            .iter()
+            .filter(|(id, since)| {
+                now.duration_since(**since) < grace && self.p.nodes.get(id).is_some_and(|n| !n.up)
+            })
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Down nodes that still hold places as down members: the grace period
+    /// ran out for some of them when they are not in `held`.
+    fn holding(&self) -> BTreeSet<NodeId> {
+        self.table()
+            .map(|t| {
+                t.partitions
+                    .iter()
+                    .flat_map(|p| p.members.iter().filter(|m| m.down).map(|m| m.node))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Writes `tx` to the store; on success it becomes the state. Returns
@@ -732,6 +774,8 @@ impl Cluster {
                 let mut gone = info.clone();
                 gone.up = false;
                 tx.put_node(gone);
+                // Its copies are gone: no place is kept for it.
+                tx.held.retain(|h| *h != id);
                 tx.log(Change::NodeDown { id });
                 tx.reroute(&self.cfg, &format!("node {id}'s disk was replaced"))?;
             }
@@ -748,6 +792,7 @@ impl Cluster {
             tx.reroute(&self.cfg, &format!("node {id} registered"))?;
         }
         let pushed = self.commit(store, tx)?;
+        self.down_since.remove(&id);
         self.live.insert(
             id,
             Liveness {
@@ -814,6 +859,7 @@ impl Cluster {
             tx.log(Change::NodeUp { id });
             tx.reroute(&self.cfg, &format!("node {id} up"))?;
             pushed = self.commit(store, tx)?;
+            self.down_since.remove(&id);
         }
         if epoch > self.epoch() {
             // The nodes know a newer epoch than this control service (its
@@ -948,7 +994,9 @@ impl Cluster {
         ))
     }
 
-    /// Marks down every up node whose lease expired.
+    /// Marks down every up node whose lease expired (within the grace
+    /// period its partitions keep it as a down member), and moves the
+    /// partitions of nodes down for longer than the grace period.
     pub fn expire_leases(&mut self, store: &dyn MetaStore, now: Instant) -> Result<Pushed> {
         let lease = Duration::from_millis(self.cfg.lease_ms);
         let expired: Vec<NodeId> = self
@@ -960,9 +1008,19 @@ impl Cluster {
             .map(|n| n.id)
             .collect();
         if expired.is_empty() {
-            return Ok(None);
+            return self.end_grace(store, now);
         }
         let mut tx = self.begin("meta");
+        if self.cfg.down_grace_ms > 0 {
+            // A node that said it cannot serve (a failed or full disk) is
+            // not coming back as it was: its partitions move at once.
+            tx.held.extend(
+                expired
+                    .iter()
+                    .copied()
+                    .filter(|id| self.live.get(id).is_none_or(|l| l.failure.is_none())),
+            );
+        }
         for id in &expired {
             if let Some(n) = tx.p.nodes.get(id) {
                 let mut down = n.clone();
@@ -972,7 +1030,47 @@ impl Cluster {
             }
         }
         let ids: Vec<String> = expired.iter().map(|i| i.to_string()).collect();
-        tx.reroute(&self.cfg, &format!("node {} down", ids.join(", ")))?;
+        let reason = if self.cfg.down_grace_ms > 0 {
+            format!(
+                "node {} down: its partitions keep it as a down member for {} s",
+                ids.join(", "),
+                self.cfg.down_grace_ms / 1000
+            )
+        } else {
+            format!("node {} down", ids.join(", "))
+        };
+        tx.reroute(&self.cfg, &reason)?;
+        let pushed = self.commit(store, tx)?;
+        for id in expired {
+            if self.live.get(&id).is_none_or(|l| l.failure.is_none()) {
+                self.down_since.insert(id, now);
+            }
+        }
+        Ok(pushed)
+    }
+
+    /// Nodes down past the grace period lose their places: a stand-in is
+    /// chosen for each of their partitions.
+    fn end_grace(&mut self, store: &dyn MetaStore, now: Instant) -> Result<Pushed> {
+        let held = self.held(now);
+        let out: Vec<NodeId> = self
+            .holding()
+            .into_iter()
+            .filter(|id| !held.contains(id) && self.p.nodes.get(id).is_some_and(|n| !n.up))
+            .collect();
+        if out.is_empty() {
+            return Ok(None);
+        }
+        let mut tx = self.begin("meta");
+        let ids: Vec<String> = out.iter().map(|i| i.to_string()).collect();
+        tx.reroute(
+            &self.cfg,
+            &format!(
+                "node {} down for longer than the {} s grace period: its partitions move",
+                ids.join(", "),
+                self.cfg.down_grace_ms / 1000
+            ),
+        )?;
         Ok(self.commit(store, tx)?)
     }
 
@@ -1576,9 +1674,13 @@ impl Cluster {
     pub fn status(&self) -> Status {
         let up = self.p.nodes.values().filter(|n| n.up).count();
         let (mut in_sync, mut degraded, mut partitions) = (0, 0, 0);
+        let mut partitions_down_member = 0;
         if let Some(t) = self.table() {
             partitions = t.partition_count();
             for p in &t.partitions {
+                if p.members.iter().any(|m| m.down) {
+                    partitions_down_member += 1;
+                }
                 if p.all_in_sync() && p.members.len() >= t.replicas as usize {
                     in_sync += 1;
                 } else {
@@ -1608,7 +1710,25 @@ impl Cluster {
             rebalance_bytes_done: moving.bytes_done,
             rebalance_bytes_total: moving.bytes_total,
             rebalance_partitions_unlisted: moving.partitions_unlisted,
+            partitions_down_member,
+            down_grace_left_s: self.grace_left(Instant::now()),
         }
+    }
+
+    /// Seconds left of each down node's grace period (rounded up).
+    fn grace_left(&self, now: Instant) -> Vec<(NodeId, u64)> {
+        let grace = Duration::from_millis(self.cfg.down_grace_ms);
+        let mut left: Vec<(NodeId, u64)> = self
+            .held(now)
+            .into_iter()
+            .filter_map(|id| {
+                let since = self.down_since.get(&id)?;
+                let rest = grace.saturating_sub(now.duration_since(*since));
+                Some((id, rest.as_millis().div_ceil(1000) as u64))
+            })
+            .collect();
+        left.sort_unstable();
+        left
     }
 
     pub fn log(&self, store: &dyn MetaStore, since: u64, limit: usize) -> Result<Vec<LogEntry>> {

@@ -24,6 +24,8 @@ fn config(dir: &Path, tweak: impl FnOnce(&mut MetaConfig)) -> MetaConfig {
         TOKEN,
     );
     cfg.cluster.partition_bits = 6;
+    // Down nodes leave their partitions at once unless a test says otherwise.
+    cfg.cluster.down_grace_ms = 0;
     tweak(&mut cfg);
     cfg
 }

@@ -126,6 +126,7 @@ fn meta(etcd: &Etcd) -> MetaServer {
         TOKEN,
     );
     cfg.cluster.partition_bits = 6;
+    cfg.cluster.down_grace_ms = 0;
     cfg.cluster.heartbeat_ms = 100;
     cfg.cluster.lease_ms = 1500;
     cfg.store = StoreConfig::Etcd(EtcdConfig::new(

@@ -19,12 +19,14 @@ use celer_engine::{
     BLOCK_SIZE,
 };
 
+mod catch_up;
 mod layers;
 mod repair;
+use catch_up::{catch_up_ranges, CatchUp};
 use celer_proto::auth::{Credential, HelloProof, Peer, NONCE_BYTES};
 use celer_proto::{
-    clock_limit_at, version_clock, version_writer, Header, Kind, Op, Status, FLAG_SECTORS,
-    FLAG_STATES_ONLY, SECTOR_BYTES,
+    clock_limit_at, version_clock, version_writer, Header, Kind, Op, Status, FLAG_CATCH_UP,
+    FLAG_SECTORS, FLAG_STATES_ONLY, SECTOR_BYTES,
 };
 use celer_route::NodeId;
 pub(crate) use repair::RepairResult;
@@ -148,9 +150,14 @@ struct Backfill {
     epoch: u64,
     source: NodeId,
     conn: Option<(usize, u32)>,
-    chunks: Vec<(u64, u64)>,
-    next_chunk: usize,
-    /// Offset within the current chunk of the next piece.
+    /// Ask the source for only what this member missed while it was down
+    /// (`FLAG_CATCH_UP`); cleared when the source did not record it all.
+    catch_up: bool,
+    /// What to copy: (volume, byte offset, bytes), within one chunk each:
+    /// whole chunks, or the runs of blocks written while we were down.
+    ranges: Vec<(u64, u64, u64)>,
+    next_range: usize,
+    /// Offset within the current range of the next piece.
     piece: u64,
     stage: BfStage,
     retry_at: Option<Instant>,
@@ -170,7 +177,7 @@ struct Backfill {
     /// A write of the current piece failed: read and apply it again.
     piece_failed: bool,
     started: Instant,
-    /// Chunks listed × chunk bytes (less chunks of volumes deleted since);
+    /// Bytes of the ranges listed (less those of volumes deleted since);
     /// `None` until the source's list came back.
     bytes_total: Option<u64>,
     /// Bytes of pieces written (all their runs done).
@@ -268,6 +275,8 @@ struct ShardLoop {
     repair_seq: u32,
     scrub: Scrub,
     compare_seq: u32,
+    /// What down members of our partitions miss (see `catch_up`).
+    catch_ups: Vec<CatchUp>,
 }
 
 pub(crate) fn run(
@@ -373,6 +382,7 @@ pub(crate) fn run(
         repair_seq: 0,
         scrub,
         compare_seq: 0,
+        catch_ups: Vec::new(),
     };
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
     let mut last_activity = Instant::now();
@@ -1345,6 +1355,10 @@ impl ShardLoop {
         }
         let v = self.versions.entry(h.volume).or_default();
         *v = (*v).max(h.version);
+        if !self.catch_ups.is_empty() {
+            // The engine key: what a backfill lists and reads.
+            self.catch_up_record(p, target.key, h.offset, h.length as u64);
+        }
         let kind = if h.op == Op::WritePrimary {
             OpKind::Primary
         } else {
@@ -1408,12 +1422,7 @@ impl ShardLoop {
         // (A partition has at most 3 targets and 3 leavers: 5 others.)
         let mut n = 0;
         if let Some(part) = self.table().and_then(|t| t.partition(p)) {
-            for m in part
-                .members
-                .iter()
-                .filter(|m| m.node != me)
-                .take(others.len())
-            {
+            for m in part.writers().filter(|m| m.node != me).take(others.len()) {
                 others[n] = m.node;
                 n += 1;
             }
@@ -1861,6 +1870,10 @@ impl ShardLoop {
         if self.older_writes_in_flight(h.epoch) {
             return self.reject(c, h, Status::Busy);
         }
+        if h.flags == FLAG_CATCH_UP {
+            // (A node id: the connection is a node's, checked in `authorize`.)
+            return self.serve_catch_up(c, h, p, h.volume as NodeId);
+        }
         // A client (authorized for `h.volume` only) sees its volume's
         // chunks: those of every layer a read of it (or of the snapshot
         // FLAG_SNAPSHOT_READ names) goes through, under its id. A node sees
@@ -2003,13 +2016,14 @@ impl ShardLoop {
         let me = self.shared.id;
         let shards = self.shared.shards as u32;
         let t = &r.table;
+        self.catch_up_install(t);
         // Backfills of partitions where we are no longer syncing stop.
         let mut i = 0;
         while i < self.backfills.len() {
             let keep = t
                 .partition(self.backfills[i].partition)
                 .and_then(|p| p.member(me))
-                .is_some_and(|m| !m.in_sync);
+                .is_some_and(|m| !m.in_sync && !m.down);
             if keep {
                 i += 1;
             } else {
@@ -2020,7 +2034,7 @@ impl ShardLoop {
         self.reported.retain(|p, _| {
             t.partition(*p)
                 .and_then(|r| r.member(me))
-                .is_some_and(|m| !m.in_sync)
+                .is_some_and(|m| !m.in_sync && !m.down)
         });
         let mut report = Vec::new();
         let mine = self.id as u32;
@@ -2031,13 +2045,19 @@ impl ShardLoop {
                 continue;
             }
             let source = t.partition(p).and_then(|r| r.primary());
+            // Back from down: ask the source for what we missed first.
+            let catch_up = t
+                .partition(p)
+                .and_then(|r| r.member(me))
+                .is_some_and(|m| m.catch_up_since > 0);
             match self.backfills.iter().position(|b| b.partition == p) {
                 Some(i) => {
                     if Some(self.backfills[i].source) != source {
                         // The source left or changed: start over from the new one.
                         if let Some(s) = source {
                             self.backfill_serial = self.backfill_serial.wrapping_add(1);
-                            let fresh = new_backfill(self.backfill_serial, p, t.epoch, s);
+                            let mut fresh = new_backfill(self.backfill_serial, p, t.epoch, s);
+                            fresh.catch_up = catch_up;
                             let old = std::mem::replace(&mut self.backfills[i], fresh);
                             self.retire(old);
                         }
@@ -2053,11 +2073,13 @@ impl ShardLoop {
                             shard = self.id,
                             partition = p,
                             source = s,
+                            catch_up,
                             "backfill starts"
                         );
                         self.backfill_serial = self.backfill_serial.wrapping_add(1);
-                        self.backfills
-                            .push(new_backfill(self.backfill_serial, p, t.epoch, s));
+                        let mut b = new_backfill(self.backfill_serial, p, t.epoch, s);
+                        b.catch_up = catch_up;
+                        self.backfills.push(b);
                     }
                 }
             }
@@ -2105,7 +2127,7 @@ impl ShardLoop {
             let syncing = t
                 .partition(p)
                 .and_then(|r| r.member(me))
-                .is_some_and(|m| !m.in_sync);
+                .is_some_and(|m| !m.in_sync && !m.down);
             let source = t.partition(p).and_then(|r| r.primary());
             let (Some(&(reported, bytes)), Some(source)) = (self.reported.get(&p), source) else {
                 continue;
@@ -2211,7 +2233,7 @@ impl ShardLoop {
                 }
                 self.backfill_skip_deleted();
                 let b = &self.backfills[0];
-                if b.next_chunk >= b.chunks.len() {
+                if b.next_range >= b.ranges.len() {
                     self.backfill_finish();
                     return;
                 }
@@ -2226,18 +2248,17 @@ impl ShardLoop {
     /// the source refuses their reads, and there is nothing to keep. Their
     /// bytes leave its total.
     fn backfill_skip_deleted(&mut self) {
-        let chunk_bytes = self.table().map_or(1 << 20, |t| t.chunk_bytes);
         let b = &mut self.backfills[0];
         let mut skipped = false;
-        while b.next_chunk < b.chunks.len()
+        while b.next_range < b.ranges.len()
             && self
                 .deleted
-                .binary_search(&b.chunks[b.next_chunk].0)
+                .binary_search(&b.ranges[b.next_range].0)
                 .is_ok()
         {
-            let left = chunk_bytes - b.piece;
+            let left = b.ranges[b.next_range].2 - b.piece;
             b.bytes_total = b.bytes_total.map(|t| t - left);
-            b.next_chunk += 1;
+            b.next_range += 1;
             b.piece = 0;
             skipped = true;
         }
@@ -2295,7 +2316,6 @@ impl ShardLoop {
             },
         };
         let epoch = self.table().map_or(0, |t| t.epoch);
-        let chunk_bytes = self.table().map_or(1 << 20, |t| t.chunk_bytes);
         // Unique among this shard's backfill requests in flight.
         self.backfill_seq = self.backfill_seq.wrapping_add(1) & !REQ_REPAIR;
         let b = &mut self.backfills[i];
@@ -2305,11 +2325,15 @@ impl ShardLoop {
         h.epoch = epoch;
         if op == Op::ListChunks {
             h.offset = p as u64;
+            if b.catch_up {
+                h.flags = FLAG_CATCH_UP;
+                h.volume = self.shared.id as u64;
+            }
         } else {
-            let (v, ch) = b.chunks[b.next_chunk];
-            b.piece_len = (chunk_bytes - b.piece).min(BACKFILL_PIECE_BYTES);
+            let (v, at, len) = b.ranges[b.next_range];
+            b.piece_len = (len - b.piece).min(BACKFILL_PIECE_BYTES);
             h.volume = v;
-            h.offset = ch * chunk_bytes + b.piece;
+            h.offset = at + b.piece;
             h.length = b.piece_len as u32;
         }
         b.stage = BfStage::Waiting;
@@ -2352,27 +2376,55 @@ impl ShardLoop {
             }
         }
         if h.op == Op::ListChunks {
-            b.chunks = payload
-                .chunks_exact(16)
-                .map(|x| {
-                    let mut v = [0u8; 8];
-                    let mut c = [0u8; 8];
-                    v.copy_from_slice(&x[..8]);
-                    c.copy_from_slice(&x[8..]);
-                    (u64::from_le_bytes(v), u64::from_le_bytes(c))
-                })
-                .collect();
+            if h.flags == FLAG_CATCH_UP {
+                match catch_up_ranges(payload, chunk_bytes) {
+                    Some(r) => b.ranges = r,
+                    None => {
+                        // The source did not record all we missed: copy
+                        // the partition whole.
+                        tracing::info!(
+                            shard = self.id,
+                            partition = b.partition,
+                            source = b.source,
+                            "no record of what we missed: full copy"
+                        );
+                        b.catch_up = false;
+                        b.stage = BfStage::List;
+                        b.retry_at = None;
+                        return;
+                    }
+                }
+            } else {
+                b.ranges = payload
+                    .chunks_exact(16)
+                    .map(|x| {
+                        let mut v = [0u8; 8];
+                        let mut c = [0u8; 8];
+                        v.copy_from_slice(&x[..8]);
+                        c.copy_from_slice(&x[8..]);
+                        let ch = u64::from_le_bytes(c);
+                        (
+                            u64::from_le_bytes(v),
+                            ch.saturating_mul(chunk_bytes),
+                            chunk_bytes,
+                        )
+                    })
+                    .collect();
+                b.ranges.sort_unstable();
+            }
             let deleted = &self.deleted;
-            b.chunks.retain(|(v, _)| deleted.binary_search(v).is_err());
-            b.chunks.sort_unstable();
-            b.next_chunk = 0;
+            b.ranges
+                .retain(|(v, _, _)| deleted.binary_search(v).is_err());
+            b.next_range = 0;
             b.piece = 0;
-            b.bytes_total = Some(b.chunks.len() as u64 * chunk_bytes);
+            b.bytes_total = Some(b.ranges.iter().map(|r| r.2).sum());
             b.stage = BfStage::Read;
             tracing::debug!(
                 shard = self.id,
                 partition = b.partition,
-                chunks = b.chunks.len(),
+                ranges = b.ranges.len(),
+                catch_up = b.catch_up,
+                bytes = b.bytes_total,
                 "backfill listed"
             );
             self.publish_progress();
@@ -2426,12 +2478,10 @@ impl ShardLoop {
     }
 
     fn backfill_submit_runs(&mut self) {
-        let (epoch, chunk_bytes) = self
-            .table()
-            .map_or((0, 1 << 20), |t| (t.epoch, t.chunk_bytes));
+        let epoch = self.table().map_or(0, |t| t.epoch);
         let b = &mut self.backfills[0];
-        let (v, ch) = b.chunks[b.next_chunk];
-        let base = ch * chunk_bytes + b.piece;
+        let (v, at, range_len) = b.ranges[b.next_range];
+        let base = at + b.piece;
         while b.next_run < b.runs.len() && b.writes_pending < BACKFILL_WRITES_MAX {
             let (first, count, kind, version) = b.runs[b.next_run];
             let seg = Segment {
@@ -2487,9 +2537,9 @@ impl ShardLoop {
             let n = b.piece_len;
             b.bytes_done += n;
             b.piece += BACKFILL_PIECE_BYTES;
-            if b.piece >= chunk_bytes {
+            if b.piece >= range_len {
                 b.piece = 0;
-                b.next_chunk += 1;
+                b.next_range += 1;
             }
             b.stage = BfStage::Read;
             self.copied_bytes += n;
@@ -2563,8 +2613,9 @@ fn new_backfill(serial: u32, partition: u32, epoch: u64, source: NodeId) -> Back
         epoch,
         source,
         conn: None,
-        chunks: Vec::new(),
-        next_chunk: 0,
+        catch_up: false,
+        ranges: Vec::new(),
+        next_range: 0,
         piece: 0,
         stage: BfStage::List,
         retry_at: None,

@@ -180,10 +180,7 @@ fn tables_the_control_service_could_not_make_are_refused() {
         f(&mut b);
         b
     };
-    let ghosts = [97, 98, 99].map(|node| Member {
-        node,
-        in_sync: true,
-    });
+    let ghosts = [97, 98, 99].map(Member::in_sync);
     let bad: Vec<(&str, RouteTable, &str)> = vec![
         (
             "members that do not exist",

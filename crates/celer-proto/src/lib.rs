@@ -212,6 +212,10 @@ pub const FLAG_STATES_ONLY: u16 = 2;
 /// `flags` bit of a `Read`: read the snapshot whose era is the header's
 /// `snapshot`, not the volume's current content.
 pub const FLAG_SNAPSHOT_READ: u16 = 4;
+/// `flags` bit of a `ListChunks` (node to node): list only the blocks
+/// written since the sender (node id in `volume`) went down, as the source
+/// recorded them; the answer says when the source did not record them all.
+pub const FLAG_CATCH_UP: u16 = 8;
 /// Bytes of a sector in sector writes and reads.
 pub const SECTOR_BYTES: u64 = 512;
 /// Bytes of a block: the unit a node stores and versions.

@@ -46,7 +46,12 @@ impl RouteTable {
             b.push(p.members.len() as u8);
             for m in &p.members {
                 b.extend_from_slice(&m.node.to_le_bytes());
-                b.push(m.in_sync as u8);
+                let flags =
+                    m.in_sync as u8 | (m.down as u8) << 1 | ((m.catch_up_since != 0) as u8) << 2;
+                b.push(flags);
+                if m.catch_up_since != 0 {
+                    b.extend_from_slice(&m.catch_up_since.to_le_bytes());
+                }
             }
         }
         let crc = crc32c::crc32c(&b);
@@ -98,8 +103,14 @@ impl RouteTable {
             let mut members = Vec::with_capacity(n);
             for _ in 0..n {
                 let node = r.u32()?;
-                let in_sync = r.u8()? != 0;
-                members.push(Member { node, in_sync });
+                let flags = r.u8()?;
+                let catch_up_since = if flags & 4 != 0 { r.u64()? } else { 0 };
+                members.push(Member {
+                    node,
+                    in_sync: flags & 1 != 0,
+                    down: flags & 2 != 0,
+                    catch_up_since,
+                });
             }
             partitions.push(PartitionRoute { members });
             if partitions.len() > count as usize {

@@ -60,6 +60,48 @@ pub struct NodeInfo {
 pub struct Member {
     pub node: NodeId,
     pub in_sync: bool,
+    /// Down, within the control service's grace period: keeps its place
+    /// (no stand-in is chosen) but receives no writes and serves nothing;
+    /// never in sync. The other members record what it misses.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub down: bool,
+    /// The epoch this member went down in while in sync (0: never, or it
+    /// has been in sync since). Kept while it is down and while it catches
+    /// up after coming back, so a source can tell whether the writes it
+    /// recorded since then are all the member lacks (see `celer-node`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub catch_up_since: u64,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+impl Member {
+    /// A member holding every acknowledged write.
+    pub fn in_sync(node: NodeId) -> Member {
+        Member {
+            node,
+            in_sync: true,
+            down: false,
+            catch_up_since: 0,
+        }
+    }
+    /// A new member that copies the partition whole.
+    pub fn syncing(node: NodeId) -> Member {
+        Member {
+            in_sync: false,
+            ..Member::in_sync(node)
+        }
+    }
+    /// Receives writes: every member but a down one.
+    pub fn takes_writes(&self) -> bool {
+        !self.down
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -78,6 +120,10 @@ impl PartitionRoute {
     }
     pub fn all_in_sync(&self) -> bool {
         self.members.iter().all(|m| m.in_sync)
+    }
+    /// The members that receive writes (every one but those down).
+    pub fn writers(&self) -> impl Iterator<Item = &Member> {
+        self.members.iter().filter(|m| m.takes_writes())
     }
 }
 
@@ -140,10 +186,7 @@ impl RouteTable {
             .map(|p| PartitionRoute {
                 members: target_members(p, &up, replicas)
                     .into_iter()
-                    .map(|node| Member {
-                        node,
-                        in_sync: true,
-                    })
+                    .map(Member::in_sync)
                     .collect(),
             })
             .collect();
@@ -214,6 +257,20 @@ impl RouteTable {
     /// `max_moves` partitions start a move in this epoch (bounded movement);
     /// removing down nodes is never deferred.
     pub fn rebalance(&self, nodes: Vec<NodeInfo>, max_moves: usize) -> RouteTable {
+        self.rebalance_holding(nodes, max_moves, &[])
+    }
+
+    /// [`RouteTable::rebalance`], except that the down nodes in `held`
+    /// (down for less than the grace period) keep their places as down
+    /// members: no stand-in joins for them, and when they are up again they
+    /// catch up as syncing members. A member that goes down while in sync
+    /// records the epoch (`catch_up_since`).
+    pub fn rebalance_holding(
+        &self,
+        nodes: Vec<NodeInfo>,
+        max_moves: usize,
+        held: &[NodeId],
+    ) -> RouteTable {
         let mut t = RouteTable {
             epoch: self.epoch + 1,
             nodes,
@@ -223,21 +280,34 @@ impl RouteTable {
         t.nodes.sort_by_key(|n| n.id);
         let up: Vec<&NodeInfo> = t.nodes.iter().filter(|n| n.up).collect();
         let is_up = |id: NodeId| up.iter().any(|n| n.id == id);
+        let is_held = |id: NodeId| !is_up(id) && held.contains(&id);
         let mut moves = 0;
         for (p, old) in self.partitions.iter().enumerate() {
-            let target = target_members(p as u32, &up, t.replicas);
-            let mut members: Vec<Member> = old
-                .members
-                .iter()
-                .copied()
-                .filter(|m| is_up(m.node))
-                .collect();
+            let mut members: Vec<Member> = Vec::with_capacity(old.members.len());
+            for m in &old.members {
+                if is_up(m.node) {
+                    // Back from down: it catches up as a syncing member.
+                    members.push(Member { down: false, ..*m });
+                } else if is_held(m.node) {
+                    let catch_up_since = match (m.down, m.in_sync) {
+                        (false, true) => t.epoch,
+                        _ => m.catch_up_since,
+                    };
+                    members.push(Member {
+                        node: m.node,
+                        in_sync: false,
+                        down: true,
+                        catch_up_since,
+                    });
+                }
+            }
             // A partition whose in-sync copies are all down keeps its members
             // as they were: nobody may be promoted to in sync without a source.
             if members.iter().all(|m| !m.in_sync) && old.members.iter().any(|m| m.in_sync) {
                 t.partitions.push(old.clone());
                 continue;
             }
+            let target = target_members(p as u32, &placed(&t.nodes, &members), t.replicas);
             let joining: Vec<NodeId> = target
                 .iter()
                 .copied()
@@ -251,10 +321,7 @@ impl RouteTable {
                 moves += 1;
             }
             for node in joining {
-                members.push(Member {
-                    node,
-                    in_sync: false,
-                });
+                members.push(Member::syncing(node));
             }
             t.partitions.push(PartitionRoute {
                 members: order_members(members, &target),
@@ -279,13 +346,15 @@ impl RouteTable {
             .find(|m| m.node == node)
             .ok_or(RouteError::NotMember { partition: p, node })?;
         m.in_sync = true;
+        m.down = false;
+        m.catch_up_since = 0;
         self.drop_leavers(p);
         Ok(())
     }
 
     fn drop_leavers(&mut self, p: u32) {
-        let up: Vec<&NodeInfo> = self.nodes.iter().filter(|n| n.up).collect();
-        let target = target_members(p, &up, self.replicas);
+        let part = &self.partitions[p as usize];
+        let target = target_members(p, &placed(&self.nodes, &part.members), self.replicas);
         let part = &mut self.partitions[p as usize];
         // A syncing member that is no longer a target (a node came back, or
         // placement moved on) holds no complete copy: it leaves at once, so
@@ -327,10 +396,19 @@ impl RouteTable {
             .enumerate()
             .filter_map(move |(p, r)| {
                 r.member(node)
-                    .is_some_and(|m| !m.in_sync)
+                    .is_some_and(|m| !m.in_sync && !m.down)
                     .then_some(p as u32)
             })
     }
+}
+
+/// The nodes partition `p` is placed over: the up ones, and its down
+/// members (held within the grace period: they keep their places).
+fn placed<'a>(nodes: &'a [NodeInfo], members: &[Member]) -> Vec<&'a NodeInfo> {
+    nodes
+        .iter()
+        .filter(|n| n.up || members.iter().any(|m| m.node == n.id && m.down))
+        .collect()
 }
 
 /// Target members first in target (rendezvous) order, then leavers.

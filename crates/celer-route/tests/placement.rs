@@ -341,3 +341,59 @@ proptest! {
         }
     }
 }
+
+/// A node down within the grace period keeps its places as a down member
+/// (no stand-in, members unchanged otherwise, the epoch it went down in
+/// recorded); when it is up again it catches up as a syncing member that
+/// keeps that epoch, and in sync it is a plain member again; once it is
+/// no longer held, stand-ins join as for any down node. The codec keeps
+/// all of it.
+#[test]
+fn a_held_down_node_keeps_its_places_and_catches_up() {
+    let t = RouteTable::initial(nodes(4), 6, 3, CHUNK_BYTES_DEFAULT).expect("table");
+    let mut down = nodes(4);
+    down[1].up = false; // node 2
+    let t2 = t.rebalance_holding(down.clone(), usize::MAX, &[2]);
+    assert_eq!(member_sets(&t), member_sets(&t2), "nobody joins or leaves");
+    let mut held = 0;
+    for part in &t2.partitions {
+        if let Some(m) = part.member(2) {
+            held += 1;
+            assert!(
+                m.down && !m.in_sync && m.catch_up_since == t2.epoch,
+                "{m:?}"
+            );
+            assert_eq!(part.writers().count(), 2);
+            assert_ne!(part.primary(), Some(2));
+        }
+    }
+    assert!(held > 0);
+    assert_eq!(RouteTable::decode(&t2.encode()).expect("decode"), t2);
+    // Still down in the next epoch: the epoch it went down in stays.
+    let t3 = t2.rebalance_holding(down.clone(), usize::MAX, &[2]);
+    assert_eq!(t3.partitions, t2.partitions);
+    // Back: syncing, catching up since then; none of it for another node.
+    let t4 = t3.rebalance_holding(nodes(4), usize::MAX, &[]);
+    assert_eq!(member_sets(&t), member_sets(&t4));
+    assert_eq!(t4.syncing_on(2).count(), held);
+    for part in &t4.partitions {
+        if let Some(m) = part.member(2) {
+            assert!(
+                !m.down && !m.in_sync && m.catch_up_since == t2.epoch,
+                "{m:?}"
+            );
+        }
+    }
+    assert_eq!(RouteTable::decode(&t4.encode()).expect("decode"), t4);
+    let mut t5 = t4.clone();
+    for p in t4.syncing_on(2) {
+        t5.mark_in_sync(p, 2).expect("member");
+    }
+    assert_eq!(t5.partitions, t.partitions, "back as it was");
+    // Past the grace period: down members leave, stand-ins join.
+    let t6 = t2.rebalance_holding(down, usize::MAX, &[]);
+    for part in &t6.partitions {
+        assert!(part.member(2).is_none());
+        assert_eq!(part.members.len(), 3);
+    }
+}

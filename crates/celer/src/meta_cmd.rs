@@ -55,6 +55,12 @@ pub struct ServeArgs {
     /// Most partitions moving at once [default: 64].
     #[arg(long)]
     max_moves: Option<usize>,
+    /// A node down for less than this many seconds keeps its places in its
+    /// partitions (writes go on with the other members, and it copies only
+    /// what it missed when it returns); past it, its partitions move to
+    /// other nodes. 0: move at once [default: 300].
+    #[arg(long)]
+    down_grace_s: Option<u64>,
     /// Settings file (flags override it).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -422,6 +428,9 @@ fn serve(a: ServeArgs) -> Result<()> {
     if let Some(v) = a.max_moves.or(file.max_moves) {
         c.max_moves = v;
     }
+    if let Some(v) = a.down_grace_s.or(file.down_grace_s) {
+        c.down_grace_ms = v.saturating_mul(1000);
+    }
     celer_meta::server::serve(cfg)?;
     Ok(())
 }
@@ -650,6 +659,12 @@ pub fn run_status(a: StatusArgs) -> Result<()> {
         println!(
             "route:      epoch {}, {} partitions: {} in sync, {} degraded",
             s.epoch, s.partitions, s.partitions_in_sync, s.partitions_degraded
+        );
+    }
+    for (node, left) in &s.down_grace_left_s {
+        println!(
+            "down:       node {node}, its places kept {left} s more ({} partition(s) write without a down member; it copies only what it missed when it returns)",
+            s.partitions_down_member
         );
     }
     if let Some(t) = moved_text(

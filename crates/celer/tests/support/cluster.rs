@@ -96,6 +96,9 @@ pub struct ClusterOpts {
     /// Every node's disk in one directory (`disks/node{i}.img`), which is
     /// then every node's default state directory too.
     pub disks_in_one_dir: bool,
+    /// `--down-grace-s`: 0 (a down node leaves its partitions at once, as
+    /// the tests written before the grace period expect) unless set.
+    pub down_grace_s: u64,
 }
 
 impl Default for ClusterOpts {
@@ -108,6 +111,7 @@ impl Default for ClusterOpts {
             disk_bytes: 320 << 20,
             etcd: false,
             disks_in_one_dir: false,
+            down_grace_s: 0,
         }
     }
 }
@@ -186,6 +190,7 @@ impl Cluster {
             .args(["--heartbeat-ms", &o.heartbeat_ms.to_string()])
             .args(["--lease-ms", &o.lease_ms.to_string()])
             .args(["--partition-bits", &o.partition_bits.to_string()])
+            .args(["--down-grace-s", &o.down_grace_s.to_string()])
             .env("CELER_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&meta_log).expect("log"))
