@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use celer_device::{push_extent, Allocation, Extent, IoError};
 use celer_proto::auth::{HelloProof, NONCE_BYTES};
-use celer_proto::{Header, Kind, Op, Status, FLAG_SNAPSHOT_READ, HEADER_BYTES};
+use celer_proto::{Header, Kind, Op, Status, FLAG_SINCE, FLAG_SNAPSHOT_READ, HEADER_BYTES};
 use celer_route::{NodeId, RouteTable};
 
 use crate::{attachment_of, io_error, protocol_error, read_frame, resolve, Shared};
@@ -186,6 +186,8 @@ impl ChunkLists {
 pub(crate) struct Layers {
     pub(crate) placement: u64,
     pub(crate) read_snapshot: Option<u32>,
+    /// Only the layers of an era newer than this (`FLAG_SINCE`).
+    pub(crate) since: Option<u32>,
 }
 
 enum Retry {
@@ -232,6 +234,10 @@ fn ask(
         if let Some(era) = layers.read_snapshot {
             h.flags |= FLAG_SNAPSHOT_READ;
             h.snapshot = u64::from(era);
+        }
+        if let Some(era) = layers.since {
+            h.flags |= FLAG_SINCE;
+            h.version = u64::from(era);
         }
         out.extend_from_slice(&h.encode());
     }

@@ -517,6 +517,26 @@ impl BlockDevice for Client {
         len_bytes: u64,
         out: &mut Vec<celer_device::Extent>,
     ) -> Result<(), IoError> {
+        self.chunks_since(None, offset_bytes, len_bytes, out)
+    }
+}
+
+impl Client {
+    /// The extents of `[offset_bytes, offset_bytes + len_bytes)` that
+    /// changed after the snapshot of era `since`: data where a layer of an
+    /// era newer than it (in the chain this client reads: the volume's, or
+    /// `ClientConfig::read_snapshot`'s) holds the chunk, holes elsewhere.
+    /// At chunk granularity, like [`BlockDevice::allocation`] (which is
+    /// this with no era: every layer). For `celer snapshot diff`: the era
+    /// must be one of the chain's (a snapshot taken before the one read,
+    /// with no rollback between); the caller checks.
+    pub fn chunks_since(
+        &self,
+        since: Option<u32>,
+        offset_bytes: u64,
+        len_bytes: u64,
+        out: &mut Vec<celer_device::Extent>,
+    ) -> Result<(), IoError> {
         let layers = allocation::Layers {
             placement: if self.cfg.lineage == 0 {
                 self.cfg.volume
@@ -524,6 +544,7 @@ impl BlockDevice for Client {
                 self.cfg.lineage
             },
             read_snapshot: self.cfg.read_snapshot,
+            since,
         };
         self.chunk_lists.allocation(
             &self.shared,

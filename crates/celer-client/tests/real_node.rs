@@ -433,32 +433,44 @@ fn repairs(n: &Node, result: &str) -> u64 {
 /// disks and installs a table with their new addresses (same members) on
 /// every node.
 fn corrupt_copies(dir: &Path, nodes: &mut Vec<Node>, t: &mut RouteTable, ids: &[u32], off: u64) {
-    for &id in ids {
-        let i = nodes
-            .iter()
-            .position(|n| n.id() == id)
-            .expect("node to corrupt");
-        nodes.remove(i).stop().unwrap();
-        let disk = dir.join(format!("node{id}.img"));
-        let at = Engine::open(&disk, &Default::default())
+    edit_stopped(dir, nodes, t, ids, |disk, _| {
+        let at = Engine::open(disk, &Default::default())
             .unwrap()
             .into_shards()
             .iter()
             .find_map(|s| s.locate(1, off))
             .expect("the node holds the block");
-        {
-            use std::os::unix::fs::FileExt;
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&disk)
-                .unwrap();
-            let mut b = [0u8; 1];
-            f.read_exact_at(&mut b, at + 100).unwrap();
-            b[0] ^= 0x40;
-            f.write_all_at(&b, at + 100).unwrap();
-            f.sync_all().unwrap();
-        }
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(disk)
+            .unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at + 100).unwrap();
+        b[0] ^= 0x40;
+        f.write_all_at(&b, at + 100).unwrap();
+        f.sync_all().unwrap();
+    });
+}
+
+/// Stops nodes `ids`, runs `edit(disk, id)` on each one's disk, starts
+/// them again on the same disks and installs a table with their new
+/// addresses (same members) on every node.
+fn edit_stopped(
+    dir: &Path,
+    nodes: &mut Vec<Node>,
+    t: &mut RouteTable,
+    ids: &[u32],
+    edit: impl Fn(&Path, u32),
+) {
+    for &id in ids {
+        let i = nodes
+            .iter()
+            .position(|n| n.id() == id)
+            .expect("node to edit");
+        nodes.remove(i).stop().unwrap();
+        edit(&dir.join(format!("node{id}.img")), id);
         let restarted = run_node(dir, id);
         nodes.insert(i, restarted);
     }
@@ -471,6 +483,52 @@ fn corrupt_copies(dir: &Path, nodes: &mut Vec<Node>, t: &mut RouteTable, ids: &[
     for n in nodes.iter() {
         assert!(n.install_route(t.clone()));
     }
+}
+
+/// Rewrites the copy of (volume 1, `off`) on the stopped node's `disk` with
+/// `data` at the version it holds (an `EngineOp::Repair`: a valid block
+/// with its own crc, the same version as the other copies: what a bug that
+/// wrote different data under one version would leave).
+fn rewrite_at_same_version(disk: &Path, off: u64, data: &[u8]) {
+    let mut shards = Engine::open(disk, &Default::default())
+        .expect("open the stopped node's disk")
+        .into_shards();
+    let g = *shards[0].geometry();
+    let sh = &mut shards[celer_engine::shard_for(&g, 1, off / g.chunk_bytes()) as usize];
+    let mut state = [(celer_engine::BlockKind::Unwritten, 0u64)];
+    sh.block_states(1, off, &mut state);
+    assert_eq!(
+        state[0].0,
+        celer_engine::BlockKind::Data,
+        "the copy holds data"
+    );
+    let mut buf = celer_engine::AlignedBuf::new(1);
+    buf[..4096].copy_from_slice(data);
+    let s = [celer_engine::Segment {
+        addr: buf.as_mut_ptr(),
+        len: 4096,
+    }];
+    let req = celer_engine::EngineRequest {
+        op: celer_engine::EngineOp::Repair,
+        volume: 1,
+        offset_bytes: off,
+        len_bytes: 4096,
+        segments: &s,
+        version: state[0].1,
+        epoch: 0,
+        tag: 1,
+        chain: &[],
+    };
+    // SAFETY: `buf` outlives the wait.
+    unsafe { sh.submit(&req) }.expect("submit");
+    let mut result = None;
+    while result.is_none() {
+        sh.wait(&mut |c| result = Some(c.result));
+    }
+    result.expect("completion").expect("rewritten");
+    let mut after = [(celer_engine::BlockKind::Unwritten, 0u64)];
+    sh.block_states(1, off, &mut after);
+    assert_eq!(after, state, "same kind and version as before");
 }
 
 /// What node `id`'s disk holds at (volume 1, `off`), one block (the node
@@ -815,6 +873,122 @@ fn a_block_damaged_on_every_member_fails_its_read() {
                 Err(celer_engine::EngineError::Checksum { .. })
             ),
             "node {id}: the damaged copy stays as it was (never zeroed)"
+        );
+    }
+}
+
+fn differences(n: &Node, kind: &str) -> u64 {
+    metric(
+        n,
+        "celer_node_scrub_differences_total",
+        &[&format!("kind=\"{kind}\"")],
+    )
+}
+
+/// The scrub compares copies of equal version by crc. Block A is
+/// rewritten on one member with other data at the version all three hold
+/// (a valid block: its own crc passes); block B on two members, each with
+/// its own data. A scrub pass on every node: the member whose copy of A
+/// differs from the two others (which agree) counts one mismatch and
+/// copies theirs; no node touches A otherwise. B has no majority: every
+/// node reports it divergent and leaves it as it is.
+#[test]
+fn the_scrub_compares_copies_of_equal_version_by_crc() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut nodes, mut t) = three_nodes(dir.path());
+    let client = attached(&nodes, 1, 0, Duration::from_secs(3600));
+    let mut q = client.open_queue(0).unwrap();
+    // 1 MiB in 64 KiB writes: all of chunk 2.
+    for i in 0..16u64 {
+        write(
+            &mut q,
+            (2 << 20) + i * (64 << 10),
+            &mut pattern(200 + i, 64 << 10),
+        )
+        .unwrap();
+    }
+    drop(q);
+    drop(client);
+    let original = |off: u64| {
+        let w = (off - (2 << 20)) / (64 << 10);
+        pattern(200 + w, 64 << 10)[(off % (64 << 10)) as usize..][..4096].to_vec()
+    };
+    let (a, b) = ((2 << 20) + 7 * 4096, (2 << 20) + 200 * 4096);
+    let part = t
+        .partition(t.partition_at(1, a))
+        .expect("partition")
+        .clone();
+    let ids: Vec<u32> = part.members.iter().map(|m| m.node).collect();
+    assert_eq!(ids.len(), 3);
+    let odd = ids[1];
+    let (b1, b2) = (ids[0], ids[2]);
+    edit_stopped(
+        dir.path(),
+        &mut nodes,
+        &mut t,
+        &[odd, b1, b2],
+        |disk, id| {
+            if id == odd {
+                rewrite_at_same_version(disk, a, &pattern(900, 4096));
+            }
+            if id == b1 || id == b2 {
+                rewrite_at_same_version(disk, b, &pattern(901 + id as u64, 4096));
+            }
+        },
+    );
+    let t0 = Instant::now();
+    for n in &nodes {
+        scrub(n, "start");
+    }
+    let scrubbed = |n: &Node| metric(n, "celer_node_scrub_bytes_total", &[]);
+    let o = nodes.iter().position(|n| n.id() == odd).unwrap();
+    while (repairs(&nodes[o], "repaired") == 0
+        || nodes.iter().any(|n| scrubbed(n) < 1 << 20)
+        || nodes.iter().any(|n| differences(n, "divergent") == 0))
+        && t0.elapsed() < Duration::from_secs(30)
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!("compared and repaired in {:?}", t0.elapsed());
+    for n in &nodes {
+        let id = n.id();
+        assert_eq!(
+            scrubbed(n),
+            1 << 20,
+            "node {id} scrubbed its copy of the chunk"
+        );
+        assert_eq!(differences(n, "behind"), 0, "node {id}: no version differs");
+        assert_eq!(
+            differences(n, "mismatched"),
+            u64::from(id == odd),
+            "node {id}: only the odd copy of A is copied"
+        );
+        assert_eq!(repairs(n, "repaired"), u64::from(id == odd), "node {id}");
+        assert_eq!(
+            differences(n, "divergent"),
+            1,
+            "node {id}: B has no majority (reported by every member)"
+        );
+    }
+    for n in nodes {
+        n.stop().unwrap();
+    }
+    for &id in &ids {
+        assert_eq!(
+            stored_block(dir.path(), id, a).expect("A reads"),
+            original(a),
+            "node {id}: A holds the majority's data"
+        );
+        let want_b = if id == b1 || id == b2 {
+            pattern(901 + id as u64, 4096)
+        } else {
+            original(b)
+        };
+        assert_eq!(
+            stored_block(dir.path(), id, b).expect("B reads"),
+            want_b,
+            "node {id}: B left as it was"
         );
     }
 }

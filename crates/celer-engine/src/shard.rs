@@ -726,6 +726,27 @@ impl Shard {
         slot.is_some()
     }
 
+    /// The crc32c of each block of a range held as data (0 for blocks
+    /// never written, zeroed or discarded), from the slot map: the crc the
+    /// block was written with, which a read of it checks. Returns whether
+    /// the chunk has a slot. The scrub compares it between replicas of
+    /// equal version.
+    pub fn block_crcs(&self, volume: u64, offset_bytes: u64, out: &mut [u32]) -> bool {
+        let chunk = offset_bytes / self.g.chunk_bytes();
+        let first = (offset_bytes % self.g.chunk_bytes() / BLOCK_SIZE_U64) as usize;
+        let slot = self
+            .by_chunk
+            .get(&(volume, chunk))
+            .and_then(|l| self.slots[*l as usize].as_ref());
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = match slot.and_then(|s| s.entries.get(first + i)) {
+                Some(e) if e.kind == BlockKind::Data => e.crc,
+                _ => 0,
+            };
+        }
+        slot.is_some()
+    }
+
     /// The highest block version this shard holds (0 if none).
     pub fn max_version(&self) -> u64 {
         self.slots

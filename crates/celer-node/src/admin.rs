@@ -382,6 +382,8 @@ pub(crate) fn scrub_json(shared: &NodeShared) -> serde_json::Value {
                 "bytes": r(&c.bytes),
                 "damaged_blocks": r(&c.damaged),
                 "behind_blocks": r(&c.behind),
+                "mismatched_blocks": r(&c.mismatched),
+                "divergent_blocks": r(&c.divergent),
             })
         })
         .collect();
@@ -395,6 +397,8 @@ pub(crate) fn scrub_json(shared: &NodeShared) -> serde_json::Value {
         "bytes": sum(|c| c.bytes.load(Ordering::Relaxed)),
         "damaged_blocks": sum(|c| c.damaged.load(Ordering::Relaxed)),
         "behind_blocks": sum(|c| c.behind.load(Ordering::Relaxed)),
+        "mismatched_blocks": sum(|c| c.mismatched.load(Ordering::Relaxed)),
+        "divergent_blocks": sum(|c| c.divergent.load(Ordering::Relaxed)),
         "shards": shards,
     })
 }

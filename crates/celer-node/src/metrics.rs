@@ -79,6 +79,7 @@ pub struct NodeMetrics {
     repairs: Family<RepairLabels, Counter>,
     scrub_bytes: Family<ShardLabel, Counter>,
     scrub_damaged: Family<ShardLabel, Counter>,
+    scrub_differences: Family<DifferenceLabels, Counter>,
     pub(crate) epoch: Gauge<i64, AtomicI64Shim>,
 }
 
@@ -102,6 +103,27 @@ pub(crate) struct ShardCounters {
     repairs: [Counter; 4],
     scrub_bytes: Counter,
     scrub_damaged: Counter,
+    /// By `ScrubDifference` (in its order).
+    scrub_differences: [Counter; 3],
+}
+
+/// How a copy the scrub compared differed from the other members'.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum ScrubDifference {
+    /// A member holds a newer version (copied from it).
+    Behind,
+    /// Same version, other crc, the other members agree (copied from them).
+    Mismatched,
+    /// Same version, no two copies agree (reported only).
+    Divergent,
+}
+
+const SCRUB_DIFFERENCES: [&str; 3] = ["behind", "mismatched", "divergent"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DifferenceLabels {
+    shard: u16,
+    kind: &'static str,
 }
 
 impl NodeMetrics {
@@ -134,6 +156,12 @@ impl NodeMetrics {
             "scrub_damaged_blocks",
             "Blocks the scrub found damaged (each queued for repair)",
             scrub_damaged.clone(),
+        );
+        let scrub_differences = Family::<DifferenceLabels, Counter>::default();
+        registry.register(
+            "scrub_differences",
+            "Blocks whose copy here the scrub found different from the other in-sync members': behind (a member holds a newer version; copied), mismatched (same version, other crc, the others agree; copied), divergent (same version, no two copies agree; reported only)",
+            scrub_differences.clone(),
         );
         let epoch = Gauge::<i64, AtomicI64Shim>::default();
         registry.register(
@@ -207,6 +235,7 @@ impl NodeMetrics {
             repairs,
             scrub_bytes,
             scrub_damaged,
+            scrub_differences,
             epoch,
         }
     }
@@ -266,6 +295,11 @@ impl NodeMetrics {
                 .scrub_damaged
                 .get_or_create(&ShardLabel { shard })
                 .clone(),
+            scrub_differences: SCRUB_DIFFERENCES.map(|kind| {
+                self.scrub_differences
+                    .get_or_create(&DifferenceLabels { shard, kind })
+                    .clone()
+            }),
         }
     }
 
@@ -305,6 +339,9 @@ impl ShardCounters {
     }
     pub(crate) fn add_scrub_damaged(&self) {
         self.scrub_damaged.inc();
+    }
+    pub(crate) fn add_scrub_difference(&self, d: ScrubDifference) {
+        self.scrub_differences[d as usize].inc();
     }
     pub(crate) fn repair(&self, result: RepairResult) {
         self.repairs[result as usize].inc();

@@ -26,7 +26,7 @@ use catch_up::{catch_up_ranges, CatchUp};
 use celer_proto::auth::{Credential, HelloProof, Peer, NONCE_BYTES};
 use celer_proto::{
     clock_limit_at, version_clock, version_writer, Header, Kind, Op, Status, FLAG_CATCH_UP,
-    FLAG_SECTORS, FLAG_STATES_ONLY, SECTOR_BYTES,
+    FLAG_SECTORS, FLAG_SINCE, FLAG_STATES_ONLY, SECTOR_BYTES, STATE_CRC_BYTES,
 };
 use celer_route::NodeId;
 pub(crate) use repair::RepairResult;
@@ -1828,8 +1828,8 @@ impl ShardLoop {
     }
 
     /// A `BackfillRead` with `FLAG_STATES_ONLY`: the state table of the
-    /// range (version and kind per block, `STATE_BYTES` each), no data.
-    /// Only a scrub asks (rarely, a 64 KiB piece at a time).
+    /// range (version, kind and crc per block, `STATE_CRC_BYTES` each), no
+    /// data. Only a scrub asks (rarely, a 64 KiB piece at a time).
     fn serve_states(&mut self, c: usize, h: &Header) {
         if !h.offset.is_multiple_of(BLOCK_SIZE as u64)
             || !(h.length as usize).is_multiple_of(BLOCK_SIZE)
@@ -1839,8 +1839,10 @@ impl ShardLoop {
         let blocks = h.length as usize / BLOCK_SIZE;
         let mut states = vec![(BlockKind::Unwritten, 0u64); blocks];
         self.engine.block_states(h.volume, h.offset, &mut states);
-        let mut table = vec![0u8; blocks * STATE_BYTES];
-        encode_states(&states, &mut table);
+        let mut crcs = vec![0u32; blocks];
+        self.engine.block_crcs(h.volume, h.offset, &mut crcs);
+        let mut table = vec![0u8; blocks * STATE_CRC_BYTES];
+        encode_states_crc(&states, &crcs, &mut table);
         self.respond(c, h, Status::Ok, &[&table]);
     }
 
@@ -1881,9 +1883,15 @@ impl ShardLoop {
         let only_keys: Option<Vec<u64>> = match self.conns[c].as_ref().map(|conn| &conn.auth) {
             Some(ConnAuth::Node) => None,
             _ => match self.read_target(h) {
+                // With FLAG_SINCE: only the layers newer than era `version`
+                // (the chain is newest first; eras only grow).
                 Ok(target) => Some(
                     std::iter::once(target.key)
                         .chain(target.chain().iter().copied())
+                        .filter(|k| {
+                            h.flags & FLAG_SINCE == 0
+                                || u64::from(celer_device::era_of(*k)) > h.version
+                        })
                         .collect(),
                 ),
                 Err(s) => return self.reject(c, h, s),
@@ -2585,6 +2593,33 @@ fn encode_states(states: &[(BlockKind, u64)], out: &mut [u8]) {
         out[i * STATE_BYTES..i * STATE_BYTES + 8].copy_from_slice(&v.to_le_bytes());
         out[i * STATE_BYTES + 8] = *k as u8;
     }
+}
+
+/// Writes the states-only answer (`FLAG_STATES_ONLY`): per block its
+/// version (u64 LE), kind (u8) and crc32c (u32 LE), `STATE_CRC_BYTES` each.
+fn encode_states_crc(states: &[(BlockKind, u64)], crcs: &[u32], out: &mut [u8]) {
+    for (i, ((k, v), crc)) in states.iter().zip(crcs).enumerate() {
+        let at = i * STATE_CRC_BYTES;
+        out[at..at + 8].copy_from_slice(&v.to_le_bytes());
+        out[at + 8] = *k as u8;
+        out[at + 9..at + 13].copy_from_slice(&crc.to_le_bytes());
+    }
+}
+
+/// Block `i` of a states-only answer written by [`encode_states_crc`] (the
+/// caller checked its length): kind, version and crc.
+fn decode_state_crc(table: &[u8], i: usize) -> (BlockKind, u64, u32) {
+    let at = i * STATE_CRC_BYTES;
+    let mut v = [0u8; 8];
+    v.copy_from_slice(&table[at..at + 8]);
+    let kind = match table[at + 8] {
+        1 => BlockKind::Data,
+        2 => BlockKind::Zero,
+        _ => BlockKind::Unwritten,
+    };
+    let mut c = [0u8; 4];
+    c.copy_from_slice(&table[at + 9..at + 13]);
+    (kind, u64::from_le_bytes(v), u32::from_le_bytes(c))
 }
 
 /// Block `i` of a state table written by [`encode_states`] (the caller

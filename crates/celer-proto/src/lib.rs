@@ -158,10 +158,13 @@
 //! - `Flush`: `Ok`; every acknowledged write is already durable.
 //! - `RouteTable`: asks for the node's table (epoch 0 from a new client).
 //! - `ListChunks`, `BackfillRead`: node to node only. A `BackfillRead`
-//!   with [`FLAG_STATES_ONLY`] is answered with the block states alone
-//!   (the scrub's comparison of copies). A client may send `ListChunks`
+//!   with [`FLAG_STATES_ONLY`] is answered with the block states alone,
+//!   [`STATE_CRC_BYTES`] per block: version (u64 LE), kind (u8: 0
+//!   unwritten, 1 data, 2 zeroes) and the data's crc32c (u32 LE, 0 unless
+//!   data): the scrub's comparison of copies. A client may send `ListChunks`
 //!   for its own volume (`volume`): the answer lists that volume's chunks
-//!   of the partition only (what the NBD front end's block status reads).
+//!   of the partition only (what the NBD front end's block status reads),
+//!   or with [`FLAG_SINCE`] those held by layers newer than an era.
 //! - A request must lie within one chunk (`RouteTable::chunk_bytes`).
 //! - Every response echoes request id, op, volume, offset, length, and
 //!   carries in `version` the highest write version the node has seen for
@@ -207,8 +210,11 @@ pub fn clock_limit_at(unix_ms: u64) -> u64 {
 /// `flags` bit of a `Write`: a sector write (see the crate doc).
 pub const FLAG_SECTORS: u16 = 1;
 /// `flags` bit of a `BackfillRead`: answer with the block states only (the
-/// version and kind of each block, no data): a scrub comparing copies.
+/// version, kind and crc of each block, no data): a scrub comparing copies.
 pub const FLAG_STATES_ONLY: u16 = 2;
+/// Bytes per block in the answer to a `BackfillRead` with
+/// [`FLAG_STATES_ONLY`]: version (8), kind (1), crc32c (4).
+pub const STATE_CRC_BYTES: usize = 13;
 /// `flags` bit of a `Read`: read the snapshot whose era is the header's
 /// `snapshot`, not the volume's current content.
 pub const FLAG_SNAPSHOT_READ: u16 = 4;
@@ -216,6 +222,10 @@ pub const FLAG_SNAPSHOT_READ: u16 = 4;
 /// written since the sender (node id in `volume`) went down, as the source
 /// recorded them; the answer says when the source did not record them all.
 pub const FLAG_CATCH_UP: u16 = 8;
+/// `flags` bit of a client's `ListChunks`: list only the chunks held by
+/// layers of an era newer than the header's `version` (the chunks changed
+/// since the snapshot of that era: `celer snapshot diff`).
+pub const FLAG_SINCE: u16 = 16;
 /// Bytes of a sector in sector writes and reads.
 pub const SECTOR_BYTES: u64 = 512;
 /// Bytes of a block: the unit a node stores and versions.

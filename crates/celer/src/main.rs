@@ -5,6 +5,7 @@ mod bench_engine;
 mod cluster_dev;
 mod daemon_config;
 mod device_metrics;
+mod diff_cmd;
 mod engine_cmd;
 mod fio;
 mod libvirt;

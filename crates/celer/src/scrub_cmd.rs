@@ -111,11 +111,14 @@ fn print_status(addr: &str, v: &serde_json::Value) {
         "idle"
     };
     println!(
-        "node {} ({addr}): {state}, {} passes, {} checked, {} damaged blocks found",
+        "node {} ({addr}): {state}, {} passes, {} checked, {} damaged blocks found; copies differing from other members: {} behind, {} mismatched (copied), {} divergent (no majority)",
         u(v, "node_id"),
         u(v, "passes"),
         human_bytes(u(v, "bytes")),
         u(v, "damaged_blocks"),
+        u(v, "behind_blocks"),
+        u(v, "mismatched_blocks"),
+        u(v, "divergent_blocks"),
     );
     for s in v["shards"].as_array().into_iter().flatten() {
         if s["running"].as_bool() == Some(true) {

@@ -31,6 +31,30 @@ pub enum SnapshotCommand {
         #[command(flatten)]
         list: ListArgs,
     },
+    /// List or export what changed between two snapshots of a volume
+    /// (incremental backup, like `rbd export-diff`): `VOL@A VOL@B`, or one
+    /// snapshot for everything it holds. Chunk granularity (1 MiB).
+    Diff {
+        /// VOLUME@FROM (older), or the only snapshot for a full diff.
+        from: String,
+        /// VOLUME@TO (newer).
+        to: Option<String>,
+        /// Write the diff to this file (without: list the changed extents).
+        #[arg(long, short)]
+        output: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Apply a file made by `celer snapshot diff --output` to a volume
+    /// (restore: the volume must hold the diff's older snapshot's content,
+    /// e.g. a full diff or export applied before). The whole file is
+    /// checked before anything is written.
+    ImportDiff {
+        file: std::path::PathBuf,
+        volume: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Delete a snapshot (refused while a clone reads it: flatten or
     /// delete the clone first).
     Delete {
@@ -116,6 +140,15 @@ pub fn run(cmd: SnapshotCommand) -> Result<()> {
                     println!("  clones: {}", clones.join(", "));
                 }
             }
+        }
+        SnapshotCommand::Diff {
+            from,
+            to,
+            output,
+            conn,
+        } => crate::diff_cmd::diff(&from, to.as_deref(), output.as_deref(), &conn)?,
+        SnapshotCommand::ImportDiff { file, volume, conn } => {
+            crate::diff_cmd::import_diff(&file, &volume, &conn)?
         }
         SnapshotCommand::Delete { spec, conn } => {
             let (volume, snap) = split_spec(&spec)?;

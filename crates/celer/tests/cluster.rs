@@ -1624,3 +1624,149 @@ fn a_node_down_past_the_grace_period_is_replaced() {
     let reports = stop_load(load);
     verify(c, &dev, volume, &reports);
 }
+
+/// The first 4 KiB-aligned offset in `disk` whose 4 KiB equal `block`, and
+/// how many there are (read through the page cache: the engine writes with
+/// O_DIRECT, which keeps the cache coherent).
+fn find_block(disk: &std::path::Path, block: &[u8]) -> (Option<u64>, usize) {
+    use std::io::Read;
+    let mut f = std::fs::File::open(disk).expect("open the disk file");
+    let mut buf = vec![0u8; 4 << 20];
+    let (mut at, mut first, mut n) = (0u64, None, 0);
+    loop {
+        let got = f.read(&mut buf).expect("read the disk file");
+        if got == 0 {
+            break;
+        }
+        for (i, b) in buf[..got].chunks_exact(BLOCK).enumerate() {
+            if b == block {
+                first.get_or_insert(at + (i * BLOCK) as u64);
+                n += 1;
+            }
+        }
+        at += got as u64;
+    }
+    (first, n)
+}
+
+/// Issue 15's test on running processes: 16 bytes of one block flipped in
+/// the primary's disk file while the node runs and a verifying load goes
+/// on. A read of the block returns the right data (another member serves
+/// it), the primary rewrites its copy from a member (one repair counted in
+/// the cluster), the load sees no error, the replicas agree, and
+/// `celer engine check` on every disk finds no bad block afterwards.
+#[test]
+fn a_block_flipped_on_a_running_nodes_disk_is_repaired() {
+    let mut c = Cluster::start(
+        std::path::Path::new(BIN),
+        ClusterOpts {
+            nodes: 3,
+            ..ClusterOpts::default()
+        },
+    );
+    let (volume, dev) = volume_client(&c, "vol-flip");
+    // The block, outside the load's 64 MiB, with content found nowhere else.
+    let off = 128 << 20;
+    let mut target = vec![0u8; BLOCK];
+    workload::fill(&mut target, off / BLOCK as u64, 0xf11b);
+    {
+        let mut q = dev.open_queue(1).expect("queue");
+        one_request(
+            q.as_mut(),
+            celer_device::IoOp::Write,
+            off,
+            &mut target.clone(),
+        )
+        .expect("write the block");
+    }
+    let load = start_load(&dev, 1, 4);
+    std::thread::sleep(Duration::from_millis(500));
+    let t = c.route();
+    let part = t
+        .partition(t.partition_of(volume, off / t.chunk_bytes))
+        .expect("partition")
+        .clone();
+    let primary = part.primary().expect("primary");
+    let i = (0..c.nodes.len())
+        .find(|&i| c.node_id(i) == primary)
+        .expect("the primary's process");
+    let (at, copies) = find_block(&c.nodes[i].disk, &target);
+    assert_eq!(copies, 1, "the block is stored once on the primary's disk");
+    let at = at.expect("found");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&c.nodes[i].disk)
+            .expect("open the running node's disk");
+        let mut b = [0u8; 16];
+        f.read_exact_at(&mut b, at + 100).expect("read");
+        for x in b.iter_mut() {
+            *x ^= 0xa5;
+        }
+        f.write_all_at(&b, at + 100).expect("flip");
+        f.sync_data().expect("sync");
+    }
+    println!("flipped 16 bytes of node {primary}'s copy at disk offset {at}");
+    let repaired = |c: &Cluster| -> u64 {
+        c.nodes
+            .iter()
+            .map(|n| node_metric(n.admin, "celer_node_repairs_total", "result=\"repaired\""))
+            .sum()
+    };
+    assert_eq!(repaired(&c), 0);
+    let mut got = vec![0u8; BLOCK];
+    {
+        let mut q = dev.open_queue(1).expect("queue");
+        one_request(q.as_mut(), celer_device::IoOp::Read, off, &mut got).expect("read");
+    }
+    assert!(got == target, "the read returns the block as written");
+    let t0 = Instant::now();
+    while repaired(&c) == 0 && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!("repaired {:?} after the read", t0.elapsed());
+    let on_primary = node_metric(
+        c.nodes[i].admin,
+        "celer_node_repairs_total",
+        "result=\"repaired\"",
+    );
+    assert_eq!(on_primary, 1, "the primary repaired its copy");
+    assert_eq!(repaired(&c), 1, "one repair in the cluster");
+    assert_eq!(
+        find_block(&c.nodes[i].disk, &target).1,
+        1,
+        "the primary's disk holds the block again"
+    );
+    let reports = stop_load(load);
+    let t = c.wait_healthy(Duration::from_secs(60));
+    let mut chunks = std::collections::BTreeSet::from([off / t.chunk_bytes]);
+    let problems = check_reports(&dev, volume, &t, &reports, &mut chunks);
+    if !problems.is_empty() {
+        let logs = c.keep_logs();
+        panic!(
+            "{} problems (logs kept in {}):\n{}",
+            problems.len(),
+            logs.display(),
+            problems[..problems.len().min(20)].join("\n")
+        );
+    }
+    drop(dev);
+    let ids: Vec<u32> = (0..c.nodes.len()).map(|i| c.node_id(i)).collect();
+    for (i, id) in ids.into_iter().enumerate() {
+        c.kill(i);
+        let out = std::process::Command::new(BIN)
+            .args(["engine", "check", "--disk"])
+            .arg(&c.nodes[i].disk)
+            .output()
+            .expect("celer engine check");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains(" 0 bad"),
+            "node {id}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        println!("node {id}: {}", text.trim());
+    }
+}

@@ -3,9 +3,13 @@
 //! repaired from another member (see `repair`).
 //!
 //! Each piece read correctly is also compared with the partition's other
-//! in-sync members: their block states (version, kind; a `BackfillRead`
-//! with `FLAG_STATES_ONLY`); a block one of them holds at a newer version
-//! is copied from it (a write this node missed).
+//! in-sync members: their block states (version, kind, crc; a
+//! `BackfillRead` with `FLAG_STATES_ONLY`). A block one of them holds at a
+//! newer version is copied from it (a write this node missed). A data
+//! block every member holds at the same version is compared by crc: a copy
+//! here that differs from the others, which agree with each other, is
+//! copied from them; copies with no majority are reported (counted and
+//! logged by volume and offset), never overwritten.
 //!
 //! A pass lists the shard's chunks, then reads them in pieces of up to
 //! `SCRUB_PIECE_BYTES`, one piece in flight per shard. Blocks never written
@@ -27,10 +31,11 @@ use celer_engine::{
     AlignedBuf, BlockKind, Completion, EngineError, EngineOp, EngineRequest, Segment, BLOCK_SIZE,
 };
 
-use celer_proto::{Header, Op, Status, FLAG_STATES_ONLY};
+use celer_proto::{Header, Op, Status, FLAG_STATES_ONLY, STATE_CRC_BYTES};
 use celer_route::NodeId;
 
-use super::{decode_state, ShardLoop, STATE_BYTES};
+use super::{decode_state_crc, ShardLoop};
+use crate::metrics::ScrubDifference;
 
 /// Engine tags at or above this (and below `TAG_PURGE`) are scrub reads.
 pub(super) const TAG_SCRUB: u64 = 1 << 38;
@@ -62,6 +67,12 @@ pub(crate) struct ScrubCell {
     pub(crate) damaged: AtomicU64,
     /// Blocks another in-sync member holds at a newer version (each copied).
     pub(crate) behind: AtomicU64,
+    /// Blocks whose copy here differs (same version, other crc) from every
+    /// other in-sync member's, which agree (each copied from them).
+    pub(crate) mismatched: AtomicU64,
+    /// Blocks whose copies have the same version and differ with no two
+    /// agreeing (reported, left as they are).
+    pub(crate) divergent: AtomicU64,
     /// Milliseconds the last finished pass took, and its data bytes.
     pub(crate) last_pass_ms: AtomicU64,
     pub(crate) last_pass_bytes: AtomicU64,
@@ -99,6 +110,26 @@ pub(super) struct Scrub {
     refilled: Instant,
     buf: AlignedBuf,
     states: Vec<(BlockKind, u64)>,
+    crcs: Vec<u32>,
+    /// The comparison of the last piece read with the other members.
+    compare: CompareRound,
+}
+
+/// One piece's comparison with the partition's other in-sync members.
+#[derive(Default)]
+struct CompareRound {
+    volume: u64,
+    offset: u64,
+    blocks: usize,
+    /// Request sequence numbers not answered yet.
+    waiting: Vec<u32>,
+    /// Every member asked answered with a state table (none failed, none
+    /// unreachable).
+    complete: bool,
+    /// The first `answers` tables are this round's answers (buffers kept
+    /// between rounds).
+    tables: Vec<Vec<u8>>,
+    answers: usize,
 }
 
 impl Scrub {
@@ -120,6 +151,8 @@ impl Scrub {
             refilled: now,
             buf: AlignedBuf::new(SCRUB_PIECE_BYTES / BLOCK_SIZE),
             states: Vec::with_capacity(SCRUB_PIECE_BYTES / BLOCK_SIZE),
+            crcs: Vec::with_capacity(SCRUB_PIECE_BYTES / BLOCK_SIZE),
+            compare: CompareRound::default(),
         }
     }
 
@@ -375,11 +408,22 @@ impl ShardLoop {
         }) else {
             return;
         };
+        // A round still waiting for an answer is given up (its blocks are
+        // compared again by the next pass).
+        let round = &mut self.scrub.compare;
+        round.volume = volume;
+        round.offset = offset;
+        round.blocks = len as usize / BLOCK_SIZE;
+        round.waiting.clear();
+        round.answers = 0;
+        round.complete = true;
         for node in peers {
             let Some(c) = self.peer_conn(node, p) else {
+                self.scrub.compare.complete = false;
                 continue;
             };
             self.compare_seq = (self.compare_seq + 1) & 0xffff;
+            self.scrub.compare.waiting.push(self.compare_seq);
             let mut h = Header::request(Op::BackfillRead, REQ_COMPARE | self.compare_seq);
             h.epoch = epoch;
             h.volume = volume;
@@ -393,33 +437,148 @@ impl ShardLoop {
         }
     }
 
-    /// A member's block states for a piece: a block it holds at a newer
-    /// version than this node is copied from it (`queue_catch_up`). A block
-    /// newer here is the other member's to catch up (its own scrub). Blocks
-    /// written meanwhile compare at their new versions, so a write in
-    /// flight is at worst copied early (the same data, at its version).
+    /// A member's states-only answer for a piece (`STATE_CRC_BYTES` per
+    /// block). A block it holds at a newer version than this node is copied
+    /// from it at once (`queue_catch_up`); a block newer here is the other
+    /// member's to catch up (its own scrub). Once every member asked has
+    /// answered, copies of equal version are compared by crc
+    /// (`scrub_compare_crcs`). Blocks written meanwhile compare at their new
+    /// versions, so a write in flight is at worst copied early (the same
+    /// data, at its version).
     pub(super) fn scrub_compare_response(&mut self, h: &Header, payload: &[u8]) {
+        let seq = h.request_id & 0xffff;
+        let round = &mut self.scrub.compare;
+        let in_round = h.volume == round.volume && h.offset == round.offset;
+        let waited = in_round && round.waiting.contains(&seq);
+        if waited {
+            round.waiting.retain(|s| *s != seq);
+        }
         if h.status != Status::Ok {
-            return; // busy, moved, behind: the next pass compares again
+            // Busy, moved, behind: the next pass compares again.
+            if waited {
+                round.complete = false;
+            }
+            return;
         }
         let blocks = h.length as usize / BLOCK_SIZE;
         if blocks == 0
             || blocks > SCRUB_PIECE_BYTES / BLOCK_SIZE
-            || payload.len() != blocks * STATE_BYTES
+            || payload.len() != blocks * STATE_CRC_BYTES
         {
+            if waited {
+                round.complete = false;
+            }
             return;
+        }
+        if waited && blocks == round.blocks {
+            let n = round.answers;
+            if round.tables.len() <= n {
+                round.tables.push(Vec::with_capacity(payload.len()));
+            }
+            round.tables[n].clear();
+            round.tables[n].extend_from_slice(payload);
+            round.answers += 1;
+        } else if waited {
+            round.complete = false;
         }
         let mut local = std::mem::take(&mut self.scrub.states);
         local.clear();
         local.resize(blocks, (BlockKind::Unwritten, 0));
         self.engine.block_states(h.volume, h.offset, &mut local);
         for (i, (_, version)) in local.iter().enumerate() {
-            let (their_kind, theirs) = decode_state(payload, i);
+            let (their_kind, theirs, _) = decode_state_crc(payload, i);
             if their_kind != BlockKind::Unwritten && theirs > *version {
                 self.scrub_cell().behind.fetch_add(1, Ordering::Relaxed);
+                self.counters.add_scrub_difference(ScrubDifference::Behind);
                 self.queue_catch_up(h.volume, h.offset + (i * BLOCK_SIZE) as u64, theirs);
             }
         }
         self.scrub.states = local;
+        let round = &self.scrub.compare;
+        if waited && round.waiting.is_empty() && round.complete {
+            self.scrub_compare_crcs();
+        }
+    }
+
+    /// Every member asked answered for the piece in `scrub.compare`: each
+    /// data block held at the same version by this node and all of them
+    /// is compared by crc. A copy that differs from members which agree
+    /// with each other (two or more) is this node's to fix: it is copied
+    /// from them (`queue_catch_up` at that version: the repair rewrites an
+    /// equal version). A copy that differs where no two copies agree (or
+    /// only one other member answered) is reported, not touched: nothing
+    /// says which is right. A copy that agrees with another member while a
+    /// third differs is left to the third's own scrub.
+    fn scrub_compare_crcs(&mut self) {
+        let mut round = std::mem::take(&mut self.scrub.compare);
+        let mut local = std::mem::take(&mut self.scrub.states);
+        let mut crcs = std::mem::take(&mut self.scrub.crcs);
+        local.clear();
+        local.resize(round.blocks, (BlockKind::Unwritten, 0));
+        crcs.clear();
+        crcs.resize(round.blocks, 0);
+        self.engine
+            .block_states(round.volume, round.offset, &mut local);
+        self.engine
+            .block_crcs(round.volume, round.offset, &mut crcs);
+        let answers = &round.tables[..round.answers];
+        for (i, ((kind, version), crc)) in local.iter().zip(&crcs).enumerate() {
+            if *kind != BlockKind::Data || answers.is_empty() {
+                continue;
+            }
+            let (mut same, mut other, mut others_agree) = (0, 0, true);
+            let mut other_crc = None;
+            let mut comparable = true;
+            for t in answers {
+                let (k, v, c) = decode_state_crc(t, i);
+                if k != BlockKind::Data || v != *version {
+                    comparable = false;
+                    break;
+                }
+                if c == *crc {
+                    same += 1;
+                } else {
+                    other += 1;
+                    match other_crc {
+                        None => other_crc = Some(c),
+                        Some(o) if o != c => others_agree = false,
+                        Some(_) => {}
+                    }
+                }
+            }
+            if !comparable || other == 0 || same > 0 {
+                continue;
+            }
+            let offset = round.offset + (i * BLOCK_SIZE) as u64;
+            if other >= 2 && others_agree {
+                tracing::warn!(
+                    shard = self.id,
+                    volume = round.volume,
+                    offset,
+                    version = *version,
+                    "scrub: this copy differs from every other member's (same version, other crc); copying theirs"
+                );
+                self.scrub_cell().mismatched.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .add_scrub_difference(ScrubDifference::Mismatched);
+                self.queue_catch_up(round.volume, offset, *version);
+            } else {
+                tracing::error!(
+                    shard = self.id,
+                    volume = round.volume,
+                    offset,
+                    version = *version,
+                    members = answers.len() + 1,
+                    "scrub: copies of the same version differ and no two agree; left as they are"
+                );
+                self.scrub_cell().divergent.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .add_scrub_difference(ScrubDifference::Divergent);
+            }
+        }
+        round.answers = 0;
+        self.scrub.compare = round;
+        self.scrub.states = local;
+        self.scrub.crcs = crcs;
     }
 }

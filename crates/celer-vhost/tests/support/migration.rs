@@ -154,6 +154,27 @@ pub fn migrate_guest(repo: &Path, dir: &Path, run: &MigrationRun<'_>) -> Migrati
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(FIO_BEFORE_MIGRATION);
+    let ended = |g: &mut KillOnDrop, out: &Path, what: &str| {
+        if let Some(status) = g.0.try_wait().expect("wait") {
+            let logs: String = run
+                .logs
+                .iter()
+                .map(|(name, path)| {
+                    format!(
+                        "\n--- {name} ---\n{}",
+                        std::fs::read_to_string(path).unwrap_or_default()
+                    )
+                })
+                .collect();
+            panic!(
+                "{label}: the {what} guest ended ({status}) before the migration:\n--- console ---\n{}\n--- fio ---\n{}{logs}",
+                std::fs::read_to_string(out.join("console.log")).unwrap_or_default(),
+                std::fs::read_to_string(out.join("fio-mig.txt")).unwrap_or_default(),
+            );
+        }
+    };
+    ended(&mut src, &out_a, "source");
+    ended(&mut dst, &out_b, "destination");
     let mut qmp = Qmp::connect(&qmp_a);
     qmp.execute(
         "migrate-set-parameters",
