@@ -671,11 +671,18 @@ impl Core {
                 gen,
                 leg: 0,
             });
-        } else if let Some(s) = part.read_err {
+        } else if let Some(s) = part.read_err.filter(|s| *s != Status::NotInSync) {
             let node = part.legs[0].node;
             let e = status_error(s, node, self.volume, part.offset, part.len);
             self.part_done(p, Err(e));
         } else {
+            // No member answered, or every one said it is not in sync: our
+            // table is behind theirs (members that came back and catch up,
+            // a table read from a node that had just restarted). Ask for
+            // routes and try again, until the op's deadline.
+            if part.read_err.is_some() {
+                self.probe_at = self.now;
+            }
             self.enter_wait(p);
         }
     }
