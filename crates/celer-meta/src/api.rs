@@ -372,6 +372,19 @@ pub struct Snapshot {
     pub created_at: u64,
 }
 
+/// `GET /v1/volumes/{name}/snapshot-usage`: per snapshot, the space only
+/// it holds: what deleting it frees on the nodes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotUsage {
+    pub name: String,
+    pub era: u32,
+    /// Chunk slots on all nodes (every replica counted), or None when two
+    /// or more layers read it directly (a delete frees nothing then).
+    pub alone_chunks: Option<u64>,
+    /// `alone_chunks` in bytes (chunk slots of `chunk_bytes`).
+    pub alone_bytes: Option<u64>,
+}
+
 /// A volume's layers as storage nodes hold them (see celer-proto,
 /// "Snapshots"). Volumes without any are their own lineage at era 0.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -373,6 +373,20 @@ impl MetaClient {
     }
 
     /// `DELETE /v1/volumes/{name}/snapshots/{snapshot}`.
+    /// `GET /v1/volumes/{name}/snapshot-usage`: the space each snapshot
+    /// alone holds (what deleting it frees).
+    pub fn snapshot_usage(
+        &self,
+        name: &str,
+    ) -> Result<Vec<crate::api::SnapshotUsage>, MetaClientError> {
+        self.call::<(), _>(
+            "GET",
+            &format!("/v1/volumes/{}/snapshot-usage", path_escape(name)),
+            &[],
+            None,
+        )
+    }
+
     pub fn delete_snapshot(&self, name: &str, snapshot: &str) -> Result<Volume, MetaClientError> {
         self.call::<(), _>(
             "DELETE",

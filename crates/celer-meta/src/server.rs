@@ -846,6 +846,26 @@ fn put_admin<T: serde::Serialize + ?Sized>(
         .map_err(|e| e.to_string())
 }
 
+/// POSTs `body` as JSON to a node's admin API and returns its JSON answer.
+fn post_admin<T: serde::Serialize + ?Sized, R: serde::de::DeserializeOwned>(
+    admin_addr: &str,
+    token: &str,
+    path: &str,
+    body: &T,
+) -> Result<R, String> {
+    let url = format!("http://{admin_addr}{path}");
+    ureq::AgentBuilder::new()
+        .timeout(Duration::from_millis(PUSH_TIMEOUT_MS * 10))
+        .redirects(0)
+        .build()
+        .post(&url)
+        .set("Authorization", &format!("Bearer {token}"))
+        .send_json(body)
+        .map_err(|e| e.to_string())?
+        .into_json()
+        .map_err(|e| e.to_string())
+}
+
 /// Pushes a volume's changed layers to every live node. After a snapshot
 /// they name the era being cut (writes naming it still land in it, so
 /// every replica that receives one puts it in the snapshot) for
@@ -892,6 +912,68 @@ async fn delete_snapshot(
         .await?;
     install_layers(&st, &v).await?;
     Ok(Json(v))
+}
+
+/// `GET /v1/volumes/{name}/snapshot-usage`: asks every live node for the
+/// chunk slots each snapshot alone holds (`POST /v1/layers/usage`) and
+/// sums them. 503 naming the node when one does not answer.
+async fn snapshot_usage(
+    State(st): State<Arc<Shared>>,
+    Path(name): Path<String>,
+) -> ApiResult<Vec<crate::api::SnapshotUsage>> {
+    let (snaps, targets, chunk_bytes) = st.read(move |c| {
+        Ok((
+            c.snapshot_usage_queries(&name)?,
+            c.fence_targets(),
+            c.table().map_or(0, |t| t.chunk_bytes),
+        ))
+    })?;
+    let queries: Vec<[u64; 2]> = snaps.iter().filter_map(|(_, q)| *q).collect();
+    let token = st.push_token.clone();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (id, addr) in targets {
+        let (q, t) = (queries.clone(), token.clone());
+        tasks.spawn_blocking(move || {
+            post_admin::<_, serde_json::Value>(&addr, &t, "/v1/layers/usage", &q)
+                .and_then(|v| {
+                    serde_json::from_value::<Vec<u64>>(v["chunks"].clone())
+                        .map_err(|e| e.to_string())
+                })
+                .and_then(|c| {
+                    if c.len() == q.len() {
+                        Ok(c)
+                    } else {
+                        Err(format!("{} counts for {} queries", c.len(), q.len()))
+                    }
+                })
+                .map_err(|e| format!("node {id} ({addr}): {e}"))
+        });
+    }
+    let mut sums = vec![0u64; queries.len()];
+    while let Some(r) = tasks.join_next().await {
+        let counts = r
+            .map_err(|e| e.to_string())
+            .and_then(|r| r)
+            .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e))?;
+        for (s, c) in sums.iter_mut().zip(counts) {
+            *s += c;
+        }
+    }
+    let mut sums = sums.into_iter();
+    Ok(Json(
+        snaps
+            .into_iter()
+            .map(|(s, q)| {
+                let alone = q.and_then(|_| sums.next());
+                crate::api::SnapshotUsage {
+                    name: s.name,
+                    era: s.era,
+                    alone_chunks: alone,
+                    alone_bytes: alone.map(|c| c * chunk_bytes),
+                }
+            })
+            .collect(),
+    ))
 }
 
 async fn rollback_volume(
@@ -1059,6 +1141,7 @@ pub(crate) fn router(st: Arc<Shared>) -> Router {
             "/v1/volumes/{name}/snapshots/{snap}",
             delete(delete_snapshot),
         )
+        .route("/v1/volumes/{name}/snapshot-usage", get(snapshot_usage))
         .route("/v1/volumes/{name}/rollback", post(rollback_volume))
         .route("/v1/volumes/{name}/clone", post(clone_volume))
         .route("/v1/attachments", get(attachments))

@@ -1574,26 +1574,7 @@ impl Cluster {
         // Still read through (the volume or a later snapshot goes on over
         // it)? With one era directly above it everywhere, the nodes free
         // each of its chunks that era covers whole.
-        let mut above = BTreeSet::new();
-        for w in tx.p.volumes.values().filter(|w| w.lineage() == lineage) {
-            let chains = std::iter::once(
-                std::iter::once(w.head_era)
-                    .chain(w.under.iter().copied())
-                    .collect::<Vec<_>>(),
-            )
-            .chain(w.snapshots.iter().map(|s| {
-                std::iter::once(s.era)
-                    .chain(s.under.iter().copied())
-                    .collect::<Vec<_>>()
-            }));
-            for chain in chains {
-                if let Some(i) = chain.iter().position(|&e| e == era) {
-                    if i > 0 {
-                        above.insert(chain[i - 1]);
-                    }
-                }
-            }
-        }
+        let above = eras_directly_above(&tx.p.volumes, lineage, era);
         if above.len() == 1 {
             let t = *above.iter().next().expect("one era");
             v.retired.push([era, t]);
@@ -1606,6 +1587,33 @@ impl Cluster {
         });
         self.commit(store, tx)?;
         Ok(v)
+    }
+
+    /// What deleting each snapshot of volume `name` would free, as layer
+    /// usage queries for the nodes (`POST /v1/layers/usage`): per snapshot
+    /// `[key, above]` with `above` the key of the one era directly above it
+    /// in every chain that reads it (its chunks that era covers whole), 0
+    /// when no chain reads it (all its chunks), or None when several eras
+    /// do (a delete frees nothing then).
+    pub fn snapshot_usage_queries(&self, name: &str) -> Result<Vec<(Snapshot, Option<[u64; 2]>)>> {
+        let v = self.volume(name)?;
+        let lineage = v.lineage();
+        Ok(v.snapshots
+            .iter()
+            .map(|s| {
+                let above = eras_directly_above(&self.p.volumes, lineage, s.era);
+                let key = celer_device::layer_key(lineage, s.era);
+                let q = match above.len() {
+                    0 => Some([key, 0]),
+                    1 => above
+                        .iter()
+                        .next()
+                        .map(|&a| [key, celer_device::layer_key(lineage, a)]),
+                    _ => None,
+                };
+                (s.clone(), q)
+            })
+            .collect())
     }
 
     pub fn delete_volume(
@@ -1833,7 +1841,37 @@ impl Cluster {
     }
 }
 
-/// Applies one change-log entry to the restorable metadata.
+/// The eras directly above `era` in every chain of lineage `lineage` that
+/// reads it (each volume's head chain and each snapshot's), the snapshot's
+/// own chain aside (it starts at `era`).
+fn eras_directly_above(
+    volumes: &BTreeMap<String, Volume>,
+    lineage: u64,
+    era: u32,
+) -> BTreeSet<u32> {
+    let mut above = BTreeSet::new();
+    for w in volumes.values().filter(|w| w.lineage() == lineage) {
+        let chains = std::iter::once(
+            std::iter::once(w.head_era)
+                .chain(w.under.iter().copied())
+                .collect::<Vec<_>>(),
+        )
+        .chain(w.snapshots.iter().map(|s| {
+            std::iter::once(s.era)
+                .chain(s.under.iter().copied())
+                .collect::<Vec<_>>()
+        }));
+        for chain in chains {
+            if let Some(i) = chain.iter().position(|&e| e == era) {
+                if i > 0 {
+                    above.insert(chain[i - 1]);
+                }
+            }
+        }
+    }
+    above
+}
+
 /// Every era of `lineage` a volume or a snapshot reads.
 fn lineage_eras(volumes: &BTreeMap<String, Volume>, lineage: u64) -> BTreeSet<u32> {
     volumes
@@ -1848,6 +1886,7 @@ fn celer_engine_layers_max() -> usize {
     255
 }
 
+/// Applies one change-log entry to the restorable metadata.
 fn replay(
     volumes: &mut BTreeMap<String, Volume>,
     nodes: &mut BTreeMap<NodeId, NodeRecord>,

@@ -66,6 +66,7 @@ pub(crate) fn serve(listener: TcpListener, shared: Arc<NodeShared>) {
             .route("/v1/route", put(put_route))
             .route("/v1/fences", put(put_fences))
             .route("/v1/layers", put(put_layers))
+            .route("/v1/layers/usage", post(layer_usage))
             .route("/v1/status", get(status))
             .route("/v1/scrub", get(scrub_status))
             .route("/v1/scrub/{action}", post(scrub_control))
@@ -273,6 +274,51 @@ async fn put_layers(
     let r = tokio::task::spawn_blocking(move || hub.hub.set_layers(layers, Some(FENCE_WAIT))).await;
     match r {
         Ok(Ok(())) => (StatusCode::OK, Json(json!({ "layers": n }))),
+        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": e}))),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({"error": e.to_string()})),
+        ),
+    }
+}
+
+/// Most queries in one `POST /v1/layers/usage`.
+const USAGE_QUERIES_MAX: usize = 4096;
+
+/// `POST /v1/layers/usage`: `[[key, above], ...]` (layer keys, `above` 0
+/// for none) from the control service (`celer snapshot list`): per query
+/// the chunk slots of layer `key` on this node, or with `above` those
+/// whose every block `above` also holds (what deleting that snapshot
+/// frees here). Bearer token required.
+async fn layer_usage(
+    State(shared): State<Arc<NodeShared>>,
+    headers: HeaderMap,
+    body: String,
+) -> (StatusCode, Json<serde_json::Value>) {
+    if !authorized(&shared, &headers) {
+        return unauthorized();
+    }
+    let queries: Vec<[u64; 2]> = match serde_json::from_str(&body) {
+        Ok(q) => q,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"error": format!("not a list of [key, above] pairs: {e}")})),
+            )
+        }
+    };
+    if queries.len() > USAGE_QUERIES_MAX {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(
+                json!({"error": format!("{} queries, at most {USAGE_QUERIES_MAX}", queries.len())}),
+            ),
+        );
+    }
+    let hub = shared.clone();
+    let r = tokio::task::spawn_blocking(move || hub.hub.layer_usage(queries, FENCE_WAIT)).await;
+    match r {
+        Ok(Ok(chunks)) => (StatusCode::OK, Json(json!({ "chunks": chunks }))),
         Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": e}))),
         Err(e) => (
             StatusCode::INTERNAL_SERVER_ERROR,

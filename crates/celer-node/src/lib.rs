@@ -141,6 +141,10 @@ pub(crate) enum ShardMsg {
     /// with a sender, it answers its id once no accepted write to an era
     /// they no longer accept is in flight (see `RouteHub::set_layers`).
     Layers(Arc<Vec<celer_meta::api::VolumeLayers>>, Option<Sender<u16>>),
+    /// Space held by layers: per query `[key, above]`, the chunk slots of
+    /// layer `key` this shard holds (all of them with `above` 0, else those
+    /// whose every block layer `above` also holds); answered on the sender.
+    LayerUsage(Arc<Vec<[u64; 2]>>, Sender<Vec<u64>>),
     Stop,
 }
 
@@ -270,6 +274,33 @@ impl RouteHub {
             "writes to an era no longer accepted",
         )
     }
+    /// Sums the shards' answers to `ShardMsg::LayerUsage` (control path:
+    /// `POST /v1/layers/usage`).
+    pub(crate) fn layer_usage(
+        &self,
+        queries: Vec<[u64; 2]>,
+        wait: Duration,
+    ) -> Result<Vec<u64>, String> {
+        let queries = Arc::new(queries);
+        let (tx, rx) = mpsc::channel();
+        for s in &self.shards {
+            s.send(ShardMsg::LayerUsage(queries.clone(), tx.clone()));
+        }
+        drop(tx);
+        let deadline = std::time::Instant::now() + wait;
+        let mut sum = vec![0u64; queries.len()];
+        for _ in &self.shards {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let counts = rx
+                .recv_timeout(left)
+                .map_err(|_| format!("a shard did not count its chunks within {wait:?}"))?;
+            for (s, c) in sum.iter_mut().zip(counts) {
+                *s += c;
+            }
+        }
+        Ok(sum)
+    }
+
     /// Sends every shard `msg`; with `wait`, waits (that long at most)
     /// until each answered on the reply channel. Err: the shards that did
     /// not answer in time (still finishing `what`).

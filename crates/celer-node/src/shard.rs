@@ -399,6 +399,9 @@ pub(crate) fn run(
                 ShardMsg::BackfillAgain(epoch, ps) => s.backfill_again(epoch, &ps),
                 ShardMsg::Fences(f, reply) => s.set_fences(f, reply),
                 ShardMsg::Layers(l, reply) => s.set_layers(l, reply),
+                ShardMsg::LayerUsage(q, reply) => {
+                    let _ = reply.send(s.layer_usage(&q));
+                }
                 ShardMsg::Stop => s.stopping = true,
             }
         }

@@ -276,6 +276,21 @@ fn tables_the_control_service_could_not_make_are_refused() {
     );
     let (_, status) = http(node.admin_addr(), "GET", "/v1/status", "", "");
     assert!(!status.contains(TOKEN), "the status says nothing secret");
+    // The layer usage query (celer snapshot list): token, JSON and size
+    // checked; a real answer counts this node's chunks of volume 1.
+    let usage =
+        |token: &str, body: &str| http(node.admin_addr(), "POST", "/v1/layers/usage", token, body);
+    assert_eq!(usage("wrong", "[[1,0]]").0, 401);
+    assert_eq!(usage(TOKEN, "[[1,").0, 400, "not JSON");
+    assert_eq!(usage(TOKEN, "[[1,2,3]]").0, 400, "not pairs");
+    let many = format!("[{}[1,0]]", "[1,0],".repeat(5000));
+    assert_eq!(usage(TOKEN, &many).0, 400, "too many queries");
+    let (status, body) = usage(TOKEN, "[[1,0],[99,0]]");
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains(&format!("[{DATA_CHUNKS},0]")),
+        "volume 1's chunks, none of volume 99: {body}"
+    );
     node.stop().expect("clean stop");
     for c in 0..DATA_CHUNKS {
         let mut got = [0u8; 4096];

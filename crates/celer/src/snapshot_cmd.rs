@@ -90,18 +90,54 @@ pub fn run(cmd: SnapshotCommand) -> Result<()> {
             );
         }
         SnapshotCommand::List { volume, list } => {
-            let v = list.conn.client()?.volume(&volume).map_err(human)?;
+            let c = list.conn.client()?;
+            let v = c.volume(&volume).map_err(human)?;
+            // What each holds alone: asked of every node (it may fail while
+            // one is unreachable; the list is shown without it then).
+            let usage = if v.snapshots.is_empty() {
+                Ok(Vec::new())
+            } else {
+                c.snapshot_usage(&volume)
+            };
+            let alone = |name: &str| -> Option<&celer_meta::api::SnapshotUsage> {
+                usage.as_ref().ok()?.iter().find(|u| u.name == name)
+            };
             if list.json {
-                println!("{}", serde_json::to_string_pretty(&v.snapshots)?);
+                let j: Vec<serde_json::Value> = v
+                    .snapshots
+                    .iter()
+                    .map(|s| {
+                        let mut j = serde_json::to_value(s).unwrap_or_default();
+                        if let Some(u) = alone(&s.name) {
+                            j["alone_chunks"] = serde_json::json!(u.alone_chunks);
+                            j["alone_bytes"] = serde_json::json!(u.alone_bytes);
+                        }
+                        j
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&j)?);
             } else if v.snapshots.is_empty() {
                 println!("volume {volume} has no snapshot");
             } else {
                 println!(
-                    "{:<24} {:>8} {:>15}",
-                    "SNAPSHOT", "ERA", "CREATED (unix ms)"
+                    "{:<24} {:>8} {:>15} {:>22}",
+                    "SNAPSHOT", "ERA", "CREATED (unix ms)", "HELD ALONE (ALL COPIES)"
                 );
                 for s in &v.snapshots {
-                    println!("{:<24} {:>8} {:>15}", s.name, s.era, s.created_at);
+                    let held = match alone(&s.name).map(|u| (u.alone_chunks, u.alone_bytes)) {
+                        Some((Some(n), Some(b))) => {
+                            format!("{} in {n} chunks", indicatif::HumanBytes(b))
+                        }
+                        Some(_) => "shared".to_string(),
+                        None => "?".to_string(),
+                    };
+                    println!(
+                        "{:<24} {:>8} {:>15} {:>22}",
+                        s.name, s.era, s.created_at, held
+                    );
+                }
+                if let Err(e) = usage {
+                    eprintln!("space held alone unknown: {:#}", human(e));
                 }
             }
         }

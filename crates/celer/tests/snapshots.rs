@@ -455,6 +455,32 @@ fn deleting_a_snapshot_frees_the_chunks_only_it_held() {
     // Let the chunk counts settle (first allocations, the cluster's first rebalance).
     std::thread::sleep(Duration::from_millis(1500));
     let before = allocated_chunks(&c);
+    // What each holds alone, as `celer snapshot list` shows it: a, the 6
+    // chunk copies the delete frees; b, nothing (the head wrote nothing
+    // over it).
+    let usage = meta.snapshot_usage("del").expect("snapshot usage");
+    let alone = |n: &str| {
+        usage
+            .iter()
+            .find(|u| u.name == n)
+            .and_then(|u| u.alone_chunks)
+    };
+    assert_eq!(alone("a"), Some(6), "{usage:?}");
+    assert_eq!(alone("b"), Some(0), "{usage:?}");
+    assert_eq!(
+        usage[0].alone_bytes,
+        Some(6 << 20),
+        "6 chunk slots of 1 MiB: {usage:?}"
+    );
+    let listed = std::process::Command::new(BIN)
+        .args(["snapshot", "list", "del"])
+        .env("CELER_META", c.meta_url())
+        .env("CELER_TOKEN", support::cluster::TOKEN)
+        .output()
+        .expect("celer snapshot list");
+    let listed = String::from_utf8_lossy(&listed.stdout).to_string();
+    println!("{listed}");
+    assert!(listed.contains("6.00 MiB in 6 chunks"), "{listed}");
     meta.delete_snapshot("del", "a").expect("delete a");
     let t0 = Instant::now();
     while allocated_chunks(&c) > before - 6 {

@@ -257,6 +257,22 @@ impl ShardLoop {
             .all(|(m, o)| m.0 == BlockKind::Unwritten || o.0 != BlockKind::Unwritten)
     }
 
+    /// Per query `[key, above]`: the chunk slots of layer `key` this shard
+    /// holds, all of them (`above` 0) or only those `above` shadows (what
+    /// deleting the snapshot of layer `key` frees here; see `shadowed`).
+    pub(crate) fn layer_usage(&self, queries: &[[u64; 2]]) -> Vec<u64> {
+        let chunks = self.engine.chunks();
+        queries
+            .iter()
+            .map(|&[key, above]| {
+                chunks
+                    .iter()
+                    .filter(|&&(v, ch)| v == key && (above == 0 || self.shadowed(key, above, ch)))
+                    .count() as u64
+            })
+            .collect()
+    }
+
     /// Answers the layer installs whose writes to eras no longer accepted
     /// are all done.
     pub(crate) fn answer_layer_waits(&mut self) {
