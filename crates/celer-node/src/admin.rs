@@ -453,18 +453,51 @@ async fn scrub_status(State(shared): State<Arc<NodeShared>>) -> Json<serde_json:
     Json(scrub_json(&shared))
 }
 
-/// `POST /v1/scrub/start` (a pass now, on every shard not in one),
+/// Most layer keys a scrub start may name.
+const SCRUB_KEYS_MAX: usize = 4096;
+
+/// `POST /v1/scrub/start` (a pass now, on every shard not in one; with a
+/// body `{"keys": [...]}` over those layer keys' chunks only: one volume),
 /// `/v1/scrub/pause`, `/v1/scrub/resume`; bearer token required.
 async fn scrub_control(
     State(shared): State<Arc<NodeShared>>,
     Path(action): Path<String>,
     headers: HeaderMap,
+    body: String,
 ) -> (StatusCode, Json<serde_json::Value>) {
     if !authorized(&shared, &headers) {
         return unauthorized();
     }
     match action.as_str() {
         "start" => {
+            #[derive(serde::Deserialize)]
+            struct Only {
+                keys: Vec<u64>,
+            }
+            let only = if body.trim().is_empty() {
+                None
+            } else {
+                match serde_json::from_str::<Only>(&body) {
+                    Ok(o) if o.keys.len() <= SCRUB_KEYS_MAX => Some(Arc::new(o.keys)),
+                    Ok(o) => {
+                        return (
+                            StatusCode::BAD_REQUEST,
+                            Json(json!({"error": format!("{} keys, at most {SCRUB_KEYS_MAX}", o.keys.len())})),
+                        )
+                    }
+                    Err(e) => {
+                        return (
+                            StatusCode::BAD_REQUEST,
+                            Json(json!({"error": format!("expected {{\"keys\": [layer keys]}} or nothing: {e}")})),
+                        )
+                    }
+                }
+            };
+            *shared
+                .scrub
+                .start_only
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = only;
             shared.scrub.paused.store(false, Ordering::Release);
             shared.scrub.start_requests.fetch_add(1, Ordering::AcqRel);
         }

@@ -28,6 +28,10 @@ pub struct ScrubArgs {
     /// every node the control service lists as up.
     #[arg(long = "node", value_name = "ADMIN_ADDR")]
     nodes: Vec<String>,
+    /// With `start`: scrub only this volume's data (all its layers:
+    /// snapshots too).
+    #[arg(long)]
+    volume: Option<String>,
     /// Print JSON (one object per node).
     #[arg(long)]
     json: bool,
@@ -59,6 +63,25 @@ pub fn run(cmd: ScrubCommand) -> Result<()> {
         a.nodes.clone()
     };
     anyhow::ensure!(!nodes.is_empty(), "no storage node is up");
+    // One volume: the layer keys its data lives under.
+    let only = match (&a.volume, action) {
+        (None, _) => None,
+        (Some(name), Some("start")) => {
+            let v = a
+                .conn
+                .client()?
+                .volume(name)
+                .map_err(crate::meta_cmd::human)?;
+            let lineage = v.lineage();
+            let keys: Vec<u64> = v
+                .eras()
+                .into_iter()
+                .map(|e| celer_device::layer_key(lineage, e))
+                .collect();
+            Some(serde_json::json!({ "keys": keys }).to_string())
+        }
+        (Some(_), _) => anyhow::bail!("--volume goes with `celer scrub start` only"),
+    };
     let agent = ureq::AgentBuilder::new()
         .timeout(Duration::from_secs(10))
         .build();
@@ -69,7 +92,7 @@ pub fn run(cmd: ScrubCommand) -> Result<()> {
             Some(act) => agent
                 .post(&format!("http://{addr}/v1/scrub/{act}"))
                 .set("authorization", &format!("Bearer {token}"))
-                .call(),
+                .send_string(only.as_deref().unwrap_or("")),
         };
         let v: serde_json::Value = match r {
             Ok(resp) => resp

@@ -49,6 +49,10 @@ pub(crate) struct ScrubShared {
     pub(crate) paused: AtomicBool,
     /// Raised by "start now"; a shard that sees it raised starts a pass.
     pub(crate) start_requests: AtomicU64,
+    /// The layer keys the last "start now" named (one volume's), or None:
+    /// every chunk. Read by a shard when it starts the pass asked for
+    /// (control path; periodic passes read everything).
+    pub(crate) start_only: std::sync::Mutex<Option<std::sync::Arc<Vec<u64>>>>,
     pub(crate) shards: Vec<ScrubCell>,
 }
 
@@ -85,6 +89,7 @@ impl ScrubShared {
         ScrubShared {
             paused: AtomicBool::new(false),
             start_requests: AtomicU64::new(0),
+            start_only: std::sync::Mutex::new(None),
             shards: (0..shards).map(|_| ScrubCell::default()).collect(),
         }
     }
@@ -185,7 +190,17 @@ impl ShardLoop {
         let asked = requests != self.scrub.start_requests_seen;
         if !self.scrub.running && (asked || now >= self.scrub.next_pass_at) {
             self.scrub.start_requests_seen = requests;
-            self.scrub_begin(now);
+            let only = if asked {
+                self.shared
+                    .scrub
+                    .start_only
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone()
+            } else {
+                None
+            };
+            self.scrub_begin(now, only.as_deref().map(Vec::as_slice));
         } else if asked {
             // Asked while a pass runs: that pass is the one asked for.
             self.scrub.start_requests_seen = requests;
@@ -214,11 +229,16 @@ impl ShardLoop {
         }
     }
 
-    fn scrub_begin(&mut self, now: Instant) {
+    /// Starts a pass over every chunk this shard holds, or over the chunks
+    /// of the layer keys in `only` (one volume: `celer scrub start
+    /// --volume`).
+    fn scrub_begin(&mut self, now: Instant, only: Option<&[u64]>) {
         let deleted = self.deleted.clone();
         let s = &mut self.scrub;
         s.chunks = self.engine.chunks();
-        s.chunks.retain(|(v, _)| deleted.binary_search(v).is_err());
+        s.chunks.retain(|(v, _)| {
+            deleted.binary_search(v).is_err() && only.is_none_or(|keys| keys.contains(v))
+        });
         s.chunks.sort_unstable();
         s.next_chunk = 0;
         s.at = 0;
