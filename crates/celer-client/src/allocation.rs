@@ -273,7 +273,7 @@ fn ask(
 
 /// A blocking connection to `shard` of the node at `addr`, past the
 /// Challenge/Hello exchange (the node proved it knows the key).
-fn open(
+pub(crate) fn open(
     addr: &str,
     credential: &celer_proto::auth::Credential,
     shard: u16,

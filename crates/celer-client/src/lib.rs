@@ -112,11 +112,18 @@
 //!   `op_deadline`.
 //! - No per-queue metrics yet.
 //!
+//! # Flatten
+//! [`Client::layer_chunks`] and [`Client::fill_chunks`] drive `celer
+//! volume flatten` (module `flatten`): a `Fill` per piece to every member
+//! that takes writes, on the control path (blocking connections of their
+//! own), retried like a write; see celer-proto for the op.
+//!
 //! `tests/alloc.rs` checks the no-allocation claim with a counting
 //! allocator: 4 KiB writes and reads at depth 1 and 32 allocate nothing on
 //! the submitting thread once the connections are open.
 
 mod allocation;
+mod flatten;
 mod hlc;
 mod net;
 mod queue;
@@ -134,6 +141,7 @@ use celer_route::{RouteDecodeError, RouteTable};
 
 pub use celer_proto::auth::{Capability, Credential};
 
+pub use flatten::{FillError, FillOptions, FillProgress, FILL_PIECE_MAX_BYTES};
 pub use queue::{INFLIGHT_MAX, PARTS_MAX};
 
 /// Block size the client exposes; offsets and lengths are multiples of it.

@@ -136,6 +136,27 @@ pub enum EngineOp {
     /// wins. Nothing is done on a chunk without a slot. The replication
     /// layer sends it with the version a good member holds.
     Repair,
+    /// Copies into the request's layer (`volume`) every block of the range
+    /// that the layer has no entry for (nothing written, zeroed or planned)
+    /// and that the first layer of `chain` holding it holds as data, with
+    /// that block's data, crc and version (`version` is ignored): what a
+    /// read through the chain returns, now held by the layer itself
+    /// (`celer volume flatten`). Blocks the chain holds as zeroes or not at
+    /// all are left alone (the layer reads zeroes there once the chain is
+    /// gone, as through it). The segments are the caller's scratch room
+    /// for the range (the data is read into it, then written from it).
+    ///
+    /// Ordered with writes by version: a block is copied only if no write
+    /// of it is planned or stored at that moment (each block's first
+    /// journal record in the layer), and every later write of it carries a
+    /// newer version and wins; a block a sector write holds is waited for.
+    /// So the result depends only on the layers' content, not on timing:
+    /// replicas that hold the same layers end with the same blocks and
+    /// versions. The lower blocks are checked against their crc (a bad one
+    /// fails the op with `Checksum` naming the lower layer) and are still
+    /// the ones read when the copy is planned (otherwise they are read
+    /// again). Completes with the number of blocks copied.
+    Fill,
 }
 
 /// A request to a shard. It must lie within one chunk.
@@ -191,6 +212,8 @@ struct Planned {
     action: Action,
     /// A read through layers: which of `Op::layer_slots` holds the block.
     layer: u8,
+    /// A fill: the version the block is copied with (the source's).
+    version: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -204,6 +227,8 @@ enum Stage {
     Freeing,
     /// A sector write reading the block it merges into.
     Merging,
+    /// A fill reading the lower layers' blocks it copies.
+    Filling,
 }
 
 struct Op {
@@ -256,6 +281,10 @@ struct Op {
     /// `ops_inflight` it holds until it finishes; `u32::MAX` for a layer
     /// with no slot for the chunk.
     layer_slots: Vec<u32>,
+    /// A fill: the blocks to copy (source layer, physical block, crc and
+    /// version, in block order); `cursor` counts those planned. The read
+    /// stage is done when `merged` is set.
+    fill: Vec<Planned>,
 }
 
 // SAFETY: the raw pointers an op holds (segments, iovecs) point into memory
@@ -505,6 +534,8 @@ pub struct Shard {
     stats: ShardStats,
     /// Ops submitted so far (`Op::seq`).
     submitted: u64,
+    /// Ops whose reads (merge or fill) a journal write finished last.
+    reads_done: Vec<u32>,
 }
 
 pub(crate) struct ShardInit {
@@ -607,6 +638,7 @@ impl Shard {
                 seq: 0,
                 chain: Vec::with_capacity(LAYERS_MAX),
                 layer_slots: Vec::with_capacity(LAYERS_MAX + 1),
+                fill: Vec::with_capacity(max_request_blocks as usize),
             })
             .collect();
         let jbufs = (0..JOURNAL_BUFS)
@@ -656,6 +688,7 @@ impl Shard {
             max_request_blocks,
             stats: ShardStats::default(),
             submitted: 0,
+            reads_done: Vec::with_capacity(inflight_max),
         })
     }
 
@@ -796,8 +829,19 @@ impl Shard {
                 )
             })
             .collect();
+        let running: Vec<String> = self
+            .ops
+            .iter()
+            .filter(|op| op.stage != Stage::Idle && op.stage != Stage::Deferred)
+            .map(|op| {
+                format!(
+                    "{:?} {:?} v{} c{} cur{}/{} pend{}",
+                    op.op, op.stage, op.volume, op.chunk, op.cursor, op.count, op.pending
+                )
+            })
+            .collect();
         format!(
-            "shard {} inflight {} sqes {} next_seq {} tail {} acked {} ckpt {} jorder [{}] deferred [{}] failed {:?}",
+            "shard {} inflight {} sqes {} next_seq {} tail {} acked {} ckpt {} jorder [{}] running [{}] deferred [{}] failed {:?}",
             self.id,
             self.inflight(),
             self.inflight_sqes,
@@ -806,6 +850,7 @@ impl Shard {
             self.acked_through,
             self.ckpt.is_some(),
             jb.join(" "),
+            running.join("; "),
             deferred.join("; "),
             self.failed
         )
@@ -827,7 +872,7 @@ impl Shard {
     pub unsafe fn submit(&mut self, req: &EngineRequest<'_>) -> Result<(), EngineError> {
         let chunk_bytes = self.g.chunk_bytes();
         let len_bytes = match req.op {
-            EngineOp::Read | EngineOp::Write | EngineOp::Repair => {
+            EngineOp::Read | EngineOp::Write | EngineOp::Repair | EngineOp::Fill => {
                 if req.segments.len() > SEGMENTS_MAX {
                     return Err(EngineError::TooManySegments {
                         count: req.segments.len(),
@@ -872,7 +917,9 @@ impl Shard {
             });
         }
         let max_bytes = match req.op {
-            EngineOp::Read | EngineOp::Write | EngineOp::Repair => self.max_request_bytes(),
+            EngineOp::Read | EngineOp::Write | EngineOp::Repair | EngineOp::Fill => {
+                self.max_request_bytes()
+            }
             _ => chunk_bytes,
         };
         let chunk = req.offset_bytes / chunk_bytes;
@@ -1095,6 +1142,7 @@ impl Shard {
                 self.start_mutation(id)
             }
             EngineOp::Release => self.start_release(id),
+            EngineOp::Fill => self.start_fill(id),
         }
     }
 
@@ -1189,6 +1237,7 @@ impl Shard {
                 crc: e.crc,
                 action,
                 layer: 0,
+                version: 0,
             });
         }
         let mut i = 0;
@@ -1272,6 +1321,7 @@ impl Shard {
                 crc: 0,
                 action: Action::ReadZero,
                 layer: 0,
+                version: 0,
             };
             for (l, &local) in slots.iter().enumerate() {
                 let Some(slot) = self.slots.get(local as usize).and_then(|s| s.as_ref()) else {
@@ -1359,6 +1409,355 @@ impl Shard {
         self.ops[id as usize].layer_slots = slots;
     }
 
+    /// `EngineOp::Fill`, read stage: picks the blocks to copy (the layer
+    /// has no entry and no write planned for them; the first lower layer
+    /// holding them holds data) and reads them into the request's segments,
+    /// holding the lower slots (`layer_slots`) while reading. The write
+    /// stage (`fill_phase`) follows in `fill_read_done`.
+    fn start_fill(&mut self, id: u32) {
+        if self.ops[id as usize].merged {
+            return self.fill_phase(id);
+        }
+        let chunk = self.ops[id as usize].chunk;
+        let layers = 1 + self.ops[id as usize].chain.len();
+        let mut slots = std::mem::take(&mut self.ops[id as usize].layer_slots);
+        slots.clear();
+        for l in 0..layers {
+            let key = if l == 0 {
+                self.ops[id as usize].volume
+            } else {
+                self.ops[id as usize].chain[l - 1]
+            };
+            slots.push(
+                self.by_chunk
+                    .get(&(key, chunk))
+                    .copied()
+                    .unwrap_or(u32::MAX),
+            );
+        }
+        let busy = slots.iter().any(|&l| {
+            l != u32::MAX
+                && self.slots[l as usize]
+                    .as_ref()
+                    .is_some_and(|s| s.releasing.is_some() || s.freeing)
+        });
+        if busy || !self.sqe_room(self.ops[id as usize].count as u32) {
+            slots.clear();
+            self.ops[id as usize].layer_slots = slots;
+            return self.defer(id);
+        }
+        let op = &mut self.ops[id as usize];
+        op.fill.clear();
+        op.iov.clear();
+        let head = self.slots.get(slots[0] as usize).and_then(|s| s.as_ref());
+        for k in 0..op.count {
+            let logical = op.first + k;
+            let l = logical as usize;
+            if head.is_some_and(|h| {
+                h.entries[l].kind != BlockKind::Unwritten || h.planned_version[l] != 0
+            }) {
+                // Written, zeroed or being written: the layer's own.
+                continue;
+            }
+            for (layer, &local) in slots.iter().enumerate().skip(1) {
+                let Some(slot) = self.slots.get(local as usize).and_then(|s| s.as_ref()) else {
+                    continue;
+                };
+                let e = slot.entries[l];
+                match e.kind {
+                    BlockKind::Unwritten => continue,
+                    // Reads as zeroes through the chain and without it.
+                    BlockKind::Zero => {}
+                    BlockKind::Data => op.fill.push(Planned {
+                        logical,
+                        phys: e.phys,
+                        crc: e.crc,
+                        action: Action::ReadData,
+                        layer: layer as u8,
+                        version: e.version,
+                    }),
+                }
+                break;
+            }
+        }
+        if op.fill.is_empty() {
+            slots.clear();
+            op.layer_slots = slots;
+            return self.finish(id);
+        }
+        // One read per run of blocks consecutive in the chunk and on disk,
+        // in one layer, each into its place in the segments.
+        let mut i = 0;
+        while i < op.fill.len() {
+            let p = op.fill[i];
+            let mut j = i + 1;
+            while j < op.fill.len()
+                && op.fill[j].layer == p.layer
+                && op.fill[j].logical as usize == p.logical as usize + (j - i)
+                && op.fill[j].phys as usize == p.phys as usize + (j - i)
+            {
+                j += 1;
+            }
+            let iov_at = op.iov.len();
+            slice_segments(
+                &op.segs,
+                (p.logical - op.first) as usize * BLOCK_SIZE,
+                (j - i) * BLOCK_SIZE,
+                &mut op.iov,
+            );
+            let slot_index = self.g.slot_of(self.id, slots[p.layer as usize] as u64);
+            let sqe = rw_sqe(
+                false,
+                self.fd,
+                &op.iov[iov_at..],
+                self.g.phys_offset(slot_index, p.phys),
+                0,
+            )
+            .user_data(io_ud(UD_DATA, id as u64, (j - i) * BLOCK_SIZE));
+            op.pending += 1;
+            push_sqe(
+                &mut self.ring,
+                &mut self.unsubmitted,
+                &mut self.inflight_sqes,
+                &sqe,
+            );
+            i = j;
+        }
+        // The layer itself is not read: only the lower slots are held.
+        slots[0] = u32::MAX;
+        for &local in slots.iter() {
+            if let Some(slot) = self.slots.get_mut(local as usize).and_then(|s| s.as_mut()) {
+                slot.reads_inflight += 1;
+                slot.ops_inflight += 1;
+            }
+        }
+        let op = &mut self.ops[id as usize];
+        op.layer_slots = slots;
+        op.stage = Stage::Filling;
+    }
+
+    /// A fill's reads are back: check each block's crc, then write.
+    fn fill_read_done(&mut self, id: u32) {
+        self.release_layer_slots(id);
+        let chunk_bytes = self.g.chunk_bytes();
+        let op = &mut self.ops[id as usize];
+        op.stage = Stage::Idle;
+        if op.error.is_none() {
+            for p in op.fill.iter() {
+                if crc_of(&op.segs, (p.logical - op.first) as usize * BLOCK_SIZE) != p.crc {
+                    let volume = op.chain[p.layer as usize - 1];
+                    let offset_bytes = op.chunk * chunk_bytes + p.logical as u64 * BLOCK_SIZE_U64;
+                    tracing::error!(
+                        volume,
+                        offset_bytes,
+                        shard = self.id,
+                        "checksum mismatch on the read of a fill: not copied"
+                    );
+                    op.error = Some(EngineError::Checksum {
+                        volume,
+                        offset_bytes,
+                    });
+                    break;
+                }
+            }
+        }
+        if op.error.is_some() {
+            return self.finish(id);
+        }
+        op.merged = true;
+        op.cursor = 0;
+        self.fill_phase(id);
+    }
+
+    /// Whether the blocks of a fill not yet planned still come from what
+    /// it read: the same lower layer, holding data at the same version (a
+    /// layer under a head is frozen, but a write of the snapshot's cut, a
+    /// repair or a release may still reach it).
+    fn fill_sources_unchanged(&self, id: u32) -> bool {
+        let op = &self.ops[id as usize];
+        op.fill[op.cursor as usize..].iter().all(|p| {
+            let l = p.logical as usize;
+            for (k, &key) in op.chain.iter().enumerate() {
+                let Some(e) = self
+                    .by_chunk
+                    .get(&(key, op.chunk))
+                    .and_then(|&local| self.slots[local as usize].as_ref())
+                    .map(|s| s.entries[l])
+                else {
+                    continue;
+                };
+                if e.kind == BlockKind::Unwritten {
+                    continue;
+                }
+                return k + 1 == p.layer as usize
+                    && e.kind == BlockKind::Data
+                    && e.version == p.version;
+            }
+            false
+        })
+    }
+
+    /// A fill's write stage: one phase of the blocks read (as many as the
+    /// free physical blocks and the journal allow), each written only if
+    /// the layer still has no entry and no write planned for it; a block a
+    /// sector write holds is waited for. Allocates the layer's slot first
+    /// if it has none.
+    fn fill_phase(&mut self, id: u32) {
+        if !self.fill_sources_unchanged(id) {
+            // Read again (blocks copied meanwhile are the layer's now).
+            let op = &mut self.ops[id as usize];
+            op.merged = false;
+            op.cursor = 0;
+            op.fill.clear();
+            return self.start_fill(id);
+        }
+        let (volume, chunk, epoch) = {
+            let op = &self.ops[id as usize];
+            (op.volume, op.chunk, op.epoch)
+        };
+        let local = match self.by_chunk.get(&(volume, chunk)).copied() {
+            Some(local) => {
+                let slot = self.slots[local as usize]
+                    .as_ref()
+                    .expect("indexed slot exists");
+                let started = self.ops[id as usize].local_slot == local;
+                if slot.freeing
+                    || slot.header_op.is_some_and(|h| h != id)
+                    || (slot.releasing.is_some() && !started)
+                {
+                    return self.defer(id);
+                }
+                local
+            }
+            None => match self.alloc_slot(id, volume, chunk, epoch) {
+                Some(local) => local,
+                None => return,
+            },
+        };
+        self.bind_slot(id, local);
+        let remaining = {
+            let op = &self.ops[id as usize];
+            op.fill.len() - op.cursor as usize
+        };
+        if !self.journal_room(remaining.min(self.g.spare_blocks as usize + 1) + 1)
+            || !self.sqe_room(RUNS_PER_PHASE_MAX)
+        {
+            return self.defer(id);
+        }
+        let slot_index = self.g.slot_of(self.id, local as u64);
+        let op = &mut self.ops[id as usize];
+        let slot = self.slots[local as usize]
+            .as_mut()
+            .expect("slot of running op");
+        op.plan.clear();
+        op.iov.clear();
+        let mut last: Option<(u16, u16)> = None;
+        let mut runs = 0;
+        while (op.cursor as usize) < op.fill.len() {
+            let f = op.fill[op.cursor as usize];
+            let l = f.logical as usize;
+            if slot.entries[l].kind != BlockKind::Unwritten || slot.planned_version[l] != 0 {
+                // A write got there first: it is the layer's own.
+                op.cursor += 1;
+                last = None;
+                continue;
+            }
+            if slot.is_held(f.logical) {
+                // A sector write is merging it: wait, then look again.
+                break;
+            }
+            let next = last
+                .filter(|&(logical, _)| logical + 1 == f.logical)
+                .map(|(_, p)| p as usize + 1)
+                .filter(|&p| slot.is_free(p))
+                .map(|p| p as u16);
+            if next.is_none() && last.is_some() {
+                runs += 1;
+                if runs >= RUNS_PER_PHASE_MAX {
+                    break;
+                }
+            }
+            let Some(phys) = next.or_else(|| slot.find_free()) else {
+                break;
+            };
+            slot.take_phys(phys);
+            last = Some((f.logical, phys));
+            slot.planned_version[l] = f.version;
+            op.plan.push(Planned {
+                logical: f.logical,
+                phys,
+                crc: f.crc,
+                action: Action::Write,
+                layer: 0,
+                version: f.version,
+            });
+            op.cursor += 1;
+            if op.plan.len() > self.g.spare_blocks as usize {
+                break;
+            }
+        }
+        if op.plan.is_empty() && (op.cursor as usize) < op.fill.len() && op.pending == 0 {
+            // Held by a sector write, or no free physical block yet.
+            return self.defer(id);
+        }
+        op.stage = Stage::Running;
+        for i in 0..self.ops[id as usize].plan.len() {
+            let p = self.ops[id as usize].plan[i];
+            self.append_record(
+                id,
+                &Record::Write {
+                    slot: local,
+                    logical: p.logical,
+                    phys: p.phys,
+                    crc: p.crc,
+                    version: p.version,
+                },
+            );
+        }
+        // One data write per run consecutive in the chunk and on disk.
+        let op = &mut self.ops[id as usize];
+        let n = op.plan.len();
+        let mut i = 0;
+        while i < n {
+            let p = op.plan[i];
+            let mut j = i + 1;
+            while j < n
+                && op.plan[j].logical as usize == p.logical as usize + (j - i)
+                && op.plan[j].phys as usize == p.phys as usize + (j - i)
+            {
+                j += 1;
+            }
+            let iov_at = op.iov.len();
+            slice_segments(
+                &op.segs,
+                (p.logical - op.first) as usize * BLOCK_SIZE,
+                (j - i) * BLOCK_SIZE,
+                &mut op.iov,
+            );
+            let sqe = rw_sqe(
+                true,
+                self.fd,
+                &op.iov[iov_at..],
+                self.g.phys_offset(slot_index, p.phys),
+                0,
+            )
+            .user_data(io_ud(UD_DATA, id as u64, (j - i) * BLOCK_SIZE));
+            op.pending += 1;
+            self.stats.data_bytes_written += ((j - i) * BLOCK_SIZE) as u64;
+            push_sqe(
+                &mut self.ring,
+                &mut self.unsubmitted,
+                &mut self.inflight_sqes,
+                &sqe,
+            );
+            i = j;
+        }
+        if self.ops[id as usize].pending == 0 {
+            // Nothing left to write: no I/O to wait for.
+            self.phase_done(id);
+        }
+    }
+
     fn start_mutation(&mut self, id: u32) {
         let (volume, chunk, epoch, kind) = {
             let op = &self.ops[id as usize];
@@ -1405,44 +1804,10 @@ impl Shard {
                 }
                 return self.finish(id);
             }
-            None => {
-                // Room for the Alloc record and the whole first phase, so that the op
-                // does not have to wait between allocating and planning.
-                if !self.journal_room(1 + self.g.spare_blocks as usize + 2)
-                    || !self.sqe_room(2 + RUNS_PER_PHASE_MAX)
-                {
-                    return self.defer(id);
-                }
-                let Some(local) = self.free_slots.pop() else {
-                    self.ops[id as usize].error = Some(EngineError::NoSpace { shard: self.id });
-                    return self.finish(id);
-                };
-                let owner = SlotOwner {
-                    volume,
-                    chunk,
-                    epoch,
-                };
-                let seq = self.append_record(id, &Record::Alloc { slot: local, owner });
-                let mut state = SlotState::new(
-                    &self.g,
-                    owner,
-                    seq,
-                    vec![BlockEntry::UNWRITTEN; self.g.chunk_blocks as usize],
-                    0,
-                );
-                state.header_op = Some(id);
-                state.dirty = true;
-                if let Some(v) = self.discarded.take((volume, chunk)) {
-                    // Late writes at or below the discard stay dropped on
-                    // every block of the new slot (in memory, as above).
-                    state.planned_version.fill(v);
-                }
-                self.slots[local as usize] = Some(state);
-                self.by_chunk.insert((volume, chunk), local);
-                self.ops[id as usize].allocated_slot = true;
-                self.write_slot_headers(id, local, seq, Some(owner));
-                local
-            }
+            None => match self.alloc_slot(id, volume, chunk, epoch) {
+                Some(local) => local,
+                None => return,
+            },
         };
         self.bind_slot(id, local);
         if self.ops[id as usize].sub_len > 0 {
@@ -1450,6 +1815,52 @@ impl Shard {
         } else {
             self.plan_phase(id, local);
         }
+    }
+
+    /// Allocates a slot for (`volume`, `chunk`) to op `id`, as a first
+    /// write does: the Alloc record and the slot headers go with the op's
+    /// first phase, and other ops wait for the headers (`header_op`).
+    /// `None`: the op was deferred (no room yet), or failed with `NoSpace`
+    /// and finished.
+    fn alloc_slot(&mut self, id: u32, volume: u64, chunk: u64, epoch: u64) -> Option<u32> {
+        // Room for the Alloc record and the whole first phase, so that the op
+        // does not have to wait between allocating and planning.
+        if !self.journal_room(1 + self.g.spare_blocks as usize + 2)
+            || !self.sqe_room(2 + RUNS_PER_PHASE_MAX)
+        {
+            self.defer(id);
+            return None;
+        }
+        let Some(local) = self.free_slots.pop() else {
+            self.ops[id as usize].error = Some(EngineError::NoSpace { shard: self.id });
+            self.finish(id);
+            return None;
+        };
+        let owner = SlotOwner {
+            volume,
+            chunk,
+            epoch,
+        };
+        let seq = self.append_record(id, &Record::Alloc { slot: local, owner });
+        let mut state = SlotState::new(
+            &self.g,
+            owner,
+            seq,
+            vec![BlockEntry::UNWRITTEN; self.g.chunk_blocks as usize],
+            0,
+        );
+        state.header_op = Some(id);
+        state.dirty = true;
+        if let Some(v) = self.discarded.take((volume, chunk)) {
+            // Late writes at or below the discard stay dropped on
+            // every block of the new slot (in memory, as above).
+            state.planned_version.fill(v);
+        }
+        self.slots[local as usize] = Some(state);
+        self.by_chunk.insert((volume, chunk), local);
+        self.ops[id as usize].allocated_slot = true;
+        self.write_slot_headers(id, local, seq, Some(owner));
+        Some(local)
     }
 
     /// A sector write: hold the block, read it, merge, then write it whole
@@ -1646,6 +2057,7 @@ impl Shard {
                     crc: 0,
                     action: Action::Skip,
                     layer: 0,
+                    version: 0,
                 });
                 last_phys = None;
                 k += 1;
@@ -1664,6 +2076,7 @@ impl Shard {
                     crc: 0,
                     action: Action::Zero,
                     layer: 0,
+                    version: 0,
                 });
                 k += 1;
                 continue;
@@ -1691,6 +2104,7 @@ impl Shard {
                 crc,
                 action: Action::Write,
                 layer: 0,
+                version: 0,
             });
             k += 1;
             if op.plan.len() > self.g.spare_blocks as usize {
@@ -1940,9 +2354,22 @@ impl Shard {
                     self.flush_waiting.push(id);
                 }
             }
+            if op.pending == 0 && matches!(op.stage, Stage::Merging | Stage::Filling) {
+                // Its reads finished before this journal block (the Alloc
+                // record of a slot it allocated): go on with it here, as
+                // `op_io_done` does when a read is last.
+                self.reads_done.push(id);
+            }
         }
         if let Some(id) = solo_done {
             self.phase_done(id);
+        }
+        while let Some(id) = self.reads_done.pop() {
+            match self.ops[id as usize].stage {
+                Stage::Merging => self.merge_read_done(id),
+                Stage::Filling => self.fill_read_done(id),
+                _ => {}
+            }
         }
         self.advance_watermark();
     }
@@ -2027,6 +2454,9 @@ impl Shard {
         if op.pending == 0 && op.stage == Stage::Merging {
             return self.merge_read_done(id);
         }
+        if op.pending == 0 && op.stage == Stage::Filling {
+            return self.fill_read_done(id);
+        }
         // A deferred op (it allocated its slot, then waited for room) has
         // nothing to finish here: it resumes from the deferred queue.
         if op.pending == 0 && matches!(op.stage, Stage::Running | Stage::Freeing) {
@@ -2069,16 +2499,19 @@ impl Shard {
         }
         // A repair rewrites a block at its own version (see EngineOp::Repair).
         let equal_applies = op.op == EngineOp::Repair;
+        let fill = op.op == EngineOp::Fill;
         for p in op.plan.iter() {
             let cur = slot.entries[p.logical as usize];
-            let newer = op.version > cur.version || (equal_applies && op.version == cur.version);
+            // A fill copies each block at its source's version.
+            let version = if fill { p.version } else { op.version };
+            let newer = version > cur.version || (equal_applies && version == cur.version);
             match p.action {
                 Action::Write if !failed && newer => {
                     slot.entries[p.logical as usize] = BlockEntry {
                         phys: p.phys,
                         kind: BlockKind::Data,
                         crc: p.crc,
-                        version: op.version,
+                        version,
                     };
                     if cur.kind == BlockKind::Data {
                         slot.release_phys(cur.phys);
@@ -2105,6 +2538,14 @@ impl Shard {
             self.jbufs[b].unfinished_ops -= 1;
         }
         op.jbufs.clear();
+        if fill {
+            if !failed && (op.cursor as usize) < op.fill.len() {
+                op.stage = Stage::Idle;
+                self.advance_watermark();
+                return self.fill_phase(id);
+            }
+            return self.finish(id);
+        }
         if !failed && op.cursor < op.count {
             op.stage = Stage::Idle;
             self.advance_watermark();

@@ -436,6 +436,18 @@ pub struct CloneVolume {
     pub name: String,
 }
 
+/// `POST /v1/volumes/{name}/flatten`: every block the volume read from
+/// the layers under its head has been copied into the head (`celer volume
+/// flatten` did it on every member, see celer-proto `Fill`); the control
+/// service cuts the volume off those layers. `head_era` and `under` are the
+/// layers the copy was made for: refused if the volume's are others now
+/// (a snapshot of it was taken meanwhile).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlattenVolume {
+    pub head_era: u32,
+    pub under: Vec<u32>,
+}
+
 /// How an attachment shares its volume.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

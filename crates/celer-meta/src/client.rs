@@ -430,6 +430,21 @@ impl MetaClient {
         )
     }
 
+    /// `POST /v1/volumes/{name}/flatten`: the copy for `req`'s layers is
+    /// done on every member; cut the volume off the layers under its head.
+    pub fn flatten_volume(
+        &self,
+        name: &str,
+        req: &crate::api::FlattenVolume,
+    ) -> Result<Volume, MetaClientError> {
+        self.call(
+            "POST",
+            &format!("/v1/volumes/{}/flatten", path_escape(name)),
+            &[],
+            Some(req),
+        )
+    }
+
     /// `GET /v1/log?since=N`: entries with `seq > since`, oldest first, at
     /// most [`crate::api::LOG_PAGE_MAX`] per call.
     pub fn log(&self, since: u64) -> Result<Vec<LogEntry>, MetaClientError> {

@@ -28,8 +28,8 @@ use tokio::sync::{oneshot, watch};
 
 use crate::api::{
     AttachVolume, Attachment, AttachmentRecord, CloneVolume, CreateSnapshot, CreateVolume,
-    ErrorBody, Heartbeat, RegisterNode, ResizeVolume, RestoreLog, Rollback, Synced, VolumeFence,
-    VolumeLayers, LOG_PAGE_MAX,
+    ErrorBody, FlattenVolume, Heartbeat, RegisterNode, ResizeVolume, RestoreLog, Rollback, Synced,
+    VolumeFence, VolumeLayers, LOG_PAGE_MAX,
 };
 use crate::http::{constant_time_eq, HttpLimits};
 use crate::metrics::Metrics;
@@ -1004,6 +1004,21 @@ async fn clone_volume(
     Ok(Json(v))
 }
 
+async fn flatten_volume(
+    State(st): State<Arc<Shared>>,
+    Extension(who): Extension<Who>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<crate::api::Volume> {
+    let req: FlattenVolume = parse_body(&body)?;
+    let v = st
+        .run(move |c, s| Ok((c.flatten_volume(s, &who.0, &name, &req)?, None)))
+        .await?;
+    install_layers(&st, &v).await?;
+    tracing::info!(volume = %v.name, head = v.head_era, "volume flattened");
+    Ok(Json(v))
+}
+
 async fn renew_attachment(
     State(st): State<Arc<Shared>>,
     Path(id): Path<u32>,
@@ -1144,6 +1159,7 @@ pub(crate) fn router(st: Arc<Shared>) -> Router {
         .route("/v1/volumes/{name}/snapshot-usage", get(snapshot_usage))
         .route("/v1/volumes/{name}/rollback", post(rollback_volume))
         .route("/v1/volumes/{name}/clone", post(clone_volume))
+        .route("/v1/volumes/{name}/flatten", post(flatten_volume))
         .route("/v1/attachments", get(attachments))
         .route("/v1/attachments/{id}", delete(detach))
         .route("/v1/attachments/{id}/renew", post(renew_attachment))

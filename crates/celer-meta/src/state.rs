@@ -22,9 +22,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::{
     validate_volume_name, validate_volume_size, AttachMode, AttachVolume, AttachmentRecord, Change,
-    CloneVolume, CreateVolume, Cutting, Heartbeat, HeartbeatReply, LogEntry, NodeRecord,
-    NodeStatus, RegisterNode, Registered, Restored, Snapshot, Status, SyncedReply, Volume,
-    VolumeFence, VolumeLayers, HOLDER_MAX_BYTES, LOG_PAGE_MAX, SNAPSHOT_CUT_MS,
+    CloneVolume, CreateVolume, Cutting, FlattenVolume, Heartbeat, HeartbeatReply, LogEntry,
+    NodeRecord, NodeStatus, RegisterNode, Registered, Restored, Snapshot, Status, SyncedReply,
+    Volume, VolumeFence, VolumeLayers, HOLDER_MAX_BYTES, LOG_PAGE_MAX, SNAPSHOT_CUT_MS,
     VOLUME_REPLICAS_MAX,
 };
 use crate::store::{MetaStore, Op, StoreError};
@@ -1536,6 +1536,57 @@ impl Cluster {
         Ok(v)
     }
 
+    /// Records that volume `name` no longer reads the layers under its head:
+    /// `celer volume flatten` copied every block it read from them into the
+    /// head, on every member (celer-proto `Fill`). Its chain is cut (`under`
+    /// emptied, the parent link dropped), so its parent's snapshot can be
+    /// deleted; eras only it read are tombstoned. Refused unless `req`
+    /// names the volume's current head and layers (a snapshot taken during
+    /// the copy made the head another era), and for a volume that is not a
+    /// clone (its layers are its own snapshots).
+    pub fn flatten_volume(
+        &mut self,
+        store: &dyn MetaStore,
+        who: &str,
+        name: &str,
+        req: &FlattenVolume,
+    ) -> Result<Volume> {
+        let mut v = self.volume(name)?;
+        if v.under.is_empty() {
+            return Err(StateError::Conflict(format!(
+                "volume {name} reads no layer under its head (flattened already, or never cloned): nothing to flatten"
+            )));
+        }
+        let Some(parent) = v.parent.clone() else {
+            return Err(StateError::Conflict(format!(
+                "volume {name} is not a clone: the layers under its head are its own snapshots (deleting them frees their space)"
+            )));
+        };
+        if req.head_era != v.head_era || req.under != v.under {
+            return Err(StateError::Conflict(format!(
+                "the layers of volume {name} changed while it was being flattened (head era {} over {:?}, the copy was for era {} over {:?}: a snapshot of it was taken): run `celer volume flatten {name}` again",
+                v.head_era, v.under, req.head_era, req.under
+            )));
+        }
+        let lineage = v.lineage();
+        let before = lineage_eras(&self.p.volumes, lineage);
+        let eras = v.under.clone();
+        let mut tx = self.begin(who);
+        v.under.clear();
+        v.parent = None;
+        // Deleted snapshots' eras the volume no longer reads at all.
+        let reads = v.eras();
+        v.retired.retain(|[e, _]| reads.contains(e));
+        tx.put_volume(v.clone());
+        tx.bury_layers(lineage, &before);
+        tx.log(Change::VolumeLayersChanged {
+            what: format!("flattened: no longer reads {parent} (eras {eras:?} under its head)"),
+            volume: v.clone(),
+        });
+        self.commit(store, tx)?;
+        Ok(v)
+    }
+
     /// Deletes snapshot `snap` of volume `name`. Its layer is freed when no
     /// volume or other snapshot reads it any more; otherwise (the volume
     /// or a later snapshot still reads the blocks it holds) the layer stays
@@ -1554,6 +1605,7 @@ impl Cluster {
             )));
         };
         let parent = format!("{name}@{snap}");
+        let era = v.snapshots[at].era;
         if let Some(c) = self
             .p
             .volumes
@@ -1565,9 +1617,21 @@ impl Cluster {
                 c.name
             )));
         }
+        // Another volume reading the snapshot's era: a clone of a clone of
+        // it, or a snapshot a clone took before it was flattened.
+        if let Some(c) = self
+            .p
+            .volumes
+            .values()
+            .find(|c| c.id != v.id && c.lineage() == v.lineage() && c.eras().contains(&era))
+        {
+            return Err(StateError::Conflict(format!(
+                "volume {} reads snapshot {parent} (a clone of a clone of it, or one of its own snapshots taken before it was flattened): flatten it, delete those snapshots, or delete it first",
+                c.name
+            )));
+        }
         let lineage = v.lineage();
         let before = lineage_eras(&self.p.volumes, lineage);
-        let era = v.snapshots[at].era;
         let mut tx = self.begin(who);
         v.snapshots.remove(at);
         tx.p.volumes.insert(v.name.clone(), v.clone());
@@ -1626,7 +1690,7 @@ impl Cluster {
         if let Some(c) = self.p.volumes.values().find(|c| {
             c.id != v.id
                 && c.lineage() == v.lineage()
-                && c.under.iter().any(|e| v.eras().contains(e))
+                && c.eras().iter().any(|e| v.eras().contains(e))
         }) {
             return Err(StateError::Conflict(format!(
                 "volume {} is a clone of a snapshot of {name}: flatten or delete it first",

@@ -1464,3 +1464,62 @@ fn attach_modes_refuse_second_writers_and_take_overs_fence_on_every_live_node() 
         fence: 4
     }));
 }
+
+/// `POST /v1/volumes/{name}/flatten` cuts a clone off the layers under its
+/// head, only for the layers the copy was made for; the parent's snapshot
+/// may go once no volume reads it any more, also through a snapshot the
+/// clone took before it was flattened.
+#[test]
+fn flatten_cuts_a_clone_off_its_parent_and_then_the_snapshot_may_go() {
+    use celer_meta::api::FlattenVolume;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_server, c) = start(dir.path(), |_| {});
+    c.create_volume(&vol("p", 1 << 30)).expect("create p");
+    c.create_snapshot("p", "s").expect("snapshot p@s");
+    c.clone_volume("p", "s", "c").expect("clone c");
+    let req = |v: &celer_meta::api::Volume| FlattenVolume {
+        head_era: v.head_era,
+        under: v.under.clone(),
+    };
+    let pv = c.volume("p").expect("p");
+    let (st, msg) = status_of(c.flatten_volume("p", &req(&pv)));
+    assert_eq!(st, 409, "{msg}");
+    assert!(msg.contains("not a clone"), "{msg}");
+    let cv = c.volume("c").expect("c");
+    let stale = FlattenVolume {
+        head_era: cv.head_era + 100,
+        ..req(&cv)
+    };
+    let (st, msg) = status_of(c.flatten_volume("c", &stale));
+    assert_eq!(st, 409, "{msg}");
+    assert!(
+        msg.contains("changed while it was being flattened"),
+        "{msg}"
+    );
+    // A snapshot of the clone, taken before the flatten, reads p@s too.
+    c.create_snapshot("c", "k").expect("snapshot c@k");
+    let (st, _) = status_of(c.flatten_volume("c", &req(&cv)));
+    assert_eq!(st, 409, "the copy was made for the head before c@k");
+    let cv = c.volume("c").expect("c");
+    let flat = c.flatten_volume("c", &req(&cv)).expect("flatten c");
+    assert!(flat.under.is_empty() && flat.parent.is_none(), "{flat:?}");
+    let (st, msg) = status_of(c.flatten_volume("c", &req(&cv)));
+    assert_eq!(st, 409, "{msg}");
+    assert!(msg.contains("nothing to flatten"), "{msg}");
+    let (st, msg) = status_of(c.delete_snapshot("p", "s"));
+    assert_eq!(st, 409, "{msg}");
+    assert!(msg.contains("volume c reads snapshot p@s"), "{msg}");
+    let (st, msg) = status_of(c.delete_volume("p"));
+    assert_eq!(st, 409, "{msg}");
+    c.delete_snapshot("c", "k").expect("delete c@k");
+    c.delete_snapshot("p", "s")
+        .expect("delete p@s: nobody reads it");
+    c.delete_volume("p").expect("delete p");
+    assert_eq!(c.volume("c").expect("c").head_era, flat.head_era);
+    let log = c.log(0).expect("log");
+    assert!(
+        log.iter()
+            .any(|e| matches!(&e.what, Change::VolumeLayersChanged { what, .. } if what.starts_with("flattened"))),
+        "no flatten entry in the change log"
+    );
+}

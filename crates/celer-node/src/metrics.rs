@@ -33,13 +33,14 @@ struct ShardLabel {
     shard: u16,
 }
 
-const OPS: [&str; 7] = [
+const OPS: [&str; 8] = [
     "read",
     "write",
     "write_primary",
     "write_zeroes",
     "discard",
     "backfill_read",
+    "fill",
     "other",
 ];
 
@@ -60,7 +61,8 @@ fn op_index(op: Op) -> usize {
         Op::WriteZeroes => 3,
         Op::Discard => 4,
         Op::BackfillRead => 5,
-        _ => 6,
+        Op::Fill => 6,
+        _ => 7,
     }
 }
 

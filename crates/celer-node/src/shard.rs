@@ -20,6 +20,7 @@ use celer_engine::{
 };
 
 mod catch_up;
+mod fill;
 mod layers;
 mod repair;
 use catch_up::{catch_up_ranges, CatchUp};
@@ -110,6 +111,8 @@ enum OpKind {
     Primary,
     /// Serving a backfill read: state table then data.
     BackfillServe,
+    /// A fill (flatten): the head copies what it reads from under it.
+    Fill,
 }
 
 struct NodeOp {
@@ -136,6 +139,8 @@ struct NodeOp {
     /// A member (this node or a forward) holds a newer version than the
     /// write's: the highest such (answered with `OlderVersion`).
     newer: u64,
+    /// A fill: the blocks it copied (its answer's payload).
+    copied: u32,
 }
 
 /// One partition this shard backfills. Every queued backfill is listed
@@ -331,6 +336,7 @@ pub(crate) fn run(
             deadline: None,
             started: Instant::now(),
             newer: 0,
+            copied: 0,
         })
         .collect();
     let counters = shared.metrics.shard(id);
@@ -597,7 +603,7 @@ fn large_bytes(h: &Header) -> usize {
         Op::Read => {
             (h.offset as usize % BLOCK_SIZE + h.length as usize).next_multiple_of(BLOCK_SIZE)
         }
-        Op::Write | Op::WritePrimary => h.length as usize,
+        Op::Write | Op::WritePrimary | Op::Fill => h.length as usize,
         // State table and data.
         Op::BackfillRead => h.length as usize + h.length as usize / BLOCK_SIZE * STATE_BYTES,
         _ => 0,
@@ -928,6 +934,7 @@ impl ShardLoop {
                         | Op::WriteZeroes
                         | Op::Discard
                         | Op::BackfillRead
+                        | Op::Fill
                 );
                 let large = large_bytes(&frame.header);
                 if needs_op
@@ -1070,8 +1077,11 @@ impl ShardLoop {
             Op::Ping | Op::Flush | Op::RouteTable | Op::Renew => return Ok(()),
             // ListChunks from a client: its own volume's chunks only (see
             // serve_list_chunks), for the NBD front end's block status.
+            // Fill: the volume reads the same after it (a read-only
+            // capability may send it, and it is not fenced).
             Op::Read
             | Op::ListChunks
+            | Op::Fill
             | Op::Write
             | Op::WritePrimary
             | Op::WriteZeroes
@@ -1084,7 +1094,7 @@ impl ShardLoop {
         if crate::unix_ms() >= cap.expires_unix_ms {
             return Err(Status::Expired);
         }
-        if !matches!(h.op, Op::Read | Op::ListChunks) {
+        if !matches!(h.op, Op::Read | Op::ListChunks | Op::Fill) {
             if cap.read_only {
                 return Err(Status::ReadOnly);
             }
@@ -1167,6 +1177,7 @@ impl ShardLoop {
             Op::Write | Op::WritePrimary | Op::WriteZeroes | Op::Discard => {
                 self.start_mutation(c, f)
             }
+            Op::Fill => self.start_fill(c, &h),
         }
     }
 
@@ -1205,6 +1216,7 @@ impl ShardLoop {
         op.deadline = None;
         op.started = Instant::now();
         op.newer = 0;
+        op.copied = 0;
         id
     }
 
@@ -1695,11 +1707,16 @@ impl ShardLoop {
             // instead of failing; a read goes to the next member anyway.
             self.shared
                 .report_failure(format!("engine shard {}: {e}", self.id));
-            if matches!(self.ops[id].kind, OpKind::Mutate | OpKind::Primary)
-                && self.ops[id].status == Status::Ok
+            if matches!(
+                self.ops[id].kind,
+                OpKind::Mutate | OpKind::Primary | OpKind::Fill
+            ) && self.ops[id].status == Status::Ok
             {
                 self.ops[id].status = Status::Unavailable;
             }
+        }
+        if let (Ok(n), OpKind::Fill) = (&c.result, self.ops[id].kind) {
+            self.ops[id].copied = *n;
         }
         if c.newer_version > 0 && matches!(self.ops[id].kind, OpKind::Mutate | OpKind::Primary) {
             // Not applied (or not whole): the block holds a newer version.
@@ -1769,6 +1786,8 @@ impl ShardLoop {
                 conn.queue(h, &[&op.buf[op.at..op.at + req.length as usize]]);
             } else if status == Status::Ok && kind == OpKind::BackfillServe {
                 conn.queue(h, &[&op.buf[..len]]);
+            } else if status == Status::Ok && kind == OpKind::Fill {
+                conn.queue(h, &[&op.copied.to_le_bytes()]);
             } else if status == Status::StaleEpoch {
                 let enc = self
                     .route
@@ -1826,7 +1845,9 @@ impl ShardLoop {
     /// Whether writes of an epoch older than `epoch` are in flight here.
     fn older_writes_in_flight(&self, epoch: u64) -> bool {
         self.ops.iter().any(|o| {
-            o.busy && matches!(o.kind, OpKind::Mutate | OpKind::Primary) && o.req.epoch < epoch
+            o.busy
+                && matches!(o.kind, OpKind::Mutate | OpKind::Primary | OpKind::Fill)
+                && o.req.epoch < epoch
         })
     }
 

@@ -165,6 +165,27 @@
 //!   for its own volume (`volume`): the answer lists that volume's chunks
 //!   of the partition only (what the NBD front end's block status reads),
 //!   or with [`FLAG_SINCE`] those held by layers newer than an era.
+//! - `Fill` (volume, offset, length ≤ 1 MiB, no payload; `snapshot` = the
+//!   head era the sender knows): *flatten*. The node copies into the
+//!   volume's head layer every block of the range that a read takes from a
+//!   layer under the head (data only) and the head has no entry for,
+//!   with the lower block's data, crc and version (`EngineOp::Fill`). The
+//!   volume reads the same before and after, so a read-only capability may
+//!   send it and it is not fenced; a guest write of the block is ordered
+//!   with it by version, as any two writes (the fill's version is older
+//!   than any write made after the volume was cloned: a write that came
+//!   first is kept, one that comes later wins). Every replica holding the
+//!   same layers ends with the same blocks and versions, so the client
+//!   sends it to every member that takes writes, like a small write, and
+//!   waits for all (`celer volume flatten`); members that stayed record it
+//!   for a down member's catch-up. Answered `Ok` with a 4-byte payload, the
+//!   blocks copied (u32 LE); `Busy` while a member of the partition that
+//!   takes writes is not in sync (its lower layers may be incomplete: a
+//!   backfill or catch-up is running; retry after it); `StaleSnapshot` /
+//!   `SnapshotBehind` when the era it names is not the node's head era;
+//!   `Checksum` when a lower block fails its crc (the node repairs it in the
+//!   background; retry). A node older than this op closes the connection
+//!   on it (unknown op 14).
 //! - A request must lie within one chunk (`RouteTable::chunk_bytes`).
 //! - Every response echoes request id, op, volume, offset, length, and
 //!   carries in `version` the highest write version the node has seen for
@@ -272,6 +293,10 @@ pub enum Op {
     /// Client → node: a newer capability for the connection (payload: an
     /// [`auth::HelloProof`] with the new capability).
     Renew = 13,
+    /// Client → every member: copy the range's blocks the volume reads
+    /// from layers under its head into the head (flatten; see the crate
+    /// doc). Response payload: blocks copied, u32 LE.
+    Fill = 14,
 }
 
 /// Outcome carried by a response.
@@ -342,6 +367,7 @@ impl Op {
             11 => Op::BackfillRead,
             12 => Op::Challenge,
             13 => Op::Renew,
+            14 => Op::Fill,
             _ => return None,
         })
     }

@@ -19,6 +19,7 @@ fn op() -> impl Strategy<Value = Op> {
         Op::BackfillRead,
         Op::Challenge,
         Op::Renew,
+        Op::Fill,
     ])
 }
 

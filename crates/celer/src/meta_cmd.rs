@@ -193,6 +193,19 @@ pub enum VolumeCommand {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Copy into a clone every block it still shares with the snapshot it
+    /// was cloned from, so that snapshot can be deleted. Safe while a VM
+    /// writes the clone; run it again if it was interrupted (nothing is
+    /// copied twice).
+    Flatten {
+        /// The clone.
+        name: String,
+        /// Ranges filled at once (each on every replica).
+        #[arg(long, default_value_t = 4)]
+        workers: usize,
+        #[command(flatten)]
+        conn: Conn,
+    },
 }
 
 fn read_token_file(path: &PathBuf) -> Result<String> {
@@ -495,6 +508,13 @@ pub fn run_volume(cmd: VolumeCommand) -> Result<()> {
                 );
                 println!("created:   {}", utc(v.created_at));
                 println!("fence:     {}", v.fence);
+                if let Some(parent) = &v.parent {
+                    println!(
+                        "clone of:  {parent} (reads {} layers under its head; `celer volume flatten {}` copies them)",
+                        v.under.len(),
+                        v.name
+                    );
+                }
                 if atts.is_empty() {
                     println!("attached:  no");
                 }
@@ -556,6 +576,11 @@ pub fn run_volume(cmd: VolumeCommand) -> Result<()> {
         VolumeCommand::Clone { spec, name, conn } => {
             crate::snapshot_cmd::clone(&spec, &name, &conn)?
         }
+        VolumeCommand::Flatten {
+            name,
+            workers,
+            conn,
+        } => crate::snapshot_cmd::flatten(&name, workers, &conn)?,
     }
     Ok(())
 }

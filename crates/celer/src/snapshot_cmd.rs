@@ -224,3 +224,117 @@ pub fn clone(spec: &str, name: &str, conn: &Conn) -> Result<()> {
     );
     Ok(())
 }
+
+/// `celer volume flatten NAME`: copies into the clone's head every block
+/// it still reads from the layers under it (on every member, while a VM
+/// may keep writing it), then has the control service cut it off them, so
+/// the snapshot it was cloned from can be deleted. Run it again after any
+/// interruption: what was copied stays, and is not copied twice.
+pub fn flatten(name: &str, workers: usize, conn: &Conn) -> Result<()> {
+    use celer_client::{FillOptions, FillProgress};
+    use indicatif::HumanBytes;
+
+    let (url, token) = conn.url_and_token()?;
+    let meta = celer_meta::MetaClient::new(&url, &token);
+    let v = meta.volume(name).map_err(human)?;
+    if v.under.is_empty() {
+        println!(
+            "volume {name} reads no layer under its head: nothing to flatten (flattened already, or not a clone)"
+        );
+        return Ok(());
+    }
+    let Some(parent) = v.parent.clone() else {
+        anyhow::bail!(
+            "volume {name} is not a clone: the layers under its head are its own snapshots (deleting them frees their space)"
+        );
+    };
+    wait_for_cuts(&meta, &v)?;
+    let (client, attached) = crate::cluster_dev::open_client(
+        &url,
+        &token,
+        name,
+        &crate::cluster_dev::AttachOptions {
+            // A fill changes nothing the volume reads: a read-only
+            // attachment, beside the VM's.
+            read_only: true,
+            ..crate::cluster_dev::AttachOptions::exclusive("volume flatten")
+        },
+    )?;
+    let result = (|| -> Result<()> {
+        // The layers the copy is for: those the attachment saw.
+        let v = meta.volume(name).map_err(human)?;
+        anyhow::ensure!(
+            v.head_era == client.config().era && !v.under.is_empty(),
+            "the layers of volume {name} changed while the flatten started (a snapshot of it, or another flatten): run it again"
+        );
+        let started = std::time::Instant::now();
+        let chunks = client
+            .layer_chunks()
+            .map_err(|e| anyhow::anyhow!("list the chunks of volume {name}: {e}"))?;
+        let listed_ms = started.elapsed().as_millis();
+        let chunk_bytes = client.route_table().chunk_bytes;
+        let total = (chunks.len() as u64 * chunk_bytes).min(v.size_bytes);
+        let bar = crate::volume_io::progress_bar(total, &format!("flatten {name}"));
+        let progress = |p: FillProgress| {
+            bar.set_position(p.bytes_done);
+            bar.set_message(format!(
+                "flatten {name}: {} copied",
+                HumanBytes(p.bytes_copied)
+            ));
+        };
+        let opts = FillOptions {
+            workers,
+            ..FillOptions::default()
+        };
+        let done = client.fill_chunks(&chunks, &opts, &progress);
+        bar.finish_and_clear();
+        let done = done.map_err(|e| {
+            anyhow::anyhow!(
+                "flatten of volume {name} stopped: {e}. What was copied stays: run `celer volume flatten {name}` again to finish"
+            )
+        })?;
+        let fill_s = started.elapsed().as_secs_f64();
+        let req = celer_meta::api::FlattenVolume {
+            head_era: v.head_era,
+            under: v.under.clone(),
+        };
+        meta.flatten_volume(name, &req).map_err(human)?;
+        println!(
+            "flattened volume {name}: {} in {} chunks checked (listed in {listed_ms} ms), {} copied into its head in {:.1} s ({}/s); it no longer reads {parent}",
+            crate::volume_io::bytes_text(done.bytes_done),
+            chunks.len(),
+            crate::volume_io::bytes_text(done.bytes_copied),
+            fill_s,
+            HumanBytes((done.bytes_copied as f64 / fill_s.max(1e-3)) as u64),
+        );
+        Ok(())
+    })();
+    if let Err(e) = attached.detach() {
+        tracing::warn!("{e:#}");
+    }
+    result
+}
+
+/// Waits while a snapshot under the volume's head is still being cut: its
+/// writer may still add blocks to it for `SNAPSHOT_CUT_MS` (2 s).
+fn wait_for_cuts(meta: &celer_meta::MetaClient, v: &celer_meta::api::Volume) -> Result<()> {
+    loop {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let until = meta
+            .volumes()
+            .map_err(human)?
+            .iter()
+            .filter(|w| w.lineage() == v.lineage())
+            .filter_map(|w| w.cutting)
+            .filter(|c| v.under.contains(&c.era) && c.until_unix_ms > now)
+            .map(|c| c.until_unix_ms)
+            .max();
+        let Some(until) = until else {
+            return Ok(());
+        };
+        std::thread::sleep(std::time::Duration::from_millis(until - now + 100));
+    }
+}

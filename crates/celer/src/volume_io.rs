@@ -110,7 +110,7 @@ struct ImageInfo {
 
 /// In the largest unit not above `bytes`: `2 MiB` when it divides exactly,
 /// `8.01 MiB` otherwise.
-fn bytes_text(bytes: u64) -> String {
+pub(crate) fn bytes_text(bytes: u64) -> String {
     for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
         if bytes >= 1 << shift {
             if bytes.is_multiple_of(1 << shift) {
@@ -441,7 +441,7 @@ fn export_raw(
     ))
 }
 
-fn progress_bar(total: u64, what: &str) -> ProgressBar {
+pub(crate) fn progress_bar(total: u64, what: &str) -> ProgressBar {
     let bar = ProgressBar::new(total);
     let style = ProgressStyle::with_template(
         "{msg} [{elapsed_precise}] [{wide_bar}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",

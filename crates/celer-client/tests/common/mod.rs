@@ -61,6 +61,9 @@ pub struct Script {
     /// Answer the next N reads with a payload whose checksum is wrong.
     pub bad_payload_next: u32,
     pub delay: Duration,
+    /// Close the connection on every `Fill`, as a node built before the
+    /// op does (it cannot decode the frame).
+    pub unknown_fill: bool,
 }
 
 pub struct Inner {
@@ -370,8 +373,8 @@ fn serve(mut s: TcpStream, node: Arc<FakeNode>, conn: u32) {
             respond(&mut s, &h, status, &body, version);
             continue;
         }
-        if st.script.close_next > 0 {
-            st.script.close_next -= 1;
+        if st.script.close_next > 0 || (h.op == Op::Fill && st.script.unknown_fill) {
+            st.script.close_next = st.script.close_next.saturating_sub(1);
             let _ = s.shutdown(Shutdown::Both);
             return;
         }
@@ -510,6 +513,12 @@ fn handle(
             }
             (Status::Ok, out, Vec::new())
         }
+        // Nothing to copy in a fake store: every block counts as copied.
+        Op::Fill => (
+            Status::Ok,
+            (h.length / BLOCK as u32).to_le_bytes().to_vec(),
+            Vec::new(),
+        ),
         _ => (Status::Invalid, Vec::new(), Vec::new()),
     }
 }

@@ -66,3 +66,57 @@ pub fn compare_chunk_of(
     }
     diffs
 }
+
+/// Compares the block states (kind and version per block, a `BackfillRead`
+/// with `FLAG_STATES_ONLY`) of engine key `key` (a layer, placed by its
+/// lineage) in chunk `chunk` on every member of its partition; returns a
+/// description of every difference. Also returns the states of the first
+/// member, as (kind byte, version) per block.
+pub fn compare_states_of(t: &RouteTable, key: u64, chunk: u64) -> (Vec<String>, Vec<(u8, u64)>) {
+    let p = t.partition_of(key, chunk);
+    let part = t.partition(p).expect("partition");
+    let mut copies = Vec::new();
+    for m in &part.members {
+        let n = t.node(m.node).expect("member node");
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(&n.data_addr)
+            .expect("address")
+            .next()
+            .expect("an address");
+        let mut s = connect(addr, t.shard_of(n, p), &node_credential(TOKEN))
+            .expect("the node accepts the cluster credential");
+        let mut h = Header::request(Op::BackfillRead, 3);
+        h.epoch = t.epoch;
+        h.volume = key;
+        h.offset = chunk * t.chunk_bytes;
+        h.length = t.chunk_bytes as u32;
+        h.flags = celer_proto::FLAG_STATES_ONLY;
+        let (r, table) = call(&mut s, h, &[]);
+        assert_eq!(
+            r.status,
+            Status::Ok,
+            "states of chunk {chunk} from node {}",
+            m.node
+        );
+        let states: Vec<(u8, u64)> = table
+            .chunks_exact(9)
+            .map(|e| {
+                let mut v = [0u8; 8];
+                v.copy_from_slice(&e[..8]);
+                (e[8], u64::from_le_bytes(v))
+            })
+            .collect();
+        copies.push((m.node, states));
+    }
+    let mut diffs = Vec::new();
+    let (n0, first) = &copies[0];
+    for (n, c) in &copies[1..] {
+        for (b, (x, y)) in first.iter().zip(c).enumerate() {
+            if x != y {
+                diffs.push(format!(
+                    "key {key:#x} chunk {chunk} block {b}: node {n0} holds {x:?}, node {n} {y:?}"
+                ));
+            }
+        }
+    }
+    (diffs, copies.swap_remove(0).1)
+}
