@@ -40,7 +40,7 @@ use crate::metrics::ScrubDifference;
 /// Engine tags at or above this (and below `TAG_PURGE`) are scrub reads.
 pub(super) const TAG_SCRUB: u64 = 1 << 38;
 /// Largest scrub read.
-const SCRUB_PIECE_BYTES: usize = 64 << 10;
+const SCRUB_PIECE_BYTES: usize = 256 << 10;
 /// The first pass starts this long after the node starts.
 const SCRUB_FIRST_DELAY: Duration = Duration::from_secs(60);
 
