@@ -722,7 +722,10 @@ fn the_scrub_finds_and_repairs_a_copy_nobody_reads() {
     let status = admin_http(&nodes[v], "GET /v1/scrub HTTP/1.0\r\n\r\n");
     assert!(status.contains("\"passes\":1"), "{status}");
     assert_eq!(metric(&nodes[v], "celer_node_scrub_bytes_total", &[]), 0);
-    assert_eq!(metric(&nodes[v], "celer_node_scrub_damaged_blocks_total", &[]), 0);
+    assert_eq!(
+        metric(&nodes[v], "celer_node_scrub_damaged_blocks_total", &[]),
+        0
+    );
     let t0 = Instant::now();
     for n in &nodes {
         scrub(n, "start");

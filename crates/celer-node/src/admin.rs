@@ -482,13 +482,17 @@ async fn scrub_control(
                     Ok(o) => {
                         return (
                             StatusCode::BAD_REQUEST,
-                            Json(json!({"error": format!("{} keys, at most {SCRUB_KEYS_MAX}", o.keys.len())})),
+                            Json(
+                                json!({"error": format!("{} keys, at most {SCRUB_KEYS_MAX}", o.keys.len())}),
+                            ),
                         )
                     }
                     Err(e) => {
                         return (
                             StatusCode::BAD_REQUEST,
-                            Json(json!({"error": format!("expected {{\"keys\": [layer keys]}} or nothing: {e}")})),
+                            Json(
+                                json!({"error": format!("expected {{\"keys\": [layer keys]}} or nothing: {e}")}),
+                            ),
                         )
                     }
                 }
