@@ -703,6 +703,14 @@ pub fn run_status(a: StatusArgs) -> Result<()> {
     println!("change log: {} entries", s.log_seq);
     // Nodes that said why they cannot serve (a full or failed disk).
     if let Ok(nodes) = c.nodes() {
+        let up: Vec<&str> = nodes
+            .iter()
+            .filter(|n| n.up)
+            .map(|n| n.admin_addr.as_str())
+            .collect();
+        if let Some(t) = scrub_text(&up) {
+            println!("scrub:      {t}");
+        }
         for n in nodes.iter().filter(|n| n.failure.is_some()) {
             println!(
                 "failed:     node {} ({}): {}",
@@ -721,6 +729,51 @@ pub fn run_status(a: StatusArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// One line on the up nodes' scrubs (their `GET /v1/scrub`, no token):
+/// passes, how many run now, what they found. None without nodes.
+fn scrub_text(admins: &[&str]) -> Option<String> {
+    if admins.is_empty() {
+        return None;
+    }
+    let agent = ureq::AgentBuilder::new()
+        .timeout(std::time::Duration::from_secs(2))
+        .build();
+    let answers: Vec<serde_json::Value> = admins
+        .iter()
+        .filter_map(|a| {
+            agent
+                .get(&format!("http://{a}/v1/scrub"))
+                .call()
+                .ok()?
+                .into_json()
+                .ok()
+        })
+        .collect();
+    let u = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
+    let sum = |k: &str| answers.iter().map(|v| u(v, k)).sum::<u64>();
+    let passes = answers.iter().map(|v| u(v, "passes"));
+    let (lo, hi) = (passes.clone().min()?, passes.max()?);
+    let running = answers
+        .iter()
+        .filter(|v| v["running"].as_bool() == Some(true))
+        .count();
+    Some(format!(
+        "{} of {} nodes answered: {running} running, {} passes done per node, {} damaged blocks found, copies differing {} behind / {} mismatched (both copied), {} divergent{}",
+        answers.len(),
+        admins.len(),
+        if lo == hi { lo.to_string() } else { format!("{lo}-{hi}") },
+        sum("damaged_blocks"),
+        sum("behind_blocks"),
+        sum("mismatched_blocks"),
+        sum("divergent_blocks"),
+        if sum("divergent_blocks") > 0 {
+            " (no majority: see the nodes' logs)"
+        } else {
+            ""
+        }
+    ))
 }
 
 /// `10 GiB`, `4 KiB`, `1536 MiB`: the largest unit that divides exactly.

@@ -245,8 +245,17 @@ fn scrub_every_node(port: u16, token_file: &std::path::Path) {
         std::thread::sleep(Duration::from_millis(200));
     }
     let text = celer(&["scrub", "status"]);
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.contains(": idle, 1 passes") && l.contains("0 damaged blocks found"))
+            .count(),
+        3,
+        "{text}"
+    );
+    // `celer status` sums them up.
+    let text = celer(&["status"]);
     assert!(
-        text.contains("1 passes") || text.contains("passes"),
+        text.contains("scrub:      3 of 3 nodes answered: 0 running, 1 passes done per node, 0 damaged blocks found"),
         "{text}"
     );
     // A wrong token cannot start or pause it.
