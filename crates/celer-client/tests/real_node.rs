@@ -781,37 +781,46 @@ fn the_scrub_finds_and_repairs_a_copy_nobody_reads() {
 }
 
 /// A copy that missed a write is caught up by the scrub's comparison: a
-/// member is stopped while a client writes a block (the write reaches the
-/// two others and fails, as a client dying between replicas would leave
-/// it), then starts again on its disk in the same table, still an
-/// in-sync member with the old version. Its scrub compares block states
-/// with the other members, finds the newer version there and copies it:
-/// its disk then holds the write.
+/// member is stopped while a client writes three blocks (each write
+/// reaches the two others and fails, as a client dying between replicas
+/// would leave it), then starts again on its disk in the same table, still
+/// an in-sync member with the old versions. The blocks: one it holds at an
+/// older version; one in a 256 KiB piece of that chunk where it holds no
+/// data (nothing there to read); one in a chunk it lacks entirely (known
+/// only from the other members' chunk lists). Its scrub compares block
+/// states with the other members, finds the newer versions there and
+/// copies all three: its disk then holds the writes.
 #[test]
 fn the_scrub_copies_a_write_a_member_missed() {
     init_tracing();
     let dir = tempfile::tempdir().unwrap();
     let (mut nodes, mut t) = three_nodes(dir.path());
     let off = (6 << 20) + 3 * 4096;
-    let part = t
-        .partition(t.partition_at(1, off))
-        .expect("partition")
-        .clone();
-    let lagging = part
-        .members
-        .iter()
-        .map(|m| m.node)
-        .find(|&n| Some(n) != part.primary())
-        .expect("a non-primary member");
+    let in_empty_piece = (6 << 20) + (700 << 10);
+    // The lagging member is the last one the client writes to (a write it
+    // cannot send there has reached the two others then).
+    let last_writer = |at: u64| {
+        t.partition(t.partition_at(1, at))
+            .and_then(|part| part.members.last())
+            .map(|m| m.node)
+            .expect("a member")
+    };
+    let lagging = last_writer(off);
+    let in_missing_chunk = (8..64u64)
+        .map(|c| (c << 20) + 2 * 4096)
+        .find(|&at| last_writer(at) == lagging)
+        .expect("another chunk written last to the same member");
     {
         let client = attached(&nodes, 1, 0, Duration::from_secs(3600));
         let mut q = client.open_queue(0).unwrap();
         write(&mut q, off, &mut pattern(1, 4096)).unwrap();
         let i = nodes.iter().position(|n| n.id() == lagging).unwrap();
         nodes.remove(i).stop().unwrap();
-        // The member is gone: the write lands on the two others only and
+        // The member is gone: each write lands on the two others only and
         // is not acknowledged.
         assert!(write(&mut q, off, &mut pattern(2, 4096)).is_err());
+        assert!(write(&mut q, in_empty_piece, &mut pattern(3, 4096)).is_err());
+        assert!(write(&mut q, in_missing_chunk, &mut pattern(4, 4096)).is_err());
         drop(q);
         drop(client);
         nodes.insert(i, run_node(dir.path(), lagging));
@@ -833,17 +842,26 @@ fn the_scrub_copies_a_write_a_member_missed() {
     while caught_up(&nodes[l]) == 0 && t0.elapsed() < Duration::from_secs(20) {
         std::thread::sleep(Duration::from_millis(20));
     }
+    while caught_up(&nodes[l]) < 3 && t0.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     println!("caught up {:?} after the scrub started", t0.elapsed());
-    assert_eq!(caught_up(&nodes[l]), 1, "the missed write was copied");
+    assert_eq!(
+        caught_up(&nodes[l]),
+        3,
+        "the three missed writes were copied"
+    );
     for n in nodes {
         n.stop().unwrap();
     }
     for id in 1..=3 {
-        assert_eq!(
-            stored_block(dir.path(), id, off).expect("every copy reads"),
-            pattern(2, 4096),
-            "node {id} holds the write"
-        );
+        for (at, seed) in [(off, 2), (in_empty_piece, 3), (in_missing_chunk, 4)] {
+            assert_eq!(
+                stored_block(dir.path(), id, at).expect("every copy reads"),
+                pattern(seed, 4096),
+                "node {id} holds the write at {at}"
+            );
+        }
     }
 }
 

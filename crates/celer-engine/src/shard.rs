@@ -1779,14 +1779,16 @@ impl Shard {
                 }
                 local
             }
-            None if kind != EngineOp::Write
-                && !(celer_device::era_of(volume) > 0
+            None if !(matches!(kind, EngineOp::Write | EngineOp::Repair)
+                || celer_device::era_of(volume) > 0
                     && matches!(kind, EngineOp::WriteZeroes | EngineOp::Discard)) =>
             {
                 // Nothing stored: already zero. Versions of chunks that hold
                 // no slot are not kept (see docs/architecture.md). A layer
                 // above era 0 records its zeroes (below): they hide the
-                // layers under it.
+                // layers under it. (A repair allocates like a write: it
+                // copies a block this member missed, maybe its chunk's
+                // first.)
                 return self.finish(id);
             }
             None if self

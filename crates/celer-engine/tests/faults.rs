@@ -188,6 +188,21 @@ fn a_repair_rewrites_a_damaged_block_at_its_version() {
     // A newer client write after a repair applies as usual.
     write(&mut sh, 3, b5, &mut filled(4, 5, 1), 11).expect("newer write");
     expect_pattern(&read(&mut sh, 3, b5, 1).expect("newer"), 4, 5);
+    // A repair of a block in a chunk this shard holds nothing of (a write
+    // it missed, its chunk's first) allocates the chunk like a write does,
+    // and survives a crash.
+    let chunk_bytes = sh.geometry().chunk_bytes();
+    let elsewhere = 2 * chunk_bytes + 3 * BS as u64;
+    let first = elsewhere / BS as u64;
+    repair(&mut sh, 3, elsewhere, &mut filled(6, first, 1), 20).expect("repair");
+    expect_pattern(&read(&mut sh, 3, elsewhere, 1).expect("copied"), 6, first);
+    drop(sh);
+    let mut sh = open();
+    expect_pattern(
+        &read(&mut sh, 3, elsewhere, 1).expect("copied, after a crash"),
+        6,
+        first,
+    );
     sh.close().expect("close");
 }
 

@@ -34,8 +34,9 @@ use crate::AgentMsg;
 pub(super) const REQ_REPAIR: u32 = REQ_BACKFILL | 1 << 30;
 /// Engine tags at or above this are a repair's write or read-back.
 pub(super) const TAG_REPAIR: u64 = 1 << 41;
-/// Blocks queued for repair per shard.
-const REPAIRS_MAX: usize = 64;
+/// Blocks queued for repair per shard (room for two scrub pieces' worth of
+/// blocks found behind).
+pub(super) const REPAIRS_MAX: usize = 128;
 /// Repairs fetching or writing at once per shard.
 const REPAIRS_RUNNING: usize = 4;
 /// A member that does not answer within this is skipped.
@@ -361,6 +362,18 @@ impl ShardLoop {
         self.repair_submit(i, EngineOp::Repair);
     }
 
+    /// Whether repair `i`'s block holds the version it wrote, or a newer
+    /// one (true when its write was skipped for a newer version).
+    fn repair_took(&self, i: usize) -> bool {
+        let r = &self.repairs[i];
+        if r.version == 0 {
+            return true;
+        }
+        let mut state = [(BlockKind::Unwritten, 0u64)];
+        self.engine.block_states(r.volume, r.offset, &mut state);
+        state[0].0 != BlockKind::Unwritten && state[0].1 >= r.version
+    }
+
     /// Submits repair `i`'s write (`EngineOp::Repair`) or read-back.
     fn repair_submit(&mut self, i: usize, op: EngineOp) {
         let epoch = self.table().map_or(0, |t| t.epoch);
@@ -427,6 +440,20 @@ impl ShardLoop {
                 self.repair_submit(i, EngineOp::Read);
             }
             Stage::Verifying => match c.result {
+                Ok(_) if !self.repair_took(i) => {
+                    // Read back, but not at the version written (the write
+                    // was dropped): not repaired; the next member.
+                    let r = &mut self.repairs[i];
+                    tracing::warn!(
+                        volume = r.volume,
+                        offset = r.offset,
+                        node = r.source,
+                        version = r.version,
+                        "repair: the copy was not stored at its version; asking the next member"
+                    );
+                    r.tried.push(r.source);
+                    r.stage = Stage::Fetch;
+                }
                 Ok(_) => {
                     let r = self.repairs.swap_remove(i);
                     let result = if r.version == 0 {

@@ -11,12 +11,19 @@
 //! copied from them; copies with no majority are reported (counted and
 //! logged by volume and offset), never overwritten.
 //!
-//! A pass lists the shard's chunks, then reads them in pieces of up to
-//! `SCRUB_PIECE_BYTES`, one piece in flight per shard. Blocks never written
-//! or zeroed are skipped (the engine's block states say which hold data),
-//! and only data blocks count against the rate: a token bucket of
-//! `NodeConfig::scrub_bytes_per_sec / shards`. A piece that hits a bad
-//! block queues its repair and goes on from the next block.
+//! A pass lists the shard's chunks, and asks the other in-sync members of
+//! each partition it serves for theirs (`ListChunks`, one partition at a
+//! time): a chunk a member holds and this node lacks entirely (a write
+//! that reached the others only, a client that died between replicas) has
+//! nothing here to read, so it would never be compared otherwise. Then it
+//! reads the chunks in pieces of up to `SCRUB_PIECE_BYTES`, one piece in
+//! flight per shard. Blocks never written or zeroed are not read (the
+//! engine's block states say which hold data), and only data blocks count
+//! against the rate: a token bucket of `NodeConfig::scrub_bytes_per_sec /
+//! shards`. A piece with no data here, in a chunk another member holds, is
+//! still compared (states only, one round trip, waited for): its blocks
+//! another member holds are copied. A piece that hits a bad block queues
+//! its repair and goes on from the next block.
 //!
 //! Passes start `SCRUB_FIRST_DELAY` after the node starts, then every
 //! `NodeConfig::scrub_interval` after the previous pass started; an
@@ -43,6 +50,13 @@ pub(super) const TAG_SCRUB: u64 = 1 << 38;
 const SCRUB_PIECE_BYTES: usize = 256 << 10;
 /// The first pass starts this long after the node starts.
 const SCRUB_FIRST_DELAY: Duration = Duration::from_secs(60);
+/// A member that does not answer a listing or a comparison the scrub waits
+/// for within this is skipped (its answer, if late, is still used for what
+/// it shows newer there).
+const SCRUB_ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Most chunks taken from the members' listings in one pass (a bound on
+/// what a peer's answers can make this shard hold).
+const SCRUB_LISTED_MAX: usize = 1 << 22;
 
 /// Scrub controls and figures shared by the shards and the admin server.
 pub(crate) struct ScrubShared {
@@ -104,11 +118,26 @@ pub(super) struct Scrub {
     start_requests_seen: u64,
     running: bool,
     started: Instant,
-    chunks: Vec<(u64, u64)>,
+    /// The layer keys this pass covers (None: all).
+    only: Option<std::sync::Arc<Vec<u64>>>,
+    /// Partitions whose members' chunk lists are still to be asked for
+    /// (the pass reads nothing until they are all listed).
+    to_list: Vec<u32>,
+    /// Sequence numbers of the listings waited for, and when they were sent.
+    list_waiting: Vec<u32>,
+    list_sent: Instant,
+    /// Chunks the members listed (merged into `chunks` once all answered).
+    listed: Vec<(u64, u64)>,
+    /// The pass's chunks: layer key, chunk, whether another member holds it
+    /// (then its pieces without data here are compared too).
+    chunks: Vec<(u64, u64, bool)>,
     next_chunk: usize,
     /// Offset within the current chunk.
     at: u64,
     inflight: bool,
+    /// The piece in flight is a comparison of a piece without data here
+    /// (no read): it ends when every member asked has answered.
+    probing: bool,
     /// The piece in flight: volume, offset, length, data bytes in it.
     piece: (u64, u64, u64, u64),
     tokens: f64,
@@ -126,8 +155,9 @@ struct CompareRound {
     volume: u64,
     offset: u64,
     blocks: usize,
-    /// Request sequence numbers not answered yet.
+    /// Request sequence numbers not answered yet, and when they were sent.
     waiting: Vec<u32>,
+    sent_at: Option<Instant>,
     /// Every member asked answered with a state table (none failed, none
     /// unreachable).
     complete: bool,
@@ -147,10 +177,16 @@ impl Scrub {
             start_requests_seen: 0,
             running: false,
             started: now,
+            only: None,
+            to_list: Vec::new(),
+            list_waiting: Vec::new(),
+            list_sent: now,
+            listed: Vec::new(),
             chunks: Vec::new(),
             next_chunk: 0,
             at: 0,
             inflight: false,
+            probing: false,
             piece: (0, 0, 0, 0),
             tokens: 0.0,
             refilled: now,
@@ -164,7 +200,14 @@ impl Scrub {
     /// How long the shard may sleep before the scrub has work (None: it
     /// waits for nothing: off, paused, between passes or a read in flight).
     pub(super) fn wait_hint(&self) -> Option<Duration> {
-        if !self.running || self.inflight || self.rate == 0 {
+        if !self.running || self.rate == 0 {
+            return None;
+        }
+        if self.probing || !self.list_waiting.is_empty() {
+            // Waiting for members' answers: wake up for their timeout.
+            return Some(SCRUB_ANSWER_TIMEOUT / 4);
+        }
+        if self.inflight {
             return None;
         }
         let missing = SCRUB_PIECE_BYTES as f64 - self.tokens;
@@ -200,16 +243,30 @@ impl ShardLoop {
             } else {
                 None
             };
-            self.scrub_begin(now, only.as_deref().map(Vec::as_slice));
+            self.scrub_begin(now, only);
         } else if asked {
             // Asked while a pass runs: that pass is the one asked for.
             self.scrub.start_requests_seen = requests;
+        }
+        if self.scrub.probing
+            && self
+                .scrub
+                .compare
+                .sent_at
+                .is_none_or(|t| now.duration_since(t) > SCRUB_ANSWER_TIMEOUT)
+        {
+            // A member did not answer the comparison: go on without it.
+            self.scrub_probe_done();
         }
         if !self.scrub.running || self.scrub.inflight {
             return;
         }
         if self.shared.scrub.paused.load(Ordering::Acquire) {
             self.scrub.refilled = now;
+            return;
+        }
+        if !self.scrub.to_list.is_empty() || !self.scrub.list_waiting.is_empty() {
+            self.scrub_list_step(now);
             return;
         }
         let s = &mut self.scrub;
@@ -229,16 +286,43 @@ impl ShardLoop {
         }
     }
 
-    /// Starts a pass over every chunk this shard holds, or over the chunks
-    /// of the layer keys in `only` (one volume: `celer scrub start
-    /// --volume`).
-    fn scrub_begin(&mut self, now: Instant, only: Option<&[u64]>) {
-        let deleted = self.deleted.clone();
+    /// Starts a pass over every chunk this shard or another member of its
+    /// partitions holds, or over the chunks of the layer keys in `only`
+    /// (one volume: `celer scrub start --volume`). The members' lists are
+    /// asked for first (`scrub_list_step`).
+    fn scrub_begin(&mut self, now: Instant, only: Option<std::sync::Arc<Vec<u64>>>) {
+        let me = self.shared.id;
+        let to_list: Vec<u32> = self
+            .table()
+            .map(|t| {
+                let Some(node) = t.node(me) else {
+                    return Vec::new();
+                };
+                (0..t.partition_count())
+                    .filter(|&p| {
+                        t.shard_of(node, p) == self.id
+                            && t.partition(p).is_some_and(|part| {
+                                part.member(me).is_some_and(|m| m.in_sync)
+                                    && part.members.iter().any(|m| m.in_sync && m.node != me)
+                            })
+                    })
+                    .rev()
+                    .collect()
+            })
+            .unwrap_or_default();
         let s = &mut self.scrub;
-        s.chunks = self.engine.chunks();
-        s.chunks.retain(|(v, _)| {
-            deleted.binary_search(v).is_err() && only.is_none_or(|keys| keys.contains(v))
-        });
+        s.only = only;
+        s.to_list = to_list;
+        s.list_waiting.clear();
+        s.listed.clear();
+        s.chunks = self
+            .engine
+            .chunks()
+            .into_iter()
+            .map(|(v, c)| (v, c, false))
+            .collect();
+        self.scrub_keep_covered();
+        let s = &mut self.scrub;
         s.chunks.sort_unstable();
         s.next_chunk = 0;
         s.at = 0;
@@ -258,6 +342,134 @@ impl ShardLoop {
             shard = self.id,
             chunks = s.chunks.len(),
             "scrub pass started"
+        );
+    }
+
+    /// Drops from `scrub.chunks` those of deleted layers and of layers the
+    /// pass does not cover.
+    fn scrub_keep_covered(&mut self) {
+        let deleted = &self.deleted;
+        let s = &mut self.scrub;
+        let only = s.only.as_deref();
+        s.chunks.retain(|(v, _, _)| {
+            deleted.binary_search(v).is_err() && only.is_none_or(|keys| keys.contains(v))
+        });
+    }
+
+    /// Asks the other in-sync members of the next partition for their
+    /// chunks, once the previous partition's answers are in (or timed out).
+    fn scrub_list_step(&mut self, now: Instant) {
+        if !self.scrub.list_waiting.is_empty() {
+            if now.duration_since(self.scrub.list_sent) <= SCRUB_ANSWER_TIMEOUT {
+                return;
+            }
+            // A member that does not answer: this pass goes without its list.
+            self.scrub.list_waiting.clear();
+        }
+        let me = self.shared.id;
+        while let Some(p) = self.scrub.to_list.pop() {
+            let Some((epoch, peers)) = self.table().and_then(|t| {
+                let part = t.partition(p)?;
+                if !part.member(me).is_some_and(|m| m.in_sync) {
+                    return None;
+                }
+                let peers: Vec<NodeId> = part
+                    .members
+                    .iter()
+                    .filter(|m| m.in_sync && m.node != me)
+                    .map(|m| m.node)
+                    .collect();
+                Some((t.epoch, peers))
+            }) else {
+                continue;
+            };
+            for node in peers {
+                let Some(c) = self.peer_conn(node, p) else {
+                    continue;
+                };
+                self.compare_seq = (self.compare_seq + 1) & 0xffff;
+                self.scrub.list_waiting.push(self.compare_seq);
+                let mut h = Header::request(Op::ListChunks, REQ_COMPARE | self.compare_seq);
+                h.epoch = epoch;
+                h.offset = p as u64;
+                if let Some(conn) = self.conns[c].as_mut() {
+                    conn.queue(h, &[]);
+                }
+                self.mark_dirty(c);
+            }
+            if !self.scrub.list_waiting.is_empty() {
+                self.scrub.list_sent = now;
+                return;
+            }
+        }
+        self.scrub_list_done();
+    }
+
+    /// A member's chunk list for one partition (`ListChunks` as a node:
+    /// every layer key's chunks in it, 16 bytes each).
+    fn scrub_list_response(&mut self, h: &Header, payload: &[u8]) {
+        let seq = h.request_id & 0xffff;
+        let s = &mut self.scrub;
+        if !s.list_waiting.contains(&seq) {
+            return; // timed out since, or from another pass
+        }
+        s.list_waiting.retain(|x| *x != seq);
+        if h.status == Status::Ok && payload.len().is_multiple_of(16) {
+            let p = h.offset as u32;
+            if let Some(t) = self.table() {
+                let entries = payload.chunks_exact(16).map(|e| {
+                    let mut key = [0u8; 8];
+                    let mut chunk = [0u8; 8];
+                    key.copy_from_slice(&e[..8]);
+                    chunk.copy_from_slice(&e[8..]);
+                    (u64::from_le_bytes(key), u64::from_le_bytes(chunk))
+                });
+                // Only chunks of the partition asked about (which this
+                // shard serves as an in-sync member: checked when asked).
+                let mine: Vec<(u64, u64)> = entries
+                    .filter(|&(k, c)| t.partition_of(k, c) == p)
+                    .collect();
+                let room = SCRUB_LISTED_MAX.saturating_sub(self.scrub.listed.len());
+                if mine.len() > room {
+                    tracing::warn!(
+                        shard = self.id,
+                        partition = p,
+                        "scrub: members list more chunks than one pass takes; the rest waits for the next pass"
+                    );
+                }
+                self.scrub.listed.extend(mine.into_iter().take(room));
+            }
+        }
+        if self.scrub.list_waiting.is_empty() && self.scrub.to_list.is_empty() {
+            self.scrub_list_done();
+        }
+    }
+
+    /// Every partition listed: the members' chunks join the pass's.
+    fn scrub_list_done(&mut self) {
+        let s = &mut self.scrub;
+        let listed = std::mem::take(&mut s.listed);
+        s.chunks
+            .extend(listed.into_iter().map(|(k, c)| (k, c, true)));
+        self.scrub_keep_covered();
+        let s = &mut self.scrub;
+        s.chunks.sort_unstable();
+        // One entry per chunk, marked when any member listed it.
+        s.chunks.dedup_by(|later, kept| {
+            if later.0 == kept.0 && later.1 == kept.1 {
+                kept.2 |= later.2;
+                true
+            } else {
+                false
+            }
+        });
+        self.scrub_cell()
+            .chunks_total
+            .store(self.scrub.chunks.len() as u64, Ordering::Relaxed);
+        tracing::debug!(
+            shard = self.id,
+            chunks = self.scrub.chunks.len(),
+            "scrub: chunk lists merged"
         );
     }
 
@@ -286,13 +498,18 @@ impl ShardLoop {
     /// done with this step (a read submitted, the pass over, or the engine
     /// busy); false after skipping a piece without data.
     fn scrub_next_piece(&mut self) -> bool {
+        // Blocks found behind are queued for copying: the next piece waits
+        // until the queue has room for all of its blocks.
+        if self.repairs.len() + SCRUB_PIECE_BYTES / BLOCK_SIZE > super::repair::REPAIRS_MAX {
+            return true;
+        }
         let chunk_bytes = self.engine.geometry().chunk_bytes();
         let s = &mut self.scrub;
         if s.next_chunk >= s.chunks.len() {
             self.scrub_end();
             return true;
         }
-        let (volume, chunk) = s.chunks[s.next_chunk];
+        let (volume, chunk, elsewhere) = s.chunks[s.next_chunk];
         let offset = chunk * chunk_bytes + s.at;
         let len = (chunk_bytes - s.at).min(SCRUB_PIECE_BYTES as u64);
         let blocks = (len / BLOCK_SIZE as u64) as usize;
@@ -303,6 +520,9 @@ impl ShardLoop {
         // The data blocks' span: read from the first to the last.
         let first = s.states.iter().position(|x| x.0 == BlockKind::Data);
         let Some(first) = first else {
+            if elsewhere {
+                return self.scrub_probe(volume, offset, len);
+            }
             self.scrub_advance(len);
             return false;
         };
@@ -349,6 +569,42 @@ impl ShardLoop {
                 false
             }
         }
+    }
+
+    /// Compares a piece without data here, in a chunk another member holds,
+    /// with the members (`scrub_compare`); the pass goes on once they all
+    /// answered (`scrub_probe_done`). True: wait (a comparison in flight).
+    fn scrub_probe(&mut self, volume: u64, offset: u64, len: u64) -> bool {
+        let round = &self.scrub.compare;
+        if !round.waiting.is_empty()
+            && round
+                .sent_at
+                .is_some_and(|t| t.elapsed() <= SCRUB_ANSWER_TIMEOUT)
+        {
+            // The last piece read is still being compared: after it.
+            return true;
+        }
+        self.scrub_compare(volume, offset, len);
+        if self.scrub.compare.waiting.is_empty() {
+            // No member to ask (not in sync here, none reachable).
+            self.scrub_advance(len);
+            return false;
+        }
+        let s = &mut self.scrub;
+        s.inflight = true;
+        s.probing = true;
+        s.piece = (volume, offset, len, 0);
+        true
+    }
+
+    /// The comparison of a piece without data here is over (answered or
+    /// timed out): the pass goes on after it.
+    fn scrub_probe_done(&mut self) {
+        let s = &mut self.scrub;
+        s.probing = false;
+        s.inflight = false;
+        let len = s.piece.2;
+        self.scrub_advance(len);
     }
 
     /// Moves past `len` bytes of the current chunk.
@@ -435,6 +691,7 @@ impl ShardLoop {
         round.offset = offset;
         round.blocks = len as usize / BLOCK_SIZE;
         round.waiting.clear();
+        round.sent_at = Some(Instant::now());
         round.answers = 0;
         round.complete = true;
         for node in peers {
@@ -466,6 +723,16 @@ impl ShardLoop {
     /// versions, so a write in flight is at worst copied early (the same
     /// data, at its version).
     pub(super) fn scrub_compare_response(&mut self, h: &Header, payload: &[u8]) {
+        if h.op == Op::ListChunks {
+            return self.scrub_list_response(h, payload);
+        }
+        self.scrub_compare_answer(h, payload);
+        if self.scrub.probing && self.scrub.compare.waiting.is_empty() {
+            self.scrub_probe_done();
+        }
+    }
+
+    fn scrub_compare_answer(&mut self, h: &Header, payload: &[u8]) {
         let seq = h.request_id & 0xffff;
         let round = &mut self.scrub.compare;
         let in_round = h.volume == round.volume && h.offset == round.offset;
