@@ -728,6 +728,14 @@ pub struct Restored {
     pub seq: u64,
     pub volumes: usize,
     pub nodes: usize,
+    /// Volumes and snapshots of the restore point that were deleted since
+    /// and are not brought back (the nodes free a deleted layer's data),
+    /// each with the reason.
+    #[serde(default)]
+    pub not_restored: Vec<String>,
+    /// Volumes and snapshots made after the restore point, deleted by it.
+    #[serde(default)]
+    pub removed: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

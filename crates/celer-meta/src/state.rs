@@ -1846,24 +1846,33 @@ impl Cluster {
                 replay(&mut volumes, &mut nodes, e.what);
             }
         }
+        let (volumes, not_restored, removed) = self.restorable(volumes);
         let mut tx = self.begin(who);
-        for name in self.p.volumes.keys() {
-            if !volumes.contains_key(name) {
-                tx.ops.push(Op::delete(volume_key(name)));
+        let lineages: BTreeSet<u64> = self.p.volumes.values().map(|v| v.lineage()).collect();
+        let before: BTreeMap<u64, BTreeSet<u32>> = lineages
+            .iter()
+            .map(|&l| (l, lineage_eras(&self.p.volumes, l)))
+            .collect();
+        for v in self.p.volumes.values() {
+            if !volumes.values().any(|r| r.id == v.id) {
+                // Created after `seq` (or brought back by an earlier
+                // restore): deleted, its data freed like a deleted volume's.
+                tx.ops.push(Op::delete(volume_key(&v.name)));
+                tx.ops
+                    .push(Op::put(format!("deleted/{}", v.id), now_ms().to_string()));
+                tx.p.deleted.insert(v.id);
+            } else if !volumes.contains_key(&v.name) {
+                tx.ops.push(Op::delete(volume_key(&v.name)));
             }
         }
         tx.p.volumes.clear();
-        for v in volumes.values_mut() {
-            // Fence generations never go back: nodes keep the highest they
-            // saw, so a lower one would fence every new attachment.
-            if let Some(now) = self.p.volumes.values().find(|c| c.id == v.id) {
-                v.fence = v.fence.max(now.fence);
-            }
-            if tx.p.deleted.remove(&v.id) {
-                tracing::warn!(volume = %v.name, id = v.id, "restored volume was deleted: storage nodes may have freed its data");
-                tx.ops.push(Op::delete(format!("deleted/{}", v.id)));
-            }
+        for v in volumes.values() {
             tx.put_volume(v.clone());
+        }
+        // Layers nothing reads any more (snapshots and clones made after
+        // `seq`, the heads of removed volumes) are freed on the nodes.
+        for (lineage, eras) in &before {
+            tx.bury_layers(*lineage, eras);
         }
         for id in self.p.nodes.keys() {
             if !nodes.contains_key(id) {
@@ -1899,9 +1908,108 @@ impl Cluster {
                 seq: self.p.last_seq,
                 volumes: volumes.len(),
                 nodes: nodes.len(),
+                not_restored,
+                removed,
             },
             pushed,
         ))
+    }
+
+    /// What a restore to the volume list `past` (replayed from the log)
+    /// makes of the volumes now. Metadata goes back; data never does, and
+    /// nothing whose data the nodes may have freed comes back:
+    ///
+    /// - a volume that exists now keeps its layers as they are now (head,
+    ///   the eras under it, clone parent), so its data is what it is now;
+    ///   its size and other settings are those of `past`. Of its snapshots,
+    ///   those in both `past` and now stay; those taken after the restore
+    ///   point are deleted (as `celer snapshot delete` would: a layer the
+    ///   volume still reads through is retired, the rest is freed);
+    /// - a volume or snapshot deleted after the restore point is not
+    ///   brought back (its layers are tombstoned: the nodes free them);
+    /// - a volume created after the restore point is deleted.
+    ///
+    /// Returns the volumes to install, what was not brought back, and what
+    /// the restore deletes (volumes and snapshots, by name).
+    fn restorable(
+        &self,
+        past: BTreeMap<String, Volume>,
+    ) -> (BTreeMap<String, Volume>, Vec<String>, Vec<String>) {
+        let mut out: BTreeMap<String, Volume> = BTreeMap::new();
+        let mut not_restored = Vec::new();
+        let mut removed = Vec::new();
+        // Snapshots dropped from volumes that stay: (lineage, era).
+        let mut dropped: Vec<(String, u32)> = Vec::new();
+        for r in past.into_values() {
+            let Some(now) = self.p.volumes.values().find(|c| c.id == r.id) else {
+                let freed = r.eras().iter().any(|&e| {
+                    self.p
+                        .deleted
+                        .contains(&celer_device::layer_key(r.lineage(), e))
+                });
+                if freed || self.p.deleted.contains(&r.id) {
+                    not_restored.push(format!(
+                        "volume {} (deleted after that point: its data is freed)",
+                        r.name
+                    ));
+                } else {
+                    out.insert(r.name.clone(), r);
+                }
+                continue;
+            };
+            let mut v = now.clone();
+            v.name = r.name.clone();
+            v.size_bytes = r.size_bytes;
+            v.replicas = r.replicas;
+            v.sector_size_bytes = r.sector_size_bytes;
+            v.created_at = r.created_at;
+            // Fence generations never go back: nodes keep the highest they
+            // saw, so a lower one would fence every new attachment.
+            v.fence = r.fence.max(now.fence);
+            for s in &r.snapshots {
+                if !now.snapshots.iter().any(|n| n.era == s.era) {
+                    not_restored.push(format!(
+                        "snapshot {}@{} (deleted after that point: its data is freed)",
+                        r.name, s.name
+                    ));
+                }
+            }
+            v.snapshots.retain(|s| {
+                let keep = r.snapshots.iter().any(|p| p.era == s.era);
+                if !keep {
+                    removed.push(format!("snapshot {}@{}", now.name, s.name));
+                    dropped.push((v.name.clone(), s.era));
+                }
+                keep
+            });
+            out.insert(v.name.clone(), v);
+        }
+        for c in self.p.volumes.values() {
+            if !out.values().any(|v| v.id == c.id) {
+                removed.push(format!("volume {}", c.name));
+            }
+        }
+        // A dropped snapshot's era that a chain still reads through, with
+        // one era directly above it everywhere: the nodes free each of its
+        // chunks that era covers whole (as `delete_snapshot`).
+        for (name, era) in dropped {
+            let Some(lineage) = out.get(&name).map(|v| v.lineage()) else {
+                continue;
+            };
+            if !lineage_eras(&out, lineage).contains(&era) {
+                continue; // nothing reads it: buried by the caller
+            }
+            let above = eras_directly_above(&out, lineage, era);
+            if above.len() == 1 {
+                let t = *above.iter().next().expect("one era");
+                if let Some(v) = out.get_mut(&name) {
+                    if !v.retired.contains(&[era, t]) {
+                        v.retired.push([era, t]);
+                    }
+                }
+            }
+        }
+        (out, not_restored, removed)
     }
 }
 

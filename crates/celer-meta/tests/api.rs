@@ -803,24 +803,41 @@ fn split_doubles_partitions_and_moves_only_new_halves() {
         .any(|e| e.what == Change::RouteSplit { partition_bits: 7 }));
 }
 
+/// A restore puts the volume list back as it was after an entry, except
+/// that nothing whose data the nodes may have freed comes back: a volume
+/// deleted since stays deleted (and is listed as not brought back), a
+/// volume created since is deleted (its id tombstoned, so the nodes free
+/// its data), a resize since is undone.
 #[test]
 fn log_restore_brings_back_an_earlier_volume_list() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (server, c) = start(dir.path(), |_| {});
+    let n = FakeNode::start();
+    let node = n.register(&c, "host0");
     let a = c.create_volume(&vol("a", 4096)).expect("a");
     let b = c.create_volume(&vol("b", 8192)).expect("b");
     let point = c.status().expect("status").log_seq;
-    let expected = c.volumes().expect("list");
-    assert_eq!(expected, vec![a.clone(), b.clone()]);
 
-    c.create_volume(&vol("c", 4096)).expect("c");
+    let cv = c.create_volume(&vol("c", 4096)).expect("c");
     c.delete_volume("a").expect("delete a");
     c.resize_volume("b", 1 << 20).expect("grow b");
-    assert_ne!(c.volumes().expect("list"), expected);
 
     let r = c.restore_log(point).expect("restore");
-    assert_eq!((r.volumes, r.nodes), (2, 0));
-    assert_eq!(c.volumes().expect("list"), expected);
+    assert_eq!((r.volumes, r.nodes), (1, 1), "{r:?}");
+    assert_eq!(
+        c.volumes().expect("list"),
+        vec![b.clone()],
+        "b at its old size"
+    );
+    assert_eq!(r.not_restored.len(), 1, "{r:?}");
+    assert!(r.not_restored[0].contains("volume a"), "{r:?}");
+    assert_eq!(r.removed, vec!["volume c".to_string()]);
+    let deleted = c.heartbeat(node, 0).expect("heartbeat").deleted_volumes;
+    assert!(
+        deleted.contains(&a.id) && deleted.contains(&cv.id),
+        "a stays tombstoned and c's data is freed: {deleted:?}"
+    );
+    assert!(!deleted.contains(&b.id), "{deleted:?}");
     let last = c.log(r.seq - 1).expect("log");
     assert!(matches!(&last[0].what, Change::Restored { seq, .. } if *seq == point));
     // Ids are not reused after a restore.
@@ -829,23 +846,107 @@ fn log_restore_brings_back_an_earlier_volume_list() {
     // Restoring to a point after a restore replays through it.
     let point2 = c.status().expect("status").log_seq;
     c.delete_volume("b").expect("delete b");
-    c.restore_log(point2).expect("restore 2");
+    let r = c.restore_log(point2).expect("restore 2");
+    assert!(r.not_restored[0].contains("volume b"), "{r:?}");
     let names: Vec<String> = c
         .volumes()
         .expect("list")
         .into_iter()
         .map(|v| v.name)
         .collect();
-    assert_eq!(names, ["a", "b", "d"]);
+    assert_eq!(names, ["d"]);
     // And to the very start: nothing.
     c.restore_log(0).expect("restore to 0");
     assert!(c.volumes().expect("list").is_empty());
-    // The restored state persists.
+    // The restored state persists, tombstones too.
     drop(server);
     let (_server, c) = start(dir.path(), |_| {});
     assert!(c.volumes().expect("list").is_empty());
-    c.restore_log(point).expect("restore again after restart");
-    assert_eq!(c.volumes().expect("list"), expected);
+    let r = c.restore_log(point).expect("restore again after restart");
+    assert_eq!(r.volumes, 0, "a and b were deleted: {r:?}");
+    assert_eq!(r.not_restored.len(), 2, "{r:?}");
+}
+
+/// A restore and snapshots: a snapshot deleted after the restore point is
+/// not brought back (its layer is tombstoned); one taken after it is
+/// deleted (a layer nothing reads is freed; one the volume still reads
+/// through is retired, as a delete does); a clone made after it is
+/// deleted and its head freed. The volume's own data is never rewound:
+/// it keeps the head it has now.
+#[test]
+fn a_restore_never_brings_back_a_freed_snapshot_and_frees_what_nothing_reads() {
+    use celer_device::layer_key;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_server, c) = start(dir.path(), |_| {});
+    let n = FakeNode::start();
+    let node = n.register(&c, "host0");
+    let v = c.create_volume(&vol("v", 1 << 30)).expect("v");
+    c.create_snapshot("v", "s1").expect("s1");
+    c.create_snapshot("v", "s2").expect("s2");
+    let point = c.status().expect("status").log_seq;
+    let at_point = c.volume("v").expect("v");
+    let s2_era = at_point.snapshot("s2").expect("s2").era;
+
+    c.delete_snapshot("v", "s2").expect("delete s2");
+    c.create_snapshot("v", "s3").expect("s3");
+    let s3 = c
+        .volume("v")
+        .expect("v")
+        .snapshot("s3")
+        .expect("s3")
+        .clone();
+    c.clone_volume("v", "s3", "k").expect("clone k");
+    let k = c.volume("k").expect("k");
+    c.create_snapshot("v", "s4").expect("s4");
+    let now = c.volume("v").expect("v");
+    let s4 = now.snapshot("s4").expect("s4").clone();
+
+    let r = c.restore_log(point).expect("restore");
+    let back = c.volume("v").expect("v");
+    let names: Vec<&str> = back.snapshots.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["s1"], "s2 was deleted since, s3 and s4 taken since");
+    assert_eq!(
+        (back.head_era, &back.under),
+        (now.head_era, &now.under),
+        "the volume keeps the layers it has now (data is not rewound)"
+    );
+    assert!(r.not_restored.iter().any(|x| x.contains("v@s2")), "{r:?}");
+    for gone in ["volume k", "snapshot v@s3", "snapshot v@s4"] {
+        assert!(r.removed.iter().any(|x| x == gone), "{gone}: {r:?}");
+    }
+    assert!(
+        c.volume("k").is_err(),
+        "the clone made after the point is gone"
+    );
+    let reply = c.heartbeat(node, 0).expect("heartbeat");
+    let deleted = reply.deleted_volumes;
+    let l = v.id;
+    // s2's era is still read through (by the head): it stays retired
+    // under the era above it, its chunks that era covers freed.
+    assert!(
+        back.retired.contains(&[s2_era, s3.era]),
+        "{:?}",
+        back.retired
+    );
+    assert!(
+        deleted.contains(&layer_key(l, k.head_era)) && deleted.contains(&k.id),
+        "the clone's head is freed: {deleted:?}"
+    );
+    // s3 and s4 froze the eras the head then wrote to; the head still reads
+    // through them, so they are retired, each under the era directly above.
+    assert!(back.under.contains(&s3.era) && back.under.contains(&s4.era));
+    assert!(!deleted.contains(&layer_key(l, s3.era)));
+    assert!(
+        back.retired.contains(&[s4.era, back.head_era]),
+        "{:?}",
+        back.retired
+    );
+    let layers = reply
+        .layers
+        .iter()
+        .find(|x| x.volume == v.id)
+        .expect("v's layers in the heartbeat");
+    assert_eq!(layers.snapshots.len(), 1, "{layers:?}");
 }
 
 #[test]

@@ -290,6 +290,12 @@ pub fn run_meta(cmd: MetaCommand) -> Result<()> {
                 "restored to entry {}: {} volumes, {} nodes (recorded as entry {})",
                 a.seq, r.volumes, r.nodes, r.seq
             );
+            for what in &r.not_restored {
+                println!("not brought back: {what}");
+            }
+            for what in &r.removed {
+                println!("deleted (made after entry {}): {what}", a.seq);
+            }
             Ok(())
         }
         MetaCommand::Split(conn) => {

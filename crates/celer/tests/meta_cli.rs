@@ -144,12 +144,18 @@ fn volume_commands_log_status_and_restore() {
     let out = m.ok(&["meta", "nodes"]);
     assert!(out.contains("STATE"), "{out}");
 
-    // Back to before the resize and the delete.
+    // Back to before the resize and the delete: the resize is undone; the
+    // deleted volume is not brought back (the nodes free a deleted
+    // volume's data), and the restore says so.
     let out = m.ok(&["meta", "restore", &seq_before.to_string()]);
-    assert!(out.contains("2 volumes"), "{out}");
+    assert!(out.contains("1 volumes"), "{out}");
+    assert!(
+        out.contains("not brought back: volume vm1 (deleted after that point"),
+        "{out}"
+    );
     let out = m.ok(&["volume", "info", "vm2"]);
     assert!(out.contains("64 MiB"), "{out}");
-    m.ok(&["volume", "info", "vm1"]);
+    m.fails_with(&["volume", "info", "vm1"], "no volume named `vm1`");
 
     // Refusals carry the server's message.
     m.fails_with(

@@ -425,7 +425,8 @@ fn allocated_chunks(c: &Cluster) -> u64 {
 /// Deleting a snapshot frees, on every replica, the chunks of its layer
 /// that the layer above it covers whole (read by nobody any more), and
 /// nothing else; the volume and the later snapshot read the same before
-/// and after.
+/// and after. A metadata restore to before the delete does not bring the
+/// snapshot back, and frees the chunks of a clone made after that point.
 #[test]
 fn deleting_a_snapshot_frees_the_chunks_only_it_held() {
     const MIB: usize = 1 << 20;
@@ -481,6 +482,7 @@ fn deleting_a_snapshot_frees_the_chunks_only_it_held() {
     let listed = String::from_utf8_lossy(&listed.stdout).to_string();
     println!("{listed}");
     assert!(listed.contains("6.00 MiB in 6 chunks"), "{listed}");
+    let before_delete = meta.status().expect("status").log_seq;
     meta.delete_snapshot("del", "a").expect("delete a");
     let t0 = Instant::now();
     while allocated_chunks(&c) > before - 6 {
@@ -525,6 +527,61 @@ fn deleting_a_snapshot_frees_the_chunks_only_it_held() {
         assert!(
             expect(&got, ch),
             "snapshot b chunk {ch} changed by the delete"
+        );
+    }
+
+    // A metadata restore to before the delete does not bring snapshot a
+    // back (chunks of it are freed), and frees what a clone made after
+    // that point wrote: nothing reads it once the restore deletes it.
+    let clone = meta.clone_volume("del", "b", "k").expect("clone k");
+    let (katt, kdev) = attach(&c, &clone, None);
+    let mut kq = kdev.open_queue(0).expect("clone queue");
+    let mut k = vec![0xCCu8; MIB];
+    for ch in [1u64, 3] {
+        one_request(kq.as_mut(), IoOp::Write, ch * MIB as u64, &mut k).expect("write k");
+    }
+    drop(kq);
+    meta.detach(katt).expect("detach k");
+    let with_clone = allocated_chunks(&c);
+    assert_eq!(with_clone, after + 6, "the clone's 2 chunks on 3 replicas");
+    let out = celer(&c, &["meta", "restore", &before_delete.to_string()]).expect("restore");
+    println!("{out}");
+    assert!(
+        out.contains("not brought back: snapshot del@a (deleted after that point"),
+        "{out}"
+    );
+    assert!(out.contains("deleted (made after entry"), "{out}");
+    assert!(out.contains("volume k"), "{out}");
+    let t0 = Instant::now();
+    while allocated_chunks(&c) > after {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "the removed clone's chunks not freed: {} chunks, {after} before it",
+            allocated_chunks(&c)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(
+        allocated_chunks(&c),
+        after,
+        "exactly the clone's chunks freed"
+    );
+    println!(
+        "restore: the clone's {} chunk slots freed in {} ms",
+        with_clone - after,
+        t0.elapsed().as_millis()
+    );
+    let vol = meta.volume("del").expect("volume");
+    let names: Vec<&str> = vol.snapshots.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["b"]);
+    for ch in 0..4usize {
+        one_request(q.as_mut(), IoOp::Read, (ch * MIB) as u64, &mut got).expect("read");
+        assert!(expect(&got, ch), "volume chunk {ch} changed by the restore");
+        one_request(sq.as_mut(), IoOp::Read, (ch * MIB) as u64, &mut got).expect("read b");
+        assert!(
+            expect(&got, ch),
+            "snapshot b chunk {ch} changed by the restore"
         );
     }
     meta.detach(att).expect("detach");
