@@ -353,6 +353,19 @@ impl Volume {
         }
         e
     }
+    /// The eras this volume wrote: its head, its snapshots' (and deleted
+    /// snapshots' it still reads through, `retired`), and era 0 of its
+    /// lineage when it is the lineage's root. A clone reads its parent's
+    /// eras too, but they are not its own: deleting the clone leaves them.
+    pub fn own_eras(&self) -> Vec<u32> {
+        let mut e = vec![self.head_era];
+        e.extend(self.snapshots.iter().map(|s| s.era));
+        e.extend(self.retired.iter().map(|r| r[0]));
+        if self.lineage() == self.id {
+            e.push(0);
+        }
+        e
+    }
     /// Whether the volume has layers other than its own era 0 (nodes need
     /// its [`VolumeLayers`]).
     pub fn layered(&self) -> bool {

@@ -1687,10 +1687,9 @@ impl Cluster {
         name: &str,
     ) -> Result<Volume> {
         let v = self.volume(name)?;
+        let own = v.own_eras();
         if let Some(c) = self.p.volumes.values().find(|c| {
-            c.id != v.id
-                && c.lineage() == v.lineage()
-                && c.eras().iter().any(|e| v.eras().contains(e))
+            c.id != v.id && c.lineage() == v.lineage() && c.eras().iter().any(|e| own.contains(e))
         }) {
             return Err(StateError::Conflict(format!(
                 "volume {} is a clone of a snapshot of {name}: flatten or delete it first",

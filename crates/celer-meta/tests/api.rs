@@ -1612,6 +1612,11 @@ fn flatten_cuts_a_clone_off_its_parent_and_then_the_snapshot_may_go() {
     assert!(msg.contains("volume c reads snapshot p@s"), "{msg}");
     let (st, msg) = status_of(c.delete_volume("p"));
     assert_eq!(st, 409, "{msg}");
+    // A clone that is not flattened can go: the parent's layers it reads
+    // are the parent's, not its own.
+    c.clone_volume("p", "s", "c2").expect("clone c2");
+    c.delete_volume("c2")
+        .expect("delete a clone whose parent still reads its snapshot");
     c.delete_snapshot("c", "k").expect("delete c@k");
     c.delete_snapshot("p", "s")
         .expect("delete p@s: nobody reads it");

@@ -40,6 +40,11 @@ use super::ShardLoop;
 /// Runs of written blocks this close (in blocks) are copied as one range.
 const MERGE_GAP_BLOCKS_MAX: usize = 8;
 
+/// How long before a member went down a snapshot may have frozen the head
+/// for the frozen era's blocks to be copied with the head's (the control
+/// service's lease plus the cut window, with room to spare).
+const FROZEN_LOOKBACK: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Largest catch-up answer: a record that would not fit overflows (and the
 /// member copies the partition whole). Below the protocol's 4 MiB payload.
 const CATCH_UP_ANSWER_BYTES_MAX: usize = 3 << 20;
@@ -56,6 +61,8 @@ pub(super) struct CatchUp {
     recording: bool,
     /// Too many chunks to answer: the member copies the partition whole.
     overflowed: bool,
+    /// When recording started (this shard saw the member go down).
+    started: std::time::Instant,
     /// (volume, chunk index) → one bit per block of the chunk.
     blocks: HashMap<(u64, u64), Vec<u64>>,
 }
@@ -126,6 +133,7 @@ impl ShardLoop {
                     seen_down_epoch: new.epoch,
                     recording: true,
                     overflowed: false,
+                    started: std::time::Instant::now(),
                     blocks: HashMap::new(),
                 });
             }
@@ -202,10 +210,45 @@ impl ShardLoop {
             );
             return self.respond(c, h, Status::Ok, &[&NOT_RECORDED.to_le_bytes()]);
         };
-        let words = (blocks_per_chunk as usize).div_ceil(64);
-        let mut out = Vec::with_capacity(8 + record.blocks.len() * (16 + words * 8));
-        out.extend_from_slice(&blocks_per_chunk.to_le_bytes());
+        // A write that landed in a snapshot's era on the members that
+        // stayed (before they learned of the snapshot, or during its cut
+        // window) and not on the member that went down is written again by
+        // its writer into the new head: only the head's copy is recorded.
+        // So for a head frozen shortly before the member went down, the
+        // same blocks of the frozen era are copied too (a copy that is not
+        // newer there is skipped).
+        let since = record.started.checked_sub(FROZEN_LOOKBACK);
+        let mut blocks: std::collections::BTreeMap<(u64, u64), Vec<u64>> =
+            record.blocks.iter().map(|(k, b)| (*k, b.clone())).collect();
         for ((v, ch), bits) in &record.blocks {
+            let frozen = self
+                .layers
+                .values()
+                .map(|l| l.frozen_since(*v, since))
+                .find(|f| !f.is_empty())
+                .unwrap_or_default();
+            for key in frozen {
+                let e = blocks
+                    .entry((key, *ch))
+                    .or_insert_with(|| vec![0u64; bits.len()]);
+                for (w, b) in e.iter_mut().zip(bits) {
+                    *w |= b;
+                }
+            }
+        }
+        let words = (blocks_per_chunk as usize).div_ceil(64);
+        if 8 + blocks.len() * (16 + words * 8) > CATCH_UP_ANSWER_BYTES_MAX {
+            tracing::info!(
+                shard = self.id,
+                partition = p,
+                node,
+                "what the member missed, frozen eras included, does not fit one answer: it copies the partition whole"
+            );
+            return self.respond(c, h, Status::Ok, &[&NOT_RECORDED.to_le_bytes()]);
+        }
+        let mut out = Vec::with_capacity(8 + blocks.len() * (16 + words * 8));
+        out.extend_from_slice(&blocks_per_chunk.to_le_bytes());
+        for ((v, ch), bits) in &blocks {
             out.extend_from_slice(&v.to_le_bytes());
             out.extend_from_slice(&ch.to_le_bytes());
             for w in bits {
@@ -216,7 +259,7 @@ impl ShardLoop {
             shard = self.id,
             partition = p,
             node,
-            chunks = record.blocks.len(),
+            chunks = blocks.len(),
             "serving what the member missed"
         );
         self.respond(c, h, Status::Ok, &[&out]);

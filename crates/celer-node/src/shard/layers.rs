@@ -31,7 +31,13 @@ pub(crate) struct Layered {
     snapshots: Vec<(u32, u64, Vec<u64>)>,
     /// Keys of deleted snapshots' eras and of the era above each.
     retired: Vec<(u64, u64)>,
+    /// Heads this shard saw frozen by a snapshot, with when it learned it
+    /// (the last `FROZEN_KEPT`, see `frozen_since`).
+    frozen: Vec<(u64, std::time::Instant)>,
 }
+
+/// Frozen heads remembered per volume.
+const FROZEN_KEPT: usize = 4;
 
 impl Layered {
     fn new(v: &VolumeLayers) -> Layered {
@@ -60,7 +66,28 @@ impl Layered {
                 .iter()
                 .map(|[e, t]| (layer_key(v.lineage, *e), layer_key(v.lineage, *t)))
                 .collect(),
+            frozen: Vec::new(),
         }
+    }
+
+    /// The snapshot eras (keys) this shard saw frozen at or after `at`
+    /// (None: any it remembers),
+    /// when `key` is the head: a write that landed in one of them on some
+    /// members before they learned of the snapshot (or during its cut
+    /// window) was written again into the head by its writer, so a member
+    /// that missed it finds only the head's copy recorded (see
+    /// `catch_up::serve_catch_up`).
+    pub(crate) fn frozen_since(&self, key: u64, at: Option<std::time::Instant>) -> Vec<u64> {
+        if key != self.head_key {
+            return Vec::new();
+        }
+        self.frozen
+            .iter()
+            .filter(|(k, t)| {
+                at.is_none_or(|at| *t >= at) && self.snapshots.iter().any(|s| s.1 == *k)
+            })
+            .map(|(k, _)| *k)
+            .collect()
     }
 }
 
@@ -223,7 +250,24 @@ impl ShardLoop {
                     snapshots = v.snapshots.len(),
                     "volume layers installed"
                 );
-                self.layers.insert(v.volume, Arc::new(Layered::new(v)));
+                let mut l = Layered::new(v);
+                match self.layers.get(&v.volume) {
+                    Some(cur) => {
+                        l.frozen = cur.frozen.clone();
+                        if cur.head_key != l.head_key {
+                            l.frozen.push((cur.head_key, std::time::Instant::now()));
+                        }
+                        let excess = l.frozen.len().saturating_sub(FROZEN_KEPT);
+                        l.frozen.drain(..excess);
+                    }
+                    // A volume's first layers: its first snapshot froze
+                    // era 0, the era now directly under the head (or this
+                    // process just started: no member is being recorded).
+                    None => l
+                        .frozen
+                        .extend(l.chain.first().map(|k| (*k, std::time::Instant::now()))),
+                }
+                self.layers.insert(v.volume, Arc::new(l));
             }
         }
         let trims: std::collections::HashMap<u64, u64> = self

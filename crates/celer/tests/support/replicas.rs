@@ -59,7 +59,9 @@ pub fn compare_chunk_of(
         for (b, (x, y)) in first.chunks(4096).zip(c.chunks(4096)).enumerate() {
             if x != y {
                 diffs.push(format!(
-                    "volume {volume} chunk {chunk} block {b}: node {n0} and node {n} differ"
+                    "volume {volume} chunk {chunk} block {b}: node {n0} and node {n} differ (first bytes {:02x?} and {:02x?})",
+                    &x[..16],
+                    &y[..16]
                 ));
             }
         }
