@@ -97,15 +97,32 @@ impl Up {
 
     /// `celer volume ARGS --meta … --token-file …`.
     pub fn volume(&self, args: &[&str]) -> Output {
+        self.cli("volume", args)
+    }
+
+    /// `celer snapshot ARGS --meta … --token-file …`; it must succeed;
+    /// returns stdout.
+    pub fn snapshot_ok(&self, args: &[&str]) -> String {
+        let out = self.cli("snapshot", args);
+        assert!(
+            out.status.success(),
+            "celer snapshot {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `celer GROUP ARGS --meta … --token-file …`, printed with its time.
+    fn cli(&self, group: &str, args: &[&str]) -> Output {
         let mut c = Command::new(BIN);
-        c.arg("volume").args(args);
+        c.arg(group).args(args);
         c.args(["--meta", &self.meta, "--token-file"])
             .arg(&self.token_file)
             .env("CELER_LOG", "warn");
         let t = Instant::now();
-        let out = c.output().expect("run celer volume");
+        let out = c.output().expect("run celer");
         println!(
-            "celer volume {} ({:.1} s): {}{}",
+            "celer {group} {} ({:.1} s): {}{}",
             args.join(" "),
             t.elapsed().as_secs_f64(),
             String::from_utf8_lossy(&out.stdout),
