@@ -38,15 +38,37 @@ use crate::VhostConfig;
 pub const CONFIG_SPACE_BYTES: usize = 60;
 /// Largest virtqueue we accept.
 pub const QUEUE_SIZE_MAX: usize = 1024;
-/// Largest single data segment, advertised as `size_max`: with `seg_max`
-/// segments a request stays within 31.5 MiB, below the devices' 32 MiB
-/// request limit, so a guest never builds a request the device must refuse.
+/// Largest single data segment advertised as `size_max`, for devices that
+/// take requests of 32 MiB (a file): with `seg_max` segments a request
+/// stays within 31.5 MiB. A device with a smaller request limit (a
+/// cluster volume, an engine: 4 MiB) gets smaller segments, so a guest
+/// never builds a request the device must refuse (`segment_max_bytes`).
 pub const SEGMENT_MAX_BYTES: u32 = 256 << 10;
 const _: () = assert!(
     SEG_MAX as u64 * SEGMENT_MAX_BYTES as u64 <= celer_device::file::FILE_REQUEST_MAX_BYTES
 );
-/// Largest discard / write-zeroes range, in sectors (1 GiB).
+/// Largest discard / write-zeroes range, in sectors (1 GiB), for devices
+/// whose request limit allows it; otherwise that limit (`range_max_sectors`).
 pub const RANGE_MAX_SECTORS: u32 = 1 << 21;
+
+/// `size_max` for `info`: `SEGMENT_MAX_BYTES`, or less so that `seg_max`
+/// segments fit the device's largest request (whole 4 KiB pages).
+pub fn segment_max_bytes(info: &DeviceInfo) -> u32 {
+    let fit = (info.max_request_bytes / SEG_MAX as u64) / 4096 * 4096;
+    (fit.min(u64::from(SEGMENT_MAX_BYTES)) as u32).max(4096)
+}
+
+/// `max_discard_sectors` and `max_write_zeroes_sectors` for `info`: at most
+/// the device's largest request, in whole physical blocks. A guest splits
+/// larger ranges (Linux issued 128 MiB discards from mkfs, which a cluster
+/// volume refused as larger than its 4 MiB request limit: I/O errors in the
+/// guest).
+pub fn range_max_sectors(info: &DeviceInfo) -> u32 {
+    let sector = celer_device::SECTOR_SIZE_BYTES;
+    let physical = u64::from(info.block_size_bytes.max(PHYSICAL_BLOCK_BYTES));
+    let fit = info.max_request_bytes / physical * physical / sector;
+    fit.min(u64::from(RANGE_MAX_SECTORS)) as u32
+}
 /// The physical block the config space advertises (VIRTIO_BLK_F_TOPOLOGY):
 /// Celer stores and versions 4 KiB blocks.
 pub const PHYSICAL_BLOCK_BYTES: u32 = 4096;
@@ -321,7 +343,7 @@ fn config_space(info: &DeviceInfo, num_queues: u16) -> [u8; CONFIG_SPACE_BYTES] 
     let mut put = |off: usize, bytes: &[u8]| c[off..off + bytes.len()].copy_from_slice(bytes);
     let sector_bytes = celer_device::SECTOR_SIZE_BYTES;
     put(0, &(info.size_bytes / sector_bytes).to_le_bytes()); // capacity
-    put(8, &SEGMENT_MAX_BYTES.to_le_bytes()); // size_max
+    put(8, &segment_max_bytes(info).to_le_bytes()); // size_max
     put(12, &(SEG_MAX as u32).to_le_bytes()); // seg_max
     put(20, &info.block_size_bytes.to_le_bytes()); // blk_size
                                                    // Topology: physical blocks of PHYSICAL_BLOCK_BYTES (what the storage
@@ -339,12 +361,12 @@ fn config_space(info: &DeviceInfo, num_queues: u16) -> [u8; CONFIG_SPACE_BYTES] 
     let align_sectors =
         (info.block_size_bytes.max(PHYSICAL_BLOCK_BYTES) as u64 / sector_bytes) as u32;
     if info.supports_discard {
-        put(36, &RANGE_MAX_SECTORS.to_le_bytes()); // max_discard_sectors
+        put(36, &range_max_sectors(info).to_le_bytes()); // max_discard_sectors
         put(40, &1u32.to_le_bytes()); // max_discard_seg
         put(44, &align_sectors.to_le_bytes()); // discard_sector_alignment
     }
     if info.supports_write_zeroes {
-        put(48, &RANGE_MAX_SECTORS.to_le_bytes()); // max_write_zeroes_sectors
+        put(48, &range_max_sectors(info).to_le_bytes()); // max_write_zeroes_sectors
         put(52, &1u32.to_le_bytes()); // max_write_zeroes_seg
         put(56, &[0]); // write_zeroes_may_unmap
     }
@@ -574,5 +596,56 @@ impl VhostUserBackend for VhostUserBlk {
         let mut w = self.worker(thread_id);
         w.wake(vring, wake);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(max_request_bytes: u64, block_size_bytes: u32) -> DeviceInfo {
+        DeviceInfo {
+            size_bytes: 1 << 30,
+            block_size_bytes,
+            read_only: false,
+            supports_discard: true,
+            supports_write_zeroes: true,
+            max_request_bytes,
+            serial: String::new(),
+        }
+    }
+
+    fn u32_at(c: &[u8], off: usize) -> u32 {
+        u32::from_le_bytes(c[off..off + 4].try_into().expect("4 bytes"))
+    }
+
+    /// The config space never lets a guest build a request larger than
+    /// the device takes: data (seg_max x size_max), discard, write zeroes.
+    #[test]
+    fn advertised_limits_fit_the_devices_largest_request() {
+        for (max, block) in [
+            (4u64 << 20, 512),
+            (4 << 20, 4096),
+            (32 << 20, 512),
+            (1 << 30, 4096),
+        ] {
+            let c = config_space(&info(max, block), 1);
+            let (size_max, seg_max) = (u32_at(&c, 8), u32_at(&c, 12));
+            assert!(u64::from(size_max) * u64::from(seg_max) <= max, "{max}");
+            assert!(size_max >= 4096 && size_max % 4096 == 0, "{size_max}");
+            for off in [36, 48] {
+                let sectors = u64::from(u32_at(&c, off));
+                assert!(sectors > 0 && sectors * 512 <= max, "{max} at {off}");
+                assert_eq!(sectors % 8, 0, "whole 4 KiB blocks");
+            }
+        }
+        // A cluster volume (4 MiB requests): 32 KiB segments, 4 MiB ranges.
+        let c = config_space(&info(4 << 20, 512), 1);
+        assert_eq!(u32_at(&c, 8), 32 << 10);
+        assert_eq!(u32_at(&c, 36), (4 << 20) / 512);
+        // A file (32 MiB): as before.
+        let c = config_space(&info(32 << 20, 512), 1);
+        assert_eq!(u32_at(&c, 8), SEGMENT_MAX_BYTES);
+        assert_eq!(u32_at(&c, 36), (32 << 20) / 512);
     }
 }
