@@ -608,7 +608,11 @@ fn recover_shard(
                 Record::Alloc { owner, .. } => {
                     let entries = vec![BlockEntry::UNWRITTEN; g.chunk_blocks as usize];
                     let gen = slots[local].as_ref().map(|s| s.map_generation).unwrap_or(0);
-                    slots[local] = Some(SlotState::new(g, owner, seq, entries, gen));
+                    let mut s = SlotState::new(g, owner, seq, entries, gen);
+                    // Its headers may not be written yet (the checkpoint
+                    // after it writes them; see `Shard::alloc_slot`).
+                    s.header_due = true;
+                    slots[local] = Some(s);
                 }
                 Record::Free { .. } => slots[local] = None,
                 Record::Write {

@@ -332,6 +332,10 @@ pub(crate) struct SlotState {
     ops_inflight: u32,
     /// Op writing the slot header; others wait for it.
     header_op: Option<u32>,
+    /// Allocated since the last checkpoint: its two headers are written by
+    /// the next checkpoint that covers its Alloc record (until then the
+    /// journal's Alloc record describes the slot; see `alloc_slot`).
+    pub(crate) header_due: bool,
     freeing: bool,
     /// A Release op holds the slot: ops that start after it wait.
     releasing: Option<u32>,
@@ -366,6 +370,7 @@ impl SlotState {
             reads_inflight: 0,
             ops_inflight: 0,
             header_op: None,
+            header_due: false,
             freeing: false,
             releasing: None,
             held: vec![0; (g.chunk_blocks as usize).div_ceil(64)],
@@ -1851,7 +1856,13 @@ impl Shard {
             vec![BlockEntry::UNWRITTEN; self.g.chunk_blocks as usize],
             0,
         );
-        state.header_op = Some(id);
+        // The slot headers (owner, for a rebuild without the index) are
+        // written by the next checkpoint, before it lets the journal reuse
+        // this Alloc record; until then the record describes the slot, to
+        // a replay and to a rebuild alike. Writing them here made a chunk's
+        // first write in a layer four device writes instead of two (the
+        // first write after a snapshot 1.8x a write's latency).
+        state.header_due = true;
         state.dirty = true;
         if let Some(v) = self.discarded.take((volume, chunk)) {
             // Late writes at or below the discard stay dropped on
@@ -1861,7 +1872,6 @@ impl Shard {
         self.slots[local as usize] = Some(state);
         self.by_chunk.insert((volume, chunk), local);
         self.ops[id as usize].allocated_slot = true;
-        self.write_slot_headers(id, local, seq, Some(owner));
         Some(local)
     }
 
@@ -2673,6 +2683,24 @@ impl Shard {
                 continue;
             }
             index_entries[local] = Some((s.alloc_seq, s.owner));
+            if s.header_due {
+                // Both header copies, made durable by the maps' fdatasync
+                // before the index moves the journal tail past the Alloc.
+                s.header_due = false;
+                let slot_index = self.g.slot_of(self.id, local as u64);
+                for copy in 0..2 {
+                    let mut buf = AlignedBuf::new(1);
+                    layout::encode_slot_header(
+                        uuid,
+                        slot_index,
+                        s.alloc_seq,
+                        Some(s.owner),
+                        &mut buf,
+                    );
+                    targets.push(self.g.header_offset(slot_index, copy));
+                    bufs.push(buf);
+                }
+            }
             if !s.dirty {
                 continue;
             }
@@ -2762,6 +2790,10 @@ impl Shard {
                         self.stats.checkpoints += 1;
                     }
                     let spare = &mut self.ckpt_spare;
+                    // Map buffers are kept for the next checkpoint; header
+                    // ones (one block) are not.
+                    let map_bytes = self.g.map_blocks() as usize * BLOCK_SIZE;
+                    c.bufs.retain(|b| b.len() == map_bytes);
                     spare.maps.append(&mut c.bufs);
                     spare.bufs_list = c.bufs;
                     c.targets.clear();
