@@ -98,6 +98,16 @@ pub struct ClusterBenchArgs {
     /// throughput (0: skip it).
     #[arg(long, default_value_t = 0)]
     pub scrub_rounds: u32,
+    /// Rounds of the snapshot-cost measurement on this cluster (0: skip
+    /// it). Each round times `snapshot create` and `volume clone` on the
+    /// filled benchmark volume and on a filled 64 MiB one; QD1 4 KiB writes
+    /// to blocks not yet written since the snapshot (copy-on-write: the
+    /// first write of a chunk in the new layer allocates its slot), then
+    /// the same blocks again; and QD1 reads of a clone's unwritten blocks
+    /// beside the same blocks of its parent. Compared with QD1 writes
+    /// before any snapshot.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=20))]
+    pub snapshot_rounds: u32,
 }
 
 /// One workload: `queues` client queues on as many threads, `qd` requests in
@@ -167,6 +177,11 @@ const WORKLOADS: [Workload; 6] = [
 ];
 
 const BLOCK_BYTES: u64 = 4096;
+/// QD1 writes per phase of a snapshot round (and reads of the clone).
+const SNAPSHOT_WRITES: usize = 2000;
+/// The small volume whose snapshot and clone times are compared with the
+/// benchmark volume's.
+const SNAPSHOT_SMALL_BYTES: u64 = 64 << 20;
 const VOLUME_NAME: &str = "bench";
 /// Latency samples kept per queue (more I/Os are counted but not sampled).
 const SAMPLES_MAX: usize = 8_000_000;
@@ -332,9 +347,13 @@ fn start_cluster(args: &ClusterBenchArgs, dir: &Path, no_auth: bool) -> Result<C
         std::thread::sleep(Duration::from_millis(50));
     }
     // Each node holds a full copy (3 nodes, 3 replicas): the volume, the
-    // engine's spare blocks and journals.
-    let disk_bytes =
-        (args.volume_size + args.volume_size / 3 + (512 << 20)).next_multiple_of(1 << 20);
+    // engine's spare blocks and journals; with snapshot rounds, the chunk
+    // slots their writes allocate in new layers and the 64 MiB volume.
+    let snapshot_bytes = u64::from(args.snapshot_rounds)
+        * args.volume_size.min(SNAPSHOT_WRITES as u64 * (1 << 20))
+        + 2 * SNAPSHOT_SMALL_BYTES;
+    let disk_bytes = (args.volume_size + args.volume_size / 3 + (512 << 20) + snapshot_bytes)
+        .next_multiple_of(1 << 20);
     let mut admins = Vec::new();
     for i in 0..3 {
         let admin = free_port()?;
@@ -1051,6 +1070,267 @@ fn scrub_cost(
     Ok(())
 }
 
+// ---------------------------------------------------------------- snapshots
+
+/// QD1 `op` of one 4 KiB block at each of `blocks`, in order; each one's
+/// latency in ns.
+fn qd1_blocks(q: &mut dyn DeviceQueue, op: IoOp, blocks: &[u64]) -> Result<Vec<u32>> {
+    let fd = q
+        .completion_fd()
+        .context("the client queue has no completion fd")?;
+    let mut buf = vec![0x3cu8; BLOCK_BYTES as usize];
+    let mut lat = Vec::with_capacity(blocks.len());
+    for &b in blocks {
+        let seg = [IoSegment {
+            addr: buf.as_mut_ptr(),
+            len: BLOCK_BYTES as usize,
+        }];
+        let req = IoRequest {
+            op,
+            offset_bytes: b * BLOCK_BYTES,
+            len_bytes: BLOCK_BYTES,
+            segments: &seg,
+            tag: b,
+        };
+        let t0 = Instant::now();
+        // SAFETY: `buf` is left alone until the request completes (waited
+        // for below).
+        unsafe { q.submit(&req) }.map_err(|e| anyhow::anyhow!("submit: {e}"))?;
+        let mut result = None;
+        while result.is_none() {
+            if q.poll(&mut |c: IoCompletion| result = Some(c.result)) == 0 {
+                wait_readable(fd, 100);
+            }
+        }
+        if let Some(Err(e)) = result {
+            bail!("a {op:?} of block {b} failed: {e}");
+        }
+        lat.push(t0.elapsed().as_nanos().min(u32::MAX as u128) as u32);
+    }
+    Ok(lat)
+}
+
+fn mean_us(ns: &[u32]) -> f64 {
+    if ns.is_empty() {
+        return 0.0;
+    }
+    ns.iter().map(|&x| x as f64).sum::<f64>() / ns.len() as f64 / 1000.0
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s.get(s.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// `snapshot_rounds` rounds on the filled benchmark volume and a filled
+/// 64 MiB one (see `ClusterBenchArgs::snapshot_rounds`); prints the
+/// figures against the targets. Every snapshot and clone it makes
+/// is deleted again.
+fn snapshot_cost(
+    args: &ClusterBenchArgs,
+    cluster: &Cluster,
+    queues: &mut [Box<dyn DeviceQueue>],
+) -> Result<()> {
+    eprintln!("snapshot cost: {} rounds", args.snapshot_rounds);
+    let mc = MetaClient::new(&cluster.meta_url, &cluster.token);
+    const SMALL: &str = "bench-small";
+    mc.create_volume(&CreateVolume {
+        name: SMALL.into(),
+        size_bytes: SNAPSHOT_SMALL_BYTES,
+        replicas: Some(3),
+        sector_size_bytes: None,
+    })
+    .context("create the 64 MiB volume")?;
+    {
+        let (small, detach) = crate::cluster_dev::open_volume(
+            &cluster.meta_url,
+            &cluster.token,
+            SMALL,
+            &crate::cluster_dev::AttachOptions::exclusive("bench"),
+        )?;
+        let mut q = small
+            .open_queue(0)
+            .map_err(|e| anyhow::anyhow!("open a client queue: {e}"))?;
+        fill_volume(q.as_mut(), SNAPSHOT_SMALL_BYTES)?;
+        drop(q);
+        drop(small);
+        detach.detach()?;
+    }
+    let volume_blocks = args.volume_size / BLOCK_BYTES;
+    let mut rng = Rng(0x5eed_5eed);
+    let mut random_blocks =
+        |n: usize| -> Vec<u64> { (0..n).map(|_| rng.next() % volume_blocks).collect() };
+    // The baseline of each round: writes to blocks the head already holds
+    // (the filled volume's at first, then the last round's blocks), right
+    // before the snapshot; as a write without snapshots.
+    let q = queues[0].as_mut();
+    qd1_blocks(q, IoOp::Write, &random_blocks(200))?;
+    let mut held = random_blocks(SNAPSHOT_WRITES);
+    let mut plain = Vec::new();
+    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1000.0;
+    // Per round: create and clone times (big, small); first writes (chunk
+    // allocated by it, not), rewrites; clone and parent reads.
+    let (mut create_big, mut create_small, mut clone_big, mut clone_small) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut first_alloc, mut first_other, mut first_all, mut again) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut clone_read, mut parent_read) = (Vec::new(), Vec::new());
+    let chunk_blocks = (1u64 << 20) / BLOCK_BYTES;
+    for round in 0..args.snapshot_rounds {
+        let snap = format!("r{round}");
+        let lat = qd1_blocks(queues[0].as_mut(), IoOp::Write, &held)?;
+        plain.push(mean_us(&lat));
+        let t = Instant::now();
+        mc.create_snapshot(VOLUME_NAME, &snap)
+            .context("snapshot the benchmark volume")?;
+        create_big.push(ms(t));
+        let t = Instant::now();
+        mc.create_snapshot(SMALL, &snap)
+            .context("snapshot the 64 MiB volume")?;
+        create_small.push(ms(t));
+        let t = Instant::now();
+        mc.clone_volume(VOLUME_NAME, &snap, "bench-clone")
+            .context("clone the benchmark volume")?;
+        clone_big.push(ms(t));
+        let t = Instant::now();
+        mc.clone_volume(SMALL, &snap, "bench-small-clone")
+            .context("clone the 64 MiB volume")?;
+        clone_small.push(ms(t));
+
+        // First writes since the snapshot, then the same blocks again.
+        let blocks = random_blocks(SNAPSHOT_WRITES);
+        let lat = qd1_blocks(queues[0].as_mut(), IoOp::Write, &blocks)?;
+        let mut seen = std::collections::HashSet::new();
+        let (mut alloc, mut other) = (Vec::new(), Vec::new());
+        for (b, l) in blocks.iter().zip(&lat) {
+            if seen.insert(b / chunk_blocks) {
+                alloc.push(*l);
+            } else {
+                other.push(*l);
+            }
+        }
+        first_all.push(mean_us(&lat));
+        first_alloc.push(mean_us(&alloc));
+        first_other.push(mean_us(&other));
+        let lat = qd1_blocks(queues[0].as_mut(), IoOp::Write, &blocks)?;
+        again.push(mean_us(&lat));
+        held = blocks;
+
+        // A clone's unwritten blocks beside the same blocks of its parent,
+        // taking turns.
+        let (clone, detach) = crate::cluster_dev::open_volume(
+            &cluster.meta_url,
+            &cluster.token,
+            "bench-clone",
+            &crate::cluster_dev::AttachOptions::exclusive("bench"),
+        )?;
+        let mut cq = clone
+            .open_queue(0)
+            .map_err(|e| anyhow::anyhow!("open a clone queue: {e}"))?;
+        let reads = random_blocks(SNAPSHOT_WRITES);
+        qd1_blocks(cq.as_mut(), IoOp::Read, &reads[..100])?;
+        let (mut c_lat, mut p_lat) = (Vec::new(), Vec::new());
+        for (i, part) in reads.chunks(SNAPSHOT_WRITES / 10).enumerate() {
+            let mut c = || qd1_blocks(cq.as_mut(), IoOp::Read, part);
+            if i % 2 == 0 {
+                c_lat.extend(c()?);
+                p_lat.extend(qd1_blocks(queues[0].as_mut(), IoOp::Read, part)?);
+            } else {
+                p_lat.extend(qd1_blocks(queues[0].as_mut(), IoOp::Read, part)?);
+                c_lat.extend(c()?);
+            }
+        }
+        clone_read.push(mean_us(&c_lat));
+        parent_read.push(mean_us(&p_lat));
+        drop(cq);
+        drop(clone);
+        detach.detach()?;
+        mc.delete_volume("bench-clone")
+            .context("delete the clone")?;
+        mc.delete_volume("bench-small-clone")
+            .context("delete the small clone")?;
+        mc.delete_snapshot(VOLUME_NAME, &snap)
+            .context("delete the snapshot")?;
+        mc.delete_snapshot(SMALL, &snap)
+            .context("delete the small snapshot")?;
+    }
+    let round = |v: &[f64]| {
+        v.iter()
+            .map(|x| (x * 10.0).round() / 10.0)
+            .collect::<Vec<_>>()
+    };
+    println!();
+    println!(
+        "snapshots ({} rounds; QD1 4 KiB; {SNAPSHOT_WRITES} I/Os per phase; medians of the rounds):",
+        args.snapshot_rounds
+    );
+    let (cb, cs) = (median(&create_big), median(&create_small));
+    let (kb, ks) = (median(&clone_big), median(&clone_small));
+    let worst = create_big
+        .iter()
+        .chain(&create_small)
+        .chain(&clone_big)
+        .chain(&clone_small)
+        .copied()
+        .fold(0.0, f64::max);
+    println!(
+        "  snapshot create: {} MiB volume {cb:.1} ms, 64 MiB volume {cs:.1} ms (ratio {:.2}; per round {:?} / {:?})",
+        args.volume_size >> 20,
+        ratio(cb, cs),
+        round(&create_big),
+        round(&create_small)
+    );
+    println!(
+        "  volume clone:    {} MiB volume {kb:.1} ms, 64 MiB volume {ks:.1} ms (ratio {:.2}; per round {:?} / {:?})",
+        args.volume_size >> 20,
+        ratio(kb, ks),
+        round(&clone_big),
+        round(&clone_small)
+    );
+    println!(
+        "  target: create and clone <= 100 ms whatever the size: slowest {worst:.1} ms  {}",
+        verdict(worst <= 100.0)
+    );
+    let (fa, fo, fall, ag) = (
+        median(&first_alloc),
+        median(&first_other),
+        median(&first_all),
+        median(&again),
+    );
+    let plain_us = median(&plain);
+    println!(
+        "  write to a block the head holds:     mean {plain_us:.1} µs (per round {:?}; right before each snapshot)",
+        round(&plain)
+    );
+    println!(
+        "  first write after a snapshot:        mean {fall:.1} µs = {:.2} x  (first of its chunk in the new layer {fa:.1} µs = {:.2} x, other blocks {fo:.1} µs = {:.2} x; per round {:?})",
+        ratio(fall, plain_us),
+        ratio(fa, plain_us),
+        ratio(fo, plain_us),
+        round(&first_all)
+    );
+    println!(
+        "  the same blocks again:               mean {ag:.1} µs = {:.2} x (per round {:?})",
+        ratio(ag, plain_us),
+        round(&again)
+    );
+    println!(
+        "  target: first write <= 1.2 x  {}   later writes unchanged (<= 1.1 x)  {}",
+        verdict(fall <= 1.2 * plain_us),
+        verdict(ag <= 1.1 * plain_us)
+    );
+    let (cr, pr) = (median(&clone_read), median(&parent_read));
+    println!(
+        "  read of a clone's unwritten blocks:  mean {cr:.1} µs; the parent's same blocks {pr:.1} µs: {:.2} x  target <= 1.2 x  {}",
+        ratio(cr, pr),
+        verdict(cr <= 1.2 * pr)
+    );
+    mc.delete_volume(SMALL)
+        .context("delete the 64 MiB volume")?;
+    Ok(())
+}
+
 // ---------------------------------------------------------------- floor
 
 struct Floor {
@@ -1577,6 +1857,9 @@ pub fn run(args: &ClusterBenchArgs) -> Result<()> {
     print_report(&selected, &celer, &peer, &floor);
     if args.scrub_rounds > 0 {
         scrub_cost(args, &cluster, &mut queues)?;
+    }
+    if args.snapshot_rounds > 0 {
+        snapshot_cost(args, &cluster, &mut queues)?;
     }
     if args.auth_rounds > 0 {
         auth_cost(args, &dir)?;
