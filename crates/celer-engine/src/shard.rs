@@ -254,7 +254,6 @@ struct Op {
     /// See `Completion::newer_version`.
     newer_version: u64,
     error: Option<EngineError>,
-    allocated_slot: bool,
     /// Alone in the shard: its data and journal writes carry RWF_DSYNC, so it
     /// is durable when they complete, without waiting for a group flush.
     solo: bool,
@@ -330,8 +329,6 @@ pub(crate) struct SlotState {
     pending_free: Vec<u16>,
     reads_inflight: u32,
     ops_inflight: u32,
-    /// Op writing the slot header; others wait for it.
-    header_op: Option<u32>,
     /// Allocated since the last checkpoint: its two headers are written by
     /// the next checkpoint that covers its Alloc record (until then the
     /// journal's Alloc record describes the slot; see `alloc_slot`).
@@ -369,7 +366,6 @@ impl SlotState {
             pending_free: Vec::with_capacity(phys),
             reads_inflight: 0,
             ops_inflight: 0,
-            header_op: None,
             header_due: false,
             freeing: false,
             releasing: None,
@@ -630,7 +626,6 @@ impl Shard {
                 applied: 0,
                 newer_version: 0,
                 error: None,
-                allocated_slot: false,
                 solo: false,
                 stage: Stage::Idle,
                 meta: AlignedBuf::new(1),
@@ -988,7 +983,6 @@ impl Shard {
         op.applied = 0;
         op.newer_version = 0;
         op.error = None;
-        op.allocated_slot = false;
         op.solo = false;
         op.jbufs.clear();
         op.local_slot = u32::MAX;
@@ -1163,7 +1157,7 @@ impl Shard {
         let slot = self.slots[local as usize]
             .as_mut()
             .expect("indexed slot exists");
-        if slot.freeing || slot.header_op.is_some() || slot.releasing.is_some_and(|r| r != id) {
+        if slot.freeing || slot.releasing.is_some_and(|r| r != id) {
             return self.defer(id);
         }
         slot.releasing = Some(id);
@@ -1626,10 +1620,7 @@ impl Shard {
                     .as_ref()
                     .expect("indexed slot exists");
                 let started = self.ops[id as usize].local_slot == local;
-                if slot.freeing
-                    || slot.header_op.is_some_and(|h| h != id)
-                    || (slot.releasing.is_some() && !started)
-                {
+                if slot.freeing || (slot.releasing.is_some() && !started) {
                     return self.defer(id);
                 }
                 local
@@ -1776,10 +1767,7 @@ impl Shard {
                 // An op that already holds the slot (a later phase) goes on:
                 // the release waits for it.
                 let started = self.ops[id as usize].local_slot == local;
-                if slot.freeing
-                    || slot.header_op.is_some_and(|h| h != id)
-                    || (slot.releasing.is_some() && !started)
-                {
+                if slot.freeing || (slot.releasing.is_some() && !started) {
                     return self.defer(id);
                 }
                 local
@@ -1825,8 +1813,8 @@ impl Shard {
     }
 
     /// Allocates a slot for (`volume`, `chunk`) to op `id`, as a first
-    /// write does: the Alloc record and the slot headers go with the op's
-    /// first phase, and other ops wait for the headers (`header_op`).
+    /// write does: the Alloc record goes with the op's first phase (the
+    /// slot headers with the next checkpoint, `SlotState::header_due`).
     /// `None`: the op was deferred (no room yet), or failed with `NoSpace`
     /// and finished.
     fn alloc_slot(&mut self, id: u32, volume: u64, chunk: u64, epoch: u64) -> Option<u32> {
@@ -1871,7 +1859,6 @@ impl Shard {
         }
         self.slots[local as usize] = Some(state);
         self.by_chunk.insert((volume, chunk), local);
-        self.ops[id as usize].allocated_slot = true;
         Some(local)
     }
 
@@ -2091,6 +2078,12 @@ impl Shard {
                     version: 0,
                 });
                 k += 1;
+                // As for writes: a phase journals at most what the room
+                // check above counted (a whole-chunk zeroing went over it
+                // and panicked in `append_record` on a nearly full journal).
+                if op.plan.len() > self.g.spare_blocks as usize {
+                    break;
+                }
                 continue;
             }
             let next = last_phys
@@ -2154,10 +2147,12 @@ impl Shard {
         // journal block in parallel, both with RWF_DSYNC: each is durable on
         // completion, no fsync worker is woken, and the thread sleeps once.
         // Everything else is served by group commit (one fdatasync a batch).
+        // A chunk's first write qualifies too: its Alloc record is in the
+        // same journal block, and its slot headers wait for the checkpoint
+        // (they used to be plain writes that needed the fdatasync).
         let solo = {
             let op = &self.ops[id as usize];
-            !op.allocated_slot
-                && op.jbufs.len() == 1
+            op.jbufs.len() == 1
                 && self.inflight() == 1
                 && self.open_jb == Some(op.jbufs[0])
                 && self.jbufs[op.jbufs[0]].waiters.len() == 1
@@ -2506,9 +2501,6 @@ impl Shard {
         let slot = self.slots[local as usize]
             .as_mut()
             .expect("slot of running op");
-        if op.allocated_slot && slot.header_op == Some(id) {
-            slot.header_op = None;
-        }
         // A repair rewrites a block at its own version (see EngineOp::Repair).
         let equal_applies = op.op == EngineOp::Repair;
         let fill = op.op == EngineOp::Fill;

@@ -109,6 +109,22 @@ fn engine_volume_behind_the_device_boundary() {
             "block {b}"
         );
     }
+    // A discard and a write-zeroes as large as the device says it takes
+    // (what vhost-user-blk advertises to a guest), over written chunks.
+    let max = dev.info().max_request_bytes;
+    let mut w = AlignedBuf::new(16);
+    w.fill(0x5a);
+    for at in [4u64 << 20, (4 << 20) + (1 << 20)] {
+        run(&mut q, IoOp::Write, at, 0, Some(&mut w)).expect("write");
+    }
+    run(&mut q, IoOp::Discard, 4 << 20, max.min(4 << 20), None)
+        .expect("discard of the largest request");
+    run(&mut q, IoOp::Write, 4 << 20, 0, Some(&mut w)).expect("write");
+    run(&mut q, IoOp::WriteZeroes, 4 << 20, max.min(4 << 20), None)
+        .expect("write zeroes of the largest request");
+    let mut r = AlignedBuf::new(16);
+    run(&mut q, IoOp::Read, 4 << 20, 0, Some(&mut r)).expect("read");
+    assert!(r.iter().all(|&b| b == 0), "zeroed");
     // Bad requests: clear errors, nothing submitted.
     let mut one = AlignedBuf::new(1);
     assert!(matches!(

@@ -6,7 +6,8 @@ mod common;
 use std::os::unix::fs::FileExt;
 
 use celer_engine::{
-    AlignedBuf, Engine, EngineError, EngineOp, EngineRequest, FormatOptions, OpenOptions, Segment,
+    AlignedBuf, Completion, Engine, EngineError, EngineOp, EngineRequest, FormatOptions,
+    OpenOptions, Segment,
 };
 use common::*;
 
@@ -647,4 +648,84 @@ fn a_disk_in_use_is_refused_to_a_second_opener() {
     // Released with the engine.
     let again = Engine::open(&path, &OpenOptions::default()).expect("open after close");
     again.close().expect("close");
+}
+
+/// Whole-chunk zeroing and discards, many in flight, on a small journal:
+/// each phase journals at most what its room check counted. A zeroing of a
+/// whole chunk used to journal every block's record in one phase (256
+/// with 1 MiB chunks) after checking room for spare + 2 (18 here), and
+/// the shard panicked ("journal_room checked") once the journal was nearly
+/// full: a guest's mkfs discards through vhost-user-blk did it.
+#[test]
+fn many_whole_chunk_zeroings_in_flight_fit_the_journal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("disk");
+    // 1 MiB chunks (256 records to zero one), a small journal.
+    let format = FormatOptions {
+        chunk_blocks: 256,
+        spare_blocks: 16,
+        shard_count: 1,
+        journal_blocks: 32,
+        create_size_bytes: Some(64 << 20),
+    };
+    Engine::format(&path, &format).expect("format");
+    let mut sh = Engine::open(&path, &OpenOptions::default())
+        .expect("open")
+        .into_shards()
+        .remove(0);
+    let chunk = sh.geometry().chunk_bytes();
+    let chunks = 32u64;
+    for c in 0..chunks {
+        write(&mut sh, 1, c * chunk, &mut filled(c, c * 256, 16), 10).expect("write");
+    }
+    let mut version = 20;
+    for round in 0..6u64 {
+        let mut inflight = 0;
+        for c in 0..chunks {
+            let op = if (c + round) % 2 == 0 {
+                EngineOp::WriteZeroes
+            } else {
+                EngineOp::Discard
+            };
+            version += 1;
+            let req = EngineRequest {
+                op,
+                volume: 1,
+                offset_bytes: c * chunk,
+                len_bytes: chunk,
+                segments: &[],
+                version,
+                epoch: 1,
+                tag: c,
+                chain: &[],
+            };
+            // SAFETY: no buffers.
+            match unsafe { sh.submit(&req) } {
+                Ok(()) => inflight += 1,
+                Err(EngineError::QueueFull { .. }) => break,
+                Err(e) => panic!("submit: {e}"),
+            }
+        }
+        while inflight > 0 {
+            sh.wait(&mut |c: Completion| {
+                c.result.expect("zeroing");
+                inflight -= 1;
+            });
+        }
+        // Data again, so the next round zeroes written blocks.
+        for c in 0..chunks {
+            version += 1;
+            write(
+                &mut sh,
+                1,
+                c * chunk,
+                &mut filled(round, c * 256, 16),
+                version,
+            )
+            .expect("write");
+        }
+    }
+    let got = read(&mut sh, 1, 0, 16).expect("read");
+    expect_pattern(&got, 5, 0);
+    sh.close().expect("close");
 }
