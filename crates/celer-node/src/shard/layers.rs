@@ -70,13 +70,12 @@ impl Layered {
         }
     }
 
-    /// The snapshot eras (keys) this shard saw frozen at or after `at`
-    /// (None: any it remembers),
-    /// when `key` is the head: a write that landed in one of them on some
-    /// members before they learned of the snapshot (or during its cut
-    /// window) was written again into the head by its writer, so a member
-    /// that missed it finds only the head's copy recorded (see
-    /// `catch_up::serve_catch_up`).
+    /// When `key` is the head: the snapshot eras (keys) this shard saw
+    /// frozen at or after `at` (None: all it remembers). A write that
+    /// landed in one of them on some members, before they learned of the
+    /// snapshot or during its cut window, was written again into the head
+    /// by its writer, so a member that missed it finds only the head's copy
+    /// recorded (see `catch_up::serve_catch_up`).
     pub(crate) fn frozen_since(&self, key: u64, at: Option<std::time::Instant>) -> Vec<u64> {
         if key != self.head_key {
             return Vec::new();

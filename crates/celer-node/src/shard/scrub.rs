@@ -51,8 +51,9 @@ const SCRUB_PIECE_BYTES: usize = 256 << 10;
 /// The first pass starts this long after the node starts.
 const SCRUB_FIRST_DELAY: Duration = Duration::from_secs(60);
 /// A member that does not answer a listing or a comparison the scrub waits
-/// for within this is skipped (its answer, if late, is still used for what
-/// it shows newer there).
+/// for within this is skipped: a late listing is dropped (the next pass
+/// asks again); a late comparison is still used for the blocks it shows
+/// newer there.
 const SCRUB_ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 /// Most chunks taken from the members' listings in one pass (a bound on
 /// what a peer's answers can make this shard hold).
@@ -585,8 +586,9 @@ impl ShardLoop {
             return true;
         }
         self.scrub_compare(volume, offset, len);
-        if self.scrub.compare.waiting.is_empty() {
-            // No member to ask (not in sync here, none reachable).
+        let round = &self.scrub.compare;
+        if round.waiting.is_empty() || round.volume != volume || round.offset != offset {
+            // No member asked (not in sync here, none reachable).
             self.scrub_advance(len);
             return false;
         }
