@@ -357,6 +357,25 @@ impl ShardLoop {
         });
     }
 
+    /// The route's epoch and the other in-sync members of partition `p`,
+    /// when this node is an in-sync member of it (None otherwise: the scrub
+    /// compares only as an in-sync member).
+    fn in_sync_peers(&self, p: u32) -> Option<(u64, Vec<NodeId>)> {
+        let me = self.shared.id;
+        let t = self.table()?;
+        let part = t.partition(p)?;
+        if !part.member(me).is_some_and(|m| m.in_sync) {
+            return None;
+        }
+        let peers = part
+            .members
+            .iter()
+            .filter(|m| m.in_sync && m.node != me)
+            .map(|m| m.node)
+            .collect();
+        Some((t.epoch, peers))
+    }
+
     /// Asks the other in-sync members of the next partition for their
     /// chunks, once the previous partition's answers are in (or timed out).
     fn scrub_list_step(&mut self, now: Instant) {
@@ -367,21 +386,8 @@ impl ShardLoop {
             // A member that does not answer: this pass goes without its list.
             self.scrub.list_waiting.clear();
         }
-        let me = self.shared.id;
         while let Some(p) = self.scrub.to_list.pop() {
-            let Some((epoch, peers)) = self.table().and_then(|t| {
-                let part = t.partition(p)?;
-                if !part.member(me).is_some_and(|m| m.in_sync) {
-                    return None;
-                }
-                let peers: Vec<NodeId> = part
-                    .members
-                    .iter()
-                    .filter(|m| m.in_sync && m.node != me)
-                    .map(|m| m.node)
-                    .collect();
-                Some((t.epoch, peers))
-            }) else {
+            let Some((epoch, peers)) = self.in_sync_peers(p) else {
                 continue;
             };
             for node in peers {
@@ -669,21 +675,10 @@ impl ShardLoop {
     /// piece this shard just read correctly; `scrub_compare_response`
     /// compares. Only as an in-sync member itself.
     fn scrub_compare(&mut self, volume: u64, offset: u64, len: u64) {
-        let me = self.shared.id;
-        let Some((p, epoch, peers)) = self.table().and_then(|t| {
-            let p = t.partition_at(volume, offset);
-            let part = t.partition(p)?;
-            if !part.member(me).is_some_and(|m| m.in_sync) {
-                return None;
-            }
-            let peers: Vec<NodeId> = part
-                .members
-                .iter()
-                .filter(|m| m.in_sync && m.node != me)
-                .map(|m| m.node)
-                .collect();
-            Some((p, t.epoch, peers))
-        }) else {
+        let Some(p) = self.table().map(|t| t.partition_at(volume, offset)) else {
+            return;
+        };
+        let Some((epoch, peers)) = self.in_sync_peers(p) else {
             return;
         };
         // A round still waiting for an answer is given up (its blocks are
