@@ -145,18 +145,11 @@ fn a_gpt_image_shows_its_partitions_and_ext4_in_the_guest() {
     drop((a, b));
 
     let socket = dir.path().join("gpt.sock");
-    let mut serve = Command::new(env!("CARGO_BIN_EXE_celer"));
-    serve
-        .args(["vhost", "serve", "--socket"])
-        .arg(&socket)
-        .arg("--device")
-        .arg(format!(
-            "cluster:gpt,meta={},token-file={}",
-            up.meta,
-            up.token_file.display()
-        ))
-        .env("NO_COLOR", "1");
-    let _backend = spawn_backend(serve, &socket, &dir.path().join("vhost.log"));
+    let _backend = spawn_backend(
+        up.vhost_serve("gpt", &socket),
+        &socket,
+        &dir.path().join("vhost.log"),
+    );
     let out = dir.path().join("out");
     let mut guest = spawn_guest(
         &repo,

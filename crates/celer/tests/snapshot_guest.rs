@@ -231,18 +231,11 @@ fn a_clone_of_a_snapshot_of_a_mounted_ext4_mounts_clean_in_a_linux_guest() {
     up.volume_ok(&["clone", "default@snap", "clone"]);
     let clone_secs = t.elapsed().as_secs_f64();
     let socket = dir.path().join("clone.sock");
-    let mut serve = Command::new(env!("CARGO_BIN_EXE_celer"));
-    serve
-        .args(["vhost", "serve", "--socket"])
-        .arg(&socket)
-        .arg("--device")
-        .arg(format!(
-            "cluster:clone,meta={},token-file={}",
-            up.meta,
-            up.token_file.display()
-        ))
-        .env("NO_COLOR", "1");
-    let backend = spawn_backend(serve, &socket, &dir.path().join("vhost.log"));
+    let backend = spawn_backend(
+        up.vhost_serve("clone", &socket),
+        &socket,
+        &dir.path().join("vhost.log"),
+    );
     let check = run_guest(
         &repo,
         &socket,

@@ -227,14 +227,7 @@ fn a_snapshot_under_load_is_a_consistent_cut_and_rollback_and_clone_work() {
     };
     let mut c = Cluster::start(std::path::Path::new(BIN), opts);
     let meta = c.meta_client();
-    let vol = meta
-        .create_volume(&CreateVolume {
-            name: "snap".into(),
-            size_bytes: 256 << 20,
-            replicas: None,
-            sector_size_bytes: None,
-        })
-        .expect("create volume");
+    let vol = create_volume(&meta, "snap", 256 << 20);
     let (writer_att, dev) = attach(&c, &vol, None);
     let stop = Arc::new(AtomicBool::new(false));
     let threads = start_writers(&dev, &stop);
@@ -427,14 +420,7 @@ fn a_node_killed_during_snapshot_create_and_delete() {
     };
     let mut c = Cluster::start(std::path::Path::new(BIN), opts);
     let meta = c.meta_client();
-    let vol = meta
-        .create_volume(&CreateVolume {
-            name: "k9".into(),
-            size_bytes: 256 << 20,
-            replicas: None,
-            sector_size_bytes: None,
-        })
-        .expect("create volume");
+    let vol = create_volume(&meta, "k9", 256 << 20);
     let (att, dev) = attach(&c, &vol, None);
     let stop = Arc::new(AtomicBool::new(false));
     let threads = start_writers(&dev, &stop);
@@ -502,18 +488,14 @@ fn a_node_killed_during_snapshot_create_and_delete() {
     std::thread::sleep(Duration::from_millis(1000));
     c.restart(2);
     c.wait_healthy(Duration::from_secs(60));
-    let t1 = Instant::now();
-    while allocated_chunks(&c) > before - alone {
-        assert!(
-            t1.elapsed() < Duration::from_secs(20),
-            "s1's chunks not freed: {} allocated, {before} before, {alone} held alone",
-            allocated_chunks(&c)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    std::thread::sleep(Duration::from_millis(1000));
+    let (now, _) = settle_chunks(
+        &c,
+        before - alone,
+        Duration::from_secs(20),
+        &format!("s1's chunks not freed ({before} before, {alone} held alone)"),
+    );
     assert_eq!(
-        allocated_chunks(&c),
+        now,
         before - alone,
         "exactly the chunks s1 held alone are freed, on every node"
     );
@@ -526,6 +508,34 @@ fn a_node_killed_during_snapshot_create_and_delete() {
     let after = read_all(&dev, "volume after the delete");
     assert_eq!(after, head, "the delete changed the volume");
     meta.detach(att).expect("detach");
+}
+
+/// Creates volume `name` of `size_bytes` (3 replicas, default sectors).
+fn create_volume(meta: &celer_meta::client::MetaClient, name: &str, size_bytes: u64) -> Volume {
+    meta.create_volume(&CreateVolume {
+        name: name.into(),
+        size_bytes,
+        replicas: None,
+        sector_size_bytes: None,
+    })
+    .unwrap_or_else(|e| panic!("create volume {name}: {e}"))
+}
+
+/// Waits up to `within` until the nodes hold at most `want` chunk slots in
+/// all (panics with `what` and the count otherwise), then 1 s more for any
+/// further change; returns the count then and the time since the call.
+fn settle_chunks(c: &Cluster, want: u64, within: Duration, what: &str) -> (u64, Duration) {
+    let t0 = Instant::now();
+    while allocated_chunks(c) > want {
+        assert!(
+            t0.elapsed() < within,
+            "{what}: {} chunks allocated, want {want}",
+            allocated_chunks(c)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    (allocated_chunks(c), t0.elapsed())
 }
 
 /// `GET /v1/status` of a node's admin server, as JSON.
@@ -561,14 +571,7 @@ fn deleting_a_snapshot_frees_the_chunks_only_it_held() {
     const MIB: usize = 1 << 20;
     let c = Cluster::start(std::path::Path::new(BIN), ClusterOpts::default());
     let meta = c.meta_client();
-    let vol = meta
-        .create_volume(&CreateVolume {
-            name: "del".into(),
-            size_bytes: 64 << 20,
-            replicas: None,
-            sector_size_bytes: None,
-        })
-        .expect("create volume");
+    let vol = create_volume(&meta, "del", 64 << 20);
     let (att, dev) = attach(&c, &vol, None);
     let mut q = dev.open_queue(0).expect("queue");
     let mut a = vec![0xAAu8; MIB];
@@ -613,20 +616,15 @@ fn deleting_a_snapshot_frees_the_chunks_only_it_held() {
     assert!(listed.contains("6.00 MiB in 6 chunks"), "{listed}");
     let before_delete = meta.status().expect("status").log_seq;
     meta.delete_snapshot("del", "a").expect("delete a");
-    let t0 = Instant::now();
-    while allocated_chunks(&c) > before - 6 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(15),
-            "snapshot a's shadowed chunks not freed: {} chunks, {before} before",
-            allocated_chunks(&c)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    std::thread::sleep(Duration::from_millis(1000));
-    let after = allocated_chunks(&c);
+    let (after, took) = settle_chunks(
+        &c,
+        before - 6,
+        Duration::from_secs(15),
+        &format!("snapshot a's shadowed chunks not freed ({before} before)"),
+    );
     println!(
         "allocated chunks: {before} before deleting snapshot a, {after} after ({} ms)",
-        t0.elapsed().as_millis()
+        took.as_millis()
     );
     assert_eq!(
         after,
@@ -681,25 +679,17 @@ fn deleting_a_snapshot_frees_the_chunks_only_it_held() {
     );
     assert!(out.contains("deleted (made after entry"), "{out}");
     assert!(out.contains("volume k"), "{out}");
-    let t0 = Instant::now();
-    while allocated_chunks(&c) > after {
-        assert!(
-            t0.elapsed() < Duration::from_secs(15),
-            "the removed clone's chunks not freed: {} chunks, {after} before it",
-            allocated_chunks(&c)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    std::thread::sleep(Duration::from_millis(1000));
-    assert_eq!(
-        allocated_chunks(&c),
+    let (now, took) = settle_chunks(
+        &c,
         after,
-        "exactly the clone's chunks freed"
+        Duration::from_secs(15),
+        &format!("the removed clone's chunks not freed ({after} before it)"),
     );
+    assert_eq!(now, after, "exactly the clone's chunks freed");
     println!(
         "restore: the clone's {} chunk slots freed in {} ms",
         with_clone - after,
-        t0.elapsed().as_millis()
+        took.as_millis()
     );
     let vol = meta.volume("del").expect("volume");
     let names: Vec<&str> = vol.snapshots.iter().map(|s| s.name.as_str()).collect();
@@ -748,14 +738,7 @@ fn a_full_export_and_two_diffs_restore_a_volume() {
     const MIB: u64 = 1 << 20;
     let c = Cluster::start(std::path::Path::new(BIN), ClusterOpts::default());
     let meta = c.meta_client();
-    let vol = meta
-        .create_volume(&CreateVolume {
-            name: "src".into(),
-            size_bytes: 32 << 20,
-            replicas: None,
-            sector_size_bytes: None,
-        })
-        .expect("create volume");
+    let vol = create_volume(&meta, "src", 32 << 20);
     let (att, dev) = attach(&c, &vol, None);
     let mut q = dev.open_queue(0).expect("queue");
     let pattern = |seed: u64, len: usize| -> Vec<u8> {

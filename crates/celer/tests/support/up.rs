@@ -95,6 +95,23 @@ impl Up {
         self.dir.join("nbd.sock")
     }
 
+    /// `celer vhost serve` of cluster volume `volume` of this cluster on
+    /// `socket`, to be spawned by the caller.
+    pub fn vhost_serve(&self, volume: &str, socket: &Path) -> Command {
+        let mut serve = Command::new(BIN);
+        serve
+            .args(["vhost", "serve", "--socket"])
+            .arg(socket)
+            .arg("--device")
+            .arg(format!(
+                "cluster:{volume},meta={},token-file={}",
+                self.meta,
+                self.token_file.display()
+            ))
+            .env("NO_COLOR", "1");
+        serve
+    }
+
     /// `celer volume ARGS --meta … --token-file …`.
     pub fn volume(&self, args: &[&str]) -> Output {
         self.cli("volume", args)
