@@ -368,6 +368,16 @@ fn start_writers(
     dev: &Arc<Client>,
     stop: &Arc<AtomicBool>,
 ) -> Vec<std::thread::JoinHandle<Vec<Done>>> {
+    start_writers_from(dev, stop, 0)
+}
+
+/// [`start_writers`] whose sequence numbers start after `after` (a second
+/// round of writers on the same blocks).
+fn start_writers_from(
+    dev: &Arc<Client>,
+    stop: &Arc<AtomicBool>,
+    after: u64,
+) -> Vec<std::thread::JoinHandle<Vec<Done>>> {
     (0..WRITERS)
         .map(|w| {
             let dev = dev.clone();
@@ -376,7 +386,7 @@ fn start_writers(
                 let mut q = dev.open_queue(w as usize).expect("queue");
                 let mut buf = vec![0u8; BLOCK];
                 let mut log = Vec::new();
-                let mut seq = 0;
+                let mut seq = after;
                 while !stop.load(Ordering::Relaxed) {
                     seq += 1;
                     let j = (seq * 7) % BLOCKS_PER_WRITER;
@@ -400,6 +410,211 @@ fn start_writers(
             })
         })
         .collect()
+}
+
+/// Writes `writes` (block index, stamp seq) of writer 0's blocks through
+/// `dev`, and applies them to `want` (what `read_all` should return).
+fn write_stamps(dev: &Arc<Client>, writes: &[(u64, u64)], want: &mut [Vec<Option<u64>>]) {
+    let mut q = dev.open_queue(0).expect("queue");
+    let mut buf = vec![0u8; BLOCK];
+    for &(j, seq) in writes {
+        stamp(&mut buf, 0, seq);
+        let at = block_of(0, j) * BLOCK as u64;
+        one_request(q.as_mut(), IoOp::Write, at, &mut buf).expect("write");
+        want[0][j as usize] = Some(seq);
+    }
+}
+
+/// Waits until the route has `partitions` partitions, `node` is a member of
+/// at least one and every partition has all its replicas in sync; returns
+/// the table and how long it took.
+fn wait_moved(
+    c: &Cluster,
+    node: u32,
+    partitions: usize,
+    what: &str,
+) -> (celer_route::RouteTable, Duration) {
+    let t0 = Instant::now();
+    loop {
+        let t = c.wait_healthy(Duration::from_secs(120));
+        let holds = t
+            .partitions
+            .iter()
+            .any(|p| p.members.iter().any(|m| m.node == node));
+        if t.partitions.len() == partitions && holds {
+            return (t, t0.elapsed());
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "{what}: not done after 120 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Snapshots and clones move with the live data. A volume with a snapshot
+/// taken under load, a clone of it with writes of its own, a snapshot of
+/// the clone and a clone of that (3 lineage levels) on 3 nodes; then, while
+/// 8 writers keep writing to the volume, a 4th node joins (its partitions
+/// are backfilled to it) and the partitions are split (the new halves move).
+/// Afterwards every snapshot and clone reads exactly what it read before,
+/// the volume holds every writer's last writes, and each of them is
+/// identical on every replica — the new node's copies included.
+#[test]
+fn snapshots_and_clones_survive_a_rebalance_and_a_split() {
+    let opts = ClusterOpts {
+        nodes: 3,
+        partition_bits: 4,
+        disk_bytes: 640 << 20,
+        ..ClusterOpts::default()
+    };
+    let mut c = Cluster::start(std::path::Path::new(BIN), opts);
+    let meta = c.meta_client();
+    let vol = create_volume(&meta, "moved", 256 << 20);
+    let (_, dev) = attach(&c, &vol, None);
+    // s1 under load.
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = start_writers(&dev, &stop);
+    std::thread::sleep(Duration::from_millis(800));
+    let cmd_start = Instant::now();
+    meta.create_snapshot("moved", "s1").expect("snapshot");
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let mut logs: Vec<Vec<Done>> = threads
+        .into_iter()
+        .map(|t| t.join().expect("writer"))
+        .collect();
+    let vol = meta.volume("moved").expect("volume");
+    let (_, s1_dev) = attach(&c, &vol, Some("s1"));
+    let s1 = read_all(&s1_dev, "s1");
+    check_cut(&logs, &s1, cmd_start, "s1");
+    drop(s1_dev);
+    // A clone of s1 with writes of its own, its snapshot c1, a clone of c1.
+    let clone = meta
+        .clone_volume("moved", "s1", "moved-clone")
+        .expect("clone");
+    let (_, clone_dev) = attach(&c, &clone, None);
+    let mut clone_want = s1.clone();
+    write_stamps(
+        &clone_dev,
+        &[(1, 1 << 40), (5, (1 << 40) + 1), (9, (1 << 40) + 2)],
+        &mut clone_want,
+    );
+    meta.create_snapshot("moved-clone", "c1")
+        .expect("clone snapshot");
+    let c1_want = clone_want.clone();
+    // The clone's writer learns of c1 at its next write: a write naming the
+    // frozen era within the cut window still goes into c1 (the snapshot
+    // then holds the clone as its writer saw it a moment later). Writes
+    // after the window go to the new head only.
+    std::thread::sleep(Duration::from_millis(
+        celer_meta::api::SNAPSHOT_CUT_MS + 200,
+    ));
+    write_stamps(
+        &clone_dev,
+        &[(5, (1 << 40) + 3), (13, (1 << 40) + 4)],
+        &mut clone_want,
+    );
+    let clone2 = meta
+        .clone_volume("moved-clone", "c1", "moved-clone2")
+        .expect("clone of a clone");
+    let (_, clone2_dev) = attach(&c, &clone2, None);
+    let mut clone2_want = c1_want.clone();
+    write_stamps(
+        &clone2_dev,
+        &[(9, (1 << 41)), (17, (1 << 41) + 1)],
+        &mut clone2_want,
+    );
+    assert_eq!(read_all(&clone_dev, "clone"), clone_want);
+    assert_eq!(read_all(&clone2_dev, "clone of a clone"), clone2_want);
+
+    // A 4th node joins, then the partitions split, under load.
+    let after = logs.iter().flatten().map(|d| d.seq).max().unwrap_or(0);
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = start_writers_from(&dev, &stop, after);
+    std::thread::sleep(Duration::from_millis(500));
+    let new = c.add_node();
+    let new_id = c.node_id(new);
+    let (t, took) = wait_moved(&c, new_id, 16, "rebalance to the new node");
+    let held = t
+        .partitions
+        .iter()
+        .filter(|p| p.members.iter().any(|m| m.node == new_id))
+        .count();
+    println!("node {new_id} joined: holds {held} of 16 partitions, in sync after {took:?}");
+    let split = meta.split().expect("split");
+    assert_eq!(split.partitions.len(), 32);
+    let (t, took) = wait_moved(&c, new_id, 32, "split");
+    let held = t
+        .partitions
+        .iter()
+        .filter(|p| p.members.iter().any(|m| m.node == new_id))
+        .count();
+    println!("split to 32 partitions: node {new_id} holds {held}, all in sync after {took:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    for (w, t) in threads.into_iter().enumerate() {
+        logs[w].extend(t.join().expect("writer"));
+    }
+    let writes: usize = logs.iter().map(|l| l.len()).sum();
+    println!("{writes} writes in all");
+
+    // Everything reads as before, on every replica.
+    let head = read_all(&dev, "volume");
+    for (w, log) in logs.iter().enumerate() {
+        assert_eq!(
+            head[w],
+            state_after(log, u64::MAX),
+            "volume: writer {w}'s blocks"
+        );
+    }
+    let vol = meta.volume("moved").expect("volume");
+    let s1_era = vol.snapshot("s1").expect("s1").era;
+    let (_, s1_dev) = attach(&c, &vol, Some("s1"));
+    assert_eq!(read_all(&s1_dev, "s1 after the moves"), s1, "s1 changed");
+    let clone = meta.volume("moved-clone").expect("clone");
+    let c1_era = clone.snapshot("c1").expect("c1").era;
+    let (_, c1_dev) = attach(&c, &clone, Some("c1"));
+    assert_eq!(
+        read_all(&c1_dev, "c1 after the moves"),
+        c1_want,
+        "c1 changed"
+    );
+    assert_eq!(read_all(&clone_dev, "clone after the moves"), clone_want);
+    assert_eq!(
+        read_all(&clone2_dev, "clone of a clone after the moves"),
+        clone2_want
+    );
+    let clone2 = meta.volume("moved-clone2").expect("clone of a clone");
+    // The comparisons below read the new node's copies too.
+    let t = c.meta_client().route().expect("route");
+    let chunk_blocks = t.chunk_bytes / BLOCK as u64;
+    let mut on_new: Vec<u64> = (0..WRITERS)
+        .flat_map(|w| (0..BLOCKS_PER_WRITER).map(move |j| block_of(w, j) / chunk_blocks))
+        .filter(|&ch| {
+            let p = t
+                .partition(t.partition_of(vol.lineage(), ch))
+                .expect("partition");
+            p.members.iter().any(|m| m.node == new_id)
+        })
+        .collect();
+    on_new.sort_unstable();
+    on_new.dedup();
+    println!(
+        "node {new_id} holds {} of the chunks compared",
+        on_new.len()
+    );
+    assert!(!on_new.is_empty(), "node {new_id} holds none of the chunks");
+    for (v, era, what) in [
+        (&vol, None, "volume"),
+        (&vol, Some(s1_era), "s1"),
+        (&clone, None, "clone"),
+        (&clone, Some(c1_era), "c1"),
+        (&clone2, None, "clone of a clone"),
+    ] {
+        let diffs = compare_replicas(&c, v, era);
+        assert!(diffs.is_empty(), "{what}: copies differ: {diffs:?}");
+    }
 }
 
 /// kill -9 of a storage node during a snapshot create, then of another

@@ -137,24 +137,7 @@ impl Cluster {
             c.start_meta(&o);
         }
         for i in 0..o.nodes {
-            let listen = free_port();
-            let data_proxy = FaultProxy::start(listen);
-            let meta_proxy = FaultProxy::start(meta_addr);
-            let n = NodeProc {
-                index: i,
-                disk: if o.disks_in_one_dir {
-                    c.dir.path().join(format!("disks/node{i}.img"))
-                } else {
-                    c.dir.path().join(format!("node{i}/disk.img"))
-                },
-                listen,
-                admin: free_port(),
-                data_proxy,
-                meta_proxy,
-                child: None,
-                log: c.dir.path().join(format!("node{i}.log")),
-            };
-            c.nodes.push(n);
+            c.push_node(o.disks_in_one_dir);
             c.spawn_node(i, o.disk_bytes);
         }
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -312,6 +295,38 @@ impl Cluster {
 
     pub fn route(&self) -> RouteTable {
         self.meta_client().route().expect("route table")
+    }
+
+    /// Describes node `nodes.len()` (ports, proxies, disk, log) without
+    /// starting it; returns its index.
+    fn push_node(&mut self, disks_in_one_dir: bool) -> usize {
+        let i = self.nodes.len();
+        let listen = free_port();
+        let n = NodeProc {
+            index: i,
+            disk: if disks_in_one_dir {
+                self.dir.path().join(format!("disks/node{i}.img"))
+            } else {
+                self.dir.path().join(format!("node{i}/disk.img"))
+            },
+            listen,
+            admin: free_port(),
+            data_proxy: FaultProxy::start(listen),
+            meta_proxy: FaultProxy::start(self.meta_addr),
+            child: None,
+            log: self.dir.path().join(format!("node{i}.log")),
+        };
+        self.nodes.push(n);
+        i
+    }
+
+    /// Starts one more node (a new disk of the cluster's size), as an
+    /// operator adds a host; returns its index. The control service moves
+    /// partitions to it once it registers.
+    pub fn add_node(&mut self) -> usize {
+        let i = self.push_node(false);
+        self.spawn_node(i, self.disk_bytes);
+        i
     }
 
     fn spawn_node(&mut self, i: usize, disk_bytes: u64) {
