@@ -435,6 +435,15 @@ pub struct CreateSnapshot {
     pub name: String,
 }
 
+/// `POST /v1/admin-ticket`: what an operator presents to a node's admin
+/// server (`Authorization: Celer-Ticket TICKET`) for its controls.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminTicketReply {
+    pub ticket: String,
+    /// Unix time in milliseconds.
+    pub expires_unix_ms: u64,
+}
+
 /// `POST /v1/volumes/{name}/rollback`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rollback {

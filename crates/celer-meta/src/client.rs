@@ -251,6 +251,12 @@ impl MetaClient {
         self.call::<(), _>("POST", "/v1/route/split", &[], None)
     }
 
+    /// `POST /v1/admin-ticket`: a ticket for the nodes' admin controls
+    /// (operator tokens only).
+    pub fn admin_ticket(&self) -> Result<crate::api::AdminTicketReply, MetaClientError> {
+        self.call::<(), _>("POST", "/v1/admin-ticket", &[], None)
+    }
+
     /// `POST /v1/volumes`.
     pub fn create_volume(&self, req: &CreateVolume) -> Result<Volume, MetaClientError> {
         self.call("POST", "/v1/volumes", &[], Some(req))

@@ -601,6 +601,22 @@ async fn route(State(st): State<Arc<Shared>>) -> ApiResult<RouteTable> {
     .map(Json)
 }
 
+/// `POST /v1/admin-ticket` (operators only): a ticket for the nodes' admin
+/// controls (`celer scrub`), signed with the data key, naming the caller's
+/// token (see `celer_proto::auth::AdminTicket`).
+async fn admin_ticket(
+    State(st): State<Arc<Shared>>,
+    Extension(who): Extension<Who>,
+) -> Json<crate::api::AdminTicketReply> {
+    let expires_unix_ms = crate::state::unix_ms() + celer_proto::auth::AdminTicket::TTL_MS;
+    let ticket = celer_proto::auth::AdminTicket::mint(&st.data_key, &who.0, expires_unix_ms);
+    tracing::info!(operator = %who.0, "admin ticket issued");
+    Json(crate::api::AdminTicketReply {
+        ticket,
+        expires_unix_ms,
+    })
+}
+
 async fn split(
     State(st): State<Arc<Shared>>,
     Extension(who): Extension<Who>,
@@ -1147,6 +1163,7 @@ pub(crate) fn router(st: Arc<Shared>) -> Router {
         .route("/v1/nodes", get(nodes))
         .route("/v1/route", get(route))
         .route("/v1/route/split", post(split))
+        .route("/v1/admin-ticket", post(admin_ticket))
         .route("/v1/volumes", post(create_volume).get(volumes))
         .route("/v1/volumes/{name}", get(volume).delete(delete_volume))
         .route("/v1/volumes/{name}/resize", post(resize_volume))

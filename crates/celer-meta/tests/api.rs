@@ -1325,6 +1325,15 @@ fn tokens_have_roles_and_capabilities_follow_the_node_token() {
     assert!(cap
         .verify(&celer_proto::auth::data_key_from_secret("test-secret"), now)
         .is_err());
+    // Admin tickets (the nodes' scrub controls): operators only, signed
+    // with the node token's data key, naming the operator.
+    assert_eq!(status_of(node.admin_ticket()).0, 403);
+    assert_eq!(status_of(front.admin_ticket()).0, 403);
+    let t = operator.admin_ticket().expect("an operator gets a ticket");
+    let nk = celer_proto::auth::data_key_from_secret("node-secret");
+    let got = celer_proto::auth::AdminTicket::verify(&nk, &t.ticket, t.expires_unix_ms - 1)
+        .expect("signed with the node token's key");
+    assert_eq!(got.operator, "ops");
     // Unknown roles are a configuration error that names them.
     let e = parse_tokens("x secret admin\n").expect_err("unknown role");
     assert!(e.to_string().contains("admin"), "{e}");

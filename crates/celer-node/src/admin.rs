@@ -91,6 +91,30 @@ fn authorized(shared: &NodeShared, headers: &HeaderMap) -> bool {
         .is_some_and(|v| celer_meta::http::constant_time_eq(v.as_bytes(), want.as_bytes()))
 }
 
+/// Who may use an operator control (the scrub's): the control service
+/// (the cluster token) or an operator with an admin ticket from it
+/// (`Authorization: Celer-Ticket HEX`, see `celer_proto::auth::AdminTicket`;
+/// the node checks its signature with the data key). Returns the caller's
+/// name for the log, or why not.
+fn operator(shared: &NodeShared, headers: &HeaderMap) -> Result<String, String> {
+    if authorized(shared, headers) {
+        return Ok("cluster token".into());
+    }
+    let Some(ticket) = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Celer-Ticket "))
+    else {
+        return Err("missing or wrong credential: present an admin ticket from the control service (`Authorization: Celer-Ticket ...`, as `celer scrub` does) or the cluster token".into());
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    celer_proto::auth::AdminTicket::verify(&shared.data_key, ticket.trim(), now)
+        .map(|t| t.operator)
+        .map_err(|e| format!("admin ticket refused: {e}"))
+}
+
 /// The answer to a request without the cluster token.
 fn unauthorized() -> (StatusCode, Json<serde_json::Value>) {
     (
@@ -458,16 +482,21 @@ const SCRUB_KEYS_MAX: usize = 4096;
 
 /// `POST /v1/scrub/start` (a pass now, on every shard not in one; with a
 /// body `{"keys": [...]}` over those layer keys' chunks only: one volume),
-/// `/v1/scrub/pause`, `/v1/scrub/resume`; bearer token required.
+/// `/v1/scrub/pause`, `/v1/scrub/resume`; an admin ticket or the cluster
+/// token required (see [`operator`]).
 async fn scrub_control(
     State(shared): State<Arc<NodeShared>>,
     Path(action): Path<String>,
     headers: HeaderMap,
     body: String,
 ) -> (StatusCode, Json<serde_json::Value>) {
-    if !authorized(&shared, &headers) {
-        return unauthorized();
-    }
+    let who = match operator(&shared, &headers) {
+        Ok(who) => who,
+        Err(e) => {
+            tracing::warn!("scrub {action} refused: {e}");
+            return (StatusCode::UNAUTHORIZED, Json(json!({ "error": e })));
+        }
+    };
     match action.as_str() {
         "start" => {
             #[derive(serde::Deserialize)]
@@ -516,7 +545,7 @@ async fn scrub_control(
             )
         }
     }
-    tracing::info!(action, "scrub control");
+    tracing::info!(action, operator = %who, "scrub control");
     (StatusCode::OK, Json(scrub_json(&shared)))
 }
 

@@ -106,11 +106,22 @@ fn block(seed: u64) -> [u8; 4096] {
 
 /// A raw HTTP/1.1 request; (status, body).
 fn http(addr: SocketAddr, method: &str, path: &str, token: &str, body: &str) -> (u16, String) {
+    http_as(addr, method, path, &format!("Bearer {token}"), body)
+}
+
+/// [`http`] with `authorization` as the whole Authorization header value.
+fn http_as(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    authorization: &str,
+    body: &str,
+) -> (u16, String) {
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {authorization}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     s.write_all(req.as_bytes()).expect("send");
@@ -318,6 +329,65 @@ fn raise_nofile(want: u64) {
             assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &l), 0, "setrlimit");
         }
     }
+}
+
+/// The scrub's controls take an admin ticket that the control service signs
+/// with the data key, or the cluster token: an operator's own token, a
+/// forged ticket, an expired one, a tampered one and none at all are
+/// refused (401, the scrub stays as it was); a valid ticket starts a pass
+/// and pauses the scrub.
+#[test]
+fn scrub_controls_take_an_admin_ticket_and_refuse_anything_else() {
+    use celer_proto::auth::{data_key_from_secret, AdminTicket};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = dir.path().join("disk.img");
+    format(&disk);
+    let n = start_node(&disk, dir.path());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let key = data_key_from_secret(TOKEN);
+    let good = AdminTicket::mint(&key, "ops", now + 60_000);
+    let mut tampered = good.clone();
+    // A later expiry in the ticket's first byte: the MAC no longer matches.
+    tampered.replace_range(0..2, "ff");
+    let refused = [
+        ("no credential", String::new()),
+        ("an operator's own token", "Bearer ops-secret".to_string()),
+        (
+            "a ticket from another cluster",
+            format!(
+                "Celer-Ticket {}",
+                AdminTicket::mint(&data_key_from_secret("other"), "ops", now + 60_000)
+            ),
+        ),
+        (
+            "an expired ticket",
+            format!("Celer-Ticket {}", AdminTicket::mint(&key, "ops", now - 1)),
+        ),
+        ("a tampered ticket", format!("Celer-Ticket {tampered}")),
+        ("garbage", "Celer-Ticket not-hex".to_string()),
+    ];
+    for (what, auth) in &refused {
+        let (code, body) = http_as(n.admin_addr(), "POST", "/v1/scrub/pause", auth, "");
+        assert_eq!(code, 401, "{what}: {body}");
+        let (_, status) = http(n.admin_addr(), "GET", "/v1/scrub", "", "");
+        assert!(
+            status.contains("\"paused\":false"),
+            "{what} paused the scrub: {status}"
+        );
+    }
+    let auth = format!("Celer-Ticket {good}");
+    let (code, body) = http_as(n.admin_addr(), "POST", "/v1/scrub/start", &auth, "");
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = http_as(n.admin_addr(), "POST", "/v1/scrub/pause", &auth, "");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"paused\":true"), "{body}");
+    // The control service's own credential still works.
+    let (code, body) = http(n.admin_addr(), "POST", "/v1/scrub/resume", TOKEN, "");
+    assert_eq!(code, 200, "{body}");
+    n.stop().expect("node stops");
 }
 
 #[test]

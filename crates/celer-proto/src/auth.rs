@@ -14,6 +14,9 @@
 //!   from the capability presented. The client proves it holds the key; the
 //!   capability alone (seen on the wire) is worth nothing.
 //!
+//! - An **admin ticket** ([`AdminTicket`]) lets an operator drive a node's
+//!   admin controls for a while without holding the node credential.
+//!
 //! Every MAC is compared in constant time (`hmac`'s `verify_slice`).
 
 use hmac::{Hmac, Mac};
@@ -46,6 +49,8 @@ pub enum AuthError {
         expires_unix_ms: u64,
         now_unix_ms: u64,
     },
+    #[error("the admin ticket's signature does not verify: forged, or minted by another cluster's control service")]
+    BadTicket,
     #[error("the proof of the key does not verify: wrong key or replayed handshake")]
     BadProof,
     #[error("unknown credential role {0}")]
@@ -194,6 +199,77 @@ impl Capability {
     pub fn from_hex(s: &str) -> Result<Capability, AuthError> {
         let b = from_hex(s).ok_or(AuthError::Malformed("capability: not hex"))?;
         Capability::decode(&b)
+    }
+}
+
+/// What an operator presents to a node's admin server for its controls
+/// (`celer scrub start|pause|resume`): minted by the control service for a
+/// caller with an operator token (`POST /v1/admin-ticket`), signed with the
+/// data key, valid until `expires_unix_ms`. Operators never hold the node
+/// credential, and nodes know no operator token: they check the signature.
+/// Layout: expiry u64, name length u8, name (the operator token's name, at
+/// most [`AdminTicket::NAME_MAX`] bytes, for the node's log), MAC.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdminTicket {
+    pub operator: String,
+    pub expires_unix_ms: u64,
+}
+
+impl AdminTicket {
+    /// Longest operator name a ticket carries (longer ones are cut).
+    pub const NAME_MAX: usize = 64;
+    /// How long a ticket is valid.
+    pub const TTL_MS: u64 = 10 * 60 * 1000;
+
+    fn signed(name: &[u8], expires_unix_ms: u64) -> Vec<u8> {
+        let mut b = Vec::with_capacity(9 + name.len());
+        b.extend_from_slice(&expires_unix_ms.to_le_bytes());
+        b.push(name.len() as u8);
+        b.extend_from_slice(name);
+        b
+    }
+
+    /// A ticket for `operator` valid until `expires_unix_ms`, as hex (the
+    /// control service's job).
+    pub fn mint(data_key: &Key, operator: &str, expires_unix_ms: u64) -> String {
+        let mut end = operator.len().min(Self::NAME_MAX);
+        while !operator.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut b = Self::signed(&operator.as_bytes()[..end], expires_unix_ms);
+        let m = mac(data_key, &[b"celer admin ticket v1", &b]);
+        b.extend_from_slice(&m);
+        to_hex(&b)
+    }
+
+    /// The ticket `hex` if its signature verifies with `data_key` and it
+    /// has not expired at `now_unix_ms`.
+    pub fn verify(data_key: &Key, hex: &str, now_unix_ms: u64) -> Result<AdminTicket, AuthError> {
+        let b = from_hex(hex).ok_or(AuthError::Malformed("admin ticket: not hex"))?;
+        if b.len() < 9 + MAC_BYTES {
+            return Err(AuthError::Malformed("admin ticket: too short"));
+        }
+        let n = b[8] as usize;
+        if n > Self::NAME_MAX || b.len() != 9 + n + MAC_BYTES {
+            return Err(AuthError::Malformed("admin ticket: wrong length"));
+        }
+        let (body, tag) = b.split_at(9 + n);
+        if !verify(data_key, &[b"celer admin ticket v1", body], tag) {
+            return Err(AuthError::BadTicket);
+        }
+        let mut e = [0u8; 8];
+        e.copy_from_slice(&body[..8]);
+        let expires_unix_ms = u64::from_le_bytes(e);
+        if now_unix_ms >= expires_unix_ms {
+            return Err(AuthError::Expired {
+                expires_unix_ms,
+                now_unix_ms,
+            });
+        }
+        Ok(AdminTicket {
+            operator: String::from_utf8_lossy(&body[9..]).into_owned(),
+            expires_unix_ms,
+        })
     }
 }
 
@@ -405,6 +481,41 @@ mod tests {
             key: capability.attachment_key(key),
             capability,
         }
+    }
+
+    #[test]
+    fn an_admin_ticket_verifies_until_it_expires_and_no_tampering_passes() {
+        let dk = data_key_from_secret("s3cret");
+        let t = AdminTicket::mint(&dk, "alice", NOW + 1000);
+        let got = AdminTicket::verify(&dk, &t, NOW).expect("valid");
+        assert_eq!(got.operator, "alice");
+        assert_eq!(got.expires_unix_ms, NOW + 1000);
+        assert!(matches!(
+            AdminTicket::verify(&dk, &t, NOW + 1000),
+            Err(AuthError::Expired { .. })
+        ));
+        let other = data_key_from_secret("another cluster");
+        assert_eq!(
+            AdminTicket::verify(&other, &t, NOW),
+            Err(AuthError::BadTicket)
+        );
+        // Every flipped bit fails (a later expiry, another name, the MAC).
+        let b = from_hex(&t).expect("hex");
+        for bit in 0..b.len() * 8 {
+            let mut c = b.clone();
+            c[bit / 8] ^= 1 << (bit % 8);
+            assert!(
+                AdminTicket::verify(&dk, &to_hex(&c), NOW).is_err(),
+                "bit {bit} flipped and still valid"
+            );
+        }
+        assert!(AdminTicket::verify(&dk, "zz", NOW).is_err());
+        assert!(AdminTicket::verify(&dk, &t[..t.len() - 2], NOW).is_err());
+        // A long name is cut at a character boundary, not refused.
+        let long = "é".repeat(40);
+        let t = AdminTicket::mint(&dk, &long, NOW + 1);
+        let got = AdminTicket::verify(&dk, &t, NOW).expect("valid");
+        assert_eq!(got.operator, "é".repeat(32));
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! `celer scrub status|start|pause|resume`: the storage nodes' background
 //! scrub, through each node's admin API (`/v1/scrub`). Nodes are those the
 //! control service lists as up, or the admin addresses given with `--node`.
+//! `start`, `pause` and `resume` present an admin ticket the control
+//! service issues to operator tokens (`POST /v1/admin-ticket`).
 
 use std::time::Duration;
 
@@ -46,7 +48,6 @@ pub fn run(cmd: ScrubCommand) -> Result<()> {
         ScrubCommand::Pause(a) => (Some("pause"), a),
         ScrubCommand::Resume(a) => (Some("resume"), a),
     };
-    let (_, token) = a.conn.url_and_token()?;
     let nodes = if a.nodes.is_empty() {
         let route = a
             .conn
@@ -82,6 +83,19 @@ pub fn run(cmd: ScrubCommand) -> Result<()> {
         }
         (Some(_), _) => anyhow::bail!("--volume goes with `celer scrub start` only"),
     };
+    // The nodes' controls take an admin ticket from the control service
+    // (operator tokens only), not the node credential.
+    let auth = match action {
+        None => String::new(),
+        Some(_) => {
+            let t = a.conn.client()?.admin_ticket().map_err(|e| {
+                anyhow::anyhow!(
+                    "an admin ticket from the control service (an operator token is needed): {e}"
+                )
+            })?;
+            format!("Celer-Ticket {}", t.ticket)
+        }
+    };
     let agent = ureq::AgentBuilder::new()
         .timeout(Duration::from_secs(10))
         .build();
@@ -91,7 +105,7 @@ pub fn run(cmd: ScrubCommand) -> Result<()> {
             None => agent.get(&format!("http://{addr}/v1/scrub")).call(),
             Some(act) => agent
                 .post(&format!("http://{addr}/v1/scrub/{act}"))
-                .set("authorization", &format!("Bearer {token}"))
+                .set("authorization", &auth)
                 .send_string(only.as_deref().unwrap_or("")),
         };
         let v: serde_json::Value = match r {
