@@ -90,8 +90,12 @@ pub struct ClusterBenchArgs {
     /// reads on this cluster and on a second one whose nodes check no
     /// credential (`--insecure-no-auth`, loopback only), taking turns
     /// (0: skip it).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 21)]
     pub auth_rounds: u32,
+    /// Length of one round of the authentication-cost comparison, per
+    /// side and workload.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(50..=60_000))]
+    pub auth_round_ms: u64,
     /// Rounds of the scrub-cost comparison on this cluster: QD1 4 KiB reads
     /// and writes with the nodes' scrub paused and running at its default
     /// rate, taking turns; prints the latency change and the scrub's
@@ -890,73 +894,104 @@ fn run_celer(
 
 /// QD1 4 KiB latency with authentication on and off: two fresh clusters
 /// with the same history (filled, then the same rounds), one whose nodes
-/// check no credential (`--insecure-no-auth`), `auth_rounds` alternating
-/// rounds each (who goes first alternates too); medians, spread and the
-/// cost printed. What authentication adds per request is a few comparisons
-/// on the node (the capability's volume, mode, attachment and expiry); the
+/// check no credential (`--insecure-no-auth`). Rounds of
+/// `--auth-round-ms` each, taking turns (who goes first alternates), for
+/// three workloads: writes and reads of the filled volume, and reads of a
+/// volume never written (holes: no disk I/O, only the path a request takes
+/// through client, network and node, where authentication lives, so the
+/// disk's noise does not hide a small difference). Printed: each side's
+/// median and spread, and the median of the paired differences (round by
+/// round, which cancels the machine's slow drifts) with its middle half.
+/// What authentication adds per request is a few comparisons on the node
+/// (the capability's volume, mode, attachment and expiry); the
 /// challenge-response runs once per connection, before anything is timed.
 fn auth_cost(args: &ClusterBenchArgs, dir: &Path) -> Result<()> {
     eprintln!("authentication cost: two fresh clusters, with and without authentication");
+    const HOLES: &str = "bench-holes";
     let mut sides = Vec::new();
     for (name, no_auth) in [("auth-on", false), ("auth-off", true)] {
         let cluster = start_cluster(args, &dir.join(name), no_auth)?;
+        let attach = crate::cluster_dev::AttachOptions::exclusive("bench");
         let (device, _attached) = crate::cluster_dev::open_volume(
             &cluster.meta_url,
             &cluster.token,
             VOLUME_NAME,
-            &crate::cluster_dev::AttachOptions::exclusive("bench"),
+            &attach,
         )?;
-        let mut queues: Vec<Box<dyn DeviceQueue>> = vec![device
+        let mut filled: Vec<Box<dyn DeviceQueue>> = vec![device
             .open_queue(0)
             .map_err(|e| anyhow::anyhow!("open a client queue: {e}"))?];
-        fill_volume(queues[0].as_mut(), args.volume_size)?;
-        sides.push((cluster, device, queues));
+        fill_volume(filled[0].as_mut(), args.volume_size)?;
+        MetaClient::new(&cluster.meta_url, &cluster.token)
+            .create_volume(&CreateVolume {
+                name: HOLES.into(),
+                size_bytes: args.volume_size,
+                replicas: Some(3),
+                sector_size_bytes: None,
+            })
+            .context("create the volume of holes")?;
+        let (holes_dev, _holes_attached) =
+            crate::cluster_dev::open_volume(&cluster.meta_url, &cluster.token, HOLES, &attach)?;
+        let holes: Vec<Box<dyn DeviceQueue>> = vec![holes_dev
+            .open_queue(0)
+            .map_err(|e| anyhow::anyhow!("open a client queue: {e}"))?];
+        sides.push((cluster, [(device, filled), (holes_dev, holes)]));
     }
     let volume_blocks = args.volume_size / BLOCK_BYTES;
-    let runtime = Duration::from_secs(args.runtime as u64);
-    let mut figures: Vec<[Vec<f64>; 2]> = vec![[Vec::new(), Vec::new()], [Vec::new(), Vec::new()]];
-    for (k, w) in WORKLOADS
-        .iter()
-        .filter(|w| w.qd == 1 && w.queues == 1)
-        .enumerate()
-    {
-        for round in 0..args.auth_rounds as usize {
-            for side in [round % 2, 1 - round % 2] {
-                let (c, _, q) = &mut sides[side];
-                let m = run_celer(*w, q, volume_blocks, runtime, args.poll_us, c)?;
-                figures[k][side].push(m.fig.mean_us);
-            }
-        }
-    }
+    let round = Duration::from_millis(args.auth_round_ms);
+    let qd1 = |rw: &str| {
+        WORKLOADS
+            .iter()
+            .find(|w| w.qd == 1 && w.queues == 1 && w.rw == rw)
+            .copied()
+    };
+    let runs = [
+        ("randwrite", qd1("randwrite"), 0),
+        ("randread", qd1("randread"), 0),
+        ("randread-holes", qd1("randread"), 1),
+    ];
     println!();
     println!(
-        "authentication cost, QD1 4 KiB, mean latency per round ({} rounds of {} s each, alternating):",
+        "authentication cost, QD1 4 KiB, mean latency per round ({} rounds of {} ms each, alternating):",
         args.auth_rounds,
-        runtime.as_secs()
+        round.as_millis()
     );
-    for (k, w) in WORKLOADS
-        .iter()
-        .filter(|w| w.qd == 1 && w.queues == 1)
-        .enumerate()
-    {
-        let median = |v: &[f64]| {
-            let mut s = v.to_vec();
-            s.sort_by(f64::total_cmp);
-            s[s.len() / 2]
+    for (name, w, vol) in runs {
+        let Some(w) = w else { continue };
+        // [side] -> (mean µs, CPU µs per I/O) per round.
+        let mut fig: [Vec<(f64, f64)>; 2] = [Vec::new(), Vec::new()];
+        for r in 0..args.auth_rounds as usize {
+            for side in [r % 2, 1 - r % 2] {
+                let (c, volumes) = &mut sides[side];
+                let q = &mut volumes[vol].1;
+                let m = run_celer(w, q, volume_blocks, round, args.poll_us, c)?;
+                fig[side].push((m.fig.mean_us, m.fig.cpu_us_per_io));
+            }
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
         };
-        let spread = |v: &[f64]| {
-            let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
-            let hi = v.iter().copied().fold(0.0, f64::max);
-            format!("{lo:.1}-{hi:.1}")
-        };
-        let (on, off) = (&figures[k][0], &figures[k][1]);
-        let (mon, moff) = (median(on), median(off));
+        let lat = |side: usize| fig[side].iter().map(|f| f.0).collect::<Vec<f64>>();
+        let (mut on, mut off) = (lat(0), lat(1));
+        let mut paired: Vec<f64> = on
+            .iter()
+            .zip(&off)
+            .map(|(a, b)| (a - b) / b * 100.0)
+            .collect();
+        let cpu = |side: usize| median(&mut fig[side].iter().map(|f| f.1).collect());
+        let (cpu_on, cpu_off) = (cpu(0), cpu(1));
+        let (mon, moff) = (median(&mut on), median(&mut off));
+        let n = paired.len();
+        let mp = median(&mut paired);
         println!(
-            "  {:<14} auth on: median {mon:.1} µs (spread {} µs)   auth off: median {moff:.1} µs (spread {} µs)   cost {:+.1} %",
-            w.name(),
-            spread(on),
-            spread(off),
-            (mon - moff) / moff * 100.0
+            "  {name:<15} auth on: median {mon:.1} µs ({:.1}-{:.1})   auth off: median {moff:.1} µs ({:.1}-{:.1})   paired cost: median {mp:+.2} % (middle half {:+.2} to {:+.2} %)   CPU per I/O {cpu_on:.1} vs {cpu_off:.1} µs",
+            on[0],
+            on[n - 1],
+            off[0],
+            off[n - 1],
+            paired[n / 4],
+            paired[(3 * n) / 4],
         );
     }
     drop(sides);
