@@ -518,6 +518,11 @@ impl BlockDevice for Client {
         true
     }
 
+    /// Every member acknowledges a write once it is durable on its disk.
+    fn writes_durable_on_completion(&self) -> bool {
+        true
+    }
+
     /// At chunk granularity, from the nodes' chunk lists (see `allocation`).
     fn allocation(
         &self,

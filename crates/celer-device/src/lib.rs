@@ -161,6 +161,16 @@ pub trait BlockDevice: Send + Sync {
     fn flush_is_device_wide(&self) -> bool {
         false
     }
+
+    /// True when a write is durable once it completes (on every replica,
+    /// for a replicated device): the device has no volatile write cache
+    /// and a Flush has nothing to do. Front ends then tell the guest the
+    /// disk is write-through (virtio-blk without VIRTIO_BLK_F_FLUSH: Linux
+    /// shows `write through` in `queue/write_cache` and sends no flushes).
+    /// The default is false: the guest is told to flush.
+    fn writes_durable_on_completion(&self) -> bool {
+        false
+    }
 }
 
 /// Appends `len_bytes` of `allocation` to `out`, merged with the last

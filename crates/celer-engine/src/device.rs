@@ -325,6 +325,12 @@ impl BlockDevice for EngineDevice {
         true
     }
 
+    /// A write completes after its data and journal record are on the
+    /// disk (RWF_DSYNC, or the group commit's fdatasync).
+    fn writes_durable_on_completion(&self) -> bool {
+        true
+    }
+
     /// From the shards' slot maps: a chunk without a slot is a hole, and
     /// so is a block of a slot that was never written or was zeroed or
     /// discarded. One message to each shard thread (answered between its

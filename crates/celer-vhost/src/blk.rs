@@ -162,11 +162,18 @@ impl VhostUserBlk {
             | (1 << VIRTIO_BLK_F_SEG_MAX)
             | (1 << VIRTIO_BLK_F_BLK_SIZE)
             | (1 << VIRTIO_BLK_F_TOPOLOGY)
-            | (1 << VIRTIO_BLK_F_FLUSH)
             | (1 << VIRTIO_BLK_F_MQ)
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
             // Dirty logging for live migration (LOG_SHMFD): see worker.rs.
             | VhostUserVirtioFeatures::LOG_ALL.bits();
+        // The guest is told the truth about the write cache: a device
+        // whose writes are durable at completion (Celer's) is write-through
+        // (no FLUSH feature: Linux shows `write through` and sends no
+        // flushes); any other is write-back, and the guest flushes.
+        let write_back = !device.writes_durable_on_completion();
+        if write_back {
+            features |= 1 << VIRTIO_BLK_F_FLUSH;
+        }
         if info.read_only {
             features |= 1 << VIRTIO_BLK_F_RO;
         } else {
@@ -184,6 +191,11 @@ impl VhostUserBlk {
             queues = config.num_queues,
             poll_us = config.poll_us,
             poll_inflight_us = config.poll_inflight_us,
+            write_cache = if write_back {
+                "write back"
+            } else {
+                "write through"
+            },
             "vhost-user-blk back end ready"
         );
         Ok(VhostUserBlk {

@@ -40,6 +40,8 @@ fn linux_guest_fio_verify_ext4_and_backend_restart() {
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."),
         dir.path(),
         &start,
+        // A file's writes sit in the host's cache until a flush.
+        "write back",
     );
 }
 

@@ -181,6 +181,49 @@ fn negotiates_features_and_serves_config_space() {
     server.join();
 }
 
+/// The guest is told the truth about the write cache: FLUSH is offered for
+/// a device whose completed writes may still be lost (write back), not for
+/// one whose writes are durable at completion (write through).
+#[test]
+fn the_write_cache_is_advertised_as_the_device_has_it() {
+    struct Durable(NullDevice);
+    impl BlockDevice for Durable {
+        fn info(&self) -> celer_device::DeviceInfo {
+            self.0.info()
+        }
+        fn open_queue(
+            &self,
+            index: usize,
+        ) -> Result<Box<dyn celer_device::DeviceQueue>, celer_device::IoError> {
+            self.0.open_queue(index)
+        }
+        fn writes_durable_on_completion(&self) -> bool {
+            true
+        }
+    }
+    for (device, flush) in [
+        (
+            Arc::new(NullDevice::new(64 << 20, false, false)) as Arc<dyn BlockDevice>,
+            true,
+        ),
+        (
+            Arc::new(Durable(NullDevice::new(64 << 20, false, false))),
+            false,
+        ),
+    ] {
+        let server = Server::start(device, 1, 1);
+        let fe = server.connect(1);
+        assert_eq!(
+            fe.features & (1 << VIRTIO_BLK_F_FLUSH) != 0,
+            flush,
+            "FLUSH offered: {}",
+            !flush
+        );
+        drop(fe);
+        server.join();
+    }
+}
+
 /// Online resize at the protocol level: `grow` sends a config change on the
 /// back-end request channel, the front end re-reads the config space and
 /// finds the new capacity; shrinking and odd sizes are refused.

@@ -691,6 +691,11 @@ impl BlockDevice for HandoffDevice {
         true
     }
 
+    /// Its writes are the client's.
+    fn writes_durable_on_completion(&self) -> bool {
+        true
+    }
+
     /// The client's answer once the volume is taken over; before, "all
     /// data" (asking must not take the volume over).
     fn allocation(

@@ -191,6 +191,10 @@ impl BlockDevice for MeteredDevice {
         self.inner.flush_is_device_wide()
     }
 
+    fn writes_durable_on_completion(&self) -> bool {
+        self.inner.writes_durable_on_completion()
+    }
+
     fn open_queue(&self, index: usize) -> Result<Box<dyn DeviceQueue>, IoError> {
         let inner = self.inner.open_queue(index)?;
         let queue = index as u32;

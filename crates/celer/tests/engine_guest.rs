@@ -42,6 +42,8 @@ fn linux_guest_on_an_engine_volume_survives_sigkill_of_the_back_end() {
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."),
         dir.path(),
         &start,
+        // Every engine write is durable when it completes.
+        "write through",
     );
 
     let out = Command::new(celer)

@@ -6,6 +6,7 @@
 # back end; phase 3 makes, fills, remounts and checks an ext4 file system.
 set -e
 ls /sys/block/vda/mq | wc -l > hw-queues.txt
+cat /sys/block/vda/queue/write_cache > write-cache.txt
 cat > verify.fio <<'JOB'
 [global]
 filename=/dev/vda

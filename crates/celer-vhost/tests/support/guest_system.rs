@@ -110,10 +110,13 @@ pub fn spawn_guest(
 /// Runs the guest scenario against the back end `start_backend(socket, log)`
 /// starts (listening, 2 queues); `repo` is the repository root and `dir` a
 /// scratch directory.
+/// `write_cache`: what the guest must read in
+/// `/sys/block/vda/queue/write_cache` ("write back" or "write through").
 pub fn run_guest_system_test(
     repo: &Path,
     dir: &Path,
     start_backend: &dyn Fn(&Path, &Path) -> KillOnDrop,
+    write_cache: &str,
 ) {
     let root: PathBuf = repo.to_path_buf();
     build_guest(&root);
@@ -175,6 +178,7 @@ pub fn run_guest_system_test(
     assert!(console_text.contains("CELER-PHASE2-DONE"), "{context}");
     assert!(console_text.contains("CELER-SYSTEM-OK"), "{context}");
     assert_eq!(read("hw-queues.txt").trim(), "2", "{context}");
+    assert_eq!(read("write-cache.txt").trim(), write_cache, "{context}");
     // Both virtqueues raised interrupts (I/O went through both).
     let irqs = read("interrupts.txt");
     for q in ["req.0", "req.1"] {
