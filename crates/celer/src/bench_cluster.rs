@@ -187,6 +187,8 @@ const SNAPSHOT_WRITES: usize = 2000;
 /// benchmark volume's.
 const SNAPSHOT_SMALL_BYTES: u64 = 64 << 20;
 const VOLUME_NAME: &str = "bench";
+/// Copies of every block the benchmark volumes keep.
+const REPLICAS: u8 = 3;
 /// Latency samples kept per queue (more I/Os are counted but not sampled).
 const SAMPLES_MAX: usize = 8_000_000;
 /// Prefill request size and depth.
@@ -309,6 +311,54 @@ struct Cluster {
     token: String,
     /// The nodes' admin listeners (`/metrics`).
     admins: Vec<SocketAddr>,
+    /// The block device the nodes' disk files live on (its
+    /// `/sys/dev/block/MAJ:MIN/stat`), when there is one.
+    disk_stat: Option<PathBuf>,
+}
+
+/// Counters of the block device under the nodes' disks
+/// (`/sys/dev/block/MAJ:MIN/stat`): (writes completed, sectors written,
+/// flushes completed).
+fn disk_counters(stat: &Path) -> Option<(u64, u64, u64)> {
+    let s = std::fs::read_to_string(stat).ok()?;
+    let f: Vec<u64> = s
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // Fields (Documentation/block/stat.rst): reads 0-3, writes 4-7, in
+    // flight, io and queue ticks, discards 11-14, flushes 15-16.
+    Some((*f.get(4)?, *f.get(6)?, f.get(15).copied().unwrap_or(0)))
+}
+
+/// The stat file of the block device holding `dir`.
+fn disk_stat_of(dir: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(dir).ok()?.dev();
+    let p = PathBuf::from(format!(
+        "/sys/dev/block/{}:{}/stat",
+        libc::major(dev),
+        libc::minor(dev)
+    ));
+    p.exists().then_some(p)
+}
+
+/// Voluntary + involuntary context switches of every thread of `pid`
+/// (`/proc/PID/task/*/status`; a process's own status counts only its
+/// first thread).
+fn ctx_switches(pid: &str) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .flat_map(|s| {
+            s.lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
 }
 
 fn start_cluster(args: &ClusterBenchArgs, dir: &Path, no_auth: bool) -> Result<Cluster> {
@@ -408,7 +458,7 @@ fn start_cluster(args: &ClusterBenchArgs, dir: &Path, no_auth: bool) -> Result<C
     mc.create_volume(&CreateVolume {
         name: VOLUME_NAME.into(),
         size_bytes: args.volume_size,
-        replicas: Some(3),
+        replicas: Some(REPLICAS),
         sector_size_bytes: None,
     })
     .context("create the benchmark volume")?;
@@ -417,6 +467,7 @@ fn start_cluster(args: &ClusterBenchArgs, dir: &Path, no_auth: bool) -> Result<C
         meta_url,
         token,
         admins,
+        disk_stat: disk_stat_of(dir),
     })
 }
 
@@ -755,6 +806,47 @@ fn percentile_us(sorted_ns: &[u32], pct: usize) -> f64 {
 }
 
 /// One side's figures for one workload, plus the other load on the machine.
+/// What one I/O of a workload cost beyond time, Celer only.
+#[derive(Clone, Copy, Debug, Default)]
+struct PerIo {
+    /// Writes the disk under the nodes completed per client I/O, and its
+    /// flushes (all replicas are on this one disk: a client write's floor
+    /// is one device write per replica).
+    device_writes: Option<f64>,
+    device_flushes: Option<f64>,
+    /// Bytes the disk wrote per byte a replica wrote (writes only; the
+    /// client's bytes times the replicas).
+    write_amplification: Option<f64>,
+    /// Context switches per I/O: the client (this process: the driving
+    /// thread and the client library's), and all nodes together.
+    ctx_client: f64,
+    ctx_nodes: f64,
+}
+
+type DiskCounters = Option<(u64, u64, u64)>;
+
+impl PerIo {
+    fn between(
+        ios: u64,
+        disk: (DiskCounters, DiskCounters),
+        ctx: ((u64, u64), (u64, u64)),
+    ) -> PerIo {
+        let n = ios.max(1) as f64;
+        let d = match disk {
+            (Some(a), Some(b)) => Some((b.0 - a.0, b.1 - a.1, b.2 - a.2)),
+            _ => None,
+        };
+        PerIo {
+            device_writes: d.map(|d| d.0 as f64 / n),
+            device_flushes: d.map(|d| d.2 as f64 / n),
+            write_amplification: d
+                .map(|d| d.1 as f64 * 512.0 / (n * REPLICAS as f64 * BLOCK_BYTES as f64)),
+            ctx_client: (ctx.1 .0 - ctx.0 .0) as f64 / n,
+            ctx_nodes: (ctx.1 .1 - ctx.0 .1) as f64 / n,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, Default)]
 struct Measured {
     fig: Figures,
@@ -763,6 +855,7 @@ struct Measured {
     /// Celer only: mean time a request spent inside a node (from its frame
     /// to its response: engine and, for forwarded writes, the forwards).
     node_mean_us: Option<f64>,
+    per_io: Option<PerIo>,
 }
 
 /// Sum and count of `celer_node_request_seconds{op=OP}` over every node and
@@ -820,6 +913,12 @@ fn run_celer(
     let cluster_pids = cluster.procs.pids();
     let node_op = if w.op == IoOp::Write { "write" } else { "read" };
     let node0 = node_latency(&cluster.admins, node_op);
+    let node_pids: Vec<String> = cluster_pids.iter().skip(1).map(|p| p.to_string()).collect();
+    let disk0 = cluster.disk_stat.as_deref().and_then(disk_counters);
+    let ctx0 = (
+        ctx_switches("self"),
+        node_pids.iter().map(|p| ctx_switches(p)).sum::<u64>(),
+    );
     let before = CpuSnap::take(&cluster_pids);
     let runs: Vec<Result<QueueRun>> = if w.queues == 1 {
         vec![drive_queue(
@@ -864,6 +963,11 @@ fn run_celer(
         })
     };
     let after = CpuSnap::take(&cluster_pids);
+    let ctx1 = (
+        ctx_switches("self"),
+        node_pids.iter().map(|p| ctx_switches(p)).sum::<u64>(),
+    );
+    let disk1 = cluster.disk_stat.as_deref().and_then(disk_counters);
     let node1 = node_latency(&cluster.admins, node_op);
     let node_requests = node1.1 - node0.1;
     let mut lat: Vec<u32> = Vec::new();
@@ -887,6 +991,7 @@ fn run_celer(
         },
         other_cores,
         node_mean_us: (node_requests > 0.0).then(|| (node1.0 - node0.0) / node_requests * 1e6),
+        per_io: Some(PerIo::between(ios, (disk0, disk1), (ctx0, ctx1))),
     })
 }
 
@@ -926,7 +1031,7 @@ fn auth_cost(args: &ClusterBenchArgs, dir: &Path) -> Result<()> {
             .create_volume(&CreateVolume {
                 name: HOLES.into(),
                 size_bytes: args.volume_size,
-                replicas: Some(3),
+                replicas: Some(REPLICAS),
                 sector_size_bytes: None,
             })
             .context("create the volume of holes")?;
@@ -1173,7 +1278,7 @@ fn snapshot_cost(
     mc.create_volume(&CreateVolume {
         name: SMALL.into(),
         size_bytes: SNAPSHOT_SMALL_BYTES,
-        replicas: Some(3),
+        replicas: Some(REPLICAS),
         sector_size_bytes: None,
     })
     .context("create the 64 MiB volume")?;
@@ -1497,6 +1602,7 @@ fn run_fio_json(mut cmd: Command, rw: &str, daemon_pids: &[u32]) -> Result<Measu
         },
         other_cores,
         node_mean_us: None,
+        per_io: None,
     })
 }
 
@@ -1712,6 +1818,28 @@ fn print_report(
     println!(
         "(mean/p99: submit to completion; node µs: mean time inside a node, from its request frame to its response; CPU µs/IO: all of a side's processes; other: cores busy with anything else on the machine meanwhile; lat ÷Ceph: how many times lower Celer's mean latency is)"
     );
+    println!();
+    println!(
+        "Celer per I/O: device writes and flushes (the disk under the nodes, /sys/dev/block/*/stat; all 3 replicas are on it, so the floor for a write is 3: one per replica; anything else writing to that disk meanwhile counts too), write amplification (bytes the disk wrote per byte a replica wrote), context switches (client process; 3 nodes together):"
+    );
+    println!(
+        "{:<20} {:>10} {:>10} {:>8} {:>10} {:>10}",
+        "workload", "dev writes", "flushes", "WA", "ctx client", "ctx nodes"
+    );
+    for (i, w) in selected.iter().enumerate() {
+        let Some(p) = celer[i].per_io else { continue };
+        let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
+        let writes = w.op == IoOp::Write;
+        println!(
+            "{:<20} {:>10} {:>10} {:>8} {:>10.2} {:>10.2}",
+            w.label(),
+            opt(p.device_writes),
+            opt(p.device_flushes),
+            opt(p.write_amplification.filter(|_| writes)),
+            p.ctx_client,
+            p.ctx_nodes
+        );
+    }
     println!();
     println!("targets (issue 4):");
     let find = |rw: &str, qd: usize, queues: usize| {
