@@ -617,6 +617,91 @@ fn snapshots_and_clones_survive_a_rebalance_and_a_split() {
     }
 }
 
+/// A member killed during a snapshot create, down (within the grace
+/// period) while a second snapshot is taken under an 8-writer load, then
+/// back: it catches up what it missed in both
+/// snapshots' eras, not only the newest. Writes in flight during each cut
+/// land in the era just frozen on the members that stayed, and their
+/// writers write them again into the new head; the returning member's
+/// catch-up must bring the frozen eras' copies too, also for the first
+/// snapshot's era once the second has frozen the head above it. Both
+/// snapshots are consistent cuts, identical on every replica, and so is the
+/// volume.
+#[test]
+fn a_member_down_across_two_snapshots_catches_up_both() {
+    let opts = ClusterOpts {
+        disk_bytes: 640 << 20,
+        down_grace_s: 60,
+        ..ClusterOpts::default()
+    };
+    let mut c = Cluster::start(std::path::Path::new(BIN), opts);
+    let meta = c.meta_client();
+    let vol = create_volume(&meta, "two", 256 << 20);
+    let (_, dev) = attach(&c, &vol, None);
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = start_writers(&dev, &stop);
+    std::thread::sleep(Duration::from_millis(800));
+    let id1 = c.node_id(1);
+    let mut taken = Vec::new();
+    for name in ["s1", "s2"] {
+        let cmd_start = Instant::now();
+        let snap = if name == "s1" {
+            // Node 1 killed 5 ms into the first create: writes in flight
+            // to it then are sent again after it is marked down.
+            std::thread::scope(|scope| {
+                let create = scope.spawn(|| meta.create_snapshot("two", name));
+                std::thread::sleep(Duration::from_millis(5));
+                c.kill(1);
+                create.join().expect("create thread")
+            })
+        } else {
+            meta.create_snapshot("two", name)
+        }
+        .expect("snapshot");
+        taken.push((snap, cmd_start));
+        // Past the cut window: the next snapshot freezes a sealed head.
+        std::thread::sleep(Duration::from_millis(
+            celer_meta::api::SNAPSHOT_CUT_MS + 500,
+        ));
+    }
+    c.restart(1);
+    c.wait_healthy(Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let logs: Vec<Vec<Done>> = threads
+        .into_iter()
+        .map(|t| t.join().expect("writer"))
+        .collect();
+    let writes: usize = logs.iter().map(|l| l.len()).sum();
+    println!("{writes} writes; node {id1} down across two snapshots, then back");
+    let vol = meta.volume("two").expect("volume");
+    let mut failures = Vec::new();
+    for (snap, cmd_start) in &taken {
+        let what = format!("snapshot {}", snap.name);
+        let (_, reader) = attach(&c, &vol, Some(&snap.name));
+        let cut = read_all(&reader, &what);
+        check_cut(&logs, &cut, *cmd_start, &what);
+        let diffs = compare_replicas(&c, &vol, Some(snap.era));
+        println!(
+            "{what} (era {}): {} blocks differ between replicas",
+            snap.era,
+            diffs.len()
+        );
+        if !diffs.is_empty() {
+            failures.push(format!("{what}: {diffs:?}"));
+        }
+    }
+    let head = read_all(&dev, "volume");
+    for (w, log) in logs.iter().enumerate() {
+        assert_eq!(head[w], state_after(log, u64::MAX), "writer {w}'s blocks");
+    }
+    let diffs = compare_replicas(&c, &vol, None);
+    if !diffs.is_empty() {
+        failures.push(format!("the volume: {diffs:?}"));
+    }
+    assert!(failures.is_empty(), "copies differ: {failures:?}");
+}
+
 /// kill -9 of a storage node during a snapshot create, then of another
 /// during a snapshot delete, while 8 writers write (QD 8). The create
 /// completes; its snapshot is a consistent cut, identical on every

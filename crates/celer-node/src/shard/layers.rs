@@ -31,9 +31,10 @@ pub(crate) struct Layered {
     snapshots: Vec<(u32, u64, Vec<u64>)>,
     /// Keys of deleted snapshots' eras and of the era above each.
     retired: Vec<(u64, u64)>,
-    /// Heads this shard saw frozen by a snapshot, with when it learned it
-    /// (the last `FROZEN_KEPT`, see `frozen_since`).
-    frozen: Vec<(u64, std::time::Instant)>,
+    /// Heads this shard saw frozen by a snapshot: (frozen key, the head
+    /// key that replaced it, when it learned it); the last `FROZEN_KEPT`,
+    /// see `frozen_since`.
+    frozen: Vec<(u64, u64, std::time::Instant)>,
 }
 
 /// Frozen heads remembered per volume.
@@ -70,23 +71,30 @@ impl Layered {
         }
     }
 
-    /// When `key` is the head: the snapshot eras (keys) this shard saw
-    /// frozen at or after `at` (None: all it remembers). A write that
-    /// landed in one of them on some members, before they learned of the
-    /// snapshot or during its cut window, was written again into the head
-    /// by its writer, so a member that missed it finds only the head's copy
-    /// recorded (see `catch_up::serve_catch_up`).
+    /// When `key` is the head, or a head that a snapshot froze since: the
+    /// snapshot eras (keys) under it that this shard saw frozen at or after
+    /// `at` (None: all it remembers), following the chain of frozen heads
+    /// down from `key`. A write that landed in one of them on some members,
+    /// before they learned of the snapshot or during its cut window, was
+    /// written again into the head of the time by its writer, so a member
+    /// that missed it finds only that head's copy recorded (see
+    /// `catch_up::serve_catch_up`); a later snapshot may have frozen that
+    /// head too by the time the member is back.
     pub(crate) fn frozen_since(&self, key: u64, at: Option<std::time::Instant>) -> Vec<u64> {
-        if key != self.head_key {
-            return Vec::new();
-        }
-        self.frozen
-            .iter()
-            .filter(|(k, t)| {
-                at.is_none_or(|at| *t >= at) && self.snapshots.iter().any(|s| s.1 == *k)
+        let mut out = Vec::new();
+        let mut above = key;
+        // Each step goes to an older entry: at most FROZEN_KEPT of them.
+        while let Some(&(k, _, _)) =
+            self.frozen.iter().rev().find(|(k, succ, t)| {
+                *succ == above && at.is_none_or(|at| *t >= at) && !out.contains(k)
             })
-            .map(|(k, _)| *k)
-            .collect()
+        {
+            if self.snapshots.iter().any(|s| s.1 == k) {
+                out.push(k);
+            }
+            above = k;
+        }
+        out
     }
 }
 
@@ -254,7 +262,8 @@ impl ShardLoop {
                     Some(cur) => {
                         l.frozen = cur.frozen.clone();
                         if cur.head_key != l.head_key {
-                            l.frozen.push((cur.head_key, std::time::Instant::now()));
+                            l.frozen
+                                .push((cur.head_key, l.head_key, std::time::Instant::now()));
                         }
                         let excess = l.frozen.len().saturating_sub(FROZEN_KEPT);
                         l.frozen.drain(..excess);
@@ -262,9 +271,14 @@ impl ShardLoop {
                     // A volume's first layers: its first snapshot froze
                     // era 0, the era now directly under the head (or this
                     // process just started: no member is being recorded).
-                    None => l
-                        .frozen
-                        .extend(l.chain.first().map(|k| (*k, std::time::Instant::now()))),
+                    None => {
+                        let head = l.head_key;
+                        l.frozen.extend(
+                            l.chain
+                                .first()
+                                .map(|k| (*k, head, std::time::Instant::now())),
+                        )
+                    }
                 }
                 self.layers.insert(v.volume, Arc::new(l));
             }
@@ -336,5 +350,62 @@ impl ShardLoop {
             }
             busy
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use celer_meta::api::SnapshotLayers;
+    use std::time::{Duration, Instant};
+
+    /// Volume 5 after two snapshots: s1 froze era 0 (head 1), s2 froze
+    /// era 1 (head 2).
+    fn two_snapshots() -> Layered {
+        let v = VolumeLayers {
+            volume: 5,
+            lineage: 5,
+            head: 2,
+            under: vec![1, 0],
+            snapshots: vec![
+                SnapshotLayers {
+                    era: 0,
+                    under: vec![],
+                },
+                SnapshotLayers {
+                    era: 1,
+                    under: vec![0],
+                },
+            ],
+            cutting: None,
+            retired: vec![],
+        };
+        Layered::new(&v)
+    }
+
+    #[test]
+    fn frozen_eras_are_found_from_the_head_and_from_a_head_frozen_since() {
+        let k = |e| layer_key(5, e);
+        let t0 = Instant::now();
+        let mut l = two_snapshots();
+        l.frozen = vec![(k(0), k(1), t0), (k(1), k(2), t0 + Duration::from_secs(1))];
+        assert_eq!(l.frozen_since(k(2), None), vec![k(1), k(0)]);
+        // Era 1 is no longer the head: a write recorded in it while a member
+        // was down still brings era 0's copy (s2 froze era 1 meanwhile).
+        assert_eq!(l.frozen_since(k(1), None), vec![k(0)]);
+        assert_eq!(l.frozen_since(k(0), None), Vec::<u64>::new());
+        assert_eq!(
+            l.frozen_since(k(2), Some(t0 + Duration::from_millis(500))),
+            vec![k(1)]
+        );
+        assert_eq!(l.frozen_since(layer_key(6, 2), None), Vec::<u64>::new());
+        // A frozen era that is no snapshot (a rollback's old head) is not
+        // copied, and the chain goes on under it.
+        l.frozen = vec![
+            (k(0), k(1), t0),
+            (k(1), k(7), t0),
+            (k(7), k(2), t0),
+        ];
+        assert_eq!(l.frozen_since(k(2), None), vec![k(1), k(0)]);
     }
 }
