@@ -401,11 +401,7 @@ mod tests {
         assert_eq!(l.frozen_since(layer_key(6, 2), None), Vec::<u64>::new());
         // A frozen era that is no snapshot (a rollback's old head) is not
         // copied, and the chain goes on under it.
-        l.frozen = vec![
-            (k(0), k(1), t0),
-            (k(1), k(7), t0),
-            (k(7), k(2), t0),
-        ];
+        l.frozen = vec![(k(0), k(1), t0), (k(1), k(7), t0), (k(7), k(2), t0)];
         assert_eq!(l.frozen_since(k(2), None), vec![k(1), k(0)]);
     }
 }

@@ -1,0 +1,221 @@
+//! The journal ring: records appended to the open block, sealed and
+//! written (RWF_DSYNC or group commit with one fdatasync), and the
+//! watermark that says which records are durable.
+
+use super::*;
+
+impl Shard {
+    /// Whether `records` more records fit in the journal without waiting.
+    pub(super) fn journal_room(&self, records: usize) -> bool {
+        let open_left = self
+            .open_jb
+            .map(|b| RECORDS_PER_JOURNAL_BLOCK - self.jbufs[b].count)
+            .unwrap_or(0);
+        let new_blocks = records
+            .saturating_sub(open_left)
+            .div_ceil(RECORDS_PER_JOURNAL_BLOCK);
+        let free_bufs = self
+            .jbufs
+            .iter()
+            .filter(|b| b.state == JbState::Free)
+            .count();
+        let ring_left =
+            (self.tail + self.g.journal_blocks as u64).saturating_sub(self.next_seq + 1);
+        new_blocks <= free_bufs && (new_blocks as u64) <= ring_left
+    }
+
+    /// Appends a record to the open journal block (opening one if needed) and
+    /// makes `id` wait for that block. Returns the block's sequence number.
+    pub(super) fn append_record(&mut self, id: u32, rec: &Record) -> u64 {
+        let b = match self.open_jb {
+            Some(b) if self.jbufs[b].count < RECORDS_PER_JOURNAL_BLOCK => b,
+            _ => {
+                if self.open_jb.is_some() {
+                    self.seal_and_write_journal(false);
+                }
+                let b = self
+                    .jbufs
+                    .iter()
+                    .position(|b| b.state == JbState::Free)
+                    .expect("journal_room checked");
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                let jb = &mut self.jbufs[b];
+                jb.state = JbState::Open;
+                jb.seq = seq;
+                jb.count = 0;
+                jb.waiters.clear();
+                jb.unfinished_ops = 0;
+                self.jorder.push_back(b);
+                self.open_jb = Some(b);
+                b
+            }
+        };
+        let jb = &mut self.jbufs[b];
+        let at = layout::JOURNAL_HEADER_BYTES + jb.count * RECORD_BYTES;
+        layout::encode_record(rec, &mut jb.buf[at..at + RECORD_BYTES]);
+        jb.count += 1;
+        if jb.waiters.last() != Some(&id) {
+            jb.waiters.push(id);
+            jb.unfinished_ops += 1;
+            let op = &mut self.ops[id as usize];
+            op.pending += 1;
+            op.jbufs.push(b);
+        }
+        jb.seq
+    }
+
+    pub(super) fn flush_journal(&mut self) {
+        if self.open_jb.is_some_and(|b| self.jbufs[b].count > 0) {
+            self.seal_and_write_journal(false);
+        }
+    }
+
+    /// Writes the open journal block; with `dsync` it is durable when it
+    /// completes (RWF_DSYNC), otherwise it waits for the next flush.
+    pub(super) fn seal_and_write_journal(&mut self, dsync: bool) {
+        let Some(b) = self.open_jb.take() else { return };
+        let jb = &mut self.jbufs[b];
+        layout::seal_journal_block(
+            self.g.disk_uuid,
+            self.id,
+            jb.seq,
+            self.acked_through,
+            jb.count,
+            &mut jb.buf,
+        );
+        jb.state = JbState::Writing;
+        jb.dsync = dsync;
+        let sqe = opcode::Write::new(types::Fd(self.fd), jb.buf.as_ptr(), BLOCK_SIZE as u32)
+            .offset(self.g.journal_block_offset(self.id, jb.seq))
+            .rw_flags(if dsync { libc::RWF_DSYNC } else { 0 })
+            .build()
+            .user_data(io_ud(UD_JOURNAL, b as u64, BLOCK_SIZE));
+        self.stats.journal_bytes_written += BLOCK_SIZE_U64;
+        push_sqe(
+            &mut self.ring,
+            &mut self.unsubmitted,
+            &mut self.inflight_sqes,
+            &sqe,
+        );
+    }
+
+    pub(super) fn journal_done(&mut self, b: usize, res: i32) {
+        // The reason, for the shard and for every op waiting on the block.
+        let why = (res != BLOCK_SIZE as i32).then(|| {
+            let why = if res < 0 {
+                errno_text(-res)
+            } else {
+                format!("short journal write {res}")
+            };
+            format!("journal write: {why}")
+        });
+        if let Some(why) = &why {
+            self.fail(why.clone());
+        }
+        if self.jbufs[b].dsync {
+            self.jbufs[b].state = JbState::Written;
+        } else {
+            self.jbufs[b].state = JbState::Unflushed;
+            self.unflushed_jbs.push(b);
+        }
+        let mut solo_done = None;
+        for w in 0..self.jbufs[b].waiters.len() {
+            let id = self.jbufs[b].waiters[w];
+            let op = &mut self.ops[id as usize];
+            if res != BLOCK_SIZE as i32 && op.error.is_none() {
+                op.error = Some(EngineError::Io {
+                    volume: op.volume,
+                    offset_bytes: op.chunk * self.g.chunk_bytes(),
+                    errno_text: why.clone().unwrap_or_default(),
+                });
+            }
+            op.pending -= 1;
+            if op.pending == 0 && matches!(op.stage, Stage::Running | Stage::Freeing) {
+                if op.solo {
+                    solo_done = Some(id);
+                } else {
+                    self.flush_waiting.push(id);
+                }
+            }
+            if op.pending == 0 && matches!(op.stage, Stage::Merging | Stage::Filling) {
+                // Its reads finished before this journal block (the Alloc
+                // record of a slot it allocated): go on with it here, as
+                // `op_io_done` does when a read is last.
+                self.reads_done.push(id);
+            }
+        }
+        if let Some(id) = solo_done {
+            self.phase_done(id);
+        }
+        while let Some(id) = self.reads_done.pop() {
+            match self.ops[id as usize].stage {
+                Stage::Merging => self.merge_read_done(id),
+                Stage::Filling => self.fill_read_done(id),
+                _ => {}
+            }
+        }
+        self.advance_watermark();
+    }
+
+    /// Issues one fdatasync for every write completed since the last one.
+    pub(super) fn maybe_flush(&mut self) {
+        if self.flush_inflight || (self.flush_waiting.is_empty() && self.unflushed_jbs.is_empty()) {
+            return;
+        }
+        std::mem::swap(&mut self.flush_waiting, &mut self.flush_batch);
+        std::mem::swap(&mut self.unflushed_jbs, &mut self.flush_jbs);
+        let sqe = opcode::Fsync::new(types::Fd(self.fd))
+            .flags(types::FsyncFlags::DATASYNC)
+            .build()
+            .user_data(UD_FLUSH);
+        self.flush_inflight = true;
+        self.stats.flushes += 1;
+        push_sqe(
+            &mut self.ring,
+            &mut self.unsubmitted,
+            &mut self.inflight_sqes,
+            &sqe,
+        );
+    }
+
+    pub(super) fn flush_done(&mut self, res: i32) {
+        self.flush_inflight = false;
+        if res < 0 {
+            self.fail(format!("fdatasync: {}", errno_text(-res)));
+            for i in 0..self.flush_batch.len() {
+                let id = self.flush_batch[i];
+                let op = &mut self.ops[id as usize];
+                op.error.get_or_insert(EngineError::Io {
+                    volume: op.volume,
+                    offset_bytes: op.chunk * self.g.chunk_bytes(),
+                    errno_text: errno_text(-res),
+                });
+            }
+        }
+        for i in 0..self.flush_jbs.len() {
+            let b = self.flush_jbs[i];
+            self.jbufs[b].state = JbState::Written;
+        }
+        self.flush_jbs.clear();
+        let mut batch = std::mem::take(&mut self.flush_batch);
+        for &id in batch.iter() {
+            self.phase_done(id);
+        }
+        batch.clear();
+        self.flush_batch = batch;
+        self.advance_watermark();
+    }
+
+    pub(super) fn advance_watermark(&mut self) {
+        while let Some(&b) = self.jorder.front() {
+            let jb = &mut self.jbufs[b];
+            if jb.state != JbState::Written || jb.unfinished_ops > 0 || self.failed.is_some() {
+                break;
+            }
+            self.acked_through = jb.seq;
+            jb.state = JbState::Free;
+            self.jorder.pop_front();
+        }
+    }
+}
