@@ -43,12 +43,15 @@ use crate::{errno_text, EngineError};
 
 mod checkpoint;
 mod fill;
+mod inspect;
 mod journal;
+mod ops;
 mod read;
 mod slots;
 mod submit;
 mod write;
 
+use ops::*;
 use slots::Discarded;
 pub(crate) use slots::SlotState;
 pub(crate) use submit::for_each_piece;
@@ -152,124 +155,11 @@ pub struct Completion {
     pub newer_version: u64,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Action {
-    Skip,
-    Write,
-    Zero,
-    ReadData,
-    ReadZero,
-}
-
-#[derive(Clone, Copy, Debug)]
-struct Planned {
-    logical: u16,
-    phys: u16,
-    crc: u32,
-    action: Action,
-    /// A read through layers: which of `Op::layer_slots` holds the block.
-    layer: u8,
-    /// A fill: the version the block is copied with (the source's).
-    version: u64,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Stage {
-    Idle,
-    /// Waiting for I/O of the current phase.
-    Running,
-    /// Waiting for resources (free physical blocks, journal space, header).
-    Deferred,
-    /// Releasing the slot after a whole-chunk discard.
-    Freeing,
-    /// A sector write reading the block it merges into.
-    Merging,
-    /// A fill reading the lower layers' blocks it copies.
-    Filling,
-}
-
-struct Op {
-    tag: u64,
-    op: EngineOp,
-    volume: u64,
-    chunk: u64,
-    local_slot: u32,
-    /// First logical block in the chunk and block count of the request.
-    first: u16,
-    count: u16,
-    /// Next block (relative to `first`) not yet planned.
-    cursor: u16,
-    version: u64,
-    epoch: u64,
-    segs: Vec<Segment>,
-    iov: Vec<libc::iovec>,
-    plan: Vec<Planned>,
-    /// Journal buffers this op waits on or is counted in.
-    jbufs: Vec<usize>,
-    pending: u32,
-    applied: u32,
-    /// See `Completion::newer_version`.
-    newer_version: u64,
-    error: Option<EngineError>,
-    /// Alone in the shard: its data and journal writes carry RWF_DSYNC, so it
-    /// is durable when they complete, without waiting for a group flush.
-    solo: bool,
-    stage: Stage,
-    meta: AlignedBuf,
-    /// Sector write: byte offset in its block and bytes (0: whole blocks).
-    sub_at: u16,
-    sub_len: u16,
-    /// The sector write holds its block (see `SlotState::held`).
-    holding: bool,
-    /// The sector write's block is merged into `merge_buf`, which is now
-    /// its only segment.
-    merged: bool,
-    /// crc32c of the committed block the sector write read.
-    merge_crc: u32,
-    /// The block a sector write is merged into (one per op, from start-up).
-    merge_buf: AlignedBuf,
-    /// Submission order (a shard-wide counter).
-    seq: u64,
-    /// See `EngineRequest::chain` (capacity kept across requests).
-    chain: Vec<u64>,
-    /// A read through layers (or a sector write merging from a lower
-    /// layer): the local slots it reads, whose `reads_inflight` and
-    /// `ops_inflight` it holds until it finishes; `u32::MAX` for a layer
-    /// with no slot for the chunk.
-    layer_slots: Vec<u32>,
-    /// A fill: the blocks to copy (source layer, physical block, crc and
-    /// version, in block order); `cursor` counts those planned. The read
-    /// stage is done when `merged` is set.
-    fill: Vec<Planned>,
-}
-
 // SAFETY: the raw pointers an op holds (segments, iovecs) point into memory
 // the submitter keeps valid until completion (`Shard::submit`'s contract),
 // not into thread-local state; a shard with its ops moves between threads
 // as a whole and is used by one thread at a time.
 unsafe impl Send for Op {}
-
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum JbState {
-    Free,
-    Open,
-    Writing,
-    /// Written, waiting for a flush.
-    Unflushed,
-    /// Durable.
-    Written,
-}
-
-struct JournalBuf {
-    buf: AlignedBuf,
-    state: JbState,
-    seq: u64,
-    count: usize,
-    waiters: Vec<u32>,
-    unfinished_ops: u32,
-    /// Written with RWF_DSYNC: durable on completion.
-    dsync: bool,
-}
 
 /// Counters for benchmarks and write-amplification accounting.
 #[derive(Clone, Copy, Debug, Default)]
@@ -281,34 +171,6 @@ pub struct ShardStats {
     pub meta_bytes_written: u64,
     pub checkpoints: u64,
     pub flushes: u64,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum CkptStage {
-    Maps,
-    MapsSync,
-    Index,
-    IndexSync,
-}
-
-#[derive(Default)]
-struct CheckpointSpare {
-    maps: Vec<AlignedBuf>,
-    /// The (empty) vectors themselves, to keep their capacity.
-    bufs_list: Vec<AlignedBuf>,
-    targets: Vec<u64>,
-    index: Option<AlignedBuf>,
-    index_entries: Vec<Option<(u64, SlotOwner)>>,
-}
-
-struct Checkpoint {
-    cut: u64,
-    stage: CkptStage,
-    pending: u32,
-    bufs: Vec<AlignedBuf>,
-    targets: Vec<u64>,
-    next: usize,
-    index: AlignedBuf,
 }
 
 // user_data: kind in the top byte, id below.
@@ -545,178 +407,6 @@ impl Shard {
             submitted: 0,
             reads_done: Vec::with_capacity(inflight_max),
         })
-    }
-
-    pub fn id(&self) -> u32 {
-        self.id
-    }
-    pub fn geometry(&self) -> &Geometry {
-        &self.g
-    }
-    pub fn stats(&self) -> ShardStats {
-        self.stats
-    }
-    pub fn inflight(&self) -> usize {
-        self.ops.len() - self.free_ops.len()
-    }
-    pub fn inflight_max(&self) -> usize {
-        self.ops.len()
-    }
-    /// Largest Read/Write request, in bytes.
-    pub fn max_request_bytes(&self) -> u64 {
-        self.max_request_blocks as u64 * BLOCK_SIZE_U64
-    }
-    /// Where the current data of the block at `offset_bytes` of `volume`
-    /// lives on the disk, if it has any (diagnostics, `celer engine locate`).
-    pub fn locate(&self, volume: u64, offset_bytes: u64) -> Option<u64> {
-        let chunk = offset_bytes / self.g.chunk_bytes();
-        let local = *self.by_chunk.get(&(volume, chunk))?;
-        let slot = self.slots[local as usize].as_ref()?;
-        let logical = (offset_bytes % self.g.chunk_bytes() / BLOCK_SIZE_U64) as usize;
-        let e = slot.entries[logical];
-        (e.kind == BlockKind::Data).then(|| {
-            self.g
-                .phys_offset(self.g.slot_of(self.id, local as u64), e.phys)
-        })
-    }
-
-    /// With `OpenOptions::completion_eventfd`: a nonblocking eventfd that
-    /// becomes readable when completions may be ready. The owner drains it
-    /// (reads its counter) and then calls `poll`.
-    pub fn completion_fd(&self) -> Option<RawFd> {
-        self.completion_fd.as_ref().map(|f| f.as_raw_fd())
-    }
-
-    /// The state of `count` blocks from `offset_bytes` of `volume` (within
-    /// one chunk), as a read submitted right now would see them: per block
-    /// its kind and version. A backfill source sends these beside the data,
-    /// read in the same step, so the data is never older than the versions.
-    /// Returns false when the chunk holds no slot (never written or
-    /// released): every block is `Unwritten` at version 0.
-    pub fn block_states(
-        &self,
-        volume: u64,
-        offset_bytes: u64,
-        out: &mut [(BlockKind, u64)],
-    ) -> bool {
-        let chunk = offset_bytes / self.g.chunk_bytes();
-        let first = (offset_bytes % self.g.chunk_bytes() / BLOCK_SIZE_U64) as usize;
-        let slot = self
-            .by_chunk
-            .get(&(volume, chunk))
-            .and_then(|l| self.slots[*l as usize].as_ref());
-        for (i, o) in out.iter_mut().enumerate() {
-            *o = match slot.and_then(|s| s.entries.get(first + i)) {
-                Some(e) => (e.kind, e.version),
-                None => (BlockKind::Unwritten, 0),
-            };
-        }
-        slot.is_some()
-    }
-
-    /// The crc32c of each block of a range held as data (0 for blocks
-    /// never written, zeroed or discarded), from the slot map: the crc the
-    /// block was written with, which a read of it checks. Returns whether
-    /// the chunk has a slot. The scrub compares it between replicas of
-    /// equal version.
-    pub fn block_crcs(&self, volume: u64, offset_bytes: u64, out: &mut [u32]) -> bool {
-        let chunk = offset_bytes / self.g.chunk_bytes();
-        let first = (offset_bytes % self.g.chunk_bytes() / BLOCK_SIZE_U64) as usize;
-        let slot = self
-            .by_chunk
-            .get(&(volume, chunk))
-            .and_then(|l| self.slots[*l as usize].as_ref());
-        for (i, o) in out.iter_mut().enumerate() {
-            *o = match slot.and_then(|s| s.entries.get(first + i)) {
-                Some(e) if e.kind == BlockKind::Data => e.crc,
-                _ => 0,
-            };
-        }
-        slot.is_some()
-    }
-
-    /// The highest block version this shard holds (0 if none).
-    pub fn max_version(&self) -> u64 {
-        self.slots
-            .iter()
-            .flatten()
-            .flat_map(|s| s.planned_version.iter().copied())
-            .max()
-            .unwrap_or(0)
-    }
-
-    /// Per volume, the highest block version this shard holds.
-    pub fn max_versions_by_volume(&self) -> HashMap<u64, u64> {
-        let mut m: HashMap<u64, u64> = HashMap::new();
-        for s in self.slots.iter().flatten() {
-            let v = s.planned_version.iter().copied().max().unwrap_or(0);
-            let e = m.entry(s.owner.volume).or_default();
-            *e = (*e).max(v);
-        }
-        m
-    }
-
-    /// The (volume, chunk) pairs this shard holds, in no particular order.
-    pub fn chunks(&self) -> Vec<(u64, u64)> {
-        self.by_chunk.keys().copied().collect()
-    }
-
-    /// One line of internal state, for diagnostics.
-    pub fn describe(&self) -> String {
-        let jb: Vec<String> = self
-            .jorder
-            .iter()
-            .map(|&b| {
-                format!(
-                    "{}:{:?}/{}",
-                    self.jbufs[b].seq, self.jbufs[b].state, self.jbufs[b].unfinished_ops
-                )
-            })
-            .collect();
-        let deferred: Vec<String> = self
-            .deferred
-            .iter()
-            .map(|&id| {
-                let op = &self.ops[id as usize];
-                format!(
-                    "{:?} v{} c{} cur{}/{} pend{}",
-                    op.op, op.volume, op.chunk, op.cursor, op.count, op.pending
-                )
-            })
-            .collect();
-        let running: Vec<String> = self
-            .ops
-            .iter()
-            .filter(|op| op.stage != Stage::Idle && op.stage != Stage::Deferred)
-            .map(|op| {
-                format!(
-                    "{:?} {:?} v{} c{} cur{}/{} pend{}",
-                    op.op, op.stage, op.volume, op.chunk, op.cursor, op.count, op.pending
-                )
-            })
-            .collect();
-        format!(
-            "shard {} inflight {} sqes {} next_seq {} tail {} acked {} ckpt {} jorder [{}] running [{}] deferred [{}] failed {:?}",
-            self.id,
-            self.inflight(),
-            self.inflight_sqes,
-            self.next_seq,
-            self.tail,
-            self.acked_through,
-            self.ckpt.is_some(),
-            jb.join(" "),
-            running.join("; "),
-            deferred.join("; "),
-            self.failed
-        )
-    }
-
-    /// Chunks currently allocated in this shard.
-    pub fn allocated_chunks(&self) -> usize {
-        self.by_chunk.len()
-    }
-    pub fn free_slot_count(&self) -> usize {
-        self.free_slots.len()
     }
 
     /// Submits a request; its completion comes from `poll`/`wait`.
