@@ -164,6 +164,7 @@ pub fn run(a: &UpArgs) -> Result<()> {
             idle_timeout: Some(celer_node::IDLE_TIMEOUT_DEFAULT),
             scrub_bytes_per_sec: celer_node::SCRUB_RATE_DEFAULT,
             scrub_interval: celer_node::SCRUB_INTERVAL_DEFAULT,
+            tls_creds: None,
         })
         .with_context(|| format!("start storage node {i}"))?;
         nodes.push(node);
