@@ -140,6 +140,7 @@ use celer_proto::{decode_header, Header, Kind, Op, Status, HEADER_BYTES, PAYLOAD
 use celer_route::{RouteDecodeError, RouteTable};
 
 pub use celer_proto::auth::{Capability, Credential};
+pub use celer_tls;
 
 pub use flatten::{FillError, FillOptions, FillProgress, FILL_PIECE_MAX_BYTES};
 pub use queue::{INFLIGHT_MAX, PARTS_MAX};
