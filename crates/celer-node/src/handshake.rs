@@ -119,6 +119,8 @@ struct Pending {
     /// done (`challenged`).
     tls: Option<Box<rustls::Connection>>,
     challenged: bool,
+    /// TLS bytes received (none: perhaps a plain client, see `PLAIN_PEER`).
+    tls_in: usize,
     /// EPOLLOUT is armed (TLS records wait for the socket).
     want_out: bool,
     ticket: ConnTicket,
@@ -152,6 +154,9 @@ impl Quiet {
         self.hidden = 0;
     }
 }
+
+/// Why a TLS data port hears nothing from a plain client.
+const PLAIN_PEER: &str = "this data port requires TLS (--tls-creds); a plain client sends nothing and waits for a Challenge, give it --data-tls-creds";
 
 fn challenge(nonce: &Nonce) -> [u8; HEADER_BYTES + NONCE_BYTES] {
     let h = Header::request(Op::Challenge, 0).with_payload([&nonce[..]]);
@@ -215,13 +220,15 @@ impl Pending {
             }
             match tls.read_tls(&mut self.stream) {
                 Ok(0) => {
-                    return Step::Refuse(if tls.is_handshaking() {
+                    return Step::Refuse(if self.tls_in == 0 {
+                        format!("closed without sending anything: {PLAIN_PEER}")
+                    } else if tls.is_handshaking() {
                         "closed during the TLS handshake".into()
                     } else {
                         "closed during the handshake".into()
                     })
                 }
-                Ok(_) => {}
+                Ok(n) => self.tls_in += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Wait,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Step::Refuse(format!("socket error in the TLS handshake: {e}")),
@@ -384,6 +391,7 @@ impl Door {
         let p = Pending {
             stream,
             challenged: tls.is_none(),
+            tls_in: 0,
             tls,
             want_out: false,
             ticket,
@@ -594,12 +602,15 @@ impl Door {
                 continue;
             }
             let why = match &p.tls {
-                Some(tls) if tls.is_handshaking() => {
-                    "TLS handshake not completed in time (HANDSHAKE_TIMEOUT): this data port requires TLS (--tls-creds); a plain client sends nothing and waits for a Challenge, give it --data-tls-creds"
+                Some(_) if p.tls_in == 0 => {
+                    format!("nothing received within the handshake deadline (HANDSHAKE_TIMEOUT): {PLAIN_PEER}")
                 }
-                _ => "handshake not completed in time (HANDSHAKE_TIMEOUT)",
+                Some(tls) if tls.is_handshaking() => {
+                    "TLS handshake not completed in time (HANDSHAKE_TIMEOUT)".to_string()
+                }
+                _ => "handshake not completed in time (HANDSHAKE_TIMEOUT)".to_string(),
             };
-            self.refuse(i, ep, why, None);
+            self.refuse(i, ep, &why, None);
         }
     }
 }
