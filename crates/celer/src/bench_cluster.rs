@@ -92,6 +92,13 @@ pub struct ClusterBenchArgs {
     /// (0: skip it).
     #[arg(long, default_value_t = 5)]
     pub auth_rounds: u32,
+    /// Rounds of the data-TLS-cost comparison: QD1 4 KiB writes and reads
+    /// on two fresh clusters, one whose nodes and client speak data TLS
+    /// (certificates made with openssl for the run), one plain, taking
+    /// turns; prints median and spread of the mean latency and of the CPU
+    /// time per I/O (0: skip it).
+    #[arg(long, default_value_t = 0)]
+    pub tls_rounds: u32,
     /// Rounds of the scrub-cost comparison on this cluster: QD1 4 KiB reads
     /// and writes with the nodes' scrub paused and running at its default
     /// rate, taking turns; prints the latency change and the scrub's
@@ -307,7 +314,17 @@ struct Cluster {
     admins: Vec<SocketAddr>,
 }
 
-fn start_cluster(args: &ClusterBenchArgs, dir: &Path, no_auth: bool) -> Result<Cluster> {
+/// How a benchmark cluster's data port runs.
+enum DataPort {
+    /// Authenticated, plain TCP (what a cluster runs by default).
+    Auth,
+    /// `--insecure-no-auth`: no credential checked.
+    NoAuth,
+    /// `--tls-creds DIR` on the nodes, and the client's data TLS from DIR.
+    Tls(PathBuf),
+}
+
+fn start_cluster(args: &ClusterBenchArgs, dir: &Path, port: &DataPort) -> Result<Cluster> {
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     for entry in ["meta", "node0", "node1", "node2"] {
         let p = dir.join(entry);
@@ -372,7 +389,11 @@ fn start_cluster(args: &ClusterBenchArgs, dir: &Path, no_auth: bool) -> Result<C
             .args(["--admin-listen", &admin.to_string()])
             .args(["--meta", &meta_url])
             .args(["--domain", &format!("host{i}")])
-            .args(no_auth.then_some("--insecure-no-auth"))
+            .args(match port {
+                DataPort::Auth => vec![],
+                DataPort::NoAuth => vec![std::ffi::OsStr::new("--insecure-no-auth")],
+                DataPort::Tls(d) => vec![std::ffi::OsStr::new("--tls-creds"), d.as_os_str()],
+            })
             .env("CELER_TOKEN", &token)
             .env("CELER_LOG", "warn");
         procs.spawn(
@@ -897,14 +918,145 @@ fn run_celer(
 /// challenge-response runs once per connection, before anything is timed.
 fn auth_cost(args: &ClusterBenchArgs, dir: &Path) -> Result<()> {
     eprintln!("authentication cost: two fresh clusters, with and without authentication");
+    let sides = [("auth-on", DataPort::Auth), ("auth-off", DataPort::NoAuth)];
+    let figures = side_by_side(args, dir, &sides, args.auth_rounds)?;
+    print_side_by_side("authentication cost", &sides, &figures, args);
+    Ok(())
+}
+
+/// QD1 4 KiB latency and CPU time per I/O with data TLS on and off: two
+/// fresh clusters with the same history, `tls_rounds` alternating rounds
+/// each, as [`auth_cost`]. With TLS every frame is encrypted and
+/// decrypted once on each side (AES-GCM with ring), copied once through
+/// rustls's buffers each way, and rustls allocates per record; the TLS
+/// handshake runs once per connection, before anything is timed.
+fn tls_cost(args: &ClusterBenchArgs, dir: &Path) -> Result<()> {
+    eprintln!("data TLS cost: two fresh clusters, with and without data TLS");
+    let creds = dir.join("tls-creds");
+    make_tls_creds(&creds)?;
+    let sides = [
+        ("tls-on", DataPort::Tls(creds)),
+        ("tls-off", DataPort::Auth),
+    ];
+    let figures = side_by_side(args, dir, &sides, args.tls_rounds)?;
+    print_side_by_side("data TLS cost", &sides, &figures, args);
+    Ok(())
+}
+
+/// A CA and a node's credentials (server pair naming 127.0.0.1, client
+/// pair, CA) in `dir`, made with openssl as docs/security.md shows.
+fn make_tls_creds(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let run = |args: &[&str]| -> Result<()> {
+        let o = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .context("run openssl (needed by --tls-rounds to make certificates)")?;
+        anyhow::ensure!(
+            o.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        Ok(())
+    };
+    let key = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    run(&[
+        &["req", "-x509"][..],
+        &key[..],
+        &[
+            "-days",
+            "2",
+            "-subj",
+            "/CN=Celer bench CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+            "-keyout",
+            "ca-key.pem",
+            "-out",
+            "ca-cert.pem",
+        ][..],
+    ]
+    .concat())?;
+    for (role, ext) in [
+        (
+            "server",
+            "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1",
+        ),
+        ("client", "extendedKeyUsage=clientAuth"),
+    ] {
+        std::fs::write(
+            dir.join(format!("{role}.ext")),
+            format!("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n{ext}\n"),
+        )?;
+        let (k, csr, cert, extf) = (
+            format!("{role}-key.pem"),
+            format!("{role}.csr"),
+            format!("{role}-cert.pem"),
+            format!("{role}.ext"),
+        );
+        run(&[
+            &["req"][..],
+            &key[..],
+            &["-subj", "/CN=celer-bench", "-keyout", &k, "-out", &csr][..],
+        ]
+        .concat())?;
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca-cert.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &extf,
+            "-out",
+            &cert,
+        ])?;
+    }
+    Ok(())
+}
+
+/// Figures of one side: per QD1 workload, (mean latency µs, CPU µs per
+/// I/O) of each round.
+type SideFigures = Vec<Vec<(f64, f64)>>;
+
+/// Two fresh clusters with the same history (filled, then the same
+/// rounds), `rounds` alternating rounds of every QD1 workload each (who
+/// goes first alternates too).
+fn side_by_side(
+    args: &ClusterBenchArgs,
+    dir: &Path,
+    ports: &[(&str, DataPort); 2],
+    rounds: u32,
+) -> Result<[SideFigures; 2]> {
     let mut sides = Vec::new();
-    for (name, no_auth) in [("auth-on", false), ("auth-off", true)] {
-        let cluster = start_cluster(args, &dir.join(name), no_auth)?;
+    for (name, port) in ports {
+        let cluster = start_cluster(args, &dir.join(name), port)?;
         let (device, _attached) = crate::cluster_dev::open_volume(
             &cluster.meta_url,
             &cluster.token,
             VOLUME_NAME,
-            &crate::cluster_dev::AttachOptions::exclusive("bench"),
+            &crate::cluster_dev::AttachOptions {
+                data_tls: match port {
+                    DataPort::Tls(d) => Some(d.clone()),
+                    _ => None,
+                },
+                ..crate::cluster_dev::AttachOptions::exclusive("bench")
+            },
         )?;
         let mut queues: Vec<Box<dyn DeviceQueue>> = vec![device
             .open_queue(0)
@@ -914,53 +1066,70 @@ fn auth_cost(args: &ClusterBenchArgs, dir: &Path) -> Result<()> {
     }
     let volume_blocks = args.volume_size / BLOCK_BYTES;
     let runtime = Duration::from_secs(args.runtime as u64);
-    let mut figures: Vec<[Vec<f64>; 2]> = vec![[Vec::new(), Vec::new()], [Vec::new(), Vec::new()]];
-    for (k, w) in WORKLOADS
+    let qd1: Vec<&Workload> = WORKLOADS
         .iter()
         .filter(|w| w.qd == 1 && w.queues == 1)
-        .enumerate()
-    {
-        for round in 0..args.auth_rounds as usize {
+        .collect();
+    let mut figures: [SideFigures; 2] = [vec![Vec::new(); qd1.len()], vec![Vec::new(); qd1.len()]];
+    for (k, w) in qd1.iter().enumerate() {
+        for round in 0..rounds as usize {
             for side in [round % 2, 1 - round % 2] {
                 let (c, _, q) = &mut sides[side];
-                let m = run_celer(*w, q, volume_blocks, runtime, args.poll_us, c)?;
-                figures[k][side].push(m.fig.mean_us);
+                let m = run_celer(**w, q, volume_blocks, runtime, args.poll_us, c)?;
+                figures[side][k].push((m.fig.mean_us, m.fig.cpu_us_per_io));
             }
         }
     }
+    drop(sides);
+    Ok(figures)
+}
+
+fn print_side_by_side(
+    title: &str,
+    ports: &[(&str, DataPort); 2],
+    figures: &[SideFigures; 2],
+    args: &ClusterBenchArgs,
+) {
+    let rounds = figures[0].first().map_or(0, Vec::len);
     println!();
     println!(
-        "authentication cost, QD1 4 KiB, mean latency per round ({} rounds of {} s each, alternating):",
-        args.auth_rounds,
-        runtime.as_secs()
+        "{title}, QD1 4 KiB, per round: mean latency and CPU time per I/O (client + nodes) ({rounds} rounds of {} s each, alternating):",
+        args.runtime
     );
+    let median = |v: &[f64]| {
+        let mut s = v.to_vec();
+        s.sort_by(f64::total_cmp);
+        s[s.len() / 2]
+    };
+    let spread = |v: &[f64]| {
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(0.0, f64::max);
+        format!("{lo:.1}-{hi:.1}")
+    };
     for (k, w) in WORKLOADS
         .iter()
         .filter(|w| w.qd == 1 && w.queues == 1)
         .enumerate()
     {
-        let median = |v: &[f64]| {
-            let mut s = v.to_vec();
-            s.sort_by(f64::total_cmp);
-            s[s.len() / 2]
-        };
-        let spread = |v: &[f64]| {
-            let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
-            let hi = v.iter().copied().fold(0.0, f64::max);
-            format!("{lo:.1}-{hi:.1}")
-        };
-        let (on, off) = (&figures[k][0], &figures[k][1]);
-        let (mon, moff) = (median(on), median(off));
+        let lat = |side: usize| figures[side][k].iter().map(|f| f.0).collect::<Vec<_>>();
+        let cpu = |side: usize| figures[side][k].iter().map(|f| f.1).collect::<Vec<_>>();
+        let (a, b) = (lat(0), lat(1));
+        let (ca, cb) = (cpu(0), cpu(1));
+        let (ma, mb) = (median(&a), median(&b));
         println!(
-            "  {:<14} auth on: median {mon:.1} µs (spread {} µs)   auth off: median {moff:.1} µs (spread {} µs)   cost {:+.1} %",
+            "  {:<14} {}: median {ma:.1} µs (spread {} µs), CPU {:.1} µs/IO ({})   {}: median {mb:.1} µs (spread {} µs), CPU {:.1} µs/IO ({})   latency {:+.1} %",
             w.name(),
-            spread(on),
-            spread(off),
-            (mon - moff) / moff * 100.0
+            ports[0].0,
+            spread(&a),
+            median(&ca),
+            spread(&ca),
+            ports[1].0,
+            spread(&b),
+            median(&cb),
+            spread(&cb),
+            (ma - mb) / mb * 100.0
         );
     }
-    drop(sides);
-    Ok(())
 }
 
 /// POSTs `/v1/scrub/{action}` to every node.
@@ -1795,7 +1964,7 @@ pub fn run(args: &ClusterBenchArgs) -> Result<()> {
     } else {
         None
     };
-    let cluster = start_cluster(args, &dir, false)?;
+    let cluster = start_cluster(args, &dir, &DataPort::Auth)?;
     let (device, _attached) = crate::cluster_dev::open_volume(
         &cluster.meta_url,
         &cluster.token,
@@ -1863,6 +2032,9 @@ pub fn run(args: &ClusterBenchArgs) -> Result<()> {
     }
     if args.auth_rounds > 0 {
         auth_cost(args, &dir)?;
+    }
+    if args.tls_rounds > 0 {
+        tls_cost(args, &dir)?;
     }
 
     drop(queues);
