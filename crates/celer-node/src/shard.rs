@@ -1514,9 +1514,9 @@ impl ShardLoop {
         };
         let wire = match self.shared.tls.as_ref().and_then(|t| t.client.clone()) {
             Some(config) => {
-                let tls = celer_tls::server_name(&addr).and_then(|name| {
-                    rustls::ClientConnection::new(config, name).map_err(|e| e.to_string())
-                });
+                // The certificate must name the IP dialled (as clients check).
+                let name = rustls::pki_types::ServerName::IpAddress(sa.ip().into());
+                let tls = rustls::ClientConnection::new(config, name).map_err(|e| e.to_string());
                 match tls {
                     Ok(c) => Wire::Tls(Box::new(rustls::Connection::Client(c))),
                     Err(e) => {

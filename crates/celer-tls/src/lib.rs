@@ -184,17 +184,6 @@ pub fn client_config(dir: &Path) -> Result<Arc<rustls::ClientConfig>, TlsError> 
     Ok(Arc::new(config))
 }
 
-/// The name a node's certificate must carry for a connection to `addr`
-/// (`host:port`): its IP address or DNS name.
-pub fn server_name(addr: &str) -> Result<rustls::pki_types::ServerName<'static>, String> {
-    let host = match addr.rsplit_once(':') {
-        Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']'),
-        None => addr,
-    };
-    rustls::pki_types::ServerName::try_from(host.to_string())
-        .map_err(|e| format!("{host} cannot be checked against a certificate: {e}"))
-}
-
 /// A TLS failure on a connection to a node, in words a person can act on.
 pub fn describe_client_error(e: &rustls::Error, dir: &Path) -> String {
     let ca = dir.join("ca-cert.pem");
