@@ -683,11 +683,11 @@ impl NodeStream {
     }
 }
 
-fn tls_failure(e: std::io::Error, dir: &std::path::Path) -> std::io::Error {
+fn tls_failure(e: std::io::Error, dir: &std::path::Path, in_handshake: bool) -> std::io::Error {
     match celer_tls::wire::tls_error(&e) {
         Some(t) => std::io::Error::new(
             std::io::ErrorKind::InvalidData,
-            TlsFailure(celer_tls::describe_client_error(t, dir)),
+            TlsFailure(celer_tls::describe_client_error(t, dir, in_handshake)),
         ),
         None => e,
     }
@@ -697,7 +697,10 @@ impl Read for NodeStream {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         match self {
             NodeStream::Plain(s) => s.read(buf),
-            NodeStream::Tls { s, dir } => s.read(buf).map_err(|e| tls_failure(e, dir)),
+            NodeStream::Tls { s, dir } => {
+                let hs = s.conn.is_handshaking();
+                s.read(buf).map_err(|e| tls_failure(e, dir, hs))
+            }
         }
     }
 }
@@ -706,14 +709,20 @@ impl Write for NodeStream {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match self {
             NodeStream::Plain(s) => s.write(buf),
-            NodeStream::Tls { s, dir } => s.write(buf).map_err(|e| tls_failure(e, dir)),
+            NodeStream::Tls { s, dir } => {
+                let hs = s.conn.is_handshaking();
+                s.write(buf).map_err(|e| tls_failure(e, dir, hs))
+            }
         }
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
         match self {
             NodeStream::Plain(s) => s.flush(),
-            NodeStream::Tls { s, dir } => s.flush().map_err(|e| tls_failure(e, dir)),
+            NodeStream::Tls { s, dir } => {
+                let hs = s.conn.is_handshaking();
+                s.flush().map_err(|e| tls_failure(e, dir, hs))
+            }
         }
     }
 }

@@ -948,10 +948,12 @@ impl Net {
             Ok(n) => n,
             Err(e) => {
                 if let Some(t) = celer_tls::wire::tls_error(&e) {
+                    let hs = c.tls.as_ref().is_some_and(|t| t.is_handshaking());
                     let dir = self.shared.data_tls.as_ref().map(|d| d.dir.clone());
                     return Err(celer_tls::describe_client_error(
                         t,
                         dir.as_deref().unwrap_or(std::path::Path::new("DIR")),
+                        hs,
                     ));
                 }
                 return match e.kind() {

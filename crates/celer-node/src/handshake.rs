@@ -235,7 +235,7 @@ impl Pending {
             }
             if let Err(e) = tls.process_new_packets() {
                 let _ = send_pending(tls, &mut self.stream);
-                return Step::Refuse(celer_tls::describe_server_error(&e, dir));
+                return Step::Refuse(celer_tls::describe_server_error(&e, dir, true));
             }
         }
     }

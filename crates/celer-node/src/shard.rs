@@ -880,11 +880,12 @@ impl ShardLoop {
                 return;
             }
             Err(e) => {
+                let hs = matches!(&conn.wire, Wire::Tls(t) if t.is_handshaking());
                 let why = match (celer_tls::wire::tls_error(&e), &self.shared.tls) {
                     (Some(t), Some(creds)) if conn.peer.is_some() => {
-                        celer_tls::describe_client_error(t, &creds.dir)
+                        celer_tls::describe_client_error(t, &creds.dir, hs)
                     }
-                    (Some(t), Some(creds)) => celer_tls::describe_server_error(t, &creds.dir),
+                    (Some(t), Some(creds)) => celer_tls::describe_server_error(t, &creds.dir, hs),
                     _ => e.to_string(),
                 };
                 self.close_conn(c, &why);

@@ -184,11 +184,15 @@ pub fn client_config(dir: &Path) -> Result<Arc<rustls::ClientConfig>, TlsError> 
     Ok(Arc::new(config))
 }
 
-/// A TLS failure on a connection to a node, in words a person can act on.
-pub fn describe_client_error(e: &rustls::Error, dir: &Path) -> String {
+/// A TLS failure on a connection to a node, in words a person can act on
+/// (`in_handshake`: before the session was up; a malformed record later
+/// is corruption or tampering, not a plain node).
+pub fn describe_client_error(e: &rustls::Error, dir: &Path, in_handshake: bool) -> String {
     let ca = dir.join("ca-cert.pem");
     match e {
-        rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. } => {
+        rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. }
+            if in_handshake =>
+        {
             "the node does not speak TLS (its first bytes are not a TLS record): start it with `celer node serve --tls-creds DIR`, or connect without data TLS".to_string()
         }
         rustls::Error::InvalidCertificate(
@@ -206,11 +210,14 @@ pub fn describe_client_error(e: &rustls::Error, dir: &Path) -> String {
     }
 }
 
-/// A TLS failure on a connection a node accepted, for its log.
-pub fn describe_server_error(e: &rustls::Error, dir: &Path) -> String {
+/// A TLS failure on a connection a node accepted, for its log (see
+/// [`describe_client_error`] for `in_handshake`).
+pub fn describe_server_error(e: &rustls::Error, dir: &Path, in_handshake: bool) -> String {
     let ca = dir.join("ca-cert.pem");
     match e {
-        rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. } => {
+        rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. }
+            if in_handshake =>
+        {
             "the peer does not speak TLS (not a TLS record) and this data port requires TLS (--tls-creds): give the client --data-tls-creds".to_string()
         }
         rustls::Error::NoCertificatesPresented => format!(
