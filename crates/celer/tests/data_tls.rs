@@ -320,7 +320,7 @@ fn node_log(c: &Cluster, i: usize) -> String {
 fn a_tls_cluster_serves_a_tls_client_and_refuses_plain_and_foreign_ones() {
     let pki_dir = tempfile::tempdir().expect("tempdir");
     let pki = make_pki(pki_dir.path());
-    let c = Cluster::start(
+    let mut c = Cluster::start(
         Path::new(BIN),
         ClusterOpts {
             tls_creds: Some(pki.node.clone()),
@@ -399,6 +399,45 @@ fn a_tls_cluster_serves_a_tls_client_and_refuses_plain_and_foreign_ones() {
         one_request(q.as_mut(), IoOp::Read, off, &mut b);
         assert!(b == pattern(off, len, 1), "unchanged at {off}");
     }
+
+    // A 5th node joins: the partitions moved to it are backfilled over
+    // node-to-node TLS, and its copies equal the others.
+    let i = c.add_node();
+    let id = c.node_id(i);
+    let t0 = Instant::now();
+    loop {
+        let t = c.wait_healthy(Duration::from_secs(120));
+        if t.partitions
+            .iter()
+            .any(|p| p.members.iter().any(|m| m.node == id))
+        {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "node {id} got no partition"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut on_new = 0;
+    for &(off, len) in &writes() {
+        let copies = replica_copies(&c, &node_tls, &vol, off, len);
+        for (node, data) in &copies {
+            assert!(
+                *data == pattern(off, len, 1),
+                "node {node}'s copy at {off} after the join"
+            );
+            on_new += usize::from(*node == id);
+        }
+    }
+    eprintln!(
+        "{on_new} of the writes were backfilled to the new node {id} in {:?}",
+        t0.elapsed()
+    );
+    assert!(
+        on_new > 0,
+        "the new node holds none of the writes: the backfill was not exercised"
+    );
 }
 
 /// Writes a distinctive 4 KiB block through a client while every node's
