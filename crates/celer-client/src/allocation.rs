@@ -21,7 +21,6 @@
 //! partitions are the volume's placement lineage's.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,7 +29,7 @@ use celer_proto::auth::{HelloProof, NONCE_BYTES};
 use celer_proto::{Header, Kind, Op, Status, FLAG_SINCE, FLAG_SNAPSHOT_READ, HEADER_BYTES};
 use celer_route::{NodeId, RouteTable};
 
-use crate::{attachment_of, io_error, protocol_error, read_frame, resolve, Shared};
+use crate::{attachment_of, io_error, protocol_error, read_frame, NodeStream, Shared};
 
 /// Pause before asking again after `RouteBehind` or `Busy`.
 const RETRY_PAUSE: Duration = Duration::from_millis(5);
@@ -40,7 +39,7 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 /// Connections for chunk lists, per (node, shard); opened on first use.
 #[derive(Default)]
 pub(crate) struct ChunkLists {
-    conns: Mutex<HashMap<(NodeId, u16), TcpStream>>,
+    conns: Mutex<HashMap<(NodeId, u16), NodeStream>>,
 }
 
 impl ChunkLists {
@@ -114,7 +113,7 @@ impl ChunkLists {
     /// The chunks in `first..=last` of `volume` that an in-sync member of
     /// their partition holds.
     fn list(
-        conns: &mut HashMap<(NodeId, u16), TcpStream>,
+        conns: &mut HashMap<(NodeId, u16), NodeStream>,
         shared: &Arc<Shared>,
         table: &RouteTable,
         volume: u64,
@@ -206,7 +205,7 @@ enum Answer {
 /// and reads every answer. `Err`: this member failed (try another).
 #[allow(clippy::too_many_arguments)]
 fn ask(
-    conns: &mut HashMap<(NodeId, u16), TcpStream>,
+    conns: &mut HashMap<(NodeId, u16), NodeStream>,
     shared: &Arc<Shared>,
     table: &RouteTable,
     node: NodeId,
@@ -221,9 +220,15 @@ fn ask(
         .ok_or_else(|| format!("node {node} not in the table"))?;
     let s = match conns.entry((node, shard)) {
         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-        std::collections::hash_map::Entry::Vacant(e) => {
-            e.insert(open(&addr, &shared.credential().0, shard).map_err(|e| e.to_string())?)
-        }
+        std::collections::hash_map::Entry::Vacant(e) => e.insert(
+            open(
+                &addr,
+                &shared.credential().0,
+                shard,
+                shared.data_tls.as_ref(),
+            )
+            .map_err(|e| e.to_string())?,
+        ),
     };
     let mut out = Vec::with_capacity(partitions.len() * HEADER_BYTES);
     for (i, &p) in partitions.iter().enumerate() {
@@ -277,13 +282,10 @@ pub(crate) fn open(
     addr: &str,
     credential: &celer_proto::auth::Credential,
     shard: u16,
-) -> Result<TcpStream, crate::ClientError> {
+    tls: Option<&celer_tls::DataTls>,
+) -> Result<NodeStream, crate::ClientError> {
     let (io, protocol) = (io_error(addr), protocol_error(addr));
-    let sa = resolve(addr)?;
-    let mut s = TcpStream::connect_timeout(&sa, ANSWER_TIMEOUT).map_err(io)?;
-    s.set_read_timeout(Some(ANSWER_TIMEOUT)).map_err(io)?;
-    s.set_write_timeout(Some(ANSWER_TIMEOUT)).map_err(io)?;
-    s.set_nodelay(true).map_err(io)?;
+    let mut s = NodeStream::dial(addr, ANSWER_TIMEOUT, tls)?;
     let (challenge, node_nonce) = read_frame(&mut s, addr)?;
     if challenge.op != Op::Challenge || node_nonce.len() != NONCE_BYTES {
         return Err(protocol("expected the node's Challenge".into()));

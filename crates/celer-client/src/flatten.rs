@@ -29,7 +29,6 @@
 
 use std::collections::HashMap;
 use std::io::ErrorKind;
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -38,7 +37,7 @@ use celer_device::{Allocation, IoError};
 use celer_proto::{Header, Kind, Op, Status};
 use celer_route::{NodeId, RouteTable};
 
-use crate::{attachment_of, fence_of, fetch_route, read_frame, Client, ClientError};
+use crate::{attachment_of, fence_of, fetch_route, read_frame, Client, ClientError, NodeStream};
 
 /// Largest `Fill` request (a node's engine request limit).
 pub const FILL_PIECE_MAX_BYTES: u64 = 1 << 20;
@@ -206,7 +205,7 @@ impl Client {
     }
 
     fn fill_worker(&self, worker: usize, job: &Job<'_>, opts: &FillOptions) {
-        let mut conns: HashMap<(NodeId, u16), TcpStream> = HashMap::new();
+        let mut conns: HashMap<(NodeId, u16), NodeStream> = HashMap::new();
         let mut closes: HashMap<NodeId, u32> = HashMap::new();
         let mut request_id = 0u32;
         while !job.stop.load(Ordering::Acquire) {
@@ -255,7 +254,7 @@ impl Client {
         worker: usize,
         job: &Job<'_>,
         opts: &FillOptions,
-        conns: &mut HashMap<(NodeId, u16), TcpStream>,
+        conns: &mut HashMap<(NodeId, u16), NodeStream>,
         closes: &mut HashMap<NodeId, u32>,
         request_id: &mut u32,
         offset: u64,
@@ -401,7 +400,7 @@ impl Client {
     /// Sends `h` on the (node, shard) connection, opening it if needed.
     fn send_fill(
         &self,
-        conns: &mut HashMap<(NodeId, u16), TcpStream>,
+        conns: &mut HashMap<(NodeId, u16), NodeStream>,
         table: &RouteTable,
         node: NodeId,
         shard: u16,
@@ -415,8 +414,13 @@ impl Client {
                     .node(node)
                     .map(|n| n.data_addr.clone())
                     .ok_or_else(|| format!("node {node} not in the table"))?;
-                let s =
-                    crate::allocation::open(&addr, credential, shard).map_err(|e| e.to_string())?;
+                let s = crate::allocation::open(
+                    &addr,
+                    credential,
+                    shard,
+                    self.shared.data_tls.as_ref(),
+                )
+                .map_err(|e| e.to_string())?;
                 s.set_read_timeout(Some(FILL_ANSWER_TIMEOUT))
                     .map_err(|e| e.to_string())?;
                 e.insert(s)
@@ -458,7 +462,12 @@ impl Client {
                 break;
             }
             asked += 1;
-            if let Ok(t) = fetch_route(&node.data_addr, &credential, RETRY_PAUSE * 10) {
+            if let Ok(t) = fetch_route(
+                &node.data_addr,
+                &credential,
+                RETRY_PAUSE * 10,
+                self.shared.data_tls.as_ref(),
+            ) {
                 if self.install_route(t) {
                     return true;
                 }
@@ -470,7 +479,7 @@ impl Client {
 
 /// Reads the answer to request `id` on the (node, shard) connection.
 fn recv_fill(
-    conns: &mut HashMap<(NodeId, u16), TcpStream>,
+    conns: &mut HashMap<(NodeId, u16), NodeStream>,
     node: NodeId,
     shard: u16,
     id: u32,

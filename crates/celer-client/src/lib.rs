@@ -140,6 +140,7 @@ use celer_proto::{decode_header, Header, Kind, Op, Status, HEADER_BYTES, PAYLOAD
 use celer_route::{RouteDecodeError, RouteTable};
 
 pub use celer_proto::auth::{Capability, Credential};
+pub use celer_tls;
 
 pub use flatten::{FillError, FillOptions, FillProgress, FILL_PIECE_MAX_BYTES};
 pub use queue::{INFLIGHT_MAX, PARTS_MAX};
@@ -197,6 +198,10 @@ pub struct ClientConfig {
     pub era: u32,
     /// Read this snapshot (by era) instead of the volume: read-only.
     pub read_snapshot: Option<u32>,
+    /// Data TLS (nodes started with `--tls-creds`): the CA the nodes'
+    /// certificates must be signed by and the client certificate this
+    /// client presents ([`celer_tls::DataTls::load_client`]). None: plain.
+    pub data_tls: Option<celer_tls::DataTls>,
 }
 
 /// Default of [`ClientConfig::keepalive`]: a quiet connection is pinged
@@ -220,6 +225,7 @@ impl ClientConfig {
             lineage: 0,
             era: 0,
             read_snapshot: None,
+            data_tls: None,
         }
     }
 }
@@ -259,6 +265,8 @@ pub enum ClientError {
     },
     #[error("{0}")]
     Credential(String),
+    #[error("data TLS with storage node {addr}: {reason}")]
+    Tls { addr: String, reason: String },
 }
 
 /// The fence generation a credential carries (0 for a node credential).
@@ -319,6 +327,8 @@ pub(crate) struct Shared {
     /// The newest head era of the volume any queue has learned: writes
     /// name it (see celer-proto, "Snapshots").
     pub(crate) era: AtomicU64,
+    /// See ClientConfig::data_tls.
+    pub(crate) data_tls: Option<celer_tls::DataTls>,
 }
 
 impl Shared {
@@ -379,7 +389,12 @@ impl Client {
         let mut errors = Vec::new();
         let mut table = None;
         for seed in &cfg.seeds {
-            match fetch_route(seed, &cfg.credential, PROBE_TIMEOUT.min(cfg.op_deadline)) {
+            match fetch_route(
+                seed,
+                &cfg.credential,
+                PROBE_TIMEOUT.min(cfg.op_deadline),
+                cfg.data_tls.as_ref(),
+            ) {
                 Ok(t) => {
                     table = Some(t);
                     break;
@@ -412,6 +427,7 @@ impl Client {
                 credential: Mutex::new(Arc::new(cfg.credential.clone())),
                 credential_gen: AtomicU64::new(0),
                 era: AtomicU64::new(cfg.era as u64),
+                data_tls: cfg.data_tls.clone(),
             }),
             cfg,
             chunk_lists: allocation::ChunkLists::default(),
@@ -589,7 +605,131 @@ pub fn volume_info(volume: u64, size_bytes: u64, sector_bytes: u32, read_only: b
 /// `Challenge`, `Hello` with `credential`, then a `RouteTable` request with
 /// epoch 0, answered with the table.
 pub fn probe_route(seed: &str, credential: &Credential) -> Result<RouteTable, ClientError> {
-    fetch_route(seed, credential, PROBE_TIMEOUT)
+    fetch_route(seed, credential, PROBE_TIMEOUT, None)
+}
+
+/// [`probe_route`] over data TLS when `tls` is given.
+pub fn probe_route_with(
+    seed: &str,
+    credential: &Credential,
+    tls: Option<&celer_tls::DataTls>,
+) -> Result<RouteTable, ClientError> {
+    fetch_route(seed, credential, PROBE_TIMEOUT, tls)
+}
+
+/// A TLS failure, worded for a person, carried inside an `io::Error` from
+/// [`NodeStream`] to [`io_error`].
+#[derive(Debug)]
+struct TlsFailure(String);
+
+impl std::fmt::Display for TlsFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for TlsFailure {}
+
+/// A blocking connection to a node (control path: route probes, chunk
+/// lists, flatten), plain or inside data TLS.
+pub(crate) enum NodeStream {
+    Plain(TcpStream),
+    Tls {
+        s: Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>,
+        dir: std::path::PathBuf,
+    },
+}
+
+impl NodeStream {
+    /// Connects with `timeout` for the connect and for every read and write
+    /// (the TLS handshake runs within the first read or write).
+    pub(crate) fn dial(
+        addr: &str,
+        timeout: Duration,
+        tls: Option<&celer_tls::DataTls>,
+    ) -> Result<NodeStream, ClientError> {
+        let sa = resolve(addr)?;
+        let io = io_error(addr);
+        let s = TcpStream::connect_timeout(&sa, timeout).map_err(io)?;
+        s.set_read_timeout(Some(timeout)).map_err(io)?;
+        s.set_write_timeout(Some(timeout)).map_err(io)?;
+        s.set_nodelay(true).map_err(io)?;
+        let Some(tls) = tls else {
+            return Ok(NodeStream::Plain(s));
+        };
+        let err = |reason: String| ClientError::Tls {
+            addr: addr.to_string(),
+            reason,
+        };
+        let config = tls
+            .client
+            .clone()
+            .ok_or_else(|| err("no client certificate loaded".into()))?;
+        let name = rustls::pki_types::ServerName::IpAddress(sa.ip().into());
+        let conn = rustls::ClientConnection::new(config, name).map_err(|e| err(e.to_string()))?;
+        Ok(NodeStream::Tls {
+            s: Box::new(rustls::StreamOwned::new(conn, s)),
+            dir: tls.dir.clone(),
+        })
+    }
+
+    pub(crate) fn peer_addr(&self) -> std::io::Result<SocketAddr> {
+        match self {
+            NodeStream::Plain(s) => s.peer_addr(),
+            NodeStream::Tls { s, .. } => s.sock.peer_addr(),
+        }
+    }
+
+    pub(crate) fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            NodeStream::Plain(s) => s.set_read_timeout(t),
+            NodeStream::Tls { s, .. } => s.sock.set_read_timeout(t),
+        }
+    }
+}
+
+fn tls_failure(e: std::io::Error, dir: &std::path::Path, in_handshake: bool) -> std::io::Error {
+    match celer_tls::wire::tls_error(&e) {
+        Some(t) => std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            TlsFailure(celer_tls::describe_client_error(t, dir, in_handshake)),
+        ),
+        None => e,
+    }
+}
+
+impl Read for NodeStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            NodeStream::Plain(s) => s.read(buf),
+            NodeStream::Tls { s, dir } => {
+                let hs = s.conn.is_handshaking();
+                s.read(buf).map_err(|e| tls_failure(e, dir, hs))
+            }
+        }
+    }
+}
+
+impl Write for NodeStream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            NodeStream::Plain(s) => s.write(buf),
+            NodeStream::Tls { s, dir } => {
+                let hs = s.conn.is_handshaking();
+                s.write(buf).map_err(|e| tls_failure(e, dir, hs))
+            }
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            NodeStream::Plain(s) => s.flush(),
+            NodeStream::Tls { s, dir } => {
+                let hs = s.conn.is_handshaking();
+                s.flush().map_err(|e| tls_failure(e, dir, hs))
+            }
+        }
+    }
 }
 
 fn resolve(addr: &str) -> Result<SocketAddr, ClientError> {
@@ -605,9 +745,18 @@ fn resolve(addr: &str) -> Result<SocketAddr, ClientError> {
 
 /// `ClientError::Io` of talking to `seed`.
 fn io_error(seed: &str) -> impl Fn(std::io::Error) -> ClientError + Copy + '_ {
-    move |source| ClientError::Io {
-        addr: seed.to_string(),
-        source,
+    move |source| match source
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<TlsFailure>())
+    {
+        Some(t) => ClientError::Tls {
+            addr: seed.to_string(),
+            reason: t.0.clone(),
+        },
+        None => ClientError::Io {
+            addr: seed.to_string(),
+            source,
+        },
     }
 }
 
@@ -620,7 +769,7 @@ fn protocol_error(seed: &str) -> impl Fn(String) -> ClientError + Copy + '_ {
 }
 
 /// Reads one whole frame (blocking, with the stream's timeouts).
-fn read_frame(s: &mut TcpStream, seed: &str) -> Result<(Header, Vec<u8>), ClientError> {
+fn read_frame<S: Read>(s: &mut S, seed: &str) -> Result<(Header, Vec<u8>), ClientError> {
     let (io, protocol) = (io_error(seed), protocol_error(seed));
     let mut hb = [0u8; HEADER_BYTES];
     s.read_exact(&mut hb).map_err(io)?;
@@ -638,14 +787,26 @@ fn fetch_route(
     seed: &str,
     credential: &Credential,
     timeout: Duration,
+    tls: Option<&celer_tls::DataTls>,
 ) -> Result<RouteTable, ClientError> {
-    let addr = resolve(seed)?;
     let (io, protocol) = (io_error(seed), protocol_error(seed));
-    let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(io)?;
-    s.set_read_timeout(Some(timeout)).map_err(io)?;
-    s.set_write_timeout(Some(timeout)).map_err(io)?;
-    s.set_nodelay(true).map_err(io)?;
-    let (challenge, node_nonce) = read_frame(&mut s, seed)?;
+    let mut s = NodeStream::dial(seed, timeout, tls)?;
+    let (challenge, node_nonce) = match read_frame(&mut s, seed) {
+        Err(ClientError::Io { source, .. })
+            if tls.is_none()
+                && matches!(
+                    source.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::UnexpectedEof
+                ) =>
+        {
+            return Err(protocol(format!(
+                "no Challenge from the node within {timeout:?} ({source}): a node with data TLS (celer node serve --tls-creds) says nothing to a plain client; give this client --data-tls-creds DIR"
+            )));
+        }
+        r => r?,
+    };
     if challenge.kind != Kind::Request
         || challenge.op != Op::Challenge
         || node_nonce.len() != NONCE_BYTES

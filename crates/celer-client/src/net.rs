@@ -23,9 +23,16 @@
 //! proved the key in its Hello answer closes the connection. When the
 //! client's credential changes ([`crate::Client::renew`]), every verified
 //! connection gets a `Renew` frame at the next flush.
+//!
+//! Data TLS ([`crate::ClientConfig::data_tls`]): the same frames go
+//! through a rustls session per connection, at the socket boundary only
+//! (`writev`/`readv` become rustls's writer/reader): the payload is copied
+//! into rustls to be encrypted, and out of it when decrypted, and rustls
+//! allocates per record. A plain connection pays one `Option` test per
+//! socket call.
 
 use std::collections::{HashMap, VecDeque};
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
@@ -155,6 +162,8 @@ struct Conn {
     gen: u32,
     state: State,
     stream: Option<TcpStream>,
+    /// The TLS session of the current socket (data TLS on).
+    tls: Option<Box<rustls::Connection>>,
     sendq: VecDeque<Outgoing>,
     /// Bytes of the front frame already written.
     front_sent: usize,
@@ -297,6 +306,15 @@ pub(crate) unsafe fn segments_crc(
     crc
 }
 
+/// `read(2)`'s result as an `io::Result`.
+fn os_rc(rc: isize) -> io::Result<usize> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc as usize)
+    }
+}
+
 fn token(id: ConnId, gen: u32) -> u64 {
     ((gen as u64) << 32) | id as u64
 }
@@ -411,6 +429,7 @@ impl Net {
                     gen: 0,
                     state: State::Closed,
                     stream: None,
+                    tls: None,
                     sendq: VecDeque::with_capacity(SEND_QUEUE_FRAMES),
                     front_sent: 0,
                     want_out: false,
@@ -463,6 +482,14 @@ impl Net {
             Err(e) => return Err(e),
         };
         let stream: TcpStream = sock.into();
+        let tls = match self.shared.data_tls.as_ref().and_then(|t| t.client.clone()) {
+            Some(config) => {
+                let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+                let c = rustls::ClientConnection::new(config, name).map_err(io::Error::other)?;
+                Some(Box::new(rustls::Connection::Client(c)))
+            }
+            None => None,
+        };
         let (cred, cred_gen) = self.shared.credential();
         let c = &mut self.conns[id as usize];
         c.gen = c.gen.wrapping_add(1);
@@ -475,7 +502,9 @@ impl Net {
         c.rstart = 0;
         c.rend = 0;
         c.recv = Recv::Header;
-        c.want_out = state == State::Connecting;
+        // With TLS the ClientHello goes out as soon as the socket takes it.
+        c.want_out = state == State::Connecting || tls.is_some();
+        c.tls = tls;
         let events = libc::EPOLLIN as u32
             | libc::EPOLLRDHUP as u32
             | if c.want_out { libc::EPOLLOUT as u32 } else { 0 };
@@ -657,7 +686,20 @@ impl Net {
                 return;
             }
             if c.sendq.is_empty() || c.auth == Auth::AwaitChallenge {
-                self.set_want_out(id, false);
+                // TLS records (the handshake, or the tail of what was
+                // written) may still wait for the socket.
+                let pending = match (&mut c.tls, c.stream.as_mut()) {
+                    (Some(tls), Some(stream)) => match celer_tls::wire::send_pending(tls, stream) {
+                        Ok(()) => false,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
+                        Err(e) => {
+                            self.close(id, &format!("send failed: {e}"), sink);
+                            return;
+                        }
+                    },
+                    _ => false,
+                };
+                self.set_want_out(id, pending);
                 return;
             }
             let mut iov = [iovec(std::ptr::null(), 0); IOVECS_MAX];
@@ -696,12 +738,32 @@ impl Net {
                 }
                 from = 0;
             }
-            let fd = c.stream.as_ref().map(|s| s.as_raw_fd()).unwrap_or(-1);
-            // SAFETY: `iov[..n]` describe our queued headers and pinned caller memory.
-            let rc = unsafe { libc::writev(fd, iov.as_ptr(), n as libc::c_int) };
-            if rc < 0 {
-                let e = io::Error::last_os_error();
-                match e.kind() {
+            let sent = match (&mut c.tls, c.stream.as_mut()) {
+                (Some(tls), Some(stream)) => {
+                    let mut slices = [IoSlice::new(&[]); IOVECS_MAX];
+                    for (s, v) in slices.iter_mut().zip(&iov[..n]) {
+                        // SAFETY: each iovec describes our queued headers
+                        // or pinned caller memory, valid while queued.
+                        *s = IoSlice::new(unsafe {
+                            std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len)
+                        });
+                    }
+                    celer_tls::wire::write_plain(tls, stream, &slices[..n])
+                }
+                _ => {
+                    let fd = c.stream.as_ref().map(|s| s.as_raw_fd()).unwrap_or(-1);
+                    // SAFETY: `iov[..n]` describe our queued headers and pinned caller memory.
+                    let rc = unsafe { libc::writev(fd, iov.as_ptr(), n as libc::c_int) };
+                    if rc < 0 {
+                        Err(io::Error::last_os_error())
+                    } else {
+                        Ok(rc as usize)
+                    }
+                }
+            };
+            let rc = match sent {
+                Ok(n) => n,
+                Err(e) => match e.kind() {
                     io::ErrorKind::WouldBlock => {
                         self.set_want_out(id, true);
                         return;
@@ -711,9 +773,9 @@ impl Net {
                         self.close(id, &format!("send failed: {e}"), sink);
                         return;
                     }
-                }
-            }
-            let mut wrote = rc as usize;
+                },
+            };
+            let mut wrote = rc;
             while wrote > 0 {
                 let Some(f) = c.sendq.front() else {
                     break;
@@ -773,11 +835,18 @@ impl Net {
     }
 
     fn read_in(&mut self, id: ConnId, sink: &mut dyn Sink) {
-        for _ in 0..READS_PER_EVENT_MAX {
+        let mut reads = 0;
+        loop {
             if let Err(why) = self.parse_buffered(id, sink) {
                 self.close(id, &why, sink);
                 return;
             }
+            // Past the fairness bound, only what TLS already holds (epoll
+            // would not signal it again).
+            if reads >= READS_PER_EVENT_MAX && !self.tls_buffered(id) {
+                break;
+            }
+            reads += 1;
             match self.read_some(id, sink) {
                 Ok(true) => {}
                 Ok(false) => break,
@@ -789,7 +858,25 @@ impl Net {
         }
         if let Err(why) = self.parse_buffered(id, sink) {
             self.close(id, &why, sink);
+            return;
         }
+        // Reading may have advanced the TLS handshake: its records go out
+        // when the socket takes them.
+        if self.conns[id as usize]
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.wants_write())
+        {
+            self.set_want_out(id, true);
+        }
+    }
+
+    fn tls_buffered(&mut self, id: ConnId) -> bool {
+        let c = &mut self.conns[id as usize];
+        c.state == State::Open
+            && c.tls
+                .as_mut()
+                .is_some_and(|t| celer_tls::wire::has_plaintext(t))
     }
 
     /// One read from the socket: into the receive buffer, or straight into
@@ -800,6 +887,10 @@ impl Net {
             return Ok(false);
         }
         let fd = c.stream.as_ref().map(|s| s.as_raw_fd()).unwrap_or(-1);
+        let tls = match (&mut c.tls, c.stream.as_mut()) {
+            (Some(tls), Some(stream)) => Some((tls, stream)),
+            _ => None,
+        };
         let rc = match &mut c.recv {
             Recv::Payload { h, dest, got, .. } if c.rstart == c.rend => {
                 let want = h.payload_bytes as usize - *got;
@@ -813,13 +904,29 @@ impl Net {
                         unsafe {
                             segment_iovecs(*segs, *nsegs, *skip + *got, want, &mut iov, &mut n)
                         };
-                        // SAFETY: the iovecs describe writable caller memory.
-                        unsafe { libc::readv(fd, iov.as_ptr(), n as libc::c_int) }
+                        match tls {
+                            // rustls reads into one buffer at a time.
+                            Some((tls, stream)) if n > 0 => {
+                                // SAFETY: the first iovec is writable pinned caller memory.
+                                let buf = unsafe {
+                                    std::slice::from_raw_parts_mut(
+                                        iov[0].iov_base as *mut u8,
+                                        iov[0].iov_len,
+                                    )
+                                };
+                                celer_tls::wire::read_plain(tls, stream, buf)
+                            }
+                            // SAFETY: the iovecs describe writable caller memory.
+                            _ => os_rc(unsafe { libc::readv(fd, iov.as_ptr(), n as libc::c_int) }),
+                        }
                     }
                     Dest::Scratch => {
                         let buf = &mut c.scratch[*got..*got + want];
-                        // SAFETY: `buf` is our own writable buffer of `want` bytes.
-                        unsafe { libc::read(fd, buf.as_mut_ptr().cast(), want) }
+                        match tls {
+                            Some((tls, stream)) => celer_tls::wire::read_plain(tls, stream, buf),
+                            // SAFETY: `buf` is our own writable buffer of `want` bytes.
+                            None => os_rc(unsafe { libc::read(fd, buf.as_mut_ptr().cast(), want) }),
+                        }
                     }
                 }
             }
@@ -830,18 +937,32 @@ impl Net {
                     c.rstart = 0;
                 }
                 let buf = &mut c.rbuf[c.rend..];
-                // SAFETY: `buf` is our own writable buffer.
-                unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) }
+                match tls {
+                    Some((tls, stream)) => celer_tls::wire::read_plain(tls, stream, buf),
+                    // SAFETY: `buf` is our own writable buffer.
+                    None => os_rc(unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) }),
+                }
             }
         };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            return match e.kind() {
-                io::ErrorKind::WouldBlock => Ok(false),
-                io::ErrorKind::Interrupted => Ok(true),
-                _ => Err(format!("receive failed: {e}")),
-            };
-        }
+        let rc = match rc {
+            Ok(n) => n,
+            Err(e) => {
+                if let Some(t) = celer_tls::wire::tls_error(&e) {
+                    let hs = c.tls.as_ref().is_some_and(|t| t.is_handshaking());
+                    let dir = self.shared.data_tls.as_ref().map(|d| d.dir.clone());
+                    return Err(celer_tls::describe_client_error(
+                        t,
+                        dir.as_deref().unwrap_or(std::path::Path::new("DIR")),
+                        hs,
+                    ));
+                }
+                return match e.kind() {
+                    io::ErrorKind::WouldBlock => Ok(false),
+                    io::ErrorKind::Interrupted => Ok(true),
+                    _ => Err(format!("receive failed: {e}")),
+                };
+            }
+        };
         if rc == 0 {
             return Err("connection closed by the node".to_string());
         }
@@ -1039,6 +1160,7 @@ impl Net {
         let c = &mut self.conns[id as usize];
         // Dropping the stream closes the fd, which leaves the epoll set.
         c.stream = None;
+        c.tls = None;
         c.state = State::Closed;
         c.want_out = false;
         c.front_sent = 0;

@@ -55,6 +55,7 @@ fn run_node_idle(dir: &Path, id: u32, idle: Option<Duration>) -> Node {
         idle_timeout: idle,
         scrub_bytes_per_sec: celer_node::SCRUB_RATE_DEFAULT,
         scrub_interval: celer_node::SCRUB_INTERVAL_DEFAULT,
+        tls_creds: None,
     })
     .expect("node starts")
 }

@@ -28,6 +28,12 @@ pub struct ServeArgs {
     /// depth, route epoch) on `http://ADDR/metrics` (read by the `celer` binary).
     #[arg(long)]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// For a `cluster:` device whose nodes serve data TLS (`celer node
+    /// serve --tls-creds`): DIR holds ca-cert.pem, client-cert.pem and
+    /// client-key.pem (QEMU's tls-creds-x509 client layout); read by the
+    /// `celer` binary.
+    #[arg(long, value_name = "DIR")]
+    pub data_tls_creds: Option<PathBuf>,
     /// Unix socket to listen on.
     #[arg(long)]
     pub socket: Option<PathBuf>,

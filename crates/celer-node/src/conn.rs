@@ -14,6 +14,11 @@
 //! from connections that hold no partial frame ([`Conn::shrink`]). The send buffer is bounded by
 //! the shard, which stops reading a connection whose responses are not
 //! being read ([`SEND_HIGH_BYTES`]).
+//!
+//! With data TLS ([`Wire::Tls`]) `fill` and `flush` go through rustls:
+//! one more copy each way (plaintext into and out of rustls's buffers) and
+//! rustls's allocation per record. A plain connection takes the same path
+//! as without TLS: one match on the enum per socket call, nothing more.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -56,8 +61,15 @@ pub(crate) enum ConnAuth {
     Verified,
 }
 
+/// What the socket carries: celer-proto frames as they are, or inside TLS.
+pub(crate) enum Wire {
+    Plain,
+    Tls(Box<rustls::Connection>),
+}
+
 pub(crate) struct Conn {
     pub(crate) stream: TcpStream,
+    pub(crate) wire: Wire,
     /// Bumped each time the slot is reused, so stale references are noticed.
     pub(crate) gen: u32,
     pub(crate) rbuf: Vec<u8>,
@@ -110,6 +122,7 @@ pub(crate) enum Next {
 impl Conn {
     pub(crate) fn new(
         stream: TcpStream,
+        wire: Wire,
         gen: u32,
         peer: Option<(u32, u16)>,
         auth: ConnAuth,
@@ -117,6 +130,7 @@ impl Conn {
     ) -> Conn {
         Conn {
             stream,
+            wire,
             gen,
             rbuf: vec![0; RBUF_INITIAL],
             rstart: 0,
@@ -154,7 +168,13 @@ impl Conn {
                 self.rend -= self.rstart;
                 self.rstart = 0;
             }
-            match self.stream.read(&mut self.rbuf[self.rend..]) {
+            let got = match &mut self.wire {
+                Wire::Plain => self.stream.read(&mut self.rbuf[self.rend..]),
+                Wire::Tls(tls) => {
+                    celer_tls::wire::read_plain(tls, &mut self.stream, &mut self.rbuf[self.rend..])
+                }
+            };
+            match got {
                 Ok(0) => return Ok(false),
                 Ok(n) => self.rend += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
@@ -251,16 +271,55 @@ impl Conn {
     }
 
     pub(crate) fn has_output(&self) -> bool {
-        !matches!(self.auth, ConnAuth::AwaitChallenge) && self.wpos < self.wbuf.len()
+        (!matches!(self.auth, ConnAuth::AwaitChallenge) && self.wpos < self.wbuf.len())
+            || matches!(&self.wire, Wire::Tls(t) if t.wants_write())
+    }
+
+    /// Whether TLS holds received bytes the socket no longer signals: read
+    /// them before waiting for the socket.
+    pub(crate) fn tls_buffered(&mut self) -> bool {
+        match &mut self.wire {
+            Wire::Plain => false,
+            Wire::Tls(tls) => celer_tls::wire::has_plaintext(tls),
+        }
+    }
+
+    /// Reads what TLS holds beyond the receive buffer (see
+    /// [`Conn::tls_buffered`]); whether it added bytes. Always false for a
+    /// plain connection.
+    pub(crate) fn pull_buffered(&mut self) -> io::Result<bool> {
+        if !self.tls_buffered() {
+            return Ok(false);
+        }
+        let before = self.rend - self.rstart;
+        self.fill()?;
+        Ok(self.rend - self.rstart > before)
     }
 
     /// Sends what the socket takes. Err: the connection is broken.
     pub(crate) fn flush(&mut self) -> io::Result<()> {
+        if let Wire::Tls(tls) = &mut self.wire {
+            // The TLS handshake goes on while our Hello waits for the
+            // node's Challenge.
+            match celer_tls::wire::send_pending(tls, &mut self.stream) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
         if matches!(self.auth, ConnAuth::AwaitChallenge) {
             return Ok(());
         }
         while self.wpos < self.wbuf.len() {
-            match self.stream.write(&self.wbuf[self.wpos..]) {
+            let sent = match &mut self.wire {
+                Wire::Plain => self.stream.write(&self.wbuf[self.wpos..]),
+                Wire::Tls(tls) => celer_tls::wire::write_plain(
+                    tls,
+                    &mut self.stream,
+                    &[io::IoSlice::new(&self.wbuf[self.wpos..])],
+                ),
+            };
+            match sent {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => self.wpos += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),

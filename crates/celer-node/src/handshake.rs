@@ -13,6 +13,12 @@
 //!   closed at once;
 //! - the Hello's payload is at most `HelloProof::MAX_BYTES`: the buffer is
 //!   fixed, nothing is allocated from what a stranger announces.
+//!
+//! With data TLS (`--tls-creds`) the door first runs the TLS handshake
+//! (rustls, driven on the non-blocking socket by this same loop), then
+//! sends the Challenge and reads the Hello inside TLS. The TLS handshake
+//! counts within [`HANDSHAKE_TIMEOUT`] and the caps above: a trickled or
+//! silent ClientHello is cut at the deadline like a trickled Hello.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -25,6 +31,7 @@ use std::time::{Duration, Instant};
 use celer_proto::auth::{Capability, HelloProof, Key, MacBytes, Nonce, Peer, NONCE_BYTES};
 use celer_proto::{decode_header, Header, Kind, Op, Status, HEADER_BYTES};
 
+use crate::conn::Wire;
 use crate::{NodeShared, ShardMsg};
 
 /// Time a new connection has to prove its credential.
@@ -95,6 +102,9 @@ impl Drop for ConnTicket {
 /// An authenticated connection on its way to its shard.
 pub(crate) struct Handshaken {
     pub(crate) stream: TcpStream,
+    /// With TLS: the session, which may hold requests the peer pipelined
+    /// after its Hello.
+    pub(crate) wire: Wire,
     pub(crate) hello: Header,
     pub(crate) peer: Peer,
     pub(crate) node_nonce: Nonce,
@@ -105,6 +115,14 @@ pub(crate) struct Handshaken {
 
 struct Pending {
     stream: TcpStream,
+    /// With TLS: the session; the Challenge goes out when its handshake is
+    /// done (`challenged`).
+    tls: Option<Box<rustls::Connection>>,
+    challenged: bool,
+    /// TLS bytes received (none: perhaps a plain client, see `PLAIN_PEER`).
+    tls_in: usize,
+    /// EPOLLOUT is armed (TLS records wait for the socket).
+    want_out: bool,
     ticket: ConnTicket,
     nonce: Nonce,
     buf: [u8; HEADER_BYTES + HelloProof::MAX_BYTES],
@@ -134,6 +152,92 @@ impl Quiet {
         tracing::warn!(%peer, hidden = self.hidden, "connection refused: {why}");
         self.last = Some(now);
         self.hidden = 0;
+    }
+}
+
+/// Why a TLS data port hears nothing from a plain client.
+const PLAIN_PEER: &str = "this data port requires TLS (--tls-creds); a plain client sends nothing and waits for a Challenge, give it --data-tls-creds";
+
+fn challenge(nonce: &Nonce) -> [u8; HEADER_BYTES + NONCE_BYTES] {
+    let h = Header::request(Op::Challenge, 0).with_payload([&nonce[..]]);
+    let mut out = [0u8; HEADER_BYTES + NONCE_BYTES];
+    out[..HEADER_BYTES].copy_from_slice(&h.encode());
+    out[HEADER_BYTES..].copy_from_slice(nonce);
+    out
+}
+
+/// What the TLS layer of a pending connection gave.
+enum Step {
+    /// Wait for the socket.
+    Wait,
+    Refuse(String),
+    /// This many bytes of the Hello were read into the buffer.
+    Read(usize),
+}
+
+impl Pending {
+    /// Sends a short frame (a refusal): into TLS when the session is up.
+    fn send(&mut self, bytes: &[u8]) {
+        match &mut self.tls {
+            None => {
+                let _ = self.stream.write(bytes);
+            }
+            Some(tls) => {
+                if !tls.is_handshaking() {
+                    let _ = tls.writer().write(bytes);
+                    let _ = celer_tls::wire::send_pending(tls, &mut self.stream);
+                }
+            }
+        }
+    }
+
+    /// Drives the TLS handshake, sends the Challenge once it is done, and
+    /// reads what the peer sent of its Hello.
+    fn tls_step(&mut self, dir: &std::path::Path) -> Step {
+        use celer_tls::wire::send_pending;
+        let Some(tls) = self.tls.as_mut() else {
+            return Step::Refuse("no TLS session".into());
+        };
+        loop {
+            if !tls.is_handshaking() {
+                if !self.challenged {
+                    if tls.writer().write_all(&challenge(&self.nonce)).is_err() {
+                        return Step::Refuse("cannot queue the Challenge".into());
+                    }
+                    self.challenged = true;
+                }
+                match tls.reader().read(&mut self.buf[self.got..self.need]) {
+                    Ok(0) => return Step::Refuse("closed during the handshake".into()),
+                    Ok(n) => return Step::Read(n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => return Step::Refuse("closed during the handshake".into()),
+                }
+            }
+            match send_pending(tls, &mut self.stream) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Step::Refuse(format!("socket error in the TLS handshake: {e}")),
+            }
+            match tls.read_tls(&mut self.stream) {
+                Ok(0) => {
+                    return Step::Refuse(if self.tls_in == 0 {
+                        format!("closed without sending anything: {PLAIN_PEER}")
+                    } else if tls.is_handshaking() {
+                        "closed during the TLS handshake".into()
+                    } else {
+                        "closed during the handshake".into()
+                    })
+                }
+                Ok(n) => self.tls_in += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Wait,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Step::Refuse(format!("socket error in the TLS handshake: {e}")),
+            }
+            if let Err(e) = tls.process_new_packets() {
+                let _ = send_pending(tls, &mut self.stream);
+                return Step::Refuse(celer_tls::describe_server_error(&e, dir, true));
+            }
+        }
     }
 }
 
@@ -211,10 +315,11 @@ pub(crate) fn accept_loop(listener: TcpListener, shared: Arc<NodeShared>) {
 }
 
 fn ctl(ep: &OwnedFd, op: libc::c_int, fd: i32, token: u64) {
-    let mut ev = libc::epoll_event {
-        events: libc::EPOLLIN as u32,
-        u64: token,
-    };
+    ctl_events(ep, op, fd, token, libc::EPOLLIN as u32);
+}
+
+fn ctl_events(ep: &OwnedFd, op: libc::c_int, fd: i32, token: u64, events: u32) {
+    let mut ev = libc::epoll_event { events, u64: token };
     // SAFETY: valid descriptors and event struct.
     unsafe { libc::epoll_ctl(ep.as_raw_fd(), op, fd, &mut ev) };
 }
@@ -266,16 +371,29 @@ impl Door {
             return;
         }
         let nonce = random_nonce();
-        let challenge = Header::request(Op::Challenge, 0).with_payload([&nonce[..]]);
-        let mut out = [0u8; HEADER_BYTES + NONCE_BYTES];
-        out[..HEADER_BYTES].copy_from_slice(&challenge.encode());
-        out[HEADER_BYTES..].copy_from_slice(&nonce);
-        // A fresh socket's send buffer takes 128 bytes whole.
-        if !matches!(stream.write(&out), Ok(n) if n == out.len()) {
-            return;
-        }
+        let tls = match self.shared.tls.as_ref().and_then(|t| t.server.clone()) {
+            Some(config) => match rustls::ServerConnection::new(config) {
+                Ok(c) => Some(Box::new(rustls::Connection::Server(c))),
+                Err(e) => {
+                    self.quiet.warn(ip, &format!("cannot start TLS: {e}"));
+                    return;
+                }
+            },
+            None => {
+                // A fresh socket's send buffer takes 128 bytes whole.
+                if !matches!(stream.write(&challenge(&nonce)), Ok(n) if n == HEADER_BYTES + NONCE_BYTES)
+                {
+                    return;
+                }
+                None
+            }
+        };
         let p = Pending {
             stream,
+            challenged: tls.is_none(),
+            tls_in: 0,
+            tls,
+            want_out: false,
             ticket,
             nonce,
             buf: [0; HEADER_BYTES + HelloProof::MAX_BYTES],
@@ -319,24 +437,49 @@ impl Door {
             return;
         };
         if let Some((hello, status)) = answer {
-            let _ = p
-                .stream
-                .write(&Header::response_to(&hello, status).encode());
+            p.send(&Header::response_to(&hello, status).encode());
         }
         self.quiet.warn(p.ticket.ip, why);
     }
 
     fn progress(&mut self, i: usize, ep: &OwnedFd) {
+        let dir = self.shared.tls.as_ref().map(|t| t.dir.clone());
         let Some(Some(p)) = self.pending.get_mut(i) else {
             return;
         };
         loop {
-            match p.stream.read(&mut p.buf[p.got..p.need]) {
-                Ok(0) => return self.refuse(i, ep, "closed during the handshake", None),
-                Ok(n) => p.got += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return self.refuse(i, ep, "socket error during the handshake", None),
+            if let Some(dir) = &dir {
+                match p.tls_step(dir) {
+                    Step::Read(n) => p.got += n,
+                    Step::Refuse(why) => return self.refuse(i, ep, &why, None),
+                    Step::Wait => {
+                        // Records the socket did not take wait for EPOLLOUT.
+                        let out = p.tls.as_ref().is_some_and(|t| t.wants_write());
+                        if out != p.want_out {
+                            p.want_out = out;
+                            let mut bits = libc::EPOLLIN as u32;
+                            if out {
+                                bits |= libc::EPOLLOUT as u32;
+                            }
+                            ctl_events(
+                                ep,
+                                libc::EPOLL_CTL_MOD,
+                                p.stream.as_raw_fd(),
+                                i as u64,
+                                bits,
+                            );
+                        }
+                        return;
+                    }
+                }
+            } else {
+                match p.stream.read(&mut p.buf[p.got..p.need]) {
+                    Ok(0) => return self.refuse(i, ep, "closed during the handshake", None),
+                    Ok(n) => p.got += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => return self.refuse(i, ep, "socket error during the handshake", None),
+                }
             }
             if p.got < p.need {
                 continue;
@@ -382,15 +525,20 @@ impl Door {
         let (peer, answer_key, peer_nonce) = match checked {
             Ok(x) => x,
             Err((why, status)) => {
-                let _ = p.stream.write(&Header::response_to(&h, status).encode());
+                p.send(&Header::response_to(&h, status).encode());
                 self.quiet.warn(p.ticket.ip, &why);
                 return;
             }
         };
         let shard = h.offset as usize;
         let answer = HelloProof::answer(&answer_key, &p.nonce, &peer_nonce);
+        let wire = match p.tls.take() {
+            Some(tls) => Wire::Tls(tls),
+            None => Wire::Plain,
+        };
         self.shared.hub.shards[shard].send(ShardMsg::Conn(Box::new(Handshaken {
             stream: p.stream,
+            wire,
             hello: h,
             peer,
             node_nonce: p.nonce,
@@ -447,14 +595,22 @@ impl Door {
     fn expire(&mut self, ep: &OwnedFd) {
         let now = Instant::now();
         for i in 0..self.pending.len() {
-            if self.pending[i].as_ref().is_some_and(|p| p.deadline <= now) {
-                self.refuse(
-                    i,
-                    ep,
-                    "handshake not completed in time (HANDSHAKE_TIMEOUT)",
-                    None,
-                );
+            let Some(p) = self.pending[i].as_ref() else {
+                continue;
+            };
+            if p.deadline > now {
+                continue;
             }
+            let why = match &p.tls {
+                Some(_) if p.tls_in == 0 => {
+                    format!("nothing received within the handshake deadline (HANDSHAKE_TIMEOUT): {PLAIN_PEER}")
+                }
+                Some(tls) if tls.is_handshaking() => {
+                    "TLS handshake not completed in time (HANDSHAKE_TIMEOUT)".to_string()
+                }
+                _ => "handshake not completed in time (HANDSHAKE_TIMEOUT)".to_string(),
+            };
+            self.refuse(i, ep, &why, None);
         }
     }
 }

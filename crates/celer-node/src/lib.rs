@@ -87,6 +87,10 @@ pub struct NodeConfig {
     /// first a minute after the node starts; `celer scrub start` starts
     /// one now).
     pub scrub_interval: Duration,
+    /// Data TLS credentials (QEMU tls-creds-x509 layout, see celer-tls):
+    /// the data port then speaks mutual TLS only, and the node's own
+    /// connections to other nodes present `client-cert.pem`. None: plain.
+    pub tls_creds: Option<PathBuf>,
 }
 
 /// Default scrub rate: a pass over 4 GiB of data takes 8.5 minutes.
@@ -454,6 +458,8 @@ pub(crate) struct NodeShared {
     pub(crate) data_key: celer_proto::auth::Key,
     /// See NodeConfig::insecure_no_auth.
     pub(crate) insecure_no_auth: bool,
+    /// See NodeConfig::tls_creds (both configs are present when set).
+    pub(crate) tls: Option<celer_tls::DataTls>,
     /// Why the node cannot serve (a failed engine shard); heartbeats carry
     /// it and the control service moves the node's partitions away.
     failure: Mutex<Option<String>>,
@@ -531,6 +537,13 @@ impl Node {
                 cfg.listen
             )));
         }
+        let tls = match &cfg.tls_creds {
+            Some(dir) => Some(
+                celer_tls::DataTls::load_node(dir)
+                    .map_err(|e| NodeError::Config(format!("--tls-creds: {e}")))?,
+            ),
+            None => None,
+        };
         if cfg.insecure_no_auth {
             tracing::warn!(listen = %cfg.listen, "the data port checks no credential (--insecure-no-auth): for benchmarks only");
         }
@@ -621,6 +634,7 @@ impl Node {
             token: cfg.token.clone(),
             data_key: celer_proto::auth::data_key_from_secret(&cfg.token),
             insecure_no_auth: cfg.insecure_no_auth,
+            tls,
             failure: Mutex::new(None),
             disk: cfg.disk.clone(),
             conns_open: std::sync::atomic::AtomicUsize::new(0),

@@ -36,7 +36,7 @@ mod scrub;
 use scrub::{Scrub, REQ_COMPARE, TAG_SCRUB};
 pub(crate) use scrub::{ScrubCell, ScrubShared};
 
-use crate::conn::{Conn, ConnAuth, Frame, Next, SEND_HIGH_BYTES, SEND_LOW_BYTES};
+use crate::conn::{Conn, ConnAuth, Frame, Next, Wire, SEND_HIGH_BYTES, SEND_LOW_BYTES};
 use crate::handshake::{ConnTicket, Handshaken};
 use crate::metrics::ShardCounters;
 use crate::{AgentMsg, BackfillProgress, Installed, NodeError, NodeShared, ShardMsg};
@@ -634,13 +634,14 @@ impl ShardLoop {
     fn new_conn(
         &mut self,
         stream: TcpStream,
+        wire: Wire,
         peer: Option<(NodeId, u16)>,
         auth: ConnAuth,
         ticket: Option<ConnTicket>,
         out: bool,
     ) -> usize {
         self.conn_gen = self.conn_gen.wrapping_add(1);
-        let conn = Conn::new(stream, self.conn_gen, peer, auth, ticket);
+        let conn = Conn::new(stream, wire, self.conn_gen, peer, auth, ticket);
         let fd = conn.fd();
         let idx = match self.free_conns.pop() {
             Some(i) => {
@@ -682,13 +683,19 @@ impl ShardLoop {
                 )
             }
         };
-        let idx = self.new_conn(hs.stream, None, auth, Some(hs.ticket), false);
+        let tls = matches!(hs.wire, Wire::Tls(_));
+        let idx = self.new_conn(hs.stream, hs.wire, None, auth, Some(hs.ticket), false);
         let mut r = Header::response_to(&hello, Status::Ok);
         r.version = volume.map_or(0, |v| self.volume_version(v));
         if let Some(c) = self.conns[idx].as_mut() {
             c.queue(r, &[&hs.answer]);
         }
         self.mark_dirty(idx);
+        if tls {
+            // Requests pipelined after the Hello may already sit in the
+            // TLS session, where epoll does not see them.
+            self.process_frames(idx);
+        }
     }
 
     /// The highest write version this shard knows for `volume`.
@@ -857,6 +864,14 @@ impl ShardLoop {
             return;
         };
         conn.last_input = self.woke_at;
+        if matches!(conn.wire, Wire::Tls(_)) {
+            // Reading may have advanced the TLS handshake or a key update,
+            // whose records go out with the next flush.
+            self.mark_dirty(c);
+        }
+        let Some(conn) = self.conns[c].as_mut() else {
+            return;
+        };
         match conn.fill() {
             Ok(true) => {}
             Ok(false) => {
@@ -865,7 +880,15 @@ impl ShardLoop {
                 return;
             }
             Err(e) => {
-                self.close_conn(c, &e.to_string());
+                let hs = matches!(&conn.wire, Wire::Tls(t) if t.is_handshaking());
+                let why = match (celer_tls::wire::tls_error(&e), &self.shared.tls) {
+                    (Some(t), Some(creds)) if conn.peer.is_some() => {
+                        celer_tls::describe_client_error(t, &creds.dir, hs)
+                    }
+                    (Some(t), Some(creds)) => celer_tls::describe_server_error(t, &creds.dir, hs),
+                    _ => e.to_string(),
+                };
+                self.close_conn(c, &why);
                 return;
             }
         }
@@ -882,7 +905,14 @@ impl ShardLoop {
             }
             let frame = match conn.next_frame() {
                 Ok(Next::Frame(f)) => f,
-                Ok(Next::More) => return,
+                Ok(Next::More) => match conn.pull_buffered() {
+                    Ok(true) => continue,
+                    Ok(false) => return,
+                    Err(e) => {
+                        self.close_conn(c, &e.to_string());
+                        return;
+                    }
+                },
                 Ok(Next::Grow(total)) => {
                     let extra = total - crate::conn::RBUF_INITIAL - conn.borrowed;
                     if self.rbuf_lent + extra > RBUF_BUDGET_BYTES {
@@ -1483,15 +1513,36 @@ impl ShardLoop {
                 return None;
             }
         };
+        let wire = match self.shared.tls.as_ref().and_then(|t| t.client.clone()) {
+            Some(config) => {
+                // The certificate must name the IP dialled (as clients check).
+                let name = rustls::pki_types::ServerName::IpAddress(sa.ip().into());
+                let tls = rustls::ClientConnection::new(config, name).map_err(|e| e.to_string());
+                match tls {
+                    Ok(c) => Wire::Tls(Box::new(rustls::Connection::Client(c))),
+                    Err(e) => {
+                        tracing::warn!(shard = self.id, node, %addr, "cannot start TLS to peer: {e}");
+                        return None;
+                    }
+                }
+            }
+            None => Wire::Plain,
+        };
+        let tls = matches!(wire, Wire::Tls(_));
         // Frames queued on it wait for the node's Challenge and our Hello.
         let c = self.new_conn(
             stream,
+            wire,
             Some((node, shard)),
             ConnAuth::AwaitChallenge,
             None,
             false,
         );
         self.peers.insert((node, shard), c);
+        if tls {
+            // The ClientHello goes out as soon as the socket connects.
+            self.mark_dirty(c);
+        }
         Some(c)
     }
 

@@ -39,6 +39,7 @@ fn start_node(disk: &Path, state: &Path) -> Node {
         idle_timeout: Some(celer_node::IDLE_TIMEOUT_DEFAULT),
         scrub_bytes_per_sec: celer_node::SCRUB_RATE_DEFAULT,
         scrub_interval: celer_node::SCRUB_INTERVAL_DEFAULT,
+        tls_creds: None,
     })
     .expect("node starts")
 }

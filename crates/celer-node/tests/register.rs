@@ -48,6 +48,7 @@ fn config(disk: PathBuf, state_dir: PathBuf, meta_url: &str) -> NodeConfig {
         idle_timeout: Some(celer_node::IDLE_TIMEOUT_DEFAULT),
         scrub_bytes_per_sec: celer_node::SCRUB_RATE_DEFAULT,
         scrub_interval: celer_node::SCRUB_INTERVAL_DEFAULT,
+        tls_creds: None,
     }
 }
 

@@ -25,6 +25,12 @@ pub struct ServeArgs {
     /// depth, route epoch) on `http://ADDR/metrics` (read by the `celer` binary).
     #[arg(long)]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// For a `cluster:` device whose nodes serve data TLS (`celer node
+    /// serve --tls-creds`): DIR holds ca-cert.pem, client-cert.pem and
+    /// client-key.pem (QEMU's tls-creds-x509 client layout); read by the
+    /// `celer` binary.
+    #[arg(long, value_name = "DIR")]
+    pub data_tls_creds: Option<PathBuf>,
     /// Device: `null:SIZE` (e.g. null:1G) or `file:PATH` (file or block device).
     #[arg(long)]
     pub device: String,

@@ -92,10 +92,16 @@ pub struct ClusterBenchArgs {
     /// (0: skip it).
     #[arg(long, default_value_t = 21)]
     pub auth_rounds: u32,
-    /// Length of one round of the authentication-cost comparison, per
+    /// Rounds of the data-TLS-cost comparison: QD1 4 KiB writes and reads
+    /// on two fresh clusters, one whose nodes and client speak data TLS
+    /// (certificates made with openssl for the run), one plain, taking
+    /// turns (0: skip it).
+    #[arg(long, default_value_t = 0)]
+    pub tls_rounds: u32,
+    /// Length of one round of the authentication and TLS comparisons, per
     /// side and workload.
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(50..=60_000))]
-    pub auth_round_ms: u64,
+    pub side_round_ms: u64,
     /// Rounds of the scrub-cost comparison on this cluster: QD1 4 KiB reads
     /// and writes with the nodes' scrub paused and running at its default
     /// rate, taking turns; prints the latency change and the scrub's
@@ -361,7 +367,17 @@ fn ctx_switches(pid: &str) -> u64 {
         .sum()
 }
 
-fn start_cluster(args: &ClusterBenchArgs, dir: &Path, no_auth: bool) -> Result<Cluster> {
+/// How a benchmark cluster's data port runs.
+enum DataPort {
+    /// Authenticated, plain TCP (what a cluster runs by default).
+    Auth,
+    /// `--insecure-no-auth`: no credential checked.
+    NoAuth,
+    /// `--tls-creds DIR` on the nodes, and the client's data TLS from DIR.
+    Tls(PathBuf),
+}
+
+fn start_cluster(args: &ClusterBenchArgs, dir: &Path, port: &DataPort) -> Result<Cluster> {
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     for entry in ["meta", "node0", "node1", "node2"] {
         let p = dir.join(entry);
@@ -426,7 +442,11 @@ fn start_cluster(args: &ClusterBenchArgs, dir: &Path, no_auth: bool) -> Result<C
             .args(["--admin-listen", &admin.to_string()])
             .args(["--meta", &meta_url])
             .args(["--domain", &format!("host{i}")])
-            .args(no_auth.then_some("--insecure-no-auth"))
+            .args(match port {
+                DataPort::Auth => vec![],
+                DataPort::NoAuth => vec![std::ffi::OsStr::new("--insecure-no-auth")],
+                DataPort::Tls(d) => vec![std::ffi::OsStr::new("--tls-creds"), d.as_os_str()],
+            })
             .env("CELER_TOKEN", &token)
             .env("CELER_LOG", "warn");
         procs.spawn(
@@ -998,25 +1018,149 @@ fn run_celer(
 // ---------------------------------------------------------------- auth
 
 /// QD1 4 KiB latency with authentication on and off: two fresh clusters
-/// with the same history (filled, then the same rounds), one whose nodes
-/// check no credential (`--insecure-no-auth`). Rounds of
-/// `--auth-round-ms` each, taking turns (who goes first alternates), for
-/// three workloads: writes and reads of the filled volume, and reads of a
-/// volume never written (holes: no disk I/O, only the path a request takes
-/// through client, network and node, where authentication lives, so the
-/// disk's noise does not hide a small difference). Printed: each side's
-/// median and spread, and the median of the paired differences (round by
-/// round, which cancels the machine's slow drifts) with its middle half.
-/// What authentication adds per request is a few comparisons on the node
-/// (the capability's volume, mode, attachment and expiry); the
+/// with the same history, one whose nodes check no credential
+/// (`--insecure-no-auth`), compared by [`side_by_side`]. What
+/// authentication adds per request is a few comparisons on the node (the
+/// capability's volume, mode, attachment and expiry); the
 /// challenge-response runs once per connection, before anything is timed.
 fn auth_cost(args: &ClusterBenchArgs, dir: &Path) -> Result<()> {
     eprintln!("authentication cost: two fresh clusters, with and without authentication");
+    let sides = [("auth-on", DataPort::Auth), ("auth-off", DataPort::NoAuth)];
+    side_by_side(args, dir, "authentication cost", &sides, args.auth_rounds)
+}
+
+/// QD1 4 KiB latency and CPU time per I/O with data TLS on and off: two
+/// fresh clusters with the same history, `tls_rounds` alternating rounds
+/// each, as [`auth_cost`] runs them. With TLS every frame is encrypted and
+/// decrypted once on each side (AES-GCM with ring), copied once through
+/// rustls's buffers each way, and rustls allocates per record; the TLS
+/// handshake runs once per connection, before anything is timed.
+fn tls_cost(args: &ClusterBenchArgs, dir: &Path) -> Result<()> {
+    eprintln!("data TLS cost: two fresh clusters, with and without data TLS");
+    let creds = dir.join("tls-creds");
+    make_tls_creds(&creds)?;
+    let sides = [
+        ("tls-on", DataPort::Tls(creds)),
+        ("tls-off", DataPort::Auth),
+    ];
+    side_by_side(args, dir, "data TLS cost", &sides, args.tls_rounds)
+}
+
+/// A CA and a node's credentials (server pair naming 127.0.0.1, client
+/// pair, CA) in `dir`, made with openssl as docs/security.md shows.
+fn make_tls_creds(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let run = |args: &[&str]| -> Result<()> {
+        let o = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .context("run openssl (needed by --tls-rounds to make certificates)")?;
+        anyhow::ensure!(
+            o.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        Ok(())
+    };
+    let key = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    run(&[
+        &["req", "-x509"][..],
+        &key[..],
+        &[
+            "-days",
+            "2",
+            "-subj",
+            "/CN=Celer bench CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+            "-keyout",
+            "ca-key.pem",
+            "-out",
+            "ca-cert.pem",
+        ][..],
+    ]
+    .concat())?;
+    for (role, ext) in [
+        (
+            "server",
+            "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1",
+        ),
+        ("client", "extendedKeyUsage=clientAuth"),
+    ] {
+        std::fs::write(
+            dir.join(format!("{role}.ext")),
+            format!("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n{ext}\n"),
+        )?;
+        let (k, csr, cert, extf) = (
+            format!("{role}-key.pem"),
+            format!("{role}.csr"),
+            format!("{role}-cert.pem"),
+            format!("{role}.ext"),
+        );
+        run(&[
+            &["req"][..],
+            &key[..],
+            &["-subj", "/CN=celer-bench", "-keyout", &k, "-out", &csr][..],
+        ]
+        .concat())?;
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca-cert.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &extf,
+            "-out",
+            &cert,
+        ])?;
+    }
+    Ok(())
+}
+
+/// Two fresh clusters with the same history (filled, then the same
+/// rounds), `rounds` alternating rounds of `--side-round-ms` each (who goes
+/// first alternates too) for three QD1 workloads: writes and reads of the
+/// filled volume, and reads of a volume never written (holes: no disk I/O,
+/// only the path a request takes through client, network and node, so the
+/// disk's noise does not hide a small difference). Printed per workload:
+/// each side's median and spread of the mean latency, the median of the
+/// paired differences (round by round, which cancels the machine's slow
+/// drifts) with its middle half, and each side's CPU time per I/O (client
+/// and nodes).
+fn side_by_side(
+    args: &ClusterBenchArgs,
+    dir: &Path,
+    title: &str,
+    ports: &[(&str, DataPort); 2],
+    rounds: u32,
+) -> Result<()> {
     const HOLES: &str = "bench-holes";
     let mut sides = Vec::new();
-    for (name, no_auth) in [("auth-on", false), ("auth-off", true)] {
-        let cluster = start_cluster(args, &dir.join(name), no_auth)?;
-        let attach = crate::cluster_dev::AttachOptions::exclusive("bench");
+    for (name, port) in ports {
+        let cluster = start_cluster(args, &dir.join(name), port)?;
+        let attach = crate::cluster_dev::AttachOptions {
+            data_tls: match port {
+                DataPort::Tls(d) => Some(d.clone()),
+                _ => None,
+            },
+            ..crate::cluster_dev::AttachOptions::exclusive("bench")
+        };
         let (device, _attached) = crate::cluster_dev::open_volume(
             &cluster.meta_url,
             &cluster.token,
@@ -1043,7 +1187,7 @@ fn auth_cost(args: &ClusterBenchArgs, dir: &Path) -> Result<()> {
         sides.push((cluster, [(device, filled), (holes_dev, holes)]));
     }
     let volume_blocks = args.volume_size / BLOCK_BYTES;
-    let round = Duration::from_millis(args.auth_round_ms);
+    let round = Duration::from_millis(args.side_round_ms);
     let qd1 = |rw: &str| {
         WORKLOADS
             .iter()
@@ -1057,15 +1201,18 @@ fn auth_cost(args: &ClusterBenchArgs, dir: &Path) -> Result<()> {
     ];
     println!();
     println!(
-        "authentication cost, QD1 4 KiB, mean latency per round ({} rounds of {} ms each, alternating):",
-        args.auth_rounds,
+        "{title}, QD1 4 KiB, mean latency per round ({rounds} rounds of {} ms each, alternating; CPU: client and nodes):",
         round.as_millis()
     );
+    let (on_name, off_name) = (ports[0].0, ports[1].0);
     for (name, w, vol) in runs {
         let Some(w) = w else { continue };
+        if rounds == 0 {
+            break;
+        }
         // [side] -> (mean µs, CPU µs per I/O) per round.
         let mut fig: [Vec<(f64, f64)>; 2] = [Vec::new(), Vec::new()];
-        for r in 0..args.auth_rounds as usize {
+        for r in 0..rounds as usize {
             for side in [r % 2, 1 - r % 2] {
                 let (c, volumes) = &mut sides[side];
                 let q = &mut volumes[vol].1;
@@ -1090,7 +1237,7 @@ fn auth_cost(args: &ClusterBenchArgs, dir: &Path) -> Result<()> {
         let n = paired.len();
         let mp = median(&mut paired);
         println!(
-            "  {name:<15} auth on: median {mon:.1} µs ({:.1}-{:.1})   auth off: median {moff:.1} µs ({:.1}-{:.1})   paired cost: median {mp:+.2} % (middle half {:+.2} to {:+.2} %)   CPU per I/O {cpu_on:.1} vs {cpu_off:.1} µs",
+            "  {name:<15} {on_name}: median {mon:.1} µs ({:.1}-{:.1})   {off_name}: median {moff:.1} µs ({:.1}-{:.1})   paired: median {mp:+.2} % (middle half {:+.2} to {:+.2} %)   CPU per I/O {cpu_on:.1} vs {cpu_off:.1} µs",
             on[0],
             on[n - 1],
             off[0],
@@ -1958,7 +2105,7 @@ pub fn run(args: &ClusterBenchArgs) -> Result<()> {
     } else {
         None
     };
-    let cluster = start_cluster(args, &dir, false)?;
+    let cluster = start_cluster(args, &dir, &DataPort::Auth)?;
     let (device, _attached) = crate::cluster_dev::open_volume(
         &cluster.meta_url,
         &cluster.token,
@@ -2026,6 +2173,9 @@ pub fn run(args: &ClusterBenchArgs) -> Result<()> {
     }
     if args.auth_rounds > 0 {
         auth_cost(args, &dir)?;
+    }
+    if args.tls_rounds > 0 {
+        tls_cost(args, &dir)?;
     }
 
     drop(queues);

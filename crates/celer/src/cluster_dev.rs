@@ -39,6 +39,10 @@ pub struct AttachOptions {
     pub purpose: String,
     /// Read this snapshot of the volume (read-only).
     pub snapshot: Option<String>,
+    /// Data TLS credentials (ca-cert.pem, client-cert.pem, client-key.pem)
+    /// for nodes started with `--tls-creds`; None: the environment's
+    /// CELER_DATA_TLS_CREDS, or plain.
+    pub data_tls: Option<PathBuf>,
 }
 
 impl AttachOptions {
@@ -255,6 +259,16 @@ pub fn open_client(
     cfg.sector_bytes = vol.sector_size_bytes;
     cfg.lineage = vol.lineage();
     cfg.era = vol.head_era;
+    let tls_dir = opts
+        .data_tls
+        .clone()
+        .or_else(|| std::env::var_os("CELER_DATA_TLS_CREDS").map(PathBuf::from));
+    if let Some(dir) = tls_dir {
+        cfg.data_tls = Some(
+            celer_client::celer_tls::DataTls::load_client(&dir)
+                .with_context(|| format!("data TLS credentials in {}", dir.display()))?,
+        );
+    }
     if let Some(name) = &opts.snapshot {
         let snap = vol.snapshot(name).ok_or_else(|| {
             anyhow::anyhow!(
@@ -505,7 +519,7 @@ pub fn serve_vhost(
 
 /// Parses the text after `cluster:` and opens the volume; the watch follows
 /// its size.
-pub fn open_spec(spec: &str, purpose: &str) -> Result<Opened> {
+pub fn open_spec(spec: &str, purpose: &str, data_tls: Option<&Path>) -> Result<Opened> {
     let mut parts = spec.split(',');
     let volume = parts.next().filter(|v| !v.is_empty()).ok_or_else(|| {
         anyhow::anyhow!(
@@ -515,6 +529,7 @@ pub fn open_spec(spec: &str, purpose: &str) -> Result<Opened> {
     let mut metas: Vec<String> = Vec::new();
     let mut token = std::env::var("CELER_TOKEN").ok();
     let mut opts = AttachOptions::exclusive(purpose);
+    opts.data_tls = data_tls.map(Path::to_path_buf);
     // VOLUME@SNAPSHOT: the snapshot, read-only (a shared read-only
     // attachment: the volume's writer keeps writing).
     let volume = match volume.split_once('@') {
@@ -542,6 +557,7 @@ pub fn open_spec(spec: &str, purpose: &str) -> Result<Opened> {
         match kv.split_once('=') {
             Some(("mode", m)) => opts.mode = m.parse().map_err(anyhow::Error::msg)?,
             Some(("attachment-file", f)) => opts.state_file = Some(PathBuf::from(f)),
+            Some(("data-tls-creds", d)) => opts.data_tls = Some(PathBuf::from(d)),
             // Several control processes: meta= once for each.
             Some(("meta", v)) => metas.push(v.to_string()),
             Some(("token", v)) => token = Some(v.to_string()),
@@ -558,7 +574,7 @@ pub fn open_spec(spec: &str, purpose: &str) -> Result<Opened> {
                 anyhow::ensure!(token.is_some(), "token file {v} holds no token");
             }
             _ => anyhow::bail!(
-                "unknown cluster device option `{kv}`: use meta=URL, token=SECRET, token-file=PATH, mode=exclusive|shared, force, handoff or attachment-file=PATH"
+                "unknown cluster device option `{kv}`: use meta=URL, token=SECRET, token-file=PATH, mode=exclusive|shared, force, handoff, attachment-file=PATH or data-tls-creds=DIR"
             ),
         }
     }

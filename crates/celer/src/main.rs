@@ -199,7 +199,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Up(a) => up::run(&a),
         Command::Vhost(VhostCommand::Serve(a)) => {
             let purpose = format!("vhost {}", a.socket.display());
-            let (dev, cluster) = match device_spec(&a.device, a.read_only, &purpose)? {
+            let tls = a.data_tls_creds.as_deref();
+            let (dev, cluster) = match device_spec(&a.device, a.read_only, &purpose, tls)? {
                 Some(x) => x,
                 None => (
                     celer_vhost::bench::open_device(&a.device, a.read_only, a.direct)?,
@@ -238,7 +239,8 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Nbd(NbdCommand::Serve(a)) => {
-            let (dev, cluster) = match device_spec(&a.device, a.read_only, "nbd")? {
+            let tls = a.data_tls_creds.as_deref();
+            let (dev, cluster) = match device_spec(&a.device, a.read_only, "nbd", tls)? {
                 Some(x) => x,
                 None => (celer_nbd::cli::open_device(&a.device, a.read_only)?, None),
             };
@@ -290,7 +292,12 @@ type OpenedDevice = (
 /// `file:`): `engine:` (a local engine volume) and `cluster:` (a replicated
 /// volume, with its client for metrics and the watch of its size). `None`:
 /// a spec the front end opens.
-fn device_spec(spec: &str, read_only: bool, purpose: &str) -> Result<Option<OpenedDevice>> {
+fn device_spec(
+    spec: &str,
+    read_only: bool,
+    purpose: &str,
+    data_tls: Option<&std::path::Path>,
+) -> Result<Option<OpenedDevice>> {
     if let Some(s) = spec.strip_prefix("engine:") {
         return Ok(Some((open_engine_device(s, read_only)?, None)));
     }
@@ -299,7 +306,7 @@ fn device_spec(spec: &str, read_only: bool, purpose: &str) -> Result<Option<Open
             !read_only,
             "read-only cluster volumes are not supported yet"
         );
-        return Ok(Some(match cluster_dev::open_spec(s, purpose)? {
+        return Ok(Some(match cluster_dev::open_spec(s, purpose, data_tls)? {
             cluster_dev::Opened::Attached(client, watch) => (client.clone(), Some((client, watch))),
             cluster_dev::Opened::Handoff(dev) => (std::sync::Arc::new(dev), None),
         }));

@@ -87,6 +87,13 @@ pub struct NodeServeArgs {
     /// minute after the node; `celer scrub start` starts one now).
     #[arg(long, default_value_t = 24.0)]
     pub scrub_interval_hours: f64,
+    /// Data TLS: the data port speaks mutual TLS only. DIR has QEMU's
+    /// tls-creds-x509 layout: ca-cert.pem (and ca-crl.pem), server-cert.pem
+    /// and server-key.pem for the port, client-cert.pem and client-key.pem
+    /// for this node's connections to other nodes. Every node of a cluster
+    /// and every front end must then use TLS (see docs/security.md).
+    #[arg(long, value_name = "DIR")]
+    pub tls_creds: Option<PathBuf>,
 }
 
 pub fn config(a: &NodeServeArgs) -> Result<celer_node::NodeConfig> {
@@ -175,6 +182,7 @@ pub fn config(a: &NodeServeArgs) -> Result<celer_node::NodeConfig> {
         idle_timeout: (a.idle_timeout_s > 0).then(|| Duration::from_secs(a.idle_timeout_s)),
         scrub_bytes_per_sec: a.scrub_rate,
         scrub_interval: scrub_interval(a.scrub_interval_hours)?,
+        tls_creds: a.tls_creds.clone(),
     })
 }
 

@@ -46,6 +46,12 @@ pub struct UpArgs {
     /// per line (e.g. CN=host1,O=Example); read for every connection.
     #[arg(long, value_name = "FILE", requires = "nbd_tls_creds")]
     pub nbd_tls_allowed_clients: Option<PathBuf>,
+    /// Data TLS between the volume's client and the nodes, and between
+    /// nodes: DIR holds ca-cert.pem, server-cert.pem/server-key.pem (naming
+    /// IP 127.0.0.1) and client-cert.pem/client-key.pem (see
+    /// docs/security.md, "Data TLS"). Every node and the client use it.
+    #[arg(long, value_name = "DIR")]
+    pub data_tls_creds: Option<PathBuf>,
     /// Virtqueues of the vhost-user-blk export.
     #[arg(long, default_value_t = 2)]
     pub queues: usize,
@@ -164,6 +170,7 @@ pub fn run(a: &UpArgs) -> Result<()> {
             idle_timeout: Some(celer_node::IDLE_TIMEOUT_DEFAULT),
             scrub_bytes_per_sec: celer_node::SCRUB_RATE_DEFAULT,
             scrub_interval: celer_node::SCRUB_INTERVAL_DEFAULT,
+            tls_creds: a.data_tls_creds.clone(),
         })
         .with_context(|| format!("start storage node {i}"))?;
         nodes.push(node);
@@ -207,6 +214,7 @@ pub fn run(a: &UpArgs) -> Result<()> {
         &a.volume,
         &crate::cluster_dev::AttachOptions {
             state_file: Some(dir.join("attachment.json")),
+            data_tls: a.data_tls_creds.clone(),
             ..crate::cluster_dev::AttachOptions::exclusive("celer up")
         },
     )?;
@@ -236,6 +244,7 @@ pub fn run(a: &UpArgs) -> Result<()> {
             read_only: false,
             direct: true,
             connections: None,
+            data_tls_creds: None,
         };
         // `celer volume resize` reaches the guest (and new NBD connections).
         let follow = Some((
@@ -261,6 +270,7 @@ pub fn run(a: &UpArgs) -> Result<()> {
             export_name: a.volume.clone(),
             read_only: false,
             connections: None,
+            data_tls_creds: None,
             limits: Default::default(),
             tls: celer_nbd::cli::TlsArgs {
                 tls_creds: a.nbd_tls_creds.clone(),

@@ -82,6 +82,7 @@ pub struct Cluster {
     pub nodes: Vec<NodeProc>,
     pub lease_ms: u64,
     pub disk_bytes: u64,
+    pub tls_creds: Option<PathBuf>,
 }
 
 pub struct ClusterOpts {
@@ -99,6 +100,9 @@ pub struct ClusterOpts {
     /// `--down-grace-s`: 0 (a down node leaves its partitions at once, as
     /// the tests written before the grace period expect) unless set.
     pub down_grace_s: u64,
+    /// Data TLS: every node gets `--tls-creds DIR` (server and client
+    /// pairs and the CA, as `celer node serve` wants them).
+    pub tls_creds: Option<PathBuf>,
 }
 
 impl Default for ClusterOpts {
@@ -112,6 +116,7 @@ impl Default for ClusterOpts {
             etcd: false,
             disks_in_one_dir: false,
             down_grace_s: 0,
+            tls_creds: None,
         }
     }
 }
@@ -130,6 +135,7 @@ impl Cluster {
             nodes: Vec::new(),
             lease_ms: o.lease_ms,
             disk_bytes: o.disk_bytes,
+            tls_creds: o.tls_creds.clone(),
         };
         if o.etcd {
             c.start_etcd_metas(&o);
@@ -356,6 +362,11 @@ impl Cluster {
             .args(["--meta", &node_meta])
             .args(["--token", TOKEN])
             .args(["--domain", &format!("host{i}")])
+            .args(
+                self.tls_creds
+                    .iter()
+                    .flat_map(|d| [std::ffi::OsStr::new("--tls-creds"), d.as_os_str()]),
+            )
             .args(extra)
             .env("CELER_LOG", "info")
             .stdout(Stdio::null())

@@ -7,7 +7,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub struct FaultProxy {
@@ -20,7 +20,13 @@ struct ProxyState {
     stalled: AtomicBool,
     delay_us: AtomicU64,
     stop: AtomicBool,
+    /// While set, every byte forwarded is recorded, one stream per
+    /// connection and direction (up to RECORD_MAX_BYTES each).
+    recording: AtomicBool,
+    recorded: Mutex<Vec<Vec<u8>>>,
 }
+
+const RECORD_MAX_BYTES: usize = 64 << 20;
 
 impl FaultProxy {
     /// Listens on an ephemeral loopback port and forwards to `target`.
@@ -36,6 +42,8 @@ impl FaultProxy {
             stalled: AtomicBool::new(false),
             delay_us: AtomicU64::new(0),
             stop: AtomicBool::new(false),
+            recording: AtomicBool::new(false),
+            recorded: Mutex::new(Vec::new()),
         });
         let st = state.clone();
         std::thread::spawn(move || {
@@ -85,6 +93,19 @@ impl FaultProxy {
     }
 }
 
+impl FaultProxy {
+    /// Starts (true) or stops recording the bytes forwarded, both ways.
+    pub fn record(&self, on: bool) {
+        self.state.recording.store(on, Ordering::Release);
+    }
+    /// The byte streams recorded so far, one per connection and
+    /// direction (and forgets them).
+    pub fn take_recorded(&self) -> Vec<Vec<u8>> {
+        let mut r = self.state.recorded.lock().expect("recorded");
+        r.iter_mut().map(std::mem::take).collect()
+    }
+}
+
 impl Drop for FaultProxy {
     fn drop(&mut self) {
         self.state.stop.store(true, Ordering::Release);
@@ -95,6 +116,11 @@ impl Drop for FaultProxy {
 
 fn pump(mut from: TcpStream, mut to: TcpStream, st: Arc<ProxyState>) {
     let mut buf = vec![0u8; 256 << 10];
+    let stream = {
+        let mut r = st.recorded.lock().expect("recorded");
+        r.push(Vec::new());
+        r.len() - 1
+    };
     let mut rng = (&buf as *const _ as u64) | 1;
     loop {
         let n = match from.read(&mut buf) {
@@ -113,6 +139,12 @@ fn pump(mut from: TcpStream, mut to: TcpStream, st: Arc<ProxyState>) {
             rng ^= rng >> 7;
             rng ^= rng << 17;
             std::thread::sleep(Duration::from_micros(rng % d));
+        }
+        if st.recording.load(Ordering::Acquire) {
+            let mut r = st.recorded.lock().expect("recorded");
+            if r[stream].len() + n <= RECORD_MAX_BYTES {
+                r[stream].extend_from_slice(&buf[..n]);
+            }
         }
         if to.write_all(&buf[..n]).is_err() {
             break;
