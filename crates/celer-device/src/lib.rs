@@ -14,10 +14,12 @@
 
 use std::os::fd::RawFd;
 
+pub mod delay;
 pub mod file;
 pub mod null;
 mod size;
 
+pub use delay::DelayDevice;
 pub use file::{FileDevice, FileDeviceConfig, FileDeviceError};
 pub use null::NullDevice;
 pub use size::parse_size;

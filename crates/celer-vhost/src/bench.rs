@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use celer_device::{BlockDevice, FileDevice, FileDeviceConfig, NullDevice};
+use celer_device::{BlockDevice, DelayDevice, FileDevice, FileDeviceConfig, NullDevice};
 
 use crate::frontend::{req_type, DriverQueue, Frontend, FrontendConfig};
 
@@ -88,6 +88,19 @@ pub fn open_device(
     read_only: bool,
     direct: bool,
 ) -> anyhow::Result<Arc<dyn BlockDevice>> {
+    if let Some(rest) = spec.strip_prefix("delay:") {
+        let (micros, inner) = rest.split_once(':').ok_or_else(|| {
+            anyhow::anyhow!("delay device must be delay:MICROS:DEVICE, got {spec:?}")
+        })?;
+        let micros: u64 = micros
+            .parse()
+            .map_err(|e| anyhow::anyhow!("delay:{micros}: not a number of microseconds: {e}"))?;
+        let inner = open_device(inner, read_only, direct)?;
+        return Ok(Arc::new(DelayDevice::new(
+            inner,
+            std::time::Duration::from_micros(micros),
+        )));
+    }
     if let Some(size) = spec.strip_prefix("null:") {
         return Ok(Arc::new(NullDevice::new(
             celer_device::parse_size(size).map_err(anyhow::Error::msg)?,
@@ -103,7 +116,7 @@ pub fn open_device(
         })?;
         return Ok(Arc::new(dev));
     }
-    bail!("device must be null:SIZE or file:PATH, got {spec:?}")
+    bail!("device must be null:SIZE, file:PATH or delay:MICROS:DEVICE, got {spec:?}")
 }
 
 /// A back-end process we started; killed on drop.

@@ -31,7 +31,9 @@ pub struct ServeArgs {
     /// `celer` binary.
     #[arg(long, value_name = "DIR")]
     pub data_tls_creds: Option<PathBuf>,
-    /// Device: `null:SIZE` (e.g. null:1G) or `file:PATH` (file or block device).
+    /// Device: `null:SIZE` (e.g. null:1G), `file:PATH` (file or block
+    /// device), or `delay:MICROS:DEVICE`, a test tool that reports the
+    /// completions of DEVICE that many microseconds late (a slow disk).
     #[arg(long)]
     pub device: String,
     /// Virtqueues (one worker thread each).
