@@ -1,0 +1,473 @@
+//! Backfill: copying the partitions this shard joins from an in-sync
+//! member (whole chunks, or only what a member back from a short outage
+//! missed), with progress for `celer status`.
+
+use super::*;
+
+impl ShardLoop {
+    /// The control service ignored our report of these partitions at
+    /// `epoch`: we rejoined them after it (in tables we never saw) and may
+    /// lack writes of the time away. Forget the report and copy again.
+    pub(super) fn backfill_again(&mut self, epoch: u64, partitions: &[u32]) {
+        let me = self.shared.id;
+        let Some(t) = self.route.clone() else {
+            return;
+        };
+        let t = &t.table;
+        for &p in partitions {
+            if self.backfills.iter().any(|b| b.partition == p) {
+                continue;
+            }
+            let syncing = t
+                .partition(p)
+                .and_then(|r| r.member(me))
+                .is_some_and(|m| !m.in_sync && !m.down);
+            let source = t.partition(p).and_then(|r| r.primary());
+            let (Some(&(reported, bytes)), Some(source)) = (self.reported.get(&p), source) else {
+                continue;
+            };
+            // Only that report: a later one (from a copy made since) stands.
+            if reported != epoch || !syncing {
+                continue;
+            }
+            self.reported.remove(&p);
+            // That copy no longer counts: the new one will.
+            self.round_bytes = self.round_bytes.saturating_sub(bytes);
+            tracing::info!(
+                shard = self.id,
+                partition = p,
+                source,
+                "backfill starts again"
+            );
+            self.backfill_serial = self.backfill_serial.wrapping_add(1);
+            self.backfills
+                .push(new_backfill(self.backfill_serial, p, t.epoch, source));
+        }
+        self.publish_progress();
+        self.set_backfilling();
+    }
+
+    pub(super) fn set_backfilling(&self) {
+        let n = self.backfills.len();
+        self.counters.set_syncing(n);
+        self.shared.backfilling[self.id as usize].store(n, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Publishes this shard's backfill figures (see `BackfillProgress`):
+    /// the backfills queued or running, plus those finished in the
+    /// rebalance under way. A dropped or restarted backfill is simply no
+    /// longer in the list, so it is counted nowhere.
+    pub(super) fn publish_progress(&self) {
+        let mut p = BackfillProgress {
+            bytes_done: self.round_bytes,
+            bytes_total: self.round_bytes,
+            partitions_unlisted: 0,
+            bytes_copied: self.copied_bytes,
+        };
+        for b in &self.backfills {
+            match b.bytes_total {
+                Some(total) => {
+                    debug_assert!(
+                        b.bytes_done <= total,
+                        "partition {}: {} of {total} bytes done",
+                        b.partition,
+                        b.bytes_done
+                    );
+                    p.bytes_done += b.bytes_done;
+                    p.bytes_total += total;
+                }
+                None => {
+                    debug_assert_eq!(b.bytes_done, 0, "partition {}", b.partition);
+                    p.partitions_unlisted += 1;
+                }
+            }
+        }
+        self.shared.progress[self.id as usize].store(p);
+        self.counters
+            .set_backfill_progress(p.bytes_done, p.bytes_total, p.partitions_unlisted);
+    }
+
+    pub(super) fn retire(&mut self, b: Backfill) {
+        if b.writes_pending > 0 {
+            self.retired.push(b);
+        }
+    }
+
+    pub(super) fn backfill_step(&mut self) {
+        let now = Instant::now();
+        // Lists: every queued backfill's, a few in flight at a time.
+        let mut listing = self
+            .backfills
+            .iter()
+            .filter(|b| b.stage == BfStage::Waiting && b.bytes_total.is_none())
+            .count();
+        let mut i = 0;
+        while listing < BACKFILL_LISTS_MAX && i < self.backfills.len() {
+            let b = &self.backfills[i];
+            if b.stage == BfStage::List
+                && b.retry_at.is_none_or(|t| t <= now)
+                && self.backfill_send(i, Op::ListChunks)
+            {
+                listing += 1;
+            }
+            i += 1;
+        }
+        // Copies: one backfill at a time per shard, the first in the list.
+        let Some(b) = self.backfills.first() else {
+            return;
+        };
+        if b.retry_at.is_some_and(|t| t > now) {
+            return;
+        }
+        match b.stage {
+            BfStage::Read => {
+                // Writes of a piece that failed to submit still use the buffer.
+                if b.writes_pending > 0 {
+                    return;
+                }
+                self.backfill_skip_deleted();
+                let b = &self.backfills[0];
+                if b.next_range >= b.ranges.len() {
+                    self.backfill_finish();
+                    return;
+                }
+                self.backfill_send(0, Op::BackfillRead);
+            }
+            BfStage::Apply => self.backfill_submit_runs(),
+            BfStage::List | BfStage::Waiting => {}
+        }
+    }
+
+    /// Skips the first backfill's chunks of volumes deleted since its list:
+    /// the source refuses their reads, and there is nothing to keep. Their
+    /// bytes leave its total.
+    pub(super) fn backfill_skip_deleted(&mut self) {
+        let b = &mut self.backfills[0];
+        let mut skipped = false;
+        while b.next_range < b.ranges.len()
+            && self
+                .deleted
+                .binary_search(&b.ranges[b.next_range].0)
+                .is_ok()
+        {
+            let left = b.ranges[b.next_range].2 - b.piece;
+            b.bytes_total = b.bytes_total.map(|t| t - left);
+            b.next_range += 1;
+            b.piece = 0;
+            skipped = true;
+        }
+        if skipped {
+            self.publish_progress();
+        }
+    }
+
+    /// The first backfill copied its last chunk: it leaves the queue (its
+    /// bytes stay in the figures until the rebalance ends) and the agent
+    /// reports the partition.
+    pub(super) fn backfill_finish(&mut self) {
+        let b = self.backfills.remove(0);
+        debug_assert_eq!(
+            Some(b.bytes_done),
+            b.bytes_total,
+            "partition {}",
+            b.partition
+        );
+        debug_assert_eq!(b.writes_pending, 0);
+        tracing::info!(
+            shard = self.id,
+            partition = b.partition,
+            bytes = b.bytes_done,
+            took = ?b.started.elapsed(),
+            "backfill done"
+        );
+        self.reported.insert(b.partition, (b.epoch, b.bytes_done));
+        self.round_bytes += b.bytes_done;
+        // Figures first: whoever sees no backfill left sees them final.
+        self.publish_progress();
+        self.set_backfilling();
+        self.shared.tell_agent(AgentMsg::Synced {
+            partition: b.partition,
+            epoch: b.epoch,
+        });
+    }
+
+    /// Sends backfill `i`'s next request: its chunk list, or its next piece.
+    /// False when there is no connection to its source yet (retried later).
+    pub(super) fn backfill_send(&mut self, i: usize, op: Op) -> bool {
+        let (p, source) = (self.backfills[i].partition, self.backfills[i].source);
+        let conn = match self.backfills[i].conn {
+            Some((c, g)) if self.conns[c].as_ref().is_some_and(|x| x.gen == g) => c,
+            _ => match self.peer_conn(source, p) {
+                Some(c) => {
+                    let g = self.conns[c].as_ref().map_or(0, |x| x.gen);
+                    self.backfills[i].conn = Some((c, g));
+                    c
+                }
+                None => {
+                    self.backfills[i].retry_at = Some(Instant::now() + Duration::from_millis(100));
+                    return false;
+                }
+            },
+        };
+        let epoch = self.table().map_or(0, |t| t.epoch);
+        // Unique among this shard's backfill requests in flight.
+        self.backfill_seq = self.backfill_seq.wrapping_add(1) & !REQ_REPAIR;
+        let b = &mut self.backfills[i];
+        b.seq = self.backfill_seq;
+        b.sent_at = Instant::now();
+        let mut h = Header::request(op, REQ_BACKFILL | b.seq);
+        h.epoch = epoch;
+        if op == Op::ListChunks {
+            h.offset = p as u64;
+            if b.catch_up {
+                h.flags = FLAG_CATCH_UP;
+                h.volume = self.shared.id as u64;
+            }
+        } else {
+            let (v, at, len) = b.ranges[b.next_range];
+            b.piece_len = (len - b.piece).min(BACKFILL_PIECE_BYTES);
+            h.volume = v;
+            h.offset = at + b.piece;
+            h.length = b.piece_len as u32;
+        }
+        b.stage = BfStage::Waiting;
+        if let Some(conn) = self.conns[conn].as_mut() {
+            conn.queue(h, &[]);
+        }
+        self.mark_dirty(conn);
+        true
+    }
+
+    pub(super) fn backfill_response(&mut self, c: usize, h: &Header, payload: &[u8]) {
+        let chunk_bytes = self.table().map_or(1 << 20, |t| t.chunk_bytes);
+        let Some(i) = self.backfills.iter().position(|b| {
+            b.stage == BfStage::Waiting
+                && h.request_id == REQ_BACKFILL | b.seq
+                && b.conn.is_some_and(|(bc, _)| bc == c)
+        }) else {
+            return; // for a backfill dropped, restarted or timed out since
+        };
+        let b = &mut self.backfills[i];
+        let retry_stage = if h.op == Op::ListChunks {
+            BfStage::List
+        } else {
+            BfStage::Read
+        };
+        match h.status {
+            Status::Ok => {}
+            Status::StaleEpoch => {
+                // The source is ahead: fetch the route, then go on.
+                self.shared.tell_agent(AgentMsg::NeedRoute(h.epoch + 1));
+                b.stage = retry_stage;
+                b.retry_at = Some(Instant::now() + Duration::from_millis(20));
+                return;
+            }
+            s => {
+                tracing::debug!(partition = b.partition, status = ?s, "backfill request refused; retrying");
+                b.stage = retry_stage;
+                b.retry_at = Some(Instant::now() + Duration::from_millis(10));
+                return;
+            }
+        }
+        if h.op == Op::ListChunks {
+            if h.flags == FLAG_CATCH_UP {
+                match catch_up_ranges(payload, chunk_bytes) {
+                    Some(r) => b.ranges = r,
+                    None => {
+                        // The source did not record all we missed: copy
+                        // the partition whole.
+                        tracing::info!(
+                            shard = self.id,
+                            partition = b.partition,
+                            source = b.source,
+                            "no record of what we missed: full copy"
+                        );
+                        b.catch_up = false;
+                        b.stage = BfStage::List;
+                        b.retry_at = None;
+                        return;
+                    }
+                }
+            } else {
+                b.ranges = payload
+                    .chunks_exact(16)
+                    .map(|x| {
+                        let mut v = [0u8; 8];
+                        let mut c = [0u8; 8];
+                        v.copy_from_slice(&x[..8]);
+                        c.copy_from_slice(&x[8..]);
+                        let ch = u64::from_le_bytes(c);
+                        (
+                            u64::from_le_bytes(v),
+                            ch.saturating_mul(chunk_bytes),
+                            chunk_bytes,
+                        )
+                    })
+                    .collect();
+                b.ranges.sort_unstable();
+            }
+            let deleted = &self.deleted;
+            b.ranges
+                .retain(|(v, _, _)| deleted.binary_search(v).is_err());
+            b.next_range = 0;
+            b.piece = 0;
+            b.bytes_total = Some(b.ranges.iter().map(|r| r.2).sum());
+            b.stage = BfStage::Read;
+            tracing::debug!(
+                shard = self.id,
+                partition = b.partition,
+                ranges = b.ranges.len(),
+                catch_up = b.catch_up,
+                bytes = b.bytes_total,
+                "backfill listed"
+            );
+            self.publish_progress();
+            return;
+        }
+        // BackfillRead: only the first backfill copies.
+        debug_assert_eq!(i, 0, "a BackfillRead answer for a queued backfill");
+        if i != 0 {
+            b.stage = BfStage::Read;
+            return;
+        }
+        // State table, then data.
+        let len = h.length as usize;
+        let blocks = len / BLOCK_SIZE;
+        let tb = (blocks * STATE_BYTES).next_multiple_of(BLOCK_SIZE);
+        if payload.len() != tb + len || !len.is_multiple_of(BLOCK_SIZE) || len as u64 != b.piece_len
+        {
+            tracing::warn!(
+                partition = b.partition,
+                "backfill answer of the wrong size; retrying"
+            );
+            b.stage = BfStage::Read;
+            b.retry_at = Some(Instant::now() + Duration::from_millis(10));
+            return;
+        }
+        if b.buf.len() < len {
+            b.buf = AlignedBuf::new(blocks);
+        }
+        b.buf[..len].copy_from_slice(&payload[tb..]);
+        b.states.clear();
+        b.states
+            .extend((0..blocks).map(|i| decode_state(payload, i)));
+        // Runs of blocks with the same kind and version: one write each.
+        b.runs.clear();
+        let mut i = 0;
+        while i < blocks {
+            let (k, v) = b.states[i];
+            let mut j = i + 1;
+            while j < blocks && b.states[j] == (k, v) {
+                j += 1;
+            }
+            if k != BlockKind::Unwritten && v > 0 {
+                b.runs.push((i, j - i, k, v));
+            }
+            i = j;
+        }
+        b.next_run = 0;
+        b.piece_failed = false;
+        b.stage = BfStage::Apply;
+        self.backfill_submit_runs();
+    }
+
+    pub(super) fn backfill_submit_runs(&mut self) {
+        let epoch = self.table().map_or(0, |t| t.epoch);
+        let b = &mut self.backfills[0];
+        let (v, at, range_len) = b.ranges[b.next_range];
+        let base = at + b.piece;
+        while b.next_run < b.runs.len() && b.writes_pending < BACKFILL_WRITES_MAX {
+            let (first, count, kind, version) = b.runs[b.next_run];
+            let seg = Segment {
+                // SAFETY: within the backfill buffer, which outlives the write:
+                // a backfill dropped with writes pending is kept in `retired`.
+                addr: unsafe { b.buf.as_mut_ptr().add(first * BLOCK_SIZE) },
+                len: count * BLOCK_SIZE,
+            };
+            let segs = [seg];
+            let req = EngineRequest {
+                op: if kind == BlockKind::Data {
+                    EngineOp::Write
+                } else {
+                    EngineOp::WriteZeroes
+                },
+                volume: v,
+                offset_bytes: base + (first * BLOCK_SIZE) as u64,
+                len_bytes: (count * BLOCK_SIZE) as u64,
+                segments: if kind == BlockKind::Data { &segs } else { &[] },
+                version,
+                epoch,
+                tag: TAG_BACKFILL | b.serial as u64,
+                chain: &[],
+            };
+            // SAFETY: see above.
+            match unsafe { self.engine.submit(&req) } {
+                Ok(()) => {
+                    b.writes_pending += 1;
+                    b.next_run += 1;
+                }
+                Err(EngineError::QueueFull { .. }) => break,
+                Err(e) => {
+                    tracing::warn!(
+                        partition = b.partition,
+                        "backfill write failed: {e}; retrying the piece"
+                    );
+                    b.stage = BfStage::Read;
+                    b.retry_at = Some(Instant::now() + Duration::from_millis(100));
+                    return;
+                }
+            }
+        }
+        if b.next_run == b.runs.len() && b.writes_pending == 0 {
+            if b.piece_failed {
+                // A write of this piece failed: read and apply it again
+                // (versions make that idempotent); it does not count.
+                b.piece_failed = false;
+                b.stage = BfStage::Read;
+                b.retry_at = Some(Instant::now() + Duration::from_millis(100));
+                return;
+            }
+            // The piece is written: it counts as moved.
+            let n = b.piece_len;
+            b.bytes_done += n;
+            b.piece += BACKFILL_PIECE_BYTES;
+            if b.piece >= range_len {
+                b.piece = 0;
+                b.next_range += 1;
+            }
+            b.stage = BfStage::Read;
+            self.copied_bytes += n;
+            self.counters.add_backfill_bytes(n);
+            self.publish_progress();
+        }
+    }
+
+    pub(super) fn backfill_write_done(&mut self, c: Completion) {
+        let serial = (c.tag & 0xffff_ffff) as u32;
+        if let Some(i) = self.retired.iter().position(|b| b.serial == serial) {
+            self.retired[i].writes_pending -= 1;
+            if self.retired[i].writes_pending == 0 {
+                self.retired.swap_remove(i);
+            }
+            return;
+        }
+        let Some(i) = self.backfills.iter().position(|b| b.serial == serial) else {
+            return;
+        };
+        let b = &mut self.backfills[i];
+        b.writes_pending -= 1;
+        if let Err(e) = c.result {
+            tracing::warn!(
+                partition = b.partition,
+                "backfill write: {e}; redoing the piece"
+            );
+            // Submit no more of it; when the others are back, it is read
+            // and applied again.
+            b.next_run = b.runs.len();
+            b.piece_failed = true;
+        }
+        if i == 0 && b.stage == BfStage::Apply {
+            self.backfill_submit_runs();
+        }
+    }
+}

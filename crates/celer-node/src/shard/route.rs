@@ -1,0 +1,208 @@
+//! Installing a route table (what this shard serves, what it backfills),
+//! and releasing chunks nobody reads here any more (deleted volumes,
+//! partitions that moved away for good, chunks of retired snapshot eras).
+
+use super::*;
+
+impl ShardLoop {
+    pub(super) fn install(&mut self, r: Arc<Installed>) {
+        if self
+            .route
+            .as_ref()
+            .is_some_and(|c| c.table.epoch >= r.table.epoch)
+        {
+            return;
+        }
+        let me = self.shared.id;
+        let shards = self.shared.shards as u32;
+        let t = &r.table;
+        self.catch_up_install(t);
+        // Backfills of partitions where we are no longer syncing stop.
+        let mut i = 0;
+        while i < self.backfills.len() {
+            let keep = t
+                .partition(self.backfills[i].partition)
+                .and_then(|p| p.member(me))
+                .is_some_and(|m| !m.in_sync && !m.down);
+            if keep {
+                i += 1;
+            } else {
+                let b = self.backfills.remove(i);
+                self.retire(b);
+            }
+        }
+        self.reported.retain(|p, _| {
+            t.partition(*p)
+                .and_then(|r| r.member(me))
+                .is_some_and(|m| !m.in_sync && !m.down)
+        });
+        let mut report = Vec::new();
+        let mine = self.id as u32;
+        let syncing: Vec<u32> = t.syncing_on(me).filter(|p| p % shards == mine).collect();
+        for p in syncing {
+            if let Some(&(e, _)) = self.reported.get(&p) {
+                report.push((p, e));
+                continue;
+            }
+            let source = t.partition(p).and_then(|r| r.primary());
+            // Back from down: ask the source for what we missed first.
+            let catch_up = t
+                .partition(p)
+                .and_then(|r| r.member(me))
+                .is_some_and(|m| m.catch_up_since > 0);
+            match self.backfills.iter().position(|b| b.partition == p) {
+                Some(i) => {
+                    if Some(self.backfills[i].source) != source {
+                        // The source left or changed: start over from the new one.
+                        if let Some(s) = source {
+                            self.backfill_serial = self.backfill_serial.wrapping_add(1);
+                            let mut fresh = new_backfill(self.backfill_serial, p, t.epoch, s);
+                            fresh.catch_up = catch_up;
+                            let old = std::mem::replace(&mut self.backfills[i], fresh);
+                            self.retire(old);
+                        }
+                    }
+                    // Its epoch stays the one it started in: the report
+                    // claims every write since then. Had we left and
+                    // rejoined in tables we never saw, the control service
+                    // refuses that claim and we copy again.
+                }
+                None => {
+                    if let Some(s) = source {
+                        tracing::info!(
+                            shard = self.id,
+                            partition = p,
+                            source = s,
+                            catch_up,
+                            "backfill starts"
+                        );
+                        self.backfill_serial = self.backfill_serial.wrapping_add(1);
+                        let mut b = new_backfill(self.backfill_serial, p, t.epoch, s);
+                        b.catch_up = catch_up;
+                        self.backfills.push(b);
+                    }
+                }
+            }
+        }
+        // Scan the chunks only when a partition just became one we hold for
+        // nobody (always at the first table: leftovers of a past run).
+        let newly_left = (0..t.partition_count()).any(|p| {
+            left_for_good(t, p, me) && !self.table().is_some_and(|old| left_for_good(old, p, me))
+        });
+        self.route = Some(r);
+        if newly_left {
+            self.queue_releases("partitions moved away");
+        }
+        // The rebalance is over when no partition has a syncing member:
+        // the backfills finished in it leave the figures.
+        if self
+            .table()
+            .is_some_and(|t| t.partitions.iter().all(|p| p.all_in_sync()))
+        {
+            self.round_bytes = 0;
+        }
+        for (p, e) in report {
+            self.shared.tell_agent(AgentMsg::Synced {
+                partition: p,
+                epoch: e,
+            });
+        }
+        self.publish_progress();
+        self.set_backfilling();
+    }
+
+    pub(super) fn set_deleted(&mut self, ids: Arc<Vec<u64>>) {
+        let newly = ids.iter().any(|v| self.deleted.binary_search(v).is_err());
+        self.deleted = ids;
+        if newly {
+            self.queue_releases("volumes deleted");
+        }
+    }
+
+    /// Whether this node holds chunk (`volume`, `chunk`) for nobody: its
+    /// volume was deleted, or its partition moved away and is healthy
+    /// without us (every member in sync, as many as the replicas), so the
+    /// copy here is neither read nor a source for anyone. A partition still
+    /// moving keeps our copy (it may come back to us, and it is the last
+    /// resort of an operator while copies are short).
+    pub(super) fn releasable(&self, volume: u64, chunk: u64) -> bool {
+        if self.deleted.binary_search(&volume).is_ok() {
+            return true;
+        }
+        if let Some(&above) = self.trims.get(&volume) {
+            if self.shadowed(volume, above, chunk) {
+                return true;
+            }
+        }
+        let Some(t) = self.table() else {
+            return false;
+        };
+        left_for_good(t, t.partition_of(volume, chunk), self.shared.id)
+    }
+
+    /// The chunks this shard holds that are `releasable`.
+    pub(super) fn releasable_chunks(&self) -> Vec<(u64, u64)> {
+        self.engine
+            .chunks()
+            .into_iter()
+            .filter(|(v, c)| self.releasable(*v, *c))
+            .collect()
+    }
+
+    /// Lists the chunks to release (after a new table or new deletions).
+    pub(super) fn queue_releases(&mut self, why: &str) {
+        self.purge = self.releasable_chunks();
+        if !self.purge.is_empty() {
+            tracing::info!(
+                shard = self.id,
+                chunks = self.purge.len(),
+                why,
+                "releasing chunks this node no longer holds"
+            );
+            self.purge_rescans = PURGE_RESCANS;
+        }
+    }
+
+    /// Releases chunks of `purge` (data and versions forgotten, the slot
+    /// freed), one at a time; checked again at submission, since the table
+    /// may have changed since they were listed.
+    pub(super) fn purge_step(&mut self) {
+        let chunk_bytes = self.engine.geometry().chunk_bytes();
+        if self.purge.is_empty() && self.purging == 0 && self.purge_rescans > 0 {
+            self.purge_rescans -= 1;
+            self.purge = self.releasable_chunks();
+        }
+        while self.purging < PURGE_INFLIGHT_MAX {
+            let Some((v, c)) = self.purge.pop() else {
+                return;
+            };
+            if !self.releasable(v, c) {
+                continue;
+            }
+            let req = EngineRequest {
+                op: EngineOp::Release,
+                volume: v,
+                offset_bytes: c * chunk_bytes,
+                len_bytes: chunk_bytes,
+                segments: &[],
+                version: 0,
+                epoch: 0,
+                tag: TAG_PURGE,
+                chain: &[],
+            };
+            // SAFETY: a release has no segments.
+            match unsafe { self.engine.submit(&req) } {
+                Ok(()) => self.purging += 1,
+                Err(EngineError::QueueFull { .. }) => {
+                    self.purge.push((v, c));
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(shard = self.id, volume = v, chunk = c, "release chunk: {e}")
+                }
+            }
+        }
+    }
+
+    // ---- routes and backfill ----
+}
