@@ -237,7 +237,7 @@ struct ShardLoop {
     /// era above each (see `layers::shadowed`).
     trims: HashMap<u64, u64>,
     /// Layer installs that wait for writes to eras no longer accepted.
-    layer_waits: Vec<(Arc<Vec<celer_meta::api::VolumeLayers>>, Sender<u16>)>,
+    layer_waits: Vec<(Arc<Vec<celer_meta_api::api::VolumeLayers>>, Sender<u16>)>,
     /// Receive-buffer room lent to connections (see RBUF_BUDGET_BYTES).
     rbuf_lent: usize,
     /// Connections waiting for room.
