@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use celer_device::{push_extent, Allocation, Extent, IoError};
 use celer_proto::auth::{HelloProof, NONCE_BYTES};
+use celer_proto::payload::decode_chunk_list;
 use celer_proto::{Header, Kind, Op, Status, FLAG_SINCE, FLAG_SNAPSHOT_READ, HEADER_BYTES};
 use celer_route::{NodeId, RouteTable};
 
@@ -256,10 +257,10 @@ fn ask(
             return Err(format!("{addr}: unexpected {:?} {:?}", h.kind, h.op));
         }
         match h.status {
-            Status::Ok => lists.extend(payload.chunks_exact(16).map(|c| {
-                let u = |i: usize| u64::from_le_bytes(c[i..i + 8].try_into().expect("8 bytes"));
-                (u(0), u(8))
-            })),
+            Status::Ok => match decode_chunk_list(&payload) {
+                Ok(chunks) => lists.extend(chunks),
+                Err(e) => return Err(format!("{addr}: {e}")),
+            },
             Status::StaleEpoch if !payload.is_empty() => {
                 newer = RouteTable::decode(&payload).ok();
             }

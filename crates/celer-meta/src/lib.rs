@@ -8,19 +8,24 @@
 //! clients learn them lazily from the nodes.
 //!
 //! Storage nodes and the CLI talk to it with the blocking [`MetaClient`];
-//! tests and `celer meta serve` run it with [`MetaServer`].
+//! tests and `celer meta serve` run it with [`MetaServer`]. The API types
+//! and the client are the crate `celer-meta-api`, the HTTP server with its
+//! limits `celer-http` (re-exported here as [`api`], [`client`], [`http`]),
+//! so a storage node depends on those without the service's store.
 
-pub mod api;
-pub mod client;
 pub mod config;
 #[cfg(feature = "etcd")]
 pub mod etcd;
-pub mod http;
 mod metrics;
 pub mod server;
 pub mod state;
 pub mod store;
 
+// The API types, the client and the HTTP server live in crates of their
+// own (a storage node needs them without the service); their old paths
+// here keep working.
+pub use celer_http as http;
+pub use celer_meta_api::{api, client};
 pub use celer_route;
 pub use client::{MetaClient, MetaClientError};
 pub use server::{MetaConfig, MetaError, MetaServer};

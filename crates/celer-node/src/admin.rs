@@ -2,8 +2,8 @@
 //! tables here; bearer token required), `GET /v1/status` (including the
 //! backfill figures, see `BackfillProgress`), `GET /metrics`.
 //!
-//! Served with celer-meta's limits (header and body timeouts, connection
-//! caps overall and per source IP, see `celer_meta::http`): its clients
+//! Served with the control service's limits (header and body timeouts,
+//! connection caps overall and per source IP, see `celer_http`): its clients
 //! are the control service, metrics scrapers and operators.
 //!
 //! A pushed table is checked before it is installed (see [`check_offered`]):
@@ -77,9 +77,8 @@ pub(crate) fn serve(listener: TcpListener, shared: Arc<NodeShared>) {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         };
-        let limits =
-            celer_meta::http::HttpLimits::with_caps(CONNECTIONS_MAX, CONNECTIONS_PER_IP_MAX);
-        celer_meta::http::serve(listener, app, limits, stop).await;
+        let limits = celer_http::HttpLimits::with_caps(CONNECTIONS_MAX, CONNECTIONS_PER_IP_MAX);
+        celer_http::serve(listener, app, limits, stop).await;
         tracing::info!("admin server stopped");
     });
 }
@@ -88,7 +87,7 @@ fn authorized(shared: &NodeShared, headers: &HeaderMap) -> bool {
     let want = format!("Bearer {}", shared.token);
     headers
         .get("authorization")
-        .is_some_and(|v| celer_meta::http::constant_time_eq(v.as_bytes(), want.as_bytes()))
+        .is_some_and(|v| celer_http::constant_time_eq(v.as_bytes(), want.as_bytes()))
 }
 
 /// Who may use an operator control (the scrub's): the control service
@@ -240,7 +239,7 @@ async fn put_fences(
     if !authorized(&shared, &headers) {
         return unauthorized();
     }
-    let fences: Vec<celer_meta::api::VolumeFence> = match serde_json::from_str(&body) {
+    let fences: Vec<celer_meta_api::api::VolumeFence> = match serde_json::from_str(&body) {
         Ok(f) => f,
         Err(e) => {
             return (
@@ -281,7 +280,7 @@ async fn put_layers(
     if !authorized(&shared, &headers) {
         return unauthorized();
     }
-    let layers: Vec<celer_meta::api::VolumeLayers> = match serde_json::from_str(&body) {
+    let layers: Vec<celer_meta_api::api::VolumeLayers> = match serde_json::from_str(&body) {
         Ok(l) => l,
         Err(e) => {
             return (
@@ -353,7 +352,7 @@ async fn layer_usage(
 
 /// Layers a node can hold: bounded lists, eras and lineages that fit a
 /// layer key (`celer_device::layer_key`).
-pub(crate) fn check_layers(layers: &[celer_meta::api::VolumeLayers]) -> Result<(), String> {
+pub(crate) fn check_layers(layers: &[celer_meta_api::api::VolumeLayers]) -> Result<(), String> {
     if layers.len() > FENCES_PUSH_MAX {
         return Err(format!(
             "{} volumes in one push, at most {FENCES_PUSH_MAX}",

@@ -8,8 +8,8 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use celer_meta::api::{Heartbeat, RegisterNode, Registered};
-use celer_meta::client::{Backoff, MetaClient};
+use celer_meta_api::api::{Heartbeat, RegisterNode, Registered};
+use celer_meta_api::client::{Backoff, MetaClient};
 
 use crate::{AgentMsg, NodeError, NodeShared};
 
@@ -80,7 +80,7 @@ pub(crate) fn run(
     let mut synced: Vec<(u32, u64)> = Vec::new();
     let mut last_deleted: Vec<u64> = Vec::new();
     let mut last_fences: Vec<(u64, u32)> = Vec::new();
-    let mut last_layers: Vec<celer_meta::api::VolumeLayers> = Vec::new();
+    let mut last_layers: Vec<celer_meta_api::api::VolumeLayers> = Vec::new();
     // A message taken while gathering Synced reports, handled next.
     let mut pending: Option<AgentMsg> = None;
     // Heartbeats failed in a row (an outage of the control service).

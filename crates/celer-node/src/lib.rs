@@ -34,6 +34,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use celer_engine::{Engine, EngineError, OpenOptions};
+use celer_meta_api::api::VolumeLayers;
 use celer_route::{NodeId, RouteTable};
 
 pub use identity::{JoinOptions, REGISTER_TIMEOUT_DEFAULT};
@@ -144,7 +145,7 @@ pub(crate) enum ShardMsg {
     /// Volume layers (snapshots, clones): a shard installs the newer ones;
     /// with a sender, it answers its id once no accepted write to an era
     /// they no longer accept is in flight (see `RouteHub::set_layers`).
-    Layers(Arc<Vec<celer_meta::api::VolumeLayers>>, Option<Sender<u16>>),
+    Layers(Arc<Vec<VolumeLayers>>, Option<Sender<u16>>),
     /// Space held by layers: per query `[key, above]`, the chunk slots of
     /// layer `key` this shard holds (all of them with `above` 0, else those
     /// whose every block layer `above` also holds); answered on the sender.
@@ -268,7 +269,7 @@ impl RouteHub {
     /// [`RouteHub::set_fences`] for writes to eras no longer accepted.
     pub(crate) fn set_layers(
         &self,
-        layers: Vec<celer_meta::api::VolumeLayers>,
+        layers: Vec<VolumeLayers>,
         wait: Option<Duration>,
     ) -> Result<(), String> {
         let layers = Arc::new(layers);
@@ -593,8 +594,8 @@ impl Node {
         // control service; then recorded on the disk.
         let (id, agent_setup) = match &cfg.meta_url {
             Some(url) => {
-                let client = celer_meta::client::MetaClient::new(url, &cfg.token);
-                let req = celer_meta::api::RegisterNode {
+                let client = celer_meta_api::client::MetaClient::new(url, &cfg.token);
+                let req = celer_meta_api::api::RegisterNode {
                     node_id: claim.id,
                     data_addr: advertise.clone(),
                     admin_addr: admin_addr.to_string(),

@@ -31,9 +31,10 @@ mod requests;
 mod route;
 use catch_up::{catch_up_ranges, CatchUp};
 use celer_proto::auth::{Credential, HelloProof, Peer, NONCE_BYTES};
+use celer_proto::payload::{self, BlockKind as WireBlockKind};
 use celer_proto::{
     clock_limit_at, version_clock, version_writer, Header, Kind, Op, Status, FLAG_CATCH_UP,
-    FLAG_SECTORS, FLAG_SINCE, FLAG_STATES_ONLY, SECTOR_BYTES, STATE_CRC_BYTES,
+    FLAG_SECTORS, FLAG_SINCE, FLAG_STATES_ONLY, SECTOR_BYTES,
 };
 use celer_route::NodeId;
 pub(crate) use repair::RepairResult;
@@ -89,8 +90,6 @@ const BACKFILL_LISTS_MAX: usize = 4;
 const BACKFILL_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest BackfillRead piece.
 const BACKFILL_PIECE_BYTES: u64 = 1 << 20;
-/// Bytes per block in a BackfillRead state table: version u64 + kind u8.
-const STATE_BYTES: usize = 9;
 /// Receive-buffer room a shard lends to connections receiving frames
 /// larger than `conn::RBUF_INITIAL` (large writes). A connection that needs
 /// room the budget lacks waits, not read, until some is given back.
@@ -237,7 +236,7 @@ struct ShardLoop {
     /// era above each (see `layers::shadowed`).
     trims: HashMap<u64, u64>,
     /// Layer installs that wait for writes to eras no longer accepted.
-    layer_waits: Vec<(Arc<Vec<celer_meta::api::VolumeLayers>>, Sender<u16>)>,
+    layer_waits: Vec<(Arc<Vec<celer_meta_api::api::VolumeLayers>>, Sender<u16>)>,
     /// Receive-buffer room lent to connections (see RBUF_BUDGET_BYTES).
     rbuf_lent: usize,
     /// Connections waiting for room.
@@ -301,7 +300,9 @@ fn large_bytes(h: &Header) -> usize {
         }
         Op::Write | Op::WritePrimary | Op::Fill => h.length as usize,
         // State table and data.
-        Op::BackfillRead => h.length as usize + h.length as usize / BLOCK_SIZE * STATE_BYTES,
+        Op::BackfillRead => {
+            h.length as usize + h.length as usize / BLOCK_SIZE * payload::STATE_BYTES
+        }
         _ => 0,
     };
     if bytes > OP_LARGE_BYTES {
@@ -630,54 +631,23 @@ impl ShardLoop {
     }
 }
 
-/// Writes a block-state table (the start of a `BackfillRead` answer): per
-/// block its version (u64 LE) and kind (u8), `STATE_BYTES` each.
-fn encode_states(states: &[(BlockKind, u64)], out: &mut [u8]) {
-    for (i, (k, v)) in states.iter().enumerate() {
-        out[i * STATE_BYTES..i * STATE_BYTES + 8].copy_from_slice(&v.to_le_bytes());
-        out[i * STATE_BYTES + 8] = *k as u8;
+/// An engine block kind as the answers' state tables carry it (see
+/// `celer_proto::payload`).
+fn wire_kind(kind: BlockKind) -> WireBlockKind {
+    match kind {
+        BlockKind::Unwritten => WireBlockKind::Unwritten,
+        BlockKind::Data => WireBlockKind::Data,
+        BlockKind::Zero => WireBlockKind::Zero,
     }
 }
 
-/// Writes the states-only answer (`FLAG_STATES_ONLY`): per block its
-/// version (u64 LE), kind (u8) and crc32c (u32 LE), `STATE_CRC_BYTES` each.
-fn encode_states_crc(states: &[(BlockKind, u64)], crcs: &[u32], out: &mut [u8]) {
-    for (i, ((k, v), crc)) in states.iter().zip(crcs).enumerate() {
-        let at = i * STATE_CRC_BYTES;
-        out[at..at + 8].copy_from_slice(&v.to_le_bytes());
-        out[at + 8] = *k as u8;
-        out[at + 9..at + 13].copy_from_slice(&crc.to_le_bytes());
+/// A block kind received in a state table as the engine's.
+fn engine_kind(kind: WireBlockKind) -> BlockKind {
+    match kind {
+        WireBlockKind::Unwritten => BlockKind::Unwritten,
+        WireBlockKind::Data => BlockKind::Data,
+        WireBlockKind::Zero => BlockKind::Zero,
     }
-}
-
-/// Block `i` of a states-only answer written by [`encode_states_crc`] (the
-/// caller checked its length): kind, version and crc.
-fn decode_state_crc(table: &[u8], i: usize) -> (BlockKind, u64, u32) {
-    let at = i * STATE_CRC_BYTES;
-    let mut v = [0u8; 8];
-    v.copy_from_slice(&table[at..at + 8]);
-    let kind = match table[at + 8] {
-        1 => BlockKind::Data,
-        2 => BlockKind::Zero,
-        _ => BlockKind::Unwritten,
-    };
-    let mut c = [0u8; 4];
-    c.copy_from_slice(&table[at + 9..at + 13]);
-    (kind, u64::from_le_bytes(v), u32::from_le_bytes(c))
-}
-
-/// Block `i` of a state table written by [`encode_states`] (the caller
-/// checked its length); an unknown kind reads as unwritten.
-fn decode_state(table: &[u8], i: usize) -> (BlockKind, u64) {
-    let at = i * STATE_BYTES;
-    let mut v = [0u8; 8];
-    v.copy_from_slice(&table[at..at + 8]);
-    let kind = match table[at + 8] {
-        1 => BlockKind::Data,
-        2 => BlockKind::Zero,
-        _ => BlockKind::Unwritten,
-    };
-    (kind, u64::from_le_bytes(v))
 }
 
 /// The next generation of an op slot (see `OP_GEN_MASK`).
@@ -730,6 +700,16 @@ fn left_for_good(t: &celer_route::RouteTable, p: u32, me: NodeId) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The engine's kinds travel as the bytes they always did (their
+    /// discriminants) and come back as themselves.
+    #[test]
+    fn block_kinds_keep_their_bytes() {
+        for k in [BlockKind::Unwritten, BlockKind::Data, BlockKind::Zero] {
+            assert_eq!(wire_kind(k) as u8, k as u8);
+            assert_eq!(engine_kind(wire_kind(k)), k);
+        }
+    }
 
     /// A forward's request id never looks like a backfill's or a repair's,
     /// whatever the op slot's generation: with plain 16-bit generations,

@@ -228,12 +228,8 @@ fn a_capability_allows_its_volume_its_mode_and_its_attachment_only() {
         h.offset = p as u64;
         let (r, list) = w.call(h, &[]);
         assert_eq!(r.status, Status::Ok, "ListChunks of its own volume");
-        let pairs: Vec<(u64, u64)> = list
-            .chunks_exact(16)
-            .map(|c| {
-                let u = |i: usize| u64::from_le_bytes(c[i..i + 8].try_into().expect("8"));
-                (u(0), u(8))
-            })
+        let pairs: Vec<(u64, u64)> = celer_proto::payload::decode_chunk_list(&list)
+            .expect("a chunk list of whole entries")
             .collect();
         assert!(
             pairs.iter().all(|&(v, _)| v == 1),

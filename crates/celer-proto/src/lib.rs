@@ -159,9 +159,10 @@
 //! - `RouteTable`: asks for the node's table (epoch 0 from a new client).
 //! - `ListChunks`, `BackfillRead`: node to node only. A `BackfillRead`
 //!   with [`FLAG_STATES_ONLY`] is answered with the block states alone,
-//!   [`STATE_CRC_BYTES`] per block: version (u64 LE), kind (u8: 0
+//!   [`payload::STATE_CRC_BYTES`] per block: version (u64 LE), kind (u8: 0
 //!   unwritten, 1 data, 2 zeroes) and the data's crc32c (u32 LE, 0 unless
-//!   data): the scrub's comparison of copies. A client may send `ListChunks`
+//!   data): the scrub's comparison of copies. The answers' layouts, with
+//!   their encoders and decoders, are in [`payload`]. A client may send `ListChunks`
 //!   for its own volume (`volume`): the answer lists that volume's chunks
 //!   of the partition only (what the NBD front end's block status reads),
 //!   or with [`FLAG_SINCE`] those held by layers newer than an era.
@@ -192,6 +193,7 @@
 //!   that volume, so clients keep their hybrid logical clock ahead of it.
 
 pub mod auth;
+pub mod payload;
 
 /// Bytes of a frame header.
 pub const HEADER_BYTES: usize = 96;
@@ -231,17 +233,16 @@ pub fn clock_limit_at(unix_ms: u64) -> u64 {
 /// `flags` bit of a `Write`: a sector write (see the crate doc).
 pub const FLAG_SECTORS: u16 = 1;
 /// `flags` bit of a `BackfillRead`: answer with the block states only (the
-/// version, kind and crc of each block, no data): a scrub comparing copies.
+/// version, kind and crc of each block, no data): a scrub comparing copies
+/// ([`payload::StateCrcTable`]).
 pub const FLAG_STATES_ONLY: u16 = 2;
-/// Bytes per block in the answer to a `BackfillRead` with
-/// [`FLAG_STATES_ONLY`]: version (8), kind (1), crc32c (4).
-pub const STATE_CRC_BYTES: usize = 13;
 /// `flags` bit of a `Read`: read the snapshot whose era is the header's
 /// `snapshot`, not the volume's current content.
 pub const FLAG_SNAPSHOT_READ: u16 = 4;
 /// `flags` bit of a `ListChunks` (node to node): list only the blocks
 /// written since the sender (node id in `volume`) went down, as the source
-/// recorded them; the answer says when the source did not record them all.
+/// recorded them; the answer says when the source did not record them all
+/// ([`payload::CatchUpAnswer`]).
 pub const FLAG_CATCH_UP: u16 = 8;
 /// `flags` bit of a client's `ListChunks`: list only the chunks held by
 /// layers of an era newer than the header's `version` (the chunks changed
@@ -283,10 +284,11 @@ pub enum Op {
     Hello = 9,
     /// Node → node during backfill: the chunks of partition `offset` that
     /// the node holds; payload of the response: (volume u64, chunk u64)
-    /// pairs. From a client: only its `volume`'s chunks.
+    /// pairs ([`payload::decode_chunk_list`]). From a client: only its
+    /// `volume`'s chunks.
     ListChunks = 10,
     /// Node → node during backfill: one whole chunk with its per-block
-    /// versions (see `celer-node` for the payload layout).
+    /// versions (payload layout: [`payload::BackfillAnswer`]).
     BackfillRead = 11,
     /// Node → peer, first frame of every connection: the node's nonce.
     Challenge = 12,

@@ -2,6 +2,8 @@
 //! member (whole chunks, or only what a member back from a short outage
 //! missed), with progress for `celer status`.
 
+use celer_proto::payload::{decode_chunk_list, BackfillAnswer};
+
 use super::*;
 
 impl ShardLoop {
@@ -289,20 +291,17 @@ impl ShardLoop {
                     }
                 }
             } else {
-                b.ranges = payload
-                    .chunks_exact(16)
-                    .map(|x| {
-                        let mut v = [0u8; 8];
-                        let mut c = [0u8; 8];
-                        v.copy_from_slice(&x[..8]);
-                        c.copy_from_slice(&x[8..]);
-                        let ch = u64::from_le_bytes(c);
-                        (
-                            u64::from_le_bytes(v),
-                            ch.saturating_mul(chunk_bytes),
-                            chunk_bytes,
-                        )
-                    })
+                let Ok(chunks) = decode_chunk_list(payload) else {
+                    tracing::warn!(
+                        partition = b.partition,
+                        "backfill chunk list of the wrong size; retrying"
+                    );
+                    b.stage = BfStage::List;
+                    b.retry_at = Some(Instant::now() + Duration::from_millis(10));
+                    return;
+                };
+                b.ranges = chunks
+                    .map(|(v, ch)| (v, ch.saturating_mul(chunk_bytes), chunk_bytes))
                     .collect();
                 b.ranges.sort_unstable();
             }
@@ -332,25 +331,30 @@ impl ShardLoop {
         }
         // State table, then data.
         let len = h.length as usize;
+        let answer = match BackfillAnswer::parse(payload, len) {
+            Ok(answer) if len as u64 == b.piece_len => answer,
+            _ => {
+                tracing::warn!(
+                    partition = b.partition,
+                    "backfill answer of the wrong size; retrying"
+                );
+                b.stage = BfStage::Read;
+                b.retry_at = Some(Instant::now() + Duration::from_millis(10));
+                return;
+            }
+        };
         let blocks = len / BLOCK_SIZE;
-        let tb = (blocks * STATE_BYTES).next_multiple_of(BLOCK_SIZE);
-        if payload.len() != tb + len || !len.is_multiple_of(BLOCK_SIZE) || len as u64 != b.piece_len
-        {
-            tracing::warn!(
-                partition = b.partition,
-                "backfill answer of the wrong size; retrying"
-            );
-            b.stage = BfStage::Read;
-            b.retry_at = Some(Instant::now() + Duration::from_millis(10));
-            return;
-        }
         if b.buf.len() < len {
             b.buf = AlignedBuf::new(blocks);
         }
-        b.buf[..len].copy_from_slice(&payload[tb..]);
+        b.buf[..len].copy_from_slice(answer.data);
         b.states.clear();
-        b.states
-            .extend((0..blocks).map(|i| decode_state(payload, i)));
+        b.states.extend(
+            answer
+                .states
+                .iter()
+                .map(|(kind, version)| (engine_kind(kind), version)),
+        );
         // Runs of blocks with the same kind and version: one write each.
         b.runs.clear();
         let mut i = 0;

@@ -32,6 +32,7 @@
 use std::collections::HashMap;
 
 use celer_engine::BLOCK_SIZE;
+use celer_proto::payload::{self, CatchUpAnswer};
 use celer_proto::{Header, Status};
 use celer_route::{NodeId, RouteTable};
 
@@ -66,11 +67,6 @@ pub(super) struct CatchUp {
     /// (volume, chunk index) → one bit per block of the chunk.
     blocks: HashMap<(u64, u64), Vec<u64>>,
 }
-
-/// The catch-up answer's header: blocks per chunk (u64 LE), 0 when the
-/// writes were not all recorded. Then per chunk: volume, chunk index (u64
-/// LE each) and its bitmap (one bit per block, in u64 words LE).
-pub(super) const NOT_RECORDED: u64 = 0;
 
 impl ShardLoop {
     /// Starts, stops and drops records for table `new` (before it becomes
@@ -208,7 +204,7 @@ impl ShardLoop {
                 node,
                 "no complete record of what the member missed: it copies the partition whole"
             );
-            return self.respond(c, h, Status::Ok, &[&NOT_RECORDED.to_le_bytes()]);
+            return self.respond(c, h, Status::Ok, &[&payload::CATCH_UP_NOT_RECORDED_ANSWER]);
         };
         // A write that landed in a snapshot's era on the members that
         // stayed (before they learned of the snapshot, or during its cut
@@ -236,25 +232,22 @@ impl ShardLoop {
                 }
             }
         }
-        let words = (blocks_per_chunk as usize).div_ceil(64);
-        if 8 + blocks.len() * (16 + words * 8) > CATCH_UP_ANSWER_BYTES_MAX {
+        let answer_bytes = payload::catch_up_answer_bytes(blocks_per_chunk, blocks.len());
+        if answer_bytes > CATCH_UP_ANSWER_BYTES_MAX {
             tracing::info!(
                 shard = self.id,
                 partition = p,
                 node,
                 "what the member missed, frozen eras included, does not fit one answer: it copies the partition whole"
             );
-            return self.respond(c, h, Status::Ok, &[&NOT_RECORDED.to_le_bytes()]);
+            return self.respond(c, h, Status::Ok, &[&payload::CATCH_UP_NOT_RECORDED_ANSWER]);
         }
-        let mut out = Vec::with_capacity(8 + blocks.len() * (16 + words * 8));
-        out.extend_from_slice(&blocks_per_chunk.to_le_bytes());
-        for ((v, ch), bits) in &blocks {
-            out.extend_from_slice(&v.to_le_bytes());
-            out.extend_from_slice(&ch.to_le_bytes());
-            for w in bits {
-                out.extend_from_slice(&w.to_le_bytes());
-            }
-        }
+        let mut out = Vec::with_capacity(answer_bytes);
+        payload::encode_catch_up_answer(
+            blocks_per_chunk,
+            blocks.iter().map(|((v, ch), bits)| (*v, *ch, &bits[..])),
+            &mut out,
+        );
         tracing::info!(
             shard = self.id,
             partition = p,
@@ -272,31 +265,20 @@ impl ShardLoop {
 /// blocks as unwritten ones (so at most twice the written bytes are
 /// copied, in fewer requests). `None`: the source did not record everything
 /// (copy the partition whole), or the answer is malformed.
-pub(super) fn catch_up_ranges(payload: &[u8], chunk_bytes: u64) -> Option<Vec<(u64, u64, u64)>> {
-    let word = |b: &[u8]| {
-        let mut x = [0u8; 8];
-        x.copy_from_slice(b);
-        u64::from_le_bytes(x)
+pub(super) fn catch_up_ranges(answer: &[u8], chunk_bytes: u64) -> Option<Vec<(u64, u64, u64)>> {
+    let Ok(CatchUpAnswer::Recorded(chunks)) = CatchUpAnswer::parse(answer) else {
+        return None;
     };
-    if payload.len() < 8 {
-        return None;
-    }
-    let blocks_per_chunk = word(&payload[..8]);
-    if blocks_per_chunk == NOT_RECORDED || blocks_per_chunk != chunk_bytes / BLOCK_SIZE as u64 {
-        return None;
-    }
-    let words = (blocks_per_chunk as usize).div_ceil(64);
-    let entry = 16 + words * 8;
-    let body = &payload[8..];
-    if !body.len().is_multiple_of(entry) {
+    let blocks_per_chunk = chunks.blocks_per_chunk();
+    if blocks_per_chunk != chunk_bytes / BLOCK_SIZE as u64 {
         return None;
     }
     let block = BLOCK_SIZE as u64;
     let mut ranges = Vec::new();
-    for e in body.chunks_exact(entry) {
-        let (v, ch) = (word(&e[..8]), word(&e[8..16]));
-        let bit = |b: usize| word(&e[16 + b / 64 * 8..24 + b / 64 * 8]) >> (b % 64) & 1 == 1;
-        let base = ch.checked_mul(chunk_bytes)?;
+    for e in chunks.iter() {
+        let v = e.volume;
+        let bit = |b: usize| e.written(b);
+        let base = e.chunk.checked_mul(chunk_bytes)?;
         // The current range: first block, end, written blocks in it.
         let mut open: Option<(usize, usize, usize)> = None;
         let mut b = 0;

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use celer_device::layer_key;
 use celer_engine::BlockKind;
-use celer_meta::api::VolumeLayers;
+use celer_meta_api::api::VolumeLayers;
 use celer_proto::{Header, Status, FLAG_SNAPSHOT_READ};
 
 use super::{OpKind, ShardLoop};
@@ -356,7 +356,7 @@ impl ShardLoop {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use celer_meta::api::SnapshotLayers;
+    use celer_meta_api::api::SnapshotLayers;
     use std::time::{Duration, Instant};
 
     /// Volume 5 after two snapshots: s1 froze era 0 (head 1), s2 froze

@@ -24,10 +24,11 @@ use std::time::{Duration, Instant};
 use celer_engine::{
     AlignedBuf, BlockKind, Completion, EngineError, EngineOp, EngineRequest, Segment, BLOCK_SIZE,
 };
+use celer_proto::payload::BackfillAnswer;
 use celer_proto::{Header, Op, Status};
 use celer_route::NodeId;
 
-use super::{decode_state, ShardLoop, REQ_BACKFILL, STATE_BYTES};
+use super::{engine_kind, ShardLoop, REQ_BACKFILL};
 use crate::AgentMsg;
 
 /// Request-id bits of a repair's `BackfillRead` (within `REQ_BACKFILL`).
@@ -335,15 +336,16 @@ impl ShardLoop {
                 return;
             }
         }
-        let tb = STATE_BYTES.next_multiple_of(BLOCK_SIZE);
-        if payload.len() != tb + BLOCK_SIZE {
+        // One block: its state, then its data.
+        let answer = BackfillAnswer::parse(payload, BLOCK_SIZE).ok();
+        let Some(((kind, version), data)) = answer.and_then(|a| Some((a.states.get(0)?, a.data)))
+        else {
             r.tried.push(r.source);
             r.stage = Stage::Fetch;
             return;
-        }
-        let (kind, version) = decode_state(payload, 0);
-        match kind {
-            BlockKind::Data => r.buf[..BLOCK_SIZE].copy_from_slice(&payload[tb..]),
+        };
+        match engine_kind(kind) {
+            BlockKind::Data => r.buf[..BLOCK_SIZE].copy_from_slice(data),
             // Written as a data block of zeroes at its version (the same
             // bytes; a repair is rare).
             BlockKind::Zero => r.buf[..BLOCK_SIZE].fill(0),

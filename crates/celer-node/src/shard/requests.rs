@@ -75,7 +75,7 @@ impl ShardLoop {
                 if h.flags == FLAG_STATES_ONLY {
                     return self.serve_states(c, h);
                 }
-                let tb = (len / BLOCK_SIZE * STATE_BYTES).next_multiple_of(BLOCK_SIZE);
+                let tb = payload::state_table_bytes(len / BLOCK_SIZE);
                 (tb, tb + len)
             }
             _ => (0, (at + len).next_multiple_of(BLOCK_SIZE)),
@@ -91,9 +91,12 @@ impl ShardLoop {
             let blocks = len / BLOCK_SIZE;
             let mut states = vec![(BlockKind::Unwritten, 0u64); blocks];
             self.engine.block_states(h.volume, h.offset, &mut states);
-            let buf = &mut self.ops[id].buf;
-            buf[..table_bytes].fill(0);
-            encode_states(&states, &mut buf[..table_bytes]);
+            payload::encode_state_table(
+                states
+                    .iter()
+                    .map(|&(kind, version)| (wire_kind(kind), version)),
+                &mut self.ops[id].buf[..table_bytes],
+            );
         }
         let seg = Segment {
             // SAFETY: in bounds of the op's buffer (at least `total` bytes).
@@ -414,8 +417,14 @@ impl ShardLoop {
         self.engine.block_states(h.volume, h.offset, &mut states);
         let mut crcs = vec![0u32; blocks];
         self.engine.block_crcs(h.volume, h.offset, &mut crcs);
-        let mut table = vec![0u8; blocks * STATE_CRC_BYTES];
-        encode_states_crc(&states, &crcs, &mut table);
+        let mut table = vec![0u8; blocks * payload::STATE_CRC_BYTES];
+        payload::encode_state_crc_table(
+            states
+                .iter()
+                .zip(&crcs)
+                .map(|(&(kind, version), &crc)| (wire_kind(kind), version, crc)),
+            &mut table,
+        );
         self.respond(c, h, Status::Ok, &[&table]);
     }
 
@@ -470,22 +479,20 @@ impl ShardLoop {
                 Err(s) => return self.reject(c, h, s),
             },
         };
-        let mut out = Vec::new();
         let mut listed = std::collections::HashSet::new();
-        for (v, ch) in self.engine.chunks() {
+        let chunks = self.engine.chunks().into_iter().filter_map(|(v, ch)| {
             if t.partition_of(v, ch) != p {
-                continue;
+                return None;
             }
             let v = match &only_keys {
                 None => v,
                 Some(keys) if keys.contains(&v) => h.volume,
-                Some(_) => continue,
+                Some(_) => return None,
             };
-            if only_keys.is_none() || listed.insert(ch) {
-                out.extend_from_slice(&v.to_le_bytes());
-                out.extend_from_slice(&ch.to_le_bytes());
-            }
-        }
+            (only_keys.is_none() || listed.insert(ch)).then_some((v, ch))
+        });
+        let mut out = Vec::new();
+        payload::encode_chunk_list(chunks, &mut out);
         self.respond(c, h, Status::Ok, &[&out]);
     }
 

@@ -38,10 +38,11 @@ use celer_engine::{
     AlignedBuf, BlockKind, Completion, EngineError, EngineOp, EngineRequest, Segment, BLOCK_SIZE,
 };
 
-use celer_proto::{Header, Op, Status, FLAG_STATES_ONLY, STATE_CRC_BYTES};
+use celer_proto::payload::{decode_chunk_list, BlockKind as WireBlockKind, StateCrcTable};
+use celer_proto::{Header, Op, Status, FLAG_STATES_ONLY};
 use celer_route::NodeId;
 
-use super::{decode_state_crc, ShardLoop};
+use super::ShardLoop;
 use crate::metrics::ScrubDifference;
 
 /// Engine tags at or above this (and below `TAG_PURGE`) are scrub reads.
@@ -421,16 +422,9 @@ impl ShardLoop {
             return; // timed out since, or from another pass
         }
         s.list_waiting.retain(|x| *x != seq);
-        if h.status == Status::Ok && payload.len().is_multiple_of(16) {
+        if let (Status::Ok, Ok(entries)) = (h.status, decode_chunk_list(payload)) {
             let p = h.offset as u32;
             if let Some(t) = self.table() {
-                let entries = payload.chunks_exact(16).map(|e| {
-                    let mut key = [0u8; 8];
-                    let mut chunk = [0u8; 8];
-                    key.copy_from_slice(&e[..8]);
-                    chunk.copy_from_slice(&e[8..]);
-                    (u64::from_le_bytes(key), u64::from_le_bytes(chunk))
-                });
                 // Only chunks of the partition asked about (which this
                 // shard serves as an in-sync member: checked when asked).
                 let mine: Vec<(u64, u64)> = entries
@@ -711,14 +705,14 @@ impl ShardLoop {
         }
     }
 
-    /// A member's states-only answer for a piece (`STATE_CRC_BYTES` per
-    /// block). A block it holds at a newer version than this node is copied
-    /// from it at once (`queue_catch_up`); a block newer here is the other
-    /// member's to catch up (its own scrub). Once every member asked has
-    /// answered, copies of equal version are compared by crc
-    /// (`scrub_compare_crcs`). Blocks written meanwhile compare at their new
-    /// versions, so a write in flight is at worst copied early (the same
-    /// data, at its version).
+    /// A member's states-only answer for a piece (`StateCrcTable`: version,
+    /// kind and crc per block). A block it holds at a newer version than
+    /// this node is copied from it at once (`queue_catch_up`); a block
+    /// newer here is the other member's to catch up (its own scrub). Once
+    /// every member asked has answered, copies of equal version are
+    /// compared by crc (`scrub_compare_crcs`). Blocks written meanwhile
+    /// compare at their new versions, so a write in flight is at worst
+    /// copied early (the same data, at its version).
     pub(super) fn scrub_compare_response(&mut self, h: &Header, payload: &[u8]) {
         if h.op == Op::ListChunks {
             return self.scrub_list_response(h, payload);
@@ -745,15 +739,15 @@ impl ShardLoop {
             return;
         }
         let blocks = h.length as usize / BLOCK_SIZE;
-        if blocks == 0
-            || blocks > SCRUB_PIECE_BYTES / BLOCK_SIZE
-            || payload.len() != blocks * STATE_CRC_BYTES
-        {
-            if waited {
-                round.complete = false;
+        let their_states = match StateCrcTable::parse(payload, blocks) {
+            Ok(t) if blocks > 0 && blocks <= SCRUB_PIECE_BYTES / BLOCK_SIZE => t,
+            _ => {
+                if waited {
+                    round.complete = false;
+                }
+                return;
             }
-            return;
-        }
+        };
         if waited && blocks == round.blocks {
             let n = round.answers;
             if round.tables.len() <= n {
@@ -769,9 +763,10 @@ impl ShardLoop {
         local.clear();
         local.resize(blocks, (BlockKind::Unwritten, 0));
         self.engine.block_states(h.volume, h.offset, &mut local);
-        for (i, (_, version)) in local.iter().enumerate() {
-            let (their_kind, theirs, _) = decode_state_crc(payload, i);
-            if their_kind != BlockKind::Unwritten && theirs > *version {
+        for (i, ((_, version), (their_kind, theirs, _))) in
+            local.iter().zip(their_states.iter()).enumerate()
+        {
+            if their_kind != WireBlockKind::Unwritten && theirs > *version {
                 self.scrub_cell().behind.fetch_add(1, Ordering::Relaxed);
                 self.counters.add_scrub_difference(ScrubDifference::Behind);
                 self.queue_catch_up(h.volume, h.offset + (i * BLOCK_SIZE) as u64, theirs);
@@ -814,8 +809,14 @@ impl ShardLoop {
             let mut other_crc = None;
             let mut comparable = true;
             for t in answers {
-                let (k, v, c) = decode_state_crc(t, i);
-                if k != BlockKind::Data || v != *version {
+                let their_state = StateCrcTable::parse(t, round.blocks)
+                    .ok()
+                    .and_then(|t| t.get(i));
+                let Some((k, v, c)) = their_state else {
+                    comparable = false;
+                    break;
+                };
+                if k != WireBlockKind::Data || v != *version {
                     comparable = false;
                     break;
                 }

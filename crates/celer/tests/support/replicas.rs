@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use celer_proto::payload::StateCrcTable;
 use celer_proto::{Header, Op, Status};
 use celer_route::RouteTable;
 
@@ -69,11 +70,11 @@ pub fn compare_chunk_of(
     diffs
 }
 
-/// Compares the block states (kind and version per block, a `BackfillRead`
-/// with `FLAG_STATES_ONLY`) of engine key `key` (a layer, placed by its
-/// lineage) in chunk `chunk` on every member of its partition; returns a
-/// description of every difference. Also returns the states of the first
-/// member, as (kind byte, version) per block.
+/// Compares the block states (kind, version and crc per block, a
+/// `BackfillRead` with `FLAG_STATES_ONLY`) of engine key `key` (a layer,
+/// placed by its lineage) in chunk `chunk` on every member of its
+/// partition; returns a description of every difference. Also returns the
+/// states of the first member, as (kind byte, version) per block.
 pub fn compare_states_of(t: &RouteTable, key: u64, chunk: u64) -> (Vec<String>, Vec<(u8, u64)>) {
     let p = t.partition_of(key, chunk);
     let part = t.partition(p).expect("partition");
@@ -99,13 +100,11 @@ pub fn compare_states_of(t: &RouteTable, key: u64, chunk: u64) -> (Vec<String>, 
             "states of chunk {chunk} from node {}",
             m.node
         );
-        let states: Vec<(u8, u64)> = table
-            .chunks_exact(9)
-            .map(|e| {
-                let mut v = [0u8; 8];
-                v.copy_from_slice(&e[..8]);
-                (e[8], u64::from_le_bytes(v))
-            })
+        let blocks = (t.chunk_bytes / celer_proto::BLOCK_BYTES) as usize;
+        let states: Vec<(u8, u64, u32)> = StateCrcTable::parse(&table, blocks)
+            .expect("a states-only answer for the whole chunk")
+            .iter()
+            .map(|(kind, version, crc)| (kind as u8, version, crc))
             .collect();
         copies.push((m.node, states));
     }
@@ -120,5 +119,6 @@ pub fn compare_states_of(t: &RouteTable, key: u64, chunk: u64) -> (Vec<String>, 
             }
         }
     }
-    (diffs, copies.swap_remove(0).1)
+    let states = copies.swap_remove(0).1;
+    (diffs, states.into_iter().map(|(k, v, _)| (k, v)).collect())
 }

@@ -1,6 +1,7 @@
-//! Serving an axum app over HTTP/1.1 with the limits of a service exposed
-//! to a network: the control service's API and the storage node's admin
-//! server both serve through [`serve`].
+//! celer-http: serving an axum app over HTTP/1.1 with the limits of a
+//! service exposed to a network: the control service's API (`celer-meta`)
+//! and the storage node's admin server (`celer-node`) both serve through
+//! [`serve`].
 //!
 //! - Request headers must arrive within `header_read_timeout`, counted from
 //!   when the server starts waiting for them (a new connection, or the next
