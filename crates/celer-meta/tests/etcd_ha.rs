@@ -25,10 +25,11 @@ fn etcd_binary() -> Option<PathBuf> {
         .find(|p| p.exists())
 }
 
+/// A port reserved for this test process (see celer-ports): etcd is
+/// told its ports in advance, so no other test may take them meanwhile.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
+    celer_ports::reserve()
+        .expect("reserve a loopback port")
         .port()
 }
 

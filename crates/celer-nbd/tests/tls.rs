@@ -741,11 +741,8 @@ fn serve_flags_turn_tls_and_its_options_on() {
         .and_then(|f| f.set_len(8 << 20))
         .expect("disk");
     let serve = |name: &str, extra: &[&str]| -> (SocketAddr, PathBuf) {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        // Reserved (celer-ports): the child binds it after this returns.
+        let addr: SocketAddr = celer_ports::reserve().expect("reserve a loopback port");
         let sock = dir.path().join(format!("{name}.sock"));
         let device = format!("file:{}", disk.display());
         let listen = addr.to_string();

@@ -106,10 +106,7 @@ fn operator(shared: &NodeShared, headers: &HeaderMap) -> Result<String, String> 
     else {
         return Err("missing or wrong credential: present an admin ticket from the control service (`Authorization: Celer-Ticket ...`, as `celer scrub` does) or the cluster token".into());
     };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    celer_proto::auth::AdminTicket::verify(&shared.data_key, ticket.trim(), now)
+    celer_proto::auth::AdminTicket::verify(&shared.data_key, ticket.trim(), crate::unix_ms())
         .map(|t| t.operator)
         .map_err(|e| format!("admin ticket refused: {e}"))
 }

@@ -297,9 +297,10 @@ impl Drop for Procs {
     }
 }
 
+/// A port for a daemon of the bench, reserved while the bench runs (see
+/// celer-ports): the daemon binds it after this returns.
 fn free_port() -> Result<SocketAddr> {
-    let l = TcpListener::bind("127.0.0.1:0").context("bind a free loopback port")?;
-    Ok(l.local_addr()?)
+    celer_ports::reserve().context("reserve a loopback port")
 }
 
 fn random_token() -> Result<String> {

@@ -27,11 +27,7 @@ struct Meta {
 impl Meta {
     /// `celer meta serve` on a free loopback port; waits until it answers.
     fn start(dir: &std::path::Path) -> Meta {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let listen = format!("127.0.0.1:{port}");
+        let listen = support::cluster::free_port().to_string();
         let token_file = dir.join("token");
         std::fs::write(&token_file, format!("# cluster token\nalice {TOKEN}\n")).expect("token");
         let child = Command::new(env!("CARGO_BIN_EXE_celer"))
@@ -236,7 +232,7 @@ fn errors_without_a_control_service_or_settings() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("leese_ms"));
 }
 
-/// Below the ephemeral range (see support::cluster::free_port).
+/// Reserved for this test process (see support::cluster::free_port).
 fn free_port() -> u16 {
     support::cluster::free_port().port()
 }

@@ -5,7 +5,7 @@
 
 #![allow(dead_code)]
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -38,25 +38,10 @@ fn leads(addr: SocketAddr) -> bool {
     s.read_exact(&mut head).is_ok() && &head[9..12] == b"200"
 }
 
-/// A loopback port free now, below the kernel's ephemeral range (32768+):
-/// an outgoing connection of a test running beside this one cannot take
-/// it between this check and the daemon's bind, as happened to `bind(0)`
-/// ports ("Address already in use", a cluster that did not form).
+/// A loopback port reserved for this test process (see celer-ports: no
+/// test beside this one gets it, even while a killed node is down).
 pub fn free_port() -> SocketAddr {
-    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let seed = std::process::id() as u64
-        ^ std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos() as u64)
-            .unwrap_or(0);
-    for _ in 0..1000 {
-        let k = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let p = 20000 + (seed.wrapping_mul(2654435761).wrapping_add(k * 7919) % 12000) as u16;
-        if let Ok(l) = TcpListener::bind(("127.0.0.1", p)) {
-            return l.local_addr().expect("addr");
-        }
-    }
-    panic!("no free port below 32768");
+    celer_ports::reserve().expect("reserve a loopback port")
 }
 
 pub struct NodeProc {

@@ -3,7 +3,6 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -11,27 +10,10 @@ use std::time::{Duration, Instant};
 pub const BIN: &str = env!("CARGO_BIN_EXE_celer");
 
 /// A base port whose ports used by `celer up` (+0, +1, +101..103,
-/// +201..203, +299) are free, below the kernel's ephemeral range (32768+),
-/// so tests that bind port 0 in parallel cannot take them.
+/// +201..203, +299) are reserved for this test process (see celer-ports).
 pub fn base_port() -> u16 {
-    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let seed = std::process::id() as u64
-        ^ std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos() as u64)
-            .unwrap_or(0)
-        ^ (CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) << 32);
-    for k in 0..200u64 {
-        let p = 20000 + ((seed.wrapping_mul(2654435761).wrapping_add(k * 7919)) % 12000) as u16;
-        let offsets = [0u16, 1, 101, 102, 103, 201, 202, 203, 299];
-        if offsets
-            .iter()
-            .all(|o| TcpListener::bind(("127.0.0.1", p + o)).is_ok())
-        {
-            return p;
-        }
-    }
-    panic!("no free port range below 32768");
+    celer_ports::reserve_block(&[0, 1, 101, 102, 103, 201, 202, 203, 299])
+        .expect("reserve a block of loopback ports")
 }
 
 /// `celer up` in `dir`, stopped with SIGINT when dropped (or by `stop`).
