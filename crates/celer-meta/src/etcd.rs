@@ -357,7 +357,11 @@ pub(crate) async fn lead(shared: Arc<Shared>, store: Arc<EtcdStore>, cfg: EtcdCo
         let loaded = {
             let st = shared.clone();
             tokio::task::spawn_blocking(move || {
-                Cluster::load(st.cluster_cfg.clone(), st.store.as_ref())
+                Cluster::load(
+                    st.cluster_cfg.clone(),
+                    st.store.as_ref(),
+                    Arc::new(crate::state::SystemClock),
+                )
             })
             .await
         };

@@ -13,7 +13,7 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{MatchedPath, Path, RawQuery, Request, State};
@@ -586,7 +586,7 @@ async fn synced(
 }
 
 async fn nodes(State(st): State<Arc<Shared>>) -> ApiResult<Vec<crate::api::NodeStatus>> {
-    st.read(|c| Ok(c.nodes(Instant::now()))).map(Json)
+    st.read(|c| Ok(c.nodes())).map(Json)
 }
 
 async fn route(State(st): State<Arc<Shared>>) -> ApiResult<RouteTable> {
@@ -889,8 +889,8 @@ fn post_admin<T: serde::Serialize + ?Sized, R: serde::de::DeserializeOwned>(
 /// node did not confirm (the change stays recorded: nodes get it with
 /// their next heartbeat reply; the caller says so).
 async fn install_layers(st: &Arc<Shared>, v: &crate::api::Volume) -> Result<(), ApiError> {
-    let targets = st.read(|c| Ok(c.fence_targets()))?;
-    let layers = v.layers_at(crate::state::unix_ms());
+    let (targets, now_unix_ms) = st.read(|c| Ok((c.fence_targets(), c.clock().unix_ms())))?;
+    let layers = v.layers_at(now_unix_ms);
     let unconfirmed = |e: String| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -1208,7 +1208,7 @@ async fn lease_checker(st: Arc<Shared>) {
             let Role::Leader(c) = &mut *role else {
                 return;
             };
-            match c.expire_leases(me.store.as_ref(), Instant::now()) {
+            match c.expire_leases(me.store.as_ref()) {
                 Ok(pushed) => {
                     let nodes = c.node_ids();
                     drop(role);
@@ -1338,7 +1338,7 @@ async fn run_server(
                 let cc = cfg.cluster.clone();
                 tokio::task::spawn_blocking(move || {
                     let store = RedbStore::open_dir(&dir)?;
-                    let cluster = Cluster::load(cc, &store)?;
+                    let cluster = Cluster::load(cc, &store, Arc::new(crate::state::SystemClock))?;
                     Ok::<_, MetaError>((
                         Arc::new(store) as Arc<dyn MetaStore>,
                         Role::Leader(Box::new(cluster)),

@@ -119,6 +119,27 @@ impl RedbStore {
             },
             e => err(&e),
         })?;
+        RedbStore::with_tables(db, path)
+    }
+
+    /// A store in memory (redb's in-memory backend): the same code as on
+    /// disk, nothing survives the process. For the simulator and tests.
+    pub fn in_memory() -> Result<RedbStore, StoreError> {
+        let path = Path::new("(memory)");
+        let db = redb::Database::builder()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .map_err(|e| StoreError::Redb {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+        RedbStore::with_tables(db, path)
+    }
+
+    fn with_tables(db: redb::Database, path: &Path) -> Result<RedbStore, StoreError> {
+        let err = |e: &dyn std::fmt::Display| StoreError::Redb {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        };
         // Read transactions fail on tables that do not exist yet.
         let txn = db.begin_write().map_err(|e| err(&e))?;
         txn.open_table(KV).map_err(|e| err(&e))?;

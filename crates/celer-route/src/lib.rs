@@ -358,9 +358,15 @@ impl RouteTable {
         let part = &mut self.partitions[p as usize];
         // A syncing member that is no longer a target (a node came back, or
         // placement moved on) holds no complete copy: it leaves at once, so
-        // its backfill stops instead of copying what will be dropped.
+        // its backfill stops instead of copying what will be dropped. A
+        // member that went down while in sync (down still, or back and
+        // catching up) holds a copy complete up to then: it stays until
+        // every target is in sync, as an in-sync member would. Dropping it
+        // when a node joined or came back lost the last complete copy once
+        // an in-sync member's disk was then replaced (the simulator, seeds
+        // 6 and 641).
         part.members
-            .retain(|m| m.in_sync || target.contains(&m.node));
+            .retain(|m| m.in_sync || m.catch_up_since > 0 || target.contains(&m.node));
         // No target (no node up): nothing to hand over to, keep everyone
         // (`all` of nothing would be true and drop every member).
         let targets_in_sync = !target.is_empty()
@@ -387,6 +393,46 @@ impl RouteTable {
             nodes: self.nodes.clone(),
             ..*self
         })
+    }
+
+    /// The next table, with `node` taken out of every partition: its
+    /// copies are gone (its disk was replaced). Unlike a rebalance, this
+    /// holds even for a partition whose in-sync members are all down,
+    /// which a rebalance keeps as it was: there `node` must not stay an
+    /// in-sync member, or it would be one again, empty, once it is up.
+    ///
+    /// If `node` was a partition's last member in sync, the members that
+    /// went down while in sync (down still, or back and catching up) hold
+    /// everything written up to the epoch they went down in, and nobody
+    /// holds more now: the latest of them are in sync again (a down one as
+    /// in a partition whose in-sync members are all down, kept as it is
+    /// until it is back). Without this the partition would have no member
+    /// in sync: catching up would wait forever for a source, and the down
+    /// ones would lose their places, and the data, when their grace ran
+    /// out.
+    pub fn without_copies_of(&self, node: NodeId) -> RouteTable {
+        let mut t = self.clone();
+        t.epoch += 1;
+        for part in &mut t.partitions {
+            part.members.retain(|m| m.node != node);
+            if part.members.iter().any(|m| m.in_sync) {
+                continue;
+            }
+            let latest = part
+                .members
+                .iter()
+                .filter(|m| m.catch_up_since > 0)
+                .map(|m| m.catch_up_since)
+                .max();
+            if let Some(latest) = latest {
+                for m in &mut part.members {
+                    if m.catch_up_since == latest {
+                        *m = Member::in_sync(m.node);
+                    }
+                }
+            }
+        }
+        t
     }
 
     /// Partitions where `node` is a syncing member.

@@ -13,6 +13,7 @@ mod meta_cmd;
 mod migration_probe;
 mod node_cmd;
 mod scrub_cmd;
+mod sim_cmd;
 mod snapshot_cmd;
 mod up;
 mod volume_io;
@@ -68,6 +69,10 @@ enum Command {
     /// clone are `celer volume` commands).
     #[command(subcommand)]
     Snapshot(snapshot_cmd::SnapshotCommand),
+    /// Deterministic simulation of the control plane: the real control
+    /// service on a simulated clock, modelled nodes, faults from a seed,
+    /// invariants checked at every step.
+    Sim(sim_cmd::SimArgs),
 }
 
 #[derive(Subcommand)]
@@ -197,6 +202,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Snapshot(c) => snapshot_cmd::run(c),
         Command::Node(NodeCommand::Serve(a)) => node_cmd::run(&a),
         Command::Up(a) => up::run(&a),
+        Command::Sim(a) => sim_cmd::run(&a),
         Command::Vhost(VhostCommand::Serve(a)) => {
             let purpose = format!("vhost {}", a.socket.display());
             let tls = a.data_tls_creds.as_deref();

@@ -525,9 +525,10 @@ pub fn run_volume(cmd: VolumeCommand) -> Result<()> {
                     println!("attached:  no");
                 }
                 for a in &atts {
+                    use celer_meta::state::{Clock, SystemClock};
                     println!(
                         "attached:  {} (fence {}, since {} UTC)",
-                        celer_meta::state::describe(a),
+                        celer_meta::state::describe(a, SystemClock.unix_ms()),
                         a.fence,
                         utc(a.at)
                     );

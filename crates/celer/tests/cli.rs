@@ -438,3 +438,28 @@ fn engine_commands_refuse_a_disk_in_use() {
     }
     succeeds(&["engine", "check", "--disk", d]);
 }
+
+/// `celer sim` replays a seed exactly (the trace; the summary's last line
+/// is wall-clock speed), runs several, and refuses bad arguments.
+#[test]
+fn sim_replays_a_seed_and_rejects_bad_arguments() {
+    let trace = |seed: &str| -> Vec<String> {
+        let out = succeeds(&["sim", "--seed", seed, "--seconds", "120", "--trace"]);
+        let lines: Vec<String> = out.lines().map(str::to_string).collect();
+        assert!(lines.len() > 50, "a short trace:\n{out}");
+        assert!(out.contains(&format!("seed {seed}: ok")), "{out}");
+        lines[..lines.len() - 1].to_vec()
+    };
+    assert_eq!(trace("6"), trace("6"), "seed 6 ran two different ways");
+    assert_ne!(trace("6"), trace("7"));
+    let many = succeeds(&["sim", "--seed", "10", "--count", "3", "--seconds", "60"]);
+    for s in ["seed 10: ok", "seed 11: ok", "seed 12: ok"] {
+        assert!(many.contains(s), "{many}");
+    }
+    fails_with(&["sim", "--seed", "x"], "invalid value 'x'");
+    fails_with(
+        &["sim", "--seed", "1", "--seconds", "0"],
+        "0 is not in 1..=86400",
+    );
+    fails_with(&["sim"], "--seed");
+}
