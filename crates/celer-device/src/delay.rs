@@ -157,11 +157,14 @@ impl DeviceQueue for DelayQueue {
                 n += 1;
             }
         }
-        // The timer may have fired: clear it and set it again.
+        // If the timer fired, clear it; `arm` sets it again only when the
+        // next deadline differs from the one it is set for.
         let mut v = 0u64;
         // SAFETY: reads 8 bytes into `v` from our non-blocking timerfd.
-        unsafe { libc::read(self.timer.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
-        self.armed_for = None;
+        let fired = unsafe { libc::read(self.timer.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        if fired == 8 {
+            self.armed_for = None;
+        }
         self.arm(now);
         n
     }

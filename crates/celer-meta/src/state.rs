@@ -2,7 +2,7 @@
 //! the change log, kept in memory and written through to the
 //! [`MetaStore`].
 //!
-//! Every change runs as a [`Tx`] on a copy of the persistent state: it
+//! Every change runs as a `Tx` on a copy of the persistent state: it
 //! records store ops and change-log entries; only when the store has applied
 //! them atomically does the copy replace the state. A failed store write
 //! leaves memory as it was. Liveness (last heartbeat, acknowledged epoch) and

@@ -196,6 +196,15 @@ struct Backfill {
     bytes_done: u64,
 }
 
+impl Backfill {
+    /// Back to `stage`, not before `after` from now (a refused or malformed
+    /// answer, a failed write).
+    fn retry(&mut self, stage: BfStage, after: Duration) {
+        self.stage = stage;
+        self.retry_at = Some(Instant::now() + after);
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum BfStage {
     List,

@@ -10,8 +10,9 @@
 //! them synced, and drop the partitions they no longer belong to. A fault
 //! schedule drawn from the seed crashes and restarts nodes, replaces their
 //! disks (an empty disk, registered with the operator's `--replace-disk`),
-//! cuts them off the control service, stops the whole cluster, adds nodes
-//! and splits partitions.
+//! cuts them off the control service, stops the whole cluster, restarts
+//! the control service (its state loaded from the store), adds nodes and
+//! splits partitions.
 //!
 //! The nodes are a model, not `celer-node`: what a node's disk holds is
 //! one flag per partition (it holds a copy or not), so the checker sees
@@ -68,6 +69,9 @@ pub struct Faults {
     pub split: f64,
     /// An operator adds a node.
     pub add_node: f64,
+    /// The control service restarts (or another takes over with etcd): it
+    /// loads its state from the store, and liveness starts afresh.
+    pub meta_restart: f64,
     /// A pushed route table does not reach a node.
     pub push_loss: f64,
 }
@@ -83,6 +87,7 @@ impl Default for Faults {
             stop_all: 0.004,
             split: 0.004,
             add_node: 0.004,
+            meta_restart: 0.005,
             push_loss: 0.2,
         }
     }
@@ -214,6 +219,8 @@ struct Sim {
     seeded: bool,
     /// The last table the trace described.
     traced: Option<RouteTable>,
+    /// The highest route epoch seen.
+    max_epoch: u64,
     trace: Vec<String>,
     counts: BTreeMap<&'static str, u64>,
 }
@@ -261,6 +268,7 @@ impl Sim {
             next_disk: 1,
             seeded: false,
             traced: None,
+            max_epoch: 0,
             trace: Vec::new(),
             counts: BTreeMap::new(),
             cfg,
@@ -327,6 +335,15 @@ impl Sim {
             self.deliver(pushed);
         }
         self.trace_table();
+        // Route epochs only grow: nodes refuse an older table.
+        let epoch = self.cluster.epoch();
+        if epoch < self.max_epoch {
+            return Err(format!(
+                "the route epoch went back from {} to {epoch}",
+                self.max_epoch
+            ));
+        }
+        self.max_epoch = epoch;
         self.now_ms += STEP_MS;
         self.clock.advance(Duration::from_millis(STEP_MS));
         self.check()
@@ -367,6 +384,15 @@ impl Sim {
                 });
                 self.start(i, new_disk);
             }
+        }
+        if self.chance(f.meta_restart) {
+            self.count("meta_restart");
+            self.cluster = Cluster::load(self.cfg.cluster.clone(), &self.store, self.clock.clone())
+                .map_err(|e| format!("the control service could not load its state: {e}"))?;
+            self.log(format!(
+                "control service restarts: state loaded from the store (epoch {})",
+                self.cluster.epoch()
+            ));
         }
         if self.chance(f.add_node) && self.nodes.len() < self.cfg.max_nodes {
             self.count("add_node");

@@ -78,3 +78,37 @@ fn it_runs_far_faster_than_real_time() {
     // makes that with room to spare.
     assert!(speed > 100.0, "{speed:.0}x real time");
 }
+
+/// Without faults the route settles and stays put: no reroute every lease
+/// check (the control service reroutes on it only when that changes
+/// something), no epoch bumped for nothing.
+#[test]
+fn a_quiet_cluster_keeps_its_epoch() {
+    let quiet = |seconds: u64| {
+        let mut cfg = SimConfig::new(5);
+        cfg.faults = celer_sim::Faults {
+            crash: 0.0,
+            restart: 0.0,
+            replace_disk: 0.0,
+            cut: 0.0,
+            heal: 0.0,
+            stop_all: 0.0,
+            split: 0.0,
+            add_node: 0.0,
+            meta_restart: 0.0,
+            push_loss: 0.0,
+        };
+        cfg.seconds = seconds;
+        cfg.quiet_seconds = 0;
+        let r = run(&cfg);
+        assert!(r.violation.is_none(), "{:?}", r.violation);
+        r.epoch
+    };
+    let settled = quiet(60);
+    assert!(settled > 0);
+    assert_eq!(
+        quiet(900),
+        settled,
+        "the epoch moved in a cluster with nothing to do"
+    );
+}

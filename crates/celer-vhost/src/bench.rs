@@ -82,7 +82,12 @@ pub struct BenchResult {
     pub errors: u64,
 }
 
-/// Parses `null:SIZE` or `file:PATH` into a device (used by the binaries).
+/// The longest `delay:MICROS` (10 s).
+pub const DELAY_MAX_MICROS: u64 = 10_000_000;
+
+/// Parses `null:SIZE`, `file:PATH` or `delay:MICROS:DEVICE` (DEVICE's
+/// completions reported MICROS late: a test tool) into a device (used by
+/// the binaries).
 pub fn open_device(
     spec: &str,
     read_only: bool,
@@ -95,6 +100,11 @@ pub fn open_device(
         let micros: u64 = micros
             .parse()
             .map_err(|e| anyhow::anyhow!("delay:{micros}: not a number of microseconds: {e}"))?;
+        // A test tool: beyond a few seconds every guest request times out,
+        // and an absurd figure would overflow the clock.
+        if micros > DELAY_MAX_MICROS {
+            bail!("delay:{micros}: at most {DELAY_MAX_MICROS} microseconds");
+        }
         let inner = open_device(inner, read_only, direct)?;
         return Ok(Arc::new(DelayDevice::new(
             inner,

@@ -172,6 +172,29 @@ fn serve_commands_reject_bad_devices() {
         "volume=one",
     );
     fails_with(&["bench", "engine", "--volume-size", "3K"], "--volume-size");
+    // The delay device (a test tool): its own errors, and its inner
+    // device's.
+    for (device, needle) in [
+        ("delay:", "delay:MICROS:DEVICE"),
+        ("delay:100", "delay:MICROS:DEVICE"),
+        ("delay:ten:null:1M", "not a number of microseconds"),
+        ("delay:-5:null:1M", "not a number of microseconds"),
+        (
+            "delay:18446744073709551615:null:1M",
+            "at most 10000000 microseconds",
+        ),
+        ("delay:100:", "device must be null:SIZE"),
+        ("delay:100:null:nope", "nope"),
+        (
+            "delay:100:file:/nonexistent/disk.img",
+            "/nonexistent/disk.img",
+        ),
+    ] {
+        fails_with(
+            &["vhost", "serve", "--socket", s, "--device", device],
+            needle,
+        );
+    }
 }
 
 #[test]

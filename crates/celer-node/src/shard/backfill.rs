@@ -260,14 +260,12 @@ impl ShardLoop {
             Status::StaleEpoch => {
                 // The source is ahead: fetch the route, then go on.
                 self.shared.tell_agent(AgentMsg::NeedRoute(h.epoch + 1));
-                b.stage = retry_stage;
-                b.retry_at = Some(Instant::now() + Duration::from_millis(20));
+                b.retry(retry_stage, Duration::from_millis(20));
                 return;
             }
             s => {
                 tracing::debug!(partition = b.partition, status = ?s, "backfill request refused; retrying");
-                b.stage = retry_stage;
-                b.retry_at = Some(Instant::now() + Duration::from_millis(10));
+                b.retry(retry_stage, Duration::from_millis(10));
                 return;
             }
         }
@@ -296,8 +294,7 @@ impl ShardLoop {
                         partition = b.partition,
                         "backfill chunk list of the wrong size; retrying"
                     );
-                    b.stage = BfStage::List;
-                    b.retry_at = Some(Instant::now() + Duration::from_millis(10));
+                    b.retry(BfStage::List, Duration::from_millis(10));
                     return;
                 };
                 b.ranges = chunks
@@ -338,8 +335,7 @@ impl ShardLoop {
                     partition = b.partition,
                     "backfill answer of the wrong size; retrying"
                 );
-                b.stage = BfStage::Read;
-                b.retry_at = Some(Instant::now() + Duration::from_millis(10));
+                b.retry(BfStage::Read, Duration::from_millis(10));
                 return;
             }
         };
@@ -416,8 +412,7 @@ impl ShardLoop {
                         partition = b.partition,
                         "backfill write failed: {e}; retrying the piece"
                     );
-                    b.stage = BfStage::Read;
-                    b.retry_at = Some(Instant::now() + Duration::from_millis(100));
+                    b.retry(BfStage::Read, Duration::from_millis(100));
                     return;
                 }
             }
@@ -427,8 +422,7 @@ impl ShardLoop {
                 // A write of this piece failed: read and apply it again
                 // (versions make that idempotent); it does not count.
                 b.piece_failed = false;
-                b.stage = BfStage::Read;
-                b.retry_at = Some(Instant::now() + Duration::from_millis(100));
+                b.retry(BfStage::Read, Duration::from_millis(100));
                 return;
             }
             // The piece is written: it counts as moved.
