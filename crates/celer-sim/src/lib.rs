@@ -22,6 +22,11 @@
 //!   the current table has a disk that holds its data;
 //! * **no trusted empty copy**: a running member that the table calls in
 //!   sync (and not down) holds the data;
+//! * **epochs only grow**, across control-service restarts too;
+//! * **attachments**: two front ends attach the volume (exclusive, with or
+//!   without `--force`, some read-only) and detach it; at most one
+//!   read-write attachment exists, it holds the volume's current fence,
+//!   fences only grow and attachment ids are never handed out twice;
 //!
 //! and at the end, after every fault is healed and every node runs again
 //! for a quiet period, **the cluster converged**: every partition has
@@ -34,7 +39,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use celer_meta::api::{Heartbeat, RegisterNode};
+use celer_meta::api::{AttachMode, AttachVolume, CreateVolume, Heartbeat, RegisterNode};
 use celer_meta::state::{Cluster, ClusterConfig, ManualClock, Pushed};
 use celer_meta::store::RedbStore;
 use celer_route::{NodeId, RouteTable};
@@ -47,6 +52,8 @@ pub const STEP_MS: u64 = 100;
 const LEASE_CHECK_MS: u64 = 500;
 /// Most partition bits the simulator splits to.
 const MAX_PARTITION_BITS: u8 = 6;
+/// The volume the front ends attach.
+const VOLUME: &str = "vm1";
 /// Trace lines kept before the failing step in a report.
 pub const TRACE_TAIL: usize = 60;
 
@@ -74,6 +81,11 @@ pub struct Faults {
     pub meta_restart: f64,
     /// A pushed route table does not reach a node.
     pub push_loss: f64,
+    /// A front end attaches the volume (half of them with `--force`, one
+    /// in ten read-only).
+    pub attach: f64,
+    /// A front end detaches.
+    pub detach: f64,
 }
 
 impl Default for Faults {
@@ -89,6 +101,8 @@ impl Default for Faults {
             add_node: 0.004,
             meta_restart: 0.005,
             push_loss: 0.2,
+            attach: 0.05,
+            detach: 0.03,
         }
     }
 }
@@ -221,6 +235,13 @@ struct Sim {
     traced: Option<RouteTable>,
     /// The highest route epoch seen.
     max_epoch: u64,
+    /// Two front ends (hosts) and the attachment each holds of the volume.
+    front_ends: [Option<u32>; 2],
+    /// The highest attachment id and fence generation handed out.
+    max_attachment: u32,
+    /// The fence each attachment handed out got.
+    fence_of: BTreeMap<u32, u32>,
+    max_fence: u32,
     trace: Vec<String>,
     counts: BTreeMap<&'static str, u64>,
 }
@@ -269,6 +290,10 @@ impl Sim {
             seeded: false,
             traced: None,
             max_epoch: 0,
+            front_ends: [None; 2],
+            max_attachment: 0,
+            fence_of: BTreeMap::new(),
+            max_fence: 0,
             trace: Vec::new(),
             counts: BTreeMap::new(),
             cfg,
@@ -344,6 +369,7 @@ impl Sim {
             ));
         }
         self.max_epoch = epoch;
+        self.check_attachments()?;
         self.now_ms += STEP_MS;
         self.clock.advance(Duration::from_millis(STEP_MS));
         self.check()
@@ -393,6 +419,15 @@ impl Sim {
                 "control service restarts: state loaded from the store (epoch {})",
                 self.cluster.epoch()
             ));
+        }
+        if self.seeded {
+            for h in 0..self.front_ends.len() {
+                if self.chance(f.attach) {
+                    self.attach(h)?;
+                } else if self.front_ends[h].is_some() && self.chance(f.detach) {
+                    self.detach(h);
+                }
+            }
         }
         if self.chance(f.add_node) && self.nodes.len() < self.cfg.max_nodes {
             self.count("add_node");
@@ -641,6 +676,16 @@ impl Sim {
             t.epoch,
             t.partition_count()
         ));
+        let req = CreateVolume {
+            name: VOLUME.into(),
+            size_bytes: 1 << 30,
+            replicas: None,
+            sector_size_bytes: None,
+        };
+        match self.cluster.create_volume(&self.store, "sim", req) {
+            Ok(v) => self.log(format!("volume {VOLUME} created (id {})", v.id)),
+            Err(e) => self.log(format!("volume {VOLUME} not created: {e}")),
+        }
     }
 
     /// Starts a copy of every partition node `i` joined as a syncing
@@ -748,6 +793,113 @@ impl Sim {
                     self.deliver(pushed);
                 }
                 Err(e) => self.log(format!("node #{i} (id {id}) synced refused: {e}")),
+            }
+        }
+        Ok(())
+    }
+
+    /// Front end `h` attaches the volume; a new attachment's id must be
+    /// above every id handed out before (ids are never reused).
+    fn attach(&mut self, h: usize) -> Result<(), String> {
+        self.count("attach");
+        let req = AttachVolume {
+            read_only: self.rng.gen::<f64>() < 0.1,
+            mode: AttachMode::Exclusive,
+            force: self.rng.gen::<f64>() < 0.5,
+            holder: format!("host{h}"),
+        };
+        let what = format!(
+            "front end {h} attaches{}{}",
+            if req.read_only { " read-only" } else { "" },
+            if req.force { " with --force" } else { "" }
+        );
+        match self.cluster.attach(&self.store, "sim", VOLUME, &req) {
+            Ok(a) => {
+                let id = a.attachment.id;
+                self.log(format!(
+                    "{what}: attachment {id} (fence {}), took over {:?}",
+                    a.attachment.fence, a.taken_over
+                ));
+                if !req.force && !a.taken_over.is_empty() {
+                    return Err(format!(
+                        "attachment {id} took over {:?} without --force",
+                        a.taken_over
+                    ));
+                }
+                // A writer taken over is fenced: its generation is below
+                // the new one, so the nodes refuse its writes.
+                if !req.read_only {
+                    for t in &a.taken_over {
+                        let old = self.fence_of.get(t).copied().unwrap_or(0);
+                        if old >= a.attachment.fence {
+                            return Err(format!(
+                                "attachment {t}, taken over by {id}, keeps fence {old} (the new one is {}): its writes would still be accepted",
+                                a.attachment.fence
+                            ));
+                        }
+                    }
+                }
+                self.fence_of.insert(id, a.attachment.fence);
+                if id <= self.max_attachment {
+                    return Err(format!(
+                        "attachment id {id} handed out again (up to {} were)",
+                        self.max_attachment
+                    ));
+                }
+                self.max_attachment = id;
+                self.front_ends[h] = Some(id);
+            }
+            Err(e) => {
+                let e = e.to_string();
+                let short: String = e.chars().take(70).collect();
+                self.log(format!("{what}: refused: {short}"));
+            }
+        }
+        Ok(())
+    }
+
+    fn detach(&mut self, h: usize) {
+        let Some(id) = self.front_ends[h].take() else {
+            return;
+        };
+        self.count("detach");
+        match self.cluster.detach(&self.store, "sim", id) {
+            Ok(_) => self.log(format!("front end {h} detaches attachment {id}")),
+            // Taken over (ended) by the other front end meanwhile.
+            Err(e) => self.log(format!("front end {h} detach {id}: {e}")),
+        }
+    }
+
+    /// Attachments: the fence only grows, at most one read-write
+    /// exclusive attachment, and it holds the volume's current fence.
+    fn check_attachments(&mut self) -> Result<(), String> {
+        let live = self.cluster.attachments();
+        let Ok(v) = self.cluster.volume(VOLUME) else {
+            return Ok(());
+        };
+        if v.fence < self.max_fence {
+            return Err(format!(
+                "volume {VOLUME}'s fence went back from {} to {}",
+                self.max_fence, v.fence
+            ));
+        }
+        self.max_fence = v.fence;
+        let writers: Vec<&celer_meta::api::AttachmentRecord> = live
+            .iter()
+            .filter(|a| a.volume_id == v.id && !a.read_only)
+            .collect();
+        if writers.len() > 1 {
+            let ids: Vec<u32> = writers.iter().map(|a| a.id).collect();
+            return Err(format!(
+                "two exclusive writers of {VOLUME}: attachments {ids:?}"
+            ));
+        }
+        if let Some(w) = writers.first() {
+            if w.fence != v.fence {
+                return Err(format!(
+                    "writer attachment {} holds fence {}, the volume is at {}",
+                    w.id, w.fence, v.fence
+                ));
             }
         }
         Ok(())

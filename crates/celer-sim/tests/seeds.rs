@@ -97,6 +97,8 @@ fn a_quiet_cluster_keeps_its_epoch() {
             add_node: 0.0,
             meta_restart: 0.0,
             push_loss: 0.0,
+            attach: 0.0,
+            detach: 0.0,
         };
         cfg.seconds = seconds;
         cfg.quiet_seconds = 0;
