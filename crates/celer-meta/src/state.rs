@@ -443,34 +443,47 @@ impl Tx {
         cfg: &ClusterConfig,
         reason: &str,
     ) -> std::result::Result<(), StateError> {
-        let nodes: Vec<NodeInfo> = self.p.nodes.values().cloned().collect();
-        let next = match &self.p.route.table {
-            None => {
-                if nodes.iter().filter(|n| n.up).count() < cfg.replicas as usize {
-                    return Ok(());
-                }
-                let mut t =
-                    RouteTable::initial(nodes, cfg.partition_bits, cfg.replicas, cfg.chunk_bytes)
-                        .map_err(|e| {
+        if let Some(next) = next_table(&self.p, cfg, &self.held, self.epoch_floor)? {
+            self.set_table(next, reason);
+        }
+        Ok(())
+    }
+}
+
+/// The next table for `p`'s node list: the first one once `replicas` nodes
+/// are up, then a bounded rebalance; `None` when nothing would change.
+/// Reads `p` only, so a periodic check needs no transaction (no copy of the
+/// state) when there is nothing to do.
+fn next_table(
+    p: &Persistent,
+    cfg: &ClusterConfig,
+    held: &[NodeId],
+    epoch_floor: u64,
+) -> std::result::Result<Option<RouteTable>, StateError> {
+    let nodes: Vec<NodeInfo> = p.nodes.values().cloned().collect();
+    match &p.route.table {
+        None => {
+            if nodes.iter().filter(|n| n.up).count() < cfg.replicas as usize {
+                return Ok(None);
+            }
+            let mut t =
+                RouteTable::initial(nodes, cfg.partition_bits, cfg.replicas, cfg.chunk_bytes)
+                    .map_err(|e| {
                         StateError::BadRequest(format!("cannot build the route table: {e}"))
                     })?;
-                t.epoch = t.epoch.max(self.epoch_floor + 1);
-                t
+            t.epoch = t.epoch.max(epoch_floor + 1);
+            Ok(Some(t))
+        }
+        Some(t) => {
+            // Bounded concurrent movement: partitions still moving use
+            // up the budget.
+            let moving = t.partitions.iter().filter(|p| !p.all_in_sync()).count();
+            let next = t.rebalance_holding(nodes, cfg.max_moves.saturating_sub(moving), held);
+            if next.nodes == t.nodes && next.partitions == t.partitions {
+                return Ok(None);
             }
-            Some(t) => {
-                // Bounded concurrent movement: partitions still moving use
-                // up the budget.
-                let moving = t.partitions.iter().filter(|p| !p.all_in_sync()).count();
-                let next =
-                    t.rebalance_holding(nodes, cfg.max_moves.saturating_sub(moving), &self.held);
-                if next.nodes == t.nodes && next.partitions == t.partitions {
-                    return Ok(());
-                }
-                next
-            }
-        };
-        self.set_table(next, reason);
-        Ok(())
+            Ok(Some(next))
+        }
     }
 }
 
@@ -1157,11 +1170,14 @@ impl Cluster {
         if self.table().is_none() {
             return Ok(None);
         }
-        let mut tx = self.begin("meta");
-        tx.reroute(&self.cfg, "rebalance: partitions short of their copies")?;
-        if !tx.table_changed {
+        // Computed against the live state first: this runs on every lease
+        // check, and almost always finds nothing to move.
+        let held = self.held(self.clock.now());
+        let Some(next) = next_table(&self.p, &self.cfg, &held, self.epoch_floor)? else {
             return Ok(None);
-        }
+        };
+        let mut tx = self.begin("meta");
+        tx.set_table(next, "rebalance: partitions short of their copies");
         Ok(self.commit(store, tx)?)
     }
 

@@ -462,10 +462,10 @@ impl Sim {
         };
         self.nodes[i].holds.iter().all(|&p| {
             t.partition(p).is_some_and(|r| {
-                r.members.iter().filter(|m| m.in_sync && !m.down).any(|m| {
-                    self.index_of(m.node)
-                        .is_some_and(|j| j != i && self.nodes[j].holds.contains(&p))
-                })
+                r.members
+                    .iter()
+                    .filter(|m| m.in_sync && !m.down)
+                    .any(|m| self.index_of(m.node) != Some(i) && self.holds(m.node, p))
             })
         })
     }
@@ -518,6 +518,12 @@ impl Sim {
 
     fn index_of(&self, id: NodeId) -> Option<usize> {
         self.nodes.iter().position(|n| n.id == Some(id))
+    }
+
+    /// Whether node `id`'s disk holds partition `p`'s data.
+    fn holds(&self, id: NodeId, p: u32) -> bool {
+        self.index_of(id)
+            .is_some_and(|j| self.nodes[j].holds.contains(&p))
     }
 
     /// A split doubled the partitions: partition p's data is now p's and
@@ -973,10 +979,7 @@ impl Sim {
             let holders: Vec<NodeId> = r
                 .members
                 .iter()
-                .filter(|m| {
-                    self.index_of(m.node)
-                        .is_some_and(|j| self.nodes[j].holds.contains(&p))
-                })
+                .filter(|m| self.holds(m.node, p))
                 .map(|m| m.node)
                 .collect();
             if holders.is_empty() {
@@ -1015,11 +1018,7 @@ impl Sim {
             let good = r
                 .members
                 .iter()
-                .filter(|m| m.in_sync && !m.down)
-                .filter(|m| {
-                    self.index_of(m.node)
-                        .is_some_and(|j| self.nodes[j].holds.contains(&p))
-                })
+                .filter(|m| m.in_sync && !m.down && self.holds(m.node, p))
                 .count();
             if good < want {
                 return Err(format!(
