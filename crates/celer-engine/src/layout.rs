@@ -468,6 +468,7 @@ pub const RECORDS_PER_JOURNAL_BLOCK: usize = (BLOCK_SIZE - JOURNAL_HEADER_BYTES)
 // Journal block header: magic(8) crc(4) count(4) uuid(8) shard(4) pad(4) seq(8) acked_through(8)
 const JOURNAL_CRC: usize = 8;
 
+#[inline]
 pub fn encode_record(r: &Record, b: &mut [u8]) {
     b[..RECORD_BYTES].fill(0);
     match *r {

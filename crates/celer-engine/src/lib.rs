@@ -21,12 +21,14 @@
 
 mod aligned;
 mod device;
+mod disk;
 mod layout;
 mod recovery;
 mod shard;
 
 pub use aligned::AlignedBuf;
 pub use device::{EngineDevice, EngineDeviceConfig};
+pub use disk::{Disk, DiskIo, DiskQueue, FileDisk, IoBufs, UringQueue};
 pub use layout::{BlockKind, Geometry, SlotOwner, Superblock, BLOCK_SIZE};
 pub use recovery::{
     Engine, EngineStats, FormatOptions, OpenOptions, RebuildReport, LOCK_WAIT_DEFAULT,

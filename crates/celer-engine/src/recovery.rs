@@ -5,11 +5,12 @@
 //! start has nothing to replay.
 
 use std::fs::{File, OpenOptions as FsOpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
 use crate::aligned::AlignedBuf;
+use crate::disk::{Disk, FileDisk};
 use crate::layout::{
     self, BlockEntry, BlockKind, Geometry, IndexHeader, MapHeader, Record, SlotOwner, Superblock,
     SuperblockState, BLOCK_SIZE, BLOCK_SIZE_U64,
@@ -90,12 +91,13 @@ pub struct EngineStats {
 }
 
 /// An opened engine: its geometry and its shards, ready to be moved to
-/// their threads with `into_shards`.
-pub struct Engine {
+/// their threads with `into_shards`. On a file or block device unless the
+/// simulator gives it another `Disk`.
+pub struct Engine<D: Disk = FileDisk> {
     geometry: Geometry,
     /// The storage node this disk belongs to, as its superblock said at open.
     node_id: Option<u64>,
-    shards: Vec<Shard>,
+    shards: Vec<Shard<D>>,
     report: RebuildReport,
 }
 
@@ -161,32 +163,38 @@ fn open_disk_exclusive(path: &Path, wait: std::time::Duration) -> Result<File, E
     }
 }
 
-fn disk_size(path: &Path, f: &File) -> Result<u64, EngineError> {
-    use std::io::{Seek, SeekFrom};
-    let mut f = f;
-    f.seek(SeekFrom::End(0))
-        .map_err(|e| os_err(path, "seek to end", e))
+fn disk_err(disk: &impl Disk, what: &'static str, e: std::io::Error) -> EngineError {
+    EngineError::Os {
+        path: disk.name().to_string(),
+        what,
+        errno_text: e.to_string(),
+    }
 }
 
-fn read_at(path: &Path, f: &File, buf: &mut AlignedBuf, offset: u64) -> Result<(), EngineError> {
-    f.read_exact_at(buf, offset)
-        .map_err(|e| os_err(path, "read", e))
+fn read_at(disk: &impl Disk, buf: &mut [u8], offset: u64) -> Result<(), EngineError> {
+    disk.read_at(buf, offset)
+        .map_err(|e| disk_err(disk, "read", e))
 }
 
-fn write_at(path: &Path, f: &File, buf: &AlignedBuf, offset: u64) -> Result<(), EngineError> {
-    f.write_all_at(buf, offset)
-        .map_err(|e| os_err(path, "write", e))
+fn write_at(disk: &impl Disk, buf: &[u8], offset: u64) -> Result<(), EngineError> {
+    disk.write_at(buf, offset)
+        .map_err(|e| disk_err(disk, "write", e))
 }
 
-fn read_superblock(path: &Path, f: &File) -> Result<Superblock, EngineError> {
-    let size = disk_size(path, f)?;
+fn sync(disk: &impl Disk) -> Result<(), EngineError> {
+    disk.sync().map_err(|e| disk_err(disk, "fdatasync", e))
+}
+
+fn read_superblock(disk: &impl Disk) -> Result<Superblock, EngineError> {
+    let path = disk.name();
+    let size = disk.size().map_err(|e| disk_err(disk, "size", e))?;
     if size < 2 * BLOCK_SIZE_U64 {
         return Err(EngineError::NotCeler {
-            path: path.display().to_string(),
+            path: path.to_string(),
         });
     }
     let mut buf = AlignedBuf::new(2);
-    read_at(path, f, &mut buf, 0)?;
+    read_at(disk, &mut buf, 0)?;
     let mut corrupt = false;
     for copy in 0..2 {
         match layout::decode_superblock(&buf[copy * BLOCK_SIZE..(copy + 1) * BLOCK_SIZE]) {
@@ -194,7 +202,7 @@ fn read_superblock(path: &Path, f: &File) -> Result<Superblock, EngineError> {
                 let g = &sb.geometry;
                 if g.total_bytes() > size {
                     return Err(EngineError::Truncated {
-                        path: path.display().to_string(),
+                        path: path.to_string(),
                         actual_bytes: size,
                         expected_bytes: g.total_bytes(),
                     });
@@ -203,7 +211,7 @@ fn read_superblock(path: &Path, f: &File) -> Result<Superblock, EngineError> {
             }
             SuperblockState::WrongVersion(found) => {
                 return Err(EngineError::WrongFormatVersion {
-                    path: path.display().to_string(),
+                    path: path.to_string(),
                     found,
                     supported: layout::FORMAT_VERSION,
                 })
@@ -214,11 +222,11 @@ fn read_superblock(path: &Path, f: &File) -> Result<Superblock, EngineError> {
     }
     if corrupt {
         Err(EngineError::CorruptSuperblock {
-            path: path.display().to_string(),
+            path: path.to_string(),
         })
     } else {
         Err(EngineError::NotCeler {
-            path: path.display().to_string(),
+            path: path.to_string(),
         })
     }
 }
@@ -250,74 +258,23 @@ impl Engine {
                 f.set_len(size).map_err(|e| os_err(path, "set length", e))?;
             }
         }
-        let f = open_disk_exclusive(path, LOCK_WAIT_DEFAULT)?;
-        let size = disk_size(path, &f)?;
-        let uuid = random_u64();
-        let g = Geometry::for_disk(
-            uuid,
-            size,
-            opts.chunk_blocks,
-            opts.spare_blocks,
-            opts.shard_count,
-            opts.journal_blocks,
-        )?;
-        // Journal: zeroed, so nothing of an earlier format is ever replayed
-        // (the uuid check would reject it anyway).
-        let zero = AlignedBuf::new(256);
-        let journal_bytes = g.shard_count as u64 * g.journal_blocks as u64 * BLOCK_SIZE_U64;
-        let mut at = 0;
-        while at < journal_bytes {
-            let n = (journal_bytes - at).min(zero.len() as u64) as usize;
-            f.write_all_at(&zero[..n], g.journal_start() * BLOCK_SIZE_U64 + at)
-                .map_err(|e| os_err(path, "write journal", e))?;
-            at += n as u64;
-        }
-        let mut index = AlignedBuf::new(g.index_blocks() as usize);
-        let entries = vec![None; g.slots_per_shard() as usize];
-        for shard in 0..g.shard_count {
-            layout::encode_index(
-                uuid,
-                shard,
-                &IndexHeader {
-                    generation: 1,
-                    journal_tail: 1,
-                },
-                &entries,
-                &mut index,
-            );
-            write_at(path, &f, &index, g.index_offset(shard, 1))?;
-            // Copy 0 is left invalid: generation 1 lives in copy 1.
-            let blank = AlignedBuf::new(g.index_blocks() as usize);
-            write_at(path, &f, &blank, g.index_offset(shard, 0))?;
-        }
-        let mut sb = AlignedBuf::new(2);
-        layout::encode_superblock(
-            &Superblock {
-                geometry: g,
-                node_id: None,
-            },
-            &mut sb[..BLOCK_SIZE],
-        );
-        let (a, b) = sb.split_at_mut(BLOCK_SIZE);
-        b.copy_from_slice(a);
-        write_at(path, &f, &sb, 0)?;
-        f.sync_all().map_err(|e| os_err(path, "fsync", e))?;
-        Ok(g)
+        let disk = FileDisk::new(open_disk_exclusive(path, LOCK_WAIT_DEFAULT)?, path);
+        Engine::format_on(&disk, opts, random_u64())
     }
 
     /// Reads the geometry of an existing engine disk without opening it;
     /// errors like `open` if `path` is not a (valid) Celer engine disk.
     pub fn identify(path: &Path) -> Result<Geometry, EngineError> {
-        let f = open_disk(path, false)?;
-        Ok(read_superblock(path, &f)?.geometry)
+        let disk = FileDisk::new(open_disk(path, false)?, path);
+        Ok(read_superblock(&disk)?.geometry)
     }
 
     /// The storage node `path` belongs to (`None`: no node took it yet, or
     /// it was formatted before disks recorded their node), without opening
     /// the engine.
     pub fn node_id_of(path: &Path) -> Result<Option<u64>, EngineError> {
-        let f = open_disk(path, false)?;
-        Ok(read_superblock(path, &f)?.node_id)
+        let disk = FileDisk::new(open_disk(path, false)?, path);
+        Ok(read_superblock(&disk)?.node_id)
     }
 
     /// Records in the superblock of `path` that it belongs to storage node
@@ -327,8 +284,8 @@ impl Engine {
     /// Nothing is written when the disk already names `node_id`; a disk
     /// that names another node is refused (`DiskOfAnotherNode`).
     pub fn record_node_id(path: &Path, node_id: u64) -> Result<(), EngineError> {
-        let f = open_disk(path, false)?;
-        let mut sb = read_superblock(path, &f)?;
+        let disk = FileDisk::new(open_disk(path, false)?, path);
+        let mut sb = read_superblock(&disk)?;
         match sb.node_id {
             Some(id) if id == node_id => return Ok(()),
             Some(recorded) => {
@@ -344,32 +301,99 @@ impl Engine {
         let mut block = AlignedBuf::new(1);
         layout::encode_superblock(&sb, &mut block[..BLOCK_SIZE]);
         for copy in 0..2u64 {
-            write_at(path, &f, &block, copy * BLOCK_SIZE_U64)?;
-            f.sync_data().map_err(|e| os_err(path, "fsync", e))?;
+            write_at(&disk, &block, copy * BLOCK_SIZE_U64)?;
+            sync(&disk)?;
         }
         Ok(())
     }
 
     /// Opens an engine: loads the index and maps, replays the journal.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Engine, EngineError> {
-        let f = open_disk_exclusive(path, opts.lock_wait)?;
-        let sb = read_superblock(path, &f)?;
-        let g = sb.geometry;
-        let mut starts = Vec::new();
-        for shard in 0..g.shard_count {
-            starts.push(read_index(path, &f, &g, shard)?);
-        }
-        let mut engine = Engine::recover(path, f, g, starts, opts)?;
-        engine.node_id = sb.node_id;
-        Ok(engine)
+        let disk = FileDisk::new(open_disk_exclusive(path, opts.lock_wait)?, path);
+        Engine::open_on(disk, opts)
     }
 
     /// Rebuilds the index from the chunk slot headers alone (for a damaged
     /// or lost metadata area), then recovers as `open` does, and writes a
     /// fresh index. The journal is replayed where it is still valid.
     pub fn rebuild(path: &Path) -> Result<RebuildReport, EngineError> {
-        let f = open_disk_exclusive(path, LOCK_WAIT_DEFAULT)?;
-        let g = read_superblock(path, &f)?.geometry;
+        let disk = FileDisk::new(open_disk_exclusive(path, LOCK_WAIT_DEFAULT)?, path);
+        Engine::rebuild_on(disk)
+    }
+}
+
+impl<D: Disk> Engine<D> {
+    /// Writes a fresh engine with disk id `uuid` onto `disk` (see `format`).
+    pub fn format_on(disk: &D, opts: &FormatOptions, uuid: u64) -> Result<Geometry, EngineError> {
+        let size = disk.size().map_err(|e| disk_err(disk, "size", e))?;
+        let g = Geometry::for_disk(
+            uuid,
+            size,
+            opts.chunk_blocks,
+            opts.spare_blocks,
+            opts.shard_count,
+            opts.journal_blocks,
+        )?;
+        // Journal: zeroed, so nothing of an earlier format is ever replayed
+        // (the uuid check would reject it anyway).
+        let zero = AlignedBuf::new(256);
+        let journal_bytes = g.shard_count as u64 * g.journal_blocks as u64 * BLOCK_SIZE_U64;
+        let mut at = 0;
+        while at < journal_bytes {
+            let n = (journal_bytes - at).min(zero.len() as u64) as usize;
+            write_at(disk, &zero[..n], g.journal_start() * BLOCK_SIZE_U64 + at)?;
+            at += n as u64;
+        }
+        let mut index = AlignedBuf::new(g.index_blocks() as usize);
+        let entries = vec![None; g.slots_per_shard() as usize];
+        for shard in 0..g.shard_count {
+            layout::encode_index(
+                uuid,
+                shard,
+                &IndexHeader {
+                    generation: 1,
+                    journal_tail: 1,
+                },
+                &entries,
+                &mut index,
+            );
+            write_at(disk, &index, g.index_offset(shard, 1))?;
+            // Copy 0 is left invalid: generation 1 lives in copy 1.
+            let blank = AlignedBuf::new(g.index_blocks() as usize);
+            write_at(disk, &blank, g.index_offset(shard, 0))?;
+        }
+        let mut sb = AlignedBuf::new(2);
+        layout::encode_superblock(
+            &Superblock {
+                geometry: g,
+                node_id: None,
+            },
+            &mut sb[..BLOCK_SIZE],
+        );
+        let (a, b) = sb.split_at_mut(BLOCK_SIZE);
+        b.copy_from_slice(a);
+        write_at(disk, &sb, 0)?;
+        sync(disk)?;
+        Ok(g)
+    }
+
+    /// Opens an engine on `disk` (see `open`; the caller holds the disk
+    /// for this process alone).
+    pub fn open_on(disk: D, opts: &OpenOptions) -> Result<Engine<D>, EngineError> {
+        let sb = read_superblock(&disk)?;
+        let g = sb.geometry;
+        let mut starts = Vec::new();
+        for shard in 0..g.shard_count {
+            starts.push(read_index(&disk, &g, shard)?);
+        }
+        let mut engine = Engine::recover(disk, g, starts, opts)?;
+        engine.node_id = sb.node_id;
+        Ok(engine)
+    }
+
+    /// Rebuilds `disk`'s index from its slot headers (see `rebuild`).
+    pub fn rebuild_on(disk: D) -> Result<RebuildReport, EngineError> {
+        let g = read_superblock(&disk)?.geometry;
         let per = g.slots_per_shard() as usize;
         let mut starts: Vec<ShardStart> = (0..g.shard_count)
             .map(|_| ShardStart {
@@ -384,7 +408,7 @@ impl Engine {
             scanned += 1;
             let mut best: Option<(u64, Option<SlotOwner>)> = None;
             for copy in 0..2 {
-                read_at(path, &f, &mut hdr, g.header_offset(slot, copy))?;
+                read_at(&disk, &mut hdr, g.header_offset(slot, copy))?;
                 if let Some(h) = layout::decode_slot_header(g.disk_uuid, slot, &hdr) {
                     if best.is_none_or(|b| h.0 > b.0) {
                         best = Some(h);
@@ -408,8 +432,7 @@ impl Engine {
             s.index_generation = u64::MAX / 4;
         }
         let engine = Engine::recover(
-            path,
-            f,
+            disk,
             g,
             starts,
             &OpenOptions {
@@ -426,20 +449,19 @@ impl Engine {
     }
 
     fn recover(
-        path: &Path,
-        f: File,
+        disk: D,
         g: Geometry,
         starts: Vec<ShardStart>,
         opts: &OpenOptions,
-    ) -> Result<Engine, EngineError> {
-        let f = Arc::new(f);
+    ) -> Result<Engine<D>, EngineError> {
+        let disk = Arc::new(disk);
         let mut shards = Vec::new();
         let mut report = RebuildReport::default();
         for (shard, start) in starts.into_iter().enumerate() {
-            let init = recover_shard(path, &f, &g, shard as u32, start, opts, &mut report)?;
+            let init = recover_shard(&disk, &g, shard as u32, start, opts, &mut report)?;
             shards.push(Shard::new(init)?);
         }
-        f.sync_all().map_err(|e| os_err(path, "fsync", e))?;
+        sync(&*disk)?;
         Ok(Engine {
             geometry: g,
             node_id: None,
@@ -460,10 +482,10 @@ impl Engine {
     pub fn shard_for(&self, volume: u64, chunk: u64) -> u32 {
         crate::shard::shard_for(&self.geometry, volume, chunk)
     }
-    pub fn shards_mut(&mut self) -> &mut [Shard] {
+    pub fn shards_mut(&mut self) -> &mut [Shard<D>] {
         &mut self.shards
     }
-    pub fn into_shards(self) -> Vec<Shard> {
+    pub fn into_shards(self) -> Vec<Shard<D>> {
         self.shards
     }
     /// What recovery did at open.
@@ -479,12 +501,12 @@ impl Engine {
     }
 }
 
-fn read_index(path: &Path, f: &File, g: &Geometry, shard: u32) -> Result<ShardStart, EngineError> {
+fn read_index(disk: &impl Disk, g: &Geometry, shard: u32) -> Result<ShardStart, EngineError> {
     let per = g.slots_per_shard() as usize;
     let mut buf = AlignedBuf::new(g.index_blocks() as usize);
     let mut best: Option<(IndexHeader, Vec<SlotEntry>)> = None;
     for copy in 0..2 {
-        read_at(path, f, &mut buf, g.index_offset(shard, copy))?;
+        read_at(disk, &mut buf, g.index_offset(shard, copy))?;
         let mut owners = vec![None; per];
         if let Some(h) = layout::decode_index(g.disk_uuid, shard, &buf, &mut owners) {
             if h.generation % 2 == copy
@@ -512,15 +534,14 @@ fn read_index(path: &Path, f: &File, g: &Geometry, shard: u32) -> Result<ShardSt
     })
 }
 
-fn recover_shard(
-    path: &Path,
-    f: &Arc<File>,
+fn recover_shard<D: Disk>(
+    disk: &Arc<D>,
     g: &Geometry,
     shard: u32,
     start: ShardStart,
     opts: &OpenOptions,
     report: &mut RebuildReport,
-) -> Result<ShardInit, EngineError> {
+) -> Result<ShardInit<D>, EngineError> {
     let per = g.slots_per_shard() as usize;
     let ShardStart {
         owners,
@@ -535,7 +556,7 @@ fn recover_shard(
             continue;
         };
         let slot_index = g.slot_of(shard, local as u64);
-        read_at(path, f, &mut maps, g.map_offset(slot_index, 0))?;
+        read_at(&**disk, &mut maps, g.map_offset(slot_index, 0))?;
         let mut entries = vec![BlockEntry::UNWRITTEN; g.chunk_blocks as usize];
         let mut scratch = entries.clone();
         let mut gen = 0;
@@ -565,7 +586,7 @@ fn recover_shard(
 
     // Journal: read the whole ring, keep valid blocks, replay in order.
     let mut ring = AlignedBuf::new(g.journal_blocks as usize);
-    read_at(path, f, &mut ring, g.journal_block_offset(shard, 0))?;
+    read_at(&**disk, &mut ring, g.journal_block_offset(shard, 0))?;
     let mut blocks = Vec::new();
     let mut watermark = 0;
     for i in 0..g.journal_blocks as usize {
@@ -638,7 +659,7 @@ fn recover_shard(
                     if seq > watermark {
                         // Its data write may not have reached the disk.
                         let slot_index = g.slot_of(shard, local as u64);
-                        read_at(path, f, &mut data, g.phys_offset(slot_index, phys))?;
+                        read_at(&**disk, &mut data, g.phys_offset(slot_index, phys))?;
                         if crc32c::crc32c(&data) != crc {
                             report.journal_records_dropped += 1;
                             continue;
@@ -682,7 +703,7 @@ fn recover_shard(
     let mut init = ShardInit {
         id: shard,
         g: *g,
-        file: f.clone(),
+        disk: disk.clone(),
         slots,
         next_seq,
         tail: next_seq,
@@ -693,15 +714,14 @@ fn recover_shard(
     };
     // Checkpoint now: the journal's records are all reflected in the maps
     // and index, so the next open never replays (or trusts) them again.
-    checkpoint_sync(path, f, g, &mut init)?;
+    checkpoint_sync(&**disk, g, &mut init)?;
     Ok(init)
 }
 
-fn checkpoint_sync(
-    path: &Path,
-    f: &File,
+fn checkpoint_sync<D: Disk>(
+    disk: &D,
     g: &Geometry,
-    init: &mut ShardInit,
+    init: &mut ShardInit<D>,
 ) -> Result<(), EngineError> {
     let cut = init.next_seq - 1;
     let mut buf = AlignedBuf::new(g.map_blocks() as usize);
@@ -719,16 +739,11 @@ fn checkpoint_sync(
                 chunk: s.owner.chunk,
             };
             layout::encode_map(g.disk_uuid, slot_index, &h, &s.entries, &mut buf);
-            write_at(
-                path,
-                f,
-                &buf,
-                g.map_offset(slot_index, s.map_generation % 2),
-            )?;
+            write_at(disk, &buf, g.map_offset(slot_index, s.map_generation % 2))?;
             s.dirty = false;
         }
     }
-    f.sync_data().map_err(|e| os_err(path, "fdatasync", e))?;
+    sync(disk)?;
     init.index_generation += 1;
     let mut index = AlignedBuf::new(g.index_blocks() as usize);
     let h = IndexHeader {
@@ -737,12 +752,11 @@ fn checkpoint_sync(
     };
     layout::encode_index(g.disk_uuid, init.id, &h, &entries, &mut index);
     write_at(
-        path,
-        f,
+        disk,
         &index,
         g.index_offset(init.id, init.index_generation % 2),
     )?;
-    f.sync_data().map_err(|e| os_err(path, "fdatasync", e))?;
+    sync(disk)?;
     Ok(())
 }
 

@@ -27,14 +27,12 @@
 //! mix. Cost: one extra 4 KiB read when the block holds data.
 
 use std::collections::{HashMap, VecDeque};
-use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::Instant;
 
-use io_uring::{opcode, types, IoUring};
-
 use crate::aligned::AlignedBuf;
+use crate::disk::{Disk, DiskIo, DiskQueue, FileDisk, IoBufs, CQ_ENTRIES};
 use crate::layout::{
     self, BlockEntry, BlockKind, Geometry, IndexHeader, MapHeader, Record, SlotOwner, BLOCK_SIZE,
     BLOCK_SIZE_U64, PHYS_NONE, RECORDS_PER_JOURNAL_BLOCK, RECORD_BYTES,
@@ -70,8 +68,6 @@ pub const INFLIGHT_MAX: usize = 256;
 /// Checkpoint map writes in flight at once: a checkpoint trickles out
 /// beside the requests instead of queueing a thousand writes ahead of them.
 const CKPT_WRITES_INFLIGHT_MAX: u32 = 4;
-/// Completion queue entries: bounds the SQEs in flight so the CQ never overflows.
-const CQ_ENTRIES: u32 = 16384;
 
 /// A piece of caller memory, kept valid by the caller until completion:
 /// the same type as at the `BlockDevice` boundary, so no conversion.
@@ -184,6 +180,7 @@ const UD_KIND: u64 = 0xff << 56;
 /// user_data of an I/O: its kind, the op or buffer it belongs to (low 32
 /// bits), and the bytes it must transfer in 512-byte units (bits 32..56):
 /// a short transfer is an error, never a success.
+#[inline]
 fn io_ud(kind: u64, id: u64, bytes: usize) -> u64 {
     debug_assert!(
         bytes.is_multiple_of(512) && bytes / 512 < 1 << 24,
@@ -195,6 +192,7 @@ fn io_ud(kind: u64, id: u64, bytes: usize) -> u64 {
 /// The completion result of an I/O that had to transfer `expected` bytes:
 /// a short transfer becomes EIO (with a log line), so it fails like any
 /// device error.
+#[inline]
 fn checked_result(res: i32, expected: i32, what: u64) -> i32 {
     if res < 0 || res == expected {
         return res;
@@ -208,14 +206,14 @@ fn checked_result(res: i32, expected: i32, what: u64) -> i32 {
     -libc::EIO
 }
 
-/// One shard of an engine, driven by exactly one thread.
-pub struct Shard {
+/// One shard of an engine, driven by exactly one thread; generic over the
+/// disk it lives on (io_uring on a file in production, see `disk`).
+pub struct Shard<D: Disk = FileDisk> {
     id: u32,
     g: Geometry,
-    _file: Arc<File>,
-    fd: i32,
-    ring: IoUring,
-    completion_fd: Option<OwnedFd>,
+    /// Kept open as long as the queue's I/O may use it.
+    _disk: Arc<D>,
+    io: Io<D::Queue>,
     slots: Vec<Option<SlotState>>,
     by_chunk: HashMap<(u64, u64), u32>,
     free_slots: Vec<u32>,
@@ -245,8 +243,7 @@ pub struct Shard {
     flush_jbs: Vec<usize>,
     flush_inflight: bool,
     failed: Option<String>,
-    unsubmitted: u32,
-    inflight_sqes: u32,
+    /// Most I/O in flight: completions never overflow the queue.
     cq_budget: u32,
     max_request_blocks: u16,
     stats: ShardStats,
@@ -256,10 +253,10 @@ pub struct Shard {
     reads_done: Vec<u32>,
 }
 
-pub(crate) struct ShardInit {
+pub(crate) struct ShardInit<D> {
     pub(crate) id: u32,
     pub(crate) g: Geometry,
-    pub(crate) file: Arc<File>,
+    pub(crate) disk: Arc<D>,
     pub(crate) slots: Vec<Option<SlotState>>,
     pub(crate) next_seq: u64,
     pub(crate) tail: u64,
@@ -269,47 +266,12 @@ pub(crate) struct ShardInit {
     pub(crate) completion_eventfd: bool,
 }
 
-impl Shard {
-    pub(crate) fn new(init: ShardInit) -> Result<Shard, EngineError> {
+impl<D: Disk> Shard<D> {
+    pub(crate) fn new(init: ShardInit<D>) -> Result<Shard<D>, EngineError> {
         let g = init.g;
         let inflight_max = init.inflight_max.clamp(1, INFLIGHT_MAX);
         let max_request_blocks = g.chunk_blocks.min(256) as u16;
-        let mut builder = IoUring::builder();
-        builder.setup_cqsize(CQ_ENTRIES);
-        if !init.completion_eventfd {
-            // No inter-processor interrupt per completion: the owning thread
-            // runs completion work when it enters the kernel anyway. (Not
-            // with an eventfd: an owner asleep in epoll must be woken.)
-            builder.setup_coop_taskrun();
-        }
-        let ring = builder.build(512).map_err(|e| EngineError::Os {
-            path: "io_uring".into(),
-            what: "io_uring_setup",
-            errno_text: e.to_string(),
-        })?;
-        let completion_fd = if init.completion_eventfd {
-            // SAFETY: plain syscall; the result is checked before use.
-            let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-            if fd < 0 {
-                return Err(EngineError::Os {
-                    path: "eventfd".into(),
-                    what: "eventfd",
-                    errno_text: std::io::Error::last_os_error().to_string(),
-                });
-            }
-            // SAFETY: fd is a fresh descriptor owned by nobody else.
-            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-            ring.submitter()
-                .register_eventfd(fd.as_raw_fd())
-                .map_err(|e| EngineError::Os {
-                    path: "io_uring".into(),
-                    what: "register eventfd",
-                    errno_text: e.to_string(),
-                })?;
-            Some(fd)
-        } else {
-            None
-        };
+        let queue = init.disk.queue(init.completion_eventfd)?;
         let mut by_chunk = HashMap::with_capacity(init.slots.len());
         let mut free_slots = Vec::with_capacity(init.slots.len());
         for (local, s) in init.slots.iter().enumerate().rev() {
@@ -372,10 +334,12 @@ impl Shard {
         Ok(Shard {
             id: init.id,
             g,
-            fd: init.file.as_raw_fd(),
-            _file: init.file,
-            ring,
-            completion_fd,
+            _disk: init.disk,
+            io: Io {
+                queue,
+                unsubmitted: 0,
+                inflight: 0,
+            },
             slots: init.slots,
             by_chunk,
             free_slots,
@@ -399,8 +363,6 @@ impl Shard {
             flush_jbs: Vec::with_capacity(JOURNAL_BUFS),
             flush_inflight: false,
             failed: None,
-            unsubmitted: 0,
-            inflight_sqes: 0,
             cq_budget: CQ_ENTRIES - 64,
             max_request_blocks,
             stats: ShardStats::default(),
@@ -556,7 +518,7 @@ impl Shard {
                 self.submit_ring(0);
                 return n;
             }
-            if self.inflight_sqes == 0 {
+            if self.io.inflight == 0 {
                 // Only deferred requests and nothing in the kernel that
                 // could free what they wait for: hand back control rather
                 // than sleep forever (cannot happen while invariants hold).
@@ -613,13 +575,12 @@ impl Shard {
     }
 
     fn submit_ring(&mut self, want: usize) {
-        if self.unsubmitted == 0 && want == 0 {
+        if self.io.unsubmitted == 0 && want == 0 {
             return;
         }
         loop {
-            match self.ring.submit_and_wait(want) {
-                Ok(_) => break,
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            match self.io.queue.submit(want) {
+                Ok(()) => break,
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
                     // Completion queue full: reap and retry.
                     self.reap();
@@ -631,19 +592,14 @@ impl Shard {
                 }
             }
         }
-        self.unsubmitted = 0;
+        self.io.unsubmitted = 0;
     }
 
     fn reap(&mut self) {
-        loop {
-            let cqe = match self.ring.completion().next() {
-                Some(c) => c,
-                None => break,
-            };
-            self.inflight_sqes -= 1;
-            let ud = cqe.user_data();
+        while let Some((ud, res)) = self.io.queue.next_completion() {
+            self.io.inflight -= 1;
             let expected = ((ud >> 32) & 0xff_ffff) as i32 * 512;
-            let res = checked_result(cqe.result(), expected, ud & UD_KIND);
+            let res = checked_result(res, expected, ud & UD_KIND);
             let id = ud & 0xffff_ffff;
             match ud & UD_KIND {
                 UD_DATA | UD_META => self.op_io_done(id as u32, res),
@@ -739,7 +695,7 @@ impl Shard {
     /// Whether `sqes` more SQEs keep every in-flight request within the
     /// completion queue, so completions never overflow it.
     fn sqe_room(&self, sqes: u32) -> bool {
-        self.inflight_sqes + sqes <= self.cq_budget
+        self.io.inflight + sqes <= self.cq_budget
     }
 
     fn op_io_done(&mut self, id: u32, res: i32) {

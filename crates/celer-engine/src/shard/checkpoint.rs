@@ -3,7 +3,7 @@
 
 use super::*;
 
-impl Shard {
+impl<D: Disk> Shard<D> {
     pub(super) fn maybe_checkpoint(&mut self) {
         if self.ckpt.is_none()
             && self.failed.is_none()
@@ -111,21 +111,17 @@ impl Shard {
                 CkptStage::MapsSync => {
                     c.stage = CkptStage::Index;
                     let copy = (self.index_generation + 1) % 2;
-                    let sqe = opcode::Write::new(
-                        types::Fd(self.fd),
-                        c.index.as_ptr(),
-                        c.index.len() as u32,
-                    )
-                    .offset(self.g.index_offset(self.id, copy))
-                    .build()
-                    .user_data(io_ud(UD_CKPT, 0, c.index.len()));
-                    self.stats.meta_bytes_written += c.index.len() as u64;
-                    push_sqe(
-                        &mut self.ring,
-                        &mut self.unsubmitted,
-                        &mut self.inflight_sqes,
-                        &sqe,
+                    let sqe = (
+                        write_io(
+                            c.index.as_ptr(),
+                            c.index.len() as u32,
+                            self.g.index_offset(self.id, copy),
+                            false,
+                        ),
+                        io_ud(UD_CKPT, 0, c.index.len()),
                     );
+                    self.stats.meta_bytes_written += c.index.len() as u64;
+                    self.io.push(sqe);
                     c.pending += 1;
                 }
                 CkptStage::Index => {
@@ -160,17 +156,12 @@ impl Shard {
             && self.sqe_room(1)
         {
             let buf = &c.bufs[c.next];
-            let sqe = opcode::Write::new(types::Fd(self.fd), buf.as_ptr(), buf.len() as u32)
-                .offset(c.targets[c.next])
-                .build()
-                .user_data(io_ud(UD_CKPT, 0, buf.len()));
-            self.stats.meta_bytes_written += buf.len() as u64;
-            push_sqe(
-                &mut self.ring,
-                &mut self.unsubmitted,
-                &mut self.inflight_sqes,
-                &sqe,
+            let sqe = (
+                write_io(buf.as_ptr(), buf.len() as u32, c.targets[c.next], false),
+                io_ud(UD_CKPT, 0, buf.len()),
             );
+            self.stats.meta_bytes_written += buf.len() as u64;
+            self.io.push(sqe);
             c.pending += 1;
             c.next += 1;
         }
@@ -183,16 +174,8 @@ impl Shard {
     }
 
     pub(super) fn push_ckpt_fsync(&mut self, c: &mut Checkpoint) {
-        let sqe = opcode::Fsync::new(types::Fd(self.fd))
-            .flags(types::FsyncFlags::DATASYNC)
-            .build()
-            .user_data(UD_CKPT);
-        push_sqe(
-            &mut self.ring,
-            &mut self.unsubmitted,
-            &mut self.inflight_sqes,
-            &sqe,
-        );
+        let sqe = (DiskIo::Fsync, UD_CKPT);
+        self.io.push(sqe);
         c.pending += 1;
     }
 

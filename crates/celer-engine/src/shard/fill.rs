@@ -3,7 +3,7 @@
 
 use super::*;
 
-impl Shard {
+impl<D: Disk> Shard<D> {
     /// `EngineOp::Fill`, read stage: picks the blocks to copy (the layer
     /// has no entry and no write planned for them; the first lower layer
     /// holding them holds data) and reads them into the request's segments,
@@ -101,21 +101,17 @@ impl Shard {
                 &mut op.iov,
             );
             let slot_index = self.g.slot_of(self.id, slots[p.layer as usize] as u64);
-            let sqe = rw_sqe(
-                false,
-                self.fd,
-                &op.iov[iov_at..],
-                self.g.phys_offset(slot_index, p.phys),
-                0,
-            )
-            .user_data(io_ud(UD_DATA, id as u64, (j - i) * BLOCK_SIZE));
-            op.pending += 1;
-            push_sqe(
-                &mut self.ring,
-                &mut self.unsubmitted,
-                &mut self.inflight_sqes,
-                &sqe,
+            let sqe = (
+                rw_io(
+                    false,
+                    &op.iov[iov_at..],
+                    self.g.phys_offset(slot_index, p.phys),
+                    false,
+                ),
+                io_ud(UD_DATA, id as u64, (j - i) * BLOCK_SIZE),
             );
+            op.pending += 1;
+            self.io.push(sqe);
             i = j;
         }
         // The layer itself is not read: only the lower slots are held.
@@ -326,22 +322,18 @@ impl Shard {
                 (j - i) * BLOCK_SIZE,
                 &mut op.iov,
             );
-            let sqe = rw_sqe(
-                true,
-                self.fd,
-                &op.iov[iov_at..],
-                self.g.phys_offset(slot_index, p.phys),
-                0,
-            )
-            .user_data(io_ud(UD_DATA, id as u64, (j - i) * BLOCK_SIZE));
+            let sqe = (
+                rw_io(
+                    true,
+                    &op.iov[iov_at..],
+                    self.g.phys_offset(slot_index, p.phys),
+                    false,
+                ),
+                io_ud(UD_DATA, id as u64, (j - i) * BLOCK_SIZE),
+            );
             op.pending += 1;
             self.stats.data_bytes_written += ((j - i) * BLOCK_SIZE) as u64;
-            push_sqe(
-                &mut self.ring,
-                &mut self.unsubmitted,
-                &mut self.inflight_sqes,
-                &sqe,
-            );
+            self.io.push(sqe);
             i = j;
         }
         if self.ops[id as usize].pending == 0 {

@@ -4,7 +4,7 @@
 
 use super::*;
 
-impl Shard {
+impl<D: Disk> Shard<D> {
     pub fn id(&self) -> u32 {
         self.id
     }
@@ -42,7 +42,7 @@ impl Shard {
     /// becomes readable when completions may be ready. The owner drains it
     /// (reads its counter) and then calls `poll`.
     pub fn completion_fd(&self) -> Option<RawFd> {
-        self.completion_fd.as_ref().map(|f| f.as_raw_fd())
+        self.io.queue.completion_fd()
     }
 
     /// The state of `count` blocks from `offset_bytes` of `volume` (within
@@ -157,7 +157,7 @@ impl Shard {
             "shard {} inflight {} sqes {} next_seq {} tail {} acked {} ckpt {} jorder [{}] running [{}] deferred [{}] failed {:?}",
             self.id,
             self.inflight(),
-            self.inflight_sqes,
+            self.io.inflight,
             self.next_seq,
             self.tail,
             self.acked_through,

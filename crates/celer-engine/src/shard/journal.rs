@@ -4,7 +4,7 @@
 
 use super::*;
 
-impl Shard {
+impl<D: Disk> Shard<D> {
     /// Whether `records` more records fit in the journal without waiting.
     pub(super) fn journal_room(&self, records: usize) -> bool {
         let open_left = self
@@ -86,18 +86,17 @@ impl Shard {
         );
         jb.state = JbState::Writing;
         jb.dsync = dsync;
-        let sqe = opcode::Write::new(types::Fd(self.fd), jb.buf.as_ptr(), BLOCK_SIZE as u32)
-            .offset(self.g.journal_block_offset(self.id, jb.seq))
-            .rw_flags(if dsync { libc::RWF_DSYNC } else { 0 })
-            .build()
-            .user_data(io_ud(UD_JOURNAL, b as u64, BLOCK_SIZE));
-        self.stats.journal_bytes_written += BLOCK_SIZE_U64;
-        push_sqe(
-            &mut self.ring,
-            &mut self.unsubmitted,
-            &mut self.inflight_sqes,
-            &sqe,
+        let sqe = (
+            write_io(
+                jb.buf.as_ptr(),
+                BLOCK_SIZE as u32,
+                self.g.journal_block_offset(self.id, jb.seq),
+                dsync,
+            ),
+            io_ud(UD_JOURNAL, b as u64, BLOCK_SIZE),
         );
+        self.stats.journal_bytes_written += BLOCK_SIZE_U64;
+        self.io.push(sqe);
     }
 
     pub(super) fn journal_done(&mut self, b: usize, res: i32) {
@@ -165,18 +164,10 @@ impl Shard {
         }
         std::mem::swap(&mut self.flush_waiting, &mut self.flush_batch);
         std::mem::swap(&mut self.unflushed_jbs, &mut self.flush_jbs);
-        let sqe = opcode::Fsync::new(types::Fd(self.fd))
-            .flags(types::FsyncFlags::DATASYNC)
-            .build()
-            .user_data(UD_FLUSH);
+        let sqe = (DiskIo::Fsync, UD_FLUSH);
         self.flush_inflight = true;
         self.stats.flushes += 1;
-        push_sqe(
-            &mut self.ring,
-            &mut self.unsubmitted,
-            &mut self.inflight_sqes,
-            &sqe,
-        );
+        self.io.push(sqe);
     }
 
     pub(super) fn flush_done(&mut self, res: i32) {

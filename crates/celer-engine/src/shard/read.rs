@@ -3,7 +3,7 @@
 
 use super::*;
 
-impl Shard {
+impl<D: Disk> Shard<D> {
     pub(super) fn start_read(&mut self, id: u32) {
         if !self.ops[id as usize].chain.is_empty() {
             return self.start_layered_read(id);
@@ -57,21 +57,17 @@ impl Shard {
             let j = run_end(&op.plan, i, Action::ReadData);
             let iov_at = op.iov.len();
             slice_segments(&op.segs, i * BLOCK_SIZE, (j - i) * BLOCK_SIZE, &mut op.iov);
-            let sqe = rw_sqe(
-                false,
-                self.fd,
-                &op.iov[iov_at..],
-                self.g.phys_offset(slot_index, p.phys),
-                0,
-            )
-            .user_data(io_ud(UD_DATA, id as u64, (j - i) * BLOCK_SIZE));
-            op.pending += 1;
-            push_sqe(
-                &mut self.ring,
-                &mut self.unsubmitted,
-                &mut self.inflight_sqes,
-                &sqe,
+            let sqe = (
+                rw_io(
+                    false,
+                    &op.iov[iov_at..],
+                    self.g.phys_offset(slot_index, p.phys),
+                    false,
+                ),
+                io_ud(UD_DATA, id as u64, (j - i) * BLOCK_SIZE),
             );
+            op.pending += 1;
+            self.io.push(sqe);
             i = j;
         }
         if op.pending == 0 {
@@ -160,21 +156,17 @@ impl Shard {
             let iov_at = op.iov.len();
             slice_segments(&op.segs, i * BLOCK_SIZE, (j - i) * BLOCK_SIZE, &mut op.iov);
             let slot_index = self.g.slot_of(self.id, slots[p.layer as usize] as u64);
-            let sqe = rw_sqe(
-                false,
-                self.fd,
-                &op.iov[iov_at..],
-                self.g.phys_offset(slot_index, p.phys),
-                0,
-            )
-            .user_data(io_ud(UD_DATA, id as u64, (j - i) * BLOCK_SIZE));
-            op.pending += 1;
-            push_sqe(
-                &mut self.ring,
-                &mut self.unsubmitted,
-                &mut self.inflight_sqes,
-                &sqe,
+            let sqe = (
+                rw_io(
+                    false,
+                    &op.iov[iov_at..],
+                    self.g.phys_offset(slot_index, p.phys),
+                    false,
+                ),
+                io_ud(UD_DATA, id as u64, (j - i) * BLOCK_SIZE),
             );
+            op.pending += 1;
+            self.io.push(sqe);
             i = j;
         }
         if op.pending == 0 {

@@ -24,6 +24,7 @@ pub(super) struct Discarded {
 }
 
 impl Discarded {
+    #[inline]
     pub(super) fn insert(&mut self, chunk: (u64, u64), version: u64) {
         let now = Instant::now();
         while let Some(&(at, key)) = self.order.front() {
@@ -40,6 +41,7 @@ impl Discarded {
     }
 
     /// The discard's version if a write at `version` must be dropped.
+    #[inline]
     pub(super) fn covers(&self, chunk: (u64, u64), version: u64) -> Option<u64> {
         self.versions
             .get(&chunk)
@@ -47,12 +49,14 @@ impl Discarded {
             .map(|(v, _)| *v)
     }
 
+    #[inline]
     pub(super) fn forget(&mut self, chunk: (u64, u64)) {
         self.versions.remove(&chunk);
     }
 
     /// Removes and returns the chunk's discard version (a new slot carries
     /// it from now on).
+    #[inline]
     pub(super) fn take(&mut self, chunk: (u64, u64)) -> Option<u64> {
         self.versions
             .remove(&chunk)
@@ -126,13 +130,16 @@ impl SlotState {
         }
         s
     }
+    #[inline]
     pub(super) fn take_phys(&mut self, p: u16) {
         let p = p as usize;
         self.free_phys[p / 64] &= !(1 << (p % 64));
     }
+    #[inline]
     pub(super) fn is_free(&self, p: usize) -> bool {
         p / 64 < self.free_phys.len() && self.free_phys[p / 64] & (1 << (p % 64)) != 0
     }
+    #[inline]
     pub(super) fn find_free(&self) -> Option<u16> {
         for (w, bits) in self.free_phys.iter().enumerate() {
             if *bits != 0 {
@@ -141,10 +148,12 @@ impl SlotState {
         }
         None
     }
+    #[inline]
     pub(super) fn is_held(&self, logical: u16) -> bool {
         let l = logical as usize;
         self.held[l / 64] & (1 << (l % 64)) != 0
     }
+    #[inline]
     pub(super) fn set_held(&mut self, logical: u16, on: bool) {
         let l = logical as usize;
         if on {
@@ -153,6 +162,7 @@ impl SlotState {
             self.held[l / 64] &= !(1 << (l % 64));
         }
     }
+    #[inline]
     pub(super) fn release_phys(&mut self, p: u16) {
         if self.reads_inflight > 0 {
             self.pending_free.push(p);

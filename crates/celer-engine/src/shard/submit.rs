@@ -1,68 +1,71 @@
-//! Building io_uring submissions from a request's segments, and walking
+//! Building disk I/O from a request's segments, and walking
 //! a request's pieces.
 
 use super::*;
 
-/// Submits `sqe`, making room in the submission queue first if needed.
-pub(super) fn push_sqe(
-    ring: &mut IoUring,
-    unsubmitted: &mut u32,
-    inflight: &mut u32,
-    sqe: &io_uring::squeue::Entry,
-) {
-    loop {
-        // SAFETY: every buffer and iovec an SQE points to lives in an op,
-        // journal buffer or checkpoint that is neither moved nor reused
-        // until its CQE has been reaped.
-        if unsafe { ring.submission().push(sqe) }.is_ok() {
-            break;
-        }
-        // Submission queue full: hand it to the kernel. The CQ budget keeps
-        // completions from overflowing, so this cannot fail with EBUSY.
-        match ring.submit() {
-            Ok(_) => *unsubmitted = 0,
-            // Interrupted, or the kernel is short of memory: try again.
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) => {
-                std::thread::yield_now()
-            }
-            // Anything else means a bad SQE or ring: a programming error.
-            Err(e) => panic!("io_uring_enter failed with an in-budget queue: {e}"),
-        }
-    }
-    *unsubmitted += 1;
-    *inflight += 1;
+/// A shard's disk queue with the counts the shard keeps of it.
+pub(super) struct Io<Q> {
+    pub(super) queue: Q,
+    /// Pushed since the last submit.
+    pub(super) unsubmitted: u32,
+    /// Pushed and not yet reaped.
+    pub(super) inflight: u32,
 }
 
-/// A read or write of `iov` at `offset`: the plain opcode for one buffer
-/// (cheaper in the kernel), the vectored one otherwise.
-pub(super) fn rw_sqe(
-    write: bool,
-    fd: i32,
-    iov: &[libc::iovec],
-    offset: u64,
-    rw_flags: i32,
-) -> io_uring::squeue::Entry {
-    let fd = types::Fd(fd);
-    match (write, iov) {
-        (false, [one]) => opcode::Read::new(fd, one.iov_base as *mut u8, one.iov_len as u32)
-            .offset(offset)
-            .build(),
-        (true, [one]) => opcode::Write::new(fd, one.iov_base as *const u8, one.iov_len as u32)
-            .offset(offset)
-            .rw_flags(rw_flags)
-            .build(),
-        (false, _) => opcode::Readv::new(fd, iov.as_ptr(), iov.len() as u32)
-            .offset(offset)
-            .build(),
-        (true, _) => opcode::Writev::new(fd, iov.as_ptr(), iov.len() as u32)
-            .offset(offset)
-            .rw_flags(rw_flags)
-            .build(),
+impl<Q: DiskQueue> Io<Q> {
+    /// Queues `(io, user_data)`.
+    #[inline]
+    pub(super) fn push(&mut self, (io, user_data): (DiskIo, u64)) {
+        // SAFETY: every buffer and iovec an I/O points to lives in an op,
+        // journal buffer or checkpoint that is neither moved nor reused
+        // until its completion has been reaped (and, for an op's segments,
+        // in caller memory `Shard::submit`'s contract keeps valid).
+        unsafe { self.queue.push(&io, user_data) };
+        self.unsubmitted += 1;
+        self.inflight += 1;
+    }
+}
+
+/// A read or write of `iov` at `offset`.
+#[inline]
+pub(super) fn rw_io(write: bool, iov: &[libc::iovec], offset: u64, dsync: bool) -> DiskIo {
+    let bufs = IoBufs::of(iov);
+    if write {
+        DiskIo::Write {
+            bufs,
+            offset,
+            dsync,
+        }
+    } else {
+        DiskIo::Read { bufs, offset }
+    }
+}
+
+/// A write of one buffer.
+#[inline]
+pub(super) fn write_io(addr: *const u8, len: u32, offset: u64, dsync: bool) -> DiskIo {
+    DiskIo::Write {
+        bufs: IoBufs::One {
+            addr: addr as *mut u8,
+            len,
+        },
+        offset,
+        dsync,
+    }
+}
+
+/// A read into one buffer.
+#[inline]
+pub(super) fn read_io(addr: *mut u8, len: u32, offset: u64) -> DiskIo {
+    DiskIo::Read {
+        bufs: IoBufs::One { addr, len },
+        offset,
     }
 }
 
 /// End (exclusive) of the run of `action` blocks starting at `i` whose
 /// physical blocks are consecutive.
+#[inline]
 pub(super) fn run_end(plan: &[Planned], i: usize, action: Action) -> usize {
     let mut j = i + 1;
     while j < plan.len()
@@ -77,6 +80,7 @@ pub(super) fn run_end(plan: &[Planned], i: usize, action: Action) -> usize {
 
 /// Calls `f(address, length)` for each piece of the request's segments that
 /// covers bytes `[at, at + len)`, in order.
+#[inline]
 pub(crate) fn for_each_piece(
     segs: &[Segment],
     mut at: usize,
@@ -100,6 +104,7 @@ pub(crate) fn for_each_piece(
 }
 
 /// Appends iovecs covering bytes `[at, at + len)` of the request's segments.
+#[inline]
 pub(super) fn slice_segments(segs: &[Segment], at: usize, len: usize, out: &mut Vec<libc::iovec>) {
     for_each_piece(segs, at, len, |addr, take| {
         debug_assert!(
@@ -114,6 +119,7 @@ pub(super) fn slice_segments(segs: &[Segment], at: usize, len: usize, out: &mut 
 }
 
 /// crc32c of the 4 KiB block at byte `at` of the request's segments.
+#[inline]
 pub(super) fn crc_of(segs: &[Segment], at: usize) -> u32 {
     let mut crc = 0;
     for_each_piece(segs, at, BLOCK_SIZE, |addr, take| {
@@ -124,6 +130,7 @@ pub(super) fn crc_of(segs: &[Segment], at: usize) -> u32 {
     crc
 }
 
+#[inline]
 pub(super) fn zero_fill(op: &mut Op, at: usize, len: usize) {
     for_each_piece(&op.segs, at, len, |addr, take| {
         // SAFETY: the submit contract keeps the segment valid for writes.

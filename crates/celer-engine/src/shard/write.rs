@@ -3,7 +3,7 @@
 
 use super::*;
 
-impl Shard {
+impl<D: Disk> Shard<D> {
     pub(super) fn start_mutation(&mut self, id: u32) {
         let (volume, chunk, epoch, kind) = {
             let op = &self.ops[id as usize];
@@ -180,20 +180,15 @@ impl Shard {
         op.merge_crc = e.crc;
         op.stage = Stage::Merging;
         op.pending += 1;
-        let sqe = opcode::Read::new(
-            types::Fd(self.fd),
-            op.merge_buf.as_mut_ptr(),
-            BLOCK_SIZE as u32,
-        )
-        .offset(self.g.phys_offset(slot_index, e.phys))
-        .build()
-        .user_data(io_ud(UD_DATA, id as u64, BLOCK_SIZE));
-        push_sqe(
-            &mut self.ring,
-            &mut self.unsubmitted,
-            &mut self.inflight_sqes,
-            &sqe,
+        let sqe = (
+            read_io(
+                op.merge_buf.as_mut_ptr(),
+                BLOCK_SIZE as u32,
+                self.g.phys_offset(slot_index, e.phys),
+            ),
+            io_ud(UD_DATA, id as u64, BLOCK_SIZE),
         );
+        self.io.push(sqe);
     }
 
     /// Whether the sector write `id` must wait before it reads block `b`:
@@ -433,23 +428,19 @@ impl Shard {
                 (j - i) * BLOCK_SIZE,
                 &mut op.iov,
             );
-            let sqe = rw_sqe(
-                true,
-                self.fd,
-                &op.iov[iov_at..],
-                self.g.phys_offset(slot_index, p.phys),
-                if solo { libc::RWF_DSYNC } else { 0 },
-            )
-            .user_data(io_ud(UD_DATA, id as u64, (j - i) * BLOCK_SIZE));
+            let sqe = (
+                rw_io(
+                    true,
+                    &op.iov[iov_at..],
+                    self.g.phys_offset(slot_index, p.phys),
+                    solo,
+                ),
+                io_ud(UD_DATA, id as u64, (j - i) * BLOCK_SIZE),
+            );
             op.pending += 1;
             self.stats.data_bytes_written += ((j - i) * BLOCK_SIZE) as u64;
             self.stats.user_bytes_written += ((j - i) * BLOCK_SIZE) as u64;
-            push_sqe(
-                &mut self.ring,
-                &mut self.unsubmitted,
-                &mut self.inflight_sqes,
-                &sqe,
-            );
+            self.io.push(sqe);
             i = j;
         }
         op.cursor += n as u16;
@@ -475,18 +466,18 @@ impl Shard {
         layout::encode_slot_header(self.g.disk_uuid, slot_index, seq, owner, &mut op.meta);
         let ptr = op.meta.as_ptr();
         for copy in 0..2 {
-            let sqe = opcode::Write::new(types::Fd(self.fd), ptr, BLOCK_SIZE as u32)
-                .offset(self.g.header_offset(slot_index, copy))
-                .build()
-                .user_data(io_ud(UD_META, id as u64, BLOCK_SIZE));
+            let sqe = (
+                write_io(
+                    ptr,
+                    BLOCK_SIZE as u32,
+                    self.g.header_offset(slot_index, copy),
+                    false,
+                ),
+                io_ud(UD_META, id as u64, BLOCK_SIZE),
+            );
             self.ops[id as usize].pending += 1;
             self.stats.meta_bytes_written += BLOCK_SIZE_U64;
-            push_sqe(
-                &mut self.ring,
-                &mut self.unsubmitted,
-                &mut self.inflight_sqes,
-                &sqe,
-            );
+            self.io.push(sqe);
         }
     }
 
