@@ -35,6 +35,11 @@
 //! The same seed gives the same trace, line for line ([`run`] twice, or
 //! `celer sim --seed S` twice).
 
+pub mod disk;
+pub mod engine;
+
+pub use engine::{run_engine, EngineReport, EngineSimConfig};
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;

@@ -575,6 +575,11 @@ impl<D: Disk> Shard<D> {
         {
             slot.freeing = true;
             op.stage = Stage::Freeing;
+            // The Free record and the headers are plain writes: the op
+            // completes after the flush that makes them durable, even when
+            // its data phase ran alone with RWF_DSYNC (`solo`), or a power
+            // cut could bring back an acknowledged free.
+            op.solo = false;
             let seq = self.append_record(id, &Record::Free { slot: local });
             self.write_slot_headers(id, local, seq, None);
             return;

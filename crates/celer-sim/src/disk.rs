@@ -1,0 +1,421 @@
+//! An in-memory disk for the engine ([`celer_engine::Disk`]) that models
+//! what a real one may do, from a seed:
+//!
+//! - **reordering**: queued I/O completes in any order, a random share at a
+//!   time;
+//! - **the volatile cache**: a plain write is readable when it completes
+//!   but durable only once an fdatasync *issued after it completed* has
+//!   completed; an `RWF_DSYNC` write is durable when it completes;
+//! - **crashes** ([`SimDisk::crash`]): every 512-byte sector written and
+//!   not yet durable keeps its new content or goes back to its durable one,
+//!   each on its own coin; every write still in flight lands on a random
+//!   subset of its sectors (torn writes). Reads then see exactly what
+//!   survived.
+//!
+//! Writes copy from the caller's memory when they complete, not when they
+//! are queued, so a buffer reused before its write completed shows up as
+//! wrong data on disk, as it would with DMA.
+//!
+//! Not modelled yet: an intermediate content of a sector written several
+//! times between two flushes (a crash leaves the last or the durable one),
+//! I/O errors, short transfers, ENOSPC and bit flips.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::os::fd::RawFd;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use celer_engine::{Disk, DiskIo, DiskQueue, EngineError};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const SECTOR: usize = 512;
+
+/// A simulated disk; clones share it (the engine's handle and the
+/// simulator's).
+#[derive(Clone)]
+pub struct SimDisk {
+    state: Arc<Mutex<DiskState>>,
+    name: String,
+}
+
+/// Counters of what the disk did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DiskStats {
+    pub reads: u64,
+    pub writes: u64,
+    pub dsync_writes: u64,
+    pub fsyncs: u64,
+    pub crashes: u64,
+    /// Sectors a crash took back to their durable content.
+    pub sectors_lost: u64,
+    /// Sectors of in-flight writes a crash let land.
+    pub torn_sectors_landed: u64,
+}
+
+struct DiskState {
+    /// What reads see.
+    current: Vec<u8>,
+    /// What a crash keeps for sure.
+    durable: Vec<u8>,
+    /// Sectors whose current content is not durable yet, with the write
+    /// sequence number of that content.
+    dirty: BTreeMap<u64, u64>,
+    /// Per sector, the sequence number of its durable content.
+    durable_seq: Vec<u64>,
+    next_seq: u64,
+    /// I/O queued and not completed, of every queue.
+    inflight: Vec<Pending>,
+    /// Completed, not yet handed to their queue: (queue, user_data, result).
+    ready: VecDeque<(u32, u64, i32)>,
+    next_queue: u32,
+    /// Queues of the engine that crashed: their I/O is gone.
+    dead_below: u32,
+    rng: StdRng,
+    stats: DiskStats,
+}
+
+/// One queued I/O.
+struct Pending {
+    queue: u32,
+    user_data: u64,
+    io: DiskIo,
+    /// An fsync: the dirty sectors when it was issued, with their content.
+    flush: Vec<(u64, u64, [u8; SECTOR])>,
+}
+
+// SAFETY: the raw pointers in `io` point into memory the engine keeps valid
+// until the completion is reaped (the `DiskQueue::push` contract); the
+// simulator runs the engine and the disk on one thread.
+unsafe impl Send for Pending {}
+
+impl SimDisk {
+    /// A zeroed disk of `size_bytes` (a multiple of 512).
+    pub fn new(size_bytes: u64, seed: u64) -> SimDisk {
+        let sectors = (size_bytes as usize).div_ceil(SECTOR);
+        SimDisk {
+            state: Arc::new(Mutex::new(DiskState {
+                current: vec![0; sectors * SECTOR],
+                durable: vec![0; sectors * SECTOR],
+                dirty: BTreeMap::new(),
+                durable_seq: vec![0; sectors],
+                next_seq: 1,
+                inflight: Vec::new(),
+                ready: VecDeque::new(),
+                next_queue: 0,
+                dead_below: 0,
+                rng: StdRng::seed_from_u64(seed),
+                stats: DiskStats::default(),
+            })),
+            name: format!("simdisk-{seed:x}"),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, DiskState> {
+        // One thread drives the simulation: a poisoned lock means a panic
+        // already failed the run.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Power loss: unsynced sectors survive or not, in-flight writes land
+    /// torn or not at all; queued I/O never completes. Call it while the
+    /// engine that issued the I/O still exists (its buffers are read here),
+    /// then drop that engine without closing it.
+    pub fn crash(&self) {
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        s.stats.crashes += 1;
+        let inflight = std::mem::take(&mut s.inflight);
+        // Unsynced content: kept or lost, sector by sector.
+        let dirty = std::mem::take(&mut s.dirty);
+        for (&sector, &seq) in dirty.iter() {
+            let at = sector as usize * SECTOR;
+            if s.rng.gen::<bool>() {
+                let (cur, dur) = (&s.current, &mut s.durable);
+                dur[at..at + SECTOR].copy_from_slice(&cur[at..at + SECTOR]);
+                s.durable_seq[sector as usize] = seq;
+            } else {
+                s.stats.sectors_lost += 1;
+            }
+        }
+        // In flight: each sector lands or not.
+        for p in inflight.iter() {
+            if let DiskIo::Write { bufs, offset, .. } = p.io {
+                let mut at = offset as usize;
+                // SAFETY: the engine that queued it still exists (see above).
+                for (addr, len) in unsafe { bufs.pieces() } {
+                    for i in (0..len).step_by(SECTOR) {
+                        if s.rng.gen::<bool>() {
+                            let n = SECTOR.min(len - i);
+                            // SAFETY: within the piece the engine provided.
+                            let src = unsafe { std::slice::from_raw_parts(addr.add(i), n) };
+                            s.durable[at + i..at + i + n].copy_from_slice(src);
+                            s.stats.torn_sectors_landed += 1;
+                        }
+                    }
+                    at += len;
+                }
+            }
+        }
+        let durable = s.durable.clone();
+        s.current = durable;
+        s.ready.clear();
+        s.dead_below = s.next_queue;
+    }
+
+    pub fn stats(&self) -> DiskStats {
+        self.lock().stats
+    }
+
+    /// Reads what the disk holds now (for checks outside the engine).
+    pub fn peek(&self, offset: u64, out: &mut [u8]) {
+        let s = self.lock();
+        out.copy_from_slice(&s.current[offset as usize..offset as usize + out.len()]);
+    }
+}
+
+impl DiskState {
+    fn check_range(&self, offset: u64, len: usize) -> Result<(), i32> {
+        match (offset as usize).checked_add(len) {
+            Some(end) if end <= self.current.len() => Ok(()),
+            _ => Err(-libc::EINVAL),
+        }
+    }
+
+    /// Completes in-flight I/O number `i`: its effect on the disk and its
+    /// result.
+    fn complete(&mut self, i: usize) {
+        let p = self.inflight.swap_remove(i);
+        let res = match p.io {
+            DiskIo::Read { bufs, offset } => {
+                self.stats.reads += 1;
+                let mut at = offset as usize;
+                let mut total = 0usize;
+                // SAFETY: the engine keeps the buffers valid until reaped.
+                for (addr, len) in unsafe { bufs.pieces() } {
+                    if self.check_range(at as u64, len).is_err() {
+                        total = usize::MAX;
+                        break;
+                    }
+                    // SAFETY: the engine's buffer, valid for `len` bytes.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(self.current.as_ptr().add(at), addr, len)
+                    };
+                    at += len;
+                    total += len;
+                }
+                if total == usize::MAX {
+                    -libc::EINVAL
+                } else {
+                    total as i32
+                }
+            }
+            DiskIo::Write {
+                bufs,
+                offset,
+                dsync,
+            } => {
+                self.stats.writes += 1;
+                if dsync {
+                    self.stats.dsync_writes += 1;
+                }
+                let mut at = offset as usize;
+                let mut total = 0usize;
+                let mut bad = false;
+                // SAFETY: the engine keeps the buffers valid until reaped.
+                for (addr, len) in unsafe { bufs.pieces() } {
+                    if self.check_range(at as u64, len).is_err() {
+                        bad = true;
+                        break;
+                    }
+                    // SAFETY: the engine's buffer, valid for `len` bytes.
+                    let src = unsafe { std::slice::from_raw_parts(addr, len) };
+                    self.write(at, src, dsync);
+                    at += len;
+                    total += len;
+                }
+                if bad {
+                    -libc::EINVAL
+                } else {
+                    total as i32
+                }
+            }
+            DiskIo::Fsync => {
+                self.stats.fsyncs += 1;
+                for (sector, seq, data) in p.flush.iter() {
+                    let s = *sector as usize;
+                    if self.durable_seq[s] < *seq {
+                        self.durable[s * SECTOR..(s + 1) * SECTOR].copy_from_slice(data);
+                        self.durable_seq[s] = *seq;
+                    }
+                    if self.dirty.get(sector) == Some(seq) {
+                        self.dirty.remove(sector);
+                    }
+                }
+                0
+            }
+        };
+        self.ready.push_back((p.queue, p.user_data, res));
+    }
+
+    fn write(&mut self, at: usize, src: &[u8], dsync: bool) {
+        self.current[at..at + src.len()].copy_from_slice(src);
+        let first = at / SECTOR;
+        let last = (at + src.len()).div_ceil(SECTOR);
+        for sector in first..last {
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            if dsync {
+                let r = sector * SECTOR..(sector + 1) * SECTOR;
+                let (cur, dur) = (&self.current, &mut self.durable);
+                dur[r.clone()].copy_from_slice(&cur[r]);
+                self.durable_seq[sector] = seq;
+                self.dirty.remove(&(sector as u64));
+            } else {
+                self.dirty.insert(sector as u64, seq);
+            }
+        }
+    }
+
+    /// Lets a random piece of time pass for `queue`: completes one of its
+    /// in-flight I/Os, if it has any.
+    fn progress(&mut self, queue: u32) -> bool {
+        let mine: Vec<usize> = (0..self.inflight.len())
+            .filter(|&i| self.inflight[i].queue == queue)
+            .collect();
+        if mine.is_empty() {
+            return false;
+        }
+        let pick = mine[self.rng.gen_range(0..mine.len())];
+        self.complete(pick);
+        true
+    }
+
+    fn take_ready(&mut self, queue: u32) -> Option<(u64, i32)> {
+        let i = self.ready.iter().position(|r| r.0 == queue)?;
+        self.ready.remove(i).map(|(_, ud, res)| (ud, res))
+    }
+}
+
+/// One engine shard's queue on a [`SimDisk`].
+pub struct SimQueue {
+    disk: SimDisk,
+    id: u32,
+}
+
+impl DiskQueue for SimQueue {
+    unsafe fn push(&mut self, io: &DiskIo, user_data: u64) {
+        let mut s = self.disk.lock();
+        if self.id < s.dead_below {
+            return; // a crashed engine's queue: nothing reaches the disk
+        }
+        let flush = match io {
+            DiskIo::Fsync => {
+                let dirty: Vec<(u64, u64)> = s.dirty.iter().map(|(a, b)| (*a, *b)).collect();
+                dirty
+                    .into_iter()
+                    .map(|(sector, seq)| {
+                        let at = sector as usize * SECTOR;
+                        let mut data = [0u8; SECTOR];
+                        data.copy_from_slice(&s.current[at..at + SECTOR]);
+                        (sector, seq, data)
+                    })
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
+        s.inflight.push(Pending {
+            queue: self.id,
+            user_data,
+            io: *io,
+            flush,
+        });
+    }
+
+    fn submit(&mut self, want: usize) -> std::io::Result<()> {
+        let mut s = self.disk.lock();
+        if self.id < s.dead_below {
+            return Ok(());
+        }
+        // Some time passes: a random share of the I/O in flight completes,
+        // at least `want` of it.
+        let mut got = s.ready.iter().filter(|r| r.0 == self.id).count();
+        loop {
+            let more = got < want || s.rng.gen_bool(0.5);
+            if !more || !s.progress(self.id) {
+                break;
+            }
+            got += 1;
+        }
+        Ok(())
+    }
+
+    fn next_completion(&mut self) -> Option<(u64, i32)> {
+        let mut s = self.disk.lock();
+        if self.id < s.dead_below {
+            return None;
+        }
+        if let Some(r) = s.take_ready(self.id) {
+            return Some(r);
+        }
+        // Polling also lets time pass, now and then.
+        if s.rng.gen_bool(0.3) && s.progress(self.id) {
+            return s.take_ready(self.id);
+        }
+        None
+    }
+
+    fn completion_fd(&self) -> Option<RawFd> {
+        None
+    }
+}
+
+impl Disk for SimDisk {
+    type Queue = SimQueue;
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn size(&self) -> std::io::Result<u64> {
+        Ok(self.lock().current.len() as u64)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let s = self.lock();
+        s.check_range(offset, buf.len())
+            .map_err(|e| std::io::Error::from_raw_os_error(-e))?;
+        buf.copy_from_slice(&s.current[offset as usize..offset as usize + buf.len()]);
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        let mut s = self.lock();
+        s.check_range(offset, buf.len())
+            .map_err(|e| std::io::Error::from_raw_os_error(-e))?;
+        s.write(offset as usize, buf, false);
+        Ok(())
+    }
+
+    fn sync(&self) -> std::io::Result<()> {
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        let dirty = std::mem::take(&mut s.dirty);
+        for (&sector, &seq) in dirty.iter() {
+            let r = sector as usize * SECTOR..(sector as usize + 1) * SECTOR;
+            let (cur, dur) = (&s.current, &mut s.durable);
+            dur[r.clone()].copy_from_slice(&cur[r]);
+            s.durable_seq[sector as usize] = seq;
+        }
+        Ok(())
+    }
+
+    fn queue(&self, _completion_eventfd: bool) -> Result<SimQueue, EngineError> {
+        let mut s = self.lock();
+        let id = s.next_queue;
+        s.next_queue += 1;
+        Ok(SimQueue {
+            disk: self.clone(),
+            id,
+        })
+    }
+}
