@@ -752,6 +752,18 @@ impl<D: Disk> Shard<D> {
         }
         op.jbufs.clear();
         op.stage = Stage::Idle;
+        if op.op != EngineOp::Read && op.error.is_none() {
+            if let Some(why) = &self.failed {
+                // Nothing a failed shard finishes is acknowledged: it may
+                // depend on writes a failed flush left not durable (the
+                // Alloc record of its slot, in another op's journal block).
+                op.error = Some(EngineError::Io {
+                    volume: op.volume,
+                    offset_bytes: op.chunk * self.g.chunk_bytes(),
+                    errno_text: why.clone(),
+                });
+            }
+        }
         let result = match op.error.take() {
             Some(e) => Err(e),
             None => Ok(op.applied),

@@ -16,9 +16,20 @@
 //! are queued, so a buffer reused before its write completed shows up as
 //! wrong data on disk, as it would with DMA.
 //!
+//! - **I/O errors** ([`SimDisk::set_io_error_rate`]): a read, write or
+//!   fdatasync fails with EIO. A failed write may have landed on some
+//!   sectors, not durably. A failed fdatasync leaves the writes it covered
+//!   not durable and no later fdatasync covers them (as Linux drops the
+//!   pages' dirty state: "fsyncgate"); and the disk's flushes stay broken
+//!   until the next power cut: every later fdatasync and `RWF_DSYNC` write
+//!   fails too, on every queue. (Without that, a flush failing on one
+//!   shard's queue could take another shard's writes with it while that
+//!   shard's next flush succeeds: no engine that shares a disk between
+//!   independent queues can see that in time. See docs/testing.md.)
+//!
 //! Not modelled yet: an intermediate content of a sector written several
 //! times between two flushes (a crash leaves the last or the durable one),
-//! I/O errors, short transfers, ENOSPC and bit flips.
+//! short transfers, ENOSPC and bit flips.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::RawFd;
@@ -50,6 +61,8 @@ pub struct DiskStats {
     pub sectors_lost: u64,
     /// Sectors of in-flight writes a crash let land.
     pub torn_sectors_landed: u64,
+    /// I/Os failed with EIO.
+    pub io_errors: u64,
 }
 
 struct DiskState {
@@ -72,6 +85,12 @@ struct DiskState {
     dead_below: u32,
     rng: StdRng,
     stats: DiskStats,
+    /// Chance that a queued I/O fails with EIO.
+    io_error_rate: f64,
+    /// With `trace`: what each completed write did, for a failure report.
+    log: Option<Vec<String>>,
+    /// A flush failed: every later one fails, until a power cut.
+    flush_broken: bool,
 }
 
 /// One queued I/O.
@@ -105,6 +124,9 @@ impl SimDisk {
                 dead_below: 0,
                 rng: StdRng::seed_from_u64(seed),
                 stats: DiskStats::default(),
+                io_error_rate: 0.0,
+                log: None,
+                flush_broken: false,
             })),
             name: format!("simdisk-{seed:x}"),
         }
@@ -158,8 +180,27 @@ impl SimDisk {
         }
         let durable = s.durable.clone();
         s.current = durable;
+        if let Some(log) = s.log.as_mut() {
+            log.push("crash".into());
+        }
         s.ready.clear();
         s.dead_below = s.next_queue;
+        s.flush_broken = false;
+    }
+
+    /// From now on, each queued I/O fails with EIO with chance `rate`.
+    pub fn set_io_error_rate(&self, rate: f64) {
+        self.lock().io_error_rate = rate;
+    }
+
+    /// Keeps a line per completed write, fsync and crash ([`SimDisk::log`]).
+    pub fn keep_log(&self) {
+        self.lock().log.get_or_insert_with(Vec::new);
+    }
+
+    /// The lines kept since `keep_log`.
+    pub fn log(&self) -> Vec<String> {
+        self.lock().log.clone().unwrap_or_default()
     }
 
     pub fn stats(&self) -> DiskStats {
@@ -185,6 +226,12 @@ impl DiskState {
     /// result.
     fn complete(&mut self, i: usize) {
         let p = self.inflight.swap_remove(i);
+        let flushes = matches!(p.io, DiskIo::Fsync | DiskIo::Write { dsync: true, .. });
+        if (self.io_error_rate > 0.0 && self.rng.gen_bool(self.io_error_rate))
+            || (flushes && self.flush_broken)
+        {
+            return self.fail(p);
+        }
         let res = match p.io {
             DiskIo::Read { bufs, offset } => {
                 self.stats.reads += 1;
@@ -254,7 +301,68 @@ impl DiskState {
                 0
             }
         };
+        if let Some(log) = self.log.as_mut() {
+            match p.io {
+                DiskIo::Write { offset, dsync, .. } => log.push(format!(
+                    "q{} write {offset:#x} {res} bytes{}",
+                    p.queue,
+                    if dsync { " dsync" } else { "" }
+                )),
+                DiskIo::Fsync => {
+                    log.push(format!("q{} fsync ({} sectors)", p.queue, p.flush.len()))
+                }
+                DiskIo::Read { .. } => {}
+            }
+        }
         self.ready.push_back((p.queue, p.user_data, res));
+    }
+
+    /// Completes `p` with EIO: a write lands on some sectors, not durably;
+    /// an fdatasync makes nothing durable, and what it covered is no longer
+    /// dirty (no later fdatasync covers it).
+    fn fail(&mut self, p: Pending) {
+        self.stats.io_errors += 1;
+        match p.io {
+            DiskIo::Read { .. } => {}
+            DiskIo::Write { bufs, offset, .. } => {
+                let mut at = offset as usize;
+                // SAFETY: the engine keeps the buffers valid until reaped.
+                for (addr, len) in unsafe { bufs.pieces() } {
+                    if self.check_range(at as u64, len).is_err() {
+                        break;
+                    }
+                    for i in (0..len).step_by(SECTOR) {
+                        if self.rng.gen::<bool>() {
+                            let n = SECTOR.min(len - i);
+                            // SAFETY: within the piece the engine provided.
+                            let src = unsafe { std::slice::from_raw_parts(addr.add(i), n) };
+                            self.write(at + i, src, false);
+                        }
+                    }
+                    at += len;
+                }
+            }
+            DiskIo::Fsync => {
+                self.flush_broken = true;
+                for (sector, seq, _) in p.flush.iter() {
+                    if self.dirty.get(sector) == Some(seq) {
+                        self.dirty.remove(sector);
+                    }
+                }
+            }
+        }
+        if let DiskIo::Write { dsync: true, .. } = p.io {
+            self.flush_broken = true;
+        }
+        if let Some(log) = self.log.as_mut() {
+            let what = match p.io {
+                DiskIo::Write { offset, .. } => format!("write {offset:#x}"),
+                DiskIo::Fsync => format!("fsync ({} sectors)", p.flush.len()),
+                DiskIo::Read { offset, .. } => format!("read {offset:#x}"),
+            };
+            log.push(format!("q{} {what} EIO", p.queue));
+        }
+        self.ready.push_back((p.queue, p.user_data, -libc::EIO));
     }
 
     fn write(&mut self, at: usize, src: &[u8], dsync: bool) {

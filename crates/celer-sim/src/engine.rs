@@ -18,15 +18,18 @@
 //!   flight may also be empty;
 //! * **after every clean restart**, every block holds exactly its
 //!   acknowledged content and version;
-//! * every request completes without error.
+//! * every request completes without error, unless the disk failed an I/O
+//!   (`io_errors`): then requests may fail and the shard refuses new ones;
+//!   the process is restarted, and the failed mutations count as in flight
+//!   at a power cut (applied or not, block by block).
 //!
 //! What a crash leaves is decided by the disk model (see [`crate::disk`]):
 //! unsynced sectors kept or lost one by one, in-flight writes torn.
 //!
 //! The driver keeps the model exact where the engine's outcome depends on
-//! timing: a chunk without a slot takes one mutation at a time (whether a
-//! zeroing finds the slot a concurrent write allocates is a race), and a
-//! whole-chunk discard or release runs alone on its chunk. Whether a
+//! timing: on a chunk without a slot only fresh writes run together
+//! (whether a zeroing finds the slot a concurrent write allocates is a
+//! race), and a whole-chunk discard or release runs alone on its chunk. Whether a
 //! whole-chunk discard freed the slot (it does when the chunk is left
 //! empty and the journal has room) is read from the engine. A sector write
 //! (512-byte sectors of one block, merged by the engine) runs alone on its
@@ -50,6 +53,9 @@ const CHUNKS: u64 = 6;
 const DISK_BYTES: u64 = 8 << 20;
 /// Trace lines kept for a report.
 const TRACE_KEEP: usize = 80;
+/// Stale versions count up from 1 and stay at or below this; fresh ones
+/// start above it.
+const STALE_MAX: u64 = 1_000_000;
 /// Queue depths the driver moves between.
 const DEPTHS: [usize; 6] = [1, 1, 2, 4, 8, 16];
 
@@ -63,6 +69,11 @@ pub struct EngineSimConfig {
     pub crash: f64,
     /// Per step, the chance of a clean restart (drain, close, open).
     pub restart: f64,
+    /// Per disk I/O, the chance that it fails with EIO. The shard then
+    /// fails its requests and refuses new ones; the simulator restarts the
+    /// process (as after a power cut) and checks that nothing acknowledged
+    /// was lost.
+    pub io_errors: f64,
 }
 
 impl EngineSimConfig {
@@ -72,6 +83,8 @@ impl EngineSimConfig {
             steps: 4000,
             crash: 0.004,
             restart: 0.001,
+            // One seed in three has a disk that fails now and then.
+            io_errors: if seed.is_multiple_of(3) { 0.002 } else { 0.0 },
         }
     }
 }
@@ -93,6 +106,8 @@ pub struct EngineReport {
     pub violation: Option<String>,
     /// The last trace lines (all of them with `trace`).
     pub trace: Vec<String>,
+    /// With `trace`: the disk's own log (writes, fsyncs, errors, crashes).
+    pub disk_log: Vec<String>,
 }
 
 impl EngineReport {
@@ -100,7 +115,7 @@ impl EngineReport {
         let mut out = String::new();
         match &self.violation {
             None => out.push_str(&format!(
-                "engine seed {}: ok, {} steps, {} requests acknowledged, {} reads checked, {} power cuts, {} restarts, {} blocks verified after them; disk: {} writes ({} dsync), {} fsyncs, {} unsynced sectors lost, {} torn sectors landed; {:.2} s\n",
+                "engine seed {}: ok, {} steps, {} requests acknowledged, {} reads checked, {} power cuts, {} restarts, {} blocks verified after them; disk: {} writes ({} dsync), {} fsyncs, {} I/O errors, {} unsynced sectors lost, {} torn sectors landed; {:.2} s\n",
                 self.seed,
                 self.steps,
                 self.acked,
@@ -111,6 +126,7 @@ impl EngineReport {
                 self.disk.writes,
                 self.disk.dsync_writes,
                 self.disk.fsyncs,
+                self.disk.io_errors,
                 self.disk.sectors_lost,
                 self.disk.torn_sectors_landed,
                 wall.as_secs_f64(),
@@ -147,6 +163,7 @@ pub fn run_engine(cfg: &EngineSimConfig, trace: bool) -> EngineReport {
     let mut r = sim.report;
     r.violation = violation;
     r.disk = sim.disk.stats();
+    r.disk_log = sim.disk.log();
     r.trace = sim.trace.into_iter().collect();
     r
 }
@@ -265,6 +282,14 @@ struct EngineSim {
     maybe: Vec<Vec<Block>>,
     chunks: Vec<ChunkModel>,
     inflight: Vec<InFlight>,
+    /// Mutations that failed after a disk error: applied or not.
+    failed: Vec<InFlight>,
+    /// A disk error failed a shard: restart before anything else.
+    must_restart: bool,
+    /// Drives in a row in which nothing completed, requests in flight.
+    idle_drives: u64,
+    /// The disk's error count when the engine was last opened.
+    errors_at_open: u64,
     next_id: u64,
     fresh_version: u64,
     stale_version: u64,
@@ -307,6 +332,9 @@ fn seg(buf: &mut AlignedBuf) -> [Segment; 1] {
 impl EngineSim {
     fn new(cfg: &EngineSimConfig, keep_all: bool) -> Result<EngineSim, String> {
         let disk = SimDisk::new(DISK_BYTES, cfg.seed ^ 0xD15C);
+        if keep_all {
+            disk.keep_log();
+        }
         let opts = FormatOptions {
             chunk_blocks: CHUNK_BLOCKS as u32,
             spare_blocks: 4,
@@ -327,8 +355,12 @@ impl EngineSim {
             maybe: vec![Vec::new(); (VOLUMES * CHUNKS * CHUNK_BLOCKS) as usize],
             chunks: vec![ChunkModel::default(); (VOLUMES * CHUNKS) as usize],
             inflight: Vec::new(),
+            failed: Vec::new(),
+            must_restart: false,
+            idle_drives: 0,
+            errors_at_open: 0,
             next_id: 1,
-            fresh_version: 1_000_000,
+            fresh_version: STALE_MAX,
             stale_version: 0,
             depth: 1,
             step: 0,
@@ -367,6 +399,11 @@ impl EngineSim {
             if self.step % 200 == 1 {
                 self.depth = DEPTHS[self.rng.gen_range(0..DEPTHS.len())];
             }
+            if self.must_restart {
+                self.log("restart after a disk error".into());
+                self.power_cut()?;
+                continue;
+            }
             let r: f64 = self.rng.gen();
             if r < self.cfg.crash {
                 self.power_cut()?;
@@ -401,6 +438,19 @@ impl EngineSim {
                 s.poll(&mut |c| done.push(c));
             }
         }
+        if done.is_empty() && !self.inflight.is_empty() {
+            self.idle_drives += 1;
+            if self.idle_drives > 100_000 {
+                let shards: Vec<String> = self.shards.iter().map(|s| s.describe()).collect();
+                return Err(format!(
+                    "{} requests stuck: nothing completes ({})",
+                    self.inflight.len(),
+                    shards.join("; ")
+                ));
+            }
+        } else {
+            self.idle_drives = 0;
+        }
         for c in done {
             self.completed(c)?;
         }
@@ -408,8 +458,18 @@ impl EngineSim {
     }
 
     fn submit_random(&mut self) -> Result<(), String> {
-        let volume = self.rng.gen_range(0..VOLUMES);
-        let chunk = self.rng.gen_range(0..CHUNKS);
+        let mut volume = self.rng.gen_range(0..VOLUMES);
+        let mut chunk = self.rng.gen_range(0..CHUNKS);
+        // A third of the time, a chunk without a slot if there is one: new
+        // areas get bursts of writes (several in flight while the first
+        // allocates the slot).
+        let empty: Vec<usize> = (0..self.chunks.len())
+            .filter(|&c| !self.chunks[c].slot)
+            .collect();
+        if !empty.is_empty() && self.rng.gen_bool(0.33) {
+            let c = empty[self.rng.gen_range(0..empty.len())] as u64;
+            (volume, chunk) = (c / CHUNKS, c % CHUNKS);
+        }
         let kind = match self.rng.gen_range(0..100) {
             0..=54 => Kind::Write,
             55..=64 => Kind::Zeroes,
@@ -435,9 +495,11 @@ impl EngineSim {
             return Ok(());
         }
         let slot = self.chunks[Self::chunk_index(volume, chunk)].slot;
-        if kind != Kind::Read && !slot && on_chunk.iter().any(|f| f.mutates()) {
-            return Ok(());
-        }
+        let others_mutate = on_chunk.iter().any(|f| f.mutates());
+        let others_fresh_writes = on_chunk
+            .iter()
+            .filter(|f| f.mutates())
+            .all(|f| f.kind == Kind::Write && f.version > STALE_MAX);
         let first = chunk * CHUNK_BLOCKS + first;
         // No mutation joins a sector write in flight on its block.
         let merging = self.inflight.iter().any(|m| {
@@ -462,6 +524,14 @@ impl EngineSim {
         });
         let count = if sectors.is_some() { 1 } else { count };
         let stale = kind == Kind::Write && settled && self.rng.gen_bool(0.15);
+        // On a chunk without a slot, fresh writes may run together (the
+        // first one planned allocates the slot, whichever it is: the same
+        // outcome); anything else runs alone there (whether a zeroing finds
+        // the slot a concurrent write allocates is a race).
+        let fresh_write = kind == Kind::Write && !stale;
+        if kind != Kind::Read && !slot && others_mutate && !(fresh_write && others_fresh_writes) {
+            return Ok(());
+        }
         let version = if stale {
             self.stale_version += 1;
             self.stale_version
@@ -559,7 +629,14 @@ impl EngineSim {
         let s = self.shard_of(volume, chunk);
         // SAFETY: `f.buf` (heap memory) lives in `self.inflight` until the
         // completion for `id` is handled, or until the shard is dropped.
-        unsafe { self.shards[s].submit(&req) }.map_err(|e| format!("request {id} refused: {e}"))?;
+        if let Err(e) = unsafe { self.shards[s].submit(&req) } {
+            if self.disk_failed() {
+                self.log(format!("submit #{id} refused after a disk error: {e}"));
+                self.must_restart = true;
+                return Ok(());
+            }
+            return Err(format!("request {id} refused: {e}"));
+        }
         self.log(format!(
             "submit #{id} {kind:?} volume {volume} blocks {first}+{count}{} version {version}{} (shard {s})",
             match sectors {
@@ -577,9 +654,21 @@ impl EngineSim {
             return Err(format!("completion for unknown request {}", c.tag));
         };
         let f = self.inflight.swap_remove(i);
-        let applied = c
-            .result
-            .map_err(|e| format!("request #{} ({:?}) failed: {e}", f.id, f.kind))?;
+        let applied = match c.result {
+            Ok(n) => n,
+            Err(e) if self.disk_failed() => {
+                self.log(format!(
+                    "done #{} {:?}: failed after a disk error: {e}",
+                    f.id, f.kind
+                ));
+                self.must_restart = true;
+                if f.mutates() {
+                    self.failed.push(f);
+                }
+                return Ok(());
+            }
+            Err(e) => return Err(format!("request #{} ({:?}) failed: {e}", f.id, f.kind)),
+        };
         self.report.acked += 1;
         self.log(format!("done #{} {:?}: {applied} blocks", f.id, f.kind));
         if f.kind == Kind::Read {
@@ -587,6 +676,11 @@ impl EngineSim {
         }
         self.apply(&f);
         Ok(())
+    }
+
+    /// Whether the disk failed an I/O since the engine was opened.
+    fn disk_failed(&self) -> bool {
+        self.disk.stats().io_errors > self.errors_at_open
     }
 
     fn check_read(&mut self, f: &InFlight) -> Result<(), String> {
@@ -716,18 +810,33 @@ impl EngineSim {
         self.disk.crash();
         // The engine dies with the power; then its buffers may go.
         self.shards.clear();
-        let inflight = std::mem::take(&mut self.inflight);
-        self.reopen("power cut", &inflight)
+        let mut lost = std::mem::take(&mut self.inflight);
+        lost.append(&mut self.failed);
+        self.must_restart = false;
+        self.reopen("power cut", &lost)
     }
 
     fn restart(&mut self) -> Result<(), String> {
         while !self.inflight.is_empty() {
             self.drive(true)?;
         }
+        if self.must_restart {
+            return Ok(()); // a disk error: the next step restarts uncleanly
+        }
         self.report.restarts += 1;
         self.log("clean restart".into());
         for s in std::mem::take(&mut self.shards) {
-            s.close().map_err(|e| format!("close: {e}"))?;
+            if let Err(e) = s.close() {
+                if !self.disk_failed() {
+                    return Err(format!("close: {e}"));
+                }
+                // The disk failed a checkpoint write: close says so, and
+                // the process goes down without it.
+                self.log(format!("close failed after a disk error: {e}"));
+                self.disk.crash();
+                self.shards.clear();
+                return self.reopen("power cut", &[]);
+            }
         }
         self.reopen("restart", &[])
     }
@@ -736,6 +845,8 @@ impl EngineSim {
     /// every block against the model and the mutations `lost` in flight;
     /// the model then takes what it found.
     fn reopen(&mut self, after: &str, lost: &[InFlight]) -> Result<(), String> {
+        // The disk behaves while the checker reads it back.
+        self.disk.set_io_error_rate(0.0);
         self.shards = Engine::open_on(self.disk.clone(), &open_options())
             .map_err(|e| format!("open after the {after}: {e}"))?
             .into_shards();
@@ -792,6 +903,8 @@ impl EngineSim {
             }
         }
         self.log("reopened: every block checked".into());
+        self.disk.set_io_error_rate(self.cfg.io_errors);
+        self.errors_at_open = self.disk.stats().io_errors;
         Ok(())
     }
 
@@ -823,7 +936,17 @@ impl EngineSim {
         }
         match result {
             Some(Ok(_)) => Ok(buf),
-            Some(Err(e)) => Err(format!("check read of volume {volume} at {offset}: {e}")),
+            Some(Err(e)) => {
+                let mut at = String::new();
+                for b in 0..CHUNK_BLOCKS {
+                    if let Some(d) = self.shards[s].locate(volume, offset + b * BS as u64) {
+                        at.push_str(&format!(" {b}:{d:#x}"));
+                    }
+                }
+                Err(format!(
+                    "check read of volume {volume} at {offset}: {e} (blocks on disk:{at})"
+                ))
+            }
             None => Err("check read never completed".into()),
         }
     }

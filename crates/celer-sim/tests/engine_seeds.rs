@@ -6,9 +6,9 @@ use std::time::Instant;
 
 use celer_sim::{run_engine, EngineSimConfig};
 
-/// Seeds CI runs every time. With them the simulator found the bug listed
-/// in docs/testing.md (a freed chunk back after a power cut) when its fix
-/// was reverted: 39 of seeds 0-299.
+/// Seeds CI runs every time. With them the simulator finds the engine bugs
+/// listed in docs/testing.md when their fixes are reverted (6 to 99 of
+/// these seeds each).
 const FIXED_SEEDS: std::ops::Range<u64> = 0..600;
 
 fn check(seed: u64) -> Result<(), String> {

@@ -47,6 +47,11 @@ fn run_engine(a: &SimArgs) -> Result<()> {
                 println!("{line}");
             }
         }
+        if a.trace {
+            for line in &report.disk_log {
+                println!("disk: {line}");
+            }
+        }
         print!("{}", report.render(wall));
         if report.violation.is_some() {
             failed.push(seed);

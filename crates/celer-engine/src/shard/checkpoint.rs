@@ -103,6 +103,14 @@ impl<D: Disk> Shard<D> {
             return;
         };
         if c.pending == 0 {
+            if self.failed.is_some() {
+                // A failed shard writes no index: after a failed map flush,
+                // the index would move the journal tail past records whose
+                // maps never reached the disk (a failed fdatasync leaves
+                // the pages clean, not durable, and the next one succeeds).
+                // Skip to the end, which leaves the tail where it is.
+                c.stage = CkptStage::IndexSync;
+            }
             match c.stage {
                 CkptStage::Maps if c.next == c.bufs.len() => {
                     c.stage = CkptStage::MapsSync;
@@ -151,6 +159,7 @@ impl<D: Disk> Shard<D> {
             }
         }
         while c.stage == CkptStage::Maps
+            && self.failed.is_none()
             && c.next < c.bufs.len()
             && c.pending < CKPT_WRITES_INFLIGHT_MAX
             && self.sqe_room(1)

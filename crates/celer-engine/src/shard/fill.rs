@@ -302,6 +302,9 @@ impl<D: Disk> Shard<D> {
                 },
             );
         }
+        // Never solo: it waits for the flush, which covers an Alloc block
+        // already written; one still being written it waits for here.
+        self.wait_for_alloc(id, local);
         // One data write per run consecutive in the chunk and on disk.
         let op = &mut self.ops[id as usize];
         let n = op.plan.len();

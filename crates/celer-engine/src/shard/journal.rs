@@ -65,6 +65,48 @@ impl<D: Disk> Shard<D> {
         jb.seq
     }
 
+    /// Makes op `id` wait for the journal block holding the Alloc record
+    /// of slot `local` while that block is not durable: another op may
+    /// have allocated the slot, and a replay without the Alloc drops every
+    /// record naming the slot, so this op's write would be lost after a
+    /// power cut although it was acknowledged. Returns whether that block
+    /// still waits for a flush (the op then cannot complete without one:
+    /// it is not `solo`).
+    pub(super) fn wait_for_alloc(&mut self, id: u32, local: u32) -> bool {
+        let Some(alloc_seq) = self.slots[local as usize].as_ref().map(|s| s.alloc_seq) else {
+            return false;
+        };
+        if alloc_seq <= self.acked_through {
+            return false; // durable
+        }
+        let Some(b) = self
+            .jbufs
+            .iter()
+            .position(|jb| jb.seq == alloc_seq && jb.state != JbState::Free)
+        else {
+            return false;
+        };
+        match self.jbufs[b].state {
+            JbState::Free | JbState::Written => false,
+            // Written: the flush this op waits for (issued once its own
+            // writes complete) covers it.
+            JbState::Unflushed => true,
+            // Its own block (it allocated the slot, or its records went
+            // in with the Alloc): nothing more to wait for, and a solo op
+            // stays solo.
+            JbState::Open | JbState::Writing if self.ops[id as usize].jbufs.contains(&b) => false,
+            JbState::Open | JbState::Writing => {
+                let jb = &mut self.jbufs[b];
+                jb.waiters.push(id);
+                jb.unfinished_ops += 1;
+                let op = &mut self.ops[id as usize];
+                op.pending += 1;
+                op.jbufs.push(b);
+                true
+            }
+        }
+    }
+
     pub(super) fn flush_journal(&mut self) {
         if self.open_jb.is_some_and(|b| self.jbufs[b].count > 0) {
             self.seal_and_write_journal(false);

@@ -394,6 +394,7 @@ impl<D: Disk> Shard<D> {
             };
             self.append_record(id, &rec);
         }
+        let alloc_pending = self.wait_for_alloc(id, local);
         // A request alone in the shard (QD1) writes its data and its own
         // journal block in parallel, both with RWF_DSYNC: each is durable on
         // completion, no fsync worker is woken, and the thread sleeps once.
@@ -404,6 +405,7 @@ impl<D: Disk> Shard<D> {
         let solo = {
             let op = &self.ops[id as usize];
             op.jbufs.len() == 1
+                && !alloc_pending
                 && self.inflight() == 1
                 && self.open_jb == Some(op.jbufs[0])
                 && self.jbufs[op.jbufs[0]].waiters.len() == 1
@@ -491,7 +493,12 @@ impl<D: Disk> Shard<D> {
         if self.ops[id as usize].stage == Stage::Freeing {
             return self.free_done(id, local);
         }
-        let failed = self.ops[id as usize].error.is_some();
+        // A failed shard applies nothing more, and starts no next phase:
+        // after a failed fdatasync a later one may succeed without the
+        // writes the failed one covered (the device, or Linux, forgot
+        // them), so a phase that completes now may not be durable, and
+        // the blocks it would free may still be the only durable copy.
+        let failed = self.ops[id as usize].error.is_some() || self.failed.is_some();
         if let Some(e) = &self.ops[id as usize].error {
             // Disk writes that fail leave the shard unable to promise
             // durability: stop taking writes (see fail()), with the reason.
