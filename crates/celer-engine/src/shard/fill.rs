@@ -93,25 +93,11 @@ impl<D: Disk> Shard<D> {
             {
                 j += 1;
             }
-            let iov_at = op.iov.len();
-            slice_segments(
-                &op.segs,
-                (p.logical - op.first) as usize * BLOCK_SIZE,
-                (j - i) * BLOCK_SIZE,
-                &mut op.iov,
-            );
             let slot_index = self.g.slot_of(self.id, slots[p.layer as usize] as u64);
-            let sqe = (
-                rw_io(
-                    false,
-                    &op.iov[iov_at..],
-                    self.g.phys_offset(slot_index, p.phys),
-                    false,
-                ),
-                io_ud(UD_DATA, id as u64, (j - i) * BLOCK_SIZE),
-            );
-            op.pending += 1;
-            self.io.push(sqe);
+            let offset = self.g.phys_offset(slot_index, p.phys);
+            let at = (p.logical - op.first) as usize * BLOCK_SIZE;
+            let len = (j - i) * BLOCK_SIZE;
+            self.io.push_op_data(op, id, false, at, len, offset, false);
             i = j;
         }
         // The layer itself is not read: only the lower slots are held.
@@ -318,25 +304,11 @@ impl<D: Disk> Shard<D> {
             {
                 j += 1;
             }
-            let iov_at = op.iov.len();
-            slice_segments(
-                &op.segs,
-                (p.logical - op.first) as usize * BLOCK_SIZE,
-                (j - i) * BLOCK_SIZE,
-                &mut op.iov,
-            );
-            let sqe = (
-                rw_io(
-                    true,
-                    &op.iov[iov_at..],
-                    self.g.phys_offset(slot_index, p.phys),
-                    false,
-                ),
-                io_ud(UD_DATA, id as u64, (j - i) * BLOCK_SIZE),
-            );
-            op.pending += 1;
-            self.stats.data_bytes_written += ((j - i) * BLOCK_SIZE) as u64;
-            self.io.push(sqe);
+            let offset = self.g.phys_offset(slot_index, p.phys);
+            let at = (p.logical - op.first) as usize * BLOCK_SIZE;
+            let len = (j - i) * BLOCK_SIZE;
+            self.io.push_op_data(op, id, true, at, len, offset, false);
+            self.stats.data_bytes_written += len as u64;
             i = j;
         }
         if self.ops[id as usize].pending == 0 {

@@ -55,19 +55,9 @@ impl<D: Disk> Shard<D> {
                 continue;
             }
             let j = run_end(&op.plan, i, Action::ReadData);
-            let iov_at = op.iov.len();
-            slice_segments(&op.segs, i * BLOCK_SIZE, (j - i) * BLOCK_SIZE, &mut op.iov);
-            let sqe = (
-                rw_io(
-                    false,
-                    &op.iov[iov_at..],
-                    self.g.phys_offset(slot_index, p.phys),
-                    false,
-                ),
-                io_ud(UD_DATA, id as u64, (j - i) * BLOCK_SIZE),
-            );
-            op.pending += 1;
-            self.io.push(sqe);
+            let offset = self.g.phys_offset(slot_index, p.phys);
+            let (at, len) = (i * BLOCK_SIZE, (j - i) * BLOCK_SIZE);
+            self.io.push_op_data(op, id, false, at, len, offset, false);
             i = j;
         }
         if op.pending == 0 {
@@ -153,20 +143,10 @@ impl<D: Disk> Shard<D> {
                 continue;
             }
             let j = run_end(&op.plan, i, Action::ReadData);
-            let iov_at = op.iov.len();
-            slice_segments(&op.segs, i * BLOCK_SIZE, (j - i) * BLOCK_SIZE, &mut op.iov);
             let slot_index = self.g.slot_of(self.id, slots[p.layer as usize] as u64);
-            let sqe = (
-                rw_io(
-                    false,
-                    &op.iov[iov_at..],
-                    self.g.phys_offset(slot_index, p.phys),
-                    false,
-                ),
-                io_ud(UD_DATA, id as u64, (j - i) * BLOCK_SIZE),
-            );
-            op.pending += 1;
-            self.io.push(sqe);
+            let offset = self.g.phys_offset(slot_index, p.phys);
+            let (at, len) = (i * BLOCK_SIZE, (j - i) * BLOCK_SIZE);
+            self.io.push_op_data(op, id, false, at, len, offset, false);
             i = j;
         }
         if op.pending == 0 {

@@ -24,6 +24,29 @@ impl<Q: DiskQueue> Io<Q> {
         self.unsubmitted += 1;
         self.inflight += 1;
     }
+
+    /// Queues op `id`'s data read or write of bytes `[at, at + len)` of its
+    /// segments, at `offset` on the disk, and counts it in `op.pending`.
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn push_op_data(
+        &mut self,
+        op: &mut Op,
+        id: u32,
+        write: bool,
+        at: usize,
+        len: usize,
+        offset: u64,
+        dsync: bool,
+    ) {
+        let iov_at = op.iov.len();
+        slice_segments(&op.segs, at, len, &mut op.iov);
+        op.pending += 1;
+        self.push((
+            rw_io(write, &op.iov[iov_at..], offset, dsync),
+            io_ud(UD_DATA, id as u64, len),
+        ));
+    }
 }
 
 /// A read or write of `iov` at `offset`.

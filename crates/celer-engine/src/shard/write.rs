@@ -423,26 +423,11 @@ impl<D: Disk> Shard<D> {
                 continue;
             }
             let j = run_end(&op.plan, i, Action::Write);
-            let iov_at = op.iov.len();
-            slice_segments(
-                &op.segs,
-                (base + i) * BLOCK_SIZE,
-                (j - i) * BLOCK_SIZE,
-                &mut op.iov,
-            );
-            let sqe = (
-                rw_io(
-                    true,
-                    &op.iov[iov_at..],
-                    self.g.phys_offset(slot_index, p.phys),
-                    solo,
-                ),
-                io_ud(UD_DATA, id as u64, (j - i) * BLOCK_SIZE),
-            );
-            op.pending += 1;
-            self.stats.data_bytes_written += ((j - i) * BLOCK_SIZE) as u64;
-            self.stats.user_bytes_written += ((j - i) * BLOCK_SIZE) as u64;
-            self.io.push(sqe);
+            let offset = self.g.phys_offset(slot_index, p.phys);
+            let (at, len) = ((base + i) * BLOCK_SIZE, (j - i) * BLOCK_SIZE);
+            self.io.push_op_data(op, id, true, at, len, offset, solo);
+            self.stats.data_bytes_written += len as u64;
+            self.stats.user_bytes_written += len as u64;
             i = j;
         }
         op.cursor += n as u16;
