@@ -6,6 +6,7 @@
 #[path = "support/guest_system.rs"]
 mod guest_system;
 #[path = "support/migration.rs"]
+#[allow(dead_code)] // migrate_peer_guest is the cluster test's
 mod migration;
 
 use std::collections::HashMap;

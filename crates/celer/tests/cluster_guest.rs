@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 
 use celer_meta::api::CreateVolume;
 use guest_system::{build_guest, skip_slow, spawn_backend};
-use migration::{migrate_guest, MigrationRun};
+use migration::{migrate_guest, migrate_peer_guest, MigrationRun};
 use support::cluster::{Cluster, ClusterOpts};
 
 const BIN: &str = env!("CARGO_BIN_EXE_celer");
@@ -314,7 +314,7 @@ fn linux_guest_live_migrates_on_a_cluster_volume_and_hands_it_over() {
             qsd_dir.join(format!("{side}-qsd.sock")).display()
         )
     };
-    let qsd = migrate_guest(
+    let qsd = migrate_peer_guest(
         &repo,
         &qsd_dir,
         &MigrationRun {
@@ -324,17 +324,27 @@ fn linux_guest_live_migrates_on_a_cluster_volume_and_hands_it_over() {
             logs: Vec::new(),
         },
     );
-    println!(
-        "migration downtime: celer cluster volume {} ms (total {} ms, {} KiB of RAM sent in the downtime, {} dirty-log syncs), qemu-storage-daemon on a file {} ms (total {} ms, {} KiB, {} syncs)",
+    let celer_figures = format!(
+        "celer cluster volume {} ms (total {} ms, {} KiB of RAM sent in the downtime, {} dirty-log syncs)",
         celer.downtime_ms,
         celer.total_ms,
         celer.downtime_bytes >> 10,
         celer.dirty_syncs,
-        qsd.downtime_ms,
-        qsd.total_ms,
-        qsd.downtime_bytes >> 10,
-        qsd.dirty_syncs
     );
+    match qsd {
+        Ok(qsd) => println!(
+            "migration downtime: {celer_figures}, qemu-storage-daemon on a file {} ms (total {} ms, {} KiB, {} syncs)",
+            qsd.downtime_ms,
+            qsd.total_ms,
+            qsd.downtime_bytes >> 10,
+            qsd.dirty_syncs
+        ),
+        // The baseline's own defect (see migrate_peer_guest), reported,
+        // not Celer's: the Celer run above drained its rings first.
+        Err(hang) => println!(
+            "migration downtime: {celer_figures}; no qemu-storage-daemon baseline this run: {hang}"
+        ),
+    }
 }
 
 /// Starts a back end (`cmd`) logging to `log` and returns once it listens
