@@ -4,7 +4,9 @@
 //!
 //! ```text
 //! block 0, 1      superblock, two copies
-//! journal         shard_count rings of journal_blocks each
+//! journal         shard_count rings of journal_blocks each; in format 2
+//!                 each sequence number takes two blocks: its record block,
+//!                 then a data block (a small write's data, written with it)
 //! index           per shard, two copies (A/B by generation) of the slot index
 //! slots           slot_count chunk slots, each:
 //!                   header A | map copy 0 | map copy 1 | phys data blocks | header B
@@ -20,7 +22,12 @@ use crate::EngineError;
 
 pub const BLOCK_SIZE: usize = 4096;
 pub const BLOCK_SIZE_U64: u64 = BLOCK_SIZE as u64;
-pub const FORMAT_VERSION: u32 = 1;
+/// The format `format` writes. Version 2 pairs each journal block with a
+/// data block (`Geometry::journal_data`); version 1 disks (one block per
+/// journal sequence number) are still opened, and written as before.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format still opened.
+pub const FORMAT_VERSION_MIN: u32 = 1;
 
 const SUPERBLOCK_MAGIC: &[u8; 8] = b"CELERENG";
 const SLOT_MAGIC: &[u8; 8] = b"CELSLOT1";
@@ -83,6 +90,13 @@ pub struct Geometry {
     /// Journal ring length per shard, in blocks.
     pub journal_blocks: u32,
     pub slot_count: u64,
+    /// Format 2: journal sequence number `s` owns two consecutive ring
+    /// blocks, its record block and a data block. A small write alone in
+    /// its shard puts its data there, written with its record as one
+    /// device write, and moves it to its slot afterwards. A replay reads
+    /// only record blocks, so a data block is never taken for a journal
+    /// block, whatever a guest wrote in it.
+    pub journal_data: bool,
 }
 
 impl Geometry {
@@ -103,10 +117,27 @@ impl Geometry {
     pub fn journal_start(&self) -> u64 {
         2
     }
+    /// Journal sequence numbers a shard's ring holds at once.
+    pub fn journal_seqs(&self) -> u64 {
+        if self.journal_data {
+            self.journal_blocks as u64 / 2
+        } else {
+            self.journal_blocks as u64
+        }
+    }
+    /// Position in its shard's ring of the record block of `seq`.
+    pub fn journal_position(&self, seq: u64) -> u64 {
+        let at = seq % self.journal_seqs();
+        if self.journal_data {
+            2 * at
+        } else {
+            at
+        }
+    }
     pub fn journal_block_offset(&self, shard: u32, seq: u64) -> u64 {
         (self.journal_start()
             + shard as u64 * self.journal_blocks as u64
-            + seq % self.journal_blocks as u64)
+            + self.journal_position(seq))
             * BLOCK_SIZE_U64
     }
     pub fn slots_per_shard(&self) -> u64 {
@@ -180,9 +211,9 @@ impl Geometry {
                 "shard_count {shard_count} must be in [1, 64]"
             )));
         }
-        if journal_blocks < 16 {
+        if journal_blocks < 16 || !journal_blocks.is_multiple_of(2) {
             return Err(EngineError::BadConfig(format!(
-                "journal_blocks {journal_blocks} must be at least 16"
+                "journal_blocks {journal_blocks} must be even and at least 16"
             )));
         }
         let mut g = Geometry {
@@ -192,6 +223,7 @@ impl Geometry {
             shard_count,
             journal_blocks,
             slot_count: 0,
+            journal_data: true,
         };
         // index size depends on slot count: shrink from an upper bound.
         let mut slots = disk_bytes / BLOCK_SIZE_U64 / g.slot_blocks();
@@ -234,7 +266,8 @@ pub fn encode_superblock(sb: &Superblock, b: &mut [u8]) {
     let g = &sb.geometry;
     b.fill(0);
     b[0..8].copy_from_slice(SUPERBLOCK_MAGIC);
-    put_u32(b, 8, FORMAT_VERSION);
+    // A version 1 disk stays version 1 (recording a node id rewrites this).
+    put_u32(b, 8, if g.journal_data { 2 } else { 1 });
     put_u64(b, 16, g.disk_uuid);
     put_u32(b, 24, g.chunk_blocks);
     put_u32(b, 28, g.spare_blocks);
@@ -266,7 +299,7 @@ pub fn decode_superblock(b: &[u8]) -> SuperblockState {
         return SuperblockState::Corrupt;
     }
     let version = get_u32(b, 8);
-    if version != FORMAT_VERSION {
+    if !(FORMAT_VERSION_MIN..=FORMAT_VERSION).contains(&version) {
         return SuperblockState::WrongVersion(version);
     }
     SuperblockState::Valid(Superblock {
@@ -277,6 +310,7 @@ pub fn decode_superblock(b: &[u8]) -> SuperblockState {
             shard_count: get_u32(b, 32),
             journal_blocks: get_u32(b, 36),
             slot_count: get_u64(b, 40),
+            journal_data: version >= 2,
         },
         node_id: (get_u32(b, SB_NODE_ID_SET) != 0).then(|| get_u64(b, SB_NODE_ID)),
     })
@@ -443,12 +477,16 @@ pub fn decode_map(
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Record {
     /// Logical block `logical` of `slot` now lives at `phys` with `crc`.
+    /// With `in_journal`, the data was written in the data block of this
+    /// record's journal block and moved to `phys` afterwards: a replay
+    /// copies it there if the move did not reach the disk.
     Write {
         slot: u32,
         logical: u16,
         phys: u16,
         crc: u32,
         version: u64,
+        in_journal: bool,
     },
     /// Logical block zeroed (write-zeroes or discard).
     Zero {
@@ -478,8 +516,10 @@ pub fn encode_record(r: &Record, b: &mut [u8]) {
             phys,
             crc,
             version,
+            in_journal,
         } => {
             b[0] = 1;
+            b[1] = in_journal as u8;
             put_u32(b, 4, slot);
             put_u16(b, 8, logical);
             put_u16(b, 10, phys);
@@ -519,6 +559,7 @@ pub fn decode_record(b: &[u8]) -> Option<Record> {
             phys: get_u16(b, 10),
             crc: get_u32(b, 12),
             version: get_u64(b, 16),
+            in_journal: b[1] != 0,
         },
         2 => Record::Zero {
             slot,
@@ -723,6 +764,15 @@ mod tests {
                 phys: 300,
                 crc: 0xdead_beef,
                 version: 1 << 60,
+                in_journal: false,
+            },
+            Record::Write {
+                slot: 9,
+                logical: 3,
+                phys: 4,
+                crc: 1,
+                version: 2,
+                in_journal: true,
             },
             Record::Zero {
                 slot: 1,
@@ -746,6 +796,39 @@ mod tests {
 
     fn geometry() -> Geometry {
         Geometry::for_disk(0x1234_5678_9abc_def0, 64 << 20, 256, 64, 2, 16).expect("geometry")
+    }
+
+    #[test]
+    fn format_1_disks_keep_their_journal_layout() {
+        let mut g = geometry();
+        let mut b = vec![0u8; BLOCK_SIZE];
+        for journal_data in [true, false] {
+            g.journal_data = journal_data;
+            let sb = Superblock {
+                geometry: g,
+                node_id: Some(3),
+            };
+            encode_superblock(&sb, &mut b);
+            assert_eq!(get_u32(&b, 8), if journal_data { 2 } else { 1 });
+            match decode_superblock(&b) {
+                SuperblockState::Valid(got) => assert_eq!(got, sb),
+                _ => panic!("superblock of format {journal_data} not read back"),
+            }
+        }
+        // Format 1: sequence numbers fill the ring; format 2: every other
+        // block, the data block after each.
+        g.journal_data = false;
+        assert_eq!((g.journal_seqs(), g.journal_position(17)), (16, 1));
+        g.journal_data = true;
+        assert_eq!((g.journal_seqs(), g.journal_position(17)), (8, 2));
+        assert_eq!(g.journal_position(7), 14);
+        put_u32(&mut b, 8, 3);
+        seal(&mut b, SB_CRC);
+        assert!(matches!(
+            decode_superblock(&b),
+            SuperblockState::WrongVersion(3)
+        ));
+        assert!(Geometry::for_disk(1, 64 << 20, 256, 64, 2, 17).is_err());
     }
 
     #[test]
@@ -780,7 +863,11 @@ mod tests {
     /// with no node id; and a superblock without a node id is exactly that.
     #[test]
     fn superblock_from_before_the_node_id_reads_as_none() {
-        let g = geometry();
+        // A format 1 disk (one block per journal sequence number).
+        let g = Geometry {
+            journal_data: false,
+            ..geometry()
+        };
         let mut old = vec![0u8; BLOCK_SIZE];
         old[0..8].copy_from_slice(SUPERBLOCK_MAGIC);
         put_u32(&mut old, 8, 1);

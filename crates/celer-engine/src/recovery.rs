@@ -82,6 +82,9 @@ pub struct RebuildReport {
     pub maps_loaded: u64,
     pub journal_records_replayed: u64,
     pub journal_records_dropped: u64,
+    /// Small writes whose data was still only in the journal's data block
+    /// (its move to the slot had not reached the disk): copied there.
+    pub journal_data_moved: u64,
 }
 
 /// Totals over all shards.
@@ -585,30 +588,37 @@ fn recover_shard<D: Disk>(
     }
 
     // Journal: read the whole ring, keep valid blocks, replay in order.
+    // Only record blocks are decoded: in format 2 a data block (guest data)
+    // is never taken for one.
     let mut ring = AlignedBuf::new(g.journal_blocks as usize);
     read_at(&**disk, &mut ring, g.journal_block_offset(shard, 0))?;
+    let block = |pos: usize| &ring[pos * BLOCK_SIZE..(pos + 1) * BLOCK_SIZE];
     let mut blocks = Vec::new();
     let mut watermark = 0;
-    for i in 0..g.journal_blocks as usize {
-        let b = &ring[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE];
-        if let Some(h) = layout::decode_journal_block(g.disk_uuid, shard, b) {
-            if h.seq % g.journal_blocks as u64 == i as u64 {
+    let seqs = g.journal_seqs();
+    for i in 0..seqs {
+        let pos = g.journal_position(i) as usize;
+        if let Some(h) = layout::decode_journal_block(g.disk_uuid, shard, block(pos)) {
+            if h.seq % seqs == i {
                 watermark = watermark.max(h.acked_through);
-                blocks.push((h.seq, i, h.count));
+                blocks.push((h.seq, pos, h.count));
             }
         }
     }
+    // Writes whose data is in a journal data block: (slot, logical block,
+    // physical block, version, ring position of the data).
+    let mut in_journal = Vec::new();
     blocks.sort_unstable();
     let min_base = base.iter().copied().min().unwrap_or(0);
     let mut max_seq = base.iter().copied().max().unwrap_or(0);
     let mut data = AlignedBuf::new(1);
     let mut replayed_any = false;
-    for &(seq, i, count) in blocks.iter() {
+    for &(seq, pos, count) in blocks.iter() {
         max_seq = max_seq.max(seq);
         if seq <= min_base {
             continue;
         }
-        let b = &ring[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE];
+        let b = block(pos);
         for r in 0..count {
             let Some(rec) = layout::decode_record(layout::journal_record(b, r)) else {
                 continue;
@@ -641,6 +651,7 @@ fn recover_shard<D: Disk>(
                     phys,
                     crc,
                     version,
+                    in_journal: data_in_journal,
                     ..
                 } => {
                     let Some(s) = slots[local].as_mut() else {
@@ -656,8 +667,17 @@ fn recover_shard<D: Disk>(
                     if version < s.entries[logical as usize].version {
                         continue;
                     }
-                    if seq > watermark {
-                        // Its data write may not have reached the disk.
+                    let journal_copy = (data_in_journal && g.journal_data)
+                        .then(|| block(pos + 1))
+                        .filter(|d| crc32c::crc32c(d) == crc);
+                    if journal_copy.is_some() {
+                        // Moved to `phys` below if the move did not
+                        // reach the disk.
+                        in_journal.push((local, logical, phys, version, pos + 1));
+                    } else if seq > watermark || data_in_journal {
+                        // Its data write may not have reached the disk
+                        // (a torn pair of record and data blocks was never
+                        // acknowledged; its move never started).
                         let slot_index = g.slot_of(shard, local as u64);
                         read_at(&**disk, &mut data, g.phys_offset(slot_index, phys))?;
                         if crc32c::crc32c(&data) != crc {
@@ -690,6 +710,30 @@ fn recover_shard<D: Disk>(
             }
         }
     }
+    // Data still only in the journal goes to its block, where the final
+    // maps name it (a later record may have replaced it, and its block may
+    // hold another block's data since). The recovery checkpoint's
+    // fdatasync makes these writes durable before the journal is reused.
+    for &(local, logical, phys, version, pos) in in_journal.iter() {
+        let Some(s) = slots[local].as_ref() else {
+            continue;
+        };
+        let e = s.entries[logical as usize];
+        if e.kind != BlockKind::Data || e.phys != phys || e.version != version {
+            continue;
+        }
+        let at = g.phys_offset(g.slot_of(shard, local as u64), phys);
+        read_at(&**disk, &mut data, at)?;
+        if crc32c::crc32c(&data) != e.crc {
+            write_at(&**disk, block(pos), at)?;
+            report.journal_data_moved += 1;
+        }
+    }
+    if report.journal_data_moved > 0 {
+        // Durable before the checkpoint below writes maps that skip their
+        // records (a map can land without the moved data otherwise).
+        sync(&**disk)?;
+    }
     // Rebuild the free-block bitmaps from the final maps.
     for s in slots.iter_mut() {
         if let Some(st) = s.take() {
@@ -699,7 +743,16 @@ fn recover_shard<D: Disk>(
             *s = Some(n);
         }
     }
-    let next_seq = max_seq + 1;
+    // Never reuse a sequence number the dead process may have written: a
+    // journal block it wrote torn (not durable, some sectors landed) and
+    // the new block of the same number, torn in turn by a later power cut,
+    // can mix into a valid copy of the old one (the sectors past a few
+    // records are zeroes in both), whose records a replay would then apply
+    // (the engine simulator found a zeroing that was never acknowledged
+    // come back so). Its blocks above the last valid one were all in its
+    // journal buffers, so they are numbered below `max_seq + 1 +
+    // JOURNAL_BUFS`; the recovery checkpoint moves the tail past them.
+    let next_seq = max_seq + 1 + crate::shard::JOURNAL_BUFS as u64;
     let mut init = ShardInit {
         id: shard,
         g: *g,

@@ -60,7 +60,11 @@ pub const SEGMENTS_MAX: usize = 256;
 /// The most layers a request may read through (`EngineRequest::chain`).
 pub const LAYERS_MAX: usize = 255;
 /// Journal blocks that may be open or in flight at once, per shard.
-const JOURNAL_BUFS: usize = 16;
+/// Journal buffers per shard (a small write's buffer is held until its
+/// data has moved, see `MOVES_BATCH`).
+pub(crate) const JOURNAL_BUFS: usize = 32;
+/// Moves of small writes' data from the journal sent together.
+const MOVES_BATCH: usize = 8;
 /// Most data writes one phase of a request submits.
 const RUNS_PER_PHASE_MAX: u32 = 32;
 /// Most requests in flight per shard.
@@ -167,6 +171,9 @@ pub struct ShardStats {
     pub meta_bytes_written: u64,
     pub checkpoints: u64,
     pub flushes: u64,
+    /// Small writes whose data went to disk in the journal, with their
+    /// record (one device write), then moved to their slot.
+    pub journal_data_writes: u64,
 }
 
 // user_data: kind in the top byte, id below.
@@ -175,6 +182,7 @@ const UD_JOURNAL: u64 = 2 << 56;
 const UD_META: u64 = 3 << 56;
 const UD_CKPT: u64 = 4 << 56;
 const UD_FLUSH: u64 = 5 << 56;
+const UD_MOVE: u64 = 6 << 56;
 const UD_KIND: u64 = 0xff << 56;
 
 /// user_data of an I/O: its kind, the op or buffer it belongs to (low 32
@@ -251,6 +259,13 @@ pub struct Shard<D: Disk = FileDisk> {
     submitted: u64,
     /// Ops whose reads (merge or fill) a journal write finished last.
     reads_done: Vec<u32>,
+    /// Data moves from journal data blocks to their slots in flight.
+    moves_inflight: u32,
+    /// Journal buffers whose data waits to be moved (`maybe_issue_moves`).
+    moves_queued: Vec<usize>,
+    /// A move completed since the last checkpoint began: the next one
+    /// flushes before it writes maps (`CkptStage::MovesSync`).
+    moves_unflushed: bool,
 }
 
 pub(crate) struct ShardInit<D> {
@@ -322,13 +337,16 @@ impl<D: Disk> Shard<D> {
             .collect();
         let jbufs = (0..JOURNAL_BUFS)
             .map(|_| JournalBuf {
-                buf: AlignedBuf::new(1),
+                // The record block and the data block of a small write.
+                buf: AlignedBuf::new(2),
                 state: JbState::Free,
                 seq: 0,
                 count: 0,
                 waiters: Vec::with_capacity(RECORDS_PER_JOURNAL_BLOCK),
                 unfinished_ops: 0,
                 dsync: false,
+                data_to: None,
+                moving: false,
             })
             .collect();
         Ok(Shard {
@@ -368,6 +386,9 @@ impl<D: Disk> Shard<D> {
             stats: ShardStats::default(),
             submitted: 0,
             reads_done: Vec::with_capacity(inflight_max),
+            moves_inflight: 0,
+            moves_queued: Vec::with_capacity(JOURNAL_BUFS),
+            moves_unflushed: false,
         })
     }
 
@@ -514,7 +535,7 @@ impl<D: Disk> Shard<D> {
         loop {
             let n = self.reap_and_hand_out(done);
             self.prepare_io();
-            if n > 0 || (self.inflight() == 0 && self.ckpt.is_none()) {
+            if n > 0 || (self.inflight() == 0 && self.ckpt.is_none() && self.moves_inflight == 0) {
                 self.submit_ring(0);
                 return n;
             }
@@ -546,6 +567,7 @@ impl<D: Disk> Shard<D> {
     /// Seals the open journal block, starts a flush and checkpoint work as
     /// needed; the caller submits.
     fn prepare_io(&mut self) {
+        self.maybe_issue_moves();
         self.flush_journal();
         self.maybe_flush();
         self.maybe_checkpoint();
@@ -555,7 +577,12 @@ impl<D: Disk> Shard<D> {
     /// next open has no journal to replay.
     pub fn close(mut self) -> Result<(), EngineError> {
         let mut sink = |_c: Completion| {};
-        while self.inflight() > 0 || self.ckpt.is_some() {
+        while self.inflight() > 0
+            || self.ckpt.is_some()
+            || self.moves_inflight > 0
+            || !self.moves_queued.is_empty()
+        {
+            self.issue_moves();
             self.wait(&mut sink);
         }
         if self.failed.is_none() && self.next_seq > self.tail {
@@ -606,6 +633,7 @@ impl<D: Disk> Shard<D> {
                 UD_JOURNAL => self.journal_done(id as usize, res),
                 UD_CKPT => self.checkpoint_io_done(res),
                 UD_FLUSH => self.flush_done(res),
+                UD_MOVE => self.move_done(id as usize, res),
                 _ => unreachable!("unknown user_data {ud:#x}"),
             }
         }
@@ -630,6 +658,19 @@ impl<D: Disk> Shard<D> {
                 break;
             };
             self.ops[id as usize].stage = Stage::Idle;
+            if let Some(why) = &self.failed {
+                // Fail-stop: what waits for journal room, a block or a slot
+                // may wait forever (a failed checkpoint never moves the
+                // journal tail), so it fails now.
+                let op = &mut self.ops[id as usize];
+                op.error.get_or_insert(EngineError::Io {
+                    volume: op.volume,
+                    offset_bytes: op.chunk * self.g.chunk_bytes(),
+                    errno_text: why.clone(),
+                });
+                self.finish(id);
+                continue;
+            }
             self.start(id);
         }
     }
@@ -663,6 +704,9 @@ impl<D: Disk> Shard<D> {
         }
         slot.releasing = Some(id);
         self.bind_slot(id, local);
+        if !self.moves_queued.is_empty() {
+            self.drop_stale_moves(local);
+        }
         let slot = self.slots[local as usize]
             .as_mut()
             .expect("indexed slot exists");

@@ -114,16 +114,21 @@ pub fn run(cmd: EngineCommand) -> Result<()> {
                 g.disk_uuid
             );
             println!(
-                "chunk {} KiB, spare {} blocks, {} slots, {} shard(s), journal {} blocks per shard",
+                "chunk {} KiB, spare {} blocks, {} slots, {} shard(s), journal {} blocks per shard ({})",
                 g.chunk_bytes() >> 10,
                 g.spare_blocks,
                 g.slot_count,
                 g.shard_count,
-                g.journal_blocks
+                g.journal_blocks,
+                if g.journal_data {
+                    "format 2: a record block and a data block per sequence number"
+                } else {
+                    "format 1: no data in the journal"
+                }
             );
             println!(
-                "recovery at open: {} journal records replayed, {} dropped (unacknowledged)",
-                r.journal_records_replayed, r.journal_records_dropped
+                "recovery at open: {} journal records replayed, {} dropped (unacknowledged), {} writes moved from the journal",
+                r.journal_records_replayed, r.journal_records_dropped, r.journal_data_moved
             );
             for s in engine.into_shards() {
                 println!(

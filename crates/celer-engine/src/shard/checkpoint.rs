@@ -7,7 +7,7 @@ impl<D: Disk> Shard<D> {
     pub(super) fn maybe_checkpoint(&mut self) {
         if self.ckpt.is_none()
             && self.failed.is_none()
-            && (self.next_seq - self.tail) * 2 >= self.g.journal_blocks as u64
+            && (self.next_seq - self.tail) * 2 >= self.g.journal_seqs()
             && self.acked_through >= self.tail
         {
             self.start_checkpoint();
@@ -83,7 +83,7 @@ impl<D: Disk> Shard<D> {
         };
         layout::encode_index(uuid, self.id, &h, &index_entries, &mut index);
         self.ckpt_spare.index_entries = index_entries;
-        self.ckpt = Some(Checkpoint {
+        let mut c = Checkpoint {
             cut,
             stage: CkptStage::Maps,
             pending: 0,
@@ -91,7 +91,15 @@ impl<D: Disk> Shard<D> {
             targets,
             next: 0,
             index,
-        });
+        };
+        // Every move of a record up to the cut has completed (the watermark
+        // waits for them), maybe not yet flushed.
+        if self.moves_unflushed {
+            self.moves_unflushed = false;
+            c.stage = CkptStage::MovesSync;
+            self.push_ckpt_fsync(&mut c);
+        }
+        self.ckpt = Some(c);
         self.pump_checkpoint();
     }
 
@@ -112,6 +120,7 @@ impl<D: Disk> Shard<D> {
                 c.stage = CkptStage::IndexSync;
             }
             match c.stage {
+                CkptStage::MovesSync => c.stage = CkptStage::Maps,
                 CkptStage::Maps if c.next == c.bufs.len() => {
                     c.stage = CkptStage::MapsSync;
                     self.push_ckpt_fsync(&mut c);

@@ -34,7 +34,7 @@ impl<D: Disk> Shard<D> {
             l != u32::MAX
                 && self.slots[l as usize]
                     .as_ref()
-                    .is_some_and(|s| s.releasing.is_some() || s.freeing)
+                    .is_some_and(|s| s.releasing.is_some() || s.freeing || s.moving())
         });
         if busy || !self.sqe_room(self.ops[id as usize].count as u32) {
             slots.clear();
@@ -285,6 +285,7 @@ impl<D: Disk> Shard<D> {
                     phys: p.phys,
                     crc: p.crc,
                     version: p.version,
+                    in_journal: false,
                 },
             );
         }

@@ -19,8 +19,7 @@ impl<D: Disk> Shard<D> {
             .iter()
             .filter(|b| b.state == JbState::Free)
             .count();
-        let ring_left =
-            (self.tail + self.g.journal_blocks as u64).saturating_sub(self.next_seq + 1);
+        let ring_left = (self.tail + self.g.journal_seqs()).saturating_sub(self.next_seq + 1);
         new_blocks <= free_bufs && (new_blocks as u64) <= ring_left
     }
 
@@ -46,6 +45,8 @@ impl<D: Disk> Shard<D> {
                 jb.count = 0;
                 jb.waiters.clear();
                 jb.unfinished_ops = 0;
+                jb.data_to = None;
+                debug_assert!(!jb.moving, "a free journal buffer still moving data");
                 self.jorder.push_back(b);
                 self.open_jb = Some(b);
                 b
@@ -128,22 +129,26 @@ impl<D: Disk> Shard<D> {
         );
         jb.state = JbState::Writing;
         jb.dsync = dsync;
+        // With a small write's data: the record block and the data block
+        // after it, one write.
+        let len = journal_write_len(jb);
         let sqe = (
             write_io(
                 jb.buf.as_ptr(),
-                BLOCK_SIZE as u32,
+                len as u32,
                 self.g.journal_block_offset(self.id, jb.seq),
                 dsync,
             ),
-            io_ud(UD_JOURNAL, b as u64, BLOCK_SIZE),
+            io_ud(UD_JOURNAL, b as u64, len),
         );
-        self.stats.journal_bytes_written += BLOCK_SIZE_U64;
+        self.stats.journal_bytes_written += len as u64;
         self.io.push(sqe);
     }
 
     pub(super) fn journal_done(&mut self, b: usize, res: i32) {
+        let len = journal_write_len(&self.jbufs[b]);
         // The reason, for the shard and for every op waiting on the block.
-        let why = (res != BLOCK_SIZE as i32).then(|| {
+        let why = (res != len as i32).then(|| {
             let why = if res < 0 {
                 errno_text(-res)
             } else {
@@ -164,7 +169,7 @@ impl<D: Disk> Shard<D> {
         for w in 0..self.jbufs[b].waiters.len() {
             let id = self.jbufs[b].waiters[w];
             let op = &mut self.ops[id as usize];
-            if res != BLOCK_SIZE as i32 && op.error.is_none() {
+            if res != len as i32 && op.error.is_none() {
                 op.error = Some(EngineError::Io {
                     volume: op.volume,
                     offset_bytes: op.chunk * self.g.chunk_bytes(),
@@ -186,8 +191,17 @@ impl<D: Disk> Shard<D> {
                 self.reads_done.push(id);
             }
         }
+        // A small write's data moves once its op applied it; the buffer is
+        // held from now on (finishing the op may advance the watermark).
+        let move_to = self.jbufs[b]
+            .data_to
+            .filter(|_| res == len as i32 && self.failed.is_none());
+        self.jbufs[b].moving = move_to.is_some();
         if let Some(id) = solo_done {
             self.phase_done(id);
+        }
+        if let Some(to) = move_to {
+            self.queue_move(b, to);
         }
         while let Some(id) = self.reads_done.pop() {
             match self.ops[id as usize].stage {
@@ -195,6 +209,143 @@ impl<D: Disk> Shard<D> {
                 Stage::Filling => self.fill_read_done(id),
                 _ => {}
             }
+        }
+        self.advance_watermark();
+    }
+
+    /// Queues the move of a small write's data from journal buffer `b`
+    /// (durable in the journal's data block) to its physical block, if its
+    /// op applied it. Moves go out in batches (`maybe_issue_moves`): one
+    /// per write would wake the thread once more per write when it
+    /// completes, which cost a storage node more than the device write it
+    /// saved. A move is a plain write: the checkpoint's fdatasync makes it
+    /// durable before the journal is reused, and the watermark stays below
+    /// `b` until it completes, so no checkpoint is cut past it meanwhile.
+    /// Until then reads of the slot wait (and make the queued moves go
+    /// out), and no block of the slot is reused.
+    fn queue_move(&mut self, b: usize, (local, logical, phys): (u32, u16, u16)) {
+        let applied = self.failed.is_none()
+            && self.slots[local as usize].as_ref().is_some_and(|s| {
+                let e = s.entries[logical as usize];
+                e.kind == BlockKind::Data && e.phys == phys
+            });
+        let Some(slot) = self.slots[local as usize].as_mut().filter(|_| applied) else {
+            // Not applied (the block is free again), or the shard failed.
+            let jb = &mut self.jbufs[b];
+            jb.moving = false;
+            jb.data_to = None;
+            return;
+        };
+        slot.reads_inflight += 1;
+        slot.moves_inflight += 1;
+        self.moves_queued.push(b);
+    }
+
+    /// Sends the queued moves when enough have gathered, or when anything
+    /// waits that they hold: a deferred request (a read of their slot, or
+    /// one waiting for journal room or a journal buffer, which they keep),
+    /// or a checkpoint that is due (the watermark waits for them).
+    pub(super) fn maybe_issue_moves(&mut self) {
+        if self.moves_queued.is_empty() {
+            return;
+        }
+        let free_bufs = self
+            .jbufs
+            .iter()
+            .filter(|b| b.state == JbState::Free)
+            .count();
+        if self.moves_queued.len() >= MOVES_BATCH
+            || !self.deferred.is_empty()
+            || free_bufs < JOURNAL_BUFS / 4
+            || (self.next_seq - self.tail) * 2 >= self.g.journal_seqs()
+        {
+            self.issue_moves();
+        }
+    }
+
+    /// Whether the map no longer names the block queued move `b` writes
+    /// (a later write, zeroing or discard of the block replaced it).
+    fn move_is_stale(&self, b: usize) -> bool {
+        let (local, logical, phys) = self.jbufs[b].data_to.expect("a queued move has its target");
+        self.slots[local as usize].as_ref().is_none_or(|s| {
+            let e = s.entries[logical as usize];
+            e.kind != BlockKind::Data || e.phys != phys
+        })
+    }
+
+    /// Lets go of queued move `b` without writing it: its data is not
+    /// needed any more (a replay finds the record that replaced it).
+    fn drop_move(&mut self, b: usize) {
+        let jb = &mut self.jbufs[b];
+        jb.moving = false;
+        let (local, _, _) = jb.data_to.take().expect("a queued move has its target");
+        if let Some(slot) = self.slots[local as usize].as_mut() {
+            slot.moves_inflight -= 1;
+            slot.end_read();
+        }
+    }
+
+    /// Drops the queued moves into slot `local` that are stale, so that a
+    /// discard emptying the chunk can free it at once.
+    pub(super) fn drop_stale_moves(&mut self, local: u32) {
+        let mut i = 0;
+        while i < self.moves_queued.len() {
+            let b = self.moves_queued[i];
+            let into = self.jbufs[b].data_to.map(|(l, _, _)| l);
+            if into == Some(local) && self.move_is_stale(b) {
+                self.moves_queued.swap_remove(i);
+                self.drop_move(b);
+            } else {
+                i += 1;
+            }
+        }
+        self.advance_watermark();
+    }
+
+    /// Sends every queued move that is still needed.
+    pub(super) fn issue_moves(&mut self) {
+        for i in 0..self.moves_queued.len() {
+            let b = self.moves_queued[i];
+            if self.move_is_stale(b) {
+                self.drop_move(b);
+                continue;
+            }
+            let (local, _, phys) = self.jbufs[b].data_to.expect("a queued move has its target");
+            let slot_index = self.g.slot_of(self.id, local as u64);
+            let sqe = (
+                write_io(
+                    self.jbufs[b].buf[BLOCK_SIZE..].as_ptr(),
+                    BLOCK_SIZE as u32,
+                    self.g.phys_offset(slot_index, phys),
+                    false,
+                ),
+                io_ud(UD_MOVE, b as u64, BLOCK_SIZE),
+            );
+            self.moves_inflight += 1;
+            self.stats.data_bytes_written += BLOCK_SIZE_U64;
+            self.io.push(sqe);
+        }
+        self.moves_queued.clear();
+        self.advance_watermark();
+    }
+
+    pub(super) fn move_done(&mut self, b: usize, res: i32) {
+        let jb = &mut self.jbufs[b];
+        jb.moving = false;
+        let (local, _, _) = jb.data_to.take().expect("a move has its target");
+        self.moves_inflight -= 1;
+        self.moves_unflushed = true;
+        if res < 0 {
+            // The data stays in the journal, which a replay moves again;
+            // this process stops promising anything (fail-stop).
+            self.fail(format!(
+                "moving data from the journal: {}",
+                errno_text(-res)
+            ));
+        }
+        if let Some(slot) = self.slots[local as usize].as_mut() {
+            slot.moves_inflight -= 1;
+            slot.end_read();
         }
         self.advance_watermark();
     }
@@ -243,12 +394,26 @@ impl<D: Disk> Shard<D> {
     pub(super) fn advance_watermark(&mut self) {
         while let Some(&b) = self.jorder.front() {
             let jb = &mut self.jbufs[b];
-            if jb.state != JbState::Written || jb.unfinished_ops > 0 || self.failed.is_some() {
+            if jb.state != JbState::Written
+                || jb.unfinished_ops > 0
+                || jb.moving
+                || self.failed.is_some()
+            {
                 break;
             }
             self.acked_through = jb.seq;
             jb.state = JbState::Free;
             self.jorder.pop_front();
         }
+    }
+}
+
+/// Bytes of a journal buffer's write: its record block, and the data block
+/// when a small write's data goes with it.
+fn journal_write_len(jb: &JournalBuf) -> usize {
+    if jb.data_to.is_some() {
+        2 * BLOCK_SIZE
+    } else {
+        BLOCK_SIZE
     }
 }

@@ -114,10 +114,23 @@ pub(super) struct JournalBuf {
     pub(super) unfinished_ops: u32,
     /// Written with RWF_DSYNC: durable on completion.
     pub(super) dsync: bool,
+    /// A small write's data is in `buf`'s second block, written with the
+    /// record block as one device write (format 2, `Geometry::journal_data`):
+    /// its slot, logical block and physical block, where it is moved once
+    /// the pair is durable.
+    pub(super) data_to: Option<(u32, u16, u16)>,
+    /// That move is in flight: the buffer is not reused, and the watermark
+    /// does not pass this block (so no checkpoint lets the journal reuse
+    /// the data block before the move is flushed).
+    pub(super) moving: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(super) enum CkptStage {
+    /// A flush of the data moved from the journal before the maps go out:
+    /// a map that lands names the sequence numbers it covers, and a replay
+    /// skips their records, so their moved data must be durable first.
+    MovesSync,
     Maps,
     MapsSync,
     Index,

@@ -19,7 +19,7 @@ impl<D: Disk> Shard<D> {
         if !self.sqe_room(self.ops[id as usize].count as u32)
             || self.slots[local as usize]
                 .as_ref()
-                .is_some_and(|s| s.releasing.is_some())
+                .is_some_and(|s| s.releasing.is_some() || s.moving())
         {
             return self.defer(id);
         }
@@ -95,7 +95,7 @@ impl<D: Disk> Shard<D> {
             l != u32::MAX
                 && self.slots[l as usize]
                     .as_ref()
-                    .is_some_and(|s| s.releasing.is_some() || s.freeing)
+                    .is_some_and(|s| s.releasing.is_some() || s.freeing || s.moving())
         });
         if busy || !self.sqe_room(self.ops[id as usize].count as u32) {
             slots.clear();
@@ -172,14 +172,8 @@ impl<D: Disk> Shard<D> {
         let slots = std::mem::take(&mut self.ops[id as usize].layer_slots);
         for &local in slots.iter() {
             if let Some(slot) = self.slots.get_mut(local as usize).and_then(|s| s.as_mut()) {
-                slot.reads_inflight = slot.reads_inflight.saturating_sub(1);
+                slot.end_read();
                 slot.ops_inflight = slot.ops_inflight.saturating_sub(1);
-                if slot.reads_inflight == 0 {
-                    while let Some(p) = slot.pending_free.pop() {
-                        let p = p as usize;
-                        slot.free_phys[p / 64] |= 1 << (p % 64);
-                    }
-                }
             }
         }
         let mut slots = slots;
@@ -224,13 +218,7 @@ impl<D: Disk> Shard<D> {
             return self.finish(id);
         }
         if let Some(slot) = self.slots.get_mut(local as usize).and_then(|s| s.as_mut()) {
-            slot.reads_inflight -= 1;
-            if slot.reads_inflight == 0 {
-                while let Some(p) = slot.pending_free.pop() {
-                    let p = p as usize;
-                    slot.free_phys[p / 64] |= 1 << (p % 64);
-                }
-            }
+            slot.end_read();
         }
         self.finish(id);
     }

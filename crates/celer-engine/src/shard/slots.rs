@@ -80,6 +80,10 @@ pub(crate) struct SlotState {
     pub(super) pending_free: Vec<u16>,
     pub(super) reads_inflight: u32,
     pub(super) ops_inflight: u32,
+    /// Data moves from the journal in flight (each also counts as a read,
+    /// so no block of the slot is reused under it): reads of the slot wait,
+    /// the block they would read is not written yet.
+    pub(super) moves_inflight: u32,
     /// Allocated since the last checkpoint: its two headers are written by
     /// the next checkpoint that covers its Alloc record (until then the
     /// journal's Alloc record describes the slot; see `alloc_slot`).
@@ -117,6 +121,7 @@ impl SlotState {
             pending_free: Vec::with_capacity(phys),
             reads_inflight: 0,
             ops_inflight: 0,
+            moves_inflight: 0,
             header_due: false,
             freeing: false,
             releasing: None,
@@ -161,6 +166,23 @@ impl SlotState {
         } else {
             self.held[l / 64] &= !(1 << (l % 64));
         }
+    }
+    /// A read (or a move) of the slot is over: the blocks released while
+    /// it ran are free once none is left.
+    pub(super) fn end_read(&mut self) {
+        self.reads_inflight = self.reads_inflight.saturating_sub(1);
+        if self.reads_inflight == 0 {
+            while let Some(p) = self.pending_free.pop() {
+                let p = p as usize;
+                self.free_phys[p / 64] |= 1 << (p % 64);
+            }
+        }
+    }
+    /// Reads of the slot must wait: a block the map names may not be
+    /// written yet (its data is moving from the journal).
+    #[inline]
+    pub(super) fn moving(&self) -> bool {
+        self.moves_inflight > 0
     }
     #[inline]
     pub(super) fn release_phys(&mut self, p: u16) {

@@ -133,7 +133,8 @@ impl<D: Disk> Shard<D> {
             // block: plan_phase writes it, or skips it as any write.
             return self.plan_phase(id, local);
         }
-        if slot.is_held(b) || !self.sqe_room(1) || self.block_busy(id, b) {
+        if slot.is_held(b) || !self.sqe_room(1) || self.block_busy(id, b) || self.layers_moving(id)
+        {
             return self.defer(id);
         }
         let slot_index = self.g.slot_of(self.id, local as u64);
@@ -189,6 +190,16 @@ impl<D: Disk> Shard<D> {
             io_ud(UD_DATA, id as u64, BLOCK_SIZE),
         );
         self.io.push(sqe);
+    }
+
+    /// Whether a slot the sector write `id` may read (its own, or one of
+    /// the layers under it) has data moving from the journal.
+    fn layers_moving(&self, id: u32) -> bool {
+        let op = &self.ops[id as usize];
+        std::iter::once(op.volume)
+            .chain(op.chain.iter().copied())
+            .filter_map(|key| self.by_chunk.get(&(key, op.chunk)))
+            .any(|&l| self.slots[l as usize].as_ref().is_some_and(|s| s.moving()))
     }
 
     /// Whether the sector write `id` must wait before it reads block `b`:
@@ -384,6 +395,7 @@ impl<D: Disk> Shard<D> {
                     phys: p.phys,
                     crc: p.crc,
                     version,
+                    in_journal: false,
                 },
                 Action::Zero => Record::Zero {
                     slot: local,
@@ -410,12 +422,25 @@ impl<D: Disk> Shard<D> {
                 && self.open_jb == Some(op.jbufs[0])
                 && self.jbufs[op.jbufs[0]].waiters.len() == 1
         };
+        // Format 2: a one-block write alone in its shard (QD1) goes to disk
+        // as one device write, its journal block and its data in the data
+        // block after it (RWF_DSYNC); the data moves to its physical block
+        // once that write is durable (`start_move`), and a replay moves it
+        // if the move did not reach the disk. Two RWF_DSYNC writes in
+        // parallel took 1.3-1.7x the time of one here.
+        let inline = solo && self.g.journal_data && {
+            let op = &self.ops[id as usize];
+            op.plan.len() == 1 && op.plan[0].action == Action::Write && op.cursor + 1 == op.count
+        };
+        if inline {
+            self.put_data_in_journal(id, local);
+        }
         // Data writes, one per contiguous physical run.
         let op = &mut self.ops[id as usize];
         op.solo = solo;
         let base = op.cursor as usize;
         let n = op.plan.len();
-        let mut i = 0;
+        let mut i = if inline { n } else { 0 };
         while i < n {
             let p = op.plan[i];
             if p.action != Action::Write {
@@ -439,6 +464,46 @@ impl<D: Disk> Shard<D> {
             // Everything skipped: no I/O to wait for.
             self.phase_done(id);
         }
+    }
+
+    /// Copies the one block op `id` writes into the data block of its
+    /// journal block and marks its record `in_journal` (it is the last
+    /// record there: the op is alone in the block, after its Alloc if it
+    /// allocated the slot).
+    fn put_data_in_journal(&mut self, id: u32, local: u32) {
+        let op = &self.ops[id as usize];
+        let p = op.plan[0];
+        let b = op.jbufs[0];
+        let jb = &mut self.jbufs[b];
+        let dst = jb.buf[BLOCK_SIZE..].as_mut_ptr();
+        let mut to = 0;
+        for_each_piece(
+            &op.segs,
+            op.cursor as usize * BLOCK_SIZE,
+            BLOCK_SIZE,
+            |addr, take| {
+                // SAFETY: the submit contract keeps the segment valid for
+                // reads; `to + take <= BLOCK_SIZE`, the data block's size.
+                unsafe { std::ptr::copy_nonoverlapping(addr, dst.add(to), take) };
+                to += take;
+            },
+        );
+        debug_assert_eq!(to, BLOCK_SIZE);
+        let at = layout::JOURNAL_HEADER_BYTES + (jb.count - 1) * RECORD_BYTES;
+        layout::encode_record(
+            &Record::Write {
+                slot: local,
+                logical: p.logical,
+                phys: p.phys,
+                crc: p.crc,
+                version: op.version,
+                in_journal: true,
+            },
+            &mut jb.buf[at..at + RECORD_BYTES],
+        );
+        jb.data_to = Some((local, p.logical, p.phys));
+        self.stats.user_bytes_written += BLOCK_SIZE_U64;
+        self.stats.journal_data_writes += 1;
     }
 
     pub(super) fn write_slot_headers(
@@ -556,6 +621,13 @@ impl<D: Disk> Shard<D> {
         // slot, unless the slot is a layer above others: its zeroes hide
         // theirs.
         let whole_chunk = op.first == 0 && op.count as u32 == self.g.chunk_blocks;
+        if whole_chunk && op.op == EngineOp::Discard && !self.moves_queued.is_empty() {
+            self.drop_stale_moves(local);
+        }
+        let op = &mut self.ops[id as usize];
+        let slot = self.slots[local as usize]
+            .as_mut()
+            .expect("slot of running op");
         if !failed
             && op.op == EngineOp::Discard
             && celer_device::era_of(op.volume) == 0
