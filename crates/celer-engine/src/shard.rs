@@ -50,6 +50,7 @@ mod submit;
 mod write;
 
 use ops::*;
+use read::moving_data;
 use slots::Discarded;
 pub(crate) use slots::SlotState;
 pub(crate) use submit::for_each_piece;

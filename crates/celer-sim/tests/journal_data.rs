@@ -1,9 +1,9 @@
 //! A small write alone in its shard (QD1) goes to disk as one device write,
 //! its journal block and its data together (format 2); the data moves to
-//! its slot afterwards with a plain write (moves go out in batches, or when
-//! a read needs one). A power cut that loses the move, or comes before it,
-//! must not lose the acknowledged write: the next open copies the data from
-//! the journal.
+//! its slot afterwards with a plain write (moves go out in batches of 8;
+//! meanwhile a read takes the data from the journal buffer). A power cut
+//! that loses the move, or comes before it, must not lose the acknowledged
+//! write: the next open copies the data from the journal.
 
 use celer_engine::{
     AlignedBuf, Completion, Engine, EngineOp, EngineRequest, FormatOptions, OpenOptions, Segment,
@@ -66,7 +66,7 @@ fn a_qd1_write_is_one_device_write_and_survives_losing_its_move() {
             chunk_blocks: 16,
             spare_blocks: 4,
             shard_count: 1,
-            journal_blocks: 32,
+            journal_blocks: 64,
             create_size_bytes: None,
         };
         Engine::format_on(&disk, &format, seed | 1).expect("format");
@@ -82,21 +82,58 @@ fn a_qd1_write_is_one_device_write_and_survives_losing_its_move() {
         let before = disk.log().len();
         one_block(&mut shards[0], EngineOp::Write, &mut data, 2);
         let written = disk.log()[before..].to_vec();
+        // (The first write's move is still queued: moves go in batches.)
         assert!(
             written.len() == 1 && written[0].ends_with(" 8192 bytes dsync"),
             "seed {seed}: one device write, the journal block and the data, durable, before the acknowledgement: {written:?}"
         );
+        // Read back at once: served from the journal buffer (the move is
+        // queued), no device write.
+        let mut back = AlignedBuf::new(1);
+        one_block(&mut shards[0], EngineOp::Read, &mut back, 3);
+        assert!(back[..] == data[..], "seed {seed}: read before the move");
+        assert_eq!(disk.log().len(), before + 1, "seed {seed}: the read wrote");
         if seed % 2 == 0 {
-            // A read of the block waits for its move, which it sends out
-            // (moves are otherwise sent in batches); the move completes,
-            // never flushed. Otherwise the power goes with the move queued.
-            let mut back = AlignedBuf::new(1);
-            one_block(&mut shards[0], EngineOp::Read, &mut back, 3);
-            assert!(back[..] == data[..], "seed {seed}: read before the cut");
-            let after = &disk.log()[before + 1..];
-            assert!(
-                after.len() == 1 && after[0].ends_with(" 4096 bytes"),
-                "seed {seed}: then only the move, a plain write: {after:?}"
+            // Six more QD1 writes fill a batch of moves, which goes out
+            // and completes, never flushed (the first write's move is
+            // dropped: the second replaced its block). Otherwise the power
+            // goes with the moves queued.
+            for b in 4..10u64 {
+                let mut other = AlignedBuf::new(1);
+                pattern(seed * 100 + b, &mut other[..]);
+                let segs = [Segment {
+                    addr: other.as_mut_ptr(),
+                    len: BS,
+                }];
+                let req = EngineRequest {
+                    op: EngineOp::Write,
+                    volume: 1,
+                    offset_bytes: b * BS as u64,
+                    len_bytes: BS as u64,
+                    segments: &segs,
+                    version: 10 + b,
+                    epoch: 1,
+                    tag: 10 + b,
+                    chain: &[],
+                };
+                // SAFETY: `other` outlives the wait below.
+                unsafe { shards[0].submit(&req) }.expect("submit");
+                let mut done = false;
+                while !done {
+                    shards[0].wait(&mut |c: Completion| done = c.result.is_ok());
+                }
+            }
+            shards[0].wait(&mut |_| {}); // the moves
+            let after = &disk.log()[before..];
+            let pairs = after
+                .iter()
+                .filter(|l| l.ends_with(" 8192 bytes dsync"))
+                .count();
+            let moves = after.iter().filter(|l| l.ends_with(" 4096 bytes")).count();
+            assert_eq!(
+                (pairs, moves, after.len()),
+                (7, 7, 14),
+                "seed {seed}: one device write per write, then the batch of moves: {after:?}"
             );
         }
         disk.crash();
@@ -105,7 +142,7 @@ fn a_qd1_write_is_one_device_write_and_survives_losing_its_move() {
         moved_at_open += engine.recovery_report().journal_data_moved;
         let mut shards = engine.into_shards();
         let mut back = AlignedBuf::new(1);
-        one_block(&mut shards[0], EngineOp::Read, &mut back, 4);
+        one_block(&mut shards[0], EngineOp::Read, &mut back, 5);
         assert!(
             back[..] == data[..],
             "seed {seed}: the acknowledged write did not survive the power cut"

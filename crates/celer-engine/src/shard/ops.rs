@@ -10,6 +10,8 @@ pub(super) enum Action {
     Zero,
     ReadData,
     ReadZero,
+    /// Read from the journal buffer: the block's data is moving there.
+    ReadMoving,
 }
 
 #[derive(Clone, Copy, Debug)]

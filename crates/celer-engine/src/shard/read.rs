@@ -19,7 +19,7 @@ impl<D: Disk> Shard<D> {
         if !self.sqe_room(self.ops[id as usize].count as u32)
             || self.slots[local as usize]
                 .as_ref()
-                .is_some_and(|s| s.releasing.is_some() || s.moving())
+                .is_some_and(|s| s.releasing.is_some())
         {
             return self.defer(id);
         }
@@ -27,15 +27,21 @@ impl<D: Disk> Shard<D> {
         let slot = self.slots[local as usize]
             .as_mut()
             .expect("indexed slot exists");
+        // Blocks whose data is still moving from the journal are not on
+        // their physical block yet: they come from the journal buffer.
+        let moving = slot.moving();
+        let jbufs = &self.jbufs;
         let op = &mut self.ops[id as usize];
         op.plan.clear();
         op.iov.clear();
         for i in 0..op.count {
             let e = slot.entries[(op.first + i) as usize];
-            let action = if e.kind == BlockKind::Data {
-                Action::ReadData
-            } else {
-                Action::ReadZero
+            let action = match e.kind {
+                BlockKind::Data if moving && moving_data(jbufs, local, e.phys).is_some() => {
+                    Action::ReadMoving
+                }
+                BlockKind::Data => Action::ReadData,
+                _ => Action::ReadZero,
             };
             op.plan.push(Planned {
                 logical: op.first + i,
@@ -51,6 +57,12 @@ impl<D: Disk> Shard<D> {
             let p = op.plan[i];
             if p.action == Action::ReadZero {
                 zero_fill(op, i * BLOCK_SIZE, BLOCK_SIZE);
+                i += 1;
+                continue;
+            }
+            if p.action == Action::ReadMoving {
+                let src = moving_data(jbufs, local, p.phys).expect("planned as moving");
+                copy_to_op(op, i * BLOCK_SIZE, src);
                 i += 1;
                 continue;
             }
@@ -187,7 +199,8 @@ impl<D: Disk> Shard<D> {
         let op = &mut self.ops[id as usize];
         if op.error.is_none() {
             for (i, p) in op.plan.iter().enumerate() {
-                if p.action == Action::ReadData && crc_of(&op.segs, i * BLOCK_SIZE) != p.crc {
+                let read = matches!(p.action, Action::ReadData | Action::ReadMoving);
+                if read && crc_of(&op.segs, i * BLOCK_SIZE) != p.crc {
                     let offset_bytes =
                         op.chunk * self.g.chunk_bytes() + p.logical as u64 * BLOCK_SIZE_U64;
                     // The layer the bad block is in (a lower one for a
@@ -222,4 +235,24 @@ impl<D: Disk> Shard<D> {
         }
         self.finish(id);
     }
+}
+
+/// The data of physical block `phys` of slot `local` while it moves from
+/// the journal (queued or in flight): the journal buffer's data block.
+pub(super) fn moving_data(jbufs: &[JournalBuf], local: u32, phys: u16) -> Option<&[u8]> {
+    jbufs
+        .iter()
+        .find(|jb| jb.moving && jb.data_to.is_some_and(|(l, _, p)| l == local && p == phys))
+        .map(|jb| &jb.buf[BLOCK_SIZE..2 * BLOCK_SIZE])
+}
+
+/// Copies one block into the request's buffers at byte `at`.
+fn copy_to_op(op: &mut Op, at: usize, src: &[u8]) {
+    let mut from = 0;
+    for_each_piece(&op.segs, at, src.len(), |addr, take| {
+        // SAFETY: the submit contract keeps the segment valid for writes;
+        // `from + take <= src.len()`.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr().add(from), addr, take) };
+        from += take;
+    });
 }

@@ -133,8 +133,7 @@ impl<D: Disk> Shard<D> {
             // block: plan_phase writes it, or skips it as any write.
             return self.plan_phase(id, local);
         }
-        if slot.is_held(b) || !self.sqe_room(1) || self.block_busy(id, b) || self.layers_moving(id)
-        {
+        if slot.is_held(b) || !self.sqe_room(1) || self.block_busy(id, b) {
             return self.defer(id);
         }
         let slot_index = self.g.slot_of(self.id, local as u64);
@@ -144,6 +143,7 @@ impl<D: Disk> Shard<D> {
         slot.set_held(b, true);
         let mut e = slot.entries[b as usize];
         let mut slot_index = slot_index;
+        let mut read_local = local;
         if e.kind == BlockKind::Unwritten && !self.ops[id as usize].chain.is_empty() {
             // Not in this layer: merge into the block of the first layer
             // under it that holds one, and hold that slot while reading.
@@ -165,6 +165,7 @@ impl<D: Disk> Shard<D> {
                     ls.reads_inflight += 1;
                     ls.ops_inflight += 1;
                     slot_index = self.g.slot_of(self.id, lower as u64);
+                    read_local = lower;
                     self.ops[id as usize].layer_slots.push(lower);
                 }
                 break;
@@ -179,6 +180,12 @@ impl<D: Disk> Shard<D> {
             return self.merge_apply(id, local);
         }
         op.merge_crc = e.crc;
+        if let Some(src) = moving_data(&self.jbufs, read_local, e.phys) {
+            // Its data is still moving from the journal: the journal
+            // buffer holds it.
+            op.merge_buf[..BLOCK_SIZE].copy_from_slice(src);
+            return self.merge_read_done(id);
+        }
         op.stage = Stage::Merging;
         op.pending += 1;
         let sqe = (
@@ -190,16 +197,6 @@ impl<D: Disk> Shard<D> {
             io_ud(UD_DATA, id as u64, BLOCK_SIZE),
         );
         self.io.push(sqe);
-    }
-
-    /// Whether a slot the sector write `id` may read (its own, or one of
-    /// the layers under it) has data moving from the journal.
-    fn layers_moving(&self, id: u32) -> bool {
-        let op = &self.ops[id as usize];
-        std::iter::once(op.volume)
-            .chain(op.chain.iter().copied())
-            .filter_map(|key| self.by_chunk.get(&(key, op.chunk)))
-            .any(|&l| self.slots[l as usize].as_ref().is_some_and(|s| s.moving()))
     }
 
     /// Whether the sector write `id` must wait before it reads block `b`:
