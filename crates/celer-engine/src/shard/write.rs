@@ -422,9 +422,9 @@ impl<D: Disk> Shard<D> {
         // Format 2: a one-block write alone in its shard (QD1) goes to disk
         // as one device write, its journal block and its data in the data
         // block after it (RWF_DSYNC); the data moves to its physical block
-        // once that write is durable (`start_move`), and a replay moves it
+        // after that write is durable (`queue_move`), and a replay moves it
         // if the move did not reach the disk. Two RWF_DSYNC writes in
-        // parallel took 1.3-1.7x the time of one here.
+        // parallel took 1.3-1.7x the time of one 8 KiB write here.
         let inline = solo && self.g.journal_data && {
             let op = &self.ops[id as usize];
             op.plan.len() == 1 && op.plan[0].action == Action::Write && op.cursor + 1 == op.count
