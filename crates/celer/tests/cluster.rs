@@ -1631,16 +1631,13 @@ fn a_node_down_past_the_grace_period_is_replaced() {
 /// engine writes with O_DIRECT, which keeps the cache coherent).
 fn find_block(disk: &std::path::Path, block: &[u8]) -> Vec<u64> {
     use std::io::Read;
+    let journal_end = celer_engine::Engine::identify(disk)
+        .expect("the disk's geometry")
+        .index_start()
+        * BLOCK as u64;
     let mut f = std::fs::File::open(disk).expect("open the disk file");
     let mut buf = vec![0u8; 4 << 20];
-    // Superblock: shards (u32 at 32), journal blocks per shard (u32 at 36);
-    // the journals start at block 2.
-    f.read_exact(&mut buf[..BLOCK])
-        .expect("read the superblock");
-    let word = |at: usize| u32::from_le_bytes(buf[at..at + 4].try_into().expect("4 bytes")) as u64;
-    let journal_end = (2 + word(32) * word(36)) * BLOCK as u64;
-    let mut at = BLOCK as u64;
-    let mut found = Vec::new();
+    let (mut at, mut found) = (0u64, Vec::new());
     loop {
         let got = f.read(&mut buf).expect("read the disk file");
         if got == 0 {

@@ -7,7 +7,7 @@ impl<D: Disk> Shard<D> {
     pub(super) fn maybe_checkpoint(&mut self) {
         if self.ckpt.is_none()
             && self.failed.is_none()
-            && (self.next_seq - self.tail) * 2 >= self.g.journal_seqs()
+            && self.checkpoint_due()
             && self.acked_through >= self.tail
         {
             self.start_checkpoint();

@@ -14,13 +14,20 @@ impl<D: Disk> Shard<D> {
         let new_blocks = records
             .saturating_sub(open_left)
             .div_ceil(RECORDS_PER_JOURNAL_BLOCK);
-        let free_bufs = self
-            .jbufs
+        let ring_left = (self.tail + self.g.journal_seqs()).saturating_sub(self.next_seq + 1);
+        new_blocks <= self.free_journal_bufs() && (new_blocks as u64) <= ring_left
+    }
+
+    pub(super) fn free_journal_bufs(&self) -> usize {
+        self.jbufs
             .iter()
             .filter(|b| b.state == JbState::Free)
-            .count();
-        let ring_left = (self.tail + self.g.journal_seqs()).saturating_sub(self.next_seq + 1);
-        new_blocks <= free_bufs && (new_blocks as u64) <= ring_left
+            .count()
+    }
+
+    /// Half the journal ring is in use: time for a checkpoint.
+    pub(super) fn checkpoint_due(&self) -> bool {
+        (self.next_seq - self.tail) * 2 >= self.g.journal_seqs()
     }
 
     /// Appends a record to the open journal block (opening one if needed) and
@@ -193,15 +200,13 @@ impl<D: Disk> Shard<D> {
         }
         // A small write's data moves once its op applied it; the buffer is
         // held from now on (finishing the op may advance the watermark).
-        let move_to = self.jbufs[b]
-            .data_to
-            .filter(|_| res == len as i32 && self.failed.is_none());
-        self.jbufs[b].moving = move_to.is_some();
+        let moves = self.jbufs[b].data_to.is_some() && res == len as i32 && self.failed.is_none();
+        self.jbufs[b].moving = moves;
         if let Some(id) = solo_done {
             self.phase_done(id);
         }
-        if let Some(to) = move_to {
-            self.queue_move(b, to);
+        if moves {
+            self.queue_move(b);
         }
         while let Some(id) = self.reads_done.pop() {
             match self.ops[id as usize].stage {
@@ -223,19 +228,19 @@ impl<D: Disk> Shard<D> {
     /// `b` until it completes, so no checkpoint is cut past it meanwhile.
     /// Until then reads of the slot wait (and make the queued moves go
     /// out), and no block of the slot is reused.
-    fn queue_move(&mut self, b: usize, (local, logical, phys): (u32, u16, u16)) {
-        let applied = self.failed.is_none()
-            && self.slots[local as usize].as_ref().is_some_and(|s| {
-                let e = s.entries[logical as usize];
-                e.kind == BlockKind::Data && e.phys == phys
-            });
-        let Some(slot) = self.slots[local as usize].as_mut().filter(|_| applied) else {
-            // Not applied (the block is free again), or the shard failed.
+    fn queue_move(&mut self, b: usize) {
+        if self.failed.is_some() || self.move_is_stale(b) {
+            // The shard failed, or the op did not apply it (the block is
+            // free again).
             let jb = &mut self.jbufs[b];
             jb.moving = false;
             jb.data_to = None;
             return;
-        };
+        }
+        let (local, _, _) = self.jbufs[b].data_to.expect("a move has its target");
+        let slot = self.slots[local as usize]
+            .as_mut()
+            .expect("not stale: the slot exists");
         slot.reads_inflight += 1;
         slot.moves_inflight += 1;
         self.moves_queued.push(b);
@@ -249,15 +254,10 @@ impl<D: Disk> Shard<D> {
         if self.moves_queued.is_empty() {
             return;
         }
-        let free_bufs = self
-            .jbufs
-            .iter()
-            .filter(|b| b.state == JbState::Free)
-            .count();
         if self.moves_queued.len() >= MOVES_BATCH
             || !self.deferred.is_empty()
-            || free_bufs < JOURNAL_BUFS / 4
-            || (self.next_seq - self.tail) * 2 >= self.g.journal_seqs()
+            || self.free_journal_bufs() < JOURNAL_BUFS / 4
+            || self.checkpoint_due()
         {
             self.issue_moves();
         }
