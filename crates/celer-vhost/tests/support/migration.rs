@@ -240,7 +240,8 @@ fn run_migration(
         );
         std::thread::sleep(Duration::from_millis(100));
     };
-    let _ = qmp.execute("quit", serde_json::json!({}));
+    // The source may close its QMP socket once the migration completed.
+    qmp.quit();
     drop(qmp);
     let _ = src.0.wait();
     let migrated = Instant::now();
