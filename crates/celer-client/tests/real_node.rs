@@ -56,6 +56,7 @@ fn run_node_idle(dir: &Path, id: u32, idle: Option<Duration>) -> Node {
         scrub_bytes_per_sec: celer_node::SCRUB_RATE_DEFAULT,
         scrub_interval: celer_node::SCRUB_INTERVAL_DEFAULT,
         tls_creds: None,
+        hugepages: false,
     })
     .expect("node starts")
 }
@@ -519,6 +520,7 @@ fn rewrite_at_same_version(disk: &Path, off: u64, data: &[u8]) {
         epoch: 0,
         tag: 1,
         chain: &[],
+        block_crc: None,
     };
     // SAFETY: `buf` outlives the wait.
     unsafe { sh.submit(&req) }.expect("submit");
@@ -555,6 +557,7 @@ fn stored_block(dir: &Path, id: u32, off: u64) -> Result<Vec<u8>, celer_engine::
         epoch: 0,
         tag: 1,
         chain: &[],
+        block_crc: None,
     };
     // SAFETY: `buf` outlives the wait.
     unsafe { sh.submit(&req) }?;
@@ -1110,6 +1113,7 @@ fn engine_bytes(disk: &Path, len: u64) -> Vec<u8> {
             epoch: 0,
             tag: 1,
             chain: &[],
+            block_crc: None,
         };
         // SAFETY: `buf` outlives the wait.
         unsafe { sh.submit(&req) }.expect("engine read");

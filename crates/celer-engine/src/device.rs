@@ -192,6 +192,7 @@ fn run_shard(mut shard: Shard, rx: Receiver<ShardMsg>) -> Result<(), EngineError
                 epoch: 0,
                 tag: slot as u64,
                 chain: &[],
+                block_crc: None,
             };
             // SAFETY: the part (and so its segments) stays in `parts` until
             // its completion; the memory behind it is the front end's, valid

@@ -26,7 +26,7 @@ mod layout;
 mod recovery;
 mod shard;
 
-pub use aligned::AlignedBuf;
+pub use aligned::{AlignedBuf, BufPool, PageSize, HUGE_PAGE_BYTES};
 pub use device::{EngineDevice, EngineDeviceConfig};
 pub use disk::{Disk, DiskIo, DiskQueue, FileDisk, IoBufs, UringQueue};
 pub use layout::{BlockKind, Geometry, SlotOwner, Superblock, BLOCK_SIZE};

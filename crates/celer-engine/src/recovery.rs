@@ -56,6 +56,12 @@ pub struct OpenOptions {
     /// How long to wait for the disk's lock (see `open_disk_exclusive`)
     /// before refusing with `InUse`.
     pub lock_wait: std::time::Duration,
+    /// Put each shard's fixed buffers (journal blocks, request buffers) on
+    /// 2 MiB huge pages when the kernel has them reserved and free; 4 KiB
+    /// pages otherwise. Off by default: machines that reserve huge pages
+    /// usually reserve them for guest memory (`Shard::buffer_pages` says
+    /// which were used).
+    pub hugepages: bool,
 }
 
 /// How long opening a disk waits for another holder to let it go: a
@@ -70,6 +76,7 @@ impl Default for OpenOptions {
             inflight_max: crate::shard::INFLIGHT_MAX,
             completion_eventfd: false,
             lock_wait: LOCK_WAIT_DEFAULT,
+            hugepages: false,
         }
     }
 }
@@ -764,6 +771,7 @@ fn recover_shard<D: Disk>(
         index_generation,
         inflight_max: opts.inflight_max,
         completion_eventfd: opts.completion_eventfd,
+        hugepages: opts.hugepages,
     };
     // Checkpoint now: the journal's records are all reflected in the maps
     // and index, so the next open never replays (or trusts) them again.

@@ -31,7 +31,7 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::aligned::AlignedBuf;
+use crate::aligned::{AlignedBuf, BufPool, PageSize};
 use crate::disk::{Disk, DiskIo, DiskQueue, FileDisk, IoBufs, CQ_ENTRIES};
 use crate::layout::{
     self, BlockEntry, BlockKind, Geometry, IndexHeader, MapHeader, Record, SlotOwner, BLOCK_SIZE,
@@ -141,6 +141,12 @@ pub struct EngineRequest<'a> {
     /// and a sector write merges into that block. Empty for a volume with
     /// no snapshot or parent.
     pub chain: &'a [u64],
+    /// A write of exactly one aligned block: its crc32c if the caller has
+    /// it already (the node passes the frame's payload crc, which it
+    /// verified: the client's checksum then guards the block end to end,
+    /// through every copy on the node). The engine stores it instead of
+    /// computing it again; it is ignored for any other request.
+    pub block_crc: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -267,6 +273,8 @@ pub struct Shard<D: Disk = FileDisk> {
     /// A move completed since the last checkpoint began: the next one
     /// flushes before it writes maps (`CkptStage::MovesSync`).
     moves_unflushed: bool,
+    /// Where the fixed buffers are (`buffer_pages`).
+    buffer_pages: (PageSize, usize),
 }
 
 pub(crate) struct ShardInit<D> {
@@ -280,6 +288,7 @@ pub(crate) struct ShardInit<D> {
     pub(crate) index_generation: u64,
     pub(crate) inflight_max: usize,
     pub(crate) completion_eventfd: bool,
+    pub(crate) hugepages: bool,
 }
 
 impl<D: Disk> Shard<D> {
@@ -301,6 +310,12 @@ impl<D: Disk> Shard<D> {
                 None => {}
             }
         }
+        // Every fixed buffer from one pool: per op a metadata block and a
+        // merge block; per journal buffer two blocks.
+        let mut pool = BufPool::new(
+            (inflight_max * 2 + JOURNAL_BUFS * 2) * BLOCK_SIZE,
+            init.hugepages,
+        );
         let ops = (0..inflight_max)
             .map(|_| Op {
                 tag: 0,
@@ -323,13 +338,14 @@ impl<D: Disk> Shard<D> {
                 error: None,
                 solo: false,
                 stage: Stage::Idle,
-                meta: AlignedBuf::new(1),
+                meta: pool.take(1),
                 sub_at: 0,
                 sub_len: 0,
                 holding: false,
                 merged: false,
                 merge_crc: 0,
-                merge_buf: AlignedBuf::new(1),
+                given_crc: None,
+                merge_buf: pool.take(1),
                 seq: 0,
                 chain: Vec::with_capacity(LAYERS_MAX),
                 layer_slots: Vec::with_capacity(LAYERS_MAX + 1),
@@ -339,7 +355,7 @@ impl<D: Disk> Shard<D> {
         let jbufs = (0..JOURNAL_BUFS)
             .map(|_| JournalBuf {
                 // The record block and the data block of a small write.
-                buf: AlignedBuf::new(2),
+                buf: pool.take(2),
                 state: JbState::Free,
                 seq: 0,
                 count: 0,
@@ -390,7 +406,14 @@ impl<D: Disk> Shard<D> {
             moves_inflight: 0,
             moves_queued: Vec::with_capacity(JOURNAL_BUFS),
             moves_unflushed: false,
+            buffer_pages: (pool.pages(), pool.bytes()),
         })
+    }
+
+    /// Which pages this shard's fixed buffers are on, and how many bytes
+    /// were mapped for them.
+    pub fn buffer_pages(&self) -> (PageSize, usize) {
+        self.buffer_pages
     }
 
     /// Submits a request; its completion comes from `poll`/`wait`.
@@ -503,6 +526,10 @@ impl<D: Disk> Shard<D> {
         op.cursor = 0;
         op.version = req.version;
         op.epoch = req.epoch;
+        // Only a write of exactly one whole block: its data is the block.
+        op.given_crc = req
+            .block_crc
+            .filter(|_| req.op == EngineOp::Write && !sectors && len_bytes == BLOCK_SIZE_U64);
         op.segs.clear();
         op.segs.extend_from_slice(req.segments);
         op.chain.clear();

@@ -76,6 +76,80 @@ fn flipped_bytes_on_disk_give_a_checksum_error_not_data() {
     expect_pattern(&read(&mut sh, 3, 5 * BS as u64, 1).expect("healed"), 2, 5);
 }
 
+/// A one-block write's crc given by the caller (the node passes the
+/// client's frame crc) is the one stored: data changed after it was
+/// computed reads back as a checksum error, never as good data, also after
+/// a restart; a right crc reads back; for a larger write it is ignored.
+#[test]
+fn a_given_block_crc_is_stored_so_data_changed_after_it_is_caught() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("disk");
+    Engine::format(&path, &small_format(1, 8 << 20)).expect("format");
+    let open = || {
+        Engine::open(&path, &OpenOptions::default())
+            .expect("open")
+            .into_shards()
+            .remove(0)
+    };
+    let mut sh = open();
+    let write_with = |sh: &mut celer_engine::Shard,
+                      block: u64,
+                      data: &mut AlignedBuf,
+                      crc: u32,
+                      version: u64| {
+        let len = data.len();
+        let s = [seg(data, 0, len)];
+        run_one(
+            sh,
+            &EngineRequest {
+                op: EngineOp::Write,
+                volume: 4,
+                offset_bytes: block * BS as u64,
+                len_bytes: len as u64,
+                segments: &s,
+                version,
+                epoch: 1,
+                tag: 3,
+                chain: &[],
+                block_crc: Some(crc),
+            },
+        )
+    };
+    // Block 1: the caller's crc, then its buffer changed before the write
+    // (as a bad copy would change it).
+    let mut good = filled(5, 1, 1);
+    let crc = crc32c::crc32c(&good);
+    let mut changed = filled(5, 1, 1);
+    changed[100] ^= 1;
+    write_with(&mut sh, 1, &mut changed, crc, 21).expect("write block 1");
+    // Block 2: data and crc agree.
+    let mut two = filled(5, 2, 1);
+    let two_crc = crc32c::crc32c(&two);
+    write_with(&mut sh, 2, &mut two, two_crc, 22).expect("write block 2");
+    // Blocks 4-5 in one write: the crc is ignored (it covers neither).
+    write_with(&mut sh, 4, &mut filled(5, 4, 2), 0, 24).expect("write blocks 4-5");
+    for round in ["before a restart", "after a restart"] {
+        match read(&mut sh, 4, BS as u64, 1) {
+            Err(EngineError::Checksum { volume: 4, .. }) => {}
+            other => panic!(
+                "{round}: block 1: expected a checksum error, got {:?}",
+                other.map(|_| "data")
+            ),
+        }
+        expect_pattern(&read(&mut sh, 4, 2 * BS as u64, 1).expect("block 2"), 5, 2);
+        expect_pattern(
+            &read(&mut sh, 4, 4 * BS as u64, 2).expect("blocks 4-5"),
+            5,
+            4,
+        );
+        sh.close().expect("close");
+        sh = open();
+    }
+    // Rewritten with its right crc, block 1 heals.
+    write_with(&mut sh, 1, &mut good, crc, 30).expect("rewrite block 1");
+    expect_pattern(&read(&mut sh, 4, BS as u64, 1).expect("block 1"), 5, 1);
+}
+
 /// Flips bytes of the block stored at `at` on the disk file.
 fn flip(path: &std::path::Path, at: u64) {
     let f = std::fs::OpenOptions::new()
@@ -113,6 +187,7 @@ fn repair(
             epoch: 1,
             tag: 7,
             chain: &[],
+            block_crc: None,
         },
     )
 }
@@ -163,6 +238,7 @@ fn a_repair_rewrites_a_damaged_block_at_its_version() {
         epoch: 1,
         tag: 7,
         chain: &[],
+        block_crc: None,
     };
     run_one(&mut sh, &older).expect("older repair");
     assert!(matches!(
@@ -372,6 +448,7 @@ fn bad_requests_get_clear_errors() {
         epoch: 1,
         tag: 1,
         chain: &[],
+        block_crc: None,
     };
     let leak = |s: Vec<Segment>| -> &'static [Segment] { Box::leak(s.into_boxed_slice()) };
     let base = buf.as_mut_ptr();
@@ -698,6 +775,7 @@ fn many_whole_chunk_zeroings_in_flight_fit_the_journal() {
                 epoch: 1,
                 tag: c,
                 chain: &[],
+                block_crc: None,
             };
             // SAFETY: no buffers.
             match unsafe { sh.submit(&req) } {

@@ -36,6 +36,7 @@ fn read_chain(sh: &mut Shard, key: u64, chain: &[u64], offset: u64, blocks: usiz
         epoch: 0,
         tag: 9,
         chain,
+        block_crc: None,
     };
     run_one(sh, &req).expect("read through layers");
     buf
@@ -60,6 +61,7 @@ fn sector_write(
         epoch: 1,
         tag: 5,
         chain,
+        block_crc: None,
     };
     run_one(sh, &req).expect("sector write");
 }
@@ -179,6 +181,7 @@ fn fill(sh: &mut Shard, key: u64, chain: &[u64], offset: u64, blocks: usize) -> 
         epoch: 1,
         tag: 13,
         chain,
+        block_crc: None,
     };
     run_one(sh, &req).expect("fill")
 }
@@ -331,6 +334,7 @@ fn fill_copies_what_the_layer_reads_from_under_it_and_keeps_its_own_blocks() {
         epoch: 1,
         tag: 1,
         chain: &chain,
+        block_crc: None,
     };
     let wr4 = EngineRequest {
         op: EngineOp::Write,
@@ -342,6 +346,7 @@ fn fill_copies_what_the_layer_reads_from_under_it_and_keeps_its_own_blocks() {
         epoch: 1,
         tag: 2,
         chain: &chain,
+        block_crc: None,
     };
     let r = run_together(&mut sh, &[f4, wr4]);
     assert!(r.iter().all(|r| r.is_ok()), "{r:?}");

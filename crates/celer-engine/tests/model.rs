@@ -231,6 +231,7 @@ fn run(steps: Vec<Step>) {
                         epoch: 1,
                         tag: i as u64,
                         chain: &[],
+                        block_crc: None,
                     };
                     // SAFETY: bufs live until every completion is in.
                     unsafe { sh.submit(&req) }.expect("submit");
@@ -416,6 +417,7 @@ fn release_forgets_the_chunk_between_the_ops_around_it() {
             epoch: 1,
             tag: 1,
             chain: &[],
+            block_crc: None,
         },
         EngineRequest {
             op: EngineOp::Release,
@@ -427,6 +429,7 @@ fn release_forgets_the_chunk_between_the_ops_around_it() {
             epoch: 1,
             tag: 2,
             chain: &[],
+            block_crc: None,
         },
         EngineRequest {
             op: EngineOp::Write,
@@ -438,6 +441,7 @@ fn release_forgets_the_chunk_between_the_ops_around_it() {
             epoch: 1,
             tag: 3,
             chain: &[],
+            block_crc: None,
         },
     ];
     for r in &reqs {
@@ -483,6 +487,7 @@ fn release_forgets_the_chunk_between_the_ops_around_it() {
         epoch: 1,
         tag: 4,
         chain: &[],
+        block_crc: None,
     };
     // SAFETY: no segments.
     assert!(unsafe { sh.submit(&partial) }.is_err());
@@ -541,6 +546,7 @@ fn a_late_write_after_a_discard_freed_the_chunk_is_dropped() {
         epoch: 1,
         tag: 5,
         chain: &[],
+        block_crc: None,
     };
     common::run_one(&mut sh, &discard).expect("discard");
     assert_eq!(sh.allocated_chunks(), before, "the discard freed the slot");
@@ -618,6 +624,7 @@ fn sector_writes_of_one_block_merge_and_all_survive() {
                 epoch: 1,
                 tag: i as u64,
                 chain: &[],
+                block_crc: None,
             });
         }
         for r in &reqs {
@@ -644,6 +651,7 @@ fn sector_writes_of_one_block_merge_and_all_survive() {
             epoch: 1,
             tag: 99,
             chain: &[],
+            block_crc: None,
         };
         // SAFETY: `old` outlives the wait.
         unsafe { sh.submit(&stale) }.expect("submit");
@@ -673,6 +681,7 @@ fn sector_writes_of_one_block_merge_and_all_survive() {
             epoch: 1,
             tag: 1,
             chain: &[],
+            block_crc: None,
         };
         let behind = EngineRequest {
             op: EngineOp::Write,
@@ -684,6 +693,7 @@ fn sector_writes_of_one_block_merge_and_all_survive() {
             epoch: 1,
             tag: 2,
             chain: &[],
+            block_crc: None,
         };
         // SAFETY: the buffers outlive the wait.
         unsafe {
@@ -731,6 +741,7 @@ fn sector_writes_of_one_block_merge_and_all_survive() {
             epoch: 1,
             tag: 7,
             chain: &[],
+            block_crc: None,
         };
         // SAFETY: refused before anything is queued.
         assert!(unsafe { sh.submit(&r) }.is_err(), "{off} +{len} refused");

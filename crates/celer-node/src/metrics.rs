@@ -5,6 +5,7 @@
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
+use celer_engine::PageSize;
 use celer_proto::{Op, Status};
 
 use crate::shard::RepairResult;
@@ -83,6 +84,12 @@ pub struct NodeMetrics {
     scrub_damaged: Family<ShardLabel, Counter>,
     scrub_differences: Family<DifferenceLabels, Counter>,
     pub(crate) epoch: Gauge<i64, AtomicI64Shim>,
+    buffers: Family<PagesLabel, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PagesLabel {
+    pages: &'static str,
 }
 
 /// prometheus-client's default gauge is i64 over AtomicI64.
@@ -222,8 +229,15 @@ impl NodeMetrics {
             "Epoch of the installed route table",
             epoch.clone(),
         );
+        let buffers = Family::<PagesLabel, Gauge>::default();
+        registry.register(
+            "buffer_bytes",
+            "Bytes mapped for the shards' fixed I/O buffers (engine journal and request buffers, node request buffers), by page size (2M: huge pages)",
+            buffers.clone(),
+        );
         NodeMetrics {
             registry,
+            buffers,
             requests,
             bytes,
             latency,
@@ -240,6 +254,17 @@ impl NodeMetrics {
             scrub_differences,
             epoch,
         }
+    }
+
+    /// Adds `bytes` of fixed buffers mapped on `pages`.
+    pub(crate) fn buffer_bytes(&self, pages: PageSize, bytes: u64) {
+        let pages = match pages {
+            PageSize::Huge2M => "2M",
+            PageSize::Base4K => "4K",
+        };
+        self.buffers
+            .get_or_create(&PagesLabel { pages })
+            .inc_by(bytes as i64);
     }
 
     pub(crate) fn shard(&self, shard: u16) -> ShardCounters {

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use celer_engine::{
-    AlignedBuf, BlockKind, Completion, EngineError, EngineOp, EngineRequest, Segment, Shard,
-    BLOCK_SIZE,
+    AlignedBuf, BlockKind, BufPool, Completion, EngineError, EngineOp, EngineRequest, Segment,
+    Shard, BLOCK_SIZE,
 };
 
 mod backfill;
@@ -57,6 +57,8 @@ pub(crate) struct ShardConfig {
     /// This shard's share of the node's scrub rate (0: off).
     pub(crate) scrub_bytes_per_sec: u64,
     pub(crate) scrub_interval: Duration,
+    /// Request buffers on huge pages if the kernel has them.
+    pub(crate) hugepages: bool,
 }
 
 const TOKEN_WAKE: u64 = u64::MAX;

@@ -40,6 +40,7 @@ fn start_node(disk: &Path, state: &Path) -> Node {
         scrub_bytes_per_sec: celer_node::SCRUB_RATE_DEFAULT,
         scrub_interval: celer_node::SCRUB_INTERVAL_DEFAULT,
         tls_creds: None,
+        hugepages: false,
     })
     .expect("node starts")
 }

@@ -49,6 +49,7 @@ fn config(disk: PathBuf, state_dir: PathBuf, meta_url: &str) -> NodeConfig {
         scrub_bytes_per_sec: celer_node::SCRUB_RATE_DEFAULT,
         scrub_interval: celer_node::SCRUB_INTERVAL_DEFAULT,
         tls_creds: None,
+        hugepages: false,
     }
 }
 

@@ -305,6 +305,7 @@ fn open_options() -> OpenOptions {
         inflight_max: 32,
         completion_eventfd: false,
         lock_wait: std::time::Duration::ZERO,
+        hugepages: false,
     }
 }
 
@@ -625,6 +626,7 @@ impl EngineSim {
             epoch: 1,
             tag: id,
             chain: &[],
+            block_crc: None,
         };
         let s = self.shard_of(volume, chunk);
         // SAFETY: `f.buf` (heap memory) lives in `self.inflight` until the
@@ -923,6 +925,7 @@ impl EngineSim {
             epoch: 1,
             tag,
             chain: &[],
+            block_crc: None,
         };
         // SAFETY: `buf` outlives the wait for this request's completion.
         unsafe { self.shards[s].submit(&req) }.map_err(|e| format!("check read refused: {e}"))?;

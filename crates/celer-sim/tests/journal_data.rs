@@ -18,6 +18,7 @@ fn open_options() -> OpenOptions {
         inflight_max: 8,
         completion_eventfd: false,
         lock_wait: std::time::Duration::ZERO,
+        hugepages: false,
     }
 }
 
@@ -43,6 +44,7 @@ fn one_block(sh: &mut Shard<SimDisk>, op: EngineOp, buf: &mut AlignedBuf, versio
         epoch: 1,
         tag: version,
         chain: &[],
+        block_crc: None,
     };
     // SAFETY: `buf` outlives the wait for this request's completion.
     unsafe { sh.submit(&req) }.expect("submit");
@@ -115,6 +117,7 @@ fn a_qd1_write_is_one_device_write_and_survives_losing_its_move() {
                     epoch: 1,
                     tag: 10 + b,
                     chain: &[],
+                    block_crc: None,
                 };
                 // SAFETY: `other` outlives the wait below.
                 unsafe { shards[0].submit(&req) }.expect("submit");

@@ -70,6 +70,11 @@ pub struct ClusterBenchArgs {
     /// (`celer node serve --busy-poll-us`).
     #[arg(long, default_value_t = 0)]
     pub node_busy_poll_us: u64,
+    /// Keep the nodes' buffers on 4 KiB pages (by default they run with
+    /// `--hugepages`, and the bench reserves 2 MiB pages for the run when
+    /// run as root).
+    #[arg(long)]
+    pub no_hugepages: bool,
     /// Where ceph-up.sh / ceph-down.sh live (default: scripts/peers/ceph of
     /// this checkout).
     #[arg(long)]
@@ -439,6 +444,11 @@ fn start_cluster(args: &ClusterBenchArgs, dir: &Path, port: &DataPort) -> Result
             .args(["--create", &disk_bytes.to_string()])
             .args(["--shards", &args.node_shards.to_string()])
             .args(["--busy-poll-us", &args.node_busy_poll_us.to_string()])
+            .args(if args.no_hugepages {
+                &[][..]
+            } else {
+                &["--hugepages"][..]
+            })
             .args(["--listen", &free_port()?.to_string()])
             .args(["--admin-listen", &admin.to_string()])
             .args(["--meta", &meta_url])
@@ -904,6 +914,34 @@ fn node_latency(admins: &[SocketAddr], op: &str) -> (f64, f64) {
         }
     }
     (sum, count)
+}
+
+/// The nodes' `celer_node_buffer_bytes`: how many MiB of their fixed I/O
+/// buffers are on which pages.
+fn buffer_pages(admins: &[SocketAddr]) -> String {
+    let (mut huge, mut base) = (0.0, 0.0);
+    for a in admins {
+        let Ok(text) = http_get(*a, "/metrics") else {
+            continue;
+        };
+        for line in text.lines() {
+            let Some((name, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let v: f64 = value.parse().unwrap_or(0.0);
+            if name == "celer_node_buffer_bytes{pages=\"2M\"}" {
+                huge += v;
+            } else if name == "celer_node_buffer_bytes{pages=\"4K\"}" {
+                base += v;
+            }
+        }
+    }
+    let mib = |b: f64| b / f64::from(1 << 20);
+    format!(
+        "{:.1} MiB on 2 MiB huge pages, {:.1} MiB on 4 KiB pages",
+        mib(huge),
+        mib(base)
+    )
 }
 
 /// A plain HTTP/1.1 GET on loopback (the body; no redirects, no TLS).
@@ -2106,7 +2144,21 @@ pub fn run(args: &ClusterBenchArgs) -> Result<()> {
     } else {
         None
     };
+    // Per node shard: the engine's pool (2 pages) and the node's (1); twice
+    // over for the authentication and TLS comparisons' second clusters.
+    let reserve = (!args.no_hugepages)
+        .then(|| crate::hugepages::Reserve::ensure(2 * 3 * 3 * u64::from(args.node_shards)));
     let cluster = start_cluster(args, &dir, &DataPort::Auth)?;
+    println!(
+        "I/O buffers of the nodes: {}{}",
+        buffer_pages(&cluster.admins),
+        reserve
+            .as_ref()
+            .map_or(" (--no-hugepages)".to_string(), |r| format!(
+                " ({})",
+                r.note
+            ))
+    );
     let (device, _attached) = crate::cluster_dev::open_volume(
         &cluster.meta_url,
         &cluster.token,
@@ -2197,5 +2249,6 @@ pub fn run(args: &ClusterBenchArgs) -> Result<()> {
     }
     drop(cluster);
     drop(ceph);
+    drop(reserve);
     Ok(())
 }

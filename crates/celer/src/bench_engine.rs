@@ -22,6 +22,8 @@ pub struct BenchArgs {
     pub with_fio: bool,
     /// Run only workloads whose name (e.g. `randread-qd1`) contains this.
     pub only: Option<String>,
+    /// Buffers on huge pages (reserved for the run as root).
+    pub hugepages: bool,
 }
 
 const WORKLOADS: [(&str, EngineOp, u32); 4] = [
@@ -96,6 +98,7 @@ fn drive(
                     epoch: 1,
                     tag: i as u64,
                     chain: &[],
+                    block_crc: None,
                 };
                 started[i] = Instant::now();
                 // SAFETY: bufs[i] is left alone until tag i completes.
@@ -160,6 +163,7 @@ fn fill_volume(shard: &mut Shard, volume_bytes: u64, version: &mut u64) -> Resul
                 epoch: 1,
                 tag: 0,
                 chain: &[],
+                block_crc: None,
             };
             // SAFETY: buf outlives every request (we drain before returning).
             unsafe { shard.submit(&req) }.context("fill")?;
@@ -210,6 +214,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         args.runtime_s
     );
     prepare_file(&file, args.file_size_bytes)?;
+    // One shard: a pool of 2.25 MiB takes two 2 MiB pages.
+    let reserve = args.hugepages.then(|| crate::hugepages::Reserve::ensure(2));
+    let mut pages = None;
     let runtime = Duration::from_secs(args.runtime_s as u64);
 
     // fio and the engine take turns on the same file, workload by workload,
@@ -251,8 +258,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 ..FormatOptions::default()
             },
         )?;
-        let engine = Engine::open(&file, &OpenOptions::default())?;
+        let engine = Engine::open(
+            &file,
+            &OpenOptions {
+                hugepages: args.hugepages,
+                ..OpenOptions::default()
+            },
+        )?;
         let mut shard = engine.into_shards().remove(0);
+        pages = Some(shard.buffer_pages());
         let mut version = 1u64;
         fill_volume(&mut shard, args.volume_size_bytes, &mut version)?;
         let s0 = shard.stats();
@@ -283,6 +297,20 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
 
     println!();
+    if let Some((p, bytes)) = pages {
+        println!(
+            "engine buffers: {} KiB on {}{}",
+            bytes >> 10,
+            p.name(),
+            reserve
+                .as_ref()
+                .map_or(" (--no-hugepages)".to_string(), |r| format!(
+                    " ({})",
+                    r.note
+                ))
+        );
+    }
+    drop(reserve);
     println!(
         "{:<16} {:>10} {:>9} {:>9} {:>9} {:>6} | {:>10} {:>9} {:>9} {:>9} | {:>9} {:>9}",
         "workload",

@@ -232,6 +232,7 @@ fn check(disk: &std::path::Path) -> Result<()> {
                     epoch: 0,
                     tag: 0,
                     chain: &[],
+                    block_crc: None,
                 };
                 // SAFETY: buf outlives the request; we wait for it below.
                 unsafe { shard.submit(&req) }?;

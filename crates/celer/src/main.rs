@@ -8,6 +8,7 @@ mod device_metrics;
 mod diff_cmd;
 mod engine_cmd;
 mod fio;
+mod hugepages;
 mod libvirt;
 mod meta_cmd;
 mod migration_probe;
@@ -145,6 +146,10 @@ struct BenchEngineArgs {
     /// Skip the fio peer.
     #[arg(long)]
     no_fio: bool,
+    /// Keep the engine's buffers on 4 KiB pages (by default they go on
+    /// 2 MiB huge pages, reserved for the run when run as root).
+    #[arg(long)]
+    no_hugepages: bool,
     /// Run only the workloads whose name contains this (randwrite-qd1, randread-qd32, ...).
     #[arg(long)]
     only: Option<String>,
@@ -284,6 +289,7 @@ fn run(cli: Cli) -> Result<()> {
                 runtime_s: a.runtime,
                 with_fio: !a.no_fio,
                 only: a.only,
+                hugepages: !a.no_hugepages,
             })
         }
     }

@@ -171,6 +171,7 @@ pub fn run(a: &UpArgs) -> Result<()> {
             scrub_bytes_per_sec: celer_node::SCRUB_RATE_DEFAULT,
             scrub_interval: celer_node::SCRUB_INTERVAL_DEFAULT,
             tls_creds: a.data_tls_creds.clone(),
+            hugepages: false,
         })
         .with_context(|| format!("start storage node {i}"))?;
         nodes.push(node);

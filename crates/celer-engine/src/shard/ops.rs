@@ -79,6 +79,8 @@ pub(super) struct Op {
     pub(super) merged: bool,
     /// crc32c of the committed block the sector write read.
     pub(super) merge_crc: u32,
+    /// A one-block write's crc as the caller gave it (`EngineRequest::block_crc`).
+    pub(super) given_crc: Option<u32>,
     /// The block a sector write is merged into (one per op, from start-up).
     pub(super) merge_buf: AlignedBuf,
     /// Submission order (a shard-wide counter).

@@ -73,7 +73,13 @@ impl<D: Disk> Shard<D> {
             i = j;
         }
         if op.pending == 0 {
-            op.applied = op.count as u32;
+            // Every block came from a journal buffer: checked as one read
+            // from the disk is (the crc stored may be the client's).
+            self.check_read_crcs(id);
+            let op = &mut self.ops[id as usize];
+            if op.error.is_none() {
+                op.applied = op.count as u32;
+            }
             return self.finish(id);
         }
         slot.reads_inflight += 1;
@@ -196,33 +202,8 @@ impl<D: Disk> Shard<D> {
     pub(super) fn read_done(&mut self, id: u32) {
         let local = self.ops[id as usize].local_slot;
         let layered = !self.ops[id as usize].layer_slots.is_empty();
+        self.check_read_crcs(id);
         let op = &mut self.ops[id as usize];
-        if op.error.is_none() {
-            for (i, p) in op.plan.iter().enumerate() {
-                let read = matches!(p.action, Action::ReadData | Action::ReadMoving);
-                if read && crc_of(&op.segs, i * BLOCK_SIZE) != p.crc {
-                    let offset_bytes =
-                        op.chunk * self.g.chunk_bytes() + p.logical as u64 * BLOCK_SIZE_U64;
-                    // The layer the bad block is in (a lower one for a
-                    // read through layers).
-                    let volume = match p.layer {
-                        0 => op.volume,
-                        l => op.chain[l as usize - 1],
-                    };
-                    tracing::error!(
-                        volume,
-                        offset_bytes,
-                        shard = self.id,
-                        "checksum mismatch on read: data not returned"
-                    );
-                    op.error = Some(EngineError::Checksum {
-                        volume,
-                        offset_bytes,
-                    });
-                    break;
-                }
-            }
-        }
         if op.error.is_none() {
             op.applied = op.count as u32;
         }
@@ -234,6 +215,39 @@ impl<D: Disk> Shard<D> {
             slot.end_read();
         }
         self.finish(id);
+    }
+
+    /// Sets the read's error if a block it read (from the disk or from a
+    /// journal buffer) does not match its crc.
+    fn check_read_crcs(&mut self, id: u32) {
+        let op = &mut self.ops[id as usize];
+        if op.error.is_some() {
+            return;
+        }
+        for (i, p) in op.plan.iter().enumerate() {
+            let read = matches!(p.action, Action::ReadData | Action::ReadMoving);
+            if read && crc_of(&op.segs, i * BLOCK_SIZE) != p.crc {
+                let offset_bytes =
+                    op.chunk * self.g.chunk_bytes() + p.logical as u64 * BLOCK_SIZE_U64;
+                // The layer the bad block is in (a lower one for a read
+                // through layers).
+                let volume = match p.layer {
+                    0 => op.volume,
+                    l => op.chain[l as usize - 1],
+                };
+                tracing::error!(
+                    volume,
+                    offset_bytes,
+                    shard = self.id,
+                    "checksum mismatch on read: data not returned"
+                );
+                op.error = Some(EngineError::Checksum {
+                    volume,
+                    offset_bytes,
+                });
+                return;
+            }
+        }
     }
 }
 

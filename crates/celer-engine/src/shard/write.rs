@@ -360,7 +360,13 @@ impl<D: Disk> Shard<D> {
             };
             slot.take_phys(phys);
             last_phys = Some(phys);
-            let crc = crc_of(&op.segs, k as usize * BLOCK_SIZE);
+            // The caller's crc is trusted as given: data that changed after
+            // it was computed (a bad copy on the node) then reads back as a
+            // checksum error instead of being stored as good.
+            let crc = match op.given_crc {
+                Some(crc) if !op.merged => crc,
+                _ => crc_of(&op.segs, k as usize * BLOCK_SIZE),
+            };
             slot.planned_version[logical as usize] = op.version;
             op.plan.push(Planned {
                 logical,

@@ -71,6 +71,7 @@ pub fn write(
         epoch: 1,
         tag: 7,
         chain: &[],
+        block_crc: None,
     };
     run_one(shard, &req)
 }
@@ -94,6 +95,7 @@ pub fn read(
         epoch: 0,
         tag: 9,
         chain: &[],
+        block_crc: None,
     };
     run_one(shard, &req)?;
     Ok(buf)
@@ -117,6 +119,7 @@ pub fn zero(
         epoch: 1,
         tag: 11,
         chain: &[],
+        block_crc: None,
     };
     run_one(shard, &req)
 }

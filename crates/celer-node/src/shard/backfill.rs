@@ -399,6 +399,7 @@ impl ShardLoop {
                 epoch,
                 tag: TAG_BACKFILL | b.serial as u64,
                 chain: &[],
+                block_crc: None,
             };
             // SAFETY: see above.
             match unsafe { self.engine.submit(&req) } {

@@ -38,6 +38,24 @@ pub(crate) fn run(
     );
     let id = engine.id() as u16;
     let versions = engine.max_versions_by_volume();
+    // A block per request slot from one pool (a larger request replaces its
+    // slot's buffer with a heap one: `take_op`).
+    let mut pool = BufPool::new(CLIENT_OPS * BLOCK_SIZE, cfg.hugepages);
+    let (engine_pages, engine_bytes) = engine.buffer_pages();
+    shared
+        .metrics
+        .buffer_bytes(pool.pages(), pool.bytes() as u64);
+    shared
+        .metrics
+        .buffer_bytes(engine_pages, engine_bytes as u64);
+    tracing::info!(
+        shard = id,
+        node_buffers = pool.pages().name(),
+        node_bytes = pool.bytes(),
+        engine_buffers = engine_pages.name(),
+        engine_bytes,
+        "request and journal buffers mapped"
+    );
     let ops = (0..CLIENT_OPS)
         .map(|_| NodeOp {
             busy: false,
@@ -46,7 +64,7 @@ pub(crate) fn run(
             conn: 0,
             conn_gen: 0,
             req: Header::request(Op::Ping, 0),
-            buf: AlignedBuf::new(1),
+            buf: pool.take(1),
             len: 0,
             at: 0,
             pending: 0,

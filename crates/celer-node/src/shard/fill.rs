@@ -61,6 +61,7 @@ impl ShardLoop {
             epoch: h.epoch,
             tag: id as u64,
             chain: target.chain(),
+            block_crc: None,
         };
         self.ops[id].pending = 1;
         // SAFETY: the op's buffer lives in the slab until the op finishes.

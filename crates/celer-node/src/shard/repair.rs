@@ -394,6 +394,7 @@ impl ShardLoop {
             epoch,
             tag: TAG_REPAIR | r.serial as u64,
             chain: &[],
+            block_crc: None,
         };
         // SAFETY: the buffer belongs to the repair, which stays in
         // `self.repairs` until this request completes.

@@ -128,6 +128,7 @@ impl ShardLoop {
             epoch: h.epoch,
             tag: id as u64,
             chain: target.chain(),
+            block_crc: None,
         };
         // SAFETY: the op's buffer lives in the slab until the op finishes.
         if let Err(e) = unsafe { self.engine.submit(&req) } {
@@ -231,6 +232,9 @@ impl ShardLoop {
             epoch: h.epoch,
             tag: id as u64,
             chain: target.chain(),
+            // The frame's crc, verified on receipt, is the block's when the
+            // payload is one whole block: the client's checksum is stored.
+            block_crc: has_data.then_some(h.payload_crc),
         };
         self.ops[id].pending = 1;
         if target.stale {

@@ -189,6 +189,7 @@ impl ShardLoop {
                 epoch: 0,
                 tag: TAG_PURGE,
                 chain: &[],
+                block_crc: None,
             };
             // SAFETY: a release has no segments.
             match unsafe { self.engine.submit(&req) } {

@@ -550,6 +550,7 @@ impl ShardLoop {
             epoch: 0,
             tag: TAG_SCRUB,
             chain: &[],
+            block_crc: None,
         };
         // SAFETY: the scrub's buffer lives as long as the shard loop, which
         // drains the engine before it ends.

@@ -53,6 +53,7 @@ pub fn start_node_idle(dir: &Path, id: u32, idle: Option<Duration>) -> Node {
         scrub_bytes_per_sec: celer_node::SCRUB_RATE_DEFAULT,
         scrub_interval: celer_node::SCRUB_INTERVAL_DEFAULT,
         tls_creds: None,
+        hugepages: false,
     })
     .expect("node starts")
 }

@@ -99,6 +99,7 @@ fn main() {
                 epoch: 1,
                 tag: i as u64,
                 chain: &[],
+                block_crc: None,
             };
             // SAFETY: bufs[i] is not touched until tag i completes.
             unsafe { shard.submit(&req) }.expect("submit");
