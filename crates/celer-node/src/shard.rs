@@ -269,6 +269,8 @@ struct ShardLoop {
     /// Dropped backfills whose engine writes are still in flight: their
     /// buffers must outlive those writes.
     retired: Vec<Backfill>,
+    /// Landing buffers of closed connections, for the next ones.
+    landings: Vec<AlignedBuf>,
     backfill_serial: u32,
     /// Request ids of backfill requests (with `REQ_BACKFILL`).
     backfill_seq: u32,

@@ -15,7 +15,10 @@ impl ShardLoop {
         out: bool,
     ) -> usize {
         self.conn_gen = self.conn_gen.wrapping_add(1);
-        let conn = Conn::new(stream, wire, self.conn_gen, peer, auth, ticket);
+        // A closed connection's landing buffer first (it may be on huge
+        // pages, from the shard's pool).
+        let landing = self.landings.pop().unwrap_or_else(|| AlignedBuf::new(1));
+        let conn = Conn::new(stream, wire, self.conn_gen, peer, auth, ticket, landing);
         let fd = conn.fd();
         let idx = match self.free_conns.pop() {
             Some(i) => {
@@ -132,9 +135,10 @@ impl ShardLoop {
     }
 
     pub(super) fn close_conn(&mut self, c: usize, why: &str) {
-        let Some(conn) = self.conns[c].take() else {
+        let Some(mut conn) = self.conns[c].take() else {
             return;
         };
+        self.landings.extend(conn.take_landing());
         if let Some(peer) = conn.peer {
             tracing::warn!(shard = self.id, peer = ?peer, "peer connection closed: {why}");
             self.peers.retain(|_, v| *v != c);

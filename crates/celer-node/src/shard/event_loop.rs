@@ -107,6 +107,7 @@ pub(crate) fn run(
         forwards_inflight: 0,
         backfills: Vec::new(),
         retired: Vec::new(),
+        landings: Vec::new(),
         woke_at: Instant::now(),
         backfill_serial: 0,
         backfill_seq: 0,

@@ -209,9 +209,8 @@ impl ShardLoop {
         let len = h.length as usize;
         let id = self.take_op(c, &h, kind, if has_data { len } else { 0 });
         if has_data {
-            let conn = self.conns[c].as_ref().expect("live connection");
-            let payload = conn.payload(f);
-            self.ops[id].buf[..len].copy_from_slice(payload);
+            let conn = self.conns[c].as_mut().expect("live connection");
+            conn.payload_into(f, &mut self.ops[id].buf);
         }
         let seg = Segment {
             addr: self.ops[id].buf.as_mut_ptr(),
