@@ -9,8 +9,10 @@
 #     disk, loopback TCP round trip), with the ratios and the targets.
 #  2. In a QEMU guest (scripts/vm/guest-bench.sh): fio on the same Celer
 #     volume served by `celer vhost serve --device cluster:...`, beside
-#     qemu-storage-daemon serving a local file (run while the cluster of the
-#     last round is still up, through `celer bench cluster --exec`).
+#     qemu-storage-daemon serving a local file with writethrough=on (durable
+#     per write, as Celer) and the Ceph peer's image through QEMU's librbd
+#     (run while the cluster of the last round is still up, through
+#     `celer bench cluster --exec`).
 #
 # Usage: scripts/bench-cluster.sh [--runtime S] [--repeat N] [--guest-runtime S]
 #          [--guest-repeat N] [--guest-queues N] [--no-guest] [--keep-ceph]
@@ -81,6 +83,8 @@ log "Ceph peer up ($CEPH_BASE); results go to $OUT_DIR"
 
 GUEST_CMD='"$ROOT"/scripts/vm/guest-bench.sh --bin "$CELER_BIN" --celer-device "cluster:$CELER_VOLUME,meta=$CELER_META"'
 GUEST_CMD+=" --runtime $GUEST_RUNTIME --repeat $GUEST_REPEAT --queues $GUEST_QUEUES"
+# The Ceph peer's image in the guest too, through QEMU's librbd.
+GUEST_CMD+=" --rbd rbd/peer,conf=$CEPH_BASE/ceph.conf"
 for r in $(seq "$REPEAT"); do
 	args=(bench cluster --ceph --runtime "$RUNTIME" --ceph-scripts "$ROOT/scripts/peers/ceph"
 		--ceph-base "$CEPH_BASE" "${EXTRA[@]}")

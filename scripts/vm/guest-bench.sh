@@ -1,7 +1,8 @@
 #!/bin/bash
 # guest-bench.sh - in-guest fio (QEMU TCG) on a vhost-user-blk disk served by
-# Celer and then by qemu-storage-daemon, over the same host file, in one run.
-# Prints both fio summaries and the ratios. TCG dominates the numbers (the
+# Celer, then by qemu-storage-daemon over a local file (durable per write,
+# writethrough=on, as Celer), and optionally Ceph RBD through QEMU's librbd,
+# in one run. Prints the fio summaries, medians and the ratios. TCG dominates the numbers (the
 # guest's own CPU is emulated), so read them as "what a guest sees here",
 # not as back-end speed; `celer-vhost bench` measures the back ends alone.
 #
@@ -16,12 +17,18 @@
 #   --file     host file (default /tmp/celer-vm/bench.img, 1 GiB, created)
 #   --runtime  seconds per fio job (default 5)
 #   --queues   virtqueues and vCPUs (default 1)
-#   --repeat   rounds (default 1); the order alternates (Celer first in odd
-#              rounds, qsd first in even ones) and the median ratio is shown
+#   --repeat   rounds (default 1); the order rotates (Celer, qsd[, rbd] in
+#              round 1, qsd first in round 2, ...) and medians are shown
+#   --qsd-writethrough on|off  qsd's durability (default on: every write
+#              durable before it completes, as Celer's durable mode)
+#   --rbd POOL/IMAGE[,conf=FILE]  also Ceph RBD through QEMU's librbd (the
+#              image is overwritten; scripts/peers/ceph/ceph-up.sh makes
+#              rbd/peer with conf /var/tmp/celer-ceph/ceph.conf); installs
+#              qemu-block-extra if QEMU's rbd driver is missing
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
-BIN="" FILE=/tmp/celer-vm/bench.img RUNTIME=5 QUEUES=1 REPEAT=1 CELER_DEVICE=""
+BIN="" FILE=/tmp/celer-vm/bench.img RUNTIME=5 QUEUES=1 REPEAT=1 CELER_DEVICE="" QSD_WT=on RBD=""
 while [ $# -gt 0 ]; do
 	case $1 in
 	--bin) BIN=$2; shift 2 ;;
@@ -30,6 +37,8 @@ while [ $# -gt 0 ]; do
 	--queues) QUEUES=$2; shift 2 ;;
 	--repeat) REPEAT=$2; shift 2 ;;
 	--celer-device) CELER_DEVICE=$2; shift 2 ;;
+	--qsd-writethrough) QSD_WT=$2; shift 2 ;;
+	--rbd) RBD=$2; shift 2 ;;
 	-h | --help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
 	*) echo "unknown argument: $1" >&2; exit 2 ;;
 	esac
@@ -61,27 +70,62 @@ run_celer() { # OUTDIR
 	CELER=""
 }
 run_qsd() { # OUTDIR
-	"$HERE/run-guest.sh" --disk "qsd:$FILE,queues=$QUEUES" "${COMMON[@]}" --out "$1" >/dev/null
+	"$HERE/run-guest.sh" --disk "qsd:$FILE,queues=$QUEUES,writethrough=$QSD_WT" "${COMMON[@]}" --out "$1" >/dev/null
+}
+run_rbd() { # OUTDIR
+	"$HERE/run-guest.sh" --disk "rbd:$RBD,queues=$QUEUES" "${COMMON[@]}" --out "$1" >/dev/null
 }
 
-for r in $(seq "$REPEAT"); do
-	if [ $((r % 2)) = 1 ]; then
-		run_celer "$OUT/celer.$r"; run_qsd "$OUT/qsd.$r"
-	else
-		run_qsd "$OUT/qsd.$r"; run_celer "$OUT/celer.$r"
+case $QSD_WT in on | off) ;; *) echo "--qsd-writethrough on|off" >&2; exit 2 ;; esac
+TARGETS=(celer qsd)
+if [ -n "$RBD" ]; then
+	TARGETS+=(rbd)
+	if ! ls /usr/lib/*/qemu/block-rbd.so >/dev/null 2>&1; then
+		# The package of QEMU's own version (backports when QEMU is from there).
+		qv=$(dpkg-query -W -f='${Version}' qemu-system-x86 2>/dev/null || true)
+		echo "installing qemu-block-extra=$qv for QEMU's rbd driver" >&2
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q "qemu-block-extra=$qv" >&2 ||
+			{ apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "qemu-block-extra=$qv" >&2; }
 	fi
+fi
+N=${#TARGETS[@]}
+for r in $(seq "$REPEAT"); do
+	for k in $(seq 0 $((N - 1))); do
+		t=${TARGETS[$(((r - 1 + k) % N))]}
+		"run_$t" "$OUT/$t.$r"
+	done
 done
-echo "in-guest fio, TCG, $QUEUES queue(s), Celer ${CELER_DEVICE%%,*} vs qsd file $FILE, ${RUNTIME}s per job, $REPEAT round(s)"
-for t in celer qsd; do
+echo "in-guest fio, TCG, $QUEUES queue(s), ${RUNTIME}s per job, $REPEAT round(s): Celer ${CELER_DEVICE%%,*}; qsd file $FILE writethrough=$QSD_WT${RBD:+; Ceph RBD $RBD (librbd)}"
+for t in "${TARGETS[@]}"; do
 	echo "== $t (round 1)"
 	column -t -s $'\t' "$OUT/$t.1/summary.tsv"
 done
-echo "== ratios (celer / qsd): per round, then the median"
-for r in $(seq "$REPEAT"); do
-	paste "$OUT/celer.$r/summary.tsv" "$OUT/qsd.$r/summary.tsv" | awk -F'\t' -v r="$r" 'NR > 1 {
-		j = $1; sub(/^vda-/, "", j); printf "%s\t%s\t%s\t%.3f\t%.3f\n", j, $2, r, $3 / $12, $5 / $14 }'
-done | sort -k1,1 -k4,4n | awk -F'\t' '
-	{ n[$1]++; iops[$1, n[$1]] = $4; dir[$1] = $2; rounds[$1] = rounds[$1] sprintf(" %.2f", $4) }
-	END { for (j in n) { m = iops[j, int((n[j] + 1) / 2)]
-		printf "  %-14s %-5s IOPS median %.2fx  (all rounds, sorted:%s)\n", j, dir[j], m, rounds[j] } }' | sort
+# Median over rounds of a target's IOPS and mean latency per job.
+medians() { # TARGET
+	for r in $(seq "$REPEAT"); do
+		awk -F'\t' 'NR > 1 { j = $1; sub(/^vda-/, "", j); printf "%s\t%s\t%s\t%s\n", j, $2, $3, $5 }' "$OUT/$1.$r/summary.tsv"
+	done | sort -k1,1 | awk -F'\t' '
+		{ n[$1]++; iops[$1, n[$1]] = $3; lat[$1, n[$1]] = $4; dir[$1] = $2 }
+		function med(a, j, k, i, m, t, v) { for (i = 1; i <= n[j]; i++) v[i] = a[j, i]
+			for (i = 1; i <= n[j]; i++) for (k = i + 1; k <= n[j]; k++) if (v[k] < v[i]) { t = v[i]; v[i] = v[k]; v[k] = t }
+			return v[int((n[j] + 1) / 2)] }
+		END { for (j in n) printf "%s\t%s\t%s\t%s\n", j, dir[j], med(iops, j), med(lat, j) }' | sort
+}
+for t in "${TARGETS[@]}"; do medians "$t" >"$OUT/$t.median"; done
+echo "== medians over rounds: IOPS and mean latency (µs); ratios are Celer's over the peer's latency"
+{
+	printf 'job\tdir'
+	for t in "${TARGETS[@]}"; do printf '\t%s IOPS\t%s µs' "$t" "$t"; done
+	for t in "${TARGETS[@]:1}"; do printf '\tceler/%s lat' "$t"; done
+	printf '\n'
+	cut -f1,2 "$OUT/celer.median" | while IFS=$'\t' read -r j d; do
+		printf '%s\t%s' "$j" "$d"
+		for t in "${TARGETS[@]}"; do awk -F'\t' -v j="$j" '$1 == j { printf "\t%s\t%s", $3, $4 }' "$OUT/$t.median"; done
+		cl=$(awk -F'\t' -v j="$j" '$1 == j { print $4 }' "$OUT/celer.median")
+		for t in "${TARGETS[@]:1}"; do
+			awk -F'\t' -v j="$j" -v c="$cl" '$1 == j { printf "\t%.2fx", c / $4 }' "$OUT/$t.median"
+		done
+		printf '\n'
+	done
+} | column -t -s $'\t'
 rm -rf "$OUT"

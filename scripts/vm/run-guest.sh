@@ -14,15 +14,23 @@
 #       preallocated, if missing).  Default cache=none (O_DIRECT), aio=io_uring,
 #       iothread=on (a dedicated QEMU iothread per disk).
 #   qsd:PATH[,size=1G][,aio=io_uring|native|threads][,queues=N][,sock=SOCKET]
-#       [,cpus=LIST]
+#       [,cpus=LIST][,writethrough=on|off]
 #       vhost-user-blk-pci whose backend is qemu-storage-daemon exporting PATH
 #       (O_DIRECT) on a Unix socket; started and stopped by this script.
 #       cpus=LIST pins the daemon with taskset -c LIST (e.g. cpus=1).
+#       writethrough=on: the export shows no volatile cache and makes every
+#       write durable before completing it (as Celer's durable mode);
+#       default off (the guest sees a write-back cache and sends flushes).
 #       locking=off lets two daemons open PATH (a migration's two sides).
 #   vhost:SOCKET[,queues=N]
 #       vhost-user-blk-pci connected to an ALREADY RUNNING external backend
 #       listening on SOCKET (e.g. celer-vhost serve). The chardev reconnects
 #       (reconnect=1), so the backend may be restarted while the guest runs.
+#   rbd:POOL/IMAGE[,conf=CEPH_CONF][,user=NAME]
+#       virtio-blk-pci on QEMU's own librbd driver, as a VM on Ceph RBD runs
+#       (needs the host package qemu-block-extra of QEMU's version; the
+#       image must exist: scripts/peers/ceph/ceph-up.sh makes rbd/peer).
+#       conf defaults to $CEPH_CONF or /etc/ceph/ceph.conf, user to admin.
 #   queues defaults to --smp (QEMU's own default for both device types).
 #   qsize=N sets the virtqueue size for any kind (default 256 for all, so that
 #   virtio-blk and vhost-user-blk are compared alike; QEMU's own default for
@@ -229,14 +237,14 @@ for spec in "${DISKS[@]}"; do
 		[ -n "$(opt "$opts" cpus "")" ] && qsd_cmd=(taskset -c "$(opt "$opts" cpus "")")
 		qsd_cmd+=(qemu-storage-daemon
 			--blockdev "driver=file,node-name=file$i,filename=$path,cache.direct=on,aio=$aio,locking=$(opt "$opts" locking auto)"
-			--export "type=vhost-user-blk,id=exp$i,node-name=file$i,addr.type=unix,addr.path=$sock,writable=on,num-queues=$q")
+			--export "type=vhost-user-blk,id=exp$i,node-name=file$i,addr.type=unix,addr.path=$sock,writable=on,writethrough=$(opt "$opts" writethrough off),num-queues=$q")
 		echo "${qsd_cmd[*]}" >"$OUTDIR/qsd$i.cmdline"
 		"${qsd_cmd[@]}" >"$OUTDIR/qsd$i.log" 2>&1 &
 		QSD_PIDS+=($!)
 		wait_socket "$sock" $! "$OUTDIR/qsd$i.log"
 		DEV_ARGS+=(-chardev "socket,id=vuc$i,path=$sock"
 			-device "vhost-user-blk-pci,chardev=vuc$i,id=vub$i,num-queues=$q,queue-size=$qs,addr=$slot")
-		DESCR+=("$vd: vhost-user-blk-pci <- qemu-storage-daemon(pid ${QSD_PIDS[-1]}) file=$path aio=$aio queues=$q qsize=$qs")
+		DESCR+=("$vd: vhost-user-blk-pci <- qemu-storage-daemon(pid ${QSD_PIDS[-1]}) file=$path aio=$aio writethrough=$(opt "$opts" writethrough off) queues=$q qsize=$qs")
 		;;
 	vhost)
 		[ -S "$path" ] || die "$path is not a listening Unix socket (start the backend first)"
@@ -244,7 +252,18 @@ for spec in "${DISKS[@]}"; do
 			-device "vhost-user-blk-pci,chardev=vuc$i,id=vub$i,num-queues=$q,queue-size=$qs,addr=$slot")
 		DESCR+=("$vd: vhost-user-blk-pci <- external backend socket=$path queues=$q qsize=$qs")
 		;;
-	*) die "unknown disk kind '$kind' in $spec (file:, qsd:, vhost:)" ;;
+	rbd)
+		conf=$(opt "$opts" conf "${CEPH_CONF:-/etc/ceph/ceph.conf}")
+		pool=${path%%/*} image=${path#*/}
+		[ -n "$pool" ] && [ -n "$image" ] && [ "$pool" != "$path" ] || die "rbd:POOL/IMAGE expected, got $spec"
+		[ -r "$conf" ] || die "Ceph configuration $conf not readable (conf=FILE or CEPH_CONF)"
+		ls /usr/lib/*/qemu/block-rbd.so >/dev/null 2>&1 ||
+			die "QEMU's rbd driver is missing: apt-get install qemu-block-extra (of QEMU's version, e.g. from bookworm-backports)"
+		DEV_ARGS+=(-blockdev "driver=rbd,node-name=rbd$i,pool=$pool,image=$image,conf=$conf,user=$(opt "$opts" user admin),cache.direct=on"
+			-device "virtio-blk-pci,drive=rbd$i,id=vblk$i,num-queues=$q,queue-size=$qs,addr=$slot")
+		DESCR+=("$vd: virtio-blk-pci <- QEMU librbd pool=$pool image=$image conf=$conf queues=$q qsize=$qs")
+		;;
+	*) die "unknown disk kind '$kind' in $spec (file:, qsd:, vhost:, rbd:)" ;;
 	esac
 	i=$((i + 1))
 done

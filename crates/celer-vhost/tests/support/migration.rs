@@ -63,10 +63,25 @@ impl Qmp {
         serde_json::from_str(&l).unwrap_or_else(|e| panic!("bad QMP line {l:?}: {e}"))
     }
 
-    /// Asks QEMU to quit, ignoring a QEMU that is already gone.
+    /// Asks QEMU to quit, ignoring a QEMU that is already gone. Waits for
+    /// its answer or for QEMU closing the socket: QEMU drops the commands
+    /// queued on a QMP connection its client closed, so a quit sent just
+    /// before our end closes may never run (seen: a source QEMU left in
+    /// `postmigrate` until run-guest.sh's 300 s timeout killed it).
     pub fn quit(&mut self) {
-        use std::io::Write;
-        let _ = writeln!(self.writer, "{}", serde_json::json!({"execute": "quit"}));
+        use std::io::{BufRead, Write};
+        let msg = format!("{}\n", serde_json::json!({"execute": "quit"}));
+        if self.writer.write_all(msg.as_bytes()).is_err() {
+            return;
+        }
+        loop {
+            let mut l = String::new();
+            match self.reader.read_line(&mut l) {
+                Ok(0) | Err(_) => return,
+                Ok(_) if l.contains("\"return\"") || l.contains("\"error\"") => return,
+                Ok(_) => {}
+            }
+        }
     }
 
     pub fn execute(&mut self, cmd: &str, args: serde_json::Value) -> serde_json::Value {
