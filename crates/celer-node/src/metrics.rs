@@ -72,6 +72,7 @@ pub struct NodeMetrics {
     requests: Family<OpLabels, Counter>,
     bytes: Family<OpOnly, Counter>,
     latency: Family<OpOnly, Histogram>,
+    engine_latency: Family<OpOnly, Histogram>,
     syncing: Family<ShardLabel, Gauge>,
     backfill_bytes: Family<ShardLabel, Counter>,
     backfill_moved: Family<ShardLabel, Gauge>,
@@ -101,6 +102,7 @@ pub(crate) struct ShardCounters {
     err: Vec<Counter>,
     bytes: Vec<Counter>,
     latency: Vec<Histogram>,
+    engine_latency: Vec<Histogram>,
     syncing: Gauge,
     backfill_bytes: Counter,
     backfill_moved: Gauge,
@@ -142,6 +144,11 @@ impl NodeMetrics {
         let bytes = Family::<OpOnly, Counter>::default();
         let latency = Family::<OpOnly, Histogram>::new_with_constructor(|| {
             // 10 µs .. ~2.6 s
+            Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                10e-6, 2.0, 19,
+            ))
+        });
+        let engine_latency = Family::<OpOnly, Histogram>::new_with_constructor(|| {
             Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
                 10e-6, 2.0, 19,
             ))
@@ -188,6 +195,11 @@ impl NodeMetrics {
             "request_seconds",
             "Request latency inside the node (engine and forwards), by op",
             latency.clone(),
+        );
+        registry.register(
+            "engine_seconds",
+            "Time a client request's engine part took, submit to completion (disk and engine), by op: request_seconds minus this is the node's own time and the forwards'",
+            engine_latency.clone(),
         );
         registry.register(
             "backfill_partitions",
@@ -241,6 +253,7 @@ impl NodeMetrics {
             requests,
             bytes,
             latency,
+            engine_latency,
             syncing,
             backfill_bytes,
             backfill_moved,
@@ -283,6 +296,14 @@ impl NodeMetrics {
             latency: OPS
                 .iter()
                 .map(|op| self.latency.get_or_create(&OpOnly { shard, op }).clone())
+                .collect(),
+            engine_latency: OPS
+                .iter()
+                .map(|op| {
+                    self.engine_latency
+                        .get_or_create(&OpOnly { shard, op })
+                        .clone()
+                })
                 .collect(),
             syncing: self.syncing.get_or_create(&ShardLabel { shard }).clone(),
             backfill_bytes: self
@@ -348,6 +369,9 @@ impl ShardCounters {
             self.err[i].inc();
         }
         self.latency[i].observe(took.as_secs_f64());
+    }
+    pub(crate) fn record_engine(&self, op: Op, took: Duration) {
+        self.engine_latency[op_index(op)].observe(took.as_secs_f64());
     }
     pub(crate) fn set_syncing(&self, n: usize) {
         self.syncing.set(n as i64);

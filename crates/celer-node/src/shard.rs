@@ -145,6 +145,8 @@ struct NodeOp {
     nforwards: usize,
     deadline: Option<Instant>,
     started: Instant,
+    /// When its engine request was submitted (`celer_node_engine_seconds`).
+    engine_at: Instant,
     /// A member (this node or a forward) holds a newer version than the
     /// write's: the highest such (answered with `OlderVersion`).
     newer: u64,

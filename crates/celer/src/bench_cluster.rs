@@ -886,13 +886,17 @@ struct Measured {
     /// Celer only: mean time a request spent inside a node (from its frame
     /// to its response: engine and, for forwarded writes, the forwards).
     node_mean_us: Option<f64>,
+    /// Celer only: mean time of a request's engine part in a node (submit
+    /// to completion: the engine and the disk).
+    engine_mean_us: Option<f64>,
     per_io: Option<PerIo>,
 }
 
-/// Sum and count of `celer_node_request_seconds{op=OP}` over every node and
-/// shard (the nodes' Prometheus histograms).
-fn node_latency(admins: &[SocketAddr], op: &str) -> (f64, f64) {
+/// Sum and count of `METRIC{op=OP}` (a histogram) over every node and shard
+/// (the nodes' Prometheus histograms).
+fn node_latency(admins: &[SocketAddr], metric: &str, op: &str) -> (f64, f64) {
     let (mut sum, mut count) = (0.0, 0.0);
+    let (sum_name, count_name) = (format!("{metric}_sum"), format!("{metric}_count"));
     for a in admins {
         let Ok(text) = http_get(*a, "/metrics") else {
             continue;
@@ -906,9 +910,9 @@ fn node_latency(admins: &[SocketAddr], op: &str) -> (f64, f64) {
                 continue;
             }
             let v: f64 = value.parse().unwrap_or(0.0);
-            if name.starts_with("celer_node_request_seconds_sum") {
+            if name.starts_with(&sum_name) {
                 sum += v;
-            } else if name.starts_with("celer_node_request_seconds_count") {
+            } else if name.starts_with(&count_name) {
                 count += v;
             }
         }
@@ -960,6 +964,11 @@ fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
         .unwrap_or_default())
 }
 
+/// The nodes' histograms of a client request's time: inside the node, and
+/// its engine part.
+const REQUEST_SECONDS: &str = "celer_node_request_seconds";
+const ENGINE_SECONDS: &str = "celer_node_engine_seconds";
+
 fn run_celer(
     w: Workload,
     queues: &mut [Box<dyn DeviceQueue>],
@@ -971,7 +980,8 @@ fn run_celer(
     let per_queue = w.qd / w.queues;
     let cluster_pids = cluster.procs.pids();
     let node_op = if w.op == IoOp::Write { "write" } else { "read" };
-    let node0 = node_latency(&cluster.admins, node_op);
+    let node0 = node_latency(&cluster.admins, REQUEST_SECONDS, node_op);
+    let engine0 = node_latency(&cluster.admins, ENGINE_SECONDS, node_op);
     let node_pids: Vec<String> = cluster_pids.iter().skip(1).map(|p| p.to_string()).collect();
     let disk0 = cluster.disk_stat.as_deref().and_then(disk_counters);
     let ctx0 = (
@@ -1027,8 +1037,10 @@ fn run_celer(
         node_pids.iter().map(|p| ctx_switches(p)).sum::<u64>(),
     );
     let disk1 = cluster.disk_stat.as_deref().and_then(disk_counters);
-    let node1 = node_latency(&cluster.admins, node_op);
+    let node1 = node_latency(&cluster.admins, REQUEST_SECONDS, node_op);
+    let engine1 = node_latency(&cluster.admins, ENGINE_SECONDS, node_op);
     let node_requests = node1.1 - node0.1;
+    let engine_requests = engine1.1 - engine0.1;
     let mut lat: Vec<u32> = Vec::new();
     let mut ios = 0u64;
     let mut wall = Duration::ZERO;
@@ -1050,6 +1062,8 @@ fn run_celer(
         },
         other_cores,
         node_mean_us: (node_requests > 0.0).then(|| (node1.0 - node0.0) / node_requests * 1e6),
+        engine_mean_us: (engine_requests > 0.0)
+            .then(|| (engine1.0 - engine0.0) / engine_requests * 1e6),
         per_io: Some(PerIo::between(ios, (disk0, disk1), (ctx0, ctx1))),
     })
 }
@@ -1788,6 +1802,7 @@ fn run_fio_json(mut cmd: Command, rw: &str, daemon_pids: &[u32]) -> Result<Measu
         },
         other_cores,
         node_mean_us: None,
+        engine_mean_us: None,
         per_io: None,
     })
 }
@@ -2024,6 +2039,84 @@ fn print_report(
             opt(p.write_amplification.filter(|_| writes)),
             p.ctx_client,
             p.ctx_nodes
+        );
+    }
+    println!();
+    println!(
+        "Celer latency budget at QD1 (means, µs, from the bench's and the nodes' own clocks): client = submit to completion in the client; node = a request's time in a node, frame in to response queued; engine = its engine part, submit to completion; disk = the floor above (writes: three writers at once, as the replicas share this disk)"
+    );
+    println!(
+        "{:<20} {:>8} {:>16} {:>14} {:>16} {:>8}",
+        "workload", "client", "net+wake+client", "node's own", "engine's own", "disk"
+    );
+    for (i, w) in selected.iter().enumerate() {
+        let c = celer[i];
+        let (Some(node), Some(engine)) = (c.node_mean_us, c.engine_mean_us) else {
+            continue;
+        };
+        if w.qd != 1 {
+            continue;
+        }
+        let disk = if w.op == IoOp::Write {
+            floor.write3.mean_us
+        } else {
+            floor.read.mean_us
+        };
+        println!(
+            "{:<20} {:>8.1} {:>16.1} {:>14.1} {:>16.1} {:>8.1}",
+            w.label(),
+            c.fig.mean_us,
+            c.fig.mean_us - node,
+            node - engine,
+            engine - disk,
+            disk
+        );
+    }
+    println!(
+        "(net+wake+client = client - node: the wire both ways, every wake-up, the client's own work and the wait for the slowest replica; node's own = node - engine: frame handling, forwards; engine's own = engine - disk: may be negative when the replicas' writes did not all overlap)"
+    );
+    println!();
+    println!("targets (issue 13):");
+    let find13 = |rw: &str, qd: usize| {
+        selected
+            .iter()
+            .position(|w| w.rw == rw && w.qd == qd && w.queues == 1)
+    };
+    if let Some(i) = find13("randwrite", 1) {
+        let base = floor.write3.mean_us + floor.rtt_median_us;
+        let x = ratio(celer[i].fig.mean_us, base);
+        println!(
+            "  write QD1 mean <= 1.3x (three writers {:.1} + RTT {:.1} = {:.1} µs): {:.1} µs = {:.2}x  {}",
+            floor.write3.mean_us,
+            floor.rtt_median_us,
+            base,
+            celer[i].fig.mean_us,
+            x,
+            verdict(x <= 1.3)
+        );
+        let cpu = celer[i].fig.cpu_us_per_io;
+        println!(
+            "  CPU per replicated write at QD1 <= 60 µs (all processes): {cpu:.1} µs  {}",
+            verdict(cpu <= 60.0)
+        );
+        if let Some(p) = ceph[i] {
+            println!(
+                "  write QD1: {:.2}x lower than Ceph's mean",
+                ratio(p.fig.mean_us, celer[i].fig.mean_us)
+            );
+        }
+    }
+    if let Some(i) = find13("randread", 1) {
+        let base = floor.read.mean_us + floor.rtt_median_us;
+        let x = ratio(celer[i].fig.mean_us, base);
+        println!(
+            "  read QD1 mean <= 1.5x (read {:.1} + RTT {:.1} = {:.1} µs): {:.1} µs = {:.2}x  {}",
+            floor.read.mean_us,
+            floor.rtt_median_us,
+            base,
+            celer[i].fig.mean_us,
+            x,
+            verdict(x <= 1.5)
         );
     }
     println!();

@@ -73,6 +73,7 @@ pub(crate) fn run(
             nforwards: 0,
             deadline: None,
             started: Instant::now(),
+            engine_at: Instant::now(),
             newer: 0,
             copied: 0,
         })

@@ -131,6 +131,7 @@ impl ShardLoop {
             block_crc: None,
         };
         // SAFETY: the op's buffer lives in the slab until the op finishes.
+        self.ops[id].engine_at = Instant::now();
         if let Err(e) = unsafe { self.engine.submit(&req) } {
             self.ops[id].pending = 0;
             self.ops[id].status = engine_status(&e);
@@ -242,6 +243,7 @@ impl ShardLoop {
             self.ops[id].status = Status::StaleSnapshot;
         }
         // SAFETY: the op's buffer lives in the slab until the op finishes.
+        self.ops[id].engine_at = Instant::now();
         if let Err(e) = unsafe { self.engine.submit(&req) } {
             self.ops[id].pending = 0;
             self.ops[id].status = engine_status(&e);
@@ -302,6 +304,14 @@ impl ShardLoop {
             {
                 self.ops[id].status = Status::Unavailable;
             }
+        }
+        if matches!(
+            self.ops[id].kind,
+            OpKind::Read | OpKind::Mutate | OpKind::Primary
+        ) {
+            let op = &self.ops[id];
+            self.counters
+                .record_engine(op.req.op, op.engine_at.elapsed());
         }
         if let (Ok(n), OpKind::Fill) = (&c.result, self.ops[id].kind) {
             self.ops[id].copied = *n;
