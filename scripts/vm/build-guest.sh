@@ -26,19 +26,22 @@
 #   initramfs.cpio.gz    base initramfs (per-run jobs are appended as a 2nd cpio)
 #   kernel.version       kernel release string
 #
-# Usage: build-guest.sh [--force] [--host-only]
+# Usage: build-guest.sh [--force] [--host-only] [--with-rbd]
 #   --force      rebuild even if outputs exist
 #   --host-only  only install host packages (QEMU etc.), do not build
+#   --with-rbd   also install QEMU's rbd block driver (qemu-block-extra of the
+#                installed QEMU's version), for rbd: disks (Ceph RBD)
 set -euo pipefail
 
 CELER_VM_DIR=${CELER_VM_DIR:-/tmp/celer-vm}
 OUT="$CELER_VM_DIR/out"
 APT_DIR="$CELER_VM_DIR/apt"
-FORCE=0 HOST_ONLY=0
+FORCE=0 HOST_ONLY=0 WITH_RBD=0
 for a in "$@"; do
 	case $a in
 	--force) FORCE=1 ;;
 	--host-only) HOST_ONLY=1 ;;
+	--with-rbd) WITH_RBD=1 ;;
 	-h | --help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
 	*) echo "unknown argument: $a" >&2; exit 2 ;;
 	esac
@@ -120,6 +123,17 @@ install_host_packages() {
 				need+=("$p")
 			fi
 		done
+	fi
+	# QEMU's rbd driver must be of QEMU's own version (its modules are
+	# refused otherwise): from backports when QEMU is.
+	if [ $WITH_RBD = 1 ] && [ -z "$(pkg_version qemu-block-extra)" ]; then
+		apt_update
+		local pol; pol=$(apt-cache "${APT_OPTS[@]}" policy qemu-block-extra 2>/dev/null || true)
+		if grep -q bookworm-backports <<<"$pol"; then
+			need+=("qemu-block-extra/bookworm-backports")
+		else
+			need+=("qemu-block-extra")
+		fi
 	fi
 	for p in fio busybox-static kmod cpio jq gzip xz-utils build-essential libaio-dev zlib1g-dev e2fsprogs; do
 		[ -n "$(pkg_version $p)" ] || need+=("$p")

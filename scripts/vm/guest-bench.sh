@@ -24,7 +24,7 @@
 #   --rbd POOL/IMAGE[,conf=FILE]  also Ceph RBD through QEMU's librbd (the
 #              image is overwritten; scripts/peers/ceph/ceph-up.sh makes
 #              rbd/peer with conf /var/tmp/celer-ceph/ceph.conf); installs
-#              qemu-block-extra if QEMU's rbd driver is missing
+#              QEMU's rbd driver (build-guest.sh --with-rbd) if missing
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
@@ -80,13 +80,7 @@ case $QSD_WT in on | off) ;; *) echo "--qsd-writethrough on|off" >&2; exit 2 ;; 
 TARGETS=(celer qsd)
 if [ -n "$RBD" ]; then
 	TARGETS+=(rbd)
-	if ! ls /usr/lib/*/qemu/block-rbd.so >/dev/null 2>&1; then
-		# The package of QEMU's own version (backports when QEMU is from there).
-		qv=$(dpkg-query -W -f='${Version}' qemu-system-x86 2>/dev/null || true)
-		echo "installing qemu-block-extra=$qv for QEMU's rbd driver" >&2
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -q "qemu-block-extra=$qv" >&2 ||
-			{ apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "qemu-block-extra=$qv" >&2; }
-	fi
+	"$HERE/build-guest.sh" --host-only --with-rbd >&2
 fi
 N=${#TARGETS[@]}
 for r in $(seq "$REPEAT"); do
