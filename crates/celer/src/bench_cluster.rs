@@ -2252,7 +2252,7 @@ pub fn run(args: &ClusterBenchArgs) -> Result<()> {
                 r.note
             ))
     );
-    let (device, _attached) = crate::cluster_dev::open_volume(
+    let (device, attached) = crate::cluster_dev::open_volume(
         &cluster.meta_url,
         &cluster.token,
         VOLUME_NAME,
@@ -2326,6 +2326,9 @@ pub fn run(args: &ClusterBenchArgs) -> Result<()> {
 
     drop(queues);
     drop(device);
+    // The volume is attached exclusively: the --exec command (the guest's
+    // front end) attaches it next.
+    attached.detach()?;
     if let Some(cmd) = &args.exec {
         println!();
         println!("running --exec with the cluster up: {cmd}");
