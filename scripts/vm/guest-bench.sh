@@ -54,6 +54,10 @@ SERVE=("$BIN" serve)
 mkdir -p "$(dirname "$FILE")"
 [ -s "$FILE" ] || { dd if=/dev/urandom of="$FILE" bs=1M count=1024 status=none; sync; }
 OUT=$(mktemp -d /tmp/celer-guest-bench.XXXXXX)
+# A cluster volume is attached exclusively and a back end keeps its
+# attachment when stopped (for restarts): each round's back end resumes it
+# from this file instead of being refused.
+case $CELER_DEVICE in cluster:*) CELER_DEVICE+=",attachment-file=$OUT/celer.attachment" ;; esac
 SOCK=$OUT/celer.sock
 PRESET=qd1-randread,qd32-randread,qd1-randwrite
 COMMON=(--smp "$QUEUES" --mem 512 --runtime "$RUNTIME" --preset "$PRESET")
