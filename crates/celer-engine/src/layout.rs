@@ -23,9 +23,10 @@ use crate::EngineError;
 pub const BLOCK_SIZE: usize = 4096;
 pub const BLOCK_SIZE_U64: u64 = BLOCK_SIZE as u64;
 /// The format `format` writes. Version 2 pairs each journal block with a
-/// data block (`Geometry::journal_data`); version 1 disks (one block per
-/// journal sequence number) are still opened, and written as before.
-pub const FORMAT_VERSION: u32 = 2;
+/// data block (`Geometry::journal_data`); version 3 may write a small
+/// write's record and data as one 4.5 KiB entry (`Geometry::compact_journal`);
+/// version 1 and 2 disks are still opened, and written as before.
+pub const FORMAT_VERSION: u32 = 3;
 /// The oldest format still opened.
 pub const FORMAT_VERSION_MIN: u32 = 1;
 
@@ -97,6 +98,12 @@ pub struct Geometry {
     /// only record blocks, so a data block is never taken for a journal
     /// block, whatever a guest wrote in it.
     pub journal_data: bool,
+    /// Format 3: a record block with a small write's data may be
+    /// *compact*: journal header and records in its first
+    /// [`JOURNAL_COMPACT_BYTES`], sealed over those, and the data right
+    /// after them, so record and data are one 4.5 KiB write instead of
+    /// 8 KiB. Other blocks are whole (sealed over 4 KiB) as in format 2.
+    pub compact_journal: bool,
 }
 
 impl Geometry {
@@ -224,6 +231,7 @@ impl Geometry {
             journal_blocks,
             slot_count: 0,
             journal_data: true,
+            compact_journal: true,
         };
         // index size depends on slot count: shrink from an upper bound.
         let mut slots = disk_bytes / BLOCK_SIZE_U64 / g.slot_blocks();
@@ -266,8 +274,13 @@ pub fn encode_superblock(sb: &Superblock, b: &mut [u8]) {
     let g = &sb.geometry;
     b.fill(0);
     b[0..8].copy_from_slice(SUPERBLOCK_MAGIC);
-    // A version 1 disk stays version 1 (recording a node id rewrites this).
-    put_u32(b, 8, if g.journal_data { 2 } else { 1 });
+    // A disk keeps its version (recording a node id rewrites this).
+    let version = match (g.journal_data, g.compact_journal) {
+        (false, _) => 1,
+        (true, false) => 2,
+        (true, true) => 3,
+    };
+    put_u32(b, 8, version);
     put_u64(b, 16, g.disk_uuid);
     put_u32(b, 24, g.chunk_blocks);
     put_u32(b, 28, g.spare_blocks);
@@ -311,6 +324,7 @@ pub fn decode_superblock(b: &[u8]) -> SuperblockState {
             journal_blocks: get_u32(b, 36),
             slot_count: get_u64(b, 40),
             journal_data: version >= 2,
+            compact_journal: version >= 3,
         },
         node_id: (get_u32(b, SB_NODE_ID_SET) != 0).then(|| get_u64(b, SB_NODE_ID)),
     })
@@ -503,8 +517,17 @@ pub enum Record {
 pub const JOURNAL_HEADER_BYTES: usize = 64;
 pub const RECORD_BYTES: usize = 48;
 pub const RECORDS_PER_JOURNAL_BLOCK: usize = (BLOCK_SIZE - JOURNAL_HEADER_BYTES) / RECORD_BYTES;
-// Journal block header: magic(8) crc(4) count(4) uuid(8) shard(4) pad(4) seq(8) acked_through(8)
+/// Bytes of a compact record block (format 3) that hold its header and
+/// records, and where its data begins.
+pub const JOURNAL_COMPACT_BYTES: usize = 512;
+/// Records a compact block holds.
+pub const RECORDS_PER_COMPACT_BLOCK: usize =
+    (JOURNAL_COMPACT_BYTES - JOURNAL_HEADER_BYTES) / RECORD_BYTES;
+// Journal block header: magic(8) crc(4) count(4) uuid(8) shard(4)
+// sealed length(4: 0 for a whole block, JOURNAL_COMPACT_BYTES for a compact
+// one) seq(8) acked_through(8)
 const JOURNAL_CRC: usize = 8;
+const JOURNAL_SEALED_LEN: usize = 28;
 
 #[inline]
 pub fn encode_record(r: &Record, b: &mut [u8]) {
@@ -580,47 +603,78 @@ pub fn decode_record(b: &[u8]) -> Option<Record> {
 }
 
 /// Fills the header of a journal block whose records are already in place.
+/// `compact`: seal only its first [`JOURNAL_COMPACT_BYTES`] (the data of a
+/// small write follows them; format 3 only, at most
+/// [`RECORDS_PER_COMPACT_BLOCK`] records).
 pub fn seal_journal_block(
     uuid: u64,
     shard: u32,
     seq: u64,
     acked_through: u64,
     count: usize,
+    compact: bool,
     b: &mut [u8],
 ) {
+    let len = if compact {
+        debug_assert!(count <= RECORDS_PER_COMPACT_BLOCK);
+        JOURNAL_COMPACT_BYTES
+    } else {
+        BLOCK_SIZE
+    };
     b[0..8].copy_from_slice(JOURNAL_MAGIC);
     put_u32(b, 12, count as u32);
     put_u64(b, 16, uuid);
     put_u32(b, 24, shard);
-    put_u32(b, 28, 0);
+    put_u32(b, JOURNAL_SEALED_LEN, if compact { len as u32 } else { 0 });
     put_u64(b, 32, seq);
     put_u64(b, 40, acked_through);
     b[48..JOURNAL_HEADER_BYTES].fill(0);
-    b[JOURNAL_HEADER_BYTES + count * RECORD_BYTES..BLOCK_SIZE].fill(0);
-    seal(&mut b[..BLOCK_SIZE], JOURNAL_CRC);
+    b[JOURNAL_HEADER_BYTES + count * RECORD_BYTES..len].fill(0);
+    seal(&mut b[..len], JOURNAL_CRC);
 }
 
 pub struct JournalBlockHeader {
     pub seq: u64,
     pub acked_through: u64,
     pub count: usize,
+    /// A compact block: its data (if a record says so) is at byte
+    /// [`JOURNAL_COMPACT_BYTES`] of the block, not in the next block.
+    pub compact: bool,
 }
 
-pub fn decode_journal_block(uuid: u64, shard: u32, b: &[u8]) -> Option<JournalBlockHeader> {
-    if !sealed_ok(&b[..BLOCK_SIZE], JOURNAL_MAGIC, JOURNAL_CRC)
+/// The header of a valid journal block of this disk and shard. A compact
+/// block is accepted only where `compact_allowed` (format 3): an older
+/// format never wrote one, and must not take a stray pattern for one.
+pub fn decode_journal_block(
+    uuid: u64,
+    shard: u32,
+    compact_allowed: bool,
+    b: &[u8],
+) -> Option<JournalBlockHeader> {
+    // The sealed length is read before the crc is checked: a damaged one
+    // makes the crc fail over the length it names, or names none.
+    let (len, max) = match get_u32(b, JOURNAL_SEALED_LEN) {
+        0 => (BLOCK_SIZE, RECORDS_PER_JOURNAL_BLOCK),
+        n if compact_allowed && n as usize == JOURNAL_COMPACT_BYTES => {
+            (JOURNAL_COMPACT_BYTES, RECORDS_PER_COMPACT_BLOCK)
+        }
+        _ => return None,
+    };
+    if !sealed_ok(&b[..len], JOURNAL_MAGIC, JOURNAL_CRC)
         || get_u64(b, 16) != uuid
         || get_u32(b, 24) != shard
     {
         return None;
     }
     let count = get_u32(b, 12) as usize;
-    if count > RECORDS_PER_JOURNAL_BLOCK {
+    if count > max {
         return None;
     }
     Some(JournalBlockHeader {
         seq: get_u64(b, 32),
         acked_through: get_u64(b, 40),
         count,
+        compact: len == JOURNAL_COMPACT_BYTES,
     })
 }
 
@@ -802,17 +856,20 @@ mod tests {
     fn format_1_disks_keep_their_journal_layout() {
         let mut g = geometry();
         let mut b = vec![0u8; BLOCK_SIZE];
-        for journal_data in [true, false] {
+        for (journal_data, compact_journal, version) in
+            [(true, true, 3), (true, false, 2), (false, false, 1)]
+        {
             g.journal_data = journal_data;
+            g.compact_journal = compact_journal;
             let sb = Superblock {
                 geometry: g,
                 node_id: Some(3),
             };
             encode_superblock(&sb, &mut b);
-            assert_eq!(get_u32(&b, 8), if journal_data { 2 } else { 1 });
+            assert_eq!(get_u32(&b, 8), version);
             match decode_superblock(&b) {
                 SuperblockState::Valid(got) => assert_eq!(got, sb),
-                _ => panic!("superblock of format {journal_data} not read back"),
+                _ => panic!("superblock of format {version} not read back"),
             }
         }
         // Format 1: sequence numbers fill the ring; format 2: every other
@@ -822,13 +879,71 @@ mod tests {
         g.journal_data = true;
         assert_eq!((g.journal_seqs(), g.journal_position(17)), (8, 2));
         assert_eq!(g.journal_position(7), 14);
-        put_u32(&mut b, 8, 3);
+        put_u32(&mut b, 8, 4);
         seal(&mut b, SB_CRC);
         assert!(matches!(
             decode_superblock(&b),
-            SuperblockState::WrongVersion(3)
+            SuperblockState::WrongVersion(4)
         ));
         assert!(Geometry::for_disk(1, 64 << 20, 256, 64, 2, 17).is_err());
+    }
+
+    /// A compact block (format 3) is sealed over its first 512 bytes: the
+    /// data after them may be anything; its header and records may not.
+    /// Formats before 3 take none.
+    #[test]
+    fn compact_journal_blocks_are_sealed_over_their_records_only() {
+        let mut b = vec![0u8; 2 * BLOCK_SIZE];
+        for (i, x) in b.iter_mut().enumerate() {
+            *x = (i * 7 + 3) as u8;
+        }
+        let rec = Record::Write {
+            slot: 1,
+            logical: 2,
+            phys: 3,
+            crc: 4,
+            version: 5,
+            in_journal: true,
+        };
+        for r in 0..2 {
+            let at = JOURNAL_HEADER_BYTES + r * RECORD_BYTES;
+            encode_record(&rec, &mut b[at..at + RECORD_BYTES]);
+        }
+        let data: Vec<u8> = b[JOURNAL_COMPACT_BYTES..JOURNAL_COMPACT_BYTES + 64].to_vec();
+        seal_journal_block(9, 1, 77, 70, 2, true, &mut b);
+        // The data after the records' bytes is left as it was.
+        assert_eq!(
+            &b[JOURNAL_COMPACT_BYTES..JOURNAL_COMPACT_BYTES + 64],
+            &data[..]
+        );
+        let h = decode_journal_block(9, 1, true, &b).expect("a valid compact block");
+        assert_eq!(
+            (h.seq, h.acked_through, h.count, h.compact),
+            (77, 70, 2, true)
+        );
+        assert!(
+            decode_journal_block(9, 1, false, &b).is_none(),
+            "format 2 takes none"
+        );
+        b[1000] ^= 1;
+        assert!(
+            decode_journal_block(9, 1, true, &b).is_some(),
+            "data is not sealed"
+        );
+        b[JOURNAL_COMPACT_BYTES - 1] ^= 1;
+        assert!(decode_journal_block(9, 1, true, &b).is_none());
+        b[JOURNAL_COMPACT_BYTES - 1] ^= 1;
+        put_u32(&mut b, JOURNAL_SEALED_LEN, 1024);
+        assert!(
+            decode_journal_block(9, 1, true, &b).is_none(),
+            "unknown sealed length"
+        );
+        // A whole block decodes under every format, and is not compact.
+        seal_journal_block(9, 1, 78, 70, 2, false, &mut b);
+        for allowed in [true, false] {
+            let h = decode_journal_block(9, 1, allowed, &b).expect("a whole block");
+            assert_eq!((h.seq, h.compact), (78, false));
+        }
     }
 
     #[test]
@@ -866,6 +981,7 @@ mod tests {
         // A format 1 disk (one block per journal sequence number).
         let g = Geometry {
             journal_data: false,
+            compact_journal: false,
             ..geometry()
         };
         let mut old = vec![0u8; BLOCK_SIZE];

@@ -605,22 +605,31 @@ fn recover_shard<D: Disk>(
     let seqs = g.journal_seqs();
     for i in 0..seqs {
         let pos = g.journal_position(i) as usize;
-        if let Some(h) = layout::decode_journal_block(g.disk_uuid, shard, block(pos)) {
+        if let Some(h) =
+            layout::decode_journal_block(g.disk_uuid, shard, g.compact_journal, block(pos))
+        {
             if h.seq % seqs == i {
                 watermark = watermark.max(h.acked_through);
-                blocks.push((h.seq, pos, h.count));
+                // Where a small write's data is: after a compact block's
+                // records, else in the data block after the record block.
+                let data_at = if h.compact {
+                    pos * BLOCK_SIZE + layout::JOURNAL_COMPACT_BYTES
+                } else {
+                    (pos + 1) * BLOCK_SIZE
+                };
+                blocks.push((h.seq, pos, h.count, data_at));
             }
         }
     }
-    // Writes whose data is in a journal data block: (slot, logical block,
-    // physical block, version, ring position of the data).
+    // Writes whose data is in the journal: (slot, logical block, physical
+    // block, version, byte offset of the data in the ring).
     let mut in_journal = Vec::new();
     blocks.sort_unstable();
     let min_base = base.iter().copied().min().unwrap_or(0);
     let mut max_seq = base.iter().copied().max().unwrap_or(0);
     let mut data = AlignedBuf::new(1);
     let mut replayed_any = false;
-    for &(seq, pos, count) in blocks.iter() {
+    for &(seq, pos, count, data_at) in blocks.iter() {
         max_seq = max_seq.max(seq);
         if seq <= min_base {
             continue;
@@ -675,12 +684,12 @@ fn recover_shard<D: Disk>(
                         continue;
                     }
                     let journal_copy = (data_in_journal && g.journal_data)
-                        .then(|| block(pos + 1))
+                        .then(|| &ring[data_at..data_at + BLOCK_SIZE])
                         .filter(|d| crc32c::crc32c(d) == crc);
                     if journal_copy.is_some() {
                         // Moved to `phys` below if the move did not
                         // reach the disk.
-                        in_journal.push((local, logical, phys, version, pos + 1));
+                        in_journal.push((local, logical, phys, version, data_at));
                     } else if seq > watermark || data_in_journal {
                         // Its data write may not have reached the disk
                         // (a torn pair of record and data blocks was never
@@ -721,7 +730,7 @@ fn recover_shard<D: Disk>(
     // maps name it (a later record may have replaced it, and its block may
     // hold another block's data since). The recovery checkpoint's
     // fdatasync makes these writes durable before the journal is reused.
-    for &(local, logical, phys, version, pos) in in_journal.iter() {
+    for &(local, logical, phys, version, data_at) in in_journal.iter() {
         let Some(s) = slots[local].as_ref() else {
             continue;
         };
@@ -732,7 +741,10 @@ fn recover_shard<D: Disk>(
         let at = g.phys_offset(g.slot_of(shard, local as u64), phys);
         read_at(&**disk, &mut data, at)?;
         if crc32c::crc32c(&data) != e.crc {
-            write_at(&**disk, block(pos), at)?;
+            // Through the aligned buffer: a compact entry's data is only
+            // 512-byte aligned in the ring.
+            data.copy_from_slice(&ring[data_at..data_at + BLOCK_SIZE]);
+            write_at(&**disk, &data, at)?;
             report.journal_data_moved += 1;
         }
     }

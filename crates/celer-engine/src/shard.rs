@@ -275,6 +275,9 @@ pub struct Shard<D: Disk = FileDisk> {
     moves_unflushed: bool,
     /// Where the fixed buffers are (`buffer_pages`).
     buffer_pages: (PageSize, usize),
+    /// Write compact journal entries (format 3, on a disk that takes
+    /// 512-byte aligned direct I/O).
+    compact_journal: bool,
 }
 
 pub(crate) struct ShardInit<D> {
@@ -297,6 +300,7 @@ impl<D: Disk> Shard<D> {
         let inflight_max = init.inflight_max.clamp(1, INFLIGHT_MAX);
         let max_request_blocks = g.chunk_blocks.min(256) as u16;
         let queue = init.disk.queue(init.completion_eventfd)?;
+        let compact_journal = g.compact_journal && init.disk.dio_512();
         let mut by_chunk = HashMap::with_capacity(init.slots.len());
         let mut free_slots = Vec::with_capacity(init.slots.len());
         for (local, s) in init.slots.iter().enumerate().rev() {
@@ -363,6 +367,7 @@ impl<D: Disk> Shard<D> {
                 unfinished_ops: 0,
                 dsync: false,
                 data_to: None,
+                data_at: BLOCK_SIZE,
                 moving: false,
             })
             .collect();
@@ -407,6 +412,7 @@ impl<D: Disk> Shard<D> {
             moves_queued: Vec::with_capacity(JOURNAL_BUFS),
             moves_unflushed: false,
             buffer_pages: (pool.pages(), pool.bytes()),
+            compact_journal,
         })
     }
 

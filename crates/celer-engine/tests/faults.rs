@@ -85,12 +85,7 @@ fn a_given_block_crc_is_stored_so_data_changed_after_it_is_caught() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("disk");
     Engine::format(&path, &small_format(1, 8 << 20)).expect("format");
-    let open = || {
-        Engine::open(&path, &OpenOptions::default())
-            .expect("open")
-            .into_shards()
-            .remove(0)
-    };
+    let open = || open_one_shard(&path);
     let mut sh = open();
     let write_with = |sh: &mut celer_engine::Shard,
                       block: u64,
@@ -150,6 +145,14 @@ fn a_given_block_crc_is_stored_so_data_changed_after_it_is_caught() {
     expect_pattern(&read(&mut sh, 4, BS as u64, 1).expect("block 1"), 5, 1);
 }
 
+/// The one shard of the engine on `path`.
+fn open_one_shard(path: &std::path::Path) -> celer_engine::Shard {
+    Engine::open(path, &OpenOptions::default())
+        .expect("open")
+        .into_shards()
+        .remove(0)
+}
+
 /// Flips bytes of the block stored at `at` on the disk file.
 fn flip(path: &std::path::Path, at: u64) {
     let f = std::fs::OpenOptions::new()
@@ -202,12 +205,7 @@ fn a_repair_rewrites_a_damaged_block_at_its_version() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("disk");
     Engine::format(&path, &small_format(1, 8 << 20)).expect("format");
-    let open = || {
-        Engine::open(&path, &OpenOptions::default())
-            .expect("open")
-            .into_shards()
-            .remove(0)
-    };
+    let open = || open_one_shard(&path);
     let mut sh = open();
     let b5 = 5 * BS as u64;
     write(&mut sh, 3, 0, &mut filled(1, 0, 8), 10).expect("write");

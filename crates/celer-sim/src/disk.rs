@@ -91,6 +91,9 @@ struct DiskState {
     log: Option<Vec<String>>,
     /// A flush failed: every later one fails, until a power cut.
     flush_broken: bool,
+    /// Direct I/O alignment (offset and length): 512, or 4096 for a disk
+    /// with 4 KiB logical sectors ([`SimDisk::set_4k_sectors`]).
+    align: usize,
 }
 
 /// One queued I/O.
@@ -127,6 +130,7 @@ impl SimDisk {
                 io_error_rate: 0.0,
                 log: None,
                 flush_broken: false,
+                align: SECTOR,
             })),
             name: format!("simdisk-{seed:x}"),
         }
@@ -193,6 +197,12 @@ impl SimDisk {
         self.lock().io_error_rate = rate;
     }
 
+    /// From now on the disk takes direct I/O only in whole 4 KiB (as one
+    /// with 4 KiB logical sectors): anything else fails with EINVAL.
+    pub fn set_4k_sectors(&self) {
+        self.lock().align = 4096;
+    }
+
     /// Keeps a line per completed write, fsync and crash ([`SimDisk::log`]).
     pub fn keep_log(&self) {
         self.lock().log.get_or_insert_with(Vec::new);
@@ -215,7 +225,12 @@ impl SimDisk {
 }
 
 impl DiskState {
+    /// In range, and aligned as O_DIRECT needs on this disk's logical
+    /// sectors (EINVAL otherwise, as the kernel answers).
     fn check_range(&self, offset: u64, len: usize) -> Result<(), i32> {
+        if offset % self.align as u64 != 0 || len % self.align != 0 {
+            return Err(-libc::EINVAL);
+        }
         match (offset as usize).checked_add(len) {
             Some(end) if end <= self.current.len() => Ok(()),
             _ => Err(-libc::EINVAL),
@@ -515,6 +530,10 @@ impl Disk for SimDisk {
             s.durable_seq[sector as usize] = seq;
         }
         Ok(())
+    }
+
+    fn dio_512(&self) -> bool {
+        self.lock().align == SECTOR
     }
 
     fn queue(&self, _completion_eventfd: bool) -> Result<SimQueue, EngineError> {

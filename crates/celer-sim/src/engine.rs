@@ -93,6 +93,8 @@ impl EngineSimConfig {
 #[derive(Debug, Default)]
 pub struct EngineReport {
     pub seed: u64,
+    /// The disk took direct I/O in whole 4 KiB only.
+    pub sectors_4k: bool,
     pub steps: u64,
     /// Requests acknowledged, reads checked, power cuts, restarts.
     pub acked: u64,
@@ -115,7 +117,7 @@ impl EngineReport {
         let mut out = String::new();
         match &self.violation {
             None => out.push_str(&format!(
-                "engine seed {}: ok, {} steps, {} requests acknowledged, {} reads checked, {} power cuts, {} restarts, {} blocks verified after them; disk: {} writes ({} dsync), {} fsyncs, {} I/O errors, {} unsynced sectors lost, {} torn sectors landed; {:.2} s\n",
+                "engine seed {}: ok, {} steps, {} requests acknowledged, {} reads checked, {} power cuts, {} restarts, {} blocks verified after them; disk{}: {} writes ({} dsync), {} fsyncs, {} I/O errors, {} unsynced sectors lost, {} torn sectors landed; {:.2} s\n",
                 self.seed,
                 self.steps,
                 self.acked,
@@ -123,6 +125,7 @@ impl EngineReport {
                 self.crashes,
                 self.restarts,
                 self.blocks_verified,
+                if self.sectors_4k { " (4 KiB sectors)" } else { "" },
                 self.disk.writes,
                 self.disk.dsync_writes,
                 self.disk.fsyncs,
@@ -336,6 +339,12 @@ impl EngineSim {
         if keep_all {
             disk.keep_log();
         }
+        // One seed in four: a disk of 4 KiB logical sectors, where the
+        // engine writes no compact journal entries.
+        let sectors_4k = cfg.seed % 4 == 3;
+        if sectors_4k {
+            disk.set_4k_sectors();
+        }
         let opts = FormatOptions {
             chunk_blocks: CHUNK_BLOCKS as u32,
             spare_blocks: 4,
@@ -369,6 +378,7 @@ impl EngineSim {
             keep_all,
             report: EngineReport {
                 seed: cfg.seed,
+                sectors_4k,
                 ..EngineReport::default()
             },
         })

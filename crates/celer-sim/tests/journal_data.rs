@@ -1,5 +1,7 @@
 //! A small write alone in its shard (QD1) goes to disk as one device write,
-//! its journal block and its data together (format 2); the data moves to
+//! its records and its data together: a 4.5 KiB compact entry (format 3),
+//! or on a disk that takes only whole 4 KiB direct I/O, its journal block
+//! and a data block (8 KiB, as format 2); the data moves to
 //! its slot afterwards with a plain write (moves go out in batches of 8;
 //! meanwhile a read takes the data from the journal buffer). A power cut
 //! that loses the move, or comes before it, must not lose the acknowledged
@@ -64,6 +66,13 @@ fn a_qd1_write_is_one_device_write_and_survives_losing_its_move() {
     for seed in 0..24u64 {
         let disk = SimDisk::new(16 << 20, seed);
         disk.keep_log();
+        // Every third seed: a disk of 4 KiB logical sectors.
+        let entry = if seed % 3 == 2 {
+            disk.set_4k_sectors();
+            " 8192 bytes dsync"
+        } else {
+            " 4608 bytes dsync"
+        };
         let format = FormatOptions {
             chunk_blocks: 16,
             spare_blocks: 4,
@@ -86,7 +95,7 @@ fn a_qd1_write_is_one_device_write_and_survives_losing_its_move() {
         let written = disk.log()[before..].to_vec();
         // (The first write's move is still queued: moves go in batches.)
         assert!(
-            written.len() == 1 && written[0].ends_with(" 8192 bytes dsync"),
+            written.len() == 1 && written[0].ends_with(entry),
             "seed {seed}: one device write, the journal block and the data, durable, before the acknowledgement: {written:?}"
         );
         // Read back at once: served from the journal buffer (the move is
@@ -128,10 +137,7 @@ fn a_qd1_write_is_one_device_write_and_survives_losing_its_move() {
             }
             shards[0].wait(&mut |_| {}); // the moves
             let after = &disk.log()[before..];
-            let pairs = after
-                .iter()
-                .filter(|l| l.ends_with(" 8192 bytes dsync"))
-                .count();
+            let pairs = after.iter().filter(|l| l.ends_with(entry)).count();
             let moves = after.iter().filter(|l| l.ends_with(" 4096 bytes")).count();
             assert_eq!(
                 (pairs, moves, after.len()),

@@ -120,10 +120,10 @@ pub fn run(cmd: EngineCommand) -> Result<()> {
                 g.slot_count,
                 g.shard_count,
                 g.journal_blocks,
-                if g.journal_data {
-                    "format 2: a record block and a data block per sequence number"
-                } else {
-                    "format 1: no data in the journal"
+                match (g.journal_data, g.compact_journal) {
+                    (true, true) => "format 3: a record block and a data block per sequence number; a small write's record and data in one 4.5 KiB entry",
+                    (true, false) => "format 2: a record block and a data block per sequence number",
+                    _ => "format 1: no data in the journal",
                 }
             );
             println!(

@@ -53,6 +53,7 @@ impl<D: Disk> Shard<D> {
                 jb.waiters.clear();
                 jb.unfinished_ops = 0;
                 jb.data_to = None;
+                jb.data_at = BLOCK_SIZE;
                 debug_assert!(!jb.moving, "a free journal buffer still moving data");
                 self.jorder.push_back(b);
                 self.open_jb = Some(b);
@@ -132,6 +133,7 @@ impl<D: Disk> Shard<D> {
             jb.seq,
             self.acked_through,
             jb.count,
+            jb.compact(),
             &mut jb.buf,
         );
         jb.state = JbState::Writing;
@@ -314,7 +316,7 @@ impl<D: Disk> Shard<D> {
             let slot_index = self.g.slot_of(self.id, local as u64);
             let sqe = (
                 write_io(
-                    self.jbufs[b].buf[BLOCK_SIZE..].as_ptr(),
+                    self.jbufs[b].data().as_ptr(),
                     BLOCK_SIZE as u32,
                     self.g.phys_offset(slot_index, phys),
                     false,
@@ -412,8 +414,20 @@ impl<D: Disk> Shard<D> {
 /// when a small write's data goes with it.
 fn journal_write_len(jb: &JournalBuf) -> usize {
     if jb.data_to.is_some() {
-        2 * BLOCK_SIZE
+        jb.data_at + BLOCK_SIZE
     } else {
         BLOCK_SIZE
+    }
+}
+
+impl JournalBuf {
+    /// Sealed as a compact block: records and data in one 4.5 KiB write.
+    pub(super) fn compact(&self) -> bool {
+        self.data_to.is_some() && self.data_at == layout::JOURNAL_COMPACT_BYTES
+    }
+
+    /// The small write's data it holds (meaningful with `data_to`).
+    pub(super) fn data(&self) -> &[u8] {
+        &self.buf[self.data_at..self.data_at + BLOCK_SIZE]
     }
 }

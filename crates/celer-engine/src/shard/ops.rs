@@ -118,11 +118,15 @@ pub(super) struct JournalBuf {
     pub(super) unfinished_ops: u32,
     /// Written with RWF_DSYNC: durable on completion.
     pub(super) dsync: bool,
-    /// A small write's data is in `buf`'s second block, written with the
+    /// A small write's data is in `buf` at `data_at`, written with the
     /// record block as one device write (format 2, `Geometry::journal_data`):
     /// its slot, logical block and physical block, where it is moved once
     /// the pair is durable.
     pub(super) data_to: Option<(u32, u16, u16)>,
+    /// Where that data is in `buf`: `BLOCK_SIZE` (the data block after the
+    /// record block), or `JOURNAL_COMPACT_BYTES` in a compact block
+    /// (format 3: record block and data are one 4.5 KiB write).
+    pub(super) data_at: usize,
     /// That move is in flight: the buffer is not reused, and the watermark
     /// does not pass this block (so no checkpoint lets the journal reuse
     /// the data block before the move is flushed).

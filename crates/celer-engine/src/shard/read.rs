@@ -257,7 +257,7 @@ pub(super) fn moving_data(jbufs: &[JournalBuf], local: u32, phys: u16) -> Option
     jbufs
         .iter()
         .find(|jb| jb.moving && jb.data_to.is_some_and(|(l, _, p)| l == local && p == phys))
-        .map(|jb| &jb.buf[BLOCK_SIZE..2 * BLOCK_SIZE])
+        .map(|jb| jb.data())
 }
 
 /// Copies one block into the request's buffers at byte `at`.

@@ -469,16 +469,22 @@ impl<D: Disk> Shard<D> {
         }
     }
 
-    /// Copies the one block op `id` writes into the data block of its
-    /// journal block and marks its record `in_journal` (it is the last
-    /// record there: the op is alone in the block, after its Alloc if it
-    /// allocated the slot).
+    /// Copies the one block op `id` writes into its journal buffer and
+    /// marks its record `in_journal` (it is the last record there: the op
+    /// is alone in the block, after its Alloc if it allocated the slot).
+    /// The data goes right after the records when they fit a compact block
+    /// (format 3), else into the data block after the record block.
     fn put_data_in_journal(&mut self, id: u32, local: u32) {
         let op = &self.ops[id as usize];
         let p = op.plan[0];
         let b = op.jbufs[0];
         let jb = &mut self.jbufs[b];
-        let dst = jb.buf[BLOCK_SIZE..].as_mut_ptr();
+        jb.data_at = if self.compact_journal && jb.count <= layout::RECORDS_PER_COMPACT_BLOCK {
+            layout::JOURNAL_COMPACT_BYTES
+        } else {
+            BLOCK_SIZE
+        };
+        let dst = jb.buf[jb.data_at..].as_mut_ptr();
         let mut to = 0;
         for_each_piece(
             &op.segs,
