@@ -228,7 +228,7 @@ impl DiskState {
     /// In range, and aligned as O_DIRECT needs on this disk's logical
     /// sectors (EINVAL otherwise, as the kernel answers).
     fn check_range(&self, offset: u64, len: usize) -> Result<(), i32> {
-        if offset % self.align as u64 != 0 || len % self.align != 0 {
+        if !offset.is_multiple_of(self.align as u64) || !len.is_multiple_of(self.align) {
             return Err(-libc::EINVAL);
         }
         match (offset as usize).checked_add(len) {
