@@ -691,6 +691,7 @@ impl<D: Disk> Shard<D> {
             let Some(id) = self.deferred.pop_front() else {
                 break;
             };
+            let free_wait = self.ops[id as usize].stage == Stage::FreeWait;
             self.ops[id as usize].stage = Stage::Idle;
             if let Some(why) = &self.failed {
                 // Fail-stop: what waits for journal room, a block or a slot
@@ -703,6 +704,11 @@ impl<D: Disk> Shard<D> {
                     errno_text: why.clone(),
                 });
                 self.finish(id);
+                continue;
+            }
+            if free_wait {
+                let local = self.ops[id as usize].local_slot;
+                self.free_or_finish(id, local);
                 continue;
             }
             self.start(id);

@@ -35,6 +35,9 @@ pub(super) enum Stage {
     Deferred,
     /// Releasing the slot after a whole-chunk discard.
     Freeing,
+    /// A whole-chunk discard done, waiting for journal room to free its
+    /// slot (`free_or_finish`).
+    FreeWait,
     /// A sector write reading the block it merges into.
     Merging,
     /// A fill reading the lower layers' blocks it copies.

@@ -567,7 +567,6 @@ impl<D: Disk> Shard<D> {
             };
             self.fail(why);
         }
-        let room_to_free = self.journal_room(1) && self.sqe_room(2);
         let op = &mut self.ops[id as usize];
         let slot = self.slots[local as usize]
             .as_mut()
@@ -633,31 +632,50 @@ impl<D: Disk> Shard<D> {
         if whole_chunk && op.op == EngineOp::Discard && !self.moves_queued.is_empty() {
             self.drop_stale_moves(local);
         }
+        if !failed && whole_chunk {
+            return self.free_or_finish(id, local);
+        }
+        self.finish(id);
+    }
+
+    /// A whole-chunk discard whose data phase is done: frees the slot if
+    /// the discard left it empty and nothing else uses it (unless the slot
+    /// is a layer above others: its zeroes hide theirs). Without journal
+    /// room for the Free record it waits for room (`Stage::FreeWait`,
+    /// retried with the deferred ops) rather than leave the empty slot
+    /// allocated (seen in CI: a checkpoint slowed by a loaded disk held the
+    /// ring, and a freed chunk stayed allocated).
+    pub(super) fn free_or_finish(&mut self, id: u32, local: u32) {
+        let op = &self.ops[id as usize];
+        let slot = self.slots[local as usize]
+            .as_ref()
+            .expect("slot of running op");
+        let empty = op.op == EngineOp::Discard
+            && celer_device::era_of(op.volume) == 0
+            && slot.ops_inflight == 1
+            && slot.reads_inflight == 0
+            && slot.entries.iter().all(|e| e.kind != BlockKind::Data);
+        if !empty {
+            return self.finish(id);
+        }
+        if !(self.journal_room(1) && self.sqe_room(2)) {
+            self.ops[id as usize].stage = Stage::FreeWait;
+            self.deferred.push_back(id);
+            return;
+        }
         let op = &mut self.ops[id as usize];
         let slot = self.slots[local as usize]
             .as_mut()
             .expect("slot of running op");
-        if !failed
-            && op.op == EngineOp::Discard
-            && celer_device::era_of(op.volume) == 0
-            && whole_chunk
-            && slot.ops_inflight == 1
-            && slot.reads_inflight == 0
-            && slot.entries.iter().all(|e| e.kind != BlockKind::Data)
-            && room_to_free
-        {
-            slot.freeing = true;
-            op.stage = Stage::Freeing;
-            // The Free record and the headers are plain writes: the op
-            // completes after the flush that makes them durable, even when
-            // its data phase ran alone with RWF_DSYNC (`solo`), or a power
-            // cut could bring back an acknowledged free.
-            op.solo = false;
-            let seq = self.append_record(id, &Record::Free { slot: local });
-            self.write_slot_headers(id, local, seq, None);
-            return;
-        }
-        self.finish(id);
+        slot.freeing = true;
+        op.stage = Stage::Freeing;
+        // The Free record and the headers are plain writes: the op
+        // completes after the flush that makes them durable, even when its
+        // data phase ran alone with RWF_DSYNC (`solo`), or a power cut could
+        // bring back an acknowledged free.
+        op.solo = false;
+        let seq = self.append_record(id, &Record::Free { slot: local });
+        self.write_slot_headers(id, local, seq, None);
     }
 
     pub(super) fn free_done(&mut self, id: u32, local: u32) {
