@@ -660,6 +660,7 @@ impl<D: Disk> Shard<D> {
         }
         if !(self.journal_room(1) && self.sqe_room(2)) {
             self.ops[id as usize].stage = Stage::FreeWait;
+            self.stats.free_waits += 1;
             self.deferred.push_back(id);
             return;
         }
