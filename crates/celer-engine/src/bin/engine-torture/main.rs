@@ -34,6 +34,13 @@ fn main() {
         .append(true)
         .open(&args[2])
         .expect("open log");
+    // The previous run was killed, maybe in the middle of a write to the
+    // log: a write that crosses a page of the file can stop between pages
+    // when SIGKILL arrives, leaving a cut last line. End it, or this run's
+    // first line would be glued to it and lost to the checker, which would
+    // then find data of a version "never written" (seen once in CI-like
+    // load).
+    log.write_all(b"\n").expect("log");
     let mut rng: u64 = args[3].parse().expect("seed");
     let mut next = move || {
         rng ^= rng << 13;
