@@ -34,6 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use celer_device::{Allocation, IoError};
+use celer_proto::payload::decode_fill_answer;
 use celer_proto::{Header, Kind, Op, Status};
 use celer_route::{NodeId, RouteTable};
 
@@ -512,11 +513,11 @@ fn recv_fill(
                 ),
             }
         }
-        Ok((h, payload)) if h.status == Status::Ok => match <[u8; 4]>::try_from(&payload[..]) {
-            Ok(b) => Leg::Ok(u32::from_le_bytes(b)),
-            Err(_) => Leg::Lost {
+        Ok((h, payload)) if h.status == Status::Ok => match decode_fill_answer(&payload) {
+            Ok(copied) => Leg::Ok(copied),
+            Err(e) => Leg::Lost {
                 closed: false,
-                why: format!("Fill answer of {} bytes, not 4", payload.len()),
+                why: e.to_string(),
             },
         },
         Ok((h, payload)) => Leg::Status(h.status, h, payload),

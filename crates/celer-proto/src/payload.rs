@@ -19,7 +19,10 @@
 //!   [`FLAG_STATES_ONLY`](crate::FLAG_STATES_ONLY): per block its version
 //!   (u64 LE), kind (u8) and the data's crc32c (u32 LE, 0 unless data),
 //!   [`STATE_CRC_BYTES`] each: [`encode_state_crc_table`],
-//!   [`StateCrcTable::parse`].
+//!   [`StateCrcTable::parse`];
+//! - the answer to `Fill`: how many blocks the node copied into the head
+//!   layer (u32 LE, [`FILL_ANSWER_BYTES`]): [`encode_fill_answer`],
+//!   [`decode_fill_answer`].
 //!
 //! Encoders write into the caller's buffer. Decoders read bytes from the
 //! network: a payload that is short, too long or not made of whole entries
@@ -40,6 +43,9 @@ pub const CHUNK_ENTRY_BYTES: usize = 16;
 /// The blocks-per-chunk field of a catch-up answer when the source did not
 /// record every write the member missed (it copies the partition whole).
 pub const CATCH_UP_NOT_RECORDED: u64 = 0;
+
+/// Bytes of a `Fill` answer: the blocks copied, u32 LE.
+pub const FILL_ANSWER_BYTES: usize = 4;
 
 /// Bytes of a block, as the state tables' padding counts them.
 const BLOCK: usize = BLOCK_BYTES as usize;
@@ -417,9 +423,44 @@ fn state_crc_of(e: &[u8]) -> (BlockKind, u64, u32) {
     (BlockKind::from_byte(e[8]), get_u64(e, 0), get_u32(e, 9))
 }
 
+/// The answer to `Fill`: `copied` blocks were copied into the head layer.
+pub fn encode_fill_answer(copied: u32) -> [u8; FILL_ANSWER_BYTES] {
+    copied.to_le_bytes()
+}
+
+/// Reads a `Fill` answer: exactly [`FILL_ANSWER_BYTES`].
+pub fn decode_fill_answer(payload: &[u8]) -> Result<u32, PayloadError> {
+    <[u8; FILL_ANSWER_BYTES]>::try_from(payload)
+        .map(u32::from_le_bytes)
+        .map_err(|_| PayloadError::Length {
+            payload: "Fill answer",
+            bytes: payload.len(),
+            expected: FILL_ANSWER_BYTES,
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fill_answer_is_four_bytes_and_nothing_else() {
+        assert_eq!(decode_fill_answer(&encode_fill_answer(0)), Ok(0));
+        assert_eq!(
+            decode_fill_answer(&encode_fill_answer(u32::MAX)),
+            Ok(u32::MAX)
+        );
+        for bad in [&[][..], &[1, 2, 3][..], &[1, 2, 3, 4, 5][..]] {
+            assert_eq!(
+                decode_fill_answer(bad),
+                Err(PayloadError::Length {
+                    payload: "Fill answer",
+                    bytes: bad.len(),
+                    expected: FILL_ANSWER_BYTES,
+                })
+            );
+        }
+    }
     use proptest::prelude::*;
 
     fn kind() -> impl Strategy<Value = BlockKind> {

@@ -148,6 +148,15 @@ impl<D: Disk> Shard<D> {
                 CkptStage::IndexSync => {
                     // Durable: the journal up to the cut may be reused.
                     if self.failed.is_none() {
+                        // The tail moves forward only, and never past a
+                        // record not yet covered by the maps just written.
+                        assert!(
+                            c.cut + 1 >= self.tail && c.cut <= self.acked_through,
+                            "checkpoint cut {} with tail {} and watermark {}",
+                            c.cut,
+                            self.tail,
+                            self.acked_through
+                        );
                         self.tail = c.cut + 1;
                         self.index_generation += 1;
                         self.stats.checkpoints += 1;

@@ -50,6 +50,14 @@ impl<D: Disk> Shard<D> {
                     .position(|b| b.state == JbState::Free)
                     .expect("journal_room checked");
                 let seq = self.next_seq;
+                // The ring never laps its tail: `journal_room` was checked,
+                // and a sequence number's blocks are reused only once a
+                // checkpoint moved the tail past it.
+                assert!(
+                    seq < self.tail + self.g.journal_seqs(),
+                    "journal seq {seq} would overwrite the ring's tail {}",
+                    self.tail
+                );
                 self.next_seq += 1;
                 let jb = &mut self.jbufs[b];
                 jb.state = JbState::Open;
@@ -408,6 +416,13 @@ impl<D: Disk> Shard<D> {
             {
                 break;
             }
+            // Blocks become durable in order: the watermark only grows.
+            assert!(
+                jb.seq > self.acked_through,
+                "watermark going back: {} after {}",
+                jb.seq,
+                self.acked_through
+            );
             self.acked_through = jb.seq;
             jb.state = JbState::Free;
             self.jorder.pop_front();

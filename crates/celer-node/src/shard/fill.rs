@@ -8,7 +8,7 @@
 //! the range for a down member's catch-up, as for a write.
 
 use celer_engine::{EngineError, EngineOp, EngineRequest, Segment, BLOCK_SIZE};
-use celer_proto::{Header, Status};
+use celer_proto::{payload, Header, Status};
 
 use super::layers::Target;
 use super::{engine_status, OpKind, ShardLoop};
@@ -37,7 +37,7 @@ impl ShardLoop {
         let target = match self.fill_target(h) {
             Ok(Some(t)) => t,
             // No layer under the head: nothing to copy.
-            Ok(None) => return self.respond(c, h, Status::Ok, &[&0u32.to_le_bytes()]),
+            Ok(None) => return self.respond(c, h, Status::Ok, &[&payload::encode_fill_answer(0)]),
             Err(s) => return self.reject(c, h, s),
         };
         if !self.catch_ups.is_empty() {

@@ -385,7 +385,7 @@ impl ShardLoop {
             } else if status == Status::Ok && kind == OpKind::BackfillServe {
                 conn.queue(h, &[&op.buf[..len]]);
             } else if status == Status::Ok && kind == OpKind::Fill {
-                conn.queue(h, &[&op.copied.to_le_bytes()]);
+                conn.queue(h, &[&payload::encode_fill_answer(op.copied)]);
             } else if status == Status::StaleEpoch {
                 let enc = self
                     .route
