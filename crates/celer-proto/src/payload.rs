@@ -24,7 +24,8 @@
 //!   layer (u32 LE, [`FILL_ANSWER_BYTES`]): [`encode_fill_answer`],
 //!   [`decode_fill_answer`].
 //!
-//! Encoders write into the caller's buffer. Decoders read bytes from the
+//! Encoders write into the caller's buffer (the 4-byte Fill answer is
+//! returned as an array). Decoders read bytes from the
 //! network: a payload that is short, too long or not made of whole entries
 //! is a [`PayloadError`], never a panic; an unknown block kind reads as
 //! [`BlockKind::Unwritten`] (a block the sender does not hold: nothing is

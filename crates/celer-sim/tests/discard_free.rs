@@ -1,9 +1,10 @@
 //! A whole-chunk discard that empties its chunk frees the chunk's slot,
 //! also when the journal ring has no room for the Free record at that
 //! moment: the discard then waits for room (`Stage::FreeWait`) instead of
-//! finishing with the empty slot still allocated. CI once saw a node keep
-//! 9 allocated chunks where 8 held data, because a checkpoint slowed by a
-//! loaded disk held the ring. Here a tiny ring (8 sequence numbers) and a
+//! finishing with the empty slot still allocated. CI once saw the engine
+//! test `rebuild_after_crash_uses_surviving_journal` find 9 allocated
+//! chunks where 8 held data, because a checkpoint slowed by a loaded disk
+//! held the ring. Here a tiny ring (8 sequence numbers) and a
 //! burst of writes to other chunks, completing in a seeded random order,
 //! fill it around the discard.
 
