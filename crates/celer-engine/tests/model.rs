@@ -247,8 +247,8 @@ fn run(steps: Vec<Step>) {
                     });
                 }
                 // Model, in submission order: a write allocates the chunk's
-                // slot; a zero/discard of a chunk without a slot does
-                // nothing (no version is kept for it); per block the highest
+                // slot; a zero/discard of a chunk without a slot writes
+                // nothing but keeps its version (`tomb`); per block the highest
                 // version wins whatever the completion order. A sector write
                 // newer than the block replaces its sectors and keeps the
                 // others (the engine merges it after the writes submitted
@@ -276,6 +276,9 @@ fn run(steps: Vec<Step>) {
                             }
                         }
                     } else if !allocated.contains(&chunk) {
+                        // Zeroes over nothing: the version is kept.
+                        let t = tomb.entry(chunk).or_insert(0);
+                        *t = (*t).max(versions[i]);
                         continue;
                     }
                     let fl = floor.get(&chunk).copied().unwrap_or(0);
@@ -570,6 +573,64 @@ fn a_late_write_after_a_discard_freed_the_chunk_is_dropped() {
     let mut sh = open_shard(&path);
     assert_eq!(write_at(&mut sh, 9, 6, 50), 1);
     assert_eq!(&read_at(&mut sh, 9)[..], &data(6)[..]);
+}
+
+/// A discard or zeroing of a chunk that holds no slot keeps its version
+/// like a discard that freed the slot: a write older than it that arrives
+/// later is dropped, as on a replica where the write came first and the
+/// zeroing replaced it. Without it the data-path simulator saw replicas
+/// differ: a discard of a chunk already freed raced a write older than it;
+/// the replica that got the discard first kept the write. And a write older
+/// than a zeroing of a never-written chunk likewise.
+#[test]
+fn zeroing_a_chunk_without_a_slot_drops_older_writes_that_come_after_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = small_disk(&dir);
+    let mut sh = open_shard(&path);
+    let chunk_bytes = sh.geometry().chunk_bytes();
+    let zero = |op: EngineOp, at: u64, len: u64, version: u64| EngineRequest {
+        op,
+        volume: 1,
+        offset_bytes: at,
+        len_bytes: len,
+        segments: &[],
+        version,
+        epoch: 1,
+        tag: 5,
+        chain: &[],
+        block_crc: None,
+    };
+    let write_at = |sh: &mut Shard, at: u64, seed: u64, version: u64| {
+        let mut buf = AlignedBuf::new(1);
+        pattern(seed, 0, &mut buf[..]);
+        common::write(sh, 1, at, &mut buf, version).expect("write")
+    };
+    let zeroes =
+        |sh: &mut Shard, at: u64| read(sh, 1, at, 1).expect("read").iter().all(|b| *b == 0);
+    let before = sh.allocated_chunks();
+    // A chunk freed by a discard at 200, discarded again at 400.
+    let a = 3 * chunk_bytes;
+    assert_eq!(write_at(&mut sh, a, 1, 100), 1);
+    common::run_one(&mut sh, &zero(EngineOp::Discard, a, chunk_bytes, 200)).expect("discard");
+    assert_eq!(sh.allocated_chunks(), before);
+    common::run_one(&mut sh, &zero(EngineOp::Discard, a, chunk_bytes, 400)).expect("discard");
+    assert_eq!(
+        write_at(&mut sh, a + BS as u64, 2, 300),
+        0,
+        "older than the second discard"
+    );
+    assert!(zeroes(&mut sh, a + BS as u64));
+    assert_eq!(sh.allocated_chunks(), before);
+    // A chunk never written, one block of it zeroed at 500.
+    let b = 5 * chunk_bytes;
+    common::run_one(&mut sh, &zero(EngineOp::WriteZeroes, b, BS as u64, 500)).expect("zeroes");
+    assert_eq!(write_at(&mut sh, b, 3, 450), 0, "older than the zeroing");
+    assert!(zeroes(&mut sh, b));
+    // Newer writes apply.
+    assert_eq!(write_at(&mut sh, a + BS as u64, 4, 410), 1);
+    assert_eq!(write_at(&mut sh, b, 5, 510), 1);
+    assert!(!zeroes(&mut sh, a + BS as u64));
+    assert!(!zeroes(&mut sh, b));
 }
 
 /// Sector writes of one block, submitted together as several writers would

@@ -28,8 +28,6 @@
 //! as without TLS: one match on the enum per socket call, nothing more.
 
 use std::io::{self, Read, Write};
-use std::net::TcpStream;
-use std::os::fd::{AsRawFd, RawFd};
 use std::time::Instant;
 
 use celer_engine::{AlignedBuf, BLOCK_SIZE};
@@ -75,8 +73,10 @@ pub(crate) enum Wire {
     Tls(Box<rustls::Connection>),
 }
 
-pub(crate) struct Conn {
-    pub(crate) stream: TcpStream,
+/// `S`: the byte stream (a nonblocking `TcpStream` in production; see
+/// `crate::net::Net`).
+pub(crate) struct Conn<S> {
+    pub(crate) stream: S,
     pub(crate) wire: Wire,
     /// Bumped each time the slot is reused, so stale references are noticed.
     pub(crate) gen: u32,
@@ -137,18 +137,20 @@ pub(crate) enum Next {
     Grow(usize),
 }
 
-impl Conn {
+impl<S: Read + Write> Conn<S> {
     /// `landing`: a one-block buffer payloads may land in (used on a plain
     /// wire only; given back by [`Conn::take_landing`] when it closes).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
-        stream: TcpStream,
+        stream: S,
         wire: Wire,
         gen: u32,
         peer: Option<(u32, u16)>,
         auth: ConnAuth,
         ticket: Option<ConnTicket>,
         landing: AlignedBuf,
-    ) -> Conn {
+        now: Instant,
+    ) -> Conn<S> {
         debug_assert_eq!(landing.len(), BLOCK_SIZE);
         Conn {
             stream,
@@ -170,13 +172,9 @@ impl Conn {
             borrowed: 0,
             ops: 0,
             partial_since: None,
-            last_input: Instant::now(),
+            last_input: now,
             _ticket: ticket,
         }
-    }
-
-    pub(crate) fn fd(&self) -> RawFd {
-        self.stream.as_raw_fd()
     }
 
     /// Reads what the socket has, as far as the buffer holds. Ok(false): the
@@ -282,13 +280,14 @@ impl Conn {
     }
 
     /// The next complete frame, if one has arrived (payload crc checked).
-    pub(crate) fn next_frame(&mut self) -> Result<Next, FrameError> {
+    /// `now` starts the frame deadline of a partial frame.
+    pub(crate) fn next_frame(&mut self, now: Instant) -> Result<Next, FrameError> {
         if let Some(landed) = self.landed {
             let header = decode_header(&self.rbuf[..HEADER_BYTES])?
                 .expect("a landing frame's header is whole");
             if landed < BLOCK_SIZE {
                 if self.partial_since.is_none() {
-                    self.partial_since = Some(Instant::now());
+                    self.partial_since = Some(now);
                 }
                 return Ok(Next::More);
             }
@@ -308,7 +307,7 @@ impl Conn {
         let total = HEADER_BYTES + header.payload_bytes as usize;
         if avail.len() < total {
             if self.partial_since.is_none() {
-                self.partial_since = Some(Instant::now());
+                self.partial_since = Some(now);
             }
             if self.rbuf.len() - self.rstart < total {
                 // Make room for the whole frame.
@@ -492,10 +491,10 @@ mod tests {
     use super::*;
     use celer_proto::{Kind, Op};
     use proptest::prelude::*;
-    use std::net::TcpListener;
+    use std::net::{TcpListener, TcpStream};
     use std::time::Duration;
 
-    fn pair() -> (TcpStream, Conn) {
+    fn pair() -> (TcpStream, Conn<TcpStream>) {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind");
         let tx = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
         let (rx, _) = l.accept().expect("accept");
@@ -509,6 +508,7 @@ mod tests {
             ConnAuth::Node,
             None,
             AlignedBuf::new(1),
+            Instant::now(),
         );
         (tx, conn)
     }
@@ -528,7 +528,7 @@ mod tests {
 
     /// Reads frames until `want` came (or the peer closed), as the shard
     /// does (growing for large frames). Returns (request id, payload, landed).
-    fn receive(conn: &mut Conn, want: usize) -> Vec<(u32, Vec<u8>, bool)> {
+    fn receive(conn: &mut Conn<TcpStream>, want: usize) -> Vec<(u32, Vec<u8>, bool)> {
         let mut got = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(10);
         while got.len() < want {
@@ -539,7 +539,7 @@ mod tests {
             );
             let open = conn.fill().expect("fill");
             loop {
-                match conn.next_frame().expect("a valid stream") {
+                match conn.next_frame(Instant::now()).expect("a valid stream") {
                     Next::Frame(f) => {
                         assert_eq!(f.header.kind, Kind::Request);
                         let mut buf = AlignedBuf::new(
@@ -604,7 +604,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         conn.fill().expect("fill");
         assert!(matches!(
-            conn.next_frame(),
+            conn.next_frame(Instant::now()),
             Err(FrameError::PayloadChecksum)
         ));
     }

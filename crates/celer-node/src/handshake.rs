@@ -102,6 +102,12 @@ impl Drop for ConnTicket {
 /// An authenticated connection on its way to its shard.
 pub(crate) struct Handshaken {
     pub(crate) stream: TcpStream,
+    pub(crate) conn: Adopted,
+}
+
+/// What the handshake learnt about a connection, which its shard takes
+/// with the stream (`ShardLoop::adopt`).
+pub(crate) struct Adopted {
     /// With TLS: the session, which may hold requests the peer pipelined
     /// after its Hello.
     pub(crate) wire: Wire,
@@ -110,7 +116,8 @@ pub(crate) struct Handshaken {
     pub(crate) node_nonce: Nonce,
     /// The node's proof for the Hello response.
     pub(crate) answer: MacBytes,
-    pub(crate) ticket: ConnTicket,
+    /// Its place in the node's connection counts (none in the simulator).
+    pub(crate) ticket: Option<ConnTicket>,
 }
 
 struct Pending {
@@ -538,12 +545,14 @@ impl Door {
         };
         self.shared.hub.shards[shard].send(ShardMsg::Conn(Box::new(Handshaken {
             stream: p.stream,
-            wire,
-            hello: h,
-            peer,
-            node_nonce: p.nonce,
-            answer,
-            ticket: p.ticket,
+            conn: Adopted {
+                wire,
+                hello: h,
+                peer,
+                node_nonce: p.nonce,
+                answer,
+                ticket: Some(p.ticket),
+            },
         })));
     }
 

@@ -18,12 +18,14 @@
 mod admin;
 mod agent;
 mod conn;
+pub mod core;
 mod handshake;
 mod hub;
 mod identity;
 mod metrics;
+pub mod net;
 mod progress;
-mod shard;
+pub(crate) mod shard;
 mod space;
 
 use std::net::{SocketAddr, TcpListener};
@@ -169,6 +171,37 @@ pub(crate) struct NodeShared {
 }
 
 impl NodeShared {
+    /// The shared state of a node of one shard that runs no threads of its
+    /// own (no acceptor, agent, admin server or mailboxes): the simulator's
+    /// nodes (`core::NodeCore`).
+    pub(crate) fn detached(id: NodeId, data_key: celer_proto::auth::Key) -> NodeShared {
+        NodeShared {
+            id,
+            shards: 1,
+            disk_uuid: 0,
+            disk: PathBuf::new(),
+            hub: RouteHub {
+                current: Mutex::new(None),
+                epoch: AtomicU64::new(0),
+                shards: Vec::new(),
+            },
+            agent: Mutex::new(None),
+            metrics: NodeMetrics::new(1),
+            token: String::new(),
+            data_key,
+            insecure_no_auth: false,
+            tls: None,
+            failure: Mutex::new(None),
+            conns_open: std::sync::atomic::AtomicUsize::new(0),
+            limits: handshake::ConnLimits::default(),
+            stopping: AtomicBool::new(false),
+            backfilling: vec![std::sync::atomic::AtomicUsize::new(0)],
+            chunks: vec![std::sync::atomic::AtomicUsize::new(0)],
+            progress: vec![ProgressCell::default()],
+            scrub: shard::ScrubShared::new(1),
+        }
+    }
+
     /// Records that the node cannot serve (the first reason is kept).
     pub(crate) fn report_failure(&self, why: String) {
         let mut f = self.failure.lock().unwrap_or_else(|p| p.into_inner());

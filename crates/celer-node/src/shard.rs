@@ -7,16 +7,14 @@
 //! sleep in epoll (or keep polling for `busy_poll` after activity).
 
 use std::collections::HashMap;
-use std::io;
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::mpsc::{Receiver, Sender};
+use std::net::ToSocketAddrs;
+use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use celer_engine::{
-    AlignedBuf, BlockKind, BufPool, Completion, EngineError, EngineOp, EngineRequest, Segment,
-    Shard, BLOCK_SIZE,
+    AlignedBuf, BlockKind, BufPool, Completion, Disk, EngineError, EngineOp, EngineRequest,
+    Segment, Shard, BLOCK_SIZE,
 };
 
 mod backfill;
@@ -41,13 +39,13 @@ pub(crate) use repair::RepairResult;
 use repair::{Repair, REQ_REPAIR, TAG_REPAIR};
 mod scrub;
 pub(crate) use event_loop::run;
-use event_loop::*;
 use scrub::{Scrub, REQ_COMPARE, TAG_SCRUB};
 pub(crate) use scrub::{ScrubCell, ScrubShared};
 
 use crate::conn::{Conn, ConnAuth, Frame, Next, Wire, SEND_HIGH_BYTES, SEND_LOW_BYTES};
-use crate::handshake::{ConnTicket, Handshaken};
+use crate::handshake::{Adopted, ConnTicket};
 use crate::metrics::ShardCounters;
+use crate::net::Net;
 use crate::{AgentMsg, BackfillProgress, Installed, NodeError, NodeShared, ShardMsg};
 
 pub(crate) struct ShardConfig {
@@ -61,8 +59,6 @@ pub(crate) struct ShardConfig {
     pub(crate) hugepages: bool,
 }
 
-const TOKEN_WAKE: u64 = u64::MAX;
-const TOKEN_ENGINE: u64 = u64::MAX - 1;
 /// Engine tags at or above this are backfill writes.
 const TAG_BACKFILL: u64 = 1 << 40;
 /// Engine tags at or above this (and below TAG_BACKFILL) release chunks this
@@ -203,9 +199,9 @@ struct Backfill {
 impl Backfill {
     /// Back to `stage`, not before `after` from now (a refused or malformed
     /// answer, a failed write).
-    fn retry(&mut self, stage: BfStage, after: Duration) {
+    fn retry(&mut self, stage: BfStage, after: Duration, now: Instant) {
         self.stage = stage;
-        self.retry_at = Some(Instant::now() + after);
+        self.retry_at = Some(now + after);
     }
 }
 
@@ -223,13 +219,16 @@ enum BfStage {
 /// the older generations' mutations are done.
 type FenceWait = (Arc<Vec<(u64, u32)>>, Sender<u16>);
 
-struct ShardLoop {
+/// A node shard's core: everything but the thread's loop (`event_loop.rs`
+/// in production, `celer-sim` in the simulator). `D`: the engine's disk;
+/// `N`: sockets, readiness and the clock (see `crate::net`).
+pub(crate) struct ShardLoop<D: Disk, N: Net> {
     id: u16,
-    engine: Shard,
+    engine: Shard<D>,
     shared: Arc<NodeShared>,
     cfg: ShardConfig,
-    epfd: OwnedFd,
-    conns: Vec<Option<Conn>>,
+    net: N,
+    conns: Vec<Option<Conn<N::Stream>>>,
     free_conns: Vec<usize>,
     conn_gen: u32,
     peers: HashMap<(NodeId, u16), usize>,
@@ -267,6 +266,8 @@ struct ShardLoop {
     /// reported (the idle timeout), one clock read per wake-up rather than
     /// one per readable connection.
     woke_at: Instant,
+    /// When the timeouts were last checked (every 5 ms).
+    last_timer: Instant,
     backfills: Vec<Backfill>,
     /// Dropped backfills whose engine writes are still in flight: their
     /// buffers must outlive those writes.
@@ -285,7 +286,7 @@ struct ShardLoop {
     /// Partitions whose backfill finished and was reported: (epoch, bytes).
     reported: HashMap<u32, (u64, u64)>,
     counters: ShardCounters,
-    stopping: bool,
+    pub(crate) stopping: bool,
     /// Deleted volumes (sorted): their I/O is refused.
     deleted: Arc<Vec<u64>>,
     /// Chunks to release (deleted volumes, partitions that moved away), and
@@ -338,7 +339,7 @@ fn engine_status(e: &EngineError) -> Status {
     }
 }
 
-impl ShardLoop {
+impl<D: Disk, N: Net> ShardLoop<D, N> {
     fn table(&self) -> Option<&celer_route::RouteTable> {
         self.route.as_ref().map(|r| &r.table)
     }
@@ -476,7 +477,7 @@ impl ShardLoop {
         if h.volume != cap.volume {
             return Err(Status::Unauthorized);
         }
-        if crate::unix_ms() >= cap.expires_unix_ms {
+        if self.net.unix_ms() >= cap.expires_unix_ms {
             return Err(Status::Expired);
         }
         if !matches!(h.op, Op::Read | Op::ListChunks | Op::Fill) {
@@ -516,7 +517,7 @@ impl ShardLoop {
             *shard,
             *sender,
             true,
-            crate::unix_ms(),
+            self.net.unix_ms(),
         );
         let status = match checked {
             Ok((Peer::Attachment(new), _))
@@ -670,7 +671,7 @@ fn next_op_gen(gen: u16) -> u16 {
     gen.wrapping_add(1) & OP_GEN_MASK
 }
 
-fn new_backfill(serial: u32, partition: u32, epoch: u64, source: NodeId) -> Backfill {
+fn new_backfill(serial: u32, partition: u32, epoch: u64, source: NodeId, now: Instant) -> Backfill {
     Backfill {
         serial,
         partition,
@@ -684,7 +685,7 @@ fn new_backfill(serial: u32, partition: u32, epoch: u64, source: NodeId) -> Back
         stage: BfStage::List,
         retry_at: None,
         seq: 0,
-        sent_at: Instant::now(),
+        sent_at: now,
         buf: AlignedBuf::new(1),
         states: Vec::new(),
         writes_pending: 0,
@@ -692,7 +693,7 @@ fn new_backfill(serial: u32, partition: u32, epoch: u64, source: NodeId) -> Back
         next_run: 0,
         piece_len: 0,
         piece_failed: false,
-        started: Instant::now(),
+        started: now,
         bytes_total: None,
         bytes_done: 0,
     }

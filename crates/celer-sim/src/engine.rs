@@ -197,7 +197,8 @@ const UNWRITTEN: Block = Block {
 #[derive(Clone, Copy, Debug, Default)]
 struct ChunkModel {
     slot: bool,
-    /// Set when a whole-chunk discard freed the slot: its highest version.
+    /// Set when a whole-chunk discard freed the slot (its highest version),
+    /// or raised by a zeroing or discard while the chunk had no slot.
     tomb: Option<u64>,
     /// A slot allocated after a tomb drops writes at or below this.
     floor: u64,
@@ -754,7 +755,12 @@ impl EngineSim {
                 ch.slot = true;
                 ch.floor = ch.tomb.take().unwrap_or(0);
             }
-            Kind::Zeroes | Kind::Discard if !ch.slot => return,
+            Kind::Zeroes | Kind::Discard if !ch.slot => {
+                // Nothing stored, but the version is kept as a tomb: an
+                // older write after it is dropped.
+                ch.tomb = Some(ch.tomb.unwrap_or(0).max(f.version));
+                return;
+            }
             _ => {}
         }
         let floor = ch.floor;

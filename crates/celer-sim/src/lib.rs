@@ -35,9 +35,12 @@
 //! The same seed gives the same trace, line for line ([`run`] twice, or
 //! `celer sim --seed S` twice).
 
+pub mod data;
 pub mod disk;
 pub mod engine;
+pub mod net;
 
+pub use data::{run_data, DataReport, DataSimConfig};
 pub use engine::{run_engine, EngineReport, EngineSimConfig};
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -40,6 +40,14 @@ impl Discarded {
         self.order.push_back((now, chunk));
     }
 
+    /// Keeps `version` for a chunk with no slot unless a higher one is kept.
+    #[inline]
+    pub(super) fn raise(&mut self, chunk: (u64, u64), version: u64) {
+        if self.covers(chunk, version).is_none() {
+            self.insert(chunk, version);
+        }
+    }
+
     /// The discard's version if a write at `version` must be dropped.
     #[inline]
     pub(super) fn covers(&self, chunk: (u64, u64), version: u64) -> Option<u64> {

@@ -32,6 +32,17 @@ impl<D: Disk> Shard<D> {
                 // layers under it. (A repair allocates like a write: it
                 // copies a block this member missed, maybe its chunk's
                 // first.)
+                if matches!(kind, EngineOp::WriteZeroes | EngineOp::Discard) {
+                    // But the zeroing's version is kept a while, as a freed
+                    // chunk's is (`Discarded`): an older write arriving
+                    // after it is dropped here, as on a replica where the
+                    // write came first and this zeroing replaced it. (The
+                    // data-path simulator found replicas differing without
+                    // this: a discard of a chunk already freed, racing a
+                    // write older than it.)
+                    let version = self.ops[id as usize].version;
+                    self.discarded.raise((volume, chunk), version);
+                }
                 return self.finish(id);
             }
             None if self

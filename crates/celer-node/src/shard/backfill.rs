@@ -6,7 +6,7 @@ use celer_proto::payload::{decode_chunk_list, BackfillAnswer};
 
 use super::*;
 
-impl ShardLoop {
+impl<D: Disk, N: Net> ShardLoop<D, N> {
     /// The control service ignored our report of these partitions at
     /// `epoch`: we rejoined them after it (in tables we never saw) and may
     /// lack writes of the time away. Forget the report and copy again.
@@ -42,8 +42,13 @@ impl ShardLoop {
                 "backfill starts again"
             );
             self.backfill_serial = self.backfill_serial.wrapping_add(1);
-            self.backfills
-                .push(new_backfill(self.backfill_serial, p, t.epoch, source));
+            self.backfills.push(new_backfill(
+                self.backfill_serial,
+                p,
+                t.epoch,
+                source,
+                self.net.now(),
+            ));
         }
         self.publish_progress();
         self.set_backfilling();
@@ -96,7 +101,7 @@ impl ShardLoop {
     }
 
     pub(super) fn backfill_step(&mut self) {
-        let now = Instant::now();
+        let now = self.net.now();
         // Lists: every queued backfill's, a few in flight at a time.
         let mut listing = self
             .backfills
@@ -206,7 +211,7 @@ impl ShardLoop {
                     c
                 }
                 None => {
-                    self.backfills[i].retry_at = Some(Instant::now() + Duration::from_millis(100));
+                    self.backfills[i].retry_at = Some(self.net.now() + Duration::from_millis(100));
                     return false;
                 }
             },
@@ -216,7 +221,7 @@ impl ShardLoop {
         self.backfill_seq = self.backfill_seq.wrapping_add(1) & !REQ_REPAIR;
         let b = &mut self.backfills[i];
         b.seq = self.backfill_seq;
-        b.sent_at = Instant::now();
+        b.sent_at = self.net.now();
         let mut h = Header::request(op, REQ_BACKFILL | b.seq);
         h.epoch = epoch;
         if op == Op::ListChunks {
@@ -241,6 +246,7 @@ impl ShardLoop {
     }
 
     pub(super) fn backfill_response(&mut self, c: usize, h: &Header, payload: &[u8]) {
+        let now = self.net.now();
         let chunk_bytes = self.table().map_or(1 << 20, |t| t.chunk_bytes);
         let Some(i) = self.backfills.iter().position(|b| {
             b.stage == BfStage::Waiting
@@ -260,12 +266,12 @@ impl ShardLoop {
             Status::StaleEpoch => {
                 // The source is ahead: fetch the route, then go on.
                 self.shared.tell_agent(AgentMsg::NeedRoute(h.epoch + 1));
-                b.retry(retry_stage, Duration::from_millis(20));
+                b.retry(retry_stage, Duration::from_millis(20), now);
                 return;
             }
             s => {
                 tracing::debug!(partition = b.partition, status = ?s, "backfill request refused; retrying");
-                b.retry(retry_stage, Duration::from_millis(10));
+                b.retry(retry_stage, Duration::from_millis(10), now);
                 return;
             }
         }
@@ -294,7 +300,7 @@ impl ShardLoop {
                         partition = b.partition,
                         "backfill chunk list of the wrong size; retrying"
                     );
-                    b.retry(BfStage::List, Duration::from_millis(10));
+                    b.retry(BfStage::List, Duration::from_millis(10), now);
                     return;
                 };
                 b.ranges = chunks
@@ -335,7 +341,7 @@ impl ShardLoop {
                     partition = b.partition,
                     "backfill answer of the wrong size; retrying"
                 );
-                b.retry(BfStage::Read, Duration::from_millis(10));
+                b.retry(BfStage::Read, Duration::from_millis(10), now);
                 return;
             }
         };
@@ -372,6 +378,7 @@ impl ShardLoop {
     }
 
     pub(super) fn backfill_submit_runs(&mut self) {
+        let now = self.net.now();
         let epoch = self.table().map_or(0, |t| t.epoch);
         let b = &mut self.backfills[0];
         let (v, at, range_len) = b.ranges[b.next_range];
@@ -413,7 +420,7 @@ impl ShardLoop {
                         partition = b.partition,
                         "backfill write failed: {e}; retrying the piece"
                     );
-                    b.retry(BfStage::Read, Duration::from_millis(100));
+                    b.retry(BfStage::Read, Duration::from_millis(100), now);
                     return;
                 }
             }
@@ -423,7 +430,7 @@ impl ShardLoop {
                 // A write of this piece failed: read and apply it again
                 // (versions make that idempotent); it does not count.
                 b.piece_failed = false;
-                b.retry(BfStage::Read, Duration::from_millis(100));
+                b.retry(BfStage::Read, Duration::from_millis(100), now);
                 return;
             }
             // The piece is written: it counts as moved.

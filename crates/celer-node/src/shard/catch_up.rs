@@ -68,7 +68,7 @@ pub(super) struct CatchUp {
     blocks: HashMap<(u64, u64), Vec<u64>>,
 }
 
-impl ShardLoop {
+impl<D: celer_engine::Disk, N: crate::net::Net> ShardLoop<D, N> {
     /// Starts, stops and drops records for table `new` (before it becomes
     /// the current one).
     pub(super) fn catch_up_install(&mut self, new: &RouteTable) {
@@ -129,7 +129,7 @@ impl ShardLoop {
                     seen_down_epoch: new.epoch,
                     recording: true,
                     overflowed: false,
-                    started: std::time::Instant::now(),
+                    started: self.net.now(),
                     blocks: HashMap::new(),
                 });
             }

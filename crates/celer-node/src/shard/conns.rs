@@ -4,10 +4,10 @@
 
 use super::*;
 
-impl ShardLoop {
+impl<D: Disk, N: Net> ShardLoop<D, N> {
     pub(super) fn new_conn(
         &mut self,
-        stream: TcpStream,
+        stream: N::Stream,
         wire: Wire,
         peer: Option<(NodeId, u16)>,
         auth: ConnAuth,
@@ -18,8 +18,17 @@ impl ShardLoop {
         // A closed connection's landing buffer first (it may be on huge
         // pages, from the shard's pool).
         let landing = self.landings.pop().unwrap_or_else(|| AlignedBuf::new(1));
-        let conn = Conn::new(stream, wire, self.conn_gen, peer, auth, ticket, landing);
-        let fd = conn.fd();
+        let now = self.net.now();
+        let conn = Conn::new(
+            stream,
+            wire,
+            self.conn_gen,
+            peer,
+            auth,
+            ticket,
+            landing,
+            now,
+        );
         let idx = match self.free_conns.pop() {
             Some(i) => {
                 self.conns[i] = Some(conn);
@@ -30,20 +39,16 @@ impl ShardLoop {
                 self.conns.len() - 1
             }
         };
-        let mut bits = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
-        if out {
-            bits |= libc::EPOLLOUT as u32;
-            if let Some(c) = self.conns[idx].as_mut() {
-                c.want_out = true;
-            }
+        if let Some(c) = self.conns[idx].as_mut() {
+            c.want_out = out;
+            self.net.watch(idx, &c.stream, true, out);
         }
-        epoll_add(self.epfd.as_raw_fd(), fd, idx as u64, bits);
         idx
     }
 
     /// Takes an authenticated connection: answers its Hello with the
     /// node's proof.
-    pub(super) fn adopt(&mut self, hs: Handshaken) {
+    pub(crate) fn adopt(&mut self, stream: N::Stream, hs: Adopted) {
         let hello = hs.hello;
         let (auth, volume) = match hs.peer {
             Peer::Node { .. } => (ConnAuth::Node, None),
@@ -61,7 +66,7 @@ impl ShardLoop {
             }
         };
         let tls = matches!(hs.wire, Wire::Tls(_));
-        let idx = self.new_conn(hs.stream, hs.wire, None, auth, Some(hs.ticket), false);
+        let idx = self.new_conn(stream, hs.wire, None, auth, hs.ticket, false);
         let mut r = Header::response_to(&hello, Status::Ok);
         r.version = volume.map_or(0, |v| self.volume_version(v));
         if let Some(c) = self.conns[idx].as_mut() {
@@ -87,14 +92,7 @@ impl ShardLoop {
         }
         conn.want_in = want_in;
         conn.want_out = want_out;
-        let mut bits = libc::EPOLLRDHUP as u32;
-        if want_in {
-            bits |= libc::EPOLLIN as u32;
-        }
-        if want_out {
-            bits |= libc::EPOLLOUT as u32;
-        }
-        epoll_mod(self.epfd.as_raw_fd(), conn.fd(), c as u64, bits);
+        self.net.rewatch(c, &conn.stream, want_in, want_out);
     }
 
     /// The budget runs short: takes back the room lent to connections
@@ -143,22 +141,10 @@ impl ShardLoop {
             tracing::warn!(shard = self.id, peer = ?peer, "peer connection closed: {why}");
             self.peers.retain(|_, v| *v != c);
         } else if why != "peer closed" {
-            let addr = conn
-                .stream
-                .peer_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_default();
+            let addr = self.net.describe(&conn.stream);
             tracing::warn!(shard = self.id, %addr, "closing connection: {why}");
         }
-        // SAFETY: removing a registered fd.
-        unsafe {
-            libc::epoll_ctl(
-                self.epfd.as_raw_fd(),
-                libc::EPOLL_CTL_DEL,
-                conn.fd(),
-                std::ptr::null_mut(),
-            )
-        };
+        self.net.unwatch(c, &conn.stream);
         self.free_conns.push(c);
         self.dirty.retain(|d| *d != c);
         self.backlog.retain(|d| *d != c);
@@ -188,7 +174,7 @@ impl ShardLoop {
                         BfStage::Read
                     };
                 }
-                b.retry_at = Some(Instant::now() + Duration::from_millis(50));
+                b.retry_at = Some(self.net.now() + Duration::from_millis(50));
             }
         }
     }
@@ -237,7 +223,7 @@ impl ShardLoop {
             if conn.send_blocked || conn.starved {
                 return;
             }
-            let frame = match conn.next_frame() {
+            let frame = match conn.next_frame(self.woke_at) {
                 Ok(Next::Frame(f)) => f,
                 Ok(Next::More) => match conn.pull_buffered() {
                     Ok(true) => continue,

@@ -13,7 +13,7 @@ use celer_proto::{payload, Header, Status};
 use super::layers::Target;
 use super::{engine_status, OpKind, ShardLoop};
 
-impl ShardLoop {
+impl<D: celer_engine::Disk, N: crate::net::Net> ShardLoop<D, N> {
     pub(super) fn start_fill(&mut self, c: usize, h: &Header) {
         let block = BLOCK_SIZE as u64;
         if h.payload_bytes != 0

@@ -3,7 +3,7 @@
 
 use super::*;
 
-impl ShardLoop {
+impl<D: Disk, N: Net> ShardLoop<D, N> {
     /// Sends a primary write to the other members.
     pub(super) fn forward(&mut self, id: usize, p: u32) {
         let me = self.shared.id;
@@ -34,7 +34,7 @@ impl ShardLoop {
             op.forwards[op.nforwards] = (c, gen);
             op.nforwards += 1;
             op.pending += 1;
-            op.deadline = Some(Instant::now() + self.cfg.forward_timeout);
+            op.deadline = Some(self.net.now() + self.cfg.forward_timeout);
             self.forwards_inflight += 1;
             self.mark_dirty(c);
         }
@@ -51,7 +51,7 @@ impl ShardLoop {
         }
         let addr = self.table()?.node(node)?.data_addr.clone();
         let sa = addr.to_socket_addrs().ok()?.next()?;
-        let stream = match connect_nonblocking(sa) {
+        let stream = match self.net.connect(sa) {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(shard = self.id, node, %addr, "cannot connect to peer: {e}");

@@ -138,7 +138,7 @@ impl Target {
     }
 }
 
-impl ShardLoop {
+impl<D: celer_engine::Disk, N: crate::net::Net> ShardLoop<D, N> {
     /// The lineage whose placement a request's volume follows: a layer key
     /// (node peers' backfill and scrub) is placed by its own lineage bits
     /// (`celer_device::chunk_hash`); a clone's id by its parent's lineage.
@@ -262,8 +262,7 @@ impl ShardLoop {
                     Some(cur) => {
                         l.frozen = cur.frozen.clone();
                         if cur.head_key != l.head_key {
-                            l.frozen
-                                .push((cur.head_key, l.head_key, std::time::Instant::now()));
+                            l.frozen.push((cur.head_key, l.head_key, self.net.now()));
                         }
                         let excess = l.frozen.len().saturating_sub(FROZEN_KEPT);
                         l.frozen.drain(..excess);
@@ -273,11 +272,8 @@ impl ShardLoop {
                     // process just started: no member is being recorded).
                     None => {
                         let head = l.head_key;
-                        l.frozen.extend(
-                            l.chain
-                                .first()
-                                .map(|k| (*k, head, std::time::Instant::now())),
-                        )
+                        l.frozen
+                            .extend(l.chain.first().map(|k| (*k, head, self.net.now())))
                     }
                 }
                 self.layers.insert(v.volume, Arc::new(l));

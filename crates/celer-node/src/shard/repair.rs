@@ -93,7 +93,7 @@ pub(crate) enum RepairResult {
     Dropped,
 }
 
-impl ShardLoop {
+impl<D: celer_engine::Disk, N: crate::net::Net> ShardLoop<D, N> {
     /// Queues the block at `offset` of `volume` for repair (once).
     pub(super) fn queue_repair(&mut self, volume: u64, offset: u64) {
         self.queue_block(volume, offset, 0);
@@ -118,7 +118,7 @@ impl ShardLoop {
 
     fn queue_block(&mut self, volume: u64, offset: u64, at_least: u64) {
         let offset = offset - offset % BLOCK_SIZE as u64;
-        let now = Instant::now();
+        let now = self.net.now();
         self.unrepairable.retain(|u| u.2 > now);
         if self
             .repairs
@@ -161,7 +161,7 @@ impl ShardLoop {
             source: 0,
             conn: None,
             seq: 0,
-            sent_at: Instant::now(),
+            sent_at: self.net.now(),
             version: 0,
             at_least,
             buf: AlignedBuf::new(1),
@@ -179,7 +179,7 @@ impl ShardLoop {
         if self.repairs.is_empty() {
             return;
         }
-        let now = Instant::now();
+        let now = self.net.now();
         let mut running = self
             .repairs
             .iter()
@@ -233,7 +233,7 @@ impl ShardLoop {
             });
             (p, t.epoch, source)
         }) else {
-            self.repairs[i].retry_at = Some(Instant::now() + Duration::from_millis(100));
+            self.repairs[i].retry_at = Some(self.net.now() + Duration::from_millis(100));
             return Ok(false);
         };
         let Some(source) = source else {
@@ -261,7 +261,7 @@ impl ShardLoop {
             self.counters.repair(RepairResult::Unrepairable);
             if self.unrepairable.len() < REPAIRS_MAX {
                 self.unrepairable
-                    .push((r.volume, r.offset, Instant::now() + UNREPAIRABLE_QUIET));
+                    .push((r.volume, r.offset, self.net.now() + UNREPAIRABLE_QUIET));
             }
             return Err(());
         };
@@ -287,7 +287,7 @@ impl ShardLoop {
         r.source = source;
         r.conn = Some((conn, gen));
         r.seq = self.repair_seq;
-        r.sent_at = Instant::now();
+        r.sent_at = self.net.now();
         r.stage = Stage::Waiting;
         let mut h = Header::request(Op::BackfillRead, REQ_REPAIR | r.seq);
         h.epoch = epoch;
@@ -319,7 +319,7 @@ impl ShardLoop {
                     self.shared.tell_agent(AgentMsg::NeedRoute(h.epoch + 1));
                 }
                 r.stage = Stage::Fetch;
-                r.retry_at = Some(Instant::now() + Duration::from_millis(50));
+                r.retry_at = Some(self.net.now() + Duration::from_millis(50));
                 return;
             }
             s => {
@@ -409,7 +409,7 @@ impl ShardLoop {
             Err(EngineError::QueueFull { .. }) => {
                 // Fetch again later (the copy may be newer by then).
                 r.stage = Stage::Fetch;
-                r.retry_at = Some(Instant::now() + Duration::from_millis(10));
+                r.retry_at = Some(self.net.now() + Duration::from_millis(10));
             }
             Err(e) => {
                 tracing::warn!(volume = r.volume, offset = r.offset, "repair: {e}");

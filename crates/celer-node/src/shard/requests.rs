@@ -3,7 +3,7 @@
 
 use super::*;
 
-impl ShardLoop {
+impl<D: Disk, N: Net> ShardLoop<D, N> {
     pub(super) fn take_op(&mut self, c: usize, h: &Header, kind: OpKind, bytes: usize) -> usize {
         let id = self.free_ops.pop().expect("caller checked free ops");
         let conn_gen = match self.conns[c].as_mut() {
@@ -37,7 +37,7 @@ impl ShardLoop {
         op.status = Status::Ok;
         op.nforwards = 0;
         op.deadline = None;
-        op.started = Instant::now();
+        op.started = self.net.now();
         op.newer = 0;
         op.copied = 0;
         id
@@ -131,7 +131,7 @@ impl ShardLoop {
             block_crc: None,
         };
         // SAFETY: the op's buffer lives in the slab until the op finishes.
-        self.ops[id].engine_at = Instant::now();
+        self.ops[id].engine_at = self.net.now();
         if let Err(e) = unsafe { self.engine.submit(&req) } {
             self.ops[id].pending = 0;
             self.ops[id].status = engine_status(&e);
@@ -191,7 +191,7 @@ impl ShardLoop {
             Ok(t) => t,
             Err(s) => return self.reject(c, &h, s),
         };
-        if version_clock(h.version) > clock_limit_at(crate::unix_ms()) {
+        if version_clock(h.version) > clock_limit_at(self.net.unix_ms()) {
             // Far ahead of our clock: a wrong clock or a hostile writer. It
             // would make every later write of the block lose.
             return self.reject(c, &h, Status::VersionAhead);
@@ -243,7 +243,7 @@ impl ShardLoop {
             self.ops[id].status = Status::StaleSnapshot;
         }
         // SAFETY: the op's buffer lives in the slab until the op finishes.
-        self.ops[id].engine_at = Instant::now();
+        self.ops[id].engine_at = self.net.now();
         if let Err(e) = unsafe { self.engine.submit(&req) } {
             self.ops[id].pending = 0;
             self.ops[id].status = engine_status(&e);

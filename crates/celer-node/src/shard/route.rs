@@ -4,7 +4,7 @@
 
 use super::*;
 
-impl ShardLoop {
+impl<D: Disk, N: Net> ShardLoop<D, N> {
     pub(super) fn install(&mut self, r: Arc<Installed>) {
         if self
             .route
@@ -56,7 +56,8 @@ impl ShardLoop {
                         // The source left or changed: start over from the new one.
                         if let Some(s) = source {
                             self.backfill_serial = self.backfill_serial.wrapping_add(1);
-                            let mut fresh = new_backfill(self.backfill_serial, p, t.epoch, s);
+                            let mut fresh =
+                                new_backfill(self.backfill_serial, p, t.epoch, s, self.net.now());
                             fresh.catch_up = catch_up;
                             let old = std::mem::replace(&mut self.backfills[i], fresh);
                             self.retire(old);
@@ -77,7 +78,8 @@ impl ShardLoop {
                             "backfill starts"
                         );
                         self.backfill_serial = self.backfill_serial.wrapping_add(1);
-                        let mut b = new_backfill(self.backfill_serial, p, t.epoch, s);
+                        let mut b =
+                            new_backfill(self.backfill_serial, p, t.epoch, s, self.net.now());
                         b.catch_up = catch_up;
                         self.backfills.push(b);
                     }

@@ -174,8 +174,7 @@ struct CompareRound {
 }
 
 impl Scrub {
-    pub(super) fn new(rate: u64, interval: Duration) -> Scrub {
-        let now = Instant::now();
+    pub(super) fn new(rate: u64, interval: Duration, now: Instant) -> Scrub {
         Scrub {
             rate,
             interval,
@@ -223,7 +222,7 @@ impl Scrub {
     }
 }
 
-impl ShardLoop {
+impl<D: celer_engine::Disk, N: crate::net::Net> ShardLoop<D, N> {
     fn scrub_cell(&self) -> &ScrubCell {
         &self.shared.scrub.shards[self.id as usize]
     }
@@ -234,7 +233,7 @@ impl ShardLoop {
         if self.scrub.rate == 0 {
             return;
         }
-        let now = Instant::now();
+        let now = self.net.now();
         let requests = self.shared.scrub.start_requests.load(Ordering::Acquire);
         let asked = requests != self.scrub.start_requests_seen;
         if !self.scrub.running && (asked || now >= self.scrub.next_pass_at) {

@@ -7,7 +7,7 @@ use super::*;
 /// Request ids of the scrub's state comparisons (within `REQ_REPAIR`).
 pub(in crate::shard) const REQ_COMPARE: u32 = crate::shard::REQ_REPAIR | 1 << 29;
 
-impl ShardLoop {
+impl<D: celer_engine::Disk, N: crate::net::Net> ShardLoop<D, N> {
     /// Asks the partition's other in-sync members for the states of a
     /// piece this shard just read correctly; `scrub_compare_response`
     /// compares. Only as an in-sync member itself.
@@ -25,7 +25,7 @@ impl ShardLoop {
         round.offset = offset;
         round.blocks = len as usize / BLOCK_SIZE;
         round.waiting.clear();
-        round.sent_at = Some(Instant::now());
+        round.sent_at = Some(self.net.now());
         round.answers = 0;
         round.complete = true;
         for node in peers {

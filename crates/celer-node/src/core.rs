@@ -1,0 +1,124 @@
+//! The storage node's shard core as a library type, for drivers other than
+//! the node's own threads: `celer-sim` runs real node shards over a
+//! simulated network, clock and disk with it.
+//!
+//! A [`NodeCore`] is one shard of a one-shard node. It does nothing by
+//! itself: the driver hands it connections ([`NodeCore::adopt`]), tells it
+//! which are ready ([`NodeCore::ready`]) and calls [`NodeCore::turn`]
+//! between waits of at most [`NodeCore::wait`], exactly what the
+//! production loop (`shard/event_loop.rs`) does around epoll. What is not
+//! in it: the acceptor's handshake (a driver adopts connections whose peer
+//! it already knows), the agent, the admin API and TLS.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use celer_engine::{Disk, Shard};
+use celer_proto::auth::{Capability, Key, Peer};
+use celer_proto::{Header, Op};
+use celer_route::{NodeId, RouteTable};
+
+use crate::conn::Wire;
+use crate::handshake::Adopted;
+use crate::hub::Installed;
+use crate::net::Net;
+use crate::shard::{ShardConfig, ShardLoop};
+use crate::{NodeError, NodeShared, ShardMsg};
+
+/// How a [`NodeCore`] is set up.
+#[derive(Clone, Debug)]
+pub struct CoreConfig {
+    pub node: NodeId,
+    /// The cluster data key (node-to-node proofs).
+    pub data_key: Key,
+    /// A forwarded write not answered in this long fails (`Unavailable`).
+    pub forward_timeout: Duration,
+}
+
+/// One node shard's core over its engine shard `D` and its network `N`.
+pub struct NodeCore<D: Disk, N: Net> {
+    inner: ShardLoop<D, N>,
+}
+
+impl<D: Disk, N: Net> NodeCore<D, N> {
+    pub fn new(cfg: &CoreConfig, engine: Shard<D>, net: N) -> NodeCore<D, N> {
+        let shared = Arc::new(NodeShared::detached(cfg.node, cfg.data_key));
+        let scfg = ShardConfig {
+            forward_timeout: cfg.forward_timeout,
+            busy_poll: Duration::ZERO,
+            idle_timeout: None,
+            scrub_bytes_per_sec: 0,
+            scrub_interval: Duration::from_secs(3600),
+            hugepages: false,
+        };
+        NodeCore {
+            inner: ShardLoop::new(engine, shared, scfg, net),
+        }
+    }
+
+    /// Installs a route table (as a push from the control service does).
+    pub fn install_route(&mut self, table: RouteTable) {
+        let inst = Arc::new(Installed {
+            encoded: table.encode(),
+            table,
+        });
+        self.inner.on_msg(ShardMsg::Route(inst));
+    }
+
+    /// Takes a connection from an attachment whose capability the driver
+    /// checked (as the acceptor does): the shard answers its `hello`
+    /// (request id, shard, sender) and serves it within the capability.
+    pub fn adopt_attachment(&mut self, stream: N::Stream, cap: Capability, hello: Header) {
+        debug_assert_eq!(hello.op, Op::Hello);
+        self.inner.adopt(
+            stream,
+            Adopted {
+                wire: Wire::Plain,
+                hello,
+                peer: Peer::Attachment(cap),
+                node_nonce: [0; celer_proto::auth::NONCE_BYTES],
+                answer: [0; celer_proto::auth::MAC_BYTES],
+                ticket: None,
+            },
+        );
+    }
+
+    /// One turn's work; whether the engine did anything.
+    pub fn turn(&mut self) -> bool {
+        self.inner.turn()
+    }
+
+    /// The longest the driver may wait for input before the next turn.
+    pub fn wait(&self) -> Duration {
+        Duration::from_millis(self.inner.wait_ms().max(0) as u64)
+    }
+
+    /// Input arrives: the time of what [`NodeCore::ready`] reports next.
+    pub fn woke(&mut self) {
+        self.inner.woke();
+    }
+
+    /// Connection `c` (the index the core gave its `Net::watch`) is
+    /// readable (or closed) and/or writable.
+    pub fn ready(&mut self, c: usize, readable: bool, writable: bool) {
+        self.inner.on_ready(c, readable, writable);
+    }
+
+    pub fn net(&self) -> &N {
+        self.inner.net()
+    }
+
+    pub fn net_mut(&mut self) -> &mut N {
+        self.inner.net_mut()
+    }
+
+    /// Requests in the engine.
+    pub fn engine_inflight(&self) -> usize {
+        self.inner.engine_inflight()
+    }
+
+    /// A clean stop: the engine finishes what it has and checkpoints.
+    pub fn close(self) -> Result<(), NodeError> {
+        self.inner.finish()
+    }
+}

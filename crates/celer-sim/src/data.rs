@@ -1,0 +1,1088 @@
+//! Deterministic simulation of the data path: real storage-node cores
+//! (`celer_node::core::NodeCore`, the code `celer node serve` runs, minus
+//! its epoll loop) over real engine shards on [`SimDisk`]s, connected by a
+//! simulated network ([`crate::net`]), with clients writing and reading one
+//! volume, and a checker.
+//!
+//! One thread, one seed, simulated time in microseconds. Three nodes of one
+//! shard hold every partition (3 replicas, a fixed route table). Two
+//! clients (two attachments of the volume) write and read at a fixed rate,
+//! as Celer's client does for small I/O: a write goes to every replica with
+//! the same version (the attachment's hybrid clock and its id) and is
+//! acknowledged when all three answered `Ok`; `OlderVersion` from any
+//! replica makes the client write the same range again with a newer
+//! version; a lost connection makes it send again with the same version. A
+//! read goes to one replica. Faults drawn from the seed: power cuts of a
+//! node (its disk keeps a random part of what was not durable, and its
+//! writes in flight are torn), after which the node restarts on the same
+//! disk; and connection resets. The network cuts, delays and spreads the
+//! byte stream (see [`crate::net`]).
+//!
+//! The checker: a read returns, for every block, the content of a write
+//! that was sent (crc-checked pattern, naming its write), never older than
+//! the newest write acknowledged before the read was sent (or zeroes if
+//! none was); at the end, with the faults stopped and every write done,
+//! every replica holds, for every block, the newest acknowledged write.
+//!
+//! Not simulated yet (docs/testing.md): node-to-node traffic (large writes
+//! through the primary, backfill, repair), route changes, the control
+//! service and the real client core.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{Read, Write};
+use std::rc::Rc;
+use std::time::Duration;
+
+use celer_engine::{Engine, FormatOptions, OpenOptions};
+use celer_node::core::{CoreConfig, NodeCore};
+use celer_proto::auth::Capability;
+use celer_proto::{clock_of_unix_ms, decode_header, Header, Kind, Op, Status, HEADER_BYTES};
+use celer_route::{NodeInfo, RouteTable};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::disk::SimDisk;
+use crate::net::{NetConfig, SimNet, SimStream, World};
+
+const BS: usize = 4096;
+const CHUNK_BLOCKS: u64 = 16;
+const CHUNKS: u64 = 6;
+const BLOCKS: u64 = CHUNK_BLOCKS * CHUNKS;
+const DISK_BYTES: u64 = 8 << 20;
+const VOLUME: u64 = 7;
+const NODES: usize = 3;
+const TRACE_KEEP: usize = 80;
+/// Requests a client keeps in flight.
+const CLIENT_DEPTH: usize = 8;
+/// A replica that answered Busy, Io or Unavailable is asked again after this.
+const RETRY_US: u64 = 2_000;
+
+/// What to simulate.
+#[derive(Clone, Debug)]
+pub struct DataSimConfig {
+    pub seed: u64,
+    /// Simulated time with load and faults (µs); then the faults stop and
+    /// the clients finish what they started.
+    pub duration_us: u64,
+    /// Operations per simulated second, per client.
+    pub ops_per_sec: u64,
+    /// Per simulated millisecond: the chance of a node's power cut, and
+    /// of a connection reset.
+    pub crash_per_ms: f64,
+    pub reset_per_ms: f64,
+    /// Per simulated millisecond: the chance that a client connection
+    /// stalls for 1-20 ms and the client gives up on it, sending its
+    /// requests again on a new one, while the node still gets what the old
+    /// one carried, late.
+    pub stall_per_ms: f64,
+}
+
+impl DataSimConfig {
+    pub fn new(seed: u64) -> DataSimConfig {
+        DataSimConfig {
+            seed,
+            duration_us: 2_000_000,
+            ops_per_sec: 4_000,
+            crash_per_ms: 0.004,
+            reset_per_ms: 0.01,
+            stall_per_ms: 0.02,
+        }
+    }
+}
+
+/// What a run did and found.
+#[derive(Clone, Debug, Default)]
+pub struct DataReport {
+    pub seed: u64,
+    /// Simulated time at the end (µs).
+    pub sim_us: u64,
+    pub writes_acked: u64,
+    pub rewrites: u64,
+    pub reads_checked: u64,
+    pub crashes: u64,
+    pub resets: u64,
+    pub stalls: u64,
+    pub discards_acked: u64,
+    /// Blocks compared on every replica at the end.
+    pub blocks_verified: u64,
+    pub net_bytes: u64,
+    pub violation: Option<String>,
+    pub trace: Vec<String>,
+}
+
+impl DataReport {
+    pub fn render(&self, wall: Duration) -> String {
+        let secs = self.sim_us as f64 / 1e6;
+        let mut s = format!(
+            "data seed {}: {:.2} s simulated in {:.2} s ({:.0}x real time), {} writes acknowledged ({:.0}/s simulated, {:.0}/s wall), {} rewritten after OlderVersion, {} discards acknowledged, {} reads checked, {} power cuts, {} resets, {} stalled connections given up, {} blocks verified on every replica, {} network bytes\n",
+            self.seed,
+            secs,
+            wall.as_secs_f64(),
+            secs / wall.as_secs_f64().max(1e-9),
+            self.writes_acked,
+            self.writes_acked as f64 / secs.max(1e-9),
+            self.writes_acked as f64 / wall.as_secs_f64().max(1e-9),
+            self.rewrites,
+            self.discards_acked,
+            self.reads_checked,
+            self.crashes,
+            self.resets,
+            self.stalls,
+            self.blocks_verified,
+            self.net_bytes,
+        );
+        if let Some(v) = &self.violation {
+            s.push_str(&format!("VIOLATION: {v}\nlast steps:\n"));
+            for l in &self.trace {
+                s.push_str(&format!("  {l}\n"));
+            }
+        }
+        s
+    }
+}
+
+/// Runs one seed. With `trace`, the report keeps every trace line.
+pub fn run_data(cfg: &DataSimConfig, trace: bool) -> DataReport {
+    let mut sim = match DataSim::new(cfg, trace) {
+        Ok(s) => s,
+        Err(e) => {
+            return DataReport {
+                seed: cfg.seed,
+                violation: Some(format!("set-up: {e}")),
+                ..DataReport::default()
+            }
+        }
+    };
+    let r = sim.run();
+    let world = sim.world.borrow();
+    sim.report.sim_us = world.now_us;
+    sim.report.resets = world.resets;
+    sim.report.net_bytes = world.bytes;
+    drop(world);
+    if let Err(v) = r {
+        sim.report.violation = Some(v);
+    }
+    sim.report.trace = sim.trace.iter().cloned().collect();
+    sim.report
+}
+
+struct SimNode {
+    disk: SimDisk,
+    core: Option<NodeCore<SimDisk, SimNet>>,
+    /// Down (power cut) until this time.
+    up_at: u64,
+}
+
+/// One write or discard as the checker knows it.
+struct WriteRec {
+    version: u64,
+    first: u64,
+    blocks: u64,
+    /// A discard: the blocks read back as zeroes.
+    zero: bool,
+    /// When every replica acknowledged it.
+    acked_at: Option<u64>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Want {
+    /// Not sent on the current connection yet (or to be sent again).
+    Send,
+    /// Sent as this request id; waiting.
+    Sent(u32),
+    /// Ask again at this time.
+    RetryAt(u64),
+    Done,
+}
+
+struct ClientOp {
+    write: Option<u64>,
+    first: u64,
+    blocks: u64,
+    /// Write: per replica. Read: only the replica asked.
+    want: [Want; NODES],
+    issued_at: u64,
+    /// Final check: a read that must return the newest acknowledged write.
+    verify: bool,
+}
+
+struct ClientConn {
+    stream: SimStream,
+    pipe: usize,
+    rbuf: Vec<u8>,
+    wbuf: Vec<u8>,
+}
+
+struct Client {
+    attachment: u32,
+    hlc: u64,
+    conns: [Option<ClientConn>; NODES],
+    ops: BTreeMap<u64, ClientOp>,
+    next_op: u64,
+    next_req: u32,
+    /// Request id → (op, replica).
+    reqs: BTreeMap<u32, (u64, usize)>,
+    next_issue_at: u64,
+}
+
+struct DataSim {
+    cfg: DataSimConfig,
+    rng: StdRng,
+    world: Rc<RefCell<World>>,
+    nodes: Vec<SimNode>,
+    table: RouteTable,
+    clients: Vec<Client>,
+    writes: BTreeMap<u64, WriteRec>,
+    /// Per block, the writes and discards that cover it (ids, in order).
+    by_block: Vec<Vec<u64>>,
+    next_write: u64,
+    report: DataReport,
+    trace: VecDeque<String>,
+    keep_all: bool,
+    faults: bool,
+    /// Where clients read into.
+    scratch: Vec<u8>,
+}
+
+fn engine_opts() -> OpenOptions {
+    OpenOptions {
+        inflight_max: 32,
+        completion_eventfd: false,
+        lock_wait: Duration::ZERO,
+        hugepages: false,
+    }
+}
+
+fn node_id(i: usize) -> u32 {
+    i as u32 + 1
+}
+
+/// Block `block` as write `write` (version `version`) leaves it: its
+/// identity in the first 24 bytes, a pattern after.
+fn fill_block(write: u64, version: u64, block: u64, out: &mut [u8]) {
+    out[..8].copy_from_slice(&write.to_le_bytes());
+    out[8..16].copy_from_slice(&version.to_le_bytes());
+    out[16..24].copy_from_slice(&block.to_le_bytes());
+    let mut x = write.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ block ^ 0xC0FFEE;
+    for w in out[24..].chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        w.copy_from_slice(&x.to_le_bytes()[..w.len()]);
+    }
+}
+
+impl DataSim {
+    fn new(cfg: &DataSimConfig, keep_all: bool) -> Result<DataSim, String> {
+        let world = World::new(cfg.seed ^ 0x4E37, NetConfig { delay_us: (5, 60) });
+        let mut nodes = Vec::new();
+        for i in 0..NODES {
+            let disk = SimDisk::new(DISK_BYTES, cfg.seed ^ (0xD15C + i as u64));
+            let opts = FormatOptions {
+                chunk_blocks: CHUNK_BLOCKS as u32,
+                spare_blocks: 4,
+                shard_count: 1,
+                journal_blocks: 32,
+                create_size_bytes: None,
+            };
+            Engine::format_on(&disk, &opts, (cfg.seed << 2) | i as u64 | 1)
+                .map_err(|e| e.to_string())?;
+            nodes.push(SimNode {
+                disk,
+                core: None,
+                up_at: 0,
+            });
+        }
+        let infos = (0..NODES)
+            .map(|i| NodeInfo {
+                id: node_id(i),
+                data_addr: format!("10.0.0.{}:7000", i + 1),
+                admin_addr: format!("10.0.0.{}:7001", i + 1),
+                shards: 1,
+                domain: format!("d{i}"),
+                up: true,
+            })
+            .collect();
+        let table = RouteTable::initial(infos, 2, NODES as u8, CHUNK_BLOCKS * BS as u64)
+            .map_err(|e| e.to_string())?;
+        let clients = (0..2)
+            .map(|i| Client {
+                attachment: i + 1,
+                hlc: 0,
+                conns: [None, None, None],
+                ops: BTreeMap::new(),
+                next_op: 1,
+                next_req: 1,
+                reqs: BTreeMap::new(),
+                next_issue_at: 0,
+            })
+            .collect();
+        let mut sim = DataSim {
+            cfg: cfg.clone(),
+            rng: StdRng::seed_from_u64(cfg.seed),
+            world,
+            nodes,
+            table,
+            clients,
+            writes: BTreeMap::new(),
+            by_block: vec![Vec::new(); BLOCKS as usize],
+            next_write: 1,
+            report: DataReport {
+                seed: cfg.seed,
+                ..DataReport::default()
+            },
+            trace: VecDeque::new(),
+            keep_all,
+            faults: true,
+            scratch: vec![0; 16 << 10],
+        };
+        for i in 0..NODES {
+            sim.start_node(i)?;
+        }
+        Ok(sim)
+    }
+
+    fn now(&self) -> u64 {
+        self.world.borrow().now_us
+    }
+
+    fn log(&mut self, line: String) {
+        let line = format!("{:>9} µs  {line}", self.now());
+        self.trace.push_back(line);
+        if !self.keep_all && self.trace.len() > TRACE_KEEP {
+            self.trace.pop_front();
+        }
+    }
+
+    fn start_node(&mut self, i: usize) -> Result<(), String> {
+        let shard = Engine::open_on(self.nodes[i].disk.clone(), &engine_opts())
+            .map_err(|e| format!("node {} engine open: {e}", node_id(i)))?
+            .into_shards()
+            .pop()
+            .ok_or("no engine shard")?;
+        let cfg = CoreConfig {
+            node: node_id(i),
+            data_key: [7; 32],
+            forward_timeout: Duration::from_secs(2),
+        };
+        let mut core = NodeCore::new(&cfg, shard, SimNet::new(&self.world));
+        core.install_route(self.table.clone());
+        self.nodes[i].core = Some(core);
+        Ok(())
+    }
+
+    /// Power cut: the disk keeps what it keeps, the process and its
+    /// connections are gone.
+    fn crash_node(&mut self, i: usize) {
+        let Some(core) = self.nodes[i].core.take() else {
+            return;
+        };
+        self.report.crashes += 1;
+        let pipes = core.net().pipes();
+        self.nodes[i].disk.crash();
+        drop(core);
+        let mut w = self.world.borrow_mut();
+        for p in pipes {
+            w.reset(p);
+        }
+        drop(w);
+        for c in 0..self.clients.len() {
+            self.drop_conn(c, i);
+        }
+        let down = 2_000 + self.rng.gen_range(0..30_000);
+        self.nodes[i].up_at = self.now() + down;
+        self.log(format!("POWER CUT node {} (down {down} µs)", node_id(i)));
+    }
+
+    fn run(&mut self) -> Result<(), String> {
+        let end = self.cfg.duration_us;
+        let mut last_ms = 0;
+        let mut idle_rounds = 0u64;
+        loop {
+            let now = self.now();
+            if now >= end && self.faults {
+                self.faults = false;
+                self.log("faults stop; the clients finish".into());
+            }
+            // Faults, once per simulated millisecond.
+            while self.faults && last_ms < now / 1000 {
+                last_ms += 1;
+                if self.rng.gen_bool(self.cfg.crash_per_ms) {
+                    let i = self.rng.gen_range(0..NODES);
+                    self.crash_node(i);
+                }
+                if self.rng.gen_bool(self.cfg.reset_per_ms) {
+                    let c = self.rng.gen_range(0..self.clients.len());
+                    let i = self.rng.gen_range(0..NODES);
+                    if self.clients[c].conns[i].is_some() {
+                        self.drop_conn(c, i);
+                        self.log(format!(
+                            "reset client {} ↔ node {}",
+                            self.clients[c].attachment,
+                            node_id(i)
+                        ));
+                    }
+                }
+                if self.rng.gen_bool(self.cfg.stall_per_ms) {
+                    let c = self.rng.gen_range(0..self.clients.len());
+                    let i = self.rng.gen_range(0..NODES);
+                    if let Some(conn) = &self.clients[c].conns[i] {
+                        let pipe = conn.pipe;
+                        let extra = self.rng.gen_range(1_000..20_000);
+                        self.world.borrow_mut().stall(pipe, extra);
+                        self.report.stalls += 1;
+                        self.log(format!(
+                            "client {} ↔ node {} stalls {extra} µs; the client sends again on a new connection",
+                            self.clients[c].attachment,
+                            node_id(i)
+                        ));
+                        self.abandon_conn(c, i);
+                    }
+                }
+            }
+            for i in 0..NODES {
+                if self.nodes[i].core.is_none() && now >= self.nodes[i].up_at {
+                    self.start_node(i)?;
+                    self.log(format!("node {} restarted", node_id(i)));
+                }
+            }
+            self.world.borrow_mut().deliver();
+            let mut busy = false;
+            for n in &mut self.nodes {
+                let Some(core) = n.core.as_mut() else {
+                    continue;
+                };
+                let ready = core.net().ready();
+                if !ready.is_empty() {
+                    core.woke();
+                    busy = true;
+                }
+                for (c, r, w) in ready {
+                    core.ready(c, r, w);
+                }
+                busy |= core.turn();
+                busy |= core.engine_inflight() > 0;
+            }
+            for c in 0..self.clients.len() {
+                busy |= self.client_step(c)?;
+            }
+            let outstanding: usize = self.clients.iter().map(|c| c.ops.len()).sum();
+            if !self.faults && outstanding == 0 {
+                return self.verify();
+            }
+            // Time: small steps while anything moves, else to the next event.
+            let next = if busy {
+                now + 2
+            } else {
+                let w = self.world.borrow();
+                let mut next = now + 1_000;
+                if let Some(a) = w.next_arrival() {
+                    next = next.min(a);
+                }
+                for c in &self.clients {
+                    if self.faults {
+                        next = next.min(c.next_issue_at);
+                    }
+                    for op in c.ops.values() {
+                        for wnt in op.want {
+                            if let Want::RetryAt(t) = wnt {
+                                next = next.min(t);
+                            }
+                        }
+                    }
+                }
+                next.max(now + 1)
+            };
+            self.world.borrow_mut().now_us = next;
+            if !self.faults {
+                idle_rounds += 1;
+                if idle_rounds > 20_000_000 {
+                    return Err(format!("{outstanding} client requests never finished"));
+                }
+            }
+            if now > end + 60_000_000 {
+                return Err(format!(
+                    "{outstanding} client requests still unfinished a simulated minute after the faults stopped: {}",
+                    self.describe_ops()
+                ));
+            }
+        }
+    }
+
+    /// A client issues due operations, reads answers and sends what waits.
+    /// Whether it did anything.
+    fn client_step(&mut self, c: usize) -> Result<bool, String> {
+        let now = self.now();
+        let mut busy = false;
+        if self.faults && now >= self.clients[c].next_issue_at {
+            let gap = 1_000_000 / self.cfg.ops_per_sec.max(1);
+            self.clients[c].next_issue_at = now + self.rng.gen_range(gap / 2..=gap * 3 / 2);
+            if self.clients[c].ops.len() < CLIENT_DEPTH {
+                self.issue(c);
+                busy = true;
+            }
+        }
+        for i in 0..NODES {
+            busy |= self.client_conn_io(c, i)?;
+        }
+        Ok(busy)
+    }
+
+    /// A new write (2 in 3) or read of 1-4 blocks within one chunk.
+    fn issue(&mut self, c: usize) {
+        let blocks = if self.rng.gen_bool(0.7) {
+            1
+        } else {
+            self.rng.gen_range(2..=4)
+        };
+        let chunk = self.rng.gen_range(0..CHUNKS);
+        let first = chunk * CHUNK_BLOCKS + self.rng.gen_range(0..=CHUNK_BLOCKS - blocks);
+        let now = self.now();
+        let dice = self.rng.gen_range(0..100);
+        if dice < 8 {
+            // A discard: of the whole chunk (its slot is freed) or a range.
+            if self.rng.gen_bool(0.5) {
+                self.new_write(c, chunk * CHUNK_BLOCKS, CHUNK_BLOCKS, true);
+            } else {
+                self.new_write(c, first, blocks, true);
+            }
+        } else if dice < 67 {
+            self.new_write(c, first, blocks, false);
+        } else {
+            let target = self.rng.gen_range(0..NODES);
+            let mut want = [Want::Done; NODES];
+            want[target] = Want::Send;
+            let cl = &mut self.clients[c];
+            let id = cl.next_op;
+            cl.next_op += 1;
+            cl.ops.insert(
+                id,
+                ClientOp {
+                    write: None,
+                    first,
+                    blocks,
+                    want,
+                    issued_at: now,
+                    verify: false,
+                },
+            );
+        }
+    }
+
+    fn new_write(&mut self, c: usize, first: u64, blocks: u64, zero: bool) -> u64 {
+        let now = self.now();
+        let unix_ms = self.world.borrow().unix_ms();
+        let cl = &mut self.clients[c];
+        cl.hlc = (cl.hlc + 1).max(clock_of_unix_ms(unix_ms));
+        let version = (cl.hlc << 16) | cl.attachment as u64;
+        let wid = self.next_write;
+        self.next_write += 1;
+        self.writes.insert(
+            wid,
+            WriteRec {
+                version,
+                first,
+                blocks,
+                zero,
+                acked_at: None,
+            },
+        );
+        for b in first..first + blocks {
+            self.by_block[b as usize].push(wid);
+        }
+        let id = cl.next_op;
+        cl.next_op += 1;
+        cl.ops.insert(
+            id,
+            ClientOp {
+                write: Some(wid),
+                first,
+                blocks,
+                want: [Want::Send; NODES],
+                issued_at: now,
+                verify: false,
+            },
+        );
+        wid
+    }
+
+    /// Connects client `c` to node `i` if the node runs: the node adopts
+    /// the connection as the acceptor would after a valid Hello.
+    fn connect(&mut self, c: usize, i: usize) -> bool {
+        if self.clients[c].conns[i].is_some() {
+            return true;
+        }
+        let Some(core) = self.nodes[i].core.as_mut() else {
+            return false;
+        };
+        let (client_end, node_end) = World::pipe(&self.world);
+        let cl = &mut self.clients[c];
+        let cap = Capability {
+            volume: VOLUME,
+            attachment: cl.attachment,
+            fence: 0,
+            read_only: false,
+            expires_unix_ms: u64::MAX,
+            mac: [0; 32],
+        };
+        let mut hello = Header::request(Op::Hello, 0);
+        hello.volume = cl.attachment as u64;
+        core.adopt_attachment(node_end, cap, hello);
+        let pipe = client_end.pipe;
+        cl.conns[i] = Some(ClientConn {
+            stream: client_end,
+            pipe,
+            rbuf: Vec::new(),
+            wbuf: Vec::new(),
+        });
+        true
+    }
+
+    fn client_conn_io(&mut self, c: usize, i: usize) -> Result<bool, String> {
+        let now = self.now();
+        let mut busy = false;
+        // A lost connection: forget it (requests are sent again on the
+        // next one).
+        if let Some(conn) = &self.clients[c].conns[i] {
+            if self.world.borrow().is_reset(conn.pipe) {
+                self.drop_conn(c, i);
+            }
+        }
+        // Queue what must be sent to node i.
+        let ids: Vec<u64> = self.clients[c]
+            .ops
+            .iter()
+            .filter(|(_, op)| match op.want[i] {
+                Want::Send => true,
+                Want::RetryAt(t) => t <= now,
+                _ => false,
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        if !ids.is_empty() && self.connect(c, i) {
+            for id in ids {
+                self.send(c, i, id);
+                busy = true;
+            }
+        }
+        let Some(conn) = self.clients[c].conns[i].as_mut() else {
+            return Ok(busy);
+        };
+        // Send.
+        while !conn.wbuf.is_empty() {
+            match conn.stream.write(&conn.wbuf) {
+                Ok(n) => {
+                    conn.wbuf.drain(..n);
+                    busy = true;
+                }
+                Err(_) => break,
+            }
+        }
+        // Receive.
+        loop {
+            match conn.stream.read(&mut self.scratch) {
+                Ok(0) => {
+                    self.drop_conn(c, i);
+                    return Ok(true);
+                }
+                Ok(n) => {
+                    conn.rbuf.extend_from_slice(&self.scratch[..n]);
+                    busy = true;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    self.drop_conn(c, i);
+                    return Ok(true);
+                }
+            }
+        }
+        while let Some(conn) = self.clients[c].conns[i].as_mut() {
+            let h = match decode_header(&conn.rbuf) {
+                Ok(Some(h)) => h,
+                Ok(None) => break,
+                Err(e) => return Err(format!("node {} sent a corrupt frame: {e}", node_id(i))),
+            };
+            let total = HEADER_BYTES + h.payload_bytes as usize;
+            if conn.rbuf.len() < total {
+                break;
+            }
+            let payload: Vec<u8> = conn.rbuf[HEADER_BYTES..total].to_vec();
+            conn.rbuf.drain(..total);
+            if h.verify_payload([&payload[..]]).is_err() {
+                return Err(format!("node {} sent a payload with a bad crc", node_id(i)));
+            }
+            if h.kind != Kind::Response {
+                return Err(format!("node {} sent a request {:?}", node_id(i), h.op));
+            }
+            if h.op == Op::Hello {
+                if h.status != Status::Ok {
+                    return Err(format!(
+                        "node {} refused the Hello: {:?}",
+                        node_id(i),
+                        h.status
+                    ));
+                }
+                continue;
+            }
+            self.answer(c, i, &h, &payload)?;
+        }
+        Ok(busy)
+    }
+
+    fn send(&mut self, c: usize, i: usize, id: u64) {
+        let epoch = self.table.epoch;
+        let cl = &mut self.clients[c];
+        let Some(op) = cl.ops.get_mut(&id) else {
+            return;
+        };
+        let q = cl.next_req;
+        cl.next_req = cl.next_req.wrapping_add(1).max(1);
+        op.want[i] = Want::Sent(q);
+        cl.reqs.insert(q, (id, i));
+        let zero = op
+            .write
+            .and_then(|w| self.writes.get(&w))
+            .is_some_and(|r| r.zero);
+        let mut h = Header::request(
+            match op.write {
+                Some(_) if zero => Op::Discard,
+                Some(_) => Op::Write,
+                None => Op::Read,
+            },
+            q,
+        );
+        h.volume = VOLUME;
+        h.offset = op.first * BS as u64;
+        h.length = (op.blocks * BS as u64) as u32;
+        h.epoch = epoch;
+        let mut data = Vec::new();
+        if let Some(w) = op.write {
+            let rec = &self.writes[&w];
+            h.version = rec.version;
+            h.attachment = cl.attachment;
+            if !rec.zero {
+                data = vec![0u8; op.blocks as usize * BS];
+                for b in 0..op.blocks {
+                    let at = b as usize * BS;
+                    fill_block(w, rec.version, op.first + b, &mut data[at..at + BS]);
+                }
+            }
+        }
+        let h = h.with_payload([&data[..]]);
+        let pipe = cl.conns[i].as_ref().map(|c| c.pipe);
+        if self.keep_all {
+            let line = format!(
+                "client {} sends request {q} ({:?} blocks {}+{}) to node {} on pipe {pipe:?}",
+                cl.attachment,
+                h.op,
+                op.first,
+                op.blocks,
+                node_id(i)
+            );
+            self.trace.push_back(line);
+        }
+        let cl = &mut self.clients[c];
+        if let Some(conn) = cl.conns[i].as_mut() {
+            conn.wbuf.extend_from_slice(&h.encode());
+            conn.wbuf.extend_from_slice(&data);
+        }
+    }
+
+    fn answer(&mut self, c: usize, i: usize, h: &Header, payload: &[u8]) -> Result<(), String> {
+        let now = self.now();
+        if self.keep_all {
+            self.log(format!(
+                "client {} answer {} {:?} from node {}",
+                self.clients[c].attachment,
+                h.request_id,
+                h.status,
+                node_id(i)
+            ));
+        }
+        let Some((id, r)) = self.clients[c].reqs.remove(&h.request_id) else {
+            return Ok(()); // an answer to a request given up
+        };
+        debug_assert_eq!(r, i);
+        let Some(op) = self.clients[c].ops.get_mut(&id) else {
+            return Ok(());
+        };
+        if op.want[i] != Want::Sent(h.request_id) {
+            return Ok(());
+        }
+        match (op.write, h.status) {
+            (Some(_), Status::Ok) => {
+                op.want[i] = Want::Done;
+                if op.want.iter().all(|w| *w == Want::Done) {
+                    let op = self.clients[c].ops.remove(&id).expect("present");
+                    let w = op.write.expect("a write");
+                    if let Some(rec) = self.writes.get_mut(&w) {
+                        rec.acked_at = Some(now);
+                        if rec.zero {
+                            self.report.discards_acked += 1;
+                        } else {
+                            self.report.writes_acked += 1;
+                        }
+                    }
+                    self.log(format!(
+                        "client {} write {w} acked (blocks {}+{})",
+                        self.clients[c].attachment, op.first, op.blocks
+                    ));
+                }
+            }
+            (Some(w), Status::OlderVersion) => {
+                // A newer write holds some block: write the range again
+                // with a newer version (as the client does).
+                let op = self.clients[c].ops.remove(&id).expect("present");
+                self.forget_requests(c, id);
+                let zero = self.writes.get(&w).is_some_and(|r| r.zero);
+                let newer = self.new_write(c, op.first, op.blocks, zero);
+                self.report.rewrites += 1;
+                self.log(format!(
+                    "client {} write {w}: OlderVersion from node {}, rewritten as {newer}",
+                    self.clients[c].attachment,
+                    node_id(i)
+                ));
+            }
+            (None, Status::Ok) => {
+                let op = self.clients[c].ops.remove(&id).expect("present");
+                self.check_read(c, i, &op, payload)?;
+            }
+            (_, Status::Busy | Status::Io | Status::Unavailable) => {
+                op.want[i] = Want::RetryAt(now + RETRY_US);
+            }
+            (_, s) => {
+                return Err(format!(
+                    "node {} answered {:?} to a {:?} of blocks {}+{}",
+                    node_id(i),
+                    s,
+                    h.op,
+                    op.first,
+                    op.blocks
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    /// Client `c`'s connection to node `i` is gone: what was sent on it is
+    /// sent again on the next one, with the same version.
+    fn drop_conn(&mut self, c: usize, i: usize) {
+        if let Some(conn) = &self.clients[c].conns[i] {
+            self.world.borrow_mut().reset(conn.pipe);
+        }
+        self.abandon_conn(c, i);
+    }
+
+    /// Client `c` gives up its connection to node `i` without a reset: the
+    /// node still reads what it carried, then its end. What was sent on it
+    /// is sent again on the next one.
+    fn abandon_conn(&mut self, c: usize, i: usize) {
+        if self.keep_all {
+            self.log(format!(
+                "client {} leaves its connection to node {}",
+                self.clients[c].attachment,
+                node_id(i)
+            ));
+        }
+        let cl = &mut self.clients[c];
+        cl.conns[i] = None;
+        let ops = &mut cl.ops;
+        cl.reqs.retain(|&q, &mut (op, r)| {
+            if r != i {
+                return true;
+            }
+            if let Some(op) = ops.get_mut(&op) {
+                if op.want[i] == Want::Sent(q) {
+                    op.want[i] = Want::Send;
+                }
+            }
+            false
+        });
+    }
+
+    /// The clients' unfinished requests, for a report.
+    fn describe_ops(&self) -> String {
+        let mut out = Vec::new();
+        for c in &self.clients {
+            for op in c.ops.values() {
+                out.push(format!(
+                    "client {} {} blocks {}+{} issued at {} µs, replicas {:?}",
+                    c.attachment,
+                    match op.write {
+                        Some(w) => format!("write {w}"),
+                        None => "read".into(),
+                    },
+                    op.first,
+                    op.blocks,
+                    op.issued_at,
+                    op.want
+                ));
+            }
+        }
+        for (i, n) in self.nodes.iter().enumerate() {
+            if let Some(core) = &n.core {
+                out.push(format!(
+                    "node {}: {} engine requests in flight, {} connections watched",
+                    node_id(i),
+                    core.engine_inflight(),
+                    core.net().pipes().len()
+                ));
+            }
+        }
+        out.join("; ")
+    }
+
+    fn forget_requests(&mut self, c: usize, op: u64) {
+        self.clients[c].reqs.retain(|_, (o, _)| *o != op);
+    }
+
+    /// The newest write acknowledged before `at` that covers `block`.
+    fn newest_acked(&self, block: u64, before: u64) -> Option<(u64, u64, bool)> {
+        self.by_block[block as usize]
+            .iter()
+            .filter_map(|id| self.writes.get(id).map(|w| (id, w)))
+            .filter(|(_, w)| w.acked_at.is_some_and(|t| t < before))
+            .map(|(&id, w)| (w.version, id, w.zero))
+            .max()
+    }
+
+    /// Whether a discard of `block` newer than `version` was sent.
+    fn discard_after(&self, block: u64, version: u64) -> bool {
+        self.by_block[block as usize]
+            .iter()
+            .filter_map(|id| self.writes.get(id))
+            .any(|w| w.zero && w.version > version)
+    }
+
+    fn check_read(&mut self, c: usize, i: usize, op: &ClientOp, data: &[u8]) -> Result<(), String> {
+        if data.len() != op.blocks as usize * BS {
+            return Err(format!(
+                "node {} returned {} bytes for a read of {} blocks",
+                node_id(i),
+                data.len(),
+                op.blocks
+            ));
+        }
+        let before = if op.verify { u64::MAX } else { op.issued_at };
+        let mut want = vec![0u8; BS];
+        for b in 0..op.blocks {
+            let block = op.first + b;
+            let got = &data[b as usize * BS..(b as usize + 1) * BS];
+            let wid = u64::from_le_bytes(got[..8].try_into().expect("8 bytes"));
+            let newest = self.newest_acked(block, before);
+            let who = format!(
+                "client {} read of block {block} from node {}",
+                self.clients[c].attachment,
+                node_id(i)
+            );
+            if wid == 0 {
+                if got.iter().any(|&x| x != 0) {
+                    return Err(format!("{who}: neither zeroes nor a write"));
+                }
+                match newest {
+                    Some((v, w, false)) if op.verify || !self.discard_after(block, v) => {
+                        return Err(format!(
+                            "{who}: zeroes, but write {w} (version {v}) was acknowledged before{}",
+                            if op.verify {
+                                " (at the end)"
+                            } else {
+                                " and no newer discard sent"
+                            }
+                        ));
+                    }
+                    _ => {}
+                }
+                continue;
+            }
+            let Some(rec) = self.writes.get(&wid) else {
+                return Err(format!("{who}: names write {wid}, never sent"));
+            };
+            if !(rec.first <= block && block < rec.first + rec.blocks) {
+                return Err(format!("{who}: holds write {wid}, which did not cover it"));
+            }
+            fill_block(wid, rec.version, block, &mut want);
+            if got != &want[..] {
+                return Err(format!("{who}: write {wid}'s block is corrupt"));
+            }
+            if rec.zero {
+                return Err(format!("{who}: holds data naming discard {wid}"));
+            }
+            if let Some((v, w, _)) = newest {
+                if rec.version < v {
+                    return Err(format!(
+                        "{who}: write {wid} (version {}), older than write {w} (version {v}) acknowledged before the read",
+                        rec.version
+                    ));
+                }
+                if op.verify && rec.version != v {
+                    return Err(format!(
+                        "{who} at the end: write {wid} (version {}), not the newest acknowledged, write {w} (version {v})",
+                        rec.version
+                    ));
+                }
+            } else if op.verify {
+                return Err(format!(
+                    "{who} at the end: write {wid}, never acknowledged, where no write was"
+                ));
+            }
+        }
+        self.report.reads_checked += 1;
+        if op.verify {
+            self.report.blocks_verified += op.blocks;
+        }
+        Ok(())
+    }
+
+    /// At the end: every block from every replica, through client 1.
+    fn verify(&mut self) -> Result<(), String> {
+        self.log("verifying every block on every replica".into());
+        let now = self.now();
+        for first in (0..BLOCKS).step_by(4) {
+            for target in 0..NODES {
+                let mut want = [Want::Done; NODES];
+                want[target] = Want::Send;
+                let cl = &mut self.clients[0];
+                let id = cl.next_op;
+                cl.next_op += 1;
+                cl.ops.insert(
+                    id,
+                    ClientOp {
+                        write: None,
+                        first,
+                        blocks: 4,
+                        want,
+                        issued_at: now,
+                        verify: true,
+                    },
+                );
+            }
+        }
+        let mut rounds = 0u64;
+        while !self.clients[0].ops.is_empty() {
+            rounds += 1;
+            if rounds > 5_000_000 {
+                return Err("the final reads never finished".into());
+            }
+            self.world.borrow_mut().deliver();
+            for n in &mut self.nodes {
+                let Some(core) = n.core.as_mut() else {
+                    continue;
+                };
+                let ready = core.net().ready();
+                if !ready.is_empty() {
+                    core.woke();
+                }
+                for (c, r, w) in ready {
+                    core.ready(c, r, w);
+                }
+                core.turn();
+            }
+            self.client_step(0)?;
+            let next = self.world.borrow().next_arrival().unwrap_or(0);
+            let mut w = self.world.borrow_mut();
+            w.now_us = (w.now_us + 2).max(next.min(w.now_us + 1_000));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,77 @@
+//! The data-path simulation in CI: real node cores over real engines on
+//! simulated disks and a simulated network (see `celer_sim::data`), a
+//! fixed set of seeds, a few random ones, and replay.
+
+use std::time::Instant;
+
+use celer_sim::{run_data, DataSimConfig};
+
+/// Seeds CI runs every time.
+const FIXED_SEEDS: std::ops::Range<u64> = 0..24;
+
+fn failure(seed: u64, r: &celer_sim::DataReport, started: Instant) -> String {
+    format!(
+        "{}replay: celer sim --data --seed {seed} --trace",
+        r.render(started.elapsed())
+    )
+}
+
+#[test]
+fn the_fixed_data_seeds_lose_no_acknowledged_write() {
+    let started = Instant::now();
+    let mut acked = 0;
+    let mut crashes = 0;
+    let mut verified = 0;
+    let mut sim_us = 0;
+    let mut failed = Vec::new();
+    for seed in FIXED_SEEDS {
+        let t = Instant::now();
+        let r = run_data(&DataSimConfig::new(seed), false);
+        println!("{}", r.render(t.elapsed()).trim_end());
+        acked += r.writes_acked;
+        crashes += r.crashes;
+        verified += r.blocks_verified;
+        sim_us += r.sim_us;
+        if r.violation.is_some() {
+            failed.push(failure(seed, &r, t));
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} seed(s) failed:\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
+    let n = FIXED_SEEDS.end - FIXED_SEEDS.start;
+    // The runs must load the nodes, cut their power and check every block.
+    assert!(acked > 1000 * n, "{acked} writes acknowledged");
+    assert!(crashes > 2 * n, "{crashes} power cuts");
+    assert_eq!(verified, 3 * 96 * n, "blocks verified on every replica");
+    let wall = started.elapsed().as_secs_f64();
+    println!(
+        "{n} data seeds: {acked} writes acknowledged, {crashes} power cuts, {verified} blocks verified; {:.1} s simulated in {wall:.1} s ({:.0}x real time)",
+        sim_us as f64 / 1e6,
+        sim_us as f64 / 1e6 / wall
+    );
+}
+
+#[test]
+fn a_data_seed_replays_exactly() {
+    let a = run_data(&DataSimConfig::new(5), true);
+    let b = run_data(&DataSimConfig::new(5), true);
+    assert!(a.trace.len() > 100, "{} trace lines", a.trace.len());
+    assert_eq!(a.trace, b.trace);
+    assert_eq!(a.writes_acked, b.writes_acked);
+    assert_eq!(a.net_bytes, b.net_bytes);
+}
+
+#[test]
+fn random_data_seeds() {
+    for _ in 0..3 {
+        let seed = rand::random::<u64>() >> 1;
+        let t = Instant::now();
+        let r = run_data(&DataSimConfig::new(seed), false);
+        println!("{}", r.render(t.elapsed()).trim_end());
+        assert!(r.violation.is_none(), "{}", failure(seed, &r, t));
+    }
+}
