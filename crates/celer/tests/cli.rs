@@ -486,3 +486,46 @@ fn sim_replays_a_seed_and_rejects_bad_arguments() {
     );
     fails_with(&["sim"], "--seed");
 }
+
+/// `celer sim --data` replays a seed exactly: the trace (every request and
+/// answer) twice the same, the summary's figures too (its wall-clock part
+/// aside); bad arguments are refused.
+#[test]
+fn sim_data_replays_a_seed() {
+    let run = |seed: &str| -> (Vec<String>, String) {
+        let out = succeeds(&[
+            "sim", "--data", "--seed", seed, "--millis", "200", "--trace",
+        ]);
+        let lines: Vec<String> = out.lines().map(str::to_string).collect();
+        assert!(lines.len() > 500, "a short trace:\n{out}");
+        let summary = lines.last().cloned().unwrap_or_default();
+        assert!(
+            summary.starts_with(&format!("data seed {seed}: ")),
+            "{summary}"
+        );
+        assert!(
+            summary.contains("blocks verified on every replica"),
+            "{summary}"
+        );
+        // The figures after the wall-clock ones.
+        let figures = summary
+            .split_once("/s wall), ")
+            .map(|(_, f)| f.to_string())
+            .unwrap_or_default();
+        assert!(figures.contains("power cuts"), "{summary}");
+        (lines[..lines.len() - 1].to_vec(), figures)
+    };
+    let (a, fa) = run("3");
+    let (b, fb) = run("3");
+    assert_eq!(a, b, "seed 3 ran two different ways");
+    assert_eq!(fa, fb);
+    assert_ne!(a, run("4").0);
+    fails_with(
+        &["sim", "--data", "--seed", "1", "--millis", "0"],
+        "0 is not in 1..=3600000",
+    );
+    fails_with(
+        &["sim", "--data", "--engine", "--seed", "1"],
+        "cannot be used with",
+    );
+}
