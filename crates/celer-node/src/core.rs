@@ -7,14 +7,15 @@
 //! which are ready ([`NodeCore::ready`]) and calls [`NodeCore::turn`]
 //! between waits of at most [`NodeCore::wait`], exactly what the
 //! production loop (`shard/event_loop.rs`) does around epoll. What is not
-//! in it: the acceptor's handshake (a driver adopts connections whose peer
-//! it already knows), the agent, the admin API and TLS.
+//! in it: the acceptor (a driver sends the Challenge, checks the Hello with
+//! `HelloProof::check` and adopts the connection), the agent, the admin
+//! API and TLS.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use celer_engine::{Disk, Shard};
-use celer_proto::auth::{Capability, Key, Peer};
+use celer_proto::auth::{Key, MacBytes, Nonce, Peer};
 use celer_proto::{Header, Op};
 use celer_route::{NodeId, RouteTable};
 
@@ -65,19 +66,28 @@ impl<D: Disk, N: Net> NodeCore<D, N> {
         self.inner.on_msg(ShardMsg::Route(inst));
     }
 
-    /// Takes a connection from an attachment whose capability the driver
-    /// checked (as the acceptor does): the shard answers its `hello`
-    /// (request id, shard, sender) and serves it within the capability.
-    pub fn adopt_attachment(&mut self, stream: N::Stream, cap: Capability, hello: Header) {
+    /// Takes a connection whose Hello the driver checked, as the node's
+    /// acceptor does (`celer_proto::auth::HelloProof::check`): `peer` is
+    /// who it proved to be, `node_nonce` the Challenge's nonce and `answer`
+    /// the node's proof (`HelloProof::answer`). The shard answers the Hello
+    /// and serves the connection.
+    pub fn adopt(
+        &mut self,
+        stream: N::Stream,
+        hello: Header,
+        peer: Peer,
+        node_nonce: Nonce,
+        answer: MacBytes,
+    ) {
         debug_assert_eq!(hello.op, Op::Hello);
         self.inner.adopt(
             stream,
             Adopted {
                 wire: Wire::Plain,
                 hello,
-                peer: Peer::Attachment(cap),
-                node_nonce: [0; celer_proto::auth::NONCE_BYTES],
-                answer: [0; celer_proto::auth::MAC_BYTES],
+                peer,
+                node_nonce,
+                answer,
                 ticket: None,
             },
         );

@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use celer_engine::{Engine, FormatOptions, OpenOptions};
 use celer_node::core::{CoreConfig, NodeCore};
-use celer_proto::auth::Capability;
+use celer_proto::auth::{Capability, Credential, HelloProof, Nonce, NONCE_BYTES};
 use celer_proto::{clock_of_unix_ms, decode_header, Header, Kind, Op, Status, HEADER_BYTES};
 use celer_route::{NodeInfo, RouteTable};
 use rand::rngs::StdRng;
@@ -57,6 +57,9 @@ const TRACE_KEEP: usize = 80;
 const CLIENT_DEPTH: usize = 8;
 /// A replica that answered Busy, Io or Unavailable is asked again after this.
 const RETRY_US: u64 = 2_000;
+/// The cluster's data key: nodes prove it to each other, capabilities are
+/// signed with it.
+const DATA_KEY: [u8; 32] = [7; 32];
 
 /// What to simulate.
 #[derive(Clone, Debug)]
@@ -98,6 +101,8 @@ pub struct DataReport {
     /// Simulated time at the end (µs).
     pub sim_us: u64,
     pub writes_acked: u64,
+    /// Of them, sent to the primary, which forwarded them.
+    pub primary_writes: u64,
     pub rewrites: u64,
     pub reads_checked: u64,
     pub crashes: u64,
@@ -115,7 +120,7 @@ impl DataReport {
     pub fn render(&self, wall: Duration) -> String {
         let secs = self.sim_us as f64 / 1e6;
         let mut s = format!(
-            "data seed {}: {:.2} s simulated in {:.2} s ({:.0}x real time), {} writes acknowledged ({:.0}/s simulated, {:.0}/s wall), {} rewritten after OlderVersion, {} discards acknowledged, {} reads checked, {} power cuts, {} resets, {} stalled connections given up, {} blocks verified on every replica, {} network bytes\n",
+            "data seed {}: {:.2} s simulated in {:.2} s ({:.0}x real time), {} writes acknowledged ({:.0}/s simulated, {:.0}/s wall), {} of them through the primary, {} rewritten after OlderVersion, {} discards acknowledged, {} reads checked, {} power cuts, {} resets, {} stalled connections given up, {} blocks verified on every replica, {} network bytes\n",
             self.seed,
             secs,
             wall.as_secs_f64(),
@@ -123,6 +128,7 @@ impl DataReport {
             self.writes_acked,
             self.writes_acked as f64 / secs.max(1e-9),
             self.writes_acked as f64 / wall.as_secs_f64().max(1e-9),
+            self.primary_writes,
             self.rewrites,
             self.discards_acked,
             self.reads_checked,
@@ -200,8 +206,11 @@ struct ClientOp {
     write: Option<u64>,
     first: u64,
     blocks: u64,
-    /// Write: per replica. Read: only the replica asked.
+    /// Write: per replica (the primary only for a `WritePrimary`). Read:
+    /// only the replica asked.
     want: [Want; NODES],
+    /// Sent as a `WritePrimary` (the primary forwards it).
+    primary: bool,
     issued_at: u64,
     /// Final check: a read that must return the newest acknowledged write.
     verify: bool,
@@ -211,11 +220,40 @@ struct ClientConn {
     stream: SimStream,
     pipe: usize,
     rbuf: Vec<u8>,
+    /// Bytes to send (the Hello, then requests).
     wbuf: Vec<u8>,
+    /// Requests queued before the node's Challenge came.
+    held: Vec<u8>,
+    hs: ClientHs,
+}
+
+/// A client connection's handshake, as Celer's client does it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ClientHs {
+    /// Nothing is sent until the node's Challenge.
+    AwaitChallenge,
+    /// The Hello went out: the node must prove the key in its answer.
+    AwaitAnswer {
+        node_nonce: Nonce,
+        peer_nonce: Nonce,
+    },
+    Ready,
+}
+
+/// A connection at a node's acceptor: the Challenge goes out, the Hello is
+/// read (exactly, so what follows stays for the shard) and checked, then
+/// the node's core adopts it.
+struct Accepting {
+    node: usize,
+    stream: SimStream,
+    nonce: Nonce,
+    challenged: bool,
+    got: Vec<u8>,
 }
 
 struct Client {
     attachment: u32,
+    cap: Capability,
     hlc: u64,
     conns: [Option<ClientConn>; NODES],
     ops: BTreeMap<u64, ClientOp>,
@@ -243,6 +281,7 @@ struct DataSim {
     faults: bool,
     /// Where clients read into.
     scratch: Vec<u8>,
+    accepting: Vec<Accepting>,
 }
 
 fn engine_opts() -> OpenOptions {
@@ -309,6 +348,7 @@ impl DataSim {
         let clients = (0..2)
             .map(|i| Client {
                 attachment: i + 1,
+                cap: Capability::mint(&DATA_KEY, VOLUME, i + 1, 0, false, u64::MAX),
                 hlc: 0,
                 conns: [None, None, None],
                 ops: BTreeMap::new(),
@@ -336,6 +376,7 @@ impl DataSim {
             keep_all,
             faults: true,
             scratch: vec![0; 16 << 10],
+            accepting: Vec::new(),
         };
         for i in 0..NODES {
             sim.start_node(i)?;
@@ -363,12 +404,24 @@ impl DataSim {
             .ok_or("no engine shard")?;
         let cfg = CoreConfig {
             node: node_id(i),
-            data_key: [7; 32],
+            data_key: DATA_KEY,
             forward_timeout: Duration::from_secs(2),
         };
         let mut core = NodeCore::new(&cfg, shard, SimNet::new(&self.world));
         core.install_route(self.table.clone());
         self.nodes[i].core = Some(core);
+        Ok(())
+    }
+
+    /// Nodes whose down time is over start again on their disks.
+    fn restart_due_nodes(&mut self) -> Result<(), String> {
+        let now = self.now();
+        for i in 0..NODES {
+            if self.nodes[i].core.is_none() && now >= self.nodes[i].up_at {
+                self.start_node(i)?;
+                self.log(format!("node {} restarted", node_id(i)));
+            }
+        }
         Ok(())
     }
 
@@ -441,14 +494,9 @@ impl DataSim {
                     }
                 }
             }
-            for i in 0..NODES {
-                if self.nodes[i].core.is_none() && now >= self.nodes[i].up_at {
-                    self.start_node(i)?;
-                    self.log(format!("node {} restarted", node_id(i)));
-                }
-            }
+            self.restart_due_nodes()?;
             self.world.borrow_mut().deliver();
-            let mut busy = false;
+            let mut busy = self.accept_step()?;
             for n in &mut self.nodes {
                 let Some(core) = n.core.as_mut() else {
                     continue;
@@ -563,6 +611,7 @@ impl DataSim {
                     first,
                     blocks,
                     want,
+                    primary: false,
                     issued_at: now,
                     verify: false,
                 },
@@ -591,6 +640,25 @@ impl DataSim {
         for b in first..first + blocks {
             self.by_block[b as usize].push(wid);
         }
+        // Writes of more than a block go to the partition's primary, which
+        // writes and forwards them to the other members (as the client
+        // sends writes above 4 KiB); the rest to every member.
+        let primary = (!zero && blocks > 1)
+            .then(|| {
+                let p = self.table.partition_at(VOLUME, first * BS as u64);
+                let node = self.table.partition(p).and_then(|r| r.primary())?;
+                (0..NODES).find(|&i| node_id(i) == node)
+            })
+            .flatten();
+        let want = match primary {
+            Some(p) => {
+                let mut w = [Want::Done; NODES];
+                w[p] = Want::Send;
+                w
+            }
+            None => [Want::Send; NODES],
+        };
+        let cl = &mut self.clients[c];
         let id = cl.next_op;
         cl.next_op += 1;
         cl.ops.insert(
@@ -599,7 +667,8 @@ impl DataSim {
                 write: Some(wid),
                 first,
                 blocks,
-                want: [Want::Send; NODES],
+                want,
+                primary: primary.is_some(),
                 issued_at: now,
                 verify: false,
             },
@@ -613,30 +682,145 @@ impl DataSim {
         if self.clients[c].conns[i].is_some() {
             return true;
         }
-        let Some(core) = self.nodes[i].core.as_mut() else {
+        if self.nodes[i].core.is_none() {
             return false;
-        };
+        }
         let (client_end, node_end) = World::pipe(&self.world);
-        let cl = &mut self.clients[c];
-        let cap = Capability {
-            volume: VOLUME,
-            attachment: cl.attachment,
-            fence: 0,
-            read_only: false,
-            expires_unix_ms: u64::MAX,
-            mac: [0; 32],
-        };
-        let mut hello = Header::request(Op::Hello, 0);
-        hello.volume = cl.attachment as u64;
-        core.adopt_attachment(node_end, cap, hello);
+        self.accept(i, node_end);
         let pipe = client_end.pipe;
-        cl.conns[i] = Some(ClientConn {
+        self.clients[c].conns[i] = Some(ClientConn {
             stream: client_end,
             pipe,
             rbuf: Vec::new(),
             wbuf: Vec::new(),
+            held: Vec::new(),
+            hs: ClientHs::AwaitChallenge,
         });
         true
+    }
+
+    /// Node `i`'s acceptor takes a new connection.
+    fn accept(&mut self, i: usize, stream: SimStream) {
+        let mut nonce = [0u8; NONCE_BYTES];
+        self.rng.fill(&mut nonce[..]);
+        self.accepting.push(Accepting {
+            node: i,
+            stream,
+            nonce,
+            challenged: false,
+            got: Vec::new(),
+        });
+    }
+
+    /// Acceptors: connections node cores opened go to the node at their
+    /// address; every pending one gets its Challenge, its Hello read and
+    /// checked (`HelloProof::check`, as `celer-node`'s acceptor does), and
+    /// goes to its node's core. Whether anything moved.
+    fn accept_step(&mut self) -> Result<bool, String> {
+        let mut busy = false;
+        let opened: Vec<_> = self.world.borrow_mut().accepts.drain(..).collect();
+        for (addr, stream) in opened {
+            busy = true;
+            let to = self
+                .table
+                .nodes
+                .iter()
+                .position(|n| n.data_addr.parse().ok() == Some(addr));
+            match to {
+                Some(i) if self.nodes[i].core.is_some() => self.accept(i, stream),
+                // Connection refused.
+                _ => self.world.borrow_mut().reset(stream.pipe),
+            }
+        }
+        let mut k = 0;
+        while k < self.accepting.len() {
+            let a = &mut self.accepting[k];
+            let pipe = a.stream.pipe;
+            if self.world.borrow().is_reset(pipe) || self.nodes[a.node].core.is_none() {
+                self.world.borrow_mut().reset(pipe);
+                self.accepting.swap_remove(k);
+                continue;
+            }
+            if !a.challenged {
+                let h = Header::request(Op::Challenge, 0).with_payload([&a.nonce[..]]);
+                let mut out = h.encode().to_vec();
+                out.extend_from_slice(&a.nonce);
+                let mut at = 0;
+                while at < out.len() {
+                    match a.stream.write(&out[at..]) {
+                        Ok(n) => at += n,
+                        Err(e) => return Err(format!("acceptor: Challenge not sent: {e}")),
+                    }
+                }
+                a.challenged = true;
+                busy = true;
+            }
+            // Exactly the Hello: its header, then its payload.
+            let need = if a.got.len() < HEADER_BYTES {
+                HEADER_BYTES
+            } else {
+                match decode_header(&a.got[..HEADER_BYTES]) {
+                    Ok(Some(h)) if h.kind == Kind::Request && h.op == Op::Hello => {
+                        HEADER_BYTES + (h.payload_bytes as usize).min(HelloProof::MAX_BYTES)
+                    }
+                    other => {
+                        return Err(format!(
+                            "acceptor of node {}: first frame is not a Hello: {other:?}",
+                            node_id(a.node)
+                        ))
+                    }
+                }
+            };
+            let have = a.got.len();
+            if have < need {
+                a.got.resize(need, 0);
+                match a.stream.read(&mut a.got[have..need]) {
+                    Ok(0) => {
+                        self.accepting.swap_remove(k);
+                        continue;
+                    }
+                    Ok(n) => {
+                        a.got.truncate(have + n);
+                        busy = true;
+                    }
+                    Err(_) => a.got.truncate(have),
+                }
+                // The header alone, or not all of it: read on.
+                if a.got.len() <= HEADER_BYTES || a.got.len() < need {
+                    k += 1;
+                    continue;
+                }
+            }
+            let a = self.accepting.swap_remove(k);
+            let Ok(Some(h)) = decode_header(&a.got[..HEADER_BYTES]) else {
+                return Err("acceptor: the Hello's header went bad".into());
+            };
+            if h.verify_payload([&a.got[HEADER_BYTES..]]).is_err() {
+                return Err(format!(
+                    "acceptor of node {} (pipe {}): a Hello with a bad crc: {h:?}, {} bytes",
+                    node_id(a.node),
+                    a.stream.pipe,
+                    a.got.len()
+                ));
+            }
+            let unix_ms = self.world.borrow().unix_ms();
+            let (peer, peer_nonce) = HelloProof::check(
+                &a.got[HEADER_BYTES..],
+                &DATA_KEY,
+                &a.nonce,
+                h.offset as u16,
+                h.volume,
+                false,
+                unix_ms,
+            )
+            .map_err(|e| format!("acceptor of node {}: Hello refused: {e}", node_id(a.node)))?;
+            let answer = HelloProof::answer(&peer.key(&DATA_KEY), &a.nonce, &peer_nonce);
+            if let Some(core) = self.nodes[a.node].core.as_mut() {
+                core.adopt(a.stream, h, peer, a.nonce, answer);
+            }
+            busy = true;
+        }
+        Ok(busy)
     }
 
     fn client_conn_io(&mut self, c: usize, i: usize) -> Result<bool, String> {
@@ -712,16 +896,69 @@ impl DataSim {
             if h.verify_payload([&payload[..]]).is_err() {
                 return Err(format!("node {} sent a payload with a bad crc", node_id(i)));
             }
+            if h.kind == Kind::Request
+                && h.op == Op::Challenge
+                && conn.hs == ClientHs::AwaitChallenge
+            {
+                let node_nonce: Nonce = payload[..].try_into().map_err(|_| {
+                    format!(
+                        "node {}: a Challenge of {} bytes",
+                        node_id(i),
+                        payload.len()
+                    )
+                })?;
+                let mut peer_nonce = [0u8; NONCE_BYTES];
+                self.rng.fill(&mut peer_nonce[..]);
+                let cl = &self.clients[c];
+                let cred = Credential::Attachment {
+                    capability: cl.cap,
+                    key: cl.cap.attachment_key(&DATA_KEY),
+                };
+                let sender = cl.attachment as u64;
+                let proof = HelloProof::build(&cred, &node_nonce, &peer_nonce, 0, sender, false);
+                let mut hello = Header::request(Op::Hello, 0);
+                hello.offset = 0;
+                hello.volume = sender;
+                let hello = hello.with_payload([&proof[..]]);
+                let Some(conn) = self.clients[c].conns[i].as_mut() else {
+                    break;
+                };
+                conn.wbuf.extend_from_slice(&hello.encode());
+                conn.wbuf.extend_from_slice(&proof);
+                // Requests go right behind the Hello (the acceptor reads
+                // exactly the Hello; the shard reads what follows).
+                let held = std::mem::take(&mut conn.held);
+                conn.wbuf.extend_from_slice(&held);
+                conn.hs = ClientHs::AwaitAnswer {
+                    node_nonce,
+                    peer_nonce,
+                };
+                busy = true;
+                continue;
+            }
             if h.kind != Kind::Response {
                 return Err(format!("node {} sent a request {:?}", node_id(i), h.op));
             }
             if h.op == Op::Hello {
-                if h.status != Status::Ok {
+                let ClientHs::AwaitAnswer {
+                    node_nonce,
+                    peer_nonce,
+                } = conn.hs
+                else {
+                    return Err(format!("node {}: a Hello answer out of turn", node_id(i)));
+                };
+                let key = self.clients[c].cap.attachment_key(&DATA_KEY);
+                if h.status != Status::Ok
+                    || !HelloProof::check_answer(&key, &node_nonce, &peer_nonce, &payload)
+                {
                     return Err(format!(
-                        "node {} refused the Hello: {:?}",
+                        "node {} refused the Hello ({:?}) or did not prove the key",
                         node_id(i),
                         h.status
                     ));
+                }
+                if let Some(conn) = self.clients[c].conns[i].as_mut() {
+                    conn.hs = ClientHs::Ready;
                 }
                 continue;
             }
@@ -747,6 +984,7 @@ impl DataSim {
         let mut h = Header::request(
             match op.write {
                 Some(_) if zero => Op::Discard,
+                Some(_) if op.primary => Op::WritePrimary,
                 Some(_) => Op::Write,
                 None => Op::Read,
             },
@@ -784,8 +1022,13 @@ impl DataSim {
         }
         let cl = &mut self.clients[c];
         if let Some(conn) = cl.conns[i].as_mut() {
-            conn.wbuf.extend_from_slice(&h.encode());
-            conn.wbuf.extend_from_slice(&data);
+            let out = if conn.hs == ClientHs::AwaitChallenge {
+                &mut conn.held
+            } else {
+                &mut conn.wbuf
+            };
+            out.extend_from_slice(&h.encode());
+            out.extend_from_slice(&data);
         }
     }
 
@@ -822,6 +1065,7 @@ impl DataSim {
                             self.report.discards_acked += 1;
                         } else {
                             self.report.writes_acked += 1;
+                            self.report.primary_writes += op.primary as u64;
                         }
                     }
                     self.log(format!(
@@ -1052,6 +1296,7 @@ impl DataSim {
                         first,
                         blocks: 4,
                         want,
+                        primary: false,
                         issued_at: now,
                         verify: true,
                     },
@@ -1064,7 +1309,9 @@ impl DataSim {
             if rounds > 5_000_000 {
                 return Err("the final reads never finished".into());
             }
+            self.restart_due_nodes()?;
             self.world.borrow_mut().deliver();
+            self.accept_step()?;
             for n in &mut self.nodes {
                 let Some(core) = n.core.as_mut() else {
                     continue;

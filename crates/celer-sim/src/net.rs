@@ -49,6 +49,9 @@ pub struct World {
     /// Bytes moved end to end.
     pub bytes: u64,
     pub resets: u64,
+    /// Connections a node core opened (`Net::connect`), for the simulator
+    /// to hand to the listener at the address: (address, listener's end).
+    pub accepts: VecDeque<(SocketAddr, SimStream)>,
 }
 
 #[derive(Default)]
@@ -81,6 +84,7 @@ impl World {
             pipes: Vec::new(),
             bytes: 0,
             resets: 0,
+            accepts: VecDeque::new(),
         }))
     }
 
@@ -218,8 +222,8 @@ impl SimStream {
                 break;
             }
             let k = left.min(b.len());
-            let got = d.arrived.read(&mut b[..k])?;
-            debug_assert_eq!(got, k);
+            // Both halves of the ring when it wraps.
+            d.arrived.read_exact(&mut b[..k])?;
             left -= k;
         }
         d.held -= n;
@@ -346,12 +350,11 @@ impl celer_node::net::Net for SimNet {
     }
 
     fn connect(&mut self, addr: SocketAddr) -> io::Result<SimStream> {
-        // Node-to-node connections (forwards, backfill, repair) are not
-        // simulated yet: the simulator's clients write every replica.
-        Err(io::Error::new(
-            io::ErrorKind::ConnectionRefused,
-            format!("{addr}: the simulator has no node-to-node connections yet"),
-        ))
+        // The simulator gives the other end to whoever listens at `addr`
+        // (or resets it: connection refused).
+        let (mine, theirs) = World::pipe(&self.world);
+        self.world.borrow_mut().accepts.push_back((addr, theirs));
+        Ok(mine)
     }
 
     fn watch(&mut self, c: usize, s: &SimStream, read: bool, write: bool) {

@@ -20,6 +20,7 @@ fn failure(seed: u64, r: &celer_sim::DataReport, started: Instant) -> String {
 fn the_fixed_data_seeds_lose_no_acknowledged_write() {
     let started = Instant::now();
     let mut acked = 0;
+    let mut primary = 0;
     let mut crashes = 0;
     let mut verified = 0;
     let mut sim_us = 0;
@@ -29,6 +30,7 @@ fn the_fixed_data_seeds_lose_no_acknowledged_write() {
         let r = run_data(&DataSimConfig::new(seed), false);
         println!("{}", r.render(t.elapsed()).trim_end());
         acked += r.writes_acked;
+        primary += r.primary_writes;
         crashes += r.crashes;
         verified += r.blocks_verified;
         sim_us += r.sim_us;
@@ -45,6 +47,8 @@ fn the_fixed_data_seeds_lose_no_acknowledged_write() {
     let n = FIXED_SEEDS.end - FIXED_SEEDS.start;
     // The runs must load the nodes, cut their power and check every block.
     assert!(acked > 1000 * n, "{acked} writes acknowledged");
+    // Writes above a block go through the primary's forwards.
+    assert!(primary > 200 * n, "{primary} writes through the primary");
     assert!(crashes > 2 * n, "{crashes} power cuts");
     assert_eq!(verified, 3 * 96 * n, "blocks verified on every replica");
     let wall = started.elapsed().as_secs_f64();
