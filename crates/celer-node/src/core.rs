@@ -122,6 +122,12 @@ impl<D: Disk, N: Net> NodeCore<D, N> {
         self.inner.net_mut()
     }
 
+    /// Connections the core closed because the peer broke the protocol (a
+    /// corrupt frame, a frame out of turn, a failed node proof).
+    pub fn protocol_errors(&self) -> u64 {
+        self.inner.protocol_errors()
+    }
+
     /// Requests in the engine.
     pub fn engine_inflight(&self) -> usize {
         self.inner.engine_inflight()

@@ -80,6 +80,7 @@ pub struct NodeMetrics {
     backfill_unlisted: Family<ShardLabel, Gauge>,
     client_conns: Family<ShardLabel, Counter>,
     idle_closed: Family<ShardLabel, Counter>,
+    protocol_errors: Family<ShardLabel, Counter>,
     repairs: Family<RepairLabels, Counter>,
     scrub_bytes: Family<ShardLabel, Counter>,
     scrub_damaged: Family<ShardLabel, Counter>,
@@ -110,6 +111,7 @@ pub(crate) struct ShardCounters {
     backfill_unlisted: Gauge,
     client_conns: Counter,
     idle_closed: Counter,
+    protocol_errors: Counter,
     /// By `RepairResult` (in its order).
     repairs: [Counter; 4],
     scrub_bytes: Counter,
@@ -160,6 +162,7 @@ impl NodeMetrics {
         let backfill_unlisted = Family::<ShardLabel, Gauge>::default();
         let client_conns = Family::<ShardLabel, Counter>::default();
         let idle_closed = Family::<ShardLabel, Counter>::default();
+        let protocol_errors = Family::<ShardLabel, Counter>::default();
         let repairs = Family::<RepairLabels, Counter>::default();
         let scrub_bytes = Family::<ShardLabel, Counter>::default();
         let scrub_damaged = Family::<ShardLabel, Counter>::default();
@@ -237,6 +240,11 @@ impl NodeMetrics {
             idle_closed.clone(),
         );
         registry.register(
+            "protocol_errors",
+            "Connections this shard closed because the peer broke the protocol (a corrupt frame, a frame out of turn, a failed node proof)",
+            protocol_errors.clone(),
+        );
+        registry.register(
             "route_epoch",
             "Epoch of the installed route table",
             epoch.clone(),
@@ -261,6 +269,7 @@ impl NodeMetrics {
             backfill_unlisted,
             client_conns,
             idle_closed,
+            protocol_errors,
             repairs,
             scrub_bytes,
             scrub_damaged,
@@ -330,6 +339,10 @@ impl NodeMetrics {
                 .idle_closed
                 .get_or_create(&ShardLabel { shard })
                 .clone(),
+            protocol_errors: self
+                .protocol_errors
+                .get_or_create(&ShardLabel { shard })
+                .clone(),
             repairs: REPAIR_RESULTS.map(|result| {
                 self.repairs
                     .get_or_create(&RepairLabels { shard, result })
@@ -384,6 +397,15 @@ impl ShardCounters {
     }
     pub(crate) fn idle_closed(&self) {
         self.idle_closed.inc();
+    }
+
+    pub(crate) fn protocol_error(&self) {
+        self.protocol_errors.inc();
+    }
+
+    /// Connections closed for protocol errors so far.
+    pub(crate) fn protocol_errors(&self) -> u64 {
+        self.protocol_errors.get()
     }
     pub(crate) fn add_scrub_bytes(&self, n: u64) {
         self.scrub_bytes.inc_by(n);

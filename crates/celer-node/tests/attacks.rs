@@ -551,3 +551,77 @@ fn a_connection_without_a_hello_is_closed_at_the_handshake_deadline() {
     );
     n.stop().expect("stop");
 }
+
+/// GET /metrics from the node's admin port (open to scrapers).
+fn metrics(n: &Node) -> String {
+    let mut s = TcpStream::connect(n.admin_addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("send");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("response");
+    resp
+}
+
+/// The counter's value for `shard` in a /metrics page (0 if absent).
+fn protocol_errors(page: &str, shard: u16) -> u64 {
+    let want = format!("celer_node_protocol_errors_total{{shard=\"{shard}\"}} ");
+    page.lines()
+        .find_map(|l| l.strip_prefix(&want))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A proven peer that then sends a corrupt frame (a flipped bit in the
+/// header) or a response where a request belongs is cut off, and the shard
+/// counts it in `celer_node_protocol_errors_total`: on a healthy network
+/// that stays 0 (the data-path simulator checks so), so a rising count says
+/// someone sends garbage. A peer that just hangs up is not counted.
+#[test]
+fn a_corrupt_or_out_of_turn_frame_closes_the_connection_and_is_counted() {
+    let s = setup();
+    let n = &s.nodes[0];
+    assert_eq!(protocol_errors(&metrics(n), 0), 0);
+    let closed = |mut w: Wire| {
+        let mut buf = [0u8; 256];
+        match w.s.read(&mut buf) {
+            Ok(0) => true,
+            Ok(k) => panic!("{k} bytes instead of the connection's end"),
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
+    };
+    // A corrupt frame.
+    let mut w = Wire::connect(n, 0);
+    let mut h = Header::request(Op::Ping, 9).encode();
+    h[40] ^= 0x04;
+    w.s.write_all(&h).expect("send");
+    assert!(
+        closed(w),
+        "the node keeps a connection that sent a corrupt frame"
+    );
+    // A response frame from a client.
+    let mut w = Wire::connect(n, 0);
+    let r = Header::response_to(&Header::request(Op::Ping, 3), Status::Ok).encode();
+    w.s.write_all(&r).expect("send");
+    assert!(
+        closed(w),
+        "the node keeps a connection that sent a response"
+    );
+    // A peer that hangs up.
+    drop(Wire::connect(n, 0));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let counted = protocol_errors(&metrics(n), 0);
+        if counted == 2 || Instant::now() > deadline {
+            assert_eq!(counted, 2, "{}", metrics(n));
+            // And the hang-up, long handled by now, did not add to it.
+            std::thread::sleep(Duration::from_millis(200));
+            assert_eq!(protocol_errors(&metrics(n), 0), 2);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The other shard saw nothing.
+    assert_eq!(protocol_errors(&metrics(n), 1), 0);
+}

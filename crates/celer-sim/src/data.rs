@@ -109,6 +109,9 @@ pub struct DataReport {
     pub resets: u64,
     pub stalls: u64,
     pub discards_acked: u64,
+    /// Connections a node closed for a protocol error (a violation: the
+    /// simulated network carries bytes faithfully).
+    pub protocol_errors: u64,
     /// Blocks compared on every replica at the end.
     pub blocks_verified: u64,
     pub net_bytes: u64,
@@ -432,6 +435,7 @@ impl DataSim {
             return;
         };
         self.report.crashes += 1;
+        self.report.protocol_errors += core.protocol_errors();
         let pipes = core.net().pipes();
         self.nodes[i].disk.crash();
         drop(core);
@@ -517,7 +521,18 @@ impl DataSim {
             }
             let outstanding: usize = self.clients.iter().map(|c| c.ops.len()).sum();
             if !self.faults && outstanding == 0 {
-                return self.verify();
+                self.verify()?;
+                for n in &self.nodes {
+                    self.report.protocol_errors +=
+                        n.core.as_ref().map_or(0, |c| c.protocol_errors());
+                }
+                if self.report.protocol_errors > 0 {
+                    return Err(format!(
+                        "the nodes closed {} connections for protocol errors (corrupt or out-of-turn frames) on a network that corrupts nothing",
+                        self.report.protocol_errors
+                    ));
+                }
+                return Ok(());
             }
             // Time: small steps while anything moves, else to the next event.
             let next = if busy {

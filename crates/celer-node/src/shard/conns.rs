@@ -132,6 +132,13 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
         }
     }
 
+    /// Closes a connection whose peer broke the protocol (counted in
+    /// `celer_node_protocol_errors_total`).
+    pub(super) fn close_broken(&mut self, c: usize, why: &str) {
+        self.counters.protocol_error();
+        self.close_conn(c, why);
+    }
+
     pub(super) fn close_conn(&mut self, c: usize, why: &str) {
         let Some(mut conn) = self.conns[c].take() else {
             return;
@@ -257,7 +264,7 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
                     return;
                 }
                 Err(e) => {
-                    self.close_conn(c, &format!("corrupt frame: {e}"));
+                    self.close_broken(c, &format!("corrupt frame: {e}"));
                     return;
                 }
             };
@@ -266,12 +273,12 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
                 if is_peer {
                     self.on_peer_response(c, &frame);
                 } else {
-                    self.close_conn(c, "a client sent a response frame");
+                    self.close_broken(c, "a client sent a response frame");
                     return;
                 }
             } else if is_peer {
                 if frame.header.op != Op::Challenge {
-                    self.close_conn(c, "a peer we called sent a request");
+                    self.close_broken(c, "a peer we called sent a request");
                     return;
                 }
                 self.on_challenge(c, &frame);
@@ -322,7 +329,7 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
         };
         let payload = conn.payload(f);
         if !matches!(conn.auth, ConnAuth::AwaitChallenge) || payload.len() != NONCE_BYTES {
-            self.close_conn(c, "unexpected Challenge from a peer");
+            self.close_broken(c, "unexpected Challenge from a peer");
             return;
         }
         let mut node_nonce = [0u8; NONCE_BYTES];

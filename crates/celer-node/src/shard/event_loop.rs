@@ -307,6 +307,11 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
         &mut self.net
     }
 
+    /// Connections closed because the peer broke the protocol.
+    pub(crate) fn protocol_errors(&self) -> u64 {
+        self.counters.protocol_errors()
+    }
+
     /// Requests in the engine, for a driver that must drain it.
     pub(crate) fn engine_inflight(&self) -> usize {
         self.engine.inflight()

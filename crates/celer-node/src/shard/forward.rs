@@ -115,7 +115,7 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
             if proven {
                 conn.auth = ConnAuth::Verified;
             } else {
-                self.close_conn(
+                self.close_broken(
                     c,
                     &format!(
                         "peer refused our Hello ({:?}) or did not prove the data key",
@@ -126,7 +126,7 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
             return;
         }
         if !matches!(conn.auth, ConnAuth::Verified) {
-            self.close_conn(c, "a response before the peer proved the data key");
+            self.close_broken(c, "a response before the peer proved the data key");
             return;
         }
         if h.status != Status::OlderVersion && h.version > 0 {
