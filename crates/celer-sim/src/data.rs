@@ -37,7 +37,9 @@ use std::time::Duration;
 use celer_engine::{Engine, FormatOptions, OpenOptions};
 use celer_node::core::{CoreConfig, NodeCore};
 use celer_proto::auth::{Capability, Credential, HelloProof, Nonce, NONCE_BYTES};
-use celer_proto::{clock_of_unix_ms, decode_header, Header, Kind, Op, Status, HEADER_BYTES};
+use celer_proto::{
+    clock_of_unix_ms, decode_header, Header, Kind, Op, Status, FLAG_SECTORS, HEADER_BYTES,
+};
 use celer_route::{NodeInfo, RouteTable};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -46,6 +48,9 @@ use crate::disk::SimDisk;
 use crate::net::{NetConfig, SimNet, SimStream, World};
 
 const BS: usize = 4096;
+/// A logical sector: sector writes cover some of a block's eight.
+const SECTOR: usize = 512;
+const SECTORS: usize = BS / SECTOR;
 const CHUNK_BLOCKS: u64 = 16;
 const CHUNKS: u64 = 6;
 const BLOCKS: u64 = CHUNK_BLOCKS * CHUNKS;
@@ -103,6 +108,8 @@ pub struct DataReport {
     pub writes_acked: u64,
     /// Of them, sent to the primary, which forwarded them.
     pub primary_writes: u64,
+    /// Of them, sector writes (merged into their block by the nodes).
+    pub sector_writes: u64,
     pub rewrites: u64,
     pub reads_checked: u64,
     pub crashes: u64,
@@ -123,7 +130,7 @@ impl DataReport {
     pub fn render(&self, wall: Duration) -> String {
         let secs = self.sim_us as f64 / 1e6;
         let mut s = format!(
-            "data seed {}: {:.2} s simulated in {:.2} s ({:.0}x real time), {} writes acknowledged ({:.0}/s simulated, {:.0}/s wall), {} of them through the primary, {} rewritten after OlderVersion, {} discards acknowledged, {} reads checked, {} power cuts, {} resets, {} stalled connections given up, {} blocks verified on every replica, {} network bytes\n",
+            "data seed {}: {:.2} s simulated in {:.2} s ({:.0}x real time), {} writes acknowledged ({:.0}/s simulated, {:.0}/s wall), {} of them through the primary, {} sector writes, {} rewritten after OlderVersion, {} discards acknowledged, {} reads checked, {} power cuts, {} resets, {} stalled connections given up, {} blocks verified on every replica, {} network bytes\n",
             self.seed,
             secs,
             wall.as_secs_f64(),
@@ -132,6 +139,7 @@ impl DataReport {
             self.writes_acked as f64 / secs.max(1e-9),
             self.writes_acked as f64 / wall.as_secs_f64().max(1e-9),
             self.primary_writes,
+            self.sector_writes,
             self.rewrites,
             self.discards_acked,
             self.reads_checked,
@@ -188,8 +196,13 @@ struct WriteRec {
     version: u64,
     first: u64,
     blocks: u64,
-    /// A discard: the blocks read back as zeroes.
+    /// A sector write: (first sector, sectors) of block `first`, which the
+    /// node merges into the stored block.
+    sectors: Option<(u64, u64)>,
+    /// A discard or write-zeroes: the blocks read back as zeroes.
     zero: bool,
+    /// Sent as `WriteZeroes` rather than `Discard`.
+    write_zeroes: bool,
     /// When every replica acknowledged it.
     acked_at: Option<u64>,
 }
@@ -300,19 +313,29 @@ fn node_id(i: usize) -> u32 {
     i as u32 + 1
 }
 
-/// Block `block` as write `write` (version `version`) leaves it: its
-/// identity in the first 24 bytes, a pattern after.
-fn fill_block(write: u64, version: u64, block: u64, out: &mut [u8]) {
+/// Sector `sector` of block `block` as write `write` (version `version`)
+/// leaves it: its identity in the first 32 bytes, a pattern after. Every
+/// sector names its write, so a block merged from sector writes is checked
+/// sector by sector.
+fn fill_sector(write: u64, version: u64, block: u64, sector: u64, out: &mut [u8]) {
     out[..8].copy_from_slice(&write.to_le_bytes());
     out[8..16].copy_from_slice(&version.to_le_bytes());
     out[16..24].copy_from_slice(&block.to_le_bytes());
-    let mut x = write.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ block ^ 0xC0FFEE;
-    for w in out[24..].chunks_mut(8) {
+    out[24..32].copy_from_slice(&sector.to_le_bytes());
+    let mut x = write.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (block << 3 | sector) ^ 0xC0FFEE;
+    for w in out[32..].chunks_mut(8) {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
         w.copy_from_slice(&x.to_le_bytes()[..w.len()]);
     }
+}
+
+/// Whether write `w` covers sector `sector` of block `block`.
+fn covers(w: &WriteRec, block: u64, sector: u64) -> bool {
+    w.first <= block
+        && block < w.first + w.blocks
+        && w.sectors.is_none_or(|(s, n)| s <= sector && sector < s + n)
 }
 
 impl DataSim {
@@ -604,12 +627,23 @@ impl DataSim {
         let now = self.now();
         let dice = self.rng.gen_range(0..100);
         if dice < 8 {
-            // A discard: of the whole chunk (its slot is freed) or a range.
-            if self.rng.gen_bool(0.5) {
-                self.new_write(c, chunk * CHUNK_BLOCKS, CHUNK_BLOCKS, true);
+            // A discard or write-zeroes: of the whole chunk (a discard
+            // frees its slot) or of a range.
+            let w = if self.rng.gen_bool(0.5) {
+                self.new_write(c, chunk * CHUNK_BLOCKS, CHUNK_BLOCKS, true)
             } else {
-                self.new_write(c, first, blocks, true);
+                self.new_write(c, first, blocks, true)
+            };
+            let write_zeroes = self.rng.gen_bool(0.3);
+            if let Some(r) = self.writes.get_mut(&w) {
+                r.write_zeroes = write_zeroes;
             }
+        } else if dice < 18 {
+            // A sector write: some of a block's sectors, not all.
+            let s = self.rng.gen_range(0..SECTORS as u64);
+            let most = SECTORS as u64 - s - u64::from(s == 0);
+            let n = self.rng.gen_range(1..=most);
+            self.new_write_sectors(c, first, 1, false, Some((s, n)));
         } else if dice < 67 {
             self.new_write(c, first, blocks, false);
         } else {
@@ -635,6 +669,17 @@ impl DataSim {
     }
 
     fn new_write(&mut self, c: usize, first: u64, blocks: u64, zero: bool) -> u64 {
+        self.new_write_sectors(c, first, blocks, zero, None)
+    }
+
+    fn new_write_sectors(
+        &mut self,
+        c: usize,
+        first: u64,
+        blocks: u64,
+        zero: bool,
+        sectors: Option<(u64, u64)>,
+    ) -> u64 {
         let now = self.now();
         let unix_ms = self.world.borrow().unix_ms();
         let cl = &mut self.clients[c];
@@ -648,7 +693,9 @@ impl DataSim {
                 version,
                 first,
                 blocks,
+                sectors,
                 zero,
+                write_zeroes: false,
                 acked_at: None,
             },
         );
@@ -658,7 +705,7 @@ impl DataSim {
         // Writes of more than a block go to the partition's primary, which
         // writes and forwards them to the other members (as the client
         // sends writes above 4 KiB); the rest to every member.
-        let primary = (!zero && blocks > 1)
+        let primary = (!zero && blocks > 1 && sectors.is_none())
             .then(|| {
                 let p = self.table.partition_at(VOLUME, first * BS as u64);
                 let node = self.table.partition(p).and_then(|r| r.primary())?;
@@ -992,12 +1039,13 @@ impl DataSim {
         cl.next_req = cl.next_req.wrapping_add(1).max(1);
         op.want[i] = Want::Sent(q);
         cl.reqs.insert(q, (id, i));
-        let zero = op
+        let (zero, write_zeroes) = op
             .write
             .and_then(|w| self.writes.get(&w))
-            .is_some_and(|r| r.zero);
+            .map_or((false, false), |r| (r.zero, r.write_zeroes));
         let mut h = Header::request(
             match op.write {
+                Some(_) if write_zeroes => Op::WriteZeroes,
                 Some(_) if zero => Op::Discard,
                 Some(_) if op.primary => Op::WritePrimary,
                 Some(_) => Op::Write,
@@ -1014,11 +1062,21 @@ impl DataSim {
             let rec = &self.writes[&w];
             h.version = rec.version;
             h.attachment = cl.attachment;
+            let (s, n) = rec.sectors.unwrap_or((0, SECTORS as u64));
+            if let Some((s, n)) = rec.sectors {
+                h.flags = FLAG_SECTORS;
+                h.offset += s * SECTOR as u64;
+                h.length = (n * SECTOR as u64) as u32;
+            }
             if !rec.zero {
-                data = vec![0u8; op.blocks as usize * BS];
+                data = vec![0u8; h.length as usize];
+                let mut at = 0;
                 for b in 0..op.blocks {
-                    let at = b as usize * BS;
-                    fill_block(w, rec.version, op.first + b, &mut data[at..at + BS]);
+                    for sector in s..s + n {
+                        let block = op.first + b;
+                        fill_sector(w, rec.version, block, sector, &mut data[at..at + SECTOR]);
+                        at += SECTOR;
+                    }
                 }
             }
         }
@@ -1081,6 +1139,7 @@ impl DataSim {
                         } else {
                             self.report.writes_acked += 1;
                             self.report.primary_writes += op.primary as u64;
+                            self.report.sector_writes += rec.sectors.is_some() as u64;
                         }
                     }
                     self.log(format!(
@@ -1094,8 +1153,14 @@ impl DataSim {
                 // with a newer version (as the client does).
                 let op = self.clients[c].ops.remove(&id).expect("present");
                 self.forget_requests(c, id);
-                let zero = self.writes.get(&w).is_some_and(|r| r.zero);
-                let newer = self.new_write(c, op.first, op.blocks, zero);
+                let (zero, sectors, write_zeroes) =
+                    self.writes.get(&w).map_or((false, None, false), |r| {
+                        (r.zero, r.sectors, r.write_zeroes)
+                    });
+                let newer = self.new_write_sectors(c, op.first, op.blocks, zero, sectors);
+                if let Some(r) = self.writes.get_mut(&newer) {
+                    r.write_zeroes = write_zeroes;
+                }
                 self.report.rewrites += 1;
                 self.log(format!(
                     "client {} write {w}: OlderVersion from node {}, rewritten as {newer}",
@@ -1196,12 +1261,12 @@ impl DataSim {
         self.clients[c].reqs.retain(|_, (o, _)| *o != op);
     }
 
-    /// The newest write acknowledged before `at` that covers `block`.
-    fn newest_acked(&self, block: u64, before: u64) -> Option<(u64, u64, bool)> {
+    /// The newest write acknowledged before `at` that covers the sector.
+    fn newest_acked(&self, block: u64, sector: u64, before: u64) -> Option<(u64, u64, bool)> {
         self.by_block[block as usize]
             .iter()
             .filter_map(|id| self.writes.get(id).map(|w| (id, w)))
-            .filter(|(_, w)| w.acked_at.is_some_and(|t| t < before))
+            .filter(|(_, w)| w.acked_at.is_some_and(|t| t < before) && covers(w, block, sector))
             .map(|(&id, w)| (w.version, id, w.zero))
             .max()
     }
@@ -1224,66 +1289,13 @@ impl DataSim {
             ));
         }
         let before = if op.verify { u64::MAX } else { op.issued_at };
-        let mut want = vec![0u8; BS];
+        let mut want = vec![0u8; SECTOR];
         for b in 0..op.blocks {
             let block = op.first + b;
-            let got = &data[b as usize * BS..(b as usize + 1) * BS];
-            let wid = u64::from_le_bytes(got[..8].try_into().expect("8 bytes"));
-            let newest = self.newest_acked(block, before);
-            let who = format!(
-                "client {} read of block {block} from node {}",
-                self.clients[c].attachment,
-                node_id(i)
-            );
-            if wid == 0 {
-                if got.iter().any(|&x| x != 0) {
-                    return Err(format!("{who}: neither zeroes nor a write"));
-                }
-                match newest {
-                    Some((v, w, false)) if op.verify || !self.discard_after(block, v) => {
-                        return Err(format!(
-                            "{who}: zeroes, but write {w} (version {v}) was acknowledged before{}",
-                            if op.verify {
-                                " (at the end)"
-                            } else {
-                                " and no newer discard sent"
-                            }
-                        ));
-                    }
-                    _ => {}
-                }
-                continue;
-            }
-            let Some(rec) = self.writes.get(&wid) else {
-                return Err(format!("{who}: names write {wid}, never sent"));
-            };
-            if !(rec.first <= block && block < rec.first + rec.blocks) {
-                return Err(format!("{who}: holds write {wid}, which did not cover it"));
-            }
-            fill_block(wid, rec.version, block, &mut want);
-            if got != &want[..] {
-                return Err(format!("{who}: write {wid}'s block is corrupt"));
-            }
-            if rec.zero {
-                return Err(format!("{who}: holds data naming discard {wid}"));
-            }
-            if let Some((v, w, _)) = newest {
-                if rec.version < v {
-                    return Err(format!(
-                        "{who}: write {wid} (version {}), older than write {w} (version {v}) acknowledged before the read",
-                        rec.version
-                    ));
-                }
-                if op.verify && rec.version != v {
-                    return Err(format!(
-                        "{who} at the end: write {wid} (version {}), not the newest acknowledged, write {w} (version {v})",
-                        rec.version
-                    ));
-                }
-            } else if op.verify {
-                return Err(format!(
-                    "{who} at the end: write {wid}, never acknowledged, where no write was"
-                ));
+            for sector in 0..SECTORS as u64 {
+                let at = b as usize * BS + sector as usize * SECTOR;
+                let got = &data[at..at + SECTOR];
+                self.check_sector(c, i, op.verify, block, sector, before, got, &mut want)?;
             }
         }
         self.report.reads_checked += 1;
@@ -1291,6 +1303,74 @@ impl DataSim {
             self.report.blocks_verified += op.blocks;
         }
         Ok(())
+    }
+
+    /// One sector of a read (see `check_read`).
+    #[allow(clippy::too_many_arguments)]
+    fn check_sector(
+        &self,
+        c: usize,
+        i: usize,
+        verify: bool,
+        block: u64,
+        sector: u64,
+        before: u64,
+        got: &[u8],
+        want: &mut [u8],
+    ) -> Result<(), String> {
+        let wid = u64::from_le_bytes(got[..8].try_into().expect("8 bytes"));
+        let newest = self.newest_acked(block, sector, before);
+        let who = format!(
+            "client {} read of block {block} sector {sector} from node {}",
+            self.clients[c].attachment,
+            node_id(i)
+        );
+        if wid == 0 {
+            if got.iter().any(|&x| x != 0) {
+                return Err(format!("{who}: neither zeroes nor a write"));
+            }
+            match newest {
+                Some((v, w, false)) if verify || !self.discard_after(block, v) => {
+                    return Err(format!(
+                        "{who}: zeroes, but write {w} (version {v}) was acknowledged before{}",
+                        if verify {
+                            " (at the end)"
+                        } else {
+                            " and no newer discard sent"
+                        }
+                    ));
+                }
+                _ => {}
+            }
+            return Ok(());
+        }
+        let Some(rec) = self.writes.get(&wid) else {
+            return Err(format!("{who}: names write {wid}, never sent"));
+        };
+        if !covers(rec, block, sector) {
+            return Err(format!("{who}: holds write {wid}, which did not cover it"));
+        }
+        fill_sector(wid, rec.version, block, sector, want);
+        if got != want {
+            return Err(format!("{who}: write {wid}'s sector is corrupt"));
+        }
+        if rec.zero {
+            return Err(format!("{who}: holds data naming discard {wid}"));
+        }
+        match newest {
+            Some((v, w, _)) if rec.version < v => Err(format!(
+                "{who}: write {wid} (version {}), older than write {w} (version {v}) acknowledged before the read",
+                rec.version
+            )),
+            Some((v, w, _)) if verify && rec.version != v => Err(format!(
+                "{who} at the end: write {wid} (version {}), not the newest acknowledged, write {w} (version {v})",
+                rec.version
+            )),
+            None if verify => Err(format!(
+                "{who} at the end: write {wid}, never acknowledged, where no write was"
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// At the end: every block from every replica, through client 1.
