@@ -439,6 +439,32 @@ impl DataSim {
         Ok(())
     }
 
+    /// One round for the nodes, as their epoll loops would run it: nodes
+    /// due restart, what arrived is delivered, the acceptors work, and each
+    /// running core handles its ready connections and takes a turn.
+    /// Whether anything moved or is still in an engine.
+    fn drive_nodes(&mut self) -> Result<bool, String> {
+        self.restart_due_nodes()?;
+        self.world.borrow_mut().deliver();
+        let mut busy = self.accept_step()?;
+        for n in &mut self.nodes {
+            let Some(core) = n.core.as_mut() else {
+                continue;
+            };
+            let ready = core.net().ready();
+            if !ready.is_empty() {
+                core.woke();
+                busy = true;
+            }
+            for (c, r, w) in ready {
+                core.ready(c, r, w);
+            }
+            busy |= core.turn();
+            busy |= core.engine_inflight() > 0;
+        }
+        Ok(busy)
+    }
+
     /// Nodes whose down time is over start again on their disks.
     fn restart_due_nodes(&mut self) -> Result<(), String> {
         let now = self.now();
@@ -521,24 +547,7 @@ impl DataSim {
                     }
                 }
             }
-            self.restart_due_nodes()?;
-            self.world.borrow_mut().deliver();
-            let mut busy = self.accept_step()?;
-            for n in &mut self.nodes {
-                let Some(core) = n.core.as_mut() else {
-                    continue;
-                };
-                let ready = core.net().ready();
-                if !ready.is_empty() {
-                    core.woke();
-                    busy = true;
-                }
-                for (c, r, w) in ready {
-                    core.ready(c, r, w);
-                }
-                busy |= core.turn();
-                busy |= core.engine_inflight() > 0;
-            }
+            let mut busy = self.drive_nodes()?;
             for c in 0..self.clients.len() {
                 busy |= self.client_step(c)?;
             }
@@ -1404,22 +1413,7 @@ impl DataSim {
             if rounds > 5_000_000 {
                 return Err("the final reads never finished".into());
             }
-            self.restart_due_nodes()?;
-            self.world.borrow_mut().deliver();
-            self.accept_step()?;
-            for n in &mut self.nodes {
-                let Some(core) = n.core.as_mut() else {
-                    continue;
-                };
-                let ready = core.net().ready();
-                if !ready.is_empty() {
-                    core.woke();
-                }
-                for (c, r, w) in ready {
-                    core.ready(c, r, w);
-                }
-                core.turn();
-            }
+            self.drive_nodes()?;
             self.client_step(0)?;
             let next = self.world.borrow().next_arrival().unwrap_or(0);
             let mut w = self.world.borrow_mut();
