@@ -6,27 +6,35 @@
 //!
 //! One thread, one seed, simulated time in microseconds. Three nodes of one
 //! shard hold every partition (3 replicas, a fixed route table). Two
-//! clients (two attachments of the volume) write and read at a fixed rate,
-//! as Celer's client does for small I/O: a write goes to every replica with
-//! the same version (the attachment's hybrid clock and its id) and is
-//! acknowledged when all three answered `Ok`; `OlderVersion` from any
-//! replica makes the client write the same range again with a newer
-//! version; a lost connection makes it send again with the same version. A
-//! read goes to one replica. Faults drawn from the seed: power cuts of a
-//! node (its disk keeps a random part of what was not durable, and its
-//! writes in flight are torn), after which the node restarts on the same
-//! disk; and connection resets. The network cuts, delays and spreads the
-//! byte stream (see [`crate::net`]).
+//! clients (two attachments of the volume) write, discard, zero and read at
+//! a fixed rate, as Celer's client does: a one-block write (or a sector
+//! write) goes to every replica with the same version (the attachment's
+//! hybrid clock and its id) and is acknowledged when all three answered
+//! `Ok`; a longer write goes as a `WritePrimary` to the partition's primary,
+//! which forwards it over its own node-to-node connections; `OlderVersion`
+//! makes the client write the same range again with a newer version; a
+//! lost connection makes it send again with the same version. A read goes
+//! to one replica. Every connection goes through the real handshake: a
+//! simulated acceptor per node sends the Challenge and checks the Hello
+//! (`HelloProof::check`), then the node's core takes the connection.
+//! Faults drawn from the seed: power cuts of a node (its disk keeps a
+//! random part of what was not durable, and its writes in flight are
+//! torn), after which the node restarts on the same disk; connection
+//! resets; stalled connections the client gives up on while the node still
+//! gets their bytes, late. The network cuts, delays and spreads the byte
+//! stream (see [`crate::net`]).
 //!
-//! The checker: a read returns, for every block, the content of a write
-//! that was sent (crc-checked pattern, naming its write), never older than
-//! the newest write acknowledged before the read was sent (or zeroes if
-//! none was); at the end, with the faults stopped and every write done,
-//! every replica holds, for every block, the newest acknowledged write.
+//! The checker: a read returns, for every 512-byte sector, the content of a
+//! write that was sent (its pattern, naming its write), never older than
+//! the newest write acknowledged before the read was sent (zeroes only
+//! where none was, or under a newer discard); at the end, with the faults
+//! stopped and every write done, every replica holds, for every sector, the
+//! newest acknowledged write; a node closing a connection for a protocol
+//! error is a violation too.
 //!
-//! Not simulated yet (docs/testing.md): node-to-node traffic (large writes
-//! through the primary, backfill, repair), route changes, the control
-//! service and the real client core.
+//! Not simulated yet (docs/testing.md): route changes with backfill and
+//! catch-up, repair, the control service, the real client core, TLS,
+//! fencing and snapshots.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};

@@ -1,5 +1,6 @@
 //! Deterministic simulation of Celer's control plane (issue 16, first
-//! part).
+//! part); the engine on a simulated disk ([`engine`]) and the data path
+//! with real node cores ([`data`]) are in their modules.
 //!
 //! One thread, one seed, no sleeping: the real control-service state
 //! machine (`celer_meta::state::Cluster`, on redb's in-memory backend) runs
