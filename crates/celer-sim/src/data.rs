@@ -199,6 +199,10 @@ struct SimNode {
     up_at: u64,
 }
 
+/// The newest write of a sector as the checker keeps it: (version, write
+/// id, zeroes).
+type Newest = (u64, u64, bool);
+
 /// One write or discard as the checker knows it.
 struct WriteRec {
     version: u64,
@@ -298,6 +302,9 @@ struct DataSim {
     writes: BTreeMap<u64, WriteRec>,
     /// Per block, the writes and discards that cover it (ids, in order).
     by_block: Vec<Vec<u64>>,
+    /// Per sector (block × 8 + sector), the acknowledgements that covered
+    /// it in time order: (when, the newest (version, write, zero) so far).
+    acked: Vec<Vec<(u64, Newest)>>,
     next_write: u64,
     report: DataReport,
     trace: VecDeque<String>,
@@ -401,6 +408,7 @@ impl DataSim {
             clients,
             writes: BTreeMap::new(),
             by_block: vec![Vec::new(); BLOCKS as usize],
+            acked: vec![Vec::new(); BLOCKS as usize * SECTORS],
             next_write: 1,
             report: DataReport {
                 seed: cfg.seed,
@@ -1151,6 +1159,15 @@ impl DataSim {
                     let w = op.write.expect("a write");
                     if let Some(rec) = self.writes.get_mut(&w) {
                         rec.acked_at = Some(now);
+                        let (s0, n) = rec.sectors.unwrap_or((0, SECTORS as u64));
+                        let this = (rec.version, w, rec.zero);
+                        for b in rec.first..rec.first + rec.blocks {
+                            for sector in s0..s0 + n {
+                                let list = &mut self.acked[b as usize * SECTORS + sector as usize];
+                                let newest = list.last().map_or(this, |&(_, m)| m.max(this));
+                                list.push((now, newest));
+                            }
+                        }
                         if rec.zero {
                             self.report.discards_acked += 1;
                         } else {
@@ -1279,13 +1296,12 @@ impl DataSim {
     }
 
     /// The newest write acknowledged before `at` that covers the sector.
-    fn newest_acked(&self, block: u64, sector: u64, before: u64) -> Option<(u64, u64, bool)> {
-        self.by_block[block as usize]
-            .iter()
-            .filter_map(|id| self.writes.get(id).map(|w| (id, w)))
-            .filter(|(_, w)| w.acked_at.is_some_and(|t| t < before) && covers(w, block, sector))
-            .map(|(&id, w)| (w.version, id, w.zero))
-            .max()
+    fn newest_acked(&self, block: u64, sector: u64, before: u64) -> Option<Newest> {
+        let list = &self.acked[block as usize * SECTORS + sector as usize];
+        // Acknowledgements come in time order: the last one before `before`
+        // carries the newest so far.
+        let k = list.partition_point(|&(t, _)| t < before);
+        k.checked_sub(1).map(|k| list[k].1)
     }
 
     /// Whether a discard of `block` newer than `version` was sent.
