@@ -649,7 +649,6 @@ impl DataSim {
         };
         let chunk = self.rng.gen_range(0..CHUNKS);
         let first = chunk * CHUNK_BLOCKS + self.rng.gen_range(0..=CHUNK_BLOCKS - blocks);
-        let now = self.now();
         let dice = self.rng.gen_range(0..100);
         if dice < 8 {
             // A discard or write-zeroes: of the whole chunk (a discard
@@ -673,24 +672,32 @@ impl DataSim {
             self.new_write(c, first, blocks, false);
         } else {
             let target = self.rng.gen_range(0..NODES);
-            let mut want = [Want::Done; NODES];
-            want[target] = Want::Send;
-            let cl = &mut self.clients[c];
-            let id = cl.next_op;
-            cl.next_op += 1;
-            cl.ops.insert(
-                id,
-                ClientOp {
-                    write: None,
-                    first,
-                    blocks,
-                    want,
-                    primary: false,
-                    issued_at: now,
-                    verify: false,
-                },
-            );
+            self.new_read(c, first, blocks, target, false);
         }
+    }
+
+    /// A read of `blocks` blocks from `first` on node `target` by client
+    /// `c`; `verify`: a final read, which must find the newest
+    /// acknowledged write.
+    fn new_read(&mut self, c: usize, first: u64, blocks: u64, target: usize, verify: bool) {
+        let now = self.now();
+        let mut want = [Want::Done; NODES];
+        want[target] = Want::Send;
+        let cl = &mut self.clients[c];
+        let id = cl.next_op;
+        cl.next_op += 1;
+        cl.ops.insert(
+            id,
+            ClientOp {
+                write: None,
+                first,
+                blocks,
+                want,
+                primary: false,
+                issued_at: now,
+                verify,
+            },
+        );
     }
 
     fn new_write(&mut self, c: usize, first: u64, blocks: u64, zero: bool) -> u64 {
@@ -1409,26 +1416,9 @@ impl DataSim {
     /// At the end: every block from every replica, through client 1.
     fn verify(&mut self) -> Result<(), String> {
         self.log("verifying every block on every replica".into());
-        let now = self.now();
         for first in (0..BLOCKS).step_by(4) {
             for target in 0..NODES {
-                let mut want = [Want::Done; NODES];
-                want[target] = Want::Send;
-                let cl = &mut self.clients[0];
-                let id = cl.next_op;
-                cl.next_op += 1;
-                cl.ops.insert(
-                    id,
-                    ClientOp {
-                        write: None,
-                        first,
-                        blocks: 4,
-                        want,
-                        primary: false,
-                        issued_at: now,
-                        verify: true,
-                    },
-                );
+                self.new_read(0, first, 4, target, true);
             }
         }
         let mut rounds = 0u64;
