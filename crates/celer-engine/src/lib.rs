@@ -34,7 +34,8 @@ pub use recovery::{
     Engine, EngineStats, FormatOptions, OpenOptions, RebuildReport, LOCK_WAIT_DEFAULT,
 };
 pub use shard::{
-    shard_for, Completion, EngineOp, EngineRequest, Segment, Shard, ShardStats, LAYERS_MAX,
+    shard_for, Completion, EngineOp, EngineRequest, Segment, Shard, ShardStats, DISCARDED_KEEP,
+    LAYERS_MAX,
 };
 
 /// Errors of the engine. Operating errors only; programmer errors assert.

@@ -255,6 +255,8 @@ struct ShardStart {
     /// Per local slot: records at or below this seq are already reflected.
     base: Vec<u64>,
     index_generation: u64,
+    /// The discard floor the index carries.
+    discard_floor: u64,
 }
 
 impl Engine {
@@ -367,6 +369,7 @@ impl<D: Disk> Engine<D> {
                 &IndexHeader {
                     generation: 1,
                     journal_tail: 1,
+                    discard_floor: 0,
                 },
                 &entries,
                 &mut index,
@@ -414,6 +417,10 @@ impl<D: Disk> Engine<D> {
                 owners: vec![None; per],
                 base: vec![0; per],
                 index_generation: 0,
+                // The index is lost with the floor it kept: the journal's
+                // records give what they still hold (see
+                // docs/architecture.md, "Versions of chunks without a slot").
+                discard_floor: 0,
             })
             .collect();
         let mut hdr = AlignedBuf::new(1);

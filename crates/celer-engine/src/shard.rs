@@ -53,8 +53,9 @@ mod write;
 
 use ops::*;
 use read::moving_data;
-use slots::Discarded;
 pub(crate) use slots::SlotState;
+pub use slots::DISCARDED_KEEP;
+use slots::{Discarded, FLOOR_LEASE};
 pub(crate) use submit::for_each_piece;
 use submit::*;
 
@@ -238,6 +239,16 @@ pub struct Shard<D: Disk = FileDisk> {
     by_chunk: HashMap<(u64, u64), u32>,
     free_slots: Vec<u32>,
     discarded: Discarded,
+    /// The discard floor: at or above the version of every whole-chunk
+    /// discard or zeroing of a chunk left without a slot that this shard
+    /// acknowledged (their per-chunk versions, `discarded`, live in memory
+    /// only). Journaled (`Record::Free`, `Record::Floor`) and kept by the
+    /// checkpoint's index; `restart_floor` is what an open found.
+    discard_floor: u64,
+    /// The part of `discard_floor` that is durable (its journal block is).
+    floor_durable: u64,
+    /// The floor this shard was opened with (0 on a fresh disk).
+    floor_at_open: u64,
     ops: Vec<Op>,
     free_ops: Vec<u32>,
     deferred: VecDeque<u32>,
@@ -294,6 +305,8 @@ pub(crate) struct ShardInit<D> {
     pub(crate) tail: u64,
     pub(crate) acked_through: u64,
     pub(crate) index_generation: u64,
+    /// The discard floor found on disk (index and journal).
+    pub(crate) discard_floor: u64,
     pub(crate) inflight_max: usize,
     pub(crate) completion_eventfd: bool,
     pub(crate) hugepages: bool,
@@ -374,6 +387,7 @@ impl<D: Disk> Shard<D> {
                 data_to: None,
                 data_at: BLOCK_SIZE,
                 moving: false,
+                floor: 0,
             })
             .collect();
         Ok(Shard {
@@ -389,6 +403,9 @@ impl<D: Disk> Shard<D> {
             by_chunk,
             free_slots,
             discarded: Discarded::default(),
+            discard_floor: init.discard_floor,
+            floor_durable: init.discard_floor,
+            floor_at_open: init.discard_floor,
             ops,
             free_ops: (0..inflight_max as u32).rev().collect(),
             deferred: VecDeque::with_capacity(inflight_max),
@@ -496,7 +513,14 @@ impl<D: Disk> Shard<D> {
         }
         slot.freeing = true;
         self.ops[id as usize].stage = Stage::Freeing;
-        let seq = self.append_record(id, &Record::Free { slot: local });
+        // A release (the partition moved away) is no discard: no floor.
+        let seq = self.append_record(
+            id,
+            &Record::Free {
+                slot: local,
+                version: 0,
+            },
+        );
         self.write_slot_headers(id, local, seq, None);
     }
 

@@ -633,6 +633,82 @@ fn zeroing_a_chunk_without_a_slot_drops_older_writes_that_come_after_it() {
     assert!(!zeroes(&mut sh, b));
 }
 
+/// The versions of chunks left without a slot live in memory; the shard's
+/// discard floor stands for them across a restart (the storage node
+/// refuses client writes at or below it for a while, see
+/// `Shard::restart_floor`). After a crash (the journal's Free and Floor
+/// records) and after the journal was reused (the checkpoint's index), a
+/// reopened shard's floor covers every such discard it acknowledged; a
+/// zeroing of an empty chunk journals a floor only when the one already
+/// durable does not cover it.
+#[test]
+fn the_discard_floor_survives_crashes_and_checkpoints() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = small_disk(&dir);
+    let mut sh = open_shard(&path);
+    assert_eq!(sh.restart_floor(), 0, "a fresh disk has no floor");
+    let chunk_bytes = sh.geometry().chunk_bytes();
+    let discard = |sh: &mut Shard, chunk: u64, version: u64| {
+        let req = EngineRequest {
+            op: EngineOp::Discard,
+            volume: 1,
+            offset_bytes: chunk * chunk_bytes,
+            len_bytes: chunk_bytes,
+            segments: &[],
+            version,
+            epoch: 1,
+            tag: 5,
+            chain: &[],
+            block_crc: None,
+        };
+        common::run_one(sh, &req).expect("discard");
+    };
+    let write_at = |sh: &mut Shard, at: u64, seed: u64, version: u64| {
+        let mut buf = AlignedBuf::new(1);
+        pattern(seed, 0, &mut buf[..]);
+        common::write(sh, 1, at, &mut buf, version).expect("write")
+    };
+    // A discard that frees a slot: its Free record carries the version.
+    assert_eq!(write_at(&mut sh, 2 * chunk_bytes, 1, 100), 1);
+    let allocated = sh.allocated_chunks();
+    discard(&mut sh, 2, 200);
+    assert_eq!(sh.allocated_chunks(), allocated - 1, "the slot is freed");
+    drop(sh); // crash
+    let mut sh = open_shard(&path);
+    assert_eq!(sh.restart_floor(), 200, "the Free record's version");
+    // A zeroing of a chunk that holds no slot journals a floor above it.
+    let journal = sh.stats().journal_bytes_written;
+    discard(&mut sh, 4, 5_000);
+    assert!(
+        sh.stats().journal_bytes_written > journal,
+        "the floor was journaled"
+    );
+    let floor = sh.discard_floor();
+    assert!(floor > 5_000, "{floor}");
+    // The next ones under it journal nothing.
+    let journal = sh.stats().journal_bytes_written;
+    discard(&mut sh, 5, 5_001);
+    discard(&mut sh, 4, 6_000);
+    assert_eq!(sh.stats().journal_bytes_written, journal);
+    assert_eq!(sh.discard_floor(), floor);
+    drop(sh); // crash
+    let mut sh = open_shard(&path);
+    assert_eq!(sh.restart_floor(), floor, "the Floor record");
+    // Writes until the journal ring was reused several times (checkpoints
+    // move its tail): the floor is the index's now.
+    let before = sh.stats().checkpoints;
+    for i in 0..400u64 {
+        assert_eq!(write_at(&mut sh, (i % 32) * 4096, i, 10_000 + i), 1);
+    }
+    assert!(sh.stats().checkpoints >= before + 3, "the ring was reused");
+    drop(sh); // crash
+    let sh = open_shard(&path);
+    assert_eq!(sh.restart_floor(), floor, "the checkpoint's index");
+    sh.close().expect("close");
+    let sh = open_shard(&path);
+    assert_eq!(sh.restart_floor(), floor, "after a clean close");
+}
+
 /// Sector writes of one block, submitted together as several writers would
 /// (QD > 1, each a different 512-byte sector, versions in submission
 /// order), all survive: each merges into the block after the writes before

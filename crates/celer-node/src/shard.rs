@@ -237,6 +237,11 @@ pub(crate) struct ShardLoop<D: Disk, N: Net> {
     route: Option<Arc<Installed>>,
     /// Per volume, the highest write version accepted or stored here.
     versions: HashMap<u64, u64>,
+    /// The engine shard's discard floor at open, and until when client
+    /// mutations at or below it are refused as older (see
+    /// `Shard::restart_floor`): a late write resent after a restart must
+    /// not undo a discard the engine acknowledged before it.
+    restart_floor: Option<(u64, Instant)>,
     /// Per volume, the fence generation: mutations of older ones are
     /// refused (`Fenced`). Raised, never lowered (see `set_fences`).
     fences: HashMap<u64, u32>,

@@ -1,15 +1,31 @@
+//! Runs one data-path seed: `data_one SEED [LAST]` (every seed of
+//! SEED..=LAST, printing failures). Environment: TRACE=1 prints the trace,
+//! CRASH_PER_MS / STALL_PER_MS override the fault rates.
 fn main() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .init();
-    let seed: u64 = std::env::args()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1);
-    let t = std::time::Instant::now();
-    let r = celer_sim::run_data(
-        &celer_sim::DataSimConfig::new(seed),
-        std::env::var("TRACE").is_ok(),
-    );
-    print!("{}", r.render(t.elapsed()));
+    let arg = |n: usize| std::env::args().nth(n).and_then(|s| s.parse::<u64>().ok());
+    let first = arg(1).unwrap_or(1);
+    let last = arg(2).unwrap_or(first);
+    let env = |k: &str| std::env::var(k).ok().and_then(|s| s.parse::<f64>().ok());
+    let mut failed = 0;
+    for seed in first..=last {
+        let mut cfg = celer_sim::DataSimConfig::new(seed);
+        if let Some(v) = env("CRASH_PER_MS") {
+            cfg.crash_per_ms = v;
+        }
+        if let Some(v) = env("STALL_PER_MS") {
+            cfg.stall_per_ms = v;
+        }
+        let t = std::time::Instant::now();
+        let r = celer_sim::run_data(&cfg, std::env::var("TRACE").is_ok());
+        if first == last || r.violation.is_some() {
+            print!("{}", r.render(t.elapsed()));
+        }
+        failed += r.violation.is_some() as u32;
+    }
+    if first != last {
+        println!("{failed} of {} seeds failed", last - first + 1);
+    }
 }

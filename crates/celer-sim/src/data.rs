@@ -1190,9 +1190,13 @@ impl DataSim {
                 }
             }
             (Some(w), Status::OlderVersion) => {
-                // A newer write holds some block: write the range again
-                // with a newer version (as the client does).
-                let op = self.clients[c].ops.remove(&id).expect("present");
+                // A newer write holds some block (or the node restarted
+                // and refuses what may be older than a discard it forgot):
+                // move the clock past the version it names and write the
+                // range again with a newer version (as the client does).
+                let cl = &mut self.clients[c];
+                cl.hlc = cl.hlc.max(celer_proto::version_clock(h.version));
+                let op = cl.ops.remove(&id).expect("present");
                 self.forget_requests(c, id);
                 let (zero, sectors, write_zeroes) =
                     self.writes.get(&w).map_or((false, None, false), |r| {

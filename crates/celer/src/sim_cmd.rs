@@ -40,13 +40,26 @@ pub struct SimArgs {
     /// clients then finish what they started and every replica is read).
     #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub millis: u64,
+    /// Data simulation: power cuts per simulated second (of one of the
+    /// three nodes, which restarts on its disk after 2-32 ms). 50 keeps a
+    /// node down a quarter of the time, restarting while the clients still
+    /// send again what they sent before.
+    #[arg(long, default_value_t = 4.0)]
+    pub power_cuts_per_sec: f64,
 }
 
 fn run_data(a: &SimArgs) -> Result<()> {
+    if !(0.0..=1000.0).contains(&a.power_cuts_per_sec) {
+        bail!(
+            "--power-cuts-per-sec {}: between 0 and 1000 (one chance per simulated millisecond)",
+            a.power_cuts_per_sec
+        );
+    }
     let mut failed = Vec::new();
     for seed in a.seed..a.seed.saturating_add(a.count) {
         let mut cfg = celer_sim::DataSimConfig::new(seed);
         cfg.duration_us = a.millis * 1000;
+        cfg.crash_per_ms = a.power_cuts_per_sec / 1000.0;
         let started = Instant::now();
         // The node cores log as real nodes do (CELER_LOG shows them).
         let report = if std::env::var_os("CELER_LOG").is_none() {

@@ -528,4 +528,23 @@ fn sim_data_replays_a_seed() {
         &["sim", "--data", "--engine", "--seed", "1"],
         "cannot be used with",
     );
+    for bad in ["-1", "1001", "NaN"] {
+        let arg = format!("--power-cuts-per-sec={bad}");
+        fails_with(
+            &["sim", "--data", "--seed", "1", &arg],
+            "between 0 and 1000",
+        );
+    }
+    // Power cuts as often as the crash-heavy CI seeds: still replayed.
+    let heavy = succeeds(&[
+        "sim",
+        "--data",
+        "--seed",
+        "2",
+        "--millis",
+        "200",
+        "--power-cuts-per-sec",
+        "50",
+    ]);
+    assert!(heavy.contains("power cuts"), "{heavy}");
 }

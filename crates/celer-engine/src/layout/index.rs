@@ -5,6 +5,7 @@ use super::*;
 pub const INDEX_HEADER_BYTES: usize = 64;
 pub const INDEX_ENTRY_BYTES: usize = 40;
 // Index header: magic(8) crc(4) count(4) uuid(8) shard(4) pad(4) generation(8) journal_tail(8)
+// discard_floor(8: 0 in indexes older binaries wrote) pad(8)
 // Entry: state(1) pad(7) volume(8) chunk(8) epoch(8) alloc_seq(8)
 const INDEX_CRC: usize = 8;
 
@@ -12,6 +13,9 @@ pub struct IndexHeader {
     pub generation: u64,
     /// Replay the journal from this sequence number on.
     pub journal_tail: u64,
+    /// The shard's discard floor when the index was cut (see
+    /// `Record::Floor`).
+    pub discard_floor: u64,
 }
 
 pub fn encode_index(
@@ -28,6 +32,7 @@ pub fn encode_index(
     put_u32(b, 24, shard);
     put_u64(b, 32, h.generation);
     put_u64(b, 40, h.journal_tail);
+    put_u64(b, 48, h.discard_floor);
     for (i, e) in entries.iter().enumerate() {
         let at = INDEX_HEADER_BYTES + i * INDEX_ENTRY_BYTES;
         if let Some((seq, o)) = e {
@@ -72,5 +77,6 @@ pub fn decode_index(
     Some(IndexHeader {
         generation: get_u64(b, 32),
         journal_tail: get_u64(b, 40),
+        discard_floor: get_u64(b, 48),
     })
 }

@@ -24,8 +24,14 @@ pub enum Record {
     },
     /// Slot now holds `owner`.
     Alloc { slot: u32, owner: SlotOwner },
-    /// Slot released.
-    Free { slot: u32 },
+    /// Slot released by a discard (`version`: the highest version the
+    /// slot held, 0 for a release; older binaries wrote 0 here).
+    Free { slot: u32, version: u64 },
+    /// The shard's discard floor rose to `version`: a whole-chunk discard
+    /// or write-zeroes of a chunk with no slot was acknowledged at a
+    /// version at or below it (see `Shard::restart_floor`). Names no slot;
+    /// an older binary skips it as an unknown record.
+    Floor { version: u64 },
 }
 
 pub const JOURNAL_HEADER_BYTES: usize = 64;
@@ -80,9 +86,14 @@ pub fn encode_record(r: &Record, b: &mut [u8]) {
             put_u64(b, 32, owner.chunk);
             put_u64(b, 40, owner.epoch);
         }
-        Record::Free { slot } => {
+        Record::Free { slot, version } => {
             b[0] = 4;
             put_u32(b, 4, slot);
+            put_u64(b, 16, version);
+        }
+        Record::Floor { version } => {
+            b[0] = 5;
+            put_u64(b, 16, version);
         }
     }
 }
@@ -111,7 +122,13 @@ pub fn decode_record(b: &[u8]) -> Option<Record> {
                 epoch: get_u64(b, 40),
             },
         },
-        4 => Record::Free { slot },
+        4 => Record::Free {
+            slot,
+            version: get_u64(b, 16),
+        },
+        5 => Record::Floor {
+            version: get_u64(b, 16),
+        },
         _ => return None,
     })
 }

@@ -76,7 +76,15 @@ fn records_and_headers_round_trip() {
             version: 5,
         },
         Record::Alloc { slot: 7, owner },
-        Record::Free { slot: u32::MAX },
+        Record::Free {
+            slot: u32::MAX,
+            version: 0,
+        },
+        Record::Free {
+            slot: 3,
+            version: 1 << 62,
+        },
+        Record::Floor { version: 77 },
     ] {
         let mut b = [0u8; RECORD_BYTES];
         encode_record(&r, &mut b);

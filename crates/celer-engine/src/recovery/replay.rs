@@ -38,6 +38,7 @@ pub(super) fn read_index(
         owners,
         base,
         index_generation: h.generation,
+        discard_floor: h.discard_floor,
     })
 }
 
@@ -54,6 +55,7 @@ pub(super) fn recover_shard<D: Disk>(
         owners,
         mut base,
         index_generation,
+        mut discard_floor,
     } = start;
     let mut slots: Vec<Option<SlotState>> = (0..per).map(|_| None).collect();
     let mut maps = AlignedBuf::new(2 * g.map_blocks() as usize);
@@ -128,10 +130,20 @@ pub(super) fn recover_shard<D: Disk>(
     let mut replayed_any = false;
     for &(seq, pos, count, data_at) in blocks.iter() {
         max_seq = max_seq.max(seq);
+        let b = block(pos);
+        // The discard floor: every valid block's records count, also those
+        // the index already covers (a floor too high only makes a client
+        // write again, with a newer version).
+        for r in 0..count {
+            if let Some(Record::Free { version, .. } | Record::Floor { version }) =
+                layout::decode_record(layout::journal_record(b, r))
+            {
+                discard_floor = discard_floor.max(version);
+            }
+        }
         if seq <= min_base {
             continue;
         }
-        let b = block(pos);
         for r in 0..count {
             let Some(rec) = layout::decode_record(layout::journal_record(b, r)) else {
                 continue;
@@ -140,7 +152,8 @@ pub(super) fn recover_shard<D: Disk>(
                 Record::Write { slot, .. }
                 | Record::Zero { slot, .. }
                 | Record::Alloc { slot, .. }
-                | Record::Free { slot } => slot as usize,
+                | Record::Free { slot, .. } => slot as usize,
+                Record::Floor { .. } => continue,
             };
             if local >= per || g.slot_of(shard, local as u64) >= g.slot_count || seq <= base[local]
             {
@@ -159,6 +172,7 @@ pub(super) fn recover_shard<D: Disk>(
                     slots[local] = Some(s);
                 }
                 Record::Free { .. } => slots[local] = None,
+                Record::Floor { .. } => {}
                 Record::Write {
                     logical,
                     phys,
@@ -278,6 +292,7 @@ pub(super) fn recover_shard<D: Disk>(
         tail: next_seq,
         acked_through: next_seq - 1,
         index_generation,
+        discard_floor,
         inflight_max: opts.inflight_max,
         completion_eventfd: opts.completion_eventfd,
         hugepages: opts.hugepages,
@@ -319,6 +334,7 @@ fn checkpoint_sync<D: Disk>(
     let h = IndexHeader {
         generation: init.index_generation,
         journal_tail: cut + 1,
+        discard_floor: init.discard_floor,
     };
     layout::encode_index(g.disk_uuid, init.id, &h, &entries, &mut index);
     write_at(

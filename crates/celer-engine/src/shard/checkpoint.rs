@@ -77,9 +77,12 @@ impl<D: Disk> Shard<D> {
             .index
             .take()
             .unwrap_or_else(|| AlignedBuf::new(self.g.index_blocks() as usize));
+        // The floor of every Free and Floor record up to the cut (raised
+        // when they were appended), which the journal forgets from now on.
         let h = IndexHeader {
             generation: self.index_generation + 1,
             journal_tail: cut + 1,
+            discard_floor: self.discard_floor,
         };
         layout::encode_index(uuid, self.id, &h, &index_entries, &mut index);
         self.ckpt_spare.index_entries = index_entries;

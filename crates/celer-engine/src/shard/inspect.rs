@@ -14,6 +14,24 @@ impl<D: Disk> Shard<D> {
     pub fn stats(&self) -> ShardStats {
         self.stats
     }
+    /// The discard floor this shard was opened with: at or above the
+    /// version of every whole-chunk discard or zeroing it acknowledged
+    /// before that left the chunk without a slot (0 on a fresh disk). The
+    /// per-chunk versions that drop a write arriving late behind such a
+    /// discard live in memory; after a restart, the caller refuses client
+    /// writes at or below this floor for as long as a late write can
+    /// arrive (the storage node answers `OlderVersion`: the client writes
+    /// again with a newer version). The engine cannot: a backfill writes
+    /// old versions legitimately.
+    pub fn restart_floor(&self) -> u64 {
+        self.floor_at_open
+    }
+
+    /// The discard floor now (what the next checkpoint keeps).
+    pub fn discard_floor(&self) -> u64 {
+        self.discard_floor
+    }
+
     pub fn inflight(&self) -> usize {
         self.ops.len() - self.free_ops.len()
     }

@@ -66,6 +66,7 @@ impl<D: Disk> Shard<D> {
                 jb.unfinished_ops = 0;
                 jb.data_to = None;
                 jb.data_at = BLOCK_SIZE;
+                jb.floor = 0;
                 debug_assert!(!jb.moving, "a free journal buffer still moving data");
                 self.jorder.push_back(b);
                 self.open_jb = Some(b);
@@ -73,6 +74,10 @@ impl<D: Disk> Shard<D> {
             }
         };
         let jb = &mut self.jbufs[b];
+        if let Record::Free { version, .. } | Record::Floor { version } = *rec {
+            jb.floor = jb.floor.max(version);
+            self.discard_floor = self.discard_floor.max(version);
+        }
         let at = layout::JOURNAL_HEADER_BYTES + jb.count * RECORD_BYTES;
         layout::encode_record(rec, &mut jb.buf[at..at + RECORD_BYTES]);
         jb.count += 1;
@@ -182,6 +187,9 @@ impl<D: Disk> Shard<D> {
         }
         if self.jbufs[b].dsync {
             self.jbufs[b].state = JbState::Written;
+            if res == len as i32 && self.failed.is_none() {
+                self.floor_durable = self.floor_durable.max(self.jbufs[b].floor);
+            }
         } else {
             self.jbufs[b].state = JbState::Unflushed;
             self.unflushed_jbs.push(b);
@@ -198,7 +206,9 @@ impl<D: Disk> Shard<D> {
                 });
             }
             op.pending -= 1;
-            if op.pending == 0 && matches!(op.stage, Stage::Running | Stage::Freeing) {
+            if op.pending == 0
+                && matches!(op.stage, Stage::Running | Stage::Freeing | Stage::Flooring)
+            {
                 if op.solo {
                     solo_done = Some(id);
                 } else {
@@ -394,6 +404,9 @@ impl<D: Disk> Shard<D> {
         for i in 0..self.flush_jbs.len() {
             let b = self.flush_jbs[i];
             self.jbufs[b].state = JbState::Written;
+            if res >= 0 && self.failed.is_none() {
+                self.floor_durable = self.floor_durable.max(self.jbufs[b].floor);
+            }
         }
         self.flush_jbs.clear();
         let mut batch = std::mem::take(&mut self.flush_batch);

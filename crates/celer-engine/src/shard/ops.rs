@@ -42,6 +42,9 @@ pub(super) enum Stage {
     Merging,
     /// A fill reading the lower layers' blocks it copies.
     Filling,
+    /// A whole-chunk zeroing of a chunk with no slot, waiting for the
+    /// journal block that raises the shard's discard floor to its version.
+    Flooring,
 }
 
 pub(super) struct Op {
@@ -134,6 +137,9 @@ pub(super) struct JournalBuf {
     /// does not pass this block (so no checkpoint lets the journal reuse
     /// the data block before the move is flushed).
     pub(super) moving: bool,
+    /// The highest discard floor a record in this block carries (`Free`,
+    /// `Floor`): the shard's durable floor rises to it once the block is.
+    pub(super) floor: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

@@ -6,7 +6,12 @@ use super::*;
 /// How long the version of a chunk freed by a whole-chunk discard is kept
 /// (see `Discarded`): longer than a write can travel late (the client gives
 /// up on a request after its deadline, 30 s by default).
-pub(super) const DISCARDED_KEEP: std::time::Duration = std::time::Duration::from_secs(120);
+pub const DISCARDED_KEEP: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// How far above a chunk-less zeroing's version the discard floor is
+/// journaled (`Shard::raise_floor`): one second of the version's clock (a
+/// write version is `(ms << 8 | logical) << 16 | writer`, see celer-proto).
+pub(super) const FLOOR_LEASE: u64 = 1000 << 24;
 
 /// At most this many such versions are kept (the oldest go first).
 pub(super) const DISCARDED_MAX: usize = 1 << 20;
@@ -15,8 +20,10 @@ pub(super) const DISCARDED_MAX: usize = 1 << 20;
 /// memory for a while: a write that arrives late (a replica's copy of a
 /// write the client already retried, then discarded) and carries a version
 /// at or below the discard's is dropped, as it would have been had the slot
-/// stayed, instead of bringing old data back on one replica. Not journaled:
-/// a restart ends every connection, and with them any late write.
+/// stayed, instead of bringing old data back on one replica. Not journaled
+/// one by one: the shard's discard floor (`Shard::restart_floor`) stands
+/// for them after a restart, when clients send their unanswered writes
+/// again.
 #[derive(Default)]
 pub(super) struct Discarded {
     pub(super) versions: HashMap<(u64, u64), (u64, Instant)>,

@@ -42,6 +42,11 @@ impl<D: Disk> Shard<D> {
                     // write older than it.)
                     let version = self.ops[id as usize].version;
                     self.discarded.raise((volume, chunk), version);
+                    // That version is in memory only: the shard's discard
+                    // floor keeps it across a restart (`restart_floor`).
+                    if version > self.floor_durable {
+                        return self.raise_floor(id, version);
+                    }
                 }
                 return self.finish(id);
             }
@@ -563,6 +568,11 @@ impl<D: Disk> Shard<D> {
         if self.ops[id as usize].stage == Stage::Freeing {
             return self.free_done(id, local);
         }
+        if self.ops[id as usize].stage == Stage::Flooring {
+            // Its floor is durable (or the journal write failed: the op
+            // carries the error).
+            return self.finish(id);
+        }
         // A failed shard applies nothing more, and starts no next phase:
         // after a failed fdatasync a later one may succeed without the
         // writes the failed one covered (the device, or Linux, forgot
@@ -686,8 +696,34 @@ impl<D: Disk> Shard<D> {
         // data phase ran alone with RWF_DSYNC (`solo`), or a power cut could
         // bring back an acknowledged free.
         op.solo = false;
-        let seq = self.append_record(id, &Record::Free { slot: local });
+        // The versions the slot held go with it: the Free record carries
+        // the highest (the discard's, or a newer write's), which raises the
+        // shard's discard floor (`restart_floor`).
+        let version = slot.planned_version.iter().copied().max().unwrap_or(0);
+        let seq = self.append_record(
+            id,
+            &Record::Free {
+                slot: local,
+                version,
+            },
+        );
         self.write_slot_headers(id, local, seq, None);
+    }
+
+    /// Journals a discard floor at or above `version` for op `id`, a
+    /// whole-chunk zeroing of a chunk with no slot, which completes once
+    /// the floor is durable. The record names a floor `FLOOR_LEASE` above
+    /// the version, so that the zeroings that follow within that span
+    /// (a trim of a long, empty range) journal nothing.
+    fn raise_floor(&mut self, id: u32, version: u64) {
+        if !self.journal_room(1) {
+            return self.defer(id);
+        }
+        let op = &mut self.ops[id as usize];
+        op.stage = Stage::Flooring;
+        op.solo = false;
+        let floor = version.saturating_add(FLOOR_LEASE).max(self.discard_floor);
+        self.append_record(id, &Record::Floor { version: floor });
     }
 
     pub(super) fn free_done(&mut self, id: u32, local: u32) {

@@ -146,9 +146,15 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
             .collect();
         let counters = shared.metrics.shard(id);
         let scrub = Scrub::new(cfg.scrub_bytes_per_sec, cfg.scrub_interval, now);
+        // As long as the engine keeps a discarded chunk's version in memory
+        // (a client gives up on a request long before).
+        let restart_floor = Some(engine.restart_floor())
+            .filter(|f| *f > 0)
+            .map(|f| (f, now + celer_engine::DISCARDED_KEEP));
         ShardLoop {
             id,
             engine,
+            restart_floor,
             shared,
             cfg,
             net,

@@ -196,6 +196,24 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
             // would make every later write of the block lose.
             return self.reject(c, &h, Status::VersionAhead);
         }
+        if let Some((floor, until)) = self.restart_floor {
+            if self.woke_at >= until {
+                self.restart_floor = None;
+            } else if h.version <= floor {
+                // Sent before this node restarted, maybe older than a
+                // discard applied here before it (whose version is gone
+                // from memory): refused, the writer sends it again with a
+                // newer version, to every replica.
+                let mut r = Header::response_to(&h, Status::OlderVersion);
+                r.version = floor.max(h.version + 1);
+                r.snapshot = self.head_era(h.volume);
+                if let Some(conn) = self.conns[c].as_mut() {
+                    conn.queue(r, &[]);
+                }
+                self.mark_dirty(c);
+                return;
+            }
+        }
         let v = self.versions.entry(h.volume).or_default();
         *v = (*v).max(h.version);
         if !self.catch_ups.is_empty() {
