@@ -57,6 +57,15 @@ impl<D: Disk, N: Net> NodeCore<D, N> {
         }
     }
 
+    /// Drops the restart floor (`celer_engine::Shard::restart_floor`): the
+    /// core then applies a client's resent write older than a discard its
+    /// engine applied before the restart. Only to show that the simulator
+    /// finds the bug the floor fixes; a node never runs without it.
+    #[doc(hidden)]
+    pub fn without_restart_floor(&mut self) {
+        self.inner.drop_restart_floor();
+    }
+
     /// Installs a route table (as a push from the control service does).
     pub fn install_route(&mut self, table: RouteTable) {
         let inst = Arc::new(Installed {

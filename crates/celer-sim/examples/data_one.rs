@@ -1,6 +1,7 @@
 //! Runs one data-path seed: `data_one SEED [LAST]` (every seed of
 //! SEED..=LAST, printing failures). Environment: TRACE=1 prints the trace,
-//! CRASH_PER_MS / STALL_PER_MS override the fault rates.
+//! CRASH_PER_MS / STALL_PER_MS / CLOCK_STEP_PER_MS / CLOCK_OFFSET_MAX_MS
+//! override the faults.
 fn main() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -17,6 +18,12 @@ fn main() {
         }
         if let Some(v) = env("STALL_PER_MS") {
             cfg.stall_per_ms = v;
+        }
+        if let Some(v) = env("CLOCK_STEP_PER_MS") {
+            cfg.clock_step_per_ms = v;
+        }
+        if let Some(v) = env("CLOCK_OFFSET_MAX_MS") {
+            cfg.clock_offset_max_ms = v as u64;
         }
         let t = std::time::Instant::now();
         let r = celer_sim::run_data(&cfg, std::env::var("TRACE").is_ok());

@@ -21,8 +21,9 @@
 //! random part of what was not durable, and its writes in flight are
 //! torn), after which the node restarts on the same disk; connection
 //! resets; stalled connections the client gives up on while the node still
-//! gets their bytes, late. The network cuts, delays and spreads the byte
-//! stream (see [`crate::net`]).
+//! gets their bytes, late; wall clocks of nodes and clients off the
+//! simulated one and stepped (`DataSimConfig::clock_offset_max_ms`). The
+//! network cuts, delays and spreads the byte stream (see [`crate::net`]).
 //!
 //! The checker: a read returns, for every 512-byte sector, the content of a
 //! write that was sent (its pattern, naming its write), never older than
@@ -92,6 +93,18 @@ pub struct DataSimConfig {
     /// requests again on a new one, while the node still gets what the old
     /// one carried, late.
     pub stall_per_ms: f64,
+    /// Every node's and client's wall clock starts up to this far off the
+    /// simulated one (ms, either way), and per simulated millisecond one
+    /// of them is stepped to a new such offset with this chance (NTP
+    /// stepping a clock, or a wrong one fixed). Versions come from the
+    /// clients' hybrid clocks; the nodes refuse versions far ahead of
+    /// theirs.
+    pub clock_offset_max_ms: u64,
+    pub clock_step_per_ms: f64,
+    /// The nodes refuse client writes at or below their engine's discard
+    /// floor after a restart (always, in a real node). Off only to show
+    /// that the simulation finds what it prevents.
+    pub restart_floor: bool,
 }
 
 impl DataSimConfig {
@@ -103,6 +116,9 @@ impl DataSimConfig {
             crash_per_ms: 0.004,
             reset_per_ms: 0.01,
             stall_per_ms: 0.02,
+            clock_offset_max_ms: 2_000,
+            clock_step_per_ms: 0.002,
+            restart_floor: true,
         }
     }
 }
@@ -124,6 +140,8 @@ pub struct DataReport {
     pub resets: u64,
     pub stalls: u64,
     pub discards_acked: u64,
+    /// Clocks stepped to a new offset.
+    pub clock_steps: u64,
     /// Connections a node closed for a protocol error (a violation: the
     /// simulated network carries bytes faithfully).
     pub protocol_errors: u64,
@@ -138,7 +156,7 @@ impl DataReport {
     pub fn render(&self, wall: Duration) -> String {
         let secs = self.sim_us as f64 / 1e6;
         let mut s = format!(
-            "data seed {}: {:.2} s simulated in {:.2} s ({:.0}x real time), {} writes acknowledged ({:.0}/s simulated, {:.0}/s wall), {} of them through the primary, {} sector writes, {} rewritten after OlderVersion, {} discards acknowledged, {} reads checked, {} power cuts, {} resets, {} stalled connections given up, {} blocks verified on every replica, {} network bytes\n",
+            "data seed {}: {:.2} s simulated in {:.2} s ({:.0}x real time), {} writes acknowledged ({:.0}/s simulated, {:.0}/s wall), {} of them through the primary, {} sector writes, {} rewritten after OlderVersion, {} discards acknowledged, {} reads checked, {} power cuts, {} resets, {} stalled connections given up, {} clock steps, {} blocks verified on every replica, {} network bytes\n",
             self.seed,
             secs,
             wall.as_secs_f64(),
@@ -154,6 +172,7 @@ impl DataReport {
             self.crashes,
             self.resets,
             self.stalls,
+            self.clock_steps,
             self.blocks_verified,
             self.net_bytes,
         );
@@ -194,6 +213,9 @@ pub fn run_data(cfg: &DataSimConfig, trace: bool) -> DataReport {
 
 struct SimNode {
     disk: SimDisk,
+    /// Its wall clock's offset from the simulated one (ms), kept across
+    /// restarts (see `DataSimConfig::clock_offset_max_ms`).
+    clock_offset_ms: i64,
     core: Option<NodeCore<SimDisk, SimNet>>,
     /// Down (power cut) until this time.
     up_at: u64,
@@ -283,6 +305,8 @@ struct Client {
     attachment: u32,
     cap: Capability,
     hlc: u64,
+    /// Its wall clock's offset from the simulated one (ms).
+    clock_offset_ms: i64,
     conns: [Option<ClientConn>; NODES],
     ops: BTreeMap<u64, ClientOp>,
     next_op: u64,
@@ -356,6 +380,9 @@ fn covers(w: &WriteRec, block: u64, sector: u64) -> bool {
 impl DataSim {
     fn new(cfg: &DataSimConfig, keep_all: bool) -> Result<DataSim, String> {
         let world = World::new(cfg.seed ^ 0x4E37, NetConfig { delay_us: (5, 60) });
+        // The clocks' first offsets (the run's own generator draws the
+        // faults).
+        let mut offset_rng = StdRng::seed_from_u64(cfg.seed ^ 0xC10C);
         let mut nodes = Vec::new();
         for i in 0..NODES {
             let disk = SimDisk::new(DISK_BYTES, cfg.seed ^ (0xD15C + i as u64));
@@ -368,8 +395,10 @@ impl DataSim {
             };
             Engine::format_on(&disk, &opts, (cfg.seed << 2) | i as u64 | 1)
                 .map_err(|e| e.to_string())?;
+            let m = cfg.clock_offset_max_ms as i64;
             nodes.push(SimNode {
                 disk,
+                clock_offset_ms: offset_rng.gen_range(-m..=m),
                 core: None,
                 up_at: 0,
             });
@@ -391,6 +420,10 @@ impl DataSim {
                 attachment: i + 1,
                 cap: Capability::mint(&DATA_KEY, VOLUME, i + 1, 0, false, u64::MAX),
                 hlc: 0,
+                clock_offset_ms: {
+                    let m = cfg.clock_offset_max_ms as i64;
+                    offset_rng.gen_range(-m..=m)
+                },
                 conns: [None, None, None],
                 ops: BTreeMap::new(),
                 next_op: 1,
@@ -449,7 +482,12 @@ impl DataSim {
             data_key: DATA_KEY,
             forward_timeout: Duration::from_secs(2),
         };
-        let mut core = NodeCore::new(&cfg, shard, SimNet::new(&self.world));
+        let mut net = SimNet::new(&self.world);
+        net.set_clock_offset_ms(self.nodes[i].clock_offset_ms);
+        let mut core = NodeCore::new(&cfg, shard, net);
+        if !self.cfg.restart_floor {
+            core.without_restart_floor();
+        }
         core.install_route(self.table.clone());
         self.nodes[i].core = Some(core);
         Ok(())
@@ -491,6 +529,29 @@ impl DataSim {
             }
         }
         Ok(())
+    }
+
+    /// Steps the wall clock of a node or a client to a new offset.
+    fn step_clock(&mut self) {
+        let m = self.cfg.clock_offset_max_ms as i64;
+        let offset = self.rng.gen_range(-m..=m);
+        let k = self.rng.gen_range(0..NODES + self.clients.len());
+        self.report.clock_steps += 1;
+        if k < NODES {
+            self.nodes[k].clock_offset_ms = offset;
+            if let Some(core) = self.nodes[k].core.as_mut() {
+                core.net_mut().set_clock_offset_ms(offset);
+            }
+            self.log(format!(
+                "the clock of node {} steps to {offset:+} ms",
+                node_id(k)
+            ));
+        } else {
+            let cl = &mut self.clients[k - NODES];
+            cl.clock_offset_ms = offset;
+            let who = cl.attachment;
+            self.log(format!("the clock of client {who} steps to {offset:+} ms"));
+        }
     }
 
     /// Power cut: the disk keeps what it keeps, the process and its
@@ -545,6 +606,9 @@ impl DataSim {
                             node_id(i)
                         ));
                     }
+                }
+                if self.rng.gen_bool(self.cfg.clock_step_per_ms) {
+                    self.step_clock();
                 }
                 if self.rng.gen_bool(self.cfg.stall_per_ms) {
                     let c = self.rng.gen_range(0..self.clients.len());
@@ -715,6 +779,7 @@ impl DataSim {
         let now = self.now();
         let unix_ms = self.world.borrow().unix_ms();
         let cl = &mut self.clients[c];
+        let unix_ms = unix_ms.saturating_add_signed(cl.clock_offset_ms);
         cl.hlc = (cl.hlc + 1).max(clock_of_unix_ms(unix_ms));
         let version = (cl.hlc << 16) | cl.attachment as u64;
         let wid = self.next_write;
@@ -897,7 +962,11 @@ impl DataSim {
                     a.got.len()
                 ));
             }
-            let unix_ms = self.world.borrow().unix_ms();
+            let unix_ms = self
+                .world
+                .borrow()
+                .unix_ms()
+                .saturating_add_signed(self.nodes[a.node].clock_offset_ms);
             let (peer, peer_nonce) = HelloProof::check(
                 &a.got[HEADER_BYTES..],
                 &DATA_KEY,
@@ -1148,6 +1217,19 @@ impl DataSim {
                 node_id(i)
             ));
         }
+        if h.status != Status::OlderVersion {
+            // Every answer names the highest version the node saw for the
+            // volume: the clock follows it unless it is beyond the drift
+            // bound of this client's own clock (as `Hlc::observe_reported`).
+            let unix_ms = self.world.borrow().unix_ms();
+            let cl = &mut self.clients[c];
+            let limit =
+                celer_proto::clock_limit_at(unix_ms.saturating_add_signed(cl.clock_offset_ms));
+            let seen = celer_proto::version_clock(h.version);
+            if seen <= limit {
+                cl.hlc = cl.hlc.max(seen);
+            }
+        }
         let Some((id, r)) = self.clients[c].reqs.remove(&h.request_id) else {
             return Ok(()); // an answer to a request given up
         };
@@ -1194,8 +1276,22 @@ impl DataSim {
                 // and refuses what may be older than a discard it forgot):
                 // move the clock past the version it names and write the
                 // range again with a newer version (as the client does).
+                let unix_ms = self.world.borrow().unix_ms();
                 let cl = &mut self.clients[c];
-                cl.hlc = cl.hlc.max(celer_proto::version_clock(h.version));
+                let limit =
+                    celer_proto::clock_limit_at(unix_ms.saturating_add_signed(cl.clock_offset_ms));
+                let stored = celer_proto::version_clock(h.version);
+                if stored > cl.hlc && stored > limit {
+                    // The client fails such a write (a writer's clock is
+                    // wrong); the offsets here stay far within the bound.
+                    return Err(format!(
+                        "node {} holds version {:#x}, beyond the drift bound of client {}'s clock",
+                        node_id(i),
+                        h.version,
+                        cl.attachment
+                    ));
+                }
+                cl.hlc = cl.hlc.max(stored);
                 let op = cl.ops.remove(&id).expect("present");
                 self.forget_requests(c, id);
                 let (zero, sectors, write_zeroes) =

@@ -309,6 +309,9 @@ pub struct SimNet {
     world: Rc<RefCell<World>>,
     /// Connection index → (pipe, side, read, write).
     watched: BTreeMap<usize, (usize, usize, bool, bool)>,
+    /// How far this node's wall clock is off the simulated one (ms; the
+    /// monotonic clock, `now`, is not).
+    clock_offset_ms: i64,
 }
 
 impl SimNet {
@@ -316,7 +319,14 @@ impl SimNet {
         SimNet {
             world: world.clone(),
             watched: BTreeMap::new(),
+            clock_offset_ms: 0,
         }
+    }
+
+    /// Sets this node's wall clock `ms` off the simulated one (a wrong
+    /// clock, or NTP stepping it).
+    pub fn set_clock_offset_ms(&mut self, ms: i64) {
+        self.clock_offset_ms = ms;
     }
 
     /// Connections ready now: (index, readable, writable), in index order.
@@ -346,7 +356,10 @@ impl celer_node::net::Net for SimNet {
     }
 
     fn unix_ms(&self) -> u64 {
-        self.world.borrow().unix_ms()
+        self.world
+            .borrow()
+            .unix_ms()
+            .saturating_add_signed(self.clock_offset_ms)
     }
 
     fn connect(&mut self, addr: SocketAddr) -> io::Result<SimStream> {

@@ -100,6 +100,11 @@ fn drain_eventfd(fd: RawFd) {
 
 impl<D: Disk, N: Net> ShardLoop<D, N> {
     /// A shard core over its engine shard and its network.
+    /// See `NodeCore::without_restart_floor`.
+    pub(crate) fn drop_restart_floor(&mut self) {
+        self.restart_floor = None;
+    }
+
     pub(crate) fn new(engine: Shard<D>, shared: Arc<NodeShared>, cfg: ShardConfig, net: N) -> Self {
         let now = net.now();
         let id = engine.id() as u16;
