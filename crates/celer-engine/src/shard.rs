@@ -53,9 +53,9 @@ mod write;
 
 use ops::*;
 use read::moving_data;
+use slots::Discarded;
 pub(crate) use slots::SlotState;
 pub use slots::DISCARDED_KEEP;
-use slots::{Discarded, FLOOR_LEASE};
 pub(crate) use submit::for_each_piece;
 use submit::*;
 

@@ -676,21 +676,24 @@ fn the_discard_floor_survives_crashes_and_checkpoints() {
     drop(sh); // crash
     let mut sh = open_shard(&path);
     assert_eq!(sh.restart_floor(), 200, "the Free record's version");
-    // A zeroing of a chunk that holds no slot journals a floor above it.
+    // A zeroing of a chunk that holds no slot journals its version.
     let journal = sh.stats().journal_bytes_written;
     discard(&mut sh, 4, 5_000);
     assert!(
         sh.stats().journal_bytes_written > journal,
         "the floor was journaled"
     );
-    let floor = sh.discard_floor();
-    assert!(floor > 5_000, "{floor}");
-    // The next ones under it journal nothing.
+    assert_eq!(sh.discard_floor(), 5_000);
+    // One at or under the durable floor journals nothing.
     let journal = sh.stats().journal_bytes_written;
-    discard(&mut sh, 5, 5_001);
-    discard(&mut sh, 4, 6_000);
+    discard(&mut sh, 5, 4_000);
+    discard(&mut sh, 4, 5_000);
     assert_eq!(sh.stats().journal_bytes_written, journal);
-    assert_eq!(sh.discard_floor(), floor);
+    // A newer one does.
+    discard(&mut sh, 5, 6_000);
+    assert!(sh.stats().journal_bytes_written > journal);
+    let floor = sh.discard_floor();
+    assert_eq!(floor, 6_000);
     drop(sh); // crash
     let mut sh = open_shard(&path);
     assert_eq!(sh.restart_floor(), floor, "the Floor record");
@@ -705,8 +708,41 @@ fn the_discard_floor_survives_crashes_and_checkpoints() {
     let sh = open_shard(&path);
     assert_eq!(sh.restart_floor(), floor, "the checkpoint's index");
     sh.close().expect("close");
-    let sh = open_shard(&path);
+    let mut sh = open_shard(&path);
     assert_eq!(sh.restart_floor(), floor, "after a clean close");
+    // A trim of 64 empty chunks submitted together (a client at depth 64):
+    // their Floor records share journal blocks.
+    let journal = sh.stats().journal_bytes_written;
+    let trim: Vec<EngineRequest> = (0..64u64)
+        .map(|c| EngineRequest {
+            op: EngineOp::Discard,
+            volume: 2,
+            offset_bytes: c * chunk_bytes,
+            len_bytes: chunk_bytes,
+            segments: &[],
+            version: 20_000 + c,
+            epoch: 1,
+            tag: c,
+            chain: &[],
+            block_crc: None,
+        })
+        .collect();
+    for req in &trim {
+        // SAFETY: no buffers.
+        unsafe { sh.submit(req).expect("submit") };
+    }
+    let mut done = 0;
+    while done < trim.len() {
+        sh.wait(&mut |c: Completion| {
+            assert!(c.result.is_ok(), "{c:?}");
+            done += 1;
+        });
+    }
+    let blocks = (sh.stats().journal_bytes_written - journal) / 4096;
+    assert!(blocks <= 2, "{blocks} journal blocks for 64 zeroings");
+    drop(sh); // crash
+    let sh = open_shard(&path);
+    assert_eq!(sh.restart_floor(), 20_063);
 }
 
 /// Sector writes of one block, submitted together as several writers would

@@ -1,7 +1,8 @@
 //! Runs one data-path seed: `data_one SEED [LAST]` (every seed of
 //! SEED..=LAST, printing failures). Environment: TRACE=1 prints the trace,
 //! CRASH_PER_MS / STALL_PER_MS / CLOCK_STEP_PER_MS / CLOCK_OFFSET_MAX_MS
-//! override the faults.
+//! override the faults; NO_RESTART_FLOOR=1 runs the nodes without their
+//! restart floor (to see the bug it prevents).
 fn main() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -24,6 +25,9 @@ fn main() {
         }
         if let Some(v) = env("CLOCK_OFFSET_MAX_MS") {
             cfg.clock_offset_max_ms = v as u64;
+        }
+        if std::env::var_os("NO_RESTART_FLOOR").is_some() {
+            cfg.restart_floor = false;
         }
         let t = std::time::Instant::now();
         let r = celer_sim::run_data(&cfg, std::env::var("TRACE").is_ok());

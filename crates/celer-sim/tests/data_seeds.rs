@@ -65,10 +65,11 @@ fn the_fixed_data_seeds_lose_no_acknowledged_write() {
 /// Seeds run with power cuts twelve times as often (50 per simulated
 /// second: a node is down about a quarter of the time), so that nodes come
 /// back while the clients still send again what they sent before. With the
-/// storage node's restart floor removed (`ShardLoop::restart_floor`), 3 of
-/// seeds 0-40 fail (17, 19, 25): a write older than a discard a node
-/// applied before its power cut was applied there after the restart, and a
-/// read returned it. These 8 include two of them (19 fails 0.07 s in).
+/// storage node's restart floor off (`DataSimConfig::restart_floor`), seed
+/// 19 fails 0.07 s in (the only one of seeds 0-40): a write older than a
+/// discard a node applied before its power cut was applied there after the
+/// restart, and a read returned it. The next test checks that it still
+/// does.
 const CRASH_SEEDS: std::ops::Range<u64> = 16..24;
 const CRASH_HEAVY_PER_MS: f64 = 0.05;
 

@@ -8,11 +8,6 @@ use super::*;
 /// up on a request after its deadline, 30 s by default).
 pub const DISCARDED_KEEP: std::time::Duration = std::time::Duration::from_secs(120);
 
-/// How far above a chunk-less zeroing's version the discard floor is
-/// journaled (`Shard::raise_floor`): one second of the version's clock (a
-/// write version is `(ms << 8 | logical) << 16 | writer`, see celer-proto).
-pub(super) const FLOOR_LEASE: u64 = 1000 << 24;
-
 /// At most this many such versions are kept (the oldest go first).
 pub(super) const DISCARDED_MAX: usize = 1 << 20;
 

@@ -710,11 +710,12 @@ impl<D: Disk> Shard<D> {
         self.write_slot_headers(id, local, seq, None);
     }
 
-    /// Journals a discard floor at or above `version` for op `id`, a
-    /// whole-chunk zeroing of a chunk with no slot, which completes once
-    /// the floor is durable. The record names a floor `FLOOR_LEASE` above
-    /// the version, so that the zeroings that follow within that span
-    /// (a trim of a long, empty range) journal nothing.
+    /// Journals the discard floor `version` for op `id`, a whole-chunk
+    /// zeroing of a chunk with no slot, which completes once the floor is
+    /// durable. Exactly its version, never above: the floor is shard-wide,
+    /// and one a node names after a restart must stay within what every
+    /// writer's clock accepts (see docs/architecture.md). The zeroings of
+    /// a trim submitted together share a journal block.
     fn raise_floor(&mut self, id: u32, version: u64) {
         if !self.journal_room(1) {
             return self.defer(id);
@@ -722,8 +723,7 @@ impl<D: Disk> Shard<D> {
         let op = &mut self.ops[id as usize];
         op.stage = Stage::Flooring;
         op.solo = false;
-        let floor = version.saturating_add(FLOOR_LEASE).max(self.discard_floor);
-        self.append_record(id, &Record::Floor { version: floor });
+        self.append_record(id, &Record::Floor { version });
     }
 
     pub(super) fn free_done(&mut self, id: u32, local: u32) {
