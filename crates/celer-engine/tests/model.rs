@@ -648,20 +648,17 @@ fn the_discard_floor_survives_crashes_and_checkpoints() {
     let mut sh = open_shard(&path);
     assert_eq!(sh.restart_floor(), 0, "a fresh disk has no floor");
     let chunk_bytes = sh.geometry().chunk_bytes();
+    let chunk_blocks = (chunk_bytes / BS as u64) as usize;
     let discard = |sh: &mut Shard, chunk: u64, version: u64| {
-        let req = EngineRequest {
-            op: EngineOp::Discard,
-            volume: 1,
-            offset_bytes: chunk * chunk_bytes,
-            len_bytes: chunk_bytes,
-            segments: &[],
+        common::zero(
+            sh,
+            EngineOp::Discard,
+            1,
+            chunk * chunk_bytes,
+            chunk_blocks,
             version,
-            epoch: 1,
-            tag: 5,
-            chain: &[],
-            block_crc: None,
-        };
-        common::run_one(sh, &req).expect("discard");
+        )
+        .expect("discard");
     };
     let write_at = |sh: &mut Shard, at: u64, seed: u64, version: u64| {
         let mut buf = AlignedBuf::new(1);

@@ -16,6 +16,15 @@ fn failure(seed: u64, r: &celer_sim::DataReport, started: Instant) -> String {
     )
 }
 
+fn assert_none_failed(failed: &[String]) {
+    assert!(
+        failed.is_empty(),
+        "{} seed(s) failed:\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
+}
+
 #[test]
 fn the_fixed_data_seeds_lose_no_acknowledged_write() {
     let started = Instant::now();
@@ -40,12 +49,7 @@ fn the_fixed_data_seeds_lose_no_acknowledged_write() {
             failed.push(failure(seed, &r, t));
         }
     }
-    assert!(
-        failed.is_empty(),
-        "{} seed(s) failed:\n{}",
-        failed.len(),
-        failed.join("\n")
-    );
+    assert_none_failed(&failed);
     let n = FIXED_SEEDS.end - FIXED_SEEDS.start;
     // The runs must load the nodes, cut their power and check every block.
     assert!(acked > 1000 * n, "{acked} writes acknowledged");
@@ -92,12 +96,7 @@ fn the_crash_heavy_data_seeds_lose_no_acknowledged_write() {
             ));
         }
     }
-    assert!(
-        failed.is_empty(),
-        "{} seed(s) failed:\n{}",
-        failed.len(),
-        failed.join("\n")
-    );
+    assert_none_failed(&failed);
     let n = CRASH_SEEDS.end - CRASH_SEEDS.start;
     assert!(crashes > 40 * n, "{crashes} power cuts");
 }

@@ -205,7 +205,7 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
                 // from memory): refused, the writer sends it again with a
                 // newer version, to every replica.
                 let mut r = Header::response_to(&h, Status::OlderVersion);
-                r.version = floor.max(h.version + 1);
+                r.version = floor.max(h.version.saturating_add(1));
                 r.snapshot = self.head_era(h.volume);
                 if let Some(conn) = self.conns[c].as_mut() {
                     conn.queue(r, &[]);
