@@ -19,7 +19,8 @@
 //! (`HelloProof::check`), then the node's core takes the connection.
 //! Faults drawn from the seed: power cuts of a node (its disk keeps a
 //! random part of what was not durable, and its writes in flight are
-//! torn), after which the node restarts on the same disk; connection
+//! torn), at random and aimed just after it acknowledged a discard, after
+//! which the node restarts on the same disk; connection
 //! resets; stalled connections the client gives up on while the node still
 //! gets their bytes, late; wall clocks of nodes and clients off the
 //! simulated one and stepped (`DataSimConfig::clock_offset_max_ms`). The
@@ -101,6 +102,11 @@ pub struct DataSimConfig {
     /// theirs.
     pub clock_offset_max_ms: u64,
     pub clock_step_per_ms: f64,
+    /// The chance that a node that acknowledged a discard or zeroing loses
+    /// power 0-2 ms later: aimed at the window in which a write older than
+    /// the discard may still be on its way to it (FoundationDB calls such
+    /// aimed faults "buggify").
+    pub crash_after_discard: f64,
     /// The nodes refuse client writes at or below their engine's discard
     /// floor after a restart (always, in a real node). Off only to show
     /// that the simulation finds what it prevents.
@@ -118,6 +124,7 @@ impl DataSimConfig {
             stall_per_ms: 0.02,
             clock_offset_max_ms: 2_000,
             clock_step_per_ms: 0.002,
+            crash_after_discard: 0.02,
             restart_floor: true,
         }
     }
@@ -334,6 +341,8 @@ struct DataSim {
     trace: VecDeque<String>,
     keep_all: bool,
     faults: bool,
+    /// Power cuts due: (when, node), from `crash_after_discard`.
+    due_crashes: Vec<(u64, usize)>,
     /// Where clients read into.
     scratch: Vec<u8>,
     accepting: Vec<Accepting>,
@@ -450,6 +459,7 @@ impl DataSim {
             trace: VecDeque::new(),
             keep_all,
             faults: true,
+            due_crashes: Vec::new(),
             scratch: vec![0; 16 << 10],
             accepting: Vec::new(),
         };
@@ -587,6 +597,12 @@ impl DataSim {
             if now >= end && self.faults {
                 self.faults = false;
                 self.log("faults stop; the clients finish".into());
+            }
+            while let Some(k) = self.due_crashes.iter().position(|&(at, _)| at <= now) {
+                let (_, i) = self.due_crashes.swap_remove(k);
+                if self.faults {
+                    self.crash_node(i);
+                }
             }
             // Faults, once per simulated millisecond.
             while self.faults && last_ms < now / 1000 {
@@ -1241,8 +1257,16 @@ impl DataSim {
             return Ok(());
         }
         match (op.write, h.status) {
-            (Some(_), Status::Ok) => {
+            (Some(w), Status::Ok) => {
                 op.want[i] = Want::Done;
+                let zeroing = self.writes.get(&w).is_some_and(|r| r.zero);
+                if zeroing && self.faults && self.rng.gen_bool(self.cfg.crash_after_discard) {
+                    let at = now + self.rng.gen_range(0..100);
+                    self.due_crashes.push((at, i));
+                }
+                let Some(op) = self.clients[c].ops.get_mut(&id) else {
+                    return Ok(());
+                };
                 if op.want.iter().all(|w| *w == Want::Done) {
                     let op = self.clients[c].ops.remove(&id).expect("present");
                     let w = op.write.expect("a write");

@@ -68,12 +68,7 @@ fn the_fixed_data_seeds_lose_no_acknowledged_write() {
 
 /// Seeds run with power cuts twelve times as often (50 per simulated
 /// second: a node is down about a quarter of the time), so that nodes come
-/// back while the clients still send again what they sent before. With the
-/// storage node's restart floor off (`DataSimConfig::restart_floor`), seed
-/// 19 fails 0.07 s in (the only one of seeds 0-40): a write older than a
-/// discard a node applied before its power cut was applied there after the
-/// restart, and a read returned it. The next test checks that it still
-/// does.
+/// back while the clients still send again what they sent before.
 const CRASH_SEEDS: std::ops::Range<u64> = 16..24;
 const CRASH_HEAVY_PER_MS: f64 = 0.05;
 
@@ -101,24 +96,26 @@ fn the_crash_heavy_data_seeds_lose_no_acknowledged_write() {
     assert!(crashes > 40 * n, "{crashes} power cuts");
 }
 
-/// The same seeds with the nodes' restart floor off: the simulation must
-/// find the lost discard it prevents (if it stops finding it, the load
-/// changed and `CRASH_SEEDS` must be chosen again).
+/// The fixed seeds with the nodes' restart floor off
+/// (`DataSimConfig::restart_floor`): the simulation must find the bug the
+/// floor prevents, a write older than a discard a node applied before its
+/// power cut, applied there after the restart and returned by a read (the
+/// power cuts aimed just after discards, `crash_after_discard`, make it
+/// likely). Seeds 9 and 18 find it; the first one that does ends the test.
+/// If none does, the load changed and the simulation no longer finds it.
 #[test]
-fn without_the_restart_floor_the_crash_heavy_seeds_find_a_resent_write_undoing_a_discard() {
-    let mut found = Vec::new();
-    for seed in CRASH_SEEDS {
+fn without_the_restart_floor_the_fixed_seeds_find_a_resent_write_undoing_a_discard() {
+    for seed in FIXED_SEEDS {
         let mut cfg = DataSimConfig::new(seed);
-        cfg.crash_per_ms = CRASH_HEAVY_PER_MS;
         cfg.restart_floor = false;
         let r = run_data(&cfg, false);
         if let Some(v) = &r.violation {
             println!("seed {seed}, {:.2} s simulated: {v}", r.sim_us as f64 / 1e6);
             assert!(v.contains("older than write"), "seed {seed}: {v}");
-            found.push(seed);
+            return;
         }
     }
-    assert!(!found.is_empty(), "no seed of {CRASH_SEEDS:?} found it");
+    panic!("no seed of {FIXED_SEEDS:?} found it");
 }
 
 #[test]
