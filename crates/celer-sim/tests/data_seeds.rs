@@ -69,7 +69,7 @@ fn the_fixed_data_seeds_lose_no_acknowledged_write() {
 /// Seeds run with power cuts twelve times as often (50 per simulated
 /// second: a node is down about a quarter of the time), so that nodes come
 /// back while the clients still send again what they sent before.
-const CRASH_SEEDS: std::ops::Range<u64> = 16..24;
+const CRASH_SEEDS: std::ops::Range<u64> = 16..20;
 const CRASH_HEAVY_PER_MS: f64 = 0.05;
 
 #[test]
