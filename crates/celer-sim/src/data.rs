@@ -103,9 +103,10 @@ pub struct DataSimConfig {
     pub clock_offset_max_ms: u64,
     pub clock_step_per_ms: f64,
     /// The chance that a node that acknowledged a discard or zeroing loses
-    /// power 0-2 ms later: aimed at the window in which a write older than
-    /// the discard may still be on its way to it (FoundationDB calls such
-    /// aimed faults "buggify").
+    /// power 0-100 µs after the client got the answer: aimed at the window
+    /// in which a write older than the discard may still be on its way to
+    /// it (FoundationDB calls such aimed faults "buggify"; 0-2 ms missed
+    /// it).
     pub crash_after_discard: f64,
     /// The nodes refuse client writes at or below their engine's discard
     /// floor after a restart (always, in a real node). Off only to show
@@ -539,6 +540,13 @@ impl DataSim {
             }
         }
         Ok(())
+    }
+
+    /// The highest clock value client `c` follows: its own wall clock plus
+    /// the drift bound.
+    fn clock_limit(&self, c: usize) -> u64 {
+        let unix_ms = self.world.borrow().unix_ms();
+        celer_proto::clock_limit_at(unix_ms.saturating_add_signed(self.clients[c].clock_offset_ms))
     }
 
     /// Steps the wall clock of a node or a client to a new offset.
@@ -1237,12 +1245,10 @@ impl DataSim {
             // Every answer names the highest version the node saw for the
             // volume: the clock follows it unless it is beyond the drift
             // bound of this client's own clock (as `Hlc::observe_reported`).
-            let unix_ms = self.world.borrow().unix_ms();
-            let cl = &mut self.clients[c];
-            let limit =
-                celer_proto::clock_limit_at(unix_ms.saturating_add_signed(cl.clock_offset_ms));
+            let limit = self.clock_limit(c);
             let seen = celer_proto::version_clock(h.version);
             if seen <= limit {
+                let cl = &mut self.clients[c];
                 cl.hlc = cl.hlc.max(seen);
             }
         }
@@ -1300,10 +1306,8 @@ impl DataSim {
                 // and refuses what may be older than a discard it forgot):
                 // move the clock past the version it names and write the
                 // range again with a newer version (as the client does).
-                let unix_ms = self.world.borrow().unix_ms();
+                let limit = self.clock_limit(c);
                 let cl = &mut self.clients[c];
-                let limit =
-                    celer_proto::clock_limit_at(unix_ms.saturating_add_signed(cl.clock_offset_ms));
                 let stored = celer_proto::version_clock(h.version);
                 if stored > cl.hlc && stored > limit {
                     // The client fails such a write (a writer's clock is
