@@ -394,8 +394,22 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
     }
 
     fn respond(&mut self, c: usize, req: &Header, status: Status, payload: &[&[u8]]) {
+        let version = self.volume_version(req.volume);
+        self.respond_naming(c, req, status, version, payload);
+    }
+
+    /// `respond`, naming `version` instead of the volume's highest (an
+    /// `OlderVersion` names the version that refused the write).
+    fn respond_naming(
+        &mut self,
+        c: usize,
+        req: &Header,
+        status: Status,
+        version: u64,
+        payload: &[&[u8]],
+    ) {
         let mut h = Header::response_to(req, status);
-        h.version = self.volume_version(req.volume);
+        h.version = version;
         h.snapshot = self.head_era(req.volume);
         if let Some(conn) = self.conns[c].as_mut() {
             conn.queue(h, payload);

@@ -771,11 +771,8 @@ impl DataSim {
         let now = self.now();
         let mut want = [Want::Done; NODES];
         want[target] = Want::Send;
-        let cl = &mut self.clients[c];
-        let id = cl.next_op;
-        cl.next_op += 1;
-        cl.ops.insert(
-            id,
+        self.add_op(
+            c,
             ClientOp {
                 write: None,
                 first,
@@ -786,6 +783,13 @@ impl DataSim {
                 verify,
             },
         );
+    }
+
+    /// Gives client `c` a new operation to send.
+    fn add_op(&mut self, c: usize, op: ClientOp) {
+        let cl = &mut self.clients[c];
+        cl.ops.insert(cl.next_op, op);
+        cl.next_op += 1;
     }
 
     fn new_write(&mut self, c: usize, first: u64, blocks: u64, zero: bool) -> u64 {
@@ -841,11 +845,8 @@ impl DataSim {
             }
             None => [Want::Send; NODES],
         };
-        let cl = &mut self.clients[c];
-        let id = cl.next_op;
-        cl.next_op += 1;
-        cl.ops.insert(
-            id,
+        self.add_op(
+            c,
             ClientOp {
                 write: Some(wid),
                 first,

@@ -204,14 +204,8 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
                 // discard applied here before it (whose version is gone
                 // from memory): refused, the writer sends it again with a
                 // newer version, to every replica.
-                let mut r = Header::response_to(&h, Status::OlderVersion);
-                r.version = floor.max(h.version.saturating_add(1));
-                r.snapshot = self.head_era(h.volume);
-                if let Some(conn) = self.conns[c].as_mut() {
-                    conn.queue(r, &[]);
-                }
-                self.mark_dirty(c);
-                return;
+                let named = floor.max(h.version.saturating_add(1));
+                return self.respond_naming(c, &h, Status::OlderVersion, named, &[]);
             }
         }
         let v = self.versions.entry(h.volume).or_default();
