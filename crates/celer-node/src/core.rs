@@ -11,6 +11,7 @@
 //! `HelloProof::check` and adopts the connection), the agent, the admin
 //! API and TLS.
 
+use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +22,7 @@ use celer_route::{NodeId, RouteTable};
 
 use crate::conn::Wire;
 use crate::handshake::Adopted;
-use crate::hub::Installed;
+use crate::hub::{AgentMsg, Installed};
 use crate::net::Net;
 use crate::shard::{ShardConfig, ShardLoop};
 use crate::{NodeError, NodeShared, ShardMsg};
@@ -36,14 +37,29 @@ pub struct CoreConfig {
     pub forward_timeout: Duration,
 }
 
+/// What the core asks of the node's agent, which talks to the control
+/// service for it (`celer-node`'s agent thread; a simulator's model of it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AgentNote {
+    /// A peer named this newer route epoch: fetch the table and install it.
+    NeedRoute(u64),
+    /// The backfill (or catch-up) of `partition` finished while the shard
+    /// held table `epoch`: report it to the control service (`synced`).
+    Synced { partition: u32, epoch: u64 },
+}
+
 /// One node shard's core over its engine shard `D` and its network `N`.
 pub struct NodeCore<D: Disk, N: Net> {
     inner: ShardLoop<D, N>,
+    agent: Receiver<AgentMsg>,
 }
 
 impl<D: Disk, N: Net> NodeCore<D, N> {
     pub fn new(cfg: &CoreConfig, engine: Shard<D>, net: N) -> NodeCore<D, N> {
-        let shared = Arc::new(NodeShared::detached(cfg.node, cfg.data_key));
+        let (tx, agent) = mpsc::channel();
+        let shared = NodeShared::detached(cfg.node, cfg.data_key);
+        *shared.agent.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        let shared = Arc::new(shared);
         let scfg = ShardConfig {
             forward_timeout: cfg.forward_timeout,
             busy_poll: Duration::ZERO,
@@ -54,6 +70,7 @@ impl<D: Disk, N: Net> NodeCore<D, N> {
         };
         NodeCore {
             inner: ShardLoop::new(engine, shared, scfg, net),
+            agent,
         }
     }
 
@@ -73,6 +90,34 @@ impl<D: Disk, N: Net> NodeCore<D, N> {
             table,
         });
         self.inner.on_msg(ShardMsg::Route(inst));
+    }
+
+    /// The epoch of the route table the core serves (0: none yet).
+    pub fn route_epoch(&self) -> u64 {
+        self.inner.route_epoch()
+    }
+
+    /// What the core asked of its agent since the last call, in order.
+    pub fn agent_notes(&mut self) -> Vec<AgentNote> {
+        let mut out = Vec::new();
+        while let Ok(m) = self.agent.try_recv() {
+            match m {
+                AgentMsg::NeedRoute(e) => out.push(AgentNote::NeedRoute(e)),
+                AgentMsg::Synced { partition, epoch } => {
+                    out.push(AgentNote::Synced { partition, epoch })
+                }
+                AgentMsg::Stop => {}
+            }
+        }
+        out
+    }
+
+    /// The control service refused a `Synced` report for `partitions`
+    /// (this node rejoined them after `epoch`): copy them again, as the
+    /// agent has the shards do.
+    pub fn backfill_again(&mut self, epoch: u64, partitions: Vec<u32>) {
+        self.inner
+            .on_msg(ShardMsg::BackfillAgain(epoch, partitions));
     }
 
     /// Takes a connection whose Hello the driver checked, as the node's

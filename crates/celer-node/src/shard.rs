@@ -349,6 +349,11 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
         self.route.as_ref().map(|r| &r.table)
     }
 
+    /// The epoch of the table this shard serves (0: none yet).
+    pub(crate) fn route_epoch(&self) -> u64 {
+        self.table().map_or(0, |t| t.epoch)
+    }
+
     /// The highest write version this shard knows for `volume`.
     fn fence_of(&self, volume: u64) -> u32 {
         self.fences.get(&volume).copied().unwrap_or(0)

@@ -2,7 +2,8 @@
 //! SEED..=LAST, printing failures). Environment: TRACE=1 prints the trace,
 //! CRASH_PER_MS / STALL_PER_MS / CLOCK_STEP_PER_MS / CLOCK_OFFSET_MAX_MS
 //! override the faults; NO_RESTART_FLOOR=1 runs the nodes without their
-//! restart floor (to see the bug it prevents).
+//! restart floor (to see the bug it prevents); ROUTES=1 turns on route
+//! changes (nodes marked down, catch-up, partitions moved).
 fn main() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -25,6 +26,9 @@ fn main() {
         }
         if let Some(v) = env("CLOCK_OFFSET_MAX_MS") {
             cfg.clock_offset_max_ms = v as u64;
+        }
+        if std::env::var_os("ROUTES").is_some() {
+            cfg.route_changes = true;
         }
         if std::env::var_os("NO_RESTART_FLOOR").is_some() {
             cfg.restart_floor = false;

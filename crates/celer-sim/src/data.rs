@@ -4,8 +4,11 @@
 //! simulated network ([`crate::net`]), with clients writing and reading one
 //! volume, and a checker.
 //!
-//! One thread, one seed, simulated time in microseconds. Three nodes of one
-//! shard hold every partition (3 replicas, a fixed route table). Two
+//! One thread, one seed, simulated time in microseconds. Four nodes of one
+//! shard hold the partitions (3 replicas), placed by the real control
+//! service ([`control`]): a node that loses power is marked down when its
+//! lease runs out, catches up when it is back, or, down longer, loses its
+//! places to another node, which copies the partition whole. Two
 //! clients (two attachments of the volume) write, discard, zero and read at
 //! a fixed rate, as Celer's client does: a one-block write (or a sector
 //! write) goes to every replica with the same version (the attachment's
@@ -34,9 +37,10 @@
 //! newest acknowledged write; a node closing a connection for a protocol
 //! error is a violation too.
 //!
-//! Not simulated yet (docs/testing.md): route changes with backfill and
-//! catch-up, repair, the control service, the real client core, TLS,
-//! fencing and snapshots.
+//! Not simulated yet (docs/testing.md): repair, splits, disk replacement,
+//! the real client core, TLS, fencing and snapshots.
+
+mod control;
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
@@ -50,12 +54,13 @@ use celer_proto::auth::{Capability, Credential, HelloProof, Nonce, NONCE_BYTES};
 use celer_proto::{
     clock_of_unix_ms, decode_header, Header, Kind, Op, Status, FLAG_SECTORS, HEADER_BYTES,
 };
-use celer_route::{NodeInfo, RouteTable};
+use celer_route::{NodeId, RouteTable};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::disk::SimDisk;
 use crate::net::{NetConfig, SimNet, SimStream, World};
+use control::Control;
 
 const BS: usize = 4096;
 /// A logical sector: sector writes cover some of a block's eight.
@@ -66,7 +71,7 @@ const CHUNKS: u64 = 6;
 const BLOCKS: u64 = CHUNK_BLOCKS * CHUNKS;
 const DISK_BYTES: u64 = 8 << 20;
 const VOLUME: u64 = 7;
-const NODES: usize = 3;
+const NODES: usize = 4;
 const TRACE_KEEP: usize = 80;
 /// Requests a client keeps in flight.
 const CLIENT_DEPTH: usize = 8;
@@ -112,6 +117,13 @@ pub struct DataSimConfig {
     /// floor after a restart (always, in a real node). Off only to show
     /// that the simulation finds what it prevents.
     pub restart_floor: bool,
+    /// The control service marks a node that lost power down when its
+    /// lease runs out (6 ms), so its partitions' members record what it
+    /// misses and it catches up when back, and moves its partitions to
+    /// other nodes when it stays down past the grace (20 ms). Off: leases
+    /// outlast the run, and the route changes only while the four nodes
+    /// join at the start.
+    pub route_changes: bool,
 }
 
 impl DataSimConfig {
@@ -127,6 +139,7 @@ impl DataSimConfig {
             clock_step_per_ms: 0.002,
             crash_after_discard: 0.02,
             restart_floor: true,
+            route_changes: false,
         }
     }
 }
@@ -153,6 +166,10 @@ pub struct DataReport {
     /// Connections a node closed for a protocol error (a violation: the
     /// simulated network carries bytes faithfully).
     pub protocol_errors: u64,
+    /// The route epoch at the end (each a change of the table).
+    pub epoch: u64,
+    /// Answers `StaleEpoch` (the client's table was older than the node's).
+    pub stale_epochs: u64,
     /// Blocks compared on every replica at the end.
     pub blocks_verified: u64,
     pub net_bytes: u64,
@@ -164,7 +181,7 @@ impl DataReport {
     pub fn render(&self, wall: Duration) -> String {
         let secs = self.sim_us as f64 / 1e6;
         let mut s = format!(
-            "data seed {}: {:.2} s simulated in {:.2} s ({:.0}x real time), {} writes acknowledged ({:.0}/s simulated, {:.0}/s wall), {} of them through the primary, {} sector writes, {} rewritten after OlderVersion, {} discards acknowledged, {} reads checked, {} power cuts, {} resets, {} stalled connections given up, {} clock steps, {} blocks verified on every replica, {} network bytes\n",
+            "data seed {}: {:.2} s simulated in {:.2} s ({:.0}x real time), {} writes acknowledged ({:.0}/s simulated, {:.0}/s wall), {} of them through the primary, {} sector writes, {} rewritten after OlderVersion, {} discards acknowledged, {} reads checked, {} power cuts, {} resets, {} stalled connections given up, {} clock steps, route epoch {} ({} StaleEpoch answers), {} blocks verified on every replica, {} network bytes\n",
             self.seed,
             secs,
             wall.as_secs_f64(),
@@ -181,6 +198,8 @@ impl DataReport {
             self.resets,
             self.stalls,
             self.clock_steps,
+            self.epoch,
+            self.stale_epochs,
             self.blocks_verified,
             self.net_bytes,
         );
@@ -267,6 +286,12 @@ struct ClientOp {
     /// Write: per replica (the primary only for a `WritePrimary`). Read:
     /// only the replica asked.
     want: [Want; NODES],
+    /// The epoch of the table `want` was drawn from (sent in the header).
+    epoch: u64,
+    /// No replica to send to in that table: look for a newer one then.
+    route_at: Option<u64>,
+    /// A read of this node only (the final check of every replica).
+    target: Option<usize>,
     /// Sent as a `WritePrimary` (the primary forwards it).
     primary: bool,
     issued_at: u64,
@@ -311,6 +336,9 @@ struct Accepting {
 
 struct Client {
     attachment: u32,
+    /// The route table it sends by: a `StaleEpoch` answer carries a newer
+    /// one, and a request that found no replica asks for the current one.
+    table: RouteTable,
     cap: Capability,
     hlc: u64,
     /// Its wall clock's offset from the simulated one (ms).
@@ -329,7 +357,7 @@ struct DataSim {
     rng: StdRng,
     world: Rc<RefCell<World>>,
     nodes: Vec<SimNode>,
-    table: RouteTable,
+    control: Control,
     clients: Vec<Client>,
     writes: BTreeMap<u64, WriteRec>,
     /// Per block, the writes and discards that cover it (ids, in order).
@@ -358,8 +386,25 @@ fn engine_opts() -> OpenOptions {
     }
 }
 
-fn node_id(i: usize) -> u32 {
-    i as u32 + 1
+fn node_id(i: usize) -> NodeId {
+    i as NodeId + 1
+}
+
+/// The node index of node id `n`.
+fn index_of(n: NodeId) -> Option<usize> {
+    (n as usize).checked_sub(1).filter(|&i| i < NODES)
+}
+
+/// A client's table before it has one (epoch 0: no node takes it).
+fn empty_table() -> RouteTable {
+    RouteTable {
+        epoch: 0,
+        chunk_bytes: CHUNK_BLOCKS * BS as u64,
+        partition_bits: 0,
+        replicas: 3,
+        nodes: Vec::new(),
+        partitions: Vec::new(),
+    }
 }
 
 /// Sector `sector` of block `block` as write `write` (version `version`)
@@ -413,28 +458,18 @@ impl DataSim {
                 up_at: 0,
             });
         }
-        let infos = (0..NODES)
-            .map(|i| NodeInfo {
-                id: node_id(i),
-                data_addr: format!("10.0.0.{}:7000", i + 1),
-                admin_addr: format!("10.0.0.{}:7001", i + 1),
-                shards: 1,
-                domain: format!("d{i}"),
-                up: true,
-            })
-            .collect();
-        let table = RouteTable::initial(infos, 2, NODES as u8, CHUNK_BLOCKS * BS as u64)
-            .map_err(|e| e.to_string())?;
+        let control = Control::new(NODES, cfg.route_changes)?;
         let clients = (0..2)
             .map(|i| Client {
                 attachment: i + 1,
+                table: empty_table(),
                 cap: Capability::mint(&DATA_KEY, VOLUME, i + 1, 0, false, u64::MAX),
                 hlc: 0,
                 clock_offset_ms: {
                     let m = cfg.clock_offset_max_ms as i64;
                     offset_rng.gen_range(-m..=m)
                 },
-                conns: [None, None, None],
+                conns: [const { None }; NODES],
                 ops: BTreeMap::new(),
                 next_op: 1,
                 next_req: 1,
@@ -447,7 +482,7 @@ impl DataSim {
             rng: StdRng::seed_from_u64(cfg.seed),
             world,
             nodes,
-            table,
+            control,
             clients,
             writes: BTreeMap::new(),
             by_block: vec![Vec::new(); BLOCKS as usize],
@@ -466,6 +501,10 @@ impl DataSim {
         };
         for i in 0..NODES {
             sim.start_node(i)?;
+        }
+        let t = sim.control.table().cloned().ok_or("no route table")?;
+        for cl in &mut sim.clients {
+            cl.table = t.clone();
         }
         Ok(sim)
     }
@@ -499,9 +538,8 @@ impl DataSim {
         if !self.cfg.restart_floor {
             core.without_restart_floor();
         }
-        core.install_route(self.table.clone());
         self.nodes[i].core = Some(core);
-        Ok(())
+        self.register_node(i)
     }
 
     /// One round for the nodes, as their epoll loops would run it: nodes
@@ -510,6 +548,7 @@ impl DataSim {
     /// Whether anything moved or is still in an engine.
     fn drive_nodes(&mut self) -> Result<bool, String> {
         self.restart_due_nodes()?;
+        self.control_step()?;
         self.world.borrow_mut().deliver();
         let mut busy = self.accept_step()?;
         for n in &mut self.nodes {
@@ -591,7 +630,13 @@ impl DataSim {
         for c in 0..self.clients.len() {
             self.drop_conn(c, i);
         }
-        let down = 2_000 + self.rng.gen_range(0..30_000);
+        // Mostly shorter than the control service's grace (the node
+        // catches up), some longer (its partitions move).
+        let down = if self.rng.gen_bool(0.8) {
+            2_000 + self.rng.gen_range(0..30_000)
+        } else {
+            30_000 + self.rng.gen_range(0..50_000)
+        };
         self.nodes[i].up_at = self.now() + down;
         self.log(format!("POWER CUT node {} (down {down} µs)", node_id(i)));
     }
@@ -656,7 +701,8 @@ impl DataSim {
                 busy |= self.client_step(c)?;
             }
             let outstanding: usize = self.clients.iter().map(|c| c.ops.len()).sum();
-            if !self.faults && outstanding == 0 {
+            if !self.faults && outstanding == 0 && self.converged() {
+                self.report.epoch = self.control.epoch();
                 self.verify()?;
                 for n in &self.nodes {
                     self.report.protocol_errors +=
@@ -689,6 +735,9 @@ impl DataSim {
                                 next = next.min(t);
                             }
                         }
+                        if let Some(t) = op.route_at {
+                            next = next.min(t);
+                        }
                     }
                 }
                 next.max(now + 1)
@@ -701,6 +750,14 @@ impl DataSim {
                 }
             }
             if now > end + 60_000_000 {
+                if outstanding == 0 {
+                    return Err(format!(
+                        "the cluster did not converge a simulated minute after the faults stopped: {}",
+                        self.control
+                            .table()
+                            .map_or("no table".into(), control::describe)
+                    ));
+                }
                 return Err(format!(
                     "{outstanding} client requests still unfinished a simulated minute after the faults stopped: {}",
                     self.describe_ops()
@@ -722,10 +779,50 @@ impl DataSim {
                 busy = true;
             }
         }
+        busy |= self.retry_due(c);
         for i in 0..NODES {
             busy |= self.client_conn_io(c, i)?;
         }
         Ok(busy)
+    }
+
+    /// Ops whose retry is due: with a newer table than the one they were
+    /// sent under (the client asks for the current one first), every leg
+    /// goes again as that table says; otherwise the due legs go again.
+    fn retry_due(&mut self, c: usize) -> bool {
+        let now = self.now();
+        let due: Vec<u64> = self.clients[c]
+            .ops
+            .iter()
+            .filter(|(_, op)| {
+                op.route_at.is_some_and(|t| t <= now)
+                    || op
+                        .want
+                        .iter()
+                        .any(|w| matches!(w, Want::RetryAt(t) if *t <= now))
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        if due.is_empty() {
+            return false;
+        }
+        self.refresh_table(c);
+        let epoch = self.clients[c].table.epoch;
+        for id in due {
+            let Some(op) = self.clients[c].ops.get_mut(&id) else {
+                continue;
+            };
+            if op.epoch < epoch || op.route_at.is_some() {
+                self.route_op(c, id);
+            } else {
+                for w in &mut op.want {
+                    if matches!(w, Want::RetryAt(t) if *t <= now) {
+                        *w = Want::Send;
+                    }
+                }
+            }
+        }
+        true
     }
 
     /// A new write (2 in 3) or read of 1-4 blocks within one chunk.
@@ -759,37 +856,108 @@ impl DataSim {
         } else if dice < 67 {
             self.new_write(c, first, blocks, false);
         } else {
-            let target = self.rng.gen_range(0..NODES);
-            self.new_read(c, first, blocks, target, false);
+            self.new_read(c, first, blocks, None, false);
         }
     }
 
-    /// A read of `blocks` blocks from `first` on node `target` by client
-    /// `c`; `verify`: a final read, which must find the newest
-    /// acknowledged write.
-    fn new_read(&mut self, c: usize, first: u64, blocks: u64, target: usize, verify: bool) {
+    /// A read of `blocks` blocks from `first` by client `c`, from an
+    /// in-sync replica, or from node `target`; `verify`: a final read,
+    /// which must find the newest acknowledged write.
+    fn new_read(&mut self, c: usize, first: u64, blocks: u64, target: Option<usize>, verify: bool) {
+        self.add_op(c, None, first, blocks, false, target, verify);
+    }
+
+    /// Gives client `c` a new operation, routed by its table.
+    #[allow(clippy::too_many_arguments)]
+    fn add_op(
+        &mut self,
+        c: usize,
+        write: Option<u64>,
+        first: u64,
+        blocks: u64,
+        primary: bool,
+        target: Option<usize>,
+        verify: bool,
+    ) {
         let now = self.now();
-        let mut want = [Want::Done; NODES];
-        want[target] = Want::Send;
-        self.add_op(
-            c,
+        let cl = &mut self.clients[c];
+        let id = cl.next_op;
+        cl.next_op += 1;
+        cl.ops.insert(
+            id,
             ClientOp {
-                write: None,
+                write,
                 first,
                 blocks,
-                want,
-                primary: false,
+                want: [Want::Done; NODES],
+                epoch: 0,
+                route_at: None,
+                target,
+                primary,
                 issued_at: now,
                 verify,
             },
         );
+        self.route_op(c, id);
     }
 
-    /// Gives client `c` a new operation to send.
-    fn add_op(&mut self, c: usize, op: ClientOp) {
-        let cl = &mut self.clients[c];
-        cl.ops.insert(cl.next_op, op);
-        cl.next_op += 1;
+    /// Client `c` sends op `id` (again, every leg) as its table says: a
+    /// write to every member that takes writes, or to the primary for a
+    /// `WritePrimary`; a read to one in-sync member. With nobody to send
+    /// it to, the op waits for a newer table.
+    fn route_op(&mut self, c: usize, id: u64) {
+        let now = self.now();
+        let cl = &self.clients[c];
+        let Some(op) = cl.ops.get(&id) else { return };
+        let t = &cl.table;
+        let r = t
+            .partition(t.partition_at(VOLUME, op.first * BS as u64))
+            .cloned()
+            .unwrap_or_default();
+        let mut want = [Want::Done; NODES];
+        let (write, target, primary) = (op.write, op.target, op.primary);
+        let epoch = t.epoch;
+        match (write, target) {
+            (_, Some(i)) => want[i] = Want::Send,
+            (Some(_), None) if primary => {
+                if let Some(i) = r.primary().and_then(index_of) {
+                    want[i] = Want::Send;
+                }
+            }
+            (Some(_), None) => {
+                for i in r.writers().filter_map(|m| index_of(m.node)) {
+                    want[i] = Want::Send;
+                }
+            }
+            (None, None) => {
+                let in_sync: Vec<usize> = r
+                    .members
+                    .iter()
+                    .filter(|m| m.in_sync && !m.down)
+                    .filter_map(|m| index_of(m.node))
+                    .collect();
+                if !in_sync.is_empty() {
+                    want[in_sync[self.rng.gen_range(0..in_sync.len())]] = Want::Send;
+                }
+            }
+        }
+        let none = want.iter().all(|w| *w == Want::Done);
+        self.forget_requests(c, id);
+        if let Some(op) = self.clients[c].ops.get_mut(&id) {
+            op.want = want;
+            op.epoch = epoch;
+            op.route_at = none.then_some(now + RETRY_US);
+        }
+    }
+
+    /// Client `c` asks for the current table (a node with a newer one would
+    /// answer a probe with it; the control service has the newest).
+    fn refresh_table(&mut self, c: usize) {
+        if let Some(t) = self.control.table() {
+            if t.epoch > self.clients[c].table.epoch {
+                self.clients[c].table = t.clone();
+            }
+        }
     }
 
     fn new_write(&mut self, c: usize, first: u64, blocks: u64, zero: bool) -> u64 {
@@ -804,7 +972,6 @@ impl DataSim {
         zero: bool,
         sectors: Option<(u64, u64)>,
     ) -> u64 {
-        let now = self.now();
         let unix_ms = self.world.borrow().unix_ms();
         let cl = &mut self.clients[c];
         let unix_ms = unix_ms.saturating_add_signed(cl.clock_offset_ms);
@@ -830,33 +997,8 @@ impl DataSim {
         // Writes of more than a block go to the partition's primary, which
         // writes and forwards them to the other members (as the client
         // sends writes above 4 KiB); the rest to every member.
-        let primary = (!zero && blocks > 1 && sectors.is_none())
-            .then(|| {
-                let p = self.table.partition_at(VOLUME, first * BS as u64);
-                let node = self.table.partition(p).and_then(|r| r.primary())?;
-                (0..NODES).find(|&i| node_id(i) == node)
-            })
-            .flatten();
-        let want = match primary {
-            Some(p) => {
-                let mut w = [Want::Done; NODES];
-                w[p] = Want::Send;
-                w
-            }
-            None => [Want::Send; NODES],
-        };
-        self.add_op(
-            c,
-            ClientOp {
-                write: Some(wid),
-                first,
-                blocks,
-                want,
-                primary: primary.is_some(),
-                issued_at: now,
-                verify: false,
-            },
-        );
+        let primary = !zero && blocks > 1 && sectors.is_none();
+        self.add_op(c, Some(wid), first, blocks, primary, None, false);
         wid
     }
 
@@ -905,11 +1047,7 @@ impl DataSim {
         let opened: Vec<_> = self.world.borrow_mut().accepts.drain(..).collect();
         for (addr, stream) in opened {
             busy = true;
-            let to = self
-                .table
-                .nodes
-                .iter()
-                .position(|n| n.data_addr.parse().ok() == Some(addr));
+            let to = (0..NODES).find(|&i| control::data_addr(i).parse().ok() == Some(addr));
             match to {
                 Some(i) if self.nodes[i].core.is_some() => self.accept(i, stream),
                 // Connection refused.
@@ -1025,17 +1163,23 @@ impl DataSim {
         let ids: Vec<u64> = self.clients[c]
             .ops
             .iter()
-            .filter(|(_, op)| match op.want[i] {
-                Want::Send => true,
-                Want::RetryAt(t) => t <= now,
-                _ => false,
-            })
+            .filter(|(_, op)| op.want[i] == Want::Send)
             .map(|(&id, _)| id)
             .collect();
-        if !ids.is_empty() && self.connect(c, i) {
-            for id in ids {
-                self.send(c, i, id);
-                busy = true;
+        if !ids.is_empty() {
+            if self.connect(c, i) {
+                for id in ids {
+                    self.send(c, i, id);
+                    busy = true;
+                }
+            } else {
+                // Refused (the node is down): try again later, maybe under
+                // a table where it is marked down.
+                for id in ids {
+                    if let Some(op) = self.clients[c].ops.get_mut(&id) {
+                        op.want[i] = Want::RetryAt(now + RETRY_US);
+                    }
+                }
             }
         }
         let Some(conn) = self.clients[c].conns[i].as_mut() else {
@@ -1156,11 +1300,11 @@ impl DataSim {
     }
 
     fn send(&mut self, c: usize, i: usize, id: u64) {
-        let epoch = self.table.epoch;
         let cl = &mut self.clients[c];
         let Some(op) = cl.ops.get_mut(&id) else {
             return;
         };
+        let epoch = op.epoch;
         let q = cl.next_req;
         cl.next_req = cl.next_req.wrapping_add(1).max(1);
         op.want[i] = Want::Sent(q);
@@ -1341,6 +1485,34 @@ impl DataSim {
             (None, Status::Ok) => {
                 let op = self.clients[c].ops.remove(&id).expect("present");
                 self.check_read(c, i, &op, payload)?;
+            }
+            (_, Status::StaleEpoch) => {
+                // The node has a newer table, in the payload: take it and
+                // send the op again as it says (same version).
+                self.report.stale_epochs += 1;
+                let t = RouteTable::decode(payload).map_err(|e| {
+                    format!("node {}: StaleEpoch with a bad table: {e}", node_id(i))
+                })?;
+                if t.epoch <= op.epoch {
+                    return Err(format!(
+                        "node {} answered StaleEpoch with epoch {} to a request of epoch {}",
+                        node_id(i),
+                        t.epoch,
+                        op.epoch
+                    ));
+                }
+                if t.epoch > self.clients[c].table.epoch {
+                    self.clients[c].table = t;
+                }
+                self.route_op(c, id);
+            }
+            (_, Status::RouteBehind) => {
+                // The node fetches the newer table; ask again shortly.
+                op.want[i] = Want::RetryAt(now + RETRY_US / 2);
+            }
+            (None, Status::NotInSync) => {
+                // Not in sync in the node's table: another replica.
+                op.want[i] = Want::RetryAt(now + RETRY_US);
             }
             (_, Status::Busy | Status::Io | Status::Unavailable) => {
                 op.want[i] = Want::RetryAt(now + RETRY_US);
@@ -1542,12 +1714,20 @@ impl DataSim {
         }
     }
 
-    /// At the end: every block from every replica, through client 1.
+    /// At the end: every block from every member of its partition,
+    /// through client 1.
     fn verify(&mut self) -> Result<(), String> {
         self.log("verifying every block on every replica".into());
+        self.refresh_table(0);
+        let t = self.clients[0].table.clone();
         for first in (0..BLOCKS).step_by(4) {
-            for target in 0..NODES {
-                self.new_read(0, first, 4, target, true);
+            let p = t.partition_at(VOLUME, first * BS as u64);
+            let members: Vec<usize> = t
+                .partition(p)
+                .map(|r| r.members.iter().filter_map(|m| index_of(m.node)).collect())
+                .unwrap_or_default();
+            for target in members {
+                self.new_read(0, first, 4, Some(target), true);
             }
         }
         let mut rounds = 0u64;

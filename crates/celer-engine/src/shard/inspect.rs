@@ -67,8 +67,13 @@ impl<D: Disk> Shard<D> {
     /// one chunk), as a read submitted right now would see them: per block
     /// its kind and version. A backfill source sends these beside the data,
     /// read in the same step, so the data is never older than the versions.
-    /// Returns false when the chunk holds no slot (never written or
-    /// released): every block is `Unwritten` at version 0.
+    /// Returns false when the chunk holds no slot: every block is then
+    /// `Zero` at the version of the discard or zeroing that left it so, if
+    /// that version is still kept (`DISCARDED_KEEP`), else `Unwritten` at
+    /// version 0 (never written, released, or discarded long ago). In a
+    /// slot allocated after such a discard, the blocks not written since
+    /// are `Zero` at its version too. A member that copies the range thus
+    /// zeroes the older data it holds there.
     pub fn block_states(
         &self,
         volume: u64,
@@ -81,13 +86,33 @@ impl<D: Disk> Shard<D> {
             .by_chunk
             .get(&(volume, chunk))
             .and_then(|l| self.slots[*l as usize].as_ref());
+        let none = match self.discarded.covers((volume, chunk), 0) {
+            Some(v) if slot.is_none() => (BlockKind::Zero, v),
+            _ => (BlockKind::Unwritten, 0),
+        };
         for (i, o) in out.iter_mut().enumerate() {
-            *o = match slot.and_then(|s| s.entries.get(first + i)) {
-                Some(e) => (e.kind, e.version),
-                None => (BlockKind::Unwritten, 0),
+            *o = match slot.and_then(|s| Some((s, s.entries.get(first + i)?))) {
+                Some((s, e)) if e.kind == BlockKind::Unwritten && s.discarded_at > 0 => {
+                    (BlockKind::Zero, s.discarded_at)
+                }
+                Some((_, e)) => (e.kind, e.version),
+                None => none,
             };
         }
         slot.is_some()
+    }
+
+    /// Chunks that hold no slot but whose discard version is still kept
+    /// (freed by a whole-chunk discard, or zeroed without a slot, within
+    /// `DISCARDED_KEEP`): a backfill source lists them beside `chunks`, so
+    /// the new member zeroes what it holds there (`block_states`).
+    pub fn discarded_chunks(&self) -> Vec<(u64, u64)> {
+        self.discarded
+            .versions
+            .iter()
+            .filter(|(k, (_, at))| !self.by_chunk.contains_key(k) && at.elapsed() < DISCARDED_KEEP)
+            .map(|(k, _)| *k)
+            .collect()
     }
 
     /// The crc32c of each block of a range held as data (0 for blocks

@@ -84,6 +84,11 @@ pub(crate) struct SlotState {
     /// applies only above it, so per block the journal order is the version
     /// order and replay reaches the state the in-memory commits reach.
     pub(super) planned_version: Vec<u64>,
+    /// The version of the discard that freed this chunk's previous slot
+    /// (0: none kept): blocks not written since read as zeroed at it
+    /// (`Shard::block_states`), so a member copying them drops the older
+    /// data it holds there. In memory, as `Discarded`.
+    pub(super) discarded_at: u64,
     pub(crate) map_generation: u64,
     pub(crate) dirty: bool,
     pub(super) free_phys: Vec<u64>,
@@ -125,6 +130,7 @@ impl SlotState {
             alloc_seq,
             entries,
             planned_version,
+            discarded_at: 0,
             map_generation: gen,
             dirty: false,
             free_phys,

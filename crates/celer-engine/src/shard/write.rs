@@ -128,6 +128,7 @@ impl<D: Disk> Shard<D> {
             // Late writes at or below the discard stay dropped on
             // every block of the new slot (in memory, as above).
             state.planned_version.fill(v);
+            state.discarded_at = v;
         }
         self.slots[local as usize] = Some(state);
         self.by_chunk.insert((volume, chunk), local);

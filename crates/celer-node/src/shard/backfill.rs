@@ -245,6 +245,28 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
         true
     }
 
+    /// Whether the block at `offset` of engine key `key` in partition `p`
+    /// is still to be copied by this shard's backfill of `p`: its chunk
+    /// list has not come yet, or the block is in a range (a listed chunk,
+    /// or a block a catch-up names) not copied so far. Only what is left
+    /// can be stale here; a sector write must not merge into it.
+    pub(super) fn copy_pending(&self, p: u32, key: u64, offset: u64) -> bool {
+        let Some(b) = self.backfills.iter().find(|b| b.partition == p) else {
+            return false;
+        };
+        if b.bytes_total.is_none() {
+            return true;
+        }
+        b.ranges
+            .iter()
+            .enumerate()
+            .skip(b.next_range)
+            .any(|(i, &(v, at, len))| {
+                let from = if i == b.next_range { at + b.piece } else { at };
+                v == key && from <= offset && offset < at + len
+            })
+    }
+
     pub(super) fn backfill_response(&mut self, c: usize, h: &Header, payload: &[u8]) {
         let now = self.net.now();
         let chunk_bytes = self.table().map_or(1 << 20, |t| t.chunk_bytes);
@@ -358,18 +380,23 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
                 .map(|(kind, version)| (engine_kind(kind), version)),
         );
         // Runs of blocks with the same kind and version: one write each.
+        // Data first: a zeroing of a chunk that holds no slot here keeps
+        // its version for the whole chunk (the engine's `Discarded`), so
+        // data older than it, of other blocks, would then be dropped.
         b.runs.clear();
-        let mut i = 0;
-        while i < blocks {
-            let (k, v) = b.states[i];
-            let mut j = i + 1;
-            while j < blocks && b.states[j] == (k, v) {
-                j += 1;
+        for data in [true, false] {
+            let mut i = 0;
+            while i < blocks {
+                let (k, v) = b.states[i];
+                let mut j = i + 1;
+                while j < blocks && b.states[j] == (k, v) {
+                    j += 1;
+                }
+                if k != BlockKind::Unwritten && v > 0 && (k == BlockKind::Data) == data {
+                    b.runs.push((i, j - i, k, v));
+                }
+                i = j;
             }
-            if k != BlockKind::Unwritten && v > 0 {
-                b.runs.push((i, j - i, k, v));
-            }
-            i = j;
         }
         b.next_run = 0;
         b.piece_failed = false;

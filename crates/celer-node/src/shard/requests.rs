@@ -165,7 +165,7 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
         if !valid {
             return self.reject(c, &h, Status::Invalid);
         }
-        let (p, _, primary) = match self.check_route(&h) {
+        let (p, in_sync, primary) = match self.check_route(&h) {
             Ok(x) => x,
             Err(s) => return self.reject(c, &h, s),
         };
@@ -191,6 +191,14 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
             Ok(t) => t,
             Err(s) => return self.reject(c, &h, s),
         };
+        if h.flags == FLAG_SECTORS && !in_sync && self.copy_pending(p, target.key, h.offset) {
+            // A sector write merges into the block held here, which this
+            // member's backfill has yet to bring up to date: the merged
+            // block would carry the write's version over stale sectors,
+            // and the copy would then skip it as not newer. Wait for the
+            // copy (the client sends it again).
+            return self.reject(c, &h, Status::Busy);
+        }
         if version_clock(h.version) > clock_limit_at(self.net.unix_ms()) {
             // Far ahead of our clock: a wrong clock or a hostile writer. It
             // would make every later write of the block lose.
@@ -505,7 +513,15 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
             },
         };
         let mut listed = std::collections::HashSet::new();
-        let chunks = self.engine.chunks().into_iter().filter_map(|(v, ch)| {
+        // A node (a new member's backfill, a scrub) also gets the chunks
+        // emptied by a discard whose version is still kept: copying them
+        // zeroes what the new member holds there from before.
+        let mut held = self.engine.chunks();
+        if only_keys.is_none() {
+            held.extend(self.engine.discarded_chunks());
+            held.sort_unstable();
+        }
+        let chunks = held.into_iter().filter_map(|(v, ch)| {
             if t.partition_of(v, ch) != p {
                 return None;
             }
