@@ -64,6 +64,8 @@ const TAG_BACKFILL: u64 = 1 << 40;
 /// Engine tags at or above this (and below TAG_BACKFILL) release chunks this
 /// node no longer holds for the cluster.
 const TAG_PURGE: u64 = 1 << 39;
+/// A release of a chunk held from before a partition was joined.
+const TAG_JOIN_RELEASE: u64 = TAG_PURGE | 1;
 /// Chunk releases in flight per shard: one, so freeing space never crowds
 /// out client I/O.
 const PURGE_INFLIGHT_MAX: usize = 1;
@@ -298,6 +300,14 @@ pub(crate) struct ShardLoop<D: Disk, N: Net> {
     /// releases in flight.
     purge: Vec<(u64, u64)>,
     purging: usize,
+    /// Partitions this shard just joined as a new member copying them
+    /// whole, and the chunks it held of them from before (stale: the
+    /// partition went on without it), released before the partition's
+    /// writes and its backfill start here (`join_release_step`).
+    joining: Vec<u32>,
+    join_release: Vec<(u64, u64)>,
+    /// Of them, releases submitted and not completed.
+    join_inflight: usize,
     /// Rescans left (see PURGE_RESCANS).
     purge_rescans: u32,
     /// Damaged blocks being repaired from another member (see `repair`).

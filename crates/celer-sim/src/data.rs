@@ -6,9 +6,11 @@
 //!
 //! One thread, one seed, simulated time in microseconds. Four nodes of one
 //! shard hold the partitions (3 replicas), placed by the real control
-//! service ([`control`]): a node that loses power is marked down when its
-//! lease runs out, catches up when it is back, or, down longer, loses its
-//! places to another node, which copies the partition whole. Two
+//! service ([`control`]); they join under load, so the first tables move
+//! partitions. With [`DataSimConfig::route_changes`], a node that loses
+//! power is marked down when its lease runs out, catches up when it is
+//! back, or, down longer, loses its places to another node, which copies
+//! the partition whole. Two
 //! clients (two attachments of the volume) write, discard, zero and read at
 //! a fixed rate, as Celer's client does: a one-block write (or a sector
 //! write) goes to every replica with the same version (the attachment's

@@ -112,6 +112,7 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
         while listing < BACKFILL_LISTS_MAX && i < self.backfills.len() {
             let b = &self.backfills[i];
             if b.stage == BfStage::List
+                && !self.joining.contains(&b.partition)
                 && b.retry_at.is_none_or(|t| t <= now)
                 && self.backfill_send(i, Op::ListChunks)
             {

@@ -198,6 +198,9 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
             deleted: Arc::new(Vec::new()),
             purge: Vec::new(),
             purging: 0,
+            joining: Vec::new(),
+            join_release: Vec::new(),
+            join_inflight: 0,
             purge_rescans: 0,
             repairs: Vec::new(),
             unrepairable: Vec::new(),
@@ -244,6 +247,7 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
                 self.process_frames(c);
             }
         }
+        self.join_release_step();
         self.backfill_step();
         self.repair_step();
         self.scrub_step();

@@ -191,6 +191,11 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
             Ok(t) => t,
             Err(s) => return self.reject(c, &h, s),
         };
+        if !in_sync && self.join_pending(p) {
+            // Releasing what this member held of the partition before it
+            // joined: a write now would be released with it.
+            return self.reject(c, &h, Status::Busy);
+        }
         if h.flags == FLAG_SECTORS && !in_sync && self.copy_pending(p, target.key, h.offset) {
             // A sector write merges into the block held here, which this
             // member's backfill has yet to bring up to date: the merged
@@ -300,6 +305,9 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
             return self.backfill_write_done(c);
         }
         if c.tag >= TAG_PURGE {
+            if c.tag == TAG_JOIN_RELEASE {
+                self.join_inflight -= 1;
+            }
             self.purging -= 1;
             if let Err(e) = c.result {
                 tracing::warn!(shard = self.id, "releasing a chunk: {e}");

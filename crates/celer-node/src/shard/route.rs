@@ -88,6 +88,7 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
         }
         // Scan the chunks only when a partition just became one we hold for
         // nobody (always at the first table: leftovers of a past run).
+        self.release_on_join(t);
         let newly_left = (0..t.partition_count()).any(|p| {
             left_for_good(t, p, me) && !self.table().is_some_and(|old| left_for_good(old, p, me))
         });
@@ -205,6 +206,103 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
                 }
             }
         }
+    }
+
+    /// Partitions of table `t` that this shard joins as a new member that
+    /// copies them whole (syncing, not catching up), while the table it
+    /// held had it in no such place: what it still holds of them is from
+    /// before and stale. A chunk the partition's members freed since (a
+    /// discard whose version they no longer keep) is not in the source's
+    /// list, so the copy would leave it here, and a read would return it.
+    /// Such chunks are released before any write of the partition is
+    /// taken here (the engine orders later requests of a chunk after its
+    /// release) and before the backfill lists.
+    fn release_on_join(&mut self, t: &celer_route::RouteTable) {
+        let me = self.shared.id;
+        let shards = self.shared.shards as u32;
+        let mine = self.id as u32;
+        let old = self.table();
+        let joined: Vec<u32> = t
+            .syncing_on(me)
+            .filter(|p| p % shards == mine)
+            .filter(|&p| {
+                t.partition(p)
+                    .and_then(|r| r.member(me))
+                    .is_some_and(|m| m.catch_up_since == 0)
+                    && old
+                        .and_then(|o| o.partition(p))
+                        .is_none_or(|r| r.member(me).is_none())
+            })
+            .collect();
+        if joined.is_empty() {
+            return;
+        }
+        let stale: Vec<(u64, u64)> = self
+            .engine
+            .chunks()
+            .into_iter()
+            .filter(|&(v, c)| joined.contains(&t.partition_of(v, c)))
+            .collect();
+        if stale.is_empty() {
+            return;
+        }
+        tracing::info!(
+            shard = self.id,
+            partitions = ?joined,
+            chunks = stale.len(),
+            "joining partitions to copy whole: releasing what this node held of them"
+        );
+        for p in joined {
+            if !self.joining.contains(&p) {
+                self.joining.push(p);
+            }
+        }
+        self.join_release.extend(stale);
+    }
+
+    /// Submits the releases `release_on_join` listed; the partitions leave
+    /// `joining` once every release completed (a release the engine
+    /// defers must not land after the copy's writes).
+    pub(super) fn join_release_step(&mut self) {
+        if self.joining.is_empty() {
+            return;
+        }
+        let chunk_bytes = self.engine.geometry().chunk_bytes();
+        while let Some(&(v, c)) = self.join_release.last() {
+            let req = EngineRequest {
+                op: EngineOp::Release,
+                volume: v,
+                offset_bytes: c * chunk_bytes,
+                len_bytes: chunk_bytes,
+                segments: &[],
+                version: 0,
+                epoch: 0,
+                tag: TAG_JOIN_RELEASE,
+                chain: &[],
+                block_crc: None,
+            };
+            // SAFETY: a release has no segments.
+            match unsafe { self.engine.submit(&req) } {
+                Ok(()) => {
+                    self.purging += 1;
+                    self.join_inflight += 1;
+                }
+                Err(EngineError::QueueFull { .. }) => return,
+                Err(e) => {
+                    tracing::warn!(shard = self.id, volume = v, chunk = c, "release chunk: {e}")
+                }
+            }
+            self.join_release.pop();
+        }
+        if self.join_inflight == 0 {
+            self.joining.clear();
+        }
+    }
+
+    /// Whether partition `p` waits for the release of what this shard held
+    /// of it before it joined (its writes are answered Busy meanwhile).
+    pub(super) fn join_pending(&self, p: u32) -> bool {
+        self.joining.contains(&p)
     }
 
     // ---- routes and backfill ----
