@@ -9,7 +9,7 @@ mod common;
 use std::collections::{HashMap, HashSet};
 
 use celer_engine::{
-    AlignedBuf, Completion, Engine, EngineOp, EngineRequest, OpenOptions, Segment, Shard,
+    AlignedBuf, BlockKind, Completion, Engine, EngineOp, EngineRequest, OpenOptions, Segment, Shard,
 };
 use common::*;
 use proptest::prelude::*;
@@ -631,6 +631,67 @@ fn zeroing_a_chunk_without_a_slot_drops_older_writes_that_come_after_it() {
     assert_eq!(write_at(&mut sh, b, 5, 510), 1);
     assert!(!zeroes(&mut sh, a + BS as u64));
     assert!(!zeroes(&mut sh, b));
+}
+
+/// What a backfill source reports for blocks a discard emptied: `Zero` at
+/// the discard's version, for a chunk left without a slot and for the
+/// blocks not written since in a slot allocated after it. A member copying
+/// the range then zeroes the older data it holds there. Reported as never
+/// written (version 0), the copy skipped them and the member kept that
+/// data (the data-path simulator with route changes found it).
+#[test]
+fn block_states_report_blocks_a_discard_emptied_as_zeroed_at_its_version() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = small_disk(&dir);
+    let mut sh = open_shard(&path);
+    let chunk_bytes = sh.geometry().chunk_bytes();
+    let a = 2 * chunk_bytes;
+    let mut buf = AlignedBuf::new(1);
+    pattern(1, 0, &mut buf[..]);
+    assert_eq!(
+        common::write(&mut sh, 1, a, &mut buf, 100).expect("write"),
+        1
+    );
+    let discard = EngineRequest {
+        op: EngineOp::Discard,
+        volume: 1,
+        offset_bytes: a,
+        len_bytes: chunk_bytes,
+        segments: &[],
+        version: 200,
+        epoch: 1,
+        tag: 5,
+        chain: &[],
+        block_crc: None,
+    };
+    common::run_one(&mut sh, &discard).expect("discard");
+    let mut states = [(BlockKind::Unwritten, 0u64); 4];
+    assert!(
+        !sh.block_states(1, a, &mut states),
+        "the discard freed the slot"
+    );
+    assert_eq!(states, [(BlockKind::Zero, 200); 4]);
+    assert!(sh.discarded_chunks().contains(&(1, 2)));
+    // A write allocates a slot again: its block is data, the others stay
+    // zeroed at the discard's version.
+    assert_eq!(
+        common::write(&mut sh, 1, a + BS as u64, &mut buf, 300).expect("write"),
+        1
+    );
+    assert!(sh.block_states(1, a, &mut states));
+    assert_eq!(
+        states,
+        [
+            (BlockKind::Zero, 200),
+            (BlockKind::Data, 300),
+            (BlockKind::Zero, 200),
+            (BlockKind::Zero, 200)
+        ]
+    );
+    assert!(!sh.discarded_chunks().contains(&(1, 2)));
+    // A chunk never written or discarded: never written.
+    assert!(!sh.block_states(1, 4 * chunk_bytes, &mut states));
+    assert_eq!(states, [(BlockKind::Unwritten, 0); 4]);
 }
 
 /// The versions of chunks left without a slot live in memory; the shard's
