@@ -171,11 +171,16 @@ fn run(steps: Vec<Step>) {
     let mut shard: Option<Shard> = Some(open_shard(&path));
     let mut model: Model = HashMap::new();
     let mut allocated: HashSet<(u64, u64)> = HashSet::new();
-    // Chunks a whole-chunk discard freed: their highest version, kept in
-    // memory (until a reopen): later writes at or below it are dropped.
+    // Per (volume, block) of a chunk with no slot: the version a discard
+    // that freed it, or a zeroing over nothing, left there, kept in memory
+    // (until a reopen); a later write at or below it on every block it
+    // writes is dropped.
     let mut tomb: HashMap<(u64, u64), u64> = HashMap::new();
-    // Chunks allocated again after that: the same floor on every block.
+    // Per block of chunks allocated again after that: the same floor.
     let mut floor: HashMap<(u64, u64), u64> = HashMap::new();
+    let chunk_blocks = |chunk: (u64, u64)| {
+        (chunk.1 * CHUNK_BLOCKS..(chunk.1 + 1) * CHUNK_BLOCKS).map(move |b| (chunk.0, b))
+    };
     // Versions are unique, as the replication layer's (HLC + client id) are:
     // fresh ones count up from 1_000_000, stale ones from 1.
     let mut version = 1_000_000u64;
@@ -258,8 +263,10 @@ fn run(steps: Vec<Step>) {
                     if m.op == EngineOp::Release {
                         // Data and versions forgotten, whatever the version.
                         allocated.remove(&chunk);
-                        tomb.remove(&chunk);
-                        floor.remove(&chunk);
+                        for k in chunk_blocks(chunk) {
+                            tomb.remove(&k);
+                            floor.remove(&k);
+                        }
                         for b in m.block..m.block + m.count {
                             model.remove(&(m.volume, b));
                         }
@@ -267,22 +274,30 @@ fn run(steps: Vec<Step>) {
                     }
                     if m.op == EngineOp::Write {
                         if !allocated.contains(&chunk) {
-                            if tomb.get(&chunk).is_some_and(|t| versions[i] <= *t) {
+                            let covered = (m.block..m.block + m.count).all(|b| {
+                                tomb.get(&(m.volume, b)).is_some_and(|t| versions[i] <= *t)
+                            });
+                            if covered {
                                 continue; // a late write, older than the discard
                             }
                             allocated.insert(chunk);
-                            if let Some(t) = tomb.remove(&chunk) {
-                                floor.insert(chunk, t);
+                            for k in chunk_blocks(chunk) {
+                                if let Some(t) = tomb.remove(&k) {
+                                    floor.insert(k, t);
+                                }
                             }
                         }
                     } else if !allocated.contains(&chunk) {
-                        // Zeroes over nothing: the version is kept.
-                        let t = tomb.entry(chunk).or_insert(0);
-                        *t = (*t).max(versions[i]);
+                        // Zeroes over nothing: the version is kept, for
+                        // the blocks zeroed.
+                        for b in m.block..m.block + m.count {
+                            let t = tomb.entry((m.volume, b)).or_insert(0);
+                            *t = (*t).max(versions[i]);
+                        }
                         continue;
                     }
-                    let fl = floor.get(&chunk).copied().unwrap_or(0);
                     for b in m.block..m.block + m.count {
+                        let fl = floor.get(&(m.volume, b)).copied().unwrap_or(0);
                         let e = model.entry((m.volume, b)).or_insert((0, [None; SECTORS]));
                         if versions[i] > e.0.max(fl) {
                             e.0 = versions[i];
@@ -307,11 +322,15 @@ fn run(steps: Vec<Step>) {
                     });
                     if allocated.contains(&chunk) && empty {
                         let top = (m.block..m.block + m.count)
-                            .map(|b| model.get(&(m.volume, b)).map_or(0, |e| e.0))
+                            .map(|b| {
+                                let fl = floor.remove(&(m.volume, b)).unwrap_or(0);
+                                model.get(&(m.volume, b)).map_or(0, |e| e.0).max(fl)
+                            })
                             .max()
-                            .unwrap_or(0)
-                            .max(floor.remove(&chunk).unwrap_or(0));
-                        tomb.insert(chunk, top);
+                            .unwrap_or(0);
+                        for k in chunk_blocks(chunk) {
+                            tomb.insert(k, top);
+                        }
                         allocated.remove(&chunk);
                         for b in m.block..m.block + m.count {
                             model.remove(&(m.volume, b));
@@ -692,6 +711,70 @@ fn block_states_report_blocks_a_discard_emptied_as_zeroed_at_its_version() {
     // A chunk never written or discarded: never written.
     assert!(!sh.block_states(1, 4 * chunk_bytes, &mut states));
     assert_eq!(states, [(BlockKind::Unwritten, 0); 4]);
+}
+
+/// A zeroing of part of a chunk that holds no slot keeps its version for
+/// the blocks it zeroed only: an older write to another block of the chunk
+/// applies. Kept for the whole chunk, it dropped such a write silently, and
+/// a member copying a partition (whose data runs are older than a zeroing
+/// of another block) lost them (the data-path simulator, route changes).
+#[test]
+fn zeroing_part_of_an_empty_chunk_keeps_its_version_for_those_blocks_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = small_disk(&dir);
+    let mut sh = open_shard(&path);
+    let chunk_bytes = sh.geometry().chunk_bytes();
+    let c = 6 * chunk_bytes;
+    let zero = EngineRequest {
+        op: EngineOp::WriteZeroes,
+        volume: 1,
+        offset_bytes: c + 2 * BS as u64,
+        len_bytes: 2 * BS as u64,
+        segments: &[],
+        version: 500,
+        epoch: 1,
+        tag: 5,
+        chain: &[],
+        block_crc: None,
+    };
+    common::run_one(&mut sh, &zero).expect("zeroes");
+    let mut states = [(BlockKind::Unwritten, 0u64); 5];
+    assert!(!sh.block_states(1, c, &mut states));
+    assert_eq!(
+        states,
+        [
+            (BlockKind::Unwritten, 0),
+            (BlockKind::Unwritten, 0),
+            (BlockKind::Zero, 500),
+            (BlockKind::Zero, 500),
+            (BlockKind::Unwritten, 0)
+        ]
+    );
+    let mut buf = AlignedBuf::new(1);
+    pattern(7, 0, &mut buf[..]);
+    // Older than the zeroing, on a zeroed block: dropped.
+    assert_eq!(
+        common::write(&mut sh, 1, c + 3 * BS as u64, &mut buf, 450).expect("write"),
+        0
+    );
+    // Older than the zeroing, on another block: applied.
+    assert_eq!(
+        common::write(&mut sh, 1, c, &mut buf, 450).expect("write"),
+        1
+    );
+    assert!(sh.block_states(1, c, &mut states));
+    assert_eq!(states[0], (BlockKind::Data, 450));
+    assert_eq!(states[2], (BlockKind::Zero, 500));
+    assert_eq!(states[3], (BlockKind::Zero, 500));
+    // The new slot still drops older writes to the zeroed blocks.
+    assert_eq!(
+        common::write(&mut sh, 1, c + 2 * BS as u64, &mut buf, 480).expect("write"),
+        0
+    );
+    assert_eq!(
+        common::write(&mut sh, 1, c + 2 * BS as u64, &mut buf, 520).expect("write"),
+        1
+    );
 }
 
 /// The versions of chunks left without a slot live in memory; the shard's

@@ -197,11 +197,13 @@ const UNWRITTEN: Block = Block {
 #[derive(Clone, Copy, Debug, Default)]
 struct ChunkModel {
     slot: bool,
-    /// Set when a whole-chunk discard freed the slot (its highest version),
-    /// or raised by a zeroing or discard while the chunk had no slot.
-    tomb: Option<u64>,
-    /// A slot allocated after a tomb drops writes at or below this.
-    floor: u64,
+    /// Per block, while the chunk has no slot: set to the highest version
+    /// when a whole-chunk discard freed the slot, raised for the blocks a
+    /// zeroing or discard covers while it had none (0: nothing kept).
+    tomb: [u64; CHUNK_BLOCKS as usize],
+    /// Per block, a slot allocated after a tomb drops writes at or below
+    /// this.
+    floor: [u64; CHUNK_BLOCKS as usize],
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -749,24 +751,33 @@ impl EngineSim {
                 return;
             }
             Kind::Write if !ch.slot => {
-                if ch.tomb.is_some_and(|t| f.version <= t) {
+                let base = f.chunk() * CHUNK_BLOCKS;
+                if blocks
+                    .clone()
+                    .all(|b| f.version <= ch.tomb[(b - base) as usize])
+                {
                     return; // a late write, older than the discard that freed the chunk
                 }
                 ch.slot = true;
-                ch.floor = ch.tomb.take().unwrap_or(0);
+                ch.floor = std::mem::take(&mut ch.tomb);
             }
             Kind::Zeroes | Kind::Discard if !ch.slot => {
-                // Nothing stored, but the version is kept as a tomb: an
-                // older write after it is dropped.
-                ch.tomb = Some(ch.tomb.unwrap_or(0).max(f.version));
+                // Nothing stored, but the version is kept for the blocks
+                // zeroed: an older write to them after it is dropped.
+                let base = f.chunk() * CHUNK_BLOCKS;
+                for b in blocks {
+                    let t = &mut ch.tomb[(b - base) as usize];
+                    *t = (*t).max(f.version);
+                }
                 return;
             }
             _ => {}
         }
         let floor = ch.floor;
+        let base = f.chunk() * CHUNK_BLOCKS;
         for b in blocks {
             let i = Self::block_index(f.volume, b);
-            if f.version <= self.blocks[i].version.max(floor) {
+            if f.version <= self.blocks[i].version.max(floor[(b - base) as usize]) {
                 continue;
             }
             // A sector write ran alone on its block: `now` was its base.
@@ -800,11 +811,11 @@ impl EngineSim {
                     .map(|b| self.blocks[Self::block_index(f.volume, b)].version)
                     .max()
                     .unwrap_or(0)
-                    .max(self.chunks[ci].floor);
+                    .max(self.chunks[ci].floor.iter().copied().max().unwrap_or(0));
                 self.chunks[ci] = ChunkModel {
                     slot: false,
-                    tomb: Some(top),
-                    floor: 0,
+                    tomb: [top; CHUNK_BLOCKS as usize],
+                    floor: [0; CHUNK_BLOCKS as usize],
                 };
                 for b in range {
                     self.blocks[Self::block_index(f.volume, b)] = UNWRITTEN;
@@ -915,8 +926,7 @@ impl EngineSim {
                 // Tombs and floors live in memory: gone with the process.
                 self.chunks[Self::chunk_index(volume, chunk)] = ChunkModel {
                     slot: has_slot,
-                    tomb: None,
-                    floor: 0,
+                    ..ChunkModel::default()
                 };
             }
         }

@@ -46,6 +46,11 @@ pub struct SimArgs {
     /// send again what they sent before.
     #[arg(long, default_value_t = 4.0)]
     pub power_cuts_per_sec: f64,
+    /// With --data: the control service marks a node that lost power down
+    /// after a 6 ms lease, the others record what it misses and it catches
+    /// up, or after a 20 ms grace its partitions move and are copied whole.
+    #[arg(long)]
+    pub route_changes: bool,
 }
 
 fn run_data(a: &SimArgs) -> Result<()> {
@@ -60,6 +65,7 @@ fn run_data(a: &SimArgs) -> Result<()> {
         let mut cfg = celer_sim::DataSimConfig::new(seed);
         cfg.duration_us = a.millis * 1000;
         cfg.crash_per_ms = a.power_cuts_per_sec / 1000.0;
+        cfg.route_changes = a.route_changes;
         let started = Instant::now();
         // The node cores log as real nodes do (CELER_LOG shows them).
         let report = if std::env::var_os("CELER_LOG").is_none() {

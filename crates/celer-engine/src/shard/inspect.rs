@@ -86,17 +86,25 @@ impl<D: Disk> Shard<D> {
             .by_chunk
             .get(&(volume, chunk))
             .and_then(|l| self.slots[*l as usize].as_ref());
-        let none = match self.discarded.covers((volume, chunk), 0) {
-            Some(v) if slot.is_none() => (BlockKind::Zero, v),
-            _ => (BlockKind::Unwritten, 0),
+        let tomb = self
+            .discarded
+            .get((volume, chunk))
+            .filter(|_| slot.is_none());
+        let zeroed = |v: u64| {
+            if v > 0 {
+                (BlockKind::Zero, v)
+            } else {
+                (BlockKind::Unwritten, 0)
+            }
         };
         for (i, o) in out.iter_mut().enumerate() {
-            *o = match slot.and_then(|s| Some((s, s.entries.get(first + i)?))) {
-                Some((s, e)) if e.kind == BlockKind::Unwritten && s.discarded_at > 0 => {
-                    (BlockKind::Zero, s.discarded_at)
+            let b = first + i;
+            *o = match slot.and_then(|s| Some((s, s.entries.get(b)?))) {
+                Some((s, e)) if e.kind == BlockKind::Unwritten => {
+                    zeroed(s.discarded_at.get(b).copied().unwrap_or(0))
                 }
                 Some((_, e)) => (e.kind, e.version),
-                None => none,
+                None => zeroed(tomb.map_or(0, |t| t.of(b))),
             };
         }
         slot.is_some()
@@ -107,12 +115,15 @@ impl<D: Disk> Shard<D> {
     /// `DISCARDED_KEEP`): a backfill source lists them beside `chunks`, so
     /// the new member zeroes what it holds there (`block_states`).
     pub fn discarded_chunks(&self) -> Vec<(u64, u64)> {
-        self.discarded
+        let mut out: Vec<(u64, u64)> = self
+            .discarded
             .versions
             .iter()
-            .filter(|(k, (_, at))| !self.by_chunk.contains_key(k) && at.elapsed() < DISCARDED_KEEP)
+            .filter(|(k, t)| !self.by_chunk.contains_key(k) && t.at.elapsed() < DISCARDED_KEEP)
             .map(|(k, _)| *k)
-            .collect()
+            .collect();
+        out.sort_unstable();
+        out
     }
 
     /// The crc32c of each block of a range held as data (0 for blocks
@@ -157,9 +168,13 @@ impl<D: Disk> Shard<D> {
         m
     }
 
-    /// The (volume, chunk) pairs this shard holds, in no particular order.
+    /// The (volume, chunk) pairs this shard holds, sorted.
     pub fn chunks(&self) -> Vec<(u64, u64)> {
-        self.by_chunk.keys().copied().collect()
+        let mut out: Vec<(u64, u64)> = self.by_chunk.keys().copied().collect();
+        // In order: what a node does with the list (releases, lists sent)
+        // must not depend on a hash seed (the simulator replays a seed).
+        out.sort_unstable();
+        out
     }
 
     /// One line of internal state, for diagnostics.

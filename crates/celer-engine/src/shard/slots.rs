@@ -21,57 +21,143 @@ pub(super) const DISCARDED_MAX: usize = 1 << 20;
 /// again.
 #[derive(Default)]
 pub(super) struct Discarded {
-    pub(super) versions: HashMap<(u64, u64), (u64, Instant)>,
+    pub(super) versions: HashMap<(u64, u64), Tomb>,
     pub(super) order: VecDeque<(Instant, (u64, u64))>,
+    /// Tombs that keep a version per block.
+    per_block: usize,
+}
+
+/// At most this many chunks keep a version per block (2 KiB each for a
+/// 1 MiB chunk); beyond, a zeroing of part of a chunk keeps its version
+/// for the whole chunk, as every zeroing did before (which drops older
+/// writes to its other blocks too).
+const PER_BLOCK_TOMBS_MAX: usize = 4096;
+
+/// The versions kept for a chunk that holds no slot: `whole` for every
+/// block (a whole-chunk discard, or a zeroing of all of it), and per block
+/// (zeroings of part of it). A block's version is the higher of the two.
+pub(super) struct Tomb {
+    pub(super) at: Instant,
+    whole: u64,
+    blocks: Option<Box<[u64]>>,
+}
+
+impl Tomb {
+    /// The version kept for block `b` of the chunk (0: none).
+    #[inline]
+    pub(super) fn of(&self, b: usize) -> u64 {
+        let per = self.blocks.as_ref().and_then(|v| v.get(b).copied());
+        per.unwrap_or(0).max(self.whole)
+    }
 }
 
 impl Discarded {
+    /// Keeps `version` for every block of `chunk` (a whole-chunk discard
+    /// freed its slot), in place of what was kept.
     #[inline]
     pub(super) fn insert(&mut self, chunk: (u64, u64), version: u64) {
+        self.put(chunk, version, None);
+    }
+
+    fn put(&mut self, chunk: (u64, u64), whole: u64, blocks: Option<Box<[u64]>>) {
         let now = Instant::now();
         while let Some(&(at, key)) = self.order.front() {
             if now.duration_since(at) < DISCARDED_KEEP && self.order.len() < DISCARDED_MAX {
                 break;
             }
             self.order.pop_front();
-            if self.versions.get(&key).is_some_and(|(_, t)| *t == at) {
-                self.versions.remove(&key);
+            if self.versions.get(&key).is_some_and(|t| t.at == at) {
+                self.forget(key);
             }
         }
-        self.versions.insert(chunk, (version, now));
+        self.forget(chunk);
+        self.per_block += blocks.is_some() as usize;
+        self.versions.insert(
+            chunk,
+            Tomb {
+                at: now,
+                whole,
+                blocks,
+            },
+        );
         self.order.push_back((now, chunk));
     }
 
-    /// Keeps `version` for a chunk with no slot unless a higher one is kept.
+    /// The live tomb of `chunk`.
     #[inline]
-    pub(super) fn raise(&mut self, chunk: (u64, u64), version: u64) {
-        if self.covers(chunk, version).is_none() {
-            self.insert(chunk, version);
-        }
-    }
-
-    /// The discard's version if a write at `version` must be dropped.
-    #[inline]
-    pub(super) fn covers(&self, chunk: (u64, u64), version: u64) -> Option<u64> {
+    pub(super) fn get(&self, chunk: (u64, u64)) -> Option<&Tomb> {
         self.versions
             .get(&chunk)
-            .filter(|(v, at)| version <= *v && at.elapsed() < DISCARDED_KEEP)
-            .map(|(v, _)| *v)
+            .filter(|t| t.at.elapsed() < DISCARDED_KEEP)
+    }
+
+    /// A zeroing at `version` of blocks `first..first + count` of a chunk
+    /// of `chunk_blocks` blocks that holds no slot: each keeps the higher
+    /// of its version and this one.
+    pub(super) fn raise(
+        &mut self,
+        chunk: (u64, u64),
+        version: u64,
+        first: usize,
+        count: usize,
+        chunk_blocks: usize,
+    ) {
+        let (whole, blocks) = match self.get(chunk) {
+            Some(t) => (t.whole, t.blocks.clone()),
+            None => (0, None),
+        };
+        if whole >= version {
+            return;
+        }
+        let all = first == 0 && count >= chunk_blocks;
+        if all || (blocks.is_none() && self.per_block >= PER_BLOCK_TOMBS_MAX) {
+            return self.put(chunk, version, blocks);
+        }
+        let mut per = blocks.unwrap_or_else(|| vec![0; chunk_blocks].into_boxed_slice());
+        for v in per.iter_mut().skip(first).take(count) {
+            *v = (*v).max(version);
+        }
+        self.put(chunk, whole, Some(per));
+    }
+
+    /// If every block of `first..first + count` keeps a version at or
+    /// above `version` (a write there must be dropped), the highest.
+    #[inline]
+    pub(super) fn covers(
+        &self,
+        chunk: (u64, u64),
+        first: usize,
+        count: usize,
+        version: u64,
+    ) -> Option<u64> {
+        let t = self.get(chunk)?;
+        let mut top = 0;
+        for b in first..first + count.max(1) {
+            let v = t.of(b);
+            if v < version {
+                return None;
+            }
+            top = top.max(v);
+        }
+        Some(top)
     }
 
     #[inline]
     pub(super) fn forget(&mut self, chunk: (u64, u64)) {
-        self.versions.remove(&chunk);
+        if let Some(t) = self.versions.remove(&chunk) {
+            self.per_block -= t.blocks.is_some() as usize;
+        }
     }
 
-    /// Removes and returns the chunk's discard version (a new slot carries
-    /// it from now on).
+    /// Removes and returns the chunk's versions, one per block of its
+    /// `chunk_blocks` (a new slot carries them from now on).
     #[inline]
-    pub(super) fn take(&mut self, chunk: (u64, u64)) -> Option<u64> {
-        self.versions
-            .remove(&chunk)
-            .filter(|(_, at)| at.elapsed() < DISCARDED_KEEP)
-            .map(|(v, _)| v)
+    pub(super) fn take(&mut self, chunk: (u64, u64), chunk_blocks: usize) -> Option<Vec<u64>> {
+        let live = self
+            .get(chunk)
+            .map(|t| (0..chunk_blocks).map(|b| t.of(b)).collect());
+        self.forget(chunk);
+        live
     }
 }
 
@@ -84,11 +170,12 @@ pub(crate) struct SlotState {
     /// applies only above it, so per block the journal order is the version
     /// order and replay reaches the state the in-memory commits reach.
     pub(super) planned_version: Vec<u64>,
-    /// The version of the discard that freed this chunk's previous slot
-    /// (0: none kept): blocks not written since read as zeroed at it
-    /// (`Shard::block_states`), so a member copying them drops the older
-    /// data it holds there. In memory, as `Discarded`.
-    pub(super) discarded_at: u64,
+    /// Per block, the version of the discard or zeroing that left the
+    /// chunk without a slot before this one (empty: none kept): blocks not
+    /// written since read as zeroed at it (`Shard::block_states`), so a
+    /// member copying them drops the older data it holds there. In memory,
+    /// as `Discarded`.
+    pub(super) discarded_at: Vec<u64>,
     pub(crate) map_generation: u64,
     pub(crate) dirty: bool,
     pub(super) free_phys: Vec<u64>,
@@ -130,7 +217,7 @@ impl SlotState {
             alloc_seq,
             entries,
             planned_version,
-            discarded_at: 0,
+            discarded_at: Vec::new(),
             map_generation: gen,
             dirty: false,
             free_phys,

@@ -40,8 +40,15 @@ impl<D: Disk> Shard<D> {
                     // data-path simulator found replicas differing without
                     // this: a discard of a chunk already freed, racing a
                     // write older than it.)
-                    let version = self.ops[id as usize].version;
-                    self.discarded.raise((volume, chunk), version);
+                    let op = &self.ops[id as usize];
+                    let (version, first, count) = (op.version, op.first, op.count);
+                    self.discarded.raise(
+                        (volume, chunk),
+                        version,
+                        first as usize,
+                        count as usize,
+                        self.g.chunk_blocks as usize,
+                    );
                     // That version is in memory only: the shard's discard
                     // floor keeps it across a restart (`restart_floor`).
                     if version > self.floor_durable {
@@ -50,18 +57,15 @@ impl<D: Disk> Shard<D> {
                 }
                 return self.finish(id);
             }
-            None if self
-                .discarded
-                .covers((volume, chunk), self.ops[id as usize].version)
-                .is_some() =>
-            {
-                // A late write older than the discard that freed the chunk:
-                // dropped, as the slot's versions would have dropped it.
+            None if self.tomb_covers(id).is_some() => {
+                // A late write older than the discard that freed the chunk
+                // (or the zeroings of every block it writes): dropped, as
+                // the slot's versions would have dropped it. Partly
+                // covered: a slot, whose versions drop the covered blocks.
+                let v = self.tomb_covers(id).unwrap_or(0);
                 let op = &mut self.ops[id as usize];
-                if let Some(v) = self.discarded.covers((volume, chunk), op.version) {
-                    if v > op.version {
-                        op.newer_version = v;
-                    }
+                if v > op.version {
+                    op.newer_version = v;
                 }
                 return self.finish(id);
             }
@@ -76,6 +80,18 @@ impl<D: Disk> Shard<D> {
         } else {
             self.plan_phase(id, local);
         }
+    }
+
+    /// If the kept discard versions of op `id`'s chunk (which holds no
+    /// slot) cover every block it writes at its version, the highest.
+    fn tomb_covers(&self, id: u32) -> Option<u64> {
+        let op = &self.ops[id as usize];
+        self.discarded.covers(
+            (op.volume, op.chunk),
+            op.first as usize,
+            op.count as usize,
+            op.version,
+        )
     }
 
     /// Allocates a slot for (`volume`, `chunk`) to op `id`, as a first
@@ -124,10 +140,15 @@ impl<D: Disk> Shard<D> {
         // first write after a snapshot 1.8x a write's latency).
         state.header_due = true;
         state.dirty = true;
-        if let Some(v) = self.discarded.take((volume, chunk)) {
+        if let Some(v) = self
+            .discarded
+            .take((volume, chunk), self.g.chunk_blocks as usize)
+        {
             // Late writes at or below the discard stay dropped on
             // every block of the new slot (in memory, as above).
-            state.planned_version.fill(v);
+            for (p, d) in state.planned_version.iter_mut().zip(&v) {
+                *p = (*p).max(*d);
+            }
             state.discarded_at = v;
         }
         self.slots[local as usize] = Some(state);
