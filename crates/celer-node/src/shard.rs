@@ -308,6 +308,11 @@ pub(crate) struct ShardLoop<D: Disk, N: Net> {
     join_release: Vec<(u64, u64)>,
     /// Of them, releases submitted and not completed.
     join_inflight: usize,
+    /// Partitions this shard took a write of as a syncing member since it
+    /// last joined or came back to them: what it holds there is not all
+    /// stale any more, so a catch-up that falls back to a full copy cannot
+    /// release it.
+    took_writes: Vec<u32>,
     /// Rescans left (see PURGE_RESCANS).
     purge_rescans: u32,
     /// Damaged blocks being repaired from another member (see `repair`).

@@ -314,6 +314,17 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
                         b.catch_up = false;
                         b.stage = BfStage::List;
                         b.retry_at = None;
+                        // What we held from before we went down may be
+                        // stale where the source freed chunks or blocks
+                        // it no longer remembers: release it first, unless
+                        // we took writes of the partition since we came
+                        // back (then they would go too; not covered).
+                        let p = b.partition;
+                        if !self.took_writes.contains(&p) {
+                            if let Some(r) = self.route.clone() {
+                                self.release_partition(&r.table, p);
+                            }
+                        }
                         return;
                     }
                 }

@@ -191,10 +191,16 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
             Ok(t) => t,
             Err(s) => return self.reject(c, &h, s),
         };
-        if !in_sync && self.join_pending(p) {
+        if !in_sync && (self.join_pending(p) || self.catch_up_unanswered(p)) {
             // Releasing what this member held of the partition before it
-            // joined: a write now would be released with it.
+            // joined (a write now would be released with it), or back from
+            // down and not yet told by its source whether it recorded what
+            // this member missed (if not, the member releases what it held
+            // and copies the partition whole).
             return self.reject(c, &h, Status::Busy);
+        }
+        if !in_sync && !self.took_writes.contains(&p) {
+            self.took_writes.push(p);
         }
         if h.flags == FLAG_SECTORS && !in_sync && self.copy_pending(p, target.key, h.offset) {
             // A sector write merges into the block held here, which this

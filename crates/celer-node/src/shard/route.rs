@@ -234,30 +234,55 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
                         .is_none_or(|r| r.member(me).is_none())
             })
             .collect();
-        if joined.is_empty() {
-            return;
+        // Joined or back (down, or not a member, in the table we held):
+        // no write of the partition taken since.
+        let back = |p: u32| {
+            old.and_then(|o| o.partition(p))
+                .and_then(|r| r.member(me))
+                .is_none_or(|m| m.down)
+        };
+        let returned: Vec<u32> = t
+            .syncing_on(me)
+            .filter(|&p| p % shards == mine && back(p))
+            .collect();
+        self.took_writes.retain(|p| !returned.contains(p));
+        for p in joined {
+            self.release_partition(t, p);
         }
+    }
+
+    /// Releases what this shard holds of partition `p` of table `t` before
+    /// the partition's writes are taken here and its backfill lists (see
+    /// `release_on_join`).
+    pub(super) fn release_partition(&mut self, t: &celer_route::RouteTable, p: u32) {
         let stale: Vec<(u64, u64)> = self
             .engine
             .chunks()
             .into_iter()
-            .filter(|&(v, c)| joined.contains(&t.partition_of(v, c)))
+            .filter(|&(v, c)| t.partition_of(v, c) == p)
             .collect();
         if stale.is_empty() {
             return;
         }
         tracing::info!(
             shard = self.id,
-            partitions = ?joined,
+            partition = p,
             chunks = stale.len(),
-            "joining partitions to copy whole: releasing what this node held of them"
+            "copying a partition whole: releasing what this node held of it"
         );
-        for p in joined {
-            if !self.joining.contains(&p) {
-                self.joining.push(p);
-            }
+        if !self.joining.contains(&p) {
+            self.joining.push(p);
         }
         self.join_release.extend(stale);
+    }
+
+    /// Whether this shard, back from down in partition `p`, waits for its
+    /// source's answer to what it missed (its writes wait: see
+    /// `start_mutation`).
+    pub(super) fn catch_up_unanswered(&self, p: u32) -> bool {
+        self.backfills
+            .iter()
+            .any(|b| b.partition == p && b.catch_up && b.bytes_total.is_none())
     }
 
     /// Submits the releases `release_on_join` listed; the partitions leave
