@@ -558,18 +558,7 @@ fn a_late_write_after_a_discard_freed_the_chunk_is_dropped() {
     let read_at = |sh: &mut Shard, b: u64| read(sh, 1, block(b), 1).expect("read");
     let before = sh.allocated_chunks();
     assert_eq!(write_at(&mut sh, 0, 1, 100), 1);
-    let discard = EngineRequest {
-        op: EngineOp::Discard,
-        volume: 1,
-        offset_bytes: at,
-        len_bytes: chunk_bytes,
-        segments: &[],
-        version: 200,
-        epoch: 1,
-        tag: 5,
-        chain: &[],
-        block_crc: None,
-    };
+    let discard = zeroing(EngineOp::Discard, at, chunk_bytes, 200);
     common::run_one(&mut sh, &discard).expect("discard");
     assert_eq!(sh.allocated_chunks(), before, "the discard freed the slot");
     // Late: dropped, nothing allocated, zeroes read.
@@ -652,6 +641,22 @@ fn zeroing_a_chunk_without_a_slot_drops_older_writes_that_come_after_it() {
     assert!(!zeroes(&mut sh, b));
 }
 
+/// A zeroing (`op`: Discard or WriteZeroes) of volume 1.
+fn zeroing(op: EngineOp, at: u64, len: u64, version: u64) -> EngineRequest<'static> {
+    EngineRequest {
+        op,
+        volume: 1,
+        offset_bytes: at,
+        len_bytes: len,
+        segments: &[],
+        version,
+        epoch: 1,
+        tag: 5,
+        chain: &[],
+        block_crc: None,
+    }
+}
+
 /// What a backfill source reports for blocks a discard emptied: `Zero` at
 /// the discard's version, for a chunk left without a slot and for the
 /// blocks not written since in a slot allocated after it. A member copying
@@ -671,18 +676,7 @@ fn block_states_report_blocks_a_discard_emptied_as_zeroed_at_its_version() {
         common::write(&mut sh, 1, a, &mut buf, 100).expect("write"),
         1
     );
-    let discard = EngineRequest {
-        op: EngineOp::Discard,
-        volume: 1,
-        offset_bytes: a,
-        len_bytes: chunk_bytes,
-        segments: &[],
-        version: 200,
-        epoch: 1,
-        tag: 5,
-        chain: &[],
-        block_crc: None,
-    };
+    let discard = zeroing(EngineOp::Discard, a, chunk_bytes, 200);
     common::run_one(&mut sh, &discard).expect("discard");
     let mut states = [(BlockKind::Unwritten, 0u64); 4];
     assert!(
@@ -725,18 +719,7 @@ fn zeroing_part_of_an_empty_chunk_keeps_its_version_for_those_blocks_only() {
     let mut sh = open_shard(&path);
     let chunk_bytes = sh.geometry().chunk_bytes();
     let c = 6 * chunk_bytes;
-    let zero = EngineRequest {
-        op: EngineOp::WriteZeroes,
-        volume: 1,
-        offset_bytes: c + 2 * BS as u64,
-        len_bytes: 2 * BS as u64,
-        segments: &[],
-        version: 500,
-        epoch: 1,
-        tag: 5,
-        chain: &[],
-        block_crc: None,
-    };
+    let zero = zeroing(EngineOp::WriteZeroes, c + 2 * BS as u64, 2 * BS as u64, 500);
     common::run_one(&mut sh, &zero).expect("zeroes");
     let mut states = [(BlockKind::Unwritten, 0u64); 5];
     assert!(!sh.block_states(1, c, &mut states));

@@ -393,8 +393,9 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
         );
         // Runs of blocks with the same kind and version: one write each.
         // Data first: a zeroing of a chunk that holds no slot here keeps
-        // its version for the whole chunk (the engine's `Discarded`), so
-        // data older than it, of other blocks, would then be dropped.
+        // its version per block, but for the whole chunk once the engine
+        // keeps too many such chunks (`Discarded`), and data older than it,
+        // of other blocks, would then be dropped.
         b.runs.clear();
         for data in [true, false] {
             let mut i = 0;

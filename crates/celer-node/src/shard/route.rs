@@ -170,7 +170,6 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
     /// freed), one at a time; checked again at submission, since the table
     /// may have changed since they were listed.
     pub(super) fn purge_step(&mut self) {
-        let chunk_bytes = self.engine.geometry().chunk_bytes();
         if self.purge.is_empty() && self.purging == 0 && self.purge_rescans > 0 {
             self.purge_rescans -= 1;
             self.purge = self.releasable_chunks();
@@ -182,20 +181,7 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
             if !self.releasable(v, c) {
                 continue;
             }
-            let req = EngineRequest {
-                op: EngineOp::Release,
-                volume: v,
-                offset_bytes: c * chunk_bytes,
-                len_bytes: chunk_bytes,
-                segments: &[],
-                version: 0,
-                epoch: 0,
-                tag: TAG_PURGE,
-                chain: &[],
-                block_crc: None,
-            };
-            // SAFETY: a release has no segments.
-            match unsafe { self.engine.submit(&req) } {
+            match self.submit_release(v, c, TAG_PURGE) {
                 Ok(()) => self.purging += 1,
                 Err(EngineError::QueueFull { .. }) => {
                     self.purge.push((v, c));
@@ -292,22 +278,8 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
         if self.joining.is_empty() {
             return;
         }
-        let chunk_bytes = self.engine.geometry().chunk_bytes();
         while let Some(&(v, c)) = self.join_release.last() {
-            let req = EngineRequest {
-                op: EngineOp::Release,
-                volume: v,
-                offset_bytes: c * chunk_bytes,
-                len_bytes: chunk_bytes,
-                segments: &[],
-                version: 0,
-                epoch: 0,
-                tag: TAG_JOIN_RELEASE,
-                chain: &[],
-                block_crc: None,
-            };
-            // SAFETY: a release has no segments.
-            match unsafe { self.engine.submit(&req) } {
+            match self.submit_release(v, c, TAG_JOIN_RELEASE) {
                 Ok(()) => {
                     self.purging += 1;
                     self.join_inflight += 1;
@@ -328,6 +300,26 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
     /// of it before it joined (its writes are answered Busy meanwhile).
     pub(super) fn join_pending(&self, p: u32) -> bool {
         self.joining.contains(&p)
+    }
+
+    /// Submits the release of chunk `c` of engine key `v` (its data and
+    /// versions forgotten, its slot freed).
+    fn submit_release(&mut self, v: u64, c: u64, tag: u64) -> Result<(), EngineError> {
+        let chunk_bytes = self.engine.geometry().chunk_bytes();
+        let req = EngineRequest {
+            op: EngineOp::Release,
+            volume: v,
+            offset_bytes: c * chunk_bytes,
+            len_bytes: chunk_bytes,
+            segments: &[],
+            version: 0,
+            epoch: 0,
+            tag,
+            chain: &[],
+            block_crc: None,
+        };
+        // SAFETY: a release has no segments.
+        unsafe { self.engine.submit(&req) }
     }
 
     // ---- routes and backfill ----
