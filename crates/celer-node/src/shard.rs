@@ -66,6 +66,9 @@ const TAG_BACKFILL: u64 = 1 << 40;
 const TAG_PURGE: u64 = 1 << 39;
 /// A release of a chunk held from before a partition was joined.
 const TAG_JOIN_RELEASE: u64 = TAG_PURGE | 1;
+/// How long a member back from down holds the partition's writes while it
+/// waits for its source to say whether it recorded what it missed.
+const CATCH_UP_ANSWER_WAIT: Duration = Duration::from_secs(2);
 /// Chunk releases in flight per shard: one, so freeing space never crowds
 /// out client I/O.
 const PURGE_INFLIGHT_MAX: usize = 1;

@@ -119,11 +119,11 @@ fn without_the_restart_floor_the_fixed_seeds_find_a_resent_write_undoing_a_disca
     panic!("no seed of 0-40 found it");
 }
 
-/// Seeds run with route changes on: the fixed ones. Of 0-39 only seed 27
-/// fails, on a gap not closed yet: a member catching up whose source
-/// changed, and the new source has no record of what it missed, copies
-/// the partition whole while it keeps blocks it held from before, since it
-/// took writes since it came back (docs/testing.md).
+/// Seeds run with route changes on: the fixed ones. Of 0-39 only seed 39
+/// fails, on a gap not closed yet: a member catching up whose source lost
+/// its record of what the member missed (it restarted, or another source
+/// took over) after the member took writes copies the partition whole
+/// while it keeps blocks it held from before (docs/testing.md).
 const ROUTE_CHANGE_SEEDS: std::ops::Range<u64> = FIXED_SEEDS;
 
 #[test]

@@ -250,22 +250,33 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
     /// is still to be copied by this shard's backfill of `p`: its chunk
     /// list has not come yet, or the block is in a range (a listed chunk,
     /// or a block a catch-up names) not copied so far. Only what is left
-    /// can be stale here; a sector write must not merge into it.
-    pub(super) fn copy_pending(&self, p: u32, key: u64, offset: u64) -> bool {
-        let Some(b) = self.backfills.iter().find(|b| b.partition == p) else {
+    /// can be stale here; a sector write must not merge into it. A range
+    /// not started yet moves up to be copied next, so the write waits for
+    /// about one chunk's copy, not for the rest of the partition.
+    pub(super) fn copy_pending(&mut self, p: u32, key: u64, offset: u64) -> bool {
+        let Some(b) = self.backfills.iter_mut().find(|b| b.partition == p) else {
             return false;
         };
         if b.bytes_total.is_none() {
             return true;
         }
-        b.ranges
+        let next = b.next_range;
+        let found = b
+            .ranges
             .iter()
             .enumerate()
-            .skip(b.next_range)
-            .any(|(i, &(v, at, len))| {
-                let from = if i == b.next_range { at + b.piece } else { at };
+            .skip(next)
+            .find(|(i, &(v, at, len))| {
+                let from = if *i == next { at + b.piece } else { at };
                 v == key && from <= offset && offset < at + len
-            })
+            });
+        let Some((i, _)) = found else {
+            return false;
+        };
+        if i > next + 1 {
+            b.ranges[next + 1..=i].rotate_right(1);
+        }
+        true
     }
 
     pub(super) fn backfill_response(&mut self, c: usize, h: &Header, payload: &[u8]) {

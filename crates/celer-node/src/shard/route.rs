@@ -264,11 +264,18 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
 
     /// Whether this shard, back from down in partition `p`, waits for its
     /// source's answer to what it missed (its writes wait: see
-    /// `start_mutation`).
+    /// `start_mutation`). Not longer than `CATCH_UP_ANSWER_WAIT`: a source
+    /// this node cannot reach while the clients can must not stall the
+    /// partition's writes; past it the writes are taken (and counted in
+    /// `took_writes`, so a full copy then keeps what this node held).
     pub(super) fn catch_up_unanswered(&self, p: u32) -> bool {
-        self.backfills
-            .iter()
-            .any(|b| b.partition == p && b.catch_up && b.bytes_total.is_none())
+        let now = self.net.now();
+        self.backfills.iter().any(|b| {
+            b.partition == p
+                && b.catch_up
+                && b.bytes_total.is_none()
+                && now.saturating_duration_since(b.started) < CATCH_UP_ANSWER_WAIT
+        })
     }
 
     /// Submits the releases `release_on_join` listed; the partitions leave
