@@ -596,18 +596,6 @@ fn zeroing_a_chunk_without_a_slot_drops_older_writes_that_come_after_it() {
     let path = small_disk(&dir);
     let mut sh = open_shard(&path);
     let chunk_bytes = sh.geometry().chunk_bytes();
-    let zero = |op: EngineOp, at: u64, len: u64, version: u64| EngineRequest {
-        op,
-        volume: 1,
-        offset_bytes: at,
-        len_bytes: len,
-        segments: &[],
-        version,
-        epoch: 1,
-        tag: 5,
-        chain: &[],
-        block_crc: None,
-    };
     let write_at = |sh: &mut Shard, at: u64, seed: u64, version: u64| {
         let mut buf = AlignedBuf::new(1);
         pattern(seed, 0, &mut buf[..]);
@@ -619,9 +607,9 @@ fn zeroing_a_chunk_without_a_slot_drops_older_writes_that_come_after_it() {
     // A chunk freed by a discard at 200, discarded again at 400.
     let a = 3 * chunk_bytes;
     assert_eq!(write_at(&mut sh, a, 1, 100), 1);
-    common::run_one(&mut sh, &zero(EngineOp::Discard, a, chunk_bytes, 200)).expect("discard");
+    common::run_one(&mut sh, &zeroing(EngineOp::Discard, a, chunk_bytes, 200)).expect("discard");
     assert_eq!(sh.allocated_chunks(), before);
-    common::run_one(&mut sh, &zero(EngineOp::Discard, a, chunk_bytes, 400)).expect("discard");
+    common::run_one(&mut sh, &zeroing(EngineOp::Discard, a, chunk_bytes, 400)).expect("discard");
     assert_eq!(
         write_at(&mut sh, a + BS as u64, 2, 300),
         0,
@@ -631,7 +619,7 @@ fn zeroing_a_chunk_without_a_slot_drops_older_writes_that_come_after_it() {
     assert_eq!(sh.allocated_chunks(), before);
     // A chunk never written, one block of it zeroed at 500.
     let b = 5 * chunk_bytes;
-    common::run_one(&mut sh, &zero(EngineOp::WriteZeroes, b, BS as u64, 500)).expect("zeroes");
+    common::run_one(&mut sh, &zeroing(EngineOp::WriteZeroes, b, BS as u64, 500)).expect("zeroes");
     assert_eq!(write_at(&mut sh, b, 3, 450), 0, "older than the zeroing");
     assert!(zeroes(&mut sh, b));
     // Newer writes apply.

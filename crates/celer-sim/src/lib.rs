@@ -55,6 +55,17 @@ use celer_route::{NodeId, RouteTable};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+/// A route member's state in a trace line: down, in sync, or copying.
+pub(crate) fn member_state(m: &celer_route::Member) -> &'static str {
+    if m.down {
+        "down"
+    } else if m.in_sync {
+        "sync"
+    } else {
+        "copy"
+    }
+}
+
 /// Simulated time per step.
 pub const STEP_MS: u64 = 100;
 /// How often the control service checks leases (as `meta serve` does).
@@ -941,16 +952,7 @@ impl Sim {
                 let ms: Vec<String> = new
                     .into_iter()
                     .flatten()
-                    .map(|m| {
-                        let state = if m.down {
-                            "down"
-                        } else if m.in_sync {
-                            "sync"
-                        } else {
-                            "copy"
-                        };
-                        format!("{}:{state}", m.node)
-                    })
+                    .map(|m| format!("{}:{}", m.node, member_state(m)))
                     .collect();
                 changed.push(format!("p{p}[{}]", ms.join(" ")));
             }

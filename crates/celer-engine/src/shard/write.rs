@@ -57,22 +57,24 @@ impl<D: Disk> Shard<D> {
                 }
                 return self.finish(id);
             }
-            None if self.tomb_covers(id).is_some() => {
-                // A late write older than the discard that freed the chunk
-                // (or the zeroings of every block it writes): dropped, as
-                // the slot's versions would have dropped it. Partly
-                // covered: a slot, whose versions drop the covered blocks.
-                let v = self.tomb_covers(id).unwrap_or(0);
-                let op = &mut self.ops[id as usize];
-                if v > op.version {
-                    op.newer_version = v;
+            None => {
+                if let Some(v) = self.tomb_covers(id) {
+                    // A late write older than the discard that freed the
+                    // chunk (or the zeroings of every block it writes):
+                    // dropped, as the slot's versions would have dropped
+                    // it. Partly covered: a slot, whose versions drop the
+                    // covered blocks.
+                    let op = &mut self.ops[id as usize];
+                    if v > op.version {
+                        op.newer_version = v;
+                    }
+                    return self.finish(id);
                 }
-                return self.finish(id);
+                match self.alloc_slot(id, volume, chunk, epoch) {
+                    Some(local) => local,
+                    None => return,
+                }
             }
-            None => match self.alloc_slot(id, volume, chunk, epoch) {
-                Some(local) => local,
-                None => return,
-            },
         };
         self.bind_slot(id, local);
         if self.ops[id as usize].sub_len > 0 {

@@ -208,28 +208,24 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
         let shards = self.shared.shards as u32;
         let mine = self.id as u32;
         let old = self.table();
-        let joined: Vec<u32> = t
-            .syncing_on(me)
-            .filter(|p| p % shards == mine)
-            .filter(|&p| {
-                t.partition(p)
-                    .and_then(|r| r.member(me))
-                    .is_some_and(|m| m.catch_up_since == 0)
-                    && old
-                        .and_then(|o| o.partition(p))
-                        .is_none_or(|r| r.member(me).is_none())
-            })
-            .collect();
-        // Joined or back (down, or not a member, in the table we held):
-        // no write of the partition taken since.
-        let back = |p: u32| {
-            old.and_then(|o| o.partition(p))
-                .and_then(|r| r.member(me))
-                .is_none_or(|m| m.down)
-        };
+        let was = |p: u32| old.and_then(|o| o.partition(p)).and_then(|r| r.member(me));
+        // Joined or back (not a member, or down, in the table we held): no
+        // write of the partition taken since.
         let returned: Vec<u32> = t
             .syncing_on(me)
-            .filter(|&p| p % shards == mine && back(p))
+            .filter(|&p| p % shards == mine && was(p).is_none_or(|m| m.down))
+            .collect();
+        // Of them, joined to copy whole: not a member before, and not
+        // catching up.
+        let joined: Vec<u32> = returned
+            .iter()
+            .copied()
+            .filter(|&p| {
+                was(p).is_none()
+                    && t.partition(p)
+                        .and_then(|r| r.member(me))
+                        .is_some_and(|m| m.catch_up_since == 0)
+            })
             .collect();
         self.took_writes.retain(|p| !returned.contains(p));
         for p in joined {

@@ -260,24 +260,14 @@ impl DataSim {
     }
 }
 
-/// A table in one line: each partition's members (`*` in sync, `~`
-/// syncing, `!` down).
+/// A table in one line: each partition's members and their states.
 pub(super) fn describe(t: &RouteTable) -> String {
     let mut parts = Vec::new();
     for (p, r) in t.partitions.iter().enumerate() {
         let ms: Vec<String> = r
             .members
             .iter()
-            .map(|m| {
-                let mark = if m.down {
-                    "!"
-                } else if m.in_sync {
-                    "*"
-                } else {
-                    "~"
-                };
-                format!("{}{mark}", m.node)
-            })
+            .map(|m| format!("{}:{}", m.node, crate::member_state(m)))
             .collect();
         parts.push(format!("p{p}[{}]", ms.join(" ")));
     }
