@@ -93,6 +93,16 @@ pub enum EngineOp {
     /// this disk no longer holds for the cluster (deleted volumes, copies of
     /// partitions that moved away): a later write at any version applies.
     Release,
+    /// Forgets blocks of a chunk, whatever their version: data and
+    /// versions, as if never written (`version` is ignored; a write at any
+    /// version applies after it). Ordered as `Release`: after the chunk's
+    /// ops already running, before those that start after it. For a
+    /// member copying a partition whole over blocks it held from before,
+    /// which may be stale where the members freed them by a discard they
+    /// no longer remember: the node forgets them first. Nothing is done on
+    /// a chunk without a slot (it holds no data; a zeroing's version kept
+    /// for it stays).
+    Forget,
     /// A write of a good copy over a damaged one: as `Write`, but a block
     /// whose planned version equals the request's is written too (a `Write`
     /// takes an equal version for a retry and skips it). A block with a
@@ -481,6 +491,7 @@ impl<D: Disk> Shard<D> {
                 self.start_mutation(id)
             }
             EngineOp::Release => self.start_release(id),
+            EngineOp::Forget => self.start_forget(id),
             EngineOp::Fill => self.start_fill(id),
         }
     }
@@ -522,6 +533,72 @@ impl<D: Disk> Shard<D> {
             },
         );
         self.write_slot_headers(id, local, seq, None);
+    }
+
+    /// Forgets the op's blocks once the chunk's ops that started before
+    /// it are done (ops that start meanwhile wait, as for a release): the
+    /// Forget record is journaled, and the map changes once it is durable
+    /// (`forget_done`).
+    fn start_forget(&mut self, id: u32) {
+        let (volume, chunk) = (self.ops[id as usize].volume, self.ops[id as usize].chunk);
+        let Some(local) = self.by_chunk.get(&(volume, chunk)).copied() else {
+            return self.finish(id); // Nothing stored.
+        };
+        let room = self.journal_room(1);
+        let slot = self.slots[local as usize]
+            .as_mut()
+            .expect("indexed slot exists");
+        if slot.freeing || slot.releasing.is_some_and(|r| r != id) {
+            return self.defer(id);
+        }
+        slot.releasing = Some(id);
+        self.bind_slot(id, local);
+        let slot = self.slots[local as usize]
+            .as_mut()
+            .expect("indexed slot exists");
+        // Queued moves count as reads: they are sent while ops wait.
+        if slot.ops_inflight > 1 || slot.reads_inflight > 0 || !room {
+            return self.defer(id);
+        }
+        let op = &mut self.ops[id as usize];
+        op.stage = Stage::Forgetting;
+        op.solo = false;
+        let (first, count) = (op.first, op.count);
+        self.append_record(
+            id,
+            &Record::Forget {
+                slot: local,
+                first,
+                count,
+            },
+        );
+    }
+
+    /// The Forget record of op `id` is durable (or its write failed):
+    /// the blocks leave the map, and the chunk's waiting ops go on.
+    pub(super) fn forget_done(&mut self, id: u32, local: u32) {
+        let failed = self.ops[id as usize].error.is_some() || self.failed.is_some();
+        let op = &self.ops[id as usize];
+        let blocks = op.first as usize..op.first as usize + op.count as usize;
+        let slot = self.slots[local as usize]
+            .as_mut()
+            .expect("slot of a running forget");
+        if !failed {
+            for b in blocks {
+                let cur = slot.entries[b];
+                if cur.kind == BlockKind::Data {
+                    slot.release_phys(cur.phys);
+                }
+                slot.entries[b] = BlockEntry::UNWRITTEN;
+                slot.planned_version[b] = 0;
+                if let Some(d) = slot.discarded_at.get_mut(b) {
+                    *d = 0;
+                }
+            }
+            slot.dirty = true;
+        }
+        slot.releasing = None;
+        self.finish(id);
     }
 
     fn defer(&mut self, id: u32) {

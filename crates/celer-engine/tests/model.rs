@@ -49,7 +49,7 @@ const SECTOR: usize = 512;
 
 fn mutation() -> impl Strategy<Value = Mutation> {
     (
-        0..6u8,
+        0..7u8,
         0..VOLUMES,
         0..CHUNKS * CHUNK_BLOCKS,
         1..=CHUNK_BLOCKS,
@@ -61,7 +61,8 @@ fn mutation() -> impl Strategy<Value = Mutation> {
                 0..=2 => EngineOp::Write,
                 3 => EngineOp::WriteZeroes,
                 4 => EngineOp::Discard,
-                _ => EngineOp::Release,
+                5 => EngineOp::Release,
+                _ => EngineOp::Forget,
             };
             if k == 2 {
                 let first = seed % SECTORS as u64;
@@ -269,6 +270,18 @@ fn run(steps: Vec<Step>) {
                         }
                         for b in m.block..m.block + m.count {
                             model.remove(&(m.volume, b));
+                        }
+                        continue;
+                    }
+                    if m.op == EngineOp::Forget {
+                        // Blocks forgotten in a slot, whatever the version;
+                        // nothing done without one (its zeroings' versions
+                        // stay).
+                        if allocated.contains(&chunk) {
+                            for b in m.block..m.block + m.count {
+                                model.remove(&(m.volume, b));
+                                floor.remove(&(m.volume, b));
+                            }
                         }
                         continue;
                     }

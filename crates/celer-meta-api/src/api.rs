@@ -134,6 +134,13 @@ pub struct Heartbeat {
     /// host file system under a disk file is short of room).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
+    /// Partitions this node catches up where it copies the partition whole
+    /// instead (its source had no complete record of what it missed, or
+    /// may have lost it): the control service clears the member's
+    /// `catch_up_since`, so the node drops what it held and copies whole,
+    /// after a restart too (`RouteTable::copy_whole`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub copy_whole: Vec<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -982,6 +982,9 @@ impl Cluster {
                 pushed = self.commit(store, tx)?.or(pushed);
             }
         }
+        if !beat.copy_whole.is_empty() {
+            pushed = self.copy_whole(store, id, &beat.copy_whole)?.or(pushed);
+        }
         let now = self.clock.now();
         let l = self.live.entry(id).or_insert_with(|| Liveness::fresh(now));
         l.last_heartbeat = Some(now);
@@ -1020,6 +1023,40 @@ impl Cluster {
             },
             pushed,
         ))
+    }
+
+    /// Node `id` copies `partitions` whole instead of catching up (see
+    /// `Heartbeat::copy_whole`): its members there lose `catch_up_since`,
+    /// in a new epoch. Partitions where it is not a member catching up are
+    /// skipped (the table moved on).
+    fn copy_whole(
+        &mut self,
+        store: &dyn MetaStore,
+        id: NodeId,
+        partitions: &[u32],
+    ) -> Result<Pushed> {
+        let Some(mut t) = self.table().cloned() else {
+            return Ok(None);
+        };
+        let mut changed = Vec::new();
+        for &p in partitions {
+            if t.copy_whole(p, id).unwrap_or(false) {
+                changed.push(p);
+            }
+        }
+        if changed.is_empty() {
+            return Ok(None);
+        }
+        let mut tx = self.begin(&format!("node {id}"));
+        t.epoch += 1;
+        tx.set_table(
+            t,
+            &format!(
+                "node {id} copies {} partition(s) whole instead of catching up: {changed:?}",
+                changed.len()
+            ),
+        );
+        Ok(self.commit(store, tx)?)
     }
 
     pub fn synced(
@@ -2375,6 +2412,72 @@ mod tests {
                 "node {id} lost its lease while beating every second"
             );
         }
+    }
+
+    /// A node back from down catches up; asked in a heartbeat, the control
+    /// service records that it copies some partition whole instead (its
+    /// `catch_up_since` cleared, in a new epoch that the reply carries and
+    /// a reload keeps), and ignores the ask for a partition where the node
+    /// does not catch up.
+    #[test]
+    fn a_catching_up_member_that_copies_whole_loses_its_catch_up_epoch() {
+        let dir = tempfile::tempdir().expect("dir");
+        let clock = Arc::new(ManualClock::new());
+        let (mut c, store) = cluster(dir.path(), clock.clone());
+        let ids: Vec<NodeId> = (0..4)
+            .map(|i| register(&mut c, &store, i, None).expect("register"))
+            .collect();
+        let back = ids[3];
+        for &id in &ids {
+            beat(&mut c, &store, id);
+        }
+        let t = c.table().expect("table").clone();
+        for p in t.syncing_on(back).collect::<Vec<_>>() {
+            c.synced(&store, back, t.epoch, &[p]).expect("synced");
+        }
+        clock.advance(Duration::from_millis(LEASE_MS + 1));
+        for &id in &ids[..3] {
+            beat(&mut c, &store, id);
+        }
+        c.expire_leases(&store).expect("expire");
+        assert!(!up(&c, back));
+        beat(&mut c, &store, back); // up again: catching up
+        let t = c.table().expect("table").clone();
+        let catching: Vec<u32> = t.syncing_on(back).collect();
+        assert!(!catching.is_empty(), "no partition to catch up");
+        let since = |c: &Cluster, p: u32| {
+            c.table()
+                .and_then(|t| t.partition(p))
+                .and_then(|r| r.member(back))
+                .map(|m| m.catch_up_since)
+        };
+        assert!(catching.iter().all(|&p| since(&c, p) > Some(0)));
+        let (whole, other) = (catching[0], catching.get(1).copied());
+        let not_member = (0..t.partition_count())
+            .find(|&p| t.partition(p).and_then(|r| r.member(back)).is_none());
+        let hb = Heartbeat {
+            epoch: t.epoch,
+            copy_whole: std::iter::once(whole).chain(not_member).collect(),
+            ..Heartbeat::default()
+        };
+        let (reply, _) = c.heartbeat(&store, back, &hb).expect("heartbeat");
+        assert_eq!(reply.epoch, t.epoch + 1);
+        assert_eq!(reply.table.map(|t| t.epoch), Some(t.epoch + 1));
+        assert_eq!(since(&c, whole), Some(0));
+        if let Some(p) = other {
+            assert!(since(&c, p) > Some(0), "partition {p} copies whole too");
+        }
+        // Asked again: nothing changes.
+        let hb = Heartbeat {
+            epoch: t.epoch + 1,
+            copy_whole: vec![whole],
+            ..Heartbeat::default()
+        };
+        let (reply, _) = c.heartbeat(&store, back, &hb).expect("heartbeat");
+        assert_eq!(reply.epoch, t.epoch + 1);
+        drop((c, store));
+        let (c, _store) = cluster(dir.path(), clock);
+        assert_eq!(since(&c, whole), Some(0), "lost by a reload");
     }
 
     #[test]

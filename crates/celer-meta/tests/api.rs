@@ -1012,6 +1012,7 @@ fn backfill_figures_are_summed_over_up_nodes_and_not_logged() {
         backfill_partitions_unlisted: unlisted,
         failure: None,
         warning: None,
+        copy_whole: Vec::new(),
     };
     let period = Duration::from_millis(50);
     let a = Heartbeater::with_figures(server.url(), ids[0], period, figures(10 << 20, 30 << 20, 2));

@@ -78,6 +78,9 @@ pub(crate) fn run(
     let mut next_beat = Instant::now();
     let mut last_fetch = Instant::now() - Duration::from_secs(1);
     let mut synced: Vec<(u32, u64)> = Vec::new();
+    // Partitions whose catch-up copies whole instead: sent with the next
+    // heartbeat (at once), until one is answered.
+    let mut copy_whole: Vec<u32> = Vec::new();
     let mut last_deleted: Vec<u64> = Vec::new();
     let mut last_fences: Vec<(u64, u32)> = Vec::new();
     let mut last_layers: Vec<celer_meta_api::api::VolumeLayers> = Vec::new();
@@ -121,6 +124,12 @@ pub(crate) fn run(
                     }
                 }
             }
+            Ok(AgentMsg::CopyWhole { partition }) => {
+                if !copy_whole.contains(&partition) {
+                    copy_whole.push(partition);
+                    next_beat = Instant::now();
+                }
+            }
             Ok(AgentMsg::Synced { partition, epoch }) => {
                 synced.push((partition, epoch));
                 // Gather what the other shards finish at the same moment.
@@ -151,6 +160,7 @@ pub(crate) fn run(
                 backfill_partitions_unlisted: p.partitions_unlisted,
                 failure: shared.failure(),
                 warning: crate::space::warning(&shared.disk),
+                copy_whole: copy_whole.clone(),
             };
             if beat.warning.is_some() != space_warned {
                 space_warned = beat.warning.is_some();
@@ -162,6 +172,9 @@ pub(crate) fn run(
             let result = client.heartbeat_with(id, &beat);
             next_beat = match &result {
                 Ok(_) => {
+                    // Recorded, or moot (the table moved on); a shard that
+                    // still waits asks again.
+                    copy_whole.clear();
                     beat_backoff.reset();
                     Instant::now() + period
                 }

@@ -46,6 +46,10 @@ pub enum AgentNote {
     /// The backfill (or catch-up) of `partition` finished while the shard
     /// held table `epoch`: report it to the control service (`synced`).
     Synced { partition: u32, epoch: u64 },
+    /// The catch-up of `partition` copies it whole instead: report it to
+    /// the control service (`Heartbeat::copy_whole`); the table that
+    /// records it lets the shard drop what it held and copy.
+    CopyWhole { partition: u32 },
 }
 
 /// One node shard's core over its engine shard `D` and its network `N`.
@@ -106,6 +110,7 @@ impl<D: Disk, N: Net> NodeCore<D, N> {
                 AgentMsg::Synced { partition, epoch } => {
                     out.push(AgentNote::Synced { partition, epoch })
                 }
+                AgentMsg::CopyWhole { partition } => out.push(AgentNote::CopyWhole { partition }),
                 AgentMsg::Stop => {}
             }
         }

@@ -43,6 +43,11 @@ pub(crate) enum AgentMsg {
         partition: u32,
         epoch: u64,
     },
+    /// A catch-up of `partition` copies the partition whole instead: ask
+    /// the control service to record it (`Heartbeat::copy_whole`).
+    CopyWhole {
+        partition: u32,
+    },
     Stop,
 }
 

@@ -308,14 +308,16 @@ pub(crate) struct ShardLoop<D: Disk, N: Net> {
     /// partition went on without it), released before the partition's
     /// writes and its backfill start here (`join_release_step`).
     joining: Vec<u32>,
-    join_release: Vec<(u64, u64)>,
+    join_release: Vec<StaleRange>,
     /// Of them, releases submitted and not completed.
     join_inflight: usize,
-    /// Partitions this shard took a write of as a syncing member since it
-    /// last joined or came back to them: what it holds there is not all
-    /// stale any more, so a catch-up that falls back to a full copy cannot
-    /// release it.
-    took_writes: Vec<u32>,
+    /// The blocks this shard took a write of as a syncing member since it
+    /// last joined or came back to their partition, per (engine key,
+    /// chunk), one bit per block: a catch-up that falls back to a full copy
+    /// forgets every other block it holds of the partition (they may be
+    /// stale) and keeps these (see `release_partition`). Kept for the
+    /// partitions this shard syncs only.
+    took_writes: HashMap<(u64, u64), Vec<u64>>,
     /// Rescans left (see PURGE_RESCANS).
     purge_rescans: u32,
     /// Damaged blocks being repaired from another member (see `repair`).
@@ -329,6 +331,11 @@ pub(crate) struct ShardLoop<D: Disk, N: Net> {
     /// What down members of our partitions miss (see `catch_up`).
     catch_ups: Vec<CatchUp>,
 }
+
+/// What a member about to copy a partition whole drops first: (engine
+/// key, chunk, blocks), where `None` releases the chunk and `Some((first,
+/// count))` forgets those blocks of it (`release_partition`).
+type StaleRange = (u64, u64, Option<(u16, u16)>);
 
 /// The op buffer a request needs if it is large (see OP_LARGE_BYTES), else 0.
 fn large_bytes(h: &Header) -> usize {

@@ -352,6 +352,29 @@ impl RouteTable {
         Ok(())
     }
 
+    /// Member `node` of partition `p`, back from down and catching up,
+    /// copies the partition whole instead: it drops what it held (see
+    /// `celer-node`), so it no longer holds a copy complete up to when it
+    /// went down, and after a restart it must not catch up from a record
+    /// again. Returns whether the member changed (the caller bumps the
+    /// epoch); a member that is not catching up is left alone.
+    pub fn copy_whole(&mut self, p: u32, node: NodeId) -> Result<bool, RouteError> {
+        let part = self
+            .partitions
+            .get_mut(p as usize)
+            .ok_or(RouteError::Partition(p))?;
+        let m = part
+            .members
+            .iter_mut()
+            .find(|m| m.node == node)
+            .ok_or(RouteError::NotMember { partition: p, node })?;
+        if m.in_sync || m.down || m.catch_up_since == 0 {
+            return Ok(false);
+        }
+        m.catch_up_since = 0;
+        Ok(true)
+    }
+
     fn drop_leavers(&mut self, p: u32) {
         let part = &self.partitions[p as usize];
         let target = target_members(p, &placed(&self.nodes, &part.members), self.replicas);

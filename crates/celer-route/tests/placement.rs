@@ -385,6 +385,31 @@ fn a_held_down_node_keeps_its_places_and_catches_up() {
         }
     }
     assert_eq!(RouteTable::decode(&t4.encode()).expect("decode"), t4);
+    // A member that copies whole instead of catching up loses the epoch
+    // (after a restart it must not catch up from a record again); a member
+    // that is not catching up, or a node that is not a member, is refused
+    // or left alone, and a down member keeps it.
+    let p = t4.syncing_on(2).next().expect("a syncing partition");
+    let mut whole = t4.clone();
+    assert!(whole.copy_whole(p, 2).expect("member"));
+    let m = whole
+        .partition(p)
+        .and_then(|r| r.member(2))
+        .expect("member");
+    assert!(!m.in_sync && !m.down && m.catch_up_since == 0, "{m:?}");
+    assert!(!whole.copy_whole(p, 2).expect("member"), "already whole");
+    let in_sync = whole
+        .partition(p)
+        .and_then(|r| r.primary())
+        .expect("primary");
+    assert!(!whole.copy_whole(p, in_sync).expect("member"));
+    let outsider = (1..=4).find(|n| whole.partition(p).and_then(|r| r.member(*n)).is_none());
+    if let Some(n) = outsider {
+        assert!(whole.copy_whole(p, n).is_err());
+    }
+    let mut down_member = t2.clone();
+    assert!(!down_member.copy_whole(p, 2).unwrap_or(false));
+    assert_eq!(down_member.partitions, t2.partitions);
     let mut t5 = t4.clone();
     for p in t4.syncing_on(2) {
         t5.mark_in_sync(p, 2).expect("member");

@@ -553,10 +553,12 @@ impl DataSim {
         self.control_step()?;
         self.world.borrow_mut().deliver();
         let mut busy = self.accept_step()?;
-        for n in &mut self.nodes {
+        for (i, n) in self.nodes.iter_mut().enumerate() {
             let Some(core) = n.core.as_mut() else {
                 continue;
             };
+            // Log lines name the node.
+            let _node = tracing::info_span!("node", id = i + 1).entered();
             let ready = core.net().ready();
             if !ready.is_empty() {
                 core.woke();
@@ -624,6 +626,8 @@ impl DataSim {
         let pipes = core.net().pipes();
         self.nodes[i].disk.crash();
         drop(core);
+        // The agent goes with the process.
+        self.control.forget_agent(i);
         let mut w = self.world.borrow_mut();
         for p in pipes {
             w.reset(p);

@@ -212,6 +212,8 @@ enum Kind {
     Zeroes,
     Discard,
     Release,
+    /// Forgets some blocks of a chunk (`EngineOp::Forget`).
+    Forget,
     Read,
 }
 
@@ -239,6 +241,11 @@ impl InFlight {
         matches!(self.kind, Kind::Release)
             || (self.kind == Kind::Discard && self.count == CHUNK_BLOCKS)
     }
+    /// Runs alone on its chunk (whether the ops around it came before or
+    /// after it is a race the model does not follow).
+    fn alone(&self) -> bool {
+        self.whole_chunk() || self.kind == Kind::Forget
+    }
     fn mutates(&self) -> bool {
         self.kind != Kind::Read
     }
@@ -265,7 +272,7 @@ impl InFlight {
                     version: self.version,
                 }
             }
-            Kind::Release => UNWRITTEN,
+            Kind::Release | Kind::Forget => UNWRITTEN,
             _ => Block {
                 content: Content::Zero,
                 version: self.version,
@@ -489,6 +496,7 @@ impl EngineSim {
             55..=64 => Kind::Zeroes,
             65..=76 => Kind::Discard,
             77..=79 => Kind::Release,
+            80..=81 => Kind::Forget,
             _ => Kind::Read,
         };
         let whole = kind == Kind::Release || (kind == Kind::Discard && self.rng.gen_bool(0.4));
@@ -505,7 +513,8 @@ impl EngineSim {
             .iter()
             .filter(|f| f.volume == volume && f.chunk() == chunk)
             .collect();
-        if on_chunk.iter().any(|f| f.whole_chunk()) || (whole && !on_chunk.is_empty()) {
+        let alone = whole || kind == Kind::Forget;
+        if on_chunk.iter().any(|f| f.alone()) || (alone && !on_chunk.is_empty()) {
             return Ok(());
         }
         let slot = self.chunks[Self::chunk_index(volume, chunk)].slot;
@@ -591,7 +600,7 @@ impl EngineSim {
                     .iter()
                     .filter(|m| m.mutates() && m.covers(volume, b))
                 {
-                    if m.version > now.version || m.kind == Kind::Release {
+                    if m.version > now.version || matches!(m.kind, Kind::Release | Kind::Forget) {
                         allowed.push(m.effect(now));
                     }
                 }
@@ -613,6 +622,7 @@ impl EngineSim {
             Kind::Zeroes => EngineOp::WriteZeroes,
             Kind::Discard => EngineOp::Discard,
             Kind::Release => EngineOp::Release,
+            Kind::Forget => EngineOp::Forget,
             Kind::Read => EngineOp::Read,
         };
         let (at, len) = match sectors {
@@ -747,6 +757,18 @@ impl EngineSim {
                 for b in f.chunk() * CHUNK_BLOCKS..(f.chunk() + 1) * CHUNK_BLOCKS {
                     self.blocks[Self::block_index(f.volume, b)] = UNWRITTEN;
                     self.maybe[Self::block_index(f.volume, b)].clear();
+                }
+                return;
+            }
+            Kind::Forget => {
+                // Whatever the version, in a slot; nothing without one.
+                if ch.slot {
+                    let base = f.chunk() * CHUNK_BLOCKS;
+                    for b in blocks {
+                        ch.floor[(b - base) as usize] = 0;
+                        self.blocks[Self::block_index(f.volume, b)] = UNWRITTEN;
+                        self.maybe[Self::block_index(f.volume, b)].clear();
+                    }
                 }
                 return;
             }
@@ -896,7 +918,7 @@ impl EngineSim {
                     let mut allowed = vec![model];
                     allowed.extend_from_slice(&self.maybe[Self::block_index(volume, b)]);
                     for m in lost.iter().filter(|m| m.mutates() && m.covers(volume, b)) {
-                        if m.version > model.version {
+                        if m.version > model.version || m.kind == Kind::Forget {
                             allowed.push(m.effect(model));
                         }
                     }

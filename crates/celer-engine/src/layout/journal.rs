@@ -32,6 +32,11 @@ pub enum Record {
     /// version at or below it (see `Shard::restart_floor`). Names no slot;
     /// an older binary skips it as an unknown record.
     Floor { version: u64 },
+    /// Logical blocks `first..first + count` of `slot` forgotten: never
+    /// written, version 0 (`EngineOp::Forget`). Replayed in journal order,
+    /// so a later record of those blocks applies at any version. An older
+    /// binary skips it as an unknown record (and keeps the blocks).
+    Forget { slot: u32, first: u16, count: u16 },
 }
 
 pub const JOURNAL_HEADER_BYTES: usize = 64;
@@ -95,6 +100,12 @@ pub fn encode_record(r: &Record, b: &mut [u8]) {
             b[0] = 5;
             put_u64(b, 16, version);
         }
+        Record::Forget { slot, first, count } => {
+            b[0] = 6;
+            put_u32(b, 4, slot);
+            put_u16(b, 8, first);
+            put_u16(b, 10, count);
+        }
     }
 }
 
@@ -128,6 +139,11 @@ pub fn decode_record(b: &[u8]) -> Option<Record> {
         },
         5 => Record::Floor {
             version: get_u64(b, 16),
+        },
+        6 => Record::Forget {
+            slot,
+            first: get_u16(b, 8),
+            count: get_u16(b, 10),
         },
         _ => return None,
     })

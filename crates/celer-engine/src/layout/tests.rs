@@ -85,6 +85,11 @@ fn records_and_headers_round_trip() {
             version: 1 << 62,
         },
         Record::Floor { version: 77 },
+        Record::Forget {
+            slot: 9,
+            first: 3,
+            count: 253,
+        },
     ] {
         let mut b = [0u8; RECORD_BYTES];
         encode_record(&r, &mut b);

@@ -152,7 +152,8 @@ pub(super) fn recover_shard<D: Disk>(
                 Record::Write { slot, .. }
                 | Record::Zero { slot, .. }
                 | Record::Alloc { slot, .. }
-                | Record::Free { slot, .. } => slot as usize,
+                | Record::Free { slot, .. }
+                | Record::Forget { slot, .. } => slot as usize,
                 Record::Floor { .. } => continue,
             };
             if local >= per || g.slot_of(shard, local as u64) >= g.slot_count || seq <= base[local]
@@ -173,6 +174,16 @@ pub(super) fn recover_shard<D: Disk>(
                 }
                 Record::Free { .. } => slots[local] = None,
                 Record::Floor { .. } => {}
+                Record::Forget { first, count, .. } => {
+                    let Some(s) = slots[local].as_mut() else {
+                        continue;
+                    };
+                    let end = (first as usize + count as usize).min(s.entries.len());
+                    for e in s.entries[(first as usize).min(end)..end].iter_mut() {
+                        *e = BlockEntry::UNWRITTEN;
+                    }
+                    s.dirty = true;
+                }
                 Record::Write {
                     logical,
                     phys,

@@ -32,7 +32,9 @@ impl<D: Disk> Shard<D> {
                 }
                 req.segments.iter().map(|s| s.len as u64).sum()
             }
-            EngineOp::WriteZeroes | EngineOp::Discard | EngineOp::Release => req.len_bytes,
+            EngineOp::WriteZeroes | EngineOp::Discard | EngineOp::Release | EngineOp::Forget => {
+                req.len_bytes
+            }
         };
         if req.chain.len() > LAYERS_MAX {
             return Err(EngineError::BadRange {

@@ -207,7 +207,10 @@ impl<D: Disk> Shard<D> {
             }
             op.pending -= 1;
             if op.pending == 0
-                && matches!(op.stage, Stage::Running | Stage::Freeing | Stage::Flooring)
+                && matches!(
+                    op.stage,
+                    Stage::Running | Stage::Freeing | Stage::Flooring | Stage::Forgetting
+                )
             {
                 if op.solo {
                     solo_done = Some(id);

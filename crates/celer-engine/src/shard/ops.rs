@@ -45,6 +45,8 @@ pub(super) enum Stage {
     /// A whole-chunk zeroing of a chunk with no slot, waiting for the
     /// journal block that raises the shard's discard floor to its version.
     Flooring,
+    /// A forget waiting for its journal record to be durable.
+    Forgetting,
 }
 
 pub(super) struct Op {

@@ -592,6 +592,9 @@ impl<D: Disk> Shard<D> {
         if self.ops[id as usize].stage == Stage::Freeing {
             return self.free_done(id, local);
         }
+        if self.ops[id as usize].stage == Stage::Forgetting {
+            return self.forget_done(id, local);
+        }
         if self.ops[id as usize].stage == Stage::Flooring {
             // Its floor is durable (or the journal write failed: the op
             // carries the error).

@@ -111,11 +111,16 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
         let mut i = 0;
         while listing < BACKFILL_LISTS_MAX && i < self.backfills.len() {
             let b = &self.backfills[i];
-            if b.stage == BfStage::List
-                && !self.joining.contains(&b.partition)
-                && b.retry_at.is_none_or(|t| t <= now)
-                && self.backfill_send(i, Op::ListChunks)
-            {
+            let p = b.partition;
+            let ready = b.stage == BfStage::List
+                && !self.joining.contains(&p)
+                && b.retry_at.is_none_or(|t| t <= now);
+            if ready && !b.catch_up && !self.copy_whole_recorded(p) {
+                // Fell back from a catch-up: the control service has not
+                // recorded it yet (the report or its table was lost).
+                self.backfills[i].retry_at = Some(now + Duration::from_millis(50));
+                self.shared.tell_agent(AgentMsg::CopyWhole { partition: p });
+            } else if ready && self.backfill_send(i, Op::ListChunks) {
                 listing += 1;
             }
             i += 1;
@@ -279,6 +284,44 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
         true
     }
 
+    /// Backfill `i`, a catch-up, copies its partition whole instead. What
+    /// this shard held from before it went down may be stale where the
+    /// members freed chunks or blocks they no longer remember: it is
+    /// dropped first, but for the blocks written here since it came back
+    /// (`release_partition`). Before that, the control service records
+    /// that this member copies whole (its `catch_up_since` cleared), so
+    /// that neither a later source nor this node after a restart takes it
+    /// for a member that holds everything up to when it went down: the
+    /// backfill lists once a table says so (`copy_whole_recorded`), and
+    /// the table's arrival drops what was held (`release_on_join`).
+    pub(super) fn copy_whole_instead(&mut self, i: usize, why: &str) {
+        let b = &mut self.backfills[i];
+        tracing::info!(
+            shard = self.id,
+            partition = b.partition,
+            source = b.source,
+            why,
+            "catch-up: copying the partition whole"
+        );
+        b.catch_up = false;
+        b.stage = BfStage::List;
+        b.retry_at = None;
+        b.bytes_total = None;
+        b.ranges.clear();
+        let p = b.partition;
+        self.shared.tell_agent(AgentMsg::CopyWhole { partition: p });
+    }
+
+    /// Whether the table records that this shard copies partition `p`
+    /// whole (no `catch_up_since`): a backfill that fell back from a
+    /// catch-up lists only then.
+    fn copy_whole_recorded(&self, p: u32) -> bool {
+        self.table()
+            .and_then(|t| t.partition(p))
+            .and_then(|r| r.member(self.shared.id))
+            .is_some_and(|m| m.catch_up_since == 0)
+    }
+
     pub(super) fn backfill_response(&mut self, c: usize, h: &Header, payload: &[u8]) {
         let now = self.net.now();
         let chunk_bytes = self.table().map_or(1 << 20, |t| t.chunk_bytes);
@@ -314,29 +357,8 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
                 match catch_up_ranges(payload, chunk_bytes) {
                     Some(r) => b.ranges = r,
                     None => {
-                        // The source did not record all we missed: copy
-                        // the partition whole.
-                        tracing::info!(
-                            shard = self.id,
-                            partition = b.partition,
-                            source = b.source,
-                            "no record of what we missed: full copy"
-                        );
-                        b.catch_up = false;
-                        b.stage = BfStage::List;
-                        b.retry_at = None;
-                        // What we held from before we went down may be
-                        // stale where the source freed chunks or blocks
-                        // it no longer remembers: release it first, unless
-                        // we took writes of the partition since we came
-                        // back (then they would go too; not covered).
-                        let p = b.partition;
-                        if !self.took_writes.contains(&p) {
-                            if let Some(r) = self.route.clone() {
-                                self.release_partition(&r.table, p);
-                            }
-                        }
-                        return;
+                        // The source did not record all we missed.
+                        return self.copy_whole_instead(i, "no record of what we missed");
                     }
                 }
             } else {

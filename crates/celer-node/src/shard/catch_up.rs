@@ -91,6 +91,18 @@ impl<D: celer_engine::Disk, N: crate::net::Net> ShardLoop<D, N> {
                 .partition(c.partition)
                 .and_then(|p| p.member(c.node))
                 .is_some_and(|m| m.down);
+            // Marked down ourselves, we get no writes of the partition
+            // (the clients skip a down member): what we record from now on
+            // is not all the member misses.
+            if new
+                .partition(c.partition)
+                .and_then(|p| p.member(me))
+                .is_some_and(|m| m.down)
+                && !c.overflowed
+            {
+                c.overflowed = true;
+                c.blocks = HashMap::new();
+            }
         }
         let Some(old) = old else {
             return; // the first table since start: no transition seen

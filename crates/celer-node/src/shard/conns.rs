@@ -171,7 +171,8 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
                 self.forward_failed(id, k, Status::Unavailable);
             }
         }
-        for b in &mut self.backfills {
+        for i in 0..self.backfills.len() {
+            let b = &mut self.backfills[i];
             if b.conn.is_some_and(|(bc, bg)| bc == c && bg == gen) {
                 b.conn = None;
                 if b.stage == BfStage::Waiting {
@@ -182,6 +183,13 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
                     };
                 }
                 b.retry_at = Some(self.net.now() + Duration::from_millis(50));
+                if b.catch_up && b.bytes_total.is_some() {
+                    // The source may have restarted: the blocks it freed by
+                    // discards it no longer remembers (in memory) would
+                    // read as never written, and this member would keep
+                    // what it held there.
+                    self.copy_whole_instead(i, "lost the connection to the source");
+                }
             }
         }
     }

@@ -201,7 +201,7 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
             joining: Vec::new(),
             join_release: Vec::new(),
             join_inflight: 0,
-            took_writes: Vec::new(),
+            took_writes: HashMap::new(),
             purge_rescans: 0,
             repairs: Vec::new(),
             unrepairable: Vec::new(),

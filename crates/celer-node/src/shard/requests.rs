@@ -199,9 +199,6 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
             // and copies the partition whole).
             return self.reject(c, &h, Status::Busy);
         }
-        if !in_sync && !self.took_writes.contains(&p) {
-            self.took_writes.push(p);
-        }
         if h.flags == FLAG_SECTORS && !in_sync && self.copy_pending(p, target.key, h.offset) {
             // A sector write merges into the block held here, which this
             // member's backfill has yet to bring up to date: the merged
@@ -226,6 +223,9 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
                 let named = floor.max(h.version.saturating_add(1));
                 return self.respond_naming(c, &h, Status::OlderVersion, named, &[]);
             }
+        }
+        if !in_sync {
+            self.note_took_write(target.key, h.offset, h.length as u64);
         }
         let v = self.versions.entry(h.volume).or_default();
         *v = (*v).max(h.version);

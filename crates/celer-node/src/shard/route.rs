@@ -52,13 +52,19 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
                 .is_some_and(|m| m.catch_up_since > 0);
             match self.backfills.iter().position(|b| b.partition == p) {
                 Some(i) => {
-                    if Some(self.backfills[i].source) != source {
+                    // The table says copy whole where this backfill would
+                    // catch up (it asked; see `copy_whole_instead`), or the
+                    // source changed: start over.
+                    let whole_now = !catch_up && self.backfills[i].catch_up;
+                    if Some(self.backfills[i].source) != source || whole_now {
                         // The source left or changed: start over from the new one.
                         if let Some(s) = source {
                             self.backfill_serial = self.backfill_serial.wrapping_add(1);
                             let mut fresh =
                                 new_backfill(self.backfill_serial, p, t.epoch, s, self.net.now());
-                            fresh.catch_up = catch_up;
+                            // A catch-up that fell back to a full copy
+                            // stays one: this node dropped what it held.
+                            fresh.catch_up = catch_up && self.backfills[i].catch_up;
                             let old = std::mem::replace(&mut self.backfills[i], fresh);
                             self.retire(old);
                         }
@@ -181,7 +187,7 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
             if !self.releasable(v, c) {
                 continue;
             }
-            match self.submit_release(v, c, TAG_PURGE) {
+            match self.submit_drop(v, c, None, TAG_PURGE) {
                 Ok(()) => self.purging += 1,
                 Err(EngineError::QueueFull { .. }) => {
                     self.purge.push((v, c));
@@ -215,34 +221,74 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
             .syncing_on(me)
             .filter(|&p| p % shards == mine && was(p).is_none_or(|m| m.down))
             .collect();
-        // Of them, joined to copy whole: not a member before, and not
-        // catching up.
-        let joined: Vec<u32> = returned
+        // Of them, those copied whole (not catching up): a new member, or
+        // one that went down while it was copying (what it holds is part
+        // of a copy, stale where the partition went on without it).
+        let copies_whole = |p: u32| {
+            t.partition(p)
+                .and_then(|r| r.member(me))
+                .is_some_and(|m| m.catch_up_since == 0)
+        };
+        let mut joined: Vec<u32> = returned
             .iter()
             .copied()
-            .filter(|&p| {
-                was(p).is_none()
-                    && t.partition(p)
-                        .and_then(|r| r.member(me))
-                        .is_some_and(|m| m.catch_up_since == 0)
-            })
+            .filter(|&p| copies_whole(p))
             .collect();
-        self.took_writes.retain(|p| !returned.contains(p));
+        // And those where this member was catching up and now copies whole
+        // (it asked: `copy_whole_instead`): what it held may be stale,
+        // but for the blocks it took writes of since it came back.
+        joined.extend(t.syncing_on(me).filter(|&p| {
+            p % shards == mine
+                && copies_whole(p)
+                && was(p).is_some_and(|m| !m.down && !m.in_sync && m.catch_up_since > 0)
+        }));
+        // Written since they came back: nothing yet. Kept for the
+        // partitions this shard syncs only.
+        self.took_writes.retain(|&(v, c), _| {
+            let p = t.partition_of(v, c);
+            !returned.contains(&p)
+                && t.partition(p)
+                    .and_then(|r| r.member(me))
+                    .is_some_and(|m| !m.in_sync)
+        });
         for p in joined {
             self.release_partition(t, p);
         }
     }
 
-    /// Releases what this shard holds of partition `p` of table `t` before
-    /// the partition's writes are taken here and its backfill lists (see
-    /// `release_on_join`).
+    /// Drops what this shard holds of partition `p` of table `t` before the
+    /// partition's writes are taken here and its backfill lists (see
+    /// `release_on_join`), but for the blocks it took writes of since it
+    /// joined or came back (`took_writes`): those hold what a client wrote
+    /// here, maybe not yet on the copy's source (its write in flight), and
+    /// the copy brings only what is newer. A chunk with none of them is
+    /// released; in the others the remaining blocks are forgotten
+    /// (`EngineOp::Forget`).
     pub(super) fn release_partition(&mut self, t: &celer_route::RouteTable, p: u32) {
-        let stale: Vec<(u64, u64)> = self
-            .engine
-            .chunks()
-            .into_iter()
-            .filter(|&(v, c)| t.partition_of(v, c) == p)
-            .collect();
+        let blocks = (t.chunk_bytes / BLOCK_SIZE as u64) as usize;
+        let mut stale = Vec::new();
+        for (v, c) in self.engine.chunks() {
+            if t.partition_of(v, c) != p {
+                continue;
+            }
+            let Some(took) = self.took_writes.get(&(v, c)) else {
+                stale.push((v, c, None));
+                continue;
+            };
+            let taken = |b: usize| took[b / 64] & (1 << (b % 64)) != 0;
+            let mut b = 0;
+            while b < blocks {
+                if taken(b) {
+                    b += 1;
+                    continue;
+                }
+                let first = b;
+                while b < blocks && !taken(b) {
+                    b += 1;
+                }
+                stale.push((v, c, Some((first as u16, (b - first) as u16))));
+            }
+        }
         if stale.is_empty() {
             return;
         }
@@ -250,7 +296,7 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
             shard = self.id,
             partition = p,
             chunks = stale.len(),
-            "copying a partition whole: releasing what this node held of it"
+            "copying a partition whole: dropping what this node held of it from before"
         );
         if !self.joining.contains(&p) {
             self.joining.push(p);
@@ -258,12 +304,30 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
         self.join_release.extend(stale);
     }
 
+    /// Notes that this shard, a syncing member, takes a write of `len`
+    /// bytes at `offset` of engine key `key` (within one chunk).
+    pub(super) fn note_took_write(&mut self, key: u64, offset: u64, len: u64) {
+        let Some(chunk_bytes) = self.table().map(|t| t.chunk_bytes) else {
+            return;
+        };
+        let blocks = (chunk_bytes / BLOCK_SIZE as u64) as usize;
+        let first = ((offset % chunk_bytes) / BLOCK_SIZE as u64) as usize;
+        let last = ((offset % chunk_bytes + len.max(1) - 1) / BLOCK_SIZE as u64) as usize;
+        let bits = self
+            .took_writes
+            .entry((key, offset / chunk_bytes))
+            .or_insert_with(|| vec![0; blocks.div_ceil(64)]);
+        for b in first..=last.min(blocks - 1) {
+            bits[b / 64] |= 1 << (b % 64);
+        }
+    }
+
     /// Whether this shard, back from down in partition `p`, waits for its
     /// source's answer to what it missed (its writes wait: see
     /// `start_mutation`). Not longer than `CATCH_UP_ANSWER_WAIT`: a source
     /// this node cannot reach while the clients can must not stall the
-    /// partition's writes; past it the writes are taken (and counted in
-    /// `took_writes`, so a full copy then keeps what this node held).
+    /// partition's writes; past it the writes are taken (and noted in
+    /// `took_writes`: a full copy then keeps the blocks written).
     pub(super) fn catch_up_unanswered(&self, p: u32) -> bool {
         let now = self.net.now();
         self.backfills.iter().any(|b| {
@@ -281,8 +345,8 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
         if self.joining.is_empty() {
             return;
         }
-        while let Some(&(v, c)) = self.join_release.last() {
-            match self.submit_release(v, c, TAG_JOIN_RELEASE) {
+        while let Some(&(v, c, blocks)) = self.join_release.last() {
+            match self.submit_drop(v, c, blocks, TAG_JOIN_RELEASE) {
                 Ok(()) => {
                     self.purging += 1;
                     self.join_inflight += 1;
@@ -306,14 +370,29 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
     }
 
     /// Submits the release of chunk `c` of engine key `v` (its data and
-    /// versions forgotten, its slot freed).
-    fn submit_release(&mut self, v: u64, c: u64, tag: u64) -> Result<(), EngineError> {
+    /// versions forgotten, its slot freed), or with `blocks` (first, count)
+    /// the forgetting of those blocks of it.
+    fn submit_drop(
+        &mut self,
+        v: u64,
+        c: u64,
+        blocks: Option<(u16, u16)>,
+        tag: u64,
+    ) -> Result<(), EngineError> {
         let chunk_bytes = self.engine.geometry().chunk_bytes();
+        let (op, at, len) = match blocks {
+            None => (EngineOp::Release, 0, chunk_bytes),
+            Some((first, count)) => (
+                EngineOp::Forget,
+                first as u64 * BLOCK_SIZE as u64,
+                count as u64 * BLOCK_SIZE as u64,
+            ),
+        };
         let req = EngineRequest {
-            op: EngineOp::Release,
+            op,
             volume: v,
-            offset_bytes: c * chunk_bytes,
-            len_bytes: chunk_bytes,
+            offset_bytes: c * chunk_bytes + at,
+            len_bytes: len,
             segments: &[],
             version: 0,
             epoch: 0,
@@ -321,7 +400,7 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
             chain: &[],
             block_crc: None,
         };
-        // SAFETY: a release has no segments.
+        // SAFETY: a release or a forget has no segments.
         unsafe { self.engine.submit(&req) }
     }
 

@@ -43,6 +43,9 @@ pub(super) struct Control {
     next_beat: Vec<u64>,
     /// Per node: whether it registered once (it then names its id).
     known: Vec<bool>,
+    /// Per node: partitions its catch-ups copy whole instead, sent with
+    /// its next heartbeat (at once), until one is answered.
+    copy_whole: Vec<Vec<u32>>,
 }
 
 impl Control {
@@ -72,6 +75,7 @@ impl Control {
             clock,
             clock_ms: 0,
             next_beat: vec![0; nodes],
+            copy_whole: vec![Vec::new(); nodes],
             known: vec![false; nodes],
         })
     }
@@ -88,6 +92,14 @@ impl Control {
 /// Node `i`'s data address, as it registers it.
 pub(super) fn data_addr(i: usize) -> String {
     format!("10.0.0.{}:7000", i + 1)
+}
+
+impl Control {
+    /// Node `i`'s agent stopped (a power cut): what it was to report is
+    /// gone with it.
+    pub(super) fn forget_agent(&mut self, i: usize) {
+        self.copy_whole[i].clear();
+    }
 }
 
 impl DataSim {
@@ -133,6 +145,7 @@ impl DataSim {
     fn install(&mut self, i: usize, t: RouteTable) {
         if let Some(core) = self.nodes[i].core.as_mut() {
             if core.route_epoch() < t.epoch {
+                let _node = tracing::info_span!("node", id = i + 1).entered();
                 core.install_route(t);
             }
         }
@@ -168,6 +181,13 @@ impl DataSim {
                     AgentNote::Synced { partition, epoch } => {
                         self.report_synced(i, partition, epoch)
                     }
+                    AgentNote::CopyWhole { partition } => {
+                        let asked = &mut self.control.copy_whole[i];
+                        if !asked.contains(&partition) {
+                            asked.push(partition);
+                            self.control.next_beat[i] = now;
+                        }
+                    }
                 }
             }
             if now >= self.control.next_beat[i] {
@@ -195,11 +215,20 @@ impl DataSim {
         };
         let beat = Heartbeat {
             epoch: core.route_epoch(),
+            copy_whole: self.control.copy_whole[i].clone(),
             ..Heartbeat::default()
         };
         let c = &mut self.control;
         match c.cluster.heartbeat(&c.store, node_id(i), &beat) {
             Ok((reply, pushed)) => {
+                if !beat.copy_whole.is_empty() {
+                    self.log(format!(
+                        "node {} copies partitions {:?} whole instead of catching up",
+                        node_id(i),
+                        beat.copy_whole
+                    ));
+                }
+                self.control.copy_whole[i].clear();
                 self.deliver(pushed);
                 if let Some(t) = reply.table {
                     self.install(i, t);
