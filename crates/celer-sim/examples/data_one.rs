@@ -3,7 +3,8 @@
 //! CRASH_PER_MS / STALL_PER_MS / CLOCK_STEP_PER_MS / CLOCK_OFFSET_MAX_MS
 //! override the faults; NO_RESTART_FLOOR=1 runs the nodes without their
 //! restart floor (to see the bug it prevents); ROUTES=1 turns on route
-//! changes (nodes marked down, catch-up, partitions moved).
+//! changes (nodes marked down, catch-up, partitions moved), and with it
+//! SPLIT_PER_MS=0.002 operator splits of the partitions.
 fn main() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -29,6 +30,9 @@ fn main() {
         }
         if std::env::var_os("ROUTES").is_some() {
             cfg.route_changes = true;
+        }
+        if let Some(v) = env("SPLIT_PER_MS") {
+            cfg.split_per_ms = v;
         }
         if std::env::var_os("NO_RESTART_FLOOR").is_some() {
             cfg.restart_floor = false;

@@ -126,7 +126,15 @@ pub struct DataSimConfig {
     /// outlast the run, and the route changes only while the four nodes
     /// join at the start.
     pub route_changes: bool,
+    /// Per simulated millisecond, with `route_changes`: the chance that an
+    /// operator splits the partitions (`celer meta split`: each partition's
+    /// new half starts with the old one's members, then the rebalance
+    /// moves some of them), up to [`SPLIT_PARTITIONS_MAX`]. 0: none.
+    pub split_per_ms: f64,
 }
+
+/// Most partitions the data simulation splits to.
+pub const SPLIT_PARTITIONS_MAX: u32 = 32;
 
 impl DataSimConfig {
     pub fn new(seed: u64) -> DataSimConfig {
@@ -142,6 +150,7 @@ impl DataSimConfig {
             crash_after_discard: 0.02,
             restart_floor: true,
             route_changes: false,
+            split_per_ms: 0.0,
         }
     }
 }
@@ -170,6 +179,8 @@ pub struct DataReport {
     pub protocol_errors: u64,
     /// The route epoch at the end (each a change of the table).
     pub epoch: u64,
+    /// Partition splits done (`DataSimConfig::split_per_ms`).
+    pub splits: u64,
     /// Answers `StaleEpoch` (the client's table was older than the node's).
     pub stale_epochs: u64,
     /// Blocks compared on every replica at the end.
@@ -183,7 +194,7 @@ impl DataReport {
     pub fn render(&self, wall: Duration) -> String {
         let secs = self.sim_us as f64 / 1e6;
         let mut s = format!(
-            "data seed {}: {:.2} s simulated in {:.2} s ({:.0}x real time), {} writes acknowledged ({:.0}/s simulated, {:.0}/s wall), {} of them through the primary, {} sector writes, {} rewritten after OlderVersion, {} discards acknowledged, {} reads checked, {} power cuts, {} resets, {} stalled connections given up, {} clock steps, route epoch {} ({} StaleEpoch answers), {} blocks verified on every replica, {} network bytes\n",
+            "data seed {}: {:.2} s simulated in {:.2} s ({:.0}x real time), {} writes acknowledged ({:.0}/s simulated, {:.0}/s wall), {} of them through the primary, {} sector writes, {} rewritten after OlderVersion, {} discards acknowledged, {} reads checked, {} power cuts, {} resets, {} stalled connections given up, {} clock steps, route epoch {} ({} StaleEpoch answers, {} splits), {} blocks verified on every replica, {} network bytes\n",
             self.seed,
             secs,
             wall.as_secs_f64(),
@@ -202,6 +213,7 @@ impl DataReport {
             self.clock_steps,
             self.epoch,
             self.stale_epochs,
+            self.splits,
             self.blocks_verified,
             self.net_bytes,
         );
@@ -684,6 +696,13 @@ impl DataSim {
                 }
                 if self.rng.gen_bool(self.cfg.clock_step_per_ms) {
                     self.step_clock();
+                }
+                // Drawn only when on: runs without splits keep their course.
+                if self.cfg.route_changes
+                    && self.cfg.split_per_ms > 0.0
+                    && self.rng.gen_bool(self.cfg.split_per_ms)
+                {
+                    self.split_partitions()?;
                 }
                 if self.rng.gen_bool(self.cfg.stall_per_ms) {
                     let c = self.rng.gen_range(0..self.clients.len());

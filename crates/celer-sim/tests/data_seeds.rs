@@ -158,6 +158,43 @@ fn with_route_changes_catch_ups_and_copies_lose_no_acknowledged_write() {
     assert_none_failed(&failed);
 }
 
+/// With route changes, operators split the partitions under load (4 → 8
+/// → 16 → 32): each new half starts with its old partition's members and
+/// the rebalance then moves some of them, which copy whole.
+#[test]
+fn with_splits_under_route_changes_no_acknowledged_write_is_lost() {
+    let started = Instant::now();
+    let mut failed = Vec::new();
+    let (mut splits, mut epochs, mut verified) = (0, 0, 0);
+    const SEEDS: std::ops::Range<u64> = 0..8;
+    for seed in SEEDS {
+        let t = Instant::now();
+        let mut cfg = DataSimConfig::new(seed);
+        cfg.route_changes = true;
+        cfg.split_per_ms = 0.002;
+        let r = run_data(&cfg, false);
+        println!("{}", r.render(t.elapsed()).lines().next().unwrap_or(""));
+        if r.violation.is_some() {
+            failed.push(format!("{} (with splits)", failure(seed, &r, t)));
+            continue;
+        }
+        splits += r.splits;
+        epochs += r.epoch;
+        verified += r.blocks_verified;
+    }
+    println!(
+        "{} seeds with splits in {:.1} s: {splits} splits, {epochs} route epochs, {verified} blocks verified on every member",
+        SEEDS.end - SEEDS.start,
+        started.elapsed().as_secs_f64()
+    );
+    assert_none_failed(&failed);
+    assert!(
+        splits >= SEEDS.end - SEEDS.start,
+        "only {splits} splits in {} seeds",
+        SEEDS.end - SEEDS.start
+    );
+}
+
 #[test]
 fn a_data_seed_replays_exactly() {
     let a = run_data(&DataSimConfig::new(5), true);

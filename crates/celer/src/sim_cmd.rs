@@ -51,6 +51,10 @@ pub struct SimArgs {
     /// up, or after a 20 ms grace its partitions move and are copied whole.
     #[arg(long)]
     pub route_changes: bool,
+    /// With --data --route-changes: operator splits of the partitions per
+    /// simulated second (up to 32 partitions, from 4).
+    #[arg(long, default_value_t = 0.0)]
+    pub splits_per_sec: f64,
 }
 
 fn run_data(a: &SimArgs) -> Result<()> {
@@ -60,9 +64,19 @@ fn run_data(a: &SimArgs) -> Result<()> {
             a.power_cuts_per_sec
         );
     }
+    if !(0.0..=1000.0).contains(&a.splits_per_sec) {
+        bail!(
+            "--splits-per-sec {}: between 0 and 1000 (one chance per simulated millisecond)",
+            a.splits_per_sec
+        );
+    }
+    if a.splits_per_sec > 0.0 && !a.route_changes {
+        bail!("--splits-per-sec needs --route-changes (the control service places the partitions)");
+    }
     let mut failed = Vec::new();
     for seed in a.seed..a.seed.saturating_add(a.count) {
         let mut cfg = celer_sim::DataSimConfig::new(seed);
+        cfg.split_per_ms = a.splits_per_sec / 1000.0;
         cfg.duration_us = a.millis * 1000;
         cfg.crash_per_ms = a.power_cuts_per_sec / 1000.0;
         cfg.route_changes = a.route_changes;

@@ -244,6 +244,36 @@ impl DataSim {
         }
     }
 
+    /// An operator splits the partitions (up to `SPLIT_PARTITIONS_MAX`).
+    pub(super) fn split_partitions(&mut self) -> Result<(), String> {
+        if self
+            .control
+            .table()
+            .is_none_or(|t| t.partition_count() >= super::SPLIT_PARTITIONS_MAX)
+        {
+            return Ok(());
+        }
+        let c = &mut self.control;
+        match c.cluster.split(&c.store, "operator") {
+            Ok((t, pushed)) => {
+                self.report.splits += 1;
+                self.log(format!(
+                    "SPLIT to {} partitions (epoch {})",
+                    t.partition_count(),
+                    t.epoch
+                ));
+                self.deliver(pushed);
+                Ok(())
+            }
+            // Refused while a rebalance is under way, say: the operator
+            // tries again later.
+            Err(e) => {
+                self.log(format!("split refused: {e}"));
+                Ok(())
+            }
+        }
+    }
+
     fn report_synced(&mut self, i: usize, partition: u32, epoch: u64) {
         let c = &mut self.control;
         match c.cluster.synced(&c.store, node_id(i), epoch, &[partition]) {
