@@ -4,7 +4,8 @@
 //! override the faults; NO_RESTART_FLOOR=1 runs the nodes without their
 //! restart floor (to see the bug it prevents); ROUTES=1 turns on route
 //! changes (nodes marked down, catch-up, partitions moved), and with it
-//! SPLIT_PER_MS=0.002 operator splits of the partitions.
+//! SPLIT_PER_MS=0.002 operator splits of the partitions and REPLACE_DISK=0.2
+//! restarts on new disks.
 fn main() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -30,6 +31,9 @@ fn main() {
         }
         if std::env::var_os("ROUTES").is_some() {
             cfg.route_changes = true;
+        }
+        if let Some(v) = env("REPLACE_DISK") {
+            cfg.replace_disk = v;
         }
         if let Some(v) = env("SPLIT_PER_MS") {
             cfg.split_per_ms = v;

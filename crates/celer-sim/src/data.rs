@@ -72,6 +72,9 @@ const CHUNK_BLOCKS: u64 = 16;
 const CHUNKS: u64 = 6;
 const BLOCKS: u64 = CHUNK_BLOCKS * CHUNKS;
 const DISK_BYTES: u64 = 8 << 20;
+/// A node whose disk is replaced starts this long after (µs): past the
+/// old disk's lease (6 ms with route changes).
+const REPLACE_AFTER_US: u64 = 8_000;
 const VOLUME: u64 = 7;
 const NODES: usize = 4;
 const TRACE_KEEP: usize = 80;
@@ -131,6 +134,12 @@ pub struct DataSimConfig {
     /// new half starts with the old one's members, then the rebalance
     /// moves some of them), up to [`SPLIT_PARTITIONS_MAX`]. 0: none.
     pub split_per_ms: f64,
+    /// With `route_changes`: the chance that a node restarting after a
+    /// power cut comes back on a new, empty disk (the old one died), and
+    /// registers with the operator's `--replace-disk`; only while every
+    /// partition it is a member of has another member in sync and not
+    /// down, so no more copies go than replication tolerates. 0: never.
+    pub replace_disk: f64,
 }
 
 /// Most partitions the data simulation splits to.
@@ -151,6 +160,7 @@ impl DataSimConfig {
             restart_floor: true,
             route_changes: false,
             split_per_ms: 0.0,
+            replace_disk: 0.0,
         }
     }
 }
@@ -181,6 +191,8 @@ pub struct DataReport {
     pub epoch: u64,
     /// Partition splits done (`DataSimConfig::split_per_ms`).
     pub splits: u64,
+    /// Nodes restarted on a new disk (`DataSimConfig::replace_disk`).
+    pub disks_replaced: u64,
     /// Answers `StaleEpoch` (the client's table was older than the node's).
     pub stale_epochs: u64,
     /// Blocks compared on every replica at the end.
@@ -194,7 +206,7 @@ impl DataReport {
     pub fn render(&self, wall: Duration) -> String {
         let secs = self.sim_us as f64 / 1e6;
         let mut s = format!(
-            "data seed {}: {:.2} s simulated in {:.2} s ({:.0}x real time), {} writes acknowledged ({:.0}/s simulated, {:.0}/s wall), {} of them through the primary, {} sector writes, {} rewritten after OlderVersion, {} discards acknowledged, {} reads checked, {} power cuts, {} resets, {} stalled connections given up, {} clock steps, route epoch {} ({} StaleEpoch answers, {} splits), {} blocks verified on every replica, {} network bytes\n",
+            "data seed {}: {:.2} s simulated in {:.2} s ({:.0}x real time), {} writes acknowledged ({:.0}/s simulated, {:.0}/s wall), {} of them through the primary, {} sector writes, {} rewritten after OlderVersion, {} discards acknowledged, {} reads checked, {} power cuts, {} resets, {} stalled connections given up, {} clock steps, route epoch {} ({} StaleEpoch answers, {} splits, {} disks replaced), {} blocks verified on every replica, {} network bytes\n",
             self.seed,
             secs,
             wall.as_secs_f64(),
@@ -214,6 +226,7 @@ impl DataReport {
             self.epoch,
             self.stale_epochs,
             self.splits,
+            self.disks_replaced,
             self.blocks_verified,
             self.net_bytes,
         );
@@ -260,6 +273,10 @@ struct SimNode {
     core: Option<NodeCore<SimDisk, SimNet>>,
     /// Down (power cut) until this time.
     up_at: u64,
+    /// Disks this node had before the one it runs on (its disk's identity).
+    disk_gen: u64,
+    /// On a new disk, not registered on it yet (`--replace-disk`).
+    replacing: bool,
 }
 
 /// The newest write of a sector as the checker keeps it: (version, write
@@ -391,6 +408,21 @@ struct DataSim {
     accepting: Vec<Accepting>,
 }
 
+/// Node `i`'s disk number `gen` of the run, formatted.
+fn new_disk(seed: u64, i: usize, gen: u64) -> Result<SimDisk, String> {
+    let disk = SimDisk::new(DISK_BYTES, seed ^ (0xD15C + i as u64) ^ (gen << 32));
+    let opts = FormatOptions {
+        chunk_blocks: CHUNK_BLOCKS as u32,
+        spare_blocks: 4,
+        shard_count: 1,
+        journal_blocks: 32,
+        create_size_bytes: None,
+    };
+    Engine::format_on(&disk, &opts, (seed << 2) | i as u64 | 1 | (gen << 40))
+        .map_err(|e| e.to_string())?;
+    Ok(disk)
+}
+
 fn engine_opts() -> OpenOptions {
     OpenOptions {
         inflight_max: 32,
@@ -454,22 +486,15 @@ impl DataSim {
         let mut offset_rng = StdRng::seed_from_u64(cfg.seed ^ 0xC10C);
         let mut nodes = Vec::new();
         for i in 0..NODES {
-            let disk = SimDisk::new(DISK_BYTES, cfg.seed ^ (0xD15C + i as u64));
-            let opts = FormatOptions {
-                chunk_blocks: CHUNK_BLOCKS as u32,
-                spare_blocks: 4,
-                shard_count: 1,
-                journal_blocks: 32,
-                create_size_bytes: None,
-            };
-            Engine::format_on(&disk, &opts, (cfg.seed << 2) | i as u64 | 1)
-                .map_err(|e| e.to_string())?;
+            let disk = new_disk(cfg.seed, i, 0)?;
             let m = cfg.clock_offset_max_ms as i64;
             nodes.push(SimNode {
                 disk,
                 clock_offset_ms: offset_rng.gen_range(-m..=m),
                 core: None,
                 up_at: 0,
+                disk_gen: 0,
+                replacing: false,
             });
         }
         let control = Control::new(NODES, cfg.route_changes)?;
@@ -590,6 +615,30 @@ impl DataSim {
         let now = self.now();
         for i in 0..NODES {
             if self.nodes[i].core.is_none() && now >= self.nodes[i].up_at {
+                // Drawn only when on: runs without it keep their course.
+                let replace = self.cfg.route_changes
+                    && self.cfg.replace_disk > 0.0
+                    && self.faults
+                    && !self.nodes[i].replacing
+                    && self.rng.gen_bool(self.cfg.replace_disk)
+                    && self.can_lose_disk(i);
+                if replace {
+                    let n = &mut self.nodes[i];
+                    n.disk_gen += 1;
+                    n.disk = new_disk(self.cfg.seed, i, n.disk_gen)?;
+                    n.replacing = true;
+                    // The control service refuses the node's id to another
+                    // disk while the old one's lease runs: the operator
+                    // starts it after that.
+                    n.up_at = now + REPLACE_AFTER_US;
+                    self.report.disks_replaced += 1;
+                    self.log(format!(
+                        "node {}'s disk is replaced by a new, empty one; it starts in {} ms (--replace-disk)",
+                        node_id(i),
+                        REPLACE_AFTER_US / 1000
+                    ));
+                    continue;
+                }
                 self.start_node(i)?;
                 self.log(format!("node {} restarted", node_id(i)));
             }

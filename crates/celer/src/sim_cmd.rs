@@ -55,6 +55,11 @@ pub struct SimArgs {
     /// simulated second (up to 32 partitions, from 4).
     #[arg(long, default_value_t = 0.0)]
     pub splits_per_sec: f64,
+    /// With --data --route-changes: the share (0-1) of restarts after a
+    /// power cut that come back on a new, empty disk (`--replace-disk`),
+    /// when every partition of the node has another member in sync.
+    #[arg(long, default_value_t = 0.0)]
+    pub new_disk_share: f64,
 }
 
 fn run_data(a: &SimArgs) -> Result<()> {
@@ -70,6 +75,12 @@ fn run_data(a: &SimArgs) -> Result<()> {
             a.splits_per_sec
         );
     }
+    if !(0.0..=1.0).contains(&a.new_disk_share) {
+        bail!("--new-disk-share {}: between 0 and 1", a.new_disk_share);
+    }
+    if a.new_disk_share > 0.0 && !a.route_changes {
+        bail!("--new-disk-share needs --route-changes (the control service moves the copies)");
+    }
     if a.splits_per_sec > 0.0 && !a.route_changes {
         bail!("--splits-per-sec needs --route-changes (the control service places the partitions)");
     }
@@ -77,6 +88,7 @@ fn run_data(a: &SimArgs) -> Result<()> {
     for seed in a.seed..a.seed.saturating_add(a.count) {
         let mut cfg = celer_sim::DataSimConfig::new(seed);
         cfg.split_per_ms = a.splits_per_sec / 1000.0;
+        cfg.replace_disk = a.new_disk_share;
         cfg.duration_us = a.millis * 1000;
         cfg.crash_per_ms = a.power_cuts_per_sec / 1000.0;
         cfg.route_changes = a.route_changes;

@@ -19,7 +19,7 @@ use celer_meta::api::{Heartbeat, RegisterNode};
 use celer_meta::state::{Cluster, ClusterConfig, ManualClock, Pushed};
 use celer_meta::store::RedbStore;
 use celer_node::core::AgentNote;
-use celer_route::RouteTable;
+use celer_route::{NodeId, RouteTable};
 use rand::Rng;
 
 use super::{node_id, DataSim, BS, CHUNK_BLOCKS};
@@ -112,8 +112,8 @@ impl DataSim {
             admin_addr: format!("10.0.0.{}:7001", i + 1),
             shards: 1,
             domain: format!("host{i}"),
-            disk_uuid: Some(0xD15C_0000 + i as u64),
-            replace_disk: false,
+            disk_uuid: Some(0xD15C_0000 + i as u64 + (self.nodes[i].disk_gen << 8)),
+            replace_disk: self.nodes[i].replacing,
         };
         let c = &mut self.control;
         let (r, pushed) = c
@@ -128,6 +128,7 @@ impl DataSim {
             ));
         }
         c.known[i] = true;
+        self.nodes[i].replacing = false;
         c.next_beat[i] = self.world.borrow().now_us + HEARTBEAT_MS * 1000;
         self.log(format!(
             "node {} registers (epoch {})",
@@ -242,6 +243,25 @@ impl DataSim {
                 self.register_node(i)
             }
         }
+    }
+
+    /// Whether node `i` may lose its disk: every partition it is a member
+    /// of has another member in sync and not down, which holds the data
+    /// (not one whose disk was replaced already, and which the table does
+    /// not show yet).
+    pub(super) fn can_lose_disk(&self, i: usize) -> bool {
+        let Some(t) = self.control.table() else {
+            return false;
+        };
+        let me = node_id(i);
+        let disk_gone =
+            |n: NodeId| (0..self.nodes.len()).any(|k| node_id(k) == n && self.nodes[k].replacing);
+        t.partitions.iter().all(|r| {
+            r.member(me).is_none()
+                || r.members
+                    .iter()
+                    .any(|m| m.node != me && m.in_sync && !m.down && !disk_gone(m.node))
+        })
     }
 
     /// An operator splits the partitions (up to `SPLIT_PARTITIONS_MAX`).
