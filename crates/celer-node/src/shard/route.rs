@@ -295,7 +295,7 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
         tracing::info!(
             shard = self.id,
             partition = p,
-            chunks = stale.len(),
+            ranges = stale.len(),
             "copying a partition whole: dropping what this node held of it from before"
         );
         if !self.joining.contains(&p) {
