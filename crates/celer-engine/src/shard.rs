@@ -505,23 +505,12 @@ impl<D: Disk> Shard<D> {
             return self.finish(id); // Nothing stored.
         };
         let room = self.journal_room(1) && self.sqe_room(2);
-        let slot = self.slots[local as usize]
-            .as_mut()
-            .expect("indexed slot exists");
-        if slot.freeing || slot.releasing.is_some_and(|r| r != id) {
-            return self.defer(id);
-        }
-        slot.releasing = Some(id);
-        self.bind_slot(id, local);
-        if !self.moves_queued.is_empty() {
-            self.drop_stale_moves(local);
+        if !self.hold_quiet_slot(id, local, room) {
+            return;
         }
         let slot = self.slots[local as usize]
             .as_mut()
             .expect("indexed slot exists");
-        if slot.ops_inflight > 1 || slot.reads_inflight > 0 || !room {
-            return self.defer(id);
-        }
         slot.freeing = true;
         self.ops[id as usize].stage = Stage::Freeing;
         // A release (the partition moved away) is no discard: no floor.
@@ -545,20 +534,8 @@ impl<D: Disk> Shard<D> {
             return self.finish(id); // Nothing stored.
         };
         let room = self.journal_room(1);
-        let slot = self.slots[local as usize]
-            .as_mut()
-            .expect("indexed slot exists");
-        if slot.freeing || slot.releasing.is_some_and(|r| r != id) {
-            return self.defer(id);
-        }
-        slot.releasing = Some(id);
-        self.bind_slot(id, local);
-        let slot = self.slots[local as usize]
-            .as_mut()
-            .expect("indexed slot exists");
-        // Queued moves count as reads: they are sent while ops wait.
-        if slot.ops_inflight > 1 || slot.reads_inflight > 0 || !room {
-            return self.defer(id);
+        if !self.hold_quiet_slot(id, local, room) {
+            return;
         }
         let op = &mut self.ops[id as usize];
         op.stage = Stage::Forgetting;
@@ -599,6 +576,33 @@ impl<D: Disk> Shard<D> {
         }
         slot.releasing = None;
         self.finish(id);
+    }
+
+    /// Op `id`, a release or a forget, holds slot `local`: ops that start
+    /// after it wait (`releasing`). Whether the slot is quiet now (no other
+    /// op, read or move on it; queued moves count as reads and are sent
+    /// while ops wait) and `room` holds; if not, the op is deferred.
+    fn hold_quiet_slot(&mut self, id: u32, local: u32, room: bool) -> bool {
+        let slot = self.slots[local as usize]
+            .as_mut()
+            .expect("indexed slot exists");
+        if slot.freeing || slot.releasing.is_some_and(|r| r != id) {
+            self.defer(id);
+            return false;
+        }
+        slot.releasing = Some(id);
+        self.bind_slot(id, local);
+        if !self.moves_queued.is_empty() {
+            self.drop_stale_moves(local);
+        }
+        let slot = self.slots[local as usize]
+            .as_ref()
+            .expect("indexed slot exists");
+        if slot.ops_inflight > 1 || slot.reads_inflight > 0 || !room {
+            self.defer(id);
+            return false;
+        }
+        true
     }
 
     fn defer(&mut self, id: u32) {

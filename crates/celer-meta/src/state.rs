@@ -2335,6 +2335,21 @@ mod tests {
         c.heartbeat(store, id, &hb).expect("heartbeat");
     }
 
+    /// A cluster of four registered nodes that each beat once.
+    fn four_nodes(
+        dir: &std::path::Path,
+        clock: &Arc<ManualClock>,
+    ) -> (Cluster, RedbStore, Vec<NodeId>) {
+        let (mut c, store) = cluster(dir, clock.clone());
+        let ids: Vec<NodeId> = (0..4)
+            .map(|i| register(&mut c, &store, i, None).expect("register"))
+            .collect();
+        for &id in &ids {
+            beat(&mut c, &store, id);
+        }
+        (c, store, ids)
+    }
+
     fn up(c: &Cluster, id: NodeId) -> bool {
         c.nodes().iter().any(|n| n.id == id && n.up)
     }
@@ -2352,14 +2367,8 @@ mod tests {
     fn a_silent_node_is_marked_down_after_its_lease_and_replaced_after_its_grace() {
         let dir = tempfile::tempdir().expect("dir");
         let clock = Arc::new(ManualClock::new());
-        let (mut c, store) = cluster(dir.path(), clock.clone());
-        let ids: Vec<NodeId> = (0..4)
-            .map(|i| register(&mut c, &store, i, None).expect("register"))
-            .collect();
+        let (mut c, store, ids) = four_nodes(dir.path(), &clock);
         let silent = ids[3];
-        for &id in &ids {
-            beat(&mut c, &store, id);
-        }
         let (held, _) = places(&c, silent);
         assert!(held > 0, "the fourth node holds no partition");
 
@@ -2423,14 +2432,8 @@ mod tests {
     fn a_catching_up_member_that_copies_whole_loses_its_catch_up_epoch() {
         let dir = tempfile::tempdir().expect("dir");
         let clock = Arc::new(ManualClock::new());
-        let (mut c, store) = cluster(dir.path(), clock.clone());
-        let ids: Vec<NodeId> = (0..4)
-            .map(|i| register(&mut c, &store, i, None).expect("register"))
-            .collect();
+        let (mut c, store, ids) = four_nodes(dir.path(), &clock);
         let back = ids[3];
-        for &id in &ids {
-            beat(&mut c, &store, id);
-        }
         let t = c.table().expect("table").clone();
         for p in t.syncing_on(back).collect::<Vec<_>>() {
             c.synced(&store, back, t.epoch, &[p]).expect("synced");

@@ -336,15 +336,7 @@ impl RouteTable {
     /// Marks `node` in sync for partition `p`, in place (the caller bumps the
     /// epoch); drops leaving members once every target member is in sync.
     pub fn mark_in_sync(&mut self, p: u32, node: NodeId) -> Result<(), RouteError> {
-        let part = self
-            .partitions
-            .get_mut(p as usize)
-            .ok_or(RouteError::Partition(p))?;
-        let m = part
-            .members
-            .iter_mut()
-            .find(|m| m.node == node)
-            .ok_or(RouteError::NotMember { partition: p, node })?;
+        let m = self.member_mut(p, node)?;
         m.in_sync = true;
         m.down = false;
         m.catch_up_since = 0;
@@ -359,20 +351,22 @@ impl RouteTable {
     /// again. Returns whether the member changed (the caller bumps the
     /// epoch); a member that is not catching up is left alone.
     pub fn copy_whole(&mut self, p: u32, node: NodeId) -> Result<bool, RouteError> {
-        let part = self
-            .partitions
-            .get_mut(p as usize)
-            .ok_or(RouteError::Partition(p))?;
-        let m = part
-            .members
-            .iter_mut()
-            .find(|m| m.node == node)
-            .ok_or(RouteError::NotMember { partition: p, node })?;
+        let m = self.member_mut(p, node)?;
         if m.in_sync || m.down || m.catch_up_since == 0 {
             return Ok(false);
         }
         m.catch_up_since = 0;
         Ok(true)
+    }
+
+    fn member_mut(&mut self, p: u32, node: NodeId) -> Result<&mut Member, RouteError> {
+        self.partitions
+            .get_mut(p as usize)
+            .ok_or(RouteError::Partition(p))?
+            .members
+            .iter_mut()
+            .find(|m| m.node == node)
+            .ok_or(RouteError::NotMember { partition: p, node })
     }
 
     fn drop_leavers(&mut self, p: u32) {
