@@ -10,8 +10,9 @@
 //! partitions. With [`DataSimConfig::route_changes`], a node that loses
 //! power is marked down when its lease runs out, catches up when it is
 //! back, or, down longer, loses its places to another node, which copies
-//! the partition whole. Two
-//! clients (two attachments of the volume) write, discard, zero and read at
+//! the partition whole; with it, operators may split the partitions
+//! ([`DataSimConfig::split_per_ms`]) and nodes may come back on new, empty
+//! disks ([`DataSimConfig::replace_disk`]). Two clients (two attachments of the volume) write, discard, zero and read at
 //! a fixed rate, as Celer's client does: a one-block write (or a sector
 //! write) goes to every replica with the same version (the attachment's
 //! hybrid clock and its id) and is acknowledged when all three answered
