@@ -716,6 +716,18 @@ fn engine_kind(kind: WireBlockKind) -> BlockKind {
 }
 
 /// The next generation of an op slot (see `OP_GEN_MASK`).
+/// Sets, in `bits` (one per block of a chunk of `chunk_bytes`), the whole
+/// blocks around the `len` bytes at `offset` (within one chunk). For the
+/// per-block records of a catch-up and of `took_writes`.
+fn mark_blocks(bits: &mut [u64], chunk_bytes: u64, offset: u64, len: u64) {
+    let blocks = (chunk_bytes / BLOCK_SIZE as u64) as usize;
+    let first = ((offset % chunk_bytes) / BLOCK_SIZE as u64) as usize;
+    let last = ((offset % chunk_bytes + len.max(1) - 1) / BLOCK_SIZE as u64) as usize;
+    for b in first..=last.min(blocks - 1) {
+        bits[b / 64] |= 1 << (b % 64);
+    }
+}
+
 fn next_op_gen(gen: u16) -> u16 {
     gen.wrapping_add(1) & OP_GEN_MASK
 }

@@ -129,27 +129,48 @@ fn route_change_seeds() -> impl Iterator<Item = u64> {
     FIXED_SEEDS.chain([27, 39, 40, 94])
 }
 
-#[test]
-fn with_route_changes_catch_ups_and_copies_lose_no_acknowledged_write() {
-    let started = Instant::now();
-    let mut failed = Vec::new();
-    let (mut epochs, mut crashes, mut verified) = (0, 0, 0);
-    for seed in route_change_seeds() {
+/// Runs `seeds` with route changes on, each configuration tuned by
+/// `tune`, printing each run's line: the reports of the runs that passed,
+/// and a replay line per run that failed (`what` names the setting).
+fn run_route_change_seeds(
+    seeds: impl Iterator<Item = u64>,
+    what: &str,
+    tune: impl Fn(&mut DataSimConfig),
+) -> (Vec<celer_sim::DataReport>, Vec<String>) {
+    let (mut passed, mut failed) = (Vec::new(), Vec::new());
+    for seed in seeds {
         let t = Instant::now();
         let mut cfg = DataSimConfig::new(seed);
         cfg.route_changes = true;
+        tune(&mut cfg);
         let r = run_data(&cfg, false);
         println!("{}", r.render(t.elapsed()).lines().next().unwrap_or(""));
         if r.violation.is_some() {
-            failed.push(format!("{} (with --route-changes)", failure(seed, &r, t)));
-            continue;
+            failed.push(format!("{} ({what})", failure(seed, &r, t)));
+        } else {
+            passed.push(r);
         }
-        // The route changed under load: nodes marked down, back, moved.
-        assert!(r.epoch >= 10, "seed {seed}: only {} route epochs", r.epoch);
-        epochs += r.epoch;
-        crashes += r.crashes;
-        verified += r.blocks_verified;
     }
+    (passed, failed)
+}
+
+#[test]
+fn with_route_changes_catch_ups_and_copies_lose_no_acknowledged_write() {
+    let started = Instant::now();
+    let (passed, failed) =
+        run_route_change_seeds(route_change_seeds(), "with --route-changes", |_| {});
+    for r in &passed {
+        // The route changed under load: nodes marked down, back, moved.
+        assert!(
+            r.epoch >= 10,
+            "seed {}: only {} route epochs",
+            r.seed,
+            r.epoch
+        );
+    }
+    let epochs: u64 = passed.iter().map(|r| r.epoch).sum();
+    let crashes: u64 = passed.iter().map(|r| r.crashes).sum();
+    let verified: u64 = passed.iter().map(|r| r.blocks_verified).sum();
     println!(
         "{} route-change seeds in {:.1} s: {epochs} route epochs, {crashes} power cuts, {verified} blocks verified on every member",
         route_change_seeds().count(),
@@ -164,24 +185,13 @@ fn with_route_changes_catch_ups_and_copies_lose_no_acknowledged_write() {
 #[test]
 fn with_splits_under_route_changes_no_acknowledged_write_is_lost() {
     let started = Instant::now();
-    let mut failed = Vec::new();
-    let (mut splits, mut epochs, mut verified) = (0, 0, 0);
     const SEEDS: std::ops::Range<u64> = 0..8;
-    for seed in SEEDS {
-        let t = Instant::now();
-        let mut cfg = DataSimConfig::new(seed);
-        cfg.route_changes = true;
+    let (passed, failed) = run_route_change_seeds(SEEDS, "with splits", |cfg| {
         cfg.split_per_ms = 0.002;
-        let r = run_data(&cfg, false);
-        println!("{}", r.render(t.elapsed()).lines().next().unwrap_or(""));
-        if r.violation.is_some() {
-            failed.push(format!("{} (with splits)", failure(seed, &r, t)));
-            continue;
-        }
-        splits += r.splits;
-        epochs += r.epoch;
-        verified += r.blocks_verified;
-    }
+    });
+    let splits: u64 = passed.iter().map(|r| r.splits).sum();
+    let epochs: u64 = passed.iter().map(|r| r.epoch).sum();
+    let verified: u64 = passed.iter().map(|r| r.blocks_verified).sum();
     println!(
         "{} seeds with splits in {:.1} s: {splits} splits, {epochs} route epochs, {verified} blocks verified on every member",
         SEEDS.end - SEEDS.start,
@@ -202,23 +212,12 @@ fn with_splits_under_route_changes_no_acknowledged_write_is_lost() {
 #[test]
 fn with_replaced_disks_under_route_changes_no_acknowledged_write_is_lost() {
     let started = Instant::now();
-    let mut failed = Vec::new();
-    let (mut replaced, mut verified) = (0, 0);
     const SEEDS: std::ops::Range<u64> = 0..8;
-    for seed in SEEDS {
-        let t = Instant::now();
-        let mut cfg = DataSimConfig::new(seed);
-        cfg.route_changes = true;
+    let (passed, failed) = run_route_change_seeds(SEEDS, "with replaced disks", |cfg| {
         cfg.replace_disk = 0.2;
-        let r = run_data(&cfg, false);
-        println!("{}", r.render(t.elapsed()).lines().next().unwrap_or(""));
-        if r.violation.is_some() {
-            failed.push(format!("{} (with replaced disks)", failure(seed, &r, t)));
-            continue;
-        }
-        replaced += r.disks_replaced;
-        verified += r.blocks_verified;
-    }
+    });
+    let replaced: u64 = passed.iter().map(|r| r.disks_replaced).sum();
+    let verified: u64 = passed.iter().map(|r| r.blocks_verified).sum();
     println!(
         "{} seeds with replaced disks in {:.1} s: {replaced} disks replaced, {verified} blocks verified on every member",
         SEEDS.end - SEEDS.start,

@@ -36,7 +36,7 @@ use celer_proto::payload::{self, CatchUpAnswer};
 use celer_proto::{Header, Status};
 use celer_route::{NodeId, RouteTable};
 
-use super::ShardLoop;
+use super::{mark_blocks, ShardLoop};
 
 /// Runs of written blocks this close (in blocks) are copied as one range.
 const MERGE_GAP_BLOCKS_MAX: usize = 8;
@@ -159,8 +159,6 @@ impl<D: celer_engine::Disk, N: crate::net::Net> ShardLoop<D, N> {
         let words = blocks_per_chunk.div_ceil(64);
         let entry_bytes = 16 + words * 8;
         let chunk = offset / chunk_bytes;
-        let first = ((offset % chunk_bytes) / BLOCK_SIZE as u64) as usize;
-        let last = ((offset % chunk_bytes + len.max(1) - 1) / BLOCK_SIZE as u64) as usize;
         for c in self
             .catch_ups
             .iter_mut()
@@ -182,9 +180,7 @@ impl<D: celer_engine::Disk, N: crate::net::Net> ShardLoop<D, N> {
                 .blocks
                 .entry((volume, chunk))
                 .or_insert_with(|| vec![0u64; words]);
-            for b in first..=last.min(blocks_per_chunk - 1) {
-                bits[b / 64] |= 1 << (b % 64);
-            }
+            mark_blocks(bits, chunk_bytes, offset, len);
         }
     }
 

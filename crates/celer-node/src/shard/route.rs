@@ -310,16 +310,12 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
         let Some(chunk_bytes) = self.table().map(|t| t.chunk_bytes) else {
             return;
         };
-        let blocks = (chunk_bytes / BLOCK_SIZE as u64) as usize;
-        let first = ((offset % chunk_bytes) / BLOCK_SIZE as u64) as usize;
-        let last = ((offset % chunk_bytes + len.max(1) - 1) / BLOCK_SIZE as u64) as usize;
+        let words = ((chunk_bytes / BLOCK_SIZE as u64) as usize).div_ceil(64);
         let bits = self
             .took_writes
             .entry((key, offset / chunk_bytes))
-            .or_insert_with(|| vec![0; blocks.div_ceil(64)]);
-        for b in first..=last.min(blocks - 1) {
-            bits[b / 64] |= 1 << (b % 64);
-        }
+            .or_insert_with(|| vec![0; words]);
+        mark_blocks(bits, chunk_bytes, offset, len);
     }
 
     /// Whether this shard, back from down in partition `p`, waits for its

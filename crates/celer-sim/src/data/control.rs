@@ -80,6 +80,12 @@ impl Control {
         })
     }
 
+    /// Node `i`'s agent stopped (a power cut): what it was to report is
+    /// gone with it.
+    pub(super) fn forget_agent(&mut self, i: usize) {
+        self.copy_whole[i].clear();
+    }
+
     pub(super) fn table(&self) -> Option<&RouteTable> {
         self.cluster.table()
     }
@@ -92,14 +98,6 @@ impl Control {
 /// Node `i`'s data address, as it registers it.
 pub(super) fn data_addr(i: usize) -> String {
     format!("10.0.0.{}:7000", i + 1)
-}
-
-impl Control {
-    /// Node `i`'s agent stopped (a power cut): what it was to report is
-    /// gone with it.
-    pub(super) fn forget_agent(&mut self, i: usize) {
-        self.copy_whole[i].clear();
-    }
 }
 
 impl DataSim {
