@@ -8,6 +8,11 @@
 //! (`observe`), so a write issued after reading or writing a block always
 //! carries a newer version than what the block holds, even when the other
 //! writer's wall clock is ahead.
+//!
+//! The clock reads no time itself: its owner passes the wall clock
+//! (`unix_ms`, read once per `submit`/`poll` by the queue's driver, or the
+//! simulated one), so a simulation drives it as it drives the rest of the
+//! queue's core.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -50,22 +55,20 @@ impl Hlc {
         }
     }
 
-    fn unix_ms(&self) -> u64 {
-        let unix_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+    /// The wall clock as this host sees it: `unix_ms` plus the skew.
+    fn skewed(&self, unix_ms: u64) -> u64 {
         unix_ms.saturating_add_signed(self.skew_ms)
     }
 
     /// The physical part: ms since 2025-01-01, shifted above the counter.
-    fn physical(&self) -> u64 {
-        clock_of_unix_ms(self.unix_ms()).min(HLC_MAX)
+    fn physical(&self, unix_ms: u64) -> u64 {
+        clock_of_unix_ms(self.skewed(unix_ms)).min(HLC_MAX)
     }
 
-    /// A fresh clock value, greater than every value handed out or observed.
-    pub(crate) fn tick(&self) -> u64 {
-        let physical = self.physical();
+    /// A fresh clock value at wall-clock time `unix_ms`, greater than every
+    /// value handed out or observed.
+    pub(crate) fn tick(&self, unix_ms: u64) -> u64 {
+        let physical = self.physical(unix_ms);
         let mut cur = self.last.load(Ordering::Relaxed);
         loop {
             let next = (cur + 1).max(physical).min(HLC_MAX);
@@ -81,13 +84,14 @@ impl Hlc {
 
     /// Keeps the clock at or past `remote` (a clock value: a version
     /// shifted right by 16), unless it is more than the drift bound ahead
-    /// of this clock (a corrupt or hostile version must not push every
-    /// later write to the end of the clock's range): then `Err`.
-    pub(crate) fn observe(&self, remote: u64) -> Result<(), TooFarAhead> {
+    /// of this clock at wall-clock time `unix_ms` (a corrupt or hostile
+    /// version must not push every later write to the end of the clock's
+    /// range): then `Err`.
+    pub(crate) fn observe(&self, remote: u64, unix_ms: u64) -> Result<(), TooFarAhead> {
         if remote <= self.last.load(Ordering::Relaxed) {
             return Ok(());
         }
-        let limit = clock_limit_at(self.unix_ms()).min(HLC_MAX);
+        let limit = clock_limit_at(self.skewed(unix_ms)).min(HLC_MAX);
         if remote > limit {
             return Err(TooFarAhead { remote, limit });
         }
@@ -97,8 +101,8 @@ impl Hlc {
 
     /// `observe` for the versions every response carries: one too far
     /// ahead is logged and not followed.
-    pub(crate) fn observe_reported(&self, remote: u64) {
-        if let Err(e) = self.observe(remote) {
+    pub(crate) fn observe_reported(&self, remote: u64, unix_ms: u64) {
+        if let Err(e) = self.observe(remote, unix_ms) {
             warn!(
                 remote = e.remote,
                 limit = e.limit,
@@ -113,6 +117,15 @@ impl Hlc {
     }
 }
 
+/// The host's wall clock in ms since the Unix epoch (0 if it reads before
+/// it), what a driver passes to [`Hlc`].
+pub(crate) fn wall_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,23 +135,28 @@ mod tests {
         let h = Hlc::new();
         let mut last = 0;
         for _ in 0..10_000 {
-            let t = h.tick();
+            let t = h.tick(wall_unix_ms());
             assert!(t > last);
             last = t;
         }
         let ahead = last + (5000 << LOGICAL_BITS);
-        h.observe(ahead).expect("5 s ahead is followed");
-        assert!(h.tick() > ahead);
+        h.observe(ahead, wall_unix_ms())
+            .expect("5 s ahead is followed");
+        assert!(h.tick(wall_unix_ms()) > ahead);
         // Far in the future: refused and not followed.
-        assert!(h.observe(HLC_MAX - 1).is_err());
-        assert!(h.tick() < HLC_MAX - 1);
+        assert!(h.observe(HLC_MAX - 1, wall_unix_ms()).is_err());
+        assert!(h.tick(wall_unix_ms()) < HLC_MAX - 1);
         // Beyond the drift bound of a clock: refused; within it: followed.
         let skewed = Hlc::with_skew(-2 * celer_proto::VERSION_DRIFT_MAX_MS as i64);
-        assert!(skewed.observe(h.tick()).is_err());
+        assert!(skewed
+            .observe(h.tick(wall_unix_ms()), wall_unix_ms())
+            .is_err());
         let behind = Hlc::with_skew(-(celer_proto::VERSION_DRIFT_MAX_MS as i64) / 2);
-        let now = h.tick();
-        behind.observe(now).expect("within the bound");
-        assert!(behind.tick() > now);
+        let now = h.tick(wall_unix_ms());
+        behind
+            .observe(now, wall_unix_ms())
+            .expect("within the bound");
+        assert!(behind.tick(wall_unix_ms()) > now);
         assert_eq!(Hlc::version(3, 7), (3 << 16) | 7);
     }
 
@@ -148,7 +166,11 @@ mod tests {
         let threads: Vec<_> = (0..4)
             .map(|_| {
                 let h = h.clone();
-                std::thread::spawn(move || (0..5000).map(|_| h.tick()).collect::<Vec<_>>())
+                std::thread::spawn(move || {
+                    (0..5000)
+                        .map(|_| h.tick(wall_unix_ms()))
+                        .collect::<Vec<_>>()
+                })
             })
             .collect();
         let mut all: Vec<u64> = threads

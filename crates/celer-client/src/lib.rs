@@ -93,11 +93,12 @@
 //!   on a write, `Unauthorized`, `VersionAhead`) fail the request at once.
 //!
 //! # Known gaps
-//! - The protocol logic (`queue::Core`) takes its time from the driver
-//!   (`Core::now`, set once per `submit`/`poll`) and reaches the network
+//! - The protocol logic (`queue::Core`) takes its clocks from the driver
+//!   (`Core::now` and `Core::unix_ms`, read once per `submit`/`poll`; the
+//!   write clock, `hlc`, is handed the latter) and reaches the network
 //!   only through `net::Transport` and the `net::Sink` callbacks, but no
-//!   deterministic simulator drives it yet; the write clock (`hlc`) reads
-//!   the wall clock itself.
+//!   deterministic simulator drives it yet (the data simulation's clients
+//!   are its own model of this core).
 //! - The transport is TCP only (`net::Net`); `net::Transport` is the
 //!   boundary an RDMA transport implements, plus its own readiness driver.
 //! - A table whose `chunk_bytes` differs from the first one is refused

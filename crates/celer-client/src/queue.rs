@@ -31,7 +31,7 @@ use celer_proto::{version_clock, Header, Op, Status, FLAG_SECTORS, FLAG_SNAPSHOT
 use celer_route::{NodeId, RouteTable};
 use tracing::{debug, info, warn};
 
-use crate::hlc::Hlc;
+use crate::hlc::{wall_unix_ms, Hlc};
 use crate::net::{segments_crc, ConnId, Dest, Net, Payload, Sink, Transport};
 use crate::{ClientConfig, ReadPolicy, Shared, BLOCK_BYTES};
 
@@ -207,7 +207,11 @@ struct Core {
     waiting_reqs: VecDeque<u32>,
     actions: VecDeque<Action>,
     done: VecDeque<IoCompletion>,
+    /// The time of this `submit`/`poll` (the driver's input: the core
+    /// reads no clock): monotonic for timeouts, wall (ms since the Unix
+    /// epoch) for the write clock.
     now: Instant,
+    unix_ms: u64,
     next_scan_at: Option<Instant>,
     waiting_parts: usize,
     probe_at: Instant,
@@ -331,7 +335,7 @@ impl Core {
         let version = if req.op == IoOp::Read {
             0
         } else {
-            Hlc::version(self.shared.hlc.tick(), self.attachment as u16)
+            Hlc::version(self.shared.hlc.tick(self.unix_ms), self.attachment as u16)
         };
         let r = &mut self.reqs[slot as usize];
         debug_assert!(!r.in_use && r.pinned == 0);
@@ -885,7 +889,9 @@ impl Core {
 
     fn on_response(&mut self, conn: ConnId, node: NodeId, h: &Header, payload: &[u8]) {
         if h.status != Status::OlderVersion {
-            self.shared.hlc.observe_reported(version_clock(h.version));
+            self.shared
+                .hlc
+                .observe_reported(version_clock(h.version), self.unix_ms);
         }
         if h.request_id & CONTROL_BIT != 0 {
             if !payload.is_empty() {
@@ -958,9 +964,16 @@ impl Core {
                 // A member holds a newer version of a block: this write would
                 // be lost if acknowledged. Move the clock past it and send the
                 // part again, to every member, with a new version.
-                match self.shared.hlc.observe(version_clock(h.version)) {
+                match self
+                    .shared
+                    .hlc
+                    .observe(version_clock(h.version), self.unix_ms)
+                {
                     Ok(()) => {
-                        let version = Hlc::version(self.shared.hlc.tick(), self.attachment as u16);
+                        let version = Hlc::version(
+                            self.shared.hlc.tick(self.unix_ms),
+                            self.attachment as u16,
+                        );
                         debug!(
                             queue = self.index,
                             node,
@@ -1426,6 +1439,7 @@ impl ClientQueue {
             actions: VecDeque::with_capacity(PARTS_MAX * 2),
             done: VecDeque::with_capacity(INFLIGHT_MAX),
             now,
+            unix_ms: wall_unix_ms(),
             next_scan_at: None,
             waiting_parts: 0,
             probe_at: now,
@@ -1446,6 +1460,12 @@ impl ClientQueue {
             keepalive: cfg.keepalive,
             keepalive_at: (!cfg.keepalive.is_zero()).then(|| now + cfg.keepalive),
         })
+    }
+
+    /// Hands the core its clocks, read once per `submit`/`poll`.
+    fn read_clocks(&mut self) {
+        self.core.now = Instant::now();
+        self.core.unix_ms = wall_unix_ms();
     }
 
     fn run_actions(&mut self) {
@@ -1536,7 +1556,7 @@ impl ClientQueue {
 
 impl DeviceQueue for ClientQueue {
     unsafe fn submit(&mut self, req: &IoRequest<'_>) -> Result<(), IoError> {
-        self.core.now = Instant::now();
+        self.read_clocks();
         let before = self.core.done.len();
         self.core.submit(req)?;
         // Frames are queued now and written by the next poll (a batch of
@@ -1552,7 +1572,7 @@ impl DeviceQueue for ClientQueue {
     }
 
     fn poll(&mut self, done: &mut dyn FnMut(IoCompletion)) -> usize {
-        self.core.now = Instant::now();
+        self.read_clocks();
         self.settle();
         for _ in 0..EPOLL_ROUNDS_MAX {
             // SAFETY: `events` is a live array of EVENTS_MAX entries.
