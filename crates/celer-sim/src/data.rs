@@ -40,8 +40,17 @@
 //! newest acknowledged write; a node closing a connection for a protocol
 //! error is a violation too.
 //!
-//! Not simulated yet (docs/testing.md): repair, splits, disk replacement,
-//! the real client core, TLS, fencing and snapshots.
+//! Time: in a round every node handles what is ready (arrived bytes, its
+//! engine's completions, its timers) and every client issues, sends and
+//! reads. After a round in which something moved the next one is 1 µs
+//! later; otherwise time jumps to the next event: a piece of a byte stream
+//! arriving, a disk completing an I/O (the [`SimDisk`]s take simulated
+//! latency), a node's timer or heartbeat, a restart, a client's next
+//! operation or retry, and at most 1 ms (faults are drawn per simulated
+//! millisecond). The report counts rounds, and busy ones.
+//!
+//! Not simulated yet (docs/testing.md): repair, the real client core,
+//! TLS, fencing and snapshots.
 
 mod acceptor;
 mod checker;
@@ -89,6 +98,17 @@ const RETRY_US: u64 = 2_000;
 /// The cluster's data key: nodes prove it to each other, capabilities are
 /// signed with it.
 const DATA_KEY: [u8; 32] = [7; 32];
+
+thread_local! {
+    static SIM_TIME_US: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// The simulated time (µs) of the data simulation running on this thread:
+/// what its log lines are stamped with (`celer sim --data` with
+/// `CELER_LOG`), so the node cores' lines read against the trace.
+pub fn sim_time_us() -> u64 {
+    SIM_TIME_US.with(|t| t.get())
+}
 
 /// What to simulate.
 #[derive(Clone, Debug)]
@@ -175,6 +195,11 @@ pub struct DataReport {
     pub seed: u64,
     /// Simulated time at the end (µs).
     pub sim_us: u64,
+    /// Rounds the simulator ran (every node and client looks at its
+    /// input), and of them those in which something moved (the next one
+    /// is 1 µs later; after the others, time jumps to the next event).
+    pub rounds: u64,
+    pub busy_rounds: u64,
     pub writes_acked: u64,
     /// Of them, sent to the primary, which forwarded them.
     pub primary_writes: u64,
@@ -210,11 +235,13 @@ impl DataReport {
     pub fn render(&self, wall: Duration) -> String {
         let secs = self.sim_us as f64 / 1e6;
         let mut s = format!(
-            "data seed {}: {:.2} s simulated in {:.2} s ({:.0}x real time), {} writes acknowledged ({:.0}/s simulated, {:.0}/s wall), {} of them through the primary, {} sector writes, {} rewritten after OlderVersion, {} discards acknowledged, {} reads checked, {} power cuts, {} resets, {} stalled connections given up, {} clock steps, route epoch {} ({} StaleEpoch answers, {} splits, {} disks replaced), {} blocks verified on every replica, {} network bytes\n",
+            "data seed {}: {:.2} s simulated in {:.2} s ({:.0}x real time; {} rounds, {} busy), {} writes acknowledged ({:.0}/s simulated, {:.0}/s wall), {} of them through the primary, {} sector writes, {} rewritten after OlderVersion, {} discards acknowledged, {} reads checked, {} power cuts, {} resets, {} stalled connections given up, {} clock steps, route epoch {} ({} StaleEpoch answers, {} splits, {} disks replaced), {} blocks verified on every replica, {} network bytes\n",
             self.seed,
             secs,
             wall.as_secs_f64(),
             secs / wall.as_secs_f64().max(1e-9),
+            self.rounds,
+            self.busy_rounds,
             self.writes_acked,
             self.writes_acked as f64 / secs.max(1e-9),
             self.writes_acked as f64 / wall.as_secs_f64().max(1e-9),
@@ -557,6 +584,8 @@ impl DataSim {
     }
 
     fn log(&mut self, line: String) {
+        // In the log stream too, in order with the node cores' lines.
+        tracing::debug!(target: "celer_sim", "{line}");
         let line = format!("{:>9} µs  {line}", self.now());
         self.trace.push_back(line);
         if !self.keep_all && self.trace.len() > TRACE_KEEP {
@@ -565,6 +594,7 @@ impl DataSim {
     }
 
     fn start_node(&mut self, i: usize) -> Result<(), String> {
+        self.nodes[i].disk.set_time(self.now());
         let shard = Engine::open_on(self.nodes[i].disk.clone(), &engine_opts())
             .map_err(|e| format!("node {} engine open: {e}", node_id(i)))?
             .into_shards()
@@ -609,9 +639,61 @@ impl DataSim {
                 core.ready(c, r, w);
             }
             busy |= core.turn();
-            busy |= core.engine_inflight() > 0;
         }
         Ok(busy)
+    }
+
+    /// Moves simulated time to `us`, for the network, the disks and the
+    /// log lines' time stamps ([`sim_time_us`]).
+    fn set_now(&mut self, us: u64) {
+        self.world.borrow_mut().now_us = us;
+        SIM_TIME_US.with(|t| t.set(us));
+        for n in &self.nodes {
+            n.disk.set_time(us);
+        }
+    }
+
+    /// When something happens next, with nothing moving now: a piece
+    /// arrives, a disk completes, a node's timer or heartbeat is due, a
+    /// node restarts, a client issues or retries; at most 1 ms on (faults
+    /// are drawn per simulated millisecond).
+    fn next_event(&self) -> u64 {
+        let now = self.now();
+        let mut next = now + 1_000;
+        if let Some(a) = self.world.borrow().next_arrival() {
+            next = next.min(a);
+        }
+        for (i, n) in self.nodes.iter().enumerate() {
+            if let Some(t) = n.disk.next_due() {
+                next = next.min(t);
+            }
+            match &n.core {
+                Some(core) => {
+                    next = next.min(now + core.wait().as_micros() as u64);
+                    next = next.min(self.control.next_beat[i]);
+                }
+                None => next = next.min(n.up_at),
+            }
+        }
+        for &(at, _) in &self.due_crashes {
+            next = next.min(at);
+        }
+        for c in &self.clients {
+            if self.faults {
+                next = next.min(c.next_issue_at);
+            }
+            for op in c.ops.values() {
+                for wnt in op.want {
+                    if let Want::RetryAt(t) = wnt {
+                        next = next.min(t);
+                    }
+                }
+                if let Some(t) = op.route_at {
+                    next = next.min(t);
+                }
+            }
+        }
+        next.max(now + 1)
     }
 
     /// Nodes whose down time is over start again on their disks.
@@ -778,6 +860,8 @@ impl DataSim {
             for c in 0..self.clients.len() {
                 busy |= self.client_step(c)?;
             }
+            self.report.rounds += 1;
+            self.report.busy_rounds += busy as u64;
             let outstanding: usize = self.clients.iter().map(|c| c.ops.len()).sum();
             if !self.faults && outstanding == 0 && self.converged() {
                 self.report.epoch = self.control.epoch();
@@ -794,33 +878,9 @@ impl DataSim {
                 }
                 return Ok(());
             }
-            // Time: small steps while anything moves, else to the next event.
-            let next = if busy {
-                now + 2
-            } else {
-                let w = self.world.borrow();
-                let mut next = now + 1_000;
-                if let Some(a) = w.next_arrival() {
-                    next = next.min(a);
-                }
-                for c in &self.clients {
-                    if self.faults {
-                        next = next.min(c.next_issue_at);
-                    }
-                    for op in c.ops.values() {
-                        for wnt in op.want {
-                            if let Want::RetryAt(t) = wnt {
-                                next = next.min(t);
-                            }
-                        }
-                        if let Some(t) = op.route_at {
-                            next = next.min(t);
-                        }
-                    }
-                }
-                next.max(now + 1)
-            };
-            self.world.borrow_mut().now_us = next;
+            // Time: a small step while anything moves, else to the next event.
+            let next = if busy { now + 1 } else { self.next_event() };
+            self.set_now(next);
             if !self.faults {
                 idle_rounds += 1;
                 if idle_rounds > 20_000_000 {

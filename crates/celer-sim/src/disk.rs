@@ -27,6 +27,14 @@
 //!   shard's next flush succeeds: no engine that shares a disk between
 //!   independent queues can see that in time. See docs/testing.md.)
 //!
+//! - **time** ([`SimDisk::set_time`], for a simulator that owns a clock):
+//!   each queued I/O takes a random latency of simulated time (reads
+//!   15-60 µs, writes 20-100 µs, fdatasyncs 40-200 µs) and completes when
+//!   its queue is polled at or after it is due, so I/O queued together
+//!   completes out of order. [`SimDisk::next_due`] tells the simulator
+//!   when to look again. Without a clock, polling lets a random piece of
+//!   time pass instead.
+//!
 //! Not modelled yet: an intermediate content of a sector written several
 //! times between two flushes (a crash leaves the last or the durable one),
 //! short transfers, ENOSPC and bit flips.
@@ -94,7 +102,19 @@ struct DiskState {
     /// Direct I/O alignment (offset and length): 512, or 4096 for a disk
     /// with 4 KiB logical sectors ([`SimDisk::set_4k_sectors`]).
     align: usize,
+    /// One bit per sector whose current content may differ from its
+    /// durable one (written not durably since the last power cut): what a
+    /// power cut puts back.
+    maybe_differs: Vec<u64>,
+    /// Simulated time (µs), once the simulator owns the clock
+    /// ([`SimDisk::set_time`]); `None`: polling lets time pass.
+    now_us: Option<u64>,
 }
+
+/// Latency of a queued I/O with a simulated clock (µs, uniformly).
+const READ_US: (u64, u64) = (15, 60);
+const WRITE_US: (u64, u64) = (20, 100);
+const FSYNC_US: (u64, u64) = (40, 200);
 
 /// One queued I/O.
 struct Pending {
@@ -103,6 +123,8 @@ struct Pending {
     io: DiskIo,
     /// An fsync: the dirty sectors when it was issued, with their content.
     flush: Vec<(u64, u64, [u8; SECTOR])>,
+    /// With a simulated clock: when it completes (µs).
+    due_us: u64,
 }
 
 // SAFETY: the raw pointers in `io` point into memory the engine keeps valid
@@ -120,6 +142,7 @@ impl SimDisk {
                 durable: vec![0; sectors * SECTOR],
                 dirty: BTreeMap::new(),
                 durable_seq: vec![0; sectors],
+                maybe_differs: vec![0; sectors.div_ceil(64)],
                 next_seq: 1,
                 inflight: Vec::new(),
                 ready: VecDeque::new(),
@@ -131,6 +154,7 @@ impl SimDisk {
                 log: None,
                 flush_broken: false,
                 align: SECTOR,
+                now_us: None,
             })),
             name: format!("simdisk-{seed:x}"),
         }
@@ -176,14 +200,26 @@ impl SimDisk {
                             let src = unsafe { std::slice::from_raw_parts(addr.add(i), n) };
                             s.durable[at + i..at + i + n].copy_from_slice(src);
                             s.stats.torn_sectors_landed += 1;
+                            let sector = (at + i) / SECTOR;
+                            s.maybe_differs[sector / 64] |= 1 << (sector % 64);
                         }
                     }
                     at += len;
                 }
             }
         }
-        let durable = s.durable.clone();
-        s.current = durable;
+        // What reads see is what survived: the durable content of every
+        // sector that may differ (the others hold it already).
+        for word in 0..s.maybe_differs.len() {
+            let mut bits = std::mem::take(&mut s.maybe_differs[word]);
+            while bits != 0 {
+                let sector = word * 64 + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                let r = sector * SECTOR..(sector + 1) * SECTOR;
+                let (cur, dur) = (&mut s.current, &s.durable);
+                cur[r.clone()].copy_from_slice(&dur[r]);
+            }
+        }
         if let Some(log) = s.log.as_mut() {
             log.push("crash".into());
         }
@@ -215,6 +251,23 @@ impl SimDisk {
 
     pub fn stats(&self) -> DiskStats {
         self.lock().stats
+    }
+
+    /// Simulated time is now `now_us` (µs): from the first call on, queued
+    /// I/O completes when due, not when polling happens to let time pass.
+    pub fn set_time(&self, now_us: u64) {
+        self.lock().now_us = Some(now_us);
+    }
+
+    /// With a simulated clock: when the next queued I/O of a live queue is
+    /// due (µs).
+    pub fn next_due(&self) -> Option<u64> {
+        let s = self.lock();
+        s.inflight
+            .iter()
+            .filter(|p| p.queue >= s.dead_below)
+            .map(|p| p.due_us)
+            .min()
     }
 
     /// Reads what the disk holds now (for checks outside the engine).
@@ -382,33 +435,66 @@ impl DiskState {
 
     fn write(&mut self, at: usize, src: &[u8], dsync: bool) {
         self.current[at..at + src.len()].copy_from_slice(src);
+        if dsync {
+            self.durable[at..at + src.len()].copy_from_slice(src);
+        }
         let first = at / SECTOR;
         let last = (at + src.len()).div_ceil(SECTOR);
         for sector in first..last {
             let seq = self.next_seq;
             self.next_seq += 1;
             if dsync {
-                let r = sector * SECTOR..(sector + 1) * SECTOR;
-                let (cur, dur) = (&self.current, &mut self.durable);
-                dur[r.clone()].copy_from_slice(&cur[r]);
                 self.durable_seq[sector] = seq;
-                self.dirty.remove(&(sector as u64));
             } else {
                 self.dirty.insert(sector as u64, seq);
+                self.maybe_differs[sector / 64] |= 1 << (sector % 64);
+            }
+        }
+        if dsync && !self.dirty.is_empty() {
+            let durable: Vec<u64> = self
+                .dirty
+                .range(first as u64..last as u64)
+                .map(|(&k, _)| k)
+                .collect();
+            for k in durable {
+                self.dirty.remove(&k);
             }
         }
     }
 
     /// Lets a random piece of time pass for `queue`: completes one of its
-    /// in-flight I/Os, if it has any.
-    fn progress(&mut self, queue: u32) -> bool {
-        let mine: Vec<usize> = (0..self.inflight.len())
-            .filter(|&i| self.inflight[i].queue == queue)
-            .collect();
-        if mine.is_empty() {
-            return false;
-        }
-        let pick = mine[self.rng.gen_range(0..mine.len())];
+    /// in-flight I/Os, if it has any (with a simulated clock, one that is
+    /// due; `force`: the earliest, due or not, for a caller that blocks).
+    fn progress(&mut self, queue: u32, force: bool) -> bool {
+        let pick = match self.now_us {
+            None => {
+                let mine: Vec<usize> = (0..self.inflight.len())
+                    .filter(|&i| self.inflight[i].queue == queue)
+                    .collect();
+                if mine.is_empty() {
+                    return false;
+                }
+                mine[self.rng.gen_range(0..mine.len())]
+            }
+            Some(now) => {
+                let mine = || (0..self.inflight.len()).filter(|&i| self.inflight[i].queue == queue);
+                let due = mine().filter(|&i| self.inflight[i].due_us <= now).count();
+                if due > 0 {
+                    let k = self.rng.gen_range(0..due);
+                    match mine().filter(|&i| self.inflight[i].due_us <= now).nth(k) {
+                        Some(i) => i,
+                        None => return false,
+                    }
+                } else if force {
+                    match mine().min_by_key(|&i| self.inflight[i].due_us) {
+                        Some(i) => i,
+                        None => return false,
+                    }
+                } else {
+                    return false;
+                }
+            }
+        };
         self.complete(pick);
         true
     }
@@ -446,11 +532,22 @@ impl DiskQueue for SimQueue {
             }
             _ => Vec::new(),
         };
+        let (lo, hi) = match io {
+            DiskIo::Read { .. } => READ_US,
+            DiskIo::Write { .. } => WRITE_US,
+            DiskIo::Fsync => FSYNC_US,
+        };
+        // Drawn only with a clock: runs without one keep their course.
+        let due_us = match s.now_us {
+            Some(now) => now + s.rng.gen_range(lo..=hi),
+            None => 0,
+        };
         s.inflight.push(Pending {
             queue: self.id,
             user_data,
             io: *io,
             flush,
+            due_us,
         });
     }
 
@@ -459,12 +556,20 @@ impl DiskQueue for SimQueue {
         if self.id < s.dead_below {
             return Ok(());
         }
+        let mut got = s.ready.iter().filter(|r| r.0 == self.id).count();
+        if s.now_us.is_some() {
+            // What is due completes; a caller that waits for `want` gets
+            // the earliest (its wait is time the simulator does not see).
+            while s.progress(self.id, got < want) {
+                got += 1;
+            }
+            return Ok(());
+        }
         // Some time passes: a random share of the I/O in flight completes,
         // at least `want` of it.
-        let mut got = s.ready.iter().filter(|r| r.0 == self.id).count();
         loop {
             let more = got < want || s.rng.gen_bool(0.5);
-            if !more || !s.progress(self.id) {
+            if !more || !s.progress(self.id, false) {
                 break;
             }
             got += 1;
@@ -480,8 +585,16 @@ impl DiskQueue for SimQueue {
         if let Some(r) = s.take_ready(self.id) {
             return Some(r);
         }
+        if s.now_us.is_some() {
+            // What is due completes.
+            return if s.progress(self.id, false) {
+                s.take_ready(self.id)
+            } else {
+                None
+            };
+        }
         // Polling also lets time pass, now and then.
-        if s.rng.gen_bool(0.3) && s.progress(self.id) {
+        if s.rng.gen_bool(0.3) && s.progress(self.id, false) {
             return s.take_ready(self.id);
         }
         None

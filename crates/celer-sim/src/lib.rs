@@ -41,7 +41,7 @@ pub mod disk;
 pub mod engine;
 pub mod net;
 
-pub use data::{run_data, DataReport, DataSimConfig};
+pub use data::{run_data, sim_time_us, DataReport, DataSimConfig};
 pub use engine::{run_engine, EngineReport, EngineSimConfig};
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -15,7 +15,8 @@
 //! no locks, and the same seed gives the same bytes in the same order.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::io::{self, IoSliceMut, Read, Write};
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -46,6 +47,12 @@ pub struct World {
     rng: StdRng,
     cfg: NetConfig,
     pipes: Vec<Pipe>,
+    /// When the front piece of a direction arrives: (time, pipe, side), at
+    /// least one entry per direction with pieces in flight. An entry may
+    /// be stale (its piece arrived, was held up, or its pipe was reset):
+    /// it then costs one look, and [`World::next_arrival`] may name a time
+    /// at which nothing arrives.
+    arrivals: BinaryHeap<Reverse<(u64, usize, usize)>>,
     /// Bytes moved end to end.
     pub bytes: u64,
     pub resets: u64,
@@ -82,6 +89,7 @@ impl World {
             rng: StdRng::seed_from_u64(seed),
             cfg,
             pipes: Vec::new(),
+            arrivals: BinaryHeap::new(),
             bytes: 0,
             resets: 0,
             accepts: VecDeque::new(),
@@ -113,24 +121,27 @@ impl World {
     /// Pieces due by now arrive.
     pub fn deliver(&mut self) {
         let now = self.now_us;
-        for p in &mut self.pipes {
-            for d in &mut p.dirs {
-                while d.flight.front().is_some_and(|(at, _)| *at <= now) {
-                    if let Some((_, bytes)) = d.flight.pop_front() {
-                        d.arrived.extend(bytes);
-                    }
+        while let Some(&Reverse((at, pipe, side))) = self.arrivals.peek() {
+            if at > now {
+                break;
+            }
+            self.arrivals.pop();
+            let d = &mut self.pipes[pipe].dirs[side];
+            while d.flight.front().is_some_and(|(at, _)| *at <= now) {
+                if let Some((_, bytes)) = d.flight.pop_front() {
+                    d.arrived.extend(bytes);
                 }
+            }
+            if let Some(&(next, _)) = d.flight.front() {
+                self.arrivals.push(Reverse((next, pipe, side)));
             }
         }
     }
 
-    /// The earliest arrival still in flight.
+    /// The earliest arrival still in flight (or a stale entry's time,
+    /// which is earlier: the caller looks once more for nothing).
     pub fn next_arrival(&self) -> Option<u64> {
-        self.pipes
-            .iter()
-            .flat_map(|p| p.dirs.iter())
-            .filter_map(|d| d.flight.front().map(|(at, _)| *at))
-            .min()
+        self.arrivals.peek().map(|Reverse((at, _, _))| *at)
     }
 
     /// Resets a connection: both ends fail from now on.
@@ -150,11 +161,14 @@ impl World {
     pub fn stall(&mut self, pipe: usize, extra_us: u64) {
         let now = self.now_us;
         if let Some(p) = self.pipes.get_mut(pipe) {
-            for d in &mut p.dirs {
+            for (side, d) in p.dirs.iter_mut().enumerate() {
                 for piece in &mut d.flight {
                     piece.0 += extra_us;
                 }
                 d.last_at = d.last_at.max(now) + extra_us;
+                if let Some(&(at, _)) = d.flight.front() {
+                    self.arrivals.push(Reverse((at, pipe, side)));
+                }
             }
         }
     }
@@ -281,6 +295,9 @@ impl Write for SimStream {
             }
             let at = (now + w.rng.gen_range(lo..=hi)).max(d.last_at);
             d.last_at = at;
+            if d.flight.is_empty() {
+                w.arrivals.push(Reverse((at, self.pipe, self.side)));
+            }
             d.flight.push_back((at, piece.to_vec()));
         }
         d.held += n;

@@ -40,6 +40,11 @@ pub struct SimArgs {
     /// clients then finish what they started and every replica is read).
     #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub millis: u64,
+    /// Data simulation: operations each of the two clients issues per
+    /// simulated second (writes, sector writes, discards, reads; at most 8
+    /// in flight per client).
+    #[arg(long, default_value_t = 4_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub ops_per_sec: u64,
     /// Data simulation: power cuts per simulated second (of one of the
     /// three nodes, which restarts on its disk after 2-32 ms). 50 keeps a
     /// node down a quarter of the time, restarting while the clients still
@@ -60,6 +65,15 @@ pub struct SimArgs {
     /// when every partition of the node has another member in sync.
     #[arg(long, default_value_t = 0.0)]
     pub new_disk_share: f64,
+}
+
+/// Log time stamps in the data simulation's simulated time.
+struct SimTime;
+
+impl tracing_subscriber::fmt::time::FormatTime for SimTime {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        write!(w, "{:>9} µs", celer_sim::sim_time_us())
+    }
 }
 
 fn run_data(a: &SimArgs) -> Result<()> {
@@ -90,16 +104,27 @@ fn run_data(a: &SimArgs) -> Result<()> {
         cfg.split_per_ms = a.splits_per_sec / 1000.0;
         cfg.replace_disk = a.new_disk_share;
         cfg.duration_us = a.millis * 1000;
+        cfg.ops_per_sec = a.ops_per_sec;
         cfg.crash_per_ms = a.power_cuts_per_sec / 1000.0;
         cfg.route_changes = a.route_changes;
         let started = Instant::now();
-        // The node cores log as real nodes do (CELER_LOG shows them).
-        let report = if std::env::var_os("CELER_LOG").is_none() {
-            tracing::subscriber::with_default(tracing::subscriber::NoSubscriber::default(), || {
-                celer_sim::run_data(&cfg, a.trace)
-            })
-        } else {
-            celer_sim::run_data(&cfg, a.trace)
+        // The node cores log as real nodes do (CELER_LOG shows them, with
+        // the simulator's own trace lines at debug, stamped with simulated
+        // time).
+        let report = match std::env::var("CELER_LOG") {
+            Err(_) => tracing::subscriber::with_default(
+                tracing::subscriber::NoSubscriber::default(),
+                || celer_sim::run_data(&cfg, a.trace),
+            ),
+            Ok(filter) => {
+                let logs = tracing_subscriber::fmt()
+                    .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                    .with_writer(std::io::stderr)
+                    .with_ansi(false)
+                    .with_timer(SimTime)
+                    .finish();
+                tracing::subscriber::with_default(logs, || celer_sim::run_data(&cfg, a.trace))
+            }
         };
         let wall = started.elapsed();
         if a.trace && report.violation.is_none() {

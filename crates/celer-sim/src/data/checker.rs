@@ -143,11 +143,13 @@ impl DataSim {
             if rounds > 5_000_000 {
                 return Err("the final reads never finished".into());
             }
-            self.drive_nodes()?;
-            self.client_step(0)?;
-            let next = self.world.borrow().next_arrival().unwrap_or(0);
-            let mut w = self.world.borrow_mut();
-            w.now_us = (w.now_us + 2).max(next.min(w.now_us + 1_000));
+            let busy = self.drive_nodes()? | self.client_step(0)?;
+            let next = if busy {
+                self.now() + 1
+            } else {
+                self.next_event()
+            };
+            self.set_now(next);
         }
         Ok(())
     }

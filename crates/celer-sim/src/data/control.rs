@@ -40,7 +40,7 @@ pub(super) struct Control {
     /// Simulated ms the clock was moved to.
     clock_ms: u64,
     /// Per node: when it beats next (µs).
-    next_beat: Vec<u64>,
+    pub(super) next_beat: Vec<u64>,
     /// Per node: whether it registered once (it then names its id).
     known: Vec<bool>,
     /// Per node: partitions its catch-ups copy whole instead, sent with
