@@ -268,6 +268,44 @@ impl<D: Disk> Shard<D> {
         })
     }
 
+    /// The first block from the op's cursor on that it would skip (a write
+    /// of the block at its version or a newer one is planned) while that
+    /// write is still running in another op, not applied: the op must wait
+    /// for it there. Skipping it at once answered a write sent again at its
+    /// version (a resend after a lost connection) `Ok` while its first copy
+    /// was still on its way to the disk, and a read right after returned
+    /// the older block (data simulation, route-change seed 122).
+    fn first_skip_in_flight(&self, id: u32, local: u32) -> Option<u16> {
+        let op = &self.ops[id as usize];
+        let slot = self.slots[local as usize].as_ref()?;
+        let equal_applies = op.op == EngineOp::Repair;
+        (op.cursor..op.count).find(|&k| {
+            let l = (op.first + k) as usize;
+            let planned = slot.planned_version[l];
+            let skips = op.version < planned || (op.version == planned && !equal_applies);
+            // (A planned version above the applied one with no op running
+            // is a discard's floor, not a write in flight.)
+            skips && slot.entries[l].version < planned && self.mutation_running(id, op.first + k)
+        })
+    }
+
+    /// Whether an op other than `id` has planned a mutation of block `b` of
+    /// `id`'s chunk and its phase is running (its blocks not applied yet).
+    fn mutation_running(&self, id: u32, b: u16) -> bool {
+        let me = &self.ops[id as usize];
+        self.ops.iter().enumerate().any(|(j, o)| {
+            j as u32 != id
+                && o.stage == Stage::Running
+                && o.volume == me.volume
+                && o.chunk == me.chunk
+                && matches!(
+                    o.op,
+                    EngineOp::Write | EngineOp::WriteZeroes | EngineOp::Discard | EngineOp::Repair
+                )
+                && (o.first..o.first + o.cursor).contains(&b)
+        })
+    }
+
     /// The sector write's read is back: check the block, then merge.
     pub(super) fn merge_read_done(&mut self, id: u32) {
         self.release_layer_slots(id);
@@ -328,6 +366,7 @@ impl<D: Disk> Shard<D> {
         {
             return self.defer(id);
         }
+        let wait_at = self.first_skip_in_flight(id, local);
         let op = &mut self.ops[id as usize];
         let slot = self.slots[local as usize]
             .as_mut()
@@ -342,6 +381,9 @@ impl<D: Disk> Shard<D> {
         let equal_applies = op.op == EngineOp::Repair;
         let mut k = op.cursor;
         while k < op.count {
+            if wait_at == Some(k) {
+                break;
+            }
             let logical = op.first + k;
             let planned = slot.planned_version[logical as usize];
             if op.version < planned || (op.version == planned && !equal_applies) {
