@@ -583,6 +583,12 @@ impl DataSim {
         self.world.borrow().now_us
     }
 
+    /// Whether to note every request and answer: with the whole trace
+    /// kept, or with the simulator's debug lines on (`CELER_LOG`).
+    fn detail(&self) -> bool {
+        self.keep_all || tracing::enabled!(target: "celer_sim", tracing::Level::DEBUG)
+    }
+
     fn log(&mut self, line: String) {
         // In the log stream too, in order with the node cores' lines.
         tracing::debug!(target: "celer_sim", "{line}");

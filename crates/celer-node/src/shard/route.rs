@@ -16,6 +16,12 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
         let me = self.shared.id;
         let shards = self.shared.shards as u32;
         let t = &r.table;
+        // A split: the chunks a backfill listed may now belong to the new
+        // halves, which its source may not hold (it refuses them as
+        // NotReplica, for ever): every backfill lists again.
+        let split = self
+            .table()
+            .is_some_and(|old| old.partition_count() != t.partition_count());
         self.catch_up_install(t);
         // Backfills of partitions where we are no longer syncing stop.
         let mut i = 0;
@@ -53,10 +59,10 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
             match self.backfills.iter().position(|b| b.partition == p) {
                 Some(i) => {
                     // The table says copy whole where this backfill would
-                    // catch up (it asked; see `copy_whole_instead`), or the
-                    // source changed: start over.
+                    // catch up (it asked; see `copy_whole_instead`), the
+                    // source changed, or the partitions split: start over.
                     let whole_now = !catch_up && self.backfills[i].catch_up;
-                    if Some(self.backfills[i].source) != source || whole_now {
+                    if Some(self.backfills[i].source) != source || whole_now || split {
                         // The source left or changed: start over from the new one.
                         if let Some(s) = source {
                             self.backfill_serial = self.backfill_serial.wrapping_add(1);

@@ -423,6 +423,7 @@ impl DataSim {
     }
 
     pub(super) fn send(&mut self, c: usize, i: usize, id: u64) {
+        let detail = self.detail();
         let cl = &mut self.clients[c];
         let Some(op) = cl.ops.get_mut(&id) else {
             return;
@@ -475,7 +476,7 @@ impl DataSim {
         }
         let h = h.with_payload([&data[..]]);
         let pipe = cl.conns[i].as_ref().map(|c| c.pipe);
-        if self.keep_all {
+        if detail {
             let line = format!(
                 "client {} sends request {q} ({:?} blocks {}+{}) to node {} on pipe {pipe:?}",
                 cl.attachment,
@@ -484,7 +485,7 @@ impl DataSim {
                 op.blocks,
                 node_id(i)
             );
-            self.trace.push_back(line);
+            self.log(line);
         }
         let cl = &mut self.clients[c];
         if let Some(conn) = cl.conns[i].as_mut() {
@@ -506,7 +507,7 @@ impl DataSim {
         payload: &[u8],
     ) -> Result<(), String> {
         let now = self.now();
-        if self.keep_all {
+        if self.detail() {
             self.log(format!(
                 "client {} answer {} {:?} from node {}",
                 self.clients[c].attachment,
