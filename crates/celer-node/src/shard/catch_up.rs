@@ -76,6 +76,17 @@ impl<D: celer_engine::Disk, N: crate::net::Net> ShardLoop<D, N> {
         let shards = self.shared.shards as u32;
         let mine = self.id as u32;
         let old = self.route.as_ref().map(|r| &r.table);
+        // A split: a record names chunks by the partition they had, and
+        // some are the new halves' now, which this node may not hold (the
+        // member asked for them under the old partition and was refused
+        // as NotReplica, for ever): records from before it answer "not
+        // recorded", and their members copy whole.
+        if old.is_some_and(|o| o.partition_count() != new.partition_count()) {
+            for c in self.catch_ups.iter_mut().filter(|c| !c.overflowed) {
+                c.overflowed = true;
+                c.blocks = HashMap::new();
+            }
+        }
         // Records of members that are gone, in sync, or no longer catching up.
         self.catch_ups.retain(|c| {
             let Some(part) = new.partition(c.partition) else {
