@@ -234,14 +234,20 @@ pub struct DataReport {
 impl DataReport {
     pub fn render(&self, wall: Duration) -> String {
         let secs = self.sim_us as f64 / 1e6;
+        // Operations finished: writes and discards acknowledged, reads
+        // checked.
+        let ops = self.writes_acked + self.discards_acked + self.reads_checked;
         let mut s = format!(
-            "data seed {}: {:.2} s simulated in {:.2} s ({:.0}x real time; {} rounds, {} busy), {} writes acknowledged ({:.0}/s simulated, {:.0}/s wall), {} of them through the primary, {} sector writes, {} rewritten after OlderVersion, {} discards acknowledged, {} reads checked, {} power cuts, {} resets, {} stalled connections given up, {} clock steps, route epoch {} ({} StaleEpoch answers, {} splits, {} disks replaced), {} blocks verified on every replica, {} network bytes\n",
+            "data seed {}: {:.2} s simulated in {:.2} s ({:.0}x real time; {} rounds, {} busy), {} operations ({:.0}/s simulated, {:.0}/s wall), {} writes acknowledged ({:.0}/s simulated, {:.0}/s wall), {} of them through the primary, {} sector writes, {} rewritten after OlderVersion, {} discards acknowledged, {} reads checked, {} power cuts, {} resets, {} stalled connections given up, {} clock steps, route epoch {} ({} StaleEpoch answers, {} splits, {} disks replaced), {} blocks verified on every replica, {} network bytes\n",
             self.seed,
             secs,
             wall.as_secs_f64(),
             secs / wall.as_secs_f64().max(1e-9),
             self.rounds,
             self.busy_rounds,
+            ops,
+            ops as f64 / secs.max(1e-9),
+            ops as f64 / wall.as_secs_f64().max(1e-9),
             self.writes_acked,
             self.writes_acked as f64 / secs.max(1e-9),
             self.writes_acked as f64 / wall.as_secs_f64().max(1e-9),
