@@ -8,10 +8,9 @@
 //! burst of writes to other chunks, completing in a seeded random order,
 //! fill it around the discard.
 
-use celer_engine::{
-    AlignedBuf, Completion, Engine, EngineOp, EngineRequest, FormatOptions, OpenOptions, Segment,
-    Shard,
-};
+mod common;
+
+use celer_engine::{AlignedBuf, Completion, Engine, EngineOp, EngineRequest, Segment, Shard};
 use celer_sim::disk::SimDisk;
 
 const BS: usize = 4096;
@@ -59,23 +58,7 @@ fn a_whole_chunk_discard_frees_its_slot_even_when_the_ring_is_full() {
     let mut waited = 0;
     for seed in 0..64u64 {
         let disk = SimDisk::new(32 << 20, seed);
-        let format = FormatOptions {
-            chunk_blocks: CHUNK_BLOCKS as u32,
-            spare_blocks: 4,
-            shard_count: 1,
-            journal_blocks: 16,
-            create_size_bytes: None,
-        };
-        Engine::format_on(&disk, &format, seed | 1).expect("format");
-        let open = OpenOptions {
-            inflight_max: 16,
-            completion_eventfd: false,
-            lock_wait: std::time::Duration::ZERO,
-            hugepages: false,
-        };
-        let mut shards = Engine::open_on(disk.clone(), &open)
-            .expect("open")
-            .into_shards();
+        let mut shards = [common::one_shard(&disk, seed, 16, 16)];
         let sh = &mut shards[0];
         let mut bufs: Vec<AlignedBuf> = (0..BURST + 1).map(|_| AlignedBuf::new(1)).collect();
         for (i, b) in bufs.iter_mut().enumerate() {
@@ -133,7 +116,7 @@ fn a_whole_chunk_discard_frees_its_slot_even_when_the_ring_is_full() {
         // And it stays free after a power cut and a replay.
         disk.crash();
         drop(shards);
-        let shards = Engine::open_on(disk.clone(), &open)
+        let shards = Engine::open_on(disk.clone(), &common::open_options(16))
             .expect("reopen")
             .into_shards();
         assert_eq!(

@@ -7,22 +7,12 @@
 //! that loses the move, or comes before it, must not lose the acknowledged
 //! write: the next open copies the data from the journal.
 
-use celer_engine::{
-    AlignedBuf, Completion, Engine, EngineOp, EngineRequest, FormatOptions, OpenOptions, Segment,
-    Shard,
-};
+mod common;
+
+use celer_engine::{AlignedBuf, Completion, Engine, EngineOp, EngineRequest, Segment, Shard};
 use celer_sim::disk::SimDisk;
 
 const BS: usize = 4096;
-
-fn open_options() -> OpenOptions {
-    OpenOptions {
-        inflight_max: 8,
-        completion_eventfd: false,
-        lock_wait: std::time::Duration::ZERO,
-        hugepages: false,
-    }
-}
 
 fn pattern(seed: u64, out: &mut [u8]) {
     for (i, b) in out.iter_mut().enumerate() {
@@ -73,17 +63,7 @@ fn a_qd1_write_is_one_device_write_and_survives_losing_its_move() {
         } else {
             " 4608 bytes dsync"
         };
-        let format = FormatOptions {
-            chunk_blocks: 16,
-            spare_blocks: 4,
-            shard_count: 1,
-            journal_blocks: 64,
-            create_size_bytes: None,
-        };
-        Engine::format_on(&disk, &format, seed | 1).expect("format");
-        let mut shards = Engine::open_on(disk.clone(), &open_options())
-            .expect("open")
-            .into_shards();
+        let mut shards = vec![common::one_shard(&disk, seed, 64, 8)];
         let mut data = AlignedBuf::new(1);
         // The first write allocates the chunk; the second is the one
         // checked (both take the same path).
@@ -147,7 +127,7 @@ fn a_qd1_write_is_one_device_write_and_survives_losing_its_move() {
         }
         disk.crash();
         drop(shards);
-        let engine = Engine::open_on(disk.clone(), &open_options()).expect("reopen");
+        let engine = Engine::open_on(disk.clone(), &common::open_options(8)).expect("reopen");
         moved_at_open += engine.recovery_report().journal_data_moved;
         let mut shards = engine.into_shards();
         let mut back = AlignedBuf::new(1);

@@ -7,10 +7,9 @@
 //! block: found by the data simulation (route-change seed 122) once the
 //! simulated disks took time to complete.
 
-use celer_engine::{
-    AlignedBuf, Completion, Engine, EngineOp, EngineRequest, FormatOptions, OpenOptions, Segment,
-    Shard,
-};
+mod common;
+
+use celer_engine::{AlignedBuf, Completion, EngineOp, EngineRequest, Segment, Shard};
 use celer_sim::disk::SimDisk;
 
 const BS: usize = 4096;
@@ -65,24 +64,7 @@ fn a_write_sent_again_at_its_version_completes_only_after_the_first_copy() {
         let disk = SimDisk::new(16 << 20, seed);
         let mut now = 0;
         disk.set_time(now);
-        let format = FormatOptions {
-            chunk_blocks: 16,
-            spare_blocks: 4,
-            shard_count: 1,
-            journal_blocks: 64,
-            create_size_bytes: None,
-        };
-        Engine::format_on(&disk, &format, seed | 1).expect("format");
-        let opts = OpenOptions {
-            inflight_max: 8,
-            completion_eventfd: false,
-            lock_wait: std::time::Duration::ZERO,
-            hugepages: false,
-        };
-        let mut sh = Engine::open_on(disk.clone(), &opts)
-            .expect("open")
-            .into_shards()
-            .remove(0);
+        let mut sh = common::one_shard(&disk, seed, 64, 8);
         // The block holds an older write, durable.
         let mut old = AlignedBuf::new(2);
         old[..].fill(0x11);
