@@ -507,9 +507,9 @@ fn sim_data_replays_a_seed() {
             summary.contains("blocks verified on every replica"),
             "{summary}"
         );
-        // The figures after the wall-clock ones.
+        // The figures after the last wall-clock one.
         let figures = summary
-            .split_once("/s wall), ")
+            .rsplit_once("/s wall), ")
             .map(|(_, f)| f.to_string())
             .unwrap_or_default();
         assert!(figures.contains("power cuts"), "{summary}");
