@@ -715,7 +715,6 @@ fn engine_kind(kind: WireBlockKind) -> BlockKind {
     }
 }
 
-/// The next generation of an op slot (see `OP_GEN_MASK`).
 /// Sets, in `bits` (one per block of a chunk of `chunk_bytes`), the whole
 /// blocks around the `len` bytes at `offset` (within one chunk). For the
 /// per-block records of a catch-up and of `took_writes`.
@@ -728,6 +727,7 @@ fn mark_blocks(bits: &mut [u64], chunk_bytes: u64, offset: u64, len: u64) {
     }
 }
 
+/// The next generation of an op slot (see `OP_GEN_MASK`).
 fn next_op_gen(gen: u16) -> u16 {
     gen.wrapping_add(1) & OP_GEN_MASK
 }

@@ -665,6 +665,17 @@ impl DataSim {
         }
     }
 
+    /// Moves time on after a round: a small step if anything moved in it,
+    /// else to the next event.
+    fn step_time(&mut self, busy: bool) {
+        let next = if busy {
+            self.now() + 1
+        } else {
+            self.next_event()
+        };
+        self.set_now(next);
+    }
+
     /// When something happens next, with nothing moving now: a piece
     /// arrives, a disk completes, a node's timer or heartbeat is due, a
     /// node restarts, a client issues or retries; at most 1 ms on (faults
@@ -890,9 +901,7 @@ impl DataSim {
                 }
                 return Ok(());
             }
-            // Time: a small step while anything moves, else to the next event.
-            let next = if busy { now + 1 } else { self.next_event() };
-            self.set_now(next);
+            self.step_time(busy);
             if !self.faults {
                 idle_rounds += 1;
                 if idle_rounds > 20_000_000 {

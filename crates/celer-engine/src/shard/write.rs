@@ -278,14 +278,14 @@ impl<D: Disk> Shard<D> {
     fn first_skip_in_flight(&self, id: u32, local: u32) -> Option<u16> {
         let op = &self.ops[id as usize];
         let slot = self.slots[local as usize].as_ref()?;
-        let equal_applies = op.op == EngineOp::Repair;
         (op.cursor..op.count).find(|&k| {
             let l = (op.first + k) as usize;
             let planned = slot.planned_version[l];
-            let skips = op.version < planned || (op.version == planned && !equal_applies);
             // (A planned version above the applied one with no op running
             // is a discard's floor, not a write in flight.)
-            skips && slot.entries[l].version < planned && self.mutation_running(id, op.first + k)
+            skips(op.op, op.version, planned)
+                && slot.entries[l].version < planned
+                && self.mutation_running(id, op.first + k)
         })
     }
 
@@ -376,9 +376,6 @@ impl<D: Disk> Shard<D> {
         let mut last_phys: Option<u16> = None;
         let mut runs = 0;
         let is_write = matches!(op.op, EngineOp::Write | EngineOp::Repair);
-        // A repair rewrites a block at its own version; anything else needs
-        // a newer one.
-        let equal_applies = op.op == EngineOp::Repair;
         let mut k = op.cursor;
         while k < op.count {
             if wait_at == Some(k) {
@@ -386,7 +383,7 @@ impl<D: Disk> Shard<D> {
             }
             let logical = op.first + k;
             let planned = slot.planned_version[logical as usize];
-            if op.version < planned || (op.version == planned && !equal_applies) {
+            if skips(op.op, op.version, planned) {
                 let stored = slot.planned_version[logical as usize];
                 if stored > op.version {
                     op.newer_version = op.newer_version.max(stored);
@@ -815,4 +812,11 @@ impl<D: Disk> Shard<D> {
         self.ops[id as usize].local_slot = u32::MAX;
         self.finish(id);
     }
+}
+
+/// Whether an op of kind `op` at `version` skips a block whose planned
+/// version is `planned`: a repair rewrites a block at its own version;
+/// anything else needs a newer one.
+fn skips(op: EngineOp, version: u64, planned: u64) -> bool {
+    version < planned || (version == planned && op != EngineOp::Repair)
 }

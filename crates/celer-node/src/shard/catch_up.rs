@@ -70,8 +70,8 @@ pub(super) struct CatchUp {
 
 impl<D: celer_engine::Disk, N: crate::net::Net> ShardLoop<D, N> {
     /// Starts, stops and drops records for table `new` (before it becomes
-    /// the current one).
-    pub(super) fn catch_up_install(&mut self, new: &RouteTable) {
+    /// the current one); `split`: `new` splits the partitions.
+    pub(super) fn catch_up_install(&mut self, new: &RouteTable, split: bool) {
         let me = self.shared.id;
         let shards = self.shared.shards as u32;
         let mine = self.id as u32;
@@ -81,7 +81,7 @@ impl<D: celer_engine::Disk, N: crate::net::Net> ShardLoop<D, N> {
         // member asked for them under the old partition and was refused
         // as NotReplica, for ever): records from before it answer "not
         // recorded", and their members copy whole.
-        if old.is_some_and(|o| o.partition_count() != new.partition_count()) {
+        if split {
             for c in self.catch_ups.iter_mut().filter(|c| !c.overflowed) {
                 c.overflowed = true;
                 c.blocks = HashMap::new();

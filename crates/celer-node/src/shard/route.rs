@@ -16,13 +16,14 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
         let me = self.shared.id;
         let shards = self.shared.shards as u32;
         let t = &r.table;
-        // A split: the chunks a backfill listed may now belong to the new
-        // halves, which its source may not hold (it refuses them as
-        // NotReplica, for ever): every backfill lists again.
+        // A split: the chunks a backfill listed, or a catch-up record
+        // named, may now belong to the new halves, which the source may not
+        // hold (it refuses them as NotReplica, for ever): every backfill
+        // lists again, and the records answer "not recorded".
         let split = self
             .table()
             .is_some_and(|old| old.partition_count() != t.partition_count());
-        self.catch_up_install(t);
+        self.catch_up_install(t, split);
         // Backfills of partitions where we are no longer syncing stop.
         let mut i = 0;
         while i < self.backfills.len() {

@@ -144,12 +144,7 @@ impl DataSim {
                 return Err("the final reads never finished".into());
             }
             let busy = self.drive_nodes()? | self.client_step(0)?;
-            let next = if busy {
-                self.now() + 1
-            } else {
-                self.next_event()
-            };
-            self.set_now(next);
+            self.step_time(busy);
         }
         Ok(())
     }
