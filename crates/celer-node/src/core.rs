@@ -87,6 +87,32 @@ impl<D: Disk, N: Net> NodeCore<D, N> {
         self.inner.drop_restart_floor();
     }
 
+    /// Lets a client write with a fence generation older than the
+    /// volume's: the core then applies a taken-over writer's writes. Only
+    /// to show that the simulator finds what the fence check prevents; a
+    /// node never runs without it.
+    #[doc(hidden)]
+    pub fn without_fence_check(&mut self) {
+        self.inner.drop_fence_check();
+    }
+
+    /// Raises volume fence generations (volume, generation), as the agent
+    /// does with those of a registration or heartbeat reply.
+    pub fn set_fences(&mut self, fences: Vec<(u64, u32)>) {
+        self.inner.on_msg(ShardMsg::Fences(Arc::new(fences), None));
+    }
+
+    /// Raises volume fence generations as the control service's push
+    /// does (`PUT /v1/fences`): the shard's id arrives on the receiver
+    /// once the core refuses older generations and none of their writes
+    /// it accepted is still in flight (the push's answer).
+    pub fn push_fences(&mut self, fences: Vec<(u64, u32)>) -> Receiver<u16> {
+        let (tx, rx) = mpsc::channel();
+        self.inner
+            .on_msg(ShardMsg::Fences(Arc::new(fences), Some(tx)));
+        rx
+    }
+
     /// Installs a route table (as a push from the control service does).
     pub fn install_route(&mut self, table: RouteTable) {
         let inst = Arc::new(Installed {

@@ -250,6 +250,9 @@ pub(crate) struct ShardLoop<D: Disk, N: Net> {
     /// Per volume, the fence generation: mutations of older ones are
     /// refused (`Fenced`). Raised, never lowered (see `set_fences`).
     fences: HashMap<u64, u32>,
+    /// Off only in a simulation that shows what the check prevents
+    /// (`NodeCore::without_fence_check`).
+    fence_check: bool,
     /// Fence installs that wait for older-generation mutations in flight.
     fence_waits: Vec<FenceWait>,
     /// Layered volumes (snapshots, clones): see `layers.rs`.

@@ -56,6 +56,7 @@ mod acceptor;
 mod checker;
 mod clients;
 mod control;
+mod takeover;
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
@@ -64,6 +65,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use celer_engine::{Engine, FormatOptions, OpenOptions};
+use celer_meta::api::AttachMode;
 use celer_node::core::{CoreConfig, NodeCore};
 use celer_proto::auth::{Capability, Credential, HelloProof, Nonce, NONCE_BYTES};
 use celer_proto::{
@@ -164,6 +166,16 @@ pub struct DataSimConfig {
     /// partition it is a member of has another member in sync and not
     /// down, so no more copies go than replication tolerates. 0: never.
     pub replace_disk: f64,
+    /// Per simulated millisecond: the chance that a client takes the
+    /// volume over (an exclusive attach with `--force` at the real control
+    /// service, which raises the fence generation and pushes it to the
+    /// nodes; see `takeover.rs`). The clients start as two shared
+    /// attachments. 0: none.
+    pub takeover_per_ms: f64,
+    /// The nodes refuse writes of an older fence generation (always, in a
+    /// real node). Off only to show that the simulation finds what the
+    /// check prevents.
+    pub fence_check: bool,
 }
 
 /// Most partitions the data simulation splits to.
@@ -185,6 +197,8 @@ impl DataSimConfig {
             route_changes: false,
             split_per_ms: 0.0,
             replace_disk: 0.0,
+            takeover_per_ms: 0.0,
+            fence_check: true,
         }
     }
 }
@@ -224,6 +238,13 @@ pub struct DataReport {
     pub disks_replaced: u64,
     /// Answers `StaleEpoch` (the client's table was older than the node's).
     pub stale_epochs: u64,
+    /// Take-overs confirmed by every node (`DataSimConfig::takeover_per_ms`).
+    pub takeovers: u64,
+    /// Writes and discards failed because a node refused them as fenced
+    /// (their client was taken over), and writes their client gave up when
+    /// it took the volume over.
+    pub fenced: u64,
+    pub given_up: u64,
     /// Blocks compared on every replica at the end.
     pub blocks_verified: u64,
     pub net_bytes: u64,
@@ -238,7 +259,7 @@ impl DataReport {
         // checked.
         let ops = self.writes_acked + self.discards_acked + self.reads_checked;
         let mut s = format!(
-            "data seed {}: {:.2} s simulated in {:.2} s ({:.0}x real time; {} rounds, {} busy), {} operations ({:.0}/s simulated, {:.0}/s wall), {} writes acknowledged ({:.0}/s simulated, {:.0}/s wall), {} of them through the primary, {} sector writes, {} rewritten after OlderVersion, {} discards acknowledged, {} reads checked, {} power cuts, {} resets, {} stalled connections given up, {} clock steps, route epoch {} ({} StaleEpoch answers, {} splits, {} disks replaced), {} blocks verified on every replica, {} network bytes\n",
+            "data seed {}: {:.2} s simulated in {:.2} s ({:.0}x real time; {} rounds, {} busy), {} operations ({:.0}/s simulated, {:.0}/s wall), {} writes acknowledged ({:.0}/s simulated, {:.0}/s wall), {} of them through the primary, {} sector writes, {} rewritten after OlderVersion, {} discards acknowledged, {} reads checked, {} power cuts, {} resets, {} stalled connections given up, {} clock steps, route epoch {} ({} StaleEpoch answers, {} splits, {} disks replaced), {} take-overs ({} writes refused as fenced, {} given up), {} blocks verified on every replica, {} network bytes\n",
             self.seed,
             secs,
             wall.as_secs_f64(),
@@ -264,6 +285,9 @@ impl DataReport {
             self.stale_epochs,
             self.splits,
             self.disks_replaced,
+            self.takeovers,
+            self.fenced,
+            self.given_up,
             self.blocks_verified,
             self.net_bytes,
         );
@@ -314,6 +338,9 @@ struct SimNode {
     disk_gen: u64,
     /// On a new disk, not registered on it yet (`--replace-disk`).
     replacing: bool,
+    /// Times its core started (a fence push to an earlier core is
+    /// answered by the registration of the next).
+    starts: u64,
 }
 
 /// The newest write of a sector as the checker keeps it: (version, write
@@ -332,8 +359,18 @@ struct WriteRec {
     zero: bool,
     /// Sent as `WriteZeroes` rather than `Discard`.
     write_zeroes: bool,
+    /// When its client issued it.
+    issued_at: u64,
     /// When every replica acknowledged it.
     acked_at: Option<u64>,
+    /// The fence generation of its client's capability when issued.
+    fence: u32,
+    /// Never acknowledged: a node refused it as fenced, its client took
+    /// the volume over under a new attachment, or it was written again
+    /// with a newer version after `OlderVersion` (which may be given up
+    /// in turn). Some replicas may hold it and others not (until a scrub
+    /// compares them).
+    given_up: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -404,6 +441,8 @@ struct Accepting {
 
 struct Client {
     attachment: u32,
+    /// Its capability's fence generation (in every mutation's header).
+    fence: u32,
     /// The route table it sends by: a `StaleEpoch` answer carries a newer
     /// one, and a request that found no replica asks for the current one.
     table: RouteTable,
@@ -443,6 +482,10 @@ struct DataSim {
     /// Where clients read into.
     scratch: Vec<u8>,
     accepting: Vec<Accepting>,
+    /// A take-over whose fence push is not answered by every node yet.
+    takeover: Option<takeover::Takeover>,
+    /// Fence generations every node confirmed, and when (µs).
+    fences_confirmed: Vec<(u32, u64)>,
 }
 
 /// Node `i`'s disk number `gen` of the run, formatted.
@@ -532,14 +575,21 @@ impl DataSim {
                 up_at: 0,
                 disk_gen: 0,
                 replacing: false,
+                starts: 0,
             });
         }
-        let control = Control::new(NODES, cfg.route_changes)?;
-        let clients = (0..2)
-            .map(|i| Client {
-                attachment: i + 1,
+        let mut control = Control::new(NODES, cfg.route_changes)?;
+        let mut clients = Vec::new();
+        for i in 0..2 {
+            // Two shared writers (as a clustered file system's), until one
+            // takes the volume over.
+            let a = control.attach(format!("client {i}"), AttachMode::Shared, false)?;
+            let (attachment, fence) = (a.attachment.id, a.attachment.fence);
+            clients.push(Client {
+                attachment,
+                fence,
                 table: empty_table(),
-                cap: Capability::mint(&DATA_KEY, VOLUME, i + 1, 0, false, u64::MAX),
+                cap: Capability::mint(&DATA_KEY, VOLUME, attachment, fence, false, u64::MAX),
                 hlc: 0,
                 clock_offset_ms: {
                     let m = cfg.clock_offset_max_ms as i64;
@@ -551,8 +601,8 @@ impl DataSim {
                 next_req: 1,
                 reqs: BTreeMap::new(),
                 next_issue_at: 0,
-            })
-            .collect();
+            });
+        }
         let mut sim = DataSim {
             cfg: cfg.clone(),
             rng: StdRng::seed_from_u64(cfg.seed),
@@ -574,6 +624,8 @@ impl DataSim {
             due_crashes: Vec::new(),
             scratch: vec![0; 16 << 10],
             accepting: Vec::new(),
+            takeover: None,
+            fences_confirmed: Vec::new(),
         };
         for i in 0..NODES {
             sim.start_node(i)?;
@@ -623,7 +675,11 @@ impl DataSim {
         if !self.cfg.restart_floor {
             core.without_restart_floor();
         }
+        if !self.cfg.fence_check {
+            core.without_fence_check();
+        }
         self.nodes[i].core = Some(core);
+        self.nodes[i].starts += 1;
         self.register_node(i)
     }
 
@@ -862,6 +918,12 @@ impl DataSim {
                 {
                     self.split_partitions()?;
                 }
+                // Drawn only when on: runs without take-overs keep their
+                // course.
+                if self.cfg.takeover_per_ms > 0.0 && self.rng.gen_bool(self.cfg.takeover_per_ms) {
+                    let c = self.rng.gen_range(0..self.clients.len());
+                    self.take_over(c)?;
+                }
                 if self.rng.gen_bool(self.cfg.stall_per_ms) {
                     let c = self.rng.gen_range(0..self.clients.len());
                     let i = self.rng.gen_range(0..NODES);
@@ -880,13 +942,14 @@ impl DataSim {
                 }
             }
             let mut busy = self.drive_nodes()?;
+            busy |= self.takeover_step();
             for c in 0..self.clients.len() {
                 busy |= self.client_step(c)?;
             }
             self.report.rounds += 1;
             self.report.busy_rounds += busy as u64;
             let outstanding: usize = self.clients.iter().map(|c| c.ops.len()).sum();
-            if !self.faults && outstanding == 0 && self.converged() {
+            if !self.faults && outstanding == 0 && self.takeover.is_none() && self.converged() {
                 self.report.epoch = self.control.epoch();
                 self.verify()?;
                 for n in &self.nodes {

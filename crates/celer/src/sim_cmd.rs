@@ -65,6 +65,12 @@ pub struct SimArgs {
     /// when every partition of the node has another member in sync.
     #[arg(long, default_value_t = 0.0)]
     pub new_disk_share: f64,
+    /// With --data: take-overs per simulated second. A client attaches the
+    /// volume exclusively with --force (as a VM moving host): the control
+    /// service raises the fence generation and pushes it to the nodes; the
+    /// other client's writes are then refused as fenced.
+    #[arg(long, default_value_t = 0.0)]
+    pub takeovers_per_sec: f64,
 }
 
 /// Log time stamps in the data simulation's simulated time.
@@ -92,6 +98,12 @@ fn run_data(a: &SimArgs) -> Result<()> {
     if !(0.0..=1.0).contains(&a.new_disk_share) {
         bail!("--new-disk-share {}: between 0 and 1", a.new_disk_share);
     }
+    if !(0.0..=1000.0).contains(&a.takeovers_per_sec) {
+        bail!(
+            "--takeovers-per-sec {}: between 0 and 1000 (one chance per simulated millisecond)",
+            a.takeovers_per_sec
+        );
+    }
     if a.new_disk_share > 0.0 && !a.route_changes {
         bail!("--new-disk-share needs --route-changes (the control service moves the copies)");
     }
@@ -107,6 +119,7 @@ fn run_data(a: &SimArgs) -> Result<()> {
         cfg.ops_per_sec = a.ops_per_sec;
         cfg.crash_per_ms = a.power_cuts_per_sec / 1000.0;
         cfg.route_changes = a.route_changes;
+        cfg.takeover_per_ms = a.takeovers_per_sec / 1000.0;
         let started = Instant::now();
         // The node cores log as real nodes do (CELER_LOG shows them, with
         // the simulator's own trace lines at debug, stamped with simulated

@@ -105,6 +105,11 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
         self.restart_floor = None;
     }
 
+    /// See `NodeCore::without_fence_check`.
+    pub(crate) fn drop_fence_check(&mut self) {
+        self.fence_check = false;
+    }
+
     pub(crate) fn new(engine: Shard<D>, shared: Arc<NodeShared>, cfg: ShardConfig, net: N) -> Self {
         let now = net.now();
         let id = engine.id() as u16;
@@ -172,6 +177,7 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
             route: None,
             versions,
             fences: HashMap::new(),
+            fence_check: true,
             fence_waits: Vec::new(),
             layers: HashMap::new(),
             trims: HashMap::new(),

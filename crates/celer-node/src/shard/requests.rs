@@ -176,7 +176,7 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
         // `authorize`; a node forwards the writer's): a newer one than ours
         // means the volume was taken over and the push has not come yet.
         let fence = self.fence_of(h.volume);
-        if h.fence < fence {
+        if h.fence < fence && self.fence_check {
             return self.reject(c, &h, Status::Fenced);
         }
         if h.fence > fence {

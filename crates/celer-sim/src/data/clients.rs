@@ -224,6 +224,7 @@ impl DataSim {
         let unix_ms = unix_ms.saturating_add_signed(cl.clock_offset_ms);
         cl.hlc = (cl.hlc + 1).max(clock_of_unix_ms(unix_ms));
         let version = (cl.hlc << 16) | cl.attachment as u64;
+        let fence = cl.fence;
         let wid = self.next_write;
         self.next_write += 1;
         self.writes.insert(
@@ -235,7 +236,10 @@ impl DataSim {
                 sectors,
                 zero,
                 write_zeroes: false,
+                issued_at: self.world.borrow().now_us,
                 acked_at: None,
+                fence,
+                given_up: false,
             },
         );
         for b in first..first + blocks {
@@ -456,6 +460,7 @@ impl DataSim {
             let rec = &self.writes[&w];
             h.version = rec.version;
             h.attachment = cl.attachment;
+            h.fence = cl.fence;
             let (s, n) = rec.sectors.unwrap_or((0, SECTORS as u64));
             if let Some((s, n)) = rec.sectors {
                 h.flags = FLAG_SECTORS;
@@ -551,6 +556,7 @@ impl DataSim {
                 if op.want.iter().all(|w| *w == Want::Done) {
                     let op = self.clients[c].ops.remove(&id).expect("present");
                     let w = op.write.expect("a write");
+                    self.check_fence(c, w)?;
                     if let Some(rec) = self.writes.get_mut(&w) {
                         rec.acked_at = Some(now);
                         let (s0, n) = rec.sectors.unwrap_or((0, SECTORS as u64));
@@ -601,6 +607,9 @@ impl DataSim {
                     self.writes.get(&w).map_or((false, None, false), |r| {
                         (r.zero, r.sectors, r.write_zeroes)
                     });
+                // This write is never acknowledged (the rewrite may be,
+                // or may itself be given up at a take-over).
+                self.give_up(w);
                 let newer = self.new_write_sectors(c, op.first, op.blocks, zero, sectors);
                 if let Some(r) = self.writes.get_mut(&newer) {
                     r.write_zeroes = write_zeroes;
@@ -608,6 +617,19 @@ impl DataSim {
                 self.report.rewrites += 1;
                 self.log(format!(
                     "client {} write {w}: OlderVersion from node {}, rewritten as {newer}",
+                    self.clients[c].attachment,
+                    node_id(i)
+                ));
+            }
+            (Some(w), Status::Fenced) => {
+                // The volume was taken over from this attachment: the
+                // write fails (the guest would see an I/O error).
+                self.clients[c].ops.remove(&id);
+                self.forget_requests(c, id);
+                self.give_up(w);
+                self.report.fenced += 1;
+                self.log(format!(
+                    "client {} write {w}: Fenced from node {}, failed",
                     self.clients[c].attachment,
                     node_id(i)
                 ));

@@ -15,14 +15,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use celer_meta::api::{Heartbeat, RegisterNode};
-use celer_meta::state::{Cluster, ClusterConfig, ManualClock, Pushed};
+use celer_meta::api::{
+    AttachMode, AttachVolume, CreateVolume, Heartbeat, RegisterNode, VolumeFence,
+};
+use celer_meta::state::{Attached, Cluster, ClusterConfig, ManualClock, Pushed};
 use celer_meta::store::RedbStore;
 use celer_node::core::AgentNote;
 use celer_route::{NodeId, RouteTable};
 use rand::Rng;
 
-use super::{node_id, DataSim, BS, CHUNK_BLOCKS};
+use super::{node_id, DataSim, BLOCKS, BS, CHUNK_BLOCKS, VOLUME};
 
 /// How often a node beats, and how long its lease lasts (simulated ms).
 const HEARTBEAT_MS: u64 = 2;
@@ -31,6 +33,11 @@ const LEASE_MS: u64 = 6;
 const DOWN_GRACE_MS: u64 = 20;
 /// The chance that a push of a new table does not reach one node.
 const PUSH_LOSS: f64 = 0.05;
+/// The volume's name at the control service. The service numbers it 1;
+/// the nodes and clients know it as [`VOLUME`] (the seeds' placements,
+/// which hash the volume id, predate the attachments), so the fences the
+/// service hands out are translated ([`Control::node_fences`]).
+const VOLUME_NAME: &str = "vm";
 
 /// The control service and what the simulation keeps about the agents.
 pub(super) struct Control {
@@ -46,6 +53,8 @@ pub(super) struct Control {
     /// Per node: partitions its catch-ups copy whole instead, sent with
     /// its next heartbeat (at once), until one is answered.
     copy_whole: Vec<Vec<u32>>,
+    /// The volume's id at the control service.
+    volume_id: u64,
 }
 
 impl Control {
@@ -68,8 +77,21 @@ impl Control {
             down_grace_ms,
             capability_ttl_ms: 3_600_000,
         };
-        let cluster = Cluster::load(cfg, &store, clock.clone()).map_err(|e| e.to_string())?;
+        let mut cluster = Cluster::load(cfg, &store, clock.clone()).map_err(|e| e.to_string())?;
+        let volume = cluster
+            .create_volume(
+                &store,
+                "sim",
+                CreateVolume {
+                    name: VOLUME_NAME.into(),
+                    size_bytes: BLOCKS * BS as u64,
+                    replicas: None,
+                    sector_size_bytes: None,
+                },
+            )
+            .map_err(|e| format!("creating the volume: {e}"))?;
         Ok(Control {
+            volume_id: volume.id,
             cluster,
             store,
             clock,
@@ -84,6 +106,43 @@ impl Control {
     /// gone with it.
     pub(super) fn forget_agent(&mut self, i: usize) {
         self.copy_whole[i].clear();
+    }
+
+    /// A client attaches the volume read-write: `Shared` beside the
+    /// other client, or `Exclusive` with `force` (a take-over, which ends
+    /// every other writer's attachment and raises the fence generation).
+    pub(super) fn attach(
+        &mut self,
+        holder: String,
+        mode: AttachMode,
+        force: bool,
+    ) -> Result<Attached, String> {
+        let req = AttachVolume {
+            read_only: false,
+            mode,
+            force,
+            holder,
+        };
+        self.cluster
+            .attach(&self.store, "sim", VOLUME_NAME, &req)
+            .map_err(|e| format!("attach refused: {e}"))
+    }
+
+    /// The fence generations of `fences` as the nodes install them:
+    /// (volume as the nodes know it, generation).
+    pub(super) fn node_fences(&self, fences: &[VolumeFence]) -> Vec<(u64, u32)> {
+        fences
+            .iter()
+            .filter(|f| f.volume == self.volume_id)
+            .map(|f| (VOLUME, f.fence))
+            .collect()
+    }
+
+    /// Whether the control service counts node `i` up (a fence push to
+    /// it must be answered; one down gets the generation when it
+    /// registers or beats again).
+    pub(super) fn node_up(&self, i: usize) -> bool {
+        self.cluster.node_up(node_id(i))
     }
 
     pub(super) fn table(&self) -> Option<&RouteTable> {
@@ -126,6 +185,12 @@ impl DataSim {
             ));
         }
         c.known[i] = true;
+        // Fences before the table, before the node serves (as the node
+        // queues them before its shards start).
+        let fences = c.node_fences(&r.fences);
+        if let Some(core) = self.nodes[i].core.as_mut() {
+            core.set_fences(fences);
+        }
         self.nodes[i].replacing = false;
         c.next_beat[i] = self.world.borrow().now_us + HEARTBEAT_MS * 1000;
         self.log(format!(
@@ -229,6 +294,10 @@ impl DataSim {
                 }
                 self.control.copy_whole[i].clear();
                 self.deliver(pushed);
+                let fences = self.control.node_fences(&reply.fences);
+                if let Some(core) = self.nodes[i].core.as_mut() {
+                    core.set_fences(fences);
+                }
                 if let Some(t) = reply.table {
                     self.install(i, t);
                 }
