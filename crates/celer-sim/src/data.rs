@@ -172,6 +172,13 @@ pub struct DataSimConfig {
     /// nodes; see `takeover.rs`). The clients start as two shared
     /// attachments. 0: none.
     pub takeover_per_ms: f64,
+    /// Per simulated millisecond, with `route_changes`: the chance that a
+    /// node's agent loses the control service for 10-40 ms while clients
+    /// and peers still reach the node (a partition of the management
+    /// network). Its heartbeats and the service's pushes (tables, fences)
+    /// do not get through; past its lease the service marks it down and a
+    /// take-over's fence push no longer waits for it. 0: never.
+    pub control_cut_per_ms: f64,
     /// The nodes refuse writes of an older fence generation (always, in a
     /// real node). Off only to show that the simulation finds what the
     /// check prevents.
@@ -198,6 +205,7 @@ impl DataSimConfig {
             split_per_ms: 0.0,
             replace_disk: 0.0,
             takeover_per_ms: 0.0,
+            control_cut_per_ms: 0.0,
             fence_check: true,
         }
     }
@@ -341,6 +349,8 @@ struct SimNode {
     /// Times its core started (a fence push to an earlier core is
     /// answered by the registration of the next).
     starts: u64,
+    /// Its agent cannot reach the control service until then (µs).
+    control_cut_until: u64,
 }
 
 /// The newest write of a sector as the checker keeps it: (version, write
@@ -576,6 +586,7 @@ impl DataSim {
                 disk_gen: 0,
                 replacing: false,
                 starts: 0,
+                control_cut_until: 0,
             });
         }
         let mut control = Control::new(NODES, cfg.route_changes)?;
@@ -780,6 +791,12 @@ impl DataSim {
         let now = self.now();
         for i in 0..NODES {
             if self.nodes[i].core.is_none() && now >= self.nodes[i].up_at {
+                if self.control_cut(i) {
+                    // A node registers before it serves: it starts once
+                    // its agent reaches the control service again.
+                    self.nodes[i].up_at = self.nodes[i].control_cut_until;
+                    continue;
+                }
                 // Drawn only when on: runs without it keep their course.
                 let replace = self.cfg.route_changes
                     && self.cfg.replace_disk > 0.0
@@ -920,6 +937,18 @@ impl DataSim {
                 }
                 // Drawn only when on: runs without take-overs keep their
                 // course.
+                if self.cfg.route_changes
+                    && self.cfg.control_cut_per_ms > 0.0
+                    && self.rng.gen_bool(self.cfg.control_cut_per_ms)
+                {
+                    let i = self.rng.gen_range(0..NODES);
+                    let cut = self.rng.gen_range(10_000..40_000);
+                    self.nodes[i].control_cut_until = now + cut;
+                    self.log(format!(
+                        "node {} loses the control service for {cut} µs (clients and peers still reach it)",
+                        node_id(i)
+                    ));
+                }
                 if self.cfg.takeover_per_ms > 0.0 && self.rng.gen_bool(self.cfg.takeover_per_ms) {
                     let c = self.rng.gen_range(0..self.clients.len());
                     self.take_over(c)?;

@@ -71,6 +71,11 @@ pub struct SimArgs {
     /// other client's writes are then refused as fenced.
     #[arg(long, default_value_t = 0.0)]
     pub takeovers_per_sec: f64,
+    /// With --data --route-changes: per simulated second, a node's agent
+    /// loses the control service for 10-40 ms while clients and peers
+    /// still reach the node (the service marks it down past its lease).
+    #[arg(long, default_value_t = 0.0)]
+    pub control_cuts_per_sec: f64,
 }
 
 /// Log time stamps in the data simulation's simulated time.
@@ -104,6 +109,15 @@ fn run_data(a: &SimArgs) -> Result<()> {
             a.takeovers_per_sec
         );
     }
+    if !(0.0..=1000.0).contains(&a.control_cuts_per_sec) {
+        bail!(
+            "--control-cuts-per-sec {}: between 0 and 1000 (one chance per simulated millisecond)",
+            a.control_cuts_per_sec
+        );
+    }
+    if a.control_cuts_per_sec > 0.0 && !a.route_changes {
+        bail!("--control-cuts-per-sec needs --route-changes (leases long enough to lapse)");
+    }
     if a.new_disk_share > 0.0 && !a.route_changes {
         bail!("--new-disk-share needs --route-changes (the control service moves the copies)");
     }
@@ -120,6 +134,7 @@ fn run_data(a: &SimArgs) -> Result<()> {
         cfg.crash_per_ms = a.power_cuts_per_sec / 1000.0;
         cfg.route_changes = a.route_changes;
         cfg.takeover_per_ms = a.takeovers_per_sec / 1000.0;
+        cfg.control_cut_per_ms = a.control_cuts_per_sec / 1000.0;
         let started = Instant::now();
         // The node cores log as real nodes do (CELER_LOG shows them, with
         // the simulator's own trace lines at debug, stamped with simulated

@@ -4,10 +4,13 @@
 //!
 //! A shard that is a member of a partition starts a record for a member
 //! when it installs a table where that member is down *and* its previous
-//! table (installed since this process started) had it as a member that
-//! was not down: it saw the member leave the write set, so every write the
-//! member misses is accepted here after that point (a node accepts writes
-//! of its current epoch only). From then on every mutation the shard
+//! table (installed since this process started, the epoch just before)
+//! had it as a member that was not down: it saw the member leave the write
+//! set, so every write the member misses is accepted here after that point
+//! (a node accepts writes of its current epoch only). A table that skips
+//! epochs (a lost push, or this node cut off from the control service
+//! while clients still reached it) voids every record: in a skipped table
+//! this node may have been marked down itself and missed writes. From then on every mutation the shard
 //! accepts for the partition sets the written blocks' bits, until the
 //! member is back (no longer down: recording stops, the record is kept for
 //! its catch-up), and the record is dropped once the member is in sync or
@@ -81,7 +84,14 @@ impl<D: celer_engine::Disk, N: crate::net::Net> ShardLoop<D, N> {
         // member asked for them under the old partition and was refused
         // as NotReplica, for ever): records from before it answer "not
         // recorded", and their members copy whole.
-        if split {
+        // Tables skipped (a push lost, or this node cut off from the
+        // control service while clients still reached it): in one of them
+        // this node may have been marked down itself and got none of the
+        // partition's writes, or a member may have gone down before this
+        // node saw it. No record is complete across the gap: records
+        // answer "not recorded", and those it would start begin so.
+        let gap = old.is_some_and(|o| new.epoch > o.epoch + 1);
+        if split || gap {
             for c in self.catch_ups.iter_mut().filter(|c| !c.overflowed) {
                 c.overflowed = true;
                 c.blocks = HashMap::new();
@@ -138,20 +148,31 @@ impl<D: celer_engine::Disk, N: crate::net::Net> ShardLoop<D, N> {
                 if !was_up {
                     continue;
                 }
-                tracing::info!(
-                    shard = self.id,
-                    partition = p,
-                    node = m.node,
-                    epoch = new.epoch,
-                    "member down: recording the writes it misses"
-                );
+                if gap {
+                    tracing::info!(
+                        shard = self.id,
+                        partition = p,
+                        node = m.node,
+                        epoch = new.epoch,
+                        skipped_from = old.epoch,
+                        "member down, seen across skipped tables: no record, it will copy whole"
+                    );
+                } else {
+                    tracing::info!(
+                        shard = self.id,
+                        partition = p,
+                        node = m.node,
+                        epoch = new.epoch,
+                        "member down: recording the writes it misses"
+                    );
+                }
                 self.catch_ups.push(CatchUp {
                     partition: p,
                     node: m.node,
                     seen_up_epoch: old.epoch,
                     seen_down_epoch: new.epoch,
                     recording: true,
-                    overflowed: false,
+                    overflowed: gap,
                     started: self.net.now(),
                     blocks: HashMap::new(),
                 });

@@ -205,6 +205,12 @@ impl DataSim {
         Ok(())
     }
 
+    /// Whether node `i`'s agent is cut off from the control service now
+    /// (`DataSimConfig::control_cut_per_ms`; its data connections work).
+    pub(super) fn control_cut(&self, i: usize) -> bool {
+        self.now() < self.nodes[i].control_cut_until
+    }
+
     /// Hands table `t` to node `i` if it runs and holds an older one.
     fn install(&mut self, i: usize, t: RouteTable) {
         if let Some(core) = self.nodes[i].core.as_mut() {
@@ -220,7 +226,8 @@ impl DataSim {
         let Some(t) = pushed else { return };
         self.log(format!("route epoch {}: {}", t.epoch, describe(&t)));
         for i in 0..self.nodes.len() {
-            if self.nodes[i].core.is_some() && !self.rng.gen_bool(PUSH_LOSS) {
+            if self.nodes[i].core.is_some() && !self.control_cut(i) && !self.rng.gen_bool(PUSH_LOSS)
+            {
                 self.install(i, t.clone());
             }
         }
@@ -232,6 +239,11 @@ impl DataSim {
     pub(super) fn control_step(&mut self) -> Result<(), String> {
         let now = self.now();
         for i in 0..self.nodes.len() {
+            if self.control_cut(i) {
+                // Its agent cannot reach the service: what the core asks
+                // waits, and so do its heartbeats.
+                continue;
+            }
             let Some(core) = self.nodes[i].core.as_mut() else {
                 continue;
             };

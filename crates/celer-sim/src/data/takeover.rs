@@ -30,9 +30,9 @@ pub(super) struct Takeover {
     client: usize,
     attachment: u32,
     fence: u32,
-    /// Per node the push waits for: (node, the push's answer, the node's
-    /// start count when pushed).
-    waits: Vec<(usize, Receiver<u16>, u64)>,
+    /// Per node the push waits for: (node, the push's answer once it got
+    /// through, the node's start count when the take-over began).
+    waits: Vec<(usize, Option<Receiver<u16>>, u64)>,
 }
 
 impl DataSim {
@@ -54,16 +54,7 @@ impl DataSim {
             let Some(i) = index_of(node) else {
                 return Err(format!("the control service names unknown node {node}"));
             };
-            let starts = self.nodes[i].starts;
-            if let Some(core) = self.nodes[i].core.as_mut() {
-                let _node = tracing::info_span!("node", id = i + 1).entered();
-                waits.push((i, core.push_fences(vec![(VOLUME, fence)]), starts));
-            } else {
-                // Lost power, not marked down yet: the push is retried
-                // until it is, or until the node registers again.
-                let (_, rx) = std::sync::mpsc::channel();
-                waits.push((i, rx, starts));
-            }
+            waits.push((i, None, self.nodes[i].starts));
         }
         self.log(format!(
             "client {} takes the volume over: attachment {}, fence generation {fence} (ended {:?}), pushed to nodes {:?}",
@@ -87,19 +78,34 @@ impl DataSim {
         let Some(mut t) = self.takeover.take() else {
             return false;
         };
-        t.waits.retain(|(i, rx, starts)| {
+        let fence = t.fence;
+        t.waits.retain_mut(|(i, rx, starts)| {
             let i = *i;
             if self.nodes[i].starts != *starts {
                 // Started again since: its registration installed the
                 // generation before it served.
                 return false;
             }
-            match rx.try_recv() {
-                Ok(_) => false,
-                Err(TryRecvError::Empty) => true,
-                // The core is gone (a power cut): wait for it to register
-                // again, unless the service marks it down.
-                Err(TryRecvError::Disconnected) => self.control.node_up(i),
+            if let Some(r) = rx {
+                match r.try_recv() {
+                    Ok(_) => return false,
+                    Err(TryRecvError::Empty) => return true,
+                    // The core is gone (a power cut): push again.
+                    Err(TryRecvError::Disconnected) => *rx = None,
+                }
+            }
+            // The push gets through to a running node the service can
+            // reach; it is retried until then, or until the service marks
+            // the node down (it gets the generation when it registers or
+            // beats again).
+            let reachable = !self.control_cut(i);
+            match self.nodes[i].core.as_mut() {
+                Some(core) if reachable => {
+                    let _node = tracing::info_span!("node", id = i + 1).entered();
+                    *rx = Some(core.push_fences(vec![(VOLUME, fence)]));
+                    true
+                }
+                _ => self.control.node_up(i),
             }
         });
         if !t.waits.is_empty() {
