@@ -483,11 +483,13 @@ impl DataSim {
         let pipe = cl.conns[i].as_ref().map(|c| c.pipe);
         if detail {
             let line = format!(
-                "client {} sends request {q} ({:?} blocks {}+{}) to node {} on pipe {pipe:?}",
+                "client {} sends request {q} ({:?} blocks {}+{}, partition {} at epoch {}) to node {} on pipe {pipe:?}",
                 cl.attachment,
                 h.op,
                 op.first,
                 op.blocks,
+                cl.table.partition_at(VOLUME, op.first * BS as u64),
+                h.epoch,
                 node_id(i)
             );
             self.log(line);
