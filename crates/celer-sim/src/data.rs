@@ -49,8 +49,14 @@
 //! operation or retry, and at most 1 ms (faults are drawn per simulated
 //! millisecond). The report counts rounds, and busy ones.
 //!
+//! With [`DataSimConfig::takeover_per_ms`], clients take the volume over
+//! from each other through the real control service, which fences the
+//! other attachment (`takeover.rs`); with
+//! [`DataSimConfig::control_cut_per_ms`], a node's agent loses the control
+//! service for a while as clients and peers still reach it.
+//!
 //! Not simulated yet (docs/testing.md): repair, the real client core,
-//! TLS, fencing and snapshots.
+//! TLS and snapshots.
 
 mod acceptor;
 mod checker;
