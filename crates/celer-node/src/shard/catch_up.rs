@@ -7,15 +7,16 @@
 //! table (installed since this process started, the epoch just before)
 //! had it as a member that was not down: it saw the member leave the write
 //! set, so every write the member misses is accepted here after that point
-//! (a node accepts writes of its current epoch only). A table that skips
+//! (a node accepts writes of its current epoch only). From then on every
+//! mutation the shard accepts for the partition sets the written blocks'
+//! bits, until the member is back (no longer down: recording stops, the
+//! record is kept for its catch-up), and the record is dropped once the
+//! member is in sync or no longer a member. A member that goes down again
+//! while catching up records into the same record. A table that skips
 //! epochs (a lost push, or this node cut off from the control service
-//! while clients still reached it) voids every record: in a skipped table
-//! this node may have been marked down itself and missed writes. From then on every mutation the shard
-//! accepts for the partition sets the written blocks' bits, until the
-//! member is back (no longer down: recording stops, the record is kept for
-//! its catch-up), and the record is dropped once the member is in sync or
-//! no longer a member. A member that goes down again while catching up
-//! records into the same record.
+//! while clients still reached it) voids every record, and none starts at
+//! it: in a skipped table this node may have been marked down itself and
+//! got none of the partition's writes.
 //!
 //! When the member returns as a syncing member with `catch_up_since` (the
 //! epoch it went down in while in sync), its backfill asks the source for
