@@ -87,33 +87,22 @@ impl tracing_subscriber::fmt::time::FormatTime for SimTime {
     }
 }
 
+/// A rate per simulated second as the simulation's chance per simulated
+/// millisecond: 0 to 1000 (one chance per millisecond).
+fn chance_per_ms(flag: &str, per_sec: f64) -> Result<f64> {
+    if !(0.0..=1000.0).contains(&per_sec) {
+        bail!("{flag} {per_sec}: between 0 and 1000 (one chance per simulated millisecond)");
+    }
+    Ok(per_sec / 1000.0)
+}
+
 fn run_data(a: &SimArgs) -> Result<()> {
-    if !(0.0..=1000.0).contains(&a.power_cuts_per_sec) {
-        bail!(
-            "--power-cuts-per-sec {}: between 0 and 1000 (one chance per simulated millisecond)",
-            a.power_cuts_per_sec
-        );
-    }
-    if !(0.0..=1000.0).contains(&a.splits_per_sec) {
-        bail!(
-            "--splits-per-sec {}: between 0 and 1000 (one chance per simulated millisecond)",
-            a.splits_per_sec
-        );
-    }
+    let crash_per_ms = chance_per_ms("--power-cuts-per-sec", a.power_cuts_per_sec)?;
+    let split_per_ms = chance_per_ms("--splits-per-sec", a.splits_per_sec)?;
+    let takeover_per_ms = chance_per_ms("--takeovers-per-sec", a.takeovers_per_sec)?;
+    let control_cut_per_ms = chance_per_ms("--control-cuts-per-sec", a.control_cuts_per_sec)?;
     if !(0.0..=1.0).contains(&a.new_disk_share) {
         bail!("--new-disk-share {}: between 0 and 1", a.new_disk_share);
-    }
-    if !(0.0..=1000.0).contains(&a.takeovers_per_sec) {
-        bail!(
-            "--takeovers-per-sec {}: between 0 and 1000 (one chance per simulated millisecond)",
-            a.takeovers_per_sec
-        );
-    }
-    if !(0.0..=1000.0).contains(&a.control_cuts_per_sec) {
-        bail!(
-            "--control-cuts-per-sec {}: between 0 and 1000 (one chance per simulated millisecond)",
-            a.control_cuts_per_sec
-        );
     }
     if a.control_cuts_per_sec > 0.0 && !a.route_changes {
         bail!("--control-cuts-per-sec needs --route-changes (leases long enough to lapse)");
@@ -127,14 +116,14 @@ fn run_data(a: &SimArgs) -> Result<()> {
     let mut failed = Vec::new();
     for seed in a.seed..a.seed.saturating_add(a.count) {
         let mut cfg = celer_sim::DataSimConfig::new(seed);
-        cfg.split_per_ms = a.splits_per_sec / 1000.0;
+        cfg.split_per_ms = split_per_ms;
         cfg.replace_disk = a.new_disk_share;
         cfg.duration_us = a.millis * 1000;
         cfg.ops_per_sec = a.ops_per_sec;
-        cfg.crash_per_ms = a.power_cuts_per_sec / 1000.0;
+        cfg.crash_per_ms = crash_per_ms;
         cfg.route_changes = a.route_changes;
-        cfg.takeover_per_ms = a.takeovers_per_sec / 1000.0;
-        cfg.control_cut_per_ms = a.control_cuts_per_sec / 1000.0;
+        cfg.takeover_per_ms = takeover_per_ms;
+        cfg.control_cut_per_ms = control_cut_per_ms;
         let started = Instant::now();
         // The node cores log as real nodes do (CELER_LOG shows them, with
         // the simulator's own trace lines at debug, stamped with simulated
