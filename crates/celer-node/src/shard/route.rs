@@ -23,6 +23,8 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
         let split = self
             .table()
             .is_some_and(|old| old.partition_count() != t.partition_count());
+        // Tables skipped: see `release_on_join`.
+        let gap = self.table().is_some_and(|old| t.epoch > old.epoch + 1);
         self.catch_up_install(t, split);
         // Backfills of partitions where we are no longer syncing stop.
         let mut i = 0;
@@ -63,7 +65,10 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
                     // catch up (it asked; see `copy_whole_instead`), the
                     // source changed, or the partitions split: start over.
                     let whole_now = !catch_up && self.backfills[i].catch_up;
-                    if Some(self.backfills[i].source) != source || whole_now || split {
+                    // After skipped tables, a copy lists again once what
+                    // it held is released (`release_on_join`).
+                    let relisted = gap && !catch_up;
+                    if Some(self.backfills[i].source) != source || whole_now || split || relisted {
                         // The source left or changed: start over from the new one.
                         if let Some(s) = source {
                             self.backfill_serial = self.backfill_serial.wrapping_add(1);
@@ -216,10 +221,26 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
     /// Such chunks are released before any write of the partition is
     /// taken here (the engine orders later requests of a chunk after its
     /// release) and before the backfill lists.
+    ///
+    /// After a table that skips epochs (a lost push, or this node cut off
+    /// from the control service while clients still reached it), every
+    /// partition it copies whole is released, with the writes taken here
+    /// before (`took_writes`): in a table this node never saw it may have
+    /// been marked down or removed while the partition went on without it
+    /// (a discard that freed a chunk, say), whatever place the table it
+    /// held gave it. None is lost: the source lists only once the writes
+    /// of older epochs it accepted are done (`older_writes_in_flight`), and
+    /// refuses the later ones, which their clients send again under the
+    /// new table, to this member too. (The caller restarts those
+    /// partitions' backfills.)
     fn release_on_join(&mut self, t: &celer_route::RouteTable) {
         let me = self.shared.id;
         let shards = self.shared.shards as u32;
         let mine = self.id as u32;
+        let gap = self.table().is_some_and(|o| t.epoch > o.epoch + 1);
+        if gap {
+            self.took_writes.clear();
+        }
         let old = self.table();
         let was = |p: u32| old.and_then(|o| o.partition(p)).and_then(|r| r.member(me));
         // Joined or back (not a member, or down, in the table we held): no
@@ -247,8 +268,10 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
         joined.extend(t.syncing_on(me).filter(|&p| {
             p % shards == mine
                 && copies_whole(p)
-                && was(p).is_some_and(|m| !m.down && !m.in_sync && m.catch_up_since > 0)
+                && (gap || was(p).is_some_and(|m| !m.down && !m.in_sync && m.catch_up_since > 0))
         }));
+        joined.sort_unstable();
+        joined.dedup();
         // Written since they came back: nothing yet. Kept for the
         // partitions this shard syncs only.
         self.took_writes.retain(|&(v, c), _| {
