@@ -108,29 +108,42 @@ fn the_crash_heavy_data_seeds_lose_no_acknowledged_write() {
 /// simulation no longer finds it.
 #[test]
 fn without_the_restart_floor_the_fixed_seeds_find_a_resent_write_undoing_a_discard() {
-    let aimed = |seed: u64, floor: bool| {
+    first_seed_found_without(0..=40, "the floor", "older than write", |seed, floor| {
         let mut cfg = DataSimConfig::new(seed);
         cfg.restart_floor = floor;
         cfg.crash_after_discard = 0.2;
-        run_data(&cfg, false)
-    };
-    for seed in 0..=40 {
-        let r = aimed(seed, false);
+        cfg
+    });
+}
+
+/// Runs `seeds` in order with a safeguard off (`config(seed, false)`)
+/// until one breaks an invariant with a violation containing `expect`;
+/// then every seed up to it must pass with the safeguard on
+/// (`config(seed, true)`), so the failure is the safeguard's to prevent.
+/// Panics if no seed finds it.
+fn first_seed_found_without(
+    seeds: std::ops::RangeInclusive<u64>,
+    safeguard: &str,
+    expect: &str,
+    config: impl Fn(u64, bool) -> DataSimConfig,
+) {
+    for seed in seeds.clone() {
+        let r = run_data(&config(seed, false), false);
         if let Some(v) = &r.violation {
             println!("seed {seed}, {:.2} s simulated: {v}", r.sim_us as f64 / 1e6);
-            assert!(v.contains("older than write"), "seed {seed}: {v}");
-            for s in 0..=seed {
-                let r = aimed(s, true);
+            assert!(v.contains(expect), "seed {seed}: {v}");
+            for s in *seeds.start()..=seed {
+                let r = run_data(&config(s, true), false);
                 assert!(
                     r.violation.is_none(),
-                    "seed {s} with the floor on: {:?}",
+                    "seed {s} with {safeguard} on: {:?}",
                     r.violation
                 );
             }
             return;
         }
     }
-    panic!("no seed of 0-40 found it");
+    panic!("no seed of {}-{} found it", seeds.start(), seeds.end());
 }
 
 /// Seeds run with route changes on: the fixed ones, and four that found
@@ -324,29 +337,17 @@ fn with_takeovers_no_fenced_write_is_acknowledged_and_none_is_lost() {
 /// check on must pass.
 #[test]
 fn without_the_fence_check_the_seeds_find_a_fenced_write_acknowledged() {
-    let run = |seed: u64, check: bool| {
-        let mut cfg = DataSimConfig::new(seed);
-        cfg.takeover_per_ms = 0.02;
-        cfg.fence_check = check;
-        run_data(&cfg, false)
-    };
-    for seed in 0..=10 {
-        let r = run(seed, false);
-        if let Some(v) = &r.violation {
-            println!("seed {seed}, {:.2} s simulated: {v}", r.sim_us as f64 / 1e6);
-            assert!(v.contains("confirmed fence generation"), "seed {seed}: {v}");
-            for s in 0..=seed {
-                let r = run(s, true);
-                assert!(
-                    r.violation.is_none(),
-                    "seed {s} with the check on: {:?}",
-                    r.violation
-                );
-            }
-            return;
-        }
-    }
-    panic!("no seed of 0-10 found it");
+    first_seed_found_without(
+        0..=10,
+        "the check",
+        "confirmed fence generation",
+        |seed, check| {
+            let mut cfg = DataSimConfig::new(seed);
+            cfg.takeover_per_ms = 0.02;
+            cfg.fence_check = check;
+            cfg
+        },
+    );
 }
 
 /// Control-service cuts, 20 per simulated second with route changes

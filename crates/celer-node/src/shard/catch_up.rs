@@ -74,8 +74,9 @@ pub(super) struct CatchUp {
 
 impl<D: celer_engine::Disk, N: crate::net::Net> ShardLoop<D, N> {
     /// Starts, stops and drops records for table `new` (before it becomes
-    /// the current one); `split`: `new` splits the partitions.
-    pub(super) fn catch_up_install(&mut self, new: &RouteTable, split: bool) {
+    /// the current one); `split`: `new` splits the partitions; `gap`: `new`
+    /// is more than one epoch past the current one.
+    pub(super) fn catch_up_install(&mut self, new: &RouteTable, split: bool, gap: bool) {
         let me = self.shared.id;
         let shards = self.shared.shards as u32;
         let mine = self.id as u32;
@@ -91,7 +92,6 @@ impl<D: celer_engine::Disk, N: crate::net::Net> ShardLoop<D, N> {
         // partition's writes, or a member may have gone down before this
         // node saw it. No record is complete across the gap: records
         // answer "not recorded", and those it would start begin so.
-        let gap = old.is_some_and(|o| new.epoch > o.epoch + 1);
         if split || gap {
             for c in self.catch_ups.iter_mut().filter(|c| !c.overflowed) {
                 c.overflowed = true;

@@ -23,9 +23,10 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
         let split = self
             .table()
             .is_some_and(|old| old.partition_count() != t.partition_count());
-        // Tables skipped: see `release_on_join`.
+        // Tables skipped (a lost push, or this node cut off from the
+        // control service): see `catch_up_install` and `release_on_join`.
         let gap = self.table().is_some_and(|old| t.epoch > old.epoch + 1);
-        self.catch_up_install(t, split);
+        self.catch_up_install(t, split, gap);
         // Backfills of partitions where we are no longer syncing stop.
         let mut i = 0;
         while i < self.backfills.len() {
@@ -106,7 +107,7 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
         }
         // Scan the chunks only when a partition just became one we hold for
         // nobody (always at the first table: leftovers of a past run).
-        self.release_on_join(t);
+        self.release_on_join(t, gap);
         let newly_left = (0..t.partition_count()).any(|p| {
             left_for_good(t, p, me) && !self.table().is_some_and(|old| left_for_good(old, p, me))
         });
@@ -222,8 +223,8 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
     /// taken here (the engine orders later requests of a chunk after its
     /// release) and before the backfill lists.
     ///
-    /// After a table that skips epochs (a lost push, or this node cut off
-    /// from the control service while clients still reached it), every
+    /// After a table that skips epochs (`gap`: a lost push, or this node
+    /// cut off from the control service while clients still reached it), every
     /// partition it copies whole is released, with the writes taken here
     /// before (`took_writes`): in a table this node never saw it may have
     /// been marked down or removed while the partition went on without it
@@ -233,11 +234,10 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
     /// refuses the later ones, which their clients send again under the
     /// new table, to this member too. (The caller restarts those
     /// partitions' backfills.)
-    fn release_on_join(&mut self, t: &celer_route::RouteTable) {
+    fn release_on_join(&mut self, t: &celer_route::RouteTable, gap: bool) {
         let me = self.shared.id;
         let shards = self.shared.shards as u32;
         let mine = self.id as u32;
-        let gap = self.table().is_some_and(|o| t.epoch > o.epoch + 1);
         if gap {
             self.took_writes.clear();
         }
