@@ -449,10 +449,13 @@ impl Core {
         }
     }
 
+    /// The members reads may go to (`PartitionRoute::readers`): never a
+    /// member kept after its partition moved away, which may not have the
+    /// newest table yet.
     fn in_sync_count(&self, partition: u32) -> usize {
         self.table
             .partition(partition)
-            .map(|r| r.members.iter().filter(|m| m.in_sync).count())
+            .map(|r| r.readers(self.table.replicas).count())
             .unwrap_or(0)
     }
 
@@ -483,7 +486,7 @@ impl Core {
         };
         match part.op {
             Op::Read => {
-                let n = route.members.iter().filter(|m| m.in_sync).count();
+                let n = route.readers(table.replicas).count();
                 part.nlegs = 1;
                 part.legs[0] = idle(0);
                 part.read_start = match self.read_policy {
@@ -544,11 +547,7 @@ impl Core {
         let now = self.now;
         let part = &self.parts[p as usize];
         let node = if part.op == Op::Read {
-            let in_sync = self
-                .table
-                .partition(part.partition)
-                .map(|r| r.members.iter().filter(|m| m.in_sync).count())
-                .unwrap_or(0);
+            let in_sync = self.in_sync_count(part.partition);
             if in_sync == 0 {
                 self.enter_wait(p);
                 return;
@@ -556,9 +555,7 @@ impl Core {
             let k = (part.read_start + part.read_tries) % in_sync;
             let route = self.table.partition(part.partition).expect("counted above");
             route
-                .members
-                .iter()
-                .filter(|m| m.in_sync)
+                .readers(self.table.replicas)
                 .nth(k)
                 .map(|m| m.node)
                 .expect("k < in_sync")

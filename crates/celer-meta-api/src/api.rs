@@ -30,6 +30,19 @@ use serde::{Deserialize, Serialize};
 pub const HEARTBEAT_MS_DEFAULT: u64 = 200;
 /// A node whose last heartbeat is older than this is marked down.
 pub const LEASE_MS_DEFAULT: u64 = 1000;
+/// How long a node serves I/O after it sent the heartbeat (or
+/// registration) the control service answered: three quarters of the
+/// lease. The service marks the node down, and acknowledges writes without
+/// it, only a whole lease after it received that heartbeat, which is later
+/// than it was sent: the node has stopped serving by then, even if its
+/// clock ran up to 14 % slower than the service's. A node cut off from the
+/// service (or with the whole service down) therefore stops serving after
+/// this long, as a Vitastor OSD that cannot renew its etcd lease stops:
+/// run the control service highly available (etcd) where that matters.
+pub fn node_serves_for(lease_ms: u64) -> std::time::Duration {
+    std::time::Duration::from_millis(lease_ms * 3 / 4)
+}
+
 /// Largest volume: 1 PiB.
 pub const VOLUME_SIZE_MAX_BYTES: u64 = 1 << 50;
 /// Volume sizes are multiples of this.

@@ -333,6 +333,9 @@ struct Tx {
     table_changed: bool,
     /// Down nodes within the grace period: they keep their places.
     held: Vec<NodeId>,
+    /// Per node, the epoch its last heartbeat reported it serves (see
+    /// `RouteTable::keep_leavers`).
+    served: BTreeMap<NodeId, u64>,
     /// The clock's wall time when the change began: its log entries' and
     /// tombstones' time.
     now_unix_ms: u64,
@@ -447,7 +450,7 @@ impl Tx {
         cfg: &ClusterConfig,
         reason: &str,
     ) -> std::result::Result<(), StateError> {
-        if let Some(next) = next_table(&self.p, cfg, &self.held, self.epoch_floor)? {
+        if let Some(next) = next_table(&self.p, cfg, &self.held, &self.served, self.epoch_floor)? {
             self.set_table(next, reason);
         }
         Ok(())
@@ -462,6 +465,7 @@ fn next_table(
     p: &Persistent,
     cfg: &ClusterConfig,
     held: &[NodeId],
+    served: &BTreeMap<NodeId, u64>,
     epoch_floor: u64,
 ) -> std::result::Result<Option<RouteTable>, StateError> {
     let nodes: Vec<NodeInfo> = p.nodes.values().cloned().collect();
@@ -482,7 +486,8 @@ fn next_table(
             // Bounded concurrent movement: partitions still moving use
             // up the budget.
             let moving = t.partitions.iter().filter(|p| !p.all_in_sync()).count();
-            let next = t.rebalance_holding(nodes, cfg.max_moves.saturating_sub(moving), held);
+            let mut next = t.rebalance_holding(nodes, cfg.max_moves.saturating_sub(moving), held);
+            next.keep_leavers(t, |n| served.get(&n).copied().unwrap_or(0));
             if next.nodes == t.nodes && next.partitions == t.partitions {
                 return Ok(None);
             }
@@ -629,8 +634,19 @@ impl Cluster {
             entries: Vec::new(),
             table_changed: false,
             held: self.held(self.clock.now()),
+            served: self.served(),
             now_unix_ms: self.clock.unix_ms(),
         }
+    }
+
+    /// Per node, the epoch of the table its last heartbeat reported it
+    /// serves (memory only: after a restart of the control service, none
+    /// until the next heartbeats, so no member leaves before them).
+    fn served(&self) -> BTreeMap<NodeId, u64> {
+        self.live
+            .iter()
+            .map(|(id, l)| (*id, l.epoch_acked))
+            .collect()
     }
 
     /// Down nodes whose grace period has not run out.
@@ -1077,6 +1093,7 @@ impl Cluster {
                 "there is no route table yet, so no partition to be in sync for".into(),
             ));
         };
+        let old = t.clone();
         let mut marked = Vec::new();
         let mut backfill_again = Vec::new();
         for &p in partitions {
@@ -1123,6 +1140,9 @@ impl Cluster {
                 None,
             ));
         }
+        // Members the marks drop that clients may still read from stay
+        // until they serve a table where they are no readers.
+        t.keep_leavers(&old, |n| tx.served.get(&n).copied().unwrap_or(0));
         t.epoch += 1;
         tx.set_table(
             t,
@@ -1214,7 +1234,8 @@ impl Cluster {
         // Computed against the live state first: this runs on every lease
         // check, and almost always finds nothing to move.
         let held = self.held(self.clock.now());
-        let Some(next) = next_table(&self.p, &self.cfg, &held, self.epoch_floor)? else {
+        let served = self.served();
+        let Some(next) = next_table(&self.p, &self.cfg, &held, &served, self.epoch_floor)? else {
             return Ok(None);
         };
         let mut tx = self.begin("meta");

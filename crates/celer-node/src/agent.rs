@@ -8,7 +8,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use celer_meta_api::api::{Heartbeat, RegisterNode, Registered};
+use celer_meta_api::api::{node_serves_for, Heartbeat, RegisterNode, Registered};
 use celer_meta_api::client::{Backoff, MetaClient};
 
 use crate::{AgentMsg, NodeError, NodeShared};
@@ -17,16 +17,19 @@ use crate::{AgentMsg, NodeError, NodeShared};
 /// timing out, no leader yet, a 5xx) with exponential backoff, round every
 /// control process URL given, for `within` at most. A refusal (4xx: the
 /// 409 of an identity conflict, a 401 for a wrong token) fails at once.
+/// Also returns when the answered attempt was sent: the node's first lease
+/// counts from then (`celer_meta_api::api::node_serves_for`).
 pub(crate) fn register(
     client: &MetaClient,
     req: &RegisterNode,
     within: Duration,
-) -> Result<Registered, NodeError> {
+) -> Result<(Registered, Instant), NodeError> {
     let start = Instant::now();
     let mut backoff = Backoff::for_control_service();
     let mut attempts = 0u32;
     loop {
         attempts += 1;
+        let sent = Instant::now();
         match client.register(req) {
             Ok(r) => {
                 if attempts > 1 {
@@ -36,7 +39,7 @@ pub(crate) fn register(
                         "registered with the control service"
                     );
                 }
-                return Ok(r);
+                return Ok((r, sent));
             }
             Err(e) if e.is_transient() => {
                 let delay = backoff.next_delay();
@@ -68,13 +71,19 @@ pub(crate) fn register(
     }
 }
 
+/// `lease_until`: the end of the lease the registration gave (already
+/// handed to the shards).
 pub(crate) fn run(
     client: MetaClient,
     mut reg: Registered,
+    mut lease_until: Instant,
     rx: Receiver<AgentMsg>,
     shared: Arc<NodeShared>,
 ) {
     let id = shared.id;
+    let mut serves_for = node_serves_for(reg.lease_ms);
+    // Whether the lease ran out (logged once until renewed).
+    let mut lease_lapsed = false;
     let mut next_beat = Instant::now();
     let mut last_fetch = Instant::now() - Duration::from_secs(1);
     let mut synced: Vec<(u32, u64)> = Vec::new();
@@ -153,8 +162,11 @@ pub(crate) fn run(
         if Instant::now() >= next_beat {
             let period = beat_period(&reg);
             let p = shared.backfill_progress();
+            // The epoch every shard serves, not the hub's latest: the
+            // control service drops a member that left a partition once the
+            // node reports the table that says so.
             let beat = Heartbeat {
-                epoch: shared.hub.epoch(),
+                epoch: shared.served_epoch(),
                 backfill_bytes_done: p.bytes_done,
                 backfill_bytes_total: p.bytes_total,
                 backfill_partitions_unlisted: p.partitions_unlisted,
@@ -169,6 +181,7 @@ pub(crate) fn run(
                     None => tracing::info!("the disk file's file system has room again"),
                 }
             }
+            let sent = Instant::now();
             let result = client.heartbeat_with(id, &beat);
             next_beat = match &result {
                 Ok(_) => {
@@ -188,10 +201,19 @@ pub(crate) fn run(
             match &result {
                 Err(e) if !e.is_not_found() => {
                     if beat_failures == 0 {
-                        // Once per outage: the node serves I/O meanwhile.
-                        tracing::warn!("heartbeat: {e} (logged once until it works again)");
+                        tracing::warn!(
+                            "heartbeat: {e} (logged once until it works again); the node serves I/O for {} ms after its last answered heartbeat",
+                            serves_for.as_millis()
+                        );
                     }
                     beat_failures += 1;
+                    if !lease_lapsed && Instant::now() >= lease_until {
+                        lease_lapsed = true;
+                        tracing::error!(
+                            "lease expired: no heartbeat answered for {} ms; the node serves no I/O until the control service answers (it may mark this node down)",
+                            serves_for.as_millis()
+                        );
+                    }
                 }
                 _ if beat_failures > 0 => {
                     tracing::info!(
@@ -221,6 +243,17 @@ pub(crate) fn run(
                         shared.metrics.epoch.set(t.epoch as i64);
                         shared.hub.install(t);
                     }
+                    // Renewed after the table and fences above (the shards
+                    // take them in order); not for a node that reported it
+                    // cannot serve (the service does not renew it either).
+                    if beat.failure.is_none() {
+                        lease_until = sent + serves_for;
+                        shared.hub.set_lease(lease_until);
+                        if lease_lapsed {
+                            lease_lapsed = false;
+                            tracing::info!("lease renewed: the node serves I/O again");
+                        }
+                    }
                     let mut deleted = r.deleted_volumes;
                     deleted.sort_unstable();
                     if deleted != last_deleted {
@@ -244,12 +277,15 @@ pub(crate) fn run(
                             // Short: heartbeats wait meanwhile; the next
                             // 404 tries again.
                             match register(&client, &req, Duration::from_secs(5)) {
-                                Ok(r) => {
+                                Ok((r, sent)) => {
                                     let f = r.fences.iter().map(|f| (f.volume, f.fence));
                                     shared.hub.set_fences(f.collect(), None).ok();
                                     if crate::admin::check_layers(&r.layers).is_ok() {
                                         shared.hub.set_layers(r.layers.clone(), None).ok();
                                     }
+                                    serves_for = node_serves_for(r.lease_ms);
+                                    lease_until = sent + serves_for;
+                                    shared.hub.set_lease(lease_until);
                                     reg = r
                                 }
                                 Err(e) => tracing::error!("{e}"),

@@ -13,7 +13,7 @@
 
 use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use celer_engine::{Disk, Shard};
 use celer_proto::auth::{Key, MacBytes, Nonce, Peer};
@@ -94,6 +94,23 @@ impl<D: Disk, N: Net> NodeCore<D, N> {
     #[doc(hidden)]
     pub fn without_fence_check(&mut self) {
         self.inner.drop_fence_check();
+    }
+
+    /// Lets the core serve past its lease: it then serves while cut off
+    /// from the control service, after the service marked it down. Only
+    /// to show that the simulator finds what the lease prevents; a node
+    /// with a control service never runs without it.
+    #[doc(hidden)]
+    pub fn without_lease(&mut self) {
+        self.inner.drop_lease();
+    }
+
+    /// The control service renewed the node's lease (a registration or a
+    /// heartbeat answered): the core serves until `until`
+    /// (`celer_meta_api::api::node_serves_for` after the request was
+    /// sent), then answers `Unavailable` until the next renewal.
+    pub fn renew_lease(&mut self, until: Instant) {
+        self.inner.on_msg(ShardMsg::Lease(until));
     }
 
     /// Raises volume fence generations (volume, generation), as the agent

@@ -1,6 +1,8 @@
 //! Messages to the shard threads, and the route hub that hands route
 //! tables, fences and layers to them. Control path only.
 
+use std::time::Instant;
+
 use super::*;
 
 /// A route table as shards hold it, with its encoded form ready to hand out.
@@ -28,6 +30,11 @@ pub(crate) enum ShardMsg {
     /// with a sender, it answers its id once no accepted write to an era
     /// they no longer accept is in flight (see `RouteHub::set_layers`).
     Layers(Arc<Vec<VolumeLayers>>, Option<Sender<u16>>),
+    /// The control service renewed the node's lease: serve until then
+    /// (see `lease` in `shard.rs`). Sent after the table and fences of the
+    /// same reply, so a shard never serves on the renewal with an older
+    /// table than the one the renewing reply carried.
+    Lease(Instant),
     /// Space held by layers: per query `[key, above]`, the chunk slots of
     /// layer `key` this shard holds (all of them with `above` 0, else those
     /// whose every block layer `above` also holds); answered on the sender.
@@ -133,6 +140,13 @@ impl RouteHub {
         let ids = Arc::new(ids);
         for s in &self.shards {
             s.send(ShardMsg::Deleted(ids.clone()));
+        }
+    }
+    /// Hands every shard the end of the lease the control service just
+    /// renewed (see `ShardMsg::Lease`).
+    pub(crate) fn set_lease(&self, until: Instant) {
+        for s in &self.shards {
+            s.send(ShardMsg::Lease(until));
         }
     }
     /// Installs volume fence generations on every shard. With `wait`, also

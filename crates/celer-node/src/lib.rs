@@ -160,6 +160,11 @@ pub(crate) struct NodeShared {
     pub(crate) conns_open: std::sync::atomic::AtomicUsize,
     pub(crate) limits: handshake::ConnLimits,
     pub(crate) stopping: AtomicBool,
+    /// Per shard: the epoch of the table it serves (installed, not just
+    /// queued to it). Heartbeats report the lowest: the control service
+    /// drops a member that has left a partition only once the node serves
+    /// a table that says so (see `celer_route::RouteTable::keep_leavers`).
+    pub(crate) served_epochs: Vec<AtomicU64>,
     /// Per shard: partitions being backfilled.
     pub(crate) backfilling: Vec<std::sync::atomic::AtomicUsize>,
     /// Per shard: allocated engine chunks (space in use), for status.
@@ -195,6 +200,7 @@ impl NodeShared {
             conns_open: std::sync::atomic::AtomicUsize::new(0),
             limits: handshake::ConnLimits::default(),
             stopping: AtomicBool::new(false),
+            served_epochs: vec![AtomicU64::new(0)],
             backfilling: vec![std::sync::atomic::AtomicUsize::new(0)],
             chunks: vec![std::sync::atomic::AtomicUsize::new(0)],
             progress: vec![ProgressCell::default()],
@@ -216,6 +222,15 @@ impl NodeShared {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// The epoch every shard serves (the lowest of theirs).
+    pub(crate) fn served_epoch(&self) -> u64 {
+        self.served_epochs
+            .iter()
+            .map(|e| e.load(Ordering::Acquire))
+            .min()
+            .unwrap_or(0)
     }
 
     pub(crate) fn tell_agent(&self, m: AgentMsg) {
@@ -328,12 +343,13 @@ impl Node {
                     disk_uuid: Some(disk_uuid),
                     replace_disk: claim.replace_disk,
                 };
-                let reg =
+                let (reg, sent) =
                     agent::register(&client, &req, join.register_timeout).map_err(|e| match e {
                         NodeError::Meta(m) => NodeError::Meta(format!("{m} ({})", claim.why)),
                         e => e,
                     })?;
-                (reg.node_id, Some((client, reg)))
+                let lease_until = sent + celer_meta_api::api::node_serves_for(reg.lease_ms);
+                (reg.node_id, Some((client, reg, lease_until)))
             }
             None => (
                 claim.id.ok_or_else(|| {
@@ -365,6 +381,7 @@ impl Node {
             conns_open: std::sync::atomic::AtomicUsize::new(0),
             limits: handshake::ConnLimits::default(),
             stopping: AtomicBool::new(false),
+            served_epochs: (0..shard_count).map(|_| AtomicU64::new(0)).collect(),
             backfilling: (0..shard_count)
                 .map(|_| std::sync::atomic::AtomicUsize::new(0))
                 .collect(),
@@ -374,13 +391,14 @@ impl Node {
             progress: (0..shard_count).map(|_| ProgressCell::default()).collect(),
             scrub: shard::ScrubShared::new(shard_count),
         });
-        if let Some((_, reg)) = &agent_setup {
+        if let Some((_, reg, lease_until)) = &agent_setup {
             // Queued before the shards start: nothing is served before.
             let fences = reg.fences.iter().map(|f| (f.volume, f.fence)).collect();
             shared.hub.set_fences(fences, None).ok();
             if admin::check_layers(&reg.layers).is_ok() {
                 shared.hub.set_layers(reg.layers.clone(), None).ok();
             }
+            shared.hub.set_lease(*lease_until);
         }
         let mut threads = Vec::new();
         for (engine_shard, (rx, wake)) in shards.into_iter().zip(receivers) {
@@ -452,14 +470,14 @@ impl Node {
                     .map_err(io_err("spawn admin server"))?,
             );
         }
-        if let Some((client, reg)) = agent_setup {
+        if let Some((client, reg, lease_until)) = agent_setup {
             let (tx, rx) = mpsc::channel();
             *shared.agent.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
             let shared2 = shared.clone();
             aux.push(
                 std::thread::Builder::new()
                     .name("celer-node-agent".into())
-                    .spawn(move || agent::run(client, reg, rx, shared2))
+                    .spawn(move || agent::run(client, reg, lease_until, rx, shared2))
                     .map_err(io_err("spawn agent"))?,
             );
         }

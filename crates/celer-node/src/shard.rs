@@ -253,6 +253,18 @@ pub(crate) struct ShardLoop<D: Disk, N: Net> {
     /// Off only in a simulation that shows what the check prevents
     /// (`NodeCore::without_fence_check`).
     fence_check: bool,
+    /// Until when the control service's lease lets this node serve: the
+    /// service marks a node down (and acknowledges writes without it) only
+    /// once its lease expired, so a node cut off from the service stops
+    /// serving first, and no client that has not learned of the newer
+    /// table reads an older block from it. `None`: no lease (a node
+    /// without a control service, or before one was given: a node with a
+    /// service is handed the lease of its registration before its shards
+    /// start).
+    lease_until: Option<Instant>,
+    /// Off only in a simulation that shows what the lease prevents
+    /// (`NodeCore::without_lease`): renewals are then ignored.
+    lease_check: bool,
     /// Fence installs that wait for older-generation mutations in flight.
     fence_waits: Vec<FenceWait>,
     /// Layered volumes (snapshots, clones): see `layers.rs`.
@@ -454,6 +466,7 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
     /// On success: the partition, whether this node is an in-sync member,
     /// and whether it is the primary. Allocates nothing.
     fn check_route(&mut self, h: &Header) -> Result<(u32, bool, bool), Status> {
+        self.check_lease()?;
         let Some(t) = self.table() else {
             self.shared.tell_agent(AgentMsg::NeedRoute(h.epoch));
             return Err(Status::RouteBehind);
@@ -482,6 +495,28 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
             return Err(Status::NotReplica);
         };
         Ok((p, me.in_sync, part.primary() == Some(self.shared.id)))
+    }
+
+    /// `Unavailable` once the control service's lease ran out (the client
+    /// asks for routes and tries another member, or waits).
+    fn check_lease(&self) -> Result<(), Status> {
+        match self.lease_until {
+            Some(until) if self.net.now() >= until => Err(Status::Unavailable),
+            _ => Ok(()),
+        }
+    }
+
+    /// A renewal from the control service (`ShardMsg::Lease`).
+    fn renew_lease(&mut self, until: Instant) {
+        if !self.lease_check {
+            return;
+        }
+        if self.lease_until.is_some_and(|u| self.net.now() >= u) {
+            tracing::info!(shard = self.id, "lease renewed: serving again");
+        }
+        if self.lease_until.is_none_or(|u| until > u) {
+            self.lease_until = Some(until);
+        }
     }
 
     fn reject(&mut self, c: usize, req: &Header, status: Status) {

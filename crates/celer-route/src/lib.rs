@@ -125,6 +125,16 @@ impl PartitionRoute {
     pub fn writers(&self) -> impl Iterator<Item = &Member> {
         self.members.iter().filter(|m| m.takes_writes())
     }
+    /// The members clients read from: the first `replicas` in-sync ones
+    /// (the primary first). A member kept after its partition moved away
+    /// ([`RouteTable::keep_leavers`]) comes after them, so no client of
+    /// this table reads from it.
+    pub fn readers(&self, replicas: u8) -> impl Iterator<Item = &Member> {
+        self.members
+            .iter()
+            .filter(|m| m.in_sync)
+            .take(replicas.max(1) as usize)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -450,6 +460,48 @@ impl RouteTable {
             }
         }
         t
+    }
+
+    /// Puts back, as in-sync members after the others, the in-sync members
+    /// of `old` that this table drops while their node is up, unless
+    /// dropping one is safe: its node already serves `old` or a newer table
+    /// (`served(node)`, the epoch it last reported) and it is not one of
+    /// `old`'s readers of the partition (`PartitionRoute::readers`).
+    /// Returns whether any was put back.
+    ///
+    /// Why: a client that has not learned of this table yet reads with an
+    /// older one, from a member the table drops, and that node may not
+    /// have this table yet either (a push lost or late): it would answer
+    /// with a block older than a write acknowledged under this table
+    /// without it. Kept, the member still takes every write, and it is
+    /// dropped by a later table once it serves one where it is no reader:
+    /// then it refuses older epochs, and clients of the newer ones do not
+    /// read from it. (A member that is down serves nothing: its lease ran
+    /// out before the control service marked it down.)
+    pub fn keep_leavers(&mut self, old: &RouteTable, served: impl Fn(NodeId) -> u64) -> bool {
+        let mut kept = false;
+        let old_count = old.partition_count();
+        if old_count == 0 || old_count > self.partition_count() {
+            return false;
+        }
+        for p in 0..self.partition_count() {
+            let old_part = &old.partitions[(p & (old_count - 1)) as usize];
+            for m in old_part.members.iter().filter(|m| m.in_sync) {
+                let node_up = self.node(m.node).is_some_and(|n| n.up);
+                if !node_up || self.partitions[p as usize].member(m.node).is_some() {
+                    continue;
+                }
+                let old_reader = old_part.readers(old.replicas).any(|r| r.node == m.node);
+                if !old_reader && served(m.node) >= old.epoch {
+                    continue;
+                }
+                self.partitions[p as usize]
+                    .members
+                    .push(Member::in_sync(m.node));
+                kept = true;
+            }
+        }
+        kept
     }
 
     /// Partitions where `node` is a syncing member.

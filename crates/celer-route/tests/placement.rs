@@ -493,3 +493,84 @@ fn a_member_catching_up_stays_until_the_targets_are_in_sync() {
     }
     assert!(not_target > 0, "no partition moved away from node 2");
 }
+
+/// A member that leaves a partition when its stand-ins are in sync stays
+/// (in sync, after the readers) until its node serves a table where it is
+/// no reader: a client of the older table may read from it, and the node
+/// may not have the newer one yet.
+#[test]
+fn a_member_that_clients_may_read_from_leaves_in_two_steps() {
+    let t1 = RouteTable::initial(nodes(3), 6, 3, CHUNK_BYTES_DEFAULT).expect("table");
+    // Three more nodes: partitions move; each keeps its old members until
+    // the new ones are in sync.
+    let t2 = t1.rebalance(nodes(6), usize::MAX);
+    let synced = |t: &RouteTable| {
+        let mut s = t.clone();
+        for p in 0..s.partition_count() {
+            let syncing: Vec<u32> = s.partitions[p as usize]
+                .members
+                .iter()
+                .filter(|m| !m.in_sync)
+                .map(|m| m.node)
+                .collect();
+            for n in syncing {
+                s.mark_in_sync(p, n).expect("member");
+            }
+        }
+        s.epoch += 1;
+        s
+    };
+    let mut moved = 0;
+    // Nobody serves t2 yet: every in-sync member of t2 stays.
+    let mut t3 = synced(&t2);
+    assert!(t3.keep_leavers(&t2, |_| 0));
+    for (p, (a, b)) in t2.partitions.iter().zip(&t3.partitions).enumerate() {
+        for m in a.members.iter().filter(|m| m.in_sync) {
+            assert!(b.member(m.node).is_some_and(|m| m.in_sync), "p{p}: {b:?}");
+        }
+        let readers: Vec<u32> = b.readers(t3.replicas).map(|m| m.node).collect();
+        assert_eq!(readers.len(), 3);
+        if b.members.len() > 3 {
+            moved += 1;
+            // The kept ones come after the readers: no client of t3 reads
+            // from them.
+            for m in &b.members[3..] {
+                assert!(!readers.contains(&m.node), "p{p}: {b:?}");
+            }
+        }
+    }
+    assert!(moved > 0, "some partitions moved");
+    // Every node serves t2: still, t2's readers stay (clients of t2 read
+    // from them); only t2's in-sync non-readers (none here) could go.
+    let mut t3b = synced(&t2);
+    t3b.keep_leavers(&t2, |_| t2.epoch);
+    assert_eq!(t3b.partitions, t3.partitions);
+    // Once the nodes serve t3, where the kept ones read for nobody, the
+    // next table drops them.
+    let mut t4 = t3.rebalance(nodes(6), usize::MAX);
+    assert!(!t4.keep_leavers(&t3, |_| t3.epoch));
+    assert!(t4.partitions.iter().all(|p| p.members.len() == 3));
+    // A node that serves an older table keeps its place.
+    let slow = t3
+        .partitions
+        .iter()
+        .find_map(|p| p.members.get(3))
+        .expect("kept")
+        .node;
+    let mut t4b = t3.rebalance(nodes(6), usize::MAX);
+    assert!(t4b.keep_leavers(&t3, |n| if n == slow { t2.epoch } else { t3.epoch }));
+    assert!(t4b
+        .partitions
+        .iter()
+        .any(|p| p.member(slow).is_some() && p.members.len() == 4));
+    // A node that is down is dropped (its lease ran out before it was
+    // marked down: it serves nothing).
+    let mut down = nodes(6);
+    down.iter_mut().find(|n| n.id == slow).expect("node").up = false;
+    let mut t4c = t3.rebalance(down, usize::MAX);
+    t4c.keep_leavers(&t3, |_| 0);
+    assert!(t4c
+        .partitions
+        .iter()
+        .all(|p| p.member(slow).is_none_or(|m| !m.in_sync)));
+}

@@ -189,6 +189,10 @@ pub struct DataSimConfig {
     /// real node). Off only to show that the simulation finds what the
     /// check prevents.
     pub fence_check: bool,
+    /// The nodes stop serving when their lease from the control service
+    /// runs out (always, in a real node with a control service). Off only
+    /// to show that the simulation finds what the lease prevents.
+    pub lease: bool,
 }
 
 /// Most partitions the data simulation splits to.
@@ -213,6 +217,7 @@ impl DataSimConfig {
             takeover_per_ms: 0.0,
             control_cut_per_ms: 0.0,
             fence_check: true,
+            lease: true,
         }
     }
 }
@@ -694,6 +699,9 @@ impl DataSim {
         }
         if !self.cfg.fence_check {
             core.without_fence_check();
+        }
+        if !self.cfg.lease {
+            core.without_lease();
         }
         self.nodes[i].core = Some(core);
         self.nodes[i].starts += 1;

@@ -476,6 +476,9 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
     }
 
     pub(super) fn serve_list_chunks(&mut self, c: usize, h: &Header) {
+        if let Err(s) = self.check_lease() {
+            return self.reject(c, h, s);
+        }
         let Some(t) = self.table() else {
             return self.reject(c, h, Status::RouteBehind);
         };

@@ -15,6 +15,7 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
         }
         let me = self.shared.id;
         let shards = self.shared.shards as u32;
+        let t_epoch = r.table.epoch;
         let t = &r.table;
         // A split: the chunks a backfill listed, or a catch-up record
         // named, may now belong to the new halves, which the source may not
@@ -112,6 +113,8 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
             left_for_good(t, p, me) && !self.table().is_some_and(|old| left_for_good(old, p, me))
         });
         self.route = Some(r);
+        self.shared.served_epochs[self.id as usize]
+            .store(t_epoch, std::sync::atomic::Ordering::Release);
         if newly_left {
             self.queue_releases("partitions moved away");
         }

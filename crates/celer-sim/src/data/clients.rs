@@ -177,10 +177,10 @@ impl DataSim {
                 }
             }
             (None, None) => {
+                // Any of the readers, as `ReadPolicy::AnyInSync` (never a
+                // member kept after it left: `RouteTable::keep_leavers`).
                 let in_sync: Vec<usize> = r
-                    .members
-                    .iter()
-                    .filter(|m| m.in_sync && !m.down)
+                    .readers(t.replicas)
                     .filter_map(|m| index_of(m.node))
                     .collect();
                 if !in_sync.is_empty() {

@@ -10,17 +10,20 @@
 //! node's places kept 20 ms) so that a node's power cut (2-80 ms) marks it
 //! down, its partitions' other members record what it misses, and it
 //! catches up when it is back, or, down longer, its partitions move to
-//! other nodes and are copied whole (backfill).
+//! other nodes and are copied whole (backfill). Each answered registration
+//! or heartbeat renews the node core's lease (`NodeCore::renew_lease`),
+//! as the agent does.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use celer_meta::api::{
-    AttachMode, AttachVolume, CreateVolume, Heartbeat, RegisterNode, VolumeFence,
+    node_serves_for, AttachMode, AttachVolume, CreateVolume, Heartbeat, RegisterNode, VolumeFence,
 };
 use celer_meta::state::{Attached, Cluster, ClusterConfig, ManualClock, Pushed};
 use celer_meta::store::RedbStore;
 use celer_node::core::AgentNote;
+use celer_node::net::Net;
 use celer_route::{NodeId, RouteTable};
 use rand::Rng;
 
@@ -190,6 +193,9 @@ impl DataSim {
         let fences = c.node_fences(&r.fences);
         if let Some(core) = self.nodes[i].core.as_mut() {
             core.set_fences(fences);
+            // Answered at once (the service runs in the same moment).
+            let until = core.net().now() + node_serves_for(LEASE_MS);
+            core.renew_lease(until);
         }
         self.nodes[i].replacing = false;
         c.next_beat[i] = self.world.borrow().now_us + HEARTBEAT_MS * 1000;
@@ -312,6 +318,10 @@ impl DataSim {
                 }
                 if let Some(t) = reply.table {
                     self.install(i, t);
+                }
+                if let Some(core) = self.nodes[i].core.as_mut() {
+                    let until = core.net().now() + node_serves_for(LEASE_MS);
+                    core.renew_lease(until);
                 }
                 Ok(())
             }

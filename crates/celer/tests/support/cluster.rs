@@ -60,6 +60,8 @@ pub struct Cluster {
     pub bin: PathBuf,
     pub meta_addr: SocketAddr,
     pub meta: Option<Child>,
+    /// The control service's command line (one process, redb).
+    meta_args: Vec<String>,
     /// With `ClusterOpts::etcd`: every control process (address, child) and
     /// the etcd members; `meta`/`meta_addr` are then unused.
     pub metas: Vec<(SocketAddr, Option<Child>)>,
@@ -115,6 +117,7 @@ impl Cluster {
             bin: bin.to_path_buf(),
             meta_addr,
             meta: None,
+            meta_args: Vec::new(),
             metas: Vec::new(),
             etcds: Vec::new(),
             nodes: Vec::new(),
@@ -148,29 +151,65 @@ impl Cluster {
     }
 
     fn start_meta(&mut self, o: &ClusterOpts) {
-        let (bin, meta_addr) = (self.bin.clone(), self.meta_addr);
-        let c = self;
-        let meta_log = c.dir.path().join("meta.log");
-        let meta = Command::new(bin)
-            .args([
-                "meta",
-                "serve",
-                "--listen",
-                &meta_addr.to_string(),
-                "--data",
-            ])
-            .arg(c.dir.path().join("meta"))
-            .args(["--token", TOKEN])
-            .args(["--heartbeat-ms", &o.heartbeat_ms.to_string()])
-            .args(["--lease-ms", &o.lease_ms.to_string()])
-            .args(["--partition-bits", &o.partition_bits.to_string()])
-            .args(["--down-grace-s", &o.down_grace_s.to_string()])
+        self.meta_args = vec![
+            "meta".into(),
+            "serve".into(),
+            "--listen".into(),
+            self.meta_addr.to_string(),
+            "--data".into(),
+            self.dir.path().join("meta").display().to_string(),
+            "--token".into(),
+            TOKEN.into(),
+            "--heartbeat-ms".into(),
+            o.heartbeat_ms.to_string(),
+            "--lease-ms".into(),
+            o.lease_ms.to_string(),
+            "--partition-bits".into(),
+            o.partition_bits.to_string(),
+            "--down-grace-s".into(),
+            o.down_grace_s.to_string(),
+        ];
+        self.spawn_meta();
+    }
+
+    fn spawn_meta(&mut self) {
+        let meta_log = self.dir.path().join("meta.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&meta_log)
+            .expect("log");
+        let meta = Command::new(&self.bin)
+            .args(&self.meta_args)
             .env("CELER_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&meta_log).expect("log"))
+            .stderr(log)
             .spawn()
             .expect("spawn meta");
-        c.meta = Some(meta);
+        self.meta = Some(meta);
+    }
+
+    /// Kills (SIGKILL) the control service (one process, redb).
+    pub fn kill_meta(&mut self) {
+        if let Some(mut m) = self.meta.take() {
+            let _ = m.kill();
+            let _ = m.wait();
+        }
+    }
+
+    /// Starts the control service again on its address and metadata
+    /// (after `kill_meta`), and waits until it answers.
+    pub fn restart_meta(&mut self) {
+        assert!(self.meta.is_none(), "the control service still runs");
+        self.spawn_meta();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.meta_client().route().is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the control service did not answer again"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// 3 etcd members and 2 `celer meta serve --store etcd` processes.
