@@ -484,6 +484,13 @@ impl Core {
             state: LegState::Idle,
             at: now,
         };
+        // A write reaches at least `min_copies` members or waits for a
+        // route where it can (a member back, or a stand-in).
+        if part.op != Op::Read && route.writers().count() < table.min_copies() {
+            part.nlegs = 0;
+            self.enter_wait(p);
+            return;
+        }
         match part.op {
             Op::Read => {
                 let n = route.readers(table.replicas).count();

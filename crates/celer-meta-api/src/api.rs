@@ -815,6 +815,11 @@ pub struct Status {
     /// other members, and the down one catches up when it returns.
     #[serde(default)]
     pub partitions_down_member: u32,
+    /// Partitions with fewer members taking writes than a write must reach
+    /// (`RouteTable::min_copies`): their writes wait until a member is back
+    /// or a stand-in joins (the control service brings one in at once).
+    #[serde(default)]
+    pub partitions_write_blocked: u32,
     /// Down nodes still within the grace period: (node, seconds left before
     /// their partitions move to other nodes).
     #[serde(default)]

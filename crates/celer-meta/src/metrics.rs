@@ -31,6 +31,7 @@ pub(crate) struct Metrics {
     partitions: Gauge,
     partitions_degraded: Gauge,
     partitions_down_member: Gauge,
+    partitions_write_blocked: Gauge,
     log_seq: Gauge,
     leader: Gauge,
     rebalance_moved: Gauge,
@@ -49,6 +50,7 @@ impl Metrics {
             partitions: Gauge::default(),
             partitions_degraded: Gauge::default(),
             partitions_down_member: Gauge::default(),
+            partitions_write_blocked: Gauge::default(),
             log_seq: Gauge::default(),
             leader: Gauge::default(),
             rebalance_moved: Gauge::default(),
@@ -78,6 +80,11 @@ impl Metrics {
             "partitions_down_member",
             "Partitions with a member down within the grace period (writing with the others; it catches up when back)",
             m.partitions_down_member.clone(),
+        );
+        registry.register(
+            "partitions_write_blocked",
+            "Partitions with fewer members up than a write must reach (min_copies): their writes wait",
+            m.partitions_write_blocked.clone(),
         );
         registry.register("log_seq", "Last change-log entry", m.log_seq.clone());
         registry.register("leader", "1 when this process leads", m.leader.clone());
@@ -127,6 +134,8 @@ impl Metrics {
             self.partitions_degraded.set(s.partitions_degraded as i64);
             self.partitions_down_member
                 .set(s.partitions_down_member as i64);
+            self.partitions_write_blocked
+                .set(s.partitions_write_blocked as i64);
             self.log_seq.set(s.log_seq as i64);
             self.rebalance_moved.set(s.rebalance_bytes_done as i64);
             self.rebalance_listed.set(s.rebalance_bytes_total as i64);

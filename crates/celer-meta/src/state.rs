@@ -1945,12 +1945,15 @@ impl Cluster {
     pub fn status(&self) -> Status {
         let up = self.p.nodes.values().filter(|n| n.up).count();
         let (mut in_sync, mut degraded, mut partitions) = (0, 0, 0);
-        let mut partitions_down_member = 0;
+        let (mut partitions_down_member, mut partitions_write_blocked) = (0, 0);
         if let Some(t) = self.table() {
             partitions = t.partition_count();
             for p in &t.partitions {
                 if p.members.iter().any(|m| m.down) {
                     partitions_down_member += 1;
+                }
+                if p.writers().count() < t.min_copies() {
+                    partitions_write_blocked += 1;
                 }
                 if p.all_in_sync() && p.members.len() >= t.replicas as usize {
                     in_sync += 1;
@@ -1982,6 +1985,7 @@ impl Cluster {
             rebalance_bytes_total: moving.bytes_total,
             rebalance_partitions_unlisted: moving.partitions_unlisted,
             partitions_down_member,
+            partitions_write_blocked,
             down_grace_left_s: self.grace_left(self.clock.now()),
         }
     }

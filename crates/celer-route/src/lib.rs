@@ -229,6 +229,17 @@ impl RouteTable {
         Ok(())
     }
 
+    /// The fewest members that must take a write for it to be
+    /// acknowledged: a majority of `replicas` (2 of 3, 1 of 2 or 1; Ceph's
+    /// default `min_size`). A partition with fewer writers (the others
+    /// down) takes no writes until a member is back or a stand-in joins
+    /// (`rebalance_holding` brings one in at once): a write acknowledged by
+    /// one copy would be lost with that one disk.
+    pub fn min_copies(&self) -> usize {
+        let r = self.replicas.max(1) as usize;
+        r - r / 2
+    }
+
     pub fn partition_count(&self) -> u32 {
         1 << self.partition_bits
     }
@@ -290,9 +301,34 @@ impl RouteTable {
         t.nodes.sort_by_key(|n| n.id);
         let up: Vec<&NodeInfo> = t.nodes.iter().filter(|n| n.up).collect();
         let is_up = |id: NodeId| up.iter().any(|n| n.id == id);
-        let is_held = |id: NodeId| !is_up(id) && held.contains(&id);
+        let min_copies = t.min_copies();
         let mut moves = 0;
         for (p, old) in self.partitions.iter().enumerate() {
+            // Too few members up to take writes (`min_copies`): the down
+            // ones lose their places now instead of at the end of their
+            // grace period, if stand-ins can then join (and take writes)
+            // at once. Otherwise (no node to stand in, no move budget left)
+            // they keep them and the partition's writes wait.
+            let up_members: Vec<Member> = old
+                .members
+                .iter()
+                .filter(|m| is_up(m.node))
+                .map(|m| Member { down: false, ..*m })
+                .collect();
+            let hold = up_members.len() >= min_copies || {
+                let target = target_members(p as u32, &placed(&t.nodes, &up_members), t.replicas);
+                let staying = up_members
+                    .iter()
+                    .filter(|m| m.in_sync || m.catch_up_since > 0 || target.contains(&m.node))
+                    .count();
+                let joining = target
+                    .iter()
+                    .filter(|n| up_members.iter().all(|m| m.node != **n))
+                    .count();
+                let has_source = up_members.iter().any(|m| m.in_sync);
+                !(has_source && staying + joining >= min_copies && moves < max_moves)
+            };
+            let is_held = |id: NodeId| hold && !is_up(id) && held.contains(&id);
             let mut members: Vec<Member> = Vec::with_capacity(old.members.len());
             for m in &old.members {
                 if is_up(m.node) {

@@ -574,3 +574,52 @@ fn a_member_that_clients_may_read_from_leaves_in_two_steps() {
         .iter()
         .all(|p| p.member(slow).is_none_or(|m| !m.in_sync)));
 }
+
+/// A write must reach `min_copies` members (2 of 3). A partition whose
+/// members are down but for one takes no writes: its down members lose
+/// their places at once, grace period or not, and stand-ins join (they
+/// take writes while they copy). A partition with one member down keeps
+/// it, as a down member, within the grace period.
+#[test]
+fn a_partition_with_too_few_members_up_gets_stand_ins_within_the_grace_period() {
+    let t = RouteTable::initial(nodes(6), 6, 3, CHUNK_BYTES_DEFAULT).expect("table");
+    assert_eq!(t.min_copies(), 2);
+    let (a, b) = (1, 2);
+    let mut down = nodes(6);
+    for n in down.iter_mut().filter(|n| n.id == a || n.id == b) {
+        n.up = false;
+    }
+    let t2 = t.rebalance_holding(down, usize::MAX, &[a, b]);
+    let (mut both, mut one) = (0, 0);
+    for (old, new) in t.partitions.iter().zip(&t2.partitions) {
+        let held = [a, b].iter().filter(|n| old.member(**n).is_some()).count();
+        assert!(new.writers().count() >= t2.min_copies(), "{new:?}");
+        match held {
+            2 => {
+                both += 1;
+                assert!(
+                    new.member(a).is_none() && new.member(b).is_none(),
+                    "{new:?}"
+                );
+                assert_eq!(new.members.iter().filter(|m| !m.in_sync).count(), 2);
+            }
+            1 => {
+                one += 1;
+                let down = [a, b]
+                    .into_iter()
+                    .find(|n| old.member(*n).is_some())
+                    .expect("one");
+                assert!(new.member(down).is_some_and(|m| m.down), "{new:?}");
+                assert_eq!(new.writers().count(), 2);
+            }
+            _ => assert_eq!(old, new),
+        }
+    }
+    assert!(both > 0 && one > 0, "both down in {both}, one in {one}");
+    // Two of three replicas: one copy is a majority of... one (Ceph's
+    // size 2, min_size 1); one replica: one.
+    for (replicas, min) in [(1u8, 1usize), (2, 1), (3, 2), (4, 2), (5, 3)] {
+        let t = RouteTable::initial(nodes(6), 4, replicas, CHUNK_BYTES_DEFAULT).expect("table");
+        assert_eq!(t.min_copies(), min, "replicas {replicas}");
+    }
+}

@@ -20,7 +20,7 @@
 //! which forwards it over its own node-to-node connections; `OlderVersion`
 //! makes the client write the same range again with a newer version; a
 //! lost connection makes it send again with the same version. A read goes
-//! to one replica. Every connection goes through the real handshake: a
+//! to one of the partition's readers (`PartitionRoute::readers`). Every connection goes through the real handshake: a
 //! simulated acceptor per node sends the Challenge and checks the Hello
 //! (`HelloProof::check`), then the node's core takes the connection.
 //! Faults drawn from the seed: power cuts of a node (its disk keeps a
@@ -53,7 +53,9 @@
 //! from each other through the real control service, which fences the
 //! other attachment (`takeover.rs`); with
 //! [`DataSimConfig::control_cut_per_ms`], a node's agent loses the control
-//! service for a while as clients and peers still reach it.
+//! service for a while as clients and peers still reach it; each answered
+//! registration or heartbeat renews the node core's lease, and past it the
+//! core serves nothing (`DataSimConfig::lease`).
 //!
 //! Not simulated yet (docs/testing.md): repair, the real client core,
 //! TLS and snapshots.
@@ -412,6 +414,8 @@ struct ClientOp {
     /// Write: per replica (the primary only for a `WritePrimary`). Read:
     /// only the replica asked.
     want: [Want; NODES],
+    /// Write: the replicas that answered `Ok` under the current `want`.
+    acks: usize,
     /// The epoch of the table `want` was drawn from (sent in the header).
     epoch: u64,
     /// No replica to send to in that table: look for a newer one then.

@@ -693,6 +693,12 @@ pub fn run_status(a: StatusArgs) -> Result<()> {
             s.epoch, s.partitions, s.partitions_in_sync, s.partitions_degraded
         );
     }
+    if s.partitions_write_blocked > 0 {
+        println!(
+            "blocked:    {} partition(s) have fewer members up than a write must reach: their writes wait for a member back or a stand-in",
+            s.partitions_write_blocked
+        );
+    }
     for (node, left) in &s.down_grace_left_s {
         println!(
             "down:       node {node}, its places kept {left} s more ({} partition(s) write without a down member; it copies only what it missed when it returns)",

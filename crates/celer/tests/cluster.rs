@@ -1556,6 +1556,78 @@ fn volume_client_sized(c: &Cluster, name: &str, bytes: u64) -> (u64, Arc<dyn Blo
     volume_client(c, name)
 }
 
+/// Two nodes of four die together, within the grace period (120 s): a
+/// partition that kept one member up would take writes on that one copy
+/// only, and lose them with its disk. A write must reach 2 of 3 members
+/// (`RouteTable::min_copies`), so those partitions get stand-ins at once
+/// (the others keep their down member for its grace): the load goes on,
+/// no partition is left taking writes with fewer than 2 members, and every
+/// acknowledged write reads back once the nodes are back.
+#[test]
+fn two_nodes_down_at_once_get_stand_ins_where_a_write_would_reach_one_copy() {
+    let mut c = Cluster::start(
+        std::path::Path::new(BIN),
+        ClusterOpts {
+            down_grace_s: 120,
+            ..ClusterOpts::default()
+        },
+    );
+    let (volume, dev) = volume_client(&c, "vol-two-down");
+    let t = c.wait_healthy(Duration::from_secs(60));
+    let load = start_load(&dev, 1, 8);
+    std::thread::sleep(Duration::from_millis(500));
+    let (a, b) = (c.node_id(1), c.node_id(2));
+    let both = t
+        .partitions
+        .iter()
+        .filter(|p| p.member(a).is_some() && p.member(b).is_some())
+        .count();
+    assert!(both > 0, "no partition on both nodes {a} and {b}");
+    let t0 = Instant::now();
+    c.kill(1);
+    c.kill(2);
+    c.wait_down(a, Duration::from_secs(10));
+    c.wait_down(b, Duration::from_secs(10));
+    let t = loop {
+        let t = c.route();
+        if t.partitions
+            .iter()
+            .all(|p| p.writers().count() >= t.min_copies())
+        {
+            break t;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "partitions left with fewer than {} writers",
+            t.min_copies()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let s = c.meta_client().status().expect("status");
+    println!(
+        "nodes {a} and {b} killed: {both} partitions held both; every partition takes writes on 2+ members after {:?} (epoch {}, {} with a down member, {} write-blocked)",
+        t0.elapsed(),
+        t.epoch,
+        s.partitions_down_member,
+        s.partitions_write_blocked
+    );
+    assert_eq!(s.partitions_write_blocked, 0);
+    // Partitions that kept one of them keep it as a down member (grace).
+    assert!(s.partitions_down_member > 0);
+    std::thread::sleep(Duration::from_secs(1));
+    c.restart(1);
+    c.restart(2);
+    c.wait_healthy(Duration::from_secs(120));
+    let reports = stop_load(load);
+    let worst = longest(&reports);
+    println!("longest client request: {worst:?}");
+    assert!(
+        worst < PAUSE_MAX,
+        "I/O paused {worst:?} (goal {PAUSE_MAX:?})"
+    );
+    verify(c, &dev, volume, &reports);
+}
+
 /// Issue 15: a node down for less than the grace period keeps its places
 /// (writes go on with the other two members), and when it returns it
 /// copies only the blocks written meanwhile, as the members that stayed

@@ -172,6 +172,13 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
         if h.op == Op::WritePrimary && !primary {
             return self.reject(c, &h, Status::NotReplica);
         }
+        // Fewer members take writes than a write must reach (the others
+        // down): the client waits for a member back or a stand-in.
+        if let Some(t) = self.table() {
+            if t.partition(p).map_or(0, |r| r.writers().count()) < t.min_copies() {
+                return self.reject(c, &h, Status::Unavailable);
+            }
+        }
         // The header's generation is the capability's (checked in
         // `authorize`; a node forwards the writer's): a newer one than ours
         // means the volume was taken over and the push has not come yet.

@@ -137,6 +137,7 @@ impl DataSim {
                 first,
                 blocks,
                 want: [Want::Done; NODES],
+                acks: 0,
                 epoch: 0,
                 route_at: None,
                 target,
@@ -192,6 +193,7 @@ impl DataSim {
         self.forget_requests(c, id);
         if let Some(op) = self.clients[c].ops.get_mut(&id) {
             op.want = want;
+            op.acks = 0;
             op.epoch = epoch;
             op.route_at = none.then_some(now + RETRY_US);
         }
@@ -547,6 +549,7 @@ impl DataSim {
         match (op.write, h.status) {
             (Some(w), Status::Ok) => {
                 op.want[i] = Want::Done;
+                op.acks += 1;
                 let zeroing = self.writes.get(&w).is_some_and(|r| r.zero);
                 if zeroing && self.faults && self.rng.gen_bool(self.cfg.crash_after_discard) {
                     let at = now + self.rng.gen_range(0..100);
@@ -559,6 +562,15 @@ impl DataSim {
                     let op = self.clients[c].ops.remove(&id).expect("present");
                     let w = op.write.expect("a write");
                     self.check_fence(c, w)?;
+                    // Every write reaches `min_copies` replicas (the nodes
+                    // refuse one their table sends to fewer writers).
+                    let min = self.clients[c].table.min_copies();
+                    if !op.primary && op.acks < min {
+                        return Err(format!(
+                            "client {} write {w} (blocks {}+{}) acknowledged by {} replica(s) at epoch {}: fewer than {min}",
+                            self.clients[c].attachment, op.first, op.blocks, op.acks, op.epoch
+                        ));
+                    }
                     if let Some(rec) = self.writes.get_mut(&w) {
                         rec.acked_at = Some(now);
                         let (s0, n) = rec.sectors.unwrap_or((0, SECTORS as u64));
