@@ -172,6 +172,25 @@ impl MetaClient {
         }
     }
 
+    /// The same client (URLs, token) whose requests give up after
+    /// `request` (connecting too): a node's heartbeats use one shorter than
+    /// its lease, so a control process that hangs (paused, overloaded)
+    /// costs one attempt, and the next goes to another process, while the
+    /// node still serves.
+    pub fn with_request_timeout(&self, request: Duration) -> MetaClient {
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(request.min(Duration::from_millis(CONNECT_TIMEOUT_MS)))
+            .timeout(request)
+            .redirects(0)
+            .build();
+        MetaClient {
+            bases: self.bases.clone(),
+            current: AtomicUsize::new(self.current.load(Ordering::Relaxed)),
+            auth: self.auth.clone(),
+            agent,
+        }
+    }
+
     /// After a failure at the control process that answered last, start
     /// the next call at the next one of the list (a retry then goes round
     /// every URL given).

@@ -82,6 +82,10 @@ pub(crate) fn run(
 ) {
     let id = shared.id;
     let mut serves_for = node_serves_for(reg.lease_ms);
+    // Heartbeats give up after half the time the node serves on its lease
+    // (a hung control process would otherwise hold them for the client's
+    // 10 s while the lease runs out), and the next goes to another process.
+    let mut beat_client = client.with_request_timeout(serves_for / 2);
     // Whether the lease ran out (logged once until renewed).
     let mut lease_lapsed = false;
     let mut next_beat = Instant::now();
@@ -182,7 +186,7 @@ pub(crate) fn run(
                 }
             }
             let sent = Instant::now();
-            let result = client.heartbeat_with(id, &beat);
+            let result = beat_client.heartbeat_with(id, &beat);
             next_beat = match &result {
                 Ok(_) => {
                     // Recorded, or moot (the table moved on); a shard that
@@ -193,6 +197,7 @@ pub(crate) fn run(
                 }
                 Err(e) => {
                     if e.is_transient() {
+                        beat_client.try_next_process();
                         client.try_next_process();
                     }
                     Instant::now() + beat_backoff.next_delay()
@@ -284,6 +289,7 @@ pub(crate) fn run(
                                         shared.hub.set_layers(r.layers.clone(), None).ok();
                                     }
                                     serves_for = node_serves_for(r.lease_ms);
+                                    beat_client = client.with_request_timeout(serves_for / 2);
                                     lease_until = sent + serves_for;
                                     shared.hub.set_lease(lease_until);
                                     reg = r

@@ -96,15 +96,6 @@ impl<D: Disk, N: Net> NodeCore<D, N> {
         self.inner.drop_fence_check();
     }
 
-    /// Lets the core serve past its lease: it then serves while cut off
-    /// from the control service, after the service marked it down. Only
-    /// to show that the simulator finds what the lease prevents; a node
-    /// with a control service never runs without it.
-    #[doc(hidden)]
-    pub fn without_lease(&mut self) {
-        self.inner.drop_lease();
-    }
-
     /// The control service renewed the node's lease (a registration or a
     /// heartbeat answered): the core serves until `until`
     /// (`celer_meta_api::api::node_serves_for` after the request was

@@ -262,9 +262,6 @@ pub(crate) struct ShardLoop<D: Disk, N: Net> {
     /// service is handed the lease of its registration before its shards
     /// start).
     lease_until: Option<Instant>,
-    /// Off only in a simulation that shows what the lease prevents
-    /// (`NodeCore::without_lease`): renewals are then ignored.
-    lease_check: bool,
     /// Fence installs that wait for older-generation mutations in flight.
     fence_waits: Vec<FenceWait>,
     /// Layered volumes (snapshots, clones): see `layers.rs`.
@@ -508,9 +505,6 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
 
     /// A renewal from the control service (`ShardMsg::Lease`).
     fn renew_lease(&mut self, until: Instant) {
-        if !self.lease_check {
-            return;
-        }
         if self.lease_until.is_some_and(|u| self.net.now() >= u) {
             tracing::info!(shard = self.id, "lease renewed: serving again");
         }

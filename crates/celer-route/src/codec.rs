@@ -46,8 +46,10 @@ impl RouteTable {
             b.push(p.members.len() as u8);
             for m in &p.members {
                 b.extend_from_slice(&m.node.to_le_bytes());
-                let flags =
-                    m.in_sync as u8 | (m.down as u8) << 1 | ((m.catch_up_since != 0) as u8) << 2;
+                let flags = m.in_sync as u8
+                    | (m.down as u8) << 1
+                    | ((m.catch_up_since != 0) as u8) << 2
+                    | (m.displaced as u8) << 3;
                 b.push(flags);
                 if m.catch_up_since != 0 {
                     b.extend_from_slice(&m.catch_up_since.to_le_bytes());
@@ -110,6 +112,7 @@ impl RouteTable {
                     in_sync: flags & 1 != 0,
                     down: flags & 2 != 0,
                     catch_up_since,
+                    displaced: flags & 8 != 0,
                 });
             }
             partitions.push(PartitionRoute { members });

@@ -71,6 +71,12 @@ pub struct Member {
     /// recorded since then are all the member lacks (see `celer-node`).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub catch_up_since: u64,
+    /// A down member whose place a stand-in took before the end of its
+    /// grace period (the partition had fewer members up than
+    /// `RouteTable::min_copies`): not placed any more, it stays as a copy
+    /// complete up to when it went down until the stand-ins are in sync.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub displaced: bool,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -89,6 +95,7 @@ impl Member {
             in_sync: true,
             down: false,
             catch_up_since: 0,
+            displaced: false,
         }
     }
     /// A new member that copies the partition whole.
@@ -304,36 +311,16 @@ impl RouteTable {
         let min_copies = t.min_copies();
         let mut moves = 0;
         for (p, old) in self.partitions.iter().enumerate() {
-            // Too few members up to take writes (`min_copies`): the down
-            // ones lose their places now instead of at the end of their
-            // grace period, if stand-ins can then join (and take writes)
-            // at once. Otherwise (no node to stand in, no move budget left)
-            // they keep them and the partition's writes wait.
-            let up_members: Vec<Member> = old
-                .members
-                .iter()
-                .filter(|m| is_up(m.node))
-                .map(|m| Member { down: false, ..*m })
-                .collect();
-            let hold = up_members.len() >= min_copies || {
-                let target = target_members(p as u32, &placed(&t.nodes, &up_members), t.replicas);
-                let staying = up_members
-                    .iter()
-                    .filter(|m| m.in_sync || m.catch_up_since > 0 || target.contains(&m.node))
-                    .count();
-                let joining = target
-                    .iter()
-                    .filter(|n| up_members.iter().all(|m| m.node != **n))
-                    .count();
-                let has_source = up_members.iter().any(|m| m.in_sync);
-                !(has_source && staying + joining >= min_copies && moves < max_moves)
-            };
-            let is_held = |id: NodeId| hold && !is_up(id) && held.contains(&id);
+            let is_held = |id: NodeId| !is_up(id) && held.contains(&id);
             let mut members: Vec<Member> = Vec::with_capacity(old.members.len());
             for m in &old.members {
                 if is_up(m.node) {
                     // Back from down: it catches up as a syncing member.
-                    members.push(Member { down: false, ..*m });
+                    members.push(Member {
+                        down: false,
+                        displaced: false,
+                        ..*m
+                    });
                 } else if is_held(m.node) {
                     let catch_up_since = match (m.down, m.in_sync) {
                         (false, true) => t.epoch,
@@ -344,6 +331,7 @@ impl RouteTable {
                         in_sync: false,
                         down: true,
                         catch_up_since,
+                        displaced: m.displaced,
                     });
                 }
             }
@@ -352,6 +340,39 @@ impl RouteTable {
             if members.iter().all(|m| !m.in_sync) && old.members.iter().any(|m| m.in_sync) {
                 t.partitions.push(old.clone());
                 continue;
+            }
+            // Fewer members take writes than a write must reach
+            // (`min_copies`): stand-ins take the down members' places now,
+            // not at the end of their grace period, if that brings it to
+            // `min_copies` (nodes to place them on, move budget left). The
+            // down members stay, displaced, as copies complete up to when
+            // they went down, until the stand-ins are in sync: the one
+            // member left may lose its disk too (the control-plane
+            // simulation lost the data when they were dropped at once).
+            // Otherwise the down members keep (or get back) their places,
+            // and the partition's writes wait.
+            if members.iter().filter(|m| !m.down).count() < min_copies {
+                let mut trial = members.clone();
+                for m in trial.iter_mut().filter(|m| m.down) {
+                    m.displaced = true;
+                }
+                let target = target_members(p as u32, &placed(&t.nodes, &trial), t.replicas);
+                let staying = trial
+                    .iter()
+                    .filter(|m| !m.down)
+                    .filter(|m| m.in_sync || m.catch_up_since > 0 || target.contains(&m.node))
+                    .count();
+                let joining = target
+                    .iter()
+                    .filter(|n| trial.iter().all(|m| m.node != **n))
+                    .count();
+                if moves < max_moves && staying + joining >= min_copies {
+                    members = trial;
+                } else {
+                    for m in members.iter_mut() {
+                        m.displaced = false;
+                    }
+                }
             }
             let target = target_members(p as u32, &placed(&t.nodes, &members), t.replicas);
             let joining: Vec<NodeId> = target
@@ -416,6 +437,7 @@ impl RouteTable {
     }
 
     fn drop_leavers(&mut self, p: u32) {
+        let min_copies = self.min_copies();
         let part = &self.partitions[p as usize];
         let target = target_members(p, &placed(&self.nodes, &part.members), self.replicas);
         let part = &mut self.partitions[p as usize];
@@ -437,7 +459,12 @@ impl RouteTable {
                 .iter()
                 .all(|t| part.member(*t).is_some_and(|m| m.in_sync));
         if targets_in_sync {
-            part.members.retain(|m| target.contains(&m.node));
+            // Displaced members stay while fewer than `min_copies` targets
+            // are in sync (their stand-ins went away): they are the copies
+            // left besides those.
+            let enough = target.len() >= min_copies;
+            part.members
+                .retain(|m| target.contains(&m.node) || (m.displaced && !enough));
         }
     }
 
@@ -554,11 +581,16 @@ impl RouteTable {
 }
 
 /// The nodes partition `p` is placed over: the up ones, and its down
-/// members (held within the grace period: they keep their places).
+/// members (held within the grace period: they keep their places) but the
+/// displaced ones.
 fn placed<'a>(nodes: &'a [NodeInfo], members: &[Member]) -> Vec<&'a NodeInfo> {
     nodes
         .iter()
-        .filter(|n| n.up || members.iter().any(|m| m.node == n.id && m.down))
+        .filter(|n| {
+            n.up || members
+                .iter()
+                .any(|m| m.node == n.id && m.down && !m.displaced)
+        })
         .collect()
 }
 

@@ -576,10 +576,11 @@ fn a_member_that_clients_may_read_from_leaves_in_two_steps() {
 }
 
 /// A write must reach `min_copies` members (2 of 3). A partition whose
-/// members are down but for one takes no writes: its down members lose
-/// their places at once, grace period or not, and stand-ins join (they
-/// take writes while they copy). A partition with one member down keeps
-/// it, as a down member, within the grace period.
+/// members are down but for one takes no writes: stand-ins take the down
+/// members' places at once, grace period or not (they take writes while
+/// they copy), and the down members stay, displaced, as copies until the
+/// stand-ins are in sync. A partition with one member down keeps it, as a
+/// down member in its place, within the grace period.
 #[test]
 fn a_partition_with_too_few_members_up_gets_stand_ins_within_the_grace_period() {
     let t = RouteTable::initial(nodes(6), 6, 3, CHUNK_BYTES_DEFAULT).expect("table");
@@ -597,11 +598,15 @@ fn a_partition_with_too_few_members_up_gets_stand_ins_within_the_grace_period() 
         match held {
             2 => {
                 both += 1;
-                assert!(
-                    new.member(a).is_none() && new.member(b).is_none(),
-                    "{new:?}"
-                );
-                assert_eq!(new.members.iter().filter(|m| !m.in_sync).count(), 2);
+                for n in [a, b] {
+                    assert!(
+                        new.member(n)
+                            .is_some_and(|m| m.down && m.displaced && m.catch_up_since > 0),
+                        "{new:?}"
+                    );
+                }
+                let stand_ins = new.members.iter().filter(|m| !m.in_sync && !m.down).count();
+                assert_eq!(stand_ins, 2, "{new:?}");
             }
             1 => {
                 one += 1;
@@ -616,6 +621,32 @@ fn a_partition_with_too_few_members_up_gets_stand_ins_within_the_grace_period() 
         }
     }
     assert!(both > 0 && one > 0, "both down in {both}, one in {one}");
+    // Stable while the down nodes stay down (no new moves)...
+    let mut down = nodes(6);
+    for n in down.iter_mut().filter(|n| n.id == a || n.id == b) {
+        n.up = false;
+    }
+    let again = t2.rebalance_holding(down, usize::MAX, &[a, b]);
+    assert_eq!(again.partitions, t2.partitions);
+    // ...and once the stand-ins are in sync, the displaced members go.
+    let mut t3 = t2.clone();
+    for p in 0..t3.partition_count() {
+        let syncing: Vec<u32> = t3.partitions[p as usize]
+            .members
+            .iter()
+            .filter(|m| !m.in_sync && !m.down)
+            .map(|m| m.node)
+            .collect();
+        for n in syncing {
+            t3.mark_in_sync(p, n).expect("member");
+        }
+    }
+    for part in &t3.partitions {
+        assert!(part.members.iter().all(|m| !m.displaced), "{part:?}");
+    }
+    // The codec keeps the flag.
+    let decoded = RouteTable::decode(&t2.encode()).expect("decode");
+    assert_eq!(decoded.partitions, t2.partitions);
     // Two of three replicas: one copy is a majority of... one (Ceph's
     // size 2, min_size 1); one replica: one.
     for (replicas, min) in [(1u8, 1usize), (2, 1), (3, 2), (4, 2), (5, 3)] {

@@ -55,7 +55,7 @@
 //! [`DataSimConfig::control_cut_per_ms`], a node's agent loses the control
 //! service for a while as clients and peers still reach it; each answered
 //! registration or heartbeat renews the node core's lease, and past it the
-//! core serves nothing (`DataSimConfig::lease`).
+//! core serves nothing.
 //!
 //! Not simulated yet (docs/testing.md): repair, the real client core,
 //! TLS and snapshots.
@@ -191,10 +191,6 @@ pub struct DataSimConfig {
     /// real node). Off only to show that the simulation finds what the
     /// check prevents.
     pub fence_check: bool,
-    /// The nodes stop serving when their lease from the control service
-    /// runs out (always, in a real node with a control service). Off only
-    /// to show that the simulation finds what the lease prevents.
-    pub lease: bool,
 }
 
 /// Most partitions the data simulation splits to.
@@ -219,7 +215,6 @@ impl DataSimConfig {
             takeover_per_ms: 0.0,
             control_cut_per_ms: 0.0,
             fence_check: true,
-            lease: true,
         }
     }
 }
@@ -703,9 +698,6 @@ impl DataSim {
         }
         if !self.cfg.fence_check {
             core.without_fence_check();
-        }
-        if !self.cfg.lease {
-            core.without_lease();
         }
         self.nodes[i].core = Some(core);
         self.nodes[i].starts += 1;

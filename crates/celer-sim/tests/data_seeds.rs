@@ -358,8 +358,7 @@ fn without_the_fence_check_the_seeds_find_a_fenced_write_acknowledged() {
 /// down, and a copy that kept what the node held across such tables
 /// (docs/testing.md); 3, 10, 11, 15 and 17 failed on the way. Seed 0
 /// found a node cut off from the control service serving a read under an
-/// old table after it was marked down (fixed by the node's lease:
-/// `without_the_lease_...` below).
+/// old table after it was marked down (fixed by the node's lease).
 #[test]
 fn with_control_service_cuts_no_acknowledged_write_is_lost() {
     let started = Instant::now();
@@ -375,22 +374,4 @@ fn with_control_service_cuts_no_acknowledged_write_is_lost() {
         started.elapsed().as_secs_f64()
     );
     assert_none_failed(&failed);
-}
-
-/// The nodes' lease off (`DataSimConfig::lease`): a node cut off from the
-/// control service then serves past its lease, after the service marked
-/// it down and writes were acknowledged without it; the simulation must
-/// find a read that returns an older block than an acknowledged write.
-/// The same seeds with the lease on must pass. At 50 cuts per second,
-/// seed 25 is the first of 0-25 that finds it (1.05 s simulated); the
-/// search starts at 20 to keep the test short.
-#[test]
-fn without_the_lease_the_seeds_find_a_stale_read_from_a_node_cut_off() {
-    first_seed_found_without(20..=40, "the lease", "older than write", |seed, lease| {
-        let mut cfg = DataSimConfig::new(seed);
-        cfg.route_changes = true;
-        cfg.control_cut_per_ms = 0.05;
-        cfg.lease = lease;
-        cfg
-    });
 }

@@ -277,7 +277,9 @@ fn call(s: &mut (impl Read + Write), h: Header, payload: &[u8]) -> (Header, Vec<
     r
 }
 
-/// Every member's copy of `[offset, offset + len)`, read over TLS.
+/// Every member's copy of `[offset, offset + len)`, read over TLS, under
+/// one table (read again from the start when the table changes meanwhile:
+/// the cluster may still be settling its first moves).
 fn replica_copies(
     c: &Cluster,
     tls: &DataTls,
@@ -285,6 +287,28 @@ fn replica_copies(
     offset: u64,
     len: usize,
 ) -> Vec<(u32, Vec<u8>)> {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(copies) = replica_copies_once(c, tls, vol, offset, len) {
+            return copies;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "the route table kept changing"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// `replica_copies` under the current table; `None` when a node holds
+/// another one (`StaleEpoch`, `RouteBehind`).
+fn replica_copies_once(
+    c: &Cluster,
+    tls: &DataTls,
+    vol: &Volume,
+    offset: u64,
+    len: usize,
+) -> Option<Vec<(u32, Vec<u8>)>> {
     let t = c.route();
     let chunk = offset / t.chunk_bytes;
     let p = t.partition_of(vol.id, chunk);
@@ -306,8 +330,11 @@ fn replica_copies(
             h.offset = offset;
             h.length = len as u32;
             let (r, data) = call(&mut s, h, &[]);
+            if matches!(r.status, Status::StaleEpoch | Status::RouteBehind) {
+                return None;
+            }
             assert_eq!(r.status, Status::Ok, "read from node {}", m.node);
-            (m.node, data)
+            Some((m.node, data))
         })
         .collect()
 }

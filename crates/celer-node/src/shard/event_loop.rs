@@ -110,12 +110,6 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
         self.fence_check = false;
     }
 
-    /// See `NodeCore::without_lease`.
-    pub(crate) fn drop_lease(&mut self) {
-        self.lease_check = false;
-        self.lease_until = None;
-    }
-
     pub(crate) fn new(engine: Shard<D>, shared: Arc<NodeShared>, cfg: ShardConfig, net: N) -> Self {
         let now = net.now();
         let id = engine.id() as u16;
@@ -185,7 +179,6 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
             fences: HashMap::new(),
             fence_check: true,
             lease_until: None,
-            lease_check: true,
             fence_waits: Vec::new(),
             layers: HashMap::new(),
             trims: HashMap::new(),
