@@ -308,10 +308,10 @@ impl RouteTable {
         t.nodes.sort_by_key(|n| n.id);
         let up: Vec<&NodeInfo> = t.nodes.iter().filter(|n| n.up).collect();
         let is_up = |id: NodeId| up.iter().any(|n| n.id == id);
+        let is_held = |id: NodeId| !is_up(id) && held.contains(&id);
         let min_copies = t.min_copies();
         let mut moves = 0;
         for (p, old) in self.partitions.iter().enumerate() {
-            let is_held = |id: NodeId| !is_up(id) && held.contains(&id);
             let mut members: Vec<Member> = Vec::with_capacity(old.members.len());
             for m in &old.members {
                 if is_up(m.node) {
