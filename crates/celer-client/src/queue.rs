@@ -452,7 +452,7 @@ impl Core {
     /// The members reads may go to (`PartitionRoute::readers`): never a
     /// member kept after its partition moved away, which may not have the
     /// newest table yet.
-    fn in_sync_count(&self, partition: u32) -> usize {
+    fn reader_count(&self, partition: u32) -> usize {
         self.table
             .partition(partition)
             .map(|r| r.readers(self.table.replicas).count())
@@ -554,18 +554,18 @@ impl Core {
         let now = self.now;
         let part = &self.parts[p as usize];
         let node = if part.op == Op::Read {
-            let in_sync = self.in_sync_count(part.partition);
-            if in_sync == 0 {
+            let readers = self.reader_count(part.partition);
+            if readers == 0 {
                 self.enter_wait(p);
                 return;
             }
-            let k = (part.read_start + part.read_tries) % in_sync;
+            let k = (part.read_start + part.read_tries) % readers;
             let route = self.table.partition(part.partition).expect("counted above");
             route
                 .readers(self.table.replicas)
                 .nth(k)
                 .map(|m| m.node)
-                .expect("k < in_sync")
+                .expect("k < readers")
         } else {
             part.legs[i].node
         };
@@ -665,13 +665,13 @@ impl Core {
         }
     }
 
-    /// The current read member failed: the next in-sync one, or the error,
-    /// or a wait for a route change.
+    /// The current read member failed: the next reader, or the error, or
+    /// a wait for a route change.
     fn read_next(&mut self, p: u32) {
-        let in_sync = self.in_sync_count(self.parts[p as usize].partition);
+        let readers = self.reader_count(self.parts[p as usize].partition);
         let part = &mut self.parts[p as usize];
         part.read_tries += 1;
-        if part.read_tries < in_sync {
+        if part.read_tries < readers {
             let (req, gen) = (part.req, part.gen);
             self.abandon_receives(req);
             self.actions.push_back(Action::Send {

@@ -503,11 +503,9 @@ impl<D: Disk, N: Net> ShardLoop<D, N> {
         }
     }
 
-    /// A renewal from the control service (`ShardMsg::Lease`).
+    /// A renewal from the control service (`ShardMsg::Lease`); the agent
+    /// logs an expiry and the renewal after it, once for all shards.
     fn renew_lease(&mut self, until: Instant) {
-        if self.lease_until.is_some_and(|u| self.net.now() >= u) {
-            tracing::info!(shard = self.id, "lease renewed: serving again");
-        }
         if self.lease_until.is_none_or(|u| until > u) {
             self.lease_until = Some(until);
         }

@@ -41,6 +41,24 @@ fn loads(t: &RouteTable) -> Vec<usize> {
         .collect()
 }
 
+/// `t` with every syncing member (up) marked in sync, as their finished
+/// backfills would have it (same epoch).
+fn all_synced(t: &RouteTable) -> RouteTable {
+    let mut s = t.clone();
+    for p in 0..s.partition_count() {
+        let syncing: Vec<u32> = s.partitions[p as usize]
+            .members
+            .iter()
+            .filter(|m| !m.in_sync && !m.down)
+            .map(|m| m.node)
+            .collect();
+        for n in syncing {
+            s.mark_in_sync(p, n).expect("member");
+        }
+    }
+    s
+}
+
 #[test]
 fn balance_across_nodes_is_reported_and_bounded() {
     for (n, bits) in [(4u32, 8u8), (8, 10), (16, 12)] {
@@ -234,18 +252,7 @@ fn stand_ins_still_syncing_leave_when_the_node_comes_back() {
     }
     assert!(stand_ins > 0);
     // A stand-in that finished its copy stays until node 5 is in sync again.
-    let mut t2_synced = t2.clone();
-    for p in 0..t2_synced.partition_count() {
-        let syncing: Vec<u32> = t2_synced.partitions[p as usize]
-            .members
-            .iter()
-            .filter(|m| !m.in_sync)
-            .map(|m| m.node)
-            .collect();
-        for n in syncing {
-            t2_synced.mark_in_sync(p, n).expect("member");
-        }
-    }
+    let t2_synced = all_synced(&t2);
     let t4 = t2_synced.rebalance(nodes(8), usize::MAX);
     for (a, d) in t.partitions.iter().zip(&t4.partitions) {
         if a.member(5).is_some() {
@@ -505,18 +512,7 @@ fn a_member_that_clients_may_read_from_leaves_in_two_steps() {
     // the new ones are in sync.
     let t2 = t1.rebalance(nodes(6), usize::MAX);
     let synced = |t: &RouteTable| {
-        let mut s = t.clone();
-        for p in 0..s.partition_count() {
-            let syncing: Vec<u32> = s.partitions[p as usize]
-                .members
-                .iter()
-                .filter(|m| !m.in_sync)
-                .map(|m| m.node)
-                .collect();
-            for n in syncing {
-                s.mark_in_sync(p, n).expect("member");
-            }
-        }
+        let mut s = all_synced(t);
         s.epoch += 1;
         s
     };
@@ -629,26 +625,15 @@ fn a_partition_with_too_few_members_up_gets_stand_ins_within_the_grace_period() 
     let again = t2.rebalance_holding(down, usize::MAX, &[a, b]);
     assert_eq!(again.partitions, t2.partitions);
     // ...and once the stand-ins are in sync, the displaced members go.
-    let mut t3 = t2.clone();
-    for p in 0..t3.partition_count() {
-        let syncing: Vec<u32> = t3.partitions[p as usize]
-            .members
-            .iter()
-            .filter(|m| !m.in_sync && !m.down)
-            .map(|m| m.node)
-            .collect();
-        for n in syncing {
-            t3.mark_in_sync(p, n).expect("member");
-        }
-    }
+    let t3 = all_synced(&t2);
     for part in &t3.partitions {
         assert!(part.members.iter().all(|m| !m.displaced), "{part:?}");
     }
     // The codec keeps the flag.
     let decoded = RouteTable::decode(&t2.encode()).expect("decode");
     assert_eq!(decoded.partitions, t2.partitions);
-    // Two of three replicas: one copy is a majority of... one (Ceph's
-    // size 2, min_size 1); one replica: one.
+    // A majority of the replicas: 1 of 2 (Ceph's size 2, min_size 1),
+    // 2 of 3 or 4, 3 of 5.
     for (replicas, min) in [(1u8, 1usize), (2, 1), (3, 2), (4, 2), (5, 3)] {
         let t = RouteTable::initial(nodes(6), 4, replicas, CHUNK_BYTES_DEFAULT).expect("table");
         assert_eq!(t.min_copies(), min, "replicas {replicas}");
